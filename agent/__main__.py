@@ -1,0 +1,41 @@
+"""Entry point of the agent process: ``python -m agent`` (configured by the job's environment)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from agent.worker import AgentWorker, DefinitionUnavailable, WorkerConfig
+
+
+async def _main() -> int:
+    try:
+        config = WorkerConfig.from_env()
+    except ValueError as exc:
+        print(f"caravan-agent: {exc}", file=sys.stderr)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    worker = AgentWorker(config)
+    try:
+        await worker.start()
+    except DefinitionUnavailable as exc:
+        print(f"caravan-agent: {exc}", file=sys.stderr)
+        await worker.stop()
+        return 3
+    await stop.wait()
+    await worker.stop()
+    return 0
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(asyncio.run(_main()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""One factory from a :class:`~agent.protocol.ModelConfig` to an AutoGen ``ChatCompletionClient``.
+
+Hosted providers take their API key from the agent's environment (placed there by the scheduler from
+secrets, never from the job spec). Client libraries are imported only for the provider in use, which
+keeps an agent on the offline ``replay`` model light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from autogen_core import CancellationToken, FunctionCall
+from autogen_core.models import ChatCompletionClient, CreateResult, ModelFamily, ModelInfo, RequestUsage
+
+from agent.protocol import PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
+
+__all__ = ["OPENAI_COMPATIBLE", "MissingCredentials", "create_model_client"]
+
+
+class MissingCredentials(RuntimeError):
+    """The provider needs an API key that the agent's environment does not have."""
+
+
+OPENAI_COMPATIBLE: dict[str, str | None] = {
+    # provider: default base URL (None: the client's own)
+    "openai": None,
+    "openrouter": "https://openrouter.ai/api/v1",
+    "groq": "https://api.groq.com/openai/v1",
+    "deepseek": "https://api.deepseek.com/v1",
+    "ollama": "http://127.0.0.1:11434/v1",
+}
+
+_GENERIC_INFO = ModelInfo(
+    vision=False, function_calling=True, json_output=True, family=ModelFamily.UNKNOWN, structured_output=False
+)
+
+
+def _key(provider: str, required: bool) -> str | None:
+    env_name = PROVIDER_KEY_ENV[provider]
+    value = os.environ.get(env_name)
+    if required and not value:
+        raise MissingCredentials(f"provider {provider!r} needs {env_name} in the agent's environment")
+    return value
+
+
+def create_model_client(config: ModelConfig) -> ChatCompletionClient:
+    """Build a fresh client for one conversation; raises :class:`MissingCredentials` if a key is missing."""
+    if config.provider == "replay":
+        return _replay_client(config)
+    if config.provider == "anthropic":
+        from autogen_ext.models.anthropic import AnthropicChatCompletionClient
+
+        kwargs: dict[str, Any] = {"model": config.name, "api_key": _key("anthropic", True)}
+        if not config.name.startswith("claude"):
+            kwargs["model_info"] = _GENERIC_INFO
+        return AnthropicChatCompletionClient(**kwargs, **_sampling(config))
+
+    from autogen_ext.models.openai import OpenAIChatCompletionClient
+
+    base_url = config.base_url or OPENAI_COMPATIBLE[config.provider]
+    kwargs = {"model": config.name, "api_key": _key(config.provider, config.provider != "ollama") or "none"}
+    if base_url is not None:
+        kwargs["base_url"] = base_url
+        kwargs["model_info"] = _GENERIC_INFO
+    return OpenAIChatCompletionClient(**kwargs, **_sampling(config))
+
+
+def _sampling(config: ModelConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if config.temperature is not None:
+        out["temperature"] = config.temperature
+    if config.max_tokens is not None:
+        out["max_tokens"] = config.max_tokens
+    return out
+
+
+def _replay_client(config: ModelConfig) -> ChatCompletionClient:
+    from autogen_ext.models.replay import ReplayChatCompletionClient
+
+    class _Scripted(ReplayChatCompletionClient):
+        """The replay client, plus a cancellable per-answer delay (a slow model for demos and tests)."""
+
+        async def create(
+            self, messages: Sequence[Any], *, cancellation_token: CancellationToken | None = None, **kwargs: Any
+        ) -> CreateResult:
+            if config.delay_ms:
+                sleeper = asyncio.ensure_future(asyncio.sleep(config.delay_ms / 1000))
+                if cancellation_token is not None:
+                    cancellation_token.link_future(sleeper)
+                await sleeper
+            return await super().create(messages, cancellation_token=cancellation_token, **kwargs)
+
+    script: list[str | CreateResult] = [
+        item if isinstance(item, str) else _tool_call_result(item) for item in config.responses
+    ]
+    info = ModelInfo(
+        vision=False, function_calling=True, json_output=False, family=ModelFamily.UNKNOWN, structured_output=False
+    )
+    return _Scripted(script, model_info=info)
+
+
+def _tool_call_result(call: ScriptedToolCall) -> CreateResult:
+    arguments = json.dumps(call.arguments)
+    return CreateResult(
+        finish_reason="function_calls",
+        content=[FunctionCall(id=f"call_{uuid.uuid4().hex[:12]}", name=call.tool, arguments=arguments)],
+        usage=RequestUsage(prompt_tokens=0, completion_tokens=max(1, len(arguments) // 4)),
+        cached=False,
+    )
+

@@ -1,0 +1,198 @@
+"""Caravan's wire protocol: NATS subject names and the JSON messages both sides exchange.
+
+The control plane and the agent process import this module and nothing else of each other, so it
+stays small and depends only on pydantic. Subjects are namespaced per customer so that NATS
+permissions can confine a customer's agents to their own subjects.
+
+Subjects (``{c}`` customer id, ``{a}`` agent id, ``{t}`` task id):
+
+- ``caravan.tasks.{c}.{a}``            work queue (JetStream ``CARAVAN_TASKS``) of :class:`TaskRequest`
+- ``caravan.events.{c}.task.{t}``      every event of a task (JetStream ``CARAVAN_EVENTS``)
+- ``caravan.events.{c}.agent.{a}``     agent lifecycle events (ready, stopping)
+- ``caravan.ctl.{c}.definition.{a}``   request/reply: the agent's :class:`AgentDefinition`
+- ``caravan.ctl.{c}.cancel.{a}``       broadcast to an agent's replicas: cancel a task
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+__all__ = [
+    "EVENTS_STREAM",
+    "ID_PATTERN",
+    "PROVIDERS",
+    "PROVIDER_KEY_ENV",
+    "TASKS_STREAM",
+    "AgentDefinition",
+    "AgentEventKind",
+    "Event",
+    "EventKind",
+    "ModelConfig",
+    "ScriptedToolCall",
+    "TaskRequest",
+    "agent_events_subject",
+    "cancel_subject",
+    "consumer_name",
+    "definition_subject",
+    "task_events_subject",
+    "task_subject",
+    "utcnow",
+]
+
+TASKS_STREAM = "CARAVAN_TASKS"
+EVENTS_STREAM = "CARAVAN_EVENTS"
+
+ID_PATTERN = r"^[a-z]{2}-[0-9a-f]{12}$"
+"""Every Caravan id: a two-letter kind, a dash and 12 hex digits (``ag-3f2a9c1b7d4e``). Safe in subjects,
+Nomad job IDs and namespaces."""
+_ID = re.compile(ID_PATTERN)
+
+PROVIDERS = ("openai", "openrouter", "groq", "deepseek", "anthropic", "ollama", "replay")
+PROVIDER_KEY_ENV = {
+    "openai": "OPENAI_API_KEY",
+    "openrouter": "OPENROUTER_API_KEY",
+    "groq": "GROQ_API_KEY",
+    "deepseek": "DEEPSEEK_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+    "ollama": "OLLAMA_API_KEY",
+}
+"""Where each provider's API key is read from in the agent's environment (never from the job spec)."""
+
+
+def _check_id(value: str) -> str:
+    if not _ID.match(value):
+        raise ValueError(f"not a Caravan id: {value!r}")
+    return value
+
+
+def task_subject(customer_id: str, agent_id: str) -> str:
+    return f"caravan.tasks.{_check_id(customer_id)}.{_check_id(agent_id)}"
+
+
+def task_events_subject(customer_id: str, task_id: str) -> str:
+    return f"caravan.events.{_check_id(customer_id)}.task.{_check_id(task_id)}"
+
+
+def agent_events_subject(customer_id: str, agent_id: str) -> str:
+    return f"caravan.events.{_check_id(customer_id)}.agent.{_check_id(agent_id)}"
+
+
+def definition_subject(customer_id: str, agent_id: str) -> str:
+    return f"caravan.ctl.{_check_id(customer_id)}.definition.{_check_id(agent_id)}"
+
+
+def cancel_subject(customer_id: str, agent_id: str) -> str:
+    return f"caravan.ctl.{_check_id(customer_id)}.cancel.{_check_id(agent_id)}"
+
+
+def consumer_name(agent_id: str) -> str:
+    """The durable JetStream consumer on the task queue that an agent's replicas share."""
+    return f"agent-{_check_id(agent_id)}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@+-]+$")]
+
+
+class ScriptedToolCall(BaseModel):
+    """A tool call the ``replay`` model makes instead of answering with text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tool: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(BaseModel):
+    """Which model an agent talks to. API keys are never part of it: they come from the agent's environment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Literal["openai", "openrouter", "groq", "deepseek", "anthropic", "ollama", "replay"] = Field(
+        description="Model provider. `replay` plays back `responses` and needs no network."
+    )
+    name: ModelName = Field(description="Model name as the provider spells it, e.g. `gpt-4o-mini`.")
+    base_url: Annotated[str, StringConstraints(max_length=500, pattern=r"^https?://[^\s]+$")] | None = Field(
+        default=None, description="OpenAI-compatible endpoint; only for `ollama` (any OpenAI-compatible server)."
+    )
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=200_000)] | None = None
+    responses: Annotated[
+        list[Annotated[str, StringConstraints(max_length=100_000)] | ScriptedToolCall], Field(max_length=1000)
+    ] = Field(default_factory=list, description="Scripted answers for the `replay` provider, in order.")
+    delay_ms: Annotated[int, Field(ge=0, le=600_000)] = Field(
+        default=0, description="`replay` only: how long each scripted answer takes (for demos and tests)."
+    )
+
+    @model_validator(mode="after")
+    def _provider_rules(self) -> ModelConfig:
+        if self.base_url is not None and self.provider != "ollama":
+            raise ValueError("base_url may only be set for provider 'ollama' (hosted providers keep their own)")
+        if self.provider == "replay" and not self.responses:
+            raise ValueError("provider 'replay' needs at least one entry in responses")
+        if self.provider != "replay" and (self.responses or self.delay_ms):
+            raise ValueError("responses and delay_ms are only for provider 'replay'")
+        return self
+
+
+class AgentDefinition(BaseModel):
+    """What an agent process loads at start. User text lives here, never in the job spec."""
+
+    agent_id: str
+    customer_id: str
+    name: str
+    system_message: str
+    model: ModelConfig
+    tools: list[str] = Field(default_factory=list)
+    max_concurrent_tasks: int = 4
+
+
+class TaskRequest(BaseModel):
+    task_id: str
+    customer_id: str
+    agent_id: str
+    task: str
+    submitted_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("task_id", "customer_id", "agent_id")
+    @classmethod
+    def _ids(cls, value: str) -> str:
+        return _check_id(value)
+
+
+class EventKind(StrEnum):
+    STATUS = "status"
+    MESSAGE = "message"
+    TOOL_CALL = "tool_call"
+    TOOL_RESULT = "tool_result"
+    USAGE = "usage"
+    INPUT_REQUEST = "input_request"
+    RESULT = "result"
+    ERROR = "error"
+
+
+class AgentEventKind(StrEnum):
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+class Event(BaseModel):
+    """One event of a task or an agent, as published on NATS and streamed to clients."""
+
+    kind: str
+    task_id: str | None = None
+    agent_id: str | None = None
+    customer_id: str
+    source: str | None = None
+    content: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    at: datetime = Field(default_factory=utcnow)
+    attempt: int = 1

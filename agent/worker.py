@@ -1,0 +1,329 @@
+"""The agent process: AutoGen AgentChat served over NATS.
+
+It loads its definition from the control plane, pulls tasks from its JetStream work queue (replicas
+share the durable consumer), runs each task in its own ``AssistantAgent`` with its own conversation
+state, and publishes every event of the run on the task's subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from autogen_agentchat.agents import AssistantAgent
+from autogen_agentchat.base import TaskResult
+from autogen_agentchat.messages import (
+    BaseChatMessage,
+    ModelClientStreamingChunkEvent,
+    ThoughtEvent,
+    ToolCallExecutionEvent,
+    ToolCallRequestEvent,
+)
+from autogen_core import CancellationToken
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from agent.health import HealthServer
+from agent.models import create_model_client
+from agent.protocol import (
+    TASKS_STREAM,
+    AgentDefinition,
+    AgentEventKind,
+    Event,
+    EventKind,
+    TaskRequest,
+    agent_events_subject,
+    cancel_subject,
+    consumer_name,
+    definition_subject,
+    task_events_subject,
+)
+from agent.tools import build_tools
+
+__all__ = ["AgentWorker", "DefinitionUnavailable", "WorkerConfig"]
+
+log = logging.getLogger("caravan.agent")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    agent_id: str
+    customer_id: str
+    nats_url: str
+    health_port: int = 0
+    health_host: str = "127.0.0.1"
+    alloc_id: str = ""
+    definition_timeout: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> WorkerConfig:
+        env = dict(os.environ if env is None else env)
+        missing = [k for k in ("CARAVAN_AGENT_ID", "CARAVAN_CUSTOMER_ID", "NATS_URL") if not env.get(k)]
+        if missing:
+            raise ValueError(f"missing environment: {', '.join(missing)}")
+        port = env.get("CARAVAN_HEALTH_PORT") or env.get("NOMAD_PORT_health") or "0"
+        return cls(
+            agent_id=env["CARAVAN_AGENT_ID"],
+            customer_id=env["CARAVAN_CUSTOMER_ID"],
+            nats_url=env["NATS_URL"],
+            health_port=int(port),
+            health_host=env.get("CARAVAN_HEALTH_HOST", "127.0.0.1"),
+            alloc_id=env.get("NOMAD_ALLOC_ID", ""),
+        )
+
+
+class DefinitionUnavailable(RuntimeError):
+    """The control plane did not hand out this agent's definition."""
+
+
+class AgentWorker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.definition: AgentDefinition | None = None
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._health = HealthServer(self._probe, config.health_host, config.health_port)
+        self._runs: dict[str, CancellationToken] = {}
+        self._run_tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._psub: JetStreamContext.PullSubscription | None = None
+        self._started = False
+        self._stopping = False
+        self._started_at = time.monotonic()
+
+    async def __aenter__(self) -> AgentWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def health_port(self) -> int:
+        return self._health.port
+
+    def _probe(self) -> dict[str, Any]:
+        connected = bool(self._nc and self._nc.is_connected)
+        ready = self.definition is not None and not self._stopping
+        return {
+            "healthy": connected and ready,
+            "agent_id": self.config.agent_id,
+            "nats": "connected" if connected else "disconnected",
+            "running_tasks": len(self._runs),
+            "uptime_s": round(time.monotonic() - self._started_at, 1),
+        }
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("agent worker already started")
+        self._started = True
+        cfg = self.config
+        self._nc = await nats.connect(
+            cfg.nats_url, name=f"caravan-agent-{cfg.agent_id}", max_reconnect_attempts=-1, drain_timeout=5
+        )
+        self._js = self._nc.jetstream()
+        self.definition = await self._load_definition()
+        await self._health.start()
+        await self._nc.subscribe(cancel_subject(cfg.customer_id, cfg.agent_id), cb=self._on_cancel)
+        self._psub = await self._js.pull_subscribe_bind(consumer_name(cfg.agent_id), stream=TASKS_STREAM)
+        self._loop_task = asyncio.create_task(self._serve(self._psub), name="serve-tasks")
+        await self._publish_agent_event(AgentEventKind.READY, {"health_port": self._health.port})
+        log.info("agent %s ready (health on %s)", cfg.agent_id, self._health.port)
+
+    async def stop(self) -> None:
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._psub is not None:
+            await self._psub.unsubscribe()
+        for token in self._runs.values():
+            token.cancel()
+        if self._run_tasks:
+            await asyncio.wait(self._run_tasks, timeout=5)
+        if self._nc is not None and self._nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self._publish_agent_event(AgentEventKind.STOPPING, {})
+            await self._nc.drain()
+        await self._health.stop()
+
+    async def _load_definition(self) -> AgentDefinition:
+        assert self._nc is not None
+        cfg = self.config
+        deadline = time.monotonic() + cfg.definition_timeout
+        subject = definition_subject(cfg.customer_id, cfg.agent_id)
+        while True:
+            try:
+                reply = await self._nc.request(subject, b"{}", timeout=2)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                if time.monotonic() > deadline:
+                    raise DefinitionUnavailable(
+                        f"no definition for {cfg.agent_id} within {cfg.definition_timeout}s"
+                    ) from exc
+                await asyncio.sleep(0.2)
+                continue
+            body = reply.data.decode()
+            if reply.headers and reply.headers.get("Caravan-Error"):
+                raise DefinitionUnavailable(f"control plane refused the definition: {reply.headers['Caravan-Error']}")
+            return AgentDefinition.model_validate_json(body)
+
+    async def _serve(self, psub: JetStreamContext.PullSubscription) -> None:
+        assert self.definition is not None
+        slots = asyncio.Semaphore(self.definition.max_concurrent_tasks)
+        while True:
+            await slots.acquire()
+            try:
+                msgs = await psub.fetch(1, timeout=5)
+            except nats.errors.TimeoutError:
+                slots.release()
+                continue
+            except Exception:
+                slots.release()
+                log.exception("fetching tasks failed; retrying")
+                await asyncio.sleep(1)
+                continue
+            task = asyncio.create_task(self._run_one(msgs[0]))
+            self._run_tasks.add(task)
+            task.add_done_callback(self._run_tasks.discard)
+            task.add_done_callback(lambda _t: slots.release())
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        task_id = msg.data.decode()
+        token = self._runs.get(task_id)
+        if token is not None:
+            token.cancel()
+
+    async def _run_one(self, msg: Msg) -> None:
+        try:
+            request = TaskRequest.model_validate_json(msg.data)
+        except ValueError:
+            log.error("dropping a malformed task message")
+            await msg.term()
+            return
+        run = _TaskRun(self, request, msg.metadata.num_delivered or 1)
+        self._runs[request.task_id] = run.token
+        heartbeat = asyncio.create_task(_keep_in_progress(msg))
+        try:
+            await run.execute()
+        finally:
+            heartbeat.cancel()
+            self._runs.pop(request.task_id, None)
+            with contextlib.suppress(Exception):
+                await msg.ack()
+
+    async def publish(self, event: Event, msg_id: str | None = None) -> None:
+        assert self._js is not None
+        if event.task_id is not None:
+            subject = task_events_subject(event.customer_id, event.task_id)
+        else:
+            subject = agent_events_subject(event.customer_id, self.config.agent_id)
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        await self._js.publish(subject, event.model_dump_json().encode(), headers=headers)
+
+    async def _publish_agent_event(self, kind: AgentEventKind, data: dict[str, Any]) -> None:
+        cfg = self.config
+        data = {**data, "alloc_id": cfg.alloc_id, "pid": os.getpid()}
+        await self.publish(Event(kind=kind, agent_id=cfg.agent_id, customer_id=cfg.customer_id, data=data))
+
+
+async def _keep_in_progress(msg: Msg, every: float = 10.0) -> None:
+    while True:
+        await asyncio.sleep(every)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
+
+
+class _TaskRun:
+    """One task on one AssistantAgent: runs it and turns AgentChat's stream into Caravan events."""
+
+    def __init__(self, worker: AgentWorker, request: TaskRequest, attempt: int) -> None:
+        assert worker.definition is not None
+        self.worker = worker
+        self.definition = worker.definition
+        self.request = request
+        self.attempt = attempt
+        self.token = CancellationToken()
+        self._seq = 0
+
+    async def emit(self, kind: str, **fields: Any) -> None:
+        self._seq += 1
+        event = Event(
+            kind=kind,
+            task_id=self.request.task_id,
+            agent_id=self.definition.agent_id,
+            customer_id=self.request.customer_id,
+            attempt=self.attempt,
+            **fields,
+        )
+        await self.worker.publish(event, msg_id=f"{self.request.task_id}:{self.attempt}:{self._seq}")
+
+    async def status(self, status: str, reason: str | None = None) -> None:
+        await self.emit(EventKind.STATUS, content=status, data={"reason": reason} if reason else {})
+
+    async def execute(self) -> None:
+        await self.status("running")
+        try:
+            agent = AssistantAgent(
+                name=self.definition.name,
+                model_client=create_model_client(self.definition.model),
+                tools=list(build_tools(self.definition.tools)) or None,
+                system_message=self.definition.system_message or None,
+                reflect_on_tool_use=bool(self.definition.tools),
+            )
+            result: TaskResult | None = None
+            async for item in agent.run_stream(task=self.request.task, cancellation_token=self.token):
+                if isinstance(item, TaskResult):
+                    result = item
+                else:
+                    await self._forward(item)
+            if self.token.is_cancelled():
+                raise asyncio.CancelledError
+        except asyncio.CancelledError:
+            reason = "agent is stopping" if self.worker._stopping else "cancelled on request"
+            await self.status("failed" if self.worker._stopping else "cancelled", reason)
+            return
+        except Exception as exc:
+            log.exception("task %s failed", self.request.task_id)
+            await self.emit(EventKind.ERROR, content=f"{type(exc).__name__}: {exc}")
+            await self.status("failed", f"{type(exc).__name__}: {exc}")
+            return
+        final = _last_text(result)
+        await self.emit(EventKind.RESULT, content=final, data={"stop_reason": result.stop_reason if result else None})
+        await self.status("completed")
+
+    async def _forward(self, item: Any) -> None:
+        usage = getattr(item, "models_usage", None)
+        if isinstance(item, ToolCallRequestEvent):
+            calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in item.content]
+            await self.emit(EventKind.TOOL_CALL, source=item.source, data={"calls": calls})
+        elif isinstance(item, ToolCallExecutionEvent):
+            results = [{"call_id": r.call_id, "content": r.content, "is_error": bool(r.is_error)} for r in item.content]
+            await self.emit(EventKind.TOOL_RESULT, source=item.source, data={"results": results})
+        elif isinstance(item, ModelClientStreamingChunkEvent):
+            await self.emit("chunk", source=item.source, content=item.content)
+        elif isinstance(item, ThoughtEvent):
+            await self.emit(EventKind.MESSAGE, source=item.source, content=item.content, data={"type": "thought"})
+        elif isinstance(item, BaseChatMessage):
+            await self.emit(EventKind.MESSAGE, source=item.source, content=item.to_text(), data={"type": getattr(item, "type", type(item).__name__)})
+        if usage is not None:
+            tokens = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+            await self.emit(EventKind.USAGE, source=getattr(item, "source", None), data=tokens)
+
+
+def _last_text(result: TaskResult | None) -> str | None:
+    if result is None:
+        return None
+    for message in reversed(result.messages):
+        if isinstance(message, BaseChatMessage):
+            return message.to_text()
+    return None

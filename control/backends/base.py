@@ -1,0 +1,111 @@
+"""Backend contracts. Each implementation lives in its own module beside this one; only that module
+imports its client library. Backends are chosen by name through :data:`control.backends.SCHEDULERS`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "AllocState",
+    "JobNotOwned",
+    "JobRejected",
+    "JobStatus",
+    "Scheduler",
+    "SchedulerError",
+    "StatusCallback",
+    "StatusUpdate",
+    "SubmitResult",
+]
+
+
+class SchedulerError(Exception):
+    """The scheduler could not do what was asked; the message says why, in the scheduler's words."""
+
+
+class JobRejected(SchedulerError):
+    """The scheduler refused the job itself (invalid spec, unsupported driver)."""
+
+
+class JobNotOwned(SchedulerError):
+    """A job with this ID exists but does not carry this Caravan's ownership meta: it is left alone."""
+
+
+class AllocState(StrEnum):
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    job_id: str
+    namespace: str
+    version: int
+    eval_id: str | None = None
+    alloc_ids: list[str] = field(default_factory=list)
+
+    def handles(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "eval_id": self.eval_id, "alloc_ids": self.alloc_ids, "version": self.version}
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """A change of one allocation of a job, as the scheduler sees it."""
+
+    namespace: str
+    job_id: str
+    alloc_id: str
+    state: AllocState
+    reason: str | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    namespace: str
+    version: int
+    allocs: dict[str, AllocState]
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+StatusCallback = Callable[[StatusUpdate], Awaitable[None]]
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """Places rendered Nomad jobs (the API ``Job`` object) and reports on their allocations.
+
+    Implementations must refuse to modify or stop a job that does not carry the ``caravan_owner`` meta
+    of this installation (:class:`JobNotOwned`).
+    """
+
+    name: str
+    supports_stats: bool
+
+    async def start(self) -> None:
+        """Connect and begin delivering status updates. Raises if already started."""
+
+    async def stop(self) -> None:
+        """Stop delivering updates and release resources. Idempotent. The local scheduler also stops
+        every task it runs; a cluster scheduler leaves jobs running."""
+
+    def on_status(self, callback: StatusCallback) -> None:
+        """Register a coroutine called for every allocation state change."""
+
+    async def submit(self, job: dict[str, Any]) -> SubmitResult:
+        """Register ``job`` (create or update, a new version). Raises :class:`JobRejected` for a job the
+        scheduler refuses and :class:`JobNotOwned` for a job ID held by someone else."""
+
+    async def stop_job(self, namespace: str, job_id: str) -> None:
+        """Stop every allocation of the job: SIGTERM, then kill after the task's kill timeout. A job
+        that does not exist is already stopped. Raises :class:`JobNotOwned` for foreign jobs."""
+
+    async def job_status(self, namespace: str, job_id: str) -> JobStatus | None:
+        """The job's allocations and their states, or None if the job is unknown."""

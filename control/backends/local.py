@@ -1,0 +1,397 @@
+"""The local scheduler: runs the task of a rendered Nomad job as supervised subprocesses on this machine.
+
+It reads the same job JSON that Nomad would get: the task's driver config (``command``/``args``), its
+``Env`` (with ``${NOMAD_...}`` runtime variables filled in), ``Resources.MemoryMB`` (enforced by killing
+the task when its resident memory goes over, as Nomad reports an OOM kill), the group's
+``RestartPolicy``, ``Count`` and dynamic ports, and the task's ``KillTimeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.protocol import PROVIDER_KEY_ENV
+from control.backends.base import (
+    AllocState,
+    JobNotOwned,
+    JobRejected,
+    JobStatus,
+    StatusCallback,
+    StatusUpdate,
+    SubmitResult,
+)
+
+__all__ = ["LocalScheduler"]
+
+log = logging.getLogger("caravan.scheduler.local")
+NS = 1_000_000_000
+_MEMORY_POLL_S = 0.2
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class _TaskSpec:
+    command: str
+    args: list[str]
+    env: dict[str, str]
+    memory_mb: int
+    kill_timeout: float
+    kill_signal: int
+    port_labels: list[str]
+    restart_attempts: int
+    restart_interval: float
+    restart_delay: float
+    restart_mode: str
+
+    @classmethod
+    def from_job(cls, job: dict[str, Any]) -> tuple[_TaskSpec, int]:
+        try:
+            group = job["TaskGroups"][0]
+            task = group["Tasks"][0]
+            driver = task["Driver"]
+            config = task.get("Config") or {}
+            policy = group.get("RestartPolicy") or {}
+            resources = task.get("Resources") or {}
+        except (KeyError, IndexError, TypeError) as exc:
+            raise JobRejected(f"job has no task group with a task: {exc}") from exc
+        if driver not in ("raw_exec", "exec"):
+            raise JobRejected(f"the local scheduler runs raw_exec and exec tasks, not {driver!r}")
+        if not config.get("command"):
+            raise JobRejected("task config has no command")
+        ports = [p["Label"] for net in group.get("Networks") or [] for p in net.get("DynamicPorts") or []]
+        spec = cls(
+            command=str(config["command"]),
+            args=[str(a) for a in config.get("args") or []],
+            env={str(k): str(v) for k, v in (task.get("Env") or {}).items()},
+            memory_mb=int(resources.get("MemoryMB") or 300),
+            kill_timeout=(task.get("KillTimeout") or 5 * NS) / NS,
+            kill_signal=getattr(signal, str(task.get("KillSignal") or "SIGTERM"), signal.SIGTERM),
+            port_labels=ports,
+            restart_attempts=int(policy.get("Attempts", 2)),
+            restart_interval=(policy.get("Interval") or 30 * 60 * NS) / NS,
+            restart_delay=(policy.get("Delay") or 15 * NS) / NS,
+            restart_mode=str(policy.get("Mode") or "fail"),
+        )
+        return spec, int(group.get("Count", 1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if the scheduler dies, its tasks get SIGTERM (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _interpolate(value: str, runtime: dict[str, str]) -> str:
+    for key, replacement in runtime.items():
+        value = value.replace("${" + key + "}", replacement)
+    return value
+
+
+def _tail(path: Path, lines: int = 2) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    kept = [line.strip() for line in text.splitlines() if line.strip()]
+    return " | ".join(kept[-lines:])[:500]
+
+
+@dataclass
+class _Alloc:
+    id: str
+    index: int
+    job: _Job
+    state: AllocState = AllocState.PENDING
+    reason: str | None = None
+    process: asyncio.subprocess.Process | None = None
+    restarts: deque[float] = field(default_factory=deque)
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    supervisor: asyncio.Task[None] | None = None
+    oom: str | None = None
+
+
+@dataclass
+class _Job:
+    namespace: str
+    job_id: str
+    version: int
+    spec: _TaskSpec
+    meta: dict[str, str]
+    allocs: list[_Alloc] = field(default_factory=list)
+
+
+class LocalScheduler:
+    name = "local"
+    supports_stats = True
+
+    def __init__(self, alloc_dir: Path, install_id: str = "caravan") -> None:
+        self._alloc_dir = alloc_dir
+        self._install_id = install_id
+        self._jobs: dict[tuple[str, str], _Job] = {}
+        self._callbacks: list[StatusCallback] = []
+        self._started = False
+        self._closed = False
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> LocalScheduler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def on_status(self, callback: StatusCallback) -> None:
+        self._callbacks.append(callback)
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("local scheduler already started")
+        self._started = True
+        self._alloc_dir.mkdir(parents=True, exist_ok=True)
+
+    async def stop(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.gather(*(self._stop_allocs(job) for job in list(self._jobs.values())))
+        self._jobs.clear()
+
+    def _check_owner(self, meta: dict[str, str], job_id: str) -> None:
+        if meta.get("caravan_owner") != self._install_id:
+            raise JobNotOwned(f"job {job_id!r} is not owned by Caravan installation {self._install_id!r}")
+
+    async def submit(self, job: dict[str, Any]) -> SubmitResult:
+        if not self._started or self._closed:
+            raise RuntimeError("local scheduler is not running")
+        try:
+            key = (str(job["Namespace"]), str(job["ID"]))
+        except KeyError as exc:
+            raise JobRejected(f"job is missing {exc}") from exc
+        meta = {str(k): str(v) for k, v in (job.get("Meta") or {}).items()}
+        self._check_owner(meta, key[1])
+        spec, count = _TaskSpec.from_job(job)
+        async with self._lock:
+            previous = self._jobs.get(key)
+            if previous is not None:
+                self._check_owner(previous.meta, key[1])
+                await self._stop_allocs(previous)
+            entry = _Job(key[0], key[1], (previous.version + 1) if previous else 0, spec, meta)
+            self._jobs[key] = entry
+            for index in range(count):
+                alloc = _Alloc(id=str(uuid.uuid4()), index=index, job=entry)
+                entry.allocs.append(alloc)
+                alloc.supervisor = asyncio.create_task(self._supervise(alloc), name=f"alloc-{alloc.id[:8]}")
+        return SubmitResult(
+            job_id=key[1], namespace=key[0], version=entry.version, alloc_ids=[a.id for a in entry.allocs]
+        )
+
+    async def stop_job(self, namespace: str, job_id: str) -> None:
+        async with self._lock:
+            job = self._jobs.get((namespace, job_id))
+            if job is None:
+                return
+            self._check_owner(job.meta, job_id)
+            await self._stop_allocs(job)
+
+    async def job_status(self, namespace: str, job_id: str) -> JobStatus | None:
+        job = self._jobs.get((namespace, job_id))
+        if job is None:
+            return None
+        return JobStatus(
+            job_id=job_id,
+            namespace=namespace,
+            version=job.version,
+            allocs={a.id: a.state for a in job.allocs},
+            reasons={a.id: a.reason for a in job.allocs if a.reason},
+        )
+
+    def alloc_stats(self, namespace: str, job_id: str) -> list[dict[str, Any]]:
+        """CPU percent and resident memory of each running allocation (what Nomad's client API reports)."""
+        out: list[dict[str, Any]] = []
+        job = self._jobs.get((namespace, job_id))
+        for alloc in job.allocs if job else []:
+            if alloc.process is None or alloc.process.returncode is not None:
+                continue
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(alloc.process.pid)
+                out.append(
+                    {
+                        "alloc_id": alloc.id,
+                        "cpu_percent": proc.cpu_percent(interval=None),
+                        "memory_rss_mb": round(proc.memory_info().rss / 2**20, 1),
+                    }
+                )
+        return out
+
+    def log_path(self, alloc: _Alloc) -> Path:
+        return self._alloc_dir / alloc.job.namespace / alloc.job.job_id / f"{alloc.id}.log"
+
+    async def _emit(self, alloc: _Alloc, state: AllocState, reason: str | None = None) -> None:
+        alloc.state, alloc.reason = state, reason
+        update = StatusUpdate(alloc.job.namespace, alloc.job.job_id, alloc.id, state, reason, alloc.job.meta)
+        for callback in self._callbacks:
+            try:
+                await callback(update)
+            except Exception:
+                log.exception("status callback failed for %s", alloc.job.job_id)
+
+    async def _stop_allocs(self, job: _Job) -> None:
+        await asyncio.gather(*(self._stop_alloc(a) for a in job.allocs))
+
+    async def _stop_alloc(self, alloc: _Alloc) -> None:
+        alloc.stop_requested.set()
+        if alloc.supervisor is not None and alloc.supervisor is not asyncio.current_task():
+            await alloc.supervisor
+
+    @staticmethod
+    async def _terminate(alloc: _Alloc, proc: asyncio.subprocess.Process) -> None:
+        """The kill signal, then SIGKILL once the task's kill timeout has passed."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, alloc.job.spec.kill_signal)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=alloc.job.spec.kill_timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+    def _runtime_env(self, alloc: _Alloc, ports: dict[str, int], task_dir: Path) -> dict[str, str]:
+        job = alloc.job
+        runtime = {
+            "NOMAD_ALLOC_ID": alloc.id,
+            "NOMAD_ALLOC_INDEX": str(alloc.index),
+            "NOMAD_JOB_ID": job.job_id,
+            "NOMAD_JOB_NAME": job.job_id,
+            "NOMAD_NAMESPACE": job.namespace,
+            "NOMAD_TASK_NAME": "agent",
+            "NOMAD_GROUP_NAME": "agent",
+            "NOMAD_TASK_DIR": str(task_dir),
+            "NOMAD_ALLOC_DIR": str(task_dir.parent),
+            "NOMAD_MEMORY_LIMIT": str(job.spec.memory_mb),
+        }
+        for label, port in ports.items():
+            runtime[f"NOMAD_PORT_{label}"] = str(port)
+            runtime[f"NOMAD_IP_{label}"] = "127.0.0.1"
+            runtime[f"NOMAD_ADDR_{label}"] = f"127.0.0.1:{port}"
+        return runtime
+
+    async def _supervise(self, alloc: _Alloc) -> None:
+        spec = alloc.job.spec
+        while not alloc.stop_requested.is_set():
+            reason = await self._run_once(alloc)
+            if alloc.stop_requested.is_set():
+                break
+            now = time.monotonic()
+            alloc.restarts.append(now)
+            while alloc.restarts and alloc.restarts[0] < now - spec.restart_interval:
+                alloc.restarts.popleft()
+            if len(alloc.restarts) > spec.restart_attempts:
+                if spec.restart_mode == "fail":
+                    await self._emit(alloc, AllocState.FAILED, f"{reason}; restart policy exhausted "
+                                     f"({spec.restart_attempts} restarts within {spec.restart_interval:g}s)")
+                    return
+                delay = spec.restart_interval - (now - alloc.restarts[0])
+                alloc.restarts.clear()
+            else:
+                delay = spec.restart_delay
+            attempt = len(alloc.restarts)
+            await self._emit(alloc, AllocState.RESTARTING, f"{reason}; restart {attempt} in {delay:g}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(alloc.stop_requested.wait(), timeout=delay)
+        await self._emit(alloc, AllocState.STOPPED, "stopped on request")
+
+    async def _run_once(self, alloc: _Alloc) -> str:
+        """Start the task, wait for it to exit and say why it did."""
+        spec = alloc.job.spec
+        task_dir = self.log_path(alloc).parent / alloc.id / "local"
+        task_dir.mkdir(parents=True, exist_ok=True)
+        runtime = self._runtime_env(alloc, {label: _free_port() for label in spec.port_labels}, task_dir)
+        env = {**_base_env(), **runtime, **{k: _interpolate(v, runtime) for k, v in spec.env.items()}}
+        args = [_interpolate(a, runtime) for a in spec.args]
+        await self._emit(alloc, AllocState.STARTING)
+        log_path = self.log_path(alloc)
+        alloc.oom = None
+        with log_path.open("ab") as log_file:
+            try:
+                alloc.process = await asyncio.create_subprocess_exec(
+                    spec.command,
+                    *args,
+                    env=env,
+                    cwd=str(task_dir),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            except OSError as exc:
+                return f"failed to start {spec.command!r}: {exc.strerror or exc}"
+        proc = alloc.process
+        await self._emit(alloc, AllocState.RUNNING)
+        watcher = asyncio.create_task(self._watch_memory(alloc, proc))
+        stop = asyncio.create_task(alloc.stop_requested.wait())
+        try:
+            await asyncio.wait([asyncio.ensure_future(proc.wait()), stop], return_when=asyncio.FIRST_COMPLETED)
+            if proc.returncode is None:
+                await self._terminate(alloc, proc)
+        finally:
+            watcher.cancel()
+            stop.cancel()
+        code = proc.returncode
+        assert code is not None
+        if alloc.oom:
+            return alloc.oom
+        why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        tail = _tail(log_path)
+        return f"{why}: {tail}" if tail and code != 0 else why
+
+    async def _watch_memory(self, alloc: _Alloc, proc: asyncio.subprocess.Process) -> None:
+        limit = alloc.job.spec.memory_mb * 2**20
+        try:
+            root = psutil.Process(proc.pid)
+        except psutil.Error:
+            return
+        while proc.returncode is None:
+            rss = 0
+            with contextlib.suppress(psutil.Error):
+                rss = root.memory_info().rss + sum(
+                    c.memory_info().rss for c in root.children(recursive=True) if c.is_running()
+                )
+            if rss > limit:
+                alloc.oom = (
+                    f"OOM killed: memory {rss / 2**20:.0f} MB over the limit of {alloc.job.spec.memory_mb} MB"
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                return
+            await asyncio.sleep(_MEMORY_POLL_S)
+
+
+def _base_env() -> dict[str, str]:
+    """What a task inherits from the machine: PATH, locale and the like, plus model keys (never in the job)."""
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "SSL_CERT_FILE")
+    secret_names = set(PROVIDER_KEY_ENV.values())
+    return {k: v for k, v in os.environ.items() if k in keep or k in secret_names}

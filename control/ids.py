@@ -1,0 +1,18 @@
+"""Identifiers: a two-letter kind, a dash and 12 hex digits (see ``agent.protocol.ID_PATTERN``)."""
+
+from __future__ import annotations
+
+import secrets
+
+__all__ = ["is_plain_id", "new_id"]
+
+
+def new_id(kind: str) -> str:
+    if len(kind) != 2 or not kind.isalpha() or not kind.islower():
+        raise ValueError(f"id kind must be two lowercase letters, not {kind!r}")
+    return f"{kind}-{secrets.token_hex(6)}"
+
+
+def is_plain_id(value: str) -> bool:
+    """Whether ``value`` can be part of a store key (letters, digits and dashes only)."""
+    return 0 < len(value) <= 64 and value.replace("-", "").isalnum() and value.isascii()

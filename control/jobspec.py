@@ -1,0 +1,61 @@
+"""From an agent record and the settings to the variables of the agent job template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from control.models import Agent
+from control.settings import Settings
+from jobs import SECOND_NS, AgentJobVariables, render_agent_job
+
+__all__ = ["agent_job", "job_id_for", "namespace_for"]
+
+
+def job_id_for(agent_id: str) -> str:
+    return f"caravan-{agent_id}"
+
+
+def namespace_for(customer_id: str) -> str:
+    return f"caravan-{customer_id}"
+
+
+def _driver_config(settings: Settings) -> dict[str, str | list[str]]:
+    if settings.agent_driver == "docker":
+        return {"image": settings.agent_image, "command": "python", "args": ["-m", "agent"], "ports": ["health"]}
+    return {"command": settings.agent_python, "args": ["-m", "agent"]}
+
+
+def agent_job(agent: Agent, settings: Settings) -> dict[str, Any]:
+    """The Nomad ``Job`` for an agent: IDs, resources and wiring only; the agent loads its text at start."""
+    meta = {
+        "caravan_owner": settings.install_id,
+        "caravan_customer": agent.customer_id,
+        "caravan_agent": agent.id,
+        "caravan_version": str(agent.version),
+    }
+    env = {
+        "CARAVAN_AGENT_ID": agent.id,
+        "CARAVAN_CUSTOMER_ID": agent.customer_id,
+        "NATS_URL": settings.agents_nats_url,
+        "CARAVAN_HEALTH_PORT": "${NOMAD_PORT_health}",
+        "CARAVAN_HEALTH_HOST": "${NOMAD_IP_health}",
+    }
+    variables = AgentJobVariables(
+        job_id=agent.job_id,
+        namespace=agent.namespace,
+        region=settings.region,
+        datacenters=settings.datacenters,
+        count=agent.replicas,
+        cpu=agent.resources.cpu,
+        memory_mb=agent.resources.memory_mb,
+        driver=settings.agent_driver,
+        driver_config=_driver_config(settings),
+        env=env,
+        meta=meta,
+        service_name=f"caravan-agent-{agent.id}",
+        restart_attempts=settings.agent_restart_attempts,
+        restart_delay_ns=int(settings.agent_restart_delay_s * SECOND_NS),
+        restart_interval_ns=int(settings.agent_restart_interval_s * SECOND_NS),
+        kill_timeout_ns=int(settings.agent_kill_timeout_s * SECOND_NS),
+    )
+    return render_agent_job(variables)

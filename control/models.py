@@ -1,0 +1,203 @@
+"""Caravan's domain model: customers, API keys, agents and tasks, and the inputs that create them.
+
+Input models (``XCreate``) carry all validation of user input, so that the REST API, the CLI and any
+other entry point refuse the same things with the same messages.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from agent.protocol import ModelConfig, utcnow
+from agent.tools import TOOL_NAMES
+
+__all__ = [
+    "TERMINAL_TASK_STATUSES",
+    "Agent",
+    "AgentCreate",
+    "AgentStatus",
+    "AgentUpdate",
+    "ApiKey",
+    "Customer",
+    "CustomerCreate",
+    "Resources",
+    "Role",
+    "Task",
+    "TaskCreate",
+    "TaskMessage",
+    "TaskStatus",
+    "Usage",
+]
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    CUSTOMER = "customer"
+
+
+class AgentStatus(StrEnum):
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    KILLED = "killed"
+
+
+class TaskStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    AWAITING_INPUT = "awaiting_input"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    KILLED = "killed"
+
+
+TERMINAL_TASK_STATUSES = frozenset(
+    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.KILLED}
+)
+
+AgentName = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
+    ),
+]
+DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+SystemMessage = Annotated[str, StringConstraints(max_length=32_000)]
+ToolName = Literal[TOOL_NAMES]  # type: ignore[valid-type]
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpu: int = Field(default=200, ge=50, le=16_000, description="CPU in MHz (Nomad `resources.cpu`).")
+    memory_mb: int = Field(default=256, ge=128, le=65_536, description="Memory limit in MB.")
+
+
+class AgentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: AgentName = Field(description="A Python identifier: letters, digits and `_`, starting with a letter.")
+    system_message: SystemMessage = "You are a helpful assistant."
+    model: ModelConfig
+    tools: Annotated[list[ToolName], Field(max_length=16)] = Field(default_factory=list)
+    resources: Resources = Field(default_factory=Resources)
+    replicas: int = Field(default=1, ge=1, le=10)
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("tools must not repeat")
+        return value
+
+
+class AgentUpdate(BaseModel):
+    """Fields of an agent that PATCH may change; anything given rolls out a new job version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system_message: SystemMessage | None = None
+    model: ModelConfig | None = None
+    tools: Annotated[list[ToolName], Field(max_length=16)] | None = None
+    resources: Resources | None = None
+    replicas: int | None = Field(default=None, ge=1, le=10)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> AgentUpdate:
+        if not self.model_fields_set:
+            raise ValueError("nothing to update")
+        return self
+
+
+class Agent(BaseModel):
+    id: str
+    customer_id: str
+    name: str
+    system_message: str
+    model: ModelConfig
+    tools: list[str] = Field(default_factory=list)
+    resources: Resources = Field(default_factory=Resources)
+    replicas: int = 1
+    status: AgentStatus = AgentStatus.PENDING
+    status_reason: str | None = None
+    desired: Literal["running", "stopped"] = "running"
+    version: int = 1
+    job_id: str
+    namespace: str
+    scheduler: dict[str, Any] = Field(default_factory=dict, description="The scheduler's handles (job, eval, allocs).")
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class CustomerCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: DisplayName
+
+
+class Customer(BaseModel):
+    id: str
+    name: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiKey(BaseModel):
+    """A stored API key: only its hash is kept; the prefix identifies it in lists and logs."""
+
+    prefix: str
+    hash: str
+    role: Role
+    customer_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class TaskCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: str | None = Field(default=None, max_length=64)
+    team_id: str | None = Field(default=None, max_length=64)
+    task: Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
+
+    @model_validator(mode="after")
+    def _one_target(self) -> TaskCreate:
+        if (self.agent_id is None) == (self.team_id is None):
+            raise ValueError("give exactly one of agent_id and team_id")
+        return self
+
+
+class TaskMessage(BaseModel):
+    source: str | None
+    type: str
+    content: Any
+    at: datetime
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Task(BaseModel):
+    id: str
+    customer_id: str
+    agent_id: str | None = None
+    team_id: str | None = None
+    task: str
+    status: TaskStatus = TaskStatus.QUEUED
+    status_reason: str | None = None
+    messages: list[TaskMessage] = Field(default_factory=list)
+    result: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    attempt: int = 1
+    queue_seq: int | None = Field(default=None, description="Sequence of the request in the task queue.")
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None

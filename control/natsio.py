@@ -1,0 +1,78 @@
+"""NATS connection and the JetStream streams and KV buckets Caravan relies on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
+
+from agent.protocol import EVENTS_STREAM, TASKS_STREAM
+
+__all__ = ["BUCKETS", "Jet", "connect"]
+
+BUCKETS = ("customers", "keys", "agents", "tasks", "system")
+DAY_S = 86_400
+
+
+@dataclass
+class Jet:
+    nc: NATS
+    js: JetStreamContext
+    kv: dict[str, KeyValue]
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.close()  # every consumer of ours is stopped by now; nothing is left to drain
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        await js.update_stream(config)
+
+
+async def connect(url: str, name: str = "caravan-control") -> Jet:
+    """Connect and make sure every stream and bucket exists (idempotent; safe for several replicas)."""
+    nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, connect_timeout=5)
+    js = nc.jetstream()
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=TASKS_STREAM,
+            subjects=["caravan.tasks.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            max_age=7 * DAY_S,
+            duplicate_window=120,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=["caravan.events.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=30 * DAY_S,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=120,
+        ),
+    )
+    kv = {}
+    for bucket in BUCKETS:
+        kv[bucket] = await js.create_key_value(
+            KeyValueConfig(bucket=f"caravan_{bucket}", history=1, storage=StorageType.FILE)
+        )
+    return Jet(nc=nc, js=js, kv=kv)

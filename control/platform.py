@@ -1,0 +1,116 @@
+"""The control plane as one long-lived component: NATS, stores, the scheduler and the services."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+
+from nats.aio.msg import Msg
+
+from control.backends import create_scheduler
+from control.backends.base import Scheduler
+from control.models import Agent, ApiKey, Customer, Role, Task
+from control.natsio import Jet, connect
+from control.services.agents import AgentService
+from control.services.auth import AuthService, IssuedKey
+from control.services.tasks import TaskService
+from control.settings import Settings
+from control.store import Repo
+
+__all__ = ["ControlPlane"]
+
+log = logging.getLogger("caravan.control")
+_DEFINITION = re.compile(r"^caravan\.ctl\.([a-z]{2}-[0-9a-f]{12})\.definition\.([a-z]{2}-[0-9a-f]{12})$")
+
+
+class ControlPlane:
+    """``async with ControlPlane(settings) as cp:`` connects, bootstraps and reconciles; stop() undoes it."""
+
+    def __init__(self, settings: Settings, scheduler: Scheduler | None = None) -> None:
+        self.settings = settings
+        self.scheduler = scheduler or create_scheduler(settings)
+        self._jet: Jet | None = None
+        self._agents: AgentService | None = None
+        self._tasks: TaskService | None = None
+        self._auth: AuthService | None = None
+        self._started = False
+        self._stopped = False
+        self.bootstrap_admin_key: IssuedKey | None = None
+
+    async def __aenter__(self) -> ControlPlane:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def jet(self) -> Jet:
+        if self._jet is None:
+            raise RuntimeError("control plane is not started")
+        return self._jet
+
+    @property
+    def agents(self) -> AgentService:
+        if self._agents is None:
+            raise RuntimeError("control plane is not started")
+        return self._agents
+
+    @property
+    def tasks(self) -> TaskService:
+        if self._tasks is None:
+            raise RuntimeError("control plane is not started")
+        return self._tasks
+
+    @property
+    def auth(self) -> AuthService:
+        if self._auth is None:
+            raise RuntimeError("control plane is not started")
+        return self._auth
+
+    @property
+    def ready(self) -> bool:
+        return self._started and not self._stopped and self._jet is not None and self._jet.nc.is_connected
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("control plane already started")
+        self._started = True
+        self._jet = jet = await connect(self.settings.nats_url)
+        self._auth = AuthService(
+            Repo(jet.kv["keys"], ApiKey), Repo(jet.kv["customers"], Customer), jet.kv["system"],
+            self.settings.jwt_ttl_seconds,
+        )
+        await self._auth.load_secret(self.settings.jwt_secret)
+        if self.settings.admin_key:
+            await self._auth.issue_key(Role.ADMIN, None, api_key=self.settings.admin_key)
+        elif not await self._auth.has_admin():
+            self.bootstrap_admin_key = await self._auth.issue_key(Role.ADMIN, None)
+        await self.scheduler.start()
+        self._agents = AgentService(Repo(jet.kv["agents"], Agent), jet.js, self.scheduler, self.settings)
+        self._tasks = TaskService(Repo(jet.kv["tasks"], Task), jet.js, self._agents)
+        await jet.nc.subscribe("caravan.ctl.*.definition.*", queue="caravan-control", cb=self._serve_definition)
+        await self._tasks.start_tracker(self._agents.on_agent_event)
+        await self._agents.reconcile()
+
+    async def stop(self) -> None:
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        if self._tasks is not None:
+            await self._tasks.stop_tracker()
+        await self.scheduler.stop()
+        if self._jet is not None:
+            await self._jet.close()
+
+    async def _serve_definition(self, msg: Msg) -> None:
+        match = _DEFINITION.match(msg.subject)
+        definition = await self.agents.definition(match.group(1), match.group(2)) if match else None
+        if not msg.reply:
+            return
+        if definition is None:
+            with contextlib.suppress(Exception):
+                await self.jet.nc.publish(msg.reply, b"", headers={"Caravan-Error": "unknown agent"})
+            return
+        await self.jet.nc.publish(msg.reply, definition.model_dump_json().encode())

@@ -1,0 +1,216 @@
+"""Agents: definitions, their jobs on the scheduler, and their status."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from agent.protocol import TASKS_STREAM, AgentDefinition, AgentEventKind, Event, consumer_name, task_subject, utcnow
+from control.backends.base import AllocState, JobNotOwned, Scheduler, SchedulerError, StatusUpdate
+from control.errors import Conflict, Invalid, NotFound
+from control.ids import is_plain_id, new_id
+from control.jobspec import agent_job, job_id_for, namespace_for
+from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate
+from control.settings import Settings
+from control.store import Repo
+
+__all__ = ["AgentService"]
+
+log = logging.getLogger("caravan.agents")
+
+
+def _key(customer_id: str, agent_id: str) -> str:
+    return f"{customer_id}.{agent_id}"
+
+
+class AgentService:
+    def __init__(self, repo: Repo[Agent], js: JetStreamContext, scheduler: Scheduler, settings: Settings) -> None:
+        self._repo = repo
+        self._js = js
+        self._scheduler = scheduler
+        self._settings = settings
+        scheduler.on_status(self._on_scheduler_status)
+
+    async def create(self, customer_id: str, spec: AgentCreate) -> Agent:
+        if len(await self._repo.keys(f"{customer_id}.*")) >= self._settings.max_agents_per_customer:
+            raise Conflict(f"agent limit reached ({self._settings.max_agents_per_customer} per customer)")
+        agent_id = new_id("ag")
+        agent = Agent(
+            id=agent_id,
+            customer_id=customer_id,
+            job_id=job_id_for(agent_id),
+            namespace=namespace_for(customer_id),
+            **spec.model_dump(),
+        )
+        job = self.render(agent)  # a definition that cannot render is refused before anything is stored
+        await self._ensure_consumer(agent)
+        await self._repo.create(_key(customer_id, agent_id), agent)
+        return await self._submit(agent, job)
+
+    async def get(self, customer_id: str | None, agent_id: str) -> Agent:
+        """A customer's agent (another tenant's IDs are simply not found), or any agent for admins (None)."""
+        if customer_id is None:
+            found = await self._repo.find(agent_id)
+            agent = found[1] if found else None
+        else:
+            agent = await self._repo.get(_key(customer_id, agent_id)) if is_plain_id(agent_id) else None
+        if agent is None:
+            raise NotFound(f"agent {agent_id!r} not found")
+        return agent
+
+    async def list(self, customer_id: str | None) -> list[Agent]:
+        agents = await self._repo.list(f"{customer_id}.*" if customer_id else ">")
+        return sorted(agents, key=lambda a: a.created_at)
+
+    def render(self, agent: Agent) -> dict[str, Any]:
+        return agent_job(agent, self._settings)
+
+    async def update(self, customer_id: str | None, agent_id: str, change: AgentUpdate) -> Agent:
+        current = await self.get(customer_id, agent_id)
+        merged = {**current.model_dump(include=set(AgentCreate.model_fields)), **change.model_dump(exclude_unset=True)}
+        try:
+            spec = AgentCreate.model_validate(merged)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from exc
+        self.render(current.model_copy(update=spec.model_dump()))  # refuse before storing if it cannot render
+
+        def apply(agent: Agent) -> Agent:
+            return agent.model_copy(update={**spec.model_dump(), "version": agent.version + 1, "updated_at": utcnow()})
+
+        updated = await self._repo.update(_key(current.customer_id, agent_id), apply)
+        if updated is None:
+            raise NotFound(f"agent {agent_id!r} not found")
+        if updated.desired == "running":
+            updated = await self._submit(updated, self.render(updated))
+        return updated
+
+    async def stop(self, customer_id: str | None, agent_id: str, status: AgentStatus = AgentStatus.STOPPED) -> Agent:
+        agent = await self.get(customer_id, agent_id)
+        await self._set(agent, desired="stopped")
+        try:
+            await self._scheduler.stop_job(agent.namespace, agent.job_id)
+        except JobNotOwned as exc:
+            raise Conflict(str(exc)) from exc
+        return await self._set(agent, status=status, status_reason="stopped on request")
+
+    async def start(self, customer_id: str | None, agent_id: str) -> Agent:
+        agent = await self.get(customer_id, agent_id)
+        if agent.desired == "running" and agent.status in (AgentStatus.STARTING, AgentStatus.RUNNING):
+            return agent
+        agent = await self._set(agent, desired="running", status=AgentStatus.PENDING, status_reason=None)
+        await self._ensure_consumer(agent)
+        return await self._submit(agent, self.render(agent))
+
+    async def delete(self, customer_id: str | None, agent_id: str) -> None:
+        agent = await self.stop(customer_id, agent_id)
+        with contextlib.suppress(NotFoundError):
+            await self._js.delete_consumer(TASKS_STREAM, consumer_name(agent.id))
+        await self._repo.delete(_key(agent.customer_id, agent.id))
+
+    async def definition(self, customer_id: str, agent_id: str) -> AgentDefinition | None:
+        agent = await self._repo.get(_key(customer_id, agent_id))
+        if agent is None:
+            return None
+        return AgentDefinition(
+            agent_id=agent.id,
+            customer_id=agent.customer_id,
+            name=agent.name,
+            system_message=agent.system_message,
+            model=agent.model,
+            tools=agent.tools,
+        )
+
+    async def reconcile(self) -> None:
+        """After a restart: put back every agent that should run and that the scheduler does not know."""
+        for agent in await self.list(None):
+            if agent.desired != "running":
+                continue
+            if await self._scheduler.job_status(agent.namespace, agent.job_id) is not None:
+                continue
+            await self._ensure_consumer(agent)
+            await self._submit(agent, self.render(agent))
+
+    async def on_agent_event(self, event: Event) -> None:
+        if event.agent_id is None or event.kind != AgentEventKind.READY:
+            return
+
+        def ready(agent: Agent) -> Agent | None:
+            if agent.desired != "running" or agent.status == AgentStatus.RUNNING:
+                return None
+            return agent.model_copy(
+                update={"status": AgentStatus.RUNNING, "status_reason": None, "updated_at": utcnow()}
+            )
+
+        await self._repo.update(_key(event.customer_id, event.agent_id), ready)
+
+    async def _on_scheduler_status(self, update: StatusUpdate) -> None:
+        customer_id, agent_id = update.meta.get("caravan_customer"), update.meta.get("caravan_agent")
+        if not customer_id or not agent_id:
+            return
+
+        def apply(agent: Agent) -> Agent | None:
+            if agent.job_id != update.job_id:
+                return None
+            status = _status_for(agent, update.state)
+            if status is None:
+                return None
+            return agent.model_copy(update={"status": status, "status_reason": update.reason, "updated_at": utcnow()})
+
+        await self._repo.update(_key(customer_id, agent_id), apply)
+
+    async def _submit(self, agent: Agent, job: dict[str, Any]) -> Agent:
+        try:
+            result = await self._scheduler.submit(job)
+        except JobNotOwned as exc:
+            return await self._set(agent, status=AgentStatus.FAILED, status_reason=str(exc))
+        except SchedulerError as exc:
+            return await self._set(agent, status=AgentStatus.FAILED, status_reason=f"scheduler refused the job: {exc}")
+
+        def submitted(current: Agent) -> Agent:
+            status = current.status if current.status is AgentStatus.RUNNING else AgentStatus.STARTING
+            if current.status in (AgentStatus.FAILED, AgentStatus.STOPPED, AgentStatus.PENDING):
+                status = AgentStatus.STARTING
+            return current.model_copy(
+                update={"scheduler": result.handles(), "status": status, "updated_at": utcnow()}
+            )
+
+        updated = await self._repo.update(_key(agent.customer_id, agent.id), submitted)
+        return updated or agent
+
+    async def _set(self, agent: Agent, **fields: Any) -> Agent:
+        updated = await self._repo.update(
+            _key(agent.customer_id, agent.id), lambda a: a.model_copy(update={**fields, "updated_at": utcnow()})
+        )
+        if updated is None:
+            raise NotFound(f"agent {agent.id!r} not found")
+        return updated
+
+    async def _ensure_consumer(self, agent: Agent) -> None:
+        config = ConsumerConfig(
+            durable_name=consumer_name(agent.id),
+            filter_subject=task_subject(agent.customer_id, agent.id),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self._settings.task_ack_wait_s,
+            max_deliver=3,
+            max_ack_pending=1000,
+        )
+        await self._js.add_consumer(TASKS_STREAM, config)
+
+
+def _status_for(agent: Agent, state: AllocState) -> AgentStatus | None:
+    if state in (AllocState.PENDING, AllocState.STARTING, AllocState.RESTARTING):
+        return AgentStatus.STARTING if agent.desired == "running" else None
+    if state is AllocState.RUNNING:
+        return None  # the process is up; the agent itself says when it is ready
+    if state is AllocState.FAILED:
+        return AgentStatus.FAILED
+    if state is AllocState.STOPPED:
+        return AgentStatus.STOPPED if agent.desired == "stopped" and agent.status != AgentStatus.KILLED else None
+    return None
+

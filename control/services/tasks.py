@@ -1,0 +1,257 @@
+"""Tasks: dispatch to an agent's work queue, the record folded from the task's events, and its event stream.
+
+Every event of a task lives in the ``CARAVAN_EVENTS`` stream; the stream sequence is the event's ID,
+so a client resumes after the last ID it saw with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from agent.protocol import (
+    EVENTS_STREAM,
+    TASKS_STREAM,
+    Event,
+    EventKind,
+    TaskRequest,
+    cancel_subject,
+    task_events_subject,
+    task_subject,
+    utcnow,
+)
+from control.errors import Conflict, Invalid, NotFound
+from control.ids import is_plain_id, new_id
+from control.models import TERMINAL_TASK_STATUSES, AgentStatus, Task, TaskCreate, TaskMessage, TaskStatus
+from control.services.agents import AgentService
+from control.store import Repo
+
+__all__ = ["StreamedEvent", "TaskService"]
+
+log = logging.getLogger("caravan.tasks")
+TRACKER = "caravan-tracker"
+
+
+@dataclass(frozen=True)
+class StreamedEvent:
+    id: int
+    event: Event
+
+    @property
+    def terminal(self) -> bool:
+        return self.event.kind == EventKind.STATUS and self.event.content in TERMINAL_TASK_STATUSES
+
+
+def _key(customer_id: str, task_id: str) -> str:
+    return f"{customer_id}.{task_id}"
+
+
+class TaskService:
+    def __init__(self, repo: Repo[Task], js: JetStreamContext, agents: AgentService) -> None:
+        self._repo = repo
+        self._js = js
+        self._agents = agents
+        self._tracker: asyncio.Task[None] | None = None
+        self._tracker_sub: JetStreamContext.PullSubscription | None = None
+
+    async def create(self, customer_id: str, spec: TaskCreate) -> Task:
+        if spec.team_id is not None:
+            raise Invalid("tasks on teams are not available yet; give agent_id")
+        assert spec.agent_id is not None
+        agent = await self._agents.get(customer_id, spec.agent_id)
+        if agent.desired != "running" or agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
+            raise Conflict(f"agent {agent.id} is {agent.status.value}; start it before giving it tasks")
+        task = Task(id=new_id("tk"), customer_id=customer_id, agent_id=agent.id, task=spec.task)
+        await self._repo.create(_key(customer_id, task.id), task)
+        await self.publish(Event(kind=EventKind.STATUS, task_id=task.id, customer_id=customer_id, content="queued"))
+        request = TaskRequest(task_id=task.id, customer_id=customer_id, agent_id=agent.id, task=spec.task)
+        ack = await self._js.publish(
+            task_subject(customer_id, agent.id), request.model_dump_json().encode(), headers={"Nats-Msg-Id": task.id}
+        )
+        stored = await self._repo.update(
+            _key(customer_id, task.id), lambda t: t.model_copy(update={"queue_seq": ack.seq})
+        )
+        return stored or task
+
+    async def get(self, customer_id: str | None, task_id: str) -> Task:
+        if customer_id is None:
+            found = await self._repo.find(task_id) if is_plain_id(task_id) else None
+            task = found[1] if found else None
+        else:
+            task = await self._repo.get(_key(customer_id, task_id)) if is_plain_id(task_id) else None
+        if task is None:
+            raise NotFound(f"task {task_id!r} not found")
+        return task
+
+    async def list(self, customer_id: str | None, status: TaskStatus | None = None, limit: int = 100) -> list[Task]:
+        tasks = await self._repo.list(f"{customer_id}.*" if customer_id else ">")
+        if status is not None:
+            tasks = [t for t in tasks if t.status == status]
+        return sorted(tasks, key=lambda t: t.created_at, reverse=True)[:limit]
+
+    async def cancel(self, customer_id: str | None, task_id: str) -> Task:
+        task = await self.get(customer_id, task_id)
+        if task.status in TERMINAL_TASK_STATUSES:
+            raise Conflict(f"task {task.id} is already {task.status.value}")
+        removed = False
+        if task.queue_seq is not None:
+            with contextlib.suppress(NotFoundError):
+                removed = await self._js.delete_msg(TASKS_STREAM, task.queue_seq)
+        agent = await self._agents.get(task.customer_id, task.agent_id) if task.agent_id else None
+        if removed or agent is None or agent.status != AgentStatus.RUNNING:
+            await self.publish(
+                Event(
+                    kind=EventKind.STATUS,
+                    task_id=task.id,
+                    customer_id=task.customer_id,
+                    content="cancelled",
+                    data={"reason": "cancelled on request"},
+                )
+            )
+        else:
+            await self._js._nc.publish(cancel_subject(task.customer_id, agent.id), task.id.encode())
+        return task
+
+    async def publish(self, event: Event) -> None:
+        assert event.task_id is not None
+        await self._js.publish(task_events_subject(event.customer_id, event.task_id), event.model_dump_json().encode())
+
+    async def events(self, task: Task, after: int = 0, idle: float = 15.0) -> AsyncIterator[StreamedEvent | None]:
+        """The task's events after stream sequence ``after``, ending after the terminal status.
+
+        Yields None after ``idle`` seconds without an event (a keep-alive for the client).
+        """
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
+            opt_start_seq=after + 1 if after else None,
+        )
+        sub = await self._js.subscribe(
+            task_events_subject(task.customer_id, task.id), ordered_consumer=True, config=config, stream=EVENTS_STREAM
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle)
+                except nats.errors.TimeoutError:
+                    current = await self.get(task.customer_id, task.id)
+                    if current.status in TERMINAL_TASK_STATUSES and await self._no_more(task, after):
+                        return
+                    yield None
+                    continue
+                item = StreamedEvent(msg.metadata.sequence.stream, Event.model_validate_json(msg.data))
+                after = item.id
+                yield item
+                if item.terminal:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _no_more(self, task: Task, after: int) -> bool:
+        try:
+            last = await self._js.get_last_msg(EVENTS_STREAM, task_events_subject(task.customer_id, task.id))
+        except NotFoundError:
+            return True
+        return (last.seq or 0) <= after
+
+    # -- tracker: folds every event into the records ------------------------------------------------------
+
+    async def start_tracker(self, on_agent_event: Callable[[Event], Awaitable[None]]) -> None:
+        if self._tracker is not None:
+            raise RuntimeError("tracker already started")
+        config = ConsumerConfig(
+            durable_name=TRACKER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30,
+            max_ack_pending=10_000,
+        )
+        await self._js.add_consumer(EVENTS_STREAM, config)
+        psub = await self._js.pull_subscribe_bind(TRACKER, stream=EVENTS_STREAM)
+        self._tracker_sub = psub
+        self._tracker = asyncio.create_task(self._track(psub, on_agent_event), name="task-tracker")
+
+    async def stop_tracker(self) -> None:
+        if self._tracker is not None:
+            self._tracker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tracker
+            self._tracker = None
+        if self._tracker_sub is not None:
+            await self._tracker_sub.unsubscribe()
+            self._tracker_sub = None
+
+    async def _track(
+        self, psub: JetStreamContext.PullSubscription, on_agent_event: Callable[[Event], Awaitable[None]]
+    ) -> None:
+        while True:
+            try:
+                msgs = await psub.fetch(256, timeout=1)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+                return
+            for msg in msgs:
+                try:
+                    event = Event.model_validate_json(msg.data)
+                    if event.task_id is not None:
+                        await self._fold(event)
+                    elif event.agent_id is not None:
+                        await on_agent_event(event)
+                except ValueError:
+                    log.warning("skipping a malformed event on %s", msg.subject)
+                await msg.ack()
+
+    async def _fold(self, event: Event) -> None:
+        assert event.task_id is not None
+        await self._repo.update(_key(event.customer_id, event.task_id), lambda task: fold_event(task, event))
+
+
+def fold_event(task: Task, event: Event) -> Task | None:
+    """The task record after ``event``; None when the event changes nothing (late or stale)."""
+    if event.attempt < task.attempt:
+        return None
+    changes: dict[str, Any] = {"updated_at": utcnow()}
+    if event.attempt > task.attempt:  # a redelivery after a crash: the new attempt's transcript replaces the old
+        if task.status in TERMINAL_TASK_STATUSES:
+            return None
+        changes.update(attempt=event.attempt, messages=[], result=None, usage=task.usage.model_copy(update={
+            "prompt_tokens": 0, "completion_tokens": 0}))
+        task = task.model_copy(update=changes)
+    if event.kind == EventKind.STATUS:
+        if task.status in TERMINAL_TASK_STATUSES:
+            return None
+        status = TaskStatus(event.content or "")
+        changes.update(status=status, status_reason=event.data.get("reason"))
+        if status in TERMINAL_TASK_STATUSES:
+            changes["finished_at"] = event.at
+    elif event.kind in (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESULT, EventKind.INPUT_REQUEST):
+        if event.kind == EventKind.MESSAGE:
+            kind, content = str(event.data.get("type", "text")), event.content
+        else:
+            kind, content = event.kind, event.data.get("calls") or event.data.get("results") or event.content
+        message = TaskMessage(source=event.source, type=kind, content=content, at=event.at)
+        changes["messages"] = [*task.messages, message]
+    elif event.kind == EventKind.USAGE:
+        changes["usage"] = task.usage.model_copy(
+            update={
+                "prompt_tokens": task.usage.prompt_tokens + int(event.data.get("prompt_tokens", 0)),
+                "completion_tokens": task.usage.completion_tokens + int(event.data.get("completion_tokens", 0)),
+            }
+        )
+    elif event.kind == EventKind.RESULT:
+        changes["result"] = event.content
+    elif event.kind == EventKind.ERROR:
+        changes["status_reason"] = event.content
+    else:
+        return None
+    return task.model_copy(update=changes)

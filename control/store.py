@@ -1,0 +1,107 @@
+"""Persistence of Caravan's records in JetStream KV buckets, with compare-and-set updates.
+
+Records of a customer are keyed ``<customer_id>.<id>``, so a customer's lookups cannot reach another
+customer's records, and listing a customer's records is a key-filtered scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel
+
+__all__ = ["AlreadyExists", "Conflict", "Repo"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class AlreadyExists(Exception):
+    """A create met an existing key."""
+
+
+class Conflict(Exception):
+    """A compare-and-set update kept losing to concurrent writers."""
+
+
+class Repo(Generic[M]):
+    """Typed records of one model in one KV bucket."""
+
+    def __init__(self, kv: KeyValue, model: type[M]) -> None:
+        self._kv = kv
+        self._model = model
+
+    async def get(self, key: str) -> M | None:
+        found = await self.get_with_revision(key)
+        return found[0] if found else None
+
+    async def get_with_revision(self, key: str) -> tuple[M, int] | None:
+        try:
+            entry = await self._kv.get(key)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return self._model.model_validate_json(entry.value), entry.revision or 0
+
+    async def create(self, key: str, record: M) -> int:
+        try:
+            return await self._kv.create(key, record.model_dump_json().encode())
+        except KeyWrongLastSequenceError as exc:
+            raise AlreadyExists(key) from exc
+
+    async def put(self, key: str, record: M) -> int:
+        return await self._kv.put(key, record.model_dump_json().encode())
+
+    async def update(self, key: str, change: Callable[[M], M | None], attempts: int = 20) -> M | None:
+        """Apply ``change`` to the current record with compare-and-set, retrying on concurrent writes.
+
+        ``change`` returns the new record, or None to leave it as it is. Returns the stored record, or
+        None if the key does not exist.
+        """
+        for _ in range(attempts):
+            found = await self.get_with_revision(key)
+            if found is None:
+                return None
+            current, revision = found
+            new = change(current.model_copy(deep=True))
+            if new is None:
+                return current
+            try:
+                await self._kv.update(key, new.model_dump_json().encode(), last=revision)
+            except KeyWrongLastSequenceError:
+                await asyncio.sleep(0)
+                continue
+            return new
+        raise Conflict(key)
+
+    async def delete(self, key: str) -> None:
+        await self._kv.delete(key)
+
+    async def keys(self, pattern: str = ">") -> list[str]:
+        """Keys matching a NATS subject pattern (``cu-1.*``); nats-py's own ``keys(filters)`` matches substrings."""
+        watcher = await self._kv.watch(pattern, ignore_deletes=True, meta_only=True)
+        keys: list[str] = []
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                keys.append(entry.key)
+        finally:
+            await watcher.stop()
+        return keys
+
+    async def list(self, pattern: str = ">") -> list[M]:
+        records = await asyncio.gather(*(self.get(key) for key in await self.keys(pattern)))
+        return [r for r in records if r is not None]
+
+    async def find(self, record_id: str) -> tuple[str, M] | None:
+        """Find a record by the last part of its key, whichever customer owns it (admin lookups)."""
+        for key in await self.keys(f"*.{record_id}"):
+            record = await self.get(key)
+            if record is not None:
+                return key, record
+        return None

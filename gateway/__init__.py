@@ -1,0 +1,1 @@
+"""Caravan's HTTP gateway: a thin FastAPI layer over the control plane."""

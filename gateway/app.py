@@ -1,0 +1,52 @@
+"""Build the FastAPI app from settings: ``create_app(settings)``; nothing is created at import time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from control.platform import ControlPlane
+from control.settings import Settings
+from gateway.errors import error_response, install_error_handlers
+from gateway.routes import admin, agents, auth, health, tasks
+
+__all__ = ["MAX_BODY_BYTES", "create_app"]
+
+MAX_BODY_BYTES = 2 * 2**20
+
+
+def create_app(settings: Settings, control: ControlPlane | None = None) -> FastAPI:
+    """The API. Without ``control`` the app starts and stops its own control plane with its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if control is not None:
+            app.state.control = control
+            yield
+            return
+        async with ControlPlane(settings) as owned:
+            app.state.control = owned
+            yield
+
+    app = FastAPI(
+        title="Caravan",
+        version="0.1.0",
+        summary="Run AutoGen agent teams on HashiCorp Nomad",
+        lifespan=lifespan,
+    )
+    if control is not None:
+        app.state.control = control
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return error_response(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
+
+    for module in (health, auth, agents, tasks, admin):
+        app.include_router(module.router)
+    return app

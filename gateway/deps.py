@@ -1,0 +1,59 @@
+"""Dependencies: the control plane, the caller (from the bearer JWT) and their scope."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from control.errors import Forbidden, Invalid, Unauthorized
+from control.platform import ControlPlane
+from control.services.auth import Principal
+
+__all__ = ["AdminDep", "ControlDep", "PrincipalDep", "owner_scope", "target_customer"]
+
+_bearer = HTTPBearer(auto_error=False, description="JWT from POST /v1/auth/token")
+
+
+def get_control(request: Request) -> ControlPlane:
+    control: ControlPlane = request.app.state.control
+    return control
+
+
+ControlDep = Annotated[ControlPlane, Depends(get_control)]
+
+
+def get_principal(
+    control: ControlDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("missing bearer token: get one from POST /v1/auth/token")
+    return control.auth.verify(credentials.credentials)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_admin(principal: PrincipalDep) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("admin role required")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(get_admin)]
+
+
+def owner_scope(principal: Principal) -> str | None:
+    """The customer whose records the caller may see; None means every customer (admins)."""
+    return None if principal.is_admin else principal.customer_id
+
+
+def target_customer(principal: Principal, customer_id: str | None) -> str:
+    """The customer a new record belongs to: the caller's own, or the one an admin names."""
+    if not principal.is_admin:
+        assert principal.customer_id is not None
+        return principal.customer_id
+    if not customer_id:
+        raise Invalid("admins act for a customer: give ?customer_id=")
+    return customer_id

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response, status
+
+from control.models import Agent, AgentCreate, AgentUpdate
+from gateway.deps import ControlDep, PrincipalDep, owner_scope, target_customer
+from gateway.schemas import AgentPublic
+
+router = APIRouter(prefix="/v1/agents", tags=["agents"])
+AgentId = Annotated[str, "agent id"]
+
+
+def _public(agent: Agent) -> AgentPublic:
+    return AgentPublic(**agent.model_dump())
+
+
+@router.post("", response_model=AgentPublic, status_code=status.HTTP_201_CREATED)
+async def create_agent(
+    body: AgentCreate,
+    control: ControlDep,
+    principal: PrincipalDep,
+    customer_id: Annotated[str | None, Query(max_length=64, description="Admins only: the owner.")] = None,
+) -> AgentPublic:
+    """Define an agent and deploy its job. The agent becomes `running` once its process reports ready."""
+    owner = target_customer(principal, customer_id)
+    await control.auth.get_customer(owner)
+    return _public(await control.agents.create(owner, body))
+
+
+@router.get("", response_model=list[AgentPublic])
+async def list_agents(control: ControlDep, principal: PrincipalDep) -> list[AgentPublic]:
+    return [_public(a) for a in await control.agents.list(owner_scope(principal))]
+
+
+@router.get("/{agent_id}", response_model=AgentPublic)
+async def get_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> AgentPublic:
+    return _public(await control.agents.get(owner_scope(principal), agent_id))
+
+
+@router.patch("/{agent_id}", response_model=AgentPublic)
+async def update_agent(agent_id: str, body: AgentUpdate, control: ControlDep, principal: PrincipalDep) -> AgentPublic:
+    """Change the definition; rolls out a new job version."""
+    return _public(await control.agents.update(owner_scope(principal), agent_id, body))
+
+
+@router.delete("/{agent_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> Response:
+    await control.agents.delete(owner_scope(principal), agent_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{agent_id}/stop", response_model=AgentPublic)
+async def stop_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> AgentPublic:
+    return _public(await control.agents.stop(owner_scope(principal), agent_id))
+
+
+@router.post("/{agent_id}/start", response_model=AgentPublic)
+async def start_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> AgentPublic:
+    return _public(await control.agents.start(owner_scope(principal), agent_id))
+
+
+@router.get("/{agent_id}/job")
+async def get_agent_job(agent_id: str, control: ControlDep, principal: PrincipalDep) -> dict[str, Any]:
+    """The rendered Nomad job (API JSON) this agent runs as."""
+    agent = await control.agents.get(owner_scope(principal), agent_id)
+    return {"Job": control.agents.render(agent)}

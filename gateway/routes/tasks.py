@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, WebSocket, WebSocketDisconnect, status
+from fastapi.responses import StreamingResponse
+
+from control.errors import CaravanError, Invalid
+from control.models import Task, TaskCreate, TaskStatus
+from control.services.tasks import StreamedEvent
+from gateway.deps import ControlDep, PrincipalDep, owner_scope
+from gateway.schemas import TaskPublic
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+
+def _public(task: Task) -> TaskPublic:
+    return TaskPublic(**task.model_dump())
+
+
+def _resume_point(last_event_id: str | None, after: int | None) -> int:
+    if after is not None:
+        return after
+    if last_event_id is None or last_event_id == "":
+        return 0
+    if not last_event_id.isdigit() or len(last_event_id) > 18:
+        raise Invalid("Last-Event-ID must be an event id from this stream")
+    return int(last_event_id)
+
+
+def _wire(item: StreamedEvent) -> dict[str, object]:
+    return {"id": item.id, **item.event.model_dump(mode="json")}
+
+
+@router.post("", response_model=TaskPublic, status_code=status.HTTP_202_ACCEPTED)
+async def create_task(body: TaskCreate, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
+    """Queue a task for an agent. Watch it on `/v1/tasks/{id}/events`."""
+    if principal.is_admin or principal.customer_id is None:
+        raise Invalid("tasks are started by the customer who owns the agent")
+    return _public(await control.tasks.create(principal.customer_id, body))
+
+
+@router.get("", response_model=list[TaskPublic])
+async def list_tasks(
+    control: ControlDep,
+    principal: PrincipalDep,
+    status_filter: Annotated[TaskStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[TaskPublic]:
+    return [_public(t) for t in await control.tasks.list(owner_scope(principal), status_filter, limit)]
+
+
+@router.get("/{task_id}", response_model=TaskPublic)
+async def get_task(task_id: str, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
+    """Status, transcript, result and token usage."""
+    return _public(await control.tasks.get(owner_scope(principal), task_id))
+
+
+@router.post("/{task_id}/cancel", response_model=TaskPublic, status_code=status.HTTP_202_ACCEPTED)
+async def cancel_task(task_id: str, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
+    """Ask for the task to stop; it ends `cancelled` (watch the events)."""
+    return _public(await control.tasks.cancel(owner_scope(principal), task_id))
+
+
+@router.get(
+    "/{task_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
+)
+async def task_events(
+    task_id: str,
+    control: ControlDep,
+    principal: PrincipalDep,
+    last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+    after: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="Resume after this event id.")] = None,
+) -> StreamingResponse:
+    """Server-sent events of the task from the start, or after `Last-Event-ID`; ends after the final status."""
+    task = await control.tasks.get(owner_scope(principal), task_id)
+    start = _resume_point(last_event_id, after)
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"retry: 1000\n\n"
+        async for item in control.tasks.events(task, start):
+            if item is None:
+                yield b": keep-alive\n\n"
+                continue
+            yield f"id: {item.id}\nevent: {item.event.kind}\ndata: {json.dumps(_wire(item))}\n\n".encode()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+@router.websocket("/{task_id}/ws")
+async def task_ws(
+    websocket: WebSocket,
+    task_id: str,
+    control: ControlDep,
+    token: Annotated[str | None, Query(max_length=4096)] = None,
+    after: Annotated[int, Query(ge=0)] = 0,
+) -> None:
+    """The same events as JSON frames. Authenticate with `Authorization: Bearer` or `?token=`; resume with `?after=`."""
+    header = websocket.headers.get("authorization", "")
+    bearer = header[7:] if header.lower().startswith("bearer ") else token
+    try:
+        if not bearer:
+            raise CaravanError("missing bearer token")
+        principal = control.auth.verify(bearer)
+        task = await control.tasks.get(owner_scope(principal), task_id)
+    except CaravanError as exc:
+        await websocket.close(code=4401 if exc.status == 401 else 4404, reason=exc.message[:100])
+        return
+    await websocket.accept()
+    try:
+        async for item in control.tasks.events(task, after):
+            await websocket.send_json({"type": "keep-alive"} if item is None else _wire(item))
+        await websocket.close(code=1000)
+    except WebSocketDisconnect:
+        return

@@ -1,0 +1,22 @@
+"""Job templates, their typed variables and the renderer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobs.render import TemplateError, render, template_placeholders
+from jobs.variables import SECOND_NS, AgentJobVariables, DriverName
+
+__all__ = [
+    "SECOND_NS",
+    "AgentJobVariables",
+    "DriverName",
+    "TemplateError",
+    "render",
+    "render_agent_job",
+    "template_placeholders",
+]
+
+
+def render_agent_job(variables: AgentJobVariables) -> dict[str, Any]:
+    return render("agent", variables)

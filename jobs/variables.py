@@ -1,0 +1,58 @@
+"""Typed variables of the job templates (the role of nomad-pack's ``variables.hcl``).
+
+Every value that reaches a job spec passes through these models: identifiers are pattern-checked,
+numbers are bounded, and the renderer writes each value as a JSON literal. User text (names, prompts,
+system messages) has no field here and so cannot reach a job.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+__all__ = ["SECOND_NS", "AgentJobVariables", "DriverName"]
+
+SECOND_NS = 1_000_000_000
+
+Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,127}$")]
+MetaValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@-]{0,200}$")]
+EnvValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@,${}=+-]{0,500}$")]
+Datacenter = Annotated[str, StringConstraints(pattern=r"^[a-z0-9*][a-z0-9*_-]{0,127}$")]
+DriverName = Literal["raw_exec", "exec", "docker"]
+
+
+class AgentJobVariables(BaseModel):
+    """Variables of ``templates/agent.json.tmpl``: one Nomad service job running one Caravan agent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: Identifier = Field(description="Nomad job ID, e.g. `caravan-ag-3f2a9c1b7d4e`.")
+    namespace: Identifier = Field(description="Nomad namespace of the customer, e.g. `caravan-cu-0123456789ab`.")
+    region: Identifier = Field(default="global", description="Nomad region.")
+    datacenters: list[Datacenter] = Field(default_factory=lambda: ["*"], min_length=1, max_length=32)
+    priority: int = Field(default=50, ge=1, le=100)
+    count: int = Field(default=1, ge=0, le=100, description="Replicas of the agent (task group count).")
+    cpu: int = Field(ge=20, le=64_000, description="CPU in MHz.")
+    memory_mb: int = Field(ge=32, le=262_144, description="Memory in MB; the task is killed above it.")
+    driver: DriverName = Field(default="raw_exec", description="Task driver.")
+    driver_config: dict[str, str | list[str]] = Field(description="Driver `config` block, computed by the caller.")
+    env: dict[Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Z0-9_]{0,63}$")], EnvValue] = Field(
+        description="Task environment: wiring only (ids, addresses), never secrets or user text."
+    )
+    meta: dict[Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")], MetaValue] = Field(
+        description="Ownership and identity meta, on the job, group, service and task."
+    )
+    service_name: Identifier
+    service_provider: Literal["nomad", "consul"] = "nomad"
+    service_tags: list[Identifier] = Field(default_factory=lambda: ["caravan", "agent"])
+    restart_attempts: int = Field(default=3, ge=0, le=100)
+    restart_interval_ns: int = Field(default=300 * SECOND_NS, ge=SECOND_NS)
+    restart_delay_ns: int = Field(default=2 * SECOND_NS, ge=0)
+    restart_mode: Literal["fail", "delay"] = "fail"
+    kill_timeout_ns: int = Field(default=5 * SECOND_NS, ge=0, le=600 * SECOND_NS)
+    check_interval_ns: int = Field(default=10 * SECOND_NS, ge=SECOND_NS)
+    check_timeout_ns: int = Field(default=2 * SECOND_NS, ge=SECOND_NS // 10)
+    min_healthy_time_ns: int = Field(default=5 * SECOND_NS, ge=0)
+    healthy_deadline_ns: int = Field(default=120 * SECOND_NS, ge=SECOND_NS)
+    progress_deadline_ns: int = Field(default=300 * SECOND_NS, ge=0)

@@ -1,0 +1,166 @@
+"""The local scheduler runs the task of a rendered job and supervises it as Nomad would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control.backends.base import AllocState, JobNotOwned, JobRejected, StatusUpdate
+from control.backends.local import LocalScheduler
+from jobs import SECOND_NS, AgentJobVariables, render_agent_job
+from tests.support.helpers import assert_eventually
+
+
+def job(script: str, *, memory_mb: int = 256, attempts: int = 2, kill_timeout_s: float = 2.0,
+        owner: str = "caravan", count: int = 1, env: dict[str, str] | None = None) -> dict[str, Any]:
+    return render_agent_job(
+        AgentJobVariables(
+            job_id="caravan-ag-0000000000aa",
+            namespace="caravan-cu-0000000000aa",
+            count=count,
+            cpu=100,
+            memory_mb=memory_mb,
+            driver_config={"command": sys.executable, "args": ["-c", script]},
+            env={"CARAVAN_AGENT_ID": "ag-0000000000aa", "CARAVAN_HEALTH_PORT": "${NOMAD_PORT_health}", **(env or {})},
+            meta={"caravan_owner": owner, "caravan_agent": "ag-0000000000aa", "caravan_customer": "cu-0000000000aa"},
+            service_name="caravan-agent-ag-0000000000aa",
+            restart_attempts=attempts,
+            restart_delay_ns=SECOND_NS // 10,
+            kill_timeout_ns=int(kill_timeout_s * SECOND_NS),
+        )
+    )
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.updates: list[StatusUpdate] = []
+
+    async def __call__(self, update: StatusUpdate) -> None:
+        self.updates.append(update)
+
+    def states(self) -> list[AllocState]:
+        return [u.state for u in self.updates]
+
+    async def last(self) -> StatusUpdate | None:
+        return self.updates[-1] if self.updates else None
+
+
+@pytest.fixture
+async def scheduler(tmp_path: Path) -> AsyncIterator[tuple[LocalScheduler, Recorder]]:
+    recorder = Recorder()
+    async with LocalScheduler(tmp_path / "allocs") as sched:
+        sched.on_status(recorder)
+        yield sched, recorder
+
+
+SLEEPER = "import time\nwhile True: time.sleep(0.1)"
+
+
+async def test_runs_the_task_with_its_environment_and_stops_it_with_sigterm(scheduler, tmp_path: Path) -> None:
+    sched, rec = scheduler
+    out = tmp_path / "env.json"
+    script = (
+        "import json, os, signal, sys, time\n"
+        f"json.dump(dict(os.environ), open({str(out)!r}, 'w'))\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(out)!r} + '.term', 'w').write('bye'), sys.exit(0)))\n"
+        "while True: time.sleep(0.05)\n"
+    )
+    result = await sched.submit(job(script))
+    assert result.job_id == "caravan-ag-0000000000aa" and len(result.alloc_ids) == 1
+    await assert_eventually(rec.last, lambda u: u is not None and u.state is AllocState.RUNNING, what="running")
+    env = await assert_eventually(
+        lambda: asyncio.to_thread(lambda: json.loads(out.read_text()) if out.exists() and out.stat().st_size else None),
+        lambda e: e is not None,
+    )
+    assert env["CARAVAN_AGENT_ID"] == "ag-0000000000aa"
+    assert env["CARAVAN_HEALTH_PORT"].isdigit() and env["CARAVAN_HEALTH_PORT"] == env["NOMAD_PORT_health"]
+    assert env["NOMAD_ALLOC_ID"] == result.alloc_ids[0]
+
+    await sched.stop_job("caravan-cu-0000000000aa", "caravan-ag-0000000000aa")
+    assert (tmp_path / "env.json.term").read_text() == "bye"
+    assert rec.states()[-1] is AllocState.STOPPED
+    status = await sched.job_status("caravan-cu-0000000000aa", "caravan-ag-0000000000aa")
+    assert status is not None and list(status.allocs.values()) == [AllocState.STOPPED]
+
+
+async def test_a_crashing_task_is_restarted_per_policy_then_fails_with_the_exit_reason(scheduler) -> None:
+    sched, rec = scheduler
+    await sched.submit(job("import sys; print('boom: bad config', file=sys.stderr); sys.exit(3)", attempts=2))
+    final = await assert_eventually(rec.last, lambda u: u is not None and u.state is AllocState.FAILED)
+    assert final is not None and final.reason is not None
+    assert "exited with code 3" in final.reason and "boom: bad config" in final.reason
+    assert "restart policy exhausted" in final.reason
+    assert rec.states().count(AllocState.RESTARTING) == 2
+    assert rec.states().count(AllocState.RUNNING) == 3
+
+
+async def test_memory_over_the_limit_is_killed_and_reported_as_oom(scheduler) -> None:
+    sched, rec = scheduler
+    hog = "import time\nx = bytearray(300 * 2**20)\nfor i in range(0, len(x), 4096): x[i] = 1\ntime.sleep(30)"
+    await sched.submit(job(hog, memory_mb=128, attempts=0))
+    final = await assert_eventually(rec.last, lambda u: u is not None and u.state is AllocState.FAILED)
+    assert final is not None and final.reason is not None and "OOM killed" in final.reason
+    assert "limit of 128 MB" in final.reason
+
+
+async def test_a_task_that_ignores_sigterm_is_killed_after_kill_timeout(scheduler) -> None:
+    sched, rec = scheduler
+    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(0.05)"
+    await sched.submit(job(stubborn, kill_timeout_s=0.5))
+    await assert_eventually(rec.last, lambda u: u is not None and u.state is AllocState.RUNNING)
+    await asyncio.sleep(0.3)  # let the child install its handler before we signal it
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await sched.stop_job("caravan-cu-0000000000aa", "caravan-ag-0000000000aa")
+    assert loop.time() - started >= 0.5
+    assert rec.states()[-1] is AllocState.STOPPED
+
+
+async def test_count_runs_that_many_allocations(scheduler) -> None:
+    sched, rec = scheduler
+    result = await sched.submit(job(SLEEPER, count=3))
+    assert len(set(result.alloc_ids)) == 3
+    await assert_eventually(
+        lambda: sched.job_status("caravan-cu-0000000000aa", "caravan-ag-0000000000aa"),
+        lambda s: s is not None and set(s.allocs.values()) == {AllocState.RUNNING},
+    )
+
+
+async def test_resubmitting_replaces_the_allocation_with_a_new_version(scheduler) -> None:
+    sched, _ = scheduler
+    first = await sched.submit(job(SLEEPER))
+    second = await sched.submit(job(SLEEPER))
+    assert second.version == first.version + 1 and set(second.alloc_ids).isdisjoint(first.alloc_ids)
+    status = await sched.job_status("caravan-cu-0000000000aa", "caravan-ag-0000000000aa")
+    assert status is not None and set(status.allocs) == set(second.alloc_ids)
+
+
+async def test_refuses_jobs_it_does_not_own_and_drivers_it_cannot_run(scheduler) -> None:
+    sched, _ = scheduler
+    with pytest.raises(JobNotOwned):
+        await sched.submit(job(SLEEPER, owner="someone-else"))
+    docker = job(SLEEPER)
+    docker["TaskGroups"][0]["Tasks"][0]["Driver"] = "docker"
+    with pytest.raises(JobRejected, match="raw_exec"):
+        await sched.submit(docker)
+    assert await sched.job_status("caravan-cu-0000000000aa", "caravan-ag-0000000000aa") is None
+
+
+async def test_stopping_the_scheduler_stops_every_task(tmp_path: Path) -> None:
+    rec = Recorder()
+    sched = LocalScheduler(tmp_path / "allocs")
+    sched.on_status(rec)
+    await sched.start()
+    await sched.submit(job(SLEEPER, count=2))
+    await assert_eventually(lambda: asyncio.sleep(0, rec.states()), lambda s: s.count(AllocState.RUNNING) == 2)
+    await sched.stop()
+    await sched.stop()  # idempotent
+    assert rec.states().count(AllocState.STOPPED) == 2
+    with pytest.raises(RuntimeError):
+        await sched.start()

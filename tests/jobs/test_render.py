@@ -1,0 +1,144 @@
+"""The agent job template: what it renders (golden file), that Nomad knows every key, and that values
+can never change its structure."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from agent.protocol import ModelConfig
+from control.jobspec import agent_job
+from control.models import Agent
+from control.settings import Settings
+from jobs import SECOND_NS, AgentJobVariables, TemplateError, render, render_agent_job, template_placeholders
+from tests.jobs.nomad_schema import unknown_fields
+
+GOLDEN = Path(__file__).parent / "golden" / "agent.json"
+
+
+def golden_variables() -> AgentJobVariables:
+    return AgentJobVariables(
+        job_id="caravan-ag-0123456789ab",
+        namespace="caravan-cu-0123456789ab",
+        datacenters=["dc1"],
+        count=2,
+        cpu=300,
+        memory_mb=512,
+        driver="raw_exec",
+        driver_config={"command": "/opt/caravan/bin/python", "args": ["-m", "agent"]},
+        env={
+            "CARAVAN_AGENT_ID": "ag-0123456789ab",
+            "CARAVAN_CUSTOMER_ID": "cu-0123456789ab",
+            "NATS_URL": "nats://nats.service.consul:4222",
+            "CARAVAN_HEALTH_PORT": "${NOMAD_PORT_health}",
+        },
+        meta={"caravan_owner": "caravan", "caravan_agent": "ag-0123456789ab", "caravan_customer": "cu-0123456789ab"},
+        service_name="caravan-agent-ag-0123456789ab",
+        restart_attempts=3,
+        kill_timeout_ns=5 * SECOND_NS,
+    )
+
+
+def test_agent_job_matches_golden_file() -> None:
+    rendered = render_agent_job(golden_variables())
+    if os.environ.get("CARAVAN_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps(rendered, indent=2, sort_keys=True) + "\n")
+    assert rendered == json.loads(GOLDEN.read_text())
+
+
+def test_every_key_is_a_nomad_api_field() -> None:
+    assert unknown_fields(render_agent_job(golden_variables())) == []
+
+
+def test_rendered_job_carries_resources_restart_policy_service_check_and_ownership() -> None:
+    job = render_agent_job(golden_variables())
+    group = job["TaskGroups"][0]
+    task = group["Tasks"][0]
+    assert (job["ID"], job["Namespace"], job["Type"]) == ("caravan-ag-0123456789ab", "caravan-cu-0123456789ab", "service")
+    assert group["Count"] == 2
+    assert task["Resources"] == {"CPU": 300, "MemoryMB": 512}
+    assert group["RestartPolicy"]["Attempts"] == 3 and group["RestartPolicy"]["Mode"] == "fail"
+    assert task["KillTimeout"] == 5 * SECOND_NS
+    check = group["Services"][0]["Checks"][0]
+    assert (check["Type"], check["Path"], group["Services"][0]["PortLabel"]) == ("http", "/health", "health")
+    assert group["Networks"][0]["DynamicPorts"] == [{"Label": "health", "To": 0}]
+    for meta in (job["Meta"], group["Meta"], task["Meta"], group["Services"][0]["Meta"]):
+        assert meta["caravan_owner"] == "caravan" and meta["caravan_agent"] == "ag-0123456789ab"
+    assert task["Env"]["CARAVAN_HEALTH_PORT"] == "${NOMAD_PORT_health}"  # Nomad's interpolation passes through
+
+
+def test_every_placeholder_has_a_typed_variable() -> None:
+    assert template_placeholders("agent") <= set(AgentJobVariables.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("job_id", 'x", "Type": "batch'),
+        ("job_id", "job ${NOMAD_META_x}"),
+        ("namespace", "ns\nnewline"),
+        ("service_name", "{{ key \"secret\" }}"),
+        ("cpu", -5),
+        ("cpu", 10**9),
+        ("memory_mb", 0),
+        ("count", 1000),
+        ("driver", "qemu"),
+    ],
+)
+def test_hostile_variables_are_refused(field: str, value: Any) -> None:
+    data = golden_variables().model_dump()
+    data[field] = value
+    with pytest.raises(ValidationError):
+        AgentJobVariables(**data)
+
+
+def test_hostile_env_and_meta_values_are_refused() -> None:
+    data = golden_variables().model_dump()
+    with pytest.raises(ValidationError):
+        AgentJobVariables(**{**data, "env": {"NATS_URL": 'x" , "Privileged": true'}})
+    with pytest.raises(ValidationError):
+        AgentJobVariables(**{**data, "meta": {"caravan_owner": "[[ job_id ]]"}})
+
+
+def test_a_template_with_an_undefined_variable_fails_loudly() -> None:
+    with pytest.raises(TemplateError, match="undefined variables"):
+        render("agent", ModelConfig(provider="replay", name="x", responses=["a"]))
+
+
+HOSTILE_TEXT = 'quote " brace ${NOMAD_TOKEN} {{ key "x" }} [[ job_id ]] \n newline \\ backslash'
+
+
+def _agent(**changes: Any) -> Agent:
+    base: dict[str, Any] = {
+        "id": "ag-0123456789ab",
+        "customer_id": "cu-0123456789ab",
+        "name": "helper",
+        "system_message": "You help.",
+        "model": ModelConfig(provider="replay", name="scripted", responses=["ok"]),
+        "job_id": "caravan-ag-0123456789ab",
+        "namespace": "caravan-cu-0123456789ab",
+    }
+    base.update(changes)
+    return Agent(**base)
+
+
+def test_user_text_never_reaches_the_job() -> None:
+    settings = Settings(nats_url="nats://127.0.0.1:4222")
+    plain = agent_job(_agent(), settings)
+    hostile = agent_job(
+        _agent(
+            system_message=HOSTILE_TEXT,
+            model=ModelConfig(provider="replay", name="scripted", responses=[HOSTILE_TEXT]),
+        ),
+        settings,
+    )
+    assert hostile == plain
+    text = json.dumps(hostile)
+    for fragment in ("NOMAD_TOKEN", "{{ key", "[[", "newline", "You help."):
+        assert fragment not in text
+    assert unknown_fields(hostile) == []

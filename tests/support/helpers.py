@@ -1,0 +1,75 @@
+"""Polling with a deadline instead of sleeps, and a real HTTP server for the app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+__all__ = ["assert_eventually", "serve_app", "sse_events"]
+
+T = TypeVar("T")
+
+
+async def assert_eventually(
+    probe: Callable[[], Awaitable[T]], check: Callable[[T], bool], within: float = 20.0, what: str = "condition"
+) -> T:
+    """Poll ``probe`` until ``check`` holds for its value; fail with the last value after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    value = await probe()
+    while not check(value):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {within}s; last value: {value!r}")
+        await asyncio.sleep(0.05)
+        value = await probe()
+    return value
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: FastAPI) -> AsyncIterator[str]:
+    """Run ``app`` under uvicorn on a free loopback port; yields the base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def sse_events(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Read server-sent events (id, event, data) until the stream ends or ``limit`` events arrived."""
+    import json
+
+    events: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    async with client.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line == "":
+                if "data" in current:
+                    events.append(current)
+                    if limit is not None and len(events) >= limit:
+                        break
+                current = {}
+            elif line.startswith(":"):
+                continue
+            else:
+                field, _, value = line.partition(": ")
+                current[field] = json.loads(value) if field == "data" else value
+    return events
