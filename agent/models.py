@@ -67,7 +67,10 @@ def create_model_client(config: ModelConfig) -> ChatCompletionClient:
     if base_url is not None:
         kwargs["base_url"] = base_url
         kwargs["model_info"] = _GENERIC_INFO
-    return OpenAIChatCompletionClient(**kwargs, **_sampling(config))
+    try:
+        return OpenAIChatCompletionClient(**kwargs, **_sampling(config))
+    except ValueError:  # a model AutoGen has no capability table for (a newer one): assume the common ones
+        return OpenAIChatCompletionClient(**kwargs, model_info=_GENERIC_INFO, **_sampling(config))
 
 
 def _sampling(config: ModelConfig) -> dict[str, Any]:
@@ -112,4 +115,3 @@ def _tool_call_result(call: ScriptedToolCall) -> CreateResult:
         usage=RequestUsage(prompt_tokens=0, completion_tokens=max(1, len(arguments) // 4)),
         cached=False,
     )
-

@@ -314,7 +314,8 @@ class _TaskRun:
         elif isinstance(item, ThoughtEvent):
             await self.emit(EventKind.MESSAGE, source=item.source, content=item.content, data={"type": "thought"})
         elif isinstance(item, BaseChatMessage):
-            await self.emit(EventKind.MESSAGE, source=item.source, content=item.to_text(), data={"type": getattr(item, "type", type(item).__name__)})
+            kind = getattr(item, "type", type(item).__name__)
+            await self.emit(EventKind.MESSAGE, source=item.source, content=item.to_text(), data={"type": kind})
         if usage is not None:
             tokens = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
             await self.emit(EventKind.USAGE, source=getattr(item, "source", None), data=tokens)

@@ -61,7 +61,7 @@ async def _serve(settings: Settings, control: ControlPlane, banner: str | None =
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, request_exit)
     serving = asyncio.create_task(server.serve())
-    while not server.started and not serving.done():
+    while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn has no started event
         await asyncio.sleep(0.05)
     if server.started and banner:
         print(banner, flush=True)
@@ -119,12 +119,12 @@ def _banner(settings: Settings, nats_url: str, creds: dict[str, Any]) -> str:
         "Log in as the demo customer and run a task on its agent:",
         f"  export CARAVAN_API_KEY={key}",
         f"  TOKEN=$(curl -s {base}/v1/auth/token -H 'content-type: application/json' \\",
-        "      -d \"{\\\"api_key\\\": \\\"$CARAVAN_API_KEY\\\"}\" | python3 -c 'import json,sys; "
-        "print(json.load(sys.stdin)[\"access_token\"])')",
-        f"  curl -s {base}/v1/agents -H \"Authorization: Bearer $TOKEN\"",
+        '      -d "{\\"api_key\\": \\"$CARAVAN_API_KEY\\"}" | python3 -c \'import json,sys; '
+        'print(json.load(sys.stdin)["access_token"])\')',
+        f'  curl -s {base}/v1/agents -H "Authorization: Bearer $TOKEN"',
         f"  curl -s {base}/v1/tasks -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\",
-        f"      -d '{{\"agent_id\": \"{agent}\", \"task\": \"What is 6 times 7?\"}}'",
-        f"  curl -sN {base}/v1/tasks/<task id>/events -H \"Authorization: Bearer $TOKEN\"",
+        f'      -d \'{{"agent_id": "{agent}", "task": "What is 6 times 7?"}}\'',
+        f'  curl -sN {base}/v1/tasks/<task id>/events -H "Authorization: Bearer $TOKEN"',
     ]
     if creds.get("admin_api_key"):
         lines += ["", f"Admin API key: {creds['admin_api_key']}"]

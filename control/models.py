@@ -58,9 +58,7 @@ class TaskStatus(StrEnum):
     KILLED = "killed"
 
 
-TERMINAL_TASK_STATUSES = frozenset(
-    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.KILLED}
-)
+TERMINAL_TASK_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.KILLED})
 
 AgentName = Annotated[
     str,

@@ -79,7 +79,9 @@ class ControlPlane:
         self._started = True
         self._jet = jet = await connect(self.settings.nats_url)
         self._auth = AuthService(
-            Repo(jet.kv["keys"], ApiKey), Repo(jet.kv["customers"], Customer), jet.kv["system"],
+            Repo(jet.kv["keys"], ApiKey),
+            Repo(jet.kv["customers"], Customer),
+            jet.kv["system"],
             self.settings.jwt_ttl_seconds,
         )
         await self._auth.load_secret(self.settings.jwt_secret)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
 from control.errors import Forbidden, Invalid, Unauthorized
 from control.platform import ControlPlane
@@ -16,7 +17,7 @@ __all__ = ["AdminDep", "ControlDep", "PrincipalDep", "owner_scope", "target_cust
 _bearer = HTTPBearer(auto_error=False, description="JWT from POST /v1/auth/token")
 
 
-def get_control(request: Request) -> ControlPlane:
+def get_control(request: HTTPConnection) -> ControlPlane:
     control: ControlPlane = request.app.state.control
     return control
 

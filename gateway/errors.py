@@ -13,12 +13,23 @@ from control.errors import CaravanError
 
 __all__ = ["error_response", "install_error_handlers"]
 
-_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid", 429: "rate_limited"}
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+    429: "rate_limited",
+}
 
 
-def error_response(status: int, code: str, message: str, details: Any = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "details": details}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -37,13 +48,20 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         # Only where and why: echoing the input back could return megabytes or secrets.
-        details = [{"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", ""), "type": e.get("type", "")}
-                   for e in exc.errors()]
+        details = [
+            {"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
         return error_response(422, "invalid", f"invalid request: {summary}", details)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), message, None,
-                              dict(exc.headers) if exc.headers else None)
+        return error_response(
+            exc.status_code,
+            _CODES.get(exc.status_code, "error"),
+            message,
+            None,
+            dict(exc.headers) if exc.headers else None,
+        )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -72,10 +73,18 @@ class Api:
         return body["id"], await self.token(body["api_key"])
 
 
+@contextlib.asynccontextmanager
+async def serve_api(control: ControlPlane) -> AsyncIterator[Api]:
+    """The gateway for ``control`` on a real HTTP port, with a client for it."""
+    app = create_app(control.settings, control)
+    async with serve_app(app) as base, httpx.AsyncClient(base_url=base, timeout=30) as client:
+        yield Api(base, client, control)
+
+
 @pytest.fixture
-async def api(control: ControlPlane, settings: Settings) -> AsyncIterator[Api]:
-    async with serve_app(create_app(settings, control)) as base, httpx.AsyncClient(base_url=base, timeout=30) as c:
-        yield Api(base, c, control)
+async def api(control: ControlPlane) -> AsyncIterator[Api]:
+    async with serve_api(control) as served:
+        yield served
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -310,8 +310,12 @@ class LocalScheduler:
                 alloc.restarts.popleft()
             if len(alloc.restarts) > spec.restart_attempts:
                 if spec.restart_mode == "fail":
-                    await self._emit(alloc, AllocState.FAILED, f"{reason}; restart policy exhausted "
-                                     f"({spec.restart_attempts} restarts within {spec.restart_interval:g}s)")
+                    await self._emit(
+                        alloc,
+                        AllocState.FAILED,
+                        f"{reason}; restart policy exhausted "
+                        f"({spec.restart_attempts} restarts within {spec.restart_interval:g}s)",
+                    )
                     return
                 delay = spec.restart_interval - (now - alloc.restarts[0])
                 alloc.restarts.clear()
@@ -381,9 +385,7 @@ class LocalScheduler:
                     c.memory_info().rss for c in root.children(recursive=True) if c.is_running()
                 )
             if rss > limit:
-                alloc.oom = (
-                    f"OOM killed: memory {rss / 2**20:.0f} MB over the limit of {alloc.job.spec.memory_mb} MB"
-                )
+                alloc.oom = f"OOM killed: memory {rss / 2**20:.0f} MB over the limit of {alloc.job.spec.memory_mb} MB"
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 return

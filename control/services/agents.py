@@ -77,10 +77,10 @@ class AgentService:
             spec = AgentCreate.model_validate(merged)
         except ValueError as exc:
             raise Invalid(str(exc)) from exc
-        self.render(current.model_copy(update=spec.model_dump()))  # refuse before storing if it cannot render
+        self.render(current.model_copy(update=dict(spec)))  # refuse before storing if it cannot render
 
         def apply(agent: Agent) -> Agent:
-            return agent.model_copy(update={**spec.model_dump(), "version": agent.version + 1, "updated_at": utcnow()})
+            return agent.model_copy(update={**dict(spec), "version": agent.version + 1, "updated_at": utcnow()})
 
         updated = await self._repo.update(_key(current.customer_id, agent_id), apply)
         if updated is None:
@@ -175,9 +175,7 @@ class AgentService:
             status = current.status if current.status is AgentStatus.RUNNING else AgentStatus.STARTING
             if current.status in (AgentStatus.FAILED, AgentStatus.STOPPED, AgentStatus.PENDING):
                 status = AgentStatus.STARTING
-            return current.model_copy(
-                update={"scheduler": result.handles(), "status": status, "updated_at": utcnow()}
-            )
+            return current.model_copy(update={"scheduler": result.handles(), "status": status, "updated_at": utcnow()})
 
         updated = await self._repo.update(_key(agent.customer_id, agent.id), submitted)
         return updated or agent
@@ -213,4 +211,3 @@ def _status_for(agent: Agent, state: AllocState) -> AgentStatus | None:
     if state is AllocState.STOPPED:
         return AgentStatus.STOPPED if agent.desired == "stopped" and agent.status != AgentStatus.KILLED else None
     return None
-

@@ -127,4 +127,3 @@ class AuthService:
         if role is Role.CUSTOMER and not customer_id:
             raise Unauthorized("invalid token: customer token without a customer")
         return Principal(role, customer_id, str(claims["sub"]))
-

@@ -224,8 +224,12 @@ def fold_event(task: Task, event: Event) -> Task | None:
     if event.attempt > task.attempt:  # a redelivery after a crash: the new attempt's transcript replaces the old
         if task.status in TERMINAL_TASK_STATUSES:
             return None
-        changes.update(attempt=event.attempt, messages=[], result=None, usage=task.usage.model_copy(update={
-            "prompt_tokens": 0, "completion_tokens": 0}))
+        changes.update(
+            attempt=event.attempt,
+            messages=[],
+            result=None,
+            usage=task.usage.model_copy(update={"prompt_tokens": 0, "completion_tokens": 0}),
+        )
         task = task.model_copy(update=changes)
     if event.kind == EventKind.STATUS:
         if task.status in TERMINAL_TASK_STATUSES:

@@ -17,8 +17,16 @@ from jobs import SECOND_NS, AgentJobVariables, render_agent_job
 from tests.support.helpers import assert_eventually
 
 
-def job(script: str, *, memory_mb: int = 256, attempts: int = 2, kill_timeout_s: float = 2.0,
-        owner: str = "caravan", count: int = 1, env: dict[str, str] | None = None) -> dict[str, Any]:
+def job(
+    script: str,
+    *,
+    memory_mb: int = 256,
+    attempts: int = 2,
+    kill_timeout_s: float = 2.0,
+    owner: str = "caravan",
+    count: int = 1,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     return render_agent_job(
         AgentJobVariables(
             job_id="caravan-ag-0000000000aa",
@@ -123,7 +131,7 @@ async def test_a_task_that_ignores_sigterm_is_killed_after_kill_timeout(schedule
 
 
 async def test_count_runs_that_many_allocations(scheduler) -> None:
-    sched, rec = scheduler
+    sched, _rec = scheduler
     result = await sched.submit(job(SLEEPER, count=3))
     assert len(set(result.alloc_ids)) == 3
     await assert_eventually(

@@ -59,7 +59,8 @@ def test_rendered_job_carries_resources_restart_policy_service_check_and_ownersh
     job = render_agent_job(golden_variables())
     group = job["TaskGroups"][0]
     task = group["Tasks"][0]
-    assert (job["ID"], job["Namespace"], job["Type"]) == ("caravan-ag-0123456789ab", "caravan-cu-0123456789ab", "service")
+    assert (job["ID"], job["Namespace"]) == ("caravan-ag-0123456789ab", "caravan-cu-0123456789ab")
+    assert job["Type"] == "service"
     assert group["Count"] == 2
     assert task["Resources"] == {"CPU": 300, "MemoryMB": 512}
     assert group["RestartPolicy"]["Attempts"] == 3 and group["RestartPolicy"]["Mode"] == "fail"
@@ -82,7 +83,7 @@ def test_every_placeholder_has_a_typed_variable() -> None:
         ("job_id", 'x", "Type": "batch'),
         ("job_id", "job ${NOMAD_META_x}"),
         ("namespace", "ns\nnewline"),
-        ("service_name", "{{ key \"secret\" }}"),
+        ("service_name", '{{ key "secret" }}'),
         ("cpu", -5),
         ("cpu", 10**9),
         ("memory_mb", 0),

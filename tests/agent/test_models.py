@@ -1,0 +1,82 @@
+"""The model factory and the built-in tools."""
+
+from __future__ import annotations
+
+import pytest
+from autogen_core.models import UserMessage
+from pydantic import ValidationError
+
+from agent.models import MissingCredentials, create_model_client
+from agent.protocol import ModelConfig
+from agent.tools import TOOL_NAMES, build_tools, calculator
+
+
+async def test_replay_plays_back_text_and_tool_calls_and_counts_usage() -> None:
+    config = ModelConfig(
+        provider="replay", name="s", responses=[{"tool": "calculator", "arguments": {"expression": "1+1"}}, "two"]
+    )
+    client = create_model_client(config)
+    first = await client.create([UserMessage(content="hi", source="user")])
+    assert isinstance(first.content, list) and first.content[0].name == "calculator"
+    second = await client.create([UserMessage(content="hi", source="user")])
+    assert second.content == "two" and second.usage.completion_tokens > 0
+    again = create_model_client(config)  # a fresh client per conversation starts from the top
+    assert isinstance((await again.create([UserMessage(content="x", source="user")])).content, list)
+
+
+@pytest.mark.parametrize(
+    ("provider", "env"),
+    [
+        ("openai", "OPENAI_API_KEY"),
+        ("openrouter", "OPENROUTER_API_KEY"),
+        ("groq", "GROQ_API_KEY"),
+        ("deepseek", "DEEPSEEK_API_KEY"),
+        ("anthropic", "ANTHROPIC_API_KEY"),
+    ],
+)
+def test_hosted_providers_need_their_key_from_the_environment(
+    provider: str, env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(env, raising=False)
+    with pytest.raises(MissingCredentials, match=env):
+        create_model_client(ModelConfig(provider=provider, name="some-model"))  # type: ignore[arg-type]
+    monkeypatch.setenv(env, "sk-test")
+    client = create_model_client(ModelConfig(provider=provider, name="some-model"))  # type: ignore[arg-type]
+    assert client.model_info["function_calling"] is True
+
+
+def test_openai_compatible_providers_point_at_their_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GROQ_API_KEY", "k")
+    groq = create_model_client(ModelConfig(provider="groq", name="llama-3.1-8b-instant"))
+    assert "api.groq.com" in str(groq._client.base_url)  # type: ignore[attr-defined]
+    ollama = create_model_client(ModelConfig(provider="ollama", name="llama3", base_url="http://127.0.0.1:9999/v1"))
+    assert "127.0.0.1:9999" in str(ollama._client.base_url)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"provider": "local", "name": "x"},
+        {"provider": "openai", "name": "gpt", "base_url": "http://elsewhere/v1"},
+        {"provider": "replay", "name": "x"},
+        {"provider": "openai", "name": "gpt", "responses": ["x"]},
+        {"provider": "openai", "name": "bad name with spaces"},
+        {"provider": "ollama", "name": "m", "base_url": "file:///etc/passwd"},
+    ],
+)
+def test_model_configs_that_make_no_sense_are_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        ModelConfig.model_validate(bad)
+
+
+async def test_calculator_is_arithmetic_only() -> None:
+    assert await calculator("(2 + 3) * 4") == "20"
+    assert (await calculator("__import__('os').system('id')")).startswith("error")
+    assert (await calculator("9 ** 9999")).startswith("error")
+    assert (await calculator("1/0")).startswith("error")
+
+
+def test_tools_are_chosen_from_the_catalog_only() -> None:
+    assert [t.name for t in build_tools(list(TOOL_NAMES))] == list(TOOL_NAMES)
+    with pytest.raises(ValueError, match="unknown tools"):
+        build_tools(["shell"])

@@ -1,0 +1,159 @@
+"""Agent lifecycle through the REST API, against the real local scheduler and agent processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import Api
+from tests.support.helpers import assert_eventually
+
+REPLAY = {"provider": "replay", "name": "scripted", "responses": ["Hello from the scripted model."]}
+
+
+def agent_body(**changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": "helper", "system_message": "You help.", "model": REPLAY}
+    body.update(changes)
+    return body
+
+
+async def wait_status(api: Api, headers: dict[str, str], agent_id: str, status: str) -> dict[str, Any]:
+    async def probe() -> dict[str, Any]:
+        return (await api.client.get(f"/v1/agents/{agent_id}", headers=headers)).json()
+
+    return await assert_eventually(probe, lambda a: a.get("status") == status, what=f"agent {status}")
+
+
+async def test_agent_lifecycle_create_run_stop_start_update_delete(api: Api) -> None:
+    _, headers = await api.new_customer()
+    created = await api.client.post(
+        "/v1/agents", json=agent_body(resources={"cpu": 300, "memory_mb": 384}), headers=headers
+    )
+    assert created.status_code == 201, created.text
+    agent = created.json()
+    assert agent["status"] in ("pending", "starting", "running")
+    assert agent["job_id"] == f"caravan-{agent['id']}"
+    running = await wait_status(api, headers, agent["id"], "running")
+    assert running["scheduler"]["alloc_ids"]
+
+    job = (await api.client.get(f"/v1/agents/{agent['id']}/job", headers=headers)).json()["Job"]
+    assert job["ID"] == agent["job_id"] and job["Namespace"] == agent["namespace"]
+    assert job["TaskGroups"][0]["Tasks"][0]["Resources"] == {"CPU": 300, "MemoryMB": 384}
+
+    stopped = await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)
+    assert stopped.status_code == 200 and stopped.json()["status"] == "stopped"
+    status = await api.control.scheduler.job_status(agent["namespace"], agent["job_id"])
+    assert status is not None and all(s == "stopped" for s in status.allocs.values())
+
+    started = await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)
+    assert started.status_code == 200
+    await wait_status(api, headers, agent["id"], "running")
+
+    patched = await api.client.patch(f"/v1/agents/{agent['id']}", json={"replicas": 2}, headers=headers)
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["version"] == 2
+    job = (await api.client.get(f"/v1/agents/{agent['id']}/job", headers=headers)).json()["Job"]
+    assert job["TaskGroups"][0]["Count"] == 2 and job["Meta"]["caravan_version"] == "2"
+    await assert_eventually(
+        lambda: api.control.scheduler.job_status(agent["namespace"], agent["job_id"]),
+        lambda s: s is not None and len(s.allocs) == 2,
+    )
+
+    listed = (await api.client.get("/v1/agents", headers=headers)).json()
+    assert [a["id"] for a in listed] == [agent["id"]]
+    assert (await api.client.delete(f"/v1/agents/{agent['id']}", headers=headers)).status_code == 204
+    assert (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).status_code == 404
+
+
+async def test_an_agent_whose_model_key_is_missing_ends_failed_with_the_reason(api: Api) -> None:
+    _, headers = await api.new_customer()
+    body = agent_body(model={"provider": "groq", "name": "llama-3.1-8b-instant"})
+    agent = (await api.client.post("/v1/agents", json=body, headers=headers)).json()
+    running = await wait_status(api, headers, agent["id"], "running")  # the key is only needed per task
+    task = await api.client.post("/v1/tasks", json={"agent_id": running["id"], "task": "hi"}, headers=headers)
+    final = await assert_eventually(
+        lambda: api.client.get(f"/v1/tasks/{task.json()['id']}", headers=headers),
+        lambda r: r.json()["status"] == "failed",
+    )
+    assert "GROQ_API_KEY" in (final.json()["status_reason"] or "")
+
+
+HOSTILE_NAMES = ['a"b', "x${NOMAD_TOKEN}", "{{ key }}", "[[ job_id ]]", "line\nbreak", "n" * 65, "", "1abc", "a b"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+async def test_hostile_names_are_refused_and_nothing_is_stored(api: Api, name: str) -> None:
+    _, headers = await api.new_customer()
+    response = await api.client.post("/v1/agents", json=agent_body(name=name), headers=headers)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid" and "name" in error["message"]
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"system_message": "x" * 1_000_000}, "system_message"),
+        ({"model": {"provider": "skynet", "name": "x"}}, "model.provider"),
+        ({"model": {"provider": "openai", "name": "gpt-4o", "base_url": "http://evil.example/v1"}}, "model"),
+        ({"model": {"provider": "replay", "name": "scripted"}}, "model"),
+        ({"resources": {"cpu": -1, "memory_mb": 256}}, "resources.cpu"),
+        ({"resources": {"cpu": 200, "memory_mb": 10**9}}, "resources.memory_mb"),
+        ({"replicas": 0}, "replicas"),
+        ({"tools": ["rm_rf"]}, "tools.0"),
+        ({"tools": ["calculator", "calculator"]}, "tools"),
+        ({"unexpected": True}, "unexpected"),
+    ],
+)
+async def test_bad_definitions_get_a_clear_422_and_no_job(api: Api, changes: dict[str, Any], field: str) -> None:
+    _, headers = await api.new_customer()
+    response = await api.client.post("/v1/agents", json=agent_body(**changes), headers=headers)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert any(d["field"].startswith(field) for d in error["details"]), error
+    assert len(response.content) < 10_000  # the offending input is not echoed back
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+    assert api.control.scheduler._jobs == {}  # type: ignore[attr-defined]
+
+
+async def test_hostile_prompt_text_is_stored_as_data_and_never_reaches_the_job(api: Api) -> None:
+    _, headers = await api.new_customer()
+    text = 'Say "hi" ${NOMAD_TOKEN} {{ key "secret" }} [[ job_id ]]\nsecond line'
+    created = await api.client.post("/v1/agents", json=agent_body(system_message=text), headers=headers)
+    assert created.status_code == 201
+    agent = created.json()
+    assert agent["system_message"] == text
+    job = (await api.client.get(f"/v1/agents/{agent['id']}/job", headers=headers)).text
+    for fragment in ("NOMAD_TOKEN", "secret", "[[", "second line", "You help"):
+        assert fragment not in job
+
+
+async def test_bad_patch_leaves_the_agent_as_it_was(api: Api) -> None:
+    _, headers = await api.new_customer()
+    agent = (await api.client.post("/v1/agents", json=agent_body(), headers=headers)).json()
+    for body in ({"resources": {"cpu": 0, "memory_mb": 1}}, {}, {"name": "renamed"}, {"model": {"provider": "x"}}):
+        response = await api.client.patch(f"/v1/agents/{agent['id']}", json=body, headers=headers)
+        assert response.status_code == 422, (body, response.text)
+    after = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+    assert after["version"] == 1 and after["resources"] == agent["resources"]
+
+
+async def test_customers_never_see_each_others_agents(api: Api) -> None:
+    _, alice = await api.new_customer("alice")
+    _, bob = await api.new_customer("bob")
+    agent = (await api.client.post("/v1/agents", json=agent_body(), headers=alice)).json()
+    for method, path in [
+        ("GET", f"/v1/agents/{agent['id']}"),
+        ("GET", f"/v1/agents/{agent['id']}/job"),
+        ("PATCH", f"/v1/agents/{agent['id']}"),
+        ("POST", f"/v1/agents/{agent['id']}/stop"),
+        ("POST", f"/v1/agents/{agent['id']}/start"),
+        ("DELETE", f"/v1/agents/{agent['id']}"),
+    ]:
+        body = {"replicas": 2} if method == "PATCH" else None
+        response = await api.client.request(method, path, headers=bob, json=body)
+        assert response.status_code == 404, (method, path, response.text)
+    assert (await api.client.get("/v1/agents", headers=bob)).json() == []
+    assert (await api.client.get(f"/v1/agents/{agent['id']}", headers=alice)).json()["version"] == 1

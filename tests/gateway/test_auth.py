@@ -1,0 +1,59 @@
+"""Authentication: API keys for short-lived JWTs; roles on routes; tampered tokens refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import jwt
+
+from tests.conftest import Api
+
+
+async def test_api_key_exchange_and_roles(api: Api) -> None:
+    _customer_id, headers = await api.new_customer()
+    assert (await api.client.get("/v1/agents", headers=headers)).status_code == 200
+    assert (await api.client.get("/v1/admin/customers", headers=headers)).status_code == 403
+    assert (await api.client.post("/v1/admin/customers", json={"name": "x"}, headers=headers)).status_code == 403
+    admin = await api.admin()
+    assert (await api.client.get("/v1/admin/customers", headers=admin)).status_code == 200
+
+
+async def test_bad_keys_and_missing_tokens_are_401(api: Api) -> None:
+    for key in ("", "nope", "cvn_00000000_" + "x" * 43, "x" * 600):
+        response = await api.client.post("/v1/auth/token", json={"api_key": key})
+        assert response.status_code in (401, 422), key
+        assert "error" in response.json()
+    response = await api.client.get("/v1/agents")
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+
+
+def _b64(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+async def test_tampered_expired_and_unsigned_tokens_are_refused(api: Api) -> None:
+    _customer_id, headers = await api.new_customer()
+    token = headers["Authorization"].split()[1]
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    forged_role = f"{header}.{_b64({**claims, 'role': 'admin', 'cid': None})}.{signature}"
+    unsigned = f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64({**claims, 'role': 'admin'})}."
+    expired = jwt.encode({**claims, "exp": int(time.time()) - 10}, api.control.settings.jwt_secret or "", "HS256")
+    wrong_key = jwt.encode(claims, "not-the-secret-" + "y" * 32, "HS256")
+    for bad in (forged_role, unsigned, expired, wrong_key, "garbage"):
+        response = await api.client.get("/v1/admin/customers", headers={"Authorization": f"Bearer {bad}"})
+        assert response.status_code == 401, bad
+        response = await api.client.get("/v1/agents", headers={"Authorization": f"Bearer {bad}"})
+        assert response.status_code == 401, bad
+
+
+async def test_probes_and_docs(api: Api) -> None:
+    assert (await api.client.get("/healthz")).json() == {"status": "ok"}
+    ready = await api.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["scheduler"] == "local"
+    schema = (await api.client.get("/openapi.json")).json()
+    for path in ("/v1/auth/token", "/v1/agents", "/v1/agents/{agent_id}/job", "/v1/tasks/{task_id}/events"):
+        assert path in schema["paths"]
+    assert (await api.client.get("/docs")).status_code == 200

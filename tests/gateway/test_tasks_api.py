@@ -1,0 +1,198 @@
+"""Tasks end to end: REST → work queue → agent process → AutoGen → events on NATS → SSE/WebSocket."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import nats
+import websockets
+
+from tests.conftest import Api
+from tests.gateway.test_agents_api import wait_status
+from tests.support.helpers import assert_eventually, sse_events
+
+TOOL_SCRIPT = {
+    "provider": "replay",
+    "name": "scripted",
+    "responses": [{"tool": "calculator", "arguments": {"expression": "(2 + 3) * 4"}}, "The result is 20."],
+}
+
+
+async def running_agent(api: Api, headers: dict[str, str], **changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": "calc", "model": TOOL_SCRIPT, "tools": ["calculator"]}
+    body.update(changes)
+    response = await api.client.post("/v1/agents", json=body, headers=headers)
+    assert response.status_code == 201, response.text
+    return await wait_status(api, headers, response.json()["id"], "running")
+
+
+async def start_task(api: Api, headers: dict[str, str], agent_id: str, text: str = "What is (2+3)*4?") -> str:
+    response = await api.client.post("/v1/tasks", json={"agent_id": agent_id, "task": text}, headers=headers)
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "queued"
+    return str(response.json()["id"])
+
+
+async def finished(api: Api, headers: dict[str, str], task_id: str) -> dict[str, Any]:
+    response = await assert_eventually(
+        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers),
+        lambda r: r.json()["status"] in ("completed", "failed", "cancelled"),
+        what="task finished",
+    )
+    return dict(response.json())
+
+
+async def test_a_task_runs_end_to_end_with_a_tool_call(api: Api) -> None:
+    _customer_id, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    task_id = await start_task(api, headers, agent["id"])
+    task = await finished(api, headers, task_id)
+    assert task["status"] == "completed", task
+    assert task["result"] == "The result is 20."
+    kinds = [(m["source"], m["type"]) for m in task["messages"]]
+    assert kinds == [("user", "TextMessage"), ("calc", "tool_call"), ("calc", "tool_result"), ("calc", "TextMessage")]
+    assert task["messages"][1]["content"][0]["name"] == "calculator"
+    assert task["messages"][2]["content"][0]["content"] == "20"
+    assert task["usage"]["completion_tokens"] > 0
+    listed = (await api.client.get("/v1/tasks", headers=headers)).json()
+    assert [t["id"] for t in listed] == [task_id]
+
+
+async def test_events_are_published_on_nats_for_external_subscribers(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    nc = await nats.connect(api.control.settings.nats_url)
+    seen: list[dict[str, Any]] = []
+
+    async def collect(msg: Any) -> None:
+        seen.append(json.loads(msg.data))
+
+    sub = await nc.subscribe("caravan.events.>", cb=collect)
+    try:
+        task_id = await start_task(api, headers, agent["id"])
+        await finished(api, headers, task_id)
+        await assert_eventually(
+            lambda: _value(seen), lambda s: any(e.get("content") == "completed" for e in s), what="completed on NATS"
+        )
+    finally:
+        await sub.unsubscribe()
+        await nc.close()
+    mine = [e for e in seen if e.get("task_id") == task_id]
+    assert {e["kind"] for e in mine} >= {"status", "message", "tool_call", "tool_result", "usage", "result"}
+    assert all(e["customer_id"] == customer_id for e in mine)
+
+
+async def _value(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
+
+
+async def test_sse_resumes_after_a_disconnect_with_no_gap_and_no_duplicate(api: Api) -> None:
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    task_id = await start_task(api, headers, agent["id"])
+    url = f"/v1/tasks/{task_id}/events"
+    first = await sse_events(api.client, url, headers, limit=3)
+    assert [e["data"]["content"] for e in first[:2]] == ["queued", "running"]
+    resumed = await sse_events(api.client, url, {**headers, "Last-Event-ID": first[-1]["id"]})
+    whole = await sse_events(api.client, url, headers)
+    ids = [int(e["id"]) for e in first + resumed]
+    assert ids == [int(e["id"]) for e in whole]
+    assert ids == sorted(set(ids))
+    assert whole[-1]["event"] == "status" and whole[-1]["data"]["content"] == "completed"
+    via_query = await sse_events(api.client, f"{url}?after={first[0]['id']}", headers)
+    assert [e["id"] for e in via_query] == [e["id"] for e in whole[1:]]
+
+
+async def test_the_websocket_carries_the_same_stream_and_resumes(api: Api) -> None:
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    task_id = await start_task(api, headers, agent["id"])
+    whole = await sse_events(api.client, f"/v1/tasks/{task_id}/events", headers)
+    token = headers["Authorization"].split()[1]
+    ws_url = api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws"
+    async with websockets.connect(ws_url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        frames = [json.loads(f) async for f in ws]
+    assert [f["id"] for f in frames] == [int(e["id"]) for e in whole]
+    async with websockets.connect(f"{ws_url}?token={token}&after={frames[2]['id']}") as ws:
+        rest = [json.loads(f) async for f in ws]
+    assert [f["id"] for f in rest] == [f["id"] for f in frames[3:]]
+
+
+async def test_bad_resume_points_and_tokens_are_refused(api: Api) -> None:
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    task_id = await start_task(api, headers, agent["id"])
+    bad = await api.client.get(f"/v1/tasks/{task_id}/events", headers={**headers, "Last-Event-ID": "abc"})
+    assert bad.status_code == 422
+    ws_url = api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws?token=forged"
+    try:
+        async with websockets.connect(ws_url) as ws:
+            await ws.recv()
+        raise AssertionError("a forged token opened the stream")
+    except websockets.exceptions.WebSocketException:
+        pass
+
+
+async def test_cancel_stops_a_slow_model_call(api: Api) -> None:
+    _, headers = await api.new_customer()
+    slow = {"provider": "replay", "name": "slow", "responses": ["too late"], "delay_ms": 60_000}
+    agent = await running_agent(api, headers, model=slow, tools=[])
+    task_id = await start_task(api, headers, agent["id"])
+    await assert_eventually(
+        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
+    )
+    response = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
+    assert response.status_code == 202
+    task = await finished(api, headers, task_id)
+    assert task["status"] == "cancelled" and task["result"] is None
+    again = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
+    assert again.status_code == 409
+
+
+async def test_tasks_on_a_stopped_agent_are_refused(api: Api) -> None:
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)
+    response = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "hi"}, headers=headers)
+    assert response.status_code == 409 and "stopped" in response.json()["error"]["message"]
+
+
+async def test_customers_never_see_each_others_tasks(api: Api) -> None:
+    _, alice = await api.new_customer("alice")
+    _, bob = await api.new_customer("bob")
+    agent = await running_agent(api, alice)
+    task_id = await start_task(api, alice, agent["id"])
+    await finished(api, alice, task_id)
+    on_alices_agent = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "x"}, headers=bob)
+    assert on_alices_agent.status_code == 404
+    for method, path in [
+        ("GET", f"/v1/tasks/{task_id}"),
+        ("GET", f"/v1/tasks/{task_id}/events"),
+        ("POST", f"/v1/tasks/{task_id}/cancel"),
+    ]:
+        assert (await api.client.request(method, path, headers=bob)).status_code == 404, path
+    assert (await api.client.get("/v1/tasks", headers=bob)).json() == []
+    token = bob["Authorization"].split()[1]
+    ws_url = api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws?token={token}"
+    try:
+        async with websockets.connect(ws_url) as ws:
+            await ws.recv()
+        raise AssertionError("another customer's token opened the stream")
+    except websockets.exceptions.WebSocketException:
+        pass
+
+
+async def test_task_input_validation(api: Api) -> None:
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    for body in (
+        {"task": "no target"},
+        {"agent_id": agent["id"], "team_id": "tm-000000000000", "task": "both"},
+        {"agent_id": agent["id"], "task": ""},
+        {"agent_id": agent["id"], "task": "x" * 100_001},
+        {"agent_id": "../../etc", "task": "x"},
+    ):
+        response = await api.client.post("/v1/tasks", json=body, headers=headers)
+        assert response.status_code in (404, 422), (body, response.text)
+    assert (await api.client.get("/v1/tasks", headers=headers)).json() == []
