@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 
@@ -112,7 +111,6 @@ class ControlPlane:
         if not msg.reply:
             return
         if definition is None:
-            with contextlib.suppress(Exception):
-                await self.jet.nc.publish(msg.reply, b"", headers={"Caravan-Error": "unknown agent"})
+            await self.jet.nc.publish(msg.reply, b"", headers={"Caravan-Error": "unknown agent"})
             return
         await self.jet.nc.publish(msg.reply, definition.model_dump_json().encode())

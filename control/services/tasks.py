@@ -33,6 +33,7 @@ from control.errors import Conflict, Invalid, NotFound
 from control.ids import is_plain_id, new_id
 from control.models import TERMINAL_TASK_STATUSES, AgentStatus, Task, TaskCreate, TaskMessage, TaskStatus
 from control.services.agents import AgentService
+from control.store import Conflict as StoreConflict
 from control.store import Repo
 
 __all__ = ["StreamedEvent", "TaskService"]
@@ -209,6 +210,9 @@ class TaskService:
                         await on_agent_event(event)
                 except ValueError:
                     log.warning("skipping a malformed event on %s", msg.subject)
+                except (StoreConflict, nats.errors.Error):
+                    # the event stays in the stream (and on the SSE feed); only the record missed it
+                    log.exception("could not fold the event on %s into its record", msg.subject)
                 await msg.ack()
 
     async def _fold(self, event: Event) -> None:
