@@ -182,6 +182,8 @@ class EventKind(StrEnum):
 class AgentEventKind(StrEnum):
     READY = "ready"
     STOPPING = "stopping"
+    KILLSWITCH = "killswitch"
+    """The agent halted or resumed: ``data`` = {halted, flag_ids, reason, fail_safe}; the acknowledgement."""
 
 
 class Event(BaseModel):

@@ -30,7 +30,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from agent.backends import create_flag_store
+from agent.backends.base import FlagStore
 from agent.health import HealthServer
+from agent.killswitch import Halt, KillswitchWatch
 from agent.models import create_model_client
 from agent.protocol import (
     TASKS_STREAM,
@@ -61,6 +64,9 @@ class WorkerConfig:
     health_host: str = "127.0.0.1"
     alloc_id: str = ""
     definition_timeout: float = 30.0
+    flags: str = "natskv"
+    flags_grace: float = 30.0
+    flags_heartbeat: float = 5.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> WorkerConfig:
@@ -76,6 +82,9 @@ class WorkerConfig:
             health_port=int(port),
             health_host=env.get("CARAVAN_HEALTH_HOST", "127.0.0.1"),
             alloc_id=env.get("NOMAD_ALLOC_ID", ""),
+            flags=env.get("CARAVAN_FLAGS", "natskv"),
+            flags_grace=float(env.get("CARAVAN_FLAGS_GRACE_S", "30")),
+            flags_heartbeat=float(env.get("CARAVAN_FLAGS_HEARTBEAT_S", "5")),
         )
 
 
@@ -96,7 +105,16 @@ class AgentWorker:
         self._psub: JetStreamContext.PullSubscription | None = None
         self._started = False
         self._stopping = False
+        self._ready = False
         self._started_at = time.monotonic()
+        self._may_serve = asyncio.Event()
+        self._may_serve.set()
+        self._flags: FlagStore | None = None
+        self._killswitch: KillswitchWatch | None = None
+
+    @property
+    def halt(self) -> Halt | None:
+        return self._killswitch.halt if self._killswitch else None
 
     async def __aenter__(self) -> AgentWorker:
         await self.start()
@@ -112,10 +130,12 @@ class AgentWorker:
     def _probe(self) -> dict[str, Any]:
         connected = bool(self._nc and self._nc.is_connected)
         ready = self.definition is not None and not self._stopping
+        halt = self.halt
         return {
             "healthy": connected and ready,
             "agent_id": self.config.agent_id,
             "nats": "connected" if connected else "disconnected",
+            "halted": halt.reason if halt else None,
             "running_tasks": len(self._runs),
             "uptime_s": round(time.monotonic() - self._started_at, 1),
         }
@@ -131,11 +151,34 @@ class AgentWorker:
         self._js = self._nc.jetstream()
         self.definition = await self._load_definition()
         await self._health.start()
+        self._flags = create_flag_store(cfg.flags, **({"nc": self._nc} if cfg.flags == "natskv" else {}))
+        await self._flags.start()
+        self._killswitch = KillswitchWatch(
+            self._flags, cfg.customer_id, cfg.agent_id, self._on_killswitch, cfg.flags_grace, cfg.flags_heartbeat
+        )
+        await self._killswitch.start()  # an agent under an engaged flag starts halted
         await self._nc.subscribe(cancel_subject(cfg.customer_id, cfg.agent_id), cb=self._on_cancel)
         self._psub = await self._js.pull_subscribe_bind(consumer_name(cfg.agent_id), stream=TASKS_STREAM)
         self._loop_task = asyncio.create_task(self._serve(self._psub), name="serve-tasks")
-        await self._publish_agent_event(AgentEventKind.READY, {"health_port": self._health.port})
+        await self._publish_agent_event(AgentEventKind.READY, {"health_port": self._health.port, **self._halt_data()})
+        self._ready = True
         log.info("agent %s ready (health on %s)", cfg.agent_id, self._health.port)
+
+    def _halt_data(self) -> dict[str, Any]:
+        halt = self.halt
+        if halt is None:
+            return {"halted": False, "flag_ids": [], "reason": None, "fail_safe": False}
+        return {"halted": True, "flag_ids": list(halt.flag_ids), "reason": halt.reason, "fail_safe": halt.fail_safe}
+
+    async def _on_killswitch(self, halt: Halt | None) -> None:
+        if halt is None:
+            self._may_serve.set()
+        else:
+            self._may_serve.clear()
+            for token in list(self._runs.values()):
+                token.cancel()  # model calls and tool runs in flight end here; the runs report `killed`
+        if self._ready:
+            await self._publish_agent_event(AgentEventKind.KILLSWITCH, self._halt_data())
 
     async def stop(self) -> None:
         if not self._started or self._stopping:
@@ -147,6 +190,10 @@ class AgentWorker:
                 await self._loop_task
         if self._psub is not None:
             await self._psub.unsubscribe()
+        if self._killswitch is not None:
+            await self._killswitch.stop()
+        if self._flags is not None:
+            await self._flags.stop()
         for token in self._runs.values():
             token.cancel()
         if self._run_tasks:
@@ -181,6 +228,7 @@ class AgentWorker:
         assert self.definition is not None
         slots = asyncio.Semaphore(self.definition.max_concurrent_tasks)
         while True:
+            await self._may_serve.wait()
             await slots.acquire()
             try:
                 msgs = await psub.fetch(1, timeout=5)
@@ -191,6 +239,10 @@ class AgentWorker:
                 slots.release()
                 log.exception("fetching tasks failed; retrying")
                 await asyncio.sleep(1)
+                continue
+            if not self._may_serve.is_set():  # halted while fetching: leave the task queued
+                await msgs[0].nak(delay=1)
+                slots.release()
                 continue
             task = asyncio.create_task(self._run_one(msgs[0]))
             self._run_tasks.add(task)
@@ -289,8 +341,13 @@ class _TaskRun:
             if self.token.is_cancelled():
                 raise asyncio.CancelledError
         except asyncio.CancelledError:
-            reason = "agent is stopping" if self.worker._stopping else "cancelled on request"
-            await self.status("failed" if self.worker._stopping else "cancelled", reason)
+            halt = self.worker.halt
+            if halt is not None:
+                await self.status("killed", halt.reason)
+            elif self.worker._stopping:
+                await self.status("failed", "agent is stopping")
+            else:
+                await self.status("cancelled", "cancelled on request")
             return
         except Exception as exc:
             log.exception("task %s failed", self.request.task_id)

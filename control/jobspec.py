@@ -39,7 +39,12 @@ def agent_job(agent: Agent, settings: Settings) -> dict[str, Any]:
         "NATS_URL": settings.agents_nats_url,
         "CARAVAN_HEALTH_PORT": "${NOMAD_PORT_health}",
         "CARAVAN_HEALTH_HOST": "${NOMAD_IP_health}",
+        "CARAVAN_FLAGS": settings.flags,
+        "CARAVAN_FLAGS_GRACE_S": f"{settings.flags_grace_s:g}",
+        "CARAVAN_FLAGS_HEARTBEAT_S": f"{settings.flags_heartbeat_s:g}",
     }
+    if settings.flags == "consul" and settings.consul_http_addr:
+        env["CONSUL_HTTP_ADDR"] = settings.consul_http_addr  # the token reaches the task as a secret, not here
     variables = AgentJobVariables(
         job_id=agent.job_id,
         namespace=agent.namespace,

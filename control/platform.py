@@ -7,12 +7,15 @@ import re
 
 from nats.aio.msg import Msg
 
-from control.backends import create_scheduler
-from control.backends.base import Scheduler
+from agent.backends.base import FlagStore
+from control.backends import create_flags, create_registry, create_scheduler
+from control.backends.base import Registry, Scheduler
 from control.models import Agent, ApiKey, Customer, Role, Task
 from control.natsio import Jet, connect
 from control.services.agents import AgentService
+from control.services.audit import AuditLog
 from control.services.auth import AuthService, IssuedKey
+from control.services.killswitch import KillswitchService
 from control.services.tasks import TaskService
 from control.settings import Settings
 from control.store import Repo
@@ -26,9 +29,13 @@ _DEFINITION = re.compile(r"^caravan\.ctl\.([a-z]{2}-[0-9a-f]{12})\.definition\.(
 class ControlPlane:
     """``async with ControlPlane(settings) as cp:`` connects, bootstraps and reconciles; stop() undoes it."""
 
-    def __init__(self, settings: Settings, scheduler: Scheduler | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.scheduler = scheduler or create_scheduler(settings)
+        self._scheduler: Scheduler | None = None
+        self._flags: FlagStore | None = None
+        self._registry: Registry | None = None
+        self._killswitch: KillswitchService | None = None
+        self._audit: AuditLog | None = None
         self._jet: Jet | None = None
         self._agents: AgentService | None = None
         self._tasks: TaskService | None = None
@@ -49,6 +56,30 @@ class ControlPlane:
         if self._jet is None:
             raise RuntimeError("control plane is not started")
         return self._jet
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise RuntimeError("control plane is not started")
+        return self._scheduler
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            raise RuntimeError("control plane is not started")
+        return self._registry
+
+    @property
+    def killswitch(self) -> KillswitchService:
+        if self._killswitch is None:
+            raise RuntimeError("control plane is not started")
+        return self._killswitch
+
+    @property
+    def audit(self) -> AuditLog:
+        if self._audit is None:
+            raise RuntimeError("control plane is not started")
+        return self._audit
 
     @property
     def agents(self) -> AgentService:
@@ -77,6 +108,8 @@ class ControlPlane:
             raise RuntimeError("control plane already started")
         self._started = True
         self._jet = jet = await connect(self.settings.nats_url)
+        self._audit = AuditLog(jet.js)
+        await self._audit.ensure_stream()
         self._auth = AuthService(
             Repo(jet.kv["keys"], ApiKey),
             Repo(jet.kv["customers"], Customer),
@@ -88,9 +121,15 @@ class ControlPlane:
             await self._auth.issue_key(Role.ADMIN, None, api_key=self.settings.admin_key)
         elif not await self._auth.has_admin():
             self.bootstrap_admin_key = await self._auth.issue_key(Role.ADMIN, None)
-        await self.scheduler.start()
-        self._agents = AgentService(Repo(jet.kv["agents"], Agent), jet.js, self.scheduler, self.settings)
-        self._tasks = TaskService(Repo(jet.kv["tasks"], Task), jet.js, self._agents)
+        self._flags = create_flags(self.settings, jet.nc)
+        await self._flags.start()
+        self._registry = create_registry(self.settings, jet.nc)
+        await self._registry.start()
+        self._scheduler = create_scheduler(self.settings, self._registry)
+        await self._scheduler.start()
+        self._agents = AgentService(Repo(jet.kv["agents"], Agent), jet.js, self._scheduler, self.settings)
+        self._killswitch = KillswitchService(self._flags, self._registry, self._agents, self._auth, self._audit, jet.nc)
+        self._tasks = TaskService(Repo(jet.kv["tasks"], Task), jet.js, self._agents, self._killswitch)
         await jet.nc.subscribe("caravan.ctl.*.definition.*", queue="caravan-control", cb=self._serve_definition)
         await self._tasks.start_tracker(self._agents.on_agent_event)
         await self._agents.reconcile()
@@ -101,7 +140,11 @@ class ControlPlane:
         self._stopped = True
         if self._tasks is not None:
             await self._tasks.stop_tracker()
-        await self.scheduler.stop()
+        if self._scheduler is not None:
+            await self._scheduler.stop()
+        for backend in (self._registry, self._flags):
+            if backend is not None:
+                await backend.stop()
         if self._jet is not None:
             await self._jet.close()
 

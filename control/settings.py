@@ -25,7 +25,16 @@ class Settings(BaseSettings):
         default=None, description="NATS address as agents see it (defaults to nats_url)."
     )
     scheduler: Literal["local", "nomad"] = "local"
-    flags: Literal["natskv", "consul"] = "natskv"
+    flags: Literal["natskv", "consul"] = Field(
+        default="natskv", description="Killswitch flags and service discovery: JetStream KV or Consul."
+    )
+    flags_grace_s: float = Field(
+        default=30.0, ge=0.5, description="Agents halt (fail safe) after this long without hearing from the flag store."
+    )
+    flags_heartbeat_s: float = Field(default=5.0, ge=0.1, le=60)
+    consul_http_addr: str | None = Field(
+        default=None, validation_alias=AliasChoices("CARAVAN_CONSUL_HTTP_ADDR", "CONSUL_HTTP_ADDR")
+    )
     install_id: str = Field(default="caravan", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
     admin_key: str | None = Field(default=None, description="Seeds the first admin API key (automated setups).")
     jwt_secret: str | None = Field(default=None, description="HS256 secret; generated once, kept in KV.")

@@ -5,16 +5,23 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from agent.protocol import utcnow
 
 __all__ = [
     "AllocState",
     "JobNotOwned",
     "JobRejected",
     "JobStatus",
+    "Registry",
     "Scheduler",
     "SchedulerError",
+    "ServiceInstance",
     "StatusCallback",
     "StatusUpdate",
     "SubmitResult",
@@ -109,3 +116,46 @@ class Scheduler(Protocol):
 
     async def job_status(self, namespace: str, job_id: str) -> JobStatus | None:
         """The job's allocations and their states, or None if the job is unknown."""
+
+
+class ServiceInstance(BaseModel):
+    """One registered instance of a service (an agent allocation) and the state of its health check."""
+
+    id: str = Field(description="Instance id: the allocation id.")
+    name: str = Field(description="Service name from the job's service block.")
+    address: str
+    port: int
+    status: Literal["passing", "warning", "critical"] = "critical"
+    output: str = ""
+    meta: dict[str, str] = Field(default_factory=dict)
+    checked_at: datetime = Field(default_factory=utcnow)
+    ttl_s: float = Field(default=30.0, description="After this long without a check result the instance is critical.")
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """Service discovery: where agent instances are and whether their health checks pass.
+
+    On Nomad the job's ``service`` block registers instances (provider ``consul`` or ``nomad``); the local
+    scheduler registers them itself and runs the job's check, so the control plane reads both the same way.
+    """
+
+    name: str
+
+    async def start(self) -> None:
+        """Connect. Raises if already started."""
+
+    async def stop(self) -> None:
+        """Release connections. Idempotent."""
+
+    async def register(self, instance: ServiceInstance) -> None:
+        """Add or replace an instance."""
+
+    async def set_status(self, instance: ServiceInstance) -> None:
+        """Record the latest check result of a registered instance (``status``, ``output``)."""
+
+    async def deregister(self, name: str, instance_id: str) -> None:
+        """Remove an instance; removing an unknown one is not an error."""
+
+    async def instances(self, passing_only: bool = True) -> list[ServiceInstance]:
+        """Registered instances of Caravan agents, only those whose check passes unless asked otherwise."""

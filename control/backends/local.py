@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 from agent.protocol import PROVIDER_KEY_ENV
@@ -30,6 +31,8 @@ from control.backends.base import (
     JobNotOwned,
     JobRejected,
     JobStatus,
+    Registry,
+    ServiceInstance,
     StatusCallback,
     StatusUpdate,
     SubmitResult,
@@ -41,6 +44,34 @@ log = logging.getLogger("caravan.scheduler.local")
 NS = 1_000_000_000
 _MEMORY_POLL_S = 0.2
 _PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class _ServiceSpec:
+    """The group's service block: registered in discovery, its HTTP check run here as Nomad would."""
+
+    name: str
+    port_label: str
+    meta: dict[str, str]
+    check_path: str | None
+    check_interval: float
+    check_timeout: float
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> _ServiceSpec | None:
+        services = group.get("Services") or []
+        if not services:
+            return None
+        service = services[0]
+        check = next((c for c in service.get("Checks") or [] if c.get("Type") == "http"), None)
+        return cls(
+            name=str(service["Name"]),
+            port_label=str(service.get("PortLabel") or ""),
+            meta={str(k): str(v) for k, v in (service.get("Meta") or {}).items()},
+            check_path=str(check.get("Path") or "/") if check else None,
+            check_interval=(check.get("Interval") or 10 * NS) / NS if check else 10.0,
+            check_timeout=(check.get("Timeout") or 2 * NS) / NS if check else 2.0,
+        )
 
 
 @dataclass(frozen=True)
@@ -56,6 +87,7 @@ class _TaskSpec:
     restart_interval: float
     restart_delay: float
     restart_mode: str
+    service: _ServiceSpec | None = None
 
     @classmethod
     def from_job(cls, job: dict[str, Any]) -> tuple[_TaskSpec, int]:
@@ -85,6 +117,7 @@ class _TaskSpec:
             restart_interval=(policy.get("Interval") or 30 * 60 * NS) / NS,
             restart_delay=(policy.get("Delay") or 15 * NS) / NS,
             restart_mode=str(policy.get("Mode") or "fail"),
+            service=_ServiceSpec.from_group(group),
         )
         return spec, int(group.get("Count", 1))
 
@@ -147,8 +180,9 @@ class LocalScheduler:
     name = "local"
     supports_stats = True
 
-    def __init__(self, alloc_dir: Path, install_id: str = "caravan") -> None:
+    def __init__(self, alloc_dir: Path, install_id: str = "caravan", registry: Registry | None = None) -> None:
         self._alloc_dir = alloc_dir
+        self._registry = registry
         self._install_id = install_id
         self._jobs: dict[tuple[str, str], _Job] = {}
         self._callbacks: list[StatusCallback] = []
@@ -332,7 +366,8 @@ class LocalScheduler:
         spec = alloc.job.spec
         task_dir = self.log_path(alloc).parent / alloc.id / "local"
         task_dir.mkdir(parents=True, exist_ok=True)
-        runtime = self._runtime_env(alloc, {label: _free_port() for label in spec.port_labels}, task_dir)
+        ports = {label: _free_port() for label in spec.port_labels}
+        runtime = self._runtime_env(alloc, ports, task_dir)
         env = {**_base_env(), **runtime, **{k: _interpolate(v, runtime) for k, v in spec.env.items()}}
         args = [_interpolate(a, runtime) for a in spec.args]
         await self._emit(alloc, AllocState.STARTING)
@@ -356,6 +391,7 @@ class LocalScheduler:
         proc = alloc.process
         await self._emit(alloc, AllocState.RUNNING)
         watcher = asyncio.create_task(self._watch_memory(alloc, proc))
+        checker = asyncio.create_task(self._run_checks(alloc, ports)) if self._registry and spec.service else None
         stop = asyncio.create_task(alloc.stop_requested.wait())
         try:
             await asyncio.wait([asyncio.ensure_future(proc.wait()), stop], return_when=asyncio.FIRST_COMPLETED)
@@ -364,6 +400,11 @@ class LocalScheduler:
         finally:
             watcher.cancel()
             stop.cancel()
+            if checker is not None:
+                checker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await checker
+                await self._deregister(alloc)
         code = proc.returncode
         assert code is not None
         if alloc.oom:
@@ -371,6 +412,48 @@ class LocalScheduler:
         why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         tail = _tail(log_path)
         return f"{why}: {tail}" if tail and code != 0 else why
+
+    async def _run_checks(self, alloc: _Alloc, ports: dict[str, int]) -> None:
+        """Register the allocation's service and keep its status from the job's HTTP check."""
+        service = alloc.job.spec.service
+        assert self._registry is not None and service is not None
+        port = ports.get(service.port_label, 0)
+        instance = ServiceInstance(
+            id=alloc.id,
+            name=service.name,
+            address="127.0.0.1",
+            port=port,
+            meta=service.meta,
+            ttl_s=max(3 * service.check_interval, 5.0),
+        )
+        await self._registry.register(instance)
+        if service.check_path is None:
+            await self._registry.set_status(instance.model_copy(update={"status": "passing"}))
+            return
+        url = f"http://127.0.0.1:{port}{service.check_path}"
+        passing = False
+        async with httpx.AsyncClient(timeout=service.check_timeout) as client:
+            while True:
+                try:
+                    response = await client.get(url)
+                    ok, output = response.status_code == 200, f"HTTP GET {url}: {response.status_code}"
+                except httpx.HTTPError as exc:
+                    ok, output = False, f"HTTP GET {url}: {type(exc).__name__}"
+                if ok != passing or ok:
+                    status = "passing" if ok else "critical"
+                    await self._registry.set_status(instance.model_copy(update={"status": status, "output": output}))
+                passing = ok
+                # until the first pass, check often (a new task comes up in well under a second)
+                await asyncio.sleep(service.check_interval if passing else 0.1)
+
+    async def _deregister(self, alloc: _Alloc) -> None:
+        service = alloc.job.spec.service
+        if self._registry is None or service is None:
+            return
+        try:
+            await self._registry.deregister(service.name, alloc.id)
+        except (OSError, RuntimeError):
+            log.warning("could not deregister %s/%s", service.name, alloc.id)
 
     async def _watch_memory(self, alloc: _Alloc, proc: asyncio.subprocess.Process) -> None:
         limit = alloc.job.spec.memory_mb * 2**20
@@ -395,5 +478,11 @@ class LocalScheduler:
 def _base_env() -> dict[str, str]:
     """What a task inherits from the machine: PATH, locale and the like, plus model keys (never in the job)."""
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "SSL_CERT_FILE")
-    secret_names = set(PROVIDER_KEY_ENV.values())
+    secret_names = set(PROVIDER_KEY_ENV.values()) | {
+        "CONSUL_HTTP_TOKEN",
+        "CONSUL_CACERT",
+        "CONSUL_CLIENT_CERT",
+        "CONSUL_CLIENT_KEY",
+        "CONSUL_HTTP_SSL_VERIFY",
+    }
     return {k: v for k, v in os.environ.items() if k in keep or k in secret_names}

@@ -89,14 +89,20 @@ class AgentService:
             updated = await self._submit(updated, self.render(updated))
         return updated
 
-    async def stop(self, customer_id: str | None, agent_id: str, status: AgentStatus = AgentStatus.STOPPED) -> Agent:
+    async def stop(
+        self,
+        customer_id: str | None,
+        agent_id: str,
+        status: AgentStatus = AgentStatus.STOPPED,
+        reason: str = "stopped on request",
+    ) -> Agent:
         agent = await self.get(customer_id, agent_id)
         await self._set(agent, desired="stopped")
         try:
             await self._scheduler.stop_job(agent.namespace, agent.job_id)
         except JobNotOwned as exc:
             raise Conflict(str(exc)) from exc
-        return await self._set(agent, status=status, status_reason="stopped on request")
+        return await self._set(agent, status=status, status_reason=reason)
 
     async def start(self, customer_id: str | None, agent_id: str) -> Agent:
         agent = await self.get(customer_id, agent_id)
@@ -136,17 +142,18 @@ class AgentService:
             await self._submit(agent, self.render(agent))
 
     async def on_agent_event(self, event: Event) -> None:
-        if event.agent_id is None or event.kind != AgentEventKind.READY:
+        """An agent said it is ready, or that the killswitch halted or resumed it."""
+        if event.agent_id is None or event.kind not in (AgentEventKind.READY, AgentEventKind.KILLSWITCH):
             return
+        halted = bool(event.data.get("halted"))
+        status, reason = (AgentStatus.KILLED, event.data.get("reason")) if halted else (AgentStatus.RUNNING, None)
 
-        def ready(agent: Agent) -> Agent | None:
-            if agent.desired != "running" or agent.status == AgentStatus.RUNNING:
+        def apply(agent: Agent) -> Agent | None:
+            if agent.desired != "running" or (agent.status, agent.status_reason) == (status, reason):
                 return None
-            return agent.model_copy(
-                update={"status": AgentStatus.RUNNING, "status_reason": None, "updated_at": utcnow()}
-            )
+            return agent.model_copy(update={"status": status, "status_reason": reason, "updated_at": utcnow()})
 
-        await self._repo.update(_key(event.customer_id, event.agent_id), ready)
+        await self._repo.update(_key(event.customer_id, event.agent_id), apply)
 
     async def _on_scheduler_status(self, update: StatusUpdate) -> None:
         customer_id, agent_id = update.meta.get("caravan_customer"), update.meta.get("caravan_agent")

@@ -33,6 +33,7 @@ from control.errors import Conflict, Invalid, NotFound
 from control.ids import is_plain_id, new_id
 from control.models import TERMINAL_TASK_STATUSES, AgentStatus, Task, TaskCreate, TaskMessage, TaskStatus
 from control.services.agents import AgentService
+from control.services.killswitch import KillswitchService
 from control.store import Conflict as StoreConflict
 from control.store import Repo
 
@@ -57,10 +58,11 @@ def _key(customer_id: str, task_id: str) -> str:
 
 
 class TaskService:
-    def __init__(self, repo: Repo[Task], js: JetStreamContext, agents: AgentService) -> None:
+    def __init__(self, repo: Repo[Task], js: JetStreamContext, agents: AgentService, guard: KillswitchService) -> None:
         self._repo = repo
         self._js = js
         self._agents = agents
+        self._guard = guard
         self._tracker: asyncio.Task[None] | None = None
         self._tracker_sub: JetStreamContext.PullSubscription | None = None
 
@@ -71,6 +73,7 @@ class TaskService:
         agent = await self._agents.get(customer_id, spec.agent_id)
         if agent.desired != "running" or agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
             raise Conflict(f"agent {agent.id} is {agent.status.value}; start it before giving it tasks")
+        await self._guard.ensure_not_halted(agent)
         task = Task(id=new_id("tk"), customer_id=customer_id, agent_id=agent.id, task=spec.task)
         await self._repo.create(_key(customer_id, task.id), task)
         await self.publish(Event(kind=EventKind.STATUS, task_id=task.id, customer_id=customer_id, content="queued"))

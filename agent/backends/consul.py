@@ -1,0 +1,162 @@
+"""Killswitch flags in Consul KV, watched with blocking queries (``?index=&wait=``).
+
+Configured like the ``consul`` CLI: ``CONSUL_HTTP_ADDR``, ``CONSUL_HTTP_TOKEN``, ``CONSUL_CACERT``,
+``CONSUL_CLIENT_CERT``/``CONSUL_CLIENT_KEY``, ``CONSUL_HTTP_SSL_VERIFY``. py-consul's client is blocking:
+every call runs on a thread, and each watched key holds its own thread for its blocking query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlsplit
+
+import consul
+import requests
+
+from agent.backends.base import Flag, FlagKey, FlagSnapshot, FlagStoreUnavailable, Scope
+
+__all__ = ["PREFIX", "ConsulFlags", "consul_client", "consul_key"]
+
+PREFIX = "caravan/killswitch"
+_ERRORS = (consul.ConsulException, requests.RequestException, OSError)
+
+
+def consul_key(key: FlagKey) -> str:
+    return "/".join(("caravan", *key.parts()))
+
+
+def _parse(raw_key: str) -> FlagKey | None:
+    parts = raw_key.split("/")
+    if parts == ["caravan", "killswitch", "all"]:
+        return FlagKey(Scope.ALL)
+    if len(parts) == 4 and parts[:2] == ["caravan", "killswitch"] and parts[2] in ("customer", "agent") and parts[3]:
+        return FlagKey(Scope(parts[2]), parts[3])
+    return None
+
+
+def consul_client(env: Mapping[str, str] | None = None) -> consul.Consul:
+    """A client from the same environment variables the ``consul`` CLI reads."""
+    env = os.environ if env is None else env
+    address = env.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
+    if "://" not in address:
+        address = ("https://" if env.get("CONSUL_HTTP_SSL", "").lower() == "true" else "http://") + address
+    parts = urlsplit(address)
+    verify: bool | str = env.get("CONSUL_HTTP_SSL_VERIFY", "true").lower() != "false"
+    if verify and env.get("CONSUL_CACERT"):
+        verify = env["CONSUL_CACERT"]
+    cert = (env["CONSUL_CLIENT_CERT"], env["CONSUL_CLIENT_KEY"]) if env.get("CONSUL_CLIENT_CERT") else None
+    return consul.Consul(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or (443 if parts.scheme == "https" else 8500),
+        scheme=parts.scheme or "http",
+        token=env.get("CONSUL_HTTP_TOKEN") or None,
+        verify=verify,
+        cert=cert,
+    )
+
+
+class ConsulFlags:
+    name = "consul"
+
+    def __init__(self, client: consul.Consul | None = None, env: Mapping[str, str] | None = None) -> None:
+        self._client = client or consul_client(env)
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        if self._pool is not None:
+            raise RuntimeError("flag store already started")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="consul-flags")
+        try:
+            await self._call(self._client.status.leader)
+        except _ERRORS as exc:
+            raise FlagStoreUnavailable(f"Consul is not reachable: {exc}") from exc
+
+    async def stop(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._pool is None:
+            raise RuntimeError("flag store is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    async def put(self, flag: Flag) -> None:
+        ok = await self._call(self._client.kv.put, consul_key(flag.key), flag.model_dump_json())
+        if not ok:
+            raise FlagStoreUnavailable(f"Consul refused to write {consul_key(flag.key)}")
+
+    async def delete(self, key: FlagKey) -> None:
+        await self._call(self._client.kv.delete, consul_key(key))
+
+    async def list(self) -> list[Flag]:
+        _, entries = await self._call(self._client.kv.get, PREFIX + "/", recurse=True)
+        flags = []
+        for entry in entries or []:
+            key = _parse(entry["Key"])
+            if key is not None and entry.get("Value"):
+                flags.append(Flag.decode(key, entry["Value"], int(entry.get("ModifyIndex", 0))))
+        return flags
+
+    async def watch(self, keys: Sequence[FlagKey], heartbeat: float = 5.0) -> AsyncIterator[FlagSnapshot]:
+        updates: asyncio.Queue[tuple[FlagKey, Flag | None] | tuple[FlagKey, Exception]] = asyncio.Queue()
+        pool = ThreadPoolExecutor(max_workers=len(keys), thread_name_prefix="consul-watch")
+        loop = asyncio.get_running_loop()
+        wait = f"{max(1, int(heartbeat))}s"
+
+        def blocking_get(key: FlagKey, index: int) -> tuple[int, Any]:
+            result: tuple[int, Any] = self._client.kv.get(consul_key(key), index=index or None, wait=wait)
+            return result
+
+        async def follow(key: FlagKey) -> None:
+            index = 0
+            while True:
+                try:
+                    new_index, entry = await loop.run_in_executor(pool, blocking_get, key, index)
+                except _ERRORS as exc:
+                    await updates.put((key, exc))
+                    await asyncio.sleep(min(1.0, heartbeat / 2))
+                    continue
+                new_index = int(new_index or 0)
+                index = new_index if new_index >= index else 0  # an index that goes back resets (Consul docs)
+                value = entry.get("Value") if entry else None
+                flag = Flag.decode(key, value, int(entry.get("ModifyIndex", 0))) if value else None
+                await updates.put((key, flag))
+
+        tasks = [asyncio.create_task(follow(key)) for key in keys]
+        flags: dict[FlagKey, Flag] = {}
+        started = time.monotonic()
+        heard: dict[FlagKey, float] = dict.fromkeys(keys, started)  # when each key last answered
+        known: set[FlagKey] = set()  # keys whose value has been read at least once
+        error: str | None = None
+        try:
+            while True:
+                try:
+                    key, item = await asyncio.wait_for(updates.get(), timeout=heartbeat)
+                except TimeoutError:
+                    pass
+                else:
+                    if isinstance(item, Exception):
+                        error = f"Consul: {item}"
+                        heard[key] = float("-inf")
+                    else:
+                        heard[key] = time.monotonic()
+                        known.add(key)
+                        if item is None:
+                            flags.pop(key, None)
+                        else:
+                            flags[key] = item
+                reachable = all(time.monotonic() - heard[k] < 2.5 * heartbeat for k in keys)
+                if reachable:
+                    error = None
+                if len(known) == len(keys) or not reachable:
+                    yield FlagSnapshot(dict(flags), reachable=reachable, error=error)
+        finally:
+            for task in tasks:
+                task.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)

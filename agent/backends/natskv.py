@@ -1,0 +1,143 @@
+"""Killswitch flags in a JetStream KV bucket, watched with KV watchers (pushed, no polling)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+from nats.aio.client import Client as NATS
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from agent.backends.base import Flag, FlagKey, FlagSnapshot, FlagStoreUnavailable, Scope
+
+__all__ = ["BUCKET", "NatsKVFlags", "kv_key"]
+
+BUCKET = "caravan_flags"
+_DELETED = ("DEL", "PURGE")
+
+
+def kv_key(key: FlagKey) -> str:
+    return ".".join(key.parts())
+
+
+def _parse(raw_key: str) -> FlagKey | None:
+    parts = raw_key.split(".")
+    if len(parts) == 2 and parts[:2] == ["killswitch", "all"]:
+        return FlagKey(Scope.ALL)
+    if len(parts) == 3 and parts[0] == "killswitch" and parts[1] in ("customer", "agent"):
+        return FlagKey(Scope(parts[1]), parts[2])
+    return None
+
+
+class NatsKVFlags:
+    name = "natskv"
+
+    def __init__(self, nc: NATS, create: bool = False) -> None:
+        self._nc = nc
+        self._create = create
+        self._kv: KeyValue | None = None
+
+    async def start(self) -> None:
+        if self._kv is not None:
+            raise RuntimeError("flag store already started")
+        js = self._nc.jetstream()
+        try:
+            if self._create:
+                self._kv = await js.create_key_value(
+                    KeyValueConfig(bucket=BUCKET, history=5, storage=StorageType.FILE)
+                )
+            else:
+                self._kv = await js.key_value(BUCKET)
+        except BucketNotFoundError as exc:
+            raise FlagStoreUnavailable(f"no JetStream KV bucket {BUCKET!r}") from exc
+
+    async def stop(self) -> None:
+        self._kv = None
+
+    @property
+    def kv(self) -> KeyValue:
+        if self._kv is None:
+            raise RuntimeError("flag store is not started")
+        return self._kv
+
+    async def put(self, flag: Flag) -> None:
+        await self.kv.put(kv_key(flag.key), flag.model_dump_json().encode())
+
+    async def delete(self, key: FlagKey) -> None:
+        with contextlib.suppress(KeyNotFoundError):
+            await self.kv.delete(kv_key(key))
+
+    async def list(self) -> list[Flag]:
+        watcher = await self.kv.watch("killswitch.>", ignore_deletes=True)
+        flags: list[Flag] = []
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                key = _parse(entry.key)
+                if key is not None and entry.value:
+                    flags.append(Flag.decode(key, entry.value, entry.revision or 0))
+        finally:
+            await watcher.stop()
+        return flags
+
+    async def watch(self, keys: Sequence[FlagKey], heartbeat: float = 5.0) -> AsyncIterator[FlagSnapshot]:
+        while True:
+            if not self._nc.is_connected:
+                yield FlagSnapshot(reachable=False, error="not connected to NATS")
+                await asyncio.sleep(min(heartbeat, 0.5))
+                continue
+            async for snapshot in self._watch_connected(keys, heartbeat):
+                yield snapshot
+
+    async def _watch_connected(self, keys: Sequence[FlagKey], heartbeat: float) -> AsyncIterator[FlagSnapshot]:
+        """Watch until the connection drops; then return so that the caller re-reads everything."""
+        updates: asyncio.Queue[tuple[FlagKey, Flag | None] | None] = asyncio.Queue()
+        flags: dict[FlagKey, Flag] = {}
+        watchers = []
+        pumps: list[asyncio.Task[None]] = []
+
+        async def pump(key: FlagKey, watcher: KeyValue.KeyWatcher) -> None:
+            async for entry in watcher:
+                if entry is None:
+                    await updates.put(None)  # this key's initial value has been delivered
+                elif entry.operation in _DELETED or not entry.value:
+                    await updates.put((key, None))
+                else:
+                    await updates.put((key, Flag.decode(key, entry.value, entry.revision or 0)))
+
+        try:
+            for key in keys:
+                watcher = await self.kv.watch(kv_key(key))
+                watchers.append(watcher)
+                pumps.append(asyncio.create_task(pump(key, watcher)))
+            initial = len(keys)
+            while True:
+                try:
+                    item = await asyncio.wait_for(updates.get(), timeout=heartbeat)
+                except TimeoutError:
+                    if not self._nc.is_connected:
+                        return
+                    if initial == 0:
+                        yield FlagSnapshot(dict(flags))
+                    continue
+                if item is None:
+                    initial -= 1
+                else:
+                    key, flag = item
+                    if flag is None:
+                        flags.pop(key, None)
+                    else:
+                        flags[key] = flag
+                if initial <= 0:
+                    initial = 0
+                    yield FlagSnapshot(dict(flags))
+        finally:
+            for task in pumps:
+                task.cancel()
+            for watcher in watchers:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()

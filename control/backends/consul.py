@@ -1,0 +1,87 @@
+"""Service discovery in Consul: read the health of agent services (registered by Nomad's service block,
+or by the local scheduler with a TTL check that it keeps passing from its own run of the job's check)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import consul
+
+from agent.backends.consul import consul_client
+from control.backends.base import ServiceInstance
+
+__all__ = ["ConsulRegistry"]
+
+_PREFIX = "caravan-agent-"
+
+
+def _check_id(instance_id: str) -> str:
+    return f"service:{instance_id}"
+
+
+class ConsulRegistry:
+    name = "consul"
+
+    def __init__(self, client: consul.Consul | None = None, env: Mapping[str, str] | None = None) -> None:
+        self._client = client or consul_client(env)
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        if self._pool is not None:
+            raise RuntimeError("registry already started")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="consul-registry")
+
+    async def stop(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._pool is None:
+            raise RuntimeError("registry is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    async def register(self, instance: ServiceInstance) -> None:
+        await self._call(
+            self._client.agent.service.register,
+            instance.name,
+            service_id=instance.id,
+            address=instance.address,
+            port=instance.port,
+            tags=["caravan", "agent"],
+            meta=instance.meta,
+            check=consul.Check.ttl(f"{int(instance.ttl_s)}s"),
+        )
+
+    async def set_status(self, instance: ServiceInstance) -> None:
+        ttl = self._client.agent.check.ttl_pass if instance.status == "passing" else self._client.agent.check.ttl_fail
+        await self._call(ttl, _check_id(instance.id), notes=instance.output[:500])
+
+    async def deregister(self, name: str, instance_id: str) -> None:
+        await self._call(self._client.agent.service.deregister, instance_id)
+
+    async def instances(self, passing_only: bool = True) -> list[ServiceInstance]:
+        _, services = await self._call(self._client.catalog.services)
+        names = [name for name in services or {} if name.startswith(_PREFIX)]
+        found: list[ServiceInstance] = []
+        for name in names:
+            _, entries = await self._call(self._client.health.service, name, passing=passing_only or None)
+            for entry in entries or []:
+                service = entry["Service"]
+                checks = entry.get("Checks") or []
+                passing = all(c.get("Status") == "passing" for c in checks)
+                found.append(
+                    ServiceInstance(
+                        id=service["ID"],
+                        name=service["Service"],
+                        address=service.get("Address") or entry.get("Node", {}).get("Address", ""),
+                        port=int(service.get("Port") or 0),
+                        status="passing" if passing else "critical",
+                        output="; ".join(c.get("Output", "") for c in checks if c.get("Output")),
+                        meta=service.get("Meta") or {},
+                    )
+                )
+        return found

@@ -1,0 +1,106 @@
+"""The audit log: an append-only JetStream stream (deletes and purges denied by the stream itself).
+
+Every admin and security-relevant action is one record: who, when, what, on what, and the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+import nats
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+from pydantic import BaseModel, Field
+
+from agent.protocol import utcnow
+
+__all__ = ["AUDIT_STREAM", "AuditLog", "AuditQuery", "AuditRecord"]
+
+AUDIT_STREAM = "CARAVAN_AUDIT"
+
+
+class AuditRecord(BaseModel):
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    at: datetime = Field(default_factory=utcnow)
+    actor: str
+    role: str
+    action: str
+    customer_id: str | None = None
+    target: str | None = None
+    result: Literal["ok", "denied", "failed"] = "ok"
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class AuditQuery(BaseModel):
+    actor: str | None = None
+    action: str | None = None
+    customer_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class AuditLog:
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    async def ensure_stream(self) -> None:
+        config = StreamConfig(
+            name=AUDIT_STREAM,
+            subjects=["caravan.audit.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            deny_delete=True,
+            deny_purge=True,
+        )
+        try:
+            await self._js.add_stream(config)
+        except BadRequestError:
+            await self._js.update_stream(config)
+
+    async def append(self, record: AuditRecord) -> AuditRecord:
+        subject = f"caravan.audit.{record.action}"
+        await self._js.publish(subject, record.model_dump_json().encode(), headers={"Nats-Msg-Id": record.id})
+        return record
+
+    async def query(self, query: AuditQuery) -> list[AuditRecord]:
+        """Records matching ``query``, oldest first, at most ``limit`` (the newest ``limit`` of the matches)."""
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME if query.since else DeliverPolicy.ALL,
+            opt_start_time=query.since,
+        )
+        subject = f"caravan.audit.{query.action}" if query.action else "caravan.audit.>"
+        sub = await self._js.subscribe(subject, ordered_consumer=True, config=config, stream=AUDIT_STREAM)
+        found: list[AuditRecord] = []
+        try:
+            info = await sub.consumer_info()
+            delivered = info.delivered.consumer_seq if info.delivered else 0
+            pending = (info.num_pending or 0) + (delivered or 0)  # some may be in our buffer already
+            while pending > 0:
+                try:
+                    msg = await sub.next_msg(timeout=5)
+                except nats.errors.TimeoutError:
+                    break
+                record = AuditRecord.model_validate_json(msg.data)
+                if _matches(record, query):
+                    found.append(record)
+                pending = msg.metadata.num_pending
+                if query.until and record.at > query.until:
+                    break
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        return found[-query.limit :]
+
+
+def _matches(record: AuditRecord, query: AuditQuery) -> bool:
+    return (
+        (query.actor is None or record.actor == query.actor)
+        and (query.customer_id is None or record.customer_id == query.customer_id)
+        and (query.since is None or record.at >= query.since)
+        and (query.until is None or record.at <= query.until)
+    )

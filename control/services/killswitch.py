@@ -1,0 +1,233 @@
+"""The killswitch: engage or release a flag at scope all / customer / agent, then wait (bounded) for the
+covered agents to acknowledge; with ``hard``, stop their jobs too. Every change is audited and published."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from typing import Annotated, Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from agent.backends.base import Flag, FlagKey, FlagStore, Scope
+from agent.protocol import AgentEventKind, Event
+from control.backends.base import Registry
+from control.errors import Conflict, Invalid
+from control.models import Agent, AgentStatus
+from control.services.agents import AgentService
+from control.services.audit import AuditLog, AuditRecord
+from control.services.auth import AuthService, Principal
+
+__all__ = ["KillswitchRequest", "KillswitchResult", "KillswitchService"]
+
+Reason = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
+
+
+class KillswitchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    scope: Scope
+    customer_id: str | None = Field(default=None, max_length=64)
+    agent_id: str | None = Field(default=None, max_length=64)
+    engaged: bool = True
+    reason: Reason = ""
+    hard: bool = Field(default=False, description="Also stop the covered agents' jobs.")
+    wait_ms: int = Field(default=2000, ge=0, le=30_000, description="How long to wait for acknowledgements.")
+
+    @model_validator(mode="after")
+    def _target(self) -> KillswitchRequest:
+        if self.scope is Scope.ALL and (self.customer_id or self.agent_id):
+            raise ValueError("scope 'all' takes neither customer_id nor agent_id")
+        if self.scope is Scope.CUSTOMER and (not self.customer_id or self.agent_id):
+            raise ValueError("scope 'customer' needs customer_id (and no agent_id)")
+        if self.scope is Scope.AGENT and not self.agent_id:
+            raise ValueError("scope 'agent' needs agent_id")
+        if self.hard and not self.engaged:
+            raise ValueError("hard applies to engaging only")
+        return self
+
+    @property
+    def key(self) -> FlagKey:
+        target = {Scope.ALL: None, Scope.CUSTOMER: self.customer_id, Scope.AGENT: self.agent_id}[self.scope]
+        return FlagKey(self.scope, target)
+
+
+class KillswitchResult(BaseModel):
+    engaged: bool
+    scope: Scope
+    target: str | None
+    flag_id: str | None
+    covered: int = Field(description="Agents the flag covers that were running.")
+    acknowledged: int
+    unacknowledged: list[str]
+    stopped: list[str] = Field(default_factory=list, description="Agents whose jobs were stopped (hard).")
+    elapsed_ms: float
+
+
+def covers(key: FlagKey, agent: Agent) -> bool:
+    if key.scope is Scope.ALL:
+        return True
+    if key.scope is Scope.CUSTOMER:
+        return agent.customer_id == key.target
+    return agent.id == key.target
+
+
+class KillswitchService:
+    def __init__(
+        self,
+        flags: FlagStore,
+        registry: Registry,
+        agents: AgentService,
+        auth: AuthService,
+        audit: AuditLog,
+        nc: NATS,
+    ) -> None:
+        self._flags = flags
+        self._registry = registry
+        self._agents = agents
+        self._auth = auth
+        self._audit = audit
+        self._nc = nc
+
+    async def engaged(self) -> list[Flag]:
+        return sorted((f for f in await self._flags.list() if f.engaged), key=lambda f: f.key)
+
+    async def covering(self, agent: Agent) -> Flag | None:
+        """The engaged flag that halts ``agent``, if any."""
+        return next((f for f in await self.engaged() if covers(f.key, agent)), None)
+
+    async def ensure_not_halted(self, agent: Agent) -> None:
+        flag = await self.covering(agent)
+        if flag is not None:
+            raise Conflict(f"killswitch engaged ({flag.scope.value}): {flag.reason or 'no reason given'}")
+
+    async def apply(self, principal: Principal, request: KillswitchRequest) -> KillswitchResult:
+        key = await self._validated_key(request)
+        started = time.perf_counter()
+        previous = next((f for f in await self._flags.list() if f.key == key), None)
+        flag_id = uuid.uuid4().hex if request.engaged else (previous.id if previous else None)
+        covered = [a for a in await self._agents.list(None) if covers(key, a) and _live(a)]
+        expected = await self._expected_instances(covered)
+        acked: dict[str, set[str]] = {a.id: set() for a in covered}
+        done = asyncio.Event()
+
+        def complete() -> bool:
+            return all(acked[a] >= expected[a] if expected[a] else bool(acked[a]) for a in acked)
+
+        async def on_event(msg: Msg) -> None:
+            event = Event.model_validate_json(msg.data)
+            if event.kind != AgentEventKind.KILLSWITCH or event.agent_id not in acked:
+                return
+            ids = event.data.get("flag_ids") or []
+            if (flag_id in ids) if request.engaged else (flag_id not in ids):
+                acked[event.agent_id].add(str(event.data.get("alloc_id") or ""))
+                if complete():
+                    done.set()
+
+        sub = await self._nc.subscribe("caravan.events.*.agent.*", cb=on_event)
+        try:
+            if request.engaged:
+                flag = Flag(
+                    scope=key.scope,
+                    target=key.target,
+                    reason=request.reason,
+                    by=principal.subject,
+                    id=flag_id or "",
+                    hard=request.hard,
+                )
+                await self._flags.put(flag)
+            else:
+                await self._flags.delete(key)
+            if covered and not complete():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), timeout=request.wait_ms / 1000)
+        finally:
+            await sub.unsubscribe()
+        missing = sorted(a for a in acked if not (acked[a] >= expected[a] if expected[a] else acked[a]))
+        stopped: list[str] = []
+        if request.engaged and request.hard:
+            for agent in covered:
+                await self._agents.stop(
+                    None, agent.id, status=AgentStatus.KILLED, reason=f"killswitch: {request.reason}"
+                )
+                stopped.append(agent.id)
+        result = KillswitchResult(
+            engaged=request.engaged,
+            scope=key.scope,
+            target=key.target,
+            flag_id=flag_id,
+            covered=len(covered),
+            acknowledged=len(covered) - len(missing),
+            unacknowledged=missing,
+            stopped=stopped,
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        await self._record(principal, request, result)
+        return result
+
+    async def _validated_key(self, request: KillswitchRequest) -> FlagKey:
+        if request.scope is Scope.CUSTOMER:
+            assert request.customer_id is not None
+            await self._auth.get_customer(request.customer_id)
+        if request.scope is Scope.AGENT:
+            assert request.agent_id is not None
+            agent = await self._agents.get(None, request.agent_id)
+            if request.customer_id and request.customer_id != agent.customer_id:
+                raise Invalid(f"agent {agent.id} does not belong to customer {request.customer_id}")
+        return request.key
+
+    async def _expected_instances(self, covered: list[Agent]) -> dict[str, set[str]]:
+        """Each covered agent's instances that discovery knows as passing: all of them must acknowledge."""
+        expected: dict[str, set[str]] = {a.id: set() for a in covered}
+        if covered:
+            for instance in await self._registry.instances(passing_only=True):
+                agent_id = instance.meta.get("caravan_agent")
+                if agent_id in expected:
+                    expected[agent_id].add(instance.id)
+        return expected
+
+    async def _record(self, principal: Principal, request: KillswitchRequest, result: KillswitchResult) -> None:
+        details: dict[str, Any] = {
+            "scope": result.scope.value,
+            "target": result.target,
+            "reason": request.reason,
+            "hard": request.hard,
+            "flag_id": result.flag_id,
+            "covered": result.covered,
+            "acknowledged": result.acknowledged,
+            "unacknowledged": result.unacknowledged,
+            "stopped": result.stopped,
+        }
+        action = "killswitch.engage" if request.engaged else "killswitch.release"
+        customer = request.customer_id if request.scope is not Scope.ALL else None
+        await self._audit.append(
+            AuditRecord(
+                actor=principal.subject,
+                role=principal.role.value,
+                action=action,
+                customer_id=customer,
+                target=result.target or "all",
+                details=details,
+            )
+        )
+        event = Event(
+            kind="killswitch",
+            customer_id=customer or "platform",
+            data={**details, "by": principal.subject, "engaged": request.engaged},
+        )
+        await self._nc.jetstream().publish(
+            "caravan.events.platform.killswitch", json.dumps(event.model_dump(mode="json")).encode()
+        )
+
+
+def _live(agent: Agent) -> bool:
+    return agent.desired == "running" and agent.status in (
+        AgentStatus.STARTING,
+        AgentStatus.RUNNING,
+        AgentStatus.KILLED,
+    )
