@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
 from agent.protocol import ModelConfig, ScriptedToolCall
@@ -154,13 +155,92 @@ async def _serve_only(settings: Settings) -> None:
         await _serve(settings, control, f"Caravan API on http://{settings.http_host}:{settings.http_port}")
 
 
+def _admin_client(args: argparse.Namespace) -> httpx.Client:
+    if not args.api_key:
+        raise SystemExit("caravan: an admin API key is needed: --api-key or CARAVAN_API_KEY")
+    client = httpx.Client(base_url=args.url, timeout=60)
+    try:
+        response = client.post("/v1/auth/token", json={"api_key": args.api_key})
+    except httpx.HTTPError as exc:
+        client.close()
+        raise SystemExit(f"caravan: cannot reach {args.url}: {exc}") from exc
+    _check(response)
+    client.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
+    return client
+
+
+def _check(response: httpx.Response) -> None:
+    if response.status_code >= 400:
+        try:
+            error = response.json()["error"]
+            message = f"{error['code']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:500]
+        raise SystemExit(
+            f"caravan: {response.request.method} {response.request.url.path} failed ({response.status_code}) {message}"
+        )
+
+
+def _killswitch(args: argparse.Namespace) -> None:
+    client = _admin_client(args)
+    with contextlib.closing(client):
+        if args.action == "status":
+            response = client.get("/v1/admin/killswitch")
+            _check(response)
+            flags = response.json()
+            if not flags:
+                print("no killswitch engaged")
+            for flag in flags:
+                target = flag["target"] or "every agent"
+                print(f"ENGAGED {flag['scope']:<8} {target:<16} by {flag['by']} at {flag['at']}: {flag['reason']}")
+            return
+        scope = "agent" if args.agent else "customer" if args.customer else "all"
+        body = {
+            "scope": scope,
+            "customer_id": args.customer,
+            "agent_id": args.agent,
+            "engaged": args.action == "engage",
+            "reason": args.reason,
+            "wait_ms": int(args.wait * 1000),
+        }
+        if args.hard:
+            body["hard"] = True
+        response = client.post("/v1/admin/killswitch", json={k: v for k, v in body.items() if v is not None})
+        _check(response)
+        result = response.json()
+        verb = "engaged" if result["engaged"] else "released"
+        print(
+            f"killswitch {verb} ({result['scope']} {result['target'] or ''}) in {result['elapsed_ms']:.0f} ms: "
+            f"{result['acknowledged']}/{result['covered']} agents acknowledged"
+        )
+        if result["unacknowledged"]:
+            print("not acknowledged: " + ", ".join(result["unacknowledged"]))
+        if result["stopped"]:
+            print("jobs stopped: " + ", ".join(result["stopped"]))
+        if result["unacknowledged"]:
+            sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="caravan", description="Run AutoGen agent teams on Nomad.")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run the embedded platform: NATS, control plane, gateway, local scheduler")
     up.add_argument("--nats-port", type=int, default=int(os.environ.get("CARAVAN_NATS_PORT", "4222")))
     sub.add_parser("serve", help="run the gateway and control plane against NATS_URL and the configured scheduler")
+    ks = sub.add_parser("killswitch", help="engage, release or show the killswitch (through the admin API)")
+    ks.add_argument("action", choices=["engage", "release", "status"])
+    target = ks.add_mutually_exclusive_group()
+    target.add_argument("--customer", help="scope: this customer's agents")
+    target.add_argument("--agent", help="scope: this agent")
+    ks.add_argument("--reason", default="", help="why (shown to agents, in status and in the audit log)")
+    ks.add_argument("--hard", action="store_true", help="also stop the covered agents' jobs")
+    ks.add_argument("--wait", type=float, default=2.0, help="seconds to wait for acknowledgements")
+    ks.add_argument("--url", default=os.environ.get("CARAVAN_URL", "http://127.0.0.1:8080"))
+    ks.add_argument("--api-key", default=os.environ.get("CARAVAN_API_KEY"))
     args = parser.parse_args(argv)
+    if args.command == "killswitch":
+        _killswitch(args)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
     try:

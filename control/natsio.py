@@ -46,7 +46,7 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 async def connect(url: str, name: str = "caravan-control") -> Jet:
     """Connect and make sure every stream and bucket exists (idempotent; safe for several replicas)."""
     nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, connect_timeout=5)
-    js = nc.jetstream()
+    js = nc.jetstream(timeout=15)
     await _ensure_stream(
         js,
         StreamConfig(

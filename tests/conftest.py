@@ -3,7 +3,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.settings import Settings
 from gateway.app import create_app
+from tests.support.consul_double import ConsulDouble
 from tests.support.helpers import serve_app
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
@@ -87,10 +88,37 @@ async def api(control: ControlPlane) -> AsyncIterator[Api]:
         yield served
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for marker, env in (("nomad", "NOMAD_ADDR"), ("consul", "CONSUL_HTTP_ADDR")):
-        if not os.environ.get(env):
-            skip = pytest.mark.skip(reason=f"{env} is not set: no real {marker.title()} to test against")
-            for item in items:
-                if marker in item.keywords:
-                    item.add_marker(skip)
+CONSUL_KINDS = ["consul-double", pytest.param("consul-real", marks=pytest.mark.consul)]
+"""Parameters for tests that run against the Consul double, and against a real Consul when one is set."""
+
+
+@contextlib.contextmanager
+def consul_address(kind: str) -> Iterator[str]:
+    if kind == "consul-real":
+        address = os.environ.get("CONSUL_HTTP_ADDR")
+        if not address:
+            pytest.skip("CONSUL_HTTP_ADDR is not set: no real Consul to test against")
+        yield address
+        return
+    double = ConsulDouble().start()
+    try:
+        yield double.address
+    finally:
+        double.stop()
+
+
+@pytest.fixture(params=CONSUL_KINDS)
+def consul_addr(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A Consul HTTP address: the API double always, and a real Consul too when CONSUL_HTTP_ADDR is set."""
+    with consul_address(request.param) as address:
+        yield address
+
+
+@pytest.fixture
+def consul_double() -> Iterator[ConsulDouble]:
+    """The Consul double alone, for what only a double can do (an outage on demand)."""
+    double = ConsulDouble().start()
+    try:
+        yield double
+    finally:
+        double.stop()

@@ -18,6 +18,7 @@ import socket
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,8 +181,17 @@ class LocalScheduler:
     name = "local"
     supports_stats = True
 
-    def __init__(self, alloc_dir: Path, install_id: str = "caravan", registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        alloc_dir: Path,
+        install_id: str = "caravan",
+        registry: Registry | None = None,
+        max_parallel_starts: int | None = None,
+    ) -> None:
         self._alloc_dir = alloc_dir
+        # Tasks start a few at a time, each until its health check passes (or 10 s): fifty agents started at
+        # once (a restart reconciling them all) would otherwise starve NATS and the control plane of CPU.
+        self._starting = asyncio.Semaphore(max_parallel_starts or max(2, os.cpu_count() or 2))
         self._registry = registry
         self._install_id = install_id
         self._jobs: dict[tuple[str, str], _Job] = {}
@@ -371,6 +381,9 @@ class LocalScheduler:
         env = {**_base_env(), **runtime, **{k: _interpolate(v, runtime) for k, v in spec.env.items()}}
         args = [_interpolate(a, runtime) for a in spec.args]
         await self._emit(alloc, AllocState.STARTING)
+        if not await self._start_slot(alloc):
+            return "stopped before it started"
+        healthy = asyncio.Event()
         log_path = self.log_path(alloc)
         alloc.oom = None
         with log_path.open("ab") as log_file:
@@ -387,11 +400,17 @@ class LocalScheduler:
                     preexec_fn=_die_with_parent,
                 )
             except OSError as exc:
+                self._starting.release()
                 return f"failed to start {spec.command!r}: {exc.strerror or exc}"
         proc = alloc.process
         await self._emit(alloc, AllocState.RUNNING)
         watcher = asyncio.create_task(self._watch_memory(alloc, proc))
-        checker = asyncio.create_task(self._run_checks(alloc, ports)) if self._registry and spec.service else None
+        checker = None
+        if self._registry and spec.service:
+            checker = asyncio.create_task(self._run_checks(alloc, ports, healthy))
+        else:
+            healthy.set()
+        slot = asyncio.create_task(self._release_start_slot(healthy, proc))
         stop = asyncio.create_task(alloc.stop_requested.wait())
         try:
             await asyncio.wait([asyncio.ensure_future(proc.wait()), stop], return_when=asyncio.FIRST_COMPLETED)
@@ -400,6 +419,7 @@ class LocalScheduler:
         finally:
             watcher.cancel()
             stop.cancel()
+            await slot
             if checker is not None:
                 checker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -413,7 +433,36 @@ class LocalScheduler:
         tail = _tail(log_path)
         return f"{why}: {tail}" if tail and code != 0 else why
 
-    async def _run_checks(self, alloc: _Alloc, ports: dict[str, int]) -> None:
+    async def _start_slot(self, alloc: _Alloc) -> bool:
+        """Wait for a start slot; False if the allocation was stopped meanwhile."""
+        acquire = asyncio.ensure_future(self._starting.acquire())
+        stopped = asyncio.ensure_future(alloc.stop_requested.wait())
+        await asyncio.wait([acquire, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if alloc.stop_requested.is_set():
+            if acquire.done() and not acquire.cancelled():
+                self._starting.release()
+            acquire.cancel()
+            return False
+        return True
+
+    async def _release_start_slot(self, healthy: asyncio.Event, proc: asyncio.subprocess.Process) -> None:
+        waits = [asyncio.ensure_future(healthy.wait()), asyncio.ensure_future(proc.wait())]
+        try:
+            await asyncio.wait(waits, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+            self._starting.release()
+
+    async def _registry_call(self, what: str, call: Awaitable[None]) -> None:
+        """Discovery is best effort for the scheduler: a registry that is down must not stop supervision."""
+        try:
+            await call
+        except Exception as exc:  # any backend's error: logged; the next check result tries again
+            log.warning("registry %s failed: %s", what, exc)
+
+    async def _run_checks(self, alloc: _Alloc, ports: dict[str, int], healthy: asyncio.Event) -> None:
         """Register the allocation's service and keep its status from the job's HTTP check."""
         service = alloc.job.spec.service
         assert self._registry is not None and service is not None
@@ -426,12 +475,14 @@ class LocalScheduler:
             meta=service.meta,
             ttl_s=max(3 * service.check_interval, 5.0),
         )
-        await self._registry.register(instance)
+        await self._registry_call("register", self._registry.register(instance))
         if service.check_path is None:
-            await self._registry.set_status(instance.model_copy(update={"status": "passing"}))
+            healthy.set()
+            passing = instance.model_copy(update={"status": "passing"})
+            await self._registry_call("update", self._registry.set_status(passing))
             return
         url = f"http://127.0.0.1:{port}{service.check_path}"
-        passing = False
+        passing_before = False
         async with httpx.AsyncClient(timeout=service.check_timeout) as client:
             while True:
                 try:
@@ -439,21 +490,19 @@ class LocalScheduler:
                     ok, output = response.status_code == 200, f"HTTP GET {url}: {response.status_code}"
                 except httpx.HTTPError as exc:
                     ok, output = False, f"HTTP GET {url}: {type(exc).__name__}"
-                if ok != passing or ok:
-                    status = "passing" if ok else "critical"
-                    await self._registry.set_status(instance.model_copy(update={"status": status, "output": output}))
-                passing = ok
+                if ok:
+                    healthy.set()
+                if ok or passing_before:
+                    update = instance.model_copy(update={"status": "passing" if ok else "critical", "output": output})
+                    await self._registry_call("update", self._registry.set_status(update))
+                passing_before = ok
                 # until the first pass, check often (a new task comes up in well under a second)
-                await asyncio.sleep(service.check_interval if passing else 0.1)
+                await asyncio.sleep(service.check_interval if ok else 0.1)
 
     async def _deregister(self, alloc: _Alloc) -> None:
         service = alloc.job.spec.service
-        if self._registry is None or service is None:
-            return
-        try:
-            await self._registry.deregister(service.name, alloc.id)
-        except (OSError, RuntimeError):
-            log.warning("could not deregister %s/%s", service.name, alloc.id)
+        if self._registry is not None and service is not None:
+            await self._registry_call("deregister", self._registry.deregister(service.name, alloc.id))
 
     async def _watch_memory(self, alloc: _Alloc, proc: asyncio.subprocess.Process) -> None:
         limit = alloc.job.spec.memory_mb * 2**20

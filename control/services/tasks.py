@@ -71,9 +71,9 @@ class TaskService:
             raise Invalid("tasks on teams are not available yet; give agent_id")
         assert spec.agent_id is not None
         agent = await self._agents.get(customer_id, spec.agent_id)
+        await self._guard.ensure_not_halted(agent)
         if agent.desired != "running" or agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
             raise Conflict(f"agent {agent.id} is {agent.status.value}; start it before giving it tasks")
-        await self._guard.ensure_not_halted(agent)
         task = Task(id=new_id("tk"), customer_id=customer_id, agent_id=agent.id, task=spec.task)
         await self._repo.create(_key(customer_id, task.id), task)
         await self.publish(Event(kind=EventKind.STATUS, task_id=task.id, customer_id=customer_id, content="queued"))

@@ -18,11 +18,13 @@ def agent_body(**changes: Any) -> dict[str, Any]:
     return body
 
 
-async def wait_status(api: Api, headers: dict[str, str], agent_id: str, status: str) -> dict[str, Any]:
+async def wait_status(
+    api: Api, headers: dict[str, str], agent_id: str, status: str, within: float = 20.0
+) -> dict[str, Any]:
     async def probe() -> dict[str, Any]:
         return (await api.client.get(f"/v1/agents/{agent_id}", headers=headers)).json()
 
-    return await assert_eventually(probe, lambda a: a.get("status") == status, what=f"agent {status}")
+    return await assert_eventually(probe, lambda a: a.get("status") == status, within=within, what=f"agent {status}")
 
 
 async def test_agent_lifecycle_create_run_stop_start_update_delete(api: Api) -> None:

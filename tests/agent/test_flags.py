@@ -1,0 +1,154 @@
+"""Flag stores, the same tests for each: JetStream KV (real NATS) and Consul (the API double, and a real
+Consul when CONSUL_HTTP_ADDR is set)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import nats
+import pytest
+
+from agent.backends.base import Flag, FlagKey, FlagSnapshot, FlagStore, Scope
+from agent.backends.consul import ConsulFlags
+from agent.backends.natskv import NatsKVFlags
+from control.natsserver import EmbeddedNats
+from tests.conftest import CONSUL_KINDS, consul_address
+from tests.support.consul_double import ConsulDouble
+from tests.support.helpers import assert_eventually
+
+
+@dataclass
+class Backend:
+    store: FlagStore
+    consul_address: str | None = None
+
+
+@pytest.fixture(params=["natskv", *CONSUL_KINDS])
+async def backend(request: pytest.FixtureRequest, nats_server: EmbeddedNats) -> AsyncIterator[Backend]:
+    if request.param == "natskv":
+        nc = await nats.connect(nats_server.url)
+        flags: FlagStore = NatsKVFlags(nc, create=True)
+        await flags.start()
+        yield Backend(flags)
+        await flags.stop()
+        await nc.close()
+        return
+    with consul_address(request.param) as address:
+        flags = ConsulFlags(env={"CONSUL_HTTP_ADDR": address})
+        await flags.start()
+        yield Backend(flags, address)
+        for flag in await flags.list():
+            await flags.delete(flag.key)
+        await flags.stop()
+
+
+def unique() -> str:
+    return f"cu-{uuid.uuid4().hex[:12]}"
+
+
+class Watch:
+    def __init__(self, store: FlagStore, keys: list[FlagKey]) -> None:
+        self.latest: FlagSnapshot | None = None
+        self._iter = store.watch(keys, heartbeat=1.0)
+
+    async def next(self) -> FlagSnapshot:
+        self.latest = await self._iter.__anext__()
+        return self.latest
+
+    async def close(self) -> None:
+        await self._iter.aclose()  # type: ignore[attr-defined]
+
+
+async def test_put_list_delete(backend: Backend) -> None:
+    store = backend.store
+    customer = unique()
+    flag = Flag(scope=Scope.CUSTOMER, target=customer, reason="billing dispute", by="admin:1", id="e1", hard=True)
+    await store.put(flag)
+    listed = [f for f in await store.list() if f.key == flag.key]
+    assert listed == [flag]
+    await store.delete(flag.key)
+    await store.delete(flag.key)  # releasing twice is fine
+    assert [f for f in await store.list() if f.key == flag.key] == []
+
+
+async def test_watch_sees_the_current_flags_then_every_change(backend: Backend) -> None:
+    store = backend.store
+    customer, agent = unique(), f"ag-{uuid.uuid4().hex[:12]}"
+    keys = [FlagKey(Scope.CUSTOMER, customer), FlagKey(Scope.AGENT, agent)]
+    await store.put(Flag(scope=Scope.AGENT, target=agent, reason="before", id="e0"))
+    watch = Watch(store, keys)
+    try:
+        first = await watch.next()
+        assert first.reachable and [f.id for f in first.engaged()] == ["e0"]
+        await store.put(Flag(scope=Scope.CUSTOMER, target=customer, reason="now", id="e1"))
+        changed = await assert_eventually(watch.next, lambda s: len(s.engaged()) == 2, what="second flag seen")
+        assert {f.reason for f in changed.engaged()} == {"before", "now"}
+        await store.delete(FlagKey(Scope.AGENT, agent))
+        await store.delete(FlagKey(Scope.CUSTOMER, customer))
+        await assert_eventually(watch.next, lambda s: s.engaged() == [], what="released")
+        # flags of other customers and agents are not part of this watch
+        await store.put(Flag(scope=Scope.CUSTOMER, target=unique(), reason="someone else", id="x"))
+        quiet = await watch.next()
+        assert quiet.engaged() == []
+    finally:
+        await watch.close()
+
+
+async def test_values_written_by_hand_are_honoured(backend: Backend, nats_server: EmbeddedNats) -> None:
+    store = backend.store
+    customer = unique()
+    key = FlagKey(Scope.CUSTOMER, customer)
+    if backend.consul_address is not None:
+        # what `consul kv put caravan/killswitch/customer/<id> "maintenance window"` sends
+        address = backend.consul_address
+        async with httpx.AsyncClient(base_url=f"http://{address}") as client:
+            path = f"/v1/kv/caravan/killswitch/customer/{customer}"
+            assert (await client.put(path, content=b"maintenance window")).status_code == 200
+            other = f"/v1/kv/caravan/killswitch/agent/ag-{uuid.uuid4().hex[:12]}"
+            assert (await client.put(other, content=b'{"engaged": false}')).status_code == 200
+    else:
+        # what `nats kv put caravan_flags killswitch.customer.<id> "maintenance window"` does
+        nc = await nats.connect(nats_server.url)
+        kv = await nc.jetstream().key_value("caravan_flags")
+        await kv.put(f"killswitch.customer.{customer}", b"maintenance window")
+        await kv.put(f"killswitch.agent.ag-{uuid.uuid4().hex[:12]}", b'{"engaged": false}')
+        await nc.close()
+    flags = {f.key: f for f in await store.list()}
+    assert flags[key].engaged and flags[key].reason == "maintenance window"
+    assert all(not f.engaged for k, f in flags.items() if k.scope is Scope.AGENT)
+    watch = Watch(store, [key])
+    try:
+        assert [f.reason for f in (await watch.next()).engaged()] == ["maintenance window"]
+    finally:
+        await watch.close()
+
+
+async def test_consul_outage_is_reported_as_unreachable(consul_double: ConsulDouble) -> None:
+    store = ConsulFlags(env={"CONSUL_HTTP_ADDR": consul_double.address})
+    await store.start()
+    watch = Watch(store, [FlagKey(Scope.ALL)])
+    try:
+        assert (await watch.next()).reachable
+        with consul_double.down():
+            down = await assert_eventually(watch.next, lambda s: not s.reachable, what="unreachable")
+            assert down.error and "No cluster leader" in down.error
+        await assert_eventually(watch.next, lambda s: s.reachable, what="reachable again")
+    finally:
+        await watch.close()
+        await store.stop()
+
+
+async def test_a_stopped_nats_is_reported_as_unreachable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with EmbeddedNats(tmp_path / "n") as server:
+        nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        store = NatsKVFlags(nc, create=True)
+        await store.start()
+        watch = Watch(store, [FlagKey(Scope.ALL)])
+        assert (await watch.next()).reachable
+        await server.stop()
+        await assert_eventually(watch.next, lambda s: not s.reachable, what="unreachable")
+        await watch.close()
+        await nc.close()

@@ -1,0 +1,105 @@
+"""Issue 4 benchmark: with 50 running agents on the embedded stack, time from the killswitch API call to the
+last acknowledgement (the call returns when all 50 acknowledged), p50 and p99 over 20 rounds, beside a raw
+NATS publish to 50 subscriber processes that each answer, measured in the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import nats
+
+from tests.bench.conftest import percentile
+from tests.conftest import Api
+from tests.gateway.test_agents_api import wait_status
+from tests.support.helpers import assert_eventually
+
+AGENTS = 50
+ROUNDS = 20
+
+
+async def raw_nats_rounds(url: str) -> list[float]:
+    nc = await nats.connect(url)
+    ready: asyncio.Queue[bytes] = asyncio.Queue()
+    acks: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_ready(msg: nats.aio.msg.Msg) -> None:
+        await ready.put(msg.data)
+
+    async def on_ack(msg: nats.aio.msg.Msg) -> None:
+        await acks.put(msg.data)
+
+    await nc.subscribe("bench.ready", cb=on_ready)
+    await nc.subscribe("bench.ack", cb=on_ack)
+    script = Path(__file__).with_name("_subscriber.py")
+    procs = [await asyncio.create_subprocess_exec(sys.executable, str(script), url, str(i)) for i in range(AGENTS)]
+    try:
+        for _ in range(AGENTS):
+            await asyncio.wait_for(ready.get(), timeout=60)
+        times = []
+        for _ in range(ROUNDS):
+            started = time.perf_counter()
+            await nc.publish("bench.ping", b"")
+            for _ in range(AGENTS):
+                await asyncio.wait_for(acks.get(), timeout=10)
+            times.append(time.perf_counter() - started)
+            await asyncio.sleep(0.05)
+        return times
+    finally:
+        for proc in procs:
+            proc.kill()
+            await proc.wait()
+        await nc.close()
+
+
+def line(label: str, values: list[float]) -> str:
+    return (
+        f"{label:<38} p50={statistics.median(values) * 1000:6.1f} ms  p99={percentile(values, 99) * 1000:6.1f} ms"
+        f"  max={max(values) * 1000:6.1f} ms"
+    )
+
+
+async def test_killswitch_acknowledgement_latency(api: Api) -> None:
+    _, headers = await api.new_customer("bench")
+    body = {
+        "model": {"provider": "replay", "name": "s", "responses": ["ok"]},
+        "resources": {"cpu": 50, "memory_mb": 128},
+    }
+    created = await asyncio.gather(
+        *(api.client.post("/v1/agents", json={**body, "name": f"a{i}"}, headers=headers) for i in range(AGENTS))
+    )
+    ids = [r.json()["id"] for r in created]
+    for agent_id in ids:
+        await wait_status(api, headers, agent_id, "running", within=180)
+    # every instance registered and its check passing
+    await assert_eventually(api.control.registry.instances, lambda found: len(found) == AGENTS, within=60)
+    admin = await api.admin()
+
+    engage: list[float] = []
+    release: list[float] = []
+    for _ in range(ROUNDS):
+        for engaged, sink in ((True, engage), (False, release)):
+            started = time.perf_counter()
+            response = await api.client.post(
+                "/v1/admin/killswitch",
+                json={"scope": "all", "engaged": engaged, "reason": "bench", "wait_ms": 10_000},
+                headers=admin,
+            )
+            sink.append(time.perf_counter() - started)
+            result = response.json()
+            assert (result["covered"], result["acknowledged"]) == (AGENTS, AGENTS), result
+            await asyncio.sleep(0.1)
+
+    raw = await raw_nats_rounds(api.control.settings.nats_url)
+    print()
+    print(f"{AGENTS} agents, {ROUNDS} rounds each")
+    print(line("killswitch engage -> last ack (API)", engage))
+    print(line("killswitch release -> last ack (API)", release))
+    print(line("raw NATS publish -> 50th reply", raw))
+    print(
+        f"engage p99 / goal (150 ms): {percentile(engage, 99) * 1000 / 150:.2f}; "
+        f"engage p50 / raw p50: {statistics.median(engage) / statistics.median(raw):.1f}x"
+    )

@@ -1,0 +1,200 @@
+"""The killswitch end to end: real agent processes on the local scheduler, real NATS, the admin API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from control.natsserver import EmbeddedNats
+from control.platform import ControlPlane
+from tests.conftest import Api, make_settings, serve_api
+from tests.gateway.test_agents_api import wait_status
+from tests.gateway.test_tasks_api import running_agent, start_task
+from tests.support.consul_double import ConsulDouble
+from tests.support.helpers import assert_eventually
+
+SLOW = {"provider": "replay", "name": "slow", "responses": ["never said"], "delay_ms": 120_000}
+
+
+async def slow_agent(api: Api, headers: dict[str, str], name: str) -> dict[str, Any]:
+    return await running_agent(api, headers, name=name, model=SLOW, tools=[])
+
+
+async def task_status(api: Api, headers: dict[str, str], task_id: str) -> dict[str, Any]:
+    return dict((await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json())
+
+
+async def running_task(api: Api, headers: dict[str, str], agent_id: str) -> str:
+    task_id = await start_task(api, headers, agent_id, "take your time")
+    await assert_eventually(lambda: task_status(api, headers, task_id), lambda t: t["status"] == "running")
+    return task_id
+
+
+async def killswitch(api: Api, **body: Any) -> dict[str, Any]:
+    response = await api.client.post("/v1/admin/killswitch", json=body, headers=await api.admin())
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+@pytest.fixture
+async def fleet(api: Api) -> dict[str, Any]:
+    """Customer A with two agents, customer B with one; each agent busy with a slow model call."""
+    a_id, a = await api.new_customer("a")
+    b_id, b = await api.new_customer("b")
+    agents = {
+        "a1": await slow_agent(api, a, "a1"),
+        "a2": await slow_agent(api, a, "a2"),
+        "b1": await slow_agent(api, b, "b1"),
+    }
+    headers = {"a1": a, "a2": a, "b1": b}
+    tasks = {name: await running_task(api, headers[name], agent["id"]) for name, agent in agents.items()}
+    return {"a": a_id, "b": b_id, "agents": agents, "headers": headers, "tasks": tasks}
+
+
+async def assert_halted(api: Api, fleet: dict[str, Any], halted: set[str], reason: str) -> None:
+    for name, agent in fleet["agents"].items():
+        headers = fleet["headers"][name]
+        if name in halted:
+            task = await assert_eventually(
+                lambda n=name, h=headers: task_status(api, h, fleet["tasks"][n]), lambda t: t["status"] == "killed"
+            )
+            assert reason in (task["status_reason"] or "")
+            status = await wait_status(api, headers, agent["id"], "killed")
+            assert reason in status["status_reason"]
+        else:
+            assert (await task_status(api, headers, fleet["tasks"][name]))["status"] == "running", name
+            current = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+            assert current["status"] == "running", name
+
+
+async def test_agent_scope_halts_exactly_that_agent_and_release_resumes_it(api: Api, fleet: dict[str, Any]) -> None:
+    a1 = fleet["agents"]["a1"]
+    result = await killswitch(api, scope="agent", agent_id=a1["id"], engaged=True, reason="runaway loop")
+    assert (result["covered"], result["acknowledged"], result["unacknowledged"]) == (1, 1, [])
+    await assert_halted(api, fleet, {"a1"}, "runaway loop")
+    body = {"agent_id": a1["id"], "task": "x"}
+    refused = await api.client.post("/v1/tasks", json=body, headers=fleet["headers"]["a1"])
+    assert refused.status_code == 409 and "runaway loop" in refused.json()["error"]["message"]
+
+    released = await killswitch(api, scope="agent", agent_id=a1["id"], engaged=False, reason="fixed")
+    assert (released["acknowledged"], released["unacknowledged"]) == (1, [])
+    await wait_status(api, fleet["headers"]["a1"], a1["id"], "running")
+    await running_task(api, fleet["headers"]["a1"], a1["id"])  # accepts work again
+
+
+async def test_customer_scope_halts_that_customers_agents_only(api: Api, fleet: dict[str, Any]) -> None:
+    result = await killswitch(api, scope="customer", customer_id=fleet["a"], reason="unpaid invoice")
+    assert (result["covered"], result["acknowledged"]) == (2, 2)
+    await assert_halted(api, fleet, {"a1", "a2"}, "unpaid invoice")
+
+
+async def test_all_scope_halts_everyone_and_is_listed_and_audited(api: Api, fleet: dict[str, Any]) -> None:
+    result = await killswitch(api, scope="all", reason="incident 42")
+    assert (result["covered"], result["acknowledged"], result["unacknowledged"]) == (3, 3, [])
+    await assert_halted(api, fleet, {"a1", "a2", "b1"}, "incident 42")
+    engaged = (await api.client.get("/v1/admin/killswitch", headers=await api.admin())).json()
+    assert [(f["scope"], f["reason"], f["by"]) for f in engaged] == [("all", "incident 42", engaged[0]["by"])]
+    assert engaged[0]["by"].startswith("admin:")
+    audit = (await api.client.get("/v1/admin/audit?action=killswitch.engage", headers=await api.admin())).json()
+    assert audit[-1]["details"]["acknowledged"] == 3 and audit[-1]["details"]["reason"] == "incident 42"
+    await killswitch(api, scope="all", engaged=False, reason="resolved")
+    for name, agent in fleet["agents"].items():
+        await wait_status(api, fleet["headers"][name], agent["id"], "running")
+    actions = [r["action"] for r in (await api.client.get("/v1/admin/audit", headers=await api.admin())).json()]
+    assert actions[-2:] == ["killswitch.engage", "killswitch.release"]
+
+
+async def test_hard_stops_the_jobs(api: Api, fleet: dict[str, Any]) -> None:
+    b1 = fleet["agents"]["b1"]
+    result = await killswitch(api, scope="agent", agent_id=b1["id"], reason="abuse", hard=True)
+    assert result["stopped"] == [b1["id"]]
+    status = await api.control.scheduler.job_status(b1["namespace"], b1["job_id"])
+    assert status is not None and set(status.allocs.values()) == {"stopped"}
+    agent = (await api.client.get(f"/v1/agents/{b1['id']}", headers=fleet["headers"]["b1"])).json()
+    assert agent["status"] == "killed"
+
+
+async def test_an_agent_restarted_under_an_engaged_flag_stays_halted(api: Api) -> None:
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    await killswitch(api, scope="agent", agent_id=agent["id"], reason="quarantine")
+    await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)
+    await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)
+    restarted = await wait_status(api, headers, agent["id"], "killed")
+    assert "quarantine" in restarted["status_reason"]
+    assert restarted["scheduler"]["alloc_ids"] != agent["scheduler"]["alloc_ids"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"scope": "everything"},
+        {"scope": "all", "customer_id": "cu-000000000000"},
+        {"scope": "customer"},
+        {"scope": "agent"},
+        {"scope": "all", "engaged": False, "hard": True},
+        {"scope": "all", "reason": "x" * 501},
+        {"scope": "all", "wait_ms": 60_000},
+    ],
+)
+async def test_bad_killswitch_requests_are_422_and_engage_nothing(api: Api, body: dict[str, Any]) -> None:
+    response = await api.client.post("/v1/admin/killswitch", json=body, headers=await api.admin())
+    assert response.status_code == 422, response.text
+    assert (await api.client.get("/v1/admin/killswitch", headers=await api.admin())).json() == []
+
+
+async def test_unknown_targets_are_404_and_customers_cannot_use_the_killswitch(api: Api) -> None:
+    _, customer = await api.new_customer()
+    admin = await api.admin()
+    unknown = [
+        {"scope": "customer", "customer_id": "cu-000000000000"},
+        {"scope": "agent", "agent_id": "ag-000000000000"},
+    ]
+    for body in unknown:
+        assert (await api.client.post("/v1/admin/killswitch", json=body, headers=admin)).status_code == 404
+    assert (await api.client.post("/v1/admin/killswitch", json={"scope": "all"}, headers=customer)).status_code == 403
+    assert (await api.client.get("/v1/admin/killswitch", headers=customer)).status_code == 403
+    assert (await api.client.get("/v1/admin/killswitch", headers=admin)).json() == []
+
+
+async def test_with_consul_a_flag_put_by_hand_halts_and_an_outage_fails_safe(tmp_path: Path) -> None:
+    double = ConsulDouble().start()
+    try:
+        async with EmbeddedNats(tmp_path / "nats") as nats_server:
+            settings = make_settings(
+                nats_server.url,
+                tmp_path / "data",
+                flags="consul",
+                consul_http_addr=double.address,
+                flags_grace_s=1.5,
+                flags_heartbeat_s=0.5,
+            )
+            control = ControlPlane(settings)
+            async with control, serve_api(control) as api:
+                _, headers = await api.new_customer()
+                agent = await running_agent(api, headers)
+                instances = await control.registry.instances()  # the local scheduler registered it in Consul
+                assert [i.meta["caravan_agent"] for i in instances] == [agent["id"]]
+
+                # `consul kv put caravan/killswitch/agent/<id> "maintenance"`
+                async with httpx.AsyncClient(base_url=f"http://{double.address}") as consul:
+                    await consul.put(f"/v1/kv/caravan/killswitch/agent/{agent['id']}", content=b"maintenance")
+                    halted = await wait_status(api, headers, agent["id"], "killed")
+                    assert "maintenance" in halted["status_reason"]
+                    listed = (await api.client.get("/v1/admin/killswitch", headers=await api.admin())).json()
+                    assert [(f["scope"], f["target"], f["reason"]) for f in listed] == [
+                        ("agent", agent["id"], "maintenance")
+                    ]
+                    await consul.delete(f"/v1/kv/caravan/killswitch/agent/{agent['id']}")
+                await wait_status(api, headers, agent["id"], "running")
+
+                with double.down():
+                    failed_safe = await wait_status(api, headers, agent["id"], "killed")
+                    assert "unreachable" in failed_safe["status_reason"]
+                    assert "fail safe" in failed_safe["status_reason"]
+                await wait_status(api, headers, agent["id"], "running")
+    finally:
+        double.stop()
