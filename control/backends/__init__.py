@@ -16,7 +16,13 @@ def _local(settings: Settings) -> Scheduler:
     return LocalScheduler(settings.data_dir / "allocs", install_id=settings.install_id)
 
 
-SCHEDULERS: dict[str, Callable[[Settings], Scheduler]] = {"local": _local}
+def _nomad(settings: Settings) -> Scheduler:
+    from control.backends.nomad import NomadConfig, NomadScheduler
+
+    return NomadScheduler(NomadConfig.from_settings(settings))
+
+
+SCHEDULERS: dict[str, Callable[[Settings], Scheduler]] = {"local": _local, "nomad": _nomad}
 
 
 def create_scheduler(settings: Settings) -> Scheduler:
