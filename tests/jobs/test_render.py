@@ -90,7 +90,7 @@ def test_the_golden_variables_round_trip() -> None:
 def test_secrets_come_from_the_jobs_own_nomad_variable_never_from_env() -> None:
     task = render_agent_job(golden_variables())["TaskGroups"][0]["Tasks"][0]
     (template,) = task["Templates"]
-    assert template["Envvars"] is True and template["DestPath"].startswith("secrets/")
+    assert template["Envvars"] is True and template["DestPath"] == "${NOMAD_SECRETS_DIR}/caravan.env"
     assert template["EmbeddedTmpl"].startswith('{{ with nomadVar "nomad/jobs/caravan-ag-0123456789ab" }}')
     assert not any(name.endswith("_API_KEY") for name in task["Env"])
 
