@@ -305,6 +305,8 @@ class NomadScheduler:
         """Nomad's dry run of ``job`` (``POST /v1/job/:id/plan`` with the diff); changes nothing."""
         self._require_running()
         namespace, job_id = str(job["Namespace"]), str(job["ID"])
+        customer = str((job.get("Meta") or {}).get("caravan_customer", ""))
+        await asyncio.to_thread(self._ensure_namespace, namespace, customer)  # Nomad plans only in a namespace
         existing = await asyncio.to_thread(self._get_job, namespace, job_id)
         if existing is not None:
             self._check_owner(existing.get("Meta") or {}, job_id)

@@ -355,11 +355,8 @@ class NomadDouble:
             return Unhealthy() if kind == "unhealthy" else Healthy()
         command = str(config.get("command", ""))
         if task.get("Driver") in ("raw_exec", "exec") and command:
-            if (
-                (os.path.isabs(command)
-                and not os.path.exists(command))
-                or (not os.path.isabs(command)
-                and not shutil.which(command))
+            if (os.path.isabs(command) and not os.path.exists(command)) or (
+                not os.path.isabs(command) and not shutil.which(command)
             ):
                 return DriverFailure(
                     f'failed to launch command with executor: rpc error: code = Unknown desc = exec: "{command}": '
@@ -1046,6 +1043,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("GET", r"/v1/job/(?P<id>[^/]+)/allocations", "job_allocs"),
         ("GET", r"/v1/job/(?P<id>[^/]+)/versions", "job_versions"),
         ("GET", r"/v1/job/(?P<id>[^/]+)/deployment", "job_deployment"),
+        ("GET", r"/v1/job/(?P<id>[^/]+)/deployments", "job_deployments"),
         ("GET", r"/v1/evaluation/(?P<id>[^/]+)", "eval_get"),
         ("GET", r"/v1/evaluation/(?P<id>[^/]+)/allocations", "eval_allocs"),
         ("GET", r"/v1/allocation/(?P<id>[^/]+)", "alloc_get"),
@@ -1290,6 +1288,14 @@ class _Handler(BaseHTTPRequestHandler):
             d for d in self.nomad.deployments.values() if (d["Namespace"], d["JobID"]) == (self.ns, self.args["id"])
         ]
         return copy.deepcopy(max(found, key=lambda d: d["CreateIndex"])) if found else None
+
+    def _job_deployments(self) -> Any:
+        self._need(self.ns, "read-job")
+        self._job()
+        found = [
+            d for d in self.nomad.deployments.values() if (d["Namespace"], d["JobID"]) == (self.ns, self.args["id"])
+        ]
+        return copy.deepcopy(sorted(found, key=lambda d: -d["CreateIndex"]))
 
     def _eval(self) -> dict[str, Any]:
         evaluation = self.nomad.evals.get(self.args["id"])
