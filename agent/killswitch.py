@@ -71,8 +71,9 @@ class KillswitchWatch:
         try:
             await asyncio.wait_for(self._first.wait(), timeout=self._grace)
         except TimeoutError:
-            await self._set(Halt(reason=f"flag store not reachable within {self._grace:g}s: halted (fail safe)",
-                                 fail_safe=True))
+            await self._set(
+                Halt(reason=f"flag store not reachable within {self._grace:g}s: halted (fail safe)", fail_safe=True)
+            )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -100,10 +101,9 @@ class KillswitchWatch:
                         self._first.set()
                     elif now - last_heard >= self._grace:
                         why = snapshot.error or "no answer"
-                        await self._set(Halt(
-                            reason=f"flag store unreachable for {now - last_heard:.0f}s ({why}): halted (fail safe)",
-                            fail_safe=True,
-                        ))
+                        silent = f"{now - last_heard:.0f}s"
+                        reason = f"flag store unreachable for {silent} ({why}): halted (fail safe)"
+                        await self._set(Halt(reason=reason, fail_safe=True))
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -1,4 +1,5 @@
-"""The ``caravan`` command: ``up`` (the embedded platform), ``serve`` (gateway + control plane only)."""
+"""The ``caravan`` command: ``up`` (the embedded platform), ``serve`` (gateway + control plane only), ``job render``
+and ``job plan`` (an agent's job, without submitting it)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,15 @@ import httpx
 import uvicorn
 
 from agent.protocol import ModelConfig, ScriptedToolCall
-from control.models import AgentCreate
+from control.backends.base import SchedulerError
+from control.ids import is_plain_id
+from control.jobspec import agent_job
+from control.models import Agent, AgentCreate
+from control.natsio import connect
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.settings import Settings
+from control.store import Repo
 from gateway.app import create_app
 
 __all__ = ["main"]
@@ -221,6 +227,48 @@ def _killswitch(args: argparse.Namespace) -> None:
             sys.exit(1)
 
 
+async def _job(settings: Settings, verb: str, agent_id: str) -> int:
+    """Print an agent's rendered job (``render``) or Nomad's plan of it (``plan``); nothing is submitted."""
+    if not is_plain_id(agent_id):
+        print(f"not an agent id: {agent_id!r}", file=sys.stderr)
+        return 2
+    jet = await connect(settings.nats_url, name="caravan-cli")
+    try:
+        found = await Repo(jet.kv["agents"], Agent).find(agent_id)
+    finally:
+        await jet.close()
+    if found is None:
+        print(f"agent {agent_id} not found", file=sys.stderr)
+        return 1
+    job = agent_job(found[1], settings)
+    if verb == "render":
+        print(json.dumps({"Job": job}, indent=2))
+        return 0
+    from control.backends.nomad import NomadConfig, NomadScheduler, explain_placement
+
+    if settings.scheduler != "nomad":
+        print("`caravan job plan` asks Nomad: set CARAVAN_SCHEDULER=nomad and NOMAD_ADDR", file=sys.stderr)
+        return 2
+    scheduler = NomadScheduler(NomadConfig.from_settings(settings))
+    try:
+        async with scheduler:
+            plan = await scheduler.plan(job)
+    except SchedulerError as exc:
+        print(f"plan failed: {exc}", file=sys.stderr)
+        return 1
+    updates = (plan.get("Annotations") or {}).get("DesiredTGUpdates") or {}
+    print(f"Job {job['ID']} in namespace {job['Namespace']}: {(plan.get('Diff') or {}).get('Type', '?')}")
+    for group, counts in sorted(updates.items()):
+        changes = ", ".join(f"{n} {k.lower()}" for k, n in counts.items() if n)
+        print(f'  Task Group "{group}": {changes or "no change"}')
+    if plan.get("FailedTGAllocs"):
+        print(f"  Scheduler dry-run: {explain_placement(plan['FailedTGAllocs'])}")
+    else:
+        print("  Scheduler dry-run: all tasks successfully allocated.")
+    print(f"  Job modify index: {plan.get('JobModifyIndex', 0)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="caravan", description="Run AutoGen agent teams on Nomad.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,12 +285,18 @@ def main(argv: list[str] | None = None) -> None:
     ks.add_argument("--wait", type=float, default=2.0, help="seconds to wait for acknowledgements")
     ks.add_argument("--url", default=os.environ.get("CARAVAN_URL", "http://127.0.0.1:8080"))
     ks.add_argument("--api-key", default=os.environ.get("CARAVAN_API_KEY"))
+    job = sub.add_parser("job", help="an agent's Nomad job, without submitting it")
+    job.add_argument("verb", choices=["render", "plan"], help="render: print the job JSON; plan: Nomad's dry run")
+    job.add_argument("agent_id")
     args = parser.parse_args(argv)
     if args.command == "killswitch":
         _killswitch(args)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    if args.command == "job":
+        logging.getLogger().setLevel(logging.WARNING)
+        sys.exit(asyncio.run(_job(settings, args.verb, args.agent_id)))
     try:
         if args.command == "up":
             asyncio.run(_up(settings, args.nats_port))

@@ -38,7 +38,8 @@ def agent_job(agent: Agent, settings: Settings) -> dict[str, Any]:
         "CARAVAN_CUSTOMER_ID": agent.customer_id,
         "NATS_URL": settings.agents_nats_url,
         "CARAVAN_HEALTH_PORT": "${NOMAD_PORT_health}",
-        "CARAVAN_HEALTH_HOST": "${NOMAD_IP_health}",
+        # inside a container the host's address cannot be bound; the port is mapped to it instead
+        "CARAVAN_HEALTH_HOST": "0.0.0.0" if settings.agent_driver == "docker" else "${NOMAD_IP_health}",
         "CARAVAN_FLAGS": settings.flags,
         "CARAVAN_FLAGS_GRACE_S": f"{settings.flags_grace_s:g}",
         "CARAVAN_FLAGS_HEARTBEAT_S": f"{settings.flags_heartbeat_s:g}",

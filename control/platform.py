@@ -29,9 +29,10 @@ _DEFINITION = re.compile(r"^caravan\.ctl\.([a-z]{2}-[0-9a-f]{12})\.definition\.(
 class ControlPlane:
     """``async with ControlPlane(settings) as cp:`` connects, bootstraps and reconciles; stop() undoes it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, scheduler: Scheduler | None = None) -> None:
+        """``scheduler`` replaces the one the settings name (tests hand in one pointed at an API double)."""
         self.settings = settings
-        self._scheduler: Scheduler | None = None
+        self._scheduler: Scheduler | None = scheduler
         self._flags: FlagStore | None = None
         self._registry: Registry | None = None
         self._killswitch: KillswitchService | None = None
@@ -125,7 +126,8 @@ class ControlPlane:
         await self._flags.start()
         self._registry = create_registry(self.settings, jet.nc)
         await self._registry.start()
-        self._scheduler = create_scheduler(self.settings, self._registry)
+        if self._scheduler is None:
+            self._scheduler = create_scheduler(self.settings, self._registry)
         await self._scheduler.start()
         self._agents = AgentService(Repo(jet.kv["agents"], Agent), jet.js, self._scheduler, self.settings)
         self._killswitch = KillswitchService(self._flags, self._registry, self._agents, self._auth, self._audit, jet.nc)

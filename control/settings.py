@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -49,6 +49,33 @@ class Settings(BaseSettings):
     agent_restart_interval_s: float = Field(default=300.0, ge=1)
     datacenters: list[str] = Field(default_factory=lambda: ["*"])
     region: str = "global"
+
+    # Nomad (CARAVAN_SCHEDULER=nomad): the nomad CLI's own variables, or CARAVAN_NOMAD_*.
+    nomad_addr: str = Field(
+        default="http://127.0.0.1:4646", validation_alias=AliasChoices("CARAVAN_NOMAD_ADDR", "NOMAD_ADDR")
+    )
+    nomad_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("CARAVAN_NOMAD_TOKEN", "NOMAD_TOKEN")
+    )
+    nomad_namespace_token: SecretStr | None = Field(
+        default=None, description="Token used only to create customer namespaces (management); else nomad_token."
+    )
+    nomad_region: str | None = Field(
+        default=None, validation_alias=AliasChoices("CARAVAN_NOMAD_REGION", "NOMAD_REGION")
+    )
+    nomad_cacert: Path | None = Field(
+        default=None, validation_alias=AliasChoices("CARAVAN_NOMAD_CACERT", "NOMAD_CACERT")
+    )
+    nomad_client_cert: Path | None = Field(
+        default=None, validation_alias=AliasChoices("CARAVAN_NOMAD_CLIENT_CERT", "NOMAD_CLIENT_CERT")
+    )
+    nomad_client_key: Path | None = Field(
+        default=None, validation_alias=AliasChoices("CARAVAN_NOMAD_CLIENT_KEY", "NOMAD_CLIENT_KEY")
+    )
+    nomad_skip_verify: bool = Field(
+        default=False, validation_alias=AliasChoices("CARAVAN_NOMAD_SKIP_VERIFY", "NOMAD_SKIP_VERIFY")
+    )
+    nomad_timeout_s: float = Field(default=10.0, gt=0, le=300, description="Timeout of one Nomad API call.")
 
     max_agents_per_customer: int = Field(default=50, ge=1)
     task_ack_wait_s: float = Field(default=60.0, ge=1)

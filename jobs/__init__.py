@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from jobs.render import TemplateError, render, template_placeholders
-from jobs.variables import SECOND_NS, AgentJobVariables, DriverName
+from jobs.variables import SECOND_NS, AgentJobVariables, DriverName, secrets_variable_path
 
 __all__ = [
     "SECOND_NS",
@@ -14,6 +14,7 @@ __all__ = [
     "TemplateError",
     "render",
     "render_agent_job",
+    "secrets_variable_path",
     "template_placeholders",
 ]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, computed_field, model_validator
 
-__all__ = ["SECOND_NS", "AgentJobVariables", "DriverName"]
+__all__ = ["SECOND_NS", "AgentJobVariables", "DriverName", "secrets_variable_path"]
 
 SECOND_NS = 1_000_000_000
 
@@ -20,6 +20,12 @@ MetaValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@-]{0,200}
 EnvValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@,${}=+-]{0,500}$")]
 Datacenter = Annotated[str, StringConstraints(pattern=r"^[a-z0-9*][a-z0-9*_-]{0,127}$")]
 DriverName = Literal["raw_exec", "exec", "docker"]
+
+
+def secrets_variable_path(job_id: str) -> str:
+    """The Nomad Variable holding a job's secrets. Tasks of the job may read ``nomad/jobs/<job id>`` by their
+    workload identity, with no ACL policy of their own."""
+    return f"nomad/jobs/{job_id}"
 
 
 class AgentJobVariables(BaseModel):
@@ -56,3 +62,17 @@ class AgentJobVariables(BaseModel):
     min_healthy_time_ns: int = Field(default=5 * SECOND_NS, ge=0)
     healthy_deadline_ns: int = Field(default=120 * SECOND_NS, ge=SECOND_NS)
     progress_deadline_ns: int = Field(default=300 * SECOND_NS, ge=0)
+
+    @model_validator(mode="after")
+    def _deployment_deadlines_fit(self) -> AgentJobVariables:
+        # Nomad refuses an update block whose deadlines do not nest; say so before it does.
+        if self.min_healthy_time_ns >= self.healthy_deadline_ns:
+            raise ValueError("min_healthy_time must be shorter than healthy_deadline")
+        if self.progress_deadline_ns and self.progress_deadline_ns <= self.healthy_deadline_ns:
+            raise ValueError("progress_deadline must be longer than healthy_deadline")
+        return self
+
+    @computed_field(description="The task's `template`: every item of the job's Nomad Variable as an env var.")
+    def secrets_template(self) -> str:
+        path = secrets_variable_path(self.job_id)
+        return '{{ with nomadVar "' + path + '" }}{{ range .Tuples }}{{ .K }}={{ .V | toJSON }}\n{{ end }}{{ end }}'

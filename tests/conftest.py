@@ -16,6 +16,7 @@ from control.settings import Settings
 from gateway.app import create_app
 from tests.support.consul_double import ConsulDouble
 from tests.support.helpers import serve_app
+from tests.support.nomad_double import NomadDouble
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 
@@ -122,3 +123,40 @@ def consul_double() -> Iterator[ConsulDouble]:
         yield double
     finally:
         double.stop()
+
+
+@dataclass
+class NomadTarget:
+    """Where a Nomad contract test runs: the API double (``double`` is set) or the real server at NOMAD_ADDR."""
+
+    address: str
+    token: str | None = None
+    double: NomadDouble | None = None
+
+    @property
+    def real(self) -> bool:
+        return self.double is None
+
+
+NOMAD_TARGETS = [pytest.param("double", id="double"), pytest.param("real", id="real-nomad", marks=pytest.mark.nomad)]
+"""Parametrize a Nomad test with these: it runs against the double, and (``-m nomad``) against a real Nomad."""
+
+
+@pytest.fixture(params=NOMAD_TARGETS)
+def nomad_target(request: pytest.FixtureRequest) -> Iterator[NomadTarget]:
+    if request.param == "real":
+        yield NomadTarget(os.environ["NOMAD_ADDR"], os.environ.get("NOMAD_TOKEN") or None)
+        return
+    with NomadDouble() as double:
+        yield NomadTarget(double.address, None, double)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The markers sit on the real-server variants only (NOMAD_TARGETS): without the address those variants are
+    # skipped with the reason, and the same tests still run against the API double.
+    for marker, env in (("nomad", "NOMAD_ADDR"), ("consul", "CONSUL_HTTP_ADDR")):
+        if not os.environ.get(env):
+            skip = pytest.mark.skip(reason=f"{env} is not set: no real {marker.title()} to test against")
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(skip)

@@ -46,9 +46,7 @@ class NatsKVFlags:
         js = self._nc.jetstream()
         try:
             if self._create:
-                self._kv = await js.create_key_value(
-                    KeyValueConfig(bucket=BUCKET, history=5, storage=StorageType.FILE)
-                )
+                self._kv = await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=5, storage=StorageType.FILE))
             else:
                 self._kv = await js.key_value(BUCKET)
         except BucketNotFoundError as exc:

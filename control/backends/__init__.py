@@ -21,6 +21,12 @@ def _local(settings: Settings, registry: Registry) -> Scheduler:
     return LocalScheduler(settings.data_dir / "allocs", install_id=settings.install_id, registry=registry)
 
 
+def _nomad(settings: Settings, registry: Registry) -> Scheduler:
+    from control.backends.nomad import NomadConfig, NomadScheduler
+
+    return NomadScheduler(NomadConfig.from_settings(settings))  # Nomad's service block registers instances
+
+
 def _natskv_registry(settings: Settings, nc: NATS) -> Registry:
     from control.backends.natskv import NatsKVRegistry
 
@@ -40,7 +46,7 @@ def _consul_registry(settings: Settings, nc: NATS) -> Registry:
     return ConsulRegistry(env=_consul_env(settings))
 
 
-SCHEDULERS: dict[str, Callable[[Settings, Registry], Scheduler]] = {"local": _local}
+SCHEDULERS: dict[str, Callable[[Settings, Registry], Scheduler]] = {"local": _local, "nomad": _nomad}
 REGISTRIES: dict[str, Callable[[Settings, NATS], Registry]] = {"natskv": _natskv_registry, "consul": _consul_registry}
 
 

@@ -117,6 +117,12 @@ class Scheduler(Protocol):
     async def job_status(self, namespace: str, job_id: str) -> JobStatus | None:
         """The job's allocations and their states, or None if the job is unknown."""
 
+    async def alloc_stats(self, namespace: str, job_id: str) -> list[dict[str, Any]]:
+        """Resource use of each running allocation of the job: ``{"alloc_id", "cpu_percent", "memory_rss_mb"}``.
+
+        Only meaningful when ``supports_stats`` is true; a scheduler without statistics raises
+        :class:`SchedulerError`. A job that does not exist has no running allocations (an empty list)."""
+
 
 class ServiceInstance(BaseModel):
     """One registered instance of a service (an agent allocation) and the state of its health check."""

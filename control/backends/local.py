@@ -3,7 +3,8 @@
 It reads the same job JSON that Nomad would get: the task's driver config (``command``/``args``), its
 ``Env`` (with ``${NOMAD_...}`` runtime variables filled in), ``Resources.MemoryMB`` (enforced by killing
 the task when its resident memory goes over, as Nomad reports an OOM kill), the group's
-``RestartPolicy``, ``Count`` and dynamic ports, and the task's ``KillTimeout``.
+``RestartPolicy``, ``Count`` and dynamic ports, and the task's ``KillTimeout``. The task's ``Templates`` (model
+keys from a Nomad Variable) are ignored: a local task gets those keys from the control plane's environment.
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ class LocalScheduler:
             reasons={a.id: a.reason for a in job.allocs if a.reason},
         )
 
-    def alloc_stats(self, namespace: str, job_id: str) -> list[dict[str, Any]]:
+    async def alloc_stats(self, namespace: str, job_id: str) -> list[dict[str, Any]]:
         """CPU percent and resident memory of each running allocation (what Nomad's client API reports)."""
         out: list[dict[str, Any]] = []
         job = self._jobs.get((namespace, job_id))

@@ -171,6 +171,10 @@ class AgentService:
         await self._repo.update(_key(customer_id, agent_id), apply)
 
     async def _submit(self, agent: Agent, job: dict[str, Any]) -> Agent:
+        if agent.status in (AgentStatus.FAILED, AgentStatus.STOPPED, AgentStatus.PENDING):
+            # before the scheduler reports: a status it reports while submitting (a placement that failed,
+            # a task that already exited) must not be overwritten afterwards
+            agent = await self._set(agent, status=AgentStatus.STARTING, status_reason=None)
         try:
             result = await self._scheduler.submit(job)
         except JobNotOwned as exc:
@@ -179,10 +183,7 @@ class AgentService:
             return await self._set(agent, status=AgentStatus.FAILED, status_reason=f"scheduler refused the job: {exc}")
 
         def submitted(current: Agent) -> Agent:
-            status = current.status if current.status is AgentStatus.RUNNING else AgentStatus.STARTING
-            if current.status in (AgentStatus.FAILED, AgentStatus.STOPPED, AgentStatus.PENDING):
-                status = AgentStatus.STARTING
-            return current.model_copy(update={"scheduler": result.handles(), "status": status, "updated_at": utcnow()})
+            return current.model_copy(update={"scheduler": result.handles(), "updated_at": utcnow()})
 
         updated = await self._repo.update(_key(agent.customer_id, agent.id), submitted)
         return updated or agent

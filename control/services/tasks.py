@@ -81,10 +81,9 @@ class TaskService:
         ack = await self._js.publish(
             task_subject(customer_id, agent.id), request.model_dump_json().encode(), headers={"Nats-Msg-Id": task.id}
         )
-        stored = await self._repo.update(
-            _key(customer_id, task.id), lambda t: t.model_copy(update={"queue_seq": ack.seq})
-        )
-        return stored or task
+        await self._repo.update(_key(customer_id, task.id), lambda t: t.model_copy(update={"queue_seq": ack.seq}))
+        # the answer is the task as queued: the agent may already have picked it up, which the events will tell
+        return task.model_copy(update={"queue_seq": ack.seq})
 
     async def get(self, customer_id: str | None, task_id: str) -> Task:
         if customer_id is None:

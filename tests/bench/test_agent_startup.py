@@ -62,7 +62,7 @@ async def test_agent_start_latency_and_idle_memory(api: Api) -> None:
     await asyncio.sleep(3)
     scheduler = api.control.scheduler
     assert isinstance(scheduler, LocalScheduler)
-    (stats,) = scheduler.alloc_stats(agent["namespace"], agent["job_id"])
+    (stats,) = await scheduler.alloc_stats(agent["namespace"], agent["job_id"])
     rss_mb = stats["memory_rss_mb"]
 
     ratio = statistics.median(latencies) / statistics.median(floor)

@@ -35,5 +35,9 @@ async def test_killswitch_engage_status_release(api: Api, capsys: pytest.Capture
 
 async def test_killswitch_cli_explains_failures(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
     assert await run_cli("killswitch", "engage", "--url", api.base, "--api-key", "wrong-key-0123456789") == 1
-    assert await run_cli("killswitch", "engage", "--customer", "cu-000000000000", "--url", api.base,
-                         "--api-key", ADMIN_KEY) == 1
+    assert (
+        await run_cli(
+            "killswitch", "engage", "--customer", "cu-000000000000", "--url", api.base, "--api-key", ADMIN_KEY
+        )
+        == 1
+    )

@@ -74,7 +74,32 @@ def test_rendered_job_carries_resources_restart_policy_service_check_and_ownersh
 
 
 def test_every_placeholder_has_a_typed_variable() -> None:
-    assert template_placeholders("agent") <= set(AgentJobVariables.model_fields)
+    typed = set(AgentJobVariables.model_fields) | set(AgentJobVariables.model_computed_fields)
+    assert template_placeholders("agent") <= typed
+
+
+def _fields() -> dict[str, Any]:
+    """The golden variables as constructor arguments (computed fields are derived, not given)."""
+    return golden_variables().model_dump(exclude=set(AgentJobVariables.model_computed_fields))
+
+
+def test_the_golden_variables_round_trip() -> None:
+    assert AgentJobVariables(**_fields()) == golden_variables()
+
+
+def test_secrets_come_from_the_jobs_own_nomad_variable_never_from_env() -> None:
+    task = render_agent_job(golden_variables())["TaskGroups"][0]["Tasks"][0]
+    (template,) = task["Templates"]
+    assert template["Envvars"] is True and template["DestPath"] == "${NOMAD_SECRETS_DIR}/caravan.env"
+    assert template["EmbeddedTmpl"].startswith('{{ with nomadVar "nomad/jobs/caravan-ag-0123456789ab" }}')
+    assert not any(name.endswith("_API_KEY") for name in task["Env"])
+
+
+def test_update_deadlines_must_nest() -> None:
+    with pytest.raises(ValidationError, match="min_healthy_time"):
+        AgentJobVariables(**{**_fields(), "min_healthy_time_ns": 200 * SECOND_NS})
+    with pytest.raises(ValidationError, match="progress_deadline"):
+        AgentJobVariables(**{**_fields(), "progress_deadline_ns": 60 * SECOND_NS})
 
 
 @pytest.mark.parametrize(
@@ -92,14 +117,14 @@ def test_every_placeholder_has_a_typed_variable() -> None:
     ],
 )
 def test_hostile_variables_are_refused(field: str, value: Any) -> None:
-    data = golden_variables().model_dump()
+    data = _fields()
     data[field] = value
     with pytest.raises(ValidationError):
         AgentJobVariables(**data)
 
 
 def test_hostile_env_and_meta_values_are_refused() -> None:
-    data = golden_variables().model_dump()
+    data = _fields()
     with pytest.raises(ValidationError):
         AgentJobVariables(**{**data, "env": {"NATS_URL": 'x" , "Privileged": true'}})
     with pytest.raises(ValidationError):

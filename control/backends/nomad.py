@@ -1,0 +1,724 @@
+"""The Nomad scheduler: registers rendered jobs with a Nomad cluster and follows them through Nomad's own
+event stream.
+
+Every register is preceded by a read of the existing job (a job without this installation's ``caravan_owner``
+meta is refused, :class:`JobNotOwned`) and a plan; the register then enforces the job modify index the plan
+saw, so a job that changed hands in between is not overwritten. Model keys go to the job's Nomad Variable
+(``nomad/jobs/<job id>``), read by the task's template, never into the job. Status comes from
+``/v1/event/stream`` (topics Job, Allocation, Evaluation, Deployment): allocation and task states become
+:class:`StatusUpdate`\\ s, and an evaluation that could not place the job reports Nomad's explanation.
+
+python-nomad is blocking; every call runs in a worker thread (the stream has its own thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import nomad
+import requests
+from nomad.api import exceptions as nomad_errors
+
+from agent.protocol import PROVIDER_KEY_ENV
+from control.backends.base import (
+    AllocState,
+    JobNotOwned,
+    JobRejected,
+    JobStatus,
+    SchedulerError,
+    StatusCallback,
+    StatusUpdate,
+    SubmitResult,
+)
+from control.settings import Settings
+from jobs import secrets_variable_path
+
+__all__ = ["NomadConfig", "NomadError", "NomadScheduler", "alloc_state", "explain_placement"]
+
+log = logging.getLogger("caravan.scheduler.nomad")
+
+EVENT_TOPICS = ("Job", "Allocation", "Evaluation", "Deployment")
+SECRETS_MARKER = "CARAVAN_SECRETS_SOURCE"
+"""Always an item of the Variable: Nomad refuses an empty Variable, and a template waits for a missing one."""
+_CONNECTED = object()
+
+
+class NomadError(SchedulerError):
+    """A Nomad API call failed; ``status`` is the HTTP status (None when Nomad could not be reached)."""
+
+    def __init__(self, what: str, status: int | None, message: str) -> None:
+        super().__init__(f"{what}: {status or 'no answer'} {message}".strip())
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class NomadConfig:
+    address: str
+    token: str | None = None
+    namespace_token: str | None = None
+    region: str | None = None
+    ca_cert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    skip_verify: bool = False
+    timeout_s: float = 10.0
+    install_id: str = "caravan"
+    eval_wait_s: float = 5.0
+    stream_read_timeout_s: float = 35.0
+    secret_env: Mapping[str, str] = field(default_factory=lambda: os.environ)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> NomadConfig:
+        def secret(value: Any) -> str | None:
+            return value.get_secret_value() if value is not None else None
+
+        return cls(
+            address=settings.nomad_addr.rstrip("/"),
+            token=secret(settings.nomad_token),
+            namespace_token=secret(settings.nomad_namespace_token),
+            region=settings.nomad_region,
+            ca_cert=str(settings.nomad_cacert) if settings.nomad_cacert else None,
+            client_cert=str(settings.nomad_client_cert) if settings.nomad_client_cert else None,
+            client_key=str(settings.nomad_client_key) if settings.nomad_client_key else None,
+            skip_verify=settings.nomad_skip_verify,
+            timeout_s=settings.nomad_timeout_s,
+            install_id=settings.install_id,
+        )
+
+    def client(self, token: str | None = None) -> nomad.Nomad:
+        verify: bool | str = self.ca_cert or not self.skip_verify
+        if self.skip_verify:
+            verify = False
+        cert = (self.client_cert, self.client_key) if self.client_cert and self.client_key else ()
+        return nomad.Nomad(
+            address=self.address,
+            token=token or self.token,
+            region=self.region,
+            namespace=None,
+            timeout=self.timeout_s,
+            verify=verify,
+            cert=cert,
+        )
+
+
+def _call(requester: Any, what: str, *path: str, method: str = "get", **kwargs: Any) -> requests.Response:
+    try:
+        response: requests.Response = requester.request(*path, method=method, **kwargs)
+    except nomad_errors.BaseNomadException as exc:
+        answer = exc.nomad_resp
+        if isinstance(answer, requests.Response):
+            raise NomadError(what, answer.status_code, answer.text.strip()[:2000]) from None
+        raise NomadError(what, None, str(answer)) from None
+    except requests.RequestException as exc:
+        raise NomadError(what, None, str(exc)) from None
+    return response
+
+
+def _task_event_message(event: Mapping[str, Any]) -> str:
+    """What ``nomad alloc status`` shows for a task event (Nomad fills ``DisplayMessage``; older ones may not)."""
+    if event.get("DisplayMessage"):
+        return str(event["DisplayMessage"])
+    kind = event.get("Type", "")
+    if kind == "Terminated":
+        parts = [f"Exit Code: {event.get('ExitCode', 0)}"]
+        if event.get("Signal"):
+            parts.append(f"Signal: {event['Signal']}")
+        if event.get("Message"):
+            parts.append(f"Exit Message: {json.dumps(event['Message'])}")
+        return ", ".join(parts)
+    for key in ("DriverError", "SetupError", "RestartReason", "KillError", "ValidationError", "DownloadError"):
+        if event.get(key):
+            return str(event[key])
+    return str(event.get("Message") or kind)
+
+
+_FAILURE_EVENTS = {"Not Restarting", "Driver Failure", "Setup Failure", "Failed Validation", "Killed", "Terminated"}
+
+
+def _task_reason(name: str, state: Mapping[str, Any]) -> str | None:
+    """The task's last words: why it exited, and why it is (not) restarted."""
+    events = list(state.get("Events") or [])
+    if not events:
+        return None
+    last = events[-1]
+    terminated = next((e for e in reversed(events) if e.get("Type") == "Terminated"), None)
+    parts = []
+    if terminated is not None and terminated is not last:
+        parts.append(_task_event_message(terminated))
+    parts.append(_task_event_message(last))
+    return f'task "{name}": ' + "; ".join(parts)
+
+
+def alloc_state(alloc: Mapping[str, Any]) -> tuple[AllocState, str | None]:
+    """Map a Nomad allocation (``ClientStatus`` and task states) onto an :class:`AllocState` and a reason."""
+    status = alloc.get("ClientStatus")
+    tasks: Mapping[str, Any] = alloc.get("TaskStates") or {}
+    if status in ("pending", "running"):
+        for name, state in sorted(tasks.items()):
+            events = state.get("Events") or []
+            if events and events[-1].get("Type") == "Restarting":
+                return AllocState.RESTARTING, _task_reason(name, state)
+        if status == "running":
+            return AllocState.RUNNING, None
+        started = any(len(state.get("Events") or []) > 1 for state in tasks.values())
+        return (AllocState.STARTING if started else AllocState.PENDING), None
+    if status == "failed":
+        failed = [(n, s) for n, s in sorted(tasks.items()) if s.get("Failed")] or sorted(tasks.items())
+        reasons = [r for n, s in failed if (r := _task_reason(n, s))]
+        return AllocState.FAILED, "; ".join(reasons) or alloc.get("ClientDescription") or "allocation failed"
+    if status == "lost":
+        return AllocState.FAILED, f"allocation lost: {alloc.get('ClientDescription') or 'its node is down'}"
+    if status == "unknown":
+        return AllocState.RESTARTING, f"allocation unknown: {alloc.get('ClientDescription') or 'client disconnected'}"
+    return AllocState.STOPPED, alloc.get("DesiredDescription") or alloc.get("ClientDescription") or "complete"
+
+
+def explain_placement(failed: Mapping[str, Mapping[str, Any]]) -> str:
+    """Nomad's explanation of a failed placement, as ``nomad job status`` prints it, on one line."""
+    out = []
+    for group, metric in sorted(failed.items()):
+        count = int(metric.get("CoalescedFailures") or 0) + 1
+        lines = []
+        if not metric.get("NodesEvaluated"):
+            lines.append("No nodes were eligible for evaluation")
+        for dc, available in sorted((metric.get("NodesAvailable") or {}).items()):
+            if available == 0:
+                lines.append(f"No nodes are available in datacenter {json.dumps(dc)}")
+        for cls, num in sorted((metric.get("ClassFiltered") or {}).items()):
+            lines.append(f"Class {json.dumps(cls)}: {num} nodes excluded by filter")
+        for constraint, num in sorted((metric.get("ConstraintFiltered") or {}).items()):
+            lines.append(f"Constraint {json.dumps(constraint)}: {num} nodes excluded by filter")
+        if metric.get("NodesExhausted"):
+            lines.append(f"Resources exhausted on {metric['NodesExhausted']} nodes")
+        for cls, num in sorted((metric.get("ClassExhausted") or {}).items()):
+            lines.append(f"Class {json.dumps(cls)} exhausted on {num} nodes")
+        for dim, num in sorted((metric.get("DimensionExhausted") or {}).items()):
+            lines.append(f"Dimension {json.dumps(dim)} exhausted on {num} nodes")
+        for dim in metric.get("QuotaExhausted") or []:
+            lines.append(f"Quota limit hit {json.dumps(dim)}")
+        plural = "" if count == 1 else "s"
+        out.append(f"Task Group {json.dumps(group)} (failed to place {count} allocation{plural}): " + "; ".join(lines))
+    return " | ".join(out)
+
+
+@dataclass
+class _Tracked:
+    meta: dict[str, str]
+    placement: str | None = None
+
+
+class NomadScheduler:
+    name = "nomad"
+    supports_stats = True
+
+    def __init__(self, config: NomadConfig) -> None:
+        self._config = config
+        self._install_id = config.install_id
+        self._api = config.client()
+        self._ns_api = config.client(config.namespace_token) if config.namespace_token else self._api
+        self._callbacks: list[StatusCallback] = []
+        self._jobs: dict[tuple[str, str], _Tracked | None] = {}
+        self._allocs: dict[str, tuple[AllocState, str | None]] = {}
+        self._namespaces: set[str] = set()
+        self._secrets: dict[tuple[str, str], str] = {}
+        self._started = False
+        self._closed = False
+        self._closing = threading.Event()
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: threading.Thread | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self._stream: requests.Response | None = None
+        self._last_index = 0
+        self.connected = asyncio.Event()
+
+    async def __aenter__(self) -> NomadScheduler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def on_status(self, callback: StatusCallback) -> None:
+        self._callbacks.append(callback)
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("nomad scheduler already started")
+        self._started = True
+        try:
+            await asyncio.to_thread(_call, self._api.status.leader, "Nomad leader")
+        except NomadError as exc:
+            raise SchedulerError(f"cannot reach Nomad at {self._config.address}: {exc}") from exc
+        self._loop = asyncio.get_running_loop()
+        self._consumer = asyncio.create_task(self._consume(), name="nomad-events")
+        self._reader = threading.Thread(target=self._follow, name="nomad-event-stream", daemon=True)
+        self._reader.start()
+
+    async def stop(self) -> None:
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closed = True
+        self._closing.set()
+        stream = self._stream
+        if stream is not None:
+            await asyncio.to_thread(_abort, stream)
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, self._config.stream_read_timeout_s + 5)
+        if self._consumer is not None:
+            self._consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._consumer
+
+    def _require_running(self) -> None:
+        if not self._started or self._closed:
+            raise RuntimeError("nomad scheduler is not running")
+
+    # -- jobs -------------------------------------------------------------------------------------------------
+
+    async def submit(self, job: dict[str, Any]) -> SubmitResult:
+        self._require_running()
+        try:
+            namespace, job_id = str(job["Namespace"]), str(job["ID"])
+        except KeyError as exc:
+            raise JobRejected(f"job is missing {exc}") from exc
+        meta = {str(k): str(v) for k, v in (job.get("Meta") or {}).items()}
+        self._check_owner(meta, job_id)
+        result, evaluation = await asyncio.to_thread(self._submit, job, namespace, job_id, meta)
+        if evaluation is not None:
+            await self._on_evaluation(evaluation)
+        return result
+
+    async def plan(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Nomad's dry run of ``job`` (``POST /v1/job/:id/plan`` with the diff); changes nothing."""
+        self._require_running()
+        namespace, job_id = str(job["Namespace"]), str(job["ID"])
+        customer = str((job.get("Meta") or {}).get("caravan_customer", ""))
+        await asyncio.to_thread(self._ensure_namespace, namespace, customer)  # Nomad plans only in a namespace
+        existing = await asyncio.to_thread(self._get_job, namespace, job_id)
+        if existing is not None:
+            self._check_owner(existing.get("Meta") or {}, job_id)
+        return await asyncio.to_thread(self._plan, job, namespace, job_id)
+
+    async def stop_job(self, namespace: str, job_id: str) -> None:
+        self._require_running()
+        await asyncio.to_thread(self._stop_job, namespace, job_id)
+
+    async def job_status(self, namespace: str, job_id: str) -> JobStatus | None:
+        self._require_running()
+        job = await asyncio.to_thread(self._get_job, namespace, job_id)
+        if job is None or job.get("Stop"):
+            return None  # a stopped job is not placed: an agent that should run is submitted again
+        meta = {str(k): str(v) for k, v in (job.get("Meta") or {}).items()}
+        self._remember(namespace, job_id, meta)
+        allocs = await asyncio.to_thread(self._job_allocs, namespace, job_id)
+        states: dict[str, AllocState] = {}
+        reasons: dict[str, str] = {}
+        for alloc in allocs:
+            if alloc.get("DesiredStatus") != "run" and alloc.get("ClientStatus") in ("pending", "running"):
+                continue
+            state, reason = alloc_state(alloc)
+            states[alloc["ID"]] = state
+            if reason:
+                reasons[alloc["ID"]] = reason
+        return JobStatus(job_id, namespace, int(job.get("Version") or 0), states, reasons)
+
+    async def alloc_stats(self, namespace: str, job_id: str) -> list[dict[str, Any]]:
+        self._require_running()
+        allocs = await asyncio.to_thread(self._job_allocs, namespace, job_id)
+        running = [a["ID"] for a in allocs if a.get("ClientStatus") == "running"]
+        found = await asyncio.gather(*(asyncio.to_thread(self._alloc_stats, namespace, a) for a in running))
+        return [stats for stats in found if stats is not None]
+
+    # -- blocking helpers (worker threads) -------------------------------------------------------------------
+
+    def _check_owner(self, meta: Mapping[str, Any], job_id: str) -> None:
+        if meta.get("caravan_owner") != self._install_id:
+            raise JobNotOwned(f"job {job_id!r} is not owned by Caravan installation {self._install_id!r}")
+
+    def _remember(self, namespace: str, job_id: str, meta: Mapping[str, Any]) -> _Tracked | None:
+        key = (namespace, job_id)
+        tracked = self._jobs.get(key)
+        if meta.get("caravan_owner") != self._install_id:
+            self._jobs[key] = None
+            return None
+        clean = {str(k): str(v) for k, v in meta.items()}
+        if tracked is None:
+            tracked = self._jobs[key] = _Tracked(clean)
+        else:
+            tracked.meta = clean
+        return tracked
+
+    def _submit(
+        self, job: dict[str, Any], namespace: str, job_id: str, meta: dict[str, str]
+    ) -> tuple[SubmitResult, dict[str, Any] | None]:
+        self._ensure_namespace(namespace, meta.get("caravan_customer", ""))
+        for attempt in (1, 2):
+            existing = self._get_job(namespace, job_id)
+            if existing is not None:
+                self._check_owner(existing.get("Meta") or {}, job_id)
+            plan = self._plan(job, namespace, job_id)
+            if plan.get("FailedTGAllocs"):
+                log.info("plan of %s/%s: %s", namespace, job_id, explain_placement(plan["FailedTGAllocs"]))
+            self._put_secrets(namespace, job_id)
+            body = {"Job": job, "EnforceIndex": True, "JobModifyIndex": int(plan.get("JobModifyIndex") or 0)}
+            try:
+                registered = _call(
+                    self._api.job,
+                    f"register job {job_id}",
+                    job_id,
+                    method="post",
+                    json=body,
+                    params={"namespace": namespace},
+                ).json()
+            except NomadError as exc:
+                if attempt == 1 and "Enforcing job modify index" in exc.message:
+                    continue  # the job changed since the plan: look again (who owns it now?)
+                raise _job_error(exc) from None
+            break
+        self._remember(namespace, job_id, meta)
+        unchanged = (plan.get("Diff") or {}).get("Type") == "None"
+        version = 0 if existing is None else int(existing.get("Version") or 0) + (0 if unchanged else 1)
+        eval_id: str | None = registered.get("EvalID") or None
+        evaluation = self._wait_eval(namespace, eval_id) if eval_id else None
+        alloc_ids: list[str] = []
+        if eval_id and evaluation is not None and evaluation.get("Status") != "pending":
+            stubs = _call(
+                self._api.evaluation,
+                f"allocations of evaluation {eval_id}",
+                eval_id,
+                "allocations",
+                params={"namespace": namespace},
+            ).json()
+            alloc_ids = [a["ID"] for a in stubs or []]
+        return SubmitResult(job_id, namespace, version, eval_id, alloc_ids), evaluation
+
+    def _ensure_namespace(self, namespace: str, customer_id: str) -> None:
+        if namespace in self._namespaces:
+            return
+        try:
+            _call(self._api.namespace, f"namespace {namespace}", namespace)
+        except NomadError as exc:
+            if exc.status != 404:
+                raise
+            spec = {
+                "Name": namespace,
+                "Description": f"Caravan customer {customer_id}: its agents' jobs, allocations and variables",
+                "Meta": {"caravan_owner": self._install_id, "caravan_customer": customer_id},
+            }
+            try:
+                _call(self._ns_api.namespace, f"create namespace {namespace}", namespace, method="post", json=spec)
+            except NomadError as create:
+                if create.status == 403:
+                    raise SchedulerError(
+                        f"Nomad refused to create namespace {namespace!r} ({create.message}): creating namespaces "
+                        f"needs a management token (CARAVAN_NOMAD_NAMESPACE_TOKEN), or create it first with "
+                        f"`nomad namespace apply -description 'Caravan customer {customer_id}' {namespace}`"
+                    ) from None
+                raise
+            log.info("created Nomad namespace %s", namespace)
+        self._namespaces.add(namespace)
+
+    def _get_job(self, namespace: str, job_id: str) -> dict[str, Any] | None:
+        try:
+            job: dict[str, Any] = _call(
+                self._api.job, f"read job {job_id}", job_id, params={"namespace": namespace}
+            ).json()
+        except NomadError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return job
+
+    def _plan(self, job: dict[str, Any], namespace: str, job_id: str) -> dict[str, Any]:
+        try:
+            plan: dict[str, Any] = _call(
+                self._api.job,
+                f"plan job {job_id}",
+                job_id,
+                "plan",
+                method="post",
+                json={"Job": job, "Diff": True},
+                params={"namespace": namespace},
+            ).json()
+        except NomadError as exc:
+            raise _job_error(exc) from None
+        return plan
+
+    def _secret_items(self) -> dict[str, str]:
+        env = self._config.secret_env
+        items = {name: env[name] for name in sorted(set(PROVIDER_KEY_ENV.values())) if env.get(name)}
+        items[SECRETS_MARKER] = "nomad-variable"
+        return items
+
+    def _put_secrets(self, namespace: str, job_id: str) -> None:
+        path = secrets_variable_path(job_id)
+        items = self._secret_items()
+        digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
+        if self._secrets.get((namespace, path)) == digest:
+            return
+        body = {"Namespace": namespace, "Path": path, "Items": items}
+        try:
+            _call(
+                self._api.variable,
+                f"write variable {path}",
+                path,
+                method="put",
+                json=body,
+                params={"namespace": namespace},
+            )
+        except NomadError as exc:  # the message is Nomad's, never the items
+            raise SchedulerError(f"could not store the job's secrets in Nomad: {exc}") from None
+        self._secrets[(namespace, path)] = digest
+
+    def _wait_eval(self, namespace: str, eval_id: str) -> dict[str, Any] | None:
+        """Follow the evaluation with blocking queries until the scheduler has processed it (or time is up)."""
+        deadline = time.monotonic() + self._config.eval_wait_s
+        index = 0
+        evaluation: dict[str, Any] | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return evaluation
+            wait = max(1, int(remaining + 0.999))
+            response = _call(
+                self._api.evaluation,
+                f"evaluation {eval_id}",
+                eval_id,
+                params={"namespace": namespace, "index": index, "wait": f"{wait}s"},
+                timeout=self._config.timeout_s + wait,
+            )
+            evaluation = response.json()
+            if evaluation and evaluation.get("Status") != "pending":
+                return evaluation
+            index = max(index + 1, int(response.headers.get("X-Nomad-Index") or 0))
+
+    def _stop_job(self, namespace: str, job_id: str) -> None:
+        job = self._get_job(namespace, job_id)
+        if job is None:
+            return
+        self._check_owner(job.get("Meta") or {}, job_id)
+        if not job.get("Stop"):
+            _call(self._api.job, f"stop job {job_id}", job_id, method="delete", params={"namespace": namespace})
+        path = secrets_variable_path(job_id)
+        try:
+            _call(self._api.variable, f"delete variable {path}", path, method="delete", params={"namespace": namespace})
+        except NomadError as exc:
+            if exc.status != 404:
+                raise
+        self._secrets.pop((namespace, path), None)
+
+    def _job_allocs(self, namespace: str, job_id: str) -> list[dict[str, Any]]:
+        try:
+            allocs: list[dict[str, Any]] = (
+                _call(
+                    self._api.job,
+                    f"allocations of job {job_id}",
+                    job_id,
+                    "allocations",
+                    params={"namespace": namespace},
+                ).json()
+                or []
+            )
+        except NomadError as exc:
+            if exc.status == 404:
+                return []
+            raise
+        return allocs
+
+    def _alloc_stats(self, namespace: str, alloc_id: str) -> dict[str, Any] | None:
+        try:
+            usage = _call(
+                self._api.client.allocation,
+                f"stats of allocation {alloc_id}",
+                alloc_id,
+                "stats",
+                params={"namespace": namespace},
+            ).json()
+        except NomadError as exc:
+            log.debug("no statistics for allocation %s: %s", alloc_id, exc)  # it stopped in between
+            return None
+        resources = (usage or {}).get("ResourceUsage") or {}
+        memory = resources.get("MemoryStats") or {}
+        cpu = resources.get("CpuStats") or {}
+        return {
+            "alloc_id": alloc_id,
+            "cpu_percent": round(float(cpu.get("Percent") or 0.0), 2),
+            "memory_rss_mb": round(int(memory.get("RSS") or memory.get("Usage") or 0) / 2**20, 1),
+        }
+
+    # -- the event stream ------------------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        """Reader thread: keep one ``/v1/event/stream`` open and hand its lines to the loop; reconnect with
+        back-off from the last index seen (heartbeats keep the read timeout from firing)."""
+        backoff = 0.5
+        stream_api = self._config.client().event.stream
+        while not self._closing.is_set():
+            params = {
+                "index": self._last_index + 1 if self._last_index else 0,
+                "namespace": "*",
+                "topic": [f"{topic}:*" for topic in EVENT_TOPICS],
+            }
+            try:
+                response = _call(
+                    stream_api,
+                    "event stream",
+                    method="get",
+                    params=params,
+                    stream=True,
+                    timeout=(self._config.timeout_s, self._config.stream_read_timeout_s),
+                )
+                self._stream = response
+                with response:
+                    self._post(_CONNECTED)
+                    backoff = 0.5
+                    for line in response.iter_lines():
+                        if self._closing.is_set():
+                            return
+                        if line:
+                            self._post(line)
+            except (NomadError, requests.RequestException, OSError, ValueError, AttributeError) as exc:
+                if self._closing.is_set():
+                    return  # the stream was closed under us on purpose
+                log.warning("Nomad event stream: %s; reconnecting in %.1fs", exc, backoff)
+            finally:
+                self._stream = None
+            if self._closing.wait(backoff):
+                return
+            backoff = min(backoff * 2, 15.0)
+
+    def _post(self, item: object) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def _consume(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                if item is _CONNECTED:
+                    self.connected.set()
+                    await self._resync()
+                    continue
+                assert isinstance(item, bytes | str)
+                frame = json.loads(item)
+                if not frame:
+                    continue  # heartbeat
+                self._last_index = max(self._last_index, int(frame.get("Index") or 0))
+                for event in frame.get("Events") or []:
+                    await self._on_event(event)
+            except (SchedulerError, KeyError, TypeError, ValueError):
+                log.exception("could not handle a Nomad event")
+
+    async def _resync(self) -> None:
+        """After (re)connecting: events may have been missed; read the allocations of every job we track."""
+        for (namespace, job_id), tracked in list(self._jobs.items()):
+            if tracked is None:
+                continue
+            for alloc in await asyncio.to_thread(self._job_allocs, namespace, job_id):
+                await self._on_alloc(alloc)
+
+    async def _tracked(self, namespace: str, job_id: str) -> _Tracked | None:
+        key = (namespace, job_id)
+        if key in self._jobs:
+            return self._jobs[key]
+        if not namespace.startswith("caravan-"):
+            self._jobs[key] = None
+            return None
+        job = await asyncio.to_thread(self._get_job, namespace, job_id)
+        return self._remember(namespace, job_id, (job or {}).get("Meta") or {})
+
+    async def _on_event(self, event: Mapping[str, Any]) -> None:
+        topic, payload = event.get("Topic"), event.get("Payload") or {}
+        if topic == "Allocation" and payload.get("Allocation"):
+            await self._on_alloc(payload["Allocation"])
+        elif topic == "Evaluation" and payload.get("Evaluation"):
+            await self._on_evaluation(payload["Evaluation"])
+        elif topic == "Job" and payload.get("Job"):
+            job = payload["Job"]
+            if event.get("Type") == "JobRegistered":
+                self._remember(str(job.get("Namespace")), str(job.get("ID")), job.get("Meta") or {})
+        elif topic == "Deployment" and payload.get("Deployment"):
+            deployment = payload["Deployment"]
+            if deployment.get("Status") == "failed" and self._jobs.get(
+                (str(deployment.get("Namespace")), str(deployment.get("JobID")))
+            ):
+                log.warning(
+                    "deployment of %s/%s version %s failed: %s",
+                    deployment.get("Namespace"),
+                    deployment.get("JobID"),
+                    deployment.get("JobVersion"),
+                    deployment.get("StatusDescription"),
+                )
+
+    async def _on_alloc(self, alloc: Mapping[str, Any]) -> None:
+        if alloc.get("NextAllocation"):
+            return  # superseded: its replacement reports from now on
+        if alloc.get("DesiredStatus") in ("stop", "evict") and alloc.get("ClientStatus") in ("pending", "running"):
+            return  # being stopped; it reports once it is
+        namespace, job_id = str(alloc.get("Namespace")), str(alloc.get("JobID"))
+        tracked = await self._tracked(namespace, job_id)
+        if tracked is None:
+            return
+        state, reason = alloc_state(alloc)
+        alloc_id = str(alloc["ID"])
+        if self._allocs.get(alloc_id) == (state, reason):
+            return
+        self._allocs[alloc_id] = (state, reason)
+        if state in (AllocState.PENDING, AllocState.STARTING, AllocState.RUNNING):
+            tracked.placement = None
+        await self._emit(StatusUpdate(namespace, job_id, alloc_id, state, reason, dict(tracked.meta)))
+
+    async def _on_evaluation(self, evaluation: Mapping[str, Any]) -> None:
+        failed = evaluation.get("FailedTGAllocs")
+        if not failed or evaluation.get("Status") not in ("complete", "blocked"):
+            return
+        namespace, job_id = str(evaluation.get("Namespace")), str(evaluation.get("JobID"))
+        tracked = await self._tracked(namespace, job_id)
+        if tracked is None:
+            return
+        reason = "Nomad could not place the job: " + explain_placement(failed)
+        if tracked.placement == reason:
+            return
+        tracked.placement = reason
+        await self._emit(StatusUpdate(namespace, job_id, "", AllocState.FAILED, reason, dict(tracked.meta)))
+
+    async def _emit(self, update: StatusUpdate) -> None:
+        for callback in self._callbacks:
+            try:
+                await callback(update)
+            except Exception:
+                log.exception("status callback failed for %s", update.job_id)
+
+
+def _job_error(exc: NomadError) -> SchedulerError:
+    """A job Nomad refuses (400, or a validation error it returns as 500) is :class:`JobRejected`."""
+    if exc.status == 400 or (exc.status == 500 and "error occurred" in exc.message):
+        return JobRejected(exc.message)
+    if exc.status == 403:
+        return SchedulerError(f"{exc} (the Nomad token lacks a capability; see nomad/caravan-policy.hcl)")
+    return exc
+
+
+def _abort(response: requests.Response) -> None:
+    """Unblock a thread reading ``response``: shut its socket down (closing alone does not wake a reader)."""
+    raw = getattr(response.raw, "_fp", None)
+    sock = getattr(getattr(raw, "fp", None), "raw", None)
+    sock = getattr(sock, "_sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(2)
+    response.close()

@@ -1,0 +1,50 @@
+"""`caravan job render|plan <agent>`: an agent's job and Nomad's dry run of it, with nothing submitted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.protocol import ModelConfig
+from control.backends.nomad import NomadConfig, NomadScheduler
+from control.cli import _job
+from control.models import AgentCreate, AgentUpdate, Resources
+from control.natsserver import EmbeddedNats
+from control.platform import ControlPlane
+from tests.conftest import make_settings
+from tests.support.nomad_double import NomadDouble
+
+
+async def test_render_and_plan_an_agents_job_without_submitting_it(
+    nats_server: EmbeddedNats, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with NomadDouble() as double:
+        settings = make_settings(nats_server.url, tmp_path / "data", scheduler="nomad", nomad_addr=double.address)
+        async with ControlPlane(settings, NomadScheduler(NomadConfig(address=double.address))) as control:
+            customer, _ = await control.auth.create_customer("acme")
+            model = ModelConfig(provider="replay", name="s", responses=["ok"])
+            agent = await control.agents.create(customer.id, AgentCreate(name="big", model=model))
+            await control.agents.stop(customer.id, agent.id)
+            await control.agents.update(
+                customer.id, agent.id, AgentUpdate(resources=Resources(cpu=200, memory_mb=65_536))
+            )
+        registers = len([r for r in double.requests if r[0] == "POST" and r[1].startswith(f"/v1/job/{agent.job_id}?")])
+
+        assert await _job(settings, "render", agent.id) == 0
+        rendered = json.loads(capsys.readouterr().out)
+        assert (
+            rendered["Job"]["ID"] == agent.job_id
+            and rendered["Job"]["TaskGroups"][0]["Tasks"][0]["Resources"]["MemoryMB"] == 65_536
+        )
+
+        assert await _job(settings, "plan", agent.id) == 0
+        out = capsys.readouterr().out
+        assert f"Job {agent.job_id} in namespace {agent.namespace}: Edited" in out
+        assert 'Dimension "memory" exhausted on 1 nodes' in out
+        after = len([r for r in double.requests if r[0] == "POST" and r[1].startswith(f"/v1/job/{agent.job_id}?")])
+        assert after == registers  # planned, never registered
+
+        assert await _job(settings, "render", "ag-000000000000") == 1
+        assert await _job(settings, "plan", "../etc") == 2

@@ -1,0 +1,144 @@
+"""Agents on Nomad through the real control plane (AgentService, NATS) with the Nomad scheduler: what an agent
+shows when Nomad cannot place it or its task keeps crashing, PATCH as a new job version, and hostile input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from agent.protocol import ModelConfig
+from control.backends.nomad import NomadConfig, NomadScheduler
+from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate, Resources
+from control.natsserver import EmbeddedNats
+from control.platform import ControlPlane
+from tests.conftest import NomadTarget, make_settings
+from tests.support.helpers import assert_eventually
+
+HOSTILE = 'quote " ${NOMAD_TOKEN} {{ with nomadVar "nomad/jobs" }}{{ end }} [[ job_id ]]\nnewline'
+
+
+def definition(**changes: Any) -> AgentCreate:
+    base: dict[str, Any] = {
+        "name": "helper",
+        "system_message": "You help.",
+        "model": ModelConfig(provider="replay", name="scripted", responses=["ok"]),
+    }
+    base.update(changes)
+    return AgentCreate(**base)
+
+
+async def _control(target: NomadTarget, nats: EmbeddedNats, data: Path, **settings: Any) -> ControlPlane:
+    values = make_settings(nats.url, data, scheduler="nomad", agent_restart_attempts=1, **settings)
+    scheduler = NomadScheduler(NomadConfig(address=target.address, token=target.token, secret_env={}))
+    return ControlPlane(values, scheduler)
+
+
+@pytest.fixture
+async def plane(nomad_target: NomadTarget, nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    async with await _control(nomad_target, nats_server, tmp_path / "data") as control:
+        yield control
+
+
+async def _customer(control: ControlPlane) -> str:
+    customer, _ = await control.auth.create_customer("acme")
+    return customer.id
+
+
+async def _registered(target: NomadTarget, agent: Agent) -> dict[str, Any]:
+    headers = {"X-Nomad-Token": target.token} if target.token else {}
+    async with httpx.AsyncClient(base_url=target.address, headers=headers) as http:
+        response = await http.get(f"/v1/job/{agent.job_id}", params={"namespace": agent.namespace})
+    assert response.status_code == 200, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+async def _settled(control: ControlPlane, agent: Agent, status: AgentStatus, within: float = 20) -> Agent:
+    return await assert_eventually(
+        lambda: control.agents.get(None, agent.id), lambda a: a.status == status, within=within, what=str(status)
+    )
+
+
+async def test_an_agent_nomad_cannot_place_fails_with_nomads_explanation(plane: ControlPlane) -> None:
+    customer = await _customer(plane)
+    agent = await plane.agents.create(customer, definition(resources=Resources(cpu=16_000, memory_mb=65_536)))
+    failed = await _settled(plane, agent, AgentStatus.FAILED)
+    assert failed.status_reason is not None
+    assert failed.status_reason.startswith('Nomad could not place the job: Task Group "agent"')
+    assert "exhausted on 1 nodes" in failed.status_reason
+    assert failed.scheduler["job_id"] == agent.job_id and failed.scheduler["eval_id"]
+    await plane.agents.delete(customer, agent.id)
+
+
+async def test_a_crash_looping_agent_fails_with_the_tasks_last_words(
+    nomad_target: NomadTarget, nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    async with await _control(nomad_target, nats_server, tmp_path / "data", agent_python="/bin/false") as control:
+        customer = await _customer(control)
+        agent = await control.agents.create(customer, definition())
+        failed = await _settled(control, agent, AgentStatus.FAILED, within=60 if nomad_target.real else 20)
+        assert failed.status_reason is not None and "Exit Code: 1" in failed.status_reason
+        assert "Exceeded allowed attempts 1" in failed.status_reason
+        await control.agents.delete(customer, agent.id)
+
+
+async def test_patch_is_a_new_job_version_and_replicas_are_the_group_count(
+    nomad_target: NomadTarget, plane: ControlPlane
+) -> None:
+    customer = await _customer(plane)
+    agent = await plane.agents.create(customer, definition())
+    first = await _registered(nomad_target, agent)
+    updated = await plane.agents.update(customer, agent.id, AgentUpdate(replicas=2, system_message="Be brief."))
+    assert updated.scheduler["version"] == first["Version"] + 1
+    job = await _registered(nomad_target, agent)
+    assert job["Version"] == first["Version"] + 1 and job["TaskGroups"][0]["Count"] == 2
+    assert job["Meta"]["caravan_version"] == str(updated.version)
+    await plane.agents.delete(customer, agent.id)
+    stopped = await _registered(nomad_target, agent)
+    assert stopped["Stop"] is True
+
+
+async def test_hostile_definitions_leave_the_job_unchanged(nomad_target: NomadTarget, plane: ControlPlane) -> None:
+    customer = await _customer(plane)
+    plain = await plane.agents.create(customer, definition())
+    hostile = await plane.agents.create(
+        customer,
+        definition(system_message=HOSTILE, model=ModelConfig(provider="replay", name="scripted", responses=[HOSTILE])),
+    )
+    jobs = [await _registered(nomad_target, a) for a in (plain, hostile)]
+    texts = [
+        json.dumps(j, sort_keys=True).replace(a.id, "<agent>") for j, a in zip(jobs, (plain, hostile), strict=True)
+    ]
+    volatile = {"SubmitTime", "CreateIndex", "ModifyIndex", "JobModifyIndex", "Status", "Stable", "Version"}
+    shapes = [{k: v for k, v in json.loads(t).items() if k not in volatile} for t in texts]
+    assert shapes[0] == shapes[1]
+    for fragment in ("NOMAD_TOKEN", "[[", "newline", "quote"):
+        assert fragment not in texts[1]
+    for agent in (plain, hostile):
+        await plane.agents.delete(customer, agent.id)
+
+
+async def test_a_foreign_job_under_the_agents_id_is_left_alone(nomad_target: NomadTarget, plane: ControlPlane) -> None:
+    customer = await _customer(plane)
+    agent = await plane.agents.create(customer, definition())
+    headers = {"X-Nomad-Token": nomad_target.token} if nomad_target.token else {}
+    theirs = await _registered(nomad_target, agent)
+    theirs = {k: v for k, v in theirs.items() if k not in ("Version", "Stable", "Status", "SubmitTime")}
+    theirs["Meta"] = {"team": "payments"}  # someone replaced the job with their own
+    async with httpx.AsyncClient(base_url=nomad_target.address, headers=headers) as http:
+        response = await http.post(
+            f"/v1/job/{agent.job_id}", json={"Job": theirs}, params={"namespace": agent.namespace}
+        )
+        assert response.status_code == 200, response.text
+    before = await _registered(nomad_target, agent)
+    updated = await plane.agents.update(customer, agent.id, AgentUpdate(replicas=2))
+    assert updated.status == AgentStatus.FAILED and "not owned" in (updated.status_reason or "")
+    after = await _registered(nomad_target, agent)
+    assert after["Version"] == before["Version"] and after["Meta"] == {"team": "payments"}
+    async with httpx.AsyncClient(base_url=nomad_target.address, headers=headers) as http:
+        await http.delete(f"/v1/job/{agent.job_id}", params={"namespace": agent.namespace, "purge": "true"})

@@ -1,0 +1,421 @@
+"""Contract tests of the Nomad scheduler. Each runs against the Nomad API double and, with NOMAD_ADDR set
+(``pytest -m nomad``), against a real Nomad (``nomad agent -dev -config nomad/agent-dev.hcl``): the jobs' tasks
+are real commands, and the double reads their ``# nomad-double:`` annotation to behave the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from control.backends.base import AllocState, JobNotOwned, JobRejected, SchedulerError, StatusUpdate
+from control.backends.nomad import NomadConfig, NomadScheduler
+from jobs import SECOND_NS, AgentJobVariables, render_agent_job
+from tests.conftest import NomadTarget
+from tests.support.helpers import assert_eventually
+from tests.support.nomad_double import NomadDouble, Policy
+
+SECRET = "sk-test-DO-NOT-LEAK-" + "7" * 16
+
+SERVE = (
+    "import http.server, os\n"
+    "class H(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        self.send_response({code}); self.end_headers(); self.wfile.write(b'ok')\n"
+    "    def log_message(self, *a): pass\n"
+    "http.server.HTTPServer(('0.0.0.0', int(os.environ['CARAVAN_HEALTH_PORT'])), H).serve_forever()\n"
+)
+HEALTHY = SERVE.format(code=200) + "# nomad-double: healthy"
+UNHEALTHY = SERVE.format(code=500) + "# nomad-double: unhealthy"
+CRASH = "import sys; print('boom: bad config', file=sys.stderr); sys.exit(3)  # nomad-double: crash exit=3"
+
+
+@dataclass(frozen=True)
+class Ids:
+    customer: str
+    agent: str
+
+    @classmethod
+    def new(cls) -> Ids:
+        return cls("cu-" + secrets.token_hex(6), "ag-" + secrets.token_hex(6))
+
+    @property
+    def namespace(self) -> str:
+        return f"caravan-{self.customer}"
+
+    @property
+    def job_id(self) -> str:
+        return f"caravan-{self.agent}"
+
+
+def make_job(ids: Ids, script: str, **overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "job_id": ids.job_id,
+        "namespace": ids.namespace,
+        "cpu": 100,
+        "memory_mb": 64,
+        "driver_config": {"command": sys.executable, "args": ["-c", script]},
+        "env": {"CARAVAN_AGENT_ID": ids.agent, "CARAVAN_HEALTH_PORT": "${NOMAD_PORT_health}"},
+        "meta": {"caravan_owner": "caravan", "caravan_agent": ids.agent, "caravan_customer": ids.customer},
+        "service_name": f"caravan-agent-{ids.agent}",
+        "restart_attempts": 1,
+        "restart_delay_ns": SECOND_NS // 5,
+        "check_interval_ns": SECOND_NS,
+        "check_timeout_ns": SECOND_NS // 2,
+        "min_healthy_time_ns": SECOND_NS,
+        "healthy_deadline_ns": 8 * SECOND_NS,
+        "progress_deadline_ns": 20 * SECOND_NS,
+    }
+    values.update(overrides)
+    return render_agent_job(AgentJobVariables(**values))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.updates: list[StatusUpdate] = []
+
+    async def __call__(self, update: StatusUpdate) -> None:
+        self.updates.append(update)
+
+    def of(self, job_id: str) -> list[StatusUpdate]:
+        return [u for u in self.updates if u.job_id == job_id]
+
+    async def last(self, job_id: str) -> StatusUpdate | None:
+        mine = self.of(job_id)
+        return mine[-1] if mine else None
+
+
+@dataclass
+class Harness:
+    target: NomadTarget
+    scheduler: NomadScheduler
+    recorder: Recorder
+    http: httpx.AsyncClient
+
+    async def get(self, path: str, **params: Any) -> httpx.Response:
+        return await self.http.get(path, params=params)
+
+    async def job(self, ids: Ids) -> dict[str, Any] | None:
+        response = await self.get(f"/v1/job/{ids.job_id}", namespace=ids.namespace)
+        return response.json() if response.status_code == 200 else None
+
+    async def register_foreign(self, ids: Ids) -> dict[str, Any]:
+        """Someone else's job under the ID Caravan would use: no caravan_owner meta."""
+        job = make_job(ids, HEALTHY)
+        job["Meta"] = {"team": "payments"}
+        for group in job["TaskGroups"]:
+            group["Meta"] = {"team": "payments"}
+        admin = self.target.double
+        if admin is not None:
+            with admin.cond:
+                admin.namespaces.setdefault(ids.namespace, {"Name": ids.namespace, "Description": "theirs"})
+        else:
+            await self.http.post("/v1/namespace", json={"Name": ids.namespace, "Description": "theirs"})
+        response = await self.http.post(f"/v1/job/{ids.job_id}", json={"Job": job}, params={"namespace": ids.namespace})
+        assert response.status_code == 200, response.text
+        return job
+
+
+def _headers(target: NomadTarget) -> dict[str, str]:
+    return {"X-Nomad-Token": target.token} if target.token else {}
+
+
+@pytest.fixture
+async def harness(nomad_target: NomadTarget) -> AsyncIterator[Harness]:
+    scheduler = NomadScheduler(
+        NomadConfig(address=nomad_target.address, token=nomad_target.token, secret_env={"OPENAI_API_KEY": SECRET})
+    )
+    recorder = Recorder()
+    scheduler.on_status(recorder)
+    async with (
+        scheduler,
+        httpx.AsyncClient(base_url=nomad_target.address, headers=_headers(nomad_target), timeout=30) as http,
+    ):
+        yield Harness(nomad_target, scheduler, recorder, http)
+
+
+def _within(harness: Harness, seconds: float) -> float:
+    return seconds * 4 if harness.target.real else seconds
+
+
+async def test_namespace_is_created_on_demand_with_a_description(harness: Harness) -> None:
+    ids = Ids.new()
+    assert (await harness.get(f"/v1/namespace/{ids.namespace}")).status_code == 404
+    await harness.scheduler.submit(make_job(ids, HEALTHY))
+    namespace = (await harness.get(f"/v1/namespace/{ids.namespace}")).json()
+    assert namespace["Name"] == ids.namespace
+    assert ids.customer in namespace["Description"]
+    assert namespace["Meta"] == {"caravan_owner": "caravan", "caravan_customer": ids.customer}
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_submit_plans_registers_and_returns_nomads_handles(harness: Harness) -> None:
+    ids = Ids.new()
+    result = await harness.scheduler.submit(make_job(ids, HEALTHY, count=2))
+    assert (result.job_id, result.namespace, result.version) == (ids.job_id, ids.namespace, 0)
+    assert result.eval_id and len(result.alloc_ids) == 2
+    evaluation = (await harness.get(f"/v1/evaluation/{result.eval_id}", namespace=ids.namespace)).json()
+    assert evaluation["JobID"] == ids.job_id and evaluation["TriggeredBy"] == "job-register"
+    await assert_eventually(
+        lambda: harness.scheduler.job_status(ids.namespace, ids.job_id),
+        lambda s: s is not None and list(s.allocs.values()) == [AllocState.RUNNING] * 2,
+        within=_within(harness, 10),
+        what="both allocations running",
+    )
+    states = [u.state for u in harness.recorder.of(ids.job_id)]
+    assert AllocState.RUNNING in states and all(u.meta["caravan_agent"] == ids.agent for u in harness.recorder.updates)
+    if harness.target.double is not None:  # the order of calls: ownership read, plan, secrets, register
+        calls = [(m, p.split("?")[0]) for m, p, _ in harness.target.double.requests if ids.job_id in p]
+        assert calls[:4] == [
+            ("GET", f"/v1/job/{ids.job_id}"),
+            ("POST", f"/v1/job/{ids.job_id}/plan"),
+            ("PUT", f"/v1/var/nomad/jobs/{ids.job_id}"),
+            ("POST", f"/v1/job/{ids.job_id}"),
+        ]
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_a_job_without_caravans_ownership_meta_is_never_touched(harness: Harness) -> None:
+    ids = Ids.new()
+    theirs = await harness.register_foreign(ids)
+    before = await harness.job(ids)
+    assert before is not None
+    with pytest.raises(JobNotOwned, match="not owned"):
+        await harness.scheduler.submit(make_job(ids, HEALTHY))
+    with pytest.raises(JobNotOwned):
+        await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+    with pytest.raises(JobNotOwned):
+        await harness.scheduler.plan(make_job(ids, HEALTHY))
+    after = await harness.job(ids)
+    assert after is not None and after["Version"] == before["Version"] and after["Meta"] == theirs["Meta"]
+    assert not after["Stop"]
+    response = await harness.http.delete(f"/v1/job/{ids.job_id}", params={"namespace": ids.namespace, "purge": "true"})
+    assert response.status_code == 200
+
+
+async def test_a_job_meant_for_another_installation_is_refused_before_any_call(harness: Harness) -> None:
+    ids = Ids.new()
+    job = make_job(ids, HEALTHY, meta={"caravan_owner": "someone-else", "caravan_agent": ids.agent})
+    with pytest.raises(JobNotOwned):
+        await harness.scheduler.submit(job)
+    assert await harness.job(ids) is None
+
+
+async def test_a_crash_looping_task_ends_failed_with_nomads_reason(harness: Harness) -> None:
+    ids = Ids.new()
+    await harness.scheduler.submit(make_job(ids, CRASH, restart_attempts=1))
+    final = await assert_eventually(
+        lambda: harness.recorder.last(ids.job_id),
+        lambda u: u is not None and u.state is AllocState.FAILED,
+        within=_within(harness, 10),
+        what="the allocation failed",
+    )
+    assert final is not None and final.reason is not None
+    assert "Exit Code: 3" in final.reason
+    assert 'Exceeded allowed attempts 1 in interval 5m0s and mode is "fail"' in final.reason
+    assert AllocState.RESTARTING in [u.state for u in harness.recorder.of(ids.job_id)]
+    status = await harness.scheduler.job_status(ids.namespace, ids.job_id)
+    assert status is not None and AllocState.FAILED in status.allocs.values()
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "explanation"),
+    [
+        ({"memory_mb": 200_000}, 'Dimension "memory" exhausted on 1 nodes'),
+        ({"cpu": 60_000}, 'Dimension "cpu" exhausted on 1 nodes'),
+    ],
+    ids=["memory", "cpu"],
+)
+async def test_a_placement_failure_reports_nomads_explanation(
+    harness: Harness, overrides: dict[str, Any], explanation: str
+) -> None:
+    ids = Ids.new()
+    job = make_job(ids, HEALTHY, **overrides)
+    plan = await harness.scheduler.plan(job)
+    assert plan["FailedTGAllocs"]["agent"]["NodesExhausted"] >= 1
+    result = await harness.scheduler.submit(job)
+    assert result.alloc_ids == []
+    failure = await assert_eventually(
+        lambda: harness.recorder.last(ids.job_id),
+        lambda u: u is not None and u.state is AllocState.FAILED,
+        within=_within(harness, 5),
+        what="the placement failure",
+    )
+    assert failure is not None and failure.reason is not None
+    assert failure.reason.startswith('Nomad could not place the job: Task Group "agent" (failed to place 1 allocation)')
+    assert explanation in failure.reason
+    evaluation = (await harness.get(f"/v1/evaluation/{result.eval_id}", namespace=ids.namespace)).json()
+    assert evaluation["BlockedEval"]  # Nomad keeps trying once capacity appears
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_a_constraint_that_fits_nowhere_is_explained(harness: Harness) -> None:
+    ids = Ids.new()
+    job = make_job(ids, HEALTHY)
+    job["Constraints"] = [{"LTarget": "${attr.kernel.name}", "RTarget": "plan9", "Operand": "="}]
+    await harness.scheduler.submit(job)
+    failure = await assert_eventually(
+        lambda: harness.recorder.last(ids.job_id),
+        lambda u: u is not None and u.state is AllocState.FAILED,
+        within=_within(harness, 5),
+    )
+    assert failure is not None and failure.reason is not None
+    assert 'Constraint "${attr.kernel.name} = plan9": 1 nodes excluded by filter' in failure.reason
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_a_bad_version_is_rolled_back_by_nomad(harness: Harness) -> None:
+    ids = Ids.new()
+    await harness.scheduler.submit(make_job(ids, HEALTHY))
+    await assert_eventually(
+        lambda: harness.job(ids), lambda j: j is not None and j["Stable"], within=_within(harness, 10), what="stable v0"
+    )
+    bad = await harness.scheduler.submit(make_job(ids, UNHEALTHY))
+    assert bad.version == 1
+    reverted = await assert_eventually(
+        lambda: harness.job(ids),
+        lambda j: j is not None and j["Version"] >= 2,
+        within=_within(harness, 15),
+        what="Nomad's auto-revert to a new version",
+    )
+    assert reverted is not None
+    assert reverted["TaskGroups"][0]["Tasks"][0]["Config"]["args"][-1] == HEALTHY
+    deployments = (await harness.get(f"/v1/job/{ids.job_id}/deployments", namespace=ids.namespace)).json()
+    failed = [d for d in deployments if d["JobVersion"] == 1]
+    assert failed and failed[0]["Status"] == "failed"
+    assert "rolling back to job version 0" in failed[0]["StatusDescription"]
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_replicas_are_the_group_count_and_an_update_is_a_new_version(harness: Harness) -> None:
+    ids = Ids.new()
+    await harness.scheduler.submit(make_job(ids, HEALTHY, count=1))
+    again = await harness.scheduler.submit(make_job(ids, HEALTHY, count=1))
+    assert again.version == 0  # nothing changed: no new version
+    scaled = await harness.scheduler.submit(make_job(ids, HEALTHY, count=3))
+    assert scaled.version == 1
+    job = await harness.job(ids)
+    assert job is not None and job["TaskGroups"][0]["Count"] == 3 and job["Version"] == 1
+    await assert_eventually(
+        lambda: harness.scheduler.job_status(ids.namespace, ids.job_id),
+        lambda s: s is not None and list(s.allocs.values()).count(AllocState.RUNNING) == 3,
+        within=_within(harness, 10),
+    )
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_stop_deregisters_the_job_and_removes_its_secrets(harness: Harness) -> None:
+    ids = Ids.new()
+    await harness.scheduler.submit(make_job(ids, HEALTHY))
+    variable = f"/v1/var/nomad/jobs/{ids.job_id}"
+    assert (await harness.get(variable, namespace=ids.namespace)).status_code == 200
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+    job = await harness.job(ids)
+    assert job is not None and job["Stop"] is True  # kept for the operator to see, as `nomad job stop` does
+    assert (await harness.get(variable, namespace=ids.namespace)).status_code == 404
+    assert await harness.scheduler.job_status(ids.namespace, ids.job_id) is None
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)  # stopping again is fine
+    await harness.scheduler.stop_job(ids.namespace, "caravan-ag-000000000000")  # so is an unknown job
+
+
+async def test_secrets_reach_the_variable_and_never_the_job(harness: Harness) -> None:
+    ids = Ids.new()
+    await harness.scheduler.submit(make_job(ids, HEALTHY))
+    variable = (await harness.get(f"/v1/var/nomad/jobs/{ids.job_id}", namespace=ids.namespace)).json()
+    assert variable["Items"]["OPENAI_API_KEY"] == SECRET
+    registered = await harness.job(ids)
+    assert registered is not None and SECRET not in json.dumps(registered)
+    template = registered["TaskGroups"][0]["Tasks"][0]["Templates"][0]
+    assert template["Envvars"] is True and f'nomadVar "nomad/jobs/{ids.job_id}"' in template["EmbeddedTmpl"]
+    if harness.target.double is not None:
+        for method, path, body in harness.target.double.requests:
+            if not path.startswith("/v1/var/"):
+                assert SECRET.encode() not in body, (method, path)
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_a_job_nomad_refuses_is_rejected_and_nothing_is_registered(harness: Harness) -> None:
+    ids = Ids.new()
+    await harness.scheduler.submit(make_job(ids, HEALTHY))  # the namespace exists
+    other = Ids(ids.customer, "ag-" + secrets.token_hex(6))
+    wrong_type = make_job(other, HEALTHY)
+    wrong_type["TaskGroups"][0]["Count"] = "two"
+    with pytest.raises(JobRejected, match="unmarshal"):
+        await harness.scheduler.submit(wrong_type)
+    invalid = make_job(other, HEALTHY)
+    invalid["TaskGroups"][0]["Tasks"][0]["Driver"] = ""
+    with pytest.raises(JobRejected, match="driver"):
+        await harness.scheduler.submit(invalid)
+    assert await harness.job(other) is None
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_allocation_statistics_come_from_the_client_api(harness: Harness) -> None:
+    ids = Ids.new()
+    await harness.scheduler.submit(make_job(ids, HEALTHY))
+    stats = await assert_eventually(
+        lambda: harness.scheduler.alloc_stats(ids.namespace, ids.job_id),
+        lambda s: len(s) == 1,
+        within=_within(harness, 10),
+    )
+    assert set(stats[0]) == {"alloc_id", "cpu_percent", "memory_rss_mb"}
+    assert stats[0]["memory_rss_mb"] > 0
+    assert await harness.scheduler.alloc_stats(ids.namespace, "caravan-ag-000000000000") == []
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_the_event_stream_frames_events_as_ndjson(harness: Harness) -> None:
+    ids = Ids.new()
+    params = {"namespace": ids.namespace, "topic": f"Job:{ids.job_id}", "index": 0}
+    async with harness.http.stream("GET", "/v1/event/stream", params=params, timeout=30) as stream:
+        assert stream.status_code == 200
+        await harness.scheduler.submit(make_job(ids, HEALTHY))
+        async for line in stream.aiter_lines():
+            frame = json.loads(line) if line.strip() else {}
+            if frame.get("Events"):
+                break
+    (event,) = [e for e in frame["Events"] if e["Type"] == "JobRegistered"]
+    assert (event["Topic"], event["Key"], event["Namespace"]) == ("Job", ids.job_id, ids.namespace)
+    assert event["Index"] == frame["Index"] and event["Payload"]["Job"]["Meta"]["caravan_agent"] == ids.agent
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_an_evaluation_can_be_followed_with_a_blocking_query(harness: Harness) -> None:
+    ids = Ids.new()
+    result = await harness.scheduler.submit(make_job(ids, HEALTHY))
+    first = await harness.get(f"/v1/evaluation/{result.eval_id}", namespace=ids.namespace)
+    index = int(first.headers["X-Nomad-Index"])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+    blocked = await harness.get(f"/v1/evaluation/{result.eval_id}", namespace=ids.namespace, index=index, wait="2s")
+    assert blocked.status_code == 200 and int(blocked.headers["X-Nomad-Index"]) >= index
+    assert loop.time() - started < 30
+
+
+async def test_a_token_without_submit_job_gets_nomads_permission_denied() -> None:
+    reader = Policy(namespaces={"caravan-*": {"read-job", "list-jobs"}}, variables={"nomad/jobs/*": {"write"}})
+    writer = Policy(namespaces={"caravan-*": {"read-job", "submit-job"}}, variables={"nomad/jobs/*": {"write"}})
+    ids = Ids.new()
+    with NomadDouble(tokens={"reader": reader, "writer": writer, "root": Policy(management=True)}) as double:
+        with double.cond:
+            double.namespaces[ids.namespace] = {"Name": ids.namespace, "Description": "pre-made"}
+        async with NomadScheduler(NomadConfig(address=double.address, token="reader")) as scheduler:
+            with pytest.raises(SchedulerError, match="Permission denied"):
+                await scheduler.submit(make_job(ids, HEALTHY))
+        other = Ids.new()
+        async with NomadScheduler(NomadConfig(address=double.address, token="writer")) as scheduler:
+            with pytest.raises(SchedulerError, match="management token"):
+                await scheduler.submit(make_job(other, HEALTHY))  # namespaces need CARAVAN_NOMAD_NAMESPACE_TOKEN
+        config = NomadConfig(address=double.address, token="writer", namespace_token="root")
+        async with NomadScheduler(config) as scheduler:
+            assert (await scheduler.submit(make_job(other, HEALTHY))).eval_id
+        assert all(j["ID"] != ids.job_id for j in double.jobs.values())
