@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.protocol import LOCAL_MODEL_URL_ENV
 from control.models import Agent
 from control.settings import Settings
 from jobs import SECOND_NS, AgentJobVariables, render_agent_job
@@ -40,6 +41,8 @@ def agent_job(agent: Agent, settings: Settings) -> dict[str, Any]:
         "CARAVAN_HEALTH_PORT": "${NOMAD_PORT_health}",
         "CARAVAN_HEALTH_HOST": "${NOMAD_IP_health}",
     }
+    if settings.local_model_url:
+        env[LOCAL_MODEL_URL_ENV] = settings.local_model_url
     variables = AgentJobVariables(
         job_id=agent.job_id,
         namespace=agent.namespace,
