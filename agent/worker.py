@@ -279,6 +279,7 @@ class _TaskRun:
                 tools=list(build_tools(self.definition.tools)) or None,
                 system_message=self.definition.system_message or None,
                 reflect_on_tool_use=bool(self.definition.tools),
+                model_client_stream=self.definition.model.stream,
             )
             result: TaskResult | None = None
             async for item in agent.run_stream(task=self.request.task, cancellation_token=self.token):

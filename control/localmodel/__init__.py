@@ -39,7 +39,7 @@ log = logging.getLogger("caravan.localmodel")
 class LocalModelConfig:
     log_path: Path
     model_path: Path | None = None  # None: the bundled SmolLM2
-    threads: int | None = None  # None: every core
+    threads: int | None = None  # None: every core but one
     context_tokens: int = 4096
     queue_timeout_s: float = 120.0
     max_waiting: int = 64

@@ -11,6 +11,7 @@ registers it as ``caravan-chatml-tools`` and runs ``llama_cpp.server`` with ARGS
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["CHAT_FORMAT", "chatml_tools", "main", "render_prompt"]
@@ -106,7 +107,7 @@ def chatml_tools(
         schema = json.dumps(tool["function"].get("parameters") or {"type": "object"})
         constrained = llama_grammar.LlamaGrammar.from_json_schema(schema, verbose=False)
         completion = complete(f"{prompt}functions.{name}:\n", grammar=constrained)
-        return fmt._convert_completion_to_chat_function(name, completion, stream)
+        return _tool_call_stream(name, completion) if stream else _tool_call(name, completion)
 
     if not offered:
         if response_format is not None and response_format.get("type") == "json_object":
@@ -123,6 +124,38 @@ def chatml_tools(
     if decided.startswith("functions."):
         return call(decided[len("functions.") :])
     return fmt._convert_completion_to_chat(complete(f"{prompt}message:\n", grammar=grammar), stream=stream)
+
+
+def _tool_call(name: str, completion: dict[str, Any]) -> dict[str, Any]:
+    """One tool call as a chat completion (llama-cpp-python's helper adds the legacy ``function_call``, which
+    OpenAI clients refuse)."""
+    arguments = completion["choices"][0]["text"]
+    call = {"id": f"call_{completion['id']}", "type": "function", "function": {"name": name, "arguments": arguments}}
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    return {
+        "id": f"chat{completion['id']}",
+        "object": "chat.completion",
+        "created": completion["created"],
+        "model": completion["model"],
+        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls", "logprobs": None}],
+        "usage": completion["usage"],
+    }
+
+
+def _tool_call_stream(name: str, chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """One tool call as OpenAI streams it: the name once, then pieces of the arguments, then the finish."""
+    head: dict[str, Any] | None = None
+    for chunk in chunks:
+        if head is None:
+            head = {"id": f"chat{chunk['id']}", "object": "chat.completion.chunk"}
+            head.update(created=chunk["created"], model=chunk["model"])
+            call = {"index": 0, "id": f"call_{chunk['id']}", "type": "function"}
+            call["function"] = {"name": name, "arguments": ""}
+            yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [call]}}]}
+        piece = {"index": 0, "function": {"arguments": chunk["choices"][0]["text"]}}
+        yield {**head, "choices": [{"index": 0, "delta": {"tool_calls": [piece]}, "finish_reason": None}]}
+    if head is not None:
+        yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
 
 
 def main() -> None:

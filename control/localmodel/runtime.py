@@ -50,6 +50,12 @@ def bundled_model_path() -> Path:
     return path
 
 
+def default_threads() -> int:
+    """Every core but one. llama.cpp's threads wait for each other at every step, so one that loses its core
+    to an agent, NATS or the control plane stalls them all: on 2 cores, 1 thread streams faster than 2."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -88,7 +94,7 @@ class LlamaServer:
         self.model_path = model_path
         self.log_path = log_path
         self.model_alias = model_alias
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or default_threads()
         self.context_tokens = context_tokens
         self.host = host
         self.python = python

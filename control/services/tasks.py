@@ -197,7 +197,7 @@ class TaskService:
         while True:
             try:
                 msgs = await psub.fetch(256, timeout=1)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats.errors.TimeoutError, and the bare one nats-py raises when a fetch runs late
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
                 return
