@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("serve", help="run the gateway and control plane against NATS_URL and the configured scheduler")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the local model proxy's every request otherwise
     settings = Settings()
     try:
         if args.command == "up":

@@ -217,6 +217,8 @@ class TaskService:
 
     async def _fold(self, event: Event) -> None:
         assert event.task_id is not None
+        if event.kind == "chunk":  # a piece of a streamed answer, which arrives whole as a message too
+            return
         await self._repo.update(_key(event.customer_id, event.task_id), lambda task: fold_event(task, event))
 
 
