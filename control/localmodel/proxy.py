@@ -174,7 +174,8 @@ class ModelProxy:
             return body
         client = request.headers.get(AGENT_HEADER) or (request.client.host if request.client else "unknown")
         try:
-            await self.queue.acquire(client)
+            if not await self._turn(request, client):
+                return Response(status_code=499)  # the client went away while it waited: it takes no turn
         except (QueueTimeout, QueueFull) as exc:
             log.warning("local model request from %s refused: %s", client, exc)
             return _error(503, "local_model_busy", f"the local model is busy: {exc}", retry=False, agent=client)
@@ -190,6 +191,23 @@ class ModelProxy:
         finally:
             if release:
                 self.queue.release()
+
+    async def _turn(self, request: Request, client: str) -> bool:
+        """Wait in the queue for a turn; False if the client disconnects first (a cancelled task)."""
+        turn = asyncio.ensure_future(self.queue.acquire(client))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({turn, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not turn.done():
+                turn.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await turn
+        if turn.cancelled():
+            return False
+        turn.result()
+        return True
 
     async def _read_json(self, request: Request) -> dict[str, Any] | Response:
         declared = request.headers.get("content-length")
@@ -301,6 +319,12 @@ class _Relay(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the request body is already read, so only a disconnect comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _unavailable(exc: Exception) -> JSONResponse:

@@ -271,3 +271,17 @@ async def test_bad_requests_get_clear_4xx_and_a_dead_server_a_502(upstream: Fake
         down = await client.post("/chat/completions", json=chat())
         assert down.status_code == 502 and down.json()["error"]["code"] == "local_model_unavailable"
         assert proxy.queue.busy == 0
+
+
+async def test_a_client_that_gives_up_while_waiting_leaves_the_queue(upstream: FakeServer) -> None:
+    async with proxy_for(upstream) as proxy:
+        await proxy.queue.acquire("holder")
+        async with httpx.AsyncClient(base_url=proxy.url) as client:
+            waiting_request = asyncio.create_task(client.post("/chat/completions", json=chat()))
+            await waiting(proxy.queue, 1)
+            waiting_request.cancel()  # as the OpenAI client does when its task is cancelled
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting_request
+        await waiting(proxy.queue, 0)
+        proxy.queue.release()
+        assert proxy.queue.busy == 0 and upstream.seen == []
