@@ -55,6 +55,7 @@ class TaskWatch:
 
     def __init__(self) -> None:
         self.chunks: dict[str, list[float]] = {}
+        self.asked: dict[str, float] = {}  # the agent has the task and hands it to the model (its user message)
         self.done: dict[str, asyncio.Event] = {}
 
     async def on_event(self, msg: Any) -> None:
@@ -63,6 +64,8 @@ class TaskWatch:
         task_id = event["task_id"]
         if event["kind"] == "chunk":
             self.chunks.setdefault(task_id, []).append(now)
+        elif event["kind"] == "message" and event["source"] == "user":
+            self.asked[task_id] = now
         elif event["kind"] == "status" and event["content"] in ("completed", "failed", "cancelled"):
             self.done.setdefault(task_id, asyncio.Event()).set()
 
@@ -83,6 +86,8 @@ async def test_local_model_through_caravan_beside_direct(
         nc = await nats.connect(settings.nats_url)
         await nc.subscribe(f"caravan.events.{customer_id}.task.*", cb=watch.on_event)
 
+        before_model: list[float] = []
+
         async def through_caravan() -> tuple[float, list[float]]:
             started = time.perf_counter()
             response = await api.client.post(
@@ -91,6 +96,7 @@ async def test_local_model_through_caravan_beside_direct(
             task_id = response.json()["id"]
             await asyncio.wait_for(watch.done.setdefault(task_id, asyncio.Event()).wait(), timeout=120)
             stamps = watch.chunks[task_id]
+            before_model.append(watch.asked[task_id] - started)
             return stamps[0] - started, stamps
 
         try:
@@ -115,5 +121,6 @@ async def test_local_model_through_caravan_beside_direct(
         f"ratio TTFT caravan / direct       {ttft['caravan'] / ttft['direct']:.2f}x   "
         f"(+{(ttft['caravan'] - ttft['direct']) * 1000:.0f} ms: REST, work queue, agent, proxy)"
     )
+    print(f"  of which POST -> the agent's user message event   p50 {statistics.median(before_model) * 1000:.0f} ms")
     total = {k: statistics.median(t + (s[-1] - s[0]) for t, s in v) for k, v in runs.items()}
     print(f"ratio whole answer caravan / direct {total['caravan'] / total['direct']:.2f}x")
