@@ -1,8 +1,9 @@
 """One factory from a :class:`~agent.protocol.ModelConfig` to an AutoGen ``ChatCompletionClient``.
 
 Hosted providers take their API key from the agent's environment (placed there by the scheduler from
-secrets, never from the job spec). Client libraries are imported only for the provider in use, which
-keeps an agent on the offline ``replay`` model light.
+secrets, never from the job spec). ``local`` is the bundled model behind Caravan's loopback proxy, reached
+with the same OpenAI client at ``CARAVAN_LOCAL_MODEL_URL`` (wiring from the job). Client libraries are
+imported only for the provider in use, which keeps an agent on the offline ``replay`` model light.
 """
 
 from __future__ import annotations
