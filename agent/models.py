@@ -1,8 +1,9 @@
 """One factory from a :class:`~agent.protocol.ModelConfig` to an AutoGen ``ChatCompletionClient``.
 
 Hosted providers take their API key from the agent's environment (placed there by the scheduler from
-secrets, never from the job spec). Client libraries are imported only for the provider in use, which
-keeps an agent on the offline ``replay`` model light.
+secrets, never from the job spec). ``local`` is the bundled model behind Caravan's loopback proxy, reached
+with the same OpenAI client at ``CARAVAN_LOCAL_MODEL_URL`` (wiring from the job). Client libraries are
+imported only for the provider in use, which keeps an agent on the offline ``replay`` model light.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from autogen_core import CancellationToken, FunctionCall
 from autogen_core.models import ChatCompletionClient, CreateResult, ModelFamily, ModelInfo, RequestUsage
 
-from agent.protocol import PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
+from agent.protocol import LOCAL_MODEL_URL_ENV, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
 
 __all__ = ["OPENAI_COMPATIBLE", "MissingCredentials", "create_model_client"]
 
@@ -37,6 +38,14 @@ OPENAI_COMPATIBLE: dict[str, str | None] = {
 
 _GENERIC_INFO = ModelInfo(
     vision=False, function_calling=True, json_output=True, family=ModelFamily.UNKNOWN, structured_output=False
+)
+_LOCAL_INFO = ModelInfo(
+    vision=False,
+    function_calling=True,
+    json_output=True,
+    family=ModelFamily.UNKNOWN,
+    structured_output=False,
+    multiple_system_messages=False,
 )
 
 
@@ -62,6 +71,8 @@ def create_model_client(config: ModelConfig) -> ChatCompletionClient:
 
     from autogen_ext.models.openai import OpenAIChatCompletionClient
 
+    if config.provider == "local":
+        return OpenAIChatCompletionClient(**_local_kwargs(config), **_sampling(config))
     base_url = config.base_url or OPENAI_COMPATIBLE[config.provider]
     kwargs = {"model": config.name, "api_key": _key(config.provider, config.provider != "ollama") or "none"}
     if base_url is not None:
@@ -73,8 +84,27 @@ def create_model_client(config: ModelConfig) -> ChatCompletionClient:
         return OpenAIChatCompletionClient(**kwargs, model_info=_GENERIC_INFO, **_sampling(config))
 
 
+def _local_kwargs(config: ModelConfig) -> dict[str, Any]:
+    """The bundled model behind Caravan's loopback proxy, which queues agents fairly by the header it is sent."""
+    base_url = os.environ.get(LOCAL_MODEL_URL_ENV)
+    if not base_url:
+        raise MissingCredentials(
+            f"provider 'local' needs {LOCAL_MODEL_URL_ENV} in the agent's environment "
+            "(Caravan sets it when it runs the local model: `caravan up`)"
+        )
+    return {
+        "model": config.name,
+        "base_url": base_url,
+        "api_key": "local",
+        "model_info": _LOCAL_INFO,
+        "default_headers": {"X-Caravan-Agent": os.environ.get("CARAVAN_AGENT_ID", "unknown")},
+    }
+
+
 def _sampling(config: ModelConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if config.stream:  # every call is a stream then (AgentChat's streaming mode); ask for the token counts too
+        out["stream_options"] = {"include_usage": True}
     if config.temperature is not None:
         out["temperature"] = config.temperature
     if config.max_tokens is not None:

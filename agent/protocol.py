@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 __all__ = [
     "EVENTS_STREAM",
     "ID_PATTERN",
+    "LOCAL_MODEL_DEFAULT",
+    "LOCAL_MODEL_URL_ENV",
     "PROVIDERS",
     "PROVIDER_KEY_ENV",
     "TASKS_STREAM",
@@ -52,7 +54,7 @@ ID_PATTERN = r"^[a-z]{2}-[0-9a-f]{12}$"
 Nomad job IDs and namespaces."""
 _ID = re.compile(ID_PATTERN)
 
-PROVIDERS = ("openai", "openrouter", "groq", "deepseek", "anthropic", "ollama", "replay")
+PROVIDERS = ("openai", "openrouter", "groq", "deepseek", "anthropic", "ollama", "local", "replay")
 PROVIDER_KEY_ENV = {
     "openai": "OPENAI_API_KEY",
     "openrouter": "OPENROUTER_API_KEY",
@@ -62,6 +64,11 @@ PROVIDER_KEY_ENV = {
     "ollama": "OLLAMA_API_KEY",
 }
 """Where each provider's API key is read from in the agent's environment (never from the job spec)."""
+
+LOCAL_MODEL_URL_ENV = "CARAVAN_LOCAL_MODEL_URL"
+"""Where the ``local`` provider's OpenAI-compatible endpoint is, in the agent's environment (wiring, no secret)."""
+LOCAL_MODEL_DEFAULT = "SmolLM2-135M-Instruct"
+"""The model the ``local`` provider serves when the definition names none: bundled, offline."""
 
 
 def _check_id(value: str) -> str:
@@ -116,8 +123,9 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    provider: Literal["openai", "openrouter", "groq", "deepseek", "anthropic", "ollama", "replay"] = Field(
-        description="Model provider. `replay` plays back `responses` and needs no network."
+    provider: Literal["openai", "openrouter", "groq", "deepseek", "anthropic", "ollama", "local", "replay"] = Field(
+        description="Model provider. `local` is the small model Caravan runs on its own machine; `replay` plays "
+        "back `responses`. Neither needs a key or the network."
     )
     name: ModelName = Field(description="Model name as the provider spells it, e.g. `gpt-4o-mini`.")
     base_url: Annotated[str, StringConstraints(max_length=500, pattern=r"^https?://[^\s]+$")] | None = Field(
@@ -131,6 +139,14 @@ class ModelConfig(BaseModel):
     delay_ms: Annotated[int, Field(ge=0, le=600_000)] = Field(
         default=0, description="`replay` only: how long each scripted answer takes (for demos and tests)."
     )
+    stream: bool = Field(default=False, description="Stream answers token by token (`chunk` events).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_default_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("provider") == "local" and not data.get("name"):
+            return {**data, "name": LOCAL_MODEL_DEFAULT}
+        return data
 
     @model_validator(mode="after")
     def _provider_rules(self) -> ModelConfig:

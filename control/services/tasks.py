@@ -199,7 +199,7 @@ class TaskService:
         while True:
             try:
                 msgs = await psub.fetch(256, timeout=1)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats.errors.TimeoutError, and the bare one nats-py raises when a fetch runs late
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
                 return
@@ -219,6 +219,8 @@ class TaskService:
 
     async def _fold(self, event: Event) -> None:
         assert event.task_id is not None
+        if event.kind == "chunk":  # a piece of a streamed answer, which arrives whole as a message too
+            return
         await self._repo.update(_key(event.customer_id, event.task_id), lambda task: fold_event(task, event))
 
 

@@ -53,10 +53,25 @@ def test_openai_compatible_providers_point_at_their_endpoints(monkeypatch: pytes
     assert "127.0.0.1:9999" in str(ollama._client.base_url)  # type: ignore[attr-defined]
 
 
+def test_the_local_provider_is_wired_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CARAVAN_LOCAL_MODEL_URL", raising=False)
+    config = ModelConfig(provider="local")
+    assert config.name == "SmolLM2-135M-Instruct"
+    with pytest.raises(MissingCredentials, match="CARAVAN_LOCAL_MODEL_URL"):
+        create_model_client(config)
+    monkeypatch.setenv("CARAVAN_LOCAL_MODEL_URL", "http://127.0.0.1:9998/v1")
+    monkeypatch.setenv("CARAVAN_AGENT_ID", "ag-0123456789ab")
+    client = create_model_client(config)
+    assert "127.0.0.1:9998" in str(client._client.base_url)  # type: ignore[attr-defined]
+    assert client._client.default_headers["X-Caravan-Agent"] == "ag-0123456789ab"  # type: ignore[attr-defined]
+    assert client.model_info["function_calling"] is True
+
+
 @pytest.mark.parametrize(
     "bad",
     [
-        {"provider": "local", "name": "x"},
+        {"provider": "local", "name": "x", "base_url": "http://elsewhere/v1"},
+        {"provider": "local", "responses": ["x"]},
         {"provider": "openai", "name": "gpt", "base_url": "http://elsewhere/v1"},
         {"provider": "replay", "name": "x"},
         {"provider": "openai", "name": "gpt", "responses": ["x"]},

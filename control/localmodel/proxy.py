@@ -1,0 +1,331 @@
+"""The loopback front of the local model: fair queueing across agents, bounded waits, request repairs.
+
+The local model server answers one request at a time. Agents reach it only through this proxy, which
+admits their requests round robin per agent (the ``X-Caravan-Agent`` header), fails a request that waited
+too long with a clear 503 (``x-should-retry: false``, so OpenAI clients surface it instead of retrying),
+repairs what the server refuses (see :func:`repair_request`) and counts the tokens of streamed answers,
+which the server does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from control.localmodel.fairqueue import FairQueue, QueueFull, QueueTimeout
+
+__all__ = ["ModelProxy", "Upstream", "repair_request"]
+
+log = logging.getLogger("caravan.localmodel.proxy")
+AGENT_HEADER = "x-caravan-agent"
+
+
+class Upstream(Protocol):
+    """The OpenAI-compatible server behind the proxy."""
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port`` of the server (no ``/v1``); may change when the server is restarted."""
+        ...
+
+
+def _error(status: int, code: str, message: str, retry: bool = True, **details: Any) -> JSONResponse:
+    body = {"error": {"code": code, "type": code, "message": message, "details": details}}
+    return JSONResponse(body, status_code=status, headers={"x-should-retry": "true" if retry else "false"})
+
+
+def repair_request(body: dict[str, Any], default_max_tokens: int | None) -> dict[str, Any]:
+    """The request as the local server takes it.
+
+    - an assistant message with ``"content": null`` (tool calls only), as OpenAI clients send it, fails the
+      server's validation with a 500: it gets ``""``;
+    - ``stream_options`` is the proxy's to honour (it counts the tokens of a stream itself);
+    - an answer without ``max_tokens`` is capped at ``default_max_tokens``: a small model may not stop.
+    """
+    out = {k: v for k, v in body.items() if k != "stream_options"}
+    out["messages"] = [
+        {**m, "content": ""} if m.get("role") == "assistant" and m.get("content") is None else m
+        for m in body["messages"]
+    ]
+    if default_max_tokens and not body.get("max_tokens") and not body.get("max_completion_tokens"):
+        out["max_tokens"] = default_max_tokens
+    return out
+
+
+def _chatml(messages: list[Any]) -> str:
+    """The prompt the way the server renders plain chat (ChatML), to count its tokens."""
+    parts = []
+    for m in messages:
+        if isinstance(m, dict):
+            content = m.get("content")
+            text = content if isinstance(content, str) else json.dumps(content) if content else ""
+            parts.append(f"<|im_start|>{m.get('role', 'user')}\n{text}<|im_end|>\n")
+    return "".join(parts) + "<|im_start|>assistant\n"
+
+
+class ModelProxy:
+    """``async with ModelProxy(upstream, FairQueue()) as proxy: proxy.url`` — an OpenAI ``base_url``."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        queue: FairQueue,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        default_max_tokens: int | None = 512,
+        max_body_bytes: int = 4 * 2**20,
+        request_timeout: float = 600.0,
+    ) -> None:
+        self.upstream = upstream
+        self.queue = queue
+        self.host = host
+        self.port = port
+        self.default_max_tokens = default_max_tokens
+        self.max_body_bytes = max_body_bytes
+        self.request_timeout = request_timeout
+        self._http: httpx.AsyncClient | None = None
+        self._server: uvicorn.Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._started = False
+
+    async def __aenter__(self) -> ModelProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        """The OpenAI-compatible base URL agents are given (``.../v1``)."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+            Route("/health", self._health, methods=["GET"]),
+        ]
+        app = Starlette(routes=routes)
+        app.add_exception_handler(404, self._not_found)
+        app.add_exception_handler(405, self._not_allowed)
+        return app
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("model proxy already started")
+        self._started = True
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.request_timeout, connect=5.0))
+        config = uvicorn.Config(self.app(), host=self.host, port=self.port, log_level="warning", lifespan="off")
+        server = uvicorn.Server(config)
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+        self._server = server
+        self._serving = asyncio.create_task(server.serve(), name="local-model-proxy")
+        while not server.started:
+            if self._serving.done():
+                self._serving.result()
+                raise RuntimeError("the local model proxy stopped before it started")
+            await asyncio.sleep(0.01)
+        self.port = int(server.servers[0].sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.should_exit = True
+        if self._serving is not None:
+            await self._serving
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def _not_found(self, request: Request, exc: Exception) -> Response:
+        return _error(404, "not_found", f"no such endpoint: {request.method} {request.url.path}", retry=False)
+
+    async def _not_allowed(self, request: Request, exc: Exception) -> Response:
+        return _error(405, "method_not_allowed", f"{request.method} is not allowed here", retry=False)
+
+    async def _health(self, request: Request) -> Response:
+        return JSONResponse(
+            {"busy": self.queue.busy, "waiting": self.queue.waiting, "by_agent": self.queue.waiting_by_client()}
+        )
+
+    async def _models(self, request: Request) -> Response:
+        assert self._http is not None
+        try:
+            response = await self._http.get(f"{self.upstream.base_url}/v1/models")
+        except httpx.HTTPError as exc:
+            return _unavailable(exc)
+        return Response(response.content, response.status_code, media_type="application/json")
+
+    async def _chat(self, request: Request) -> Response:
+        body = await self._read_json(request)
+        if isinstance(body, Response):
+            return body
+        client = request.headers.get(AGENT_HEADER) or (request.client.host if request.client else "unknown")
+        try:
+            if not await self._turn(request, client):
+                return Response(status_code=499)  # the client went away while it waited: it takes no turn
+        except (QueueTimeout, QueueFull) as exc:
+            log.warning("local model request from %s refused: %s", client, exc)
+            return _error(503, "local_model_busy", f"the local model is busy: {exc}", retry=False, agent=client)
+        release = True
+        try:
+            want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            repaired = repair_request(body, self.default_max_tokens)
+            if body.get("stream"):
+                response = await self._stream(repaired, want_usage)
+                release = not isinstance(response, _Relay)  # the stream releases when it ends
+                return response
+            return await self._forward(repaired)
+        finally:
+            if release:
+                self.queue.release()
+
+    async def _turn(self, request: Request, client: str) -> bool:
+        """Wait in the queue for a turn; False if the client disconnects first (a cancelled task)."""
+        turn = asyncio.ensure_future(self.queue.acquire(client))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({turn, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not turn.done():
+                turn.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await turn
+        if turn.cancelled():
+            return False
+        turn.result()
+        return True
+
+    async def _read_json(self, request: Request) -> dict[str, Any] | Response:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return _error(413, "too_large", f"request body over {self.max_body_bytes} bytes", retry=False)
+        raw = await request.body()
+        if len(raw) > self.max_body_bytes:
+            return _error(413, "too_large", f"request body over {self.max_body_bytes} bytes", retry=False)
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            return _error(400, "invalid_json", f"request body is not JSON: {exc}", retry=False)
+        if not isinstance(body, dict):
+            return _error(400, "invalid_request", "request body must be a JSON object", retry=False)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            return _error(400, "invalid_request", "`messages` must be a non-empty list of objects", retry=False)
+        if not isinstance(body.get("stream_options") or {}, dict):
+            return _error(400, "invalid_request", "`stream_options` must be an object", retry=False)
+        return body
+
+    async def _forward(self, body: dict[str, Any]) -> Response:
+        assert self._http is not None
+        try:
+            response = await self._http.post(f"{self.upstream.base_url}/v1/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            return _unavailable(exc)
+        if response.status_code >= 500:
+            log.warning("local model server answered %s: %s", response.status_code, response.text[:500])
+        return Response(response.content, response.status_code, media_type="application/json")
+
+    async def _stream(self, body: dict[str, Any], want_usage: bool) -> Response:
+        assert self._http is not None
+        request = self._http.build_request("POST", f"{self.upstream.base_url}/v1/chat/completions", json=body)
+        try:
+            upstream = await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            return _unavailable(exc)
+        if upstream.status_code != 200:
+            content = await upstream.aread()
+            await upstream.aclose()
+            return Response(content, upstream.status_code, media_type="application/json")
+        closed = False
+
+        async def close() -> None:  # once, whether the stream ran to its end, broke off or never started
+            nonlocal closed
+            if not closed:
+                closed = True
+                await upstream.aclose()
+                self.queue.release()
+
+        return _Relay(self._relay(upstream, body, want_usage, close), close)
+
+    async def _relay(
+        self, upstream: httpx.Response, body: dict[str, Any], want_usage: bool, close: Callable[[], Awaitable[None]]
+    ) -> AsyncIterator[str]:
+        """Pass the server's events through as they come; add a usage chunk before ``[DONE]`` if asked."""
+        tokens = 0
+        last: dict[str, Any] = {}
+        try:
+            async for line in upstream.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators and the server's keep-alive comments
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    if want_usage:
+                        yield f"data: {json.dumps(await self._usage_chunk(body, last, tokens))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    continue
+                with contextlib.suppress(ValueError, KeyError, IndexError, TypeError, AttributeError):
+                    last = json.loads(payload)
+                    delta = last["choices"][0].get("delta") or {}
+                    tokens += 1 if delta.get("content") or delta.get("tool_calls") else 0
+                yield f"data: {payload}\n\n"
+        except httpx.HTTPError as exc:
+            log.warning("local model stream broke off: %s", exc)
+            error = {"error": {"code": "local_model_unavailable", "message": f"the stream broke off: {exc}"}}
+            yield f"data: {json.dumps(error)}\n\n"
+        finally:
+            await close()
+
+    async def _usage_chunk(self, body: dict[str, Any], last: dict[str, Any], tokens: int) -> dict[str, Any]:
+        assert self._http is not None
+        prompt = 0
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+            counted = await self._http.post(
+                f"{self.upstream.base_url}/extras/tokenize/count", json={"input": _chatml(body["messages"])}
+            )
+            prompt = int(counted.json()["count"])
+        return {
+            "id": last.get("id", "chatcmpl-local"),
+            "object": "chat.completion.chunk",
+            "created": last.get("created", 0),
+            "model": last.get("model", body.get("model", "local")),
+            "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens},
+        }
+
+
+class _Relay(StreamingResponse):
+    """A server-sent event stream that always runs ``close`` when the response is over, even unstarted."""
+
+    def __init__(self, content: AsyncIterator[str], close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self._close = close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the request body is already read, so only a disconnect comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _unavailable(exc: Exception) -> JSONResponse:
+    return _error(502, "local_model_unavailable", f"the local model server did not answer: {exc}")

@@ -1,0 +1,287 @@
+"""The local model's front: fair queueing, bounded waits, request repairs, streamed usage, clear errors.
+
+The upstream here is a stand-in OpenAI-compatible server that records what it gets and can hold requests,
+so these tests need no model and check exactly what reaches the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from autogen_core.models import UserMessage
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from agent.models import create_model_client
+from agent.protocol import ModelConfig
+from control.localmodel import FairQueue, ModelProxy, QueueFull, QueueTimeout, repair_request
+from tests.support.helpers import assert_eventually, serve_app
+
+
+@dataclass
+class FakeServer:
+    """An OpenAI-compatible stand-in: answers ``ok``, or streams three tokens; ``gate`` holds answers."""
+
+    base_url: str = ""
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.json()
+        self.seen.append(body)
+        await self.gate.wait()
+        if body.get("stream"):
+            return StreamingResponse(self._tokens(), media_type="text/event-stream")
+        answer = {"role": "assistant", "content": "ok"}
+        return JSONResponse(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "fake",
+                "choices": [{"index": 0, "message": answer, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+            }
+        )
+
+    @staticmethod
+    async def _tokens() -> AsyncIterator[str]:
+        base = {"id": "c2", "object": "chat.completion.chunk", "created": 1, "model": "fake"}
+        deltas: list[dict[str, Any]] = [{"role": "assistant"}, {"content": "a"}, {"content": "b"}, {"content": "c"}]
+        for delta in deltas:
+            yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': delta}]})}\n\n"
+        yield ": ping\n\n"
+        yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def count(self, request: Request) -> Response:
+        return JSONResponse({"count": 11})
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeServer]:
+    fake = FakeServer()
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", fake.chat, methods=["POST"]),
+            Route("/extras/tokenize/count", fake.count, methods=["POST"]),
+        ]
+    )
+    async with serve_app(app) as base:
+        fake.base_url = base
+        yield fake
+
+
+@contextlib.asynccontextmanager
+async def proxy_for(upstream: FakeServer, queue: FairQueue | None = None) -> AsyncIterator[ModelProxy]:
+    async with ModelProxy(upstream, queue or FairQueue(), default_max_tokens=64) as proxy:
+        yield proxy
+
+
+def chat(content: str = "hi", **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": content}], **extra}
+
+
+# -- the queue ---------------------------------------------------------------------------------------------
+
+
+async def test_waiting_requests_are_served_round_robin_across_clients() -> None:
+    queue = FairQueue(slots=1)
+    await queue.acquire("holder")
+    served: list[str] = []
+
+    async def request(client: str, label: str) -> None:
+        async with queue.slot(client):
+            served.append(label)
+
+    tasks = []
+    for client, label in [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("c", "c1"), ("b", "b2")]:
+        tasks.append(asyncio.create_task(request(client, label)))
+        await waiting(queue, len(tasks))
+    assert queue.waiting_by_client() == {"a": 3, "b": 2, "c": 1}
+    queue.release()
+    await asyncio.gather(*tasks)
+    assert served == ["a1", "b1", "c1", "a2", "b2", "a3"]
+    assert queue.busy == 0 and queue.waiting == 0
+
+
+async def test_a_wait_is_bounded_and_leaves_the_queue_clean() -> None:
+    queue = FairQueue(slots=1, wait_timeout=0.1)
+    await queue.acquire("holder")
+    with pytest.raises(QueueTimeout, match="without getting a turn"):
+        await queue.acquire("late")
+    assert queue.waiting == 0 and queue.waiting_by_client() == {}
+    queue.release()
+    await queue.acquire("next")  # the slot is free again, nothing phantom holds it
+    assert queue.busy == 1
+
+
+async def test_a_full_queue_refuses_at_once_and_a_cancelled_waiter_is_forgotten() -> None:
+    queue = FairQueue(slots=1, max_waiting=1)
+    await queue.acquire("holder")
+    waiter = asyncio.create_task(queue.acquire("a"))
+    await waiting(queue, 1)
+    with pytest.raises(QueueFull):
+        await queue.acquire("b")
+    waiter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiter
+    assert queue.waiting == 0
+    queue.release()
+    assert queue.busy == 0
+
+
+async def _value(value: Any) -> Any:
+    return value
+
+
+async def waiting(queue: FairQueue, count: int) -> None:
+    await assert_eventually(lambda: _value(queue.waiting), lambda n: n == count, what=f"{count} waiting")
+
+
+# -- the proxy -----------------------------------------------------------------------------------------------
+
+
+def test_null_assistant_content_is_repaired_and_answers_are_capped() -> None:
+    body = {
+        "messages": [
+            {"role": "user", "content": "6*7?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+            {"role": "tool", "tool_call_id": "1", "content": "42"},
+        ],
+        "stream_options": {"include_usage": True},
+    }
+    repaired = repair_request(body, 512)
+    calls = body["messages"][1]["tool_calls"]
+    assert repaired["messages"][1] == {"role": "assistant", "content": "", "tool_calls": calls}
+    assert repaired["messages"][0] is body["messages"][0] and repaired["messages"][2] is body["messages"][2]
+    assert repaired["max_tokens"] == 512 and "stream_options" not in repaired
+    assert repair_request({**body, "max_tokens": 7}, 512)["max_tokens"] == 7
+
+
+async def test_requests_reach_the_server_repaired_one_at_a_time_in_turn(upstream: FakeServer) -> None:
+    async with proxy_for(upstream) as proxy, httpx.AsyncClient(base_url=proxy.url) as client:
+        upstream.gate.clear()
+        history = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": []}]
+        first = asyncio.create_task(client.post("/chat/completions", json={"messages": history}))
+        await assert_eventually(lambda: _value(len(upstream.seen)), lambda n: n == 1)
+        later = []
+        for agent, text in [("ag-a", "a1"), ("ag-a", "a2"), ("ag-b", "b1")]:
+            later.append(
+                asyncio.create_task(
+                    client.post("/chat/completions", json=chat(text), headers={"X-Caravan-Agent": agent})
+                )
+            )
+            await waiting(proxy.queue, len(later))
+        assert len(upstream.seen) == 1  # the server has one request at a time
+        upstream.gate.set()
+        responses = await asyncio.gather(first, *later)
+    assert [r.status_code for r in responses] == [200] * 4
+    assert upstream.seen[0]["messages"][1]["content"] == ""
+    assert upstream.seen[0]["max_tokens"] == 64
+    assert [s["messages"][0]["content"] for s in upstream.seen[1:]] == ["a1", "b1", "a2"]
+
+
+async def test_a_request_that_waits_too_long_fails_clearly_for_the_agent(
+    upstream: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with proxy_for(upstream, FairQueue(wait_timeout=0.2)) as proxy:
+        upstream.gate.clear()
+        async with httpx.AsyncClient(base_url=proxy.url) as client:
+            hog = asyncio.create_task(client.post("/chat/completions", json=chat()))
+            await assert_eventually(lambda: _value(len(upstream.seen)), lambda n: n == 1)
+            raw = await client.post("/chat/completions", json=chat(), headers={"X-Caravan-Agent": "ag-x"})
+            assert raw.status_code == 503 and raw.headers["x-should-retry"] == "false"
+            assert raw.json()["error"]["code"] == "local_model_busy"
+            assert "busy" in raw.json()["error"]["message"]
+
+            monkeypatch.setenv("CARAVAN_LOCAL_MODEL_URL", proxy.url)
+            model = create_model_client(ModelConfig(provider="local"))
+            with pytest.raises(openai.InternalServerError, match="local model is busy"):
+                await model.create([UserMessage(content="hi", source="user")])
+            assert len(upstream.seen) == 1  # refused, not retried behind the proxy's back
+            upstream.gate.set()
+            assert (await hog).status_code == 200
+
+
+async def test_a_stream_passes_through_with_token_counts_added(upstream: FakeServer) -> None:
+    async with proxy_for(upstream) as proxy, httpx.AsyncClient(base_url=proxy.url) as client:
+        body = chat(stream=True, stream_options={"include_usage": True})
+        async with client.stream("POST", "/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            events = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "abc"
+        assert chunks[-1]["usage"] == {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+        assert "stream_options" not in upstream.seen[-1]
+        assert proxy.queue.busy == 0
+
+        plain = chat(stream=True)
+        async with client.stream("POST", "/chat/completions", json=plain) as response:
+            events = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+        assert not any("usage" in json.loads(e) for e in events[:-1])
+
+
+async def test_the_agent_model_client_streams_through_the_proxy_with_usage(
+    upstream: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with proxy_for(upstream) as proxy:
+        monkeypatch.setenv("CARAVAN_LOCAL_MODEL_URL", proxy.url)
+        monkeypatch.setenv("CARAVAN_AGENT_ID", "ag-0123456789ab")
+        model = create_model_client(ModelConfig(provider="local", stream=True))
+        items = [item async for item in model.create_stream([UserMessage(content="hi", source="user")])]
+    assert items[:-1] == ["a", "b", "c"]
+    assert items[-1].content == "abc" and items[-1].usage.completion_tokens == 3
+    assert upstream.seen[-1]["model"] == "SmolLM2-135M-Instruct"
+
+
+async def test_bad_requests_get_clear_4xx_and_a_dead_server_a_502(upstream: FakeServer) -> None:
+    async with proxy_for(upstream) as proxy, httpx.AsyncClient(base_url=proxy.url) as client:
+        cases = [
+            (b"{not json", 400, "invalid_json"),
+            (b"[1, 2]", 400, "invalid_request"),
+            (b'{"messages": []}', 400, "invalid_request"),
+            (b'{"messages": ["hi"]}', 400, "invalid_request"),
+            (b'{"messages": [{"role": "user", "content": "x"}], "stream_options": 3}', 400, "invalid_request"),
+            (b"x" * (5 * 2**20), 413, "too_large"),
+        ]
+        for raw, status, code in cases:
+            response = await client.post("/chat/completions", content=raw)
+            assert (response.status_code, response.json()["error"]["code"]) == (status, code), raw[:40]
+        missing = await client.get("/nowhere")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        assert (await client.get("/chat/completions")).status_code == 405
+        assert upstream.seen == [] and proxy.queue.busy == 0
+
+        upstream.base_url = "http://127.0.0.1:9"  # nothing listens there
+        down = await client.post("/chat/completions", json=chat())
+        assert down.status_code == 502 and down.json()["error"]["code"] == "local_model_unavailable"
+        assert proxy.queue.busy == 0
+
+
+async def test_a_client_that_gives_up_while_waiting_leaves_the_queue(upstream: FakeServer) -> None:
+    async with proxy_for(upstream) as proxy:
+        await proxy.queue.acquire("holder")
+        async with httpx.AsyncClient(base_url=proxy.url) as client:
+            waiting_request = asyncio.create_task(client.post("/chat/completions", json=chat()))
+            await waiting(proxy.queue, 1)
+            waiting_request.cancel()  # as the OpenAI client does when its task is cancelled
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting_request
+        await waiting(proxy.queue, 0)
+        proxy.queue.release()
+        assert proxy.queue.busy == 0 and upstream.seen == []

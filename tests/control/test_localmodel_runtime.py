@@ -1,0 +1,59 @@
+"""The local model server as a supervised child process, and how `caravan up` picks the demo's model."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from control.cli import _demo_model
+from control.localmodel import LlamaServer, LocalModelUnavailable, bundled_model_path, runtime_installed
+from tests.conftest import make_settings
+from tests.support.helpers import assert_eventually
+
+
+async def _answers(server: LlamaServer) -> int | None:
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+            if (await client.get(f"{server.base_url}/v1/models")).status_code == 200:
+                return server.pid
+    except httpx.HTTPError:
+        pass
+    return None
+
+
+@pytest.mark.skipif(os.environ.get("CARAVAN_LOCAL_MODEL") == "0", reason="CARAVAN_LOCAL_MODEL=0")
+async def test_a_server_that_dies_is_started_again(tmp_path: Path) -> None:
+    assert runtime_installed(), "the local model is not installed: ./dev/test installs it"
+    async with LlamaServer(bundled_model_path(), tmp_path / "server.log", threads=1, restart_delay=0.1) as server:
+        first = server.pid
+        assert first is not None and await _answers(server) == first
+        os.killpg(first, signal.SIGKILL)
+        await assert_eventually(
+            lambda: _answers(server), lambda pid: pid is not None and pid != first, within=60, what="restarted"
+        )
+        assert server.restarts == 1
+    assert server.pid is None
+
+
+async def test_a_missing_model_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(LocalModelUnavailable, match="model file not found"):
+        async with LlamaServer(tmp_path / "none.gguf", tmp_path / "server.log"):
+            pass
+
+
+def test_the_demo_runs_on_a_hosted_model_if_a_key_is_set_else_locally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for env in ("OPENAI_API_KEY", "OPENROUTER_API_KEY", "GROQ_API_KEY", "DEEPSEEK_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(env, raising=False)
+    settings = make_settings("nats://127.0.0.1:1", tmp_path)
+    assert _demo_model(settings).model.provider == "replay"
+    local = _demo_model(settings.model_copy(update={"local_model_url": "http://127.0.0.1:5/v1"}))
+    assert local.model.provider == "local" and local.model.stream and "no provider key" in local.about
+    monkeypatch.setenv("GROQ_API_KEY", "k")
+    hosted = _demo_model(settings.model_copy(update={"local_model_url": "http://127.0.0.1:5/v1"}))
+    assert hosted.model.provider == "groq" and "GROQ_API_KEY" in hosted.about

@@ -1,0 +1,121 @@
+"""Tasks on the bundled local model, end to end: REST → agent process → OpenAI client → proxy → SmolLM2.
+
+One local model server serves the whole session (the ``local_model`` fixture). SmolLM2-135M is small, so
+these tests check the shape of what happens (text, usage, a tool call run by AutoGen, a stream of chunks),
+never the wording.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control.localmodel import FairQueue, LocalModel, ModelProxy
+from control.natsserver import EmbeddedNats
+from control.platform import ControlPlane
+from tests.conftest import Api, make_settings, serve_api
+from tests.control.test_localmodel_proxy import FakeServer
+from tests.gateway.test_agents_api import wait_status
+from tests.gateway.test_tasks_api import finished, start_task
+from tests.support.helpers import sse_events
+
+
+async def _api_with_model(nats_server: EmbeddedNats, tmp_path: Path, model_url: str) -> AsyncIterator[Api]:
+    settings = make_settings(nats_server.url, tmp_path / "data", local_model_url=model_url)
+    async with ControlPlane(settings) as control, serve_api(control) as api:
+        yield api
+
+
+@pytest.fixture
+async def local_api(nats_server: EmbeddedNats, tmp_path: Path, local_model: LocalModel) -> AsyncIterator[Api]:
+    async for api in _api_with_model(nats_server, tmp_path, local_model.url):
+        yield api
+
+
+async def local_agent(api: Api, headers: dict[str, str], **model: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": "smol",
+        "system_message": "You are a helpful assistant.",
+        "model": {"provider": "local", "temperature": 0, "max_tokens": 48, **model.pop("model", {})},
+        **model,
+    }
+    response = await api.client.post("/v1/agents", json=body, headers=headers)
+    assert response.status_code == 201, response.text
+    return await wait_status(api, headers, response.json()["id"], "running")
+
+
+async def test_an_agent_answers_with_the_local_model(local_api: Api) -> None:
+    _, headers = await local_api.new_customer()
+    agent = await local_agent(local_api, headers)
+    assert agent["model"]["name"] == "SmolLM2-135M-Instruct"
+    task = await finished(local_api, headers, await start_task(local_api, headers, agent["id"], "Say hello."))
+    assert task["status"] == "completed", task
+    assert [(m["source"], m["type"]) for m in task["messages"]] == [("user", "TextMessage"), ("smol", "TextMessage")]
+    assert isinstance(task["result"], str) and task["result"].strip()
+    assert task["usage"]["prompt_tokens"] > 0 and task["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_local_model_calls_a_tool_that_autogen_runs(local_api: Api, stream: bool) -> None:
+    _, headers = await local_api.new_customer()
+    agent = await local_agent(
+        local_api,
+        headers,
+        system_message="You are a helpful assistant. Use the calculator for arithmetic.",
+        tools=["calculator"],
+        model={"stream": stream},
+    )
+    task_id = await start_task(local_api, headers, agent["id"], "What is 6 times 7?")
+    task = await finished(local_api, headers, task_id)
+    assert task["status"] == "completed", (task["status_reason"], task["messages"])
+    kinds = [(m["source"], m["type"]) for m in task["messages"]]
+    assert kinds == [("user", "TextMessage"), ("smol", "tool_call"), ("smol", "tool_result"), ("smol", "TextMessage")]
+    (call,) = task["messages"][1]["content"]
+    (result,) = task["messages"][2]["content"]
+    assert call["name"] == "calculator" and "expression" in call["arguments"]
+    assert result["call_id"] == call["id"] and result["content"]  # run by AutoGen's tool machinery
+    assert task["usage"]["completion_tokens"] > 0
+
+
+async def test_a_streamed_answer_arrives_in_chunks(local_api: Api) -> None:
+    _, headers = await local_api.new_customer()
+    agent = await local_agent(local_api, headers, model={"stream": True})
+    task_id = await start_task(local_api, headers, agent["id"], "Tell me about camels.")
+    events = await sse_events(local_api.client, f"/v1/tasks/{task_id}/events", headers)
+    chunks = [e["data"]["content"] for e in events if e["event"] == "chunk"]
+    assert len(chunks) > 1
+    (answer,) = [e["data"] for e in events if e["event"] == "message" and e["data"]["source"] == "smol"]
+    assert "".join(chunks) == answer["content"]
+    kinds = [(e["event"], e["data"]["source"]) for e in events]
+    assert kinds.index(("chunk", "smol")) < kinds.index(("message", "smol"))  # the pieces come first
+    task = await finished(local_api, headers, task_id)
+    assert task["status"] == "completed" and task["usage"]["completion_tokens"] > 0  # counted by the proxy
+
+
+async def test_a_request_that_waits_too_long_fails_the_task_with_a_clear_reason(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    nowhere = FakeServer(base_url="http://127.0.0.1:9")  # never reached: the one slot stays taken
+    async with ModelProxy(nowhere, FairQueue(wait_timeout=0.5)) as proxy:
+        await proxy.queue.acquire("someone-else")
+        async for api in _api_with_model(nats_server, tmp_path, proxy.url):
+            _, headers = await api.new_customer()
+            agent = await local_agent(api, headers)
+            task = await finished(api, headers, await start_task(api, headers, agent["id"], "Hi"))
+            assert task["status"] == "failed"
+            assert "local model is busy" in task["status_reason"] and "503" in task["status_reason"]
+        proxy.queue.release()
+
+
+async def test_concurrent_agents_are_all_answered(local_api: Api, local_model: LocalModel) -> None:
+    _, headers = await local_api.new_customer()
+    agents = [await local_agent(local_api, headers, name=f"smol{i}", model={"max_tokens": 16}) for i in range(3)]
+    task_ids = [await start_task(local_api, headers, a["id"], "Name a color.") for a in agents]
+    for task_id in task_ids:
+        task = await finished(local_api, headers, task_id)
+        assert task["status"] == "completed" and task["result"], task
+    assert local_model.proxy is not None
+    assert local_model.proxy.queue.busy == 0 and local_model.proxy.queue.waiting == 0
