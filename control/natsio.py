@@ -21,7 +21,11 @@ from agent.protocol import EVENTS_STREAM, TASKS_STREAM
 
 __all__ = ["BUCKETS", "Jet", "connect"]
 
-BUCKETS = ("customers", "keys", "agents", "tasks", "system")
+BUCKETS = ("customers", "keys", "agents", "tasks", "system", "flags", "services")
+CONSUMER_LIMIT = 1_000_000
+"""nats-server 2.15 caps a stream at 1,000 consumers unless the stream sets its own limit (and -1 no longer means
+unlimited). Caravan has a task-queue consumer per agent and three flag watchers per agent instance, so every
+stream it makes carries this limit."""
 DAY_S = 86_400
 
 
@@ -37,9 +41,18 @@ class Jet:
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    config.max_consumers = CONSUMER_LIMIT
     try:
         await js.add_stream(config)
     except BadRequestError:
+        await js.update_stream(config)
+
+
+async def _raise_consumer_limit(js: JetStreamContext, stream: str) -> None:
+    """KV buckets are streams too; nats-py's bucket config has no consumer limit, so set it on the stream."""
+    config = (await js.stream_info(stream)).config
+    if config.max_consumers != CONSUMER_LIMIT:
+        config.max_consumers = CONSUMER_LIMIT
         await js.update_stream(config)
 
 
@@ -72,7 +85,9 @@ async def connect(url: str, name: str = "caravan-control") -> Jet:
     )
     kv = {}
     for bucket in BUCKETS:
+        history = 5 if bucket == "flags" else 1  # a flag's last few engagements, for operators
         kv[bucket] = await js.create_key_value(
-            KeyValueConfig(bucket=f"caravan_{bucket}", history=1, storage=StorageType.FILE)
+            KeyValueConfig(bucket=f"caravan_{bucket}", history=history, storage=StorageType.FILE)
         )
+        await _raise_consumer_limit(js, f"KV_caravan_{bucket}")
     return Jet(nc=nc, js=js, kv=kv)

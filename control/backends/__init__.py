@@ -69,5 +69,5 @@ def create_registry(settings: Settings, nc: NATS) -> Registry:
 def create_flags(settings: Settings, nc: NATS) -> FlagStore:
     """The flag store the control plane writes; with JetStream KV it also creates the bucket."""
     if settings.flags == "natskv":
-        return create_flag_store("natskv", nc=nc, create=True)
+        return create_flag_store("natskv", nc=nc)  # the bucket is made with the others (control.natsio)
     return create_flag_store(settings.flags, env=_consul_env(settings))

@@ -6,7 +6,6 @@ import contextlib
 from datetime import timedelta
 
 from nats.aio.client import Client as NATS
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
@@ -28,9 +27,7 @@ class NatsKVRegistry:
     async def start(self) -> None:
         if self._kv is not None:
             raise RuntimeError("registry already started")
-        self._kv = await self._nc.jetstream().create_key_value(
-            KeyValueConfig(bucket=BUCKET, history=1, storage=StorageType.FILE)
-        )
+        self._kv = await self._nc.jetstream().key_value(BUCKET)  # made with the others (control.natsio)
 
     async def stop(self) -> None:
         self._kv = None
