@@ -14,7 +14,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from agent.protocol import EVENTS_STREAM, TASKS_STREAM
@@ -85,9 +85,12 @@ async def connect(url: str, name: str = "caravan-control") -> Jet:
     )
     kv = {}
     for bucket in BUCKETS:
-        history = 5 if bucket == "flags" else 1  # a flag's last few engagements, for operators
-        kv[bucket] = await js.create_key_value(
-            KeyValueConfig(bucket=f"caravan_{bucket}", history=history, storage=StorageType.FILE)
-        )
+        try:
+            kv[bucket] = await js.key_value(f"caravan_{bucket}")
+        except BucketNotFoundError:
+            history = 5 if bucket == "flags" else 1  # a flag's last few engagements, for operators
+            kv[bucket] = await js.create_key_value(
+                KeyValueConfig(bucket=f"caravan_{bucket}", history=history, storage=StorageType.FILE)
+            )
         await _raise_consumer_limit(js, f"KV_caravan_{bucket}")
     return Jet(nc=nc, js=js, kv=kv)
