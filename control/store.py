@@ -14,6 +14,8 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
+from agent.backends.natskv import kv_entries
+
 __all__ = ["AlreadyExists", "Conflict", "Repo"]
 
 M = TypeVar("M", bound=BaseModel)
@@ -82,26 +84,18 @@ class Repo(Generic[M]):
         await self._kv.delete(key)
 
     async def keys(self, pattern: str = ">") -> list[str]:
-        """Keys matching a NATS subject pattern (``cu-1.*``); nats-py's own ``keys(filters)`` matches substrings."""
-        watcher = await self._kv.watch(pattern, ignore_deletes=True, meta_only=True)
-        keys: list[str] = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                keys.append(entry.key)
-        finally:
-            await watcher.stop()
-        return keys
+        """Keys of live records matching a NATS subject pattern (``cu-1.*``)."""
+        return [key for key, _ in await self._items(pattern)]
+
+    async def _items(self, pattern: str) -> list[tuple[str, M]]:
+        return [
+            (e.key, self._model.model_validate_json(e.value)) for e in await kv_entries(self._kv, pattern) if e.value
+        ]
 
     async def list(self, pattern: str = ">") -> list[M]:
-        records = await asyncio.gather(*(self.get(key) for key in await self.keys(pattern)))
-        return [r for r in records if r is not None]
+        return [record for _, record in await self._items(pattern)]
 
     async def find(self, record_id: str) -> tuple[str, M] | None:
         """Find a record by the last part of its key, whichever customer owns it (admin lookups)."""
-        for key in await self.keys(f"*.{record_id}"):
-            record = await self.get(key)
-            if record is not None:
-                return key, record
-        return None
+        found = await self._items(f"*.{record_id}")
+        return found[0] if found else None

@@ -13,10 +13,28 @@ from nats.js.kv import KeyValue
 
 from agent.backends.base import Flag, FlagKey, FlagSnapshot, FlagStoreUnavailable, Scope
 
-__all__ = ["BUCKET", "NatsKVFlags", "kv_key"]
+__all__ = ["BUCKET", "NatsKVFlags", "kv_entries", "kv_key"]
 
 BUCKET = "caravan_flags"
 _DELETED = ("DEL", "PURGE")
+
+
+async def kv_entries(kv: KeyValue, pattern: str = ">") -> list[KeyValue.Entry]:
+    """Current entries of the keys matching ``pattern``, found through the server's subject index of the
+    bucket's stream. (nats-py's ``keys()`` and a watcher's initial listing can miss keys written meanwhile.)"""
+    # nats-py has no public accessor for a bucket's stream and JetStream context
+    js, stream, prefix = kv._js, kv._stream, kv._pre
+    info = await js.stream_info(stream, subjects_filter=f"{prefix}{pattern}")
+    keys = [subject[len(prefix) :] for subject in (info.state.subjects or {})]
+    entries = await asyncio.gather(*(_get(kv, key) for key in keys))
+    return [entry for entry in entries if entry is not None and entry.value]
+
+
+async def _get(kv: KeyValue, key: str) -> KeyValue.Entry | None:
+    try:
+        return await kv.get(key)
+    except KeyNotFoundError:  # deleted or purged
+        return None
 
 
 def kv_key(key: FlagKey) -> str:
@@ -69,17 +87,11 @@ class NatsKVFlags:
             await self.kv.delete(kv_key(key))
 
     async def list(self) -> list[Flag]:
-        watcher = await self.kv.watch("killswitch.>", ignore_deletes=True)
         flags: list[Flag] = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                key = _parse(entry.key)
-                if key is not None and entry.value:
-                    flags.append(Flag.decode(key, entry.value, entry.revision or 0))
-        finally:
-            await watcher.stop()
+        for entry in await kv_entries(self.kv, "killswitch.>"):
+            key = _parse(entry.key)
+            if key is not None and entry.value:
+                flags.append(Flag.decode(key, entry.value, entry.revision or 0))
         return flags
 
     async def watch(self, keys: Sequence[FlagKey], heartbeat: float = 5.0) -> AsyncIterator[FlagSnapshot]:

@@ -9,6 +9,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from agent.backends.natskv import kv_entries
 from agent.protocol import utcnow
 from control.backends.base import ServiceInstance
 
@@ -49,16 +50,7 @@ class NatsKVRegistry:
             await self.kv.delete(f"{name}.{instance_id}")
 
     async def instances(self, passing_only: bool = True) -> list[ServiceInstance]:
-        watcher = await self.kv.watch(">", ignore_deletes=True)
-        found: list[ServiceInstance] = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value:
-                    found.append(ServiceInstance.model_validate_json(entry.value))
-        finally:
-            await watcher.stop()
+        found = [ServiceInstance.model_validate_json(e.value) for e in await kv_entries(self.kv) if e.value]
         now = utcnow()
         for i, instance in enumerate(found):
             if now - instance.checked_at > timedelta(seconds=instance.ttl_s):

@@ -90,7 +90,9 @@ async def test_killswitch_acknowledgement_latency(api: Api) -> None:
             )
             sink.append(time.perf_counter() - started)
             result = response.json()
-            assert (result["covered"], result["acknowledged"]) == (AGENTS, AGENTS), result
+            if (result["covered"], result["acknowledged"]) != (AGENTS, AGENTS):
+                agents = (await api.client.get("/v1/agents", headers=headers)).json()
+                raise AssertionError((result, sorted((a["status"], a["status_reason"]) for a in agents)[:5]))
             await asyncio.sleep(0.1)
 
     raw = await raw_nats_rounds(api.control.settings.nats_url)
