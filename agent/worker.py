@@ -177,8 +177,8 @@ class AgentWorker:
             self._may_serve.clear()
             for token in list(self._runs.values()):
                 token.cancel()  # model calls and tool runs in flight end here; the runs report `killed`
-        if self._ready:
-            await self._publish_agent_event(AgentEventKind.KILLSWITCH, self._halt_data())
+        if self._ready:  # the acknowledgement: sent at once, its storage confirmed in the background
+            await self._publish_agent_event(AgentEventKind.KILLSWITCH, self._halt_data(), wait=False)
 
     async def stop(self) -> None:
         if not self._started or self._stopping:
@@ -289,10 +289,11 @@ class AgentWorker:
             acked = await self._js.publish_async(subject, payload, headers=headers, wait_stall=5)
             acked.add_done_callback(_log_unstored)
 
-    async def _publish_agent_event(self, kind: AgentEventKind, data: dict[str, Any]) -> None:
+    async def _publish_agent_event(self, kind: AgentEventKind, data: dict[str, Any], wait: bool = True) -> None:
         cfg = self.config
         data = {**data, "alloc_id": cfg.alloc_id, "pid": os.getpid()}
-        await self.publish(Event(kind=kind, agent_id=cfg.agent_id, customer_id=cfg.customer_id, data=data))
+        event = Event(kind=kind, agent_id=cfg.agent_id, customer_id=cfg.customer_id, data=data)
+        await self.publish(event, wait=wait)
 
 
 def _log_unstored(acked: asyncio.Future[Any]) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections import defaultdict
 from typing import Annotated, Any
 
 from nats.aio.client import Client as NATS
@@ -66,7 +67,7 @@ class KillswitchResult(BaseModel):
     acknowledged: int
     unacknowledged: list[str]
     stopped: list[str] = Field(default_factory=list, description="Agents whose jobs were stopped (hard).")
-    elapsed_ms: float
+    elapsed_ms: float = Field(description="From writing the flag to the last acknowledgement (or the deadline).")
 
 
 def covers(key: FlagKey, agent: Agent) -> bool:
@@ -108,20 +109,20 @@ class KillswitchService:
 
     async def apply(self, principal: Principal, request: KillswitchRequest) -> KillswitchResult:
         key = await self._validated_key(request)
-        started = time.perf_counter()
         previous = next((f for f in await self._flags.list() if f.key == key), None)
         flag_id = uuid.uuid4().hex if request.engaged else (previous.id if previous else None)
-        covered = [a for a in await self._agents.list(None) if covers(key, a) and _live(a)]
-        expected = await self._expected_instances(covered)
-        acked: dict[str, set[str]] = {a.id: set() for a in covered}
+        acked: dict[str, set[str]] = defaultdict(set)  # agent id -> instances that acknowledged
+        expected: dict[str, set[str]] | None = None  # covered agent id -> instances discovery knows
         done = asyncio.Event()
 
         def complete() -> bool:
-            return all(acked[a] >= expected[a] if expected[a] else bool(acked[a]) for a in acked)
+            return expected is not None and all(
+                acked[a] >= instances if instances else bool(acked[a]) for a, instances in expected.items()
+            )
 
         async def on_event(msg: Msg) -> None:
             event = Event.model_validate_json(msg.data)
-            if event.kind != AgentEventKind.KILLSWITCH or event.agent_id not in acked:
+            if event.kind != AgentEventKind.KILLSWITCH or event.agent_id is None:
                 return
             ids = event.data.get("flag_ids") or []
             if (flag_id in ids) if request.engaged else (flag_id not in ids):
@@ -129,6 +130,8 @@ class KillswitchService:
                 if complete():
                     done.set()
 
+        # Listen first, then write the flag, and only then find out whom it covers: the agents' answers
+        # arrive while the control plane is still looking that up, instead of after.
         sub = await self._nc.subscribe("caravan.events.*.agent.*", cb=on_event)
         try:
             if request.engaged:
@@ -140,15 +143,22 @@ class KillswitchService:
                     id=flag_id or "",
                     hard=request.hard,
                 )
+                started = time.perf_counter()
                 await self._flags.put(flag)
             else:
+                started = time.perf_counter()
                 await self._flags.delete(key)
+            covered = [a for a in await self._agents.list(None) if covers(key, a) and _live(a)]
+            expected = await self._expected_instances(covered)
             if covered and not complete():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), timeout=request.wait_ms / 1000)
         finally:
             await sub.unsubscribe()
-        missing = sorted(a for a in acked if not (acked[a] >= expected[a] if expected[a] else acked[a]))
+        assert expected is not None
+        missing = sorted(
+            a for a, instances in expected.items() if not (acked[a] >= instances if instances else acked[a])
+        )
         stopped: list[str] = []
         if request.engaged and request.hard:
             for agent in covered:
