@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 __all__ = [
+    "BROADCAST_SUBJECT",
     "EVENTS_STREAM",
     "ID_PATTERN",
     "LOCAL_MODEL_DEFAULT",
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 TASKS_STREAM = "CARAVAN_TASKS"
+BROADCAST_SUBJECT = "caravan.broadcast"
+"""Operators' messages to every agent: ``{"message", "by", "at"}``."""
 EVENTS_STREAM = "CARAVAN_EVENTS"
 
 ID_PATTERN = r"^[a-z]{2}-[0-9a-f]{12}$"
@@ -198,6 +201,8 @@ class EventKind(StrEnum):
 class AgentEventKind(StrEnum):
     READY = "ready"
     STOPPING = "stopping"
+    BROADCAST = "broadcast"
+    """The agent received an operator's broadcast: ``data`` = {message, by}."""
     KILLSWITCH = "killswitch"
     """The agent halted or resumed: ``data`` = {halted, flag_ids, reason, fail_safe}; the acknowledgement."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -36,6 +37,7 @@ from agent.health import HealthServer
 from agent.killswitch import Halt, KillswitchWatch
 from agent.models import create_model_client
 from agent.protocol import (
+    BROADCAST_SUBJECT,
     TASKS_STREAM,
     AgentDefinition,
     AgentEventKind,
@@ -158,6 +160,7 @@ class AgentWorker:
         )
         await self._killswitch.start()  # an agent under an engaged flag starts halted
         await self._nc.subscribe(cancel_subject(cfg.customer_id, cfg.agent_id), cb=self._on_cancel)
+        await self._nc.subscribe(BROADCAST_SUBJECT, cb=self._on_broadcast)
         self._psub = await self._js.pull_subscribe_bind(consumer_name(cfg.agent_id), stream=TASKS_STREAM)
         self._loop_task = asyncio.create_task(self._serve(self._psub), name="serve-tasks")
         await self._publish_agent_event(AgentEventKind.READY, {"health_port": self._health.port, **self._halt_data()})
@@ -248,6 +251,16 @@ class AgentWorker:
             self._run_tasks.add(task)
             task.add_done_callback(self._run_tasks.discard)
             task.add_done_callback(lambda _t: slots.release())
+
+    async def _on_broadcast(self, msg: Msg) -> None:
+        try:
+            body = json.loads(msg.data)
+            message, by = str(body["message"])[:2000], str(body.get("by", ""))[:200]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed broadcast")
+            return
+        log.warning("broadcast from %s: %s", by, message)
+        await self._publish_agent_event(AgentEventKind.BROADCAST, {"message": message, "by": by}, wait=False)
 
     async def _on_cancel(self, msg: Msg) -> None:
         task_id = msg.data.decode()

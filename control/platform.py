@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import re
 
 from nats.aio.msg import Msg
 
-from agent.backends.base import FlagStore
+from agent.backends.base import FlagStore, Scope
+from agent.protocol import BROADCAST_SUBJECT, utcnow
 from control.backends import create_flags, create_registry, create_scheduler
 from control.backends.base import Registry, Scheduler
 from control.models import Agent, ApiKey, Customer, Role, Task
 from control.natsio import Jet, connect
 from control.services.agents import AgentService
 from control.services.audit import AuditLog
-from control.services.auth import AuthService, IssuedKey
-from control.services.killswitch import KillswitchService
+from control.services.auth import AuthService, IssuedKey, Principal
+from control.services.killswitch import KillswitchRequest, KillswitchService
+from control.services.quotas import Quota, QuotaRecord, QuotaService
+from control.services.stats import StatsService
 from control.services.tasks import TaskService
 from control.settings import Settings
 from control.store import Repo
@@ -37,6 +42,9 @@ class ControlPlane:
         self._registry: Registry | None = None
         self._killswitch: KillswitchService | None = None
         self._audit: AuditLog | None = None
+        self._quotas: QuotaService | None = None
+        self._stats: StatsService | None = None
+        self._background: set[asyncio.Task[object]] = set()
         self._jet: Jet | None = None
         self._agents: AgentService | None = None
         self._tasks: TaskService | None = None
@@ -81,6 +89,24 @@ class ControlPlane:
         if self._audit is None:
             raise RuntimeError("control plane is not started")
         return self._audit
+
+    @property
+    def stats(self) -> StatsService:
+        if self._stats is None:
+            raise RuntimeError("control plane is not started")
+        return self._stats
+
+    async def broadcast(self, message: str, by: str) -> None:
+        """A message to every agent (``caravan.broadcast``); agents log it and acknowledge it as an event."""
+        payload = json.dumps({"message": message, "by": by, "at": utcnow().isoformat()})
+        await self.jet.nc.publish(BROADCAST_SUBJECT, payload.encode())
+        await self.jet.nc.flush()
+
+    @property
+    def quotas(self) -> QuotaService:
+        if self._quotas is None:
+            raise RuntimeError("control plane is not started")
+        return self._quotas
 
     @property
     def agents(self) -> AgentService:
@@ -129,9 +155,21 @@ class ControlPlane:
         if self._scheduler is None:
             self._scheduler = create_scheduler(self.settings, self._registry)
         await self._scheduler.start()
-        self._agents = AgentService(Repo(jet.kv["agents"], Agent), jet.js, self._scheduler, self.settings)
+        self._quotas = QuotaService(
+            Repo(jet.kv["quotas"], QuotaRecord), Quota(max_agents=self.settings.max_agents_per_customer)
+        )
+        self._agents = AgentService(Repo(jet.kv["agents"], Agent), jet.js, self._scheduler, self.settings, self._quotas)
         self._killswitch = KillswitchService(self._flags, self._registry, self._agents, self._auth, self._audit, jet.nc)
-        self._tasks = TaskService(Repo(jet.kv["tasks"], Task), jet.js, self._agents, self._killswitch)
+        self._tasks = TaskService(
+            Repo(jet.kv["tasks"], Task), jet.js, self._agents, self._killswitch, self._quotas, self._budget_exceeded
+        )
+        self._stats = StatsService(
+            Repo(jet.kv["agents"], Agent),
+            Repo(jet.kv["tasks"], Task),
+            self._quotas,
+            self._scheduler,
+            Repo(jet.kv["customers"], Customer),
+        )
         await jet.nc.subscribe("caravan.ctl.*.definition.*", queue="caravan-control", cb=self._serve_definition)
         await self._tasks.start_tracker(self._agents.on_agent_event)
         await self._agents.reconcile()
@@ -142,6 +180,8 @@ class ControlPlane:
         self._stopped = True
         if self._tasks is not None:
             await self._tasks.stop_tracker()
+        for task in list(self._background):
+            task.cancel()
         if self._scheduler is not None:
             await self._scheduler.stop()
         for backend in (self._registry, self._flags):
@@ -149,6 +189,19 @@ class ControlPlane:
                 await backend.stop()
         if self._jet is not None:
             await self._jet.close()
+
+    async def _budget_exceeded(self, customer_id: str, total: int, budget: int) -> None:
+        """A customer went over their daily token budget: engage their killswitch (in the background, so that
+        the tracker is not held while agents acknowledge) and say why."""
+        request = KillswitchRequest(
+            scope=Scope.CUSTOMER,
+            customer_id=customer_id,
+            reason=f"daily token budget of {budget} tokens exceeded ({total} used today)",
+        )
+        system = Principal(Role.ADMIN, None, "system:token-budget")
+        task = asyncio.create_task(self.killswitch.apply(system, request))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _serve_definition(self, msg: Msg) -> None:
         match = _DEFINITION.match(msg.subject)

@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     local_model_threads: int | None = Field(default=None, ge=1, le=256, description="Default: every core but one.")
     local_model_queue_timeout_s: float = Field(default=120.0, gt=0, le=3600)
 
-    max_agents_per_customer: int = Field(default=50, ge=1)
+    max_agents_per_customer: int = Field(default=50, ge=1, description="Default agent quota of a new customer.")
+    rate_limit_scale: float = Field(default=1.0, gt=0, description="Multiplies every tier's request rate.")
     task_ack_wait_s: float = Field(default=60.0, ge=1)
 
     @property

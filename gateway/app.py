@@ -10,7 +10,8 @@ from fastapi import FastAPI, Request, Response
 from control.platform import ControlPlane
 from control.settings import Settings
 from gateway.errors import error_response, install_error_handlers
-from gateway.routes import admin, agents, auth, health, tasks
+from gateway.ratelimit import RateLimiter
+from gateway.routes import admin, agents, auth, health, tasks, usage
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
@@ -38,6 +39,7 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
     )
     if control is not None:
         app.state.control = control
+    app.state.limiter = RateLimiter(scale=settings.rate_limit_scale)
     install_error_handlers(app)
 
     @app.middleware("http")
@@ -47,6 +49,6 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
             return error_response(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
         return await call_next(request)
 
-    for module in (health, auth, agents, tasks, admin):
+    for module in (health, auth, agents, tasks, usage, admin):
         app.include_router(module.router)
     return app

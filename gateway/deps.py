@@ -10,7 +10,9 @@ from starlette.requests import HTTPConnection
 
 from control.errors import Forbidden, Invalid, Unauthorized
 from control.platform import ControlPlane
+from control.services.audit import AuditRecord
 from control.services.auth import Principal
+from gateway.ratelimit import RateLimiter
 
 __all__ = ["AdminDep", "ControlDep", "PrincipalDep", "owner_scope", "target_customer"]
 
@@ -25,21 +27,40 @@ def get_control(request: HTTPConnection) -> ControlPlane:
 ControlDep = Annotated[ControlPlane, Depends(get_control)]
 
 
-def get_principal(
-    control: ControlDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+async def get_principal(
+    request: HTTPConnection,
+    control: ControlDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthorized("missing bearer token: get one from POST /v1/auth/token")
-    return control.auth.verify(credentials.credentials)
+    """The caller, from the bearer JWT; failures are audited, and every caller is held to its tier's rate."""
+    try:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise Unauthorized("missing bearer token: get one from POST /v1/auth/token")
+        principal = await control.auth.verify(credentials.credentials)
+    except Unauthorized as exc:
+        await audit_denied(control, request, "auth.denied", "anonymous", exc.message)
+        raise
+    limiter: RateLimiter = request.app.state.limiter
+    limiter.check(principal.key_prefix or principal.subject, principal.tier)
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def get_admin(principal: PrincipalDep) -> Principal:
+async def get_admin(request: HTTPConnection, control: ControlDep, principal: PrincipalDep) -> Principal:
     if not principal.is_admin:
+        await audit_denied(control, request, "auth.forbidden", principal.subject, "admin role required")
         raise Forbidden("admin role required")
     return principal
+
+
+async def audit_denied(control: ControlPlane, request: HTTPConnection, action: str, actor: str, why: str) -> None:
+    client = request.client.host if request.client else None
+    details = {"path": request.url.path, "why": why, "client": client}
+    await control.audit.append(
+        AuditRecord(actor=actor, role="unknown", action=action, result="denied", details=details)
+    )
 
 
 AdminDep = Annotated[Principal, Depends(get_admin)]

@@ -9,13 +9,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.protocol import ModelConfig
 from control.models import AgentStatus, Resources, TaskMessage, TaskStatus, Usage
+from control.services.quotas import UsagePublic
 
 __all__ = [
     "AgentPublic",
+    "BroadcastRequest",
+    "BroadcastResult",
     "CustomerCreated",
+    "CustomerDetail",
     "CustomerPublic",
     "ErrorBody",
     "ErrorResponse",
+    "KeyCreated",
+    "KeyPublic",
     "TaskPublic",
     "TokenRequest",
     "TokenResponse",
@@ -54,6 +60,33 @@ class CustomerPublic(BaseModel):
 class CustomerCreated(CustomerPublic):
     api_key: str = Field(description="Shown once; only its hash is stored.")
     api_key_prefix: str
+
+
+class CustomerDetail(CustomerPublic):
+    usage: UsagePublic
+
+
+class KeyCreated(BaseModel):
+    api_key: str = Field(description="Shown once; only its hash is stored.")
+    api_key_prefix: str
+
+
+class KeyPublic(BaseModel):
+    prefix: str
+    role: str
+    customer_id: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class BroadcastRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(min_length=1, max_length=2000)
+
+
+class BroadcastResult(BaseModel):
+    agents_running: int
 
 
 class AgentPublic(BaseModel):

@@ -39,6 +39,7 @@ def make_settings(nats_url: str, data_dir: Path, **overrides: object) -> Setting
         "agent_restart_delay_s": 0.2,
         "agent_kill_timeout_s": 3,
         "task_ack_wait_s": 30,
+        "rate_limit_scale": 100,  # tests poll quickly; the limits have their own test
     }
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]

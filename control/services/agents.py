@@ -16,6 +16,7 @@ from control.errors import Conflict, Invalid, NotFound
 from control.ids import is_plain_id, new_id
 from control.jobspec import agent_job, job_id_for, namespace_for
 from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate
+from control.services.quotas import QuotaService
 from control.settings import Settings
 from control.store import Repo
 
@@ -29,16 +30,17 @@ def _key(customer_id: str, agent_id: str) -> str:
 
 
 class AgentService:
-    def __init__(self, repo: Repo[Agent], js: JetStreamContext, scheduler: Scheduler, settings: Settings) -> None:
+    def __init__(
+        self, repo: Repo[Agent], js: JetStreamContext, scheduler: Scheduler, settings: Settings, quotas: QuotaService
+    ) -> None:
         self._repo = repo
         self._js = js
         self._scheduler = scheduler
         self._settings = settings
+        self._quotas = quotas
         scheduler.on_status(self._on_scheduler_status)
 
     async def create(self, customer_id: str, spec: AgentCreate) -> Agent:
-        if len(await self._repo.keys(f"{customer_id}.*")) >= self._settings.max_agents_per_customer:
-            raise Conflict(f"agent limit reached ({self._settings.max_agents_per_customer} per customer)")
         agent_id = new_id("ag")
         agent = Agent(
             id=agent_id,
@@ -48,8 +50,13 @@ class AgentService:
             **spec.model_dump(),
         )
         job = self.render(agent)  # a definition that cannot render is refused before anything is stored
-        await self._ensure_consumer(agent)
-        await self._repo.create(_key(customer_id, agent_id), agent)
+        await self._quotas.reserve_agent(customer_id, agent_id, agent.resources.cpu, agent.resources.memory_mb)
+        try:
+            await self._ensure_consumer(agent)
+            await self._repo.create(_key(customer_id, agent_id), agent)
+        except BaseException:
+            await self._quotas.release_agent(customer_id, agent_id)
+            raise
         return await self._submit(agent, job)
 
     async def get(self, customer_id: str | None, agent_id: str) -> Agent:
@@ -78,6 +85,10 @@ class AgentService:
         except ValueError as exc:
             raise Invalid(str(exc)) from exc
         self.render(current.model_copy(update=dict(spec)))  # refuse before storing if it cannot render
+        if current.desired == "running":
+            await self._quotas.reserve_running(
+                current.customer_id, current.id, spec.resources.cpu, spec.resources.memory_mb
+            )
 
         def apply(agent: Agent) -> Agent:
             return agent.model_copy(update={**dict(spec), "version": agent.version + 1, "updated_at": utcnow()})
@@ -102,12 +113,14 @@ class AgentService:
             await self._scheduler.stop_job(agent.namespace, agent.job_id)
         except JobNotOwned as exc:
             raise Conflict(str(exc)) from exc
+        await self._quotas.release_running(agent.customer_id, agent.id)
         return await self._set(agent, status=status, status_reason=reason)
 
     async def start(self, customer_id: str | None, agent_id: str) -> Agent:
         agent = await self.get(customer_id, agent_id)
         if agent.desired == "running" and agent.status in (AgentStatus.STARTING, AgentStatus.RUNNING):
             return agent
+        await self._quotas.reserve_running(agent.customer_id, agent.id, agent.resources.cpu, agent.resources.memory_mb)
         agent = await self._set(agent, desired="running", status=AgentStatus.PENDING, status_reason=None)
         await self._ensure_consumer(agent)
         return await self._submit(agent, self.render(agent))
@@ -117,6 +130,7 @@ class AgentService:
         with contextlib.suppress(NotFoundError):
             await self._js.delete_consumer(TASKS_STREAM, consumer_name(agent.id))
         await self._repo.delete(_key(agent.customer_id, agent.id))
+        await self._quotas.release_agent(agent.customer_id, agent.id)
 
     async def definition(self, customer_id: str, agent_id: str) -> AgentDefinition | None:
         agent = await self._repo.get(_key(customer_id, agent_id))
@@ -177,10 +191,10 @@ class AgentService:
             agent = await self._set(agent, status=AgentStatus.STARTING, status_reason=None)
         try:
             result = await self._scheduler.submit(job)
-        except JobNotOwned as exc:
-            return await self._set(agent, status=AgentStatus.FAILED, status_reason=str(exc))
-        except SchedulerError as exc:
-            return await self._set(agent, status=AgentStatus.FAILED, status_reason=f"scheduler refused the job: {exc}")
+        except SchedulerError as exc:  # JobNotOwned included; what the agent held is given back
+            await self._quotas.release_running(agent.customer_id, agent.id)
+            reason = str(exc) if isinstance(exc, JobNotOwned) else f"scheduler refused the job: {exc}"
+            return await self._set(agent, status=AgentStatus.FAILED, status_reason=reason)
 
         def submitted(current: Agent) -> Agent:
             return current.model_copy(update={"scheduler": result.handles(), "updated_at": utcnow()})

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import jwt
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from agent.protocol import utcnow
 from control.errors import NotFound, Unauthorized
 from control.ids import is_plain_id, new_id
 from control.models import ApiKey, Customer, Role
@@ -25,6 +27,7 @@ from control.store import AlreadyExists, Repo
 __all__ = ["AuthService", "IssuedKey", "Principal"]
 
 _KEY_PREFIX = "cvn"
+_REVOCATION_REFRESH_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class Principal:
     role: Role
     customer_id: str | None
     subject: str
+    key_prefix: str = ""
+    tier: str = "standard"
 
     @property
     def is_admin(self) -> bool:
@@ -55,6 +60,8 @@ class AuthService:
         self._system = system
         self._ttl = ttl_seconds
         self._secret = ""
+        self._revoked: frozenset[str] = frozenset()
+        self._revoked_at = float("-inf")
 
     async def load_secret(self, configured: str | None) -> None:
         """Use the configured JWT secret, or the one generated on first start (shared by all replicas)."""
@@ -96,7 +103,7 @@ class AuthService:
     async def list_customers(self) -> list[Customer]:
         return sorted(await self._customers.list(), key=lambda c: c.created_at)
 
-    async def token_for_key(self, api_key: str) -> tuple[str, int, Principal]:
+    async def token_for_key(self, api_key: str, tier: Callable[[str], Awaitable[str]]) -> tuple[str, int, Principal]:
         record = await self._keys.get(_hash(api_key)) if 16 <= len(api_key) <= 256 else None
         if record is None or record.revoked_at is not None:
             raise Unauthorized("invalid API key")
@@ -109,16 +116,19 @@ class AuthService:
             "role": record.role.value,
             "cid": record.customer_id,
             "kid": record.prefix,
+            "tier": await tier(record.customer_id) if record.customer_id else "admin",
             "iat": now,
             "exp": now + self._ttl,
         }
         token = jwt.encode(claims, self._secret, algorithm="HS256")
-        return token, self._ttl, Principal(record.role, record.customer_id, subject)
+        principal = Principal(record.role, record.customer_id, subject, record.prefix, claims["tier"])
+        return token, self._ttl, principal
 
-    def verify(self, token: str) -> Principal:
+    async def verify(self, token: str) -> Principal:
+        """The caller behind a bearer token: signature, expiry and role checked, and the key not revoked."""
         try:
             claims = jwt.decode(
-                token, self._secret, algorithms=["HS256"], options={"require": ["exp", "iat", "sub", "role"]}
+                token, self._secret, algorithms=["HS256"], options={"require": ["exp", "iat", "sub", "role", "kid"]}
             )
             role = Role(claims["role"])
         except (jwt.InvalidTokenError, ValueError) as exc:
@@ -126,4 +136,29 @@ class AuthService:
         customer_id = claims.get("cid")
         if role is Role.CUSTOMER and not customer_id:
             raise Unauthorized("invalid token: customer token without a customer")
-        return Principal(role, customer_id, str(claims["sub"]))
+        if claims["kid"] in await self._revoked_prefixes():
+            raise Unauthorized("invalid token: its API key was revoked")
+        return Principal(role, customer_id, str(claims["sub"]), str(claims["kid"]), str(claims.get("tier", "standard")))
+
+    async def _revoked_prefixes(self) -> frozenset[str]:
+        """Revoked key prefixes, re-read at most every few seconds (tokens are checked on every request)."""
+        now = time.monotonic()
+        if now - self._revoked_at > _REVOCATION_REFRESH_S:
+            keys = await self._keys.list()
+            self._revoked = frozenset(k.prefix for k in keys if k.revoked_at is not None)
+            self._revoked_at = now
+        return self._revoked
+
+    async def list_keys(self, customer_id: str | None = None) -> list[ApiKey]:
+        keys = [k for k in await self._keys.list() if customer_id is None or k.customer_id == customer_id]
+        return sorted(keys, key=lambda k: k.created_at)
+
+    async def revoke(self, prefix: str) -> ApiKey:
+        for key in await self._keys.list():
+            if key.prefix == prefix:
+                if key.revoked_at is None:
+                    revoked = await self._keys.update(key.hash, lambda k: k.model_copy(update={"revoked_at": utcnow()}))
+                    key = revoked or key
+                self._revoked_at = float("-inf")
+                return key
+        raise NotFound(f"no API key with prefix {prefix!r}")

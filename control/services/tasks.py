@@ -34,6 +34,7 @@ from control.ids import is_plain_id, new_id
 from control.models import TERMINAL_TASK_STATUSES, AgentStatus, Task, TaskCreate, TaskMessage, TaskStatus
 from control.services.agents import AgentService
 from control.services.killswitch import KillswitchService
+from control.services.quotas import QuotaService
 from control.store import Conflict as StoreConflict
 from control.store import Repo
 
@@ -58,11 +59,21 @@ def _key(customer_id: str, task_id: str) -> str:
 
 
 class TaskService:
-    def __init__(self, repo: Repo[Task], js: JetStreamContext, agents: AgentService, guard: KillswitchService) -> None:
+    def __init__(
+        self,
+        repo: Repo[Task],
+        js: JetStreamContext,
+        agents: AgentService,
+        guard: KillswitchService,
+        quotas: QuotaService,
+        on_budget_exceeded: Callable[[str, int, int], Awaitable[None]],
+    ) -> None:
         self._repo = repo
         self._js = js
         self._agents = agents
         self._guard = guard
+        self._quotas = quotas
+        self._on_budget_exceeded = on_budget_exceeded
         self._tracker: asyncio.Task[None] | None = None
         self._tracker_sub: JetStreamContext.PullSubscription | None = None
 
@@ -75,7 +86,12 @@ class TaskService:
         if agent.desired != "running" or agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
             raise Conflict(f"agent {agent.id} is {agent.status.value}; start it before giving it tasks")
         task = Task(id=new_id("tk"), customer_id=customer_id, agent_id=agent.id, task=spec.task)
-        await self._repo.create(_key(customer_id, task.id), task)
+        await self._quotas.reserve_task(customer_id, task.id)
+        try:
+            await self._repo.create(_key(customer_id, task.id), task)
+        except BaseException:
+            await self._quotas.release_task(customer_id, task.id)
+            raise
         await self.publish(Event(kind=EventKind.STATUS, task_id=task.id, customer_id=customer_id, content="queued"))
         request = TaskRequest(task_id=task.id, customer_id=customer_id, agent_id=agent.id, task=spec.task)
         ack = await self._js.publish(
@@ -221,7 +237,22 @@ class TaskService:
         assert event.task_id is not None
         if event.kind == "chunk":  # a piece of a streamed answer, which arrives whole as a message too
             return
-        await self._repo.update(_key(event.customer_id, event.task_id), lambda task: fold_event(task, event))
+        before: list[TaskStatus] = []
+
+        def fold(task: Task) -> Task | None:
+            before[:] = [task.status]
+            return fold_event(task, event)
+
+        after = await self._repo.update(_key(event.customer_id, event.task_id), fold)
+        if after is None:
+            return
+        if after.status in TERMINAL_TASK_STATUSES and before and before[0] not in TERMINAL_TASK_STATUSES:
+            await self._quotas.release_task(event.customer_id, event.task_id)
+        if event.kind == EventKind.USAGE:
+            tokens = int(event.data.get("prompt_tokens", 0)) + int(event.data.get("completion_tokens", 0))
+            total, budget, crossed = await self._quotas.record_tokens(event.customer_id, tokens)
+            if crossed and budget is not None:
+                await self._on_budget_exceeded(event.customer_id, total, budget)
 
 
 def fold_event(task: Task, event: Event) -> Task | None:

@@ -1,25 +1,126 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 
 from agent.backends.base import Flag
-from control.models import CustomerCreate
+from control.models import AgentStatus, CustomerCreate, Role
+from control.platform import ControlPlane
 from control.services.audit import AuditQuery, AuditRecord
+from control.services.auth import Principal
 from control.services.killswitch import KillswitchRequest, KillswitchResult
+from control.services.quotas import Quota, UsagePublic
+from control.services.stats import Stats
 from gateway.deps import AdminDep, ControlDep
-from gateway.schemas import CustomerCreated, CustomerPublic
+from gateway.schemas import (
+    AgentPublic,
+    BroadcastRequest,
+    BroadcastResult,
+    CustomerCreated,
+    CustomerDetail,
+    CustomerPublic,
+    KeyCreated,
+    KeyPublic,
+)
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
+async def _audit(
+    control: ControlPlane,
+    admin: Principal,
+    action: str,
+    customer_id: str | None = None,
+    target: str | None = None,
+    **details: Any,
+) -> None:
+    record = AuditRecord(
+        actor=admin.subject,
+        role=admin.role.value,
+        action=action,
+        customer_id=customer_id,
+        target=target,
+        details=details,
+    )
+    await control.audit.append(record)
+
+
 @router.post("/customers", response_model=CustomerCreated, status_code=status.HTTP_201_CREATED)
-async def create_customer(body: CustomerCreate, control: ControlDep, _: AdminDep) -> CustomerCreated:
+async def create_customer(body: CustomerCreate, control: ControlDep, admin: AdminDep) -> CustomerCreated:
     """Create a tenant and its first API key (shown once)."""
     customer, key = await control.auth.create_customer(body.name)
+    await _audit(control, admin, "customer.create", customer.id, customer.id, key=key.prefix)
     return CustomerCreated(**customer.model_dump(), api_key=key.api_key, api_key_prefix=key.prefix)
+
+
+@router.get("/customers/{customer_id}", response_model=CustomerDetail)
+async def get_customer(customer_id: str, control: ControlDep, _: AdminDep) -> CustomerDetail:
+    customer = await control.auth.get_customer(customer_id)
+    return CustomerDetail(**customer.model_dump(), usage=await control.quotas.usage(customer.id))
+
+
+@router.put("/customers/{customer_id}/quota", response_model=UsagePublic)
+async def set_quota(customer_id: str, body: Quota, control: ControlDep, admin: AdminDep) -> UsagePublic:
+    """Replace the customer's quota. Admission is checked against it from now on; what already runs stays."""
+    customer = await control.auth.get_customer(customer_id)
+    await control.quotas.set_quota(customer.id, body)
+    await _audit(control, admin, "quota.set", customer.id, customer.id, quota=body.model_dump())
+    return await control.quotas.usage(customer.id)
+
+
+@router.post("/customers/{customer_id}/keys", response_model=KeyCreated, status_code=status.HTTP_201_CREATED)
+async def create_key(customer_id: str, control: ControlDep, admin: AdminDep) -> KeyCreated:
+    """Another API key for the customer (shown once)."""
+    customer = await control.auth.get_customer(customer_id)
+    key = await control.auth.issue_key(Role.CUSTOMER, customer.id)
+    await _audit(control, admin, "key.create", customer.id, key.prefix)
+    return KeyCreated(api_key=key.api_key, api_key_prefix=key.prefix)
+
+
+@router.get("/keys", response_model=list[KeyPublic])
+async def list_keys(
+    control: ControlDep, _: AdminDep, customer_id: Annotated[str | None, Query(max_length=64)] = None
+) -> list[KeyPublic]:
+    return [KeyPublic(**k.model_dump()) for k in await control.auth.list_keys(customer_id)]
+
+
+@router.delete("/keys/{prefix}", status_code=status.HTTP_204_NO_CONTENT)
+async def revoke_key(prefix: str, control: ControlDep, admin: AdminDep) -> Response:
+    """Revoke an API key: it gets no more tokens, and tokens it already got stop working within seconds."""
+    key = await control.auth.revoke(prefix)
+    await _audit(control, admin, "key.revoke", key.customer_id, key.prefix)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/agents", response_model=list[AgentPublic])
+async def list_all_agents(control: ControlDep, _: AdminDep) -> list[AgentPublic]:
+    """Every customer's agents."""
+    return [AgentPublic(**a.model_dump()) for a in await control.agents.list(None)]
+
+
+@router.post("/agents/{agent_id}/stop", response_model=AgentPublic)
+async def force_stop_agent(agent_id: str, control: ControlDep, admin: AdminDep) -> AgentPublic:
+    """Stop any customer's agent (its job is stopped; the customer can start it again)."""
+    agent = await control.agents.stop(None, agent_id, reason=f"stopped by an administrator ({admin.subject})")
+    await _audit(control, admin, "agent.force_stop", agent.customer_id, agent.id)
+    return AgentPublic(**agent.model_dump())
+
+
+@router.get("/stats", response_model=Stats)
+async def stats(control: ControlDep, _: AdminDep) -> Stats:
+    """Agents by status, tasks by status, tokens per customer today, and each allocation's CPU and memory."""
+    return await control.stats.overview()
+
+
+@router.post("/broadcast", response_model=BroadcastResult, status_code=status.HTTP_202_ACCEPTED)
+async def broadcast(body: BroadcastRequest, control: ControlDep, admin: AdminDep) -> BroadcastResult:
+    """Send a message to every agent (NATS `caravan.broadcast`); each agent acknowledges with a `broadcast` event."""
+    await control.broadcast(body.message, admin.subject)
+    running = [a for a in await control.agents.list(None) if a.status == AgentStatus.RUNNING]
+    await _audit(control, admin, "broadcast", None, "all", message=body.message, agents=len(running))
+    return BroadcastResult(agents_running=len(running))
 
 
 @router.get("/customers", response_model=list[CustomerPublic])
@@ -33,7 +134,7 @@ async def set_killswitch(body: KillswitchRequest, control: ControlDep, admin: Ad
 
     Waits up to `wait_ms` for the covered agents to acknowledge and says which did not; with `hard`, also
     stops their jobs. Flags are durable: an agent that starts under an engaged flag starts halted."""
-    return await control.killswitch.apply(admin, body)
+    return await control.killswitch.apply(admin, body)  # audited by the killswitch itself
 
 
 @router.get("/killswitch", response_model=list[Flag])

@@ -106,7 +106,7 @@ async def task_ws(
     try:
         if not bearer:
             raise CaravanError("missing bearer token")
-        principal = control.auth.verify(bearer)
+        principal = await control.auth.verify(bearer)
         task = await control.tasks.get(owner_scope(principal), task_id)
     except CaravanError as exc:
         await websocket.close(code=4401 if exc.status == 401 else 4404, reason=exc.message[:100])

@@ -1,0 +1,211 @@
+"""Per-customer quotas and their atomic admission.
+
+A customer's usage is a set of reservations (agents defined, agents running with their CPU and memory,
+tasks in flight, tokens today) held in one KV record and changed only by compare-and-set: fifty
+concurrent agent creations against a limit of ten admit exactly ten. Reservations are keyed by the agent
+or task they are for, so releasing one twice (a retry, a restart) changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from control.errors import CaravanError
+from control.store import AlreadyExists, Repo
+
+__all__ = ["Quota", "QuotaExceeded", "QuotaRecord", "QuotaService", "Tier", "UsagePublic"]
+
+Tier = Literal["free", "standard", "enterprise"]
+
+
+class QuotaExceeded(CaravanError):
+    status = 409
+    code = "quota_exceeded"
+
+
+class Quota(BaseModel):
+    """Limits of one customer; None is unlimited."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tier: Tier = Field(default="standard", description="Rate-limit tier of the API.")
+    max_agents: int | None = Field(default=None, ge=0, le=100_000)
+    max_cpu: int | None = Field(default=None, ge=0, le=10_000_000, description="MHz over running agents.")
+    max_memory_mb: int | None = Field(default=None, ge=0, le=100_000_000, description="MB over running agents.")
+    max_concurrent_tasks: int | None = Field(default=None, ge=0, le=1_000_000)
+    tokens_per_day: int | None = Field(default=None, ge=0, le=10**12, description="Model tokens per UTC day.")
+
+
+class _Running(BaseModel):
+    cpu: int
+    memory_mb: int
+
+
+class QuotaRecord(BaseModel):
+    quota: Quota = Field(default_factory=Quota)
+    agents: list[str] = Field(default_factory=list)
+    running: dict[str, _Running] = Field(default_factory=dict)
+    tasks: list[str] = Field(default_factory=list)
+    token_day: str = ""
+    tokens: int = 0
+    budget_exceeded: bool = False
+
+
+class UsagePublic(BaseModel):
+    quota: Quota
+    agents: int
+    cpu: int
+    memory_mb: int
+    concurrent_tasks: int
+    tokens_today: int
+
+
+def _today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+class QuotaService:
+    def __init__(self, repo: Repo[QuotaRecord], default: Quota) -> None:
+        self._repo = repo
+        self._default = default
+
+    async def _record(self, customer_id: str) -> QuotaRecord:
+        record = await self._repo.get(customer_id)
+        if record is None:
+            record = QuotaRecord(quota=self._default)
+            try:
+                await self._repo.create(customer_id, record)
+            except AlreadyExists:
+                record = await self._repo.get(customer_id) or record
+        return record
+
+    async def _change(self, customer_id: str, change: Callable[[QuotaRecord], QuotaRecord | None]) -> QuotaRecord:
+        await self._record(customer_id)
+        updated = await self._repo.update(customer_id, change)
+        assert updated is not None
+        return updated
+
+    async def set_quota(self, customer_id: str, quota: Quota) -> QuotaRecord:
+        return await self._change(customer_id, lambda r: r.model_copy(update={"quota": quota}))
+
+    async def usage(self, customer_id: str) -> UsagePublic:
+        record = await self._record(customer_id)
+        tokens = record.tokens if record.token_day == _today() else 0
+        return UsagePublic(
+            quota=record.quota,
+            agents=len(record.agents),
+            cpu=sum(r.cpu for r in record.running.values()),
+            memory_mb=sum(r.memory_mb for r in record.running.values()),
+            concurrent_tasks=len(record.tasks),
+            tokens_today=tokens,
+        )
+
+    async def tier(self, customer_id: str) -> Tier:
+        return (await self._record(customer_id)).quota.tier
+
+    async def reserve_agent(self, customer_id: str, agent_id: str, cpu: int, memory_mb: int) -> None:
+        """Admit a new agent that will run with ``cpu`` and ``memory_mb``; raises :class:`QuotaExceeded`."""
+
+        def admit(record: QuotaRecord) -> QuotaRecord | None:
+            if agent_id in record.agents:
+                return None
+            quota = record.quota
+            if quota.max_agents is not None and len(record.agents) + 1 > quota.max_agents:
+                raise QuotaExceeded(f"quota exceeded: at most {quota.max_agents} agents")
+            _check_resources(record, agent_id, cpu, memory_mb)
+            running = {**record.running, agent_id: _Running(cpu=cpu, memory_mb=memory_mb)}
+            return record.model_copy(update={"agents": [*record.agents, agent_id], "running": running})
+
+        await self._change(customer_id, admit)
+
+    async def reserve_running(self, customer_id: str, agent_id: str, cpu: int, memory_mb: int) -> None:
+        """An existing agent starts (or changes its resources); raises :class:`QuotaExceeded`."""
+
+        def admit(record: QuotaRecord) -> QuotaRecord | None:
+            current = record.running.get(agent_id)
+            if current is not None and (current.cpu, current.memory_mb) == (cpu, memory_mb):
+                return None
+            _check_resources(record, agent_id, cpu, memory_mb)
+            return record.model_copy(
+                update={"running": {**record.running, agent_id: _Running(cpu=cpu, memory_mb=memory_mb)}}
+            )
+
+        await self._change(customer_id, admit)
+
+    async def release_running(self, customer_id: str, agent_id: str) -> None:
+        def release(record: QuotaRecord) -> QuotaRecord | None:
+            if agent_id not in record.running:
+                return None
+            return record.model_copy(update={"running": {k: v for k, v in record.running.items() if k != agent_id}})
+
+        await self._change(customer_id, release)
+
+    async def release_agent(self, customer_id: str, agent_id: str) -> None:
+        def release(record: QuotaRecord) -> QuotaRecord | None:
+            if agent_id not in record.agents and agent_id not in record.running:
+                return None
+            return record.model_copy(
+                update={
+                    "agents": [a for a in record.agents if a != agent_id],
+                    "running": {k: v for k, v in record.running.items() if k != agent_id},
+                }
+            )
+
+        await self._change(customer_id, release)
+
+    async def reserve_task(self, customer_id: str, task_id: str) -> None:
+        def admit(record: QuotaRecord) -> QuotaRecord | None:
+            if task_id in record.tasks:
+                return None
+            limit = record.quota.max_concurrent_tasks
+            if limit is not None and len(record.tasks) + 1 > limit:
+                raise QuotaExceeded(f"quota exceeded: at most {limit} concurrent tasks")
+            _check_budget(record)
+            return record.model_copy(update={"tasks": [*record.tasks, task_id]})
+
+        await self._change(customer_id, admit)
+
+    async def release_task(self, customer_id: str, task_id: str) -> None:
+        def release(record: QuotaRecord) -> QuotaRecord | None:
+            if task_id not in record.tasks:
+                return None
+            return record.model_copy(update={"tasks": [t for t in record.tasks if t != task_id]})
+
+        await self._change(customer_id, release)
+
+    async def record_tokens(self, customer_id: str, tokens: int) -> tuple[int, int | None, bool]:
+        """Add metered tokens; returns (tokens today, daily budget, whether this call crossed the budget)."""
+        crossed = False
+
+        def add(record: QuotaRecord) -> QuotaRecord:
+            nonlocal crossed
+            today = _today()
+            total = (record.tokens if record.token_day == today else 0) + tokens
+            exceeded = record.budget_exceeded if record.token_day == today else False
+            budget = record.quota.tokens_per_day
+            crossed = budget is not None and total > budget and not exceeded
+            return record.model_copy(
+                update={"token_day": today, "tokens": total, "budget_exceeded": exceeded or crossed}
+            )
+
+        record = await self._change(customer_id, add)
+        return record.tokens, record.quota.tokens_per_day, crossed
+
+
+def _check_resources(record: QuotaRecord, agent_id: str, cpu: int, memory_mb: int) -> None:
+    others = [r for a, r in record.running.items() if a != agent_id]
+    quota = record.quota
+    if quota.max_cpu is not None and sum(r.cpu for r in others) + cpu > quota.max_cpu:
+        raise QuotaExceeded(f"quota exceeded: at most {quota.max_cpu} MHz of CPU over running agents")
+    if quota.max_memory_mb is not None and sum(r.memory_mb for r in others) + memory_mb > quota.max_memory_mb:
+        raise QuotaExceeded(f"quota exceeded: at most {quota.max_memory_mb} MB of memory over running agents")
+
+
+def _check_budget(record: QuotaRecord) -> None:
+    budget = record.quota.tokens_per_day
+    if budget is not None and record.token_day == _today() and record.tokens >= budget:
+        raise QuotaExceeded(f"daily token budget of {budget} used up ({record.tokens} tokens today)")

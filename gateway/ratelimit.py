@@ -1,0 +1,58 @@
+"""Per-caller request rate limits by tier: a token bucket per API key, answered with 429 and Retry-After."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from control.errors import CaravanError
+
+__all__ = ["TIERS", "RateLimited", "RateLimiter"]
+
+
+@dataclass(frozen=True)
+class Rate:
+    per_second: float
+    burst: int
+
+
+TIERS: dict[str, Rate] = {
+    "free": Rate(per_second=5, burst=20),
+    "standard": Rate(per_second=20, burst=60),
+    "enterprise": Rate(per_second=100, burst=300),
+}
+
+
+class RateLimited(CaravanError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, {"retry_after_s": retry_after})
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class RateLimiter:
+    """One bucket per caller (an API key's prefix), refilled continuously at its tier's rate. In memory: each
+    gateway replica limits on its own, so the cluster-wide rate is at most replicas times the tier's."""
+
+    def __init__(self, tiers: dict[str, Rate] | None = None, scale: float = 1.0) -> None:
+        base = tiers or TIERS
+        self._tiers = {name: Rate(r.per_second * scale, max(1, int(r.burst * scale))) for name, r in base.items()}
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def check(self, caller: str, tier: str) -> None:
+        rate = self._tiers.get(tier)
+        if rate is None:  # admins, and tiers without a limit
+            return
+        now = time.monotonic()
+        tokens, last = self._buckets.get(caller, (float(rate.burst), now))
+        tokens = min(float(rate.burst), tokens + (now - last) * rate.per_second)
+        if tokens < 1:
+            wait = math.ceil((1 - tokens) / rate.per_second)
+            self._buckets[caller] = (tokens, now)
+            raise RateLimited(f"rate limit of the {tier} tier ({rate.per_second:g}/s) reached; retry later", wait)
+        self._buckets[caller] = (tokens - 1, now)
+        if len(self._buckets) > 100_000:  # forget idle callers rather than grow without bound
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
