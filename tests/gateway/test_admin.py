@@ -1,0 +1,173 @@
+"""The admin control plane, and tenant isolation across every route."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import httpx
+import nats
+import pytest
+from nats.js.errors import Error as JetStreamError
+
+from control.services.audit import AUDIT_STREAM
+from gateway.app import create_app
+from tests.conftest import Api
+from tests.gateway.test_tasks_api import finished, running_agent, start_task
+from tests.support.helpers import assert_eventually, serve_app
+
+IDS = {"agent_id": "agent", "task_id": "task", "customer_id": "customer", "prefix": "key"}
+
+
+async def test_every_route_refuses_another_tenant_and_changes_nothing(api: Api) -> None:
+    alice_id, alice = await api.new_customer("alice")
+    _, bob = await api.new_customer("bob")
+    agent = await running_agent(api, alice)
+    task = await finished(api, alice, await start_task(api, alice, agent["id"]))
+    key = (await api.client.get("/v1/admin/keys", params={"customer_id": alice_id}, headers=await api.admin())).json()
+    ids = {"agent": agent["id"], "task": task["id"], "customer": alice_id, "key": key[0]["prefix"]}
+    checked = 0
+    schema = (await api.client.get("/openapi.json")).json()
+    for template, operations in schema["paths"].items():
+        if not template.startswith("/v1/"):
+            continue
+        params = re.findall(r"{(\w+)}", template)
+        path = template
+        for name in params:
+            path = path.replace("{" + name + "}", ids[IDS[name]])
+        for method in (m.upper() for m in operations):
+            body: dict[str, Any] | None = (
+                {"replicas": 2} if method == "PATCH" else {"agent_id": agent["id"], "task": "x"}
+            )
+            if method in ("GET", "DELETE"):
+                body = None
+            response = await api.client.request(method, path, headers=bob, json=body)
+            if path.startswith("/v1/admin/"):
+                assert response.status_code == 403, (method, path, response.status_code)
+            elif params:
+                assert response.status_code == 404, (method, path, response.status_code)
+            checked += 1
+    assert checked >= 25
+    # nothing of Alice's changed
+    assert (await api.client.get(f"/v1/agents/{agent['id']}", headers=alice)).json()["version"] == 1
+    assert (await api.client.get(f"/v1/tasks/{task['id']}", headers=alice)).json() == task
+    assert (await api.client.get("/v1/tasks", headers=bob)).json() == []
+    assert (await api.client.post("/v1/auth/token", json={"api_key": "x" * 20})).status_code == 401
+
+
+async def test_keys_are_shown_once_listed_by_prefix_and_revocable(api: Api) -> None:
+    customer_id, _ = await api.new_customer()
+    admin = await api.admin()
+    created = (await api.client.post(f"/v1/admin/customers/{customer_id}/keys", headers=admin)).json()
+    assert created["api_key"].startswith(created["api_key_prefix"])
+    token = await api.token(created["api_key"])
+    listed = (await api.client.get("/v1/admin/keys", params={"customer_id": customer_id}, headers=admin)).json()
+    assert created["api_key_prefix"] in [k["prefix"] for k in listed]
+    assert created["api_key"] not in json.dumps(listed)
+    assert (await api.client.delete(f"/v1/admin/keys/{created['api_key_prefix']}", headers=admin)).status_code == 204
+    refused = await api.client.post("/v1/auth/token", json={"api_key": created["api_key"]})
+    assert refused.status_code == 401
+    await assert_eventually(
+        lambda: api.client.get("/v1/agents", headers=token), lambda r: r.status_code == 401, what="old token refused"
+    )
+    assert (await api.client.delete("/v1/admin/keys/cvn_nothere", headers=admin)).status_code == 404
+
+
+async def test_admin_lists_all_agents_force_stops_and_sees_stats(api: Api) -> None:
+    _, alice = await api.new_customer("alice")
+    _, bob = await api.new_customer("bob")
+    a = await running_agent(api, alice)
+    b = await running_agent(api, bob)
+    await finished(api, alice, await start_task(api, alice, a["id"]))
+    admin = await api.admin()
+    every = {x["id"] for x in (await api.client.get("/v1/admin/agents", headers=admin)).json()}
+    assert {a["id"], b["id"]} <= every
+    stats = (await api.client.get("/v1/admin/stats", headers=admin)).json()
+    assert stats["agents_by_status"]["running"] >= 2 and stats["tasks_by_status"]["completed"] >= 1
+    assert stats["tokens_today"][a["customer_id"]] > 0
+    allocs = {s["agent_id"]: s for s in stats["allocations"]}
+    assert allocs[a["id"]]["memory_rss_mb"] > 10
+    stopped = await api.client.post(f"/v1/admin/agents/{b['id']}/stop", headers=admin)
+    assert stopped.status_code == 200 and "administrator" in stopped.json()["status_reason"]
+    assert (await api.client.get(f"/v1/agents/{b['id']}", headers=bob)).json()["status"] == "stopped"
+    audit = (await api.client.get("/v1/admin/audit", params={"action": "agent.force_stop"}, headers=admin)).json()
+    assert [r["target"] for r in audit] == [b["id"]]
+
+
+async def test_broadcast_reaches_every_running_agent(api: Api) -> None:
+    _, alice = await api.new_customer("alice")
+    agents = [await running_agent(api, alice, name=f"b{i}") for i in range(2)]
+    nc = await nats.connect(api.control.settings.nats_url)
+    heard: set[str] = set()
+
+    async def on_event(msg: nats.aio.msg.Msg) -> None:
+        event = json.loads(msg.data)
+        if event["kind"] == "broadcast" and event["data"]["message"] == "maintenance at noon":
+            heard.add(event["agent_id"])
+
+    await nc.subscribe("caravan.events.*.agent.*", cb=on_event)
+    response = await api.client.post(
+        "/v1/admin/broadcast", json={"message": "maintenance at noon"}, headers=await api.admin()
+    )
+    assert response.status_code == 202 and response.json()["agents_running"] >= 2
+
+    async def probe() -> set[str]:
+        return heard
+
+    await assert_eventually(probe, lambda h: {a["id"] for a in agents} <= h, what="every agent acknowledged")
+    await nc.close()
+
+
+async def test_rate_limits_answer_429_with_retry_after(api: Api) -> None:
+    _, headers = await api.new_customer()
+    strict = api.control.settings.model_copy(update={"rate_limit_scale": 0.05})  # standard: 1/s, burst 3
+    async with serve_app(create_app(strict, api.control)) as base, httpx.AsyncClient(base_url=base) as client:
+        codes = [(await client.get("/v1/agents", headers=headers)) for _ in range(5)]
+        assert [r.status_code for r in codes[:3]] == [200, 200, 200]
+        limited = codes[-1]
+        assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert (await client.get("/v1/admin/stats", headers=await api.admin())).status_code == 200  # admins
+
+
+async def test_audit_records_logins_refusals_and_cannot_be_deleted(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    await api.client.post("/v1/auth/token", json={"api_key": "cvn_deadbeef_" + "x" * 40})
+    await api.client.get("/v1/admin/stats", headers=headers)
+    await api.client.get("/v1/agents", headers={"Authorization": "Bearer forged"})
+    admin = await api.admin()
+    records = (await api.client.get("/v1/admin/audit", headers=admin)).json()
+    actions = {(r["action"], r["result"]) for r in records}
+    assert {
+        ("auth.token", "ok"),
+        ("auth.token", "denied"),
+        ("auth.forbidden", "denied"),
+        ("auth.denied", "denied"),
+        ("customer.create", "ok"),
+    } <= actions
+    mine = (await api.client.get("/v1/admin/audit", params={"customer_id": customer_id}, headers=admin)).json()
+    assert mine and all(r["customer_id"] == customer_id for r in mine)
+    later = (await api.client.get("/v1/admin/audit", params={"since": "2999-01-01T00:00:00Z"}, headers=admin)).json()
+    assert later == []
+    nc = await nats.connect(api.control.settings.nats_url)
+    js = nc.jetstream()
+    info = await js.stream_info(AUDIT_STREAM)
+    assert info.config.deny_delete and info.config.deny_purge
+    with pytest.raises(JetStreamError):
+        await js.purge_stream(AUDIT_STREAM)
+    with pytest.raises(JetStreamError):
+        await js.delete_msg(AUDIT_STREAM, 1)
+    assert (await js.stream_info(AUDIT_STREAM)).state.messages == info.state.messages
+    await nc.close()
+
+
+async def test_admin_routes_validate_input(api: Api) -> None:
+    admin = await api.admin()
+    assert (await api.client.post("/v1/admin/broadcast", json={"message": ""}, headers=admin)).status_code == 422
+    assert (
+        await api.client.post("/v1/admin/broadcast", json={"message": "x" * 2001}, headers=admin)
+    ).status_code == 422
+    assert (await api.client.get("/v1/admin/audit", params={"action": "../x"}, headers=admin)).status_code == 422
+    assert (await api.client.get("/v1/admin/customers/cu-000000000000", headers=admin)).status_code == 404
+    assert (await api.client.post("/v1/admin/agents/ag-000000000000/stop", headers=admin)).status_code == 404

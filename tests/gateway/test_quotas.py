@@ -1,0 +1,116 @@
+"""Quotas: admission is atomic under concurrency, reservations come back, and a token budget breach halts the
+customer through the killswitch and says why."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tests.conftest import Api
+from tests.gateway.test_agents_api import agent_body, wait_status
+from tests.gateway.test_tasks_api import finished, running_agent, start_task
+from tests.support.helpers import assert_eventually
+
+
+async def set_quota(api: Api, customer_id: str, **quota: Any) -> dict[str, Any]:
+    response = await api.client.put(f"/v1/admin/customers/{customer_id}/quota", json=quota, headers=await api.admin())
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def usage(api: Api, headers: dict[str, str]) -> dict[str, Any]:
+    return dict((await api.client.get("/v1/usage", headers=headers)).json())
+
+
+async def test_fifty_concurrent_creations_against_a_quota_of_ten_admit_exactly_ten(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    await set_quota(api, customer_id, max_agents=10)
+    responses = await asyncio.gather(
+        *(api.client.post("/v1/agents", json=agent_body(name=f"a{i}"), headers=headers) for i in range(50))
+    )
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(201) == 10 and codes.count(409) == 40, codes
+    refused = next(r for r in responses if r.status_code == 409).json()["error"]
+    assert refused["code"] == "quota_exceeded" and "10 agents" in refused["message"]
+    assert len((await api.client.get("/v1/agents", headers=headers)).json()) == 10
+    assert (await usage(api, headers))["agents"] == 10
+    # a deleted agent gives its place back
+    victim = next(r.json()["id"] for r in responses if r.status_code == 201)
+    assert (await api.client.delete(f"/v1/agents/{victim}", headers=headers)).status_code == 204
+    assert (await usage(api, headers))["agents"] == 9
+    again = await api.client.post("/v1/agents", json=agent_body(name="again"), headers=headers)
+    assert again.status_code == 201
+
+
+async def test_cpu_and_memory_are_reserved_while_running_and_released_on_stop(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    await set_quota(api, customer_id, max_memory_mb=600, max_cpu=1000)
+    first = await api.client.post(
+        "/v1/agents", json=agent_body(name="big", resources={"cpu": 300, "memory_mb": 512}), headers=headers
+    )
+    assert first.status_code == 201
+    second = await api.client.post(
+        "/v1/agents", json=agent_body(name="other", resources={"cpu": 300, "memory_mb": 256}), headers=headers
+    )
+    assert second.status_code == 409 and "memory" in second.json()["error"]["message"]
+    assert (await usage(api, headers))["memory_mb"] == 512
+    await api.client.post(f"/v1/agents/{first.json()['id']}/stop", headers=headers)
+    assert (await usage(api, headers))["memory_mb"] == 0
+    third = await api.client.post("/v1/agents", json=agent_body(name="other"), headers=headers)
+    assert third.status_code == 201
+    # starting the big one again would go over now, and so would growing the running one
+    restart = await api.client.post(f"/v1/agents/{first.json()['id']}/start", headers=headers)
+    assert restart.status_code == 409
+    grow = await api.client.patch(
+        f"/v1/agents/{third.json()['id']}", json={"resources": {"cpu": 200, "memory_mb": 4096}}, headers=headers
+    )
+    assert grow.status_code == 409 and "memory" in grow.json()["error"]["message"]
+    unchanged = (await api.client.get(f"/v1/agents/{third.json()['id']}", headers=headers)).json()
+    assert unchanged["resources"]["memory_mb"] == 256 and unchanged["version"] == 1
+
+
+async def test_concurrent_tasks_are_limited_and_released_when_they_end(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    await set_quota(api, customer_id, max_concurrent_tasks=1)
+    slow = {"provider": "replay", "name": "slow", "responses": ["done"], "delay_ms": 60_000}
+    agent = await running_agent(api, headers, model=slow, tools=[])
+    first = await start_task(api, headers, agent["id"])
+    refused = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "more"}, headers=headers)
+    assert refused.status_code == 409 and "concurrent tasks" in refused.json()["error"]["message"]
+    await api.client.post(f"/v1/tasks/{first}/cancel", headers=headers)
+    await finished(api, headers, first)
+    await assert_eventually(lambda: usage(api, headers), lambda u: u["concurrent_tasks"] == 0)
+    assert (
+        await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "x"}, headers=headers)
+    ).status_code == 202
+
+
+async def test_a_token_budget_breach_engages_the_customers_killswitch_and_is_audited(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    _, bystander = await api.new_customer("bystander")
+    await set_quota(api, customer_id, tokens_per_day=10)
+    agent = await running_agent(api, headers)
+    other = await running_agent(api, bystander)
+    task = await finished(api, headers, await start_task(api, headers, agent["id"]))
+    assert task["usage"]["completion_tokens"] + task["usage"]["prompt_tokens"] > 10
+    halted = await wait_status(api, headers, agent["id"], "killed")
+    assert "daily token budget of 10 tokens exceeded" in halted["status_reason"]
+    refused = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "x"}, headers=headers)
+    assert refused.status_code == 409 and "token budget" in refused.json()["error"]["message"]
+    assert (await usage(api, headers))["tokens_today"] > 10
+    assert (await api.client.get(f"/v1/agents/{other['id']}", headers=bystander)).json()["status"] == "running"
+    audit = (
+        await api.client.get("/v1/admin/audit", params={"actor": "system:token-budget"}, headers=await api.admin())
+    ).json()
+    assert [(r["action"], r["customer_id"]) for r in audit] == [("killswitch.engage", customer_id)]
+
+
+async def test_bad_quotas_are_422(api: Api) -> None:
+    customer_id, _ = await api.new_customer()
+    admin = await api.admin()
+    for body in ({"max_agents": -1}, {"tier": "platinum"}, {"unknown": 1}, {"tokens_per_day": "lots"}):
+        response = await api.client.put(f"/v1/admin/customers/{customer_id}/quota", json=body, headers=admin)
+        assert response.status_code == 422, body
+    assert (
+        await api.client.put("/v1/admin/customers/cu-000000000000/quota", json={}, headers=admin)
+    ).status_code == 404
