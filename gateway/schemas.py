@@ -12,6 +12,7 @@ from control.models import AgentStatus, Resources, TaskMessage, TaskStatus, Usag
 from control.services.quotas import UsagePublic
 
 __all__ = [
+    "ERROR_RESPONSES",
     "AgentPublic",
     "BroadcastRequest",
     "BroadcastResult",
@@ -36,6 +37,22 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+_ERROR_MEANINGS = {
+    400: "Bad request",
+    401: "Missing, invalid or expired credentials",
+    403: "Not allowed for this role",
+    404: "Not found (including another customer's resources)",
+    409: "Conflicts with the current state (a stopped agent, a quota, an engaged killswitch)",
+    413: "Request body too large",
+    422: "Invalid input",
+    429: "Rate limit reached (see Retry-After)",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": meaning} for code, meaning in _ERROR_MEANINGS.items()
+}
+"""Every route may answer these, always as ``{"error": {"code", "message", "details"}}``."""
 
 
 class TokenRequest(BaseModel):

@@ -15,6 +15,7 @@ from control.services.quotas import Quota, UsagePublic
 from control.services.stats import Stats
 from gateway.deps import AdminDep, ControlDep
 from gateway.schemas import (
+    ERROR_RESPONSES,
     AgentPublic,
     BroadcastRequest,
     BroadcastResult,
@@ -25,7 +26,7 @@ from gateway.schemas import (
     KeyPublic,
 )
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERROR_RESPONSES)
 
 
 async def _audit(

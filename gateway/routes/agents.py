@@ -6,9 +6,9 @@ from fastapi import APIRouter, Query, Response, status
 
 from control.models import Agent, AgentCreate, AgentUpdate
 from gateway.deps import ControlDep, PrincipalDep, owner_scope, target_customer
-from gateway.schemas import AgentPublic
+from gateway.schemas import ERROR_RESPONSES, AgentPublic
 
-router = APIRouter(prefix="/v1/agents", tags=["agents"])
+router = APIRouter(prefix="/v1/agents", tags=["agents"], responses=ERROR_RESPONSES)
 AgentId = Annotated[str, "agent id"]
 
 

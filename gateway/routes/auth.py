@@ -5,9 +5,9 @@ from fastapi import APIRouter, Request
 from control.errors import Unauthorized
 from control.services.audit import AuditRecord
 from gateway.deps import ControlDep
-from gateway.schemas import TokenRequest, TokenResponse
+from gateway.schemas import ERROR_RESPONSES, TokenRequest, TokenResponse
 
-router = APIRouter(prefix="/v1/auth", tags=["auth"])
+router = APIRouter(prefix="/v1/auth", tags=["auth"], responses=ERROR_RESPONSES)
 
 
 @router.post("/token", response_model=TokenResponse)

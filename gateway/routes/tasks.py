@@ -11,9 +11,9 @@ from control.errors import CaravanError, Invalid
 from control.models import Task, TaskCreate, TaskStatus
 from control.services.tasks import StreamedEvent
 from gateway.deps import ControlDep, PrincipalDep, owner_scope
-from gateway.schemas import TaskPublic
+from gateway.schemas import ERROR_RESPONSES, TaskPublic
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 
 
 def _public(task: Task) -> TaskPublic:

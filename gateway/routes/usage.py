@@ -5,8 +5,9 @@ from fastapi import APIRouter
 from control.errors import Invalid
 from control.services.quotas import UsagePublic
 from gateway.deps import ControlDep, PrincipalDep
+from gateway.schemas import ERROR_RESPONSES
 
-router = APIRouter(prefix="/v1", tags=["usage"])
+router = APIRouter(prefix="/v1", tags=["usage"], responses=ERROR_RESPONSES)
 
 
 @router.get("/usage", response_model=UsagePublic)
