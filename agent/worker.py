@@ -66,6 +66,8 @@ class WorkerConfig:
     health_host: str = "127.0.0.1"
     alloc_id: str = ""
     definition_timeout: float = 30.0
+    nats_user: str | None = None
+    nats_password: str | None = None
     flags: str = "natskv"
     flags_grace: float = 30.0
     flags_heartbeat: float = 5.0
@@ -84,6 +86,8 @@ class WorkerConfig:
             health_port=int(port),
             health_host=env.get("CARAVAN_HEALTH_HOST", "127.0.0.1"),
             alloc_id=env.get("NOMAD_ALLOC_ID", ""),
+            nats_user=env.get("CARAVAN_NATS_USER") or None,
+            nats_password=env.get("CARAVAN_NATS_PASSWORD") or None,
             flags=env.get("CARAVAN_FLAGS", "natskv"),
             flags_grace=float(env.get("CARAVAN_FLAGS_GRACE_S", "30")),
             flags_heartbeat=float(env.get("CARAVAN_FLAGS_HEARTBEAT_S", "5")),
@@ -148,7 +152,13 @@ class AgentWorker:
         self._started = True
         cfg = self.config
         self._nc = await nats.connect(
-            cfg.nats_url, name=f"caravan-agent-{cfg.agent_id}", max_reconnect_attempts=-1, drain_timeout=5
+            cfg.nats_url,
+            name=f"caravan-agent-{cfg.agent_id}",
+            user=cfg.nats_user,
+            password=cfg.nats_password,
+            inbox_prefix=f"_INBOX_{cfg.agent_id}",  # NATS permissions let an agent read only its own inbox
+            max_reconnect_attempts=-1,
+            drain_timeout=5,
         )
         self._js = self._nc.jetstream()
         self.definition = await self._load_definition()

@@ -26,6 +26,7 @@ from control.ids import is_plain_id
 from control.jobspec import agent_job
 from control.localmodel import LocalModel, LocalModelUnavailable, runtime_installed
 from control.models import Agent, AgentCreate
+from control.natsauth import NatsAuth
 from control.natsio import connect
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
@@ -177,7 +178,7 @@ def _banner(settings: Settings, nats_url: str, creds: dict[str, Any], model: str
         "Caravan is up (embedded default: local scheduler, NATS JetStream, JetStream KV flags).",
         f"  API        {base}",
         f"  API docs   {base}/docs",
-        f"  NATS       {nats_url}    watch events: nats sub -s {nats_url} 'caravan.events.>'",
+        f"  NATS       watch every event: nats sub -s {nats_url} 'caravan.events.>'",
         f"  Data       {settings.data_dir.resolve()}  (credentials in {_credentials_path(settings).name})",
         f"  Model      {model}",
         "",
@@ -202,14 +203,19 @@ async def _up(settings: Settings, nats_port: int) -> None:
     if not _port_free(settings.http_host, settings.http_port):
         raise SystemExit(f"port {settings.http_port} is in use: set CARAVAN_HTTP_PORT to a free port")
     port = nats_port if _port_free("127.0.0.1", nats_port) else 0
-    async with EmbeddedNats(settings.data_dir / "nats", port=port) as nats_server, _local_model(settings) as local:
+    auth = NatsAuth(settings.data_dir / "nats")  # every agent gets its own NATS user, confined to its customer
+    nats_dir = settings.data_dir / "nats"
+    async with EmbeddedNats(nats_dir, port=port, auth=True) as nats_server, _local_model(settings) as local:
+        auth.server_pid = nats_server.pid
         if port == 0:
             log.warning("port %s is in use; NATS listens on %s instead", nats_port, nats_server.port)
         settings = settings.model_copy(update={"nats_url": nats_server.url, "local_model_url": local})
-        async with ControlPlane(settings) as control:
+        async with ControlPlane(settings, nats_auth=auth) as control:
             demo = _demo_model(settings)
             creds = await _demo_credentials(settings, control, demo)
-            await _serve(settings, control, _banner(settings, nats_server.url, creds, demo.about))
+            control_user = auth.control()
+            watch_url = nats_server.url.replace("nats://", f"nats://{control_user.user}:{control_user.password}@")
+            await _serve(settings, control, _banner(settings, watch_url, creds, demo.about))
             print("Stopping agents and NATS...", flush=True)
 
 

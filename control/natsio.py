@@ -56,9 +56,9 @@ async def _raise_consumer_limit(js: JetStreamContext, stream: str) -> None:
         await js.update_stream(config)
 
 
-async def connect(url: str, name: str = "caravan-control") -> Jet:
+async def connect(url: str, name: str = "caravan-control", user: str | None = None, password: str | None = None) -> Jet:
     """Connect and make sure every stream and bucket exists (idempotent; safe for several replicas)."""
-    nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, connect_timeout=5)
+    nc = await nats.connect(url, name=name, user=user, password=password, max_reconnect_attempts=-1, connect_timeout=5)
     js = nc.jetstream(timeout=15)
     await _ensure_stream(
         js,

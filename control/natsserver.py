@@ -27,8 +27,12 @@ def nats_server_binary() -> str:
 class EmbeddedNats:
     """``async with EmbeddedNats(dir) as n: n.url`` — port 0 picks a free port, read back from the log."""
 
-    def __init__(self, store_dir: Path, host: str = "127.0.0.1", port: int = 0, max_payload_mb: int = 8) -> None:
+    def __init__(
+        self, store_dir: Path, host: str = "127.0.0.1", port: int = 0, max_payload_mb: int = 8, auth: bool = False
+    ) -> None:
+        """With ``auth``, the server requires the users of ``<store_dir>/auth.conf`` (see control.natsauth)."""
         self.store_dir = store_dir
+        self.auth = auth
         self.host = host
         self.port = port
         self.max_payload_mb = max_payload_mb
@@ -52,6 +56,7 @@ class EmbeddedNats:
             f'listen: "{self.host}:{self.port if self.port else -1}"\n'
             f"max_payload: {self.max_payload_mb * 2**20}\n"
             f'jetstream {{ store_dir: "{self.store_dir / "jetstream"}" }}\n'
+            + ('include "auth.conf"\n' if self.auth else "")
         )
         self._proc = await asyncio.create_subprocess_exec(
             nats_server_binary(),
@@ -84,6 +89,10 @@ class EmbeddedNats:
     async def _drain(stream: asyncio.StreamReader) -> None:
         while await stream.readline():
             pass
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -14,6 +14,7 @@ from agent.protocol import BROADCAST_SUBJECT, utcnow
 from control.backends import create_flags, create_registry, create_scheduler
 from control.backends.base import Registry, Scheduler
 from control.models import Agent, ApiKey, Customer, Role, Task
+from control.natsauth import NatsAuth
 from control.natsio import Jet, connect
 from control.services.agents import AgentService
 from control.services.audit import AuditLog
@@ -34,9 +35,13 @@ _DEFINITION = re.compile(r"^caravan\.ctl\.([a-z]{2}-[0-9a-f]{12})\.definition\.(
 class ControlPlane:
     """``async with ControlPlane(settings) as cp:`` connects, bootstraps and reconciles; stop() undoes it."""
 
-    def __init__(self, settings: Settings, scheduler: Scheduler | None = None) -> None:
-        """``scheduler`` replaces the one the settings name (tests hand in one pointed at an API double)."""
+    def __init__(
+        self, settings: Settings, scheduler: Scheduler | None = None, nats_auth: NatsAuth | None = None
+    ) -> None:
+        """``scheduler`` replaces the one the settings name (tests hand in one pointed at an API double).
+        ``nats_auth`` is given when Caravan runs the NATS server itself: agents then get their own users."""
         self.settings = settings
+        self.nats_auth = nats_auth
         self._scheduler: Scheduler | None = scheduler
         self._flags: FlagStore | None = None
         self._registry: Registry | None = None
@@ -134,7 +139,14 @@ class ControlPlane:
         if self._started:
             raise RuntimeError("control plane already started")
         self._started = True
-        self._jet = jet = await connect(self.settings.nats_url)
+        user: str | None
+        password: str | None
+        if self.nats_auth is not None:
+            user, password = self.nats_auth.control().user, self.nats_auth.control().password
+        else:
+            user = self.settings.nats_user
+            password = self.settings.nats_password.get_secret_value() if self.settings.nats_password else None
+        self._jet = jet = await connect(self.settings.nats_url, user=user, password=password)
         self._audit = AuditLog(jet.js)
         await self._audit.ensure_stream()
         self._auth = AuthService(
@@ -158,7 +170,9 @@ class ControlPlane:
         self._quotas = QuotaService(
             Repo(jet.kv["quotas"], QuotaRecord), Quota(max_agents=self.settings.max_agents_per_customer)
         )
-        self._agents = AgentService(Repo(jet.kv["agents"], Agent), jet.js, self._scheduler, self.settings, self._quotas)
+        self._agents = AgentService(
+            Repo(jet.kv["agents"], Agent), jet.js, self._scheduler, self.settings, self._quotas, self.nats_auth
+        )
         self._killswitch = KillswitchService(self._flags, self._registry, self._agents, self._auth, self._audit, jet.nc)
         self._tasks = TaskService(
             Repo(jet.kv["tasks"], Task), jet.js, self._agents, self._killswitch, self._quotas, self._budget_exceeded

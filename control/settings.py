@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     nats_url: str = Field(
         default="nats://127.0.0.1:4222", validation_alias=AliasChoices("CARAVAN_NATS_URL", "NATS_URL")
     )
+    nats_user: str | None = Field(default=None, description="The platform's NATS user (CARAVAN_NATS_USER).")
+    nats_password: SecretStr | None = Field(default=None, description="Its password (CARAVAN_NATS_PASSWORD).")
     agent_nats_url: str | None = Field(
         default=None, description="NATS address as agents see it (defaults to nats_url)."
     )

@@ -3,7 +3,7 @@ imports its client library. Backends are chosen by name through :data:`control.b
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -106,9 +106,11 @@ class Scheduler(Protocol):
     def on_status(self, callback: StatusCallback) -> None:
         """Register a coroutine called for every allocation state change."""
 
-    async def submit(self, job: dict[str, Any]) -> SubmitResult:
-        """Register ``job`` (create or update, a new version). Raises :class:`JobRejected` for a job the
-        scheduler refuses and :class:`JobNotOwned` for a job ID held by someone else."""
+    async def submit(self, job: dict[str, Any], secrets: Mapping[str, str] | None = None) -> SubmitResult:
+        """Register ``job`` (create or update, a new version). ``secrets`` reach the task's environment by the
+        scheduler's own secret channel (a Nomad Variable; the local process environment), never the job spec.
+        Raises :class:`JobRejected` for a job the scheduler refuses and :class:`JobNotOwned` for a job ID held
+        by someone else."""
 
     async def stop_job(self, namespace: str, job_id: str) -> None:
         """Stop every allocation of the job: SIGTERM, then kill after the task's kill timeout. A job

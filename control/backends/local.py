@@ -19,7 +19,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,7 @@ class _Job:
     version: int
     spec: _TaskSpec
     meta: dict[str, str]
+    secrets: dict[str, str] = field(default_factory=dict)
     allocs: list[_Alloc] = field(default_factory=list)
 
 
@@ -228,7 +229,7 @@ class LocalScheduler:
         if meta.get("caravan_owner") != self._install_id:
             raise JobNotOwned(f"job {job_id!r} is not owned by Caravan installation {self._install_id!r}")
 
-    async def submit(self, job: dict[str, Any]) -> SubmitResult:
+    async def submit(self, job: dict[str, Any], secrets: Mapping[str, str] | None = None) -> SubmitResult:
         if not self._started or self._closed:
             raise RuntimeError("local scheduler is not running")
         try:
@@ -243,7 +244,7 @@ class LocalScheduler:
             if previous is not None:
                 self._check_owner(previous.meta, key[1])
                 await self._stop_allocs(previous)
-            entry = _Job(key[0], key[1], (previous.version + 1) if previous else 0, spec, meta)
+            entry = _Job(key[0], key[1], (previous.version + 1) if previous else 0, spec, meta, dict(secrets or {}))
             self._jobs[key] = entry
             for index in range(count):
                 alloc = _Alloc(id=str(uuid.uuid4()), index=index, job=entry)
@@ -379,7 +380,12 @@ class LocalScheduler:
         task_dir.mkdir(parents=True, exist_ok=True)
         ports = {label: _free_port() for label in spec.port_labels}
         runtime = self._runtime_env(alloc, ports, task_dir)
-        env = {**_base_env(), **runtime, **{k: _interpolate(v, runtime) for k, v in spec.env.items()}}
+        env = {
+            **_base_env(),
+            **alloc.job.secrets,
+            **runtime,
+            **{k: _interpolate(v, runtime) for k, v in spec.env.items()},
+        }
         args = [_interpolate(a, runtime) for a in spec.args]
         await self._emit(alloc, AllocState.STARTING)
         if not await self._start_slot(alloc):

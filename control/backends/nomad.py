@@ -288,7 +288,7 @@ class NomadScheduler:
 
     # -- jobs -------------------------------------------------------------------------------------------------
 
-    async def submit(self, job: dict[str, Any]) -> SubmitResult:
+    async def submit(self, job: dict[str, Any], secrets: Mapping[str, str] | None = None) -> SubmitResult:
         self._require_running()
         try:
             namespace, job_id = str(job["Namespace"]), str(job["ID"])
@@ -296,7 +296,7 @@ class NomadScheduler:
             raise JobRejected(f"job is missing {exc}") from exc
         meta = {str(k): str(v) for k, v in (job.get("Meta") or {}).items()}
         self._check_owner(meta, job_id)
-        result, evaluation = await asyncio.to_thread(self._submit, job, namespace, job_id, meta)
+        result, evaluation = await asyncio.to_thread(self._submit, job, namespace, job_id, meta, dict(secrets or {}))
         if evaluation is not None:
             await self._on_evaluation(evaluation)
         return result
@@ -362,7 +362,7 @@ class NomadScheduler:
         return tracked
 
     def _submit(
-        self, job: dict[str, Any], namespace: str, job_id: str, meta: dict[str, str]
+        self, job: dict[str, Any], namespace: str, job_id: str, meta: dict[str, str], secrets: dict[str, str]
     ) -> tuple[SubmitResult, dict[str, Any] | None]:
         self._ensure_namespace(namespace, meta.get("caravan_customer", ""))
         for attempt in (1, 2):
@@ -372,7 +372,7 @@ class NomadScheduler:
             plan = self._plan(job, namespace, job_id)
             if plan.get("FailedTGAllocs"):
                 log.info("plan of %s/%s: %s", namespace, job_id, explain_placement(plan["FailedTGAllocs"]))
-            self._put_secrets(namespace, job_id)
+            self._put_secrets(namespace, job_id, secrets)
             body = {"Job": job, "EnforceIndex": True, "JobModifyIndex": int(plan.get("JobModifyIndex") or 0)}
             try:
                 registered = _call(
@@ -457,15 +457,16 @@ class NomadScheduler:
             raise _job_error(exc) from None
         return plan
 
-    def _secret_items(self) -> dict[str, str]:
+    def _secret_items(self, extra: Mapping[str, str]) -> dict[str, str]:
         env = self._config.secret_env
         items = {name: env[name] for name in sorted(set(PROVIDER_KEY_ENV.values())) if env.get(name)}
+        items.update(extra)  # the job's own secrets (its NATS credentials)
         items[SECRETS_MARKER] = "nomad-variable"
         return items
 
-    def _put_secrets(self, namespace: str, job_id: str) -> None:
+    def _put_secrets(self, namespace: str, job_id: str, extra: Mapping[str, str]) -> None:
         path = secrets_variable_path(job_id)
-        items = self._secret_items()
+        items = self._secret_items(extra)
         digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
         if self._secrets.get((namespace, path)) == digest:
             return

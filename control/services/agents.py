@@ -16,6 +16,7 @@ from control.errors import Conflict, Invalid, NotFound
 from control.ids import is_plain_id, new_id
 from control.jobspec import agent_job, job_id_for, namespace_for
 from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate
+from control.natsauth import NatsAuth
 from control.services.quotas import QuotaService
 from control.settings import Settings
 from control.store import Repo
@@ -31,8 +32,15 @@ def _key(customer_id: str, agent_id: str) -> str:
 
 class AgentService:
     def __init__(
-        self, repo: Repo[Agent], js: JetStreamContext, scheduler: Scheduler, settings: Settings, quotas: QuotaService
+        self,
+        repo: Repo[Agent],
+        js: JetStreamContext,
+        scheduler: Scheduler,
+        settings: Settings,
+        quotas: QuotaService,
+        nats_auth: NatsAuth | None = None,
     ) -> None:
+        self._nats_auth = nats_auth
         self._repo = repo
         self._js = js
         self._scheduler = scheduler
@@ -131,6 +139,8 @@ class AgentService:
             await self._js.delete_consumer(TASKS_STREAM, consumer_name(agent.id))
         await self._repo.delete(_key(agent.customer_id, agent.id))
         await self._quotas.release_agent(agent.customer_id, agent.id)
+        if self._nats_auth is not None:
+            self._nats_auth.remove_agent(agent.id)
 
     async def definition(self, customer_id: str, agent_id: str) -> AgentDefinition | None:
         agent = await self._repo.get(_key(customer_id, agent_id))
@@ -147,7 +157,10 @@ class AgentService:
 
     async def reconcile(self) -> None:
         """After a restart: put back every agent that should run and that the scheduler does not know."""
-        for agent in await self.list(None):
+        agents = await self.list(None)
+        if self._nats_auth is not None:
+            self._nats_auth.set_agents({a.id: a.customer_id for a in agents})
+        for agent in agents:
             if agent.desired != "running":
                 continue
             if await self._scheduler.job_status(agent.namespace, agent.job_id) is not None:
@@ -190,7 +203,7 @@ class AgentService:
             # a task that already exited) must not be overwritten afterwards
             agent = await self._set(agent, status=AgentStatus.STARTING, status_reason=None)
         try:
-            result = await self._scheduler.submit(job)
+            result = await self._scheduler.submit(job, self._secrets(agent))
         except SchedulerError as exc:  # JobNotOwned included; what the agent held is given back
             await self._quotas.release_running(agent.customer_id, agent.id)
             reason = str(exc) if isinstance(exc, JobNotOwned) else f"scheduler refused the job: {exc}"
@@ -201,6 +214,13 @@ class AgentService:
 
         updated = await self._repo.update(_key(agent.customer_id, agent.id), submitted)
         return updated or agent
+
+    def _secrets(self, agent: Agent) -> dict[str, str]:
+        """What the agent's task gets by the scheduler's secret channel: its own NATS credentials, if any."""
+        if self._nats_auth is None:
+            return {}
+        self._nats_auth.add_agent(agent.customer_id, agent.id)
+        return self._nats_auth.agent(agent.id).env()
 
     async def _set(self, agent: Agent, **fields: Any) -> Agent:
         updated = await self._repo.update(

@@ -1,0 +1,151 @@
+"""NATS credentials and permissions for the embedded NATS server: each agent gets its own user, allowed only its
+customer's subjects and its own task queue; the platform's user may do everything but delete the audit log.
+
+The server enforces them (``authorization { users = [...] }`` in an included file, reloaded with SIGHUP when an
+agent is added or removed). Agent passwords are derived from a secret kept under the data dir, so they never
+need storing; they reach the agent as secrets through the scheduler, never through the job spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.backends.natskv import BUCKET as FLAGS_BUCKET
+from agent.protocol import TASKS_STREAM, consumer_name
+from control.services.audit import AUDIT_STREAM
+
+__all__ = ["CONTROL_USER", "NatsAuth", "NatsCredentials", "agent_permissions", "inbox_prefix"]
+
+CONTROL_USER = "caravan-control"
+FLAGS_STREAM = f"KV_{FLAGS_BUCKET}"
+
+
+@dataclass(frozen=True)
+class NatsCredentials:
+    user: str
+    password: str
+
+    def env(self) -> dict[str, str]:
+        return {"CARAVAN_NATS_USER": self.user, "CARAVAN_NATS_PASSWORD": self.password}
+
+
+def inbox_prefix(agent_id: str) -> str:
+    """Replies to an agent's requests come to its own inbox subjects, so no agent can read another's."""
+    return f"_INBOX_{agent_id}"
+
+
+def agent_permissions(customer_id: str, agent_id: str) -> dict[str, dict[str, list[str]]]:
+    consumer = consumer_name(agent_id)
+    return {
+        "publish": {
+            "allow": [
+                f"caravan.events.{customer_id}.>",
+                f"caravan.ctl.{customer_id}.definition.{agent_id}",
+                f"$JS.API.CONSUMER.INFO.{TASKS_STREAM}.{consumer}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{consumer}",
+                f"$JS.ACK.{TASKS_STREAM}.{consumer}.>",
+                f"$JS.API.STREAM.INFO.{FLAGS_STREAM}",
+                f"$JS.API.CONSUMER.CREATE.{FLAGS_STREAM}",
+                f"$JS.API.CONSUMER.CREATE.{FLAGS_STREAM}.>",
+                f"$JS.API.CONSUMER.INFO.{FLAGS_STREAM}.>",
+                f"$JS.API.CONSUMER.DELETE.{FLAGS_STREAM}.>",
+                "$JS.FC.>",
+            ]
+        },
+        "subscribe": {
+            "allow": [
+                f"{inbox_prefix(agent_id)}.>",
+                f"caravan.ctl.{customer_id}.cancel.{agent_id}",
+                "caravan.broadcast",
+            ]
+        },
+    }
+
+
+def _control_permissions() -> dict[str, dict[str, list[str]]]:
+    return {
+        "publish": {
+            "allow": [">"],
+            "deny": [
+                f"$JS.API.STREAM.DELETE.{AUDIT_STREAM}",
+                f"$JS.API.STREAM.PURGE.{AUDIT_STREAM}",
+                f"$JS.API.STREAM.MSG.DELETE.{AUDIT_STREAM}",
+            ],
+        },
+        "subscribe": {"allow": [">"]},
+    }
+
+
+class NatsAuth:
+    """Keeps ``auth.conf`` (users and permissions) in step with the agents, and has the server reload it."""
+
+    def __init__(self, directory: Path, server_pid: int | None = None) -> None:
+        self.directory = directory
+        self.path = directory / "auth.conf"
+        self.server_pid = server_pid
+        self._agents: dict[str, str] = {}  # agent id -> customer id
+        directory.mkdir(parents=True, exist_ok=True)
+        key_file = directory / "auth.key"
+        if not key_file.exists():
+            key_file.touch(mode=0o600)
+            key_file.write_text(secrets.token_hex(32))
+        self._key = bytes.fromhex(key_file.read_text().strip())
+        if not self.path.exists():
+            self._write()
+
+    def _password(self, user: str) -> str:
+        return hmac.new(self._key, user.encode(), hashlib.sha256).hexdigest()
+
+    def control(self) -> NatsCredentials:
+        return NatsCredentials(CONTROL_USER, self._password(CONTROL_USER))
+
+    def agent(self, agent_id: str) -> NatsCredentials:
+        user = f"agent-{agent_id}"
+        return NatsCredentials(user, self._password(user))
+
+    def set_agents(self, agents: dict[str, str]) -> None:
+        """All agents at once (start-up): ``{agent id: customer id}``."""
+        self._agents = dict(agents)
+        self._apply()
+
+    def add_agent(self, customer_id: str, agent_id: str) -> None:
+        if self._agents.get(agent_id) != customer_id:
+            self._agents[agent_id] = customer_id
+            self._apply()
+
+    def remove_agent(self, agent_id: str) -> None:
+        if self._agents.pop(agent_id, None) is not None:
+            self._apply()
+
+    def _apply(self) -> None:
+        if self._write() and self.server_pid is not None:
+            os.kill(self.server_pid, signal.SIGHUP)  # nats-server reloads its configuration
+
+    def _write(self) -> bool:
+        control = self.control()
+        users = [{"user": control.user, "password": control.password, "permissions": _control_permissions()}]
+        for agent_id, customer_id in sorted(self._agents.items()):
+            credentials = self.agent(agent_id)
+            users.append(
+                {
+                    "user": credentials.user,
+                    "password": credentials.password,
+                    "permissions": agent_permissions(customer_id, agent_id),
+                }
+            )
+        # NATS configuration accepts JSON syntax; the file is readable by this user only
+        text = "authorization " + json.dumps({"users": users}, indent=1) + "\n"
+        if self.path.exists() and self.path.read_text() == text:
+            return False
+        tmp = self.path.with_suffix(".tmp")
+        tmp.touch(mode=0o600)
+        tmp.write_text(text)
+        tmp.replace(self.path)
+        return True

@@ -1,0 +1,136 @@
+"""NATS permissions, enforced by the server: an agent's credentials reach only its own customer's subjects and
+its own task queue; the platform's own user cannot delete the audit log; nobody gets in without a user."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from control.natsauth import NatsAuth
+from control.natsserver import EmbeddedNats
+from control.platform import ControlPlane
+from control.services.audit import AUDIT_STREAM
+from tests.conftest import Api, make_settings, serve_api
+from tests.gateway.test_tasks_api import finished, running_agent, start_task
+from tests.support.helpers import assert_eventually
+
+
+@dataclass
+class Secured:
+    api: Api
+    auth: NatsAuth
+    url: str
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[Secured]:
+    auth = NatsAuth(tmp_path / "nats")
+    async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
+        auth.server_pid = server.pid
+        control = ControlPlane(make_settings(server.url, tmp_path / "data"), nats_auth=auth)
+        async with control, serve_api(control) as api:
+            yield Secured(api, auth, server.url)
+
+
+class Violations:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    async def record(self, error: Exception) -> None:
+        self.errors.append(str(error))
+
+    async def seen(self, fragment: str) -> None:
+        async def probe() -> list[str]:
+            return self.errors
+
+        fragment = fragment.lower()
+        await assert_eventually(
+            probe, lambda errors: any(fragment in e.lower() for e in errors), within=10, what=fragment
+        )
+
+
+async def connect_as(secured: Secured, agent_id: str, violations: Violations) -> Any:
+    credentials = secured.auth.agent(agent_id)
+    return await nats.connect(
+        secured.url,
+        user=credentials.user,
+        password=credentials.password,
+        inbox_prefix=f"_INBOX_{agent_id}",
+        error_cb=violations.record,
+        max_reconnect_attempts=0,
+    )
+
+
+async def test_agents_work_end_to_end_with_their_own_restricted_credentials(secured: Secured) -> None:
+    api = secured.api
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    task = await finished(api, headers, await start_task(api, headers, agent["id"]))
+    assert task["status"] == "completed" and task["result"] == "The result is 20."
+    killed = await api.client.post(
+        "/v1/admin/killswitch", json={"scope": "agent", "agent_id": agent["id"], "reason": "t"},
+        headers=await api.admin(),
+    )
+    assert killed.json()["acknowledged"] == 1  # flag watches are allowed too
+
+
+async def test_one_customers_agent_cannot_reach_another_customers_subjects(secured: Secured) -> None:
+    api = secured.api
+    a_customer, a_headers = await api.new_customer("a")
+    b_customer, b_headers = await api.new_customer("b")
+    a_agent = await running_agent(api, a_headers)
+    b_agent = await running_agent(api, b_headers)
+    violations = Violations()
+    nc = await connect_as(secured, a_agent["id"], violations)
+    try:
+        # its own definition: allowed
+        own = await nc.request(f"caravan.ctl.{a_customer}.definition.{a_agent['id']}", b"{}", timeout=5)
+        assert b"calc" in own.data
+        # publish on B's subjects
+        await nc.publish(f"caravan.events.{b_customer}.task.tk-000000000000", b"{}")
+        await nc.flush()
+        await violations.seen(f"Permissions Violation for Publish to \"caravan.events.{b_customer}")
+        # subscribe to B's events
+        await nc.subscribe(f"caravan.events.{b_customer}.>")
+        await nc.flush()
+        await violations.seen(f"Permissions Violation for Subscription to \"caravan.events.{b_customer}")
+        # request B's agent definition, and pull from B's task queue
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await nc.request(f"caravan.ctl.{b_customer}.definition.{b_agent['id']}", b"{}", timeout=1)
+        await violations.seen(f"caravan.ctl.{b_customer}.definition")
+        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.CARAVAN_TASKS.agent-{b_agent['id']}", b"1")
+        await nc.flush()
+        await violations.seen(f"agent-{b_agent['id']}")
+        # another agent's inbox
+        await nc.subscribe(f"_INBOX_{b_agent['id']}.>")
+        await nc.flush()
+        await violations.seen(f"_INBOX_{b_agent['id']}")
+    finally:
+        await nc.close()
+
+
+async def test_the_platform_user_cannot_delete_the_audit_log_and_strangers_cannot_connect(secured: Secured) -> None:
+    control = secured.auth.control()
+    violations = Violations()
+    nc = await nats.connect(secured.url, user=control.user, password=control.password, error_cb=violations.record)
+    try:
+        js = nc.jetstream(timeout=2)
+        before = (await js.stream_info(AUDIT_STREAM)).state.messages
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.Error)):
+            await js.purge_stream(AUDIT_STREAM)
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.Error)):
+            await js.delete_stream(AUDIT_STREAM)
+        await violations.seen("Permissions Violation")
+        assert (await js.stream_info(AUDIT_STREAM)).state.messages >= before
+    finally:
+        await nc.close()
+    for user, password in ((None, None), ("agent-ag-000000000000", "guess")):
+        with pytest.raises((nats.errors.Error, OSError, asyncio.TimeoutError)):
+            await nats.connect(secured.url, user=user, password=password, max_reconnect_attempts=0,
+                               allow_reconnect=False, connect_timeout=2)
