@@ -159,6 +159,7 @@ class AgentWorker:
             inbox_prefix=f"_INBOX_{cfg.agent_id}",  # NATS permissions let an agent read only its own inbox
             max_reconnect_attempts=-1,
             drain_timeout=5,
+            error_cb=_log_nats_error,
         )
         self._js = self._nc.jetstream()
         self.definition = await self._load_definition()
@@ -317,6 +318,11 @@ class AgentWorker:
         data = {**data, "alloc_id": cfg.alloc_id, "pid": os.getpid()}
         event = Event(kind=kind, agent_id=cfg.agent_id, customer_id=cfg.customer_id, data=data)
         await self.publish(event, wait=wait)
+
+
+async def _log_nats_error(error: Exception) -> None:
+    """One line per connection problem (nats-py would log a traceback for each reconnect attempt)."""
+    log.warning("NATS: %s", error or type(error).__name__)
 
 
 def _log_unstored(acked: asyncio.Future[Any]) -> None:
