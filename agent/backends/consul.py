@@ -20,7 +20,7 @@ import requests
 
 from agent.backends.base import Flag, FlagKey, FlagSnapshot, FlagStoreUnavailable, Scope
 
-__all__ = ["PREFIX", "ConsulFlags", "consul_client", "consul_key"]
+__all__ = ["PREFIX", "ConsulBackend", "ConsulFlags", "consul_client", "consul_key"]
 
 PREFIX = "caravan/killswitch"
 _ERRORS = (consul.ConsulException, requests.RequestException, OSError)
@@ -60,8 +60,8 @@ def consul_client(env: Mapping[str, str] | None = None) -> consul.Consul:
     )
 
 
-class ConsulFlags:
-    name = "consul"
+class ConsulBackend:
+    """py-consul's blocking client behind a small thread pool: the base of the Consul flag store and registry."""
 
     def __init__(self, client: consul.Consul | None = None, env: Mapping[str, str] | None = None) -> None:
         self._client = client or consul_client(env)
@@ -69,12 +69,8 @@ class ConsulFlags:
 
     async def start(self) -> None:
         if self._pool is not None:
-            raise RuntimeError("flag store already started")
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="consul-flags")
-        try:
-            await self._call(self._client.status.leader)
-        except _ERRORS as exc:
-            raise FlagStoreUnavailable(f"Consul is not reachable: {exc}") from exc
+            raise RuntimeError(f"{type(self).__name__} already started")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="consul")
 
     async def stop(self) -> None:
         pool, self._pool = self._pool, None
@@ -83,8 +79,19 @@ class ConsulFlags:
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if self._pool is None:
-            raise RuntimeError("flag store is not started")
+            raise RuntimeError(f"{type(self).__name__} is not started")
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+
+class ConsulFlags(ConsulBackend):
+    name = "consul"
+
+    async def start(self) -> None:
+        await super().start()
+        try:
+            await self._call(self._client.status.leader)
+        except _ERRORS as exc:
+            raise FlagStoreUnavailable(f"Consul is not reachable: {exc}") from exc
 
     async def put(self, flag: Flag) -> None:
         ok = await self._call(self._client.kv.put, consul_key(flag.key), flag.model_dump_json())

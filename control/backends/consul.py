@@ -3,14 +3,9 @@ or by the local scheduler with a TTL check that it keeps passing from its own ru
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
-
 import consul
 
-from agent.backends.consul import consul_client
+from agent.backends.consul import ConsulBackend
 from control.backends.base import ServiceInstance
 
 __all__ = ["ConsulRegistry"]
@@ -22,27 +17,8 @@ def _check_id(instance_id: str) -> str:
     return f"service:{instance_id}"
 
 
-class ConsulRegistry:
+class ConsulRegistry(ConsulBackend):
     name = "consul"
-
-    def __init__(self, client: consul.Consul | None = None, env: Mapping[str, str] | None = None) -> None:
-        self._client = client or consul_client(env)
-        self._pool: ThreadPoolExecutor | None = None
-
-    async def start(self) -> None:
-        if self._pool is not None:
-            raise RuntimeError("registry already started")
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="consul-registry")
-
-    async def stop(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._pool is None:
-            raise RuntimeError("registry is not started")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
     async def register(self, instance: ServiceInstance) -> None:
         await self._call(
