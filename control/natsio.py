@@ -19,7 +19,7 @@ from nats.js.kv import KeyValue
 
 from agent.protocol import EVENTS_STREAM, TASKS_STREAM
 
-__all__ = ["BUCKETS", "Jet", "connect"]
+__all__ = ["BUCKETS", "CONSUMER_LIMIT", "Jet", "connect", "ensure_stream"]
 
 BUCKETS = ("customers", "keys", "agents", "tasks", "system", "flags", "services", "quotas")
 CONSUMER_LIMIT = 1_000_000
@@ -40,7 +40,8 @@ class Jet:
             await self.nc.close()  # every consumer of ours is stopped by now; nothing is left to drain
 
 
-async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream, or bring an existing one to ``config`` (with Caravan's consumer limit)."""
     config.max_consumers = CONSUMER_LIMIT
     try:
         await js.add_stream(config)
@@ -60,7 +61,7 @@ async def connect(url: str, name: str = "caravan-control", user: str | None = No
     """Connect and make sure every stream and bucket exists (idempotent; safe for several replicas)."""
     nc = await nats.connect(url, name=name, user=user, password=password, max_reconnect_attempts=-1, connect_timeout=5)
     js = nc.jetstream(timeout=15)
-    await _ensure_stream(
+    await ensure_stream(
         js,
         StreamConfig(
             name=TASKS_STREAM,
@@ -71,7 +72,7 @@ async def connect(url: str, name: str = "caravan-control", user: str | None = No
             duplicate_window=120,
         ),
     )
-    await _ensure_stream(
+    await ensure_stream(
         js,
         StreamConfig(
             name=EVENTS_STREAM,

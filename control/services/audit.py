@@ -13,10 +13,10 @@ from typing import Any, Literal
 import nats
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 from pydantic import BaseModel, Field
 
 from agent.protocol import utcnow
+from control.natsio import ensure_stream
 
 __all__ = ["AUDIT_STREAM", "AuditLog", "AuditQuery", "AuditRecord"]
 
@@ -57,10 +57,7 @@ class AuditLog:
             deny_delete=True,
             deny_purge=True,
         )
-        try:
-            await self._js.add_stream(config)
-        except BadRequestError:
-            await self._js.update_stream(config)
+        await ensure_stream(self._js, config)
 
     async def append(self, record: AuditRecord) -> AuditRecord:
         subject = f"caravan.audit.{record.action}"
