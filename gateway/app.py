@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request, Response
 from control.platform import ControlPlane
 from control.settings import Settings
 from gateway.errors import error_response, install_error_handlers
-from gateway.routes import admin, agents, auth, health, tasks
+from gateway.routes import admin, agents, auth, health, tasks, teams
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
@@ -47,6 +47,6 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
             return error_response(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
         return await call_next(request)
 
-    for module in (health, auth, agents, tasks, admin):
+    for module in (health, auth, agents, teams, tasks, admin):
         app.include_router(module.router)
     return app

@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.js import JetStreamContext
@@ -36,6 +36,9 @@ from control.services.agents import AgentService
 from control.services.killswitch import KillswitchService
 from control.store import Conflict as StoreConflict
 from control.store import Repo
+
+if TYPE_CHECKING:
+    from control.teams.dispatch import TeamTasks
 
 __all__ = ["StreamedEvent", "TaskService"]
 
@@ -65,10 +68,17 @@ class TaskService:
         self._guard = guard
         self._tracker: asyncio.Task[None] | None = None
         self._tracker_sub: JetStreamContext.PullSubscription | None = None
+        self._teams: TeamTasks | None = None
+
+    def attach_teams(self, teams: TeamTasks) -> None:
+        """Tasks on teams go to ``teams`` (their runs are coordinated by the team runner)."""
+        self._teams = teams
 
     async def create(self, customer_id: str, spec: TaskCreate) -> Task:
         if spec.team_id is not None:
-            raise Invalid("tasks on teams are not available yet; give agent_id")
+            if self._teams is None:
+                raise Invalid("tasks on teams are not available here; give agent_id")
+            return await self._teams.create(customer_id, spec)
         assert spec.agent_id is not None
         agent = await self._agents.get(customer_id, spec.agent_id)
         await self._guard.ensure_not_halted(agent)
@@ -105,6 +115,8 @@ class TaskService:
         task = await self.get(customer_id, task_id)
         if task.status in TERMINAL_TASK_STATUSES:
             raise Conflict(f"task {task.id} is already {task.status.value}")
+        if task.team_id is not None and self._teams is not None:
+            return await self._teams.cancel(task)
         removed = False
         if task.queue_seq is not None:
             with contextlib.suppress(NotFoundError):
@@ -123,6 +135,13 @@ class TaskService:
         else:
             await self._js._nc.publish(cancel_subject(task.customer_id, agent.id), task.id.encode())
         return task
+
+    async def input(self, customer_id: str | None, task_id: str, content: str) -> Task:
+        """The human's answer to a task that asked (team tasks)."""
+        task = await self.get(customer_id, task_id)
+        if task.team_id is None or self._teams is None:
+            raise Conflict(f"task {task.id} runs on a single agent, which never asks for input")
+        return await self._teams.input(task, content)
 
     async def publish(self, event: Event) -> None:
         assert event.task_id is not None
