@@ -430,7 +430,7 @@ class NatsAgentRuntime:
             if not self._is_local(subscription.agent_type) and subscription.agent_type in self._remote:
                 return
             await self._listen(f"{self._ns}.t.{subject_token(subscription.topic_type)}", self._on_typed)
-        elif self._is_local(getattr(subscription, "agent_type", "")):  # remote agents' subscriptions are their own process's
+        elif self._is_local(getattr(subscription, "agent_type", "")):  # else the remote process listens
             await self._listen(f"{self._ns}.t.>", self._on_untyped)
 
     async def _on_typed(self, msg: Msg) -> None:

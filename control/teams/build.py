@@ -22,7 +22,7 @@ from autogen_agentchat.conditions import (
     TokenUsageTermination,
 )
 from autogen_agentchat.teams import BaseGroupChat, RoundRobinGroupChat, SelectorGroupChat, Swarm
-from autogen_core.models import ChatCompletionClient
+from autogen_core.models import ChatCompletionClient, ModelFamily, ModelInfo
 from autogen_ext.models.replay import ReplayChatCompletionClient
 
 from agent.protocol import AgentDefinition
@@ -30,6 +30,10 @@ from agent.runtime import NatsAgentRuntime
 from control.teams.models import USER, Team, Termination
 
 __all__ = ["build_team", "handoff_names", "termination_condition"]
+
+_STAND_IN = ModelInfo(
+    vision=False, function_calling=True, json_output=False, family=ModelFamily.UNKNOWN, structured_output=False
+)
 
 
 def termination_condition(spec: Termination) -> TerminationCondition:
@@ -66,7 +70,7 @@ def build_team(
     stand_ins: list[ChatAgent] = [
         AssistantAgent(
             members[agent_id].name,
-            model_client=ReplayChatCompletionClient([]),  # never called: the member's own process answers
+            model_client=ReplayChatCompletionClient([], model_info=_STAND_IN),  # never called: the member answers
             handoffs=list[Handoff | str](handoffs[agent_id]) or None,
         )
         for agent_id in team.members

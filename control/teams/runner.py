@@ -197,9 +197,8 @@ class TeamRunner:
             await self._serve_task(request, msg.metadata.num_delivered or 1, active)
         except _Retry:
             handed_over = True
-        except Exception:
+        except Exception:  # a bug of ours: fail the task and say so, rather than loop on it
             log.exception("team task %s: the runner failed", request.task_id)
-            handed_over = True
         finally:
             keepalive.cancel()
             self._active.pop(request.task_id, None)
@@ -224,6 +223,11 @@ class TeamRunner:
             except _Failed as failure:
                 await self._emit(task, attempt, EventKind.ERROR, content=str(failure))
                 await self._status(task, attempt, "failed", str(failure))
+                return
+            except (ValueError, TypeError, LookupError) as exc:  # AgentChat refused the team or its state
+                log.exception("team task %s failed", task.id)
+                await self._emit(task, attempt, EventKind.ERROR, content=f"{type(exc).__name__}: {_reason(exc)}")
+                await self._status(task, attempt, "failed", f"{type(exc).__name__}: {_reason(exc)}")
                 return
             except _Retry as retry:
                 if active.handover:

@@ -132,13 +132,76 @@ __all__ = [
     "MaxMessageTermination",
     "TextMentionTermination",
     "TokenUsageTermination",
+    "agent_ready",
     "agents",
     "api_transcript",
+    "health",
     "local_team",
     "local_transcript",
+    "ready_instances",
     "run_local",
+    "running_event",
     "script",
     "start",
+    "stop_reason",
     "task_status",
     "team",
 ]
+
+
+async def stop_reason(api: Api, headers: dict[str, str], task_id: str) -> str | None:
+    """The stop reason AgentChat gave, from the task's `result` event."""
+    from tests.support.helpers import sse_events
+
+    events = await sse_events(api.client, f"/v1/tasks/{task_id}/events", headers)
+    results = [e["data"] for e in events if e["event"] == "result"]
+    return results[-1]["data"]["stop_reason"] if results else None
+
+
+async def running_event(api: Api, headers: dict[str, str], task_id: str) -> dict[str, Any]:
+    """The data of the task's last `running` status: run id and which replica hosts each member."""
+    from tests.support.helpers import sse_events
+
+    events = await sse_events(api.client, f"/v1/tasks/{task_id}/events", headers)
+    running = [e["data"]["data"] for e in events if e["event"] == "status" and e["data"]["content"] == "running"]
+    return dict(running[-1])
+
+
+async def agent_ready(api: Api, customer_id: str, agent_id: str) -> dict[str, Any]:
+    """The agent's last lifecycle event (`ready` carries its pid and health port)."""
+    import json
+
+    from agent.protocol import EVENTS_STREAM, agent_events_subject
+
+    msg = await api.control.jet.js.get_last_msg(EVENTS_STREAM, agent_events_subject(customer_id, agent_id))
+    return dict(json.loads(msg.data or b"{}"))
+
+
+async def health(port: int) -> dict[str, Any]:
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        return dict((await client.get(f"http://127.0.0.1:{port}/health")).json())
+
+
+async def ready_instances(api: Api, customer_id: str, agent_id: str) -> set[str]:
+    """Allocations of the agent that said `ready` (one per replica that came up)."""
+    import json
+
+    from agent.protocol import EVENTS_STREAM, agent_events_subject
+
+    sub = await api.control.jet.js.subscribe(
+        agent_events_subject(customer_id, agent_id), ordered_consumer=True, stream=EVENTS_STREAM
+    )
+    seen: set[str] = set()
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except TimeoutError:
+                return seen
+            event = json.loads(msg.data)
+            if event["kind"] == "ready":
+                seen.add(event["data"]["alloc_id"])
+    finally:
+        await sub.unsubscribe()
