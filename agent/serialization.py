@@ -56,7 +56,9 @@ class UnknownMessageType(LookupError):
 
 
 def type_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+    """The wire name of a type: its qualified name, as autogen_core names types (modules differ between
+    processes: a class defined in a script is ``__main__.X`` there)."""
+    return cls.__qualname__
 
 
 class MessageCodec:
