@@ -6,8 +6,8 @@ Run by ./dev/bench; prints its figures."""
 from __future__ import annotations
 
 import asyncio
-import os
 import contextlib
+import os
 import socket
 import statistics
 import sys

@@ -9,7 +9,6 @@ import signal
 
 import nats
 import pytest
-from autogen_agentchat.messages import HandoffMessage
 
 from agent.teamprotocol import MemberJoin, join_subject
 from tests.conftest import Api
@@ -270,5 +269,3 @@ async def test_teams_crud(api: Api) -> None:
     input_on_agent_task = await api.client.post(f"/v1/tasks/{task['id']}/input", json={"content": "x"}, headers=headers)
     assert input_on_agent_task.status_code == 409
 
-
-_ = HandoffMessage
