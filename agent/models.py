@@ -128,6 +128,14 @@ def _replay_client(config: ModelConfig) -> ChatCompletionClient:
                 await sleeper
             return await super().create(messages, cancellation_token=cancellation_token, **kwargs)
 
+        @property
+        def position(self) -> int:
+            """How many scripted answers were given: part of a team's checkpoint, so a resumed run goes on."""
+            return self._current_index
+
+        def seek(self, position: int) -> None:
+            self._current_index = max(0, min(position, len(self.chat_completions)))
+
     script: list[str | CreateResult] = [
         item if isinstance(item, str) else _tool_call_result(item) for item in config.responses
     ]

@@ -19,13 +19,6 @@ from typing import Any
 import nats
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.base import TaskResult
-from autogen_agentchat.messages import (
-    BaseChatMessage,
-    ModelClientStreamingChunkEvent,
-    ThoughtEvent,
-    ToolCallExecutionEvent,
-    ToolCallRequestEvent,
-)
 from autogen_core import CancellationToken
 from autogen_core.models import ChatCompletionClient
 from nats.aio.client import Client as NATS
@@ -51,7 +44,9 @@ from agent.protocol import (
     definition_subject,
     task_events_subject,
 )
+from agent.teamhost import TeamHost
 from agent.tools import build_tools
+from agent.transcript import event_fields, final_text
 
 __all__ = ["AgentWorker", "DefinitionUnavailable", "WorkerConfig"]
 
@@ -119,6 +114,7 @@ class AgentWorker:
         self._flags: FlagStore | None = None
         self._killswitch: KillswitchWatch | None = None
         self._model_client: ChatCompletionClient | None = None
+        self._teams: TeamHost | None = None
 
     def model_client(self) -> ChatCompletionClient:
         """The client for a new conversation. Hosted and local models share one client (it keeps no conversation
@@ -156,6 +152,8 @@ class AgentWorker:
             "nats": "connected" if connected else "disconnected",
             "halted": halt.reason if halt else None,
             "running_tasks": len(self._runs),
+            "team_runs": self._teams.runs if self._teams else 0,
+            "team_handlers": self._teams.busy if self._teams else 0,
             "uptime_s": round(time.monotonic() - self._started_at, 1),
         }
 
@@ -185,6 +183,9 @@ class AgentWorker:
         await self._killswitch.start()  # an agent under an engaged flag starts halted
         await self._nc.subscribe(cancel_subject(cfg.customer_id, cfg.agent_id), cb=self._on_cancel)
         await self._nc.subscribe(BROADCAST_SUBJECT, cb=self._on_broadcast)
+        self._teams = TeamHost(self._nc, self.definition, cfg.alloc_id or f"pid{os.getpid()}")
+        await self._teams.start()
+        await self._teams.halt(self.halt is not None)
         self._psub = await self._js.pull_subscribe_bind(consumer_name(cfg.agent_id), stream=TASKS_STREAM)
         self._loop_task = asyncio.create_task(self._serve(self._psub), name="serve-tasks")
         await self._publish_agent_event(AgentEventKind.READY, {"health_port": self._health.port, **self._halt_data()})
@@ -204,6 +205,8 @@ class AgentWorker:
             self._may_serve.clear()
             for token in list(self._runs.values()):
                 token.cancel()  # model calls and tool runs in flight end here; the runs report `killed`
+        if self._teams is not None:
+            await self._teams.halt(halt is not None)
         if self._ready:  # the acknowledgement: sent at once, its storage confirmed in the background
             await self._publish_agent_event(AgentEventKind.KILLSWITCH, self._halt_data(), wait=False)
 
@@ -225,6 +228,8 @@ class AgentWorker:
             await self._model_client.close()
         for token in self._runs.values():
             token.cancel()
+        if self._teams is not None:
+            await self._teams.stop()
         if self._run_tasks:
             await asyncio.wait(self._run_tasks, timeout=5)
         if self._nc is not None and self._nc.is_connected:
@@ -413,34 +418,10 @@ class _TaskRun:
             await self.emit(EventKind.ERROR, content=f"{type(exc).__name__}: {exc}")
             await self.status("failed", f"{type(exc).__name__}: {exc}")
             return
-        final = _last_text(result)
+        final = final_text(result)
         await self.emit(EventKind.RESULT, content=final, data={"stop_reason": result.stop_reason if result else None})
         await self.status("completed")
 
     async def _forward(self, item: Any) -> None:
-        usage = getattr(item, "models_usage", None)
-        if isinstance(item, ToolCallRequestEvent):
-            calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in item.content]
-            await self.emit(EventKind.TOOL_CALL, source=item.source, data={"calls": calls})
-        elif isinstance(item, ToolCallExecutionEvent):
-            results = [{"call_id": r.call_id, "content": r.content, "is_error": bool(r.is_error)} for r in item.content]
-            await self.emit(EventKind.TOOL_RESULT, source=item.source, data={"results": results})
-        elif isinstance(item, ModelClientStreamingChunkEvent):
-            await self.emit("chunk", source=item.source, content=item.content)
-        elif isinstance(item, ThoughtEvent):
-            await self.emit(EventKind.MESSAGE, source=item.source, content=item.content, data={"type": "thought"})
-        elif isinstance(item, BaseChatMessage):
-            kind = getattr(item, "type", type(item).__name__)
-            await self.emit(EventKind.MESSAGE, source=item.source, content=item.to_text(), data={"type": kind})
-        if usage is not None:
-            tokens = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
-            await self.emit(EventKind.USAGE, source=getattr(item, "source", None), data=tokens)
-
-
-def _last_text(result: TaskResult | None) -> str | None:
-    if result is None:
-        return None
-    for message in reversed(result.messages):
-        if isinstance(message, BaseChatMessage):
-            return message.to_text()
-    return None
+        for kind, fields in event_fields(item):
+            await self.emit(kind, **fields)

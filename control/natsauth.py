@@ -16,6 +16,7 @@ import secrets
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.backends.natskv import BUCKET as FLAGS_BUCKET
 from agent.protocol import TASKS_STREAM, consumer_name
@@ -41,12 +42,13 @@ def inbox_prefix(agent_id: str) -> str:
     return f"_INBOX_{agent_id}"
 
 
-def agent_permissions(customer_id: str, agent_id: str) -> dict[str, dict[str, list[str]]]:
+def agent_permissions(customer_id: str, agent_id: str) -> dict[str, Any]:
     consumer = consumer_name(agent_id)
     return {
         "publish": {
             "allow": [
                 f"caravan.events.{customer_id}.>",
+                f"caravan.rt.{customer_id}.>",  # team runs of this customer (agent/runtime.py)
                 f"caravan.ctl.{customer_id}.definition.{agent_id}",
                 f"$JS.API.CONSUMER.INFO.{TASKS_STREAM}.{consumer}",
                 f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{consumer}",
@@ -59,9 +61,12 @@ def agent_permissions(customer_id: str, agent_id: str) -> dict[str, dict[str, li
                 "$JS.FC.>",
             ]
         },
+        # answers to requests it received (a team member's replies to its run's manager), once each
+        "allow_responses": True,
         "subscribe": {
             "allow": [
                 f"{inbox_prefix(agent_id)}.>",
+                f"caravan.rt.{customer_id}.>",
                 f"caravan.ctl.{customer_id}.cancel.{agent_id}",
                 "caravan.broadcast",
             ]

@@ -25,6 +25,10 @@ from control.services.stats import StatsService
 from control.services.tasks import TaskService
 from control.settings import Settings
 from control.store import Repo
+from control.teams.dispatch import TeamTasks
+from control.teams.models import Checkpoint, Team
+from control.teams.runner import TeamRunner
+from control.teams.service import TeamService
 
 __all__ = ["ControlPlane"]
 
@@ -54,6 +58,8 @@ class ControlPlane:
         self._agents: AgentService | None = None
         self._tasks: TaskService | None = None
         self._auth: AuthService | None = None
+        self._teams: TeamService | None = None
+        self._team_runner: TeamRunner | None = None
         self._started = False
         self._stopped = False
         self.bootstrap_admin_key: IssuedKey | None = None
@@ -126,6 +132,18 @@ class ControlPlane:
         return self._tasks
 
     @property
+    def teams(self) -> TeamService:
+        if self._teams is None:
+            raise RuntimeError("control plane is not started")
+        return self._teams
+
+    @property
+    def team_runner(self) -> TeamRunner:
+        if self._team_runner is None:
+            raise RuntimeError("control plane is not started")
+        return self._team_runner
+
+    @property
     def auth(self) -> AuthService:
         if self._auth is None:
             raise RuntimeError("control plane is not started")
@@ -186,12 +204,15 @@ class ControlPlane:
         )
         await jet.nc.subscribe("caravan.ctl.*.definition.*", queue="caravan-control", cb=self._serve_definition)
         await self._tasks.start_tracker(self._agents.on_agent_event)
+        await self._start_teams(jet)
         await self._agents.reconcile()
 
     async def stop(self) -> None:
         if not self._started or self._stopped:
             return
         self._stopped = True
+        if self._team_runner is not None:
+            await self._team_runner.stop()
         if self._tasks is not None:
             await self._tasks.stop_tracker()
         for task in list(self._background):
@@ -216,6 +237,13 @@ class ControlPlane:
         task = asyncio.create_task(self.killswitch.apply(system, request))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _start_teams(self, jet: Jet) -> None:
+        tasks, checkpoints = Repo(jet.kv["tasks"], Task), Repo(jet.kv["team_state"], Checkpoint)
+        self._teams = TeamService(Repo(jet.kv["teams"], Team), self.agents, tasks)
+        self.tasks.attach_teams(TeamTasks(tasks, checkpoints, jet.js, self._teams, self.agents, self.killswitch))
+        self._team_runner = TeamRunner(jet, tasks, checkpoints, self._teams, self.agents)
+        await self._team_runner.start()
 
     async def _serve_definition(self, msg: Msg) -> None:
         match = _DEFINITION.match(msg.subject)

@@ -11,7 +11,7 @@ from control.platform import ControlPlane
 from control.settings import Settings
 from gateway.errors import error_response, install_error_handlers
 from gateway.ratelimit import RateLimiter
-from gateway.routes import admin, agents, auth, health, tasks, usage
+from gateway.routes import admin, agents, auth, health, tasks, teams, usage
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
@@ -49,6 +49,6 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
             return error_response(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
         return await call_next(request)
 
-    for module in (health, auth, agents, tasks, usage, admin):
+    for module in (health, auth, agents, teams, tasks, usage, admin):
         app.include_router(module.router)
     return app

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent.protocol import ModelConfig
 from control.models import AgentStatus, Resources, TaskMessage, TaskStatus, Usage
 from control.services.quotas import UsagePublic
+from control.teams.models import SelectorSpec, TeamMode, Termination
 
 __all__ = [
     "ERROR_RESPONSES",
@@ -24,6 +25,7 @@ __all__ = [
     "KeyCreated",
     "KeyPublic",
     "TaskPublic",
+    "TeamPublic",
     "TokenRequest",
     "TokenResponse",
 ]
@@ -141,3 +143,15 @@ class TaskPublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+
+
+class TeamPublic(BaseModel):
+    id: str
+    customer_id: str
+    name: str
+    members: list[str]
+    mode: TeamMode
+    selector: SelectorSpec | None
+    handoffs: dict[str, list[str]]
+    termination: Termination
+    created_at: datetime

@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.js import JetStreamContext
@@ -37,6 +37,9 @@ from control.services.killswitch import KillswitchService
 from control.services.quotas import QuotaService
 from control.store import Conflict as StoreConflict
 from control.store import Repo
+
+if TYPE_CHECKING:
+    from control.teams.dispatch import TeamTasks
 
 __all__ = ["StreamedEvent", "TaskService"]
 
@@ -76,22 +79,34 @@ class TaskService:
         self._on_budget_exceeded = on_budget_exceeded
         self._tracker: asyncio.Task[None] | None = None
         self._tracker_sub: JetStreamContext.PullSubscription | None = None
+        self._teams: TeamTasks | None = None
+
+    def attach_teams(self, teams: TeamTasks) -> None:
+        """Tasks on teams go to ``teams`` (their runs are coordinated by the team runner)."""
+        self._teams = teams
 
     async def create(self, customer_id: str, spec: TaskCreate) -> Task:
-        if spec.team_id is not None:
-            raise Invalid("tasks on teams are not available yet; give agent_id")
+        """Queue a task on an agent or a team, within the customer's quota of concurrent tasks."""
+        task_id = new_id("tk")
+        await self._quotas.reserve_task(customer_id, task_id)
+        try:
+            if spec.team_id is not None:
+                if self._teams is None:
+                    raise Invalid("tasks on teams are not available here; give agent_id")
+                return await self._teams.create(customer_id, spec, task_id)
+            return await self._create_on_agent(customer_id, spec, task_id)
+        except BaseException:
+            await self._quotas.release_task(customer_id, task_id)
+            raise
+
+    async def _create_on_agent(self, customer_id: str, spec: TaskCreate, task_id: str) -> Task:
         assert spec.agent_id is not None
         agent = await self._agents.get(customer_id, spec.agent_id)
         await self._guard.ensure_not_halted(agent)
         if agent.desired != "running" or agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
             raise Conflict(f"agent {agent.id} is {agent.status.value}; start it before giving it tasks")
-        task = Task(id=new_id("tk"), customer_id=customer_id, agent_id=agent.id, task=spec.task)
-        await self._quotas.reserve_task(customer_id, task.id)
-        try:
-            await self._repo.create(_key(customer_id, task.id), task)
-        except BaseException:
-            await self._quotas.release_task(customer_id, task.id)
-            raise
+        task = Task(id=task_id, customer_id=customer_id, agent_id=agent.id, task=spec.task)
+        await self._repo.create(_key(customer_id, task.id), task)
         await self.publish(Event(kind=EventKind.STATUS, task_id=task.id, customer_id=customer_id, content="queued"))
         request = TaskRequest(task_id=task.id, customer_id=customer_id, agent_id=agent.id, task=spec.task)
         ack = await self._js.publish(
@@ -121,6 +136,8 @@ class TaskService:
         task = await self.get(customer_id, task_id)
         if task.status in TERMINAL_TASK_STATUSES:
             raise Conflict(f"task {task.id} is already {task.status.value}")
+        if task.team_id is not None and self._teams is not None:
+            return await self._teams.cancel(task)
         removed = False
         if task.queue_seq is not None:
             with contextlib.suppress(NotFoundError):
@@ -139,6 +156,13 @@ class TaskService:
         else:
             await self._js._nc.publish(cancel_subject(task.customer_id, agent.id), task.id.encode())
         return task
+
+    async def input(self, customer_id: str | None, task_id: str, content: str) -> Task:
+        """The human's answer to a task that asked (team tasks)."""
+        task = await self.get(customer_id, task_id)
+        if task.team_id is None or self._teams is None:
+            raise Conflict(f"task {task.id} runs on a single agent, which never asks for input")
+        return await self._teams.input(task, content)
 
     async def publish(self, event: Event) -> None:
         assert event.task_id is not None

@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from control.errors import CaravanError, Invalid
 from control.models import Task, TaskCreate, TaskStatus
 from control.services.tasks import StreamedEvent
+from control.teams.models import TeamInput
 from gateway.deps import ControlDep, PrincipalDep, owner_scope
 from gateway.schemas import ERROR_RESPONSES, TaskPublic
 
@@ -36,7 +37,7 @@ def _wire(item: StreamedEvent) -> dict[str, object]:
 
 @router.post("", response_model=TaskPublic, status_code=status.HTTP_202_ACCEPTED)
 async def create_task(body: TaskCreate, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
-    """Queue a task for an agent. Watch it on `/v1/tasks/{id}/events`."""
+    """Queue a task for an agent or a team. Watch it on `/v1/tasks/{id}/events`."""
     if principal.is_admin or principal.customer_id is None:
         raise Invalid("tasks are started by the customer who owns the agent")
     return _public(await control.tasks.create(principal.customer_id, body))
@@ -62,6 +63,12 @@ async def get_task(task_id: str, control: ControlDep, principal: PrincipalDep) -
 async def cancel_task(task_id: str, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
     """Ask for the task to stop; it ends `cancelled` (watch the events)."""
     return _public(await control.tasks.cancel(owner_scope(principal), task_id))
+
+
+@router.post("/{task_id}/input", response_model=TaskPublic, status_code=status.HTTP_202_ACCEPTED)
+async def task_input(task_id: str, body: TeamInput, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
+    """Answer a team that asked (status `awaiting_input`); the team goes on from where it stopped."""
+    return _public(await control.tasks.input(owner_scope(principal), task_id, body.content))
 
 
 @router.get(

@@ -74,7 +74,8 @@ async def test_agents_work_end_to_end_with_their_own_restricted_credentials(secu
     task = await finished(api, headers, await start_task(api, headers, agent["id"]))
     assert task["status"] == "completed" and task["result"] == "The result is 20."
     killed = await api.client.post(
-        "/v1/admin/killswitch", json={"scope": "agent", "agent_id": agent["id"], "reason": "t"},
+        "/v1/admin/killswitch",
+        json={"scope": "agent", "agent_id": agent["id"], "reason": "t"},
         headers=await api.admin(),
     )
     assert killed.json()["acknowledged"] == 1  # flag watches are allowed too
@@ -95,11 +96,11 @@ async def test_one_customers_agent_cannot_reach_another_customers_subjects(secur
         # publish on B's subjects
         await nc.publish(f"caravan.events.{b_customer}.task.tk-000000000000", b"{}")
         await nc.flush()
-        await violations.seen(f"Permissions Violation for Publish to \"caravan.events.{b_customer}")
+        await violations.seen(f'Permissions Violation for Publish to "caravan.events.{b_customer}')
         # subscribe to B's events
         await nc.subscribe(f"caravan.events.{b_customer}.>")
         await nc.flush()
-        await violations.seen(f"Permissions Violation for Subscription to \"caravan.events.{b_customer}")
+        await violations.seen(f'Permissions Violation for Subscription to "caravan.events.{b_customer}')
         # request B's agent definition, and pull from B's task queue
         with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
             await nc.request(f"caravan.ctl.{b_customer}.definition.{b_agent['id']}", b"{}", timeout=1)
@@ -132,5 +133,30 @@ async def test_the_platform_user_cannot_delete_the_audit_log_and_strangers_canno
         await nc.close()
     for user, password in ((None, None), ("agent-ag-000000000000", "guess")):
         with pytest.raises((nats.errors.Error, OSError, asyncio.TimeoutError)):
-            await nats.connect(secured.url, user=user, password=password, max_reconnect_attempts=0,
-                               allow_reconnect=False, connect_timeout=2)
+            await nats.connect(
+                secured.url,
+                user=user,
+                password=password,
+                max_reconnect_attempts=0,
+                allow_reconnect=False,
+                connect_timeout=2,
+            )
+
+
+async def test_a_team_runs_with_its_members_restricted_credentials(secured: Secured) -> None:
+    from tests.gateway.teams_support import agents, script, start, task_status, team
+
+    api = secured.api
+    _, headers = await api.new_customer()
+    specs = {"alice": {"model": script("a1", "a2 DONE")}, "bob": {"model": script("b1", "b2")}}
+    made = await agents(api, headers, specs)
+    created = await team(
+        api,
+        headers,
+        members=[made[n]["id"] for n in specs],
+        mode="round_robin",
+        termination={"max_messages": 6, "text_mention": "DONE"},
+    )
+    task = await task_status(api, headers, await start(api, headers, created["id"], "Count."))
+    assert task["status"] == "completed", task["status_reason"]
+    assert [m["source"] for m in task["messages"]] == ["user", "alice", "bob", "alice"]

@@ -17,7 +17,7 @@ from tests.conftest import Api
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
 from tests.support.helpers import assert_eventually, serve_app
 
-IDS = {"agent_id": "agent", "task_id": "task", "customer_id": "customer", "prefix": "key"}
+IDS = {"agent_id": "agent", "task_id": "task", "customer_id": "customer", "prefix": "key", "team_id": "team"}
 
 
 async def test_every_route_refuses_another_tenant_and_changes_nothing(api: Api) -> None:
@@ -26,7 +26,19 @@ async def test_every_route_refuses_another_tenant_and_changes_nothing(api: Api) 
     agent = await running_agent(api, alice)
     task = await finished(api, alice, await start_task(api, alice, agent["id"]))
     key = (await api.client.get("/v1/admin/keys", params={"customer_id": alice_id}, headers=await api.admin())).json()
-    ids = {"agent": agent["id"], "task": task["id"], "customer": alice_id, "key": key[0]["prefix"]}
+    made = await api.client.post(
+        "/v1/teams",
+        json={"name": "duo", "members": [agent["id"]], "mode": "round_robin", "termination": {"max_messages": 2}},
+        headers=alice,
+    )
+    assert made.status_code == 201, made.text
+    ids = {
+        "agent": agent["id"],
+        "task": task["id"],
+        "customer": alice_id,
+        "key": key[0]["prefix"],
+        "team": made.json()["id"],
+    }
     checked = 0
     schema = (await api.client.get("/openapi.json")).json()
     for template, operations in schema["paths"].items():
@@ -42,6 +54,8 @@ async def test_every_route_refuses_another_tenant_and_changes_nothing(api: Api) 
             )
             if method in ("GET", "DELETE"):
                 body = None
+            elif template.endswith("/input"):
+                body = {"content": "x"}
             response = await api.client.request(method, path, headers=bob, json=body)
             if path.startswith("/v1/admin/"):
                 assert response.status_code == 403, (method, path, response.status_code)
@@ -53,6 +67,8 @@ async def test_every_route_refuses_another_tenant_and_changes_nothing(api: Api) 
     assert (await api.client.get(f"/v1/agents/{agent['id']}", headers=alice)).json()["version"] == 1
     assert (await api.client.get(f"/v1/tasks/{task['id']}", headers=alice)).json() == task
     assert (await api.client.get("/v1/tasks", headers=bob)).json() == []
+    assert (await api.client.get("/v1/teams", headers=bob)).json() == []
+    assert (await api.client.get(f"/v1/teams/{ids['team']}", headers=alice)).status_code == 200
     assert (await api.client.post("/v1/auth/token", json={"api_key": "x" * 20})).status_code == 401
 
 

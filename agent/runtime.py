@@ -1,0 +1,542 @@
+"""An ``autogen_core.AgentRuntime`` over NATS: agents of one namespace talk across processes.
+
+Every process that takes part in a namespace (a team run: ``caravan.rt.<customer>.<run>``) runs one
+:class:`NatsAgentRuntime`. Agents registered in a process are served there; any other agent type is looked up
+over NATS. Semantics follow autogen_core's in-process runtime, so AgentChat's group chats run unchanged:
+
+- ``publish_message`` reaches every subscribed agent in every process, never its sender; handlers start in
+  arrival order (spawned, never awaited inside the NATS callback) and may run concurrently.
+- ``send_message`` to an agent in another process is a NATS request; the handler's return value or exception
+  comes back. No process serving the type raises ``LookupError`` at once; the RPC timeout must allow for model
+  calls.
+- Cancellation crosses processes: a cancellation token travels as a *scope* id with every message, and
+  cancelling it anywhere cancels the handlers it reached everywhere. :meth:`cancel_all` cancels every handler in
+  the namespace (a cancelled run must leave nothing behind).
+- ``agent_save_state`` / ``agent_load_state`` / ``agent_metadata`` work on remote agents.
+
+Subjects under the namespace ``ns``: ``ns.t.<topic type>`` (publish), ``ns.a.<agent type>`` (requests, a queue
+group per type), ``ns.x.cancel`` (cancellation). Frames are one JSON line of envelope, then the payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import re
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import nats.errors
+from autogen_core import (
+    Agent,
+    AgentId,
+    AgentInstantiationContext,
+    AgentMetadata,
+    AgentType,
+    CancellationToken,
+    MessageContext,
+    MessageSerializer,
+    Subscription,
+    TopicId,
+    TypeSubscription,
+)
+from autogen_core._message_handler_context import MessageHandlerContext
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+
+from agent.serialization import MessageCodec
+
+__all__ = ["NatsAgentRuntime", "RemoteHandlerError", "subject_token"]
+
+log = logging.getLogger("caravan.runtime")
+T = TypeVar("T", bound=Agent)
+_SAFE = re.compile(r"^[A-Za-z0-9_-]+$")
+_ALL = "*"
+
+
+def subject_token(name: str) -> str:
+    """A topic or agent type as one NATS subject token (types may hold dots; uuids and names pass as they are)."""
+    return name if _SAFE.match(name) else "~" + name.encode().hex()
+
+
+class RemoteHandlerError(RuntimeError):
+    """A handler in another process raised; the message names its type and text."""
+
+
+def _frame(meta: dict[str, Any], payload: bytes) -> bytes:
+    return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + payload
+
+
+def _unframe(data: bytes) -> tuple[dict[str, Any], bytes]:
+    head, _, payload = data.partition(b"\n")
+    return json.loads(head), payload
+
+
+class NatsAgentRuntime:
+    """``async with NatsAgentRuntime(nc, "caravan.rt.cu-….rn-…") as runtime:`` — see the module docstring."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        namespace: str,
+        *,
+        codec: MessageCodec | None = None,
+        rpc_timeout: float = 900.0,
+        instance_id: str | None = None,
+    ) -> None:
+        self._nc = nc
+        self._ns = namespace
+        self._codec = codec or MessageCodec()
+        self._rpc_timeout = rpc_timeout
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self._factories: dict[str, Callable[[], Awaitable[Agent]]] = {}
+        self._remote: set[str] = set()
+        self._agents: dict[AgentId, asyncio.Future[Agent]] = {}
+        self._subscriptions: list[Subscription] = []
+        self._nats_subs: dict[str, NatsSubscription] = {}
+        self._scopes: dict[str, CancellationToken] = {}
+        self._scope_of: weakref.WeakKeyDictionary[CancellationToken, str] = weakref.WeakKeyDictionary()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._started = False
+        self._stopped = False
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> NatsAgentRuntime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def namespace(self) -> str:
+        return self._ns
+
+    @property
+    def busy(self) -> int:
+        """Handlers running now in this process."""
+        return len(self._handlers)
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("runtime already started")
+        self._started = True
+        await self._listen(f"{self._ns}.x.cancel", self._on_cancel)
+        for agent_type in self._factories:
+            await self._serve_type(agent_type)
+        for subscription in self._subscriptions:
+            await self._listen_topic(subscription)
+        await self._nc.flush()
+
+    async def stop(self) -> None:
+        """Unsubscribe, cancel what still runs here and close local agents; idempotent."""
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        for sub in self._nats_subs.values():
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        self._nats_subs.clear()
+        for token in list(self._scopes.values()):
+            token.cancel()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+        for future in self._agents.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                with contextlib.suppress(Exception):
+                    await future.result().close()
+
+    async def cancel_all(self) -> None:
+        """Cancel every handler of this namespace, in every process."""
+        self._cancel_scope(_ALL)
+        if not self._nc.is_closed:
+            await self._nc.publish(f"{self._ns}.x.cancel", _ALL.encode())
+
+    def mark_remote(self, agent_type: str) -> None:
+        """Agents of ``agent_type`` live in other processes even if registered here (a team's participants,
+        registered by AgentChat in the process that runs the manager)."""
+        self._remote.add(agent_type)
+
+    # -- AgentRuntime: registration ------------------------------------------------------------------------
+
+    async def register_factory(
+        self,
+        type: str | AgentType,
+        agent_factory: Callable[[], T | Awaitable[T]],
+        *,
+        expected_class: type[T] | None = None,
+    ) -> AgentType:
+        agent_type = type.type if isinstance(type, AgentType) else type
+        if agent_type in self._factories:
+            raise ValueError(f"agent type {agent_type!r} is already registered")
+        if agent_type in self._remote:
+            return AgentType(agent_type)
+
+        async def make() -> Agent:
+            made = agent_factory()
+            agent = await made if inspect.isawaitable(made) else made
+            if expected_class is not None and not isinstance(agent, expected_class):
+                raise ValueError(f"factory of {agent_type!r} made a {agent.__class__.__name__}")
+            return agent
+
+        self._factories[agent_type] = make
+        if self._started:
+            await self._serve_type(agent_type)
+        return AgentType(agent_type)
+
+    async def register_agent_instance(self, agent_instance: Agent, agent_id: AgentId) -> AgentId:
+        if agent_id in self._agents:
+            raise ValueError(f"agent {agent_id} already exists")
+        if agent_id.type not in self._factories:
+
+            async def refuse() -> Agent:
+                raise LookupError(f"no factory for {agent_id.type}: only registered instances")
+
+            self._factories[agent_id.type] = refuse
+            if self._started:
+                await self._serve_type(agent_id.type)
+        await agent_instance.bind_id_and_runtime(id=agent_id, runtime=self)
+        future: asyncio.Future[Agent] = asyncio.get_running_loop().create_future()
+        future.set_result(agent_instance)
+        self._agents[agent_id] = future
+        return agent_id
+
+    async def add_subscription(self, subscription: Subscription) -> None:
+        self._subscriptions.append(subscription)
+        if self._started:
+            await self._listen_topic(subscription)
+            await self._nc.flush()
+
+    async def remove_subscription(self, id: str) -> None:
+        kept = [s for s in self._subscriptions if s.id != id]
+        if len(kept) == len(self._subscriptions):
+            raise LookupError(f"no subscription {id}")
+        self._subscriptions = kept
+
+    def add_message_serializer(self, serializer: MessageSerializer[Any] | Sequence[MessageSerializer[Any]]) -> None:
+        for item in serializer if isinstance(serializer, Sequence) else [serializer]:
+            self._codec.add_serializer(item)
+
+    # -- AgentRuntime: agents --------------------------------------------------------------------------------
+
+    def _is_local(self, agent_type: str) -> bool:
+        return agent_type in self._factories and agent_type not in self._remote
+
+    async def get(
+        self, id_or_type: AgentId | AgentType | str, /, key: str = "default", *, lazy: bool = True
+    ) -> AgentId:
+        if isinstance(id_or_type, AgentId):
+            agent_id = id_or_type
+        else:
+            agent_id = AgentId(id_or_type.type if isinstance(id_or_type, AgentType) else id_or_type, key)
+        if not lazy and self._is_local(agent_id.type):
+            await self._agent(agent_id)
+        return agent_id
+
+    async def try_get_underlying_agent_instance(self, id: AgentId, type: type[T] = Agent) -> T:  # type: ignore[assignment]
+        if not self._is_local(id.type):
+            raise LookupError(f"agent {id} is not in this process")
+        agent = await self._agent(id)
+        if not isinstance(agent, type):
+            raise TypeError(f"agent {id} is a {agent.__class__.__name__}, not a {type.__name__}")
+        return agent
+
+    async def _agent(self, agent_id: AgentId) -> Agent:
+        future = self._agents.get(agent_id)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._agents[agent_id] = future
+            try:
+                with AgentInstantiationContext.populate_context((self, agent_id)):
+                    future.set_result(await self._factories[agent_id.type]())
+            except BaseException as exc:
+                del self._agents[agent_id]
+                future.set_exception(exc)
+                future.exception()  # retrieved: waiters get it, nobody else logs it
+                raise
+        return await future
+
+    async def agent_metadata(self, agent: AgentId) -> AgentMetadata:
+        if self._is_local(agent.type):
+            return (await self._agent(agent)).metadata
+        _, reply = await self._request(agent, "meta", b"")
+        return AgentMetadata(**json.loads(reply))  # type: ignore[typeddict-item]
+
+    async def agent_save_state(self, agent: AgentId) -> Mapping[str, Any]:
+        if self._is_local(agent.type):
+            return await (await self._agent(agent)).save_state()
+        _, body = await self._request(agent, "save", b"")
+        state: Mapping[str, Any] = self._codec.loads_state(body)
+        return state
+
+    async def agent_load_state(self, agent: AgentId, state: Mapping[str, Any]) -> None:
+        if self._is_local(agent.type):
+            await (await self._agent(agent)).load_state(state)
+            return
+        await self._request(agent, "load", self._codec.dumps_state(state))
+
+    async def save_state(self) -> Mapping[str, Any]:
+        """State of the agents in this process (others save their own)."""
+        state: dict[str, Any] = {}
+        for agent_id, future in self._agents.items():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                state[str(agent_id)] = dict(await future.result().save_state())
+        return state
+
+    async def load_state(self, state: Mapping[str, Any]) -> None:
+        for key, value in state.items():
+            agent_id = AgentId.from_str(key)
+            if self._is_local(agent_id.type):
+                await (await self._agent(agent_id)).load_state(value)
+
+    # -- AgentRuntime: messages ------------------------------------------------------------------------------
+
+    async def send_message(
+        self,
+        message: Any,
+        recipient: AgentId,
+        *,
+        sender: AgentId | None = None,
+        cancellation_token: CancellationToken | None = None,
+        message_id: str | None = None,
+    ) -> Any:
+        token = cancellation_token or CancellationToken()
+        message_id = message_id or uuid.uuid4().hex
+        if self._is_local(recipient.type):
+            context = MessageContext(sender, None, True, token, message_id)
+            future = asyncio.ensure_future(self._invoke(recipient, message, context))
+            token.link_future(future)
+            return await future
+        name, payload = self._codec.encode(message)
+        meta = {"ty": name, "k": recipient.key, "sn": str(sender) if sender else None, "id": message_id}
+        meta["sc"] = self._scope(token)
+        head, body = await self._request(recipient, "msg", payload, meta, token)
+        return self._codec.decode(head["ty"], body)
+
+    async def publish_message(
+        self,
+        message: Any,
+        topic_id: TopicId,
+        *,
+        sender: AgentId | None = None,
+        cancellation_token: CancellationToken | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        token = cancellation_token or CancellationToken()
+        message_id = message_id or uuid.uuid4().hex
+        name, payload = self._codec.encode(message)
+        meta = {
+            "ty": name,
+            "src": topic_id.source,
+            "sn": str(sender) if sender else None,
+            "id": message_id,
+            "sc": self._scope(token),
+            "from": self.instance_id,
+        }
+        if not self._nc.is_closed:
+            await self._nc.publish(f"{self._ns}.t.{subject_token(topic_id.type)}", _frame(meta, payload))
+        self._deliver(message, topic_id, sender, token, message_id)
+
+    # -- delivery --------------------------------------------------------------------------------------------
+
+    def _deliver(
+        self,
+        message: Any,
+        topic_id: TopicId,
+        sender: AgentId | None,
+        token: CancellationToken,
+        message_id: str,
+        typed: bool | None = None,
+    ) -> None:
+        """Start the handlers of the local subscribers, in order, without waiting for them. ``typed`` picks the
+        subscriptions a message that came over NATS is for: those with a subject of their own (topic types), or
+        the others (prefixes and custom kinds, which listen on the namespace's wildcard)."""
+        for subscription in self._subscriptions:
+            if typed is not None and isinstance(subscription, TypeSubscription) != typed:
+                continue
+            if not subscription.is_match(topic_id):
+                continue
+            recipient = subscription.map_to_agent(topic_id)
+            if recipient == sender or not self._is_local(recipient.type):
+                continue
+            context = MessageContext(sender, topic_id, False, token, message_id)
+            self._spawn(self._invoke(recipient, message, context, publish=True))
+
+    def _spawn(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(work)
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        return task
+
+    async def _invoke(self, recipient: AgentId, message: Any, context: MessageContext, publish: bool = False) -> Any:
+        agent = await self._agent(recipient)
+        with MessageHandlerContext.populate_context(recipient):
+            try:
+                return await agent.on_message(message, ctx=context)
+            except asyncio.CancelledError:
+                if publish:
+                    return None
+                raise
+            except Exception:
+                if publish:  # nobody awaits a published message's handler: say what happened
+                    log.exception("handler of %s failed on a %s", recipient, type(message).__name__)
+                    return None
+                raise
+
+    async def _request(
+        self,
+        agent: AgentId,
+        op: str,
+        payload: bytes,
+        meta: dict[str, Any] | None = None,
+        token: CancellationToken | None = None,
+    ) -> tuple[dict[str, Any], bytes]:
+        meta = {"op": op, "k": agent.key, **(meta or {})}
+        future = asyncio.ensure_future(
+            self._nc.request(f"{self._ns}.a.{subject_token(agent.type)}", _frame(meta, payload), self._rpc_timeout)
+        )
+        if token is not None:
+            token.link_future(future)
+        try:
+            reply = await future
+        except nats.errors.NoRespondersError as exc:
+            raise LookupError(f"no process serves agent type {agent.type!r} in {self._ns}") from exc
+        head, body = _unframe(reply.data)
+        if not head.get("ok"):
+            raise RemoteHandlerError(f"{agent}: {head.get('error')}")
+        return head, body
+
+    # -- NATS side -------------------------------------------------------------------------------------------
+
+    async def _listen(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> None:
+        if subject not in self._nats_subs:
+            self._nats_subs[subject] = await self._nc.subscribe(subject, queue=queue, cb=cb)
+
+    async def _serve_type(self, agent_type: str) -> None:
+        if agent_type not in self._remote:
+            await self._listen(f"{self._ns}.a.{subject_token(agent_type)}", self._on_request, queue="a")
+
+    async def _listen_topic(self, subscription: Subscription) -> None:
+        if isinstance(subscription, TypeSubscription):
+            if not self._is_local(subscription.agent_type) and subscription.agent_type in self._remote:
+                return
+            await self._listen(f"{self._ns}.t.{subject_token(subscription.topic_type)}", self._on_typed)
+        elif self._is_local(getattr(subscription, "agent_type", "")):  # else the remote process listens
+            await self._listen(f"{self._ns}.t.>", self._on_untyped)
+
+    async def _on_typed(self, msg: Msg) -> None:
+        await self._on_publish(msg, typed=True)
+
+    async def _on_untyped(self, msg: Msg) -> None:
+        await self._on_publish(msg, typed=False)
+
+    async def _on_publish(self, msg: Msg, typed: bool) -> None:
+        meta, payload = _unframe(msg.data)
+        if meta.get("from") == self.instance_id:
+            return  # delivered locally when it was published
+        topic_type = msg.subject[len(self._ns) + 3 :]
+        if topic_type.startswith("~"):
+            topic_type = bytes.fromhex(topic_type[1:]).decode()
+        topic_id = TopicId(topic_type, meta["src"])
+        if not typed and not any(
+            s.is_match(topic_id) for s in self._subscriptions if not isinstance(s, TypeSubscription)
+        ):
+            return
+        try:
+            message = self._codec.decode(meta["ty"], payload)
+        except (LookupError, ValueError):
+            log.exception("dropping a message on %s that this process cannot read", msg.subject)
+            return
+        sender = AgentId.from_str(meta["sn"]) if meta.get("sn") else None
+        self._deliver(message, topic_id, sender, self._token(meta.get("sc")), meta["id"], typed)
+
+    async def _on_request(self, msg: Msg) -> None:
+        meta, payload = _unframe(msg.data)
+        agent_type = msg.subject[len(self._ns) + 3 :]
+        if agent_type.startswith("~"):
+            agent_type = bytes.fromhex(agent_type[1:]).decode()
+        agent_id = AgentId(agent_type, meta["k"])
+        if meta["op"] == "msg":
+            try:
+                message = self._codec.decode(meta["ty"], payload)
+            except (LookupError, ValueError) as exc:
+                await msg.respond(_frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, b""))
+                return
+            sender = AgentId.from_str(meta["sn"]) if meta.get("sn") else None
+            context = MessageContext(sender, None, True, self._token(meta.get("sc")), meta["id"])
+            self._spawn(self._answer(msg, self._invoke(agent_id, message, context)))
+        else:
+            self._spawn(self._answer(msg, self._operate(agent_id, meta["op"], payload), raw=True))
+
+    async def _operate(self, agent_id: AgentId, op: str, payload: bytes) -> bytes:
+        agent = await self._agent(agent_id)
+        if op == "save":
+            return self._codec.dumps_state(await agent.save_state())
+        if op == "load":
+            await agent.load_state(self._codec.loads_state(payload))
+            return b""
+        if op == "meta":
+            return json.dumps(dict(agent.metadata)).encode()
+        raise ValueError(f"unknown operation {op!r}")
+
+    async def _answer(self, msg: Msg, work: Awaitable[Any], raw: bool = False) -> None:
+        try:
+            result = await work
+            if raw:
+                frame = _frame({"ok": True}, result)
+            else:
+                name, body = self._codec.encode(result)
+                frame = _frame({"ok": True, "ty": name}, body)
+        except asyncio.CancelledError:
+            frame = _frame({"ok": False, "error": "CancelledError: the handler was cancelled"}, b"")
+        except Exception as exc:
+            frame = _frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, b"")
+        if not self._nc.is_closed:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(frame)
+
+    # -- cancellation scopes ---------------------------------------------------------------------------------
+
+    def _scope(self, token: CancellationToken) -> str:
+        scope = self._scope_of.get(token)
+        if scope is None:
+            scope = uuid.uuid4().hex[:16]
+            self._bind(scope, token)
+        return scope
+
+    def _token(self, scope: str | None) -> CancellationToken:
+        if scope is None:
+            return CancellationToken()
+        token = self._scopes.get(scope)
+        if token is None:
+            token = CancellationToken()
+            self._bind(scope, token)
+        return token
+
+    def _bind(self, scope: str, token: CancellationToken) -> None:
+        self._scopes[scope] = token
+        self._scope_of[token] = scope
+        token.add_callback(lambda: self._broadcast_cancel(scope))
+
+    def _broadcast_cancel(self, scope: str) -> None:
+        if self._stopped or self._nc.is_closed:
+            return
+        self._spawn(self._nc.publish(f"{self._ns}.x.cancel", scope.encode()))
+
+    def _cancel_scope(self, scope: str) -> None:
+        tokens = list(self._scopes.values()) if scope == _ALL else [self._scopes.get(scope)]
+        for token in tokens:
+            if token is not None and not token.is_cancelled():
+                token.cancel()
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        self._cancel_scope(msg.data.decode())

@@ -1,0 +1,216 @@
+"""The member side of team runs, inside the agent process.
+
+A manager asks on ``caravan.rt.<customer>.join.<agent>`` (one replica answers: the queue group gives a run
+affinity to that replica). The replica builds this agent's ``AssistantAgent`` in AgentChat's own
+``ChatAgentContainer``, registers it on a :class:`~agent.runtime.NatsAgentRuntime` in the run's namespace,
+and answers once it listens. It beats a heartbeat while the run lasts and drops the container when the
+manager says the run ended, or stops beating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+from autogen_agentchat.agents import AssistantAgent
+from autogen_agentchat.messages import MessageFactory
+from autogen_agentchat.teams._group_chat._chat_agent_container import ChatAgentContainer
+from autogen_core import TypeSubscription
+from autogen_core.models import ChatCompletionClient
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from agent.models import create_model_client
+from agent.protocol import AgentDefinition
+from agent.runtime import NatsAgentRuntime
+from agent.teamprotocol import MemberJoin, MemberJoined, join_subject, run_namespace
+from agent.tools import build_tools
+
+__all__ = ["TeamHost", "member_agent"]
+
+log = logging.getLogger("caravan.teamhost")
+MODEL_POSITION = "caravan_model_position"
+
+
+def member_agent(
+    definition: AgentDefinition, handoffs: list[str], model_client: ChatCompletionClient
+) -> AssistantAgent:
+    """The agent as a team member: its definition, plus the handoffs the team gives it."""
+    return AssistantAgent(
+        name=definition.name,
+        model_client=model_client,
+        tools=list(build_tools(definition.tools)) or None,
+        system_message=definition.system_message or None,
+        reflect_on_tool_use=bool(definition.tools),
+        model_client_stream=definition.model.stream,
+        handoffs=list(handoffs) or None,
+    )
+
+
+class _Container(ChatAgentContainer):
+    """AgentChat's container; its state also carries the scripted model's place (the `replay` provider)."""
+
+    def __init__(self, team_key: str, agent: AssistantAgent, model_client: ChatCompletionClient) -> None:
+        super().__init__(f"group_topic_{team_key}", f"output_topic_{team_key}", agent, MessageFactory())
+        self._model_client = model_client
+
+    async def save_state(self) -> Mapping[str, Any]:
+        state = dict(await super().save_state())
+        position = getattr(self._model_client, "position", None)
+        if position is not None:
+            state[MODEL_POSITION] = position
+        return state
+
+    async def load_state(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        position = state.pop(MODEL_POSITION, None)
+        await super().load_state(state)
+        if position is not None and hasattr(self._model_client, "seek"):
+            self._model_client.seek(int(position))
+
+
+class _HostedRun:
+    def __init__(self, runtime: NatsAgentRuntime, join: MemberJoin) -> None:
+        self.runtime = runtime
+        self.join = join
+        self.manager_seen = time.monotonic()
+        self.beat: asyncio.Task[None] | None = None
+        self.subs: list[Subscription] = []
+
+
+class TeamHost:
+    """Serves this agent's part in team runs. ``start()`` once, ``stop()`` is idempotent."""
+
+    def __init__(self, nc: NATS, definition: AgentDefinition, instance_id: str) -> None:
+        self._nc = nc
+        self._definition = definition
+        self.instance_id = instance_id
+        self._runs: dict[str, _HostedRun] = {}
+        self._sub: Subscription | None = None
+        self._halted = False
+        self._pending: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._stopped = False
+
+    @property
+    def runs(self) -> int:
+        return len(self._runs)
+
+    @property
+    def busy(self) -> int:
+        """Message handlers (model calls among them) running now, across runs."""
+        return sum(run.runtime.busy for run in self._runs.values())
+
+    async def __aenter__(self) -> TeamHost:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("team host already started")
+        self._started = True
+        subject = join_subject(self._definition.customer_id, self._definition.agent_id)
+        self._sub = await self._nc.subscribe(subject, queue="join", cb=self._on_join)
+
+    async def stop(self) -> None:
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        for run_id in list(self._runs):
+            await self._drop(run_id)
+
+    async def halt(self, halted: bool) -> None:
+        """The killswitch: while halted, refuse runs and cancel what runs."""
+        self._halted = halted
+        if halted:
+            for run_id in list(self._runs):
+                await self._drop(run_id)
+
+    async def _on_join(self, msg: Msg) -> None:
+        if self._halted or self._stopped:
+            return  # a replica that may not serve stays silent; another one (or the deadline) answers
+        try:
+            join = MemberJoin.model_validate_json(msg.data)
+        except ValueError:
+            log.warning("ignoring a malformed join request")
+            return
+        if join.agent_id != self._definition.agent_id or join.customer_id != self._definition.customer_id:
+            return
+        if join.run_id not in self._runs:
+            await self._host(join)
+        answer = MemberJoined(agent_id=self._definition.agent_id, instance_id=self.instance_id)
+        await msg.respond(answer.model_dump_json().encode())
+
+    async def _host(self, join: MemberJoin) -> None:
+        namespace = run_namespace(join.customer_id, join.run_id)
+        runtime = NatsAgentRuntime(self._nc, namespace, instance_id=f"{self.instance_id}-{join.run_id}")
+        model_client = create_model_client(self._definition.model)
+        agent = member_agent(self._definition, join.handoffs, model_client)
+        agent_type = f"{self._definition.name}_{join.team_key}"
+        await runtime.register_factory(agent_type, lambda: _Container(join.team_key, agent, model_client))
+        await runtime.add_subscription(TypeSubscription(topic_type=agent_type, agent_type=agent_type))
+        group_topic = f"group_topic_{join.team_key}"
+        await runtime.add_subscription(TypeSubscription(topic_type=group_topic, agent_type=agent_type))
+        hosted = _HostedRun(runtime, join)
+        try:
+            await runtime.start()
+            hosted.subs.append(await self._nc.subscribe(f"{namespace}.x.end", cb=self._on_end))
+            hosted.subs.append(await self._nc.subscribe(f"{namespace}.x.alive", cb=self._on_alive))
+        except BaseException:
+            await runtime.stop()
+            raise
+        self._runs[join.run_id] = hosted
+        hosted.beat = asyncio.create_task(self._beat(hosted), name=f"team-beat-{join.run_id}")
+
+    @staticmethod
+    def _run_of(subject: str) -> str:
+        return subject.split(".")[3]  # caravan.rt.<customer>.<run>.x.<what>
+
+    async def _on_end(self, msg: Msg) -> None:
+        run_id = self._run_of(msg.subject)
+        if run_id in self._runs:
+            self._later(self._drop(run_id))
+
+    async def _on_alive(self, msg: Msg) -> None:
+        hosted = self._runs.get(self._run_of(msg.subject))
+        if hosted is not None and msg.data == b"manager":
+            hosted.manager_seen = time.monotonic()
+
+    async def _beat(self, hosted: _HostedRun) -> None:
+        subject = f"{hosted.runtime.namespace}.x.alive"
+        payload = f"member {self._definition.agent_id} {self.instance_id}".encode()
+        while True:
+            if time.monotonic() - hosted.manager_seen > hosted.join.manager_lost_after_s:
+                log.warning("run %s: the manager is gone; dropping the member", hosted.join.run_id)
+                self._later(self._drop(hosted.join.run_id))
+                return
+            with contextlib.suppress(Exception):
+                await self._nc.publish(subject, payload)
+            await asyncio.sleep(hosted.join.heartbeat_s)
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _drop(self, run_id: str) -> None:
+        hosted = self._runs.pop(run_id, None)
+        if hosted is None:
+            return
+        if hosted.beat is not None and hosted.beat is not asyncio.current_task():
+            hosted.beat.cancel()
+        for sub in hosted.subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        await hosted.runtime.stop()

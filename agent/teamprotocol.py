@@ -1,0 +1,93 @@
+"""The wire protocol of team runs: how the group-chat manager enlists members and how each side knows the
+other is alive. Beside :mod:`agent.protocol`, which it extends; both sides import it.
+
+Subjects (``{c}`` customer id, ``{a}`` agent id, ``{r}`` run id, ``{t}`` team id, ``{k}`` task id):
+
+- ``caravan.rt.{c}.join.{a}``      request/reply, queue group per agent: one replica hosts the member for a run
+- ``caravan.rt.{c}.{r}.>``         the run's :class:`~agent.runtime.NatsAgentRuntime` namespace
+- ``caravan.rt.{c}.{r}.x.alive``   heartbeats of the manager and of every member
+- ``caravan.rt.{c}.{r}.x.end``     the run is over: members drop their containers
+- ``caravan.tasks.{c}.team.{t}``   work queue (``CARAVAN_TASKS``) of :class:`TeamTaskRequest` for the managers
+- ``caravan.ctl.{c}.teamcancel.{k}`` cancel a team task wherever its manager runs
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from agent.protocol import _check_id, utcnow
+
+__all__ = [
+    "TEAM_CONSUMER",
+    "TEAM_QUEUE_FILTER",
+    "MemberJoin",
+    "MemberJoined",
+    "TeamTaskRequest",
+    "join_subject",
+    "run_namespace",
+    "team_cancel_subject",
+    "team_task_subject",
+]
+
+TEAM_CONSUMER = "caravan-teams"
+"""The durable consumer on the team task queue that the control plane's replicas share."""
+TEAM_QUEUE_FILTER = "caravan.tasks.*.team.*"
+
+
+def run_namespace(customer_id: str, run_id: str) -> str:
+    return f"caravan.rt.{_check_id(customer_id)}.{_check_id(run_id)}"
+
+
+def join_subject(customer_id: str, agent_id: str) -> str:
+    return f"caravan.rt.{_check_id(customer_id)}.join.{_check_id(agent_id)}"
+
+
+def team_task_subject(customer_id: str, team_id: str) -> str:
+    return f"caravan.tasks.{_check_id(customer_id)}.team.{_check_id(team_id)}"
+
+
+def team_cancel_subject(customer_id: str, task_id: str) -> str:
+    return f"caravan.ctl.{_check_id(customer_id)}.teamcancel.{_check_id(task_id)}"
+
+
+class MemberJoin(BaseModel):
+    """Host this agent's container for one run of a team (AgentChat's ``ChatAgentContainer``)."""
+
+    run_id: str
+    task_id: str
+    customer_id: str
+    agent_id: str
+    team_key: str = Field(description="AgentChat's team id of the run: types are `<name>_<team_key>`.")
+    handoffs: list[str] = Field(default_factory=list, description="Member names (or `user`) it may hand off to.")
+    heartbeat_s: float = 1.0
+    manager_lost_after_s: float = 30.0
+
+    @field_validator("run_id", "task_id", "customer_id", "agent_id")
+    @classmethod
+    def _ids(cls, value: str) -> str:
+        return _check_id(value)
+
+
+class MemberJoined(BaseModel):
+    agent_id: str
+    instance_id: str
+    """The replica (allocation) that hosts the member for this run; every message of the run goes there."""
+
+
+class TeamTaskRequest(BaseModel):
+    """A team task for a manager: the start, or the human's answer after the team asked for input."""
+
+    task_id: str
+    customer_id: str
+    team_id: str
+    kind: Literal["start", "input"] = "start"
+    content: str
+    segment: int = Field(default=0, description="How many times the team has run for this task before.")
+    submitted_at: str = Field(default_factory=lambda: utcnow().isoformat())
+
+    @field_validator("task_id", "customer_id", "team_id")
+    @classmethod
+    def _ids(cls, value: str) -> str:
+        return _check_id(value)

@@ -1,0 +1,109 @@
+"""The AgentChat team of one run, as the manager's process sees it.
+
+Participants are stand-ins with each member's name, description and handoffs (what AgentChat's manager and
+its checks read); their containers live in the members' agent processes, so their agent types are marked
+remote on the run's runtime. The team id is pinned to the run id, so every process derives the same agent
+and topic types.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+from typing import Any
+
+from autogen_agentchat.agents import AssistantAgent
+from autogen_agentchat.base import ChatAgent, Handoff, TerminationCondition
+from autogen_agentchat.base import Team as AgentChatTeam
+from autogen_agentchat.conditions import (
+    HandoffTermination,
+    MaxMessageTermination,
+    TextMentionTermination,
+    TimeoutTermination,
+    TokenUsageTermination,
+)
+from autogen_agentchat.teams import BaseGroupChat, RoundRobinGroupChat, SelectorGroupChat, Swarm
+from autogen_core.models import ChatCompletionClient, ModelFamily, ModelInfo
+from autogen_ext.models.replay import ReplayChatCompletionClient
+
+from agent.protocol import AgentDefinition
+from agent.runtime import NatsAgentRuntime
+from control.teams.models import USER, Team, Termination
+
+__all__ = ["build_team", "handoff_names", "termination_condition"]
+
+_STAND_IN = ModelInfo(
+    vision=False, function_calling=True, json_output=False, family=ModelFamily.UNKNOWN, structured_output=False
+)
+
+
+def termination_condition(spec: Termination) -> TerminationCondition:
+    conditions: list[TerminationCondition] = []
+    if spec.max_messages is not None:
+        conditions.append(MaxMessageTermination(spec.max_messages))
+    if spec.text_mention is not None:
+        conditions.append(TextMentionTermination(spec.text_mention))
+    if spec.handoff_to_user:
+        conditions.append(HandoffTermination(target=USER))
+    if spec.timeout_s is not None:
+        conditions.append(TimeoutTermination(spec.timeout_s))
+    if spec.max_tokens is not None:
+        conditions.append(TokenUsageTermination(max_total_token=spec.max_tokens))
+    return reduce(lambda a, b: a | b, conditions)
+
+
+def handoff_names(team: Team, members: dict[str, AgentDefinition]) -> dict[str, list[str]]:
+    """Each member's handoff targets by name (``user`` stays ``user``)."""
+    return {
+        agent_id: [target if target == USER else members[target].name for target in team.handoffs.get(agent_id, [])]
+        for agent_id in team.members
+    }
+
+
+def build_team(
+    team: Team,
+    members: dict[str, AgentDefinition],
+    runtime: NatsAgentRuntime,
+    team_key: str,
+    selector_client: ChatCompletionClient | None = None,
+) -> BaseGroupChat:
+    handoffs = handoff_names(team, members)
+    stand_ins: list[ChatAgent] = [
+        AssistantAgent(
+            members[agent_id].name,
+            model_client=ReplayChatCompletionClient([], model_info=_STAND_IN),  # never called: the member answers
+            handoffs=list[Handoff | str](handoffs[agent_id]) or None,
+        )
+        for agent_id in team.members
+    ]
+    termination = termination_condition(team.termination)
+    chat: BaseGroupChat
+    if team.mode == "round_robin":
+        chat = RoundRobinGroupChat(
+            list[ChatAgent | AgentChatTeam](stand_ins), termination_condition=termination, runtime=runtime
+        )
+    elif team.mode == "selector":
+        assert team.selector is not None and selector_client is not None
+        extra: dict[str, Any] = {"selector_prompt": team.selector.prompt} if team.selector.prompt else {}
+        chat = SelectorGroupChat(
+            list[ChatAgent | AgentChatTeam](stand_ins),
+            model_client=selector_client,
+            termination_condition=termination,
+            allow_repeated_speaker=team.selector.allow_repeated_speaker,
+            runtime=runtime,
+            **extra,
+        )
+    else:
+        chat = Swarm(stand_ins, termination_condition=termination, runtime=runtime)
+    _pin_team_key(chat, team_key)
+    for topic_type in chat._participant_topic_types:
+        runtime.mark_remote(topic_type)
+    return chat
+
+
+def _pin_team_key(chat: BaseGroupChat, key: str) -> None:
+    """AgentChat gives every team object a fresh uuid and no setter; the types derive from it."""
+    chat._team_id = key
+    chat._group_topic_type = f"group_topic_{key}"
+    chat._group_chat_manager_topic_type = f"{chat._group_chat_manager_name}_{key}"
+    chat._participant_topic_types = [f"{name}_{key}" for name in chat._participant_names]
+    chat._output_topic_type = f"output_topic_{key}"

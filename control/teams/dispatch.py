@@ -1,0 +1,118 @@
+"""Tasks on teams: queue a run for the managers, hand them the human's answer, cancel wherever the run is."""
+
+from __future__ import annotations
+
+import contextlib
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, NotFoundError
+
+from agent.protocol import TASKS_STREAM, Event, EventKind, task_events_subject
+from agent.teamprotocol import TeamTaskRequest, team_cancel_subject, team_task_subject
+from control.errors import Conflict, NotFound
+from control.models import AgentStatus, Task, TaskCreate, TaskStatus
+from control.services.agents import AgentService
+from control.services.killswitch import KillswitchService
+from control.store import Repo
+from control.teams.models import Checkpoint, Team
+from control.teams.service import TeamService
+
+__all__ = ["TeamTasks", "task_key"]
+
+
+def task_key(customer_id: str, task_id: str) -> str:
+    return f"{customer_id}.{task_id}"
+
+
+class TeamTasks:
+    def __init__(
+        self,
+        tasks: Repo[Task],
+        checkpoints: Repo[Checkpoint],
+        js: JetStreamContext,
+        teams: TeamService,
+        agents: AgentService,
+        guard: KillswitchService,
+    ) -> None:
+        self._tasks = tasks
+        self._checkpoints = checkpoints
+        self._js = js
+        self._teams = teams
+        self._agents = agents
+        self._guard = guard
+
+    async def create(self, customer_id: str, spec: TaskCreate, task_id: str) -> Task:
+        assert spec.team_id is not None
+        team = await self._teams.get(customer_id, spec.team_id)
+        await self.ensure_members_can_serve(team)
+        task = Task(id=task_id, customer_id=customer_id, team_id=team.id, task=spec.task)
+        await self._tasks.create(task_key(customer_id, task.id), task)
+        await self._publish_status(task, "queued")
+        request = TeamTaskRequest(task_id=task.id, customer_id=customer_id, team_id=team.id, content=spec.task)
+        subject = team_task_subject(customer_id, team.id)
+        ack = await self._js.publish(subject, request.model_dump_json().encode(), headers={"Nats-Msg-Id": task.id})
+        await self._tasks.update(task_key(customer_id, task.id), lambda t: t.model_copy(update={"queue_seq": ack.seq}))
+        return task.model_copy(update={"queue_seq": ack.seq})
+
+    async def ensure_members_can_serve(self, team: Team) -> None:
+        for agent_id in team.members:
+            try:
+                agent = await self._agents.get(team.customer_id, agent_id)
+            except NotFound as exc:  # deleted after the team was made
+                raise Conflict(f"team member {agent_id} no longer exists") from exc
+            await self._guard.ensure_not_halted(agent)
+            if agent.desired != "running" or agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
+                raise Conflict(f"team member {agent.id} ({agent.name}) is {agent.status.value}; start it first")
+
+    async def input(self, task: Task, content: str) -> Task:
+        """The human's answer: the team runs again from its checkpoint with it."""
+        if task.team_id is None or task.status != TaskStatus.AWAITING_INPUT:
+            raise Conflict(f"task {task.id} is {task.status.value}, not awaiting input")
+        checkpoint = await self._checkpoints.get(task_key(task.customer_id, task.id))
+        if checkpoint is None:
+            raise Conflict(f"task {task.id} has no saved state to resume from")
+        team = await self._teams.get(task.customer_id, task.team_id)
+        await self.ensure_members_can_serve(team)
+        request = TeamTaskRequest(
+            task_id=task.id,
+            customer_id=task.customer_id,
+            team_id=task.team_id,
+            kind="input",
+            content=content,
+            segment=checkpoint.segment,
+        )
+        ack = await self._js.publish(
+            team_task_subject(task.customer_id, task.team_id),
+            request.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": f"{task.id}:input:{checkpoint.segment}"},
+        )
+        if ack.duplicate:
+            raise Conflict(f"task {task.id} already has its answer")
+        key = task_key(task.customer_id, task.id)
+        await self._tasks.update(key, lambda t: t.model_copy(update={"queue_seq": ack.seq}))
+        await self._publish_status(task, "queued", "resuming with the human's answer")
+        return task.model_copy(update={"status": TaskStatus.QUEUED, "queue_seq": ack.seq})
+
+    async def cancel(self, task: Task) -> Task:
+        removed = False
+        if task.status == TaskStatus.QUEUED and task.queue_seq is not None:
+            with contextlib.suppress(NotFoundError):
+                removed = await self._js.delete_msg(TASKS_STREAM, task.queue_seq)
+        if removed or task.status == TaskStatus.AWAITING_INPUT:
+            with contextlib.suppress(KeyNotFoundError):
+                await self._checkpoints.delete(task_key(task.customer_id, task.id))
+            await self._publish_status(task, "cancelled", "cancelled on request")
+        else:  # the manager running it stops it everywhere and reports `cancelled`
+            await self._js._nc.publish(team_cancel_subject(task.customer_id, task.id), b"")
+        return task
+
+    async def _publish_status(self, task: Task, status: str, reason: str | None = None) -> None:
+        event = Event(
+            kind=EventKind.STATUS,
+            task_id=task.id,
+            customer_id=task.customer_id,
+            content=status,
+            data={"reason": reason} if reason else {},
+            attempt=task.attempt,
+        )
+        await self._js.publish(task_events_subject(task.customer_id, task.id), event.model_dump_json().encode())

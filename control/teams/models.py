@@ -1,0 +1,135 @@
+"""Teams: which agents talk, how the next speaker is chosen, and when the conversation ends."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from agent.protocol import ID_PATTERN, ModelConfig, utcnow
+
+__all__ = ["USER", "Checkpoint", "SelectorSpec", "Team", "TeamCreate", "TeamInput", "TeamMode", "Termination"]
+
+USER = "user"
+"""The handoff target that asks the human: the task waits for ``POST /v1/tasks/{id}/input``."""
+
+TeamMode = Literal["round_robin", "selector", "swarm"]
+AgentRef = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+HandoffTarget = Annotated[str, StringConstraints(pattern=f"^({ID_PATTERN[1:-1]}|{USER})$")]
+
+
+class Termination(BaseModel):
+    """When the team stops; several conditions end it at the first that holds (AgentChat's ``|``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_messages: int | None = Field(default=None, ge=1, le=10_000, description="Messages, the task's included.")
+    text_mention: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
+        default=None, description="Stop when a message contains this text (e.g. `TERMINATE`)."
+    )
+    handoff_to_user: bool = Field(
+        default=False, description="Stop and ask the human when a member hands off to `user` (task `awaiting_input`)."
+    )
+    timeout_s: float | None = Field(default=None, gt=0, le=86_400, description="Stop after this many seconds.")
+    max_tokens: int | None = Field(default=None, ge=1, le=100_000_000, description="Stop after this token usage.")
+
+    @model_validator(mode="after")
+    def _something(self) -> Termination:
+        if not (self.max_messages or self.text_mention or self.handoff_to_user or self.timeout_s or self.max_tokens):
+            raise ValueError("give at least one termination condition, e.g. max_messages")
+        return self
+
+
+class SelectorSpec(BaseModel):
+    """Mode `selector`: a model reads the conversation and names the next speaker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=20_000)] | None = Field(
+        default=None, description="AgentChat's selector prompt with `{roles}`, `{participants}` and `{history}`."
+    )
+    allow_repeated_speaker: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _placeholders(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            value.format(roles="", participants="", history="")
+        except (KeyError, IndexError, ValueError) as exc:
+            allowed = "{roles}, {participants} and {history}"
+            raise ValueError(f"prompt may use only {allowed} in braces ({exc})") from exc
+        return value
+
+
+class TeamCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+    members: Annotated[list[AgentRef], Field(min_length=1, max_length=16)] = Field(
+        description="Agent IDs of your agents, in order (round robin order; a swarm starts with the first)."
+    )
+    mode: TeamMode = "round_robin"
+    selector: SelectorSpec | None = Field(default=None, description="Required for mode `selector`, only there.")
+    handoffs: dict[AgentRef, Annotated[list[HandoffTarget], Field(max_length=17)]] = Field(
+        default_factory=dict,
+        description="Whom each member may hand off to: member agent IDs, or `user` to ask the human.",
+    )
+    termination: Termination
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TeamCreate:
+        if len(set(self.members)) != len(self.members):
+            raise ValueError("members must not repeat")
+        if (self.mode == "selector") != (self.selector is not None):
+            raise ValueError("selector is required for mode 'selector' and only allowed there")
+        for source, targets in self.handoffs.items():
+            if source not in self.members:
+                raise ValueError(f"handoffs: {source} is not a member")
+            for target in targets:
+                if target != USER and target not in self.members:
+                    raise ValueError(f"handoffs: {source} may hand off only to members or 'user', not {target}")
+                if target == source:
+                    raise ValueError(f"handoffs: {source} cannot hand off to itself")
+            if len(set(targets)) != len(targets):
+                raise ValueError(f"handoffs of {source} repeat")
+        if self.mode == "swarm" and not self.handoffs.get(self.members[0]):
+            raise ValueError("a swarm starts with its first member, which needs handoffs")
+        if self.termination.handoff_to_user and not any(USER in t for t in self.handoffs.values()):
+            raise ValueError("termination.handoff_to_user needs a member with a handoff to 'user'")
+        return self
+
+
+class Team(BaseModel):
+    id: str
+    customer_id: str
+    name: str
+    members: list[str]
+    mode: TeamMode
+    selector: SelectorSpec | None = None
+    handoffs: dict[str, list[str]] = Field(default_factory=dict)
+    termination: Termination
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class TeamInput(BaseModel):
+    """The human's answer to a team that asked (``POST /v1/tasks/{id}/input``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    content: Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
+
+
+class Checkpoint(BaseModel):
+    """A team task between runs, in JetStream KV: AgentChat's team state when it last stopped to ask the human,
+    and the transcript so far, replayed as the events of a new attempt when a run has to start again."""
+
+    segment: int = 0
+    state: dict[str, Any] | None = None
+    selector_position: int | None = None
+    transcript: list[dict[str, Any]] = Field(default_factory=list)
+    asked_by: str | None = None
+    updated_at: datetime = Field(default_factory=utcnow)

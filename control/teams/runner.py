@@ -1,0 +1,489 @@
+"""The group-chat managers of team tasks, in the control plane.
+
+Team tasks wait on a durable JetStream work queue (consumer ``caravan-teams`` on ``caravan.tasks.*.team.*``)
+that every control-plane replica pulls from, so replicas share the runs, and a run whose replica died is
+delivered again (after ``ack_wait``) to one that lives. For each run the runner enlists one replica of every
+member (:mod:`agent.teamhost`), builds AgentChat's own team around a :class:`~agent.runtime.NatsAgentRuntime`
+in the run's namespace and forwards every item of ``run_stream`` to the task's subject.
+
+A run that stops to ask the human saves AgentChat's team state in JetStream KV (a :class:`Checkpoint`) and
+acknowledges its work; the answer queues the next run, which loads that state. A run that loses a member
+(its heartbeats stop) or its manager starts again from the last checkpoint as a new attempt: the transcript
+up to the checkpoint is published again under the new attempt, which replaces the old one in the task record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.errors
+from autogen_agentchat.base import TaskResult
+from autogen_agentchat.messages import BaseChatMessage, HandoffMessage, TextMessage
+from autogen_core import CancellationToken
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyNotFoundError
+
+from agent.models import create_model_client
+from agent.protocol import TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
+from agent.runtime import NatsAgentRuntime
+from agent.teamprotocol import (
+    TEAM_CONSUMER,
+    TEAM_QUEUE_FILTER,
+    MemberJoin,
+    MemberJoined,
+    TeamTaskRequest,
+    join_subject,
+    run_namespace,
+)
+from agent.transcript import event_fields, final_text
+from control.errors import NotFound
+from control.ids import new_id
+from control.models import TERMINAL_TASK_STATUSES, Task
+from control.natsio import Jet
+from control.services.agents import AgentService
+from control.store import Repo
+from control.teams.build import build_team
+from control.teams.dispatch import task_key
+from control.teams.models import USER, Checkpoint, Team
+from control.teams.service import TeamService
+
+__all__ = ["RunnerConfig", "TeamRunner"]
+
+log = logging.getLogger("caravan.teams")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    max_runs: int = 32
+    join_timeout_s: float = 30.0
+    heartbeat_s: float = 1.0
+    member_lost_after_s: float = 5.0
+    max_attempts: int = 3
+    ack_wait_s: float = 30.0
+
+
+class _Failed(Exception):
+    """The run cannot go on; the task ends `failed` with this reason."""
+
+
+class _Retry(Exception):
+    """The run broke off (a member or the manager was lost); start again from the last checkpoint."""
+
+
+@dataclass
+class _Active:
+    token: CancellationToken = field(default_factory=CancellationToken)
+    cancelled: bool = False
+    handover: bool = False
+    lost: str | None = None
+
+    def stop(self, **why: Any) -> None:
+        for key, value in why.items():
+            setattr(self, key, value)
+        self.token.cancel()
+
+
+class TeamRunner:
+    """``start()`` pulls team tasks and runs their managers; ``stop()`` hands unfinished runs back to the queue."""
+
+    def __init__(
+        self,
+        jet: Jet,
+        tasks: Repo[Task],
+        checkpoints: Repo[Checkpoint],
+        teams: TeamService,
+        agents: AgentService,
+        config: RunnerConfig | None = None,
+    ) -> None:
+        self._jet = jet
+        self._tasks = tasks
+        self._checkpoints = checkpoints
+        self._teams = teams
+        self._agents = agents
+        self.config = config or RunnerConfig()
+        self._active: dict[str, _Active] = {}
+        self._runs: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+        self._subs: list[Any] = []
+        self._started = False
+        self._stopping = False
+
+    async def __aenter__(self) -> TeamRunner:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("team runner already started")
+        self._started = True
+        js = self._jet.js
+        consumer = ConsumerConfig(
+            durable_name=TEAM_CONSUMER,
+            filter_subject=TEAM_QUEUE_FILTER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.config.ack_wait_s,
+            max_deliver=self.config.max_attempts + 1,
+            max_ack_pending=10_000,
+        )
+        await js.add_consumer(TASKS_STREAM, consumer)
+        psub = await js.pull_subscribe_bind(TEAM_CONSUMER, stream=TASKS_STREAM)
+        self._subs.append(psub)
+        self._subs.append(await self._jet.nc.subscribe("caravan.ctl.*.teamcancel.*", cb=self._on_cancel))
+        self._loop = asyncio.create_task(self._serve(psub), name="team-runner")
+
+    async def stop(self) -> None:
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        for active in self._active.values():
+            active.stop(handover=True)
+        if self._runs:
+            await asyncio.wait(self._runs, timeout=10)
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    async def _serve(self, psub: Any) -> None:
+        slots = asyncio.Semaphore(self.config.max_runs)
+        while True:
+            await slots.acquire()
+            try:
+                msgs = await psub.fetch(1, timeout=5)
+            except TimeoutError:
+                slots.release()
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+                slots.release()
+                return
+            run = asyncio.create_task(self._handle(msgs[0]))
+            self._runs.add(run)
+            run.add_done_callback(self._runs.discard)
+            run.add_done_callback(lambda _t: slots.release())
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        active = self._active.get(msg.subject.rsplit(".", 1)[-1])
+        if active is not None:
+            active.stop(cancelled=True)
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            request = TeamTaskRequest.model_validate_json(msg.data)
+        except ValueError:
+            log.error("dropping a malformed team task message")
+            await msg.term()
+            return
+        active = self._active[request.task_id] = _Active()
+        keepalive = asyncio.create_task(_keep_in_progress(msg, self.config.ack_wait_s / 3))
+        handed_over = False
+        try:
+            await self._serve_task(request, msg.metadata.num_delivered or 1, active)
+        except _Retry:
+            handed_over = True
+        except Exception:  # a bug of ours: fail the task and say so, rather than loop on it
+            log.exception("team task %s: the runner failed", request.task_id)
+        finally:
+            keepalive.cancel()
+            self._active.pop(request.task_id, None)
+        with contextlib.suppress(Exception):
+            await (msg.nak() if handed_over else msg.ack())
+
+    async def _serve_task(self, request: TeamTaskRequest, delivered: int, active: _Active) -> None:
+        key = task_key(request.customer_id, request.task_id)
+        task = await self._tasks.get(key)
+        if task is None or task.status in TERMINAL_TASK_STATUSES:
+            return
+        checkpoint = await self._checkpoints.get(key) or Checkpoint()
+        if request.kind == "input" and request.segment != checkpoint.segment:
+            return  # an answer that was already used
+        attempt = task.attempt + (1 if delivered > 1 else 0)
+        while True:
+            if attempt > task.attempt:
+                await self._replay(task, checkpoint, attempt)
+            try:
+                await self._segment(request, task, checkpoint, attempt, active)
+                return
+            except _Failed as failure:
+                await self._emit(task, attempt, EventKind.ERROR, content=str(failure))
+                await self._status(task, attempt, "failed", str(failure))
+                return
+            except (ValueError, TypeError, LookupError) as exc:  # AgentChat refused the team or its state
+                log.exception("team task %s failed", task.id)
+                await self._emit(task, attempt, EventKind.ERROR, content=f"{type(exc).__name__}: {_reason(exc)}")
+                await self._status(task, attempt, "failed", f"{type(exc).__name__}: {_reason(exc)}")
+                return
+            except _Retry as retry:
+                if active.handover:
+                    raise
+                if attempt >= self.config.max_attempts:
+                    await self._status(task, attempt, "failed", f"{retry} (gave up after {attempt} attempts)")
+                    return
+                log.warning("team task %s: %s; starting again from the last checkpoint", task.id, retry)
+                attempt += 1
+                active.token, active.lost = CancellationToken(), None
+
+    async def _segment(
+        self, request: TeamTaskRequest, task: Task, checkpoint: Checkpoint, attempt: int, active: _Active
+    ) -> None:
+        try:
+            team = await self._teams.get(task.customer_id, request.team_id)
+        except NotFound as exc:
+            raise _Failed(f"team {request.team_id} was deleted") from exc
+        members: dict[str, AgentDefinition] = {}
+        for agent_id in team.members:
+            definition = await self._agents.definition(task.customer_id, agent_id)
+            if definition is None:
+                raise _Failed(f"team member {agent_id} no longer exists")
+            members[agent_id] = definition
+        by_name = {d.name: agent_id for agent_id, d in members.items()}
+        run_id = new_id("rn")
+        runtime = NatsAgentRuntime(self._jet.nc, run_namespace(task.customer_id, run_id))
+        selector = create_model_client(team.selector.model) if team.selector else None
+        if selector is not None and checkpoint.selector_position is not None and hasattr(selector, "seek"):
+            selector.seek(checkpoint.selector_position)
+        chat = build_team(team, members, runtime, run_id, selector)
+        presence = _Presence(self.config, set(team.members))
+        beats: list[asyncio.Task[None]] = []
+        alive_sub = await self._jet.nc.subscribe(f"{runtime.namespace}.x.alive", cb=presence.on_beat)
+        await runtime.start()
+        try:
+            beats.append(asyncio.create_task(self._beat(runtime.namespace)))
+            instances = await self._join(task, team, members, run_id)
+            presence.reset()
+            beats.append(asyncio.create_task(presence.watch(active)))
+            if checkpoint.state is not None:
+                await chat.load_state(checkpoint.state)
+            names = {members[a].name: i for a, i in instances.items()}
+            await self._status(task, attempt, "running", data={"run_id": run_id, "members": names})
+            transcript: list[dict[str, Any]] = []
+            try:
+                task_input = _task_input(request, team, checkpoint)
+                result = await self._stream(chat, task_input, task, attempt, by_name, transcript, active)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                await self._jet.js.publish_async_completed()
+                if active.lost is not None:
+                    raise _Retry(active.lost) from None
+                if active.handover:
+                    raise _Retry("the control plane is stopping") from None
+                await self._checkpoints_delete(task)
+                await self._status(task, attempt, "cancelled", "cancelled on request")
+                return
+            except (RuntimeError, ValueError) as exc:
+                await self._jet.js.publish_async_completed()
+                if active.lost is not None:
+                    raise _Retry(active.lost) from exc
+                raise _Failed(_reason(exc)) from exc
+            await self._jet.js.publish_async_completed()
+            await self._finish(task, attempt, chat, selector, checkpoint, transcript, result)
+        finally:
+            for beat in beats:
+                beat.cancel()
+            with contextlib.suppress(Exception):
+                await runtime.cancel_all()
+                await self._jet.nc.publish(f"{runtime.namespace}.x.end", b"")
+                await alive_sub.unsubscribe()
+            await runtime.stop()
+
+    async def _stream(
+        self,
+        chat: Any,
+        task_input: Any,
+        task: Task,
+        attempt: int,
+        by_name: dict[str, str],
+        transcript: list[dict[str, Any]],
+        active: _Active,
+    ) -> TaskResult | None:
+        """Run the team, publishing every item as the task's events (chunks are not kept in the transcript)."""
+        result: TaskResult | None = None
+        async for item in chat.run_stream(task=task_input, cancellation_token=active.token):
+            if isinstance(item, TaskResult):
+                result = item
+                continue
+            for kind, fields in event_fields(item):
+                agent_id = by_name.get(fields.get("source") or "")
+                event = self._event(task, attempt, kind, agent_id=agent_id, **fields)
+                await self._publish(event, wait=False)
+                if kind != "chunk":
+                    transcript.append(event.model_dump(mode="json", exclude={"attempt", "at"}))
+        return result
+
+    async def _finish(
+        self,
+        task: Task,
+        attempt: int,
+        chat: Any,
+        selector: Any,
+        checkpoint: Checkpoint,
+        transcript: list[dict[str, Any]],
+        result: TaskResult | None,
+    ) -> None:
+        last = result.messages[-1] if result and result.messages else None
+        if isinstance(last, HandoffMessage) and last.target == USER:
+            question = _question(result, last)
+            saved = Checkpoint(
+                segment=checkpoint.segment + 1,
+                state=dict(await chat.save_state()),
+                selector_position=getattr(selector, "position", None),
+                transcript=[*checkpoint.transcript, *transcript],
+                asked_by=last.source,
+            )
+            request_event = self._event(
+                task, attempt, EventKind.INPUT_REQUEST, source=last.source, content=question, data={"to": USER}
+            )
+            saved.transcript.append(request_event.model_dump(mode="json", exclude={"attempt", "at"}))
+            await self._checkpoints.put(task_key(task.customer_id, task.id), saved)
+            await self._publish(request_event)
+            await self._status(task, attempt, "awaiting_input", f"{last.source} asks the user")
+            return
+        stop_reason = result.stop_reason if result else None
+        await self._emit(task, attempt, EventKind.RESULT, content=final_text(result), data={"stop_reason": stop_reason})
+        await self._checkpoints_delete(task)
+        await self._status(task, attempt, "completed")
+
+    async def _join(
+        self, task: Task, team: Team, members: dict[str, AgentDefinition], run_id: str
+    ) -> dict[str, str]:
+        handoffs = {a: [t if t == USER else members[t].name for t in team.handoffs.get(a, [])] for a in members}
+
+        async def join(agent_id: str) -> tuple[str, str]:
+            request = MemberJoin(
+                run_id=run_id,
+                task_id=task.id,
+                customer_id=task.customer_id,
+                agent_id=agent_id,
+                team_key=run_id,
+                handoffs=handoffs[agent_id],
+                heartbeat_s=self.config.heartbeat_s,
+            )
+            deadline = time.monotonic() + self.config.join_timeout_s
+            while True:
+                try:
+                    reply = await self._jet.nc.request(
+                        join_subject(task.customer_id, agent_id), request.model_dump_json().encode(), timeout=5
+                    )
+                    return agent_id, MemberJoined.model_validate_json(reply.data).instance_id
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                    if time.monotonic() > deadline:
+                        name = members[agent_id].name
+                        raise _Failed(
+                            f"team member {name} ({agent_id}) did not join within {self.config.join_timeout_s:g}s: "
+                            "is it running?"
+                        ) from exc
+                    await asyncio.sleep(0.25)
+
+        return dict(await asyncio.gather(*(join(a) for a in team.members)))
+
+    async def _beat(self, namespace: str) -> None:
+        while True:
+            await self._jet.nc.publish(f"{namespace}.x.alive", b"manager")
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    async def _replay(self, task: Task, checkpoint: Checkpoint, attempt: int) -> None:
+        """A new attempt replaces the transcript in the record: publish what the checkpoint already holds."""
+        await self._status(task, attempt, "running", "starting again from the last checkpoint")
+        for stored in checkpoint.transcript:
+            await self._publish(Event.model_validate({**stored, "attempt": attempt}), wait=False)
+        await self._jet.js.publish_async_completed()
+
+    async def _checkpoints_delete(self, task: Task) -> None:
+        with contextlib.suppress(KeyNotFoundError):
+            await self._checkpoints.delete(task_key(task.customer_id, task.id))
+
+    def _event(self, task: Task, attempt: int, kind: str, **fields: Any) -> Event:
+        return Event(kind=kind, task_id=task.id, customer_id=task.customer_id, attempt=attempt, **fields)
+
+    async def _emit(self, task: Task, attempt: int, kind: str, **fields: Any) -> None:
+        await self._publish(self._event(task, attempt, kind, **fields))
+
+    async def _status(
+        self, task: Task, attempt: int, status: str, reason: str | None = None, data: dict[str, Any] | None = None
+    ) -> None:
+        await self._emit(task, attempt, EventKind.STATUS, content=status, data={**(data or {}), "reason": reason})
+
+    async def _publish(self, event: Event, wait: bool = True) -> None:
+        assert event.task_id is not None
+        subject = task_events_subject(event.customer_id, event.task_id)
+        payload = event.model_dump_json().encode()
+        if wait:
+            await self._jet.js.publish(subject, payload)
+        else:
+            await self._jet.js.publish_async(subject, payload, wait_stall=5)
+
+
+class _Presence:
+    """Heartbeats of the members of one run; a member that falls silent breaks the run off."""
+
+    def __init__(self, config: RunnerConfig, members: set[str]) -> None:
+        self._config = config
+        self._seen = dict.fromkeys(members, time.monotonic())
+
+    def reset(self) -> None:
+        now = time.monotonic()
+        self._seen = dict.fromkeys(self._seen, now)
+
+    async def on_beat(self, msg: Msg) -> None:
+        parts = msg.data.decode().split()
+        if len(parts) == 3 and parts[0] == "member" and parts[1] in self._seen:
+            self._seen[parts[1]] = time.monotonic()
+
+    async def watch(self, active: _Active) -> None:
+        while True:
+            await asyncio.sleep(self._config.heartbeat_s)
+            now = time.monotonic()
+            for agent_id, seen in self._seen.items():
+                if now - seen > self._config.member_lost_after_s:
+                    active.stop(lost=f"team member {agent_id} stopped answering (its process is gone)")
+                    return
+
+
+def _task_input(request: TeamTaskRequest, team: Team, checkpoint: Checkpoint) -> Any:
+    if request.kind == "start":
+        return request.content if checkpoint.state is None else None
+    if team.mode == "swarm" and checkpoint.asked_by:
+        return HandoffMessage(source=USER, target=checkpoint.asked_by, content=request.content)
+    return TextMessage(source=USER, content=request.content)
+
+
+def _question(result: TaskResult | None, handoff: HandoffMessage) -> str:
+    """What the member asks: its last words before handing off to the user, else the handoff's own text."""
+    for message in reversed(list(result.messages[:-1] if result else [])):
+        if isinstance(message, BaseChatMessage) and message.source == handoff.source:
+            if isinstance(message, TextMessage):
+                return message.content
+            break
+    return handoff.content
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    first = text.split("\nTraceback", 1)[0].strip()
+    return first[:1000] or type(exc).__name__
+
+
+async def _keep_in_progress(msg: Msg, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
+

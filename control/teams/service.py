@@ -1,0 +1,59 @@
+"""Teams of a customer: definitions in JetStream KV, checked against the customer's own agents."""
+
+from __future__ import annotations
+
+from control.errors import Conflict, Invalid, NotFound
+from control.ids import is_plain_id, new_id
+from control.models import TERMINAL_TASK_STATUSES, Task
+from control.services.agents import AgentService
+from control.store import Repo
+from control.teams.models import Team, TeamCreate
+
+__all__ = ["TeamService"]
+
+
+def _key(customer_id: str, team_id: str) -> str:
+    return f"{customer_id}.{team_id}"
+
+
+class TeamService:
+    def __init__(self, repo: Repo[Team], agents: AgentService, tasks: Repo[Task]) -> None:
+        self._repo = repo
+        self._agents = agents
+        self._tasks = tasks
+
+    async def create(self, customer_id: str, spec: TeamCreate) -> Team:
+        names: dict[str, str] = {}
+        for agent_id in spec.members:  # another customer's agent is simply not found: 404, nothing stored
+            agent = await self._agents.get(customer_id, agent_id)
+            if agent.name in names.values():
+                raise Invalid(f"members need distinct names: {agent.name!r} is taken by {agent_id} and another")
+            names[agent_id] = agent.name
+        team = Team(id=new_id("tm"), customer_id=customer_id, **spec.model_dump())
+        await self._repo.create(_key(customer_id, team.id), team)
+        return team
+
+    async def get(self, customer_id: str | None, team_id: str) -> Team:
+        if customer_id is None:
+            found = await self._repo.find(team_id) if is_plain_id(team_id) else None
+            team = found[1] if found else None
+        else:
+            team = await self._repo.get(_key(customer_id, team_id)) if is_plain_id(team_id) else None
+        if team is None:
+            raise NotFound(f"team {team_id!r} not found")
+        return team
+
+    async def list(self, customer_id: str | None) -> list[Team]:
+        teams = await self._repo.list(f"{customer_id}.*" if customer_id else ">")
+        return sorted(teams, key=lambda t: t.created_at)
+
+    async def delete(self, customer_id: str | None, team_id: str) -> None:
+        team = await self.get(customer_id, team_id)
+        active = [
+            t.id
+            for t in await self._tasks.list(f"{team.customer_id}.*")
+            if t.team_id == team.id and t.status not in TERMINAL_TASK_STATUSES
+        ]
+        if active:
+            raise Conflict(f"team {team.id} has unfinished tasks: {', '.join(active[:5])}; cancel them first")
+        await self._repo.delete(_key(team.customer_id, team.id))

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from control.teams.models import Team, TeamCreate
+from gateway.deps import ControlDep, PrincipalDep, owner_scope, target_customer
+from gateway.schemas import ERROR_RESPONSES, TeamPublic
+
+router = APIRouter(prefix="/v1/teams", tags=["teams"], responses=ERROR_RESPONSES)
+
+
+def _public(team: Team) -> TeamPublic:
+    return TeamPublic(**team.model_dump())
+
+
+@router.post("", response_model=TeamPublic, status_code=status.HTTP_201_CREATED)
+async def create_team(
+    body: TeamCreate,
+    control: ControlDep,
+    principal: PrincipalDep,
+    customer_id: Annotated[str | None, Query(max_length=64, description="Admins only: the owner.")] = None,
+) -> TeamPublic:
+    """Define a team of your agents. Start tasks on it with `POST /v1/tasks` and `team_id`."""
+    owner = target_customer(principal, customer_id)
+    await control.auth.get_customer(owner)
+    return _public(await control.teams.create(owner, body))
+
+
+@router.get("", response_model=list[TeamPublic])
+async def list_teams(control: ControlDep, principal: PrincipalDep) -> list[TeamPublic]:
+    return [_public(t) for t in await control.teams.list(owner_scope(principal))]
+
+
+@router.get("/{team_id}", response_model=TeamPublic)
+async def get_team(team_id: str, control: ControlDep, principal: PrincipalDep) -> TeamPublic:
+    return _public(await control.teams.get(owner_scope(principal), team_id))
+
+
+@router.delete("/{team_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_team(team_id: str, control: ControlDep, principal: PrincipalDep) -> Response:
+    """Delete a team with no unfinished tasks (its agents stay)."""
+    await control.teams.delete(owner_scope(principal), team_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,72 @@
+"""The far side of the teams benchmark, in its own process: an echo agent on our NATS runtime or on AutoGen's
+gRPC worker runtime, a raw nats-py responder, or a team member (Caravan's team host). Prints "ready"."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass
+
+import nats
+from autogen_core import MessageContext, RoutedAgent, rpc, try_get_known_serializers_for_type
+
+from agent.protocol import AgentDefinition, ModelConfig
+from agent.runtime import NatsAgentRuntime
+from agent.teamhost import TeamHost
+
+
+@dataclass
+class Ping:
+    n: int
+
+
+@dataclass
+class Pong:
+    n: int
+
+
+class Echo(RoutedAgent):
+    def __init__(self) -> None:
+        super().__init__("echo")
+
+    @rpc
+    async def on_ping(self, message: Ping, ctx: MessageContext) -> Pong:
+        return Pong(message.n)
+
+
+async def main(mode: str, address: str, extra: str) -> None:
+    if mode == "runtime":
+        nc = await nats.connect(address)
+        runtime = NatsAgentRuntime(nc, extra)
+        await Echo.register(runtime, "echo", Echo, skip_class_subscriptions=True)  # type: ignore[arg-type]
+        await runtime.start()
+    elif mode == "grpc":
+        from autogen_ext.runtimes.grpc import GrpcWorkerAgentRuntime
+
+        worker = GrpcWorkerAgentRuntime(host_address=address)
+        await worker.start()
+        worker.add_message_serializer(try_get_known_serializers_for_type(Ping))
+        worker.add_message_serializer(try_get_known_serializers_for_type(Pong))
+        await Echo.register(worker, "echo", Echo, skip_class_subscriptions=True)
+    elif mode == "raw":
+        nc = await nats.connect(address)
+
+        async def echo(msg: nats.aio.msg.Msg) -> None:
+            await msg.respond(msg.data)
+
+        await nc.subscribe("bench.echo", cb=echo)
+        await nc.flush()
+    else:  # member: extra = "<customer> <agent> <name>"
+        customer_id, agent_id, name = extra.split()
+        nc = await nats.connect(address)
+        model = ModelConfig(provider="replay", name="zero", responses=[f"{name} says {i}" for i in range(1000)])
+        definition = AgentDefinition(
+            agent_id=agent_id, customer_id=customer_id, name=name, system_message="", model=model
+        )
+        await TeamHost(nc, definition, f"bench-{name}").start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else ""))

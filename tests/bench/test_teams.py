@@ -1,0 +1,180 @@
+"""Issue 5 benchmark: our NATS agent runtime beside AutoGen's gRPC worker runtime and raw nats-py request/reply
+(two agents in separate processes, measured in the same run, rounds interleaved), and a 3-member round-robin team
+of 60 messages on a zero-latency model, members in their own processes versus AgentChat in one process.
+Run by ./dev/bench; prints its figures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+from autogen_agentchat.agents import AssistantAgent
+from autogen_agentchat.conditions import MaxMessageTermination
+from autogen_agentchat.teams import RoundRobinGroupChat
+from autogen_core import AgentId, try_get_known_serializers_for_type
+
+from agent.models import create_model_client
+from agent.protocol import AgentDefinition, ModelConfig
+from agent.runtime import NatsAgentRuntime
+from agent.teamprotocol import MemberJoin, join_subject, run_namespace
+from control.natsserver import EmbeddedNats
+from control.teams.build import build_team
+from control.teams.models import Team, Termination
+from tests.bench._team_peer import Ping, Pong
+from tests.bench.conftest import percentile
+
+MESSAGES = int(os.environ.get("BENCH_MESSAGES", "1000"))
+ROUNDS = 5
+TEAM_MESSAGES = 60
+TEAM_ROUNDS = 5
+PEER = Path(__file__).with_name("_team_peer.py")
+CUSTOMER = "cu-00000000beef"
+
+
+@contextlib.asynccontextmanager
+async def peer(*args: str) -> AsyncIterator[None]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(PEER), *args, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert line.strip() == b"ready", line
+        yield
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def timed(call: object, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        started = time.perf_counter()
+        await call(i)  # type: ignore[operator]
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def line(name: str, values: list[float]) -> str:
+    return f"{name:<28} p50={statistics.median(values) * 1e6:7.0f} us  p99={percentile(values, 99) * 1e6:7.0f} us"
+
+
+async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
+    from autogen_ext.runtimes.grpc import GrpcWorkerAgentRuntime, GrpcWorkerAgentRuntimeHost
+
+    async with EmbeddedNats(tmp_path / "nats") as server:
+        nc = await nats.connect(server.url)
+        namespace = "caravan.rt.bench.rpc"
+        ours = NatsAgentRuntime(nc, namespace)
+        await ours.start()
+        host = GrpcWorkerAgentRuntimeHost(address=f"127.0.0.1:{free_port()}")
+        host.start()
+        grpc = GrpcWorkerAgentRuntime(host_address=host._address)
+        await grpc.start()
+        for cls in (Ping, Pong):  # both runtimes learn the types they read back, as autogen_core asks
+            grpc.add_message_serializer(try_get_known_serializers_for_type(cls))
+            ours.add_message_serializer(try_get_known_serializers_for_type(cls))
+        samples: dict[str, list[float]] = {"caravan runtime": [], "autogen gRPC runtime": [], "raw nats-py": []}
+        echo = AgentId("echo", "default")
+
+        async def via_ours(i: int) -> None:
+            assert (await ours.send_message(Ping(i), echo)) == Pong(i)
+
+        async def via_grpc(i: int) -> None:
+            assert (await grpc.send_message(Ping(i), echo)) == Pong(i)
+
+        async def via_raw(i: int) -> None:
+            await nc.request("bench.echo", str(i).encode(), timeout=5)
+
+        async with peer("runtime", server.url, namespace), peer("grpc", host._address), peer("raw", server.url):
+            for call in (via_ours, via_grpc, via_raw):
+                await timed(call, 100)  # warm up
+            for _ in range(ROUNDS):
+                for name, call in zip(samples, (via_ours, via_grpc, via_raw), strict=True):
+                    samples[name] += await timed(call, MESSAGES // ROUNDS)
+        await grpc.stop()
+        await host.stop()
+        await ours.stop()
+
+        local_times, remote_times = await team_rounds(nc, server.url)
+        await nc.close()
+
+    print()
+    print(f"request/reply between two processes, {MESSAGES} messages each, rounds interleaved")
+    for name, values in samples.items():
+        print(line(name, values))
+    p50 = {name: statistics.median(values) for name, values in samples.items()}
+    print(f"caravan / gRPC p50            {p50['caravan runtime'] / p50['autogen gRPC runtime']:.2f}x  (goal <= 0.4x)")
+    print(f"caravan / raw NATS p50        {p50['caravan runtime'] / p50['raw nats-py']:.2f}x  (goal <= 2x)")
+    per_local = statistics.median(local_times) / TEAM_MESSAGES
+    per_remote = statistics.median(remote_times) / TEAM_MESSAGES
+    print(f"round-robin team, 3 members, {TEAM_MESSAGES} messages, zero-latency model, {TEAM_ROUNDS} runs each")
+    print(f"in-process (AgentChat)       {per_local * 1000:.2f} ms/message")
+    print(f"members in 3 processes       {per_remote * 1000:.2f} ms/message")
+    print(f"distributed / in-process     {per_remote / per_local:.2f}x  (goal <= 1.3x)")
+
+
+def zero_model(name: str) -> ModelConfig:
+    return ModelConfig(provider="replay", name="zero", responses=[f"{name} says {i}" for i in range(1000)])
+
+
+async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float]]:
+    names = ["alpha", "beta", "gamma"]
+    ids = {name: f"ag-00000000000{i}" for i, name in enumerate(names)}
+    members = {
+        ids[n]: AgentDefinition(agent_id=ids[n], customer_id=CUSTOMER, name=n, system_message="", model=zero_model(n))
+        for n in names
+    }
+    spec = Team(
+        id="tm-000000000000",
+        customer_id=CUSTOMER,
+        name="bench",
+        members=list(members),
+        mode="round_robin",
+        termination=Termination(max_messages=TEAM_MESSAGES + 1),
+    )
+    local_times: list[float] = []
+    remote_times: list[float] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for n in names:
+            await stack.enter_async_context(peer("member", url, f"{CUSTOMER} {ids[n]} {n}"))
+        for round_ in range(TEAM_ROUNDS + 1):
+            agents = [AssistantAgent(n, model_client=create_model_client(zero_model(n))) for n in names]
+            local = RoundRobinGroupChat(list(agents), termination_condition=MaxMessageTermination(TEAM_MESSAGES + 1))
+            started = time.perf_counter()
+            result = await local.run(task="count")
+            elapsed = time.perf_counter() - started
+            assert len(result.messages) == TEAM_MESSAGES + 1
+            if round_:
+                local_times.append(elapsed)
+
+            run_id = f"rn-{round_:012x}"
+            runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
+            chat = build_team(spec, members, runtime, run_id)
+            await runtime.start()
+            for agent_id in members:
+                join = MemberJoin(
+                    run_id=run_id, task_id="tk-000000000000", customer_id=CUSTOMER, agent_id=agent_id, team_key=run_id
+                )
+                await nc.request(join_subject(CUSTOMER, agent_id), join.model_dump_json().encode(), timeout=10)
+            started = time.perf_counter()
+            result = await chat.run(task="count")
+            elapsed = time.perf_counter() - started
+            assert len(result.messages) == TEAM_MESSAGES + 1, result.stop_reason
+            await nc.publish(f"{runtime.namespace}.x.end", b"")
+            await runtime.stop()
+            if round_:
+                remote_times.append(elapsed)
+    return local_times, remote_times

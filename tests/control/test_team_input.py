@@ -1,0 +1,74 @@
+"""Human in the loop: a member hands off to the user, the task waits with the question, and the answer resumes
+the team from its state in JetStream KV, across a restart of the control plane and the gateway."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autogen_agentchat.conditions import HandoffTermination, MaxMessageTermination
+from autogen_agentchat.messages import TextMessage
+
+from control.natsserver import EmbeddedNats
+from control.platform import ControlPlane
+from tests.conftest import make_settings, serve_api
+from tests.gateway.teams_support import (
+    agents,
+    api_transcript,
+    local_team,
+    local_transcript,
+    run_local,
+    script,
+    start,
+    stop_reason,
+    task_status,
+    team,
+)
+from tests.gateway.test_agents_api import wait_status
+
+SPECS = {
+    "asker": {"model": script("What colour should it be?", {"tool": "transfer_to_user", "arguments": {}}, "a3", "a4")},
+    "maker": {"model": script("m1", "m2", "m3")},
+}
+
+
+async def test_a_team_asks_the_human_and_resumes_after_a_control_plane_restart(tmp_path: Path) -> None:
+    async with EmbeddedNats(tmp_path / "nats") as nats_server:
+        settings = make_settings(nats_server.url, tmp_path / "data")
+        control = ControlPlane(settings)
+        async with control, serve_api(control) as api:
+            _, headers = await api.new_customer()
+            made = await agents(api, headers, SPECS)
+            asker, maker = made["asker"]["id"], made["maker"]["id"]
+            created = await team(
+                api,
+                headers,
+                members=[asker, maker],
+                handoffs={asker: ["user"]},
+                termination={"handoff_to_user": True, "max_messages": 5},
+            )
+            task_id = await start(api, headers, created["id"], "Paint the fence.")
+            waiting = await task_status(api, headers, task_id, ("awaiting_input", "completed", "failed"))
+            assert waiting["status"] == "awaiting_input", waiting
+            assert waiting["messages"][-1]["type"] == "input_request"
+            assert waiting["messages"][-1]["content"] == "What colour should it be?"
+            early = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": ""}, headers=headers)
+            assert early.status_code == 422
+
+        control = ControlPlane(settings)  # a new control plane and gateway; the agents are started again too
+        async with control, serve_api(control) as api:
+            for agent_id in (asker, maker):
+                await wait_status(api, headers, agent_id, "running", 40)
+            answer = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Green."}, headers=headers)
+            assert answer.status_code == 202, answer.text
+            again = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Red."}, headers=headers)
+            assert again.status_code == 409
+            done = await task_status(api, headers, task_id, within=60)
+            assert done["status"] == "completed", (done["status_reason"], done["messages"])
+            final_stop = await stop_reason(api, headers, task_id)
+
+    local = local_team(SPECS, "round_robin", HandoffTermination("user") | MaxMessageTermination(5), {"asker": ["user"]})
+    first, _ = await run_local(local, "Paint the fence.")
+    second, local_stop = await run_local(local, TextMessage(source="user", content="Green."))
+    assert api_transcript(done) == local_transcript(first + second)
+    assert [m["type"] for m in done["messages"]].count("input_request") == 1
+    assert final_stop == local_stop

@@ -1,0 +1,270 @@
+"""Teams through the API: members in separate agent processes, the manager in the control plane, and the
+transcript equal to AgentChat's own team run in this process with the same scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import nats
+import pytest
+
+from agent.teamprotocol import MemberJoin, join_subject
+from tests.conftest import Api
+from tests.gateway.teams_support import (
+    MaxMessageTermination,
+    TextMentionTermination,
+    agent_ready,
+    agents,
+    api_transcript,
+    health,
+    local_team,
+    local_transcript,
+    ready_instances,
+    run_local,
+    running_event,
+    script,
+    start,
+    stop_reason,
+    task_status,
+    team,
+)
+from tests.support.helpers import assert_eventually
+
+
+async def test_round_robin_matches_agentchat_in_process(api: Api) -> None:
+    _, headers = await api.new_customer()
+    specs = {
+        "alice": {"model": script("a1", "a2", "a3")},
+        "bob": {"model": script("b1", "b2", "b3")},
+        "carol": {"model": script("c1", "c2 DONE", "c3")},
+    }
+    made = await agents(api, headers, specs)
+    created = await team(
+        api,
+        headers,
+        members=[made[n]["id"] for n in specs],
+        mode="round_robin",
+        termination={"max_messages": 9, "text_mention": "DONE"},
+    )
+    task_id = await start(api, headers, created["id"], "Count, one each.")
+    task = await task_status(api, headers, task_id)
+    assert task["status"] == "completed", (task["status_reason"], task["messages"])
+    local = local_team(specs, "round_robin", MaxMessageTermination(9) | TextMentionTermination("DONE"))
+    items, local_stop = await run_local(local, "Count, one each.")
+    assert api_transcript(task) == local_transcript(items)
+    assert [m["source"] for m in task["messages"]] == ["user", "alice", "bob", "carol", "alice", "bob", "carol"]
+    assert task["result"] == "c2 DONE"
+    assert await stop_reason(api, headers, task_id) == local_stop
+
+
+async def test_selector_matches_agentchat_in_process(api: Api) -> None:
+    _, headers = await api.new_customer()
+    specs = {
+        "planner": {"model": script("p1", "p2")},
+        "coder": {"model": script("c1", "c2")},
+        "critic": {"model": script("k1", "k2")},
+    }
+    made = await agents(api, headers, specs)
+    selector_model = script("coder", "critic", "planner", "coder")
+    created = await team(
+        api,
+        headers,
+        members=[made[n]["id"] for n in specs],
+        mode="selector",
+        selector={"model": selector_model},
+        termination={"max_messages": 5},
+    )
+    task_id = await start(api, headers, created["id"], "Write a function.")
+    task = await task_status(api, headers, task_id)
+    assert task["status"] == "completed", (task["status_reason"], task["messages"])
+    local = local_team(specs, "selector", MaxMessageTermination(5), selector_model=selector_model)
+    items, local_stop = await run_local(local, "Write a function.")
+    assert api_transcript(task) == local_transcript(items)
+    assert [m["source"] for m in task["messages"]] == ["user", "coder", "critic", "planner", "coder"]
+    assert await stop_reason(api, headers, task_id) == local_stop
+
+
+def transfer(to: str) -> dict[str, object]:
+    return {"tool": f"transfer_to_{to}", "arguments": {}}
+
+
+async def test_swarm_handoffs_match_agentchat_in_process(api: Api) -> None:
+    _, headers = await api.new_customer()
+    specs = {
+        "triage": {"model": script(transfer("billing"), "Anything else? DONE")},
+        "billing": {"model": script("Refund issued.", transfer("triage"))},
+    }
+    made = await agents(api, headers, specs)
+    ids = {n: made[n]["id"] for n in specs}
+    created = await team(
+        api,
+        headers,
+        members=list(ids.values()),
+        mode="swarm",
+        handoffs={ids["triage"]: [ids["billing"]], ids["billing"]: [ids["triage"]]},
+        termination={"text_mention": "DONE", "max_messages": 20},
+    )
+    task_id = await start(api, headers, created["id"], "I want a refund.")
+    task = await task_status(api, headers, task_id)
+    assert task["status"] == "completed", (task["status_reason"], task["messages"])
+    handoffs = {"triage": ["billing"], "billing": ["triage"]}
+    local = local_team(specs, "swarm", TextMentionTermination("DONE") | MaxMessageTermination(20), handoffs)
+    items, local_stop = await run_local(local, "I want a refund.")
+    assert api_transcript(task) == local_transcript(items)
+    kinds = [(m["source"], m["type"]) for m in task["messages"]]
+    assert ("triage", "HandoffMessage") in kinds and ("billing", "HandoffMessage") in kinds
+    assert await stop_reason(api, headers, task_id) == local_stop
+
+
+async def test_cancel_stops_a_model_call_in_another_process(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    specs = {"fast": {"model": script("f1", "f2")}, "slow": {"model": script("too late", delay_ms=60_000)}}
+    made = await agents(api, headers, specs)
+    created = await team(
+        api, headers, members=[made["fast"]["id"], made["slow"]["id"]], termination={"max_messages": 6}
+    )
+    port = (await agent_ready(api, customer_id, made["slow"]["id"]))["data"]["health_port"]
+    task_id = await start(api, headers, created["id"], "Go.")
+    await assert_eventually(lambda: health(port), lambda h: h["team_handlers"] >= 1, what="model call in flight")
+    response = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
+    assert response.status_code == 202
+    task = await task_status(api, headers, task_id, within=20)
+    assert task["status"] == "cancelled" and task["result"] is None
+    assert [m["source"] for m in task["messages"]] == ["user", "fast"]
+    # the model call in the slow member's process ended, and it dropped its part of the run
+    await assert_eventually(
+        lambda: health(port), lambda h: h["team_handlers"] == 0 and h["team_runs"] == 0, what="member idle"
+    )
+    assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 409
+
+
+async def test_a_member_that_dies_mid_turn_is_restarted_and_the_task_goes_on(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    specs = {"steady": {"model": script("s1", "s2")}, "fragile": {"model": script("f1", "f2", delay_ms=1500)}}
+    made = await agents(api, headers, specs)
+    created = await team(
+        api, headers, members=[made["steady"]["id"], made["fragile"]["id"]], termination={"max_messages": 5}
+    )
+    ready = (await agent_ready(api, customer_id, made["fragile"]["id"]))["data"]
+    task_id = await start(api, headers, created["id"], "Go.")
+    port = ready["health_port"]
+    await assert_eventually(lambda: health(port), lambda h: h["team_handlers"] >= 1, what="model call in flight")
+    os.kill(ready["pid"], signal.SIGKILL)
+    task = await task_status(api, headers, task_id, within=90)
+    assert task["status"] == "completed", (task["status_reason"], task["messages"])
+    assert task["attempt"] == 2
+    local = local_team(specs, "round_robin", MaxMessageTermination(5))
+    items, _ = await run_local(local, "Go.")
+    assert api_transcript(task) == local_transcript(items)  # nothing lost, nothing twice
+
+
+async def test_replicas_share_team_runs_and_none_is_served_twice(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    specs = {"lead": {"model": script("l1")}, "pool": {"model": script("p1", delay_ms=200), "replicas": 2}}
+    made = await agents(api, headers, specs)
+    await assert_eventually(
+        lambda: ready_instances(api, customer_id, made["pool"]["id"]), lambda s: len(s) == 2, what="both replicas up"
+    )
+    members = [made["lead"]["id"], made["pool"]["id"]]
+    created = await team(api, headers, members=members, termination={"max_messages": 3})
+    task_ids = await asyncio.gather(*(start(api, headers, created["id"], f"job {i}") for i in range(12)))
+    tasks = await asyncio.gather(*(task_status(api, headers, t) for t in task_ids))
+    for i, task in enumerate(tasks):
+        assert task["status"] == "completed", task
+        assert [(m["source"], m["content"]) for m in task["messages"]] == [
+            ("user", f"job {i}"),
+            ("lead", "l1"),
+            ("pool", "p1"),
+        ]
+        assert task["attempt"] == 1
+    hosts = {(await running_event(api, headers, t))["members"]["pool"] for t in task_ids}
+    assert len(hosts) == 2, hosts  # both replicas took runs (each run stays on one)
+
+
+async def test_a_team_cannot_reach_another_customers_agents(api: Api) -> None:
+    alice_id, alice = await api.new_customer("alice")
+    _, bob = await api.new_customer("bob")
+    mine = await agents(api, alice, {"mine": {"model": script("m1")}})
+    theirs = await agents(api, bob, {"theirs": {"model": script("t1")}})
+    body = {"members": [mine["mine"]["id"], theirs["theirs"]["id"]], "termination": {"max_messages": 3}}
+    refused = await api.client.post("/v1/teams", json={"name": "mixed", **body}, headers=alice)
+    assert refused.status_code == 404, refused.text
+    assert (await api.client.get("/v1/teams", headers=alice)).json() == []
+    own = await team(api, alice, members=[mine["mine"]["id"]], termination={"max_messages": 2})
+    for method, path, json_body in [
+        ("GET", f"/v1/teams/{own['id']}", None),
+        ("DELETE", f"/v1/teams/{own['id']}", None),
+        ("POST", "/v1/tasks", {"team_id": own["id"], "task": "x"}),
+    ]:
+        assert (await api.client.request(method, path, json=json_body, headers=bob)).status_code == 404, path
+    # on the wire: a join for bob's agent in alice's namespace reaches nobody
+    nc = await nats.connect(api.control.settings.nats_url)
+    try:
+        join = MemberJoin(
+            run_id="rn-000000000001",
+            task_id="tk-000000000001",
+            customer_id=alice_id,
+            agent_id=theirs["theirs"]["id"],
+            team_key="rn-000000000001",
+        )
+        with pytest.raises(nats.errors.NoRespondersError):
+            await nc.request(join_subject(alice_id, theirs["theirs"]["id"]), join.model_dump_json().encode(), timeout=2)
+    finally:
+        await nc.close()
+
+
+async def test_team_input_is_validated_and_nothing_is_half_written(api: Api) -> None:
+    _, headers = await api.new_customer()
+    made = await agents(api, headers, {"one": {"model": script("1")}, "two": {"model": script("2")}})
+    one, two = made["one"]["id"], made["two"]["id"]
+    bad = [
+        {"name": "t", "members": [], "termination": {"max_messages": 2}},
+        {"name": "t", "members": [one, one], "termination": {"max_messages": 2}},
+        {"name": "t", "members": [one], "termination": {}},
+        {"name": "t", "members": [one], "mode": "chaos", "termination": {"max_messages": 2}},
+        {"name": "t", "members": [one], "mode": "selector", "termination": {"max_messages": 2}},
+        {"name": "t", "members": [one, two], "mode": "swarm", "termination": {"max_messages": 2}},
+        {"name": "t", "members": [one], "handoffs": {two: ["user"]}, "termination": {"max_messages": 2}},
+        {"name": "t", "members": [one], "termination": {"handoff_to_user": True}},
+        {"name": "t", "members": ["../../etc"], "termination": {"max_messages": 2}},
+        {"name": "t", "members": [one], "termination": {"max_messages": 0}},
+        {"name": "t", "members": [one], "termination": {"max_messages": 2}, "extra": 1},
+        {
+            "name": "t",
+            "members": [one, two],
+            "mode": "selector",
+            "selector": {"model": script("one"), "prompt": "{nope}"},
+            "termination": {"max_messages": 2},
+        },
+    ]
+    for body in bad:
+        response = await api.client.post("/v1/teams", json=body, headers=headers)
+        assert response.status_code == 422, (body, response.text)
+        assert response.json()["error"]["code"] == "invalid"
+    missing = await api.client.post(
+        "/v1/teams",
+        json={"name": "t", "members": ["ag-000000000000"], "termination": {"max_messages": 2}},
+        headers=headers,
+    )
+    assert missing.status_code == 404
+    assert (await api.client.get("/v1/teams", headers=headers)).json() == []
+    for body in ({"team_id": "tm-000000000000", "task": "x"}, {"team_id": "nope", "task": "x"}):
+        assert (await api.client.post("/v1/tasks", json=body, headers=headers)).status_code in (404, 422)
+    assert (await api.client.get("/v1/tasks", headers=headers)).json() == []
+
+
+async def test_teams_crud(api: Api) -> None:
+    _, headers = await api.new_customer()
+    made = await agents(api, headers, {"solo": {"model": script("hi")}})
+    created = await team(api, headers, members=[made["solo"]["id"]], termination={"max_messages": 2})
+    assert created["mode"] == "round_robin" and created["id"].startswith("tm-")
+    assert [t["id"] for t in (await api.client.get("/v1/teams", headers=headers)).json()] == [created["id"]]
+    assert (await api.client.get(f"/v1/teams/{created['id']}", headers=headers)).json() == created
+    task = await task_status(api, headers, await start(api, headers, created["id"], "hello"))
+    assert task["status"] == "completed" and task["team_id"] == created["id"] and task["result"] == "hi"
+    assert (await api.client.delete(f"/v1/teams/{created['id']}", headers=headers)).status_code == 204
+    assert (await api.client.get(f"/v1/teams/{created['id']}", headers=headers)).status_code == 404
+    input_on_agent_task = await api.client.post(f"/v1/tasks/{task['id']}/input", json={"content": "x"}, headers=headers)
+    assert input_on_agent_task.status_code == 409
