@@ -7,6 +7,7 @@ customer's records, and listing a customer's records is a key-filtered scan.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -15,6 +16,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from agent.backends.natskv import kv_entries
+from control.errors import CaravanError
 
 __all__ = ["AlreadyExists", "Conflict", "Repo"]
 
@@ -25,8 +27,12 @@ class AlreadyExists(Exception):
     """A create met an existing key."""
 
 
-class Conflict(Exception):
-    """A compare-and-set update kept losing to concurrent writers."""
+class Conflict(CaravanError):
+    """A compare-and-set update kept losing to concurrent writers: the caller may retry."""
+
+    status = 503
+    code = "busy"
+    headers = {"Retry-After": "1"}
 
 
 class Repo(Generic[M]):
@@ -58,13 +64,14 @@ class Repo(Generic[M]):
     async def put(self, key: str, record: M) -> int:
         return await self._kv.put(key, record.model_dump_json().encode())
 
-    async def update(self, key: str, change: Callable[[M], M | None], attempts: int = 20) -> M | None:
+    async def update(self, key: str, change: Callable[[M], M | None], attempts: int = 60) -> M | None:
         """Apply ``change`` to the current record with compare-and-set, retrying on concurrent writes.
 
         ``change`` returns the new record, or None to leave it as it is. Returns the stored record, or
-        None if the key does not exist.
+        None if the key does not exist. Writers that keep colliding back off for a random while, so that fifty
+        at once on one record (a customer's quota) all get through; :class:`Conflict` if one still does not.
         """
-        for _ in range(attempts):
+        for attempt in range(attempts):
             found = await self.get_with_revision(key)
             if found is None:
                 return None
@@ -75,10 +82,10 @@ class Repo(Generic[M]):
             try:
                 await self._kv.update(key, new.model_dump_json().encode(), last=revision)
             except KeyWrongLastSequenceError:
-                await asyncio.sleep(0)
+                await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
                 continue
             return new
-        raise Conflict(key)
+        raise Conflict(f"{key} is being changed by many writers at once; retry")
 
     async def delete(self, key: str) -> None:
         await self._kv.delete(key)
