@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 import uuid
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +44,7 @@ __all__ = ["LocalScheduler"]
 
 log = logging.getLogger("caravan.scheduler.local")
 NS = 1_000_000_000
-_MEMORY_POLL_S = 0.2
+_MEMORY_POLL_S = 0.25
 _PR_SET_PDEATHSIG = 1
 
 
@@ -201,6 +201,7 @@ class LocalScheduler:
         self._started = False
         self._closed = False
         self._lock = asyncio.Lock()
+        self._memory_watch: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> LocalScheduler:
         await self.start()
@@ -217,6 +218,7 @@ class LocalScheduler:
             raise RuntimeError("local scheduler already started")
         self._started = True
         self._alloc_dir.mkdir(parents=True, exist_ok=True)
+        self._memory_watch = asyncio.create_task(self._watch_memory(), name="memory-limits")
 
     async def stop(self) -> None:
         if self._closed:
@@ -224,6 +226,10 @@ class LocalScheduler:
         self._closed = True
         await asyncio.gather(*(self._stop_allocs(job) for job in list(self._jobs.values())))
         self._jobs.clear()
+        if self._memory_watch is not None:
+            self._memory_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._memory_watch
 
     def _check_owner(self, meta: dict[str, str], job_id: str) -> None:
         if meta.get("caravan_owner") != self._install_id:
@@ -411,7 +417,6 @@ class LocalScheduler:
                 return f"failed to start {spec.command!r}: {exc.strerror or exc}"
         proc = alloc.process
         await self._emit(alloc, AllocState.RUNNING)
-        watcher = asyncio.create_task(self._watch_memory(alloc, proc))
         checker = None
         if self._registry and spec.service:
             checker = asyncio.create_task(self._run_checks(alloc, ports, healthy))
@@ -424,7 +429,6 @@ class LocalScheduler:
             if proc.returncode is None:
                 await self._terminate(alloc, proc)
         finally:
-            watcher.cancel()
             stop.cancel()
             await slot
             if checker is not None:
@@ -511,24 +515,41 @@ class LocalScheduler:
         if self._registry is not None and service is not None:
             await self._registry_call("deregister", self._registry.deregister(service.name, alloc.id))
 
-    async def _watch_memory(self, alloc: _Alloc, proc: asyncio.subprocess.Process) -> None:
-        limit = alloc.job.spec.memory_mb * 2**20
-        try:
-            root = psutil.Process(proc.pid)
-        except psutil.Error:
-            return
-        while proc.returncode is None:
-            rss = 0
-            with contextlib.suppress(psutil.Error):
-                rss = root.memory_info().rss + sum(
-                    c.memory_info().rss for c in root.children(recursive=True) if c.is_running()
-                )
-            if rss > limit:
-                alloc.oom = f"OOM killed: memory {rss / 2**20:.0f} MB over the limit of {alloc.job.spec.memory_mb} MB"
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                return
+    async def _watch_memory(self) -> None:
+        """Every running task's resident memory, its children's included, against its limit. One pass over the
+        process table per tick for all tasks: a pass per task would cost the control plane a core at fifty."""
+        while True:
             await asyncio.sleep(_MEMORY_POLL_S)
+            running = [
+                (alloc, alloc.process)
+                for job in list(self._jobs.values())
+                for alloc in job.allocs
+                if alloc.process is not None and alloc.process.returncode is None
+            ]
+            if not running:
+                continue
+            children: dict[int, list[int]] = defaultdict(list)
+            for process in psutil.process_iter(["pid", "ppid"]):
+                children[process.info["ppid"]].append(process.info["pid"])
+            for alloc, proc in running:
+                rss = _tree_rss(proc.pid, children)
+                limit = alloc.job.spec.memory_mb * 2**20
+                if rss > limit and proc.returncode is None:
+                    alloc.oom = (
+                        f"OOM killed: memory {rss / 2**20:.0f} MB over the limit of {alloc.job.spec.memory_mb} MB"
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _tree_rss(pid: int, children: dict[int, list[int]]) -> int:
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(current).memory_info().rss
+        todo.extend(children.get(current, ()))
+    return total
 
 
 def _base_env() -> dict[str, str]:
