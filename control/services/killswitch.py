@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections import defaultdict
@@ -230,9 +229,7 @@ class KillswitchService:
             customer_id=customer or "platform",
             data={**details, "by": principal.subject, "engaged": request.engaged},
         )
-        await self._nc.jetstream().publish(
-            "caravan.events.platform.killswitch", json.dumps(event.model_dump(mode="json")).encode()
-        )
+        await self._nc.jetstream().publish("caravan.events.platform.killswitch", event.model_dump_json().encode())
 
 
 def _live(agent: Agent) -> bool:

@@ -31,7 +31,7 @@ from agent.protocol import (
 )
 from control.errors import Conflict, Invalid, NotFound
 from control.ids import is_plain_id, new_id
-from control.models import TERMINAL_TASK_STATUSES, AgentStatus, Task, TaskCreate, TaskMessage, TaskStatus
+from control.models import TERMINAL_TASK_STATUSES, AgentStatus, Task, TaskCreate, TaskMessage, TaskStatus, Usage
 from control.services.agents import AgentService
 from control.services.killswitch import KillswitchService
 from control.services.quotas import QuotaService
@@ -291,7 +291,7 @@ def fold_event(task: Task, event: Event) -> Task | None:
             attempt=event.attempt,
             messages=[],
             result=None,
-            usage=task.usage.model_copy(update={"prompt_tokens": 0, "completion_tokens": 0}),
+            usage=Usage(),
         )
         task = task.model_copy(update=changes)
     if event.kind == EventKind.STATUS:

@@ -361,9 +361,7 @@ class TeamRunner:
         await self._checkpoints_delete(task)
         await self._status(task, attempt, "completed")
 
-    async def _join(
-        self, task: Task, team: Team, members: dict[str, AgentDefinition], run_id: str
-    ) -> dict[str, str]:
+    async def _join(self, task: Task, team: Team, members: dict[str, AgentDefinition], run_id: str) -> dict[str, str]:
         handoffs = {a: [t if t == USER else members[t].name for t in team.handoffs.get(a, [])] for a in members}
 
         async def join(agent_id: str) -> tuple[str, str]:
@@ -486,4 +484,3 @@ async def _keep_in_progress(msg: Msg, every: float) -> None:
         await asyncio.sleep(every)
         with contextlib.suppress(Exception):
             await msg.in_progress()
-
