@@ -49,12 +49,17 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.update_stream(config)
 
 
-async def _raise_consumer_limit(js: JetStreamContext, stream: str) -> None:
-    """KV buckets are streams too; nats-py's bucket config has no consumer limit, so set it on the stream."""
+async def _tune_bucket(js: JetStreamContext, stream: str) -> bool:
+    """KV buckets are streams too. nats-py's bucket config has no consumer limit, so set it on the stream; and
+    allow direct gets (what other NATS clients make buckets with): a read is then one request answered with the
+    value itself, and a whole listing one batched request (see ``kv_entries``). True if the stream changed."""
     config = (await js.stream_info(stream)).config
-    if config.max_consumers != CONSUMER_LIMIT:
-        config.max_consumers = CONSUMER_LIMIT
-        await js.update_stream(config)
+    if config.max_consumers == CONSUMER_LIMIT and config.allow_direct:
+        return False
+    config.max_consumers = CONSUMER_LIMIT
+    config.allow_direct = True
+    await js.update_stream(config)
+    return True
 
 
 async def connect(url: str, name: str = "caravan-control", user: str | None = None, password: str | None = None) -> Jet:
@@ -91,7 +96,8 @@ async def connect(url: str, name: str = "caravan-control", user: str | None = No
         except BucketNotFoundError:
             history = 5 if bucket == "flags" else 1  # a flag's last few engagements, for operators
             kv[bucket] = await js.create_key_value(
-                KeyValueConfig(bucket=f"caravan_{bucket}", history=history, storage=StorageType.FILE)
+                KeyValueConfig(bucket=f"caravan_{bucket}", history=history, storage=StorageType.FILE, direct=True)
             )
-        await _raise_consumer_limit(js, f"KV_caravan_{bucket}")
+        if await _tune_bucket(js, f"KV_caravan_{bucket}"):  # a bucket made by an older Caravan
+            kv[bucket] = await js.key_value(f"caravan_{bucket}")
     return Jet(nc=nc, js=js, kv=kv)

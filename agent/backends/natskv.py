@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Sequence
 
+import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -17,17 +20,57 @@ __all__ = ["BUCKET", "NatsKVFlags", "kv_entries", "kv_key"]
 
 BUCKET = "caravan_flags"
 _DELETED = ("DEL", "PURGE")
+_BATCH = 1000  # nats-server's largest batch; a listing of more keys takes one get per key
+_BATCH_TIMEOUT_S = 5.0
 
 
 async def kv_entries(kv: KeyValue, pattern: str = ">") -> list[KeyValue.Entry]:
-    """Current entries of the keys matching ``pattern``, found through the server's subject index of the
-    bucket's stream. (nats-py's ``keys()`` and a watcher's initial listing can miss keys written meanwhile.)"""
-    # nats-py has no public accessor for a bucket's stream and JetStream context
+    """Current entries of the keys matching ``pattern``. On a bucket that allows direct gets this is one batched
+    request (the server sends the last value of every matching key, then an end-of-batch marker); otherwise, or
+    when the server finds the batch too large, one get per key found through the subject index of the bucket's
+    stream. (nats-py's ``keys()`` and a watcher's initial listing can miss keys written meanwhile.)"""
+    # nats-py has no public accessor for a bucket's stream and JetStream context, nor a batched get
     js, stream, prefix = kv._js, kv._stream, kv._pre
+    if kv._direct:
+        found = await _last_values(js, stream, prefix, pattern, kv._name)
+        if found is not None:
+            return found
     info = await js.stream_info(stream, subjects_filter=f"{prefix}{pattern}")
     keys = [subject[len(prefix) :] for subject in (info.state.subjects or {})]
     entries = await asyncio.gather(*(_get(kv, key) for key in keys))
     return [entry for entry in entries if entry is not None and entry.value]
+
+
+async def _last_values(
+    js: JetStreamContext, stream: str, prefix: str, pattern: str, bucket: str
+) -> list[KeyValue.Entry] | None:
+    """The batched direct get (nats-server 2.11+): None when the server will not answer it in one batch."""
+    nc = js._nc
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        request = {"multi_last": [f"{prefix}{pattern}"], "batch": _BATCH}
+        await nc.publish(f"{js._prefix}.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
+        entries: list[KeyValue.Entry] = []
+        while True:
+            msg = await sub.next_msg(timeout=_BATCH_TIMEOUT_S)
+            headers = msg.headers or {}
+            status = headers.get("Status")
+            if status is not None:
+                if status == "404":  # no key matched
+                    return entries
+                if status == "204":  # the end of the batch: complete unless the server held some back
+                    return entries if headers.get("Nats-Num-Pending", "0") == "0" else None
+                if status in ("408", "413", "503"):  # too many keys for one batch; a server without it
+                    return None
+                raise nats.js.errors.APIError(code=int(status), description=headers.get("Description"))
+            if headers.get("KV-Operation") in _DELETED or not msg.data:
+                continue
+            seq = int(headers["Nats-Sequence"])
+            key = headers["Nats-Subject"][len(prefix) :]
+            entries.append(KeyValue.Entry(bucket, key, msg.data, seq, None, None, None))
+    finally:
+        await sub.unsubscribe()
 
 
 async def _get(kv: KeyValue, key: str) -> KeyValue.Entry | None:
@@ -64,7 +107,8 @@ class NatsKVFlags:
         js = self._nc.jetstream()
         try:
             if self._create:
-                self._kv = await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=5, storage=StorageType.FILE))
+                config = KeyValueConfig(bucket=BUCKET, history=5, storage=StorageType.FILE, direct=True)
+                self._kv = await js.create_key_value(config)
             else:
                 self._kv = await js.key_value(BUCKET)
         except BucketNotFoundError as exc:

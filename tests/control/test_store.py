@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import nats
+from nats.js.api import KeyValueConfig
+
 from control.models import Customer
 from control.natsio import connect
 from control.natsserver import EmbeddedNats
@@ -52,3 +55,33 @@ async def test_concurrent_updates_all_land(nats_server: EmbeddedNats) -> None:
     stored = await repo.get("c")
     assert stored is not None and stored.name == "50"
     await jet.close()
+
+
+async def test_listing_is_complete_past_one_batch_and_skips_deleted(nats_server: EmbeddedNats) -> None:
+    """A listing is one batched read up to the server's batch size (1,000 keys); past it, one read per key."""
+    jet = await connect(nats_server.url)
+    repo = Repo(jet.kv["customers"], Customer)
+    await asyncio.gather(*(repo.put(f"cu.k{i}", Customer(id=f"k{i}", name=str(i))) for i in range(1100)))
+    await asyncio.gather(*(repo.put(f"cu.k{i}", Customer(id=f"k{i}", name=f"v2-{i}")) for i in range(0, 1100, 7)))
+    await repo.delete("cu.k1")
+    other = Repo(jet.kv["keys"], Customer)
+    await other.put("cu.elsewhere", Customer(id="x", name="x"))
+    for pattern, count in (("cu.*", 1099), ("cu.k10", 1), ("nothing.*", 0)):  # 1099 keys: past one batch
+        assert len(await repo.list(pattern)) == count, pattern
+    everything = {c.id: c.name for c in await repo.list("cu.*")}
+    assert "k1" not in everything and "x" not in everything
+    assert everything["k7"] == "v2-7" and everything["k8"] == "8"  # the last value of each key
+    await jet.close()
+
+
+async def test_buckets_of_an_older_caravan_are_upgraded_to_direct_reads(nats_server: EmbeddedNats) -> None:
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    old = await js.create_key_value(KeyValueConfig(bucket="caravan_customers", history=1, direct=False))
+    await old.put("cu.a", Customer(id="a", name="made before the upgrade").model_dump_json().encode())
+    jet = await connect(nats_server.url)
+    assert (await js.stream_info("KV_caravan_customers")).config.allow_direct
+    listed = await Repo(jet.kv["customers"], Customer).list("cu.*")
+    assert [c.name for c in listed] == ["made before the upgrade"]
+    await jet.close()
+    await nc.close()
