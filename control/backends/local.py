@@ -45,6 +45,8 @@ __all__ = ["LocalScheduler"]
 log = logging.getLogger("caravan.scheduler.local")
 NS = 1_000_000_000
 _MEMORY_POLL_S = 0.25
+_PROC_STAT = os.path.exists("/proc/self/stat")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if _PROC_STAT else 4096
 _PR_SET_PDEATHSIG = 1
 
 
@@ -528,11 +530,12 @@ class LocalScheduler:
             ]
             if not running:
                 continue
+            table = _process_table()
             children: dict[int, list[int]] = defaultdict(list)
-            for process in psutil.process_iter(["pid", "ppid"]):
-                children[process.info["ppid"]].append(process.info["pid"])
+            for pid, (ppid, _) in table.items():
+                children[ppid].append(pid)
             for alloc, proc in running:
-                rss = _tree_rss(proc.pid, children)
+                rss = _tree_rss(proc.pid, children, table)
                 limit = alloc.job.spec.memory_mb * 2**20
                 if rss > limit and proc.returncode is None:
                     alloc.oom = (
@@ -542,14 +545,37 @@ class LocalScheduler:
                         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _tree_rss(pid: int, children: dict[int, list[int]]) -> int:
+def _tree_rss(pid: int, children: dict[int, list[int]], table: dict[int, tuple[int, int]]) -> int:
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()
-        with contextlib.suppress(psutil.Error):
-            total += psutil.Process(current).memory_info().rss
+        total += table.get(current, (0, 0))[1]
         todo.extend(children.get(current, ()))
     return total
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, resident bytes) of every process. On Linux one read of /proc/<pid>/stat each, which
+    holds both: a third of what psutil's iteration costs, and no second read per process for its memory."""
+    if not _PROC_STAT:
+        table: dict[int, tuple[int, int]] = {}
+        for process in psutil.process_iter(["pid", "ppid", "memory_info"]):
+            memory = process.info["memory_info"]
+            table[process.info["pid"]] = (process.info["ppid"], memory.rss if memory else 0)
+        return table
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                raw = stat.read()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        # after "pid (comm) ": state ppid pgrp ... with rss (in pages) the 22nd field from the state on
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        table[int(name)] = (int(fields[1]), int(fields[21]) * _PAGE_SIZE)
+    return table
 
 
 def _base_env() -> dict[str, str]:

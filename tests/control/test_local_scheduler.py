@@ -117,6 +117,20 @@ async def test_memory_over_the_limit_is_killed_and_reported_as_oom(scheduler) ->
     assert "limit of 128 MB" in final.reason
 
 
+async def test_memory_of_a_tasks_children_counts_against_its_limit(scheduler) -> None:
+    """Each process stays under the limit; together (parent and two children) they are over it."""
+    sched, rec = scheduler
+    hog = "x = bytearray(60 * 2**20)\nfor i in range(0, len(x), 4096): x[i] = 1\n"
+    tree = (
+        "import subprocess, sys, time\n"
+        f"kids = [subprocess.Popen([sys.executable, '-c', {hog + 'import time; time.sleep(30)'!r}]) for _ in range(2)]\n"
+        f"{hog}time.sleep(30)"
+    )
+    await sched.submit(job(tree, memory_mb=150, attempts=0))
+    final = await assert_eventually(rec.last, lambda u: u is not None and u.state is AllocState.FAILED, within=20)
+    assert final is not None and final.reason is not None and "OOM killed" in final.reason
+
+
 async def test_a_task_that_ignores_sigterm_is_killed_after_kill_timeout(scheduler) -> None:
     sched, rec = scheduler
     stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(0.05)"
