@@ -207,6 +207,10 @@ class AgentEventKind(StrEnum):
     """The agent halted or resumed: ``data`` = {halted, flag_ids, reason, fail_safe}; the acknowledgement."""
 
 
+AGENT_STATE_EVENTS = frozenset({AgentEventKind.READY, AgentEventKind.KILLSWITCH})
+"""Agent events that carry the agent's whole state (up, halted or not): the last one says it all."""
+
+
 class Event(BaseModel):
     """One event of a task or an agent, as published on NATS and streamed to clients."""
 

@@ -134,6 +134,15 @@ class Agent(BaseModel):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+class AgentRef(BaseModel):
+    """The fields of an agent record that say whose it is and whether it runs (the rest is not read)."""
+
+    id: str
+    customer_id: str
+    status: AgentStatus
+    desired: Literal["running", "stopped"]
+
+
 class CustomerCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -7,9 +7,11 @@ customer's records, and listing a customer's records is a key-filtered scan.
 from __future__ import annotations
 
 import asyncio
+import builtins
+import json
 import random
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -21,6 +23,8 @@ from control.errors import CaravanError
 __all__ = ["AlreadyExists", "Conflict", "Repo"]
 
 M = TypeVar("M", bound=BaseModel)
+P = TypeVar("P", bound=BaseModel)
+T = TypeVar("T")
 
 
 class AlreadyExists(Exception):
@@ -71,20 +75,46 @@ class Repo(Generic[M]):
         None if the key does not exist. Writers that keep colliding back off for a random while, so that fifty
         at once on one record (a customer's quota) all get through; :class:`Conflict` if one still does not.
         """
-        for attempt in range(attempts):
-            found = await self.get_with_revision(key)
-            if found is None:
-                return None
-            current, revision = found
+
+        def apply(raw: bytes) -> tuple[M, bytes | None]:
+            current = self._model.model_validate_json(raw)
             new = change(current.model_copy(deep=True))
-            if new is None:
-                return current
+            return (current, None) if new is None else (new, new.model_dump_json().encode())
+
+        return await self._compare_and_set(key, apply, attempts)
+
+    async def patch(
+        self, key: str, change: Callable[[dict[str, Any]], dict[str, Any] | None], attempts: int = 60
+    ) -> bool | None:
+        """:meth:`update` on the stored JSON itself, for hot paths that set a field or two (an agent's status
+        on every killswitch acknowledgement): no model validation and no deep copy. ``change`` must keep the
+        record valid. Returns None if the key does not exist, else whether the record changed."""
+
+        def apply(raw: bytes) -> tuple[bool, bytes | None]:
+            new = change(json.loads(raw))
+            return (False, None) if new is None else (True, json.dumps(new, separators=(",", ":")).encode())
+
+        return await self._compare_and_set(key, apply, attempts)
+
+    async def _compare_and_set(
+        self, key: str, apply: Callable[[bytes], tuple[T, bytes | None]], attempts: int
+    ) -> T | None:
+        for attempt in range(attempts):
             try:
-                await self._kv.update(key, new.model_dump_json().encode(), last=revision)
+                entry = await self._kv.get(key)
+            except KeyNotFoundError:
+                return None
+            if entry.value is None:
+                return None
+            result, new = apply(entry.value)
+            if new is None:
+                return result
+            try:
+                await self._kv.update(key, new, last=entry.revision)
             except KeyWrongLastSequenceError:
                 await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
                 continue
-            return new
+            return result
         raise Conflict(f"{key} is being changed by many writers at once; retry")
 
     async def delete(self, key: str) -> None:
@@ -101,6 +131,11 @@ class Repo(Generic[M]):
 
     async def list(self, pattern: str = ">") -> list[M]:
         return [record for _, record in await self._items(pattern)]
+
+    async def list_as(self, model: type[P], pattern: str = ">") -> builtins.list[P]:
+        """The records read as ``model``, a few of their fields (pydantic ignores the rest): a listing on a
+        hot path that needs no full validation of every record."""
+        return [model.model_validate_json(e.value) for e in await kv_entries(self._kv, pattern) if e.value]
 
     async def find(self, record_id: str) -> tuple[str, M] | None:
         """Find a record by the last part of its key, whichever customer owns it (admin lookups)."""

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 from agent.protocol import PROVIDER_KEY_ENV
@@ -494,23 +493,17 @@ class LocalScheduler:
             passing = instance.model_copy(update={"status": "passing"})
             await self._registry_call("update", self._registry.set_status(passing))
             return
-        url = f"http://127.0.0.1:{port}{service.check_path}"
         passing_before = False
-        async with httpx.AsyncClient(timeout=service.check_timeout) as client:
-            while True:
-                try:
-                    response = await client.get(url)
-                    ok, output = response.status_code == 200, f"HTTP GET {url}: {response.status_code}"
-                except httpx.HTTPError as exc:
-                    ok, output = False, f"HTTP GET {url}: {type(exc).__name__}"
-                if ok:
-                    healthy.set()
-                if ok or passing_before:
-                    update = instance.model_copy(update={"status": "passing" if ok else "critical", "output": output})
-                    await self._registry_call("update", self._registry.set_status(update))
-                passing_before = ok
-                # until the first pass, check often (a new task comes up in well under a second)
-                await asyncio.sleep(service.check_interval if ok else 0.1)
+        while True:
+            ok, output = await _http_check("127.0.0.1", port, service.check_path, service.check_timeout)
+            if ok:
+                healthy.set()
+            if ok or passing_before:
+                update = instance.model_copy(update={"status": "passing" if ok else "critical", "output": output})
+                await self._registry_call("update", self._registry.set_status(update))
+            passing_before = ok
+            # until the first pass, check often (a new task comes up in well under a second)
+            await asyncio.sleep(service.check_interval if ok else 0.1)
 
     async def _deregister(self, alloc: _Alloc) -> None:
         service = alloc.job.spec.service
@@ -543,6 +536,28 @@ class LocalScheduler:
                     )
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def _http_check(host: str, port: int, path: str, limit_s: float) -> tuple[bool, str]:
+    """Nomad's ``http`` check: GET the path, passing on a 2xx status. A bare request on a fresh connection,
+    as the check needs no more: an HTTP client library cost the control plane six times the CPU per check."""
+    what = f"HTTP GET http://{host}:{port}{path}"
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(limit_s):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+            status_line = await reader.readline()
+        parts = status_line.split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            return False, f"{what}: not an HTTP response"
+        status = int(parts[1])
+        return 200 <= status < 300, f"{what}: {status}"
+    except (OSError, TimeoutError) as exc:
+        return False, f"{what}: {type(exc).__name__}"
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _tree_rss(pid: int, children: dict[int, list[int]], table: dict[int, tuple[int, int]]) -> int:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
+from datetime import datetime
 from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from pydantic import TypeAdapter
 
-from agent.protocol import TASKS_STREAM, AgentDefinition, AgentEventKind, Event, consumer_name, task_subject, utcnow
+from agent.protocol import AGENT_STATE_EVENTS, TASKS_STREAM, AgentDefinition, Event, consumer_name, task_subject, utcnow
 from control.backends.base import AllocState, JobNotOwned, Scheduler, SchedulerError, StatusUpdate
 from control.errors import Conflict, Invalid, NotFound
 from control.ids import is_plain_id, new_id
 from control.jobspec import agent_job, job_id_for, namespace_for
-from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate
+from control.models import Agent, AgentCreate, AgentRef, AgentStatus, AgentUpdate
 from control.natsauth import NatsAuth
 from control.services.quotas import QuotaService
 from control.settings import Settings
@@ -170,17 +173,27 @@ class AgentService:
 
     async def on_agent_event(self, event: Event) -> None:
         """An agent said it is ready, or that the killswitch halted or resumed it."""
-        if event.agent_id is None or event.kind not in (AgentEventKind.READY, AgentEventKind.KILLSWITCH):
+        if event.agent_id is None or event.kind not in AGENT_STATE_EVENTS:
             return
         halted = bool(event.data.get("halted"))
         status, reason = (AgentStatus.KILLED, event.data.get("reason")) if halted else (AgentStatus.RUNNING, None)
+        reason = None if reason is None else str(reason)
 
-        def apply(agent: Agent) -> Agent | None:
-            if agent.desired != "running" or (agent.status, agent.status_reason) == (status, reason):
+        # a patch of the stored JSON: every agent acknowledges each killswitch change, fifty at once
+        def apply(agent: dict[str, Any]) -> dict[str, Any] | None:
+            if agent.get("desired") != "running" or (agent.get("status"), agent.get("status_reason")) == (
+                status.value,
+                reason,
+            ):
                 return None
-            return agent.model_copy(update={"status": status, "status_reason": reason, "updated_at": utcnow()})
+            return {**agent, "status": status.value, "status_reason": reason, "updated_at": _json_now()}
 
-        await self._repo.update(_key(event.customer_id, event.agent_id), apply)
+        await self._repo.patch(_key(event.customer_id, event.agent_id), apply)
+
+    async def live(self) -> builtins.list[AgentRef]:
+        """Agents meant to run and not given up on: who a killswitch engagement covers."""
+        refs = await self._repo.list_as(AgentRef)
+        return [a for a in refs if a.desired == "running" and a.status in _LIVE]
 
     async def _on_scheduler_status(self, update: StatusUpdate) -> None:
         customer_id, agent_id = update.meta.get("caravan_customer"), update.meta.get("caravan_agent")
@@ -241,6 +254,14 @@ class AgentService:
             max_ack_pending=1000,
         )
         await self._js.add_consumer(TASKS_STREAM, config)
+
+
+_LIVE = (AgentStatus.STARTING, AgentStatus.RUNNING, AgentStatus.KILLED)
+_DATETIME = TypeAdapter(datetime)
+
+
+def _json_now() -> Any:
+    return _DATETIME.dump_python(utcnow(), mode="json")  # as the model writes it
 
 
 def _status_for(agent: Agent, state: AllocState) -> AgentStatus | None:

@@ -18,7 +18,7 @@ from agent.backends.base import Flag, FlagKey, FlagStore, Scope
 from agent.protocol import AgentEventKind, Event
 from control.backends.base import Registry
 from control.errors import Conflict, Invalid
-from control.models import Agent, AgentStatus
+from control.models import Agent, AgentRef, AgentStatus
 from control.services.agents import AgentService
 from control.services.audit import AuditLog, AuditRecord
 from control.services.auth import AuthService, Principal
@@ -69,7 +69,7 @@ class KillswitchResult(BaseModel):
     elapsed_ms: float = Field(description="From writing the flag to the last acknowledgement (or the deadline).")
 
 
-def covers(key: FlagKey, agent: Agent) -> bool:
+def covers(key: FlagKey, agent: Agent | AgentRef) -> bool:
     if key.scope is Scope.ALL:
         return True
     if key.scope is Scope.CUSTOMER:
@@ -147,7 +147,7 @@ class KillswitchService:
             else:
                 started = time.perf_counter()
                 await self._flags.delete(key)
-            covered = [a for a in await self._agents.list(None) if covers(key, a) and _live(a)]
+            covered = [a for a in await self._agents.live() if covers(key, a)]
             expected = await self._expected_instances(covered)
             if covered and not complete():
                 with contextlib.suppress(TimeoutError):
@@ -190,7 +190,7 @@ class KillswitchService:
                 raise Invalid(f"agent {agent.id} does not belong to customer {request.customer_id}")
         return request.key
 
-    async def _expected_instances(self, covered: list[Agent]) -> dict[str, set[str]]:
+    async def _expected_instances(self, covered: list[AgentRef]) -> dict[str, set[str]]:
         """Each covered agent's instances that discovery knows as passing: all of them must acknowledge."""
         expected: dict[str, set[str]] = {a.id: set() for a in covered}
         if covered:
@@ -230,11 +230,3 @@ class KillswitchService:
             data={**details, "by": principal.subject, "engaged": request.engaged},
         )
         await self._nc.jetstream().publish("caravan.events.platform.killswitch", event.model_dump_json().encode())
-
-
-def _live(agent: Agent) -> bool:
-    return agent.desired == "running" and agent.status in (
-        AgentStatus.STARTING,
-        AgentStatus.RUNNING,
-        AgentStatus.KILLED,
-    )

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import nats
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from agent.protocol import (
+    AGENT_STATE_EVENTS,
     EVENTS_STREAM,
     TASKS_STREAM,
     Event,
@@ -243,19 +245,41 @@ class TaskService:
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
                 return
+            # An agent's events say what state it is in: of a batch, only each agent's last one is applied
+            # (a killswitch engaged and released, fifty agents acknowledging each, is one write per agent).
+            latest: dict[str, tuple[Msg, Event]] = {}
             for msg in msgs:
-                try:
-                    event = Event.model_validate_json(msg.data)
-                    if event.task_id is not None:
-                        await self._fold(event)
-                    elif event.agent_id is not None:
-                        await on_agent_event(event)
-                except ValueError:
-                    log.warning("skipping a malformed event on %s", msg.subject)
-                except (StoreConflict, nats.errors.Error):
-                    # the event stays in the stream (and on the SSE feed); only the record missed it
-                    log.exception("could not fold the event on %s into its record", msg.subject)
+                event = self._decode(msg)
+                if event is not None and event.agent_id is not None and event.kind in AGENT_STATE_EVENTS:
+                    superseded = latest.get(event.agent_id)
+                    latest[event.agent_id] = (msg, event)
+                    if superseded is not None:
+                        await superseded[0].ack()
+                    continue
+                if event is not None and event.task_id is not None:
+                    await self._guarded(msg, self._fold(event))
+                elif event is not None and event.agent_id is not None:
+                    await self._guarded(msg, on_agent_event(event))
                 await msg.ack()
+            for msg, event in latest.values():
+                await self._guarded(msg, on_agent_event(event))
+                await msg.ack()
+
+    @staticmethod
+    def _decode(msg: Msg) -> Event | None:
+        try:
+            return Event.model_validate_json(msg.data)
+        except ValueError:
+            log.warning("skipping a malformed event on %s", msg.subject)
+            return None
+
+    @staticmethod
+    async def _guarded(msg: Msg, folding: Awaitable[None]) -> None:
+        try:
+            await folding
+        except (StoreConflict, nats.errors.Error):
+            # the event stays in the stream (and on the SSE feed); only the record missed it
+            log.exception("could not fold the event on %s into its record", msg.subject)
 
     async def _fold(self, event: Event) -> None:
         assert event.task_id is not None

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from control.backends.base import AllocState, JobNotOwned, JobRejected, StatusUpdate
+from control.backends.base import AllocState, JobNotOwned, JobRejected, ServiceInstance, StatusUpdate
 from control.backends.local import LocalScheduler
 from jobs import SECOND_NS, AgentJobVariables, render_agent_job
 from tests.support.helpers import assert_eventually
@@ -121,9 +121,10 @@ async def test_memory_of_a_tasks_children_counts_against_its_limit(scheduler) ->
     """Each process stays under the limit; together (parent and two children) they are over it."""
     sched, rec = scheduler
     hog = "x = bytearray(60 * 2**20)\nfor i in range(0, len(x), 4096): x[i] = 1\n"
+    child = hog + "import time; time.sleep(30)"
     tree = (
         "import subprocess, sys, time\n"
-        f"kids = [subprocess.Popen([sys.executable, '-c', {hog + 'import time; time.sleep(30)'!r}]) for _ in range(2)]\n"
+        f"kids = [subprocess.Popen([sys.executable, '-c', {child!r}]) for _ in range(2)]\n"
         f"{hog}time.sleep(30)"
     )
     await sched.submit(job(tree, memory_mb=150, attempts=0))
@@ -186,3 +187,54 @@ async def test_stopping_the_scheduler_stops_every_task(tmp_path: Path) -> None:
     assert rec.states().count(AllocState.STOPPED) == 2
     with pytest.raises(RuntimeError):
         await sched.start()
+
+
+class Registrations:
+    """A registry that keeps what the scheduler registers (the contract of control.backends.base.Registry)."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, ServiceInstance] = {}
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def register(self, instance: ServiceInstance) -> None:
+        self.current[instance.id] = instance
+
+    async def set_status(self, instance: ServiceInstance) -> None:
+        self.current[instance.id] = instance
+
+    async def deregister(self, name: str, instance_id: str) -> None:
+        self.current.pop(instance_id, None)
+
+    async def instances(self, passing_only: bool = True) -> list[ServiceInstance]:
+        return [i for i in self.current.values() if i.status == "passing" or not passing_only]
+
+
+async def test_the_http_check_marks_the_instance_passing_then_critical(tmp_path: Path) -> None:
+    """The task answers its check with 200 until told otherwise, then 503: discovery follows, with the output."""
+    sick = tmp_path / "sick"
+    server = (
+        "import http.server, os\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        f"        self.send_response(503 if os.path.exists({str(sick)!r}) else 200); self.end_headers()\n"
+        "    def log_message(self, *a): pass\n"
+        "http.server.HTTPServer(('127.0.0.1', int(os.environ['CARAVAN_HEALTH_PORT'])), H).serve_forever()\n"
+    )
+    spec = job(server)
+    spec["TaskGroups"][0]["Services"][0]["Checks"][0]["Interval"] = SECOND_NS  # Nomad's smallest interval
+    registry = Registrations()
+    async with LocalScheduler(tmp_path / "allocs", registry=registry) as sched:
+        await sched.submit(spec)
+
+        async def status() -> list[tuple[str, str]]:
+            return [(i.status, i.output) for i in registry.current.values()]
+
+        passing = await assert_eventually(status, lambda s: len(s) == 1 and s[0][0] == "passing")
+        assert passing[0][1].endswith("/health: 200")
+        sick.touch()
+        critical = await assert_eventually(status, lambda s: s[0][0] == "critical")
+        assert critical[0][1].endswith("/health: 503")
+        assert await registry.instances() == []

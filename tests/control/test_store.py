@@ -85,3 +85,19 @@ async def test_buckets_of_an_older_caravan_are_upgraded_to_direct_reads(nats_ser
     assert [c.name for c in listed] == ["made before the upgrade"]
     await jet.close()
     await nc.close()
+
+
+async def test_patches_of_the_stored_json_are_compare_and_set_and_stay_readable(nats_server: EmbeddedNats) -> None:
+    jet = await connect(nats_server.url)
+    repo = Repo(jet.kv["customers"], Customer)
+    await repo.create("c", Customer(id="c", name="0"))
+
+    def bump(record: dict[str, object]) -> dict[str, object]:
+        return {**record, "name": str(int(str(record["name"])) + 1)}
+
+    assert all(await asyncio.gather(*(repo.patch("c", bump) for _ in range(30))))
+    stored = await repo.get("c")
+    assert stored is not None and stored.name == "30"  # every patch landed, and the record still validates
+    assert await repo.patch("c", lambda record: None) is False
+    assert await repo.patch("missing", bump) is None and await repo.get("missing") is None
+    await jet.close()
