@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
@@ -22,6 +23,7 @@ BUCKET = "caravan_flags"
 _DELETED = ("DEL", "PURGE")
 _BATCH = 1000  # nats-server's largest batch; a listing of more keys takes one get per key
 _BATCH_TIMEOUT_S = 5.0
+_NO_META = (None, None, None)  # an entry's delta, creation time and operation: not read by Caravan
 
 
 async def kv_entries(kv: KeyValue, pattern: str = ">") -> list[KeyValue.Entry]:
@@ -46,29 +48,33 @@ async def _last_values(
 ) -> list[KeyValue.Entry] | None:
     """The batched direct get (nats-server 2.11+): None when the server will not answer it in one batch."""
     nc = js._nc
+    entries: list[KeyValue.Entry] = []
+    done: asyncio.Future[list[KeyValue.Entry] | None] = asyncio.get_running_loop().create_future()
+
+    async def on_msg(msg: Msg) -> None:
+        if done.done():
+            return
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is None:
+            if headers.get("KV-Operation") not in _DELETED and msg.data:
+                seq = int(headers["Nats-Sequence"])
+                entries.append(KeyValue.Entry(bucket, headers["Nats-Subject"][len(prefix) :], msg.data, seq, *_NO_META))
+        elif status == "404":  # no key matched
+            done.set_result(entries)
+        elif status == "204":  # the end of the batch: complete unless the server held some back
+            done.set_result(entries if headers.get("Nats-Num-Pending", "0") == "0" else None)
+        elif status in ("408", "413", "503"):  # too many keys for one batch; a server without batched gets
+            done.set_result(None)
+        else:
+            done.set_exception(nats.js.errors.APIError(code=int(status), description=headers.get("Description")))
+
     inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
+    sub = await nc.subscribe(inbox, cb=on_msg)
     try:
         request = {"multi_last": [f"{prefix}{pattern}"], "batch": _BATCH}
         await nc.publish(f"{js._prefix}.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
-        entries: list[KeyValue.Entry] = []
-        while True:
-            msg = await sub.next_msg(timeout=_BATCH_TIMEOUT_S)
-            headers = msg.headers or {}
-            status = headers.get("Status")
-            if status is not None:
-                if status == "404":  # no key matched
-                    return entries
-                if status == "204":  # the end of the batch: complete unless the server held some back
-                    return entries if headers.get("Nats-Num-Pending", "0") == "0" else None
-                if status in ("408", "413", "503"):  # too many keys for one batch; a server without it
-                    return None
-                raise nats.js.errors.APIError(code=int(status), description=headers.get("Description"))
-            if headers.get("KV-Operation") in _DELETED or not msg.data:
-                continue
-            seq = int(headers["Nats-Sequence"])
-            key = headers["Nats-Subject"][len(prefix) :]
-            entries.append(KeyValue.Entry(bucket, key, msg.data, seq, None, None, None))
+        return await asyncio.wait_for(done, _BATCH_TIMEOUT_S)
     finally:
         await sub.unsubscribe()
 

@@ -43,7 +43,7 @@ __all__ = ["LocalScheduler"]
 
 log = logging.getLogger("caravan.scheduler.local")
 NS = 1_000_000_000
-_MEMORY_POLL_S = 0.25
+_MEMORY_POLL_S = 0.5
 _PROC_STAT = os.path.exists("/proc/self/stat")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if _PROC_STAT else 4096
 _PR_SET_PDEATHSIG = 1

@@ -214,19 +214,18 @@ class KillswitchService:
         }
         action = "killswitch.engage" if request.engaged else "killswitch.release"
         customer = request.customer_id if request.scope is not Scope.ALL else None
-        await self._audit.append(
-            AuditRecord(
-                actor=principal.subject,
-                role=principal.role.value,
-                action=action,
-                customer_id=customer,
-                target=result.target or "all",
-                details=details,
-            )
+        record = AuditRecord(
+            actor=principal.subject,
+            role=principal.role.value,
+            action=action,
+            customer_id=customer,
+            target=result.target or "all",
+            details=details,
         )
         event = Event(
             kind="killswitch",
             customer_id=customer or "platform",
             data={**details, "by": principal.subject, "engaged": request.engaged},
         )
-        await self._nc.jetstream().publish("caravan.events.platform.killswitch", event.model_dump_json().encode())
+        published = self._nc.jetstream().publish("caravan.events.platform.killswitch", event.model_dump_json().encode())
+        await asyncio.gather(self._audit.append(record), published)  # both stored before the answer

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from agent.protocol import (
     AGENT_STATE_EVENTS,
     EVENTS_STREAM,
     TASKS_STREAM,
+    AgentEventKind,
     Event,
     EventKind,
     TaskRequest,
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
     from control.teams.dispatch import TeamTasks
 
 __all__ = ["StreamedEvent", "TaskService"]
+
+KILLSWITCH_STATE_DELAY_S = 0.2
+"""How long agents' killswitch acknowledgements wait to be applied to their records (see ``_track``)."""
 
 log = logging.getLogger("caravan.tasks")
 TRACKER = "caravan-tracker"
@@ -238,32 +243,41 @@ class TaskService:
     async def _track(
         self, psub: JetStreamContext.PullSubscription, on_agent_event: Callable[[Event], Awaitable[None]]
     ) -> None:
+        # An agent's state events (ready; halted or resumed) each say all there is to know of it, so the last
+        # one is all its record needs. Killswitch acknowledgements come in bursts (fifty agents within a few
+        # milliseconds): writing their records then would take the CPU the control plane needs to collect
+        # them, so they wait up to KILLSWITCH_STATE_DELAY_S, superseded by later ones, and are applied after.
+        pending: dict[str, tuple[Msg, Event]] = {}
+        due = 0.0
         while True:
+            wait = max(due - time.monotonic(), 0.01) if pending else 1.0
             try:
-                msgs = await psub.fetch(256, timeout=1)
+                msgs = await psub.fetch(256, timeout=wait)
             except TimeoutError:  # nats.errors.TimeoutError, and the bare one nats-py raises when a fetch runs late
-                continue
+                msgs = []
             except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
                 return
-            # An agent's events say what state it is in: of a batch, only each agent's last one is applied
-            # (a killswitch engaged and released, fifty agents acknowledging each, is one write per agent).
-            latest: dict[str, tuple[Msg, Event]] = {}
             for msg in msgs:
                 event = self._decode(msg)
                 if event is not None and event.agent_id is not None and event.kind in AGENT_STATE_EVENTS:
-                    superseded = latest.get(event.agent_id)
-                    latest[event.agent_id] = (msg, event)
+                    superseded = pending.pop(event.agent_id, None)
                     if superseded is not None:
                         await superseded[0].ack()
-                    continue
+                    if event.kind == AgentEventKind.KILLSWITCH:  # a ready agent is shown at once
+                        if not pending:
+                            due = time.monotonic() + KILLSWITCH_STATE_DELAY_S
+                        pending[event.agent_id] = (msg, event)
+                        continue
                 if event is not None and event.task_id is not None:
                     await self._guarded(msg, self._fold(event))
                 elif event is not None and event.agent_id is not None:
                     await self._guarded(msg, on_agent_event(event))
                 await msg.ack()
-            for msg, event in latest.values():
-                await self._guarded(msg, on_agent_event(event))
-                await msg.ack()
+            if pending and time.monotonic() >= due:
+                applying, pending = pending, {}
+                for msg, event in applying.values():
+                    await self._guarded(msg, on_agent_event(event))
+                    await msg.ack()
 
     @staticmethod
     def _decode(msg: Msg) -> Event | None:
