@@ -14,13 +14,16 @@ put together without asking every member for its state:
 - the transcript of the task so far, as the events a new attempt publishes again before it goes on.
 
 The manager's thread is kept as dumps added message by message, so a turn costs the new message's dump, not
-the whole thread's. Writing to KV happens off the turn's path: a writer task puts the newest checkpoint and
-skips those that were superseded while it wrote, so a slow store never holds the conversation up.
+the whole thread's. Writing to KV happens off the turn's path: a writer task puts the newest checkpoint, at most
+one every ``min_interval_s`` (turns that come faster are stored together, so a fast team does not spend its time
+encoding checkpoints that are superseded at once; a slow store never holds the conversation up either). A new
+attempt may therefore redo the turns of the last such interval, which is as exact as going on from the last one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -31,6 +34,7 @@ from autogen_agentchat.messages import BaseChatMessage
 from autogen_agentchat.state import TeamState
 from nats.aio.msg import Msg
 
+from agent.protocol import utcnow
 from agent.teamprotocol import STATE_AFTER_HEADER, STATE_MEMBER_HEADER
 from control.store import Repo
 from control.teams.build import termination_counters
@@ -74,6 +78,7 @@ class TurnCheckpoints:
         record: Record,
         selector: Any = None,
         state_wait_s: float = 5.0,
+        min_interval_s: float = 0.05,
     ) -> None:
         self._repo = repo
         self._key = key
@@ -81,6 +86,9 @@ class TurnCheckpoints:
         self._record = record
         self._selector = selector
         self._state_wait_s = state_wait_s
+        self._min_interval_s = min_interval_s
+        self._written_at = float("-inf")
+        self._now = asyncio.Event()
         agent_states: dict[str, Any] = dict((base.state or {}).get("agent_states", {}))
         self._manager_name = next((name for name in agent_states if name not in members), "")
         self._thread: list[dict[str, Any]] = list(agent_states.get(self._manager_name, {}).get("message_thread", []))
@@ -141,7 +149,8 @@ class TurnCheckpoints:
         )
 
     async def flush(self) -> None:
-        """Wait until the newest checkpoint is stored."""
+        """Store the newest checkpoint now and wait until it is stored."""
+        self._now.set()
         while self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
 
@@ -174,13 +183,21 @@ class TurnCheckpoints:
             self._writer = asyncio.create_task(self._write(), name=f"checkpoint-{self._key}")
 
     async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending is not None and not self._closed:
+            wait = self._written_at + self._min_interval_s - loop.time()
+            if wait > 0 and not self._now.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._now.wait(), wait)
             snapshot, self._pending = self._pending, None
+            if snapshot is None or self._closed:
+                return
             try:
                 await self._repo.put(self._key, self._checkpoint(snapshot))
                 self.written += 1
             except Exception:  # the run goes on; a later checkpoint (or the last one stored) will serve
                 log.warning("team task %s: could not store a checkpoint", self._key, exc_info=True)
+            self._written_at = loop.time()
 
     def _checkpoint(self, snapshot: _Snapshot) -> Checkpoint:
         agent_states: dict[str, Any] = {
@@ -188,14 +205,17 @@ class TurnCheckpoints:
             for name, (state, since) in snapshot.members.items()
         }
         agent_states[self._manager_name] = {**snapshot.manager, "message_thread": self._thread[: snapshot.thread_len]}
-        return Checkpoint(
+        # built from parts that are valid already: validating the whole conversation again at every turn would
+        # cost more than the rest of the checkpoint
+        return Checkpoint.model_construct(
             segment=self._base.segment,
-            state=TeamState(agent_states=agent_states).model_dump(),
+            state={**TeamState.model_construct(agent_states={}).model_dump(), "agent_states": agent_states},
             selector_position=snapshot.selector_position,
             transcript=[*self._base.transcript, *self._transcript[: snapshot.transcript_len]],
             asked_by=self._base.asked_by,
             between_turns=True,
             termination=snapshot.termination,
+            updated_at=utcnow(),
         )
 
     def _member_state(self, name: str, state: dict[str, Any] | bytes | None, since: int, upto: int) -> dict[str, Any]:
