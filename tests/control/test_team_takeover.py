@@ -22,6 +22,7 @@ from tests.gateway.teams_support import (
     checkpointed_messages,
     local_team,
     local_transcript,
+    local_usage,
     run_local,
     script,
     start,
@@ -93,6 +94,7 @@ async def test_a_crashed_control_plane_replicas_run_is_taken_over_from_its_last_
     local = local_team(SPECS, "round_robin", MaxMessageTermination(7))
     items, local_stop = await run_local(local, "Go.")
     assert api_transcript(done) == local_transcript(items)  # nothing lost, nothing twice
+    assert done["usage"] == local_usage(items)  # the members' model contexts came back whole
     assert done["status_reason"] == local_stop
     assert replayed[: len(saved)] == saved  # the new attempt went on from the checkpoint (or a later one)
     assert replayed + produced == [(m["source"], m["content"]) for m in done["messages"]]

@@ -140,6 +140,7 @@ __all__ = [
     "health",
     "local_team",
     "local_transcript",
+    "local_usage",
     "ready_instances",
     "run_local",
     "running_event",
@@ -242,3 +243,14 @@ async def checkpointed_messages(api: Api, customer_id: str, task_id: str) -> lis
         return []
     checkpoint = Checkpoint.model_validate_json(entry.value or b"{}")
     return [(e["source"], e["content"]) for e in checkpoint.transcript if e["kind"] == "message"]
+
+
+def local_usage(items: list[Any]) -> dict[str, int]:
+    """Token usage of an in-process run: the `replay` model counts the words of every prompt, so equal usage means
+    the members' model contexts held the same messages."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    for item in items:
+        if getattr(item, "models_usage", None) is not None:
+            usage["prompt_tokens"] += item.models_usage.prompt_tokens
+            usage["completion_tokens"] += item.models_usage.completion_tokens
+    return usage

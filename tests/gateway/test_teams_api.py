@@ -24,6 +24,7 @@ from tests.gateway.teams_support import (
     health,
     local_team,
     local_transcript,
+    local_usage,
     ready_instances,
     run_local,
     running_event,
@@ -168,6 +169,7 @@ async def test_a_member_that_dies_mid_turn_is_restarted_and_the_run_goes_on_from
     local = local_team(specs, "round_robin", MaxMessageTermination(7))
     items, local_stop = await run_local(local, "Go.")
     assert api_transcript(task) == local_transcript(items)  # nothing lost, nothing twice, and it stopped at 7
+    assert task["usage"] == local_usage(items)  # the members' model contexts came back whole
     assert task["status_reason"] == local_stop
     # the new attempt published again what was said before the crash, and its run asked nobody to say it again
     replayed, produced = await attempt_messages(api, headers, task_id, 2)
