@@ -153,6 +153,10 @@ class TeamRunner:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
+        # Drop the pull subscription before handing runs back: the server would deliver a run handed back to a pull
+        # request of ours still waiting, where nobody reads it, and another replica would get it only after ack_wait.
+        with contextlib.suppress(Exception):
+            await self._subs[0].unsubscribe()
         for active in self._active.values():
             active.stop(handover=True)
         if self._runs:
