@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
+import nats.errors
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.messages import MessageFactory
 from autogen_agentchat.teams._group_chat._chat_agent_container import ChatAgentContainer
@@ -191,7 +192,13 @@ class TeamHost:
 
         async def send_state(after: str, state: bytes) -> None:
             headers = {STATE_MEMBER_HEADER: self._definition.name, STATE_AFTER_HEADER: after}
-            await self._nc.publish(state_subject, state, headers=headers)
+            try:
+                await self._nc.publish(state_subject, state, headers=headers)
+            except nats.errors.Error:  # too big for a message: say so (no checkpoint) rather than fail the turn
+                log.warning(
+                    "run %s: the state of %s is too big to send (%d bytes)", join.run_id, agent_type, len(state)
+                )
+                await self._nc.publish(state_subject, b"", headers=headers)
 
         await runtime.register_factory(agent_type, lambda: _Container(join.team_key, agent, model_client, send_state))
         await runtime.add_subscription(TypeSubscription(topic_type=agent_type, agent_type=agent_type))

@@ -105,7 +105,7 @@ class TurnCheckpoints:
         self.written = 0
 
     async def on_state(self, msg: Msg) -> None:
-        """A member's state after its turn, sent just before its answer."""
+        """A member's state after its turn, sent just before its answer (empty: it could not send it)."""
         headers = msg.headers or {}
         name, after = headers.get(STATE_MEMBER_HEADER), headers.get(STATE_AFTER_HEADER)
         if name not in self._members or not after:
@@ -171,7 +171,7 @@ class TurnCheckpoints:
                 log.warning("no state from %s after its turn: no checkpoint until it speaks again", speaker)
             finally:
                 self._waiting.pop(message_id, None)
-        if state is None:
+        if not state:  # none came, or the member could not send it (too big for a message)
             self._stale.add(speaker)
             return
         self._members[speaker] = _Member(state, len(self._thread))
