@@ -13,13 +13,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
+import nats.errors
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.messages import MessageFactory
 from autogen_agentchat.teams._group_chat._chat_agent_container import ChatAgentContainer
-from autogen_core import TypeSubscription
+from autogen_agentchat.teams._group_chat._events import GroupChatAgentResponse
+from autogen_core import CancellationToken, TopicId, TypeSubscription
 from autogen_core.models import ChatCompletionClient
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -28,7 +30,15 @@ from nats.aio.subscription import Subscription
 from agent.models import create_model_client
 from agent.protocol import AgentDefinition
 from agent.runtime import NatsAgentRuntime
-from agent.teamprotocol import MemberJoin, MemberJoined, join_subject, run_namespace
+from agent.serialization import MessageCodec
+from agent.teamprotocol import (
+    STATE_AFTER_HEADER,
+    STATE_MEMBER_HEADER,
+    MemberJoin,
+    MemberJoined,
+    join_subject,
+    run_namespace,
+)
 from agent.tools import build_tools
 
 __all__ = ["TeamHost", "member_agent"]
@@ -53,11 +63,31 @@ def member_agent(
 
 
 class _Container(ChatAgentContainer):
-    """AgentChat's container; its state also carries the scripted model's place (the `replay` provider)."""
+    """AgentChat's container; its state also carries the scripted model's place (the `replay` provider), and it
+    sends that state to the manager after each of its turns, just before its answer (the manager checkpoints
+    the run between turns without asking every member for its state)."""
 
-    def __init__(self, team_key: str, agent: AssistantAgent, model_client: ChatCompletionClient) -> None:
+    def __init__(
+        self,
+        team_key: str,
+        agent: AssistantAgent,
+        model_client: ChatCompletionClient,
+        send_state: Callable[[str, bytes], Awaitable[None]] | None = None,
+    ) -> None:
         super().__init__(f"group_topic_{team_key}", f"output_topic_{team_key}", agent, MessageFactory())
         self._model_client = model_client
+        self._send_state = send_state
+        self._codec = MessageCodec()
+
+    async def publish_message(
+        self, message: Any, topic_id: TopicId, *, cancellation_token: CancellationToken | None = None
+    ) -> None:
+        # The answer's buffer is cleared and the turn is over: the state now is the one to resume from. Sent on
+        # the same connection before the answer, it reaches the manager first.
+        if isinstance(message, GroupChatAgentResponse) and self._send_state is not None:
+            state = self._codec.dumps_state(await self.save_state())
+            await self._send_state(message.response.chat_message.id, state)
+        await super().publish_message(message, topic_id, cancellation_token=cancellation_token)
 
     async def save_state(self) -> Mapping[str, Any]:
         state = dict(await super().save_state())
@@ -149,7 +179,7 @@ class TeamHost:
             return
         if join.run_id not in self._runs:
             await self._host(join)
-        answer = MemberJoined(agent_id=self._definition.agent_id, instance_id=self.instance_id)
+        answer = MemberJoined(agent_id=self._definition.agent_id, instance_id=self.instance_id, checkpoints=True)
         await msg.respond(answer.model_dump_json().encode())
 
     async def _host(self, join: MemberJoin) -> None:
@@ -158,7 +188,19 @@ class TeamHost:
         model_client = create_model_client(self._definition.model)
         agent = member_agent(self._definition, join.handoffs, model_client)
         agent_type = f"{self._definition.name}_{join.team_key}"
-        await runtime.register_factory(agent_type, lambda: _Container(join.team_key, agent, model_client))
+        state_subject = f"{namespace}.x.state"
+
+        async def send_state(after: str, state: bytes) -> None:
+            headers = {STATE_MEMBER_HEADER: self._definition.name, STATE_AFTER_HEADER: after}
+            try:
+                await self._nc.publish(state_subject, state, headers=headers)
+            except nats.errors.Error:  # too big for a message: say so (no checkpoint) rather than fail the turn
+                log.warning(
+                    "run %s: the state of %s is too big to send (%d bytes)", join.run_id, agent_type, len(state)
+                )
+                await self._nc.publish(state_subject, b"", headers=headers)
+
+        await runtime.register_factory(agent_type, lambda: _Container(join.team_key, agent, model_client, send_state))
         await runtime.add_subscription(TypeSubscription(topic_type=agent_type, agent_type=agent_type))
         group_topic = f"group_topic_{join.team_key}"
         await runtime.add_subscription(TypeSubscription(topic_type=group_topic, agent_type=agent_type))

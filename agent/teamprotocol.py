@@ -7,6 +7,7 @@ Subjects (``{c}`` customer id, ``{a}`` agent id, ``{r}`` run id, ``{t}`` team id
 - ``caravan.rt.{c}.{r}.>``         the run's :class:`~agent.runtime.NatsAgentRuntime` namespace
 - ``caravan.rt.{c}.{r}.x.alive``   heartbeats of the manager and of every member
 - ``caravan.rt.{c}.{r}.x.end``     the run is over: members drop their containers
+- ``caravan.rt.{c}.{r}.x.state``   a member's state after each of its turns, for the manager's checkpoints
 - ``caravan.tasks.{c}.team.{t}``   work queue (``CARAVAN_TASKS``) of :class:`TeamTaskRequest` for the managers
 - ``caravan.ctl.{c}.teamcancel.{k}`` cancel a team task wherever its manager runs
 """
@@ -20,6 +21,8 @@ from pydantic import BaseModel, Field, field_validator
 from agent.protocol import _check_id, utcnow
 
 __all__ = [
+    "STATE_AFTER_HEADER",
+    "STATE_MEMBER_HEADER",
     "TEAM_CONSUMER",
     "TEAM_QUEUE_FILTER",
     "MemberJoin",
@@ -34,6 +37,10 @@ __all__ = [
 TEAM_CONSUMER = "caravan-teams"
 """The durable consumer on the team task queue that the control plane's replicas share."""
 TEAM_QUEUE_FILTER = "caravan.tasks.*.team.*"
+STATE_MEMBER_HEADER = "Caravan-Member"
+"""On ``x.state``: the member's name; the body is its ``ChatAgentContainer`` state (JSON)."""
+STATE_AFTER_HEADER = "Caravan-After"
+"""On ``x.state``: the id of the chat message the member answered with, sent just after its state."""
 
 
 def run_namespace(customer_id: str, run_id: str) -> str:
@@ -74,6 +81,9 @@ class MemberJoined(BaseModel):
     agent_id: str
     instance_id: str
     """The replica (allocation) that hosts the member for this run; every message of the run goes there."""
+    checkpoints: bool = False
+    """The member sends its state on ``x.state`` after each turn (older agents do not: the manager then
+    checkpoints only when the team asks the human)."""
 
 
 class TeamTaskRequest(BaseModel):

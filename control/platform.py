@@ -27,7 +27,7 @@ from control.settings import Settings
 from control.store import Repo
 from control.teams.dispatch import TeamTasks
 from control.teams.models import Checkpoint, Team
-from control.teams.runner import TeamRunner
+from control.teams.runner import RunnerConfig, TeamRunner
 from control.teams.service import TeamService
 
 __all__ = ["ControlPlane"]
@@ -242,7 +242,8 @@ class ControlPlane:
         tasks, checkpoints = Repo(jet.kv["tasks"], Task), Repo(jet.kv["team_state"], Checkpoint)
         self._teams = TeamService(Repo(jet.kv["teams"], Team), self.agents, tasks)
         self.tasks.attach_teams(TeamTasks(tasks, checkpoints, jet.js, self._teams, self.agents, self.killswitch))
-        self._team_runner = TeamRunner(jet, tasks, checkpoints, self._teams, self.agents)
+        config = RunnerConfig(ack_wait_s=self.settings.team_ack_wait_s)
+        self._team_runner = TeamRunner(jet, tasks, checkpoints, self._teams, self.agents, config)
         await self._team_runner.start()
 
     async def _serve_definition(self, msg: Msg) -> None:

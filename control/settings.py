@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     max_agents_per_customer: int = Field(default=50, ge=1, description="Default agent quota of a new customer.")
     rate_limit_scale: float = Field(default=1.0, gt=0, description="Multiplies every tier's request rate.")
     task_ack_wait_s: float = Field(default=60.0, ge=1)
+    team_ack_wait_s: float = Field(
+        default=30.0,
+        ge=1,
+        description="A team run whose control-plane replica stops beating for this long goes to another replica.",
+    )
 
     @property
     def agents_nats_url(self) -> str:

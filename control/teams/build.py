@@ -8,6 +8,8 @@ and topic types.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
 from functools import reduce
 from typing import Any
 
@@ -22,6 +24,7 @@ from autogen_agentchat.conditions import (
     TokenUsageTermination,
 )
 from autogen_agentchat.teams import BaseGroupChat, RoundRobinGroupChat, SelectorGroupChat, Swarm
+from autogen_agentchat.teams._group_chat._base_group_chat_manager import BaseGroupChatManager
 from autogen_core.models import ChatCompletionClient, ModelFamily, ModelInfo
 from autogen_ext.models.replay import ReplayChatCompletionClient
 
@@ -29,7 +32,17 @@ from agent.protocol import AgentDefinition
 from agent.runtime import NatsAgentRuntime
 from control.teams.models import USER, Team, Termination
 
-__all__ = ["build_team", "handoff_names", "termination_condition"]
+__all__ = [
+    "OnTurn",
+    "build_team",
+    "handoff_names",
+    "restore_termination",
+    "termination_condition",
+    "termination_counters",
+]
+
+OnTurn = Callable[[BaseGroupChatManager], Awaitable[None]]
+"""Called by the manager between two turns: the last message is in its thread, the next speaker not yet chosen."""
 
 _STAND_IN = ModelInfo(
     vision=False, function_calling=True, json_output=False, family=ModelFamily.UNKNOWN, structured_output=False
@@ -51,6 +64,44 @@ def termination_condition(spec: Termination) -> TerminationCondition:
     return reduce(lambda a, b: a | b, conditions)
 
 
+_COUNTERS: dict[type[TerminationCondition], tuple[str, ...]] = {
+    MaxMessageTermination: ("_message_count",),
+    TokenUsageTermination: ("_total_token_count", "_prompt_token_count", "_completion_token_count"),
+}
+"""What the conditions of :func:`termination_condition` have counted; AgentChat saves none of it with a team."""
+
+
+def _leaves(condition: TerminationCondition) -> list[TerminationCondition]:
+    inner = getattr(condition, "_conditions", None)  # AgentChat's `|` (OrTermination)
+    return [leaf for c in inner for leaf in _leaves(c)] if inner is not None else [condition]
+
+
+def termination_counters(condition: TerminationCondition) -> list[dict[str, float]]:
+    """What each condition has counted so far in this run (messages, tokens, seconds), in order: a run resumed
+    between two turns must stop where the unbroken run would have (AgentChat resets them only when a run ends)."""
+    out: list[dict[str, float]] = []
+    for leaf in _leaves(condition):
+        counted = {name: getattr(leaf, name) for name in _COUNTERS.get(type(leaf), ())}
+        if isinstance(leaf, TimeoutTermination):
+            counted["elapsed_s"] = time.monotonic() - leaf._start_time
+        out.append(counted)
+    return out
+
+
+def restore_termination(condition: TerminationCondition, counters: list[dict[str, float]]) -> None:
+    """Put back :func:`termination_counters` into the same conditions of a new run (the seconds a timeout had
+    counted too, so the time the run was broken off does not count)."""
+    leaves = _leaves(condition)
+    if len(leaves) != len(counters):
+        raise ValueError("the team's termination conditions changed since the checkpoint")
+    for leaf, counted in zip(leaves, counters, strict=True):
+        for name in _COUNTERS.get(type(leaf), ()):
+            if name in counted:
+                setattr(leaf, name, type(getattr(leaf, name))(counted[name]))
+        if isinstance(leaf, TimeoutTermination) and "elapsed_s" in counted:
+            leaf._start_time = time.monotonic() - counted["elapsed_s"]
+
+
 def handoff_names(team: Team, members: dict[str, AgentDefinition]) -> dict[str, list[str]]:
     """Each member's handoff targets by name (``user`` stays ``user``)."""
     return {
@@ -65,6 +116,7 @@ def build_team(
     runtime: NatsAgentRuntime,
     team_key: str,
     selector_client: ChatCompletionClient | None = None,
+    on_turn: OnTurn | None = None,
 ) -> BaseGroupChat:
     handoffs = handoff_names(team, members)
     stand_ins: list[ChatAgent] = [
@@ -95,6 +147,8 @@ def build_team(
     else:
         chat = Swarm(stand_ins, termination_condition=termination, runtime=runtime)
     _pin_team_key(chat, team_key)
+    if on_turn is not None:
+        _observe_turns(chat, on_turn)
     for topic_type in chat._participant_topic_types:
         runtime.mark_remote(topic_type)
     return chat
@@ -107,3 +161,28 @@ def _pin_team_key(chat: BaseGroupChat, key: str) -> None:
     chat._group_chat_manager_topic_type = f"{chat._group_chat_manager_name}_{key}"
     chat._participant_topic_types = [f"{name}_{key}" for name in chat._participant_names]
     chat._output_topic_type = f"output_topic_{key}"
+
+
+def _observe_turns(chat: BaseGroupChat, on_turn: OnTurn) -> None:
+    """Call ``on_turn`` each time the manager is about to choose the next speaker. AgentChat has no hook there;
+    the manager is made by a factory when the team first runs, so wrap the factory and the manager's step."""
+    make_factory = chat._create_group_chat_manager_factory
+
+    def factory(**kwargs: Any) -> Callable[[], Any]:
+        make = make_factory(**kwargs)
+
+        def build() -> Any:
+            manager = make()
+            assert isinstance(manager, BaseGroupChatManager)
+            transition = manager._transition_to_next_speakers
+
+            async def after_turn(cancellation_token: Any) -> None:
+                await on_turn(manager)
+                await transition(cancellation_token)
+
+            manager._transition_to_next_speakers = after_turn  # type: ignore[method-assign]
+            return manager
+
+        return build
+
+    chat._create_group_chat_manager_factory = factory  # type: ignore[method-assign,assignment]

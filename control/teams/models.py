@@ -124,12 +124,20 @@ class TeamInput(BaseModel):
 
 
 class Checkpoint(BaseModel):
-    """A team task between runs, in JetStream KV: AgentChat's team state when it last stopped to ask the human,
-    and the transcript so far, replayed as the events of a new attempt when a run has to start again."""
+    """A team task in JetStream KV: AgentChat's team state after the last message (or when it last stopped to ask
+    the human), and the transcript so far, replayed as the events of a new attempt when a run has to go on."""
 
     segment: int = 0
     state: dict[str, Any] | None = None
     selector_position: int | None = None
     transcript: list[dict[str, Any]] = Field(default_factory=list)
     asked_by: str | None = None
+    between_turns: bool = Field(
+        default=False,
+        description="Saved between two turns of a run: the run's input is in `state`; a new attempt goes on "
+        "from it with no new input.",
+    )
+    termination: list[dict[str, float]] | None = Field(
+        default=None, description="What the termination conditions had counted (between turns)."
+    )
     updated_at: datetime = Field(default_factory=utcnow)

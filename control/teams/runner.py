@@ -6,10 +6,12 @@ delivered again (after ``ack_wait``) to one that lives. For each run the runner 
 member (:mod:`agent.teamhost`), builds AgentChat's own team around a :class:`~agent.runtime.NatsAgentRuntime`
 in the run's namespace and forwards every item of ``run_stream`` to the task's subject.
 
-A run that stops to ask the human saves AgentChat's team state in JetStream KV (a :class:`Checkpoint`) and
-acknowledges its work; the answer queues the next run, which loads that state. A run that loses a member
-(its heartbeats stop) or its manager starts again from the last checkpoint as a new attempt: the transcript
-up to the checkpoint is published again under the new attempt, which replaces the old one in the task record.
+Between every two turns the run's state is checkpointed in JetStream KV (:mod:`control.teams.checkpoints`).
+A run that stops to ask the human saves AgentChat's team state there too and acknowledges its work; the answer
+queues the next run, which loads that state. A run that loses a member (its heartbeats stop) or its manager
+goes on from the last checkpoint as a new attempt: the transcript up to the checkpoint is published again
+under the new attempt, which replaces the old one in the task record, and the run continues after the
+checkpoint's last message with no member asked again for what it already said.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +51,8 @@ from control.models import TERMINAL_TASK_STATUSES, Task
 from control.natsio import Jet
 from control.services.agents import AgentService
 from control.store import Repo
-from control.teams.build import build_team
+from control.teams.build import build_team, restore_termination
+from control.teams.checkpoints import TurnCheckpoints
 from control.teams.dispatch import task_key
 from control.teams.models import USER, Checkpoint, Team
 from control.teams.service import TeamService
@@ -149,6 +153,10 @@ class TeamRunner:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
+        # Drop the pull subscription before handing runs back: the server would deliver a run handed back to a pull
+        # request of ours still waiting, where nobody reads it, and another replica would get it only after ack_wait.
+        with contextlib.suppress(Exception):
+            await self._subs[0].unsubscribe()
         for active in self._active.values():
             active.stop(handover=True)
         if self._runs:
@@ -222,22 +230,26 @@ class TeamRunner:
                 return
             except _Failed as failure:
                 await self._emit(task, attempt, EventKind.ERROR, content=str(failure))
+                await self._checkpoints_delete(task)
                 await self._status(task, attempt, "failed", str(failure))
                 return
             except (ValueError, TypeError, LookupError) as exc:  # AgentChat refused the team or its state
                 log.exception("team task %s failed", task.id)
                 await self._emit(task, attempt, EventKind.ERROR, content=f"{type(exc).__name__}: {_reason(exc)}")
+                await self._checkpoints_delete(task)
                 await self._status(task, attempt, "failed", f"{type(exc).__name__}: {_reason(exc)}")
                 return
             except _Retry as retry:
                 if active.handover:
                     raise
                 if attempt >= self.config.max_attempts:
+                    await self._checkpoints_delete(task)
                     await self._status(task, attempt, "failed", f"{retry} (gave up after {attempt} attempts)")
                     return
-                log.warning("team task %s: %s; starting again from the last checkpoint", task.id, retry)
+                log.warning("team task %s: %s; going on from the last checkpoint", task.id, retry)
                 attempt += 1
                 active.token, active.lost = CancellationToken(), None
+                checkpoint = await self._checkpoints.get(key) or checkpoint  # the run's newest
 
     async def _segment(
         self, request: TeamTaskRequest, task: Task, checkpoint: Checkpoint, attempt: int, active: _Active
@@ -258,19 +270,31 @@ class TeamRunner:
         selector = create_model_client(team.selector.model) if team.selector else None
         if selector is not None and checkpoint.selector_position is not None and hasattr(selector, "seek"):
             selector.seek(checkpoint.selector_position)
-        chat = build_team(team, members, runtime, run_id, selector)
+        turns = TurnCheckpoints(
+            self._checkpoints,
+            task_key(task.customer_id, task.id),
+            checkpoint,
+            list(by_name),
+            self._recorder(task, attempt, by_name),
+            selector,
+        )
+        chat = build_team(team, members, runtime, run_id, selector, on_turn=turns.on_turn)
         presence = _Presence(self.config, set(team.members))
         beats: list[asyncio.Task[None]] = []
         alive_sub = await self._jet.nc.subscribe(f"{runtime.namespace}.x.alive", cb=presence.on_beat)
+        state_sub = await self._jet.nc.subscribe(f"{runtime.namespace}.x.state", cb=turns.on_state)
         await runtime.start()
         try:
             beats.append(asyncio.create_task(self._beat(runtime.namespace)))
-            instances = await self._join(task, team, members, run_id)
+            joined = await self._join(task, team, members, run_id)
+            turns.enabled = all(j.checkpoints for j in joined.values())
             presence.reset()
             beats.append(asyncio.create_task(presence.watch(active)))
             if checkpoint.state is not None:
                 await chat.load_state(checkpoint.state)
-            names = {members[a].name: i for a, i in instances.items()}
+            if checkpoint.between_turns and checkpoint.termination and chat._termination_condition:
+                restore_termination(chat._termination_condition, checkpoint.termination)
+            names = {members[a].name: j.instance_id for a, j in joined.items()}
             await self._status(task, attempt, "running", data={"run_id": run_id, "members": names})
             transcript: list[dict[str, Any]] = []
             try:
@@ -281,27 +305,32 @@ class TeamRunner:
                 if current is not None and current.cancelling():
                     raise
                 await self._jet.js.publish_async_completed()
-                if active.lost is not None:
-                    raise _Retry(active.lost) from None
-                if active.handover:
-                    raise _Retry("the control plane is stopping") from None
+                if active.lost is not None or active.handover:
+                    await turns.flush()
+                    raise _Retry(active.lost or "the control plane is stopping") from None
+                await turns.close()
                 await self._checkpoints_delete(task)
                 await self._status(task, attempt, "cancelled", "cancelled on request")
                 return
             except (RuntimeError, ValueError) as exc:
                 await self._jet.js.publish_async_completed()
                 if active.lost is not None:
+                    await turns.flush()
                     raise _Retry(active.lost) from exc
                 raise _Failed(_reason(exc)) from exc
             await self._jet.js.publish_async_completed()
+            await turns.close()
             await self._finish(task, attempt, chat, selector, checkpoint, transcript, result)
         finally:
             for beat in beats:
                 beat.cancel()
             with contextlib.suppress(Exception):
+                await turns.close()
+            with contextlib.suppress(Exception):
                 await runtime.cancel_all()
                 await self._jet.nc.publish(f"{runtime.namespace}.x.end", b"")
                 await alive_sub.unsubscribe()
+                await state_sub.unsubscribe()
             await runtime.stop()
 
     async def _stream(
@@ -359,12 +388,14 @@ class TeamRunner:
         stop_reason = result.stop_reason if result else None
         await self._emit(task, attempt, EventKind.RESULT, content=final_text(result), data={"stop_reason": stop_reason})
         await self._checkpoints_delete(task)
-        await self._status(task, attempt, "completed")
+        await self._status(task, attempt, "completed", stop_reason)
 
-    async def _join(self, task: Task, team: Team, members: dict[str, AgentDefinition], run_id: str) -> dict[str, str]:
+    async def _join(
+        self, task: Task, team: Team, members: dict[str, AgentDefinition], run_id: str
+    ) -> dict[str, MemberJoined]:
         handoffs = {a: [t if t == USER else members[t].name for t in team.handoffs.get(a, [])] for a in members}
 
-        async def join(agent_id: str) -> tuple[str, str]:
+        async def join(agent_id: str) -> tuple[str, MemberJoined]:
             request = MemberJoin(
                 run_id=run_id,
                 task_id=task.id,
@@ -380,7 +411,7 @@ class TeamRunner:
                     reply = await self._jet.nc.request(
                         join_subject(task.customer_id, agent_id), request.model_dump_json().encode(), timeout=5
                     )
-                    return agent_id, MemberJoined.model_validate_json(reply.data).instance_id
+                    return agent_id, MemberJoined.model_validate_json(reply.data)
                 except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
                     if time.monotonic() > deadline:
                         name = members[agent_id].name
@@ -396,6 +427,23 @@ class TeamRunner:
         while True:
             await self._jet.nc.publish(f"{namespace}.x.alive", b"manager")
             await asyncio.sleep(self.config.heartbeat_s)
+
+    def _recorder(
+        self, task: Task, attempt: int, by_name: dict[str, str]
+    ) -> Callable[[Sequence[Any]], list[dict[str, Any]]]:
+        """The transcript entries of messages, as :meth:`_stream` keeps them (a checkpoint's transcript)."""
+
+        def record(items: Sequence[Any]) -> list[dict[str, Any]]:
+            entries = []
+            for item in items:
+                for kind, fields in event_fields(item):
+                    if kind != "chunk":
+                        agent_id = by_name.get(fields.get("source") or "")
+                        event = self._event(task, attempt, kind, agent_id=agent_id, **fields)
+                        entries.append(event.model_dump(mode="json", exclude={"attempt", "at"}))
+            return entries
+
+        return record
 
     async def _replay(self, task: Task, checkpoint: Checkpoint, attempt: int) -> None:
         """A new attempt replaces the transcript in the record: publish what the checkpoint already holds."""
@@ -456,6 +504,8 @@ class _Presence:
 
 
 def _task_input(request: TeamTaskRequest, team: Team, checkpoint: Checkpoint) -> Any:
+    if checkpoint.between_turns:
+        return None  # the request's input is in the checkpoint's state already: go on from there
     if request.kind == "start":
         return request.content if checkpoint.state is None else None
     if team.mode == "swarm" and checkpoint.asked_by:

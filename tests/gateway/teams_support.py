@@ -135,9 +135,12 @@ __all__ = [
     "agent_ready",
     "agents",
     "api_transcript",
+    "attempt_messages",
+    "checkpointed_messages",
     "health",
     "local_team",
     "local_transcript",
+    "local_usage",
     "ready_instances",
     "run_local",
     "running_event",
@@ -205,3 +208,49 @@ async def ready_instances(api: Api, customer_id: str, agent_id: str) -> set[str]
                 seen.add(event["data"]["alloc_id"])
     finally:
         await sub.unsubscribe()
+
+
+async def attempt_messages(
+    api: Api, headers: dict[str, str], task_id: str, attempt: int
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(source, content) of the messages of one attempt: those it published again from its checkpoint, and
+    those its run produced (after the `running` status that names the run)."""
+    from tests.support.helpers import sse_events
+
+    events = await sse_events(api.client, f"/v1/tasks/{task_id}/events", headers)
+    replayed: list[tuple[str, str]] = []
+    produced: list[tuple[str, str]] = []
+    into = replayed
+    for event in events:
+        data = event["data"]
+        if data["attempt"] != attempt:
+            continue
+        if event["event"] == "status" and data["content"] == "running" and "run_id" in data["data"]:
+            into = produced
+        elif event["event"] == "message":
+            into.append((data["source"], data["content"]))
+    return replayed, produced
+
+
+async def checkpointed_messages(api: Api, customer_id: str, task_id: str) -> list[tuple[str, str]]:
+    """(source, content) of the messages in the task's checkpoint in JetStream KV (none without one)."""
+    from control.teams.dispatch import task_key
+    from control.teams.models import Checkpoint
+
+    try:
+        entry = await api.control.jet.kv["team_state"].get(task_key(customer_id, task_id))
+    except Exception:  # no checkpoint (yet, or any more)
+        return []
+    checkpoint = Checkpoint.model_validate_json(entry.value or b"{}")
+    return [(e["source"], e["content"]) for e in checkpoint.transcript if e["kind"] == "message"]
+
+
+def local_usage(items: list[Any]) -> dict[str, int]:
+    """Token usage of an in-process run: the `replay` model counts the words of every prompt, so equal usage means
+    the members' model contexts held the same messages."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    for item in items:
+        if getattr(item, "models_usage", None) is not None:
+            usage["prompt_tokens"] += item.models_usage.prompt_tokens
+            usage["completion_tokens"] += item.models_usage.completion_tokens
+    return usage

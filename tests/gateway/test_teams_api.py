@@ -15,12 +15,16 @@ from tests.conftest import Api
 from tests.gateway.teams_support import (
     MaxMessageTermination,
     TextMentionTermination,
+    TokenUsageTermination,
     agent_ready,
     agents,
     api_transcript,
+    attempt_messages,
+    checkpointed_messages,
     health,
     local_team,
     local_transcript,
+    local_usage,
     ready_instances,
     run_local,
     running_event,
@@ -140,24 +144,38 @@ async def test_cancel_stops_a_model_call_in_another_process(api: Api) -> None:
     assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 409
 
 
-async def test_a_member_that_dies_mid_turn_is_restarted_and_the_task_goes_on(api: Api) -> None:
+async def test_a_member_that_dies_mid_turn_is_restarted_and_the_run_goes_on_from_its_last_message(api: Api) -> None:
     customer_id, headers = await api.new_customer()
-    specs = {"steady": {"model": script("s1", "s2")}, "fragile": {"model": script("f1", "f2", delay_ms=1500)}}
+    specs = {
+        "steady": {"model": script("s1", "s2", "s3")},
+        "fragile": {"model": script("f1", "f2", "f3", delay_ms=1500)},
+    }
     made = await agents(api, headers, specs)
     created = await team(
-        api, headers, members=[made["steady"]["id"], made["fragile"]["id"]], termination={"max_messages": 5}
+        api, headers, members=[made["steady"]["id"], made["fragile"]["id"]], termination={"max_messages": 7}
     )
     ready = (await agent_ready(api, customer_id, made["fragile"]["id"]))["data"]
     task_id = await start(api, headers, created["id"], "Go.")
+    # kill it in its second turn, once a checkpoint holds four messages (user, s1, f1, s2)
+    saved = await assert_eventually(
+        lambda: checkpointed_messages(api, customer_id, task_id), lambda m: len(m) >= 4, what="a checkpoint"
+    )
     port = ready["health_port"]
     await assert_eventually(lambda: health(port), lambda h: h["team_handlers"] >= 1, what="model call in flight")
     os.kill(ready["pid"], signal.SIGKILL)
     task = await task_status(api, headers, task_id, within=90)
     assert task["status"] == "completed", (task["status_reason"], task["messages"])
     assert task["attempt"] == 2
-    local = local_team(specs, "round_robin", MaxMessageTermination(5))
-    items, _ = await run_local(local, "Go.")
-    assert api_transcript(task) == local_transcript(items)  # nothing lost, nothing twice
+    local = local_team(specs, "round_robin", MaxMessageTermination(7))
+    items, local_stop = await run_local(local, "Go.")
+    assert api_transcript(task) == local_transcript(items)  # nothing lost, nothing twice, and it stopped at 7
+    assert task["usage"] == local_usage(items)  # the members' model contexts came back whole
+    assert task["status_reason"] == local_stop
+    # the new attempt published again what was said before the crash, and its run asked nobody to say it again
+    replayed, produced = await attempt_messages(api, headers, task_id, 2)
+    assert replayed[: len(saved)] == saved
+    assert replayed + produced == [(m["source"], m["content"]) for m in task["messages"]]
+    assert produced and produced[0][0] == "fragile" and "s1" not in [c for _, c in produced]
 
 
 async def test_replicas_share_team_runs_and_none_is_served_twice(api: Api) -> None:
@@ -268,3 +286,39 @@ async def test_teams_crud(api: Api) -> None:
     assert (await api.client.get(f"/v1/teams/{created['id']}", headers=headers)).status_code == 404
     input_on_agent_task = await api.client.post(f"/v1/tasks/{task['id']}/input", json={"content": "x"}, headers=headers)
     assert input_on_agent_task.status_code == 409
+
+
+async def test_a_token_budget_ends_the_run_where_agentchat_ends_it(api: Api) -> None:
+    _, headers = await api.new_customer()
+    specs = {
+        "alice": {"model": script("one two three", "four five six", "seven eight", "nine")},
+        "bob": {"model": script("ten eleven", "twelve thirteen", "fourteen", "fifteen")},
+    }
+    made = await agents(api, headers, specs)
+    created = await team(
+        api, headers, members=[made[n]["id"] for n in specs], termination={"max_tokens": 40, "max_messages": 9}
+    )
+    task_id = await start(api, headers, created["id"], "Count with me.")
+    task = await task_status(api, headers, task_id)
+    local = local_team(specs, "round_robin", TokenUsageTermination(max_total_token=40) | MaxMessageTermination(9))
+    items, local_stop = await run_local(local, "Count with me.")
+    assert local_stop is not None and local_stop.startswith("Token usage limit reached")
+    assert task["status"] == "completed" and task["status_reason"] == local_stop
+    assert api_transcript(task) == local_transcript(items)
+    assert len(task["messages"]) < 9
+    assert task["usage"]["prompt_tokens"] + task["usage"]["completion_tokens"] >= 40
+    assert await stop_reason(api, headers, task_id) == local_stop
+
+
+async def test_a_timeout_ends_the_run_after_the_message_that_crosses_it(api: Api) -> None:
+    _, headers = await api.new_customer()
+    many = [f"m{i}" for i in range(30)]
+    made = await agents(api, headers, {"talker": {"model": script(*many, delay_ms=300)}})
+    created = await team(api, headers, members=[made["talker"]["id"]], termination={"timeout_s": 1, "max_messages": 31})
+    task_id = await start(api, headers, created["id"], "Talk.")
+    task = await task_status(api, headers, task_id)
+    assert task["status"] == "completed", (task["status_reason"], task["messages"])
+    assert task["status_reason"] == "Timeout of 1.0 seconds reached"
+    assert await stop_reason(api, headers, task_id) == task["status_reason"]
+    said = [m["content"] for m in task["messages"][1:]]
+    assert said and said == many[: len(said)] and len(said) < 30  # in order, and it stopped early

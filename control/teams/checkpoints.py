@@ -1,0 +1,242 @@
+"""Checkpoints of a team run between every two turns, so that a run broken off goes on from its last message.
+
+A checkpoint is AgentChat's own team state (what ``BaseGroupChat.save_state`` returns and ``load_state`` takes),
+put together without asking every member for its state:
+
+- the manager's state is taken in the manager's process, at the one point where it is whole: the last message
+  is in its thread and the next speaker is not chosen yet (a resumed run chooses it again, as the unbroken run
+  did: round robin's index, the swarm's last handoff, the selector's model at its saved place);
+- the member that just spoke sends its ``ChatAgentContainer`` state (its model context, the scripted model's
+  place) on ``x.state`` just before its answer (:mod:`agent.teamhost`); the other members' states changed
+  only by the messages they buffered since they last spoke, which are the thread's, so they are rebuilt
+  from their last sent state and the thread;
+- what the termination conditions have counted (messages, tokens, seconds), which AgentChat does not save;
+- the transcript of the task so far, as the events a new attempt publishes again before it goes on.
+
+The manager's thread is kept as dumps added message by message, so a turn costs the new message's dump, not
+the whole thread's. Writing to KV happens off the turn's path: a writer task puts the newest checkpoint, at most
+one every ``min_interval_s`` (turns that come faster are stored together, so a fast team does not spend its time
+encoding checkpoints that are superseded at once; a slow store never holds the conversation up either). A new
+attempt may therefore redo the turns of the last such interval, which is as exact as going on from the last one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from autogen_agentchat.messages import BaseChatMessage
+from autogen_agentchat.state import TeamState
+from nats.aio.msg import Msg
+
+from agent.protocol import utcnow
+from agent.teamprotocol import STATE_AFTER_HEADER, STATE_MEMBER_HEADER
+from control.store import Repo
+from control.teams.build import termination_counters
+from control.teams.models import Checkpoint
+
+__all__ = ["TurnCheckpoints"]
+
+log = logging.getLogger("caravan.teams")
+
+Record = Callable[[Sequence[Any]], list[dict[str, Any]]]
+"""The transcript entries (task events without attempt and time) of some of the run's messages."""
+
+
+@dataclass
+class _Member:
+    state: dict[str, Any] | bytes | None  # its container state when it last spoke (bytes: as sent, not read yet)
+    since: int  # the thread's length then: what came after is in its buffer
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    thread_len: int
+    transcript_len: int
+    manager: dict[str, Any]
+    members: dict[str, tuple[dict[str, Any] | bytes | None, int]]
+    termination: list[dict[str, float]] | None
+    selector_position: int | None
+
+
+class TurnCheckpoints:
+    """The checkpoints of one attempt of one run: ``on_state`` takes the members' states from ``x.state``,
+    ``on_turn`` is the manager's hook (:func:`control.teams.build.build_team`); ``flush()`` before the run is
+    taken up again elsewhere, ``close()`` before the task's checkpoint is replaced or deleted."""
+
+    def __init__(
+        self,
+        repo: Repo[Checkpoint],
+        key: str,
+        base: Checkpoint,
+        members: Sequence[str],
+        record: Record,
+        selector: Any = None,
+        state_wait_s: float = 5.0,
+        min_interval_s: float = 0.05,
+    ) -> None:
+        self._repo = repo
+        self._key = key
+        self._base = base
+        self._record = record
+        self._selector = selector
+        self._state_wait_s = state_wait_s
+        self._min_interval_s = min_interval_s
+        self._written_at = float("-inf")
+        self._now = asyncio.Event()
+        agent_states: dict[str, Any] = dict((base.state or {}).get("agent_states", {}))
+        self._manager_name = next((name for name in agent_states if name not in members), "")
+        self._thread: list[dict[str, Any]] = list(agent_states.get(self._manager_name, {}).get("message_thread", []))
+        self._buffered = [False] * len(self._thread)  # before the base, buffers are in the members' saved states
+        self._members = {name: _Member(agent_states.get(name), len(self._thread)) for name in members}
+        self._transcript: list[dict[str, Any]] = []
+        self._stale: set[str] = set()
+        self._pushed: dict[str, tuple[str, bytes]] = {}
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._pending: _Snapshot | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.enabled = True
+        self.written = 0
+
+    async def on_state(self, msg: Msg) -> None:
+        """A member's state after its turn, sent just before its answer (empty: it could not send it)."""
+        headers = msg.headers or {}
+        name, after = headers.get(STATE_MEMBER_HEADER), headers.get(STATE_AFTER_HEADER)
+        if name not in self._members or not after:
+            return
+        self._pushed[name] = (after, msg.data)
+        waiter = self._waiting.get(after)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(msg.data)
+
+    async def on_turn(self, manager: Any) -> None:
+        """The manager is about to choose the next speaker: the run can be taken up again from here."""
+        if not self.enabled or self._closed:
+            return
+        self._manager_name = manager._name
+        new = list(manager._message_thread[len(self._thread) :])
+        if not new:
+            return  # the run was resumed from here: nothing happened since
+        last = new[-1]
+        speaker = last.source if isinstance(last, BaseChatMessage) and last.source in self._members else None
+        self._thread.extend(message.dump() for message in new)
+        if speaker is not None:  # one member's turn: the others buffered its answer, not its inner events
+            self._buffered.extend(i == len(new) - 1 for i in range(len(new)))
+        else:  # the task or the human's answer: every member buffered all of it
+            self._buffered.extend(isinstance(message, BaseChatMessage) for message in new)
+        self._transcript.extend(self._record(new))
+        if speaker is not None:
+            await self._took_turn(speaker, last.id)
+        if self._stale:
+            return  # a member's state is unknown until it speaks again: keep the last good checkpoint
+        self._schedule(
+            _Snapshot(
+                thread_len=len(self._thread),
+                transcript_len=len(self._transcript),
+                manager=await _manager_state(manager),
+                members={name: (m.state, m.since) for name, m in self._members.items()},
+                termination=termination_counters(manager._termination_condition)
+                if manager._termination_condition is not None
+                else None,
+                selector_position=getattr(self._selector, "position", None),
+            )
+        )
+
+    async def flush(self) -> None:
+        """Store the newest checkpoint now and wait until it is stored."""
+        self._now.set()
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    async def close(self) -> None:
+        """Store nothing more (the run ended); wait for a write in flight so that none lands after the caller's."""
+        self._closed = True
+        self._pending = None
+        await self.flush()
+
+    async def _took_turn(self, speaker: str, message_id: str) -> None:
+        pushed = self._pushed.get(speaker)
+        state = pushed[1] if pushed is not None and pushed[0] == message_id else None
+        if state is None:  # sent before the answer on the member's connection: it is normally here already
+            waiter = self._waiting[message_id] = asyncio.get_running_loop().create_future()
+            try:
+                state = await asyncio.wait_for(waiter, self._state_wait_s)
+            except TimeoutError:
+                log.warning("no state from %s after its turn: no checkpoint until it speaks again", speaker)
+            finally:
+                self._waiting.pop(message_id, None)
+        if not state:  # none came, or the member could not send it (too big for a message)
+            self._stale.add(speaker)
+            return
+        self._members[speaker] = _Member(state, len(self._thread))
+        self._stale.discard(speaker)
+
+    def _schedule(self, snapshot: _Snapshot) -> None:
+        self._pending = snapshot
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name=f"checkpoint-{self._key}")
+
+    async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending is not None and not self._closed:
+            wait = self._written_at + self._min_interval_s - loop.time()
+            if wait > 0 and not self._now.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._now.wait(), wait)
+            snapshot, self._pending = self._pending, None
+            if snapshot is None or self._closed:
+                return
+            try:
+                await self._repo.put(self._key, self._checkpoint(snapshot))
+                self.written += 1
+            except Exception:  # the run goes on; a later checkpoint (or the last one stored) will serve
+                log.warning("team task %s: could not store a checkpoint", self._key, exc_info=True)
+            self._written_at = loop.time()
+
+    def _checkpoint(self, snapshot: _Snapshot) -> Checkpoint:
+        agent_states: dict[str, Any] = {
+            name: self._member_state(name, state, since, snapshot.thread_len)
+            for name, (state, since) in snapshot.members.items()
+        }
+        agent_states[self._manager_name] = {**snapshot.manager, "message_thread": self._thread[: snapshot.thread_len]}
+        # built from parts that are valid already: validating the whole conversation again at every turn would
+        # cost more than the rest of the checkpoint
+        return Checkpoint.model_construct(
+            segment=self._base.segment,
+            state={**TeamState.model_construct(agent_states={}).model_dump(), "agent_states": agent_states},
+            selector_position=snapshot.selector_position,
+            transcript=[*self._base.transcript, *self._transcript[: snapshot.transcript_len]],
+            asked_by=self._base.asked_by,
+            between_turns=True,
+            termination=snapshot.termination,
+            updated_at=utcnow(),
+        )
+
+    def _member_state(self, name: str, state: dict[str, Any] | bytes | None, since: int, upto: int) -> dict[str, Any]:
+        read: dict[str, Any] | None
+        if isinstance(state, bytes):
+            read = json.loads(state)
+            if self._members[name].state is state:
+                self._members[name].state = read  # read it once
+        else:
+            read = state
+        out = dict(read or {"agent_state": {}})
+        buffered = [self._thread[i] for i in range(since, upto) if self._buffered[i]]
+        out["message_buffer"] = [*out.get("message_buffer", []), *buffered]
+        return out
+
+
+async def _manager_state(manager: Any) -> dict[str, Any]:
+    """The manager's own state without its thread (kept here message by message): saving it whole at every
+    turn would cost the whole conversation's dump each time."""
+    thread, manager._message_thread = manager._message_thread, []
+    try:
+        return dict(await manager.save_state())
+    finally:
+        manager._message_thread = thread

@@ -1,0 +1,177 @@
+"""A control-plane replica dies in the middle of a team run, its work-queue message never acknowledged; another
+replica takes the run over after the queue's ack wait and goes on from the last checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from control.models import Task
+from control.natsio import Jet, connect
+from control.natsserver import EmbeddedNats
+from control.platform import ControlPlane
+from control.store import Repo
+from control.teams.models import Checkpoint
+from control.teams.runner import TeamRunner
+from tests.conftest import make_settings, serve_api
+from tests.gateway.teams_support import (
+    MaxMessageTermination,
+    TextMentionTermination,
+    agents,
+    api_transcript,
+    attempt_messages,
+    checkpointed_messages,
+    local_team,
+    local_transcript,
+    local_usage,
+    run_local,
+    script,
+    start,
+    task_status,
+    team,
+)
+from tests.support.helpers import assert_eventually
+
+SPECS = {
+    "steady": {"model": script("s1", "s2", "s3")},
+    "slow": {"model": script("w1", "w2", "w3", delay_ms=800)},
+}
+
+
+async def replica(control: ControlPlane, name: str) -> tuple[TeamRunner, Jet]:
+    """Another control-plane replica's team runner, on its own NATS connection."""
+    jet = await connect(control.settings.nats_url, name=name)
+    runner = TeamRunner(
+        jet,
+        Repo(jet.kv["tasks"], Task),
+        Repo(jet.kv["team_state"], Checkpoint),
+        control.teams,
+        control.agents,
+        control.team_runner.config,
+    )
+    await runner.start()
+    return runner, jet
+
+
+async def crash(runner: TeamRunner, jet: Jet) -> None:
+    """What a killed process leaves: its connection drops at once, nothing is acknowledged or handed back."""
+    await jet.nc.close()
+    work = [t for t in (runner._loop, *runner._runs) if t is not None]
+    for task in work:
+        task.cancel()
+    await asyncio.gather(*work, return_exceptions=True)
+
+
+async def test_a_crashed_control_plane_replicas_run_is_taken_over_from_its_last_checkpoint(tmp_path: Path) -> None:
+    async with EmbeddedNats(tmp_path / "nats") as nats_server:
+        settings = make_settings(nats_server.url, tmp_path / "data", team_ack_wait_s=2)
+        control = ControlPlane(settings)
+        async with control, serve_api(control) as api:
+            await control.team_runner.stop()  # the replicas below are the only ones that run teams
+            customer_id, headers = await api.new_customer()
+            made = await agents(api, headers, SPECS)
+            created = await team(api, headers, members=[made[n]["id"] for n in SPECS], termination={"max_messages": 7})
+            first, first_jet = await replica(control, "replica-a")
+            task_id = await start(api, headers, created["id"], "Go.")
+            saved = await assert_eventually(
+                lambda: checkpointed_messages(api, customer_id, task_id),
+                lambda m: len(m) >= 4,
+                what="a checkpoint after four messages",
+            )
+            await crash(first, first_jet)
+            crashed = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+            assert crashed["status"] == "running" and crashed["attempt"] == 1
+
+            second, second_jet = await replica(control, "replica-b")
+            try:
+                done = await task_status(api, headers, task_id, within=60)
+            finally:
+                await second.stop()
+                await second_jet.close()
+            assert done["status"] == "completed", (done["status_reason"], done["messages"])
+            assert done["attempt"] == 2
+            replayed, produced = await attempt_messages(api, headers, task_id, 2)
+
+    local = local_team(SPECS, "round_robin", MaxMessageTermination(7))
+    items, local_stop = await run_local(local, "Go.")
+    assert api_transcript(done) == local_transcript(items)  # nothing lost, nothing twice
+    assert done["usage"] == local_usage(items)  # the members' model contexts came back whole
+    assert done["status_reason"] == local_stop
+    assert replayed[: len(saved)] == saved  # the new attempt went on from the checkpoint (or a later one)
+    assert replayed + produced == [(m["source"], m["content"]) for m in done["messages"]]
+    assert "s1" not in [content for _, content in produced]  # the second replica asked nobody to say it again
+
+
+def transfer(to: str) -> dict[str, object]:
+    return {"tool": f"transfer_to_{to}", "arguments": {}}
+
+
+MODES = {
+    "selector": (
+        {
+            "planner": {"model": script("p1", "p2")},
+            "coder": {"model": script("c1", "c2", delay_ms=600)},
+            "critic": {"model": script("k1", "k2")},
+        },
+        {"selector": {"model": script("coder", "critic", "coder", "planner", "critic")}},
+        6,
+    ),
+    "swarm": (
+        {
+            "triage": {"model": script(transfer("billing"), "Anything else? DONE")},
+            "billing": {"model": script("Refund issued.", "Paid back.", transfer("triage"), delay_ms=600)},
+        },
+        {},
+        20,
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+async def test_a_stopping_replica_hands_its_run_over_mid_conversation(tmp_path: Path, mode: str) -> None:
+    specs, extra, max_messages = MODES[mode]
+    async with EmbeddedNats(tmp_path / "nats") as nats_server:
+        control = ControlPlane(make_settings(nats_server.url, tmp_path / "data"))
+        async with control, serve_api(control) as api:
+            await control.team_runner.stop()
+            customer_id, headers = await api.new_customer()
+            made = await agents(api, headers, specs)
+            ids = {n: made[n]["id"] for n in specs}
+            if mode == "swarm":
+                extra = {"handoffs": {ids["triage"]: [ids["billing"]], ids["billing"]: [ids["triage"]]}}
+                termination = {"text_mention": "DONE", "max_messages": max_messages}
+            else:
+                termination = {"max_messages": max_messages}
+            created = await team(api, headers, members=list(ids.values()), mode=mode, termination=termination, **extra)
+            first, first_jet = await replica(control, "replica-a")
+            task_id = await start(api, headers, created["id"], "Help me.")
+            saved = await assert_eventually(
+                lambda: checkpointed_messages(api, customer_id, task_id), lambda m: len(m) >= 3, what="a checkpoint"
+            )
+            await first.stop()  # hands the run back (nak) in the middle of the slow member's turn
+            await first_jet.close()
+            second, second_jet = await replica(control, "replica-b")
+            try:  # at once: a run handed back to nobody would wait for the ack wait (30 s) first
+                done = await task_status(api, headers, task_id, within=20)
+            finally:
+                await second.stop()
+                await second_jet.close()
+            replayed, produced = await attempt_messages(api, headers, task_id, 2)
+
+    assert done["status"] == "completed", (done["status_reason"], done["messages"])
+    assert done["attempt"] == 2
+    if mode == "swarm":
+        handoffs = {"triage": ["billing"], "billing": ["triage"]}
+        condition = TextMentionTermination("DONE") | MaxMessageTermination(max_messages)
+        local = local_team(specs, mode, condition, handoffs)
+    else:
+        local = local_team(specs, mode, MaxMessageTermination(max_messages), selector_model=extra["selector"]["model"])
+    items, local_stop = await run_local(local, "Help me.")
+    assert api_transcript(done) == local_transcript(items)
+    assert done["usage"] == local_usage(items)
+    assert done["status_reason"] == local_stop
+    assert replayed[: len(saved)] == saved
+    said = [(m["source"], m["content"]) for m in done["messages"] if m["type"] not in ("tool_call", "tool_result")]
+    assert replayed + produced == said
