@@ -265,9 +265,8 @@ class NatsAgentRuntime:
     async def add_subscription(self, subscription: Subscription) -> None:
         self._subscriptions.append(subscription)
         self._routes.clear()
-        if self._started:
-            await self._listen_topic(subscription)
-            await self._nc.flush()
+        if self._started and await self._listen_topic(subscription):
+            await self._nc.flush()  # a round trip: only when there is a new NATS subscription to wait for
 
     async def remove_subscription(self, id: str) -> None:
         kept = [s for s in self._subscriptions if s.id != id]
@@ -486,9 +485,12 @@ class NatsAgentRuntime:
 
     # -- NATS side -------------------------------------------------------------------------------------------
 
-    async def _listen(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> None:
-        if subject not in self._nats_subs:
-            self._nats_subs[subject] = await self._nc.subscribe(subject, queue=queue, cb=cb)
+    async def _listen(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> bool:
+        """Subscribe once per subject; whether this call did."""
+        if subject in self._nats_subs:
+            return False
+        self._nats_subs[subject] = await self._nc.subscribe(subject, queue=queue, cb=cb)
+        return True
 
     async def _serve_type(self, agent_type: str) -> None:
         if agent_type not in self._remote:
@@ -509,14 +511,15 @@ class NatsAgentRuntime:
                 return f"{self._ns}.t.{subject_token(prefix[:-1])}.*"
         return f"{self._ns}.t.>"
 
-    async def _listen_topic(self, subscription: Subscription) -> None:
+    async def _listen_topic(self, subscription: Subscription) -> bool:
         subject = self._listen_subject(subscription)
-        if subject is not None and subject not in self._nats_subs:
+        if subject is None or subject in self._nats_subs:
+            return False
 
-            async def on_publish(msg: Msg) -> None:
-                await self._on_publish(msg, subject)
+        async def on_publish(msg: Msg) -> None:
+            await self._on_publish(msg, subject)
 
-            await self._listen(subject, on_publish)
+        return await self._listen(subject, on_publish)
 
     async def _on_publish(self, msg: Msg, via: str) -> None:
         meta, payload = _unframe(msg.data)
