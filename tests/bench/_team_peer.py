@@ -58,7 +58,7 @@ async def main(mode: str, address: str, extra: str) -> None:
         await nc.flush()
     else:  # member: extra = "<customer> <agent> <name>"
         customer_id, agent_id, name = extra.split()
-        nc = await nats.connect(address)
+        nc = await nats.connect(address, no_echo=True)  # as the agent process connects for team runs
         model = ModelConfig(provider="replay", name="zero", responses=[f"{name} says {i}" for i in range(1000)])
         definition = AgentDefinition(
             agent_id=agent_id, customer_id=customer_id, name=name, system_message="", model=model
