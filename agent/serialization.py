@@ -118,11 +118,13 @@ class MessageCodec:
 
     def register(self, cls: type) -> str:
         name = type_name(cls)
-        if name not in self._types:
-            if not (isinstance(cls, type) and (issubclass(cls, BaseModel) or dataclasses.is_dataclass(cls))):
-                raise UnknownMessageType(f"{name} is neither a pydantic model nor a dataclass; add a serializer")
+        if cls in self._encoders:
+            return name
+        if not (isinstance(cls, type) and (issubclass(cls, BaseModel) or dataclasses.is_dataclass(cls))):
+            raise UnknownMessageType(f"{name} is neither a pydantic model nor a dataclass; add a serializer")
+        self._encoders[cls] = (name, _encoder(cls))
+        if name not in self._types:  # two classes of one name (``__main__.X``, ``app.X``): the first reads it
             self._types[name] = cls
-            self._encoders[cls] = (name, _encoder(cls))
             self._decoders[name] = self._decoder(cls)
         return name
 
@@ -222,15 +224,22 @@ def _plain(annotation: Any, seen: set[int]) -> bool:
     if issubclass(annotation, BaseMessage) or id(annotation) in seen:
         return False  # recursive types: let the rebuild have them
     seen.add(id(annotation))
-    if issubclass(annotation, BaseModel):
-        fields = [field.annotation for field in annotation.model_fields.values()]
-        return annotation.model_config.get("extra") != "allow" and all(_plain(f, seen) for f in fields)
-    if dataclasses.is_dataclass(annotation):
+    try:
+        return _plain_fields(annotation, seen)
+    finally:
+        seen.discard(id(annotation))
+
+
+def _plain_fields(cls: type, seen: set[int]) -> bool:
+    if issubclass(cls, BaseModel):
+        fields = [field.annotation for field in cls.model_fields.values()]
+        return cls.model_config.get("extra") != "allow" and all(_plain(f, seen) for f in fields)
+    if dataclasses.is_dataclass(cls):
         try:
-            hints = typing.get_type_hints(annotation, include_extras=True)
+            hints = typing.get_type_hints(cls, include_extras=True)
         except Exception:  # a name that does not resolve here
             return False
-        return all(_plain(hints[f.name], seen) for f in dataclasses.fields(annotation))
+        return all(_plain(hints[f.name], seen) for f in dataclasses.fields(cls))
     return False
 
 

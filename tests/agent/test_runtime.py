@@ -167,10 +167,17 @@ async def test_cancellation_scopes_go_with_their_messages(
     assert len(calling._scopes) < 5 and len(serving._scopes) < 5
 
 
+class Pair(BaseModel):
+    """Plain, though it names one type twice."""
+
+    first: Note
+    second: Note | None = None
+
+
 def test_the_codec_reads_back_agentchat_messages_and_plain_types() -> None:
     codec = MessageCodec()
     message = TextMessage(source="alpha", content="hello")
-    for value in (Note("x"), Loose(value=message), Loose(value={"plain": 1})):
+    for value in (Note("x"), Pair(first=Note("a"), second=Note("b")), Loose(value=message), Loose(value={"p": 1})):
         name, data = codec.encode(value)
         assert codec.decode(name, data) == value
     name, data = codec.encode(Loose(value=message))
