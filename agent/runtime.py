@@ -88,6 +88,11 @@ def _topic_tokens(topic_type: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
+def _agent_subject(namespace: str, agent_type: str) -> str:
+    return f"{namespace}.a.{subject_token(agent_type)}"
+
+
+@functools.lru_cache(maxsize=4096)
 def _topic_type(tokens: str) -> str:
     return ":".join(_from_token(token) for token in tokens.split("."))
 
@@ -447,7 +452,8 @@ class NatsAgentRuntime:
         return task
 
     async def _invoke(self, recipient: AgentId, message: Any, context: MessageContext, publish: bool = False) -> Any:
-        agent = await self._agent(recipient)
+        made = self._agents.get(recipient)  # once made, an agent is at hand: no coroutine to await for it
+        agent = made.result() if made is not None and made.done() else await self._agent(recipient)
         with MessageHandlerContext.populate_context(recipient):
             try:
                 return await agent.on_message(message, ctx=context)
@@ -470,7 +476,7 @@ class NatsAgentRuntime:
         token: CancellationToken | None = None,
     ) -> tuple[dict[str, Any], bytes]:
         meta = {"op": op, "k": agent.key, **(meta or {})}
-        subject = f"{self._ns}.a.{subject_token(agent.type)}"
+        subject = _agent_subject(self._ns, agent.type)
         future = asyncio.ensure_future(self._nc.request(subject, _frame(meta, payload), self._rpc_timeout))
         if token is not None:
             token.link_future(future)
@@ -494,7 +500,7 @@ class NatsAgentRuntime:
 
     async def _serve_type(self, agent_type: str) -> None:
         if agent_type not in self._remote:
-            await self._listen(f"{self._ns}.a.{subject_token(agent_type)}", self._on_request, queue="a")
+            await self._listen(_agent_subject(self._ns, agent_type), self._on_request, queue="a")
 
     def _listen_subject(self, subscription: Subscription) -> str | None:
         """Where a subscription listens: its topic's own subject, an agent's direct-message prefix ``a:`` on
