@@ -14,15 +14,22 @@ over NATS. Semantics follow autogen_core's in-process runtime, so AgentChat's gr
   the namespace (a cancelled run must leave nothing behind).
 - ``agent_save_state`` / ``agent_load_state`` / ``agent_metadata`` work on remote agents.
 
-Subjects under the namespace ``ns``: ``ns.t.<topic type>`` (publish), ``ns.a.<agent type>`` (requests, a queue
-group per type), ``ns.x.cancel`` (cancellation). Frames are one JSON line of envelope, then the payload.
+Subjects under the namespace ``ns``: ``ns.t.<topic type>`` (publish; a topic type ``a:b`` is ``ns.t.a.b``, so that
+an agent's direct-message subscription, the prefix ``a:``, listens on ``ns.t.a.*`` rather than on every topic),
+``ns.a.<agent type>`` (requests, a queue group per type), ``ns.x.cancel`` (cancellation). Frames are one JSON line
+of envelope, then the payload.
+
+Every message of a team run crosses this module in three or four processes, so the hot path is kept lean: ids
+are a random prefix and a counter, types and routes are looked up once, scopes live as long as their tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
+import itertools
 import json
 import logging
 import re
@@ -32,6 +39,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import nats.errors
+import pydantic_core
 from autogen_core import (
     Agent,
     AgentId,
@@ -43,6 +51,7 @@ from autogen_core import (
     MessageSerializer,
     Subscription,
     TopicId,
+    TypePrefixSubscription,
     TypeSubscription,
 )
 from autogen_core._message_handler_context import MessageHandlerContext
@@ -58,6 +67,8 @@ log = logging.getLogger("caravan.runtime")
 T = TypeVar("T", bound=Agent)
 _SAFE = re.compile(r"^[A-Za-z0-9_-]+$")
 _ALL = "*"
+_CANCELLED_KEPT = 1024
+_ROUTES_KEPT = 4096
 
 
 def subject_token(name: str) -> str:
@@ -65,17 +76,55 @@ def subject_token(name: str) -> str:
     return name if _SAFE.match(name) else "~" + name.encode().hex()
 
 
+def _from_token(token: str) -> str:
+    return bytes.fromhex(token[1:]).decode() if token.startswith("~") else token
+
+
+@functools.lru_cache(maxsize=4096)
+def _topic_tokens(topic_type: str) -> str:
+    """``a:b`` as ``a.b`` (``b`` may hold more colons), anything else as one token."""
+    head, colon, tail = topic_type.partition(":")
+    return f"{subject_token(head)}.{subject_token(tail)}" if colon else subject_token(topic_type)
+
+
+@functools.lru_cache(maxsize=4096)
+def _agent_subject(namespace: str, agent_type: str) -> str:
+    return f"{namespace}.a.{subject_token(agent_type)}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _topic_type(tokens: str) -> str:
+    return ":".join(_from_token(token) for token in tokens.split("."))
+
+
+@functools.lru_cache(maxsize=4096)
+def _topic_id(topic_type: str, source: str) -> TopicId:
+    return TopicId(topic_type, source)
+
+
+@functools.lru_cache(maxsize=4096)
+def _agent_id(agent_type: str, key: str) -> AgentId:
+    """AgentId (and TopicId) check their type against a pattern each time one is made: make each one once."""
+    return AgentId(agent_type, key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sender(name: str) -> AgentId:
+    return AgentId.from_str(name)
+
+
 class RemoteHandlerError(RuntimeError):
     """A handler in another process raised; the message names its type and text."""
 
 
 def _frame(meta: dict[str, Any], payload: bytes) -> bytes:
-    return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + payload
+    return pydantic_core.to_json(meta) + b"\n" + payload
 
 
 def _unframe(data: bytes) -> tuple[dict[str, Any], bytes]:
     head, _, payload = data.partition(b"\n")
-    return json.loads(head), payload
+    meta: dict[str, Any] = pydantic_core.from_json(head)
+    return meta, payload
 
 
 class NatsAgentRuntime:
@@ -100,8 +149,13 @@ class NatsAgentRuntime:
         self._agents: dict[AgentId, asyncio.Future[Agent]] = {}
         self._subscriptions: list[Subscription] = []
         self._nats_subs: dict[str, NatsSubscription] = {}
-        self._scopes: dict[str, CancellationToken] = {}
+        self._routes: dict[tuple[TopicId, str | None], list[AgentId]] = {}
+        # Tokens are held by the handlers and callers that use them; a scope lives as long as its token does.
+        self._scopes: weakref.WeakValueDictionary[str, CancellationToken] = weakref.WeakValueDictionary()
         self._scope_of: weakref.WeakKeyDictionary[CancellationToken, str] = weakref.WeakKeyDictionary()
+        self._cancelled: dict[str, None] = {}  # recent cancelled scopes: a late message starts cancelled
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._ids = itertools.count()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._started = False
         self._stopped = False
@@ -165,6 +219,7 @@ class NatsAgentRuntime:
         """Agents of ``agent_type`` live in other processes even if registered here (a team's participants,
         registered by AgentChat in the process that runs the manager)."""
         self._remote.add(agent_type)
+        self._routes.clear()
 
     # -- AgentRuntime: registration ------------------------------------------------------------------------
 
@@ -189,6 +244,7 @@ class NatsAgentRuntime:
             return agent
 
         self._factories[agent_type] = make
+        self._routes.clear()
         if self._started:
             await self._serve_type(agent_type)
         return AgentType(agent_type)
@@ -202,6 +258,7 @@ class NatsAgentRuntime:
                 raise LookupError(f"no factory for {agent_id.type}: only registered instances")
 
             self._factories[agent_id.type] = refuse
+            self._routes.clear()
             if self._started:
                 await self._serve_type(agent_id.type)
         await agent_instance.bind_id_and_runtime(id=agent_id, runtime=self)
@@ -212,15 +269,16 @@ class NatsAgentRuntime:
 
     async def add_subscription(self, subscription: Subscription) -> None:
         self._subscriptions.append(subscription)
-        if self._started:
-            await self._listen_topic(subscription)
-            await self._nc.flush()
+        self._routes.clear()
+        if self._started and await self._listen_topic(subscription):
+            await self._nc.flush()  # a round trip: only when there is a new NATS subscription to wait for
 
     async def remove_subscription(self, id: str) -> None:
         kept = [s for s in self._subscriptions if s.id != id]
         if len(kept) == len(self._subscriptions):
             raise LookupError(f"no subscription {id}")
         self._subscriptions = kept
+        self._routes.clear()
 
     def add_message_serializer(self, serializer: MessageSerializer[Any] | Sequence[MessageSerializer[Any]]) -> None:
         for item in serializer if isinstance(serializer, Sequence) else [serializer]:
@@ -310,7 +368,7 @@ class NatsAgentRuntime:
         message_id: str | None = None,
     ) -> Any:
         token = cancellation_token or CancellationToken()
-        message_id = message_id or uuid.uuid4().hex
+        message_id = message_id or self._new_id()
         if self._is_local(recipient.type):
             context = MessageContext(sender, None, True, token, message_id)
             future = asyncio.ensure_future(self._invoke(recipient, message, context))
@@ -332,19 +390,23 @@ class NatsAgentRuntime:
         message_id: str | None = None,
     ) -> None:
         token = cancellation_token or CancellationToken()
-        message_id = message_id or uuid.uuid4().hex
+        message_id = message_id or self._new_id()
         name, payload = self._codec.encode(message)
         meta = {
+            "from": self.instance_id,
             "ty": name,
             "src": topic_id.source,
             "sn": str(sender) if sender else None,
             "id": message_id,
             "sc": self._scope(token),
-            "from": self.instance_id,
         }
         if not self._nc.is_closed:
-            await self._nc.publish(f"{self._ns}.t.{subject_token(topic_id.type)}", _frame(meta, payload))
+            await self._nc.publish(f"{self._ns}.t.{_topic_tokens(topic_id.type)}", _frame(meta, payload))
         self._deliver(message, topic_id, sender, token, message_id)
+
+    def _new_id(self) -> str:
+        """Unique in the namespace: a random prefix per runtime and a counter (a uuid4 costs a system call)."""
+        return f"{self._id_prefix}{next(self._ids):x}"
 
     # -- delivery --------------------------------------------------------------------------------------------
 
@@ -355,21 +417,33 @@ class NatsAgentRuntime:
         sender: AgentId | None,
         token: CancellationToken,
         message_id: str,
-        typed: bool | None = None,
+        via: str | None = None,
     ) -> None:
-        """Start the handlers of the local subscribers, in order, without waiting for them. ``typed`` picks the
-        subscriptions a message that came over NATS is for: those with a subject of their own (topic types), or
-        the others (prefixes and custom kinds, which listen on the namespace's wildcard)."""
-        for subscription in self._subscriptions:
-            if typed is not None and isinstance(subscription, TypeSubscription) != typed:
-                continue
-            if not subscription.is_match(topic_id):
-                continue
-            recipient = subscription.map_to_agent(topic_id)
-            if recipient == sender or not self._is_local(recipient.type):
+        """Start the handlers of the local subscribers, in order, without waiting for them. ``via`` is the NATS
+        subject a message came in on: it is for the subscriptions that listen there (one subscription may match
+        a message that also arrives on another subject, and must get it once)."""
+        for recipient in self._recipients(topic_id, via):
+            if recipient == sender:
                 continue
             context = MessageContext(sender, topic_id, False, token, message_id)
             self._spawn(self._invoke(recipient, message, context, publish=True))
+
+    def _recipients(self, topic_id: TopicId, via: str | None) -> list[AgentId]:
+        """The local agents a topic reaches (through ``via``), in subscription order, worked out once per topic
+        and subject."""
+        key = (topic_id, via)
+        routes = self._routes.get(key)
+        if routes is None:
+            matching = [
+                subscription.map_to_agent(topic_id)
+                for subscription in self._subscriptions
+                if (via is None or self._listen_subject(subscription) == via) and subscription.is_match(topic_id)
+            ]
+            routes = [recipient for recipient in matching if self._is_local(recipient.type)]
+            if len(self._routes) >= _ROUTES_KEPT:
+                self._routes.clear()
+            self._routes[key] = routes
+        return routes
 
     def _spawn(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(work)
@@ -378,7 +452,8 @@ class NatsAgentRuntime:
         return task
 
     async def _invoke(self, recipient: AgentId, message: Any, context: MessageContext, publish: bool = False) -> Any:
-        agent = await self._agent(recipient)
+        made = self._agents.get(recipient)  # once made, an agent is at hand: no coroutine to await for it
+        agent = made.result() if made is not None and made.done() else await self._agent(recipient)
         with MessageHandlerContext.populate_context(recipient):
             try:
                 return await agent.on_message(message, ctx=context)
@@ -401,9 +476,8 @@ class NatsAgentRuntime:
         token: CancellationToken | None = None,
     ) -> tuple[dict[str, Any], bytes]:
         meta = {"op": op, "k": agent.key, **(meta or {})}
-        future = asyncio.ensure_future(
-            self._nc.request(f"{self._ns}.a.{subject_token(agent.type)}", _frame(meta, payload), self._rpc_timeout)
-        )
+        subject = _agent_subject(self._ns, agent.type)
+        future = asyncio.ensure_future(self._nc.request(subject, _frame(meta, payload), self._rpc_timeout))
         if token is not None:
             token.link_future(future)
         try:
@@ -417,61 +491,67 @@ class NatsAgentRuntime:
 
     # -- NATS side -------------------------------------------------------------------------------------------
 
-    async def _listen(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> None:
-        if subject not in self._nats_subs:
-            self._nats_subs[subject] = await self._nc.subscribe(subject, queue=queue, cb=cb)
+    async def _listen(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> bool:
+        """Subscribe once per subject; whether this call did."""
+        if subject in self._nats_subs:
+            return False
+        self._nats_subs[subject] = await self._nc.subscribe(subject, queue=queue, cb=cb)
+        return True
 
     async def _serve_type(self, agent_type: str) -> None:
         if agent_type not in self._remote:
-            await self._listen(f"{self._ns}.a.{subject_token(agent_type)}", self._on_request, queue="a")
+            await self._listen(_agent_subject(self._ns, agent_type), self._on_request, queue="a")
 
-    async def _listen_topic(self, subscription: Subscription) -> None:
+    def _listen_subject(self, subscription: Subscription) -> str | None:
+        """Where a subscription listens: its topic's own subject, an agent's direct-message prefix ``a:`` on
+        ``ns.t.a.*``, anything else on the namespace's wildcard; None when its agent lives in another process."""
         if isinstance(subscription, TypeSubscription):
             if not self._is_local(subscription.agent_type) and subscription.agent_type in self._remote:
-                return
-            await self._listen(f"{self._ns}.t.{subject_token(subscription.topic_type)}", self._on_typed)
-        elif self._is_local(getattr(subscription, "agent_type", "")):  # else the remote process listens
-            await self._listen(f"{self._ns}.t.>", self._on_untyped)
+                return None
+            return f"{self._ns}.t.{_topic_tokens(subscription.topic_type)}"
+        if not self._is_local(getattr(subscription, "agent_type", "")):
+            return None  # the remote process listens
+        if isinstance(subscription, TypePrefixSubscription):
+            prefix = subscription.topic_type_prefix
+            if prefix.endswith(":") and ":" not in prefix[:-1]:
+                return f"{self._ns}.t.{subject_token(prefix[:-1])}.*"
+        return f"{self._ns}.t.>"
 
-    async def _on_typed(self, msg: Msg) -> None:
-        await self._on_publish(msg, typed=True)
+    async def _listen_topic(self, subscription: Subscription) -> bool:
+        subject = self._listen_subject(subscription)
+        if subject is None or subject in self._nats_subs:
+            return False
 
-    async def _on_untyped(self, msg: Msg) -> None:
-        await self._on_publish(msg, typed=False)
+        async def on_publish(msg: Msg) -> None:
+            await self._on_publish(msg, subject)
 
-    async def _on_publish(self, msg: Msg, typed: bool) -> None:
+        return await self._listen(subject, on_publish)
+
+    async def _on_publish(self, msg: Msg, via: str) -> None:
         meta, payload = _unframe(msg.data)
         if meta.get("from") == self.instance_id:
             return  # delivered locally when it was published
-        topic_type = msg.subject[len(self._ns) + 3 :]
-        if topic_type.startswith("~"):
-            topic_type = bytes.fromhex(topic_type[1:]).decode()
-        topic_id = TopicId(topic_type, meta["src"])
-        if not typed and not any(
-            s.is_match(topic_id) for s in self._subscriptions if not isinstance(s, TypeSubscription)
-        ):
+        topic_id = _topic_id(_topic_type(msg.subject[len(self._ns) + 3 :]), meta["src"])
+        if not self._recipients(topic_id, via):
             return
         try:
             message = self._codec.decode(meta["ty"], payload)
         except (LookupError, ValueError):
             log.exception("dropping a message on %s that this process cannot read", msg.subject)
             return
-        sender = AgentId.from_str(meta["sn"]) if meta.get("sn") else None
-        self._deliver(message, topic_id, sender, self._token(meta.get("sc")), meta["id"], typed)
+        sender = _sender(meta["sn"]) if meta.get("sn") else None
+        self._deliver(message, topic_id, sender, self._token(meta.get("sc")), meta["id"], via)
 
     async def _on_request(self, msg: Msg) -> None:
         meta, payload = _unframe(msg.data)
-        agent_type = msg.subject[len(self._ns) + 3 :]
-        if agent_type.startswith("~"):
-            agent_type = bytes.fromhex(agent_type[1:]).decode()
-        agent_id = AgentId(agent_type, meta["k"])
+        agent_id = _agent_id(_from_token(msg.subject[len(self._ns) + 3 :]), meta["k"])
         if meta["op"] == "msg":
             try:
                 message = self._codec.decode(meta["ty"], payload)
             except (LookupError, ValueError) as exc:
                 await msg.respond(_frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, b""))
                 return
-            sender = AgentId.from_str(meta["sn"]) if meta.get("sn") else None
+            sender = _sender(meta["sn"]) if meta.get("sn") else None
             context = MessageContext(sender, None, True, self._token(meta.get("sc")), meta["id"])
             self._spawn(self._answer(msg, self._invoke(agent_id, message, context)))
         else:
@@ -509,7 +589,7 @@ class NatsAgentRuntime:
     def _scope(self, token: CancellationToken) -> str:
         scope = self._scope_of.get(token)
         if scope is None:
-            scope = uuid.uuid4().hex[:16]
+            scope = self._new_id()
             self._bind(scope, token)
         return scope
 
@@ -520,6 +600,8 @@ class NatsAgentRuntime:
         if token is None:
             token = CancellationToken()
             self._bind(scope, token)
+            if scope in self._cancelled:
+                token.cancel()
         return token
 
     def _bind(self, scope: str, token: CancellationToken) -> None:
@@ -533,10 +615,14 @@ class NatsAgentRuntime:
         self._spawn(self._nc.publish(f"{self._ns}.x.cancel", scope.encode()))
 
     def _cancel_scope(self, scope: str) -> None:
-        tokens = list(self._scopes.values()) if scope == _ALL else [self._scopes.get(scope)]
-        for token in tokens:
+        scopes = list(self._scopes) if scope == _ALL else [scope]
+        for name in scopes:
+            self._cancelled[name] = None
+            token = self._scopes.get(name)
             if token is not None and not token.is_cancelled():
                 token.cancel()
+        while len(self._cancelled) > _CANCELLED_KEPT:
+            del self._cancelled[next(iter(self._cancelled))]
 
     async def _on_cancel(self, msg: Msg) -> None:
         self._cancel_scope(msg.data.decode())

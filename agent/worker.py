@@ -99,6 +99,7 @@ class AgentWorker:
         self.config = config
         self.definition: AgentDefinition | None = None
         self._nc: NATS | None = None
+        self._team_nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._health = HealthServer(self._probe, config.health_host, config.health_port)
         self._runs: dict[str, CancellationToken] = {}
@@ -162,16 +163,7 @@ class AgentWorker:
             raise RuntimeError("agent worker already started")
         self._started = True
         cfg = self.config
-        self._nc = await nats.connect(
-            cfg.nats_url,
-            name=f"caravan-agent-{cfg.agent_id}",
-            user=cfg.nats_user,
-            password=cfg.nats_password,
-            inbox_prefix=f"_INBOX_{cfg.agent_id}",  # NATS permissions let an agent read only its own inbox
-            max_reconnect_attempts=-1,
-            drain_timeout=5,
-            error_cb=_log_nats_error,
-        )
+        self._nc = await self._connect("")
         self._js = self._nc.jetstream()
         self.definition = await self._load_definition()
         await self._health.start()
@@ -183,7 +175,8 @@ class AgentWorker:
         await self._killswitch.start()  # an agent under an engaged flag starts halted
         await self._nc.subscribe(cancel_subject(cfg.customer_id, cfg.agent_id), cb=self._on_cancel)
         await self._nc.subscribe(BROADCAST_SUBJECT, cb=self._on_broadcast)
-        self._teams = TeamHost(self._nc, self.definition, cfg.alloc_id or f"pid{os.getpid()}")
+        self._team_nc = await self._connect("-teams", no_echo=True)
+        self._teams = TeamHost(self._team_nc, self.definition, cfg.alloc_id or f"pid{os.getpid()}")
         await self._teams.start()
         await self._teams.halt(self.halt is not None)
         self._psub = await self._js.pull_subscribe_bind(consumer_name(cfg.agent_id), stream=TASKS_STREAM)
@@ -191,6 +184,22 @@ class AgentWorker:
         await self._publish_agent_event(AgentEventKind.READY, {"health_port": self._health.port, **self._halt_data()})
         self._ready = True
         log.info("agent %s ready (health on %s)", cfg.agent_id, self._health.port)
+
+    async def _connect(self, suffix: str, no_echo: bool = False) -> NATS:
+        """Team runs have a connection of their own without echo: a member subscribes to the group topic it
+        publishes to, and would otherwise get each of its messages back from the server, only to drop it."""
+        cfg = self.config
+        return await nats.connect(
+            cfg.nats_url,
+            name=f"caravan-agent-{cfg.agent_id}{suffix}",
+            user=cfg.nats_user,
+            password=cfg.nats_password,
+            inbox_prefix=f"_INBOX_{cfg.agent_id}",  # NATS permissions let an agent read only its own inbox
+            max_reconnect_attempts=-1,
+            drain_timeout=5,
+            error_cb=_log_nats_error,
+            no_echo=no_echo,
+        )
 
     def _halt_data(self) -> dict[str, Any]:
         halt = self.halt
@@ -230,6 +239,9 @@ class AgentWorker:
             token.cancel()
         if self._teams is not None:
             await self._teams.stop()
+        if self._team_nc is not None and self._team_nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self._team_nc.drain()
         if self._run_tasks:
             await asyncio.wait(self._run_tasks, timeout=5)
         if self._nc is not None and self._nc.is_connected:

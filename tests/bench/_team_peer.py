@@ -1,5 +1,6 @@
 """The far side of the teams benchmark, in its own process: an echo agent on our NATS runtime or on AutoGen's
-gRPC worker runtime, a raw nats-py responder, or a team member (Caravan's team host). Prints "ready"."""
+gRPC worker runtime, a raw nats-py responder, a team member (Caravan's team host), or a raw nats-py stand-in for
+a member (``relay``: the team's message pattern with no AgentChat and no runtime). Prints "ready"."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from autogen_core import MessageContext, RoutedAgent, rpc, try_get_known_seriali
 from agent.protocol import AgentDefinition, ModelConfig
 from agent.runtime import NatsAgentRuntime
 from agent.teamhost import TeamHost
+
+RELAY_REQUEST, RELAY_OUTPUT, RELAY_GROUP = 210, 430, 490  # bytes a team run sends per message, framed
 
 
 @dataclass
@@ -56,9 +59,24 @@ async def main(mode: str, address: str, extra: str) -> None:
 
         await nc.subscribe("bench.echo", cb=echo)
         await nc.flush()
+    elif mode == "relay":  # extra = "<prefix> <index>": asked to speak, publish what a member publishes
+        prefix, index = extra.split()
+        nc = await nats.connect(address, no_echo=True)
+        output, group = b"o" * RELAY_OUTPUT, b"g" * RELAY_GROUP
+
+        async def speak(msg: nats.aio.msg.Msg) -> None:
+            await nc.publish(f"{prefix}.output", output)
+            await nc.publish(f"{prefix}.group", group)
+
+        async def hear(msg: nats.aio.msg.Msg) -> None:
+            pass
+
+        await nc.subscribe(f"{prefix}.member{index}", cb=speak)
+        await nc.subscribe(f"{prefix}.group", cb=hear)
+        await nc.flush()
     else:  # member: extra = "<customer> <agent> <name>"
         customer_id, agent_id, name = extra.split()
-        nc = await nats.connect(address)
+        nc = await nats.connect(address, no_echo=True)  # as the agent process connects for team runs
         model = ModelConfig(provider="replay", name="zero", responses=[f"{name} says {i}" for i in range(1000)])
         definition = AgentDefinition(
             agent_id=agent_id, customer_id=customer_id, name=name, system_message="", model=model

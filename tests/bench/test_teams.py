@@ -1,6 +1,8 @@
 """Issue 5 benchmark: our NATS agent runtime beside AutoGen's gRPC worker runtime and raw nats-py request/reply
 (two agents in separate processes, measured in the same run, rounds interleaved), and a 3-member round-robin team
-of 60 messages on a zero-latency model, members in their own processes versus AgentChat in one process.
+of 60 messages on a zero-latency model, members in their own processes versus AgentChat in one process. Beside
+the team, the floor of its transport: the same pattern of NATS messages between raw nats-py processes (the
+manager asks a member, the member answers to the manager and the group), with no AgentChat and no runtime.
 Run by ./dev/bench; prints its figures."""
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from agent.teamprotocol import MemberJoin, join_subject, run_namespace
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
 from control.teams.models import Team, Termination
-from tests.bench._team_peer import Ping, Pong
+from tests.bench._team_peer import RELAY_REQUEST, Ping, Pong
 from tests.bench.conftest import percentile
 
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "1000"))
 ROUNDS = 5
 TEAM_MESSAGES = 60
-TEAM_ROUNDS = 5
+TEAM_ROUNDS = 15  # a round is a fraction of a second: enough of them that a busy moment does not decide
 PEER = Path(__file__).with_name("_team_peer.py")
 CUSTOMER = "cu-00000000beef"
 
@@ -108,7 +110,7 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
         await host.stop()
         await ours.stop()
 
-        local_times, remote_times = await team_rounds(nc, server.url)
+        local_times, remote_times, floor_times = await team_rounds(nc, server.url)
         await nc.close()
 
     print()
@@ -122,15 +124,18 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
     per_remote = statistics.median(remote_times) / TEAM_MESSAGES
     print(f"round-robin team, 3 members, {TEAM_MESSAGES} messages, zero-latency model, {TEAM_ROUNDS} runs each")
     print(f"in-process (AgentChat)       {per_local * 1000:.2f} ms/message")
+    per_floor = statistics.median(floor_times) / TEAM_MESSAGES
     print(f"members in 3 processes       {per_remote * 1000:.2f} ms/message")
     print(f"distributed / in-process     {per_remote / per_local:.2f}x  (goal <= 1.3x)")
+    print(f"transport floor (raw nats-py, same messages, no AgentChat)  {per_floor * 1000:.2f} ms/message")
+    print(f"(in-process + floor) / in-process  {(per_local + per_floor) / per_local:.2f}x")
 
 
 def zero_model(name: str) -> ModelConfig:
     return ModelConfig(provider="replay", name="zero", responses=[f"{name} says {i}" for i in range(1000)])
 
 
-async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float]]:
+async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float], list[float]]:
     names = ["alpha", "beta", "gamma"]
     ids = {name: f"ag-00000000000{i}" for i, name in enumerate(names)}
     members = {
@@ -147,9 +152,13 @@ async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float]
     )
     local_times: list[float] = []
     remote_times: list[float] = []
+    floor_times: list[float] = []
+    relay = Relay(nc, "bench.relay", len(names))
     async with contextlib.AsyncExitStack() as stack:
-        for n in names:
+        for i, n in enumerate(names):
             await stack.enter_async_context(peer("member", url, f"{CUSTOMER} {ids[n]} {n}"))
+            await stack.enter_async_context(peer("relay", url, f"bench.relay {i}"))
+        await relay.start()
         for round_ in range(TEAM_ROUNDS + 1):
             agents = [AssistantAgent(n, model_client=create_model_client(zero_model(n))) for n in names]
             local = RoundRobinGroupChat(list(agents), termination_condition=MaxMessageTermination(TEAM_MESSAGES + 1))
@@ -177,4 +186,44 @@ async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float]
             await runtime.stop()
             if round_:
                 remote_times.append(elapsed)
-    return local_times, remote_times
+
+            elapsed = await relay.run(TEAM_MESSAGES)
+            if round_:
+                floor_times.append(elapsed)
+    return local_times, remote_times, floor_times
+
+
+class Relay:
+    """The manager's side of the transport floor: ask member n % 3 to speak, and on its group message the next."""
+
+    def __init__(self, nc: nats.NATS, prefix: str, members: int) -> None:
+        self._nc, self._prefix, self._members = nc, prefix, members
+        self._heard = 0
+        self._target = 0
+        self._done: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        async def output(msg: nats.aio.msg.Msg) -> None:
+            pass
+
+        await self._nc.subscribe(f"{self._prefix}.output", cb=output)
+        await self._nc.subscribe(f"{self._prefix}.group", cb=self._on_group)
+        await self._nc.flush()
+
+    async def run(self, messages: int) -> float:
+        self._heard, self._target = 0, messages
+        self._done = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
+        await self._ask(0)
+        await self._done
+        return time.perf_counter() - started
+
+    async def _ask(self, n: int) -> None:
+        await self._nc.publish(f"{self._prefix}.member{n % self._members}", b"r" * RELAY_REQUEST)
+
+    async def _on_group(self, msg: nats.aio.msg.Msg) -> None:
+        self._heard += 1
+        if self._heard < self._target:
+            await self._ask(self._heard)
+        elif self._done is not None and not self._done.done():
+            self._done.set_result(None)

@@ -1,0 +1,184 @@
+"""The NATS agent runtime between two runtimes (as two processes would use it): routing, cancellation, the codec."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import pytest
+from autogen_agentchat.messages import TextMessage
+from autogen_core import (
+    AgentId,
+    CancellationToken,
+    MessageContext,
+    RoutedAgent,
+    TopicId,
+    TypePrefixSubscription,
+    TypeSubscription,
+    event,
+    rpc,
+    try_get_known_serializers_for_type,
+)
+from pydantic import BaseModel
+
+from agent.runtime import NatsAgentRuntime
+from agent.serialization import MessageCodec
+from control.natsserver import EmbeddedNats
+
+NS = "caravan.rt.cu-000000000001.rn-000000000001"
+
+
+@dataclass
+class Note:
+    text: str
+
+
+@dataclass
+class Wait:
+    seconds: float
+
+
+class Loose(BaseModel):
+    """A field of no declared type: a message in it is rebuilt, as before the codec's fast path."""
+
+    value: Any
+
+
+class Recorder(RoutedAgent):
+    def __init__(self) -> None:
+        super().__init__("records what reaches it")
+        self.seen: list[tuple[str, str | None]] = []
+        self.cancelled = asyncio.Event()
+
+    @event
+    async def on_note(self, message: Note, ctx: MessageContext) -> None:
+        self.seen.append((message.text, ctx.topic_id.type if ctx.topic_id else None))
+
+    @rpc
+    async def on_wait(self, message: Wait, ctx: MessageContext) -> Note:
+        waiting = asyncio.ensure_future(asyncio.sleep(message.seconds))
+        ctx.cancellation_token.link_future(waiting)
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return Note("done")
+
+
+@pytest.fixture
+async def pair(nats_server: EmbeddedNats) -> AsyncIterator[tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder]]:
+    """A runtime that serves a Recorder (type ``rec``, with AgentChat's default direct-message subscription) and
+    one that talks to it."""
+    nc_a, nc_b = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    serving, calling = NatsAgentRuntime(nc_a, NS), NatsAgentRuntime(nc_b, NS)
+    recorder = Recorder()
+    await Recorder.register(serving, "rec", lambda: recorder)  # type: ignore[arg-type]
+    await serving.add_subscription(TypeSubscription(topic_type="notes", agent_type="rec"))
+    for runtime in (serving, calling):
+        runtime.add_message_serializer([*_serializers(Note), *_serializers(Wait)])
+        await runtime.start()
+    yield serving, calling, recorder
+    for runtime in (calling, serving):
+        await runtime.stop()
+    await nc_a.close()
+    await nc_b.close()
+
+
+def _serializers(cls: type) -> list[Any]:
+    return list(try_get_known_serializers_for_type(cls))
+
+
+async def _settle(recorder: Recorder, count: int) -> None:
+    for _ in range(1000):  # the machine may be busy: give the messages ten seconds
+        if len(recorder.seen) >= count:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # anything extra would have arrived by now
+
+
+async def test_each_subscription_gets_a_message_once_and_direct_topics_reach_only_their_agent(
+    pair: tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder],
+) -> None:
+    _, calling, recorder = pair
+    await calling.publish_message(Note("typed"), TopicId("notes", "default"))
+    await calling.publish_message(Note("direct"), TopicId("rec:", "default"))
+    await calling.publish_message(Note("direct, longer"), TopicId("rec:a:b", "default"))
+    await calling.publish_message(Note("elsewhere"), TopicId("other:", "default"))
+    await calling.publish_message(Note("unheard"), TopicId("unheard", "default"))
+    await _settle(recorder, 3)
+    assert sorted(recorder.seen) == [("direct", "rec:"), ("direct, longer", "rec:a:b"), ("typed", "notes")]
+
+
+async def test_a_subscription_added_late_is_routed_and_one_that_is_removed_is_not(
+    pair: tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder],
+) -> None:
+    serving, calling, recorder = pair
+    await calling.publish_message(Note("before"), TopicId("later", "default"))
+    await asyncio.sleep(0.2)
+    late = TypePrefixSubscription(topic_type_prefix="lat", agent_type="rec")
+    await serving.add_subscription(late)
+    await calling.publish_message(Note("after"), TopicId("later", "default"))
+    await _settle(recorder, 1)
+    await serving.remove_subscription(late.id)
+    await calling.publish_message(Note("removed"), TopicId("later", "default"))
+    await asyncio.sleep(0.1)
+    assert recorder.seen == [("after", "later")]
+
+
+async def test_cancelling_a_token_cancels_the_remote_handler(
+    pair: tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder],
+) -> None:
+    _, calling, recorder = pair
+    token = CancellationToken()
+    call = asyncio.ensure_future(calling.send_message(Wait(30), AgentId("rec", "default"), cancellation_token=token))
+    await asyncio.sleep(0.2)
+    token.cancel()
+    await asyncio.wait_for(recorder.cancelled.wait(), 5)
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
+async def test_cancel_all_ends_a_send_that_has_no_token(
+    pair: tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder],
+) -> None:
+    _, calling, recorder = pair
+    call = asyncio.ensure_future(calling.send_message(Wait(30), AgentId("rec", "default")))
+    await asyncio.sleep(0.2)
+    await calling.cancel_all()
+    await asyncio.wait_for(recorder.cancelled.wait(), 5)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, 5)
+
+
+async def test_cancellation_scopes_go_with_their_messages(
+    pair: tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder],
+) -> None:
+    serving, calling, recorder = pair
+    for _ in range(50):
+        assert await calling.send_message(Wait(0), AgentId("rec", "default")) == Note("done")
+        await calling.publish_message(Note("n"), TopicId("notes", "default"))
+    await _settle(recorder, 50)
+    gc.collect()
+    assert len(calling._scopes) < 5 and len(serving._scopes) < 5
+
+
+class Pair(BaseModel):
+    """Plain, though it names one type twice."""
+
+    first: Note
+    second: Note | None = None
+
+
+def test_the_codec_reads_back_agentchat_messages_and_plain_types() -> None:
+    codec = MessageCodec()
+    message = TextMessage(source="alpha", content="hello")
+    for value in (Note("x"), Pair(first=Note("a"), second=Note("b")), Loose(value=message), Loose(value={"p": 1})):
+        name, data = codec.encode(value)
+        assert codec.decode(name, data) == value
+    name, data = codec.encode(Loose(value=message))
+    assert isinstance(codec.decode(name, data).value, TextMessage)
