@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 
 __all__ = ["StreamedEvent", "TaskService"]
 
-KILLSWITCH_STATE_DELAY_S = 0.2
-"""How long agents' killswitch acknowledgements wait to be applied to their records (see ``_track``)."""
+KILLSWITCH_QUIET_S = 0.05
+KILLSWITCH_STATE_DELAY_S = 1.0
+"""Agents' killswitch acknowledgements reach their records after a pause in their burst, or this at most."""
 
 log = logging.getLogger("caravan.tasks")
 TRACKER = "caravan-tracker"
@@ -246,11 +247,13 @@ class TaskService:
         # An agent's state events (ready; halted or resumed) each say all there is to know of it, so the last
         # one is all its record needs. Killswitch acknowledgements come in bursts (fifty agents within a few
         # milliseconds): writing their records then would take the CPU the control plane needs to collect
-        # them, so they wait up to KILLSWITCH_STATE_DELAY_S, superseded by later ones, and are applied after.
+        # them, so they wait for a pause of KILLSWITCH_QUIET_S in the burst (at most KILLSWITCH_STATE_DELAY_S),
+        # superseded by later ones, and are applied then.
         pending: dict[str, tuple[Msg, Event]] = {}
-        due = 0.0
+        first = last = 0.0
         while True:
-            wait = max(due - time.monotonic(), 0.01) if pending else 1.0
+            due = min(last + KILLSWITCH_QUIET_S, first + KILLSWITCH_STATE_DELAY_S)
+            wait = max(due - time.monotonic(), 0.005) if pending else 1.0
             try:
                 msgs = await psub.fetch(256, timeout=wait)
             except TimeoutError:  # nats.errors.TimeoutError, and the bare one nats-py raises when a fetch runs late
@@ -264,8 +267,8 @@ class TaskService:
                     if superseded is not None:
                         await superseded[0].ack()
                     if event.kind == AgentEventKind.KILLSWITCH:  # a ready agent is shown at once
-                        if not pending:
-                            due = time.monotonic() + KILLSWITCH_STATE_DELAY_S
+                        last = time.monotonic()
+                        first = first if pending else last
                         pending[event.agent_id] = (msg, event)
                         continue
                 if event is not None and event.task_id is not None:
@@ -273,7 +276,8 @@ class TaskService:
                 elif event is not None and event.agent_id is not None:
                     await self._guarded(msg, on_agent_event(event))
                 await msg.ack()
-            if pending and time.monotonic() >= due:
+            now = time.monotonic()
+            if pending and now >= min(last + KILLSWITCH_QUIET_S, first + KILLSWITCH_STATE_DELAY_S):
                 applying, pending = pending, {}
                 for msg, event in applying.values():
                     await self._guarded(msg, on_agent_event(event))
