@@ -7,12 +7,12 @@ engaged, and says so; it resumes once the store answers again with nothing engag
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from agent.aio import cancel_and_wait
 from agent.backends.base import FlagSnapshot, FlagStore, keys_for_agent
 
 __all__ = ["Halt", "KillswitchWatch"]
@@ -77,9 +77,7 @@ class KillswitchWatch:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def _set(self, halt: Halt | None) -> None:

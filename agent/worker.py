@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from agent.aio import cancel_and_wait
 from agent.backends import create_flag_store
 from agent.backends.base import FlagStore
 from agent.health import HealthServer
@@ -224,9 +225,7 @@ class AgentWorker:
             return
         self._stopping = True
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await cancel_and_wait(self._loop_task)
         if self._psub is not None:
             await self._psub.unsubscribe()
         if self._killswitch is not None:

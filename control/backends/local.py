@@ -26,6 +26,7 @@ from typing import Any
 
 import psutil
 
+from agent.aio import cancel_and_wait
 from agent.protocol import PROVIDER_KEY_ENV
 from control.backends.base import (
     AllocState,
@@ -433,9 +434,7 @@ class LocalScheduler:
             stop.cancel()
             await slot
             if checker is not None:
-                checker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await checker
+                await cancel_and_wait(checker)
                 await self._deregister(alloc)
         code = proc.returncode
         assert code is not None

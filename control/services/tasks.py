@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from agent.aio import cancel_and_wait
 from agent.protocol import (
     AGENT_STATE_EVENTS,
     EVENTS_STREAM,
@@ -233,9 +234,7 @@ class TaskService:
 
     async def stop_tracker(self) -> None:
         if self._tracker is not None:
-            self._tracker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tracker
+            await cancel_and_wait(self._tracker)
             self._tracker = None
         if self._tracker_sub is not None:
             await self._tracker_sub.unsubscribe()

@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 
+from agent.aio import cancel_and_wait
 from agent.models import create_model_client
 from agent.protocol import TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
 from agent.runtime import NatsAgentRuntime
@@ -150,9 +151,7 @@ class TeamRunner:
             return
         self._stopping = True
         if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+            await cancel_and_wait(self._loop)
         # Drop the pull subscription before handing runs back: the server would deliver a run handed back to a pull
         # request of ours still waiting, where nobody reads it, and another replica would get it only after ack_wait.
         with contextlib.suppress(Exception):

@@ -1,0 +1,23 @@
+"""asyncio helpers shared by the agent and the control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+__all__ = ["cancel_and_wait"]
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], nudge_s: float = 1.0) -> None:
+    """Cancel ``task`` and wait until it has ended, asking again while it runs on.
+
+    On Python 3.11 a cancellation can be lost: ``asyncio.wait_for`` (which nats-py's requests use) swallows one
+    that arrives just as its inner future completes (CPython gh-86296, fixed in 3.12). A task that lost it runs
+    on, and whoever awaited it after a single ``cancel()`` waited forever (seen: a local scheduler shutdown hung
+    on a health-check loop)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=nudge_s)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
