@@ -381,13 +381,7 @@ class _TaskRun:
         self.token = CancellationToken()
         self._seq = 0
 
-    async def emit(self, kind: str, ack: Ack = "wait", **fields: Any) -> None:
-        """Publish one event of the run. The run's last events (its result, error and final status) wait until
-        they are stored; by then JetStream has handled the earlier ones, which this connection sent before them
-        in order (one it could not store is logged). So the status ``running`` and the transcript's messages do
-        not hold the run up (the model call starts a JetStream round trip sooner), and pieces of a streamed
-        answer ask for no acknowledgement at all.
-        """
+    async def emit(self, kind: str, **fields: Any) -> None:
         self._seq += 1
         event = Event(
             kind=kind,
@@ -398,13 +392,13 @@ class _TaskRun:
             **fields,
         )
         msg_id = f"{self.request.task_id}:{self.attempt}:{self._seq}"
-        await self.worker.publish(event, msg_id=msg_id, ack=ack)
+        await self.worker.publish(event, msg_id=msg_id, ack="none" if kind == "chunk" else "wait")
 
-    async def status(self, status: str, reason: str | None = None, ack: Ack = "wait") -> None:
-        await self.emit(EventKind.STATUS, ack=ack, content=status, data={"reason": reason} if reason else {})
+    async def status(self, status: str, reason: str | None = None) -> None:
+        await self.emit(EventKind.STATUS, content=status, data={"reason": reason} if reason else {})
 
     async def execute(self) -> None:
-        await self.status("running", ack="later")
+        await self.status("running")
         try:
             agent = AssistantAgent(
                 name=self.definition.name,
@@ -442,4 +436,4 @@ class _TaskRun:
 
     async def _forward(self, item: Any) -> None:
         for kind, fields in event_fields(item):
-            await self.emit(kind, ack="none" if kind == "chunk" else "later", **fields)
+            await self.emit(kind, **fields)
