@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import nats
 from autogen_agentchat.agents import AssistantAgent
@@ -52,6 +52,9 @@ from agent.transcript import event_fields, final_text
 __all__ = ["AgentWorker", "DefinitionUnavailable", "WorkerConfig"]
 
 log = logging.getLogger("caravan.agent")
+
+Ack = Literal["wait", "later", "none"]
+"""How :meth:`AgentWorker.publish` treats JetStream's acknowledgement of an event."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,7 @@ class AgentWorker:
         if self._teams is not None:
             await self._teams.halt(halt is not None)
         if self._ready:  # the acknowledgement: sent at once, its storage confirmed in the background
-            await self._publish_agent_event(AgentEventKind.KILLSWITCH, self._halt_data(), wait=False)
+            await self._publish_agent_event(AgentEventKind.KILLSWITCH, self._halt_data(), ack="later")
 
     async def stop(self) -> None:
         if not self._started or self._stopping:
@@ -302,7 +305,7 @@ class AgentWorker:
             log.warning("ignoring a malformed broadcast")
             return
         log.warning("broadcast from %s: %s", by, message)
-        await self._publish_agent_event(AgentEventKind.BROADCAST, {"message": message, "by": by}, wait=False)
+        await self._publish_agent_event(AgentEventKind.BROADCAST, {"message": message, "by": by}, ack="later")
 
     async def _on_cancel(self, msg: Msg) -> None:
         task_id = msg.data.decode()
@@ -328,27 +331,36 @@ class AgentWorker:
             with contextlib.suppress(Exception):
                 await msg.ack()
 
-    async def publish(self, event: Event, msg_id: str | None = None, wait: bool = True) -> None:
-        """Store ``event`` in JetStream; with ``wait=False`` (pieces of a streamed answer) do not hold the
-        stream up for the acknowledgement: the connection keeps the order, and the whole answer follows."""
-        assert self._js is not None
+    async def publish(self, event: Event, msg_id: str | None = None, ack: Ack = "wait") -> None:
+        """Store ``event`` in JetStream. ``ack`` says what to do about the server's acknowledgement:
+
+        - ``"wait"``: hold the caller until the event is stored (statuses, messages, results);
+        - ``"later"``: do not hold it up; an event that was not stored is logged (the connection keeps the order);
+        - ``"none"``: do not ask for one (pieces of a streamed answer). JetStream stores the event all the same;
+          an acknowledgement per token would be one more message from the server to read and match to a future
+          for every token (about a third of the agent's CPU per token), and the whole answer follows as a
+          message event whose storage is confirmed.
+        """
+        assert self._js is not None and self._nc is not None
         if event.task_id is not None:
             subject = task_events_subject(event.customer_id, event.task_id)
         else:
             subject = agent_events_subject(event.customer_id, self.config.agent_id)
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         payload = event.model_dump_json().encode()
-        if wait:
+        if ack == "wait":
             await self._js.publish(subject, payload, headers=headers)
-        else:
+        elif ack == "later":
             acked = await self._js.publish_async(subject, payload, headers=headers, wait_stall=5)
             acked.add_done_callback(_log_unstored)
+        else:
+            await self._nc.publish(subject, payload, headers=headers)
 
-    async def _publish_agent_event(self, kind: AgentEventKind, data: dict[str, Any], wait: bool = True) -> None:
+    async def _publish_agent_event(self, kind: AgentEventKind, data: dict[str, Any], ack: Ack = "wait") -> None:
         cfg = self.config
         data = {**data, "alloc_id": cfg.alloc_id, "pid": os.getpid()}
         event = Event(kind=kind, agent_id=cfg.agent_id, customer_id=cfg.customer_id, data=data)
-        await self.publish(event, wait=wait)
+        await self.publish(event, ack=ack)
 
 
 async def _log_nats_error(error: Exception) -> None:
@@ -391,7 +403,7 @@ class _TaskRun:
             **fields,
         )
         msg_id = f"{self.request.task_id}:{self.attempt}:{self._seq}"
-        await self.worker.publish(event, msg_id=msg_id, wait=kind != "chunk")
+        await self.worker.publish(event, msg_id=msg_id, ack="none" if kind == "chunk" else "wait")
 
     async def status(self, status: str, reason: str | None = None) -> None:
         await self.emit(EventKind.STATUS, content=status, data={"reason": reason} if reason else {})

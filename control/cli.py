@@ -32,6 +32,7 @@ from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.settings import Settings
 from control.store import Repo
+from control.teams.models import TeamCreate, Termination
 from gateway.app import create_app
 
 __all__ = ["main"]
@@ -82,6 +83,27 @@ def _credentials_path(settings: Settings) -> Path:
     return settings.data_dir / "credentials.json"
 
 
+DEMO_WRITER = (
+    "You are a writer. Write a short poem of four lines about what you are asked. "
+    "If a critic has answered, write the poem again, better."
+)
+DEMO_CRITIC = (
+    "You are a critic. Do not repeat the poem. In one or two sentences, say what is good in it and give the "
+    "writer one piece of advice."
+)
+DEMO_TEAM_TASK = "Write a short poem about camels crossing the desert."
+DEMO_TEAM_MAX_MESSAGES = 4  # the task, the writer, the critic, the writer again
+
+
+@dataclass(frozen=True)
+class _DemoMember:
+    """One agent of the demo team: its name (distinct in the team), its role and its model."""
+
+    name: str
+    system_message: str
+    model: ModelConfig
+
+
 @dataclass(frozen=True)
 class _DemoModel:
     model: ModelConfig
@@ -89,6 +111,9 @@ class _DemoModel:
     task: str = "What is 6 times 7?"
     tools: list[str] = field(default_factory=lambda: ["calculator"])
     system_message: str = "You are a helpful assistant. Use the calculator for arithmetic."
+    team: list[_DemoMember] = field(default_factory=list)  # round robin, in this order
+    team_task: str = DEMO_TEAM_TASK
+    team_max_messages: int = DEMO_TEAM_MAX_MESSAGES
 
 
 _HOSTED_DEFAULTS = {
@@ -100,20 +125,44 @@ _HOSTED_DEFAULTS = {
 }
 
 
+def _demo_team(model: ModelConfig) -> list[_DemoMember]:
+    """A writer and a critic taking turns (writer, critic, writer): a conversation short enough to finish in
+    seconds on the 135M local model, which follows one plain instruction at best, so each role has one."""
+    return [
+        _DemoMember("writer", DEMO_WRITER, model),
+        _DemoMember("critic", DEMO_CRITIC, model),
+    ]
+
+
+def _scripted_team() -> list[_DemoMember]:
+    writer: list[str | ScriptedToolCall] = [
+        "Camels in a line at dawn, / the dunes roll gold and slow. (scripted model)",
+        "Camels in a line at dawn, / their shadows long on dunes of gold, / they walk on. (scripted model)",
+    ]
+    critic: list[str | ScriptedToolCall] = ["Good rhythm; make the shadows part of the picture. (scripted model)"]
+    return [
+        _DemoMember("writer", DEMO_WRITER, ModelConfig(provider="replay", name="scripted-writer", responses=writer)),
+        _DemoMember("critic", DEMO_CRITIC, ModelConfig(provider="replay", name="scripted-critic", responses=critic)),
+    ]
+
+
 def _demo_model(settings: Settings) -> _DemoModel:
     """A hosted model if a provider key is configured, else the local model, else the scripted one."""
     for provider, name in _HOSTED_DEFAULTS.items():
         if os.environ.get(PROVIDER_KEY_ENV[provider]):
             about = f"{provider} {name} ({PROVIDER_KEY_ENV[provider]} is set)"
-            return _DemoModel(ModelConfig(provider=provider, name=name, stream=True), about)  # type: ignore[arg-type]
+            hosted = ModelConfig(provider=provider, name=name, stream=True)  # type: ignore[arg-type]
+            return _DemoModel(hosted, about, team=_demo_team(hosted))
     if settings.local_model_url:
+        local = ModelConfig(provider="local", name=LOCAL_MODEL_DEFAULT, stream=True, max_tokens=256)
         return _DemoModel(
-            ModelConfig(provider="local", name=LOCAL_MODEL_DEFAULT, stream=True, max_tokens=256),
+            local,
             f"local {LOCAL_MODEL_DEFAULT} on this machine at {settings.local_model_url} "
             "(no provider key is set; OPENAI_API_KEY and the like switch the demo to a hosted model)",
             task="Write a short poem about camels crossing the desert.",
             tools=[],  # a 135M model reaches for any tool it is offered; this one just talks
             system_message="You are a helpful assistant. Answer in a few sentences.",
+            team=_demo_team(local.model_copy(update={"max_tokens": 128})),  # three answers in a few seconds
         )
     scripted: list[str | ScriptedToolCall] = [
         ScriptedToolCall(tool="calculator", arguments={"expression": "6 * 7"}),
@@ -122,6 +171,7 @@ def _demo_model(settings: Settings) -> _DemoModel:
     return _DemoModel(
         ModelConfig(provider="replay", name="scripted-demo", responses=scripted),
         "replay (scripted answers: no provider key is set and the local model is not installed)",
+        team=_scripted_team(),
     )
 
 
@@ -150,7 +200,8 @@ async def _local_model(settings: Settings) -> AsyncIterator[str | None]:
 
 
 async def _demo_credentials(settings: Settings, control: ControlPlane, demo: _DemoModel) -> dict[str, Any]:
-    """The demo customer and its agent, made on the first run; their keys kept (0600) under the data dir."""
+    """The demo customer, its agent and its team, made on the first run; their keys and ids kept (0600) under
+    the data dir. A data dir from before the demo team gets the team on its next run."""
     path = _credentials_path(settings)
     saved: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if control.bootstrap_admin_key is not None:
@@ -163,10 +214,30 @@ async def _demo_credentials(settings: Settings, control: ControlPlane, demo: _De
             AgentCreate(name="assistant", system_message=demo.system_message, model=demo.model, tools=demo.tools),
         )
         saved.update(demo_agent_id=agent.id, demo_task=demo.task)
+    if "demo_team_id" not in saved and demo.team:
+        saved.update(await _demo_team_created(control, saved["customer_id"], demo))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600, exist_ok=True)
     path.write_text(json.dumps(saved, indent=2))
     return saved
+
+
+async def _demo_team_created(control: ControlPlane, customer_id: str, demo: _DemoModel) -> dict[str, Any]:
+    """The demo team's agents and the team itself: the ids to save with the credentials."""
+    members = {}
+    for member in demo.team:
+        spec = AgentCreate(name=member.name, system_message=member.system_message, model=member.model)
+        members[member.name] = (await control.agents.create(customer_id, spec)).id
+    team = await control.teams.create(
+        customer_id,
+        TeamCreate(
+            name="writer-and-critic",
+            members=list(members.values()),
+            mode="round_robin",
+            termination=Termination(max_messages=demo.team_max_messages),
+        ),
+    )
+    return {"demo_team_id": team.id, "demo_team_members": members, "demo_team_task": demo.team_task}
 
 
 def _banner(settings: Settings, nats_url: str, creds: dict[str, Any], model: str) -> str:
@@ -192,10 +263,26 @@ def _banner(settings: Settings, nats_url: str, creds: dict[str, Any], model: str
         f'      -d \'{{"agent_id": "{agent}", "task": "{creds.get("demo_task", "What is 6 times 7?")}"}}\'',
         f'  curl -sN {base}/v1/tasks/<task id>/events -H "Authorization: Bearer $TOKEN"',
     ]
+    if creds.get("demo_team_id"):
+        lines += _team_lines(base, creds)
     if creds.get("admin_api_key"):
         lines += ["", f"Admin API key: {creds['admin_api_key']}"]
     lines += ["", "Ctrl-C stops everything (agents included); the next ./dev/up finds this state again.", ""]
     return "\n".join(lines)
+
+
+def _team_lines(base: str, creds: dict[str, Any]) -> list[str]:
+    """Start a task on the demo team and follow its events until it ends (the stream closes after the last)."""
+    members = " and ".join(creds.get("demo_team_members") or {}) or "its members"
+    body = json.dumps({"team_id": creds["demo_team_id"], "task": creds.get("demo_team_task", DEMO_TEAM_TASK)})
+    return [
+        "",
+        f"Run a task on its team ({members}, taking turns) and watch it to the end:",
+        f"  TASK=$(curl -s {base}/v1/tasks -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\",
+        f"      -d '{body}' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"id\"])')",
+        f'  curl -sN {base}/v1/tasks/$TASK/events -H "Authorization: Bearer $TOKEN"',
+        f'  curl -s {base}/v1/tasks/$TASK -H "Authorization: Bearer $TOKEN"   # the transcript and the result',
+    ]
 
 
 async def _up(settings: Settings, nats_port: int) -> None:

@@ -56,9 +56,15 @@ class FairQueue:
     def waiting_by_client(self) -> dict[str, int]:
         return {client: len(q) for client, q in self._waiting.items()}
 
-    async def acquire(self, client: str) -> None:
+    def try_acquire(self) -> bool:
+        """Take a free slot at once if nobody waits for one; False otherwise (then :meth:`acquire` waits)."""
         if self._busy < self.slots and not self._turns:
             self._busy += 1
+            return True
+        return False
+
+    async def acquire(self, client: str) -> None:
+        if self.try_acquire():
             return
         if self.waiting >= self.max_waiting:
             raise QueueFull(f"{self.waiting} requests are already waiting (at most {self.max_waiting})")

@@ -194,6 +194,8 @@ class ModelProxy:
 
     async def _turn(self, request: Request, client: str) -> bool:
         """Wait in the queue for a turn; False if the client disconnects first (a cancelled task)."""
+        if self.queue.try_acquire():  # the model is free: no waiting, so nothing to watch (two tasks less)
+            return True
         turn = asyncio.ensure_future(self.queue.acquire(client))
         gone = asyncio.ensure_future(_disconnected(request))
         try:

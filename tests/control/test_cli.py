@@ -1,13 +1,24 @@
-"""The `caravan killswitch` verbs, against a running gateway."""
+"""The `caravan killswitch` verbs against a running gateway, and what `caravan up` gives the demo customer."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
-from control.cli import main
-from tests.conftest import ADMIN_KEY, Api
+from control.cli import _banner, _demo_credentials, _demo_model, main
+from control.natsserver import EmbeddedNats
+from control.platform import ControlPlane
+from control.settings import Settings
+from tests.conftest import ADMIN_KEY, Api, make_settings, serve_api
+from tests.gateway.teams_support import task_status
+
+PROVIDER_KEYS = ("OPENAI_API_KEY", "OPENROUTER_API_KEY", "GROQ_API_KEY", "DEEPSEEK_API_KEY", "ANTHROPIC_API_KEY")
 
 
 async def run_cli(*argv: str) -> int:
@@ -41,3 +52,78 @@ async def test_killswitch_cli_explains_failures(api: Api, capsys: pytest.Capture
         )
         == 1
     )
+
+
+def _pasted(banner: str) -> str:
+    """What a user copies from the banner: the login, then the team's block (the agent's task line has a
+    `<task id>` to fill in)."""
+    lines = banner.splitlines()
+    login = lines.index(next(line for line in lines if line.startswith("  export CARAVAN_API_KEY=")))
+    team = lines.index(next(line for line in lines if line.startswith("Run a task on its team")))
+    block = lines[team + 1 :]
+    return "\n".join(lines[login : login + 3] + block[: block.index("")])
+
+
+async def _paste_into_a_shell(script: str) -> list[dict[str, Any]]:
+    """Run the pasted lines with bash; the server-sent events it printed, in order."""
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-euo", "pipefail", "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=90)
+    assert proc.returncode == 0, err.decode()
+    return [json.loads(line[6:]) for line in out.decode().splitlines() if line.startswith("data: {")]
+
+
+def _served_at(settings: Settings, api: Api) -> Settings:
+    url = urlsplit(api.base)
+    return settings.model_copy(update={"http_host": url.hostname, "http_port": url.port})
+
+
+async def test_the_demo_customer_gets_a_team_whose_task_the_banner_starts_and_follows(
+    nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for env in PROVIDER_KEYS:
+        monkeypatch.delenv(env, raising=False)
+    settings = make_settings(nats_server.url, tmp_path / "data")
+    async with ControlPlane(settings) as control, serve_api(control) as api:
+        demo = _demo_model(settings)  # no key, no local model: the scripted one
+        creds = await _demo_credentials(settings, control, demo)
+        assert set(creds["demo_team_members"]) == {"writer", "critic"}
+        team = await control.teams.get(creds["customer_id"], creds["demo_team_id"])
+        assert team.mode == "round_robin" and team.members == list(creds["demo_team_members"].values())
+
+        events = await _paste_into_a_shell(_pasted(_banner(_served_at(settings, api), "nats://x", creds, "m")))
+        said = [(e["source"], e["content"]) for e in events if e["kind"] == "message"]
+        assert [source for source, _ in said] == ["user", "writer", "critic", "writer"]
+        assert said[0][1] == creds["demo_team_task"] and all(text for _, text in said)
+        assert events[-1]["kind"] == "status" and events[-1]["content"] == "completed"  # the stream ended there
+
+        again = await _demo_credentials(settings, control, _demo_model(settings))  # the next `caravan up`
+        assert {k: again[k] for k in creds} == creds
+        assert [t.id for t in await control.teams.list(creds["customer_id"])] == [creds["demo_team_id"]]
+        assert len(await control.agents.list(creds["customer_id"])) == 3  # assistant, writer, critic
+
+
+async def test_a_data_dir_from_before_the_demo_team_gets_one(
+    nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for env in PROVIDER_KEYS:
+        monkeypatch.delenv(env, raising=False)
+    settings = make_settings(nats_server.url, tmp_path / "data")
+    async with ControlPlane(settings) as control, serve_api(control) as api:
+        old = await _demo_credentials(settings, control, replace(_demo_model(settings), team=[]))  # no team yet
+        assert "demo_team_id" not in old and "Run a task on its team" not in _banner(settings, "nats://x", old, "m")
+
+        upgraded = await _demo_credentials(settings, control, _demo_model(settings))
+        assert {k: upgraded[k] for k in old} == old  # the same customer, key and agent
+        assert (await control.teams.get(old["customer_id"], upgraded["demo_team_id"])).members == list(
+            upgraded["demo_team_members"].values()
+        )
+        assert "Run a task on its team (writer and critic" in _banner(settings, "nats://x", upgraded, "m")
+        headers = await api.token(upgraded["customer_api_key"])
+        response = await api.client.post(
+            "/v1/tasks", json={"team_id": upgraded["demo_team_id"], "task": "Go."}, headers=headers
+        )
+        assert response.status_code == 202, response.text
+        task = await task_status(api, headers, response.json()["id"])
+        assert task["status"] == "completed", task

@@ -13,11 +13,14 @@ from typing import Any
 
 import pytest
 
+from control.cli import _demo_credentials, _demo_model
 from control.localmodel import FairQueue, LocalModel, ModelProxy
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from tests.conftest import Api, make_settings, serve_api
+from tests.control.test_cli import PROVIDER_KEYS
 from tests.control.test_localmodel_proxy import FakeServer
+from tests.gateway.teams_support import task_status
 from tests.gateway.test_agents_api import wait_status
 from tests.gateway.test_tasks_api import finished, start_task
 from tests.support.helpers import sse_events
@@ -119,3 +122,24 @@ async def test_concurrent_agents_are_all_answered(local_api: Api, local_model: L
         assert task["status"] == "completed" and task["result"], task
     assert local_model.proxy is not None
     assert local_model.proxy.queue.busy == 0 and local_model.proxy.queue.waiting == 0
+
+
+async def test_the_demo_team_answers_with_the_local_model(local_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    for env in PROVIDER_KEYS:
+        monkeypatch.delenv(env, raising=False)
+    control = local_api.control
+    demo = _demo_model(control.settings)
+    assert demo.model.provider == "local"
+    creds = await _demo_credentials(control.settings, control, demo)
+    headers = await local_api.token(creds["customer_api_key"])
+    body = {"team_id": creds["demo_team_id"], "task": creds["demo_team_task"]}
+    response = await local_api.client.post("/v1/tasks", json=body, headers=headers)
+    assert response.status_code == 202, response.text
+    task = await task_status(local_api, headers, response.json()["id"], within=180)
+    assert task["status"] == "completed", (task["status_reason"], task["messages"])
+    said = [(m["source"], m["type"], m["content"]) for m in task["messages"]]
+    assert [(source, kind) for source, kind, _ in said] == [
+        ("user", "TextMessage"), ("writer", "TextMessage"), ("critic", "TextMessage"), ("writer", "TextMessage")
+    ]  # fmt: skip
+    assert all(isinstance(text, str) and text.strip() for _, _, text in said[1:])  # the model's own words
+    assert task["usage"]["completion_tokens"] > 0
