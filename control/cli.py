@@ -458,3 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         pass
     sys.exit(0)
+
+
+if __name__ == "__main__":  # python -m control.cli, as well as the `caravan` command
+    main()
