@@ -86,13 +86,17 @@ class _StateSender:
         self._after: str | None = None  # the answer the last state sent came with; None: the next one goes whole
         self._context: list[Any] = []  # the context's messages then
         self._since_whole = 0
+        self._resets = 0
 
     def reset(self) -> None:
         """The manager may not have the last state sent (a new attempt of the run): send the next one whole."""
         self._after = None
+        self._resets += 1  # a send under way when this came must not make its state the base again
 
     async def send(self, container: _Container, after: str) -> None:
-        context = container.context_messages()
+        live = container.context_messages()
+        context = list(live) if live is not None else None  # as it is in the state sent, whatever comes after
+        resets = self._resets
         headers = {STATE_MEMBER_HEADER: self._member, STATE_AFTER_HEADER: after}
         if self._after is not None and context is not None and self._extends(context):
             body = container.dumps_delta(context[len(self._context) :])
@@ -102,9 +106,15 @@ class _StateSender:
             body = container.dumps_state(await container.save_state())
             self._since_whole = 0
         sent = await self._publish(body, headers)
-        whole_next = not sent or context is None or not self._deltas or self._since_whole >= FULL_STATE_EVERY - 1
+        whole_next = (
+            not sent
+            or context is None
+            or not self._deltas
+            or resets != self._resets
+            or self._since_whole >= FULL_STATE_EVERY - 1
+        )
         self._after = None if whole_next else after
-        self._context = [] if whole_next or context is None else list(context)
+        self._context = [] if whole_next or context is None else context
 
     def _extends(self, context: list[Any]) -> bool:
         sent = self._context

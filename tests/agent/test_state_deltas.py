@@ -98,3 +98,20 @@ async def test_a_delta_to_a_missed_state_is_not_used() -> None:
     body, headers = wire.sent[1]  # the first (whole) state never reached the manager
     await turns.on_state(Msg(None, subject="x.state", data=body, headers=headers))  # type: ignore[arg-type]
     assert turns._pushed["alice"] == (headers[STATE_AFTER_HEADER], None)
+
+
+async def test_a_reset_while_a_state_is_sent_makes_the_next_one_whole() -> None:
+    container, agent, wire = _member()
+    sender = container._sender
+    assert sender is not None
+    publish = wire.publish
+
+    async def reset_meanwhile(body: bytes, headers: dict[str, str]) -> bool:
+        sender.reset()  # a new attempt's manager joined while this state was on its way
+        return await publish(body, headers)
+
+    sender._publish = reset_meanwhile
+    await _turn(container, agent, wire, 0)
+    sender._publish = publish
+    await _turn(container, agent, wire, 1)
+    assert STATE_BASE_HEADER not in wire.sent[-1][1]
