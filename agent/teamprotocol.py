@@ -7,7 +7,8 @@ Subjects (``{c}`` customer id, ``{a}`` agent id, ``{r}`` run id, ``{t}`` team id
 - ``caravan.rt.{c}.{r}.>``         the run's :class:`~agent.runtime.NatsAgentRuntime` namespace
 - ``caravan.rt.{c}.{r}.x.alive``   heartbeats of the manager and of every member
 - ``caravan.rt.{c}.{r}.x.end``     the run is over: members drop their containers
-- ``caravan.rt.{c}.{r}.x.state``   a member's state after each of its turns, for the manager's checkpoints
+- ``caravan.rt.{c}.{r}.x.state``   a member's state after each of its turns (or a delta to the one before), for the
+                                   manager's checkpoints
 - ``caravan.tasks.{c}.team.{t}``   work queue (``CARAVAN_TASKS``) of :class:`TeamTaskRequest` for the managers
 - ``caravan.ctl.{c}.teamcancel.{k}`` cancel a team task wherever its manager runs
 """
