@@ -22,6 +22,8 @@ from autogen_agentchat.messages import MessageFactory
 from autogen_agentchat.teams._group_chat._chat_agent_container import ChatAgentContainer
 from autogen_agentchat.teams._group_chat._events import GroupChatAgentResponse
 from autogen_core import CancellationToken, TopicId, TypeSubscription
+from autogen_core.model_context import ChatCompletionContext
+from autogen_core.model_context._chat_completion_context import ChatCompletionContextState
 from autogen_core.models import ChatCompletionClient
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -32,7 +34,10 @@ from agent.protocol import AgentDefinition
 from agent.runtime import NatsAgentRuntime
 from agent.serialization import MessageCodec
 from agent.teamprotocol import (
+    ADDED_CONTEXT,
+    MODEL_POSITION,
     STATE_AFTER_HEADER,
+    STATE_BASE_HEADER,
     STATE_MEMBER_HEADER,
     MemberJoin,
     MemberJoined,
@@ -44,7 +49,11 @@ from agent.tools import build_tools
 __all__ = ["TeamHost", "member_agent"]
 
 log = logging.getLogger("caravan.teamhost")
-MODEL_POSITION = "caravan_model_position"
+FULL_STATE_EVERY = 16
+"""A member sends its whole state at least once in this many turns, even when a delta would do: a manager that
+missed a state (it keeps no checkpoint until it has one whole again) is not left without one for long."""
+Publish = Callable[[bytes, dict[str, str]], Awaitable[bool]]
+"""Sends a state on ``x.state`` with its headers; False when it could not be sent."""
 
 
 def member_agent(
@@ -62,6 +71,56 @@ def member_agent(
     )
 
 
+class _StateSender:
+    """What a member last sent the manager, so that its next state can go as a delta to it (the model context's
+    new messages, :func:`agent.teamprotocol.apply_state_delta`) rather than the whole conversation again.
+
+    A delta is sent only when it is exact: the agent's and the context's states are AgentChat's own dumps of
+    the context's messages, and the messages sent last are still the context's first ones (the same objects:
+    a reset or a context that dropped messages has a new list or other messages, and gets a whole state)."""
+
+    def __init__(self, member: str, publish: Publish, deltas: bool) -> None:
+        self._member = member
+        self._publish = publish
+        self._deltas = deltas
+        self._after: str | None = None  # the answer the last state sent came with; None: the next one goes whole
+        self._context: list[Any] = []  # the context's messages then
+        self._since_whole = 0
+        self._resets = 0
+
+    def reset(self) -> None:
+        """The manager may not have the last state sent (a new attempt of the run): send the next one whole."""
+        self._after = None
+        self._resets += 1  # a send under way when this came must not make its state the base again
+
+    async def send(self, container: _Container, after: str) -> None:
+        live = container.context_messages()
+        context = list(live) if live is not None else None  # as it is in the state sent, whatever comes after
+        resets = self._resets
+        headers = {STATE_MEMBER_HEADER: self._member, STATE_AFTER_HEADER: after}
+        if self._after is not None and context is not None and self._extends(context):
+            body = container.dumps_delta(context[len(self._context) :])
+            headers[STATE_BASE_HEADER] = self._after
+            self._since_whole += 1
+        else:
+            body = container.dumps_state(await container.save_state())
+            self._since_whole = 0
+        sent = await self._publish(body, headers)
+        whole_next = (
+            not sent
+            or context is None
+            or not self._deltas
+            or resets != self._resets
+            or self._since_whole >= FULL_STATE_EVERY - 1
+        )
+        self._after = None if whole_next else after
+        self._context = [] if whole_next or context is None else context
+
+    def _extends(self, context: list[Any]) -> bool:
+        sent = self._context
+        return len(context) >= len(sent) and all(a is b for a, b in zip(context, sent, strict=False))
+
+
 class _Container(ChatAgentContainer):
     """AgentChat's container; its state also carries the scripted model's place (the `replay` provider), and it
     sends that state to the manager after each of its turns, just before its answer (the manager checkpoints
@@ -72,11 +131,11 @@ class _Container(ChatAgentContainer):
         team_key: str,
         agent: AssistantAgent,
         model_client: ChatCompletionClient,
-        send_state: Callable[[str, bytes], Awaitable[None]] | None = None,
+        sender: _StateSender | None = None,
     ) -> None:
         super().__init__(f"group_topic_{team_key}", f"output_topic_{team_key}", agent, MessageFactory())
         self._model_client = model_client
-        self._send_state = send_state
+        self._sender = sender
         self._codec = MessageCodec()
 
     async def publish_message(
@@ -84,10 +143,36 @@ class _Container(ChatAgentContainer):
     ) -> None:
         # The answer's buffer is cleared and the turn is over: the state now is the one to resume from. Sent on
         # the same connection before the answer, it reaches the manager first.
-        if isinstance(message, GroupChatAgentResponse) and self._send_state is not None:
-            state = self._codec.dumps_state(await self.save_state())
-            await self._send_state(message.response.chat_message.id, state)
+        if isinstance(message, GroupChatAgentResponse) and self._sender is not None:
+            await self._sender.send(self, message.response.chat_message.id)
         await super().publish_message(message, topic_id, cancellation_token=cancellation_token)
+
+    def context_messages(self) -> list[Any] | None:
+        """The model context's messages, when the agent's state is AgentChat's dump of them and nothing else
+        (an ``AssistantAgent`` with a context that saves all its messages); None otherwise."""
+        agent = self._agent
+        if type(agent).save_state is not AssistantAgent.save_state:
+            return None
+        context = getattr(agent, "_model_context", None)
+        if context is None or type(context).save_state is not ChatCompletionContext.save_state:
+            return None
+        messages = getattr(context, "_messages", None)
+        return messages if isinstance(messages, list) else None
+
+    def dumps_state(self, state: Mapping[str, Any]) -> bytes:
+        return self._codec.dumps_state(state)
+
+    def dumps_delta(self, added: list[Any]) -> bytes:
+        """What changed since the last state sent: the context's new messages, dumped as AgentChat dumps the
+        whole context, and the rest of the container's state, which is small."""
+        delta: dict[str, Any] = {
+            ADDED_CONTEXT: ChatCompletionContextState(messages=added).model_dump()["messages"],
+            "message_buffer": [message.dump() for message in self._message_buffer],
+        }
+        position = getattr(self._model_client, "position", None)
+        if position is not None:
+            delta[MODEL_POSITION] = position
+        return self._codec.dumps_state(delta)
 
     async def save_state(self) -> Mapping[str, Any]:
         state = dict(await super().save_state())
@@ -102,6 +187,8 @@ class _Container(ChatAgentContainer):
         await super().load_state(state)
         if position is not None and hasattr(self._model_client, "seek"):
             self._model_client.seek(int(position))
+        if self._sender is not None:
+            self._sender.reset()
 
 
 class _HostedRun:
@@ -111,6 +198,7 @@ class _HostedRun:
         self.manager_seen = time.monotonic()
         self.beat: asyncio.Task[None] | None = None
         self.subs: list[Subscription] = []
+        self.sender: _StateSender | None = None
 
 
 class TeamHost:
@@ -177,8 +265,11 @@ class TeamHost:
             return
         if join.agent_id != self._definition.agent_id or join.customer_id != self._definition.customer_id:
             return
-        if join.run_id not in self._runs:
+        hosted = self._runs.get(join.run_id)
+        if hosted is None:
             await self._host(join)
+        elif hosted.sender is not None:  # a new attempt: its manager has none of the states sent before
+            hosted.sender.reset()
         answer = MemberJoined(agent_id=self._definition.agent_id, instance_id=self.instance_id, checkpoints=True)
         await msg.respond(answer.model_dump_json().encode())
 
@@ -190,21 +281,25 @@ class TeamHost:
         agent_type = f"{self._definition.name}_{join.team_key}"
         state_subject = f"{namespace}.x.state"
 
-        async def send_state(after: str, state: bytes) -> None:
-            headers = {STATE_MEMBER_HEADER: self._definition.name, STATE_AFTER_HEADER: after}
+        async def send_state(state: bytes, headers: dict[str, str]) -> bool:
             try:
                 await self._nc.publish(state_subject, state, headers=headers)
+                return True
             except nats.errors.Error:  # too big for a message: say so (no checkpoint) rather than fail the turn
                 log.warning(
                     "run %s: the state of %s is too big to send (%d bytes)", join.run_id, agent_type, len(state)
                 )
+                headers.pop(STATE_BASE_HEADER, None)
                 await self._nc.publish(state_subject, b"", headers=headers)
+                return False
 
-        await runtime.register_factory(agent_type, lambda: _Container(join.team_key, agent, model_client, send_state))
+        sender = _StateSender(self._definition.name, send_state, join.state_deltas)
+        await runtime.register_factory(agent_type, lambda: _Container(join.team_key, agent, model_client, sender))
         await runtime.add_subscription(TypeSubscription(topic_type=agent_type, agent_type=agent_type))
         group_topic = f"group_topic_{join.team_key}"
         await runtime.add_subscription(TypeSubscription(topic_type=group_topic, agent_type=agent_type))
         hosted = _HostedRun(runtime, join)
+        hosted.sender = sender
         try:
             await runtime.start()
             hosted.subs.append(await self._nc.subscribe(f"{namespace}.x.end", cb=self._on_end))

@@ -7,27 +7,32 @@ Subjects (``{c}`` customer id, ``{a}`` agent id, ``{r}`` run id, ``{t}`` team id
 - ``caravan.rt.{c}.{r}.>``         the run's :class:`~agent.runtime.NatsAgentRuntime` namespace
 - ``caravan.rt.{c}.{r}.x.alive``   heartbeats of the manager and of every member
 - ``caravan.rt.{c}.{r}.x.end``     the run is over: members drop their containers
-- ``caravan.rt.{c}.{r}.x.state``   a member's state after each of its turns, for the manager's checkpoints
+- ``caravan.rt.{c}.{r}.x.state``   a member's state after each of its turns (or a delta to the one before), for the
+                                   manager's checkpoints
 - ``caravan.tasks.{c}.team.{t}``   work queue (``CARAVAN_TASKS``) of :class:`TeamTaskRequest` for the managers
 - ``caravan.ctl.{c}.teamcancel.{k}`` cancel a team task wherever its manager runs
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from agent.protocol import _check_id, utcnow
 
 __all__ = [
+    "ADDED_CONTEXT",
+    "MODEL_POSITION",
     "STATE_AFTER_HEADER",
+    "STATE_BASE_HEADER",
     "STATE_MEMBER_HEADER",
     "TEAM_CONSUMER",
     "TEAM_QUEUE_FILTER",
     "MemberJoin",
     "MemberJoined",
     "TeamTaskRequest",
+    "apply_state_delta",
     "join_subject",
     "run_namespace",
     "team_cancel_subject",
@@ -41,6 +46,29 @@ STATE_MEMBER_HEADER = "Caravan-Member"
 """On ``x.state``: the member's name; the body is its ``ChatAgentContainer`` state (JSON)."""
 STATE_AFTER_HEADER = "Caravan-After"
 """On ``x.state``: the id of the chat message the member answered with, sent just after its state."""
+STATE_BASE_HEADER = "Caravan-Base"
+"""On ``x.state``: the body is not the whole state but what changed since the state the member sent after this
+message id (:func:`apply_state_delta`); only to a manager that asked for deltas (``MemberJoin.state_deltas``)."""
+MODEL_POSITION = "caravan_model_position"
+"""In a member's state beside AgentChat's: the scripted model's place (the `replay` provider)."""
+ADDED_CONTEXT = "llm_context_added"
+"""In a state delta: the dumps of the model context's messages added since the base state."""
+
+
+def apply_state_delta(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """The member's whole ``ChatAgentContainer`` state from the one it sent before and a delta to it.
+
+    Between two turns an ``AssistantAgent``'s model context only grows, and the rest of the container's state
+    is small: a delta is the context's new messages plus the rest whole, so a turn does not send (nor dump) the
+    whole conversation again. Neither argument is changed: states already sent stay as they were."""
+    agent_state = dict(base["agent_state"])
+    llm_context = dict(agent_state["llm_context"])
+    llm_context["messages"] = [*llm_context["messages"], *delta[ADDED_CONTEXT]]
+    agent_state["llm_context"] = llm_context
+    state = {key: value for key, value in base.items() if key != MODEL_POSITION}
+    state.update({key: value for key, value in delta.items() if key != ADDED_CONTEXT})
+    state["agent_state"] = agent_state
+    return state
 
 
 def run_namespace(customer_id: str, run_id: str) -> str:
@@ -70,6 +98,9 @@ class MemberJoin(BaseModel):
     handoffs: list[str] = Field(default_factory=list, description="Member names (or `user`) it may hand off to.")
     heartbeat_s: float = 1.0
     manager_lost_after_s: float = 30.0
+    state_deltas: bool = False
+    """The manager takes a member's states as deltas to the one before (``STATE_BASE_HEADER``); older managers
+    do not, and get whole states."""
 
     @field_validator("run_id", "task_id", "customer_id", "agent_id")
     @classmethod

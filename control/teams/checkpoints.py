@@ -7,7 +7,9 @@ put together without asking every member for its state:
   is in its thread and the next speaker is not chosen yet (a resumed run chooses it again, as the unbroken run
   did: round robin's index, the swarm's last handoff, the selector's model at its saved place);
 - the member that just spoke sends its ``ChatAgentContainer`` state (its model context, the scripted model's
-  place) on ``x.state`` just before its answer (:mod:`agent.teamhost`); the other members' states changed
+  place) on ``x.state`` just before its answer (:mod:`agent.teamhost`), mostly as a delta to the state it sent
+  before (the context's new messages); states are kept as sent and read, deltas applied, only when a
+  checkpoint is written. The other members' states changed
   only by the messages they buffered since they last spoke, which are the thread's, so they are rebuilt
   from their last sent state and the thread;
 - what the termination conditions have counted (messages, tokens, seconds), which AgentChat does not save;
@@ -35,7 +37,7 @@ from autogen_agentchat.state import TeamState
 from nats.aio.msg import Msg
 
 from agent.protocol import utcnow
-from agent.teamprotocol import STATE_AFTER_HEADER, STATE_MEMBER_HEADER
+from agent.teamprotocol import STATE_AFTER_HEADER, STATE_BASE_HEADER, STATE_MEMBER_HEADER, apply_state_delta
 from control.store import Repo
 from control.teams.build import termination_counters
 from control.teams.models import Checkpoint
@@ -48,9 +50,40 @@ Record = Callable[[Sequence[Any]], list[dict[str, Any]]]
 """The transcript entries (task events without attempt and time) of some of the run's messages."""
 
 
+class _Sent:
+    """A member's state as it came: whole, or a delta to the one it sent before (``base``). Read, and deltas
+    applied, only when a checkpoint needs it (once: the result is kept and the chain behind it let go)."""
+
+    __slots__ = ("_data", "_read", "after", "base")
+
+    def __init__(self, after: str, data: bytes, base: _Sent | None = None, read: dict[str, Any] | None = None):
+        self.after = after
+        self.base = base
+        self._data = data
+        self._read = read
+
+    @classmethod
+    def whole(cls, state: dict[str, Any]) -> _Sent:
+        """A state already read (a checkpoint's): no delta can follow it, it has no answer's id."""
+        return cls("", b"", read=state)
+
+    def read(self) -> dict[str, Any]:
+        chain: list[_Sent] = []
+        node: _Sent | None = self
+        while node is not None and node._read is None:  # a loop, not recursion: chains may be long
+            chain.append(node)
+            node = node.base
+        for node in reversed(chain):
+            loaded = json.loads(node._data)
+            node._read = loaded if node.base is None else apply_state_delta(node.base.read(), loaded)
+            node.base, node._data = None, b""
+        assert self._read is not None
+        return self._read
+
+
 @dataclass
 class _Member:
-    state: dict[str, Any] | bytes | None  # its container state when it last spoke (bytes: as sent, not read yet)
+    state: _Sent | None  # its container state when it last spoke
     since: int  # the thread's length then: what came after is in its buffer
 
 
@@ -59,7 +92,7 @@ class _Snapshot:
     thread_len: int
     transcript_len: int
     manager: dict[str, Any]
-    members: dict[str, tuple[dict[str, Any] | bytes | None, int]]
+    members: dict[str, tuple[_Sent | None, int]]
     termination: list[dict[str, float]] | None
     selector_position: int | None
 
@@ -93,11 +126,11 @@ class TurnCheckpoints:
         self._manager_name = next((name for name in agent_states if name not in members), "")
         self._thread: list[dict[str, Any]] = list(agent_states.get(self._manager_name, {}).get("message_thread", []))
         self._buffered = [False] * len(self._thread)  # before the base, buffers are in the members' saved states
-        self._members = {name: _Member(agent_states.get(name), len(self._thread)) for name in members}
+        self._members = {name: _Member(_whole(agent_states.get(name)), len(self._thread)) for name in members}
         self._transcript: list[dict[str, Any]] = []
         self._stale: set[str] = set()
-        self._pushed: dict[str, tuple[str, bytes]] = {}
-        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._pushed: dict[str, tuple[str, _Sent | None]] = {}  # the last state each member sent (None: unusable)
+        self._waiting: dict[str, asyncio.Future[_Sent | None]] = {}
         self._pending: _Snapshot | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -105,15 +138,25 @@ class TurnCheckpoints:
         self.written = 0
 
     async def on_state(self, msg: Msg) -> None:
-        """A member's state after its turn, sent just before its answer (empty: it could not send it)."""
+        """A member's state after its turn, sent just before its answer (empty: it could not send it). A delta
+        goes with the member's state before only when that is the one it names: one missed or not usable, and
+        the member has no known state until it sends one whole (it does every so many turns)."""
         headers = msg.headers or {}
         name, after = headers.get(STATE_MEMBER_HEADER), headers.get(STATE_AFTER_HEADER)
         if name not in self._members or not after:
             return
-        self._pushed[name] = (after, msg.data)
+        sent: _Sent | None = None
+        if msg.data:
+            base_after = headers.get(STATE_BASE_HEADER)
+            if base_after is None:
+                sent = _Sent(after, msg.data)
+            else:
+                base = self._pushed.get(name, ("", None))[1]
+                sent = _Sent(after, msg.data, base) if base is not None and base.after == base_after else None
+        self._pushed[name] = (after, sent)
         waiter = self._waiting.get(after)
         if waiter is not None and not waiter.done():
-            waiter.set_result(msg.data)
+            waiter.set_result(sent)
 
     async def on_turn(self, manager: Any) -> None:
         """The manager is about to choose the next speaker: the run can be taken up again from here."""
@@ -162,8 +205,9 @@ class TurnCheckpoints:
 
     async def _took_turn(self, speaker: str, message_id: str) -> None:
         pushed = self._pushed.get(speaker)
-        state = pushed[1] if pushed is not None and pushed[0] == message_id else None
-        if state is None:  # sent before the answer on the member's connection: it is normally here already
+        here = pushed is not None and pushed[0] == message_id
+        state = pushed[1] if pushed is not None and here else None
+        if not here:  # sent before the answer on the member's connection: it is normally here already
             waiter = self._waiting[message_id] = asyncio.get_running_loop().create_future()
             try:
                 state = await asyncio.wait_for(waiter, self._state_wait_s)
@@ -171,7 +215,7 @@ class TurnCheckpoints:
                 log.warning("no state from %s after its turn: no checkpoint until it speaks again", speaker)
             finally:
                 self._waiting.pop(message_id, None)
-        if not state:  # none came, or the member could not send it (too big for a message)
+        if state is None:  # none came, the member could not send it (too big), or a delta to a state missed
             self._stale.add(speaker)
             return
         self._members[speaker] = _Member(state, len(self._thread))
@@ -201,7 +245,7 @@ class TurnCheckpoints:
 
     def _checkpoint(self, snapshot: _Snapshot) -> Checkpoint:
         agent_states: dict[str, Any] = {
-            name: self._member_state(name, state, since, snapshot.thread_len)
+            name: self._member_state(state, since, snapshot.thread_len)
             for name, (state, since) in snapshot.members.items()
         }
         agent_states[self._manager_name] = {**snapshot.manager, "message_thread": self._thread[: snapshot.thread_len]}
@@ -218,18 +262,15 @@ class TurnCheckpoints:
             updated_at=utcnow(),
         )
 
-    def _member_state(self, name: str, state: dict[str, Any] | bytes | None, since: int, upto: int) -> dict[str, Any]:
-        read: dict[str, Any] | None
-        if isinstance(state, bytes):
-            read = json.loads(state)
-            if self._members[name].state is state:
-                self._members[name].state = read  # read it once
-        else:
-            read = state
-        out = dict(read or {"agent_state": {}})
+    def _member_state(self, state: _Sent | None, since: int, upto: int) -> dict[str, Any]:
+        out = dict(state.read() if state is not None else {"agent_state": {}})
         buffered = [self._thread[i] for i in range(since, upto) if self._buffered[i]]
         out["message_buffer"] = [*out.get("message_buffer", []), *buffered]
         return out
+
+
+def _whole(state: dict[str, Any] | None) -> _Sent | None:
+    return _Sent.whole(state) if state is not None else None
 
 
 async def _manager_state(manager: Any) -> dict[str, Any]:

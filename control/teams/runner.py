@@ -403,6 +403,7 @@ class TeamRunner:
                 team_key=run_id,
                 handoffs=handoffs[agent_id],
                 heartbeat_s=self.config.heartbeat_s,
+                state_deltas=True,
             )
             deadline = time.monotonic() + self.config.join_timeout_s
             while True:

@@ -175,7 +175,12 @@ async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float]
             await runtime.start()
             for agent_id in members:
                 join = MemberJoin(
-                    run_id=run_id, task_id="tk-000000000000", customer_id=CUSTOMER, agent_id=agent_id, team_key=run_id
+                    run_id=run_id,
+                    task_id="tk-000000000000",
+                    customer_id=CUSTOMER,
+                    agent_id=agent_id,
+                    team_key=run_id,
+                    state_deltas=True,  # as the runner joins members
                 )
                 await nc.request(join_subject(CUSTOMER, agent_id), join.model_dump_json().encode(), timeout=10)
             started = time.perf_counter()

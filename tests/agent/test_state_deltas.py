@@ -1,0 +1,117 @@
+"""A member's states sent as deltas put together to exactly the state AgentChat saves, turn after turn."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from autogen_agentchat.agents import AssistantAgent
+from autogen_agentchat.messages import TextMessage
+from autogen_core import CancellationToken
+from nats.aio.msg import Msg
+
+from agent.models import create_model_client
+from agent.protocol import ModelConfig
+from agent.teamhost import FULL_STATE_EVERY, _Container, _StateSender
+from agent.teamprotocol import STATE_AFTER_HEADER, STATE_BASE_HEADER
+from control.teams.checkpoints import TurnCheckpoints, _Sent
+from control.teams.models import Checkpoint
+
+TURNS = FULL_STATE_EVERY + 4
+
+
+class _Wire:
+    """What the member published, in order; a manager's chain of states built from it as ``on_state`` does."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, dict[str, str]]] = []
+        self.last: _Sent | None = None
+
+    async def publish(self, body: bytes, headers: dict[str, str]) -> bool:
+        self.sent.append((body, dict(headers)))
+        base = headers.get(STATE_BASE_HEADER)
+        if base is None:
+            self.last = _Sent(headers[STATE_AFTER_HEADER], body)
+        else:
+            assert self.last is not None and self.last.after == base
+            self.last = _Sent(headers[STATE_AFTER_HEADER], body, self.last)
+        return True
+
+
+def _member(deltas: bool = True) -> tuple[_Container, AssistantAgent, _Wire]:
+    model = create_model_client(ModelConfig(provider="replay", name="m", responses=[f"answer {i}" for i in range(99)]))
+    agent = AssistantAgent(name="alice", model_client=model)
+    wire = _Wire()
+    sender = _StateSender("alice", wire.publish, deltas)
+    return _Container("tk", agent, model, sender), agent, wire
+
+
+async def _turn(container: _Container, agent: AssistantAgent, wire: _Wire, i: int) -> None:
+    task = [TextMessage(source="bob", content=f"question {i}")]
+    answer = await agent.on_messages(task, CancellationToken())
+    container._message_buffer.append(TextMessage(source="carol", content=f"after {i}"))  # a buffered message
+    await container._sender.send(container, answer.chat_message.id)  # type: ignore[union-attr]
+
+
+def _whole(state: Any) -> Any:
+    return json.loads(json.dumps(state, default=lambda v: v.model_dump(mode="json")))
+
+
+async def test_deltas_add_up_to_the_whole_state() -> None:
+    container, agent, wire = _member()
+    for i in range(TURNS):
+        await _turn(container, agent, wire, i)
+        assert wire.last is not None
+        assert wire.last.read() == _whole(await container.save_state())
+    kinds = [STATE_BASE_HEADER in headers for _, headers in wire.sent]
+    assert kinds[0] is False and kinds[FULL_STATE_EVERY] is False  # whole at first, then every so many turns
+    assert sum(kinds) == TURNS - 2
+
+
+async def test_a_reset_context_goes_whole() -> None:
+    container, agent, wire = _member()
+    for i in range(3):
+        await _turn(container, agent, wire, i)
+    await agent.on_reset(CancellationToken())
+    await _turn(container, agent, wire, 3)
+    assert STATE_BASE_HEADER not in wire.sent[-1][1]
+    assert wire.last is not None and wire.last.read() == _whole(await container.save_state())
+
+
+async def test_loaded_state_and_old_managers_get_whole_states() -> None:
+    container, agent, wire = _member()
+    await _turn(container, agent, wire, 0)
+    await container.load_state(await container.save_state())  # a new attempt: its manager has no state yet
+    await _turn(container, agent, wire, 1)
+    assert STATE_BASE_HEADER not in wire.sent[-1][1]
+    container, agent, wire = _member(deltas=False)
+    for i in range(3):
+        await _turn(container, agent, wire, i)
+    assert not any(STATE_BASE_HEADER in headers for _, headers in wire.sent)
+
+
+async def test_a_delta_to_a_missed_state_is_not_used() -> None:
+    turns = TurnCheckpoints(repo=None, key="k", base=Checkpoint(), members=["alice"], record=lambda _: [])  # type: ignore[arg-type]
+    container, agent, wire = _member()
+    for i in range(2):
+        await _turn(container, agent, wire, i)
+    body, headers = wire.sent[1]  # the first (whole) state never reached the manager
+    await turns.on_state(Msg(None, subject="x.state", data=body, headers=headers))  # type: ignore[arg-type]
+    assert turns._pushed["alice"] == (headers[STATE_AFTER_HEADER], None)
+
+
+async def test_a_reset_while_a_state_is_sent_makes_the_next_one_whole() -> None:
+    container, agent, wire = _member()
+    sender = container._sender
+    assert sender is not None
+    publish = wire.publish
+
+    async def reset_meanwhile(body: bytes, headers: dict[str, str]) -> bool:
+        sender.reset()  # a new attempt's manager joined while this state was on its way
+        return await publish(body, headers)
+
+    sender._publish = reset_meanwhile
+    await _turn(container, agent, wire, 0)
+    sender._publish = publish
+    await _turn(container, agent, wire, 1)
+    assert STATE_BASE_HEADER not in wire.sent[-1][1]
