@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -188,6 +189,7 @@ class AgentWorker:
         await self._publish_agent_event(AgentEventKind.READY, {"health_port": self._health.port, **self._halt_data()})
         self._ready = True
         log.info("agent %s ready (health on %s)", cfg.agent_id, self._health.port)
+        gc.freeze()  # AutoGen, pydantic and the definition live as long as the process: out of the collector's way
 
     async def _connect(self, suffix: str, no_echo: bool = False) -> NATS:
         """Team runs have a connection of their own without echo: a member subscribes to the group topic it
