@@ -79,11 +79,17 @@ def _served_at(settings: Settings, api: Api) -> Settings:
     return settings.model_copy(update={"http_host": url.hostname, "http_port": url.port})
 
 
-async def test_the_demo_customer_gets_a_team_whose_task_the_banner_starts_and_follows(
-    nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def no_provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without provider keys: the demo's model is the local one, or the scripted one without it."""
     for env in PROVIDER_KEYS:
         monkeypatch.delenv(env, raising=False)
+
+
+@pytest.mark.usefixtures("no_provider_keys")
+async def test_the_demo_customer_gets_a_team_whose_task_the_banner_starts_and_follows(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
     settings = make_settings(nats_server.url, tmp_path / "data")
     async with ControlPlane(settings) as control, serve_api(control) as api:
         demo = _demo_model(settings)  # no key, no local model: the scripted one
@@ -104,11 +110,8 @@ async def test_the_demo_customer_gets_a_team_whose_task_the_banner_starts_and_fo
         assert len(await control.agents.list(creds["customer_id"])) == 3  # assistant, writer, critic
 
 
-async def test_a_data_dir_from_before_the_demo_team_gets_one(
-    nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for env in PROVIDER_KEYS:
-        monkeypatch.delenv(env, raising=False)
+@pytest.mark.usefixtures("no_provider_keys")
+async def test_a_data_dir_from_before_the_demo_team_gets_one(nats_server: EmbeddedNats, tmp_path: Path) -> None:
     settings = make_settings(nats_server.url, tmp_path / "data")
     async with ControlPlane(settings) as control, serve_api(control) as api:
         old = await _demo_credentials(settings, control, replace(_demo_model(settings), team=[]))  # no team yet
