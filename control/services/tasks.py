@@ -294,6 +294,8 @@ class TaskService:
     async def _guarded(msg: Msg, folding: Awaitable[None]) -> None:
         try:
             await folding
+        except ValueError:  # well-formed JSON that says something impossible (an unknown status, say)
+            log.warning("skipping a malformed event on %s", msg.subject)
         except (StoreConflict, nats.errors.Error):
             # the event stays in the stream (and on the SSE feed); only the record missed it
             log.exception("could not fold the event on %s into its record", msg.subject)

@@ -9,6 +9,7 @@ import nats
 import pytest
 import websockets
 
+from agent.protocol import Event, EventKind
 from tests.conftest import Api
 from tests.gateway.test_agents_api import wait_status
 from tests.support.helpers import assert_eventually, sse_events
@@ -150,6 +151,23 @@ async def test_cancel_stops_a_slow_model_call(api: Api) -> None:
     assert task["status"] == "cancelled" and task["result"] is None
     again = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
     assert again.status_code == 409
+
+
+async def test_an_impossible_event_does_not_stop_the_records_from_following(api: Api) -> None:
+    """An event that parses but names no status (an agent's bug, or a hostile one) is skipped, and the events
+    after it still reach the task's record."""
+    customer_id, headers = await api.new_customer()
+    slow = {"provider": "replay", "name": "slow", "responses": ["too late"], "delay_ms": 60_000}
+    agent = await running_agent(api, headers, model=slow, tools=[])
+    task_id = await start_task(api, headers, agent["id"])
+    await assert_eventually(
+        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
+    )
+    bogus = Event(kind=EventKind.STATUS, task_id=task_id, customer_id=customer_id, content="exploded")
+    await api.control.tasks.publish(bogus)
+    assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+    task = await finished(api, headers, task_id)
+    assert task["status"] == "cancelled"
 
 
 async def test_tasks_on_a_stopped_agent_are_refused(api: Api) -> None:
