@@ -584,11 +584,11 @@ def _process_table() -> dict[int, tuple[int, int]]:
         try:
             with open(f"/proc/{name}/stat", "rb") as stat:
                 raw = stat.read()
-        except OSError:  # gone meanwhile, or not ours to read
+            # after "pid (comm) ": state ppid pgrp ... with rss (in pages) the 22nd field from the state on
+            fields = raw[raw.rindex(b")") + 2 :].split()
+            table[int(name)] = (int(fields[1]), int(fields[21]) * _PAGE_SIZE)
+        except (OSError, ValueError, IndexError):  # gone meanwhile, not ours to read, or cut short
             continue
-        # after "pid (comm) ": state ppid pgrp ... with rss (in pages) the 22nd field from the state on
-        fields = raw[raw.rindex(b")") + 2 :].split()
-        table[int(name)] = (int(fields[1]), int(fields[21]) * _PAGE_SIZE)
     return table
 
 
