@@ -51,13 +51,17 @@ class Repo(Generic[M]):
         return found[0] if found else None
 
     async def get_with_revision(self, key: str) -> tuple[M, int] | None:
+        entry = await self._entry(key)
+        if entry is None or entry.value is None:
+            return None
+        return self._model.model_validate_json(entry.value), entry.revision or 0
+
+    async def _entry(self, key: str) -> KeyValue.Entry | None:
         try:
             entry = await self._kv.get(key)
         except KeyNotFoundError:
             return None
-        if entry.value is None:
-            return None
-        return self._model.model_validate_json(entry.value), entry.revision or 0
+        return entry if entry.value is not None else None
 
     async def create(self, key: str, record: M) -> int:
         try:
@@ -100,11 +104,8 @@ class Repo(Generic[M]):
         self, key: str, apply: Callable[[bytes], tuple[T, bytes | None]], attempts: int
     ) -> T | None:
         for attempt in range(attempts):
-            try:
-                entry = await self._kv.get(key)
-            except KeyNotFoundError:
-                return None
-            if entry.value is None:
+            entry = await self._entry(key)
+            if entry is None or entry.value is None:
                 return None
             result, new = apply(entry.value)
             if new is None:
@@ -130,7 +131,7 @@ class Repo(Generic[M]):
         ]
 
     async def list(self, pattern: str = ">") -> list[M]:
-        return [record for _, record in await self._items(pattern)]
+        return await self.list_as(self._model, pattern)
 
     async def list_as(self, model: type[P], pattern: str = ">") -> builtins.list[P]:
         """The records read as ``model``, a few of their fields (pydantic ignores the rest): a listing on a

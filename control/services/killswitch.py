@@ -108,8 +108,11 @@ class KillswitchService:
 
     async def apply(self, principal: Principal, request: KillswitchRequest) -> KillswitchResult:
         key = await self._validated_key(request)
-        previous = next((f for f in await self._flags.list() if f.key == key), None)
-        flag_id = uuid.uuid4().hex if request.engaged else (previous.id if previous else None)
+        if request.engaged:
+            flag_id: str | None = uuid.uuid4().hex
+        else:  # acknowledgements of a release name what is still engaged: the released flag must not be there
+            previous = next((f for f in await self._flags.list() if f.key == key), None)
+            flag_id = previous.id if previous else None
         acked: dict[str, set[str]] = defaultdict(set)  # agent id -> instances that acknowledged
         expected: dict[str, set[str]] | None = None  # covered agent id -> instances discovery knows
         done = asyncio.Event()

@@ -250,9 +250,12 @@ class TaskService:
         # superseded by later ones, and are applied then.
         pending: dict[str, tuple[Msg, Event]] = {}
         first = last = 0.0
+
+        def due() -> float:
+            return min(last + KILLSWITCH_QUIET_S, first + KILLSWITCH_STATE_DELAY_S)
+
         while True:
-            due = min(last + KILLSWITCH_QUIET_S, first + KILLSWITCH_STATE_DELAY_S)
-            wait = max(due - time.monotonic(), 0.005) if pending else 1.0
+            wait = max(due() - time.monotonic(), 0.005) if pending else 1.0
             try:
                 msgs = await psub.fetch(256, timeout=wait)
             except TimeoutError:  # nats.errors.TimeoutError, and the bare one nats-py raises when a fetch runs late
@@ -275,8 +278,7 @@ class TaskService:
                 elif event is not None and event.agent_id is not None:
                     await self._guarded(msg, on_agent_event(event))
                 await msg.ack()
-            now = time.monotonic()
-            if pending and now >= min(last + KILLSWITCH_QUIET_S, first + KILLSWITCH_STATE_DELAY_S):
+            if pending and time.monotonic() >= due():
                 applying, pending = pending, {}
                 for msg, event in applying.values():
                     await self._guarded(msg, on_agent_event(event))

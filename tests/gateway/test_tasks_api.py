@@ -137,14 +137,20 @@ async def test_bad_resume_points_and_tokens_are_refused(api: Api) -> None:
     await assert_ws_refused(api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws?token=forged")
 
 
-async def test_cancel_stops_a_slow_model_call(api: Api) -> None:
-    _, headers = await api.new_customer()
+async def running_slow_task(api: Api) -> tuple[str, dict[str, str], str]:
+    """A task whose model call takes a minute, once it runs: (customer id, headers, task id)."""
+    customer_id, headers = await api.new_customer()
     slow = {"provider": "replay", "name": "slow", "responses": ["too late"], "delay_ms": 60_000}
     agent = await running_agent(api, headers, model=slow, tools=[])
     task_id = await start_task(api, headers, agent["id"])
     await assert_eventually(
         lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
     )
+    return customer_id, headers, task_id
+
+
+async def test_cancel_stops_a_slow_model_call(api: Api) -> None:
+    _, headers, task_id = await running_slow_task(api)
     response = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
     assert response.status_code == 202
     task = await finished(api, headers, task_id)
@@ -156,13 +162,7 @@ async def test_cancel_stops_a_slow_model_call(api: Api) -> None:
 async def test_an_impossible_event_does_not_stop_the_records_from_following(api: Api) -> None:
     """An event that parses but names no status (an agent's bug, or a hostile one) is skipped, and the events
     after it still reach the task's record."""
-    customer_id, headers = await api.new_customer()
-    slow = {"provider": "replay", "name": "slow", "responses": ["too late"], "delay_ms": 60_000}
-    agent = await running_agent(api, headers, model=slow, tools=[])
-    task_id = await start_task(api, headers, agent["id"])
-    await assert_eventually(
-        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
-    )
+    customer_id, headers, task_id = await running_slow_task(api)
     bogus = Event(kind=EventKind.STATUS, task_id=task_id, customer_id=customer_id, content="exploded")
     await api.control.tasks.publish(bogus)
     assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
