@@ -610,7 +610,8 @@ class NatsAgentRuntime:
         token.add_callback(lambda: self._broadcast_cancel(scope))
 
     def _broadcast_cancel(self, scope: str) -> None:
-        if self._stopped or self._nc.is_closed:
+        # a scope cancelled by a broadcast (or by cancel_all, which sends its own) is not announced again
+        if self._stopped or self._nc.is_closed or scope in self._cancelled:
             return
         self._spawn(self._nc.publish(f"{self._ns}.x.cancel", scope.encode()))
 

@@ -192,13 +192,16 @@ class _Container(ChatAgentContainer):
 
 
 class _HostedRun:
-    def __init__(self, runtime: NatsAgentRuntime, join: MemberJoin) -> None:
+    def __init__(
+        self, runtime: NatsAgentRuntime, join: MemberJoin, sender: _StateSender, model_client: ChatCompletionClient
+    ) -> None:
         self.runtime = runtime
         self.join = join
+        self.sender = sender
+        self.model_client = model_client  # the run's own (a scripted model keeps its place per run): closed with it
         self.manager_seen = time.monotonic()
         self.beat: asyncio.Task[None] | None = None
         self.subs: list[Subscription] = []
-        self.sender: _StateSender | None = None
 
 
 class TeamHost:
@@ -268,7 +271,7 @@ class TeamHost:
         hosted = self._runs.get(join.run_id)
         if hosted is None:
             await self._host(join)
-        elif hosted.sender is not None:  # a new attempt: its manager has none of the states sent before
+        else:  # a new attempt: its manager has none of the states sent before
             hosted.sender.reset()
         answer = MemberJoined(agent_id=self._definition.agent_id, instance_id=self.instance_id, checkpoints=True)
         await msg.respond(answer.model_dump_json().encode())
@@ -298,14 +301,14 @@ class TeamHost:
         await runtime.add_subscription(TypeSubscription(topic_type=agent_type, agent_type=agent_type))
         group_topic = f"group_topic_{join.team_key}"
         await runtime.add_subscription(TypeSubscription(topic_type=group_topic, agent_type=agent_type))
-        hosted = _HostedRun(runtime, join)
-        hosted.sender = sender
+        hosted = _HostedRun(runtime, join, sender, model_client)
         try:
             await runtime.start()
             hosted.subs.append(await self._nc.subscribe(f"{namespace}.x.end", cb=self._on_end))
             hosted.subs.append(await self._nc.subscribe(f"{namespace}.x.alive", cb=self._on_alive))
         except BaseException:
             await runtime.stop()
+            await model_client.close()
             raise
         self._runs[join.run_id] = hosted
         hosted.beat = asyncio.create_task(self._beat(hosted), name=f"team-beat-{join.run_id}")
@@ -351,3 +354,4 @@ class TeamHost:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         await hosted.runtime.stop()
+        await hosted.model_client.close()

@@ -237,8 +237,6 @@ class AgentWorker:
             await self._killswitch.stop()
         if self._flags is not None:
             await self._flags.stop()
-        if self._model_client is not None:
-            await self._model_client.close()
         for token in self._runs.values():
             token.cancel()
         if self._teams is not None:
@@ -248,6 +246,8 @@ class AgentWorker:
                 await self._team_nc.drain()
         if self._run_tasks:
             await asyncio.wait(self._run_tasks, timeout=5)
+        if self._model_client is not None:  # after the runs: one still ending must not meet a closed client
+            await self._model_client.close()
         if self._nc is not None and self._nc.is_connected:
             with contextlib.suppress(Exception):
                 await self._publish_agent_event(AgentEventKind.STOPPING, {})

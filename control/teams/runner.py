@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +180,11 @@ class TeamRunner:
             except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
                 slots.release()
                 return
+            except Exception:  # JetStream unavailable for a while (a server restart): this replica keeps serving
+                slots.release()
+                log.exception("fetching team tasks failed; trying again")
+                await asyncio.sleep(1)
+                continue
             run = asyncio.create_task(self._handle(msgs[0]))
             self._runs.add(run)
             run.add_done_callback(self._runs.discard)
@@ -204,7 +209,7 @@ class TeamRunner:
             await self._serve_task(request, msg.metadata.num_delivered or 1, active)
         except _Retry:
             handed_over = True
-        except Exception:  # a bug of ours: fail the task and say so, rather than loop on it
+        except Exception:  # reading the task or its checkpoint failed: not run again in a loop, logged
             log.exception("team task %s: the runner failed", request.task_id)
         finally:
             keepalive.cancel()
@@ -227,17 +232,6 @@ class TeamRunner:
             try:
                 await self._segment(request, task, checkpoint, attempt, active)
                 return
-            except _Failed as failure:
-                await self._emit(task, attempt, EventKind.ERROR, content=str(failure))
-                await self._checkpoints_delete(task)
-                await self._status(task, attempt, "failed", str(failure))
-                return
-            except (ValueError, TypeError, LookupError) as exc:  # AgentChat refused the team or its state
-                log.exception("team task %s failed", task.id)
-                await self._emit(task, attempt, EventKind.ERROR, content=f"{type(exc).__name__}: {_reason(exc)}")
-                await self._checkpoints_delete(task)
-                await self._status(task, attempt, "failed", f"{type(exc).__name__}: {_reason(exc)}")
-                return
             except _Retry as retry:
                 if active.handover:
                     raise
@@ -245,10 +239,24 @@ class TeamRunner:
                     await self._checkpoints_delete(task)
                     await self._status(task, attempt, "failed", f"{retry} (gave up after {attempt} attempts)")
                     return
+                if active.cancelled:  # asked for while the run broke off: the next attempt must not start
+                    await self._checkpoints_delete(task)
+                    await self._status(task, attempt, "cancelled", "cancelled on request")
+                    return
                 log.warning("team task %s: %s; going on from the last checkpoint", task.id, retry)
                 attempt += 1
                 active.token, active.lost = CancellationToken(), None
                 checkpoint = await self._checkpoints.get(key) or checkpoint  # the run's newest
+                continue
+            except _Failed as failure:
+                reason = str(failure)
+            except Exception as exc:  # AgentChat refused the team or its state, or a bug of ours: never left running
+                log.exception("team task %s failed", task.id)
+                reason = f"{type(exc).__name__}: {_reason(exc)}"
+            await self._emit(task, attempt, EventKind.ERROR, content=reason)
+            await self._checkpoints_delete(task)
+            await self._status(task, attempt, "failed", reason)
+            return
 
     async def _segment(
         self, request: TeamTaskRequest, task: Task, checkpoint: Checkpoint, attempt: int, active: _Active
@@ -304,7 +312,7 @@ class TeamRunner:
                 if current is not None and current.cancelling():
                     raise
                 await self._jet.js.publish_async_completed()
-                if active.lost is not None or active.handover:
+                if (active.lost is not None or active.handover) and not active.cancelled:  # a cancel wins
                     await turns.flush()
                     raise _Retry(active.lost or "the control plane is stopping") from None
                 await turns.close()
@@ -323,13 +331,19 @@ class TeamRunner:
         finally:
             for beat in beats:
                 beat.cancel()
-            with contextlib.suppress(Exception):
-                await turns.close()
-            with contextlib.suppress(Exception):
-                await runtime.cancel_all()
-                await self._jet.nc.publish(f"{runtime.namespace}.x.end", b"")
-                await alive_sub.unsubscribe()
-                await state_sub.unsubscribe()
+            end = f"{runtime.namespace}.x.end"
+            ending: list[Callable[[], Awaitable[Any]]] = [
+                turns.close,
+                runtime.cancel_all,
+                lambda: self._jet.nc.publish(end, b""),
+                alive_sub.unsubscribe,
+                state_sub.unsubscribe,
+            ]
+            if selector is not None:
+                ending.append(selector.close)
+            for step in ending:  # each on its own: one that fails must not leave the others undone
+                with contextlib.suppress(Exception):
+                    await step()
             await runtime.stop()
 
     async def _stream(
