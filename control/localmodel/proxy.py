@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from control.localmodel.chatformat import render_prompt
 from control.localmodel.fairqueue import FairQueue, QueueFull, QueueTimeout
 
 __all__ = ["ModelProxy", "Upstream", "repair_request"]
@@ -61,17 +62,6 @@ def repair_request(body: dict[str, Any], default_max_tokens: int | None) -> dict
     if default_max_tokens and not body.get("max_tokens") and not body.get("max_completion_tokens"):
         out["max_tokens"] = default_max_tokens
     return out
-
-
-def _chatml(messages: list[Any]) -> str:
-    """The prompt the way the server renders plain chat (ChatML), to count its tokens."""
-    parts = []
-    for m in messages:
-        if isinstance(m, dict):
-            content = m.get("content")
-            text = content if isinstance(content, str) else json.dumps(content) if content else ""
-            parts.append(f"<|im_start|>{m.get('role', 'user')}\n{text}<|im_end|>\n")
-    return "".join(parts) + "<|im_start|>assistant\n"
 
 
 class ModelProxy:
@@ -295,9 +285,9 @@ class ModelProxy:
         assert self._http is not None
         prompt = 0
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
-            counted = await self._http.post(
-                f"{self.upstream.base_url}/extras/tokenize/count", json={"input": _chatml(body["messages"])}
-            )
+            prompt_text = render_prompt(body["messages"], body.get("tools") or [])
+            url = f"{self.upstream.base_url}/extras/tokenize/count"
+            counted = await self._http.post(url, json={"input": prompt_text})
             prompt = int(counted.json()["count"])
         return {
             "id": last.get("id", "chatcmpl-local"),
