@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import uvicorn
 
 from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
@@ -27,9 +28,8 @@ from control.jobspec import agent_job
 from control.localmodel import LocalModel, LocalModelUnavailable, runtime_installed
 from control.models import Agent, AgentCreate
 from control.natsauth import NatsAuth
-from control.natsio import connect
 from control.natsserver import EmbeddedNats
-from control.platform import ControlPlane
+from control.platform import ControlPlane, control_login
 from control.settings import Settings
 from control.store import Repo
 from control.teams.models import TeamCreate, Termination
@@ -384,11 +384,14 @@ async def _job(settings: Settings, verb: str, agent_id: str) -> int:
     if not is_plain_id(agent_id):
         print(f"not an agent id: {agent_id!r}", file=sys.stderr)
         return 2
-    jet = await connect(settings.nats_url, name="caravan-cli")
+    # read only (no streams or buckets made), as the control plane's user when `caravan up` runs NATS with auth
+    embedded_auth = settings.data_dir / "nats" / "auth.key"
+    user, password = control_login(settings, NatsAuth(embedded_auth.parent) if embedded_auth.exists() else None)
+    nc = await nats.connect(settings.nats_url, name="caravan-cli", user=user, password=password, connect_timeout=5)
     try:
-        found = await Repo(jet.kv["agents"], Agent).find(agent_id)
+        found = await Repo(await nc.jetstream().key_value("caravan_agents"), Agent).find(agent_id)
     finally:
-        await jet.close()
+        await nc.close()
     if found is None:
         print(f"agent {agent_id} not found", file=sys.stderr)
         return 1

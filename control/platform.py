@@ -10,6 +10,7 @@ import re
 
 from nats.aio.msg import Msg
 
+from agent.aio import cancel_and_wait
 from agent.backends.base import FlagStore, Scope
 from agent.protocol import BROADCAST_SUBJECT, utcnow
 from control.backends import create_flags, create_registry, create_scheduler
@@ -35,6 +36,14 @@ __all__ = ["ControlPlane"]
 
 log = logging.getLogger("caravan.control")
 _DEFINITION = re.compile(r"^caravan\.ctl\.([a-z]{2}-[0-9a-f]{12})\.definition\.([a-z]{2}-[0-9a-f]{12})$")
+
+
+def control_login(settings: Settings, nats_auth: NatsAuth | None) -> tuple[str | None, str | None]:
+    """The control plane's NATS user: its own on the embedded NATS with auth, else the configured one (if any)."""
+    if nats_auth is not None:
+        control = nats_auth.control()
+        return control.user, control.password
+    return settings.nats_user, settings.nats_password.get_secret_value() if settings.nats_password else None
 
 
 class ControlPlane:
@@ -158,13 +167,7 @@ class ControlPlane:
         if self._started:
             raise RuntimeError("control plane already started")
         self._started = True
-        user: str | None
-        password: str | None
-        if self.nats_auth is not None:
-            user, password = self.nats_auth.control().user, self.nats_auth.control().password
-        else:
-            user = self.settings.nats_user
-            password = self.settings.nats_password.get_secret_value() if self.settings.nats_password else None
+        user, password = control_login(self.settings, self.nats_auth)
         self._jet = jet = await connect(self.settings.nats_url, user=user, password=password)
         self._audit = AuditLog(jet.js)
         await self._audit.ensure_stream()
@@ -221,7 +224,7 @@ class ControlPlane:
         if self._tasks is not None:
             await self._tasks.stop_tracker()
         for task in list(self._background):
-            task.cancel()
+            await cancel_and_wait(task)
         if self._scheduler is not None:
             await self._scheduler.stop()
         for backend in (self._registry, self._flags):

@@ -11,6 +11,7 @@ from agent.protocol import ModelConfig
 from control.backends.nomad import NomadConfig, NomadScheduler
 from control.cli import _job
 from control.models import AgentCreate, AgentUpdate, Resources
+from control.natsauth import NatsAuth
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from tests.conftest import make_settings
@@ -48,3 +49,19 @@ async def test_render_and_plan_an_agents_job_without_submitting_it(
 
         assert await _job(settings, "render", "ag-000000000000") == 1
         assert await _job(settings, "plan", "../etc") == 2
+
+
+async def test_render_reads_the_agents_on_the_nats_that_caravan_up_runs_with_auth(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    auth = NatsAuth(data / "nats")  # as `caravan up` lays it out: users and their secret under the data dir
+    async with EmbeddedNats(data / "nats", auth=True) as server:
+        auth.server_pid = server.pid
+        settings = make_settings(server.url, data)
+        async with ControlPlane(settings, nats_auth=auth) as control:
+            customer, _ = await control.auth.create_customer("acme")
+            model = ModelConfig(provider="replay", name="s", responses=["ok"])
+            agent = await control.agents.create(customer.id, AgentCreate(name="guarded", model=model))
+            assert await _job(settings, "render", agent.id) == 0
+            assert json.loads(capsys.readouterr().out)["Job"]["ID"] == agent.job_id
