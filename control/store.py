@@ -123,7 +123,7 @@ class Repo(Generic[M]):
 
     async def keys(self, pattern: str = ">") -> list[str]:
         """Keys of live records matching a NATS subject pattern (``cu-1.*``)."""
-        return [key for key, _ in await self._items(pattern)]
+        return [e.key for e in await kv_entries(self._kv, pattern) if e.value]
 
     async def _items(self, pattern: str) -> list[tuple[str, M]]:
         return [

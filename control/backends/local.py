@@ -229,9 +229,7 @@ class LocalScheduler:
         await asyncio.gather(*(self._stop_allocs(job) for job in list(self._jobs.values())))
         self._jobs.clear()
         if self._memory_watch is not None:
-            self._memory_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._memory_watch
+            await cancel_and_wait(self._memory_watch)
 
     def _check_owner(self, meta: dict[str, str], job_id: str) -> None:
         if meta.get("caravan_owner") != self._install_id:
@@ -514,27 +512,30 @@ class LocalScheduler:
         process table per tick for all tasks: a pass per task would cost the control plane a core at fifty."""
         while True:
             await asyncio.sleep(_MEMORY_POLL_S)
-            running = [
-                (alloc, alloc.process)
-                for job in list(self._jobs.values())
-                for alloc in job.allocs
-                if alloc.process is not None and alloc.process.returncode is None
-            ]
-            if not running:
-                continue
-            table = _process_table()
-            children: dict[int, list[int]] = defaultdict(list)
-            for pid, (ppid, _) in table.items():
-                children[ppid].append(pid)
-            for alloc, proc in running:
-                rss = _tree_rss(proc.pid, children, table)
-                limit = alloc.job.spec.memory_mb * 2**20
-                if rss > limit and proc.returncode is None:
-                    alloc.oom = (
-                        f"OOM killed: memory {rss / 2**20:.0f} MB over the limit of {alloc.job.spec.memory_mb} MB"
-                    )
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                self._enforce_memory()
+            except Exception:  # one failed pass must not end the limits of every task for good
+                log.exception("memory limit check failed")
+
+    def _enforce_memory(self) -> None:
+        running = [
+            (alloc, alloc.process)
+            for job in list(self._jobs.values())
+            for alloc in job.allocs
+            if alloc.process is not None and alloc.process.returncode is None
+        ]
+        if not running:
+            return
+        table = _process_table()
+        children: dict[int, list[int]] = defaultdict(list)
+        for pid, (ppid, _) in table.items():
+            children[ppid].append(pid)
+        for alloc, proc in running:
+            rss = _tree_rss(proc.pid, children, table)
+            if rss > alloc.job.spec.memory_mb * 2**20 and proc.returncode is None:
+                alloc.oom = f"OOM killed: memory {rss / 2**20:.0f} MB over the limit of {alloc.job.spec.memory_mb} MB"
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def _http_check(host: str, port: int, path: str, limit_s: float) -> tuple[bool, str]:

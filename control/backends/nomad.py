@@ -29,6 +29,7 @@ import nomad
 import requests
 from nomad.api import exceptions as nomad_errors
 
+from agent.aio import cancel_and_wait
 from agent.protocol import PROVIDER_KEY_ENV
 from control.backends.base import (
     AllocState,
@@ -278,9 +279,7 @@ class NomadScheduler:
         if self._reader is not None:
             await asyncio.to_thread(self._reader.join, self._config.stream_read_timeout_s + 5)
         if self._consumer is not None:
-            self._consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._consumer
+            await cancel_and_wait(self._consumer)
 
     def _require_running(self) -> None:
         if not self._started or self._closed:
@@ -621,7 +620,7 @@ class NomadScheduler:
                 self._last_index = max(self._last_index, int(frame.get("Index") or 0))
                 for event in frame.get("Events") or []:
                     await self._on_event(event)
-            except (SchedulerError, KeyError, TypeError, ValueError):
+            except Exception:  # one odd frame must not end the status feed for good
                 log.exception("could not handle a Nomad event")
 
     async def _resync(self) -> None:

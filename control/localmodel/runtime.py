@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from agent.aio import cancel_and_wait
 from control.localmodel.chatformat import CHAT_FORMAT
 
 __all__ = ["LlamaServer", "LocalModelUnavailable", "bundled_model_path", "runtime_installed"]
@@ -141,9 +142,7 @@ class LlamaServer:
             return
         self._stopping = True
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+            await cancel_and_wait(self._supervisor)
         await self._terminate()
 
     def _command(self) -> list[str]:

@@ -119,7 +119,7 @@ async def stats(control: ControlDep, _: AdminDep) -> Stats:
 async def broadcast(body: BroadcastRequest, control: ControlDep, admin: AdminDep) -> BroadcastResult:
     """Send a message to every agent (NATS `caravan.broadcast`); each agent acknowledges with a `broadcast` event."""
     await control.broadcast(body.message, admin.subject)
-    running = [a for a in await control.agents.list(None) if a.status == AgentStatus.RUNNING]
+    running = [a for a in await control.agents.live() if a.status == AgentStatus.RUNNING]
     await _audit(control, admin, "broadcast", None, "all", message=body.message, agents=len(running))
     return BroadcastResult(agents_running=len(running))
 
