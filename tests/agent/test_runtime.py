@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from agent.runtime import NatsAgentRuntime
 from agent.serialization import MessageCodec
 from control.natsserver import EmbeddedNats
+from tests.support.helpers import assert_eventually
 
 NS = "caravan.rt.cu-000000000001.rn-000000000001"
 
@@ -93,12 +94,19 @@ def _serializers(cls: type) -> list[Any]:
     return list(try_get_known_serializers_for_type(cls))
 
 
-async def _settle(recorder: Recorder, count: int) -> None:
-    for _ in range(1000):  # the machine may be busy: give the messages ten seconds
-        if len(recorder.seen) >= count:
-            break
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)  # anything extra would have arrived by now
+async def _marked(calling: NatsAgentRuntime, recorder: Recorder, mark: str) -> None:
+    """Publish ``mark`` on a subscribed topic after what came before and wait for it: from one connection to one
+    agent, messages arrive in order, so whatever was published earlier and not seen by now never will be."""
+    await calling.publish_message(Note(mark), TopicId("notes", "default"))
+    await assert_eventually(_seen(recorder), lambda seen: (mark, "notes") in seen, within=10, what=mark)
+    recorder.seen.remove((mark, "notes"))
+
+
+def _seen(recorder: Recorder) -> Callable[[], Awaitable[list[tuple[str, str]]]]:
+    async def probe() -> list[tuple[str, str]]:
+        return list(recorder.seen)
+
+    return probe
 
 
 async def test_each_subscription_gets_a_message_once_and_direct_topics_reach_only_their_agent(
@@ -110,7 +118,7 @@ async def test_each_subscription_gets_a_message_once_and_direct_topics_reach_onl
     await calling.publish_message(Note("direct, longer"), TopicId("rec:a:b", "default"))
     await calling.publish_message(Note("elsewhere"), TopicId("other:", "default"))
     await calling.publish_message(Note("unheard"), TopicId("unheard", "default"))
-    await _settle(recorder, 3)
+    await _marked(calling, recorder, "end")
     assert sorted(recorder.seen) == [("direct", "rec:"), ("direct, longer", "rec:a:b"), ("typed", "notes")]
 
 
@@ -119,14 +127,14 @@ async def test_a_subscription_added_late_is_routed_and_one_that_is_removed_is_no
 ) -> None:
     serving, calling, recorder = pair
     await calling.publish_message(Note("before"), TopicId("later", "default"))
-    await asyncio.sleep(0.2)
+    await _marked(calling, recorder, "before is done")
     late = TypePrefixSubscription(topic_type_prefix="lat", agent_type="rec")
     await serving.add_subscription(late)
     await calling.publish_message(Note("after"), TopicId("later", "default"))
-    await _settle(recorder, 1)
+    await _marked(calling, recorder, "after is done")
     await serving.remove_subscription(late.id)
     await calling.publish_message(Note("removed"), TopicId("later", "default"))
-    await asyncio.sleep(0.1)
+    await _marked(calling, recorder, "removed is done")
     assert recorder.seen == [("after", "later")]
 
 
@@ -162,7 +170,8 @@ async def test_cancellation_scopes_go_with_their_messages(
     for _ in range(50):
         assert await calling.send_message(Wait(0), AgentId("rec", "default")) == Note("done")
         await calling.publish_message(Note("n"), TopicId("notes", "default"))
-    await _settle(recorder, 50)
+    await _marked(calling, recorder, "all handled")
+    assert len(recorder.seen) == 50
     gc.collect()
     assert len(calling._scopes) < 5 and len(serving._scopes) < 5
 
