@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 from typing import Any
 
-__all__ = ["cancel_and_wait"]
+from nats.aio.msg import Msg
+
+__all__ = ["cancel_and_wait", "keep_in_progress"]
 
 
 async def cancel_and_wait(task: asyncio.Task[Any], nudge_s: float = 1.0) -> None:
@@ -21,3 +23,12 @@ async def cancel_and_wait(task: asyncio.Task[Any], nudge_s: float = 1.0) -> None
         await asyncio.wait({task}, timeout=nudge_s)
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def keep_in_progress(msg: Msg, every: float) -> None:
+    """Tell JetStream every ``every`` seconds that ``msg`` is still being worked on (until cancelled), so that a
+    long task or team run is not redelivered while it runs."""
+    while True:
+        await asyncio.sleep(every)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()

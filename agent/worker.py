@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from agent.aio import cancel_and_wait
+from agent.aio import cancel_and_wait, keep_in_progress
 from agent.backends import create_flag_store
 from agent.backends.base import FlagStore
 from agent.health import HealthServer
@@ -324,7 +324,7 @@ class AgentWorker:
             return
         run = _TaskRun(self, request, msg.metadata.num_delivered or 1)
         self._runs[request.task_id] = run.token
-        heartbeat = asyncio.create_task(_keep_in_progress(msg))
+        heartbeat = asyncio.create_task(keep_in_progress(msg, every=10.0))
         try:
             await run.execute()
         finally:
@@ -373,13 +373,6 @@ async def _log_nats_error(error: Exception) -> None:
 def _log_unstored(acked: asyncio.Future[Any]) -> None:
     if not acked.cancelled() and acked.exception() is not None:
         log.warning("an event was not stored: %s", acked.exception())
-
-
-async def _keep_in_progress(msg: Msg, every: float = 10.0) -> None:
-    while True:
-        await asyncio.sleep(every)
-        with contextlib.suppress(Exception):
-            await msg.in_progress()
 
 
 class _TaskRun:

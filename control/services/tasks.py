@@ -66,7 +66,8 @@ class StreamedEvent:
         return self.event.kind == EventKind.STATUS and self.event.content in TERMINAL_TASK_STATUSES
 
 
-def _key(customer_id: str, task_id: str) -> str:
+def task_key(customer_id: str, task_id: str) -> str:
+    """A task record's key (and its team checkpoint's): the customer's records share a prefix."""
     return f"{customer_id}.{task_id}"
 
 
@@ -115,13 +116,13 @@ class TaskService:
         if agent.desired != "running" or agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
             raise Conflict(f"agent {agent.id} is {agent.status.value}; start it before giving it tasks")
         task = Task(id=task_id, customer_id=customer_id, agent_id=agent.id, task=spec.task)
-        await self._repo.create(_key(customer_id, task.id), task)
+        await self._repo.create(task_key(customer_id, task.id), task)
         await self.publish(Event(kind=EventKind.STATUS, task_id=task.id, customer_id=customer_id, content="queued"))
         request = TaskRequest(task_id=task.id, customer_id=customer_id, agent_id=agent.id, task=spec.task)
         ack = await self._js.publish(
             task_subject(customer_id, agent.id), request.model_dump_json().encode(), headers={"Nats-Msg-Id": task.id}
         )
-        await self._repo.update(_key(customer_id, task.id), lambda t: t.model_copy(update={"queue_seq": ack.seq}))
+        await self._repo.update(task_key(customer_id, task.id), lambda t: t.model_copy(update={"queue_seq": ack.seq}))
         # the answer is the task as queued: the agent may already have picked it up, which the events will tell
         return task.model_copy(update={"queue_seq": ack.seq})
 
@@ -130,7 +131,7 @@ class TaskService:
             found = await self._repo.find(task_id) if is_plain_id(task_id) else None
             task = found[1] if found else None
         else:
-            task = await self._repo.get(_key(customer_id, task_id)) if is_plain_id(task_id) else None
+            task = await self._repo.get(task_key(customer_id, task_id)) if is_plain_id(task_id) else None
         if task is None:
             raise NotFound(f"task {task_id!r} not found")
         return task
@@ -312,7 +313,7 @@ class TaskService:
             before[:] = [task.status]
             return fold_event(task, event)
 
-        after = await self._repo.update(_key(event.customer_id, event.task_id), fold)
+        after = await self._repo.update(task_key(event.customer_id, event.task_id), fold)
         if after is None:
             return
         if after.status in TERMINAL_TASK_STATUSES and before and before[0] not in TERMINAL_TASK_STATUSES:

@@ -13,15 +13,12 @@ from control.errors import Conflict, NotFound
 from control.models import AgentStatus, Task, TaskCreate, TaskStatus
 from control.services.agents import AgentService
 from control.services.killswitch import KillswitchService
+from control.services.tasks import task_key
 from control.store import Repo
 from control.teams.models import Checkpoint, Team
 from control.teams.service import TeamService
 
 __all__ = ["TeamTasks", "task_key"]
-
-
-def task_key(customer_id: str, task_id: str) -> str:
-    return f"{customer_id}.{task_id}"
 
 
 class TeamTasks:

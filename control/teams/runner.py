@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 
-from agent.aio import cancel_and_wait
+from agent.aio import cancel_and_wait, keep_in_progress
 from agent.models import create_model_client
 from agent.protocol import TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
 from agent.runtime import NatsAgentRuntime
@@ -203,7 +203,7 @@ class TeamRunner:
             await msg.term()
             return
         active = self._active[request.task_id] = _Active()
-        keepalive = asyncio.create_task(_keep_in_progress(msg, self.config.ack_wait_s / 3))
+        keepalive = asyncio.create_task(keep_in_progress(msg, self.config.ack_wait_s / 3))
         handed_over = False
         try:
             await self._serve_task(request, msg.metadata.num_delivered or 1, active)
@@ -541,10 +541,3 @@ def _reason(exc: Exception) -> str:
     text = str(exc).strip()
     first = text.split("\nTraceback", 1)[0].strip()
     return first[:1000] or type(exc).__name__
-
-
-async def _keep_in_progress(msg: Msg, every: float) -> None:
-    while True:
-        await asyncio.sleep(every)
-        with contextlib.suppress(Exception):
-            await msg.in_progress()
