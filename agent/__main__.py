@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from agent.aio import run
 from agent.worker import AgentWorker, DefinitionUnavailable, WorkerConfig
 
 
@@ -34,7 +35,7 @@ async def _main() -> int:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(asyncio.run(_main()))
+    sys.exit(run(_main()))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
+import uvloop
 from nats.aio.msg import Msg
 
-__all__ = ["cancel_and_wait", "keep_in_progress"]
+__all__ = ["cancel_and_wait", "keep_in_progress", "new_event_loop", "run"]
+
+T = TypeVar("T")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The event loop of every Caravan process: uvloop's, or asyncio's own with ``CARAVAN_EVENT_LOOP=asyncio``.
+    Every message of a team run turns the event loops of three or four processes several times, and a turn of
+    uvloop's costs a fraction of one of asyncio's (issue 5's benchmark runs on both)."""
+    if os.environ.get("CARAVAN_EVENT_LOOP", "uvloop") == "asyncio":
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on :func:`new_event_loop`."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
 
 
 async def cancel_and_wait(task: asyncio.Task[Any], nudge_s: float = 1.0) -> None:

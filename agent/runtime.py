@@ -60,6 +60,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from agent.serialization import MessageCodec
+from agent.wire import Wire
 
 __all__ = ["NatsAgentRuntime", "RemoteHandlerError", "subject_token"]
 
@@ -140,6 +141,7 @@ class NatsAgentRuntime:
         instance_id: str | None = None,
     ) -> None:
         self._nc = nc
+        self._wire = Wire.of(nc)
         self._ns = namespace
         self._codec = codec or MessageCodec()
         self._rpc_timeout = rpc_timeout
@@ -182,6 +184,7 @@ class NatsAgentRuntime:
         if self._started:
             raise RuntimeError("runtime already started")
         self._started = True
+        await self._wire.ready()
         await self._listen(f"{self._ns}.x.cancel", self._on_cancel)
         for agent_type in self._factories:
             await self._serve_type(agent_type)
@@ -196,7 +199,7 @@ class NatsAgentRuntime:
         self._stopped = True
         for sub in self._nats_subs.values():
             with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+                await self._wire.unsubscribe(sub)
         self._nats_subs.clear()
         for token in list(self._scopes.values()):
             token.cancel()
@@ -213,7 +216,7 @@ class NatsAgentRuntime:
         """Cancel every handler of this namespace, in every process."""
         self._cancel_scope(_ALL)
         if not self._nc.is_closed:
-            await self._nc.publish(f"{self._ns}.x.cancel", _ALL.encode())
+            await self._wire.publish(f"{self._ns}.x.cancel", _ALL.encode())
 
     def mark_remote(self, agent_type: str) -> None:
         """Agents of ``agent_type`` live in other processes even if registered here (a team's participants,
@@ -401,7 +404,7 @@ class NatsAgentRuntime:
             "sc": self._scope(token),
         }
         if not self._nc.is_closed:
-            await self._nc.publish(f"{self._ns}.t.{_topic_tokens(topic_id.type)}", _frame(meta, payload))
+            await self._wire.publish(f"{self._ns}.t.{_topic_tokens(topic_id.type)}", _frame(meta, payload))
         self._deliver(message, topic_id, sender, token, message_id)
 
     def _new_id(self) -> str:
@@ -477,7 +480,7 @@ class NatsAgentRuntime:
     ) -> tuple[dict[str, Any], bytes]:
         meta = {"op": op, "k": agent.key, **(meta or {})}
         subject = _agent_subject(self._ns, agent.type)
-        future = asyncio.ensure_future(self._nc.request(subject, _frame(meta, payload), self._rpc_timeout))
+        future = self._wire.ask(subject, _frame(meta, payload), self._rpc_timeout)
         if token is not None:
             token.link_future(future)
         try:
@@ -491,11 +494,12 @@ class NatsAgentRuntime:
 
     # -- NATS side -------------------------------------------------------------------------------------------
 
-    async def _listen(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> bool:
-        """Subscribe once per subject; whether this call did."""
+    async def _listen(self, subject: str, cb: Callable[[Msg], None], queue: str = "") -> bool:
+        """Subscribe once per subject (``cb`` is called in the read loop: it must not block); whether this
+        call did."""
         if subject in self._nats_subs:
             return False
-        self._nats_subs[subject] = await self._nc.subscribe(subject, queue=queue, cb=cb)
+        self._nats_subs[subject] = await self._wire.subscribe(subject, cb, queue=queue)
         return True
 
     async def _serve_type(self, agent_type: str) -> None:
@@ -522,12 +526,12 @@ class NatsAgentRuntime:
         if subject is None or subject in self._nats_subs:
             return False
 
-        async def on_publish(msg: Msg) -> None:
-            await self._on_publish(msg, subject)
+        def on_publish(msg: Msg) -> None:
+            self._on_publish(msg, subject)
 
         return await self._listen(subject, on_publish)
 
-    async def _on_publish(self, msg: Msg, via: str) -> None:
+    def _on_publish(self, msg: Msg, via: str) -> None:
         meta, payload = _unframe(msg.data)
         if meta.get("from") == self.instance_id:
             return  # delivered locally when it was published
@@ -542,14 +546,17 @@ class NatsAgentRuntime:
         sender = _sender(meta["sn"]) if meta.get("sn") else None
         self._deliver(message, topic_id, sender, self._token(meta.get("sc")), meta["id"], via)
 
-    async def _on_request(self, msg: Msg) -> None:
+    def _on_request(self, msg: Msg) -> None:
+        if not msg.reply:
+            log.warning("dropping a request on %s with nowhere to answer", msg.subject)
+            return
         meta, payload = _unframe(msg.data)
         agent_id = _agent_id(_from_token(msg.subject[len(self._ns) + 3 :]), meta["k"])
         if meta["op"] == "msg":
             try:
                 message = self._codec.decode(meta["ty"], payload)
             except (LookupError, ValueError) as exc:
-                await msg.respond(_frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, b""))
+                self._wire.send_soon(msg.reply, _frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, b""))
                 return
             sender = _sender(meta["sn"]) if meta.get("sn") else None
             context = MessageContext(sender, None, True, self._token(meta.get("sc")), meta["id"])
@@ -582,7 +589,7 @@ class NatsAgentRuntime:
             frame = _frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, b"")
         if not self._nc.is_closed:
             with contextlib.suppress(nats.errors.Error):
-                await msg.respond(frame)
+                await self._wire.publish(msg.reply, frame)
 
     # -- cancellation scopes ---------------------------------------------------------------------------------
 
@@ -613,7 +620,7 @@ class NatsAgentRuntime:
         # a scope cancelled by a broadcast (or by cancel_all, which sends its own) is not announced again
         if self._stopped or self._nc.is_closed or scope in self._cancelled:
             return
-        self._spawn(self._nc.publish(f"{self._ns}.x.cancel", scope.encode()))
+        self._wire.send_soon(f"{self._ns}.x.cancel", scope.encode())
 
     def _cancel_scope(self, scope: str) -> None:
         scopes = list(self._scopes) if scope == _ALL else [scope]
@@ -625,5 +632,5 @@ class NatsAgentRuntime:
         while len(self._cancelled) > _CANCELLED_KEPT:
             del self._cancelled[next(iter(self._cancelled))]
 
-    async def _on_cancel(self, msg: Msg) -> None:
+    def _on_cancel(self, msg: Msg) -> None:
         self._cancel_scope(msg.data.decode())

@@ -21,6 +21,7 @@ import httpx
 import nats
 import uvicorn
 
+from agent.aio import run
 from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
 from control.backends.base import SchedulerError
 from control.ids import is_plain_id
@@ -452,12 +453,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     if args.command == "job":
         logging.getLogger().setLevel(logging.WARNING)
-        sys.exit(asyncio.run(_job(settings, args.verb, args.agent_id)))
+        sys.exit(run(_job(settings, args.verb, args.agent_id)))
     try:
         if args.command == "up":
-            asyncio.run(_up(settings, args.nats_port))
+            run(_up(settings, args.nats_port))
         else:
-            asyncio.run(_serve_only(settings))
+            run(_serve_only(settings))
     except KeyboardInterrupt:
         pass
     sys.exit(0)

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.backends.base import FlagKey, Scope
 from agent.backends.natskv import BUCKET as FLAGS_BUCKET
+from agent.backends.natskv import kv_key
 from agent.protocol import TASKS_STREAM, consumer_name
 from control.services.audit import AUDIT_STREAM
 
@@ -44,6 +46,8 @@ def inbox_prefix(agent_id: str) -> str:
 
 def agent_permissions(customer_id: str, agent_id: str) -> dict[str, Any]:
     consumer = consumer_name(agent_id)
+    scopes = (FlagKey(Scope.ALL), FlagKey(Scope.CUSTOMER, customer_id), FlagKey(Scope.AGENT, agent_id))
+    flag_keys = [kv_key(key) for key in scopes]
     return {
         "publish": {
             "allow": [
@@ -58,6 +62,8 @@ def agent_permissions(customer_id: str, agent_id: str) -> dict[str, Any]:
                 f"$JS.API.CONSUMER.CREATE.{FLAGS_STREAM}.>",
                 f"$JS.API.CONSUMER.INFO.{FLAGS_STREAM}.>",
                 f"$JS.API.CONSUMER.DELETE.{FLAGS_STREAM}.>",
+                # the current value of exactly the flags that cover this agent (agent/backends/natskv.py)
+                *(f"$JS.API.DIRECT.GET.{FLAGS_STREAM}.$KV.{FLAGS_BUCKET}.{key}" for key in flag_keys),
                 "$JS.FC.>",
             ]
         },

@@ -1,15 +1,17 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from agent import aio
 from control.localmodel import LocalModel, LocalModelConfig, runtime_installed
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
@@ -20,6 +22,13 @@ from tests.support.helpers import serve_app
 from tests.support.nomad_double import NomadDouble
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The suite runs on the event loop Caravan's processes run on (agent.aio.new_event_loop)."""
+    return {"caravan": aio.new_event_loop}
 
 
 @pytest.fixture

@@ -155,45 +155,48 @@ class NatsKVFlags:
 
     async def _watch_connected(self, keys: Sequence[FlagKey], heartbeat: float) -> AsyncIterator[FlagSnapshot]:
         """Watch until the connection drops; then return so that the caller re-reads everything."""
-        updates: asyncio.Queue[tuple[FlagKey, Flag | None] | None] = asyncio.Queue()
+        updates: asyncio.Queue[tuple[FlagKey, KeyValue.Entry]] = asyncio.Queue()
         flags: dict[FlagKey, Flag] = {}
+        known: dict[FlagKey, int] = {}  # the newest revision applied, per key
         watchers = []
         pumps: list[asyncio.Task[None]] = []
 
         async def pump(key: FlagKey, watcher: KeyValue.KeyWatcher) -> None:
             async for entry in watcher:
-                if entry is None:
-                    await updates.put(None)  # this key's initial value has been delivered
-                elif entry.operation in _DELETED or not entry.value:
-                    await updates.put((key, None))
-                else:
-                    await updates.put((key, Flag.decode(key, entry.value, entry.revision or 0)))
+                if entry is not None:  # None: nats-py's end of the initial values, not relied on (below)
+                    await updates.put((key, entry))
+
+        def apply(key: FlagKey, entry: KeyValue.Entry | None) -> None:
+            if entry is None:
+                return
+            known[key] = entry.revision or 0
+            if entry.operation in _DELETED or not entry.value:
+                flags.pop(key, None)
+            else:
+                flags[key] = Flag.decode(key, entry.value, entry.revision or 0)
 
         try:
             for key in keys:
                 watcher = await self.kv.watch(kv_key(key))
                 watchers.append(watcher)
                 pumps.append(asyncio.create_task(pump(key, watcher)))
-            initial = len(keys)
+            # A watcher can mark its initial values done before the value arrives (nats-py compares the
+            # consumer's pending count while the value is still in flight), so the first snapshot is read from
+            # the keys once the watchers exist; what the watchers send counts only when it is newer.
+            current = await asyncio.gather(*(_get(self.kv, kv_key(key)) for key in keys))
+            for key, found in zip(keys, current, strict=True):
+                apply(key, found)
+            yield FlagSnapshot(dict(flags))
             while True:
                 try:
-                    item = await asyncio.wait_for(updates.get(), timeout=heartbeat)
+                    key, entry = await asyncio.wait_for(updates.get(), timeout=heartbeat)
                 except TimeoutError:
                     if not self._nc.is_connected:
                         return
-                    if initial == 0:
-                        yield FlagSnapshot(dict(flags))
+                    yield FlagSnapshot(dict(flags))
                     continue
-                if item is None:
-                    initial -= 1
-                else:
-                    key, flag = item
-                    if flag is None:
-                        flags.pop(key, None)
-                    else:
-                        flags[key] = flag
-                if initial <= 0:
-                    initial = 0
+                if (entry.revision or 0) > known.get(key, 0):
+                    apply(key, entry)
                     yield FlagSnapshot(dict(flags))
         finally:
             for task in pumps:

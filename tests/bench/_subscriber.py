@@ -7,6 +7,8 @@ import sys
 
 import nats
 
+from agent.aio import run
+
 
 async def main(url: str, index: str) -> None:
     nc = await nats.connect(url)
@@ -21,4 +23,4 @@ async def main(url: str, index: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    run(main(sys.argv[1], sys.argv[2]))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import nats
 from autogen_core import MessageContext, RoutedAgent, rpc, try_get_known_serializers_for_type
 
+from agent.aio import run
 from agent.protocol import AgentDefinition, ModelConfig
 from agent.runtime import NatsAgentRuntime
 from agent.teamhost import TeamHost
@@ -87,4 +88,4 @@ async def main(mode: str, address: str, extra: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else ""))
+    run(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else ""))

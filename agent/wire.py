@@ -1,0 +1,176 @@
+"""The hot path of a nats-py connection: messages written when they are sent, read by callbacks in the read loop.
+
+nats-py hands every outgoing message to a flusher task and every incoming one to a task per subscription: each
+hop of a message costs two more turns of the event loop, and a request/reply four. The agent runtime sends every
+message of a team run this way, so :class:`Wire` shortens it on the same connection:
+
+- :meth:`Wire.send` writes a message to the socket at once, after whatever nats-py still holds, so the order of
+  everything sent on the connection is kept.
+- :meth:`Wire.subscribe` takes a plain function, called from the read loop with each message, in order. It must
+  not block: it spawns whatever takes time.
+- :meth:`Wire.ask` is a request whose answer comes back through one inbox subscription, as a future.
+
+Everything else stays nats-py's: connecting, auth, TLS, pings, reconnects (nats-py restores subscriptions under
+the same ids, so the callbacks keep working), draining and JetStream. While the connection is down, sending
+falls back to nats-py's publish, which buffers. One Wire serves a connection however many runtimes share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.protocol.command import pub_cmd
+
+__all__ = ["Wire"]
+
+log = logging.getLogger("caravan.wire")
+_NO_RESPONDERS = "503"
+_BAD_SUBJECT = frozenset(" \t\r\n")
+
+
+class Wire:
+    """``Wire.of(nc)``: the one Wire of a connection (see the module docstring)."""
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._callbacks: dict[int, Callable[[Msg], None]] = {}
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._inbox: str | None = None
+        self._inbox_lock = asyncio.Lock()
+        self._tokens = itertools.count()
+        self._background: set[asyncio.Task[Any]] = set()
+        original = nc._process_msg
+
+        async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+            callback = self._callbacks.get(sid)
+            if callback is None:
+                await original(sid, subject, reply, data, headers)  # type: ignore[arg-type]
+                return
+            nc.stats["in_msgs"] += 1
+            nc.stats["in_bytes"] += len(data)
+            header = await nc._process_headers(headers) if headers else None
+            msg = Msg(_client=nc, subject=subject.decode(), reply=reply.decode(), data=data, headers=header, _sid=sid)
+            try:
+                callback(msg)
+            except Exception:  # the read loop must go on: one bad callback cannot stop the connection
+                log.exception("callback for %s failed", msg.subject)
+
+        nc._process_msg = process_msg  # type: ignore[method-assign]
+
+    @classmethod
+    def of(cls, nc: NATS) -> Wire:
+        wire: Wire | None = getattr(nc, "_caravan_wire", None)
+        if wire is None:
+            wire = cls(nc)
+            nc._caravan_wire = wire  # type: ignore[attr-defined]
+        return wire
+
+    # -- sending ---------------------------------------------------------------------------------------------
+
+    def send(self, subject: str, payload: bytes, reply: str = "") -> bool:
+        """Write a message now; False (nothing written) while the connection is not up, for :meth:`publish`."""
+        nc = self._nc
+        if not nc.is_connected or nc._transport is None:
+            return False
+        if _BAD_SUBJECT.intersection(subject) or _BAD_SUBJECT.intersection(reply) or not subject:
+            raise nats.errors.BadSubjectError
+        if len(payload) > nc._max_payload:
+            raise nats.errors.MaxPayloadError
+        command = pub_cmd(subject, reply, payload)
+        if nc._pending:  # what nats-py holds goes first
+            nc._pending.append(command)
+            nc._transport.writelines(nc._pending)
+            nc._pending = []
+            nc._pending_data_size = 0
+        else:
+            nc._transport.write(command)
+        nc.stats["out_msgs"] += 1
+        nc.stats["out_bytes"] += len(payload)
+        return True
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        """:meth:`send`, or nats-py's publish while the connection is down; waits while the socket is full."""
+        if self.send(subject, payload, reply):
+            assert self._nc._transport is not None  # send() wrote to it
+            await self._nc._transport.drain()  # returns at once unless the socket's buffer is full
+        else:
+            await self._nc.publish(subject, payload, reply=reply)
+
+    def send_soon(self, subject: str, payload: bytes, reply: str = "") -> None:
+        """:meth:`send` from a callback: when the connection is down, nats-py's publish runs in a task."""
+        if not self.send(subject, payload, reply) and not self._nc.is_closed:
+            task = asyncio.ensure_future(self._nc.publish(subject, payload, reply=reply))
+            self._background.add(task)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not publish: %s", task.exception())
+
+    # -- receiving -------------------------------------------------------------------------------------------
+
+    async def subscribe(self, subject: str, callback: Callable[[Msg], None], queue: str = "") -> Subscription:
+        sub = await self._nc.subscribe(subject, queue=queue)  # no callback: nats-py starts no task for it
+        self._callbacks[sub._id] = callback
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        self._callbacks.pop(sub._id, None)
+        await sub.unsubscribe()
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    async def ready(self) -> None:
+        """Subscribe the inbox that answers come back to (once per connection)."""
+        async with self._inbox_lock:
+            if self._inbox is None:
+                inbox = self._nc.new_inbox() + "."
+                await self.subscribe(inbox + "*", self._on_answer)
+                self._inbox = inbox
+
+    @property
+    def waiting(self) -> int:
+        """Requests sent and not yet answered, refused, timed out or cancelled."""
+        return len(self._waiting)
+
+    def ask(self, subject: str, payload: bytes, timeout: float) -> asyncio.Future[Msg]:
+        """Send a request; the future holds the answer, or ``nats.errors.TimeoutError`` /
+        ``NoRespondersError``. Cancelling the future forgets the request. Call :meth:`ready` once first."""
+        if self._inbox is None:
+            raise RuntimeError("Wire.ready() was not awaited")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        token = f"{next(self._tokens):x}"
+        self._waiting[token] = future
+        timer = loop.call_later(timeout, _expire, future)
+
+        def forget(_: asyncio.Future[Msg]) -> None:
+            self._waiting.pop(token, None)
+            timer.cancel()
+
+        future.add_done_callback(forget)
+        self.send_soon(subject, payload, self._inbox + token)
+        return future
+
+    def _on_answer(self, msg: Msg) -> None:
+        future = self._waiting.get(msg.subject[len(self._inbox or "") :])
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS and not msg.data:
+            future.set_exception(nats.errors.NoRespondersError())
+        else:
+            future.set_result(msg)
+
+
+def _expire(future: asyncio.Future[Msg]) -> None:
+    if not future.done():
+        future.set_exception(nats.errors.TimeoutError())

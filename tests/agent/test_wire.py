@@ -1,0 +1,127 @@
+"""The hot path on a nats-py connection (agent.wire): order, callbacks in the read loop, requests, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.msg import Msg
+
+from agent.wire import Wire
+from control.natsserver import EmbeddedNats
+from tests.support.helpers import assert_eventually
+
+T = TypeVar("T")
+
+
+def now(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+    """A probe for assert_eventually that reads a value at hand."""
+
+    async def probe() -> T:
+        return read()
+
+    return probe
+
+
+async def collect(nc: nats.NATS, subject: str) -> list[bytes]:
+    got: list[bytes] = []
+
+    async def on(msg: Msg) -> None:
+        got.append(msg.data)
+
+    await nc.subscribe(subject, cb=on)
+    await nc.flush()
+    return got
+
+
+async def test_a_message_sent_on_the_wire_follows_what_nats_py_still_holds(nats_server: EmbeddedNats) -> None:
+    sender, reader = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    got = await collect(reader, "order")
+    wire = Wire.of(sender)
+    for i in range(50):
+        await sender.publish("order", b"py%d" % i)  # queued for nats-py's flusher, not yet written
+        assert wire.send("order", b"wire%d" % i)
+    await sender.flush()
+    await assert_eventually(now(lambda: len(got)), lambda n: n == 100, what="all messages")
+    assert got == [x for i in range(50) for x in (b"py%d" % i, b"wire%d" % i)]
+    assert Wire.of(sender) is wire  # one per connection
+    await sender.close()
+    await reader.close()
+
+
+async def test_callbacks_run_in_order_and_one_that_fails_stops_nothing(nats_server: EmbeddedNats) -> None:
+    nc = await nats.connect(nats_server.url)
+    wire = Wire.of(nc)
+    seen: list[bytes] = []
+
+    def on(msg: Msg) -> None:
+        seen.append(msg.data)
+        if msg.data == b"3":
+            raise RuntimeError("a bad callback")
+
+    sub = await wire.subscribe("calls", on)
+    plain = await collect(nc, "plain")  # nats-py's own subscriptions on the same connection still work
+    for i in range(10):
+        await wire.publish("calls", b"%d" % i)
+        await wire.publish("plain", b"%d" % i)
+    await assert_eventually(now(lambda: len(seen) + len(plain)), lambda n: n == 20, what="every message")
+    assert seen == plain == [b"%d" % i for i in range(10)]
+    await wire.unsubscribe(sub)
+    await wire.publish("calls", b"late")
+    await nc.flush()
+    await wire.publish("plain", b"marker")
+    await assert_eventually(now(lambda: plain[-1]), lambda last: last == b"marker", what="marker")
+    assert b"late" not in seen
+    await nc.close()
+
+
+async def test_ask_answers_refuses_times_out_and_forgets(nats_server: EmbeddedNats) -> None:
+    nc, responder = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+
+    async def double(msg: Msg) -> None:
+        if msg.data != b"silence":
+            await msg.respond(msg.data * 2)
+
+    await responder.subscribe("double", cb=double)
+    await responder.flush()
+    wire = Wire.of(nc)
+    with pytest.raises(RuntimeError, match="ready"):
+        wire.ask("double", b"x", 1)
+    await wire.ready()
+    answers = await asyncio.gather(*(wire.ask("double", b"%d" % i, 5) for i in range(20)))
+    assert [a.data for a in answers] == [b"%d" % i * 2 for i in range(20)]
+    with pytest.raises(nats.errors.NoRespondersError):
+        await wire.ask("nobody.listens", b"x", 5)
+    with pytest.raises(nats.errors.TimeoutError):
+        await wire.ask("double", b"silence", 0.2)
+    cancelled = wire.ask("double", b"silence", 30)
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    assert wire.waiting == 0  # nothing left behind by answers, refusals, timeouts or cancellations
+    await nc.close()
+    await responder.close()
+
+
+async def test_sending_while_disconnected_is_buffered_and_callbacks_survive_a_reconnect(tmp_path: Path) -> None:
+    async with EmbeddedNats(tmp_path / "n") as server:
+        nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+        wire = Wire.of(nc)
+        seen: list[bytes] = []
+        await wire.subscribe("survives", lambda msg: seen.append(msg.data))
+        await nc.flush()
+        await server.stop()
+        await assert_eventually(now(lambda: nc.is_connected), lambda up: not up, what="disconnected")
+        assert not wire.send("survives", b"now")  # nothing written to a dead socket
+        await wire.publish("survives", b"buffered")  # nats-py holds it until the connection is back
+        await server.start()
+        await assert_eventually(now(lambda: seen), lambda s: s == [b"buffered"], within=20, what="buffered message")
+        await wire.publish("survives", b"after")
+        await assert_eventually(
+            now(lambda: seen), lambda s: s == [b"buffered", b"after"], what="message after reconnect"
+        )
+        await nc.close()
