@@ -27,13 +27,14 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.protocol.command import pub_cmd
+from nats.protocol.command import hpub_cmd, pub_cmd
 
 __all__ = ["Wire"]
 
 log = logging.getLogger("caravan.wire")
 _NO_RESPONDERS = "503"
 _BAD_SUBJECT = frozenset(" \t\r\n")
+_BAD_HEADER = frozenset("\r\n")
 
 
 class Wire:
@@ -64,6 +65,15 @@ class Wire:
                 log.exception("callback for %s failed", msg.subject)
 
         nc._process_msg = process_msg  # type: ignore[method-assign]
+        send_ping = nc._send_ping
+
+        async def send_ping_after_pending(future: asyncio.Future[bool] | None = None) -> None:
+            # nats-py writes a PING straight to the socket, ahead of the commands it still holds: a flush() right
+            # after a subscribe() could then see the PONG before the server had the SUB, and return early.
+            self._write_pending()
+            await send_ping(future)
+
+        nc._send_ping = send_ping_after_pending  # type: ignore[method-assign]
 
     @classmethod
     def of(cls, nc: NATS) -> Wire:
@@ -75,7 +85,7 @@ class Wire:
 
     # -- sending ---------------------------------------------------------------------------------------------
 
-    def send(self, subject: str, payload: bytes, reply: str = "") -> bool:
+    def send(self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None) -> bool:
         """Write a message now; False (nothing written) while the connection is not up, for :meth:`publish`."""
         nc = self._nc
         if not nc.is_connected or nc._transport is None:
@@ -84,30 +94,40 @@ class Wire:
             raise nats.errors.BadSubjectError
         if len(payload) > nc._max_payload:
             raise nats.errors.MaxPayloadError
-        command = pub_cmd(subject, reply, payload)
-        if nc._pending:  # what nats-py holds goes first
-            nc._pending.append(command)
-            nc._transport.writelines(nc._pending)
-            nc._pending = []
-            nc._pending_data_size = 0
+        if headers:
+            lines = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
+            if _BAD_HEADER.intersection(lines.replace("\r\n", "")):
+                raise ValueError("a header may not hold a line break")
+            command = hpub_cmd(subject, reply, f"NATS/1.0\r\n{lines}\r\n".encode(), payload)
         else:
-            nc._transport.write(command)
+            command = pub_cmd(subject, reply, payload)
+        self._write_pending()  # what nats-py holds goes first
+        nc._transport.write(command)
         nc.stats["out_msgs"] += 1
         nc.stats["out_bytes"] += len(payload)
         return True
 
-    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+    def _write_pending(self) -> None:
+        nc = self._nc
+        if nc._pending and nc._transport is not None and nc.is_connected:
+            nc._transport.writelines(nc._pending)
+            nc._pending = []
+            nc._pending_data_size = 0
+
+    async def publish(
+        self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None
+    ) -> None:
         """:meth:`send`, or nats-py's publish while the connection is down; waits while the socket is full."""
-        if self.send(subject, payload, reply):
+        if self.send(subject, payload, reply, headers):
             assert self._nc._transport is not None  # send() wrote to it
             await self._nc._transport.drain()  # returns at once unless the socket's buffer is full
         else:
-            await self._nc.publish(subject, payload, reply=reply)
+            await self._nc.publish(subject, payload, reply=reply, headers=headers)
 
-    def send_soon(self, subject: str, payload: bytes, reply: str = "") -> None:
+    def send_soon(self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None) -> None:
         """:meth:`send` from a callback: when the connection is down, nats-py's publish runs in a task."""
-        if not self.send(subject, payload, reply) and not self._nc.is_closed:
-            task = asyncio.ensure_future(self._nc.publish(subject, payload, reply=reply))
+        if not self.send(subject, payload, reply, headers) and not self._nc.is_closed:
+            task = asyncio.ensure_future(self._nc.publish(subject, payload, reply=reply, headers=headers))
             self._background.add(task)
             task.add_done_callback(self._sent)
 
@@ -142,7 +162,9 @@ class Wire:
         """Requests sent and not yet answered, refused, timed out or cancelled."""
         return len(self._waiting)
 
-    def ask(self, subject: str, payload: bytes, timeout: float) -> asyncio.Future[Msg]:
+    def ask(
+        self, subject: str, payload: bytes, timeout: float, headers: dict[str, str] | None = None
+    ) -> asyncio.Future[Msg]:
         """Send a request; the future holds the answer, or ``nats.errors.TimeoutError`` /
         ``NoRespondersError``. Cancelling the future forgets the request. Call :meth:`ready` once first."""
         if self._inbox is None:
@@ -158,7 +180,7 @@ class Wire:
             timer.cancel()
 
         future.add_done_callback(forget)
-        self.send_soon(subject, payload, self._inbox + token)
+        self.send_soon(subject, payload, self._inbox + token, headers)
         return future
 
     def _on_answer(self, msg: Msg) -> None:

@@ -125,3 +125,24 @@ async def test_sending_while_disconnected_is_buffered_and_callbacks_survive_a_re
             now(lambda: seen), lambda s: s == [b"buffered", b"after"], what="message after reconnect"
         )
         await nc.close()
+
+
+async def test_a_subscription_is_live_when_a_flush_returns(nats_server: EmbeddedNats) -> None:
+    """nats-py writes a flush's PING ahead of the SUB it still holds; on a connection with a Wire the SUB goes
+    first, so a message published right after the flush by someone else is delivered."""
+    nc, other = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    Wire.of(nc)
+    sender = Wire.of(other)
+    missed = []
+    for i in range(100):
+        sub = await nc.subscribe(f"live.{i}")
+        await nc.flush()
+        assert sender.send(f"live.{i}", b"x")
+        try:
+            await sub.next_msg(timeout=2)
+        except nats.errors.TimeoutError:
+            missed.append(i)
+        await sub.unsubscribe()
+    assert missed == []
+    await nc.close()
+    await other.close()

@@ -40,7 +40,7 @@ from control.platform import ControlPlane
 from tests.conftest import make_settings, serve_api
 from tests.gateway.test_agents_api import wait_status
 
-ROUNDS = 15
+ROUNDS = int(__import__("os").environ.get("BENCH_ROUNDS", "15"))
 MAX_TOKENS = 128
 SYSTEM = "You are a helpful assistant."
 PROMPT = "Tell me a long story about a caravan of camels crossing the desert."

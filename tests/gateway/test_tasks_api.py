@@ -9,7 +9,7 @@ import nats
 import pytest
 import websockets
 
-from agent.protocol import Event, EventKind
+from agent.protocol import EVENTS_STREAM, Event, EventKind
 from tests.conftest import Api
 from tests.gateway.test_agents_api import wait_status
 from tests.support.helpers import assert_eventually, sse_events
@@ -168,6 +168,29 @@ async def test_an_impossible_event_does_not_stop_the_records_from_following(api:
     assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
     task = await finished(api, headers, task_id)
     assert task["status"] == "cancelled"
+
+
+async def test_an_event_jetstream_will_not_store_fails_the_task_with_the_reason(api: Api) -> None:
+    """The agent goes on to its model while JetStream stores the conversation's events, but it reports no
+    result before they are stored: one that is refused fails the task, saying why."""
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    nc = await nats.connect(api.control.settings.nats_url)
+    js = nc.jetstream()
+    config = (await js.stream_info(EVENTS_STREAM)).config
+    limit = config.max_msg_size
+    config.max_msg_size = 4096  # statuses fit; the user's message below does not
+    await js.update_stream(config)
+    try:
+        task_id = await start_task(api, headers, agent["id"], "What is (2+3)*4? " + "Please. " * 1000)
+        task = await finished(api, headers, task_id)
+    finally:
+        config.max_msg_size = limit
+        await js.update_stream(config)
+        await nc.close()
+    assert task["status"] == "failed", task
+    assert "not stored" in task["status_reason"] and "maximum" in task["status_reason"], task["status_reason"]
+    assert task["result"] is None
 
 
 async def test_tasks_on_a_stopped_agent_are_refused(api: Api) -> None:
