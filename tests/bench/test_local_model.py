@@ -4,7 +4,7 @@ request to the same server in the same run. Run by ./dev/bench.
 Three paths take turns (interleaved, the order rotating every round) with the same prompt, sampling and
 ``max_tokens``: a direct request to the server, the same request through Caravan's fair-queueing proxy (the proxy's
 own share), and a task through Caravan. The task is read three ways from its events on NATS, as an outside
-subscriber sees them:
+subscriber in a process of its own sees them (``_event_clock.py``):
 
 - the agent path: from the agent handing the task to the model (the ``at`` of its user message event, stamped in
   the agent) to the first chunk event: AutoGen's OpenAI client → fair-queueing proxy → server → first token →
@@ -13,18 +13,28 @@ subscriber sees them:
 - dispatch, the difference: REST, the task record, the work queue and the agent picking the task up. That is a
   task's cost on any model, not the model path's, so it is reported beside the goal, not in it.
 
-The server keeps the last prompt's tokens (llama.cpp's prompt cache), so the bench checks in the server's log
-that every timed request evaluated the same number of prompt tokens: both paths send the same tokens and find
-the same cache.
+The server keeps the last prompt's tokens (llama.cpp's prompt cache). Two series are run:
+
+- **new tasks** (the goal's measure): every request's task starts with its own number, so like any new task it
+  shares only the system prompt with the request before and the server evaluates the rest;
+- **the same prompt again** (the worst case for an overhead): the server finds all but the last token in its
+  cache, so the direct TTFT is about one token's time and a fixed cost weighs most.
+
+In each series the bench checks in the server's log that every timed request evaluated the same number of prompt
+tokens: all paths send the same tokens and find the same cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import re
 import statistics
+import sys
 import time
+from asyncio.subprocess import PIPE
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 
 from control.localmodel import LocalModel
 from control.natsserver import EmbeddedNats
@@ -40,10 +49,15 @@ from control.platform import ControlPlane
 from tests.conftest import make_settings, serve_api
 from tests.gateway.test_agents_api import wait_status
 
-ROUNDS = int(__import__("os").environ.get("BENCH_ROUNDS", "15"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "15"))
 MAX_TOKENS = 128
 SYSTEM = "You are a helpful assistant."
 PROMPT = "Tell me a long story about a caravan of camels crossing the desert."
+SERIES = {  # name: the prompt of the n-th request
+    "new tasks": lambda n: f"Story {n % 10}: {PROMPT}",  # differs from the request before right after the system
+    "the same prompt again": lambda n: PROMPT,
+}
+EVENT_CLOCK = Path(__file__).with_name("_event_clock.py")
 GOAL = 0.10  # Caravan's overhead on the model path: TTFT at most 10% more, tokens/s at most 10% less
 PREFIX_MATCH = re.compile(r"(\d+) prefix-match hit, remaining (\d+) prompt tokens to eval")
 
@@ -61,11 +75,11 @@ class Run:
     dispatch: float | None = None  # caravan: POST /v1/tasks → the agent asks the model
 
 
-async def direct(client: httpx.AsyncClient, server_url: str) -> Run:
+async def direct(client: httpx.AsyncClient, server_url: str, prompt: str) -> Run:
     """One streamed request to ``server_url`` (the server's, or the proxy's), on a kept-alive connection like the
     agent's (its model client is shared across tasks)."""
     body = {
-        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}],
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
         "max_tokens": MAX_TOKENS,
         "temperature": 0,
         "stream": True,
@@ -90,9 +104,13 @@ class TaskWatch:
     asked: dict[str, float] = field(default_factory=dict)
     done: dict[str, asyncio.Event] = field(default_factory=dict)
 
-    async def on_event(self, msg: Any) -> None:
-        now = time.time()
-        event = json.loads(msg.data)
+    async def follow(self, lines: asyncio.StreamReader) -> None:
+        """Read the events the outside subscriber (``_event_clock.py``) prints, with their arrival times."""
+        while line := await lines.readline():
+            seen = json.loads(line)
+            self.on_event(seen["event"], seen["arrived"])
+
+    def on_event(self, event: dict[str, Any], now: float) -> None:
         task_id = event["task_id"]
         if event["kind"] == "chunk":
             self.chunks.setdefault(task_id, []).append(now)
@@ -136,42 +154,54 @@ async def test_local_model_through_caravan_beside_direct(
         created = await api.client.post("/v1/agents", json=body, headers=headers)
         agent = await wait_status(api, headers, created.json()["id"], "running")
         watch = TaskWatch()
-        nc = await nats.connect(settings.nats_url)
-        await nc.subscribe(f"caravan.events.{customer_id}.task.*", cb=watch.on_event)
+        clock = await asyncio.create_subprocess_exec(
+            sys.executable, str(EVENT_CLOCK), settings.nats_url, f"caravan.events.{customer_id}.task.*", stdout=PIPE
+        )
+        assert clock.stdout is not None
+        assert (await asyncio.wait_for(clock.stdout.readline(), 60)).strip() == b"ready"
+        following = asyncio.create_task(watch.follow(clock.stdout))
 
-        async def through_caravan() -> Run:
+        async def through_caravan(prompt: str) -> Run:
             started = time.time()
             response = await api.client.post(
-                "/v1/tasks", json={"agent_id": agent["id"], "task": PROMPT}, headers=headers
+                "/v1/tasks", json={"agent_id": agent["id"], "task": prompt}, headers=headers
             )
             task_id = response.json()["id"]
             await asyncio.wait_for(watch.finished(task_id).wait(), timeout=120)
             stamps, asked = watch.chunks[task_id], watch.asked[task_id]
             return Run(stamps[0] - asked, stamps, end_to_end=stamps[0] - started, dispatch=asked - started)
 
+        paths: list[tuple[str, Callable[[str], Awaitable[Run]]]] = [
+            ("direct", lambda prompt: direct(model_client, server_url, prompt)),
+            ("proxy", lambda prompt: direct(model_client, proxy_url, prompt)),
+            ("caravan", through_caravan),
+        ]
+        numbers = itertools.count()  # every request's own number: no two in a row share a prompt in a new series
+        results: dict[str, tuple[dict[str, list[Run]], list[tuple[int, int]]]] = {}
         try:
-            paths: list[tuple[str, Callable[[], Awaitable[Run]]]] = [
-                ("direct", lambda: direct(model_client, server_url)),
-                ("proxy", lambda: direct(model_client, proxy_url)),
-                ("caravan", through_caravan),
-            ]
-            for _ in range(2):  # warm every path: the model's first prompt, the agent's imports and connections
-                for _, run in paths:
-                    await run()
-            log_offset = local_model.server.log_path.stat().st_size
-            runs: dict[str, list[Run]] = {name: [] for name, _ in paths}
-            for i in range(ROUNDS):  # interleaved, so all see the same machine; who goes first rotates
-                for name, run in paths[i % 3 :] + paths[: i % 3]:
-                    runs[name].append(await run())
+            for series, prompt in SERIES.items():
+                for _ in range(2):  # warm every path: the model's first prompt, the agent's imports and connections
+                    for _, run in paths:
+                        await run(prompt(next(numbers)))
+                log_offset = local_model.server.log_path.stat().st_size
+                runs: dict[str, list[Run]] = {name: [] for name, _ in paths}
+                for i in range(ROUNDS):  # interleaved, so all see the same machine; who goes first rotates
+                    for name, run in paths[i % 3 :] + paths[: i % 3]:
+                        runs[name].append(await run(prompt(next(numbers))))
+                results[series] = runs, prompt_evaluations(local_model.server.log_path, log_offset)
         finally:
-            await nc.close()
-    evaluations = prompt_evaluations(local_model.server.log_path, log_offset)
-    report(local_model, runs, evaluations)
-    assert len(evaluations) == len(paths) * ROUNDS and len(set(evaluations)) == 1, evaluations  # a fair comparison
+            clock.kill()
+            await clock.wait()
+            await following
+    print()
+    print(f"local model: {local_model.model_name}, {local_model.server.threads} thread(s), max_tokens {MAX_TOKENS}")
+    for series, (runs, evaluations) in results.items():
+        report(series, runs, evaluations)
+    for series, (_, evaluations) in results.items():  # a fair comparison: every path evaluated the same prompt
+        assert len(evaluations) == len(paths) * ROUNDS and len(set(evaluations)) == 1, (series, evaluations)
 
 
-def report(local_model: LocalModel, runs: dict[str, list[Run]], evaluations: list[tuple[int, int]]) -> None:
-    assert local_model.server is not None
+def report(series: str, runs: dict[str, list[Run]], evaluations: list[tuple[int, int]]) -> None:
     direct_, caravan = runs["direct"], runs["caravan"]
     ttft = {k: p50([r.ttft for r in v]) for k, v in runs.items()}
     tps = {k: p50([rate(r.stamps) for r in v]) for k, v in runs.items()}
@@ -183,10 +213,7 @@ def report(local_model: LocalModel, runs: dict[str, list[Run]], evaluations: lis
     cached, evaluated = evaluations[0] if evaluations else (0, 0)
     ttft_ratio, tps_ratio = ttft["caravan"] / ttft["direct"], tps["caravan"] / tps["direct"]
     print()
-    print(
-        f"local model: {local_model.model_name}, {local_model.server.threads} thread(s), {ROUNDS} rounds "
-        f"(interleaved), max_tokens {MAX_TOKENS}, tokens p50 " + " / ".join(f"{int(n)}" for n in tokens.values())
-    )
+    print(f"== {series}: {ROUNDS} rounds (interleaved), tokens p50 " + " / ".join(f"{int(n)}" for n in tokens.values()))
     print(
         f"prompt: each of the {len(evaluations)} timed requests evaluated {evaluated} prompt token(s) after "
         f"{cached} from the server's prompt cache (the same on every path)"
