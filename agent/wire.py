@@ -19,22 +19,26 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.protocol.command import hpub_cmd, pub_cmd
 
-__all__ = ["Wire"]
+__all__ = ["STORE_TIMEOUT_S", "Storing", "Wire"]
 
 log = logging.getLogger("caravan.wire")
 _NO_RESPONDERS = "503"
 _BAD_SUBJECT = frozenset(" \t\r\n")
 _BAD_HEADER = frozenset("\r\n")
+STORE_TIMEOUT_S = 30.0
+"""How long an event published without waiting may take to be stored (:meth:`Wire.store`)."""
 
 
 class Wire:
@@ -183,6 +187,16 @@ class Wire:
         self.send_soon(subject, payload, self._inbox + token, headers)
         return future
 
+    def store(
+        self, subject: str, payload: bytes, timeout: float, headers: dict[str, str] | None = None
+    ) -> asyncio.Future[dict[str, Any]]:
+        """Publish to a JetStream stream's subject without waiting: the future holds JetStream's acknowledgement,
+        or fails with the error it answered (or a timeout). (nats-py's ``publish_async`` never settles its future
+        when JetStream refuses a message: it raises the error inside its own callback.)"""
+        acked: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.ask(subject, payload, timeout, headers).add_done_callback(lambda answer: _settle(answer, acked))
+        return acked
+
     def _on_answer(self, msg: Msg) -> None:
         future = self._waiting.get(msg.subject[len(self._inbox or "") :])
         if future is None or future.done():
@@ -191,6 +205,52 @@ class Wire:
             future.set_exception(nats.errors.NoRespondersError())
         else:
             future.set_result(msg)
+
+
+def _settle(answer: asyncio.Future[Msg], acked: asyncio.Future[dict[str, Any]]) -> None:
+    if acked.done():
+        return
+    if answer.cancelled():
+        acked.cancel()
+        return
+    error = answer.exception()
+    reply: dict[str, Any] = {}
+    if error is None:
+        try:
+            reply = json.loads(answer.result().data)
+            if "error" in reply:
+                e = reply["error"]
+                error = nats.js.errors.APIError(e.get("code"), e.get("description"), e.get("err_code"))
+        except (ValueError, TypeError, AttributeError) as exc:
+            error = exc
+    if error is None:
+        acked.set_result(reply)
+    else:
+        acked.set_exception(error)
+
+
+class Storing:
+    """Events of one run published with :meth:`Wire.store`: :meth:`stored` waits until JetStream has them all
+    (a status or result that follows only those)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._acks: list[asyncio.Future[dict[str, Any]]] = []
+
+    def add(self, acked: asyncio.Future[dict[str, Any]]) -> None:
+        self._acks.append(acked)
+
+    async def stored(self) -> BaseException | None:
+        """Wait for the events added so far; the first error if one was not stored, or not in time."""
+        acks, self._acks = self._acks, []
+        if not acks:
+            return None
+        try:
+            async with asyncio.timeout(self.timeout):
+                results = await asyncio.gather(*acks, return_exceptions=True)
+        except TimeoutError:
+            return TimeoutError(f"JetStream did not confirm the events within {self.timeout:.0f} s")
+        return next((r for r in results if isinstance(r, BaseException)), None)
 
 
 def _expire(future: asyncio.Future[Msg]) -> None:

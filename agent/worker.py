@@ -50,7 +50,7 @@ from agent.protocol import (
 from agent.teamhost import TeamHost
 from agent.tools import build_tools
 from agent.transcript import event_fields, final_text
-from agent.wire import Wire
+from agent.wire import STORE_TIMEOUT_S, Storing, Wire
 
 __all__ = ["AgentWorker", "DefinitionUnavailable", "WorkerConfig"]
 
@@ -342,9 +342,8 @@ class AgentWorker:
         """Store ``event`` in JetStream. ``ack`` says what to do about the server's acknowledgement:
 
         - ``"wait"``: hold the caller until the event is stored (statuses, messages, results);
-        - ``"later"``: do not hold it up; returns a future of JetStream's acknowledgement, which fails if the event
-          was not stored (that is logged too; the connection keeps the order). (nats-py's ``publish_async`` never
-          settles its future when JetStream refuses a message: it raises the error inside its callback.)
+        - ``"later"``: do not hold it up; returns a future of JetStream's acknowledgement (:meth:`Wire.store`),
+          which fails if the event was not stored (that is logged too; the connection keeps the order);
         - ``"none"``: do not ask for one (pieces of a streamed answer). JetStream stores the event all the same;
           an acknowledgement per token would be one more message from the server to read and match to a future
           for every token (about a third of the agent's CPU per token), and the whole answer follows as a
@@ -361,9 +360,7 @@ class AgentWorker:
             await self._js.publish(subject, payload, headers=headers)
         elif ack == "later":
             assert self._wire is not None
-            acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            answer = self._wire.ask(subject, payload, STORE_TIMEOUT_S, headers)
-            answer.add_done_callback(lambda done: _settle_ack(done, acked))
+            acked = self._wire.store(subject, payload, STORE_TIMEOUT_S, headers)
             acked.add_done_callback(_log_unstored)
             return acked
         else:
@@ -382,28 +379,6 @@ async def _log_nats_error(error: Exception) -> None:
     log.warning("NATS: %s", error or type(error).__name__)
 
 
-def _settle_ack(answer: asyncio.Future[Msg], acked: asyncio.Future[Any]) -> None:
-    """``acked`` from JetStream's answer to a publish: its acknowledgement, or the error it answered."""
-    if acked.done():
-        return
-    if answer.cancelled():
-        acked.cancel()
-        return
-    error = answer.exception()
-    if error is None:
-        try:
-            reply = json.loads(answer.result().data)
-            if "error" in reply:
-                e = reply["error"]
-                error = nats.js.errors.APIError(e.get("code"), e.get("description"), e.get("err_code"))
-        except (ValueError, TypeError) as exc:
-            error = exc
-    if error is None:
-        acked.set_result(reply)
-    else:
-        acked.set_exception(error)
-
-
 def _log_unstored(acked: asyncio.Future[Any]) -> None:
     if not acked.cancelled() and acked.exception() is not None:
         log.warning("an event was not stored: %s", acked.exception())
@@ -411,7 +386,6 @@ def _log_unstored(acked: asyncio.Future[Any]) -> None:
 
 _CONFIRMED = frozenset({EventKind.STATUS, EventKind.RESULT, EventKind.ERROR})
 """Events the agent waits on JetStream to store (and everything before them)."""
-STORE_TIMEOUT_S = 30.0
 
 
 class _TaskRun:
@@ -425,7 +399,7 @@ class _TaskRun:
         self.attempt = attempt
         self.token = CancellationToken()
         self._seq = 0
-        self._storing: list[asyncio.Future[Any]] = []
+        self._storing = Storing(STORE_TIMEOUT_S)
 
     async def emit(self, kind: str, **fields: Any) -> None:
         self._seq += 1
@@ -441,25 +415,12 @@ class _TaskRun:
         if kind == "chunk":
             await self.worker.publish(event, msg_id=msg_id, ack="none")
         elif kind in _CONFIRMED:
-            await self.stored()
+            await self._storing.stored()  # what came before is stored before this is
             await self.worker.publish(event, msg_id=msg_id, ack="wait")
         else:  # the conversation's events: the agent goes on (to its model call) while JetStream stores them
             acked = await self.worker.publish(event, msg_id=msg_id, ack="later")
             assert acked is not None
-            self._storing.append(acked)
-
-    async def stored(self) -> BaseException | None:
-        """Wait until the events sent without waiting are stored (a status or the result follows only those);
-        the first error if one was not, or not within ``STORE_TIMEOUT_S`` (each is logged as it happens)."""
-        storing, self._storing = self._storing, []
-        if not storing:
-            return None
-        try:
-            async with asyncio.timeout(STORE_TIMEOUT_S):
-                results = await asyncio.gather(*storing, return_exceptions=True)
-        except TimeoutError:
-            return TimeoutError(f"JetStream did not confirm the task's events within {STORE_TIMEOUT_S:.0f} s")
-        return next((r for r in results if isinstance(r, BaseException)), None)
+            self._storing.add(acked)
 
     async def status(self, status: str, reason: str | None = None) -> None:
         await self.emit(EventKind.STATUS, content=status, data={"reason": reason} if reason else {})
@@ -483,7 +444,7 @@ class _TaskRun:
                     await self._forward(item)
             if self.token.is_cancelled():
                 raise asyncio.CancelledError
-            unstored = await self.stored()
+            unstored = await self._storing.stored()
             if unstored is not None:
                 raise RuntimeError(f"an event of the task was not stored: {unstored}")
         except asyncio.CancelledError:

@@ -46,6 +46,7 @@ from agent.teamprotocol import (
     run_namespace,
 )
 from agent.transcript import event_fields, final_text
+from agent.wire import STORE_TIMEOUT_S, Storing, Wire
 from control.errors import NotFound
 from control.ids import new_id
 from control.models import TERMINAL_TASK_STATUSES, Task
@@ -116,6 +117,8 @@ class TeamRunner:
         self._runs: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
         self._subs: list[Any] = []
+        self._storing: dict[str, Storing] = {}  # per task: its events published without waiting
+        self._wire = Wire.of(jet.nc)
         self._started = False
         self._stopping = False
 
@@ -130,6 +133,7 @@ class TeamRunner:
         if self._started:
             raise RuntimeError("team runner already started")
         self._started = True
+        await self._wire.ready()
         js = self._jet.js
         consumer = ConsumerConfig(
             durable_name=TEAM_CONSUMER,
@@ -311,7 +315,7 @@ class TeamRunner:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
-                await self._jet.js.publish_async_completed()
+                await self._stored(task)
                 if (active.lost is not None or active.handover) and not active.cancelled:  # a cancel wins
                     await turns.flush()
                     raise _Retry(active.lost or "the control plane is stopping") from None
@@ -320,15 +324,18 @@ class TeamRunner:
                 await self._status(task, attempt, "cancelled", "cancelled on request")
                 return
             except (RuntimeError, ValueError) as exc:
-                await self._jet.js.publish_async_completed()
+                await self._stored(task)
                 if active.lost is not None:
                     await turns.flush()
                     raise _Retry(active.lost) from exc
                 raise _Failed(_reason(exc)) from exc
-            await self._jet.js.publish_async_completed()
+            unstored = await self._stored(task)
+            if unstored is not None:
+                raise _Failed(f"an event of the task was not stored: {unstored}")
             await turns.close()
             await self._finish(task, attempt, chat, selector, checkpoint, transcript, result)
         finally:
+            self._storing.pop(task.id, None)
             for beat in beats:
                 beat.cancel()
             end = f"{runtime.namespace}.x.end"
@@ -464,7 +471,7 @@ class TeamRunner:
         await self._status(task, attempt, "running", "starting again from the last checkpoint")
         for stored in checkpoint.transcript:
             await self._publish(Event.model_validate({**stored, "attempt": attempt}), wait=False)
-        await self._jet.js.publish_async_completed()
+        await self._stored(task)
 
     async def _checkpoints_delete(self, task: Task) -> None:
         with contextlib.suppress(KeyNotFoundError):
@@ -482,13 +489,24 @@ class TeamRunner:
         await self._emit(task, attempt, EventKind.STATUS, content=status, data={**(data or {}), "reason": reason})
 
     async def _publish(self, event: Event, wait: bool = True) -> None:
+        """Store ``event``; without ``wait``, see :meth:`_stored`."""
         assert event.task_id is not None
         subject = task_events_subject(event.customer_id, event.task_id)
         payload = event.model_dump_json().encode()
         if wait:
             await self._jet.js.publish(subject, payload)
         else:
-            await self._jet.js.publish_async(subject, payload, wait_stall=5)
+            storing = self._storing.setdefault(event.task_id, Storing(STORE_TIMEOUT_S))
+            storing.add(self._wire.store(subject, payload, STORE_TIMEOUT_S))
+
+    async def _stored(self, task: Task) -> BaseException | None:
+        """Wait until the task's events published without waiting are stored; the first error if one was not
+        (logged)."""
+        storing = self._storing.pop(task.id, None)
+        unstored = await storing.stored() if storing is not None else None
+        if unstored is not None:
+            log.warning("task %s: an event was not stored: %s", task.id, unstored)
+        return unstored
 
 
 class _Presence:

@@ -9,10 +9,10 @@ import nats
 import pytest
 import websockets
 
-from agent.protocol import EVENTS_STREAM, Event, EventKind
+from agent.protocol import Event, EventKind
 from tests.conftest import Api
 from tests.gateway.test_agents_api import wait_status
-from tests.support.helpers import assert_eventually, sse_events
+from tests.support.helpers import assert_eventually, small_events, sse_events
 
 TOOL_SCRIPT = {
     "provider": "replay",
@@ -175,19 +175,9 @@ async def test_an_event_jetstream_will_not_store_fails_the_task_with_the_reason(
     result before they are stored: one that is refused fails the task, saying why."""
     _, headers = await api.new_customer()
     agent = await running_agent(api, headers)
-    nc = await nats.connect(api.control.settings.nats_url)
-    js = nc.jetstream()
-    config = (await js.stream_info(EVENTS_STREAM)).config
-    limit = config.max_msg_size
-    config.max_msg_size = 4096  # statuses fit; the user's message below does not
-    await js.update_stream(config)
-    try:
+    async with small_events(api.control.settings.nats_url):
         task_id = await start_task(api, headers, agent["id"], "What is (2+3)*4? " + "Please. " * 1000)
         task = await finished(api, headers, task_id)
-    finally:
-        config.max_msg_size = limit
-        await js.update_stream(config)
-        await nc.close()
     assert task["status"] == "failed", task
     assert "not stored" in task["status_reason"] and "maximum" in task["status_reason"], task["status_reason"]
     assert task["result"] is None

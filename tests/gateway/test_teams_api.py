@@ -34,7 +34,7 @@ from tests.gateway.teams_support import (
     task_status,
     team,
 )
-from tests.support.helpers import assert_eventually
+from tests.support.helpers import assert_eventually, small_events
 
 
 async def test_round_robin_matches_agentchat_in_process(api: Api) -> None:
@@ -61,6 +61,21 @@ async def test_round_robin_matches_agentchat_in_process(api: Api) -> None:
     assert [m["source"] for m in task["messages"]] == ["user", "alice", "bob", "carol", "alice", "bob", "carol"]
     assert task["result"] == "c2 DONE"
     assert await stop_reason(api, headers, task_id) == local_stop
+
+
+async def test_an_event_jetstream_will_not_store_fails_the_team_task_with_the_reason(api: Api) -> None:
+    """The manager stores the run's messages without waiting on each, but not its result before they are stored:
+    one JetStream refuses fails the task, saying why (it used to wait for that acknowledgement forever)."""
+    _, headers = await api.new_customer()
+    specs = {"alice": {"model": script("a1")}, "bob": {"model": script("b1")}}
+    made = await agents(api, headers, specs)
+    created = await team(api, headers, members=[made[n]["id"] for n in specs], termination={"max_messages": 3})
+    async with small_events(api.control.settings.nats_url):
+        task_id = await start(api, headers, created["id"], "Count. " + "Please. " * 1000)
+        task = await task_status(api, headers, task_id)
+    assert task["status"] == "failed", (task["status_reason"], task["messages"])
+    assert "not stored" in task["status_reason"] and "maximum" in task["status_reason"], task["status_reason"]
+    assert task["result"] is None
 
 
 async def test_selector_matches_agentchat_in_process(api: Api) -> None:

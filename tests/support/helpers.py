@@ -9,10 +9,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
+import nats
 import uvicorn
 from fastapi import FastAPI
 
-__all__ = ["assert_eventually", "serve_app", "sse_events"]
+from agent.protocol import EVENTS_STREAM
+
+__all__ = ["assert_eventually", "serve_app", "small_events", "sse_events"]
 
 T = TypeVar("T")
 
@@ -73,3 +76,21 @@ async def sse_events(
                 field, _, value = line.partition(": ")
                 current[field] = json.loads(value) if field == "data" else value
     return events
+
+
+@contextlib.asynccontextmanager
+async def small_events(nats_url: str, max_msg_size: int = 4096) -> AsyncIterator[None]:
+    """While inside, JetStream refuses task events over ``max_msg_size`` bytes (statuses fit; a long task's
+    messages do not)."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    config = (await js.stream_info(EVENTS_STREAM)).config
+    limit = config.max_msg_size
+    config.max_msg_size = max_msg_size
+    await js.update_stream(config)
+    try:
+        yield
+    finally:
+        config.max_msg_size = limit
+        await js.update_stream(config)
+        await nc.close()
