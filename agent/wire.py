@@ -99,9 +99,9 @@ class Wire:
         if len(payload) > nc._max_payload:
             raise nats.errors.MaxPayloadError
         if headers:
-            lines = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
-            if _BAD_HEADER.intersection(lines.replace("\r\n", "")):
+            if any(_BAD_HEADER.intersection(key) or _BAD_HEADER.intersection(value) for key, value in headers.items()):
                 raise ValueError("a header may not hold a line break")
+            lines = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
             command = hpub_cmd(subject, reply, f"NATS/1.0\r\n{lines}\r\n".encode(), payload)
         else:
             command = pub_cmd(subject, reply, payload)
@@ -187,14 +187,19 @@ class Wire:
         self.send_soon(subject, payload, self._inbox + token, headers)
         return future
 
-    def store(
-        self, subject: str, payload: bytes, timeout: float, headers: dict[str, str] | None = None
+    async def store(
+        self, subject: str, payload: bytes, ack_within: float, headers: dict[str, str] | None = None
     ) -> asyncio.Future[dict[str, Any]]:
-        """Publish to a JetStream stream's subject without waiting: the future holds JetStream's acknowledgement,
-        or fails with the error it answered (or a timeout). (nats-py's ``publish_async`` never settles its future
-        when JetStream refuses a message: it raises the error inside its own callback.)"""
+        """Publish to a JetStream stream's subject without waiting for it to be stored (only while the socket is
+        full): the future holds JetStream's acknowledgement, or fails with the error it answered (or with
+        ``nats.errors.TimeoutError`` after ``ack_within`` seconds).
+        (nats-py's ``publish_async`` never settles its future when JetStream refuses a message: it raises the
+        error inside its own callback.)"""
         acked: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.ask(subject, payload, timeout, headers).add_done_callback(lambda answer: _settle(answer, acked))
+        self.ask(subject, payload, ack_within, headers).add_done_callback(lambda answer: _settle(answer, acked))
+        transport = self._nc._transport
+        if transport is not None and self._nc.is_connected:
+            await transport.drain()  # returns at once unless the socket's buffer is full
         return acked
 
     def _on_answer(self, msg: Msg) -> None:

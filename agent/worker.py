@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import nats
-import nats.js.errors
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.base import TaskResult
 from autogen_core import CancellationToken
@@ -360,7 +359,7 @@ class AgentWorker:
             await self._js.publish(subject, payload, headers=headers)
         elif ack == "later":
             assert self._wire is not None
-            acked = self._wire.store(subject, payload, STORE_TIMEOUT_S, headers)
+            acked = await self._wire.store(subject, payload, STORE_TIMEOUT_S, headers)
             acked.add_done_callback(_log_unstored)
             return acked
         else:

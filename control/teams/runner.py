@@ -497,7 +497,7 @@ class TeamRunner:
             await self._jet.js.publish(subject, payload)
         else:
             storing = self._storing.setdefault(event.task_id, Storing(STORE_TIMEOUT_S))
-            storing.add(self._wire.store(subject, payload, STORE_TIMEOUT_S))
+            storing.add(await self._wire.store(subject, payload, STORE_TIMEOUT_S))
 
     async def _stored(self, task: Task) -> BaseException | None:
         """Wait until the task's events published without waiting are stored; the first error if one was not

@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
 
@@ -146,3 +147,25 @@ async def test_a_subscription_is_live_when_a_flush_returns(nats_server: Embedded
     assert missed == []
     await nc.close()
     await other.close()
+
+
+async def test_store_settles_with_the_acknowledgement_or_the_error_jetstream_answered(
+    nats_server: EmbeddedNats,
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().add_stream(name="WIRE", subjects=["wire.>"], max_msg_size=256)
+    wire = Wire.of(nc)
+    await wire.ready()
+    stored = await wire.store("wire.a", b"x" * 10, 5, headers={"Nats-Msg-Id": "one"})
+    again = await wire.store("wire.a", b"x" * 10, 5, headers={"Nats-Msg-Id": "one"})
+    too_big = await wire.store("wire.a", b"x" * 1000, 5)
+    nowhere = await wire.store("nostream.a", b"x", 5)
+    assert (await stored)["seq"] == 1
+    assert (await again).get("duplicate") is True  # the header reached JetStream
+    with pytest.raises(nats.js.errors.APIError, match="maximum"):
+        await too_big
+    with pytest.raises(nats.errors.NoRespondersError):
+        await nowhere
+    with pytest.raises(ValueError, match="line break"):
+        wire.send("wire.a", b"x", headers={"Nats-Msg-Id": "a\r\nEvil: 1"})
+    await nc.close()
