@@ -112,6 +112,13 @@ async def test_one_customers_agent_cannot_reach_another_customers_subjects(secur
         await nc.subscribe(f"_INBOX_{b_agent['id']}.>")
         await nc.flush()
         await violations.seen(f"_INBOX_{b_agent['id']}")
+        # the killswitch flags that cover it can be read (its watch starts from them); B's flag cannot
+        flags = await nc.jetstream(timeout=2).key_value("caravan_flags")
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await flags.get(f"killswitch.agent.{a_agent['id']}")  # allowed: none is engaged
+        with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
+            await flags.get(f"killswitch.customer.{b_customer}")
+        await violations.seen(f"killswitch.customer.{b_customer}")
     finally:
         await nc.close()
 
