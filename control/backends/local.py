@@ -353,7 +353,11 @@ class LocalScheduler:
     async def _supervise(self, alloc: _Alloc) -> None:
         spec = alloc.job.spec
         while not alloc.stop_requested.is_set():
-            reason = await self._run_once(alloc)
+            try:
+                reason = await self._run_once(alloc)
+            except Exception as exc:  # a bug or an environment the OS refuses: a failed run, not a dead supervisor
+                log.exception("allocation %s of %s could not run", alloc.id, alloc.job.job_id)
+                reason = f"could not run the task: {type(exc).__name__}: {exc}"
             if alloc.stop_requested.is_set():
                 break
             now = time.monotonic()
@@ -399,30 +403,34 @@ class LocalScheduler:
         healthy = asyncio.Event()
         log_path = self.log_path(alloc)
         alloc.oom = None
-        with log_path.open("ab") as log_file:
-            try:
-                alloc.process = await asyncio.create_subprocess_exec(
-                    spec.command,
-                    *args,
-                    env=env,
-                    cwd=str(task_dir),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent,
-                )
-            except OSError as exc:
+        slot: asyncio.Task[None] | None = None
+        try:  # the start slot is released by the slot task once the task is healthy, or here if it never starts
+            with log_path.open("ab") as log_file:
+                try:
+                    alloc.process = await asyncio.create_subprocess_exec(
+                        spec.command,
+                        *args,
+                        env=env,
+                        cwd=str(task_dir),
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=log_file,
+                        stderr=asyncio.subprocess.STDOUT,
+                        start_new_session=True,
+                        preexec_fn=_die_with_parent,
+                    )
+                except OSError as exc:
+                    return f"failed to start {spec.command!r}: {exc.strerror or exc}"
+            proc = alloc.process
+            await self._emit(alloc, AllocState.RUNNING)
+            checker = None
+            if self._registry and spec.service:
+                checker = asyncio.create_task(self._run_checks(alloc, ports, healthy))
+            else:
+                healthy.set()
+            slot = asyncio.create_task(self._release_start_slot(healthy, proc))
+        finally:
+            if slot is None:
                 self._starting.release()
-                return f"failed to start {spec.command!r}: {exc.strerror or exc}"
-        proc = alloc.process
-        await self._emit(alloc, AllocState.RUNNING)
-        checker = None
-        if self._registry and spec.service:
-            checker = asyncio.create_task(self._run_checks(alloc, ports, healthy))
-        else:
-            healthy.set()
-        slot = asyncio.create_task(self._release_start_slot(healthy, proc))
         stop = asyncio.create_task(alloc.stop_requested.wait())
         try:
             await asyncio.wait([asyncio.ensure_future(proc.wait()), stop], return_when=asyncio.FIRST_COMPLETED)

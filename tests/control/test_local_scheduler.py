@@ -238,3 +238,35 @@ async def test_the_http_check_marks_the_instance_passing_then_critical(tmp_path:
         critical = await assert_eventually(status, lambda s: s[0][0] == "critical")
         assert critical[0][1].endswith("/health: 503")
         assert await registry.instances() == []
+
+
+async def test_a_start_that_fails_unexpectedly_is_a_failed_run_and_frees_its_start_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One start at a time. A start that raises something unexpected (on asyncio's own loop an environment with a
+    NUL byte raises ValueError) is reported as a failed run under the restart policy, and the next job starts."""
+    real = asyncio.create_subprocess_exec
+    refused: list[str] = []
+
+    async def refuse_once(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        if not refused:
+            refused.append(str(args[0]))
+            raise ValueError("embedded null byte")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse_once)
+    recorder = Recorder()
+    async with LocalScheduler(tmp_path / "allocs", max_parallel_starts=1) as sched:
+        sched.on_status(recorder)
+        await sched.submit(job(SLEEPER, attempts=0))
+        failed = await assert_eventually(recorder.last, lambda u: u is not None and u.state is AllocState.FAILED)
+        assert failed is not None and failed.reason is not None
+        assert "could not run the task: ValueError: embedded null byte" in failed.reason, failed.reason
+        second = job(SLEEPER)
+        second["ID"] = second["Name"] = "caravan-ag-0000000000bb"
+        await sched.submit(second)
+        await assert_eventually(
+            recorder.last,
+            lambda u: u is not None and u.job_id == "caravan-ag-0000000000bb" and u.state is AllocState.RUNNING,
+            what="the next job running",
+        )
