@@ -12,9 +12,9 @@ from control.errors import Forbidden, Invalid, Unauthorized
 from control.platform import ControlPlane
 from control.services.audit import AuditRecord
 from control.services.auth import Principal
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import FAILED_AUTH, RateLimiter
 
-__all__ = ["AdminDep", "ControlDep", "PrincipalDep", "owner_scope", "target_customer"]
+__all__ = ["AdminDep", "ControlDep", "PrincipalDep", "check_failures", "owner_scope", "target_customer"]
 
 _bearer = HTTPBearer(auto_error=False, description="JWT from POST /v1/auth/token")
 
@@ -33,14 +33,16 @@ async def get_principal(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     """The caller, from the bearer JWT; failures are audited, and every caller is held to its tier's rate."""
+    limiter: RateLimiter = request.app.state.limiter
+    check_failures(request, take=False)
     try:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise Unauthorized("missing bearer token: get one from POST /v1/auth/token")
         principal = await control.auth.verify(credentials.credentials)
     except Unauthorized as exc:
+        check_failures(request)
         await audit_denied(control, request, "auth.denied", "anonymous", exc.message)
         raise
-    limiter: RateLimiter = request.app.state.limiter
     limiter.check(principal.key_prefix or principal.subject, principal.tier)
     return principal
 
@@ -53,6 +55,14 @@ async def get_admin(request: HTTPConnection, control: ControlDep, principal: Pri
         await audit_denied(control, request, "auth.forbidden", principal.subject, "admin role required")
         raise Forbidden("admin role required")
     return principal
+
+
+def check_failures(request: HTTPConnection, take: bool = True) -> None:
+    """Count a failed authentication against the client's address (``take``), or refuse the client with 429 if
+    it has failed too often (see ``FAILED_AUTH``)."""
+    limiter: RateLimiter = request.app.state.limiter
+    client = request.client.host if request.client else "unknown"
+    limiter.check(f"client:{client}", FAILED_AUTH, take=take)
 
 
 async def audit_denied(control: ControlPlane, request: HTTPConnection, action: str, actor: str, why: str) -> None:

@@ -8,7 +8,11 @@ from dataclasses import dataclass
 
 from control.errors import CaravanError
 
-__all__ = ["TIERS", "RateLimited", "RateLimiter"]
+__all__ = ["FAILED_AUTH", "TIERS", "RateLimited", "RateLimiter"]
+
+FAILED_AUTH = "failed-auth"
+"""The bucket of failed authentications per client address: once it is empty, the client's attempts are refused
+with 429 before any key or token is checked or audited (the audit log cannot be flooded, keys not guessed)."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,7 @@ TIERS: dict[str, Rate] = {
     "free": Rate(per_second=5, burst=20),
     "standard": Rate(per_second=20, burst=60),
     "enterprise": Rate(per_second=100, burst=300),
+    FAILED_AUTH: Rate(per_second=1, burst=20),
 }
 
 
@@ -42,7 +47,8 @@ class RateLimiter:
         self._tiers = {name: Rate(r.per_second * scale, max(1, int(r.burst * scale))) for name, r in base.items()}
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def check(self, caller: str, tier: str) -> None:
+    def check(self, caller: str, tier: str, take: bool = True) -> None:
+        """Take one request from the caller's bucket (without ``take``: only refuse if it is empty)."""
         rate = self._tiers.get(tier)
         if rate is None:  # admins, and tiers without a limit
             return
@@ -52,7 +58,9 @@ class RateLimiter:
         if tokens < 1:
             wait = math.ceil((1 - tokens) / rate.per_second)
             self._buckets[caller] = (tokens, now)
+            if tier == FAILED_AUTH:
+                raise RateLimited("too many failed authentications from this address; retry later", wait)
             raise RateLimited(f"rate limit of the {tier} tier ({rate.per_second:g}/s) reached; retry later", wait)
-        self._buckets[caller] = (tokens - 1, now)
+        self._buckets[caller] = (tokens - 1 if take else tokens, now)
         if len(self._buckets) > 100_000:  # forget idle callers rather than grow without bound
             self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}

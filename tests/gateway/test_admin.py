@@ -149,6 +149,27 @@ async def test_rate_limits_answer_429_with_retry_after(api: Api) -> None:
         assert [(await client.get("/v1/admin/stats", headers=admin)).status_code for _ in range(3)] == [200] * 3
 
 
+async def test_an_address_that_fails_to_authenticate_too_often_is_refused_unchecked_and_unaudited(api: Api) -> None:
+    admin = await api.admin()
+    customer_id, _ = await api.new_customer()
+    made = await api.client.post(f"/v1/admin/customers/{customer_id}/keys", headers=admin)
+    assert made.status_code == 201, made.text
+    good_key = made.json()["api_key"]
+    strict = api.control.settings.model_copy(update={"rate_limit_scale": 0.25})  # failures: burst 5, 1 per 4 s
+    audited_before = len((await api.client.get("/v1/admin/audit", params={"limit": 1000}, headers=admin)).json())
+    async with serve_app(create_app(strict, api.control)) as base, httpx.AsyncClient(base_url=base) as client:
+        bad = [await client.post("/v1/auth/token", json={"api_key": "cvn_deadbeef_" + "x" * 40}) for _ in range(5)]
+        assert [r.status_code for r in bad] == [401] * 5
+        refused = await client.post("/v1/auth/token", json={"api_key": "cvn_deadbeef_" + "x" * 40})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
+        assert int(refused.headers["Retry-After"]) >= 1
+        # while throttled, nothing from the address is checked: not even a good key, nor a forged token
+        assert (await client.post("/v1/auth/token", json={"api_key": good_key})).status_code == 429
+        assert (await client.get("/v1/agents", headers={"Authorization": "Bearer forged"})).status_code == 429
+    audited = (await api.client.get("/v1/admin/audit", params={"limit": 1000}, headers=admin)).json()
+    assert len(audited) - audited_before == 5  # the five refusals; nothing of what came after
+
+
 async def test_audit_records_logins_refusals_and_cannot_be_deleted(api: Api) -> None:
     customer_id, headers = await api.new_customer()
     await api.client.post("/v1/auth/token", json={"api_key": "cvn_deadbeef_" + "x" * 40})
