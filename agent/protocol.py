@@ -30,6 +30,7 @@ __all__ = [
     "LOCAL_MODEL_URL_ENV",
     "PROVIDERS",
     "PROVIDER_KEY_ENV",
+    "REPLAYED",
     "TASKS_STREAM",
     "AgentDefinition",
     "AgentEventKind",
@@ -196,6 +197,11 @@ class EventKind(StrEnum):
     INPUT_REQUEST = "input_request"
     RESULT = "result"
     ERROR = "error"
+
+
+REPLAYED = "replayed"
+"""In a ``usage`` event's data: a team run's new attempt publishing again what its checkpoint holds (the tokens
+were metered when they were used)."""
 
 
 class AgentEventKind(StrEnum):

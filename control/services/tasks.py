@@ -24,6 +24,7 @@ from agent.aio import cancel_and_wait
 from agent.protocol import (
     AGENT_STATE_EVENTS,
     EVENTS_STREAM,
+    REPLAYED,
     TASKS_STREAM,
     AgentEventKind,
     Event,
@@ -318,7 +319,7 @@ class TaskService:
             return
         if after.status in TERMINAL_TASK_STATUSES and before and before[0] not in TERMINAL_TASK_STATUSES:
             await self._quotas.release_task(event.customer_id, event.task_id)
-        if event.kind == EventKind.USAGE:
+        if event.kind == EventKind.USAGE and not event.data.get(REPLAYED):
             tokens = int(event.data.get("prompt_tokens", 0)) + int(event.data.get("completion_tokens", 0))
             total, budget, crossed = await self._quotas.record_tokens(event.customer_id, tokens)
             if crossed and budget is not None:

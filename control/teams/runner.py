@@ -34,7 +34,7 @@ from nats.js.errors import KeyNotFoundError
 
 from agent.aio import cancel_and_wait, keep_in_progress
 from agent.models import create_model_client
-from agent.protocol import TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
+from agent.protocol import REPLAYED, TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
 from agent.runtime import NatsAgentRuntime
 from agent.teamprotocol import (
     TEAM_CONSUMER,
@@ -470,7 +470,10 @@ class TeamRunner:
         """A new attempt replaces the transcript in the record: publish what the checkpoint already holds."""
         await self._status(task, attempt, "running", "starting again from the last checkpoint")
         for stored in checkpoint.transcript:
-            await self._publish(Event.model_validate({**stored, "attempt": attempt}), wait=False)
+            event = Event.model_validate({**stored, "attempt": attempt})
+            if event.kind == EventKind.USAGE:  # metered when it first happened: the record counts it, the quota not
+                event.data = {**event.data, REPLAYED: True}
+            await self._publish(event, wait=False)
         await self._stored(task)
 
     async def _checkpoints_delete(self, task: Task) -> None:

@@ -185,6 +185,8 @@ async def test_a_member_that_dies_mid_turn_is_restarted_and_the_run_goes_on_from
     items, local_stop = await run_local(local, "Go.")
     assert api_transcript(task) == local_transcript(items)  # nothing lost, nothing twice, and it stopped at 7
     assert task["usage"] == local_usage(items)  # the members' model contexts came back whole
+    metered = (await api.client.get("/v1/usage", headers=headers)).json()["tokens_today"]
+    assert metered == sum(task["usage"].values())  # what the new attempt published again was not metered again
     assert task["status_reason"] == local_stop
     # the new attempt published again what was said before the crash, and its run asked nobody to say it again
     replayed, produced = await attempt_messages(api, headers, task_id, 2)
