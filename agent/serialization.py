@@ -112,10 +112,6 @@ class MessageCodec:
         for cls in types:
             self.register(cls)
 
-    @property
-    def factory(self) -> MessageFactory:
-        return self._factory
-
     def register(self, cls: type) -> str:
         name = type_name(cls)
         if cls in self._encoders:

@@ -135,7 +135,6 @@ class TurnCheckpoints:
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self.enabled = True
-        self.written = 0
 
     async def on_state(self, msg: Msg) -> None:
         """A member's state after its turn, sent just before its answer (empty: it could not send it). A delta
@@ -238,7 +237,6 @@ class TurnCheckpoints:
                 return
             try:
                 await self._repo.put(self._key, self._checkpoint(snapshot))
-                self.written += 1
             except Exception:  # the run goes on; a later checkpoint (or the last one stored) will serve
                 log.warning("team task %s: could not store a checkpoint", self._key, exc_info=True)
             self._written_at = loop.time()
