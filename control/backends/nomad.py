@@ -50,6 +50,8 @@ log = logging.getLogger("caravan.scheduler.nomad")
 
 EVENT_TOPICS = ("Job", "Allocation", "Evaluation", "Deployment")
 SECRETS_MARKER = "CARAVAN_SECRETS_SOURCE"
+FOREIGN_KEPT = 10_000  # jobs known not to be ours
+ALLOCS_KEPT = 50_000  # allocations whose last reported state is kept (to report each change once)
 """Always an item of the Variable: Nomad refuses an empty Variable, and a template waits for a missing one."""
 _CONNECTED = object()
 
@@ -229,8 +231,9 @@ class NomadScheduler:
         self._api = config.client()
         self._ns_api = config.client(config.namespace_token) if config.namespace_token else self._api
         self._callbacks: list[StatusCallback] = []
-        self._jobs: dict[tuple[str, str], _Tracked | None] = {}
-        self._allocs: dict[str, tuple[AllocState, str | None]] = {}
+        self._jobs: dict[tuple[str, str], _Tracked] = {}
+        self._foreign: dict[tuple[str, str], None] = {}  # jobs seen on the event stream that are not ours
+        self._allocs: dict[str, tuple[AllocState, str | None]] = {}  # the last state reported, per allocation
         self._namespaces: set[str] = set()
         self._secrets: dict[tuple[str, str], str] = {}
         self._started = False
@@ -351,9 +354,11 @@ class NomadScheduler:
         key = (namespace, job_id)
         tracked = self._jobs.get(key)
         if meta.get("caravan_owner") != self._install_id:
-            self._jobs[key] = None
+            self._jobs.pop(key, None)
+            self._mark_foreign(key)
             return None
         clean = {str(k): str(v) for k, v in meta.items()}
+        self._foreign.pop(key, None)
         if tracked is None:
             tracked = self._jobs[key] = _Tracked(clean)
         else:
@@ -625,18 +630,24 @@ class NomadScheduler:
 
     async def _resync(self) -> None:
         """After (re)connecting: events may have been missed; read the allocations of every job we track."""
-        for (namespace, job_id), tracked in list(self._jobs.items()):
-            if tracked is None:
-                continue
+        for namespace, job_id in list(self._jobs):
             for alloc in await asyncio.to_thread(self._job_allocs, namespace, job_id):
                 await self._on_alloc(alloc)
 
+    def _mark_foreign(self, key: tuple[str, str]) -> None:
+        """Remember that a job is not ours (not to ask Nomad again), the newest ``FOREIGN_KEPT`` of them: the
+        event stream of a busy cluster names new jobs for as long as the control plane runs."""
+        self._foreign[key] = None
+        if len(self._foreign) > FOREIGN_KEPT:
+            del self._foreign[next(iter(self._foreign))]
+
     async def _tracked(self, namespace: str, job_id: str) -> _Tracked | None:
         key = (namespace, job_id)
-        if key in self._jobs:
-            return self._jobs[key]
+        tracked = self._jobs.get(key)
+        if tracked is not None or key in self._foreign:
+            return tracked
         if not namespace.startswith("caravan-"):
-            self._jobs[key] = None
+            self._mark_foreign(key)
             return None
         job = await asyncio.to_thread(self._get_job, namespace, job_id)
         return self._remember(namespace, job_id, (job or {}).get("Meta") or {})
@@ -677,7 +688,10 @@ class NomadScheduler:
         alloc_id = str(alloc["ID"])
         if self._allocs.get(alloc_id) == (state, reason):
             return
+        self._allocs.pop(alloc_id, None)  # the newest at the end: the oldest go first
         self._allocs[alloc_id] = (state, reason)
+        if len(self._allocs) > ALLOCS_KEPT:  # a repeat of a forgotten one is reported again, which is harmless
+            del self._allocs[next(iter(self._allocs))]
         if state in (AllocState.PENDING, AllocState.STARTING, AllocState.RUNNING):
             tracked.placement = None
         await self._emit(StatusUpdate(namespace, job_id, alloc_id, state, reason, dict(tracked.meta)))

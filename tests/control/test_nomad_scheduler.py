@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from control.backends import nomad as nomad_backend
 from control.backends.base import AllocState, JobNotOwned, JobRejected, SchedulerError, StatusUpdate
 from control.backends.nomad import NomadConfig, NomadScheduler
 from jobs import SECOND_NS, AgentJobVariables, render_agent_job
@@ -420,3 +421,34 @@ async def test_a_token_without_submit_job_gets_nomads_permission_denied() -> Non
         async with NomadScheduler(config) as scheduler:
             assert (await scheduler.submit(make_job(other, HEALTHY))).eval_id
         assert all(j["ID"] != ids.job_id for j in double.jobs.values())
+
+
+async def test_what_the_event_stream_tracks_stays_bounded_on_a_busy_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A control plane runs for months while the cluster's event stream names ever new jobs and allocations: it
+    keeps a bounded number of each, and still reports every change of the allocations it follows, once."""
+    monkeypatch.setattr(nomad_backend, "FOREIGN_KEPT", 10)
+    monkeypatch.setattr(nomad_backend, "ALLOCS_KEPT", 10)
+    scheduler = NomadScheduler(NomadConfig(address="http://127.0.0.1:9"))  # never started: no call to Nomad
+    recorder = Recorder()
+    scheduler.on_status(recorder)
+    ours = {
+        "Namespace": "caravan-cu-000000000001",
+        "ID": "caravan-ag-000000000001",
+        "Meta": {"caravan_owner": "caravan"},
+    }
+    await scheduler._on_event({"Topic": "Job", "Type": "JobRegistered", "Payload": {"Job": ours}})
+    for i in range(100):
+        theirs = {"Namespace": "default", "ID": f"batch-{i}", "Meta": {}}
+        await scheduler._on_event({"Topic": "Job", "Type": "JobRegistered", "Payload": {"Job": theirs}})
+
+    async def alloc(i: int, status: str) -> None:
+        payload = {"ID": f"alloc-{i}", "Namespace": ours["Namespace"], "JobID": ours["ID"], "ClientStatus": status}
+        await scheduler._on_event({"Topic": "Allocation", "Payload": {"Allocation": payload}})
+
+    for i in range(100):
+        await alloc(i, "running")
+    await alloc(99, "running")  # the same state again: not reported twice
+    await alloc(99, "complete")
+    assert len(scheduler._foreign) == 10 and len(scheduler._allocs) == 10
+    mine = [(u.alloc_id, u.state) for u in recorder.updates]
+    assert mine == [*((f"alloc-{i}", AllocState.RUNNING) for i in range(100)), ("alloc-99", AllocState.STOPPED)]
