@@ -9,6 +9,11 @@ message of a team run this way, so :class:`Wire` shortens it on the same connect
 - :meth:`Wire.subscribe` takes a plain function, called from the read loop with each message, in order. It must
   not block: it spawns whatever takes time.
 - :meth:`Wire.ask` is a request whose answer comes back through one inbox subscription, as a future.
+- :meth:`Wire.store` publishes to a JetStream stream without waiting; its future settles with the acknowledgement
+  or the error JetStream answered (nats-py's ``publish_async`` never settles one that JetStream refuses).
+
+On a connection with a Wire, nats-py's ``flush()`` also writes what nats-py holds before its PING (it wrote the
+PING first, so a flush right after a subscribe could return before the server had the subscription).
 
 Everything else stays nats-py's: connecting, auth, TLS, pings, reconnects (nats-py restores subscriptions under
 the same ids, so the callbacks keep working), draining and JetStream. While the connection is down, sending
