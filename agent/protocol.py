@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 __all__ = [
+    "AGENT_STATE_EVENTS",
     "BROADCAST_SUBJECT",
     "EVENTS_STREAM",
     "ID_PATTERN",

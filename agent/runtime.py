@@ -405,7 +405,7 @@ class NatsAgentRuntime:
         }
         if not self._nc.is_closed:
             await self._wire.publish(f"{self._ns}.t.{_topic_tokens(topic_id.type)}", _frame(meta, payload))
-        self._deliver(message, topic_id, sender, token, message_id)
+        self._deliver(self._recipients(topic_id, None), message, topic_id, sender, token, message_id)
 
     def _new_id(self) -> str:
         """Unique in the namespace: a random prefix per runtime and a counter (a uuid4 costs a system call)."""
@@ -415,25 +415,25 @@ class NatsAgentRuntime:
 
     def _deliver(
         self,
+        recipients: list[AgentId],
         message: Any,
         topic_id: TopicId,
         sender: AgentId | None,
         token: CancellationToken,
         message_id: str,
-        via: str | None = None,
     ) -> None:
-        """Start the handlers of the local subscribers, in order, without waiting for them. ``via`` is the NATS
-        subject a message came in on: it is for the subscriptions that listen there (one subscription may match
-        a message that also arrives on another subject, and must get it once)."""
-        for recipient in self._recipients(topic_id, via):
+        """Start the handlers of ``recipients`` (see :meth:`_recipients`), in order, without waiting for them."""
+        for recipient in recipients:
             if recipient == sender:
                 continue
             context = MessageContext(sender, topic_id, False, token, message_id)
             self._spawn(self._invoke(recipient, message, context, publish=True))
 
     def _recipients(self, topic_id: TopicId, via: str | None) -> list[AgentId]:
-        """The local agents a topic reaches (through ``via``), in subscription order, worked out once per topic
-        and subject."""
+        """The local agents a topic reaches, in subscription order, worked out once per topic and subject. ``via``
+        is the NATS subject a message came in on (None: published here): it is for the subscriptions that listen
+        there (one subscription may match a message that also arrives on another subject, and must get it
+        once)."""
         key = (topic_id, via)
         routes = self._routes.get(key)
         if routes is None:
@@ -510,7 +510,7 @@ class NatsAgentRuntime:
         """Where a subscription listens: its topic's own subject, an agent's direct-message prefix ``a:`` on
         ``ns.t.a.*``, anything else on the namespace's wildcard; None when its agent lives in another process."""
         if isinstance(subscription, TypeSubscription):
-            if not self._is_local(subscription.agent_type) and subscription.agent_type in self._remote:
+            if subscription.agent_type in self._remote:
                 return None
             return f"{self._ns}.t.{_topic_tokens(subscription.topic_type)}"
         if not self._is_local(getattr(subscription, "agent_type", "")):
@@ -523,7 +523,7 @@ class NatsAgentRuntime:
 
     async def _listen_topic(self, subscription: Subscription) -> bool:
         subject = self._listen_subject(subscription)
-        if subject is None or subject in self._nats_subs:
+        if subject is None:
             return False
 
         def on_publish(msg: Msg) -> None:
@@ -536,7 +536,8 @@ class NatsAgentRuntime:
         if meta.get("from") == self.instance_id:
             return  # delivered locally when it was published
         topic_id = _topic_id(_topic_type(msg.subject[len(self._ns) + 3 :]), meta["src"])
-        if not self._recipients(topic_id, via):
+        recipients = self._recipients(topic_id, via)
+        if not recipients:
             return
         try:
             message = self._codec.decode(meta["ty"], payload)
@@ -544,7 +545,7 @@ class NatsAgentRuntime:
             log.exception("dropping a message on %s that this process cannot read", msg.subject)
             return
         sender = _sender(meta["sn"]) if meta.get("sn") else None
-        self._deliver(message, topic_id, sender, self._token(meta.get("sc")), meta["id"], via)
+        self._deliver(recipients, message, topic_id, sender, self._token(meta.get("sc")), meta["id"])
 
     def _on_request(self, msg: Msg) -> None:
         if not msg.reply:

@@ -181,7 +181,8 @@ class MessageCodec:
             return self._factory.create(value)
         return {key: self.rebuild(item) for key, item in value.items()}
 
-    def dumps_state(self, state: Any) -> bytes:
+    @staticmethod
+    def dumps_state(state: Any) -> bytes:
         return json.dumps(state, default=_json_default).encode()
 
     @staticmethod
@@ -217,8 +218,8 @@ def _plain(annotation: Any, seen: set[int]) -> bool:
         return False  # Any, a TypeVar, a forward reference
     if issubclass(annotation, _LEAVES):
         return True
-    if issubclass(annotation, BaseMessage) or id(annotation) in seen:
-        return False  # recursive types: let the rebuild have them
+    if issubclass(annotation, BaseMessage) or issubclass(BaseMessage, annotation) or id(annotation) in seen:
+        return False  # may hold AgentChat's messages (or recursive types): let the rebuild have them
     seen.add(id(annotation))
     try:
         return _plain_fields(annotation, seen)

@@ -103,7 +103,7 @@ class _StateSender:
             headers[STATE_BASE_HEADER] = self._after
             self._since_whole += 1
         else:
-            body = container.dumps_state(await container.save_state())
+            body = MessageCodec.dumps_state(await container.save_state())
             self._since_whole = 0
         sent = await self._publish(body, headers)
         whole_next = (
@@ -131,19 +131,18 @@ class _Container(ChatAgentContainer):
         team_key: str,
         agent: AssistantAgent,
         model_client: ChatCompletionClient,
-        sender: _StateSender | None = None,
+        sender: _StateSender,
     ) -> None:
         super().__init__(f"group_topic_{team_key}", f"output_topic_{team_key}", agent, MessageFactory())
         self._model_client = model_client
         self._sender = sender
-        self._codec = MessageCodec()
 
     async def publish_message(
         self, message: Any, topic_id: TopicId, *, cancellation_token: CancellationToken | None = None
     ) -> None:
         # The answer's buffer is cleared and the turn is over: the state now is the one to resume from. Sent on
         # the same connection before the answer, it reaches the manager first.
-        if isinstance(message, GroupChatAgentResponse) and self._sender is not None:
+        if isinstance(message, GroupChatAgentResponse):
             await self._sender.send(self, message.response.chat_message.id)
         await super().publish_message(message, topic_id, cancellation_token=cancellation_token)
 
@@ -159,27 +158,23 @@ class _Container(ChatAgentContainer):
         messages = getattr(context, "_messages", None)
         return messages if isinstance(messages, list) else None
 
-    def dumps_state(self, state: Mapping[str, Any]) -> bytes:
-        return self._codec.dumps_state(state)
-
     def dumps_delta(self, added: list[Any]) -> bytes:
         """What changed since the last state sent: the context's new messages, dumped as AgentChat dumps the
         whole context, and the rest of the container's state, which is small."""
         delta: dict[str, Any] = {
             ADDED_CONTEXT: ChatCompletionContextState(messages=added).model_dump()["messages"],
             "message_buffer": [message.dump() for message in self._message_buffer],
+            **self._position(),
         }
-        position = getattr(self._model_client, "position", None)
-        if position is not None:
-            delta[MODEL_POSITION] = position
-        return self._codec.dumps_state(delta)
+        return MessageCodec.dumps_state(delta)
 
     async def save_state(self) -> Mapping[str, Any]:
-        state = dict(await super().save_state())
+        return {**(await super().save_state()), **self._position()}
+
+    def _position(self) -> dict[str, Any]:
+        """The scripted (``replay``) model's place in its script, kept with the container's state."""
         position = getattr(self._model_client, "position", None)
-        if position is not None:
-            state[MODEL_POSITION] = position
-        return state
+        return {} if position is None else {MODEL_POSITION: position}
 
     async def load_state(self, state: Mapping[str, Any]) -> None:
         state = dict(state)
@@ -187,8 +182,7 @@ class _Container(ChatAgentContainer):
         await super().load_state(state)
         if position is not None and hasattr(self._model_client, "seek"):
             self._model_client.seek(int(position))
-        if self._sender is not None:
-            self._sender.reset()
+        self._sender.reset()
 
 
 class _HostedRun:

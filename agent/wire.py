@@ -189,7 +189,11 @@ class Wire:
             timer.cancel()
 
         future.add_done_callback(forget)
-        self.send_soon(subject, payload, self._inbox + token, headers)
+        try:
+            self.send_soon(subject, payload, self._inbox + token, headers)
+        except BaseException:  # refused at once (too big, a bad subject): nothing to wait for
+            future.cancel()
+            raise
         return future
 
     async def store(
@@ -241,10 +245,9 @@ def _settle(answer: asyncio.Future[Msg], acked: asyncio.Future[dict[str, Any]]) 
 
 class Storing:
     """Events of one run published with :meth:`Wire.store`: :meth:`stored` waits until JetStream has them all
-    (a status or result that follows only those)."""
+    (a status or result that follows only those). Each acknowledgement times out on its own."""
 
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
+    def __init__(self) -> None:
         self._acks: list[asyncio.Future[dict[str, Any]]] = []
 
     def add(self, acked: asyncio.Future[dict[str, Any]]) -> None:
@@ -253,13 +256,7 @@ class Storing:
     async def stored(self) -> BaseException | None:
         """Wait for the events added so far; the first error if one was not stored, or not in time."""
         acks, self._acks = self._acks, []
-        if not acks:
-            return None
-        try:
-            async with asyncio.timeout(self.timeout):
-                results = await asyncio.gather(*acks, return_exceptions=True)
-        except TimeoutError:
-            return TimeoutError(f"JetStream did not confirm the events within {self.timeout:.0f} s")
+        results = await asyncio.gather(*acks, return_exceptions=True)
         return next((r for r in results if isinstance(r, BaseException)), None)
 
 

@@ -398,7 +398,7 @@ class _TaskRun:
         self.attempt = attempt
         self.token = CancellationToken()
         self._seq = 0
-        self._storing = Storing(STORE_TIMEOUT_S)
+        self._storing = Storing()
 
     async def emit(self, kind: str, **fields: Any) -> None:
         self._seq += 1

@@ -499,7 +499,7 @@ class TeamRunner:
         if wait:
             await self._jet.js.publish(subject, payload)
         else:
-            storing = self._storing.setdefault(event.task_id, Storing(STORE_TIMEOUT_S))
+            storing = self._storing.setdefault(event.task_id, Storing())
             storing.add(await self._wire.store(subject, payload, STORE_TIMEOUT_S))
 
     async def _stored(self, task: Task) -> BaseException | None:
