@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import shutil
 import sys
 from pathlib import Path
+
+from agent.aio import cancel_and_wait
 
 __all__ = ["EmbeddedNats", "nats_server_binary"]
 
@@ -106,6 +107,4 @@ class EmbeddedNats:
                 proc.kill()
                 await proc.wait()
         if self._log_task is not None:
-            self._log_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._log_task
+            await cancel_and_wait(self._log_task)

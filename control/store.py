@@ -47,16 +47,11 @@ class Repo(Generic[M]):
         self._model = model
 
     async def get(self, key: str) -> M | None:
-        found = await self.get_with_revision(key)
-        return found[0] if found else None
-
-    async def get_with_revision(self, key: str) -> tuple[M, int] | None:
         entry = await self._entry(key)
-        if entry is None or entry.value is None:
-            return None
-        return self._model.model_validate_json(entry.value), entry.revision or 0
+        return None if entry is None else self._model.model_validate_json(entry.value or b"")
 
     async def _entry(self, key: str) -> KeyValue.Entry | None:
+        """The key's entry; None if it is missing, deleted or empty."""
         try:
             entry = await self._kv.get(key)
         except KeyNotFoundError:
@@ -105,7 +100,7 @@ class Repo(Generic[M]):
     ) -> T | None:
         for attempt in range(attempts):
             entry = await self._entry(key)
-            if entry is None or entry.value is None:
+            if entry is None or entry.value is None:  # (never empty: for the type checker)
                 return None
             result, new = apply(entry.value)
             if new is None:

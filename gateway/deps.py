@@ -12,7 +12,7 @@ from control.errors import Forbidden, Invalid, Unauthorized
 from control.platform import ControlPlane
 from control.services.audit import AuditRecord
 from control.services.auth import Principal
-from gateway.ratelimit import FAILED_AUTH, RateLimiter
+from gateway.ratelimit import FAILED_AUTH, RateLimited, RateLimiter
 
 __all__ = ["AdminDep", "ControlDep", "PrincipalDep", "check_failures", "owner_scope", "target_customer"]
 
@@ -62,7 +62,10 @@ def check_failures(request: HTTPConnection, take: bool = True) -> None:
     it has failed too often (see ``FAILED_AUTH``)."""
     limiter: RateLimiter = request.app.state.limiter
     client = request.client.host if request.client else "unknown"
-    limiter.check(f"client:{client}", FAILED_AUTH, take=take)
+    try:
+        limiter.check(f"client:{client}", FAILED_AUTH, take=take)
+    except RateLimited as exc:
+        raise RateLimited("too many failed authentications from this address; retry later", exc.retry_after) from None
 
 
 async def audit_denied(control: ControlPlane, request: HTTPConnection, action: str, actor: str, why: str) -> None:

@@ -35,6 +35,7 @@ class RateLimited(CaravanError):
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message, {"retry_after_s": retry_after})
+        self.retry_after = retry_after
         self.headers = {"Retry-After": str(retry_after)}
 
 
@@ -58,9 +59,8 @@ class RateLimiter:
         if tokens < 1:
             wait = math.ceil((1 - tokens) / rate.per_second)
             self._buckets[caller] = (tokens, now)
-            if tier == FAILED_AUTH:
-                raise RateLimited("too many failed authentications from this address; retry later", wait)
             raise RateLimited(f"rate limit of the {tier} tier ({rate.per_second:g}/s) reached; retry later", wait)
-        self._buckets[caller] = (tokens - 1 if take else tokens, now)
+        if take:  # a look leaves no bucket behind: callers that never failed keep none
+            self._buckets[caller] = (tokens - 1, now)
         if len(self._buckets) > 100_000:  # forget idle callers rather than grow without bound
             self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}

@@ -17,7 +17,7 @@ put together without asking every member for its state:
 
 The manager's thread is kept as dumps added message by message, so a turn costs the new message's dump, not
 the whole thread's. Writing to KV happens off the turn's path: a writer task puts the newest checkpoint, at most
-one every ``min_interval_s`` (turns that come faster are stored together, so a fast team does not spend its time
+one every ``MIN_INTERVAL_S`` (turns that come faster are stored together, so a fast team does not spend its time
 encoding checkpoints that are superseded at once; a slow store never holds the conversation up either). A new
 attempt may therefore redo the turns of the last such interval, which is as exact as going on from the last one.
 """
@@ -46,6 +46,10 @@ __all__ = ["TurnCheckpoints"]
 
 log = logging.getLogger("caravan.teams")
 
+STATE_WAIT_S = 5.0
+"""How long a turn's checkpoint waits for the speaker's state (sent just before its answer)."""
+MIN_INTERVAL_S = 0.05
+"""Checkpoints are written at most this often; turns that come faster are stored together."""
 Record = Callable[[Sequence[Any]], list[dict[str, Any]]]
 """The transcript entries (task events without attempt and time) of some of the run's messages."""
 
@@ -110,16 +114,12 @@ class TurnCheckpoints:
         members: Sequence[str],
         record: Record,
         selector: Any = None,
-        state_wait_s: float = 5.0,
-        min_interval_s: float = 0.05,
     ) -> None:
         self._repo = repo
         self._key = key
         self._base = base
         self._record = record
         self._selector = selector
-        self._state_wait_s = state_wait_s
-        self._min_interval_s = min_interval_s
         self._written_at = float("-inf")
         self._now = asyncio.Event()
         agent_states: dict[str, Any] = dict((base.state or {}).get("agent_states", {}))
@@ -209,7 +209,7 @@ class TurnCheckpoints:
         if not here:  # sent before the answer on the member's connection: it is normally here already
             waiter = self._waiting[message_id] = asyncio.get_running_loop().create_future()
             try:
-                state = await asyncio.wait_for(waiter, self._state_wait_s)
+                state = await asyncio.wait_for(waiter, STATE_WAIT_S)
             except TimeoutError:
                 log.warning("no state from %s after its turn: no checkpoint until it speaks again", speaker)
             finally:
@@ -228,7 +228,7 @@ class TurnCheckpoints:
     async def _write(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending is not None and not self._closed:
-            wait = self._written_at + self._min_interval_s - loop.time()
+            wait = self._written_at + MIN_INTERVAL_S - loop.time()
             if wait > 0 and not self._now.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._now.wait(), wait)

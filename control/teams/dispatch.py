@@ -18,7 +18,7 @@ from control.store import Repo
 from control.teams.models import Checkpoint, Team
 from control.teams.service import TeamService
 
-__all__ = ["TeamTasks", "task_key"]
+__all__ = ["TeamTasks"]
 
 
 class TeamTasks:

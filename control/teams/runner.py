@@ -52,10 +52,10 @@ from control.ids import new_id
 from control.models import TERMINAL_TASK_STATUSES, Task
 from control.natsio import Jet
 from control.services.agents import AgentService
+from control.services.tasks import task_key
 from control.store import Repo
 from control.teams.build import build_team, restore_termination
-from control.teams.checkpoints import TurnCheckpoints
-from control.teams.dispatch import task_key
+from control.teams.checkpoints import Record, TurnCheckpoints
 from control.teams.models import USER, Checkpoint, Team
 from control.teams.service import TeamService
 
@@ -449,9 +449,7 @@ class TeamRunner:
             await self._jet.nc.publish(f"{namespace}.x.alive", b"manager")
             await asyncio.sleep(self.config.heartbeat_s)
 
-    def _recorder(
-        self, task: Task, attempt: int, by_name: dict[str, str]
-    ) -> Callable[[Sequence[Any]], list[dict[str, Any]]]:
+    def _recorder(self, task: Task, attempt: int, by_name: dict[str, str]) -> Record:
         """The transcript entries of messages, as :meth:`_stream` keeps them (a checkpoint's transcript)."""
 
         def record(items: Sequence[Any]) -> list[dict[str, Any]]:

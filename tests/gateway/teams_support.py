@@ -234,7 +234,7 @@ async def attempt_messages(
 
 async def checkpointed_messages(api: Api, customer_id: str, task_id: str) -> list[tuple[str, str]]:
     """(source, content) of the messages in the task's checkpoint in JetStream KV (none without one)."""
-    from control.teams.dispatch import task_key
+    from control.services.tasks import task_key
     from control.teams.models import Checkpoint
 
     try:
