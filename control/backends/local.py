@@ -603,7 +603,17 @@ def _process_table() -> dict[int, tuple[int, int]]:
 
 def _base_env() -> dict[str, str]:
     """What a task inherits from the machine: PATH, locale and the like, plus model keys (never in the job)."""
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "SSL_CERT_FILE")
+    keep = (
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "TMPDIR",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "SSL_CERT_FILE",
+        "CARAVAN_EVENT_LOOP",
+    )
     secret_names = set(PROVIDER_KEY_ENV.values()) | {
         "CONSUL_HTTP_TOKEN",
         "CONSUL_CACERT",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from agent.runtime import NatsAgentRuntime
 from agent.serialization import MessageCodec
 from control.natsserver import EmbeddedNats
-from tests.support.helpers import assert_eventually
+from tests.support.helpers import assert_eventually, now
 
 NS = "caravan.rt.cu-000000000001.rn-000000000001"
 
@@ -54,6 +54,7 @@ class Recorder(RoutedAgent):
         super().__init__("records what reaches it")
         self.seen: list[tuple[str, str | None]] = []
         self.cancelled = asyncio.Event()
+        self.waiting = asyncio.Event()
 
     @event
     async def on_note(self, message: Note, ctx: MessageContext) -> None:
@@ -63,6 +64,7 @@ class Recorder(RoutedAgent):
     async def on_wait(self, message: Wait, ctx: MessageContext) -> Note:
         waiting = asyncio.ensure_future(asyncio.sleep(message.seconds))
         ctx.cancellation_token.link_future(waiting)
+        self.waiting.set()
         try:
             await waiting
         except asyncio.CancelledError:
@@ -98,15 +100,10 @@ async def _marked(calling: NatsAgentRuntime, recorder: Recorder, mark: str) -> N
     """Publish ``mark`` on a subscribed topic after what came before and wait for it: from one connection to one
     agent, messages arrive in order, so whatever was published earlier and not seen by now never will be."""
     await calling.publish_message(Note(mark), TopicId("notes", "default"))
-    await assert_eventually(_seen(recorder), lambda seen: (mark, "notes") in seen, within=10, what=mark)
+    await assert_eventually(
+        now(lambda: list(recorder.seen)), lambda seen: (mark, "notes") in seen, within=10, what=mark
+    )
     recorder.seen.remove((mark, "notes"))
-
-
-def _seen(recorder: Recorder) -> Callable[[], Awaitable[list[tuple[str, str]]]]:
-    async def probe() -> list[tuple[str, str]]:
-        return list(recorder.seen)
-
-    return probe
 
 
 async def test_each_subscription_gets_a_message_once_and_direct_topics_reach_only_their_agent(
@@ -144,7 +141,7 @@ async def test_cancelling_a_token_cancels_the_remote_handler(
     _, calling, recorder = pair
     token = CancellationToken()
     call = asyncio.ensure_future(calling.send_message(Wait(30), AgentId("rec", "default"), cancellation_token=token))
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(recorder.waiting.wait(), 5)
     token.cancel()
     await asyncio.wait_for(recorder.cancelled.wait(), 5)
     with pytest.raises(asyncio.CancelledError):
@@ -156,7 +153,7 @@ async def test_cancel_all_ends_a_send_that_has_no_token(
 ) -> None:
     _, calling, recorder = pair
     call = asyncio.ensure_future(calling.send_message(Wait(30), AgentId("rec", "default")))
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(recorder.waiting.wait(), 5)
     await calling.cancel_all()
     await asyncio.wait_for(recorder.cancelled.wait(), 5)
     with pytest.raises(asyncio.CancelledError):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
 import nats
 import nats.errors
@@ -15,18 +13,7 @@ from nats.aio.msg import Msg
 
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
-from tests.support.helpers import assert_eventually
-
-T = TypeVar("T")
-
-
-def now(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
-    """A probe for assert_eventually that reads a value at hand."""
-
-    async def probe() -> T:
-        return read()
-
-    return probe
+from tests.support.helpers import assert_eventually, now
 
 
 async def collect(nc: nats.NATS, subject: str) -> list[bytes]:

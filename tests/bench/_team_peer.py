@@ -1,6 +1,7 @@
 """The far side of the teams benchmark, in its own process: an echo agent on our NATS runtime or on AutoGen's
-gRPC worker runtime, a raw nats-py responder, a team member (Caravan's team host), or a raw nats-py stand-in for
-a member (``relay``: the team's message pattern with no AgentChat and no runtime). Prints "ready"."""
+gRPC worker runtime, a raw nats-py responder, a team member (Caravan's team host), or a stand-in for a member on
+the runtime's transport (``relay``: the team's message pattern over agent.wire, with no AgentChat and no
+runtime). Prints "ready"."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from agent.aio import run
 from agent.protocol import AgentDefinition, ModelConfig
 from agent.runtime import NatsAgentRuntime
 from agent.teamhost import TeamHost
+from agent.wire import Wire
 
 RELAY_REQUEST, RELAY_OUTPUT, RELAY_GROUP = 210, 430, 490  # bytes a team run sends per message, framed
 
@@ -63,17 +65,15 @@ async def main(mode: str, address: str, extra: str) -> None:
     elif mode == "relay":  # extra = "<prefix> <index>": asked to speak, publish what a member publishes
         prefix, index = extra.split()
         nc = await nats.connect(address, no_echo=True)
+        wire = Wire.of(nc)  # the path the runtime's messages take
         output, group = b"o" * RELAY_OUTPUT, b"g" * RELAY_GROUP
 
-        async def speak(msg: nats.aio.msg.Msg) -> None:
-            await nc.publish(f"{prefix}.output", output)
-            await nc.publish(f"{prefix}.group", group)
+        def speak(msg: nats.aio.msg.Msg) -> None:
+            wire.send(f"{prefix}.output", output)
+            wire.send(f"{prefix}.group", group)
 
-        async def hear(msg: nats.aio.msg.Msg) -> None:
-            pass
-
-        await nc.subscribe(f"{prefix}.member{index}", cb=speak)
-        await nc.subscribe(f"{prefix}.group", cb=hear)
+        await wire.subscribe(f"{prefix}.member{index}", speak)
+        await wire.subscribe(f"{prefix}.group", lambda msg: None)
         await nc.flush()
     else:  # member: extra = "<customer> <agent> <name>"
         customer_id, agent_id, name = extra.split()

@@ -1,8 +1,9 @@
 """Issue 5 benchmark: our NATS agent runtime beside AutoGen's gRPC worker runtime and raw nats-py request/reply
 (two agents in separate processes, measured in the same run, rounds interleaved), and a 3-member round-robin team
 of 60 messages on a zero-latency model, members in their own processes versus AgentChat in one process. Beside
-the team, the floor of its transport: the same pattern of NATS messages between raw nats-py processes (the
-manager asks a member, the member answers to the manager and the group), with no AgentChat and no runtime.
+the team, the floor of its transport: the same pattern of NATS messages between processes on the runtime's own
+path, agent.wire (the manager asks a member, the member answers to the manager and the group), with no AgentChat
+and no runtime.
 Run by ./dev/bench; prints its figures."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from agent.models import create_model_client
 from agent.protocol import AgentDefinition, ModelConfig
 from agent.runtime import NatsAgentRuntime
 from agent.teamprotocol import MemberJoin, join_subject, run_namespace
+from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
 from control.teams.models import Team, Termination
@@ -127,7 +129,7 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
     per_floor = statistics.median(floor_times) / TEAM_MESSAGES
     print(f"members in 3 processes       {per_remote * 1000:.2f} ms/message")
     print(f"distributed / in-process     {per_remote / per_local:.2f}x  (goal <= 1.3x)")
-    print(f"transport floor (raw nats-py, same messages, no AgentChat)  {per_floor * 1000:.2f} ms/message")
+    print(f"transport floor (agent.wire, same messages, no AgentChat)  {per_floor * 1000:.2f} ms/message")
     print(f"(in-process + floor) / in-process  {(per_local + per_floor) / per_local:.2f}x")
 
 
@@ -199,36 +201,34 @@ async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float]
 
 
 class Relay:
-    """The manager's side of the transport floor: ask member n % 3 to speak, and on its group message the next."""
+    """The manager's side of the transport floor: ask member n % 3 to speak, and on its group message the next.
+    On the path the runtime's messages take (agent.wire), so the floor is the runtime's own transport."""
 
     def __init__(self, nc: nats.NATS, prefix: str, members: int) -> None:
-        self._nc, self._prefix, self._members = nc, prefix, members
+        self._nc, self._wire, self._prefix, self._members = nc, Wire.of(nc), prefix, members
         self._heard = 0
         self._target = 0
         self._done: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
-        async def output(msg: nats.aio.msg.Msg) -> None:
-            pass
-
-        await self._nc.subscribe(f"{self._prefix}.output", cb=output)
-        await self._nc.subscribe(f"{self._prefix}.group", cb=self._on_group)
+        await self._wire.subscribe(f"{self._prefix}.output", lambda msg: None)
+        await self._wire.subscribe(f"{self._prefix}.group", self._on_group)
         await self._nc.flush()
 
     async def run(self, messages: int) -> float:
         self._heard, self._target = 0, messages
         self._done = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
-        await self._ask(0)
+        self._ask(0)
         await self._done
         return time.perf_counter() - started
 
-    async def _ask(self, n: int) -> None:
-        await self._nc.publish(f"{self._prefix}.member{n % self._members}", b"r" * RELAY_REQUEST)
+    def _ask(self, n: int) -> None:
+        self._wire.send(f"{self._prefix}.member{n % self._members}", b"r" * RELAY_REQUEST)
 
-    async def _on_group(self, msg: nats.aio.msg.Msg) -> None:
+    def _on_group(self, msg: nats.aio.msg.Msg) -> None:
         self._heard += 1
         if self._heard < self._target:
-            await self._ask(self._heard)
+            self._ask(self._heard)
         elif self._done is not None and not self._done.done():
             self._done.set_result(None)

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from agent.models import create_model_client
 from agent.protocol import ModelConfig
 from control.localmodel import FairQueue, ModelProxy, QueueFull, QueueTimeout, repair_request
-from tests.support.helpers import assert_eventually, serve_app
+from tests.support.helpers import assert_eventually, now, serve_app
 
 
 @dataclass
@@ -144,12 +144,8 @@ async def test_a_full_queue_refuses_at_once_and_a_cancelled_waiter_is_forgotten(
     assert queue.busy == 0
 
 
-async def _value(value: Any) -> Any:
-    return value
-
-
 async def waiting(queue: FairQueue, count: int) -> None:
-    await assert_eventually(lambda: _value(queue.waiting), lambda n: n == count, what=f"{count} waiting")
+    await assert_eventually(now(lambda: queue.waiting), lambda n: n == count, what=f"{count} waiting")
 
 
 # -- the proxy -----------------------------------------------------------------------------------------------
@@ -177,7 +173,7 @@ async def test_requests_reach_the_server_repaired_one_at_a_time_in_turn(upstream
         upstream.gate.clear()
         history = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": []}]
         first = asyncio.create_task(client.post("/chat/completions", json={"messages": history}))
-        await assert_eventually(lambda: _value(len(upstream.seen)), lambda n: n == 1)
+        await assert_eventually(now(lambda: len(upstream.seen)), lambda n: n == 1)
         later = []
         for agent, text in [("ag-a", "a1"), ("ag-a", "a2"), ("ag-b", "b1")]:
             later.append(
@@ -202,7 +198,7 @@ async def test_a_request_that_waits_too_long_fails_clearly_for_the_agent(
         upstream.gate.clear()
         async with httpx.AsyncClient(base_url=proxy.url) as client:
             hog = asyncio.create_task(client.post("/chat/completions", json=chat()))
-            await assert_eventually(lambda: _value(len(upstream.seen)), lambda n: n == 1)
+            await assert_eventually(now(lambda: len(upstream.seen)), lambda n: n == 1)
             raw = await client.post("/chat/completions", json=chat(), headers={"X-Caravan-Agent": "ag-x"})
             assert raw.status_code == 503 and raw.headers["x-should-retry"] == "false"
             assert raw.json()["error"]["code"] == "local_model_busy"

@@ -234,12 +234,14 @@ async def attempt_messages(
 
 async def checkpointed_messages(api: Api, customer_id: str, task_id: str) -> list[tuple[str, str]]:
     """(source, content) of the messages in the task's checkpoint in JetStream KV (none without one)."""
+    from nats.js.errors import KeyNotFoundError
+
     from control.services.tasks import task_key
     from control.teams.models import Checkpoint
 
     try:
         entry = await api.control.jet.kv["team_state"].get(task_key(customer_id, task_id))
-    except Exception:  # no checkpoint (yet, or any more)
+    except KeyNotFoundError:  # no checkpoint (yet, or any more)
         return []
     checkpoint = Checkpoint.model_validate_json(entry.value or b"{}")
     return [(e["source"], e["content"]) for e in checkpoint.transcript if e["kind"] == "message"]

@@ -12,7 +12,7 @@ import websockets
 from agent.protocol import Event, EventKind
 from tests.conftest import Api
 from tests.gateway.test_agents_api import wait_status
-from tests.support.helpers import assert_eventually, small_events, sse_events
+from tests.support.helpers import assert_eventually, now, small_events, sse_events
 
 TOOL_SCRIPT = {
     "provider": "replay",
@@ -75,7 +75,7 @@ async def test_events_are_published_on_nats_for_external_subscribers(api: Api) -
         task_id = await start_task(api, headers, agent["id"])
         await finished(api, headers, task_id)
         await assert_eventually(
-            lambda: _value(seen), lambda s: any(e.get("content") == "completed" for e in s), what="completed on NATS"
+            now(lambda: seen), lambda s: any(e.get("content") == "completed" for e in s), what="completed on NATS"
         )
     finally:
         await sub.unsubscribe()
@@ -83,10 +83,6 @@ async def test_events_are_published_on_nats_for_external_subscribers(api: Api) -
     mine = [e for e in seen if e.get("task_id") == task_id]
     assert {e["kind"] for e in mine} >= {"status", "message", "tool_call", "tool_result", "usage", "result"}
     assert all(e["customer_id"] == customer_id for e in mine)
-
-
-async def _value(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return items
 
 
 async def test_sse_resumes_after_a_disconnect_with_no_gap_and_no_duplicate(api: Api) -> None:

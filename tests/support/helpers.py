@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from agent.protocol import EVENTS_STREAM
 
-__all__ = ["assert_eventually", "serve_app", "small_events", "sse_events"]
+__all__ = ["assert_eventually", "now", "serve_app", "small_events", "sse_events"]
 
 T = TypeVar("T")
 
@@ -32,6 +32,15 @@ async def assert_eventually(
         await asyncio.sleep(0.05)
         value = await probe()
     return value
+
+
+def now(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+    """A probe for :func:`assert_eventually` that reads a value at hand."""
+
+    async def probe() -> T:
+        return read()
+
+    return probe
 
 
 @contextlib.asynccontextmanager
