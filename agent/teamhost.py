@@ -45,6 +45,7 @@ from agent.teamprotocol import (
     run_namespace,
 )
 from agent.tools import build_tools
+from agent.wire import Wire
 
 __all__ = ["TeamHost", "member_agent"]
 
@@ -123,7 +124,7 @@ class _StateSender:
 
 class _Container(ChatAgentContainer):
     """AgentChat's container; its state also carries the scripted model's place (the `replay` provider), and it
-    sends that state to the manager after each of its turns, just before its answer (the manager checkpoints
+    sends that state to the manager after each of its turns, just after its answer (the manager checkpoints
     the run between turns without asking every member for its state)."""
 
     def __init__(
@@ -140,11 +141,13 @@ class _Container(ChatAgentContainer):
     async def publish_message(
         self, message: Any, topic_id: TopicId, *, cancellation_token: CancellationToken | None = None
     ) -> None:
-        # The answer's buffer is cleared and the turn is over: the state now is the one to resume from. Sent on
-        # the same connection before the answer, it reaches the manager first.
+        # The answer's buffer is cleared and the turn is over: the state now is the one to resume from (nothing
+        # else reaches this container before its turn's handler returns). Dumped once the answer is on its way,
+        # so that the manager reads the answer while this member encodes its state: the manager waits for it
+        # only when it comes to checkpoint the turn.
+        await super().publish_message(message, topic_id, cancellation_token=cancellation_token)
         if isinstance(message, GroupChatAgentResponse):
             await self._sender.send(self, message.response.chat_message.id)
-        await super().publish_message(message, topic_id, cancellation_token=cancellation_token)
 
     def context_messages(self) -> list[Any] | None:
         """The model context's messages, when the agent's state is AgentChat's dump of them and nothing else
@@ -277,17 +280,18 @@ class TeamHost:
         agent = member_agent(self._definition, join.handoffs, model_client)
         agent_type = f"{self._definition.name}_{join.team_key}"
         state_subject = f"{namespace}.x.state"
+        wire = Wire.of(self._nc)
 
         async def send_state(state: bytes, headers: dict[str, str]) -> bool:
             try:
-                await self._nc.publish(state_subject, state, headers=headers)
+                await wire.publish(state_subject, state, headers=headers)
                 return True
             except nats.errors.Error:  # too big for a message: say so (no checkpoint) rather than fail the turn
                 log.warning(
                     "run %s: the state of %s is too big to send (%d bytes)", join.run_id, agent_type, len(state)
                 )
                 headers.pop(STATE_BASE_HEADER, None)
-                await self._nc.publish(state_subject, b"", headers=headers)
+                await wire.publish(state_subject, b"", headers=headers)
                 return False
 
         sender = _StateSender(self._definition.name, send_state, join.state_deltas)

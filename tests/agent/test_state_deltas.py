@@ -96,7 +96,7 @@ async def test_a_delta_to_a_missed_state_is_not_used() -> None:
     for i in range(2):
         await _turn(container, agent, wire, i)
     body, headers = wire.sent[1]  # the first (whole) state never reached the manager
-    await turns.on_state(Msg(None, subject="x.state", data=body, headers=headers))  # type: ignore[arg-type]
+    turns.on_state(Msg(None, subject="x.state", data=body, headers=headers))  # type: ignore[arg-type]
     assert turns._pushed["alice"] == (headers[STATE_AFTER_HEADER], None)
 
 
