@@ -45,7 +45,7 @@ TEAM_QUEUE_FILTER = "caravan.tasks.*.team.*"
 STATE_MEMBER_HEADER = "Caravan-Member"
 """On ``x.state``: the member's name; the body is its ``ChatAgentContainer`` state (JSON)."""
 STATE_AFTER_HEADER = "Caravan-After"
-"""On ``x.state``: the id of the chat message the member answered with, sent just after its state."""
+"""On ``x.state``: the id of the chat message the member answered with; its state follows that answer."""
 STATE_BASE_HEADER = "Caravan-Base"
 """On ``x.state``: the body is not the whole state but what changed since the state the member sent after this
 message id (:func:`apply_state_delta`); only to a manager that asked for deltas (``MemberJoin.state_deltas``)."""
