@@ -124,14 +124,18 @@ class _StateSender:
 
 def _state_publisher(wire: Wire, subject: str, run_id: str, agent_type: str) -> Publish:
     """Sends a member's states on ``subject``. A state too big for a message goes as an empty one, so that the
-    manager knows it has none (no checkpoint) rather than the turn failing."""
+    manager knows it has none (no checkpoint) rather than the turn failing; one that cannot be sent for another
+    reason (the connection closed) is only logged."""
 
     async def send_state(state: bytes, headers: dict[str, str]) -> bool:
         try:
             await wire.publish(subject, state, headers=headers)
             return True
-        except nats.errors.Error:
+        except nats.errors.MaxPayloadError:
             log.warning("run %s: the state of %s is too big to send (%d bytes)", run_id, agent_type, len(state))
+        except nats.errors.Error as exc:
+            log.warning("run %s: the state of %s could not be sent: %s", run_id, agent_type, exc)
+            return False
         headers.pop(STATE_BASE_HEADER, None)
         await wire.publish(subject, b"", headers=headers)
         return False
