@@ -7,8 +7,8 @@ over NATS. Semantics follow autogen_core's in-process runtime, so AgentChat's gr
 - ``publish_message`` reaches every subscribed agent in every process, never its sender; handlers start in
   arrival order (spawned, never awaited inside the NATS callback) and may run concurrently.
 - ``send_message`` to an agent in another process is a NATS request; the handler's return value or exception
-  comes back. No process serving the type raises ``LookupError`` at once; the RPC timeout must allow for model
-  calls.
+  comes back (an answer too big for a NATS message comes back as that error). No process serving the type
+  raises ``LookupError`` at once; the RPC timeout must allow for model calls.
 - Cancellation crosses processes: a cancellation token travels as a *scope* id with every message, and
   cancelling it anywhere cancels the handlers it reached everywhere. :meth:`cancel_all` cancels every handler in
   the namespace (a cancelled run must leave nothing behind).
@@ -588,9 +588,18 @@ class NatsAgentRuntime:
             frame = _frame({"ok": False, "error": "CancelledError: the handler was cancelled"}, b"")
         except Exception as exc:
             frame = _frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, b"")
-        if not self._nc.is_closed:
+        if self._nc.is_closed:
+            return
+        try:
+            await self._wire.publish(msg.reply, frame)
+        except nats.errors.MaxPayloadError:  # the caller must hear of it, or it waits for its whole timeout
+            limit = self._nc.max_payload
+            log.warning("the answer to %s is too big to send: %d bytes, over %d", msg.subject, len(frame), limit)
+            error = f"MaxPayloadError: the answer is {len(frame)} bytes, over the server's max_payload of {limit}"
             with contextlib.suppress(nats.errors.Error):
-                await self._wire.publish(msg.reply, frame)
+                await self._wire.publish(msg.reply, _frame({"ok": False, "error": error}, b""))
+        except nats.errors.Error:
+            pass  # the connection closed under it: nobody is left to answer
 
     # -- cancellation scopes ---------------------------------------------------------------------------------
 

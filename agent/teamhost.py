@@ -122,6 +122,27 @@ class _StateSender:
         return len(context) >= len(sent) and all(a is b for a, b in zip(context, sent, strict=False))
 
 
+def _state_publisher(wire: Wire, subject: str, run_id: str, agent_type: str) -> Publish:
+    """Sends a member's states on ``subject``. A state too big for a message goes as an empty one, so that the
+    manager knows it has none (no checkpoint) rather than the turn failing; one that cannot be sent for another
+    reason (the connection closed) is only logged."""
+
+    async def send_state(state: bytes, headers: dict[str, str]) -> bool:
+        try:
+            await wire.publish(subject, state, headers=headers)
+            return True
+        except nats.errors.MaxPayloadError:
+            log.warning("run %s: the state of %s is too big to send (%d bytes)", run_id, agent_type, len(state))
+        except nats.errors.Error as exc:
+            log.warning("run %s: the state of %s could not be sent: %s", run_id, agent_type, exc)
+            return False
+        headers.pop(STATE_BASE_HEADER, None)
+        await wire.publish(subject, b"", headers=headers)
+        return False
+
+    return send_state
+
+
 class _Container(ChatAgentContainer):
     """AgentChat's container; its state also carries the scripted model's place (the `replay` provider), and it
     sends that state to the manager after each of its turns, just after its answer (the manager checkpoints
@@ -279,21 +300,7 @@ class TeamHost:
         model_client = create_model_client(self._definition.model)
         agent = member_agent(self._definition, join.handoffs, model_client)
         agent_type = f"{self._definition.name}_{join.team_key}"
-        state_subject = f"{namespace}.x.state"
-        wire = Wire.of(self._nc)
-
-        async def send_state(state: bytes, headers: dict[str, str]) -> bool:
-            try:
-                await wire.publish(state_subject, state, headers=headers)
-                return True
-            except nats.errors.Error:  # too big for a message: say so (no checkpoint) rather than fail the turn
-                log.warning(
-                    "run %s: the state of %s is too big to send (%d bytes)", join.run_id, agent_type, len(state)
-                )
-                headers.pop(STATE_BASE_HEADER, None)
-                await wire.publish(state_subject, b"", headers=headers)
-                return False
-
+        send_state = _state_publisher(Wire.of(self._nc), f"{namespace}.x.state", join.run_id, agent_type)
         sender = _StateSender(self._definition.name, send_state, join.state_deltas)
         await runtime.register_factory(agent_type, lambda: _Container(join.team_key, agent, model_client, sender))
         await runtime.add_subscription(TypeSubscription(topic_type=agent_type, agent_type=agent_type))

@@ -13,7 +13,9 @@ message of a team run this way, so :class:`Wire` shortens it on the same connect
   or the error JetStream answered (nats-py's ``publish_async`` never settles one that JetStream refuses).
 
 On a connection with a Wire, nats-py's ``flush()`` also writes what nats-py holds before its PING (it wrote the
-PING first, so a flush right after a subscribe could return before the server had the subscription).
+PING first, so a flush right after a subscribe could return before the server had the subscription), and its
+``_close()`` (``close()``, the end of ``drain()``, a reconnect that gave up) fails the requests still waiting
+with ``nats.errors.ConnectionClosedError`` (no answer can come: they would wait for their timeout).
 
 Everything else stays nats-py's: connecting, auth, TLS, pings, reconnects (nats-py restores subscriptions under
 the same ids, so the callbacks keep working), draining and JetStream. While the connection is down, sending
@@ -83,6 +85,16 @@ class Wire:
             await send_ping(future)
 
         nc._send_ping = send_ping_after_pending  # type: ignore[method-assign]
+        close = nc._close
+
+        async def close_and_fail_waiting(status: int, do_cbs: bool = True) -> None:
+            try:
+                await close(status, do_cbs)
+            finally:
+                if nc.is_closed:  # not the DISCONNECTED of a first connect's failed attempt
+                    self._fail_waiting()
+
+        nc._close = close_and_fail_waiting  # type: ignore[method-assign]
 
     @classmethod
     def of(cls, nc: NATS) -> Wire:
@@ -175,9 +187,13 @@ class Wire:
         self, subject: str, payload: bytes, timeout: float, headers: dict[str, str] | None = None
     ) -> asyncio.Future[Msg]:
         """Send a request; the future holds the answer, or ``nats.errors.TimeoutError`` /
-        ``NoRespondersError``. Cancelling the future forgets the request. Call :meth:`ready` once first."""
+        ``NoRespondersError`` / ``ConnectionClosedError`` (closed while it waited: while the connection is only
+        down it waits on). Cancelling the future forgets the request. Call :meth:`ready` once first; raises
+        ``ConnectionClosedError`` on a closed connection."""
         if self._inbox is None:
             raise RuntimeError("Wire.ready() was not awaited")
+        if self._nc.is_closed:
+            raise nats.errors.ConnectionClosedError
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
         token = f"{next(self._tokens):x}"
@@ -210,6 +226,12 @@ class Wire:
         if transport is not None and self._nc.is_connected:
             await transport.drain()  # returns at once unless the socket's buffer is full
         return acked
+
+    def _fail_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(nats.errors.ConnectionClosedError())
 
     def _on_answer(self, msg: Msg) -> None:
         future = self._waiting.get(msg.subject[len(self._inbox or "") :])

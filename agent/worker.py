@@ -151,13 +151,18 @@ class AgentWorker:
         return self._health.port
 
     def _probe(self) -> dict[str, Any]:
+        """Healthy while both connections are up (the team connection once it is made: until then the worker is
+        still starting), the definition is loaded and the worker is not stopping."""
         connected = bool(self._nc and self._nc.is_connected)
+        team_nc = self._team_nc
+        team_connected = team_nc is not None and team_nc.is_connected
         ready = self.definition is not None and not self._stopping
         halt = self.halt
         return {
-            "healthy": connected and ready,
+            "healthy": connected and (team_connected or team_nc is None) and ready,
             "agent_id": self.config.agent_id,
             "nats": "connected" if connected else "disconnected",
+            "team_nats": None if team_nc is None else "connected" if team_connected else "disconnected",
             "halted": halt.reason if halt else None,
             "running_tasks": len(self._runs),
             "team_runs": self._teams.runs if self._teams else 0,

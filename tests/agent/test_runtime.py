@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from autogen_core import (
 )
 from pydantic import BaseModel
 
-from agent.runtime import NatsAgentRuntime
+from agent.runtime import NatsAgentRuntime, RemoteHandlerError
 from agent.serialization import MessageCodec
 from control.natsserver import EmbeddedNats
 from tests.support.helpers import assert_eventually, now
@@ -41,6 +42,13 @@ class Note:
 @dataclass
 class Wait:
     seconds: float
+
+
+@dataclass
+class Big:
+    """Asks for a Note of this many characters."""
+
+    size: int
 
 
 class Loose(BaseModel):
@@ -72,24 +80,36 @@ class Recorder(RoutedAgent):
             raise
         return Note("done")
 
+    @rpc
+    async def on_big(self, message: Big, ctx: MessageContext) -> Note:
+        return Note("x" * message.size)
 
-@pytest.fixture
-async def pair(nats_server: EmbeddedNats) -> AsyncIterator[tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder]]:
+
+@contextlib.asynccontextmanager
+async def two_runtimes(
+    url: str, rpc_timeout: float = 900.0
+) -> AsyncIterator[tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder]]:
     """A runtime that serves a Recorder (type ``rec``, with AgentChat's default direct-message subscription) and
     one that talks to it."""
-    nc_a, nc_b = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
-    serving, calling = NatsAgentRuntime(nc_a, NS), NatsAgentRuntime(nc_b, NS)
+    nc_a, nc_b = await nats.connect(url), await nats.connect(url)
+    serving, calling = NatsAgentRuntime(nc_a, NS), NatsAgentRuntime(nc_b, NS, rpc_timeout=rpc_timeout)
     recorder = Recorder()
     await Recorder.register(serving, "rec", lambda: recorder)  # type: ignore[arg-type]
     await serving.add_subscription(TypeSubscription(topic_type="notes", agent_type="rec"))
     for runtime in (serving, calling):
-        runtime.add_message_serializer([*_serializers(Note), *_serializers(Wait)])
+        runtime.add_message_serializer([*_serializers(Note), *_serializers(Wait), *_serializers(Big)])
         await runtime.start()
     yield serving, calling, recorder
     for runtime in (calling, serving):
         await runtime.stop()
     await nc_a.close()
     await nc_b.close()
+
+
+@pytest.fixture
+async def pair(nats_server: EmbeddedNats) -> AsyncIterator[tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder]]:
+    async with two_runtimes(nats_server.url) as runtimes:
+        yield runtimes
 
 
 def _serializers(cls: type) -> list[Any]:
@@ -171,6 +191,14 @@ async def test_cancellation_scopes_go_with_their_messages(
     assert len(recorder.seen) == 50
     gc.collect()
     assert len(calling._scopes) < 5 and len(serving._scopes) < 5
+
+
+async def test_an_answer_too_big_for_a_nats_message_fails_the_call_at_once(nats_server: EmbeddedNats) -> None:
+    async with two_runtimes(nats_server.url, rpc_timeout=10) as (serving, calling, _):  # a regression: TimeoutError
+        limit = serving._nc.max_payload
+        with pytest.raises(RemoteHandlerError, match=rf"MaxPayloadError: the answer is \d+ bytes, .* of {limit}"):
+            await calling.send_message(Big(limit), AgentId("rec", "default"))
+        assert await calling.send_message(Big(3), AgentId("rec", "default")) == Note("xxx")  # and it serves on
 
 
 class Pair(BaseModel):

@@ -1,10 +1,14 @@
-"""A member's states sent as deltas put together to exactly the state AgentChat saves, turn after turn."""
+"""A member's states sent as deltas put together to exactly the state AgentChat saves, turn after turn; what
+goes out when a state cannot be sent."""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
+import nats
+import pytest
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.messages import TextMessage
 from autogen_core import CancellationToken
@@ -12,8 +16,10 @@ from nats.aio.msg import Msg
 
 from agent.models import create_model_client
 from agent.protocol import ModelConfig
-from agent.teamhost import FULL_STATE_EVERY, _Container, _StateSender
+from agent.teamhost import FULL_STATE_EVERY, _Container, _state_publisher, _StateSender
 from agent.teamprotocol import STATE_AFTER_HEADER, STATE_BASE_HEADER
+from agent.wire import Wire
+from control.natsserver import EmbeddedNats
 from control.teams.checkpoints import TurnCheckpoints, _Sent
 from control.teams.models import Checkpoint
 
@@ -115,3 +121,23 @@ async def test_a_reset_while_a_state_is_sent_makes_the_next_one_whole() -> None:
     sender._publish = publish
     await _turn(container, agent, wire, 1)
     assert STATE_BASE_HEADER not in wire.sent[-1][1]
+
+
+async def test_a_state_too_big_goes_as_an_empty_one_and_a_closed_connection_is_not_called_too_big(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    member, manager = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    states = await manager.subscribe("x.state")
+    await manager.flush()
+    send = _state_publisher(Wire.of(member), "x.state", "rn-1", "alice_tk")
+    headers = {STATE_AFTER_HEADER: "m1", STATE_BASE_HEADER: "m0"}
+    caplog.set_level(logging.WARNING, logger="caravan.teamhost")
+    assert await send(b"x" * (member.max_payload + 1), dict(headers)) is False
+    empty = await states.next_msg(timeout=10)
+    assert empty.data == b"" and empty.headers == {STATE_AFTER_HEADER: "m1"}  # whole: no delta to a missing base
+    assert "too big" in caplog.text
+    caplog.clear()
+    await member.close()
+    assert await send(b"{}", dict(headers)) is False  # said, not raised: the turn goes on
+    assert "could not be sent: nats: connection closed" in caplog.text and "too big" not in caplog.text
+    await manager.close()

@@ -1,4 +1,5 @@
-"""The hot path on a nats-py connection (agent.wire): order, callbacks in the read loop, requests, reconnects."""
+"""The hot path on a nats-py connection (agent.wire): order, callbacks in the read loop, requests, reconnects,
+closing."""
 
 from __future__ import annotations
 
@@ -95,19 +96,47 @@ async def test_ask_answers_refuses_times_out_and_forgets(nats_server: EmbeddedNa
     await responder.close()
 
 
+async def test_closing_the_connection_fails_the_requests_that_wait_and_any_asked_after(
+    nats_server: EmbeddedNats,
+) -> None:
+    nc, responder = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    heard = asyncio.Event()
+
+    async def never_answer(msg: Msg) -> None:
+        heard.set()
+
+    await responder.subscribe("silent", cb=never_answer)
+    await responder.flush()
+    wire = Wire.of(nc)
+    await wire.ready()
+    waiting = wire.ask("silent", b"x", 10)  # a regression fails with TimeoutError
+    await heard.wait()
+    await nc.close()
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        await waiting
+    assert wire.waiting == 0
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        wire.ask("silent", b"x", 60)
+    await responder.close()
+
+
 async def test_sending_while_disconnected_is_buffered_and_callbacks_survive_a_reconnect(tmp_path: Path) -> None:
     async with EmbeddedNats(tmp_path / "n") as server:
         nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
         wire = Wire.of(nc)
         seen: list[bytes] = []
         await wire.subscribe("survives", lambda msg: seen.append(msg.data))
+        await wire.subscribe("echo", lambda msg: wire.send_soon(msg.reply, msg.data))
+        await wire.ready()
         await nc.flush()
         await server.stop()
         await assert_eventually(now(lambda: nc.is_connected), lambda up: not up, what="disconnected")
         assert not wire.send("survives", b"now")  # nothing written to a dead socket
         await wire.publish("survives", b"buffered")  # nats-py holds it until the connection is back
+        asked = wire.ask("echo", b"asked while down", 30)  # waits on: the connection is down, not closed
         await server.start()
         await assert_eventually(now(lambda: seen), lambda s: s == [b"buffered"], within=20, what="buffered message")
+        assert (await asked).data == b"asked while down"
         await wire.publish("survives", b"after")
         await assert_eventually(
             now(lambda: seen), lambda s: s == [b"buffered", b"after"], what="message after reconnect"
