@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -75,8 +76,13 @@ async def _serve(settings: Settings, control: ControlPlane, banner: str | None =
     serving = asyncio.create_task(server.serve())
     while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn has no started event
         await asyncio.sleep(0.05)
-    if server.started and banner:
-        print(banner, flush=True)
+    if server.started:
+        # Everything made so far (modules, schemas, the control plane, the app) lives as long as the process: keep
+        # it out of the cyclic collector's full passes, which otherwise walk it all and stopped the event loop for
+        # 130-170 ms at a time (a killswitch that answers in 50 ms took 200 when one struck).
+        gc.freeze()
+        if banner:
+            print(banner, flush=True)
     await serving
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import re
@@ -210,10 +209,6 @@ class ControlPlane:
         await self._tasks.start_tracker(self._agents.on_agent_event)
         await self._start_teams(jet)
         await self._agents.reconcile()
-        # Everything made so far (modules, schemas, the app) lives as long as the process: keep it out of the
-        # cyclic collector's full passes, which otherwise walk it all and stopped the event loop for 130-170 ms
-        # at a time (a killswitch that answers in 50 ms took 200 when one struck).
-        gc.freeze()
 
     async def stop(self) -> None:
         if not self._started or self._stopped:
