@@ -29,7 +29,7 @@ from control.ids import is_plain_id
 from control.jobspec import agent_job
 from control.localmodel import LocalModel, LocalModelUnavailable, runtime_installed
 from control.models import Agent, AgentCreate
-from control.natsauth import NatsAuth
+from control.natsauth import NatsAuth, control_credentials
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane, control_login
 from control.settings import Settings
@@ -391,9 +391,8 @@ async def _job(settings: Settings, verb: str, agent_id: str) -> int:
     if not is_plain_id(agent_id):
         print(f"not an agent id: {agent_id!r}", file=sys.stderr)
         return 2
-    # read only (no streams or buckets made), as the control plane's user when `caravan up` runs NATS with auth
-    embedded_auth = settings.data_dir / "nats" / "auth.key"
-    user, password = control_login(settings, NatsAuth(embedded_auth.parent) if embedded_auth.exists() else None)
+    # read only (no streams, buckets or files made), as the control plane's user when `caravan up` runs NATS with auth
+    user, password = control_login(settings, control_credentials(settings.data_dir / "nats"))
     nc = await nats.connect(settings.nats_url, name="caravan-cli", user=user, password=password, connect_timeout=5)
     try:
         found = await Repo(await nc.jetstream().key_value("caravan_agents"), Agent).find(agent_id)

@@ -15,7 +15,7 @@ from agent.protocol import BROADCAST_SUBJECT, utcnow
 from control.backends import create_flags, create_registry, create_scheduler
 from control.backends.base import Registry, Scheduler
 from control.models import Agent, ApiKey, Customer, Role, Task
-from control.natsauth import NatsAuth
+from control.natsauth import NatsAuth, NatsCredentials
 from control.natsio import Jet, connect
 from control.services.agents import AgentService
 from control.services.audit import AuditLog
@@ -37,11 +37,11 @@ log = logging.getLogger("caravan.control")
 _DEFINITION = re.compile(r"^caravan\.ctl\.([a-z]{2}-[0-9a-f]{12})\.definition\.([a-z]{2}-[0-9a-f]{12})$")
 
 
-def control_login(settings: Settings, nats_auth: NatsAuth | None) -> tuple[str | None, str | None]:
-    """The control plane's NATS user: its own on the embedded NATS with auth, else the configured one (if any)."""
-    if nats_auth is not None:
-        control = nats_auth.control()
-        return control.user, control.password
+def control_login(settings: Settings, embedded: NatsCredentials | None) -> tuple[str | None, str | None]:
+    """The control plane's NATS user: its own on the embedded NATS with auth (``embedded``), else the configured
+    one (if any)."""
+    if embedded is not None:
+        return embedded.user, embedded.password
     return settings.nats_user, settings.nats_password.get_secret_value() if settings.nats_password else None
 
 
@@ -166,7 +166,7 @@ class ControlPlane:
         if self._started:
             raise RuntimeError("control plane already started")
         self._started = True
-        user, password = control_login(self.settings, self.nats_auth)
+        user, password = control_login(self.settings, self.nats_auth.control() if self.nats_auth is not None else None)
         self._jet = jet = await connect(self.settings.nats_url, user=user, password=password)
         self._audit = AuditLog(jet.js)
         await self._audit.ensure_stream()
