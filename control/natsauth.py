@@ -24,7 +24,7 @@ from agent.backends.natskv import kv_key
 from agent.protocol import TASKS_STREAM, consumer_name
 from control.services.audit import AUDIT_STREAM
 
-__all__ = ["CONTROL_USER", "NatsAuth", "NatsCredentials", "agent_permissions", "inbox_prefix"]
+__all__ = ["CONTROL_USER", "NatsAuth", "NatsCredentials", "agent_permissions", "control_credentials", "inbox_prefix"]
 
 CONTROL_USER = "caravan-control"
 FLAGS_STREAM = f"KV_{FLAGS_BUCKET}"
@@ -37,6 +37,24 @@ class NatsCredentials:
 
     def env(self) -> dict[str, str]:
         return {"CARAVAN_NATS_USER": self.user, "CARAVAN_NATS_PASSWORD": self.password}
+
+
+def _password(key: bytes, user: str) -> str:
+    return hmac.new(key, user.encode(), hashlib.sha256).hexdigest()
+
+
+def _read_key(key_file: Path) -> bytes:
+    return bytes.fromhex(key_file.read_text().strip())
+
+
+def control_credentials(directory: Path) -> NatsCredentials | None:
+    """The platform's user, derived from the secret under ``directory`` without writing anything (for read-only
+    commands); None when there is no secret (Caravan does not run that NATS with its own users)."""
+    try:
+        key = _read_key(directory / "auth.key")
+    except FileNotFoundError:
+        return None
+    return NatsCredentials(CONTROL_USER, _password(key, CONTROL_USER))
 
 
 def inbox_prefix(agent_id: str) -> str:
@@ -107,19 +125,16 @@ class NatsAuth:
         if not key_file.exists():
             key_file.touch(mode=0o600)
             key_file.write_text(secrets.token_hex(32))
-        self._key = bytes.fromhex(key_file.read_text().strip())
+        self._key = _read_key(key_file)
         if not self.path.exists():
             self._write()
 
-    def _password(self, user: str) -> str:
-        return hmac.new(self._key, user.encode(), hashlib.sha256).hexdigest()
-
     def control(self) -> NatsCredentials:
-        return NatsCredentials(CONTROL_USER, self._password(CONTROL_USER))
+        return NatsCredentials(CONTROL_USER, _password(self._key, CONTROL_USER))
 
     def agent(self, agent_id: str) -> NatsCredentials:
         user = f"agent-{agent_id}"
-        return NatsCredentials(user, self._password(user))
+        return NatsCredentials(user, _password(self._key, user))
 
     def set_agents(self, agents: dict[str, str]) -> None:
         """All agents at once (start-up): ``{agent id: customer id}``."""

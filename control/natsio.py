@@ -50,16 +50,19 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 
 async def _tune_bucket(js: JetStreamContext, stream: str) -> bool:
-    """KV buckets are streams too. nats-py's bucket config has no consumer limit, so set it on the stream; and
-    allow direct gets (what other NATS clients make buckets with): a read is then one request answered with the
-    value itself, and a whole listing one batched request (see ``kv_entries``). True if the stream changed."""
+    """KV buckets are streams too. nats-py's bucket config has no consumer limit (it makes every bucket with
+    ``max_consumers=-1``), so set it on the stream; and allow direct gets (what other NATS clients make buckets
+    with): a read is then one request answered with the value itself, and a whole listing one batched request (see
+    ``kv_entries``). True if direct gets were off until now: a ``KeyValue`` opened before reads without them, as it
+    keeps nothing else of the stream's config."""
     config = (await js.stream_info(stream)).config
     if config.max_consumers == CONSUMER_LIMIT and config.allow_direct:
         return False
+    direct_before = bool(config.allow_direct)
     config.max_consumers = CONSUMER_LIMIT
     config.allow_direct = True
     await js.update_stream(config)
-    return True
+    return not direct_before
 
 
 async def connect(url: str, name: str = "caravan-control", user: str | None = None, password: str | None = None) -> Jet:
@@ -98,6 +101,6 @@ async def connect(url: str, name: str = "caravan-control", user: str | None = No
             kv[bucket] = await js.create_key_value(
                 KeyValueConfig(bucket=f"caravan_{bucket}", history=history, storage=StorageType.FILE, direct=True)
             )
-        if await _tune_bucket(js, f"KV_caravan_{bucket}"):  # a bucket made by an older Caravan
+        if await _tune_bucket(js, f"KV_caravan_{bucket}"):  # a bucket made by an older Caravan, without direct gets
             kv[bucket] = await js.key_value(f"caravan_{bucket}")
     return Jet(nc=nc, js=js, kv=kv)

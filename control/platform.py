@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import re
@@ -16,7 +15,7 @@ from agent.protocol import BROADCAST_SUBJECT, utcnow
 from control.backends import create_flags, create_registry, create_scheduler
 from control.backends.base import Registry, Scheduler
 from control.models import Agent, ApiKey, Customer, Role, Task
-from control.natsauth import NatsAuth
+from control.natsauth import NatsAuth, NatsCredentials
 from control.natsio import Jet, connect
 from control.services.agents import AgentService
 from control.services.audit import AuditLog
@@ -38,11 +37,11 @@ log = logging.getLogger("caravan.control")
 _DEFINITION = re.compile(r"^caravan\.ctl\.([a-z]{2}-[0-9a-f]{12})\.definition\.([a-z]{2}-[0-9a-f]{12})$")
 
 
-def control_login(settings: Settings, nats_auth: NatsAuth | None) -> tuple[str | None, str | None]:
-    """The control plane's NATS user: its own on the embedded NATS with auth, else the configured one (if any)."""
-    if nats_auth is not None:
-        control = nats_auth.control()
-        return control.user, control.password
+def control_login(settings: Settings, embedded: NatsCredentials | None) -> tuple[str | None, str | None]:
+    """The control plane's NATS user: its own on the embedded NATS with auth (``embedded``), else the configured
+    one (if any)."""
+    if embedded is not None:
+        return embedded.user, embedded.password
     return settings.nats_user, settings.nats_password.get_secret_value() if settings.nats_password else None
 
 
@@ -167,7 +166,7 @@ class ControlPlane:
         if self._started:
             raise RuntimeError("control plane already started")
         self._started = True
-        user, password = control_login(self.settings, self.nats_auth)
+        user, password = control_login(self.settings, self.nats_auth.control() if self.nats_auth is not None else None)
         self._jet = jet = await connect(self.settings.nats_url, user=user, password=password)
         self._audit = AuditLog(jet.js)
         await self._audit.ensure_stream()
@@ -210,10 +209,6 @@ class ControlPlane:
         await self._tasks.start_tracker(self._agents.on_agent_event)
         await self._start_teams(jet)
         await self._agents.reconcile()
-        # Everything made so far (modules, schemas, the app) lives as long as the process: keep it out of the
-        # cyclic collector's full passes, which otherwise walk it all and stopped the event loop for 130-170 ms
-        # at a time (a killswitch that answers in 50 ms took 200 when one struck).
-        gc.freeze()
 
     async def stop(self) -> None:
         if not self._started or self._stopped:

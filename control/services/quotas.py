@@ -84,25 +84,19 @@ class QuotaService:
         return record
 
     async def _change(self, customer_id: str, change: Callable[[QuotaRecord], QuotaRecord | None]) -> QuotaRecord:
-        await self._record(customer_id)
         updated = await self._repo.update(customer_id, change)
+        if updated is None:  # no record yet: the one with the default quota, then the change
+            await self._record(customer_id)
+            updated = await self._repo.update(customer_id, change)
         assert updated is not None
         return updated
 
-    async def set_quota(self, customer_id: str, quota: Quota) -> QuotaRecord:
-        return await self._change(customer_id, lambda r: r.model_copy(update={"quota": quota}))
+    async def set_quota(self, customer_id: str, quota: Quota) -> UsagePublic:
+        """Replace the customer's quota; returns their usage under it."""
+        return _usage(await self._change(customer_id, lambda r: r.model_copy(update={"quota": quota})))
 
     async def usage(self, customer_id: str) -> UsagePublic:
-        record = await self._record(customer_id)
-        tokens = record.tokens if record.token_day == _today() else 0
-        return UsagePublic(
-            quota=record.quota,
-            agents=len(record.agents),
-            cpu=sum(r.cpu for r in record.running.values()),
-            memory_mb=sum(r.memory_mb for r in record.running.values()),
-            concurrent_tasks=len(record.tasks),
-            tokens_today=tokens,
-        )
+        return _usage(await self._record(customer_id))
 
     async def tier(self, customer_id: str) -> Tier:
         return (await self._record(customer_id)).quota.tier
@@ -194,6 +188,17 @@ class QuotaService:
 
         record = await self._change(customer_id, add)
         return record.tokens, record.quota.tokens_per_day, crossed
+
+
+def _usage(record: QuotaRecord) -> UsagePublic:
+    return UsagePublic(
+        quota=record.quota,
+        agents=len(record.agents),
+        cpu=sum(r.cpu for r in record.running.values()),
+        memory_mb=sum(r.memory_mb for r in record.running.values()),
+        concurrent_tasks=len(record.tasks),
+        tokens_today=record.tokens if record.token_day == _today() else 0,
+    )
 
 
 def _check_resources(record: QuotaRecord, agent_id: str, cpu: int, memory_mb: int) -> None:

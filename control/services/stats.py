@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from control.backends.base import Scheduler
-from control.models import Agent, AgentStatus, Task
+from control.models import Agent, AgentStatus, Task, TaskStatus
 from control.services.quotas import QuotaService
 from control.store import Repo
 
@@ -32,6 +32,12 @@ class Stats(BaseModel):
     allocations: list[AllocationStats] = Field(description="Running allocations (where the scheduler reports them).")
 
 
+class _TaskStatus(BaseModel):
+    """The one field of a task record that the overview counts (its transcript and the rest are not validated)."""
+
+    status: TaskStatus = TaskStatus.QUEUED
+
+
 class StatsService:
     def __init__(
         self, agents: Repo[Agent], tasks: Repo[Task], quotas: QuotaService, scheduler: Scheduler, customers: Repo[Any]
@@ -44,7 +50,7 @@ class StatsService:
 
     async def overview(self) -> Stats:
         agents, tasks, customer_ids = await asyncio.gather(
-            self._agents.list(), self._tasks.list(), self._customers.keys()
+            self._agents.list(), self._tasks.list_as(_TaskStatus), self._customers.keys()
         )
         usage = await asyncio.gather(*(self._quotas.usage(c) for c in customer_ids))
         allocations: list[AllocationStats] = []

@@ -281,13 +281,9 @@ class TeamRunner:
         selector = create_model_client(team.selector.model) if team.selector else None
         if selector is not None and checkpoint.selector_position is not None and hasattr(selector, "seek"):
             selector.seek(checkpoint.selector_position)
+        record = self._recorder(task, attempt, by_name)
         turns = TurnCheckpoints(
-            self._checkpoints,
-            task_key(task.customer_id, task.id),
-            checkpoint,
-            list(by_name),
-            self._recorder(task, attempt, by_name),
-            selector,
+            self._checkpoints, task_key(task.customer_id, task.id), checkpoint, list(by_name), record, selector
         )
         chat = build_team(team, members, runtime, run_id, selector, on_turn=turns.on_turn)
         presence = _Presence(self.config, set(team.members))
@@ -308,10 +304,9 @@ class TeamRunner:
                 restore_termination(chat._termination_condition, checkpoint.termination)
             names = {members[a].name: j.instance_id for a, j in joined.items()}
             await self._status(task, attempt, "running", data={"run_id": run_id, "members": names})
-            transcript: list[dict[str, Any]] = []
             try:
                 task_input = _task_input(request, team, checkpoint)
-                result = await self._stream(chat, task_input, task, attempt, by_name, transcript, active)
+                result = await self._stream(chat, task_input, task, attempt, by_name, active)
             except asyncio.CancelledError:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
@@ -334,7 +329,7 @@ class TeamRunner:
             if unstored is not None:
                 raise _Failed(f"an event of the task was not stored: {unstored}")
             await turns.close()
-            await self._finish(task, attempt, chat, selector, checkpoint, transcript, result)
+            await self._finish(task, attempt, chat, selector, checkpoint, record, result)
         finally:
             self._storing.pop(task.id, None)
             for beat in beats:
@@ -361,10 +356,9 @@ class TeamRunner:
         task: Task,
         attempt: int,
         by_name: dict[str, str],
-        transcript: list[dict[str, Any]],
         active: _Active,
     ) -> TaskResult | None:
-        """Run the team, publishing every item as the task's events (chunks are not kept in the transcript)."""
+        """Run the team, publishing every item as the task's events."""
         result: TaskResult | None = None
         async for item in chat.run_stream(task=task_input, cancellation_token=active.token):
             if isinstance(item, TaskResult):
@@ -374,8 +368,6 @@ class TeamRunner:
                 agent_id = by_name.get(fields.get("source") or "")
                 event = self._event(task, attempt, kind, agent_id=agent_id, **fields)
                 await self._publish(event, wait=False)
-                if kind != "chunk":
-                    transcript.append(event.model_dump(mode="json", exclude={"attempt", "at"}))
         return result
 
     async def _finish(
@@ -385,17 +377,19 @@ class TeamRunner:
         chat: Any,
         selector: Any,
         checkpoint: Checkpoint,
-        transcript: list[dict[str, Any]],
+        record: Record,
         result: TaskResult | None,
     ) -> None:
-        last = result.messages[-1] if result and result.messages else None
+        messages = result.messages if result is not None else []
+        last = messages[-1] if messages else None
         if isinstance(last, HandoffMessage) and last.target == USER:
             question = _question(result, last)
             saved = Checkpoint(
                 segment=checkpoint.segment + 1,
                 state=dict(await chat.save_state()),
                 selector_position=getattr(selector, "position", None),
-                transcript=[*checkpoint.transcript, *transcript],
+                # the run's items but its chunks, in order: what the stream published and the task record keeps
+                transcript=[*checkpoint.transcript, *record(messages)],
                 asked_by=last.source,
             )
             request_event = self._event(
@@ -451,7 +445,8 @@ class TeamRunner:
             await asyncio.sleep(self.config.heartbeat_s)
 
     def _recorder(self, task: Task, attempt: int, by_name: dict[str, str]) -> Record:
-        """The transcript entries of messages, as :meth:`_stream` keeps them (a checkpoint's transcript)."""
+        """The transcript entries of messages, as :meth:`_stream` publishes them but chunks (a checkpoint's
+        transcript)."""
 
         def record(items: Sequence[Any]) -> list[dict[str, Any]]:
             entries = []

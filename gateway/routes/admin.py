@@ -66,9 +66,9 @@ async def get_customer(customer_id: str, control: ControlDep, _: AdminDep) -> Cu
 async def set_quota(customer_id: str, body: Quota, control: ControlDep, admin: AdminDep) -> UsagePublic:
     """Replace the customer's quota. Admission is checked against it from now on; what already runs stays."""
     customer = await control.auth.get_customer(customer_id)
-    await control.quotas.set_quota(customer.id, body)
+    usage = await control.quotas.set_quota(customer.id, body)
     await _audit(control, admin, "quota.set", customer.id, customer.id, quota=body.model_dump())
-    return await control.quotas.usage(customer.id)
+    return usage
 
 
 @router.post("/customers/{customer_id}/keys", response_model=KeyCreated, status_code=status.HTTP_201_CREATED)

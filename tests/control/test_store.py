@@ -8,7 +8,7 @@ import nats
 from nats.js.api import KeyValueConfig
 
 from control.models import Customer
-from control.natsio import connect
+from control.natsio import BUCKETS, CONSUMER_LIMIT, connect
 from control.natsserver import EmbeddedNats
 from control.store import AlreadyExists, Repo
 
@@ -72,6 +72,31 @@ async def test_listing_is_complete_past_one_batch_and_skips_deleted(nats_server:
     assert "k1" not in everything and "x" not in everything
     assert everything["k7"] == "v2-7" and everything["k8"] == "8"  # the last value of each key
     await jet.close()
+
+
+async def test_new_buckets_are_tuned_and_not_opened_again(nats_server: EmbeddedNats) -> None:
+    watcher = await nats.connect(nats_server.url)
+    calls: dict[str, list[str]] = {}
+
+    async def on_api(msg: nats.aio.msg.Msg) -> None:  # every JetStream API request, as the server routes it
+        _, _, kind, verb, stream = msg.subject.split(".", 4)
+        calls.setdefault(stream, []).append(f"{kind}.{verb}")
+
+    await watcher.subscribe("$JS.API.STREAM.*.*", cb=on_api)
+    await watcher.flush()
+    jet = await connect(nats_server.url)
+    await watcher.flush()  # the server routed each request here before it answered it
+    made = {stream: list(requests) for stream, requests in calls.items()}
+    for bucket in BUCKETS:
+        stream = f"KV_caravan_{bucket}"
+        config = (await jet.js.stream_info(stream)).config
+        assert (config.max_consumers, config.allow_direct) == (CONSUMER_LIMIT, True), bucket
+        # made by nats-py without the limit, then updated; the KeyValue from the creation already reads directly
+        assert made[stream][-1] == "STREAM.UPDATE", (bucket, made[stream])
+        await jet.kv[bucket].put("probe", bucket.encode())
+        assert (await jet.kv[bucket].get("probe")).value == bucket.encode()
+    await jet.close()
+    await watcher.close()
 
 
 async def test_buckets_of_an_older_caravan_are_upgraded_to_direct_reads(nats_server: EmbeddedNats) -> None:

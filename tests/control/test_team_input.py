@@ -4,13 +4,17 @@ the team from its state in JetStream KV, across a restart of the control plane a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from autogen_agentchat.conditions import HandoffTermination, MaxMessageTermination
 from autogen_agentchat.messages import TextMessage
 
+from agent.protocol import Event, task_events_subject
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
-from tests.conftest import make_settings, serve_api
+from control.services.tasks import task_key
+from control.teams.models import Checkpoint
+from tests.conftest import Api, make_settings, serve_api
 from tests.gateway.teams_support import (
     agents,
     api_transcript,
@@ -72,3 +76,33 @@ async def test_a_team_asks_the_human_and_resumes_after_a_control_plane_restart(t
     assert api_transcript(done) == local_transcript(first + second)
     assert [m["type"] for m in done["messages"]].count("input_request") == 1
     assert final_stop == local_stop
+
+
+async def test_the_checkpoint_of_a_waiting_team_holds_what_its_run_published_but_chunks_and_statuses(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    streaming = {name: {"model": {**spec["model"], "stream": True}} for name, spec in SPECS.items()}
+    made = await agents(api, headers, streaming)
+    asker, maker = made["asker"]["id"], made["maker"]["id"]
+    created = await team(
+        api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination={"handoff_to_user": True}
+    )
+    task_id = await start(api, headers, created["id"], "Paint the fence.")
+    waiting = await task_status(api, headers, task_id, ("awaiting_input", "completed", "failed"))
+    assert waiting["status"] == "awaiting_input", waiting
+
+    published: list[Event] = []  # every event of the task so far, as JetStream stored them
+    sub = await api.control.jet.js.subscribe(task_events_subject(customer_id, task_id), ordered_consumer=True)
+    while True:
+        msg = await sub.next_msg(timeout=10)
+        published.append(Event.model_validate_json(msg.data))
+        if not msg.metadata.num_pending:
+            break
+    await sub.unsubscribe()
+    entry = await api.control.jet.kv["team_state"].get(task_key(customer_id, task_id))
+    checkpoint = Checkpoint.model_validate_json(entry.value or b"")
+
+    def kept(event: Event) -> dict[str, Any]:
+        return event.model_dump(mode="json", exclude={"attempt", "at"})
+
+    assert {"chunk", "message", "usage", "tool_call", "input_request"} <= {e.kind for e in published}
+    assert checkpoint.transcript == [kept(e) for e in published if e.kind not in ("chunk", "status")]

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import nats
 import pytest
 
+from agent.protocol import TASKS_STREAM
+from agent.teamprotocol import TEAM_CONSUMER
 from control.models import Task
 from control.natsio import Jet, connect
 from control.natsserver import EmbeddedNats
@@ -32,7 +35,7 @@ from tests.gateway.teams_support import (
     task_status,
     team,
 )
-from tests.support.helpers import assert_eventually
+from tests.support.helpers import assert_eventually, now
 
 SPECS = {
     "steady": {"model": script("s1", "s2", "s3")},
@@ -133,7 +136,16 @@ MODES = {
 async def test_a_stopping_replica_hands_its_run_over_mid_conversation(tmp_path: Path, mode: str) -> None:
     specs, extra, max_messages = MODES[mode]
     async with EmbeddedNats(tmp_path / "nats") as nats_server:
-        control = ControlPlane(make_settings(nats_server.url, tmp_path / "data"))
+        # no run comes back by the ack wait running out during this test: only a replica's hand-back frees one
+        control = ControlPlane(make_settings(nats_server.url, tmp_path / "data", team_ack_wait_s=3600))
+        watcher = await nats.connect(nats_server.url)
+        acks: list[bytes] = []  # what the replicas tell JetStream about the run's work-queue message
+
+        async def on_ack(msg: nats.aio.msg.Msg) -> None:
+            acks.append(msg.data)
+
+        await watcher.subscribe(f"$JS.ACK.{TASKS_STREAM}.{TEAM_CONSUMER}.>", cb=on_ack)
+        await watcher.flush()
         async with control, serve_api(control) as api:
             await control.team_runner.stop()
             customer_id, headers = await api.new_customer()
@@ -153,12 +165,15 @@ async def test_a_stopping_replica_hands_its_run_over_mid_conversation(tmp_path: 
             await first.stop()  # hands the run back (nak) in the middle of the slow member's turn
             await first_jet.close()
             second, second_jet = await replica(control, "replica-b")
-            try:  # at once: a run handed back to nobody would wait for the ack wait (30 s) first
-                done = await task_status(api, headers, task_id, within=20)
+            try:  # a run handed back where nobody reads it (a pull request left waiting) would wait for the ack wait
+                done = await task_status(api, headers, task_id)
             finally:
                 await second.stop()
                 await second_jet.close()
             replayed, produced = await attempt_messages(api, headers, task_id, 2)
+            # the first replica handed the run back (nak); the second ran it to the end and acknowledged it
+            await assert_eventually(now(lambda: list(acks)), lambda seen: seen == [b"-NAK", b""], what="nak, ack")
+        await watcher.close()
 
     assert done["status"] == "completed", (done["status_reason"], done["messages"])
     assert done["attempt"] == 2

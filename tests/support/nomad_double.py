@@ -178,6 +178,7 @@ class NomadDouble:
         self.variables: dict[tuple[str, str], dict[str, Any]] = {}
         self.behaviours: dict[str, Behaviour] = {}
         self.requests: list[tuple[str, str, bytes]] = []
+        self.held = 0  # blocking queries waiting now for the index to pass theirs
         self.events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=event_buffer)
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -215,6 +216,12 @@ class NomadDouble:
             self._server.server_close()
         for thread in self._threads:
             thread.join(timeout=5)
+
+    def wait_held(self, count: int = 1, timeout: float = 30) -> None:
+        """Return once ``count`` blocking queries are held (they arrived, and the index has not passed theirs)."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.held >= count, timeout=timeout):
+                raise TimeoutError(f"{self.held} blocking queries held, not {count}, after {timeout}s")
 
     def set_behaviour(self, job_id: str, behaviour: Behaviour) -> None:
         with self.cond:
@@ -1156,7 +1163,15 @@ class _Handler(BaseHTTPRequestHandler):
         if not match:
             raise HttpError(400, "Invalid wait time")
         seconds = float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[match.group(2)]
-        self.nomad.cond.wait_for(lambda: self.nomad.index > index or self.nomad._closing, timeout=min(seconds, 600))
+        nomad = self.nomad
+        if nomad.index > index:
+            return
+        nomad.held += 1
+        nomad.cond.notify_all()
+        try:
+            nomad.cond.wait_for(lambda: nomad.index > index or nomad._closing, timeout=min(seconds, 600))
+        finally:
+            nomad.held -= 1
 
     def _json_body(self) -> dict[str, Any]:
         if not self.body:
