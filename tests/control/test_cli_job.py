@@ -51,7 +51,7 @@ async def test_render_and_plan_an_agents_job_without_submitting_it(
         assert await _job(settings, "plan", "../etc") == 2
 
 
-async def test_render_reads_the_agents_on_the_nats_that_caravan_up_runs_with_auth(
+async def test_render_reads_the_agents_on_the_nats_that_caravan_up_runs_with_auth_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = tmp_path / "data"
@@ -63,21 +63,9 @@ async def test_render_reads_the_agents_on_the_nats_that_caravan_up_runs_with_aut
             customer, _ = await control.auth.create_customer("acme")
             model = ModelConfig(provider="replay", name="s", responses=["ok"])
             agent = await control.agents.create(customer.id, AgentCreate(name="guarded", model=model))
-            assert await _job(settings, "render", agent.id) == 0
+            assert await _job(settings, "render", agent.id) == 0  # logged in as the control plane's user
             assert json.loads(capsys.readouterr().out)["Job"]["ID"] == agent.job_id
-
-
-async def test_render_writes_no_nats_users_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = tmp_path / "data"
-    auth = NatsAuth(data / "nats")
-    async with EmbeddedNats(data / "nats", auth=True) as server:
-        auth.server_pid = server.pid
-        settings = make_settings(server.url, data)
-        async with ControlPlane(settings, nats_auth=auth) as control:
-            customer, _ = await control.auth.create_customer("acme")
-            model = ModelConfig(provider="replay", name="s", responses=["ok"])
-            agent = await control.agents.create(customer.id, AgentCreate(name="guarded", model=model))
         auth.path.unlink()  # the server keeps the users it loaded; only the secret is left on disk
-        assert await _job(settings, "render", agent.id) == 0  # logged in as the control plane's user
+        assert await _job(settings, "render", agent.id) == 0
         assert json.loads(capsys.readouterr().out)["Job"]["ID"] == agent.job_id
-        assert not auth.path.exists()
+        assert not auth.path.exists()  # a read-only command made no users file
