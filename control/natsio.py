@@ -98,9 +98,12 @@ async def connect(url: str, name: str = "caravan-control", user: str | None = No
             kv[bucket] = await js.key_value(f"caravan_{bucket}")
         except BucketNotFoundError:
             history = 5 if bucket == "flags" else 1  # a flag's last few engagements, for operators
-            kv[bucket] = await js.create_key_value(
-                KeyValueConfig(bucket=f"caravan_{bucket}", history=history, storage=StorageType.FILE, direct=True)
-            )
+            try:
+                kv[bucket] = await js.create_key_value(
+                    KeyValueConfig(bucket=f"caravan_{bucket}", history=history, storage=StorageType.FILE, direct=True)
+                )
+            except BadRequestError:  # another replica made it since (and tuned it: not the config asked for here)
+                kv[bucket] = await js.key_value(f"caravan_{bucket}")
         if await _tune_bucket(js, f"KV_caravan_{bucket}"):  # a bucket made by an older Caravan, without direct gets
             kv[bucket] = await js.key_value(f"caravan_{bucket}")
     return Jet(nc=nc, js=js, kv=kv)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import nats
+import pytest
+from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
 
 from control.models import Customer
 from control.natsio import BUCKETS, CONSUMER_LIMIT, connect
@@ -97,6 +101,28 @@ async def test_new_buckets_are_tuned_and_not_opened_again(nats_server: EmbeddedN
         assert (await jet.kv[bucket].get("probe")).value == bucket.encode()
     await jet.close()
     await watcher.close()
+
+
+async def test_a_replica_that_finds_a_bucket_made_by_another_after_it_looked_opens_it(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await connect(nats_server.url)  # made and tuned every bucket
+    await first.kv["agents"].put("probe", b"kept")
+    looked: set[str] = set()
+    key_value = JetStreamContext.key_value
+
+    async def not_there_yet(self: JetStreamContext, bucket: str) -> KeyValue:
+        if bucket not in looked:  # the second replica looked before the first made it
+            looked.add(bucket)
+            raise BucketNotFoundError
+        return await key_value(self, bucket)
+
+    monkeypatch.setattr(JetStreamContext, "key_value", not_there_yet)
+    second = await connect(nats_server.url)  # nats-py refuses to make a bucket that exists with another config
+    assert (await second.kv["agents"].get("probe")).value == b"kept"
+    assert looked == {f"caravan_{bucket}" for bucket in BUCKETS}
+    await second.close()
+    await first.close()
 
 
 async def test_buckets_of_an_older_caravan_are_upgraded_to_direct_reads(nats_server: EmbeddedNats) -> None:
