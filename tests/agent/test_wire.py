@@ -76,6 +76,7 @@ async def test_ask_answers_refuses_times_out_and_forgets(nats_server: EmbeddedNa
         if msg.data != b"silence":
             await msg.respond(msg.data * 2)
 
+    Wire.of(responder)  # so that its flush() writes the SUB before its PING (nats-py alone may not)
     await responder.subscribe("double", cb=double)
     await responder.flush()
     wire = Wire.of(nc)
@@ -105,6 +106,7 @@ async def test_closing_the_connection_fails_the_requests_that_wait_and_any_asked
     async def never_answer(msg: Msg) -> None:
         heard.set()
 
+    Wire.of(responder)  # so that its flush() writes the SUB before its PING (nats-py alone may not)
     await responder.subscribe("silent", cb=never_answer)
     await responder.flush()
     wire = Wire.of(nc)
