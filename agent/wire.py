@@ -255,9 +255,8 @@ def _settle(answer: asyncio.Future[Msg], acked: asyncio.Future[dict[str, Any]]) 
         try:
             reply = json.loads(answer.result().data)
             if "error" in reply:
-                e = reply["error"]
-                error = nats.js.errors.APIError(e.get("code"), e.get("description"), e.get("err_code"))
-        except (ValueError, TypeError, AttributeError) as exc:
+                nats.js.errors.APIError.from_error(reply["error"])  # raises the error's own class, as js.publish
+        except (ValueError, TypeError, AttributeError, KeyError, nats.js.errors.APIError) as exc:
             error = exc
     if error is None:
         acked.set_result(reply)

@@ -47,16 +47,16 @@ class Repo(Generic[M]):
         self._model = model
 
     async def get(self, key: str) -> M | None:
-        entry = await self._entry(key)
-        return None if entry is None else self._model.model_validate_json(entry.value or b"")
+        found = await self._entry(key)
+        return None if found is None else self._model.model_validate_json(found[0])
 
-    async def _entry(self, key: str) -> KeyValue.Entry | None:
-        """The key's entry; None if it is missing, deleted or empty."""
+    async def _entry(self, key: str) -> tuple[bytes, int] | None:
+        """The key's value and revision; None if it is missing or deleted."""
         try:
             entry = await self._kv.get(key)
         except KeyNotFoundError:
             return None
-        return entry if entry.value is not None else None
+        return None if entry.value is None else (entry.value, entry.revision or 0)
 
     async def create(self, key: str, record: M) -> int:
         try:
@@ -99,14 +99,15 @@ class Repo(Generic[M]):
         self, key: str, apply: Callable[[bytes], tuple[T, bytes | None]], attempts: int
     ) -> T | None:
         for attempt in range(attempts):
-            entry = await self._entry(key)
-            if entry is None or entry.value is None:  # (never empty: for the type checker)
+            found = await self._entry(key)
+            if found is None:
                 return None
-            result, new = apply(entry.value)
+            value, revision = found
+            result, new = apply(value)
             if new is None:
                 return result
             try:
-                await self._kv.update(key, new, last=entry.revision)
+                await self._kv.update(key, new, last=revision)
             except KeyWrongLastSequenceError:
                 await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
                 continue

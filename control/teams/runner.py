@@ -289,8 +289,8 @@ class TeamRunner:
         presence = _Presence(self.config, set(team.members))
         beats: list[asyncio.Task[None]] = []
         alive_sub = await self._jet.nc.subscribe(f"{runtime.namespace}.x.alive", cb=presence.on_beat)
-        wire = Wire.of(self._jet.nc)  # a member's state comes just after its answer: read as soon as it does
-        state_sub = await wire.subscribe(f"{runtime.namespace}.x.state", turns.on_state)
+        # a member's state comes just after its answer: read in the read loop, as answers are
+        state_sub = await self._wire.subscribe(f"{runtime.namespace}.x.state", turns.on_state)
         await runtime.start()
         try:
             beats.append(asyncio.create_task(self._beat(runtime.namespace)))
@@ -340,7 +340,7 @@ class TeamRunner:
                 runtime.cancel_all,
                 lambda: self._jet.nc.publish(end, b""),
                 alive_sub.unsubscribe,
-                lambda: wire.unsubscribe(state_sub),
+                lambda: self._wire.unsubscribe(state_sub),
             ]
             if selector is not None:
                 ending.append(selector.close)
