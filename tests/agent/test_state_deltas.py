@@ -22,6 +22,7 @@ from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.teams.checkpoints import TurnCheckpoints, _Sent
 from control.teams.models import Checkpoint
+from tests.support.helpers import nats_connect
 
 TURNS = FULL_STATE_EVERY + 4
 
@@ -126,7 +127,7 @@ async def test_a_reset_while_a_state_is_sent_makes_the_next_one_whole() -> None:
 async def test_a_state_too_big_goes_as_an_empty_one_and_a_closed_connection_is_not_called_too_big(
     nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
 ) -> None:
-    member, manager = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    member, manager = await nats.connect(nats_server.url), await nats_connect(nats_server.url)
     states = await manager.subscribe("x.state")
     await manager.flush()
     send = _state_publisher(Wire.of(member), "x.state", "rn-1", "alice_tk")

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
-from tests.support.helpers import assert_eventually, now
+from tests.support.helpers import assert_eventually, nats_connect, now
 
 
 async def collect(nc: nats.NATS, subject: str) -> list[bytes]:
@@ -29,7 +29,7 @@ async def collect(nc: nats.NATS, subject: str) -> list[bytes]:
 
 
 async def test_a_message_sent_on_the_wire_follows_what_nats_py_still_holds(nats_server: EmbeddedNats) -> None:
-    sender, reader = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    sender, reader = await nats.connect(nats_server.url), await nats_connect(nats_server.url)
     got = await collect(reader, "order")
     wire = Wire.of(sender)
     for i in range(50):
@@ -70,13 +70,12 @@ async def test_callbacks_run_in_order_and_one_that_fails_stops_nothing(nats_serv
 
 
 async def test_ask_answers_refuses_times_out_and_forgets(nats_server: EmbeddedNats) -> None:
-    nc, responder = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    nc, responder = await nats.connect(nats_server.url), await nats_connect(nats_server.url)
 
     async def double(msg: Msg) -> None:
         if msg.data != b"silence":
             await msg.respond(msg.data * 2)
 
-    Wire.of(responder)  # so that its flush() writes the SUB before its PING (nats-py alone may not)
     await responder.subscribe("double", cb=double)
     await responder.flush()
     wire = Wire.of(nc)
@@ -100,13 +99,12 @@ async def test_ask_answers_refuses_times_out_and_forgets(nats_server: EmbeddedNa
 async def test_closing_the_connection_fails_the_requests_that_wait_and_any_asked_after(
     nats_server: EmbeddedNats,
 ) -> None:
-    nc, responder = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    nc, responder = await nats.connect(nats_server.url), await nats_connect(nats_server.url)
     heard = asyncio.Event()
 
     async def never_answer(msg: Msg) -> None:
         heard.set()
 
-    Wire.of(responder)  # so that its flush() writes the SUB before its PING (nats-py alone may not)
     await responder.subscribe("silent", cb=never_answer)
     await responder.flush()
     wire = Wire.of(nc)

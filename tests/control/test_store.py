@@ -15,6 +15,7 @@ from control.models import Customer
 from control.natsio import BUCKETS, CONSUMER_LIMIT, connect
 from control.natsserver import EmbeddedNats
 from control.store import AlreadyExists, Repo
+from tests.support.helpers import nats_connect
 
 
 async def test_listing_misses_nothing_while_records_are_written(nats_server: EmbeddedNats) -> None:
@@ -79,7 +80,7 @@ async def test_listing_is_complete_past_one_batch_and_skips_deleted(nats_server:
 
 
 async def test_new_buckets_are_tuned_and_not_opened_again(nats_server: EmbeddedNats) -> None:
-    watcher = await nats.connect(nats_server.url)
+    watcher = await nats_connect(nats_server.url)
     calls: dict[str, list[str]] = {}
 
     async def on_api(msg: nats.aio.msg.Msg) -> None:  # every JetStream API request, as the server routes it

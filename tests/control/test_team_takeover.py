@@ -35,7 +35,7 @@ from tests.gateway.teams_support import (
     task_status,
     team,
 )
-from tests.support.helpers import assert_eventually, now
+from tests.support.helpers import assert_eventually, nats_connect, now
 
 SPECS = {
     "steady": {"model": script("s1", "s2", "s3")},
@@ -138,7 +138,7 @@ async def test_a_stopping_replica_hands_its_run_over_mid_conversation(tmp_path: 
     async with EmbeddedNats(tmp_path / "nats") as nats_server:
         # no run comes back by the ack wait running out during this test: only a replica's hand-back frees one
         control = ControlPlane(make_settings(nats_server.url, tmp_path / "data", team_ack_wait_s=3600))
-        watcher = await nats.connect(nats_server.url)
+        watcher = await nats_connect(nats_server.url)
         acks: list[bytes] = []  # what the replicas tell JetStream about the run's work-queue message
 
         async def on_ack(msg: nats.aio.msg.Msg) -> None:

@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from agent.protocol import EVENTS_STREAM
+from agent.wire import Wire
 
 __all__ = ["assert_eventually", "now", "serve_app", "small_events", "sse_events"]
 
@@ -85,6 +86,15 @@ async def sse_events(
                 field, _, value = line.partition(": ")
                 current[field] = json.loads(value) if field == "data" else value
     return events
+
+
+async def nats_connect(url: str) -> nats.NATS:
+    """A plain NATS connection for a test, whose ``flush()`` after a ``subscribe()`` returns only once the server has
+    the subscription: nats-py's own writes its PING ahead of the SUB it still holds (a Wire mends that on the
+    connection, see :mod:`agent.wire`), and a message sent right after could find nobody listening."""
+    nc = await nats.connect(url)
+    Wire.of(nc)
+    return nc
 
 
 @contextlib.asynccontextmanager
