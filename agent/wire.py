@@ -145,12 +145,18 @@ class Wire:
         else:
             await self._nc.publish(subject, payload, reply=reply, headers=headers)
 
-    def send_soon(self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None) -> None:
-        """:meth:`send` from a callback: when the connection is down, nats-py's publish runs in a task."""
-        if not self.send(subject, payload, reply, headers) and not self._nc.is_closed:
-            task = asyncio.ensure_future(self._nc.publish(subject, payload, reply=reply, headers=headers))
-            self._background.add(task)
-            task.add_done_callback(self._sent)
+    def send_soon(
+        self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None
+    ) -> asyncio.Task[None] | None:
+        """:meth:`send` from a callback: when the connection is down, nats-py's publish runs in a task (returned:
+        it fails if nats-py cannot hold the message, say with ``OutboundBufferLimitError`` when its buffer for
+        the reconnect is full; the failure is logged)."""
+        if self.send(subject, payload, reply, headers) or self._nc.is_closed:
+            return None
+        task = asyncio.ensure_future(self._nc.publish(subject, payload, reply=reply, headers=headers))
+        self._background.add(task)
+        task.add_done_callback(self._sent)
+        return task
 
     def _sent(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
@@ -188,8 +194,9 @@ class Wire:
     ) -> asyncio.Future[Msg]:
         """Send a request; the future holds the answer, or ``nats.errors.TimeoutError`` /
         ``NoRespondersError`` / ``ConnectionClosedError`` (closed while it waited: while the connection is only
-        down it waits on). Cancelling the future forgets the request. Call :meth:`ready` once first; raises
-        ``ConnectionClosedError`` on a closed connection."""
+        down it waits on), or the error nats-py raised when it could not hold the request while down
+        (``OutboundBufferLimitError``). Cancelling the future forgets the request. Call :meth:`ready` once
+        first; raises ``ConnectionClosedError`` on a closed connection."""
         if self._inbox is None:
             raise RuntimeError("Wire.ready() was not awaited")
         if self._nc.is_closed:
@@ -206,10 +213,12 @@ class Wire:
 
         future.add_done_callback(forget)
         try:
-            self.send_soon(subject, payload, self._inbox + token, headers)
+            publishing = self.send_soon(subject, payload, self._inbox + token, headers)
         except BaseException:  # refused at once (too big, a bad subject): nothing to wait for
             future.cancel()
             raise
+        if publishing is not None:  # the connection is down: a request nats-py could not hold fails now
+            publishing.add_done_callback(lambda sent: _fail_unsent(sent, future))
         return future
 
     async def store(
@@ -270,15 +279,28 @@ class Storing:
 
     def __init__(self) -> None:
         self._acks: list[asyncio.Future[dict[str, Any]]] = []
+        self._error: BaseException | None = None
 
     def add(self, acked: asyncio.Future[dict[str, Any]]) -> None:
         self._acks.append(acked)
 
     async def stored(self) -> BaseException | None:
-        """Wait for the events added so far; the first error if one was not stored, or not in time."""
+        """Wait for the events added so far; the first error of the run if one was not stored, or not in time
+        (every later call says it again: a run that lost an event must not end as if it had not)."""
         acks, self._acks = self._acks, []
         results = await asyncio.gather(*acks, return_exceptions=True)
-        return next((r for r in results if isinstance(r, BaseException)), None)
+        if self._error is None:
+            self._error = next((r for r in results if isinstance(r, BaseException)), None)
+        return self._error
+
+
+def _fail_unsent(sent: asyncio.Task[None], future: asyncio.Future[Msg]) -> None:
+    if future.done():
+        return
+    if sent.cancelled():
+        future.cancel()
+    elif (error := sent.exception()) is not None:
+        future.set_exception(error)
 
 
 def _expire(future: asyncio.Future[Msg]) -> None:

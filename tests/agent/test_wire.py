@@ -12,7 +12,7 @@ import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
 
-from agent.wire import Wire
+from agent.wire import Storing, Wire
 from control.natsserver import EmbeddedNats
 from tests.support.helpers import assert_eventually, nats_connect, now
 
@@ -144,6 +144,24 @@ async def test_sending_while_disconnected_is_buffered_and_callbacks_survive_a_re
         await nc.close()
 
 
+async def test_a_request_that_nats_py_cannot_hold_while_disconnected_fails_at_once(tmp_path: Path) -> None:
+    async with EmbeddedNats(tmp_path / "n") as server:
+        nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1, pending_size=256)
+        wire = Wire.of(nc)
+        await wire.ready()
+        await server.stop()
+        await assert_eventually(now(lambda: nc.is_connected), lambda up: not up, what="disconnected")
+        held = wire.ask("anyone", b"small", 60)  # nats-py holds it for the reconnect
+        too_much = wire.ask("anyone", b"x" * 512, 60)  # more than nats-py holds: a regression waits its 60 s
+        with pytest.raises(nats.errors.OutboundBufferLimitError):
+            await too_much
+        assert not held.done() and wire.waiting == 1
+        held.cancel()
+        await server.start()  # (nats-py cannot close while down with messages held: it writes to the dead socket)
+        await assert_eventually(now(lambda: nc.is_connected), lambda up: up, within=20, what="reconnected")
+        await nc.close()
+
+
 async def test_a_subscription_is_live_when_a_flush_returns(nats_server: EmbeddedNats) -> None:
     """nats-py writes a flush's PING ahead of the SUB it still holds; on a connection with a Wire the SUB goes
     first, so a message published right after the flush by someone else is delivered."""
@@ -184,4 +202,20 @@ async def test_store_settles_with_the_acknowledgement_or_the_error_jetstream_ans
         await nowhere
     with pytest.raises(ValueError, match="line break"):
         wire.send("wire.a", b"x", headers={"Nats-Msg-Id": "a\r\nEvil: 1"})
+    await nc.close()
+
+
+async def test_a_run_that_lost_an_event_says_so_at_every_later_wait(nats_server: EmbeddedNats) -> None:
+    """A status waits for the events before it (agent.worker): an event lost before it must still fail the run
+    at its end, however many waits came between."""
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().add_stream(name="RUN", subjects=["run.>"], max_msg_size=256)
+    wire = Wire.of(nc)
+    await wire.ready()
+    storing = Storing()
+    storing.add(await wire.store("run.a", b"x" * 1000, 5))  # refused: too big for the stream
+    lost = await storing.stored()
+    assert isinstance(lost, nats.js.errors.APIError)
+    storing.add(await wire.store("run.a", b"fine", 5))
+    assert await storing.stored() is lost
     await nc.close()
