@@ -8,6 +8,7 @@ or task they are for, so releasing one twice (a retry, a restart) changes nothin
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Literal
@@ -74,19 +75,15 @@ class QuotaService:
         self._default = default
 
     async def _record(self, customer_id: str) -> QuotaRecord:
-        record = await self._repo.get(customer_id)
-        if record is None:
-            record = QuotaRecord(quota=self._default)
-            try:
-                await self._repo.create(customer_id, record)
-            except AlreadyExists:
-                record = await self._repo.get(customer_id) or record
-        return record
+        """The customer's record; a customer who has none yet has the default quota and uses nothing (a read
+        writes nothing: the record is made by the first change)."""
+        return await self._repo.get(customer_id) or QuotaRecord(quota=self._default)
 
     async def _change(self, customer_id: str, change: Callable[[QuotaRecord], QuotaRecord | None]) -> QuotaRecord:
         updated = await self._repo.update(customer_id, change)
         if updated is None:  # no record yet: the one with the default quota, then the change
-            await self._record(customer_id)
+            with contextlib.suppress(AlreadyExists):  # made meanwhile by another change: it is changed below
+                await self._repo.create(customer_id, QuotaRecord(quota=self._default))
             updated = await self._repo.update(customer_id, change)
         assert updated is not None
         return updated

@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import nats.js.errors
+import pytest
+
+from control.services.quotas import QuotaRecord
 from tests.conftest import Api
 from tests.gateway.test_agents_api import agent_body, wait_status
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
@@ -103,6 +107,19 @@ async def test_a_token_budget_breach_engages_the_customers_killswitch_and_is_aud
         await api.client.get("/v1/admin/audit", params={"actor": "system:token-budget"}, headers=await api.admin())
     ).json()
     assert [(r["action"], r["customer_id"]) for r in audit] == [("killswitch.engage", customer_id)]
+
+
+async def test_reading_usage_writes_nothing_and_the_first_reservation_starts_from_the_default(api: Api) -> None:
+    customer_id, headers = await api.new_customer()  # logging in reads the customer's tier
+    quotas = api.control.jet.kv["quotas"]
+    for read in (usage(api, headers), api.client.get("/v1/admin/stats", headers=await api.admin())):
+        await read
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await quotas.get(customer_id)
+    assert (await usage(api, headers))["quota"]["max_agents"] == api.control.settings.max_agents_per_customer
+    assert (await api.client.post("/v1/agents", json=agent_body(name="first"), headers=headers)).status_code == 201
+    stored = QuotaRecord.model_validate_json((await quotas.get(customer_id)).value or b"")
+    assert stored.quota.max_agents == api.control.settings.max_agents_per_customer and len(stored.agents) == 1
 
 
 async def test_bad_quotas_are_422(api: Api) -> None:
