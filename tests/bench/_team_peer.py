@@ -1,7 +1,7 @@
 """The far side of the teams benchmark, in its own process: an echo agent on our NATS runtime or on AutoGen's
-gRPC worker runtime, a raw nats-py responder, a team member (Caravan's team host), or a stand-in for a member on
-the runtime's transport (``relay``: the team's message pattern over agent.wire, with no AgentChat and no
-runtime). Prints "ready"."""
+gRPC worker runtime, a raw nats-py responder, an echo on agent.wire (the runtime's transport), a team member
+(Caravan's team host), or a stand-in for a member on the runtime's transport (``relay``: the team's message
+pattern over agent.wire, with no AgentChat and no runtime). Prints "ready"."""
 
 from __future__ import annotations
 
@@ -61,6 +61,11 @@ async def main(mode: str, address: str, extra: str) -> None:
             await msg.respond(msg.data)
 
         await nc.subscribe("bench.echo", cb=echo)
+        await nc.flush()
+    elif mode == "wire":  # the runtime's transport alone: an echo on agent.wire, answered in the read loop
+        nc = await nats.connect(address)
+        wire = Wire.of(nc)
+        await wire.subscribe("bench.wire", lambda msg: wire.send(msg.reply, msg.data))
         await nc.flush()
     elif mode == "relay":  # extra = "<prefix> <index>": asked to speak, publish what a member publishes
         prefix, index = extra.split()

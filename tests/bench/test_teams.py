@@ -90,7 +90,12 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
         for cls in (Ping, Pong):  # both runtimes learn the types they read back, as autogen_core asks
             grpc.add_message_serializer(try_get_known_serializers_for_type(cls))
             ours.add_message_serializer(try_get_known_serializers_for_type(cls))
-        samples: dict[str, list[float]] = {"caravan runtime": [], "autogen gRPC runtime": [], "raw nats-py": []}
+        samples: dict[str, list[float]] = {
+            "caravan runtime": [],
+            "autogen gRPC runtime": [],
+            "raw nats-py": [],
+            "agent.wire (its transport)": [],
+        }
         echo = AgentId("echo", "default")
 
         async def via_ours(i: int) -> None:
@@ -102,11 +107,20 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
         async def via_raw(i: int) -> None:
             await nc.request("bench.echo", str(i).encode(), timeout=5)
 
-        async with peer("runtime", server.url, namespace), peer("grpc", host._address), peer("raw", server.url):
-            for call in (via_ours, via_grpc, via_raw):
+        wire = Wire.of(nc)
+
+        async def via_wire(i: int) -> None:  # a Ping's frame, its size on the runtime's path
+            assert (await wire.ask("bench.wire", b'{"op":"msg","k":"default","n":%d}\n{"n":%d}' % (i, i), 5)).data
+
+        calls = (via_ours, via_grpc, via_raw, via_wire)
+        async with contextlib.AsyncExitStack() as peers:
+            for args in (("runtime", server.url, namespace), ("grpc", host._address), ("raw", server.url)):
+                await peers.enter_async_context(peer(*args))
+            await peers.enter_async_context(peer("wire", server.url))
+            for call in calls:
                 await timed(call, 100)  # warm up
             for _ in range(ROUNDS):
-                for name, call in zip(samples, (via_ours, via_grpc, via_raw), strict=True):
+                for name, call in zip(samples, calls, strict=True):
                     samples[name] += await timed(call, MESSAGES // ROUNDS)
         await grpc.stop()
         await host.stop()
@@ -122,6 +136,11 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
     p50 = {name: statistics.median(values) for name, values in samples.items()}
     print(f"caravan / gRPC p50            {p50['caravan runtime'] / p50['autogen gRPC runtime']:.2f}x  (goal <= 0.4x)")
     print(f"caravan / raw NATS p50        {p50['caravan runtime'] / p50['raw nats-py']:.2f}x  (goal <= 2x)")
+    transport = p50["agent.wire (its transport)"]
+    print(
+        f"its transport / gRPC p50      {transport / p50['autogen gRPC runtime']:.2f}x  (the runtime's own part: "
+        f"{(p50['caravan runtime'] - transport) * 1e6:.0f} us)"
+    )
     per_local = statistics.median(local_times) / TEAM_MESSAGES
     per_remote = statistics.median(remote_times) / TEAM_MESSAGES
     print(f"round-robin team, 3 members, {TEAM_MESSAGES} messages, zero-latency model, {TEAM_ROUNDS} runs each")
