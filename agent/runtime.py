@@ -176,6 +176,11 @@ class NatsAgentRuntime:
         return self._ns
 
     @property
+    def wire(self) -> Wire:
+        """The hot path of this runtime's connection (shared by every runtime on it)."""
+        return self._wire
+
+    @property
     def busy(self) -> int:
         """Handlers running now in this process."""
         return len(self._handlers)

@@ -18,9 +18,9 @@ from typing import Any
 
 import nats.errors
 from autogen_agentchat.agents import AssistantAgent
-from autogen_agentchat.messages import MessageFactory
+from autogen_agentchat.messages import BaseChatMessage, MessageFactory
 from autogen_agentchat.teams._group_chat._chat_agent_container import ChatAgentContainer
-from autogen_agentchat.teams._group_chat._events import GroupChatAgentResponse
+from autogen_agentchat.teams._group_chat._events import GroupChatAgentResponse, GroupChatError, GroupChatMessage
 from autogen_core import CancellationToken, TopicId, TypeSubscription
 from autogen_core.model_context import ChatCompletionContext
 from autogen_core.model_context._chat_completion_context import ChatCompletionContextState
@@ -162,13 +162,26 @@ class _Container(ChatAgentContainer):
     async def publish_message(
         self, message: Any, topic_id: TopicId, *, cancellation_token: CancellationToken | None = None
     ) -> None:
-        # The answer's buffer is cleared and the turn is over: the state now is the one to resume from (nothing
-        # else reaches this container before its turn's handler returns). Dumped once the answer is on its way,
-        # so that the manager reads the answer while this member encodes its state: the manager waits for it
-        # only when it comes to checkpoint the turn.
+        wire = self._runtime_wire()
+        if isinstance(message, GroupChatMessage) and isinstance(message.message, BaseChatMessage):
+            # The turn's answer for the output topic: the same answer for the group follows at once (AgentChat
+            # clears the buffer in between). Both go to the manager; sent as one, they cost it (and the server)
+            # one wake-up rather than two.
+            wire.hold()
         await super().publish_message(message, topic_id, cancellation_token=cancellation_token)
+        if isinstance(message, GroupChatAgentResponse | GroupChatError):
+            wire.release()
         if isinstance(message, GroupChatAgentResponse):
+            # The answer's buffer is cleared and the turn is over: the state now is the one to resume from
+            # (nothing else reaches this container before its turn's handler returns). Dumped once the answer is
+            # on its way, so that the manager reads the answer while this member encodes its state: the manager
+            # waits for it only when it comes to checkpoint the turn.
             await self._sender.send(self, message.response.chat_message.id)
+
+    def _runtime_wire(self) -> Wire:
+        runtime = self.runtime
+        assert isinstance(runtime, NatsAgentRuntime), "a member container runs on the NATS runtime"
+        return runtime.wire
 
     def context_messages(self) -> list[Any] | None:
         """The model context's messages, when the agent's state is AgentChat's dump of them and nothing else
@@ -300,7 +313,7 @@ class TeamHost:
         model_client = create_model_client(self._definition.model)
         agent = member_agent(self._definition, join.handoffs, model_client)
         agent_type = f"{self._definition.name}_{join.team_key}"
-        send_state = _state_publisher(Wire.of(self._nc), f"{namespace}.x.state", join.run_id, agent_type)
+        send_state = _state_publisher(runtime.wire, f"{namespace}.x.state", join.run_id, agent_type)
         sender = _StateSender(self._definition.name, send_state, join.state_deltas)
         await runtime.register_factory(agent_type, lambda: _Container(join.team_key, agent, model_client, sender))
         await runtime.add_subscription(TypeSubscription(topic_type=agent_type, agent_type=agent_type))

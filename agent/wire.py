@@ -5,7 +5,7 @@ hop of a message costs two more turns of the event loop, and a request/reply fou
 message of a team run this way, so :class:`Wire` shortens it on the same connection:
 
 - :meth:`Wire.send` writes a message to the socket at once, after whatever nats-py still holds, so the order of
-  everything sent on the connection is kept.
+  everything sent on the connection is kept. :meth:`Wire.hold` keeps what is sent next, to write it as one.
 - :meth:`Wire.subscribe` takes a plain function, called from the read loop with each message, in order. It must
   not block: it spawns whatever takes time.
 - :meth:`Wire.ask` is a request whose answer comes back through one inbox subscription, as a future.
@@ -59,6 +59,7 @@ class Wire:
         self._inbox_lock = asyncio.Lock()
         self._tokens = itertools.count()
         self._background: set[asyncio.Task[Any]] = set()
+        self._held: list[bytes] | None = None
         original = nc._process_msg
 
         async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
@@ -81,6 +82,7 @@ class Wire:
         async def send_ping_after_pending(future: asyncio.Future[bool] | None = None) -> None:
             # nats-py writes a PING straight to the socket, ahead of the commands it still holds: a flush() right
             # after a subscribe() could then see the PONG before the server had the SUB, and return early.
+            self.release()
             self._write_pending()
             await send_ping(future)
 
@@ -88,6 +90,7 @@ class Wire:
         close = nc._close
 
         async def close_and_fail_waiting(status: int, do_cbs: bool = True) -> None:
+            self.release()  # what is held goes before nats-py writes what it holds and closes
             try:
                 await close(status, do_cbs)
             finally:
@@ -123,7 +126,10 @@ class Wire:
         else:
             command = pub_cmd(subject, reply, payload)
         self._write_pending()  # what nats-py holds goes first
-        nc._transport.write(command)
+        if self._held is not None:
+            self._held.append(command)
+        else:
+            nc._transport.write(command)
         nc.stats["out_msgs"] += 1
         nc.stats["out_bytes"] += len(payload)
         return True
@@ -131,9 +137,33 @@ class Wire:
     def _write_pending(self) -> None:
         nc = self._nc
         if nc._pending and nc._transport is not None and nc.is_connected:
-            nc._transport.writelines(nc._pending)
+            if self._held is not None:
+                self._held.extend(nc._pending)
+            else:
+                nc._transport.writelines(nc._pending)
             nc._pending = []
             nc._pending_data_size = 0
+
+    def hold(self) -> None:
+        """Keep what is sent from now on (nats-py's own commands too, so the order stays) and write it as one at
+        :meth:`release`, or at the latest once the callbacks ready on this turn of the event loop have run, or
+        before a ``flush()``'s PING. Messages that go out together cost the server one read and their readers
+        one wake-up, where each costs a context switch on a busy machine."""
+        if self._held is None:
+            self._held = []
+            asyncio.get_running_loop().call_soon(self.release)
+
+    def release(self) -> None:
+        """Write what :meth:`hold` kept; a no-op when nothing is held."""
+        held, self._held = self._held, None
+        if not held:
+            return
+        nc = self._nc
+        if nc.is_connected and nc._transport is not None:
+            nc._transport.writelines(held)
+        elif not nc.is_closed:  # the connection went down meanwhile: nats-py sends them after its reconnect
+            nc._pending[:0] = held
+            nc._pending_data_size += sum(len(command) for command in held)
 
     async def publish(
         self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None

@@ -144,6 +144,44 @@ async def test_sending_while_disconnected_is_buffered_and_callbacks_survive_a_re
         await nc.close()
 
 
+async def test_held_messages_go_out_as_one_write_in_order_at_release_or_by_the_end_of_the_turn(
+    nats_server: EmbeddedNats,
+) -> None:
+    nc, reader = await nats.connect(nats_server.url), await nats_connect(nats_server.url)
+    got = await collect(reader, "held.>")
+    wire = Wire.of(nc)
+    writes: list[int] = []
+    transport = nc._transport
+    assert transport is not None
+    write, writelines = transport.write, transport.writelines
+    transport.write = lambda data: (writes.append(1), write(data))[1]  # type: ignore[method-assign]
+    transport.writelines = lambda lines: (writes.append(len(lines)), writelines(lines))[1]  # type: ignore[method-assign]
+
+    wire.hold()
+    wire.send("held.1", b"1")
+    await nc.publish("held.2", b"2")  # nats-py's own, held in order with the rest
+    wire.send("held.3", b"3")
+    assert writes == []
+    wire.release()
+    assert writes == [3]
+    await assert_eventually(now(lambda: got), lambda g: g == [b"1", b"2", b"3"], what="released messages")
+
+    wire.hold()
+    wire.send("held.4", b"4")  # never released by hand: by the end of this turn
+    await asyncio.sleep(0)
+    assert writes == [3, 1]
+    wire.hold()
+    wire.send("held.5", b"5")
+    await nc.flush()  # its PING goes after what is held: the server has it when flush() returns
+    await reader.flush()
+    await assert_eventually(now(lambda: got), lambda g: g[3:] == [b"4", b"5"], what="messages held then flushed")
+    wire.hold()
+    wire.send("held.6", b"6")
+    await nc.close()  # what is held is written before the connection closes
+    await assert_eventually(now(lambda: got), lambda g: g[5:] == [b"6"], what="message held at close")
+    await reader.close()
+
+
 async def test_a_request_that_nats_py_cannot_hold_while_disconnected_fails_at_once(tmp_path: Path) -> None:
     async with EmbeddedNats(tmp_path / "n") as server:
         nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1, pending_size=256)
