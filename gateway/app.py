@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
+from control.metrics import Metrics
 from control.platform import ControlPlane
 from control.settings import Settings
 from gateway.errors import error_response, install_error_handlers
@@ -48,6 +50,20 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return error_response(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
         return await call_next(request)
+
+    metrics = app.state.metrics = Metrics()
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        status = 500  # unless an answer comes
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")  # the template that routed it, never the raw path
+            metrics.request(request.method, getattr(route, "path", None), status, time.perf_counter() - started)
 
     for module in (health, auth, agents, teams, tasks, usage, admin):
         app.include_router(module.router)

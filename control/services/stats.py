@@ -13,7 +13,7 @@ from control.models import Agent, AgentStatus, Task, TaskStatus
 from control.services.quotas import QuotaService
 from control.store import Repo
 
-__all__ = ["AllocationStats", "Stats", "StatsService"]
+__all__ = ["AllocationStats", "Counts", "Stats", "StatsService"]
 
 
 class AllocationStats(BaseModel):
@@ -24,10 +24,13 @@ class AllocationStats(BaseModel):
     memory_rss_mb: float
 
 
-class Stats(BaseModel):
+class Counts(BaseModel):
     customers: int
     agents_by_status: dict[str, int]
     tasks_by_status: dict[str, int]
+
+
+class Stats(Counts):
     tokens_today: dict[str, int] = Field(description="Model tokens metered today, per customer.")
     allocations: list[AllocationStats] = Field(description="Running allocations (where the scheduler reports them).")
 
@@ -36,6 +39,14 @@ class _TaskStatus(BaseModel):
     """The one field of a task record that the overview counts (its transcript and the rest are not validated)."""
 
     status: TaskStatus = TaskStatus.QUEUED
+
+
+def _count(agents: list[Agent], tasks: list[_TaskStatus], customer_ids: list[str]) -> Counts:
+    return Counts(
+        customers=len(customer_ids),
+        agents_by_status=dict(Counter(a.status.value for a in agents)),
+        tasks_by_status=dict(Counter(t.status.value for t in tasks)),
+    )
 
 
 class StatsService:
@@ -48,10 +59,16 @@ class StatsService:
         self._scheduler = scheduler
         self._customers = customers
 
+    async def _records(self) -> tuple[list[Agent], list[_TaskStatus], list[str]]:
+        return await asyncio.gather(self._agents.list(), self._tasks.list_as(_TaskStatus), self._customers.keys())
+
+    async def counts(self) -> Counts:
+        """Customers, agents by status and tasks by status, without the rest of :meth:`overview` (what a
+        metrics scrape reads)."""
+        return _count(*await self._records())
+
     async def overview(self) -> Stats:
-        agents, tasks, customer_ids = await asyncio.gather(
-            self._agents.list(), self._tasks.list_as(_TaskStatus), self._customers.keys()
-        )
+        agents, tasks, customer_ids = await self._records()
         usage = await asyncio.gather(*(self._quotas.usage(c) for c in customer_ids))
         allocations: list[AllocationStats] = []
         if self._scheduler.supports_stats:
@@ -60,9 +77,7 @@ class StatsService:
             for agent, stats in zip(running, per_agent, strict=True):
                 allocations += [AllocationStats(agent_id=agent.id, customer_id=agent.customer_id, **s) for s in stats]
         return Stats(
-            customers=len(customer_ids),
-            agents_by_status=dict(Counter(a.status.value for a in agents)),
-            tasks_by_status=dict(Counter(t.status.value for t in tasks)),
+            **_count(agents, tasks, customer_ids).model_dump(),
             tokens_today={c: u.tokens_today for c, u in zip(customer_ids, usage, strict=True)},
             allocations=allocations,
         )

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 
+from control.metrics import CONTENT_TYPE, Metrics, snapshot
 from gateway.deps import ControlDep
 
 router = APIRouter(tags=["health"])
@@ -20,3 +21,12 @@ async def readyz(control: ControlDep) -> JSONResponse:
     ready = control.ready
     body = {"status": "ready" if ready else "not ready", "scheduler": control.scheduler.name}
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request, control: ControlDep) -> PlainTextResponse:
+    """Prometheus metrics (text format 0.0.4): API requests by method, route template and status, and their
+    durations; agents and tasks by status, customers, killswitch flags engaged by scope, readiness. No label names
+    a customer or an agent."""
+    registry: Metrics = request.app.state.metrics
+    return PlainTextResponse(registry.scrape(await snapshot(control)), media_type=CONTENT_TYPE)

@@ -1,0 +1,141 @@
+"""``GET /metrics``: Prometheus' text format, requests counted by route template (never a raw path), and the
+control plane's agents, tasks, customers and killswitch flags as gauges, with no customer named anywhere."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+from typing import Any, cast
+
+from control.metrics import Metrics, Snapshot, snapshot
+from control.models import AgentStatus, TaskStatus
+from control.platform import ControlPlane
+from tests.conftest import Api
+from tests.gateway.test_agents_api import agent_body
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"(?:,|$)')
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    """A strict reading of the text format: every sample parses, and belongs to a family declared before it."""
+    samples: Samples = {}
+    families: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            families[name] = kind
+            continue
+        if line.startswith("# HELP ") or not line:
+            continue
+        match = _SAMPLE.match(line)
+        assert match, f"not a sample: {line!r}"
+        name, labels, value = match.groups()
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in families else name
+        assert family in families, f"{name} has no TYPE"
+        pairs = _LABEL.findall(labels or "")
+        assert ",".join(f'{k}="{v}"' for k, v in pairs) == (labels or ""), f"bad labels: {labels!r}"
+        samples[(name, frozenset(pairs))] = float(value)
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(api: Api) -> tuple[str, Samples]:
+    response = await api.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return response.text, parse(response.text)
+
+
+async def killswitch(api: Api, **body: Any) -> None:
+    response = await api.client.post("/v1/admin/killswitch", json=body, headers=await api.admin())
+    assert response.status_code == 200, response.text
+
+
+async def test_requests_are_counted_by_route_template_and_the_platform_shows_as_gauges(api: Api) -> None:
+    customer_id, headers = await api.new_customer("metered")
+    _, before = await scrape(api)
+    for _ in range(3):
+        assert (await api.client.get("/v1/agents", headers=headers)).status_code == 200
+    assert (await api.client.get("/v1/tasks/tk-000000000000", headers=headers)).status_code == 404
+    assert (await api.client.get("/v1/probe-9f3a/../etc?x=<b>", headers=headers)).status_code == 404
+    assert (await api.client.post("/v1/agents", json={"name": 7}, headers=headers)).status_code == 422
+    assert (await api.client.request("PROPFIND", "/v1/agents", headers=headers)).status_code == 405
+    created = await api.client.post("/v1/agents", json=agent_body(name="counted"), headers=headers)
+    assert created.status_code == 201
+    await killswitch(api, scope="customer", customer_id=customer_id, reason="metrics test", wait_ms=0)
+
+    text, after = await scrape(api)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("caravan_http_requests_total", method="GET", route="/v1/agents", status="200") == 3
+    assert delta("caravan_http_request_duration_seconds_count", method="GET", route="/v1/agents") == 3
+    assert delta("caravan_http_requests_total", method="GET", route="/v1/tasks/{task_id}", status="404") == 1
+    assert delta("caravan_http_requests_total", method="GET", route="unmatched", status="404") == 1
+    assert delta("caravan_http_requests_total", method="POST", route="/v1/agents", status="422") == 1
+    assert delta("caravan_http_requests_total", method="other", route="/v1/agents", status="405") == 1
+    assert delta("caravan_http_requests_total", method="POST", route="/v1/agents", status="201") == 1
+    for leaked in ("probe-9f3a", "PROPFIND", customer_id, created.json()["id"], "metered"):
+        assert leaked not in text  # no raw path, no client's method, no customer or agent in a label
+
+    buckets = sorted(
+        (float(dict(labels)["le"]), count)
+        for (name, labels), count in after.items()
+        if name == "caravan_http_request_duration_seconds_bucket"
+        and dict(labels)["route"] == "/v1/agents"
+        and dict(labels)["method"] == "GET"
+    )
+    assert [count for _, count in buckets] == sorted(count for _, count in buckets)  # cumulative
+    count = value(after, "caravan_http_request_duration_seconds_count", method="GET", route="/v1/agents")
+    assert buckets[-1] == (float("inf"), count)
+
+    stats = (await api.client.get("/v1/admin/stats", headers=await api.admin())).json()
+    assert value(after, "caravan_ready") == 1
+    assert value(after, "caravan_customers") == stats["customers"]
+    agents = [value(after, "caravan_agents", status=status) for status in AgentStatus]
+    assert sum(agents) == sum(stats["agents_by_status"].values()) == 1  # (its status moves on as it starts)
+    assert all(("caravan_agents", frozenset({("status", status)})) in after for status in AgentStatus)  # 0s too
+    for status in TaskStatus:
+        assert value(after, "caravan_tasks", status=status) == stats["tasks_by_status"].get(status, 0), status
+    assert value(after, "caravan_killswitch_engaged", scope="customer") == 1
+    assert value(after, "caravan_killswitch_engaged", scope="all") == 0
+
+    await killswitch(api, scope="customer", customer_id=customer_id, engaged=False)
+    _, released = await scrape(api)
+    assert value(released, "caravan_killswitch_engaged", scope="customer") == 0
+
+
+def test_the_text_format_escapes_labels_and_leaves_out_what_could_not_be_read() -> None:
+    metrics = Metrics()
+    metrics.request("GET", 'a"b\\c\nd', 200, 0.02)
+    metrics.request("GET", 'a"b\\c\nd', 200, 7.0)
+    text = metrics.scrape(Snapshot(ready=False))  # NATS down: only what the process itself knows
+    samples = parse(text)
+    route = 'a\\"b\\\\c\\nd'
+    assert f'caravan_http_requests_total{{method="GET",route="{route}",status="200"}} 2' in text.splitlines()
+    assert f'caravan_http_request_duration_seconds_bucket{{le="0.025",method="GET",route="{route}"}} 1' in text
+    assert f'caravan_http_request_duration_seconds_bucket{{le="10.0",method="GET",route="{route}"}} 2' in text
+    assert f'caravan_http_request_duration_seconds_bucket{{le="+Inf",method="GET",route="{route}"}} 2' in text
+    assert value(samples, "caravan_http_request_duration_seconds_sum", method="GET", route=route) == 7.02
+    assert value(samples, "caravan_ready") == 0
+    assert not any(name in {"caravan_agents", "caravan_tasks", "caravan_customers"} for name, _ in samples)
+    metrics.shutdown()
+
+
+async def test_a_scrape_answers_when_the_control_plane_cannot_be_read() -> None:
+    async def unreadable() -> Any:
+        raise ConnectionError("nats: connection closed")
+
+    half_down = SimpleNamespace(
+        ready=True, stats=SimpleNamespace(counts=unreadable), killswitch=SimpleNamespace(engaged=unreadable)
+    )
+    read = await snapshot(cast(ControlPlane, half_down))
+    assert read == Snapshot(ready=True)  # nothing made up: what could not be read is missing
+    samples = parse(Metrics().scrape(read))
+    assert value(samples, "caravan_ready") == 1 and not any(name == "caravan_agents" for name, _ in samples)
