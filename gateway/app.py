@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.metrics import Metrics
 from control.platform import ControlPlane
@@ -51,20 +52,41 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
             return error_response(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
         return await call_next(request)
 
-    metrics = app.state.metrics = Metrics()
-
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        status = 500  # unless an answer comes
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")  # the template that routed it, never the raw path
-            metrics.request(request.method, getattr(route, "path", None), status, time.perf_counter() - started)
-
+    app.state.metrics = Metrics()
+    app.add_middleware(_Counted, metrics=app.state.metrics)  # outermost but for Starlette's own error handler
     for module in (health, auth, agents, teams, tasks, usage, admin):
         app.include_router(module.router)
     return app
+
+
+class _Counted:
+    """Counts every HTTP request in ``metrics`` when its response starts (a stream, such as SSE, counts when its
+    headers go), by the route template that served it: plain ASGI, so a streamed body passes untouched."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        counted = False
+
+        def count(status: int) -> None:
+            nonlocal counted
+            counted = True
+            route = scope.get("route")  # set by the router that served it: a template, never the raw path
+            self._metrics.request(scope["method"], getattr(route, "path", None), status, time.perf_counter() - started)
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start" and not counted:
+                count(message["status"])
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_counted)
+        finally:
+            if not counted:  # no response started: Starlette's error handler answers 500
+                count(500)
