@@ -38,6 +38,9 @@ job "caravan" {
       name     = "caravan-api"
       provider = "nomad"
       port     = "http"
+      # GET /metrics (Prometheus' text format). Prometheus finds it with nomad_sd_configs, keeping this tag:
+      #   relabel_configs: [{source_labels: [__meta_nomad_tags], regex: ".*,metrics,.*", action: keep}]
+      tags = ["caravan", "metrics"]
 
       check {
         type     = "http"
