@@ -82,7 +82,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self._reader = InMemoryMetricReader()
-        self._provider = MeterProvider(metric_readers=[self._reader], shutdown_on_exit=False)
+        self._provider = MeterProvider(metric_readers=[self._reader], shutdown_on_exit=False)  # no thread to stop
         meter = self._provider.get_meter("caravan")
         self._requests = meter.create_counter(
             "caravan_http_requests", unit="1", description="API requests answered, by method, route and status."
@@ -122,9 +122,6 @@ class Metrics:
         self._snapshot = snapshot
         data = self._reader.get_metrics_data()
         return exposition(data) if data is not None else ""
-
-    def shutdown(self) -> None:
-        self._provider.shutdown()
 
     # -- gauges, read from the snapshot of the scrape under way ----------------------------------------------
 

@@ -125,7 +125,6 @@ def test_the_text_format_escapes_labels_and_leaves_out_what_could_not_be_read() 
     assert value(samples, "caravan_http_request_duration_seconds_sum", method="GET", route=route) == 7.02
     assert value(samples, "caravan_ready") == 0
     assert not any(name in {"caravan_agents", "caravan_tasks", "caravan_customers"} for name, _ in samples)
-    metrics.shutdown()
 
 
 async def test_a_scrape_answers_when_the_control_plane_cannot_be_read() -> None:
