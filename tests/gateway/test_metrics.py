@@ -11,6 +11,7 @@ from control.metrics import Metrics, Snapshot, snapshot
 from control.models import AgentStatus, TaskStatus
 from control.platform import ControlPlane
 from tests.conftest import Api
+from tests.control.test_killswitch import killswitch
 from tests.gateway.test_agents_api import agent_body
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
@@ -49,11 +50,6 @@ async def scrape(api: Api) -> tuple[str, Samples]:
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     return response.text, parse(response.text)
-
-
-async def killswitch(api: Api, **body: Any) -> None:
-    response = await api.client.post("/v1/admin/killswitch", json=body, headers=await api.admin())
-    assert response.status_code == 200, response.text
 
 
 async def test_requests_are_counted_by_route_template_and_the_platform_shows_as_gauges(api: Api) -> None:
