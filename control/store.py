@@ -121,7 +121,8 @@ class Repo(Generic[M]):
         """Keys of live records matching a NATS subject pattern (``cu-1.*``)."""
         return [e.key for e in await kv_entries(self._kv, pattern) if e.value]
 
-    async def _items(self, pattern: str) -> list[tuple[str, M]]:
+    async def items(self, pattern: str = ">") -> builtins.list[tuple[str, M]]:
+        """Keys and records, read in one pass over the bucket."""
         return [
             (e.key, self._model.model_validate_json(e.value)) for e in await kv_entries(self._kv, pattern) if e.value
         ]
@@ -136,5 +137,5 @@ class Repo(Generic[M]):
 
     async def find(self, record_id: str) -> tuple[str, M] | None:
         """Find a record by the last part of its key, whichever customer owns it (admin lookups)."""
-        found = await self._items(f"*.{record_id}")
+        found = await self.items(f"*.{record_id}")
         return found[0] if found else None

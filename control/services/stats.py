@@ -68,8 +68,7 @@ class StatsService:
         return _count(*await self._records())
 
     async def overview(self) -> Stats:
-        agents, tasks, customer_ids = await self._records()
-        usage = await asyncio.gather(*(self._quotas.usage(c) for c in customer_ids))
+        (agents, tasks, customer_ids), tokens = await asyncio.gather(self._records(), self._quotas.tokens_today())
         allocations: list[AllocationStats] = []
         if self._scheduler.supports_stats:
             running = [a for a in agents if a.status in (AgentStatus.RUNNING, AgentStatus.STARTING, AgentStatus.KILLED)]
@@ -78,6 +77,6 @@ class StatsService:
                 allocations += [AllocationStats(agent_id=agent.id, customer_id=agent.customer_id, **s) for s in stats]
         return Stats(
             **_count(agents, tasks, customer_ids).model_dump(),
-            tokens_today={c: u.tokens_today for c, u in zip(customer_ids, usage, strict=True)},
+            tokens_today={c: tokens.get(c, 0) for c in customer_ids},
             allocations=allocations,
         )

@@ -102,7 +102,10 @@ async def test_admin_lists_all_agents_force_stops_and_sees_stats(api: Api) -> No
     assert {a["id"], b["id"]} <= every
     stats = (await api.client.get("/v1/admin/stats", headers=admin)).json()
     assert stats["agents_by_status"]["running"] >= 2 and stats["tasks_by_status"]["completed"] >= 1
-    assert stats["tokens_today"][a["customer_id"]] > 0
+    carol, _ = await api.new_customer("carol")  # no agent, so no quota record: listed, with nothing metered
+    assert stats["tokens_today"][a["customer_id"]] > 0 and stats["tokens_today"][b["customer_id"]] == 0
+    stats = (await api.client.get("/v1/admin/stats", headers=admin)).json()
+    assert stats["tokens_today"][carol] == 0 and stats["customers"] == 3
     allocs = {s["agent_id"]: s for s in stats["allocations"]}
     assert allocs[a["id"]]["memory_rss_mb"] > 10
     stopped = await api.client.post(f"/v1/admin/agents/{b['id']}/stop", headers=admin)
