@@ -162,15 +162,14 @@ class _Container(ChatAgentContainer):
     async def publish_message(
         self, message: Any, topic_id: TopicId, *, cancellation_token: CancellationToken | None = None
     ) -> None:
-        wire = self._runtime_wire()
         if isinstance(message, GroupChatMessage) and isinstance(message.message, BaseChatMessage):
             # The turn's answer for the output topic: the same answer for the group follows at once (AgentChat
             # clears the buffer in between). Both go to the manager; sent as one, they cost it (and the server)
             # one wake-up rather than two.
-            wire.hold()
+            self._runtime_wire().hold()
         await super().publish_message(message, topic_id, cancellation_token=cancellation_token)
         if isinstance(message, GroupChatAgentResponse | GroupChatError):
-            wire.release()
+            self._runtime_wire().release()
         if isinstance(message, GroupChatAgentResponse):
             # The answer's buffer is cleared and the turn is over: the state now is the one to resume from
             # (nothing else reaches this container before its turn's handler returns). Dumped once the answer is

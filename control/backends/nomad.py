@@ -50,9 +50,9 @@ log = logging.getLogger("caravan.scheduler.nomad")
 
 EVENT_TOPICS = ("Job", "Allocation", "Evaluation", "Deployment")
 SECRETS_MARKER = "CARAVAN_SECRETS_SOURCE"
+"""Always an item of the Variable: Nomad refuses an empty Variable, and a template waits for a missing one."""
 FOREIGN_KEPT = 10_000  # jobs known not to be ours
 ALLOCS_KEPT = 50_000  # allocations whose last reported state is kept (to report each change once)
-"""Always an item of the Variable: Nomad refuses an empty Variable, and a template waits for a missing one."""
 _CONNECTED = object()
 
 
