@@ -70,14 +70,15 @@ class Repo(Generic[M]):
     async def update(self, key: str, change: Callable[[M], M | None], attempts: int = 60) -> M | None:
         """Apply ``change`` to the current record with compare-and-set, retrying on concurrent writes.
 
-        ``change`` returns the new record, or None to leave it as it is. Returns the stored record, or
+        ``change`` returns the new record (``model_copy(update=...)``: it must not change the record it is
+        given, which is the stored one as read), or None to leave it as it is. Returns the stored record, or
         None if the key does not exist. Writers that keep colliding back off for a random while, so that fifty
         at once on one record (a customer's quota) all get through; :class:`Conflict` if one still does not.
         """
 
         def apply(raw: bytes) -> tuple[M, bytes | None]:
             current = self._model.model_validate_json(raw)
-            new = change(current.model_copy(deep=True))
+            new = change(current)
             return (current, None) if new is None else (new, new.model_dump_json().encode())
 
         return await self._compare_and_set(key, apply, attempts)
