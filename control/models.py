@@ -205,6 +205,9 @@ class Task(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     attempt: int = 1
     queue_seq: int | None = Field(default=None, description="Sequence of the request in the task queue.")
+    events_seq: int = Field(
+        default=0, description="Stream sequence of the last event folded in: one delivered again is not folded twice."
+    )
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None

@@ -7,6 +7,7 @@ so a client resumes after the last ID it saw with no gap and no duplicate.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import time
@@ -264,6 +265,7 @@ class TaskService:
                 msgs = []
             except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
                 return
+            folds: dict[str, list[tuple[Msg, Event]]] = {}  # per task, in order: one record write for them all
             for msg in msgs:
                 event = self._decode(msg)
                 if event is not None and event.agent_id is not None and event.kind in AGENT_STATE_EVENTS:
@@ -275,11 +277,17 @@ class TaskService:
                         first = first if pending else last
                         pending[event.agent_id] = (msg, event)
                         continue
-                if event is not None and event.task_id is not None:
-                    await self._guarded(msg, self._fold(event))
-                elif event is not None and event.agent_id is not None:
+                if event is not None and event.task_id is not None and event.kind != "chunk":
+                    # a chunk is a piece of a streamed answer, which arrives whole as a message too
+                    folds.setdefault(task_key(event.customer_id, event.task_id), []).append((msg, event))
+                    continue
+                if event is not None and event.task_id is None and event.agent_id is not None:
                     await self._guarded(msg, on_agent_event(event))
                 await msg.ack()
+            for key, folding in folds.items():
+                await self._guarded(folding[0][0], self._fold(key, folding))
+                for msg, _ in folding:
+                    await msg.ack()
             if pending and time.monotonic() >= due():
                 applying, pending = pending, {}
                 for msg, event in applying.values():
@@ -304,26 +312,41 @@ class TaskService:
             # the event stays in the stream (and on the SSE feed); only the record missed it
             log.exception("could not fold the event on %s into its record", msg.subject)
 
-    async def _fold(self, event: Event) -> None:
-        assert event.task_id is not None
-        if event.kind == "chunk":  # a piece of a streamed answer, which arrives whole as a message too
-            return
+    async def _fold(self, key: str, events: builtins.list[tuple[Msg, Event]]) -> None:
+        """Fold a task's events (in stream order) into its record with one write. Its tokens are metered, and
+        its quota's slot released when it ends, for the events folded in: one delivered again (the tracker
+        stopped before acknowledging it) is at or before the record's ``events_seq`` and changes nothing."""
+        customer_id = events[0][1].customer_id
+        sequenced = [(msg.metadata.sequence.stream, event) for msg, event in events]
         before: list[TaskStatus] = []
+        tokens = [0]
 
         def fold(task: Task) -> Task | None:
-            before[:] = [task.status]
-            return fold_event(task, event)
+            before[:], tokens[0] = [task.status], 0
+            folded = None
+            for seq, event in sequenced:
+                if seq <= task.events_seq:
+                    continue
+                try:
+                    after = fold_event(task, event)
+                except ValueError:  # well-formed JSON that says something impossible (an unknown status, say)
+                    log.warning("skipping a malformed event of task %s: %s", key, event.kind)
+                    continue
+                if event.kind == EventKind.USAGE and not event.data.get(REPLAYED):
+                    tokens[0] += int(event.data.get("prompt_tokens", 0)) + int(event.data.get("completion_tokens", 0))
+                if after is not None:
+                    task = folded = after.model_copy(update={"events_seq": seq})
+            return folded
 
-        after = await self._repo.update(task_key(event.customer_id, event.task_id), fold)
+        after = await self._repo.update(key, fold)
         if after is None:
             return
         if after.status in TERMINAL_TASK_STATUSES and before and before[0] not in TERMINAL_TASK_STATUSES:
-            await self._quotas.release_task(event.customer_id, event.task_id)
-        if event.kind == EventKind.USAGE and not event.data.get(REPLAYED):
-            tokens = int(event.data.get("prompt_tokens", 0)) + int(event.data.get("completion_tokens", 0))
-            total, budget, crossed = await self._quotas.record_tokens(event.customer_id, tokens)
+            await self._quotas.release_task(customer_id, after.id)
+        if tokens[0]:
+            total, budget, crossed = await self._quotas.record_tokens(customer_id, tokens[0])
             if crossed and budget is not None:
-                await self._on_budget_exceeded(event.customer_id, total, budget)
+                await self._on_budget_exceeded(customer_id, total, budget)
 
 
 def fold_event(task: Task, event: Event) -> Task | None:

@@ -9,7 +9,8 @@ import nats
 import pytest
 import websockets
 
-from agent.protocol import Event, EventKind
+from agent.protocol import EVENTS_STREAM, Event, EventKind
+from control.services.tasks import TRACKER
 from tests.conftest import Api
 from tests.gateway.test_agents_api import wait_status
 from tests.support.helpers import assert_eventually, now, small_events, sse_events
@@ -164,6 +165,72 @@ async def test_an_impossible_event_does_not_stop_the_records_from_following(api:
     assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
     task = await finished(api, headers, task_id)
     assert task["status"] == "cancelled"
+
+
+async def tracker_caught_up(api: Api) -> None:
+    """Wait until the tracker has folded and acknowledged every event in the stream."""
+
+    async def info() -> Any:
+        return await api.control.jet.js.consumer_info(EVENTS_STREAM, TRACKER)
+
+    await assert_eventually(info, lambda i: i.num_pending == 0 and i.num_ack_pending == 0, what="tracker caught up")
+
+
+async def restart_tracker(api: Api, *, forget: bool = False) -> None:
+    """Stop the control plane's tracker and start it again; ``forget`` deletes its durable consumer in between, so
+    that every event in the stream is delivered to it again (as after a crash before it acknowledged them)."""
+    await api.control.tasks.stop_tracker()
+    if forget:
+        await api.control.jet.js.delete_consumer(EVENTS_STREAM, TRACKER)
+    await api.control.tasks.start_tracker(api.control.agents.on_agent_event)
+
+
+async def test_events_delivered_again_neither_duplicate_the_transcript_nor_meter_tokens_twice(api: Api) -> None:
+    """The tracker acknowledges events after it folds them: a control plane that dies in between gets them again
+    after its restart. The record and the customer's tokens must come out as they were."""
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    task_id = await start_task(api, headers, agent["id"])
+    await finished(api, headers, task_id)
+    await tracker_caught_up(api)
+    before = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    tokens = (await api.client.get("/v1/usage", headers=headers)).json()["tokens_today"]
+    assert tokens > 0 and len(before["messages"]) == 4
+
+    await restart_tracker(api, forget=True)
+    await tracker_caught_up(api)
+    after = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert after["messages"] == before["messages"] and after["usage"] == before["usage"]
+    assert (await api.client.get("/v1/usage", headers=headers)).json()["tokens_today"] == tokens
+
+
+async def test_a_burst_of_events_is_folded_in_order_around_an_impossible_one(api: Api) -> None:
+    """Events that pile up while the tracker is away are folded together when it comes back: in their order, the
+    tokens of them all metered, and one that says something impossible skipped without losing the others."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    await tracker_caught_up(api)
+    tokens = (await api.client.get("/v1/usage", headers=headers)).json()["tokens_today"]
+    await api.control.tasks.stop_tracker()
+
+    def event(kind: EventKind, content: str | None = None, **data: Any) -> Event:
+        return Event(kind=kind, task_id=task_id, customer_id=customer_id, source="calc", content=content, data=data)
+
+    for item in [
+        event(EventKind.MESSAGE, "first", type="TextMessage"),
+        event(EventKind.USAGE, prompt_tokens=7, completion_tokens=3),
+        event(EventKind.STATUS, "exploded"),
+        event(EventKind.MESSAGE, "second", type="TextMessage"),
+        event(EventKind.USAGE, prompt_tokens=5, completion_tokens=0),
+    ]:
+        await api.control.tasks.publish(item)
+    await restart_tracker(api)
+    await tracker_caught_up(api)
+    task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert [m["content"] for m in task["messages"][-2:]] == ["first", "second"]
+    assert task["status"] == "running" and task["usage"] == {"prompt_tokens": 12, "completion_tokens": 3}
+    assert (await api.client.get("/v1/usage", headers=headers)).json()["tokens_today"] == tokens + 15
+    assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+    assert (await finished(api, headers, task_id))["status"] == "cancelled"
 
 
 async def test_an_event_jetstream_will_not_store_fails_the_task_with_the_reason(api: Api) -> None:
