@@ -75,6 +75,25 @@ class Repo(Generic[M]):
         None if the key does not exist. Writers that keep colliding back off for a random while, so that fifty
         at once on one record (a customer's quota) all get through; :class:`Conflict` if one still does not.
         """
+        stored = await self.update_known(key, None, change, attempts)
+        return None if stored is None else stored[0]
+
+    async def update_known(
+        self, key: str, known: tuple[M, int] | None, change: Callable[[M], M | None], attempts: int = 60
+    ) -> tuple[M, int] | None:
+        """:meth:`update` from a record at hand and its revision (``known``: what this writer stored last), read
+        again only if another writer changed it since. Returns the record as it is now and its revision (None if
+        the key does not exist): for the next call. A writer that changes one record over and over (the
+        tracker, a task's record at every event) does not read it back and validate it every time."""
+        if known is not None:
+            record, revision = known
+            new = change(record)
+            if new is None:
+                return known
+            try:
+                return new, await self._kv.update(key, new.model_dump_json().encode(), last=revision)
+            except KeyWrongLastSequenceError:
+                pass  # changed meanwhile: read it
 
         def apply(raw: bytes) -> tuple[M, bytes | None]:
             current = self._model.model_validate_json(raw)
@@ -94,11 +113,13 @@ class Repo(Generic[M]):
             new = change(json.loads(raw))
             return (False, None) if new is None else (True, json.dumps(new, separators=(",", ":")).encode())
 
-        return await self._compare_and_set(key, apply, attempts)
+        stored = await self._compare_and_set(key, apply, attempts)
+        return None if stored is None else stored[0]
 
     async def _compare_and_set(
         self, key: str, apply: Callable[[bytes], tuple[T, bytes | None]], attempts: int
-    ) -> T | None:
+    ) -> tuple[T, int] | None:
+        """``apply``'s result and the record's revision after it; None if the key does not exist."""
         for attempt in range(attempts):
             found = await self._entry(key)
             if found is None:
@@ -106,13 +127,11 @@ class Repo(Generic[M]):
             value, revision = found
             result, new = apply(value)
             if new is None:
-                return result
+                return result, revision
             try:
-                await self._kv.update(key, new, last=revision)
+                return result, await self._kv.update(key, new, last=revision)
             except KeyWrongLastSequenceError:
                 await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
-                continue
-            return result
         raise Conflict(f"{key} is being changed by many writers at once; retry")
 
     async def delete(self, key: str) -> None:

@@ -54,6 +54,10 @@ KILLSWITCH_QUIET_S = 0.05
 KILLSWITCH_STATE_DELAY_S = 1.0
 """Agents' killswitch acknowledgements reach their records after a pause in their burst, or this at most."""
 
+FOLDED_KEPT = 1024
+"""Task records the tracker keeps at hand (:meth:`TaskService._fold`): tasks in flight at once, beyond which the
+one that went longest without an event is read again at its next."""
+
 log = logging.getLogger("caravan.tasks")
 TRACKER = "caravan-tracker"
 
@@ -91,6 +95,9 @@ class TaskService:
         self._on_budget_exceeded = on_budget_exceeded
         self._tracker: asyncio.Task[None] | None = None
         self._tracker_sub: JetStreamContext.PullSubscription | None = None
+        # the records of tasks in flight as the tracker stored them last, with their revisions: the next event
+        # of a task is folded into its record without reading it back (read again if another writer changed it)
+        self._folded: dict[str, tuple[Task, int]] = {}
         self._teams: TeamTasks | None = None
 
     def attach_teams(self, teams: TeamTasks) -> None:
@@ -239,6 +246,7 @@ class TaskService:
         if self._tracker is not None:
             await cancel_and_wait(self._tracker)
             self._tracker = None
+        self._folded.clear()
         if self._tracker_sub is not None:
             await self._tracker_sub.unsubscribe()
             self._tracker_sub = None
@@ -338,9 +346,14 @@ class TaskService:
                     task = folded = after.model_copy(update={"events_seq": seq})
             return folded
 
-        after = await self._repo.update(key, fold)
-        if after is None:
+        stored = await self._repo.update_known(key, self._folded.pop(key, None), fold)
+        if stored is None:
             return
+        after = stored[0]
+        if after.status not in TERMINAL_TASK_STATUSES:
+            if len(self._folded) >= FOLDED_KEPT:
+                del self._folded[next(iter(self._folded))]  # the task that went longest without an event
+            self._folded[key] = stored
         if after.status in TERMINAL_TASK_STATUSES and before and before[0] not in TERMINAL_TASK_STATUSES:
             await self._quotas.release_task(customer_id, after.id)
         if tokens[0]:

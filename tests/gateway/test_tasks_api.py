@@ -10,7 +10,9 @@ import pytest
 import websockets
 
 from agent.protocol import EVENTS_STREAM, Event, EventKind
-from control.services.tasks import TRACKER
+from control.models import Task
+from control.services.tasks import TRACKER, task_key
+from control.store import Repo
 from tests.conftest import Api
 from tests.gateway.test_agents_api import wait_status
 from tests.support.helpers import assert_eventually, now, small_events, sse_events
@@ -229,6 +231,32 @@ async def test_a_burst_of_events_is_folded_in_order_around_an_impossible_one(api
     assert [m["content"] for m in task["messages"][-2:]] == ["first", "second"]
     assert task["status"] == "running" and task["usage"] == {"prompt_tokens": 12, "completion_tokens": 3}
     assert (await api.client.get("/v1/usage", headers=headers)).json()["tokens_today"] == tokens + 15
+    assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+    assert (await finished(api, headers, task_id))["status"] == "cancelled"
+
+
+async def test_the_tracker_keeps_what_another_writer_changed_in_a_record_between_two_events(api: Api) -> None:
+    """The tracker folds a task's next event into the record it stored last, without reading it back: a record
+    another writer changed meanwhile (as the team dispatcher sets the queue's sequence) is read again,
+    and both changes are kept."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    await tracker_caught_up(api)
+    records = Repo(api.control.jet.kv["tasks"], Task)
+    key = task_key(customer_id, task_id)
+    marked = {"status_reason": "changed by another writer"}
+    assert await records.update(key, lambda t: t.model_copy(update=marked))
+    first = Event(kind=EventKind.MESSAGE, task_id=task_id, customer_id=customer_id, content="after", source="calc")
+    await api.control.tasks.publish(first)
+    await tracker_caught_up(api)
+    record = await records.get(key)
+    assert record is not None and record.status_reason == marked["status_reason"]
+    assert record.messages[-1].content == "after"
+    second = first.model_copy(update={"content": "and again"})
+    await api.control.tasks.publish(second)  # folded into the record at hand, as the tracker stored it
+    await tracker_caught_up(api)
+    record = await records.get(key)
+    assert record is not None and record.status_reason == marked["status_reason"]
+    assert [m.content for m in record.messages[-2:]] == ["after", "and again"]
     assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
     assert (await finished(api, headers, task_id))["status"] == "cancelled"
 
