@@ -21,32 +21,40 @@ __all__ = ["BUCKET", "NatsKVFlags", "kv_entries", "kv_key"]
 
 BUCKET = "caravan_flags"
 _DELETED = ("DEL", "PURGE")
-_BATCH = 1000  # nats-server's largest batch; a listing of more keys takes one get per key
+_BATCH = 1000  # nats-server's largest batch (and a multi-subject get matches 1,024 subjects at most)
 _BATCH_TIMEOUT_S = 5.0
 _NO_META = (None, None, None)  # an entry's delta, creation time and operation: not read by Caravan
 
 
 async def kv_entries(kv: KeyValue, pattern: str = ">") -> list[KeyValue.Entry]:
     """Current entries of the keys matching ``pattern``. On a bucket that allows direct gets this is one batched
-    request (the server sends the last value of every matching key, then an end-of-batch marker); otherwise, or
-    when the server finds the batch too large, one get per key found through the subject index of the bucket's
-    stream. (nats-py's ``keys()`` and a watcher's initial listing can miss keys written meanwhile.)"""
+    request (the server sends the last value of every matching key, then an end-of-batch marker); past the
+    server's batch (1,000 keys), the keys are found through the subject index of the bucket's stream and read in
+    batches of 1,000 named keys at once. One get per key only on a bucket, or a server, without batched gets.
+    (nats-py's ``keys()`` and a watcher's initial listing can miss keys written meanwhile.)"""
     # nats-py has no public accessor for a bucket's stream and JetStream context, nor a batched get
     js, stream, prefix = kv._js, kv._stream, kv._pre
     if kv._direct:
-        found = await _last_values(js, stream, prefix, pattern, kv._name)
+        found = await _last_values(js, stream, prefix, [f"{prefix}{pattern}"], kv._name)
         if found is not None:
             return found
     info = await js.stream_info(stream, subjects_filter=f"{prefix}{pattern}")
-    keys = [subject[len(prefix) :] for subject in (info.state.subjects or {})]
+    subjects = list(info.state.subjects or {})
+    if kv._direct:
+        batches = [subjects[i : i + _BATCH] for i in range(0, len(subjects), _BATCH)]
+        read = await asyncio.gather(*(_last_values(js, stream, prefix, batch, kv._name) for batch in batches))
+        if all(entries is not None for entries in read):
+            return [entry for entries in read if entries is not None for entry in entries]
+    keys = [subject[len(prefix) :] for subject in subjects]
     entries = await asyncio.gather(*(_get(kv, key) for key in keys))
     return [entry for entry in entries if entry is not None and entry.value]
 
 
 async def _last_values(
-    js: JetStreamContext, stream: str, prefix: str, pattern: str, bucket: str
+    js: JetStreamContext, stream: str, prefix: str, subjects: list[str], bucket: str
 ) -> list[KeyValue.Entry] | None:
-    """The batched direct get (nats-server 2.11+): None when the server will not answer it in one batch."""
+    """The batched direct get of the last values of ``subjects`` (wildcards allowed; nats-server 2.11+): None
+    when the server will not answer it in one batch."""
     nc = js._nc
     entries: list[KeyValue.Entry] = []
     done: asyncio.Future[list[KeyValue.Entry] | None] = asyncio.get_running_loop().create_future()
@@ -72,7 +80,7 @@ async def _last_values(
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, cb=on_msg)
     try:
-        request = {"multi_last": [f"{prefix}{pattern}"], "batch": _BATCH}
+        request = {"multi_last": subjects, "batch": _BATCH}
         await nc.publish(f"{js._prefix}.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
         return await asyncio.wait_for(done, _BATCH_TIMEOUT_S)
     finally:

@@ -63,7 +63,8 @@ async def test_concurrent_updates_all_land(nats_server: EmbeddedNats) -> None:
 
 
 async def test_listing_is_complete_past_one_batch_and_skips_deleted(nats_server: EmbeddedNats) -> None:
-    """A listing is one batched read up to the server's batch size (1,000 keys); past it, one read per key."""
+    """A listing is one batched read up to the server's batch size (1,000 keys); past it, batched reads of the
+    keys the bucket's subject index names."""
     jet = await connect(nats_server.url)
     repo = Repo(jet.kv["customers"], Customer)
     await asyncio.gather(*(repo.put(f"cu.k{i}", Customer(id=f"k{i}", name=str(i))) for i in range(1100)))
