@@ -187,6 +187,14 @@ class TaskMessage(BaseModel):
     at: datetime
 
 
+class TranscriptEntry(BaseModel):
+    """One message of a task's transcript, under its own key (``<customer>.<task>.<event sequence>``) in the
+    ``transcripts`` bucket, so that a task's record stays small whatever the length of its conversation."""
+
+    attempt: int
+    message: TaskMessage
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -200,7 +208,10 @@ class Task(BaseModel):
     task: str
     status: TaskStatus = TaskStatus.QUEUED
     status_reason: str | None = None
-    messages: list[TaskMessage] = Field(default_factory=list)
+    messages: list[TaskMessage] = Field(
+        default_factory=list,
+        description="Stored only in records written before transcripts had their own bucket; filled in when read.",
+    )
     result: str | None = None
     usage: Usage = Field(default_factory=Usage)
     attempt: int = 1

@@ -21,7 +21,19 @@ from agent.protocol import EVENTS_STREAM, TASKS_STREAM
 
 __all__ = ["BUCKETS", "CONSUMER_LIMIT", "Jet", "connect", "ensure_stream"]
 
-BUCKETS = ("customers", "keys", "agents", "tasks", "system", "flags", "services", "quotas", "teams", "team_state")
+BUCKETS = (
+    "customers",
+    "keys",
+    "agents",
+    "tasks",
+    "transcripts",
+    "system",
+    "flags",
+    "services",
+    "quotas",
+    "teams",
+    "team_state",
+)
 CONSUMER_LIMIT = 1_000_000
 """nats-server 2.15 caps a stream at 1,000 consumers unless the stream sets its own limit (and -1 no longer means
 unlimited). Caravan has a task-queue consumer per agent and three flag watchers per agent instance, so every

@@ -196,7 +196,13 @@ class ControlPlane:
         )
         self._killswitch = KillswitchService(self._flags, self._registry, self._agents, self._auth, self._audit, jet.nc)
         self._tasks = TaskService(
-            Repo(jet.kv["tasks"], Task), jet.js, self._agents, self._killswitch, self._quotas, self._budget_exceeded
+            Repo(jet.kv["tasks"], Task),
+            jet.kv["transcripts"],
+            jet.js,
+            self._agents,
+            self._killswitch,
+            self._quotas,
+            self._budget_exceeded,
         )
         self._stats = StatsService(
             Repo(jet.kv["agents"], Agent),

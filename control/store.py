@@ -47,8 +47,13 @@ class Repo(Generic[M]):
         self._model = model
 
     async def get(self, key: str) -> M | None:
+        found = await self.get_known(key)
+        return None if found is None else found[0]
+
+    async def get_known(self, key: str) -> tuple[M, int] | None:
+        """The record and its revision (for :meth:`update_known`); None if it is missing or deleted."""
         found = await self._entry(key)
-        return None if found is None else self._model.model_validate_json(found[0])
+        return None if found is None else (self._model.model_validate_json(found[0]), found[1])
 
     async def _entry(self, key: str) -> tuple[bytes, int] | None:
         """The key's value and revision; None if it is missing or deleted."""

@@ -20,8 +20,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
 
 from agent.aio import cancel_and_wait
+from agent.backends.natskv import kv_entries
 from agent.protocol import (
     AGENT_STATE_EVENTS,
     EVENTS_STREAM,
@@ -38,7 +40,16 @@ from agent.protocol import (
 )
 from control.errors import Conflict, Invalid, NotFound
 from control.ids import is_plain_id, new_id
-from control.models import TERMINAL_TASK_STATUSES, AgentStatus, Task, TaskCreate, TaskMessage, TaskStatus, Usage
+from control.models import (
+    TERMINAL_TASK_STATUSES,
+    AgentStatus,
+    Task,
+    TaskCreate,
+    TaskMessage,
+    TaskStatus,
+    TranscriptEntry,
+    Usage,
+)
 from control.services.agents import AgentService
 from control.services.killswitch import KillswitchService
 from control.services.quotas import QuotaService
@@ -81,6 +92,7 @@ class TaskService:
     def __init__(
         self,
         repo: Repo[Task],
+        transcripts: KeyValue,
         js: JetStreamContext,
         agents: AgentService,
         guard: KillswitchService,
@@ -88,6 +100,7 @@ class TaskService:
         on_budget_exceeded: Callable[[str, int, int], Awaitable[None]],
     ) -> None:
         self._repo = repo
+        self._transcripts = transcripts
         self._js = js
         self._agents = agents
         self._guard = guard
@@ -135,7 +148,8 @@ class TaskService:
         # the answer is the task as queued: the agent may already have picked it up, which the events will tell
         return task.model_copy(update={"queue_seq": ack.seq})
 
-    async def get(self, customer_id: str | None, task_id: str) -> Task:
+    async def get(self, customer_id: str | None, task_id: str, transcript: bool = True) -> Task:
+        """The task, with its transcript in ``messages`` (``transcript=False``: the record alone)."""
         if customer_id is None:
             found = await self._repo.find(task_id) if is_plain_id(task_id) else None
             task = found[1] if found else None
@@ -143,13 +157,30 @@ class TaskService:
             task = await self._repo.get(task_key(customer_id, task_id)) if is_plain_id(task_id) else None
         if task is None:
             raise NotFound(f"task {task_id!r} not found")
-        return task
+        return await self._with_transcript(task) if transcript else task
 
     async def list(self, customer_id: str | None, status: TaskStatus | None = None, limit: int = 100) -> list[Task]:
+        """The newest ``limit`` tasks (of a status), with their transcripts: the records are read, and only the
+        listed tasks' transcripts."""
         tasks = await self._repo.list(f"{customer_id}.*" if customer_id else ">")
         if status is not None:
             tasks = [t for t in tasks if t.status == status]
-        return sorted(tasks, key=lambda t: t.created_at, reverse=True)[:limit]
+        newest = sorted(tasks, key=lambda t: t.created_at, reverse=True)[:limit]
+        return list(await asyncio.gather(*(self._with_transcript(task) for task in newest)))
+
+    async def _with_transcript(self, task: Task) -> Task:
+        if task.messages:  # a record written before transcripts had their own bucket holds its own
+            return task
+        entries = await kv_entries(self._transcripts, f"{task_key(task.customer_id, task.id)}.*")
+        kept: builtins.list[tuple[int, TaskMessage]] = []
+        for entry in entries:
+            if not entry.value:
+                continue
+            item = TranscriptEntry.model_validate_json(entry.value)
+            if item.attempt == task.attempt:  # a new attempt's transcript replaces the one before
+                kept.append((int(entry.key.rpartition(".")[2]), item.message))
+        kept.sort(key=lambda numbered: numbered[0])
+        return task.model_copy(update={"messages": [message for _, message in kept]})
 
     async def cancel(self, customer_id: str | None, task_id: str) -> Task:
         task = await self.get(customer_id, task_id)
@@ -204,7 +235,7 @@ class TaskService:
                 try:
                     msg = await sub.next_msg(timeout=idle)
                 except nats.errors.TimeoutError:
-                    current = await self.get(task.customer_id, task.id)
+                    current = await self.get(task.customer_id, task.id, transcript=False)
                     if current.status in TERMINAL_TASK_STATUSES and await self._no_more(task, after):
                         return
                     yield None
@@ -321,11 +352,25 @@ class TaskService:
             log.exception("could not fold the event on %s into its record", msg.subject)
 
     async def _fold(self, key: str, events: builtins.list[tuple[Msg, Event]]) -> None:
-        """Fold a task's events (in stream order) into its record with one write. Its tokens are metered, and
-        its quota's slot released when it ends, for the events folded in: one delivered again (the tracker
-        stopped before acknowledging it) is at or before the record's ``events_seq`` and changes nothing."""
+        """Fold a task's events (in stream order): its messages into its transcript, each under its own key, and
+        the rest into its record with one write. Its tokens are metered, and its quota's slot released when it
+        ends, for the events folded in: one delivered again (the tracker stopped before acknowledging it) is at
+        or before the record's ``events_seq`` and changes nothing."""
         customer_id = events[0][1].customer_id
         sequenced = [(msg.metadata.sequence.stream, event) for msg, event in events]
+        known = self._folded.pop(key, None) or await self._repo.get_known(key)
+        if known is None:
+            return  # no such task: nothing to keep of its events
+        # the messages first, each under its own key (writing one again changes nothing): a record that says
+        # the task ended is never read before its transcript is whole
+        entries = [
+            (seq, TranscriptEntry(attempt=event.attempt, message=message))
+            for seq, event in sequenced
+            if event.attempt >= known[0].attempt and (message := transcript_message(event)) is not None
+        ]
+        await asyncio.gather(
+            *(self._transcripts.put(f"{key}.{seq}", entry.model_dump_json().encode()) for seq, entry in entries)
+        )
         before: list[TaskStatus] = []
         tokens = [0]
 
@@ -346,7 +391,7 @@ class TaskService:
                     task = folded = after.model_copy(update={"events_seq": seq})
             return folded
 
-        stored = await self._repo.update_known(key, self._folded.pop(key, None), fold)
+        stored = await self._repo.update_known(key, known, fold)
         if stored is None:
             return
         after = stored[0]
@@ -360,6 +405,20 @@ class TaskService:
             total, budget, crossed = await self._quotas.record_tokens(customer_id, tokens[0])
             if crossed and budget is not None:
                 await self._on_budget_exceeded(customer_id, total, budget)
+
+
+TRANSCRIPT_KINDS = (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESULT, EventKind.INPUT_REQUEST)
+
+
+def transcript_message(event: Event) -> TaskMessage | None:
+    """What the task's transcript shows of ``event``; None for an event that is not part of it."""
+    if event.kind not in TRANSCRIPT_KINDS:
+        return None
+    if event.kind == EventKind.MESSAGE:
+        kind, content = str(event.data.get("type", "text")), event.content
+    else:
+        kind, content = event.kind, event.data.get("calls") or event.data.get("results") or event.content
+    return TaskMessage(source=event.source, type=kind, content=content, at=event.at)
 
 
 def fold_event(task: Task, event: Event) -> Task | None:
@@ -384,13 +443,8 @@ def fold_event(task: Task, event: Event) -> Task | None:
         changes.update(status=status, status_reason=event.data.get("reason"))
         if status in TERMINAL_TASK_STATUSES:
             changes["finished_at"] = event.at
-    elif event.kind in (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESULT, EventKind.INPUT_REQUEST):
-        if event.kind == EventKind.MESSAGE:
-            kind, content = str(event.data.get("type", "text")), event.content
-        else:
-            kind, content = event.kind, event.data.get("calls") or event.data.get("results") or event.content
-        message = TaskMessage(source=event.source, type=kind, content=content, at=event.at)
-        changes["messages"] = [*task.messages, message]
+    elif event.kind in TRANSCRIPT_KINDS:  # kept in the transcripts bucket; the record changes only for an attempt
+        return task if "attempt" in changes else None
     elif event.kind == EventKind.USAGE:
         changes["usage"] = task.usage.model_copy(
             update={

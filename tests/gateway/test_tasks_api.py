@@ -9,8 +9,9 @@ import nats
 import pytest
 import websockets
 
-from agent.protocol import EVENTS_STREAM, Event, EventKind
-from control.models import Task
+from agent.backends.natskv import kv_entries
+from agent.protocol import EVENTS_STREAM, Event, EventKind, utcnow
+from control.models import Task, TaskMessage
 from control.services.tasks import TRACKER, task_key
 from control.store import Repo
 from tests.conftest import Api
@@ -62,6 +63,45 @@ async def test_a_task_runs_end_to_end_with_a_tool_call(api: Api) -> None:
     assert task["usage"]["completion_tokens"] > 0
     listed = (await api.client.get("/v1/tasks", headers=headers)).json()
     assert [t["id"] for t in listed] == [task_id]
+    assert listed[0]["messages"] == task["messages"]
+
+
+async def test_a_task_record_stays_small_and_the_newest_tasks_are_listed_with_their_transcripts(api: Api) -> None:
+    """The transcript lives beside the record, one key per message: a record's size does not grow with its
+    conversation, so listing the newest tasks reads small records, and the transcripts of those listed only."""
+    customer_id, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    ids = [await start_task(api, headers, agent["id"], f"What is (2+3)*4? ({n})") for n in range(3)]
+    tasks = [await finished(api, headers, task_id) for task_id in ids]
+    records = Repo(api.control.jet.kv["tasks"], Task)
+    for task in tasks:
+        assert len(task["messages"]) == 4 and task["messages"][0]["content"] == task["task"]
+        record = await records.get(task_key(customer_id, task["id"]))
+        assert record is not None and record.messages == []
+    newest = (await api.client.get("/v1/tasks?limit=2", headers=headers)).json()
+    assert [t["id"] for t in newest] == ids[:0:-1]
+    assert [t["messages"] for t in newest] == [tasks[2]["messages"], tasks[1]["messages"]]
+
+
+async def test_a_record_that_holds_its_own_transcript_is_read_as_it_is(api: Api) -> None:
+    """A task record written before transcripts had their own bucket keeps its messages in the record."""
+    customer_id, headers = await api.new_customer()
+    message = TaskMessage(source="user", type="TextMessage", content="hello", at=utcnow())
+    old = Task(id="tk-0123456789ab", customer_id=customer_id, agent_id=None, task="hello", messages=[message])
+    await Repo(api.control.jet.kv["tasks"], Task).create(task_key(customer_id, old.id), old)
+    task = (await api.client.get(f"/v1/tasks/{old.id}", headers=headers)).json()
+    assert [(m["source"], m["content"]) for m in task["messages"]] == [("user", "hello")]
+
+
+async def test_events_of_a_task_that_does_not_exist_leave_nothing_behind(api: Api) -> None:
+    """An agent that publishes messages for a task id its customer never had (a bug, or a hostile agent) does
+    not fill the store: the tracker keeps nothing of them."""
+    customer_id, _ = await api.new_customer()
+    ghost = Event(kind=EventKind.MESSAGE, task_id="tk-00000000dead", customer_id=customer_id, content="boo")
+    await api.control.tasks.publish(ghost)
+    await tracker_caught_up(api)
+    assert await kv_entries(api.control.jet.kv["transcripts"], f"{customer_id}.>") == []
+    assert await Repo(api.control.jet.kv["tasks"], Task).get(task_key(customer_id, "tk-00000000dead")) is None
 
 
 async def test_events_are_published_on_nats_for_external_subscribers(api: Api) -> None:
@@ -237,26 +277,28 @@ async def test_a_burst_of_events_is_folded_in_order_around_an_impossible_one(api
 
 async def test_the_tracker_keeps_what_another_writer_changed_in_a_record_between_two_events(api: Api) -> None:
     """The tracker folds a task's next event into the record it stored last, without reading it back: a record
-    another writer changed meanwhile (as the team dispatcher sets the queue's sequence) is read again,
-    and both changes are kept."""
+    another writer changed meanwhile (as the team dispatcher sets the queue's sequence) is read again, and both
+    changes are kept."""
     customer_id, headers, task_id = await running_slow_task(api)
     await tracker_caught_up(api)
     records = Repo(api.control.jet.kv["tasks"], Task)
     key = task_key(customer_id, task_id)
     marked = {"status_reason": "changed by another writer"}
     assert await records.update(key, lambda t: t.model_copy(update=marked))
-    first = Event(kind=EventKind.MESSAGE, task_id=task_id, customer_id=customer_id, content="after", source="calc")
-    await api.control.tasks.publish(first)
-    await tracker_caught_up(api)
-    record = await records.get(key)
-    assert record is not None and record.status_reason == marked["status_reason"]
-    assert record.messages[-1].content == "after"
-    second = first.model_copy(update={"content": "and again"})
-    await api.control.tasks.publish(second)  # folded into the record at hand, as the tracker stored it
-    await tracker_caught_up(api)
-    record = await records.get(key)
-    assert record is not None and record.status_reason == marked["status_reason"]
-    assert [m.content for m in record.messages[-2:]] == ["after", "and again"]
+
+    async def usage(tokens: int) -> Task:
+        data = {"prompt_tokens": tokens, "completion_tokens": 0}
+        event = Event(kind=EventKind.USAGE, task_id=task_id, customer_id=customer_id, data=data)
+        await api.control.tasks.publish(event)
+        await tracker_caught_up(api)
+        record = await records.get(key)
+        assert record is not None
+        return record
+
+    record = await usage(3)
+    assert record.status_reason == marked["status_reason"] and record.usage.prompt_tokens == 3
+    record = await usage(4)  # folded into the record at hand, as the tracker stored it
+    assert record.status_reason == marked["status_reason"] and record.usage.prompt_tokens == 7
     assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
     assert (await finished(api, headers, task_id))["status"] == "cancelled"
 
