@@ -34,7 +34,7 @@ from tests.gateway.teams_support import (
     task_status,
     team,
 )
-from tests.support.helpers import assert_eventually, small_events
+from tests.support.helpers import assert_eventually, small_events, small_messages
 
 
 async def test_round_robin_matches_agentchat_in_process(api: Api) -> None:
@@ -61,6 +61,24 @@ async def test_round_robin_matches_agentchat_in_process(api: Api) -> None:
     assert [m["source"] for m in task["messages"]] == ["user", "alice", "bob", "carol", "alice", "bob", "carol"]
     assert task["result"] == "c2 DONE"
     assert await stop_reason(api, headers, task_id) == local_stop
+
+
+async def test_a_task_whose_transcript_outgrows_a_stored_value_completes_with_every_message(api: Api) -> None:
+    """A stored value has a size limit (a NATS server's max_payload: 1 MB unless configured). The transcript is kept
+    a message per key, so a conversation longer than that still ends `completed` with every message (a record that
+    held its whole transcript stopped being updated there, and the task never showed it ended)."""
+    _, headers = await api.new_customer()
+    specs = {name: {"model": script(*[f"{name} {i} " + "x" * 3000 for i in range(15)])} for name in ("alice", "bob")}
+    made = await agents(api, headers, specs)
+    created = await team(api, headers, members=[made[n]["id"] for n in specs], termination={"max_messages": 21})
+    async with small_messages(api.control.settings.nats_url, "KV_caravan_tasks", 16 * 1024):
+        task_id = await start(api, headers, created["id"], "Count.")
+        task = await task_status(api, headers, task_id)
+    assert task["status"] == "completed", (task["status_reason"], len(task["messages"]))
+    assert [m["content"].split(" ")[:2] for m in task["messages"][1:]] == [
+        [name, str(i)] for i in range(10) for name in ("alice", "bob")
+    ]
+    assert sum(len(m["content"]) for m in task["messages"]) > 16 * 1024 * 3
 
 
 async def test_an_event_jetstream_will_not_store_fails_the_team_task_with_the_reason(api: Api) -> None:

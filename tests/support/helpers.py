@@ -101,9 +101,17 @@ async def nats_connect(url: str) -> nats.NATS:
 async def small_events(nats_url: str, max_msg_size: int = 4096) -> AsyncIterator[None]:
     """While inside, JetStream refuses task events over ``max_msg_size`` bytes (statuses fit; a long task's
     messages do not)."""
+    async with small_messages(nats_url, EVENTS_STREAM, max_msg_size):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def small_messages(nats_url: str, stream: str, max_msg_size: int) -> AsyncIterator[None]:
+    """While inside, JetStream refuses messages over ``max_msg_size`` bytes in ``stream`` (a KV bucket's values
+    too: its stream is ``KV_<bucket>``), as a NATS server refuses any over its ``max_payload``."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    config = (await js.stream_info(EVENTS_STREAM)).config
+    config = (await js.stream_info(stream)).config
     limit = config.max_msg_size
     config.max_msg_size = max_msg_size
     await js.update_stream(config)
