@@ -169,8 +169,8 @@ class TaskService:
         return list(await asyncio.gather(*(self._with_transcript(task) for task in newest)))
 
     async def _with_transcript(self, task: Task) -> Task:
-        if task.messages:  # a record written before transcripts had their own bucket holds its own
-            return task
+        """The task with its transcript: what its record holds (one written before transcripts had their own
+        bucket), then its messages in the transcripts bucket."""
         entries = await kv_entries(self._transcripts, f"{task_key(task.customer_id, task.id)}.*")
         kept: builtins.list[tuple[int, TaskMessage]] = []
         for entry in entries:
@@ -179,8 +179,10 @@ class TaskService:
             item = TranscriptEntry.model_validate_json(entry.value)
             if item.attempt == task.attempt:  # a new attempt's transcript replaces the one before
                 kept.append((int(entry.key.rpartition(".")[2]), item.message))
+        if not kept:
+            return task
         kept.sort(key=lambda numbered: numbered[0])
-        return task.model_copy(update={"messages": [message for _, message in kept]})
+        return task.model_copy(update={"messages": [*task.messages, *(message for _, message in kept)]})
 
     async def cancel(self, customer_id: str | None, task_id: str) -> Task:
         task = await self.get(customer_id, task_id)
@@ -368,9 +370,13 @@ class TaskService:
             for seq, event in sequenced
             if event.attempt >= known[0].attempt and (message := transcript_message(event)) is not None
         ]
-        await asyncio.gather(
-            *(self._transcripts.put(f"{key}.{seq}", entry.model_dump_json().encode()) for seq, entry in entries)
+        written = await asyncio.gather(
+            *(self._transcripts.put(f"{key}.{seq}", entry.model_dump_json().encode()) for seq, entry in entries),
+            return_exceptions=True,
         )
+        for (seq, _), result in zip(entries, written, strict=True):
+            if isinstance(result, BaseException):  # the event stays in the stream (and on the SSE feed)
+                log.error("task %s: the message of event %d is not in its transcript: %r", key, seq, result)
         before: list[TaskStatus] = []
         tokens = [0]
 

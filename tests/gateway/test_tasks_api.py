@@ -16,7 +16,7 @@ from control.services.tasks import TRACKER, task_key
 from control.store import Repo
 from tests.conftest import Api
 from tests.gateway.test_agents_api import wait_status
-from tests.support.helpers import assert_eventually, now, small_events, sse_events
+from tests.support.helpers import assert_eventually, now, small_events, small_messages, sse_events
 
 TOOL_SCRIPT = {
     "provider": "replay",
@@ -83,14 +83,46 @@ async def test_a_task_record_stays_small_and_the_newest_tasks_are_listed_with_th
     assert [t["messages"] for t in newest] == [tasks[2]["messages"], tasks[1]["messages"]]
 
 
-async def test_a_record_that_holds_its_own_transcript_is_read_as_it_is(api: Api) -> None:
-    """A task record written before transcripts had their own bucket keeps its messages in the record."""
+async def test_a_record_that_holds_its_own_transcript_is_read_as_it_is_and_goes_on(api: Api) -> None:
+    """A task record written before transcripts had their own bucket keeps its messages in the record; the
+    messages that come after (a task in flight across the upgrade) follow them."""
     customer_id, headers = await api.new_customer()
     message = TaskMessage(source="user", type="TextMessage", content="hello", at=utcnow())
     old = Task(id="tk-0123456789ab", customer_id=customer_id, agent_id=None, task="hello", messages=[message])
     await Repo(api.control.jet.kv["tasks"], Task).create(task_key(customer_id, old.id), old)
     task = (await api.client.get(f"/v1/tasks/{old.id}", headers=headers)).json()
     assert [(m["source"], m["content"]) for m in task["messages"]] == [("user", "hello")]
+    reply = Event(kind=EventKind.MESSAGE, task_id=old.id, customer_id=customer_id, source="calc", content="world")
+    await api.control.tasks.publish(reply)
+    await tracker_caught_up(api)
+    task = (await api.client.get(f"/v1/tasks/{old.id}", headers=headers)).json()
+    assert [(m["source"], m["content"]) for m in task["messages"]] == [("user", "hello"), ("calc", "world")]
+
+
+async def test_a_message_the_transcript_cannot_hold_does_not_hold_up_the_record(api: Api) -> None:
+    """A message too big to store in the transcript is left out of it (it stays in the event stream); the
+    events that came with it still reach the record."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    await tracker_caught_up(api)
+    await api.control.tasks.stop_tracker()
+
+    def event(kind: EventKind, content: str | None = None, **data: Any) -> Event:
+        return Event(kind=kind, task_id=task_id, customer_id=customer_id, source="calc", content=content, data=data)
+
+    for item in [
+        event(EventKind.MESSAGE, "x" * 8000, type="TextMessage"),
+        event(EventKind.MESSAGE, "small", type="TextMessage"),
+        event(EventKind.USAGE, prompt_tokens=2, completion_tokens=1),
+    ]:
+        await api.control.tasks.publish(item)
+    async with small_messages(api.control.settings.nats_url, "KV_caravan_transcripts", 4096):
+        await restart_tracker(api)
+        await tracker_caught_up(api)
+    task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert task["messages"][-1]["content"] == "small" and all(len(m["content"]) < 8000 for m in task["messages"])
+    assert task["usage"] == {"prompt_tokens": 2, "completion_tokens": 1}
+    assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+    assert (await finished(api, headers, task_id))["status"] == "cancelled"
 
 
 async def test_events_of_a_task_that_does_not_exist_leave_nothing_behind(api: Api) -> None:
