@@ -25,7 +25,7 @@ from control.services.quotas import Quota, QuotaRecord, QuotaService
 from control.services.stats import StatsService
 from control.services.tasks import TaskService
 from control.settings import Settings
-from control.store import Repo
+from control.store import LargeRepo, Repo
 from control.teams.dispatch import TeamTasks
 from control.teams.models import Checkpoint, Team
 from control.teams.runner import RunnerConfig, TeamRunner
@@ -248,7 +248,7 @@ class ControlPlane:
         task.add_done_callback(self._background.discard)
 
     async def _start_teams(self, jet: Jet) -> None:
-        tasks, checkpoints = Repo(jet.kv["tasks"], Task), Repo(jet.kv["team_state"], Checkpoint)
+        tasks, checkpoints = Repo(jet.kv["tasks"], Task), LargeRepo(jet.kv["team_state"], Checkpoint)
         self._teams = TeamService(Repo(jet.kv["teams"], Team), self.agents, tasks)
         self.tasks.attach_teams(TeamTasks(tasks, checkpoints, jet.js, self._teams, self.agents, self.killswitch))
         config = RunnerConfig(ack_wait_s=self.settings.team_ack_wait_s)

@@ -10,17 +10,19 @@ import asyncio
 import builtins
 import json
 import random
+import secrets
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+import nats.errors
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from agent.backends.natskv import kv_entries
 from control.errors import CaravanError
 
-__all__ = ["AlreadyExists", "Conflict", "Repo"]
+__all__ = ["AlreadyExists", "Conflict", "LargeRepo", "Repo"]
 
 M = TypeVar("M", bound=BaseModel)
 P = TypeVar("P", bound=BaseModel)
@@ -164,3 +166,82 @@ class Repo(Generic[M]):
         """Find a record by the last part of its key, whichever customer owns it (admin lookups)."""
         found = await self.items(f"*.{record_id}")
         return found[0] if found else None
+
+
+_MANIFEST = b'{"caravan_parts":'
+_TOO_BIG = 10054  # JetStream's error code for a message over the stream's max_msg_size
+_PART_MARGIN = 1024  # room in a message for its subject and headers
+
+
+class LargeRepo(Repo[M]):
+    """Records that may outgrow a stored value (a NATS server's ``max_payload``, 1 MB unless configured, or the
+    bucket's own limit): such a record is stored in parts under ``<key>.part.<write>.<n>``, and its key holds a
+    manifest naming them, written once every part is stored (a reader sees the old record or the new one, whole).
+    ``get``, ``put`` and ``delete`` only: a record in parts is not compare-and-set.
+
+    The parts a record replaces are deleted by the writer that knows them (the one that wrote them: a team run's
+    checkpoints are written by its manager); a writer that dies in between leaves parts nobody names."""
+
+    def __init__(self, kv: KeyValue, model: type[M]) -> None:
+        super().__init__(kv, model)
+        self._written: dict[str, str] = {}  # key: the write whose parts it names, for the parts this process wrote
+
+    async def get_known(self, key: str) -> tuple[M, int] | None:
+        found = await self._entry(key)
+        if found is None:
+            return None
+        raw, revision = found
+        if raw.startswith(_MANIFEST):
+            raw = await self._joined(key, json.loads(raw)["caravan_parts"])
+        return self._model.model_validate_json(raw), revision
+
+    async def put(self, key: str, record: M) -> int:
+        data = record.model_dump_json().encode()
+        try:
+            revision = await self._kv.put(key, data)
+        except (nats.errors.MaxPayloadError, BadRequestError) as exc:
+            if isinstance(exc, BadRequestError) and exc.err_code != _TOO_BIG:
+                raise
+            revision = await self._put_parts(key, data)
+        else:
+            await self._forget_parts(key, self._written.pop(key, None))
+        return revision
+
+    async def delete(self, key: str) -> None:
+        found = await self._entry(key)
+        await self._kv.delete(key)
+        self._written.pop(key, None)
+        if found is not None and found[0].startswith(_MANIFEST):
+            await self._forget_parts(key, json.loads(found[0])["caravan_parts"]["write"])
+
+    async def _put_parts(self, key: str, data: bytes) -> int:
+        write = secrets.token_hex(6)
+        size = await self._part_size()
+        parts = [data[i : i + size] for i in range(0, len(data), size)]
+        await asyncio.gather(*(self._kv.put(f"{key}.part.{write}.{n}", part) for n, part in enumerate(parts)))
+        manifest = {"caravan_parts": {"write": write, "count": len(parts), "size": len(data)}}
+        revision = await self._kv.put(key, json.dumps(manifest).encode())
+        await self._forget_parts(key, self._written.get(key))
+        self._written[key] = write
+        return revision
+
+    async def _part_size(self) -> int:
+        limit = self._kv._js._nc.max_payload  # nats-py exposes neither a bucket's stream config nor its JS context
+        stream_limit = (await self._kv._js.stream_info(self._kv._stream)).config.max_msg_size or -1
+        if stream_limit > 0:
+            limit = min(limit, stream_limit)
+        return max(limit - _PART_MARGIN, 1024)
+
+    async def _joined(self, key: str, manifest: dict[str, Any]) -> bytes:
+        prefix = f"{key}.part.{manifest['write']}."
+        parts = {e.key[len(prefix) :]: e.value for e in await kv_entries(self._kv, f"{prefix}*") if e.value}
+        if len(parts) != manifest["count"]:
+            raise Conflict(f"{key}: {len(parts)} of its {manifest['count']} parts are stored")
+        return b"".join(parts[str(n)] or b"" for n in range(manifest["count"]))
+
+    async def _forget_parts(self, key: str, write: str | None) -> None:
+        if write is None:
+            return
+        prefix = f"{key}.part.{write}."
+        keys = [e.key for e in await kv_entries(self._kv, f"{prefix}*")]
+        await asyncio.gather(*(self._kv.purge(k) for k in keys), return_exceptions=True)

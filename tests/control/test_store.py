@@ -11,11 +11,12 @@ from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
+from agent.backends.natskv import kv_entries
 from control.models import Customer
 from control.natsio import BUCKETS, CONSUMER_LIMIT, connect
 from control.natsserver import EmbeddedNats
-from control.store import AlreadyExists, Repo
-from tests.support.helpers import nats_connect
+from control.store import AlreadyExists, LargeRepo, Repo
+from tests.support.helpers import nats_connect, small_messages
 
 
 async def test_listing_misses_nothing_while_records_are_written(nats_server: EmbeddedNats) -> None:
@@ -153,4 +154,35 @@ async def test_patches_of_the_stored_json_are_compare_and_set_and_stay_readable(
     assert stored is not None and stored.name == "30"  # every patch landed, and the record still validates
     assert await repo.patch("c", lambda record: None) is False
     assert await repo.patch("missing", bump) is None and await repo.get("missing") is None
+    await jet.close()
+
+
+async def test_a_record_too_big_for_a_stored_value_is_stored_in_parts_and_read_whole(nats_server: EmbeddedNats) -> None:
+    """LargeRepo (a team's saved state): a record over the bucket's limit is stored in parts behind a manifest,
+    read back whole; a smaller one replacing it, or its deletion, leaves none of its parts behind."""
+    jet = await connect(nats_server.url)
+    kv = jet.kv["team_state"]
+    repo = LargeRepo(kv, Customer)
+    big = Customer(id="c1", name="x" * 10_000)
+    async with small_messages(nats_server.url, "KV_caravan_team_state", 4096):
+        await repo.put("cu.tk1", big)
+        assert await repo.get("cu.tk1") == big
+
+        async def writes() -> set[str]:  # the writes whose parts are stored
+            return {e.key.split(".")[3] for e in await kv_entries(kv, "cu.tk1.part.>")}
+
+        first = await writes()
+        assert len(first) == 1 and len(await kv_entries(kv, "cu.tk1.part.>")) >= 3  # 10 kB in parts of 3 kB
+        bigger = Customer(id="c1", name="y" * 20_000)
+        await repo.put("cu.tk1", bigger)  # the parts it replaces go
+        assert await repo.get("cu.tk1") == bigger
+        assert len(await writes()) == 1 and await writes() != first
+        small = Customer(id="c1", name="small")
+        await repo.put("cu.tk1", small)
+        assert await repo.get("cu.tk1") == small and await kv_entries(kv, "cu.tk1.part.>") == []
+        await repo.put("cu.tk2", big)
+        other = LargeRepo(kv, Customer)  # another process: it reads the parts, and deleting takes them too
+        assert await other.get("cu.tk2") == big
+        await other.delete("cu.tk2")
+        assert await repo.get("cu.tk2") is None and await kv_entries(kv, "cu.tk2.part.>") == []
     await jet.close()

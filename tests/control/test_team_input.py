@@ -28,6 +28,7 @@ from tests.gateway.teams_support import (
     team,
 )
 from tests.gateway.test_agents_api import wait_status
+from tests.support.helpers import small_messages
 
 SPECS = {
     "asker": {"model": script("What colour should it be?", {"tool": "transfer_to_user", "arguments": {}}, "a3", "a4")},
@@ -76,6 +77,38 @@ async def test_a_team_asks_the_human_and_resumes_after_a_control_plane_restart(t
     assert api_transcript(done) == local_transcript(first + second)
     assert [m["type"] for m in done["messages"]].count("input_request") == 1
     assert final_stop == local_stop
+
+
+async def test_a_team_whose_state_outgrows_a_stored_value_asks_the_human_and_resumes(api: Api) -> None:
+    """A team's saved state holds every member's conversation, so it outgrows a stored value (a NATS server's
+    max_payload: 1 MB unless configured) long before its run ends. Saved in parts, it still waits for the human
+    and resumes from that state, as AgentChat's own team does (it used to fail the task when it asked)."""
+    _, headers = await api.new_customer()
+    long = " " + "x" * 3000
+    specs = {
+        "asker": {
+            "model": script(
+                "What colour should it be?" + long, {"tool": "transfer_to_user", "arguments": {}}, "a3", "a4"
+            )
+        },
+        "maker": {"model": script("m1" + long, "m2" + long, "m3")},
+    }
+    made = await agents(api, headers, specs)
+    asker, maker = made["asker"]["id"], made["maker"]["id"]
+    termination = {"handoff_to_user": True, "max_messages": 5}
+    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=termination)
+    async with small_messages(api.control.settings.nats_url, "KV_caravan_team_state", 4096):
+        task_id = await start(api, headers, created["id"], "Paint the fence.")
+        waiting = await task_status(api, headers, task_id, ("awaiting_input", "completed", "failed"))
+        assert waiting["status"] == "awaiting_input", waiting["status_reason"]
+        answer = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Green."}, headers=headers)
+        assert answer.status_code == 202, answer.text
+        done = await task_status(api, headers, task_id)
+    assert done["status"] == "completed", done["status_reason"]
+    local = local_team(specs, "round_robin", HandoffTermination("user") | MaxMessageTermination(5), {"asker": ["user"]})
+    first, _ = await run_local(local, "Paint the fence.")
+    second, _ = await run_local(local, TextMessage(source="user", content="Green."))
+    assert api_transcript(done) == local_transcript(first + second)
 
 
 async def test_the_checkpoint_of_a_waiting_team_holds_what_its_run_published_but_chunks_and_statuses(api: Api) -> None:

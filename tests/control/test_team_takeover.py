@@ -15,7 +15,7 @@ from control.models import Task
 from control.natsio import Jet, connect
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
-from control.store import Repo
+from control.store import LargeRepo, Repo
 from control.teams.models import Checkpoint
 from control.teams.runner import TeamRunner
 from tests.conftest import make_settings, serve_api
@@ -49,7 +49,7 @@ async def replica(control: ControlPlane, name: str) -> tuple[TeamRunner, Jet]:
     runner = TeamRunner(
         jet,
         Repo(jet.kv["tasks"], Task),
-        Repo(jet.kv["team_state"], Checkpoint),
+        LargeRepo(jet.kv["team_state"], Checkpoint),
         control.teams,
         control.agents,
         control.team_runner.config,
