@@ -159,13 +159,21 @@ class TaskService:
             raise NotFound(f"task {task_id!r} not found")
         return await self._with_transcript(task) if transcript else task
 
-    async def list(self, customer_id: str | None, status: TaskStatus | None = None, limit: int = 100) -> list[Task]:
-        """The newest ``limit`` tasks (of a status), with their transcripts: the records are read, and only the
-        listed tasks' transcripts."""
+    async def list(
+        self, customer_id: str | None, status: TaskStatus | None = None, limit: int = 100, before: str | None = None
+    ) -> list[Task]:
+        """The newest ``limit`` tasks (of a status; created before task ``before``), with their transcripts: the
+        records are read, and only the listed tasks' transcripts. Tasks created at the same time are ordered by
+        id, so that pages follow one another with none left out or repeated."""
         tasks = await self._repo.list(f"{customer_id}.*" if customer_id else ">")
+        if before is not None:
+            anchor = next((t for t in tasks if t.id == before), None)
+            if anchor is None:
+                raise NotFound(f"task {before!r} not found")
+            tasks = [t for t in tasks if (t.created_at, t.id) < (anchor.created_at, anchor.id)]
         if status is not None:
             tasks = [t for t in tasks if t.status == status]
-        newest = sorted(tasks, key=lambda t: t.created_at, reverse=True)[:limit]
+        newest = sorted(tasks, key=lambda t: (t.created_at, t.id), reverse=True)[:limit]
         return list(await asyncio.gather(*(self._with_transcript(task) for task in newest)))
 
     async def _with_transcript(self, task: Task) -> Task:

@@ -49,8 +49,11 @@ async def list_tasks(
     principal: PrincipalDep,
     status_filter: Annotated[TaskStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[str | None, Query(max_length=64, description="A task's id: the tasks created before it.")] = None,
 ) -> list[TaskPublic]:
-    return [_public(t) for t in await control.tasks.list(owner_scope(principal), status_filter, limit)]
+    """The newest tasks first, with their transcripts. The next page: ``before`` the last task of this one."""
+    tasks = await control.tasks.list(owner_scope(principal), status_filter, limit, before)
+    return [_public(t) for t in tasks]
 
 
 @router.get("/{task_id}", response_model=TaskPublic)

@@ -81,6 +81,15 @@ async def test_a_task_record_stays_small_and_the_newest_tasks_are_listed_with_th
     newest = (await api.client.get("/v1/tasks?limit=2", headers=headers)).json()
     assert [t["id"] for t in newest] == ids[:0:-1]
     assert [t["messages"] for t in newest] == [tasks[2]["messages"], tasks[1]["messages"]]
+    older = (await api.client.get(f"/v1/tasks?limit=2&before={ids[1]}", headers=headers)).json()
+    assert [t["id"] for t in older] == ids[:1] and older[0]["messages"] == tasks[0]["messages"]
+    assert (await api.client.get(f"/v1/tasks?before={ids[0]}", headers=headers)).json() == []
+
+    _, stranger = await api.new_customer("stranger")  # another customer's task names no page of theirs
+    assert (await api.client.get(f"/v1/tasks?before={ids[1]}", headers=stranger)).status_code == 404
+    for hostile in ("tk-000000000000", "../" + ids[1], "x" * 65):
+        response = await api.client.get("/v1/tasks", params={"before": hostile}, headers=headers)
+        assert response.status_code in (404, 422) and "error" in response.json(), hostile
 
 
 async def test_a_record_that_holds_its_own_transcript_is_read_as_it_is_and_goes_on(api: Api) -> None:
