@@ -17,7 +17,7 @@ from nats.js.kv import KeyValue
 
 from agent.backends.base import Flag, FlagKey, FlagSnapshot, FlagStoreUnavailable, Scope
 
-__all__ = ["BUCKET", "NatsKVFlags", "kv_entries", "kv_key"]
+__all__ = ["BUCKET", "NatsKVFlags", "kv_entries", "kv_entries_of", "kv_key"]
 
 BUCKET = "caravan_flags"
 _DELETED = ("DEL", "PURGE")
@@ -48,6 +48,19 @@ async def kv_entries(kv: KeyValue, pattern: str = ">") -> list[KeyValue.Entry]:
     keys = [subject[len(prefix) :] for subject in subjects]
     entries = await asyncio.gather(*(_get(kv, key) for key in keys))
     return [entry for entry in entries if entry is not None and entry.value]
+
+
+async def kv_entries_of(kv: KeyValue, patterns: Sequence[str]) -> list[KeyValue.Entry]:
+    """Current entries of the keys matching any of ``patterns``: one batched request when they match no more
+    than one batch, else :func:`kv_entries` of each."""
+    if not patterns:
+        return []
+    if kv._direct:
+        subjects = [f"{kv._pre}{pattern}" for pattern in patterns]
+        found = await _last_values(kv._js, kv._stream, kv._pre, subjects, kv._name)
+        if found is not None:
+            return found
+    return [entry for entries in await asyncio.gather(*(kv_entries(kv, p) for p in patterns)) for entry in entries]
 
 
 async def _last_values(

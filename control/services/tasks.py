@@ -23,7 +23,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from agent.aio import cancel_and_wait
-from agent.backends.natskv import kv_entries
+from agent.backends.natskv import kv_entries_of
 from agent.protocol import (
     AGENT_STATE_EVENTS,
     EVENTS_STREAM,
@@ -174,23 +174,27 @@ class TaskService:
         if status is not None:
             tasks = [t for t in tasks if t.status == status]
         newest = sorted(tasks, key=lambda t: (t.created_at, t.id), reverse=True)[:limit]
-        return list(await asyncio.gather(*(self._with_transcript(task) for task in newest)))
+        return await self._with_transcripts(newest)
 
     async def _with_transcript(self, task: Task) -> Task:
-        """The task with its transcript: what its record holds (one written before transcripts had their own
-        bucket), then its messages in the transcripts bucket."""
-        entries = await kv_entries(self._transcripts, f"{task_key(task.customer_id, task.id)}.*")
-        kept: builtins.list[tuple[int, TaskMessage]] = []
-        for entry in entries:
-            if not entry.value:
-                continue
-            item = TranscriptEntry.model_validate_json(entry.value)
-            if item.attempt == task.attempt:  # a new attempt's transcript replaces the one before
-                kept.append((int(entry.key.rpartition(".")[2]), item.message))
-        if not kept:
-            return task
-        kept.sort(key=lambda numbered: numbered[0])
-        return task.model_copy(update={"messages": [*task.messages, *(message for _, message in kept)]})
+        return (await self._with_transcripts([task]))[0]
+
+    async def _with_transcripts(self, tasks: builtins.list[Task]) -> builtins.list[Task]:
+        """The tasks with their transcripts (read together): what a record holds (one written before transcripts
+        had their own bucket), then the task's messages in the transcripts bucket."""
+        keys = [task_key(task.customer_id, task.id) for task in tasks]
+        found: dict[str, builtins.list[tuple[int, TranscriptEntry]]] = {key: [] for key in keys}
+        for entry in await kv_entries_of(self._transcripts, [f"{key}.*" for key in keys]):
+            key, _, seq = entry.key.rpartition(".")
+            if entry.value and key in found:
+                found[key].append((int(seq), TranscriptEntry.model_validate_json(entry.value)))
+        out = []
+        for task, key in zip(tasks, keys, strict=True):
+            # a new attempt's transcript replaces the one before
+            kept = sorted(((s, i.message) for s, i in found[key] if i.attempt == task.attempt), key=lambda p: p[0])
+            messages = [*task.messages, *(message for _, message in kept)]
+            out.append(task.model_copy(update={"messages": messages}) if kept else task)
+        return out
 
     async def cancel(self, customer_id: str | None, task_id: str) -> Task:
         task = await self.get(customer_id, task_id)
