@@ -19,7 +19,7 @@ from tests.conftest import Api
 
 SIZES = (100, 1000, 3000)
 MESSAGES = 20
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
+ROUNDS = int(os.environ.get("BENCH_LISTING_ROUNDS", "7"))
 
 
 async def test_listing_tasks_as_they_pile_up(api: Api) -> None:

@@ -21,7 +21,7 @@ from tests.conftest import Api
 from tests.gateway.teams_support import agents, script, team
 
 SIZES = (60, 300)
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_TEAM_TASK_ROUNDS", "5"))
 
 
 async def test_team_task_through_the_platform_against_the_runtime_alone(api: Api) -> None:
