@@ -403,10 +403,11 @@ class TaskService:
                 except ValueError:  # well-formed JSON that says something impossible (an unknown status, say)
                     log.warning("skipping a malformed event of task %s: %s", key, event.kind)
                     continue
-                if event.kind == EventKind.USAGE and not event.data.get(REPLAYED):
+                metered = event.kind == EventKind.USAGE and not event.data.get(REPLAYED)
+                if metered:
                     tokens[0] += int(event.data.get("prompt_tokens", 0)) + int(event.data.get("completion_tokens", 0))
-                if after is not None:
-                    task = folded = after.model_copy(update={"events_seq": seq})
+                if after is not None or metered:  # (a late attempt's usage changes no record, but is metered once)
+                    task = folded = (after or task).model_copy(update={"events_seq": seq})
             return folded
 
         stored = await self._repo.update_known(key, known, fold)
