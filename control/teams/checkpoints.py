@@ -17,9 +17,11 @@ put together without asking every member for its state:
 
 The manager's thread is kept as dumps added message by message, so a turn costs the new message's dump, not
 the whole thread's. Writing to KV happens off the turn's path: a writer task puts the newest checkpoint, at most
-one every ``MIN_INTERVAL_S`` (turns that come faster are stored together, so a fast team does not spend its time
-encoding checkpoints that are superseded at once; a slow store never holds the conversation up either). A new
-attempt may therefore redo the turns of the last such interval, which is as exact as going on from the last one.
+one every ``MIN_INTERVAL_S``, and no more often than keeps writing them to ``WRITE_SHARE`` of the time (turns that
+come faster are stored together, so a fast team does not spend its time encoding checkpoints that are superseded
+at once, nor a long conversation its time storing its growing state; a slow store never holds the conversation
+up either). A new attempt may therefore redo the turns of the last such interval, which is as exact as going on
+from the last one.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ STATE_WAIT_S = 5.0
 """How long a turn's checkpoint waits for the speaker's state (sent just after its answer)."""
 MIN_INTERVAL_S = 0.05
 """Checkpoints are written at most this often; turns that come faster are stored together."""
+WRITE_SHARE = 0.1
+"""Nor more often than keeps the time spent storing them to this share of the run's: a checkpoint grows with the
+conversation (one that took 100 ms to store is followed by the next one a second later at the soonest)."""
 Record = Callable[[Sequence[Any]], list[dict[str, Any]]]
 """The transcript entries (task events without attempt and time) of some of the run's messages."""
 
@@ -121,6 +126,7 @@ class TurnCheckpoints:
         self._record = record
         self._selector = selector
         self._written_at = float("-inf")
+        self._interval = MIN_INTERVAL_S
         self._now = asyncio.Event()
         agent_states: dict[str, Any] = dict((base.state or {}).get("agent_states", {}))
         self._manager_name = next((name for name in agent_states if name not in members), "")
@@ -228,18 +234,20 @@ class TurnCheckpoints:
     async def _write(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending is not None and not self._closed:
-            wait = self._written_at + MIN_INTERVAL_S - loop.time()
+            wait = self._written_at + self._interval - loop.time()
             if wait > 0 and not self._now.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._now.wait(), wait)
             snapshot, self._pending = self._pending, None
             if snapshot is None or self._closed:
                 return
+            started = loop.time()
             try:
                 await self._repo.put(self._key, self._checkpoint(snapshot))
             except Exception:  # the run goes on; a later checkpoint (or the last one stored) will serve
                 log.warning("team task %s: could not store a checkpoint", self._key, exc_info=True)
             self._written_at = loop.time()
+            self._interval = max(MIN_INTERVAL_S, (self._written_at - started) / WRITE_SHARE)
 
     def _checkpoint(self, snapshot: _Snapshot) -> Checkpoint:
         agent_states: dict[str, Any] = {

@@ -3,6 +3,7 @@ goes out when a state cannot be sent."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -142,3 +143,28 @@ async def test_a_state_too_big_goes_as_an_empty_one_and_a_closed_connection_is_n
     assert await send(b"{}", dict(headers)) is False  # said, not raised: the turn goes on
     assert "could not be sent: nats: connection closed" in caplog.text and "too big" not in caplog.text
     await manager.close()
+
+
+async def test_a_checkpoint_slow_to_store_spaces_out_the_next_ones() -> None:
+    """A checkpoint grows with the conversation: once storing one takes long, the next ones come no more often than
+    keeps storing them to a tenth of the run's time; the newest is still stored when the run is flushed."""
+    from control.teams.checkpoints import WRITE_SHARE, _Snapshot
+
+    class SlowStore:
+        def __init__(self) -> None:
+            self.puts: list[Checkpoint] = []
+
+        async def put(self, key: str, record: Checkpoint) -> int:
+            await asyncio.sleep(0.05)
+            self.puts.append(record)
+            return len(self.puts)
+
+    store = SlowStore()
+    turns = TurnCheckpoints(repo=store, key="k", base=Checkpoint(), members=[], record=lambda _: [])  # type: ignore[arg-type]
+    for n in range(120):  # a turn every 5 ms for 0.6 s: a write every 50 ms would store about six
+        turns._schedule(_Snapshot(n, 0, {}, {}, None, n))
+        await asyncio.sleep(0.005)
+    during = len(store.puts)
+    await turns.flush()
+    assert during <= 1 + 0.6 / (0.05 / WRITE_SHARE) + 1, during
+    assert store.puts[-1].selector_position == 119  # the newest, stored at the flush
