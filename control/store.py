@@ -179,40 +179,46 @@ class LargeRepo(Repo[M]):
     manifest naming them, written once every part is stored (a reader sees the old record or the new one, whole).
     ``get``, ``put`` and ``delete`` only: a record in parts is not compare-and-set.
 
-    The parts a record replaces are deleted by the writer that knows them (the one that wrote them: a team run's
-    checkpoints are written by its manager); a writer that dies in between leaves parts nobody names."""
+    The parts a record replaces are deleted when it is replaced or deleted; a writer that dies between its parts
+    and its manifest leaves parts nobody names."""
 
     def __init__(self, kv: KeyValue, model: type[M]) -> None:
         super().__init__(kv, model)
-        self._written: dict[str, str] = {}  # key: the write whose parts it names, for the parts this process wrote
+        # key: the write whose parts it names now (None: none), as this process last read or wrote it
+        self._names: dict[str, str | None] = {}
 
     async def get_known(self, key: str) -> tuple[M, int] | None:
         found = await self._entry(key)
         if found is None:
+            self._names[key] = None
             return None
         raw, revision = found
+        self._names[key] = _write_named(raw)
         if raw.startswith(_MANIFEST):
             raw = await self._joined(key, json.loads(raw)["caravan_parts"])
         return self._model.model_validate_json(raw), revision
 
     async def put(self, key: str, record: M) -> int:
+        if key not in self._names:  # written by another process, perhaps in parts: which ones it names
+            found = await self._entry(key)
+            self._names[key] = None if found is None else _write_named(found[0])
         data = record.model_dump_json().encode()
         try:
             revision = await self._kv.put(key, data)
         except (nats.errors.MaxPayloadError, BadRequestError) as exc:
             if isinstance(exc, BadRequestError) and exc.err_code != _TOO_BIG:
                 raise
-            revision = await self._put_parts(key, data)
-        else:
-            await self._forget_parts(key, self._written.pop(key, None))
+            return await self._put_parts(key, data)
+        await self._forget_parts(key, self._names.get(key))
+        self._names[key] = None
         return revision
 
     async def delete(self, key: str) -> None:
         found = await self._entry(key)
         await self._kv.delete(key)
-        self._written.pop(key, None)
-        if found is not None and found[0].startswith(_MANIFEST):
-            await self._forget_parts(key, json.loads(found[0])["caravan_parts"]["write"])
+        self._names.pop(key, None)
+        if found is not None:
+            await self._forget_parts(key, _write_named(found[0]))
 
     async def _put_parts(self, key: str, data: bytes) -> int:
         write = secrets.token_hex(6)
@@ -221,8 +227,8 @@ class LargeRepo(Repo[M]):
         await asyncio.gather(*(self._kv.put(f"{key}.part.{write}.{n}", part) for n, part in enumerate(parts)))
         manifest = {"caravan_parts": {"write": write, "count": len(parts), "size": len(data)}}
         revision = await self._kv.put(key, json.dumps(manifest).encode())
-        await self._forget_parts(key, self._written.get(key))
-        self._written[key] = write
+        await self._forget_parts(key, self._names.get(key))
+        self._names[key] = write
         return revision
 
     async def _part_size(self) -> int:
@@ -245,3 +251,8 @@ class LargeRepo(Repo[M]):
         prefix = f"{key}.part.{write}."
         keys = [e.key for e in await kv_entries(self._kv, f"{prefix}*")]
         await asyncio.gather(*(self._kv.purge(k) for k in keys), return_exceptions=True)
+
+
+def _write_named(raw: bytes) -> str | None:
+    """The write whose parts a stored value names; None for a record stored whole."""
+    return str(json.loads(raw)["caravan_parts"]["write"]) if raw.startswith(_MANIFEST) else None

@@ -185,4 +185,7 @@ async def test_a_record_too_big_for_a_stored_value_is_stored_in_parts_and_read_w
         assert await other.get("cu.tk2") == big
         await other.delete("cu.tk2")
         assert await repo.get("cu.tk2") is None and await kv_entries(kv, "cu.tk2.part.>") == []
+        await repo.put("cu.tk3", big)
+        await LargeRepo(kv, Customer).put("cu.tk3", small)  # a run taken over: the new writer replaces the parts
+        assert await repo.get("cu.tk3") == small and await kv_entries(kv, "cu.tk3.part.>") == []
     await jet.close()
