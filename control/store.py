@@ -12,6 +12,7 @@ import json
 import random
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import nats.errors
@@ -184,8 +185,9 @@ class LargeRepo(Repo[M]):
 
     def __init__(self, kv: KeyValue, model: type[M]) -> None:
         super().__init__(kv, model)
-        # key: the write whose parts it names now (None: none), as this process last read or wrote it
-        self._names: dict[str, str | None] = {}
+        # key: the parts it names now (their write and count; None: none), as this process last read or wrote it
+        self._names: dict[str, _Parts | None] = {}
+        self._part_size: int | None = None  # read from the server and the bucket once, at the first record in parts
 
     async def get_known(self, key: str) -> tuple[M, int] | None:
         found = await self._entry(key)
@@ -193,15 +195,15 @@ class LargeRepo(Repo[M]):
             self._names[key] = None
             return None
         raw, revision = found
-        self._names[key] = _write_named(raw)
-        if raw.startswith(_MANIFEST):
-            raw = await self._joined(key, json.loads(raw)["caravan_parts"])
+        parts = self._names[key] = _parts_named(raw)
+        if parts is not None:
+            raw = await self._joined(key, parts)
         return self._model.model_validate_json(raw), revision
 
     async def put(self, key: str, record: M) -> int:
         if key not in self._names:  # written by another process, perhaps in parts: which ones it names
             found = await self._entry(key)
-            self._names[key] = None if found is None else _write_named(found[0])
+            self._names[key] = None if found is None else _parts_named(found[0])
         data = record.model_dump_json().encode()
         try:
             revision = await self._kv.put(key, data)
@@ -218,41 +220,50 @@ class LargeRepo(Repo[M]):
         await self._kv.delete(key)
         self._names.pop(key, None)
         if found is not None:
-            await self._forget_parts(key, _write_named(found[0]))
+            await self._forget_parts(key, _parts_named(found[0]))
 
     async def _put_parts(self, key: str, data: bytes) -> int:
-        write = secrets.token_hex(6)
-        size = await self._part_size()
-        parts = [data[i : i + size] for i in range(0, len(data), size)]
-        await asyncio.gather(*(self._kv.put(f"{key}.part.{write}.{n}", part) for n, part in enumerate(parts)))
-        manifest = {"caravan_parts": {"write": write, "count": len(parts), "size": len(data)}}
+        if self._part_size is None:
+            limit = self._kv._js._nc.max_payload  # nats-py exposes no bucket's stream config nor its JS context
+            stream_limit = (await self._kv._js.stream_info(self._kv._stream)).config.max_msg_size or -1
+            self._part_size = max((min(limit, stream_limit) if stream_limit > 0 else limit) - _PART_MARGIN, 1024)
+        size = self._part_size
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        parts = _Parts(secrets.token_hex(6), len(chunks))
+        await asyncio.gather(*(self._kv.put(parts.key(key, n), chunk) for n, chunk in enumerate(chunks)))
+        manifest = {"caravan_parts": {"write": parts.write, "count": parts.count, "size": len(data)}}
         revision = await self._kv.put(key, json.dumps(manifest).encode())
         await self._forget_parts(key, self._names.get(key))
-        self._names[key] = write
+        self._names[key] = parts
         return revision
 
-    async def _part_size(self) -> int:
-        limit = self._kv._js._nc.max_payload  # nats-py exposes neither a bucket's stream config nor its JS context
-        stream_limit = (await self._kv._js.stream_info(self._kv._stream)).config.max_msg_size or -1
-        if stream_limit > 0:
-            limit = min(limit, stream_limit)
-        return max(limit - _PART_MARGIN, 1024)
+    async def _joined(self, key: str, parts: _Parts) -> bytes:
+        read = {e.key: e.value for e in await kv_entries(self._kv, parts.key(key, "*"))}
+        chunks = [read.get(parts.key(key, n)) for n in range(parts.count)]
+        if not all(chunks):
+            raise Conflict(f"{key}: {sum(1 for c in chunks if c)} of its {parts.count} parts are stored")
+        return b"".join(chunk or b"" for chunk in chunks)
 
-    async def _joined(self, key: str, manifest: dict[str, Any]) -> bytes:
-        prefix = f"{key}.part.{manifest['write']}."
-        parts = {e.key[len(prefix) :]: e.value for e in await kv_entries(self._kv, f"{prefix}*") if e.value}
-        if len(parts) != manifest["count"]:
-            raise Conflict(f"{key}: {len(parts)} of its {manifest['count']} parts are stored")
-        return b"".join(parts[str(n)] or b"" for n in range(manifest["count"]))
-
-    async def _forget_parts(self, key: str, write: str | None) -> None:
-        if write is None:
-            return
-        prefix = f"{key}.part.{write}."
-        keys = [e.key for e in await kv_entries(self._kv, f"{prefix}*")]
-        await asyncio.gather(*(self._kv.purge(k) for k in keys), return_exceptions=True)
+    async def _forget_parts(self, key: str, parts: _Parts | None) -> None:
+        if parts is not None:
+            purged = (self._kv.purge(parts.key(key, n)) for n in range(parts.count))
+            await asyncio.gather(*purged, return_exceptions=True)
 
 
-def _write_named(raw: bytes) -> str | None:
-    """The write whose parts a stored value names; None for a record stored whole."""
-    return str(json.loads(raw)["caravan_parts"]["write"]) if raw.startswith(_MANIFEST) else None
+@dataclass(frozen=True)
+class _Parts:
+    """The parts of one write of a record: ``<key>.part.<write>.<n>`` for n below ``count``."""
+
+    write: str
+    count: int
+
+    def key(self, key: str, n: int | str) -> str:
+        return f"{key}.part.{self.write}.{n}"
+
+
+def _parts_named(raw: bytes) -> _Parts | None:
+    """The parts a stored value names; None for a record stored whole."""
+    if not raw.startswith(_MANIFEST):
+        return None
+    manifest = json.loads(raw)["caravan_parts"]
+    return _Parts(str(manifest["write"]), int(manifest["count"]))

@@ -27,40 +27,33 @@ _NO_META = (None, None, None)  # an entry's delta, creation time and operation: 
 
 
 async def kv_entries(kv: KeyValue, pattern: str = ">") -> list[KeyValue.Entry]:
-    """Current entries of the keys matching ``pattern``. On a bucket that allows direct gets this is one batched
-    request (the server sends the last value of every matching key, then an end-of-batch marker); past the
-    server's batch (1,000 keys), the keys are found through the subject index of the bucket's stream and read in
-    batches of 1,000 named keys at once. One get per key only on a bucket, or a server, without batched gets.
-    (nats-py's ``keys()`` and a watcher's initial listing can miss keys written meanwhile.)"""
+    """Current entries of the keys matching ``pattern`` (see :func:`kv_entries_of`). (nats-py's ``keys()`` and a
+    watcher's initial listing can miss keys written meanwhile.)"""
+    return await kv_entries_of(kv, [pattern])
+
+
+async def kv_entries_of(kv: KeyValue, patterns: Sequence[str]) -> list[KeyValue.Entry]:
+    """Current entries of the keys matching any of ``patterns``. On a bucket that allows direct gets this is one
+    batched request (the server sends the last value of every matching key, then an end-of-batch marker); past
+    the server's batch (1,000 keys), the keys are found through the subject index of the bucket's stream and read
+    in batches of 1,000 named keys at once. One get per key only on a bucket, or a server, without batched gets."""
+    if not patterns:
+        return []
     # nats-py has no public accessor for a bucket's stream and JetStream context, nor a batched get
     js, stream, prefix = kv._js, kv._stream, kv._pre
     if kv._direct:
-        found = await _last_values(js, stream, prefix, [f"{prefix}{pattern}"], kv._name)
+        found = await _last_values(js, stream, prefix, [f"{prefix}{pattern}" for pattern in patterns], kv._name)
         if found is not None:
             return found
-    info = await js.stream_info(stream, subjects_filter=f"{prefix}{pattern}")
-    subjects = list(info.state.subjects or {})
+    infos = await asyncio.gather(*(js.stream_info(stream, subjects_filter=f"{prefix}{p}") for p in patterns))
+    subjects = list(dict.fromkeys(subject for info in infos for subject in info.state.subjects or {}))
     if kv._direct:
         batches = [subjects[i : i + _BATCH] for i in range(0, len(subjects), _BATCH)]
         read = await asyncio.gather(*(_last_values(js, stream, prefix, batch, kv._name) for batch in batches))
         if all(entries is not None for entries in read):
             return [entry for entries in read if entries is not None for entry in entries]
-    keys = [subject[len(prefix) :] for subject in subjects]
-    entries = await asyncio.gather(*(_get(kv, key) for key in keys))
+    entries = await asyncio.gather(*(_get(kv, subject[len(prefix) :]) for subject in subjects))
     return [entry for entry in entries if entry is not None and entry.value]
-
-
-async def kv_entries_of(kv: KeyValue, patterns: Sequence[str]) -> list[KeyValue.Entry]:
-    """Current entries of the keys matching any of ``patterns``: one batched request when they match no more
-    than one batch, else :func:`kv_entries` of each."""
-    if not patterns:
-        return []
-    if kv._direct:
-        subjects = [f"{kv._pre}{pattern}" for pattern in patterns]
-        found = await _last_values(kv._js, kv._stream, kv._pre, subjects, kv._name)
-        if found is not None:
-            return found
-    return [entry for entries in await asyncio.gather(*(kv_entries(kv, p) for p in patterns)) for entry in entries]
 
 
 async def _last_values(

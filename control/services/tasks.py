@@ -389,11 +389,12 @@ class TaskService:
         for (seq, _), result in zip(entries, written, strict=True):
             if isinstance(result, BaseException):  # the event stays in the stream (and on the SSE feed)
                 log.error("task %s: the message of event %d is not in its transcript: %r", key, seq, result)
-        before: list[TaskStatus] = []
-        tokens = [0]
+        before: TaskStatus | None = None
+        tokens = 0
 
-        def fold(task: Task) -> Task | None:
-            before[:], tokens[0] = [task.status], 0
+        def fold(task: Task) -> Task | None:  # may run again on a newer record: it starts over each time
+            nonlocal before, tokens
+            before, tokens = task.status, 0
             folded = None
             for seq, event in sequenced:
                 if seq <= task.events_seq:
@@ -405,7 +406,7 @@ class TaskService:
                     continue
                 metered = event.kind == EventKind.USAGE and not event.data.get(REPLAYED)
                 if metered:
-                    tokens[0] += int(event.data.get("prompt_tokens", 0)) + int(event.data.get("completion_tokens", 0))
+                    tokens += int(event.data.get("prompt_tokens", 0)) + int(event.data.get("completion_tokens", 0))
                 if after is not None or metered:  # (a late attempt's usage changes no record, but is metered once)
                     task = folded = (after or task).model_copy(update={"events_seq": seq})
             return folded
@@ -418,10 +419,10 @@ class TaskService:
             if len(self._folded) >= FOLDED_KEPT:
                 del self._folded[next(iter(self._folded))]  # the task that went longest without an event
             self._folded[key] = stored
-        if after.status in TERMINAL_TASK_STATUSES and before and before[0] not in TERMINAL_TASK_STATUSES:
+        if after.status in TERMINAL_TASK_STATUSES and before is not None and before not in TERMINAL_TASK_STATUSES:
             await self._quotas.release_task(customer_id, after.id)
-        if tokens[0]:
-            total, budget, crossed = await self._quotas.record_tokens(customer_id, tokens[0])
+        if tokens:
+            total, budget, crossed = await self._quotas.record_tokens(customer_id, tokens)
             if crossed and budget is not None:
                 await self._on_budget_exceeded(customer_id, total, budget)
 

@@ -14,9 +14,10 @@ import time
 
 from agent.protocol import Event, EventKind
 from agent.runtime import NatsAgentRuntime
-from agent.teamprotocol import MemberJoin, join_subject, run_namespace
+from agent.teamprotocol import run_namespace
 from control.models import TERMINAL_TASK_STATUSES
 from control.teams.build import build_team
+from tests.bench.conftest import join_members
 from tests.conftest import Api
 from tests.gateway.teams_support import agents, script, team
 
@@ -67,16 +68,7 @@ async def test_team_task_through_the_platform_against_the_runtime_alone(api: Api
         chat = build_team(spec, {i: d for i, d in definitions.items() if d is not None}, runtime, run_id)
         await runtime.start()
         started = time.perf_counter()
-        for agent_id in ids:  # joining is part of a platform run too
-            join = MemberJoin(  # as the runner joins them: states sent as deltas
-                run_id=run_id,
-                task_id="tk-000000000000",
-                customer_id=customer_id,
-                agent_id=agent_id,
-                team_key=run_id,
-                state_deltas=True,
-            )
-            await nc.request(join_subject(customer_id, agent_id), join.model_dump_json().encode(), timeout=10)
+        await join_members(nc, customer_id, run_id, ids)  # joining is part of a platform run too
         result = await chat.run(task="count")
         elapsed = time.perf_counter() - started
         assert len(result.messages) == n + 1, result.stop_reason

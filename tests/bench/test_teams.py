@@ -27,13 +27,13 @@ from autogen_core import AgentId, try_get_known_serializers_for_type
 from agent.models import create_model_client
 from agent.protocol import AgentDefinition, ModelConfig
 from agent.runtime import NatsAgentRuntime
-from agent.teamprotocol import MemberJoin, join_subject, run_namespace
+from agent.teamprotocol import run_namespace
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
 from control.teams.models import Team, Termination
 from tests.bench._team_peer import RELAY_REQUEST, Ping, Pong
-from tests.bench.conftest import percentile
+from tests.bench.conftest import join_members, percentile
 
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "1000"))
 ROUNDS = 5
@@ -194,16 +194,7 @@ async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float]
             runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
             chat = build_team(spec, members, runtime, run_id)
             await runtime.start()
-            for agent_id in members:
-                join = MemberJoin(
-                    run_id=run_id,
-                    task_id="tk-000000000000",
-                    customer_id=CUSTOMER,
-                    agent_id=agent_id,
-                    team_key=run_id,
-                    state_deltas=True,  # as the runner joins members
-                )
-                await nc.request(join_subject(CUSTOMER, agent_id), join.model_dump_json().encode(), timeout=10)
+            await join_members(nc, CUSTOMER, run_id, members)
             started = time.perf_counter()
             result = await chat.run(task="count")
             elapsed = time.perf_counter() - started

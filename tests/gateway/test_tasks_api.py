@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -113,17 +114,13 @@ async def test_a_message_the_transcript_cannot_hold_does_not_hold_up_the_record(
     events that came with it still reach the record."""
     customer_id, headers, task_id = await running_slow_task(api)
     await tracker_caught_up(api)
-    await api.control.tasks.stop_tracker()
-
-    def event(kind: EventKind, content: str | None = None, **data: Any) -> Event:
-        return Event(kind=kind, task_id=task_id, customer_id=customer_id, source="calc", content=content, data=data)
-
-    for item in [
+    event = functools.partial(task_event, customer_id, task_id)
+    await publish_while_away(
+        api,
         event(EventKind.MESSAGE, "x" * 8000, type="TextMessage"),
         event(EventKind.MESSAGE, "small", type="TextMessage"),
         event(EventKind.USAGE, prompt_tokens=2, completion_tokens=1),
-    ]:
-        await api.control.tasks.publish(item)
+    )
     async with small_messages(api.control.settings.nats_url, "KV_caravan_transcripts", 4096):
         await restart_tracker(api)
         await tracker_caught_up(api)
@@ -259,6 +256,17 @@ async def tracker_caught_up(api: Api) -> None:
     await assert_eventually(info, lambda i: i.num_pending == 0 and i.num_ack_pending == 0, what="tracker caught up")
 
 
+def task_event(customer_id: str, task_id: str, kind: EventKind, content: str | None = None, **data: Any) -> Event:
+    return Event(kind=kind, task_id=task_id, customer_id=customer_id, source="calc", content=content, data=data)
+
+
+async def publish_while_away(api: Api, *events: Event) -> None:
+    """Stop the tracker and publish ``events``: they are all there for it to fold together when it is back."""
+    await api.control.tasks.stop_tracker()
+    for event in events:
+        await api.control.tasks.publish(event)
+
+
 async def restart_tracker(api: Api, *, forget: bool = False) -> None:
     """Stop the control plane's tracker and start it again; ``forget`` deletes its durable consumer in between, so
     that every event in the stream is delivered to it again (as after a crash before it acknowledged them)."""
@@ -293,19 +301,15 @@ async def test_a_burst_of_events_is_folded_in_order_around_an_impossible_one(api
     customer_id, headers, task_id = await running_slow_task(api)
     await tracker_caught_up(api)
     tokens = (await api.client.get("/v1/usage", headers=headers)).json()["tokens_today"]
-    await api.control.tasks.stop_tracker()
-
-    def event(kind: EventKind, content: str | None = None, **data: Any) -> Event:
-        return Event(kind=kind, task_id=task_id, customer_id=customer_id, source="calc", content=content, data=data)
-
-    for item in [
+    event = functools.partial(task_event, customer_id, task_id)
+    await publish_while_away(
+        api,
         event(EventKind.MESSAGE, "first", type="TextMessage"),
         event(EventKind.USAGE, prompt_tokens=7, completion_tokens=3),
         event(EventKind.STATUS, "exploded"),
         event(EventKind.MESSAGE, "second", type="TextMessage"),
         event(EventKind.USAGE, prompt_tokens=5, completion_tokens=0),
-    ]:
-        await api.control.tasks.publish(item)
+    )
     await restart_tracker(api)
     await tracker_caught_up(api)
     task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
