@@ -180,8 +180,8 @@ class LargeRepo(Repo[M]):
     manifest naming them, written once every part is stored (a reader sees the old record or the new one, whole).
     ``get``, ``put`` and ``delete`` only: a record in parts is not compare-and-set.
 
-    The parts a record replaces are deleted when it is replaced or deleted; a writer that dies between its parts
-    and its manifest leaves parts nobody names."""
+    The parts a record replaces are deleted when it is replaced. Deleting a record deletes every part stored
+    under its key, also those of a writer that died between its parts and its manifest (parts nobody names)."""
 
     def __init__(self, kv: KeyValue, model: type[M]) -> None:
         super().__init__(kv, model)
@@ -216,11 +216,11 @@ class LargeRepo(Repo[M]):
         return revision
 
     async def delete(self, key: str) -> None:
-        found = await self._entry(key)
         await self._kv.delete(key)
         self._names.pop(key, None)
-        if found is not None:
-            await self._forget_parts(key, _parts_named(found[0]))
+        # One request for every part under the key, named or not: a stream purge by subject (parts need no
+        # delete markers: nobody watches them, and a reader finds them through a manifest).
+        await self._kv._js.purge_stream(self._kv._stream, subject=f"{self._kv._pre}{key}.part.>")
 
     async def _put_parts(self, key: str, data: bytes) -> int:
         if self._part_size is None:

@@ -159,7 +159,8 @@ async def test_patches_of_the_stored_json_are_compare_and_set_and_stay_readable(
 
 async def test_a_record_too_big_for_a_stored_value_is_stored_in_parts_and_read_whole(nats_server: EmbeddedNats) -> None:
     """LargeRepo (a team's saved state): a record over the bucket's limit is stored in parts behind a manifest,
-    read back whole; a smaller one replacing it, or its deletion, leaves none of its parts behind."""
+    read back whole; a smaller one replacing it, or its deletion, leaves none of its parts behind (its deletion
+    also takes the parts of a writer that died before its manifest)."""
     jet = await connect(nats_server.url)
     kv = jet.kv["team_state"]
     repo = LargeRepo(kv, Customer)
@@ -188,4 +189,10 @@ async def test_a_record_too_big_for_a_stored_value_is_stored_in_parts_and_read_w
         await repo.put("cu.tk3", big)
         await LargeRepo(kv, Customer).put("cu.tk3", small)  # a run taken over: the new writer replaces the parts
         assert await repo.get("cu.tk3") == small and await kv_entries(kv, "cu.tk3.part.>") == []
+        await repo.put("cu.tk4", big)
+        await kv.put("cu.tk4.part.0dead0beef00.0", b"a writer that died before its manifest")
+        await kv.put("cu.tk40.part.0dead0beef00.0", b"another key's part")
+        await LargeRepo(kv, Customer).delete("cu.tk4")
+        assert await repo.get("cu.tk4") is None and await kv_entries(kv, "cu.tk4.part.>") == []
+        assert [e.key for e in await kv_entries(kv, "cu.tk40.part.>")] == ["cu.tk40.part.0dead0beef00.0"]
     await jet.close()
