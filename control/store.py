@@ -208,7 +208,7 @@ class LargeRepo(Repo[M]):
         try:
             revision = await self._kv.put(key, data)
         except (nats.errors.MaxPayloadError, BadRequestError) as exc:
-            if isinstance(exc, BadRequestError) and exc.err_code != _TOO_BIG:
+            if not _too_big(exc):
                 raise
             return await self._put_parts(key, data)
         await self._forget_parts(key, self._names.get(key))
@@ -223,6 +223,22 @@ class LargeRepo(Repo[M]):
         await self._kv._js.purge_stream(self._kv._stream, subject=f"{self._kv._pre}{key}.part.>")
 
     async def _put_parts(self, key: str, data: bytes) -> int:
+        try:
+            parts = await self._store_parts(key, data)
+        except (nats.errors.MaxPayloadError, BadRequestError) as exc:
+            if not _too_big(exc):
+                raise
+            self._part_size = None  # the bucket's limit went down since it was read (an operator's change)
+            parts = await self._store_parts(key, data)
+        manifest = {"caravan_parts": {"write": parts.write, "count": parts.count, "size": len(data)}}
+        revision = await self._kv.put(key, json.dumps(manifest).encode())
+        await self._forget_parts(key, self._names.get(key))
+        self._names[key] = parts
+        return revision
+
+    async def _store_parts(self, key: str, data: bytes) -> _Parts:
+        """Store ``data`` in parts of the size the bucket takes now (read once, and again after a refusal); a
+        write refused in part leaves none of its parts."""
         if self._part_size is None:
             limit = self._kv._js._nc.max_payload  # nats-py exposes no bucket's stream config nor its JS context
             stream_limit = (await self._kv._js.stream_info(self._kv._stream)).config.max_msg_size or -1
@@ -230,12 +246,14 @@ class LargeRepo(Repo[M]):
         size = self._part_size
         chunks = [data[i : i + size] for i in range(0, len(data), size)]
         parts = _Parts(secrets.token_hex(6), len(chunks))
-        await asyncio.gather(*(self._kv.put(parts.key(key, n), chunk) for n, chunk in enumerate(chunks)))
-        manifest = {"caravan_parts": {"write": parts.write, "count": parts.count, "size": len(data)}}
-        revision = await self._kv.put(key, json.dumps(manifest).encode())
-        await self._forget_parts(key, self._names.get(key))
-        self._names[key] = parts
-        return revision
+        stored = await asyncio.gather(
+            *(self._kv.put(parts.key(key, n), chunk) for n, chunk in enumerate(chunks)), return_exceptions=True
+        )
+        refused = next((result for result in stored if isinstance(result, BaseException)), None)
+        if refused is not None:
+            await self._kv._js.purge_stream(self._kv._stream, subject=f"{self._kv._pre}{parts.key(key, '>')}")
+            raise refused
+        return parts
 
     async def _joined(self, key: str, parts: _Parts) -> bytes:
         read = {e.key: e.value for e in await kv_entries(self._kv, parts.key(key, "*"))}
@@ -259,6 +277,13 @@ class _Parts:
 
     def key(self, key: str, n: int | str) -> str:
         return f"{key}.part.{self.write}.{n}"
+
+
+def _too_big(exc: Exception) -> bool:
+    """Whether a put failed for its size: over the server's max_payload, or the stream's max_msg_size."""
+    return isinstance(exc, nats.errors.MaxPayloadError) or (
+        isinstance(exc, BadRequestError) and exc.err_code == _TOO_BIG
+    )
 
 
 def _parts_named(raw: bytes) -> _Parts | None:

@@ -160,7 +160,8 @@ async def test_patches_of_the_stored_json_are_compare_and_set_and_stay_readable(
 async def test_a_record_too_big_for_a_stored_value_is_stored_in_parts_and_read_whole(nats_server: EmbeddedNats) -> None:
     """LargeRepo (a team's saved state): a record over the bucket's limit is stored in parts behind a manifest,
     read back whole; a smaller one replacing it, or its deletion, leaves none of its parts behind (its deletion
-    also takes the parts of a writer that died before its manifest)."""
+    also takes the parts of a writer that died before its manifest). A bucket whose limit goes down while the
+    control plane runs is written in smaller parts."""
     jet = await connect(nats_server.url)
     kv = jet.kv["team_state"]
     repo = LargeRepo(kv, Customer)
@@ -195,4 +196,8 @@ async def test_a_record_too_big_for_a_stored_value_is_stored_in_parts_and_read_w
         await LargeRepo(kv, Customer).delete("cu.tk4")
         assert await repo.get("cu.tk4") is None and await kv_entries(kv, "cu.tk4.part.>") == []
         assert [e.key for e in await kv_entries(kv, "cu.tk40.part.>")] == ["cu.tk40.part.0dead0beef00.0"]
+        async with small_messages(nats_server.url, "KV_caravan_team_state", 2048):  # an operator lowers the limit
+            await repo.put("cu.tk1", bigger)
+            assert await repo.get("cu.tk1") == bigger
+            assert len(await writes()) == 1 and len(await kv_entries(kv, "cu.tk1.part.>")) >= 20  # none refused
     await jet.close()
