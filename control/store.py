@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import json
 import random
 import secrets
@@ -218,9 +219,7 @@ class LargeRepo(Repo[M]):
     async def delete(self, key: str) -> None:
         await self._kv.delete(key)
         self._names.pop(key, None)
-        # One request for every part under the key, named or not: a stream purge by subject (parts need no
-        # delete markers: nobody watches them, and a reader finds them through a manifest).
-        await self._kv._js.purge_stream(self._kv._stream, subject=f"{self._kv._pre}{key}.part.>")
+        await self._purge(f"{key}.part.>")  # named or not
 
     async def _put_parts(self, key: str, data: bytes) -> int:
         try:
@@ -251,7 +250,7 @@ class LargeRepo(Repo[M]):
         )
         refused = next((result for result in stored if isinstance(result, BaseException)), None)
         if refused is not None:
-            await self._kv._js.purge_stream(self._kv._stream, subject=f"{self._kv._pre}{parts.key(key, '>')}")
+            await self._purge(parts.key(key, ">"))
             raise refused
         return parts
 
@@ -264,8 +263,13 @@ class LargeRepo(Repo[M]):
 
     async def _forget_parts(self, key: str, parts: _Parts | None) -> None:
         if parts is not None:
-            purged = (self._kv.purge(parts.key(key, n)) for n in range(parts.count))
-            await asyncio.gather(*purged, return_exceptions=True)
+            with contextlib.suppress(nats.errors.Error):  # the new record is stored: a part left over is harmless
+                await self._purge(parts.key(key, ">"))
+
+    async def _purge(self, keys: str) -> None:
+        """Remove the parts under ``keys`` (a KV key pattern) with one request: a stream purge by subject, not a
+        KV purge per part, which would leave a marker for each (nobody watches parts: a manifest names them)."""
+        await self._kv._js.purge_stream(self._kv._stream, subject=self._kv._pre + keys)
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,8 @@ async def test_a_record_too_big_for_a_stored_value_is_stored_in_parts_and_read_w
         small = Customer(id="c1", name="small")
         await repo.put("cu.tk1", small)
         assert await repo.get("cu.tk1") == small and await kv_entries(kv, "cu.tk1.part.>") == []
+        parts = await jet.js.stream_info("KV_caravan_team_state", subjects_filter="$KV.caravan_team_state.cu.tk1.>")
+        assert not parts.state.subjects  # nothing left under the parts' subjects: not even a purge marker for each
         await repo.put("cu.tk2", big)
         other = LargeRepo(kv, Customer)  # another process: it reads the parts, and deleting takes them too
         assert await other.get("cu.tk2") == big
