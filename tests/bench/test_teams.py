@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -45,15 +46,19 @@ CUSTOMER = "cu-00000000beef"
 
 @contextlib.asynccontextmanager
 async def peer(*args: str) -> AsyncIterator[None]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, str(PEER), *args, stdout=asyncio.subprocess.PIPE)
+    """A process of ``_team_peer.py``, once it says it is ready. Started with ``subprocess.Popen``, not the event
+    loop's: this process runs gRPC's threads, and a child forked beside them can hang before its exec (seen: a
+    whole bench run stuck for twenty minutes on its second peer). CPython starts it with vfork(), which runs no
+    fork handlers."""
+    proc = subprocess.Popen([sys.executable, str(PEER), *args], stdout=subprocess.PIPE)  # noqa: ASYNC220 (see above)
     try:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
         assert line.strip() == b"ready", line
         yield
     finally:
         proc.kill()
-        await proc.wait()
+        await asyncio.to_thread(proc.wait)
 
 
 async def timed(call: object, n: int) -> list[float]:
