@@ -375,12 +375,14 @@ class TaskService:
         known = self._folded.pop(key, None) or await self._repo.get_known(key)
         if known is None:
             return  # no such task: nothing to keep of its events
-        # the messages first, each under its own key (writing one again changes nothing): a record that says
-        # the task ended is never read before its transcript is whole
+        # the messages first, each under its own key: a record that says the task ended is never read before its
+        # transcript is whole (so one folded into the record already, delivered again, has its entry stored)
         entries = [
             (seq, TranscriptEntry(attempt=event.attempt, message=message))
             for seq, event in sequenced
-            if event.attempt >= known[0].attempt and (message := transcript_message(event)) is not None
+            if seq > known[0].events_seq
+            and event.attempt >= known[0].attempt
+            and (message := transcript_message(event)) is not None
         ]
         written = await asyncio.gather(
             *(self._transcripts.put(f"{key}.{seq}", entry.model_dump_json().encode()) for seq, entry in entries),

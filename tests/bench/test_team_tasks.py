@@ -76,15 +76,12 @@ async def test_team_task_through_the_platform_against_the_runtime_alone(api: Api
         await runtime.stop()
         samples.setdefault((n, "runtime alone"), []).append(elapsed / n)
 
-    for round_ in range(ROUNDS + 1):
+    for round_ in range(ROUNDS + 1):  # round 0 warms up both paths
         for n in SIZES:
-            if round_ == 0:  # warm up both paths
-                await platform(n)
-                await runtime_alone(n, round_)
-                samples.clear()
-                continue
             await platform(n)
             await runtime_alone(n, round_)
+        if round_ == 0:
+            samples.clear()
     await sub.unsubscribe()
 
     print()
