@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import uvloop
 from nats.aio.msg import Msg
 
-__all__ = ["cancel_and_wait", "keep_in_progress", "new_event_loop", "run"]
+__all__ = ["cancel_and_wait", "exit_reason", "keep_in_progress", "new_event_loop", "run"]
 
 T = TypeVar("T")
 
@@ -29,6 +30,15 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)`` on :func:`new_event_loop`."""
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(main)
+
+
+def exit_reason(returncode: int) -> str:
+    """How a child process ended, for logs and failure reasons: ``exited with code 3``, ``killed by SIGKILL``."""
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-returncode).name}"
+        return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
 
 
 async def cancel_and_wait(task: asyncio.Task[Any], nudge_s: float = 1.0) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from agent.aio import cancel_and_wait
+from agent.aio import cancel_and_wait, exit_reason
 from agent.protocol import PROVIDER_KEY_ENV
 from control.backends.base import (
     AllocState,
@@ -446,7 +446,7 @@ class LocalScheduler:
         assert code is not None
         if alloc.oom:
             return alloc.oom
-        why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        why = exit_reason(code)
         tail = _tail(log_path)
         return f"{why}: {tail}" if tail and code != 0 else why
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from agent.aio import cancel_and_wait
+from agent.aio import cancel_and_wait, exit_reason
 from control.localmodel.chatformat import CHAT_FORMAT
 
 __all__ = ["LlamaServer", "LocalModelUnavailable", "bundled_model_path", "runtime_installed"]
@@ -185,7 +185,7 @@ class LlamaServer:
             while True:
                 if self._proc.returncode is not None:
                     raise LocalModelUnavailable(
-                        f"the local model server exited with code {self._proc.returncode}: {_tail(self.log_path)}"
+                        f"the local model server {exit_reason(self._proc.returncode)}: {_tail(self.log_path)}"
                     )
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get(f"{self.base_url}/v1/models")).status_code == 200:
@@ -201,7 +201,9 @@ class LlamaServer:
         while not self._stopping:
             if self._proc is not None:
                 code = await self._proc.wait()
-                log.error("the local model server exited (code %s): %s", code, _tail(self.log_path, 2))
+                # code 0 is a clean exit (stopped from outside, not a crash): still not meant to happen
+                level = logging.WARNING if code == 0 else logging.ERROR
+                log.log(level, "the local model server %s: %s", exit_reason(code), _tail(self.log_path, 2))
             self.restarts += 1
             log.warning("restarting the local model server in %gs", delay)
             await asyncio.sleep(delay)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -26,7 +27,7 @@ async def _answers(server: LlamaServer) -> int | None:
 
 
 @pytest.mark.skipif(os.environ.get("CARAVAN_LOCAL_MODEL") == "0", reason="CARAVAN_LOCAL_MODEL=0")
-async def test_a_server_that_dies_is_started_again(tmp_path: Path) -> None:
+async def test_a_server_that_dies_is_started_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert runtime_installed(), "the local model is not installed: ./dev/test installs it"
     async with LlamaServer(bundled_model_path(), tmp_path / "server.log", threads=1, restart_delay=0.1) as server:
         first = server.pid
@@ -36,7 +37,21 @@ async def test_a_server_that_dies_is_started_again(tmp_path: Path) -> None:
             lambda: _answers(server), lambda pid: pid is not None and pid != first, within=60, what="restarted"
         )
         assert server.restarts == 1
+        second = server.pid
+        assert second is not None
+        os.killpg(second, signal.SIGINT)  # stopped from outside: it exits cleanly, and is started again too
+        await assert_eventually(
+            lambda: _answers(server), lambda pid: pid is not None and pid != second, within=60, what="restarted"
+        )
+        assert server.restarts == 2
     assert server.pid is None
+    # an operator reads how it ended: a crash is an error, a clean exit only a warning
+    how = re.compile(r"the local model server (exited|killed) [^:]*")
+    ended = sorted((r.levelname, m[0]) for r in caplog.records if (m := how.match(r.getMessage())))
+    assert ended == [
+        ("ERROR", "the local model server killed by SIGKILL"),
+        ("WARNING", "the local model server exited with code 0"),
+    ], caplog.text
 
 
 async def test_a_missing_model_file_is_a_clear_error(tmp_path: Path) -> None:
