@@ -9,9 +9,9 @@ over NATS. Semantics follow autogen_core's in-process runtime, so AgentChat's gr
 - ``send_message`` to an agent in another process is a NATS request; the handler's return value or exception
   comes back (an answer too big for a NATS message comes back as that error). No process serving the type
   raises ``LookupError`` at once; the RPC timeout must allow for model calls.
-- Cancellation crosses processes: a cancellation token travels as a *scope* id with every message, and
-  cancelling it anywhere cancels the handlers it reached everywhere. :meth:`cancel_all` cancels every handler in
-  the namespace (a cancelled run must leave nothing behind).
+- Cancellation crosses processes: a cancellation token travels as a *scope* id with every message sent with
+  one, and cancelling it anywhere cancels the handlers it reached everywhere. :meth:`cancel_all` cancels every
+  handler in the namespace (a cancelled run must leave nothing behind).
 - ``agent_save_state`` / ``agent_load_state`` / ``agent_metadata`` work on remote agents.
 
 Subjects under the namespace ``ns``: ``ns.t.<topic type>`` (publish; a topic type ``a:b`` is ``ns.t.a.b``, so that
@@ -159,6 +159,7 @@ class NatsAgentRuntime:
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count()
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._unscoped: weakref.WeakSet[CancellationToken] = weakref.WeakSet()  # tokens of no scope
         self._started = False
         self._stopped = False
 
@@ -375,7 +376,7 @@ class NatsAgentRuntime:
         cancellation_token: CancellationToken | None = None,
         message_id: str | None = None,
     ) -> Any:
-        token = cancellation_token or CancellationToken()
+        token = cancellation_token or self._fresh_token()
         message_id = message_id or self._new_id()
         if self._is_local(recipient.type):
             context = MessageContext(sender, None, True, token, message_id)
@@ -384,7 +385,7 @@ class NatsAgentRuntime:
             return await future
         name, payload = self._codec.encode(message)
         meta = {"ty": name, "k": recipient.key, "sn": str(sender) if sender else None, "id": message_id}
-        meta["sc"] = self._scope(token)
+        meta["sc"] = None if cancellation_token is None else self._scope(token)
         head, body = await self._request(recipient, "msg", payload, meta, token)
         return self._codec.decode(head["ty"], body)
 
@@ -397,7 +398,7 @@ class NatsAgentRuntime:
         cancellation_token: CancellationToken | None = None,
         message_id: str | None = None,
     ) -> None:
-        token = cancellation_token or CancellationToken()
+        token = cancellation_token or self._fresh_token()
         message_id = message_id or self._new_id()
         name, payload = self._codec.encode(message)
         meta = {
@@ -406,7 +407,7 @@ class NatsAgentRuntime:
             "src": topic_id.source,
             "sn": str(sender) if sender else None,
             "id": message_id,
-            "sc": self._scope(token),
+            "sc": None if cancellation_token is None else self._scope(token),
         }
         if not self._nc.is_closed:
             await self._wire.publish(f"{self._ns}.t.{_topic_tokens(topic_id.type)}", _frame(meta, payload))
@@ -615,9 +616,16 @@ class NatsAgentRuntime:
             self._bind(scope, token)
         return scope
 
+    def _fresh_token(self) -> CancellationToken:
+        """A token for a message sent without one: only :meth:`cancel_all` can cancel it, so it travels with no
+        scope (binding one was a fifth of the runtime's work on a small request)."""
+        token = CancellationToken()
+        self._unscoped.add(token)
+        return token
+
     def _token(self, scope: str | None) -> CancellationToken:
         if scope is None:
-            return CancellationToken()
+            return self._fresh_token()
         token = self._scopes.get(scope)
         if token is None:
             token = CancellationToken()
@@ -643,6 +651,9 @@ class NatsAgentRuntime:
             self._cancelled[name] = None
             token = self._scopes.get(name)
             if token is not None and not token.is_cancelled():
+                token.cancel()
+        if scope == _ALL:
+            for token in list(self._unscoped):
                 token.cancel()
         while len(self._cancelled) > _CANCELLED_KEPT:
             del self._cancelled[next(iter(self._cancelled))]

@@ -168,10 +168,13 @@ async def test_cancelling_a_token_cancels_the_remote_handler(
         await call
 
 
+@pytest.mark.parametrize("where", ["from another process", "in the same process"])
 async def test_cancel_all_ends_a_send_that_has_no_token(
-    pair: tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder],
+    pair: tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder], where: str
 ) -> None:
-    _, calling, recorder = pair
+    serving, calling, recorder = pair
+    if where == "in the same process":
+        calling = serving
     call = asyncio.ensure_future(calling.send_message(Wait(30), AgentId("rec", "default")))
     await asyncio.wait_for(recorder.waiting.wait(), 5)
     await calling.cancel_all()
