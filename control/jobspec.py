@@ -62,6 +62,8 @@ def agent_job(agent: Agent, settings: Settings) -> dict[str, Any]:
         env=env,
         meta=meta,
         service_name=f"caravan-agent-{agent.id}",
+        # with Consul as the registry, agents register in its catalog (which the killswitch reads for instances)
+        service_provider="consul" if settings.flags == "consul" else "nomad",
         restart_attempts=settings.agent_restart_attempts,
         restart_delay_ns=int(settings.agent_restart_delay_s * SECOND_NS),
         restart_interval_ns=int(settings.agent_restart_interval_s * SECOND_NS),

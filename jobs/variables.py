@@ -50,7 +50,9 @@ class AgentJobVariables(BaseModel):
         description="Ownership and identity meta, on the job, group, service and task."
     )
     service_name: Identifier
-    service_provider: Literal["nomad", "consul"] = "nomad"
+    service_provider: Literal["nomad", "consul"] = Field(
+        default="nomad", description="Where the service registers: Nomad's own catalog, or Consul's."
+    )
     service_tags: list[Identifier] = Field(default_factory=lambda: ["caravan", "agent"])
     restart_attempts: int = Field(default=3, ge=0, le=100)
     restart_interval_ns: int = Field(default=300 * SECOND_NS, ge=SECOND_NS)

@@ -16,7 +16,7 @@ from control.backends.nomad import NomadConfig, NomadScheduler
 from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate, Resources
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
-from tests.conftest import NomadTarget, make_settings
+from tests.conftest import NomadTarget, consul_address, make_settings
 from tests.support.helpers import assert_eventually
 
 HOSTILE = 'quote " ${NOMAD_TOKEN} {{ with nomadVar "nomad/jobs" }}{{ end }} [[ job_id ]]\nnewline'
@@ -101,6 +101,24 @@ async def test_patch_is_a_new_job_version_and_replicas_are_the_group_count(
     await plane.agents.delete(customer, agent.id)
     stopped = await _registered(nomad_target, agent)
     assert stopped["Stop"] is True
+
+
+@pytest.mark.parametrize(("flags", "provider"), [("natskv", "nomad"), ("consul", "consul")])
+async def test_agents_register_in_the_catalog_the_platform_discovers_them_in(
+    nomad_target: NomadTarget, nats_server: EmbeddedNats, tmp_path: Path, flags: str, provider: str
+) -> None:
+    """With Consul as the registry, the killswitch counts an agent's instances in Consul's catalog: the job's
+    service must register there, not in Nomad's own."""
+    with consul_address("consul-double") as consul:
+        async with await _control(
+            nomad_target, nats_server, tmp_path / "data", flags=flags, consul_http_addr=consul
+        ) as control:
+            customer = await _customer(control)
+            agent = await control.agents.create(customer, definition())
+            job = await _registered(nomad_target, agent)
+            (service,) = job["TaskGroups"][0]["Services"]
+            assert (service["Provider"], service["Name"]) == (provider, f"caravan-agent-{agent.id}")
+            await control.agents.delete(customer, agent.id)
 
 
 async def test_hostile_definitions_leave_the_job_unchanged(nomad_target: NomadTarget, plane: ControlPlane) -> None:

@@ -168,3 +168,10 @@ def test_user_text_never_reaches_the_job() -> None:
     for fragment in ("NOMAD_TOKEN", "{{ key", "[[", "newline", "You help."):
         assert fragment not in text
     assert unknown_fields(hostile) == []
+
+
+@pytest.mark.parametrize(("flags", "provider"), [("natskv", "nomad"), ("consul", "consul")])
+def test_the_agents_service_registers_where_the_platform_discovers_agents(flags: str, provider: str) -> None:
+    settings = Settings(nats_url="nats://127.0.0.1:4222", flags=flags, consul_http_addr="http://127.0.0.1:8500")
+    (service,) = agent_job(_agent(), settings)["TaskGroups"][0]["Services"]
+    assert service["Provider"] == provider
