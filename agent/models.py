@@ -1,7 +1,8 @@
 """One factory from a :class:`~agent.protocol.ModelConfig` to an AutoGen ``ChatCompletionClient``.
 
 Hosted providers take their API key from the agent's environment (placed there by the scheduler from
-secrets, never from the job spec). ``local`` is the bundled model behind Caravan's loopback proxy, reached
+secrets, never from the job spec); ``ollama`` at a customer's own ``base_url`` is sent no key, whatever the
+environment holds. ``local`` is the bundled model behind Caravan's loopback proxy, reached
 with the same OpenAI client at ``CARAVAN_LOCAL_MODEL_URL`` (wiring from the job). Client libraries are
 imported only for the provider in use, which keeps an agent on the offline ``replay`` model light.
 """
@@ -18,7 +19,7 @@ from typing import Any
 from autogen_core import CancellationToken, FunctionCall
 from autogen_core.models import ChatCompletionClient, CreateResult, ModelFamily, ModelInfo, RequestUsage
 
-from agent.protocol import LOCAL_MODEL_URL_ENV, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
+from agent.protocol import LOCAL_MODEL_URL_ENV, ModelConfig, ScriptedToolCall, model_key_env
 
 __all__ = ["OPENAI_COMPATIBLE", "MissingCredentials", "create_model_client"]
 
@@ -49,11 +50,11 @@ _LOCAL_INFO = ModelInfo(
 )
 
 
-def _key(provider: str, required: bool) -> str | None:
-    env_name = PROVIDER_KEY_ENV[provider]
-    value = os.environ.get(env_name)
+def _key(config: ModelConfig, required: bool) -> str | None:
+    env_name = model_key_env(config)
+    value = os.environ.get(env_name) if env_name else None
     if required and not value:
-        raise MissingCredentials(f"provider {provider!r} needs {env_name} in the agent's environment")
+        raise MissingCredentials(f"provider {config.provider!r} needs {env_name} in the agent's environment")
     return value
 
 
@@ -64,7 +65,7 @@ def create_model_client(config: ModelConfig) -> ChatCompletionClient:
     if config.provider == "anthropic":
         from autogen_ext.models.anthropic import AnthropicChatCompletionClient
 
-        kwargs: dict[str, Any] = {"model": config.name, "api_key": _key("anthropic", True)}
+        kwargs: dict[str, Any] = {"model": config.name, "api_key": _key(config, True)}
         if not config.name.startswith("claude"):
             kwargs["model_info"] = _GENERIC_INFO
         return AnthropicChatCompletionClient(**kwargs, **_sampling(config))
@@ -74,7 +75,7 @@ def create_model_client(config: ModelConfig) -> ChatCompletionClient:
     if config.provider == "local":
         return OpenAIChatCompletionClient(**_local_kwargs(config), **_sampling(config))
     base_url = config.base_url or OPENAI_COMPATIBLE[config.provider]
-    kwargs = {"model": config.name, "api_key": _key(config.provider, config.provider != "ollama") or "none"}
+    kwargs = {"model": config.name, "api_key": _key(config, config.provider != "ollama") or "none"}
     if base_url is not None:
         kwargs["base_url"] = base_url
         kwargs["model_info"] = _GENERIC_INFO

@@ -44,6 +44,7 @@ __all__ = [
     "cancel_subject",
     "consumer_name",
     "definition_subject",
+    "model_key_env",
     "task_events_subject",
     "task_subject",
     "utcnow",
@@ -68,7 +69,8 @@ PROVIDER_KEY_ENV = {
     "anthropic": "ANTHROPIC_API_KEY",
     "ollama": "OLLAMA_API_KEY",
 }
-"""Where each provider's API key is read from in the agent's environment (never from the job spec)."""
+"""Where each provider's API key is read from in the agent's environment (never from the job spec). An agent's
+environment holds at most one of them: :func:`model_key_env` of its model."""
 
 LOCAL_MODEL_URL_ENV = "CARAVAN_LOCAL_MODEL_URL"
 """Where the ``local`` provider's OpenAI-compatible endpoint is, in the agent's environment (wiring, no secret)."""
@@ -162,6 +164,14 @@ class ModelConfig(BaseModel):
         if self.provider != "replay" and (self.responses or self.delay_ms):
             raise ValueError("responses and delay_ms are only for provider 'replay'")
         return self
+
+
+def model_key_env(model: ModelConfig) -> str | None:
+    """The variable holding the platform's key that ``model`` may use: its provider's. None for a provider that
+    needs no key, and for ``ollama`` at a customer's own ``base_url``: a platform key never goes there."""
+    if model.provider == "ollama" and model.base_url is not None:
+        return None
+    return PROVIDER_KEY_ENV.get(model.provider)
 
 
 class AgentDefinition(BaseModel):

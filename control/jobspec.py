@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from agent.protocol import LOCAL_MODEL_URL_ENV
+from agent.protocol import LOCAL_MODEL_URL_ENV, PROVIDER_KEY_ENV, model_key_env
 from control.models import Agent
 from control.settings import Settings
 from jobs import SECOND_NS, AgentJobVariables, render_agent_job
 
-__all__ = ["agent_job", "job_id_for", "namespace_for"]
+__all__ = ["MODEL_KEY_META", "agent_job", "job_id_for", "model_key_secret", "namespace_for"]
+
+MODEL_KEY_META = "caravan_model_key"
+"""Job meta naming the one model key (an environment variable's name, never its value) the agent's task gets."""
 
 
 def job_id_for(agent_id: str) -> str:
@@ -18,6 +22,14 @@ def job_id_for(agent_id: str) -> str:
 
 def namespace_for(customer_id: str) -> str:
     return f"caravan-{customer_id}"
+
+
+def model_key_secret(meta: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The platform's model key a job's task gets by the scheduler's secret channel: the one its meta names, if the
+    platform has it. No other provider's key, whatever the platform holds."""
+    name = meta.get(MODEL_KEY_META, "")
+    value = environ.get(name) if name in PROVIDER_KEY_ENV.values() else None
+    return {name: value} if value else {}
 
 
 def _driver_config(settings: Settings) -> dict[str, str | list[str]]:
@@ -34,6 +46,9 @@ def agent_job(agent: Agent, settings: Settings) -> dict[str, Any]:
         "caravan_agent": agent.id,
         "caravan_version": str(agent.version),
     }
+    key_env = model_key_env(agent.model)
+    if key_env is not None:
+        meta[MODEL_KEY_META] = key_env
     env = {
         "CARAVAN_AGENT_ID": agent.id,
         "CARAVAN_CUSTOMER_ID": agent.customer_id,

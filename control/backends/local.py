@@ -27,7 +27,6 @@ from typing import Any
 import psutil
 
 from agent.aio import cancel_and_wait, exit_reason
-from agent.protocol import PROVIDER_KEY_ENV
 from control.backends.base import (
     AllocState,
     JobNotOwned,
@@ -39,6 +38,7 @@ from control.backends.base import (
     StatusUpdate,
     SubmitResult,
 )
+from control.jobspec import model_key_secret
 
 __all__ = ["LocalScheduler"]
 
@@ -392,6 +392,7 @@ class LocalScheduler:
         runtime = self._runtime_env(alloc, ports, task_dir)
         env = {
             **_base_env(),
+            **model_key_secret(alloc.job.meta, os.environ),
             **alloc.job.secrets,
             **runtime,
             **{k: _interpolate(v, runtime) for k, v in spec.env.items()},
@@ -602,7 +603,8 @@ def _process_table() -> dict[int, tuple[int, int]]:
 
 
 def _base_env() -> dict[str, str]:
-    """What a task inherits from the machine: PATH, locale and the like, plus model keys (never in the job)."""
+    """What a task inherits from the machine: PATH, locale and the like, plus the flag store's credentials (never
+    in the job). Model keys are not: a task gets only its own model's (:func:`model_key_secret`)."""
     keep = (
         "PATH",
         "HOME",
@@ -614,7 +616,7 @@ def _base_env() -> dict[str, str]:
         "SSL_CERT_FILE",
         "CARAVAN_EVENT_LOOP",
     )
-    secret_names = set(PROVIDER_KEY_ENV.values()) | {
+    secret_names = {
         "CONSUL_HTTP_TOKEN",
         "CONSUL_CACERT",
         "CONSUL_CLIENT_CERT",

@@ -30,7 +30,6 @@ import requests
 from nomad.api import exceptions as nomad_errors
 
 from agent.aio import cancel_and_wait
-from agent.protocol import PROVIDER_KEY_ENV
 from control.backends.base import (
     AllocState,
     JobNotOwned,
@@ -41,6 +40,7 @@ from control.backends.base import (
     StatusUpdate,
     SubmitResult,
 )
+from control.jobspec import model_key_secret
 from control.settings import Settings
 from jobs import secrets_variable_path
 
@@ -80,6 +80,7 @@ class NomadConfig:
     eval_wait_s: float = 5.0
     stream_read_timeout_s: float = 35.0
     secret_env: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    """Where model keys are read; a job's Variable gets only the one its meta names (``caravan_model_key``)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NomadConfig:
@@ -376,7 +377,7 @@ class NomadScheduler:
             plan = self._plan(job, namespace, job_id)
             if plan.get("FailedTGAllocs"):
                 log.info("plan of %s/%s: %s", namespace, job_id, explain_placement(plan["FailedTGAllocs"]))
-            self._put_secrets(namespace, job_id, secrets)
+            self._put_secrets(namespace, job_id, {**model_key_secret(meta, self._config.secret_env), **secrets})
             body = {"Job": job, "EnforceIndex": True, "JobModifyIndex": int(plan.get("JobModifyIndex") or 0)}
             try:
                 registered = _call(
@@ -461,16 +462,10 @@ class NomadScheduler:
             raise _job_error(exc) from None
         return plan
 
-    def _secret_items(self, extra: Mapping[str, str]) -> dict[str, str]:
-        env = self._config.secret_env
-        items = {name: env[name] for name in sorted(set(PROVIDER_KEY_ENV.values())) if env.get(name)}
-        items.update(extra)  # the job's own secrets (its NATS credentials)
-        items[SECRETS_MARKER] = "nomad-variable"
-        return items
-
-    def _put_secrets(self, namespace: str, job_id: str, extra: Mapping[str, str]) -> None:
+    def _put_secrets(self, namespace: str, job_id: str, secrets: Mapping[str, str]) -> None:
+        """The job's secrets (its model's key, its NATS credentials) in its Variable."""
         path = secrets_variable_path(job_id)
-        items = self._secret_items(extra)
+        items = {**secrets, SECRETS_MARKER: "nomad-variable"}
         digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
         if self._secrets.get((namespace, path)) == digest:
             return

@@ -53,6 +53,14 @@ def test_openai_compatible_providers_point_at_their_endpoints(monkeypatch: pytes
     assert "127.0.0.1:9999" in str(ollama._client.base_url)  # type: ignore[attr-defined]
 
 
+def test_a_platform_key_is_never_sent_to_a_customers_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLLAMA_API_KEY", "platform-secret")
+    theirs = create_model_client(ModelConfig(provider="ollama", name="llama3", base_url="https://them.example/v1"))
+    assert theirs._client.api_key != "platform-secret"  # type: ignore[attr-defined]
+    ours = create_model_client(ModelConfig(provider="ollama", name="llama3"))  # the platform's own server
+    assert ours._client.api_key == "platform-secret"  # type: ignore[attr-defined]
+
+
 def test_the_local_provider_is_wired_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CARAVAN_LOCAL_MODEL_URL", raising=False)
     config = ModelConfig(provider="local")

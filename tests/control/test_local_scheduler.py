@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
+from agent.protocol import PROVIDER_KEY_ENV
 from control.backends.base import AllocState, JobNotOwned, JobRejected, ServiceInstance, StatusUpdate
 from control.backends.local import LocalScheduler
+from control.jobspec import MODEL_KEY_META
 from jobs import SECOND_NS, AgentJobVariables, render_agent_job
 from tests.support.helpers import assert_eventually
 
@@ -26,6 +28,7 @@ def job(
     owner: str = "caravan",
     count: int = 1,
     env: dict[str, str] | None = None,
+    meta: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     return render_agent_job(
         AgentJobVariables(
@@ -36,7 +39,12 @@ def job(
             memory_mb=memory_mb,
             driver_config={"command": sys.executable, "args": ["-c", script]},
             env={"CARAVAN_AGENT_ID": "ag-0000000000aa", "CARAVAN_HEALTH_PORT": "${NOMAD_PORT_health}", **(env or {})},
-            meta={"caravan_owner": owner, "caravan_agent": "ag-0000000000aa", "caravan_customer": "cu-0000000000aa"},
+            meta={
+                "caravan_owner": owner,
+                "caravan_agent": "ag-0000000000aa",
+                "caravan_customer": "cu-0000000000aa",
+                **(meta or {}),
+            },
             service_name="caravan-agent-ag-0000000000aa",
             restart_attempts=attempts,
             restart_delay_ns=SECOND_NS // 10,
@@ -95,6 +103,26 @@ async def test_runs_the_task_with_its_environment_and_stops_it_with_sigterm(sche
     assert rec.states()[-1] is AllocState.STOPPED
     status = await sched.job_status("caravan-cu-0000000000aa", "caravan-ag-0000000000aa")
     assert status is not None and list(status.allocs.values()) == [AllocState.STOPPED]
+
+
+@pytest.mark.parametrize("model_key", ["ANTHROPIC_API_KEY", None])
+async def test_a_task_gets_its_own_models_key_and_no_other(
+    scheduler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_key: str | None
+) -> None:
+    sched, _ = scheduler
+    platform_keys = {name: f"secret-of-{name}" for name in PROVIDER_KEY_ENV.values()}
+    for name, value in platform_keys.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "env.json"
+    script = f"import json, os, time\njson.dump(dict(os.environ), open({str(out)!r}, 'w'))\n{SLEEPER}\n"
+    await sched.submit(job(script, meta={MODEL_KEY_META: model_key} if model_key else {}))
+    env = await assert_eventually(
+        lambda: asyncio.to_thread(lambda: json.loads(out.read_text()) if out.exists() and out.stat().st_size else None),
+        lambda e: e is not None,
+    )
+    given = {name: value for name, value in env.items() if name in platform_keys}
+    assert given == ({model_key: platform_keys[model_key]} if model_key else {})
+    await sched.stop_job("caravan-cu-0000000000aa", "caravan-ag-0000000000aa")
 
 
 async def test_a_crashing_task_is_restarted_per_policy_then_fails_with_the_exit_reason(scheduler) -> None:

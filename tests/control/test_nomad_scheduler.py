@@ -18,12 +18,15 @@ import pytest
 from control.backends import nomad as nomad_backend
 from control.backends.base import AllocState, JobNotOwned, JobRejected, SchedulerError, StatusUpdate
 from control.backends.nomad import NomadConfig, NomadScheduler
+from control.jobspec import MODEL_KEY_META
 from jobs import SECOND_NS, AgentJobVariables, render_agent_job
 from tests.conftest import NomadTarget
 from tests.support.helpers import assert_eventually
 from tests.support.nomad_double import NomadDouble, Policy
 
 SECRET = "sk-test-DO-NOT-LEAK-" + "7" * 16
+OTHER_KEYS = {"ANTHROPIC_API_KEY": "sk-ant-other-" + "8" * 16, "OLLAMA_API_KEY": "ollama-other-" + "9" * 16}
+"""The platform's keys of providers the test jobs' models do not use: no job's Variable may hold them."""
 
 SERVE = (
     "import http.server, os\n"
@@ -131,7 +134,9 @@ def _headers(target: NomadTarget) -> dict[str, str]:
 @pytest.fixture
 async def harness(nomad_target: NomadTarget) -> AsyncIterator[Harness]:
     scheduler = NomadScheduler(
-        NomadConfig(address=nomad_target.address, token=nomad_target.token, secret_env={"OPENAI_API_KEY": SECRET})
+        NomadConfig(
+            address=nomad_target.address, token=nomad_target.token, secret_env={"OPENAI_API_KEY": SECRET, **OTHER_KEYS}
+        )
     )
     recorder = Recorder()
     scheduler.on_status(recorder)
@@ -329,9 +334,11 @@ async def test_stop_deregisters_the_job_and_removes_its_secrets(harness: Harness
 
 async def test_secrets_reach_the_variable_and_never_the_job(harness: Harness) -> None:
     ids = Ids.new()
-    await harness.scheduler.submit(make_job(ids, HEALTHY))
+    meta = {"caravan_owner": "caravan", "caravan_agent": ids.agent, "caravan_customer": ids.customer}
+    await harness.scheduler.submit(make_job(ids, HEALTHY, meta={**meta, MODEL_KEY_META: "OPENAI_API_KEY"}))
     variable = (await harness.get(f"/v1/var/nomad/jobs/{ids.job_id}", namespace=ids.namespace)).json()
     assert variable["Items"]["OPENAI_API_KEY"] == SECRET
+    assert not set(OTHER_KEYS) & set(variable["Items"])  # only the key of the job's own model
     registered = await harness.job(ids)
     assert registered is not None and SECRET not in json.dumps(registered)
     template = registered["TaskGroups"][0]["Tasks"][0]["Templates"][0]
@@ -340,6 +347,14 @@ async def test_secrets_reach_the_variable_and_never_the_job(harness: Harness) ->
         for method, path, body in harness.target.double.requests:
             if not path.startswith("/v1/var/"):
                 assert SECRET.encode() not in body, (method, path)
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_a_job_whose_model_needs_no_platform_key_gets_none(harness: Harness) -> None:
+    ids = Ids.new()  # e.g. replay, local, or ollama at the customer's own base_url: no caravan_model_key meta
+    await harness.scheduler.submit(make_job(ids, HEALTHY))
+    variable = (await harness.get(f"/v1/var/nomad/jobs/{ids.job_id}", namespace=ids.namespace)).json()
+    assert not any(name.endswith("_API_KEY") for name in variable["Items"])
     await harness.scheduler.stop_job(ids.namespace, ids.job_id)
 
 

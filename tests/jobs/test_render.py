@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from agent.protocol import ModelConfig
-from control.jobspec import agent_job
+from agent.protocol import PROVIDER_KEY_ENV, ModelConfig
+from control.jobspec import MODEL_KEY_META, agent_job, model_key_secret
 from control.models import Agent
 from control.settings import Settings
 from jobs import SECOND_NS, AgentJobVariables, TemplateError, render, render_agent_job, template_placeholders
@@ -175,3 +175,27 @@ def test_the_agents_service_registers_where_the_platform_discovers_agents(flags:
     settings = Settings(nats_url="nats://127.0.0.1:4222", flags=flags, consul_http_addr="http://127.0.0.1:8500")
     (service,) = agent_job(_agent(), settings)["TaskGroups"][0]["Services"]
     assert service["Provider"] == provider
+
+
+@pytest.mark.parametrize(
+    ("model", "key"),
+    [
+        (ModelConfig(provider="openai", name="gpt-4o-mini"), "OPENAI_API_KEY"),
+        (ModelConfig(provider="anthropic", name="claude-3-5-haiku-latest"), "ANTHROPIC_API_KEY"),
+        (ModelConfig(provider="ollama", name="llama3"), "OLLAMA_API_KEY"),
+        (ModelConfig(provider="ollama", name="llama3", base_url="https://them.example/v1"), None),
+        (ModelConfig(provider="replay", name="scripted", responses=["ok"]), None),
+    ],
+)
+def test_the_job_names_the_one_platform_key_its_model_may_have(model: ModelConfig, key: str | None) -> None:
+    job = agent_job(_agent(model=model), Settings(nats_url="nats://127.0.0.1:4222"))
+    assert job["Meta"].get(MODEL_KEY_META) == key
+    platform = {name: f"secret-of-{name}" for name in PROVIDER_KEY_ENV.values()}
+    assert model_key_secret(job["Meta"], platform) == ({key: platform[key]} if key else {})
+    assert "secret-of" not in json.dumps(job)
+
+
+def test_a_model_key_meta_can_name_no_other_secret() -> None:
+    environ = {"CONSUL_HTTP_TOKEN": "root", "OPENAI_API_KEY": ""}
+    assert model_key_secret({MODEL_KEY_META: "CONSUL_HTTP_TOKEN"}, environ) == {}
+    assert model_key_secret({MODEL_KEY_META: "OPENAI_API_KEY"}, environ) == {}  # the platform has none
