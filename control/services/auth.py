@@ -1,7 +1,9 @@
 """Customers, API keys and short-lived JWTs.
 
 An API key is shown once: only its SHA-256 is stored (keys are 256-bit random, so a fast hash is the
-right tool), keyed by that hash, with a visible prefix that identifies it in lists and logs.
+right tool), keyed by that hash, with a visible prefix that identifies it in lists and logs. A generated key
+starts with its prefix (``cvn_`` and 8 random hex digits, apart from the secret part); a key chosen outside
+(``CARAVAN_ADMIN_KEY``) gets a random prefix of the same shape, kept with it, so that no part of it is shown.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def _hash(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
+def _with_prefix(key: ApiKey, old: str, new: str) -> ApiKey | None:
+    return key.model_copy(update={"prefix": new}) if key.prefix == old else None
+
+
 class AuthService:
     def __init__(self, keys: Repo[ApiKey], customers: Repo[Customer], system: KeyValue, ttl_seconds: int) -> None:
         self._keys = keys
@@ -75,8 +81,10 @@ class AuthService:
         self._secret = entry.value.decode()
 
     async def issue_key(self, role: Role, customer_id: str | None, api_key: str | None = None) -> IssuedKey:
-        key = api_key or f"{_KEY_PREFIX}_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}"
-        prefix = key[:12]
+        """A new key, or (``api_key``, a key chosen outside) that key, stored once: issued again it keeps its
+        prefix."""
+        prefix = f"{_KEY_PREFIX}_{secrets.token_hex(4)}"
+        key = api_key or f"{prefix}_{secrets.token_urlsafe(32)}"
         record = ApiKey(prefix=prefix, hash=_hash(key), role=role, customer_id=customer_id)
         try:
             await self._keys.create(record.hash, record)
@@ -84,6 +92,10 @@ class AuthService:
             existing = await self._keys.get(record.hash)
             if existing is None or existing.role != role or existing.customer_id != customer_id:
                 raise
+            if existing.prefix == key[:12]:  # stored when a chosen key's prefix was its own first characters
+                existing = await self._keys.update(record.hash, lambda k: _with_prefix(k, key[:12], prefix))
+                assert existing is not None
+            prefix = existing.prefix
         return IssuedKey(api_key=key, prefix=prefix)
 
     async def has_admin(self) -> bool:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 
 import jwt
 
-from tests.conftest import Api
+from control.models import ApiKey, Role
+from control.platform import ControlPlane
+from control.settings import Settings
+from tests.conftest import ADMIN_KEY, Api
 
 
 async def test_api_key_exchange_and_roles(api: Api) -> None:
@@ -57,3 +61,26 @@ async def test_probes_and_docs(api: Api) -> None:
     for path in ("/v1/auth/token", "/v1/agents", "/v1/agents/{agent_id}/job", "/v1/tasks/{task_id}/events"):
         assert path in schema["paths"]
     assert (await api.client.get("/docs")).status_code == 200
+
+
+async def test_a_chosen_admin_keys_prefix_shows_none_of_it_and_survives_a_restart(api: Api, settings: Settings) -> None:
+    admin = await api.admin()  # a login: audited with the key's prefix as its actor
+    keys = (await api.client.get("/v1/admin/keys", headers=admin)).json()
+    (seeded,) = [k["prefix"] for k in keys if k["role"] == "admin"]
+    audit = (await api.client.get("/v1/admin/audit", headers=admin)).text
+    assert f"admin:{seeded}" in audit
+    for shown in (json.dumps(keys), audit):
+        assert ADMIN_KEY[:6] not in shown
+
+    async def restart_with_stored_prefix(prefix: str) -> str:
+        """The prefix the seeded key has after a start of the control plane that found ``prefix`` stored."""
+        stored, key_hash = api.control.jet.kv["keys"], hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
+        record = ApiKey.model_validate_json((await stored.get(key_hash)).value or b"")
+        await stored.put(key_hash, record.model_copy(update={"prefix": prefix}).model_dump_json().encode())
+        async with ControlPlane(settings) as again:
+            (key,) = [k for k in await again.auth.list_keys() if k.role is Role.ADMIN]
+        return key.prefix
+
+    assert await restart_with_stored_prefix(seeded) == seeded
+    migrated = await restart_with_stored_prefix(ADMIN_KEY[:12])  # as an earlier version stored it
+    assert migrated != ADMIN_KEY[:12] and ADMIN_KEY[:6] not in migrated
