@@ -10,7 +10,7 @@ import re
 from nats.aio.msg import Msg
 
 from agent.aio import cancel_and_wait
-from agent.backends.base import FlagStore, Scope
+from agent.backends.base import FlagStore
 from agent.protocol import BROADCAST_SUBJECT, utcnow
 from control.backends import create_flags, create_registry, create_scheduler
 from control.backends.base import Registry, Scheduler
@@ -19,8 +19,9 @@ from control.natsauth import NatsAuth, NatsCredentials
 from control.natsio import Jet, connect
 from control.services.agents import AgentService
 from control.services.audit import AuditLog
-from control.services.auth import AuthService, IssuedKey, Principal
-from control.services.killswitch import KillswitchRequest, KillswitchService
+from control.services.auth import AuthService, IssuedKey
+from control.services.budget import BudgetHold, BudgetHolds, Clock, SystemClock
+from control.services.killswitch import KillswitchService
 from control.services.quotas import Quota, QuotaRecord, QuotaService
 from control.services.stats import StatsService
 from control.services.tasks import TaskService
@@ -49,11 +50,18 @@ class ControlPlane:
     """``async with ControlPlane(settings) as cp:`` connects, bootstraps and reconciles; stop() undoes it."""
 
     def __init__(
-        self, settings: Settings, scheduler: Scheduler | None = None, nats_auth: NatsAuth | None = None
+        self,
+        settings: Settings,
+        scheduler: Scheduler | None = None,
+        nats_auth: NatsAuth | None = None,
+        clock: Clock | None = None,
     ) -> None:
         """``scheduler`` replaces the one the settings name (tests hand in one pointed at an API double).
-        ``nats_auth`` is given when Caravan runs the NATS server itself: agents then get their own users."""
+        ``nats_auth`` is given when Caravan runs the NATS server itself: agents then get their own users.
+        ``clock`` tells when a token budget's day ends (tests hand in one they move by hand)."""
         self.settings = settings
+        self._clock: Clock = clock or SystemClock()
+        self._budget: BudgetHolds | None = None
         self.nats_auth = nats_auth
         self._scheduler: Scheduler | None = scheduler
         self._flags: FlagStore | None = None
@@ -195,6 +203,8 @@ class ControlPlane:
             Repo(jet.kv["agents"], Agent), jet.js, self._scheduler, self.settings, self._quotas, self.nats_auth
         )
         self._killswitch = KillswitchService(self._flags, self._registry, self._agents, self._auth, self._audit, jet.nc)
+        self._budget = BudgetHolds(Repo(jet.kv["system"], BudgetHold), self._killswitch, self._clock)
+        await self._budget.start()
         self._tasks = TaskService(
             Repo(jet.kv["tasks"], Task),
             jet.kv["transcripts"],
@@ -226,6 +236,8 @@ class ControlPlane:
             await self._tasks.stop_tracker()
         for task in list(self._background):
             await cancel_and_wait(task)
+        if self._budget is not None:
+            await self._budget.stop()
         if self._scheduler is not None:
             await self._scheduler.stop()
         for backend in (self._registry, self._flags):
@@ -235,15 +247,10 @@ class ControlPlane:
             await self._jet.close()
 
     async def _budget_exceeded(self, customer_id: str, total: int, budget: int) -> None:
-        """A customer went over their daily token budget: engage their killswitch (in the background, so that
-        the tracker is not held while agents acknowledge) and say why."""
-        request = KillswitchRequest(
-            scope=Scope.CUSTOMER,
-            customer_id=customer_id,
-            reason=f"daily token budget of {budget} tokens exceeded ({total} used today)",
-        )
-        system = Principal(Role.ADMIN, None, "system:token-budget")
-        task = asyncio.create_task(self.killswitch.apply(system, request))
+        """A customer went over their daily token budget: engage their killswitch until the day ends (in the
+        background, so that the tracker is not held while agents acknowledge) and say why and until when."""
+        assert self._budget is not None
+        task = asyncio.create_task(self._budget.engage(customer_id, total, budget))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -4,16 +4,23 @@ customer through the killswitch and says why."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import nats.js.errors
 import pytest
 
+from control.platform import ControlPlane
+from control.services.budget import BUDGET_ACTOR, BudgetHold, BudgetHolds
 from control.services.quotas import QuotaRecord
-from tests.conftest import Api
+from control.settings import Settings
+from control.store import Repo
+from tests.conftest import Api, serve_api
 from tests.gateway.test_agents_api import agent_body, wait_status
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
-from tests.support.helpers import assert_eventually
+from tests.support.helpers import ManualClock, assert_eventually
 
 
 async def set_quota(api: Api, customer_id: str, **quota: Any) -> dict[str, Any]:
@@ -107,6 +114,83 @@ async def test_a_token_budget_breach_engages_the_customers_killswitch_and_is_aud
         await api.client.get("/v1/admin/audit", params={"actor": "system:token-budget"}, headers=await api.admin())
     ).json()
     assert [(r["action"], r["customer_id"]) for r in audit] == [("killswitch.engage", customer_id)]
+
+
+BEFORE_MIDNIGHT = datetime(2030, 1, 1, 22, 0, tzinfo=UTC)
+MIDNIGHT = datetime(2030, 1, 2, tzinfo=UTC)
+
+
+@contextlib.asynccontextmanager
+async def api_at(settings: Settings, clock: ManualClock) -> AsyncIterator[Api]:
+    """The gateway over a control plane whose budget days end by ``clock``."""
+    async with ControlPlane(settings, clock=clock) as control, serve_api(control) as api:
+        yield api
+
+
+async def over_budget(api: Api) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """A customer whose first task went over their budget of 10 tokens a day, and their agent, halted."""
+    customer_id, headers = await api.new_customer()
+    await set_quota(api, customer_id, tokens_per_day=10)
+    agent = await running_agent(api, headers)
+    await finished(api, headers, await start_task(api, headers, agent["id"]))
+    await wait_status(api, headers, agent["id"], "killed")
+    holds = Repo(api.control.jet.kv["system"], BudgetHold)
+    await assert_eventually(lambda: holds.get(f"budget_hold.{customer_id}"), lambda hold: hold is not None)
+    return customer_id, headers, agent
+
+
+async def halts_of(api: Api, customer_id: str) -> list[dict[str, Any]]:
+    flags = (await api.client.get("/v1/admin/killswitch", headers=await api.admin())).json()
+    return [f for f in flags if f["scope"] == "customer" and f["target"] == customer_id]
+
+
+async def test_a_token_budgets_halt_says_when_it_lifts_and_lifts_when_the_day_ends(settings: Settings) -> None:
+    clock = ManualClock(BEFORE_MIDNIGHT)
+    async with api_at(settings, clock) as api:
+        customer_id, headers, agent = await over_budget(api)
+        await set_quota(api, customer_id, tokens_per_day=10_000)  # the quota's own check counts the real day
+        refused = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "x"}, headers=headers)
+        assert refused.status_code == 409
+        assert "lifts at 2030-01-02 00:00 UTC" in refused.json()["error"]["message"]
+        await clock.set(MIDNIGHT)
+        await assert_eventually(lambda: halts_of(api, customer_id), lambda halts: halts == [], what="released")
+        await wait_status(api, headers, agent["id"], "running")
+        assert (
+            await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "x"}, headers=headers)
+        ).status_code == 202
+        audit = (
+            await api.client.get("/v1/admin/audit", params={"actor": BUDGET_ACTOR}, headers=await api.admin())
+        ).json()
+        assert [r["action"] for r in audit] == ["killswitch.engage", "killswitch.release"]
+
+
+async def test_a_token_budgets_halt_lifts_after_a_restart_and_never_an_operators(settings: Settings) -> None:
+    async with api_at(settings, ManualClock(BEFORE_MIDNIGHT)) as api:
+        customer_id, _, _ = await over_budget(api)
+        other_id, _, _ = await over_budget(api)
+        operator = {"scope": "customer", "customer_id": other_id, "reason": "unpaid invoice", "wait_ms": 0}
+        response = await api.client.post("/v1/admin/killswitch", json=operator, headers=await api.admin())
+        assert response.status_code == 200, response.text
+    async with api_at(settings, ManualClock(MIDNIGHT)) as api:  # started again once the day is over
+        await assert_eventually(lambda: halts_of(api, customer_id), lambda halts: halts == [], what="released")
+        holds = Repo(api.control.jet.kv["system"], BudgetHold)
+        await assert_eventually(lambda: holds.list("budget_hold.*"), lambda kept: kept == [], what="holds done")
+        (halt,) = await halts_of(api, other_id)
+        assert halt["reason"] == "unpaid invoice"
+
+
+async def test_an_operators_halt_is_not_taken_over_by_the_budget(api: Api) -> None:
+    customer_id, _ = await api.new_customer()
+    operator = {"scope": "customer", "customer_id": customer_id, "reason": "unpaid invoice", "wait_ms": 0}
+    assert (await api.client.post("/v1/admin/killswitch", json=operator, headers=await api.admin())).status_code == 200
+    holds = BudgetHolds(
+        Repo(api.control.jet.kv["system"], BudgetHold), api.control.killswitch, ManualClock(BEFORE_MIDNIGHT)
+    )
+    await holds.engage(customer_id, 11, 10)  # tokens metered after the operator's halt, from a call in flight
+    await holds.stop()
+    (halt,) = await halts_of(api, customer_id)
+    assert halt["reason"] == "unpaid invoice" and halt["by"] != BUDGET_ACTOR
+    assert await Repo(api.control.jet.kv["system"], BudgetHold).list("budget_hold.*") == []
 
 
 async def test_reading_usage_writes_nothing_and_the_first_reservation_starts_from_the_default(api: Api) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -16,7 +17,7 @@ from fastapi import FastAPI
 from agent.protocol import EVENTS_STREAM
 from agent.wire import Wire
 
-__all__ = ["assert_eventually", "now", "serve_app", "small_events", "sse_events"]
+__all__ = ["ManualClock", "assert_eventually", "now", "serve_app", "small_events", "sse_events"]
 
 T = TypeVar("T")
 
@@ -33,6 +34,26 @@ async def assert_eventually(
         await asyncio.sleep(0.05)
         value = await probe()
     return value
+
+
+class ManualClock:
+    """A clock (control.services.budget.Clock) that moves only when a test sets it: no sleeps, no waiting days."""
+
+    def __init__(self, at: datetime) -> None:
+        self._now = at
+        self._moved = asyncio.Condition()
+
+    def now(self) -> datetime:
+        return self._now
+
+    async def sleep_until(self, when: datetime) -> None:
+        async with self._moved:
+            await self._moved.wait_for(lambda: self._now >= when)
+
+    async def set(self, at: datetime) -> None:
+        async with self._moved:
+            self._now = at
+            self._moved.notify_all()
 
 
 def now(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:

@@ -1,0 +1,164 @@
+"""The daily token budget's hold on a customer: engaged when they go over ``tokens_per_day``, released when that
+UTC day ends.
+
+The hold is a customer-scope killswitch engaged by ``system:token-budget``. Its release time is kept with the
+engagement's flag id in KV (bucket ``system``, key ``budget_hold.<customer id>``), so that a control plane
+started again releases it too, and releases only that engagement: a flag an operator engaged over it has
+another id and stays. One timer per hold sleeps until its release time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, time, timedelta
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from agent.aio import cancel_and_wait
+from agent.backends.base import Flag, FlagKey, Scope
+from control.errors import NotFound
+from control.models import Role
+from control.services.auth import Principal
+from control.services.killswitch import KillswitchRequest, KillswitchService
+from control.store import Repo
+
+__all__ = ["BUDGET_ACTOR", "BudgetHold", "BudgetHolds", "Clock", "SystemClock", "budget_day_end"]
+
+log = logging.getLogger("caravan.control.budget")
+
+BUDGET_ACTOR = "system:token-budget"
+"""Who engages and releases a budget's hold, in flags and the audit log."""
+_PRINCIPAL = Principal(Role.ADMIN, None, BUDGET_ACTOR)
+_KEY_PREFIX = "budget_hold."
+_RETRY = timedelta(seconds=30)
+
+
+class Clock(Protocol):
+    """The time a budget's day is read from (tests hand in one they move by hand)."""
+
+    def now(self) -> datetime:
+        """The current time, timezone-aware."""
+
+    async def sleep_until(self, when: datetime) -> None:
+        """Return once :meth:`now` has reached ``when``."""
+
+
+class SystemClock:
+    _MAX_NAP_S = 3600.0  # the wall clock may be set meanwhile: look again at least this often
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    async def sleep_until(self, when: datetime) -> None:
+        while True:
+            remaining = (when - self.now()).total_seconds()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(remaining, self._MAX_NAP_S))
+
+
+class BudgetHold(BaseModel):
+    customer_id: str
+    flag_id: str
+    lifts_at: datetime
+
+
+def budget_day_end(now: datetime) -> datetime:
+    """When the UTC day of ``now`` ends, and with it a budget's hold (``tokens_per_day`` counts per UTC day)."""
+    return datetime.combine(now.astimezone(UTC).date() + timedelta(days=1), time(), tzinfo=UTC)
+
+
+class BudgetHolds:
+    """``start()`` takes up the holds kept in KV (releasing those whose day is over); ``stop()`` cancels the
+    timers and leaves the holds to the next start."""
+
+    def __init__(self, repo: Repo[BudgetHold], killswitch: KillswitchService, clock: Clock) -> None:
+        self._repo = repo
+        self._killswitch = killswitch
+        self._clock = clock
+        self._timers: dict[str, asyncio.Task[None]] = {}
+
+    async def start(self) -> None:
+        held = {hold.customer_id: hold for hold in await self._repo.list(f"{_KEY_PREFIX}*")}
+        for flag in await self._killswitch.engaged():
+            if flag.scope is Scope.CUSTOMER and flag.by == BUDGET_ACTOR and flag.target and flag.target not in held:
+                held[flag.target] = await self._adopt(flag)  # engaged, then stopped before its hold was kept
+        for hold in held.values():
+            self._schedule(hold)
+
+    async def stop(self) -> None:
+        for timer in list(self._timers.values()):
+            await cancel_and_wait(timer)
+        self._timers.clear()
+
+    async def engage(self, customer_id: str, total: int, budget: int) -> None:
+        """Halt the customer until their budget's day ends, unless someone else's halt already holds them."""
+        current = await self._current(customer_id)
+        if current is not None and current.by != BUDGET_ACTOR:
+            log.info("customer %s is over their token budget and already halted by %s", customer_id, current.by)
+            return
+        lifts_at = budget_day_end(self._clock.now())
+        reason = (
+            f"daily token budget of {budget} tokens exceeded ({total} used today); "
+            f"lifts at {lifts_at:%Y-%m-%d %H:%M} UTC"
+        )
+        request = KillswitchRequest(scope=Scope.CUSTOMER, customer_id=customer_id, reason=reason)
+        result = await self._killswitch.apply(_PRINCIPAL, request)
+        assert result.flag_id is not None
+        hold = BudgetHold(customer_id=customer_id, flag_id=result.flag_id, lifts_at=lifts_at)
+        await self._repo.put(_KEY_PREFIX + customer_id, hold)
+        self._schedule(hold)
+
+    async def _adopt(self, flag: Flag) -> BudgetHold:
+        assert flag.target is not None
+        hold = BudgetHold(customer_id=flag.target, flag_id=flag.id, lifts_at=budget_day_end(flag.at))
+        await self._repo.put(_KEY_PREFIX + flag.target, hold)
+        return hold
+
+    async def _current(self, customer_id: str) -> Flag | None:
+        key = FlagKey(Scope.CUSTOMER, customer_id)
+        return next((f for f in await self._killswitch.engaged() if f.key == key), None)
+
+    def _schedule(self, hold: BudgetHold) -> None:
+        previous = self._timers.pop(hold.customer_id, None)
+        if previous is not None:
+            previous.cancel()
+        timer = asyncio.create_task(self._lift_when_due(hold), name=f"budget-hold-{hold.customer_id}")
+        self._timers[hold.customer_id] = timer
+        timer.add_done_callback(self._forget_timer)
+
+    def _forget_timer(self, timer: asyncio.Task[None]) -> None:
+        for customer_id, current in list(self._timers.items()):
+            if current is timer:
+                del self._timers[customer_id]
+
+    async def _lift_when_due(self, hold: BudgetHold) -> None:
+        due = hold.lifts_at
+        while True:
+            await self._clock.sleep_until(due)
+            try:
+                await self._lift(hold)
+                return
+            except Exception:  # the flag store or NATS away for a while: the hold stays, and is tried again
+                log.exception("could not release the token budget's hold on customer %s", hold.customer_id)
+                due = self._clock.now() + _RETRY
+
+    async def _lift(self, hold: BudgetHold) -> None:
+        """Release the hold's own engagement (not one engaged over it since), then forget the hold."""
+        current = await self._current(hold.customer_id)
+        if current is not None and current.id == hold.flag_id:
+            request = KillswitchRequest(
+                scope=Scope.CUSTOMER,
+                customer_id=hold.customer_id,
+                engaged=False,
+                reason=f"daily token budget renewed at {hold.lifts_at:%Y-%m-%d %H:%M} UTC",
+            )
+            try:
+                await self._killswitch.apply(_PRINCIPAL, request)
+            except NotFound:  # the customer was deleted meanwhile: nobody is left to release
+                log.info("customer %s is gone: their token budget's hold is forgotten", hold.customer_id)
+        stored = await self._repo.get(_KEY_PREFIX + hold.customer_id)
+        if stored is not None and stored.flag_id == hold.flag_id:
+            await self._repo.delete(_KEY_PREFIX + hold.customer_id)
