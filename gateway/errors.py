@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.errors import CaravanError
 
 __all__ = ["error_response", "install_error_handlers"]
+
+log = logging.getLogger("caravan.gateway")
 
 _CODES = {
     400: "bad_request",
@@ -40,6 +45,8 @@ def _field(loc: tuple[Any, ...]) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_middleware(_Unexpected)
+
     @app.exception_handler(CaravanError)
     async def _caravan(_: Request, exc: CaravanError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else getattr(exc, "headers", None)
@@ -65,3 +72,36 @@ def install_error_handlers(app: FastAPI) -> None:
             None,
             dict(exc.headers) if exc.headers else None,
         )
+
+
+class _Unexpected:
+    """Answers an error no handler knows with 500 in the error shape: a generic message and a request id, which the
+    traceback logged beside it carries too (what failed inside stays in the log). Once a response has started
+    (a stream), the error goes on to the server, which ends the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_tracked)
+        except Exception:
+            if started:
+                raise
+            request_id = uuid.uuid4().hex[:16]
+            log.exception("unexpected error answering %s %s (request %s)", scope["method"], scope["path"], request_id)
+            message = f"internal error: the operator can find it in the log by request id {request_id}"
+            response = error_response(
+                500, "internal", message, {"request_id": request_id}, {"X-Request-ID": request_id}
+            )
+            await response(scope, receive, send)

@@ -213,3 +213,21 @@ async def test_admin_routes_validate_input(api: Api) -> None:
     assert (await api.client.get("/v1/admin/audit", params={"action": "../x"}, headers=admin)).status_code == 422
     assert (await api.client.get("/v1/admin/customers/cu-000000000000", headers=admin)).status_code == 404
     assert (await api.client.post("/v1/admin/agents/ag-000000000000/stop", headers=admin)).status_code == 404
+
+
+async def test_an_unexpected_error_is_a_500_in_the_error_shape_with_a_request_id_for_the_log(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken() -> None:
+        raise RuntimeError("the secret internals at /var/lib/caravan")
+
+    monkeypatch.setattr(api.control.stats, "overview", broken)
+    response = await api.client.get("/v1/admin/stats", headers=await api.admin())
+    assert response.status_code == 500
+    error = response.json()["error"]
+    request_id = error["details"]["request_id"]
+    assert error["code"] == "internal" and request_id in error["message"]
+    assert response.headers["X-Request-ID"] == request_id
+    assert "secret" not in response.text and "RuntimeError" not in response.text
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert logged and logged[0].exc_info and "the secret internals" in str(logged[0].exc_info[1])
