@@ -13,7 +13,7 @@ from typing import Any, Literal
 import nats
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field
 
 from agent.protocol import utcnow
 from control.natsio import ensure_stream
@@ -39,8 +39,8 @@ class AuditQuery(BaseModel):
     actor: str | None = None
     action: str | None = None
     customer_id: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
+    since: AwareDatetime | None = None  # records are stamped in UTC: a time without a zone would be a guess
+    until: AwareDatetime | None = None
     limit: int = Field(default=100, ge=1, le=1000)
 
 

@@ -231,3 +231,16 @@ async def test_an_unexpected_error_is_a_500_in_the_error_shape_with_a_request_id
     assert "secret" not in response.text and "RuntimeError" not in response.text
     logged = [r for r in caplog.records if request_id in r.getMessage()]
     assert logged and logged[0].exc_info and "the secret internals" in str(logged[0].exc_info[1])
+
+
+@pytest.mark.parametrize("bound", ["since", "until"])
+async def test_audit_times_without_a_timezone_are_422_and_with_one_are_answered(api: Api, bound: str) -> None:
+    admin = await api.admin()
+    naive = await api.client.get("/v1/admin/audit", params={bound: "2024-01-01T00:00:00"}, headers=admin)
+    assert naive.status_code == 422, naive.text
+    error = naive.json()["error"]
+    assert error["code"] == "invalid" and bound in error["message"] and "timezone" in error["message"]
+    for aware in ("2024-01-01T00:00:00Z", "2024-01-01T02:00:00+02:00"):
+        answered = await api.client.get("/v1/admin/audit", params={bound: aware}, headers=admin)
+        assert answered.status_code == 200, answered.text
+        assert (answered.json() == []) is (bound == "until")  # everything was recorded after 2024
