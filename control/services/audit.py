@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any, Literal
 
@@ -16,9 +17,11 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageT
 from pydantic import AwareDatetime, BaseModel, Field
 
 from agent.protocol import utcnow
+from control.errors import CaravanError
 from control.natsio import ensure_stream
+from control.services.auth import Principal
 
-__all__ = ["AUDIT_STREAM", "AuditLog", "AuditQuery", "AuditRecord"]
+__all__ = ["AUDIT_STREAM", "AuditLog", "AuditQuery", "AuditRecord", "describe_error"]
 
 AUDIT_STREAM = "CARAVAN_AUDIT"
 
@@ -64,6 +67,43 @@ class AuditLog:
         await self._js.publish(subject, record.model_dump_json().encode(), headers={"Nats-Msg-Id": record.id})
         return record
 
+    @contextlib.asynccontextmanager
+    async def recorded(self, record: AuditRecord) -> AsyncIterator[AuditRecord]:
+        """Append ``record`` when the block ends: as the block left it if it returns, ``failed`` with the error if it
+        raises (the error goes on). The block completes the record (what it created, whom it turned out to concern)."""
+        try:
+            yield record
+        except Exception as exc:
+            record.result = "failed"
+            record.details["error"] = describe_error(exc)
+            await self.append(record)
+            raise
+        await self.append(record)
+
+    @contextlib.asynccontextmanager
+    async def admin_action(
+        self,
+        principal: Principal,
+        action: str,
+        customer_id: str | None = None,
+        target: str | None = None,
+        **details: Any,
+    ) -> AsyncIterator[AuditRecord]:
+        """:meth:`recorded` for what ``principal`` does, if an admin: a customer's own actions are not audited."""
+        record = AuditRecord(
+            actor=principal.subject,
+            role=principal.role.value,
+            action=action,
+            customer_id=customer_id,
+            target=target,
+            details=details,
+        )
+        if not principal.is_admin:
+            yield record
+            return
+        async with self.recorded(record):
+            yield record
+
     async def query(self, query: AuditQuery) -> list[AuditRecord]:
         """Records matching ``query``, oldest first, at most ``limit`` (the newest ``limit`` of the matches)."""
         config = ConsumerConfig(
@@ -92,6 +132,13 @@ class AuditLog:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
         return found[-query.limit :]
+
+
+def describe_error(exc: Exception) -> dict[str, str]:
+    """What went wrong, as the API said it; an unexpected error by its kind only (its text may hold internals)."""
+    if isinstance(exc, CaravanError):
+        return {"code": exc.code, "message": exc.message}
+    return {"code": "internal", "message": f"unexpected error ({type(exc).__name__})"}
 
 
 def _matches(record: AuditRecord, query: AuditQuery) -> bool:

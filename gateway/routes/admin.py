@@ -1,15 +1,13 @@
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 from pydantic import AwareDatetime
 
 from agent.backends.base import Flag
 from control.models import AgentStatus, CustomerCreate, Role
-from control.platform import ControlPlane
 from control.services.audit import AuditQuery, AuditRecord
-from control.services.auth import Principal
 from control.services.killswitch import KillswitchRequest, KillswitchResult
 from control.services.quotas import Quota, UsagePublic
 from control.services.stats import Stats
@@ -29,30 +27,13 @@ from gateway.schemas import (
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERROR_RESPONSES)
 
 
-async def _audit(
-    control: ControlPlane,
-    admin: Principal,
-    action: str,
-    customer_id: str | None = None,
-    target: str | None = None,
-    **details: Any,
-) -> None:
-    record = AuditRecord(
-        actor=admin.subject,
-        role=admin.role.value,
-        action=action,
-        customer_id=customer_id,
-        target=target,
-        details=details,
-    )
-    await control.audit.append(record)
-
-
 @router.post("/customers", response_model=CustomerCreated, status_code=status.HTTP_201_CREATED)
 async def create_customer(body: CustomerCreate, control: ControlDep, admin: AdminDep) -> CustomerCreated:
     """Create a tenant and its first API key (shown once)."""
-    customer, key = await control.auth.create_customer(body.name)
-    await _audit(control, admin, "customer.create", customer.id, customer.id, key=key.prefix)
+    async with control.audit.admin_action(admin, "customer.create") as record:
+        customer, key = await control.auth.create_customer(body.name)
+        record.customer_id = record.target = customer.id
+        record.details["key"] = key.prefix
     return CustomerCreated(**customer.model_dump(), api_key=key.api_key, api_key_prefix=key.prefix)
 
 
@@ -65,18 +46,19 @@ async def get_customer(customer_id: str, control: ControlDep, _: AdminDep) -> Cu
 @router.put("/customers/{customer_id}/quota", response_model=UsagePublic)
 async def set_quota(customer_id: str, body: Quota, control: ControlDep, admin: AdminDep) -> UsagePublic:
     """Replace the customer's quota. Admission is checked against it from now on; what already runs stays."""
-    customer = await control.auth.get_customer(customer_id)
-    usage = await control.quotas.set_quota(customer.id, body)
-    await _audit(control, admin, "quota.set", customer.id, customer.id, quota=body.model_dump())
+    async with control.audit.admin_action(admin, "quota.set", customer_id, customer_id, quota=body.model_dump()):
+        customer = await control.auth.get_customer(customer_id)
+        usage = await control.quotas.set_quota(customer.id, body)
     return usage
 
 
 @router.post("/customers/{customer_id}/keys", response_model=KeyCreated, status_code=status.HTTP_201_CREATED)
 async def create_key(customer_id: str, control: ControlDep, admin: AdminDep) -> KeyCreated:
     """Another API key for the customer (shown once)."""
-    customer = await control.auth.get_customer(customer_id)
-    key = await control.auth.issue_key(Role.CUSTOMER, customer.id)
-    await _audit(control, admin, "key.create", customer.id, key.prefix)
+    async with control.audit.admin_action(admin, "key.create", customer_id) as record:
+        customer = await control.auth.get_customer(customer_id)
+        key = await control.auth.issue_key(Role.CUSTOMER, customer.id)
+        record.target = key.prefix
     return KeyCreated(api_key=key.api_key, api_key_prefix=key.prefix)
 
 
@@ -90,8 +72,9 @@ async def list_keys(
 @router.delete("/keys/{prefix}", status_code=status.HTTP_204_NO_CONTENT)
 async def revoke_key(prefix: str, control: ControlDep, admin: AdminDep) -> Response:
     """Revoke an API key: it gets no more tokens, and tokens it already got stop working within seconds."""
-    key = await control.auth.revoke(prefix)
-    await _audit(control, admin, "key.revoke", key.customer_id, key.prefix)
+    async with control.audit.admin_action(admin, "key.revoke", target=prefix) as record:
+        key = await control.auth.revoke(prefix)
+        record.customer_id = key.customer_id
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -104,8 +87,9 @@ async def list_all_agents(control: ControlDep, _: AdminDep) -> list[AgentPublic]
 @router.post("/agents/{agent_id}/stop", response_model=AgentPublic)
 async def force_stop_agent(agent_id: str, control: ControlDep, admin: AdminDep) -> AgentPublic:
     """Stop any customer's agent (its job is stopped; the customer can start it again)."""
-    agent = await control.agents.stop(None, agent_id, reason=f"stopped by an administrator ({admin.subject})")
-    await _audit(control, admin, "agent.force_stop", agent.customer_id, agent.id)
+    async with control.audit.admin_action(admin, "agent.force_stop", target=agent_id) as record:
+        agent = await control.agents.stop(None, agent_id, reason=f"stopped by an administrator ({admin.subject})")
+        record.customer_id = agent.customer_id
     return AgentPublic(**agent.model_dump())
 
 
@@ -118,9 +102,10 @@ async def stats(control: ControlDep, _: AdminDep) -> Stats:
 @router.post("/broadcast", response_model=BroadcastResult, status_code=status.HTTP_202_ACCEPTED)
 async def broadcast(body: BroadcastRequest, control: ControlDep, admin: AdminDep) -> BroadcastResult:
     """Send a message to every agent (NATS `caravan.broadcast`); each agent acknowledges with a `broadcast` event."""
-    await control.broadcast(body.message, admin.subject)
-    running = [a for a in await control.agents.live() if a.status == AgentStatus.RUNNING]
-    await _audit(control, admin, "broadcast", None, "all", message=body.message, agents=len(running))
+    async with control.audit.admin_action(admin, "broadcast", None, "all", message=body.message) as record:
+        await control.broadcast(body.message, admin.subject)
+        running = [a for a in await control.agents.live() if a.status == AgentStatus.RUNNING]
+        record.details["agents"] = len(running)
     return BroadcastResult(agents_running=len(running))
 
 

@@ -25,8 +25,11 @@ async def create_agent(
 ) -> AgentPublic:
     """Define an agent and deploy its job. The agent becomes `running` once its process reports ready."""
     owner = target_customer(principal, customer_id)
-    await control.auth.get_customer(owner)
-    return _public(await control.agents.create(owner, body))
+    async with control.audit.admin_action(principal, "agent.create", owner, name=body.name) as record:
+        await control.auth.get_customer(owner)
+        agent = await control.agents.create(owner, body)
+        record.target = agent.id
+    return _public(agent)
 
 
 @router.get("", response_model=list[AgentPublic])
@@ -42,23 +45,35 @@ async def get_agent(agent_id: str, control: ControlDep, principal: PrincipalDep)
 @router.patch("/{agent_id}", response_model=AgentPublic)
 async def update_agent(agent_id: str, body: AgentUpdate, control: ControlDep, principal: PrincipalDep) -> AgentPublic:
     """Change the definition; rolls out a new job version."""
-    return _public(await control.agents.update(owner_scope(principal), agent_id, body))
+    fields = sorted(body.model_fields_set)  # names only: a model's settings may carry its API key
+    async with control.audit.admin_action(principal, "agent.update", target=agent_id, fields=fields) as record:
+        agent = await control.agents.update(owner_scope(principal), agent_id, body)
+        record.customer_id = agent.customer_id
+    return _public(agent)
 
 
 @router.delete("/{agent_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> Response:
-    await control.agents.delete(owner_scope(principal), agent_id)
+    async with control.audit.admin_action(principal, "agent.delete", target=agent_id) as record:
+        record.customer_id = (await control.agents.get(owner_scope(principal), agent_id)).customer_id
+        await control.agents.delete(owner_scope(principal), agent_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{agent_id}/stop", response_model=AgentPublic)
 async def stop_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> AgentPublic:
-    return _public(await control.agents.stop(owner_scope(principal), agent_id))
+    async with control.audit.admin_action(principal, "agent.stop", target=agent_id) as record:
+        agent = await control.agents.stop(owner_scope(principal), agent_id)
+        record.customer_id = agent.customer_id
+    return _public(agent)
 
 
 @router.post("/{agent_id}/start", response_model=AgentPublic)
 async def start_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> AgentPublic:
-    return _public(await control.agents.start(owner_scope(principal), agent_id))
+    async with control.audit.admin_action(principal, "agent.start", target=agent_id) as record:
+        agent = await control.agents.start(owner_scope(principal), agent_id)
+        record.customer_id = agent.customer_id
+    return _public(agent)
 
 
 @router.get("/{agent_id}/job")

@@ -65,13 +65,19 @@ async def get_task(task_id: str, control: ControlDep, principal: PrincipalDep) -
 @router.post("/{task_id}/cancel", response_model=TaskPublic, status_code=status.HTTP_202_ACCEPTED)
 async def cancel_task(task_id: str, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
     """Ask for the task to stop; it ends `cancelled` (watch the events)."""
-    return _public(await control.tasks.cancel(owner_scope(principal), task_id))
+    async with control.audit.admin_action(principal, "task.cancel", target=task_id) as record:
+        task = await control.tasks.cancel(owner_scope(principal), task_id)
+        record.customer_id = task.customer_id
+    return _public(task)
 
 
 @router.post("/{task_id}/input", response_model=TaskPublic, status_code=status.HTTP_202_ACCEPTED)
 async def task_input(task_id: str, body: TeamInput, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
     """Answer a team that asked (status `awaiting_input`); the team goes on from where it stopped."""
-    return _public(await control.tasks.input(owner_scope(principal), task_id, body.content))
+    async with control.audit.admin_action(principal, "task.input", target=task_id) as record:
+        task = await control.tasks.input(owner_scope(principal), task_id, body.content)
+        record.customer_id = task.customer_id
+    return _public(task)
 
 
 @router.get(

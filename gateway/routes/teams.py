@@ -24,8 +24,11 @@ async def create_team(
 ) -> TeamPublic:
     """Define a team of your agents. Start tasks on it with `POST /v1/tasks` and `team_id`."""
     owner = target_customer(principal, customer_id)
-    await control.auth.get_customer(owner)
-    return _public(await control.teams.create(owner, body))
+    async with control.audit.admin_action(principal, "team.create", owner, name=body.name) as record:
+        await control.auth.get_customer(owner)
+        team = await control.teams.create(owner, body)
+        record.target = team.id
+    return _public(team)
 
 
 @router.get("", response_model=list[TeamPublic])
@@ -41,5 +44,7 @@ async def get_team(team_id: str, control: ControlDep, principal: PrincipalDep) -
 @router.delete("/{team_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_team(team_id: str, control: ControlDep, principal: PrincipalDep) -> Response:
     """Delete a team with no unfinished tasks (its agents stay)."""
-    await control.teams.delete(owner_scope(principal), team_id)
+    async with control.audit.admin_action(principal, "team.delete", target=team_id) as record:
+        record.customer_id = (await control.teams.get(owner_scope(principal), team_id)).customer_id
+        await control.teams.delete(owner_scope(principal), team_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -14,6 +14,7 @@ from nats.js.errors import Error as JetStreamError
 from control.services.audit import AUDIT_STREAM
 from gateway.app import create_app
 from tests.conftest import Api
+from tests.gateway.test_agents_api import agent_body
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
 from tests.support.helpers import assert_eventually, serve_app
 
@@ -244,3 +245,75 @@ async def test_audit_times_without_a_timezone_are_422_and_with_one_are_answered(
         answered = await api.client.get("/v1/admin/audit", params={bound: aware}, headers=admin)
         assert answered.status_code == 200, answered.text
         assert (answered.json() == []) is (bound == "until")  # everything was recorded after 2024
+
+
+async def audit(api: Api, **params: Any) -> list[dict[str, Any]]:
+    response = await api.client.get("/v1/admin/audit", params={"limit": 1000, **params}, headers=await api.admin())
+    assert response.status_code == 200, response.text
+    return list(response.json())
+
+
+async def test_what_admins_do_on_the_customer_routes_is_audited_and_what_customers_do_is_not(api: Api) -> None:
+    customer_id, customer = await api.new_customer()
+    admin = await api.admin()
+    own = await api.client.post("/v1/agents", json=agent_body(name="own"), headers=customer)
+    assert own.status_code == 201, own.text
+    made = await api.client.post("/v1/agents", params={"customer_id": customer_id}, json=agent_body(), headers=admin)
+    assert made.status_code == 201, made.text
+    agent_id = made.json()["id"]
+    for method, path, body in [
+        ("PATCH", f"/v1/agents/{agent_id}", {"replicas": 2}),
+        ("POST", f"/v1/agents/{agent_id}/stop", None),
+        ("POST", f"/v1/agents/{agent_id}/start", None),
+    ]:
+        response = await api.client.request(method, path, json=body, headers=admin)
+        assert response.status_code == 200, response.text
+    team = {"name": "solo", "members": [agent_id], "mode": "round_robin", "termination": {"max_messages": 2}}
+    made_team = await api.client.post("/v1/teams", params={"customer_id": customer_id}, json=team, headers=admin)
+    assert made_team.status_code == 201, made_team.text
+    team_id = made_team.json()["id"]
+    assert (await api.client.delete(f"/v1/teams/{team_id}", headers=admin)).status_code == 204
+    assert (await api.client.delete(f"/v1/agents/{agent_id}", headers=admin)).status_code == 204
+    task_id = await start_task(api, customer, own.json()["id"], "wait for it")
+    assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=admin)).status_code == 202
+    assert (await api.client.post(f"/v1/agents/{own.json()['id']}/stop", headers=customer)).status_code == 200
+
+    kinds = ("agent", "team", "task")
+    records = [r for r in await audit(api, customer_id=customer_id) if r["action"].split(".")[0] in kinds]
+    assert [(r["action"], r["target"], r["result"]) for r in records] == [
+        ("agent.create", agent_id, "ok"),
+        ("agent.update", agent_id, "ok"),
+        ("agent.stop", agent_id, "ok"),
+        ("agent.start", agent_id, "ok"),
+        ("team.create", team_id, "ok"),
+        ("team.delete", team_id, "ok"),
+        ("agent.delete", agent_id, "ok"),
+        ("task.cancel", task_id, "ok"),
+    ]
+    assert {r["actor"] for r in records} == {records[0]["actor"]} and records[0]["role"] == "admin"
+    assert records[1]["details"] == {"fields": ["replicas"]}
+
+
+async def test_failed_admin_actions_are_audited_with_the_error(api: Api) -> None:
+    admin = await api.admin()
+    missing_agent, missing_customer = "ag-000000000000", "cu-000000000000"
+    for method, path, body, params in [
+        ("PATCH", f"/v1/agents/{missing_agent}", {"replicas": 2}, None),
+        ("POST", f"/v1/admin/agents/{missing_agent}/stop", None, None),
+        ("PUT", f"/v1/admin/customers/{missing_customer}/quota", {"max_agents": 1}, None),
+        ("DELETE", "/v1/admin/keys/cvn_nothere", None, None),
+        ("POST", "/v1/agents", agent_body(), {"customer_id": missing_customer}),
+    ]:
+        response = await api.client.request(method, path, json=body, params=params, headers=admin)
+        assert response.status_code == 404, (path, response.text)
+    failed = [r for r in await audit(api) if r["result"] == "failed"]
+    assert [(r["action"], r["target"] or r["customer_id"]) for r in failed] == [
+        ("agent.update", missing_agent),
+        ("agent.force_stop", missing_agent),
+        ("quota.set", missing_customer),
+        ("key.revoke", "cvn_nothere"),
+        ("agent.create", missing_customer),
+    ]
+    assert all(r["details"]["error"]["code"] == "not_found" for r in failed)
+    assert "not found" in failed[0]["details"]["error"]["message"]
+    assert (await api.client.get("/v1/admin/agents", headers=admin)).json() == []  # nothing half-made
