@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections import defaultdict
-from typing import Annotated, Any
+from typing import Annotated
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -17,13 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from agent.backends.base import Flag, FlagKey, FlagStore, Scope
 from agent.protocol import AgentEventKind, Event
 from control.backends.base import Registry
-from control.errors import Conflict, Invalid
+from control.errors import CaravanError, Conflict, Invalid
 from control.models import Agent, AgentRef, AgentStatus
 from control.services.agents import AgentService
-from control.services.audit import AuditLog, AuditRecord
+from control.services.audit import AuditLog, AuditRecord, describe_error
 from control.services.auth import AuthService, Principal
 
-__all__ = ["KillswitchRequest", "KillswitchResult", "KillswitchService"]
+__all__ = ["JobsNotStopped", "KillswitchRequest", "KillswitchResult", "KillswitchService"]
+
+log = logging.getLogger("caravan.killswitch")
 
 Reason = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
 
@@ -66,7 +69,21 @@ class KillswitchResult(BaseModel):
     acknowledged: int
     unacknowledged: list[str]
     stopped: list[str] = Field(default_factory=list, description="Agents whose jobs were stopped (hard).")
+    not_stopped: dict[str, str] = Field(
+        default_factory=dict, description="Agents whose jobs could not be stopped (hard), with why."
+    )
     elapsed_ms: float = Field(description="From writing the flag to the last acknowledgement (or the deadline).")
+
+
+_RECORDED = {"flag_id", "covered", "acknowledged", "unacknowledged", "stopped", "not_stopped"}
+
+
+class JobsNotStopped(CaravanError):
+    """A hard engagement is in force, but some of the covered agents' jobs could not be stopped: ``details`` is
+    the :class:`KillswitchResult`, ``not_stopped`` naming them with why."""
+
+    status = 502
+    code = "jobs_not_stopped"
 
 
 def covers(key: FlagKey, agent: Agent | AgentRef) -> bool:
@@ -107,7 +124,40 @@ class KillswitchService:
             raise Conflict(f"killswitch engaged ({flag.scope.value}): {flag.reason or 'no reason given'}")
 
     async def apply(self, principal: Principal, request: KillswitchRequest) -> KillswitchResult:
-        key = await self._validated_key(request)
+        """Engage or release, wait for the acknowledgements, and with ``hard`` stop the covered agents' jobs.
+
+        Audited whatever happens, a failure with its error. A job that cannot be stopped does not keep the others
+        from being stopped: the engagement is recorded and published all the same, then :class:`JobsNotStopped`
+        says which jobs still run."""
+        key = request.key
+        record = AuditRecord(
+            actor=principal.subject,
+            role=principal.role.value,
+            action="killswitch.engage" if request.engaged else "killswitch.release",
+            customer_id=request.customer_id,
+            target=key.target or "all",
+            details={"scope": key.scope.value, "target": key.target, "reason": request.reason, "hard": request.hard},
+        )
+        async with self._audit.recorded(record):
+            record.customer_id = await self._validated_customer(request)
+            result = await self._switch(principal, request, record)
+            record.details.update(result.model_dump(mode="json", include=_RECORDED))
+            failure = _not_stopped(result) if result.not_stopped else None
+            if failure is not None:
+                record.result = "failed"
+                record.details["error"] = {"code": failure.code, "message": failure.message}
+            event = Event(
+                kind="killswitch",
+                customer_id=record.customer_id or "platform",
+                data={**record.details, "by": principal.subject, "engaged": request.engaged},
+            )
+            await self._nc.jetstream().publish("caravan.events.platform.killswitch", event.model_dump_json().encode())
+        if failure is not None:
+            raise failure
+        return result
+
+    async def _switch(self, principal: Principal, request: KillswitchRequest, record: AuditRecord) -> KillswitchResult:
+        key = request.key
         if request.engaged:
             flag_id: str | None = uuid.uuid4().hex
         else:  # acknowledgements of a release name what is still engaged: the released flag must not be there
@@ -150,6 +200,7 @@ class KillswitchService:
             else:
                 started = time.perf_counter()
                 await self._flags.delete(key)
+            record.details["flag_id"] = flag_id  # written: a failure from here on leaves it so, and says which
             covered = [a for a in await self._agents.live() if covers(key, a)]
             expected = await self._expected_instances(covered)
             if covered and not complete():
@@ -162,13 +213,21 @@ class KillswitchService:
             a for a, instances in expected.items() if not (acked[a] >= instances if instances else acked[a])
         )
         stopped: list[str] = []
+        not_stopped: dict[str, str] = {}
         if request.engaged and request.hard:
             for agent in covered:
-                await self._agents.stop(
-                    None, agent.id, status=AgentStatus.KILLED, reason=f"killswitch: {request.reason}"
-                )
+                try:
+                    await self._agents.stop(
+                        None, agent.id, status=AgentStatus.KILLED, reason=f"killswitch: {request.reason}"
+                    )
+                except Exception as exc:  # the others are stopped all the same; the answer names this one
+                    error = describe_error(exc)
+                    if error["code"] == "internal":
+                        log.exception("killswitch: the job of agent %s could not be stopped", agent.id)
+                    not_stopped[agent.id] = error["message"]
+                    continue
                 stopped.append(agent.id)
-        result = KillswitchResult(
+        return KillswitchResult(
             engaged=request.engaged,
             scope=key.scope,
             target=key.target,
@@ -177,21 +236,22 @@ class KillswitchService:
             acknowledged=len(covered) - len(missing),
             unacknowledged=missing,
             stopped=stopped,
+            not_stopped=not_stopped,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
-        await self._record(principal, request, result)
-        return result
 
-    async def _validated_key(self, request: KillswitchRequest) -> FlagKey:
+    async def _validated_customer(self, request: KillswitchRequest) -> str | None:
+        """The customer whose agents the request covers (None for all), once the target is known to exist."""
         if request.scope is Scope.CUSTOMER:
             assert request.customer_id is not None
-            await self._auth.get_customer(request.customer_id)
+            return (await self._auth.get_customer(request.customer_id)).id
         if request.scope is Scope.AGENT:
             assert request.agent_id is not None
             agent = await self._agents.get(None, request.agent_id)
             if request.customer_id and request.customer_id != agent.customer_id:
                 raise Invalid(f"agent {agent.id} does not belong to customer {request.customer_id}")
-        return request.key
+            return agent.customer_id
+        return None
 
     async def _expected_instances(self, covered: list[AgentRef]) -> dict[str, set[str]]:
         """Each covered agent's instances that discovery knows as passing: all of them must acknowledge."""
@@ -203,32 +263,13 @@ class KillswitchService:
                     expected[agent_id].add(instance.id)
         return expected
 
-    async def _record(self, principal: Principal, request: KillswitchRequest, result: KillswitchResult) -> None:
-        details: dict[str, Any] = {
-            "scope": result.scope.value,
-            "target": result.target,
-            "reason": request.reason,
-            "hard": request.hard,
-            "flag_id": result.flag_id,
-            "covered": result.covered,
-            "acknowledged": result.acknowledged,
-            "unacknowledged": result.unacknowledged,
-            "stopped": result.stopped,
-        }
-        action = "killswitch.engage" if request.engaged else "killswitch.release"
-        customer = request.customer_id if request.scope is not Scope.ALL else None
-        record = AuditRecord(
-            actor=principal.subject,
-            role=principal.role.value,
-            action=action,
-            customer_id=customer,
-            target=result.target or "all",
-            details=details,
-        )
-        event = Event(
-            kind="killswitch",
-            customer_id=customer or "platform",
-            data={**details, "by": principal.subject, "engaged": request.engaged},
-        )
-        published = self._nc.jetstream().publish("caravan.events.platform.killswitch", event.model_dump_json().encode())
-        await asyncio.gather(self._audit.append(record), published)  # both stored before the answer
+
+def _not_stopped(result: KillswitchResult) -> JobsNotStopped:
+    named = "; ".join(f"{agent}: {why}" for agent, why in list(result.not_stopped.items())[:5])
+    more = f" (and {len(result.not_stopped) - 5} more)" if len(result.not_stopped) > 5 else ""
+    where = f"{result.scope.value} {result.target}" if result.target else result.scope.value
+    message = (
+        f"killswitch engaged ({where}), but {len(result.not_stopped)} of {result.covered} jobs could not be "
+        f"stopped: {named}{more}"
+    )
+    return JobsNotStopped(message, result.model_dump(mode="json"))

@@ -20,6 +20,7 @@ from gateway.schemas import (
     CustomerCreated,
     CustomerDetail,
     CustomerPublic,
+    ErrorResponse,
     KeyCreated,
     KeyPublic,
 )
@@ -114,13 +115,21 @@ async def list_customers(control: ControlDep, _: AdminDep) -> list[CustomerPubli
     return [CustomerPublic(**c.model_dump()) for c in await control.auth.list_customers()]
 
 
-@router.post("/killswitch", response_model=KillswitchResult)
+_NOT_STOPPED = "Engaged, but some jobs could not be stopped (`hard`): `details` is the result, `not_stopped` names them"
+
+
+@router.post(
+    "/killswitch",
+    response_model=KillswitchResult,
+    responses={502: {"model": ErrorResponse, "description": _NOT_STOPPED}},
+)
 async def set_killswitch(body: KillswitchRequest, control: ControlDep, admin: AdminDep) -> KillswitchResult:
     """Engage or release the killswitch for every agent, one customer's agents, or one agent.
 
     Waits up to `wait_ms` for the covered agents to acknowledge and says which did not; with `hard`, also
-    stops their jobs. Flags are durable: an agent that starts under an engaged flag starts halted."""
-    return await control.killswitch.apply(admin, body)  # audited by the killswitch itself
+    stops their jobs (a job that cannot be stopped: 502, the flag engaged all the same). Flags are durable: an
+    agent that starts under an engaged flag starts halted."""
+    return await control.killswitch.apply(admin, body)  # audited by the killswitch itself, failures too
 
 
 @router.get("/killswitch", response_model=list[Flag])

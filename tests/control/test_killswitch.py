@@ -8,10 +8,11 @@ from typing import Any
 import httpx
 import pytest
 
+from control.backends.base import SchedulerError
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from tests.conftest import Api, make_settings, serve_api
-from tests.gateway.test_agents_api import wait_status
+from tests.gateway.test_agents_api import agent_body, wait_status
 from tests.gateway.test_tasks_api import running_agent, start_task
 from tests.support.consul_double import ConsulDouble
 from tests.support.helpers import assert_eventually
@@ -118,6 +119,53 @@ async def test_hard_stops_the_jobs(api: Api, fleet: dict[str, Any]) -> None:
     assert agent["status"] == "killed"
 
 
+async def test_hard_with_a_job_that_cannot_be_stopped_stops_the_rest_and_says_the_flag_is_engaged(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    customer_id, headers = await api.new_customer()
+    stuck, fine = [await running_agent(api, headers, name=name) for name in ("stuck", "fine")]
+    scheduler = api.control.scheduler
+    stop_job = scheduler.stop_job
+
+    async def failing(namespace: str, job_id: str) -> None:
+        if job_id == stuck["job_id"]:
+            raise SchedulerError("the scheduler is unreachable")
+        await stop_job(namespace, job_id)
+
+    monkeypatch.setattr(scheduler, "stop_job", failing)
+    admin = await api.admin()
+    body = {"scope": "customer", "customer_id": customer_id, "reason": "abuse", "hard": True}
+    response = await api.client.post("/v1/admin/killswitch", json=body, headers=admin)
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert error["code"] == "jobs_not_stopped"
+    assert "killswitch engaged" in error["message"] and "1 of 2 jobs could not be stopped" in error["message"]
+    assert stuck["id"] in error["message"]
+    assert error["details"]["stopped"] == [fine["id"]] and list(error["details"]["not_stopped"]) == [stuck["id"]]
+    engaged = (await api.client.get("/v1/admin/killswitch", headers=admin)).json()
+    assert [(f["scope"], f["target"]) for f in engaged] == [("customer", customer_id)]
+    status = await scheduler.job_status(fine["namespace"], fine["job_id"])
+    assert status is not None and set(status.allocs.values()) == {"stopped"}
+    (record,) = (await api.client.get("/v1/admin/audit?action=killswitch.engage", headers=admin)).json()
+    assert (record["result"], record["customer_id"]) == ("failed", customer_id)
+    assert record["details"]["flag_id"] == engaged[0]["id"] and record["details"]["stopped"] == [fine["id"]]
+    assert list(record["details"]["not_stopped"]) == [stuck["id"]]
+    assert record["details"]["error"]["message"] == error["message"]
+
+
+async def test_an_agent_scope_engagement_is_audited_under_the_agents_customer(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    made = await api.client.post("/v1/agents", json=agent_body(), headers=headers)
+    assert made.status_code == 201, made.text
+    agent_id = made.json()["id"]
+    await killswitch(api, scope="agent", agent_id=agent_id, reason="quarantine", wait_ms=0)
+    await killswitch(api, scope="agent", agent_id=agent_id, engaged=False, wait_ms=0)
+    params = {"customer_id": customer_id}
+    records = (await api.client.get("/v1/admin/audit", params=params, headers=await api.admin())).json()
+    killswitch_records = [(r["action"], r["target"]) for r in records if r["action"].startswith("killswitch.")]
+    assert killswitch_records == [("killswitch.engage", agent_id), ("killswitch.release", agent_id)]
+
+
 async def test_an_agent_restarted_under_an_engaged_flag_stays_halted(api: Api) -> None:
     _, headers = await api.new_customer()
     agent = await running_agent(api, headers)
@@ -159,6 +207,11 @@ async def test_unknown_targets_are_404_and_customers_cannot_use_the_killswitch(a
     assert (await api.client.post("/v1/admin/killswitch", json={"scope": "all"}, headers=customer)).status_code == 403
     assert (await api.client.get("/v1/admin/killswitch", headers=customer)).status_code == 403
     assert (await api.client.get("/v1/admin/killswitch", headers=admin)).json() == []
+    failed = (await api.client.get("/v1/admin/audit?action=killswitch.engage", headers=admin)).json()
+    assert [(r["result"], r["target"], r["details"]["error"]["code"]) for r in failed] == [
+        ("failed", "cu-000000000000", "not_found"),
+        ("failed", "ag-000000000000", "not_found"),
+    ]
 
 
 async def test_with_consul_a_flag_put_by_hand_halts_and_an_outage_fails_safe(tmp_path: Path) -> None:
