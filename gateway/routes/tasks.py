@@ -6,12 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, WebSocket, WebSocketDisconnect, status
 from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 
 from control.errors import CaravanError, Invalid
 from control.models import Task, TaskCreate, TaskStatus
 from control.services.tasks import StreamedEvent
 from control.teams.models import TeamInput
-from gateway.deps import ControlDep, PrincipalDep, owner_scope
+from gateway.deps import ControlDep, PrincipalDep, get_principal, owner_scope
 from gateway.schemas import ERROR_RESPONSES, TaskPublic
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
@@ -119,13 +120,12 @@ async def task_ws(
     """The same events as JSON frames. Authenticate with `Authorization: Bearer` or `?token=`; resume with `?after=`."""
     header = websocket.headers.get("authorization", "")
     bearer = header[7:] if header.lower().startswith("bearer ") else token
-    try:
-        if not bearer:
-            raise CaravanError("missing bearer token")
-        principal = await control.auth.verify(bearer)
+    credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=bearer) if bearer else None
+    try:  # as every HTTP route: refusals audited and counted against the address, callers held to their rate
+        principal = await get_principal(websocket, control, credentials)
         task = await control.tasks.get(owner_scope(principal), task_id)
     except CaravanError as exc:
-        await websocket.close(code=4401 if exc.status == 401 else 4404, reason=exc.message[:100])
+        await websocket.close(code=4000 + exc.status, reason=exc.message[:100])
         return
     await websocket.accept()
     try:

@@ -7,12 +7,16 @@ import hashlib
 import json
 import time
 
+import httpx
 import jwt
 
 from control.models import ApiKey, Role
 from control.platform import ControlPlane
 from control.settings import Settings
+from gateway.app import create_app
 from tests.conftest import ADMIN_KEY, Api
+from tests.gateway.test_tasks_api import assert_ws_refused
+from tests.support.helpers import serve_app
 
 
 async def test_api_key_exchange_and_roles(api: Api) -> None:
@@ -84,3 +88,17 @@ async def test_a_chosen_admin_keys_prefix_shows_none_of_it_and_survives_a_restar
     assert await restart_with_stored_prefix(seeded) == seeded
     migrated = await restart_with_stored_prefix(ADMIN_KEY[:12])  # as an earlier version stored it
     assert migrated != ADMIN_KEY[:12] and ADMIN_KEY[:6] not in migrated
+
+
+async def test_the_websocket_refuses_as_every_route_does_audited_and_counted_against_the_address(api: Api) -> None:
+    strict = api.control.settings.model_copy(update={"rate_limit_scale": 0.25})  # failures: burst 5, 1 per 4 s
+    path = "/v1/tasks/tk-000000000000/ws"
+    async with serve_app(create_app(strict, api.control)) as base, httpx.AsyncClient(base_url=base) as client:
+        url = base.replace("http", "ws") + path
+        for attempt in (url, f"{url}?token=forged", f"{url}?token=garbage", url, f"{url}?token=x"):
+            await assert_ws_refused(attempt)
+        throttled = await client.get("/v1/agents", headers={"Authorization": "Bearer forged"})
+        assert throttled.status_code == 429 and throttled.json()["error"]["code"] == "rate_limited"
+    response = await api.client.get("/v1/admin/audit", params={"action": "auth.denied"}, headers=await api.admin())
+    denied = [r for r in response.json() if r["details"]["path"] == path]
+    assert [r["result"] for r in denied] == ["denied"] * 5
