@@ -13,7 +13,7 @@ from control.metrics import Metrics
 from control.platform import ControlPlane
 from control.settings import Settings
 from gateway.errors import error_response, install_error_handlers
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import RateLimiter, Tiers
 from gateway.routes import admin, agents, auth, health, tasks, teams, usage
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
@@ -43,6 +43,7 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
     if control is not None:
         app.state.control = control
     app.state.limiter = RateLimiter(scale=settings.rate_limit_scale)
+    app.state.tiers = Tiers()
     install_error_handlers(app)
 
     @app.middleware("http")

@@ -12,7 +12,7 @@ from control.errors import Forbidden, Invalid, Unauthorized
 from control.platform import ControlPlane
 from control.services.audit import AuditRecord
 from control.services.auth import Principal
-from gateway.ratelimit import FAILED_AUTH, RateLimited, RateLimiter
+from gateway.ratelimit import FAILED_AUTH, RateLimited, RateLimiter, Tiers
 
 __all__ = ["AdminDep", "ControlDep", "PrincipalDep", "check_failures", "owner_scope", "target_customer"]
 
@@ -43,7 +43,11 @@ async def get_principal(
         check_failures(request)
         await audit_denied(control, request, "auth.denied", "anonymous", exc.message)
         raise
-    limiter.check(principal.key_prefix or principal.subject, principal.tier)
+    tier = principal.tier
+    if principal.customer_id is not None:  # the tier now, not the one the token was issued with
+        tiers: Tiers = request.app.state.tiers
+        tier = await tiers.of(principal.customer_id, control.quotas.tier)
+    limiter.check(principal.key_prefix or principal.subject, tier)
     return principal
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from control.errors import CaravanError
 
-__all__ = ["FAILED_AUTH", "TIERS", "RateLimited", "RateLimiter"]
+__all__ = ["FAILED_AUTH", "TIERS", "RateLimited", "RateLimiter", "Tiers"]
 
 FAILED_AUTH = "failed-auth"
 """The bucket of failed authentications per client address: once it is empty, the client's attempts are refused
@@ -64,3 +65,26 @@ class RateLimiter:
             self._buckets[caller] = (tokens - 1, now)
         if len(self._buckets) > 100_000:  # forget idle callers rather than grow without bound
             self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
+
+
+class Tiers:
+    """Each customer's tier as their quota says now, not as it was when their token was issued (a token lives an
+    hour): read again once it is ``ttl_s`` old, so a change of tier reaches every gateway replica within that, and
+    the replica that made it at once (:meth:`forget`)."""
+
+    def __init__(self, ttl_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._known: dict[str, tuple[str, float]] = {}
+
+    async def of(self, customer_id: str, read: Callable[[str], Awaitable[str]]) -> str:
+        now = self._clock()
+        known = self._known.get(customer_id)
+        if known is not None and now - known[1] < self._ttl_s:
+            return known[0]
+        tier = await read(customer_id)
+        self._known[customer_id] = (tier, now)
+        return tier
+
+    def forget(self, customer_id: str) -> None:
+        self._known.pop(customer_id, None)

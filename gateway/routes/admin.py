@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from pydantic import AwareDatetime
 
 from agent.backends.base import Flag
@@ -12,6 +12,7 @@ from control.services.killswitch import KillswitchRequest, KillswitchResult
 from control.services.quotas import Quota, UsagePublic
 from control.services.stats import Stats
 from gateway.deps import AdminDep, ControlDep
+from gateway.ratelimit import Tiers
 from gateway.schemas import (
     ERROR_RESPONSES,
     AgentPublic,
@@ -45,11 +46,16 @@ async def get_customer(customer_id: str, control: ControlDep, _: AdminDep) -> Cu
 
 
 @router.put("/customers/{customer_id}/quota", response_model=UsagePublic)
-async def set_quota(customer_id: str, body: Quota, control: ControlDep, admin: AdminDep) -> UsagePublic:
-    """Replace the customer's quota. Admission is checked against it from now on; what already runs stays."""
+async def set_quota(
+    customer_id: str, body: Quota, request: Request, control: ControlDep, admin: AdminDep
+) -> UsagePublic:
+    """Replace the customer's quota. Admission is checked against it from now on, and its tier rates their next
+    request (within seconds on other gateway replicas); what already runs stays."""
     async with control.audit.admin_action(admin, "quota.set", customer_id, customer_id, quota=body.model_dump()):
         customer = await control.auth.get_customer(customer_id)
         usage = await control.quotas.set_quota(customer.id, body)
+    tiers: Tiers = request.app.state.tiers
+    tiers.forget(customer.id)
     return usage
 
 

@@ -13,6 +13,7 @@ from nats.js.errors import Error as JetStreamError
 
 from control.services.audit import AUDIT_STREAM
 from gateway.app import create_app
+from gateway.ratelimit import Tiers
 from tests.conftest import Api
 from tests.gateway.test_agents_api import agent_body
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
@@ -151,6 +152,33 @@ async def test_rate_limits_answer_429_with_retry_after(api: Api) -> None:
         assert int(limited.headers["Retry-After"]) >= 1
         admin = await api.admin()  # a bucket of its own: the customer's exhausted one does not hold it back
         assert [(await client.get("/v1/admin/stats", headers=admin)).status_code for _ in range(3)] == [200] * 3
+
+
+async def test_a_new_tier_rates_the_customers_next_request_not_their_next_login(api: Api) -> None:
+    customer_id, headers = await api.new_customer()  # their token says the tier they had: standard
+    strict = api.control.settings.model_copy(update={"rate_limit_scale": 0.05})  # standard: burst 3, free: burst 1
+    async with serve_app(create_app(strict, api.control)) as base, httpx.AsyncClient(base_url=base) as client:
+        assert (await client.get("/v1/agents", headers=headers)).status_code == 200
+        quota = f"/v1/admin/customers/{customer_id}/quota"
+        assert (await client.put(quota, json={"tier": "free"}, headers=await api.admin())).status_code == 200
+        codes = [(await client.get("/v1/agents", headers=headers)) for _ in range(2)]
+        assert codes[0].status_code == 200
+        assert codes[1].status_code == 429 and "free tier" in codes[1].json()["error"]["message"]
+
+
+async def test_another_gateway_replica_sees_a_new_tier_once_what_it_read_is_five_seconds_old() -> None:
+    clock, current = [0.0], {"cu-1": "standard"}
+
+    async def read(customer_id: str) -> str:
+        return current[customer_id]
+
+    tiers = Tiers(ttl_s=5, clock=lambda: clock[0])
+    assert await tiers.of("cu-1", read) == "standard"
+    current["cu-1"] = "free"  # changed through another replica
+    clock[0] = 4.9
+    assert await tiers.of("cu-1", read) == "standard"
+    clock[0] = 5.0
+    assert await tiers.of("cu-1", read) == "free"
 
 
 async def test_an_address_that_fails_to_authenticate_too_often_is_refused_unchecked_and_unaudited(api: Api) -> None:
