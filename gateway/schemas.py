@@ -50,6 +50,9 @@ _ERROR_MEANINGS = {
     413: "Request body too large",
     422: "Invalid input",
     429: "Rate limit reached (see Retry-After)",
+    500: "Unexpected error: the gateway's log has it under the answer's request id (X-Request-ID)",
+    502: "The scheduler did not do all that was asked (a killswitch engaged with jobs it could not stop)",
+    503: "A backend (NATS, the scheduler) is unavailable: retry later",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": meaning} for code, meaning in _ERROR_MEANINGS.items()
