@@ -168,6 +168,32 @@ class _Alloc:
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     supervisor: asyncio.Task[None] | None = None
     oom: str | None = None
+    cpu: _CpuSample | None = None
+
+
+@dataclass(frozen=True)
+class _CpuSample:
+    pid: int
+    busy_s: float  # user + system CPU time of the process so far
+    at: float  # time.monotonic() of the reading
+    percent: float  # of one core, over the interval that ended then
+
+
+_CPU_INTERVAL_S = 1.0
+"""Stats read again sooner than this give the last figure: CPU times tick in hundredths of a second."""
+
+
+def _cpu_percent(proc: psutil.Process, last: _CpuSample | None) -> _CpuSample:
+    """An allocation's CPU use since the last reading, or since it started at the first (psutil's own first reading
+    of a process is always 0.0, and stats made a new one each time)."""
+    times = proc.cpu_times()
+    busy, now = times.user + times.system, time.monotonic()
+    if last is not None and last.pid == proc.pid:
+        if now - last.at < _CPU_INTERVAL_S:
+            return last
+        return _CpuSample(proc.pid, busy, now, 100 * (busy - last.busy_s) / (now - last.at))
+    lived = time.time() - proc.create_time()
+    return _CpuSample(proc.pid, busy, now, 100 * busy / lived if lived > 0 else 0.0)
 
 
 @dataclass
@@ -289,10 +315,11 @@ class LocalScheduler:
                 continue
             with contextlib.suppress(psutil.Error):
                 proc = psutil.Process(alloc.process.pid)
+                alloc.cpu = _cpu_percent(proc, alloc.cpu)
                 out.append(
                     {
                         "alloc_id": alloc.id,
-                        "cpu_percent": proc.cpu_percent(interval=None),
+                        "cpu_percent": round(alloc.cpu.percent, 1),
                         "memory_rss_mb": round(proc.memory_info().rss / 2**20, 1),
                     }
                 )

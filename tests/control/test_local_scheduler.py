@@ -173,6 +173,14 @@ async def test_a_task_that_ignores_sigterm_is_killed_after_kill_timeout(schedule
     assert rec.states()[-1] is AllocState.STOPPED
 
 
+async def test_stats_report_the_cpu_an_allocation_uses_from_the_first_reading(scheduler) -> None:
+    sched, _rec = scheduler
+    await sched.submit(job("while True: pass"))
+    where = ("caravan-cu-0000000000aa", "caravan-ag-0000000000aa")
+    await assert_eventually(lambda: sched.alloc_stats(*where), lambda stats: len(stats) == 1)
+    await assert_eventually(lambda: sched.alloc_stats(*where), lambda stats: stats[0]["cpu_percent"] > 5)
+
+
 async def test_count_runs_that_many_allocations(scheduler) -> None:
     sched, _rec = scheduler
     result = await sched.submit(job(SLEEPER, count=3))
