@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from agent.backends.natskv import kv_entries
 from control.errors import CaravanError
+from control.ids import is_plain_id
 
 __all__ = ["AlreadyExists", "Conflict", "LargeRepo", "Repo"]
 
@@ -165,7 +166,10 @@ class Repo(Generic[M]):
         return [model.model_validate_json(e.value) for e in await kv_entries(self._kv, pattern) if e.value]
 
     async def find(self, record_id: str) -> tuple[str, M] | None:
-        """Find a record by the last part of its key, whichever customer owns it (admin lookups)."""
+        """Find a record by the last part of its key, whichever customer owns it (admin lookups). None for an id
+        that is not a plain one: ``*`` or ``>`` would match any record."""
+        if not is_plain_id(record_id):
+            return None
         found = await self.items(f"*.{record_id}")
         return found[0] if found else None
 

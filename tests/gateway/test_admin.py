@@ -244,6 +244,21 @@ async def test_admin_routes_validate_input(api: Api) -> None:
     assert (await api.client.post("/v1/admin/agents/ag-000000000000/stop", headers=admin)).status_code == 404
 
 
+async def test_a_wildcard_for_an_id_finds_no_customers_agent_for_an_admin(api: Api) -> None:
+    _, headers = await api.new_customer()
+    created = await api.client.post("/v1/agents", json=agent_body(name="victim"), headers=headers)
+    assert created.status_code == 201
+    admin = await api.admin()
+    for wildcard in ("*", "%3E", "ag-*"):  # NATS subject wildcards: a key lookup by them matched any agent
+        assert (await api.client.get(f"/v1/agents/{wildcard}", headers=admin)).status_code == 404
+        assert (await api.client.post(f"/v1/admin/agents/{wildcard}/stop", headers=admin)).status_code == 404
+        assert (await api.client.delete(f"/v1/agents/{wildcard}", headers=admin)).status_code == 404
+        engage = {"scope": "agent", "agent_id": wildcard.replace("%3E", ">"), "reason": "x"}
+        assert (await api.client.post("/v1/admin/killswitch", json=engage, headers=admin)).status_code == 404
+    agent = (await api.client.get(f"/v1/agents/{created.json()['id']}", headers=headers)).json()
+    assert agent["desired"] == "running"
+
+
 async def test_an_unexpected_error_is_a_500_in_the_error_shape_with_a_request_id_for_the_log(
     api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
