@@ -52,7 +52,7 @@ _ERROR_MEANINGS = {
     429: "Rate limit reached (see Retry-After)",
     500: "Unexpected error: the gateway's log has it under the answer's request id (X-Request-ID)",
     502: "The scheduler did not do all that was asked (a killswitch engaged with jobs it could not stop)",
-    503: "A backend (NATS, the scheduler) is unavailable: retry later",
+    503: "A backend (NATS, the scheduler) is unavailable; nothing was changed: retry later",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": meaning} for code, meaning in _ERROR_MEANINGS.items()

@@ -5,32 +5,60 @@ from __future__ import annotations
 import builtins
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import TypeAdapter
 
+from agent.backends.base import Flag, keys_for_agent
 from agent.protocol import AGENT_STATE_EVENTS, TASKS_STREAM, AgentDefinition, Event, consumer_name, task_subject, utcnow
 from control.backends.base import AllocState, JobNotOwned, Scheduler, SchedulerError, StatusUpdate
-from control.errors import Conflict, Invalid, NotFound
+from control.errors import Conflict, Invalid, NotFound, Unavailable
 from control.ids import is_plain_id, new_id
 from control.jobspec import agent_job, job_id_for, namespace_for
 from control.models import Agent, AgentCreate, AgentRef, AgentStatus, AgentUpdate
 from control.natsauth import NatsAuth
-from control.services.quotas import QuotaService
+from control.services.quotas import QuotaService, Reservation
 from control.settings import Settings
 from control.store import Repo
 
-__all__ = ["AgentService"]
+__all__ = ["AgentService", "DeleteHook", "KillswitchEngaged", "Killswitches", "SchedulerUnavailable"]
 
 log = logging.getLogger("caravan.agents")
 
 
 def _key(customer_id: str, agent_id: str) -> str:
     return f"{customer_id}.{agent_id}"
+
+
+def _reservation(agent: Agent) -> Reservation:
+    return Reservation.of(agent.resources, agent.replicas)
+
+
+class SchedulerUnavailable(Unavailable):
+    """The scheduler could not do what was asked: the agent is left meant to run, as it was (a delete has ended its
+    tasks already), and the same request may be tried again."""
+
+    code = "scheduler_unavailable"
+
+
+class KillswitchEngaged(Conflict):
+    code = "killswitch_engaged"
+
+
+class Killswitches(Protocol):
+    """Where the agents learn which killswitch flags are engaged (the killswitch service)."""
+
+    async def engaged(self) -> builtins.list[Flag]:
+        """Every engaged flag."""
+        ...
+
+
+DeleteHook = Callable[[Agent], Awaitable[None]]
 
 
 class AgentService:
@@ -49,7 +77,19 @@ class AgentService:
         self._scheduler = scheduler
         self._settings = settings
         self._quotas = quotas
+        self._killswitches: Killswitches | None = None
+        self._delete_hooks: builtins.list[DeleteHook] = []
         scheduler.on_status(self._on_scheduler_status)
+
+    def attach_killswitch(self, killswitches: Killswitches) -> None:
+        """Refuse to create or start an agent while an engaged hard killswitch covers it (see :meth:`start`)."""
+        self._killswitches = killswitches
+
+    def on_delete(self, hook: DeleteHook) -> None:
+        """Call ``hook`` for every agent being deleted: once it is given no more work, before its job is stopped
+        and its record goes. A hook that raises fails the delete (the agent is left meant to run, as it was),
+        which a retry then does again in full."""
+        self._delete_hooks.append(hook)
 
     async def create(self, customer_id: str, spec: AgentCreate) -> Agent:
         agent_id = new_id("ag")
@@ -61,7 +101,8 @@ class AgentService:
             **spec.model_dump(),
         )
         job = self.render(agent)  # a definition that cannot render is refused before anything is stored
-        await self._quotas.reserve_agent(customer_id, agent_id, agent.resources.cpu, agent.resources.memory_mb)
+        await self._refuse_under_hard_killswitch(agent)
+        await self._quotas.reserve_agent(customer_id, agent_id, _reservation(agent))
         try:
             await self._ensure_consumer(agent)
             await self._repo.create(_key(customer_id, agent_id), agent)
@@ -96,17 +137,23 @@ class AgentService:
         except ValueError as exc:
             raise Invalid(str(exc)) from exc
         self.render(current.model_copy(update=dict(spec)))  # refuse before storing if it cannot render
-        if current.desired == "running":
-            await self._quotas.reserve_running(
-                current.customer_id, current.id, spec.resources.cpu, spec.resources.memory_mb
-            )
+        # a running agent holds its new resources and replicas before its new definition is stored: a change the
+        # quota refuses stores nothing, and one that cannot be stored gives back what it reserved
+        reserved = Reservation.of(spec.resources, spec.replicas)
+        running = current.desired == "running"
+        previous = await self._quotas.reserve_running(current.customer_id, current.id, reserved) if running else None
 
         def apply(agent: Agent) -> Agent:
             return agent.model_copy(update={**dict(spec), "version": agent.version + 1, "updated_at": utcnow()})
 
-        updated = await self._repo.update(_key(current.customer_id, agent_id), apply)
-        if updated is None:
-            raise NotFound(f"agent {agent_id!r} not found")
+        try:
+            updated = await self._repo.update(_key(current.customer_id, agent_id), apply)
+            if updated is None:
+                raise NotFound(f"agent {agent_id!r} not found")
+        except BaseException:
+            if running:
+                await self._quotas.restore_running(current.customer_id, current.id, previous, reserved)
+            raise
         if updated.desired == "running":
             updated = await self._submit(updated, self.render(updated))
         return updated
@@ -118,26 +165,28 @@ class AgentService:
         status: AgentStatus = AgentStatus.STOPPED,
         reason: str = "stopped on request",
     ) -> Agent:
-        agent = await self.get(customer_id, agent_id)
-        await self._set(agent, desired="stopped")
-        try:
-            await self._scheduler.stop_job(agent.namespace, agent.job_id)
-        except JobNotOwned as exc:
-            raise Conflict(str(exc)) from exc
-        await self._quotas.release_running(agent.customer_id, agent.id)
-        return await self._set(agent, status=status, status_reason=reason)
+        """Stop the agent's job and give back what it held. If the scheduler cannot stop the job, the agent is left
+        meant to run, holding its quota, and :class:`SchedulerUnavailable` says why: a retry stops it again."""
+        return await self._stop(await self.get(customer_id, agent_id), status, reason)
 
     async def start(self, customer_id: str | None, agent_id: str) -> Agent:
+        """Run a stopped (or failed) agent's job again. Refused (:class:`KillswitchEngaged`) while a hard killswitch
+        covers the agent: it stopped the job, and only its release lets the job run again. A soft killswitch does
+        not stop jobs, nor refuse this: the agent starts halted, as every agent under an engaged flag does."""
         agent = await self.get(customer_id, agent_id)
         if agent.desired == "running" and agent.status in (AgentStatus.STARTING, AgentStatus.RUNNING):
             return agent
-        await self._quotas.reserve_running(agent.customer_id, agent.id, agent.resources.cpu, agent.resources.memory_mb)
+        await self._refuse_under_hard_killswitch(agent)
+        await self._quotas.reserve_running(agent.customer_id, agent.id, _reservation(agent))
         agent = await self._set(agent, desired="running", status=AgentStatus.PENDING, status_reason=None)
         await self._ensure_consumer(agent)
         return await self._submit(agent, self.render(agent))
 
     async def delete(self, customer_id: str | None, agent_id: str) -> None:
-        agent = await self.stop(customer_id, agent_id)
+        """Stop the agent, ending what it was given (the delete hooks: its unfinished tasks end, saying why), then
+        forget it. If the scheduler cannot stop its job, nothing more is done (:class:`SchedulerUnavailable`)."""
+        agent = await self.get(customer_id, agent_id)
+        agent = await self._stop(agent, AgentStatus.STOPPED, "stopped to be deleted", self._delete_hooks)
         with contextlib.suppress(NotFoundError):
             await self._js.delete_consumer(TASKS_STREAM, consumer_name(agent.id))
         await self._repo.delete(_key(agent.customer_id, agent.id))
@@ -163,6 +212,12 @@ class AgentService:
         agents = await self.list(None)
         if self._nats_auth is not None:
             self._nats_auth.set_agents({a.id: a.customer_id for a in agents})
+        held: dict[str, dict[str, Reservation]] = {}
+        for agent in agents:
+            if agent.desired == "running":
+                held.setdefault(agent.customer_id, {})[agent.id] = _reservation(agent)
+        for customer_id, reservations in held.items():  # reservations made before they counted every replica
+            await self._quotas.correct_running(customer_id, reservations)
         for agent in agents:
             if agent.desired != "running":
                 continue
@@ -227,6 +282,54 @@ class AgentService:
 
         updated = await self._repo.update(_key(agent.customer_id, agent.id), submitted)
         return updated or agent
+
+    async def _stop(
+        self, agent: Agent, status: AgentStatus, reason: str, before: builtins.list[DeleteHook] | None = None
+    ) -> Agent:
+        # meant to stop first: it is given no new task, and what the scheduler reports while it stops reads so
+        await self._set(agent, desired="stopped")
+        try:
+            for hook in before or ():  # while the job still runs: an agent still hears its tasks cancelled
+                await hook(agent)
+            await self._scheduler.stop_job(agent.namespace, agent.job_id)
+        except BaseException as exc:
+            await self._undo_stopping(agent)
+            if isinstance(exc, JobNotOwned):
+                raise Conflict(str(exc)) from exc
+            if isinstance(exc, SchedulerError):
+                raise SchedulerUnavailable(
+                    f"the scheduler could not stop agent {agent.id}'s job: {exc}; the agent is still meant to run "
+                    "and holds its quota (retry)"
+                ) from exc
+            raise
+        await self._quotas.release_running(agent.customer_id, agent.id)
+        return await self._set(agent, status=status, status_reason=reason)
+
+    async def _undo_stopping(self, agent: Agent) -> None:
+        """A stop that did not happen: the agent is meant to be as it was before it (unless changed meanwhile)."""
+        if agent.desired == "stopped":
+            return
+
+        def undo(current: Agent) -> Agent | None:
+            if current.desired != "stopped":
+                return None
+            return current.model_copy(update={"desired": agent.desired, "updated_at": utcnow()})
+
+        await self._repo.update(_key(agent.customer_id, agent.id), undo)
+
+    async def _refuse_under_hard_killswitch(self, agent: Agent) -> None:
+        if self._killswitches is None:
+            return
+        keys = keys_for_agent(agent.customer_id, agent.id)
+        flag = next((f for f in await self._killswitches.engaged() if f.hard and f.key in keys), None)
+        if flag is None:
+            return
+        scope = flag.scope.value if flag.target is None else f"{flag.scope.value} {flag.target}"
+        raise KillswitchEngaged(
+            f"a hard killswitch is engaged on {scope} ({flag.reason or 'no reason given'}): agent {agent.id} cannot "
+            "run until an operator releases it",
+            details={"scope": flag.scope.value, "target": flag.target, "reason": flag.reason},
+        )
 
     def _secrets(self, agent: Agent) -> dict[str, str]:
         """What the agent's task gets by the scheduler's secret channel: its own NATS credentials, if any."""

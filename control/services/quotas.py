@@ -1,7 +1,7 @@
 """Per-customer quotas and their atomic admission.
 
-A customer's usage is a set of reservations (agents defined, agents running with their CPU and memory,
-tasks in flight, tokens today) held in one KV record and changed only by compare-and-set: fifty
+A customer's usage is a set of reservations (agents defined, agents running with the CPU and memory of all their
+replicas, tasks in flight, tokens today) held in one KV record and changed only by compare-and-set: fifty
 concurrent agent creations against a limit of ten admit exactly ten. Reservations are keyed by the agent
 or task they are for, so releasing one twice (a retry, a restart) changes nothing.
 """
@@ -16,9 +16,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from control.errors import CaravanError
+from control.models import Resources
 from control.store import AlreadyExists, Repo
 
-__all__ = ["Quota", "QuotaExceeded", "QuotaRecord", "QuotaService", "Tier", "UsagePublic"]
+__all__ = ["Quota", "QuotaExceeded", "QuotaRecord", "QuotaService", "Reservation", "Tier", "UsagePublic"]
 
 Tier = Literal["free", "standard", "enterprise"]
 
@@ -35,21 +36,41 @@ class Quota(BaseModel):
 
     tier: Tier = Field(default="standard", description="Rate-limit tier of the API.")
     max_agents: int | None = Field(default=None, ge=0, le=100_000)
-    max_cpu: int | None = Field(default=None, ge=0, le=10_000_000, description="MHz over running agents.")
-    max_memory_mb: int | None = Field(default=None, ge=0, le=100_000_000, description="MB over running agents.")
+    max_cpu: int | None = Field(
+        default=None, ge=0, le=10_000_000, description="MHz over running agents, each `resources.cpu` times `replicas`."
+    )
+    max_memory_mb: int | None = Field(
+        default=None,
+        ge=0,
+        le=100_000_000,
+        description="MB over running agents, each `resources.memory_mb` times `replicas`.",
+    )
     max_concurrent_tasks: int | None = Field(default=None, ge=0, le=1_000_000)
     tokens_per_day: int | None = Field(default=None, ge=0, le=10**12, description="Model tokens per UTC day.")
 
 
-class _Running(BaseModel):
+class Reservation(BaseModel):
+    """What a running agent holds: the CPU and memory of all its replicas (Nomad places ``replicas`` allocations,
+    each with the agent's ``resources``)."""
+
     cpu: int
     memory_mb: int
+    replicas: int = 1
+
+    @classmethod
+    def of(cls, resources: Resources, replicas: int) -> Reservation:
+        return cls(cpu=resources.cpu * replicas, memory_mb=resources.memory_mb * replicas, replicas=replicas)
+
+    def explained(self, total: int, unit: str) -> str:
+        """``total`` (this reservation's CPU or memory) and, over several replicas, what each holds."""
+        each = "" if self.replicas == 1 else f" ({self.replicas} replicas of {total // self.replicas} {unit})"
+        return f"{total} {unit}{each}"
 
 
 class QuotaRecord(BaseModel):
     quota: Quota = Field(default_factory=Quota)
     agents: list[str] = Field(default_factory=list)
-    running: dict[str, _Running] = Field(default_factory=dict)
+    running: dict[str, Reservation] = Field(default_factory=dict)
     tasks: list[str] = Field(default_factory=list)
     token_day: str = ""
     tokens: int = 0
@@ -59,8 +80,8 @@ class QuotaRecord(BaseModel):
 class UsagePublic(BaseModel):
     quota: Quota
     agents: int
-    cpu: int
-    memory_mb: int
+    cpu: int = Field(description="MHz held by running agents: each one's `resources.cpu` times `replicas`.")
+    memory_mb: int = Field(description="MB held by running agents: each one's `resources.memory_mb` times `replicas`.")
     concurrent_tasks: int
     tokens_today: int
 
@@ -102,8 +123,8 @@ class QuotaService:
     async def tier(self, customer_id: str) -> Tier:
         return (await self._record(customer_id)).quota.tier
 
-    async def reserve_agent(self, customer_id: str, agent_id: str, cpu: int, memory_mb: int) -> None:
-        """Admit a new agent that will run with ``cpu`` and ``memory_mb``; raises :class:`QuotaExceeded`."""
+    async def reserve_agent(self, customer_id: str, agent_id: str, reservation: Reservation) -> None:
+        """Admit a new agent that will run holding ``reservation``; raises :class:`QuotaExceeded`."""
 
         def admit(record: QuotaRecord) -> QuotaRecord | None:
             if agent_id in record.agents:
@@ -111,25 +132,55 @@ class QuotaService:
             quota = record.quota
             if quota.max_agents is not None and len(record.agents) + 1 > quota.max_agents:
                 raise QuotaExceeded(f"quota exceeded: at most {quota.max_agents} agents")
-            _check_resources(record, agent_id, cpu, memory_mb)
-            running = {**record.running, agent_id: _Running(cpu=cpu, memory_mb=memory_mb)}
+            _check_resources(record, agent_id, reservation)
+            running = {**record.running, agent_id: reservation}
             return record.model_copy(update={"agents": [*record.agents, agent_id], "running": running})
 
         await self._change(customer_id, admit)
 
-    async def reserve_running(self, customer_id: str, agent_id: str, cpu: int, memory_mb: int) -> None:
-        """An existing agent starts (or changes its resources); raises :class:`QuotaExceeded`."""
+    async def reserve_running(self, customer_id: str, agent_id: str, reservation: Reservation) -> Reservation | None:
+        """An existing agent starts, or changes its resources or replicas: it holds ``reservation`` from now on.
+        Raises :class:`QuotaExceeded`, changing nothing. Returns what the agent held before (None: nothing), for
+        :meth:`restore_running` to put back if the change it was made for does not happen."""
+        previous: Reservation | None = None
 
         def admit(record: QuotaRecord) -> QuotaRecord | None:
-            current = record.running.get(agent_id)
-            if current is not None and (current.cpu, current.memory_mb) == (cpu, memory_mb):
+            nonlocal previous
+            previous = record.running.get(agent_id)
+            if previous == reservation:
                 return None
-            _check_resources(record, agent_id, cpu, memory_mb)
-            return record.model_copy(
-                update={"running": {**record.running, agent_id: _Running(cpu=cpu, memory_mb=memory_mb)}}
-            )
+            _check_resources(record, agent_id, reservation)
+            return record.model_copy(update={"running": {**record.running, agent_id: reservation}})
 
         await self._change(customer_id, admit)
+        return previous
+
+    async def restore_running(
+        self, customer_id: str, agent_id: str, previous: Reservation | None, reserved: Reservation
+    ) -> None:
+        """Undo :meth:`reserve_running`: the agent holds ``previous`` again (None: nothing), if it still holds what
+        was ``reserved`` (a stop meanwhile released it: that stays). No admission check: it held that before."""
+
+        def restore(record: QuotaRecord) -> QuotaRecord | None:
+            if record.running.get(agent_id) != reserved or previous == reserved:
+                return None
+            running = {k: v for k, v in record.running.items() if k != agent_id}
+            if previous is not None:
+                running[agent_id] = previous
+            return record.model_copy(update={"running": running})
+
+        await self._change(customer_id, restore)
+
+    async def correct_running(self, customer_id: str, held: dict[str, Reservation]) -> None:
+        """Set the reservations the customer's running agents already have to what they hold (``held``): a record
+        written before reservations counted every replica held one replica's share. No admission check (the
+        agents run already) and no new reservation; a customer without a record has nothing to correct."""
+
+        def correct(record: QuotaRecord) -> QuotaRecord | None:
+            wrong = {a: r for a, r in held.items() if a in record.running and record.running[a] != r}
+            return record.model_copy(update={"running": {**record.running, **wrong}}) if wrong else None
+
+        await self._repo.update(customer_id, correct)
 
     async def release_running(self, customer_id: str, agent_id: str) -> None:
         def release(record: QuotaRecord) -> QuotaRecord | None:
@@ -202,13 +253,20 @@ def _usage(record: QuotaRecord) -> UsagePublic:
     )
 
 
-def _check_resources(record: QuotaRecord, agent_id: str, cpu: int, memory_mb: int) -> None:
+def _check_resources(record: QuotaRecord, agent_id: str, wanted: Reservation) -> None:
     others = [r for a, r in record.running.items() if a != agent_id]
     quota = record.quota
-    if quota.max_cpu is not None and sum(r.cpu for r in others) + cpu > quota.max_cpu:
-        raise QuotaExceeded(f"quota exceeded: at most {quota.max_cpu} MHz of CPU over running agents")
-    if quota.max_memory_mb is not None and sum(r.memory_mb for r in others) + memory_mb > quota.max_memory_mb:
-        raise QuotaExceeded(f"quota exceeded: at most {quota.max_memory_mb} MB of memory over running agents")
+    cpu, memory = sum(r.cpu for r in others), sum(r.memory_mb for r in others)
+    if quota.max_cpu is not None and cpu + wanted.cpu > quota.max_cpu:
+        raise QuotaExceeded(
+            f"quota exceeded: at most {quota.max_cpu} MHz of CPU over running agents; this agent needs "
+            f"{wanted.explained(wanted.cpu, 'MHz')} and the others hold {cpu} MHz"
+        )
+    if quota.max_memory_mb is not None and memory + wanted.memory_mb > quota.max_memory_mb:
+        raise QuotaExceeded(
+            f"quota exceeded: at most {quota.max_memory_mb} MB of memory over running agents; this agent needs "
+            f"{wanted.explained(wanted.memory_mb, 'MB')} and the others hold {memory} MB"
+        )
 
 
 def _check_budget(record: QuotaRecord) -> None:

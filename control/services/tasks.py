@@ -42,6 +42,7 @@ from control.errors import Conflict, Invalid, NotFound
 from control.ids import is_plain_id, new_id
 from control.models import (
     TERMINAL_TASK_STATUSES,
+    Agent,
     AgentStatus,
     Task,
     TaskCreate,
@@ -112,6 +113,10 @@ class TaskService:
         # of a task is folded into its record without reading it back (read again if another writer changed it)
         self._folded: dict[str, tuple[Task, int]] = {}
         self._teams: TeamTasks | None = None
+        # The agents service is made before the killswitch service (which needs it), so the two are joined here,
+        # where both are at hand: no agent starts while a hard killswitch covers it. An agent deleted ends its tasks.
+        agents.attach_killswitch(guard)
+        agents.on_delete(self._end_tasks_of_deleted)
 
     def attach_teams(self, teams: TeamTasks) -> None:
         """Tasks on teams go to ``teams`` (their runs are coordinated by the team runner)."""
@@ -206,20 +211,41 @@ class TaskService:
         if task.queue_seq is not None:
             with contextlib.suppress(NotFoundError):
                 removed = await self._js.delete_msg(TASKS_STREAM, task.queue_seq)
-        agent = await self._agents.get(task.customer_id, task.agent_id) if task.agent_id else None
+        agent = None
+        if task.agent_id is not None:
+            with contextlib.suppress(NotFound):  # deleted: nothing runs the task, which ends here
+                agent = await self._agents.get(task.customer_id, task.agent_id)
         if removed or agent is None or agent.status != AgentStatus.RUNNING:
-            await self.publish(
-                Event(
-                    kind=EventKind.STATUS,
-                    task_id=task.id,
-                    customer_id=task.customer_id,
-                    content="cancelled",
-                    data={"reason": "cancelled on request"},
-                )
-            )
+            await self._end(task, "cancelled on request")
         else:
             await self._js._nc.publish(cancel_subject(task.customer_id, agent.id), task.id.encode())
         return task
+
+    async def _end(self, task: Task, reason: str) -> None:
+        """End a task nothing runs any more (``cancelled``, for ``reason``), and give back its quota slot at once
+        (the tracker gives it back too when it folds the status in: the release is keyed by the task)."""
+        event = Event(
+            kind=EventKind.STATUS,
+            task_id=task.id,
+            customer_id=task.customer_id,
+            content="cancelled",
+            data={"reason": reason},
+            attempt=task.attempt,
+        )
+        await self.publish(event)
+        await self._quotas.release_task(task.customer_id, task.id)
+
+    async def _end_tasks_of_deleted(self, agent: Agent) -> None:
+        """An agent is being deleted (it is given no new task; its job is stopped next): its queued requests are
+        purged from its work queue, and each of its unfinished tasks ends ``cancelled``, saying why, and gives
+        back its quota slot. A run in flight is cancelled on the agent too, in case its job is not stopped."""
+        await self._js.purge_stream(TASKS_STREAM, subject=task_subject(agent.customer_id, agent.id))
+        for task in await self._repo.list(f"{agent.customer_id}.*"):
+            if task.agent_id != agent.id or task.status in TERMINAL_TASK_STATUSES:
+                continue
+            await self._end(task, f"agent {agent.id} was deleted")
+            # (its record may say queued of a task the agent picked up a moment ago)
+            await self._js._nc.publish(cancel_subject(agent.customer_id, agent.id), task.id.encode())
 
     async def input(self, customer_id: str | None, task_id: str, content: str) -> Task:
         """The human's answer to a task that asked (team tasks)."""

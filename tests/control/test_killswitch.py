@@ -170,11 +170,41 @@ async def test_an_agent_restarted_under_an_engaged_flag_stays_halted(api: Api) -
     _, headers = await api.new_customer()
     agent = await running_agent(api, headers)
     await killswitch(api, scope="agent", agent_id=agent["id"], reason="quarantine")
-    await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)
-    await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)
+    assert (await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)).status_code == 200
+    # a soft killswitch stops no job, nor refuses a start: the agent starts, halted
+    assert (await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)).status_code == 200
     restarted = await wait_status(api, headers, agent["id"], "killed")
     assert "quarantine" in restarted["status_reason"]
     assert restarted["scheduler"]["alloc_ids"] != agent["scheduler"]["alloc_ids"]
+
+
+@pytest.mark.parametrize("scope", ["agent", "customer", "all"])
+async def test_what_a_hard_killswitch_stopped_its_owner_cannot_start_until_it_is_released(api: Api, scope: str) -> None:
+    customer_id, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    target = {"agent": {"agent_id": agent["id"]}, "customer": {"customer_id": customer_id}, "all": {}}[scope]
+    result = await killswitch(api, scope=scope, reason="abuse", hard=True, **target)
+    assert result["stopped"] == [agent["id"]]
+
+    refused = await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "killswitch_engaged" and "hard killswitch" in error["message"]
+    assert "abuse" in error["message"] and error["details"]["scope"] == scope
+    current = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+    assert (current["desired"], current["status"]) == ("stopped", "killed")
+    assert (await api.client.get("/v1/usage", headers=headers)).json()["cpu"] == 0
+    status = await api.control.scheduler.job_status(agent["namespace"], agent["job_id"])
+    assert status is not None and set(status.allocs.values()) == {"stopped"}
+    if scope != "agent":  # nor can a new agent run under it
+        created = await api.client.post("/v1/agents", json=agent_body(name="another"), headers=headers)
+        assert created.status_code == 409 and created.json()["error"]["code"] == "killswitch_engaged"
+        assert [a["id"] for a in (await api.client.get("/v1/agents", headers=headers)).json()] == [agent["id"]]
+
+    await killswitch(api, scope=scope, engaged=False, reason="resolved", **target)
+    started = await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)
+    assert started.status_code == 200, started.text
+    await wait_status(api, headers, agent["id"], "running")
 
 
 @pytest.mark.parametrize(

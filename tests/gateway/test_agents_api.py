@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from control.backends.base import JobNotOwned, SchedulerError
 from tests.conftest import Api
 from tests.support.helpers import assert_eventually
 
@@ -159,3 +160,42 @@ async def test_customers_never_see_each_others_agents(api: Api) -> None:
         assert response.status_code == 404, (method, path, response.text)
     assert (await api.client.get("/v1/agents", headers=bob)).json() == []
     assert (await api.client.get(f"/v1/agents/{agent['id']}", headers=alice)).json()["version"] == 1
+
+
+async def test_a_stop_the_scheduler_cannot_carry_out_leaves_the_agent_as_it_was_and_says_why(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, headers = await api.new_customer()
+    created = await api.client.post("/v1/agents", json=agent_body(), headers=headers)
+    agent = await wait_status(api, headers, created.json()["id"], "running")
+    admin = await api.admin()
+
+    async def unreachable(namespace: str, job_id: str) -> None:
+        raise SchedulerError("stop job: no answer (connection refused)")
+
+    async def foreign(namespace: str, job_id: str) -> None:
+        raise JobNotOwned(f"job {job_id!r} is not owned by this Caravan")
+
+    attempts = [
+        (unreachable, "post", f"/v1/admin/agents/{agent['id']}/stop", admin, 503, "scheduler_unavailable"),
+        (unreachable, "post", f"/v1/agents/{agent['id']}/stop", headers, 503, "scheduler_unavailable"),
+        (unreachable, "delete", f"/v1/agents/{agent['id']}", headers, 503, "scheduler_unavailable"),
+        (foreign, "post", f"/v1/agents/{agent['id']}/stop", headers, 409, "conflict"),
+    ]
+    for stop_job, method, path, who, status, code in attempts:
+        monkeypatch.setattr(api.control.scheduler, "stop_job", stop_job)
+        response = await api.client.request(method, path, headers=who)
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["code"] == code and ("connection refused" in error["message"] or "not owned" in error["message"])
+        current = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+        assert (current["desired"], current["status"]) == ("running", "running"), current
+        used = (await api.client.get("/v1/usage", headers=headers)).json()
+        assert (used["agents"], used["cpu"], used["memory_mb"]) == (1, 200, 256)
+
+    monkeypatch.undo()  # the scheduler answers again: the same request does it all
+    stopped = await api.client.post(f"/v1/admin/agents/{agent['id']}/stop", headers=admin)
+    assert stopped.status_code == 200, stopped.text
+    assert (stopped.json()["desired"], stopped.json()["status"]) == ("stopped", "stopped")
+    used = (await api.client.get("/v1/usage", headers=headers)).json()
+    assert (used["cpu"], used["memory_mb"]) == (0, 0)

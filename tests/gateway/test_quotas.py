@@ -14,7 +14,7 @@ import pytest
 
 from control.platform import ControlPlane
 from control.services.budget import BUDGET_ACTOR, BudgetHold, BudgetHolds
-from control.services.quotas import QuotaRecord
+from control.services.quotas import QuotaRecord, Reservation
 from control.settings import Settings
 from control.store import Repo
 from tests.conftest import Api, serve_api
@@ -31,6 +31,11 @@ async def set_quota(api: Api, customer_id: str, **quota: Any) -> dict[str, Any]:
 
 async def usage(api: Api, headers: dict[str, str]) -> dict[str, Any]:
     return dict((await api.client.get("/v1/usage", headers=headers)).json())
+
+
+def held(used: dict[str, Any]) -> tuple[int, int]:
+    """The CPU and memory a usage report says the customer's running agents hold."""
+    return used["cpu"], used["memory_mb"]
 
 
 async def test_fifty_concurrent_creations_against_a_quota_of_ten_admit_exactly_ten(api: Api) -> None:
@@ -215,3 +220,63 @@ async def test_bad_quotas_are_422(api: Api) -> None:
     assert (
         await api.client.put("/v1/admin/customers/cu-000000000000/quota", json={}, headers=admin)
     ).status_code == 404
+
+
+async def test_cpu_and_memory_are_reserved_for_every_replica(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    await set_quota(api, customer_id, max_cpu=1000, max_memory_mb=1024)
+    # one replica fits the quota; ten of them are 9000 MHz
+    body = agent_body(name="wide", resources={"cpu": 900, "memory_mb": 128}, replicas=10)
+    refused = await api.client.post("/v1/agents", json=body, headers=headers)
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "quota_exceeded" and "9000 MHz (10 replicas of 900 MHz)" in error["message"]
+    assert (await usage(api, headers))["agents"] == 0
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+
+    created = await api.client.post(
+        "/v1/agents", json=agent_body(resources={"cpu": 200, "memory_mb": 128}, replicas=2), headers=headers
+    )
+    assert created.status_code == 201, created.text
+    agent = created.json()
+    assert held(await usage(api, headers)) == (400, 256)
+
+    # a change the quota refuses changes nothing: neither the definition, nor the job, nor the reservation
+    for change in ({"replicas": 6}, {"resources": {"cpu": 600, "memory_mb": 128}}):
+        grow = await api.client.patch(f"/v1/agents/{agent['id']}", json=change, headers=headers)
+        assert grow.status_code == 409, grow.text
+        assert grow.json()["error"]["code"] == "quota_exceeded" and "1200 MHz" in grow.json()["error"]["message"]
+        unchanged = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+        assert (unchanged["version"], unchanged["replicas"], unchanged["resources"]["cpu"]) == (1, 2, 200)
+        job = (await api.client.get(f"/v1/agents/{agent['id']}/job", headers=headers)).json()["Job"]
+        assert job["TaskGroups"][0]["Count"] == 2
+        assert held(await usage(api, headers)) == (400, 256)
+
+    change = {"replicas": 3, "resources": {"cpu": 300, "memory_mb": 256}}
+    grown = await api.client.patch(f"/v1/agents/{agent['id']}", json=change, headers=headers)
+    assert grown.status_code == 200, grown.text
+    assert held(await usage(api, headers)) == (900, 768)
+    assert (await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)).status_code == 200
+    assert held(await usage(api, headers)) == (0, 0)
+    # changed while stopped, it holds its new size when it starts again
+    shrunk = await api.client.patch(f"/v1/agents/{agent['id']}", json={"replicas": 1}, headers=headers)
+    assert shrunk.status_code == 200 and held(await usage(api, headers)) == (0, 0)
+    assert (await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)).status_code == 200
+    assert held(await usage(api, headers)) == (300, 256)
+
+
+async def test_reservations_stored_for_one_replica_are_corrected_when_the_control_plane_starts(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    created = await api.client.post(
+        "/v1/agents", json=agent_body(resources={"cpu": 100, "memory_mb": 128}, replicas=3), headers=headers
+    )
+    assert created.status_code == 201, created.text
+    quotas = Repo(api.control.jet.kv["quotas"], QuotaRecord)
+
+    def one_replica(record: QuotaRecord) -> QuotaRecord:  # as versions before replicas counted wrote it
+        return record.model_copy(update={"running": {a: Reservation(cpu=100, memory_mb=128) for a in record.running}})
+
+    await quotas.update(customer_id, one_replica)
+    assert (await usage(api, headers))["cpu"] == 100
+    await api.control.agents.reconcile()
+    assert held(await usage(api, headers)) == (300, 384)

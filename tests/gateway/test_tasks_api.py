@@ -7,11 +7,12 @@ import json
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 import websockets
 
 from agent.backends.natskv import kv_entries
-from agent.protocol import EVENTS_STREAM, Event, EventKind, utcnow
+from agent.protocol import EVENTS_STREAM, TASKS_STREAM, Event, EventKind, task_subject, utcnow
 from control.models import Task, TaskMessage
 from control.services.tasks import TRACKER, task_key
 from control.store import Repo
@@ -403,3 +404,53 @@ async def test_task_input_validation(api: Api) -> None:
         response = await api.client.post("/v1/tasks", json=body, headers=headers)
         assert response.status_code in (404, 422), (body, response.text)
     assert (await api.client.get("/v1/tasks", headers=headers)).json() == []
+
+
+SLOW = {"provider": "replay", "name": "slow", "responses": ["never said"], "delay_ms": 120_000}
+
+
+async def usage(api: Api, headers: dict[str, str]) -> dict[str, Any]:
+    return dict((await api.client.get("/v1/usage", headers=headers)).json())
+
+
+async def test_deleting_an_agent_cancels_its_unfinished_tasks_and_gives_back_their_slots(api: Api) -> None:
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers, model=SLOW, tools=[])
+    bystander = await running_agent(api, headers, name="bystander", model=SLOW, tools=[])
+    # an agent runs four tasks at a time: the fifth waits in its queue
+    tasks = [await start_task(api, headers, agent["id"], f"task {i}") for i in range(5)]
+    other = await start_task(api, headers, bystander["id"])
+    await assert_eventually(
+        lambda: api.client.get("/v1/tasks?status=running", headers=headers),
+        lambda r: len(r.json()) == 5,
+        what="four tasks running on the agent and one on the bystander",
+    )
+    assert (await usage(api, headers))["concurrent_tasks"] == 6
+
+    assert (await api.client.delete(f"/v1/agents/{agent['id']}", headers=headers)).status_code == 204
+    assert (await usage(api, headers))["concurrent_tasks"] == 1  # given back at once
+    for task_id in tasks:
+        task = await finished(api, headers, task_id)
+        assert (task["status"], task["status_reason"]) == ("cancelled", f"agent {agent['id']} was deleted")
+    # nothing of the agent is left in its work queue, and the other agent's task runs on
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await api.control.jet.js.get_last_msg(TASKS_STREAM, task_subject(agent["customer_id"], agent["id"]))
+    assert (await api.client.get(f"/v1/tasks/{other}", headers=headers)).json()["status"] == "running"
+    again = await api.client.post(f"/v1/tasks/{tasks[0]}/cancel", headers=headers)
+    assert again.status_code == 409 and "already cancelled" in again.json()["error"]["message"]
+    assert (await usage(api, headers))["concurrent_tasks"] == 1
+
+
+async def test_a_task_whose_agent_is_gone_can_still_be_cancelled(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    # left over by a delete that did not end its agent's tasks: queued for good, holding a slot in the quota
+    task = Task(id="tk-000000000001", customer_id=customer_id, agent_id="ag-000000000000", task="stuck")
+    await api.control.quotas.reserve_task(customer_id, task.id)
+    await Repo(api.control.jet.kv["tasks"], Task).create(task_key(customer_id, task.id), task)
+    assert (await usage(api, headers))["concurrent_tasks"] == 1
+
+    cancelled = await api.client.post(f"/v1/tasks/{task.id}/cancel", headers=headers)
+    assert cancelled.status_code == 202, cancelled.text
+    ended = await finished(api, headers, task.id)
+    assert (ended["status"], ended["status_reason"]) == ("cancelled", "cancelled on request")
+    assert (await usage(api, headers))["concurrent_tasks"] == 0
