@@ -113,10 +113,6 @@ class TaskService:
         # of a task is folded into its record without reading it back (read again if another writer changed it)
         self._folded: dict[str, tuple[Task, int]] = {}
         self._teams: TeamTasks | None = None
-        # The agents service is made before the killswitch service (which needs it), so the two are joined here,
-        # where both are at hand: no agent starts while a hard killswitch covers it. An agent deleted ends its tasks.
-        agents.attach_killswitch(guard)
-        agents.on_delete(self._end_tasks_of_deleted)
 
     def attach_teams(self, teams: TeamTasks) -> None:
         """Tasks on teams go to ``teams`` (their runs are coordinated by the team runner)."""
@@ -235,7 +231,7 @@ class TaskService:
         await self.publish(event)
         await self._quotas.release_task(task.customer_id, task.id)
 
-    async def _end_tasks_of_deleted(self, agent: Agent) -> None:
+    async def end_tasks_of_deleted(self, agent: Agent) -> None:
         """An agent is being deleted (it is given no new task; its job is stopped next): its queued requests are
         purged from its work queue, and each of its unfinished tasks ends ``cancelled``, saying why, and gives
         back its quota slot. A run in flight is cancelled on the agent too, in case its job is not stopped."""
