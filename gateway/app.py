@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.metrics import Metrics
@@ -45,19 +47,51 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
     app.state.limiter = RateLimiter(scale=settings.rate_limit_scale)
     app.state.tiers = Tiers()
     install_error_handlers(app)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return error_response(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
-        return await call_next(request)
-
+    app.add_middleware(_LimitedBody, limit=MAX_BODY_BYTES)
     app.state.metrics = Metrics()
     app.add_middleware(_Counted, metrics=app.state.metrics)  # outermost but for Starlette's own error handler
     for module in (health, auth, agents, teams, tasks, usage, admin):
         app.include_router(module.router)
     return app
+
+
+class _TooLarge(HTTPException):
+    """Raised where a route reads a body past the limit: an HTTPException, which FastAPI passes on to its handler
+    (:mod:`gateway.errors` answers 413 in the error shape) rather than calling it a body it could not parse."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
+
+
+class _LimitedBody:
+    """Refuses a request body over ``limit`` bytes with 413: at once when its Content-Length says so, else as soon as
+    the bytes received pass it (a chunked body has no length), leaving the rest unread."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self._app = app
+        self._limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self._limit):
+            response = error_response(413, "too_large", f"request body over {self._limit} bytes")
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self._limit:
+                    raise _TooLarge(self._limit)
+            return message
+
+        await self._app(scope, receive_counted, send)
 
 
 class _Counted:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from control.backends.base import JobNotOwned, SchedulerError
+from gateway.app import MAX_BODY_BYTES
 from tests.conftest import Api
 from tests.support.helpers import assert_eventually
 
@@ -119,6 +122,36 @@ async def test_bad_definitions_get_a_clear_422_and_no_job(api: Api, changes: dic
     assert len(response.content) < 10_000  # the offending input is not echoed back
     assert (await api.client.get("/v1/agents", headers=headers)).json() == []
     assert api.control.scheduler._jobs == {}  # type: ignore[attr-defined]
+
+
+def padded(body: dict[str, Any], size: int) -> bytes:
+    """``body`` as JSON, padded with trailing spaces (still valid JSON) to ``size`` bytes."""
+    raw = json.dumps(body).encode()
+    return raw + b" " * (size - len(raw))
+
+
+async def in_chunks(raw: bytes) -> AsyncIterator[bytes]:
+    """``raw`` as a streamed body, which httpx sends chunked, without a Content-Length."""
+    for start in range(0, len(raw), 2**16):
+        yield raw[start : start + 2**16]
+
+
+async def test_a_body_over_the_limit_is_refused_with_413_chunked_or_not_and_nothing_is_stored(api: Api) -> None:
+    _, headers = await api.new_customer()
+    headers = {**headers, "Content-Type": "application/json"}
+    under = await api.client.post(
+        "/v1/agents", content=in_chunks(padded(agent_body(name="under"), MAX_BODY_BYTES)), headers=headers
+    )
+    assert under.status_code == 201, under.text
+    over = padded(agent_body(name="over"), MAX_BODY_BYTES + 1)
+    for refused in (
+        await api.client.post("/v1/agents", content=in_chunks(over), headers=headers),
+        await api.client.post("/v1/agents", content=over, headers=headers),
+    ):
+        assert refused.status_code == 413, refused.text
+        assert refused.json()["error"]["code"] == "too_large"
+    agents = (await api.client.get("/v1/agents", headers=headers)).json()
+    assert [a["name"] for a in agents] == ["under"]
 
 
 async def test_hostile_prompt_text_is_stored_as_data_and_never_reaches_the_job(api: Api) -> None:
