@@ -17,6 +17,8 @@ from gateway.schemas import ERROR_RESPONSES, TaskPublic
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 
+MAX_EVENT_ID = 2**63 - 1  # JetStream's sequences are signed 64-bit: a resume point past it is refused as input
+
 
 def _public(task: Task) -> TaskPublic:
     return TaskPublic(**task.model_dump())
@@ -91,7 +93,7 @@ async def task_events(
     control: ControlDep,
     principal: PrincipalDep,
     last_event_id: Annotated[str | None, Header(max_length=32)] = None,
-    after: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="Resume after this event id.")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="Resume after this event id.")] = None,
 ) -> StreamingResponse:
     """Server-sent events of the task from the start, or after `Last-Event-ID`; ends after the final status."""
     task = await control.tasks.get(owner_scope(principal), task_id)
@@ -115,7 +117,7 @@ async def task_ws(
     task_id: str,
     control: ControlDep,
     token: Annotated[str | None, Query(max_length=4096)] = None,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
 ) -> None:
     """The same events as JSON frames. Authenticate with `Authorization: Bearer` or `?token=`; resume with `?after=`."""
     header = websocket.headers.get("authorization", "")

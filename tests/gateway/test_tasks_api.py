@@ -213,7 +213,13 @@ async def test_bad_resume_points_and_tokens_are_refused(api: Api) -> None:
     task_id = await start_task(api, headers, agent["id"])
     bad = await api.client.get(f"/v1/tasks/{task_id}/events", headers={**headers, "Last-Event-ID": "abc"})
     assert bad.status_code == 422
-    await assert_ws_refused(api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws?token=forged")
+    ws_url = api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws"
+    await assert_ws_refused(f"{ws_url}?token=forged")
+    token = headers["Authorization"].split()[1]
+    for after in ("-1", "abc", str(2**63), str(2**64)):  # past JetStream's signed 64-bit sequences
+        sse = await api.client.get(f"/v1/tasks/{task_id}/events", params={"after": after}, headers=headers)
+        assert sse.status_code == 422 and sse.json()["error"]["code"] == "invalid", sse.text
+        await assert_ws_refused(f"{ws_url}?token={token}&after={after}")
 
 
 async def running_slow_task(api: Api) -> tuple[str, dict[str, str], str]:
