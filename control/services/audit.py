@@ -8,22 +8,34 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 import nats
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
 
 from agent.protocol import utcnow
 from control.errors import CaravanError
 from control.natsio import ensure_stream
 from control.services.auth import Principal
 
-__all__ = ["AUDIT_STREAM", "AuditLog", "AuditQuery", "AuditRecord", "describe_error"]
+__all__ = ["AUDIT_STREAM", "AuditLog", "AuditQuery", "AuditRecord", "AuditTime", "describe_error"]
 
 AUDIT_STREAM = "CARAVAN_AUDIT"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must be a time between the years 1 and 9999 in UTC") from None
+
+
+AuditTime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+"""A bound of an audit query: records are stamped in UTC, so a time without a zone would be a guess."""
 
 
 class AuditRecord(BaseModel):
@@ -42,8 +54,8 @@ class AuditQuery(BaseModel):
     actor: str | None = None
     action: str | None = None
     customer_id: str | None = None
-    since: AwareDatetime | None = None  # records are stamped in UTC: a time without a zone would be a guess
-    until: AwareDatetime | None = None
+    since: AuditTime | None = None
+    until: AuditTime | None = None
     limit: int = Field(default=100, ge=1, le=1000)
 
 
@@ -106,9 +118,10 @@ class AuditLog:
 
     async def query(self, query: AuditQuery) -> list[AuditRecord]:
         """Records matching ``query``, oldest first, at most ``limit`` (the newest ``limit`` of the matches)."""
+        # Every record is after the epoch; before it, the server's start time (nanoseconds in 64 bits) would wrap.
+        start = query.since if query.since is not None and query.since > _EPOCH else None
         config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_TIME if query.since else DeliverPolicy.ALL,
-            opt_start_time=query.since,
+            deliver_policy=DeliverPolicy.BY_START_TIME if start else DeliverPolicy.ALL, opt_start_time=start
         )
         subject = f"caravan.audit.{query.action}" if query.action else "caravan.audit.>"
         sub = await self._js.subscribe(subject, ordered_consumer=True, config=config, stream=AUDIT_STREAM)

@@ -3,11 +3,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
-from pydantic import AwareDatetime
 
 from agent.backends.base import Flag
 from control.models import AgentStatus, CustomerCreate, Role
-from control.services.audit import AuditQuery, AuditRecord
+from control.services.audit import AuditQuery, AuditRecord, AuditTime
 from control.services.killswitch import KillswitchRequest, KillswitchResult
 from control.services.quotas import Quota, UsagePublic
 from control.services.stats import Stats
@@ -151,8 +150,8 @@ async def get_audit(
     actor: Annotated[str | None, Query(max_length=200)] = None,
     action: Annotated[str | None, Query(max_length=100, pattern=r"^[a-z_]+(\.[a-z_]+)*$")] = None,
     customer_id: Annotated[str | None, Query(max_length=64)] = None,
-    since: Annotated[AwareDatetime | None, Query(description="With a timezone: 2024-01-01T00:00:00Z")] = None,
-    until: Annotated[AwareDatetime | None, Query(description="With a timezone: 2024-01-31T23:59:59Z")] = None,
+    since: Annotated[AuditTime | None, Query(description="With a timezone: 2024-01-01T00:00:00Z")] = None,
+    until: Annotated[AuditTime | None, Query(description="With a timezone: 2024-01-31T23:59:59Z")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditRecord]:
     """The audit log, oldest first (the newest `limit` matches). Append-only: nothing deletes records."""

@@ -288,6 +288,25 @@ async def test_audit_times_without_a_timezone_are_422_and_with_one_are_answered(
         answered = await api.client.get("/v1/admin/audit", params={bound: aware}, headers=admin)
         assert answered.status_code == 200, answered.text
         assert (answered.json() == []) is (bound == "until")  # everything was recorded after 2024
+    for beyond in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-14:00"):  # no such time in UTC
+        refused = await api.client.get("/v1/admin/audit", params={bound: beyond}, headers=admin)
+        assert refused.status_code == 422, refused.text
+        assert bound in refused.json()["error"]["message"] and "UTC" in refused.json()["error"]["message"]
+
+
+async def test_audit_since_a_time_long_before_any_record_finds_them_all(api: Api) -> None:
+    admin = await api.admin()
+
+    async def since(when: str | None) -> list[str]:
+        response = await api.client.get("/v1/admin/audit", params={"since": when} if when else {}, headers=admin)
+        assert response.status_code == 200, response.text
+        return [r["id"] for r in response.json()]
+
+    everything = await since(None)
+    assert everything
+    for when in ("1000-01-01T00:00:00Z", "1677-01-01T00:00:00Z", "1969-12-31T00:00:00Z"):
+        assert await since(when) == everything, when
+    assert await since("3000-01-01T00:00:00Z") == []
 
 
 async def audit(api: Api, **params: Any) -> list[dict[str, Any]]:
