@@ -6,11 +6,12 @@ other entry point refuse the same things with the same messages.
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from agent.protocol import ModelConfig, utcnow
 from agent.tools import TOOL_NAMES
@@ -24,6 +25,7 @@ __all__ = [
     "ApiKey",
     "Customer",
     "CustomerCreate",
+    "DisplayName",
     "Resources",
     "Role",
     "Task",
@@ -66,7 +68,23 @@ AgentName = Annotated[
         pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
     ),
 ]
-DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})  # controls, format and bidi controls, line breaks
+
+
+def _visible(value: str) -> str:
+    for char in value:
+        if unicodedata.category(char) in _INVISIBLE:
+            raise ValueError(f"must not hold control, format or line-break characters (U+{ord(char):04X})")
+    return value
+
+
+DisplayName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=100),
+    AfterValidator(_visible),
+    Field(description="Any letters; no control, format (zero-width, bidi) or line-break characters."),
+]
+"""A name people read (a customer's, a team's): nothing in it may be invisible, reorder the text or break it."""
 SystemMessage = Annotated[str, StringConstraints(max_length=32_000)]
 ToolName = Literal[TOOL_NAMES]  # type: ignore[valid-type]
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from agent.protocol import ID_PATTERN, ModelConfig, utcnow
+from control.models import DisplayName
 
 __all__ = ["USER", "Checkpoint", "SelectorSpec", "Team", "TeamCreate", "TeamInput", "TeamMode", "Termination"]
 
@@ -68,7 +69,7 @@ class SelectorSpec(BaseModel):
 class TeamCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+    name: DisplayName
     members: Annotated[list[AgentRef], Field(min_length=1, max_length=16)] = Field(
         description="Agent IDs of your agents, in order (round robin order; a swarm starts with the first)."
     )

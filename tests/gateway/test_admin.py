@@ -15,7 +15,7 @@ from control.services.audit import AUDIT_STREAM
 from gateway.app import create_app
 from gateway.ratelimit import Tiers
 from tests.conftest import Api
-from tests.gateway.test_agents_api import agent_body
+from tests.gateway.test_agents_api import INVISIBLE_NAMES, READABLE_NAMES, agent_body
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
 from tests.support.helpers import assert_eventually, serve_app
 
@@ -257,6 +257,21 @@ async def test_a_wildcard_for_an_id_finds_no_customers_agent_for_an_admin(api: A
         assert (await api.client.post("/v1/admin/killswitch", json=engage, headers=admin)).status_code == 404
     agent = (await api.client.get(f"/v1/agents/{created.json()['id']}", headers=headers)).json()
     assert agent["desired"] == "running"
+
+
+async def test_customer_names_that_hide_or_reorder_text_are_refused_and_nothing_is_stored(api: Api) -> None:
+    admin = await api.admin()
+    before = (await api.client.get("/v1/admin/customers", headers=admin)).json()
+    for name in INVISIBLE_NAMES:
+        refused = await api.client.post("/v1/admin/customers", json={"name": name}, headers=admin)
+        assert refused.status_code == 422, (name, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "invalid" and error["details"][0]["field"] == "name", error
+        assert f"U+{ord(next(c for c in name if not c.isalnum())):04X}" in error["message"], error
+    assert (await api.client.get("/v1/admin/customers", headers=admin)).json() == before
+    for name in READABLE_NAMES:
+        created = await api.client.post("/v1/admin/customers", json={"name": name}, headers=admin)
+        assert created.status_code == 201 and created.json()["name"] == name, created.text
 
 
 async def test_an_unexpected_error_is_a_500_in_the_error_shape_with_a_request_id_for_the_log(

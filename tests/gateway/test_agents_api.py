@@ -86,6 +86,19 @@ async def test_an_agent_whose_model_key_is_missing_ends_failed_with_the_reason(a
 
 
 HOSTILE_NAMES = ['a"b', "x${NOMAD_TOKEN}", "{{ key }}", "[[ job_id ]]", "line\nbreak", "n" * 65, "", "1abc", "a b"]
+INVISIBLE_NAMES = [
+    "\u202eevil",  # right-to-left override: shows as "live"
+    "a\u200bb",  # zero-width space
+    "\u2066isolated\u2069",  # bidi isolate
+    "\ufeffbom",
+    "line\u2028separator",
+    "para\u2029separator",
+    "next\u0085line",
+    "tab\tbed",
+    "nul\x00",
+]
+"""Display names that hide or reorder what an admin reads: control, format (zero-width, bidi) and line breaks."""
+READABLE_NAMES = ["Café Müller", "日本の会社", "Ørsted & Søn"]
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)

@@ -34,6 +34,7 @@ from tests.gateway.teams_support import (
     task_status,
     team,
 )
+from tests.gateway.test_agents_api import INVISIBLE_NAMES, READABLE_NAMES
 from tests.support.helpers import assert_eventually, small_events, small_messages
 
 
@@ -306,6 +307,21 @@ async def test_team_input_is_validated_and_nothing_is_half_written(api: Api) -> 
     for body in ({"team_id": "tm-000000000000", "task": "x"}, {"team_id": "nope", "task": "x"}):
         assert (await api.client.post("/v1/tasks", json=body, headers=headers)).status_code in (404, 422)
     assert (await api.client.get("/v1/tasks", headers=headers)).json() == []
+
+
+async def test_team_names_that_hide_or_reorder_text_are_refused_and_nothing_is_stored(api: Api) -> None:
+    _, headers = await api.new_customer()
+    member = await api.client.post("/v1/agents", json={"name": "solo", "model": script("hi")}, headers=headers)
+    body = {"members": [member.json()["id"]], "termination": {"max_messages": 2}}
+    for name in INVISIBLE_NAMES:
+        refused = await api.client.post("/v1/teams", json={**body, "name": name}, headers=headers)
+        assert refused.status_code == 422, (name, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "invalid" and error["details"][0]["field"] == "name", error
+    assert (await api.client.get("/v1/teams", headers=headers)).json() == []
+    for name in READABLE_NAMES:
+        created = await api.client.post("/v1/teams", json={**body, "name": name}, headers=headers)
+        assert created.status_code == 201 and created.json()["name"] == name, created.text
 
 
 async def test_teams_crud(api: Api) -> None:
