@@ -23,6 +23,7 @@ __all__ = [
     "AgentStatus",
     "AgentUpdate",
     "ApiKey",
+    "ChangeLease",
     "Customer",
     "CustomerCreate",
     "DisplayName",
@@ -132,6 +133,14 @@ class AgentUpdate(BaseModel):
         return self
 
 
+class ChangeLease(BaseModel):
+    """An agent's lifecycle change under way (create, PATCH, start, stop, delete): until it ends, or ``until`` passes
+    (its control plane died), no other change of the agent begins. Not shown to clients."""
+
+    owner: str
+    until: datetime
+
+
 class Agent(BaseModel):
     id: str
     customer_id: str
@@ -148,6 +157,7 @@ class Agent(BaseModel):
     job_id: str
     namespace: str
     scheduler: dict[str, Any] = Field(default_factory=dict, description="The scheduler's handles (job, eval, allocs).")
+    lease: ChangeLease | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 

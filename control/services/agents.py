@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from datetime import datetime
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from nats.js import JetStreamContext
@@ -20,15 +24,28 @@ from control.backends.base import AllocState, JobNotOwned, Scheduler, SchedulerE
 from control.errors import Conflict, Invalid, NotFound, Unavailable
 from control.ids import is_plain_id, new_id
 from control.jobspec import agent_job, job_id_for, namespace_for
-from control.models import Agent, AgentCreate, AgentRef, AgentStatus, AgentUpdate
+from control.models import Agent, AgentCreate, AgentRef, AgentStatus, AgentUpdate, ChangeLease
 from control.natsauth import NatsAuth
 from control.services.quotas import QuotaService, Reservation
 from control.settings import Settings
+from control.store import Conflict as StoreConflict
 from control.store import Repo
 
-__all__ = ["AgentService", "DeleteHook", "KillswitchEngaged", "Killswitches", "SchedulerUnavailable"]
+__all__ = [
+    "AgentService",
+    "DeleteHook",
+    "KillswitchEngaged",
+    "Killswitches",
+    "SchedulerUnavailable",
+]
 
 log = logging.getLogger("caravan.agents")
+
+LEASE_S = 120.0
+"""How long one lifecycle change of an agent may take: a lease older than that is a dead control plane's, and the
+next change takes it over."""
+LEASE_WAIT_S = 30.0
+"""How long a change waits for the one under way on the same agent before it answers busy (503, retry)."""
 
 
 def _key(customer_id: str, agent_id: str) -> str:
@@ -92,12 +109,17 @@ class AgentService:
         self._delete_hooks.append(hook)
 
     async def create(self, customer_id: str, spec: AgentCreate) -> Agent:
+        """Admit, store and submit a new agent. If it cannot be stored, everything done for it is undone: its work
+        queue's consumer, its record and its quota reservation. Its record holds the change lease (see
+        :meth:`_changing`) until its job is submitted, so a PATCH at once is not overtaken by this submission."""
         agent_id = new_id("ag")
+        owner = secrets.token_hex(8)
         agent = Agent(
             id=agent_id,
             customer_id=customer_id,
             job_id=job_id_for(agent_id),
             namespace=namespace_for(customer_id),
+            lease=_lease(owner),
             **spec.model_dump(),
         )
         job = self.render(agent)  # a definition that cannot render is refused before anything is stored
@@ -106,10 +128,14 @@ class AgentService:
         try:
             await self._ensure_consumer(agent)
             await self._repo.create(_key(customer_id, agent_id), agent)
-        except BaseException:
-            await self._quotas.release_agent(customer_id, agent_id)
+        except BaseException:  # nothing of it is left: its consumer, its record (if stored), its reservation
+            await self._forget(agent)
             raise
-        return await self._submit(agent, job)
+        try:
+            agent = await self._submit(agent, job)
+        finally:
+            released = await self._release_lease(agent, owner)
+        return released or agent
 
     async def get(self, customer_id: str | None, agent_id: str) -> Agent:
         """A customer's agent (another tenant's IDs are simply not found), or any agent for admins (None)."""
@@ -130,32 +156,38 @@ class AgentService:
         return agent_job(agent, self._settings)
 
     async def update(self, customer_id: str | None, agent_id: str, change: AgentUpdate) -> Agent:
-        current = await self.get(customer_id, agent_id)
-        merged = {**current.model_dump(include=set(AgentCreate.model_fields)), **change.model_dump(exclude_unset=True)}
-        try:
-            spec = AgentCreate.model_validate(merged)
-        except ValueError as exc:
-            raise Invalid(str(exc)) from exc
-        self.render(current.model_copy(update=dict(spec)))  # refuse before storing if it cannot render
-        # a running agent holds its new resources and replicas before its new definition is stored: a change the
-        # quota refuses stores nothing, and one that cannot be stored gives back what it reserved
-        reserved = Reservation.of(spec.resources, spec.replicas)
-        running = current.desired == "running"
-        previous = await self._quotas.reserve_running(current.customer_id, current.id, reserved) if running else None
-
-        def apply(agent: Agent) -> Agent:
-            return agent.model_copy(update={**dict(spec), "version": agent.version + 1, "updated_at": utcnow()})
-
-        try:
-            updated = await self._repo.update(_key(current.customer_id, agent_id), apply)
-            if updated is None:
-                raise NotFound(f"agent {agent_id!r} not found")
-        except BaseException:
+        """Apply the fields the client sent (and only those) to the agent as it is, under the change lease: a
+        PATCH never undoes another one's fields, and a start or stop cannot come between its quota check and its
+        submission."""
+        sent = change.model_dump(exclude_unset=True)
+        async with self._changing(customer_id, agent_id) as current:
+            try:
+                spec = AgentCreate.model_validate({**current.model_dump(include=set(AgentCreate.model_fields)), **sent})
+            except ValueError as exc:
+                raise Invalid(str(exc)) from exc
+            fields = {name: getattr(spec, name) for name in sent}
+            self.render(current.model_copy(update=fields))  # refuse before storing if it cannot render
+            # a running agent holds its new resources and replicas before its new definition is stored: a change
+            # the quota refuses stores nothing, and one that cannot be stored gives back what it reserved
+            reserved = Reservation.of(spec.resources, spec.replicas)
+            running = current.desired == "running"
+            previous = None
             if running:
-                await self._quotas.restore_running(current.customer_id, current.id, previous, reserved)
-            raise
-        if updated.desired == "running":
-            updated = await self._submit(updated, self.render(updated))
+                previous = await self._quotas.reserve_running(current.customer_id, current.id, reserved)
+
+            def apply(agent: Agent) -> Agent:
+                return agent.model_copy(update={**fields, "version": agent.version + 1, "updated_at": utcnow()})
+
+            try:
+                updated = await self._repo.update(_key(current.customer_id, current.id), apply)
+                if updated is None:
+                    raise NotFound(f"agent {agent_id!r} not found")
+            except BaseException:
+                if running:
+                    await self._quotas.restore_running(current.customer_id, current.id, previous, reserved)
+                raise
+            if updated.desired == "running":
+                updated = await self._submit(updated, self.render(updated))
         return updated
 
     async def stop(
@@ -167,32 +199,30 @@ class AgentService:
     ) -> Agent:
         """Stop the agent's job and give back what it held. If the scheduler cannot stop the job, the agent is left
         meant to run, holding its quota, and :class:`SchedulerUnavailable` says why: a retry stops it again."""
-        return await self._stop(await self.get(customer_id, agent_id), status, reason)
+        async with self._changing(customer_id, agent_id) as agent:
+            return await self._stop(agent, status, reason)
 
     async def start(self, customer_id: str | None, agent_id: str) -> Agent:
         """Run a stopped (or failed) agent's job again. Refused (:class:`KillswitchEngaged`) while a hard killswitch
         covers the agent: it stopped the job, and only its release lets the job run again. A soft killswitch does
-        not stop jobs, nor refuse this: the agent starts halted, as every agent under an engaged flag does."""
-        agent = await self.get(customer_id, agent_id)
-        if agent.desired == "running" and agent.status in (AgentStatus.STARTING, AgentStatus.RUNNING):
-            return agent
-        await self._refuse_under_hard_killswitch(agent)
-        await self._quotas.reserve_running(agent.customer_id, agent.id, _reservation(agent))
-        agent = await self._set(agent, desired="running", status=AgentStatus.PENDING, status_reason=None)
-        await self._ensure_consumer(agent)
-        return await self._submit(agent, self.render(agent))
+        not stop jobs, nor refuse this: the agent starts halted, as every agent under an engaged flag does.
+        Under the change lease: what it reserves is what it submits (a PATCH waits its turn, and then reserves
+        its own change)."""
+        async with self._changing(customer_id, agent_id) as agent:
+            if agent.desired == "running" and agent.status in (AgentStatus.STARTING, AgentStatus.RUNNING):
+                return agent
+            await self._refuse_under_hard_killswitch(agent)
+            await self._quotas.reserve_running(agent.customer_id, agent.id, _reservation(agent))
+            agent = await self._set(agent, desired="running", status=AgentStatus.PENDING, status_reason=None)
+            await self._ensure_consumer(agent)
+            return await self._submit(agent, self.render(agent))
 
     async def delete(self, customer_id: str | None, agent_id: str) -> None:
         """Stop the agent, ending what it was given (the delete hooks: its unfinished tasks end, saying why), then
         forget it. If the scheduler cannot stop its job, nothing more is done (:class:`SchedulerUnavailable`)."""
-        agent = await self.get(customer_id, agent_id)
-        agent = await self._stop(agent, AgentStatus.STOPPED, "stopped to be deleted", self._delete_hooks)
-        with contextlib.suppress(NotFoundError):
-            await self._js.delete_consumer(TASKS_STREAM, consumer_name(agent.id))
-        await self._repo.delete(_key(agent.customer_id, agent.id))
-        await self._quotas.release_agent(agent.customer_id, agent.id)
-        if self._nats_auth is not None:
-            self._nats_auth.remove_agent(agent.id)
+        async with self._changing(customer_id, agent_id) as agent:
+            agent = await self._stop(agent, AgentStatus.STOPPED, "stopped to be deleted", self._delete_hooks)
+            await self._forget(agent)
 
     async def definition(self, customer_id: str, agent_id: str) -> AgentDefinition | None:
         agent = await self._repo.get(_key(customer_id, agent_id))
@@ -305,6 +335,55 @@ class AgentService:
         await self._quotas.release_running(agent.customer_id, agent.id)
         return await self._set(agent, status=status, status_reason=reason)
 
+    async def _forget(self, agent: Agent) -> None:
+        """Remove all there is of the agent but its job: its work queue's consumer, its record, its quota."""
+        with contextlib.suppress(NotFoundError):
+            await self._js.delete_consumer(TASKS_STREAM, consumer_name(agent.id))
+        await self._repo.delete(_key(agent.customer_id, agent.id))
+        await self._quotas.release_agent(agent.customer_id, agent.id)
+        if self._nats_auth is not None:
+            self._nats_auth.remove_agent(agent.id)
+
+    @contextlib.asynccontextmanager
+    async def _changing(self, customer_id: str | None, agent_id: str) -> AsyncIterator[Agent]:
+        """One lifecycle change of an agent at a time, whichever control-plane replica makes it: the change takes the
+        lease on the agent's record (waiting for the one under way, up to ``LEASE_WAIT_S``, then busy: 503, retry)
+        and works from the record as it is then. Only a change holds the lease, so no other change's write to the
+        definition, the desired state or the quota reservation of the agent comes between its reading, its quota
+        check and its submission (status reports do, and change none of these). The lease goes when the change
+        ends, however it ends; one left by a control plane that died goes after ``LEASE_S``."""
+        agent = await self.get(customer_id, agent_id)
+        key, owner = _key(agent.customer_id, agent.id), secrets.token_hex(8)
+
+        def take(current: Agent) -> Agent | None:
+            if current.lease is not None and current.lease.until > utcnow():
+                return None
+            return current.model_copy(update={"lease": _lease(owner)})
+
+        deadline, attempt = time.monotonic() + LEASE_WAIT_S, 0
+        while True:
+            stored = await self._repo.update(key, take)
+            if stored is None:
+                raise NotFound(f"agent {agent_id!r} not found")
+            if stored.lease is not None and stored.lease.owner == owner:
+                break
+            if time.monotonic() >= deadline:
+                raise StoreConflict(f"agent {agent.id} is being changed by another request; retry")
+            attempt += 1
+            await asyncio.sleep(random.uniform(0.005, min(0.01 * attempt, 0.2)))
+        try:
+            yield stored
+        finally:
+            await asyncio.shield(self._release_lease(stored, owner))
+
+    async def _release_lease(self, agent: Agent, owner: str) -> Agent | None:
+        def release(current: Agent) -> Agent | None:
+            if current.lease is None or current.lease.owner != owner:
+                return None
+            return current.model_copy(update={"lease": None})
+
+        return await self._repo.update(_key(agent.customer_id, agent.id), release)
+
     async def _undo_stopping(self, agent: Agent) -> None:
         """A stop that did not happen: the agent is meant to be as it was before it (unless changed meanwhile)."""
         if agent.desired == "stopped":
@@ -357,6 +436,10 @@ class AgentService:
             max_ack_pending=1000,
         )
         await self._js.add_consumer(TASKS_STREAM, config)
+
+
+def _lease(owner: str) -> ChangeLease:
+    return ChangeLease(owner=owner, until=utcnow() + timedelta(seconds=LEASE_S))
 
 
 _LIVE = (AgentStatus.STARTING, AgentStatus.RUNNING, AgentStatus.KILLED)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import nats.errors
 import pytest
 
+from agent.protocol import TASKS_STREAM
 from control.backends.base import JobNotOwned, SchedulerError
 from gateway.app import MAX_BODY_BYTES
 from tests.conftest import Api
-from tests.support.helpers import assert_eventually
+from tests.support.helpers import assert_eventually, hold_first_call
 
 REPLAY = {"provider": "replay", "name": "scripted", "responses": ["Hello from the scripted model."]}
 
@@ -245,3 +248,44 @@ async def test_a_stop_the_scheduler_cannot_carry_out_leaves_the_agent_as_it_was_
     assert (stopped.json()["desired"], stopped.json()["status"]) == ("stopped", "stopped")
     used = (await api.client.get("/v1/usage", headers=headers)).json()
     assert (used["cpu"], used["memory_mb"]) == (0, 0)
+
+
+async def test_a_creation_that_cannot_be_stored_leaves_nothing_behind(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, headers = await api.new_customer()
+
+    async def too_big(key: str, record: object) -> int:  # as a definition over the server's max_payload is
+        raise nats.errors.MaxPayloadError
+
+    monkeypatch.setattr(api.control.agents._repo, "create", too_big)
+    response = await api.client.post("/v1/agents", json=agent_body(), headers=headers)
+    assert response.status_code == 500, response.text
+    consumers = await api.control.jet.js.consumers_info(TASKS_STREAM)
+    assert [c.name for c in consumers if c.name.startswith("agent-")] == []  # no durable consumer left over
+    used = (await api.client.get("/v1/usage", headers=headers)).json()
+    assert (used["agents"], used["cpu"], used["memory_mb"]) == (0, 0, 0)
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+    assert api.control.scheduler._jobs == {}  # type: ignore[attr-defined]
+
+    monkeypatch.undo()
+    assert (await api.client.post("/v1/agents", json=agent_body(), headers=headers)).status_code == 201
+
+
+async def test_concurrent_patches_of_different_fields_both_take_effect(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, headers = await api.new_customer()
+    created = await api.client.post("/v1/agents", json=agent_body(), headers=headers)
+    agent = await wait_status(api, headers, created.json()["id"], "running")
+    # the first PATCH has read the agent and waits in its quota check until the second one has read it too
+    first_waits = hold_first_call(
+        monkeypatch, (api.control.quotas, "reserve_running"), until=(api.control.agents, "get")
+    )
+    path = f"/v1/agents/{agent['id']}"
+    first = asyncio.create_task(api.client.patch(path, json={"system_message": "Be brief."}, headers=headers))
+    await first_waits.wait()
+    second = await api.client.patch(path, json={"tools": ["calculator"]}, headers=headers)
+    assert second.status_code == 200 and (await first).status_code == 200, (second.text, first.result().text)
+    after = (await api.client.get(path, headers=headers)).json()
+    assert (after["system_message"], after["tools"], after["version"]) == ("Be brief.", ["calculator"], 3)

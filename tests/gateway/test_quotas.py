@@ -20,7 +20,7 @@ from control.store import Repo
 from tests.conftest import Api, serve_api
 from tests.gateway.test_agents_api import agent_body, wait_status
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
-from tests.support.helpers import ManualClock, assert_eventually
+from tests.support.helpers import ManualClock, assert_eventually, hold_first_call
 
 
 async def set_quota(api: Api, customer_id: str, **quota: Any) -> dict[str, Any]:
@@ -280,3 +280,37 @@ async def test_reservations_stored_for_one_replica_are_corrected_when_the_contro
     assert (await usage(api, headers))["cpu"] == 100
     await api.control.agents.reconcile()
     assert held(await usage(api, headers)) == (300, 384)
+
+
+async def test_a_patch_racing_a_start_never_runs_what_the_quota_does_not_hold(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    customer_id, headers = await api.new_customer()
+    await set_quota(api, customer_id, max_cpu=1000)
+    body = agent_body(resources={"cpu": 100, "memory_mb": 128})
+    agent = (await api.client.post("/v1/agents", json=body, headers=headers)).json()
+    await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)
+    submitted: list[dict[str, Any]] = []
+    submit = api.control.scheduler.submit
+
+    async def recorded(job: dict[str, Any], *args: Any) -> Any:
+        submitted.append(job)
+        return await submit(job, *args)
+
+    monkeypatch.setattr(api.control.scheduler, "submit", recorded)
+    # the start has read the stopped agent and waits before its quota check until the PATCH has read it too
+    start_waits = hold_first_call(
+        monkeypatch, (api.control.quotas, "reserve_running"), until=(api.control.agents, "get")
+    )
+    start = asyncio.create_task(api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers))
+    await start_waits.wait()
+    patch = await api.client.patch(
+        f"/v1/agents/{agent['id']}", json={"resources": {"cpu": 5000, "memory_mb": 128}}, headers=headers
+    )
+    assert (await start).status_code == 200, start.result().text
+    assert patch.status_code == 409 and "5000 MHz" in patch.json()["error"]["message"], patch.text
+    after = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+    job = submitted[-1]["TaskGroups"][0]
+    runs = job["Tasks"][0]["Resources"]["CPU"] * job["Count"]
+    assert (after["desired"], after["resources"]["cpu"]) == ("running", 100)
+    assert held(await usage(api, headers))[0] == runs == 100

@@ -11,13 +11,14 @@ from typing import Any, TypeVar
 
 import httpx
 import nats
+import pytest
 import uvicorn
 from fastapi import FastAPI
 
 from agent.protocol import EVENTS_STREAM
 from agent.wire import Wire
 
-__all__ = ["ManualClock", "assert_eventually", "now", "serve_app", "small_events", "sse_events"]
+__all__ = ["ManualClock", "assert_eventually", "hold_first_call", "now", "serve_app", "small_events", "sse_events"]
 
 T = TypeVar("T")
 
@@ -54,6 +55,31 @@ class ManualClock:
         async with self._moved:
             self._now = at
             self._moved.notify_all()
+
+
+def hold_first_call(
+    monkeypatch: pytest.MonkeyPatch, step: tuple[object, str], until: tuple[object, str]
+) -> asyncio.Event:
+    """A race made certain: the first call of the async method ``step`` (object, name) waits until a call of
+    ``until`` returns after it (another request got as far); returns the event set once that first call waits."""
+    waiting, resume = asyncio.Event(), asyncio.Event()
+    held, after = getattr(*step), getattr(*until)
+
+    async def held_call(*args: Any, **kwargs: Any) -> Any:
+        if not waiting.is_set():
+            waiting.set()
+            await resume.wait()
+        return await held(*args, **kwargs)
+
+    async def then_resume(*args: Any, **kwargs: Any) -> Any:
+        result = await after(*args, **kwargs)
+        if waiting.is_set():
+            resume.set()
+        return result
+
+    monkeypatch.setattr(*step, held_call)
+    monkeypatch.setattr(*until, then_resume)
+    return waiting
 
 
 def now(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
