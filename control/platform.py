@@ -215,9 +215,10 @@ class ControlPlane:
             self._budget_exceeded,
         )
         # made before the killswitch service (which needs it): no agent starts under a hard killswitch, and a
-        # deleted agent's tasks end
+        # deleted or failed agent's tasks end
         self._agents.attach_killswitch(self._killswitch)
         self._agents.on_delete(self._tasks.end_tasks_of_deleted)
+        self._agents.on_failed(self._tasks.end_tasks_of_failed)
         self._stats = StatsService(
             Repo(jet.kv["agents"], Agent),
             Repo(jet.kv["tasks"], Task),

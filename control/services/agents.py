@@ -34,9 +34,11 @@ from control.store import Repo
 __all__ = [
     "AgentService",
     "DeleteHook",
+    "FailHook",
     "KillswitchEngaged",
     "Killswitches",
     "SchedulerUnavailable",
+    "why_not_serving",
 ]
 
 log = logging.getLogger("caravan.agents")
@@ -76,6 +78,19 @@ class Killswitches(Protocol):
 
 
 DeleteHook = Callable[[Agent], Awaitable[None]]
+FailHook = Callable[[Agent], Awaitable[None]]
+
+
+def why_not_serving(agent: Agent) -> str | None:
+    """What ``agent`` is, that it cannot be given a task now, and what to do (None: it can be): it is meant to stop,
+    is stopped or killed, or has failed (its job gave up, or the scheduler refused it) and runs again only once it
+    is started. Follows "agent <id> is"."""
+    if agent.status is AgentStatus.FAILED:
+        why = f" ({agent.status_reason})" if agent.status_reason else ""
+        return f"failed{why}; start it again (POST /v1/agents/{agent.id}/start) to give it tasks"
+    if agent.desired != "running" or agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
+        return f"{agent.status.value}; start it before giving it tasks"
+    return None
 
 
 class AgentService:
@@ -96,6 +111,7 @@ class AgentService:
         self._quotas = quotas
         self._killswitches: Killswitches | None = None
         self._delete_hooks: builtins.list[DeleteHook] = []
+        self._fail_hooks: builtins.list[FailHook] = []
         scheduler.on_status(self._on_scheduler_status)
 
     def attach_killswitch(self, killswitches: Killswitches) -> None:
@@ -107,6 +123,11 @@ class AgentService:
         and its record goes. A hook that raises fails the delete (the agent is left meant to run, as it was),
         which a retry then does again in full."""
         self._delete_hooks.append(hook)
+
+    def on_failed(self, hook: FailHook) -> None:
+        """Call ``hook`` with an agent's record once it has become ``failed`` (its job gave up, or the scheduler
+        refused it): nothing serves its work until it is started again. Called by the writer of that status only."""
+        self._fail_hooks.append(hook)
 
     async def create(self, customer_id: str, spec: AgentCreate) -> Agent:
         """Admit, store and submit a new agent. If it cannot be stored, everything done for it is undone: its work
@@ -285,15 +306,22 @@ class AgentService:
         if not customer_id or not agent_id:
             return
 
+        failed = False
+
         def apply(agent: Agent) -> Agent | None:
+            nonlocal failed
+            failed = False
             if agent.job_id != update.job_id:
                 return None
             status = _status_for(agent, update.state)
             if status is None:
                 return None
+            failed = status is AgentStatus.FAILED and agent.status is not AgentStatus.FAILED
             return agent.model_copy(update={"status": status, "status_reason": update.reason, "updated_at": utcnow()})
 
-        await self._repo.update(_key(customer_id, agent_id), apply)
+        updated = await self._repo.update(_key(customer_id, agent_id), apply)
+        if failed and updated is not None:
+            await self._failed(updated)
 
     async def _submit(self, agent: Agent, job: dict[str, Any]) -> Agent:
         if agent.status in (AgentStatus.FAILED, AgentStatus.STOPPED, AgentStatus.PENDING):
@@ -305,7 +333,9 @@ class AgentService:
         except SchedulerError as exc:  # JobNotOwned included; what the agent held is given back
             await self._quotas.release_running(agent.customer_id, agent.id)
             reason = str(exc) if isinstance(exc, JobNotOwned) else f"scheduler refused the job: {exc}"
-            return await self._set(agent, status=AgentStatus.FAILED, status_reason=reason)
+            failed = await self._set(agent, status=AgentStatus.FAILED, status_reason=reason)
+            await self._failed(failed)
+            return failed
 
         def submitted(current: Agent) -> Agent:
             return current.model_copy(update={"scheduler": result.handles(), "updated_at": utcnow()})
@@ -334,6 +364,13 @@ class AgentService:
             raise
         await self._quotas.release_running(agent.customer_id, agent.id)
         return await self._set(agent, status=status, status_reason=reason)
+
+    async def _failed(self, agent: Agent) -> None:
+        for hook in self._fail_hooks:
+            try:
+                await hook(agent)
+            except Exception:  # the agent is failed all the same; its work waits for it to be started again
+                log.exception("agent %s failed, and a hook on its failure did not complete", agent.id)
 
     async def _forget(self, agent: Agent) -> None:
         """Remove all there is of the agent but its job: its work queue's consumer, its record, its quota."""

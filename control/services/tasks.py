@@ -51,7 +51,7 @@ from control.models import (
     TranscriptEntry,
     Usage,
 )
-from control.services.agents import AgentService
+from control.services.agents import AgentService, why_not_serving
 from control.services.killswitch import KillswitchService
 from control.services.quotas import QuotaService
 from control.store import Conflict as StoreConflict
@@ -136,8 +136,8 @@ class TaskService:
         assert spec.agent_id is not None
         agent = await self._agents.get(customer_id, spec.agent_id)
         await self._guard.ensure_not_halted(agent)
-        if agent.desired != "running" or agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
-            raise Conflict(f"agent {agent.id} is {agent.status.value}; start it before giving it tasks")
+        if (why := why_not_serving(agent)) is not None:
+            raise Conflict(f"agent {agent.id} is {why}")
         task = Task(id=task_id, customer_id=customer_id, agent_id=agent.id, task=spec.task)
         await self._repo.create(task_key(customer_id, task.id), task)
         await self.publish(Event(kind=EventKind.STATUS, task_id=task.id, customer_id=customer_id, content="queued"))
@@ -242,6 +242,27 @@ class TaskService:
             await self._end(task, f"agent {agent.id} was deleted")
             # (its record may say queued of a task the agent picked up a moment ago)
             await self._js._nc.publish(cancel_subject(agent.customer_id, agent.id), task.id.encode())
+
+    async def end_tasks_of_failed(self, agent: Agent) -> None:
+        """An agent failed (its job gave up, or the scheduler refused it): nothing runs its work until it is started
+        again, so its queued requests are purged from its work queue and each of its unfinished tasks ends
+        ``failed``, saying why, and gives back its quota slot. Tasks given to it once it is started again run."""
+        await self._js.purge_stream(TASKS_STREAM, subject=task_subject(agent.customer_id, agent.id))
+        why = f" ({agent.status_reason})" if agent.status_reason else ""
+        reason = f"agent {agent.id} failed{why}; start it again and give it the task again"
+        for task in await self._repo.list(f"{agent.customer_id}.*"):
+            if task.agent_id != agent.id or task.status in TERMINAL_TASK_STATUSES:
+                continue
+            event = Event(
+                kind=EventKind.STATUS,
+                task_id=task.id,
+                customer_id=task.customer_id,
+                content="failed",
+                data={"reason": reason},
+                attempt=task.attempt,
+            )
+            await self.publish(event)
+            await self._quotas.release_task(task.customer_id, task.id)
 
     async def input(self, customer_id: str | None, task_id: str, content: str) -> Task:
         """The human's answer to a task that asked (team tasks)."""

@@ -10,8 +10,8 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from agent.protocol import TASKS_STREAM, Event, EventKind, task_events_subject
 from agent.teamprotocol import TeamTaskRequest, team_cancel_subject, team_task_subject
 from control.errors import Conflict, NotFound
-from control.models import AgentStatus, Task, TaskCreate, TaskStatus
-from control.services.agents import AgentService
+from control.models import Task, TaskCreate, TaskStatus
+from control.services.agents import AgentService, why_not_serving
 from control.services.killswitch import KillswitchService
 from control.services.tasks import task_key
 from control.store import Repo
@@ -58,8 +58,8 @@ class TeamTasks:
             except NotFound as exc:  # deleted after the team was made
                 raise Conflict(f"team member {agent_id} no longer exists") from exc
             await self._guard.ensure_not_halted(agent)
-            if agent.desired != "running" or agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
-                raise Conflict(f"team member {agent.id} ({agent.name}) is {agent.status.value}; start it first")
+            if (why := why_not_serving(agent)) is not None:
+                raise Conflict(f"team member {agent.id} ({agent.name}) is {why}")
 
     async def input(self, task: Task, content: str) -> Task:
         """The human's answer: the team runs again from its checkpoint with it."""

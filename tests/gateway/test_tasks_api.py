@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 from typing import Any
 
 import nats
@@ -12,11 +14,14 @@ import pytest
 import websockets
 
 from agent.backends.natskv import kv_entries
-from agent.protocol import EVENTS_STREAM, TASKS_STREAM, Event, EventKind, task_subject, utcnow
+from agent.protocol import EVENTS_STREAM, TASKS_STREAM, Event, EventKind, consumer_name, task_subject, utcnow
 from control.models import Task, TaskMessage
+from control.platform import ControlPlane
 from control.services.tasks import TRACKER, task_key
+from control.settings import Settings
 from control.store import Repo
-from tests.conftest import Api
+from tests.conftest import Api, serve_api
+from tests.gateway.teams_support import agent_ready, team
 from tests.gateway.test_agents_api import wait_status
 from tests.support.helpers import assert_eventually, now, small_events, small_messages, sse_events
 
@@ -460,3 +465,43 @@ async def test_a_task_whose_agent_is_gone_can_still_be_cancelled(api: Api) -> No
     ended = await finished(api, headers, task.id)
     assert (ended["status"], ended["status_reason"]) == ("cancelled", "cancelled on request")
     assert (await usage(api, headers))["concurrent_tasks"] == 0
+
+
+async def test_a_failed_agent_refuses_tasks_ends_those_it_had_and_takes_new_ones_once_started(
+    settings: Settings,
+) -> None:
+    async with (
+        ControlPlane(settings.model_copy(update={"agent_restart_attempts": 0})) as control,
+        serve_api(control) as api,
+    ):
+        customer_id, headers = await api.new_customer()
+        agent = await running_agent(api, headers, model=SLOW, tools=[])
+        crew = await team(api, headers, members=[agent["id"]], termination={"max_messages": 2})
+        # an agent runs four tasks at a time: the fifth waits in its queue
+        tasks = [await start_task(api, headers, agent["id"], f"task {i}") for i in range(5)]
+        await assert_eventually(
+            lambda: api.client.get("/v1/tasks?status=running", headers=headers), lambda r: len(r.json()) == 4
+        )
+        os.kill((await agent_ready(api, customer_id, agent["id"]))["data"]["pid"], signal.SIGKILL)
+        failed = await wait_status(api, headers, agent["id"], "failed")  # no restart left
+
+        refused = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "hi"}, headers=headers)
+        assert refused.status_code == 409, refused.text
+        message = refused.json()["error"]["message"]
+        assert f"agent {agent['id']} is failed ({failed['status_reason']})" in message and "start it again" in message
+        on_team = await api.client.post("/v1/tasks", json={"team_id": crew["id"], "task": "hi"}, headers=headers)
+        assert on_team.status_code == 409 and f"team member {agent['id']} (calc) is failed" in on_team.text
+        for task_id in tasks:  # what it had ends, saying why, and gives back its slot
+            task = await finished(api, headers, task_id)
+            assert task["status"] == "failed" and f"agent {agent['id']} failed" in task["status_reason"], task
+        assert (await usage(api, headers))["concurrent_tasks"] == 0
+
+        assert (await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)).status_code == 200
+        await wait_status(api, headers, agent["id"], "running")
+        again = await start_task(api, headers, agent["id"], "once more")
+        await assert_eventually(
+            lambda: api.client.get(f"/v1/tasks/{again}", headers=headers), lambda r: r.json()["status"] == "running"
+        )
+        # its work queue held nothing more of what it had: only the new task is given to it
+        queue = await api.control.jet.js.consumer_info(TASKS_STREAM, consumer_name(agent["id"]))
+        assert (queue.num_ack_pending, queue.num_pending) == (1, 0)
