@@ -517,6 +517,8 @@ def fold_event(task: Task, event: Event) -> Task | None:
                 "completion_tokens": task.usage.completion_tokens + int(event.data.get("completion_tokens", 0)),
             }
         )
+    elif event.kind in (EventKind.RESULT, EventKind.ERROR) and task.status in TERMINAL_TASK_STATUSES:
+        return None  # a run's last words after the task ended (cancelled meanwhile): they change nothing
     elif event.kind == EventKind.RESULT:
         changes["result"] = event.content
     elif event.kind == EventKind.ERROR:

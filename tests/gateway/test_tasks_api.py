@@ -249,6 +249,21 @@ async def test_cancel_stops_a_slow_model_call(api: Api) -> None:
     assert again.status_code == 409
 
 
+async def test_a_result_that_comes_after_the_task_ended_changes_nothing(api: Api) -> None:
+    """A run's last words published after its task ended (a cancelled run that answered all the same) neither
+    turn it back into `completed` nor give it a result."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+    assert (await finished(api, headers, task_id))["status"] == "cancelled"
+    late = functools.partial(task_event, customer_id, task_id)
+    await api.control.tasks.publish(late(EventKind.ERROR, "too late"))
+    await api.control.tasks.publish(late(EventKind.RESULT, "too late"))
+    await api.control.tasks.publish(late(EventKind.STATUS, "completed"))
+    await tracker_caught_up(api)
+    task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert (task["status"], task["status_reason"], task["result"]) == ("cancelled", "cancelled on request", None)
+
+
 async def test_an_impossible_event_does_not_stop_the_records_from_following(api: Api) -> None:
     """An event that parses but names no status (an agent's bug, or a hostile one) is skipped, and the events
     after it still reach the task's record."""
