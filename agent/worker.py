@@ -55,6 +55,9 @@ __all__ = ["AgentWorker", "DefinitionUnavailable", "WorkerConfig"]
 
 log = logging.getLogger("caravan.agent")
 
+CANCELS_KEPT = 1024
+"""Cancels of tasks a process does not run that it keeps, in case their request is handed to it next."""
+
 Ack = Literal["wait", "later", "none"]
 """How :meth:`AgentWorker.publish` treats JetStream's acknowledgement of an event."""
 
@@ -110,6 +113,7 @@ class AgentWorker:
         self._wire: Wire | None = None
         self._health = HealthServer(self._probe, config.health_host, config.health_port)
         self._runs: dict[str, CancellationToken] = {}
+        self._cancels: dict[str, bool] = {}  # cancelled tasks it was not running (yet), oldest first
         self._run_tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._psub: JetStreamContext.PullSubscription | None = None
@@ -319,10 +323,16 @@ class AgentWorker:
         await self._publish_agent_event(AgentEventKind.BROADCAST, {"message": message, "by": by}, ack="later")
 
     async def _on_cancel(self, msg: Msg) -> None:
+        """Cancel the task's run; a task it does not run is remembered: its request may be on its way here (the
+        control plane tells the agent before it looks whether the request was handed out)."""
         task_id = msg.data.decode()
         token = self._runs.get(task_id)
         if token is not None:
             token.cancel()
+            return
+        self._cancels[task_id] = True
+        if len(self._cancels) > CANCELS_KEPT:
+            del self._cancels[next(iter(self._cancels))]
 
     async def _run_one(self, msg: Msg) -> None:
         try:
@@ -333,6 +343,8 @@ class AgentWorker:
             return
         run = _TaskRun(self, request, msg.metadata.num_delivered or 1)
         self._runs[request.task_id] = run.token
+        if self._cancels.pop(request.task_id, False) or self.halt is not None or self._stopping:
+            run.token.cancel()  # cancelled, halted or stopping since it was fetched: it ends before it starts
         heartbeat = asyncio.create_task(keep_in_progress(msg, every=10.0))
         try:
             await run.execute()
@@ -430,6 +442,9 @@ class _TaskRun:
         await self.emit(EventKind.STATUS, content=status, data={"reason": reason} if reason else {})
 
     async def execute(self) -> None:
+        if self.token.is_cancelled():
+            await self._stopped()
+            return
         await self.status("running")
         try:
             agent = AssistantAgent(
@@ -452,13 +467,7 @@ class _TaskRun:
             if unstored is not None:
                 raise RuntimeError(f"an event of the task was not stored: {unstored}")
         except asyncio.CancelledError:
-            halt = self.worker.halt
-            if halt is not None:
-                await self.status("killed", halt.reason)
-            elif self.worker._stopping:
-                await self.status("failed", "agent is stopping")
-            else:
-                await self.status("cancelled", "cancelled on request")
+            await self._stopped()
             return
         except Exception as exc:
             log.exception("task %s failed", self.request.task_id)
@@ -468,6 +477,16 @@ class _TaskRun:
         final = final_text(result)
         await self.emit(EventKind.RESULT, content=final, data={"stop_reason": result.stop_reason if result else None})
         await self.status("completed")
+
+    async def _stopped(self) -> None:
+        """The run was stopped: the status says by what."""
+        halt = self.worker.halt
+        if halt is not None:
+            await self.status("killed", halt.reason)
+        elif self.worker._stopping:
+            await self.status("failed", "agent is stopping")
+        else:
+            await self.status("cancelled", "cancelled on request")
 
     async def _forward(self, item: Any) -> None:
         for kind, fields in event_fields(item):
