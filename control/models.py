@@ -244,6 +244,11 @@ class Task(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     attempt: int = 1
     queue_seq: int | None = Field(default=None, description="Sequence of the request in the task queue.")
+    cancel_requested: bool = Field(
+        default=False,
+        description="A cancel was asked for: whatever starts the task (again) is told at once, and it ends "
+        "`cancelled` when its runner confirms, or at once if nothing was handed it.",
+    )
     events_seq: int = Field(
         default=0, description="Stream sequence of the last event folded in: one delivered again is not folded twice."
     )

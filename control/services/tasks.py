@@ -34,10 +34,12 @@ from agent.protocol import (
     EventKind,
     TaskRequest,
     cancel_subject,
+    consumer_name,
     task_events_subject,
     task_subject,
     utcnow,
 )
+from agent.teamprotocol import team_cancel_subject
 from control.errors import Conflict, Invalid, NotFound
 from control.ids import is_plain_id, new_id
 from control.models import (
@@ -60,7 +62,7 @@ from control.store import Repo
 if TYPE_CHECKING:
     from control.teams.dispatch import TeamTasks
 
-__all__ = ["StreamedEvent", "TaskService"]
+__all__ = ["StreamedEvent", "TaskService", "handed_out"]
 
 KILLSWITCH_QUIET_S = 0.05
 KILLSWITCH_STATE_DELAY_S = 1.0
@@ -87,6 +89,30 @@ class StreamedEvent:
 def task_key(customer_id: str, task_id: str) -> str:
     """A task record's key (and its team checkpoint's): the customer's records share a prefix."""
     return f"{customer_id}.{task_id}"
+
+
+async def handed_out(js: JetStreamContext, consumer: str, seq: int) -> bool:
+    """Whether the work queue's ``consumer`` has handed out request ``seq``, to a runner that may still hold it
+    (a consumer hands out its requests in stream order). False if there is no such consumer: none can."""
+    try:
+        info = await js.consumer_info(TASKS_STREAM, consumer)
+    except NotFoundError:
+        return False
+    return info.delivered is not None and info.delivered.stream_seq >= seq
+
+
+def _may_run(agent: Agent) -> bool:
+    """Whether a process of ``agent`` may be running tasks: not when its job is stopped or failed (a soft
+    killswitch's `killed` agent still runs, halted)."""
+    if agent.status in (AgentStatus.STOPPED, AgentStatus.FAILED):
+        return False
+    return not (agent.status == AgentStatus.KILLED and agent.desired == "stopped")
+
+
+def _cancel_requested(task: Task) -> Task | None:
+    if task.cancel_requested or task.status in TERMINAL_TASK_STATUSES:
+        return None
+    return task.model_copy(update={"cancel_requested": True})
 
 
 class TaskService:
@@ -198,24 +224,45 @@ class TaskService:
         return out
 
     async def cancel(self, customer_id: str | None, task_id: str) -> Task:
+        """Stop the task wherever it is. A request no runner was handed (still in its queue, or its agent's job
+        gone) is taken out and the task ends ``cancelled`` at once; otherwise whoever may run it is told, and the
+        task ends when it says so (``cancelled``; ``completed`` if it had just finished), giving back its quota
+        slot then. The answer is the task as it was asked."""
         task = await self.get(customer_id, task_id)
         if task.status in TERMINAL_TASK_STATUSES:
             raise Conflict(f"task {task.id} is already {task.status.value}")
+        # marked first: a runner that takes the task up (again) after this is told at once (see _fold)
+        await self._repo.update(task_key(task.customer_id, task.id), _cancel_requested)
         if task.team_id is not None and self._teams is not None:
             return await self._teams.cancel(task)
-        removed = False
-        if task.queue_seq is not None:
-            with contextlib.suppress(NotFoundError):
-                removed = await self._js.delete_msg(TASKS_STREAM, task.queue_seq)
         agent = None
         if task.agent_id is not None:
             with contextlib.suppress(NotFound):  # deleted: nothing runs the task, which ends here
                 agent = await self._agents.get(task.customer_id, task.agent_id)
-        if removed or agent is None or agent.status != AgentStatus.RUNNING:
+        if agent is not None:
+            # told before the queue is looked at: an agent handed the request after that hears the cancel first,
+            # and never starts it (agent/worker.py)
+            await self._tell_runner(task)
+        if agent is None or not _may_run(agent) or not await self._handed_out(task):
+            if task.queue_seq is not None:
+                with contextlib.suppress(NotFoundError):
+                    await self._js.delete_msg(TASKS_STREAM, task.queue_seq)
             await self._end(task, "cancelled on request")
-        else:
-            await self._js._nc.publish(cancel_subject(task.customer_id, agent.id), task.id.encode())
         return task
+
+    async def _handed_out(self, task: Task) -> bool:
+        """Whether the agent's work queue may have handed the task's request to one of its processes."""
+        if task.queue_seq is None or task.agent_id is None:
+            return True  # not queued yet, as far as the record tells
+        return await handed_out(self._js, consumer_name(task.agent_id), task.queue_seq)
+
+    async def _tell_runner(self, task: Task) -> None:
+        """Tell whoever may run ``task`` to stop it: its agent's processes, or the team's manager."""
+        nc = self._js._nc
+        if task.team_id is not None:
+            await nc.publish(team_cancel_subject(task.customer_id, task.id), b"")
+        elif task.agent_id is not None:
+            await nc.publish(cancel_subject(task.customer_id, task.agent_id), task.id.encode())
 
     async def _end(self, task: Task, reason: str) -> None:
         """End a task nothing runs any more (``cancelled``, for ``reason``), and give back its quota slot at once
@@ -234,14 +281,14 @@ class TaskService:
     async def end_tasks_of_deleted(self, agent: Agent) -> None:
         """An agent is being deleted (it is given no new task; its job is stopped next): its queued requests are
         purged from its work queue, and each of its unfinished tasks ends ``cancelled``, saying why, and gives
-        back its quota slot. A run in flight is cancelled on the agent too, in case its job is not stopped."""
+        back its quota slot. A run in flight is cancelled on the agent first, in case its job is not stopped."""
         await self._js.purge_stream(TASKS_STREAM, subject=task_subject(agent.customer_id, agent.id))
         for task in await self._repo.list(f"{agent.customer_id}.*"):
             if task.agent_id != agent.id or task.status in TERMINAL_TASK_STATUSES:
                 continue
-            await self._end(task, f"agent {agent.id} was deleted")
             # (its record may say queued of a task the agent picked up a moment ago)
-            await self._js._nc.publish(cancel_subject(agent.customer_id, agent.id), task.id.encode())
+            await self._tell_runner(task)
+            await self._end(task, f"agent {agent.id} was deleted")
 
     async def end_tasks_of_failed(self, agent: Agent) -> None:
         """An agent failed (its job gave up, or the scheduler refused it): nothing runs its work until it is started
@@ -460,6 +507,8 @@ class TaskService:
         if stored is None:
             return
         after = stored[0]
+        if after.cancel_requested and any(_starts(event) for _, event in sequenced):
+            await self._tell_runner(after)  # a run that started (again) after the cancel: told now
         if after.status not in TERMINAL_TASK_STATUSES:
             if len(self._folded) >= FOLDED_KEPT:
                 del self._folded[next(iter(self._folded))]  # the task that went longest without an event
@@ -473,6 +522,10 @@ class TaskService:
 
 
 TRANSCRIPT_KINDS = (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESULT, EventKind.INPUT_REQUEST)
+
+
+def _starts(event: Event) -> bool:
+    return event.kind == EventKind.STATUS and event.content == TaskStatus.RUNNING
 
 
 def transcript_message(event: Event) -> TaskMessage | None:

@@ -21,9 +21,9 @@ from control.services.tasks import TRACKER, task_key
 from control.settings import Settings
 from control.store import Repo
 from tests.conftest import Api, serve_api
-from tests.gateway.teams_support import agent_ready, team
+from tests.gateway.teams_support import agent_ready, health, team
 from tests.gateway.test_agents_api import wait_status
-from tests.support.helpers import assert_eventually, now, small_events, small_messages, sse_events
+from tests.support.helpers import assert_eventually, now, small_events, small_messages, sse_events, stored_events
 
 TOOL_SCRIPT = {
     "provider": "replay",
@@ -247,6 +247,38 @@ async def test_cancel_stops_a_slow_model_call(api: Api) -> None:
     assert task["status"] == "cancelled" and task["result"] is None
     again = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
     assert again.status_code == 409
+
+
+async def test_a_running_task_ends_cancelled_when_its_agent_stops_the_run_and_holds_its_slot_until_then(
+    api: Api,
+) -> None:
+    """The agent that runs a task hears its cancel and stops the run, which says `cancelled` as its last word:
+    until then the task is not `cancelled`, and its quota slot is not given to another task."""
+    from tests.gateway.test_quotas import set_quota  # (which imports this module)
+
+    customer_id, headers = await api.new_customer()
+    await set_quota(api, customer_id, max_concurrent_tasks=1)
+    agent = await running_agent(api, headers, model=SLOW, tools=[])
+    ready = (await agent_ready(api, customer_id, agent["id"]))["data"]
+    task_id = await start_task(api, headers, agent["id"])
+    await assert_eventually(
+        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
+    )
+    os.kill(ready["pid"], signal.SIGSTOP)  # the agent holds the run, but cannot stop it yet
+    try:
+        assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+        assert (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()["status"] == "running"
+        more = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "more"}, headers=headers)
+        assert more.status_code == 409 and "concurrent tasks" in more.json()["error"]["message"]
+    finally:
+        os.kill(ready["pid"], signal.SIGCONT)
+    task = await finished(api, headers, task_id)
+    assert (task["status"], task["result"]) == ("cancelled", None)
+    await assert_eventually(lambda: health(ready["health_port"]), lambda h: h["running_tasks"] == 0, what="run over")
+    last = (await stored_events(api.control.jet.js, customer_id, task_id))[-1]
+    assert (last.kind, last.content, last.agent_id) == ("status", "cancelled", agent["id"])  # the run's own last word
+    await assert_eventually(lambda: usage(api, headers), lambda u: u["concurrent_tasks"] == 0, what="slot back")
+    assert (await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "x"}, headers=headers)).is_success
 
 
 async def test_a_result_that_comes_after_the_task_ended_changes_nothing(api: Api) -> None:

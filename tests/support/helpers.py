@@ -15,10 +15,19 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from agent.protocol import EVENTS_STREAM
+from agent.protocol import EVENTS_STREAM, Event, task_events_subject
 from agent.wire import Wire
 
-__all__ = ["ManualClock", "assert_eventually", "hold_first_call", "now", "serve_app", "small_events", "sse_events"]
+__all__ = [
+    "ManualClock",
+    "assert_eventually",
+    "hold_first_call",
+    "now",
+    "serve_app",
+    "small_events",
+    "sse_events",
+    "stored_events",
+]
 
 T = TypeVar("T")
 
@@ -133,6 +142,23 @@ async def sse_events(
                 field, _, value = line.partition(": ")
                 current[field] = json.loads(value) if field == "data" else value
     return events
+
+
+async def stored_events(js: Any, customer_id: str, task_id: str) -> list[Event]:
+    """Every event of the task in JetStream, in order: also any after its terminal status (the API's streams end
+    there)."""
+    subject = task_events_subject(customer_id, task_id)
+    last = (await js.get_last_msg(EVENTS_STREAM, subject)).seq
+    sub = await js.subscribe(subject, ordered_consumer=True, stream=EVENTS_STREAM)
+    events: list[Event] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            events.append(Event.model_validate_json(msg.data))
+            if msg.metadata.sequence.stream >= last:
+                return events
+    finally:
+        await sub.unsubscribe()
 
 
 async def nats_connect(url: str) -> nats.NATS:
