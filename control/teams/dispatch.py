@@ -8,12 +8,12 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from agent.protocol import TASKS_STREAM, Event, EventKind, task_events_subject
-from agent.teamprotocol import TeamTaskRequest, team_cancel_subject, team_task_subject
+from agent.teamprotocol import TEAM_CONSUMER, TeamTaskRequest, team_cancel_subject, team_task_subject
 from control.errors import Conflict, NotFound
 from control.models import Task, TaskCreate, TaskStatus
 from control.services.agents import AgentService, why_not_serving
 from control.services.killswitch import KillswitchService
-from control.services.tasks import task_key
+from control.services.tasks import handed_out, task_key
 from control.store import Repo
 from control.teams.models import Checkpoint, Team
 from control.teams.service import TeamService
@@ -91,16 +91,19 @@ class TeamTasks:
         return task.model_copy(update={"status": TaskStatus.QUEUED, "queue_seq": ack.seq})
 
     async def cancel(self, task: Task) -> Task:
-        removed = False
-        if task.status == TaskStatus.QUEUED and task.queue_seq is not None:
+        """Cancel a team task whose record says a cancel was asked for (a manager that takes it up after this
+        reads that and ends it unrun). A run no manager was handed, or one waiting for the human, ends here;
+        otherwise the manager that holds it stops it everywhere, and reports ``cancelled``."""
+        seq = task.queue_seq if task.status == TaskStatus.QUEUED else None
+        if seq is not None and not await handed_out(self._js, TEAM_CONSUMER, seq):
             with contextlib.suppress(NotFoundError):
-                removed = await self._js.delete_msg(TASKS_STREAM, task.queue_seq)
-        if removed or task.status == TaskStatus.AWAITING_INPUT:
-            with contextlib.suppress(KeyNotFoundError):
-                await self._checkpoints.delete(task_key(task.customer_id, task.id))
-            await self._publish_status(task, "cancelled", "cancelled on request")
-        else:  # the manager running it stops it everywhere and reports `cancelled`
+                await self._js.delete_msg(TASKS_STREAM, seq)
+        elif task.status != TaskStatus.AWAITING_INPUT:
             await self._js._nc.publish(team_cancel_subject(task.customer_id, task.id), b"")
+            return task
+        with contextlib.suppress(KeyNotFoundError):
+            await self._checkpoints.delete(task_key(task.customer_id, task.id))
+        await self._publish_status(task, "cancelled", "cancelled on request")
         return task
 
     async def _publish_status(self, task: Task, status: str, reason: str | None = None) -> None:

@@ -82,6 +82,10 @@ class _Retry(Exception):
     """The run broke off (a member or the manager was lost); start again from the last checkpoint."""
 
 
+class _Cancelled(Exception):
+    """Cancelled before the team ran: it never does."""
+
+
 @dataclass
 class _Active:
     token: CancellationToken = field(default_factory=CancellationToken)
@@ -226,6 +230,9 @@ class TeamRunner:
         task = await self._tasks.get(key)
         if task is None or task.status in TERMINAL_TASK_STATUSES:
             return
+        if task.cancel_requested:  # before this manager was handed the run (a cancel after it reaches `active`)
+            await self._cancelled(task, task.attempt)
+            return
         checkpoint = await self._checkpoints.get(key) or Checkpoint()
         if request.kind == "input" and request.segment != checkpoint.segment:
             return  # an answer that was already used
@@ -244,8 +251,7 @@ class TeamRunner:
                     await self._status(task, attempt, "failed", f"{retry} (gave up after {attempt} attempts)")
                     return
                 if active.cancelled:  # asked for while the run broke off: the next attempt must not start
-                    await self._checkpoints_delete(task)
-                    await self._status(task, attempt, "cancelled", "cancelled on request")
+                    await self._cancelled(task, attempt)
                     return
                 log.warning("team task %s: %s; going on from the last checkpoint", task.id, retry)
                 attempt += 1
@@ -294,7 +300,11 @@ class TeamRunner:
         await runtime.start()
         try:
             beats.append(asyncio.create_task(self._beat(runtime.namespace)))
-            joined = await self._join(task, team, members, run_id)
+            try:
+                joined = await self._join(task, team, members, run_id, active)
+            except _Cancelled:  # while the members joined (or started)
+                await self._cancelled(task, attempt)
+                return
             turns.enabled = all(j.checkpoints for j in joined.values())
             presence.reset()
             beats.append(asyncio.create_task(presence.watch(active)))
@@ -316,8 +326,7 @@ class TeamRunner:
                     await turns.flush()
                     raise _Retry(active.lost or "the control plane is stopping") from None
                 await turns.close()
-                await self._checkpoints_delete(task)
-                await self._status(task, attempt, "cancelled", "cancelled on request")
+                await self._cancelled(task, attempt)
                 return
             except (RuntimeError, ValueError) as exc:
                 await self._stored(task)
@@ -406,8 +415,9 @@ class TeamRunner:
         await self._status(task, attempt, "completed", stop_reason)
 
     async def _join(
-        self, task: Task, team: Team, members: dict[str, AgentDefinition], run_id: str
+        self, task: Task, team: Team, members: dict[str, AgentDefinition], run_id: str, active: _Active
     ) -> dict[str, MemberJoined]:
+        """Enlist a replica of every member; :class:`_Cancelled` if the task is cancelled meanwhile."""
         handoffs = {a: [t if t == USER else members[t].name for t in team.handoffs.get(a, [])] for a in members}
 
         async def join(agent_id: str) -> tuple[str, MemberJoined]:
@@ -423,6 +433,8 @@ class TeamRunner:
             )
             deadline = time.monotonic() + self.config.join_timeout_s
             while True:
+                if active.cancelled:
+                    raise _Cancelled
                 try:
                     reply = await self._jet.nc.request(
                         join_subject(task.customer_id, agent_id), request.model_dump_json().encode(), timeout=5
@@ -437,7 +449,10 @@ class TeamRunner:
                         ) from exc
                     await asyncio.sleep(0.25)
 
-        return dict(await asyncio.gather(*(join(a) for a in team.members)))
+        joined = dict(await asyncio.gather(*(join(a) for a in team.members)))
+        if active.cancelled:
+            raise _Cancelled
+        return joined
 
     async def _beat(self, namespace: str) -> None:
         while True:
@@ -469,6 +484,10 @@ class TeamRunner:
                 event.data = {**event.data, REPLAYED: True}
             await self._publish(event, wait=False)
         await self._stored(task)
+
+    async def _cancelled(self, task: Task, attempt: int) -> None:
+        await self._checkpoints_delete(task)
+        await self._status(task, attempt, "cancelled", "cancelled on request")
 
     async def _checkpoints_delete(self, task: Task) -> None:
         with contextlib.suppress(KeyNotFoundError):

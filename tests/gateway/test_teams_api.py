@@ -34,8 +34,8 @@ from tests.gateway.teams_support import (
     task_status,
     team,
 )
-from tests.gateway.test_agents_api import INVISIBLE_NAMES, READABLE_NAMES
-from tests.support.helpers import assert_eventually, small_events, small_messages
+from tests.gateway.test_agents_api import INVISIBLE_NAMES, READABLE_NAMES, wait_status
+from tests.support.helpers import assert_eventually, now, small_events, small_messages, stored_events
 
 
 async def test_round_robin_matches_agentchat_in_process(api: Api) -> None:
@@ -176,6 +176,30 @@ async def test_cancel_stops_a_model_call_in_another_process(api: Api) -> None:
         lambda: health(port), lambda h: h["team_handlers"] == 0 and h["team_runs"] == 0, what="member idle"
     )
     assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 409
+
+
+async def test_a_team_task_cancelled_while_its_members_start_never_runs(api: Api) -> None:
+    """A manager that took the run up waits for the members to start and join; cancelled meanwhile, the task ends
+    `cancelled` and the team never runs, not even once its members are up."""
+    customer_id, headers = await api.new_customer()
+    members = []
+    for name in ("writer", "critic"):
+        body = {"name": name, "model": script(f"{name} speaks")}
+        response = await api.client.post("/v1/agents", json=body, headers=headers)
+        assert response.status_code == 201, response.text
+        members.append(response.json()["id"])
+    created = await team(api, headers, members=members, termination={"max_messages": 3})
+    task_id = await start(api, headers, created["id"], "Go.")
+    runner = api.control.team_runner
+    await assert_eventually(now(lambda: runner.running), lambda n: n == 1, what="a manager took the run up")
+    response = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
+    assert response.status_code == 202 and response.json()["status"] == "queued"
+    assert (await task_status(api, headers, task_id))["status"] == "cancelled"
+    for agent_id in members:
+        await wait_status(api, headers, agent_id, "running", 40)
+    await assert_eventually(now(lambda: runner.running), lambda n: n == 0, what="the manager let the run go")
+    events = await stored_events(api.control.jet.js, customer_id, task_id)
+    assert [(e.kind, e.content) for e in events] == [("status", "queued"), ("status", "cancelled")]
 
 
 async def test_a_member_that_dies_mid_turn_is_restarted_and_the_run_goes_on_from_its_last_message(api: Api) -> None:
