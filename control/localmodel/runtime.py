@@ -104,6 +104,7 @@ class LlamaServer:
         self.port = 0
         self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
+        self._ready = False  # the process launched last answered, and has not exited since
         self._supervisor: asyncio.Task[None] | None = None
         self._started = False
         self._stopping = False
@@ -118,6 +119,11 @@ class LlamaServer:
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def ready(self) -> bool:
+        """Whether the server answers (it did once started, and has not exited since)."""
+        return self._ready and self.pid is not None
 
     @property
     def pid(self) -> int | None:
@@ -176,6 +182,7 @@ class LlamaServer:
         except BaseException:
             await self._terminate()
             raise
+        self._ready = True
         log.info("local model %s ready on %s (pid %s)", self.model_alias, self.base_url, self._proc.pid)
 
     async def _wait_ready(self) -> None:
@@ -199,8 +206,9 @@ class LlamaServer:
     async def _supervise(self) -> None:
         delay = self.restart_delay
         while not self._stopping:
-            if self._proc is not None:
+            if self._proc is not None and self._ready:  # (a launch that failed said how its process ended)
                 code = await self._proc.wait()
+                self._ready = False
                 # code 0 is a clean exit (stopped from outside, not a crash): still not meant to happen
                 level = logging.WARNING if code == 0 else logging.ERROR
                 log.log(level, "the local model server %s: %s", exit_reason(code), _tail(self.log_path, 2))

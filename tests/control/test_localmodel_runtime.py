@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
 import httpx
@@ -13,10 +14,13 @@ import pytest
 from control.cli import _demo_model
 from control.localmodel import LlamaServer, LocalModelUnavailable, bundled_model_path, runtime_installed
 from tests.conftest import make_settings
-from tests.support.helpers import assert_eventually
+from tests.support.helpers import assert_eventually, now
 
 
 async def _answers(server: LlamaServer) -> int | None:
+    """The server's pid, once it is ready (its supervisor too says so) and answers."""
+    if not server.ready:
+        return None
     try:
         async with httpx.AsyncClient(timeout=2) as client:
             if (await client.get(f"{server.base_url}/v1/models")).status_code == 200:
@@ -52,6 +56,29 @@ async def test_a_server_that_dies_is_started_again(tmp_path: Path, caplog: pytes
         ("ERROR", "the local model server killed by SIGKILL"),
         ("WARNING", "the local model server exited with code 0"),
     ], caplog.text
+
+
+@pytest.mark.skipif(os.environ.get("CARAVAN_LOCAL_MODEL") == "0", reason="CARAVAN_LOCAL_MODEL=0")
+async def test_a_restart_that_fails_is_reported_once_and_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with LlamaServer(bundled_model_path(), tmp_path / "server.log", threads=1, restart_delay=0.1) as server:
+        first = server.pid
+        assert first is not None
+        command = server._command
+        monkeypatch.setattr(server, "_command", lambda: [sys.executable, "-c", "raise SystemExit(3)"])
+        os.killpg(first, signal.SIGKILL)
+        failed = re.compile(r"the local model server exited with code 3")
+        await assert_eventually(
+            now(lambda: sum(1 for r in caplog.records if failed.match(r.getMessage()))), lambda n: n >= 2
+        )
+        monkeypatch.setattr(server, "_command", command)
+        await assert_eventually(lambda: _answers(server), lambda pid: pid is not None, within=60, what="restarted")
+        failures = sum(1 for r in caplog.records if failed.match(r.getMessage()))
+        assert server.restarts == failures + 1  # each failed launch counted once, then the one that came up
+    ended = re.compile(r"the local model server (exited|killed)")
+    ends = [r.getMessage() for r in caplog.records if ended.match(r.getMessage())]
+    assert len(ends) == failures + 1 and "killed by SIGKILL" in ends[0], ends  # no exit reported twice
 
 
 async def test_a_missing_model_file_is_a_clear_error(tmp_path: Path) -> None:
