@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from control.teams.build import build_team
 from control.teams.models import Team, Termination
 from tests.bench._team_peer import RELAY_REQUEST, Ping, Pong
 from tests.bench.conftest import join_members, percentile
+from tests.support.helpers import free_port
 
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "1000"))
 ROUNDS = 5
@@ -68,12 +68,6 @@ async def timed(call: object, n: int) -> list[float]:
         await call(i)  # type: ignore[operator]
         out.append(time.perf_counter() - started)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def line(name: str, values: list[float]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -21,6 +22,7 @@ from agent.wire import Wire
 __all__ = [
     "ManualClock",
     "assert_eventually",
+    "free_port",
     "hold_first_call",
     "now",
     "serve_app",
@@ -98,6 +100,13 @@ def now(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
         return read()
 
     return probe
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (until something takes it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
