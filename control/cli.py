@@ -1,5 +1,9 @@
-"""The ``caravan`` command: ``up`` (the embedded platform), ``serve`` (gateway + control plane only), ``job render``
-and ``job plan`` (an agent's job, without submitting it)."""
+"""The ``caravan`` command: ``up`` (the embedded platform), ``serve`` (gateway + control plane only), ``killswitch``
+(through the admin API), ``job render`` and ``job plan`` (an agent's job, without submitting it).
+
+What an operator gets wrong or meets (an argument, an environment variable, NATS, Nomad or the gateway down or
+answering an error) ends the command with one line on stderr saying what and what to check: exit 2 for bad usage,
+as argparse does, 1 for a failure."""
 
 from __future__ import annotations
 
@@ -9,18 +13,26 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
+import re
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import httpx
 import nats
+import nats.errors
 import uvicorn
+from nats.aio.client import Client as NATS
+from nats.js.errors import BucketNotFoundError
+from pydantic import AliasChoices, ValidationError
+from pydantic_settings import SettingsError
 
 from agent.aio import run
 from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
@@ -29,9 +41,10 @@ from control.ids import is_plain_id
 from control.jobspec import agent_job
 from control.localmodel import LocalModel, LocalModelUnavailable, runtime_installed
 from control.models import Agent, AgentCreate
-from control.natsauth import NatsAuth, control_credentials
+from control.natsauth import NatsAuth, NatsCredentials, control_credentials
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane, control_login
+from control.services.killswitch import MAX_WAIT_MS
 from control.settings import Settings
 from control.store import Repo
 from control.teams.models import TeamCreate, Termination
@@ -40,6 +53,112 @@ from gateway.app import create_app
 __all__ = ["main"]
 
 log = logging.getLogger("caravan")
+
+HTTP_TIMEOUT_S = 60.0
+"""How long ``caravan killswitch`` waits for the gateway's answer to one request."""
+
+
+def _usage(message: str) -> NoReturn:
+    """Bad input from the operator (an argument or an environment variable): exit 2, as argparse does."""
+    print(f"caravan: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _port(text: str) -> int:
+    port = int(text) if text.strip().isdigit() else 0
+    if not 1 <= port <= 65_535:
+        raise argparse.ArgumentTypeError(f"not a port number (1-65535): {text!r}")
+    return port
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_WAIT_MS / 1000:  # NaN is neither: refused too
+        raise argparse.ArgumentTypeError(f"not a number of seconds from 0 to {MAX_WAIT_MS // 1000}: {text!r}")
+    return seconds
+
+
+def _env_port(variable: str, default: int) -> int:
+    try:
+        return _port(os.environ[variable]) if variable in os.environ else default
+    except argparse.ArgumentTypeError as exc:
+        _usage(f"{variable}: {exc}")
+
+
+def _variable(name: str) -> str:
+    """The environment variable behind a setting (``name`` is the field or its first alias), as the operator set
+    it: the first of its names that is set."""
+    for setting, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        names = [str(n) for n in alias.choices] if isinstance(alias, AliasChoices) else [f"CARAVAN_{setting.upper()}"]
+        if name == setting or name in names:
+            return next((n for n in names if n in os.environ), names[0])
+    return name
+
+
+def _settings() -> Settings:
+    """The settings from the environment; a bad value is bad usage, named by its variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        _usage("; ".join(f"{_variable(str(e['loc'][0]))}={e['input']!r}: {e['msg']}" for e in exc.errors()))
+    except SettingsError as exc:  # a list or a map that is not JSON
+        named = re.search(r'field "(\w+)"', str(exc))
+        variable = _variable(named.group(1)) if named else "an environment variable"
+        _usage(f'{variable}={os.environ.get(variable, "")!r}: not valid JSON (a list is written ["a", "b"])')
+
+
+def _where(url: str) -> str:
+    """An address to show: without the password it may carry."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    return url if parts.password is None else url.replace(f":{parts.password}@", ":***@")
+
+
+@contextlib.asynccontextmanager
+async def _nats(settings: Settings, embedded: NatsCredentials | None) -> AsyncIterator[NATS]:
+    """The platform's NATS as the control plane logs in to it, tried twice rather than retried for minutes; what
+    to check if it cannot be reached or JetStream does not answer there."""
+    user, password = control_login(settings, embedded)
+    failures: list[Exception] = []
+
+    async def note(exc: Exception) -> None:  # nats-py logs each failed attempt with a traceback otherwise
+        failures.append(exc)
+
+    where = _where(settings.nats_url)
+    try:
+        nc = await nats.connect(
+            settings.nats_url,
+            name="caravan-cli",
+            user=user,
+            password=password,
+            connect_timeout=5,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.5,
+            error_cb=note,
+        )
+    except (OSError, nats.errors.Error) as exc:
+        why = failures[-1] if failures else exc
+        if isinstance(why, nats.errors.AuthorizationError):
+            raise SystemExit(
+                f"caravan: NATS at {where} refused the login: set CARAVAN_NATS_USER and CARAVAN_NATS_PASSWORD, or "
+                "CARAVAN_DATA_DIR to the data dir of the `caravan up` that runs it"
+            ) from None
+        raise SystemExit(
+            f"caravan: cannot reach NATS at {where} ({str(why) or type(why).__name__}): is it running "
+            "(`caravan up` runs one), and is NATS_URL right?"
+        ) from None
+    try:
+        yield nc
+    except nats.errors.Error as exc:
+        raise SystemExit(
+            f"caravan: NATS at {where}: JetStream did not answer ({exc}): is JetStream on (nats-server -js)?"
+        ) from None
+    finally:
+        await nc.close()
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -293,10 +412,20 @@ def _team_lines(base: str, creds: dict[str, Any]) -> list[str]:
     ]
 
 
-async def _up(settings: Settings, nats_port: int) -> None:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+def _require_http_port(settings: Settings) -> None:
     if not _port_free(settings.http_host, settings.http_port):
-        raise SystemExit(f"port {settings.http_port} is in use: set CARAVAN_HTTP_PORT to a free port")
+        raise SystemExit(f"caravan: port {settings.http_port} is in use: set CARAVAN_HTTP_PORT to a free port")
+
+
+async def _up(settings: Settings, nats_port: int) -> None:
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(
+            f"caravan: cannot make the data dir {settings.data_dir} ({exc.strerror}): set CARAVAN_DATA_DIR to a "
+            "directory Caravan may write"
+        ) from None
+    _require_http_port(settings)
     port = nats_port if _port_free("127.0.0.1", nats_port) else 0
     auth = NatsAuth(settings.data_dir / "nats")  # every agent gets its own NATS user, confined to its customer
     nats_dir = settings.data_dir / "nats"
@@ -315,76 +444,97 @@ async def _up(settings: Settings, nats_port: int) -> None:
 
 
 async def _serve_only(settings: Settings) -> None:
+    _require_http_port(settings)
+    async with _nats(settings, None) as nc:  # NATS down or not NATS: say so, rather than retry with tracebacks
+        await nc.jetstream().account_info()
     async with ControlPlane(settings) as control:
         if control.bootstrap_admin_key is not None:
             print(f"First start: one-time admin API key (store it now): {control.bootstrap_admin_key.api_key}")
         await _serve(settings, control, f"Caravan API on http://{settings.http_host}:{settings.http_port}")
 
 
-def _admin_client(args: argparse.Namespace) -> httpx.Client:
+def _killswitch(args: argparse.Namespace) -> None:
     if not args.api_key:
-        raise SystemExit("caravan: an admin API key is needed: --api-key or CARAVAN_API_KEY")
-    client = httpx.Client(base_url=args.url, timeout=60)
+        _usage("an admin API key is needed: --api-key or CARAVAN_API_KEY")
     try:
-        response = client.post("/v1/auth/token", json={"api_key": args.api_key})
-    except httpx.HTTPError as exc:
-        client.close()
-        raise SystemExit(f"caravan: cannot reach {args.url}: {exc}") from exc
-    _check(response)
-    client.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
-    return client
+        client = httpx.Client(base_url=args.url, timeout=HTTP_TIMEOUT_S)
+    except httpx.InvalidURL as exc:
+        _usage(f"--url {args.url!r} is not a URL: {exc}")
+    with contextlib.closing(client):
+        try:
+            token = _answer(client.post("/v1/auth/token", json={"api_key": args.api_key}))["access_token"]
+            client.headers["Authorization"] = f"Bearer {token}"
+            if args.action == "status":
+                _killswitch_status(client)
+            else:
+                _killswitch_set(client, args)
+        except httpx.TimeoutException:
+            raise SystemExit(
+                f"caravan: {args.url} did not answer within {HTTP_TIMEOUT_S:g} s: is the platform up, and is --url "
+                "(CARAVAN_URL) right?"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise SystemExit(
+                f"caravan: cannot reach {args.url} ({str(exc) or type(exc).__name__}): is the platform running, and "
+                "is --url (CARAVAN_URL) right?"
+            ) from None
 
 
-def _check(response: httpx.Response) -> None:
+def _answer(response: httpx.Response) -> Any:
+    """The JSON of a successful answer; an error answer (``{"error": {"code", "message"}}``) ends the command with
+    its message."""
+    request = f"{response.request.method} {response.request.url.path}"
     if response.status_code >= 400:
         try:
             error = response.json()["error"]
             message = f"{error['code']}: {error['message']}"
         except (ValueError, KeyError, TypeError):
-            message = response.text[:500]
+            message = " ".join(response.text.split())[:500]
+        raise SystemExit(f"caravan: {request} failed ({response.status_code}) {message}")
+    try:
+        return response.json()
+    except ValueError:
         raise SystemExit(
-            f"caravan: {response.request.method} {response.request.url.path} failed ({response.status_code}) {message}"
-        )
+            f"caravan: {request} answered {response.status_code} without JSON: is --url (CARAVAN_URL) Caravan's API?"
+        ) from None
 
 
-def _killswitch(args: argparse.Namespace) -> None:
-    client = _admin_client(args)
-    with contextlib.closing(client):
-        if args.action == "status":
-            response = client.get("/v1/admin/killswitch")
-            _check(response)
-            flags = response.json()
-            if not flags:
-                print("no killswitch engaged")
-            for flag in flags:
-                target = flag["target"] or "every agent"
-                print(f"ENGAGED {flag['scope']:<8} {target:<16} by {flag['by']} at {flag['at']}: {flag['reason']}")
-            return
-        scope = "agent" if args.agent else "customer" if args.customer else "all"
-        body = {
-            "scope": scope,
-            "customer_id": args.customer,
-            "agent_id": args.agent,
-            "engaged": args.action == "engage",
-            "reason": args.reason,
-            "wait_ms": int(args.wait * 1000),
-        }
-        if args.hard:
-            body["hard"] = True
-        response = client.post("/v1/admin/killswitch", json={k: v for k, v in body.items() if v is not None})
-        _check(response)
-        result = response.json()
-        verb = "engaged" if result["engaged"] else "released"
-        print(
-            f"killswitch {verb} ({result['scope']} {result['target'] or ''}) in {result['elapsed_ms']:.0f} ms: "
-            f"{result['acknowledged']}/{result['covered']} agents acknowledged"
-        )
-        if result["unacknowledged"]:
-            print("not acknowledged: " + ", ".join(result["unacknowledged"]))
-        if result["stopped"]:
-            print("jobs stopped: " + ", ".join(result["stopped"]))
-        if result["unacknowledged"]:
-            sys.exit(1)
+def _killswitch_status(client: httpx.Client) -> None:
+    flags = _answer(client.get("/v1/admin/killswitch"))
+    if not flags:
+        print("no killswitch engaged")
+    for flag in flags:
+        target = flag["target"] or "every agent"
+        print(f"ENGAGED {flag['scope']:<8} {target:<16} by {flag['by']} at {flag['at']}: {flag['reason']}")
+
+
+def _killswitch_set(client: httpx.Client, args: argparse.Namespace) -> None:
+    scope = "agent" if args.agent else "customer" if args.customer else "all"
+    body = {
+        "scope": scope,
+        "customer_id": args.customer,
+        "agent_id": args.agent,
+        "engaged": args.action == "engage",
+        "reason": args.reason,
+        "wait_ms": int(args.wait * 1000),
+    }
+    if args.hard:
+        body["hard"] = True
+    result = _answer(client.post("/v1/admin/killswitch", json={k: v for k, v in body.items() if v is not None}))
+    verb = "engaged" if result["engaged"] else "released"
+    print(
+        f"killswitch {verb} ({result['scope']} {result['target'] or ''}) in {result['elapsed_ms']:.0f} ms: "
+        f"{result['acknowledged']}/{result['covered']} agents acknowledged"
+    )
+    if result["unacknowledged"]:
+        print("not acknowledged: " + ", ".join(result["unacknowledged"]))
+    if result["stopped"]:
+        print("jobs stopped: " + ", ".join(result["stopped"]))
+    if result["unacknowledged"]:
+        sys.exit(1)
+
+
+AGENTS_BUCKET = "caravan_agents"
 
 
 async def _job(settings: Settings, verb: str, agent_id: str) -> int:
@@ -393,12 +543,14 @@ async def _job(settings: Settings, verb: str, agent_id: str) -> int:
         print(f"not an agent id: {agent_id!r}", file=sys.stderr)
         return 2
     # read only (no streams, buckets or files made), as the control plane's user when `caravan up` runs NATS with auth
-    user, password = control_login(settings, control_credentials(settings.data_dir / "nats"))
-    nc = await nats.connect(settings.nats_url, name="caravan-cli", user=user, password=password, connect_timeout=5)
-    try:
-        found = await Repo(await nc.jetstream().key_value("caravan_agents"), Agent).find(agent_id)
-    finally:
-        await nc.close()
+    async with _nats(settings, control_credentials(settings.data_dir / "nats")) as nc:
+        try:
+            found = await Repo(await nc.jetstream().key_value(AGENTS_BUCKET), Agent).find(agent_id)
+        except BucketNotFoundError:
+            raise SystemExit(
+                f"caravan: NATS at {_where(settings.nats_url)} has no {AGENTS_BUCKET} bucket: is NATS_URL the "
+                "platform's NATS? (`caravan up` and `caravan serve` make it on their first start)"
+            ) from None
     if found is None:
         print(f"agent {agent_id} not found", file=sys.stderr)
         return 1
@@ -435,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="caravan", description="Run AutoGen agent teams on Nomad.")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run the embedded platform: NATS, control plane, gateway, local scheduler")
-    up.add_argument("--nats-port", type=int, default=int(os.environ.get("CARAVAN_NATS_PORT", "4222")))
+    up.add_argument("--nats-port", type=_port, help="NATS's port (default: CARAVAN_NATS_PORT, else 4222)")
     sub.add_parser("serve", help="run the gateway and control plane against NATS_URL and the configured scheduler")
     ks = sub.add_parser("killswitch", help="engage, release or show the killswitch (through the admin API)")
     ks.add_argument("action", choices=["engage", "release", "status"])
@@ -444,7 +596,12 @@ def main(argv: list[str] | None = None) -> None:
     target.add_argument("--agent", help="scope: this agent")
     ks.add_argument("--reason", default="", help="why (shown to agents, in status and in the audit log)")
     ks.add_argument("--hard", action="store_true", help="also stop the covered agents' jobs")
-    ks.add_argument("--wait", type=float, default=2.0, help="seconds to wait for acknowledgements")
+    ks.add_argument(
+        "--wait",
+        type=_wait_seconds,
+        default=2.0,
+        help=f"seconds to wait for acknowledgements (at most {MAX_WAIT_MS // 1000})",
+    )
     ks.add_argument("--url", default=os.environ.get("CARAVAN_URL", "http://127.0.0.1:8080"))
     ks.add_argument("--api-key", default=os.environ.get("CARAVAN_API_KEY"))
     job = sub.add_parser("job", help="an agent's Nomad job, without submitting it")
@@ -456,17 +613,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the local model proxy's every request otherwise
-    settings = Settings()
+    settings = _settings()
     if args.command == "job":
         logging.getLogger().setLevel(logging.WARNING)
         sys.exit(run(_job(settings, args.verb, args.agent_id)))
     try:
         if args.command == "up":
-            run(_up(settings, args.nats_port))
+            run(_up(settings, args.nats_port or _env_port("CARAVAN_NATS_PORT", 4222)))
         else:
             run(_serve_only(settings))
     except KeyboardInterrupt:
         pass
+    except SchedulerError as exc:  # Nomad unreachable or refusing at start
+        raise SystemExit(f"caravan: {exc}") from None
     sys.exit(0)
 
 

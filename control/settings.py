@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CARAVAN_", extra="ignore")
 
     http_host: str = "127.0.0.1"
-    http_port: int = 8080
+    http_port: int = Field(default=8080, ge=1, le=65_535)
     data_dir: Path = Path("var")
     nats_url: str = Field(
         default="nats://127.0.0.1:4222", validation_alias=AliasChoices("CARAVAN_NATS_URL", "NATS_URL")

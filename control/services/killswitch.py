@@ -24,9 +24,12 @@ from control.services.agents import AgentService
 from control.services.audit import AuditLog, AuditRecord, describe_error
 from control.services.auth import AuthService, Principal
 
-__all__ = ["JobsNotStopped", "KillswitchRequest", "KillswitchResult", "KillswitchService"]
+__all__ = ["MAX_WAIT_MS", "JobsNotStopped", "KillswitchRequest", "KillswitchResult", "KillswitchService"]
 
 log = logging.getLogger("caravan.killswitch")
+
+MAX_WAIT_MS = 30_000
+"""The longest a killswitch request may wait for acknowledgements."""
 
 Reason = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
 
@@ -40,7 +43,7 @@ class KillswitchRequest(BaseModel):
     engaged: bool = True
     reason: Reason = ""
     hard: bool = Field(default=False, description="Also stop the covered agents' jobs.")
-    wait_ms: int = Field(default=2000, ge=0, le=30_000, description="How long to wait for acknowledgements.")
+    wait_ms: int = Field(default=2000, ge=0, le=MAX_WAIT_MS, description="How long to wait for acknowledgements.")
 
     @model_validator(mode="after")
     def _target(self) -> KillswitchRequest:

@@ -1,9 +1,15 @@
-"""The `caravan killswitch` verbs against a running gateway, and what `caravan up` gives the demo customer."""
+"""The `caravan killswitch` verbs against a running gateway, what `caravan up` gives the demo customer, and what
+the CLI says (rather than a traceback) when an argument, the environment, NATS, Nomad or the gateway is wrong."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
+import socket
+import sys
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,22 +17,30 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from control import cli
 from control.cli import _banner, _demo_credentials, _demo_model, main
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.settings import Settings
 from tests.conftest import ADMIN_KEY, Api, make_settings, serve_api
 from tests.gateway.teams_support import task_status
+from tests.support.helpers import free_port
 
 PROVIDER_KEYS = ("OPENAI_API_KEY", "OPENROUTER_API_KEY", "GROQ_API_KEY", "DEEPSEEK_API_KEY", "ANTHROPIC_API_KEY")
 
 
 async def run_cli(*argv: str) -> int:
+    """``caravan argv...`` in this process: its exit code, a message it exits with printed on stderr (as the
+    interpreter does). Any other exception is raised: the operator would see a traceback."""
+
     def call() -> int:
         try:
             main(list(argv))
         except SystemExit as exc:
-            return int(exc.code) if isinstance(exc.code, int) else 1
+            if exc.code is None or isinstance(exc.code, int):
+                return exc.code or 0
+            print(exc.code, file=sys.stderr)
+            return 1
         return 0
 
     return await asyncio.to_thread(call)
@@ -46,12 +60,145 @@ async def test_killswitch_engage_status_release(api: Api, capsys: pytest.Capture
 
 async def test_killswitch_cli_explains_failures(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
     assert await run_cli("killswitch", "engage", "--url", api.base, "--api-key", "wrong-key-0123456789") == 1
+    assert "(401) unauthorized: " in capsys.readouterr().err
     assert (
         await run_cli(
             "killswitch", "engage", "--customer", "cu-000000000000", "--url", api.base, "--api-key", ADMIN_KEY
         )
         == 1
     )
+    assert "(404) not_found: " in capsys.readouterr().err
+
+
+DEAD_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["killswitch", "engage", "--wait", "nan", "--url", DEAD_URL], {}, "--wait"),
+        (["killswitch", "engage", "--wait", "inf", "--url", DEAD_URL], {}, "--wait"),
+        (["killswitch", "engage", "--wait", "-1", "--url", DEAD_URL], {}, "--wait"),
+        (["killswitch", "engage", "--wait", "31", "--url", DEAD_URL], {}, "--wait"),  # the API waits 30 s at most
+        (["killswitch", "status", "--url", "http://[::1"], {}, "--url"),
+        (["up", "--nats-port", "70000"], {}, "--nats-port"),
+        (["up"], {"CARAVAN_NATS_PORT": "abc"}, "CARAVAN_NATS_PORT"),
+        (["up"], {"CARAVAN_HTTP_PORT": "99999"}, "CARAVAN_HTTP_PORT"),
+        (["job", "render", "ag-000000000000"], {"CARAVAN_HTTP_PORT": "abc"}, "CARAVAN_HTTP_PORT='abc'"),
+        (["job", "render", "ag-000000000000"], {"CARAVAN_SCHEDULER": "mesos"}, "CARAVAN_SCHEDULER='mesos'"),
+        (["serve"], {"CARAVAN_DATACENTERS": "dc1"}, "CARAVAN_DATACENTERS='dc1'"),  # a list is JSON
+        (["serve"], {"NOMAD_SKIP_VERIFY": "maybe"}, "NOMAD_SKIP_VERIFY='maybe'"),  # named as the operator set it
+    ],
+)
+async def test_a_bad_argument_or_environment_value_is_named_as_bad_usage(
+    argv: list[str],
+    env: dict[str, str],
+    named: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default data dir, should anything get that far
+    monkeypatch.setenv("CARAVAN_API_KEY", ADMIN_KEY)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert await run_cli(*argv) == 2
+    assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["job", "render", "ag-000000000000"], ["serve"]])
+async def test_nats_down_is_said_once(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = f"nats://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("NATS_URL", dead)
+    monkeypatch.setenv("CARAVAN_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))
+    assert await run_cli(*argv) == 1
+    assert f"cannot reach NATS at {dead}" in capsys.readouterr().err
+
+
+async def test_job_render_on_a_nats_caravan_never_ran_on(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NATS_URL", nats_server.url)
+    monkeypatch.setenv("CARAVAN_DATA_DIR", str(tmp_path))
+    assert await run_cli("job", "render", "ag-000000000000") == 1
+    assert "has no caravan_agents bucket" in capsys.readouterr().err
+
+
+async def test_serve_says_its_port_is_taken(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NATS_URL", nats_server.url)
+    monkeypatch.setenv("CARAVAN_DATA_DIR", str(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("CARAVAN_HTTP_PORT", str(taken.getsockname()[1]))
+        assert await run_cli("serve") == 1
+    assert "is in use: set CARAVAN_HTTP_PORT" in capsys.readouterr().err
+
+
+async def test_serve_says_nomad_is_unreachable(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NATS_URL", nats_server.url)
+    monkeypatch.setenv("CARAVAN_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))
+    monkeypatch.setenv("CARAVAN_SCHEDULER", "nomad")
+    nomad = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("NOMAD_ADDR", nomad)
+    assert await run_cli("serve") == 1
+    assert f"cannot reach Nomad at {nomad}" in capsys.readouterr().err
+
+
+@contextlib.asynccontextmanager
+async def gateway_that(fails: str) -> AsyncIterator[str]:
+    """A gateway that gives a token, then fails the next request: it goes down (closes the connection without an
+    answer) or never answers; or a web server that is no gateway at all (a page for every request)."""
+    page = b"<html>not here</html>"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.closing(writer):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                if fails == "no gateway":
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: %d\r\n\r\n%s"
+                        % (len(page), page)
+                    )
+                elif head.startswith(b"POST /v1/auth/token "):
+                    token = b'{"access_token": "t", "token_type": "bearer", "expires_in": 3600}'
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                        % (len(token), token)
+                    )
+                elif fails == "down":
+                    return
+                else:
+                    await reader.read()  # until the CLI gives up and hangs up
+                    return
+                await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    ("fails", "said"),
+    [("down", "cannot reach http://"), ("silent", "did not answer within 0.5 s"), ("no gateway", "without JSON")],
+)
+async def test_killswitch_says_what_the_gateway_did_wrong(
+    fails: str, said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if fails == "silent":
+        monkeypatch.setattr(cli, "HTTP_TIMEOUT_S", 0.5)  # rather than the minute a real gateway may take
+    async with gateway_that(fails) as url:
+        assert await run_cli("killswitch", "engage", "--reason", "drill", "--url", url, "--api-key", ADMIN_KEY) == 1
+    assert said in capsys.readouterr().err
 
 
 def _pasted(banner: str) -> str:
