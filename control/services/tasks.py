@@ -264,14 +264,14 @@ class TaskService:
         elif task.agent_id is not None:
             await nc.publish(cancel_subject(task.customer_id, task.agent_id), task.id.encode())
 
-    async def _end(self, task: Task, reason: str) -> None:
-        """End a task nothing runs any more (``cancelled``, for ``reason``), and give back its quota slot at once
-        (the tracker gives it back too when it folds the status in: the release is keyed by the task)."""
+    async def _end(self, task: Task, reason: str, status: TaskStatus = TaskStatus.CANCELLED) -> None:
+        """End a task nothing runs any more (``cancelled``, or ``status``, for ``reason``), and give back its quota
+        slot at once (the tracker gives it back too when it folds the status in: the release is keyed by the task)."""
         event = Event(
             kind=EventKind.STATUS,
             task_id=task.id,
             customer_id=task.customer_id,
-            content="cancelled",
+            content=status.value,
             data={"reason": reason},
             attempt=task.attempt,
         )
@@ -300,16 +300,7 @@ class TaskService:
         for task in await self._repo.list(f"{agent.customer_id}.*"):
             if task.agent_id != agent.id or task.status in TERMINAL_TASK_STATUSES:
                 continue
-            event = Event(
-                kind=EventKind.STATUS,
-                task_id=task.id,
-                customer_id=task.customer_id,
-                content="failed",
-                data={"reason": reason},
-                attempt=task.attempt,
-            )
-            await self.publish(event)
-            await self._quotas.release_task(task.customer_id, task.id)
+            await self._end(task, reason, TaskStatus.FAILED)
 
     async def input(self, customer_id: str | None, task_id: str, content: str) -> Task:
         """The human's answer to a task that asked (team tasks)."""
