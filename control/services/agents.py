@@ -305,6 +305,9 @@ class AgentService:
         customer_id, agent_id = update.meta.get("caravan_customer"), update.meta.get("caravan_agent")
         if not customer_id or not agent_id:
             return
+        if update.state is AllocState.FAILED and await self._other_replicas_serve(update):
+            log.warning("agent %s: replica %s failed (%s); the others serve", agent_id, update.alloc_id, update.reason)
+            return  # the agent has not failed: its tasks go on, on the replicas that run
 
         failed = False
 
@@ -322,6 +325,17 @@ class AgentService:
         updated = await self._repo.update(_key(customer_id, agent_id), apply)
         if failed and updated is not None:
             await self._failed(updated)
+
+    async def _other_replicas_serve(self, update: StatusUpdate) -> bool:
+        """Whether another allocation of the job of ``update`` runs or is on its way (an agent with replicas)."""
+        try:
+            status = await self._scheduler.job_status(update.namespace, update.job_id)
+        except SchedulerError:
+            return False  # unknown: the failure is the agent's, as it was reported
+        return status is not None and any(
+            alloc_id != update.alloc_id and state not in (AllocState.FAILED, AllocState.STOPPED)
+            for alloc_id, state in status.allocs.items()
+        )
 
     async def _submit(self, agent: Agent, job: dict[str, Any]) -> Agent:
         if agent.status in (AgentStatus.FAILED, AgentStatus.STOPPED, AgentStatus.PENDING):

@@ -514,6 +514,26 @@ async def test_a_task_whose_agent_is_gone_can_still_be_cancelled(api: Api) -> No
     assert (await usage(api, headers))["concurrent_tasks"] == 0
 
 
+async def test_one_replica_that_fails_for_good_leaves_the_agent_serving_on_the_others(settings: Settings) -> None:
+    async with (
+        ControlPlane(settings.model_copy(update={"agent_restart_attempts": 0})) as control,
+        serve_api(control) as api,
+    ):
+        _, headers = await api.new_customer()
+        agent = await running_agent(api, headers, replicas=2)
+        job = control.scheduler._jobs[(agent["namespace"], agent["job_id"])]  # type: ignore[attr-defined]
+        pids = [alloc.process.pid for alloc in job.allocs if alloc.process is not None]
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGKILL)  # no restart left: that replica is failed for good
+        await assert_eventually(
+            lambda: control.scheduler.job_status(agent["namespace"], agent["job_id"]),
+            lambda status: status is not None and "failed" in status.allocs.values(),
+        )
+        task = await finished(api, headers, await start_task(api, headers, agent["id"], "still there?"))
+        assert task["status"] == "completed", task
+        assert (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()["status"] == "running"
+
+
 async def test_a_failed_agent_refuses_tasks_ends_those_it_had_and_takes_new_ones_once_started(
     settings: Settings,
 ) -> None:
