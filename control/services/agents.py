@@ -217,10 +217,12 @@ class AgentService:
         agent_id: str,
         status: AgentStatus = AgentStatus.STOPPED,
         reason: str = "stopped on request",
+        force: bool = False,
     ) -> Agent:
         """Stop the agent's job and give back what it held. If the scheduler cannot stop the job, the agent is left
-        meant to run, holding its quota, and :class:`SchedulerUnavailable` says why: a retry stops it again."""
-        async with self._changing(customer_id, agent_id) as agent:
+        meant to run, holding its quota, and :class:`SchedulerUnavailable` says why: a retry stops it again.
+        ``force`` (a hard killswitch) does not wait for a change of the agent under way (see :meth:`_changing`)."""
+        async with self._changing(customer_id, agent_id, force) as agent:
             return await self._stop(agent, status, reason)
 
     async def start(self, customer_id: str | None, agent_id: str) -> Agent:
@@ -338,6 +340,12 @@ class AgentService:
         )
 
     async def _submit(self, agent: Agent, job: dict[str, Any]) -> Agent:
+        try:  # again, at the last moment: a hard killswitch engaged since the caller looked stopped what ran then
+            await self._refuse_under_hard_killswitch(agent)
+        except KillswitchEngaged as exc:
+            await self._quotas.release_running(agent.customer_id, agent.id)
+            await self._set(agent, desired="stopped", status=AgentStatus.KILLED, status_reason=exc.message)
+            raise
         if agent.status in (AgentStatus.FAILED, AgentStatus.STOPPED, AgentStatus.PENDING):
             # before the scheduler reports: a status it reports while submitting (a placement that failed,
             # a task that already exited) must not be overwritten afterwards
@@ -396,18 +404,20 @@ class AgentService:
             self._nats_auth.remove_agent(agent.id)
 
     @contextlib.asynccontextmanager
-    async def _changing(self, customer_id: str | None, agent_id: str) -> AsyncIterator[Agent]:
+    async def _changing(self, customer_id: str | None, agent_id: str, force: bool = False) -> AsyncIterator[Agent]:
         """One lifecycle change of an agent at a time, whichever control-plane replica makes it: the change takes the
         lease on the agent's record (waiting for the one under way, up to ``LEASE_WAIT_S``, then busy: 503, retry)
         and works from the record as it is then. Only a change holds the lease, so no other change's write to the
         definition, the desired state or the quota reservation of the agent comes between its reading, its quota
         check and its submission (status reports do, and change none of these). The lease goes when the change
-        ends, however it ends; one left by a control plane that died goes after ``LEASE_S``."""
+        ends, however it ends; one left by a control plane that died goes after ``LEASE_S``. With ``force`` (a hard
+        killswitch) the lease is taken over at once: a change under way that then submits the job finds the hard
+        flag in :meth:`_submit`."""
         agent = await self.get(customer_id, agent_id)
         key, owner = _key(agent.customer_id, agent.id), secrets.token_hex(8)
 
         def take(current: Agent) -> Agent | None:
-            if current.lease is not None and current.lease.until > utcnow():
+            if not force and current.lease is not None and current.lease.until > utcnow():
                 return None
             return current.model_copy(update={"lease": _lease(owner)})
 

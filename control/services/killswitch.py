@@ -30,6 +30,8 @@ log = logging.getLogger("caravan.killswitch")
 
 MAX_WAIT_MS = 30_000
 """The longest a killswitch request may wait for acknowledgements."""
+_STOPS_AT_ONCE = 8
+"""Jobs a hard killswitch stops at once (each may take the job's kill timeout)."""
 
 Reason = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
 
@@ -218,18 +220,28 @@ class KillswitchService:
         stopped: list[str] = []
         not_stopped: dict[str, str] = {}
         if request.engaged and request.hard:
-            for agent in covered:
-                try:
-                    await self._agents.stop(
-                        None, agent.id, status=AgentStatus.KILLED, reason=f"killswitch: {request.reason}"
-                    )
-                except Exception as exc:  # the others are stopped all the same; the answer names this one
-                    error = describe_error(exc)
-                    if error["code"] == "internal":
-                        log.exception("killswitch: the job of agent %s could not be stopped", agent.id)
-                    not_stopped[agent.id] = error["message"]
-                    continue
-                stopped.append(agent.id)
+            stopping = asyncio.Semaphore(_STOPS_AT_ONCE)
+
+            async def stop(agent: AgentRef) -> None:
+                async with stopping:
+                    try:  # a change of the agent under way does not hold this back (force)
+                        await self._agents.stop(
+                            None,
+                            agent.id,
+                            status=AgentStatus.KILLED,
+                            reason=f"killswitch: {request.reason}",
+                            force=True,
+                        )
+                    except Exception as exc:  # the others are stopped all the same; the answer names this one
+                        error = describe_error(exc)
+                        if error["code"] == "internal":
+                            log.exception("killswitch: the job of agent %s could not be stopped", agent.id)
+                        not_stopped[agent.id] = error["message"]
+                        return
+                    stopped.append(agent.id)
+
+            await asyncio.gather(*(stop(agent) for agent in covered))
+            stopped.sort()
         return KillswitchResult(
             engaged=request.engaged,
             scope=key.scope,

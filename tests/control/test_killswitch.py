@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from agent.protocol import utcnow
 from control.backends.base import SchedulerError
+from control.models import ChangeLease
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from tests.conftest import Api, make_settings, serve_api
 from tests.gateway.test_agents_api import agent_body, wait_status
 from tests.gateway.test_tasks_api import running_agent, start_task
 from tests.support.consul_double import ConsulDouble
-from tests.support.helpers import assert_eventually
+from tests.support.helpers import assert_eventually, hold_first_call
 
 SLOW = {"provider": "replay", "name": "slow", "responses": ["never said"], "delay_ms": 120_000}
 
@@ -205,6 +209,40 @@ async def test_what_a_hard_killswitch_stopped_its_owner_cannot_start_until_it_is
     started = await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)
     assert started.status_code == 200, started.text
     await wait_status(api, headers, agent["id"], "running")
+
+
+async def test_a_hard_killswitch_does_not_wait_for_a_change_under_way(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    dead = ChangeLease(owner="a control plane that died", until=utcnow() + timedelta(seconds=120))
+    await api.control.agents._repo.update(  # type: ignore[attr-defined]
+        f"{customer_id}.{agent['id']}", lambda a: a.model_copy(update={"lease": dead})
+    )
+    result = await killswitch(api, scope="customer", customer_id=customer_id, reason="abuse", hard=True, wait_ms=0)
+    assert result["stopped"] == [agent["id"]], result  # at once: it answered 502 "busy" after 30 s
+    status = await api.control.scheduler.job_status(agent["namespace"], agent["job_id"])
+    assert status is not None and set(status.allocs.values()) == {"stopped"}
+
+
+async def test_a_start_that_a_hard_killswitch_overtakes_does_not_run(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    customer_id, headers = await api.new_customer()
+    created = await api.client.post("/v1/agents", json=agent_body(), headers=headers)
+    agent = await wait_status(api, headers, created.json()["id"], "running")
+    assert (await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)).status_code == 200
+    # the start has found no flag and waits before its quota check until the killswitch has engaged
+    start_waits = hold_first_call(
+        monkeypatch, (api.control.quotas, "reserve_running"), until=(api.control.killswitch, "apply")
+    )
+    start = asyncio.create_task(api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers))
+    await start_waits.wait()
+    await killswitch(api, scope="customer", customer_id=customer_id, reason="abuse", hard=True, wait_ms=0)
+    refused = await start
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "killswitch_engaged", refused.text
+    current = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+    assert (current["desired"], current["status"]) == ("stopped", "killed")
+    assert (await api.client.get("/v1/usage", headers=headers)).json()["cpu"] == 0
+    status = await api.control.scheduler.job_status(agent["namespace"], agent["job_id"])
+    assert status is not None and set(status.allocs.values()) == {"stopped"}
 
 
 @pytest.mark.parametrize(
