@@ -172,8 +172,28 @@ class TaskService:
             task_subject(customer_id, agent.id), request.model_dump_json().encode(), headers={"Nats-Msg-Id": task.id}
         )
         await self._repo.update(task_key(customer_id, task.id), lambda t: t.model_copy(update={"queue_seq": ack.seq}))
+        task = task.model_copy(update={"queue_seq": ack.seq})
+        await self._unless_agent_went(task)
         # the answer is the task as queued: the agent may already have picked it up, which the events will tell
-        return task.model_copy(update={"queue_seq": ack.seq})
+        return task
+
+    async def _unless_agent_went(self, task: Task) -> None:
+        """A task queued as its agent was deleted, or failed, after it was read above: the delete (or the failure)
+        ended the agent's tasks it found, and this one may have come after that; it ends too, taken out of the
+        queue (nothing else would end it, and it would hold its quota slot for good)."""
+        assert task.agent_id is not None
+        try:
+            agent = await self._agents.get(task.customer_id, task.agent_id)
+        except NotFound:
+            reason, status = f"agent {task.agent_id} was deleted", TaskStatus.CANCELLED
+        else:
+            if agent.status is not AgentStatus.FAILED:
+                return
+            reason, status = _failed_reason(agent), TaskStatus.FAILED
+        if task.queue_seq is not None:
+            with contextlib.suppress(NotFoundError):
+                await self._js.delete_msg(TASKS_STREAM, task.queue_seq)
+        await self._end(task, reason, status)
 
     async def get(self, customer_id: str | None, task_id: str, transcript: bool = True) -> Task:
         """The task, with its transcript in ``messages`` (``transcript=False``: the record alone)."""
@@ -295,8 +315,7 @@ class TaskService:
         again, so its queued requests are purged from its work queue and each of its unfinished tasks ends
         ``failed``, saying why, and gives back its quota slot. Tasks given to it once it is started again run."""
         await self._js.purge_stream(TASKS_STREAM, subject=task_subject(agent.customer_id, agent.id))
-        why = f" ({agent.status_reason})" if agent.status_reason else ""
-        reason = f"agent {agent.id} failed{why}; start it again and give it the task again"
+        reason = _failed_reason(agent)
         for task in await self._repo.list(f"{agent.customer_id}.*"):
             if task.agent_id != agent.id or task.status in TERMINAL_TASK_STATUSES:
                 continue
@@ -513,6 +532,11 @@ class TaskService:
 
 
 TRANSCRIPT_KINDS = (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESULT, EventKind.INPUT_REQUEST)
+
+
+def _failed_reason(agent: Agent) -> str:
+    why = f" ({agent.status_reason})" if agent.status_reason else ""
+    return f"agent {agent.id} failed{why}; start it again and give it the task again"
 
 
 def _starts(event: Event) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -23,7 +24,15 @@ from control.store import Repo
 from tests.conftest import Api, serve_api
 from tests.gateway.teams_support import agent_ready, health, team
 from tests.gateway.test_agents_api import wait_status
-from tests.support.helpers import assert_eventually, now, small_events, small_messages, sse_events, stored_events
+from tests.support.helpers import (
+    assert_eventually,
+    hold_first_call,
+    now,
+    small_events,
+    small_messages,
+    sse_events,
+    stored_events,
+)
 
 TOOL_SCRIPT = {
     "provider": "replay",
@@ -511,6 +520,27 @@ async def test_a_task_whose_agent_is_gone_can_still_be_cancelled(api: Api) -> No
     assert cancelled.status_code == 202, cancelled.text
     ended = await finished(api, headers, task.id)
     assert (ended["status"], ended["status_reason"]) == ("cancelled", "cancelled on request")
+    assert (await usage(api, headers))["concurrent_tasks"] == 0
+
+
+async def test_a_task_given_as_its_agent_is_deleted_ends_and_gives_back_its_slot(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers, model=SLOW, tools=[])
+    # the task has read its agent (running) and waits until the agent's delete, which ends its tasks, is done
+    create_waits = hold_first_call(
+        monkeypatch, (api.control.killswitch, "ensure_not_halted"), until=(api.control.agents, "delete")
+    )
+    create = asyncio.create_task(
+        api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "too late"}, headers=headers)
+    )
+    await create_waits.wait()
+    assert (await api.client.delete(f"/v1/agents/{agent['id']}", headers=headers)).status_code == 204
+    created = await create
+    assert created.status_code == 202, created.text
+    task = await finished(api, headers, created.json()["id"])
+    assert (task["status"], task["status_reason"]) == ("cancelled", f"agent {agent['id']} was deleted")
     assert (await usage(api, headers))["concurrent_tasks"] == 0
 
 
