@@ -214,8 +214,8 @@ class ControlPlane:
             self._quotas,
             self._budget_exceeded,
         )
-        # made before the killswitch service (which needs it): no agent starts under a hard killswitch, and a
-        # deleted or failed agent's tasks end
+        # the agents service is made before the killswitch and task services (which need it), so it is joined to
+        # them here: no agent starts under a hard killswitch, and a deleted or failed agent's tasks end
         self._agents.attach_killswitch(self._killswitch)
         self._agents.on_delete(self._tasks.end_tasks_of_deleted)
         self._agents.on_failed(self._tasks.end_tasks_of_failed)

@@ -5,6 +5,7 @@ Every admin and security-relevant action is one record: who, when, what, on what
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -85,10 +86,14 @@ class AuditLog:
         raises (the error goes on). The block completes the record (what it created, whom it turned out to concern)."""
         try:
             yield record
-        except Exception as exc:
+        except BaseException as exc:  # cancelled too: what the block did so far (a flag written) is recorded
             record.result = "failed"
-            record.details["error"] = describe_error(exc)
-            await self.append(record)
+            record.details["error"] = (
+                describe_error(exc)
+                if isinstance(exc, Exception)
+                else {"code": "cancelled", "message": "cancelled before it ended (the service stopping?)"}
+            )
+            await asyncio.shield(self.append(record))
             raise
         await self.append(record)
 

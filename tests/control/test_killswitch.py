@@ -10,11 +10,14 @@ from typing import Any
 import httpx
 import pytest
 
+from agent.backends.base import Scope
 from agent.protocol import utcnow
 from control.backends.base import SchedulerError
-from control.models import ChangeLease
+from control.models import ChangeLease, Role
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
+from control.services.auth import Principal
+from control.services.killswitch import KillswitchRequest
 from tests.conftest import Api, make_settings, serve_api
 from tests.gateway.test_agents_api import agent_body, wait_status
 from tests.gateway.test_tasks_api import running_agent, start_task
@@ -222,6 +225,32 @@ async def test_a_hard_killswitch_does_not_wait_for_a_change_under_way(api: Api) 
     assert result["stopped"] == [agent["id"]], result  # at once: it answered 502 "busy" after 30 s
     status = await api.control.scheduler.job_status(agent["namespace"], agent["job_id"])
     assert status is not None and set(status.allocs.values()) == {"stopped"}
+
+
+async def test_a_killswitch_call_cancelled_after_its_flag_is_written_is_audited(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    customer_id, headers = await api.new_customer()
+    await running_agent(api, headers)
+    reached = asyncio.Event()
+
+    async def stuck(covered: list[Any]) -> dict[str, set[str]]:  # the flag is written by now
+        reached.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(api.control.killswitch, "_expected_instances", stuck)
+    principal = Principal(Role.ADMIN, None, "admin:test")
+    request = KillswitchRequest(scope=Scope.CUSTOMER, customer_id=customer_id, reason="abuse")
+    call = asyncio.create_task(api.control.killswitch.apply(principal, request))
+    await reached.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    audit = await api.client.get("/v1/admin/audit", params={"action": "killswitch.engage"}, headers=await api.admin())
+    (record,) = [r for r in audit.json() if r["customer_id"] == customer_id]
+    assert record["result"] == "failed" and record["details"]["error"]["code"] == "cancelled", record
+    assert record["details"]["flag_id"]  # the flag it wrote stays engaged: the record says which
 
 
 async def test_a_start_that_a_hard_killswitch_overtakes_does_not_run(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
