@@ -33,6 +33,7 @@ BUDGET_ACTOR = "system:token-budget"
 _PRINCIPAL = Principal(Role.ADMIN, None, BUDGET_ACTOR)
 _KEY_PREFIX = "budget_hold."
 _RETRY = timedelta(seconds=30)
+_CLAIM = timedelta(seconds=60)
 
 
 class Clock(Protocol):
@@ -63,6 +64,7 @@ class BudgetHold(BaseModel):
     customer_id: str
     flag_id: str
     lifts_at: datetime
+    lifting_until: datetime | None = None  # a control plane releases it now (until then: another may, after)
 
 
 def budget_day_end(now: datetime) -> datetime:
@@ -74,11 +76,15 @@ class BudgetHolds:
     """``start()`` takes up the holds kept in KV (releasing those whose day is over); ``stop()`` cancels the
     timers and leaves the holds to the next start."""
 
-    def __init__(self, repo: Repo[BudgetHold], killswitch: KillswitchService, clock: Clock) -> None:
+    def __init__(
+        self, repo: Repo[BudgetHold], killswitch: KillswitchService, clock: Clock, look_again_s: float = 300.0
+    ) -> None:
         self._repo = repo
         self._killswitch = killswitch
         self._clock = clock
+        self._look_again_s = look_again_s
         self._timers: dict[str, asyncio.Task[None]] = {}
+        self._looking: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         held = {hold.customer_id: hold for hold in await self._repo.list(f"{_KEY_PREFIX}*")}
@@ -87,11 +93,26 @@ class BudgetHolds:
                 held[flag.target] = await self._adopt(flag)  # engaged, then stopped before its hold was kept
         for hold in held.values():
             self._schedule(hold)
+        self._looking = asyncio.create_task(self._look_again(), name="budget-holds")
 
     async def stop(self) -> None:
+        if self._looking is not None:
+            await cancel_and_wait(self._looking)
         for timer in list(self._timers.values()):
             await cancel_and_wait(timer)
         self._timers.clear()
+
+    async def _look_again(self) -> None:
+        """Every ``look_again_s``, take up the holds another control plane engaged: each replica times every hold
+        (the first to claim one releases it), so a hold is released even if the replica that engaged it is gone."""
+        while True:
+            await asyncio.sleep(self._look_again_s)
+            try:
+                for hold in await self._repo.list(f"{_KEY_PREFIX}*"):
+                    if hold.customer_id not in self._timers:
+                        self._schedule(hold)
+            except Exception:  # NATS away for a while: looked at again next time
+                log.exception("could not read the token budget's holds")
 
     async def engage(self, customer_id: str, total: int, budget: int) -> None:
         """Halt the customer until their budget's day ends, unless someone else's halt already holds them."""
@@ -146,7 +167,18 @@ class BudgetHolds:
                 due = self._clock.now() + _RETRY
 
     async def _lift(self, hold: BudgetHold) -> None:
-        """Release the hold's own engagement (not one engaged over it since), then forget the hold."""
+        """Release the hold's own engagement (not one engaged over it since), then forget the hold. Claimed first:
+        of the control planes timing it, one releases it (another does once a claim is ``_CLAIM`` old)."""
+        key, claim_until = _KEY_PREFIX + hold.customer_id, self._clock.now() + _CLAIM
+
+        def claim(stored: BudgetHold) -> BudgetHold | None:
+            if stored.flag_id != hold.flag_id or (stored.lifting_until and stored.lifting_until > self._clock.now()):
+                return None
+            return stored.model_copy(update={"lifting_until": claim_until})
+
+        claimed = await self._repo.update(key, claim)
+        if claimed is None or claimed.lifting_until != claim_until:
+            return  # released already, or being released by another control plane
         current = await self._current(hold.customer_id)
         if current is not None and current.id == hold.flag_id:
             request = KillswitchRequest(

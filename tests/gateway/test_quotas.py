@@ -20,7 +20,7 @@ from control.store import Repo
 from tests.conftest import Api, serve_api
 from tests.gateway.test_agents_api import agent_body, wait_status
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
-from tests.support.helpers import ManualClock, assert_eventually, hold_first_call
+from tests.support.helpers import ManualClock, assert_eventually, hold_first_call, now
 
 
 async def set_quota(api: Api, customer_id: str, **quota: Any) -> dict[str, Any]:
@@ -182,6 +182,31 @@ async def test_a_token_budgets_halt_lifts_after_a_restart_and_never_an_operators
         await assert_eventually(lambda: holds.list("budget_hold.*"), lambda kept: kept == [], what="holds done")
         (halt,) = await halts_of(api, other_id)
         assert halt["reason"] == "unpaid invoice"
+
+
+@pytest.mark.parametrize("engaging_replica", ["runs on", "is gone"])
+async def test_every_control_plane_times_a_budgets_halt_and_one_lifts_it(
+    settings: Settings, engaging_replica: str
+) -> None:
+    clock = ManualClock(BEFORE_MIDNIGHT)
+    async with api_at(settings, clock) as api:
+        control = api.control
+        other = BudgetHolds(Repo(control.jet.kv["system"], BudgetHold), control.killswitch, clock, look_again_s=0.05)
+        await other.start()  # another replica, started before the halt: it learns of it by looking again
+        try:
+            customer_id, _, _ = await over_budget(api)
+            if engaging_replica == "is gone":
+                await control._budget.stop()  # type: ignore[union-attr]
+            await assert_eventually(now(lambda: customer_id in other._timers), lambda timed: timed, what="taken up")
+            await clock.set(MIDNIGHT)
+            await assert_eventually(lambda: halts_of(api, customer_id), lambda halts: halts == [], what="released")
+            holds = Repo(control.jet.kv["system"], BudgetHold)
+            await assert_eventually(lambda: holds.list("budget_hold.*"), lambda kept: kept == [], what="holds done")
+            params = {"actor": BUDGET_ACTOR, "action": "killswitch.release"}
+            audit = (await api.client.get("/v1/admin/audit", params=params, headers=await api.admin())).json()
+            assert len(audit) == 1, audit  # released once, by one of them
+        finally:
+            await other.stop()
 
 
 async def test_an_operators_halt_is_not_taken_over_by_the_budget(api: Api) -> None:
