@@ -265,10 +265,11 @@ class AgentService:
         agents = await self.list(None)
         if self._nats_auth is not None:
             self._nats_auth.set_agents({a.id: a.customer_id for a in agents})
-        held: dict[str, dict[str, Reservation]] = {}
+        held: dict[str, dict[str, tuple[Reservation, Reservation]]] = {}
         for agent in agents:
-            if agent.desired == "running":
-                held.setdefault(agent.customer_id, {})[agent.id] = _reservation(agent)
+            if agent.desired == "running" and agent.replicas > 1:
+                share = Reservation.of(agent.resources, 1)
+                held.setdefault(agent.customer_id, {})[agent.id] = (_reservation(agent), share)
         for customer_id, reservations in held.items():  # reservations made before they counted every replica
             await self._quotas.correct_running(customer_id, reservations)
         for agent in agents:

@@ -171,13 +171,15 @@ class QuotaService:
 
         await self._change(customer_id, restore)
 
-    async def correct_running(self, customer_id: str, held: dict[str, Reservation]) -> None:
-        """Set the reservations the customer's running agents already have to what they hold (``held``): a record
-        written before reservations counted every replica held one replica's share. No admission check (the
-        agents run already) and no new reservation; a customer without a record has nothing to correct."""
+    async def correct_running(self, customer_id: str, held: dict[str, tuple[Reservation, Reservation]]) -> None:
+        """Set a reservation written before reservations counted every replica to what its running agent holds:
+        ``held`` maps an agent to (what it holds, one replica's share); only a reservation of one replica's share
+        is set (any other was written since, by a change that may be newer than the records read for ``held``).
+        No admission check (the agents run already) and no new reservation; a customer without a record has
+        nothing to correct."""
 
         def correct(record: QuotaRecord) -> QuotaRecord | None:
-            wrong = {a: r for a, r in held.items() if a in record.running and record.running[a] != r}
+            wrong = {a: r for a, (r, share) in held.items() if record.running.get(a) == share and share != r}
             return record.model_copy(update={"running": {**record.running, **wrong}}) if wrong else None
 
         await self._repo.update(customer_id, correct)

@@ -306,6 +306,13 @@ async def test_reservations_stored_for_one_replica_are_corrected_when_the_contro
     await api.control.agents.reconcile()
     assert held(await usage(api, headers)) == (300, 384)
 
+    def newer(record: QuotaRecord) -> QuotaRecord:  # as a PATCH on another replica reserved it since
+        return record.model_copy(update={"running": {a: Reservation(cpu=600, memory_mb=768) for a in record.running}})
+
+    await quotas.update(customer_id, newer)
+    await api.control.agents.reconcile()  # from records read before that PATCH stored its own
+    assert held(await usage(api, headers)) == (600, 768)
+
 
 async def test_a_patch_racing_a_start_never_runs_what_the_quota_does_not_hold(
     api: Api, monkeypatch: pytest.MonkeyPatch
