@@ -154,6 +154,9 @@ class AgentService:
             raise
         try:
             agent = await self._submit(agent, job)
+        except KillswitchEngaged:  # a hard killswitch engaged since the check above: refused, nothing is left
+            await self._forget(agent)
+            raise
         finally:
             released = await self._release_lease(agent, owner)
         return released or agent

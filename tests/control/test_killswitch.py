@@ -227,6 +227,24 @@ async def test_a_hard_killswitch_does_not_wait_for_a_change_under_way(api: Api) 
     assert status is not None and set(status.allocs.values()) == {"stopped"}
 
 
+async def test_a_creation_that_a_hard_killswitch_overtakes_leaves_nothing(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    customer_id, headers = await api.new_customer()
+    # the creation has found no flag and waits before its quota reservation until the killswitch has engaged
+    create_waits = hold_first_call(
+        monkeypatch, (api.control.quotas, "reserve_agent"), until=(api.control.killswitch, "apply")
+    )
+    create = asyncio.create_task(api.client.post("/v1/agents", json=agent_body(), headers=headers))
+    await create_waits.wait()
+    await killswitch(api, scope="customer", customer_id=customer_id, reason="abuse", hard=True, wait_ms=0)
+    refused = await create
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "killswitch_engaged", refused.text
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+    assert (await api.client.get("/v1/usage", headers=headers)).json()["agents"] == 0
+    assert api.control.scheduler._jobs == {}  # type: ignore[attr-defined]
+
+
 async def test_a_killswitch_call_cancelled_after_its_flag_is_written_is_audited(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
