@@ -32,9 +32,8 @@ from control.store import Conflict as StoreConflict
 from control.store import Repo
 
 __all__ = [
+    "AgentHook",
     "AgentService",
-    "DeleteHook",
-    "FailHook",
     "KillswitchEngaged",
     "Killswitches",
     "SchedulerUnavailable",
@@ -77,8 +76,8 @@ class Killswitches(Protocol):
         ...
 
 
-DeleteHook = Callable[[Agent], Awaitable[None]]
-FailHook = Callable[[Agent], Awaitable[None]]
+AgentHook = Callable[[Agent], Awaitable[None]]
+"""Called with an agent's record when it is being deleted, or has failed (:meth:`AgentService.on_delete`)."""
 
 
 def why_not_serving(agent: Agent) -> str | None:
@@ -110,21 +109,21 @@ class AgentService:
         self._settings = settings
         self._quotas = quotas
         self._killswitches: Killswitches | None = None
-        self._delete_hooks: builtins.list[DeleteHook] = []
-        self._fail_hooks: builtins.list[FailHook] = []
+        self._delete_hooks: builtins.list[AgentHook] = []
+        self._fail_hooks: builtins.list[AgentHook] = []
         scheduler.on_status(self._on_scheduler_status)
 
     def attach_killswitch(self, killswitches: Killswitches) -> None:
         """Refuse to create or start an agent while an engaged hard killswitch covers it (see :meth:`start`)."""
         self._killswitches = killswitches
 
-    def on_delete(self, hook: DeleteHook) -> None:
+    def on_delete(self, hook: AgentHook) -> None:
         """Call ``hook`` for every agent being deleted: once it is given no more work, before its job is stopped
         and its record goes. A hook that raises fails the delete (the agent is left meant to run, as it was),
         which a retry then does again in full."""
         self._delete_hooks.append(hook)
 
-    def on_failed(self, hook: FailHook) -> None:
+    def on_failed(self, hook: AgentHook) -> None:
         """Call ``hook`` with an agent's record once it has become ``failed`` (its job gave up, or the scheduler
         refused it): nothing serves its work until it is started again. Called by the writer of that status only."""
         self._fail_hooks.append(hook)
@@ -243,12 +242,14 @@ class AgentService:
             await self._ensure_consumer(agent)
             return await self._submit(agent, self.render(agent))
 
-    async def delete(self, customer_id: str | None, agent_id: str) -> None:
+    async def delete(self, customer_id: str | None, agent_id: str) -> Agent:
         """Stop the agent, ending what it was given (the delete hooks: its unfinished tasks end, saying why), then
-        forget it. If the scheduler cannot stop its job, nothing more is done (:class:`SchedulerUnavailable`)."""
+        forget it; returns it as it was last. If the scheduler cannot stop its job, nothing more is done
+        (:class:`SchedulerUnavailable`)."""
         async with self._changing(customer_id, agent_id) as agent:
             agent = await self._stop(agent, AgentStatus.STOPPED, "stopped to be deleted", self._delete_hooks)
             await self._forget(agent)
+        return agent
 
     async def definition(self, customer_id: str, agent_id: str) -> AgentDefinition | None:
         agent = await self._repo.get(_key(customer_id, agent_id))
@@ -275,13 +276,15 @@ class AgentService:
                 held.setdefault(agent.customer_id, {})[agent.id] = (_reservation(agent), share)
         for customer_id, reservations in held.items():  # reservations made before they counted every replica
             await self._quotas.correct_running(customer_id, reservations)
+        engaged = await self._killswitches.engaged() if self._killswitches is not None else []
         for agent in agents:
             if agent.desired != "running":
                 continue
             if await self._scheduler.job_status(agent.namespace, agent.job_id) is not None:
                 continue
             await self._ensure_consumer(agent)
-            await self._submit(agent, self.render(agent))
+            with contextlib.suppress(KillswitchEngaged):  # (the agent is left killed, saying so)
+                await self._submit(agent, self.render(agent), engaged)
 
     async def on_agent_event(self, event: Event) -> None:
         """An agent said it is ready, or that the killswitch halted or resumed it."""
@@ -343,9 +346,11 @@ class AgentService:
             for alloc_id, state in status.allocs.items()
         )
 
-    async def _submit(self, agent: Agent, job: dict[str, Any]) -> Agent:
-        try:  # again, at the last moment: a hard killswitch engaged since the caller looked stopped what ran then
-            await self._refuse_under_hard_killswitch(agent)
+    async def _submit(self, agent: Agent, job: dict[str, Any], engaged: builtins.list[Flag] | None = None) -> Agent:
+        """Submit the agent's job, unless a hard killswitch covers it: looked at again (the engaged flags, read
+        now unless given), as one engaged since the caller looked stopped what ran then, not this."""
+        try:
+            await self._refuse_under_hard_killswitch(agent, engaged)
         except KillswitchEngaged as exc:
             await self._quotas.release_running(agent.customer_id, agent.id)
             await self._set(agent, desired="stopped", status=AgentStatus.KILLED, status_reason=exc.message)
@@ -370,7 +375,7 @@ class AgentService:
         return updated or agent
 
     async def _stop(
-        self, agent: Agent, status: AgentStatus, reason: str, before: builtins.list[DeleteHook] | None = None
+        self, agent: Agent, status: AgentStatus, reason: str, before: builtins.list[AgentHook] | None = None
     ) -> Agent:
         # meant to stop first: it is given no new task, and what the scheduler reports while it stops reads so
         await self._set(agent, desired="stopped")
@@ -461,11 +466,13 @@ class AgentService:
 
         await self._repo.update(_key(agent.customer_id, agent.id), undo)
 
-    async def _refuse_under_hard_killswitch(self, agent: Agent) -> None:
+    async def _refuse_under_hard_killswitch(self, agent: Agent, engaged: builtins.list[Flag] | None = None) -> None:
         if self._killswitches is None:
             return
+        if engaged is None:
+            engaged = await self._killswitches.engaged()
         keys = keys_for_agent(agent.customer_id, agent.id)
-        flag = next((f for f in await self._killswitches.engaged() if f.hard and f.key in keys), None)
+        flag = next((f for f in engaged if f.hard and f.key in keys), None)
         if flag is None:
             return
         scope = flag.scope.value if flag.target is None else f"{flag.scope.value} {flag.target}"

@@ -135,22 +135,16 @@ class KillswitchService:
         from being stopped: the engagement is recorded and published all the same, then :class:`JobsNotStopped`
         says which jobs still run."""
         key = request.key
-        record = AuditRecord(
-            actor=principal.subject,
-            role=principal.role.value,
-            action="killswitch.engage" if request.engaged else "killswitch.release",
-            customer_id=request.customer_id,
-            target=key.target or "all",
-            details={"scope": key.scope.value, "target": key.target, "reason": request.reason, "hard": request.hard},
-        )
-        async with self._audit.recorded(record):
+        action = "killswitch.engage" if request.engaged else "killswitch.release"
+        async with self._audit.admin_action(principal, action, request.customer_id, key.target or "all") as record:
+            record.details.update(scope=key.scope.value, target=key.target, reason=request.reason, hard=request.hard)
             record.customer_id = await self._validated_customer(request)
             result = await self._switch(principal, request, record)
             record.details.update(result.model_dump(mode="json", include=_RECORDED))
             failure = _not_stopped(result) if result.not_stopped else None
             if failure is not None:
                 record.result = "failed"
-                record.details["error"] = {"code": failure.code, "message": failure.message}
+                record.details["error"] = describe_error(failure)
             event = Event(
                 kind="killswitch",
                 customer_id=record.customer_id or "platform",

@@ -299,27 +299,26 @@ class TaskService:
         await self._quotas.release_task(task.customer_id, task.id)
 
     async def end_tasks_of_deleted(self, agent: Agent) -> None:
-        """An agent is being deleted (it is given no new task; its job is stopped next): its queued requests are
-        purged from its work queue, and each of its unfinished tasks ends ``cancelled``, saying why, and gives
-        back its quota slot. A run in flight is cancelled on the agent first, in case its job is not stopped."""
-        await self._js.purge_stream(TASKS_STREAM, subject=task_subject(agent.customer_id, agent.id))
-        for task in await self._repo.list(f"{agent.customer_id}.*"):
-            if task.agent_id != agent.id or task.status in TERMINAL_TASK_STATUSES:
-                continue
-            # (its record may say queued of a task the agent picked up a moment ago)
-            await self._tell_runner(task)
-            await self._end(task, f"agent {agent.id} was deleted")
+        """An agent is being deleted (it is given no new task; its job is stopped next): its unfinished tasks end
+        ``cancelled`` (:meth:`_end_tasks_of`). A run in flight is told first, in case its job is not stopped."""
+        await self._end_tasks_of(agent, f"agent {agent.id} was deleted", TaskStatus.CANCELLED)
 
     async def end_tasks_of_failed(self, agent: Agent) -> None:
         """An agent failed (its job gave up, or the scheduler refused it): nothing runs its work until it is started
-        again, so its queued requests are purged from its work queue and each of its unfinished tasks ends
-        ``failed``, saying why, and gives back its quota slot. Tasks given to it once it is started again run."""
+        again, so its unfinished tasks end ``failed`` (:meth:`_end_tasks_of`). Tasks given to it once it is
+        started again run."""
+        await self._end_tasks_of(agent, _failed_reason(agent), TaskStatus.FAILED)
+
+    async def _end_tasks_of(self, agent: Agent, reason: str, status: TaskStatus) -> None:
+        """Purge the agent's queued requests from its work queue, and end each of its unfinished tasks (its runner
+        told, as its record may say queued of a task the agent picked up a moment ago), saying why and giving
+        back its quota slot."""
         await self._js.purge_stream(TASKS_STREAM, subject=task_subject(agent.customer_id, agent.id))
-        reason = _failed_reason(agent)
         for task in await self._repo.list(f"{agent.customer_id}.*"):
             if task.agent_id != agent.id or task.status in TERMINAL_TASK_STATUSES:
                 continue
-            await self._end(task, reason, TaskStatus.FAILED)
+            await self._tell_runner(task)
+            await self._end(task, reason, status)
 
     async def input(self, customer_id: str | None, task_id: str, content: str) -> Task:
         """The human's answer to a task that asked (team tasks)."""

@@ -47,7 +47,8 @@ class TeamService:
         teams = await self._repo.list(f"{customer_id}.*" if customer_id else ">")
         return sorted(teams, key=lambda t: t.created_at)
 
-    async def delete(self, customer_id: str | None, team_id: str) -> None:
+    async def delete(self, customer_id: str | None, team_id: str) -> Team:
+        """Delete a team with no unfinished task; returns it as it was."""
         team = await self.get(customer_id, team_id)
         active = [
             t.id
@@ -57,3 +58,4 @@ class TeamService:
         if active:
             raise Conflict(f"team {team.id} has unfinished tasks: {', '.join(active[:5])}; cancel them first")
         await self._repo.delete(_key(team.customer_id, team.id))
+        return team

@@ -55,8 +55,7 @@ async def update_agent(agent_id: str, body: AgentUpdate, control: ControlDep, pr
 @router.delete("/{agent_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> Response:
     async with control.audit.admin_action(principal, "agent.delete", target=agent_id) as record:
-        record.customer_id = (await control.agents.get(owner_scope(principal), agent_id)).customer_id
-        await control.agents.delete(owner_scope(principal), agent_id)
+        record.customer_id = (await control.agents.delete(owner_scope(principal), agent_id)).customer_id
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

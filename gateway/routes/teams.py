@@ -45,6 +45,5 @@ async def get_team(team_id: str, control: ControlDep, principal: PrincipalDep) -
 async def delete_team(team_id: str, control: ControlDep, principal: PrincipalDep) -> Response:
     """Delete a team with no unfinished tasks (its agents stay)."""
     async with control.audit.admin_action(principal, "team.delete", target=team_id) as record:
-        record.customer_id = (await control.teams.get(owner_scope(principal), team_id)).customer_id
-        await control.teams.delete(owner_scope(principal), team_id)
+        record.customer_id = (await control.teams.delete(owner_scope(principal), team_id)).customer_id
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -18,6 +18,7 @@ from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.services.auth import Principal
 from control.services.killswitch import KillswitchRequest
+from control.settings import Settings
 from tests.conftest import Api, make_settings, serve_api
 from tests.gateway.test_agents_api import agent_body, wait_status
 from tests.gateway.test_tasks_api import running_agent, start_task
@@ -158,6 +159,27 @@ async def test_hard_with_a_job_that_cannot_be_stopped_stops_the_rest_and_says_th
     assert record["details"]["flag_id"] == engaged[0]["id"] and record["details"]["stopped"] == [fine["id"]]
     assert list(record["details"]["not_stopped"]) == [stuck["id"]]
     assert record["details"]["error"]["message"] == error["message"]
+
+
+async def test_a_control_plane_started_under_a_hard_flag_runs_none_of_what_it_covers(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with ControlPlane(settings) as control, serve_api(control) as api:
+        customer_id, headers = await api.new_customer()
+        agent = await running_agent(api, headers)
+
+        async def unreachable(namespace: str, job_id: str) -> None:
+            raise SchedulerError("the scheduler is unreachable")
+
+        monkeypatch.setattr(control.scheduler, "stop_job", unreachable)
+        body = {"scope": "customer", "customer_id": customer_id, "reason": "abuse", "hard": True, "wait_ms": 0}
+        response = await api.client.post("/v1/admin/killswitch", json=body, headers=await api.admin())
+        assert response.status_code == 502, response.text  # engaged; the job still meant to run
+    # started again (the local scheduler's jobs went with it): it must come up, and not run the agent again
+    async with ControlPlane(settings) as control, serve_api(control) as api:
+        after = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+        assert (after["desired"], after["status"]) == ("stopped", "killed"), after
+        assert await control.scheduler.job_status(agent["namespace"], agent["job_id"]) is None
 
 
 async def test_an_agent_scope_engagement_is_audited_under_the_agents_customer(api: Api) -> None:
