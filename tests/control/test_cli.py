@@ -118,20 +118,23 @@ async def test_nats_down_is_said_once(
     assert f"cannot reach NATS at {dead}" in capsys.readouterr().err
 
 
-async def test_job_render_on_a_nats_caravan_never_ran_on(
-    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture
+def on_nats(nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CLI's environment: the test's NATS, and a data dir of its own."""
     monkeypatch.setenv("NATS_URL", nats_server.url)
     monkeypatch.setenv("CARAVAN_DATA_DIR", str(tmp_path))
+
+
+async def test_job_render_on_a_nats_caravan_never_ran_on(
+    on_nats: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert await run_cli("job", "render", "ag-000000000000") == 1
     assert "has no caravan_agents bucket" in capsys.readouterr().err
 
 
 async def test_serve_says_its_port_is_taken(
-    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    on_nats: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("NATS_URL", nats_server.url)
-    monkeypatch.setenv("CARAVAN_DATA_DIR", str(tmp_path))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         monkeypatch.setenv("CARAVAN_HTTP_PORT", str(taken.getsockname()[1]))
@@ -140,10 +143,8 @@ async def test_serve_says_its_port_is_taken(
 
 
 async def test_serve_says_nomad_is_unreachable(
-    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    on_nats: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("NATS_URL", nats_server.url)
-    monkeypatch.setenv("CARAVAN_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))
     monkeypatch.setenv("CARAVAN_SCHEDULER", "nomad")
     nomad = f"http://127.0.0.1:{free_port()}"

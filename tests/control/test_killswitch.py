@@ -20,7 +20,7 @@ from control.services.auth import Principal
 from control.services.killswitch import KillswitchRequest
 from control.settings import Settings
 from tests.conftest import Api, make_settings, serve_api
-from tests.gateway.test_agents_api import agent_body, wait_status
+from tests.gateway.test_agents_api import agent_body, created_running, wait_status
 from tests.gateway.test_tasks_api import running_agent, start_task
 from tests.support.consul_double import ConsulDouble
 from tests.support.helpers import assert_eventually, hold_first_call
@@ -295,8 +295,7 @@ async def test_a_killswitch_call_cancelled_after_its_flag_is_written_is_audited(
 
 async def test_a_start_that_a_hard_killswitch_overtakes_does_not_run(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     customer_id, headers = await api.new_customer()
-    created = await api.client.post("/v1/agents", json=agent_body(), headers=headers)
-    agent = await wait_status(api, headers, created.json()["id"], "running")
+    agent = await created_running(api, headers)
     assert (await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)).status_code == 200
     # the start has found no flag and waits before its quota check until the killswitch has engaged
     start_waits = hold_first_call(

@@ -25,6 +25,13 @@ def agent_body(**changes: Any) -> dict[str, Any]:
     return body
 
 
+async def created_running(api: Api, headers: dict[str, str], **changes: Any) -> dict[str, Any]:
+    """An agent of ``agent_body(**changes)``, once it runs."""
+    created = await api.client.post("/v1/agents", json=agent_body(**changes), headers=headers)
+    assert created.status_code == 201, created.text
+    return await wait_status(api, headers, created.json()["id"], "running")
+
+
 async def wait_status(
     api: Api, headers: dict[str, str], agent_id: str, status: str, within: float = 20.0
 ) -> dict[str, Any]:
@@ -215,8 +222,7 @@ async def test_a_stop_the_scheduler_cannot_carry_out_leaves_the_agent_as_it_was_
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, headers = await api.new_customer()
-    created = await api.client.post("/v1/agents", json=agent_body(), headers=headers)
-    agent = await wait_status(api, headers, created.json()["id"], "running")
+    agent = await created_running(api, headers)
     admin = await api.admin()
 
     async def unreachable(namespace: str, job_id: str) -> None:
@@ -276,8 +282,7 @@ async def test_concurrent_patches_of_different_fields_both_take_effect(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, headers = await api.new_customer()
-    created = await api.client.post("/v1/agents", json=agent_body(), headers=headers)
-    agent = await wait_status(api, headers, created.json()["id"], "running")
+    agent = await created_running(api, headers)
     # the first PATCH has read the agent and waits in its quota check until the second one has read it too
     first_waits = hold_first_call(
         monkeypatch, (api.control.quotas, "reserve_running"), until=(api.control.agents, "get")
