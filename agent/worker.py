@@ -49,7 +49,7 @@ from agent.protocol import (
 from agent.teamhost import TeamHost
 from agent.tools import build_tools
 from agent.transcript import event_fields, final_text
-from agent.wire import STORE_TIMEOUT_S, Storing, Wire
+from agent.wire import DEFAULT_SPIN_US, STORE_TIMEOUT_S, Storing, Wire, spin_s_from
 
 __all__ = ["AgentWorker", "DefinitionUnavailable", "WorkerConfig"]
 
@@ -76,6 +76,7 @@ class WorkerConfig:
     flags: str = "natskv"
     flags_grace: float = 30.0
     flags_heartbeat: float = 5.0
+    spin_s: float = DEFAULT_SPIN_US / 1e6
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> WorkerConfig:
@@ -96,6 +97,7 @@ class WorkerConfig:
             flags=env.get("CARAVAN_FLAGS", "natskv"),
             flags_grace=float(env.get("CARAVAN_FLAGS_GRACE_S", "30")),
             flags_heartbeat=float(env.get("CARAVAN_FLAGS_HEARTBEAT_S", "5")),
+            spin_s=spin_s_from(env),
         )
 
 
@@ -208,7 +210,7 @@ class AgentWorker:
         """Team runs have a connection of their own without echo: a member subscribes to the group topic it
         publishes to, and would otherwise get each of its messages back from the server, only to drop it."""
         cfg = self.config
-        return await nats.connect(
+        nc = await nats.connect(
             cfg.nats_url,
             name=f"caravan-agent-{cfg.agent_id}{suffix}",
             user=cfg.nats_user,
@@ -219,6 +221,8 @@ class AgentWorker:
             error_cb=_log_nats_error,
             no_echo=no_echo,
         )
+        Wire.of(nc).spin_s = cfg.spin_s
+        return nc
 
     def _halt_data(self) -> dict[str, Any]:
         halt = self.halt

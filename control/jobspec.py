@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.protocol import LOCAL_MODEL_URL_ENV, PROVIDER_KEY_ENV, model_key_env
+from agent.wire import SPIN_ENV
 from control.models import Agent
 from control.settings import Settings
 from jobs import SECOND_NS, AgentJobVariables, render_agent_job
@@ -59,6 +60,7 @@ def agent_job(agent: Agent, settings: Settings) -> dict[str, Any]:
         "CARAVAN_FLAGS": settings.flags,
         "CARAVAN_FLAGS_GRACE_S": f"{settings.flags_grace_s:g}",
         "CARAVAN_FLAGS_HEARTBEAT_S": f"{settings.flags_heartbeat_s:g}",
+        SPIN_ENV: f"{settings.spin_us:g}",
     }
     if settings.flags == "consul" and settings.consul_http_addr:
         env["CONSUL_HTTP_ADDR"] = settings.consul_http_addr  # the token reaches the task as a secret, not here

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agent.wire import DEFAULT_SPIN_US
+
 __all__ = ["Settings"]
 
 
@@ -34,6 +36,13 @@ class Settings(BaseSettings):
         default=30.0, ge=0.5, description="Agents halt (fail safe) after this long without hearing from the flag store."
     )
     flags_heartbeat_s: float = Field(default=5.0, ge=0.1, le=60)
+    spin_us: float = Field(
+        default=DEFAULT_SPIN_US,
+        ge=0,
+        le=1_000_000,
+        description="How long a process polls for the answer to a request before it sleeps, in microseconds "
+        "(agent.wire); agents get it too. 0: never.",
+    )
     consul_http_addr: str | None = Field(
         default=None, validation_alias=AliasChoices("CARAVAN_CONSUL_HTTP_ADDR", "CONSUL_HTTP_ADDR")
     )

@@ -32,6 +32,13 @@ async def test_missing_configuration_exits_2_with_a_message() -> None:
     assert proc.returncode == 2 and b"missing environment" in out
 
 
+async def test_a_bad_polling_window_exits_2_naming_it() -> None:
+    env = {"CARAVAN_AGENT_ID": "ag-00000000dead", "CARAVAN_CUSTOMER_ID": "cu-00000000dead", "NATS_URL": "nats://x"}
+    proc = await run_agent({**env, "CARAVAN_SPIN_US": "-5"})
+    out, _ = await proc.communicate()
+    assert proc.returncode == 2 and b"CARAVAN_SPIN_US must be a number of microseconds" in out
+
+
 async def test_unknown_agent_exits_3_saying_the_control_plane_refused(control: ControlPlane) -> None:
     env = {
         "CARAVAN_AGENT_ID": "ag-00000000dead",

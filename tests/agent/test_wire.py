@@ -12,7 +12,7 @@ import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
 
-from agent.wire import Storing, Wire
+from agent.wire import DEFAULT_SPIN_US, SPIN_ENV, Storing, Wire, spin_s_from
 from control.natsserver import EmbeddedNats
 from tests.support.helpers import assert_eventually, nats_connect, now
 
@@ -257,3 +257,52 @@ async def test_a_run_that_lost_an_event_says_so_at_every_later_wait(nats_server:
     storing.add(await wire.store("run.a", b"fine", 5))
     assert await storing.stored() is lost
     await nc.close()
+
+
+async def test_a_request_polls_for_its_answer_until_it_comes_or_for_the_window_only(nats_server: EmbeddedNats) -> None:
+    """Polling keeps a quick answer from waiting for a wake-up (agent.wire); a process must not burn its CPU on
+    after the answer came, nor for longer than the window while it waits for a slow one (a model call)."""
+    nc, responder = await nats.connect(nats_server.url), await nats_connect(nats_server.url)
+
+    async def answer(msg: Msg) -> None:
+        if msg.data != b"silence":
+            await msg.respond(msg.data)
+
+    await responder.subscribe("echo", cb=answer)
+    await responder.flush()
+    wire = Wire.of(nc)
+    await wire.ready()
+    wire.spin_s = 3600.0  # only the answer can stop it
+    assert not wire.spinning
+    assert (await wire.ask("echo", b"quick", 5)).data == b"quick"
+    await assert_eventually(now(lambda: wire.spinning), lambda spinning: not spinning, what="polling to stop")
+
+    wire.spin_s = 0.02
+    slow = wire.ask("echo", b"silence", 30)
+    assert wire.spinning
+    await asyncio.sleep(0.1)  # the event loop has turned after the window
+    assert not wire.spinning and not slow.done()  # it sleeps now, and the request still waits for its answer
+    assert (await wire.ask("echo", b"later", 5)).data == b"later"  # polling again for the next request
+    slow.cancel()
+    await assert_eventually(now(lambda: wire.spinning), lambda spinning: not spinning, what="polling to stop")
+
+    wire.spin_s = 0.0  # CARAVAN_SPIN_US=0: never
+    waiting = wire.ask("echo", b"silence", 30)
+    assert not wire.spinning
+    waiting.cancel()
+    await nc.close()
+    await responder.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(None, DEFAULT_SPIN_US / 1e6), ("", DEFAULT_SPIN_US / 1e6), ("0", 0.0), ("250", 0.00025)]
+)
+def test_the_polling_window_comes_from_the_environment(value: str | None, seconds: float) -> None:
+    env = {} if value is None else {SPIN_ENV: value}
+    assert spin_s_from(env) == seconds
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "1e7", "inf"])
+def test_a_bad_polling_window_is_refused_by_name(value: str) -> None:
+    with pytest.raises(ValueError, match=f"{SPIN_ENV} must be a number of microseconds .* not '{value}'"):
+        spin_s_from({SPIN_ENV: value})

@@ -88,6 +88,7 @@ DEAD_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
         (["job", "render", "ag-000000000000"], {"CARAVAN_SCHEDULER": "mesos"}, "CARAVAN_SCHEDULER='mesos'"),
         (["serve"], {"CARAVAN_DATACENTERS": "dc1"}, "CARAVAN_DATACENTERS='dc1'"),  # a list is JSON
         (["serve"], {"NOMAD_SKIP_VERIFY": "maybe"}, "NOMAD_SKIP_VERIFY='maybe'"),  # named as the operator set it
+        (["serve"], {"CARAVAN_SPIN_US": "-1"}, "CARAVAN_SPIN_US='-1'"),
     ],
 )
 async def test_a_bad_argument_or_environment_value_is_named_as_bad_usage(

@@ -12,6 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from agent.protocol import PROVIDER_KEY_ENV, ModelConfig
+from agent.wire import DEFAULT_SPIN_US
+from agent.worker import WorkerConfig
 from control.jobspec import MODEL_KEY_META, agent_job, model_key_secret
 from control.models import Agent
 from control.settings import Settings
@@ -175,6 +177,13 @@ def test_the_agents_service_registers_where_the_platform_discovers_agents(flags:
     settings = Settings(nats_url="nats://127.0.0.1:4222", flags=flags, consul_http_addr="http://127.0.0.1:8500")
     (service,) = agent_job(_agent(), settings)["TaskGroups"][0]["Services"]
     assert service["Provider"] == provider
+
+
+@pytest.mark.parametrize("spin_us", [0.0, 250.0, DEFAULT_SPIN_US])
+def test_the_platforms_polling_window_reaches_its_agents(spin_us: float) -> None:
+    settings = Settings(nats_url="nats://127.0.0.1:4222", spin_us=spin_us)
+    env = agent_job(_agent(), settings)["TaskGroups"][0]["Tasks"][0]["Env"]
+    assert WorkerConfig.from_env({**env, "CARAVAN_HEALTH_PORT": "0"}).spin_s == spin_us / 1e6  # Nomad fills the port
 
 
 @pytest.mark.parametrize(
