@@ -1,5 +1,6 @@
 """Issue 5 benchmark: our NATS agent runtime beside AutoGen's gRPC worker runtime and raw nats-py request/reply
-(two agents in separate processes, measured in the same run, rounds interleaved), and a 3-member round-robin team
+(two agents in separate processes, measured in the same run, rounds interleaved, each way of asking from a
+process of its own), and a 3-member round-robin team
 of 60 messages on a zero-latency model, members in their own processes versus AgentChat in one process. Beside
 the team, the floor of its transport: the same pattern of NATS messages between processes on the runtime's own
 path, agent.wire (the manager asks a member, the member answers to the manager and the group), with no AgentChat
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import statistics
 import subprocess
@@ -22,19 +24,17 @@ import nats
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.conditions import MaxMessageTermination
 from autogen_agentchat.teams import RoundRobinGroupChat
-from autogen_core import AgentId, try_get_known_serializers_for_type
 
 from agent.models import create_model_client
 from agent.protocol import AgentDefinition, ModelConfig
 from agent.runtime import NatsAgentRuntime
 from agent.teamprotocol import run_namespace
-from agent.wire import Wire
+from agent.wire import SPIN_ENV, Wire, spin_s_from
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
 from control.teams.models import Team, Termination
-from tests.bench._team_peer import RELAY_REQUEST, Ping, Pong
+from tests.bench._team_peer import RELAY_REQUEST
 from tests.bench.conftest import join_members, percentile
-from tests.support.helpers import free_port
 
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "1000"))
 ROUNDS = 5
@@ -61,13 +61,38 @@ async def peer(*args: str) -> AsyncIterator[None]:
         await asyncio.to_thread(proc.wait)
 
 
-async def timed(call: object, n: int) -> list[float]:
-    out = []
-    for i in range(n):
-        started = time.perf_counter()
-        await call(i)  # type: ignore[operator]
-        out.append(time.perf_counter() - started)
-    return out
+class Caller:
+    """A caller process of ``_team_peer.py`` (``call-<kind>``): :meth:`ask` has it send requests and returns
+    their times. Started as :func:`peer` starts its processes."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], address: str) -> None:
+        self._proc = proc
+        self.address = address  # the gRPC caller's: the host its worker joins
+
+    async def ask(self, n: int) -> list[float]:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(b"%d\n" % n)
+        self._proc.stdin.flush()
+        times: list[float] = json.loads(await asyncio.wait_for(asyncio.to_thread(self._proc.stdout.readline), 300))
+        assert len(times) == n
+        return times
+
+
+@contextlib.asynccontextmanager
+async def caller(kind: str, *args: str, spin_us: str | None = None) -> AsyncIterator[Caller]:
+    """``spin_us``: the caller's CARAVAN_SPIN_US (default: the bench's own)."""
+    env = {**os.environ, SPIN_ENV: spin_us} if spin_us is not None else None
+    proc = subprocess.Popen(  # noqa: ASYNC220 (see peer)
+        [sys.executable, str(PEER), f"call-{kind}", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)).split()
+        assert line[:1] == [b"ready"], line
+        yield Caller(proc, line[1].decode() if len(line) > 1 else "")
+    finally:
+        proc.kill()
+        await asyncio.to_thread(proc.wait)
 
 
 def line(name: str, values: list[float]) -> str:
@@ -75,66 +100,49 @@ def line(name: str, values: list[float]) -> str:
 
 
 async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
-    from autogen_ext.runtimes.grpc import GrpcWorkerAgentRuntime, GrpcWorkerAgentRuntimeHost
-
     async with EmbeddedNats(tmp_path / "nats") as server:
-        nc = await nats.connect(server.url)
         namespace = "caravan.rt.bench.rpc"
-        ours = NatsAgentRuntime(nc, namespace)
-        await ours.start()
-        host = GrpcWorkerAgentRuntimeHost(address=f"127.0.0.1:{free_port()}")
-        host.start()
-        grpc = GrpcWorkerAgentRuntime(host_address=host._address)
-        await grpc.start()
-        for cls in (Ping, Pong):  # both runtimes learn the types they read back, as autogen_core asks
-            grpc.add_message_serializer(try_get_known_serializers_for_type(cls))
-            ours.add_message_serializer(try_get_known_serializers_for_type(cls))
         samples: dict[str, list[float]] = {
             "caravan runtime": [],
             "autogen gRPC runtime": [],
             "raw nats-py": [],
             "agent.wire (its transport)": [],
+            "caravan runtime, no polling": [],
         }
-        echo = AgentId("echo", "default")
-
-        async def via_ours(i: int) -> None:
-            assert (await ours.send_message(Ping(i), echo)) == Pong(i)
-
-        async def via_grpc(i: int) -> None:
-            assert (await grpc.send_message(Ping(i), echo)) == Pong(i)
-
-        async def via_raw(i: int) -> None:
-            await nc.request("bench.echo", str(i).encode(), timeout=5)
-
-        wire = Wire.of(nc)
-
-        async def via_wire(i: int) -> None:  # a Ping's frame, its size on the runtime's path
-            assert (await wire.ask("bench.wire", b'{"op":"msg","k":"default","n":%d}\n{"n":%d}' % (i, i), 5)).data
-
-        calls = (via_ours, via_grpc, via_raw, via_wire)
-        async with contextlib.AsyncExitStack() as peers:
-            for args in (("runtime", server.url, namespace), ("grpc", host._address), ("raw", server.url)):
-                await peers.enter_async_context(peer(*args))
-            await peers.enter_async_context(peer("wire", server.url))
-            for call in calls:
-                await timed(call, 100)  # warm up
+        async with contextlib.AsyncExitStack() as stack:
+            callers = [
+                await stack.enter_async_context(caller("runtime", server.url, namespace)),
+                await stack.enter_async_context(caller("grpc", "")),
+                await stack.enter_async_context(caller("raw", server.url)),
+                await stack.enter_async_context(caller("wire", server.url)),
+                await stack.enter_async_context(caller("runtime", server.url, namespace, spin_us="0")),
+            ]
+            for args in (
+                ("runtime", server.url, namespace),
+                ("grpc", callers[1].address),
+                ("raw", server.url),
+                ("wire", server.url),
+            ):
+                await stack.enter_async_context(peer(*args))
+            for each in callers:
+                await each.ask(100)  # warm up
             for _ in range(ROUNDS):
-                for name, call in zip(samples, calls, strict=True):
-                    samples[name] += await timed(call, MESSAGES // ROUNDS)
-        await grpc.stop()
-        await host.stop()
-        await ours.stop()
+                for name, each in zip(samples, callers, strict=True):
+                    samples[name] += await each.ask(MESSAGES // ROUNDS)
 
+        nc = await nats.connect(server.url)
         local_times, remote_times, floor_times = await team_rounds(nc, server.url)
         await nc.close()
 
     print()
-    print(f"request/reply between two processes, {MESSAGES} messages each, rounds interleaved")
+    print(f"request/reply between two processes, {MESSAGES} messages each, rounds interleaved, a caller process each")
     for name, values in samples.items():
         print(line(name, values))
     p50 = {name: statistics.median(values) for name, values in samples.items()}
+    print(f"callers poll for answers for {spin_s_from(os.environ) * 1e6:.0f} us ({SPIN_ENV}; 'no polling': 0)")
     print(f"caravan / gRPC p50            {p50['caravan runtime'] / p50['autogen gRPC runtime']:.2f}x  (goal <= 0.4x)")
     print(f"caravan / raw NATS p50        {p50['caravan runtime'] / p50['raw nats-py']:.2f}x  (goal <= 2x)")
+    print(f"no polling / gRPC p50         {p50['caravan runtime, no polling'] / p50['autogen gRPC runtime']:.2f}x")
     transport = p50["agent.wire (its transport)"]
     print(
         f"its transport / gRPC p50      {transport / p50['autogen gRPC runtime']:.2f}x  (the runtime's own part: "
