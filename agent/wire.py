@@ -14,8 +14,9 @@ message of a team run this way, so :class:`Wire` shortens it on the same connect
   answer pays the kernel's and the hypervisor's wake-up, about 100 microseconds on a shared 2-core machine,
   where a request answered at once takes 250; polling reads a quick answer without it, and costs at most the
   window in CPU when the answer is slow (a model call: seconds). It yields the CPU at each turn
-  (``sched_yield``), so that a process with work to do on the same core goes first. Only callers poll: a
-  process that answers, or only publishes (a team's members and manager), sleeps as before.
+  (``sched_yield``), so that a process with work to do on the same core goes first. Only callers that wait
+  poll: a process that answers, only publishes (a team's members and manager), or stores events without
+  waiting (:meth:`Wire.store`), sleeps as before.
 - :meth:`Wire.store` publishes to a JetStream stream without waiting; its future settles with the acknowledgement
   or the error JetStream answered (nats-py's ``publish_async`` never settles one that JetStream refuses).
 
@@ -76,6 +77,7 @@ class Wire:
         """How long the event loop polls for answers after a request before it sleeps (0: never)."""
         self._spin_until = 0.0
         self._spinning = False
+        self._polled = 0  # requests waiting that their callers wait for (ask's poll)
         original = nc._process_msg
 
         async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
@@ -236,13 +238,21 @@ class Wire:
         return len(self._waiting)
 
     def ask(
-        self, subject: str, payload: bytes, timeout: float, headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        payload: bytes,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+        *,
+        poll: bool = True,
     ) -> asyncio.Future[Msg]:
         """Send a request; the future holds the answer, or ``nats.errors.TimeoutError`` /
         ``NoRespondersError`` / ``ConnectionClosedError`` (closed while it waited: while the connection is only
         down it waits on), or the error nats-py raised when it could not hold the request while down
         (``OutboundBufferLimitError``). Cancelling the future forgets the request. Call :meth:`ready` once
-        first; raises ``ConnectionClosedError`` on a closed connection."""
+        first; raises ``ConnectionClosedError`` on a closed connection. ``poll``: the caller waits for the
+        answer, so the event loop polls for it for a moment (:attr:`spin_s`); False for one it does not wait
+        on (:meth:`store`)."""
         if self._inbox is None:
             raise RuntimeError("Wire.ready() was not awaited")
         if self._nc.is_closed:
@@ -253,12 +263,21 @@ class Wire:
         self._waiting[token] = future
         timer = loop.call_later(timeout, _expire, future)
 
+        polled = poll and self.spin_s > 0
+
         def forget(_: asyncio.Future[Msg]) -> None:
             self._waiting.pop(token, None)
             timer.cancel()
+            if polled:
+                self._polled -= 1
 
         future.add_done_callback(forget)
-        self._poll_for_answers(loop)
+        if polled:
+            self._polled += 1
+            self._spin_until = time.perf_counter() + self.spin_s
+            if not self._spinning:
+                self._spinning = True
+                loop.call_soon(self._turn, loop)
         try:
             publishing = self.send_soon(subject, payload, self._inbox + token, headers)
         except BaseException:  # refused at once (too big, a bad subject): nothing to wait for
@@ -277,7 +296,8 @@ class Wire:
         (nats-py's ``publish_async`` never settles its future when JetStream refuses a message: it raises the
         error inside its own callback.)"""
         acked: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.ask(subject, payload, ack_within, headers).add_done_callback(lambda answer: _settle(answer, acked))
+        answer = self.ask(subject, payload, ack_within, headers, poll=False)  # nobody waits for it here
+        answer.add_done_callback(lambda answered: _settle(answered, acked))
         transport = self._nc._transport
         if transport is not None and self._nc.is_connected:
             await transport.drain()  # returns at once unless the socket's buffer is full
@@ -288,18 +308,10 @@ class Wire:
         """Whether the event loop is polling for answers now (see :attr:`spin_s`)."""
         return self._spinning
 
-    def _poll_for_answers(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.spin_s <= 0:
-            return
-        self._spin_until = time.perf_counter() + self.spin_s
-        if not self._spinning:
-            self._spinning = True
-            loop.call_soon(self._turn, loop)
-
     def _turn(self, loop: asyncio.AbstractEventLoop) -> None:
         """One turn of polling: a callback ready on every turn of the event loop makes it poll its sockets
-        without waiting; it stops when no request waits any more, or when the window has passed."""
-        if self._waiting and time.perf_counter() < self._spin_until:
+        without waiting; it stops when no request polled for waits any more, or when the window has passed."""
+        if self._polled and time.perf_counter() < self._spin_until:
             os.sched_yield()
             loop.call_soon(self._turn, loop)
         else:

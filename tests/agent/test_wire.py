@@ -286,6 +286,10 @@ async def test_a_request_polls_for_its_answer_until_it_comes_or_for_the_window_o
     slow.cancel()
     await assert_eventually(now(lambda: wire.spinning), lambda spinning: not spinning, what="polling to stop")
 
+    unawaited = await wire.store("echo", b"silence", 30)  # an event stored without waiting: nobody waits here
+    assert not wire.spinning
+    unawaited.cancel()
+
     wire.spin_s = 0.0  # CARAVAN_SPIN_US=0: never
     waiting = wire.ask("echo", b"silence", 30)
     assert not wire.spinning
