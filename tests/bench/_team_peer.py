@@ -5,11 +5,11 @@ pattern over agent.wire, with no AgentChat and no runtime); and the callers of t
 (``call-<kind>``), one process per way of asking. Each prints "ready" (a caller: "ready" and an address, which
 only the gRPC caller has: the host its worker joins).
 
-A caller reads a count on each line of its input, sends that many requests one after the other, and writes
-their times in seconds as one JSON line. Each way of asking has a process of its own, so that none is measured
-in a process another one has used: with all of them in the bench's process, gRPC's p50 was 5-15% slower in the
-rounds that followed our runtime's polling (agent.wire) than with polling off (3 runs, A/B interleaved); a
-process that has used more CPU is woken a little later by Linux's scheduler."""
+A caller reads a count on each line of its input, sends that many requests one after the other, and writes their
+times in seconds and the CPU time it spent on them as one JSON line. Each way of asking has a process of its own, so
+that none is measured in a process another one has used: with all of them in the bench's process, gRPC's p50 was
+5-15% slower in the rounds that followed our runtime's polling (agent.wire) than with polling off (3 runs, A/B
+interleaved); a process that has used more CPU is woken a little later by Linux's scheduler."""
 
 from __future__ import annotations
 
@@ -100,11 +100,12 @@ async def call(kind: str, address: str, extra: str) -> None:
     print("ready", host_address, flush=True)
     while line := await asyncio.to_thread(sys.stdin.readline):
         times = []
+        cpu = time.process_time()  # this process's, every thread's (the gRPC caller's host among them)
         for i in range(int(line)):
             started = time.perf_counter()
             await ask(i)
             times.append(time.perf_counter() - started)
-        print(json.dumps(times), flush=True)
+        print(json.dumps({"times": times, "cpu_s": time.process_time() - cpu}), flush=True)
 
 
 async def main(mode: str, address: str, extra: str) -> None:

@@ -68,13 +68,21 @@ class Caller:
     def __init__(self, proc: subprocess.Popen[bytes], address: str) -> None:
         self._proc = proc
         self.address = address  # the gRPC caller's: the host its worker joins
+        self.cpu_s = 0.0  # the caller's CPU time on the requests asked since reset()
+        self.asked = 0
+
+    def reset(self) -> None:
+        self.cpu_s, self.asked = 0.0, 0
 
     async def ask(self, n: int) -> list[float]:
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._proc.stdin.write(b"%d\n" % n)
         self._proc.stdin.flush()
-        times: list[float] = json.loads(await asyncio.wait_for(asyncio.to_thread(self._proc.stdout.readline), 300))
+        answer = json.loads(await asyncio.wait_for(asyncio.to_thread(self._proc.stdout.readline), 300))
+        times: list[float] = answer["times"]
         assert len(times) == n
+        self.cpu_s += answer["cpu_s"]
+        self.asked += n
         return times
 
 
@@ -126,6 +134,7 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
                 await stack.enter_async_context(peer(*args))
             for each in callers:
                 await each.ask(100)  # warm up
+                each.reset()
             for _ in range(ROUNDS):
                 for name, each in zip(samples, callers, strict=True):
                     samples[name] += await each.ask(MESSAGES // ROUNDS)
@@ -136,8 +145,9 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
 
     print()
     print(f"request/reply between two processes, {MESSAGES} messages each, rounds interleaved, a caller process each")
-    for name, values in samples.items():
-        print(line(name, values))
+    for (name, values), each in zip(samples.items(), callers, strict=True):
+        print(f"{line(name, values)}  caller CPU {each.cpu_s / each.asked * 1e6:4.0f} us/request")
+    print("(the gRPC caller's CPU includes its host's, which runs in its process)")
     p50 = {name: statistics.median(values) for name, values in samples.items()}
     print(f"callers poll for answers for {spin_s_from(os.environ) * 1e6:.0f} us ({SPIN_ENV}; 'no polling': 0)")
     print(f"caravan / gRPC p50            {p50['caravan runtime'] / p50['autogen gRPC runtime']:.2f}x  (goal <= 0.4x)")
