@@ -213,6 +213,7 @@ class ControlPlane:
             self._killswitch,
             self._quotas,
             self._budget_exceeded,
+            cancel_deadline_s=self.settings.task_cancel_deadline_s,
         )
         # the agents service is made before the killswitch and task services (which need it), so it is joined to
         # them here: no agent starts under a hard killswitch, and a deleted or failed agent's tasks end

@@ -98,6 +98,13 @@ class Settings(BaseSettings):
     max_agents_per_customer: int = Field(default=50, ge=1, description="Default agent quota of a new customer.")
     rate_limit_scale: float = Field(default=1.0, gt=0, description="Multiplies every tier's request rate.")
     task_ack_wait_s: float = Field(default=60.0, ge=1)
+    task_cancel_deadline_s: float = Field(
+        default=60.0,
+        ge=0.5,
+        le=86_400,
+        description="A cancelled task whose agent has not stopped it after this long ends `cancelled` all the same "
+        "(its agent is told again every few seconds until then).",
+    )
     team_ack_wait_s: float = Field(
         default=30.0,
         ge=1,

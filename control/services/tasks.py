@@ -72,6 +72,10 @@ FOLDED_KEPT = 1024
 """Task records the tracker keeps at hand (:meth:`TaskService._fold`): tasks in flight at once, beyond which the
 one that went longest without an event is read again at its next."""
 
+CANCEL_RETELL_S = 5.0
+"""How often an agent that has not stopped a cancelled task yet is told again (a cancel is a plain NATS message:
+an agent reconnecting at that moment never heard it); at least three times within the deadline."""
+
 log = logging.getLogger("caravan.tasks")
 TRACKER = "caravan-tracker"
 
@@ -125,6 +129,8 @@ class TaskService:
         guard: KillswitchService,
         quotas: QuotaService,
         on_budget_exceeded: Callable[[str, int, int], Awaitable[None]],
+        *,
+        cancel_deadline_s: float = 60.0,
     ) -> None:
         self._repo = repo
         self._transcripts = transcripts
@@ -139,6 +145,8 @@ class TaskService:
         # of a task is folded into its record without reading it back (read again if another writer changed it)
         self._folded: dict[str, tuple[Task, int]] = {}
         self._teams: TeamTasks | None = None
+        self._cancel_deadline_s = cancel_deadline_s
+        self._cancelling: dict[str, asyncio.Task[None]] = {}  # task key -> the watch that sees its cancel through
 
     def attach_teams(self, teams: TeamTasks) -> None:
         """Tasks on teams go to ``teams`` (their runs are coordinated by the team runner)."""
@@ -247,7 +255,9 @@ class TaskService:
         """Stop the task wherever it is. A request no runner was handed (still in its queue, or its agent's job
         gone) is taken out and the task ends ``cancelled`` at once; otherwise whoever may run it is told, and the
         task ends when it says so (``cancelled``; ``completed`` if it had just finished), giving back its quota
-        slot then. The answer is the task as it was asked."""
+        slot then. An agent that has not said so is told again every ``CANCEL_RETELL_S``, and after
+        ``cancel_deadline_s`` the task ends ``cancelled`` without it (:meth:`_see_cancel_through`). The answer is
+        the task as it was asked."""
         task = await self.get(customer_id, task_id)
         if task.status in TERMINAL_TASK_STATUSES:
             raise Conflict(f"task {task.id} is already {task.status.value}")
@@ -268,7 +278,41 @@ class TaskService:
                 with contextlib.suppress(NotFoundError):
                     await self._js.delete_msg(TASKS_STREAM, task.queue_seq)
             await self._end(task, "cancelled on request")
+        else:
+            self._watch_cancel(task)
         return task
+
+    def _watch_cancel(self, task: Task) -> None:
+        key = task_key(task.customer_id, task.id)
+        if key in self._cancelling or self._tracker is None:
+            return  # watched already; or this control plane is stopping (the next one takes it up at its start)
+        watch = asyncio.create_task(self._see_cancel_through(key), name=f"cancel-{task.id}")
+        self._cancelling[key] = watch
+        watch.add_done_callback(lambda _: self._cancelling.pop(key, None))
+
+    async def _see_cancel_through(self, key: str) -> None:
+        """Tell the agent of a cancelled task again until the task has ended; end it ``cancelled`` at the deadline
+        if its agent never does (hung, or it never heard: its quota slot would be held for good). A result that
+        comes after that changes nothing (:meth:`_fold`)."""
+        deadline = time.monotonic() + self._cancel_deadline_s
+        every = min(CANCEL_RETELL_S, self._cancel_deadline_s / 3)
+        while True:
+            await asyncio.sleep(max(min(every, deadline - time.monotonic()), 0))
+            try:
+                task = await self._repo.get(key)
+                if task is None or task.status in TERMINAL_TASK_STATUSES:
+                    return
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "task %s: its agent did not stop it within %g s of its cancel", task.id, self._cancel_deadline_s
+                    )
+                    await self._end(
+                        task, f"cancelled on request (its agent did not stop it within {self._cancel_deadline_s:g} s)"
+                    )
+                    return
+                await self._tell_runner(task)
+            except Exception:  # NATS away for a moment: looked at again at the next turn
+                log.exception("could not see the cancel of %s through", key)
 
     async def _handed_out(self, task: Task) -> bool:
         """Whether the agent's work queue may have handed the task's request to one of its processes."""
@@ -385,8 +429,13 @@ class TaskService:
         psub = await self._js.pull_subscribe_bind(TRACKER, stream=EVENTS_STREAM)
         self._tracker_sub = psub
         self._tracker = asyncio.create_task(self._track(psub, on_agent_event), name="task-tracker")
+        for task in await self._repo.list(">"):  # cancels a control plane stopped before it saw them through
+            if task.cancel_requested and task.agent_id is not None and task.status not in TERMINAL_TASK_STATUSES:
+                self._watch_cancel(task)
 
     async def stop_tracker(self) -> None:
+        for watch in list(self._cancelling.values()):
+            await cancel_and_wait(watch)
         if self._tracker is not None:
             await cancel_and_wait(self._tracker)
             self._tracker = None

@@ -15,7 +15,16 @@ import pytest
 import websockets
 
 from agent.backends.natskv import kv_entries
-from agent.protocol import EVENTS_STREAM, TASKS_STREAM, Event, EventKind, consumer_name, task_subject, utcnow
+from agent.protocol import (
+    EVENTS_STREAM,
+    TASKS_STREAM,
+    Event,
+    EventKind,
+    cancel_subject,
+    consumer_name,
+    task_subject,
+    utcnow,
+)
 from control.models import Task, TaskMessage
 from control.platform import ControlPlane
 from control.services.tasks import TRACKER, task_key
@@ -288,6 +297,87 @@ async def test_a_running_task_ends_cancelled_when_its_agent_stops_the_run_and_ho
     assert (last.kind, last.content, last.agent_id) == ("status", "cancelled", agent["id"])  # the run's own last word
     await assert_eventually(lambda: usage(api, headers), lambda u: u["concurrent_tasks"] == 0, what="slot back")
     assert (await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "x"}, headers=headers)).is_success
+
+
+async def test_a_cancel_the_agent_never_carries_out_is_told_again_then_ends_the_task_at_the_deadline(
+    settings: Settings,
+) -> None:
+    """An agent that cannot stop a cancelled run (hung: here stopped by SIGSTOP) is told again, and at the
+    deadline the task ends `cancelled` all the same, saying so, and gives back its quota slot; what the agent
+    says once it wakes changes nothing."""
+    from tests.gateway.test_quotas import set_quota  # (which imports this module)
+
+    async with (
+        ControlPlane(settings.model_copy(update={"task_cancel_deadline_s": 1.5})) as control,
+        serve_api(control) as api,
+    ):
+        customer_id, headers = await api.new_customer()
+        await set_quota(api, customer_id, max_concurrent_tasks=1)
+        agent = await running_agent(api, headers, model=SLOW, tools=[])
+        ready = (await agent_ready(api, customer_id, agent["id"]))["data"]
+        task_id = await start_task(api, headers, agent["id"])
+        await assert_eventually(
+            lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
+        )
+        told: list[bytes] = []
+        listener = await nats.connect(settings.nats_url)
+
+        async def heard(msg: nats.aio.msg.Msg) -> None:
+            told.append(msg.data)
+
+        await listener.subscribe(cancel_subject(customer_id, agent["id"]), cb=heard)
+        await listener.flush()
+        os.kill(ready["pid"], signal.SIGSTOP)  # hung: it cannot stop the run
+        try:
+            assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+            task = await finished(api, headers, task_id)
+            assert task["status"] == "cancelled"
+            assert task["status_reason"] == "cancelled on request (its agent did not stop it within 1.5 s)"
+            assert told.count(task_id.encode()) >= 2  # told when cancelled, and again while it did not stop
+            assert (await usage(api, headers))["concurrent_tasks"] == 0
+            other = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "x"}, headers=headers)
+            assert other.status_code == 202, other.text  # the slot is free
+        finally:
+            os.kill(ready["pid"], signal.SIGCONT)
+        await assert_eventually(  # the agent's own word on the run, once it woke and heard the cancel
+            lambda: stored_events(control.jet.js, customer_id, task_id),
+            lambda events: any(e.agent_id == agent["id"] and e.content == "cancelled" for e in events),
+            what="the agent's cancelled status",
+        )
+        await tracker_caught_up(api)
+        task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+        assert (task["status"], task["status_reason"]) == (
+            "cancelled",
+            "cancelled on request (its agent did not stop it within 1.5 s)",
+        )
+        await listener.close()
+
+
+async def test_a_cancel_a_stopped_control_plane_left_unfinished_is_seen_through_by_the_next(
+    settings: Settings,
+) -> None:
+    first = settings.model_copy(update={"agent_kill_timeout_s": 0.5})
+    async with ControlPlane(first) as control, serve_api(control) as api:
+        customer_id, headers = await api.new_customer()
+        agent = await running_agent(api, headers, model=SLOW, tools=[])
+        ready = (await agent_ready(api, customer_id, agent["id"]))["data"]
+        task_id = await start_task(api, headers, agent["id"])
+        await assert_eventually(
+            lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
+        )
+        os.kill(ready["pid"], signal.SIGSTOP)  # it cannot stop the run before this control plane stops
+        assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+    # stopped with the task still running (its agent killed with it, unheard): the next control plane takes it up
+    async with (
+        ControlPlane(settings.model_copy(update={"task_cancel_deadline_s": 1.5})) as control,
+        serve_api(control) as api,
+    ):
+        task = await finished(api, headers, task_id)
+        assert (task["status"], task["status_reason"]) == (
+            "cancelled",
+            "cancelled on request (its agent did not stop it within 1.5 s)",
+        )
+        assert (await usage(api, headers))["concurrent_tasks"] == 0
 
 
 async def test_a_result_that_comes_after_the_task_ended_changes_nothing(api: Api) -> None:
