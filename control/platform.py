@@ -6,6 +6,9 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Coroutine
+from datetime import timedelta
+from typing import Any
 
 from nats.aio.msg import Msg
 
@@ -35,6 +38,8 @@ from control.teams.service import TeamService
 __all__ = ["ControlPlane"]
 
 log = logging.getLogger("caravan.control")
+TASK_SWEEP_EVERY = timedelta(hours=1)
+"""How often tasks past the retention time (``task_retention_days``) are looked for."""
 _DEFINITION = re.compile(r"^caravan\.ctl\.([a-z]{2}-[0-9a-f]{12})\.definition\.([a-z]{2}-[0-9a-f]{12})$")
 
 
@@ -229,6 +234,8 @@ class ControlPlane:
         )
         await jet.nc.subscribe("caravan.ctl.*.definition.*", queue="caravan-control", cb=self._serve_definition)
         await self._tasks.start_tracker(self._agents.on_agent_event)
+        if self.settings.task_retention_days > 0:
+            self._in_background(self._sweep_tasks(timedelta(days=self.settings.task_retention_days)))
         await self._start_teams(jet)
         await self._agents.reconcile()
 
@@ -256,9 +263,25 @@ class ControlPlane:
         """A customer went over their daily token budget: engage their killswitch until the day ends (in the
         background, so that the tracker is not held while agents acknowledge) and say why and until when."""
         assert self._budget is not None
-        task = asyncio.create_task(self._budget.engage(customer_id, total, budget))
+        self._in_background(self._budget.engage(customer_id, total, budget))
+
+    def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _sweep_tasks(self, keep: timedelta) -> None:
+        """Every ``TASK_SWEEP_EVERY`` (by the clock), forget the tasks that ended longer than ``keep`` ago. Every
+        replica sweeps: forgetting a task twice is forgetting it once."""
+        while True:
+            await self._clock.sleep_until(self._clock.now() + TASK_SWEEP_EVERY)
+            try:
+                forgotten = await self.tasks.sweep_finished(self._clock.now() - keep)
+            except Exception:  # NATS away for a moment: swept next time
+                log.exception("could not forget the tasks that ended before the retention time")
+                continue
+            if forgotten:
+                log.info("forgot %d task(s) that ended over %s ago", forgotten, keep)
 
     async def _start_teams(self, jet: Jet) -> None:
         tasks, checkpoints = Repo(jet.kv["tasks"], Task), LargeRepo(jet.kv["team_state"], Checkpoint)

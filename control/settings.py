@@ -98,6 +98,13 @@ class Settings(BaseSettings):
     max_agents_per_customer: int = Field(default=50, ge=1, description="Default agent quota of a new customer.")
     rate_limit_scale: float = Field(default=1.0, gt=0, description="Multiplies every tier's request rate.")
     task_ack_wait_s: float = Field(default=60.0, ge=1)
+    task_retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        le=36_500,
+        description="Tasks that ended longer ago than this are forgotten, records and transcripts (their events "
+        "leave the events stream after 30 days); 0: kept for good.",
+    )
     task_cancel_deadline_s: float = Field(
         default=60.0,
         ge=0.5,

@@ -25,7 +25,7 @@ from agent.backends.natskv import kv_entries
 from control.errors import CaravanError
 from control.ids import is_plain_id
 
-__all__ = ["AlreadyExists", "Conflict", "LargeRepo", "Repo"]
+__all__ = ["AlreadyExists", "Conflict", "LargeRepo", "Repo", "purge_keys"]
 
 M = TypeVar("M", bound=BaseModel)
 P = TypeVar("P", bound=BaseModel)
@@ -146,6 +146,10 @@ class Repo(Generic[M]):
 
     async def delete(self, key: str) -> None:
         await self._kv.delete(key)
+
+    async def purge(self, pattern: str) -> None:
+        """Remove the records matching ``pattern`` for good, leaving no marker (:func:`purge_keys`)."""
+        await purge_keys(self._kv, pattern)
 
     async def keys(self, pattern: str = ">") -> list[str]:
         """Keys of live records matching a NATS subject pattern (``cu-1.*``)."""
@@ -271,9 +275,8 @@ class LargeRepo(Repo[M]):
                 await self._purge(parts.key(key, ">"))
 
     async def _purge(self, keys: str) -> None:
-        """Remove the parts under ``keys`` (a KV key pattern) with one request: a stream purge by subject, not a
-        KV purge per part, which would leave a marker for each (nobody watches parts: a manifest names them)."""
-        await self._kv._js.purge_stream(self._kv._stream, subject=self._kv._pre + keys)
+        """Remove the parts under ``keys`` (nobody watches parts: a manifest names them)."""
+        await purge_keys(self._kv, keys)
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,12 @@ class _Parts:
 
     def key(self, key: str, n: int | str) -> str:
         return f"{key}.part.{self.write}.{n}"
+
+
+async def purge_keys(kv: KeyValue, pattern: str) -> None:
+    """Remove every key of ``kv`` matching ``pattern`` (a KV key pattern) with one request: a stream purge by
+    subject, not a KV purge per key, which would leave a marker for each. Watchers of those keys see nothing."""
+    await kv._js.purge_stream(kv._stream, subject=kv._pre + pattern)
 
 
 def _too_big(exc: Exception) -> bool:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import nats
@@ -57,7 +58,7 @@ from control.services.agents import AgentService, why_not_serving
 from control.services.killswitch import KillswitchService
 from control.services.quotas import QuotaService
 from control.store import Conflict as StoreConflict
-from control.store import Repo
+from control.store import Repo, purge_keys
 
 if TYPE_CHECKING:
     from control.teams.dispatch import TeamTasks
@@ -313,6 +314,22 @@ class TaskService:
                 await self._tell_runner(task)
             except Exception:  # NATS away for a moment: looked at again at the next turn
                 log.exception("could not see the cancel of %s through", key)
+
+    async def sweep_finished(self, before: datetime) -> int:
+        """Forget the tasks that ended before ``before``: their transcripts, then their records (a record outlives
+        its transcript only until the next sweep, which finds it again). Their events leave the events stream by
+        its own age limit. Returns how many were forgotten."""
+        forgotten = 0
+        for task in await self._repo.list(">"):
+            ended = task.finished_at or task.updated_at
+            if task.status not in TERMINAL_TASK_STATUSES or ended >= before:
+                continue
+            key = task_key(task.customer_id, task.id)
+            await purge_keys(self._transcripts, f"{key}.*")
+            await self._repo.purge(key)
+            self._folded.pop(key, None)
+            forgotten += 1
+        return forgotten
 
     async def _handed_out(self, task: Task) -> bool:
         """Whether the agent's work queue may have handed the task's request to one of its processes."""

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import signal
+from datetime import datetime, timedelta
 from typing import Any
 
 import nats
@@ -34,6 +35,7 @@ from tests.conftest import Api, serve_api
 from tests.gateway.teams_support import agent_ready, health, team
 from tests.gateway.test_agents_api import wait_status
 from tests.support.helpers import (
+    ManualClock,
     assert_eventually,
     hold_first_call,
     now,
@@ -378,6 +380,37 @@ async def test_a_cancel_a_stopped_control_plane_left_unfinished_is_seen_through_
             "cancelled on request (its agent did not stop it within 1.5 s)",
         )
         assert (await usage(api, headers))["concurrent_tasks"] == 0
+
+
+async def test_tasks_that_ended_before_the_retention_time_are_forgotten_records_and_transcripts(
+    settings: Settings,
+) -> None:
+    clock = ManualClock(utcnow())
+    async with (
+        ControlPlane(settings.model_copy(update={"task_retention_days": 1}), clock=clock) as control,
+        serve_api(control) as api,
+    ):
+        customer_id, headers = await api.new_customer()
+        old = await finished(api, headers, await start_task(api, headers, (await running_agent(api, headers))["id"]))
+        assert old["status"] == "completed" and old["messages"]
+        slow = await running_agent(api, headers, name="slow", model=SLOW, tools=[])
+        running = await start_task(api, headers, slow["id"])
+        transcripts = control.jet.kv["transcripts"]
+        assert await kv_entries(transcripts, f"{customer_id}.{old['id']}.*")
+
+        ended = datetime.fromisoformat(old["finished_at"])
+        assert await control.tasks.sweep_finished(ended) == 0  # ended at that time, not before: kept
+
+        await clock.set(ended + timedelta(days=2))  # the hourly sweep runs, and the task ended over a day ago
+        await assert_eventually(
+            lambda: api.client.get(f"/v1/tasks/{old['id']}", headers=headers),
+            lambda r: r.status_code == 404,
+            what="the old task forgotten",
+        )
+        assert await kv_entries(transcripts, f"{customer_id}.{old['id']}.*") == []
+        listed = (await api.client.get("/v1/tasks", headers=headers)).json()
+        assert [t["id"] for t in listed] == [running]  # a task still running is kept, however old
+        assert (await api.client.get(f"/v1/tasks/{running}", headers=headers)).status_code == 200
 
 
 async def test_a_result_that_comes_after_the_task_ended_changes_nothing(api: Api) -> None:
