@@ -55,10 +55,10 @@ _NO_RESPONDERS = "503"
 _BAD_SUBJECT = frozenset(" \t\r\n")
 _BAD_HEADER = frozenset("\r\n")
 STORE_TIMEOUT_S = 30.0
+"""How long an event published without waiting may take to be stored (:meth:`Wire.store`)."""
 SPIN_ENV = "CARAVAN_SPIN_US"
 """How long, in microseconds, a process polls for the answer to a request before it sleeps (see above)."""
 DEFAULT_SPIN_US = 500.0
-"""How long an event published without waiting may take to be stored (:meth:`Wire.store`)."""
 
 
 class Wire:
