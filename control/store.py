@@ -227,7 +227,7 @@ class LargeRepo(Repo[M]):
     async def delete(self, key: str) -> None:
         await self._kv.delete(key)
         self._names.pop(key, None)
-        await self._purge(f"{key}.part.>")  # named or not
+        await self.purge(f"{key}.part.>")  # named or not (nobody watches parts: a manifest names them)
 
     async def _put_parts(self, key: str, data: bytes) -> int:
         try:
@@ -258,7 +258,7 @@ class LargeRepo(Repo[M]):
         )
         refused = next((result for result in stored if isinstance(result, BaseException)), None)
         if refused is not None:
-            await self._purge(parts.key(key, ">"))
+            await self.purge(parts.key(key, ">"))
             raise refused
         return parts
 
@@ -272,11 +272,7 @@ class LargeRepo(Repo[M]):
     async def _forget_parts(self, key: str, parts: _Parts | None) -> None:
         if parts is not None:
             with contextlib.suppress(nats.errors.Error):  # the new record is stored: a part left over is harmless
-                await self._purge(parts.key(key, ">"))
-
-    async def _purge(self, keys: str) -> None:
-        """Remove the parts under ``keys`` (nobody watches parts: a manifest names them)."""
-        await purge_keys(self._kv, keys)
+                await self.purge(parts.key(key, ">"))
 
 
 @dataclass(frozen=True)
