@@ -117,6 +117,14 @@ class FlagStore(Protocol):
     async def delete(self, key: FlagKey) -> None:
         """Remove the flag (released). Removing an absent flag is not an error."""
 
+    async def put_unless_engaged(self, flag: Flag) -> bool:
+        """Store ``flag`` only if no engaged flag is stored under its key, checked and written as one (a
+        check-and-set): False, and nothing written, if one is."""
+
+    async def delete_if(self, key: FlagKey, flag_id: str) -> bool:
+        """Remove the flag under ``key`` only if it is engagement ``flag_id``, checked and removed as one: False,
+        and nothing removed, if another engaged flag is stored there (True if none is)."""
+
     async def list(self) -> list[Flag]:
         """Every stored flag of every scope."""
 

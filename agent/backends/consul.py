@@ -24,6 +24,7 @@ __all__ = ["PREFIX", "ConsulBackend", "ConsulFlags", "consul_client", "consul_ke
 
 PREFIX = "caravan/killswitch"
 _ERRORS = (consul.ConsulException, requests.RequestException, OSError)
+_CAS_TRIES = 20  # writers of one flag at once, at most, before a conditional write gives up
 
 
 def consul_key(key: FlagKey) -> str:
@@ -100,6 +101,36 @@ class ConsulFlags(ConsulBackend):
 
     async def delete(self, key: FlagKey) -> None:
         await self._call(self._client.kv.delete, consul_key(key))
+
+    async def put_unless_engaged(self, flag: Flag) -> bool:
+        value = flag.model_dump_json()
+        for _ in range(_CAS_TRIES):
+            stored, index = await self._stored(flag.key)
+            if stored is not None and stored.engaged:
+                return False
+            # cas=0: only if the key does not exist; else only if nobody wrote it since it was read
+            if await self._call(self._client.kv.put, consul_key(flag.key), value, cas=index):
+                return True
+        raise FlagStoreUnavailable(f"{consul_key(flag.key)} kept changing while a flag was written")
+
+    async def delete_if(self, key: FlagKey, flag_id: str) -> bool:
+        for _ in range(_CAS_TRIES):
+            stored, index = await self._stored(key)
+            if stored is None or not stored.engaged:
+                return True
+            if stored.id != flag_id:
+                return False
+            if await self._call(self._client.kv.delete, consul_key(key), cas=index):
+                return True
+        raise FlagStoreUnavailable(f"{consul_key(key)} kept changing while a flag was released")
+
+    async def _stored(self, key: FlagKey) -> tuple[Flag | None, int]:
+        """The flag stored under ``key`` (None: none) and its ModifyIndex (0: no key), for a check-and-set."""
+        _, entry = await self._call(self._client.kv.get, consul_key(key))
+        if entry is None:
+            return None, 0
+        index = int(entry.get("ModifyIndex", 0))
+        return (Flag.decode(key, entry["Value"], index) if entry.get("Value") else None), index
 
     async def list(self) -> list[Flag]:
         _, entries = await self._call(self._client.kv.get, PREFIX + "/", recurse=True)

@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from agent.backends.base import Flag, FlagKey, FlagSnapshot, FlagStoreUnavailable, Scope
@@ -23,6 +23,8 @@ BUCKET = "caravan_flags"
 _DELETED = ("DEL", "PURGE")
 _BATCH = 1000  # nats-server's largest batch (and a multi-subject get matches 1,024 subjects at most)
 _BATCH_TIMEOUT_S = 5.0
+_WRONG_LAST = (10071, 10164)  # JetStream's "wrong last sequence": written meanwhile
+_CAS_TRIES = 20  # writers of one flag at once, at most, before a conditional write gives up
 _NO_META = (None, None, None)  # an entry's delta, creation time and operation: not read by Caravan
 
 
@@ -149,6 +151,43 @@ class NatsKVFlags:
     async def delete(self, key: FlagKey) -> None:
         with contextlib.suppress(KeyNotFoundError):
             await self.kv.delete(kv_key(key))
+
+    async def put_unless_engaged(self, flag: Flag) -> bool:
+        value = flag.model_dump_json().encode()
+        for _ in range(_CAS_TRIES):
+            stored, revision = await self._stored(flag.key)
+            if stored is not None and stored.engaged:
+                return False
+            with contextlib.suppress(KeyWrongLastSequenceError):  # written meanwhile: look again
+                await self.kv.update(kv_key(flag.key), value, last=revision)
+                return True
+        raise FlagStoreUnavailable(f"{kv_key(flag.key)} kept changing while a flag was written")
+
+    async def delete_if(self, key: FlagKey, flag_id: str) -> bool:
+        for _ in range(_CAS_TRIES):
+            stored, revision = await self._stored(key)
+            if stored is None or not stored.engaged:
+                return True
+            if stored.id != flag_id:
+                return False
+            try:
+                await self.kv.delete(kv_key(key), last=revision)
+                return True
+            except nats.js.errors.APIError as exc:  # nats-py's delete does not say KeyWrongLastSequenceError
+                if exc.err_code not in _WRONG_LAST:
+                    raise
+        raise FlagStoreUnavailable(f"{kv_key(key)} kept changing while a flag was released")
+
+    async def _stored(self, key: FlagKey) -> tuple[Flag | None, int]:
+        """The flag stored under ``key`` (None: none, or deleted) and the revision to write over it."""
+        try:
+            entry = await self.kv.get(kv_key(key))
+        except KeyNotFoundError as exc:  # never written (revision 0), or deleted (the delete's revision)
+            entry = exc.entry
+            return None, (entry.revision or 0) if entry is not None else 0
+        if not entry.value:
+            return None, entry.revision or 0
+        return Flag.decode(key, entry.value, entry.revision or 0), entry.revision or 0
 
     async def list(self) -> list[Flag]:
         flags: list[Flag] = []

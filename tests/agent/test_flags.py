@@ -74,6 +74,31 @@ async def test_put_list_delete(backend: Backend) -> None:
     assert [f for f in await store.list() if f.key == flag.key] == []
 
 
+async def test_conditional_writes_leave_another_engagement_alone(backend: Backend) -> None:
+    """What the token budget writes (control.services.budget): its flag only where none is engaged, and its
+    release only of its own engagement, each checked and done as one."""
+    store = backend.store
+    key = FlagKey(Scope.CUSTOMER, unique())
+    ours = Flag(scope=key.scope, target=key.target, reason="budget", by="system:token-budget", id="budget-1")
+    theirs = Flag(scope=key.scope, target=key.target, reason="fraud", by="admin:1", id="operator-1")
+
+    assert await store.put_unless_engaged(ours)  # nothing there
+    assert not await store.put_unless_engaged(theirs)  # ours is engaged: nothing written
+    assert [f.id for f in await store.list() if f.key == key] == ["budget-1"]
+
+    await store.put(theirs)  # an operator's engagement over it
+    assert not await store.delete_if(key, "budget-1")  # not ours any more: nothing removed
+    assert [f.id for f in await store.list() if f.key == key] == ["operator-1"]
+    assert await store.delete_if(key, "operator-1")
+    assert [f for f in await store.list() if f.key == key] == []
+    assert await store.delete_if(key, "operator-1")  # released already
+
+    assert await store.put_unless_engaged(ours)  # a key released (deleted) before
+    await store.put(ours.model_copy(update={"engaged": False}))  # a flag written as released
+    assert await store.put_unless_engaged(theirs)
+    assert [f.id for f in await store.list() if f.key == key] == ["operator-1"]
+
+
 async def test_watch_sees_the_current_flags_then_every_change(backend: Backend) -> None:
     store = backend.store
     customer, agent = unique(), f"ag-{uuid.uuid4().hex[:12]}"

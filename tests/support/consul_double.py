@@ -213,6 +213,8 @@ class ConsulDouble:
         recurse = "recurse" in query
         if method == "PUT":
             existing = self.kv.get(key)
+            if "cas" in query and int(query["cas"]) != (existing["ModifyIndex"] if existing else 0):
+                return 200, False, {}  # check-and-set: 0 writes only a new key, n only over ModifyIndex n
             index = self._bump()
             self.kv[key] = {
                 "Key": key,
@@ -224,6 +226,10 @@ class ConsulDouble:
             }
             return 200, True, {}
         if method == "DELETE":
+            if "cas" in query:  # check-and-set: deletes the key only at ModifyIndex cas (never with 0)
+                existing = self.kv.get(key)
+                if existing is None or int(query["cas"]) != existing["ModifyIndex"]:
+                    return 200, False, {}
             doomed = [k for k in self.kv if (k.startswith(key) if recurse else k == key)]
             for k in doomed:
                 del self.kv[k]
