@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from datetime import UTC, datetime, time, timedelta
 from typing import Protocol
 
@@ -21,7 +22,7 @@ from agent.backends.base import Flag, FlagKey, Scope
 from control.errors import NotFound
 from control.models import Role
 from control.services.auth import Principal
-from control.services.killswitch import KillswitchRequest, KillswitchService
+from control.services.killswitch import FlagHeld, KillswitchRequest, KillswitchService
 from control.store import Repo
 
 __all__ = ["BUDGET_ACTOR", "BudgetHold", "BudgetHolds", "Clock", "SystemClock", "budget_day_end"]
@@ -65,6 +66,7 @@ class BudgetHold(BaseModel):
     flag_id: str
     lifts_at: datetime
     lifting_until: datetime | None = None  # a control plane releases it now (until then: another may, after)
+    lifting_by: str | None = None  # which one
 
 
 def budget_day_end(now: datetime) -> datetime:
@@ -83,6 +85,7 @@ class BudgetHolds:
         self._killswitch = killswitch
         self._clock = clock
         self._look_again_s = look_again_s
+        self._id = uuid.uuid4().hex  # this control plane's, in the claims of the holds it releases
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._looking: asyncio.Task[None] | None = None
 
@@ -115,9 +118,15 @@ class BudgetHolds:
                 log.exception("could not read the token budget's holds")
 
     async def engage(self, customer_id: str, total: int, budget: int) -> None:
-        """Halt the customer until their budget's day ends, unless someone else's halt already holds them."""
+        """Halt the customer until their budget's day ends, unless a halt already holds them: someone else's
+        (checked as the flag is written: an operator's engagement is never replaced, nor lifted at midnight), or
+        the budget's own (taken up, if this control plane does not time it yet)."""
         current = await self._current(customer_id)
-        if current is not None and current.by != BUDGET_ACTOR:
+        if current is not None and current.by == BUDGET_ACTOR:
+            if customer_id not in self._timers:
+                self._schedule(await self._adopt(current))
+            return
+        if current is not None:
             log.info("customer %s is over their token budget and already halted by %s", customer_id, current.by)
             return
         lifts_at = budget_day_end(self._clock.now())
@@ -126,7 +135,11 @@ class BudgetHolds:
             f"lifts at {lifts_at:%Y-%m-%d %H:%M} UTC"
         )
         request = KillswitchRequest(scope=Scope.CUSTOMER, customer_id=customer_id, reason=reason)
-        result = await self._killswitch.apply(_PRINCIPAL, request)
+        try:
+            result = await self._killswitch.apply(_PRINCIPAL, request, unless_engaged=True)
+        except FlagHeld:  # an operator engaged theirs since it was looked at
+            log.info("customer %s is over their token budget and was just halted by someone else", customer_id)
+            return
         assert result.flag_id is not None
         hold = BudgetHold(customer_id=customer_id, flag_id=result.flag_id, lifts_at=lifts_at)
         await self._repo.put(_KEY_PREFIX + customer_id, hold)
@@ -174,10 +187,10 @@ class BudgetHolds:
         def claim(stored: BudgetHold) -> BudgetHold | None:
             if stored.flag_id != hold.flag_id or (stored.lifting_until and stored.lifting_until > self._clock.now()):
                 return None
-            return stored.model_copy(update={"lifting_until": claim_until})
+            return stored.model_copy(update={"lifting_until": claim_until, "lifting_by": self._id})
 
         claimed = await self._repo.update(key, claim)
-        if claimed is None or claimed.lifting_until != claim_until:
+        if claimed is None or (claimed.lifting_by, claimed.lifting_until) != (self._id, claim_until):
             return  # released already, or being released by another control plane
         current = await self._current(hold.customer_id)
         if current is not None and current.id == hold.flag_id:
@@ -188,9 +201,11 @@ class BudgetHolds:
                 reason=f"daily token budget renewed at {hold.lifts_at:%Y-%m-%d %H:%M} UTC",
             )
             try:
-                await self._killswitch.apply(_PRINCIPAL, request)
+                await self._killswitch.apply(_PRINCIPAL, request, only=hold.flag_id)
             except NotFound:  # the customer was deleted meanwhile: nobody is left to release
                 log.info("customer %s is gone: their token budget's hold is forgotten", hold.customer_id)
+            except FlagHeld:  # an operator engaged theirs over it since it was looked at: it stays
+                log.info("customer %s: an operator's halt took the budget's place; it stays", hold.customer_id)
         stored = await self._repo.get(_KEY_PREFIX + hold.customer_id)
         if stored is not None and stored.flag_id == hold.flag_id:
             await self._repo.delete(_KEY_PREFIX + hold.customer_id)

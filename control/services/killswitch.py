@@ -24,7 +24,7 @@ from control.services.agents import AgentService
 from control.services.audit import AuditLog, AuditRecord, describe_error
 from control.services.auth import AuthService, Principal
 
-__all__ = ["MAX_WAIT_MS", "JobsNotStopped", "KillswitchRequest", "KillswitchResult", "KillswitchService"]
+__all__ = ["MAX_WAIT_MS", "FlagHeld", "JobsNotStopped", "KillswitchRequest", "KillswitchResult", "KillswitchService"]
 
 log = logging.getLogger("caravan.killswitch")
 
@@ -83,6 +83,14 @@ class KillswitchResult(BaseModel):
 _RECORDED = {"flag_id", "covered", "acknowledged", "unacknowledged", "stopped", "not_stopped"}
 
 
+class FlagHeld(Conflict):
+    """A conditional engage or release found another engagement in its place (:meth:`KillswitchService.apply`)."""
+
+
+def _named(key: FlagKey) -> str:
+    return "everything" if key.target is None else f"{key.scope.value} {key.target}"
+
+
 class JobsNotStopped(CaravanError):
     """A hard engagement is in force, but some of the covered agents' jobs could not be stopped: ``details`` is
     the :class:`KillswitchResult`, ``not_stopped`` naming them with why."""
@@ -128,18 +136,27 @@ class KillswitchService:
         if flag is not None:
             raise Conflict(f"killswitch engaged ({flag.scope.value}): {flag.reason or 'no reason given'}")
 
-    async def apply(self, principal: Principal, request: KillswitchRequest) -> KillswitchResult:
+    async def apply(
+        self,
+        principal: Principal,
+        request: KillswitchRequest,
+        *,
+        unless_engaged: bool = False,
+        only: str | None = None,
+    ) -> KillswitchResult:
         """Engage or release, wait for the acknowledgements, and with ``hard`` stop the covered agents' jobs.
 
         Audited whatever happens, a failure with its error. A job that cannot be stopped does not keep the others
         from being stopped: the engagement is recorded and published all the same, then :class:`JobsNotStopped`
-        says which jobs still run."""
+        says which jobs still run. ``unless_engaged``: engage only where no flag is engaged; ``only``: release only
+        that engagement (what the token budget does, which must not replace nor lift an operator's); otherwise
+        :class:`FlagHeld`, with nothing written."""
         key = request.key
         action = "killswitch.engage" if request.engaged else "killswitch.release"
         async with self._audit.admin_action(principal, action, request.customer_id, key.target or "all") as record:
             record.details.update(scope=key.scope.value, target=key.target, reason=request.reason, hard=request.hard)
             record.customer_id = await self._validated_customer(request)
-            result = await self._switch(principal, request, record)
+            result = await self._switch(principal, request, record, unless_engaged, only)
             record.details.update(result.model_dump(mode="json", include=_RECORDED))
             failure = _not_stopped(result) if result.not_stopped else None
             if failure is not None:
@@ -155,10 +172,19 @@ class KillswitchService:
             raise failure
         return result
 
-    async def _switch(self, principal: Principal, request: KillswitchRequest, record: AuditRecord) -> KillswitchResult:
+    async def _switch(
+        self,
+        principal: Principal,
+        request: KillswitchRequest,
+        record: AuditRecord,
+        unless_engaged: bool = False,
+        only: str | None = None,
+    ) -> KillswitchResult:
         key = request.key
         if request.engaged:
             flag_id: str | None = uuid.uuid4().hex
+        elif only is not None:
+            flag_id = only
         else:  # acknowledgements of a release name what is still engaged: the released flag must not be there
             previous = next((f for f in await self._flags.list() if f.key == key), None)
             flag_id = previous.id if previous else None
@@ -195,10 +221,16 @@ class KillswitchService:
                     hard=request.hard,
                 )
                 started = time.perf_counter()
-                await self._flags.put(flag)
+                if not unless_engaged:
+                    await self._flags.put(flag)
+                elif not await self._flags.put_unless_engaged(flag):
+                    raise FlagHeld(f"{_named(key)} is halted by another engagement: left as it is")
             else:
                 started = time.perf_counter()
-                await self._flags.delete(key)
+                if only is None:
+                    await self._flags.delete(key)
+                elif not await self._flags.delete_if(key, only):
+                    raise FlagHeld(f"{_named(key)} is halted by another engagement than {only}: left as it is")
             record.details["flag_id"] = flag_id  # written: a failure from here on leaves it so, and says which
             covered = [a for a in await self._agents.live() if covers(key, a)]
             expected = await self._expected_instances(covered)

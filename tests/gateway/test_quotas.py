@@ -223,6 +223,50 @@ async def test_an_operators_halt_is_not_taken_over_by_the_budget(api: Api) -> No
     assert await Repo(api.control.jet.kv["system"], BudgetHold).list("budget_hold.*") == []
 
 
+UNPAID = {"scope": "customer", "reason": "unpaid invoice", "wait_ms": 0}
+
+
+async def test_an_operators_halt_engaged_as_the_budget_engages_stays_the_operators(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget looked, found no halt, and is about to write its own when an operator engages theirs: the
+    budget's is not written over it (it would have been lifted at midnight)."""
+    customer_id, _ = await api.new_customer()
+    killswitch = api.control.killswitch
+    holds = BudgetHolds(Repo(api.control.jet.kv["system"], BudgetHold), killswitch, ManualClock(BEFORE_MIDNIGHT))
+    about_to_write = hold_first_call(monkeypatch, (killswitch, "_switch"), (killswitch, "apply"))
+    engaging = asyncio.create_task(holds.engage(customer_id, 11, 10))
+    await about_to_write.wait()
+    operator = {**UNPAID, "customer_id": customer_id}
+    assert (await api.client.post("/v1/admin/killswitch", json=operator, headers=await api.admin())).status_code == 200
+    await engaging
+    await holds.stop()
+    (halt,) = await halts_of(api, customer_id)
+    assert halt["reason"] == "unpaid invoice" and halt["by"] != BUDGET_ACTOR
+    assert await Repo(api.control.jet.kv["system"], BudgetHold).list("budget_hold.*") == []
+
+
+async def test_an_operators_halt_engaged_as_the_budgets_lifts_stays(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Midnight: the budget found its own halt and is about to remove it when an operator engages theirs in
+    its place: the operator's stays, and the budget forgets its hold."""
+    clock = ManualClock(BEFORE_MIDNIGHT)
+    async with api_at(settings, clock) as api:
+        customer_id, _, _ = await over_budget(api)
+        killswitch = api.control.killswitch
+        about_to_remove = hold_first_call(monkeypatch, (killswitch, "_switch"), (killswitch, "apply"))
+        await clock.set(MIDNIGHT)
+        await about_to_remove.wait()
+        operator = {**UNPAID, "customer_id": customer_id}
+        response = await api.client.post("/v1/admin/killswitch", json=operator, headers=await api.admin())
+        assert response.status_code == 200, response.text
+        holds = Repo(api.control.jet.kv["system"], BudgetHold)
+        await assert_eventually(lambda: holds.list("budget_hold.*"), lambda kept: kept == [], what="hold forgotten")
+        (halt,) = await halts_of(api, customer_id)
+        assert halt["reason"] == "unpaid invoice" and halt["by"] != BUDGET_ACTOR
+
+
 async def test_reading_usage_writes_nothing_and_the_first_reservation_starts_from_the_default(api: Api) -> None:
     customer_id, headers = await api.new_customer()  # logging in reads the customer's tier
     quotas = api.control.jet.kv["quotas"]
