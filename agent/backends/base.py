@@ -19,17 +19,30 @@ with ``"engaged": false`` does not.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, Field, ValidationError
 
 from agent.protocol import utcnow
 
-__all__ = ["Flag", "FlagKey", "FlagSnapshot", "FlagStore", "FlagStoreUnavailable", "Scope", "keys_for_agent"]
+__all__ = [
+    "CAS_TRIES",
+    "Flag",
+    "FlagKey",
+    "FlagSnapshot",
+    "FlagStore",
+    "FlagStoreUnavailable",
+    "Scope",
+    "keys_for_agent",
+    "remove_if",
+    "write_unless_engaged",
+]
+
+V = TypeVar("V")
 
 
 class Scope(StrEnum):
@@ -97,6 +110,43 @@ class FlagSnapshot:
 
 class FlagStoreUnavailable(RuntimeError):
     """The flag store could not be reached."""
+
+
+CAS_TRIES = 20
+"""Writers of one flag at once, at most, before a conditional write (:meth:`FlagStore.put_unless_engaged`,
+:meth:`FlagStore.delete_if`) gives up."""
+
+
+async def write_unless_engaged(
+    stored: Callable[[], Awaitable[tuple[Flag | None, V]]], write: Callable[[V], Awaitable[bool]], key: str
+) -> bool:
+    """:meth:`FlagStore.put_unless_engaged` on a store's own check-and-set: ``stored`` reads the flag and the
+    version to write over; ``write`` writes only over that version (False: written meanwhile, look again)."""
+    for _ in range(CAS_TRIES):
+        flag, version = await stored()
+        if flag is not None and flag.engaged:
+            return False
+        if await write(version):
+            return True
+    raise FlagStoreUnavailable(f"{key} kept changing while a flag was written")
+
+
+async def remove_if(
+    stored: Callable[[], Awaitable[tuple[Flag | None, V]]],
+    remove: Callable[[V], Awaitable[bool]],
+    flag_id: str,
+    key: str,
+) -> bool:
+    """:meth:`FlagStore.delete_if` on a store's own check-and-set (see :func:`write_unless_engaged`)."""
+    for _ in range(CAS_TRIES):
+        flag, version = await stored()
+        if flag is None or not flag.engaged:
+            return True
+        if flag.id != flag_id:
+            return False
+        if await remove(version):
+            return True
+    raise FlagStoreUnavailable(f"{key} kept changing while a flag was released")
 
 
 @runtime_checkable

@@ -18,13 +18,20 @@ from urllib.parse import urlsplit
 import consul
 import requests
 
-from agent.backends.base import Flag, FlagKey, FlagSnapshot, FlagStoreUnavailable, Scope
+from agent.backends.base import (
+    Flag,
+    FlagKey,
+    FlagSnapshot,
+    FlagStoreUnavailable,
+    Scope,
+    remove_if,
+    write_unless_engaged,
+)
 
 __all__ = ["PREFIX", "ConsulBackend", "ConsulFlags", "consul_client", "consul_key"]
 
 PREFIX = "caravan/killswitch"
 _ERRORS = (consul.ConsulException, requests.RequestException, OSError)
-_CAS_TRIES = 20  # writers of one flag at once, at most, before a conditional write gives up
 
 
 def consul_key(key: FlagKey) -> str:
@@ -103,26 +110,20 @@ class ConsulFlags(ConsulBackend):
         await self._call(self._client.kv.delete, consul_key(key))
 
     async def put_unless_engaged(self, flag: Flag) -> bool:
-        value = flag.model_dump_json()
-        for _ in range(_CAS_TRIES):
-            stored, index = await self._stored(flag.key)
-            if stored is not None and stored.engaged:
-                return False
-            # cas=0: only if the key does not exist; else only if nobody wrote it since it was read
-            if await self._call(self._client.kv.put, consul_key(flag.key), value, cas=index):
-                return True
-        raise FlagStoreUnavailable(f"{consul_key(flag.key)} kept changing while a flag was written")
+        name, value = consul_key(flag.key), flag.model_dump_json()
+
+        async def write(index: int) -> bool:  # cas=0: only a new key; else only over that ModifyIndex
+            return bool(await self._call(self._client.kv.put, name, value, cas=index))
+
+        return await write_unless_engaged(lambda: self._stored(flag.key), write, name)
 
     async def delete_if(self, key: FlagKey, flag_id: str) -> bool:
-        for _ in range(_CAS_TRIES):
-            stored, index = await self._stored(key)
-            if stored is None or not stored.engaged:
-                return True
-            if stored.id != flag_id:
-                return False
-            if await self._call(self._client.kv.delete, consul_key(key), cas=index):
-                return True
-        raise FlagStoreUnavailable(f"{consul_key(key)} kept changing while a flag was released")
+        name = consul_key(key)
+
+        async def remove(index: int) -> bool:
+            return bool(await self._call(self._client.kv.delete, name, cas=index))
+
+        return await remove_if(lambda: self._stored(key), remove, flag_id, name)
 
     async def _stored(self, key: FlagKey) -> tuple[Flag | None, int]:
         """The flag stored under ``key`` (None: none) and its ModifyIndex (0: no key), for a check-and-set."""

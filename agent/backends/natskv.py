@@ -15,7 +15,15 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from agent.backends.base import Flag, FlagKey, FlagSnapshot, FlagStoreUnavailable, Scope
+from agent.backends.base import (
+    Flag,
+    FlagKey,
+    FlagSnapshot,
+    FlagStoreUnavailable,
+    Scope,
+    remove_if,
+    write_unless_engaged,
+)
 
 __all__ = ["BUCKET", "NatsKVFlags", "kv_entries", "kv_entries_of", "kv_key"]
 
@@ -24,7 +32,6 @@ _DELETED = ("DEL", "PURGE")
 _BATCH = 1000  # nats-server's largest batch (and a multi-subject get matches 1,024 subjects at most)
 _BATCH_TIMEOUT_S = 5.0
 _WRONG_LAST = (10071, 10164)  # JetStream's "wrong last sequence": written meanwhile
-_CAS_TRIES = 20  # writers of one flag at once, at most, before a conditional write gives up
 _NO_META = (None, None, None)  # an entry's delta, creation time and operation: not read by Caravan
 
 
@@ -153,30 +160,30 @@ class NatsKVFlags:
             await self.kv.delete(kv_key(key))
 
     async def put_unless_engaged(self, flag: Flag) -> bool:
-        value = flag.model_dump_json().encode()
-        for _ in range(_CAS_TRIES):
-            stored, revision = await self._stored(flag.key)
-            if stored is not None and stored.engaged:
-                return False
-            with contextlib.suppress(KeyWrongLastSequenceError):  # written meanwhile: look again
-                await self.kv.update(kv_key(flag.key), value, last=revision)
+        name, value = kv_key(flag.key), flag.model_dump_json().encode()
+
+        async def write(revision: int) -> bool:
+            try:
+                await self.kv.update(name, value, last=revision)
                 return True
-        raise FlagStoreUnavailable(f"{kv_key(flag.key)} kept changing while a flag was written")
+            except KeyWrongLastSequenceError:
+                return False
+
+        return await write_unless_engaged(lambda: self._stored(flag.key), write, name)
 
     async def delete_if(self, key: FlagKey, flag_id: str) -> bool:
-        for _ in range(_CAS_TRIES):
-            stored, revision = await self._stored(key)
-            if stored is None or not stored.engaged:
-                return True
-            if stored.id != flag_id:
-                return False
+        name = kv_key(key)
+
+        async def remove(revision: int) -> bool:
             try:
-                await self.kv.delete(kv_key(key), last=revision)
+                await self.kv.delete(name, last=revision)
                 return True
             except nats.js.errors.APIError as exc:  # nats-py's delete does not say KeyWrongLastSequenceError
-                if exc.err_code not in _WRONG_LAST:
-                    raise
-        raise FlagStoreUnavailable(f"{kv_key(key)} kept changing while a flag was released")
+                if exc.err_code in _WRONG_LAST:
+                    return False
+                raise
+
+        return await remove_if(lambda: self._stored(key), remove, flag_id, name)
 
     async def _stored(self, key: FlagKey) -> tuple[Flag | None, int]:
         """The flag stored under ``key`` (None: none, or deleted) and the revision to write over it."""
