@@ -278,12 +278,7 @@ async def test_a_running_task_ends_cancelled_when_its_agent_stops_the_run_and_ho
 
     customer_id, headers = await api.new_customer()
     await set_quota(api, customer_id, max_concurrent_tasks=1)
-    agent = await running_agent(api, headers, model=SLOW, tools=[])
-    ready = (await agent_ready(api, customer_id, agent["id"]))["data"]
-    task_id = await start_task(api, headers, agent["id"])
-    await assert_eventually(
-        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
-    )
+    agent, ready, task_id = await running_on_slow_agent(api, customer_id, headers)
     os.kill(ready["pid"], signal.SIGSTOP)  # the agent holds the run, but cannot stop it yet
     try:
         assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
@@ -315,12 +310,7 @@ async def test_a_cancel_the_agent_never_carries_out_is_told_again_then_ends_the_
     ):
         customer_id, headers = await api.new_customer()
         await set_quota(api, customer_id, max_concurrent_tasks=1)
-        agent = await running_agent(api, headers, model=SLOW, tools=[])
-        ready = (await agent_ready(api, customer_id, agent["id"]))["data"]
-        task_id = await start_task(api, headers, agent["id"])
-        await assert_eventually(
-            lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
-        )
+        agent, ready, task_id = await running_on_slow_agent(api, customer_id, headers)
         told: list[bytes] = []
         listener = await nats.connect(settings.nats_url)
 
@@ -361,12 +351,7 @@ async def test_a_cancel_a_stopped_control_plane_left_unfinished_is_seen_through_
     first = settings.model_copy(update={"agent_kill_timeout_s": 0.5})
     async with ControlPlane(first) as control, serve_api(control) as api:
         customer_id, headers = await api.new_customer()
-        agent = await running_agent(api, headers, model=SLOW, tools=[])
-        ready = (await agent_ready(api, customer_id, agent["id"]))["data"]
-        task_id = await start_task(api, headers, agent["id"])
-        await assert_eventually(
-            lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
-        )
+        _, ready, task_id = await running_on_slow_agent(api, customer_id, headers)
         os.kill(ready["pid"], signal.SIGSTOP)  # it cannot stop the run before this control plane stops
         assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
     # stopped with the task still running (its agent killed with it, unheard): the next control plane takes it up
@@ -597,6 +582,20 @@ async def test_task_input_validation(api: Api) -> None:
 
 
 SLOW = {"provider": "replay", "name": "slow", "responses": ["never said"], "delay_ms": 120_000}
+
+
+async def running_on_slow_agent(
+    api: Api, customer_id: str, headers: dict[str, str]
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """An agent on the SLOW model, what its process said when ready (``pid``, ``health_port``), and a task it
+    runs."""
+    agent = await running_agent(api, headers, model=SLOW, tools=[])
+    ready = (await agent_ready(api, customer_id, agent["id"]))["data"]
+    task_id = await start_task(api, headers, agent["id"])
+    await assert_eventually(
+        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
+    )
+    return agent, ready, task_id
 
 
 async def usage(api: Api, headers: dict[str, str]) -> dict[str, Any]:
