@@ -70,20 +70,34 @@ AgentName = Annotated[
     ),
 ]
 _INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})  # controls, format and bidi controls, line breaks
+_JOINERS = frozenset("\u200c\u200d")  # zero-width non-joiner and joiner
 
 
 def _visible(value: str) -> str:
-    for char in value:
-        if unicodedata.category(char) in _INVISIBLE:
+    for i, char in enumerate(value):
+        if unicodedata.category(char) in _INVISIBLE and not _joining(value, i):
             raise ValueError(f"must not hold control, format or line-break characters (U+{ord(char):04X})")
     return value
+
+
+def _joining(value: str, i: int) -> bool:
+    """A joiner between two visible characters beyond ASCII: how emoji sequences (👩‍💻) and the words of
+    scripts such as Persian or Devanagari are written. Between ASCII letters it would only hide itself."""
+    if value[i] not in _JOINERS or i == 0 or i == len(value) - 1:
+        return False
+    return all(
+        ord(near) > 0x7F and unicodedata.category(near) not in _INVISIBLE for near in (value[i - 1], value[i + 1])
+    )
 
 
 DisplayName = Annotated[
     str,
     StringConstraints(min_length=1, max_length=100),
     AfterValidator(_visible),
-    Field(description="Any letters; no control, format (zero-width, bidi) or line-break characters."),
+    Field(
+        description="Any letters; no control, format (zero-width, bidi) or line-break characters, but for a "
+        "zero-width joiner or non-joiner between two characters beyond ASCII (emoji sequences, joined scripts)."
+    ),
 ]
 """A name people read (a customer's, a team's): nothing in it may be invisible, reorder the text or break it."""
 SystemMessage = Annotated[str, StringConstraints(max_length=32_000)]

@@ -99,6 +99,8 @@ HOSTILE_NAMES = ['a"b', "x${NOMAD_TOKEN}", "{{ key }}", "[[ job_id ]]", "line\nb
 INVISIBLE_NAMES = [
     "\u202eevil",  # right-to-left override: shows as "live"
     "a\u200bb",  # zero-width space
+    "ad\u200dmin",  # a joiner between ASCII letters joins nothing: it only hides itself
+    "\u200d\U0001f4bb",  # nor at the edge
     "\u2066isolated\u2069",  # bidi isolate
     "\ufeffbom",
     "line\u2028separator",
@@ -108,7 +110,13 @@ INVISIBLE_NAMES = [
     "nul\x00",
 ]
 """Display names that hide or reorder what an admin reads: control, format (zero-width, bidi) and line breaks."""
-READABLE_NAMES = ["Café Müller", "日本の会社", "Ørsted & Søn"]
+READABLE_NAMES = [
+    "Café Müller",
+    "日本の会社",
+    "Ørsted & Søn",
+    "\U0001f469\u200d\U0001f4bb Team",  # an emoji sequence: woman, joiner, laptop
+    "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian, with a zero-width non-joiner
+]
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
