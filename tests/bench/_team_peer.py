@@ -8,7 +8,7 @@ only the gRPC caller has: the host its worker joins).
 A caller reads a count on each line of its input, sends that many requests one after the other, and writes their
 times in seconds and the CPU time it spent on them as one JSON line. Each way of asking has a process of its own, so
 that none is measured in a process another one has used: with all of them in the bench's process, gRPC's p50 was
-5-15% slower in the rounds that followed our runtime's polling (agent.wire) than with polling off (3 runs, A/B
+4-16% slower in the rounds that followed our runtime's polling (agent.wire) than with polling off (4 runs, A/B
 interleaved); a process that has used more CPU is woken a little later by Linux's scheduler."""
 
 from __future__ import annotations
