@@ -9,7 +9,7 @@ A caller reads a count on each line of its input, sends that many requests one a
 times in seconds and the CPU time it spent on them as one JSON line. Each way of asking has a process of its own, so
 that none is measured in a process another one has used: with all of them in the bench's process, gRPC's p50 was
 4-16% slower in the rounds that followed our runtime's polling (agent.wire) than with polling off (4 runs, A/B
-interleaved); a process that has used more CPU is woken a little later by Linux's scheduler."""
+interleaved), likely because Linux wakes a process that has just used more CPU a little later."""
 
 from __future__ import annotations
 
