@@ -120,12 +120,12 @@ class BudgetHolds:
     async def engage(self, customer_id: str, total: int, budget: int) -> None:
         """Halt the customer until their budget's day ends, unless a halt already holds them: someone else's
         (checked as the flag is written: an operator's engagement is never replaced, nor lifted at midnight), or
-        the budget's own (taken up, if this control plane does not time it yet)."""
+        the budget's own (its hold kept, if it was not)."""
         current = await self._current(customer_id)
         if current is not None and current.by == BUDGET_ACTOR:
-            if customer_id not in self._timers:
+            if await self._repo.get(_KEY_PREFIX + customer_id) is None:  # its hold was never kept: keep it now
                 self._schedule(await self._adopt(current))
-            return
+            return  # kept: every control plane times it
         if current is not None:
             log.info("customer %s is over their token budget and already halted by %s", customer_id, current.by)
             return

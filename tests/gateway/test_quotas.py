@@ -223,6 +223,26 @@ async def test_an_operators_halt_is_not_taken_over_by_the_budget(api: Api) -> No
     assert await Repo(api.control.jet.kv["system"], BudgetHold).list("budget_hold.*") == []
 
 
+async def test_a_budget_halt_whose_hold_was_lost_is_kept_again_and_not_engaged_twice(api: Api) -> None:
+    """The budget engaged its halt, and its control plane stopped before it kept the hold (when it lifts): the
+    next breach keeps the hold of the halt in force rather than engaging another one over it."""
+    customer_id, _ = await api.new_customer()
+    repo = Repo(api.control.jet.kv["system"], BudgetHold)
+    holds = BudgetHolds(repo, api.control.killswitch, ManualClock(datetime.now(UTC)))
+    await holds.engage(customer_id, 11, 10)
+    (halt,) = await halts_of(api, customer_id)
+    await repo.delete(f"budget_hold.{customer_id}")
+    await holds.engage(customer_id, 12, 10)
+    await holds.stop()
+    (again,) = await halts_of(api, customer_id)
+    assert again["id"] == halt["id"] and again["by"] == BUDGET_ACTOR
+    kept = await repo.get(f"budget_hold.{customer_id}")
+    assert kept is not None and kept.flag_id == halt["id"]
+    params = {"actor": BUDGET_ACTOR, "action": "killswitch.engage", "customer_id": customer_id}
+    audit = (await api.client.get("/v1/admin/audit", params=params, headers=await api.admin())).json()
+    assert len(audit) == 1, audit
+
+
 UNPAID = {"scope": "customer", "reason": "unpaid invoice", "wait_ms": 0}
 
 
