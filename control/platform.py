@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 from agent.aio import cancel_and_wait
 from agent.backends.base import FlagStore
 from agent.protocol import BROADCAST_SUBJECT, utcnow
+from agent.wire import Wire
 from control.backends import create_flags, create_registry, create_scheduler
 from control.backends.base import Registry, Scheduler
 from control.models import Agent, ApiKey, Customer, Role, Task
@@ -181,6 +182,7 @@ class ControlPlane:
         self._started = True
         user, password = control_login(self.settings, self.nats_auth.control() if self.nats_auth is not None else None)
         self._jet = jet = await connect(self.settings.nats_url, user=user, password=password)
+        Wire.of(jet.nc).spin_s = self.settings.spin_us / 1e6  # the platform's setting, as its agents get it
         self._audit = AuditLog(jet.js)
         await self._audit.ensure_stream()
         self._auth = AuthService(
