@@ -312,8 +312,9 @@ class TaskService:
                     )
                     return
                 await self._tell_runner(task)
-            except Exception:  # NATS away for a moment: looked at again at the next turn
+            except Exception:  # NATS away for a moment: looked at again a turn later (not at once, past the deadline)
                 log.exception("could not see the cancel of %s through", key)
+                await asyncio.sleep(every)
 
     async def sweep_finished(self, before: datetime) -> int:
         """Forget the tasks that ended before ``before``: their transcripts, then their records (a record outlives
