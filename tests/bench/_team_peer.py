@@ -2,8 +2,7 @@
 gRPC worker runtime, a raw nats-py responder, an echo on agent.wire (the runtime's transport), a team member
 (Caravan's team host), or a stand-in for a member on the runtime's transport (``relay``: the team's message
 pattern over agent.wire, with no AgentChat and no runtime); and the callers of the request/reply part
-(``call-<kind>``), one process per way of asking. Each prints "ready" (a caller: "ready" and an address, which
-only the gRPC caller has: the host its worker joins).
+(``call-<kind>``), one process per way of asking. Each prints "ready".
 
 A caller reads a count on each line of its input, sends that many requests one after the other, and writes their
 times in seconds and the CPU time it spent on them as one JSON line. Each way of asking has a process of its own, so
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -54,19 +52,14 @@ class Echo(RoutedAgent):
 
 async def call(kind: str, address: str, extra: str) -> None:
     """A caller (see the module docstring): ``kind`` is runtime, grpc, raw or wire; ``address`` the NATS server's
-    (for grpc: unused, its host runs here); ``extra`` the runtime's namespace."""
+    (for grpc: where its host listens, in this process); ``extra`` the runtime's namespace."""
     ask: Callable[[int], Awaitable[object]]
-    host_address = ""
     if kind == "grpc":
         from autogen_ext.runtimes.grpc import GrpcWorkerAgentRuntime, GrpcWorkerAgentRuntimeHost
 
-        with socket.socket() as probe:  # a free port for the host
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        host = GrpcWorkerAgentRuntimeHost(address=f"127.0.0.1:{port}")
+        host = GrpcWorkerAgentRuntimeHost(address=address)
         host.start()
-        host_address = host._address
-        grpc = GrpcWorkerAgentRuntime(host_address=host_address)
+        grpc = GrpcWorkerAgentRuntime(host_address=address)
         await grpc.start()
         for cls in (Ping, Pong):  # it learns the types it reads back, as autogen_core asks
             grpc.add_message_serializer(try_get_known_serializers_for_type(cls))
@@ -97,7 +90,7 @@ async def call(kind: str, address: str, extra: str) -> None:
             async def ask(i: int) -> None:
                 assert (await wire.ask("bench.wire", b'{"op":"msg","k":"default","n":%d}\n{"n":%d}' % (i, i), 5)).data
 
-    print("ready", host_address, flush=True)
+    print("ready", flush=True)
     while line := await asyncio.to_thread(sys.stdin.readline):
         times = []
         cpu = time.process_time()  # this process's, every thread's (the gRPC caller's host among them)

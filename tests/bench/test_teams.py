@@ -35,6 +35,7 @@ from control.teams.build import build_team
 from control.teams.models import Team, Termination
 from tests.bench._team_peer import RELAY_REQUEST
 from tests.bench.conftest import join_members, percentile
+from tests.support.helpers import free_port
 
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "1000"))
 ROUNDS = 5
@@ -45,17 +46,22 @@ CUSTOMER = "cu-00000000beef"
 
 
 @contextlib.asynccontextmanager
-async def peer(*args: str) -> AsyncIterator[None]:
-    """A process of ``_team_peer.py``, once it says it is ready. Started with ``subprocess.Popen``, not the event
-    loop's: this process runs gRPC's threads, and a child forked beside them can hang before its exec (seen: a
-    whole bench run stuck for twenty minutes on its second peer). CPython starts it with vfork(), which runs no
-    fork handlers."""
-    proc = subprocess.Popen([sys.executable, str(PEER), *args], stdout=subprocess.PIPE)  # noqa: ASYNC220 (see above)
+async def peer(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A process of ``_team_peer.py`` (its input a pipe, as callers read theirs), once it says it is ready; ``env``
+    added to this process's environment. Started with ``subprocess.Popen``, not the event loop's: a child forked
+    beside threads (gRPC's, when it ran in this process) can hang before its exec (seen: a whole bench run stuck
+    for twenty minutes on its second peer). CPython starts it with vfork(), which runs no fork handlers."""
+    proc = subprocess.Popen(  # noqa: ASYNC220 (see above)
+        [sys.executable, str(PEER), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, **env} if env else None,
+    )
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
         assert line.strip() == b"ready", line
-        yield
+        yield proc
     finally:
         proc.kill()
         await asyncio.to_thread(proc.wait)
@@ -63,11 +69,10 @@ async def peer(*args: str) -> AsyncIterator[None]:
 
 class Caller:
     """A caller process of ``_team_peer.py`` (``call-<kind>``): :meth:`ask` has it send requests and returns
-    their times. Started as :func:`peer` starts its processes."""
+    their times."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], address: str) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self._proc = proc
-        self.address = address  # the gRPC caller's: the host its worker joins
         self.cpu_s = 0.0  # the caller's CPU time on the requests asked since reset()
         self.asked = 0
 
@@ -89,18 +94,8 @@ class Caller:
 @contextlib.asynccontextmanager
 async def caller(kind: str, *args: str, spin_us: str | None = None) -> AsyncIterator[Caller]:
     """``spin_us``: the caller's CARAVAN_SPIN_US (default: the bench's own)."""
-    env = {**os.environ, SPIN_ENV: spin_us} if spin_us is not None else None
-    proc = subprocess.Popen(  # noqa: ASYNC220 (see peer)
-        [sys.executable, str(PEER), f"call-{kind}", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
-    )
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)).split()
-        assert line[:1] == [b"ready"], line
-        yield Caller(proc, line[1].decode() if len(line) > 1 else "")
-    finally:
-        proc.kill()
-        await asyncio.to_thread(proc.wait)
+    async with peer(f"call-{kind}", *args, env={SPIN_ENV: spin_us} if spin_us is not None else None) as proc:
+        yield Caller(proc)
 
 
 def line(name: str, values: list[float]) -> str:
@@ -117,17 +112,18 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
             "agent.wire (its transport)": [],
             "caravan runtime, no polling": [],
         }
+        grpc_host = f"127.0.0.1:{free_port()}"  # in the gRPC caller's process
         async with contextlib.AsyncExitStack() as stack:
             callers = [
                 await stack.enter_async_context(caller("runtime", server.url, namespace)),
-                await stack.enter_async_context(caller("grpc", "")),
+                await stack.enter_async_context(caller("grpc", grpc_host)),
                 await stack.enter_async_context(caller("raw", server.url)),
                 await stack.enter_async_context(caller("wire", server.url)),
                 await stack.enter_async_context(caller("runtime", server.url, namespace, spin_us="0")),
             ]
             for args in (
                 ("runtime", server.url, namespace),
-                ("grpc", callers[1].address),
+                ("grpc", grpc_host),
                 ("raw", server.url),
                 ("wire", server.url),
             ):
