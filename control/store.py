@@ -169,6 +169,15 @@ class Repo(Generic[M]):
         hot path that needs no full validation of every record."""
         return [model.model_validate_json(e.value) for e in await kv_entries(self._kv, pattern) if e.value]
 
+    async def owned(self, customer_id: str | None, record_id: str) -> M | None:
+        """A customer's record ``<customer>.<id>`` (another tenant's ids are simply not found), or, for
+        ``customer_id`` None (an admin), whichever customer's it is (:meth:`find`). None for an id that is not a
+        plain one."""
+        if customer_id is None:
+            found = await self.find(record_id)
+            return found[1] if found else None
+        return await self.get(f"{customer_id}.{record_id}") if is_plain_id(record_id) else None
+
     async def find(self, record_id: str) -> tuple[str, M] | None:
         """Find a record by the last part of its key, whichever customer owns it (admin lookups). None for an id
         that is not a plain one: ``*`` or ``>`` would match any record."""

@@ -22,7 +22,7 @@ from agent.backends.base import Flag, keys_for_agent
 from agent.protocol import AGENT_STATE_EVENTS, TASKS_STREAM, AgentDefinition, Event, consumer_name, task_subject, utcnow
 from control.backends.base import AllocState, JobNotOwned, Scheduler, SchedulerError, StatusUpdate
 from control.errors import Conflict, Invalid, NotFound, Unavailable
-from control.ids import is_plain_id, new_id
+from control.ids import new_id
 from control.jobspec import agent_job, job_id_for, namespace_for
 from control.models import Agent, AgentCreate, AgentRef, AgentStatus, AgentUpdate, ChangeLease
 from control.natsauth import NatsAuth
@@ -162,11 +162,7 @@ class AgentService:
 
     async def get(self, customer_id: str | None, agent_id: str) -> Agent:
         """A customer's agent (another tenant's IDs are simply not found), or any agent for admins (None)."""
-        if customer_id is None:
-            found = await self._repo.find(agent_id)
-            agent = found[1] if found else None
-        else:
-            agent = await self._repo.get(_key(customer_id, agent_id)) if is_plain_id(agent_id) else None
+        agent = await self._repo.owned(customer_id, agent_id)
         if agent is None:
             raise NotFound(f"agent {agent_id!r} not found")
         return agent

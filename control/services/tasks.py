@@ -42,7 +42,7 @@ from agent.protocol import (
 )
 from agent.teamprotocol import team_cancel_subject
 from control.errors import Conflict, Invalid, NotFound
-from control.ids import is_plain_id, new_id
+from control.ids import new_id
 from control.models import (
     TERMINAL_TASK_STATUSES,
     Agent,
@@ -206,11 +206,7 @@ class TaskService:
 
     async def get(self, customer_id: str | None, task_id: str, transcript: bool = True) -> Task:
         """The task, with its transcript in ``messages`` (``transcript=False``: the record alone)."""
-        if customer_id is None:
-            found = await self._repo.find(task_id) if is_plain_id(task_id) else None
-            task = found[1] if found else None
-        else:
-            task = await self._repo.get(task_key(customer_id, task_id)) if is_plain_id(task_id) else None
+        task = await self._repo.owned(customer_id, task_id)
         if task is None:
             raise NotFound(f"task {task_id!r} not found")
         return await self._with_transcript(task) if transcript else task

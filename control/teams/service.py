@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from control.errors import Conflict, Invalid, NotFound
-from control.ids import is_plain_id, new_id
+from control.ids import new_id
 from control.models import TERMINAL_TASK_STATUSES, Task
 from control.services.agents import AgentService
 from control.store import Repo
@@ -34,11 +34,7 @@ class TeamService:
         return team
 
     async def get(self, customer_id: str | None, team_id: str) -> Team:
-        if customer_id is None:
-            found = await self._repo.find(team_id) if is_plain_id(team_id) else None
-            team = found[1] if found else None
-        else:
-            team = await self._repo.get(_key(customer_id, team_id)) if is_plain_id(team_id) else None
+        team = await self._repo.owned(customer_id, team_id)
         if team is None:
             raise NotFound(f"team {team_id!r} not found")
         return team
