@@ -60,6 +60,11 @@ class FlagKey:
         head = ("killswitch", self.scope.value)
         return head if self.target is None else (*head, self.target)
 
+    @property
+    def label(self) -> str:
+        """What the flag covers, for people: ``all``, ``customer cu-…``, ``agent ag-…``."""
+        return self.scope.value if self.target is None else f"{self.scope.value} {self.target}"
+
 
 def keys_for_agent(customer_id: str, agent_id: str) -> list[FlagKey]:
     """The three flags that can halt an agent."""

@@ -471,10 +471,9 @@ class AgentService:
         flag = next((f for f in engaged if f.hard and f.key in keys), None)
         if flag is None:
             return
-        scope = flag.scope.value if flag.target is None else f"{flag.scope.value} {flag.target}"
         raise KillswitchEngaged(
-            f"a hard killswitch is engaged on {scope} ({flag.reason or 'no reason given'}): agent {agent.id} cannot "
-            "run until an operator releases it",
+            f"a hard killswitch is engaged on {flag.key.label} ({flag.reason or 'no reason given'}): "
+            f"agent {agent.id} cannot run until an operator releases it",
             details={"scope": flag.scope.value, "target": flag.target, "reason": flag.reason},
         )
 

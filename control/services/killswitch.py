@@ -87,10 +87,6 @@ class FlagHeld(Conflict):
     """A conditional engage or release found another engagement in its place (:meth:`KillswitchService.apply`)."""
 
 
-def _named(key: FlagKey) -> str:
-    return "everything" if key.target is None else f"{key.scope.value} {key.target}"
-
-
 class JobsNotStopped(CaravanError):
     """A hard engagement is in force, but some of the covered agents' jobs could not be stopped: ``details`` is
     the :class:`KillswitchResult`, ``not_stopped`` naming them with why."""
@@ -224,13 +220,13 @@ class KillswitchService:
                 if not unless_engaged:
                     await self._flags.put(flag)
                 elif not await self._flags.put_unless_engaged(flag):
-                    raise FlagHeld(f"{_named(key)} is halted by another engagement: left as it is")
+                    raise FlagHeld(f"{key.label} is halted by another engagement: left as it is")
             else:
                 started = time.perf_counter()
                 if only is None:
                     await self._flags.delete(key)
                 elif not await self._flags.delete_if(key, only):
-                    raise FlagHeld(f"{_named(key)} is halted by another engagement than {only}: left as it is")
+                    raise FlagHeld(f"{key.label} is halted by another engagement than {only}: left as it is")
             record.details["flag_id"] = flag_id  # written: a failure from here on leaves it so, and says which
             covered = [a for a in await self._agents.live() if covers(key, a)]
             expected = await self._expected_instances(covered)
@@ -308,7 +304,7 @@ class KillswitchService:
 def _not_stopped(result: KillswitchResult) -> JobsNotStopped:
     named = "; ".join(f"{agent}: {why}" for agent, why in list(result.not_stopped.items())[:5])
     more = f" (and {len(result.not_stopped) - 5} more)" if len(result.not_stopped) > 5 else ""
-    where = f"{result.scope.value} {result.target}" if result.target else result.scope.value
+    where = FlagKey(result.scope, result.target).label
     message = (
         f"killswitch engaged ({where}), but {len(result.not_stopped)} of {result.covered} jobs could not be "
         f"stopped: {named}{more}"
