@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
+from pydantic import BaseModel
 
 from agent.aio import cancel_and_wait
 from agent.backends.natskv import kv_entries_of
@@ -118,6 +119,19 @@ def _cancel_requested(task: Task) -> Task | None:
     if task.cancel_requested or task.status in TERMINAL_TASK_STATUSES:
         return None
     return task.model_copy(update={"cancel_requested": True})
+
+
+class _Lifecycle(BaseModel):
+    """What the sweep and the cancel watches read of every task record: the rest (a transcript, in records written
+    before transcripts had their own bucket) is not validated."""
+
+    id: str
+    customer_id: str
+    agent_id: str | None = None
+    status: TaskStatus
+    cancel_requested: bool = False
+    finished_at: datetime | None = None
+    updated_at: datetime
 
 
 class TaskService:
@@ -279,7 +293,7 @@ class TaskService:
             self._watch_cancel(task)
         return task
 
-    def _watch_cancel(self, task: Task) -> None:
+    def _watch_cancel(self, task: Task | _Lifecycle) -> None:
         key = task_key(task.customer_id, task.id)
         if key in self._cancelling or self._tracker is None:
             return  # watched already; or this control plane is stopping (the next one takes it up at its start)
@@ -317,7 +331,7 @@ class TaskService:
         its transcript only until the next sweep, which finds it again). Their events leave the events stream by
         its own age limit. Returns how many were forgotten."""
         forgotten = 0
-        for task in await self._repo.list(">"):
+        for task in await self._repo.list_as(_Lifecycle, ">"):
             ended = task.finished_at or task.updated_at
             if task.status not in TERMINAL_TASK_STATUSES or ended >= before:
                 continue
@@ -443,7 +457,7 @@ class TaskService:
         psub = await self._js.pull_subscribe_bind(TRACKER, stream=EVENTS_STREAM)
         self._tracker_sub = psub
         self._tracker = asyncio.create_task(self._track(psub, on_agent_event), name="task-tracker")
-        for task in await self._repo.list(">"):  # cancels a control plane stopped before it saw them through
+        for task in await self._repo.list_as(_Lifecycle, ">"):  # cancels a stopped control plane left unfinished
             if task.cancel_requested and task.agent_id is not None and task.status not in TERMINAL_TASK_STATUSES:
                 self._watch_cancel(task)
 
