@@ -80,6 +80,8 @@ an agent reconnecting at that moment never heard it); at least three times withi
 
 log = logging.getLogger("caravan.tasks")
 TRACKER = "caravan-tracker"
+FETCH_BATCH = 256
+"""Events the tracker fetches at most at once."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ class TaskService:
         self._on_budget_exceeded = on_budget_exceeded
         self._tracker: asyncio.Task[None] | None = None
         self._tracker_sub: JetStreamContext.PullSubscription | None = None
+        self._unfinished: builtins.list[Msg] = []  # the events a stopped tracker had fetched and not acknowledged
         # the records of tasks in flight as the tracker stored them last, with their revisions: the next event
         # of a task is folded into its record without reading it back (read again if another writer changed it)
         self._folded: dict[str, tuple[Task, int]] = {}
@@ -469,8 +472,23 @@ class TaskService:
             self._tracker = None
         self._folded.clear()
         if self._tracker_sub is not None:
+            # The events it had in hand, and those delivered for a fetch still open that it never took, go back to
+            # the stream at once (nak), so that the next tracker (this control plane's, or another's) folds them
+            # before the events that came after them. Left unacknowledged, they would come back only after the ack
+            # wait, behind later events of their task that make them look folded already: their messages and tokens
+            # would be lost to the record. They go back after the unsubscribe, or a fetch still open would take
+            # them again. (One delivered in the instant between the last look and the unsubscribe comes back after
+            # the ack wait.)
+            unfinished, self._unfinished = self._unfinished, []
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                while self._tracker_sub.pending_msgs:
+                    unfinished += await self._tracker_sub.fetch(FETCH_BATCH, timeout=0.1)
             await self._tracker_sub.unsubscribe()
             self._tracker_sub = None
+            with contextlib.suppress(nats.errors.Error):  # a connection that closed: they come after the ack wait
+                for msg in unfinished:
+                    if not msg.is_acked:
+                        await msg.nak()
 
     async def _track(
         self, psub: JetStreamContext.PullSubscription, on_agent_event: Callable[[Event], Awaitable[None]]
@@ -481,47 +499,52 @@ class TaskService:
         # them, so they wait for a pause of KILLSWITCH_QUIET_S in the burst (at most KILLSWITCH_STATE_DELAY_S),
         # superseded by later ones, and are applied then.
         pending: dict[str, tuple[Msg, Event]] = {}
+        msgs: builtins.list[Msg] = []
         first = last = 0.0
 
         def due() -> float:
             return min(last + KILLSWITCH_QUIET_S, first + KILLSWITCH_STATE_DELAY_S)
 
-        while True:
-            wait = max(due() - time.monotonic(), 0.005) if pending else 1.0
-            try:
-                msgs = await psub.fetch(256, timeout=wait)
-            except TimeoutError:  # nats.errors.TimeoutError, and the bare one nats-py raises when a fetch runs late
-                msgs = []
-            except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
-                return
-            folds: dict[str, list[tuple[Msg, Event]]] = {}  # per task, in order: one record write for them all
-            for msg in msgs:
-                event = self._decode(msg)
-                if event is not None and event.agent_id is not None and event.kind in AGENT_STATE_EVENTS:
-                    superseded = pending.pop(event.agent_id, None)
-                    if superseded is not None:
-                        await superseded[0].ack()
-                    if event.kind == AgentEventKind.KILLSWITCH:  # a ready agent is shown at once
-                        last = time.monotonic()
-                        first = first if pending else last
-                        pending[event.agent_id] = (msg, event)
+        try:
+            while True:
+                wait = max(due() - time.monotonic(), 0.005) if pending else 1.0
+                try:
+                    msgs = await psub.fetch(FETCH_BATCH, timeout=wait)
+                except TimeoutError:  # nats.errors.TimeoutError, and the bare one nats-py raises when a fetch runs late
+                    msgs = []
+                except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+                    return
+                folds: dict[str, list[tuple[Msg, Event]]] = {}  # per task, in order: one record write for them all
+                for msg in msgs:
+                    event = self._decode(msg)
+                    if event is not None and event.agent_id is not None and event.kind in AGENT_STATE_EVENTS:
+                        superseded = pending.pop(event.agent_id, None)
+                        if superseded is not None:
+                            await superseded[0].ack()
+                        if event.kind == AgentEventKind.KILLSWITCH:  # a ready agent is shown at once
+                            last = time.monotonic()
+                            first = first if pending else last
+                            pending[event.agent_id] = (msg, event)
+                            continue
+                    if event is not None and event.task_id is not None and event.kind != "chunk":
+                        # a chunk is a piece of a streamed answer, which arrives whole as a message too
+                        folds.setdefault(task_key(event.customer_id, event.task_id), []).append((msg, event))
                         continue
-                if event is not None and event.task_id is not None and event.kind != "chunk":
-                    # a chunk is a piece of a streamed answer, which arrives whole as a message too
-                    folds.setdefault(task_key(event.customer_id, event.task_id), []).append((msg, event))
-                    continue
-                if event is not None and event.task_id is None and event.agent_id is not None:
-                    await self._guarded(msg, on_agent_event(event))
-                await msg.ack()
-            for key, folding in folds.items():
-                await self._guarded(folding[0][0], self._fold(key, folding))
-                for msg, _ in folding:
+                    if event is not None and event.task_id is None and event.agent_id is not None:
+                        await self._guarded(msg, on_agent_event(event))
                     await msg.ack()
-            if pending and time.monotonic() >= due():
-                applying, pending = pending, {}
-                for msg, event in applying.values():
-                    await self._guarded(msg, on_agent_event(event))
-                    await msg.ack()
+                for key, folding in folds.items():
+                    await self._guarded(folding[0][0], self._fold(key, folding))
+                    for msg, _ in folding:
+                        await msg.ack()
+                if pending and time.monotonic() >= due():
+                    applying, pending = pending, {}
+                    for msg, event in applying.values():
+                        await self._guarded(msg, on_agent_event(event))
+                        await msg.ack()
+        except asyncio.CancelledError:
+            self._unfinished = [*msgs, *(msg for msg, _ in pending.values())]  # stop_tracker hands them back
+            raise
 
     @staticmethod
     def _decode(msg: Msg) -> Event | None:

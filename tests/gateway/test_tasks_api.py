@@ -498,6 +498,50 @@ async def test_a_burst_of_events_is_folded_in_order_around_an_impossible_one(api
     assert (await finished(api, headers, task_id))["status"] == "cancelled"
 
 
+async def test_events_the_tracker_had_in_hand_when_it_stopped_are_folded_at_once_and_in_order(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tracker stopped while it folds an event (a control plane shut down, or restarted) hands back to the stream
+    the events it fetched, and those delivered to it that it never fetched: the next tracker folds them first, not
+    after the ack wait (30 s) behind later events of their task that would make them look folded already (and lost
+    to the record), and folds each once."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    await tracker_caught_up(api)
+    tasks = api.control.tasks
+    folding, fold = asyncio.Event(), tasks._fold
+
+    async def stuck(*args: Any) -> None:
+        folding.set()
+        await asyncio.Event().wait()  # until the tracker is stopped
+
+    monkeypatch.setattr(tasks, "_fold", stuck)
+    event = functools.partial(task_event, customer_id, task_id)
+    await tasks.publish(event(EventKind.MESSAGE, "in hand", type="TextMessage"))
+    await tasks.publish(event(EventKind.USAGE, prompt_tokens=7, completion_tokens=3))
+    await asyncio.wait_for(folding.wait(), 10)
+    # a fetch still open for the tracker's subscription (as one cancelled while it waited leaves at the server)
+    # takes the next event: it is delivered to the tracker, which never fetches it
+    sub = tasks._tracker_sub
+    assert sub is not None
+    next_events = f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS_STREAM}.{TRACKER}"
+    await api.control.jet.nc.publish(next_events, json.dumps({"batch": 8, "expires": 5 * 10**9}).encode(), sub._deliver)
+    await tasks.publish(event(EventKind.MESSAGE, "delivered", type="TextMessage"))
+    await assert_eventually(
+        lambda: api.control.jet.js.consumer_info(EVENTS_STREAM, TRACKER),
+        lambda i: i.num_pending == 0,
+        what="every event delivered to the tracker",
+    )
+    await tasks.stop_tracker()
+    monkeypatch.setattr(tasks, "_fold", fold)
+    await tasks.publish(event(EventKind.MESSAGE, "after", type="TextMessage"))
+    await tasks.start_tracker(api.control.agents.on_agent_event)
+
+    await tracker_caught_up(api)  # within 20 s: the ack wait is 30
+    task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert [m["content"] for m in task["messages"] if m["source"] == "tester"] == ["in hand", "delivered", "after"]
+    assert task["usage"] == {"prompt_tokens": 7, "completion_tokens": 3}
+
+
 async def test_the_tracker_keeps_what_another_writer_changed_in_a_record_between_two_events(api: Api) -> None:
     """The tracker folds a task's next event into the record it stored last, without reading it back: a record
     another writer changed meanwhile (as the team dispatcher sets the queue's sequence) is read again, and both
