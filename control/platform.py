@@ -220,6 +220,7 @@ class ControlPlane:
             self._killswitch,
             self._quotas,
             self._budget_exceeded,
+            jet.kv["system"],
             cancel_deadline_s=self.settings.task_cancel_deadline_s,
         )
         # the agents service is made before the killswitch and task services (which need it), so it is joined to

@@ -44,6 +44,7 @@ from agent.protocol import (
 from agent.teamprotocol import team_cancel_subject
 from control.errors import Conflict, Invalid, NotFound
 from control.ids import new_id
+from control.lease import Lease
 from control.models import (
     TERMINAL_TASK_STATUSES,
     Agent,
@@ -80,6 +81,9 @@ an agent reconnecting at that moment never heard it); at least three times withi
 
 log = logging.getLogger("caravan.tasks")
 TRACKER = "caravan-tracker"
+TRACKER_LEASE_KEY = "lease.tracker"
+TRACKER_LEASE_S = 10.0
+"""A tracker that has not renewed its lease for this long is taken over by another control-plane replica."""
 FETCH_BATCH = 256
 """Events the tracker fetches at most at once."""
 
@@ -146,8 +150,10 @@ class TaskService:
         guard: KillswitchService,
         quotas: QuotaService,
         on_budget_exceeded: Callable[[str, int, int], Awaitable[None]],
+        leases: KeyValue,
         *,
         cancel_deadline_s: float = 60.0,
+        tracker_lease_s: float = TRACKER_LEASE_S,
     ) -> None:
         self._repo = repo
         self._transcripts = transcripts
@@ -156,6 +162,10 @@ class TaskService:
         self._guard = guard
         self._quotas = quotas
         self._on_budget_exceeded = on_budget_exceeded
+        self._leases = leases
+        self._tracker_lease_s = tracker_lease_s
+        self._lease: Lease | None = None  # while the tracker is started: folding while this replica holds it
+        self._on_agent_event: Callable[[Event], Awaitable[None]] | None = None
         self._tracker: asyncio.Task[None] | None = None
         self._tracker_sub: JetStreamContext.PullSubscription | None = None
         self._unfinished: builtins.list[Msg] = []  # the events a stopped tracker had fetched and not acknowledged
@@ -298,7 +308,7 @@ class TaskService:
 
     def _watch_cancel(self, task: Task | _Lifecycle) -> None:
         key = task_key(task.customer_id, task.id)
-        if key in self._cancelling or self._tracker is None:
+        if key in self._cancelling or self._lease is None:
             return  # watched already; or this control plane is stopping (the next one takes it up at its start)
         watch = asyncio.create_task(self._see_cancel_through(key), name=f"cancel-{task.id}")
         self._cancelling[key] = watch
@@ -447,19 +457,17 @@ class TaskService:
     # -- tracker: folds every event into the records ------------------------------------------------------
 
     async def start_tracker(self, on_agent_event: Callable[[Event], Awaitable[None]]) -> None:
-        if self._tracker is not None:
+        """Fold the task events into the records while this control plane holds the tracker's lease: one replica
+        at a time folds them, so that each task's events are folded in their order (two replicas sharing the
+        consumer would each fold some, and a record that took a later event first makes an earlier one look
+        folded already). The others stand by and take over when the holder stops, or goes silent."""
+        if self._lease is not None:
             raise RuntimeError("tracker already started")
-        config = ConsumerConfig(
-            durable_name=TRACKER,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30,
-            max_ack_pending=10_000,
+        self._on_agent_event = on_agent_event
+        self._lease = Lease(
+            self._leases, TRACKER_LEASE_KEY, self._begin_tracking, self._end_tracking, ttl_s=self._tracker_lease_s
         )
-        await self._js.add_consumer(EVENTS_STREAM, config)
-        psub = await self._js.pull_subscribe_bind(TRACKER, stream=EVENTS_STREAM)
-        self._tracker_sub = psub
-        self._tracker = asyncio.create_task(self._track(psub, on_agent_event), name="task-tracker")
+        await self._lease.start()
         for task in await self._repo.list_as(_Lifecycle, ">"):  # cancels a stopped control plane left unfinished
             if task.cancel_requested and task.agent_id is not None and task.status not in TERMINAL_TASK_STATUSES:
                 self._watch_cancel(task)
@@ -467,6 +475,44 @@ class TaskService:
     async def stop_tracker(self) -> None:
         for watch in list(self._cancelling.values()):
             await cancel_and_wait(watch)
+        if self._lease is not None:
+            await self._lease.stop()  # hands the folding over to another replica
+            self._lease = None
+
+    async def _begin_tracking(self) -> None:
+        """This control plane has come to hold the tracker's lease: it folds the events from where the last holder
+        left off. Events a holder that is gone (it crashed) had fetched and not acknowledged would come back only
+        after the ack wait, behind the events after them: the consumer is rewound to its acknowledgement floor, so
+        that they come first (the events after them, folded already, change nothing)."""
+        config = ConsumerConfig(
+            durable_name=TRACKER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30,
+            max_ack_pending=10_000,
+        )
+        try:
+            info = await self._js.consumer_info(EVENTS_STREAM, TRACKER)
+        except NotFoundError:
+            info = None
+        if info is not None and info.num_ack_pending:
+            log.info(
+                "the last tracker left %d events unacknowledged: folding from after event %d again",
+                info.num_ack_pending,
+                info.ack_floor.stream_seq,
+            )
+            await self._js.delete_consumer(EVENTS_STREAM, TRACKER)
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = (info.ack_floor.stream_seq or 0) + 1
+        elif info is not None:  # as it was made (a policy to start from cannot change)
+            config.deliver_policy, config.opt_start_seq = info.config.deliver_policy, info.config.opt_start_seq
+        await self._js.add_consumer(EVENTS_STREAM, config)
+        psub = await self._js.pull_subscribe_bind(TRACKER, stream=EVENTS_STREAM)
+        self._tracker_sub = psub
+        assert self._on_agent_event is not None and self._lease is not None
+        self._tracker = asyncio.create_task(self._track(psub, self._on_agent_event, self._lease), name="task-tracker")
+
+    async def _end_tracking(self) -> None:
         if self._tracker is not None:
             await cancel_and_wait(self._tracker)
             self._tracker = None
@@ -483,7 +529,8 @@ class TaskService:
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 while self._tracker_sub.pending_msgs:
                     unfinished += await self._tracker_sub.fetch(FETCH_BATCH, timeout=0.1)
-            await self._tracker_sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):
+                await self._tracker_sub.unsubscribe()
             self._tracker_sub = None
             with contextlib.suppress(nats.errors.Error):  # a connection that closed: they come after the ack wait
                 for msg in unfinished:
@@ -491,7 +538,10 @@ class TaskService:
                         await msg.nak()
 
     async def _track(
-        self, psub: JetStreamContext.PullSubscription, on_agent_event: Callable[[Event], Awaitable[None]]
+        self,
+        psub: JetStreamContext.PullSubscription,
+        on_agent_event: Callable[[Event], Awaitable[None]],
+        lease: Lease,
     ) -> None:
         # An agent's state events (ready; halted or resumed) each say all there is to know of it, so the last
         # one is all its record needs. Killswitch acknowledgements come in bursts (fifty agents within a few
@@ -514,6 +564,12 @@ class TaskService:
                     msgs = []
                 except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
                     return
+                if msgs and not lease.valid():  # not renewed lately (NATS away, or a pause): another may hold it
+                    for msg in msgs:
+                        await msg.nak(delay=self._tracker_lease_s / 4)
+                    msgs = []
+                    await asyncio.sleep(self._tracker_lease_s / 4)  # the lease is renewed meanwhile, or lost
+                    continue
                 folds: dict[str, list[tuple[Msg, Event]]] = {}  # per task, in order: one record write for them all
                 for msg in msgs:
                     event = self._decode(msg)

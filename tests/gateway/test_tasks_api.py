@@ -14,6 +14,7 @@ import nats
 import nats.js.errors
 import pytest
 import websockets
+from nats.js.kv import KeyValue
 
 from agent.backends.natskv import kv_entries
 from agent.protocol import (
@@ -27,8 +28,9 @@ from agent.protocol import (
     utcnow,
 )
 from control.models import Task, TaskMessage
+from control.natsio import Jet, connect
 from control.platform import ControlPlane
-from control.services.tasks import TRACKER, task_key
+from control.services.tasks import TRACKER, TaskService, task_key
 from control.settings import Settings
 from control.store import Repo
 from tests.conftest import Api, serve_api
@@ -36,6 +38,7 @@ from tests.gateway.teams_support import agent_ready, health, team
 from tests.gateway.test_agents_api import wait_status
 from tests.support.helpers import (
     ManualClock,
+    Stalling,
     assert_eventually,
     hold_first_call,
     now,
@@ -538,8 +541,124 @@ async def test_events_the_tracker_had_in_hand_when_it_stopped_are_folded_at_once
 
     await tracker_caught_up(api)  # within 20 s: the ack wait is 30
     task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
-    assert [m["content"] for m in task["messages"] if m["source"] == "tester"] == ["in hand", "delivered", "after"]
+    assert said_by_tester(task) == ["in hand", "delivered", "after"]
     assert task["usage"] == {"prompt_tokens": 7, "completion_tokens": 3}
+
+
+async def replica_tracker(
+    api: Api, name: str, lease_s: float = 1.0, leases: KeyValue | None = None
+) -> tuple[TaskService, Jet]:
+    """Another control-plane replica's tracker, on its own NATS connection (its lease lapses after ``lease_s``;
+    ``leases``: the bucket it keeps it in, if not the platform's)."""
+    control = api.control
+    jet = await connect(control.settings.nats_url, name=name)
+    tasks = TaskService(
+        Repo(jet.kv["tasks"], Task),
+        jet.kv["transcripts"],
+        jet.js,
+        control.agents,
+        control._killswitch,
+        control._quotas,
+        control._budget_exceeded,
+        leases or jet.kv["system"],
+        tracker_lease_s=lease_s,
+    )
+    await tasks.start_tracker(control.agents.on_agent_event)
+    return tasks, jet
+
+
+def said_by_tester(task: dict[str, Any]) -> list[str]:
+    return [m["content"] for m in task["messages"] if m["source"] == "tester"]
+
+
+async def test_with_two_control_plane_replicas_every_event_of_a_task_is_folded_in_order(api: Api) -> None:
+    """Two replicas' trackers sharing the consumer would each fold some of a task's events, and a record that
+    took a later event first made an earlier one look folded already (its tokens were lost: 38 of 60 once). One
+    replica at a time folds them."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    await tracker_caught_up(api)
+    other, jet = await replica_tracker(api, "replica-b")
+    event = functools.partial(task_event, customer_id, task_id)
+    for i in range(60):
+        await api.control.tasks.publish(event(EventKind.MESSAGE, f"m{i}", type="TextMessage"))
+        await other.publish(event(EventKind.USAGE, prompt_tokens=1, completion_tokens=0))
+    await api.control.tasks.publish(event(EventKind.STATUS, "completed"))
+    await tracker_caught_up(api)
+    task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert said_by_tester(task) == [f"m{i}" for i in range(60)]
+    assert (task["status"], task["usage"]) == ("completed", {"prompt_tokens": 60, "completion_tokens": 0})
+    await other.stop_tracker()
+    await jet.close()
+
+
+async def test_a_replica_takes_over_from_one_that_crashed_with_events_in_hand_and_folds_them_first(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica that folds the events crashes in the middle of a fold: another takes its lease over once it
+    has been silent for the lease's time, and folds the events it had in hand before those after them, without
+    waiting for the ack wait (30 s)."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    await tracker_caught_up(api)
+    await api.control.tasks.stop_tracker()  # the two replicas below are the only ones that fold
+    crashing, crashing_jet = await replica_tracker(api, "replica-a")
+    standby, standby_jet = await replica_tracker(api, "replica-b")
+    folding = asyncio.Event()
+
+    async def stuck(*args: Any) -> None:
+        folding.set()
+        await asyncio.Event().wait()  # until the crash
+
+    monkeypatch.setattr(crashing, "_fold", stuck)
+    event = functools.partial(task_event, customer_id, task_id)
+    await standby.publish(event(EventKind.MESSAGE, "in hand", type="TextMessage"))
+    await standby.publish(event(EventKind.USAGE, prompt_tokens=7, completion_tokens=3))
+    await asyncio.wait_for(folding.wait(), 10)
+    await crashing_jet.nc.close()  # nothing it had is acknowledged or handed back, nor its lease given up
+    await crashing.stop_tracker()
+    await standby.publish(event(EventKind.MESSAGE, "after", type="TextMessage"))
+
+    await tracker_caught_up(api)  # within 20 s: the ack wait is 30
+    task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert said_by_tester(task) == ["in hand", "after"]
+    assert task["usage"] == {"prompt_tokens": 7, "completion_tokens": 3}
+    await standby.stop_tracker()
+    await standby_jet.close()
+    await api.control.tasks.start_tracker(api.control.agents.on_agent_event)
+
+
+async def test_a_replica_that_cannot_renew_its_lease_folds_nothing_until_another_has_taken_over(api: Api) -> None:
+    """A replica whose lease renewals do not get through (a pause, a partition) stops folding before another can
+    take the lease over: the events it fetches meanwhile go back to the stream, and the other folds them."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    await tracker_caught_up(api)
+    await api.control.tasks.stop_tracker()  # the two replicas below are the only ones that fold
+    stalling = Stalling(api.control.jet.kv["system"])
+    stalled, stalled_jet = await replica_tracker(api, "replica-a", leases=stalling)  # type: ignore[arg-type]
+    standby, standby_jet = await replica_tracker(api, "replica-b")
+    folded_by_stalled: list[str] = []
+    fold = stalled._fold
+
+    async def watched(key: str, events: list[tuple[Any, Event]]) -> None:
+        folded_by_stalled.extend(str(event.content) for _, event in events)
+        await fold(key, events)
+
+    stalled._fold = watched  # type: ignore[method-assign]
+    stalling.flowing.clear()
+    await asyncio.sleep(0.6)  # past half the lease's time: no longer sure to hold it
+    await standby.publish(task_event(customer_id, task_id, EventKind.MESSAGE, "meanwhile", type="TextMessage"))
+    await tracker_caught_up(api)
+    task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert said_by_tester(task) == ["meanwhile"] and folded_by_stalled == []
+
+    stalling.flowing.set()  # its next renewal finds the lease taken: it stops for good
+    await assert_eventually(now(lambda: stalled._tracker), lambda tracker: tracker is None, what="stopped")
+    await standby.publish(task_event(customer_id, task_id, EventKind.MESSAGE, "later", type="TextMessage"))
+    await tracker_caught_up(api)
+    assert folded_by_stalled == []
+    for tasks, jet in ((stalled, stalled_jet), (standby, standby_jet)):
+        await tasks.stop_tracker()
+        await jet.close()
+    await api.control.tasks.start_tracker(api.control.agents.on_agent_event)
 
 
 async def test_the_tracker_keeps_what_another_writer_changed_in_a_record_between_two_events(api: Api) -> None:

@@ -15,6 +15,7 @@ import nats
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from nats.js.kv import KeyValue
 
 from agent.protocol import EVENTS_STREAM, Event, task_events_subject
 from agent.wire import Wire
@@ -203,3 +204,20 @@ async def small_messages(nats_url: str, stream: str, max_msg_size: int) -> Async
         config.max_msg_size = limit
         await js.update_stream(config)
         await nc.close()
+
+
+class Stalling:
+    """A KV bucket whose updates can be held up (``flowing.clear()``), as by a pause of the process or a network
+    partition."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+
+    async def update(self, *args: Any, **kwargs: Any) -> int:
+        await self.flowing.wait()
+        return await self._kv.update(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kv, name)
