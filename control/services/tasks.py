@@ -380,7 +380,8 @@ class TaskService:
             data={"reason": reason},
             attempt=task.attempt,
         )
-        await self.publish(event)
+        # one ending of a run: replicas that end it at once (each seeing a cancel through to its deadline) store one
+        await self.publish(event, msg_id=f"{task.id}:{task.attempt}:ended")
         await self._quotas.release_task(task.customer_id, task.id)
 
     async def end_tasks_of_deleted(self, agent: Agent) -> None:
@@ -412,9 +413,14 @@ class TaskService:
             raise Conflict(f"task {task.id} runs on a single agent, which never asks for input")
         return await self._teams.input(task, content)
 
-    async def publish(self, event: Event) -> None:
+    async def publish(self, event: Event, msg_id: str | None = None) -> None:
+        """Store ``event``; one with the ``msg_id`` of another stored within the stream's duplicate window (two
+        minutes) is dropped as the same event."""
         assert event.task_id is not None
-        await self._js.publish(task_events_subject(event.customer_id, event.task_id), event.model_dump_json().encode())
+        subject, headers = task_events_subject(event.customer_id, event.task_id), None
+        if msg_id is not None:
+            headers = {"Nats-Msg-Id": msg_id}
+        await self._js.publish(subject, event.model_dump_json().encode(), headers=headers)
 
     async def events(self, task: Task, after: int = 0, idle: float = 15.0) -> AsyncIterator[StreamedEvent | None]:
         """The task's events after stream sequence ``after``, ending after the terminal status.

@@ -370,6 +370,43 @@ async def test_a_cancel_a_stopped_control_plane_left_unfinished_is_seen_through_
         assert (await usage(api, headers))["concurrent_tasks"] == 0
 
 
+async def test_replicas_that_reach_a_cancels_deadline_together_end_the_task_once(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every replica that sees a cancel through (the one asked, and those started since) ends the task at its
+    deadline if its record does not say it ended: two that get there before the record does store one ending."""
+    customer_id, headers = await api.new_customer()
+    _, ready, task_id = await running_on_slow_agent(api, customer_id, headers)
+    os.kill(ready["pid"], signal.SIGSTOP)  # hung: it cannot stop the run
+    folded, fold = asyncio.Event(), api.control.tasks._fold
+
+    async def held(*args: Any) -> None:  # the record says nothing of the ending until both replicas ended it
+        await folded.wait()
+        await fold(*args)
+
+    monkeypatch.setattr(api.control.tasks, "_fold", held)
+    try:
+        assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+        replicas = [await replica_tracker(api, f"replica-{n}", cancel_deadline_s=1.0) for n in "ab"]
+        await asyncio.sleep(2.0)  # both replicas past their deadline
+        folded.set()
+        task = await finished(api, headers, task_id)
+        assert (task["status"], task["status_reason"]) == (
+            "cancelled",
+            "cancelled on request (its agent did not stop it within 1 s)",
+        )
+        events = await stored_events(api.control.jet.js, customer_id, task_id)
+        assert [e.content for e in events if e.kind == EventKind.STATUS and e.agent_id is None] == [
+            "queued",
+            "cancelled",
+        ]
+    finally:
+        os.kill(ready["pid"], signal.SIGCONT)
+    for tasks, jet in replicas:
+        await tasks.stop_tracker()
+        await jet.close()
+
+
 async def test_tasks_that_ended_before_the_retention_time_are_forgotten_records_and_transcripts(
     settings: Settings,
 ) -> None:
@@ -546,10 +583,10 @@ async def test_events_the_tracker_had_in_hand_when_it_stopped_are_folded_at_once
 
 
 async def replica_tracker(
-    api: Api, name: str, lease_s: float = 1.0, leases: KeyValue | None = None
+    api: Api, name: str, lease_s: float = 1.0, leases: KeyValue | None = None, cancel_deadline_s: float = 60.0
 ) -> tuple[TaskService, Jet]:
     """Another control-plane replica's tracker, on its own NATS connection (its lease lapses after ``lease_s``;
-    ``leases``: the bucket it keeps it in, if not the platform's)."""
+    ``leases``: the bucket it keeps it in, if not the platform's). It sees through the unfinished cancels."""
     control = api.control
     jet = await connect(control.settings.nats_url, name=name)
     tasks = TaskService(
@@ -562,6 +599,7 @@ async def replica_tracker(
         control._budget_exceeded,
         leases or jet.kv["system"],
         tracker_lease_s=lease_s,
+        cancel_deadline_s=cancel_deadline_s,
     )
     await tasks.start_tracker(control.agents.on_agent_event)
     return tasks, jet
