@@ -6,15 +6,15 @@ import logging
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.errors import CaravanError
 
-__all__ = ["error_response", "install_error_handlers"]
+__all__ = ["caravan_error_response", "error_response", "install_error_handlers", "refuse_websocket"]
 
 log = logging.getLogger("caravan.gateway")
 
@@ -39,6 +39,31 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def caravan_error_response(exc: CaravanError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else getattr(exc, "headers", None)
+    return error_response(exc.status, exc.code, exc.message, exc.details, headers)
+
+
+async def refuse_websocket(websocket: WebSocket, response: JSONResponse) -> None:
+    """Refuse a WebSocket handshake with ``response``, as an HTTP route would answer (401, 404, 422, 429 with
+    the error body), where the server can send one (the ASGI denial-response extension: uvicorn); elsewhere it
+    is closed before it opens, with code 4000 + the status."""
+    try:
+        await websocket.send_denial_response(response)
+    except RuntimeError:  # the server has no denial responses
+        await websocket.close(code=4000 + response.status_code)
+
+
+def _invalid_details(exc: RequestValidationError | WebSocketRequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+    """Where and why the request is invalid (only that: echoing the input back could return megabytes or secrets),
+    and a summary of it."""
+    details = [
+        {"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    return "; ".join(f"{d['field']}: {d['message']}" for d in details[:5]), details
+
+
 def _field(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "request"
@@ -49,18 +74,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(CaravanError)
     async def _caravan(_: Request, exc: CaravanError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else getattr(exc, "headers", None)
-        return error_response(exc.status, exc.code, exc.message, exc.details, headers)
+        return caravan_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # Only where and why: echoing the input back could return megabytes or secrets.
-        details = [
-            {"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", ""), "type": e.get("type", "")}
-            for e in exc.errors()
-        ]
-        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+        summary, details = _invalid_details(exc)
         return error_response(422, "invalid", f"invalid request: {summary}", details)
+
+    @app.exception_handler(WebSocketRequestValidationError)
+    async def _invalid_websocket(websocket: WebSocket, exc: WebSocketRequestValidationError) -> None:
+        summary, details = _invalid_details(exc)
+        await refuse_websocket(websocket, error_response(422, "invalid", f"invalid request: {summary}", details))
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:

@@ -13,6 +13,7 @@ from control.models import Task, TaskCreate, TaskStatus
 from control.services.tasks import StreamedEvent
 from control.teams.models import TeamInput
 from gateway.deps import ControlDep, PrincipalDep, get_principal, owner_scope
+from gateway.errors import caravan_error_response, refuse_websocket
 from gateway.schemas import ERROR_RESPONSES, TaskPublic
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
@@ -127,7 +128,7 @@ async def task_ws(
         principal = await get_principal(websocket, control, credentials)
         task = await control.tasks.get(owner_scope(principal), task_id)
     except CaravanError as exc:
-        await websocket.close(code=4000 + exc.status, reason=exc.message[:100])
+        await refuse_websocket(websocket, caravan_error_response(exc))
         return
     await websocket.accept()
     try:

@@ -96,9 +96,10 @@ async def test_the_websocket_refuses_as_every_route_does_audited_and_counted_aga
     async with serve_app(create_app(strict, api.control)) as base, httpx.AsyncClient(base_url=base) as client:
         url = base.replace("http", "ws") + path
         for attempt in (url, f"{url}?token=forged", f"{url}?token=garbage", url, f"{url}?token=x"):
-            await assert_ws_refused(attempt)
+            await assert_ws_refused(attempt, 401, "unauthorized")
         throttled = await client.get("/v1/agents", headers={"Authorization": "Bearer forged"})
         assert throttled.status_code == 429 and throttled.json()["error"]["code"] == "rate_limited"
+        await assert_ws_refused(f"{url}?token=forged", 429, "rate_limited")
     response = await api.client.get("/v1/admin/audit", params={"action": "auth.denied"}, headers=await api.admin())
     denied = [r for r in response.json() if r["details"]["path"] == path]
     assert [r["result"] for r in denied] == ["denied"] * 5

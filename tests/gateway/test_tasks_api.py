@@ -228,11 +228,15 @@ async def test_the_websocket_carries_the_same_stream_and_resumes(api: Api) -> No
     assert [f["id"] for f in rest] == [f["id"] for f in frames[3:]]
 
 
-async def assert_ws_refused(url: str) -> None:
-    """The WebSocket handshake itself is refused (a stream that opened and then closed would not do)."""
-    with pytest.raises(websockets.exceptions.InvalidStatus):
+async def assert_ws_refused(url: str, status: int, code: str) -> None:
+    """The WebSocket handshake itself is refused (a stream that opened and then closed would not do), as an HTTP
+    route would answer: ``status``, with the error body."""
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
         async with websockets.connect(url):
             pass
+    response = refused.value.response
+    assert response.status_code == status, response.body
+    assert json.loads(response.body)["error"]["code"] == code
 
 
 async def test_bad_resume_points_and_tokens_are_refused(api: Api) -> None:
@@ -242,12 +246,12 @@ async def test_bad_resume_points_and_tokens_are_refused(api: Api) -> None:
     bad = await api.client.get(f"/v1/tasks/{task_id}/events", headers={**headers, "Last-Event-ID": "abc"})
     assert bad.status_code == 422
     ws_url = api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws"
-    await assert_ws_refused(f"{ws_url}?token=forged")
+    await assert_ws_refused(f"{ws_url}?token=forged", 401, "unauthorized")
     token = headers["Authorization"].split()[1]
     for after in ("-1", "abc", str(2**63), str(2**64)):  # past JetStream's signed 64-bit sequences
         sse = await api.client.get(f"/v1/tasks/{task_id}/events", params={"after": after}, headers=headers)
         assert sse.status_code == 422 and sse.json()["error"]["code"] == "invalid", sse.text
-        await assert_ws_refused(f"{ws_url}?token={token}&after={after}")
+        await assert_ws_refused(f"{ws_url}?token={token}&after={after}", 422, "invalid")
 
 
 async def running_slow_task(api: Api) -> tuple[str, dict[str, str], str]:
@@ -764,7 +768,7 @@ async def test_customers_never_see_each_others_tasks(api: Api) -> None:
         assert (await api.client.request(method, path, headers=bob)).status_code == 404, path
     assert (await api.client.get("/v1/tasks", headers=bob)).json() == []
     token = bob["Authorization"].split()[1]
-    await assert_ws_refused(api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws?token={token}")
+    await assert_ws_refused(api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws?token={token}", 404, "not_found")
 
 
 async def test_task_input_validation(api: Api) -> None:
