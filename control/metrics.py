@@ -4,7 +4,8 @@ The instruments are OpenTelemetry's, on a meter provider of the process's own (n
 process keep theirs apart, and an operator can add an exporter to it); a scrape collects them and writes them in
 Prometheus' text format (version 0.0.4). Recorded as they happen: the API's requests by method, route template
 and status, and their time to the response's headers. Read at each scrape: agents and tasks by status,
-customers, killswitch flags engaged by scope, and whether the control plane is ready.
+customers, killswitch flags engaged by scope, whether the control plane is ready, and the tracker's: whether this
+control plane folds the task events (holds its lease), and how many events wait to be folded.
 
 No label names a customer, an agent or a raw path: the endpoint is unauthenticated, as the probes are, and a
 path nobody routes is counted as ``unmatched`` (a scan of random paths cannot grow the series without bound).
@@ -54,6 +55,8 @@ class Snapshot:
     agents_by_status: Mapping[str, int] | None = None
     tasks_by_status: Mapping[str, int] | None = None
     killswitch_by_scope: Mapping[str, int] | None = None
+    tracker_backlog: int | None = None
+    folding: bool | None = None
 
 
 async def snapshot(control: ControlPlane) -> Snapshot:
@@ -61,6 +64,7 @@ async def snapshot(control: ControlPlane) -> Snapshot:
     read = Snapshot(ready=control.ready)
     if not read.ready:
         return read
+    read.folding = control.tasks.folding
     try:
         counts = await control.stats.counts()
         read.customers, read.agents_by_status, read.tasks_by_status = (
@@ -74,6 +78,10 @@ async def snapshot(control: ControlPlane) -> Snapshot:
         read.killswitch_by_scope = Counter(flag.scope.value for flag in await control.killswitch.engaged())
     except Exception as exc:
         log.warning("metrics: could not read the killswitch flags: %s", exc)
+    try:
+        read.tracker_backlog = await control.tasks.backlog()
+    except Exception as exc:
+        log.warning("metrics: could not read the tracker's backlog: %s", exc)
     return read
 
 
@@ -103,6 +111,16 @@ class Metrics:
         )
         meter.create_observable_gauge(
             "caravan_tasks", [self._observe_tasks], description="Tasks kept, by status (every status, 0 included)."
+        )
+        meter.create_observable_gauge(
+            "caravan_tracker_events_unfolded",
+            [self._observe_backlog],
+            description="Task events stored and not yet folded into the records (by whichever replica folds).",
+        )
+        meter.create_observable_gauge(
+            "caravan_tracker_folding",
+            [self._observe_folding],
+            description="1 when this process's control plane folds the task events (it holds the tracker's lease).",
         )
         meter.create_observable_gauge(
             "caravan_killswitch_engaged",
@@ -137,6 +155,13 @@ class Metrics:
 
     def _observe_tasks(self, options: CallbackOptions) -> Iterable[Observation]:
         return _by(self._snapshot.tasks_by_status, "status", [s.value for s in TaskStatus])
+
+    def _observe_backlog(self, options: CallbackOptions) -> Iterable[Observation]:
+        backlog = self._snapshot.tracker_backlog
+        return [] if backlog is None else [Observation(backlog)]
+
+    def _observe_folding(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [] if self._snapshot.folding is None else [Observation(1 if self._snapshot.folding else 0)]
 
     def _observe_killswitch(self, options: CallbackOptions) -> Iterable[Observation]:
         return _by(self._snapshot.killswitch_by_scope, "scope", [s.value for s in Scope])

@@ -485,6 +485,16 @@ class TaskService:
             await self._lease.stop()  # hands the folding over to another replica
             self._lease = None
 
+    @property
+    def folding(self) -> bool:
+        """Whether this control plane folds the task events (it holds the tracker's lease)."""
+        return self._lease is not None and self._lease.held
+
+    async def backlog(self) -> int:
+        """How many task events are stored and not yet folded (or folded and not yet acknowledged)."""
+        info = await self._js.consumer_info(EVENTS_STREAM, TRACKER)
+        return (info.num_pending or 0) + (info.num_ack_pending or 0)
+
     async def _begin_tracking(self) -> None:
         """This control plane has come to hold the tracker's lease: it folds the events from where the last holder
         left off. Events a holder that is gone (it crashed) had fetched and not acknowledged would come back only

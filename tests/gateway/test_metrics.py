@@ -7,12 +7,14 @@ import re
 from types import SimpleNamespace
 from typing import Any, cast
 
+from agent.protocol import EventKind
 from control.metrics import Metrics, Snapshot, snapshot
 from control.models import AgentStatus, TaskStatus
 from control.platform import ControlPlane
 from tests.conftest import Api
 from tests.control.test_killswitch import killswitch
 from tests.gateway.test_agents_api import agent_body
+from tests.gateway.test_tasks_api import task_event, tracker_caught_up
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"(?:,|$)')
@@ -128,9 +130,31 @@ async def test_a_scrape_answers_when_the_control_plane_cannot_be_read() -> None:
         raise ConnectionError("nats: connection closed")
 
     half_down = SimpleNamespace(
-        ready=True, stats=SimpleNamespace(counts=unreadable), killswitch=SimpleNamespace(engaged=unreadable)
+        ready=True,
+        stats=SimpleNamespace(counts=unreadable),
+        killswitch=SimpleNamespace(engaged=unreadable),
+        tasks=SimpleNamespace(folding=True, backlog=unreadable),
     )
     read = await snapshot(cast(ControlPlane, half_down))
-    assert read == Snapshot(ready=True)  # nothing made up: what could not be read is missing
+    assert read == Snapshot(ready=True, folding=True)  # nothing made up: what could not be read is missing
     samples = parse(Metrics().scrape(read))
     assert value(samples, "caravan_ready") == 1 and not any(name == "caravan_agents" for name, _ in samples)
+
+
+async def test_the_tracker_shows_whether_this_control_plane_folds_and_how_many_events_wait(api: Api) -> None:
+    """An operator sees the task records fall behind (no replica folding, or one that cannot keep up)."""
+    await tracker_caught_up(api)
+    _, folding = await scrape(api)
+    assert value(folding, "caravan_tracker_folding") == 1
+    assert value(folding, "caravan_tracker_events_unfolded") == 0
+    await api.control.tasks.stop_tracker()
+    for n in range(3):
+        await api.control.tasks.publish(task_event("cu-000000000000", "tk-000000000000", EventKind.STATUS, str(n)))
+    _, stopped = await scrape(api)
+    assert value(stopped, "caravan_tracker_folding") == 0
+    assert value(stopped, "caravan_tracker_events_unfolded") == 3
+    await api.control.tasks.start_tracker(api.control.agents.on_agent_event)
+    await tracker_caught_up(api)
+    _, again = await scrape(api)
+    assert value(again, "caravan_tracker_folding") == 1
+    assert value(again, "caravan_tracker_events_unfolded") == 0
