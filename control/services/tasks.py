@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -80,6 +82,7 @@ CANCEL_RETELL_S = 5.0
 an agent reconnecting at that moment never heard it); at least three times within the deadline."""
 
 log = logging.getLogger("caravan.tasks")
+T = TypeVar("T")
 TRACKER = "caravan-tracker"
 TRACKER_LEASE_KEY = "lease.tracker"
 TRACKER_LEASE_S = 10.0
@@ -603,7 +606,9 @@ class TaskService:
                         folds.setdefault(task_key(event.customer_id, event.task_id), []).append((msg, event))
                         continue
                     if event is not None and event.task_id is None and event.agent_id is not None:
-                        await self._guarded(msg, on_agent_event(event))
+                        await self._guarded(
+                            msg, _patiently("apply an agent's event", functools.partial(on_agent_event, event))
+                        )
                     await msg.ack()
                 for key, folding in folds.items():
                     await self._guarded(folding[0][0], self._fold(key, folding))
@@ -612,7 +617,9 @@ class TaskService:
                 if pending and time.monotonic() >= due():
                     applying, pending = pending, {}
                     for msg, event in applying.values():
-                        await self._guarded(msg, on_agent_event(event))
+                        await self._guarded(
+                            msg, _patiently("apply an agent's event", functools.partial(on_agent_event, event))
+                        )
                         await msg.ack()
         except asyncio.CancelledError:
             self._unfinished = [*msgs, *(msg for msg, _ in pending.values())]  # stop_tracker hands them back
@@ -662,12 +669,9 @@ class TaskService:
         for (seq, _), result in zip(entries, written, strict=True):
             if isinstance(result, BaseException):  # the event stays in the stream (and on the SSE feed)
                 log.error("task %s: the message of event %d is not in its transcript: %r", key, seq, result)
-        before: TaskStatus | None = None
-        tokens = 0
+        metered: dict[int, int] = {}  # the tokens of each usage event taken in, by any try (some may not be written)
 
         def fold(task: Task) -> Task | None:  # may run again on a newer record: it starts over each time
-            nonlocal before, tokens
-            before, tokens = task.status, 0
             folded = None
             for seq, event in sequenced:
                 if seq <= task.events_seq:
@@ -677,32 +681,66 @@ class TaskService:
                 except ValueError:  # well-formed JSON that says something impossible (an unknown status, say)
                     log.warning("skipping a malformed event of task %s: %s", key, event.kind)
                     continue
-                metered = event.kind == EventKind.USAGE and not event.data.get(REPLAYED)
-                if metered:
-                    tokens += int(event.data.get("prompt_tokens", 0)) + int(event.data.get("completion_tokens", 0))
-                if after is not None or metered:  # (a late attempt's usage changes no record, but is metered once)
+                metering = event.kind == EventKind.USAGE and not event.data.get(REPLAYED)
+                if metering:
+                    metered[seq] = int(event.data.get("prompt_tokens", 0)) + int(event.data.get("completion_tokens", 0))
+                if after is not None or metering:  # (a late attempt's usage changes no record, but is metered once)
                     task = folded = (after or task).model_copy(update={"events_seq": seq})
             return folded
 
-        stored = await self._repo.update_known(key, known, fold)
+        was_open = known[0].status not in TERMINAL_TASK_STATUSES
+        stored = await _patiently(f"fold the events of {key}", lambda: self._repo.update_known(key, known, fold))
         if stored is None:
             return
         after = stored[0]
+        # the usage events the record took in (by the try that wrote it: one that timed out may have written it)
+        tokens = sum(n for seq, n in metered.items() if seq <= after.events_seq)
         if after.cancel_requested and any(_starts(event) for _, event in sequenced):
             await self._tell_runner(after)  # a run that started (again) after the cancel: told now
         if after.status not in TERMINAL_TASK_STATUSES:
             if len(self._folded) >= FOLDED_KEPT:
                 del self._folded[next(iter(self._folded))]  # the task that went longest without an event
             self._folded[key] = stored
-        if after.status in TERMINAL_TASK_STATUSES and before is not None and before not in TERMINAL_TASK_STATUSES:
-            await self._quotas.release_task(customer_id, after.id)
-        if tokens:
-            total, budget, crossed = await self._quotas.record_tokens(customer_id, tokens)
+        if after.status in TERMINAL_TASK_STATUSES and was_open:  # (a release is keyed by the task: once is once)
+            await _patiently(f"release the slot of {key}", lambda: self._quotas.release_task(customer_id, after.id))
+        if tokens:  # tried again only where it was surely not written: tokens are added, never metered twice
+            total, budget, crossed = await _patiently(
+                f"meter the tokens of {key}", lambda: self._quotas.record_tokens(customer_id, tokens), NOT_WRITTEN
+            )
             if crossed and budget is not None:
                 await self._on_budget_exceeded(customer_id, total, budget)
 
 
 TRANSCRIPT_KINDS = (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESULT, EventKind.INPUT_REQUEST)
+
+
+NOT_WRITTEN: tuple[type[Exception], ...] = (
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+    StoreConflict,
+)
+"""Failures of a KV write that may pass (JetStream away for a moment, a record many write at once) and say it
+was not written."""
+MAY_PASS: tuple[type[Exception], ...] = (*NOT_WRITTEN, nats.errors.TimeoutError)
+"""Those, and a timeout (the write may have been made)."""
+PATIENCE_S = 60.0
+"""How long the tracker tries a write again (the events after it waiting) before it gives it up."""
+
+
+async def _patiently(what: str, write: Callable[[], Awaitable[T]], errors: tuple[type[Exception], ...] = MAY_PASS) -> T:
+    """``write()``, tried again while it fails with one of ``errors``, for up to :data:`PATIENCE_S`; then its
+    failure is raised. The tracker waits meanwhile, so that the record takes the events after it in order, and
+    does not miss it for good (a task that ended would stay running, holding its slot)."""
+    delay, give_up = 0.05, time.monotonic() + PATIENCE_S
+    while True:
+        try:
+            return await write()
+        except errors as exc:
+            if time.monotonic() + delay > give_up:
+                raise
+            log.warning("could not %s (%r): trying again in %g s", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _failed_reason(agent: Agent) -> str:

@@ -703,6 +703,53 @@ async def test_a_replica_that_cannot_renew_its_lease_folds_nothing_until_another
     await api.control.tasks.start_tracker(api.control.agents.on_agent_event)
 
 
+async def test_a_fold_that_fails_for_a_moment_is_tried_again_in_place(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NATS away for a moment (a timeout, JetStream unavailable while it elects a leader) as the tracker writes a
+    record or gives back a quota slot: the write is tried again, the events after it waiting, rather than the
+    record missing the event for good (a task that ended would stay running, holding its slot). A write whose
+    answer timed out may have been made: the slot is given back and the tokens metered once all the same."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    await tracker_caught_up(api)
+    tokens = (await usage(api, headers))["tokens_today"]
+    tasks, failures = api.control.tasks, []
+    update_known, release_task = tasks._repo.update_known, tasks._quotas.release_task
+
+    async def flaky_update(*args: Any) -> Any:
+        failures.append("update")
+        if len(failures) == 1:
+            raise nats.errors.TimeoutError  # not written
+        if len(failures) == 2:
+            await update_known(*args)
+            raise nats.errors.TimeoutError  # written, and its answer lost
+        return await update_known(*args)
+
+    async def flaky_release(*args: Any) -> None:
+        failures.append("release")
+        if failures.count("release") == 1:
+            raise nats.js.errors.ServiceUnavailableError
+        await release_task(*args)
+
+    monkeypatch.setattr(tasks._repo, "update_known", flaky_update)
+    monkeypatch.setattr(tasks._quotas, "release_task", flaky_release)
+    event = functools.partial(task_event, customer_id, task_id)
+    await publish_while_away(  # folded together: one record write
+        api,
+        event(EventKind.USAGE, prompt_tokens=5, completion_tokens=1),
+        event(EventKind.MESSAGE, "done", type="TextMessage"),
+        event(EventKind.STATUS, "completed"),
+    )
+    await restart_tracker(api)
+    task = await finished(api, headers, task_id)
+    await tracker_caught_up(api)
+    assert failures == ["update", "update", "update", "release", "release"]
+    assert (task["status"], task["usage"]) == ("completed", {"prompt_tokens": 5, "completion_tokens": 1})
+    assert said_by_tester(task) == ["done"]
+    now_used = await usage(api, headers)
+    assert (now_used["concurrent_tasks"], now_used["tokens_today"]) == (0, tokens + 6)
+
+
 async def test_the_tracker_keeps_what_another_writer_changed_in_a_record_between_two_events(api: Api) -> None:
     """The tracker folds a task's next event into the record it stored last, without reading it back: a record
     another writer changed meanwhile (as the team dispatcher sets the queue's sequence) is read again, and both
