@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from agent.aio import cancel_and_wait
+from control.procs import die_with_parent
 
 __all__ = ["GO_THREADS", "EmbeddedNats", "nats_server_binary"]
 
@@ -77,6 +78,7 @@ class EmbeddedNats:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # a Ctrl-C in the terminal is ours to handle: NATS stops after the agents
+            preexec_fn=die_with_parent,  # and killed outright, we leave no server holding the port and the store
             env={"GOMAXPROCS": str(GO_THREADS), **os.environ},
         )
         assert self._proc.stderr is not None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -39,6 +38,7 @@ from control.backends.base import (
     SubmitResult,
 )
 from control.jobspec import model_key_secret
+from control.procs import die_with_parent
 
 __all__ = ["LocalScheduler"]
 
@@ -47,7 +47,6 @@ NS = 1_000_000_000
 _MEMORY_POLL_S = 0.5
 _PROC_STAT = os.path.exists("/proc/self/stat")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if _PROC_STAT else 4096
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -130,12 +129,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: if the scheduler dies, its tasks get SIGTERM (Linux)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _interpolate(value: str, runtime: dict[str, str]) -> str:
@@ -444,7 +437,7 @@ class LocalScheduler:
                         stdout=log_file,
                         stderr=asyncio.subprocess.STDOUT,
                         start_new_session=True,
-                        preexec_fn=_die_with_parent,
+                        preexec_fn=die_with_parent,  # the scheduler dies: its tasks get SIGTERM
                     )
                 except OSError as exc:
                     return f"failed to start {spec.command!r}: {exc.strerror or exc}"

@@ -22,6 +22,7 @@ import httpx
 
 from agent.aio import cancel_and_wait, exit_reason
 from control.localmodel.chatformat import CHAT_FORMAT
+from control.procs import die_with_parent
 
 __all__ = ["LlamaServer", "LocalModelUnavailable", "bundled_model_path", "runtime_installed"]
 
@@ -174,6 +175,7 @@ class LlamaServer:
                     stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True,  # a Ctrl-C in the terminal is ours to handle
+                    preexec_fn=die_with_parent,  # and killed outright, we leave no model server behind
                 )
             except OSError as exc:
                 raise LocalModelUnavailable(f"could not start the local model server: {exc}") from exc

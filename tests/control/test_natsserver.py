@@ -1,13 +1,20 @@
-"""The embedded nats-server's Go threads: one by default (control.natsserver.GO_THREADS), the operator's
-``GOMAXPROCS`` when the environment sets it."""
+"""The servers Caravan starts on one machine: the embedded nats-server's Go threads (one by default,
+control.natsserver.GO_THREADS; the operator's ``GOMAXPROCS`` when the environment sets it), and neither it nor the
+local model server outliving the process that started them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
+from control.localmodel.runtime import runtime_installed
 from control.natsserver import GO_THREADS, EmbeddedNats
+from tests.support.helpers import assert_eventually, now
 
 
 def go_threads_of(server: EmbeddedNats) -> str:
@@ -25,3 +32,47 @@ async def test_the_embedded_server_runs_on_one_go_thread_unless_the_environment_
     monkeypatch.setenv("GOMAXPROCS", "3")
     async with EmbeddedNats(tmp_path / "operator") as server:
         assert go_threads_of(server) == "3"
+
+
+STARTERS = {
+    "nats-server": "from control.natsserver import EmbeddedNats\nserver = EmbeddedNats(Path(sys.argv[1]))",
+    "local model server": (
+        "from control.localmodel.runtime import LlamaServer, bundled_model_path\n"
+        "server = LlamaServer(bundled_model_path(), Path(sys.argv[1]) / 'server.log')"
+    ),
+}
+PARENT = """
+import asyncio, sys
+from pathlib import Path
+{starter}
+
+async def main() -> None:
+    await server.start()
+    print(server.pid, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("child", list(STARTERS))
+async def test_a_server_we_start_stops_when_the_process_that_started_it_is_killed(tmp_path: Path, child: str) -> None:
+    """A `caravan up` killed outright (SIGKILL, the OOM killer) leaves no nats-server behind holding the port and
+    the JetStream store the next one opens, and no model server holding its memory."""
+    if child == "local model server" and not runtime_installed():
+        pytest.skip("the local model is not installed")
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PARENT.format(starter=STARTERS[child]), str(tmp_path), stdout=asyncio.subprocess.PIPE
+    )
+    assert parent.stdout is not None
+    pid = int(await asyncio.wait_for(parent.stdout.readline(), 120))
+    assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    parent.kill()
+    await parent.wait()
+
+    def running() -> bool:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return False
+
+    await assert_eventually(now(running), lambda alive: not alive, what=f"the {child} gone")
