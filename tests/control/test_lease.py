@@ -20,7 +20,7 @@ KEY = "lease.test"
 class Replica:
     """A lease as one replica holds it, with what it was told."""
 
-    def __init__(self, kv: KeyValue, ttl_s: float = 1.0, *, starts: bool = True) -> None:
+    def __init__(self, kv: KeyValue, ttl_s: float = 2.0, *, starts: bool = True) -> None:
         self.told: list[str] = []
         self.starts = starts
         self.lease = Lease(kv, KEY, self._acquired, self._lost, ttl_s=ttl_s)
@@ -46,7 +46,7 @@ async def test_one_replica_holds_the_lease_and_the_next_takes_it_when_it_stops(j
     await first.lease.start()
     await second.lease.start()
     assert first.told == ["acquired"] and first.lease.valid()
-    await asyncio.sleep(1.5)  # longer than the ttl, renewed meanwhile: the standby does not take it
+    await asyncio.sleep(3.0)  # longer than the ttl, renewed meanwhile: the standby does not take it
     assert second.told == [] and not second.lease.held
 
     await first.lease.stop()
@@ -73,7 +73,7 @@ async def test_a_holder_gone_silent_is_taken_over_and_told_so_when_it_comes_back
     await assert_eventually(now(lambda: silent.told), lambda told: told == ["acquired", "lost"], what="told")
     assert not silent.lease.held and standby.lease.valid()
     await silent.lease.stop()  # gives up nothing: the lease stays with the standby
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.5)  # more than the standby takes to look
     assert standby.told == ["acquired"] and (await jet.kv["system"].get(KEY)).value == standby.lease.holder.encode()
     await standby.lease.stop()
 
