@@ -40,6 +40,7 @@ def error_response(
 
 
 def caravan_error_response(exc: CaravanError) -> JSONResponse:
+    """The answer to a refusal of Caravan's own (a 401 says how to authenticate)."""
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else getattr(exc, "headers", None)
     return error_response(exc.status, exc.code, exc.message, exc.details, headers)
 

@@ -487,6 +487,7 @@ class TaskService:
         if self._lease is not None:
             await self._lease.stop()  # hands the folding over to another replica
             self._lease = None
+        await self._end_tracking()  # (done as the lease was given up, unless stopping cut that short)
 
     @property
     def folding(self) -> bool:
