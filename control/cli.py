@@ -162,7 +162,10 @@ async def _nats(settings: Settings, embedded: NatsCredentials | None) -> AsyncIt
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether a server may listen on ``port``: nobody listens there. Connections a server closed may linger in
+    TIME_WAIT on it (a restart at once); nats-server and uvicorn listen all the same, as this looks."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -279,3 +279,20 @@ async def test_a_data_dir_from_before_the_demo_team_gets_one(nats_server: Embedd
         assert response.status_code == 202, response.text
         task = await task_status(api, headers, response.json()["id"])
         assert task["status"] == "completed", task
+
+
+def test_a_port_a_server_just_left_is_free_and_one_a_server_listens_on_is_not() -> None:
+    """Connections a server closed linger in TIME_WAIT on its port for a minute; the next `caravan up` can listen
+    there all the same (as nats-server and uvicorn do), so it must not move NATS to another port, or refuse to
+    start, when it is restarted at once."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server and uvicorn listen
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert not cli._port_free("127.0.0.1", port)  # a server listens there
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()  # the server closes first: its side of the connection waits in TIME_WAIT
+            client.recv(1)
+    assert cli._port_free("127.0.0.1", port)
