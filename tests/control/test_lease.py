@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from control.lease import Lease
@@ -53,7 +54,13 @@ async def test_one_replica_holds_the_lease_and_the_next_takes_it_when_it_stops(j
     assert first.told == ["acquired", "lost"] and not first.lease.held
     await assert_eventually(now(lambda: second.told), lambda told: told == ["acquired"], what="handed over")
     assert (await jet.kv["system"].get(KEY)).value == second.lease.holder.encode()
-    await second.lease.stop()
+    await second.lease.stop()  # the last one: it gives the lease up, and the next to start holds it at once
+    with pytest.raises(KeyNotFoundError):
+        await jet.kv["system"].get(KEY)
+    third = Replica(jet.kv["system"])
+    await third.lease.start()
+    assert third.told == ["acquired"]
+    await third.lease.stop()
 
 
 async def test_a_holder_gone_silent_is_taken_over_and_told_so_when_it_comes_back(jet: Jet) -> None:
