@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
 import signal
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -391,10 +393,13 @@ async def test_replicas_that_reach_a_cancels_deadline_together_end_the_task_once
     monkeypatch.setattr(api.control.tasks, "_fold", held)
     try:
         assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
-        replicas = [await replica_tracker(api, f"replica-{n}", cancel_deadline_s=1.0) for n in "ab"]
-        await asyncio.sleep(2.0)  # both replicas past their deadline
-        folded.set()
-        task = await finished(api, headers, task_id)
+        async with (
+            replica_tracker(api, "replica-a", cancel_deadline_s=1.0),
+            replica_tracker(api, "replica-b", cancel_deadline_s=1.0),
+        ):
+            await asyncio.sleep(2.0)  # both replicas past their deadline
+            folded.set()
+            task = await finished(api, headers, task_id)
         assert (task["status"], task["status_reason"]) == (
             "cancelled",
             "cancelled on request (its agent did not stop it within 1 s)",
@@ -406,9 +411,6 @@ async def test_replicas_that_reach_a_cancels_deadline_together_end_the_task_once
         ]
     finally:
         os.kill(ready["pid"], signal.SIGCONT)
-    for tasks, jet in replicas:
-        await tasks.stop_tracker()
-        await jet.close()
 
 
 async def test_tasks_that_ended_before_the_retention_time_are_forgotten_records_and_transcripts(
@@ -557,13 +559,7 @@ async def test_events_the_tracker_had_in_hand_when_it_stopped_are_folded_at_once
     customer_id, headers, task_id = await running_slow_task(api)
     await tracker_caught_up(api)
     tasks = api.control.tasks
-    folding, fold = asyncio.Event(), tasks._fold
-
-    async def stuck(*args: Any) -> None:
-        folding.set()
-        await asyncio.Event().wait()  # until the tracker is stopped
-
-    monkeypatch.setattr(tasks, "_fold", stuck)
+    folding = stuck_folding(monkeypatch, tasks)
     event = functools.partial(task_event, customer_id, task_id)
     await tasks.publish(event(EventKind.MESSAGE, "in hand", type="TextMessage"))
     await tasks.publish(event(EventKind.USAGE, prompt_tokens=7, completion_tokens=3))
@@ -581,7 +577,7 @@ async def test_events_the_tracker_had_in_hand_when_it_stopped_are_folded_at_once
         what="every event delivered to the tracker",
     )
     await tasks.stop_tracker()
-    monkeypatch.setattr(tasks, "_fold", fold)
+    monkeypatch.undo()  # its folds as they are again
     await tasks.publish(event(EventKind.MESSAGE, "after", type="TextMessage"))
     await tasks.start_tracker(api.control.agents.on_agent_event)
 
@@ -591,11 +587,13 @@ async def test_events_the_tracker_had_in_hand_when_it_stopped_are_folded_at_once
     assert task["usage"] == {"prompt_tokens": 7, "completion_tokens": 3}
 
 
+@contextlib.asynccontextmanager
 async def replica_tracker(
     api: Api, name: str, lease_s: float = 1.0, leases: KeyValue | None = None, cancel_deadline_s: float = 60.0
-) -> tuple[TaskService, Jet]:
+) -> AsyncIterator[tuple[TaskService, Jet]]:
     """Another control-plane replica's tracker, on its own NATS connection (its lease lapses after ``lease_s``;
-    ``leases``: the bucket it keeps it in, if not the platform's). It sees through the unfinished cancels."""
+    ``leases``: the bucket it keeps it in, if not the platform's), stopped at the end. It sees through the
+    unfinished cancels."""
     control = api.control
     jet = await connect(control.settings.nats_url, name=name)
     tasks = TaskService(
@@ -611,7 +609,34 @@ async def replica_tracker(
         cancel_deadline_s=cancel_deadline_s,
     )
     await tasks.start_tracker(control.agents.on_agent_event)
-    return tasks, jet
+    try:
+        yield tasks, jet
+    finally:
+        await tasks.stop_tracker()
+        await jet.close()
+
+
+@contextlib.asynccontextmanager
+async def only_replicas_fold(api: Api) -> AsyncIterator[None]:
+    """The platform's own tracker stopped meanwhile: the replicas a test starts are the only ones that fold."""
+    await api.control.tasks.stop_tracker()
+    try:
+        yield
+    finally:
+        await api.control.tasks.start_tracker(api.control.agents.on_agent_event)
+
+
+def stuck_folding(monkeypatch: pytest.MonkeyPatch, tasks: TaskService) -> asyncio.Event:
+    """Every fold of ``tasks`` hangs from now until its tracker stops (or its process dies); the event is set
+    once one has begun."""
+    folding = asyncio.Event()
+
+    async def stuck(*args: Any) -> None:
+        folding.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(tasks, "_fold", stuck)
+    return folding
 
 
 def said_by_tester(task: dict[str, Any]) -> list[str]:
@@ -624,18 +649,16 @@ async def test_with_two_control_plane_replicas_every_event_of_a_task_is_folded_i
     replica at a time folds them."""
     customer_id, headers, task_id = await running_slow_task(api)
     await tracker_caught_up(api)
-    other, jet = await replica_tracker(api, "replica-b")
     event = functools.partial(task_event, customer_id, task_id)
-    for i in range(60):
-        await api.control.tasks.publish(event(EventKind.MESSAGE, f"m{i}", type="TextMessage"))
-        await other.publish(event(EventKind.USAGE, prompt_tokens=1, completion_tokens=0))
-    await api.control.tasks.publish(event(EventKind.STATUS, "completed"))
-    await tracker_caught_up(api)
+    async with replica_tracker(api, "replica-b") as (other, _):
+        for i in range(60):
+            await api.control.tasks.publish(event(EventKind.MESSAGE, f"m{i}", type="TextMessage"))
+            await other.publish(event(EventKind.USAGE, prompt_tokens=1, completion_tokens=0))
+        await api.control.tasks.publish(event(EventKind.STATUS, "completed"))
+        await tracker_caught_up(api)
     task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
     assert said_by_tester(task) == [f"m{i}" for i in range(60)]
     assert (task["status"], task["usage"]) == ("completed", {"prompt_tokens": 60, "completion_tokens": 0})
-    await other.stop_tracker()
-    await jet.close()
 
 
 async def test_a_replica_takes_over_from_one_that_crashed_with_events_in_hand_and_folds_them_first(
@@ -646,31 +669,23 @@ async def test_a_replica_takes_over_from_one_that_crashed_with_events_in_hand_an
     waiting for the ack wait (30 s)."""
     customer_id, headers, task_id = await running_slow_task(api)
     await tracker_caught_up(api)
-    await api.control.tasks.stop_tracker()  # the two replicas below are the only ones that fold
-    crashing, crashing_jet = await replica_tracker(api, "replica-a")
-    standby, standby_jet = await replica_tracker(api, "replica-b")
-    folding = asyncio.Event()
-
-    async def stuck(*args: Any) -> None:
-        folding.set()
-        await asyncio.Event().wait()  # until the crash
-
-    monkeypatch.setattr(crashing, "_fold", stuck)
     event = functools.partial(task_event, customer_id, task_id)
-    await standby.publish(event(EventKind.MESSAGE, "in hand", type="TextMessage"))
-    await standby.publish(event(EventKind.USAGE, prompt_tokens=7, completion_tokens=3))
-    await asyncio.wait_for(folding.wait(), 10)
-    await crashing_jet.nc.close()  # nothing it had is acknowledged or handed back, nor its lease given up
-    await crashing.stop_tracker()
-    await standby.publish(event(EventKind.MESSAGE, "after", type="TextMessage"))
-
-    await tracker_caught_up(api)  # within 20 s: the ack wait is 30
+    async with (
+        only_replicas_fold(api),
+        replica_tracker(api, "replica-a") as (crashing, crashing_jet),
+        replica_tracker(api, "replica-b") as (standby, _),
+    ):
+        folding = stuck_folding(monkeypatch, crashing)
+        await standby.publish(event(EventKind.MESSAGE, "in hand", type="TextMessage"))
+        await standby.publish(event(EventKind.USAGE, prompt_tokens=7, completion_tokens=3))
+        await asyncio.wait_for(folding.wait(), 10)
+        await crashing_jet.nc.close()  # nothing it had is acknowledged or handed back, nor its lease given up
+        await crashing.stop_tracker()
+        await standby.publish(event(EventKind.MESSAGE, "after", type="TextMessage"))
+        await tracker_caught_up(api)  # within 20 s: the ack wait is 30
     task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
     assert said_by_tester(task) == ["in hand", "after"]
     assert task["usage"] == {"prompt_tokens": 7, "completion_tokens": 3}
-    await standby.stop_tracker()
-    await standby_jet.close()
-    await api.control.tasks.start_tracker(api.control.agents.on_agent_event)
 
 
 async def test_a_replica_that_cannot_renew_its_lease_folds_nothing_until_another_has_taken_over(api: Api) -> None:
@@ -678,34 +693,32 @@ async def test_a_replica_that_cannot_renew_its_lease_folds_nothing_until_another
     take the lease over: the events it fetches meanwhile go back to the stream, and the other folds them."""
     customer_id, headers, task_id = await running_slow_task(api)
     await tracker_caught_up(api)
-    await api.control.tasks.stop_tracker()  # the two replicas below are the only ones that fold
     stalling = Stalling(api.control.jet.kv["system"])
-    stalled, stalled_jet = await replica_tracker(api, "replica-a", leases=stalling)  # type: ignore[arg-type]
-    standby, standby_jet = await replica_tracker(api, "replica-b")
     folded_by_stalled: list[str] = []
-    fold = stalled._fold
+    async with (
+        only_replicas_fold(api),
+        replica_tracker(api, "replica-a", leases=stalling) as (stalled, _),  # type: ignore[arg-type]
+        replica_tracker(api, "replica-b") as (standby, _),
+    ):
+        fold = stalled._fold
 
-    async def watched(key: str, events: list[tuple[Any, Event]]) -> None:
-        folded_by_stalled.extend(str(event.content) for _, event in events)
-        await fold(key, events)
+        async def watched(key: str, events: list[tuple[Any, Event]]) -> None:
+            folded_by_stalled.extend(str(event.content) for _, event in events)
+            await fold(key, events)
 
-    stalled._fold = watched  # type: ignore[method-assign]
-    stalling.flowing.clear()
-    await asyncio.sleep(0.6)  # past half the lease's time: no longer sure to hold it
-    await standby.publish(task_event(customer_id, task_id, EventKind.MESSAGE, "meanwhile", type="TextMessage"))
-    await tracker_caught_up(api)
-    task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
-    assert said_by_tester(task) == ["meanwhile"] and folded_by_stalled == []
+        stalled._fold = watched  # type: ignore[method-assign]
+        stalling.flowing.clear()
+        await asyncio.sleep(0.6)  # past half the lease's time: no longer sure to hold it
+        await standby.publish(task_event(customer_id, task_id, EventKind.MESSAGE, "meanwhile", type="TextMessage"))
+        await tracker_caught_up(api)
+        task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+        assert said_by_tester(task) == ["meanwhile"] and folded_by_stalled == []
 
-    stalling.flowing.set()  # its next renewal finds the lease taken: it stops for good
-    await assert_eventually(now(lambda: stalled._tracker), lambda tracker: tracker is None, what="stopped")
-    await standby.publish(task_event(customer_id, task_id, EventKind.MESSAGE, "later", type="TextMessage"))
-    await tracker_caught_up(api)
+        stalling.flowing.set()  # its next renewal finds the lease taken: it stops for good
+        await assert_eventually(now(lambda: stalled._tracker), lambda tracker: tracker is None, what="stopped")
+        await standby.publish(task_event(customer_id, task_id, EventKind.MESSAGE, "later", type="TextMessage"))
+        await tracker_caught_up(api)
     assert folded_by_stalled == []
-    for tasks, jet in ((stalled, stalled_jet), (standby, standby_jet)):
-        await tasks.stop_tracker()
-        await jet.close()
-    await api.control.tasks.start_tracker(api.control.agents.on_agent_event)
 
 
 async def test_a_fold_that_fails_for_a_moment_is_tried_again_in_place(
