@@ -147,8 +147,7 @@ def build_team(
     else:
         chat = Swarm(stand_ins, termination_condition=termination, runtime=runtime)
     _pin_team_key(chat, team_key)
-    if on_turn is not None:
-        _observe_turns(chat, on_turn)
+    _wrap_turns(chat, runtime, on_turn)
     for topic_type in chat._participant_topic_types:
         runtime.mark_remote(topic_type)
     return chat
@@ -163,10 +162,13 @@ def _pin_team_key(chat: BaseGroupChat, key: str) -> None:
     chat._output_topic_type = f"output_topic_{key}"
 
 
-def _observe_turns(chat: BaseGroupChat, on_turn: OnTurn) -> None:
-    """Call ``on_turn`` each time the manager is about to choose the next speaker. AgentChat has no hook there;
-    the manager is made by a factory when the team first runs, so wrap the factory and the manager's step."""
+def _wrap_turns(chat: BaseGroupChat, runtime: NatsAgentRuntime, on_turn: OnTurn | None) -> None:
+    """Call ``on_turn`` each time the manager is about to choose the next speaker, and once it has asked them,
+    poll for their answer (:meth:`agent.wire.Wire.expect`): it comes on the group's subject, not as the answer
+    to a request, so the runtime would sleep until it came. AgentChat has no hook there; the manager is made
+    by a factory when the team first runs, so wrap the factory and the manager's step."""
     make_factory = chat._create_group_chat_manager_factory
+    wire = runtime.wire
 
     def factory(**kwargs: Any) -> Callable[[], Any]:
         make = make_factory(**kwargs)
@@ -176,11 +178,13 @@ def _observe_turns(chat: BaseGroupChat, on_turn: OnTurn) -> None:
             assert isinstance(manager, BaseGroupChatManager)
             transition = manager._transition_to_next_speakers
 
-            async def after_turn(cancellation_token: Any) -> None:
-                await on_turn(manager)
+            async def turn(cancellation_token: Any) -> None:
+                if on_turn is not None:
+                    await on_turn(manager)
                 await transition(cancellation_token)
+                wire.expect()
 
-            manager._transition_to_next_speakers = after_turn  # type: ignore[method-assign]
+            manager._transition_to_next_speakers = turn  # type: ignore[method-assign]
             return manager
 
         return build

@@ -17,9 +17,9 @@ from agent.runtime import NatsAgentRuntime
 from agent.teamprotocol import run_namespace
 from control.models import TERMINAL_TASK_STATUSES
 from control.teams.build import build_team
-from tests.bench.conftest import join_members
 from tests.conftest import Api
 from tests.gateway.teams_support import agents, script, team
+from tests.support.helpers import join_members
 
 SIZES = (60, 300)
 ROUNDS = int(os.environ.get("BENCH_TEAM_TASK_ROUNDS", "5"))

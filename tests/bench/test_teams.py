@@ -1,8 +1,9 @@
 """Issue 5 benchmark: our NATS agent runtime beside AutoGen's gRPC worker runtime and raw nats-py request/reply
 (two agents in separate processes, measured in the same run, rounds interleaved, each way of asking from a
 process of its own), and a 3-member round-robin team
-of 60 messages on a zero-latency model, members in their own processes versus AgentChat in one process. Beside
-the team, the floor of its transport: the same pattern of NATS messages between processes on the runtime's own
+of 60 messages on a zero-latency model, members in their own processes versus AgentChat in one process (and the
+same distributed team with its manager not polling for its members' answers, rounds interleaved). Beside the
+team, the floor of its transport: the same pattern of NATS messages between processes on the runtime's own
 path, agent.wire (the manager asks a member, the member answers to the manager and the group), with no AgentChat
 and no runtime.
 Run by ./dev/bench; prints its figures."""
@@ -34,8 +35,8 @@ from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
 from control.teams.models import Team, Termination
 from tests.bench._team_peer import RELAY_REQUEST
-from tests.bench.conftest import join_members, percentile
-from tests.support.helpers import free_port
+from tests.bench.conftest import percentile
+from tests.support.helpers import free_port, join_members
 
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "1000"))
 ROUNDS = 5
@@ -136,7 +137,7 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
                     samples[name] += await each.ask(MESSAGES // ROUNDS)
 
         nc = await nats.connect(server.url)
-        local_times, remote_times, floor_times = await team_rounds(nc, server.url)
+        local_times, remote_times, unpolled_times, floor_times = await team_rounds(nc, server.url)
         await nc.close()
 
     print()
@@ -161,6 +162,11 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
     per_floor = statistics.median(floor_times) / TEAM_MESSAGES
     print(f"members in 3 processes       {per_remote * 1000:.2f} ms/message")
     print(f"distributed / in-process     {per_remote / per_local:.2f}x  (goal <= 1.3x)")
+    per_unpolled = statistics.median(unpolled_times) / TEAM_MESSAGES
+    print(
+        f"manager not polling          {per_unpolled * 1000:.2f} ms/message  {per_unpolled / per_local:.2f}x  "
+        "(for the answers of the members it asks: Wire.expect)"
+    )
     print(f"transport floor (agent.wire, same messages, no AgentChat)  {per_floor * 1000:.2f} ms/message")
     print(f"(in-process + floor) / in-process  {(per_local + per_floor) / per_local:.2f}x")
 
@@ -169,7 +175,7 @@ def zero_model(name: str) -> ModelConfig:
     return ModelConfig(provider="replay", name="zero", responses=[f"{name} says {i}" for i in range(1000)])
 
 
-async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float], list[float]]:
+async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float], list[float], list[float]]:
     names = ["alpha", "beta", "gamma"]
     ids = {name: f"ag-00000000000{i}" for i, name in enumerate(names)}
     members = {
@@ -186,7 +192,10 @@ async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float]
     )
     local_times: list[float] = []
     remote_times: list[float] = []
+    unpolled_times: list[float] = []  # the manager not polling for its members' answers (Wire.expect)
     floor_times: list[float] = []
+    wire = Wire.of(nc)
+    spin_s = wire.spin_s
     relay = Relay(nc, "bench.relay", len(names))
     async with contextlib.AsyncExitStack() as stack:
         for i, n in enumerate(names):
@@ -203,24 +212,27 @@ async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float]
             if round_:
                 local_times.append(elapsed)
 
-            run_id = f"rn-{round_:012x}"
-            runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
-            chat = build_team(spec, members, runtime, run_id)
-            await runtime.start()
-            await join_members(nc, CUSTOMER, run_id, members)
-            started = time.perf_counter()
-            result = await chat.run(task="count")
-            elapsed = time.perf_counter() - started
-            assert len(result.messages) == TEAM_MESSAGES + 1, result.stop_reason
-            await nc.publish(f"{runtime.namespace}.x.end", b"")
-            await runtime.stop()
-            if round_:
-                remote_times.append(elapsed)
+            for polls, times in ((True, remote_times), (False, unpolled_times)):
+                wire.spin_s = spin_s if polls else 0.0
+                run_id = f"rn-{round_:011x}{int(polls)}"
+                runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
+                chat = build_team(spec, members, runtime, run_id)
+                await runtime.start()
+                await join_members(nc, CUSTOMER, run_id, members)
+                started = time.perf_counter()
+                result = await chat.run(task="count")
+                elapsed = time.perf_counter() - started
+                assert len(result.messages) == TEAM_MESSAGES + 1, result.stop_reason
+                await nc.publish(f"{runtime.namespace}.x.end", b"")
+                await runtime.stop()
+                if round_:
+                    times.append(elapsed)
+            wire.spin_s = spin_s
 
             elapsed = await relay.run(TEAM_MESSAGES)
             if round_:
                 floor_times.append(elapsed)
-    return local_times, remote_times, floor_times
+    return local_times, remote_times, unpolled_times, floor_times
 
 
 class Relay:
@@ -248,6 +260,7 @@ class Relay:
 
     def _ask(self, n: int) -> None:
         self._wire.send(f"{self._prefix}.member{n % self._members}", b"r" * RELAY_REQUEST)
+        self._wire.expect()  # as the manager polls for the answer of the member it asked
 
     def _on_group(self, msg: nats.aio.msg.Msg) -> None:
         self._heard += 1

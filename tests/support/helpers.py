@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from nats.js.kv import KeyValue
 
 from agent.protocol import EVENTS_STREAM, Event, task_events_subject
+from agent.teamprotocol import MemberJoin, join_subject
 from agent.wire import Wire
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "assert_eventually",
     "free_port",
     "hold_first_call",
+    "join_members",
     "now",
     "serve_app",
     "small_events",
@@ -221,3 +223,17 @@ class Stalling:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._kv, name)
+
+
+async def join_members(nc: nats.NATS, customer_id: str, run_id: str, agent_ids: Iterable[str]) -> None:
+    """Enlist one replica of each agent for run ``run_id``, as the team runner does (states sent as deltas)."""
+    for agent_id in agent_ids:
+        join = MemberJoin(
+            run_id=run_id,
+            task_id="tk-000000000000",
+            customer_id=customer_id,
+            agent_id=agent_id,
+            team_key=run_id,
+            state_deltas=True,
+        )
+        await nc.request(join_subject(customer_id, agent_id), join.model_dump_json().encode(), timeout=10)
