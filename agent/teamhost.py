@@ -145,8 +145,8 @@ def _state_publisher(wire: Wire, subject: str, run_id: str, agent_type: str) -> 
 
 class _Container(ChatAgentContainer):
     """AgentChat's container; its state also carries the scripted model's place (the `replay` provider), and it
-    sends that state to the manager after each of its turns, just after its answer (the manager checkpoints
-    the run between turns without asking every member for its state)."""
+    sends that state to the manager after each of its turns, with its answer (the manager checkpoints the run
+    between turns without asking every member for its state)."""
 
     def __init__(
         self,
@@ -164,18 +164,22 @@ class _Container(ChatAgentContainer):
     ) -> None:
         if isinstance(message, GroupChatMessage) and isinstance(message.message, BaseChatMessage):
             # The turn's answer for the output topic: the same answer for the group follows at once (AgentChat
-            # clears the buffer in between). Both go to the manager; sent as one, they cost it (and the server)
-            # one wake-up rather than two.
+            # clears the buffer in between), then this member's state. All go to the manager's process; sent as
+            # one, they cost it (and the server) one wake-up rather than three.
             self._runtime_wire().hold()
         await super().publish_message(message, topic_id, cancellation_token=cancellation_token)
-        if isinstance(message, GroupChatAgentResponse | GroupChatError):
-            self._runtime_wire().release()
         if isinstance(message, GroupChatAgentResponse):
             # The answer's buffer is cleared and the turn is over: the state now is the one to resume from
-            # (nothing else reaches this container before its turn's handler returns). Dumped once the answer is
-            # on its way, so that the manager reads the answer while this member encodes its state: the manager
-            # waits for it only when it comes to checkpoint the turn.
-            await self._sender.send(self, message.response.chat_message.id)
+            # (nothing else reaches this container before its turn's handler returns). It goes with the answer:
+            # the manager checkpoints the turn before it asks the next speaker, so it waits for this state
+            # anyway. Sent after the answer instead, it cost the manager a second wake-up while it waited (the
+            # team task bench: 1.60 against 1.77 ms a message through the platform, medians of 4 runs each).
+            try:
+                await self._sender.send(self, message.response.chat_message.id)
+            finally:
+                self._runtime_wire().release()
+        elif isinstance(message, GroupChatError):
+            self._runtime_wire().release()
 
     def _runtime_wire(self) -> Wire:
         runtime = self.runtime

@@ -7,7 +7,7 @@ put together without asking every member for its state:
   is in its thread and the next speaker is not chosen yet (a resumed run chooses it again, as the unbroken run
   did: round robin's index, the swarm's last handoff, the selector's model at its saved place);
 - the member that just spoke sends its ``ChatAgentContainer`` state (its model context, the scripted model's
-  place) on ``x.state`` just after its answer (:mod:`agent.teamhost`), mostly as a delta to the state it sent
+  place) on ``x.state`` with its answer (:mod:`agent.teamhost`), mostly as a delta to the state it sent
   before (the context's new messages); states are kept as sent and read, deltas applied, only when a
   checkpoint is written. The other members' states changed
   only by the messages they buffered since they last spoke, which are the thread's, so they are rebuilt
@@ -49,7 +49,7 @@ __all__ = ["TurnCheckpoints"]
 log = logging.getLogger("caravan.teams")
 
 STATE_WAIT_S = 5.0
-"""How long a turn's checkpoint waits for the speaker's state (sent just after its answer)."""
+"""How long a turn's checkpoint waits for the speaker's state (sent with its answer)."""
 MIN_INTERVAL_S = 0.05
 """Checkpoints are written at most this often; turns that come faster are stored together."""
 WRITE_SHARE = 0.1
@@ -143,7 +143,7 @@ class TurnCheckpoints:
         self.enabled = True
 
     def on_state(self, msg: Msg) -> None:
-        """A member's state after its turn, sent just after its answer (empty: it could not send it). A delta
+        """A member's state after its turn, sent with its answer (empty: it could not send it). A delta
         goes with the member's state before only when that is the one it names: one missed or not usable, and
         the member has no known state until it sends one whole (it does every so many turns)."""
         headers = msg.headers or {}
@@ -212,7 +212,7 @@ class TurnCheckpoints:
         pushed = self._pushed.get(speaker)
         here = pushed is not None and pushed[0] == message_id
         state = pushed[1] if pushed is not None and here else None
-        if not here:  # sent just after the answer: it is on its way
+        if not here:  # it comes with the answer, so it is read first; sent on its own (after a reconnect), it is late
             waiter = self._waiting[message_id] = asyncio.get_running_loop().create_future()
             try:
                 state = await asyncio.wait_for(waiter, STATE_WAIT_S)

@@ -295,7 +295,7 @@ class TeamRunner:
         presence = _Presence(self.config, set(team.members))
         beats: list[asyncio.Task[None]] = []
         alive_sub = await self._jet.nc.subscribe(f"{runtime.namespace}.x.alive", cb=presence.on_beat)
-        # a member's state comes just after its answer: read in the read loop, as answers are
+        # a member's state comes with its answer: read in the read loop, as answers are
         state_sub = await self._wire.subscribe(f"{runtime.namespace}.x.state", turns.on_state)
         await runtime.start()
         try:
