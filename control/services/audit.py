@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import nats
 from nats.js import JetStreamContext
@@ -60,6 +60,13 @@ class AuditQuery(BaseModel):
     limit: int = Field(default=100, ge=1, le=1000)
 
 
+class Owned(Protocol):
+    """A record of one customer's (an agent, a team, a task)."""
+
+    @property
+    def customer_id(self) -> str: ...
+
+
 class AuditLog:
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
@@ -104,9 +111,13 @@ class AuditLog:
         action: str,
         customer_id: str | None = None,
         target: str | None = None,
+        *,
+        owner: Callable[[], Awaitable[Owned]] | None = None,
         **details: Any,
     ) -> AsyncIterator[AuditRecord]:
-        """:meth:`recorded` for what ``principal`` does, if an admin: a customer's own actions are not audited."""
+        """:meth:`recorded` for what ``principal`` does, if an admin: a customer's own actions are not audited.
+        ``owner`` reads the target first (for an admin only), so that the record names its customer even when the
+        action fails (a cancel refused, a scheduler that did not answer); a target that is not there fails it."""
         record = AuditRecord(
             actor=principal.subject,
             role=principal.role.value,
@@ -119,6 +130,8 @@ class AuditLog:
             yield record
             return
         async with self.recorded(record):
+            if owner is not None:
+                record.customer_id = (await owner()).customer_id
             yield record
 
     async def query(self, query: AuditQuery) -> list[AuditRecord]:

@@ -93,9 +93,10 @@ async def list_all_agents(control: ControlDep, _: AdminDep) -> list[AgentPublic]
 @router.post("/agents/{agent_id}/stop", response_model=AgentPublic)
 async def force_stop_agent(agent_id: str, control: ControlDep, admin: AdminDep) -> AgentPublic:
     """Stop any customer's agent (its job is stopped; the customer can start it again)."""
-    async with control.audit.admin_action(admin, "agent.force_stop", target=agent_id) as record:
+    async with control.audit.admin_action(
+        admin, "agent.force_stop", target=agent_id, owner=lambda: control.agents.get(None, agent_id)
+    ):
         agent = await control.agents.stop(None, agent_id, reason=f"stopped by an administrator ({admin.subject})")
-        record.customer_id = agent.customer_id
     return AgentPublic(**agent.model_dump())
 
 

@@ -46,32 +46,37 @@ async def get_agent(agent_id: str, control: ControlDep, principal: PrincipalDep)
 async def update_agent(agent_id: str, body: AgentUpdate, control: ControlDep, principal: PrincipalDep) -> AgentPublic:
     """Change the definition; rolls out a new job version."""
     fields = sorted(body.model_fields_set)  # names only: a model's settings may carry its API key
-    async with control.audit.admin_action(principal, "agent.update", target=agent_id, fields=fields) as record:
+    async with control.audit.admin_action(
+        principal, "agent.update", target=agent_id, owner=lambda: control.agents.get(None, agent_id), fields=fields
+    ):
         agent = await control.agents.update(owner_scope(principal), agent_id, body)
-        record.customer_id = agent.customer_id
     return _public(agent)
 
 
 @router.delete("/{agent_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> Response:
-    async with control.audit.admin_action(principal, "agent.delete", target=agent_id) as record:
-        record.customer_id = (await control.agents.delete(owner_scope(principal), agent_id)).customer_id
+    async with control.audit.admin_action(
+        principal, "agent.delete", target=agent_id, owner=lambda: control.agents.get(None, agent_id)
+    ):
+        await control.agents.delete(owner_scope(principal), agent_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{agent_id}/stop", response_model=AgentPublic)
 async def stop_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> AgentPublic:
-    async with control.audit.admin_action(principal, "agent.stop", target=agent_id) as record:
+    async with control.audit.admin_action(
+        principal, "agent.stop", target=agent_id, owner=lambda: control.agents.get(None, agent_id)
+    ):
         agent = await control.agents.stop(owner_scope(principal), agent_id)
-        record.customer_id = agent.customer_id
     return _public(agent)
 
 
 @router.post("/{agent_id}/start", response_model=AgentPublic)
 async def start_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> AgentPublic:
-    async with control.audit.admin_action(principal, "agent.start", target=agent_id) as record:
+    async with control.audit.admin_action(
+        principal, "agent.start", target=agent_id, owner=lambda: control.agents.get(None, agent_id)
+    ):
         agent = await control.agents.start(owner_scope(principal), agent_id)
-        record.customer_id = agent.customer_id
     return _public(agent)
 
 

@@ -69,18 +69,20 @@ async def get_task(task_id: str, control: ControlDep, principal: PrincipalDep) -
 @router.post("/{task_id}/cancel", response_model=TaskPublic, status_code=status.HTTP_202_ACCEPTED)
 async def cancel_task(task_id: str, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
     """Ask for the task to stop; it ends `cancelled` (watch the events)."""
-    async with control.audit.admin_action(principal, "task.cancel", target=task_id) as record:
+    async with control.audit.admin_action(
+        principal, "task.cancel", target=task_id, owner=lambda: control.tasks.get(None, task_id, transcript=False)
+    ):
         task = await control.tasks.cancel(owner_scope(principal), task_id)
-        record.customer_id = task.customer_id
     return _public(task)
 
 
 @router.post("/{task_id}/input", response_model=TaskPublic, status_code=status.HTTP_202_ACCEPTED)
 async def task_input(task_id: str, body: TeamInput, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
     """Answer a team that asked (status `awaiting_input`); the team goes on from where it stopped."""
-    async with control.audit.admin_action(principal, "task.input", target=task_id) as record:
+    async with control.audit.admin_action(
+        principal, "task.input", target=task_id, owner=lambda: control.tasks.get(None, task_id, transcript=False)
+    ):
         task = await control.tasks.input(owner_scope(principal), task_id, body.content)
-        record.customer_id = task.customer_id
     return _public(task)
 
 

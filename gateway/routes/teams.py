@@ -44,6 +44,8 @@ async def get_team(team_id: str, control: ControlDep, principal: PrincipalDep) -
 @router.delete("/{team_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_team(team_id: str, control: ControlDep, principal: PrincipalDep) -> Response:
     """Delete a team with no unfinished tasks (its agents stay)."""
-    async with control.audit.admin_action(principal, "team.delete", target=team_id) as record:
-        record.customer_id = (await control.teams.delete(owner_scope(principal), team_id)).customer_id
+    async with control.audit.admin_action(
+        principal, "team.delete", target=team_id, owner=lambda: control.teams.get(None, team_id)
+    ):
+        await control.teams.delete(owner_scope(principal), team_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -394,3 +394,26 @@ async def test_failed_admin_actions_are_audited_with_the_error(api: Api) -> None
     assert all(r["details"]["error"]["code"] == "not_found" for r in failed)
     assert "not found" in failed[0]["details"]["error"]["message"]
     assert (await api.client.get("/v1/admin/agents", headers=admin)).json() == []  # nothing half-made
+
+
+async def test_a_failed_admin_action_on_a_customers_record_is_found_under_that_customer(api: Api) -> None:
+    """An operator who reads one customer's audit sees what an admin tried on its records and could not do, not
+    only what worked: the record names the customer whatever the action's outcome."""
+    customer_id, customer = await api.new_customer()
+    admin = await api.admin()
+    agent = await running_agent(api, customer)
+    task_id = await start_task(api, customer, agent["id"])
+    assert (await finished(api, customer, task_id))["status"] == "completed"
+    slow = {"provider": "replay", "name": "slow", "responses": ["..."], "delay_ms": 600_000}
+    member = await running_agent(api, customer, name="slow", model=slow, tools=[])
+    team = {"name": "solo", "members": [member["id"]], "mode": "round_robin", "termination": {"max_messages": 2}}
+    team_id = (await api.client.post("/v1/teams", json=team, headers=customer)).json()["id"]
+    started = await api.client.post("/v1/tasks", json={"team_id": team_id, "task": "hi"}, headers=customer)
+    assert started.status_code == 202, started.text
+    assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=admin)).status_code == 409  # it ended
+    assert (await api.client.delete(f"/v1/teams/{team_id}", headers=admin)).status_code == 409  # a task is open
+    records = [r for r in await audit(api, customer_id=customer_id) if r["result"] == "failed"]
+    assert [(r["action"], r["target"], r["details"]["error"]["code"]) for r in records] == [
+        ("task.cancel", task_id, "conflict"),
+        ("team.delete", team_id, "conflict"),
+    ]
