@@ -43,7 +43,7 @@ async def _hosts(url: str, members: list[AgentDefinition]) -> AsyncIterator[None
         yield
 
 
-@pytest.mark.parametrize("spin_us", [1_000_000, 0])
+@pytest.mark.parametrize("spin_us", [3_000_000, 0])
 async def test_the_manager_polls_for_the_answer_of_the_member_it_asked(nats_server: EmbeddedNats, spin_us: int) -> None:
     """The answer comes on the group's subject, not as the answer to a request: the manager polls for it after
     each request to speak (Wire.expect), for the window only, and not at all with polling off."""
@@ -77,6 +77,6 @@ async def test_the_manager_polls_for_the_answer_of_the_member_it_asked(nats_serv
         assert [name for name, _ in asked] == [f"{n}_{run_id}" for n in ("alice", "bob", "alice", "bob")]
         assert all(polled == bool(spin_us) for _, polled in asked), asked
         await runtime.stop()
-    if spin_us:  # a window of a second from the last request: then it sleeps
+    if spin_us:  # a window of 3 s from the last request: then it sleeps
         await assert_eventually(now(lambda: wire.spinning), lambda spinning: not spinning, what="polling to stop")
     await nc.close()
