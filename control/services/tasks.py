@@ -399,15 +399,26 @@ class TaskService:
         await self._end_tasks_of(agent, _failed_reason(agent), TaskStatus.FAILED)
 
     async def _end_tasks_of(self, agent: Agent, reason: str, status: TaskStatus) -> None:
-        """Purge the agent's queued requests from its work queue, and end each of its unfinished tasks (its runner
-        told, as its record may say queued of a task the agent picked up a moment ago), saying why and giving
-        back its quota slot."""
+        """Purge the agent's queued requests from its work queue, and end each of its unfinished tasks, and those of
+        the teams it is a member of (no run of theirs can go on without it: one waiting for the human would wait
+        for good, as its answer is refused), each runner told (a record may say queued of a task picked up a
+        moment ago), saying why and giving back the quota slot. The team runner drops a queued request of a task
+        that has ended."""
         await self._js.purge_stream(TASKS_STREAM, subject=task_subject(agent.customer_id, agent.id))
+        teams = await self._teams.teams_of(agent) if self._teams is not None else set()
         for task in await self._repo.list(f"{agent.customer_id}.*"):
-            if task.agent_id != agent.id or task.status in TERMINAL_TASK_STATUSES:
+            if task.status in TERMINAL_TASK_STATUSES:
+                continue
+            if task.agent_id == agent.id:
+                why = reason
+            elif task.team_id is not None and task.team_id in teams:
+                why = f"a member of its team: {reason}"
+            else:
                 continue
             await self._tell_runner(task)
-            await self._end(task, reason, status)
+            await self._end(task, why, status)
+            if task.team_id is not None and self._teams is not None:
+                await self._teams.drop_checkpoint(task)  # (a run's manager drops it too, once it has stopped)
 
     async def input(self, customer_id: str | None, task_id: str, content: str) -> Task:
         """The human's answer to a task that asked (team tasks)."""

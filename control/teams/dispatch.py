@@ -10,7 +10,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from agent.protocol import TASKS_STREAM, Event, EventKind, task_events_subject
 from agent.teamprotocol import TEAM_CONSUMER, TeamTaskRequest, team_cancel_subject, team_task_subject
 from control.errors import Conflict, NotFound
-from control.models import Task, TaskCreate, TaskStatus
+from control.models import Agent, Task, TaskCreate, TaskStatus
 from control.services.agents import AgentService, why_not_serving
 from control.services.killswitch import KillswitchService
 from control.services.tasks import handed_out, task_key
@@ -50,6 +50,10 @@ class TeamTasks:
         ack = await self._js.publish(subject, request.model_dump_json().encode(), headers={"Nats-Msg-Id": task.id})
         await self._tasks.update(task_key(customer_id, task.id), lambda t: t.model_copy(update={"queue_seq": ack.seq}))
         return task.model_copy(update={"queue_seq": ack.seq})
+
+    async def teams_of(self, agent: Agent) -> set[str]:
+        """The ids of the teams ``agent`` is a member of."""
+        return {team.id for team in await self._teams.list(agent.customer_id) if agent.id in team.members}
 
     async def ensure_members_can_serve(self, team: Team) -> None:
         for agent_id in team.members:
@@ -101,10 +105,14 @@ class TeamTasks:
         elif task.status != TaskStatus.AWAITING_INPUT:
             await self._js._nc.publish(team_cancel_subject(task.customer_id, task.id), b"")
             return task
-        with contextlib.suppress(KeyNotFoundError):
-            await self._checkpoints.delete(task_key(task.customer_id, task.id))
+        await self.drop_checkpoint(task)
         await self._publish_status(task, "cancelled", "cancelled on request")
         return task
+
+    async def drop_checkpoint(self, task: Task) -> None:
+        """Forget where the task's run stopped (it ended, and no run of it goes on)."""
+        with contextlib.suppress(KeyNotFoundError):
+            await self._checkpoints.delete(task_key(task.customer_id, task.id))
 
     async def _publish_status(self, task: Task, status: str, reason: str | None = None) -> None:
         event = Event(

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from autogen_agentchat.conditions import HandoffTermination, MaxMessageTermination
 from autogen_agentchat.messages import TextMessage
+from nats.js.errors import KeyNotFoundError
 
 from agent.protocol import Event, task_events_subject
 from control.natsserver import EmbeddedNats
@@ -16,6 +18,7 @@ from control.services.tasks import task_key
 from control.teams.models import Checkpoint
 from tests.conftest import Api, make_settings, serve_api
 from tests.gateway.teams_support import (
+    TERMINAL,
     agents,
     api_transcript,
     local_team,
@@ -139,3 +142,41 @@ async def test_the_checkpoint_of_a_waiting_team_holds_what_its_run_published_but
 
     assert {"chunk", "message", "usage", "tool_call", "input_request"} <= {e.kind for e in published}
     assert checkpoint.transcript == [kept(e) for e in published if e.kind not in ("chunk", "status")]
+
+
+async def test_deleting_a_member_ends_the_unfinished_tasks_of_its_teams(api: Api) -> None:
+    """A team task waiting for the human whose member is deleted would wait for good, holding its quota slot (its
+    answer is refused: the member no longer exists); a running one would end only once its run lost the member.
+    Both end ``cancelled`` at the delete, saying why, and the waiting one's checkpoint goes; a task of another agent
+    runs on."""
+    customer_id, headers = await api.new_customer()
+    slow = {"model": script("zz", delay_ms=600_000)}
+    made = await agents(api, headers, {**SPECS, "slow": slow, "bystander": slow})
+    asker, maker = made["asker"]["id"], made["maker"]["id"]
+    asking = await team(
+        api,
+        headers,
+        name="asking",
+        members=[asker, maker],
+        handoffs={asker: ["user"]},
+        termination={"handoff_to_user": True},
+    )
+    busy = await team(api, headers, name="busy", members=[made["slow"]["id"], maker], termination={"max_messages": 3})
+    waiting = await start(api, headers, asking["id"], "Paint the fence.")
+    assert (await task_status(api, headers, waiting, ("awaiting_input", *TERMINAL)))["status"] == "awaiting_input"
+    running = await start(api, headers, busy["id"], "Take your time.")
+    other = await api.client.post(
+        "/v1/tasks", json={"agent_id": made["bystander"]["id"], "task": "Wait."}, headers=headers
+    )
+    for task_id in (running, other.json()["id"]):
+        assert (await task_status(api, headers, task_id, ("running", *TERMINAL)))["status"] == "running"
+
+    assert (await api.client.delete(f"/v1/agents/{maker}", headers=headers)).status_code == 204
+    for task_id in (waiting, running):
+        ended = await task_status(api, headers, task_id)
+        assert ended["status"] == "cancelled", ended
+        assert ended["status_reason"] == f"a member of its team: agent {maker} was deleted", ended
+    with pytest.raises(KeyNotFoundError):  # (a deleted key's error is one)
+        await api.control.jet.kv["team_state"].get(task_key(customer_id, waiting))
+    assert (await api.client.get(f"/v1/tasks/{other.json()['id']}", headers=headers)).json()["status"] == "running"
+    assert (await api.client.get("/v1/usage", headers=headers)).json()["concurrent_tasks"] == 1
