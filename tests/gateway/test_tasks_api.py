@@ -971,6 +971,11 @@ async def test_a_failed_agent_refuses_tasks_ends_those_it_had_and_takes_new_ones
         await assert_eventually(
             lambda: api.client.get("/v1/tasks?status=running", headers=headers), lambda r: len(r.json()) == 4
         )
+        teamed = await api.client.post("/v1/tasks", json={"team_id": crew["id"], "task": "slowly"}, headers=headers)
+        await assert_eventually(  # its member is in a model call
+            lambda: api.client.get(f"/v1/tasks/{teamed.json()['id']}", headers=headers),
+            lambda r: r.json()["status"] == "running",
+        )
         os.kill((await agent_ready(api, customer_id, agent["id"]))["data"]["pid"], signal.SIGKILL)
         failed = await wait_status(api, headers, agent["id"], "failed")  # no restart left
 
@@ -983,6 +988,9 @@ async def test_a_failed_agent_refuses_tasks_ends_those_it_had_and_takes_new_ones
         for task_id in tasks:  # what it had ends, saying why, and gives back its slot
             task = await finished(api, headers, task_id)
             assert task["status"] == "failed" and f"agent {agent['id']} failed" in task["status_reason"], task
+        task = await finished(api, headers, teamed.json()["id"])  # and its team's
+        assert task["status"] == "failed", task
+        assert task["status_reason"].startswith(f"a member of its team: agent {agent['id']} failed"), task
         assert (await usage(api, headers))["concurrent_tasks"] == 0
 
         assert (await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)).status_code == 200
