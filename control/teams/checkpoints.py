@@ -212,7 +212,7 @@ class TurnCheckpoints:
         pushed = self._pushed.get(speaker)
         here = pushed is not None and pushed[0] == message_id
         state = pushed[1] if pushed is not None and here else None
-        if not here:  # it comes with the answer, so it is read first; sent on its own (after a reconnect), it is late
+        if not here:  # it comes with the answer and is read first: one that came apart (a reconnect) is waited for
             waiter = self._waiting[message_id] = asyncio.get_running_loop().create_future()
             try:
                 state = await asyncio.wait_for(waiter, STATE_WAIT_S)
