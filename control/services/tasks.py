@@ -411,7 +411,7 @@ class TaskService:
                 continue
             if task.agent_id == agent.id:
                 why = reason
-            elif task.team_id is not None and task.team_id in teams:
+            elif task.team_id in teams:
                 why = f"a member of its team: {reason}"
             else:
                 continue
@@ -586,6 +586,9 @@ class TaskService:
         def due() -> float:
             return min(last + KILLSWITCH_QUIET_S, first + KILLSWITCH_STATE_DELAY_S)
 
+        async def apply(msg: Msg, event: Event) -> None:
+            await self._guarded(msg, _patiently("apply an agent's event", functools.partial(on_agent_event, event)))
+
         try:
             while True:
                 wait = max(due() - time.monotonic(), 0.005) if pending else 1.0
@@ -618,9 +621,7 @@ class TaskService:
                         folds.setdefault(task_key(event.customer_id, event.task_id), []).append((msg, event))
                         continue
                     if event is not None and event.task_id is None and event.agent_id is not None:
-                        await self._guarded(
-                            msg, _patiently("apply an agent's event", functools.partial(on_agent_event, event))
-                        )
+                        await apply(msg, event)
                     await msg.ack()
                 for key, folding in folds.items():
                     await self._guarded(folding[0][0], self._fold(key, folding))
@@ -629,9 +630,7 @@ class TaskService:
                 if pending and time.monotonic() >= due():
                     applying, pending = pending, {}
                     for msg, event in applying.values():
-                        await self._guarded(
-                            msg, _patiently("apply an agent's event", functools.partial(on_agent_event, event))
-                        )
+                        await apply(msg, event)
                         await msg.ack()
         except asyncio.CancelledError:
             self._unfinished = [*msgs, *(msg for msg, _ in pending.values())]  # stop_tracker hands them back
