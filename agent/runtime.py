@@ -160,6 +160,7 @@ class NatsAgentRuntime:
         self._ids = itertools.count()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._unscoped: weakref.WeakSet[CancellationToken] = weakref.WeakSet()  # tokens of no scope
+        self._ahead: list[str] = []  # subjects to listen on from start() (listen_ahead)
         self._started = False
         self._stopped = False
 
@@ -196,6 +197,8 @@ class NatsAgentRuntime:
             await self._serve_type(agent_type)
         for subscription in self._subscriptions:
             await self._listen_topic(subscription)
+        for subject in self._ahead:
+            await self._listen_on(subject)
         await self._nc.flush()
 
     async def stop(self) -> None:
@@ -223,6 +226,17 @@ class NatsAgentRuntime:
         self._cancel_scope(_ALL)
         if not self._nc.is_closed:
             await self._wire.publish(f"{self._ns}.x.cancel", _ALL.encode())
+
+    def listen_ahead(self, topic_types: Sequence[str], direct_to: Sequence[str] = ()) -> None:
+        """Listen from :meth:`start` on the subjects of these topic types, and of the direct messages (topic type
+        prefix ``<agent type>:``) to these agent types, for subscriptions added later: once the runtime is
+        started, each ``add_subscription`` that needs a new NATS subscription waits a round trip to the server,
+        and AgentChat adds a team's subscriptions one at a time when the team first runs. A message that comes
+        before a subscription that wants it reaches nobody, as it would without this."""
+        if self._started:
+            raise RuntimeError("listen_ahead() is for a runtime not yet started")
+        self._ahead.extend(f"{self._ns}.t.{_topic_tokens(topic_type)}" for topic_type in topic_types)
+        self._ahead.extend(f"{self._ns}.t.{subject_token(agent_type)}.*" for agent_type in direct_to)
 
     def mark_remote(self, agent_type: str) -> None:
         """Agents of ``agent_type`` live in other processes even if registered here (a team's participants,
@@ -529,8 +543,10 @@ class NatsAgentRuntime:
 
     async def _listen_topic(self, subscription: Subscription) -> bool:
         subject = self._listen_subject(subscription)
-        if subject is None:
-            return False
+        return False if subject is None else await self._listen_on(subject)
+
+    async def _listen_on(self, subject: str) -> bool:
+        """Listen for published messages on ``subject`` (see :meth:`_listen`)."""
 
         def on_publish(msg: Msg) -> None:
             self._on_publish(msg, subject)

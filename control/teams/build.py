@@ -150,6 +150,10 @@ def build_team(
     _wrap_turns(chat, runtime, on_turn)
     for topic_type in chat._participant_topic_types:
         runtime.mark_remote(topic_type)
+    # The manager's topics, subscribed when the runtime starts (with the round trip it waits anyway) rather
+    # than one round trip each when the team first runs.
+    manager = chat._group_chat_manager_topic_type  # its agent type too
+    runtime.listen_ahead([manager, chat._group_topic_type, chat._output_topic_type], direct_to=[manager])
     return chat
 
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from agent.runtime import NatsAgentRuntime, RemoteHandlerError
 from agent.serialization import MessageCodec
+from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from tests.support.helpers import assert_eventually, now
 
@@ -153,6 +154,49 @@ async def test_a_subscription_added_late_is_routed_and_one_that_is_removed_is_no
     await calling.publish_message(Note("removed"), TopicId("later", "default"))
     await _marked(calling, recorder, "removed is done")
     assert recorder.seen == [("after", "later")]
+
+
+async def test_subscriptions_on_subjects_listened_ahead_wait_no_round_trip(nats_server: EmbeddedNats) -> None:
+    """A started runtime waits a round trip to the server for each subscription that needs a new NATS one; on a
+    subject it listens on ahead (as a team's manager does), none. Before the subscription, a message there reaches
+    nobody; after it, it is routed."""
+    nc_a, nc_b = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    serving, calling = NatsAgentRuntime(nc_a, NS), NatsAgentRuntime(nc_b, NS)
+    recorder = Recorder()
+    serving.listen_ahead(["ahead"], direct_to=["rec"])
+    for runtime in (serving, calling):
+        runtime.add_message_serializer(_serializers(Note))
+        await runtime.start()
+    with pytest.raises(RuntimeError, match="not yet started"):
+        serving.listen_ahead(["late"])
+    marked = asyncio.get_running_loop().create_future()
+    await Wire.of(nc_a).subscribe("test.mark", lambda msg: marked.set_result(None))
+    await nc_a.flush()
+    flushes = 0
+    flush = nc_a.flush
+
+    async def counted(*args: Any, **kwargs: Any) -> None:
+        nonlocal flushes
+        flushes += 1
+        await flush(*args, **kwargs)
+
+    nc_a.flush = counted  # type: ignore[method-assign]
+    await calling.publish_message(Note("too early"), TopicId("ahead", "default"))
+    await nc_b.publish("test.mark", b"")  # after it on one connection: once the mark is here, so is "too early"
+    await asyncio.wait_for(marked, 10)
+    await Recorder.register(serving, "rec", lambda: recorder)  # type: ignore[arg-type]  (direct messages: "rec:")
+    await serving.add_subscription(TypeSubscription(topic_type="ahead", agent_type="rec"))
+    assert flushes == 0
+    await serving.add_subscription(TypeSubscription(topic_type="notes", agent_type="rec"))
+    assert flushes == 1  # not listened on ahead: one round trip
+    await calling.publish_message(Note("ahead"), TopicId("ahead", "default"))
+    await calling.publish_message(Note("direct"), TopicId("rec:", "default"))
+    await _marked(calling, recorder, "end")
+    assert recorder.seen == [("ahead", "ahead"), ("direct", "rec:")]
+    for runtime in (calling, serving):
+        await runtime.stop()
+    await nc_a.close()
+    await nc_b.close()
 
 
 async def test_cancelling_a_token_cancels_the_remote_handler(

@@ -1,10 +1,12 @@
 """The team's manager, as the control plane runs it (control.teams.build), with its members in team hosts on
-connections of their own: it polls for the answer of the member it asked to speak."""
+connections of their own: it polls for the answer of the member it asked to speak, and its first run waits no
+round trip to the server for its subscriptions."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import nats
 import pytest
@@ -72,7 +74,17 @@ async def test_the_manager_polls_for_the_answer_of_the_member_it_asked(nats_serv
         chat = build_team(spec, {m.agent_id: m for m in members}, runtime, run_id)
         await runtime.start()
         await join_members(nc, CUSTOMER, run_id, [m.agent_id for m in members])
+        flushes = 0
+        flush = nc.flush
+
+        async def counted(*args: Any, **kwargs: Any) -> None:
+            nonlocal flushes
+            flushes += 1
+            await flush(*args, **kwargs)
+
+        nc.flush = counted  # type: ignore[method-assign]
         result = await chat.run(task="take turns")
+        assert flushes == 0  # the manager's topics were subscribed when the runtime started
         assert [m.source for m in result.messages] == ["user", "alice", "bob", "alice", "bob"]
         assert [name for name, _ in asked] == [f"{n}_{run_id}" for n in ("alice", "bob", "alice", "bob")]
         assert all(polled == bool(spin_us) for _, polled in asked), asked
