@@ -23,7 +23,6 @@ from autogen_agentchat.teams._group_chat._chat_agent_container import ChatAgentC
 from autogen_agentchat.teams._group_chat._events import GroupChatAgentResponse, GroupChatError, GroupChatMessage
 from autogen_core import CancellationToken, TopicId, TypeSubscription
 from autogen_core.model_context import ChatCompletionContext
-from autogen_core.model_context._chat_completion_context import ChatCompletionContextState
 from autogen_core.models import ChatCompletionClient
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -202,7 +201,7 @@ class _Container(ChatAgentContainer):
         """What changed since the last state sent: the context's new messages, dumped as AgentChat dumps the
         whole context, and the rest of the container's state, which is small."""
         delta: dict[str, Any] = {
-            ADDED_CONTEXT: ChatCompletionContextState(messages=added).model_dump()["messages"],
+            ADDED_CONTEXT: added,  # written as AgentChat's dump of the context writes each of them
             "message_buffer": [message.dump() for message in self._message_buffer],
             **self._position(),
         }
