@@ -30,7 +30,7 @@ from agent.runtime import NatsAgentRuntime, RemoteHandlerError
 from agent.serialization import MessageCodec
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
-from tests.support.helpers import assert_eventually, now
+from tests.support.helpers import FlushCounter, assert_eventually, now
 
 NS = "caravan.rt.cu-000000000001.rn-000000000001"
 
@@ -172,23 +172,15 @@ async def test_subscriptions_on_subjects_listened_ahead_wait_no_round_trip(nats_
     marked = asyncio.get_running_loop().create_future()
     await Wire.of(nc_a).subscribe("test.mark", lambda msg: marked.set_result(None))
     await nc_a.flush()
-    flushes = 0
-    flush = nc_a.flush
-
-    async def counted(*args: Any, **kwargs: Any) -> None:
-        nonlocal flushes
-        flushes += 1
-        await flush(*args, **kwargs)
-
-    nc_a.flush = counted  # type: ignore[method-assign]
+    flushes = FlushCounter(nc_a)
     await calling.publish_message(Note("too early"), TopicId("ahead", "default"))
     await nc_b.publish("test.mark", b"")  # after it on one connection: once the mark is here, so is "too early"
     await asyncio.wait_for(marked, 10)
     await Recorder.register(serving, "rec", lambda: recorder)  # type: ignore[arg-type]  (direct messages: "rec:")
     await serving.add_subscription(TypeSubscription(topic_type="ahead", agent_type="rec"))
-    assert flushes == 0
+    assert flushes.count == 0
     await serving.add_subscription(TypeSubscription(topic_type="notes", agent_type="rec"))
-    assert flushes == 1  # not listened on ahead: one round trip
+    assert flushes.count == 1  # not listened on ahead: one round trip
     await calling.publish_message(Note("ahead"), TopicId("ahead", "default"))
     await calling.publish_message(Note("direct"), TopicId("rec:", "default"))
     await _marked(calling, recorder, "end")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 import nats
 import pytest
@@ -20,7 +19,7 @@ from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
 from control.teams.models import Team, Termination
-from tests.support.helpers import assert_eventually, join_members, now
+from tests.support.helpers import FlushCounter, assert_eventually, join_members, now
 
 CUSTOMER = "cu-0000000000aa"
 NAMES = ("alice", "bob")
@@ -74,17 +73,9 @@ async def test_the_manager_polls_for_the_answer_of_the_member_it_asked(nats_serv
         chat = build_team(spec, {m.agent_id: m for m in members}, runtime, run_id)
         await runtime.start()
         await join_members(nc, CUSTOMER, run_id, [m.agent_id for m in members])
-        flushes = 0
-        flush = nc.flush
-
-        async def counted(*args: Any, **kwargs: Any) -> None:
-            nonlocal flushes
-            flushes += 1
-            await flush(*args, **kwargs)
-
-        nc.flush = counted  # type: ignore[method-assign]
+        flushes = FlushCounter(nc)
         result = await chat.run(task="take turns")
-        assert flushes == 0  # the manager's topics were subscribed when the runtime started
+        assert flushes.count == 0  # the manager's topics were subscribed when the runtime started
         assert [m.source for m in result.messages] == ["user", "alice", "bob", "alice", "bob"]
         assert [name for name, _ in asked] == [f"{n}_{run_id}" for n in ("alice", "bob", "alice", "bob")]
         assert all(polled == bool(spin_us) for _, polled in asked), asked

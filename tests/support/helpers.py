@@ -22,6 +22,7 @@ from agent.teamprotocol import MemberJoin, join_subject
 from agent.wire import Wire
 
 __all__ = [
+    "FlushCounter",
     "ManualClock",
     "assert_eventually",
     "free_port",
@@ -180,6 +181,20 @@ async def nats_connect(url: str) -> nats.NATS:
     nc = await nats.connect(url)
     Wire.of(nc)
     return nc
+
+
+class FlushCounter:
+    """Counts the ``flush()`` calls made on a connection from now on: each waits a round trip to the server."""
+
+    def __init__(self, nc: nats.NATS) -> None:
+        self.count = 0
+        flush = nc.flush
+
+        async def counted(*args: Any, **kwargs: Any) -> None:
+            self.count += 1
+            await flush(*args, **kwargs)
+
+        nc.flush = counted  # type: ignore[method-assign]
 
 
 @contextlib.asynccontextmanager
