@@ -16,8 +16,8 @@ from autogen_core import CancellationToken
 from nats.aio.msg import Msg
 
 from agent.models import create_model_client
-from agent.protocol import ModelConfig
-from agent.teamhost import FULL_STATE_EVERY, _Container, _state_publisher, _StateSender
+from agent.protocol import AgentDefinition, ModelConfig, ScriptedToolCall
+from agent.teamhost import FULL_STATE_EVERY, _Container, _state_publisher, _StateSender, member_agent
 from agent.teamprotocol import STATE_AFTER_HEADER, STATE_BASE_HEADER
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
@@ -74,6 +74,33 @@ async def test_deltas_add_up_to_the_whole_state() -> None:
     kinds = [STATE_BASE_HEADER in headers for _, headers in wire.sent]
     assert kinds[0] is False and kinds[FULL_STATE_EVERY] is False  # whole at first, then every so many turns
     assert sum(kinds) == TURNS - 2
+
+
+async def test_deltas_of_a_member_that_calls_tools_add_up_too() -> None:
+    """A tool-using member's context holds the model's calls and the tools' results beside the text."""
+    script: list[str | ScriptedToolCall] = []
+    for i in range(4):
+        script += [ScriptedToolCall(tool="word_count", arguments={"text": f"count these {i} words"}), f"done {i}"]
+    config = ModelConfig(provider="replay", name="m", responses=script)
+    definition = AgentDefinition(
+        agent_id="ag-000000000001",
+        customer_id="cu-000000000001",
+        name="alice",
+        system_message="",
+        tools=["word_count"],
+        model=config,
+    )
+    model = create_model_client(config)
+    agent = member_agent(definition, [], model)
+    wire = _Wire()
+    container = _Container("tk", agent, model, _StateSender("alice", wire.publish, True))
+    for i in range(4):
+        await _turn(container, agent, wire, i)
+        assert wire.last is not None
+        assert wire.last.read() == _whole(await container.save_state())
+    kinds = {type(message).__name__ for message in await agent._model_context.get_messages()}
+    assert {"FunctionExecutionResultMessage", "AssistantMessage"} <= kinds
+    assert sum(STATE_BASE_HEADER in headers for _, headers in wire.sent) == 3  # deltas after the first
 
 
 async def test_a_reset_context_goes_whole() -> None:
