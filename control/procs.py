@@ -5,12 +5,25 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import signal
+from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
+
+
+def _find_prctl() -> Callable[[int, int], int] | None:
+    """libc's ``prctl``, looked up once here: loading a library in the child, between fork and exec, is what a
+    ``preexec_fn`` must not do (in a process with threads it can hang on a lock another thread held)."""
+    with contextlib.suppress(OSError, AttributeError):
+        prctl: Callable[[int, int], int] = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+        return prctl
+    return None  # not Linux: nothing to ask for
+
+
+_PRCTL = _find_prctl()
 
 
 def die_with_parent() -> None:
     """A ``preexec_fn``: runs in the child before exec, so that it gets SIGTERM if the process that started it
     dies (Linux), killed outright included: nothing is left behind holding a port, a store or memory."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -12,6 +12,7 @@ from control.services.quotas import Quota, UsagePublic
 from control.services.stats import Stats
 from gateway.deps import AdminDep, ControlDep
 from gateway.ratelimit import Tiers
+from gateway.routes.agents import agent_owner
 from gateway.schemas import (
     ERROR_RESPONSES,
     AgentPublic,
@@ -94,7 +95,7 @@ async def list_all_agents(control: ControlDep, _: AdminDep) -> list[AgentPublic]
 async def force_stop_agent(agent_id: str, control: ControlDep, admin: AdminDep) -> AgentPublic:
     """Stop any customer's agent (its job is stopped; the customer can start it again)."""
     async with control.audit.admin_action(
-        admin, "agent.force_stop", target=agent_id, owner=lambda: control.agents.get(None, agent_id)
+        admin, "agent.force_stop", target=agent_id, owner=agent_owner(control, agent_id)
     ):
         agent = await control.agents.stop(None, agent_id, reason=f"stopped by an administrator ({admin.subject})")
     return AgentPublic(**agent.model_dump())

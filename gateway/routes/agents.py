@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response, status
 
 from control.models import Agent, AgentCreate, AgentUpdate
+from control.platform import ControlPlane
 from gateway.deps import ControlDep, PrincipalDep, owner_scope, target_customer
 from gateway.schemas import ERROR_RESPONSES, AgentPublic
 
@@ -14,6 +16,11 @@ AgentId = Annotated[str, "agent id"]
 
 def _public(agent: Agent) -> AgentPublic:
     return AgentPublic(**agent.model_dump())
+
+
+def agent_owner(control: ControlPlane, agent_id: str) -> Callable[[], Awaitable[Agent]]:
+    """Reads the agent an admin acts on, for the audit record to name its customer (``admin_action(owner=)``)."""
+    return lambda: control.agents.get(None, agent_id)
 
 
 @router.post("", response_model=AgentPublic, status_code=status.HTTP_201_CREATED)
@@ -47,7 +54,7 @@ async def update_agent(agent_id: str, body: AgentUpdate, control: ControlDep, pr
     """Change the definition; rolls out a new job version."""
     fields = sorted(body.model_fields_set)  # names only: a model's settings may carry its API key
     async with control.audit.admin_action(
-        principal, "agent.update", target=agent_id, owner=lambda: control.agents.get(None, agent_id), fields=fields
+        principal, "agent.update", target=agent_id, owner=agent_owner(control, agent_id), fields=fields
     ):
         agent = await control.agents.update(owner_scope(principal), agent_id, body)
     return _public(agent)
@@ -56,7 +63,7 @@ async def update_agent(agent_id: str, body: AgentUpdate, control: ControlDep, pr
 @router.delete("/{agent_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> Response:
     async with control.audit.admin_action(
-        principal, "agent.delete", target=agent_id, owner=lambda: control.agents.get(None, agent_id)
+        principal, "agent.delete", target=agent_id, owner=agent_owner(control, agent_id)
     ):
         await control.agents.delete(owner_scope(principal), agent_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -65,7 +72,7 @@ async def delete_agent(agent_id: str, control: ControlDep, principal: PrincipalD
 @router.post("/{agent_id}/stop", response_model=AgentPublic)
 async def stop_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> AgentPublic:
     async with control.audit.admin_action(
-        principal, "agent.stop", target=agent_id, owner=lambda: control.agents.get(None, agent_id)
+        principal, "agent.stop", target=agent_id, owner=agent_owner(control, agent_id)
     ):
         agent = await control.agents.stop(owner_scope(principal), agent_id)
     return _public(agent)
@@ -74,7 +81,7 @@ async def stop_agent(agent_id: str, control: ControlDep, principal: PrincipalDep
 @router.post("/{agent_id}/start", response_model=AgentPublic)
 async def start_agent(agent_id: str, control: ControlDep, principal: PrincipalDep) -> AgentPublic:
     async with control.audit.admin_action(
-        principal, "agent.start", target=agent_id, owner=lambda: control.agents.get(None, agent_id)
+        principal, "agent.start", target=agent_id, owner=agent_owner(control, agent_id)
     ):
         agent = await control.agents.start(owner_scope(principal), agent_id)
     return _public(agent)

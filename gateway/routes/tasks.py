@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, WebSocket, WebSocketDisconnect, status
@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from control.errors import CaravanError, Invalid
 from control.models import Task, TaskCreate, TaskStatus
+from control.platform import ControlPlane
 from control.services.tasks import StreamedEvent
 from control.teams.models import TeamInput
 from gateway.deps import ControlDep, PrincipalDep, get_principal, owner_scope
@@ -23,6 +24,11 @@ MAX_EVENT_ID = 2**63 - 1  # JetStream's sequences are signed 64-bit: a resume po
 
 def _public(task: Task) -> TaskPublic:
     return TaskPublic(**task.model_dump())
+
+
+def _task_record(control: ControlPlane, task_id: str) -> Callable[[], Awaitable[Task]]:
+    """Reads the task an admin acts on (the record alone), for the audit record to name its customer."""
+    return lambda: control.tasks.get(None, task_id, transcript=False)
 
 
 def _resume_point(last_event_id: str | None, after: int | None) -> int:
@@ -70,7 +76,7 @@ async def get_task(task_id: str, control: ControlDep, principal: PrincipalDep) -
 async def cancel_task(task_id: str, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
     """Ask for the task to stop; it ends `cancelled` (watch the events)."""
     async with control.audit.admin_action(
-        principal, "task.cancel", target=task_id, owner=lambda: control.tasks.get(None, task_id, transcript=False)
+        principal, "task.cancel", target=task_id, owner=_task_record(control, task_id)
     ):
         task = await control.tasks.cancel(owner_scope(principal), task_id)
     return _public(task)
@@ -80,7 +86,7 @@ async def cancel_task(task_id: str, control: ControlDep, principal: PrincipalDep
 async def task_input(task_id: str, body: TeamInput, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
     """Answer a team that asked (status `awaiting_input`); the team goes on from where it stopped."""
     async with control.audit.admin_action(
-        principal, "task.input", target=task_id, owner=lambda: control.tasks.get(None, task_id, transcript=False)
+        principal, "task.input", target=task_id, owner=_task_record(control, task_id)
     ):
         task = await control.tasks.input(owner_scope(principal), task_id, body.content)
     return _public(task)
@@ -99,7 +105,7 @@ async def task_events(
     after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="Resume after this event id.")] = None,
 ) -> StreamingResponse:
     """Server-sent events of the task from the start, or after `Last-Event-ID`; ends after the final status."""
-    task = await control.tasks.get(owner_scope(principal), task_id)
+    task = await control.tasks.get(owner_scope(principal), task_id, transcript=False)  # the events carry the rest
     start = _resume_point(last_event_id, after)
 
     async def stream() -> AsyncIterator[bytes]:
@@ -128,7 +134,7 @@ async def task_ws(
     credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=bearer) if bearer else None
     try:  # as every HTTP route: refusals audited and counted against the address, callers held to their rate
         principal = await get_principal(websocket, control, credentials)
-        task = await control.tasks.get(owner_scope(principal), task_id)
+        task = await control.tasks.get(owner_scope(principal), task_id, transcript=False)
     except CaravanError as exc:
         await refuse_websocket(websocket, caravan_error_response(exc))
         return

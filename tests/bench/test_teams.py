@@ -162,7 +162,7 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
     per_floor = statistics.median(floor_times) / TEAM_MESSAGES
     print(f"members in 3 processes       {per_remote * 1000:.2f} ms/message")
     print(f"distributed / in-process     {per_remote / per_local:.2f}x  (goal <= 1.3x)")
-    paired = sorted(remote / local for remote, local in zip(remote_times, local_times, strict=True))
+    paired = [remote / local for remote, local in zip(remote_times, local_times, strict=True)]
     print(
         f"  paired by round             {statistics.median(paired):.2f}x  (quartiles {percentile(paired, 25):.2f}-"
         f"{percentile(paired, 75):.2f}x: each round runs both, one after the other)"
