@@ -67,6 +67,14 @@ class Reservation(BaseModel):
         return f"{total} {unit}{each}"
 
 
+class MeterMark(BaseModel):
+    """The last metering write of a task in flight: the stream sequence of the last usage event it counted, and
+    whether it crossed the budget. A write tried again after its answer was lost finds itself here."""
+
+    seq: int
+    crossed: bool = False
+
+
 class QuotaRecord(BaseModel):
     quota: Quota = Field(default_factory=Quota)
     agents: list[str] = Field(default_factory=list)
@@ -75,6 +83,7 @@ class QuotaRecord(BaseModel):
     token_day: str = ""
     tokens: int = 0
     budget_exceeded: bool = False
+    metered: dict[str, MeterMark] = Field(default_factory=dict)  # per task in flight (and the one metered last)
 
 
 class UsagePublic(BaseModel):
@@ -219,25 +228,42 @@ class QuotaService:
 
     async def release_task(self, customer_id: str, task_id: str) -> None:
         def release(record: QuotaRecord) -> QuotaRecord | None:
-            if task_id not in record.tasks:
+            if task_id not in record.tasks and task_id not in record.metered:
                 return None
-            return record.model_copy(update={"tasks": [t for t in record.tasks if t != task_id]})
+            return record.model_copy(
+                update={
+                    "tasks": [t for t in record.tasks if t != task_id],
+                    "metered": {t: m for t, m in record.metered.items() if t != task_id},
+                }
+            )
 
         await self._change(customer_id, release)
 
-    async def record_tokens(self, customer_id: str, tokens: int) -> tuple[int, int | None, bool]:
-        """Add metered tokens; returns (tokens today, daily budget, whether this call crossed the budget)."""
+    async def record_tokens(
+        self, customer_id: str, task_id: str, seq: int, tokens: int
+    ) -> tuple[int, int | None, bool]:
+        """Add the tokens of a task's usage events up to stream sequence ``seq``; returns (tokens today, daily
+        budget, whether this write crossed the budget). Idempotent: the same write again (tried again after its
+        answer was lost) adds nothing and says whether it crossed the budget, as the lost answer would have."""
         crossed = False
 
-        def add(record: QuotaRecord) -> QuotaRecord:
+        def add(record: QuotaRecord) -> QuotaRecord | None:
             nonlocal crossed
+            mark = record.metered.get(task_id)
+            if mark is not None and mark.seq >= seq:
+                crossed = mark.crossed
+                return None
             today = _today()
             total = (record.tokens if record.token_day == today else 0) + tokens
             exceeded = record.budget_exceeded if record.token_day == today else False
             budget = record.quota.tokens_per_day
             crossed = budget is not None and total > budget and not exceeded
+            # the marks of tasks that ended go (a late attempt's usage may come after its task's slot was given
+            # back): this write's own is kept until the next one, which is its retry if it needs one
+            marks = {t: m for t, m in record.metered.items() if t in record.tasks}
+            marks[task_id] = MeterMark(seq=seq, crossed=crossed)
             return record.model_copy(
-                update={"token_day": today, "tokens": total, "budget_exceeded": exceeded or crossed}
+                update={"token_day": today, "tokens": total, "budget_exceeded": exceeded or crossed, "metered": marks}
             )
 
         record = await self._change(customer_id, add)

@@ -705,48 +705,48 @@ class TaskService:
             return
         after = stored[0]
         # the usage events the record took in (by the try that wrote it: one that timed out may have written it)
-        tokens = sum(n for seq, n in metered.items() if seq <= after.events_seq)
+        taken = {seq: n for seq, n in metered.items() if seq <= after.events_seq}
         if after.cancel_requested and any(_starts(event) for _, event in sequenced):
             await self._tell_runner(after)  # a run that started (again) after the cancel: told now
         if after.status not in TERMINAL_TASK_STATUSES:
             if len(self._folded) >= FOLDED_KEPT:
                 del self._folded[next(iter(self._folded))]  # the task that went longest without an event
             self._folded[key] = stored
-        if after.status in TERMINAL_TASK_STATUSES and was_open:  # (a release is keyed by the task: once is once)
-            await _patiently(f"release the slot of {key}", lambda: self._quotas.release_task(customer_id, after.id))
-        if tokens:  # tried again only where it was surely not written: tokens are added, never metered twice
+        if sum(taken.values()):  # keyed by the last usage event: a write tried again is never metered twice
+            upto, tokens = max(taken), sum(taken.values())
             total, budget, crossed = await _patiently(
-                f"meter the tokens of {key}", lambda: self._quotas.record_tokens(customer_id, tokens), NOT_WRITTEN
+                f"meter the tokens of {key}", lambda: self._quotas.record_tokens(customer_id, after.id, upto, tokens)
             )
             if crossed and budget is not None:
                 await self._on_budget_exceeded(customer_id, total, budget)
+        if after.status in TERMINAL_TASK_STATUSES and was_open:  # after the metering: it drops the task's mark
+            await _patiently(f"release the slot of {key}", lambda: self._quotas.release_task(customer_id, after.id))
 
 
 TRANSCRIPT_KINDS = (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESULT, EventKind.INPUT_REQUEST)
 
 
-NOT_WRITTEN: tuple[type[Exception], ...] = (
+MAY_PASS: tuple[type[Exception], ...] = (
     nats.errors.NoRespondersError,
     nats.js.errors.ServiceUnavailableError,
+    nats.errors.TimeoutError,
     StoreConflict,
 )
-"""Failures of a KV write that may pass (JetStream away for a moment, a record many write at once) and say it
-was not written."""
-MAY_PASS: tuple[type[Exception], ...] = (*NOT_WRITTEN, nats.errors.TimeoutError)
-"""Those, and a timeout (the write may have been made)."""
+"""Failures of a KV write that may pass: JetStream away for a moment, a record many write at once. (A write whose
+answer timed out may have been made: each write the tracker tries again changes nothing the second time.)"""
 PATIENCE_S = 60.0
 """How long the tracker tries a write again (the events after it waiting) before it gives it up."""
 
 
-async def _patiently(what: str, write: Callable[[], Awaitable[T]], errors: tuple[type[Exception], ...] = MAY_PASS) -> T:
-    """``write()``, tried again while it fails with one of ``errors``, for up to :data:`PATIENCE_S`; then its
+async def _patiently(what: str, write: Callable[[], Awaitable[T]]) -> T:
+    """``write()``, tried again while it fails with one of :data:`MAY_PASS`, for up to :data:`PATIENCE_S`; then its
     failure is raised. The tracker waits meanwhile, so that the record takes the events after it in order, and
     does not miss it for good (a task that ended would stay running, holding its slot)."""
     delay, give_up = 0.05, time.monotonic() + PATIENCE_S
     while True:
         try:
             return await write()
-        except errors as exc:
+        except MAY_PASS as exc:
             if time.monotonic() + delay > give_up:
                 raise
             log.warning("could not %s (%r): trying again in %g s", what, exc, delay)

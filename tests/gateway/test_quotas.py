@@ -12,6 +12,7 @@ from typing import Any
 import nats.js.errors
 import pytest
 
+from agent.protocol import EventKind
 from control.platform import ControlPlane
 from control.services.budget import BUDGET_ACTOR, BudgetHold, BudgetHolds
 from control.services.quotas import QuotaRecord, Reservation
@@ -19,7 +20,7 @@ from control.settings import Settings
 from control.store import Repo
 from tests.conftest import Api, serve_api
 from tests.gateway.test_agents_api import agent_body, wait_status
-from tests.gateway.test_tasks_api import finished, running_agent, start_task
+from tests.gateway.test_tasks_api import finished, running_agent, running_slow_task, start_task, task_event
 from tests.support.helpers import ManualClock, assert_eventually, hold_first_call, now
 
 
@@ -119,6 +120,31 @@ async def test_a_token_budget_breach_engages_the_customers_killswitch_and_is_aud
         await api.client.get("/v1/admin/audit", params={"actor": "system:token-budget"}, headers=await api.admin())
     ).json()
     assert [(r["action"], r["customer_id"]) for r in audit] == [("killswitch.engage", customer_id)]
+
+
+async def test_a_metering_write_whose_answer_was_lost_counts_once_and_still_halts_the_customer(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write that crosses the budget is made, and its answer times out: tried again, it adds nothing, and the
+    customer is halted all the same, as the lost answer would have had it."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    await set_quota(api, customer_id, tokens_per_day=5)
+    quotas, calls = api.control.tasks._quotas, []
+    record_tokens = quotas.record_tokens
+
+    async def answer_lost_once(*args: Any) -> Any:
+        calls.append(await record_tokens(*args))
+        if len(calls) == 1:
+            raise nats.errors.TimeoutError
+        return calls[-1]
+
+    monkeypatch.setattr(quotas, "record_tokens", answer_lost_once)
+    usage_event = task_event(customer_id, task_id, EventKind.USAGE, prompt_tokens=4, completion_tokens=2)
+    await api.control.tasks.publish(usage_event)
+    await assert_eventually(lambda: halts_of(api, customer_id), lambda halts: len(halts) == 1, what="the halt")
+    assert "daily token budget of 5 tokens exceeded (6 used today)" in (await halts_of(api, customer_id))[0]["reason"]
+    assert calls == [(6, 5, True), (6, 5, True)]  # the second wrote nothing, and said what the first did
+    assert (await usage(api, headers))["tokens_today"] == 6
 
 
 BEFORE_MIDNIGHT = datetime(2030, 1, 1, 22, 0, tzinfo=UTC)

@@ -732,7 +732,11 @@ async def test_a_fold_that_fails_for_a_moment_is_tried_again_in_place(
     await tracker_caught_up(api)
     tokens = (await usage(api, headers))["tokens_today"]
     tasks, failures = api.control.tasks, []
-    update_known, release_task = tasks._repo.update_known, tasks._quotas.release_task
+    update_known, release_task, record_tokens = (
+        tasks._repo.update_known,
+        tasks._quotas.release_task,
+        tasks._quotas.record_tokens,
+    )
 
     async def flaky_update(*args: Any) -> Any:
         failures.append("update")
@@ -749,8 +753,16 @@ async def test_a_fold_that_fails_for_a_moment_is_tried_again_in_place(
             raise nats.js.errors.ServiceUnavailableError
         await release_task(*args)
 
+    async def flaky_metering(*args: Any) -> Any:
+        failures.append("meter")
+        metered = await record_tokens(*args)
+        if failures.count("meter") == 1:
+            raise nats.errors.TimeoutError  # written, and its answer lost
+        return metered
+
     monkeypatch.setattr(tasks._repo, "update_known", flaky_update)
     monkeypatch.setattr(tasks._quotas, "release_task", flaky_release)
+    monkeypatch.setattr(tasks._quotas, "record_tokens", flaky_metering)
     event = functools.partial(task_event, customer_id, task_id)
     await publish_while_away(  # folded together: one record write
         api,
@@ -761,7 +773,7 @@ async def test_a_fold_that_fails_for_a_moment_is_tried_again_in_place(
     await restart_tracker(api)
     task = await finished(api, headers, task_id)
     await tracker_caught_up(api)
-    assert failures == ["update", "update", "update", "release", "release"]
+    assert failures == ["update", "update", "update", "meter", "meter", "release", "release"]
     assert (task["status"], task["usage"]) == ("completed", {"prompt_tokens": 5, "completion_tokens": 1})
     assert said_by_tester(task) == ["done"]
     now_used = await usage(api, headers)
