@@ -129,6 +129,11 @@ class QuotaService:
         """Tokens metered today per customer that has a quota record, read in one pass (the operators' overview)."""
         return {customer_id: _usage(record).tokens_today for customer_id, record in await self._repo.items()}
 
+    async def tasks_in_flight(self, customer_id: str) -> list[str]:
+        """The ids of the customer's tasks that hold a slot: every task from just before its record is made until
+        its end is folded in (or it was ended on purpose)."""
+        return list((await self._record(customer_id)).tasks)
+
     async def tier(self, customer_id: str) -> Tier:
         return (await self._record(customer_id)).quota.tier
 

@@ -406,8 +406,9 @@ class TaskService:
         that has ended."""
         await self._js.purge_stream(TASKS_STREAM, subject=task_subject(agent.customer_id, agent.id))
         teams = await self._teams.teams_of(agent) if self._teams is not None else set()
-        for task in await self._repo.list(f"{agent.customer_id}.*"):
-            if task.status in TERMINAL_TASK_STATUSES:
+        in_flight = await self._quotas.tasks_in_flight(agent.customer_id)  # not the customer's whole history
+        for task in await asyncio.gather(*(self._repo.get(task_key(agent.customer_id, t)) for t in in_flight)):
+            if task is None or task.status in TERMINAL_TASK_STATUSES:
                 continue
             if task.agent_id == agent.id:
                 why = reason

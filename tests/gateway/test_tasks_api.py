@@ -912,6 +912,37 @@ async def test_deleting_an_agent_cancels_its_unfinished_tasks_and_gives_back_the
     assert (await usage(api, headers))["concurrent_tasks"] == 1
 
 
+async def test_deleting_an_agent_reads_the_tasks_in_flight_not_the_customers_history(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tasks to end are those holding a slot of the customer's quota: a customer's finished tasks, however
+    many, are not read again each time one of their agents is deleted or fails."""
+    _, headers = await api.new_customer()
+    fast = await running_agent(api, headers, name="fast")
+    done = [await finished(api, headers, await start_task(api, headers, fast["id"])) for _ in range(3)]
+    assert {task["status"] for task in done} == {"completed"}
+    slow = await running_agent(api, headers, name="slow", model=SLOW, tools=[])
+    in_flight = await start_task(api, headers, slow["id"])
+    repo, read = api.control.tasks._repo, []
+    get = repo.get
+
+    async def reading(key: str) -> Any:
+        read.append(key.rsplit(".", 1)[-1])
+        return await get(key)
+
+    async def listing(*args: Any) -> Any:
+        raise AssertionError("the customer's whole history listed")
+
+    monkeypatch.setattr(repo, "get", reading)
+    for name in ("list", "list_as", "items"):
+        monkeypatch.setattr(repo, name, listing)
+    assert (await api.client.delete(f"/v1/agents/{slow['id']}", headers=headers)).status_code == 204
+    monkeypatch.undo()
+    assert read[:1] == [in_flight] and not {task["id"] for task in done} & set(read)
+    task = await finished(api, headers, in_flight)
+    assert (task["status"], task["status_reason"]) == ("cancelled", f"agent {slow['id']} was deleted")
+
+
 async def test_a_task_whose_agent_is_gone_can_still_be_cancelled(api: Api) -> None:
     customer_id, headers = await api.new_customer()
     # left over by a delete that did not end its agent's tasks: queued for good, holding a slot in the quota
