@@ -440,8 +440,11 @@ class TaskService:
     async def events(self, task: Task, after: int = 0, idle: float = 15.0) -> AsyncIterator[StreamedEvent | None]:
         """The task's events after stream sequence ``after``, ending after the terminal status.
 
-        Yields None after ``idle`` seconds without an event (a keep-alive for the client).
+        Yields None after ``idle`` seconds without an event (a keep-alive for the client). Ends at once for a
+        task that ended with no event after ``after`` (:meth:`ended_before`).
         """
+        if await self.ended_before(task, after):
+            return
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
             opt_start_seq=after + 1 if after else None,
@@ -454,8 +457,7 @@ class TaskService:
                 try:
                     msg = await sub.next_msg(timeout=idle)
                 except nats.errors.TimeoutError:
-                    current = await self.get(task.customer_id, task.id, transcript=False)
-                    if current.status in TERMINAL_TASK_STATUSES and await self._no_more(task, after):
+                    if await self.ended_before(await self.get(task.customer_id, task.id, transcript=False), after):
                         return
                     yield None
                     continue
@@ -468,12 +470,23 @@ class TaskService:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _no_more(self, task: Task, after: int) -> bool:
+    async def ended_before(self, task: Task, after: int) -> bool:
+        """Whether the task's stream has no event after ``after``, and its last is the final status (or the task
+        ended, as read, its events gone with the stream's age limit): what a client that saw the whole stream
+        sends when it reconnects (an SSE client reconnects whenever a stream closes), told so even before the
+        tracker folds that status into the record."""
         try:
             last = await self._js.get_last_msg(EVENTS_STREAM, task_events_subject(task.customer_id, task.id))
         except NotFoundError:
+            return task.status in TERMINAL_TASK_STATUSES
+        if (last.seq or 0) > after:
+            return False
+        if task.status in TERMINAL_TASK_STATUSES:
             return True
-        return (last.seq or 0) <= after
+        try:
+            return StreamedEvent(last.seq or 0, Event.model_validate_json(last.data or b"")).terminal
+        except ValueError:
+            return False
 
     # -- tracker: folds every event into the records ------------------------------------------------------
 

@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, WebSocket, WebSocketDisconnect, status
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from control.errors import CaravanError, Invalid
@@ -95,7 +95,10 @@ async def task_input(task_id: str, body: TeamInput, control: ControlDep, princip
 @router.get(
     "/{task_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},
+        204: {"description": "The task ended and has no event after the resume point: nothing to stream."},
+    },
 )
 async def task_events(
     task_id: str,
@@ -103,10 +106,14 @@ async def task_events(
     principal: PrincipalDep,
     last_event_id: Annotated[str | None, Header(max_length=32)] = None,
     after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="Resume after this event id.")] = None,
-) -> StreamingResponse:
-    """Server-sent events of the task from the start, or after `Last-Event-ID`; ends after the final status."""
+) -> Response:
+    """Server-sent events of the task from the start, or after `Last-Event-ID`; ends after the final status. A 204
+    for a task that ended with nothing after the resume point: an `EventSource`, which reconnects whenever a stream
+    closes, stops there."""
     task = await control.tasks.get(owner_scope(principal), task_id, transcript=False)  # the events carry the rest
     start = _resume_point(last_event_id, after)
+    if await control.tasks.ended_before(task, start):
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     async def stream() -> AsyncIterator[bytes]:
         yield b"retry: 1000\n\n"

@@ -215,6 +215,27 @@ async def test_sse_resumes_after_a_disconnect_with_no_gap_and_no_duplicate(api: 
     assert [e["id"] for e in via_query] == [e["id"] for e in whole[1:]]
 
 
+async def test_a_client_that_saw_a_finished_tasks_whole_stream_is_told_at_once_there_is_no_more(api: Api) -> None:
+    """An EventSource reconnects whenever a stream closes, with the last id it saw: for a task that ended, the SSE
+    route answers 204 (which stops it) instead of holding an empty stream open; the WebSocket closes at once."""
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    task_id = await start_task(api, headers, agent["id"])
+    url = f"/v1/tasks/{task_id}/events"
+    whole = await sse_events(api.client, url, headers)
+    assert whole[-1]["data"]["content"] == "completed"
+    for resume in ({"Last-Event-ID": whole[-1]["id"]}, {"Last-Event-ID": str(int(whole[-1]["id"]) + 1000)}):
+        again = await api.client.get(url, headers={**headers, **resume}, timeout=5)
+        assert (again.status_code, again.content) == (204, b"")
+    before_the_end = await api.client.get(url, headers={**headers, "Last-Event-ID": whole[-2]["id"]}, timeout=5)
+    assert before_the_end.status_code == 200 and f"id: {whole[-1]['id']}" in before_the_end.text
+    token = headers["Authorization"].split()[1]
+    ws_url = api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws?token={token}&after={whole[-1]['id']}"
+    async with websockets.connect(ws_url) as ws:
+        assert [frame async for frame in ws] == []
+        assert ws.close_code == 1000
+
+
 async def test_the_websocket_carries_the_same_stream_and_resumes(api: Api) -> None:
     _, headers = await api.new_customer()
     agent = await running_agent(api, headers)
