@@ -2,7 +2,8 @@
 
 Hosted providers take their API key from the agent's environment (placed there by the scheduler from
 secrets, never from the job spec); ``ollama`` at a customer's own ``base_url`` is sent no key, whatever the
-environment holds. ``local`` is the bundled model behind Caravan's loopback proxy, reached
+environment holds, and its connections are made only to addresses outside the platform's network
+(:mod:`agent.egress`). ``local`` is the bundled model behind Caravan's loopback proxy, reached
 with the same OpenAI client at ``CARAVAN_LOCAL_MODEL_URL`` (wiring from the job). Client libraries are
 imported only for the provider in use, which keeps an agent on the offline ``replay`` model light.
 """
@@ -79,6 +80,13 @@ def create_model_client(config: ModelConfig) -> ChatCompletionClient:
     if base_url is not None:
         kwargs["base_url"] = base_url
         kwargs["model_info"] = _GENERIC_INFO
+    if config.base_url is not None:  # the customer's own endpoint: never one inside the platform's network
+        import httpx
+
+        from agent.egress import EgressPolicy, GuardedTransport
+
+        guarded = GuardedTransport(EgressPolicy.from_env())
+        kwargs["http_client"] = httpx.AsyncClient(transport=guarded, follow_redirects=True)  # as the SDK's own
     try:
         return OpenAIChatCompletionClient(**kwargs, **_sampling(config))
     except ValueError:  # a model AutoGen has no capability table for (a newer one): assume the common ones

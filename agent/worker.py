@@ -475,8 +475,12 @@ class _TaskRun:
             return
         except Exception as exc:
             log.exception("task %s failed", self.request.task_id)
-            await self.emit(EventKind.ERROR, content=f"{type(exc).__name__}: {exc}")
-            await self.status("failed", f"{type(exc).__name__}: {exc}")
+            from agent.egress import refusal_in  # (only here: it loads the HTTP client the model clients use)
+
+            refused = refusal_in(exc)  # what the model client's "Connection error." stands for
+            reason = f"{type(exc).__name__}: {exc}" if refused is None else f"model endpoint refused: {refused}"
+            await self.emit(EventKind.ERROR, content=reason)
+            await self.status("failed", reason)
             return
         final = final_text(result)
         await self.emit(EventKind.RESULT, content=final, data={"stop_reason": result.stop_reason if result else None})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from agent.egress import ALLOW_ENV
 from agent.protocol import LOCAL_MODEL_URL_ENV, PROVIDER_KEY_ENV, model_key_env
 from agent.wire import SPIN_ENV
 from control.models import Agent
@@ -66,6 +67,8 @@ def agent_job(agent: Agent, settings: Settings) -> dict[str, Any]:
         env["CONSUL_HTTP_ADDR"] = settings.consul_http_addr  # the token reaches the task as a secret, not here
     if settings.local_model_url:
         env[LOCAL_MODEL_URL_ENV] = settings.local_model_url
+    if settings.model_url_allow:
+        env[ALLOW_ENV] = settings.model_url_allow  # the operator's, not a customer's: checked as a setting
     variables = AgentJobVariables(
         job_id=agent.job_id,
         namespace=agent.namespace,

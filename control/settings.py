@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agent.egress import EgressPolicy
 from agent.wire import DEFAULT_SPIN_US
 
 __all__ = ["Settings"]
@@ -117,6 +118,22 @@ class Settings(BaseSettings):
         ge=1,
         description="A team run whose control-plane replica stops beating for this long goes to another replica.",
     )
+    model_url_allow: str = Field(
+        default="",
+        max_length=4096,
+        description="Internal hosts and networks (comma-separated: `ollama.internal,10.20.0.0/16`) that a "
+        "customer's `ollama` base_url may point at; every other internal address is refused (agent/egress.py).",
+    )
+
+    @field_validator("model_url_allow")
+    @classmethod
+    def _egress_policy(cls, value: str) -> str:
+        EgressPolicy.parse(value)  # a bad entry stops the start, rather than being ignored
+        return value
+
+    @property
+    def egress(self) -> EgressPolicy:
+        return EgressPolicy.parse(self.model_url_allow)
 
     @property
     def agents_nats_url(self) -> str:

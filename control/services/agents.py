@@ -19,7 +19,17 @@ from nats.js.errors import NotFoundError
 from pydantic import TypeAdapter
 
 from agent.backends.base import Flag, keys_for_agent
-from agent.protocol import AGENT_STATE_EVENTS, TASKS_STREAM, AgentDefinition, Event, consumer_name, task_subject, utcnow
+from agent.egress import EgressRefused
+from agent.protocol import (
+    AGENT_STATE_EVENTS,
+    TASKS_STREAM,
+    AgentDefinition,
+    Event,
+    ModelConfig,
+    consumer_name,
+    task_subject,
+    utcnow,
+)
 from control.backends.base import AllocState, JobNotOwned, Scheduler, SchedulerError, StatusUpdate
 from control.errors import Conflict, Invalid, NotFound, Unavailable
 from control.ids import new_id
@@ -128,6 +138,17 @@ class AgentService:
         refused it): nothing serves its work until it is started again. Called by the writer of that status only."""
         self._fail_hooks.append(hook)
 
+    def admit_model(self, model: ModelConfig, field: str = "model") -> None:
+        """Refuse (422) a model whose ``base_url`` points into the platform's own network (agent/egress.py), as it
+        is written: the agent's connections are checked again as they are made."""
+        if model.base_url is not None:
+            try:
+                self._settings.egress.check_url(model.base_url)
+            except EgressRefused as refused:
+                where = f"{field}.base_url"
+                detail = {"field": where, "message": str(refused), "type": "egress_refused"}
+                raise Invalid(f"invalid request: {where}: {refused}", [detail]) from None
+
     async def create(self, customer_id: str, spec: AgentCreate) -> Agent:
         """Admit, store and submit a new agent. If it cannot be stored, everything done for it is undone: its work
         queue's consumer, its record and its quota reservation. Its record holds the change lease (see
@@ -142,6 +163,7 @@ class AgentService:
             lease=_lease(owner),
             **spec.model_dump(),
         )
+        self.admit_model(agent.model)
         job = self.render(agent)  # a definition that cannot render is refused before anything is stored
         await self._refuse_under_hard_killswitch(agent)
         await self._quotas.reserve_agent(customer_id, agent_id, _reservation(agent))

@@ -348,6 +348,25 @@ async def test_team_names_that_hide_or_reorder_text_are_refused_and_nothing_is_s
         assert created.status_code == 201 and created.json()["name"] == name, created.text
 
 
+async def test_a_selector_model_at_an_internal_address_is_refused_and_nothing_is_stored(api: Api) -> None:
+    """The selector's model is called from the control plane itself: its base_url must not point at the platform's
+    network either."""
+    _, headers = await api.new_customer()
+    made = await agents(api, headers, {"one": {"model": script("hi")}, "two": {"model": script("hi")}})
+    selector = {"model": {"provider": "ollama", "name": "m", "base_url": "http://[::ffff:10.0.0.1]:4646/v1"}}
+    body = {
+        "members": [a["id"] for a in made.values()],
+        "mode": "selector",
+        "selector": selector,
+        "termination": {"max_messages": 2},
+    }
+    refused = await api.client.post("/v1/teams", json={**body, "name": "picky"}, headers=headers)
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["details"][0]["field"] == "selector.model.base_url" and "internal address" in error["message"]
+    assert (await api.client.get("/v1/teams", headers=headers)).json() == []
+
+
 async def test_teams_crud(api: Api) -> None:
     _, headers = await api.new_customer()
     made = await agents(api, headers, {"solo": {"model": script("hi")}})

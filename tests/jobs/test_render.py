@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from agent.egress import ALLOW_ENV, EgressPolicy
 from agent.protocol import PROVIDER_KEY_ENV, ModelConfig
 from agent.wire import DEFAULT_SPIN_US
 from agent.worker import WorkerConfig
@@ -184,6 +185,19 @@ def test_the_platforms_polling_window_reaches_its_agents(spin_us: float) -> None
     settings = Settings(nats_url="nats://127.0.0.1:4222", spin_us=spin_us)
     env = agent_job(_agent(), settings)["TaskGroups"][0]["Tasks"][0]["Env"]
     assert WorkerConfig.from_env({**env, "CARAVAN_HEALTH_PORT": "0"}).spin_s == spin_us / 1e6  # Nomad fills the port
+
+
+def test_the_operators_allowed_model_hosts_reach_its_agents_and_a_bad_entry_stops_the_start() -> None:
+    settings = Settings(nats_url="nats://127.0.0.1:4222", model_url_allow="ollama.internal,10.20.0.0/16")
+    env = agent_job(_agent(), settings)["TaskGroups"][0]["Tasks"][0]["Env"]
+    assert EgressPolicy.parse(env[ALLOW_ENV]) == EgressPolicy.parse("10.20.0.0/16, ollama.internal")
+    assert (
+        ALLOW_ENV
+        not in agent_job(_agent(), Settings(nats_url="nats://127.0.0.1:4222"))["TaskGroups"][0]["Tasks"][0]["Env"]
+    )
+    for bad in ("10.0.0.0/33", "ollama internal"):
+        with pytest.raises(ValidationError, match=f"{ALLOW_ENV}: '{bad}' is n"):
+            Settings(nats_url="nats://127.0.0.1:4222", model_url_allow=bad)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,193 @@
+"""Where a customer's model endpoint may point: not into the platform's own network.
+
+An ``ollama`` agent names its own ``base_url``, and its process sends requests there from inside the cluster.
+Pointed at loopback, a link-local metadata service or a private address, it would reach what only the platform
+should (Nomad's and Consul's APIs, the gateway, a cloud's instance metadata): server-side request forgery. Such
+hosts are refused unless an operator allows them (``CARAVAN_MODEL_URL_ALLOW``: host names and networks,
+comma-separated, e.g. ``ollama.internal,10.20.0.0/16``).
+
+Twice: the control plane refuses an agent definition whose host is an internal address as written (``127.1``
+and ``2130706433`` are loopback too) or a ``localhost`` name, without looking anything up; and the agent's HTTP
+client checks every address it connects to after resolving the name itself, connecting to the address it
+checked (a name that resolves elsewhere later, or to an internal address from the start, is refused when it is
+used). TLS still verifies the name in the URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import re
+import socket
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpcore
+import httpx
+
+__all__ = ["ALLOW_ENV", "EgressPolicy", "EgressRefused", "GuardedTransport", "refusal_in"]
+
+log = logging.getLogger("caravan.egress")
+
+ALLOW_ENV = "CARAVAN_MODEL_URL_ALLOW"
+_IPV4_LOOSE = re.compile(r"[0-9a-fx.]+")  # what inet_aton reads as an address: 127.1, 0x7f.1, 2130706433
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class EgressRefused(ValueError):
+    """A model endpoint in the platform's own network, not allowed by the operator."""
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    """The address ``host`` names without a lookup (as a resolver reads it), or None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if _IPV4_LOOSE.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def _internal(address: IPAddress) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+    return not (mapped or address).is_global
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """Which internal hosts an operator allows model endpoints at (every public one is allowed)."""
+
+    hosts: frozenset[str] = frozenset()
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> EgressPolicy:
+        """``host,host,network/prefix,...``; :class:`ValueError` for an entry that is neither."""
+        hosts, networks = set(), []
+        for entry in filter(None, (part.strip().lower() for part in text.split(","))):
+            if "/" in entry or _literal_address(entry) is not None:
+                try:
+                    networks.append(ipaddress.ip_network(entry, strict=False))
+                except ValueError as exc:
+                    raise ValueError(f"{ALLOW_ENV}: {entry!r} is not a network: {exc}") from None
+            elif re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", entry):
+                hosts.add(entry.rstrip("."))
+            else:
+                raise ValueError(f"{ALLOW_ENV}: {entry!r} is neither a host name nor a network")
+        return cls(frozenset(hosts), tuple(networks))
+
+    @classmethod
+    def from_env(cls) -> EgressPolicy:
+        return cls.parse(os.environ.get(ALLOW_ENV, ""))
+
+    def _allows(self, address: IPAddress) -> bool:
+        return not _internal(address) or any(address in network for network in self.networks)
+
+    def check_url(self, url: str) -> None:
+        """Refuse a URL whose host is, as written, an internal address or a ``localhost`` name (no lookup)."""
+        host = (urlsplit(url).hostname or "").rstrip(".")
+        if host in self.hosts:
+            return
+        if host == "localhost" or host.endswith(".localhost"):
+            raise EgressRefused(f"{host} is this machine: {_ADVICE}")
+        address = _literal_address(host)
+        if address is not None and not self._allows(address):
+            raise EgressRefused(f"{host} is an internal address ({_kind(address)}): {_ADVICE}")
+
+    async def resolve(self, host: str, port: int) -> str:
+        """The address to connect to for ``host``: every address it resolves to is checked (a name that also
+        resolves to an internal address is refused, whichever one a connection would have taken)."""
+        if host.lower().rstrip(".") in self.hosts:
+            return host
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+        for address in addresses:
+            if not self._allows(address):
+                raise EgressRefused(f"{host} resolves to {address}, an internal address ({_kind(address)}): {_ADVICE}")
+        return str(addresses[0])
+
+
+_ADVICE = (
+    "a model endpoint must not point into the platform's network "
+    f"(an operator may allow an internal one with {ALLOW_ENV})"
+)
+
+
+def _kind(address: IPAddress) -> str:
+    address = getattr(address, "ipv4_mapped", None) or address
+    for kind in ("loopback", "link_local", "private", "unspecified", "multicast", "reserved"):
+        if getattr(address, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return "not public"
+
+
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    """Resolves each host itself, checks the addresses and connects to the one it checked."""
+
+    def __init__(self, policy: EgressPolicy) -> None:
+        self._policy = policy
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[typing.Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):  # the lookup is part of the connection's time
+                address = await self._policy.resolve(host, port)
+        except EgressRefused as refused:
+            log.warning("refused to connect to a model endpoint: %s", refused)
+            raise
+        return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Iterable[typing.Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise EgressRefused("a model endpoint is not reached over a unix socket")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class GuardedTransport(httpx.AsyncHTTPTransport):
+    """httpx's own transport, its connections made by :class:`_GuardedBackend`. No proxy from the environment: a
+    proxy would make the connections the backend cannot see."""
+
+    def __init__(self, policy: EgressPolicy) -> None:
+        super().__init__(trust_env=False)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+            network_backend=_GuardedBackend(policy),
+        )
+
+
+def refusal_in(exc: BaseException) -> EgressRefused | None:
+    """The refusal behind ``exc`` (a model client wraps its transport's errors in its own), if there is one."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, EgressRefused):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

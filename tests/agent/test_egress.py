@@ -1,0 +1,106 @@
+"""A customer's model endpoint never points into the platform's network: refused as written when an agent is
+defined, and refused by the agent's HTTP client at every connection, after it resolves the name itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from autogen_core.models import UserMessage
+
+from agent.egress import ALLOW_ENV, EgressPolicy, EgressRefused, GuardedTransport, refusal_in
+from agent.models import create_model_client
+from agent.protocol import ModelConfig
+
+INTERNAL = [
+    "http://127.0.0.1:11434/v1",
+    "http://127.1/v1",  # what a resolver reads as 127.0.0.1
+    "http://2130706433/v1",  # 127.0.0.1 as one number
+    "http://0x7f.1/v1",
+    "http://[::1]:8080/v1",
+    "http://[::ffff:127.0.0.1]/v1",  # an IPv4-mapped loopback
+    "http://169.254.169.254/latest/meta-data/",  # a cloud's instance metadata
+    "http://10.0.0.5:4646/v1",  # where a Nomad server may listen
+    "http://192.168.1.10/v1",
+    "http://0.0.0.0:8080/v1",
+    "http://localhost:8080/v1",
+    "http://LOCALHOST./v1",
+    "http://api.localhost/v1",
+]
+
+
+@pytest.mark.parametrize("url", INTERNAL)
+def test_an_internal_host_as_written_is_refused(url: str) -> None:
+    with pytest.raises(EgressRefused, match=ALLOW_ENV):
+        EgressPolicy().check_url(url)
+
+
+@pytest.mark.parametrize("url", ["https://models.example.com/v1", "http://8.8.8.8/v1", "http://[2606:4700::1111]/v1"])
+def test_a_public_host_is_allowed(url: str) -> None:
+    EgressPolicy().check_url(url)
+
+
+def test_an_operator_allows_internal_hosts_and_networks_by_name() -> None:
+    policy = EgressPolicy.parse(" ollama.internal , 10.20.0.0/16,127.0.0.1 ")
+    for url in ("http://ollama.internal:11434/v1", "http://10.20.3.4/v1", "http://127.0.0.1/v1"):
+        policy.check_url(url)
+    with pytest.raises(EgressRefused):
+        policy.check_url("http://10.21.0.1/v1")
+    with pytest.raises(ValueError, match="neither a host name nor a network"):
+        EgressPolicy.parse("10.0.0.0/8, not a host!")
+
+
+@pytest.fixture
+async def http_server() -> AsyncIterator[int]:
+    """A plain HTTP server on loopback that answers every request with an OpenAI chat completion; its port."""
+    answer = {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "from loopback"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+    }
+    body = json.dumps(answer).encode()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        length = next((int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")), 0)
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n")
+        writer.write(b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def test_the_transport_checks_the_address_a_name_resolves_to_and_connects_to_it(http_server: int) -> None:
+    async with httpx.AsyncClient(transport=GuardedTransport(EgressPolicy())) as client:
+        for host in ("localhost", "127.0.0.1"):  # a name is resolved by the transport, and checked
+            with pytest.raises(EgressRefused, match=r"127\.0\.0\.1"):
+                await client.get(f"http://{host}:{http_server}/")
+    async with httpx.AsyncClient(transport=GuardedTransport(EgressPolicy.parse("127.0.0.0/8"))) as client:
+        assert (await client.get(f"http://localhost:{http_server}/")).status_code == 200
+
+
+async def test_an_ollama_model_client_at_an_internal_address_says_why_it_failed(
+    http_server: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    config = ModelConfig(provider="ollama", name="m", base_url=f"http://localhost:{http_server}/v1")
+    with pytest.raises(Exception) as failed:  # the client wraps it: "Connection error."
+        await create_model_client(config).create([UserMessage(content="hi", source="user")])
+    refused = refusal_in(failed.value)
+    assert refused is not None and "resolves to 127.0.0.1" in str(refused)
+    monkeypatch.setenv(ALLOW_ENV, "127.0.0.1/32,::1")  # the operator's own model server on this machine
+    answer = await create_model_client(config).create([UserMessage(content="hi", source="user")])
+    assert answer.content == "from loopback"
