@@ -61,8 +61,8 @@ class Snapshot:
 
 async def snapshot(control: ControlPlane) -> Snapshot:
     """Read what the gauges show; a part that cannot be read (NATS down) is left out, and the rest still served."""
-    read = Snapshot(ready=control.ready)
-    if not read.ready:
+    read = Snapshot(ready=await control.answering())
+    if not read.ready:  # reading would only wait for NATS, past the scraper's own timeout
         return read
     read.folding = control.tasks.folding
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -19,7 +21,7 @@ from nats.js.kv import KeyValue
 
 from agent.protocol import EVENTS_STREAM, TASKS_STREAM
 
-__all__ = ["BUCKETS", "CONSUMER_LIMIT", "Jet", "connect", "ensure_stream"]
+__all__ = ["BUCKETS", "CONSUMER_LIMIT", "NATS_UNAVAILABLE", "Jet", "connect", "ensure_stream"]
 
 BUCKETS = (
     "customers",
@@ -39,6 +41,17 @@ CONSUMER_LIMIT = 1_000_000
 unlimited). Caravan has a task-queue consumer per agent and three flag watchers per agent instance, so every
 stream it makes carries this limit."""
 DAY_S = 86_400
+NATS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""What NATS raises while it cannot answer for now (stalled, reconnecting, JetStream electing a leader): a
+request that meets one is answered 503, to be tried again, not 500."""
 
 
 @dataclass

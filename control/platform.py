@@ -20,7 +20,7 @@ from control.backends import create_flags, create_registry, create_scheduler
 from control.backends.base import Registry, Scheduler
 from control.models import Agent, ApiKey, Customer, Role, Task
 from control.natsauth import NatsAuth, NatsCredentials
-from control.natsio import Jet, connect
+from control.natsio import NATS_UNAVAILABLE, Jet, connect
 from control.services.agents import AgentService
 from control.services.audit import AuditLog
 from control.services.auth import AuthService, IssuedKey
@@ -175,6 +175,20 @@ class ControlPlane:
     @property
     def ready(self) -> bool:
         return self._started and not self._stopped and self._jet is not None and self._jet.nc.is_connected
+
+    async def answering(self, within_s: float = 1.0) -> bool:
+        """Whether the control plane is :attr:`ready` and NATS answers a round trip within ``within_s``: a server
+        that stalls (paused, overloaded) keeps the connection up and answers nothing."""
+        if not self.ready:
+            return False
+        assert self._jet is not None
+        try:  # JetStream's account info: the server, and the JetStream the platform keeps its state in, answer
+            # (not a flush: nats-py leaves a timed-out flush's PONG waiter behind, and the late PONG then fails
+            # the connection's read loop)
+            await self._jet.nc.request("$JS.API.INFO", b"", timeout=within_s)
+        except NATS_UNAVAILABLE:
+            return False
+        return True
 
     async def start(self) -> None:
         if self._started:

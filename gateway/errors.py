@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.errors import CaravanError
+from control.natsio import NATS_UNAVAILABLE
 
 __all__ = ["caravan_error_response", "error_response", "install_error_handlers", "refuse_websocket"]
 
@@ -120,6 +121,12 @@ class _Unexpected:
 
         try:
             await self._app(scope, receive, send_tracked)
+        except NATS_UNAVAILABLE as exc:
+            if started:
+                raise
+            log.warning("NATS did not answer %s %s: %r", scope["method"], scope["path"], exc)
+            message = "the platform's store (NATS) did not answer in time; try again in a moment"
+            await error_response(503, "unavailable", message, None, {"Retry-After": "1"})(scope, receive, send)
         except Exception:
             if started:
                 raise

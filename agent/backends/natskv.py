@@ -7,6 +7,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
 
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -97,7 +98,10 @@ async def _last_values(
     try:
         request = {"multi_last": subjects, "batch": _BATCH}
         await nc.publish(f"{js._prefix}.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
-        return await asyncio.wait_for(done, _BATCH_TIMEOUT_S)
+        try:
+            return await asyncio.wait_for(done, _BATCH_TIMEOUT_S)
+        except TimeoutError:  # NATS did not answer, as a request of nats-py's own says it
+            raise nats.errors.TimeoutError from None
     finally:
         await sub.unsubscribe()
 

@@ -17,8 +17,9 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(control: ControlDep) -> JSONResponse:
-    """The control plane is started and connected to NATS."""
-    ready = control.ready
+    """The control plane is started and NATS answers it (a round trip within a second: a stalled server keeps
+    its connections open)."""
+    ready = await control.answering()
     body = {"status": "ready" if ready else "not ready", "scheduler": control.scheduler.name}
     return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -3,18 +3,23 @@ control plane's agents, tasks, customers and killswitch flags as gauges, with no
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 from agent.protocol import EventKind
 from control.metrics import Metrics, Snapshot, snapshot
 from control.models import AgentStatus, TaskStatus
+from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
-from tests.conftest import Api
+from tests.conftest import Api, make_settings, serve_api
 from tests.control.test_killswitch import killswitch
 from tests.gateway.test_agents_api import agent_body
 from tests.gateway.test_tasks_api import task_event, tracker_caught_up
+from tests.support.helpers import assert_eventually
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"(?:,|$)')
@@ -129,8 +134,11 @@ async def test_a_scrape_answers_when_the_control_plane_cannot_be_read() -> None:
     async def unreadable() -> Any:
         raise ConnectionError("nats: connection closed")
 
+    async def answering() -> bool:
+        return True
+
     half_down = SimpleNamespace(
-        ready=True,
+        answering=answering,
         stats=SimpleNamespace(counts=unreadable),
         killswitch=SimpleNamespace(engaged=unreadable),
         tasks=SimpleNamespace(folding=True, backlog=unreadable),
@@ -158,3 +166,31 @@ async def test_the_tracker_shows_whether_this_control_plane_folds_and_how_many_e
     _, again = await scrape(api)
     assert value(again, "caravan_tracker_folding") == 1
     assert value(again, "caravan_tracker_events_unfolded") == 0
+
+
+async def test_a_stalled_nats_makes_the_platform_not_ready_and_its_requests_503_and_it_recovers(
+    tmp_path: Path,
+) -> None:
+    """A NATS server that stops answering (paused here; overloaded, or cut off by a partition) keeps its TCP
+    connections open: readiness asks it for a round trip, a scrape says not ready at once rather than waiting
+    past the scraper's timeout, and a request that needs it is a 503 to retry, not a 500."""
+    async with EmbeddedNats(tmp_path / "nats") as server:
+        settings = make_settings(server.url, tmp_path / "data")
+        async with ControlPlane(settings) as control, serve_api(control) as api:
+            _, headers = await api.new_customer()
+            assert (await api.client.get("/readyz")).status_code == 200
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                ready = await api.client.get("/readyz")
+                assert (ready.status_code, ready.json()["status"]) == (503, "not ready")
+                scraped = parse((await api.client.get("/metrics")).text)
+                assert scraped[("caravan_ready", frozenset())] == 0
+                assert not any(name == "caravan_agents" for name, _ in scraped)  # not read: it would only wait
+                listed = await api.client.get("/v1/agents", headers=headers)
+                assert listed.status_code == 503, listed.text
+                assert listed.json()["error"]["code"] == "unavailable" and listed.headers["Retry-After"] == "1"
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            await assert_eventually(lambda: api.client.get("/readyz"), lambda r: r.status_code == 200, what="ready")
+            assert (await api.client.get("/v1/agents", headers=headers)).json() == []
