@@ -35,6 +35,7 @@ from pydantic import AliasChoices, ValidationError
 from pydantic_settings import SettingsError
 
 from agent.aio import run
+from agent.backends.base import FlagKey, Scope
 from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
 from control.backends.base import SchedulerError
 from control.ids import is_plain_id
@@ -457,6 +458,10 @@ async def _serve_only(settings: Settings) -> None:
 
 
 def _killswitch(args: argparse.Namespace) -> None:
+    for option, what in (("customer", "a customer"), ("agent", "an agent")):
+        value = getattr(args, option)  # empty (an unset variable in a script) it must not mean every agent
+        if value is not None and not is_plain_id(value):
+            _usage(f"--{option} {value!r} is not {what} id (leave out --customer and --agent to cover every agent)")
     if not args.api_key:
         _usage("an admin API key is needed: --api-key or CARAVAN_API_KEY")
     try:
@@ -525,8 +530,9 @@ def _killswitch_set(client: httpx.Client, args: argparse.Namespace) -> None:
         body["hard"] = True
     result = _answer(client.post("/v1/admin/killswitch", json={k: v for k, v in body.items() if v is not None}))
     verb = "engaged" if result["engaged"] else "released"
+    where = FlagKey(Scope(result["scope"]), result["target"]).label
     print(
-        f"killswitch {verb} ({result['scope']} {result['target'] or ''}) in {result['elapsed_ms']:.0f} ms: "
+        f"killswitch {verb} ({where}) in {result['elapsed_ms']:.0f} ms: "
         f"{result['acknowledged']}/{result['covered']} agents acknowledged"
     )
     if result["unacknowledged"]:

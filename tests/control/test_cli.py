@@ -49,11 +49,12 @@ async def run_cli(*argv: str) -> int:
 async def test_killswitch_engage_status_release(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--url", api.base, "--api-key", ADMIN_KEY]
     assert await run_cli("killswitch", "engage", "--reason", "drill", *common) == 0
-    assert "killswitch engaged (all" in capsys.readouterr().out
+    assert "killswitch engaged (all) in " in capsys.readouterr().out
     assert await run_cli("killswitch", "status", *common) == 0
     status = capsys.readouterr().out
     assert "ENGAGED all" in status and "drill" in status
     assert await run_cli("killswitch", "release", *common) == 0
+    assert "killswitch released (all) in " in capsys.readouterr().out
     assert await run_cli("killswitch", "status", *common) == 0
     assert "no killswitch engaged" in capsys.readouterr().out
 
@@ -68,6 +69,27 @@ async def test_killswitch_cli_explains_failures(api: Api, capsys: pytest.Capture
         == 1
     )
     assert "(404) not_found: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("action", "target"),
+    [("engage", "--agent"), ("engage", "--customer"), ("release", "--customer"), ("release", "--agent")],
+)
+@pytest.mark.parametrize("empty", ["", "  "])
+async def test_an_empty_target_is_bad_usage_not_every_agent(
+    action: str, target: str, empty: str, api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--agent "$AGENT"` with AGENT unset: neither halts nor releases the whole platform."""
+    admin = await api.admin()
+    engaged = {"scope": "all", "reason": "incident", "wait_ms": 0}
+    assert (await api.client.post("/v1/admin/killswitch", json=engaged, headers=admin)).status_code == 200
+    before = (await api.client.get("/v1/admin/killswitch", headers=admin)).json()
+    common = ["--reason", "scripted", "--url", api.base, "--api-key", ADMIN_KEY]
+    assert await run_cli("killswitch", action, target, empty, *common) == 2
+    assert f"caravan: {target} {empty!r} is not a" in capsys.readouterr().err
+    assert (await api.client.get("/v1/admin/killswitch", headers=admin)).json() == before
+    records = (await api.client.get("/v1/admin/audit", params={"action": "killswitch.engage"}, headers=admin)).json()
+    assert len(records) == 1  # the test's own: the CLI sent nothing
 
 
 DEAD_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
