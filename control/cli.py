@@ -531,6 +531,9 @@ def _killswitch_set(client: httpx.Client, args: argparse.Namespace) -> None:
     result = _answer(client.post("/v1/admin/killswitch", json={k: v for k, v in body.items() if v is not None}))
     verb = "engaged" if result["engaged"] else "released"
     where = FlagKey(Scope(result["scope"]), result["target"]).label
+    if result.get("nothing_to_release"):
+        print(f"killswitch was not engaged ({where}): nothing to release")
+        return
     print(
         f"killswitch {verb} ({where}) in {result['elapsed_ms']:.0f} ms: "
         f"{result['acknowledged']}/{result['covered']} agents acknowledged"

@@ -24,6 +24,7 @@ from control.platform import ControlPlane
 from control.settings import Settings
 from tests.conftest import ADMIN_KEY, Api, make_settings, serve_api
 from tests.gateway.teams_support import task_status
+from tests.gateway.test_tasks_api import running_agent
 from tests.support.helpers import free_port
 
 PROVIDER_KEYS = ("OPENAI_API_KEY", "OPENROUTER_API_KEY", "GROQ_API_KEY", "DEEPSEEK_API_KEY", "ANTHROPIC_API_KEY")
@@ -57,6 +58,14 @@ async def test_killswitch_engage_status_release(api: Api, capsys: pytest.Capture
     assert "killswitch released (all) in " in capsys.readouterr().out
     assert await run_cli("killswitch", "status", *common) == 0
     assert "no killswitch engaged" in capsys.readouterr().out
+
+
+async def test_releasing_what_is_not_engaged_says_so_and_succeeds(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+    customer_id, headers = await api.new_customer()
+    await running_agent(api, headers)  # running, yet with nothing to acknowledge
+    common = ["--url", api.base, "--api-key", ADMIN_KEY]
+    assert await run_cli("killswitch", "release", "--customer", customer_id, *common) == 0
+    assert capsys.readouterr().out == f"killswitch was not engaged (customer {customer_id}): nothing to release\n"
 
 
 async def test_killswitch_cli_explains_failures(api: Api, capsys: pytest.CaptureFixture[str]) -> None:

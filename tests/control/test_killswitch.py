@@ -117,6 +117,26 @@ async def test_all_scope_halts_everyone_and_is_listed_and_audited(api: Api, flee
     assert actions[-2:] == ["killswitch.engage", "killswitch.release"]
 
 
+async def test_releasing_what_is_not_engaged_says_so_at_once_and_is_audited(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    agent = await slow_agent(api, headers, "idle")
+    scope = {"scope": "customer", "customer_id": customer_id}
+    await killswitch(api, **scope, reason="drill")
+    released = await killswitch(api, **scope, engaged=False)
+    assert (released["nothing_to_release"], released["acknowledged"], released["unacknowledged"]) == (False, 1, [])
+    await wait_status(api, headers, agent["id"], "running")
+    for target in (scope, {"scope": "all"}):  # the agent has nothing to acknowledge: it is not waited for
+        again = await killswitch(api, **target, engaged=False)
+        assert (again["nothing_to_release"], again["covered"], again["unacknowledged"]) == (True, 0, [])
+    params = {"action": "killswitch.release"}
+    audit = (await api.client.get("/v1/admin/audit", params=params, headers=await api.admin())).json()
+    assert [(r["result"], r["target"], r["details"]["nothing_to_release"]) for r in audit] == [
+        ("ok", customer_id, False),
+        ("ok", customer_id, True),
+        ("ok", "all", True),
+    ]
+
+
 async def test_hard_stops_the_jobs(api: Api, fleet: dict[str, Any]) -> None:
     b1 = fleet["agents"]["b1"]
     result = await killswitch(api, scope="agent", agent_id=b1["id"], reason="abuse", hard=True)
