@@ -464,6 +464,8 @@ def _killswitch(args: argparse.Namespace) -> None:
             _usage(f"--{option} {value!r} is not {what} id (leave out --customer and --agent to cover every agent)")
     if not args.api_key:
         _usage("an admin API key is needed: --api-key or CARAVAN_API_KEY")
+    if args.url is None:  # where `caravan up` (./dev/up) serves it
+        args.url = os.environ.get("CARAVAN_URL") or f"http://127.0.0.1:{_env_port('CARAVAN_HTTP_PORT', 8080)}"
     try:
         client = httpx.Client(base_url=args.url, timeout=HTTP_TIMEOUT_S)
     except httpx.InvalidURL as exc:
@@ -614,7 +616,9 @@ def main(argv: list[str] | None = None) -> None:
         default=2.0,
         help=f"seconds to wait for acknowledgements (at most {MAX_WAIT_MS // 1000})",
     )
-    ks.add_argument("--url", default=os.environ.get("CARAVAN_URL", "http://127.0.0.1:8080"))
+    ks.add_argument(
+        "--url", help="Caravan's API (default: CARAVAN_URL, else http://127.0.0.1:$CARAVAN_HTTP_PORT, else :8080)"
+    )
     ks.add_argument("--api-key", default=os.environ.get("CARAVAN_API_KEY"))
     job = sub.add_parser("job", help="an agent's Nomad job, without submitting it")
     job.add_argument("verb", choices=["render", "plan"], help="render: print the job JSON; plan: Nomad's dry run")

@@ -68,6 +68,25 @@ async def test_releasing_what_is_not_engaged_says_so_and_succeeds(api: Api, caps
     assert capsys.readouterr().out == f"killswitch was not engaged (customer {customer_id}): nothing to release\n"
 
 
+async def test_killswitch_finds_the_api_where_caravan_up_serves_it(
+    api: Api, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --url: CARAVAN_URL, else the port `./dev/up` was given (CARAVAN_HTTP_PORT)."""
+    monkeypatch.setenv("CARAVAN_API_KEY", ADMIN_KEY)
+    monkeypatch.delenv("CARAVAN_URL", raising=False)
+    monkeypatch.setenv("CARAVAN_HTTP_PORT", str(urlsplit(api.base).port))
+    assert await run_cli("killswitch", "status") == 0
+    assert "no killswitch engaged" in capsys.readouterr().out
+    monkeypatch.setenv("CARAVAN_URL", api.base)
+    monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))  # CARAVAN_URL comes first
+    assert await run_cli("killswitch", "status") == 0
+    assert "no killswitch engaged" in capsys.readouterr().out
+    monkeypatch.delenv("CARAVAN_URL")
+    monkeypatch.setenv("CARAVAN_HTTP_PORT", "abc")
+    assert await run_cli("killswitch", "status") == 2
+    assert "CARAVAN_HTTP_PORT" in capsys.readouterr().err
+
+
 async def test_killswitch_cli_explains_failures(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
     assert await run_cli("killswitch", "engage", "--url", api.base, "--api-key", "wrong-key-0123456789") == 1
     assert "(401) unauthorized: " in capsys.readouterr().err
