@@ -19,7 +19,7 @@ from agent.backends.base import Flag, FlagKey, FlagStore, Scope
 from agent.protocol import AgentEventKind, Event
 from control.backends.base import Registry
 from control.errors import CaravanError, Conflict, Invalid
-from control.models import Agent, AgentRef, AgentStatus
+from control.models import Agent, AgentRef, AgentStatus, Visible
 from control.services.agents import AgentService
 from control.services.audit import AuditLog, AuditRecord, describe_error
 from control.services.auth import AuthService, Principal
@@ -33,7 +33,12 @@ MAX_WAIT_MS = 30_000
 _STOPS_AT_ONCE = 8
 """Jobs a hard killswitch stops at once (each may take the job's kill timeout)."""
 
-Reason = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
+Reason = Annotated[
+    str,
+    StringConstraints(max_length=500),
+    Visible,
+    Field(description="Shown on one line (status, audit): no control, format or line-break characters."),
+]
 
 
 class KillswitchRequest(BaseModel):

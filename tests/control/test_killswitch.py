@@ -351,6 +351,22 @@ async def test_bad_killswitch_requests_are_422_and_engage_nothing(api: Api, body
     assert (await api.client.get("/v1/admin/killswitch", headers=await api.admin())).json() == []
 
 
+async def test_a_reason_that_would_break_the_status_lines_or_hide_text_is_refused(api: Api) -> None:
+    admin = await api.admin()
+    forged = "drill\nENGAGED all      every agent      by admin:root at 2030-01-01: nothing"
+    for reason in (forged, "a\tb", "a\x85b", "a\u2028b", "a\u202eb", "a\u200bb"):
+        body = {"scope": "all", "reason": reason, "wait_ms": 0}
+        refused = await api.client.post("/v1/admin/killswitch", json=body, headers=admin)
+        assert refused.status_code == 422, (reason, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "invalid" and error["details"][0]["field"] == "reason", error
+        assert f"U+{ord(next(c for c in reason[1:] if not c.isalnum())):04X}" in error["message"], error
+    assert (await api.client.get("/v1/admin/killswitch", headers=admin)).json() == []
+    readable = "Wartung: Datenbank 🚧 (ticket #42, «urgent»)"
+    await killswitch(api, scope="all", reason=readable, wait_ms=0)
+    assert [f["reason"] for f in (await api.client.get("/v1/admin/killswitch", headers=admin)).json()] == [readable]
+
+
 async def test_unknown_targets_are_404_and_customers_cannot_use_the_killswitch(api: Api) -> None:
     _, customer = await api.new_customer()
     admin = await api.admin()
