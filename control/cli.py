@@ -35,6 +35,7 @@ from pydantic import AliasChoices, ValidationError
 from pydantic_settings import SettingsError
 
 from agent.aio import run
+from agent.backends.base import FlagKey, Scope
 from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
 from control.backends.base import SchedulerError
 from control.ids import is_plain_id
@@ -457,8 +458,14 @@ async def _serve_only(settings: Settings) -> None:
 
 
 def _killswitch(args: argparse.Namespace) -> None:
+    for option, what in (("customer", "a customer"), ("agent", "an agent")):
+        value = getattr(args, option)  # empty (an unset variable in a script) it must not mean every agent
+        if value is not None and not is_plain_id(value):
+            _usage(f"--{option} {value!r} is not {what} id (leave out --customer and --agent to cover every agent)")
     if not args.api_key:
         _usage("an admin API key is needed: --api-key or CARAVAN_API_KEY")
+    if args.url is None:  # where `caravan up` (./dev/up) serves it
+        args.url = os.environ.get("CARAVAN_URL") or f"http://127.0.0.1:{_env_port('CARAVAN_HTTP_PORT', 8080)}"
     try:
         client = httpx.Client(base_url=args.url, timeout=HTTP_TIMEOUT_S)
     except httpx.InvalidURL as exc:
@@ -525,8 +532,12 @@ def _killswitch_set(client: httpx.Client, args: argparse.Namespace) -> None:
         body["hard"] = True
     result = _answer(client.post("/v1/admin/killswitch", json={k: v for k, v in body.items() if v is not None}))
     verb = "engaged" if result["engaged"] else "released"
+    where = FlagKey(Scope(result["scope"]), result["target"]).label
+    if result.get("nothing_to_release"):
+        print(f"killswitch was not engaged ({where}): nothing to release")
+        return
     print(
-        f"killswitch {verb} ({result['scope']} {result['target'] or ''}) in {result['elapsed_ms']:.0f} ms: "
+        f"killswitch {verb} ({where}) in {result['elapsed_ms']:.0f} ms: "
         f"{result['acknowledged']}/{result['covered']} agents acknowledged"
     )
     if result["unacknowledged"]:
@@ -605,7 +616,9 @@ def main(argv: list[str] | None = None) -> None:
         default=2.0,
         help=f"seconds to wait for acknowledgements (at most {MAX_WAIT_MS // 1000})",
     )
-    ks.add_argument("--url", default=os.environ.get("CARAVAN_URL", "http://127.0.0.1:8080"))
+    ks.add_argument(
+        "--url", help="Caravan's API (default: CARAVAN_URL, else http://127.0.0.1:$CARAVAN_HTTP_PORT, else :8080)"
+    )
     ks.add_argument("--api-key", default=os.environ.get("CARAVAN_API_KEY"))
     job = sub.add_parser("job", help="an agent's Nomad job, without submitting it")
     job.add_argument("verb", choices=["render", "plan"], help="render: print the job JSON; plan: Nomad's dry run")

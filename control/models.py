@@ -34,6 +34,7 @@ __all__ = [
     "TaskMessage",
     "TaskStatus",
     "Usage",
+    "Visible",
 ]
 
 
@@ -90,10 +91,14 @@ def _joining(value: str, i: int) -> bool:
     )
 
 
+Visible = AfterValidator(_visible)
+"""Text people read, as one line: no control, format (zero-width, bidi) or line-break characters, but for a
+zero-width joiner or non-joiner between two characters beyond ASCII."""
+
 DisplayName = Annotated[
     str,
     StringConstraints(min_length=1, max_length=100),
-    AfterValidator(_visible),
+    Visible,
     Field(
         description="Any letters; no control, format (zero-width, bidi) or line-break characters, but for a "
         "zero-width joiner or non-joiner between two characters beyond ASCII (emoji sequences, joined scripts)."

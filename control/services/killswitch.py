@@ -19,7 +19,7 @@ from agent.backends.base import Flag, FlagKey, FlagStore, Scope
 from agent.protocol import AgentEventKind, Event
 from control.backends.base import Registry
 from control.errors import CaravanError, Conflict, Invalid
-from control.models import Agent, AgentRef, AgentStatus
+from control.models import Agent, AgentRef, AgentStatus, Visible
 from control.services.agents import AgentService
 from control.services.audit import AuditLog, AuditRecord, describe_error
 from control.services.auth import AuthService, Principal
@@ -33,7 +33,12 @@ MAX_WAIT_MS = 30_000
 _STOPS_AT_ONCE = 8
 """Jobs a hard killswitch stops at once (each may take the job's kill timeout)."""
 
-Reason = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
+Reason = Annotated[
+    str,
+    StringConstraints(max_length=500),
+    Visible,
+    Field(description="Shown on one line (status, audit): no control, format or line-break characters."),
+]
 
 
 class KillswitchRequest(BaseModel):
@@ -78,9 +83,13 @@ class KillswitchResult(BaseModel):
         default_factory=dict, description="Agents whose jobs could not be stopped (hard), with why."
     )
     elapsed_ms: float = Field(description="From writing the flag to the last acknowledgement (or the deadline).")
+    nothing_to_release: bool = Field(
+        default=False,
+        description="A release that found no flag engaged at its scope: it changed nothing and waited for no agent.",
+    )
 
 
-_RECORDED = {"flag_id", "covered", "acknowledged", "unacknowledged", "stopped", "not_stopped"}
+_RECORDED = {"flag_id", "covered", "acknowledged", "unacknowledged", "stopped", "not_stopped", "nothing_to_release"}
 
 
 class FlagHeld(Conflict):
@@ -140,7 +149,8 @@ class KillswitchService:
         unless_engaged: bool = False,
         only: str | None = None,
     ) -> KillswitchResult:
-        """Engage or release, wait for the acknowledgements, and with ``hard`` stop the covered agents' jobs.
+        """Engage or release, wait for the acknowledgements, and with ``hard`` stop the covered agents' jobs. A
+        release that finds nothing engaged at its scope changes nothing and answers at once (``nothing_to_release``).
 
         Audited whatever happens, a failure with its error. A job that cannot be stopped does not keep the others
         from being stopped: the engagement is recorded and published all the same, then :class:`JobsNotStopped`
@@ -182,8 +192,20 @@ class KillswitchService:
         elif only is not None:
             flag_id = only
         else:  # acknowledgements of a release name what is still engaged: the released flag must not be there
-            previous = next((f for f in await self._flags.list() if f.key == key), None)
-            flag_id = previous.id if previous else None
+            previous = next((f for f in await self._flags.list() if f.key == key and f.engaged), None)
+            if previous is None:  # no agent has anything to acknowledge: waiting for them would only time out
+                return KillswitchResult(
+                    engaged=False,
+                    scope=key.scope,
+                    target=key.target,
+                    flag_id=None,
+                    covered=0,
+                    acknowledged=0,
+                    unacknowledged=[],
+                    elapsed_ms=0.0,
+                    nothing_to_release=True,
+                )
+            flag_id = previous.id
         acked: dict[str, set[str]] = defaultdict(set)  # agent id -> instances that acknowledged
         expected: dict[str, set[str]] | None = None  # covered agent id -> instances discovery knows
         done = asyncio.Event()

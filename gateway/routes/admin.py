@@ -134,8 +134,9 @@ async def set_killswitch(body: KillswitchRequest, control: ControlDep, admin: Ad
     """Engage or release the killswitch for every agent, one customer's agents, or one agent.
 
     Waits up to `wait_ms` for the covered agents to acknowledge and says which did not; with `hard`, also
-    stops their jobs (a job that cannot be stopped: 502, the flag engaged all the same). Flags are durable: an
-    agent that starts under an engaged flag starts halted."""
+    stops their jobs (a job that cannot be stopped: 502, the flag engaged all the same). A release where nothing is
+    engaged at that scope answers at once with `nothing_to_release` true (audited all the same). Flags are durable:
+    an agent that starts under an engaged flag starts halted."""
     return await control.killswitch.apply(admin, body)  # audited by the killswitch itself, failures too
 
 

@@ -24,6 +24,7 @@ from control.platform import ControlPlane
 from control.settings import Settings
 from tests.conftest import ADMIN_KEY, Api, make_settings, serve_api
 from tests.gateway.teams_support import task_status
+from tests.gateway.test_tasks_api import running_agent
 from tests.support.helpers import free_port
 
 PROVIDER_KEYS = ("OPENAI_API_KEY", "OPENROUTER_API_KEY", "GROQ_API_KEY", "DEEPSEEK_API_KEY", "ANTHROPIC_API_KEY")
@@ -49,13 +50,41 @@ async def run_cli(*argv: str) -> int:
 async def test_killswitch_engage_status_release(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--url", api.base, "--api-key", ADMIN_KEY]
     assert await run_cli("killswitch", "engage", "--reason", "drill", *common) == 0
-    assert "killswitch engaged (all" in capsys.readouterr().out
+    assert "killswitch engaged (all) in " in capsys.readouterr().out
     assert await run_cli("killswitch", "status", *common) == 0
     status = capsys.readouterr().out
     assert "ENGAGED all" in status and "drill" in status
     assert await run_cli("killswitch", "release", *common) == 0
+    assert "killswitch released (all) in " in capsys.readouterr().out
     assert await run_cli("killswitch", "status", *common) == 0
     assert "no killswitch engaged" in capsys.readouterr().out
+
+
+async def test_releasing_what_is_not_engaged_says_so_and_succeeds(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+    customer_id, headers = await api.new_customer()
+    await running_agent(api, headers)  # running, yet with nothing to acknowledge
+    common = ["--url", api.base, "--api-key", ADMIN_KEY]
+    assert await run_cli("killswitch", "release", "--customer", customer_id, *common) == 0
+    assert capsys.readouterr().out == f"killswitch was not engaged (customer {customer_id}): nothing to release\n"
+
+
+async def test_killswitch_finds_the_api_where_caravan_up_serves_it(
+    api: Api, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --url: CARAVAN_URL, else the port `./dev/up` was given (CARAVAN_HTTP_PORT)."""
+    monkeypatch.setenv("CARAVAN_API_KEY", ADMIN_KEY)
+    monkeypatch.delenv("CARAVAN_URL", raising=False)
+    monkeypatch.setenv("CARAVAN_HTTP_PORT", str(urlsplit(api.base).port))
+    assert await run_cli("killswitch", "status") == 0
+    assert "no killswitch engaged" in capsys.readouterr().out
+    monkeypatch.setenv("CARAVAN_URL", api.base)
+    monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))  # CARAVAN_URL comes first
+    assert await run_cli("killswitch", "status") == 0
+    assert "no killswitch engaged" in capsys.readouterr().out
+    monkeypatch.delenv("CARAVAN_URL")
+    monkeypatch.setenv("CARAVAN_HTTP_PORT", "abc")
+    assert await run_cli("killswitch", "status") == 2
+    assert "CARAVAN_HTTP_PORT" in capsys.readouterr().err
 
 
 async def test_killswitch_cli_explains_failures(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,6 +97,27 @@ async def test_killswitch_cli_explains_failures(api: Api, capsys: pytest.Capture
         == 1
     )
     assert "(404) not_found: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("action", "target"),
+    [("engage", "--agent"), ("engage", "--customer"), ("release", "--customer"), ("release", "--agent")],
+)
+@pytest.mark.parametrize("empty", ["", "  "])
+async def test_an_empty_target_is_bad_usage_not_every_agent(
+    action: str, target: str, empty: str, api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--agent "$AGENT"` with AGENT unset: neither halts nor releases the whole platform."""
+    admin = await api.admin()
+    engaged = {"scope": "all", "reason": "incident", "wait_ms": 0}
+    assert (await api.client.post("/v1/admin/killswitch", json=engaged, headers=admin)).status_code == 200
+    before = (await api.client.get("/v1/admin/killswitch", headers=admin)).json()
+    common = ["--reason", "scripted", "--url", api.base, "--api-key", ADMIN_KEY]
+    assert await run_cli("killswitch", action, target, empty, *common) == 2
+    assert f"caravan: {target} {empty!r} is not a" in capsys.readouterr().err
+    assert (await api.client.get("/v1/admin/killswitch", headers=admin)).json() == before
+    records = (await api.client.get("/v1/admin/audit", params={"action": "killswitch.engage"}, headers=admin)).json()
+    assert len(records) == 1  # the test's own: the CLI sent nothing
 
 
 DEAD_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there

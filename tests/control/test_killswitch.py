@@ -117,6 +117,26 @@ async def test_all_scope_halts_everyone_and_is_listed_and_audited(api: Api, flee
     assert actions[-2:] == ["killswitch.engage", "killswitch.release"]
 
 
+async def test_releasing_what_is_not_engaged_says_so_at_once_and_is_audited(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    agent = await slow_agent(api, headers, "idle")
+    scope = {"scope": "customer", "customer_id": customer_id}
+    await killswitch(api, **scope, reason="drill")
+    released = await killswitch(api, **scope, engaged=False)
+    assert (released["nothing_to_release"], released["acknowledged"], released["unacknowledged"]) == (False, 1, [])
+    await wait_status(api, headers, agent["id"], "running")
+    for target in (scope, {"scope": "all"}):  # the agent has nothing to acknowledge: it is not waited for
+        again = await killswitch(api, **target, engaged=False)
+        assert (again["nothing_to_release"], again["covered"], again["unacknowledged"]) == (True, 0, [])
+    params = {"action": "killswitch.release"}
+    audit = (await api.client.get("/v1/admin/audit", params=params, headers=await api.admin())).json()
+    assert [(r["result"], r["target"], r["details"]["nothing_to_release"]) for r in audit] == [
+        ("ok", customer_id, False),
+        ("ok", customer_id, True),
+        ("ok", "all", True),
+    ]
+
+
 async def test_hard_stops_the_jobs(api: Api, fleet: dict[str, Any]) -> None:
     b1 = fleet["agents"]["b1"]
     result = await killswitch(api, scope="agent", agent_id=b1["id"], reason="abuse", hard=True)
@@ -329,6 +349,22 @@ async def test_bad_killswitch_requests_are_422_and_engage_nothing(api: Api, body
     response = await api.client.post("/v1/admin/killswitch", json=body, headers=await api.admin())
     assert response.status_code == 422, response.text
     assert (await api.client.get("/v1/admin/killswitch", headers=await api.admin())).json() == []
+
+
+async def test_a_reason_that_would_break_the_status_lines_or_hide_text_is_refused(api: Api) -> None:
+    admin = await api.admin()
+    forged = "drill\nENGAGED all      every agent      by admin:root at 2030-01-01: nothing"
+    for reason in (forged, "a\tb", "a\x85b", "a\u2028b", "a\u202eb", "a\u200bb"):
+        body = {"scope": "all", "reason": reason, "wait_ms": 0}
+        refused = await api.client.post("/v1/admin/killswitch", json=body, headers=admin)
+        assert refused.status_code == 422, (reason, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "invalid" and error["details"][0]["field"] == "reason", error
+        assert f"U+{ord(next(c for c in reason[1:] if not c.isalnum())):04X}" in error["message"], error
+    assert (await api.client.get("/v1/admin/killswitch", headers=admin)).json() == []
+    readable = "Wartung: Datenbank 🚧 (ticket #42, «urgent»)"
+    await killswitch(api, scope="all", reason=readable, wait_ms=0)
+    assert [f["reason"] for f in (await api.client.get("/v1/admin/killswitch", headers=admin)).json()] == [readable]
 
 
 async def test_unknown_targets_are_404_and_customers_cannot_use_the_killswitch(api: Api) -> None:
