@@ -16,12 +16,12 @@ from typing import Any, Protocol
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from agent.backends.base import Flag, keys_for_agent
 from agent.protocol import AGENT_STATE_EVENTS, TASKS_STREAM, AgentDefinition, Event, consumer_name, task_subject, utcnow
 from control.backends.base import AllocState, JobNotOwned, Scheduler, SchedulerError, StatusUpdate
-from control.errors import Conflict, Invalid, NotFound, Unavailable
+from control.errors import Conflict, NotFound, Unavailable, invalid_input
 from control.ids import new_id
 from control.jobspec import agent_job, job_id_for, namespace_for
 from control.models import Agent, AgentCreate, AgentRef, AgentStatus, AgentUpdate, ChangeLease
@@ -182,8 +182,8 @@ class AgentService:
         async with self._changing(customer_id, agent_id) as current:
             try:
                 spec = AgentCreate.model_validate({**current.model_dump(include=set(AgentCreate.model_fields)), **sent})
-            except ValueError as exc:
-                raise Invalid(str(exc)) from exc
+            except ValidationError as exc:  # a field sent as null, say: refused as the request's own fields are
+                raise invalid_input(exc.errors()) from exc
             fields = {name: getattr(spec, name) for name in sent}
             self.render(current.model_copy(update=fields))  # refuse before storing if it cannot render
             # a running agent holds its new resources and replicas before its new definition is stored: a change

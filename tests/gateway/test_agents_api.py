@@ -207,6 +207,21 @@ async def test_bad_patch_leaves_the_agent_as_it_was(api: Api) -> None:
     assert after["version"] == 1 and after["resources"] == agent["resources"]
 
 
+@pytest.mark.parametrize("field", ["system_message", "model", "tools", "resources", "replicas"])
+async def test_a_patch_that_sends_null_gets_the_422_of_any_bad_field_and_changes_nothing(api: Api, field: str) -> None:
+    _, headers = await api.new_customer()
+    agent = (await api.client.post("/v1/agents", json=agent_body(), headers=headers)).json()
+    response = await api.client.patch(f"/v1/agents/{agent['id']}", json={field: None}, headers=headers)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid" and error["message"].startswith(f"invalid request: {field}: "), error
+    assert [d["field"] for d in error["details"]] == [field], error
+    assert "pydantic" not in response.text
+    after = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+    definition = ("version", "system_message", "model", "tools", "resources", "replicas")
+    assert {k: after[k] for k in definition} == {k: agent[k] for k in definition}
+
+
 async def test_customers_never_see_each_others_agents(api: Api) -> None:
     _, alice = await api.new_customer("alice")
     _, bob = await api.new_customer("bob")
