@@ -130,7 +130,8 @@ class AgentCreate(BaseModel):
 
 
 class AgentUpdate(BaseModel):
-    """Fields of an agent that PATCH may change; anything given rolls out a new job version."""
+    """Fields of an agent that PATCH may change; anything given rolls out a new job version. Within `resources`
+    only the fields given change; a `model` is replaced whole."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -175,13 +175,18 @@ class AgentService:
         return agent_job(agent, self._settings)
 
     async def update(self, customer_id: str | None, agent_id: str, change: AgentUpdate) -> Agent:
-        """Apply the fields the client sent (and only those) to the agent as it is, under the change lease: a
-        PATCH never undoes another one's fields, and a start or stop cannot come between its quota check and its
-        submission."""
+        """Apply the fields the client sent (and only those, within ``resources`` too) to the agent as it is, under
+        the change lease: a PATCH never undoes another one's fields, and a start or stop cannot come between its
+        quota check and its submission."""
         sent = change.model_dump(exclude_unset=True)
         async with self._changing(customer_id, agent_id) as current:
+            stored = current.model_dump(include=set(AgentCreate.model_fields))
+            merged = {**stored, **sent}
+            for name in _MERGED.intersection(sent):
+                if isinstance(sent[name], dict):  # (a null is refused below)
+                    merged[name] = {**stored[name], **sent[name]}
             try:
-                spec = AgentCreate.model_validate({**current.model_dump(include=set(AgentCreate.model_fields)), **sent})
+                spec = AgentCreate.model_validate(merged)
             except ValidationError as exc:  # a field sent as null, say: refused as the request's own fields are
                 raise invalid_input(exc.errors()) from exc
             fields = {name: getattr(spec, name) for name in sent}
@@ -509,6 +514,10 @@ def _lease(owner: str) -> ChangeLease:
     return ChangeLease(owner=owner, until=utcnow() + timedelta(seconds=LEASE_S))
 
 
+_MERGED = frozenset({"resources"})
+"""The nested fields of an agent a PATCH changes field by field: records of plain values. Any other (``model``, whose
+fields depend on its provider: a ``base_url`` only for ``ollama``, ``responses`` only for ``replay``) is replaced
+whole."""
 _LIVE = (AgentStatus.STARTING, AgentStatus.RUNNING, AgentStatus.KILLED)
 _DATETIME = TypeAdapter(datetime)
 

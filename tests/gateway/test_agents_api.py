@@ -222,6 +222,20 @@ async def test_a_patch_that_sends_null_gets_the_422_of_any_bad_field_and_changes
     assert {k: after[k] for k in definition} == {k: agent[k] for k in definition}
 
 
+async def test_a_patch_of_some_resources_keeps_the_others(api: Api) -> None:
+    _, headers = await api.new_customer()
+    agent = await created_running(api, headers, resources={"cpu": 300, "memory_mb": 384})
+    path = f"/v1/agents/{agent['id']}"
+    patched = await api.client.patch(path, json={"resources": {"memory_mb": 512}}, headers=headers)
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["resources"] == {"cpu": 300, "memory_mb": 512}
+    assert (await api.client.get(path, headers=headers)).json()["resources"] == {"cpu": 300, "memory_mb": 512}
+    job = (await api.client.get(f"{path}/job", headers=headers)).json()["Job"]
+    assert job["TaskGroups"][0]["Tasks"][0]["Resources"] == {"CPU": 300, "MemoryMB": 512}
+    usage = (await api.client.get("/v1/usage", headers=headers)).json()
+    assert (usage["cpu"], usage["memory_mb"]) == (300, 512), usage
+
+
 async def test_customers_never_see_each_others_agents(api: Api) -> None:
     _, alice = await api.new_customer("alice")
     _, bob = await api.new_customer("bob")
