@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["CaravanError", "Conflict", "Forbidden", "Invalid", "NotFound", "Unauthorized", "Unavailable"]
+__all__ = [
+    "CaravanError",
+    "Conflict",
+    "Forbidden",
+    "Invalid",
+    "NotFound",
+    "Unauthorized",
+    "Unavailable",
+    "invalid_input",
+]
 
 
 class CaravanError(Exception):
@@ -20,6 +30,22 @@ class CaravanError(Exception):
 class Invalid(CaravanError):
     status = 422
     code = "invalid"
+
+
+def invalid_input(errors: Iterable[Mapping[str, Any]]) -> Invalid:
+    """Input that did not validate (pydantic's ``errors()``, each ``loc`` a path in the input as the client sent it),
+    refused as every 422 reads: where and why, per field (only that: echoing the input back could return megabytes
+    or secrets), and a summary of the first few."""
+    details = [
+        {
+            "field": ".".join(str(p) for p in e.get("loc", ())) or "request",
+            "message": e.get("msg", ""),
+            "type": e.get("type", ""),
+        }
+        for e in errors
+    ]
+    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+    return Invalid(f"invalid request: {summary}", details)
 
 
 class NotFound(CaravanError):

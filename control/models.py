@@ -110,14 +110,18 @@ ToolName = Literal[TOOL_NAMES]  # type: ignore[valid-type]
 
 
 class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     cpu: int = Field(default=200, ge=50, le=16_000, description="CPU in MHz (Nomad `resources.cpu`).")
     memory_mb: int = Field(default=256, ge=128, le=65_536, description="Memory limit in MB.")
 
 
 class AgentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """An agent's definition. Strict, as every input of an agent (its resources and its model too): a number is
+    a JSON number and a boolean a JSON boolean (``true`` is no replica, ``"2"`` no count), but for a float's field,
+    which takes an integer (``"temperature": 1``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: AgentName = Field(description="A Python identifier: letters, digits and `_`, starting with a letter.")
     system_message: SystemMessage = "You are a helpful assistant."
@@ -135,9 +139,10 @@ class AgentCreate(BaseModel):
 
 
 class AgentUpdate(BaseModel):
-    """Fields of an agent that PATCH may change; anything given rolls out a new job version."""
+    """Fields of an agent that PATCH may change; anything given rolls out a new job version. Within `resources`
+    only the fields given change; a `model` is replaced whole. Strict, as :class:`AgentCreate`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     system_message: SystemMessage | None = None
     model: ModelConfig | None = None

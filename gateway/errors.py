@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from control.errors import CaravanError
+from control.errors import CaravanError, invalid_input
 from control.natsio import NATS_UNAVAILABLE
 
 __all__ = ["caravan_error_response", "error_response", "install_error_handlers", "refuse_websocket"]
@@ -56,19 +56,11 @@ async def refuse_websocket(websocket: WebSocket, response: JSONResponse) -> None
         await websocket.close(code=4000 + response.status_code)
 
 
-def _invalid_details(exc: RequestValidationError | WebSocketRequestValidationError) -> tuple[str, list[dict[str, Any]]]:
-    """Where and why the request is invalid (only that: echoing the input back could return megabytes or secrets),
-    and a summary of it."""
-    details = [
-        {"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", ""), "type": e.get("type", "")}
-        for e in exc.errors()
-    ]
-    return "; ".join(f"{d['field']}: {d['message']}" for d in details[:5]), details
-
-
-def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or "request"
+def _invalid(exc: RequestValidationError | WebSocketRequestValidationError) -> JSONResponse:
+    """A request FastAPI could not validate, refused as the control plane refuses input (``loc`` starts with where
+    in the request: the body, the query...; the field's path follows)."""
+    errors = [{**e, "loc": tuple(e.get("loc", ()))[1:]} for e in exc.errors()]
+    return caravan_error_response(invalid_input(errors))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -79,14 +71,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return caravan_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        summary, details = _invalid_details(exc)
-        return error_response(422, "invalid", f"invalid request: {summary}", details)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _invalid(exc)
 
     @app.exception_handler(WebSocketRequestValidationError)
     async def _invalid_websocket(websocket: WebSocket, exc: WebSocketRequestValidationError) -> None:
-        summary, details = _invalid_details(exc)
-        await refuse_websocket(websocket, error_response(422, "invalid", f"invalid request: {summary}", details))
+        await refuse_websocket(websocket, _invalid(exc))
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from agent.backends.base import Flag, keys_for_agent
 from agent.egress import EgressRefused
@@ -31,7 +31,7 @@ from agent.protocol import (
     utcnow,
 )
 from control.backends.base import AllocState, JobNotOwned, Scheduler, SchedulerError, StatusUpdate
-from control.errors import Conflict, Invalid, NotFound, Unavailable
+from control.errors import Conflict, NotFound, Unavailable, invalid_input
 from control.ids import new_id
 from control.jobspec import agent_job, job_id_for, namespace_for
 from control.models import Agent, AgentCreate, AgentRef, AgentStatus, AgentUpdate, ChangeLease
@@ -197,15 +197,20 @@ class AgentService:
         return agent_job(agent, self._settings)
 
     async def update(self, customer_id: str | None, agent_id: str, change: AgentUpdate) -> Agent:
-        """Apply the fields the client sent (and only those) to the agent as it is, under the change lease: a
-        PATCH never undoes another one's fields, and a start or stop cannot come between its quota check and its
-        submission."""
+        """Apply the fields the client sent (and only those, within ``resources`` too) to the agent as it is, under
+        the change lease: a PATCH never undoes another one's fields, and a start or stop cannot come between its
+        quota check and its submission."""
         sent = change.model_dump(exclude_unset=True)
         async with self._changing(customer_id, agent_id) as current:
+            stored = current.model_dump(include=set(AgentCreate.model_fields))
+            merged = {**stored, **sent}
+            for name in _MERGED.intersection(sent):
+                if isinstance(sent[name], dict):  # (a null is refused below)
+                    merged[name] = {**stored[name], **sent[name]}
             try:
-                spec = AgentCreate.model_validate({**current.model_dump(include=set(AgentCreate.model_fields)), **sent})
-            except ValueError as exc:
-                raise Invalid(str(exc)) from exc
+                spec = AgentCreate.model_validate(merged)
+            except ValidationError as exc:  # a field sent as null, say: refused as the request's own fields are
+                raise invalid_input(exc.errors()) from exc
             fields = {name: getattr(spec, name) for name in sent}
             self.render(current.model_copy(update=fields))  # refuse before storing if it cannot render
             # a running agent holds its new resources and replicas before its new definition is stored: a change
@@ -531,6 +536,10 @@ def _lease(owner: str) -> ChangeLease:
     return ChangeLease(owner=owner, until=utcnow() + timedelta(seconds=LEASE_S))
 
 
+_MERGED = frozenset({"resources"})
+"""The nested fields of an agent a PATCH changes field by field: records of plain values. Any other (``model``, whose
+fields depend on its provider: a ``base_url`` only for ``ollama``, ``responses`` only for ``replay``) is replaced
+whole."""
 _LIVE = (AgentStatus.STARTING, AgentStatus.RUNNING, AgentStatus.KILLED)
 _DATETIME = TypeAdapter(datetime)
 

@@ -210,6 +210,77 @@ async def test_bad_patch_leaves_the_agent_as_it_was(api: Api) -> None:
     assert after["version"] == 1 and after["resources"] == agent["resources"]
 
 
+@pytest.mark.parametrize("field", ["system_message", "model", "tools", "resources", "replicas"])
+async def test_a_patch_that_sends_null_gets_the_422_of_any_bad_field_and_changes_nothing(api: Api, field: str) -> None:
+    _, headers = await api.new_customer()
+    agent = (await api.client.post("/v1/agents", json=agent_body(), headers=headers)).json()
+    response = await api.client.patch(f"/v1/agents/{agent['id']}", json={field: None}, headers=headers)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid" and error["message"].startswith(f"invalid request: {field}: "), error
+    assert [d["field"] for d in error["details"]] == [field], error
+    assert "pydantic" not in response.text
+    after = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+    assert {k: after[k] for k in DEFINITION} == {k: agent[k] for k in DEFINITION}
+
+
+async def test_a_patch_of_some_resources_keeps_the_others(api: Api) -> None:
+    _, headers = await api.new_customer()
+    agent = await created_running(api, headers, resources={"cpu": 300, "memory_mb": 384})
+    path = f"/v1/agents/{agent['id']}"
+    patched = await api.client.patch(path, json={"resources": {"memory_mb": 512}}, headers=headers)
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["resources"] == {"cpu": 300, "memory_mb": 512}
+    assert (await api.client.get(path, headers=headers)).json()["resources"] == {"cpu": 300, "memory_mb": 512}
+    job = (await api.client.get(f"{path}/job", headers=headers)).json()["Job"]
+    assert job["TaskGroups"][0]["Tasks"][0]["Resources"] == {"CPU": 300, "MemoryMB": 512}
+    usage = (await api.client.get("/v1/usage", headers=headers)).json()
+    assert (usage["cpu"], usage["memory_mb"]) == (300, 512), usage
+
+
+DEFINITION = ("version", "system_message", "model", "tools", "resources", "replicas")
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"replicas": True}, "replicas"),
+        ({"replicas": "2"}, "replicas"),
+        ({"resources": {"cpu": "300"}}, "resources.cpu"),
+        ({"resources": {"memory_mb": 512.0}}, "resources.memory_mb"),
+        ({"model": {**REPLAY, "temperature": "0.5"}}, "model.temperature"),
+        ({"model": {**REPLAY, "max_tokens": True}}, "model.max_tokens"),
+        ({"model": {**REPLAY, "stream": 1}}, "model.stream"),
+    ],
+)
+async def test_numbers_and_booleans_of_an_agent_must_be_json_numbers_and_booleans(
+    api: Api, changes: dict[str, Any], field: str
+) -> None:
+    _, headers = await api.new_customer()
+    created = await api.client.post("/v1/agents", json=agent_body(**changes), headers=headers)
+    assert created.status_code == 422, created.text
+    assert [d["field"] for d in created.json()["error"]["details"]] == [field], created.text
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+
+    agent = (await api.client.post("/v1/agents", json=agent_body(), headers=headers)).json()
+    patched = await api.client.patch(f"/v1/agents/{agent['id']}", json=changes, headers=headers)
+    assert patched.status_code == 422, patched.text
+    assert [d["field"] for d in patched.json()["error"]["details"]] == [field], patched.text
+    after = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+    assert {k: after[k] for k in DEFINITION} == {k: agent[k] for k in DEFINITION}
+
+
+async def test_a_temperature_may_be_a_json_integer(api: Api) -> None:
+    _, headers = await api.new_customer()
+    created = await api.client.post("/v1/agents", json=agent_body(model={**REPLAY, "temperature": 1}), headers=headers)
+    assert created.status_code == 201, created.text
+    assert created.json()["model"]["temperature"] == 1.0
+    path = f"/v1/agents/{created.json()['id']}"
+    patched = await api.client.patch(path, json={"model": {**REPLAY, "temperature": 2}}, headers=headers)
+    assert patched.status_code == 200, patched.text
+    assert (await api.client.get(path, headers=headers)).json()["model"]["temperature"] == 2.0
+
+
 async def test_customers_never_see_each_others_agents(api: Api) -> None:
     _, alice = await api.new_customer("alice")
     _, bob = await api.new_customer("bob")
