@@ -138,16 +138,16 @@ class AgentService:
         refused it): nothing serves its work until it is started again. Called by the writer of that status only."""
         self._fail_hooks.append(hook)
 
-    def admit_model(self, model: ModelConfig, field: str = "model") -> None:
+    def admit_model(self, model: ModelConfig, *where: str) -> None:
         """Refuse (422) a model whose ``base_url`` points into the platform's own network (agent/egress.py), as it
-        is written: the agent's connections are checked again as they are made."""
+        is written: the agent's connections are checked again as they are made. ``where``: the model's path in
+        the request (``model`` by default)."""
         if model.base_url is not None:
             try:
                 self._settings.egress.check_url(model.base_url)
             except EgressRefused as refused:
-                where = f"{field}.base_url"
-                detail = {"field": where, "message": str(refused), "type": "egress_refused"}
-                raise Invalid(f"invalid request: {where}: {refused}", [detail]) from None
+                loc = (*(where or ("model",)), "base_url")
+                raise invalid_input([{"loc": loc, "msg": str(refused), "type": "egress_refused"}]) from None
 
     async def create(self, customer_id: str, spec: AgentCreate) -> Agent:
         """Admit, store and submit a new agent. If it cannot be stored, everything done for it is undone: its work
@@ -212,6 +212,8 @@ class AgentService:
             except ValidationError as exc:  # a field sent as null, say: refused as the request's own fields are
                 raise invalid_input(exc.errors()) from exc
             fields = {name: getattr(spec, name) for name in sent}
+            if "model" in fields:
+                self.admit_model(spec.model)
             self.render(current.model_copy(update=fields))  # refuse before storing if it cannot render
             # a running agent holds its new resources and replicas before its new definition is stored: a change
             # the quota refuses stores nothing, and one that cannot be stored gives back what it reserved

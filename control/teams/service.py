@@ -30,7 +30,7 @@ class TeamService:
                 raise Invalid(f"members need distinct names: {agent.name!r} is taken by {agent_id} and another")
             names[agent_id] = agent.name
         if spec.selector is not None:  # its model is called from the control plane
-            self._agents.admit_model(spec.selector.model, "selector.model")
+            self._agents.admit_model(spec.selector.model, "selector", "model")
         team = Team(id=new_id("tm"), customer_id=customer_id, **spec.model_dump())
         await self._repo.create(_key(customer_id, team.id), team)
         return team

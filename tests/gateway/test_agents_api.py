@@ -224,6 +224,17 @@ async def test_a_patch_that_sends_null_gets_the_422_of_any_bad_field_and_changes
     assert {k: after[k] for k in DEFINITION} == {k: agent[k] for k in DEFINITION}
 
 
+async def test_a_patch_cannot_point_a_model_into_the_platforms_network(api: Api) -> None:
+    _, headers = await api.new_customer()
+    agent = (await api.client.post("/v1/agents", json=agent_body(), headers=headers)).json()
+    inside = {"provider": "ollama", "name": "m", "base_url": "http://0x7f.1:4646/v1"}
+    response = await api.client.patch(f"/v1/agents/{agent['id']}", json={"model": inside}, headers=headers)
+    assert response.status_code == 422, response.text
+    assert [d["field"] for d in response.json()["error"]["details"]] == ["model.base_url"]
+    after = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+    assert {k: after[k] for k in DEFINITION} == {k: agent[k] for k in DEFINITION}
+
+
 async def test_a_patch_of_some_resources_keeps_the_others(api: Api) -> None:
     _, headers = await api.new_customer()
     agent = await created_running(api, headers, resources={"cpu": 300, "memory_mb": 384})
