@@ -78,7 +78,9 @@ async def list_keys(
 
 @router.delete("/keys/{prefix}", status_code=status.HTTP_204_NO_CONTENT)
 async def revoke_key(prefix: str, control: ControlDep, admin: AdminDep) -> Response:
-    """Revoke an API key: it gets no more tokens, and tokens it already got stop working within seconds."""
+    """Revoke an API key: it gets no more tokens, and tokens it already got stop working within seconds. The last
+    active admin key is not revoked (409 `last_admin_key`): start the control plane with a new `CARAVAN_ADMIN_KEY`
+    first."""
     async with control.audit.admin_action(admin, "key.revoke", target=prefix) as record:
         key = await control.auth.revoke(prefix)
         record.customer_id = key.customer_id
