@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -27,9 +28,11 @@ from control.ids import is_plain_id, new_id
 from control.models import ApiKey, Customer, Role
 from control.store import AlreadyExists, Repo
 
-__all__ = ["AuthService", "IssuedKey", "LastAdminKey", "Principal"]
+__all__ = ["AuthService", "IssuedKey", "LastAdminKey", "Principal", "shown_prefix"]
 
 _KEY_PREFIX = "cvn"
+_PREFIX_LENGTH = 12  # cvn_ and 8 hex digits; every key is longer
+_GENERATED_KEY = re.compile(r"cvn_[0-9a-f]{8}_")
 _REVOCATION_REFRESH_S = 2.0
 _ADMIN_REVOCATIONS = "admin_key_revocations"
 
@@ -64,6 +67,17 @@ class Principal:
 class IssuedKey:
     api_key: str
     prefix: str
+
+
+def shown_prefix(value: str) -> str:
+    """What may be recorded or answered of a value given as a key's prefix, which may be a whole key given in its
+    place: the value if it is no longer than a prefix, else the prefix a generated key starts with, else nothing
+    of it (a key chosen outside has a random prefix, so no part of it is shown)."""
+    if len(value) <= _PREFIX_LENGTH:
+        return value
+    if _GENERATED_KEY.match(value):
+        return f"{value[:_PREFIX_LENGTH]}_<redacted>"
+    return "<redacted>"
 
 
 def _hash(api_key: str) -> str:
@@ -186,7 +200,9 @@ class AuthService:
         keys = await self._keys.list()
         key = next((k for k in keys if k.prefix == prefix), None)
         if key is None:
-            raise NotFound(f"no API key with prefix {prefix!r}")
+            shown = shown_prefix(prefix)
+            hint = "" if shown == prefix else ": give the key's prefix (as GET /v1/admin/keys lists it), not the key"
+            raise NotFound(f"no API key with prefix {shown!r}{hint}")
         if key.revoked_at is None:
             if key.role is Role.ADMIN:
                 await self._claim_admin_revocation(key, keys)

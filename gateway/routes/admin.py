@@ -7,6 +7,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from agent.backends.base import Flag
 from control.models import AgentStatus, CustomerCreate, Role
 from control.services.audit import AuditQuery, AuditRecord, AuditTime
+from control.services.auth import shown_prefix
 from control.services.killswitch import KillswitchRequest, KillswitchResult
 from control.services.quotas import Quota, UsagePublic
 from control.services.stats import Stats
@@ -81,7 +82,7 @@ async def revoke_key(prefix: str, control: ControlDep, admin: AdminDep) -> Respo
     """Revoke an API key: it gets no more tokens, and tokens it already got stop working within seconds. The last
     active admin key is not revoked (409 `last_admin_key`): start the control plane with a new `CARAVAN_ADMIN_KEY`
     first."""
-    async with control.audit.admin_action(admin, "key.revoke", target=prefix) as record:
+    async with control.audit.admin_action(admin, "key.revoke", target=shown_prefix(prefix)) as record:
         key = await control.auth.revoke(prefix)
         record.customer_id = key.customer_id
     return Response(status_code=status.HTTP_204_NO_CONTENT)

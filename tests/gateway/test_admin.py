@@ -16,7 +16,7 @@ from control.models import Role
 from control.services.audit import AUDIT_STREAM
 from gateway.app import create_app
 from gateway.ratelimit import Tiers
-from tests.conftest import Api
+from tests.conftest import ADMIN_KEY, Api
 from tests.gateway.test_agents_api import INVISIBLE_NAMES, READABLE_NAMES, agent_body
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
 from tests.support.helpers import assert_eventually, serve_app
@@ -93,6 +93,42 @@ async def test_keys_are_shown_once_listed_by_prefix_and_revocable(api: Api) -> N
         lambda: api.client.get("/v1/agents", headers=token), lambda r: r.status_code == 401, what="old token refused"
     )
     assert (await api.client.delete("/v1/admin/keys/cvn_nothere", headers=admin)).status_code == 404
+
+
+async def test_a_whole_key_given_for_its_prefix_is_never_recorded_logged_or_answered(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator pastes a key where its prefix goes: the audit log (append-only: kept for good), the log and
+    the answers show its prefix at most (a key chosen outside: nothing of it), and the key is not revoked."""
+    customer_id, customer = await api.new_customer()
+    admin = await api.admin()
+    created = (await api.client.post(f"/v1/admin/customers/{customer_id}/keys", headers=admin)).json()
+    secret, prefix = created["api_key"], created["api_key_prefix"]
+    answers = []
+    for key in (secret, ADMIN_KEY):
+        refused = await api.client.delete(f"/v1/admin/keys/{key}", headers=admin)
+        assert refused.status_code == 404, refused.text
+        answers.append(refused.text)
+        forbidden = await api.client.delete(f"/v1/admin/keys/{key}", headers=customer)  # refusals are audited too
+        assert forbidden.status_code == 403, forbidden.text
+
+    async def broken(prefix: str) -> None:
+        raise RuntimeError("the revocation broke")
+
+    monkeypatch.setattr(api.control.auth, "revoke", broken)
+    assert (await api.client.delete(f"/v1/admin/keys/{secret}", headers=admin)).status_code == 500
+    assert prefix in answers[0] and "not the key" in answers[0]
+    records = await audit(api)
+    revocations = [(r["target"], r["result"]) for r in records if r["action"] == "key.revoke"]
+    shown = f"{prefix}_<redacted>"
+    assert revocations == [(shown, "failed"), ("<redacted>", "failed"), (shown, "failed")]
+    forbidden_paths = [r["details"]["path"] for r in records if r["action"] == "auth.forbidden"]
+    assert forbidden_paths == [f"/v1/admin/keys/{shown}", "/v1/admin/keys/<redacted>"]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"DELETE /v1/admin/keys/{shown} " in logged  # the unexpected error, by what it was on
+    for text in (*answers, json.dumps(records), logged):
+        assert secret.removeprefix(prefix) not in text and ADMIN_KEY[:6] not in text
+    await api.token(secret)  # not revoked
 
 
 async def admin_prefixes(api: Api) -> list[str]:
