@@ -118,6 +118,11 @@ class QuotaService:
         assert updated is not None
         return updated
 
+    def completed(self, quota: Quota) -> Quota:
+        """``quota`` with the fields it leaves out (not given, as against given null: unlimited) at a new customer's
+        default."""
+        return self._default.model_copy(update={name: getattr(quota, name) for name in quota.model_fields_set})
+
     async def set_quota(self, customer_id: str, quota: Quota) -> UsagePublic:
         """Replace the customer's quota; returns their usage under it."""
         return _usage(await self._change(customer_id, lambda r: r.model_copy(update={"quota": quota})))

@@ -50,11 +50,14 @@ async def get_customer(customer_id: str, control: ControlDep, _: AdminDep) -> Cu
 async def set_quota(
     customer_id: str, body: Quota, request: Request, control: ControlDep, admin: AdminDep
 ) -> UsagePublic:
-    """Replace the customer's quota. Admission is checked against it from now on, and its tier rates their next
-    request (within seconds on other gateway replicas); what already runs stays."""
-    async with control.audit.admin_action(admin, "quota.set", customer_id, customer_id, quota=body.model_dump()):
+    """Replace the customer's quota. A field left out takes a new customer's default (`{}` resets the quota to
+    the defaults: `max_agents` from `CARAVAN_MAX_AGENTS_PER_CUSTOMER`, the others unlimited, tier `standard`);
+    `null` is unlimited. Admission is checked against it from now on, and its tier rates their next request (within
+    seconds on other gateway replicas); what already runs stays."""
+    quota = control.quotas.completed(body)
+    async with control.audit.admin_action(admin, "quota.set", customer_id, customer_id, quota=quota.model_dump()):
         customer = await control.auth.get_customer(customer_id)
-        usage = await control.quotas.set_quota(customer.id, body)
+        usage = await control.quotas.set_quota(customer.id, quota)
     tiers: Tiers = request.app.state.tiers
     tiers.forget(customer.id)
     return usage

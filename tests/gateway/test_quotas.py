@@ -326,6 +326,19 @@ async def test_reading_usage_writes_nothing_and_the_first_reservation_starts_fro
     assert stored.quota.max_agents == api.control.settings.max_agents_per_customer and len(stored.agents) == 1
 
 
+async def test_a_quota_field_left_out_takes_a_new_customers_default_and_null_is_unlimited(api: Api) -> None:
+    """Setting a token budget does not lift the agent cap every customer starts with; `{}` resets the quota."""
+    customer_id, headers = await api.new_customer()
+    default = api.control.settings.max_agents_per_customer
+    assert (await set_quota(api, customer_id, tokens_per_day=10))["quota"]["max_agents"] == default
+    await set_quota(api, customer_id, max_agents=3, max_cpu=1000, tier="free")
+    reset = await set_quota(api, customer_id)
+    unlimited = dict.fromkeys(("max_cpu", "max_memory_mb", "max_concurrent_tasks", "tokens_per_day"))
+    assert reset["quota"] == {"tier": "standard", "max_agents": default, **unlimited}
+    assert (await set_quota(api, customer_id, max_agents=None))["quota"]["max_agents"] is None
+    assert (await usage(api, headers))["quota"] == {"tier": "standard", "max_agents": None, **unlimited}
+
+
 async def test_bad_quotas_are_422(api: Api) -> None:
     customer_id, _ = await api.new_customer()
     admin = await api.admin()
