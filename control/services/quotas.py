@@ -30,23 +30,31 @@ class QuotaExceeded(CaravanError):
 
 
 class Quota(BaseModel):
-    """Limits of one customer; None is unlimited."""
+    """Limits of one customer; None is unlimited. A number must be a JSON number (``"3"`` or ``true`` is refused):
+    stored records hold numbers, so they are read as they were written."""
 
     model_config = ConfigDict(extra="forbid")
 
     tier: Tier = Field(default="standard", description="Rate-limit tier of the API.")
-    max_agents: int | None = Field(default=None, ge=0, le=100_000)
+    max_agents: int | None = Field(default=None, strict=True, ge=0, le=100_000)
     max_cpu: int | None = Field(
-        default=None, ge=0, le=10_000_000, description="MHz over running agents, each `resources.cpu` times `replicas`."
+        default=None,
+        strict=True,
+        ge=0,
+        le=10_000_000,
+        description="MHz over running agents, each `resources.cpu` times `replicas`.",
     )
     max_memory_mb: int | None = Field(
         default=None,
+        strict=True,
         ge=0,
         le=100_000_000,
         description="MB over running agents, each `resources.memory_mb` times `replicas`.",
     )
-    max_concurrent_tasks: int | None = Field(default=None, ge=0, le=1_000_000)
-    tokens_per_day: int | None = Field(default=None, ge=0, le=10**12, description="Model tokens per UTC day.")
+    max_concurrent_tasks: int | None = Field(default=None, strict=True, ge=0, le=1_000_000)
+    tokens_per_day: int | None = Field(
+        default=None, strict=True, ge=0, le=10**12, description="Model tokens per UTC day."
+    )
 
 
 class Reservation(BaseModel):

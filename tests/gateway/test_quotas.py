@@ -342,9 +342,13 @@ async def test_a_quota_field_left_out_takes_a_new_customers_default_and_null_is_
 async def test_bad_quotas_are_422(api: Api) -> None:
     customer_id, _ = await api.new_customer()
     admin = await api.admin()
-    for body in ({"max_agents": -1}, {"tier": "platinum"}, {"unknown": 1}, {"tokens_per_day": "lots"}):
+    before = await set_quota(api, customer_id, max_agents=5, tokens_per_day=100)
+    numbers = ("max_agents", "max_cpu", "max_memory_mb", "max_concurrent_tasks", "tokens_per_day")
+    not_numbers = [{field: value} for field in numbers for value in ("3", True)]  # not taken as 3 or 1
+    for body in ({"max_agents": -1}, {"tier": "platinum"}, {"unknown": 1}, {"tokens_per_day": "lots"}, *not_numbers):
         response = await api.client.put(f"/v1/admin/customers/{customer_id}/quota", json=body, headers=admin)
         assert response.status_code == 422, body
+    assert (await api.client.get(f"/v1/admin/customers/{customer_id}", headers=admin)).json()["usage"] == before
     assert (
         await api.client.put("/v1/admin/customers/cu-000000000000/quota", json={}, headers=admin)
     ).status_code == 404
