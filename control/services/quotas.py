@@ -19,7 +19,16 @@ from control.errors import CaravanError
 from control.models import Resources
 from control.store import AlreadyExists, Repo
 
-__all__ = ["Quota", "QuotaExceeded", "QuotaRecord", "QuotaService", "Reservation", "Tier", "UsagePublic"]
+__all__ = [
+    "Quota",
+    "QuotaExceeded",
+    "QuotaRecord",
+    "QuotaService",
+    "Reservation",
+    "Tier",
+    "UsagePublic",
+    "within_budget",
+]
 
 Tier = Literal["free", "standard", "enterprise"]
 
@@ -132,8 +141,14 @@ class QuotaService:
         return self._default.model_copy(update={name: getattr(quota, name) for name in quota.model_fields_set})
 
     async def set_quota(self, customer_id: str, quota: Quota) -> UsagePublic:
-        """Replace the customer's quota; returns their usage under it."""
-        return _usage(await self._change(customer_id, lambda r: r.model_copy(update={"quota": quota})))
+        """Replace the customer's quota; returns their usage under it. A budget that leaves them tokens today (or
+        none) is crossed afresh: going over it halts them again."""
+
+        def replace(record: QuotaRecord) -> QuotaRecord:
+            exceeded = record.budget_exceeded and not _within_budget(_usage(record), quota)
+            return record.model_copy(update={"quota": quota, "budget_exceeded": exceeded})
+
+        return _usage(await self._change(customer_id, replace))
 
     async def usage(self, customer_id: str) -> UsagePublic:
         return _usage(await self._record(customer_id))
@@ -297,6 +312,15 @@ def _usage(record: QuotaRecord) -> UsagePublic:
         concurrent_tasks=len(record.tasks),
         tokens_today=record.tokens if record.token_day == _today() else 0,
     )
+
+
+def within_budget(usage: UsagePublic) -> bool:
+    """Whether the customer has tokens left today (or no daily budget)."""
+    return _within_budget(usage, usage.quota)
+
+
+def _within_budget(usage: UsagePublic, quota: Quota) -> bool:
+    return quota.tokens_per_day is None or usage.tokens_today < quota.tokens_per_day
 
 
 def _check_resources(record: QuotaRecord, agent_id: str, wanted: Reservation) -> None:

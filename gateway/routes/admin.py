@@ -53,11 +53,12 @@ async def set_quota(
     """Replace the customer's quota. A field left out takes a new customer's default (`{}` resets the quota to
     the defaults: `max_agents` from `CARAVAN_MAX_AGENTS_PER_CUSTOMER`, the others unlimited, tier `standard`);
     `null` is unlimited. Admission is checked against it from now on, and its tier rates their next request (within
-    seconds on other gateway replicas); what already runs stays."""
+    seconds on other gateway replicas); what already runs stays. A daily token budget that leaves the customer
+    tokens today (or none) lifts the budget's own halt on them at once; an operator's halt stays."""
     quota = control.quotas.completed(body)
     async with control.audit.admin_action(admin, "quota.set", customer_id, customer_id, quota=quota.model_dump()):
         customer = await control.auth.get_customer(customer_id)
-        usage = await control.quotas.set_quota(customer.id, quota)
+        usage = await control.set_quota(customer.id, quota)
     tiers: Tiers = request.app.state.tiers
     tiers.forget(customer.id)
     return usage
