@@ -26,7 +26,7 @@ from control.services.audit import AuditLog
 from control.services.auth import AuthService, IssuedKey
 from control.services.budget import BudgetHold, BudgetHolds, Clock, SystemClock
 from control.services.killswitch import KillswitchService
-from control.services.quotas import Quota, QuotaRecord, QuotaService
+from control.services.quotas import Quota, QuotaRecord, QuotaService, UsagePublic, within_budget
 from control.services.stats import StatsService
 from control.services.tasks import TaskService
 from control.settings import Settings
@@ -275,6 +275,17 @@ class ControlPlane:
                 await backend.stop()
         if self._jet is not None:
             await self._jet.close()
+
+    async def set_quota(self, customer_id: str, quota: Quota) -> UsagePublic:
+        """Replace the customer's quota; if it leaves them tokens today (or has no daily budget), the budget's own
+        halt on them is lifted now (audited as at the day's end), not at midnight. An operator's halt stays."""
+        usage = await self.quotas.set_quota(customer_id, quota)
+        if within_budget(usage):
+            assert self._budget is not None
+            budget = usage.quota.tokens_per_day
+            why = "no daily token budget" if budget is None else f"daily token budget set to {budget} tokens"
+            await self._budget.release(customer_id, f"{why} ({usage.tokens_today} used today)")
+        return usage
 
     async def _budget_exceeded(self, customer_id: str, total: int, budget: int) -> None:
         """A customer went over their daily token budget: engage their killswitch until the day ends (in the

@@ -12,6 +12,7 @@ from control.errors import Forbidden, Invalid, Unauthorized
 from control.platform import ControlPlane
 from control.services.audit import AuditRecord
 from control.services.auth import Principal
+from gateway.errors import shown_path
 from gateway.ratelimit import FAILED_AUTH, RateLimited, RateLimiter, Tiers
 
 __all__ = ["AdminDep", "ControlDep", "PrincipalDep", "check_failures", "owner_scope", "target_customer"]
@@ -74,7 +75,7 @@ def check_failures(request: HTTPConnection, take: bool = True) -> None:
 
 async def audit_denied(control: ControlPlane, request: HTTPConnection, action: str, actor: str, why: str) -> None:
     client = request.client.host if request.client else None
-    details = {"path": request.url.path, "why": why, "client": client}
+    details = {"path": shown_path(request.url.path), "why": why, "client": client}
     await control.audit.append(
         AuditRecord(actor=actor, role="unknown", action=action, result="denied", details=details)
     )

@@ -14,10 +14,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.errors import CaravanError, invalid_input
 from control.natsio import NATS_UNAVAILABLE
+from control.services.auth import shown_prefix
 
-__all__ = ["caravan_error_response", "error_response", "install_error_handlers", "refuse_websocket"]
+__all__ = ["caravan_error_response", "error_response", "install_error_handlers", "refuse_websocket", "shown_path"]
 
 log = logging.getLogger("caravan.gateway")
+_KEY_ROUTE = "/v1/admin/keys/"
 
 _CODES = {
     400: "bad_request",
@@ -31,6 +33,12 @@ _CODES = {
     422: "invalid",
     429: "rate_limited",
 }
+
+
+def shown_path(path: str) -> str:
+    """A request's path as it may be logged or audited: on the key route, what :func:`shown_prefix` shows of the
+    key's prefix (a whole key may be given in its place)."""
+    return _KEY_ROUTE + shown_prefix(path[len(_KEY_ROUTE) :]) if path.startswith(_KEY_ROUTE) else path
 
 
 def error_response(
@@ -121,7 +129,9 @@ class _Unexpected:
             if started:
                 raise
             request_id = uuid.uuid4().hex[:16]
-            log.exception("unexpected error answering %s %s (request %s)", scope["method"], scope["path"], request_id)
+            log.exception(
+                "unexpected error answering %s %s (request %s)", scope["method"], shown_path(scope["path"]), request_id
+            )
             message = f"internal error: the operator can find it in the log by request id {request_id}"
             response = error_response(
                 500, "internal", message, {"request_id": request_id}, {"X-Request-ID": request_id}

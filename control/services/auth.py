@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -19,17 +20,34 @@ from typing import Any
 import jwt
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+from pydantic import BaseModel, Field
 
 from agent.protocol import utcnow
-from control.errors import NotFound, Unauthorized
+from control.errors import Conflict, NotFound, Unauthorized
 from control.ids import is_plain_id, new_id
 from control.models import ApiKey, Customer, Role
 from control.store import AlreadyExists, Repo
 
-__all__ = ["AuthService", "IssuedKey", "Principal"]
+__all__ = ["AuthService", "IssuedKey", "LastAdminKey", "Principal", "shown_prefix"]
 
 _KEY_PREFIX = "cvn"
+_PREFIX_LENGTH = 12  # cvn_ and 8 hex digits; every key is longer
+_GENERATED_KEY = re.compile(r"cvn_[0-9a-f]{8}_")
 _REVOCATION_REFRESH_S = 2.0
+_ADMIN_REVOCATIONS = "admin_key_revocations"
+
+
+class LastAdminKey(Conflict):
+    """Revoking the key would leave no active admin key (and no API makes one)."""
+
+    code = "last_admin_key"
+
+
+class _AdminRevocations(BaseModel):
+    """The hashes of the admin keys revoked, one record changed by compare-and-set: of two revocations that
+    would each leave the other's key as the last admin key, one sees the other's here and is refused."""
+
+    hashes: list[str] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,17 @@ class IssuedKey:
     prefix: str
 
 
+def shown_prefix(value: str) -> str:
+    """What may be recorded or answered of a value given as a key's prefix, which may be a whole key given in its
+    place: the value if it is no longer than a prefix, else the prefix a generated key starts with, else nothing
+    of it (a key chosen outside has a random prefix, so no part of it is shown)."""
+    if len(value) <= _PREFIX_LENGTH:
+        return value
+    if _GENERATED_KEY.match(value):
+        return f"{value[:_PREFIX_LENGTH]}_<redacted>"
+    return "<redacted>"
+
+
 def _hash(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
@@ -64,6 +93,7 @@ class AuthService:
         self._keys = keys
         self._customers = customers
         self._system = system
+        self._admin_revocations = Repo(system, _AdminRevocations)
         self._ttl = ttl_seconds
         self._secret = ""
         self._revoked: frozenset[str] = frozenset()
@@ -166,11 +196,37 @@ class AuthService:
         return sorted(keys, key=lambda k: k.created_at)
 
     async def revoke(self, prefix: str) -> ApiKey:
-        for key in await self._keys.list():
-            if key.prefix == prefix:
-                if key.revoked_at is None:
-                    revoked = await self._keys.update(key.hash, lambda k: k.model_copy(update={"revoked_at": utcnow()}))
-                    key = revoked or key
-                self._revoked_at = float("-inf")
-                return key
-        raise NotFound(f"no API key with prefix {prefix!r}")
+        """Revoke the key; :class:`LastAdminKey` (changing nothing) if it is the last active admin key."""
+        keys = await self._keys.list()
+        key = next((k for k in keys if k.prefix == prefix), None)
+        if key is None:
+            shown = shown_prefix(prefix)
+            hint = "" if shown == prefix else ": give the key's prefix (as GET /v1/admin/keys lists it), not the key"
+            raise NotFound(f"no API key with prefix {shown!r}{hint}")
+        if key.revoked_at is None:
+            if key.role is Role.ADMIN:
+                await self._claim_admin_revocation(key, keys)
+            revoked = await self._keys.update(key.hash, lambda k: k.model_copy(update={"revoked_at": utcnow()}))
+            key = revoked or key
+        self._revoked_at = float("-inf")
+        return key
+
+    async def _claim_admin_revocation(self, key: ApiKey, keys: list[ApiKey]) -> None:
+        """Record that ``key`` (an admin's) is revoked, unless no other active admin key would be left. ``keys``
+        may be read before: an admin key revoked since is in the record, which this write is conditional on."""
+
+        def claim(record: _AdminRevocations) -> _AdminRevocations | None:
+            if key.hash in record.hashes:  # claimed by an attempt that stopped before it revoked the key
+                return None
+            revoked = {key.hash, *record.hashes}
+            if not any(k.role is Role.ADMIN and k.revoked_at is None and k.hash not in revoked for k in keys):
+                raise LastAdminKey(
+                    f"{key.prefix} is the last active admin API key: revoking it would leave no admin access. "
+                    "Start the control plane with CARAVAN_ADMIN_KEY set to a new key, then revoke this one."
+                )
+            return record.model_copy(update={"hashes": [*record.hashes, key.hash]})
+
+        if await self._admin_revocations.update(_ADMIN_REVOCATIONS, claim) is None:
+            with contextlib.suppress(AlreadyExists):  # made meanwhile by another revocation: changed below
+                await self._admin_revocations.create(_ADMIN_REVOCATIONS, _AdminRevocations())
+            await self._admin_revocations.update(_ADMIN_REVOCATIONS, claim)

@@ -1,5 +1,5 @@
 """The daily token budget's hold on a customer: engaged when they go over ``tokens_per_day``, released when that
-UTC day ends.
+UTC day ends, or at once when an operator's quota change leaves them tokens today.
 
 The hold is a customer-scope killswitch engaged by ``system:token-budget``. Its release time is kept with the
 engagement's flag id in KV (bucket ``system``, key ``budget_hold.<customer id>``), so that a control plane
@@ -145,6 +145,17 @@ class BudgetHolds:
         await self._repo.put(_KEY_PREFIX + customer_id, hold)
         self._schedule(hold)
 
+    async def release(self, customer_id: str, why: str) -> None:
+        """Lift the budget's own halt on the customer now (their quota changed, leaving them tokens today), as its
+        day's end would: one an operator engaged stays."""
+        hold = await self._repo.get(_KEY_PREFIX + customer_id)
+        if hold is None:
+            current = await self._current(customer_id)
+            if current is None or current.by != BUDGET_ACTOR:
+                return
+            hold = await self._adopt(current)  # engaged, then stopped before its hold was kept
+        await self._lift(hold, why)  # its timer finds it gone when it is due
+
     async def _adopt(self, flag: Flag) -> BudgetHold:
         assert flag.target is not None
         hold = BudgetHold(customer_id=flag.target, flag_id=flag.id, lifts_at=budget_day_end(flag.at))
@@ -173,13 +184,13 @@ class BudgetHolds:
         while True:
             await self._clock.sleep_until(due)
             try:
-                await self._lift(hold)
+                await self._lift(hold, f"daily token budget renewed at {hold.lifts_at:%Y-%m-%d %H:%M} UTC")
                 return
             except Exception:  # the flag store or NATS away for a while: the hold stays, and is tried again
                 log.exception("could not release the token budget's hold on customer %s", hold.customer_id)
                 due = self._clock.now() + _RETRY
 
-    async def _lift(self, hold: BudgetHold) -> None:
+    async def _lift(self, hold: BudgetHold, why: str) -> None:
         """Release the hold's own engagement (not one engaged over it since), then forget the hold. Claimed first:
         of the control planes timing it, one releases it (another does once a claim is ``_CLAIM`` old)."""
         key, claim_until = _KEY_PREFIX + hold.customer_id, self._clock.now() + _CLAIM
@@ -198,7 +209,7 @@ class BudgetHolds:
                 scope=Scope.CUSTOMER,
                 customer_id=hold.customer_id,
                 engaged=False,
-                reason=f"daily token budget renewed at {hold.lifts_at:%Y-%m-%d %H:%M} UTC",
+                reason=why,
             )
             try:
                 await self._killswitch.apply(_PRINCIPAL, request, only=hold.flag_id)

@@ -19,7 +19,16 @@ from control.errors import CaravanError
 from control.models import Resources
 from control.store import AlreadyExists, Repo
 
-__all__ = ["Quota", "QuotaExceeded", "QuotaRecord", "QuotaService", "Reservation", "Tier", "UsagePublic"]
+__all__ = [
+    "Quota",
+    "QuotaExceeded",
+    "QuotaRecord",
+    "QuotaService",
+    "Reservation",
+    "Tier",
+    "UsagePublic",
+    "within_budget",
+]
 
 Tier = Literal["free", "standard", "enterprise"]
 
@@ -30,23 +39,31 @@ class QuotaExceeded(CaravanError):
 
 
 class Quota(BaseModel):
-    """Limits of one customer; None is unlimited."""
+    """Limits of one customer; None is unlimited. A number must be a JSON number (``"3"`` or ``true`` is refused):
+    stored records hold numbers, so they are read as they were written."""
 
     model_config = ConfigDict(extra="forbid")
 
     tier: Tier = Field(default="standard", description="Rate-limit tier of the API.")
-    max_agents: int | None = Field(default=None, ge=0, le=100_000)
+    max_agents: int | None = Field(default=None, strict=True, ge=0, le=100_000)
     max_cpu: int | None = Field(
-        default=None, ge=0, le=10_000_000, description="MHz over running agents, each `resources.cpu` times `replicas`."
+        default=None,
+        strict=True,
+        ge=0,
+        le=10_000_000,
+        description="MHz over running agents, each `resources.cpu` times `replicas`.",
     )
     max_memory_mb: int | None = Field(
         default=None,
+        strict=True,
         ge=0,
         le=100_000_000,
         description="MB over running agents, each `resources.memory_mb` times `replicas`.",
     )
-    max_concurrent_tasks: int | None = Field(default=None, ge=0, le=1_000_000)
-    tokens_per_day: int | None = Field(default=None, ge=0, le=10**12, description="Model tokens per UTC day.")
+    max_concurrent_tasks: int | None = Field(default=None, strict=True, ge=0, le=1_000_000)
+    tokens_per_day: int | None = Field(
+        default=None, strict=True, ge=0, le=10**12, description="Model tokens per UTC day."
+    )
 
 
 class Reservation(BaseModel):
@@ -118,9 +135,20 @@ class QuotaService:
         assert updated is not None
         return updated
 
+    def completed(self, quota: Quota) -> Quota:
+        """``quota`` with the fields it leaves out (not given, as against given null: unlimited) at a new customer's
+        default."""
+        return self._default.model_copy(update={name: getattr(quota, name) for name in quota.model_fields_set})
+
     async def set_quota(self, customer_id: str, quota: Quota) -> UsagePublic:
-        """Replace the customer's quota; returns their usage under it."""
-        return _usage(await self._change(customer_id, lambda r: r.model_copy(update={"quota": quota})))
+        """Replace the customer's quota; returns their usage under it. A budget that leaves them tokens today (or
+        none) is crossed afresh: going over it halts them again."""
+
+        def replace(record: QuotaRecord) -> QuotaRecord:
+            exceeded = record.budget_exceeded and not _within_budget(_usage(record), quota)
+            return record.model_copy(update={"quota": quota, "budget_exceeded": exceeded})
+
+        return _usage(await self._change(customer_id, replace))
 
     async def usage(self, customer_id: str) -> UsagePublic:
         return _usage(await self._record(customer_id))
@@ -256,7 +284,7 @@ class QuotaService:
             nonlocal crossed
             mark = record.metered.get(task_id)
             if mark is not None and mark.seq >= seq:
-                crossed = mark.crossed
+                crossed = mark.crossed and record.budget_exceeded  # (unless a quota change lifted it since)
                 return None
             today = _today()
             total = (record.tokens if record.token_day == today else 0) + tokens
@@ -284,6 +312,15 @@ def _usage(record: QuotaRecord) -> UsagePublic:
         concurrent_tasks=len(record.tasks),
         tokens_today=record.tokens if record.token_day == _today() else 0,
     )
+
+
+def within_budget(usage: UsagePublic) -> bool:
+    """Whether the customer has tokens left today (or no daily budget)."""
+    return _within_budget(usage, usage.quota)
+
+
+def _within_budget(usage: UsagePublic, quota: Quota) -> bool:
+    return quota.tokens_per_day is None or usage.tokens_today < quota.tokens_per_day
 
 
 def _check_resources(record: QuotaRecord, agent_id: str, wanted: Reservation) -> None:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from agent.backends.base import Flag
 from control.models import AgentStatus, CustomerCreate, Role
 from control.services.audit import AuditQuery, AuditRecord, AuditTime
+from control.services.auth import shown_prefix
 from control.services.killswitch import KillswitchRequest, KillswitchResult
 from control.services.quotas import Quota, UsagePublic
 from control.services.stats import Stats
@@ -49,11 +50,15 @@ async def get_customer(customer_id: str, control: ControlDep, _: AdminDep) -> Cu
 async def set_quota(
     customer_id: str, body: Quota, request: Request, control: ControlDep, admin: AdminDep
 ) -> UsagePublic:
-    """Replace the customer's quota. Admission is checked against it from now on, and its tier rates their next
-    request (within seconds on other gateway replicas); what already runs stays."""
-    async with control.audit.admin_action(admin, "quota.set", customer_id, customer_id, quota=body.model_dump()):
+    """Replace the customer's quota. A field left out takes a new customer's default (`{}` resets the quota to
+    the defaults: `max_agents` from `CARAVAN_MAX_AGENTS_PER_CUSTOMER`, the others unlimited, tier `standard`);
+    `null` is unlimited. Admission is checked against it from now on, and its tier rates their next request (within
+    seconds on other gateway replicas); what already runs stays. A daily token budget that leaves the customer
+    tokens today (or none) lifts the budget's own halt on them at once; an operator's halt stays."""
+    quota = control.quotas.completed(body)
+    async with control.audit.admin_action(admin, "quota.set", customer_id, customer_id, quota=quota.model_dump()):
         customer = await control.auth.get_customer(customer_id)
-        usage = await control.quotas.set_quota(customer.id, body)
+        usage = await control.set_quota(customer.id, quota)
     tiers: Tiers = request.app.state.tiers
     tiers.forget(customer.id)
     return usage
@@ -78,8 +83,10 @@ async def list_keys(
 
 @router.delete("/keys/{prefix}", status_code=status.HTTP_204_NO_CONTENT)
 async def revoke_key(prefix: str, control: ControlDep, admin: AdminDep) -> Response:
-    """Revoke an API key: it gets no more tokens, and tokens it already got stop working within seconds."""
-    async with control.audit.admin_action(admin, "key.revoke", target=prefix) as record:
+    """Revoke an API key: it gets no more tokens, and tokens it already got stop working within seconds. The last
+    active admin key is not revoked (409 `last_admin_key`): start the control plane with a new `CARAVAN_ADMIN_KEY`
+    first."""
+    async with control.audit.admin_action(admin, "key.revoke", target=shown_prefix(prefix)) as record:
         key = await control.auth.revoke(prefix)
         record.customer_id = key.customer_id
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -11,10 +12,11 @@ import nats
 import pytest
 from nats.js.errors import Error as JetStreamError
 
+from control.models import Role
 from control.services.audit import AUDIT_STREAM
 from gateway.app import create_app
 from gateway.ratelimit import Tiers
-from tests.conftest import Api
+from tests.conftest import ADMIN_KEY, Api
 from tests.gateway.test_agents_api import INVISIBLE_NAMES, READABLE_NAMES, agent_body
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
 from tests.support.helpers import assert_eventually, serve_app
@@ -91,6 +93,91 @@ async def test_keys_are_shown_once_listed_by_prefix_and_revocable(api: Api) -> N
         lambda: api.client.get("/v1/agents", headers=token), lambda r: r.status_code == 401, what="old token refused"
     )
     assert (await api.client.delete("/v1/admin/keys/cvn_nothere", headers=admin)).status_code == 404
+
+
+async def test_a_whole_key_given_for_its_prefix_is_never_recorded_logged_or_answered(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator pastes a key where its prefix goes: the audit log (append-only: kept for good), the log and
+    the answers show its prefix at most (a key chosen outside: nothing of it), and the key is not revoked."""
+    customer_id, customer = await api.new_customer()
+    admin = await api.admin()
+    created = (await api.client.post(f"/v1/admin/customers/{customer_id}/keys", headers=admin)).json()
+    secret, prefix = created["api_key"], created["api_key_prefix"]
+    answers = []
+    for key in (secret, ADMIN_KEY):
+        refused = await api.client.delete(f"/v1/admin/keys/{key}", headers=admin)
+        assert refused.status_code == 404, refused.text
+        answers.append(refused.text)
+        forbidden = await api.client.delete(f"/v1/admin/keys/{key}", headers=customer)  # refusals are audited too
+        assert forbidden.status_code == 403, forbidden.text
+
+    async def broken(prefix: str) -> None:
+        raise RuntimeError("the revocation broke")
+
+    monkeypatch.setattr(api.control.auth, "revoke", broken)
+    assert (await api.client.delete(f"/v1/admin/keys/{secret}", headers=admin)).status_code == 500
+    assert prefix in answers[0] and "not the key" in answers[0]
+    records = await audit(api)
+    revocations = [(r["target"], r["result"]) for r in records if r["action"] == "key.revoke"]
+    shown = f"{prefix}_<redacted>"
+    assert revocations == [(shown, "failed"), ("<redacted>", "failed"), (shown, "failed")]
+    forbidden_paths = [r["details"]["path"] for r in records if r["action"] == "auth.forbidden"]
+    assert forbidden_paths == [f"/v1/admin/keys/{shown}", "/v1/admin/keys/<redacted>"]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"DELETE /v1/admin/keys/{shown} " in logged  # the unexpected error, by what it was on
+    for text in (*answers, json.dumps(records), logged):
+        assert secret.removeprefix(prefix) not in text and ADMIN_KEY[:6] not in text
+    await api.token(secret)  # not revoked
+
+
+async def admin_prefixes(api: Api) -> list[str]:
+    """The prefixes of the admin keys not revoked."""
+    keys = (await api.client.get("/v1/admin/keys", headers=await api.admin())).json()
+    return [k["prefix"] for k in keys if k["role"] == "admin" and k["revoked_at"] is None]
+
+
+async def test_the_last_active_admin_key_cannot_be_revoked_and_the_refusal_is_audited(api: Api) -> None:
+    """No API makes an admin key: revoking the last one would lock every operator out until a restart."""
+    admin = await api.admin()
+    (seeded,) = await admin_prefixes(api)
+    refused = await api.client.delete(f"/v1/admin/keys/{seeded}", headers=admin)
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "last_admin_key" and "last active admin API key" in error["message"], error
+    assert (await api.client.get("/v1/admin/stats", headers=await api.admin())).status_code == 200
+    other = await api.control.auth.issue_key(Role.ADMIN, None)  # as a restart with a new CARAVAN_ADMIN_KEY does
+    assert (await api.client.delete(f"/v1/admin/keys/{other.prefix}", headers=admin)).status_code == 204
+    again = await api.client.delete(f"/v1/admin/keys/{seeded}", headers=admin)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "last_admin_key"
+    assert await admin_prefixes(api) == [seeded]
+    records = await audit(api, action="key.revoke")
+    assert [(r["target"], r["result"], r["details"].get("error", {}).get("code")) for r in records] == [
+        (seeded, "failed", "last_admin_key"),
+        (other.prefix, "ok", None),
+        (seeded, "failed", "last_admin_key"),
+    ]
+
+
+async def test_two_revocations_of_the_last_two_admin_keys_at_once_leave_one(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both revocations read the keys (two admin keys active) before either writes: one of them is refused."""
+    auth = api.control.auth
+    other = await auth.issue_key(Role.ADMIN, None)
+    (seeded,) = [p for p in await admin_prefixes(api) if p != other.prefix]
+    keys, listed, both_read = auth._keys, auth._keys.list, asyncio.Barrier(2)
+
+    async def read_then_wait(*args: Any) -> Any:
+        read = await listed(*args)
+        await both_read.wait()
+        return read
+
+    monkeypatch.setattr(keys, "list", read_then_wait)
+    results = await asyncio.gather(auth.revoke(seeded), auth.revoke(other.prefix), return_exceptions=True)
+    monkeypatch.undo()
+    assert sorted(type(r).__name__ for r in results) == ["ApiKey", "LastAdminKey"], results
+    assert len([k for k in await auth.list_keys() if k.role is Role.ADMIN and k.revoked_at is None]) == 1
 
 
 async def test_admin_lists_all_agents_force_stops_and_sees_stats(api: Api) -> None:

@@ -164,10 +164,10 @@ async def over_budget(api: Api) -> tuple[str, dict[str, str], dict[str, Any]]:
     await set_quota(api, customer_id, tokens_per_day=10)
     agent = await running_agent(api, headers)
     await finished(api, headers, await start_task(api, headers, agent["id"]))
-    await wait_status(api, headers, agent["id"], "killed")
+    halted = await wait_status(api, headers, agent["id"], "killed")
     holds = Repo(api.control.jet.kv["system"], BudgetHold)
     await assert_eventually(lambda: holds.get(f"budget_hold.{customer_id}"), lambda hold: hold is not None)
-    return customer_id, headers, agent
+    return customer_id, headers, halted
 
 
 async def halts_of(api: Api, customer_id: str) -> list[dict[str, Any]]:
@@ -179,13 +179,11 @@ async def test_a_token_budgets_halt_says_when_it_lifts_and_lifts_when_the_day_en
     clock = ManualClock(BEFORE_MIDNIGHT)
     async with api_at(settings, clock) as api:
         customer_id, headers, agent = await over_budget(api)
-        await set_quota(api, customer_id, tokens_per_day=10_000)  # the quota's own check counts the real day
-        refused = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "x"}, headers=headers)
-        assert refused.status_code == 409
-        assert "lifts at 2030-01-02 00:00 UTC" in refused.json()["error"]["message"]
+        assert "lifts at 2030-01-02 00:00 UTC" in agent["status_reason"]
         await clock.set(MIDNIGHT)
         await assert_eventually(lambda: halts_of(api, customer_id), lambda halts: halts == [], what="released")
         await wait_status(api, headers, agent["id"], "running")
+        await set_quota(api, customer_id, tokens_per_day=10_000)  # the quota's own check counts the real day
         assert (
             await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "x"}, headers=headers)
         ).status_code == 202
@@ -208,6 +206,49 @@ async def test_a_token_budgets_halt_lifts_after_a_restart_and_never_an_operators
         await assert_eventually(lambda: holds.list("budget_hold.*"), lambda kept: kept == [], what="holds done")
         (halt,) = await halts_of(api, other_id)
         assert halt["reason"] == "unpaid invoice"
+
+
+async def test_a_quota_change_that_leaves_tokens_today_lifts_the_budgets_halt_at_once(settings: Settings) -> None:
+    """An operator raises the budget of a customer it halted (or removes it): they work again now, not at
+    midnight, and going over the new budget halts them again."""
+    async with api_at(settings, ManualClock(BEFORE_MIDNIGHT)) as api:
+        customer_id, headers, agent = await over_budget(api)
+        used = (await set_quota(api, customer_id, tokens_per_day=100_000))["tokens_today"]
+        assert await halts_of(api, customer_id) == []
+        await wait_status(api, headers, agent["id"], "running")
+        task = await finished(api, headers, await start_task(api, headers, agent["id"]))
+        assert task["status"] == "completed", task
+        metered = await assert_eventually(lambda: usage(api, headers), lambda u: u["concurrent_tasks"] == 0)
+        await set_quota(api, customer_id, tokens_per_day=metered["tokens_today"] + 1)
+        await finished(api, headers, await start_task(api, headers, agent["id"]))
+        halted = await wait_status(api, headers, agent["id"], "killed")  # over the new budget: halted again
+        assert f"daily token budget of {metered['tokens_today'] + 1} tokens exceeded" in halted["status_reason"]
+        await set_quota(api, customer_id)  # no budget
+        assert await halts_of(api, customer_id) == []
+        await wait_status(api, headers, agent["id"], "running")
+        audit = (
+            await api.client.get("/v1/admin/audit", params={"actor": BUDGET_ACTOR}, headers=await api.admin())
+        ).json()
+        assert [(r["action"], r["details"]["reason"].split(" (")[0]) for r in audit] == [
+            ("killswitch.engage", "daily token budget of 10 tokens exceeded"),
+            ("killswitch.release", "daily token budget set to 100000 tokens"),
+            ("killswitch.engage", f"daily token budget of {metered['tokens_today'] + 1} tokens exceeded"),
+            ("killswitch.release", "no daily token budget"),
+        ]
+        assert f"({used} used today)" in audit[1]["details"]["reason"]
+
+
+async def test_a_quota_change_never_lifts_an_operators_halt(settings: Settings) -> None:
+    async with api_at(settings, ManualClock(BEFORE_MIDNIGHT)) as api:
+        customer_id, _, _ = await over_budget(api)
+        operator = {**UNPAID, "customer_id": customer_id}
+        assert (
+            await api.client.post("/v1/admin/killswitch", json=operator, headers=await api.admin())
+        ).status_code == 200
+        await set_quota(api, customer_id, tokens_per_day=100_000)
+        await set_quota(api, customer_id)
+        (halt,) = await halts_of(api, customer_id)
+        assert halt["reason"] == "unpaid invoice" and halt["by"] != BUDGET_ACTOR
 
 
 @pytest.mark.parametrize("engaging_replica", ["runs on", "is gone"])
@@ -326,12 +367,29 @@ async def test_reading_usage_writes_nothing_and_the_first_reservation_starts_fro
     assert stored.quota.max_agents == api.control.settings.max_agents_per_customer and len(stored.agents) == 1
 
 
+async def test_a_quota_field_left_out_takes_a_new_customers_default_and_null_is_unlimited(api: Api) -> None:
+    """Setting a token budget does not lift the agent cap every customer starts with; `{}` resets the quota."""
+    customer_id, headers = await api.new_customer()
+    default = api.control.settings.max_agents_per_customer
+    assert (await set_quota(api, customer_id, tokens_per_day=10))["quota"]["max_agents"] == default
+    await set_quota(api, customer_id, max_agents=3, max_cpu=1000, tier="free")
+    reset = await set_quota(api, customer_id)
+    unlimited = dict.fromkeys(("max_cpu", "max_memory_mb", "max_concurrent_tasks", "tokens_per_day"))
+    assert reset["quota"] == {"tier": "standard", "max_agents": default, **unlimited}
+    assert (await set_quota(api, customer_id, max_agents=None))["quota"]["max_agents"] is None
+    assert (await usage(api, headers))["quota"] == {"tier": "standard", "max_agents": None, **unlimited}
+
+
 async def test_bad_quotas_are_422(api: Api) -> None:
     customer_id, _ = await api.new_customer()
     admin = await api.admin()
-    for body in ({"max_agents": -1}, {"tier": "platinum"}, {"unknown": 1}, {"tokens_per_day": "lots"}):
+    before = await set_quota(api, customer_id, max_agents=5, tokens_per_day=100)
+    numbers = ("max_agents", "max_cpu", "max_memory_mb", "max_concurrent_tasks", "tokens_per_day")
+    not_numbers = [{field: value} for field in numbers for value in ("3", True)]  # not taken as 3 or 1
+    for body in ({"max_agents": -1}, {"tier": "platinum"}, {"unknown": 1}, {"tokens_per_day": "lots"}, *not_numbers):
         response = await api.client.put(f"/v1/admin/customers/{customer_id}/quota", json=body, headers=admin)
         assert response.status_code == 422, body
+    assert (await api.client.get(f"/v1/admin/customers/{customer_id}", headers=admin)).json()["usage"] == before
     assert (
         await api.client.put("/v1/admin/customers/cu-000000000000/quota", json={}, headers=admin)
     ).status_code == 404
