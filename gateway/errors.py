@@ -67,8 +67,16 @@ async def refuse_websocket(websocket: WebSocket, response: JSONResponse) -> None
 def _invalid(exc: RequestValidationError | WebSocketRequestValidationError) -> JSONResponse:
     """A request FastAPI could not validate, refused as the control plane refuses input (``loc`` starts with where
     in the request: the body, the query...; the field's path follows)."""
-    errors = [{**e, "loc": tuple(e.get("loc", ()))[1:]} for e in exc.errors()]
+    errors = [_located(e) for e in exc.errors()]
     return caravan_error_response(invalid_input(errors))
+
+
+def _located(error: dict[str, Any]) -> dict[str, Any]:
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid":  # its loc is ("body", <the character's offset>): not a field
+        position = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return {**error, "loc": ("body",), "msg": f"{error.get('msg', 'JSON decode error')}{position}"}
+    return {**error, "loc": loc[1:]}
 
 
 def install_error_handlers(app: FastAPI) -> None:

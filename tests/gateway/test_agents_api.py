@@ -170,6 +170,18 @@ async def in_chunks(raw: bytes) -> AsyncIterator[bytes]:
         yield raw[start : start + 2**16]
 
 
+async def test_a_body_that_is_not_json_says_where_it_broke_and_names_no_field(api: Api) -> None:
+    _, headers = await api.new_customer()
+    broken = await api.client.post(
+        "/v1/agents", content=b'{"name": "x",, }', headers={**headers, "Content-Type": "application/json"}
+    )
+    assert broken.status_code == 422, broken.text
+    error = broken.json()["error"]
+    assert [d["field"] for d in error["details"]] == ["body"], error  # not "1", the character's offset
+    assert error["message"] == "invalid request: body: JSON decode error at character 13"
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+
+
 async def test_a_body_over_the_limit_is_refused_with_413_chunked_or_not_and_nothing_is_stored(api: Api) -> None:
     _, headers = await api.new_customer()
     headers = {**headers, "Content-Type": "application/json"}

@@ -61,6 +61,9 @@ async def test_probes_and_docs(api: Api) -> None:
     assert (await api.client.get("/healthz")).json() == {"status": "ok"}
     ready = await api.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["scheduler"] == "local"
+    for probe in ("/healthz", "/readyz"):  # load balancers probe with HEAD too
+        head = await api.client.head(probe)
+        assert (head.status_code, head.content) == (200, b"")
     schema = (await api.client.get("/openapi.json")).json()
     for path in ("/v1/auth/token", "/v1/agents", "/v1/agents/{agent_id}/job", "/v1/tasks/{task_id}/events"):
         assert path in schema["paths"]
