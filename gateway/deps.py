@@ -9,6 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
 from control.errors import Forbidden, Invalid, Unauthorized
+from control.ids import is_plain_id
 from control.platform import ControlPlane
 from control.services.audit import AuditRecord
 from control.services.auth import Principal
@@ -89,11 +90,33 @@ def owner_scope(principal: Principal) -> str | None:
     return None if principal.is_admin else principal.customer_id
 
 
+def _own_or_refused(principal: Principal, customer_id: str | None) -> str:
+    """A customer's own id; ``?customer_id=`` naming another customer is refused (it used to be ignored, which
+    let a script believe it acted for someone else)."""
+    assert principal.customer_id is not None
+    if customer_id is not None and customer_id != principal.customer_id:
+        raise Forbidden("?customer_id= names another customer: only admins act for other customers")
+    return principal.customer_id
+
+
+def _named(customer_id: str) -> str:
+    if not is_plain_id(customer_id):  # a pattern (`*`, `>`) would match every customer's records
+        raise Invalid("?customer_id= must be a customer id")
+    return customer_id
+
+
 def target_customer(principal: Principal, customer_id: str | None) -> str:
     """The customer a new record belongs to: the caller's own, or the one an admin names."""
     if not principal.is_admin:
-        assert principal.customer_id is not None
-        return principal.customer_id
+        return _own_or_refused(principal, customer_id)
     if not customer_id:
         raise Invalid("admins act for a customer: give ?customer_id=")
-    return customer_id
+    return _named(customer_id)
+
+
+def listed_scope(principal: Principal, customer_id: str | None) -> str | None:
+    """The customer whose records a listing shows: the caller's own; for an admin, the one ``?customer_id=`` names,
+    or every customer (None)."""
+    if not principal.is_admin:
+        return _own_or_refused(principal, customer_id)
+    return None if customer_id is None else _named(customer_id)

@@ -11,7 +11,7 @@ from control.services.auth import shown_prefix
 from control.services.killswitch import KillswitchRequest, KillswitchResult
 from control.services.quotas import Quota, UsagePublic
 from control.services.stats import Stats
-from gateway.deps import AdminDep, ControlDep
+from gateway.deps import AdminDep, ControlDep, listed_scope
 from gateway.ratelimit import Tiers
 from gateway.routes.agents import agent_owner
 from gateway.schemas import (
@@ -93,9 +93,13 @@ async def revoke_key(prefix: str, control: ControlDep, admin: AdminDep) -> Respo
 
 
 @router.get("/agents", response_model=list[AgentPublic])
-async def list_all_agents(control: ControlDep, _: AdminDep) -> list[AgentPublic]:
-    """Every customer's agents."""
-    return [AgentPublic(**a.model_dump()) for a in await control.agents.list(None)]
+async def list_all_agents(
+    control: ControlDep,
+    admin: AdminDep,
+    customer_id: Annotated[str | None, Query(max_length=64, description="Admins: one customer's only.")] = None,
+) -> list[AgentPublic]:
+    """Every customer's agents (or one customer's)."""
+    return [AgentPublic(**a.model_dump()) for a in await control.agents.list(listed_scope(admin, customer_id))]
 
 
 @router.post("/agents/{agent_id}/stop", response_model=AgentPublic)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Response, status
 
 from control.models import Agent, AgentCreate, AgentUpdate
 from control.platform import ControlPlane
-from gateway.deps import ControlDep, PrincipalDep, owner_scope, target_customer
+from gateway.deps import ControlDep, PrincipalDep, listed_scope, owner_scope, target_customer
 from gateway.schemas import ERROR_RESPONSES, AgentPublic
 
 router = APIRouter(prefix="/v1/agents", tags=["agents"], responses=ERROR_RESPONSES)
@@ -40,8 +40,12 @@ async def create_agent(
 
 
 @router.get("", response_model=list[AgentPublic])
-async def list_agents(control: ControlDep, principal: PrincipalDep) -> list[AgentPublic]:
-    return [_public(a) for a in await control.agents.list(owner_scope(principal))]
+async def list_agents(
+    control: ControlDep,
+    principal: PrincipalDep,
+    customer_id: Annotated[str | None, Query(max_length=64, description="Admins: one customer's only.")] = None,
+) -> list[AgentPublic]:
+    return [_public(a) for a in await control.agents.list(listed_scope(principal, customer_id))]
 
 
 @router.get("/{agent_id}", response_model=AgentPublic)

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from control.teams.models import Team, TeamCreate
-from gateway.deps import ControlDep, PrincipalDep, owner_scope, target_customer
+from gateway.deps import ControlDep, PrincipalDep, listed_scope, owner_scope, target_customer
 from gateway.schemas import ERROR_RESPONSES, TeamPublic
 
 router = APIRouter(prefix="/v1/teams", tags=["teams"], responses=ERROR_RESPONSES)
@@ -32,8 +32,12 @@ async def create_team(
 
 
 @router.get("", response_model=list[TeamPublic])
-async def list_teams(control: ControlDep, principal: PrincipalDep) -> list[TeamPublic]:
-    return [_public(t) for t in await control.teams.list(owner_scope(principal))]
+async def list_teams(
+    control: ControlDep,
+    principal: PrincipalDep,
+    customer_id: Annotated[str | None, Query(max_length=64, description="Admins: one customer's only.")] = None,
+) -> list[TeamPublic]:
+    return [_public(t) for t in await control.teams.list(listed_scope(principal, customer_id))]
 
 
 @router.get("/{team_id}", response_model=TeamPublic)

@@ -504,3 +504,30 @@ async def test_a_failed_admin_action_on_a_customers_record_is_found_under_that_c
         ("task.cancel", task_id, "conflict"),
         ("team.delete", team_id, "conflict"),
     ]
+
+
+async def test_admins_list_one_customers_records_and_a_customer_cannot_name_another(api: Api) -> None:
+    """``?customer_id=`` narrows an admin's listings to one customer; a customer naming another is refused (it
+    used to be ignored, as it was on create, where the record went to the caller all the same)."""
+    alice_id, alice = await api.new_customer("alice")
+    bob_id, bob = await api.new_customer("bob")
+    agents = {who: await running_agent(api, headers) for who, headers in (("alice", alice), ("bob", bob))}
+    await finished(api, alice, await start_task(api, alice, agents["alice"]["id"]))
+    await finished(api, bob, await start_task(api, bob, agents["bob"]["id"]))
+    admin = await api.admin()
+    for path in ("/v1/agents", "/v1/admin/agents", "/v1/tasks", "/v1/teams"):
+        every = (await api.client.get(path, headers=admin)).json()
+        alices = (await api.client.get(path, params={"customer_id": alice_id}, headers=admin)).json()
+        assert {r["customer_id"] for r in alices} <= {alice_id} and len(alices) < max(len(every), 1), path
+        assert {r["customer_id"] for r in every} >= ({alice_id, bob_id} if path != "/v1/teams" else set()), path
+        bad = await api.client.get(path, params={"customer_id": ">"}, headers=admin)
+        assert bad.status_code == 422, (path, bad.text)
+        if path.startswith("/v1/admin"):
+            continue
+        own = await api.client.get(path, params={"customer_id": alice_id}, headers=alice)
+        assert own.status_code == 200 and own.json() == alices, path
+        other = await api.client.get(path, params={"customer_id": bob_id}, headers=alice)
+        assert (other.status_code, other.json()["error"]["code"]) == (403, "forbidden"), path
+    created = await api.client.post("/v1/agents", params={"customer_id": bob_id}, json=agent_body(), headers=alice)
+    assert created.status_code == 403, created.text
+    assert [a["id"] for a in (await api.client.get("/v1/agents", headers=alice)).json()] == [agents["alice"]["id"]]
