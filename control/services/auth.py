@@ -174,7 +174,12 @@ class AuthService:
             )
             role = Role(claims["role"])
         except (jwt.InvalidTokenError, ValueError) as exc:
-            raise Unauthorized(f"invalid token: {exc}") from exc
+            if token.startswith(f"{_KEY_PREFIX}_"):  # (the key itself is not repeated)
+                raise Unauthorized(
+                    'this is an API key, not a token: exchange it for one with POST /v1/auth/token {"api_key": ...}'
+                    " and send its access_token as the bearer"
+                ) from None
+            raise Unauthorized(f"invalid token: {exc} (send the access_token of POST /v1/auth/token)") from exc
         customer_id = claims.get("cid")
         if role is Role.CUSTOMER and not customer_id:
             raise Unauthorized("invalid token: customer token without a customer")

@@ -35,6 +35,11 @@ async def test_bad_keys_and_missing_tokens_are_401(api: Api) -> None:
         assert "error" in response.json()
     response = await api.client.get("/v1/agents")
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    created = await api.client.post("/v1/admin/customers", json={"name": "keyed"}, headers=await api.admin())
+    key = created.json()["api_key"]
+    as_bearer = await api.client.get("/v1/agents", headers={"Authorization": f"Bearer {key}"})
+    assert as_bearer.status_code == 401  # the key itself is no bearer: the message says what to do with it
+    assert "this is an API key, not a token" in as_bearer.text and key not in as_bearer.text
 
 
 def _b64(data: dict[str, object]) -> str:
@@ -53,6 +58,7 @@ async def test_tampered_expired_and_unsigned_tokens_are_refused(api: Api) -> Non
     for bad in (forged_role, unsigned, expired, wrong_key, "garbage"):
         response = await api.client.get("/v1/admin/customers", headers={"Authorization": f"Bearer {bad}"})
         assert response.status_code == 401, bad
+        assert "POST /v1/auth/token" in response.json()["error"]["message"]
         response = await api.client.get("/v1/agents", headers={"Authorization": f"Bearer {bad}"})
         assert response.status_code == 401, bad
 
