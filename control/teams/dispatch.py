@@ -91,8 +91,9 @@ class TeamTasks:
             raise Conflict(f"task {task.id} already has its answer")
         key = task_key(task.customer_id, task.id)
         await self._tasks.update(key, lambda t: t.model_copy(update={"queue_seq": ack.seq}))
-        await self._publish_status(task, "queued", "resuming with the human's answer")
-        return task.model_copy(update={"status": TaskStatus.QUEUED, "queue_seq": ack.seq})
+        resuming = "resuming with the human's answer"
+        await self._publish_status(task, "queued", resuming)
+        return task.model_copy(update={"status": TaskStatus.QUEUED, "status_reason": resuming, "queue_seq": ack.seq})
 
     async def cancel(self, task: Task) -> Task:
         """Cancel a team task whose record says a cancel was asked for (a manager that takes it up after this

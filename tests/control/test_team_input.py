@@ -68,6 +68,8 @@ async def test_a_team_asks_the_human_and_resumes_after_a_control_plane_restart(t
                 await wait_status(api, headers, agent_id, "running", 40)
             answer = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Green."}, headers=headers)
             assert answer.status_code == 202, answer.text
+            resumed = answer.json()  # not the question's reason under the new status
+            assert (resumed["status"], resumed["status_reason"]) == ("queued", "resuming with the human's answer")
             again = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Red."}, headers=headers)
             assert again.status_code == 409
             done = await task_status(api, headers, task_id, within=60)
