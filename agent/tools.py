@@ -33,7 +33,10 @@ def _evaluate(node: ast.AST) -> float:
         left, right = _evaluate(node.left), _evaluate(node.right)
         if isinstance(node.op, ast.Pow) and abs(right) > 100:
             raise ValueError("exponent too large")
-        return float(_BINARY[type(node.op)](left, right))
+        result = _BINARY[type(node.op)](left, right)
+        if isinstance(result, complex):  # a negative number to a fractional power
+            raise ValueError("the result is not a real number")
+        return float(result)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return float(_UNARY[type(node.op)](_evaluate(node.operand)))
     raise ValueError("only numbers and + - * / // % ** are allowed")

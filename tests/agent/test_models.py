@@ -97,6 +97,7 @@ async def test_calculator_is_arithmetic_only() -> None:
     assert (await calculator("__import__('os').system('id')")).startswith("error")
     assert (await calculator("9 ** 9999")).startswith("error")
     assert (await calculator("1/0")).startswith("error")
+    assert await calculator("(-8) ** (1/3)") == "error: the result is not a real number"  # not a TypeError
 
 
 def test_tools_are_chosen_from_the_catalog_only() -> None:
