@@ -95,10 +95,18 @@ Visible = AfterValidator(_visible)
 """Text people read, as one line: no control, format (zero-width, bidi) or line-break characters, but for a
 zero-width joiner or non-joiner between two characters beyond ASCII."""
 
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must hold something to read, not only spaces")
+    return value
+
+
 DisplayName = Annotated[
     str,
     StringConstraints(min_length=1, max_length=100),
     Visible,
+    AfterValidator(_not_blank),
     Field(
         description="Any letters; no control, format (zero-width, bidi) or line-break characters, but for a "
         "zero-width joiner or non-joiner between two characters beyond ASCII (emoji sequences, joined scripts)."
