@@ -18,6 +18,7 @@ import pytest
 from gateway.app import create_app
 from gateway.dashboard import STATIC_DIR
 from tests.conftest import Api, make_settings
+from tests.gateway.test_agents_api import REPLAY, created_running
 
 SCRIPTS = sorted(STATIC_DIR.glob("*.js"))
 CALL = re.compile(r"""\bapi\(\s*"(GET|POST|PUT|PATCH|DELETE)"\s*,\s*(["`])(/[^"`]*)\2""")
@@ -218,9 +219,10 @@ def test_the_javascript_writes_text_keeps_no_key_and_evaluates_no_code() -> None
     assert not re.search(r"@import|url\(\s*['\"]?(?!data:)", style), "the stylesheet loads nothing else"
 
 
-@pytest.mark.skipif(
-    shutil.which("node") is None, reason="node is not installed: the syntax of the modules is not checked"
-)
+NO_NODE = "node is not installed: the JavaScript modules are not run (their syntax is not checked)"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason=NO_NODE)
 def test_node_parses_every_module(tmp_path: Path) -> None:
     assert SCRIPTS, "no JavaScript in gateway/static"
     for script in SCRIPTS:
@@ -228,3 +230,87 @@ def test_node_parses_every_module(tmp_path: Path) -> None:
         module.write_text(script.read_text())
         checked = subprocess.run(["node", "--check", str(module)], capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0, f"{script.name}: {checked.stderr}"
+
+
+FOLLOW = """
+import { api, currentSession, signIn } from "STATIC/api.js";
+import { followTask } from "STATIC/sse.js";
+
+const [base, key, agentId] = process.argv.slice(2);
+const store = new Map();
+globalThis.sessionStorage = {
+  getItem: (k) => (store.has(k) ? store.get(k) : null),
+  setItem: (k, v) => store.set(k, String(v)),
+  removeItem: (k) => store.delete(k),
+};
+const requests = [];
+let cut = false;
+const realFetch = globalThis.fetch;
+globalThis.fetch = async (path, init) => {
+  requests.push({ path, headers: init.headers });
+  const response = await realFetch(base + path, init);
+  if (cut || !path.endsWith("/events") || response.status !== 200) return response;
+  cut = true; // the first stream breaks after its first event with an id: the client has to resume
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let seen = "";
+  const body = new ReadableStream({
+    async pull(controller) {
+      const { value, done } = await reader.read();
+      if (done) return controller.close();
+      seen += decoder.decode(value, { stream: true });
+      const first = seen.match(/^[^]*?\\nid: \\d+\\n[^]*?\\n\\n/);
+      if (first) {
+        controller.enqueue(new TextEncoder().encode(first[0]));
+        await reader.cancel();
+        controller.close();
+      }
+    },
+  });
+  return new Response(body, { status: 200, headers: response.headers });
+};
+
+await signIn(key);
+const task = await api("POST", "/v1/tasks", { body: { agent_id: agentId, task: "What is 6 times 7?" } });
+const events = [];
+const states = [];
+const how = await followTask(task.id, {
+  onEvent: (e) => events.push(e),
+  onState: (s) => states.push(s),
+  signal: new AbortController().signal,
+});
+const session = currentSession();
+console.log(JSON.stringify({ how, events, states, requests, stored: [...store.values()], role: session.role }));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason=NO_NODE)
+async def test_the_dashboards_client_signs_in_and_follows_a_task_to_its_end_across_a_broken_stream(
+    api: Api, tmp_path: Path
+) -> None:
+    """api.js and sse.js, run by node against the API: the token (not the key) kept, the events read with the
+    bearer token, a stream broken after its first event resumed with Last-Event-ID, no event twice, the end seen."""
+    created = await api.client.post("/v1/admin/customers", json={"name": "watcher"}, headers=await api.admin())
+    key = created.json()["api_key"]
+    agent = await created_running(api, await api.token(key), model={**REPLAY, "responses": ["42"]})
+    script = tmp_path / "follow.mjs"
+    script.write_text(FOLLOW.replace("STATIC", STATIC_DIR.as_uri()))
+    ran = await asyncio.to_thread(
+        subprocess.run, ["node", str(script), api.base, key, agent["id"]], capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr
+    out = json.loads(ran.stdout)
+
+    assert out["how"] == "ended" and out["role"] == "customer"
+    assert not any(key in value for value in out["stored"])
+    statuses = [e["content"] for e in out["events"] if e["kind"] == "status"]
+    assert statuses[0] == "queued" and statuses[-1] == "completed"
+    assert any(e["kind"] == "message" and e["content"] == "42" for e in out["events"])
+    ids = [int(e["id"]) for e in out["events"]]
+    assert ids == sorted(set(ids)), "an event came twice or out of order"
+    streams = [r for r in out["requests"] if r["path"].endswith("/events")]
+    assert len(streams) >= 2, "the broken stream was not resumed"
+    assert "Last-Event-ID" not in streams[0]["headers"]
+    assert streams[1]["headers"]["Last-Event-ID"] == str(ids[0])
+    assert all(r["headers"]["Authorization"].startswith("Bearer ") for r in streams)
+    assert all(key not in r["path"] and "token=" not in r["path"] for r in out["requests"])
