@@ -2,7 +2,7 @@
 // and their quotas, the audit log. The server checks the admin role on every call; these views only ask.
 
 import { api, seg } from "./api.js";
-import { attempt, badge, el, every, fill, numberOrNull, showNotice, table, when } from "./dom.js";
+import { attempt, badge, el, every, fill, numberOrNull, showError, showNotice, table, when } from "./dom.js";
 import { usageTable } from "./customer.js";
 
 const REFRESH_MS = 5000;
@@ -225,6 +225,10 @@ export function killswitchView(root) {
   }
 
   async function send(body, button) {
+    if (body.engaged && !body.reason) {
+      showError(outcome, new Error("Give a reason: the agents' owners and the audit log will read it."));
+      return;
+    }
     if (body.engaged && body.scope === "all") {
       const sure = window.confirm(
         "Engage the killswitch for EVERY agent of EVERY customer?\n\nTheir running tasks end killed and they take no new work until it is released.",
