@@ -219,6 +219,21 @@ def test_the_javascript_writes_text_keeps_no_key_and_evaluates_no_code() -> None
     assert not re.search(r"@import|url\(\s*['\"]?(?!data:)", style), "the stylesheet loads nothing else"
 
 
+LINKS = """
+import { readFileSync, readdirSync } from "node:fs";
+const dir = new URL(process.argv[2] + "/");
+const missing = [];
+for (const file of readdirSync(dir).filter((f) => f.endsWith(".js"))) {
+  const text = readFileSync(new URL(file, dir), "utf8");
+  for (const [, names, from] of text.matchAll(/import\\s*\\{([^}]*)\\}\\s*from\\s*"\\.\\/([^"]+)"/g)) {
+    const namespace = await import(new URL(from, dir));  // app.js, which starts the page, is imported by none
+    for (const name of names.split(",").map((n) => n.trim().split(/\\s+as\\s+/)[0]).filter(Boolean)) {
+      if (!(name in namespace)) missing.push(`${file} imports ${name} from ${from}, which does not export it`);
+    }
+  }
+}
+console.log(JSON.stringify(missing));
+"""
 NO_NODE = "node is not installed: the JavaScript modules are not run (their syntax is not checked)"
 
 
@@ -230,6 +245,11 @@ def test_node_parses_every_module(tmp_path: Path) -> None:
         module.write_text(script.read_text())
         checked = subprocess.run(["node", "--check", str(module)], capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0, f"{script.name}: {checked.stderr}"
+    linker = tmp_path / "links.mjs"  # what --check leaves out: each name a module imports, its module exports
+    linker.write_text(LINKS)
+    linked = subprocess.run(["node", str(linker), STATIC_DIR.as_uri()], capture_output=True, text=True, timeout=60)
+    assert linked.returncode == 0, linked.stderr
+    assert json.loads(linked.stdout) == []
 
 
 FOLLOW = """
