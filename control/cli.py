@@ -379,6 +379,7 @@ def _banner(settings: Settings, nats_url: str, creds: dict[str, Any], model: str
         "Caravan is up (embedded default: local scheduler, NATS JetStream, JetStream KV flags).",
         f"  API        {base}",
         f"  API docs   {base}/docs",
+        f"  Dashboard  {base}/dashboard  (sign in with an API key below)",
         f"  Metrics    {base}/metrics  (Prometheus)",
         f"  NATS       watch every event: nats sub -s {nats_url} 'caravan.events.>'",
         f"  Data       {settings.data_dir.resolve()}  (credentials in {_credentials_path(settings).name})",

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from control.metrics import Metrics
 from control.platform import ControlPlane
 from control.settings import Settings
+from gateway import dashboard
 from gateway.errors import error_response, install_error_handlers
 from gateway.ratelimit import RateLimiter, Tiers
 from gateway.routes import admin, agents, auth, health, tasks, teams, usage
@@ -52,6 +53,7 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
     app.add_middleware(_Counted, metrics=app.state.metrics)  # outermost but for Starlette's own error handler
     for module in (health, auth, agents, teams, tasks, usage, admin):
         app.include_router(module.router)
+    app.include_router(dashboard.build_router())  # left out of the OpenAPI schema
     return app
 
 

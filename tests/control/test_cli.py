@@ -346,3 +346,10 @@ def test_a_port_a_server_just_left_is_free_and_one_a_server_listens_on_is_not() 
             accepted.close()  # the server closes first: its side of the connection waits in TIME_WAIT
             client.recv(1)
     assert cli._port_free("127.0.0.1", port)
+
+
+def test_the_banner_says_where_the_dashboard_is(tmp_path: Path) -> None:
+    settings = make_settings("nats://127.0.0.1:4222", tmp_path)
+    base = f"http://{settings.http_host}:{settings.http_port}"
+    lines = _banner(settings, "nats://x", {}, "m").splitlines()
+    assert any(line.startswith(f"  Dashboard  {base}/dashboard ") for line in lines)

@@ -1,0 +1,413 @@
+// A customer's views: agents, teams, tasks (started and watched live), usage. Each view function fills `root`
+// and returns the function that stops what it runs (refreshes, streams).
+
+import { api, seg } from "./api.js";
+import { attempt, badge, el, every, fill, numberOrNull, showNotice, table, when } from "./dom.js";
+import { openTask } from "./task.js";
+
+const PROVIDERS = ["replay", "local", "openai", "openrouter", "groq", "deepseek", "anthropic", "ollama"];
+const TOOLS = ["calculator", "current_time", "word_count"];
+const MODES = ["round_robin", "selector", "swarm"];
+const TASK_STATUSES = ["queued", "running", "awaiting_input", "completed", "failed", "cancelled", "killed"];
+const REFRESH_MS = 5000;
+
+function field(label, input) {
+  return el("label", {}, label, input);
+}
+
+function modelFields(prefix) {
+  const provider = el("select", { name: `${prefix}provider` }, PROVIDERS.map((p) => el("option", { value: p, text: p })));
+  const name = el("input", { name: `${prefix}name`, required: true, value: "scripted", placeholder: "gpt-4o-mini" });
+  const baseUrl = el("input", { name: `${prefix}base_url`, placeholder: "ollama only: the server's URL" });
+  const responses = el("textarea", { name: `${prefix}responses`, placeholder: "One scripted answer per line (replay only)" });
+  const responsesLabel = field("Scripted responses", responses);
+  provider.addEventListener("change", () => {
+    responsesLabel.hidden = provider.value !== "replay";
+  });
+  return {
+    nodes: [field("Model provider", provider), field("Model name", name), field("Base URL", baseUrl), responsesLabel],
+    value() {
+      const model = { provider: provider.value, name: name.value.trim() };
+      if (baseUrl.value.trim()) model.base_url = baseUrl.value.trim();
+      if (provider.value === "replay") {
+        model.responses = responses.value.split("\n").map((r) => r.trim()).filter(Boolean);
+      }
+      return model;
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------------- agents
+
+function agentForm(onCreated) {
+  const errors = el("div");
+  const name = el("input", { name: "name", required: true, placeholder: "helper", pattern: "[A-Za-z][A-Za-z0-9_]*" });
+  const system = el("textarea", { name: "system_message", text: "You are a helpful assistant." });
+  const model = modelFields("");
+  const tools = TOOLS.map((t) => el("input", { type: "checkbox", name: "tools", value: t }));
+  const cpu = el("input", { type: "number", name: "cpu", value: "200", min: "1" });
+  const memory = el("input", { type: "number", name: "memory_mb", value: "256", min: "1" });
+  const replicas = el("input", { type: "number", name: "replicas", value: "1", min: "1", max: "10" });
+  const form = el(
+    "form",
+    {},
+    el(
+      "div",
+      { class: "fields" },
+      field("Name (letters, digits, _)", name),
+      ...model.nodes,
+      field("CPU (MHz)", cpu),
+      field("Memory (MB)", memory),
+      field("Replicas", replicas),
+    ),
+    field("System message", system),
+    el("div", { class: "toolbar" }, "Tools:", tools.map((box) => el("label", { class: "check" }, box, box.value))),
+    el("div", {}, el("button", { type: "submit", class: "primary", text: "Create agent" })),
+    errors,
+  );
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const body = {
+      name: name.value.trim(),
+      system_message: system.value,
+      model: model.value(),
+      tools: tools.filter((box) => box.checked).map((box) => box.value),
+      resources: { cpu: numberOrNull(cpu), memory_mb: numberOrNull(memory) },
+      replicas: numberOrNull(replicas),
+    };
+    for (const [key, value] of Object.entries(body.resources)) if (value === null) delete body.resources[key];
+    if (body.replicas === null) delete body.replicas;
+    const agent = await attempt(errors, () => api("POST", "/v1/agents", { body }), e.submitter);
+    if (agent) {
+      showNotice(errors, `Agent ${agent.name} created (${agent.id}), status ${agent.status}.`);
+      name.value = "";
+      onCreated();
+    }
+  });
+  return el("details", { class: "panel" }, el("summary", { text: "New agent" }), form);
+}
+
+export function agentsView(root) {
+  const list = el("div");
+  const errors = el("div");
+  const job = el("div");
+
+  async function load() {
+    const agents = await attempt(errors, () => api("GET", "/v1/agents"));
+    if (!agents) return;
+    const action = (label, cls, run) => (agent) => {
+      const button = el("button", { type: "button", class: cls, text: label });
+      button.addEventListener("click", async () => {
+        const done = await attempt(errors, () => run(agent), button);
+        if (done !== undefined) load();
+      });
+      return button;
+    };
+    const stop = action("Stop", "", (a) => api("POST", `/v1/agents/${seg(a.id)}/stop`));
+    const start = action("Start", "", (a) => api("POST", `/v1/agents/${seg(a.id)}/start`));
+    const remove = action("Delete", "danger", async (a) => {
+      if (!window.confirm(`Delete agent ${a.name}? Its unfinished tasks end cancelled.`)) return undefined;
+      return api("DELETE", `/v1/agents/${seg(a.id)}`);
+    });
+    const showJob = action("Job", "", async (a) => {
+      const spec = await api("GET", `/v1/agents/${seg(a.id)}/job`);
+      fill(job, el("section", { class: "panel" }, el("h3", { text: `Nomad job of ${a.name}` }), el("pre", { text: JSON.stringify(spec, null, 2) })));
+      return undefined;
+    });
+    fill(
+      list,
+      table(
+        [
+          ["Name", (a) => el("span", {}, el("strong", { text: a.name }), el("div", { class: "muted mono", text: a.id }))],
+          ["Status", (a) => el("span", {}, badge(a.status), a.status_reason ? el("div", { class: "muted", text: a.status_reason }) : null)],
+          ["Model", (a) => `${a.model.provider} / ${a.model.name}`],
+          ["Tools", (a) => a.tools.join(", ")],
+          ["Resources", (a) => `${a.resources.cpu} MHz, ${a.resources.memory_mb} MB × ${a.replicas}`],
+          ["", (a) => el("span", {}, a.desired === "stopped" ? start(a) : stop(a), showJob(a), remove(a))],
+        ],
+        agents,
+        "No agents yet: create one above.",
+      ),
+    );
+  }
+
+  fill(
+    root,
+    agentForm(load),
+    el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Agents" }), el("span", { class: "muted", text: "refreshes every 5 s" })), errors, list),
+    job,
+  );
+  load();
+  return every(REFRESH_MS, load);
+}
+
+// ---------------------------------------------------------------------------------------------------- teams
+
+function teamForm(agents, onCreated) {
+  const errors = el("div");
+  const name = el("input", { name: "name", required: true, placeholder: "writers" });
+  const members = agents.map((a) => el("input", { type: "checkbox", name: "members", value: a.id }));
+  const mode = el("select", { name: "mode" }, MODES.map((m) => el("option", { value: m, text: m })));
+  const selector = modelFields("selector_");
+  const selectorBox = el("div", { class: "fields", hidden: true }, selector.nodes);
+  mode.addEventListener("change", () => {
+    selectorBox.hidden = mode.value !== "selector";
+  });
+  const maxMessages = el("input", { type: "number", name: "max_messages", min: "1", value: "6" });
+  const mention = el("input", { name: "text_mention", placeholder: "TERMINATE" });
+  const timeout = el("input", { type: "number", name: "timeout_s", min: "1", step: "any" });
+  const maxTokens = el("input", { type: "number", name: "max_tokens", min: "1" });
+  const toUser = el("input", { type: "checkbox", name: "handoff_to_user" });
+  const handoffs = el("textarea", { name: "handoffs", placeholder: '{"ag-…": ["ag-…", "user"]} (swarm; optional)' });
+  const form = el(
+    "form",
+    {},
+    el("div", { class: "fields" }, field("Name", name), field("Mode", mode)),
+    el(
+      "fieldset",
+      {},
+      el("legend", { text: "Members, in order" }),
+      members.length ? members.map((box, i) => el("label", { class: "check" }, box, `${agents[i].name} (${agents[i].id})`)) : el("p", { class: "empty", text: "Create agents first." }),
+    ),
+    selectorBox,
+    el(
+      "fieldset",
+      {},
+      el("legend", { text: "Termination (any that is set ends the run)" }),
+      el("div", { class: "fields" }, field("Max messages", maxMessages), field("Text mention", mention), field("Timeout (s)", timeout), field("Max tokens", maxTokens)),
+      el("label", { class: "check" }, toUser, "Stop when a member hands off to the user"),
+    ),
+    field("Handoffs (JSON)", handoffs),
+    el("div", {}, el("button", { type: "submit", class: "primary", text: "Create team" })),
+    errors,
+  );
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const termination = {};
+    const set = (key, value) => {
+      if (value !== null && value !== "") termination[key] = value;
+    };
+    set("max_messages", numberOrNull(maxMessages));
+    set("text_mention", mention.value.trim());
+    set("timeout_s", numberOrNull(timeout));
+    set("max_tokens", numberOrNull(maxTokens));
+    if (toUser.checked) termination.handoff_to_user = true;
+    const body = {
+      name: name.value.trim(),
+      members: members.filter((box) => box.checked).map((box) => box.value),
+      mode: mode.value,
+      termination,
+    };
+    if (mode.value === "selector") body.selector = { model: selector.value() };
+    await attempt(errors, async () => {
+      if (handoffs.value.trim()) {
+        try {
+          body.handoffs = JSON.parse(handoffs.value);
+        } catch (err) {
+          throw new Error(`Handoffs are not JSON: ${err.message}`);
+        }
+      }
+      const team = await api("POST", "/v1/teams", { body });
+      showNotice(errors, `Team ${team.name} created (${team.id}).`);
+      name.value = "";
+      onCreated();
+    }, e.submitter);
+  });
+  return el("details", { class: "panel" }, el("summary", { text: "New team" }), form);
+}
+
+export function teamsView(root) {
+  const errors = el("div");
+  const formSlot = el("div");
+  const list = el("div");
+
+  async function load() {
+    const both = await attempt(errors, () => Promise.all([api("GET", "/v1/teams"), api("GET", "/v1/agents")]));
+    if (!both) return;
+    const [teams, agents] = both;
+    const names = new Map(agents.map((a) => [a.id, a.name]));
+    if (!formSlot.firstChild || formSlot.dataset.agents !== agents.map((a) => a.id).join(",")) {
+      formSlot.dataset.agents = agents.map((a) => a.id).join(",");
+      fill(formSlot, teamForm(agents, load));
+    }
+    const remove = (team) => {
+      const button = el("button", { type: "button", class: "danger", text: "Delete" });
+      button.addEventListener("click", async () => {
+        if (!window.confirm(`Delete team ${team.name}? Its agents stay.`)) return;
+        const done = await attempt(errors, () => api("DELETE", `/v1/teams/${seg(team.id)}`), button);
+        if (done !== undefined) load();
+      });
+      return button;
+    };
+    const terms = (t) =>
+      Object.entries(t.termination)
+        .filter(([, v]) => v !== null && v !== false)
+        .map(([k, v]) => `${k}: ${v}`)
+        .join(", ");
+    fill(
+      list,
+      table(
+        [
+          ["Name", (t) => el("span", {}, el("strong", { text: t.name }), el("div", { class: "muted mono", text: t.id }))],
+          ["Mode", (t) => t.mode],
+          ["Members", (t) => t.members.map((id) => names.get(id) || id).join(" → ")],
+          ["Termination", terms],
+          ["Created", (t) => when(t.created_at)],
+          ["", remove],
+        ],
+        teams,
+        "No teams yet.",
+      ),
+    );
+  }
+
+  fill(root, formSlot, el("section", { class: "panel" }, el("h2", { text: "Teams" }), errors, list));
+  load();
+  return () => {};
+}
+
+// ---------------------------------------------------------------------------------------------------- tasks
+
+export function tasksView(root) {
+  const errors = el("div");
+  const startErrors = el("div");
+  const list = el("div");
+  const watcher = el("div");
+  const more = el("button", { type: "button", text: "Older tasks", hidden: true });
+  const statusFilter = el("select", { name: "status" }, el("option", { value: "", text: "any status" }), TASK_STATUSES.map((s) => el("option", { value: s, text: s })));
+  const target = el("select", { name: "target", required: true });
+  const text = el("textarea", { name: "task", required: true, placeholder: "What is 6 times 7?" });
+  let closeTask = () => {};
+  let shown = [];
+
+  const startForm = el(
+    "form",
+    { class: "panel" },
+    el("h2", { text: "Start a task" }),
+    field("On", target),
+    field("Task", text),
+    el("div", {}, el("button", { type: "submit", class: "primary", text: "Start" })),
+    startErrors,
+  );
+  startForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const [kind, id] = target.value.split(":");
+    const body = { task: text.value };
+    body[kind === "team" ? "team_id" : "agent_id"] = id;
+    const task = await attempt(startErrors, () => api("POST", "/v1/tasks", { body }), e.submitter);
+    if (task) {
+      text.value = "";
+      open(task.id);
+      load();
+    }
+  });
+
+  async function targets() {
+    const both = await attempt(startErrors, () => Promise.all([api("GET", "/v1/agents"), api("GET", "/v1/teams")]));
+    if (!both) return;
+    const [agents, teams] = both;
+    fill(
+      target,
+      el("optgroup", { label: "Agents" }, agents.map((a) => el("option", { value: `agent:${a.id}`, text: `${a.name} (${a.status})` }))),
+      el("optgroup", { label: "Teams" }, teams.map((t) => el("option", { value: `team:${t.id}`, text: `${t.name} (${t.mode})` }))),
+    );
+  }
+
+  function open(id) {
+    closeTask();
+    closeTask = openTask(watcher, id, {
+      onClose: () => {
+        closeTask = () => {};
+        watcher.replaceChildren();
+      },
+      onChange: () => load(),
+    });
+  }
+
+  function render() {
+    const openButton = (t) => {
+      const button = el("button", { type: "button", text: "Open" });
+      button.addEventListener("click", () => open(t.id));
+      return button;
+    };
+    fill(
+      list,
+      table(
+        [
+          ["Created", (t) => when(t.created_at)],
+          ["Task", (t) => el("span", {}, t.task.length > 80 ? t.task.slice(0, 80) + "…" : t.task, el("div", { class: "muted mono", text: t.id }))],
+          ["On", (t) => (t.team_id ? `team ${t.team_id}` : `agent ${t.agent_id}`)],
+          ["Status", (t) => badge(t.status)],
+          ["Tokens", (t) => String(t.usage.prompt_tokens + t.usage.completion_tokens)],
+          ["", openButton],
+        ],
+        shown,
+        "No tasks.",
+      ),
+    );
+  }
+
+  async function load(before = null) {
+    const page = await attempt(errors, () =>
+      api("GET", "/v1/tasks", { query: { status: statusFilter.value, limit: 25, before } }),
+    );
+    if (!page) return;
+    shown = before ? shown.concat(page) : page;
+    more.hidden = page.length < 25;
+    render();
+  }
+
+  statusFilter.addEventListener("change", () => load());
+  more.addEventListener("click", () => load(shown.length ? shown[shown.length - 1].id : null));
+  fill(
+    root,
+    el("div", { class: "split" }, startForm, watcher),
+    el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Tasks" }), statusFilter), errors, list, more),
+  );
+  targets();
+  load();
+  return () => closeTask();
+}
+
+// ---------------------------------------------------------------------------------------------------- usage
+
+export function usageRows(usage) {
+  const row = (label, used, limit) => [label, used, limit];
+  const q = usage.quota;
+  return [
+    row("Agents", usage.agents, q.max_agents),
+    row("CPU (MHz)", usage.cpu, q.max_cpu),
+    row("Memory (MB)", usage.memory_mb, q.max_memory_mb),
+    row("Tasks in flight", usage.concurrent_tasks, q.max_concurrent_tasks),
+    row("Tokens today", usage.tokens_today, q.tokens_per_day),
+  ];
+}
+
+export function usageTable(usage) {
+  return el(
+    "div",
+    {},
+    el("p", {}, "Tier: ", el("strong", { text: usage.quota.tier })),
+    table(
+      [
+        ["What", ([label]) => label],
+        ["Used", ([, used]) => String(used)],
+        ["Limit", ([, , limit]) => (limit === null || limit === undefined ? "unlimited" : String(limit))],
+        ["", ([, used, limit]) => (limit ? el("meter", { min: "0", max: String(limit), value: String(Math.min(used, limit)), high: String(limit * 0.8) }) : "")],
+      ],
+      usageRows(usage),
+    ),
+  );
+}
+
+export function usageView(root) {
+  const errors = el("div");
+  const body = el("div");
+  async function load() {
+    const usage = await attempt(errors, () => api("GET", "/v1/usage"));
+    if (usage) fill(body, usageTable(usage));
+  }
+  fill(root, el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Usage and quota" }), el("span", { class: "muted", text: "refreshes every 5 s" })), errors, body));
+  load();
+  return every(REFRESH_MS, load);
+}

@@ -1,0 +1,137 @@
+// Building the page from data: every text goes in as a text node (textContent), never as HTML. Names, messages
+// and transcripts are customer text.
+
+const PROPERTIES = new Set(["value", "checked", "disabled", "selected", "hidden", "open", "required", "multiple"]);
+
+/** el("button", {class: "primary", onclick: fn, text: "Go"}, ...children): children are nodes or plain text. */
+export function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props)) {
+    if (value === undefined || value === null) continue;
+    if (name === "text") node.textContent = String(value);
+    else if (name === "class") node.className = value;
+    else if (name.startsWith("on") && typeof value === "function") node.addEventListener(name.slice(2), value);
+    else if (PROPERTIES.has(name)) node[name] = value;
+    else if (value !== false) node.setAttribute(name, value === true ? "" : String(value));
+  }
+  append(node, children);
+  return node;
+}
+
+function append(node, children) {
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+}
+
+/** Replace what `node` holds with `children`. */
+export function fill(node, ...children) {
+  node.replaceChildren();
+  append(node, children);
+  return node;
+}
+
+/** A status as a badge, coloured by `tone` (a status name; the status itself by default). */
+export function badge(status, tone = status) {
+  const text = String(status ?? "unknown");
+  return el("span", { class: `badge ${String(tone ?? "").replace(/[^a-z_]/g, "")}`, text });
+}
+
+export function when(at) {
+  if (!at) return "";
+  const date = new Date(at);
+  return Number.isNaN(date.getTime()) ? String(at) : date.toLocaleString();
+}
+
+/** A table: columns are [label, (row) => text or node]; an empty list shows `empty`. */
+export function table(columns, rows, empty = "Nothing yet.") {
+  if (!rows || rows.length === 0) return el("p", { class: "empty", text: empty });
+  return el(
+    "table",
+    {},
+    el("thead", {}, el("tr", {}, columns.map(([label]) => el("th", { text: label })))),
+    el(
+      "tbody",
+      {},
+      rows.map((row) =>
+        el(
+          "tr",
+          {},
+          columns.map(([label, cell]) => {
+            const value = cell(row);
+            return el("td", { class: label === "" ? "actions" : undefined }, value instanceof Node ? value : String(value ?? ""));
+          }),
+        ),
+      ),
+    ),
+  );
+}
+
+function detailLines(details) {
+  if (Array.isArray(details) && details.every((d) => d && typeof d === "object" && "msg" in d)) {
+    return el(
+      "ul",
+      {},
+      details.map((d) => el("li", { text: `${(d.loc || []).join(".") || "request"}: ${d.msg}` })),
+    );
+  }
+  return el("pre", { text: JSON.stringify(details, null, 2) });
+}
+
+/** Show an API error (or any error) in `slot`, next to what failed. */
+export function showError(slot, error) {
+  if (!slot) return;
+  if (error && error.name === "AbortError") return;
+  const status = error && error.status ? `${error.status} ` : "";
+  const code = error && error.code ? error.code : "error";
+  const message = error && error.message ? error.message : String(error);
+  fill(
+    slot,
+    el(
+      "div",
+      { class: "error", role: "alert" },
+      el("strong", { text: `${status}${code}` }),
+      ": ",
+      message,
+      error && error.details !== null && error.details !== undefined ? detailLines(error.details) : null,
+    ),
+  );
+}
+
+export function showNotice(slot, ...children) {
+  fill(slot, el("div", { class: "notice", role: "status" }, ...children));
+}
+
+/**
+ * Run `action` for a button or form: the button is disabled meanwhile, `slot` is cleared first and shows the
+ * error if it fails. Returns the action's value, or undefined after an error.
+ */
+export async function attempt(slot, action, button = null) {
+  if (slot) slot.replaceChildren();
+  if (button) button.disabled = true;
+  try {
+    return await action();
+  } catch (error) {
+    showError(slot, error);
+    return undefined;
+  } finally {
+    if (button) button.disabled = false;
+  }
+}
+
+/** A number from an input, or null when it is empty (what is not a number is sent as written: the API says why). */
+export function numberOrNull(input) {
+  const text = input.value.trim();
+  if (text === "") return null;
+  const number = Number(text);
+  return Number.isFinite(number) ? number : text;
+}
+
+/** Repeat `task` every `ms` while the page is visible; returns the function that stops it. */
+export function every(ms, task) {
+  const timer = setInterval(() => {
+    if (!document.hidden) task();
+  }, ms);
+  return () => clearInterval(timer);
+}

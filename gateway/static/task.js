@@ -1,0 +1,176 @@
+// One task, watched live: its events as they come (resumed after a break), the human's answer when the task
+// asks for one, cancel.
+
+import { api, seg } from "./api.js";
+import { attempt, badge, el, fill, showError, when } from "./dom.js";
+import { FINAL_STATUSES, followTask } from "./sse.js";
+
+function describe(event) {
+  const data = event.data || {};
+  switch (event.kind) {
+    case "status":
+      return `status: ${event.content}${data.reason ? ` (${data.reason})` : ""}`;
+    case "tool_call":
+      return (data.calls || []).map((c) => `calls ${c.name}(${typeof c.arguments === "string" ? c.arguments : JSON.stringify(c.arguments)})`).join("\n");
+    case "tool_result":
+      return (data.results || []).map((r) => `${r.is_error ? "tool error" : "tool result"}: ${r.content}`).join("\n");
+    case "usage":
+      return `tokens: ${data.prompt_tokens ?? 0} prompt, ${data.completion_tokens ?? 0} completion${data.replayed ? " (replayed)" : ""}`;
+    default:
+      return event.content ?? (Object.keys(data).length ? JSON.stringify(data) : "");
+  }
+}
+
+/** Open task `taskId` in `root`; `onChange` is called when it ends or changes. Returns the function that closes it. */
+export function openTask(root, taskId, { onClose, onChange } = {}) {
+  const controller = new AbortController();
+  const errors = el("div");
+  const heading = el("h2", { text: `Task ${taskId}` });
+  const status = el("span");
+  const connection = el("span", { class: "muted", role: "status" });
+  const facts = el("p", { class: "muted" });
+  const request = el("pre");
+  const transcript = el("ol", { class: "transcript", "aria-live": "polite" });
+  const result = el("div");
+  const chunks = new Map(); // source -> the list item its streamed pieces accumulate in
+  let tokens = { prompt: 0, completion: 0 };
+
+  const answer = el("textarea", { name: "content", required: true, rows: 3 });
+  const answerErrors = el("div");
+  const inputForm = el(
+    "form",
+    { hidden: true, class: "panel" },
+    el("label", {}, "The task asks for your answer", answer),
+    el("div", {}, el("button", { type: "submit", class: "primary", text: "Send answer" })),
+    answerErrors,
+  );
+  inputForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const sent = await attempt(
+      answerErrors,
+      () => api("POST", `/v1/tasks/${seg(taskId)}/input`, { body: { content: answer.value } }),
+      e.submitter,
+    );
+    if (sent) {
+      answer.value = "";
+      inputForm.hidden = true;
+    }
+  });
+
+  const cancel = el("button", { type: "button", class: "danger", text: "Cancel task" });
+  cancel.addEventListener("click", async () => {
+    if (!window.confirm("Cancel this task?")) return;
+    const task = await attempt(errors, () => api("POST", `/v1/tasks/${seg(taskId)}/cancel`), cancel);
+    if (task) setStatus(task.status, task.status_reason);
+  });
+  const close = el("button", { type: "button", text: "Close" });
+  close.addEventListener("click", () => {
+    stop();
+    if (onClose) onClose();
+  });
+
+  function setStatus(value, reason) {
+    fill(status, badge(value), reason ? el("span", { class: "muted", text: ` ${reason}` }) : null);
+    cancel.hidden = FINAL_STATUSES.has(value);
+    if (value === "awaiting_input") inputForm.hidden = false;
+    else if (value === "running" || FINAL_STATUSES.has(value)) inputForm.hidden = true;
+  }
+
+  function showFacts(task) {
+    const target = task.team_id ? `team ${task.team_id}` : `agent ${task.agent_id}`;
+    fill(facts, `${target} · started ${when(task.created_at)} · attempt ${task.attempt}`, task.finished_at ? ` · ended ${when(task.finished_at)}` : "");
+    request.textContent = task.task;
+    tokens = { prompt: task.usage.prompt_tokens, completion: task.usage.completion_tokens };
+    showTokens();
+    if (task.result !== null && task.result !== undefined) showResult(task.result);
+  }
+
+  const tokenLine = el("p", { class: "muted" });
+  function showTokens() {
+    tokenLine.textContent = `Tokens: ${tokens.prompt} prompt, ${tokens.completion} completion`;
+  }
+
+  function showResult(text) {
+    fill(result, el("h3", { text: "Result" }), el("pre", { text }));
+  }
+
+  function add(event) {
+    if (event.kind === "chunk") {
+      const source = event.source || "";
+      let item = chunks.get(source);
+      if (!item) {
+        item = el("li", { class: "chunk" }, el("div", { class: "meta", text: `${source} (writing…)` }), el("div", { class: "content" }));
+        chunks.set(source, item);
+        transcript.append(item);
+      }
+      item.lastChild.textContent += event.content || "";
+      return;
+    }
+    if (event.kind === "message" && chunks.has(event.source || "")) {
+      chunks.get(event.source || "").remove();
+      chunks.delete(event.source || "");
+    }
+    if (event.kind === "status") setStatus(event.content, event.data && event.data.reason);
+    if (event.kind === "input_request") inputForm.hidden = false;
+    if (event.kind === "result" && event.content) showResult(event.content);
+    if (event.kind === "usage" && !(event.data && event.data.replayed)) {
+      tokens.prompt += Number(event.data.prompt_tokens) || 0;
+      tokens.completion += Number(event.data.completion_tokens) || 0;
+      showTokens();
+    }
+    const meta = [when(event.at), event.source, event.kind === "message" ? null : event.kind].filter(Boolean).join(" · ");
+    transcript.append(
+      el("li", { class: String(event.kind).replace(/[^a-z_]/g, "") }, el("div", { class: "meta", text: meta }), el("div", { class: "content", text: describe(event) })),
+    );
+    transcript.scrollTop = transcript.scrollHeight;
+  }
+
+  fill(
+    root,
+    el(
+      "section",
+      { class: "panel" },
+      el("div", { class: "toolbar" }, heading, status, cancel, close),
+      facts,
+      el("h3", { text: "Task" }),
+      request,
+      tokenLine,
+      errors,
+      el("p", {}, "Events: ", connection),
+      transcript,
+      inputForm,
+      result,
+    ),
+  );
+
+  async function refresh() {
+    const task = await attempt(errors, () => api("GET", `/v1/tasks/${seg(taskId)}`));
+    if (task) {
+      setStatus(task.status, task.status_reason);
+      showFacts(task);
+    }
+    return task;
+  }
+
+  (async () => {
+    const task = await refresh();
+    if (!task) return;
+    tokens = { prompt: 0, completion: 0 }; // counted again from the events, which start from the beginning
+    try {
+      const how = await followTask(taskId, { onEvent: add, onState: (text) => (connection.textContent = text), signal: controller.signal });
+      if (how === "ended") {
+        connection.textContent = "ended";
+        await refresh();
+        if (onChange) onChange();
+      }
+    } catch (error) {
+      connection.textContent = "stopped";
+      showError(errors, error);
+    }
+  })();
+
+  function stop() {
+    controller.abort();
+  }
+  return stop;
+}
