@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
@@ -16,7 +16,17 @@ from control.services.auth import Principal
 from gateway.errors import shown_path
 from gateway.ratelimit import FAILED_AUTH, RateLimited, RateLimiter, Tiers
 
-__all__ = ["AdminDep", "ControlDep", "PrincipalDep", "check_failures", "owner_scope", "target_customer"]
+__all__ = [
+    "AdminDep",
+    "ControlDep",
+    "ListedQuery",
+    "OwnerQuery",
+    "PrincipalDep",
+    "check_failures",
+    "listed_scope",
+    "owner_scope",
+    "target_customer",
+]
 
 _bearer = HTTPBearer(auto_error=False, description="JWT from POST /v1/auth/token")
 
@@ -88,6 +98,12 @@ AdminDep = Annotated[Principal, Depends(get_admin)]
 def owner_scope(principal: Principal) -> str | None:
     """The customer whose records the caller may see; None means every customer (admins)."""
     return None if principal.is_admin else principal.customer_id
+
+
+OwnerQuery = Annotated[str | None, Query(max_length=64, description="Admins only: the owner.")]
+"""``?customer_id=`` of a create: the customer an admin makes the record for (:func:`target_customer`)."""
+ListedQuery = Annotated[str | None, Query(max_length=64, description="Admins: one customer's only.")]
+"""``?customer_id=`` of a listing: the one customer an admin lists (:func:`listed_scope`)."""
 
 
 def _own_or_refused(principal: Principal, customer_id: str | None) -> str:

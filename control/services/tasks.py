@@ -440,11 +440,9 @@ class TaskService:
     async def events(self, task: Task, after: int = 0, idle: float = 15.0) -> AsyncIterator[StreamedEvent | None]:
         """The task's events after stream sequence ``after``, ending after the terminal status.
 
-        Yields None after ``idle`` seconds without an event (a keep-alive for the client). Ends at once for a
-        task that ended with no event after ``after`` (:meth:`ended_before`).
+        Yields None after ``idle`` seconds without an event (a keep-alive for the client). A caller asks
+        :meth:`ended_before` first, to answer a client that saw the whole stream at once.
         """
-        if await self.ended_before(task, after):
-            return
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
             opt_start_seq=after + 1 if after else None,
@@ -726,8 +724,9 @@ class TaskService:
             if len(self._folded) >= FOLDED_KEPT:
                 del self._folded[next(iter(self._folded))]  # the task that went longest without an event
             self._folded[key] = stored
-        if sum(taken.values()):  # keyed by the last usage event: a write tried again is never metered twice
-            upto, tokens = max(taken), sum(taken.values())
+        tokens = sum(taken.values())
+        if tokens:  # keyed by the last usage event: a write tried again is never metered twice
+            upto = max(taken)
             total, budget, crossed = await _patiently(
                 f"meter the tokens of {key}", lambda: self._quotas.record_tokens(customer_id, after.id, upto, tokens)
             )

@@ -23,14 +23,14 @@ class TeamService:
         self._tasks = tasks
 
     async def create(self, customer_id: str, spec: TeamCreate) -> Team:
+        if spec.selector is not None:  # its model is called from the control plane: checked before any read
+            self._agents.admit_model(spec.selector.model, "selector", "model")
         names: dict[str, str] = {}
         for agent_id in spec.members:  # another customer's agent is simply not found: 404, nothing stored
             agent = await self._agents.get(customer_id, agent_id)
             if agent.name in names.values():
                 raise Invalid(f"members need distinct names: {agent.name!r} is taken by {agent_id} and another")
             names[agent_id] = agent.name
-        if spec.selector is not None:  # its model is called from the control plane
-            self._agents.admit_model(spec.selector.model, "selector", "model")
         team = Team(id=new_id("tm"), customer_id=customer_id, **spec.model_dump())
         await self._repo.create(_key(customer_id, team.id), team)
         return team

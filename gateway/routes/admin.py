@@ -11,7 +11,7 @@ from control.services.auth import shown_prefix
 from control.services.killswitch import KillswitchRequest, KillswitchResult
 from control.services.quotas import Quota, UsagePublic
 from control.services.stats import Stats
-from gateway.deps import AdminDep, ControlDep, listed_scope
+from gateway.deps import AdminDep, ControlDep, ListedQuery, listed_scope
 from gateway.ratelimit import Tiers
 from gateway.routes.agents import agent_owner
 from gateway.schemas import (
@@ -96,7 +96,7 @@ async def revoke_key(prefix: str, control: ControlDep, admin: AdminDep) -> Respo
 async def list_all_agents(
     control: ControlDep,
     admin: AdminDep,
-    customer_id: Annotated[str | None, Query(max_length=64, description="Admins: one customer's only.")] = None,
+    customer_id: ListedQuery = None,
 ) -> list[AgentPublic]:
     """Every customer's agents (or one customer's)."""
     return [AgentPublic(**a.model_dump()) for a in await control.agents.list(listed_scope(admin, customer_id))]

@@ -3,11 +3,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Response, status
 
 from control.models import Agent, AgentCreate, AgentUpdate
 from control.platform import ControlPlane
-from gateway.deps import ControlDep, PrincipalDep, listed_scope, owner_scope, target_customer
+from gateway.deps import ControlDep, ListedQuery, OwnerQuery, PrincipalDep, listed_scope, owner_scope, target_customer
 from gateway.schemas import ERROR_RESPONSES, AgentPublic
 
 router = APIRouter(prefix="/v1/agents", tags=["agents"], responses=ERROR_RESPONSES)
@@ -28,7 +28,7 @@ async def create_agent(
     body: AgentCreate,
     control: ControlDep,
     principal: PrincipalDep,
-    customer_id: Annotated[str | None, Query(max_length=64, description="Admins only: the owner.")] = None,
+    customer_id: OwnerQuery = None,
 ) -> AgentPublic:
     """Define an agent and deploy its job. The agent becomes `running` once its process reports ready."""
     owner = target_customer(principal, customer_id)
@@ -43,7 +43,7 @@ async def create_agent(
 async def list_agents(
     control: ControlDep,
     principal: PrincipalDep,
-    customer_id: Annotated[str | None, Query(max_length=64, description="Admins: one customer's only.")] = None,
+    customer_id: ListedQuery = None,
 ) -> list[AgentPublic]:
     return [_public(a) for a in await control.agents.list(listed_scope(principal, customer_id))]
 

@@ -13,7 +13,7 @@ from control.models import Task, TaskCreate, TaskStatus
 from control.platform import ControlPlane
 from control.services.tasks import StreamedEvent
 from control.teams.models import TeamInput
-from gateway.deps import ControlDep, PrincipalDep, get_principal, listed_scope, owner_scope
+from gateway.deps import ControlDep, ListedQuery, PrincipalDep, get_principal, listed_scope, owner_scope
 from gateway.errors import caravan_error_response, refuse_websocket
 from gateway.schemas import ERROR_RESPONSES, TaskPublic
 
@@ -60,7 +60,7 @@ async def list_tasks(
     status_filter: Annotated[TaskStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     before: Annotated[str | None, Query(max_length=64, description="A task's id: the tasks created before it.")] = None,
-    customer_id: Annotated[str | None, Query(max_length=64, description="Admins: one customer's only.")] = None,
+    customer_id: ListedQuery = None,
 ) -> list[TaskPublic]:
     """The newest tasks first, with their transcripts. The next page: ``before`` the last task of this one."""
     tasks = await control.tasks.list(listed_scope(principal, customer_id), status_filter, limit, before)
@@ -147,6 +147,9 @@ async def task_ws(
         await refuse_websocket(websocket, caravan_error_response(exc))
         return
     await websocket.accept()
+    if await control.tasks.ended_before(task, after):  # a client that saw the whole stream: nothing more
+        await websocket.close(code=1000)
+        return
     try:
         async for item in control.tasks.events(task, after):
             await websocket.send_json({"type": "keep-alive"} if item is None else _wire(item))

@@ -1,11 +1,9 @@
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Response, status
 
 from control.teams.models import Team, TeamCreate
-from gateway.deps import ControlDep, PrincipalDep, listed_scope, owner_scope, target_customer
+from gateway.deps import ControlDep, ListedQuery, OwnerQuery, PrincipalDep, listed_scope, owner_scope, target_customer
 from gateway.schemas import ERROR_RESPONSES, TeamPublic
 
 router = APIRouter(prefix="/v1/teams", tags=["teams"], responses=ERROR_RESPONSES)
@@ -20,7 +18,7 @@ async def create_team(
     body: TeamCreate,
     control: ControlDep,
     principal: PrincipalDep,
-    customer_id: Annotated[str | None, Query(max_length=64, description="Admins only: the owner.")] = None,
+    customer_id: OwnerQuery = None,
 ) -> TeamPublic:
     """Define a team of your agents. Start tasks on it with `POST /v1/tasks` and `team_id`."""
     owner = target_customer(principal, customer_id)
@@ -35,7 +33,7 @@ async def create_team(
 async def list_teams(
     control: ControlDep,
     principal: PrincipalDep,
-    customer_id: Annotated[str | None, Query(max_length=64, description="Admins: one customer's only.")] = None,
+    customer_id: ListedQuery = None,
 ) -> list[TeamPublic]:
     return [_public(t) for t in await control.teams.list(listed_scope(principal, customer_id))]
 
