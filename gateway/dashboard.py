@@ -24,7 +24,7 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "default-src 'self'",
         "script-src 'self'",
         "style-src 'self'",
-        "img-src 'self' data:",
+        "img-src 'self'",
         "connect-src 'self'",  # the API, its event streams (fetch) too; CSP 3's 'self' covers this host's ws/wss
         "object-src 'none'",
         "base-uri 'none'",
@@ -43,7 +43,6 @@ _TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
     ".css": "text/css; charset=utf-8",
-    ".svg": "image/svg+xml",
 }
 
 

@@ -2,15 +2,10 @@
 // and their quotas, the audit log. The server checks the admin role on every call; these views only ask.
 
 import { api, seg } from "./api.js";
-import { attempt, badge, el, every, fill, numberOrNull, showError, showNotice, table, when } from "./dom.js";
+import { REFRESH_MS, actionButton, attempt, badge, el, every, field, fill, numberOrNull, showError, showNotice, table, when } from "./dom.js";
 import { usageTable } from "./customer.js";
 
-const REFRESH_MS = 5000;
 const TIERS = ["free", "standard", "enterprise"];
-
-function field(label, input) {
-  return el("label", {}, label, input);
-}
 
 function counts(title, byStatus) {
   const entries = Object.entries(byStatus || {}).sort(([a], [b]) => a.localeCompare(b));
@@ -119,16 +114,14 @@ export function statsView(root) {
       body,
     ),
   );
-  load();
-  return every(REFRESH_MS, () => {
-    if (auto.checked) load();
-  });
+  return every(REFRESH_MS, () => (auto.checked ? load() : undefined)); // checked at first: the first load runs
 }
 
 // ---------------------------------------------------------------------------------------------------- agents
 
 export function adminAgentsView(root) {
-  const errors = el("div");
+  const errors = el("div"); // the list's load: each refresh clears it
+  const actionErrors = el("div"); // Force stop's: kept until the next one
   const list = el("div");
   const filter = el("input", { placeholder: "customer id or name", type: "search" });
 
@@ -137,15 +130,14 @@ export function adminAgentsView(root) {
     if (!agents) return;
     const q = filter.value.trim().toLowerCase();
     const shown = q ? agents.filter((a) => a.customer_id.toLowerCase().includes(q) || a.name.toLowerCase().includes(q)) : agents;
-    const forceStop = (agent) => {
-      const button = el("button", { type: "button", class: "danger", text: "Force stop", disabled: agent.desired === "stopped" });
-      button.addEventListener("click", async () => {
-        if (!window.confirm(`Stop agent ${agent.name} of ${agent.customer_id}? Its owner can start it again.`)) return;
-        const done = await attempt(errors, () => api("POST", `/v1/admin/agents/${seg(agent.id)}/stop`), button);
-        if (done) load();
+    const forceStop = (agent) =>
+      actionButton("Force stop", () => api("POST", `/v1/admin/agents/${seg(agent.id)}/stop`), {
+        slot: actionErrors,
+        then: load,
+        cls: "danger",
+        disabled: agent.desired === "stopped",
+        confirm: `Stop agent ${agent.name} of ${agent.customer_id}? Its owner can start it again.`,
       });
-      return button;
-    };
     fill(
       list,
       table(
@@ -171,11 +163,11 @@ export function adminAgentsView(root) {
       "section",
       { class: "panel" },
       el("div", { class: "toolbar" }, el("h2", { text: "Every customer's agents" }), filter, el("span", { class: "muted", text: "refreshes every 5 s" })),
+      actionErrors,
       errors,
       list,
     ),
   );
-  load();
   return every(REFRESH_MS, load);
 }
 
@@ -192,8 +184,8 @@ export function killswitchView(root) {
   const agentLabel = field("Agent id", agentId);
   const reason = el("input", { name: "reason", maxlength: "500", placeholder: "why (shown to the customer's agents and in the audit)" });
   const hard = el("input", { type: "checkbox", name: "hard" });
-  const engage = el("button", { type: "button", class: "danger", text: "Engage" });
-  const release = el("button", { type: "button", text: "Release" });
+  const engage = actionButton("Engage", () => send(request(true)), { cls: "danger" });
+  const release = actionButton("Release", () => send(request(false)));
 
   function showTargets() {
     customerLabel.hidden = scope.value !== "customer";
@@ -224,7 +216,8 @@ export function killswitchView(root) {
     showNotice(outcome, ...parts);
   }
 
-  async function send(body, button) {
+  /** Engage or release (the button that calls it is disabled meanwhile); the outcome, or its error, stays. */
+  async function send(body) {
     if (body.engaged && !body.reason) {
       showError(outcome, new Error("Give a reason: the agents' owners and the audit log will read it."));
       return;
@@ -235,22 +228,15 @@ export function killswitchView(root) {
       );
       if (!sure) return;
     }
-    const result = await attempt(outcome, () => api("POST", "/v1/admin/killswitch", { body }), button);
+    const result = await attempt(outcome, () => api("POST", "/v1/admin/killswitch", { body }));
     if (result) showOutcome(result);
     load();
   }
 
-  engage.addEventListener("click", () => send(request(true), engage));
-  release.addEventListener("click", () => send(request(false), release));
-
   async function load() {
     const flags = await attempt(errors, () => api("GET", "/v1/admin/killswitch"));
     if (!flags) return;
-    const releaseFlag = (flag) => {
-      const button = el("button", { type: "button", text: "Release" });
-      button.addEventListener("click", () => send(request(false, flag), button));
-      return button;
-    };
+    const releaseFlag = (flag) => actionButton("Release", () => send(request(false, flag)));
     fill(
       engaged,
       engagedBanner(flags),
@@ -300,7 +286,6 @@ export function killswitchView(root) {
     ),
     el("section", { class: "panel" }, el("h2", { text: "Broadcast" }), broadcast),
   );
-  load();
   return every(REFRESH_MS, load);
 }
 
@@ -349,7 +334,6 @@ export function customersView(root) {
   });
 
   async function show(customer) {
-    const detailErrors = el("div");
     const keySlot = el("div");
     const info = await attempt(errors, () => api("GET", `/v1/admin/customers/${seg(customer.id)}`));
     if (!info) return;
@@ -365,7 +349,6 @@ export function customersView(root) {
         { class: "panel" },
         el("div", { class: "toolbar" }, el("h2", { text: `${info.name}` }), el("span", { class: "muted mono", text: info.id }), newKey),
         keySlot,
-        detailErrors,
         el("h3", { text: "Usage" }),
         usageTable(info.usage),
         el("h3", { text: "Quota" }),
@@ -377,11 +360,7 @@ export function customersView(root) {
   async function load() {
     const customers = await attempt(errors, () => api("GET", "/v1/admin/customers"));
     if (!customers) return;
-    const open = (c) => {
-      const button = el("button", { type: "button", text: "Quota & usage" });
-      button.addEventListener("click", () => show(c));
-      return button;
-    };
+    const open = (c) => actionButton("Quota & usage", () => show(c));
     fill(
       list,
       table(

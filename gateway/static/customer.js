@@ -2,33 +2,32 @@
 // and returns the function that stops what it runs (refreshes, streams).
 
 import { api, seg } from "./api.js";
-import { attempt, badge, el, every, fill, numberOrNull, showNotice, table, when } from "./dom.js";
+import { REFRESH_MS, actionButton, attempt, badge, el, every, field, fill, numberOrNull, showNotice, table, when } from "./dom.js";
 import { openTask } from "./task.js";
 
 const PROVIDERS = ["replay", "local", "openai", "openrouter", "groq", "deepseek", "anthropic", "ollama"];
 const TOOLS = ["calculator", "current_time", "word_count"];
 const MODES = ["round_robin", "selector", "swarm"];
 const TASK_STATUSES = ["queued", "running", "awaiting_input", "completed", "failed", "cancelled", "killed"];
-const REFRESH_MS = 5000;
-
-function field(label, input) {
-  return el("label", {}, label, input);
-}
-
 function modelFields(prefix) {
   const provider = el("select", { name: `${prefix}provider` }, PROVIDERS.map((p) => el("option", { value: p, text: p })));
   const name = el("input", { name: `${prefix}name`, required: true, value: "scripted", placeholder: "gpt-4o-mini" });
-  const baseUrl = el("input", { name: `${prefix}base_url`, placeholder: "ollama only: the server's URL" });
-  const responses = el("textarea", { name: `${prefix}responses`, placeholder: "One scripted answer per line (replay only)" });
+  const baseUrl = el("input", { type: "url", name: `${prefix}base_url`, maxlength: "500", placeholder: "the server's URL" });
+  const baseUrlLabel = field("Ollama server's URL", baseUrl);
+  const responses = el("textarea", { name: `${prefix}responses`, placeholder: "One scripted answer per line" });
   const responsesLabel = field("Scripted responses", responses);
-  provider.addEventListener("change", () => {
+  const showFields = () => {
+    // each only where the API takes it: base_url for ollama, responses for replay
+    baseUrlLabel.hidden = provider.value !== "ollama";
     responsesLabel.hidden = provider.value !== "replay";
-  });
+  };
+  provider.addEventListener("change", showFields);
+  showFields();
   return {
-    nodes: [field("Model provider", provider), field("Model name", name), field("Base URL", baseUrl), responsesLabel],
+    nodes: [field("Model provider", provider), field("Model name", name), baseUrlLabel, responsesLabel],
     value() {
       const model = { provider: provider.value, name: name.value.trim() };
-      if (baseUrl.value.trim()) model.base_url = baseUrl.value.trim();
+      if (provider.value === "ollama" && baseUrl.value.trim()) model.base_url = baseUrl.value.trim();
       if (provider.value === "replay") {
         model.responses = responses.value.split("\n").map((r) => r.trim()).filter(Boolean);
       }
@@ -41,12 +40,13 @@ function modelFields(prefix) {
 
 function agentForm(onCreated) {
   const errors = el("div");
-  const name = el("input", { name: "name", required: true, placeholder: "helper", pattern: "[A-Za-z][A-Za-z0-9_]*" });
+  const name = el("input", { name: "name", required: true, maxlength: "64", placeholder: "helper", pattern: "[A-Za-z][A-Za-z0-9_]*" });
   const system = el("textarea", { name: "system_message", text: "You are a helpful assistant." });
   const model = modelFields("");
   const tools = TOOLS.map((t) => el("input", { type: "checkbox", name: "tools", value: t }));
-  const cpu = el("input", { type: "number", name: "cpu", value: "200", min: "1" });
-  const memory = el("input", { type: "number", name: "memory_mb", value: "256", min: "1" });
+  // the limits of the API's models (control/models.py: Resources, AgentCreate)
+  const cpu = el("input", { type: "number", name: "cpu", value: "200", min: "50", max: "16000" });
+  const memory = el("input", { type: "number", name: "memory_mb", value: "256", min: "128", max: "65536" });
   const replicas = el("input", { type: "number", name: "replicas", value: "1", min: "1", max: "10" });
   const form = el(
     "form",
@@ -89,31 +89,31 @@ function agentForm(onCreated) {
 
 export function agentsView(root) {
   const list = el("div");
-  const errors = el("div");
+  const errors = el("div"); // the list's load: each refresh clears it
+  const actionErrors = el("div"); // the buttons': kept until the next action
   const job = el("div");
 
   async function load() {
     const agents = await attempt(errors, () => api("GET", "/v1/agents"));
     if (!agents) return;
-    const action = (label, cls, run) => (agent) => {
-      const button = el("button", { type: "button", class: cls, text: label });
-      button.addEventListener("click", async () => {
-        const done = await attempt(errors, () => run(agent), button);
-        if (done !== undefined) load();
+    const act = { slot: actionErrors, then: load };
+    const stop = (a) => actionButton("Stop", () => api("POST", `/v1/agents/${seg(a.id)}/stop`), act);
+    const start = (a) => actionButton("Start", () => api("POST", `/v1/agents/${seg(a.id)}/start`), act);
+    const remove = (a) =>
+      actionButton("Delete", () => api("DELETE", `/v1/agents/${seg(a.id)}`), {
+        ...act,
+        cls: "danger",
+        confirm: `Delete agent ${a.name}? Its unfinished tasks end cancelled.`,
       });
-      return button;
-    };
-    const stop = action("Stop", "", (a) => api("POST", `/v1/agents/${seg(a.id)}/stop`));
-    const start = action("Start", "", (a) => api("POST", `/v1/agents/${seg(a.id)}/start`));
-    const remove = action("Delete", "danger", async (a) => {
-      if (!window.confirm(`Delete agent ${a.name}? Its unfinished tasks end cancelled.`)) return undefined;
-      return api("DELETE", `/v1/agents/${seg(a.id)}`);
-    });
-    const showJob = action("Job", "", async (a) => {
-      const spec = await api("GET", `/v1/agents/${seg(a.id)}/job`);
-      fill(job, el("section", { class: "panel" }, el("h3", { text: `Nomad job of ${a.name}` }), el("pre", { text: JSON.stringify(spec, null, 2) })));
-      return undefined;
-    });
+    const showJob = (a) =>
+      actionButton(
+        "Job",
+        async () => {
+          const spec = await api("GET", `/v1/agents/${seg(a.id)}/job`);
+          fill(job, el("section", { class: "panel" }, el("h3", { text: `Nomad job of ${a.name}` }), el("pre", { text: JSON.stringify(spec, null, 2) })));
+        },
+        { slot: actionErrors },
+      );
     fill(
       list,
       table(
@@ -134,10 +134,9 @@ export function agentsView(root) {
   fill(
     root,
     agentForm(load),
-    el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Agents" }), el("span", { class: "muted", text: "refreshes every 5 s" })), errors, list),
+    el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Agents" }), el("span", { class: "muted", text: "refreshes every 5 s" })), actionErrors, errors, list),
     job,
   );
-  load();
   return every(REFRESH_MS, load);
 }
 
@@ -218,6 +217,7 @@ function teamForm(agents, onCreated) {
 
 export function teamsView(root) {
   const errors = el("div");
+  const actionErrors = el("div");
   const formSlot = el("div");
   const list = el("div");
 
@@ -230,15 +230,13 @@ export function teamsView(root) {
       formSlot.dataset.agents = agents.map((a) => a.id).join(",");
       fill(formSlot, teamForm(agents, load));
     }
-    const remove = (team) => {
-      const button = el("button", { type: "button", class: "danger", text: "Delete" });
-      button.addEventListener("click", async () => {
-        if (!window.confirm(`Delete team ${team.name}? Its agents stay.`)) return;
-        const done = await attempt(errors, () => api("DELETE", `/v1/teams/${seg(team.id)}`), button);
-        if (done !== undefined) load();
+    const remove = (team) =>
+      actionButton("Delete", () => api("DELETE", `/v1/teams/${seg(team.id)}`), {
+        slot: actionErrors,
+        then: load,
+        cls: "danger",
+        confirm: `Delete team ${team.name}? Its agents stay.`,
       });
-      return button;
-    };
     const terms = (t) =>
       Object.entries(t.termination)
         .filter(([, v]) => v !== null && v !== false)
@@ -261,7 +259,7 @@ export function teamsView(root) {
     );
   }
 
-  fill(root, formSlot, el("section", { class: "panel" }, el("h2", { text: "Teams" }), errors, list));
+  fill(root, formSlot, el("section", { class: "panel" }, el("h2", { text: "Teams" }), actionErrors, errors, list));
   load();
   return () => {};
 }
@@ -325,11 +323,7 @@ export function tasksView(root) {
   }
 
   function render() {
-    const openButton = (t) => {
-      const button = el("button", { type: "button", text: "Open" });
-      button.addEventListener("click", () => open(t.id));
-      return button;
-    };
+    const openButton = (t) => actionButton("Open", () => open(t.id));
     fill(
       list,
       table(
@@ -408,6 +402,5 @@ export function usageView(root) {
     if (usage) fill(body, usageTable(usage));
   }
   fill(root, el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Usage and quota" }), el("span", { class: "muted", text: "refreshes every 5 s" })), errors, body));
-  load();
   return every(REFRESH_MS, load);
 }

@@ -3,6 +3,9 @@
 
 const PROPERTIES = new Set(["value", "checked", "disabled", "selected", "hidden", "open", "required", "multiple"]);
 
+/** How often the views that refresh themselves do. */
+export const REFRESH_MS = 5000;
+
 /** el("button", {class: "primary", onclick: fn, text: "Go"}, ...children): children are nodes or plain text. */
 export function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -10,7 +13,11 @@ export function el(tag, props = {}, ...children) {
     if (value === undefined || value === null) continue;
     if (name === "text") node.textContent = String(value);
     else if (name === "class") node.className = value;
-    else if (name.startsWith("on") && typeof value === "function") node.addEventListener(name.slice(2), value);
+    else if (name.startsWith("on")) {
+      // a handler is a function, never text: an on* attribute would be inline code (and the policy blocks it)
+      if (typeof value !== "function") throw new TypeError(`el(${tag}): ${name} must be a function`);
+      node.addEventListener(name.slice(2), value);
+    }
     else if (PROPERTIES.has(name)) node[name] = value;
     else if (value !== false) node.setAttribute(name, value === true ? "" : String(value));
   }
@@ -30,6 +37,11 @@ export function fill(node, ...children) {
   node.replaceChildren();
   append(node, children);
   return node;
+}
+
+/** A labelled input: the label wraps it. */
+export function field(label, input) {
+  return el("label", {}, label, input);
 }
 
 /** A status as a badge, coloured by `tone` (a status name; the status itself by default). */
@@ -120,6 +132,28 @@ export async function attempt(slot, action, button = null) {
   }
 }
 
+/**
+ * A button that runs `action` when clicked (after `confirm`, a question, is answered yes, when it is given), through
+ * attempt(): disabled meanwhile, `slot` cleared first and showing the error if it fails. `then` (a reload) runs
+ * after it succeeded. `cls` and `disabled` are the button's own.
+ */
+export function actionButton(label, action, { slot = null, then = null, confirm = null, cls = "", disabled = false } = {}) {
+  const button = el("button", { type: "button", class: cls || undefined, text: label, disabled });
+  button.addEventListener("click", async () => {
+    if (confirm && !window.confirm(confirm)) return;
+    const done = await attempt(
+      slot,
+      async () => {
+        await action();
+        return true;
+      },
+      button,
+    );
+    if (done && then) then();
+  });
+  return button;
+}
+
 /** A number from an input, or null when it is empty (what is not a number is sent as written: the API says why). */
 export function numberOrNull(input) {
   const text = input.value.trim();
@@ -128,10 +162,26 @@ export function numberOrNull(input) {
   return Number.isFinite(number) ? number : text;
 }
 
-/** Repeat `task` every `ms` while the page is visible; returns the function that stops it. */
+/**
+ * Run `task` (a load: it may return a promise) now, then every `ms` while the page is visible, never while the
+ * previous run is still going (a slow API gets no pile of loads). Returns the function that stops it.
+ */
 export function every(ms, task) {
+  let running = false;
+  async function run() {
+    if (running) return;
+    running = true;
+    try {
+      await task();
+    } catch (error) {
+      console.error(error); // a load shows its own errors (attempt); this is what escaped it
+    } finally {
+      running = false;
+    }
+  }
+  run();
   const timer = setInterval(() => {
-    if (!document.hidden) task();
+    if (!document.hidden) run();
   }, ms);
   return () => clearInterval(timer);
 }

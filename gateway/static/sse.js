@@ -51,13 +51,19 @@ export function sseParser(dispatch) {
   };
 }
 
+/** Wait `ms`, or less when `signal` aborts; the abort listener goes when the wait ends either way. */
 function pause(ms, signal) {
   return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => {
+    if (signal.aborted) return resolve();
+    const wake = () => {
       clearTimeout(timer);
       resolve();
-    });
+    };
+    const timer = setTimeout(() => {
+      signal.removeEventListener("abort", wake);
+      resolve();
+    }, ms);
+    signal.addEventListener("abort", wake, { once: true });
   });
 }
 
@@ -70,7 +76,8 @@ function pause(ms, signal) {
 export async function followTask(taskId, { onEvent, onState, signal }) {
   let lastEventId = "";
   let delay = 1000;
-  let failures = 0;
+  let failures = 0; // connections in a row that brought no event: each waits longer (up to 30 s)
+  const backoff = () => Math.min(delay * 2 ** Math.min(failures, 5), 30000);
   while (!signal.aborted) {
     let response;
     try {
@@ -82,14 +89,16 @@ export async function followTask(taskId, { onEvent, onState, signal }) {
       if (err.status >= 400 && err.status < 500 && err.status !== 429) throw err;
       failures += 1;
       onState(`disconnected (${err.message}); reconnecting`);
-      await pause(Math.min(delay * 2 ** Math.min(failures, 5), 30000), signal);
+      await pause(backoff(), signal);
       continue;
     }
     if (response.status === 204) return "ended";
-    failures = 0;
     onState("live");
     let ended = false;
+    let received = false;
     const parser = sseParser((message) => {
+      received = true;
+      failures = 0; // the stream works: only an event says so (one may open and close at once, again and again)
       let event;
       try {
         event = JSON.parse(message.data);
@@ -102,20 +111,23 @@ export async function followTask(taskId, { onEvent, onState, signal }) {
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     try {
-      for (;;) {
+      while (!ended) {
         const { value, done } = await reader.read();
         if (done) break;
         parser.push(decoder.decode(value, { stream: true }));
       }
-    } catch (err) {
+    } catch {
       if (signal.aborted) return "stopped";
+    } finally {
+      reader.cancel().catch(() => {}); // the connection goes, whether the stream ended, broke or was left
     }
     if (parser.state.lastEventId) lastEventId = parser.state.lastEventId;
     if (parser.state.retry !== null) delay = parser.state.retry;
     if (ended) return "ended";
     if (signal.aborted) return "stopped";
+    if (!received) failures += 1;
     onState("stream closed; reconnecting");
-    await pause(delay, signal);
+    await pause(received ? delay : backoff(), signal);
   }
   return "stopped";
 }

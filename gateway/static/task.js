@@ -17,14 +17,27 @@ function describe(event) {
     case "usage":
       return `tokens: ${data.prompt_tokens ?? 0} prompt, ${data.completion_tokens ?? 0} completion${data.replayed ? " (replayed)" : ""}`;
     default:
-      return event.content ?? (Object.keys(data).length ? JSON.stringify(data) : "");
+      if (event.content !== null && event.content !== undefined) {
+        return typeof event.content === "string" ? event.content : JSON.stringify(event.content);
+      }
+      return Object.keys(data).length ? JSON.stringify(data) : "";
   }
+}
+
+/** A message of the task's record (its stored transcript) as the event it was. */
+function asEvent(message) {
+  const { type, content, source, at } = message;
+  if (type === "tool_call" && Array.isArray(content)) return { kind: type, source, at, data: { calls: content } };
+  if (type === "tool_result" && Array.isArray(content)) return { kind: type, source, at, data: { results: content } };
+  if (type === "tool_call" || type === "tool_result" || type === "input_request") return { kind: type, source, at, content };
+  return { kind: "message", source, at, content, data: { type } };
 }
 
 /** Open task `taskId` in `root`; `onChange` is called when it ends or changes. Returns the function that closes it. */
 export function openTask(root, taskId, { onClose, onChange } = {}) {
   const controller = new AbortController();
-  const errors = el("div");
+  const errors = el("div"); // loading the task, following its events
+  const cancelErrors = el("div"); // Cancel's: kept until it is tried again
   const heading = el("h2", { text: `Task ${taskId}` });
   const status = el("span");
   const connection = el("span", { class: "muted", role: "status" });
@@ -33,7 +46,10 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
   const transcript = el("ol", { class: "transcript", "aria-live": "polite" });
   const result = el("div");
   const chunks = new Map(); // source -> the list item its streamed pieces accumulate in
-  let tokens = { prompt: 0, completion: 0 };
+  // the tokens: the record's (all the task used when it was read) and those of the usage events streamed so far
+  // (from the first); the line shows the larger of the two, so it neither drops to a partial count nor lags
+  let recorded = { prompt: 0, completion: 0 };
+  const counted = { prompt: 0, completion: 0 };
 
   const answer = el("textarea", { name: "content", required: true, rows: 3 });
   const answerErrors = el("div");
@@ -60,7 +76,7 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
   const cancel = el("button", { type: "button", class: "danger", text: "Cancel task" });
   cancel.addEventListener("click", async () => {
     if (!window.confirm("Cancel this task?")) return;
-    const task = await attempt(errors, () => api("POST", `/v1/tasks/${seg(taskId)}/cancel`), cancel);
+    const task = await attempt(cancelErrors, () => api("POST", `/v1/tasks/${seg(taskId)}/cancel`), cancel);
     if (task) setStatus(task.status, task.status_reason);
   });
   const close = el("button", { type: "button", text: "Close" });
@@ -80,14 +96,16 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
     const target = task.team_id ? `team ${task.team_id}` : `agent ${task.agent_id}`;
     fill(facts, `${target} · started ${when(task.created_at)} · attempt ${task.attempt}`, task.finished_at ? ` · ended ${when(task.finished_at)}` : "");
     request.textContent = task.task;
-    tokens = { prompt: task.usage.prompt_tokens, completion: task.usage.completion_tokens };
+    recorded = { prompt: Number(task.usage.prompt_tokens) || 0, completion: Number(task.usage.completion_tokens) || 0 };
     showTokens();
     if (task.result !== null && task.result !== undefined) showResult(task.result);
   }
 
   const tokenLine = el("p", { class: "muted" });
   function showTokens() {
-    tokenLine.textContent = `Tokens: ${tokens.prompt} prompt, ${tokens.completion} completion`;
+    const prompt = Math.max(recorded.prompt, counted.prompt);
+    const completion = Math.max(recorded.completion, counted.completion);
+    tokenLine.textContent = `Tokens: ${prompt} prompt, ${completion} completion`;
   }
 
   function showResult(text) {
@@ -113,11 +131,16 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
     if (event.kind === "status") setStatus(event.content, event.data && event.data.reason);
     if (event.kind === "input_request") inputForm.hidden = false;
     if (event.kind === "result" && event.content) showResult(event.content);
-    if (event.kind === "usage" && !(event.data && event.data.replayed)) {
-      tokens.prompt += Number(event.data.prompt_tokens) || 0;
-      tokens.completion += Number(event.data.completion_tokens) || 0;
+    if (event.kind === "usage" && event.data && !event.data.replayed) {
+      counted.prompt += Number(event.data.prompt_tokens) || 0;
+      counted.completion += Number(event.data.completion_tokens) || 0;
       showTokens();
     }
+    entry(event);
+  }
+
+  /** The transcript's line of `event`. */
+  function entry(event) {
     const meta = [when(event.at), event.source, event.kind === "message" ? null : event.kind].filter(Boolean).join(" · ");
     transcript.append(
       el("li", { class: String(event.kind).replace(/[^a-z_]/g, "") }, el("div", { class: "meta", text: meta }), el("div", { class: "content", text: describe(event) })),
@@ -135,6 +158,7 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
       el("h3", { text: "Task" }),
       request,
       tokenLine,
+      cancelErrors,
       errors,
       el("p", {}, "Events: ", connection),
       transcript,
@@ -155,12 +179,22 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
   (async () => {
     const task = await refresh();
     if (!task) return;
-    tokens = { prompt: 0, completion: 0 }; // counted again from the events, which start from the beginning
+    let streamed = false;
+    const onEvent = (event) => {
+      streamed = true;
+      add(event);
+    };
     try {
-      const how = await followTask(taskId, { onEvent: add, onState: (text) => (connection.textContent = text), signal: controller.signal });
+      const how = await followTask(taskId, { onEvent, onState: (text) => (connection.textContent = text), signal: controller.signal });
       if (how === "ended") {
         connection.textContent = "ended";
-        await refresh();
+        const final = (await refresh()) || task;
+        if (!streamed) {
+          // a finished task whose events are no longer streamed (204 at once): its record keeps the transcript
+          connection.textContent = "ended (the transcript as recorded)";
+          for (const message of final.messages || []) entry(asEvent(message));
+          if (!transcript.firstChild) transcript.append(el("li", { class: "status", text: "No message recorded." }));
+        }
         if (onChange) onChange();
       }
     } catch (error) {

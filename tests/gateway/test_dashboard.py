@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway.app import create_app
-from gateway.dashboard import STATIC_DIR
+from gateway.dashboard import CONTENT_SECURITY_POLICY, STATIC_DIR
 from tests.conftest import Api, make_settings
 from tests.gateway.test_agents_api import REPLAY, created_running
 
@@ -47,17 +47,31 @@ async def raw_get(base: str, target: str) -> tuple[int, dict[str, str], bytes]:
     return int(status_line.split(" ")[1]), headers, body
 
 
+POLICY = {  # what the page relies on, directive by directive
+    "default-src": ["'self'"],
+    "script-src": ["'self'"],  # no inline code, no eval
+    "style-src": ["'self'"],
+    "img-src": ["'self'"],
+    "object-src": ["'none'"],  # no plugin
+    "base-uri": ["'none'"],  # no <base> to send the relative script URLs elsewhere
+    "form-action": ["'none'"],  # no form the browser sends itself (a key in a URL)
+    "frame-ancestors": ["'none'"],  # no framing (X-Frame-Options too, for older browsers)
+}
+
+
 def assert_secured(headers: Mapping[str, str]) -> None:
-    directives = (d.strip().split(" ") for d in headers["content-security-policy"].split(";"))
+    assert headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    directives = [d.strip().split(" ") for d in CONTENT_SECURITY_POLICY.split(";")]
     policy = {name: sources for name, *sources in directives}
-    assert policy["default-src"] == ["'self'"]
-    assert policy["script-src"] == ["'self'"] and policy["style-src"] == ["'self'"]  # no inline code, no eval
+    assert len(policy) == len(directives), "a directive given twice (a browser reads the first only)"
+    for name, sources in POLICY.items():
+        assert policy.get(name) == sources, name
     assert policy["connect-src"][0] == "'self'"
     assert all(s == "'self'" or re.fullmatch(r"wss?://[^\s;*]+", s) for s in policy["connect-src"])
-    assert policy["frame-ancestors"] == ["'none'"]
-    assert not any("unsafe" in s or s == "*" for sources in policy.values() for s in sources)
+    assert not any("unsafe" in s or s == "*" or s.endswith(":") for sources in policy.values() for s in sources)
     assert headers["x-content-type-options"] == "nosniff"
     assert headers["referrer-policy"] == "no-referrer"
+    assert headers["x-frame-options"] == "DENY"
 
 
 async def test_the_dashboard_is_served_with_a_strict_policy_and_the_root_leads_to_it(api: Api) -> None:
@@ -79,6 +93,9 @@ async def test_the_dashboard_is_served_with_a_strict_policy_and_the_root_leads_t
         assert served.headers["content-type"] == types[path.suffix], path.name
         assert served.content == path.read_bytes()
         assert_secured(served.headers)
+    missing = await api.client.get("/dashboard/no-such-file.js")  # an answer the dashboard gives that is no file
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert_secured(missing.headers)
 
     # the API is untouched: no dashboard header on it, and the dashboard stays out of its schema
     assert (await api.client.get("/docs")).status_code == 200
@@ -110,6 +127,7 @@ TRAVERSALS = [
     "/dashboard/APP.JS",
     "/dashboard/no-such-file.js",
 ]
+SERVED_404 = {"/dashboard/app.js%00", "/dashboard/APP.JS", "/dashboard/no-such-file.js"}  # names the dashboard answers
 
 
 async def test_only_the_dashboard_files_are_served_never_a_listing_nor_a_file_outside(api: Api) -> None:
@@ -122,6 +140,8 @@ async def test_only_the_dashboard_files_are_served_never_a_listing_nor_a_file_ou
         assert not any(s in body for s in secrets), target
         if headers.get("content-type") == "application/json":
             assert set(json.loads(body)["error"]) == {"code", "message", "details"}
+        if target in SERVED_404:
+            assert_secured(headers)
     status, headers, body = await raw_get(api.base, "/dashboard/")  # no listing: back to the page
     assert status in (307, 308) and headers["location"].endswith("/dashboard")
     assert b"app.js" not in body
@@ -155,7 +175,7 @@ class _Page(HTMLParser):
                 self.inline.append(f"{tag} {name}={value!r}")
         for name in ("src", "href"):
             value = values.get(name)
-            if value and tag in ("script", "link", "img") and not value.startswith("data:"):
+            if value and tag in ("script", "link", "img"):  # data: too: the policy allows no data: image
                 self.references.append(value)
 
 
@@ -213,10 +233,17 @@ def test_the_javascript_writes_text_keeps_no_key_and_evaluates_no_code() -> None
         assert not CODE_FROM_TEXT.search(text), f"{script.name} evaluates text as code"
         assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", text), f"{script.name} names another site"
         stored += re.findall(r"sessionStorage\.setItem\(([^;]*)\);", text)
-    # one write, of the session: the token, role and expiry, never the API key
-    assert len(stored) == 1 and "apiKey" not in stored[0] and "api_key" not in stored[0]
+    # one write, of the session object signIn() builds: its token, role, subject, customer and expiry (the node
+    # test below checks what is stored, run)
+    assert stored == ["SESSION_KEY, JSON.stringify(session)"]
+    built = re.search(
+        r"\n  const session = \{\n(.*?)\n  \};\n  sessionStorage\.setItem", source(STATIC_DIR / "api.js"), re.S
+    )
+    assert built, "api.js: signIn() no longer builds the session it stores as this test reads it"
+    assert re.findall(r"(?m)^\s*(\w+):", built[1]) == ["token", "role", "subject", "customerId", "expiresAt"]
+    assert not re.search(r"apiKey|api_key", built[1])
     style = (STATIC_DIR / "style.css").read_text()
-    assert not re.search(r"@import|url\(\s*['\"]?(?!data:)", style), "the stylesheet loads nothing else"
+    assert not re.search(r"@import|url\(", style), "the stylesheet loads nothing else"
 
 
 LINKS = """
@@ -276,14 +303,20 @@ globalThis.fetch = async (path, init) => {
   let seen = "";
   const body = new ReadableStream({
     async pull(controller) {
-      const { value, done } = await reader.read();
-      if (done) return controller.close();
-      seen += decoder.decode(value, { stream: true });
-      const first = seen.match(/^[^]*?\\nid: \\d+\\n[^]*?\\n\\n/);
-      if (first) {
-        controller.enqueue(new TextEncoder().encode(first[0]));
-        await reader.cancel();
-        controller.close();
+      // a pull that returns without enqueueing is not called again: read on until there is something to give
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) {
+          if (seen) controller.enqueue(new TextEncoder().encode(seen));
+          return controller.close();
+        }
+        seen += decoder.decode(value, { stream: true });
+        const first = seen.match(/^[^]*?\\nid: \\d+\\n[^]*?\\n\\n/);
+        if (first) {
+          controller.enqueue(new TextEncoder().encode(first[0]));
+          await reader.cancel();
+          return controller.close();
+        }
       }
     },
   });
