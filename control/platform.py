@@ -248,6 +248,7 @@ class ControlPlane:
             self._quotas,
             self._scheduler,
             Repo(jet.kv["customers"], Customer),
+            self.settings.task_count_interval_s,
         )
         await jet.nc.subscribe("caravan.ctl.*.definition.*", queue="caravan-control", cb=self._serve_definition)
         await self._tasks.start_tracker(self._agents.on_agent_event)
@@ -266,6 +267,8 @@ class ControlPlane:
             await self._tasks.stop_tracker()
         for task in list(self._background):
             await cancel_and_wait(task)
+        if self._stats is not None:
+            await self._stats.stop()
         if self._budget is not None:
             await self._budget.stop()
         if self._scheduler is not None:

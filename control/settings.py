@@ -106,6 +106,14 @@ class Settings(BaseSettings):
         description="Tasks that ended longer ago than this are forgotten, records and transcripts (their events "
         "leave the events stream after 30 days); 0: kept for good.",
     )
+    task_count_interval_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="Ended tasks are counted for /metrics and the admin statistics by reading every task record, "
+        "at most once this often (a scrape meanwhile gets the last count at once); tasks in flight are counted "
+        "afresh at every scrape. 0: every scrape reads every record.",
+    )
     task_cancel_deadline_s: float = Field(
         default=60.0,
         ge=0.5,

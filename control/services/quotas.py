@@ -162,6 +162,10 @@ class QuotaService:
         its end is folded in (or it was ended on purpose)."""
         return list((await self._record(customer_id)).tasks)
 
+    async def in_flight(self) -> dict[str, list[str]]:
+        """Every customer's tasks that hold a slot (:meth:`tasks_in_flight`), read in one pass."""
+        return {customer_id: record.tasks for customer_id, record in await self._repo.items() if record.tasks}
+
     async def tier(self, customer_id: str) -> Tier:
         return (await self._record(customer_id)).quota.tier
 

@@ -11,10 +11,13 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 from agent.protocol import EventKind
+from control.ids import new_id
 from control.metrics import Metrics, Snapshot, snapshot
-from control.models import AgentStatus, TaskStatus
+from control.models import AgentStatus, Task, TaskStatus
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
+from control.services.tasks import task_key
+from control.store import Repo
 from tests.conftest import Api, make_settings, serve_api
 from tests.control.test_killswitch import killswitch
 from tests.gateway.test_agents_api import agent_body
@@ -194,3 +197,63 @@ async def test_a_stalled_nats_makes_the_platform_not_ready_and_its_requests_503_
                 os.kill(server.pid, signal.SIGCONT)
             await assert_eventually(lambda: api.client.get("/readyz"), lambda r: r.status_code == 200, what="ready")
             assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+
+
+async def test_a_scrape_counts_tasks_in_flight_afresh_and_reads_every_record_only_once_an_interval(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """Ended tasks pile up for the retention time (30 days): a scrape (or the dashboard's statistics, every 5 s)
+    must not read every record each time. Tasks in flight are read from their quota slots at every scrape; the
+    ended ones are counted from every record once an interval, in the background, and the stale count is served
+    meanwhile."""
+    settings = make_settings(nats_server.url, tmp_path / "data", task_count_interval_s=3600)
+    async with ControlPlane(settings) as control, serve_api(control) as api:
+        customer_id, _ = await api.new_customer("piled")
+        records = Repo(control.jet.kv["tasks"], Task)
+
+        async def task(status: TaskStatus, in_flight: bool = False) -> str:
+            made = Task(id=new_id("tk"), customer_id=customer_id, task="count", status=status)
+            if in_flight:
+                await control.quotas.reserve_task(customer_id, made.id)
+            await records.create(task_key(customer_id, made.id), made)
+            return made.id
+
+        for _ in range(5):
+            await task(TaskStatus.COMPLETED)
+        await task(TaskStatus.FAILED)
+        live = await task(TaskStatus.RUNNING, in_flight=True)
+        reads: list[str] = []
+        every_record = records.list_as
+
+        async def counted(model: Any, pattern: str = ">") -> Any:
+            reads.append(pattern)
+            return await every_record(model, pattern)
+
+        cast(Any, control.stats)._tasks.list_as = counted
+        admin = await api.admin()
+        first = (await api.client.get("/v1/admin/stats", headers=admin)).json()
+        assert first["tasks_by_status"] == {"completed": 5, "failed": 1, "running": 1}
+        assert len(reads) == 1
+
+        # the running task asks the human and another ends: a scrape sees the first at once, not yet the second
+        await records.update(
+            task_key(customer_id, live), lambda t: t.model_copy(update={"status": TaskStatus.AWAITING_INPUT})
+        )
+        await task(TaskStatus.CANCELLED)
+        _, scraped = await scrape(api)
+        assert value(scraped, "caravan_tasks", status="awaiting_input") == 1
+        assert value(scraped, "caravan_tasks", status="running") == 0
+        assert value(scraped, "caravan_tasks", status="completed") == 5
+        assert value(scraped, "caravan_tasks", status="cancelled") == 0  # counted at the next interval
+        again = (await api.client.get("/v1/admin/stats", headers=admin)).json()
+        assert again["ended_counted_at"] == first["ended_counted_at"]
+        assert len(reads) == 1  # two scrapes and a second overview read no record but the one in flight
+
+        cast(Any, control.stats)._ended._max_age_s = 0.01  # the interval passes
+        caught_up = await assert_eventually(
+            lambda: api.client.get("/v1/admin/stats", headers=admin),
+            lambda r: r.json()["tasks_by_status"].get("cancelled") == 1,
+            what="the ended tasks counted again",
+        )
+        assert caught_up.json()["ended_counted_at"] > first["ended_counted_at"]
+        assert caught_up.json()["tasks_by_status"]["awaiting_input"] == 1
