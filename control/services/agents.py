@@ -77,6 +77,19 @@ class SchedulerUnavailable(Unavailable):
 class KillswitchEngaged(Conflict):
     code = "killswitch_engaged"
 
+    def __init__(self, flag: Flag, what: str) -> None:
+        """``what``: what the flag refuses (``agent ag-1 cannot run``)."""
+        self.flag = flag
+        super().__init__(
+            f"a {'hard ' if flag.hard else ''}killswitch is engaged on {flag.key.label} "
+            f"({flag.reason or 'no reason given'}): {what} until an operator releases it",
+            details={"scope": flag.scope.value, "target": flag.target, "reason": flag.reason},
+        )
+
+    def creating(self) -> KillswitchEngaged:
+        """The same refusal of a creation, which names no agent (none was stored)."""
+        return KillswitchEngaged(self.flag, "no agent can be created")
+
 
 class Killswitches(Protocol):
     """Where the agents learn which killswitch flags are engaged (the killswitch service)."""
@@ -165,7 +178,7 @@ class AgentService:
         )
         self.admit_model(agent.model)
         job = self.render(agent)  # a definition that cannot render is refused before anything is stored
-        await self._refuse_under_hard_killswitch(agent)
+        await self._refuse_under_hard_killswitch(agent, creating=True)
         await self._quotas.reserve_agent(customer_id, agent_id, _reservation(agent))
         try:
             await self._ensure_consumer(agent)
@@ -175,9 +188,9 @@ class AgentService:
             raise
         try:
             agent = await self._submit(agent, job)
-        except KillswitchEngaged:  # a hard killswitch engaged since the check above: refused, nothing is left
+        except KillswitchEngaged as exc:  # a hard killswitch engaged since the check above: refused, nothing is left
             await self._forget(agent)
-            raise
+            raise exc.creating() from None
         finally:
             released = await self._release_lease(agent, owner)
         return released or agent
@@ -491,7 +504,9 @@ class AgentService:
 
         await self._repo.update(_key(agent.customer_id, agent.id), undo)
 
-    async def _refuse_under_hard_killswitch(self, agent: Agent, engaged: builtins.list[Flag] | None = None) -> None:
+    async def _refuse_under_hard_killswitch(
+        self, agent: Agent, engaged: builtins.list[Flag] | None = None, *, creating: bool = False
+    ) -> None:
         if self._killswitches is None:
             return
         if engaged is None:
@@ -500,11 +515,8 @@ class AgentService:
         flag = next((f for f in engaged if f.hard and f.key in keys), None)
         if flag is None:
             return
-        raise KillswitchEngaged(
-            f"a hard killswitch is engaged on {flag.key.label} ({flag.reason or 'no reason given'}): "
-            f"agent {agent.id} cannot run until an operator releases it",
-            details={"scope": flag.scope.value, "target": flag.target, "reason": flag.reason},
-        )
+        refused = KillswitchEngaged(flag, f"agent {agent.id} cannot run")
+        raise refused.creating() if creating else refused
 
     def _secrets(self, agent: Agent) -> dict[str, str]:
         """What the agent's task gets by the scheduler's secret channel: its own NATS credentials, if any."""

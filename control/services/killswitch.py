@@ -20,7 +20,7 @@ from agent.protocol import AgentEventKind, Event
 from control.backends.base import Registry
 from control.errors import CaravanError, Conflict, Invalid
 from control.models import Agent, AgentRef, AgentStatus, Visible
-from control.services.agents import AgentService
+from control.services.agents import AgentService, KillswitchEngaged
 from control.services.audit import AuditLog, AuditRecord, describe_error
 from control.services.auth import AuthService, Principal
 
@@ -137,9 +137,11 @@ class KillswitchService:
         return next((f for f in await self.engaged() if covers(f.key, agent)), None)
 
     async def ensure_not_halted(self, agent: Agent) -> None:
+        """Refuse work for ``agent`` while a killswitch halts it: :class:`KillswitchEngaged` (409
+        ``killswitch_engaged``, with the flag's scope, target and reason), as an agent that cannot start is refused."""
         flag = await self.covering(agent)
         if flag is not None:
-            raise Conflict(f"killswitch engaged ({flag.scope.value}): {flag.reason or 'no reason given'}")
+            raise KillswitchEngaged(flag, f"agent {agent.id} ({agent.name}) takes no task")
 
     async def apply(
         self,

@@ -20,6 +20,7 @@ from control.services.auth import Principal
 from control.services.killswitch import KillswitchRequest
 from control.settings import Settings
 from tests.conftest import Api, make_settings, serve_api
+from tests.gateway.teams_support import agents, script, team
 from tests.gateway.test_agents_api import agent_body, created_running, wait_status
 from tests.gateway.test_tasks_api import running_agent, start_task
 from tests.support.consul_double import ConsulDouble
@@ -86,7 +87,10 @@ async def test_agent_scope_halts_exactly_that_agent_and_release_resumes_it(api: 
     await assert_halted(api, fleet, {"a1"}, "runaway loop")
     body = {"agent_id": a1["id"], "task": "x"}
     refused = await api.client.post("/v1/tasks", json=body, headers=fleet["headers"]["a1"])
-    assert refused.status_code == 409 and "runaway loop" in refused.json()["error"]["message"]
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "killswitch_engaged"
+    error = refused.json()["error"]
+    assert "runaway loop" in error["message"] and a1["id"] in error["message"]
+    assert error["details"] == {"scope": "agent", "target": a1["id"], "reason": "runaway loop"}
 
     released = await killswitch(api, scope="agent", agent_id=a1["id"], engaged=False, reason="fixed")
     assert (released["acknowledged"], released["unacknowledged"]) == (1, [])
@@ -248,6 +252,8 @@ async def test_what_a_hard_killswitch_stopped_its_owner_cannot_start_until_it_is
     if scope != "agent":  # nor can a new agent run under it
         created = await api.client.post("/v1/agents", json=agent_body(name="another"), headers=headers)
         assert created.status_code == 409 and created.json()["error"]["code"] == "killswitch_engaged"
+        message = created.json()["error"]["message"]  # naming no agent: none was stored to be looked up
+        assert "no agent can be created" in message and "abuse" in message and " ag-" not in message
         assert [a["id"] for a in (await api.client.get("/v1/agents", headers=headers)).json()] == [agent["id"]]
 
     await killswitch(api, scope=scope, engaged=False, reason="resolved", **target)
@@ -282,6 +288,8 @@ async def test_a_creation_that_a_hard_killswitch_overtakes_leaves_nothing(
     await killswitch(api, scope="customer", customer_id=customer_id, reason="abuse", hard=True, wait_ms=0)
     refused = await create
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "killswitch_engaged", refused.text
+    assert "no agent can be created" in refused.json()["error"]["message"]
+    assert " ag-" not in refused.json()["error"]["message"]
     assert (await api.client.get("/v1/agents", headers=headers)).json() == []
     assert (await api.client.get("/v1/usage", headers=headers)).json()["agents"] == 0
     assert api.control.scheduler._jobs == {}  # type: ignore[attr-defined]
@@ -424,3 +432,19 @@ async def test_with_consul_a_flag_put_by_hand_halts_and_an_outage_fails_safe(tmp
                 await wait_status(api, headers, agent["id"], "running")
     finally:
         double.stop()
+
+
+async def test_a_team_task_is_refused_naming_the_member_a_killswitch_halts(api: Api) -> None:
+    customer_id, headers = await api.new_customer("crew")
+    made = await agents(api, headers, {"writer": {"model": script("a")}, "critic": {"model": script("b")}})
+    crew = await team(api, headers, members=[a["id"] for a in made.values()], termination={"max_messages": 2})
+    critic = made["critic"]
+    await killswitch(api, scope="agent", agent_id=critic["id"], reason="loops on tools", wait_ms=0)
+
+    refused = await api.client.post("/v1/tasks", json={"team_id": crew["id"], "task": "go"}, headers=headers)
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "killswitch_engaged" and critic["id"] in error["message"]
+    assert error["details"] == {"scope": "agent", "target": critic["id"], "reason": "loops on tools"}
+    assert (await api.client.get("/v1/tasks", headers=headers)).json() == []  # nothing queued
+    assert await api.control.quotas.tasks_in_flight(customer_id) == []  # nor a slot held
