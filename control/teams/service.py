@@ -6,6 +6,8 @@ from control.errors import Conflict, Invalid, NotFound
 from control.ids import new_id
 from control.models import TERMINAL_TASK_STATUSES, Task
 from control.services.agents import AgentService
+from control.services.quotas import QuotaService
+from control.services.tasks import task_key
 from control.store import Repo
 from control.teams.models import Team, TeamCreate
 
@@ -17,10 +19,11 @@ def _key(customer_id: str, team_id: str) -> str:
 
 
 class TeamService:
-    def __init__(self, repo: Repo[Team], agents: AgentService, tasks: Repo[Task]) -> None:
+    def __init__(self, repo: Repo[Team], agents: AgentService, tasks: Repo[Task], quotas: QuotaService) -> None:
         self._repo = repo
         self._agents = agents
         self._tasks = tasks
+        self._quotas = quotas
 
     async def create(self, customer_id: str, spec: TeamCreate) -> Team:
         if spec.selector is not None:  # its model is called from the control plane: checked before any read
@@ -48,11 +51,9 @@ class TeamService:
     async def delete(self, customer_id: str | None, team_id: str) -> Team:
         """Delete a team with no unfinished task; returns it as it was."""
         team = await self.get(customer_id, team_id)
-        active = [
-            t.id
-            for t in await self._tasks.list(f"{team.customer_id}.*")
-            if t.team_id == team.id and t.status not in TERMINAL_TASK_STATUSES
-        ]
+        in_flight = await self._quotas.tasks_in_flight(team.customer_id)  # every unfinished task holds a slot
+        tasks = await self._tasks.named_as(Task, [task_key(team.customer_id, task_id) for task_id in in_flight])
+        active = [t.id for t in tasks if t.team_id == team.id and t.status not in TERMINAL_TASK_STATUSES]
         if active:
             raise Conflict(f"team {team.id} has unfinished tasks: {', '.join(active[:5])}; cancel them first")
         await self._repo.delete(_key(team.customer_id, team.id))

@@ -509,6 +509,35 @@ async def test_a_failed_admin_action_on_a_customers_record_is_found_under_that_c
     ]
 
 
+async def test_a_team_with_an_unfinished_task_is_not_deleted_and_its_customers_ended_tasks_are_not_read(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting a team looks only at the customer's tasks in flight (their quota slots), however many ended."""
+    _, customer = await api.new_customer()
+    agent = await running_agent(api, customer)
+    ended = [await start_task(api, customer, agent["id"]) for _ in range(3)]
+    for task_id in ended:
+        assert (await finished(api, customer, task_id))["status"] == "completed"
+    slow = {"provider": "replay", "name": "slow", "responses": ["..."], "delay_ms": 600_000}
+    member = await running_agent(api, customer, name="slow", model=slow, tools=[])
+    team = {"name": "solo", "members": [member["id"]], "mode": "round_robin", "termination": {"max_messages": 2}}
+    team_id = (await api.client.post("/v1/teams", json=team, headers=customer)).json()["id"]
+    open_id = (await api.client.post("/v1/tasks", json={"team_id": team_id, "task": "hi"}, headers=customer)).json()[
+        "id"
+    ]
+    listed: list[str] = []
+    tasks = api.control.teams._tasks
+    every = tasks.list
+    monkeypatch.setattr(tasks, "list", lambda pattern=">": listed.append(pattern) or every(pattern))
+
+    refused = await api.client.delete(f"/v1/teams/{team_id}", headers=customer)
+    assert refused.status_code == 409 and open_id in refused.json()["error"]["message"]
+    assert (await api.client.post(f"/v1/tasks/{open_id}/cancel", headers=customer)).status_code == 202
+    assert (await finished(api, customer, open_id))["status"] == "cancelled"
+    assert (await api.client.delete(f"/v1/teams/{team_id}", headers=customer)).status_code == 204
+    assert listed == []  # no listing of the customer's task records
+
+
 async def test_admins_list_one_customers_records_and_a_customer_cannot_name_another(api: Api) -> None:
     """``?customer_id=`` narrows an admin's listings to one customer; a customer naming another is refused (it
     used to be ignored, as it was on create, where the record went to the caller all the same)."""
