@@ -146,17 +146,36 @@ class AgentCreate(BaseModel):
         return value
 
 
+def _not_nullable(schema: dict[str, Any]) -> None:
+    """The JSON schema of a model whose fields may be left out but not sent as null: each field's own type, no
+    default."""
+    for name, field in schema.get("properties", {}).items():
+        field.pop("default", None)
+        kinds = [kind for kind in field.get("anyOf", []) if kind != {"type": "null"}]
+        if len(kinds) == 1:
+            del field["anyOf"]
+            schema["properties"][name] = {**kinds[0], **field}
+
+
 class AgentUpdate(BaseModel):
     """Fields of an agent that PATCH may change; anything given rolls out a new job version. Within `resources`
     only the fields given change; a `model` is replaced whole. Strict, as :class:`AgentCreate`."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # a field left out keeps its value, and none may be null: the schema offers no null nor shows a default
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_not_nullable)
 
     system_message: SystemMessage | None = None
     model: ModelConfig | None = None
     tools: Annotated[list[ToolName], Field(max_length=16)] | None = None
     resources: Resources | None = None
     replicas: int | None = Field(default=None, ge=1, le=10)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("may not be null: leave the field out to keep its value")
+        return value
 
     @model_validator(mode="after")
     def _not_empty(self) -> AgentUpdate:

@@ -218,11 +218,11 @@ class AgentService:
             stored = current.model_dump(include=set(AgentCreate.model_fields))
             merged = {**stored, **sent}
             for name in _MERGED.intersection(sent):
-                if isinstance(sent[name], dict):  # (a null is refused below)
+                if isinstance(sent[name], dict):  # (AgentUpdate refuses a null)
                     merged[name] = {**stored[name], **sent[name]}
             try:
                 spec = AgentCreate.model_validate(merged)
-            except ValidationError as exc:  # a field sent as null, say: refused as the request's own fields are
+            except ValidationError as exc:  # what only the whole definition refuses: as the request's own fields are
                 raise invalid_input(exc.errors()) from exc
             fields = {name: getattr(spec, name) for name in sent}
             if "model" in fields:
