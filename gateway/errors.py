@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from control.errors import CaravanError, invalid_input
 from control.natsio import NATS_UNAVAILABLE
 from control.services.auth import shown_prefix
+from gateway.wslog import denial_sent
 
 __all__ = ["caravan_error_response", "error_response", "install_error_handlers", "refuse_websocket", "shown_path"]
 
@@ -62,6 +63,8 @@ async def refuse_websocket(websocket: WebSocket, response: JSONResponse) -> None
         await websocket.send_denial_response(response)
     except RuntimeError:  # the server has no denial responses
         await websocket.close(code=4000 + response.status_code)
+    else:
+        denial_sent()  # (which uvicorn reports at ERROR as a handshake never completed)
 
 
 def _invalid(exc: RequestValidationError | WebSocketRequestValidationError) -> JSONResponse:
