@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from control.metrics import Metrics
 from control.platform import ControlPlane
 from control.settings import Settings
-from gateway import dashboard
+from gateway import apidocs, dashboard
 from gateway.errors import error_response, install_error_handlers
 from gateway.ratelimit import RateLimiter, Tiers
 from gateway.routes import admin, agents, auth, health, tasks, teams, usage
@@ -42,6 +42,9 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
         version="0.1.0",
         summary="Run AutoGen agent teams on HashiCorp Nomad",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load a CDN's scripts: gateway.apidocs serves its own
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     if control is not None:
         app.state.control = control
@@ -54,6 +57,7 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
     for module in (health, auth, agents, teams, tasks, usage, admin):
         app.include_router(module.router)
     app.include_router(dashboard.build_router())  # left out of the OpenAPI schema
+    app.include_router(apidocs.build_router(app.title, app.openapi_url or "/openapi.json"))  # so is this
     return app
 
 

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.errors import CaravanError, invalid_input
 from control.natsio import NATS_UNAVAILABLE
-from control.services.auth import shown_prefix
+from control.services.auth import redact_keys, shown_prefix
 from gateway.wslog import denial_sent
 
 __all__ = ["caravan_error_response", "error_response", "install_error_handlers", "refuse_websocket", "shown_path"]
@@ -37,15 +37,31 @@ _CODES = {
 
 
 def shown_path(path: str) -> str:
-    """A request's path as it may be logged or audited: on the key route, what :func:`shown_prefix` shows of the
-    key's prefix (a whole key may be given in its place)."""
-    return _KEY_ROUTE + shown_prefix(path[len(_KEY_ROUTE) :]) if path.startswith(_KEY_ROUTE) else path
+    """A request's path as it may be logged or audited: any API key pasted into it cut to its prefix; on the key
+    route, what :func:`shown_prefix` shows of the key's prefix (a whole key, even one chosen outside, may be given in
+    its place)."""
+    if path.startswith(_KEY_ROUTE):
+        path = _KEY_ROUTE + shown_prefix(path[len(_KEY_ROUTE) :])
+    return redact_keys(path)
+
+
+def _redacted(value: Any) -> Any:
+    """``value`` (JSON) with any API key in its texts cut to its prefix (:func:`redact_keys`)."""
+    if isinstance(value, str):
+        return redact_keys(value)
+    if isinstance(value, dict):
+        return {_redacted(k): _redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v) for v in value]
+    return value
 
 
 def error_response(
     status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "details": details}}
+    """The error body. An error may repeat what the request said (an id not found, a value refused): an API key
+    pasted there (a path, a query, a field) is answered by its prefix only, as it is logged and audited."""
+    body = {"error": {"code": code, "message": redact_keys(message), "details": _redacted(details)}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -133,7 +149,7 @@ class _Unexpected:
         except NATS_UNAVAILABLE as exc:
             if started:
                 raise
-            log.warning("NATS did not answer %s %s: %r", scope["method"], scope["path"], exc)
+            log.warning("NATS did not answer %s %s: %r", scope["method"], shown_path(scope["path"]), exc)
             message = "the platform's store (NATS) did not answer in time; try again in a moment"
             await error_response(503, "unavailable", message, None, {"Retry-After": "1"})(scope, receive, send)
         except Exception:

@@ -28,11 +28,12 @@ from control.ids import is_plain_id, new_id
 from control.models import ApiKey, Customer, Role
 from control.store import AlreadyExists, Repo
 
-__all__ = ["AuthService", "IssuedKey", "LastAdminKey", "Principal", "shown_prefix"]
+__all__ = ["AuthService", "IssuedKey", "LastAdminKey", "Principal", "redact_keys", "shown_prefix"]
 
 _KEY_PREFIX = "cvn"
 _PREFIX_LENGTH = 12  # cvn_ and 8 hex digits; every key is longer
 _GENERATED_KEY = re.compile(r"cvn_[0-9a-f]{8}_")
+_GENERATED_KEY_IN_TEXT = re.compile(r"(cvn_[0-9a-f]{8})_[A-Za-z0-9_-]+")  # the secret: token_urlsafe's alphabet
 _REVOCATION_REFRESH_S = 2.0
 _ADMIN_REVOCATIONS = "admin_key_revocations"
 
@@ -78,6 +79,13 @@ def shown_prefix(value: str) -> str:
     if _GENERATED_KEY.match(value):
         return f"{value[:_PREFIX_LENGTH]}_<redacted>"
     return "<redacted>"
+
+
+def redact_keys(text: str) -> str:
+    """``text`` (a request's path or query, an answer, a record) with each generated key in it, wherever it is, cut
+    to what :func:`shown_prefix` shows of it: its prefix and ``_<redacted>``. A key chosen outside has no shape to
+    be found by (only where a prefix belongs, :func:`shown_prefix` hides it)."""
+    return _GENERATED_KEY_IN_TEXT.sub(r"\1_<redacted>", text)
 
 
 def _hash(api_key: str) -> str:

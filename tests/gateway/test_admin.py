@@ -18,7 +18,7 @@ from gateway.app import create_app
 from gateway.ratelimit import Tiers
 from tests.conftest import ADMIN_KEY, Api
 from tests.gateway.test_agents_api import INVISIBLE_NAMES, READABLE_NAMES, agent_body
-from tests.gateway.test_tasks_api import finished, running_agent, start_task
+from tests.gateway.test_tasks_api import assert_ws_refused, finished, running_agent, start_task
 from tests.support.helpers import assert_eventually, serve_app
 
 IDS = {"agent_id": "agent", "task_id": "task", "customer_id": "customer", "prefix": "key", "team_id": "team"}
@@ -129,6 +129,67 @@ async def test_a_whole_key_given_for_its_prefix_is_never_recorded_logged_or_answ
     for text in (*answers, json.dumps(records), logged):
         assert secret.removeprefix(prefix) not in text and ADMIN_KEY[:6] not in text
     await api.token(secret)  # not revoked
+
+
+async def test_a_key_pasted_into_a_path_a_query_or_a_field_is_recorded_logged_and_answered_by_its_prefix_only(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key given anywhere but the token exchange (a path, a query, a header, a field) is kept for good in the
+    audit log only by its prefix (a refused request's path, an action's target and error), and neither the log nor
+    an answer that repeats the request (a 404 naming the id, a 422 naming the value) repeats it whole."""
+    customer_id, customer = await api.new_customer()
+    admin = await api.admin()
+    created = (await api.client.post(f"/v1/admin/customers/{customer_id}/keys", headers=admin)).json()
+    key, prefix = created["api_key"], created["api_key_prefix"]
+    shown = f"{prefix}_<redacted>"
+    answers: list[str] = []
+
+    async def status(method: str, url: str, headers: dict[str, str] | None = None, **kwargs: Any) -> int:
+        response = await api.client.request(method, url, headers=headers, **kwargs)
+        answers.append(response.text)
+        return response.status_code
+
+    denied = [f"/v1/agents/{key}", f"/v1/agents/{key}/job", f"/v1/teams/{key}", f"/v1/tasks/x.{key}/events"]
+    for path in denied:  # no token: refused, and audited with the path
+        assert await status("GET", path) == 401, path
+    await assert_ws_refused(api.base.replace("http", "ws") + f"/v1/tasks/{key}/ws", 401, "unauthorized")
+    assert await status("GET", f"/v1/{key}/agents") == 404  # no such route
+    assert await status("POST", f"/v1/admin/agents/{key}/stop", customer) == 403  # audited with the path
+    assert await status("GET", f"/v1/agents/{key}", customer) == 404  # the answer names the id
+    assert await status("GET", "/v1/tasks", customer, params={"before": key}) == 404
+    assert await status("POST", f"/v1/agents/{key}/stop", admin) == 404  # audited: target and error
+    assert await status("PUT", f"/v1/admin/customers/{key}/quota", admin, json={"max_agents": 1}) == 404
+    assert await status("GET", "/v1/admin/audit", admin, params={"action": key}) == 422  # the value refused
+    assert await status("GET", "/v1/admin/audit", admin, params={"since": f"in {key}"}) == 422
+    assert await status("GET", "/v1/agents", customer, params={"customer_id": key}) == 403
+    assert await status("POST", "/v1/agents", admin, params={"customer_id": key}, json=agent_body()) == 422
+    assert await status("POST", "/v1/agents", customer, json=agent_body(replicas=key)) == 422
+    assert await status("POST", "/v1/agents", customer, json=agent_body(**{key: 1})) == 422  # a field named so
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("the read broke")
+
+    monkeypatch.setattr(api.control.agents, "get", broken)
+    assert await status("GET", f"/v1/agents/{key}", customer) == 500
+
+    records = await audit(api)
+    assert [r["details"]["path"] for r in records if r["action"] == "auth.denied"] == [
+        *(path.replace(key, shown) for path in denied),
+        f"/v1/tasks/{shown}/ws",
+    ]
+    assert [r["details"]["path"] for r in records if r["action"] == "auth.forbidden"] == [
+        f"/v1/admin/agents/{shown}/stop"
+    ]
+    assert [(r["target"], r["result"]) for r in records if r["action"] in ("agent.stop", "quota.set")] == [
+        (shown, "failed"),
+        (shown, "failed"),
+    ]
+    assert any(f"agent '{shown}' not found" in a for a in answers)  # the 404 still says which
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"GET /v1/agents/{shown} " in logged  # the unexpected error, by what it was on
+    for text in (*answers, json.dumps(records), logged):
+        assert key.removeprefix(prefix) not in text
+    await api.token(key)  # the key itself still works
 
 
 async def admin_prefixes(api: Api) -> list[str]:

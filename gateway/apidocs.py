@@ -1,0 +1,139 @@
+"""The API's documentation pages, ``/docs`` (Swagger UI) and ``/redoc`` (ReDoc), from files served by the gateway.
+
+FastAPI's own pages load their scripts from a public CDN and start them with an inline script: any script on this
+origin can read the dashboard's token from ``sessionStorage``, and the pages did not work offline. These pages load
+only files of this origin: Swagger UI's and ReDoc's bundles as the ``fastapi-offline`` package ships them, and a
+small start script of ours each (``gateway/docs_ui``), under a Content-Security-Policy as strict as the dashboard's
+(:func:`content_security_policy` says where it is not). The schema stays ``/openapi.json``; these routes are left out
+of it. The pages have no OAuth2 redirect page: the API's one scheme is a bearer token, given in Authorize.
+"""
+
+from __future__ import annotations
+
+import html
+import secrets
+from importlib.resources import files
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse, Response
+
+from gateway.dashboard import SECURITY_HEADERS as DASHBOARD_HEADERS
+from gateway.errors import error_response
+
+__all__ = [
+    "ASSETS_PATH",
+    "CONTENT_SECURITY_POLICY",
+    "DOCS_PATH",
+    "REDOC_PATH",
+    "SECURITY_HEADERS",
+    "build_router",
+    "content_security_policy",
+]
+
+DOCS_PATH = "/docs"
+REDOC_PATH = "/redoc"
+ASSETS_PATH = "/docs/assets"
+
+
+def content_security_policy(redoc_nonce: str | None = None) -> str:
+    """The pages' policy: this origin's files only, no inline script. ReDoc's (``redoc_nonce``) allows too the
+    ``<style>`` elements that carry the nonce (ReDoc writes its styles so, and is given it) and a worker made from a
+    ``blob:`` by its own script (its search): neither lets in anything from elsewhere."""
+    styles = "'self'" if redoc_nonce is None else f"'self' 'nonce-{redoc_nonce}'"
+    workers = [] if redoc_nonce is None else ["worker-src blob:"]
+    return "; ".join(
+        [
+            "default-src 'self'",
+            "script-src 'self'",
+            f"style-src {styles}",
+            "img-src 'self' data:",  # Swagger UI's stylesheet draws icons as data: URLs
+            "connect-src 'self'",  # the schema, and the requests of "Try it out"
+            *workers,
+            "object-src 'none'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
+
+
+CONTENT_SECURITY_POLICY = content_security_policy()
+SECURITY_HEADERS = {**DASHBOARD_HEADERS, "Content-Security-Policy": CONTENT_SECURITY_POLICY}
+_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+}
+_OURS = Path(__file__).parent / "docs_ui"
+_VENDORED = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
+
+
+def _assets() -> dict[str, Path]:
+    """The files served under :data:`ASSETS_PATH`, by name: the vendored bundles and our start scripts."""
+    vendor = Path(str(files("fastapi_offline") / "static"))
+    found = {name: vendor / name for name in _VENDORED}
+    found |= {p.name: p for p in sorted(_OURS.iterdir()) if p.suffix in _TYPES}
+    missing = [name for name, path in found.items() if not path.is_file()]
+    if missing:
+        raise RuntimeError(f"the API docs' files are missing: {', '.join(missing)} (reinstall fastapi-offline)")
+    return found
+
+
+def _page(
+    title: str, root_id: str, openapi_url: str, assets: str, styles: list[str], scripts: list[str], nonce: str | None
+) -> str:
+    """The page: the stylesheets and scripts of ``assets``, and an element ``root_id`` naming the schema. The
+    scripts carry ``nonce``, for the start script to pass on (``document.currentScript.nonce``: browsers hide it
+    from the page's markup)."""
+    e = html.escape
+    carried = f' nonce="{e(nonce)}"' if nonce else ""
+    links = "".join(f'\n<link rel="stylesheet" href="{e(assets)}/{e(name)}">' for name in styles)
+    tags = "".join(f'\n<script src="{e(assets)}/{e(name)}"{carried}></script>' for name in scripts)
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{e(title)}</title>
+<link rel="icon" href="{e(assets)}/favicon.png">{links}
+</head>
+<body>
+<div id="{e(root_id)}" data-openapi-url="{e(openapi_url)}"></div>{tags}
+</body>
+</html>
+"""
+
+
+def build_router(title: str, openapi_url: str) -> APIRouter:
+    """``/docs``, ``/redoc`` and their files, for the API called ``title`` whose schema is at ``openapi_url``."""
+    assets = _assets()
+    router = APIRouter(include_in_schema=False)
+
+    def urls(request: Request) -> tuple[str, str]:
+        root = request.scope.get("root_path", "")
+        return root + openapi_url, root + ASSETS_PATH
+
+    @router.get(DOCS_PATH)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        scripts = ["swagger-ui-bundle.js", "swagger-init.js"]
+        text = _page(f"{title} - Swagger UI", "swagger-ui", *urls(request), ["swagger-ui.css"], scripts, None)
+        return HTMLResponse(text, headers=SECURITY_HEADERS)
+
+    @router.get(REDOC_PATH)
+    async def redoc(request: Request) -> HTMLResponse:
+        nonce = secrets.token_urlsafe(18)  # a new one each time: no page can guess it
+        scripts = ["redoc.standalone.js", "redoc-init.js"]
+        text = _page(f"{title} - ReDoc", "redoc", *urls(request), ["redoc.css"], scripts, nonce)
+        return HTMLResponse(
+            text, headers={**SECURITY_HEADERS, "Content-Security-Policy": content_security_policy(nonce)}
+        )
+
+    @router.get(ASSETS_PATH + "/{name}")
+    async def asset(name: str) -> Response:
+        path = assets.get(name)
+        if path is None:
+            return error_response(404, "not_found", "no such file in the API docs", None, SECURITY_HEADERS)
+        return FileResponse(path, media_type=_TYPES[path.suffix], headers=SECURITY_HEADERS)
+
+    return router
