@@ -85,7 +85,12 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
     if (onClose) onClose();
   });
 
+  // Once the task has ended it stays so: the record follows the event stream by a moment, and an answer read after
+  // the final event (the record, or Cancel's answer: the task as it was asked) can still hold an earlier status.
+  let ended = null;
   function setStatus(value, reason) {
+    if (ended && !FINAL_STATUSES.has(value)) return;
+    if (FINAL_STATUSES.has(value)) ended = value;
     fill(status, badge(value), reason ? el("span", { class: "muted", text: ` ${reason}` }) : null);
     cancel.hidden = FINAL_STATUSES.has(value);
     if (value === "awaiting_input") inputForm.hidden = false;
@@ -187,8 +192,14 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
     try {
       const how = await followTask(taskId, { onEvent, onState: (text) => (connection.textContent = text), signal: controller.signal });
       if (how === "ended") {
+        connection.textContent = "ending";
+        let final = (await refresh()) || task;
+        // the record has the end a moment after the stream (its time, tokens and result): read it until it does
+        for (let wait = 100; !FINAL_STATUSES.has(final.status) && wait <= 3200 && !controller.signal.aborted; wait *= 2) {
+          await new Promise((resolve) => setTimeout(resolve, wait));
+          final = (await refresh()) || final;
+        }
         connection.textContent = "ended";
-        const final = (await refresh()) || task;
         if (!streamed) {
           // a finished task whose events are no longer streamed (204 at once): its record keeps the transcript
           connection.textContent = "ended (the transcript as recorded)";
