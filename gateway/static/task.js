@@ -33,7 +33,10 @@ function asEvent(message) {
   return { kind: "message", source, at, content, data: { type } };
 }
 
-/** Open task `taskId` in `root`; `onChange` is called when it ends or changes. Returns the function that closes it. */
+/**
+ * Open task `taskId` in `root`. `onChange(task)` is called with what changed ({id, status}; at the end the whole
+ * record) as the view learns it. Returns the function that closes it.
+ */
 export function openTask(root, taskId, { onClose, onChange } = {}) {
   const controller = new AbortController();
   const errors = el("div"); // loading the task, following its events
@@ -91,6 +94,7 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
   function setStatus(value, reason) {
     if (ended && !FINAL_STATUSES.has(value)) return;
     if (FINAL_STATUSES.has(value)) ended = value;
+    if (onChange) onChange({ id: taskId, status: value });
     fill(status, badge(value), reason ? el("span", { class: "muted", text: ` ${reason}` }) : null);
     cancel.hidden = FINAL_STATUSES.has(value);
     if (value === "awaiting_input") inputForm.hidden = false;
@@ -206,7 +210,7 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
           for (const message of final.messages || []) entry(asEvent(message));
           if (!transcript.firstChild) transcript.append(el("li", { class: "status", text: "No message recorded." }));
         }
-        if (onChange) onChange();
+        if (onChange && FINAL_STATUSES.has(final.status)) onChange(final);
       }
     } catch (error) {
       connection.textContent = "stopped";
