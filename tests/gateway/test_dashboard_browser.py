@@ -202,12 +202,19 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await expect(status_of(watcher)).to_have_text("running")
     await watcher.get_by_role("button", name="Cancel task").click()
     await ended(dashboard, watcher, task_id, "cancelled")
-    assert dashboard.watch.dialogs == ["Cancel this task?"]
+    assert dashboard.watch.dialogs == ["Cancel this task?"]  # asked first
 
     await dashboard.tab("Usage")
     await expect(cell(dashboard.row("Agents"), 1)).to_have_text("4")
     await dashboard.tab("Agents")
     await expect(status_of(dashboard.row("helper"))).to_have_text("running")
+    await dashboard.row("helper").get_by_role("button", name="Job").click()
+    await expect(page.locator("section", has_text="Nomad job of helper")).to_contain_text(f'"caravan-{helper_id}"')
+    await dashboard.row("slow").get_by_role("button", name="Stop").click()
+    await expect(status_of(dashboard.row("slow"))).to_have_text("stopped")
+    await dashboard.row("slow").get_by_role("button", name="Delete").click()
+    await expect(dashboard.row("slow")).to_have_count(0)
+    assert dashboard.watch.dialogs[1].startswith("Delete agent slow?")
 
     # the session outlives a reload (this tab's sessionStorage), on the same view, and signing out forgets it
     await page.reload()
