@@ -43,6 +43,7 @@ _TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
     ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",  # the icon: without one the browser asks for /favicon.ico, a 404 in its console
 }
 
 

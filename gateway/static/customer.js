@@ -277,6 +277,7 @@ export function tasksView(root) {
   const text = el("textarea", { name: "task", required: true, placeholder: "What is 6 times 7?" });
   let closeTask = () => {};
   let shown = [];
+  let live = null; // the open task as its view knows it: ahead of the records listed, which follow its events
 
   const startForm = el(
     "form",
@@ -313,16 +314,22 @@ export function tasksView(root) {
 
   function open(id) {
     closeTask();
+    live = null;
     closeTask = openTask(watcher, id, {
       onClose: () => {
         closeTask = () => {};
+        live = null;
         watcher.replaceChildren();
       },
-      onChange: () => load(),
+      onChange: (task) => {
+        live = { ...(live && live.id === task.id ? live : {}), ...task };
+        render();
+      },
     });
   }
 
   function render() {
+    const rows = shown.map((t) => (live && t.id === live.id ? { ...t, ...live } : t));
     const openButton = (t) => actionButton("Open", () => open(t.id));
     fill(
       list,
@@ -335,7 +342,7 @@ export function tasksView(root) {
           ["Tokens", (t) => String(t.usage.prompt_tokens + t.usage.completion_tokens)],
           ["", openButton],
         ],
-        shown,
+        rows,
         "No tasks.",
       ),
     );

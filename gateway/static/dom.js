@@ -80,15 +80,10 @@ export function table(columns, rows, empty = "Nothing yet.") {
   );
 }
 
-function detailLines(details) {
-  if (Array.isArray(details) && details.every((d) => d && typeof d === "object" && "msg" in d)) {
-    return el(
-      "ul",
-      {},
-      details.map((d) => el("li", { text: `${(d.loc || []).join(".") || "request"}: ${d.msg}` })),
-    );
-  }
-  return el("pre", { text: JSON.stringify(details, null, 2) });
+/** The details of a 422, when they are one {field, message} per field (control/errors.py invalid_input), else null. */
+function fieldErrors(details) {
+  const fields = Array.isArray(details) && details.length > 0;
+  return fields && details.every((d) => d && typeof d === "object" && "field" in d && "message" in d) ? details : null;
 }
 
 /** Show an API error (or any error) in `slot`, next to what failed. */
@@ -97,7 +92,10 @@ export function showError(slot, error) {
   if (error && error.name === "AbortError") return;
   const status = error && error.status ? `${error.status} ` : "";
   const code = error && error.code ? error.code : "error";
-  const message = error && error.message ? error.message : String(error);
+  let message = error && error.message ? error.message : String(error);
+  const details = error && error.details !== null && error.details !== undefined ? error.details : null;
+  const fields = fieldErrors(details);
+  if (fields) message = message.replace(/:.*$/s, ""); // "invalid request: <the first fields>": listed below, each
   fill(
     slot,
     el(
@@ -106,7 +104,11 @@ export function showError(slot, error) {
       el("strong", { text: `${status}${code}` }),
       ": ",
       message,
-      error && error.details !== null && error.details !== undefined ? detailLines(error.details) : null,
+      fields
+        ? el("ul", {}, fields.map((d) => el("li", { text: `${d.field}: ${d.message}` })))
+        : details !== null
+          ? el("pre", { text: JSON.stringify(details, null, 2) })
+          : null,
     ),
   );
 }

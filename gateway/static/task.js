@@ -33,7 +33,10 @@ function asEvent(message) {
   return { kind: "message", source, at, content, data: { type } };
 }
 
-/** Open task `taskId` in `root`; `onChange` is called when it ends or changes. Returns the function that closes it. */
+/**
+ * Open task `taskId` in `root`. `onChange(task)` is called with what changed ({id, status}; at the end the whole
+ * record) as the view learns it. Returns the function that closes it.
+ */
 export function openTask(root, taskId, { onClose, onChange } = {}) {
   const controller = new AbortController();
   const errors = el("div"); // loading the task, following its events
@@ -85,7 +88,13 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
     if (onClose) onClose();
   });
 
+  // Once the task has ended it stays so: the record follows the event stream by a moment, and an answer read after
+  // the final event (the record, or Cancel's answer: the task as it was asked) can still hold an earlier status.
+  let ended = null;
   function setStatus(value, reason) {
+    if (ended && !FINAL_STATUSES.has(value)) return;
+    if (FINAL_STATUSES.has(value)) ended = value;
+    if (onChange) onChange({ id: taskId, status: value });
     fill(status, badge(value), reason ? el("span", { class: "muted", text: ` ${reason}` }) : null);
     cancel.hidden = FINAL_STATUSES.has(value);
     if (value === "awaiting_input") inputForm.hidden = false;
@@ -187,15 +196,21 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
     try {
       const how = await followTask(taskId, { onEvent, onState: (text) => (connection.textContent = text), signal: controller.signal });
       if (how === "ended") {
+        connection.textContent = "ending";
+        let final = (await refresh()) || task;
+        // the record has the end a moment after the stream (its time, tokens and result): read it until it does
+        for (let wait = 100; !FINAL_STATUSES.has(final.status) && wait <= 3200 && !controller.signal.aborted; wait *= 2) {
+          await new Promise((resolve) => setTimeout(resolve, wait));
+          final = (await refresh()) || final;
+        }
         connection.textContent = "ended";
-        const final = (await refresh()) || task;
         if (!streamed) {
           // a finished task whose events are no longer streamed (204 at once): its record keeps the transcript
           connection.textContent = "ended (the transcript as recorded)";
           for (const message of final.messages || []) entry(asEvent(message));
           if (!transcript.firstChild) transcript.append(el("li", { class: "status", text: "No message recorded." }));
         }
-        if (onChange) onChange();
+        if (onChange && FINAL_STATUSES.has(final.status)) onChange(final);
       }
     } catch (error) {
       connection.textContent = "stopped";

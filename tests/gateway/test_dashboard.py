@@ -84,7 +84,7 @@ async def test_the_dashboard_is_served_with_a_strict_policy_and_the_root_leads_t
     root = await api.client.get("/", follow_redirects=False)
     assert root.status_code in (302, 303, 307, 308) and root.headers["location"] == "/dashboard"
 
-    types = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+    types = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
     files = [p for p in STATIC_DIR.iterdir() if p.suffix in types]
     assert {p.suffix for p in files} == set(types)
     for path in files:
@@ -184,6 +184,8 @@ async def test_the_page_has_no_inline_code_and_references_only_files_that_are_se
     page.feed((STATIC_DIR / "index.html").read_text())
     assert page.inline == []
     assert "/dashboard/app.js" in page.references and "/dashboard/style.css" in page.references
+    # its own icon: without one a browser asks for /favicon.ico, and the 404 is an error in its console
+    assert "/dashboard/favicon.svg" in page.references
     references = set(page.references)
     for script in SCRIPTS:
         for match in IMPORT.finditer(source(script)):

@@ -1,0 +1,298 @@
+"""The dashboard in a real browser (headless Chromium through Playwright) against the gateway on a real port, with
+real agent processes on the scripted ``replay`` model: what a customer and an operator do, checked on what the page
+shows, with no console error, no uncaught exception and no Content-Security-Policy violation on the way."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+
+from agent.protocol import Event
+from tests.conftest import ADMIN_KEY, Api
+from tests.gateway.teams_support import TERMINAL, script
+from tests.support.browser import CHROMIUM_ARGS, NO_CHROMIUM, PageWatch, chromium_path
+from tests.support.helpers import assert_eventually, now
+
+CHROMIUM = chromium_path()
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+expect.set_options(timeout=20_000)  # an agent process starts in a few seconds; every wait is for what the page shows
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@dataclass
+class Dashboard:
+    page: Page
+    watch: PageWatch
+    api: Api
+
+    async def sign_in(self, key: str) -> None:
+        await self.page.goto(self.api.base + "/dashboard")
+        await self.page.get_by_label("API key").fill(key)
+        await self.page.get_by_role("button", name="Sign in").click()
+        await expect(self.page.locator("#who")).to_be_visible()
+
+    async def tab(self, name: str) -> None:
+        await self.page.locator("#tabs").get_by_role("button", name=name, exact=True).click()
+
+    def row(self, text: str) -> Locator:
+        """The table row that shows ``text``."""
+        return self.page.locator("tr", has_text=text)
+
+
+@pytest.fixture
+async def dashboard(browser: Browser, api: Api) -> AsyncIterator[Dashboard]:
+    context = await browser.new_context()
+    watch = await PageWatch.attach(context)
+    try:
+        yield Dashboard(await context.new_page(), watch, api)
+    finally:
+        await context.close()
+
+
+@pytest.fixture
+def late_records(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task records take a second longer to have a task's end than its event stream (a busy tracker): a page
+    that reads the record as the stream ends finds the task still going."""
+    tasks = api.control.tasks
+    fold = tasks._fold
+
+    async def late(key: str, events: list[tuple[Any, Event]]) -> None:
+        if any(event.kind == "status" and event.content in TERMINAL for _, event in events):
+            await asyncio.sleep(1.0)
+        await fold(key, events)
+
+    monkeypatch.setattr(tasks, "_fold", late)
+
+
+async def new_customer(api: Api, name: str) -> tuple[str, str, dict[str, str]]:
+    """A customer made through the API: its id, API key and auth headers."""
+    created = await api.client.post("/v1/admin/customers", json={"name": name}, headers=await api.admin())
+    assert created.status_code == 201, created.text
+    body = created.json()
+    return body["id"], body["api_key"], await api.token(body["api_key"])
+
+
+async def new_agent(api: Api, headers: dict[str, str], name: str, model: dict[str, Any]) -> str:
+    """An agent made through the API (not waited for: it starts while the page is used)."""
+    created = await api.client.post(
+        "/v1/agents", json={"name": name, "system_message": f"You are {name}.", "model": model}, headers=headers
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+def status_of(where: Locator) -> Locator:
+    return where.locator(".badge").first
+
+
+def cell(row: Locator, index: int) -> Locator:
+    return row.locator("td").nth(index)
+
+
+async def ended(dashboard: Dashboard, watcher: Locator, task_id: str, status: str) -> None:
+    """The open task has ended ``status``: its list row says so too, and its view stays so, with no Cancel."""
+    await expect(status_of(dashboard.row(task_id))).to_have_text(status)
+    await expect(watcher.get_by_role("status")).to_have_text("ended")
+    await expect(status_of(watcher)).to_have_text(status)
+    await expect(watcher.get_by_role("button", name="Cancel task")).to_be_hidden()
+
+
+async def test_the_browser_reports_what_the_policy_refuses(dashboard: Dashboard) -> None:
+    """The watch this file relies on sees a violation: an inline script the policy refuses."""
+    await dashboard.page.goto(dashboard.api.base + "/dashboard")
+    await expect(dashboard.page.get_by_role("button", name="Sign in")).to_be_visible()
+    inline = "const s = document.createElement('script'); s.textContent = 'window.ran = 1'; document.body.append(s)"
+    await dashboard.page.evaluate(f"() => {{ {inline} }}")
+    problems = dashboard.watch.problems
+    await assert_eventually(now(lambda: problems), lambda p: any(t.startswith("CSP: script-src") for t in p))
+    assert await dashboard.page.evaluate("() => window.ran") is None
+
+
+@pytest.mark.usefixtures("late_records")
+async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dashboard: Dashboard) -> None:
+    api, page = dashboard.api, dashboard.page
+    customer_id, key, headers = await new_customer(api, "acme")
+    handoff = {"tool": "transfer_to_user", "arguments": {}}
+    asker = await new_agent(api, headers, "asker", script("What colour should it be?", handoff, "a3", "a4"))
+    maker = await new_agent(api, headers, "maker", script("m1", "m2", "m3"))
+    slow = await new_agent(api, headers, "slow", script("late", delay_ms=60_000))
+
+    await dashboard.sign_in(key)
+    await expect(page.locator("#who-text")).to_have_text(f"customer {customer_id}")
+
+    # an agent from the form: first refused (a scripted model needs its answers), the refusal shown field by field
+    await dashboard.tab("Agents")
+    await page.get_by_text("New agent").click()
+    await page.get_by_label("Name (letters, digits, _)").fill("helper")
+    dashboard.watch.allow(r"status of 422 .*/v1/agents\)$")
+    await page.get_by_role("button", name="Create agent").click()
+    refusal = page.locator("form .error")
+    await expect(refusal).to_contain_text("422 invalid: invalid request")
+    why = "model: Value error, provider 'replay' needs at least one entry in responses"
+    await expect(refusal.locator("li")).to_have_text([why])
+    await expect(refusal).not_to_contain_text('"type"')
+    await page.get_by_label("Scripted responses").fill("The answer is 42.")
+    await page.get_by_role("button", name="Create agent").click()
+    await expect(page.locator(".notice")).to_contain_text("Agent helper created")
+    await expect(dashboard.row("helper")).to_contain_text("replay / scripted")
+    helper = (await api.client.get("/v1/agents", headers=headers)).json()
+    helper_id = next(a["id"] for a in helper if a["name"] == "helper")
+
+    # a team from the form, whose first member asks the human
+    await dashboard.tab("Teams")
+    await page.get_by_text("New team").click()
+    await page.get_by_label("Name", exact=True).fill("painters")
+    await page.get_by_label(f"asker ({asker})").check()
+    await page.get_by_label(f"maker ({maker})").check()
+    await page.get_by_label("Max messages").fill("5")
+    await page.get_by_label("Stop when a member hands off to the user").check()
+    await page.get_by_label("Handoffs (JSON)").fill(f'{{"{asker}": ["user"]}}')
+    await page.get_by_role("button", name="Create team").click()
+    await expect(page.locator(".notice")).to_contain_text("Team painters created")
+    await expect(dashboard.row("painters")).to_contain_text("asker → maker")
+
+    # the team's task asks; the answer resumes it to its end
+    await dashboard.tab("Tasks")
+    watcher = page.locator(".split > div")
+    await page.locator("select[name=target]").select_option(label="painters (round_robin)")
+    await page.get_by_label("Task", exact=True).fill("Paint the fence.")
+    await page.get_by_role("button", name="Start", exact=True).click()
+    await expect(page.get_by_label("The task asks for your answer")).to_be_visible()
+    task_id = (await watcher.locator("h2").inner_text()).removeprefix("Task ")
+    await expect(status_of(watcher)).to_have_text("awaiting_input")
+    await expect(watcher.locator(".transcript li.input_request")).to_contain_text("What colour should it be?")
+    await expect(status_of(dashboard.row(task_id))).to_have_text("awaiting_input")
+    await page.get_by_label("The task asks for your answer").fill("Green.")
+    await page.get_by_role("button", name="Send answer").click()
+    await expect(watcher.locator(".transcript")).to_contain_text("Green.")
+    await ended(dashboard, watcher, task_id, "completed")
+    await expect(watcher.locator("pre").last).to_have_text("a4")
+
+    # a task on the agent made in the form, streamed in
+    await page.locator("select[name=target]").select_option(value=f"agent:{helper_id}")
+    await page.get_by_label("Task", exact=True).fill("What is 6 times 7?")
+    await page.get_by_role("button", name="Start", exact=True).click()
+    await expect(watcher.locator("h2")).not_to_have_text(f"Task {task_id}")
+    task_id = (await watcher.locator("h2").inner_text()).removeprefix("Task ")
+    await expect(watcher.locator(".transcript li.message").last).to_contain_text("The answer is 42.")
+    await ended(dashboard, watcher, task_id, "completed")
+    await expect(watcher).to_contain_text(re.compile(r"Tokens: [1-9]\d* prompt, [1-9]\d* completion"))
+
+    # a slow one, cancelled
+    await page.locator("select[name=target]").select_option(value=f"agent:{slow}")
+    await page.get_by_label("Task", exact=True).fill("Take your time.")
+    await page.get_by_role("button", name="Start", exact=True).click()
+    await expect(watcher.locator("h2")).not_to_have_text(f"Task {task_id}")
+    task_id = (await watcher.locator("h2").inner_text()).removeprefix("Task ")
+    await expect(status_of(watcher)).to_have_text("running")
+    await watcher.get_by_role("button", name="Cancel task").click()
+    await ended(dashboard, watcher, task_id, "cancelled")
+    assert dashboard.watch.dialogs == ["Cancel this task?"]  # asked first
+
+    await dashboard.tab("Usage")
+    await expect(cell(dashboard.row("Agents"), 1)).to_have_text("4")
+    await dashboard.tab("Agents")
+    await expect(status_of(dashboard.row("helper"))).to_have_text("running")
+    await dashboard.row("helper").get_by_role("button", name="Job").click()
+    await expect(page.locator("section", has_text="Nomad job of helper")).to_contain_text(f'"caravan-{helper_id}"')
+    await dashboard.row("slow").get_by_role("button", name="Stop").click()
+    await expect(status_of(dashboard.row("slow"))).to_have_text("stopped")
+    await dashboard.row("slow").get_by_role("button", name="Delete").click()
+    await expect(dashboard.row("slow")).to_have_count(0)
+    assert dashboard.watch.dialogs[1].startswith("Delete agent slow?")
+
+    # the session outlives a reload (this tab's sessionStorage), on the same view, and signing out forgets it
+    await page.reload()
+    await expect(page.locator("#who-text")).to_have_text(f"customer {customer_id}")
+    await expect(page.locator("#tabs [aria-current=page]")).to_have_text("Agents")
+    await expect(status_of(dashboard.row("helper"))).to_have_text("running")
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.locator("#sign-in-status")).to_have_text("Signed out.")
+    assert await page.evaluate("() => sessionStorage.length") == 0
+    dashboard.watch.assert_clean()
+
+
+async def test_an_admin_manages_customers_and_the_killswitch_and_reads_the_audit(dashboard: Dashboard) -> None:
+    api, page = dashboard.api, dashboard.page
+    await page.clock.install()  # the page's timers, to move its 5 s refresh on instead of waiting for it
+    await dashboard.sign_in(ADMIN_KEY)
+    await expect(page.locator("#who-text")).to_contain_text("admin admin:")
+    overview = page.locator("#view")
+    await expect(overview).to_contain_text("No killswitch engaged.")
+
+    # a customer, its key shown once, and its quota
+    await dashboard.tab("Customers")
+    await page.get_by_label("New customer's name").fill("globex")
+    await page.get_by_role("button", name="Create customer").click()
+    await expect(page.locator(".notice")).to_contain_text("Customer globex")
+    key = await page.locator("code.secret").inner_text()
+    customer_id = (await page.locator(".notice").inner_text()).split("(")[1].split(")")[0]
+    await dashboard.row("globex").get_by_role("button", name="Quota & usage").click()
+    await page.get_by_label("max agents").fill("3")
+    await page.get_by_role("button", name="Save quota").click()
+    await expect(cell(dashboard.row("Agents"), 2)).to_have_text("3")
+
+    # the killswitch for every agent: refused without a reason, asked about first, then engaged and released
+    await dashboard.tab("Killswitch")
+    engaged_now = page.locator("section", has_text="Engaged now")
+    await expect(engaged_now).to_contain_text("No killswitch engaged.")
+    await page.get_by_role("button", name="Engage").click()
+    await expect(page.locator(".error")).to_contain_text("Give a reason")
+    await page.get_by_label("Reason").fill("maintenance window")
+    await page.get_by_role("button", name="Engage").click()
+    await expect(page.locator(".notice")).to_contain_text("Engaged at scope all")
+    assert len(dashboard.watch.dialogs) == 1 and "EVERY agent of EVERY customer" in dashboard.watch.dialogs[0]
+    await expect(engaged_now.locator("tr", has_text="maintenance window")).to_contain_text("every agent")
+    await dashboard.tab("Overview")
+    await expect(page.locator(".alarm")).to_contain_text("Killswitch engaged (1)")
+    await expect(page.locator(".alarm")).to_contain_text("all: maintenance window")
+    await dashboard.tab("Killswitch")
+    await engaged_now.get_by_role("button", name="Release").click()
+    await expect(page.locator(".notice")).to_contain_text("Released at scope all")
+    await expect(engaged_now).to_contain_text("No killswitch engaged.")
+
+    # the overview refreshes itself: a flag engaged elsewhere shows at the next refresh
+    await dashboard.tab("Overview")
+    await expect(overview).to_contain_text("No killswitch engaged.")
+    engaged = await api.client.post(
+        "/v1/admin/killswitch",
+        json={"scope": "customer", "customer_id": customer_id, "engaged": True, "reason": "unpaid invoice"},
+        headers=await api.admin(),
+    )
+    assert engaged.status_code == 200, engaged.text
+    await page.clock.fast_forward(5_000)
+    await expect(page.locator(".alarm")).to_contain_text(f"customer {customer_id}: unpaid invoice")
+
+    # the audit log holds each action, newest first, and its filters work
+    await dashboard.tab("Audit")
+    actions = page.locator("tbody tr td:nth-child(3)")
+    await expect(actions.first).to_have_text("killswitch.engage")
+    for action in ("killswitch.release", "customer.create", "quota.set"):
+        await expect(actions.filter(has_text=action)).to_have_count(1)
+    await page.get_by_label("action").fill("killswitch.engage")
+    await page.get_by_role("button", name="Search").click()
+    await expect(page.locator("tbody tr")).to_have_count(2)
+    await expect(page.locator("tbody tr").last).to_contain_text("maintenance window")
+
+    # the new customer's key signs in to the customer's views, with the quota just set
+    await page.get_by_role("button", name="Sign out").click()
+    await dashboard.sign_in(key)
+    await expect(page.locator("#who-text")).to_have_text(f"customer {customer_id}")
+    await dashboard.tab("Usage")
+    await expect(cell(dashboard.row("Agents"), 2)).to_have_text("3")
+    dashboard.watch.assert_clean()

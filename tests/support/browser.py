@@ -1,0 +1,91 @@
+"""A headless Chromium for the dashboard's browser tests: the system's own (Debian's ``chromium``), driven by
+Playwright, with what went wrong in a page collected: console errors and warnings, uncaught exceptions, and
+Content-Security-Policy violations."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+
+from playwright.async_api import BrowserContext, ConsoleMessage, Dialog, Error
+
+__all__ = ["CHROMIUM_ARGS", "NO_CHROMIUM", "PageWatch", "chromium_path"]
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",  # on a closed network these stall the start (Playwright gives a fresh profile)
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+NO_CHROMIUM = (
+    "Chromium is not installed (or CARAVAN_CHROMIUM names no program): the dashboard's browser tests need it. "
+    "./dev/test installs it when apt-get may be used (root or sudo -n); by hand: `sudo apt-get install chromium`, "
+    "or CARAVAN_CHROMIUM=/path/to/chromium"
+)
+
+_REPORT = """
+document.addEventListener("securitypolicyviolation", (e) => {
+  const where = `${e.sourceFile}:${e.lineNumber}`;
+  window.caravanPolicyViolation(`${e.effectiveDirective} refused ${e.blockedURI || "inline"} (${where})`);
+});
+"""
+
+
+def chromium_path() -> str | None:
+    """The Chromium to test with: ``CARAVAN_CHROMIUM`` when set, else Debian's ``/usr/bin/chromium`` or one on PATH."""
+    chosen = os.environ.get("CARAVAN_CHROMIUM")
+    if chosen:
+        return chosen if os.access(chosen, os.X_OK) else None
+    if os.access("/usr/bin/chromium", os.X_OK):
+        return "/usr/bin/chromium"
+    return shutil.which("chromium")
+
+
+@dataclass
+class PageWatch:
+    """What the pages of a browser context did wrong, and the dialogs they opened (each one accepted)."""
+
+    problems: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+    _allowed: list[re.Pattern[str]] = field(default_factory=list)
+
+    @classmethod
+    async def attach(cls, context: BrowserContext) -> PageWatch:
+        watch = cls()
+        await context.expose_function("caravanPolicyViolation", lambda text: watch.problems.append(f"CSP: {text}"))
+        await context.add_init_script(_REPORT)
+        context.on("page", watch._page)
+        return watch
+
+    def allow(self, pattern: str) -> None:
+        """Console messages matching ``pattern`` are expected from now on (a refusal the test asks for)."""
+        self._allowed.append(re.compile(pattern))
+
+    def assert_clean(self) -> None:
+        assert self.problems == [], "the page reported problems:\n" + "\n".join(self.problems)
+
+    def _page(self, page: object) -> None:
+        page.on("console", self._console)  # type: ignore[attr-defined]
+        page.on("pageerror", self._error)  # type: ignore[attr-defined]
+        page.on("dialog", self._dialog)  # type: ignore[attr-defined]
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type not in ("error", "warning"):
+            return
+        text = f"console {message.type}: {message.text} ({message.location.get('url', '')})"
+        if not any(p.search(text) for p in self._allowed):
+            self.problems.append(text)
+
+    def _error(self, error: Error) -> None:
+        self.problems.append(f"uncaught: {error.name}: {error.message}")
+
+    async def _dialog(self, dialog: Dialog) -> None:
+        self.dialogs.append(dialog.message)
+        await dialog.accept()
