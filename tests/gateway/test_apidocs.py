@@ -127,17 +127,12 @@ async def test_the_pages_policy_runs_this_origins_scripts_only(client: httpx.Asy
             assert rules[name] == ["'none'"], (path, name)
         for name, sources in rules.items():
             for source in sources:
-                assert source in ORIGINLESS or source.startswith("'nonce-"), (path, name, source)
+                inline_styles = (path, name, source) == ("/redoc", "style-src", "'unsafe-inline'")  # (below)
+                assert source in ORIGINLESS or inline_styles, (path, name, source)
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["x-frame-options"] == "DENY"
     assert policy(responses["/docs"].headers)["style-src"] == ["'self'"]
 
-    # ReDoc writes <style> elements: the policy allows those carrying the page's nonce, new on every load
-    nonces = []
-    for _ in range(2):
-        redoc = await client.get("/redoc")
-        (nonce,) = {s.get("nonce") for s in Page(redoc.text).scripts}
-        assert nonce and len(nonce) >= 22
-        assert policy(redoc.headers)["style-src"] == ["'self'", f"'nonce-{nonce}'"]
-        nonces.append(nonce)
-    assert nonces[0] != nonces[1]
+    # ReDoc styles what it renders inline (scripts stay this origin's only), and searches in a worker of its own
+    assert policy(responses["/redoc"].headers)["style-src"] == ["'self'", "'unsafe-inline'"]
+    assert policy(responses["/redoc"].headers)["worker-src"] == ["blob:"]

@@ -296,3 +296,36 @@ async def test_an_admin_manages_customers_and_the_killswitch_and_reads_the_audit
     await dashboard.tab("Usage")
     await expect(cell(dashboard.row("Agents"), 2)).to_have_text("3")
     dashboard.watch.assert_clean()
+
+
+async def test_the_api_docs_render_and_try_a_request_with_nothing_from_elsewhere(dashboard: Dashboard) -> None:
+    """/docs and /redoc share the dashboard's origin: they render from the gateway's own files, break no rule of
+    their policy, and Swagger UI's Authorize and Try it out reach the API with a token."""
+    page, api = dashboard.page, dashboard.api
+    _, headers = await api.new_customer("reader")
+    left: list[str] = []  # requests for another site's files that the page's policy did not refuse
+    ours = (api.base, "blob:" + api.base)
+    blocked = ("csp", "net::ERR_BLOCKED_BY_CSP")
+    page.on("requestfinished", lambda r: None if r.url.startswith(ours) else left.append(r.url))
+    page.on("requestfailed", lambda r: None if r.url.startswith(ours) or r.failure in blocked else left.append(r.url))
+
+    await page.goto(api.base + "/docs")
+    operation = page.locator("#operations-agents-list_agents_v1_agents_get")
+    await expect(operation).to_be_visible()
+    await page.get_by_role("button", name="Authorize").first.click()
+    await page.locator(".auth-container input").first.fill(headers["Authorization"].removeprefix("Bearer "))
+    await page.locator(".auth-container button.authorize").click()
+    await expect(page.get_by_role("heading", name="Authorized")).to_be_visible()
+    await page.get_by_role("button", name="Close").first.click()
+    await operation.locator(".opblock-summary").click()
+    await operation.get_by_role("button", name="Try it out").click()
+    await operation.get_by_role("button", name="Execute").click()
+    await expect(operation.locator(".live-responses-table tr.response .response-col_status").first).to_have_text("200")
+    assert await page.evaluate("Object.keys(localStorage)") == []  # the token stayed in the page's memory
+
+    dashboard.watch.allow(r"cdn\.redoc\.ly/redoc/logo-mini\.svg")  # the one file ReDoc asks of its makers: refused
+    await page.goto(api.base + "/redoc")
+    await expect(page.get_by_role("heading", name="Caravan (0.1.0)")).to_be_visible()
+    await expect(page.get_by_role("heading", name=re.compile("List Agents")).first).to_be_visible()
+    assert left == [], left
+    dashboard.watch.assert_clean()

@@ -59,14 +59,19 @@ class PageWatch:
     @classmethod
     async def attach(cls, context: BrowserContext) -> PageWatch:
         watch = cls()
-        await context.expose_function("caravanPolicyViolation", lambda text: watch.problems.append(f"CSP: {text}"))
+        await context.expose_function("caravanPolicyViolation", lambda text: watch._problem(f"CSP: {text}"))
         await context.add_init_script(_REPORT)
         context.on("page", watch._page)
         return watch
 
     def allow(self, pattern: str) -> None:
-        """Console messages matching ``pattern`` are expected from now on (a refusal the test asks for)."""
+        """Console messages and policy violations matching ``pattern`` are expected from now on (a refusal the test
+        asks for)."""
         self._allowed.append(re.compile(pattern))
+
+    def _problem(self, text: str) -> None:
+        if not any(p.search(text) for p in self._allowed):
+            self.problems.append(text)
 
     def assert_clean(self) -> None:
         assert self.problems == [], "the page reported problems:\n" + "\n".join(self.problems)
@@ -79,9 +84,7 @@ class PageWatch:
     def _console(self, message: ConsoleMessage) -> None:
         if message.type not in ("error", "warning"):
             return
-        text = f"console {message.type}: {message.text} ({message.location.get('url', '')})"
-        if not any(p.search(text) for p in self._allowed):
-            self.problems.append(text)
+        self._problem(f"console {message.type}: {message.text} ({message.location.get('url', '')})")
 
     def _error(self, error: Error) -> None:
         self.problems.append(f"uncaught: {error.name}: {error.message}")
