@@ -316,7 +316,7 @@ class ControlPlane:
         self._teams = TeamService(Repo(jet.kv["teams"], Team), self.agents, tasks)
         self.tasks.attach_teams(TeamTasks(tasks, checkpoints, jet.js, self._teams, self.agents, self.killswitch))
         config = RunnerConfig(ack_wait_s=self.settings.team_ack_wait_s)
-        self._team_runner = TeamRunner(jet, tasks, checkpoints, self._teams, self.agents, config)
+        self._team_runner = TeamRunner(jet, tasks, checkpoints, self._teams, self.agents, config, self.killswitch)
         await self._team_runner.start()
 
     async def _serve_definition(self, msg: Msg) -> None:
