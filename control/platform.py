@@ -134,7 +134,7 @@ class ControlPlane:
         """A message to every agent (``caravan.broadcast``); agents log it and acknowledge it as an event."""
         payload = json.dumps({"message": message, "by": by, "at": utcnow().isoformat()})
         await self.jet.nc.publish(BROADCAST_SUBJECT, payload.encode())
-        await self.jet.nc.flush()
+        await Wire.of(self.jet.nc).flush()  # (not nats-py's: see agent.wire)
 
     @property
     def quotas(self) -> QuotaService:

@@ -184,17 +184,20 @@ async def nats_connect(url: str) -> nats.NATS:
 
 
 class FlushCounter:
-    """Counts the ``flush()`` calls made on a connection from now on: each waits a round trip to the server."""
+    """Counts the flushes made on a connection from now on, nats-py's ``flush()`` and ``Wire.flush()``: each waits
+    a round trip to the server (a PING that someone waits on; nats-py's own pings to keep the connection alive are
+    not counted)."""
 
     def __init__(self, nc: nats.NATS) -> None:
         self.count = 0
-        flush = nc.flush
+        send_ping = nc._send_ping
 
-        async def counted(*args: Any, **kwargs: Any) -> None:
-            self.count += 1
-            await flush(*args, **kwargs)
+        async def counted(future: asyncio.Future[Any] | None = None) -> None:
+            if future is not None:
+                self.count += 1
+            await send_ping(future)
 
-        nc.flush = counted  # type: ignore[method-assign]
+        nc._send_ping = counted  # type: ignore[method-assign]
 
 
 @contextlib.asynccontextmanager
