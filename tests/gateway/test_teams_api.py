@@ -369,6 +369,26 @@ async def test_a_selector_model_at_an_internal_address_is_refused_and_nothing_is
     assert (await api.client.get("/v1/teams", headers=headers)).json() == []
 
 
+async def test_a_selector_model_the_platform_has_no_key_for_is_refused_and_nothing_is_stored(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    _, headers = await api.new_customer()
+    made = await agents(api, headers, {"one": {"model": script("hi")}, "two": {"model": script("hi")}})
+    body = {
+        "name": "picky",
+        "members": [a["id"] for a in made.values()],
+        "mode": "selector",
+        "selector": {"model": {"provider": "openai", "name": "gpt-4o-mini"}},
+        "termination": {"max_messages": 2},
+    }
+    refused = await api.client.post("/v1/teams", json=body, headers=headers)
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["details"][0]["field"] == "selector.model.provider" and "OPENAI_API_KEY" in error["message"]
+    assert (await api.client.get("/v1/teams", headers=headers)).json() == []
+
+
 async def test_teams_crud(api: Api) -> None:
     _, headers = await api.new_customer()
     made = await agents(api, headers, {"solo": {"model": script("hi")}})
