@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +30,7 @@ from agent.runtime import NatsAgentRuntime, RemoteHandlerError
 from agent.serialization import MessageCodec
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
-from tests.support.helpers import FlushCounter, assert_eventually, now
+from tests.support.helpers import FlushCounter, assert_eventually, now, stalled
 
 NS = "caravan.rt.cu-000000000001.rn-000000000001"
 
@@ -266,17 +264,13 @@ async def test_a_start_that_meets_a_stalled_server_leaves_its_connection_reading
     connection's read loop for good (the connection says it is up, and hears nothing)."""
     nc = await nats.connect(nats_server.url)
     runtime = NatsAgentRuntime(nc, NS)
-    assert nats_server.pid is not None
-    os.kill(nats_server.pid, signal.SIGSTOP)
-    try:
+    with stalled(nats_server.pid):
         start = asyncio.ensure_future(runtime.start())
         await asyncio.sleep(0.3)
         assert not start.done()  # waiting for the server
         start.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await start
-    finally:
-        os.kill(nats_server.pid, signal.SIGCONT)
     await nc.request("$JS.API.INFO", b"", timeout=5)  # the connection still hears the server
     await runtime.stop()
     await nc.close()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 from pathlib import Path
 
 import nats
@@ -17,7 +15,7 @@ from nats.aio.msg import Msg
 
 from agent.wire import DEFAULT_SPIN_US, SPIN_ENV, Storing, Wire, spin_s_from
 from control.natsserver import EmbeddedNats
-from tests.support.helpers import assert_eventually, nats_connect, now
+from tests.support.helpers import assert_eventually, nats_connect, now, stalled
 
 
 async def collect(nc: nats.NATS, subject: str) -> list[bytes]:
@@ -351,9 +349,7 @@ async def test_a_flush_that_gives_up_on_a_stalled_server_leaves_the_connection_r
     wire = Wire.of(nc)
     wire.send("after", b"1")
     await wire.flush(within_s=5)  # the server has what was sent before it: a round trip
-    assert nats_server.pid is not None
-    os.kill(nats_server.pid, signal.SIGSTOP)
-    try:
+    with stalled(nats_server.pid):
         with pytest.raises(nats.errors.FlushTimeoutError):
             await wire.flush(within_s=0.2)
         cancelled = asyncio.ensure_future(wire.flush())
@@ -361,8 +357,6 @@ async def test_a_flush_that_gives_up_on_a_stalled_server_leaves_the_connection_r
         cancelled.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await cancelled
-    finally:
-        os.kill(nats_server.pid, signal.SIGCONT)
     await wire.flush(within_s=5)  # answered after the two late answers: the read loop took them
     await nc.publish("after", b"2")
     await reader.flush()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
-import signal
 
 import pytest
 
@@ -14,6 +12,7 @@ from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.settings import Settings
+from tests.support.helpers import stalled
 
 
 async def test_starting_a_control_plane_leaves_the_garbage_collector_alone(settings: Settings) -> None:
@@ -37,15 +36,11 @@ async def test_a_broadcast_that_meets_a_stalled_nats_leaves_the_control_plane_he
     the late answer then stopped the connection's read loop for good, the control plane connected and deaf (every
     request 503, not ready, until restarted)."""
     async with ControlPlane(settings) as control:
-        assert nats_server.pid is not None
-        os.kill(nats_server.pid, signal.SIGSTOP)
-        try:
+        with stalled(nats_server.pid):
             broadcast = asyncio.ensure_future(control.broadcast("maintenance at noon", "admin"))
             await asyncio.sleep(0.3)
             assert not broadcast.done()  # waiting for the server
             broadcast.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await broadcast
-        finally:
-            os.kill(nats_server.pid, signal.SIGCONT)
         assert await control.answering(within_s=5)

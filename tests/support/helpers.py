@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -181,6 +183,28 @@ async def nats_connect(url: str) -> nats.NATS:
     nc = await nats.connect(url)
     Wire.of(nc)
     return nc
+
+
+@contextlib.contextmanager
+def stalled(pid: int | None) -> Iterator[None]:
+    """While inside, the process (a NATS server) is stopped (SIGSTOP) and answers nothing, its connections open;
+    waits until it has stopped (a signal is delivered a moment after ``kill`` returns, while the server may still
+    answer what it has read)."""
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 5
+        while _state(pid) != "T":
+            assert time.monotonic() < deadline, f"process {pid} did not stop"
+            time.sleep(0.001)
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]  # (after the name, which may hold spaces)
 
 
 class FlushCounter:
