@@ -8,6 +8,7 @@ import signal
 import sys
 
 from agent.aio import run
+from agent.models import MissingCredentials
 from agent.worker import AgentWorker, DefinitionUnavailable, WorkerConfig
 
 
@@ -28,6 +29,10 @@ async def _main() -> int:
         print(f"caravan-agent: {exc}", file=sys.stderr)
         await worker.stop()
         return 3
+    except MissingCredentials as exc:  # its environment, as the platform made it: as a missing setting
+        print(f"caravan-agent: cannot call its model: {exc}", file=sys.stderr)
+        await worker.stop()
+        return 2
     await stop.wait()
     await worker.stop()
     return 0

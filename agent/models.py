@@ -20,9 +20,9 @@ from typing import Any
 from autogen_core import CancellationToken, FunctionCall
 from autogen_core.models import ChatCompletionClient, CreateResult, ModelFamily, ModelInfo, RequestUsage
 
-from agent.protocol import LOCAL_MODEL_URL_ENV, ModelConfig, ScriptedToolCall, model_key_env
+from agent.protocol import LOCAL_MODEL_URL_ENV, ModelConfig, ScriptedToolCall, model_key_env, required_model_key
 
-__all__ = ["OPENAI_COMPATIBLE", "MissingCredentials", "create_model_client"]
+__all__ = ["OPENAI_COMPATIBLE", "MissingCredentials", "check_credentials", "create_model_client"]
 
 
 class MissingCredentials(RuntimeError):
@@ -59,6 +59,15 @@ def _key(config: ModelConfig, required: bool) -> str | None:
     return value
 
 
+def check_credentials(config: ModelConfig) -> None:
+    """Raise :class:`MissingCredentials` if the environment lacks what a client of ``config`` needs (its provider's
+    key, the local model's address): what :func:`create_model_client` would raise, without making a client."""
+    if config.provider == "local":
+        _local_url()
+    elif required_model_key(config) is not None:
+        _key(config, True)
+
+
 def create_model_client(config: ModelConfig) -> ChatCompletionClient:
     """Build a fresh client for one conversation; raises :class:`MissingCredentials` if a key is missing."""
     if config.provider == "replay":
@@ -93,17 +102,21 @@ def create_model_client(config: ModelConfig) -> ChatCompletionClient:
         return OpenAIChatCompletionClient(**kwargs, model_info=_GENERIC_INFO, **_sampling(config))
 
 
-def _local_kwargs(config: ModelConfig) -> dict[str, Any]:
-    """The bundled model behind Caravan's loopback proxy, which queues agents fairly by the header it is sent."""
+def _local_url() -> str:
     base_url = os.environ.get(LOCAL_MODEL_URL_ENV)
     if not base_url:
         raise MissingCredentials(
             f"provider 'local' needs {LOCAL_MODEL_URL_ENV} in the agent's environment "
             "(Caravan sets it when it runs the local model: `caravan up`)"
         )
+    return base_url
+
+
+def _local_kwargs(config: ModelConfig) -> dict[str, Any]:
+    """The bundled model behind Caravan's loopback proxy, which queues agents fairly by the header it is sent."""
     return {
         "model": config.name,
-        "base_url": base_url,
+        "base_url": _local_url(),
         "api_key": "local",
         "model_info": _LOCAL_INFO,
         "default_headers": {"X-Caravan-Agent": os.environ.get("CARAVAN_AGENT_ID", "unknown")},

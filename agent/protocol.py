@@ -45,6 +45,7 @@ __all__ = [
     "consumer_name",
     "definition_subject",
     "model_key_env",
+    "required_model_key",
     "task_events_subject",
     "task_subject",
     "utcnow",
@@ -165,6 +166,12 @@ class ModelConfig(BaseModel):
         if self.provider != "replay" and (self.responses or self.delay_ms):
             raise ValueError("responses and delay_ms are only for provider 'replay'")
         return self
+
+
+def required_model_key(model: ModelConfig) -> str | None:
+    """The variable without which ``model`` cannot be called (:func:`model_key_env`, but for the platform's
+    ``ollama``, whose key is optional)."""
+    return None if model.provider == "ollama" else model_key_env(model)
 
 
 def model_key_env(model: ModelConfig) -> str | None:

@@ -199,7 +199,7 @@ class NatsAgentRuntime:
             await self._listen_topic(subscription)
         for subject in self._ahead:
             await self._listen_on(subject)
-        await self._nc.flush()
+        await self._wire.flush()
 
     async def stop(self) -> None:
         """Unsubscribe, cancel what still runs here and close local agents; idempotent."""
@@ -294,7 +294,7 @@ class NatsAgentRuntime:
         self._subscriptions.append(subscription)
         self._routes.clear()
         if self._started and await self._listen_topic(subscription):
-            await self._nc.flush()  # a round trip: only when there is a new NATS subscription to wait for
+            await self._wire.flush()  # a round trip: only when there is a new NATS subscription to wait for
 
     async def remove_subscription(self, id: str) -> None:
         kept = [s for s in self._subscriptions if s.id != id]

@@ -4,7 +4,8 @@ A manager asks on ``caravan.rt.<customer>.join.<agent>`` (one replica answers: t
 affinity to that replica). The replica builds this agent's ``AssistantAgent`` in AgentChat's own
 ``ChatAgentContainer``, registers it on a :class:`~agent.runtime.NatsAgentRuntime` in the run's namespace,
 and answers once it listens. It beats a heartbeat while the run lasts and drops the container when the
-manager says the run ended, or stops beating.
+manager says the run ended, or stops beating. A member that leaves a run before its end (the agent stops, or
+the killswitch halts it) tells the manager at once, rather than leaving it to miss its heartbeats.
 """
 
 from __future__ import annotations
@@ -282,14 +283,14 @@ class TeamHost:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
         for run_id in list(self._runs):
-            await self._drop(run_id)
+            await self._drop(run_id, leaving=True)
 
     async def halt(self, halted: bool) -> None:
         """The killswitch: while halted, refuse runs and cancel what runs."""
         self._halted = halted
         if halted:
             for run_id in list(self._runs):
-                await self._drop(run_id)
+                await self._drop(run_id, leaving=True)
 
     async def _on_join(self, msg: Msg) -> None:
         if self._halted or self._stopped:
@@ -347,9 +348,12 @@ class TeamHost:
         if hosted is not None and msg.data == b"manager":
             hosted.manager_seen = time.monotonic()
 
+    def _alive(self) -> bytes:
+        return f"member {self._definition.agent_id} {self.instance_id}".encode()
+
     async def _beat(self, hosted: _HostedRun) -> None:
         subject = f"{hosted.runtime.namespace}.x.alive"
-        payload = f"member {self._definition.agent_id} {self.instance_id}".encode()
+        payload = self._alive()
         while True:
             if time.monotonic() - hosted.manager_seen > hosted.join.manager_lost_after_s:
                 log.warning("run %s: the manager is gone; dropping the member", hosted.join.run_id)
@@ -364,12 +368,16 @@ class TeamHost:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _drop(self, run_id: str) -> None:
+    async def _drop(self, run_id: str, leaving: bool = False) -> None:
+        """Drop this member's part of a run; ``leaving``: before the run's end, which the manager is told."""
         hosted = self._runs.pop(run_id, None)
         if hosted is None:
             return
         if hosted.beat is not None and hosted.beat is not asyncio.current_task():
             hosted.beat.cancel()
+        if leaving:
+            with contextlib.suppress(Exception):  # (a connection that closed: the manager misses the beats)
+                await self._nc.publish(f"{hosted.runtime.namespace}.x.alive", self._alive() + b" left")
         for sub in hosted.subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -5,7 +5,9 @@ Subjects (``{c}`` customer id, ``{a}`` agent id, ``{r}`` run id, ``{t}`` team id
 
 - ``caravan.rt.{c}.join.{a}``      request/reply, queue group per agent: one replica hosts the member for a run
 - ``caravan.rt.{c}.{r}.>``         the run's :class:`~agent.runtime.NatsAgentRuntime` namespace
-- ``caravan.rt.{c}.{r}.x.alive``   heartbeats of the manager and of every member
+- ``caravan.rt.{c}.{r}.x.alive``   heartbeats of the manager (``manager``) and of every member (``member {a}
+                                   <instance>``); a member that leaves the run before its end (its agent stops or is
+                                   halted) says so there at once (``member {a} <instance> left``)
 - ``caravan.rt.{c}.{r}.x.end``     the run is over: members drop their containers
 - ``caravan.rt.{c}.{r}.x.state``   a member's state after each of its turns (or a delta to the one before), for the
                                    manager's checkpoints

@@ -25,6 +25,9 @@ On a connection with a Wire, nats-py's ``flush()`` also writes what nats-py hold
 PING first, so a flush right after a subscribe could return before the server had the subscription), and its
 ``_close()`` (``close()``, the end of ``drain()``, a reconnect that gave up) fails the requests still waiting
 with ``nats.errors.ConnectionClosedError`` (no answer can come: they would wait for their timeout).
+:meth:`Wire.flush` is the flush to call: nats-py's cancels its PONG's future when it times out or is cancelled,
+and the PONG that comes late (from a server that stalled) then raises ``InvalidStateError`` in nats-py's read
+loop, which stops reading for good: the connection says it is up and hears nothing.
 
 Everything else stays nats-py's: connecting, auth, TLS, pings, reconnects (nats-py restores subscriptions under
 the same ids, so the callbacks keep working), draining and JetStream. While the connection is down, sending
@@ -49,7 +52,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.protocol.command import hpub_cmd, pub_cmd
 
-__all__ = ["DEFAULT_SPIN_US", "SPIN_ENV", "STORE_TIMEOUT_S", "Storing", "Wire", "spin_s_from"]
+__all__ = ["DEFAULT_SPIN_US", "FLUSH_TIMEOUT_S", "SPIN_ENV", "STORE_TIMEOUT_S", "Storing", "Wire", "spin_s_from"]
 
 log = logging.getLogger("caravan.wire")
 _NO_RESPONDERS = "503"
@@ -60,6 +63,8 @@ STORE_TIMEOUT_S = 30.0
 SPIN_ENV = "CARAVAN_SPIN_US"
 """How long, in microseconds, a process polls for the answer to a request before it sleeps (see above)."""
 DEFAULT_SPIN_US = 500.0
+FLUSH_TIMEOUT_S = 10.0
+"""How long :meth:`Wire.flush` waits for the server by default (nats-py's own default)."""
 
 
 class Wire:
@@ -212,6 +217,24 @@ class Wire:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("could not publish: %s", task.exception())
+
+    async def flush(self, within_s: float = FLUSH_TIMEOUT_S) -> None:
+        """What nats-py's ``flush()`` does: return once the server has everything sent so far (a PING, answered
+        by a PONG), or raise ``nats.errors.FlushTimeoutError`` after ``within_s``. But one that times out or is
+        cancelled leaves its PONG's future to the PONG, which settles it harmlessly whenever it comes (see the
+        module docstring); nats-py answers PONGs in order, so it is never another's. Returns at once while the
+        connection is down: nats-py sends the subscriptions again, first, when it reconnects."""
+        nc = self._nc
+        if nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if not nc.is_connected or nc._transport is None:
+            return
+        pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await nc._send_ping(pong)  # (Wire's: after what is pending)
+        try:
+            await asyncio.wait_for(asyncio.shield(pong), within_s)
+        except TimeoutError:
+            raise nats.errors.FlushTimeoutError from None
 
     # -- receiving -------------------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from agent.backends import create_flag_store
 from agent.backends.base import FlagStore
 from agent.health import HealthServer
 from agent.killswitch import Halt, KillswitchWatch
-from agent.models import create_model_client
+from agent.models import check_credentials, create_model_client
 from agent.protocol import (
     BROADCAST_SUBJECT,
     TASKS_STREAM,
@@ -186,6 +186,8 @@ class AgentWorker:
         self._wire = Wire.of(self._nc)
         await self._wire.ready()
         self.definition = await self._load_definition()
+        # a model it cannot call: it says so and never says it is ready, rather than fail every task it is given
+        check_credentials(self.definition.model)
         await self._health.start()
         self._flags = create_flag_store(cfg.flags, **({"nc": self._nc} if cfg.flags == "natskv" else {}))
         await self._flags.start()

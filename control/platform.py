@@ -134,7 +134,7 @@ class ControlPlane:
         """A message to every agent (``caravan.broadcast``); agents log it and acknowledge it as an event."""
         payload = json.dumps({"message": message, "by": by, "at": utcnow().isoformat()})
         await self.jet.nc.publish(BROADCAST_SUBJECT, payload.encode())
-        await self.jet.nc.flush()
+        await Wire.of(self.jet.nc).flush()  # (not nats-py's: see agent.wire)
 
     @property
     def quotas(self) -> QuotaService:
@@ -319,7 +319,7 @@ class ControlPlane:
         self._teams = TeamService(Repo(jet.kv["teams"], Team), self.agents, tasks, self.quotas)
         self.tasks.attach_teams(TeamTasks(tasks, checkpoints, jet.js, self._teams, self.agents, self.killswitch))
         config = RunnerConfig(ack_wait_s=self.settings.team_ack_wait_s)
-        self._team_runner = TeamRunner(jet, tasks, checkpoints, self._teams, self.agents, config)
+        self._team_runner = TeamRunner(jet, tasks, checkpoints, self._teams, self.agents, config, self.killswitch)
         await self._team_runner.start()
 
     async def _serve_definition(self, msg: Msg) -> None:

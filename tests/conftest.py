@@ -22,6 +22,16 @@ from tests.support.helpers import serve_app
 from tests.support.nomad_double import NomadDouble
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
+CHECKOUT = str(Path(__file__).resolve().parents[1])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Agent processes (``python -m agent``, which the local scheduler starts in a directory of their own) import
+    the code of the checkout under test, not the one an editable install points at: git worktrees share one
+    virtualenv, and their tests would otherwise run the agents of another."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if CHECKOUT not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([CHECKOUT, *paths])
 
 
 def pytest_asyncio_loop_factories(

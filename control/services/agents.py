@@ -6,10 +6,11 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import os
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -27,6 +28,7 @@ from agent.protocol import (
     Event,
     ModelConfig,
     consumer_name,
+    required_model_key,
     task_subject,
     utcnow,
 )
@@ -124,8 +126,12 @@ class AgentService:
         settings: Settings,
         quotas: QuotaService,
         nats_auth: NatsAuth | None = None,
+        model_keys: Mapping[str, str] | None = None,
     ) -> None:
+        """``model_keys``: where the platform's model keys are (the environment, by default: where the schedulers
+        read the one each agent gets)."""
         self._nats_auth = nats_auth
+        self._model_keys = os.environ if model_keys is None else model_keys
         self._repo = repo
         self._js = js
         self._scheduler = scheduler
@@ -152,15 +158,35 @@ class AgentService:
         self._fail_hooks.append(hook)
 
     def admit_model(self, model: ModelConfig, *where: str) -> None:
-        """Refuse (422) a model whose ``base_url`` points into the platform's own network (agent/egress.py), as it
-        is written: the agent's connections are checked again as they are made. ``where``: the model's path in
-        the request (``model`` by default)."""
+        """Refuse (422) a model that the platform cannot call: its provider's key (or, for ``local``, the local
+        model) is not here, so every task would fail; the agent also checks at its start, in case the key went
+        since. And one whose ``base_url`` points into the platform's own network (agent/egress.py), as it is
+        written: the agent's connections are checked again as they are made. ``where``: the model's path in the
+        request (``model`` by default)."""
+        where = where or ("model",)
+        if (missing := self._unavailable(model)) is not None:
+            raise invalid_input([{"loc": (*where, "provider"), "msg": missing, "type": "model_unavailable"}])
         if model.base_url is not None:
             try:
                 self._settings.egress.check_url(model.base_url)
             except EgressRefused as refused:
-                loc = (*(where or ("model",)), "base_url")
+                loc = (*where, "base_url")
                 raise invalid_input([{"loc": loc, "msg": str(refused), "type": "egress_refused"}]) from None
+
+    def _unavailable(self, model: ModelConfig) -> str | None:
+        """Why the platform cannot call ``model`` (None: it can, as far as it knows)."""
+        if model.provider == "local" and not self._settings.local_model_url:
+            return (
+                "provider 'local' is not available here: this platform runs no local model "
+                "(CARAVAN_LOCAL_MODEL_URL is not set; `caravan up` sets it when it runs one)"
+            )
+        key = required_model_key(model)
+        if key is not None and not self._model_keys.get(key):
+            return (
+                f"provider {model.provider!r} is not available here: this platform has no {key} (its operator sets "
+                "it where the control plane runs); choose another provider"
+            )
+        return None
 
     async def create(self, customer_id: str, spec: AgentCreate) -> Agent:
         """Admit, store and submit a new agent. If it cannot be stored, everything done for it is undone: its work

@@ -11,7 +11,8 @@ A run that stops to ask the human saves AgentChat's team state there too and ack
 queues the next run, which loads that state. A run that loses a member (its heartbeats stop) or its manager
 goes on from the last checkpoint as a new attempt: the transcript up to the checkpoint is published again
 under the new attempt, which replaces the old one in the task record, and the run continues after the
-checkpoint's last message with no member asked again for what it already said.
+checkpoint's last message with no member asked again for what it already said. A member that cannot come back
+(stopped, deleted, failed, or halted by the killswitch) ends the task at once instead, saying which and why.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ from agent.transcript import event_fields, final_text
 from agent.wire import STORE_TIMEOUT_S, Storing, Wire
 from control.errors import NotFound
 from control.ids import new_id
-from control.models import TERMINAL_TASK_STATUSES, Task
+from control.models import TERMINAL_TASK_STATUSES, AgentStatus, Task, TaskStatus
 from control.natsio import Jet
-from control.services.agents import AgentService
+from control.services.agents import AgentService, Killswitches
+from control.services.killswitch import covers
 from control.services.tasks import task_key
 from control.store import Repo
 from control.teams.build import build_team, restore_termination
@@ -75,7 +77,11 @@ class RunnerConfig:
 
 
 class _Failed(Exception):
-    """The run cannot go on; the task ends `failed` with this reason."""
+    """The run cannot go on; the task ends ``status`` (`failed` unless said) with this reason."""
+
+    def __init__(self, reason: str, status: TaskStatus = TaskStatus.FAILED) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 class _Retry(Exception):
@@ -110,12 +116,15 @@ class TeamRunner:
         teams: TeamService,
         agents: AgentService,
         config: RunnerConfig | None = None,
+        killswitches: Killswitches | None = None,
     ) -> None:
+        """``killswitches``: where the runner finds out that a member it lost is halted (its task ends `killed`)."""
         self._jet = jet
         self._tasks = tasks
         self._checkpoints = checkpoints
         self._teams = teams
         self._agents = agents
+        self._killswitches = killswitches
         self.config = config or RunnerConfig()
         self._active: dict[str, _Active] = {}
         self._runs: set[asyncio.Task[None]] = set()
@@ -259,13 +268,14 @@ class TeamRunner:
                 checkpoint = await self._checkpoints.get(key) or checkpoint  # the run's newest
                 continue
             except _Failed as failure:
-                reason = str(failure)
+                reason, status = str(failure), failure.status
             except Exception as exc:  # AgentChat refused the team or its state, or a bug of ours: never left running
                 log.exception("team task %s failed", task.id)
-                reason = f"{type(exc).__name__}: {_reason(exc)}"
-            await self._emit(task, attempt, EventKind.ERROR, content=reason)
+                reason, status = f"{type(exc).__name__}: {_reason(exc)}", TaskStatus.FAILED
+            if status is TaskStatus.FAILED:
+                await self._emit(task, attempt, EventKind.ERROR, content=reason)
             await self._checkpoints_delete(task)
-            await self._status(task, attempt, "failed", reason)
+            await self._status(task, attempt, status.value, reason)
             return
 
     async def _segment(
@@ -292,7 +302,7 @@ class TeamRunner:
             self._checkpoints, task_key(task.customer_id, task.id), checkpoint, list(by_name), record, selector
         )
         chat = build_team(team, members, runtime, run_id, selector, on_turn=turns.on_turn)
-        presence = _Presence(self.config, set(team.members))
+        presence = _Presence(self.config, set(team.members), active)
         beats: list[asyncio.Task[None]] = []
         alive_sub = await self._jet.nc.subscribe(f"{runtime.namespace}.x.alive", cb=presence.on_beat)
         # a member's state comes with its answer: read in the read loop, as answers are
@@ -301,13 +311,13 @@ class TeamRunner:
         try:
             beats.append(asyncio.create_task(self._beat(runtime.namespace)))
             try:
-                joined = await self._join(task, team, members, run_id, active)
+                joined = await self._join(task, attempt, team, members, run_id, active)
             except _Cancelled:  # while the members joined (or started)
                 await self._cancelled(task, attempt)
                 return
             turns.enabled = all(j.checkpoints for j in joined.values())
             presence.reset()
-            beats.append(asyncio.create_task(presence.watch(active)))
+            beats.append(asyncio.create_task(presence.watch()))
             if checkpoint.state is not None:
                 await chat.load_state(checkpoint.state)
             if checkpoint.between_turns and checkpoint.termination and chat._termination_condition:
@@ -323,6 +333,8 @@ class TeamRunner:
                     raise
                 await self._stored(task)
                 if (active.lost is not None or active.handover) and not active.cancelled:  # a cancel wins
+                    if not active.handover and (gone := await self._member_gone(task.customer_id, members)):
+                        raise gone from None
                     await turns.flush()
                     raise _Retry(active.lost or "the control plane is stopping") from None
                 await turns.close()
@@ -330,6 +342,8 @@ class TeamRunner:
                 return
             except (RuntimeError, ValueError) as exc:
                 await self._stored(task)
+                if gone := await self._member_gone(task.customer_id, members):  # what a member's error came of
+                    raise gone from exc
                 if active.lost is not None:
                     await turns.flush()
                     raise _Retry(active.lost) from exc
@@ -415,10 +429,13 @@ class TeamRunner:
         await self._status(task, attempt, "completed", stop_reason)
 
     async def _join(
-        self, task: Task, team: Team, members: dict[str, AgentDefinition], run_id: str, active: _Active
+        self, task: Task, attempt: int, team: Team, members: dict[str, AgentDefinition], run_id: str, active: _Active
     ) -> dict[str, MemberJoined]:
-        """Enlist a replica of every member; :class:`_Cancelled` if the task is cancelled meanwhile."""
+        """Enlist a replica of every member; :class:`_Cancelled` if the task is cancelled meanwhile. A member that
+        does not answer at once is waited for up to ``join_timeout_s`` (the task's status says so) while it may
+        come (starting, restarting), and not at all once it cannot (:meth:`_member_gone`)."""
         handoffs = {a: [t if t == USER else members[t].name for t in team.handoffs.get(a, [])] for a in members}
+        waiting = "running" if attempt > task.attempt else "queued"  # (a new attempt said `running`)
 
         async def join(agent_id: str) -> tuple[str, MemberJoined]:
             request = MemberJoin(
@@ -431,7 +448,9 @@ class TeamRunner:
                 heartbeat_s=self.config.heartbeat_s,
                 state_deltas=True,
             )
-            deadline = time.monotonic() + self.config.join_timeout_s
+            name, timeout = members[agent_id].name, self.config.join_timeout_s
+            deadline = time.monotonic() + timeout
+            told, next_look = False, 0.0
             while True:
                 if active.cancelled:
                     raise _Cancelled
@@ -441,18 +460,55 @@ class TeamRunner:
                     )
                     return agent_id, MemberJoined.model_validate_json(reply.data)
                 except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                    if time.monotonic() >= next_look:  # (at most once a second: a join is retried every 0.25 s)
+                        next_look = time.monotonic() + 1.0
+                        gone = await self._member_gone(task.customer_id, {agent_id: members[agent_id]})
+                        if gone is not None:
+                            raise gone from exc
                     if time.monotonic() > deadline:
-                        name = members[agent_id].name
                         raise _Failed(
-                            f"team member {name} ({agent_id}) did not join within {self.config.join_timeout_s:g}s: "
-                            "is it running?"
+                            f"team member {name} ({agent_id}) did not join within {timeout:g}s: is it running?"
                         ) from exc
+                    if not told:  # it may come: said once
+                        told = True
+                        with contextlib.suppress(NotFound):  # (deleted meanwhile: found out at the next look)
+                            agent = await self._agents.get(task.customer_id, agent_id)
+                            why = f"waiting up to {timeout:g} s for team member {name} ({agent_id}) to join: it is "
+                            await self._status(task, attempt, waiting, why + agent.status.value)
                     await asyncio.sleep(0.25)
 
-        joined = dict(await asyncio.gather(*(join(a) for a in team.members)))
+        joins = [asyncio.ensure_future(join(a)) for a in team.members]
+        try:
+            joined = dict(await asyncio.gather(*joins))
+        finally:  # one that failed leaves the others waiting for nothing
+            for waiting_join in joins:
+                waiting_join.cancel()
         if active.cancelled:
             raise _Cancelled
         return joined
+
+    async def _member_gone(self, customer_id: str, members: dict[str, AgentDefinition]) -> _Failed | None:
+        """Why one of ``members`` cannot take part in the run again: it was deleted, stopped or halted by the
+        killswitch, or has failed; None while each runs or may run again soon (starting, restarting)."""
+        engaged = await self._killswitches.engaged() if self._killswitches is not None else []
+        for agent_id, definition in members.items():
+            try:
+                agent = await self._agents.get(customer_id, agent_id)
+            except NotFound:  # (the delete ended the task already, so)
+                return _Failed(f"a member of its team: agent {agent_id} was deleted", TaskStatus.CANCELLED)
+            member = f"a member of its team: agent {agent_id} ({definition.name})"
+            flag = next((f for f in engaged if covers(f.key, agent)), None)
+            if flag is not None:
+                why = flag.reason or "no reason given"
+                return _Failed(f"{member} was halted by the killswitch: {why}", TaskStatus.KILLED)
+            if agent.status is AgentStatus.FAILED:
+                why = f" ({agent.status_reason})" if agent.status_reason else ""
+                return _Failed(f"{member} failed{why}; start it again and give the team the task again")
+            if agent.desired != "running":
+                if agent.status is AgentStatus.KILLED:
+                    return _Failed(f"{member} was killed ({agent.status_reason})", TaskStatus.KILLED)
+                return _Failed(f"{member} was stopped")
+        return None
 
     async def _beat(self, namespace: str) -> None:
         while True:
@@ -526,11 +582,15 @@ class TeamRunner:
 
 
 class _Presence:
-    """Heartbeats of the members of one run; a member that falls silent breaks the run off."""
+    """Heartbeats of the members of one run, once :meth:`watch` runs: a member that falls silent, or says it left,
+    breaks the run off."""
 
-    def __init__(self, config: RunnerConfig, members: set[str]) -> None:
+    def __init__(self, config: RunnerConfig, members: set[str], active: _Active) -> None:
         self._config = config
+        self._active = active
         self._seen = dict.fromkeys(members, time.monotonic())
+        self._left: str | None = None
+        self._watching = False
 
     def reset(self) -> None:
         now = time.monotonic()
@@ -538,16 +598,28 @@ class _Presence:
 
     async def on_beat(self, msg: Msg) -> None:
         parts = msg.data.decode().split()
-        if len(parts) == 3 and parts[0] == "member" and parts[1] in self._seen:
-            self._seen[parts[1]] = time.monotonic()
+        if len(parts) in (3, 4) and parts[0] == "member" and parts[1] in self._seen:
+            if len(parts) == 3:
+                self._seen[parts[1]] = time.monotonic()
+            elif parts[3] == "left" and self._left is None:
+                self._left = parts[1]
+                if self._watching:
+                    self._lost_left()
 
-    async def watch(self, active: _Active) -> None:
+    def _lost_left(self) -> None:
+        self._active.stop(lost=f"team member {self._left} left the run")
+
+    async def watch(self) -> None:
+        self._watching = True
+        if self._left is not None:  # while the others joined
+            self._lost_left()
+            return
         while True:
             await asyncio.sleep(self._config.heartbeat_s)
             now = time.monotonic()
             for agent_id, seen in self._seen.items():
                 if now - seen > self._config.member_lost_after_s:
-                    active.stop(lost=f"team member {agent_id} stopped answering (its process is gone)")
+                    self._active.stop(lost=f"team member {agent_id} stopped answering (its process is gone)")
                     return
 
 

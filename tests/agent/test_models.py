@@ -6,7 +6,7 @@ import pytest
 from autogen_core.models import UserMessage
 from pydantic import ValidationError
 
-from agent.models import MissingCredentials, create_model_client
+from agent.models import MissingCredentials, check_credentials, create_model_client
 from agent.protocol import ModelConfig
 from agent.tools import TOOL_NAMES, build_tools, calculator
 
@@ -38,11 +38,22 @@ def test_hosted_providers_need_their_key_from_the_environment(
     provider: str, env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(env, raising=False)
+    config = ModelConfig(provider=provider, name="some-model")  # type: ignore[arg-type]
     with pytest.raises(MissingCredentials, match=env):
-        create_model_client(ModelConfig(provider=provider, name="some-model"))  # type: ignore[arg-type]
+        create_model_client(config)
+    with pytest.raises(MissingCredentials, match=env):
+        check_credentials(config)  # what the agent checks at its start, without making a client
     monkeypatch.setenv(env, "sk-test")
-    client = create_model_client(ModelConfig(provider=provider, name="some-model"))  # type: ignore[arg-type]
+    check_credentials(config)
+    client = create_model_client(config)
     assert client.model_info["function_calling"] is True
+
+
+def test_providers_without_a_key_of_their_own_need_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OLLAMA_API_KEY", raising=False)
+    check_credentials(ModelConfig(provider="ollama", name="llama3"))  # the platform's Ollama: a key if it has one
+    check_credentials(ModelConfig(provider="ollama", name="llama3", base_url="https://them.example/v1"))
+    check_credentials(ModelConfig(provider="replay", name="s", responses=["x"]))
 
 
 def test_openai_compatible_providers_point_at_their_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,7 +78,10 @@ def test_the_local_provider_is_wired_by_the_environment(monkeypatch: pytest.Monk
     assert config.name == "SmolLM2-135M-Instruct"
     with pytest.raises(MissingCredentials, match="CARAVAN_LOCAL_MODEL_URL"):
         create_model_client(config)
+    with pytest.raises(MissingCredentials, match="CARAVAN_LOCAL_MODEL_URL"):
+        check_credentials(config)
     monkeypatch.setenv("CARAVAN_LOCAL_MODEL_URL", "http://127.0.0.1:9998/v1")
+    check_credentials(config)
     monkeypatch.setenv("CARAVAN_AGENT_ID", "ag-0123456789ab")
     client = create_model_client(config)
     assert "127.0.0.1:9998" in str(client._client.base_url)  # type: ignore[attr-defined]

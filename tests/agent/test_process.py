@@ -8,6 +8,7 @@ import signal
 import sys
 
 import httpx
+import pytest
 
 from agent.protocol import ModelConfig
 from control.models import AgentCreate
@@ -81,3 +82,25 @@ async def test_health_endpoint_and_clean_exit_on_sigterm(control: ControlPlane) 
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), timeout=15)
     assert proc.returncode == 0
+
+
+async def test_an_agent_without_its_models_key_exits_2_naming_it(
+    control: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked at start, before it says it is ready: not at its first task."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-" + "t" * 20)  # the platform had it when the agent was made
+    customer, _ = await control.auth.create_customer("c")
+    model = ModelConfig(provider="anthropic", name="claude-3-5-haiku-latest")
+    agent = await control.agents.create(customer.id, AgentCreate(name="a", model=model))
+    await control.agents.stop(customer.id, agent.id)  # run this one by hand instead of by the scheduler
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    env = {"CARAVAN_AGENT_ID": agent.id, "CARAVAN_CUSTOMER_ID": customer.id, "NATS_URL": control.settings.nats_url}
+    proc = await run_agent(env)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 2, out
+    assert b"ANTHROPIC_API_KEY" in out and b"ready" not in out, out

@@ -30,7 +30,7 @@ from agent.runtime import NatsAgentRuntime, RemoteHandlerError
 from agent.serialization import MessageCodec
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
-from tests.support.helpers import FlushCounter, assert_eventually, now
+from tests.support.helpers import FlushCounter, assert_eventually, now, stalled
 
 NS = "caravan.rt.cu-000000000001.rn-000000000001"
 
@@ -255,3 +255,22 @@ def test_the_codec_reads_back_agentchat_messages_and_plain_types() -> None:
         assert codec.decode(name, data) == value
     name, data = codec.encode(Loose(value=message))
     assert isinstance(codec.decode(name, data).value, TextMessage)
+
+
+async def test_a_start_that_meets_a_stalled_server_leaves_its_connection_reading(nats_server: EmbeddedNats) -> None:
+    """A runtime's start waits a round trip for its subscriptions. One that gives up on a stalled server (here
+    cancelled, as a team run that is cancelled while it starts; at its timeout likewise) must not leave a waiter for
+    the server's late answer behind: nats-py's flush() cancels its own, and the late answer then stopped the
+    connection's read loop for good (the connection says it is up, and hears nothing)."""
+    nc = await nats.connect(nats_server.url)
+    runtime = NatsAgentRuntime(nc, NS)
+    with stalled(nats_server.pid):
+        start = asyncio.ensure_future(runtime.start())
+        await asyncio.sleep(0.3)
+        assert not start.done()  # waiting for the server
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await start
+    await nc.request("$JS.API.INFO", b"", timeout=5)  # the connection still hears the server
+    await runtime.stop()
+    await nc.close()

@@ -4,6 +4,7 @@ closing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import nats
@@ -14,7 +15,7 @@ from nats.aio.msg import Msg
 
 from agent.wire import DEFAULT_SPIN_US, SPIN_ENV, Storing, Wire, spin_s_from
 from control.natsserver import EmbeddedNats
-from tests.support.helpers import assert_eventually, nats_connect, now
+from tests.support.helpers import assert_eventually, nats_connect, now, stalled
 
 
 async def collect(nc: nats.NATS, subject: str) -> list[bytes]:
@@ -336,3 +337,31 @@ def test_the_polling_window_comes_from_the_environment(value: str | None, second
 def test_a_bad_polling_window_is_refused_by_name(value: str) -> None:
     with pytest.raises(ValueError, match=f"{SPIN_ENV} must be a number of microseconds .* not '{value}'"):
         spin_s_from({SPIN_ENV: value})
+
+
+async def test_a_flush_that_gives_up_on_a_stalled_server_leaves_the_connection_reading(
+    nats_server: EmbeddedNats,
+) -> None:
+    """Wire.flush times out (or is cancelled) as nats-py's flush does, but the server's late answers find their
+    waiters as they left them: nats-py's flush cancels its own, and the late answer stops its read loop for good."""
+    nc, reader = await nats.connect(nats_server.url), await nats_connect(nats_server.url)
+    got = await collect(reader, "after")
+    wire = Wire.of(nc)
+    wire.send("after", b"1")
+    await wire.flush(within_s=5)  # the server has what was sent before it: a round trip
+    with stalled(nats_server.pid):
+        with pytest.raises(nats.errors.FlushTimeoutError):
+            await wire.flush(within_s=0.2)
+        cancelled = asyncio.ensure_future(wire.flush())
+        await asyncio.sleep(0.2)
+        cancelled.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cancelled
+    await wire.flush(within_s=5)  # answered after the two late answers: the read loop took them
+    await nc.publish("after", b"2")
+    await reader.flush()
+    await assert_eventually(now(lambda: got), lambda g: g == [b"1", b"2"], what="both messages")
+    await nc.close()
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        await wire.flush()
+    await reader.close()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 
 import pytest
 
 from agent.wire import Wire
+from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.settings import Settings
+from tests.support.helpers import stalled
 
 
 async def test_starting_a_control_plane_leaves_the_garbage_collector_alone(settings: Settings) -> None:
@@ -22,3 +26,21 @@ async def test_the_control_plane_polls_for_answers_as_its_settings_say(settings:
     """CARAVAN_SPIN_US as the platform's settings read it, for its own connection as for its agents' jobs."""
     async with ControlPlane(settings.model_copy(update={"spin_us": spin_us})) as control:
         assert Wire.of(control.jet.nc).spin_s == spin_us / 1e6
+
+
+async def test_a_broadcast_that_meets_a_stalled_nats_leaves_the_control_plane_hearing_it(
+    nats_server: EmbeddedNats, settings: Settings
+) -> None:
+    """A broadcast waits for NATS to have it. One that gives up on a stalled server (here cancelled; at its timeout
+    likewise) must not leave a waiter for the server's late answer behind: nats-py's flush() cancels its own, and
+    the late answer then stopped the connection's read loop for good, the control plane connected and deaf (every
+    request 503, not ready, until restarted)."""
+    async with ControlPlane(settings) as control:
+        with stalled(nats_server.pid):
+            broadcast = asyncio.ensure_future(control.broadcast("maintenance at noon", "admin"))
+            await asyncio.sleep(0.3)
+            assert not broadcast.done()  # waiting for the server
+            broadcast.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await broadcast
+        assert await control.answering(within_s=5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import nats.errors
@@ -12,8 +13,10 @@ import pytest
 
 from agent.protocol import TASKS_STREAM
 from control.backends.base import JobNotOwned, SchedulerError
+from control.natsserver import EmbeddedNats
+from control.platform import ControlPlane
 from gateway.app import MAX_BODY_BYTES
-from tests.conftest import Api
+from tests.conftest import Api, make_settings, serve_api
 from tests.support.helpers import assert_eventually, hold_first_call
 
 REPLAY = {"provider": "replay", "name": "scripted", "responses": ["Hello from the scripted model."]}
@@ -82,17 +85,53 @@ async def test_agent_lifecycle_create_run_stop_start_update_delete(api: Api) -> 
     assert (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).status_code == 404
 
 
-async def test_an_agent_whose_model_key_is_missing_ends_failed_with_the_reason(api: Api) -> None:
+@pytest.mark.parametrize(
+    ("model", "missing"),
+    [
+        ({"provider": "openai", "name": "gpt-4o-mini"}, "OPENAI_API_KEY"),
+        ({"provider": "anthropic", "name": "claude-3-5-haiku-latest"}, "ANTHROPIC_API_KEY"),
+        ({"provider": "groq", "name": "llama-3.1-8b-instant"}, "GROQ_API_KEY"),
+        ({"provider": "local"}, "CARAVAN_LOCAL_MODEL_URL"),
+    ],
+)
+async def test_a_model_the_platform_has_no_key_for_is_refused_naming_what_is_missing(
+    api: Api, monkeypatch: pytest.MonkeyPatch, model: dict[str, Any], missing: str
+) -> None:
+    """Not an agent that says `running` and fails every task it is given: the customer hears at once, and nothing
+    is stored. A PATCH to such a model is refused the same way, the agent left as it was."""
+    monkeypatch.delenv(missing, raising=False)
     _, headers = await api.new_customer()
-    body = agent_body(model={"provider": "groq", "name": "llama-3.1-8b-instant"})
-    agent = (await api.client.post("/v1/agents", json=body, headers=headers)).json()
-    running = await wait_status(api, headers, agent["id"], "running")  # the key is only needed per task
-    task = await api.client.post("/v1/tasks", json={"agent_id": running["id"], "task": "hi"}, headers=headers)
-    final = await assert_eventually(
-        lambda: api.client.get(f"/v1/tasks/{task.json()['id']}", headers=headers),
-        lambda r: r.json()["status"] == "failed",
-    )
-    assert "GROQ_API_KEY" in (final.json()["status_reason"] or "")
+    refused = await api.client.post("/v1/agents", json=agent_body(model=model), headers=headers)
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["details"][0]["field"] == "model.provider" and missing in error["message"], error
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+    assert api.control.scheduler._jobs == {}  # type: ignore[attr-defined]
+    agent = await created_running(api, headers)
+    patched = await api.client.patch(f"/v1/agents/{agent['id']}", json={"model": model}, headers=headers)
+    assert patched.status_code == 422, patched.text
+    assert missing in patched.json()["error"]["message"]
+    kept = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+    assert (kept["model"], kept["version"]) == (agent["model"], agent["version"])
+
+
+async def test_an_agent_that_starts_without_its_models_key_fails_naming_it(
+    nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key was there when the agent was made, and is gone when it starts again (an operator took it away): the
+    agent does not come up `running` to fail every task, it ends `failed` saying which variable it lacks."""
+    monkeypatch.setenv("GROQ_API_KEY", "gsk-" + "t" * 20)
+    settings = make_settings(nats_server.url, tmp_path / "data", agent_restart_attempts=0)
+    async with ControlPlane(settings) as control, serve_api(control) as api:
+        _, headers = await api.new_customer()
+        agent = await created_running(api, headers, model={"provider": "groq", "name": "llama-3.1-8b-instant"})
+        assert (await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)).status_code == 200
+        monkeypatch.delenv("GROQ_API_KEY")
+        assert (await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)).status_code == 200
+        failed = await wait_status(api, headers, agent["id"], "failed")
+        assert "GROQ_API_KEY" in (failed["status_reason"] or ""), failed
+        task = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "hi"}, headers=headers)
+        assert task.status_code == 409, task.text
 
 
 HOSTILE_NAMES = ['a"b', "x${NOMAD_TOKEN}", "{{ key }}", "[[ job_id ]]", "line\nbreak", "n" * 65, "", "1abc", "a b"]

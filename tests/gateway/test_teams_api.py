@@ -199,7 +199,9 @@ async def test_a_team_task_cancelled_while_its_members_start_never_runs(api: Api
         await wait_status(api, headers, agent_id, "running", 40)
     await assert_eventually(now(lambda: runner.running), lambda n: n == 0, what="the manager let the run go")
     events = await stored_events(api.control.jet.js, customer_id, task_id)
-    assert [(e.kind, e.content) for e in events] == [("status", "queued"), ("status", "cancelled")]
+    said = [(e.kind, e.content) for e in events if not str(e.data.get("reason") or "").startswith("waiting up to")]
+    assert said == [("status", "queued"), ("status", "cancelled")]  # and, meanwhile, that it waited for them:
+    assert {(e.kind, e.content) for e in events[1:-1]} == {("status", "queued")}
 
 
 async def test_a_member_that_dies_mid_turn_is_restarted_and_the_run_goes_on_from_its_last_message(api: Api) -> None:
@@ -364,6 +366,26 @@ async def test_a_selector_model_at_an_internal_address_is_refused_and_nothing_is
     assert refused.status_code == 422, refused.text
     error = refused.json()["error"]
     assert error["details"][0]["field"] == "selector.model.base_url" and "internal address" in error["message"]
+    assert (await api.client.get("/v1/teams", headers=headers)).json() == []
+
+
+async def test_a_selector_model_the_platform_has_no_key_for_is_refused_and_nothing_is_stored(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    _, headers = await api.new_customer()
+    made = await agents(api, headers, {"one": {"model": script("hi")}, "two": {"model": script("hi")}})
+    body = {
+        "name": "picky",
+        "members": [a["id"] for a in made.values()],
+        "mode": "selector",
+        "selector": {"model": {"provider": "openai", "name": "gpt-4o-mini"}},
+        "termination": {"max_messages": 2},
+    }
+    refused = await api.client.post("/v1/teams", json=body, headers=headers)
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["details"][0]["field"] == "selector.model.provider" and "OPENAI_API_KEY" in error["message"]
     assert (await api.client.get("/v1/teams", headers=headers)).json() == []
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -183,18 +185,43 @@ async def nats_connect(url: str) -> nats.NATS:
     return nc
 
 
+@contextlib.contextmanager
+def stalled(pid: int | None) -> Iterator[None]:
+    """While inside, the process (a NATS server) is stopped (SIGSTOP) and answers nothing, its connections open;
+    waits until it has stopped (a signal is delivered a moment after ``kill`` returns, while the server may still
+    answer what it has read)."""
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 5
+        while _state(pid) != "T":
+            assert time.monotonic() < deadline, f"process {pid} did not stop"
+            time.sleep(0.001)
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]  # (after the name, which may hold spaces)
+
+
 class FlushCounter:
-    """Counts the ``flush()`` calls made on a connection from now on: each waits a round trip to the server."""
+    """Counts the flushes made on a connection from now on, nats-py's ``flush()`` and ``Wire.flush()``: each waits
+    a round trip to the server (a PING that someone waits on; nats-py's own pings to keep the connection alive are
+    not counted)."""
 
     def __init__(self, nc: nats.NATS) -> None:
         self.count = 0
-        flush = nc.flush
+        send_ping = nc._send_ping
 
-        async def counted(*args: Any, **kwargs: Any) -> None:
-            self.count += 1
-            await flush(*args, **kwargs)
+        async def counted(future: asyncio.Future[Any] | None = None) -> None:
+            if future is not None:
+                self.count += 1
+            await send_ping(future)
 
-        nc.flush = counted  # type: ignore[method-assign]
+        nc._send_ping = counted  # type: ignore[method-assign]
 
 
 @contextlib.asynccontextmanager
