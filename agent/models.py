@@ -4,7 +4,8 @@ Hosted providers take their API key from the agent's environment (placed there b
 secrets, never from the job spec); ``ollama`` at a customer's own ``base_url`` is sent no key, whatever the
 environment holds, and its connections are made only to addresses outside the platform's network
 (:mod:`agent.egress`). ``local`` is the bundled model behind Caravan's loopback proxy, reached
-with the same OpenAI client at ``CARAVAN_LOCAL_MODEL_URL`` (wiring from the job). Client libraries are
+with the same OpenAI client at ``CARAVAN_LOCAL_MODEL_URL`` (wiring from the job; the control plane, which calls a
+team's selector model, passes the address from its settings instead: :class:`LocalModelAccess`). Client libraries are
 imported only for the provider in use, which keeps an agent on the offline ``replay`` model light.
 """
 
@@ -15,6 +16,7 @@ import json
 import os
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from autogen_core import CancellationToken, FunctionCall
@@ -22,11 +24,21 @@ from autogen_core.models import ChatCompletionClient, CreateResult, ModelFamily,
 
 from agent.protocol import LOCAL_MODEL_URL_ENV, ModelConfig, ScriptedToolCall, model_key_env, required_model_key
 
-__all__ = ["OPENAI_COMPATIBLE", "MissingCredentials", "check_credentials", "create_model_client"]
+__all__ = ["OPENAI_COMPATIBLE", "LocalModelAccess", "MissingCredentials", "check_credentials", "create_model_client"]
 
 
 class MissingCredentials(RuntimeError):
     """The provider needs an API key that the agent's environment does not have."""
+
+
+@dataclass(frozen=True)
+class LocalModelAccess:
+    """Where the ``local`` provider's endpoint is and whom its proxy queues the calls under, for a caller whose
+    environment is not an agent's (the control plane: its settings hold the address, which `caravan up` does not
+    put in its environment). ``url`` None: the platform runs no local model."""
+
+    url: str | None
+    caller: str
 
 
 OPENAI_COMPATIBLE: dict[str, str | None] = {
@@ -59,17 +71,19 @@ def _key(config: ModelConfig, required: bool) -> str | None:
     return value
 
 
-def check_credentials(config: ModelConfig) -> None:
+def check_credentials(config: ModelConfig, local: LocalModelAccess | None = None) -> None:
     """Raise :class:`MissingCredentials` if the environment lacks what a client of ``config`` needs (its provider's
     key, the local model's address): what :func:`create_model_client` would raise, without making a client."""
     if config.provider == "local":
-        _local_url()
+        _local_access(local)
     elif required_model_key(config) is not None:
         _key(config, True)
 
 
-def create_model_client(config: ModelConfig) -> ChatCompletionClient:
-    """Build a fresh client for one conversation; raises :class:`MissingCredentials` if a key is missing."""
+def create_model_client(config: ModelConfig, local: LocalModelAccess | None = None) -> ChatCompletionClient:
+    """Build a fresh client for one conversation; raises :class:`MissingCredentials` if a key is missing.
+    ``local``: where the ``local`` provider is (default: ``CARAVAN_LOCAL_MODEL_URL`` and ``CARAVAN_AGENT_ID`` in
+    the environment, as an agent has them)."""
     if config.provider == "replay":
         return _replay_client(config)
     if config.provider == "anthropic":
@@ -83,7 +97,7 @@ def create_model_client(config: ModelConfig) -> ChatCompletionClient:
     from autogen_ext.models.openai import OpenAIChatCompletionClient
 
     if config.provider == "local":
-        return OpenAIChatCompletionClient(**_local_kwargs(config), **_sampling(config))
+        return OpenAIChatCompletionClient(**_local_kwargs(config, local), **_sampling(config))
     base_url = config.base_url or OPENAI_COMPATIBLE[config.provider]
     kwargs = {"model": config.name, "api_key": _key(config, config.provider != "ollama") or "none"}
     if base_url is not None:
@@ -102,24 +116,28 @@ def create_model_client(config: ModelConfig) -> ChatCompletionClient:
         return OpenAIChatCompletionClient(**kwargs, model_info=_GENERIC_INFO, **_sampling(config))
 
 
-def _local_url() -> str:
-    base_url = os.environ.get(LOCAL_MODEL_URL_ENV)
-    if not base_url:
+def _local_access(given: LocalModelAccess | None) -> LocalModelAccess:
+    local = given or LocalModelAccess(
+        os.environ.get(LOCAL_MODEL_URL_ENV), os.environ.get("CARAVAN_AGENT_ID", "unknown")
+    )
+    if not local.url:
+        where = "the platform's settings" if given else "the agent's environment"
         raise MissingCredentials(
-            f"provider 'local' needs {LOCAL_MODEL_URL_ENV} in the agent's environment "
+            f"provider 'local' needs {LOCAL_MODEL_URL_ENV} in {where} "
             "(Caravan sets it when it runs the local model: `caravan up`)"
         )
-    return base_url
+    return local
 
 
-def _local_kwargs(config: ModelConfig) -> dict[str, Any]:
-    """The bundled model behind Caravan's loopback proxy, which queues agents fairly by the header it is sent."""
+def _local_kwargs(config: ModelConfig, given: LocalModelAccess | None) -> dict[str, Any]:
+    """The bundled model behind Caravan's loopback proxy, which queues callers fairly by the header it is sent."""
+    local = _local_access(given)
     return {
         "model": config.name,
-        "base_url": _local_url(),
+        "base_url": local.url,
         "api_key": "local",
         "model_info": _LOCAL_INFO,
-        "default_headers": {"X-Caravan-Agent": os.environ.get("CARAVAN_AGENT_ID", "unknown")},
+        "default_headers": {"X-Caravan-Agent": local.caller},
     }
 
 

@@ -318,7 +318,7 @@ class ControlPlane:
         tasks, checkpoints = Repo(jet.kv["tasks"], Task), LargeRepo(jet.kv["team_state"], Checkpoint)
         self._teams = TeamService(Repo(jet.kv["teams"], Team), self.agents, tasks, self.quotas)
         self.tasks.attach_teams(TeamTasks(tasks, checkpoints, jet.js, self._teams, self.agents, self.killswitch))
-        config = RunnerConfig(ack_wait_s=self.settings.team_ack_wait_s)
+        config = RunnerConfig(ack_wait_s=self.settings.team_ack_wait_s, local_model_url=self.settings.local_model_url)
         self._team_runner = TeamRunner(jet, tasks, checkpoints, self._teams, self.agents, config, self.killswitch)
         await self._team_runner.start()
 

@@ -29,12 +29,13 @@ import nats.errors
 from autogen_agentchat.base import TaskResult
 from autogen_agentchat.messages import BaseChatMessage, HandoffMessage, TextMessage
 from autogen_core import CancellationToken
+from autogen_core.models import ChatCompletionClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 
 from agent.aio import cancel_and_wait, keep_in_progress
-from agent.models import create_model_client
+from agent.models import LocalModelAccess, create_model_client
 from agent.protocol import REPLAYED, TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
 from agent.runtime import NatsAgentRuntime
 from agent.teamprotocol import (
@@ -74,6 +75,7 @@ class RunnerConfig:
     member_lost_after_s: float = 5.0
     max_attempts: int = 3
     ack_wait_s: float = 30.0
+    local_model_url: str | None = None  # where selectors on `local` call it (the settings': not in our environment)
 
 
 class _Failed(Exception):
@@ -294,7 +296,7 @@ class TeamRunner:
         by_name = {d.name: agent_id for agent_id, d in members.items()}
         run_id = new_id("rn")
         runtime = NatsAgentRuntime(self._jet.nc, run_namespace(task.customer_id, run_id))
-        selector = create_model_client(team.selector.model) if team.selector else None
+        selector = self._selector_client(team)
         if selector is not None and checkpoint.selector_position is not None and hasattr(selector, "seek"):
             selector.seek(checkpoint.selector_position)
         record = self._recorder(task, attempt, by_name)
@@ -514,6 +516,14 @@ class TeamRunner:
         while True:
             await self._jet.nc.publish(f"{namespace}.x.alive", b"manager")
             await asyncio.sleep(self.config.heartbeat_s)
+
+    def _selector_client(self, team: Team) -> ChatCompletionClient | None:
+        """The team's selector model, called from here: on `local`, at the platform's local model (the proxy
+        queues its calls under the team)."""
+        if team.selector is None:
+            return None
+        local = LocalModelAccess(self.config.local_model_url, caller=f"selector-{team.id}")
+        return create_model_client(team.selector.model, local)
 
     def _recorder(self, task: Task, attempt: int, by_name: dict[str, str]) -> Record:
         """The transcript entries of messages, as :meth:`_stream` publishes them but chunks (a checkpoint's

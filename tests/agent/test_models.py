@@ -6,7 +6,7 @@ import pytest
 from autogen_core.models import UserMessage
 from pydantic import ValidationError
 
-from agent.models import MissingCredentials, check_credentials, create_model_client
+from agent.models import LocalModelAccess, MissingCredentials, check_credentials, create_model_client
 from agent.protocol import ModelConfig
 from agent.tools import TOOL_NAMES, build_tools, calculator
 
@@ -87,6 +87,19 @@ def test_the_local_provider_is_wired_by_the_environment(monkeypatch: pytest.Monk
     assert "127.0.0.1:9998" in str(client._client.base_url)  # type: ignore[attr-defined]
     assert client._client.default_headers["X-Caravan-Agent"] == "ag-0123456789ab"  # type: ignore[attr-defined]
     assert client.model_info["function_calling"] is True
+
+
+def test_the_local_provider_is_wired_by_the_caller_when_it_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control plane (a team's selector) passes the address from its settings: its environment is not used."""
+    monkeypatch.setenv("CARAVAN_LOCAL_MODEL_URL", "http://127.0.0.1:9998/v1")
+    config = ModelConfig(provider="local")
+    client = create_model_client(config, LocalModelAccess("http://127.0.0.1:9997/v1", caller="selector-tm-1"))
+    assert "127.0.0.1:9997" in str(client._client.base_url)  # type: ignore[attr-defined]
+    assert client._client.default_headers["X-Caravan-Agent"] == "selector-tm-1"  # type: ignore[attr-defined]
+    with pytest.raises(MissingCredentials, match="CARAVAN_LOCAL_MODEL_URL in the platform's settings"):
+        create_model_client(config, LocalModelAccess(None, caller="selector-tm-1"))  # none runs: none from the env
+    with pytest.raises(MissingCredentials, match="platform's settings"):
+        check_credentials(config, LocalModelAccess(None, caller="selector-tm-1"))
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from control.platform import ControlPlane
 from tests.conftest import Api, make_settings, serve_api
 from tests.control.test_cli import PROVIDER_KEYS
 from tests.control.test_localmodel_proxy import FakeServer
-from tests.gateway.teams_support import task_status
+from tests.gateway.teams_support import agents, script, start, task_status, team
 from tests.gateway.test_agents_api import wait_status
 from tests.gateway.test_tasks_api import finished, start_task
 from tests.support.helpers import sse_events
@@ -143,3 +143,40 @@ async def test_the_demo_team_answers_with_the_local_model(local_api: Api, monkey
     ]  # fmt: skip
     assert all(isinstance(text, str) and text.strip() for _, _, text in said[1:])  # the model's own words
     assert task["usage"]["completion_tokens"] > 0
+
+
+async def test_a_selector_on_the_local_model_picks_speakers_under_caravan_up(
+    local_api: Api, local_model: LocalModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The selector's model is called from the control plane, which `caravan up` tells the local model's address
+    through its settings only (its own environment has no CARAVAN_LOCAL_MODEL_URL, unlike the agents')."""
+    monkeypatch.delenv("CARAVAN_LOCAL_MODEL_URL", raising=False)
+    assert local_model.proxy is not None
+    callers: list[str] = []
+    turn = local_model.proxy._turn
+
+    async def counted(request: Any, client: str) -> bool:
+        callers.append(client)
+        return await turn(request, client)
+
+    monkeypatch.setattr(local_model.proxy, "_turn", counted)  # the proxy's queue: whom it served
+    _, headers = await local_api.new_customer()
+    members = await agents(
+        local_api,
+        headers,
+        {"writer": {"model": script("A line.", "Another line.")}, "critic": {"model": script("Good.", "Better.")}},
+    )
+    selector = {"model": {"provider": "local", "temperature": 0, "max_tokens": 16}, "allow_repeated_speaker": True}
+    created = await team(
+        local_api,
+        headers,
+        members=[m["id"] for m in members.values()],
+        mode="selector",
+        selector=selector,
+        termination={"max_messages": 3},
+    )
+    task = await task_status(local_api, headers, await start(local_api, headers, created["id"], "Write a line."))
+    assert task["status"] == "completed", (task["status_reason"], task["messages"])
+    speakers = [m["source"] for m in task["messages"]]
+    assert speakers[0] == "user" and len(speakers) == 3 and set(speakers[1:]) <= {"writer", "critic"}
+    assert callers and set(callers) == {f"selector-{created['id']}"}  # the members are scripted: only it asks
