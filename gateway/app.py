@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from control.metrics import Metrics
 from control.platform import ControlPlane
 from control.settings import Settings
-from gateway import apidocs, dashboard
+from gateway import apidocs, dashboard, logredact
 from gateway.errors import error_response, install_error_handlers
 from gateway.ratelimit import RateLimiter, Tiers
 from gateway.routes import admin, agents, auth, health, tasks, teams, usage
@@ -51,6 +51,7 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
     app.state.limiter = RateLimiter(scale=settings.rate_limit_scale)
     app.state.tiers = Tiers()
     install_error_handlers(app)
+    logredact.install()  # a token in a URL (the WebSocket's ?token=) kept out of the server's log lines
     app.add_middleware(_LimitedBody, limit=MAX_BODY_BYTES)
     app.state.metrics = Metrics()
     app.add_middleware(_Counted, metrics=app.state.metrics)  # outermost but for Starlette's own error handler

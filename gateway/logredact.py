@@ -1,0 +1,79 @@
+"""Secrets in a request's URL kept out of the server's log lines. Browsers cannot give a WebSocket a header, so they
+authenticate with ``?token=<JWT>``, and any client may put a token or paste an API key into a URL; uvicorn logs each
+request's path and query: in its access log (``uvicorn.access``, written when its level is INFO, as an operator who
+raises the log level gets it) and in its WebSocket lines (``uvicorn.error`` at INFO: ``"WebSocket /path?query"
+[accepted]``, or the status it was refused with). :func:`install` adds a filter to both that rewrites each record,
+its arguments (which uvicorn's access formatter reads one by one) and its message: a ``token`` parameter's value
+becomes ``<redacted>``, as does anything else shaped as a JWT, and an API key is cut to its prefix as in the audit
+log (:func:`gateway.errors.shown_path`)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote_plus
+
+from control.services.auth import redact_keys
+from gateway.errors import shown_path
+
+__all__ = ["LOGGERS", "RedactUrls", "install", "shown_url"]
+
+LOGGERS = ("uvicorn.access", "uvicorn.error")
+REDACTED = "<redacted>"
+
+_SECRET_PARAMS = frozenset({"token"})  # the query parameter a WebSocket's bearer token may come in
+_URL = re.compile(r"(/[^\s\"?#]*)(\?[^\s\"#]*)?")  # a path, and its query if it has one
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")  # base64url of '{"', two dots
+
+
+def _query(query: str) -> str:
+    params = []
+    for param in query.split("&"):
+        name, eq, _ = param.partition("=")
+        params.append(f"{name}={REDACTED}" if eq and unquote_plus(name) in _SECRET_PARAMS else param)
+    return "&".join(params)
+
+
+def _url(match: re.Match[str]) -> str:
+    path, query = match.group(1), match.group(2)
+    return shown_path(path) + (f"?{redact_keys(_query(query[1:]))}" if query else "")
+
+
+def shown_url(text: str) -> str:
+    """``text`` (a log line, or a part of one) with the secrets of any URL in it redacted: a ``token`` parameter's
+    value, whatever its name's spelling (``%74oken``: the same parameter to the server), any JWT, and an API key
+    cut to its prefix."""
+    return _JWT.sub(REDACTED, _URL.sub(_url, text))
+
+
+def _shown(value: Any) -> Any:
+    return shown_url(value) if isinstance(value, str) else value
+
+
+class RedactUrls(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Each argument on its own, so that a formatter that reads them (uvicorn's access formatter) gets them
+        redacted; then the whole message, if a secret is still in it (a URL split over two arguments)."""
+        if isinstance(record.args, Mapping):
+            record.args = {key: _shown(value) for key, value in record.args.items()}
+        elif record.args:
+            record.args = tuple(_shown(value) for value in record.args)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit the message: the handler reports it
+            return True
+        if (shown := shown_url(message)) != message:
+            record.msg, record.args = shown, ()
+        return True
+
+
+_FILTER = RedactUrls()
+
+
+def install() -> None:
+    """Filter uvicorn's loggers (again: no harm), where they log a request's URL. Their filters stay when uvicorn
+    configures its logging (a dictConfig replaces handlers and levels, not filters)."""
+    for name in LOGGERS:
+        logging.getLogger(name).addFilter(_FILTER)
