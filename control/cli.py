@@ -183,10 +183,18 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _serve(settings: Settings, control: ControlPlane, banner: str | None = None) -> None:
+def _server_config(settings: Settings, control: ControlPlane) -> uvicorn.Config:
+    """uvicorn's settings: its own lines at warning, unless Caravan's log is at debug or ``CARAVAN_ACCESS_LOG``
+    asks for every request (uvicorn writes its access lines, and a WebSocket's, at info)."""
+    level = "debug" if settings.log_level == "debug" else "info" if settings.access_log else "warning"
     app = create_app(settings, control)
-    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning")
-    server = _Server(config)
+    return uvicorn.Config(
+        app, host=settings.http_host, port=settings.http_port, log_level=level, access_log=settings.access_log
+    )
+
+
+async def _serve(settings: Settings, control: ControlPlane, banner: str | None = None) -> None:
+    server = _Server(_server_config(settings, control))
 
     def request_exit() -> None:
         if server.should_exit:
@@ -628,9 +636,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "killswitch":
         _killswitch(args)
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # the local model proxy's every request otherwise
     settings = _settings()
+    level = getattr(logging, settings.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))  # the local model proxy's every request else
     if args.command == "job":
         logging.getLogger().setLevel(logging.WARNING)
         sys.exit(run(_job(settings, args.verb, args.agent_id)))

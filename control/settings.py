@@ -20,6 +20,14 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=1, le=65_535)
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="The level of Caravan's own log (the API process and what it starts)."
+    )
+    access_log: bool = Field(
+        default=False,
+        description="Log every API request (uvicorn's access log), a line each: method, path and query (a token or "
+        "an API key in it redacted: gateway/logredact.py), status.",
+    )
     data_dir: Path = Path("var")
     nats_url: str = Field(
         default="nats://127.0.0.1:4222", validation_alias=AliasChoices("CARAVAN_NATS_URL", "NATS_URL")

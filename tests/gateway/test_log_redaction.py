@@ -4,16 +4,23 @@ server at INFO and its access log on, as an operator who raises the log level ge
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 import websockets
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.logging import AccessFormatter, DefaultFormatter
 
+from control.cli import _server_config
+from control.platform import ControlPlane
+from control.settings import Settings
 from gateway.logredact import RedactUrls
 from tests.conftest import Api
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
@@ -120,3 +127,37 @@ def test_the_filter_redacts_urls_however_they_are_logged(msg: str, args: Any, sh
     record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, msg, args, None)
     assert RedactUrls().filter(record)  # not installed here: the servers above must have been by create_app
     assert record.getMessage() == shown
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+async def test_caravan_access_log_turns_on_uvicorns_access_lines_redacted(
+    control: ControlPlane, settings: Settings, access_log: bool
+) -> None:
+    """``CARAVAN_ACCESS_LOG`` is the one switch an operator needs: without it the server writes no line per
+    request; with it, one each, its token redacted."""
+    chosen = settings.model_copy(update={"access_log": access_log, "http_port": 0})
+    server = uvicorn.Server(_server_config(chosen, control))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not serving.done()
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        records: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: records.append(FORMATTERS["uvicorn.access"].format(record))  # type: ignore[method-assign]
+        logging.getLogger("uvicorn.access").addHandler(handler)
+        try:
+            async with httpx.AsyncClient() as client:
+                answered = await client.get(f"http://127.0.0.1:{port}/v1/tasks?token=eyJhbGciOi.eyJzdWIi.c2lnbmF0dXJl")
+            assert answered.status_code == 401
+        finally:
+            logging.getLogger("uvicorn.access").removeHandler(handler)
+    finally:
+        server.should_exit = True
+        await serving
+    if not access_log:
+        assert records == []
+    else:
+        assert len(records) == 1 and '"GET /v1/tasks?token=<redacted> HTTP/1.1" 401' in records[0], records
