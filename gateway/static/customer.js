@@ -268,7 +268,8 @@ export function teamsView(root) {
 
 export function tasksView(root) {
   const errors = el("div");
-  const startErrors = el("div");
+  const startErrors = el("div"); // Start's: kept until it is tried again
+  const targetErrors = el("div"); // loading the agents and teams to choose from: each refresh clears it
   const list = el("div");
   const watcher = el("div");
   const more = el("button", { type: "button", text: "Older tasks", hidden: true });
@@ -284,6 +285,7 @@ export function tasksView(root) {
     { class: "panel" },
     el("h2", { text: "Start a task" }),
     field("On", target),
+    targetErrors,
     field("Task", text),
     el("div", {}, el("button", { type: "submit", class: "primary", text: "Start" })),
     startErrors,
@@ -301,15 +303,28 @@ export function tasksView(root) {
     }
   });
 
+  /** The agents and teams to start a task on, each agent with its status as of now (refreshed with the list). */
   async function targets() {
-    const both = await attempt(startErrors, () => Promise.all([api("GET", "/v1/agents"), api("GET", "/v1/teams")]));
+    const both = await attempt(targetErrors, () => Promise.all([api("GET", "/v1/agents"), api("GET", "/v1/teams")]));
     if (!both) return;
     const [agents, teams] = both;
-    fill(
-      target,
-      el("optgroup", { label: "Agents" }, agents.map((a) => el("option", { value: `agent:${a.id}`, text: `${a.name} (${a.status})` }))),
-      el("optgroup", { label: "Teams" }, teams.map((t) => el("option", { value: `team:${t.id}`, text: `${t.name} (${t.mode})` }))),
-    );
+    const options = [
+      ...agents.map((a) => ["Agents", `agent:${a.id}`, `${a.name} (${a.status})`]),
+      ...teams.map((t) => ["Teams", `team:${t.id}`, `${t.name} (${t.mode})`]),
+    ];
+    const current = [...target.options];
+    if (current.length === options.length && current.every((o, i) => o.value === options[i][1])) {
+      // the same choices: only their texts change, so an open list and the choice made stay as they are
+      current.forEach((o, i) => {
+        if (o.textContent !== options[i][2]) o.textContent = options[i][2];
+      });
+      return;
+    }
+    const chosen = target.value;
+    const group = (label) =>
+      el("optgroup", { label }, options.filter(([g]) => g === label).map(([, value, text]) => el("option", { value, text })));
+    fill(target, group("Agents"), group("Teams"));
+    if (options.some(([, value]) => value === chosen)) target.value = chosen;
   }
 
   function open(id) {
@@ -365,9 +380,12 @@ export function tasksView(root) {
     el("div", { class: "split" }, startForm, watcher),
     el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Tasks" }), statusFilter), errors, list, more),
   );
-  targets();
   load();
-  return () => closeTask();
+  const stopRefresh = every(REFRESH_MS, targets);
+  return () => {
+    stopRefresh();
+    closeTask();
+  };
 }
 
 // ---------------------------------------------------------------------------------------------------- usage

@@ -132,6 +132,7 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     maker = await new_agent(api, headers, "maker", script("m1", "m2", "m3"))
     slow = await new_agent(api, headers, "slow", script("late", delay_ms=60_000))
 
+    await page.clock.install()  # the page's timers, to move its 5 s refreshes on instead of waiting for them
     await dashboard.sign_in(key)
     await expect(page.locator("#who-text")).to_have_text(f"customer {customer_id}")
 
@@ -203,6 +204,15 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await watcher.get_by_role("button", name="Cancel task").click()
     await ended(dashboard, watcher, task_id, "cancelled")
     assert dashboard.watch.dialogs == ["Cancel this task?"]  # asked first
+
+    # what changes elsewhere shows at the next refresh: an agent stopped through the API is no longer offered as
+    # running
+    maker_choice = page.locator(f"select[name=target] option[value='agent:{maker}']")
+    await expect(maker_choice).to_have_text("maker (running)")
+    stopped = await api.client.post(f"/v1/agents/{maker}/stop", headers=headers)
+    assert stopped.status_code == 200, stopped.text
+    await page.clock.fast_forward(5_000)
+    await expect(maker_choice).to_have_text("maker (stopped)")
 
     await dashboard.tab("Usage")
     await expect(cell(dashboard.row("Agents"), 1)).to_have_text("4")
