@@ -9,6 +9,7 @@ const PROVIDERS = ["replay", "local", "openai", "openrouter", "groq", "deepseek"
 const TOOLS = ["calculator", "current_time", "word_count"];
 const MODES = ["round_robin", "selector", "swarm"];
 const TASK_STATUSES = ["queued", "running", "awaiting_input", "completed", "failed", "cancelled", "killed"];
+const PAGE = 25; // tasks listed at a time
 function modelFields(prefix) {
   const provider = el("select", { name: `${prefix}provider` }, PROVIDERS.map((p) => el("option", { value: p, text: p })));
   const name = el("input", { name: `${prefix}name`, required: true, value: "scripted", placeholder: "gpt-4o-mini" });
@@ -279,6 +280,7 @@ export function tasksView(root) {
   let closeTask = () => {};
   let shown = [];
   let live = null; // the open task as its view knows it: ahead of the records listed, which follow its events
+  let loading = Promise.resolve(); // the list's load under way (see load)
 
   const startForm = el(
     "form",
@@ -363,25 +365,43 @@ export function tasksView(root) {
     );
   }
 
-  async function load(before = null) {
+  /**
+   * Load the list, one load at a time (each starts from what the one before left): "newest" reads the first page
+   * again (the refresh), keeping the older pages opened below it; "older" adds the next page; "anew" starts over.
+   */
+  function load(how = "newest") {
+    const next = loading.then(() => loadNow(how));
+    loading = next.catch(() => {}); // a load that failed does not hold back the next
+    return next;
+  }
+
+  async function loadNow(how) {
+    const before = how === "older" && shown.length ? shown[shown.length - 1].id : null;
     const page = await attempt(errors, () =>
-      api("GET", "/v1/tasks", { query: { status: statusFilter.value, limit: 25, before } }),
+      api("GET", "/v1/tasks", { query: { status: statusFilter.value, limit: PAGE, before } }),
     );
     if (!page) return;
-    shown = before ? shown.concat(page) : page;
-    more.hidden = page.length < 25;
+    if (how === "older") {
+      shown = shown.concat(page);
+      more.hidden = page.length < PAGE;
+    } else {
+      // the pages opened below the first stay, from where the first now ends (new tasks have pushed it on)
+      const end = how === "newest" && page.length === PAGE ? shown.findIndex((t) => t.id === page[PAGE - 1].id) : -1;
+      const older = end >= 0 ? shown.slice(end + 1) : [];
+      shown = page.concat(older);
+      if (!older.length) more.hidden = page.length < PAGE;
+    }
     render();
   }
 
-  statusFilter.addEventListener("change", () => load());
-  more.addEventListener("click", () => load(shown.length ? shown[shown.length - 1].id : null));
+  statusFilter.addEventListener("change", () => load("anew"));
+  more.addEventListener("click", () => load("older"));
   fill(
     root,
     el("div", { class: "split" }, startForm, watcher),
-    el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Tasks" }), statusFilter), errors, list, more),
+    el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Tasks" }), statusFilter, el("span", { class: "muted", text: "refreshes every 5 s" })), errors, list, more),
   );
-  load();
-  const stopRefresh = every(REFRESH_MS, targets);
+  const stopRefresh = every(REFRESH_MS, () => Promise.all([targets(), load()]));
   return () => {
     stopRefresh();
     closeTask();

@@ -15,7 +15,7 @@ from playwright.async_api import Browser, Locator, Page, async_playwright, expec
 
 from agent.protocol import Event
 from tests.conftest import ADMIN_KEY, Api
-from tests.gateway.teams_support import TERMINAL, script
+from tests.gateway.teams_support import TERMINAL, script, task_status
 from tests.support.browser import CHROMIUM_ARGS, NO_CHROMIUM, PageWatch, chromium_path
 from tests.support.helpers import assert_eventually, now
 
@@ -206,13 +206,24 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     assert dashboard.watch.dialogs == ["Cancel this task?"]  # asked first
 
     # what changes elsewhere shows at the next refresh: an agent stopped through the API is no longer offered as
-    # running
+    # running,
     maker_choice = page.locator(f"select[name=target] option[value='agent:{maker}']")
     await expect(maker_choice).to_have_text("maker (running)")
     stopped = await api.client.post(f"/v1/agents/{maker}/stop", headers=headers)
     assert stopped.status_code == 200, stopped.text
     await page.clock.fast_forward(5_000)
     await expect(maker_choice).to_have_text("maker (stopped)")
+    # and a task started and ended elsewhere shows in the list, then its end, beside the open task's own
+    elsewhere = await api.client.post("/v1/tasks", json={"agent_id": slow, "task": "From a script."}, headers=headers)
+    assert elsewhere.status_code == 202, elsewhere.text
+    other = elsewhere.json()["id"]
+    await page.clock.fast_forward(5_000)
+    await expect(status_of(dashboard.row(other))).to_have_text(re.compile("^(queued|running)$"))
+    assert (await api.client.post(f"/v1/tasks/{other}/cancel", headers=headers)).status_code == 202
+    await task_status(api, headers, other, ("cancelled",))
+    await page.clock.fast_forward(5_000)
+    await expect(status_of(dashboard.row(other))).to_have_text("cancelled")
+    await expect(status_of(dashboard.row(task_id))).to_have_text("cancelled")
 
     await dashboard.tab("Usage")
     await expect(cell(dashboard.row("Agents"), 1)).to_have_text("4")
