@@ -309,6 +309,12 @@ async def test_an_admin_manages_customers_and_the_killswitch_and_reads_the_audit
     await page.get_by_role("button", name="Search").click()
     await expect(page.locator("tbody tr")).to_have_count(2)
     await expect(page.locator("tbody tr").last).to_contain_text("maintenance window")
+    # a search the API refuses shows why, and no longer the records of the one before
+    dashboard.watch.allow(r"status of 422 .*/v1/admin/audit\?")
+    await page.get_by_label("since").fill("yesterday")
+    await page.get_by_role("button", name="Search").click()
+    await expect(page.locator(".error")).to_contain_text("422 invalid")
+    await expect(page.locator("tbody tr")).to_have_count(0)
 
     # the new customer's key signs in to the customer's views, with the quota just set
     await page.get_by_role("button", name="Sign out").click()
