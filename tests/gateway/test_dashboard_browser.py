@@ -5,6 +5,7 @@ shows, with no console error, no uncaught exception and no Content-Security-Poli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -54,14 +55,21 @@ class Dashboard:
         return self.page.locator("tr", has_text=text)
 
 
-@pytest.fixture
-async def dashboard(browser: Browser, api: Api) -> AsyncIterator[Dashboard]:
+@contextlib.asynccontextmanager
+async def opened(browser: Browser, api: Api) -> AsyncIterator[Dashboard]:
+    """A page of a browser context of its own (another user's tab: its own sessionStorage), watched."""
     context = await browser.new_context()
     watch = await PageWatch.attach(context)
     try:
         yield Dashboard(await context.new_page(), watch, api)
     finally:
         await context.close()
+
+
+@pytest.fixture
+async def dashboard(browser: Browser, api: Api) -> AsyncIterator[Dashboard]:
+    async with opened(browser, api) as page:
+        yield page
 
 
 @pytest.fixture
@@ -322,6 +330,85 @@ async def test_an_admin_manages_customers_and_the_killswitch_and_reads_the_audit
     await expect(page.locator("#who-text")).to_have_text(f"customer {customer_id}")
     await dashboard.tab("Usage")
     await expect(cell(dashboard.row("Agents"), 2)).to_have_text("3")
+    dashboard.watch.assert_clean()
+
+
+async def test_an_admin_stops_an_agent_and_its_owner_sees_why(browser: Browser, dashboard: Dashboard) -> None:
+    """Force stop, a broadcast and the hard killswitch from the operator's views, and what the customer's page (a
+    tab of its own) shows meanwhile: its agent stopped, started again, killed, and its start refused with why until
+    the killswitch is released."""
+    api, admin = dashboard.api, dashboard.page
+    customer_id, key, headers = await new_customer(api, "initech")
+    worker = await new_agent(api, headers, "worker", script("w1"))
+
+    async def status() -> str:
+        return str((await api.client.get(f"/v1/agents/{worker}", headers=headers)).json()["status"])
+
+    async with opened(browser, api) as customer:
+        page = customer.page
+        await admin.clock.install()  # both pages' timers, to move their 5 s refreshes on
+        await page.clock.install()
+        await dashboard.sign_in(ADMIN_KEY)
+        await customer.sign_in(key)
+        mine = customer.row("worker")  # the customer lands on its agents
+        await assert_eventually(status, lambda s: s == "running", what="the agent running")
+
+        # the operator's list of every agent: the customer's, force stopped (asked first)
+        await dashboard.tab("Agents")
+        theirs = dashboard.row("worker")
+        await expect(status_of(theirs)).to_have_text("running")
+        await theirs.get_by_role("button", name="Force stop").click()
+        await expect(status_of(theirs)).to_have_text("stopped")
+        await expect(theirs).to_contain_text("stopped by an administrator")
+        await expect(theirs.get_by_role("button", name="Force stop")).to_be_disabled()
+        assert dashboard.watch.dialogs == [f"Stop agent worker of {customer_id}? Its owner can start it again."]
+
+        # its owner sees it stopped, and starts it again
+        await page.clock.fast_forward(5_000)
+        await expect(status_of(mine)).to_have_text("stopped")
+        await mine.get_by_role("button", name="Start").click()
+        await assert_eventually(status, lambda s: s == "running", what="the agent running again")
+        await page.clock.fast_forward(5_000)
+        await expect(status_of(mine)).to_have_text("running")
+
+        # a broadcast to every running agent
+        await dashboard.tab("Killswitch")
+        sent = admin.locator("section", has_text="Broadcast")
+        await sent.get_by_label("Message to every running agent").fill("Maintenance at noon.")
+        await sent.get_by_role("button", name="Broadcast").click()
+        await expect(sent.locator(".notice")).to_have_text("Sent to 1 running agents.")
+
+        # the hard killswitch on the customer: its agent's job stopped, its start refused with why
+        emergency = admin.locator("section", has_text="Emergency stop")
+        await admin.get_by_label("Scope").select_option("customer")
+        await admin.get_by_label("Customer id").fill(customer_id)
+        await admin.get_by_label("Reason").fill("fraud check")
+        await admin.get_by_label(re.compile("^Hard")).check()
+        await admin.get_by_role("button", name="Engage").click()
+        done = emergency.locator(".notice")
+        await expect(done).to_contain_text(f"Engaged at scope customer {customer_id}: 1 of 1 agents acknowledged")
+        await expect(done).to_contain_text(f"Jobs stopped: {worker}")
+        engaged_now = admin.locator("section", has_text="Engaged now")
+        await expect(engaged_now.locator(".alarm")).to_contain_text(f"customer {customer_id} (hard): fraud check")
+        await page.clock.fast_forward(5_000)
+        await expect(status_of(mine)).to_have_text("killed")
+        await expect(mine).to_contain_text("killswitch: fraud check")
+        customer.watch.allow(rf"status of 409 .*/v1/agents/{worker}/start\)$")
+        await mine.get_by_role("button", name="Start").click()
+        refusal = page.locator(".error")
+        await expect(refusal).to_contain_text("409 killswitch_engaged")
+        await expect(refusal).to_contain_text(f"a hard killswitch is engaged on customer {customer_id} (fraud check)")
+        await expect(status_of(mine)).to_have_text("killed")
+
+        # released: the owner may start it again
+        await engaged_now.locator("tr", has_text="fraud check").get_by_role("button", name="Release").click()
+        await expect(done).to_contain_text(f"Released at scope customer {customer_id}")
+        await expect(engaged_now).to_contain_text("No killswitch engaged.")
+        await mine.get_by_role("button", name="Start").click()
+        await expect(refusal).to_have_count(0)
+        await expect(status_of(mine)).to_have_text(re.compile("^(pending|starting|running)$"))
+        customer.watch.assert_clean()
+    assert len(dashboard.watch.dialogs) == 1  # engaging for one customer did not ask
     dashboard.watch.assert_clean()
 
 
