@@ -275,6 +275,10 @@ async def test_an_admin_manages_customers_and_the_killswitch_and_reads_the_audit
     await page.get_by_label("max agents").fill("3")
     await page.get_by_role("button", name="Save quota").click()
     await expect(cell(dashboard.row("Agents"), 2)).to_have_text("3")
+    # and a new key for it, shown once
+    await page.get_by_role("button", name="New API key").click()
+    new_key = await page.locator(".notice", has_text="New API key, shown this once").locator("code.secret").inner_text()
+    assert new_key.startswith("cvn_") and new_key != key
 
     # the killswitch for every agent: refused without a reason, asked about first, then engaged and released
     await dashboard.tab("Killswitch")
@@ -324,7 +328,10 @@ async def test_an_admin_manages_customers_and_the_killswitch_and_reads_the_audit
     await expect(page.locator(".error")).to_contain_text("422 invalid")
     await expect(page.locator("tbody tr")).to_have_count(0)
 
-    # the new customer's key signs in to the customer's views, with the quota just set
+    # the customer's keys, the new one and the first (still valid), sign in to its views, with the quota just set
+    await page.get_by_role("button", name="Sign out").click()
+    await dashboard.sign_in(new_key)
+    await expect(page.locator("#who-text")).to_have_text(f"customer {customer_id}")
     await page.get_by_role("button", name="Sign out").click()
     await dashboard.sign_in(key)
     await expect(page.locator("#who-text")).to_have_text(f"customer {customer_id}")
