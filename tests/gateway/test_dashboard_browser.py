@@ -174,6 +174,21 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await page.get_by_role("button", name="Create team").click()
     await expect(page.locator(".notice")).to_contain_text("Team painters created")
     await expect(dashboard.row("painters")).to_contain_text("asker → maker")
+    # and one whose speakers a model selects: the selector's model fields show for that mode only
+    selector_fields = page.locator("form .fields", has=page.get_by_label("Model provider"))
+    await page.get_by_label("Name", exact=True).fill("pair")
+    await expect(selector_fields).to_be_hidden()
+    await page.locator("select[name=mode]").select_option("selector")
+    await expect(selector_fields).to_be_visible()
+    await page.get_by_label(f"asker ({asker})").uncheck()  # the form keeps the last team's choices
+    await page.get_by_label(f"helper ({helper_id})").check()
+    await page.get_by_label("Scripted responses").fill("maker\nhelper")
+    await page.get_by_label("Max messages").fill("3")
+    await page.get_by_label("Stop when a member hands off to the user").uncheck()
+    await page.get_by_label("Handoffs (JSON)").fill("")
+    await page.get_by_role("button", name="Create team").click()
+    await expect(page.locator(".notice")).to_contain_text("Team pair created")
+    await expect(dashboard.row("pair")).to_contain_text("selector")
 
     # the team's task asks; the answer resumes it to its end
     await dashboard.tab("Tasks")
@@ -201,6 +216,17 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await expect(watcher.locator(".transcript li.message").last).to_contain_text("The answer is 42.")
     await ended(dashboard, watcher, task_id, "completed")
     await expect(watcher).to_contain_text(re.compile(r"Tokens: [1-9]\d* prompt, [1-9]\d* completion"))
+
+    # the selector's team: its model picks maker, then helper
+    await page.locator("select[name=target]").select_option(label="pair (selector)")
+    await page.get_by_label("Task", exact=True).fill("Take turns.")
+    await page.get_by_role("button", name="Start", exact=True).click()
+    await expect(watcher.locator("h2")).not_to_have_text(f"Task {task_id}")
+    task_id = (await watcher.locator("h2").inner_text()).removeprefix("Task ")
+    await ended(dashboard, watcher, task_id, "completed")
+    speakers = [re.compile(f" · {name}$") for name in ("user", "maker", "helper")]
+    await expect(watcher.locator(".transcript li.message .meta")).to_have_text(speakers)
+    await expect(watcher.locator("pre").last).to_have_text("The answer is 42.")
 
     # a slow one, cancelled
     await page.locator("select[name=target]").select_option(value=f"agent:{slow}")
