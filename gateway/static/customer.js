@@ -147,6 +147,21 @@ function teamForm(agents, onCreated) {
   const errors = el("div");
   const name = el("input", { name: "name", required: true, placeholder: "writers" });
   const members = agents.map((a) => el("input", { type: "checkbox", name: "members", value: a.id }));
+  const picked = []; // the members' ids in the order they were checked: the team's order
+  const order = el("p", { class: "muted" });
+  const names = new Map(agents.map((a) => [a.id, a.name]));
+  const showOrder = () => {
+    order.textContent = picked.length ? `Order: ${picked.map((id) => names.get(id)).join(" → ")}` : "Check the members in the order they take turns.";
+  };
+  for (const box of members) {
+    box.addEventListener("change", () => {
+      const at = picked.indexOf(box.value);
+      if (box.checked && at < 0) picked.push(box.value);
+      if (!box.checked && at >= 0) picked.splice(at, 1);
+      showOrder();
+    });
+  }
+  showOrder();
   const mode = el("select", { name: "mode" }, MODES.map((m) => el("option", { value: m, text: m })));
   const selector = modelFields("selector_");
   const selectorBox = el("div", { class: "fields", hidden: true }, selector.nodes);
@@ -168,6 +183,7 @@ function teamForm(agents, onCreated) {
       {},
       el("legend", { text: "Members, in order" }),
       members.length ? members.map((box, i) => el("label", { class: "check" }, box, `${agents[i].name} (${agents[i].id})`)) : el("p", { class: "empty", text: "Create agents first." }),
+      members.length ? order : null,
     ),
     selectorBox,
     el(
@@ -194,7 +210,7 @@ function teamForm(agents, onCreated) {
     if (toUser.checked) termination.handoff_to_user = true;
     const body = {
       name: name.value.trim(),
-      members: members.filter((box) => box.checked).map((box) => box.value),
+      members: picked.filter((id) => members.some((box) => box.checked && box.value === id)),
       mode: mode.value,
       termination,
     };

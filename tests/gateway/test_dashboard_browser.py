@@ -181,7 +181,10 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await page.locator("select[name=mode]").select_option("selector")
     await expect(selector_fields).to_be_visible()
     await page.get_by_label(f"asker ({asker})").uncheck()  # the form keeps the last team's choices
-    await page.get_by_label(f"helper ({helper_id})").check()
+    await page.get_by_label(f"maker ({maker})").uncheck()
+    await page.get_by_label(f"helper ({helper_id})").check()  # then maker: in the order checked, not listed
+    await page.get_by_label(f"maker ({maker})").check()
+    await expect(page.get_by_text("Order: ")).to_have_text("Order: helper → maker")
     await page.get_by_label("Scripted responses").fill("maker\nhelper")
     await page.get_by_label("Max messages").fill("3")
     await page.get_by_label("Stop when a member hands off to the user").uncheck()
@@ -189,6 +192,7 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await page.get_by_role("button", name="Create team").click()
     await expect(page.locator(".notice")).to_contain_text("Team pair created")
     await expect(dashboard.row("pair")).to_contain_text("selector")
+    await expect(dashboard.row("pair")).to_contain_text("helper → maker")
 
     # the team's task asks; the answer resumes it to its end
     await dashboard.tab("Tasks")
