@@ -263,6 +263,26 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await expect(status_of(dashboard.row(other))).to_have_text("cancelled")
     await expect(status_of(dashboard.row(task_id))).to_have_text("cancelled")
 
+    # a page of tasks at a time: the older ones on request, still there after a refresh brings a newer one
+    async def ask_helper(text: str) -> None:
+        started = await api.client.post("/v1/tasks", json={"agent_id": helper_id, "task": text}, headers=headers)
+        assert started.status_code == 202, started.text
+
+    await asyncio.gather(*(ask_helper(f"Question {n}.") for n in range(25)))  # 30 tasks in all
+    rows = page.locator("tbody tr")
+    await page.clock.fast_forward(5_000)
+    await expect(rows).to_have_count(25)
+    await expect(rows.first).to_contain_text("Question ")
+    await page.get_by_role("button", name="Older tasks").click()
+    await expect(rows).to_have_count(30)
+    await expect(rows.last).to_contain_text("Paint the fence.")
+    await expect(page.get_by_role("button", name="Older tasks")).to_be_hidden()
+    await ask_helper("One more.")
+    await page.clock.fast_forward(5_000)
+    await expect(rows.first).to_contain_text("One more.")
+    await expect(rows).to_have_count(31)
+    await expect(rows.last).to_contain_text("Paint the fence.")
+
     await dashboard.tab("Usage")
     await expect(cell(dashboard.row("Agents"), 1)).to_have_text("4")
     await dashboard.tab("Agents")
