@@ -387,6 +387,14 @@ async def test_an_admin_manages_customers_and_the_killswitch_and_reads_the_audit
     await expect(page.locator("#who-text")).to_have_text(f"customer {customer_id}")
     await dashboard.tab("Usage")
     await expect(cell(dashboard.row("Agents"), 2)).to_have_text("3")
+
+    # the session ends with its token (an hour): the page asks for the key again and keeps nothing
+    await page.clock.fast_forward(3_600_000)
+    ended_why = re.compile(r"^Your session (has ended|expired): sign in again\.$")  # its timer, or the next refresh
+    await expect(page.locator("#sign-in-status")).to_have_text(ended_why)
+    await expect(page.get_by_label("API key")).to_be_focused()
+    await expect(page.locator("#view")).to_be_empty()
+    assert await page.evaluate("() => sessionStorage.length") == 0
     dashboard.watch.assert_clean()
 
 
