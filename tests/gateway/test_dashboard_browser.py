@@ -282,9 +282,19 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await expect(rows.first).to_contain_text("One more.")
     await expect(rows).to_have_count(31)
     await expect(rows.last).to_contain_text("Paint the fence.")
+    # the status filter lists the tasks of one status
+    await page.locator("select[name=status]").select_option("cancelled")
+    await expect(rows).to_have_count(2)
+    await expect(rows.filter(has_text=other)).to_have_count(1)
+    await page.locator("select[name=status]").select_option("")
+    await expect(rows).to_have_count(25)
 
     await dashboard.tab("Usage")
     await expect(cell(dashboard.row("Agents"), 1)).to_have_text("4")
+    await dashboard.tab("Teams")
+    await dashboard.row("pair").get_by_role("button", name="Delete").click()
+    await expect(dashboard.row("pair")).to_have_count(0)
+    await expect(dashboard.row("painters")).to_have_count(1)
     await dashboard.tab("Agents")
     await expect(status_of(dashboard.row("helper"))).to_have_text("running")
     await dashboard.row("helper").get_by_role("button", name="Job").click()
@@ -293,7 +303,10 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await expect(status_of(dashboard.row("slow"))).to_have_text("stopped")
     await dashboard.row("slow").get_by_role("button", name="Delete").click()
     await expect(dashboard.row("slow")).to_have_count(0)
-    assert dashboard.watch.dialogs[1].startswith("Delete agent slow?")
+    assert dashboard.watch.dialogs[1:] == [
+        "Delete team pair? Its agents stay.",
+        "Delete agent slow? Its unfinished tasks end cancelled.",
+    ]
 
     # the session outlives a reload (this tab's sessionStorage), on the same view, and signing out forgets it
     await page.reload()
