@@ -124,7 +124,8 @@ export function agentsView(root) {
           ["Model", (a) => `${a.model.provider} / ${a.model.name}`],
           ["Tools", (a) => a.tools.join(", ")],
           ["Resources", (a) => `${a.resources.cpu} MHz, ${a.resources.memory_mb} MB × ${a.replicas}`],
-          ["", (a) => el("span", {}, a.desired === "stopped" ? start(a) : stop(a), showJob(a), remove(a))],
+          // a failed agent is still meant to run: it may be started again (or stopped)
+          ["", (a) => el("span", {}, a.desired === "stopped" || a.status === "failed" ? start(a) : null, a.desired === "stopped" ? null : stop(a), showJob(a), remove(a))],
         ],
         agents,
         "No agents yet: create one above.",

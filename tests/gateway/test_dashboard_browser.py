@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ import pytest
 from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 
 from agent.protocol import Event
+from control.backends.base import SchedulerError, SubmitResult
 from tests.conftest import ADMIN_KEY, Api
 from tests.gateway.teams_support import TERMINAL, script, task_status
 from tests.support.browser import CHROMIUM_ARGS, NO_CHROMIUM, PageWatch, chromium_path
@@ -411,10 +412,12 @@ async def test_an_admin_manages_customers_and_the_killswitch_and_reads_the_audit
     dashboard.watch.assert_clean()
 
 
-async def test_an_admin_stops_an_agent_and_its_owner_sees_why(browser: Browser, dashboard: Dashboard) -> None:
+async def test_an_admin_stops_an_agent_and_its_owner_sees_why(
+    browser: Browser, dashboard: Dashboard, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Force stop, a broadcast and the hard killswitch from the operator's views, and what the customer's page (a
-    tab of its own) shows meanwhile: its agent stopped, started again, killed, and its start refused with why until
-    the killswitch is released."""
+    tab of its own) shows meanwhile: its agent stopped, failed to start (the scheduler refused it once), started
+    again, killed, and its start refused with why until the killswitch is released."""
     api, admin = dashboard.api, dashboard.page
     customer_id, key, headers = await new_customer(api, "initech")
     worker = await new_agent(api, headers, "worker", script("w1"))
@@ -441,9 +444,20 @@ async def test_an_admin_stops_an_agent_and_its_owner_sees_why(browser: Browser, 
         await expect(theirs.get_by_role("button", name="Force stop")).to_be_disabled()
         assert dashboard.watch.dialogs == [f"Stop agent worker of {customer_id}? Its owner can start it again."]
 
-        # its owner sees it stopped, and starts it again
+        # its owner sees it stopped, and starts it again: the scheduler refuses once, and a failed agent may be
+        # started again
         await page.clock.fast_forward(5_000)
         await expect(status_of(mine)).to_have_text("stopped")
+        submit = api.control.scheduler.submit
+
+        async def refuse(job: dict[str, Any], secrets: Mapping[str, str] | None = None) -> SubmitResult:
+            monkeypatch.setattr(api.control.scheduler, "submit", submit)
+            raise SchedulerError("no node has room")
+
+        monkeypatch.setattr(api.control.scheduler, "submit", refuse)
+        await mine.get_by_role("button", name="Start").click()
+        await expect(status_of(mine)).to_have_text("failed")
+        await expect(mine).to_contain_text("scheduler refused the job: no node has room")
         await mine.get_by_role("button", name="Start").click()
         await assert_eventually(status, lambda s: s == "running", what="the agent running again")
         await page.clock.fast_forward(5_000)
