@@ -252,6 +252,13 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     assert stopped.status_code == 200, stopped.text
     await page.clock.fast_forward(5_000)
     await expect(maker_choice).to_have_text("maker (stopped)")
+    # (a task for it is refused, saying why; the refusal stays through the refreshes that follow)
+    await page.locator("select[name=target]").select_option(value=f"agent:{maker}")
+    await page.get_by_label("Task", exact=True).fill("Are you there?")
+    dashboard.watch.allow(r"status of 409 .*/v1/tasks\)$")
+    await page.get_by_role("button", name="Start", exact=True).click()
+    refused = page.locator("form", has_text="Start a task").locator(".error")
+    await expect(refused).to_contain_text(f"409 conflict: agent {maker} is stopped; start it before giving it tasks")
     # and a task started and ended elsewhere shows in the list, then its end, beside the open task's own
     elsewhere = await api.client.post("/v1/tasks", json={"agent_id": slow, "task": "From a script."}, headers=headers)
     assert elsewhere.status_code == 202, elsewhere.text
@@ -263,6 +270,8 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await page.clock.fast_forward(5_000)
     await expect(status_of(dashboard.row(other))).to_have_text("cancelled")
     await expect(status_of(dashboard.row(task_id))).to_have_text("cancelled")
+    await expect(refused).to_contain_text("409 conflict")
+    assert await page.get_by_label("Task", exact=True).input_value() == "Are you there?"
 
     # a page of tasks at a time: the older ones on request, still there after a refresh brings a newer one
     async def ask_helper(text: str) -> None:
