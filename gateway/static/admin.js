@@ -405,7 +405,10 @@ export function auditView(root) {
     const query = {};
     for (const [name, input] of Object.entries(inputs)) query[name] = input.value.trim();
     const records = await attempt(errors, () => api("GET", "/v1/admin/audit", { query }), button);
-    if (!records) return;
+    if (!records) {
+      list.replaceChildren(); // what an earlier search found is not what this one asked for
+      return;
+    }
     fill(
       list,
       el("p", { class: "muted", text: `${records.length} records, newest first.` }),

@@ -9,6 +9,7 @@ const PROVIDERS = ["replay", "local", "openai", "openrouter", "groq", "deepseek"
 const TOOLS = ["calculator", "current_time", "word_count"];
 const MODES = ["round_robin", "selector", "swarm"];
 const TASK_STATUSES = ["queued", "running", "awaiting_input", "completed", "failed", "cancelled", "killed"];
+const PAGE = 25; // tasks listed at a time
 function modelFields(prefix) {
   const provider = el("select", { name: `${prefix}provider` }, PROVIDERS.map((p) => el("option", { value: p, text: p })));
   const name = el("input", { name: `${prefix}name`, required: true, value: "scripted", placeholder: "gpt-4o-mini" });
@@ -123,7 +124,8 @@ export function agentsView(root) {
           ["Model", (a) => `${a.model.provider} / ${a.model.name}`],
           ["Tools", (a) => a.tools.join(", ")],
           ["Resources", (a) => `${a.resources.cpu} MHz, ${a.resources.memory_mb} MB × ${a.replicas}`],
-          ["", (a) => el("span", {}, a.desired === "stopped" ? start(a) : stop(a), showJob(a), remove(a))],
+          // a failed agent is still meant to run: it may be started again (or stopped)
+          ["", (a) => el("span", {}, a.desired === "stopped" || a.status === "failed" ? start(a) : null, a.desired === "stopped" ? null : stop(a), showJob(a), remove(a))],
         ],
         agents,
         "No agents yet: create one above.",
@@ -146,6 +148,21 @@ function teamForm(agents, onCreated) {
   const errors = el("div");
   const name = el("input", { name: "name", required: true, placeholder: "writers" });
   const members = agents.map((a) => el("input", { type: "checkbox", name: "members", value: a.id }));
+  const picked = []; // the members' ids in the order they were checked: the team's order
+  const order = el("p", { class: "muted" });
+  const names = new Map(agents.map((a) => [a.id, a.name]));
+  const showOrder = () => {
+    order.textContent = picked.length ? `Order: ${picked.map((id) => names.get(id)).join(" → ")}` : "Check the members in the order they take turns.";
+  };
+  for (const box of members) {
+    box.addEventListener("change", () => {
+      const at = picked.indexOf(box.value);
+      if (box.checked && at < 0) picked.push(box.value);
+      if (!box.checked && at >= 0) picked.splice(at, 1);
+      showOrder();
+    });
+  }
+  showOrder();
   const mode = el("select", { name: "mode" }, MODES.map((m) => el("option", { value: m, text: m })));
   const selector = modelFields("selector_");
   const selectorBox = el("div", { class: "fields", hidden: true }, selector.nodes);
@@ -167,6 +184,7 @@ function teamForm(agents, onCreated) {
       {},
       el("legend", { text: "Members, in order" }),
       members.length ? members.map((box, i) => el("label", { class: "check" }, box, `${agents[i].name} (${agents[i].id})`)) : el("p", { class: "empty", text: "Create agents first." }),
+      members.length ? order : null,
     ),
     selectorBox,
     el(
@@ -193,7 +211,7 @@ function teamForm(agents, onCreated) {
     if (toUser.checked) termination.handoff_to_user = true;
     const body = {
       name: name.value.trim(),
-      members: members.filter((box) => box.checked).map((box) => box.value),
+      members: picked.filter((id) => members.some((box) => box.checked && box.value === id)),
       mode: mode.value,
       termination,
     };
@@ -268,7 +286,8 @@ export function teamsView(root) {
 
 export function tasksView(root) {
   const errors = el("div");
-  const startErrors = el("div");
+  const startErrors = el("div"); // Start's: kept until it is tried again
+  const targetErrors = el("div"); // loading the agents and teams to choose from: each refresh clears it
   const list = el("div");
   const watcher = el("div");
   const more = el("button", { type: "button", text: "Older tasks", hidden: true });
@@ -278,12 +297,14 @@ export function tasksView(root) {
   let closeTask = () => {};
   let shown = [];
   let live = null; // the open task as its view knows it: ahead of the records listed, which follow its events
+  let loading = Promise.resolve(); // the list's load under way (see load)
 
   const startForm = el(
     "form",
     { class: "panel" },
     el("h2", { text: "Start a task" }),
     field("On", target),
+    targetErrors,
     field("Task", text),
     el("div", {}, el("button", { type: "submit", class: "primary", text: "Start" })),
     startErrors,
@@ -301,15 +322,28 @@ export function tasksView(root) {
     }
   });
 
+  /** The agents and teams to start a task on, each agent with its status as of now (refreshed with the list). */
   async function targets() {
-    const both = await attempt(startErrors, () => Promise.all([api("GET", "/v1/agents"), api("GET", "/v1/teams")]));
+    const both = await attempt(targetErrors, () => Promise.all([api("GET", "/v1/agents"), api("GET", "/v1/teams")]));
     if (!both) return;
     const [agents, teams] = both;
-    fill(
-      target,
-      el("optgroup", { label: "Agents" }, agents.map((a) => el("option", { value: `agent:${a.id}`, text: `${a.name} (${a.status})` }))),
-      el("optgroup", { label: "Teams" }, teams.map((t) => el("option", { value: `team:${t.id}`, text: `${t.name} (${t.mode})` }))),
-    );
+    const options = [
+      ...agents.map((a) => ["Agents", `agent:${a.id}`, `${a.name} (${a.status})`]),
+      ...teams.map((t) => ["Teams", `team:${t.id}`, `${t.name} (${t.mode})`]),
+    ];
+    const current = [...target.options];
+    if (current.length === options.length && current.every((o, i) => o.value === options[i][1])) {
+      // the same choices: only their texts change, so an open list and the choice made stay as they are
+      current.forEach((o, i) => {
+        if (o.textContent !== options[i][2]) o.textContent = options[i][2];
+      });
+      return;
+    }
+    const chosen = target.value;
+    const group = (label) =>
+      el("optgroup", { label }, options.filter(([g]) => g === label).map(([, value, text]) => el("option", { value, text })));
+    fill(target, group("Agents"), group("Teams"));
+    if (options.some(([, value]) => value === chosen)) target.value = chosen;
   }
 
   function open(id) {
@@ -348,26 +382,47 @@ export function tasksView(root) {
     );
   }
 
-  async function load(before = null) {
+  /**
+   * Load the list, one load at a time (each starts from what the one before left): "newest" reads the first page
+   * again (the refresh), keeping the older pages opened below it; "older" adds the next page; "anew" starts over.
+   */
+  function load(how = "newest") {
+    const next = loading.then(() => loadNow(how));
+    loading = next.catch(() => {}); // a load that failed does not hold back the next
+    return next;
+  }
+
+  async function loadNow(how) {
+    const before = how === "older" && shown.length ? shown[shown.length - 1].id : null;
     const page = await attempt(errors, () =>
-      api("GET", "/v1/tasks", { query: { status: statusFilter.value, limit: 25, before } }),
+      api("GET", "/v1/tasks", { query: { status: statusFilter.value, limit: PAGE, before } }),
     );
     if (!page) return;
-    shown = before ? shown.concat(page) : page;
-    more.hidden = page.length < 25;
+    if (how === "older") {
+      shown = shown.concat(page);
+      more.hidden = page.length < PAGE;
+    } else {
+      // the pages opened below the first stay, from where the first now ends (new tasks have pushed it on)
+      const end = how === "newest" && page.length === PAGE ? shown.findIndex((t) => t.id === page[PAGE - 1].id) : -1;
+      const older = end >= 0 ? shown.slice(end + 1) : [];
+      shown = page.concat(older);
+      if (!older.length) more.hidden = page.length < PAGE;
+    }
     render();
   }
 
-  statusFilter.addEventListener("change", () => load());
-  more.addEventListener("click", () => load(shown.length ? shown[shown.length - 1].id : null));
+  statusFilter.addEventListener("change", () => load("anew"));
+  more.addEventListener("click", () => load("older"));
   fill(
     root,
     el("div", { class: "split" }, startForm, watcher),
-    el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Tasks" }), statusFilter), errors, list, more),
+    el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Tasks" }), statusFilter, el("span", { class: "muted", text: "refreshes every 5 s" })), errors, list, more),
   );
-  targets();
-  load();
-  return () => closeTask();
+  const stopRefresh = every(REFRESH_MS, () => Promise.all([targets(), load()]));
+  return () => {
+    stopRefresh();
+    closeTask();
+  };
 }
 
 // ---------------------------------------------------------------------------------------------------- usage

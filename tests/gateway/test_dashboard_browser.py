@@ -5,8 +5,9 @@ shows, with no console error, no uncaught exception and no Content-Security-Poli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +15,9 @@ import pytest
 from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 
 from agent.protocol import Event
+from control.backends.base import SchedulerError, SubmitResult
 from tests.conftest import ADMIN_KEY, Api
-from tests.gateway.teams_support import TERMINAL, script
+from tests.gateway.teams_support import TERMINAL, script, task_status
 from tests.support.browser import CHROMIUM_ARGS, NO_CHROMIUM, PageWatch, chromium_path
 from tests.support.helpers import assert_eventually, now
 
@@ -54,14 +56,21 @@ class Dashboard:
         return self.page.locator("tr", has_text=text)
 
 
-@pytest.fixture
-async def dashboard(browser: Browser, api: Api) -> AsyncIterator[Dashboard]:
+@contextlib.asynccontextmanager
+async def opened(browser: Browser, api: Api) -> AsyncIterator[Dashboard]:
+    """A page of a browser context of its own (another user's tab: its own sessionStorage), watched."""
     context = await browser.new_context()
     watch = await PageWatch.attach(context)
     try:
         yield Dashboard(await context.new_page(), watch, api)
     finally:
         await context.close()
+
+
+@pytest.fixture
+async def dashboard(browser: Browser, api: Api) -> AsyncIterator[Dashboard]:
+    async with opened(browser, api) as page:
+        yield page
 
 
 @pytest.fixture
@@ -132,6 +141,7 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     maker = await new_agent(api, headers, "maker", script("m1", "m2", "m3"))
     slow = await new_agent(api, headers, "slow", script("late", delay_ms=60_000))
 
+    await page.clock.install()  # the page's timers, to move its 5 s refreshes on instead of waiting for them
     await dashboard.sign_in(key)
     await expect(page.locator("#who-text")).to_have_text(f"customer {customer_id}")
 
@@ -165,6 +175,25 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await page.get_by_role("button", name="Create team").click()
     await expect(page.locator(".notice")).to_contain_text("Team painters created")
     await expect(dashboard.row("painters")).to_contain_text("asker → maker")
+    # and one whose speakers a model selects: the selector's model fields show for that mode only
+    selector_fields = page.locator("form .fields", has=page.get_by_label("Model provider"))
+    await page.get_by_label("Name", exact=True).fill("pair")
+    await expect(selector_fields).to_be_hidden()
+    await page.locator("select[name=mode]").select_option("selector")
+    await expect(selector_fields).to_be_visible()
+    await page.get_by_label(f"asker ({asker})").uncheck()  # the form keeps the last team's choices
+    await page.get_by_label(f"maker ({maker})").uncheck()
+    await page.get_by_label(f"helper ({helper_id})").check()  # then maker: in the order checked, not listed
+    await page.get_by_label(f"maker ({maker})").check()
+    await expect(page.get_by_text("Order: ")).to_have_text("Order: helper → maker")
+    await page.get_by_label("Scripted responses").fill("maker\nhelper")
+    await page.get_by_label("Max messages").fill("3")
+    await page.get_by_label("Stop when a member hands off to the user").uncheck()
+    await page.get_by_label("Handoffs (JSON)").fill("")
+    await page.get_by_role("button", name="Create team").click()
+    await expect(page.locator(".notice")).to_contain_text("Team pair created")
+    await expect(dashboard.row("pair")).to_contain_text("selector")
+    await expect(dashboard.row("pair")).to_contain_text("helper → maker")
 
     # the team's task asks; the answer resumes it to its end
     await dashboard.tab("Tasks")
@@ -193,6 +222,17 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await ended(dashboard, watcher, task_id, "completed")
     await expect(watcher).to_contain_text(re.compile(r"Tokens: [1-9]\d* prompt, [1-9]\d* completion"))
 
+    # the selector's team: its model picks maker, then helper
+    await page.locator("select[name=target]").select_option(label="pair (selector)")
+    await page.get_by_label("Task", exact=True).fill("Take turns.")
+    await page.get_by_role("button", name="Start", exact=True).click()
+    await expect(watcher.locator("h2")).not_to_have_text(f"Task {task_id}")
+    task_id = (await watcher.locator("h2").inner_text()).removeprefix("Task ")
+    await ended(dashboard, watcher, task_id, "completed")
+    speakers = [re.compile(f" · {name}$") for name in ("user", "maker", "helper")]
+    await expect(watcher.locator(".transcript li.message .meta")).to_have_text(speakers)
+    await expect(watcher.locator("pre").last).to_have_text("The answer is 42.")
+
     # a slow one, cancelled
     await page.locator("select[name=target]").select_option(value=f"agent:{slow}")
     await page.get_by_label("Task", exact=True).fill("Take your time.")
@@ -204,8 +244,67 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await ended(dashboard, watcher, task_id, "cancelled")
     assert dashboard.watch.dialogs == ["Cancel this task?"]  # asked first
 
+    # what changes elsewhere shows at the next refresh: an agent stopped through the API is no longer offered as
+    # running,
+    maker_choice = page.locator(f"select[name=target] option[value='agent:{maker}']")
+    await expect(maker_choice).to_have_text("maker (running)")
+    stopped = await api.client.post(f"/v1/agents/{maker}/stop", headers=headers)
+    assert stopped.status_code == 200, stopped.text
+    await page.clock.fast_forward(5_000)
+    await expect(maker_choice).to_have_text("maker (stopped)")
+    # (a task for it is refused, saying why; the refusal stays through the refreshes that follow)
+    await page.locator("select[name=target]").select_option(value=f"agent:{maker}")
+    await page.get_by_label("Task", exact=True).fill("Are you there?")
+    dashboard.watch.allow(r"status of 409 .*/v1/tasks\)$")
+    await page.get_by_role("button", name="Start", exact=True).click()
+    refused = page.locator("form", has_text="Start a task").locator(".error")
+    await expect(refused).to_contain_text(f"409 conflict: agent {maker} is stopped; start it before giving it tasks")
+    # and a task started and ended elsewhere shows in the list, then its end, beside the open task's own
+    elsewhere = await api.client.post("/v1/tasks", json={"agent_id": slow, "task": "From a script."}, headers=headers)
+    assert elsewhere.status_code == 202, elsewhere.text
+    other = elsewhere.json()["id"]
+    await page.clock.fast_forward(5_000)
+    await expect(status_of(dashboard.row(other))).to_have_text(re.compile("^(queued|running)$"))
+    assert (await api.client.post(f"/v1/tasks/{other}/cancel", headers=headers)).status_code == 202
+    await task_status(api, headers, other, ("cancelled",))
+    await page.clock.fast_forward(5_000)
+    await expect(status_of(dashboard.row(other))).to_have_text("cancelled")
+    await expect(status_of(dashboard.row(task_id))).to_have_text("cancelled")
+    await expect(refused).to_contain_text("409 conflict")
+    assert await page.get_by_label("Task", exact=True).input_value() == "Are you there?"
+
+    # a page of tasks at a time: the older ones on request, still there after a refresh brings a newer one
+    async def ask_helper(text: str) -> None:
+        started = await api.client.post("/v1/tasks", json={"agent_id": helper_id, "task": text}, headers=headers)
+        assert started.status_code == 202, started.text
+
+    await asyncio.gather(*(ask_helper(f"Question {n}.") for n in range(25)))  # 30 tasks in all
+    rows = page.locator("tbody tr")
+    await page.clock.fast_forward(5_000)
+    await expect(rows).to_have_count(25)
+    await expect(rows.first).to_contain_text("Question ")
+    await page.get_by_role("button", name="Older tasks").click()
+    await expect(rows).to_have_count(30)
+    await expect(rows.last).to_contain_text("Paint the fence.")
+    await expect(page.get_by_role("button", name="Older tasks")).to_be_hidden()
+    await ask_helper("One more.")
+    await page.clock.fast_forward(5_000)
+    await expect(rows.first).to_contain_text("One more.")
+    await expect(rows).to_have_count(31)
+    await expect(rows.last).to_contain_text("Paint the fence.")
+    # the status filter lists the tasks of one status
+    await page.locator("select[name=status]").select_option("cancelled")
+    await expect(rows).to_have_count(2)
+    await expect(rows.filter(has_text=other)).to_have_count(1)
+    await page.locator("select[name=status]").select_option("")
+    await expect(rows).to_have_count(25)
+
     await dashboard.tab("Usage")
     await expect(cell(dashboard.row("Agents"), 1)).to_have_text("4")
+    await dashboard.tab("Teams")
+    await dashboard.row("pair").get_by_role("button", name="Delete").click()
+    await expect(dashboard.row("pair")).to_have_count(0)
+    await expect(dashboard.row("painters")).to_have_count(1)
     await dashboard.tab("Agents")
     await expect(status_of(dashboard.row("helper"))).to_have_text("running")
     await dashboard.row("helper").get_by_role("button", name="Job").click()
@@ -214,7 +313,10 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await expect(status_of(dashboard.row("slow"))).to_have_text("stopped")
     await dashboard.row("slow").get_by_role("button", name="Delete").click()
     await expect(dashboard.row("slow")).to_have_count(0)
-    assert dashboard.watch.dialogs[1].startswith("Delete agent slow?")
+    assert dashboard.watch.dialogs[1:] == [
+        "Delete team pair? Its agents stay.",
+        "Delete agent slow? Its unfinished tasks end cancelled.",
+    ]
 
     # the session outlives a reload (this tab's sessionStorage), on the same view, and signing out forgets it
     await page.reload()
@@ -246,6 +348,10 @@ async def test_an_admin_manages_customers_and_the_killswitch_and_reads_the_audit
     await page.get_by_label("max agents").fill("3")
     await page.get_by_role("button", name="Save quota").click()
     await expect(cell(dashboard.row("Agents"), 2)).to_have_text("3")
+    # and a new key for it, shown once
+    await page.get_by_role("button", name="New API key").click()
+    new_key = await page.locator(".notice", has_text="New API key, shown this once").locator("code.secret").inner_text()
+    assert new_key.startswith("cvn_") and new_key != key
 
     # the killswitch for every agent: refused without a reason, asked about first, then engaged and released
     await dashboard.tab("Killswitch")
@@ -288,13 +394,122 @@ async def test_an_admin_manages_customers_and_the_killswitch_and_reads_the_audit
     await page.get_by_role("button", name="Search").click()
     await expect(page.locator("tbody tr")).to_have_count(2)
     await expect(page.locator("tbody tr").last).to_contain_text("maintenance window")
+    # a search the API refuses shows why, and no longer the records of the one before
+    dashboard.watch.allow(r"status of 422 .*/v1/admin/audit\?")
+    await page.get_by_label("since").fill("yesterday")
+    await page.get_by_role("button", name="Search").click()
+    await expect(page.locator(".error")).to_contain_text("422 invalid")
+    await expect(page.locator("tbody tr")).to_have_count(0)
 
-    # the new customer's key signs in to the customer's views, with the quota just set
+    # the customer's keys, the new one and the first (still valid), sign in to its views, with the quota just set
+    await page.get_by_role("button", name="Sign out").click()
+    await dashboard.sign_in(new_key)
+    await expect(page.locator("#who-text")).to_have_text(f"customer {customer_id}")
     await page.get_by_role("button", name="Sign out").click()
     await dashboard.sign_in(key)
     await expect(page.locator("#who-text")).to_have_text(f"customer {customer_id}")
     await dashboard.tab("Usage")
     await expect(cell(dashboard.row("Agents"), 2)).to_have_text("3")
+
+    # the session ends with its token (an hour): the page asks for the key again and keeps nothing
+    await page.clock.fast_forward(3_600_000)
+    ended_why = re.compile(r"^Your session (has ended|expired): sign in again\.$")  # its timer, or the next refresh
+    await expect(page.locator("#sign-in-status")).to_have_text(ended_why)
+    await expect(page.get_by_label("API key")).to_be_focused()
+    await expect(page.locator("#view")).to_be_empty()
+    assert await page.evaluate("() => sessionStorage.length") == 0
+    dashboard.watch.assert_clean()
+
+
+async def test_an_admin_stops_an_agent_and_its_owner_sees_why(
+    browser: Browser, dashboard: Dashboard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Force stop, a broadcast and the hard killswitch from the operator's views, and what the customer's page (a
+    tab of its own) shows meanwhile: its agent stopped, failed to start (the scheduler refused it once), started
+    again, killed, and its start refused with why until the killswitch is released."""
+    api, admin = dashboard.api, dashboard.page
+    customer_id, key, headers = await new_customer(api, "initech")
+    worker = await new_agent(api, headers, "worker", script("w1"))
+
+    async def status() -> str:
+        return str((await api.client.get(f"/v1/agents/{worker}", headers=headers)).json()["status"])
+
+    async with opened(browser, api) as customer:
+        page = customer.page
+        await admin.clock.install()  # both pages' timers, to move their 5 s refreshes on
+        await page.clock.install()
+        await dashboard.sign_in(ADMIN_KEY)
+        await customer.sign_in(key)
+        mine = customer.row("worker")  # the customer lands on its agents
+        await assert_eventually(status, lambda s: s == "running", what="the agent running")
+
+        # the operator's list of every agent: the customer's, force stopped (asked first)
+        await dashboard.tab("Agents")
+        theirs = dashboard.row("worker")
+        await expect(status_of(theirs)).to_have_text("running")
+        await theirs.get_by_role("button", name="Force stop").click()
+        await expect(status_of(theirs)).to_have_text("stopped")
+        await expect(theirs).to_contain_text("stopped by an administrator")
+        await expect(theirs.get_by_role("button", name="Force stop")).to_be_disabled()
+        assert dashboard.watch.dialogs == [f"Stop agent worker of {customer_id}? Its owner can start it again."]
+
+        # its owner sees it stopped, and starts it again: the scheduler refuses once, and a failed agent may be
+        # started again
+        await page.clock.fast_forward(5_000)
+        await expect(status_of(mine)).to_have_text("stopped")
+        submit = api.control.scheduler.submit
+
+        async def refuse(job: dict[str, Any], secrets: Mapping[str, str] | None = None) -> SubmitResult:
+            monkeypatch.setattr(api.control.scheduler, "submit", submit)
+            raise SchedulerError("no node has room")
+
+        monkeypatch.setattr(api.control.scheduler, "submit", refuse)
+        await mine.get_by_role("button", name="Start").click()
+        await expect(status_of(mine)).to_have_text("failed")
+        await expect(mine).to_contain_text("scheduler refused the job: no node has room")
+        await mine.get_by_role("button", name="Start").click()
+        await assert_eventually(status, lambda s: s == "running", what="the agent running again")
+        await page.clock.fast_forward(5_000)
+        await expect(status_of(mine)).to_have_text("running")
+
+        # a broadcast to every running agent
+        await dashboard.tab("Killswitch")
+        sent = admin.locator("section", has_text="Broadcast")
+        await sent.get_by_label("Message to every running agent").fill("Maintenance at noon.")
+        await sent.get_by_role("button", name="Broadcast").click()
+        await expect(sent.locator(".notice")).to_have_text("Sent to 1 running agents.")
+
+        # the hard killswitch on the customer: its agent's job stopped, its start refused with why
+        emergency = admin.locator("section", has_text="Emergency stop")
+        await admin.get_by_label("Scope").select_option("customer")
+        await admin.get_by_label("Customer id").fill(customer_id)
+        await admin.get_by_label("Reason").fill("fraud check")
+        await admin.get_by_label(re.compile("^Hard")).check()
+        await admin.get_by_role("button", name="Engage").click()
+        done = emergency.locator(".notice")
+        await expect(done).to_contain_text(f"Engaged at scope customer {customer_id}: 1 of 1 agents acknowledged")
+        await expect(done).to_contain_text(f"Jobs stopped: {worker}")
+        engaged_now = admin.locator("section", has_text="Engaged now")
+        await expect(engaged_now.locator(".alarm")).to_contain_text(f"customer {customer_id} (hard): fraud check")
+        await page.clock.fast_forward(5_000)
+        await expect(status_of(mine)).to_have_text("killed")
+        await expect(mine).to_contain_text("killswitch: fraud check")
+        customer.watch.allow(rf"status of 409 .*/v1/agents/{worker}/start\)$")
+        await mine.get_by_role("button", name="Start").click()
+        refusal = page.locator(".error")
+        await expect(refusal).to_contain_text("409 killswitch_engaged")
+        await expect(refusal).to_contain_text(f"a hard killswitch is engaged on customer {customer_id} (fraud check)")
+        await expect(status_of(mine)).to_have_text("killed")
+
+        # released: the owner may start it again
+        await engaged_now.locator("tr", has_text="fraud check").get_by_role("button", name="Release").click()
+        await expect(done).to_contain_text(f"Released at scope customer {customer_id}")
+        await expect(engaged_now).to_contain_text("No killswitch engaged.")
+        await mine.get_by_role("button", name="Start").click()
+        await expect(refusal).to_have_count(0)
+        await expect(status_of(mine)).to_have_text(re.compile("^(pending|starting|running)$"))
+        customer.watch.assert_clean()
+    assert len(dashboard.watch.dialogs) == 1  # engaging for one customer did not ask
     dashboard.watch.assert_clean()
 
 
