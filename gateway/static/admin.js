@@ -2,7 +2,7 @@
 // and their quotas, the audit log. The server checks the admin role on every call; these views only ask.
 
 import { api, seg } from "./api.js";
-import { REFRESH_MS, actionButton, attempt, badge, el, every, field, fill, numberOrNull, showError, showNotice, table, when } from "./dom.js";
+import { REFRESH_MS, actionButton, attempt, badge, counted, el, every, field, fill, numberOrNull, showError, showNotice, table, when } from "./dom.js";
 import { usageTable } from "./customer.js";
 
 const TIERS = ["free", "standard", "enterprise"];
@@ -209,7 +209,7 @@ export function killswitchView(root) {
       result.nothing_to_release
         ? "Nothing was engaged there: nothing to release."
         : `${result.engaged ? "Engaged" : "Released"} at scope ${result.scope}${result.target ? " " + result.target : ""}: ` +
-          `${result.acknowledged} of ${result.covered} agents acknowledged in ${Math.round(result.elapsed_ms)} ms.`,
+          `${result.acknowledged} of ${counted(result.covered, "agent")} acknowledged in ${Math.round(result.elapsed_ms)} ms.`,
     ];
     if (result.unacknowledged.length) parts.push(el("div", { text: `Not acknowledged: ${result.unacknowledged.join(", ")}` }));
     if (result.stopped && result.stopped.length) parts.push(el("div", { text: `Jobs stopped: ${result.stopped.join(", ")}` }));
@@ -262,7 +262,7 @@ export function killswitchView(root) {
   broadcast.addEventListener("submit", async (e) => {
     e.preventDefault();
     const result = await attempt(broadcastOutcome, () => api("POST", "/v1/admin/broadcast", { body: { message: broadcastText.value } }), e.submitter);
-    if (result) showNotice(broadcastOutcome, `Sent to ${result.agents_running} running agents.`);
+    if (result) showNotice(broadcastOutcome, `Sent to ${counted(result.agents_running, "running agent")}.`);
   });
 
   fill(

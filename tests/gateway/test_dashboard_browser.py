@@ -477,7 +477,7 @@ async def test_an_admin_stops_an_agent_and_its_owner_sees_why(
         sent = admin.locator("section", has_text="Broadcast")
         await sent.get_by_label("Message to every running agent").fill("Maintenance at noon.")
         await sent.get_by_role("button", name="Broadcast").click()
-        await expect(sent.locator(".notice")).to_have_text("Sent to 1 running agents.")
+        await expect(sent.locator(".notice")).to_have_text("Sent to 1 running agent.")
 
         # the hard killswitch on the customer: its agent's job stopped, its start refused with why
         emergency = admin.locator("section", has_text="Emergency stop")
@@ -487,7 +487,7 @@ async def test_an_admin_stops_an_agent_and_its_owner_sees_why(
         await admin.get_by_label(re.compile("^Hard")).check()
         await admin.get_by_role("button", name="Engage").click()
         done = emergency.locator(".notice")
-        await expect(done).to_contain_text(f"Engaged at scope customer {customer_id}: 1 of 1 agents acknowledged")
+        await expect(done).to_contain_text(f"Engaged at scope customer {customer_id}: 1 of 1 agent acknowledged")
         await expect(done).to_contain_text(f"Jobs stopped: {worker}")
         engaged_now = admin.locator("section", has_text="Engaged now")
         await expect(engaged_now.locator(".alarm")).to_contain_text(f"customer {customer_id} (hard): fraud check")
