@@ -91,13 +91,14 @@ def chatml_tools(
     from llama_cpp import llama_grammar
 
     sampling = {k: kwargs[k] for k in _SAMPLING if kwargs.get(k) is not None}
+    named = {"model": kwargs["model"]} if kwargs.get("model") else {}  # the name answers carry (else the file's path)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     stops.append(_END)
     offered = list(tools or []) if tool_choice != "none" else []
     prompt = render_prompt(messages, offered)
 
     def complete(text: str, **extra: Any) -> Any:
-        args = {"stream": stream, "stop": stops, "max_tokens": max_tokens, **sampling, **extra}
+        args = {"stream": stream, "stop": stops, "max_tokens": max_tokens, **sampling, **named, **extra}
         return llama.create_completion(prompt=text, **args)
 
     def call(name: str) -> Any:
@@ -119,7 +120,7 @@ def chatml_tools(
     if tool_choice != "required":
         choices.append('"message:"')
     decide = llama_grammar.LlamaGrammar.from_string(f"root ::= {' | '.join(choices)}", verbose=False)
-    first = llama.create_completion(prompt=prompt, temperature=0, max_tokens=24, stop=[":"], grammar=decide)
+    first = llama.create_completion(prompt=prompt, temperature=0, max_tokens=24, stop=[":"], grammar=decide, **named)
     decided = first["choices"][0]["text"].strip()
     if decided.startswith("functions."):
         return call(decided[len("functions.") :])

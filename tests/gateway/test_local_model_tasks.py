@@ -7,10 +7,12 @@ never the wording.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from control.cli import _demo_credentials, _demo_model
@@ -180,3 +182,24 @@ async def test_a_selector_on_the_local_model_picks_speakers_under_caravan_up(
     speakers = [m["source"] for m in task["messages"]]
     assert speakers[0] == "user" and len(speakers) == 3 and set(speakers[1:]) <= {"writer", "critic"}
     assert callers and set(callers) == {f"selector-{created['id']}"}  # the members are scripted: only it asks
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_local_model_answers_under_the_name_it_is_asked_by(local_model: LocalModel, stream: bool) -> None:
+    """A text answer and a tool call carry the model's name, not the server's file path: AgentChat's client warns
+    ("Resolved model mismatch") when the answer names another model than it asked."""
+    tool = {"type": "function", "function": {"name": "word_count", "parameters": {"type": "object"}}}
+    asks = [
+        {"messages": [{"role": "user", "content": "Say hi."}]},
+        {"messages": [{"role": "user", "content": "Count words."}], "tools": [tool], "tool_choice": "required"},
+    ]
+    async with httpx.AsyncClient(timeout=60, headers={"X-Caravan-Agent": "naming-test"}) as client:
+        for ask in asks:
+            body = {"model": local_model.model_name, "max_tokens": 8, "stream": stream, **ask}
+            answer = await client.post(f"{local_model.url}/chat/completions", json=body)
+            assert answer.status_code == 200, answer.text
+            if stream:
+                chunks = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: {")]
+                assert chunks and {c["model"] for c in chunks} == {local_model.model_name}, ask
+            else:
+                assert answer.json()["model"] == local_model.model_name, ask
