@@ -121,6 +121,17 @@ async def ended(dashboard: Dashboard, watcher: Locator, task_id: str, status: st
     await expect(watcher.get_by_role("button", name="Cancel task")).to_be_hidden()
 
 
+async def start_task_in_form(dashboard: Dashboard, watcher: Locator, after: str, text: str, **choice: str) -> str:
+    """Start a task from the form on the target ``choice`` names (``value=`` or ``label=``); once the view shows
+    it in place of task ``after``, its id."""
+    page = dashboard.page
+    await page.locator("select[name=target]").select_option(**choice)
+    await page.get_by_label("Task", exact=True).fill(text)
+    await page.get_by_role("button", name="Start", exact=True).click()
+    await expect(watcher.locator("h2")).not_to_have_text(f"Task {after}")
+    return (await watcher.locator("h2").inner_text()).removeprefix("Task ")
+
+
 async def test_the_browser_reports_what_the_policy_refuses(dashboard: Dashboard) -> None:
     """The watch this file relies on sees a violation: an inline script the policy refuses."""
     await dashboard.page.goto(dashboard.api.base + "/dashboard")
@@ -213,32 +224,20 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await expect(watcher.locator("pre").last).to_have_text("a4")
 
     # a task on the agent made in the form, streamed in
-    await page.locator("select[name=target]").select_option(value=f"agent:{helper_id}")
-    await page.get_by_label("Task", exact=True).fill("What is 6 times 7?")
-    await page.get_by_role("button", name="Start", exact=True).click()
-    await expect(watcher.locator("h2")).not_to_have_text(f"Task {task_id}")
-    task_id = (await watcher.locator("h2").inner_text()).removeprefix("Task ")
+    task_id = await start_task_in_form(dashboard, watcher, task_id, "What is 6 times 7?", value=f"agent:{helper_id}")
     await expect(watcher.locator(".transcript li.message").last).to_contain_text("The answer is 42.")
     await ended(dashboard, watcher, task_id, "completed")
     await expect(watcher).to_contain_text(re.compile(r"Tokens: [1-9]\d* prompt, [1-9]\d* completion"))
 
     # the selector's team: its model picks maker, then helper
-    await page.locator("select[name=target]").select_option(label="pair (selector)")
-    await page.get_by_label("Task", exact=True).fill("Take turns.")
-    await page.get_by_role("button", name="Start", exact=True).click()
-    await expect(watcher.locator("h2")).not_to_have_text(f"Task {task_id}")
-    task_id = (await watcher.locator("h2").inner_text()).removeprefix("Task ")
+    task_id = await start_task_in_form(dashboard, watcher, task_id, "Take turns.", label="pair (selector)")
     await ended(dashboard, watcher, task_id, "completed")
     speakers = [re.compile(f" · {name}$") for name in ("user", "maker", "helper")]
     await expect(watcher.locator(".transcript li.message .meta")).to_have_text(speakers)
     await expect(watcher.locator("pre").last).to_have_text("The answer is 42.")
 
     # a slow one, cancelled
-    await page.locator("select[name=target]").select_option(value=f"agent:{slow}")
-    await page.get_by_label("Task", exact=True).fill("Take your time.")
-    await page.get_by_role("button", name="Start", exact=True).click()
-    await expect(watcher.locator("h2")).not_to_have_text(f"Task {task_id}")
-    task_id = (await watcher.locator("h2").inner_text()).removeprefix("Task ")
+    task_id = await start_task_in_form(dashboard, watcher, task_id, "Take your time.", value=f"agent:{slow}")
     await expect(status_of(watcher)).to_have_text("running")
     await watcher.get_by_role("button", name="Cancel task").click()
     await ended(dashboard, watcher, task_id, "cancelled")
