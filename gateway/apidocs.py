@@ -15,10 +15,10 @@ from importlib.resources import files
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
+from gateway.dashboard import MEDIA_TYPES, serve_file
 from gateway.dashboard import SECURITY_HEADERS as DASHBOARD_HEADERS
-from gateway.errors import error_response
 
 __all__ = [
     "ASSETS_PATH",
@@ -61,11 +61,6 @@ def content_security_policy(redoc: bool = False) -> str:
 CONTENT_SECURITY_POLICY = content_security_policy()
 SECURITY_HEADERS = {**DASHBOARD_HEADERS, "Content-Security-Policy": CONTENT_SECURITY_POLICY}
 REDOC_HEADERS = {**SECURITY_HEADERS, "Content-Security-Policy": content_security_policy(redoc=True)}
-_TYPES = {
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".png": "image/png",
-}
 _OURS = Path(__file__).parent / "docs_ui"
 _VENDORED = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
 
@@ -74,7 +69,7 @@ def _assets() -> dict[str, Path]:
     """The files served under :data:`ASSETS_PATH`, by name: the vendored bundles and our start scripts."""
     vendor = Path(str(files("fastapi_offline") / "static"))
     found = {name: vendor / name for name in _VENDORED}
-    found |= {p.name: p for p in sorted(_OURS.iterdir()) if p.suffix in _TYPES}
+    found |= {p.name: p for p in sorted(_OURS.iterdir()) if p.suffix in MEDIA_TYPES}
     missing = [name for name, path in found.items() if not path.is_file()]
     if missing:
         raise RuntimeError(f"the API docs' files are missing: {', '.join(missing)} (reinstall fastapi-offline)")
@@ -120,15 +115,10 @@ def build_router(title: str, openapi_url: str) -> APIRouter:
     async def redoc(request: Request) -> HTMLResponse:
         scripts = ["redoc.standalone.js", "redoc-init.js"]
         text = _page(f"{title} - ReDoc", "redoc", *urls(request), ["redoc.css"], scripts)
-        return HTMLResponse(
-            text, headers={**SECURITY_HEADERS, "Content-Security-Policy": content_security_policy(True)}
-        )
+        return HTMLResponse(text, headers=REDOC_HEADERS)
 
     @router.get(ASSETS_PATH + "/{name}")
     async def asset(name: str) -> Response:
-        path = assets.get(name)
-        if path is None:
-            return error_response(404, "not_found", "no such file in the API docs", None, SECURITY_HEADERS)
-        return FileResponse(path, media_type=_TYPES[path.suffix], headers=SECURITY_HEADERS)
+        return serve_file(assets, name, SECURITY_HEADERS, "the API docs")
 
     return router

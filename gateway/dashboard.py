@@ -15,7 +15,15 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from gateway.errors import error_response
 
-__all__ = ["CONTENT_SECURITY_POLICY", "PATH", "SECURITY_HEADERS", "STATIC_DIR", "build_router"]
+__all__ = [
+    "CONTENT_SECURITY_POLICY",
+    "MEDIA_TYPES",
+    "PATH",
+    "SECURITY_HEADERS",
+    "STATIC_DIR",
+    "build_router",
+    "serve_file",
+]
 
 PATH = "/dashboard"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -39,11 +47,12 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-cache",
 }
-_TYPES = {
+MEDIA_TYPES = {  # of the files that may be served (the dashboard's and the API docs')
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
     ".css": "text/css; charset=utf-8",
     ".svg": "image/svg+xml",  # the icon: without one the browser asks for /favicon.ico, a 404 in its console
+    ".png": "image/png",
 }
 
 
@@ -51,14 +60,15 @@ def _files(directory: Path) -> dict[str, Path]:
     """The files that may be served, by name: those of a known type directly in ``directory``."""
     if not directory.is_dir():
         return {}
-    return {p.name: p for p in sorted(directory.iterdir()) if p.is_file() and p.suffix in _TYPES}
+    return {p.name: p for p in sorted(directory.iterdir()) if p.is_file() and p.suffix in MEDIA_TYPES}
 
 
-def _file(files: dict[str, Path], name: str) -> Response:
+def serve_file(files: dict[str, Path], name: str, headers: dict[str, str], where: str = "the dashboard") -> Response:
+    """The file called ``name`` among ``files`` (by name only: no path), with ``headers``; else a 404."""
     path = files.get(name)
     if path is None:
-        return error_response(404, "not_found", "no such file in the dashboard", None, SECURITY_HEADERS)
-    return FileResponse(path, media_type=_TYPES[path.suffix], headers=SECURITY_HEADERS)
+        return error_response(404, "not_found", f"no such file in {where}", None, headers)
+    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=headers)
 
 
 def build_router(directory: Path = STATIC_DIR) -> APIRouter:
@@ -72,10 +82,10 @@ def build_router(directory: Path = STATIC_DIR) -> APIRouter:
 
     @router.get(PATH)
     async def index() -> Response:
-        return _file(files, "index.html")
+        return serve_file(files, "index.html", SECURITY_HEADERS)
 
     @router.get(PATH + "/{name}")
     async def static_file(name: str) -> Response:
-        return _file(files, name)
+        return serve_file(files, name, SECURITY_HEADERS)
 
     return router

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -103,6 +104,15 @@ class QuotaRecord(BaseModel):
     metered: dict[str, MeterMark] = Field(default_factory=dict)  # per task in flight (and the one metered last)
 
 
+@dataclass(frozen=True)
+class Everyone:
+    """What every customer holds: the ids of their tasks in flight (:meth:`QuotaService.tasks_in_flight`; customers
+    with none left out) and their tokens metered today (customers with a quota record)."""
+
+    in_flight: dict[str, list[str]]
+    tokens_today: dict[str, int]
+
+
 class UsagePublic(BaseModel):
     quota: Quota
     agents: int
@@ -153,18 +163,19 @@ class QuotaService:
     async def usage(self, customer_id: str) -> UsagePublic:
         return _usage(await self._record(customer_id))
 
-    async def tokens_today(self) -> dict[str, int]:
-        """Tokens metered today per customer that has a quota record, read in one pass (the operators' overview)."""
-        return {customer_id: _usage(record).tokens_today for customer_id, record in await self._repo.items()}
+    async def everyone(self) -> Everyone:
+        """Every customer's tasks in flight and tokens today, in one pass over the quota records (the operators'
+        overview and the metrics)."""
+        records = await self._repo.items()
+        return Everyone(
+            in_flight={customer_id: record.tasks for customer_id, record in records if record.tasks},
+            tokens_today={customer_id: _usage(record).tokens_today for customer_id, record in records},
+        )
 
     async def tasks_in_flight(self, customer_id: str) -> list[str]:
         """The ids of the customer's tasks that hold a slot: every task from just before its record is made until
         its end is folded in (or it was ended on purpose)."""
         return list((await self._record(customer_id)).tasks)
-
-    async def in_flight(self) -> dict[str, list[str]]:
-        """Every customer's tasks that hold a slot (:meth:`tasks_in_flight`), read in one pass."""
-        return {customer_id: record.tasks for customer_id, record in await self._repo.items() if record.tasks}
 
     async def tier(self, customer_id: str) -> Tier:
         return (await self._record(customer_id)).quota.tier

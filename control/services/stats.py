@@ -16,8 +16,8 @@ from agent.aio import cancel_and_wait
 from agent.protocol import utcnow
 from control.backends.base import Scheduler
 from control.models import TERMINAL_TASK_STATUSES, Agent, AgentStatus, Task, TaskStatus
-from control.services.quotas import QuotaService
-from control.services.tasks import task_key
+from control.services.quotas import Everyone, QuotaService
+from control.services.tasks import unfinished_tasks
 from control.store import Repo
 
 __all__ = ["AllocationStats", "Counts", "Stats", "StatsService"]
@@ -113,17 +113,15 @@ class StatsService:
     async def stop(self) -> None:
         await self._ended.stop()
 
-    async def _in_flight(self) -> dict[str, int]:
-        """Tasks in flight by status, read from the records of the tasks that hold a quota slot (a read of
-        the quota records and of those tasks, however many tasks have ended)."""
-        in_flight = await self._quotas.in_flight()
-        keys = [task_key(customer_id, task_id) for customer_id, ids in in_flight.items() for task_id in ids]
-        tasks = await self._tasks.named_as(_TaskStatus, keys)
-        return dict(Counter(t.status.value for t in tasks if t.status not in TERMINAL_TASK_STATUSES))
+    async def _in_flight(self, everyone: Everyone) -> dict[str, int]:
+        """Tasks in flight by status: the records of the tasks that hold a quota slot, however many have ended."""
+        return dict(Counter(t.status.value for t in await unfinished_tasks(self._tasks, everyone.in_flight)))
 
-    async def _count(self) -> tuple[list[Agent], list[str], Counts]:
+    async def _count(self) -> tuple[list[Agent], list[str], Counts, Everyone]:
+        """What both the overview and a scrape read; the quota records once."""
+        everyone = await self._quotas.everyone()
         agents, customer_ids, in_flight, (ended_at, ended) = await asyncio.gather(
-            self._agents.list(), self._customers.keys(), self._in_flight(), self._ended.counts()
+            self._agents.list(), self._customers.keys(), self._in_flight(everyone), self._ended.counts()
         )
         counts = Counts(
             customers=len(customer_ids),
@@ -131,7 +129,7 @@ class StatsService:
             tasks_by_status={**ended, **in_flight},
             ended_counted_at=ended_at,
         )
-        return agents, customer_ids, counts
+        return agents, customer_ids, counts, everyone
 
     async def counts(self) -> Counts:
         """Customers, agents by status and tasks by status, without the rest of :meth:`overview` (what a
@@ -139,7 +137,8 @@ class StatsService:
         return (await self._count())[2]
 
     async def overview(self) -> Stats:
-        (agents, customer_ids, counts), tokens = await asyncio.gather(self._count(), self._quotas.tokens_today())
+        agents, customer_ids, counts, everyone = await self._count()
+        tokens = everyone.tokens_today
         allocations: list[AllocationStats] = []
         if self._scheduler.supports_stats:
             running = [a for a in agents if a.status in (AgentStatus.RUNNING, AgentStatus.STARTING, AgentStatus.KILLED)]

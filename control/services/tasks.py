@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -104,6 +104,14 @@ class StreamedEvent:
 def task_key(customer_id: str, task_id: str) -> str:
     """A task record's key (and its team checkpoint's): the customer's records share a prefix."""
     return f"{customer_id}.{task_id}"
+
+
+async def unfinished_tasks(records: Repo[Task], in_flight: Mapping[str, Iterable[str]]) -> list[Task]:
+    """The records of the tasks in flight (``{customer id: task ids}``, as the quota slots hold them) that have not
+    ended: a read of those records alone, however many tasks the customers have kept (a slot is held from just
+    before a task's record is made until its end is folded in, so a record may be missing or already ended)."""
+    keys = [task_key(customer_id, task_id) for customer_id, ids in in_flight.items() for task_id in ids]
+    return [task for task in await records.named_as(Task, keys) if task.status not in TERMINAL_TASK_STATUSES]
 
 
 async def handed_out(js: JetStreamContext, consumer: str, seq: int) -> bool:
@@ -406,10 +414,8 @@ class TaskService:
         that has ended."""
         await self._js.purge_stream(TASKS_STREAM, subject=task_subject(agent.customer_id, agent.id))
         teams = await self._teams.teams_of(agent) if self._teams is not None else set()
-        in_flight = await self._quotas.tasks_in_flight(agent.customer_id)  # not the customer's whole history
-        for task in await asyncio.gather(*(self._repo.get(task_key(agent.customer_id, t)) for t in in_flight)):
-            if task is None or task.status in TERMINAL_TASK_STATUSES:
-                continue
+        in_flight = {agent.customer_id: await self._quotas.tasks_in_flight(agent.customer_id)}
+        for task in await unfinished_tasks(self._repo, in_flight):  # not the customer's whole history
             if task.agent_id == agent.id:
                 why = reason
             elif task.team_id in teams:

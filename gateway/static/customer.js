@@ -211,7 +211,7 @@ function teamForm(agents, onCreated) {
     if (toUser.checked) termination.handoff_to_user = true;
     const body = {
       name: name.value.trim(),
-      members: picked.filter((id) => members.some((box) => box.checked && box.value === id)),
+      members: [...picked], // (kept as the boxes are checked and unchecked)
       mode: mode.value,
       termination,
     };
@@ -244,8 +244,9 @@ export function teamsView(root) {
     if (!both) return;
     const [teams, agents] = both;
     const names = new Map(agents.map((a) => [a.id, a.name]));
-    if (!formSlot.firstChild || formSlot.dataset.agents !== agents.map((a) => a.id).join(",")) {
-      formSlot.dataset.agents = agents.map((a) => a.id).join(",");
+    const ids = agents.map((a) => a.id).join(",");
+    if (!formSlot.firstChild || formSlot.dataset.agents !== ids) {
+      formSlot.dataset.agents = ids;
       fill(formSlot, teamForm(agents, load));
     }
     const remove = (team) =>

@@ -156,12 +156,12 @@ export function actionButton(label, action, { slot = null, then = null, confirm 
   return button;
 }
 
-/** A number from an input, or null when it is empty (what is not a number is sent as written: the API says why). */
 /** "1 agent", "2 agents": a count and its noun (the plural by an s). */
 export function counted(n, noun) {
   return `${n} ${noun}${n === 1 ? "" : "s"}`;
 }
 
+/** A number from an input, or null when it is empty (what is not a number is sent as written: the API says why). */
 export function numberOrNull(input) {
   const text = input.value.trim();
   if (text === "") return null;

@@ -18,6 +18,7 @@ from agent.protocol import Event
 from control.backends.base import SchedulerError, SubmitResult
 from tests.conftest import ADMIN_KEY, Api
 from tests.gateway.teams_support import TERMINAL, script, task_status
+from tests.gateway.test_agents_api import wait_status
 from tests.support.browser import CHROMIUM_ARGS, NO_CHROMIUM, PageWatch, chromium_path
 from tests.support.helpers import assert_eventually, now
 
@@ -123,7 +124,7 @@ async def ended(dashboard: Dashboard, watcher: Locator, task_id: str, status: st
 
 async def start_task_in_form(dashboard: Dashboard, watcher: Locator, after: str, text: str, **choice: str) -> str:
     """Start a task from the form on the target ``choice`` names (``value=`` or ``label=``); once the view shows
-    it in place of task ``after``, its id."""
+    it in place of task ``after`` ("": of none), its id."""
     page = dashboard.page
     await page.locator("select[name=target]").select_option(**choice)
     await page.get_by_label("Task", exact=True).fill(text)
@@ -209,11 +210,8 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     # the team's task asks; the answer resumes it to its end
     await dashboard.tab("Tasks")
     watcher = page.locator(".split > div")
-    await page.locator("select[name=target]").select_option(label="painters (round_robin)")
-    await page.get_by_label("Task", exact=True).fill("Paint the fence.")
-    await page.get_by_role("button", name="Start", exact=True).click()
+    task_id = await start_task_in_form(dashboard, watcher, "", "Paint the fence.", label="painters (round_robin)")
     await expect(page.get_by_label("The task asks for your answer")).to_be_visible()
-    task_id = (await watcher.locator("h2").inner_text()).removeprefix("Task ")
     await expect(status_of(watcher)).to_have_text("awaiting_input")
     await expect(watcher.locator(".transcript li.input_request")).to_contain_text("What colour should it be?")
     await expect(status_of(dashboard.row(task_id))).to_have_text("awaiting_input")
@@ -430,9 +428,6 @@ async def test_an_admin_stops_an_agent_and_its_owner_sees_why(
     customer_id, key, headers = await new_customer(api, "initech")
     worker = await new_agent(api, headers, "worker", script("w1"))
 
-    async def status() -> str:
-        return str((await api.client.get(f"/v1/agents/{worker}", headers=headers)).json()["status"])
-
     async with opened(browser, api) as customer:
         page = customer.page
         await admin.clock.install()  # both pages' timers, to move their 5 s refreshes on
@@ -440,7 +435,7 @@ async def test_an_admin_stops_an_agent_and_its_owner_sees_why(
         await dashboard.sign_in(ADMIN_KEY)
         await customer.sign_in(key)
         mine = customer.row("worker")  # the customer lands on its agents
-        await assert_eventually(status, lambda s: s == "running", what="the agent running")
+        await wait_status(api, headers, worker, "running")
 
         # the operator's list of every agent: the customer's, force stopped (asked first)
         await dashboard.tab("Agents")
@@ -467,7 +462,7 @@ async def test_an_admin_stops_an_agent_and_its_owner_sees_why(
         await expect(status_of(mine)).to_have_text("failed")
         await expect(mine).to_contain_text("scheduler refused the job: no node has room")
         await mine.get_by_role("button", name="Start").click()
-        await assert_eventually(status, lambda s: s == "running", what="the agent running again")
+        await wait_status(api, headers, worker, "running")
         await page.clock.fast_forward(5_000)
         await expect(status_of(mine)).to_have_text("running")
 

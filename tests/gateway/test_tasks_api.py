@@ -43,6 +43,7 @@ from tests.support.helpers import (
     Stalling,
     assert_eventually,
     hold_first_call,
+    named_reads,
     now,
     small_events,
     small_messages,
@@ -944,19 +945,7 @@ async def test_deleting_an_agent_reads_the_tasks_in_flight_not_the_customers_his
     assert {task["status"] for task in done} == {"completed"}
     slow = await running_agent(api, headers, name="slow", model=SLOW, tools=[])
     in_flight = await start_task(api, headers, slow["id"])
-    repo, read = api.control.tasks._repo, []
-    get = repo.get
-
-    async def reading(key: str) -> Any:
-        read.append(key.rsplit(".", 1)[-1])
-        return await get(key)
-
-    async def listing(*args: Any) -> Any:
-        raise AssertionError("the customer's whole history listed")
-
-    monkeypatch.setattr(repo, "get", reading)
-    for name in ("list", "list_as", "items"):
-        monkeypatch.setattr(repo, name, listing)
+    read = named_reads(monkeypatch, api.control.tasks._repo)
     assert (await api.client.delete(f"/v1/agents/{slow['id']}", headers=headers)).status_code == 204
     monkeypatch.undo()
     assert read[:1] == [in_flight] and not {task["id"] for task in done} & set(read)

@@ -279,3 +279,27 @@ async def join_members(nc: nats.NATS, customer_id: str, run_id: str, agent_ids: 
             state_deltas=True,
         )
         await nc.request(join_subject(customer_id, agent_id), join.model_dump_json().encode(), timeout=10)
+
+
+def named_reads(monkeypatch: pytest.MonkeyPatch, repo: Any) -> list[str]:
+    """Make ``repo`` (a :class:`control.store.Repo`) refuse every listing (``list``, ``list_as``, ``items``) and
+    record the ids (a key's last part) of the records read by name (``get``, ``named_as``); the list it fills."""
+    read: list[str] = []
+    get, named_as = repo.get, repo.named_as
+
+    async def reading(key: str) -> Any:
+        read.append(key.rsplit(".", 1)[-1])
+        return await get(key)
+
+    async def reading_named(model: Any, keys: Any) -> Any:
+        read.extend(key.rsplit(".", 1)[-1] for key in keys)
+        return await named_as(model, keys)
+
+    async def listing(*args: Any) -> Any:
+        raise AssertionError("the records listed, not read by name")
+
+    monkeypatch.setattr(repo, "get", reading)
+    monkeypatch.setattr(repo, "named_as", reading_named)
+    for name in ("list", "list_as", "items"):
+        monkeypatch.setattr(repo, name, listing)
+    return read
