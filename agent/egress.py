@@ -104,17 +104,18 @@ class EgressPolicy:
         if address is not None and not self._allows(address):
             raise EgressRefused(f"{host} is an internal address ({_kind(address)}): {_ADVICE}")
 
-    async def resolve(self, host: str, port: int) -> str:
-        """The address to connect to for ``host``: every address it resolves to is checked (a name that also
-        resolves to an internal address is refused, whichever one a connection would have taken)."""
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """The addresses to connect to for ``host``, in the resolver's order: every address it resolves to is
+        checked (a name that also resolves to an internal address is refused, whichever one a connection would
+        have taken)."""
         if host.lower().rstrip(".") in self.hosts:
-            return host
+            return [host]
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         for address in addresses:
             if not self._allows(address):
                 raise EgressRefused(f"{host} resolves to {address}, an internal address ({_kind(address)}): {_ADVICE}")
-        return str(addresses[0])
+        return list(dict.fromkeys(str(address) for address in addresses))
 
 
 _ADVICE = (
@@ -148,11 +149,16 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         try:
             async with asyncio.timeout(timeout):  # the lookup is part of the connection's time
-                address = await self._policy.resolve(host, port)
+                addresses = await self._policy.resolve(host, port)
         except EgressRefused as refused:
             log.warning("refused to connect to a model endpoint: %s", refused)
             raise
-        return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+        for address in addresses[:-1]:  # each checked address in turn (an IPv6 one may be unreachable), as a
+            try:  # connection to the name would
+                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError:
+                continue
+        return await self._inner.connect_tcp(addresses[-1], port, timeout, local_address, socket_options)
 
     async def connect_unix_socket(
         self,
@@ -171,14 +177,18 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
     proxy would make the connections the backend cannot see."""
 
     def __init__(self, policy: EgressPolicy) -> None:
-        super().__init__(trust_env=False)
+        context = httpx.create_ssl_context(trust_env=False)  # (one, for both pools: loading the CAs is the cost)
+        super().__init__(verify=context, trust_env=False, limits=_LIMITS)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
-            max_connections=100,
-            max_keepalive_connections=20,
-            keepalive_expiry=5.0,
+            ssl_context=context,
+            max_connections=_LIMITS.max_connections,
+            max_keepalive_connections=_LIMITS.max_keepalive_connections,
+            keepalive_expiry=_LIMITS.keepalive_expiry,
             network_backend=_GuardedBackend(policy),
         )
+
+
+_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)  # httpx's defaults
 
 
 def refusal_in(exc: BaseException) -> EgressRefused | None:

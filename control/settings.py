@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,9 @@ from agent.egress import EgressPolicy
 from agent.wire import DEFAULT_SPIN_US
 
 __all__ = ["Settings"]
+
+
+_egress_policy = functools.lru_cache(maxsize=8)(EgressPolicy.parse)
 
 
 class Settings(BaseSettings):
@@ -149,7 +153,8 @@ class Settings(BaseSettings):
 
     @property
     def egress(self) -> EgressPolicy:
-        return EgressPolicy.parse(self.model_url_allow)
+        """The policy ``model_url_allow`` writes (parsed once per value: each agent create and change checks it)."""
+        return _egress_policy(self.model_url_allow)
 
     @property
     def agents_nats_url(self) -> str:

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from control.metrics import Metrics
 from control.platform import ControlPlane
 from control.settings import Settings
-from gateway import apidocs, dashboard, logredact
+from gateway import apidocs, dashboard, logredact, wslog
 from gateway.errors import error_response, install_error_handlers
 from gateway.ratelimit import RateLimiter, Tiers
 from gateway.routes import admin, agents, auth, health, tasks, teams, usage
@@ -52,6 +52,7 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
     app.state.tiers = Tiers()
     install_error_handlers(app)
     logredact.install()  # a token in a URL (the WebSocket's ?token=) kept out of the server's log lines
+    wslog.install()  # a WebSocket refused with an HTTP answer is not a server error
     app.add_middleware(_LimitedBody, limit=MAX_BODY_BYTES)
     app.state.metrics = Metrics()
     app.add_middleware(_Counted, metrics=app.state.metrics)  # outermost but for Starlette's own error handler

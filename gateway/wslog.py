@@ -2,8 +2,9 @@
 completing handshake.`` at ERROR after sending a denial response of the application's (the ASGI
 ``websocket.http.response`` extension: a 401 for a bad token), though nothing went wrong, and they have already
 logged the refusal at INFO (``"WebSocket /path" 401``). An attacker with bad tokens could then fill an operator's
-error logs. :func:`denial_sent` counts each denial; the filter drops one such message per denial sent within the
-last few seconds, so the same message after an application that really returned without answering still shows."""
+error logs. :func:`denial_sent` counts each denial; the filter (:func:`install`, as ``create_app`` does) drops one
+such message per denial sent within the last few seconds, so the same message after an application that really
+returned without answering still shows."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 import time
 from collections import deque
 
-__all__ = ["denial_sent"]
+__all__ = ["denial_sent", "install"]
 
 _UNFINISHED = "ASGI callable returned without completing handshake."
 _WITHIN_S = 10.0  # uvicorn logs it as the application returns: right after the denial
@@ -38,7 +39,11 @@ class _DenialsAreAnswers(logging.Filter):
 
 
 _FILTER = _DenialsAreAnswers()
-logging.getLogger("uvicorn.error").addFilter(_FILTER)
+
+
+def install() -> None:
+    """Filter uvicorn's server logger (again: no harm; its filters stay when uvicorn configures its logging)."""
+    logging.getLogger("uvicorn.error").addFilter(_FILTER)
 
 
 def denial_sent() -> None:

@@ -10,7 +10,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -76,6 +76,9 @@ class SchedulerUnavailable(Unavailable):
     code = "scheduler_unavailable"
 
 
+CREATION = "no agent can be created"  # what a hard killswitch refuses a creation (naming no agent: none was stored)
+
+
 class KillswitchEngaged(Conflict):
     code = "killswitch_engaged"
 
@@ -90,7 +93,7 @@ class KillswitchEngaged(Conflict):
 
     def creating(self) -> KillswitchEngaged:
         """The same refusal of a creation, which names no agent (none was stored)."""
-        return KillswitchEngaged(self.flag, "no agent can be created")
+        return KillswitchEngaged(self.flag, CREATION)
 
 
 class Killswitches(Protocol):
@@ -126,12 +129,8 @@ class AgentService:
         settings: Settings,
         quotas: QuotaService,
         nats_auth: NatsAuth | None = None,
-        model_keys: Mapping[str, str] | None = None,
     ) -> None:
-        """``model_keys``: where the platform's model keys are (the environment, by default: where the schedulers
-        read the one each agent gets)."""
         self._nats_auth = nats_auth
-        self._model_keys = os.environ if model_keys is None else model_keys
         self._repo = repo
         self._js = js
         self._scheduler = scheduler
@@ -181,7 +180,7 @@ class AgentService:
                 "(CARAVAN_LOCAL_MODEL_URL is not set; `caravan up` sets it when it runs one)"
             )
         key = required_model_key(model)
-        if key is not None and not self._model_keys.get(key):
+        if key is not None and not os.environ.get(key):  # (where the schedulers read the key each agent gets)
             return (
                 f"provider {model.provider!r} is not available here: this platform has no {key} (its operator sets "
                 "it where the control plane runs); choose another provider"
@@ -204,7 +203,7 @@ class AgentService:
         )
         self.admit_model(agent.model)
         job = self.render(agent)  # a definition that cannot render is refused before anything is stored
-        await self._refuse_under_hard_killswitch(agent, creating=True)
+        await self._refuse_under_hard_killswitch(agent, refusing=CREATION)
         await self._quotas.reserve_agent(customer_id, agent_id, _reservation(agent))
         try:
             await self._ensure_consumer(agent)
@@ -243,9 +242,8 @@ class AgentService:
         async with self._changing(customer_id, agent_id) as current:
             stored = current.model_dump(include=set(AgentCreate.model_fields))
             merged = {**stored, **sent}
-            for name in _MERGED.intersection(sent):
-                if isinstance(sent[name], dict):  # (AgentUpdate refuses a null)
-                    merged[name] = {**stored[name], **sent[name]}
+            if "resources" in sent:  # within resources only the fields sent (a model is replaced whole)
+                merged["resources"] = {**stored["resources"], **sent["resources"]}
             try:
                 spec = AgentCreate.model_validate(merged)
             except ValidationError as exc:  # what only the whole definition refuses: as the request's own fields are
@@ -531,8 +529,10 @@ class AgentService:
         await self._repo.update(_key(agent.customer_id, agent.id), undo)
 
     async def _refuse_under_hard_killswitch(
-        self, agent: Agent, engaged: builtins.list[Flag] | None = None, *, creating: bool = False
+        self, agent: Agent, engaged: builtins.list[Flag] | None = None, *, refusing: str = ""
     ) -> None:
+        """Raise :class:`KillswitchEngaged` while a hard flag covers ``agent``; ``refusing``: what is refused
+        (default: that the agent runs)."""
         if self._killswitches is None:
             return
         if engaged is None:
@@ -541,8 +541,7 @@ class AgentService:
         flag = next((f for f in engaged if f.hard and f.key in keys), None)
         if flag is None:
             return
-        refused = KillswitchEngaged(flag, f"agent {agent.id} cannot run")
-        raise refused.creating() if creating else refused
+        raise KillswitchEngaged(flag, refusing or f"agent {agent.id} cannot run")
 
     def _secrets(self, agent: Agent) -> dict[str, str]:
         """What the agent's task gets by the scheduler's secret channel: its own NATS credentials, if any."""
@@ -576,7 +575,6 @@ def _lease(owner: str) -> ChangeLease:
     return ChangeLease(owner=owner, until=utcnow() + timedelta(seconds=LEASE_S))
 
 
-_MERGED = frozenset({"resources"})
 """The nested fields of an agent a PATCH changes field by field: records of plain values. Any other (``model``, whose
 fields depend on its provider: a ``base_url`` only for ``ollama``, ``responses`` only for ``replay``) is replaced
 whole."""

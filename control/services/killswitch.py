@@ -194,7 +194,7 @@ class KillswitchService:
         elif only is not None:
             flag_id = only
         else:  # acknowledgements of a release name what is still engaged: the released flag must not be there
-            previous = next((f for f in await self._flags.list() if f.key == key and f.engaged), None)
+            previous = next((f for f in await self.engaged() if f.key == key), None)
             if previous is None:  # no agent has anything to acknowledge: waiting for them would only time out
                 return KillswitchResult(
                     engaged=False,

@@ -3,9 +3,7 @@ control plane's agents, tasks, customers and killswitch flags as gauges, with no
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -22,7 +20,7 @@ from tests.conftest import Api, make_settings, serve_api
 from tests.control.test_killswitch import killswitch
 from tests.gateway.test_agents_api import agent_body
 from tests.gateway.test_tasks_api import task_event, tracker_caught_up
-from tests.support.helpers import assert_eventually
+from tests.support.helpers import assert_eventually, stalled
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"(?:,|$)')
@@ -172,31 +170,24 @@ async def test_the_tracker_shows_whether_this_control_plane_folds_and_how_many_e
 
 
 async def test_a_stalled_nats_makes_the_platform_not_ready_and_its_requests_503_and_it_recovers(
-    tmp_path: Path,
+    nats_server: EmbeddedNats, api: Api
 ) -> None:
     """A NATS server that stops answering (paused here; overloaded, or cut off by a partition) keeps its TCP
     connections open: readiness asks it for a round trip, a scrape says not ready at once rather than waiting
     past the scraper's timeout, and a request that needs it is a 503 to retry, not a 500."""
-    async with EmbeddedNats(tmp_path / "nats") as server:
-        settings = make_settings(server.url, tmp_path / "data")
-        async with ControlPlane(settings) as control, serve_api(control) as api:
-            _, headers = await api.new_customer()
-            assert (await api.client.get("/readyz")).status_code == 200
-            assert server.pid is not None
-            os.kill(server.pid, signal.SIGSTOP)
-            try:
-                ready = await api.client.get("/readyz")
-                assert (ready.status_code, ready.json()["status"]) == (503, "not ready")
-                scraped = parse((await api.client.get("/metrics")).text)
-                assert scraped[("caravan_ready", frozenset())] == 0
-                assert not any(name == "caravan_agents" for name, _ in scraped)  # not read: it would only wait
-                listed = await api.client.get("/v1/agents", headers=headers)
-                assert listed.status_code == 503, listed.text
-                assert listed.json()["error"]["code"] == "unavailable" and listed.headers["Retry-After"] == "1"
-            finally:
-                os.kill(server.pid, signal.SIGCONT)
-            await assert_eventually(lambda: api.client.get("/readyz"), lambda r: r.status_code == 200, what="ready")
-            assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+    _, headers = await api.new_customer()
+    assert (await api.client.get("/readyz")).status_code == 200
+    with stalled(nats_server.pid):
+        ready = await api.client.get("/readyz")
+        assert (ready.status_code, ready.json()["status"]) == (503, "not ready")
+        scraped = parse((await api.client.get("/metrics")).text)
+        assert scraped[("caravan_ready", frozenset())] == 0
+        assert not any(name == "caravan_agents" for name, _ in scraped)  # not read: it would only wait
+        listed = await api.client.get("/v1/agents", headers=headers)
+        assert listed.status_code == 503, listed.text
+        assert listed.json()["error"]["code"] == "unavailable" and listed.headers["Retry-After"] == "1"
+    await assert_eventually(lambda: api.client.get("/readyz"), lambda r: r.status_code == 200, what="ready")
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
 
 
 async def test_a_scrape_counts_tasks_in_flight_afresh_and_reads_every_record_only_once_an_interval(

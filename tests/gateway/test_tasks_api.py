@@ -232,7 +232,7 @@ async def test_a_client_that_saw_a_finished_tasks_whole_stream_is_told_at_once_t
     assert before_the_end.status_code == 200 and f"id: {whole[-1]['id']}" in before_the_end.text
     token = headers["Authorization"].split()[1]
     ws_url = api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws?token={token}&after={whole[-1]['id']}"
-    async with websockets.connect(ws_url) as ws:
+    async with asyncio.timeout(5), websockets.connect(ws_url) as ws:  # at once: not after the 15 s idle wait
         assert [frame async for frame in ws] == []
         assert ws.close_code == 1000
 

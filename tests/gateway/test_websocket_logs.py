@@ -63,6 +63,7 @@ async def test_refused_websockets_log_no_error(api: Api) -> None:
 
 
 async def test_an_application_that_never_answers_a_handshake_is_still_an_error() -> None:
+    wslog.install()  # as create_app does
     cast(Any, wslog._FILTER)._sent.clear()  # no denial pending from another test's server
     app = FastAPI()
 
