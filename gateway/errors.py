@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.errors import CaravanError, invalid_input
 from control.natsio import NATS_UNAVAILABLE
-from control.services.auth import redact_keys, shown_prefix
+from control.services.auth import redact_json, redact_keys, shown_prefix
 from gateway.wslog import denial_sent
 
 __all__ = ["caravan_error_response", "error_response", "install_error_handlers", "refuse_websocket", "shown_path"]
@@ -45,23 +45,12 @@ def shown_path(path: str) -> str:
     return redact_keys(path)
 
 
-def _redacted(value: Any) -> Any:
-    """``value`` (JSON) with any API key in its texts cut to its prefix (:func:`redact_keys`)."""
-    if isinstance(value, str):
-        return redact_keys(value)
-    if isinstance(value, dict):
-        return {_redacted(k): _redacted(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_redacted(v) for v in value]
-    return value
-
-
 def error_response(
     status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """The error body. An error may repeat what the request said (an id not found, a value refused): an API key
     pasted there (a path, a query, a field) is answered by its prefix only, as it is logged and audited."""
-    body = {"error": {"code": code, "message": redact_keys(message), "details": _redacted(details)}}
+    body = {"error": {"code": code, "message": redact_keys(message), "details": redact_json(details)}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
 from agent.protocol import utcnow
 from control.errors import CaravanError
 from control.natsio import ensure_stream
-from control.services.auth import Principal, redact_keys
+from control.services.auth import Principal, redact_json
 
 __all__ = ["AUDIT_STREAM", "AuditLog", "AuditQuery", "AuditRecord", "AuditTime", "describe_error"]
 
@@ -83,14 +83,11 @@ class AuditLog:
         await ensure_stream(self._js, config)
 
     async def append(self, record: AuditRecord) -> AuditRecord:
-        """Append ``record`` (kept for good), with any API key in it cut to its prefix (:func:`redact_keys`: a
+        """Append ``record`` (kept for good), with any API key in it cut to its prefix (:func:`redact_json`: a
         target or an error that repeats a path or a value a key was pasted into); returns the record as stored."""
-        text = record.model_dump_json()
-        stored = redact_keys(text)
-        if stored != text:
-            record = AuditRecord.model_validate_json(stored)
+        record = AuditRecord.model_validate(redact_json(record.model_dump(mode="json")))
         subject = f"caravan.audit.{record.action}"
-        await self._js.publish(subject, stored.encode(), headers={"Nats-Msg-Id": record.id})
+        await self._js.publish(subject, record.model_dump_json().encode(), headers={"Nats-Msg-Id": record.id})
         return record
 
     @contextlib.asynccontextmanager

@@ -28,7 +28,7 @@ from control.ids import is_plain_id, new_id
 from control.models import ApiKey, Customer, Role
 from control.store import AlreadyExists, Repo
 
-__all__ = ["AuthService", "IssuedKey", "LastAdminKey", "Principal", "redact_keys", "shown_prefix"]
+__all__ = ["AuthService", "IssuedKey", "LastAdminKey", "Principal", "redact_json", "redact_keys", "shown_prefix"]
 
 _KEY_PREFIX = "cvn"
 _PREFIX_LENGTH = 12  # cvn_ and 8 hex digits; every key is longer
@@ -86,6 +86,18 @@ def redact_keys(text: str) -> str:
     to what :func:`shown_prefix` shows of it: its prefix and ``_<redacted>``. A key chosen outside has no shape to
     be found by (only where a prefix belongs, :func:`shown_prefix` hides it)."""
     return _GENERATED_KEY_IN_TEXT.sub(r"\1_<redacted>", text)
+
+
+def redact_json(value: Any) -> Any:
+    """``value`` (JSON: an error body, an audit record) with any generated key in its texts, names included, cut to
+    its prefix (:func:`redact_keys`)."""
+    if isinstance(value, str):
+        return redact_keys(value)
+    if isinstance(value, dict):
+        return {redact_json(k): redact_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_json(v) for v in value]
+    return value
 
 
 def _hash(api_key: str) -> str:

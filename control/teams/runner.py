@@ -35,6 +35,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 
 from agent.aio import cancel_and_wait, keep_in_progress
+from agent.backends.base import Flag
 from agent.models import LocalModelAccess, create_model_client
 from agent.protocol import REPLAYED, TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
 from agent.runtime import NatsAgentRuntime
@@ -51,7 +52,7 @@ from agent.transcript import event_fields, final_text
 from agent.wire import STORE_TIMEOUT_S, Storing, Wire
 from control.errors import NotFound
 from control.ids import new_id
-from control.models import TERMINAL_TASK_STATUSES, AgentStatus, Task, TaskStatus
+from control.models import TERMINAL_TASK_STATUSES, Agent, AgentStatus, Task, TaskStatus
 from control.natsio import Jet
 from control.services.agents import AgentService, Killswitches
 from control.services.killswitch import covers
@@ -464,19 +465,17 @@ class TeamRunner:
                 except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
                     if time.monotonic() >= next_look:  # (at most once a second: a join is retried every 0.25 s)
                         next_look = time.monotonic() + 1.0
-                        gone = await self._member_gone(task.customer_id, {agent_id: members[agent_id]})
+                        agent, gone = await self._look(task.customer_id, agent_id, members[agent_id])
                         if gone is not None:
                             raise gone from exc
+                        if not told and agent is not None:  # it may come: said once
+                            told = True
+                            why = f"waiting up to {timeout:g} s for team member {name} ({agent_id}) to join: it is "
+                            await self._status(task, attempt, waiting, why + agent.status.value)
                     if time.monotonic() > deadline:
                         raise _Failed(
                             f"team member {name} ({agent_id}) did not join within {timeout:g}s: is it running?"
                         ) from exc
-                    if not told:  # it may come: said once
-                        told = True
-                        with contextlib.suppress(NotFound):  # (deleted meanwhile: found out at the next look)
-                            agent = await self._agents.get(task.customer_id, agent_id)
-                            why = f"waiting up to {timeout:g} s for team member {name} ({agent_id}) to join: it is "
-                            await self._status(task, attempt, waiting, why + agent.status.value)
                     await asyncio.sleep(0.25)
 
         joins = [asyncio.ensure_future(join(a)) for a in team.members]
@@ -490,27 +489,41 @@ class TeamRunner:
         return joined
 
     async def _member_gone(self, customer_id: str, members: dict[str, AgentDefinition]) -> _Failed | None:
-        """Why one of ``members`` cannot take part in the run again: it was deleted, stopped or halted by the
-        killswitch, or has failed; None while each runs or may run again soon (starting, restarting)."""
-        engaged = await self._killswitches.engaged() if self._killswitches is not None else []
+        """Why one of ``members`` cannot take part in the run again (:meth:`_look`); None while each may."""
+        engaged = await self._engaged()
         for agent_id, definition in members.items():
-            try:
-                agent = await self._agents.get(customer_id, agent_id)
-            except NotFound:  # (the delete ended the task already, so)
-                return _Failed(f"a member of its team: agent {agent_id} was deleted", TaskStatus.CANCELLED)
-            member = f"a member of its team: agent {agent_id} ({definition.name})"
-            flag = next((f for f in engaged if covers(f.key, agent)), None)
-            if flag is not None:
-                why = flag.reason or "no reason given"
-                return _Failed(f"{member} was halted by the killswitch: {why}", TaskStatus.KILLED)
-            if agent.status is AgentStatus.FAILED:
-                why = f" ({agent.status_reason})" if agent.status_reason else ""
-                return _Failed(f"{member} failed{why}; start it again and give the team the task again")
-            if agent.desired != "running":
-                if agent.status is AgentStatus.KILLED:
-                    return _Failed(f"{member} was killed ({agent.status_reason})", TaskStatus.KILLED)
-                return _Failed(f"{member} was stopped")
+            if (gone := (await self._look(customer_id, agent_id, definition, engaged))[1]) is not None:
+                return gone
         return None
+
+    async def _engaged(self) -> list[Flag]:
+        return await self._killswitches.engaged() if self._killswitches is not None else []
+
+    async def _look(
+        self, customer_id: str, agent_id: str, definition: AgentDefinition, engaged: list[Flag] | None = None
+    ) -> tuple[Agent | None, _Failed | None]:
+        """The member's agent as it is now (None: deleted), and why it cannot take part in the run again: it was
+        deleted, stopped or halted by the killswitch, or has failed; None while it runs or may run again soon
+        (starting, restarting). ``engaged``: the killswitch flags, if already read."""
+        try:
+            agent = await self._agents.get(customer_id, agent_id)
+        except NotFound:  # (the delete ended the task already, so)
+            return None, _Failed(f"a member of its team: agent {agent_id} was deleted", TaskStatus.CANCELLED)
+        engaged = await self._engaged() if engaged is None else engaged
+        member = f"a member of its team: agent {agent_id} ({definition.name})"
+        flag = next((f for f in engaged if covers(f.key, agent)), None)
+        if flag is not None:
+            return agent, _Failed(
+                f"{member} was halted by the killswitch: {flag.reason or 'no reason given'}", TaskStatus.KILLED
+            )
+        if agent.status is AgentStatus.FAILED:
+            why = f" ({agent.status_reason})" if agent.status_reason else ""
+            return agent, _Failed(f"{member} failed{why}; start it again and give the team the task again")
+        if agent.desired != "running":
+            if agent.status is AgentStatus.KILLED:
+                return agent, _Failed(f"{member} was killed ({agent.status_reason})", TaskStatus.KILLED)
+            return agent, _Failed(f"{member} was stopped")
+        return agent, None
 
     async def _beat(self, namespace: str) -> None:
         while True:
