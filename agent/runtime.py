@@ -13,6 +13,11 @@ over NATS. Semantics follow autogen_core's in-process runtime, so AgentChat's gr
   one, and cancelling it anywhere cancels the handlers it reached everywhere. :meth:`cancel_all` cancels every
   handler in the namespace (a cancelled run must leave nothing behind).
 - ``agent_save_state`` / ``agent_load_state`` / ``agent_metadata`` work on remote agents.
+- A message may stand for a second one as well, derived from it (:meth:`NatsAgentRuntime.derive`): published
+  with ``implied=<topic>``, it goes out once, and each process that receives it delivers the derived message to
+  its agents subscribed to that topic, first. A team member's answer is such a message: AgentChat publishes the
+  chat message for the team's output and then the answer, which holds the same chat message, for the group; only
+  the manager's process listens to both, and it derives the first from the second.
 
 Subjects under the namespace ``ns``: ``ns.t.<topic type>`` (publish; a topic type ``a:b`` is ``ns.t.a.b``, so that
 an agent's direct-message subscription, the prefix ``a:``, listens on ``ns.t.a.*`` rather than on every topic),
@@ -160,6 +165,8 @@ class NatsAgentRuntime:
         self._ids = itertools.count()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._unscoped: weakref.WeakSet[CancellationToken] = weakref.WeakSet()  # tokens of no scope
+        self._derivers: dict[type, Callable[[Any], Any]] = {}
+        self._last_implying: str | None = None  # the id of the last message received that implied another
         self._ahead: list[str] = []  # subjects to listen on from start() (listen_ahead)
         self._started = False
         self._stopped = False
@@ -237,6 +244,11 @@ class NatsAgentRuntime:
             raise RuntimeError("listen_ahead() is for a runtime not yet started")
         self._ahead.extend(f"{self._ns}.t.{_topic_tokens(topic_type)}" for topic_type in topic_types)
         self._ahead.extend(f"{self._ns}.t.{subject_token(agent_type)}.*" for agent_type in direct_to)
+
+    def derive(self, message_type: type, derive: Callable[[Any], Any]) -> None:
+        """How a message of ``message_type`` published with ``implied=<topic>`` gives the message that it stands
+        for on that topic (see the module docstring); the sending process and the receiving ones need it."""
+        self._derivers[message_type] = derive
 
     def mark_remote(self, agent_type: str) -> None:
         """Agents of ``agent_type`` live in other processes even if registered here (a team's participants,
@@ -411,7 +423,11 @@ class NatsAgentRuntime:
         sender: AgentId | None = None,
         cancellation_token: CancellationToken | None = None,
         message_id: str | None = None,
+        implied: TopicId | None = None,
     ) -> None:
+        """``implied``: the message also stands for the one :meth:`derive` makes of it, published to that topic
+        before it (with no cancellation token), in every process it reaches."""
+        derive = None if implied is None else self._deriver(type(message))  # refused before it goes out
         token = cancellation_token or self._fresh_token()
         message_id = message_id or self._new_id()
         name, payload = self._codec.encode(message)
@@ -423,9 +439,19 @@ class NatsAgentRuntime:
             "id": message_id,
             "sc": None if cancellation_token is None else self._scope(token),
         }
+        if implied is not None:
+            meta["im"], meta["ims"] = implied.type, implied.source
         if not self._nc.is_closed:
             await self._wire.publish(f"{self._ns}.t.{_topic_tokens(topic_id.type)}", _frame(meta, payload))
+        if implied is not None and derive is not None and (implied_recipients := self._recipients(implied, None)):
+            self._deliver(implied_recipients, derive(message), implied, sender, self._fresh_token(), self._new_id())
         self._deliver(self._recipients(topic_id, None), message, topic_id, sender, token, message_id)
+
+    def _deriver(self, message_type: type) -> Callable[[Any], Any]:
+        derive = self._derivers.get(message_type)
+        if derive is None:
+            raise LookupError(f"no message is derived from a {message_type.__name__} here: see derive()")
+        return derive
 
     def _new_id(self) -> str:
         """Unique in the namespace: a random prefix per runtime and a counter (a uuid4 costs a system call)."""
@@ -559,7 +585,13 @@ class NatsAgentRuntime:
             return  # delivered locally when it was published
         topic_id = _topic_id(_topic_type(msg.subject[len(self._ns) + 3 :]), meta["src"])
         recipients = self._recipients(topic_id, via)
-        if not recipients:
+        implied, implied_recipients = None, []
+        if "im" in meta and meta["id"] != self._last_implying:  # (a message heard on two subjects: derived once)
+            self._last_implying = meta["id"]
+            implied = _topic_id(meta["im"], meta["ims"])
+            # the implied topic's subscribers hear it only this way, whichever subject they listen on
+            implied_recipients = self._recipients(implied, None)
+        if not recipients and not implied_recipients:
             return
         try:
             message = self._codec.decode(meta["ty"], payload)
@@ -567,6 +599,13 @@ class NatsAgentRuntime:
             log.exception("dropping a message on %s that this process cannot read", msg.subject)
             return
         sender = _sender(meta["sn"]) if meta.get("sn") else None
+        if implied is not None and implied_recipients:
+            try:
+                derived = self._deriver(type(message))(message)
+            except (LookupError, ValueError):
+                log.exception("cannot derive the message for %s that a message on %s implies", meta["im"], msg.subject)
+            else:
+                self._deliver(implied_recipients, derived, implied, sender, self._fresh_token(), self._new_id())
         self._deliver(recipients, message, topic_id, sender, self._token(meta.get("sc")), meta["id"])
 
     def _on_request(self, msg: Msg) -> None:

@@ -21,8 +21,13 @@ import nats.errors
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.messages import BaseChatMessage, MessageFactory
 from autogen_agentchat.teams._group_chat._chat_agent_container import ChatAgentContainer
-from autogen_agentchat.teams._group_chat._events import GroupChatAgentResponse, GroupChatError, GroupChatMessage
-from autogen_core import CancellationToken, TopicId, TypeSubscription
+from autogen_agentchat.teams._group_chat._events import (
+    GroupChatAgentResponse,
+    GroupChatError,
+    GroupChatMessage,
+    GroupChatRequestPublish,
+)
+from autogen_core import CancellationToken, MessageContext, TopicId, TypeSubscription, event
 from autogen_core.model_context import ChatCompletionContext
 from autogen_core.models import ChatCompletionClient
 from nats.aio.client import Client as NATS
@@ -41,6 +46,7 @@ from agent.teamprotocol import (
     STATE_MEMBER_HEADER,
     MemberJoin,
     MemberJoined,
+    answer_output,
     join_subject,
     run_namespace,
 )
@@ -154,10 +160,13 @@ class _Container(ChatAgentContainer):
         agent: AssistantAgent,
         model_client: ChatCompletionClient,
         sender: _StateSender,
+        output_implied: bool = False,
     ) -> None:
         super().__init__(f"group_topic_{team_key}", f"output_topic_{team_key}", agent, MessageFactory())
         self._model_client = model_client
         self._sender = sender
+        self._output_implied = output_implied
+        self._output: tuple[GroupChatMessage, TopicId] | None = None  # kept for the answer to imply
 
     async def publish_message(
         self, message: Any, topic_id: TopicId, *, cancellation_token: CancellationToken | None = None
@@ -167,7 +176,23 @@ class _Container(ChatAgentContainer):
             # clears the buffer in between), then this member's state. All go to the manager's process; sent as
             # one, they cost it (and the server) one wake-up rather than three.
             self._runtime_wire().hold()
-        await super().publish_message(message, topic_id, cancellation_token=cancellation_token)
+            if self._output_implied and topic_id.type == self._output_topic_type:
+                await self._publish_output()  # (one kept before: nothing implied it)
+                self._output = (message, topic_id)  # the answer for the group implies it, if it holds the same
+                return
+        output = self._output
+        answer = message.response.chat_message if isinstance(message, GroupChatAgentResponse) else None
+        if output is not None and answer is output[0].message:
+            # The manager's process derives the output's message from this one (answer_output): it goes once.
+            self._output = None
+            runtime = self.runtime
+            assert isinstance(runtime, NatsAgentRuntime), "a member container runs on the NATS runtime"
+            await runtime.publish_message(
+                message, topic_id, sender=self.id, cancellation_token=cancellation_token, implied=output[1]
+            )
+        else:
+            await self._publish_output()
+            await super().publish_message(message, topic_id, cancellation_token=cancellation_token)
         if isinstance(message, GroupChatAgentResponse):
             # The answer's buffer is cleared and the turn is over: the state now is the one to resume from
             # (nothing else reaches this container before its turn's handler returns). It goes with the answer:
@@ -180,6 +205,22 @@ class _Container(ChatAgentContainer):
                 self._runtime_wire().release()
         elif isinstance(message, GroupChatError):
             self._runtime_wire().release()
+
+    @event
+    async def handle_request(self, message: GroupChatRequestPublish, ctx: MessageContext) -> None:  # type: ignore[override]
+        """AgentChat's turn; an output's message kept for the answer goes out as it is if the turn ends without
+        one (failed or cancelled in between)."""
+        try:
+            # (AgentChat's handler is typed as unbound; reached through super() it is bound)
+            await super().handle_request(message, ctx)  # type: ignore[call-arg]
+        finally:
+            await self._publish_output()
+
+    async def _publish_output(self) -> None:
+        """Publish the output's message kept for an answer that did not come, or did not hold it."""
+        output, self._output = self._output, None
+        if output is not None:
+            await super().publish_message(*output)
 
     def _runtime_wire(self) -> Wire:
         runtime = self.runtime
@@ -318,7 +359,10 @@ class TeamHost:
         agent_type = f"{self._definition.name}_{join.team_key}"
         send_state = _state_publisher(runtime.wire, f"{namespace}.x.state", join.run_id, agent_type)
         sender = _StateSender(self._definition.name, send_state, join.state_deltas)
-        await runtime.register_factory(agent_type, lambda: _Container(join.team_key, agent, model_client, sender))
+        runtime.derive(GroupChatAgentResponse, answer_output)
+        await runtime.register_factory(
+            agent_type, lambda: _Container(join.team_key, agent, model_client, sender, join.output_implied)
+        )
         await runtime.add_subscription(TypeSubscription(topic_type=agent_type, agent_type=agent_type))
         group_topic = f"group_topic_{join.team_key}"
         await runtime.add_subscription(TypeSubscription(topic_type=group_topic, agent_type=agent_type))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from autogen_agentchat.teams._group_chat._events import GroupChatAgentResponse, GroupChatMessage
 from pydantic import BaseModel, Field, field_validator
 
 from agent.protocol import _check_id, utcnow
@@ -34,6 +35,7 @@ __all__ = [
     "MemberJoin",
     "MemberJoined",
     "TeamTaskRequest",
+    "answer_output",
     "apply_state_delta",
     "join_subject",
     "run_namespace",
@@ -73,6 +75,13 @@ def apply_state_delta(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, 
     return state
 
 
+def answer_output(answer: GroupChatAgentResponse) -> GroupChatMessage:
+    """The message for the team's output that a member's answer stands for (``MemberJoin.output_implied``): the
+    one AgentChat's container publishes for the output topic just before the answer, with the same chat
+    message."""
+    return GroupChatMessage(message=answer.response.chat_message)
+
+
 def run_namespace(customer_id: str, run_id: str) -> str:
     return f"caravan.rt.{_check_id(customer_id)}.{_check_id(run_id)}"
 
@@ -103,6 +112,10 @@ class MemberJoin(BaseModel):
     state_deltas: bool = False
     """The manager takes a member's states as deltas to the one before (``STATE_BASE_HEADER``); older managers
     do not, and get whole states."""
+    output_implied: bool = False
+    """The manager's process derives the message of each answer for the team's output from the answer for the
+    group (:func:`answer_output`), which the member then sends alone, as implying the other
+    (``NatsAgentRuntime.publish_message(implied=...)``); older managers do not, and get both."""
 
     @field_validator("run_id", "task_id", "customer_id", "agent_id")
     @classmethod

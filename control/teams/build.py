@@ -25,11 +25,13 @@ from autogen_agentchat.conditions import (
 )
 from autogen_agentchat.teams import BaseGroupChat, RoundRobinGroupChat, SelectorGroupChat, Swarm
 from autogen_agentchat.teams._group_chat._base_group_chat_manager import BaseGroupChatManager
+from autogen_agentchat.teams._group_chat._events import GroupChatAgentResponse
 from autogen_core.models import ChatCompletionClient, ModelFamily, ModelInfo
 from autogen_ext.models.replay import ReplayChatCompletionClient
 
 from agent.protocol import AgentDefinition
 from agent.runtime import NatsAgentRuntime
+from agent.teamprotocol import answer_output
 from control.teams.models import USER, Team, Termination
 
 __all__ = [
@@ -150,6 +152,7 @@ def build_team(
     _wrap_turns(chat, runtime, on_turn)
     for topic_type in chat._participant_topic_types:
         runtime.mark_remote(topic_type)
+    runtime.derive(GroupChatAgentResponse, answer_output)  # the output's messages of members' answers
     # The manager's topics, subscribed when the runtime starts (with the round trip it waits anyway) rather
     # than one round trip each when the team first runs.
     manager = chat._group_chat_manager_topic_type  # its agent type too

@@ -450,6 +450,7 @@ class TeamRunner:
                 handoffs=handoffs[agent_id],
                 heartbeat_s=self.config.heartbeat_s,
                 state_deltas=True,
+                output_implied=True,
             )
             name, timeout = members[agent_id].name, self.config.join_timeout_s
             deadline = time.monotonic() + timeout

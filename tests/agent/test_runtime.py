@@ -191,6 +191,24 @@ async def test_subscriptions_on_subjects_listened_ahead_wait_no_round_trip(nats_
     await nc_b.close()
 
 
+async def test_a_message_that_implies_another_goes_once_and_delivers_the_other_first(
+    pair: tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder],
+) -> None:
+    """As a team member's answer implies the output's message: the receiving process derives the implied one for
+    its subscribers of that topic, before the message itself; a sender that cannot derive it sends nothing."""
+    serving, calling, recorder = pair
+    await serving.add_subscription(TypeSubscription(topic_type="echoes", agent_type="rec"))
+    notes, echoes = TopicId("notes", "default"), TopicId("echoes", "default")
+    with pytest.raises(LookupError, match="derive"):
+        await calling.publish_message(Note("underived"), notes, implied=echoes)
+    for runtime in (serving, calling):
+        runtime.derive(Note, lambda note: Note(f"echo of {note.text}"))
+    await calling.publish_message(Note("said"), notes, implied=echoes)
+    await calling.publish_message(Note("plain"), notes)
+    await _marked(calling, recorder, "end")
+    assert recorder.seen == [("echo of said", "echoes"), ("said", "notes"), ("plain", "notes")]
+
+
 async def test_cancelling_a_token_cancels_the_remote_handler(
     pair: tuple[NatsAgentRuntime, NatsAgentRuntime, Recorder],
 ) -> None:

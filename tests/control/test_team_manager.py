@@ -1,20 +1,35 @@
 """The team's manager, as the control plane runs it (control.teams.build), with its members in team hosts on
-connections of their own: it polls for the answer of the member it asked to speak, and its first run waits no
-round trip to the server for its subscriptions."""
+connections of their own: it polls for the answer of the member it asked to speak, its first run waits no
+round trip to the server for its subscriptions, and a member's answer implies the message for the team's output
+(sent once), unless the manager is an older one."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any
 
 import nats
 import pytest
+from autogen_agentchat.agents import AssistantAgent
+from autogen_agentchat.base import Response
+from autogen_agentchat.messages import BaseAgentEvent, BaseChatMessage
+from autogen_agentchat.teams._group_chat._events import (
+    GroupChatAgentResponse,
+    GroupChatError,
+    GroupChatMessage,
+    GroupChatRequestPublish,
+)
+from autogen_core import AgentId, BaseAgent, CancellationToken, MessageContext, TopicId, TypeSubscription
 from nats.aio.msg import Msg
 
+from agent.models import create_model_client
 from agent.protocol import AgentDefinition, ModelConfig
 from agent.runtime import NatsAgentRuntime
-from agent.teamhost import TeamHost
-from agent.teamprotocol import run_namespace
+from agent.teamhost import TeamHost, _Container, _StateSender
+from agent.teamprotocol import answer_output, run_namespace
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
@@ -83,3 +98,136 @@ async def test_the_manager_polls_for_the_answer_of_the_member_it_asked(nats_serv
     if spin_us:  # a window of 3 s from the last request: then it sleeps
         await assert_eventually(now(lambda: wire.spinning), lambda spinning: not spinning, what="polling to stop")
     await nc.close()
+
+
+@pytest.mark.parametrize("implied", [True, False])
+async def test_a_members_answer_implies_the_outputs_message_unless_the_manager_is_older(
+    nats_server: EmbeddedNats, implied: bool
+) -> None:
+    """AgentChat's container publishes each answer twice (for the team's output, then for the group); a member
+    joined by a manager that derives the first from the second sends it once. The transcript is the same."""
+    members = [_member(i, name) for i, name in enumerate(NAMES)]
+    spec = Team(
+        id="tm-0000000000aa",
+        customer_id=CUSTOMER,
+        name="pair",
+        members=[m.agent_id for m in members],
+        mode="round_robin",
+        termination=Termination(max_messages=5),
+    )
+    run_id = "rn-0000000000ab"
+    nc, watcher = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
+    from_members: list[str] = []  # who sent each message on the output's subject, when a member did
+
+    async def on_output(msg: Msg) -> None:
+        sender = (json.loads(msg.data.partition(b"\n")[0])["sn"] or "").split("_", 1)[0]
+        if sender in NAMES:  # (the manager publishes the task and the termination there)
+            from_members.append(sender)
+
+    await watcher.subscribe(f"{runtime.namespace}.t.output_topic_{run_id}", cb=on_output)
+    await watcher.flush()
+    async with _hosts(nats_server.url, members):
+        chat = build_team(spec, {m.agent_id: m for m in members}, runtime, run_id)
+        await runtime.start()
+        await join_members(nc, CUSTOMER, run_id, [m.agent_id for m in members], output_implied=implied)
+        result = await chat.run(task="take turns")
+        await runtime.stop()
+    await watcher.flush()  # (everything sent before the run ended has reached the watcher)
+    assert [(m.source, m.to_text()) for m in result.messages] == [
+        ("user", "take turns"),
+        ("alice", "alice 0"),
+        ("bob", "bob 0"),
+        ("alice", "alice 1"),
+        ("bob", "bob 1"),
+    ]
+    assert from_members == ([] if implied else ["alice", "bob", "alice", "bob"])
+    await watcher.close()
+    await nc.close()
+
+
+class _FailsAfterItsAnswer(AssistantAgent):
+    async def on_messages_stream(
+        self, messages: Sequence[BaseChatMessage], cancellation_token: CancellationToken
+    ) -> AsyncGenerator[BaseAgentEvent | BaseChatMessage | Response, None]:
+        async for item in super().on_messages_stream(messages, cancellation_token):
+            yield item
+        raise RuntimeError("failed after its answer")
+
+
+class _StallsAfterItsAnswer(AssistantAgent):
+    stalled = asyncio.Event()
+
+    async def on_messages_stream(
+        self, messages: Sequence[BaseChatMessage], cancellation_token: CancellationToken
+    ) -> AsyncGenerator[BaseAgentEvent | BaseChatMessage | Response, None]:
+        async for item in super().on_messages_stream(messages, cancellation_token):
+            yield item
+        self.stalled.set()
+        stalling = asyncio.ensure_future(asyncio.sleep(60))
+        cancellation_token.link_future(stalling)  # as a model call in flight is cancelled
+        await stalling
+
+
+_ENDINGS = {"answers": AssistantAgent, "fails": _FailsAfterItsAnswer, "is cancelled": _StallsAfterItsAnswer}
+
+
+class _Hears(BaseAgent):
+    def __init__(self) -> None:
+        super().__init__("hears the output and the group")
+        self.heard: list[tuple[str, Any]] = []
+
+    async def on_message_impl(self, message: Any, ctx: MessageContext) -> None:
+        assert ctx.topic_id is not None
+        self.heard.append((ctx.topic_id.type.split("_", 1)[0], message))
+
+
+@pytest.mark.parametrize("turn", list(_ENDINGS))
+async def test_an_outputs_message_kept_for_the_answer_goes_alone_when_no_answer_follows(
+    nats_server: EmbeddedNats, turn: str
+) -> None:
+    """A member keeps the output's message of its answer for the answer to imply; a turn that fails after it
+    (AgentChat then publishes an error for the group, not the answer) still sends it, first, and so does one
+    cancelled after it."""
+    key = "rn-0000000000ac"
+    namespace = run_namespace(CUSTOMER, key)
+    nc_member, nc_manager = await nats.connect(nats_server.url, no_echo=True), await nats.connect(nats_server.url)
+    member, manager = NatsAgentRuntime(nc_member, namespace), NatsAgentRuntime(nc_manager, namespace)
+    model = create_model_client(ModelConfig(provider="replay", name="m", responses=["the answer"]))
+    agent = _ENDINGS[turn]("alice", model_client=model)
+
+    async def state_sent(body: bytes, headers: dict[str, str]) -> bool:
+        return True
+
+    sender = _StateSender("alice", state_sent, True)
+    await member.register_factory(f"alice_{key}", lambda: _Container(key, agent, model, sender, output_implied=True))
+    for topic in (f"alice_{key}", f"group_topic_{key}"):
+        await member.add_subscription(TypeSubscription(topic_type=topic, agent_type=f"alice_{key}"))
+    hears = _Hears()
+    await manager.register_agent_instance(hears, AgentId("hears", "default"))
+    for topic in (f"output_topic_{key}", f"group_topic_{key}"):
+        await manager.add_subscription(TypeSubscription(topic_type=topic, agent_type="hears"))
+    for runtime in (member, manager):
+        runtime.derive(GroupChatAgentResponse, answer_output)
+        await runtime.start()
+    await manager.publish_message(GroupChatRequestPublish(), TopicId(f"alice_{key}", "default"))
+    if turn == "is cancelled":
+        await asyncio.wait_for(_StallsAfterItsAnswer.stalled.wait(), 10)
+        await manager.cancel_all()
+    heard = 1 if turn == "is cancelled" else 2
+    await assert_eventually(now(lambda: len(hears.heard)), lambda n: n == heard, what="the turn's messages")
+    where, output = hears.heard[0]
+    assert where == "output"
+    assert isinstance(output, GroupChatMessage) and output.message.to_text() == "the answer"
+    if turn == "fails":
+        (group, answer) = hears.heard[1]
+        assert group == "group"
+        assert isinstance(answer, GroupChatError) and answer.error.error_message == "failed after its answer"
+    elif turn == "answers":
+        (group, answer) = hears.heard[1]
+        assert group == "group"
+        assert isinstance(answer, GroupChatAgentResponse) and answer.response.chat_message == output.message
+    for runtime in (member, manager):
+        await runtime.stop()
+    await nc_member.close()
+    await nc_manager.close()

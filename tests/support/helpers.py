@@ -267,8 +267,11 @@ class Stalling:
         return getattr(self._kv, name)
 
 
-async def join_members(nc: nats.NATS, customer_id: str, run_id: str, agent_ids: Iterable[str]) -> None:
-    """Enlist one replica of each agent for run ``run_id``, as the team runner does (states sent as deltas)."""
+async def join_members(
+    nc: nats.NATS, customer_id: str, run_id: str, agent_ids: Iterable[str], output_implied: bool = True
+) -> None:
+    """Enlist one replica of each agent for run ``run_id``, as the team runner does (states sent as deltas, the
+    output's messages implied by the answers unless ``output_implied`` is False, as an older manager asks)."""
     for agent_id in agent_ids:
         join = MemberJoin(
             run_id=run_id,
@@ -277,6 +280,7 @@ async def join_members(nc: nats.NATS, customer_id: str, run_id: str, agent_ids: 
             agent_id=agent_id,
             team_key=run_id,
             state_deltas=True,
+            output_implied=output_implied,
         )
         await nc.request(join_subject(customer_id, agent_id), join.model_dump_json().encode(), timeout=10)
 
