@@ -89,7 +89,8 @@ class _StateSender:
     def __init__(self, member: str, publish: Publish, deltas: bool) -> None:
         self._member = member
         self._publish = publish
-        self._deltas = deltas
+        self.deltas = deltas
+        """Whether the run's manager takes deltas (``MemberJoin.state_deltas``; a new attempt's may not)."""
         self._after: str | None = None  # the answer the last state sent came with; None: the next one goes whole
         self._context: list[Any] = []  # the context's messages then
         self._since_whole = 0
@@ -116,7 +117,7 @@ class _StateSender:
         whole_next = (
             not sent
             or context is None
-            or not self._deltas
+            or not self.deltas
             or resets != self._resets
             or self._since_whole >= FULL_STATE_EVERY - 1
         )
@@ -160,23 +161,26 @@ class _Container(ChatAgentContainer):
         agent: AssistantAgent,
         model_client: ChatCompletionClient,
         sender: _StateSender,
-        output_implied: bool = False,
+        terms: Callable[[], MemberJoin] | None = None,
     ) -> None:
+        """``terms``: the join of the run's manager now (a new attempt's manager may ask otherwise); None: an
+        older manager's (both messages of an answer sent, states sent)."""
         super().__init__(f"group_topic_{team_key}", f"output_topic_{team_key}", agent, MessageFactory())
         self._model_client = model_client
         self._sender = sender
-        self._output_implied = output_implied
+        self._terms = terms
         self._output: tuple[GroupChatMessage, TopicId] | None = None  # kept for the answer to imply
 
     async def publish_message(
         self, message: Any, topic_id: TopicId, *, cancellation_token: CancellationToken | None = None
     ) -> None:
+        terms = self._terms() if self._terms is not None else None
         if isinstance(message, GroupChatMessage) and isinstance(message.message, BaseChatMessage):
             # The turn's answer for the output topic: the same answer for the group follows at once (AgentChat
             # clears the buffer in between), then this member's state. All go to the manager's process; sent as
             # one, they cost it (and the server) one wake-up rather than three.
             self._runtime_wire().hold()
-            if self._output_implied and topic_id.type == self._output_topic_type:
+            if terms is not None and terms.output_implied and topic_id.type == self._output_topic_type:
                 await self._publish_output()  # (one kept before: nothing implied it)
                 self._output = (message, topic_id)  # the answer for the group implies it, if it holds the same
                 return
@@ -199,8 +203,10 @@ class _Container(ChatAgentContainer):
             # the manager checkpoints the turn before it asks the next speaker, so it waits for this state
             # anyway. Sent after the answer instead, it cost the manager a second wake-up while it waited (the
             # team task bench: 1.60 against 1.77 ms a message through the platform, medians of 4 runs each).
+            # None to a manager that keeps no checkpoints.
             try:
-                await self._sender.send(self, message.response.chat_message.id)
+                if terms is None or terms.states:
+                    await self._sender.send(self, message.response.chat_message.id)
             finally:
                 self._runtime_wire().release()
         elif isinstance(message, GroupChatError):
@@ -346,9 +352,11 @@ class TeamHost:
         hosted = self._runs.get(join.run_id)
         if hosted is None:
             await self._host(join)
-        else:  # a new attempt: its manager has none of the states sent before
+        else:  # a new attempt: its manager has none of the states sent before, and may ask otherwise
+            hosted.join = join
+            hosted.sender.deltas = join.state_deltas
             hosted.sender.reset()
-        answer = MemberJoined(agent_id=self._definition.agent_id, instance_id=self.instance_id, checkpoints=True)
+        answer = MemberJoined(agent_id=self._definition.agent_id, instance_id=self.instance_id, checkpoints=join.states)
         await msg.respond(answer.model_dump_json().encode())
 
     async def _host(self, join: MemberJoin) -> None:
@@ -359,14 +367,14 @@ class TeamHost:
         agent_type = f"{self._definition.name}_{join.team_key}"
         send_state = _state_publisher(runtime.wire, f"{namespace}.x.state", join.run_id, agent_type)
         sender = _StateSender(self._definition.name, send_state, join.state_deltas)
+        hosted = _HostedRun(runtime, join, sender, model_client)
         runtime.derive(GroupChatAgentResponse, answer_output)
         await runtime.register_factory(
-            agent_type, lambda: _Container(join.team_key, agent, model_client, sender, join.output_implied)
+            agent_type, lambda: _Container(join.team_key, agent, model_client, sender, lambda: hosted.join)
         )
         await runtime.add_subscription(TypeSubscription(topic_type=agent_type, agent_type=agent_type))
         group_topic = f"group_topic_{join.team_key}"
         await runtime.add_subscription(TypeSubscription(topic_type=group_topic, agent_type=agent_type))
-        hosted = _HostedRun(runtime, join, sender, model_client)
         try:
             await runtime.start()
             hosted.subs.append(await self._nc.subscribe(f"{namespace}.x.end", cb=self._on_end))

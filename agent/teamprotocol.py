@@ -112,6 +112,10 @@ class MemberJoin(BaseModel):
     state_deltas: bool = False
     """The manager takes a member's states as deltas to the one before (``STATE_BASE_HEADER``); older managers
     do not, and get whole states."""
+    states: bool = True
+    """The manager checkpoints the run between turns, from the state each member sends after each of its turns
+    (``x.state``); one that keeps no checkpoints (AgentChat's team on the runtime alone) says False, and gets
+    none."""
     output_implied: bool = False
     """The manager's process derives the message of each answer for the team's output from the answer for the
     group (:func:`answer_output`), which the member then sends alone, as implying the other
@@ -128,8 +132,8 @@ class MemberJoined(BaseModel):
     instance_id: str
     """The replica (allocation) that hosts the member for this run; every message of the run goes there."""
     checkpoints: bool = False
-    """The member sends its state on ``x.state`` after each turn (older agents do not: the manager then
-    checkpoints only when the team asks the human)."""
+    """The member sends its state on ``x.state`` after each turn, as the join asked (older agents do not: the
+    manager then checkpoints only when the team asks the human)."""
 
 
 class TeamTaskRequest(BaseModel):

@@ -1,11 +1,14 @@
 """Issue 5 benchmark: our NATS agent runtime beside AutoGen's gRPC worker runtime and raw nats-py request/reply
 (two agents in separate processes, measured in the same run, rounds interleaved, each way of asking from a
-process of its own), and a 3-member round-robin team
-of 60 messages on a zero-latency model, members in their own processes versus AgentChat in one process (and the
-same distributed team with its manager not polling for its members' answers, rounds interleaved). Beside the
-team, the floor of its transport: the same pattern of NATS messages between processes on the runtime's own
-path, agent.wire (the manager asks a member, the member answers to the manager and the group), with no AgentChat
-and no runtime.
+process of its own), and a 3-member round-robin team of 60 messages on a zero-latency model, members in their own
+processes versus AgentChat in one process. The headline runs the distributed team as AgentChat runs its own, with
+no checkpoints (its manager joins the members with ``states=False``); beside it, rounds interleaved, the same team
+with each member sending its state after each turn for the checkpoints (as team tasks run: their cost through
+the whole platform is tests/bench/test_team_tasks.py's), with its manager not polling for its members' answers,
+and with each answer's message for the team's output sent apart, as to an older manager. Beside the team, the
+floor of its transport: the same pattern of NATS messages between processes on the runtime's own path,
+agent.wire (the manager asks a member, the member answers to the manager and the group), with no AgentChat and no
+runtime.
 Run by ./dev/bench; prints its figures."""
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
                     samples[name] += await each.ask(MESSAGES // ROUNDS)
 
         nc = await nats.connect(server.url)
-        local_times, remote_times, unpolled_times, floor_times = await team_rounds(nc, server.url)
+        team = await team_rounds(nc, server.url)
         await nc.close()
 
     print()
@@ -155,32 +158,52 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
         f"its transport / gRPC p50      {transport / p50['autogen gRPC runtime']:.2f}x  (the runtime's own part: "
         f"{(p50['caravan runtime'] - transport) * 1e6:.0f} us)"
     )
-    per_local = statistics.median(local_times) / TEAM_MESSAGES
-    per_remote = statistics.median(remote_times) / TEAM_MESSAGES
+    per = {name: statistics.median(values) / TEAM_MESSAGES for name, values in team.items()}
+    local, remote = per["local"], per["distributed"]
     print(f"round-robin team, 3 members, {TEAM_MESSAGES} messages, zero-latency model, {TEAM_ROUNDS} runs each")
-    print(f"in-process (AgentChat)       {per_local * 1000:.2f} ms/message")
-    per_floor = statistics.median(floor_times) / TEAM_MESSAGES
-    print(f"members in 3 processes       {per_remote * 1000:.2f} ms/message")
-    print(f"distributed / in-process     {per_remote / per_local:.2f}x  (goal <= 1.3x)")
-    paired = [remote / local for remote, local in zip(remote_times, local_times, strict=True)]
+    print(f"in-process (AgentChat)       {local * 1000:.2f} ms/message")
+    print(
+        f"members in 3 processes       {remote * 1000:.2f} ms/message  (as AgentChat's team: no checkpoints, so "
+        "no member's state after each turn)"
+    )
+    print(f"distributed / in-process     {remote / local:.2f}x  (goal <= 1.3x)")
+    paired = [each / alone for each, alone in zip(team["distributed"], team["local"], strict=True)]
     print(
         f"  paired by round             {statistics.median(paired):.2f}x  (quartiles {percentile(paired, 25):.2f}-"
         f"{percentile(paired, 75):.2f}x: each round runs both, one after the other)"
     )
-    per_unpolled = statistics.median(unpolled_times) / TEAM_MESSAGES
-    print(
-        f"manager not polling          {per_unpolled * 1000:.2f} ms/message  {per_unpolled / per_local:.2f}x  "
-        "(for the answers of the members it asks: Wire.expect)"
-    )
-    print(f"transport floor (agent.wire, same messages, no AgentChat)  {per_floor * 1000:.2f} ms/message")
-    print(f"(in-process + floor) / in-process  {(per_local + per_floor) / per_local:.2f}x")
+    notes = {
+        "with states": "each member's state after each turn, for the checkpoints, as team tasks run",
+        "unpolled": "the manager not polling for the answers of the members it asks: Wire.expect",
+        "apart": "each answer sent twice, with the output's message apart, as to an older manager",
+    }
+    for variant, note in notes.items():
+        ratio = statistics.median([each / head for each, head in zip(team[variant], team["distributed"], strict=True)])
+        print(
+            f"{variant:<28} {per[variant] * 1000:.2f} ms/message  {per[variant] / local:.2f}x  ({note}; "
+            f"{ratio:.3f}x the headline, paired by round)"
+        )
+    floor = per["floor"]
+    print(f"transport floor (agent.wire, same messages, no AgentChat)  {floor * 1000:.2f} ms/message")
+    print(f"(in-process + floor) / in-process  {(local + floor) / local:.2f}x")
 
 
 def zero_model(name: str) -> ModelConfig:
     return ModelConfig(provider="replay", name="zero", responses=[f"{name} says {i}" for i in range(1000)])
 
 
-async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float], list[float], list[float]]:
+VARIANTS: dict[str, dict[str, bool]] = {
+    "distributed": {"states": False},  # the headline: a manager keeping no checkpoints, as AgentChat's own team
+    "with states": {},  # as the platform's runner joins: each member's state after each turn, for the checkpoints
+    "unpolled": {"states": False},  # the manager not polling for its members' answers (Wire.expect)
+    "apart": {"states": False, "output_implied": False},  # each answer's output message sent apart (older manager)
+}
+"""The distributed team's variants, by how the manager joins the members (``MemberJoin``), each run every round."""
+
+
+async def team_rounds(nc: nats.NATS, url: str) -> dict[str, list[float]]:
+    """Time of a run of the team, each round: in-process ("local"), each of :data:`VARIANTS`, and the transport
+    floor ("floor")."""
     names = ["alpha", "beta", "gamma"]
     ids = {name: f"ag-00000000000{i}" for i, name in enumerate(names)}
     members = {
@@ -195,10 +218,7 @@ async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float]
         mode="round_robin",
         termination=Termination(max_messages=TEAM_MESSAGES + 1),
     )
-    local_times: list[float] = []
-    remote_times: list[float] = []
-    unpolled_times: list[float] = []  # the manager not polling for its members' answers (Wire.expect)
-    floor_times: list[float] = []
+    times: dict[str, list[float]] = {"local": [], **{variant: [] for variant in VARIANTS}, "floor": []}
     wire = Wire.of(nc)
     spin_s = wire.spin_s
     relay = Relay(nc, "bench.relay", len(names))
@@ -215,15 +235,15 @@ async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float]
             elapsed = time.perf_counter() - started
             assert len(result.messages) == TEAM_MESSAGES + 1
             if round_:
-                local_times.append(elapsed)
+                times["local"].append(elapsed)
 
-            for polls, times in ((True, remote_times), (False, unpolled_times)):
-                wire.spin_s = spin_s if polls else 0.0
-                run_id = f"rn-{round_:011x}{int(polls)}"
+            for i, (variant, terms) in enumerate(VARIANTS.items()):
+                wire.spin_s = 0.0 if variant == "unpolled" else spin_s
+                run_id = f"rn-{round_:011x}{i}"
                 runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
                 chat = build_team(spec, members, runtime, run_id)
                 await runtime.start()
-                await join_members(nc, CUSTOMER, run_id, members)
+                await join_members(nc, CUSTOMER, run_id, members, **terms)
                 started = time.perf_counter()
                 result = await chat.run(task="count")
                 elapsed = time.perf_counter() - started
@@ -231,13 +251,13 @@ async def team_rounds(nc: nats.NATS, url: str) -> tuple[list[float], list[float]
                 await nc.publish(f"{runtime.namespace}.x.end", b"")
                 await runtime.stop()
                 if round_:
-                    times.append(elapsed)
+                    times[variant].append(elapsed)
             wire.spin_s = spin_s
 
             elapsed = await relay.run(TEAM_MESSAGES)
             if round_:
-                floor_times.append(elapsed)
-    return local_times, remote_times, unpolled_times, floor_times
+                times["floor"].append(elapsed)
+    return times
 
 
 class Relay:

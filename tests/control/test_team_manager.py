@@ -29,7 +29,7 @@ from agent.models import create_model_client
 from agent.protocol import AgentDefinition, ModelConfig
 from agent.runtime import NatsAgentRuntime
 from agent.teamhost import TeamHost, _Container, _StateSender
-from agent.teamprotocol import answer_output, run_namespace
+from agent.teamprotocol import STATE_MEMBER_HEADER, MemberJoin, answer_output, run_namespace
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
@@ -100,12 +100,19 @@ async def test_the_manager_polls_for_the_answer_of_the_member_it_asked(nats_serv
     await nc.close()
 
 
-@pytest.mark.parametrize("implied", [True, False])
-async def test_a_members_answer_implies_the_outputs_message_unless_the_manager_is_older(
-    nats_server: EmbeddedNats, implied: bool
-) -> None:
+@pytest.mark.parametrize(
+    "terms",
+    [{}, {"output_implied": False}, {"states": False}, {"output_implied": False, "states": False, "rejoin": True}],
+    ids=["as the runner joins", "an older manager", "a manager keeping no checkpoints", "a new attempt's manager"],
+)
+async def test_what_members_send_follows_the_managers_join(nats_server: EmbeddedNats, terms: dict[str, bool]) -> None:
     """AgentChat's container publishes each answer twice (for the team's output, then for the group); a member
-    joined by a manager that derives the first from the second sends it once. The transcript is the same."""
+    joined by a manager that derives the first from the second sends it once. It sends its state after each
+    turn, for the checkpoints, unless the manager keeps none. The transcript is the same. A member follows the
+    join of a new attempt's manager (which may be an older one) rather than the first."""
+    terms = dict(terms)
+    rejoin = terms.pop("rejoin", False)
+    implied, states = terms.get("output_implied", True), terms.get("states", True)
     members = [_member(i, name) for i, name in enumerate(NAMES)]
     spec = Team(
         id="tm-0000000000aa",
@@ -118,19 +125,26 @@ async def test_a_members_answer_implies_the_outputs_message_unless_the_manager_i
     run_id = "rn-0000000000ab"
     nc, watcher = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
     runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
-    from_members: list[str] = []  # who sent each message on the output's subject, when a member did
+    outputs: list[str] = []  # who sent each message on the output's subject, when a member did
+    states_from: list[str] = []  # whose state each message on x.state was
 
     async def on_output(msg: Msg) -> None:
         sender = (json.loads(msg.data.partition(b"\n")[0])["sn"] or "").split("_", 1)[0]
         if sender in NAMES:  # (the manager publishes the task and the termination there)
-            from_members.append(sender)
+            outputs.append(sender)
+
+    async def on_state(msg: Msg) -> None:
+        states_from.append((msg.headers or {})[STATE_MEMBER_HEADER])
 
     await watcher.subscribe(f"{runtime.namespace}.t.output_topic_{run_id}", cb=on_output)
+    await watcher.subscribe(f"{runtime.namespace}.x.state", cb=on_state)
     await watcher.flush()
     async with _hosts(nats_server.url, members):
         chat = build_team(spec, {m.agent_id: m for m in members}, runtime, run_id)
         await runtime.start()
-        await join_members(nc, CUSTOMER, run_id, [m.agent_id for m in members], output_implied=implied)
+        if rejoin:  # the first attempt's manager joined as the runner does
+            await join_members(nc, CUSTOMER, run_id, [m.agent_id for m in members])
+        await join_members(nc, CUSTOMER, run_id, [m.agent_id for m in members], **terms)
         result = await chat.run(task="take turns")
         await runtime.stop()
     await watcher.flush()  # (everything sent before the run ended has reached the watcher)
@@ -141,7 +155,9 @@ async def test_a_members_answer_implies_the_outputs_message_unless_the_manager_i
         ("alice", "alice 1"),
         ("bob", "bob 1"),
     ]
-    assert from_members == ([] if implied else ["alice", "bob", "alice", "bob"])
+    turns = ["alice", "bob", "alice", "bob"]
+    assert outputs == ([] if implied else turns)
+    assert states_from == (turns if states else [])
     await watcher.close()
     await nc.close()
 
@@ -200,7 +216,15 @@ async def test_an_outputs_message_kept_for_the_answer_goes_alone_when_no_answer_
         return True
 
     sender = _StateSender("alice", state_sent, True)
-    await member.register_factory(f"alice_{key}", lambda: _Container(key, agent, model, sender, output_implied=True))
+    join = MemberJoin(
+        run_id=key,
+        task_id="tk-0000000000ac",
+        customer_id=CUSTOMER,
+        agent_id="ag-0000000000ac",
+        team_key=key,
+        output_implied=True,
+    )
+    await member.register_factory(f"alice_{key}", lambda: _Container(key, agent, model, sender, lambda: join))
     for topic in (f"alice_{key}", f"group_topic_{key}"):
         await member.add_subscription(TypeSubscription(topic_type=topic, agent_type=f"alice_{key}"))
     hears = _Hears()

@@ -268,10 +268,16 @@ class Stalling:
 
 
 async def join_members(
-    nc: nats.NATS, customer_id: str, run_id: str, agent_ids: Iterable[str], output_implied: bool = True
+    nc: nats.NATS,
+    customer_id: str,
+    run_id: str,
+    agent_ids: Iterable[str],
+    output_implied: bool = True,
+    states: bool = True,
 ) -> None:
-    """Enlist one replica of each agent for run ``run_id``, as the team runner does (states sent as deltas, the
-    output's messages implied by the answers unless ``output_implied`` is False, as an older manager asks)."""
+    """Enlist one replica of each agent for run ``run_id``, as the team runner does (states sent after each turn,
+    as deltas, unless ``states`` is False, as a manager that keeps no checkpoints asks; the output's messages
+    implied by the answers unless ``output_implied`` is False, as an older manager asks)."""
     for agent_id in agent_ids:
         join = MemberJoin(
             run_id=run_id,
@@ -281,6 +287,7 @@ async def join_members(
             team_key=run_id,
             state_deltas=True,
             output_implied=output_implied,
+            states=states,
         )
         await nc.request(join_subject(customer_id, agent_id), join.model_dump_json().encode(), timeout=10)
 
