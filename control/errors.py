@@ -11,6 +11,7 @@ __all__ = [
     "Forbidden",
     "Invalid",
     "NotFound",
+    "StoreUnavailable",
     "Unauthorized",
     "Unavailable",
     "invalid_input",
@@ -71,3 +72,12 @@ class Forbidden(CaravanError):
 class Unavailable(CaravanError):
     status = 503
     code = "unavailable"
+
+
+class StoreUnavailable(Unavailable):
+    """NATS, the platform's store, did not answer in time: a moment later it may."""
+
+    headers = {"Retry-After": "1"}
+
+    def __init__(self) -> None:
+        super().__init__("the platform's store (NATS) did not answer in time; try again in a moment")

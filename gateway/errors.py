@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from control.errors import CaravanError, invalid_input
+from control.errors import CaravanError, StoreUnavailable, invalid_input
 from control.natsio import NATS_UNAVAILABLE
 from control.services.auth import redact_json, redact_keys, shown_prefix
 from gateway.wslog import denial_sent
@@ -139,8 +139,7 @@ class _Unexpected:
             if started:
                 raise
             log.warning("NATS did not answer %s %s: %r", scope["method"], shown_path(scope["path"]), exc)
-            message = "the platform's store (NATS) did not answer in time; try again in a moment"
-            await error_response(503, "unavailable", message, None, {"Retry-After": "1"})(scope, receive, send)
+            await caravan_error_response(StoreUnavailable())(scope, receive, send)
         except Exception:
             if started:
                 raise
