@@ -58,9 +58,9 @@ def _literal_address(host: str) -> IPAddress | None:
     return None
 
 
-def _internal(address: IPAddress) -> bool:
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
-    return not (mapped or address).is_global
+def _unmapped(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv4-mapped IPv6 one stands for (``::ffff:127.0.0.1`` is 127.0.0.1), else itself."""
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 @dataclass(frozen=True)
@@ -74,14 +74,14 @@ class EgressPolicy:
     def parse(cls, text: str) -> EgressPolicy:
         """``host,host,network/prefix,...``; :class:`ValueError` for an entry that is neither."""
         hosts, networks = set(), []
-        for entry in filter(None, (part.strip().lower() for part in text.split(","))):
+        for entry in filter(None, (part.strip().lower().rstrip(".") for part in text.split(","))):
             if "/" in entry or _literal_address(entry) is not None:
                 try:
                     networks.append(ipaddress.ip_network(entry, strict=False))
                 except ValueError as exc:
                     raise ValueError(f"{ALLOW_ENV}: {entry!r} is not a network: {exc}") from None
             elif re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", entry):
-                hosts.add(entry.rstrip("."))
+                hosts.add(entry)
             else:
                 raise ValueError(f"{ALLOW_ENV}: {entry!r} is neither a host name nor a network")
         return cls(frozenset(hosts), tuple(networks))
@@ -91,7 +91,8 @@ class EgressPolicy:
         return cls.parse(os.environ.get(ALLOW_ENV, ""))
 
     def _allows(self, address: IPAddress) -> bool:
-        return not _internal(address) or any(address in network for network in self.networks)
+        address = _unmapped(address)
+        return address.is_global or any(address in network for network in self.networks)
 
     def check_url(self, url: str) -> None:
         """Refuse a URL whose host is, as written, an internal address or a ``localhost`` name (no lookup)."""
@@ -125,7 +126,7 @@ _ADVICE = (
 
 
 def _kind(address: IPAddress) -> str:
-    address = getattr(address, "ipv4_mapped", None) or address
+    address = _unmapped(address)
     for kind in ("loopback", "link_local", "private", "unspecified", "multicast", "reserved"):
         if getattr(address, f"is_{kind}"):
             return kind.replace("_", "-")

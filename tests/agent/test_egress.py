@@ -45,8 +45,14 @@ def test_a_public_host_is_allowed(url: str) -> None:
 
 
 def test_an_operator_allows_internal_hosts_and_networks_by_name() -> None:
-    policy = EgressPolicy.parse(" ollama.internal , 10.20.0.0/16,127.0.0.1 ")
-    for url in ("http://ollama.internal:11434/v1", "http://10.20.3.4/v1", "http://127.0.0.1/v1"):
+    policy = EgressPolicy.parse(" ollama.internal , 10.20.0.0/16,127.0.0.1, gpu.internal. ")
+    allowed = (
+        "http://ollama.internal:11434/v1",
+        "http://10.20.3.4/v1",
+        "http://127.0.0.1/v1",
+        "http://gpu.internal/v1",
+    )
+    for url in (*allowed, "http://[::ffff:10.20.3.4]/v1"):  # (an IPv4-mapped address is the IPv4 one)
         policy.check_url(url)
     with pytest.raises(EgressRefused):
         policy.check_url("http://10.21.0.1/v1")
