@@ -63,10 +63,12 @@ _LOCAL_INFO = ModelInfo(
 )
 
 
-def _key(config: ModelConfig, required: bool) -> str | None:
+def _key(config: ModelConfig) -> str | None:
+    """The platform's key for ``config`` from the environment; :class:`MissingCredentials` when it needs one
+    (:func:`~agent.protocol.required_model_key`) that is not there."""
     env_name = model_key_env(config)
     value = os.environ.get(env_name) if env_name else None
-    if required and not value:
+    if not value and required_model_key(config) is not None:
         raise MissingCredentials(f"provider {config.provider!r} needs {env_name} in the agent's environment")
     return value
 
@@ -76,8 +78,8 @@ def check_credentials(config: ModelConfig, local: LocalModelAccess | None = None
     key, the local model's address): what :func:`create_model_client` would raise, without making a client."""
     if config.provider == "local":
         _local_access(local)
-    elif required_model_key(config) is not None:
-        _key(config, True)
+    else:
+        _key(config)
 
 
 def create_model_client(config: ModelConfig, local: LocalModelAccess | None = None) -> ChatCompletionClient:
@@ -89,7 +91,7 @@ def create_model_client(config: ModelConfig, local: LocalModelAccess | None = No
     if config.provider == "anthropic":
         from autogen_ext.models.anthropic import AnthropicChatCompletionClient
 
-        kwargs: dict[str, Any] = {"model": config.name, "api_key": _key(config, True)}
+        kwargs: dict[str, Any] = {"model": config.name, "api_key": _key(config)}
         if not config.name.startswith("claude"):
             kwargs["model_info"] = _GENERIC_INFO
         return AnthropicChatCompletionClient(**kwargs, **_sampling(config))
@@ -99,7 +101,7 @@ def create_model_client(config: ModelConfig, local: LocalModelAccess | None = No
     if config.provider == "local":
         return OpenAIChatCompletionClient(**_local_kwargs(config, local), **_sampling(config))
     base_url = config.base_url or OPENAI_COMPATIBLE[config.provider]
-    kwargs = {"model": config.name, "api_key": _key(config, config.provider != "ollama") or "none"}
+    kwargs = {"model": config.name, "api_key": _key(config) or "none"}
     if base_url is not None:
         kwargs["base_url"] = base_url
         kwargs["model_info"] = _GENERIC_INFO
