@@ -2,7 +2,7 @@
 // and their quotas, the audit log. The server checks the admin role on every call; these views only ask.
 
 import { api, seg } from "./api.js";
-import { REFRESH_MS, actionButton, attempt, badge, counted, el, every, field, fill, numberOrNull, showError, showNotice, table, when } from "./dom.js";
+import { REFRESHES, REFRESH_MS, actionButton, attempt, badge, counted, el, every, field, fill, numberOrNull, showError, showNotice, table, when } from "./dom.js";
 import { usageTable } from "./customer.js";
 
 const TIERS = ["free", "standard", "enterprise"];
@@ -109,7 +109,7 @@ export function statsView(root) {
     el(
       "section",
       { class: "panel" },
-      el("div", { class: "toolbar" }, el("h2", { text: "Platform" }), el("label", { class: "check" }, auto, "refresh every 5 s"), updated),
+      el("div", { class: "toolbar" }, el("h2", { text: "Platform" }), el("label", { class: "check" }, auto, `refresh every ${REFRESH_MS / 1000} s`), updated),
       errors,
       body,
     ),
@@ -162,7 +162,7 @@ export function adminAgentsView(root) {
     el(
       "section",
       { class: "panel" },
-      el("div", { class: "toolbar" }, el("h2", { text: "Every customer's agents" }), filter, el("span", { class: "muted", text: "refreshes every 5 s" })),
+      el("div", { class: "toolbar" }, el("h2", { text: "Every customer's agents" }), filter, el("span", { class: "muted", text: REFRESHES })),
       actionErrors,
       errors,
       list,

@@ -2,7 +2,7 @@
 // and returns the function that stops what it runs (refreshes, streams).
 
 import { api, seg } from "./api.js";
-import { REFRESH_MS, actionButton, attempt, badge, el, every, field, fill, numberOrNull, showNotice, table, when } from "./dom.js";
+import { REFRESHES, REFRESH_MS, actionButton, attempt, badge, el, every, field, fill, numberOrNull, showNotice, table, when } from "./dom.js";
 import { openTask } from "./task.js";
 
 const PROVIDERS = ["replay", "local", "openai", "openrouter", "groq", "deepseek", "anthropic", "ollama"];
@@ -136,7 +136,7 @@ export function agentsView(root) {
   fill(
     root,
     agentForm(load),
-    el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Agents" }), el("span", { class: "muted", text: "refreshes every 5 s" })), actionErrors, errors, list),
+    el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Agents" }), el("span", { class: "muted", text: REFRESHES })), actionErrors, errors, list),
     job,
   );
   return every(REFRESH_MS, load);
@@ -417,7 +417,7 @@ export function tasksView(root) {
   fill(
     root,
     el("div", { class: "split" }, startForm, watcher),
-    el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Tasks" }), statusFilter, el("span", { class: "muted", text: "refreshes every 5 s" })), errors, list, more),
+    el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Tasks" }), statusFilter, el("span", { class: "muted", text: REFRESHES })), errors, list, more),
   );
   const stopRefresh = every(REFRESH_MS, () => Promise.all([targets(), load()]));
   return () => {
@@ -464,6 +464,6 @@ export function usageView(root) {
     const usage = await attempt(errors, () => api("GET", "/v1/usage"));
     if (usage) fill(body, usageTable(usage));
   }
-  fill(root, el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Usage and quota" }), el("span", { class: "muted", text: "refreshes every 5 s" })), errors, body));
+  fill(root, el("section", { class: "panel" }, el("div", { class: "toolbar" }, el("h2", { text: "Usage and quota" }), el("span", { class: "muted", text: REFRESHES })), errors, body));
   return every(REFRESH_MS, load);
 }

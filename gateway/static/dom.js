@@ -3,8 +3,9 @@
 
 const PROPERTIES = new Set(["value", "checked", "disabled", "selected", "hidden", "open", "required", "multiple"]);
 
-/** How often the views that refresh themselves do. */
+/** How often the views that refresh themselves do, and how they say so. */
 export const REFRESH_MS = 5000;
+export const REFRESHES = `refreshes every ${REFRESH_MS / 1000} s`;
 
 /** el("button", {class: "primary", onclick: fn, text: "Go"}, ...children): children are nodes or plain text. */
 export function el(tag, props = {}, ...children) {
