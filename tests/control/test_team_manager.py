@@ -15,7 +15,9 @@ import nats
 import pytest
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.base import Response
+from autogen_agentchat.conditions import MaxMessageTermination
 from autogen_agentchat.messages import BaseAgentEvent, BaseChatMessage
+from autogen_agentchat.teams import RoundRobinGroupChat
 from autogen_agentchat.teams._group_chat._events import (
     GroupChatAgentResponse,
     GroupChatError,
@@ -29,7 +31,7 @@ from agent.models import create_model_client
 from agent.protocol import AgentDefinition, ModelConfig
 from agent.runtime import NatsAgentRuntime
 from agent.teamhost import TeamHost, _Container, _StateSender
-from agent.teamprotocol import STATE_MEMBER_HEADER, MemberJoin, answer_output, run_namespace
+from agent.teamprotocol import MODEL_POSITION, STATE_MEMBER_HEADER, MemberJoin, answer_output, run_namespace
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
@@ -255,3 +257,51 @@ async def test_an_outputs_message_kept_for_the_answer_goes_alone_when_no_answer_
         await runtime.stop()
     await nc_member.close()
     await nc_manager.close()
+
+
+def _comparable(state: Any) -> Any:
+    """A saved team state without what differs between two runs of the same script (ids, times) and what only
+    Caravan's members add to it (the scripted model's place)."""
+    if isinstance(state, dict):
+        dropped = ("id", "created_at", MODEL_POSITION)
+        return {key: _comparable(value) for key, value in state.items() if key not in dropped}
+    if isinstance(state, list):
+        return [_comparable(item) for item in state]
+    return state
+
+
+async def test_every_members_context_and_buffer_end_as_in_agentchats_own_team(nats_server: EmbeddedNats) -> None:
+    """Beyond the transcript (the scripted model answers whatever it is told): each member's model context and
+    message buffer, saved through the runtime once the run is over, equal those of AgentChat's team in one
+    process."""
+    names = ("alice", "bob", "carol")
+    members = [_member(i, name) for i, name in enumerate(names)]
+    spec = Team(
+        id="tm-0000000000aa",
+        customer_id=CUSTOMER,
+        name="trio",
+        members=[m.agent_id for m in members],
+        mode="round_robin",
+        termination=Termination(max_messages=8),
+    )
+    run_id = "rn-0000000000ad"
+    nc = await nats.connect(nats_server.url)
+    runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
+    async with _hosts(nats_server.url, members):
+        chat = build_team(spec, {m.agent_id: m for m in members}, runtime, run_id)
+        await runtime.start()
+        await join_members(nc, CUSTOMER, run_id, [m.agent_id for m in members])
+        distributed = await chat.run(task="take turns")
+        saved = await chat.save_state()
+        await runtime.stop()
+    await nc.close()
+    local_members = [
+        AssistantAgent(m.name, model_client=create_model_client(m.model), system_message=None) for m in members
+    ]
+    local = RoundRobinGroupChat(local_members, termination_condition=MaxMessageTermination(8))
+    alone = await local.run(task="take turns")
+    assert [m.to_text() for m in distributed.messages] == [m.to_text() for m in alone.messages]
+    for name in names:  # (the states AgentChat saves, member by member)
+        assert _comparable(saved["agent_states"][name]) == _comparable(
+            (await local.save_state())["agent_states"][name]
+        ), name
