@@ -49,6 +49,20 @@ def _member(i: int, name: str) -> AgentDefinition:
     )
 
 
+def _round_robin(names: Sequence[str], max_messages: int) -> tuple[list[AgentDefinition], Team]:
+    """Members of these names on scripted models, and their round-robin team of at most so many messages."""
+    members = [_member(i, name) for i, name in enumerate(names)]
+    spec = Team(
+        id="tm-0000000000aa",
+        customer_id=CUSTOMER,
+        name="team",
+        members=[m.agent_id for m in members],
+        mode="round_robin",
+        termination=Termination(max_messages=max_messages),
+    )
+    return members, spec
+
+
 @contextlib.asynccontextmanager
 async def _hosts(url: str, members: list[AgentDefinition]) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
@@ -65,15 +79,7 @@ async def _hosts(url: str, members: list[AgentDefinition]) -> AsyncIterator[None
 async def test_the_manager_polls_for_the_answer_of_the_member_it_asked(nats_server: EmbeddedNats, spin_us: int) -> None:
     """The answer comes on the group's subject, not as the answer to a request: the manager polls for it after
     each request to speak (Wire.expect), for the window only, and not at all with polling off."""
-    members = [_member(i, name) for i, name in enumerate(NAMES)]
-    spec = Team(
-        id="tm-0000000000aa",
-        customer_id=CUSTOMER,
-        name="pair",
-        members=[m.agent_id for m in members],
-        mode="round_robin",
-        termination=Termination(max_messages=5),
-    )
+    members, spec = _round_robin(NAMES, 5)
     nc = await nats.connect(nats_server.url)
     wire = Wire.of(nc)
     wire.spin_s = spin_us / 1e6
@@ -115,15 +121,7 @@ async def test_what_members_send_follows_the_managers_join(nats_server: Embedded
     terms = dict(terms)
     rejoin = terms.pop("rejoin", False)
     implied, states = terms.get("output_implied", True), terms.get("states", True)
-    members = [_member(i, name) for i, name in enumerate(NAMES)]
-    spec = Team(
-        id="tm-0000000000aa",
-        customer_id=CUSTOMER,
-        name="pair",
-        members=[m.agent_id for m in members],
-        mode="round_robin",
-        termination=Termination(max_messages=5),
-    )
+    members, spec = _round_robin(NAMES, 5)
     run_id = "rn-0000000000ab"
     nc, watcher = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
     runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
@@ -275,15 +273,7 @@ async def test_every_members_context_and_buffer_end_as_in_agentchats_own_team(na
     message buffer, saved through the runtime once the run is over, equal those of AgentChat's team in one
     process."""
     names = ("alice", "bob", "carol")
-    members = [_member(i, name) for i, name in enumerate(names)]
-    spec = Team(
-        id="tm-0000000000aa",
-        customer_id=CUSTOMER,
-        name="trio",
-        members=[m.agent_id for m in members],
-        mode="round_robin",
-        termination=Termination(max_messages=8),
-    )
+    members, spec = _round_robin(names, 8)
     run_id = "rn-0000000000ad"
     nc = await nats.connect(nats_server.url)
     runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
