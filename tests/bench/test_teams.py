@@ -198,7 +198,8 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "unpolled": {"states": False},  # the manager not polling for its members' answers (Wire.expect)
     "apart": {"states": False, "output_implied": False},  # each answer's output message sent apart (older manager)
 }
-"""The distributed team's variants, by how the manager joins the members (``MemberJoin``), each run every round."""
+"""The distributed team's variants, by how the manager joins the members (``MemberJoin``), each run every round
+(in a rotating order)."""
 
 
 async def team_rounds(nc: nats.NATS, url: str) -> dict[str, list[float]]:
@@ -237,7 +238,9 @@ async def team_rounds(nc: nats.NATS, url: str) -> dict[str, list[float]]:
             if round_:
                 times["local"].append(elapsed)
 
-            for i, (variant, terms) in enumerate(VARIANTS.items()):
+            variants = list(enumerate(VARIANTS.items()))
+            shift = round_ % len(variants)  # each variant in each place in turn: none always follows the in-process
+            for i, (variant, terms) in variants[shift:] + variants[:shift]:
                 wire.spin_s = 0.0 if variant == "unpolled" else spin_s
                 run_id = f"rn-{round_:011x}{i}"
                 runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
