@@ -242,7 +242,9 @@ class AgentService:
         async with self._changing(customer_id, agent_id) as current:
             stored = current.model_dump(include=set(AgentCreate.model_fields))
             merged = {**stored, **sent}
-            if "resources" in sent:  # within resources only the fields sent (a model is replaced whole)
+            # within resources only the fields sent; a model is replaced whole (its fields depend on its provider: a
+            # base_url only for ollama, responses only for replay)
+            if "resources" in sent:
                 merged["resources"] = {**stored["resources"], **sent["resources"]}
             try:
                 spec = AgentCreate.model_validate(merged)
@@ -575,9 +577,6 @@ def _lease(owner: str) -> ChangeLease:
     return ChangeLease(owner=owner, until=utcnow() + timedelta(seconds=LEASE_S))
 
 
-"""The nested fields of an agent a PATCH changes field by field: records of plain values. Any other (``model``, whose
-fields depend on its provider: a ``base_url`` only for ``ollama``, ``responses`` only for ``replay``) is replaced
-whole."""
 _LIVE = (AgentStatus.STARTING, AgentStatus.RUNNING, AgentStatus.KILLED)
 _DATETIME = TypeAdapter(datetime)
 

@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Annotated
 
 from nats.aio.client import Client as NATS
@@ -24,7 +25,16 @@ from control.services.agents import AgentService, KillswitchEngaged
 from control.services.audit import AuditLog, AuditRecord, describe_error
 from control.services.auth import AuthService, Principal
 
-__all__ = ["MAX_WAIT_MS", "FlagHeld", "JobsNotStopped", "KillswitchRequest", "KillswitchResult", "KillswitchService"]
+__all__ = [
+    "MAX_WAIT_MS",
+    "FlagHeld",
+    "JobsNotStopped",
+    "KillswitchRequest",
+    "KillswitchResult",
+    "KillswitchService",
+    "covers",
+    "first_covering",
+]
 
 log = logging.getLogger("caravan.killswitch")
 
@@ -112,6 +122,11 @@ def covers(key: FlagKey, agent: Agent | AgentRef) -> bool:
     return agent.id == key.target
 
 
+def first_covering(engaged: Iterable[Flag], agent: Agent | AgentRef) -> Flag | None:
+    """The first of the ``engaged`` flags that halts ``agent``, if any."""
+    return next((f for f in engaged if covers(f.key, agent)), None)
+
+
 class KillswitchService:
     def __init__(
         self,
@@ -134,7 +149,7 @@ class KillswitchService:
 
     async def covering(self, agent: Agent) -> Flag | None:
         """The engaged flag that halts ``agent``, if any."""
-        return next((f for f in await self.engaged() if covers(f.key, agent)), None)
+        return first_covering(await self.engaged(), agent)
 
     async def ensure_not_halted(self, agent: Agent) -> None:
         """Refuse work for ``agent`` while a killswitch halts it: :class:`KillswitchEngaged` (409

@@ -55,7 +55,7 @@ from control.ids import new_id
 from control.models import TERMINAL_TASK_STATUSES, Agent, AgentStatus, Task, TaskStatus
 from control.natsio import Jet
 from control.services.agents import AgentService, Killswitches
-from control.services.killswitch import covers
+from control.services.killswitch import first_covering
 from control.services.tasks import task_key
 from control.store import Repo
 from control.teams.build import build_team, restore_termination
@@ -512,7 +512,7 @@ class TeamRunner:
             return None, _Failed(f"a member of its team: agent {agent_id} was deleted", TaskStatus.CANCELLED)
         engaged = await self._engaged() if engaged is None else engaged
         member = f"a member of its team: agent {agent_id} ({definition.name})"
-        flag = next((f for f in engaged if covers(f.key, agent)), None)
+        flag = first_covering(engaged, agent)
         if flag is not None:
             return agent, _Failed(
                 f"{member} was halted by the killswitch: {flag.reason or 'no reason given'}", TaskStatus.KILLED

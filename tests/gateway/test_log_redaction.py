@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -24,6 +22,7 @@ from control.settings import Settings
 from gateway.logredact import RedactUrls
 from tests.conftest import Api
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
+from tests.support.helpers import log_records
 
 LOGGERS = ("uvicorn.access", "uvicorn.error")
 _FORMATS = LOGGING_CONFIG["formatters"]
@@ -33,30 +32,9 @@ FORMATTERS = {
 }
 
 
-@contextmanager
-def uvicorn_lines() -> Iterator[list[str]]:
-    """The lines uvicorn's access and server loggers write from INFO on (their filters applied), formatted as by
-    uvicorn's own handlers, and each record's plain message; entered once the server runs (its logging
-    configuration replaces the loggers' handlers)."""
-    lines: list[str] = []
-    added = []
-    for name in LOGGERS:
-        logger = logging.getLogger(name)
-        handler = logging.Handler()
-
-        def emit(record: logging.LogRecord, formatter: logging.Formatter = FORMATTERS[name]) -> None:
-            lines.extend((formatter.format(record), record.getMessage()))
-
-        handler.emit = emit  # type: ignore[method-assign]
-        added.append((logger, handler, logger.level))
-        logger.setLevel(logging.INFO)
-        logger.addHandler(handler)
-    try:
-        yield lines
-    finally:
-        for logger, handler, level in added:
-            logger.removeHandler(handler)
-            logger.setLevel(level)
+def lines(records: list[logging.LogRecord]) -> str:
+    """The records as uvicorn's own handlers write them, and each one's plain message."""
+    return "\n".join(line for r in records for line in (FORMATTERS[r.name].format(r), r.getMessage()))
 
 
 def bearer(headers: dict[str, str]) -> str:
@@ -77,13 +55,13 @@ async def test_a_token_or_key_in_an_http_query_is_not_logged(api: Api) -> None:
     headers = await api.token(api_key)
     token = bearer(headers)
     events = f"/v1/tasks/{await finished_task(api, headers)}/events"
-    with uvicorn_lines() as lines:
+    with log_records(*LOGGERS) as records:
         sse = await api.client.get(f"{events}?token={token}", headers=headers)  # a client that sends both
         assert sse.status_code == 200 and "event: status" in sse.text
         assert (await api.client.get(f"{events}?after=0&token={token}")).status_code == 401  # the header only
         assert (await api.client.get(f"{events}?%74oken={token}")).status_code == 401  # the name spelt otherwise
         assert (await api.client.get(f"/v1/agents?api_key={api_key}", headers=headers)).status_code == 200
-    logged = "\n".join(lines)
+    logged = lines(records)
     assert token not in logged and api_key not in logged
     assert token.split(".")[2] not in logged  # nor its signature alone
     assert f"GET {events}?token=<redacted> HTTP/1.1" in logged  # the lines are there, with the rest of the URL
@@ -96,13 +74,13 @@ async def test_a_token_in_a_websocket_url_is_not_logged(api: Api) -> None:
     token = bearer(headers)
     task_id = await finished_task(api, headers)
     ws = api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws"
-    with uvicorn_lines() as lines:
+    with log_records(*LOGGERS) as records:
         async with websockets.connect(f"{ws}?token={token}") as accepted:
             assert [frame async for frame in accepted]
         with pytest.raises(websockets.InvalidStatus):  # refused (a 404): logged all the same
             async with websockets.connect(f"{ws.replace(task_id, 'tk-000000000000')}?after=0&token={token}"):
                 pass
-    logged = "\n".join(lines)
+    logged = lines(records)
     assert token not in logged and token.split(".")[2] not in logged
     assert f'"WebSocket /v1/tasks/{task_id}/ws?token=<redacted>" [accepted]' in logged
     assert '"WebSocket /v1/tasks/tk-000000000000/ws?after=0&token=<redacted>" 404' in logged
@@ -144,20 +122,15 @@ async def test_caravan_access_log_turns_on_uvicorns_access_lines_redacted(
             assert not serving.done()
             await asyncio.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
-        records: list[str] = []
-        handler = logging.Handler()
-        handler.emit = lambda record: records.append(FORMATTERS["uvicorn.access"].format(record))  # type: ignore[method-assign]
-        logging.getLogger("uvicorn.access").addHandler(handler)
-        try:
+        with log_records("uvicorn.access", level=None) as records:  # (at the level the server set)
             async with httpx.AsyncClient() as client:
                 answered = await client.get(f"http://127.0.0.1:{port}/v1/tasks?token=eyJhbGciOi.eyJzdWIi.c2lnbmF0dXJl")
             assert answered.status_code == 401
-        finally:
-            logging.getLogger("uvicorn.access").removeHandler(handler)
     finally:
         server.should_exit = True
         await serving
+    written = [FORMATTERS["uvicorn.access"].format(record) for record in records]
     if not access_log:
-        assert records == []
+        assert written == []
     else:
-        assert len(records) == 1 and '"GET /v1/tasks?token=<redacted> HTTP/1.1" 401' in records[0], records
+        assert len(written) == 1 and '"GET /v1/tasks?token=<redacted> HTTP/1.1" 401' in written[0], written

@@ -5,8 +5,6 @@ returns without answering is still reported."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, cast
 
 import pytest
@@ -15,27 +13,9 @@ from fastapi import FastAPI, WebSocket
 
 from gateway import wslog
 from tests.conftest import Api
-from tests.support.helpers import serve_app
+from tests.support.helpers import log_records, serve_app
 
 UNFINISHED = "ASGI callable returned without completing handshake."
-
-
-@contextmanager
-def uvicorn_log() -> Iterator[list[logging.LogRecord]]:
-    """What uvicorn's server logger passes on (its filters applied), from INFO; entered once the server runs (its
-    logging configuration replaces the logger's handlers)."""
-    logger = logging.getLogger("uvicorn.error")
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def errors(records: list[logging.LogRecord]) -> list[str]:
@@ -53,7 +33,7 @@ async def test_refused_websockets_log_no_error(api: Api) -> None:
     _, headers = await api.new_customer()
     token = headers["Authorization"].removeprefix("Bearer ")
     base = api.base.replace("http", "ws")
-    with uvicorn_log() as records:
+    with log_records("uvicorn.error") as records:
         assert await refused(f"{base}/v1/tasks/tk-000000000000/ws?token=not-a-token") == 401
         assert await refused(f"{base}/v1/tasks/tk-000000000000/ws?token={token}") == 404
         assert await refused(f"{base}/v1/tasks/tk-000000000000/ws?token={token}&after=x") == 422
@@ -72,6 +52,6 @@ async def test_an_application_that_never_answers_a_handshake_is_still_an_error()
         return None
 
     async with serve_app(app) as url:
-        with uvicorn_log() as records:
+        with log_records("uvicorn.error") as records:
             assert await refused(url.replace("http", "ws") + "/silent") == 500
     assert errors(records) == [UNFINISHED]

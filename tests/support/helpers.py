@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -205,6 +206,27 @@ def stalled(pid: int | None) -> Iterator[None]:
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()[0]  # (after the name, which may hold spaces)
+
+
+@contextlib.contextmanager
+def log_records(*names: str, level: int | None = logging.INFO) -> Iterator[list[logging.LogRecord]]:
+    """The records these loggers pass on while inside (their filters applied), from ``level`` (None: at the levels
+    they have). For uvicorn's loggers, entered once the server runs: its logging configuration replaces the
+    loggers' handlers and levels."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [(logging.getLogger(name), logging.getLogger(name).level) for name in names]
+    for logger, _ in loggers:
+        if level is not None:
+            logger.setLevel(level)
+        logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        for logger, level in loggers:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 class FlushCounter:
