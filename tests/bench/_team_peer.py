@@ -1,8 +1,9 @@
 """The processes of the teams benchmark besides its own: an echo agent on our NATS runtime or on AutoGen's
 gRPC worker runtime, a raw nats-py responder, an echo on agent.wire (the runtime's transport), a team member
-(Caravan's team host), or a stand-in for a member on the runtime's transport (``relay``: the team's message
-pattern over agent.wire, with no AgentChat and no runtime); and the callers of the request/reply part
-(``call-<kind>``), one process per way of asking. Each prints "ready".
+(Caravan's team host), a stand-in for a member on the runtime's transport (``relay``: the team's message
+pattern over agent.wire, with no AgentChat and no runtime) or on a blocking socket (``socket``: the same pattern
+with a client that does nothing else, so that what is left is the server's and the kernel's); and the callers
+of the request/reply part (``call-<kind>``), one process per way of asking. Each prints "ready".
 
 A caller reads a count on each line of its input, sends that many requests one after the other, and writes their
 times in seconds and the CPU time it spent on them as one JSON line. Each way of asking has a process of its own, so
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import nats
 from autogen_core import AgentId, MessageContext, RoutedAgent, rpc, try_get_known_serializers_for_type
@@ -28,7 +31,68 @@ from agent.runtime import NatsAgentRuntime
 from agent.teamhost import TeamHost
 from agent.wire import Wire
 
-RELAY_REQUEST, RELAY_OUTPUT, RELAY_GROUP = 210, 430, 490  # bytes a team run sends per message, framed
+RELAY_REQUEST, RELAY_GROUP = 200, 540  # bytes a team run sends per message, framed (the answer implies the output)
+
+
+class SocketClient:
+    """A NATS client on a blocking socket that only subscribes, publishes and reads messages: what a message costs
+    on it is the server's and the kernel's. Answers the server's PINGs; knows no reconnect, TLS or auth."""
+
+    def __init__(self, url: str) -> None:
+        where = urlsplit(url)
+        self._sock = socket.create_connection((where.hostname, where.port))
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buf = b""
+        self._line()  # the server's INFO
+        self._sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"echo":false}\r\n')
+        self._sids = 0
+
+    def subscribe(self, subject: str) -> int:
+        self._sids += 1
+        self._sock.sendall(b"SUB %s %d\r\n" % (subject.encode(), self._sids))
+        return self._sids
+
+    def flush(self) -> None:
+        """Once the server has everything sent before (its PONG)."""
+        self._sock.sendall(b"PING\r\n")
+        while self._line() != b"PONG":
+            pass
+
+    def publish(self, subject: str, payload: bytes) -> None:
+        self._sock.sendall(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
+
+    def next_msg(self) -> int:
+        """The subscription id of the next message (its payload read and dropped)."""
+        while True:
+            line = self._line()
+            if line.startswith(b"MSG "):
+                size = int(line.rsplit(b" ", 1)[1])
+                self._take(size + 2)
+                return int(line.split(b" ")[2])
+            if line == b"PING":
+                self._sock.sendall(b"PONG\r\n")
+            elif line.startswith(b"-ERR"):
+                raise ConnectionError(line.decode())
+
+    def _line(self) -> bytes:
+        while (end := self._buf.find(b"\r\n")) < 0:
+            self._fill()
+        line, self._buf = self._buf[:end], self._buf[end + 2 :]
+        return line
+
+    def _take(self, size: int) -> None:
+        while len(self._buf) < size:
+            self._fill()
+        self._buf = self._buf[size:]
+
+    def _fill(self) -> None:
+        data = self._sock.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self._buf += data
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 @dataclass
@@ -135,15 +199,18 @@ async def main(mode: str, address: str, extra: str) -> None:
         prefix, index = extra.split()
         nc = await nats.connect(address, no_echo=True)
         wire = Wire.of(nc)  # the path the runtime's messages take
-        output, group = b"o" * RELAY_OUTPUT, b"g" * RELAY_GROUP
+        group = b"g" * RELAY_GROUP
 
         def speak(msg: nats.aio.msg.Msg) -> None:
-            wire.send(f"{prefix}.output", output)
-            wire.send(f"{prefix}.group", group)
+            wire.send(f"{prefix}.group", group)  # the answer, which the manager's process hears as the output's too
 
         await wire.subscribe(f"{prefix}.member{index}", speak)
         await wire.subscribe(f"{prefix}.group", lambda msg: None)
         await nc.flush()
+    elif mode == "socket":  # as relay, on a SocketClient, in a thread of its own (the loop only waits)
+        prefix, index = extra.split()
+        await asyncio.to_thread(socket_member, address, prefix, index)
+        return
     else:  # member: extra = "<customer> <agent> <name>"
         customer_id, agent_id, name = extra.split()
         nc = await nats.connect(address, no_echo=True)  # as the agent process connects for team runs
@@ -154,6 +221,18 @@ async def main(mode: str, address: str, extra: str) -> None:
         await TeamHost(nc, definition, f"bench-{name}").start()
     print("ready", flush=True)
     await asyncio.Event().wait()
+
+
+def socket_member(address: str, prefix: str, index: str) -> None:
+    client = SocketClient(address)
+    asked = client.subscribe(f"{prefix}.member{index}")
+    client.subscribe(f"{prefix}.group")
+    client.flush()
+    print("ready", flush=True)
+    group = b"g" * RELAY_GROUP
+    while True:
+        if client.next_msg() == asked:
+            client.publish(f"{prefix}.group", group)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ the whole platform is tests/bench/test_team_tasks.py's), with its manager not po
 and with each answer's message for the team's output sent apart, as to an older manager. Beside the team, the
 floor of its transport: the same pattern of NATS messages between processes on the runtime's own path,
 agent.wire (the manager asks a member, the member answers to the manager and the group), with no AgentChat and no
-runtime.
+runtime; and the server's floor: that pattern again between blocking sockets that do nothing else, so that what
+it costs is nats-server's and the kernel's.
 Run by ./dev/bench; prints its figures."""
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from agent.wire import SPIN_ENV, Wire, spin_s_from
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
 from control.teams.models import Team, Termination
-from tests.bench._team_peer import RELAY_REQUEST
+from tests.bench._team_peer import RELAY_REQUEST, SocketClient
 from tests.bench.conftest import percentile
 from tests.support.helpers import free_port, join_members
 
@@ -183,9 +184,14 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
             f"{variant:<28} {per[variant] * 1000:.2f} ms/message  {per[variant] / local:.2f}x  ({note}; "
             f"{ratio:.3f}x the headline, paired by round)"
         )
-    floor = per["floor"]
+    floor, bare = per["floor"], per["server floor"]
     print(f"transport floor (agent.wire, same messages, no AgentChat)  {floor * 1000:.2f} ms/message")
     print(f"(in-process + floor) / in-process  {(local + floor) / local:.2f}x")
+    print(
+        f"server floor (the same messages between blocking sockets: nats-server and the kernel)  "
+        f"{bare * 1000:.2f} ms/message"
+    )
+    print(f"(in-process + server floor) / in-process  {(local + bare) / local:.2f}x")
 
 
 def zero_model(name: str) -> ModelConfig:
@@ -203,8 +209,8 @@ VARIANTS: dict[str, dict[str, bool]] = {
 
 
 async def team_rounds(nc: nats.NATS, url: str) -> dict[str, list[float]]:
-    """Time of a run of the team, each round: in-process ("local"), each of :data:`VARIANTS`, and the transport
-    floor ("floor")."""
+    """Time of a run of the team, each round: in-process ("local"), each of :data:`VARIANTS`, the transport floor
+    ("floor") and the server's ("server floor")."""
     names = ["alpha", "beta", "gamma"]
     ids = {name: f"ag-00000000000{i}" for i, name in enumerate(names)}
     members = {
@@ -219,7 +225,12 @@ async def team_rounds(nc: nats.NATS, url: str) -> dict[str, list[float]]:
         mode="round_robin",
         termination=Termination(max_messages=TEAM_MESSAGES + 1),
     )
-    times: dict[str, list[float]] = {"local": [], **{variant: [] for variant in VARIANTS}, "floor": []}
+    times: dict[str, list[float]] = {
+        "local": [],
+        **{variant: [] for variant in VARIANTS},
+        "floor": [],
+        "server floor": [],
+    }
     wire = Wire.of(nc)
     spin_s = wire.spin_s
     relay = Relay(nc, "bench.relay", len(names))
@@ -227,7 +238,10 @@ async def team_rounds(nc: nats.NATS, url: str) -> dict[str, list[float]]:
         for i, n in enumerate(names):
             await stack.enter_async_context(peer("member", url, f"{CUSTOMER} {ids[n]} {n}"))
             await stack.enter_async_context(peer("relay", url, f"bench.relay {i}"))
+            await stack.enter_async_context(peer("socket", url, f"bench.socket {i}"))
         await relay.start()
+        sockets = SocketManager(url, "bench.socket", len(names))
+        stack.callback(sockets.close)
         for round_ in range(TEAM_ROUNDS + 1):
             agents = [AssistantAgent(n, model_client=create_model_client(zero_model(n))) for n in names]
             local = RoundRobinGroupChat(list(agents), termination_condition=MaxMessageTermination(TEAM_MESSAGES + 1))
@@ -260,6 +274,9 @@ async def team_rounds(nc: nats.NATS, url: str) -> dict[str, list[float]]:
             elapsed = await relay.run(TEAM_MESSAGES)
             if round_:
                 times["floor"].append(elapsed)
+            elapsed = await asyncio.to_thread(sockets.run, TEAM_MESSAGES)
+            if round_:
+                times["server floor"].append(elapsed)
     return times
 
 
@@ -274,7 +291,6 @@ class Relay:
         self._done: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
-        await self._wire.subscribe(f"{self._prefix}.output", lambda msg: None)
         await self._wire.subscribe(f"{self._prefix}.group", self._on_group)
         await self._nc.flush()
 
@@ -296,3 +312,24 @@ class Relay:
             self._ask(self._heard)
         elif self._done is not None and not self._done.done():
             self._done.set_result(None)
+
+
+class SocketManager:
+    """The manager's side of the server's floor, on a blocking socket (:class:`SocketClient`): as :class:`Relay`,
+    with a client that does nothing else. Run in a thread: the event loop only waits."""
+
+    def __init__(self, url: str, prefix: str, members: int) -> None:
+        self._client, self._prefix, self._members = SocketClient(url), prefix, members
+        self._client.subscribe(f"{prefix}.group")
+        self._client.flush()
+
+    def run(self, messages: int) -> float:
+        request = b"r" * RELAY_REQUEST
+        started = time.perf_counter()
+        for n in range(messages):
+            self._client.publish(f"{self._prefix}.member{n % self._members}", request)
+            self._client.next_msg()  # the member's answer on the group's subject
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self._client.close()
