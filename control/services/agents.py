@@ -49,6 +49,7 @@ __all__ = [
     "KillswitchEngaged",
     "Killswitches",
     "SchedulerUnavailable",
+    "failure",
     "why_not_serving",
 ]
 
@@ -108,13 +109,18 @@ AgentHook = Callable[[Agent], Awaitable[None]]
 """Called with an agent's record when it is being deleted, or has failed (:meth:`AgentService.on_delete`)."""
 
 
+def failure(agent: Agent) -> str:
+    """The word "failed", with the reason the agent's status gives in brackets if it gives one (follows "agent
+    <id>")."""
+    return f"failed ({agent.status_reason})" if agent.status_reason else "failed"
+
+
 def why_not_serving(agent: Agent) -> str | None:
     """What ``agent`` is, that it cannot be given a task now, and what to do (None: it can be): it is meant to stop,
     is stopped or killed, or has failed (its job gave up, or the scheduler refused it) and runs again only once it
     is started. Follows "agent <id> is"."""
     if agent.status is AgentStatus.FAILED:
-        why = f" ({agent.status_reason})" if agent.status_reason else ""
-        return f"failed{why}; start it again (POST /v1/agents/{agent.id}/start) to give it tasks"
+        return f"{failure(agent)}; start it again (POST /v1/agents/{agent.id}/start) to give it tasks"
     if agent.desired != "running" or agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
         return f"{agent.status.value}; start it before giving it tasks"
     return None

@@ -58,7 +58,7 @@ from control.models import (
     TranscriptEntry,
     Usage,
 )
-from control.services.agents import AgentService, why_not_serving
+from control.services.agents import AgentService, failure, why_not_serving
 from control.services.killswitch import KillswitchService
 from control.services.quotas import QuotaService
 from control.store import Conflict as StoreConflict
@@ -67,7 +67,7 @@ from control.store import Repo, purge_keys
 if TYPE_CHECKING:
     from control.teams.dispatch import TeamTasks
 
-__all__ = ["StreamedEvent", "TaskService", "handed_out"]
+__all__ = ["StreamedEvent", "TaskService", "customer_unfinished_tasks", "handed_out", "unfinished_tasks"]
 
 KILLSWITCH_QUIET_S = 0.05
 KILLSWITCH_STATE_DELAY_S = 1.0
@@ -112,6 +112,11 @@ async def unfinished_tasks(records: Repo[Task], in_flight: Mapping[str, Iterable
     before a task's record is made until its end is folded in, so a record may be missing or already ended)."""
     keys = [task_key(customer_id, task_id) for customer_id, ids in in_flight.items() for task_id in ids]
     return [task for task in await records.named_as(Task, keys) if task.status not in TERMINAL_TASK_STATUSES]
+
+
+async def customer_unfinished_tasks(records: Repo[Task], quotas: QuotaService, customer_id: str) -> list[Task]:
+    """A customer's unfinished tasks: :func:`unfinished_tasks` of the slots their quota holds."""
+    return await unfinished_tasks(records, {customer_id: await quotas.tasks_in_flight(customer_id)})
 
 
 async def handed_out(js: JetStreamContext, consumer: str, seq: int) -> bool:
@@ -414,8 +419,7 @@ class TaskService:
         that has ended."""
         await self._js.purge_stream(TASKS_STREAM, subject=task_subject(agent.customer_id, agent.id))
         teams = await self._teams.teams_of(agent) if self._teams is not None else set()
-        in_flight = {agent.customer_id: await self._quotas.tasks_in_flight(agent.customer_id)}
-        for task in await unfinished_tasks(self._repo, in_flight):  # not the customer's whole history
+        for task in await customer_unfinished_tasks(self._repo, self._quotas, agent.customer_id):  # not their history
             if task.agent_id == agent.id:
                 why = reason
             elif task.team_id in teams:
@@ -774,8 +778,7 @@ async def _patiently(what: str, write: Callable[[], Awaitable[T]]) -> T:
 
 
 def _failed_reason(agent: Agent) -> str:
-    why = f" ({agent.status_reason})" if agent.status_reason else ""
-    return f"agent {agent.id} failed{why}; start it again and give it the task again"
+    return f"agent {agent.id} {failure(agent)}; start it again and give it the task again"
 
 
 def _starts(event: Event) -> bool:

@@ -54,7 +54,7 @@ from control.errors import NotFound
 from control.ids import new_id
 from control.models import TERMINAL_TASK_STATUSES, Agent, AgentStatus, Task, TaskStatus
 from control.natsio import Jet
-from control.services.agents import AgentService, Killswitches
+from control.services.agents import AgentService, Killswitches, failure
 from control.services.killswitch import first_covering
 from control.services.tasks import task_key
 from control.store import Repo
@@ -518,8 +518,7 @@ class TeamRunner:
                 f"{member} was halted by the killswitch: {flag.reason or 'no reason given'}", TaskStatus.KILLED
             )
         if agent.status is AgentStatus.FAILED:
-            why = f" ({agent.status_reason})" if agent.status_reason else ""
-            return agent, _Failed(f"{member} failed{why}; start it again and give the team the task again")
+            return agent, _Failed(f"{member} {failure(agent)}; start it again and give the team the task again")
         if agent.desired != "running":
             if agent.status is AgentStatus.KILLED:
                 return agent, _Failed(f"{member} was killed ({agent.status_reason})", TaskStatus.KILLED)

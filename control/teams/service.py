@@ -7,7 +7,7 @@ from control.ids import new_id
 from control.models import Task
 from control.services.agents import AgentService
 from control.services.quotas import QuotaService
-from control.services.tasks import unfinished_tasks
+from control.services.tasks import customer_unfinished_tasks
 from control.store import Repo
 from control.teams.models import Team, TeamCreate
 
@@ -51,8 +51,8 @@ class TeamService:
     async def delete(self, customer_id: str | None, team_id: str) -> Team:
         """Delete a team with no unfinished task; returns it as it was."""
         team = await self.get(customer_id, team_id)
-        in_flight = {team.customer_id: await self._quotas.tasks_in_flight(team.customer_id)}
-        active = [t.id for t in await unfinished_tasks(self._tasks, in_flight) if t.team_id == team.id]
+        unfinished = await customer_unfinished_tasks(self._tasks, self._quotas, team.customer_id)
+        active = [t.id for t in unfinished if t.team_id == team.id]
         if active:
             raise Conflict(f"team {team.id} has unfinished tasks: {', '.join(active[:5])}; cancel them first")
         await self._repo.delete(_key(team.customer_id, team.id))
