@@ -86,11 +86,12 @@ class _StateSender:
     the context's messages, and the messages sent last are still the context's first ones (the same objects:
     a reset or a context that dropped messages has a new list or other messages, and gets a whole state)."""
 
-    def __init__(self, member: str, publish: Publish, deltas: bool) -> None:
+    def __init__(self, member: str, publish: Publish, deltas: Callable[[], bool]) -> None:
+        """``deltas``: whether the run's manager takes deltas now (``MemberJoin.state_deltas`` of its join: a new
+        attempt's may not)."""
         self._member = member
         self._publish = publish
-        self.deltas = deltas
-        """Whether the run's manager takes deltas (``MemberJoin.state_deltas``; a new attempt's may not)."""
+        self._deltas = deltas
         self._after: str | None = None  # the answer the last state sent came with; None: the next one goes whole
         self._context: list[Any] = []  # the context's messages then
         self._since_whole = 0
@@ -117,7 +118,7 @@ class _StateSender:
         whole_next = (
             not sent
             or context is None
-            or not self.deltas
+            or not self._deltas()
             or resets != self._resets
             or self._since_whole >= FULL_STATE_EVERY - 1
         )
@@ -354,7 +355,6 @@ class TeamHost:
             await self._host(join)
         else:  # a new attempt: its manager has none of the states sent before, and may ask otherwise
             hosted.join = join
-            hosted.sender.deltas = join.state_deltas
             hosted.sender.reset()
         answer = MemberJoined(agent_id=self._definition.agent_id, instance_id=self.instance_id, checkpoints=join.states)
         await msg.respond(answer.model_dump_json().encode())
@@ -366,7 +366,7 @@ class TeamHost:
         agent = member_agent(self._definition, join.handoffs, model_client)
         agent_type = f"{self._definition.name}_{join.team_key}"
         send_state = _state_publisher(runtime.wire, f"{namespace}.x.state", join.run_id, agent_type)
-        sender = _StateSender(self._definition.name, send_state, join.state_deltas)
+        sender = _StateSender(self._definition.name, send_state, lambda: hosted.join.state_deltas)
         hosted = _HostedRun(runtime, join, sender, model_client)
         runtime.derive(GroupChatAgentResponse, answer_output)
         await runtime.register_factory(

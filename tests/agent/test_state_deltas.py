@@ -50,7 +50,7 @@ def _member(deltas: bool = True) -> tuple[_Container, AssistantAgent, _Wire]:
     model = create_model_client(ModelConfig(provider="replay", name="m", responses=[f"answer {i}" for i in range(99)]))
     agent = AssistantAgent(name="alice", model_client=model)
     wire = _Wire()
-    sender = _StateSender("alice", wire.publish, deltas)
+    sender = _StateSender("alice", wire.publish, lambda: deltas)
     return _Container("tk", agent, model, sender), agent, wire
 
 
@@ -93,7 +93,7 @@ async def test_deltas_of_a_member_that_calls_tools_add_up_too() -> None:
     model = create_model_client(config)
     agent = member_agent(definition, [], model)
     wire = _Wire()
-    container = _Container("tk", agent, model, _StateSender("alice", wire.publish, True))
+    container = _Container("tk", agent, model, _StateSender("alice", wire.publish, lambda: True))
     for i in range(4):
         await _turn(container, agent, wire, i)
         assert wire.last is not None

@@ -215,7 +215,7 @@ async def test_an_outputs_message_kept_for_the_answer_goes_alone_when_no_answer_
     async def state_sent(body: bytes, headers: dict[str, str]) -> bool:
         return True
 
-    sender = _StateSender("alice", state_sent, True)
+    sender = _StateSender("alice", state_sent, lambda: True)
     join = MemberJoin(
         run_id=key,
         task_id="tk-0000000000ac",
@@ -291,7 +291,6 @@ async def test_every_members_context_and_buffer_end_as_in_agentchats_own_team(na
     local = RoundRobinGroupChat(local_members, termination_condition=MaxMessageTermination(8))
     alone = await local.run(task="take turns")
     assert [m.to_text() for m in distributed.messages] == [m.to_text() for m in alone.messages]
+    local_saved = await local.save_state()
     for name in names:  # (the states AgentChat saves, member by member)
-        assert _comparable(saved["agent_states"][name]) == _comparable(
-            (await local.save_state())["agent_states"][name]
-        ), name
+        assert _comparable(saved["agent_states"][name]) == _comparable(local_saved["agent_states"][name]), name

@@ -224,9 +224,9 @@ def log_records(*names: str, level: int | None = logging.INFO) -> Iterator[list[
     try:
         yield records
     finally:
-        for logger, level in loggers:
+        for logger, was in loggers:
             logger.removeHandler(handler)
-            logger.setLevel(level)
+            logger.setLevel(was)
 
 
 class FlushCounter:
