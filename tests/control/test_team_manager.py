@@ -31,7 +31,14 @@ from agent.models import create_model_client
 from agent.protocol import AgentDefinition, ModelConfig
 from agent.runtime import NatsAgentRuntime
 from agent.teamhost import TeamHost, _Container, _StateSender
-from agent.teamprotocol import MODEL_POSITION, STATE_MEMBER_HEADER, MemberJoin, answer_output, run_namespace
+from agent.teamprotocol import (
+    MODEL_POSITION,
+    STATE_BASE_HEADER,
+    STATE_MEMBER_HEADER,
+    MemberJoin,
+    answer_output,
+    run_namespace,
+)
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
@@ -110,23 +117,37 @@ async def test_the_manager_polls_for_the_answer_of_the_member_it_asked(nats_serv
 
 @pytest.mark.parametrize(
     "terms",
-    [{}, {"output_implied": False}, {"states": False}, {"output_implied": False, "states": False, "rejoin": True}],
-    ids=["as the runner joins", "an older manager", "a manager keeping no checkpoints", "a new attempt's manager"],
+    [
+        {},
+        {"output_implied": False, "state_deltas": False},
+        {"states": False},
+        {"output_implied": False, "states": False, "rejoin": True},
+        {"output_implied": False, "state_deltas": False, "rejoin": True},
+    ],
+    ids=[
+        "as the runner joins",
+        "an older manager",
+        "a manager keeping no checkpoints",
+        "a new attempt's manager keeping none",
+        "a new attempt's older manager",
+    ],
 )
 async def test_what_members_send_follows_the_managers_join(nats_server: EmbeddedNats, terms: dict[str, bool]) -> None:
     """AgentChat's container publishes each answer twice (for the team's output, then for the group); a member
     joined by a manager that derives the first from the second sends it once. It sends its state after each
-    turn, for the checkpoints, unless the manager keeps none. The transcript is the same. A member follows the
-    join of a new attempt's manager (which may be an older one) rather than the first."""
+    turn, for the checkpoints, unless the manager keeps none: whole the first time, then as deltas to the one
+    before, unless the manager takes only whole states. The transcript is the same. A member follows the join
+    of a new attempt's manager (which may be an older one) rather than the first."""
     terms = dict(terms)
     rejoin = terms.pop("rejoin", False)
     implied, states = terms.get("output_implied", True), terms.get("states", True)
+    deltas = terms.get("state_deltas", True)
     members, spec = _round_robin(NAMES, 5)
     run_id = "rn-0000000000ab"
     nc, watcher = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
     runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
     outputs: list[str] = []  # who sent each message on the output's subject, when a member did
-    states_from: list[str] = []  # whose state each message on x.state was
+    states_from: list[tuple[str, bool]] = []  # whose state each message on x.state was, and whether a delta
 
     async def on_output(msg: Msg) -> None:
         sender = (json.loads(msg.data.partition(b"\n")[0])["sn"] or "").split("_", 1)[0]
@@ -134,7 +155,8 @@ async def test_what_members_send_follows_the_managers_join(nats_server: Embedded
             outputs.append(sender)
 
     async def on_state(msg: Msg) -> None:
-        states_from.append((msg.headers or {})[STATE_MEMBER_HEADER])
+        headers = msg.headers or {}
+        states_from.append((headers[STATE_MEMBER_HEADER], STATE_BASE_HEADER in headers))
 
     await watcher.subscribe(f"{runtime.namespace}.t.output_topic_{run_id}", cb=on_output)
     await watcher.subscribe(f"{runtime.namespace}.x.state", cb=on_state)
@@ -157,7 +179,8 @@ async def test_what_members_send_follows_the_managers_join(nats_server: Embedded
     ]
     turns = ["alice", "bob", "alice", "bob"]
     assert outputs == ([] if implied else turns)
-    assert states_from == (turns if states else [])
+    delta = [False, False, deltas, deltas]  # each member's second state goes as a delta to its first
+    assert states_from == (list(zip(turns, delta, strict=True)) if states else [])
     await watcher.close()
     await nc.close()
 

@@ -296,10 +296,12 @@ async def join_members(
     agent_ids: Iterable[str],
     output_implied: bool = True,
     states: bool = True,
+    state_deltas: bool = True,
 ) -> None:
     """Enlist one replica of each agent for run ``run_id``, as the team runner does (states sent after each turn,
-    as deltas, unless ``states`` is False, as a manager that keeps no checkpoints asks; the output's messages
-    implied by the answers unless ``output_implied`` is False, as an older manager asks)."""
+    unless ``states`` is False, as a manager that keeps no checkpoints asks; as deltas, unless ``state_deltas``
+    is False, and the output's messages implied by the answers, unless ``output_implied`` is False, as an older
+    manager asks)."""
     for agent_id in agent_ids:
         join = MemberJoin(
             run_id=run_id,
@@ -307,7 +309,7 @@ async def join_members(
             customer_id=customer_id,
             agent_id=agent_id,
             team_key=run_id,
-            state_deltas=True,
+            state_deltas=state_deltas,
             output_implied=output_implied,
             states=states,
         )
