@@ -2,10 +2,11 @@
 authenticate with ``?token=<JWT>``, and any client may put a token or paste an API key into a URL; uvicorn logs each
 request's path and query: in its access log (``uvicorn.access``, written when its level is INFO, as an operator who
 raises the log level gets it) and in its WebSocket lines (``uvicorn.error`` at INFO: ``"WebSocket /path?query"
-[accepted]``, or the status it was refused with). :func:`install` adds a filter to both that rewrites each record,
-its arguments (which uvicorn's access formatter reads one by one) and its message: a ``token`` parameter's value
-becomes ``<redacted>``, as does anything else shaped as a JWT, and an API key is cut to its prefix as in the audit
-log (:func:`gateway.errors.shown_path`)."""
+[accepted]``, or the status it was refused with). :func:`install` adds a filter to both, and to the gateway's own
+logger (``caravan.gateway``: an unexpected error's traceback, whose exception may quote what it was given), that
+rewrites each record, its arguments (which uvicorn's access formatter reads one by one), its message and its
+traceback: a ``token`` parameter's value becomes ``<redacted>``, as does anything else shaped as a JWT, and an API
+key is cut to its prefix as in the audit log (:func:`gateway.errors.shown_path`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from gateway.errors import shown_path
 
 __all__ = ["LOGGERS", "RedactUrls", "install", "shown_url"]
 
-LOGGERS = ("uvicorn.access", "uvicorn.error")
+LOGGERS = ("uvicorn.access", "uvicorn.error", "caravan.gateway")
 REDACTED = "<redacted>"
 
 _SECRET_PARAMS = frozenset({"token"})  # the query parameter a WebSocket's bearer token may come in
@@ -52,10 +53,18 @@ def _shown(value: Any) -> Any:
     return shown_url(value) if isinstance(value, str) else value
 
 
+_TRACEBACKS = logging.Formatter()  # formats a traceback as every handler's formatter does (formatException)
+
+
 class RedactUrls(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Each argument on its own, so that a formatter that reads them (uvicorn's access formatter) gets them
-        redacted; then the whole message, if a secret is still in it (a URL split over two arguments)."""
+        redacted; then the whole message, if a secret is still in it (a URL split over two arguments); then the
+        traceback, formatted here once (a formatter writes ``exc_text`` when it is set rather than format it)."""
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_keys(shown_url(record.exc_text))
         if isinstance(record.args, Mapping):
             record.args = {key: _shown(value) for key, value in record.args.items()}
         elif record.args:
@@ -73,7 +82,7 @@ _FILTER = RedactUrls()
 
 
 def install() -> None:
-    """Filter uvicorn's loggers (again: no harm), where they log a request's URL. Their filters stay when uvicorn
-    configures its logging (a dictConfig replaces handlers and levels, not filters)."""
+    """Filter uvicorn's loggers (again: no harm), where they log a request's URL, and the gateway's. Their filters
+    stay when uvicorn configures its logging (a dictConfig replaces handlers and levels, not filters)."""
     for name in LOGGERS:
         logging.getLogger(name).addFilter(_FILTER)

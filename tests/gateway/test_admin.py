@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from typing import Any
 
@@ -113,7 +114,7 @@ async def test_a_whole_key_given_for_its_prefix_is_never_recorded_logged_or_answ
         assert forbidden.status_code == 403, forbidden.text
 
     async def broken(prefix: str) -> None:
-        raise RuntimeError("the revocation broke")
+        raise RuntimeError(f"the revocation of {prefix!r} broke")  # quoting what it was given, in the traceback
 
     monkeypatch.setattr(api.control.auth, "revoke", broken)
     assert (await api.client.delete(f"/v1/admin/keys/{secret}", headers=admin)).status_code == 500
@@ -124,8 +125,9 @@ async def test_a_whole_key_given_for_its_prefix_is_never_recorded_logged_or_answ
     assert revocations == [(shown, "failed"), ("<redacted>", "failed"), (shown, "failed")]
     forbidden_paths = [r["details"]["path"] for r in records if r["action"] == "auth.forbidden"]
     assert forbidden_paths == [f"/v1/admin/keys/{shown}", "/v1/admin/keys/<redacted>"]
-    logged = "\n".join(r.getMessage() for r in caplog.records)
+    logged = "\n".join(logging.Formatter().format(r) for r in caplog.records)  # messages and tracebacks
     assert f"DELETE /v1/admin/keys/{shown} " in logged  # the unexpected error, by what it was on
+    assert f"RuntimeError: the revocation of '{shown}' broke" in logged
     for text in (*answers, json.dumps(records), logged):
         assert secret.removeprefix(prefix) not in text and ADMIN_KEY[:6] not in text
     await api.token(secret)  # not revoked
@@ -167,7 +169,7 @@ async def test_a_key_pasted_into_a_path_a_query_or_a_field_is_recorded_logged_an
     assert await status("POST", "/v1/agents", customer, json=agent_body(**{key: 1})) == 422  # a field named so
 
     async def broken(*args: object) -> None:
-        raise RuntimeError("the read broke")
+        raise RuntimeError(f"the read of {args[-1]} broke")
 
     monkeypatch.setattr(api.control.agents, "get", broken)
     assert await status("GET", f"/v1/agents/{key}", customer) == 500
@@ -185,8 +187,9 @@ async def test_a_key_pasted_into_a_path_a_query_or_a_field_is_recorded_logged_an
         (shown, "failed"),
     ]
     assert any(f"agent '{shown}' not found" in a for a in answers)  # the 404 still says which
-    logged = "\n".join(r.getMessage() for r in caplog.records)
+    logged = "\n".join(logging.Formatter().format(r) for r in caplog.records)  # messages and tracebacks
     assert f"GET /v1/agents/{shown} " in logged  # the unexpected error, by what it was on
+    assert f"RuntimeError: the read of {shown} broke" in logged
     for text in (*answers, json.dumps(records), logged):
         assert key.removeprefix(prefix) not in text
     await api.token(key)  # the key itself still works
