@@ -190,9 +190,7 @@ class _Container(ChatAgentContainer):
         if output is not None and answer is output[0].message:
             # The manager's process derives the output's message from this one (answer_output): it goes once.
             self._output = None
-            runtime = self.runtime
-            assert isinstance(runtime, NatsAgentRuntime), "a member container runs on the NATS runtime"
-            await runtime.publish_message(
+            await self._nats_runtime().publish_message(
                 message, topic_id, sender=self.id, cancellation_token=cancellation_token, implied=output[1]
             )
         else:
@@ -229,10 +227,13 @@ class _Container(ChatAgentContainer):
         if output is not None:
             await super().publish_message(*output)
 
-    def _runtime_wire(self) -> Wire:
+    def _nats_runtime(self) -> NatsAgentRuntime:
         runtime = self.runtime
         assert isinstance(runtime, NatsAgentRuntime), "a member container runs on the NATS runtime"
-        return runtime.wire
+        return runtime
+
+    def _runtime_wire(self) -> Wire:
+        return self._nats_runtime().wire
 
     def context_messages(self) -> list[Any] | None:
         """The model context's messages, when the agent's state is AgentChat's dump of them and nothing else
