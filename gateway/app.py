@@ -54,6 +54,7 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
     logredact.install()  # a token in a URL (the WebSocket's ?token=) kept out of the server's log lines
     wslog.install()  # a WebSocket refused with an HTTP answer is not a server error
     app.add_middleware(_LimitedBody, limit=MAX_BODY_BYTES)
+    app.add_middleware(_HeadAsGet)  # inside _Counted, which counts a HEAD as one
     app.state.metrics = Metrics()
     app.add_middleware(_Counted, metrics=app.state.metrics)  # outermost but for Starlette's own error handler
     for module in (health, auth, agents, teams, tasks, usage, admin):
@@ -100,6 +101,37 @@ class _LimitedBody:
             return message
 
         await self._app(scope, receive_counted, send)
+
+
+class _HeadAsGet:
+    """HEAD on every GET route (RFC 9110: a general-purpose server supports GET and HEAD; FastAPI routes only the
+    methods they declare): the app answers it as the GET, and the response ends with its headers, which are the
+    GET's. The server sends no body for a HEAD; a stream (a task's events) is not kept open for one: once the
+    response is complete, the app hears that the client is gone, and whatever it sends after is dropped here."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self._app(scope, receive, send)
+            return
+        as_get = {**scope, "method": "GET"}  # a copy: the server frames its answer by the request's own method
+        ended = False
+
+        async def send_head(message: Message) -> None:
+            nonlocal ended
+            if ended:
+                return
+            if message["type"] != "http.response.start":
+                await send(message)
+                return
+            scope["route"] = as_get.get("route")  # the route that served it, which _Counted labels it with
+            ended = True
+            await send(message)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self._app(as_get, receive, send_head)
 
 
 class _Counted:

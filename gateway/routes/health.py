@@ -9,15 +9,13 @@ from gateway.deps import ControlDep
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
-@router.head("/healthz", include_in_schema=False)  # load balancers probe with HEAD too
+@router.get("/healthz")  # load balancers probe with HEAD too: the app answers it on every GET route
 async def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
 @router.get("/readyz")
-@router.head("/readyz", include_in_schema=False)
 async def readyz(control: ControlDep) -> JSONResponse:
     """The control plane is started and NATS answers it (a round trip within a second: a stalled server keeps
     its connections open)."""

@@ -15,6 +15,7 @@ from control.platform import ControlPlane
 from control.settings import Settings
 from gateway.app import create_app
 from tests.conftest import ADMIN_KEY, Api
+from tests.gateway.test_metrics import scrape, value
 from tests.gateway.test_tasks_api import assert_ws_refused
 from tests.support.helpers import serve_app
 
@@ -74,6 +75,35 @@ async def test_probes_and_docs(api: Api) -> None:
     for path in ("/v1/auth/token", "/v1/agents", "/v1/agents/{agent_id}/job", "/v1/tasks/{task_id}/events"):
         assert path in schema["paths"]
     assert (await api.client.get("/docs")).status_code == 200
+
+
+async def test_head_is_answered_on_every_get_route_as_the_get_is_with_no_body(api: Api) -> None:
+    """A general-purpose server supports GET and HEAD (RFC 9110): curl -I, link checkers and monitors ask with HEAD.
+    Its answer is the GET's status and headers (the body's length among them), refusals included."""
+    _, headers = await api.new_customer("probed")
+    _, before = await scrape(api)
+    for path, auth in (("/v1/agents", headers), ("/v1/usage", headers), ("/docs", {}), ("/openapi.json", {})):
+        get = await api.client.get(path, headers=auth)
+        head = await api.client.head(path, headers=auth)
+        assert (get.status_code, head.status_code, head.content) == (200, 200, b""), path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        assert head.headers["content-length"] == str(len(get.content)) != "0", path
+    refused = (
+        ("/v1/agents", {}, 401),  # no token
+        ("/v1/admin/customers", headers, 403),  # a customer's token on an admin route
+        ("/v1/agents/ag-000000000000", headers, 404),
+        ("/v1/no-such-route", headers, 404),
+        ("/v1/auth/token", {}, 405),  # POST only
+    )
+    for path, auth, status in refused:
+        get = await api.client.get(path, headers=auth)
+        head = await api.client.head(path, headers=auth)
+        assert (get.status_code, head.status_code, head.content) == (status, status, b""), path
+        assert head.headers.get("allow") == get.headers.get("allow"), path
+    _, after = await scrape(api)
+    for route, status in (("/v1/agents", "200"), ("/v1/agents", "401"), ("/v1/agents/{agent_id}", "404")):
+        counted = value(after, "caravan_http_requests_total", method="HEAD", route=route, status=status)
+        assert counted - value(before, "caravan_http_requests_total", method="HEAD", route=route, status=status) == 1
 
 
 async def test_a_chosen_admin_keys_prefix_shows_none_of_it_and_survives_a_restart(api: Api, settings: Settings) -> None:

@@ -26,6 +26,7 @@ from agent.protocol import (
     EventKind,
     cancel_subject,
     consumer_name,
+    task_events_subject,
     task_subject,
     utcnow,
 )
@@ -288,6 +289,27 @@ async def running_slow_task(api: Api) -> tuple[str, dict[str, str], str]:
         lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
     )
     return customer_id, headers, task_id
+
+
+async def test_head_on_a_running_tasks_events_answers_the_streams_headers_and_lets_the_stream_go(api: Api) -> None:
+    """A GET of a running task's events stays open for what comes next; a HEAD gets the stream's headers and ends
+    there, and the JetStream consumer its stream opened does not stay behind."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    url, subject = f"/v1/tasks/{task_id}/events", task_events_subject(customer_id, task_id)
+
+    async def readers() -> int:
+        return sum(c.config.filter_subject == subject for c in await api.control.jet.js.consumers_info(EVENTS_STREAM))
+
+    async with api.client.stream("GET", url, headers=headers) as streaming:  # what an open stream looks like
+        assert streaming.status_code == 200
+        await assert_eventually(readers, lambda n: n == 1, what="the GET's consumer")
+    await assert_eventually(readers, lambda n: n == 0, what="the GET's consumer gone")
+    async with asyncio.timeout(10):  # not the minute the model call takes
+        head = await api.client.head(url, headers=headers)
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-type"].startswith("text/event-stream")
+    assert (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()["status"] == "running"
+    await assert_eventually(readers, lambda n: n == 0, what="no consumer left by the HEAD")
 
 
 async def test_cancel_stops_a_slow_model_call(api: Api) -> None:
