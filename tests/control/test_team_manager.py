@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.base import Response
 from autogen_agentchat.conditions import MaxMessageTermination
 from autogen_agentchat.messages import BaseAgentEvent, BaseChatMessage
-from autogen_agentchat.teams import RoundRobinGroupChat
+from autogen_agentchat.teams import BaseGroupChat, RoundRobinGroupChat, SelectorGroupChat, Swarm
 from autogen_agentchat.teams._group_chat._events import (
     GroupChatAgentResponse,
     GroupChatError,
@@ -42,7 +43,7 @@ from agent.teamprotocol import (
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
-from control.teams.models import Team, Termination
+from control.teams.models import SelectorSpec, Team, Termination
 from tests.support.helpers import FlushCounter, assert_eventually, join_members, now
 
 CUSTOMER = "cu-0000000000aa"
@@ -281,39 +282,106 @@ async def test_an_outputs_message_kept_for_the_answer_goes_alone_when_no_answer_
 
 
 def _comparable(state: Any) -> Any:
-    """A saved team state without what differs between two runs of the same script (ids, times) and what only
-    Caravan's members add to it (the scripted model's place)."""
+    """A saved team state without what differs between two runs of the same script (ids, a tool call's too, times)
+    and what only Caravan's members add to it (the scripted model's place)."""
     if isinstance(state, dict):
-        dropped = ("id", "created_at", MODEL_POSITION)
+        dropped = ("id", "call_id", "created_at", MODEL_POSITION)
         return {key: _comparable(value) for key, value in state.items() if key not in dropped}
     if isinstance(state, list):
         return [_comparable(item) for item in state]
     return state
 
 
-async def test_every_members_context_and_buffer_end_as_in_agentchats_own_team(nats_server: EmbeddedNats) -> None:
+def _said(messages: Sequence[BaseAgentEvent | BaseChatMessage]) -> list[tuple[str, str, str]]:
+    """Who said what, of which type; a tool call's id (a fresh one in each run) left out."""
+    return [(m.source, type(m).__name__, re.sub(r"call_[0-9a-f]+", "call", m.to_text())) for m in messages]
+
+
+def _transfer(to: str) -> dict[str, Any]:
+    return {"tool": f"transfer_to_{to}", "arguments": {}}
+
+
+def _parity_team(mode: str) -> tuple[list[AgentDefinition], Team, ModelConfig | None, dict[str, list[str]]]:
+    """Three members on scripted models, and their team of at most 8 messages in ``mode``: its members, its spec,
+    the selector's model (selector) and whom each hands off to, by name (swarm)."""
+    names = ("alice", "bob", "carol")
+    if mode == "swarm":  # each says something, then hands the turn on: alice, bob, carol, alice, ...
+        after = dict(zip(names, names[1:] + names[:1], strict=True))
+        scripts = {n: [x for i in range(3) for x in (f"{n} {i}", _transfer(after[n]))] for n in names}
+        members = [
+            AgentDefinition(
+                agent_id=f"ag-00000000000{i}",
+                customer_id=CUSTOMER,
+                name=n,
+                system_message="",
+                model=ModelConfig(provider="replay", name="m", responses=scripts[n]),
+            )
+            for i, n in enumerate(names)
+        ]
+        handoffs = {n: [after[n]] for n in names}
+    else:
+        members, handoffs = [_member(i, n) for i, n in enumerate(names)], {}
+    ids = {m.name: m.agent_id for m in members}
+    selector = None
+    if mode == "selector":  # never the same speaker twice in a row (AgentChat's default)
+        selector = ModelConfig(
+            provider="replay", name="s", responses=["carol", "alice", "carol", "bob", "alice", "bob", "carol"]
+        )
+    spec = Team(
+        id="tm-0000000000aa",
+        customer_id=CUSTOMER,
+        name="team",
+        members=[m.agent_id for m in members],
+        mode=mode,
+        selector=SelectorSpec(model=selector) if selector else None,
+        handoffs={ids[n]: [ids[t] for t in targets] for n, targets in handoffs.items()},
+        termination=Termination(max_messages=8),
+    )
+    return members, spec, selector, handoffs
+
+
+@pytest.mark.parametrize("mode", ["round_robin", "selector", "swarm"])
+async def test_every_members_context_and_buffer_end_as_in_agentchats_own_team(
+    nats_server: EmbeddedNats, mode: str
+) -> None:
     """Beyond the transcript (the scripted model answers whatever it is told): each member's model context and
     message buffer, saved through the runtime once the run is over, equal those of AgentChat's team in one
-    process."""
-    names = ("alice", "bob", "carol")
-    members, spec = _round_robin(names, 8)
+    process, in each mode: the tool calls and handoffs of a swarm's members among them."""
+    members, spec, selector, handoffs = _parity_team(mode)
     run_id = "rn-0000000000ad"
     nc = await nats.connect(nats_server.url)
     runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
+    by_id = {m.agent_id: m for m in members}
     async with _hosts(nats_server.url, members):
-        chat = build_team(spec, {m.agent_id: m for m in members}, runtime, run_id)
+        chat = build_team(spec, by_id, runtime, run_id, create_model_client(selector) if selector else None)
         await runtime.start()
-        await join_members(nc, CUSTOMER, run_id, [m.agent_id for m in members])
+        await join_members(
+            nc, CUSTOMER, run_id, by_id, handoffs={m.agent_id: handoffs.get(m.name, []) for m in members}
+        )
         distributed = await chat.run(task="take turns")
         saved = await chat.save_state()
         await runtime.stop()
     await nc.close()
     local_members = [
-        AssistantAgent(m.name, model_client=create_model_client(m.model), system_message=None) for m in members
+        AssistantAgent(
+            m.name, model_client=create_model_client(m.model), system_message=None, handoffs=handoffs.get(m.name)
+        )
+        for m in members
     ]
-    local = RoundRobinGroupChat(local_members, termination_condition=MaxMessageTermination(8))
+    termination = MaxMessageTermination(8)
+    local: BaseGroupChat
+    if mode == "round_robin":
+        local = RoundRobinGroupChat(local_members, termination_condition=termination)
+    elif mode == "selector":
+        assert selector is not None
+        local = SelectorGroupChat(local_members, create_model_client(selector), termination_condition=termination)
+    else:
+        local = Swarm(local_members, termination_condition=termination)
     alone = await local.run(task="take turns")
-    assert [m.to_text() for m in distributed.messages] == [m.to_text() for m in alone.messages]
+    assert _said(distributed.messages) == _said(alone.messages)
+    assert distributed.stop_reason == alone.stop_reason
+    if mode == "swarm":
+        assert sum(type(m).__name__ == "HandoffMessage" for m in distributed.messages) >= 3
     local_saved = await local.save_state()
-    for name in names:  # (the states AgentChat saves, member by member)
-        assert _comparable(saved["agent_states"][name]) == _comparable(local_saved["agent_states"][name]), name
+    for m in members:  # (the states AgentChat saves, member by member)
+        assert _comparable(saved["agent_states"][m.name]) == _comparable(local_saved["agent_states"][m.name]), m.name

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -297,11 +297,12 @@ async def join_members(
     output_implied: bool = True,
     states: bool = True,
     state_deltas: bool = True,
+    handoffs: Mapping[str, list[str]] | None = None,
 ) -> None:
     """Enlist one replica of each agent for run ``run_id``, as the team runner does (states sent after each turn,
     unless ``states`` is False, as a manager that keeps no checkpoints asks; as deltas, unless ``state_deltas``
     is False, and the output's messages implied by the answers, unless ``output_implied`` is False, as an older
-    manager asks)."""
+    manager asks). ``handoffs``: the names each agent may hand off to, by agent id (a swarm's)."""
     for agent_id in agent_ids:
         join = MemberJoin(
             run_id=run_id,
@@ -309,6 +310,7 @@ async def join_members(
             customer_id=customer_id,
             agent_id=agent_id,
             team_key=run_id,
+            handoffs=(handoffs or {}).get(agent_id, []),
             state_deltas=state_deltas,
             output_implied=output_implied,
             states=states,
