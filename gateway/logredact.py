@@ -39,14 +39,14 @@ def _query(query: str) -> str:
 
 def _url(match: re.Match[str]) -> str:
     path, query = match.group(1), match.group(2)
-    return shown_path(path) + (f"?{redact_keys(_query(query[1:]))}" if query else "")
+    return shown_path(path) + (f"?{_query(query[1:])}" if query else "")
 
 
 def shown_url(text: str) -> str:
-    """``text`` (a log line, or a part of one) with the secrets of any URL in it redacted: a ``token`` parameter's
-    value, whatever its name's spelling (``%74oken``: the same parameter to the server), any JWT, and an API key
-    cut to its prefix."""
-    return _JWT.sub(REDACTED, _URL.sub(_url, text))
+    """``text`` (a log line, a part of one, a traceback) with its secrets redacted: a URL's ``token`` parameter's
+    value, whatever its name's spelling (``%74oken``: the same parameter to the server), any JWT, and any API key,
+    in a URL or not, cut to its prefix (on the key route, as :func:`gateway.errors.shown_path` shows it)."""
+    return redact_keys(_JWT.sub(REDACTED, _URL.sub(_url, text)))
 
 
 def _shown(value: Any) -> Any:
@@ -64,7 +64,7 @@ class RedactUrls(logging.Filter):
         if record.exc_info and not record.exc_text:
             record.exc_text = _TRACEBACKS.formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = redact_keys(shown_url(record.exc_text))
+            record.exc_text = shown_url(record.exc_text)
         if isinstance(record.args, Mapping):
             record.args = {key: _shown(value) for key, value in record.args.items()}
         elif record.args:
