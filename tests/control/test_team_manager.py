@@ -60,15 +60,20 @@ def _member(i: int, name: str) -> AgentDefinition:
 def _round_robin(names: Sequence[str], max_messages: int) -> tuple[list[AgentDefinition], Team]:
     """Members of these names on scripted models, and their round-robin team of at most so many messages."""
     members = [_member(i, name) for i, name in enumerate(names)]
-    spec = Team(
+    return members, _team(members, "round_robin", max_messages)
+
+
+def _team(members: list[AgentDefinition], mode: str, max_messages: int, **more: Any) -> Team:
+    """The team of these members in ``mode``, of at most so many messages; ``more``: its other fields."""
+    return Team(
         id="tm-0000000000aa",
         customer_id=CUSTOMER,
         name="team",
         members=[m.agent_id for m in members],
-        mode="round_robin",
+        mode=mode,
         termination=Termination(max_messages=max_messages),
+        **more,
     )
-    return members, spec
 
 
 @contextlib.asynccontextmanager
@@ -327,15 +332,12 @@ def _parity_team(mode: str) -> tuple[list[AgentDefinition], Team, ModelConfig | 
         selector = ModelConfig(
             provider="replay", name="s", responses=["carol", "alice", "carol", "bob", "alice", "bob", "carol"]
         )
-    spec = Team(
-        id="tm-0000000000aa",
-        customer_id=CUSTOMER,
-        name="team",
-        members=[m.agent_id for m in members],
-        mode=mode,
+    spec = _team(
+        members,
+        mode,
+        8,
         selector=SelectorSpec(model=selector) if selector else None,
         handoffs={ids[n]: [ids[t] for t in targets] for n, targets in handoffs.items()},
-        termination=Termination(max_messages=8),
     )
     return members, spec, selector, handoffs
 
