@@ -15,6 +15,7 @@ from control.metrics import Metrics
 from control.platform import ControlPlane
 from control.settings import Settings
 from gateway import apidocs, dashboard, logredact, wslog
+from gateway.deps import HEAD_SCOPE_KEY
 from gateway.errors import error_response, install_error_handlers
 from gateway.ratelimit import RateLimiter, Tiers
 from gateway.routes import admin, agents, auth, health, tasks, teams, usage
@@ -106,8 +107,9 @@ class _LimitedBody:
 class _HeadAsGet:
     """HEAD on every GET route (RFC 9110: a general-purpose server supports GET and HEAD; FastAPI routes only the
     methods they declare): the app answers it as the GET, and the response ends with its headers, which are the
-    GET's. The server sends no body for a HEAD; a stream (a task's events) is not kept open for one: once the
-    response is complete, the app hears that the client is gone, and whatever it sends after is dropped here."""
+    GET's. The server sends no body for a HEAD. A task's event stream is not opened for one (the route asks
+    ``deps.answering_head``); any other body a route starts is dropped here, and once the response is complete
+    the app hears that the client is gone."""
 
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
@@ -116,7 +118,9 @@ class _HeadAsGet:
         if scope["type"] != "http" or scope["method"] != "HEAD":
             await self._app(scope, receive, send)
             return
-        as_get = {**scope, "method": "GET"}  # a copy: the server frames its answer by the request's own method
+        # a copy: the server frames its answer by the request's own method; marked, so that a route can leave out
+        # a body that costs something to open (deps.answering_head)
+        as_get = {**scope, "method": "GET", HEAD_SCOPE_KEY: True}
         ended = False
 
         async def send_head(message: Message) -> None:

@@ -17,11 +17,13 @@ from gateway.errors import shown_path
 from gateway.ratelimit import FAILED_AUTH, RateLimited, RateLimiter, Tiers
 
 __all__ = [
+    "HEAD_SCOPE_KEY",
     "AdminDep",
     "ControlDep",
     "ListedQuery",
     "OwnerQuery",
     "PrincipalDep",
+    "answering_head",
     "check_failures",
     "listed_scope",
     "owner_scope",
@@ -29,6 +31,16 @@ __all__ = [
 ]
 
 _bearer = HTTPBearer(auto_error=False, description="JWT from POST /v1/auth/token")
+
+
+HEAD_SCOPE_KEY = "caravan.head"
+"""Set in the scope of a GET that answers a HEAD (gateway.app's ``_HeadAsGet``): only its headers will go out."""
+
+
+def answering_head(request: HTTPConnection) -> bool:
+    """Whether this GET answers a HEAD: a route whose body costs something to open (a task's event stream) can
+    skip it, since the response ends with its headers."""
+    return bool(request.scope.get(HEAD_SCOPE_KEY))
 
 
 def get_control(request: HTTPConnection) -> ControlPlane:

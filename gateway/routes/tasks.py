@@ -4,7 +4,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, WebSocket, WebSocketDisconnect, status
+from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect, status
 from fastapi.responses import Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
@@ -13,7 +13,15 @@ from control.models import Task, TaskCreate, TaskStatus
 from control.platform import ControlPlane
 from control.services.tasks import StreamedEvent
 from control.teams.models import TeamInput
-from gateway.deps import ControlDep, ListedQuery, PrincipalDep, get_principal, listed_scope, owner_scope
+from gateway.deps import (
+    ControlDep,
+    ListedQuery,
+    PrincipalDep,
+    answering_head,
+    get_principal,
+    listed_scope,
+    owner_scope,
+)
 from gateway.errors import caravan_error_response, refuse_websocket
 from gateway.schemas import ERROR_RESPONSES, TaskPublic
 
@@ -102,6 +110,7 @@ async def task_input(task_id: str, body: TeamInput, control: ControlDep, princip
     },
 )
 async def task_events(
+    request: Request,
     task_id: str,
     control: ControlDep,
     principal: PrincipalDep,
@@ -125,7 +134,8 @@ async def task_events(
             yield f"id: {item.id}\nevent: {item.event.kind}\ndata: {json.dumps(_wire(item))}\n\n".encode()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+    body = iter(()) if answering_head(request) else stream()  # a HEAD's ends with its headers: nothing to watch
+    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
 
 @router.websocket("/{task_id}/ws")

@@ -291,25 +291,48 @@ async def running_slow_task(api: Api) -> tuple[str, dict[str, str], str]:
     return customer_id, headers, task_id
 
 
-async def test_head_on_a_running_tasks_events_answers_the_streams_headers_and_lets_the_stream_go(api: Api) -> None:
+async def test_head_on_a_running_tasks_events_answers_the_streams_headers_and_opens_no_stream(api: Api) -> None:
     """A GET of a running task's events stays open for what comes next; a HEAD gets the stream's headers and ends
-    there, and the JetStream consumer its stream opened does not stay behind."""
+    there, without opening the stream: JetStream makes no consumer for it. JetStream announces each consumer it
+    makes, in order; a GET after the HEAD is the barrier: once its consumer is announced, one made for the HEAD
+    would have been announced before it."""
     customer_id, headers, task_id = await running_slow_task(api)
-    url, subject = f"/v1/tasks/{task_id}/events", task_events_subject(customer_id, task_id)
+    url, subject, nc = f"/v1/tasks/{task_id}/events", task_events_subject(customer_id, task_id), api.control.jet.nc
+    created: list[str] = []
+
+    async def on_created(msg: nats.aio.msg.Msg) -> None:
+        created.append(msg.subject)
+
+    async def announced() -> int:
+        return len(created)
 
     async def readers() -> int:
         return sum(c.config.filter_subject == subject for c in await api.control.jet.js.consumers_info(EVENTS_STREAM))
 
-    async with api.client.stream("GET", url, headers=headers) as streaming:  # what an open stream looks like
-        assert streaming.status_code == 200
-        await assert_eventually(readers, lambda n: n == 1, what="the GET's consumer")
-    await assert_eventually(readers, lambda n: n == 0, what="the GET's consumer gone")
-    async with asyncio.timeout(10):  # not the minute the model call takes
-        head = await api.client.head(url, headers=headers)
-    assert (head.status_code, head.content) == (200, b"")
-    assert head.headers["content-type"].startswith("text/event-stream")
+    async def open_stream() -> None:
+        before = len(created)
+        async with api.client.stream("GET", url, headers=headers) as streaming:
+            assert streaming.status_code == 200
+            await assert_eventually(readers, lambda n: n >= 1, what="the GET's consumer")
+            await assert_eventually(announced, lambda n: n > before, what="the GET's consumer announced")
+            assert await readers() == 1  # the GET's alone
+        await assert_eventually(readers, lambda n: n == 0, what="the GET's consumer gone")
+
+    advisories = await nc.subscribe(f"$JS.EVENT.ADVISORY.CONSUMER.CREATED.{EVENTS_STREAM}.*", cb=on_created)
+    try:
+        await nc.flush()
+        await open_stream()  # what a stream opened looks like
+        opened = len(created)
+        async with asyncio.timeout(10):  # not the minute the model call takes
+            head = await api.client.head(url, headers=headers)
+        assert (head.status_code, head.content) == (200, b"")
+        assert head.headers["content-type"].startswith("text/event-stream")
+        assert head.headers["cache-control"] == "no-cache"
+        await open_stream()
+        assert created[opened:] == created[-1:], created[opened:]  # the second GET's alone
+    finally:
+        await advisories.unsubscribe()
     assert (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()["status"] == "running"
-    await assert_eventually(readers, lambda n: n == 0, what="no consumer left by the HEAD")
 
 
 async def test_cancel_stops_a_slow_model_call(api: Api) -> None:
