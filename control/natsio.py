@@ -49,9 +49,11 @@ NATS_UNAVAILABLE: tuple[type[Exception], ...] = (
     nats.errors.StaleConnectionError,
     nats.errors.OutboundBufferLimitError,
     nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
 )
-"""What NATS raises while it cannot answer for now (stalled, reconnecting, JetStream electing a leader): a
-request that meets one is answered 503, to be tried again, not 500."""
+"""What NATS raises while it cannot answer for now (stalled, reconnecting, JetStream electing a leader, nothing
+serving a stream: nats-py's no-responders for a JetStream publish, a KV write among them): a request that meets
+one is answered 503, to be tried again, not 500."""
 
 
 @dataclass

@@ -67,7 +67,7 @@ from control.store import Repo, purge_keys
 if TYPE_CHECKING:
     from control.teams.dispatch import TeamTasks
 
-__all__ = ["StreamedEvent", "TaskService", "customer_unfinished_tasks", "handed_out", "unfinished_tasks"]
+__all__ = ["StreamedEvent", "TaskService", "customer_unfinished_tasks", "handed_out", "queue_new", "unfinished_tasks"]
 
 KILLSWITCH_QUIET_S = 0.05
 KILLSWITCH_STATE_DELAY_S = 1.0
@@ -104,6 +104,34 @@ class StreamedEvent:
 def task_key(customer_id: str, task_id: str) -> str:
     """A task record's key (and its team checkpoint's): the customer's records share a prefix."""
     return f"{customer_id}.{task_id}"
+
+
+async def queue_new(repo: Repo[Task], js: JetStreamContext, task: Task, subject: str, request: bytes) -> Task:
+    """Store a new task: its record, its ``queued`` event, and its request on ``subject`` in its work queue (the
+    task's id as the request's ``Nats-Msg-Id``). Returns the task with the request's ``queue_seq``.
+
+    All of it or none: when a step fails (NATS away, a stream gone), what was stored is taken back (the request
+    out of the queue, the record deleted) before the error goes up, so that the caller that is told the task
+    was not made finds none, and no quota slot is held by a task nothing will run. A request whose publishing
+    timed out may have been stored all the same: its run finds no record and stops (the tracker tells it)."""
+    key = task_key(task.customer_id, task.id)
+    await repo.create(key, task)
+    seq: int | None = None
+    try:
+        queued = Event(kind=EventKind.STATUS, task_id=task.id, customer_id=task.customer_id, content="queued")
+        await js.publish(task_events_subject(task.customer_id, task.id), queued.model_dump_json().encode())
+        seq = (await js.publish(subject, request, headers={"Nats-Msg-Id": task.id})).seq
+        await repo.update(key, lambda t: t.model_copy(update={"queue_seq": seq}))
+    except BaseException:
+        try:
+            if seq is not None:
+                with contextlib.suppress(NotFoundError):  # (taken by its runner already: its run stops, as above)
+                    await js.delete_msg(TASKS_STREAM, seq)
+            await repo.delete(key)
+        except Exception as exc:  # NATS still away: the record stays `queued`, and a cancel ends it
+            log.error("task %s could not be queued, nor its record taken back: %r", key, exc)
+        raise
+    return task.model_copy(update={"queue_seq": seq})
 
 
 async def unfinished_tasks(records: Repo[Task], in_flight: Mapping[str, Iterable[str]]) -> list[Task]:
@@ -217,14 +245,9 @@ class TaskService:
         if (why := why_not_serving(agent)) is not None:
             raise Conflict(f"agent {agent.id} is {why}")
         task = Task(id=task_id, customer_id=customer_id, agent_id=agent.id, task=spec.task)
-        await self._repo.create(task_key(customer_id, task.id), task)
-        await self.publish(Event(kind=EventKind.STATUS, task_id=task.id, customer_id=customer_id, content="queued"))
         request = TaskRequest(task_id=task.id, customer_id=customer_id, agent_id=agent.id, task=spec.task)
-        ack = await self._js.publish(
-            task_subject(customer_id, agent.id), request.model_dump_json().encode(), headers={"Nats-Msg-Id": task.id}
-        )
-        await self._repo.update(task_key(customer_id, task.id), lambda t: t.model_copy(update={"queue_seq": ack.seq}))
-        task = task.model_copy(update={"queue_seq": ack.seq})
+        subject = task_subject(customer_id, agent.id)
+        task = await queue_new(self._repo, self._js, task, subject, request.model_dump_json().encode())
         await self._unless_agent_went(task)
         # the answer is the task as queued: the agent may already have picked it up, which the events will tell
         return task
@@ -379,11 +402,18 @@ class TaskService:
 
     async def _tell_runner(self, task: Task) -> None:
         """Tell whoever may run ``task`` to stop it: its agent's processes, or the team's manager."""
-        nc = self._js._nc
         if task.team_id is not None:
-            await nc.publish(team_cancel_subject(task.customer_id, task.id), b"")
+            await self._tell_runner_of(task.customer_id, task.id, None)
         elif task.agent_id is not None:
-            await nc.publish(cancel_subject(task.customer_id, task.agent_id), task.id.encode())
+            await self._tell_runner_of(task.customer_id, task.id, task.agent_id)
+
+    async def _tell_runner_of(self, customer_id: str, task_id: str, agent_id: str | None) -> None:
+        """Tell agent ``agent_id``'s processes to stop the task's run, or (None) the manager of its team run."""
+        nc = self._js._nc
+        if agent_id is None:
+            await nc.publish(team_cancel_subject(customer_id, task_id), b"")
+        else:
+            await nc.publish(cancel_subject(customer_id, agent_id), task_id.encode())
 
     async def _end(self, task: Task, reason: str, status: TaskStatus = TaskStatus.CANCELLED) -> None:
         """End a task nothing runs any more (``cancelled``, or ``status``, for ``reason``), and give back its quota
@@ -684,8 +714,11 @@ class TaskService:
         customer_id = events[0][1].customer_id
         sequenced = [(msg.metadata.sequence.stream, event) for msg, event in events]
         known = self._folded.pop(key, None) or await self._repo.get_known(key)
-        if known is None:
-            return  # no such task: nothing to keep of its events
+        if known is None:  # no such task (never queued whole, or forgotten): nothing to keep of its events
+            for _, event in sequenced:
+                if _starts(event):  # a run of it: stopped (see queue_new)
+                    await self._tell_runner_of(customer_id, event.task_id or "", event.agent_id)
+            return
         # the messages first, each under its own key: a record that says the task ended is never read before its
         # transcript is whole (so one folded into the record already, delivered again, has its entry stored)
         entries = [
@@ -751,6 +784,7 @@ TRANSCRIPT_KINDS = (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESUL
 
 MAY_PASS: tuple[type[Exception], ...] = (
     nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,  # what a KV write raises when nothing serves its stream (nats-py)
     nats.js.errors.ServiceUnavailableError,
     nats.errors.TimeoutError,
     StoreConflict,

@@ -13,7 +13,7 @@ from control.errors import Conflict, NotFound
 from control.models import Agent, Task, TaskCreate, TaskStatus
 from control.services.agents import AgentService, why_not_serving
 from control.services.killswitch import KillswitchService
-from control.services.tasks import handed_out, task_key
+from control.services.tasks import handed_out, queue_new, task_key
 from control.store import Repo
 from control.teams.models import Checkpoint, Team
 from control.teams.service import TeamService
@@ -43,13 +43,9 @@ class TeamTasks:
         team = await self._teams.get(customer_id, spec.team_id)
         await self.ensure_members_can_serve(team)
         task = Task(id=task_id, customer_id=customer_id, team_id=team.id, task=spec.task)
-        await self._tasks.create(task_key(customer_id, task.id), task)
-        await self._publish_status(task, "queued")
         request = TeamTaskRequest(task_id=task.id, customer_id=customer_id, team_id=team.id, content=spec.task)
         subject = team_task_subject(customer_id, team.id)
-        ack = await self._js.publish(subject, request.model_dump_json().encode(), headers={"Nats-Msg-Id": task.id})
-        await self._tasks.update(task_key(customer_id, task.id), lambda t: t.model_copy(update={"queue_seq": ack.seq}))
-        return task.model_copy(update={"queue_seq": ack.seq})
+        return await queue_new(self._tasks, self._js, task, subject, request.model_dump_json().encode())
 
     async def teams_of(self, agent: Agent) -> set[str]:
         """The ids of the teams ``agent`` is a member of."""

@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,6 +24,7 @@ from agent.protocol import (
     TASKS_STREAM,
     Event,
     EventKind,
+    TaskRequest,
     cancel_subject,
     consumer_name,
     task_events_subject,
@@ -791,7 +792,7 @@ async def test_a_replica_that_cannot_renew_its_lease_folds_nothing_until_another
 async def test_a_fold_that_fails_for_a_moment_is_tried_again_in_place(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """NATS away for a moment (a timeout, JetStream unavailable while it elects a leader) as the tracker writes a
+    """NATS away for a moment (a timeout, JetStream unavailable or not serving a bucket) as the tracker writes a
     record or gives back a quota slot: the write is tried again, the events after it waiting, rather than the
     record missing the event for good (a task that ended would stay running, holding its slot). A write whose
     answer timed out may have been made: the slot is given back and the tokens metered once all the same."""
@@ -818,6 +819,8 @@ async def test_a_fold_that_fails_for_a_moment_is_tried_again_in_place(
         failures.append("release")
         if failures.count("release") == 1:
             raise nats.js.errors.ServiceUnavailableError
+        if failures.count("release") == 2:
+            raise nats.js.errors.NoStreamResponseError  # a KV write while nothing serves the bucket's stream
         await release_task(*args)
 
     async def flaky_metering(*args: Any) -> Any:
@@ -840,7 +843,7 @@ async def test_a_fold_that_fails_for_a_moment_is_tried_again_in_place(
     await restart_tracker(api)
     task = await finished(api, headers, task_id)
     await tracker_caught_up(api)
-    assert failures == ["update", "update", "update", "meter", "meter", "release", "release"]
+    assert failures == ["update", "update", "update", "meter", "meter", "release", "release", "release"]
     assert (task["status"], task["usage"]) == ("completed", {"prompt_tokens": 5, "completion_tokens": 1})
     assert said_by_tester(task) == ["done"]
     now_used = await usage(api, headers)
@@ -894,6 +897,69 @@ async def test_tasks_on_a_stopped_agent_are_refused(api: Api) -> None:
     await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)
     response = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "hi"}, headers=headers)
     assert response.status_code == 409 and "stopped" in response.json()["error"]["message"]
+
+
+@contextlib.contextmanager
+def queueing_fails(api: Api, error: Exception, stored: bool = False) -> Iterator[list[bytes]]:
+    """JetStream takes no task request for a while: each publish on a task queue's subject fails with ``error``
+    (once it is stored, with ``stored``: an answer that never came). Yields the requests tried."""
+    js = api.control.jet.js
+    publish, tried = js.publish, []
+
+    async def failing(subject: str, payload: bytes = b"", *args: Any, **kwargs: Any) -> Any:
+        if not subject.startswith("caravan.tasks."):
+            return await publish(subject, payload, *args, **kwargs)
+        tried.append(payload)
+        if stored:
+            await publish(subject, payload, *args, **kwargs)
+        raise error
+
+    js.publish = failing  # type: ignore[method-assign]
+    try:
+        yield tried
+    finally:
+        del js.publish  # the method again
+
+
+async def test_a_task_that_cannot_be_queued_is_refused_503_and_leaves_nothing_behind(api: Api) -> None:
+    """A task whose request JetStream does not take (nothing serves the stream for a moment) is refused with a
+    503 to try again, and nothing of it is left: no record listed, no quota slot held. Once JetStream takes
+    requests again, the same task is made and runs."""
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    with queueing_fails(api, nats.js.errors.NoStreamResponseError()) as tried:
+        response = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "hi"}, headers=headers)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "unavailable" and response.headers["retry-after"] == "1"
+    task_id = TaskRequest.model_validate_json(tried[0]).task_id
+    assert (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).status_code == 404
+    assert (await api.client.get("/v1/tasks", headers=headers)).json() == []
+    assert (await usage(api, headers))["concurrent_tasks"] == 0
+    assert (await finished(api, headers, await start_task(api, headers, agent["id"])))["status"] == "completed"
+
+
+async def test_a_task_request_stored_though_its_answer_never_came_is_stopped_once_it_runs(api: Api) -> None:
+    """A request whose publishing timed out may be in the queue all the same: the client is told 503 and the
+    task's record is taken back, so that when the agent runs the request, the tracker finds no record for its
+    run and tells the agent to stop it (here in its model call): no run goes on that nobody can see or cancel."""
+    customer_id, headers = await api.new_customer()
+    slow = {"provider": "replay", "name": "slow", "responses": ["too late"], "delay_ms": 60_000}
+    agent = await running_agent(api, headers, model=slow, tools=[])
+    with queueing_fails(api, nats.errors.TimeoutError(), stored=True) as tried:
+        response = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "hi"}, headers=headers)
+    assert response.status_code == 503, response.text
+    task_id = TaskRequest.model_validate_json(tried[0]).task_id
+    assert (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).status_code == 404
+
+    async def last_word() -> tuple[str | None, str | None]:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            last = (await stored_events(api.control.jet.js, customer_id, task_id))[-1]
+            return last.content, last.agent_id
+        return None, None
+
+    await assert_eventually(last_word, lambda w: w == ("cancelled", agent["id"]), what="the run stopped by its agent")
+    assert (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).status_code == 404
+    assert (await usage(api, headers))["concurrent_tasks"] == 0
 
 
 async def test_customers_never_see_each_others_tasks(api: Api) -> None:

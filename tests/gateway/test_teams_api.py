@@ -8,9 +8,10 @@ import os
 import signal
 
 import nats
+import nats.js.errors
 import pytest
 
-from agent.teamprotocol import MemberJoin, join_subject
+from agent.teamprotocol import MemberJoin, TeamTaskRequest, join_subject
 from tests.conftest import Api
 from tests.gateway.teams_support import (
     MaxMessageTermination,
@@ -35,6 +36,7 @@ from tests.gateway.teams_support import (
     team,
 )
 from tests.gateway.test_agents_api import INVISIBLE_NAMES, READABLE_NAMES, wait_status
+from tests.gateway.test_tasks_api import queueing_fails, usage
 from tests.support.helpers import assert_eventually, now, small_events, small_messages, stored_events
 
 
@@ -95,6 +97,25 @@ async def test_an_event_jetstream_will_not_store_fails_the_team_task_with_the_re
     assert task["status"] == "failed", (task["status_reason"], task["messages"])
     assert "not stored" in task["status_reason"] and "maximum" in task["status_reason"], task["status_reason"]
     assert task["result"] is None
+
+
+async def test_a_team_task_that_cannot_be_queued_is_refused_503_and_leaves_nothing_behind(api: Api) -> None:
+    """As a task on one agent (tests/gateway/test_tasks_api.py): no record, no quota slot, and the same task
+    made and run once JetStream takes requests again."""
+    _, headers = await api.new_customer()
+    specs = {"alice": {"model": script("a1")}, "bob": {"model": script("b1")}}
+    made = await agents(api, headers, specs)
+    created = await team(api, headers, members=[made[n]["id"] for n in specs], termination={"max_messages": 3})
+    body = {"team_id": created["id"], "task": "Count."}
+    with queueing_fails(api, nats.js.errors.NoStreamResponseError()) as tried:
+        response = await api.client.post("/v1/tasks", json=body, headers=headers)
+    assert response.status_code == 503, response.text
+    task_id = TeamTaskRequest.model_validate_json(tried[0]).task_id
+    assert (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).status_code == 404
+    assert (await api.client.get("/v1/tasks", headers=headers)).json() == []
+    assert (await usage(api, headers))["concurrent_tasks"] == 0
+    task = await task_status(api, headers, await start(api, headers, created["id"], "Count."))
+    assert [m["content"] for m in task["messages"]] == ["Count.", "a1", "b1"]
 
 
 async def test_selector_matches_agentchat_in_process(api: Api) -> None:
