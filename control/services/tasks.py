@@ -58,6 +58,7 @@ from control.models import (
     TranscriptEntry,
     Usage,
 )
+from control.natsio import NATS_UNAVAILABLE
 from control.services.agents import AgentService, failure, why_not_serving
 from control.services.killswitch import KillswitchService
 from control.services.quotas import QuotaService
@@ -248,7 +249,10 @@ class TaskService:
         request = TaskRequest(task_id=task.id, customer_id=customer_id, agent_id=agent.id, task=spec.task)
         subject = task_subject(customer_id, agent.id)
         task = await queue_new(self._repo, self._js, task, subject, request.model_dump_json().encode())
-        await self._unless_agent_went(task)
+        try:
+            await self._unless_agent_went(task)
+        except NATS_UNAVAILABLE as exc:  # the task is queued whole: the client is told so, not to make it again
+            log.warning("task %s is queued; whether its agent went meanwhile could not be read: %r", task.id, exc)
         # the answer is the task as queued: the agent may already have picked it up, which the events will tell
         return task
 

@@ -962,6 +962,31 @@ async def test_a_task_request_stored_though_its_answer_never_came_is_stopped_onc
     assert (await usage(api, headers))["concurrent_tasks"] == 0
 
 
+async def test_a_task_queued_whole_is_answered_202_though_a_read_after_it_fails(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a task is queued whole, NATS failing the read that follows (whether its agent went meanwhile) does
+    not turn the answer into a 503: a client told so would make the task again, and both would run."""
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    agents, reads = api.control.tasks._agents, []
+    get = agents.get
+
+    async def failing_after_queueing(*args: Any) -> Any:
+        reads.append(args)
+        if len(reads) == 2:  # the read after the task is queued
+            raise nats.errors.TimeoutError
+        return await get(*args)
+
+    monkeypatch.setattr(agents, "get", failing_after_queueing)
+    response = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "hi"}, headers=headers)
+    assert response.status_code == 202, response.text
+    assert len(reads) == 2
+    monkeypatch.undo()
+    assert (await finished(api, headers, response.json()["id"]))["status"] == "completed"
+    assert [t["id"] for t in (await api.client.get("/v1/tasks", headers=headers)).json()] == [response.json()["id"]]
+
+
 async def test_customers_never_see_each_others_tasks(api: Api) -> None:
     _, alice = await api.new_customer("alice")
     _, bob = await api.new_customer("bob")
