@@ -924,7 +924,7 @@ def queueing_fails(api: Api, error: Exception, stored: bool = False) -> Iterator
 async def test_a_task_that_cannot_be_queued_is_refused_503_and_leaves_nothing_behind(api: Api) -> None:
     """A task whose request JetStream does not take (nothing serves the stream for a moment) is refused with a
     503 to try again, and nothing of it is left: no record listed, no quota slot held. Once JetStream takes
-    requests again, the same task is made and runs."""
+    requests again, the client's second try is made and runs."""
     _, headers = await api.new_customer()
     agent = await running_agent(api, headers)
     with queueing_fails(api, nats.js.errors.NoStreamResponseError()) as tried:

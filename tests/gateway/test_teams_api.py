@@ -100,8 +100,8 @@ async def test_an_event_jetstream_will_not_store_fails_the_team_task_with_the_re
 
 
 async def test_a_team_task_that_cannot_be_queued_is_refused_503_and_leaves_nothing_behind(api: Api) -> None:
-    """As a task on one agent (tests/gateway/test_tasks_api.py): no record, no quota slot, and the same task
-    made and run once JetStream takes requests again."""
+    """As a task on one agent (tests/gateway/test_tasks_api.py): no record, no quota slot, and the client's
+    second try made and run once JetStream takes requests again."""
     _, headers = await api.new_customer()
     specs = {"alice": {"model": script("a1")}, "bob": {"model": script("b1")}}
     made = await agents(api, headers, specs)
