@@ -18,7 +18,7 @@ from control.services.audit import AUDIT_STREAM
 from gateway.app import create_app
 from gateway.ratelimit import Tiers
 from tests.conftest import ADMIN_KEY, Api
-from tests.gateway.test_agents_api import INVISIBLE_NAMES, READABLE_NAMES, agent_body
+from tests.gateway.test_agents_api import INVISIBLE_NAMES, READABLE_NAMES, REPLAY, agent_body
 from tests.gateway.test_tasks_api import assert_ws_refused, finished, running_agent, start_task
 from tests.support.helpers import assert_eventually, named_reads, serve_app
 
@@ -487,7 +487,8 @@ async def audit(api: Api, **params: Any) -> list[dict[str, Any]]:
 async def test_what_admins_do_on_the_customer_routes_is_audited_and_what_customers_do_is_not(api: Api) -> None:
     customer_id, customer = await api.new_customer()
     admin = await api.admin()
-    own = await api.client.post("/v1/agents", json=agent_body(name="own"), headers=customer)
+    slow = {**REPLAY, "delay_ms": 60_000}  # its task is still running when the admin cancels it
+    own = await api.client.post("/v1/agents", json=agent_body(name="own", model=slow), headers=customer)
     assert own.status_code == 201, own.text
     made = await api.client.post("/v1/agents", params={"customer_id": customer_id}, json=agent_body(), headers=admin)
     assert made.status_code == 201, made.text
