@@ -68,7 +68,7 @@ from control.store import Repo, purge_keys
 if TYPE_CHECKING:
     from control.teams.dispatch import TeamTasks
 
-__all__ = ["StreamedEvent", "TaskService", "customer_unfinished_tasks", "handed_out", "queue_new", "unfinished_tasks"]
+__all__ = ["StreamedEvent", "TaskService", "customer_unfinished_tasks", "handed_out", "unfinished_tasks"]
 
 KILLSWITCH_QUIET_S = 0.05
 KILLSWITCH_STATE_DELAY_S = 1.0
@@ -105,34 +105,6 @@ class StreamedEvent:
 def task_key(customer_id: str, task_id: str) -> str:
     """A task record's key (and its team checkpoint's): the customer's records share a prefix."""
     return f"{customer_id}.{task_id}"
-
-
-async def queue_new(repo: Repo[Task], js: JetStreamContext, task: Task, subject: str, request: bytes) -> Task:
-    """Store a new task: its record, its ``queued`` event, and its request on ``subject`` in its work queue (the
-    task's id as the request's ``Nats-Msg-Id``). Returns the task with the request's ``queue_seq``.
-
-    All of it or none: when a step fails (NATS away, a stream gone), what was stored is taken back (the request
-    out of the queue, the record deleted) before the error goes up, so that the caller that is told the task
-    was not made finds none, and no quota slot is held by a task nothing will run. A request whose publishing
-    timed out may have been stored all the same: its run finds no record and stops (the tracker tells it)."""
-    key = task_key(task.customer_id, task.id)
-    await repo.create(key, task)
-    seq: int | None = None
-    try:
-        queued = Event(kind=EventKind.STATUS, task_id=task.id, customer_id=task.customer_id, content="queued")
-        await js.publish(task_events_subject(task.customer_id, task.id), queued.model_dump_json().encode())
-        seq = (await js.publish(subject, request, headers={"Nats-Msg-Id": task.id})).seq
-        await repo.update(key, lambda t: t.model_copy(update={"queue_seq": seq}))
-    except BaseException:
-        try:
-            if seq is not None:
-                with contextlib.suppress(NotFoundError):  # (taken by its runner already: its run stops, as above)
-                    await js.delete_msg(TASKS_STREAM, seq)
-            await repo.delete(key)
-        except Exception as exc:  # NATS still away: the record stays `queued`, and a cancel ends it
-            log.error("task %s could not be queued, nor its record taken back: %r", key, exc)
-        raise
-    return task.model_copy(update={"queue_seq": seq})
 
 
 async def unfinished_tasks(records: Repo[Task], in_flight: Mapping[str, Iterable[str]]) -> list[Task]:
@@ -233,7 +205,7 @@ class TaskService:
             if spec.team_id is not None:
                 if self._teams is None:
                     raise Invalid("tasks on teams are not available here; give agent_id")
-                return await self._teams.create(customer_id, spec, task_id)
+                return await self._queue(*await self._teams.prepare(customer_id, spec, task_id))
             return await self._create_on_agent(customer_id, spec, task_id)
         except BaseException:
             await self._quotas.release_task(customer_id, task_id)
@@ -247,14 +219,41 @@ class TaskService:
             raise Conflict(f"agent {agent.id} is {why}")
         task = Task(id=task_id, customer_id=customer_id, agent_id=agent.id, task=spec.task)
         request = TaskRequest(task_id=task.id, customer_id=customer_id, agent_id=agent.id, task=spec.task)
-        subject = task_subject(customer_id, agent.id)
-        task = await queue_new(self._repo, self._js, task, subject, request.model_dump_json().encode())
+        task = await self._queue(task, task_subject(customer_id, agent.id), request.model_dump_json().encode())
         try:
             await self._unless_agent_went(task)
         except NATS_UNAVAILABLE as exc:  # the task is queued whole: the client is told so, not to make it again
             log.warning("task %s is queued; whether its agent went meanwhile could not be read: %r", task.id, exc)
         # the answer is the task as queued: the agent may already have picked it up, which the events will tell
         return task
+
+    async def _queue(self, task: Task, subject: str, request: bytes) -> Task:
+        """Store a new task: its record, its ``queued`` event, and its request on ``subject`` in its work queue (the
+        task's id as the request's ``Nats-Msg-Id``). Returns the task with the request's ``queue_seq``.
+
+        All of it or none: when a step fails (NATS away, a stream gone), what was stored is taken back (the request
+        out of the queue, the record deleted) before the error goes up, so that the caller that is told the task
+        was not made finds none, and no quota slot is held by a task nothing will run. A request whose publishing
+        timed out may have been stored all the same: its run finds no record and stops (the tracker tells it)."""
+        key = task_key(task.customer_id, task.id)
+        await self._repo.create(key, task)
+        seq: int | None = None
+        try:
+            await self.publish(
+                Event(kind=EventKind.STATUS, task_id=task.id, customer_id=task.customer_id, content="queued")
+            )
+            seq = (await self._js.publish(subject, request, headers={"Nats-Msg-Id": task.id})).seq
+            await self._repo.update(key, lambda t: t.model_copy(update={"queue_seq": seq}))
+        except BaseException:
+            try:
+                if seq is not None:
+                    with contextlib.suppress(NotFoundError):  # (taken by its runner already: its run stops, as above)
+                        await self._js.delete_msg(TASKS_STREAM, seq)
+                await self._repo.delete(key)
+            except Exception as exc:  # NATS still away: the record stays `queued`, and a cancel ends it
+                log.error("task %s could not be queued, nor its record taken back: %r", key, exc)
+            raise
+        return task.model_copy(update={"queue_seq": seq})
 
     async def _unless_agent_went(self, task: Task) -> None:
         """A task queued as its agent was deleted, or failed, after it was read above: the delete (or the failure)
@@ -720,7 +719,7 @@ class TaskService:
         known = self._folded.pop(key, None) or await self._repo.get_known(key)
         if known is None:  # no such task (never queued whole, or forgotten): nothing to keep of its events
             for _, event in sequenced:
-                if _starts(event):  # a run of it: stopped (see queue_new)
+                if _starts(event):  # a run of it: stopped (see _queue)
                     await self._tell_runner_of(customer_id, event.task_id or "", event.agent_id)
             return
         # the messages first, each under its own key: a record that says the task ended is never read before its

@@ -13,7 +13,7 @@ from control.errors import Conflict, NotFound
 from control.models import Agent, Task, TaskCreate, TaskStatus
 from control.services.agents import AgentService, why_not_serving
 from control.services.killswitch import KillswitchService
-from control.services.tasks import handed_out, queue_new, task_key
+from control.services.tasks import handed_out, task_key
 from control.store import Repo
 from control.teams.models import Checkpoint, Team
 from control.teams.service import TeamService
@@ -38,14 +38,15 @@ class TeamTasks:
         self._agents = agents
         self._guard = guard
 
-    async def create(self, customer_id: str, spec: TaskCreate, task_id: str) -> Task:
+    async def prepare(self, customer_id: str, spec: TaskCreate, task_id: str) -> tuple[Task, str, bytes]:
+        """A new task on a team whose members can all serve: its record, and its request for the team runners
+        with the subject to queue it on (the task service queues them)."""
         assert spec.team_id is not None
         team = await self._teams.get(customer_id, spec.team_id)
         await self.ensure_members_can_serve(team)
         task = Task(id=task_id, customer_id=customer_id, team_id=team.id, task=spec.task)
         request = TeamTaskRequest(task_id=task.id, customer_id=customer_id, team_id=team.id, content=spec.task)
-        subject = team_task_subject(customer_id, team.id)
-        return await queue_new(self._tasks, self._js, task, subject, request.model_dump_json().encode())
+        return task, team_task_subject(customer_id, team.id), request.model_dump_json().encode()
 
     async def teams_of(self, agent: Agent) -> set[str]:
         """The ids of the teams ``agent`` is a member of."""
