@@ -852,6 +852,8 @@ def fold_event(task: Task, event: Event) -> Task | None:
         if task.status in TERMINAL_TASK_STATUSES:
             return None
         status = TaskStatus(event.content or "")
+        if status == TaskStatus.QUEUED and task.status == TaskStatus.RUNNING and "attempt" not in changes:
+            return None  # the human's answer's, stored after the run it resumed had started: nothing goes back to it
         changes.update(status=status, status_reason=event.data.get("reason"))
         if status in TERMINAL_TASK_STATUSES:
             changes["finished_at"] = event.at

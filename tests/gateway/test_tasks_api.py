@@ -617,6 +617,19 @@ async def test_a_burst_of_events_is_folded_in_order_around_an_impossible_one(api
     assert (await finished(api, headers, task_id))["status"] == "cancelled"
 
 
+async def test_a_queued_status_stored_after_the_run_started_leaves_the_task_running(api: Api) -> None:
+    """The human's answer is queued before its ``queued`` status is published, so a manager quick to take it up can
+    say ``running`` first: the late ``queued`` must not put a running task back in the queue (it would show
+    ``queued`` until its next status, and a cancel would look for its request in the queue)."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    await api.control.tasks.publish(task_event(customer_id, task_id, EventKind.STATUS, "queued", reason="resuming"))
+    await tracker_caught_up(api)
+    task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert task["status"] == "running", task["status_reason"]
+    assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+    assert (await finished(api, headers, task_id))["status"] == "cancelled"
+
+
 async def test_events_the_tracker_had_in_hand_when_it_stopped_are_folded_at_once_and_in_order(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
