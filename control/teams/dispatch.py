@@ -84,13 +84,29 @@ class TeamTasks:
             request.model_dump_json().encode(),
             headers={"Nats-Msg-Id": f"{task.id}:input:{checkpoint.segment}"},
         )
-        if ack.duplicate:
+        if ack.duplicate and not await self._queued_as(ack.seq, request):
             raise Conflict(f"task {task.id} already has its answer")
         key = task_key(task.customer_id, task.id)
         await self._tasks.update(key, lambda t: t.model_copy(update={"queue_seq": ack.seq}))
         resuming = "resuming with the human's answer"
         await self._publish_status(task, "queued", resuming)
         return task.model_copy(update={"status": TaskStatus.QUEUED, "status_reason": resuming, "queue_seq": ack.seq})
+
+    async def _queued_as(self, seq: int, request: TeamTaskRequest) -> bool:
+        """Whether the answer queued at ``seq`` (the first, which a duplicate's acknowledgement names) is this very
+        one: the client's second try of an answer stored although the first try's acknowledgement never came (it
+        got a 503), or although what follows the queueing failed. The same answer is taken again, to finish what
+        the first try left undone; another is refused. One its runner has taken already is gone from the queue."""
+        try:
+            queued = TeamTaskRequest.model_validate_json((await self._js.get_msg(TASKS_STREAM, seq)).data or b"")
+        except NotFoundError:
+            return False
+        return (queued.task_id, queued.kind, queued.segment, queued.content) == (
+            request.task_id,
+            request.kind,
+            request.segment,
+            request.content,
+        )
 
     async def cancel(self, task: Task) -> Task:
         """Cancel a team task whose record says a cancel was asked for (a manager that takes it up after this

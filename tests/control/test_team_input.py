@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 from autogen_agentchat.conditions import HandoffTermination, MaxMessageTermination
 from autogen_agentchat.messages import TextMessage
@@ -17,6 +18,7 @@ from control.platform import ControlPlane
 from control.services.tasks import task_key
 from control.teams.models import Checkpoint
 from tests.conftest import Api, make_settings, serve_api
+from tests.control.test_team_takeover import replica
 from tests.gateway.teams_support import (
     TERMINAL,
     agents,
@@ -31,7 +33,8 @@ from tests.gateway.teams_support import (
     team,
 )
 from tests.gateway.test_agents_api import wait_status
-from tests.support.helpers import small_messages
+from tests.gateway.test_tasks_api import queueing_fails
+from tests.support.helpers import assert_eventually, small_messages
 
 SPECS = {
     "asker": {"model": script("What colour should it be?", {"tool": "transfer_to_user", "arguments": {}}, "a3", "a4")},
@@ -182,3 +185,47 @@ async def test_deleting_a_member_ends_the_unfinished_tasks_of_its_teams(api: Api
         await api.control.jet.kv["team_state"].get(task_key(customer_id, waiting))
     assert (await api.client.get(f"/v1/tasks/{other.json()['id']}", headers=headers)).json()["status"] == "running"
     assert (await api.client.get("/v1/usage", headers=headers)).json()["concurrent_tasks"] == 1
+
+
+async def test_an_answer_stored_though_its_client_got_a_503_is_taken_when_sent_again_and_no_other_is(api: Api) -> None:
+    """The human's answer reached the queue but its acknowledgement never came back (the client got a 503, "try
+    again"). Sent again, the same answer is taken (202, the task queued with it, and used once); another answer is
+    refused (409: the first one stands). No manager runs teams meanwhile, so the answer waits in the queue."""
+    _, headers = await api.new_customer()
+    made = await agents(api, headers, SPECS)
+    asker, maker = made["asker"]["id"], made["maker"]["id"]
+    termination = {"handoff_to_user": True, "max_messages": 5}
+    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=termination)
+    task_id = await start(api, headers, created["id"], "Paint the fence.")
+    waiting = await task_status(api, headers, task_id, ("awaiting_input", "completed", "failed"))
+    assert waiting["status"] == "awaiting_input", waiting["status_reason"]
+    await api.control.team_runner.stop()  # the answer stays queued until the replica below takes it
+
+    url = f"/v1/tasks/{task_id}/input"
+    with queueing_fails(api, nats.errors.TimeoutError(), stored=True) as tried:
+        lost = await api.client.post(url, json={"content": "Green."}, headers=headers)
+    assert lost.status_code == 503 and len(tried) == 1, lost.text
+    assert (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()["status"] == "awaiting_input"
+    other = await api.client.post(url, json={"content": "Red."}, headers=headers)
+    assert other.status_code == 409 and "already has its answer" in other.json()["error"]["message"], other.text
+    again = await api.client.post(url, json={"content": "Green."}, headers=headers)
+    assert again.status_code == 202, again.text
+    resuming = ("queued", "resuming with the human's answer")
+    assert (again.json()["status"], again.json()["status_reason"]) == resuming
+    await assert_eventually(
+        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers),
+        lambda got: (got.json()["status"], got.json()["status_reason"]) == resuming,
+        what="the task's record queued with the answer",
+    )
+
+    runner, jet = await replica(api.control, "replica")
+    try:
+        done = await task_status(api, headers, task_id, within=60)
+    finally:
+        await runner.stop()
+        await jet.close()
+    assert done["status"] == "completed", (done["status_reason"], done["messages"])
+    local = local_team(SPECS, "round_robin", HandoffTermination("user") | MaxMessageTermination(5), {"asker": ["user"]})
+    first, _ = await run_local(local, "Paint the fence.")
+    second, _ = await run_local(local, TextMessage(source="user", content="Green."))
+    assert api_transcript(done) == local_transcript(first + second)  # the answer used once, the other never
