@@ -101,12 +101,7 @@ class TeamTasks:
             queued = TeamTaskRequest.model_validate_json((await self._js.get_msg(TASKS_STREAM, seq)).data or b"")
         except NotFoundError:
             return False
-        return (queued.task_id, queued.kind, queued.segment, queued.content) == (
-            request.task_id,
-            request.kind,
-            request.segment,
-            request.content,
-        )
+        return queued.model_dump(exclude={"submitted_at"}) == request.model_dump(exclude={"submitted_at"})
 
     async def cancel(self, task: Task) -> Task:
         """Cancel a team task whose record says a cancel was asked for (a manager that takes it up after this
