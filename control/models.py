@@ -303,6 +303,12 @@ class Task(BaseModel):
     events_seq: int = Field(
         default=0, description="Stream sequence of the last event folded in: one delivered again is not folded twice."
     )
+    input_segment: int = Field(
+        default=0,
+        description="The team run's segment whose question the task waits for (its checkpoint's, as its "
+        "`awaiting_input` status says): the `queued` status of an answer to an earlier one, stored late, changes "
+        "nothing.",
+    )
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None

@@ -833,6 +833,17 @@ def transcript_message(event: Event) -> TaskMessage | None:
     return TaskMessage(source=event.source, type=kind, content=content, at=event.at)
 
 
+def _late_answer(task: Task, segment: Any) -> bool:
+    """Whether a ``queued`` status of the same attempt is the human's answer's, stored after the run it resumed
+    had started (the answer is queued before its status is published, and a manager may be quick to take it up):
+    the task is running, or already waits for the answer to a later question (``segment``: the one the answer
+    was for). Nothing goes back to the queue for it: the task would show ``queued`` until its next status, a
+    cancel would look for its request in the queue, and a task waiting for the human could not be answered."""
+    if task.status == TaskStatus.RUNNING:
+        return True
+    return task.status == TaskStatus.AWAITING_INPUT and isinstance(segment, int) and segment < task.input_segment
+
+
 def fold_event(task: Task, event: Event) -> Task | None:
     """The task record after ``event``; None when the event changes nothing (late or stale)."""
     if event.attempt < task.attempt:
@@ -852,9 +863,12 @@ def fold_event(task: Task, event: Event) -> Task | None:
         if task.status in TERMINAL_TASK_STATUSES:
             return None
         status = TaskStatus(event.content or "")
-        if status == TaskStatus.QUEUED and task.status == TaskStatus.RUNNING and "attempt" not in changes:
-            return None  # the human's answer's, stored after the run it resumed had started: nothing goes back to it
+        segment = event.data.get("segment")
+        if status == TaskStatus.QUEUED and "attempt" not in changes and _late_answer(task, segment):
+            return None
         changes.update(status=status, status_reason=event.data.get("reason"))
+        if status == TaskStatus.AWAITING_INPUT and isinstance(segment, int):
+            changes["input_segment"] = segment
         if status in TERMINAL_TASK_STATUSES:
             changes["finished_at"] = event.at
     elif event.kind in TRANSCRIPT_KINDS:  # kept in the transcripts bucket; the record changes only for an attempt

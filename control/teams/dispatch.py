@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
@@ -89,7 +90,7 @@ class TeamTasks:
         key = task_key(task.customer_id, task.id)
         await self._tasks.update(key, lambda t: t.model_copy(update={"queue_seq": ack.seq}))
         resuming = "resuming with the human's answer"
-        await self._publish_status(task, "queued", resuming)
+        await self._publish_status(task, "queued", resuming, segment=checkpoint.segment)
         return task.model_copy(update={"status": TaskStatus.QUEUED, "status_reason": resuming, "queue_seq": ack.seq})
 
     async def _queued_as(self, seq: int, request: TeamTaskRequest) -> bool:
@@ -123,13 +124,14 @@ class TeamTasks:
         with contextlib.suppress(KeyNotFoundError):
             await self._checkpoints.delete(task_key(task.customer_id, task.id))
 
-    async def _publish_status(self, task: Task, status: str, reason: str | None = None) -> None:
+    async def _publish_status(self, task: Task, status: str, reason: str | None = None, **data: Any) -> None:
+        """``data``: the event's besides its ``reason`` (an answer's ``segment``: the question it answers)."""
         event = Event(
             kind=EventKind.STATUS,
             task_id=task.id,
             customer_id=task.customer_id,
             content=status,
-            data={"reason": reason} if reason else {},
+            data={**data, "reason": reason} if reason else data,
             attempt=task.attempt,
         )
         await self._js.publish(task_events_subject(task.customer_id, task.id), event.model_dump_json().encode())

@@ -424,7 +424,9 @@ class TeamRunner:
             saved.transcript.append(request_event.model_dump(mode="json", exclude={"attempt", "at"}))
             await self._checkpoints.put(task_key(task.customer_id, task.id), saved)
             await self._publish(request_event)
-            await self._status(task, attempt, "awaiting_input", f"{last.source} asks the user")
+            await self._status(
+                task, attempt, "awaiting_input", f"{last.source} asks the user", {"segment": saved.segment}
+            )
             return
         stop_reason = result.stop_reason if result else None
         await self._emit(task, attempt, EventKind.RESULT, content=final_text(result), data={"stop_reason": stop_reason})

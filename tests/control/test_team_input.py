@@ -3,6 +3,7 @@ the team from its state in JetStream KV, across a restart of the control plane a
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from tests.gateway.teams_support import (
     team,
 )
 from tests.gateway.test_agents_api import wait_status
-from tests.gateway.test_tasks_api import queueing_fails
+from tests.gateway.test_tasks_api import queueing_fails, tracker_caught_up
 from tests.support.helpers import assert_eventually, small_messages
 
 SPECS = {
@@ -229,3 +230,64 @@ async def test_an_answer_stored_though_its_client_got_a_503_is_taken_when_sent_a
     first, _ = await run_local(local, "Paint the fence.")
     second, _ = await run_local(local, TextMessage(source="user", content="Green."))
     assert api_transcript(done) == local_transcript(first + second)  # the answer used once, the other never
+
+
+async def test_an_answers_queued_status_stored_after_the_team_asked_again_leaves_the_task_waiting(api: Api) -> None:
+    """The human's answer is queued before its ``queued`` status is published. When that status is stored late
+    (the gateway held up), the run it resumed may already have asked the next question: the task must go on
+    waiting for that answer, not show ``queued`` with no request left in the queue, where the human could not
+    answer it (409) and a cancel would find nothing to cancel."""
+    customer_id, headers = await api.new_customer()
+    handoff = {"tool": "transfer_to_user", "arguments": {}}
+    specs = {
+        "asker": {"model": script("What colour should it be?", handoff, "Which green?", handoff, "a5", "a6")},
+        "maker": {"model": script("m1", "m2", "m3", "m4", "m5")},
+    }
+    made = await agents(api, headers, specs)
+    asker, maker = made["asker"]["id"], made["maker"]["id"]
+    termination = {"handoff_to_user": True, "max_messages": 5}
+    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=termination)
+    task_id = await start(api, headers, created["id"], "Paint the fence.")
+    waiting = await task_status(api, headers, task_id, ("awaiting_input", "completed", "failed"))
+    assert waiting["status"] == "awaiting_input", waiting["status_reason"]
+
+    js = api.control.jet.js
+    publish, held, release = js.publish, asyncio.Event(), asyncio.Event()
+
+    async def slow_queued_status(subject: str, payload: bytes = b"", *args: Any, **kwargs: Any) -> Any:
+        if subject == task_events_subject(customer_id, task_id) and b'"content":"queued"' in payload:
+            held.set()
+            await release.wait()
+        return await publish(subject, payload, *args, **kwargs)
+
+    url, task_url = f"/v1/tasks/{task_id}/input", f"/v1/tasks/{task_id}"
+    js.publish = slow_queued_status  # type: ignore[method-assign]
+    try:
+        answering = asyncio.create_task(api.client.post(url, json={"content": "Green."}, headers=headers))
+        await asyncio.wait_for(held.wait(), 10)
+        await assert_eventually(  # the answer's run has asked the next question
+            lambda: api.client.get(task_url, headers=headers),
+            lambda got: [m["type"] for m in got.json()["messages"]].count("input_request") == 2,
+            within=60,
+            what="the team asking again",
+        )
+        release.set()
+        answered = await answering
+    finally:
+        release.set()
+        del js.publish  # the method again
+    assert answered.status_code == 202, answered.text
+    await tracker_caught_up(api)
+    asked = (await api.client.get(task_url, headers=headers)).json()
+    assert (asked["status"], asked["status_reason"]) == ("awaiting_input", "asker asks the user")
+    assert asked["messages"][-1]["content"] == "Which green?"
+    again = await api.client.post(url, json={"content": "Sage."}, headers=headers)
+    assert again.status_code == 202, again.text
+    done = await task_status(api, headers, task_id, within=60)
+    assert done["status"] == "completed", (done["status_reason"], done["messages"])
+
+    local = local_team(specs, "round_robin", HandoffTermination("user") | MaxMessageTermination(5), {"asker": ["user"]})
+    first, _ = await run_local(local, "Paint the fence.")
+    second, _ = await run_local(local, TextMessage(source="user", content="Green."))
+    third, _ = await run_local(local, TextMessage(source="user", content="Sage."))
+    assert api_transcript(done) == local_transcript(first + second + third)
