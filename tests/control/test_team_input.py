@@ -41,6 +41,30 @@ SPECS = {
     "asker": {"model": script("What colour should it be?", {"tool": "transfer_to_user", "arguments": {}}, "a3", "a4")},
     "maker": {"model": script("m1", "m2", "m3")},
 }
+ASKING = {"handoff_to_user": True, "max_messages": 5}
+"""The termination of the teams below: the asker's handoff to the user, or five messages."""
+
+
+async def asking_task(api: Api, headers: dict[str, str], specs: dict[str, dict[str, Any]]) -> str:
+    """A task on a team of ``specs``' asker and maker, the asker handing off to the user, once it waits for the
+    human's answer to its first question."""
+    made = await agents(api, headers, specs)
+    asker, maker = made["asker"]["id"], made["maker"]["id"]
+    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=ASKING)
+    task_id = await start(api, headers, created["id"], "Paint the fence.")
+    waiting = await task_status(api, headers, task_id, ("awaiting_input", "completed", "failed"))
+    assert waiting["status"] == "awaiting_input", waiting["status_reason"]
+    return task_id
+
+
+async def asked_and_answered(specs: dict[str, dict[str, Any]], *answers: str) -> list[tuple[Any, ...]]:
+    """The transcript of :func:`asking_task`'s team run by AgentChat in this process, given ``answers`` in turn."""
+    local = local_team(specs, "round_robin", HandoffTermination("user") | MaxMessageTermination(5), {"asker": ["user"]})
+    items, _ = await run_local(local, "Paint the fence.")
+    for answer in answers:
+        more, _ = await run_local(local, TextMessage(source="user", content=answer))
+        items += more
+    return local_transcript(items)
 
 
 async def test_a_team_asks_the_human_and_resumes_after_a_control_plane_restart(tmp_path: Path) -> None:
@@ -102,22 +126,13 @@ async def test_a_team_whose_state_outgrows_a_stored_value_asks_the_human_and_res
         },
         "maker": {"model": script("m1" + long, "m2" + long, "m3")},
     }
-    made = await agents(api, headers, specs)
-    asker, maker = made["asker"]["id"], made["maker"]["id"]
-    termination = {"handoff_to_user": True, "max_messages": 5}
-    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=termination)
     async with small_messages(api.control.settings.nats_url, "KV_caravan_team_state", 4096):
-        task_id = await start(api, headers, created["id"], "Paint the fence.")
-        waiting = await task_status(api, headers, task_id, ("awaiting_input", "completed", "failed"))
-        assert waiting["status"] == "awaiting_input", waiting["status_reason"]
+        task_id = await asking_task(api, headers, specs)
         answer = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Green."}, headers=headers)
         assert answer.status_code == 202, answer.text
         done = await task_status(api, headers, task_id)
     assert done["status"] == "completed", done["status_reason"]
-    local = local_team(specs, "round_robin", HandoffTermination("user") | MaxMessageTermination(5), {"asker": ["user"]})
-    first, _ = await run_local(local, "Paint the fence.")
-    second, _ = await run_local(local, TextMessage(source="user", content="Green."))
-    assert api_transcript(done) == local_transcript(first + second)
+    assert api_transcript(done) == await asked_and_answered(specs, "Green.")
 
 
 async def test_the_checkpoint_of_a_waiting_team_holds_what_its_run_published_but_chunks_and_statuses(api: Api) -> None:
@@ -193,13 +208,7 @@ async def test_an_answer_stored_though_its_client_got_a_503_is_taken_when_sent_a
     again"). Sent again, the same answer is taken (202, the task queued with it, and used once); another answer is
     refused (409: the first one stands). No manager runs teams meanwhile, so the answer waits in the queue."""
     _, headers = await api.new_customer()
-    made = await agents(api, headers, SPECS)
-    asker, maker = made["asker"]["id"], made["maker"]["id"]
-    termination = {"handoff_to_user": True, "max_messages": 5}
-    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=termination)
-    task_id = await start(api, headers, created["id"], "Paint the fence.")
-    waiting = await task_status(api, headers, task_id, ("awaiting_input", "completed", "failed"))
-    assert waiting["status"] == "awaiting_input", waiting["status_reason"]
+    task_id = await asking_task(api, headers, SPECS)
     await api.control.team_runner.stop()  # the answer stays queued until the replica below takes it
 
     url = f"/v1/tasks/{task_id}/input"
@@ -226,10 +235,7 @@ async def test_an_answer_stored_though_its_client_got_a_503_is_taken_when_sent_a
         await runner.stop()
         await jet.close()
     assert done["status"] == "completed", (done["status_reason"], done["messages"])
-    local = local_team(SPECS, "round_robin", HandoffTermination("user") | MaxMessageTermination(5), {"asker": ["user"]})
-    first, _ = await run_local(local, "Paint the fence.")
-    second, _ = await run_local(local, TextMessage(source="user", content="Green."))
-    assert api_transcript(done) == local_transcript(first + second)  # the answer used once, the other never
+    assert api_transcript(done) == await asked_and_answered(SPECS, "Green.")  # the answer used once, the other never
 
 
 async def test_an_answers_queued_status_stored_after_the_team_asked_again_leaves_the_task_waiting(api: Api) -> None:
@@ -243,13 +249,7 @@ async def test_an_answers_queued_status_stored_after_the_team_asked_again_leaves
         "asker": {"model": script("What colour should it be?", handoff, "Which green?", handoff, "a5", "a6")},
         "maker": {"model": script("m1", "m2", "m3", "m4", "m5")},
     }
-    made = await agents(api, headers, specs)
-    asker, maker = made["asker"]["id"], made["maker"]["id"]
-    termination = {"handoff_to_user": True, "max_messages": 5}
-    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=termination)
-    task_id = await start(api, headers, created["id"], "Paint the fence.")
-    waiting = await task_status(api, headers, task_id, ("awaiting_input", "completed", "failed"))
-    assert waiting["status"] == "awaiting_input", waiting["status_reason"]
+    task_id = await asking_task(api, headers, specs)
 
     js = api.control.jet.js
     publish, held, release = js.publish, asyncio.Event(), asyncio.Event()
@@ -286,8 +286,4 @@ async def test_an_answers_queued_status_stored_after_the_team_asked_again_leaves
     done = await task_status(api, headers, task_id, within=60)
     assert done["status"] == "completed", (done["status_reason"], done["messages"])
 
-    local = local_team(specs, "round_robin", HandoffTermination("user") | MaxMessageTermination(5), {"asker": ["user"]})
-    first, _ = await run_local(local, "Paint the fence.")
-    second, _ = await run_local(local, TextMessage(source="user", content="Green."))
-    third, _ = await run_local(local, TextMessage(source="user", content="Sage."))
-    assert api_transcript(done) == local_transcript(first + second + third)
+    assert api_transcript(done) == await asked_and_answered(specs, "Green.", "Sage.")
