@@ -19,8 +19,9 @@ import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 __all__ = [
     "AGENT_STATE_EVENTS",
@@ -117,13 +118,35 @@ def utcnow() -> datetime:
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@+-]+$")]
 
 
+MAX_ARGUMENT_DEPTH = 32
+"""How deeply a scripted tool call's arguments may nest. A record holding them must read back: pydantic's JSON
+reader refuses values nested 200 deep, and Python's reader takes them."""
+
+
+def json_depth(value: Any) -> int:
+    """How many lists and dicts deep ``value`` nests (0 for a scalar), counted without recursion."""
+    depth, level = 0, [(value, 0)]
+    while level:
+        item, at = level.pop()
+        if isinstance(item, dict | list):
+            depth = max(depth, at + 1)
+            level.extend((child, at + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return depth
+
+
+def _shallow(arguments: dict[str, Any]) -> dict[str, Any]:
+    if json_depth(arguments) > MAX_ARGUMENT_DEPTH:
+        raise ValueError(f"arguments may nest at most {MAX_ARGUMENT_DEPTH} levels deep")
+    return arguments
+
+
 class ScriptedToolCall(BaseModel):
     """A tool call the ``replay`` model makes instead of answering with text."""
 
     model_config = ConfigDict(extra="forbid")
 
     tool: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
-    arguments: dict[str, Any] = Field(default_factory=dict)
+    arguments: Annotated[dict[str, Any], AfterValidator(_shallow)] = Field(default_factory=dict)
 
 
 class ModelConfig(BaseModel):
@@ -156,6 +179,24 @@ class ModelConfig(BaseModel):
         if isinstance(data, dict) and data.get("provider") == "local" and not data.get("name"):
             return {**data, "name": LOCAL_MODEL_DEFAULT}
         return data
+
+    @field_validator("base_url")
+    @classmethod
+    def _parsed_url(cls, value: str | None) -> str | None:
+        """A URL an HTTP client can connect to: a host, and a port if any in 1-65535 (``urlsplit`` refuses an
+        unclosed IPv6 bracket; its port, one that is not a number or out of range)."""
+        if value is None:
+            return value
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"base_url is not a URL: {exc}") from None
+        if not parts.hostname:
+            raise ValueError("base_url names no host")
+        if port == 0:
+            raise ValueError("base_url's port must be 1-65535")
+        return value
 
     @model_validator(mode="after")
     def _provider_rules(self) -> ModelConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from string import Formatter
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -14,6 +15,8 @@ __all__ = ["USER", "Checkpoint", "SelectorSpec", "Team", "TeamCreate", "TeamInpu
 
 USER = "user"
 """The handoff target that asks the human: the task waits for ``POST /v1/tasks/{id}/input``."""
+SELECTOR_PROMPT_FIELDS = frozenset({"roles", "participants", "history"})
+"""What AgentChat fills in a selector prompt."""
 
 TeamMode = Literal["round_robin", "selector", "swarm"]
 AgentRef = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
@@ -56,13 +59,24 @@ class SelectorSpec(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _placeholders(cls, value: str | None) -> str | None:
+        """Only the three names, as they are: AgentChat formats the prompt with ``str.format``, where a field may
+        also read attributes and items of its value (``{roles.__class__}``) and pad it to any width
+        (``{history:>999999999}``: a prompt of a gigabyte). Literal braces are written doubled."""
         if value is None:
             return value
+        allowed = "{roles}, {participants} and {history}"
         try:
-            value.format(roles="", participants="", history="")
-        except (KeyError, IndexError, ValueError) as exc:
-            allowed = "{roles}, {participants} and {history}"
-            raise ValueError(f"prompt may use only {allowed} in braces ({exc})") from exc
+            fields = [
+                (name, spec, conversion) for _, name, spec, conversion in Formatter().parse(value) if name is not None
+            ]
+        except ValueError as exc:  # a lone brace
+            raise ValueError(
+                f"prompt may use only {allowed} in braces, and '{{{{' or '}}}}' for a brace ({exc})"
+            ) from None
+        for name, spec, conversion in fields:
+            if name not in SELECTOR_PROMPT_FIELDS or spec or conversion:
+                shown = f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"[:60]
+                raise ValueError(f"prompt may use only {allowed} in braces, as they are, not {shown}")
         return value
 
 

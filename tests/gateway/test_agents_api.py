@@ -22,6 +22,14 @@ from tests.support.helpers import assert_eventually, hold_first_call
 REPLAY = {"provider": "replay", "name": "scripted", "responses": ["Hello from the scripted model."]}
 
 
+def nested(depth: int) -> dict[str, Any]:
+    """Tool-call arguments that nest ``depth`` levels deep."""
+    value: dict[str, Any] = {"a": 1}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
 def agent_body(**changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"name": "helper", "system_message": "You help.", "model": REPLAY}
     body.update(changes)
@@ -178,6 +186,12 @@ async def test_hostile_names_are_refused_and_nothing_is_stored(api: Api, name: s
         ({"model": {"provider": "ollama", "name": "m", "base_url": "http://127.1:4646/v1"}}, "model.base_url"),
         ({"model": {"provider": "ollama", "name": "m", "base_url": "http://169.254.169.254/"}}, "model.base_url"),
         ({"model": {"provider": "ollama", "name": "m", "base_url": "http://localhost:8080/v1"}}, "model.base_url"),
+        ({"model": {"provider": "ollama", "name": "m", "base_url": "http://[zz/v1"}}, "model.base_url"),
+        ({"model": {"provider": "ollama", "name": "m", "base_url": "http://[::1"}}, "model.base_url"),
+        ({"model": {"provider": "ollama", "name": "m", "base_url": "http://example.com:abc/v1"}}, "model.base_url"),
+        ({"model": {"provider": "ollama", "name": "m", "base_url": "http://example.com:99999/v1"}}, "model.base_url"),
+        ({"model": {"provider": "ollama", "name": "m", "base_url": "http://:8080/v1"}}, "model.base_url"),
+        ({"model": {**REPLAY, "responses": [{"tool": "calculator", "arguments": nested(33)}]}}, "model.responses.0"),
         ({"resources": {"cpu": -1, "memory_mb": 256}}, "resources.cpu"),
         ({"resources": {"cpu": 200, "memory_mb": 10**9}}, "resources.memory_mb"),
         ({"replicas": 0}, "replicas"),
@@ -195,6 +209,30 @@ async def test_bad_definitions_get_a_clear_422_and_no_job(api: Api, changes: dic
     assert len(response.content) < 10_000  # the offending input is not echoed back
     assert (await api.client.get("/v1/agents", headers=headers)).json() == []
     assert api.control.scheduler._jobs == {}  # type: ignore[attr-defined]
+
+
+async def test_tool_call_arguments_nested_too_deep_to_read_back_are_refused_and_the_agent_stays_readable(
+    api: Api,
+) -> None:
+    """Python's JSON reader takes a body nested hundreds deep, pydantic's refuses past 200: arguments that deep
+    were stored and the record could not be read again (the agent, its customer's listing, the admin's, the
+    killswitch's count and the platform's start all failed with it). Arguments nest at most 32 levels."""
+    _, headers = await api.new_customer()
+    script = {**REPLAY, "responses": [{"tool": "calculator", "arguments": nested(32)}]}
+    created = await api.client.post("/v1/agents", json=agent_body(model=script), headers=headers)
+    assert created.status_code == 201, created.text
+    agent_id = created.json()["id"]
+    for depth in (33, 220, 260):
+        deep = {**REPLAY, "responses": [{"tool": "calculator", "arguments": nested(depth)}]}
+        refused = await api.client.patch(f"/v1/agents/{agent_id}", json={"model": deep}, headers=headers)
+        assert refused.status_code == 422, (depth, refused.text)
+        assert "32 levels" in refused.json()["error"]["message"]
+        made = await api.client.post("/v1/agents", json=agent_body(name=f"deep{depth}", model=deep), headers=headers)
+        assert made.status_code == 422, (depth, made.text)
+    got = await api.client.get(f"/v1/agents/{agent_id}", headers=headers)
+    assert got.status_code == 200 and got.json()["model"]["responses"] == script["responses"], got.text
+    assert [a["id"] for a in (await api.client.get("/v1/agents", headers=headers)).json()] == [agent_id]
+    assert (await api.client.get("/v1/admin/agents", headers=await api.admin())).status_code == 200
 
 
 def padded(body: dict[str, Any], size: int) -> bytes:

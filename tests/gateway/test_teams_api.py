@@ -35,7 +35,7 @@ from tests.gateway.teams_support import (
     task_status,
     team,
 )
-from tests.gateway.test_agents_api import INVISIBLE_NAMES, READABLE_NAMES, wait_status
+from tests.gateway.test_agents_api import INVISIBLE_NAMES, READABLE_NAMES, nested, wait_status
 from tests.gateway.test_tasks_api import queueing_fails, usage
 from tests.support.helpers import assert_eventually, now, small_events, small_messages, stored_events
 
@@ -320,6 +320,7 @@ async def test_team_input_is_validated_and_nothing_is_half_written(api: Api) -> 
     _, headers = await api.new_customer()
     made = await agents(api, headers, {"one": {"model": script("1")}, "two": {"model": script("2")}})
     one, two = made["one"]["id"], made["two"]["id"]
+    terminated = {"termination": {"max_messages": 2}}
     bad = [
         {"name": "t", "members": [], "termination": {"max_messages": 2}},
         {"name": "t", "members": [one, one], "termination": {"max_messages": 2}},
@@ -332,14 +333,21 @@ async def test_team_input_is_validated_and_nothing_is_half_written(api: Api) -> 
         {"name": "t", "members": ["../../etc"], "termination": {"max_messages": 2}},
         {"name": "t", "members": [one], "termination": {"max_messages": 0}},
         {"name": "t", "members": [one], "termination": {"max_messages": 2}, "extra": 1},
-        {
-            "name": "t",
-            "members": [one, two],
-            "mode": "selector",
-            "selector": {"model": script("one"), "prompt": "{nope}"},
-            "termination": {"max_messages": 2},
-        },
     ]
+    deep = {"provider": "replay", "name": "s", "responses": [{"tool": "pick", "arguments": nested(220)}]}
+    bad.append({"name": "t", "members": [one, two], "mode": "selector", "selector": {"model": deep}, **terminated})
+    # str.format's fields beyond the three names: attributes, items, conversions and widths (a gigabyte's prompt)
+    for prompt in (
+        "{nope}",
+        "{roles.x}",
+        "{roles[a]}",
+        "{roles.__class__}",
+        "{history!r}",
+        "{history:>999999999}",
+        "{",
+    ):
+        selector = {"model": script("one"), "prompt": prompt}
+        bad.append({"name": "t", "members": [one, two], "mode": "selector", "selector": selector, **terminated})
     for body in bad:
         response = await api.client.post("/v1/teams", json=body, headers=headers)
         assert response.status_code == 422, (body, response.text)
