@@ -14,7 +14,7 @@ from typing import Annotated
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, model_validator
 
 from agent.backends.base import Flag, FlagKey, FlagStore, Scope
 from agent.protocol import AgentEventKind, Event
@@ -57,9 +57,9 @@ class KillswitchRequest(BaseModel):
     scope: Scope
     customer_id: str | None = Field(default=None, max_length=64)
     agent_id: str | None = Field(default=None, max_length=64)
-    engaged: bool = True
+    engaged: StrictBool = True  # JSON's true or false: "yes" or "false" is refused, not taken for a flag
     reason: Reason = ""
-    hard: bool = Field(default=False, description="Also stop the covered agents' jobs.")
+    hard: StrictBool = Field(default=False, description="Also stop the covered agents' jobs.")
     wait_ms: int = Field(default=2000, ge=0, le=MAX_WAIT_MS, description="How long to wait for acknowledgements.")
 
     @model_validator(mode="after")

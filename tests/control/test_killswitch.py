@@ -206,6 +206,17 @@ async def test_a_control_plane_started_under_a_hard_flag_runs_none_of_what_it_co
         assert await control.scheduler.job_status(agent["namespace"], agent["job_id"]) is None
 
 
+async def test_a_flag_that_is_not_json_true_or_false_is_refused_and_nothing_is_engaged(api: Api) -> None:
+    """``"engaged": "yes"`` was taken for true, and ``"false"``, a string, too: a switch is JSON's true or false."""
+    admin = await api.admin()
+    for field, value in (("engaged", "yes"), ("engaged", "false"), ("engaged", 1), ("hard", "true")):
+        body = {"scope": "all", "reason": "typo", field: value}
+        response = await api.client.post("/v1/admin/killswitch", json=body, headers=admin)
+        assert response.status_code == 422, (field, value, response.text)
+        assert [d["field"] for d in response.json()["error"]["details"]] == [field]
+    assert (await api.client.get("/v1/admin/killswitch", headers=admin)).json() == []
+
+
 async def test_an_agent_scope_engagement_is_audited_under_the_agents_customer(api: Api) -> None:
     customer_id, headers = await api.new_customer()
     made = await api.client.post("/v1/agents", json=agent_body(), headers=headers)
