@@ -39,6 +39,20 @@ AuditTime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 """A bound of an audit query: records are stamped in UTC, so a time without a zone would be a guess."""
 
 
+SHOWN_ID_MAX = 100
+
+
+def shown_id(value: str | None) -> str | None:
+    """An id as the log keeps it: as given if it is printable and short (every id Caravan makes is); otherwise
+    with control, format and line-break characters escaped (``\\n``, ``\\u202e``) and cut to
+    :data:`SHOWN_ID_MAX` characters, its length said. A path's id is recorded as the admin sent it, which may be
+    anything: one line of the log, read as text, must not pass for two, nor bury the rest."""
+    if value is None or (value.isprintable() and len(value) <= SHOWN_ID_MAX):
+        return value
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value)
+    return shown if len(shown) <= SHOWN_ID_MAX else f"{shown[:SHOWN_ID_MAX]}... ({len(value)} characters)"
+
+
 class AuditRecord(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     at: datetime = Field(default_factory=utcnow)
@@ -86,6 +100,7 @@ class AuditLog:
         """Append ``record`` (kept for good), with any API key in it cut to its prefix (:func:`redact_json`: a
         target or an error that repeats a path or a value a key was pasted into); returns the record as stored."""
         record = AuditRecord.model_validate(redact_json(record.model_dump(mode="json")))
+        record.customer_id, record.target = shown_id(record.customer_id), shown_id(record.target)
         subject = f"caravan.audit.{record.action}"
         await self._js.publish(subject, record.model_dump_json().encode(), headers={"Nats-Msg-Id": record.id})
         return record

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import nats
@@ -549,6 +550,18 @@ async def test_failed_admin_actions_are_audited_with_the_error(api: Api) -> None
     assert all(r["details"]["error"]["code"] == "not_found" for r in failed)
     assert "not found" in failed[0]["details"]["error"]["message"]
     assert (await api.client.get("/v1/admin/agents", headers=admin)).json() == []  # nothing half-made
+
+
+async def test_an_id_in_an_admins_path_is_audited_on_one_line_and_cut_short(api: Api) -> None:
+    """The audit log keeps the id an admin's request named, whatever it was: one with a line break or a
+    reordering character must not read as two lines or another id, nor a long one bury the record."""
+    admin = await api.admin()
+    for sent in ("ag-0\nforged", "ag-\u202e0", "ag-" + "0" * 5000):
+        response = await api.client.post(f"/v1/admin/agents/{quote(sent, safe='')}/stop", headers=admin)
+        assert response.status_code == 404, response.text
+    targets = [r["target"] for r in await audit(api) if r["action"] == "agent.force_stop"]
+    assert targets[:2] == ["ag-0\\nforged", "ag-\\u202e0"]
+    assert targets[2] == "ag-" + "0" * 97 + "... (5003 characters)"
 
 
 async def test_a_failed_admin_action_on_a_customers_record_is_found_under_that_customer(api: Api) -> None:
