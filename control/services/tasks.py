@@ -405,10 +405,7 @@ class TaskService:
 
     async def _tell_runner(self, task: Task) -> None:
         """Tell whoever may run ``task`` to stop it: its agent's processes, or the team's manager."""
-        if task.team_id is not None:
-            await self._tell_runner_of(task.customer_id, task.id, None)
-        elif task.agent_id is not None:
-            await self._tell_runner_of(task.customer_id, task.id, task.agent_id)
+        await self._tell_runner_of(task.customer_id, task.id, None if task.team_id is not None else task.agent_id)
 
     async def _tell_runner_of(self, customer_id: str, task_id: str, agent_id: str | None) -> None:
         """Tell agent ``agent_id``'s processes to stop the task's run, or (None) the manager of its team run."""

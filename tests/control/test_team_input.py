@@ -19,7 +19,7 @@ from control.platform import ControlPlane
 from control.services.tasks import task_key
 from control.teams.models import Checkpoint
 from tests.conftest import Api, make_settings, serve_api
-from tests.control.test_team_takeover import replica
+from tests.control.test_team_takeover import replica_serving
 from tests.gateway.teams_support import (
     TERMINAL,
     agents,
@@ -228,12 +228,8 @@ async def test_an_answer_stored_though_its_client_got_a_503_is_taken_when_sent_a
         what="the task's record queued with the answer",
     )
 
-    runner, jet = await replica(api.control, "replica")
-    try:
+    async with replica_serving(api.control, "replica"):
         done = await task_status(api, headers, task_id, within=60)
-    finally:
-        await runner.stop()
-        await jet.close()
     assert done["status"] == "completed", (done["status_reason"], done["messages"])
     assert api_transcript(done) == await asked_and_answered(SPECS, "Green.")  # the answer used once, the other never
 

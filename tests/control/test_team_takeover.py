@@ -4,6 +4,8 @@ replica takes the run over after the queue's ack wait and goes on from the last 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
@@ -58,6 +60,17 @@ async def replica(control: ControlPlane, name: str) -> tuple[TeamRunner, Jet]:
     return runner, jet
 
 
+@contextlib.asynccontextmanager
+async def replica_serving(control: ControlPlane, name: str) -> AsyncIterator[TeamRunner]:
+    """:func:`replica` for the block: stopped (what it runs handed back) and its connection closed at its end."""
+    runner, jet = await replica(control, name)
+    try:
+        yield runner
+    finally:
+        await runner.stop()
+        await jet.close()
+
+
 async def crash(runner: TeamRunner, jet: Jet) -> None:
     """What a killed process leaves: its connection drops at once, nothing is acknowledged or handed back."""
     await jet.nc.close()
@@ -87,12 +100,8 @@ async def test_a_crashed_control_plane_replicas_run_is_taken_over_from_its_last_
             crashed = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
             assert crashed["status"] == "running" and crashed["attempt"] == 1
 
-            second, second_jet = await replica(control, "replica-b")
-            try:
+            async with replica_serving(control, "replica-b"):
                 done = await task_status(api, headers, task_id, within=60)
-            finally:
-                await second.stop()
-                await second_jet.close()
             assert done["status"] == "completed", (done["status_reason"], done["messages"])
             assert done["attempt"] == 2
             replayed, produced = await attempt_messages(api, headers, task_id, 2)
@@ -164,12 +173,9 @@ async def test_a_stopping_replica_hands_its_run_over_mid_conversation(tmp_path: 
             )
             await first.stop()  # hands the run back (nak) in the middle of the slow member's turn
             await first_jet.close()
-            second, second_jet = await replica(control, "replica-b")
-            try:  # a run handed back where nobody reads it (a pull request left waiting) would wait for the ack wait
+            # a run handed back where nobody reads it (a pull request left waiting) would wait for the ack wait
+            async with replica_serving(control, "replica-b"):
                 done = await task_status(api, headers, task_id)
-            finally:
-                await second.stop()
-                await second_jet.close()
             replayed, produced = await attempt_messages(api, headers, task_id, 2)
             # the first replica handed the run back (nak); the second ran it to the end and acknowledged it
             await assert_eventually(now(lambda: list(acks)), lambda seen: seen == [b"-NAK", b""], what="nak, ack")
