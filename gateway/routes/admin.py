@@ -75,10 +75,8 @@ async def create_key(customer_id: str, control: ControlDep, admin: AdminDep) -> 
 
 
 @router.get("/keys", response_model=list[KeyPublic])
-async def list_keys(
-    control: ControlDep, _: AdminDep, customer_id: Annotated[str | None, Query(max_length=64)] = None
-) -> list[KeyPublic]:
-    return [KeyPublic(**k.model_dump()) for k in await control.auth.list_keys(customer_id)]
+async def list_keys(control: ControlDep, admin: AdminDep, customer_id: ListedQuery = None) -> list[KeyPublic]:
+    return [KeyPublic(**k.model_dump()) for k in await control.auth.list_keys(listed_scope(admin, customer_id))]
 
 
 @router.delete("/keys/{prefix}", status_code=status.HTTP_204_NO_CONTENT)
@@ -160,14 +158,15 @@ async def get_killswitch(control: ControlDep, _: AdminDep) -> list[Flag]:
 @router.get("/audit", response_model=list[AuditRecord])
 async def get_audit(
     control: ControlDep,
-    _: AdminDep,
+    admin: AdminDep,
     actor: Annotated[str | None, Query(max_length=200)] = None,
     action: Annotated[str | None, Query(max_length=100, pattern=r"^[a-z_]+(\.[a-z_]+)*$")] = None,
-    customer_id: Annotated[str | None, Query(max_length=64)] = None,
+    customer_id: ListedQuery = None,
     since: Annotated[AuditTime | None, Query(description="With a timezone: 2024-01-01T00:00:00Z")] = None,
     until: Annotated[AuditTime | None, Query(description="With a timezone: 2024-01-31T23:59:59Z")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditRecord]:
     """The audit log, oldest first (the newest `limit` matches). Append-only: nothing deletes records."""
+    customer_id = listed_scope(admin, customer_id)
     query = AuditQuery(actor=actor, action=action, customer_id=customer_id, since=since, until=until, limit=limit)
     return await control.audit.query(query)

@@ -627,7 +627,7 @@ async def test_admins_list_one_customers_records_and_a_customer_cannot_name_anot
         team = {"name": who, "members": [agents[who]["id"]], "termination": {"max_messages": 2}}
         assert (await api.client.post("/v1/teams", json=team, headers=headers)).status_code == 201
     admin = await api.admin()
-    for path in ("/v1/agents", "/v1/admin/agents", "/v1/tasks", "/v1/teams"):
+    for path in ("/v1/agents", "/v1/admin/agents", "/v1/tasks", "/v1/teams", "/v1/admin/keys", "/v1/admin/audit"):
         every = (await api.client.get(path, headers=admin)).json()
         alices = (await api.client.get(path, params={"customer_id": alice_id}, headers=admin)).json()
         assert {r["customer_id"] for r in every} >= {alice_id, bob_id}, path
