@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 from agent.aio import run
+from agent.logsafe import Redacting, install_on_handlers, secrets_in_env
 from agent.models import MissingCredentials
 from agent.worker import AgentWorker, DefinitionUnavailable, WorkerConfig
 
@@ -40,6 +42,7 @@ async def _main() -> int:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_on_handlers(Redacting(secrets_in_env(os.environ)))  # its NATS password, its model's key
     sys.exit(run(_main()))
 
 

@@ -19,7 +19,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -36,6 +36,7 @@ from pydantic_settings import SettingsError
 
 from agent.aio import run
 from agent.backends.base import FlagKey, Scope
+from agent.logsafe import install_on_handlers, secrets_in_env
 from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
 from control.backends.base import SchedulerError
 from control.ids import is_plain_id
@@ -50,6 +51,7 @@ from control.settings import Settings
 from control.store import Repo
 from control.teams.models import TeamCreate, Termination
 from gateway.app import create_app
+from gateway.logredact import RedactUrls
 
 __all__ = ["main"]
 
@@ -606,6 +608,26 @@ async def _job(settings: Settings, verb: str, agent_id: str) -> int:
     return 0
 
 
+def log_secrets(settings: Settings, env: Mapping[str, str]) -> list[str | None]:
+    """What no log line of the control plane may quote: the secrets in its settings and its environment."""
+    tokens = (settings.nats_password, settings.nomad_token, settings.nomad_namespace_token)
+    return [
+        settings.admin_key,
+        settings.jwt_secret,
+        *(token.get_secret_value() for token in tokens if token is not None),
+        *secrets_in_env(env),
+    ]
+
+
+def configure_logging(settings: Settings) -> None:
+    """Caravan's lines on stderr at the configured level, every logger's redacted: the gateway's filter for tokens
+    and keys, and the secrets this process was given (:func:`log_secrets`)."""
+    level = getattr(logging, settings.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_on_handlers(RedactUrls(log_secrets(settings, os.environ)))
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))  # the local model proxy's every request else
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="caravan", description="Run AutoGen agent teams on Nomad.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -637,9 +659,7 @@ def main(argv: list[str] | None = None) -> None:
         _killswitch(args)
         return
     settings = _settings()
-    level = getattr(logging, settings.log_level.upper())
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))  # the local model proxy's every request else
+    configure_logging(settings)
     if args.command == "job":
         logging.getLogger().setLevel(logging.WARNING)
         sys.exit(run(_job(settings, args.verb, args.agent_id)))

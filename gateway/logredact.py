@@ -6,23 +6,22 @@ raises the log level gets it) and in its WebSocket lines (``uvicorn.error`` at I
 logger (``caravan.gateway``: an unexpected error's traceback, whose exception may quote what it was given), that
 rewrites each record, its arguments (which uvicorn's access formatter reads one by one), its message and its
 traceback: a ``token`` parameter's value becomes ``<redacted>``, as does anything else shaped as a JWT, and an API
-key is cut to its prefix as in the audit log (:func:`gateway.errors.shown_path`)."""
+key is cut to its prefix as in the audit log (:func:`gateway.errors.shown_path`). The ``caravan`` command puts
+one that also hides the secrets it was given on the handlers of every other logger (:mod:`agent.logsafe`)."""
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
-from typing import Any
 from urllib.parse import unquote_plus
 
+from agent.logsafe import REDACTED, Redacting
 from control.services.auth import redact_keys
 from gateway.errors import shown_path
 
 __all__ = ["LOGGERS", "RedactUrls", "install", "shown_url"]
 
 LOGGERS = ("uvicorn.access", "uvicorn.error", "caravan.gateway")
-REDACTED = "<redacted>"
 
 _SECRET_PARAMS = frozenset({"token"})  # the query parameter a WebSocket's bearer token may come in
 _URL = re.compile(r"(/[^\s\"?#]*)(\?[^\s\"#]*)?")  # a path, and its query if it has one
@@ -49,33 +48,11 @@ def shown_url(text: str) -> str:
     return redact_keys(_JWT.sub(REDACTED, _URL.sub(_url, text)))
 
 
-def _shown(value: Any) -> Any:
-    return shown_url(value) if isinstance(value, str) else value
+class RedactUrls(Redacting):
+    """Secrets in URLs (:func:`shown_url`), and the exact ``secrets`` it is given (:class:`agent.logsafe.Redacting`)."""
 
-
-_TRACEBACKS = logging.Formatter()  # formats a traceback as every handler's formatter does (formatException)
-
-
-class RedactUrls(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Each argument on its own, so that a formatter that reads them (uvicorn's access formatter) gets them
-        redacted; then the whole message, if a secret is still in it (a URL split over two arguments); then the
-        traceback, formatted here once (a formatter writes ``exc_text`` when it is set rather than format it)."""
-        if record.exc_info and not record.exc_text:
-            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = shown_url(record.exc_text)
-        if isinstance(record.args, Mapping):
-            record.args = {key: _shown(value) for key, value in record.args.items()}
-        elif record.args:
-            record.args = tuple(_shown(value) for value in record.args)
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):  # arguments that do not fit the message: the handler reports it
-            return True
-        if (shown := shown_url(message)) != message:
-            record.msg, record.args = shown, ()
-        return True
+    def redact(self, text: str) -> str:
+        return shown_url(super().redact(text))
 
 
 _FILTER = RedactUrls()

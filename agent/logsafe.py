@@ -1,0 +1,74 @@
+"""Secrets kept out of log lines. A process knows the secrets it was given (a NATS password, a model provider's key,
+a Consul token; the control plane its admin key and Nomad tokens), and those have no shape to be found by: a
+:class:`Redacting` filter on the handlers that write every logger's lines (:func:`install_on_handlers`) replaces
+each of them with ``<redacted>`` wherever a record quotes it, in its message, its arguments or its traceback. The
+gateway's filter (``gateway.logredact``) builds on it for what has a shape: tokens, JWTs, API keys."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from agent.protocol import PROVIDER_KEY_ENV
+
+__all__ = ["MIN_SECRET_LENGTH", "REDACTED", "Redacting", "install_on_handlers", "secrets_in_env"]
+
+REDACTED = "<redacted>"
+MIN_SECRET_LENGTH = 8
+"""Shorter values given as secrets are not looked for (every word of that length in a line would be hidden)."""
+SECRET_ENV = ("CARAVAN_NATS_PASSWORD", "CONSUL_HTTP_TOKEN", "NOMAD_TOKEN", *PROVIDER_KEY_ENV.values())
+"""The environment variables whose values are secrets, in any Caravan process."""
+
+_TRACEBACKS = logging.Formatter()  # formats a traceback as every handler's formatter does (formatException)
+
+
+def secrets_in_env(env: Mapping[str, str]) -> list[str]:
+    """The secrets a process's environment gives it (:data:`SECRET_ENV`)."""
+    return [env[name] for name in SECRET_ENV if env.get(name)]
+
+
+class Redacting(logging.Filter):
+    """Rewrites each record it sees with :meth:`redact`: ``secrets`` (of at least :data:`MIN_SECRET_LENGTH`
+    characters) become ``<redacted>``."""
+
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        super().__init__()
+        values = sorted({v for v in secrets if v and len(v) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+        # the longest first: a secret that holds another is hidden whole
+        self._secrets = re.compile("|".join(map(re.escape, values))) if values else None
+
+    def redact(self, text: str) -> str:
+        return text if self._secrets is None else self._secrets.sub(REDACTED, text)
+
+    def _shown(self, value: Any) -> Any:
+        return self.redact(value) if isinstance(value, str) else value
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Each argument on its own, so that a formatter that reads them (uvicorn's access formatter) gets them
+        redacted; then the whole message, if a secret is still in it (one split over two arguments, or one in an
+        argument that is no string); then the traceback, formatted here once (a formatter writes ``exc_text`` when
+        it is set rather than format it)."""
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if isinstance(record.args, Mapping):
+            record.args = {key: self._shown(value) for key, value in record.args.items()}
+        elif record.args:
+            record.args = tuple(self._shown(value) for value in record.args)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit the message: the handler reports it
+            return True
+        if (shown := self.redact(message)) != message:
+            record.msg, record.args = shown, ()
+        return True
+
+
+def install_on_handlers(redacting: logging.Filter) -> None:
+    """Put ``redacting`` on the root logger's handlers (``logging.basicConfig``'s), which write the lines of every
+    logger that propagates to it: Caravan's own, nats-py's, asyncio's."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redacting)
