@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,7 +16,7 @@ from control.platform import ControlPlane
 from control.settings import Settings
 from gateway import apidocs, dashboard, logredact, wslog
 from gateway.deps import HEAD_SCOPE_KEY
-from gateway.errors import error_response, install_error_handlers
+from gateway.errors import error_response, install_error_handlers, refuse_websocket
 from gateway.ratelimit import RateLimiter, Tiers
 from gateway.routes import admin, agents, auth, health, tasks, teams, usage
 
@@ -62,6 +62,14 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
         app.include_router(module.router)
     app.include_router(dashboard.build_router())  # left out of the OpenAPI schema
     app.include_router(apidocs.build_router(app.title, app.openapi_url or "/openapi.json"))  # so is this
+
+    @app.websocket("/{path:path}")  # last: any route above matches first
+    async def no_websocket_here(websocket: WebSocket, path: str) -> None:
+        """A WebSocket to a path that has none is refused as an HTTP request there is: 404 in the error shape
+        (Starlette refused it with a bare 403, as though the caller lacked a right)."""
+        message = "Not Found: the WebSocket route is a task's events, /v1/tasks/{task_id}/ws"
+        await refuse_websocket(websocket, error_response(404, "not_found", message))
+
     return app
 
 

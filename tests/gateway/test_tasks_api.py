@@ -265,6 +265,14 @@ async def assert_ws_refused(url: str, status: int, code: str) -> None:
     assert json.loads(response.body)["error"]["code"] == code
 
 
+async def test_a_websocket_to_a_path_with_none_is_not_found(api: Api) -> None:
+    _, headers = await api.new_customer()
+    token = headers["Authorization"].split()[1]
+    base = api.base.replace("http", "ws")
+    for path in ("/v1/tasks/tk-000000000000/events", "/v1/nowhere", "/", "/v1/tasks/tk-000000000000/ws/more"):
+        await assert_ws_refused(f"{base}{path}?token={token}", 404, "not_found")
+
+
 async def test_bad_resume_points_and_tokens_are_refused(api: Api) -> None:
     _, headers = await api.new_customer()
     agent = await running_agent(api, headers)
