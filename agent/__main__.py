@@ -9,7 +9,7 @@ import signal
 import sys
 
 from agent.aio import run
-from agent.logsafe import Redacting, install_on_handlers, secrets_in_env
+from agent.logsafe import Redacting, install_on_handlers, keep_content_out, secrets_in_env
 from agent.models import MissingCredentials
 from agent.worker import AgentWorker, DefinitionUnavailable, WorkerConfig
 
@@ -40,9 +40,16 @@ async def _main() -> int:
     return 0
 
 
-def main() -> None:
+def configure_logging() -> None:
+    """Its lines at INFO on stderr (the scheduler keeps them), without its secrets (its NATS password, its model's
+    key) or its customer's content (AutoGen's events)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    install_on_handlers(Redacting(secrets_in_env(os.environ)))  # its NATS password, its model's key
+    install_on_handlers(Redacting(secrets_in_env(os.environ)))
+    keep_content_out(logging.INFO)
+
+
+def main() -> None:
+    configure_logging()
     sys.exit(run(_main()))
 
 

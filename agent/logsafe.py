@@ -13,13 +13,25 @@ from typing import Any
 
 from agent.protocol import PROVIDER_KEY_ENV
 
-__all__ = ["MIN_SECRET_LENGTH", "REDACTED", "Redacting", "install_on_handlers", "secrets_in_env"]
+__all__ = [
+    "CONTENT_LOGGERS",
+    "MIN_SECRET_LENGTH",
+    "REDACTED",
+    "Redacting",
+    "install_on_handlers",
+    "keep_content_out",
+    "secrets_in_env",
+]
 
 REDACTED = "<redacted>"
 MIN_SECRET_LENGTH = 8
 """Shorter values given as secrets are not looked for (every word of that length in a line would be hidden)."""
 SECRET_ENV = ("CARAVAN_NATS_PASSWORD", "CONSUL_HTTP_TOKEN", "NOMAD_TOKEN", *PROVIDER_KEY_ENV.values())
 """The environment variables whose values are secrets, in any Caravan process."""
+
+CONTENT_LOGGERS = ("autogen_core.events", "autogen_agentchat.events")
+"""AutoGen's event loggers: at INFO they write each model call whole (a customer's prompt and its answer) and each
+message of a team; the customer's content, not the operator's."""
 
 _TRACEBACKS = logging.Formatter()  # formats a traceback as every handler's formatter does (formatException)
 
@@ -65,6 +77,13 @@ class Redacting(logging.Filter):
         if (shown := self.redact(message)) != message:
             record.msg, record.args = shown, ()
         return True
+
+
+def keep_content_out(level: int) -> None:
+    """Leave :data:`CONTENT_LOGGERS` at WARNING, unless the process logs at DEBUG (an operator who asks for
+    everything gets it)."""
+    for name in CONTENT_LOGGERS:
+        logging.getLogger(name).setLevel(level if level <= logging.DEBUG else logging.WARNING)
 
 
 def install_on_handlers(redacting: logging.Filter) -> None:

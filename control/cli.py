@@ -36,7 +36,7 @@ from pydantic_settings import SettingsError
 
 from agent.aio import run
 from agent.backends.base import FlagKey, Scope
-from agent.logsafe import install_on_handlers, secrets_in_env
+from agent.logsafe import install_on_handlers, keep_content_out, secrets_in_env
 from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
 from control.backends.base import SchedulerError
 from control.ids import is_plain_id
@@ -621,10 +621,12 @@ def log_secrets(settings: Settings, env: Mapping[str, str]) -> list[str | None]:
 
 def configure_logging(settings: Settings) -> None:
     """Caravan's lines on stderr at the configured level, every logger's redacted: the gateway's filter for tokens
-    and keys, and the secrets this process was given (:func:`log_secrets`)."""
+    and keys, and the secrets this process was given (:func:`log_secrets`). AutoGen's events (a selector's model
+    calls, whole) only at debug: they are the customers' content."""
     level = getattr(logging, settings.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_on_handlers(RedactUrls(log_secrets(settings, os.environ)))
+    keep_content_out(level)
     logging.getLogger("httpx").setLevel(max(level, logging.WARNING))  # the local model proxy's every request else
 
 

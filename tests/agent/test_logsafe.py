@@ -1,7 +1,9 @@
 """The secrets a Caravan process was given never reach a line of its log: the control plane's (``caravan up`` and
 ``caravan serve``: its admin key, JWT secret, NATS password, Nomad and Consul tokens, model providers' keys, besides
 the tokens and API keys the gateway's filter finds by their shape) and an agent's (its NATS password, its model's
-key), whichever logger writes the line, in its message, its arguments or its traceback."""
+key), whichever logger writes the line, in its message, its arguments or its traceback. Nor does a customer's
+content, which AutoGen's event loggers write whole at INFO (a model call's prompt and answer), unless the operator
+asks for debug."""
 
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from autogen_core import EVENT_LOGGER_NAME
+from autogen_core.logging import LLMCallEvent
 
-from agent.logsafe import REDACTED, Redacting, install_on_handlers, secrets_in_env
+from agent import __main__ as agent_main
+from agent.logsafe import CONTENT_LOGGERS, REDACTED, Redacting, install_on_handlers, secrets_in_env
 from control.cli import configure_logging
 from control.settings import Settings
 
@@ -29,18 +34,31 @@ GENERATED_KEY = "cvn_0123abcd_" + "k" * 32
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjdS0xIn0.c2lnbmF0dXJl"
 
 
+@pytest.fixture(autouse=True)
+def levels_kept() -> Iterator[None]:
+    """The levels that configuring a process's logging sets, as they were (other tests log through them)."""
+    loggers = [logging.getLogger(name) for name in (*CONTENT_LOGGERS, "httpx")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
+
+
 @contextlib.contextmanager
 def root_lines() -> Iterator[io.StringIO]:
-    """What a handler on the root logger writes while inside (the filters put on the root's handlers taken off
-    after)."""
+    """What a handler on the root logger writes while inside, with the root at DEBUG (each logger's own level
+    decides: under pytest ``logging.basicConfig`` sets none), the filters put on the root's handlers taken off
+    after."""
     lines = io.StringIO()
     handler = logging.StreamHandler(lines)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
+    level, root.level = root.level, logging.DEBUG
     try:
         yield lines
     finally:
+        root.setLevel(level)
         root.removeHandler(handler)
         for other in root.handlers:
             for redacting in [f for f in other.filters if isinstance(f, Redacting)]:
@@ -91,3 +109,38 @@ def test_a_secret_inside_another_is_hidden_whole_and_short_values_are_not_looked
     redacting = Redacting(["abcdefgh", "xxabcdefghyy", "short", None, ""])
     assert redacting.redact("a xxabcdefghyy b abcdefgh c short") == f"a {REDACTED} b {REDACTED} c short"
     assert Redacting([]).redact("nothing to hide") == "nothing to hide"
+
+
+CONTENT = "the customer's plan for Q3"
+
+
+def log_content() -> None:
+    """What AutoGen logs of a model call (its ``LLMCallEvent``, as its OpenAI client writes it: the prompt and the
+    answer) and of a team."""
+    call = LLMCallEvent(
+        messages=[{"role": "user", "content": CONTENT}],
+        response={"choices": [{"message": {"content": f"about {CONTENT}"}}]},
+        prompt_tokens=7,
+        completion_tokens=3,
+    )
+    logging.getLogger(EVENT_LOGGER_NAME).info(call)
+    logging.getLogger("autogen_agentchat.events").info("a team's message: %s", CONTENT)
+
+
+@pytest.mark.parametrize(("level", "written"), [("info", 0), ("warning", 0), ("debug", 3)])
+def test_the_control_plane_logs_no_model_call_whole_but_at_debug(
+    monkeypatch: pytest.MonkeyPatch, level: str, written: int
+) -> None:
+    monkeypatch.setenv("CARAVAN_LOG_LEVEL", level)
+    with root_lines() as lines:
+        configure_logging(Settings())
+        log_content()
+    assert lines.getvalue().count(CONTENT) == written
+
+
+def test_an_agent_logs_no_model_call_whole() -> None:
+    with root_lines() as lines:
+        agent_main.configure_logging()
+        log_content()
+        logging.getLogger("caravan.agent").info("its own lines still are")
+    assert CONTENT not in lines.getvalue() and "its own lines still are" in lines.getvalue()
