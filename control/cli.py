@@ -145,7 +145,8 @@ async def _nats(settings: Settings, embedded: NatsCredentials | None) -> AsyncIt
         )
     except (OSError, nats.errors.Error) as exc:
         why = failures[-1] if failures else exc
-        if isinstance(why, nats.errors.AuthorizationError):
+        # (a login refused while connecting is a plain nats.errors.Error, "nats: 'Authorization Violation'")
+        if isinstance(why, nats.errors.AuthorizationError) or "authorization violation" in str(why).lower():
             raise SystemExit(
                 f"caravan: NATS at {where} refused the login: set CARAVAN_NATS_USER and CARAVAN_NATS_PASSWORD, or "
                 "CARAVAN_DATA_DIR to the data dir of the `caravan up` that runs it"
@@ -468,6 +469,20 @@ async def _serve_only(settings: Settings) -> None:
         await _serve(settings, control, f"Caravan API on http://{settings.http_host}:{settings.http_port}")
 
 
+def _api_url(url: str) -> str:
+    """``--url`` (``CARAVAN_URL``) as given, if it is an http(s) URL with a host (a port, if any, in range); bad
+    usage otherwise (httpx took ``not a url`` and failed only when it sent the request: "cannot reach")."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is no number or out of range
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        _usage(f"--url {url!r} is not a URL: {exc}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        _usage(f"--url {url!r} is not the API's http(s) URL (http://127.0.0.1:8080, where `caravan up` serves it)")
+    return url
+
+
 def _killswitch(args: argparse.Namespace) -> None:
     for option, what in (("customer", "a customer"), ("agent", "an agent")):
         value = getattr(args, option)  # empty (an unset variable in a script) it must not mean every agent
@@ -477,10 +492,7 @@ def _killswitch(args: argparse.Namespace) -> None:
         _usage("an admin API key is needed: --api-key or CARAVAN_API_KEY")
     if args.url is None:  # where `caravan up` (./dev/up) serves it
         args.url = os.environ.get("CARAVAN_URL") or f"http://127.0.0.1:{_env_port('CARAVAN_HTTP_PORT', 8080)}"
-    try:
-        client = httpx.Client(base_url=args.url, timeout=HTTP_TIMEOUT_S)
-    except httpx.InvalidURL as exc:
-        _usage(f"--url {args.url!r} is not a URL: {exc}")
+    client = httpx.Client(base_url=_api_url(args.url), timeout=HTTP_TIMEOUT_S)
     with contextlib.closing(client):
         try:
             token = _answer(client.post("/v1/auth/token", json={"api_key": args.api_key}))["access_token"]

@@ -19,6 +19,7 @@ import pytest
 
 from control import cli
 from control.cli import _banner, _demo_credentials, _demo_model, main
+from control.natsauth import NatsAuth
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.settings import Settings
@@ -131,6 +132,12 @@ DEAD_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
         (["killswitch", "engage", "--wait", "-1", "--url", DEAD_URL], {}, "--wait"),
         (["killswitch", "engage", "--wait", "31", "--url", DEAD_URL], {}, "--wait"),  # the API waits 30 s at most
         (["killswitch", "status", "--url", "http://[::1"], {}, "--url"),
+        (["killswitch", "status", "--url", "not a url"], {}, "--url 'not a url'"),
+        (["killswitch", "status", "--url", "127.0.0.1:8080"], {}, "--url '127.0.0.1:8080'"),  # no scheme
+        (["killswitch", "status", "--url", "ftp://127.0.0.1"], {}, "--url"),
+        (["killswitch", "status", "--url", "http://"], {}, "--url"),
+        (["killswitch", "status", "--url", "http://127.0.0.1:99999"], {}, "--url"),
+        (["killswitch", "status"], {"CARAVAN_URL": "localhost"}, "--url 'localhost'"),
         (["up", "--nats-port", "70000"], {}, "--nats-port"),
         (["up"], {"CARAVAN_NATS_PORT": "abc"}, "CARAVAN_NATS_PORT"),
         (["up"], {"CARAVAN_HTTP_PORT": "99999"}, "CARAVAN_HTTP_PORT"),
@@ -167,6 +174,29 @@ async def test_nats_down_is_said_once(
     monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))
     assert await run_cli(*argv) == 1
     assert f"cannot reach NATS at {dead}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("login", [{}, {"CARAVAN_NATS_USER": "caravan-control", "CARAVAN_NATS_PASSWORD": "wrong"}])
+@pytest.mark.parametrize("argv", [["job", "render", "ag-000000000000"], ["serve"]])
+async def test_a_login_nats_refuses_is_said_as_such(
+    argv: list[str],
+    login: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A NATS that requires users (as `caravan up` runs it), reached without them or with a wrong password: it
+    answered, so "cannot reach" would send the operator looking for a server that is there."""
+    NatsAuth(tmp_path / "nats")
+    async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
+        monkeypatch.setenv("NATS_URL", server.url)
+        monkeypatch.setenv("CARAVAN_DATA_DIR", str(tmp_path / "elsewhere"))  # not the data dir of its `caravan up`
+        monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))
+        for name, value in login.items():
+            monkeypatch.setenv(name, value)
+        assert await run_cli(*argv) == 1
+    err = capsys.readouterr().err
+    assert f"NATS at {server.url} refused the login" in err and "cannot reach" not in err, err
 
 
 @pytest.fixture
