@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, WebSocket
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.metrics import Metrics
@@ -82,8 +83,9 @@ class _TooLarge(HTTPException):
 
 
 class _LimitedBody:
-    """Refuses a request body over ``limit`` bytes with 413: at once when its Content-Length says so, else as soon as
-    the bytes received pass it (a chunked body has no length), leaving the rest unread."""
+    """Refuses a request body over ``limit`` bytes with 413 when a route reads it: at once when its Content-Length
+    says so (nothing of it is read), else as soon as the bytes received pass it (a chunked body has no length),
+    leaving the rest unread. Refused from the route, the request is counted under the route's template."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self._app = app
@@ -94,14 +96,13 @@ class _LimitedBody:
             await self._app(scope, receive, send)
             return
         length = Headers(scope=scope).get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self._limit):
-            response = error_response(413, "too_large", f"request body over {self._limit} bytes")
-            await response(scope, receive, send)
-            return
+        declared_over = length is not None and (not length.isdigit() or int(length) > self._limit)
         received = 0
 
         async def receive_counted() -> Message:
             nonlocal received
+            if declared_over:
+                raise _TooLarge(self._limit)
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -146,6 +147,15 @@ class _HeadAsGet:
         await self._app(as_get, receive, send_head)
 
 
+def _template(scope: Scope) -> Route | None:
+    """The route of Starlette's own that served a request (``/openapi.json``): FastAPI's routes name themselves
+    (``scope["route"]``), and a request nothing routes has none."""
+    for route in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+        if isinstance(route, Route) and route.matches(scope)[0] is Match.FULL:
+            return route
+    return None
+
+
 class _Counted:
     """Counts every HTTP request in ``metrics`` when its response starts (a stream, such as SSE, counts when its
     headers go), by the route template that served it: plain ASGI, so a streamed body passes untouched."""
@@ -164,7 +174,7 @@ class _Counted:
         def count(status: int) -> None:
             nonlocal counted
             counted = True
-            route = scope.get("route")  # set by the router that served it: a template, never the raw path
+            route = scope.get("route") or _template(scope)  # a template, never the raw path
             self._metrics.request(scope["method"], getattr(route, "path", None), status, time.perf_counter() - started)
 
         async def send_counted(message: Message) -> None:

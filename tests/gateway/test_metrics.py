@@ -16,6 +16,7 @@ from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.services.tasks import task_key
 from control.store import Repo
+from gateway.app import MAX_BODY_BYTES
 from tests.conftest import Api, make_settings, serve_api
 from tests.control.test_killswitch import killswitch
 from tests.gateway.test_agents_api import agent_body
@@ -69,6 +70,9 @@ async def test_requests_are_counted_by_route_template_and_the_platform_shows_as_
     assert (await api.client.get("/v1/probe-9f3a/../etc?x=<b>", headers=headers)).status_code == 404
     assert (await api.client.post("/v1/agents", json={"name": 7}, headers=headers)).status_code == 422
     assert (await api.client.request("PROPFIND", "/v1/agents", headers=headers)).status_code == 405
+    assert (await api.client.get("/openapi.json")).status_code == 200  # a route of Starlette's own
+    too_large = b"x" * (MAX_BODY_BYTES + 1)  # refused by its Content-Length, before any route reads it
+    assert (await api.client.post("/v1/agents", content=too_large, headers=headers)).status_code == 413
     created = await api.client.post("/v1/agents", json=agent_body(name="counted"), headers=headers)
     assert created.status_code == 201
     await killswitch(api, scope="customer", customer_id=customer_id, reason="metrics test", wait_ms=0)
@@ -84,6 +88,8 @@ async def test_requests_are_counted_by_route_template_and_the_platform_shows_as_
     assert delta("caravan_http_requests_total", method="GET", route="unmatched", status="404") == 1
     assert delta("caravan_http_requests_total", method="POST", route="/v1/agents", status="422") == 1
     assert delta("caravan_http_requests_total", method="other", route="/v1/agents", status="405") == 1
+    assert delta("caravan_http_requests_total", method="GET", route="/openapi.json", status="200") == 1
+    assert delta("caravan_http_requests_total", method="POST", route="/v1/agents", status="413") == 1
     assert delta("caravan_http_requests_total", method="POST", route="/v1/agents", status="201") == 1
     for leaked in ("probe-9f3a", "PROPFIND", customer_id, created.json()["id"], "metered"):
         assert leaked not in text  # no raw path, no client's method, no customer or agent in a label
