@@ -17,6 +17,7 @@ __all__ = [
     "CONTENT_LOGGERS",
     "MIN_SECRET_LENGTH",
     "REDACTED",
+    "SECRET_ENV",
     "Redacting",
     "install_on_handlers",
     "keep_content_out",
