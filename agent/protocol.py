@@ -45,6 +45,7 @@ __all__ = [
     "cancel_subject",
     "consumer_name",
     "definition_subject",
+    "http_url_problem",
     "model_key_env",
     "required_model_key",
     "task_events_subject",
@@ -140,6 +141,24 @@ def _shallow(arguments: dict[str, Any]) -> dict[str, Any]:
     return arguments
 
 
+def http_url_problem(url: str) -> str | None:
+    """Why an HTTP client cannot connect to ``url``, said of it ("is not a URL: ..."); None if it can, as far as
+    its shape goes: http or https, a host, and a port if any in 1-65535 (``urlsplit`` refuses an unclosed IPv6
+    bracket; its port, one that is not a number or out of range)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"is not a URL: {exc}"
+    if parts.scheme not in ("http", "https"):
+        return "is not an http(s) URL"
+    if not parts.hostname:
+        return "names no host"
+    if port == 0:
+        return "has port 0: a port is 1-65535"
+    return None
+
+
 class ScriptedToolCall(BaseModel):
     """A tool call the ``replay`` model makes instead of answering with text."""
 
@@ -183,19 +202,8 @@ class ModelConfig(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _parsed_url(cls, value: str | None) -> str | None:
-        """A URL an HTTP client can connect to: a host, and a port if any in 1-65535 (``urlsplit`` refuses an
-        unclosed IPv6 bracket; its port, one that is not a number or out of range)."""
-        if value is None:
-            return value
-        try:
-            parts = urlsplit(value)
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"base_url is not a URL: {exc}") from None
-        if not parts.hostname:
-            raise ValueError("base_url names no host")
-        if port == 0:
-            raise ValueError("base_url's port must be 1-65535")
+        if value is not None and (problem := http_url_problem(value)) is not None:
+            raise ValueError(f"base_url {problem}")
         return value
 
     @model_validator(mode="after")

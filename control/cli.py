@@ -37,7 +37,7 @@ from pydantic_settings import SettingsError
 from agent.aio import run
 from agent.backends.base import FlagKey, Scope
 from agent.logsafe import install_on_handlers, keep_content_out, secrets_in_env
-from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
+from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall, http_url_problem
 from control.backends.base import SchedulerError
 from control.ids import is_plain_id
 from control.jobspec import agent_job
@@ -470,16 +470,16 @@ async def _serve_only(settings: Settings) -> None:
 
 
 def _api_url(url: str) -> str:
-    """``--url`` (``CARAVAN_URL``) as given, if it is an http(s) URL with a host (a port, if any, in range); bad
-    usage otherwise (httpx took ``not a url`` and failed only when it sent the request: "cannot reach")."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a port that is no number or out of range
-        httpx.URL(url)
-    except (ValueError, httpx.InvalidURL) as exc:
-        _usage(f"--url {url!r} is not a URL: {exc}")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        _usage(f"--url {url!r} is not the API's http(s) URL (http://127.0.0.1:8080, where `caravan up` serves it)")
+    """``--url`` (``CARAVAN_URL``) as given, if an HTTP client can connect to it; bad usage otherwise (httpx took
+    ``not a url`` and failed only when it sent the request: "cannot reach")."""
+    problem = http_url_problem(url)
+    if problem is None:
+        try:
+            httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            problem = f"is not a URL: {exc}"
+    if problem is not None:
+        _usage(f"--url {url!r} {problem} (the API's, as `caravan up` serves it: http://127.0.0.1:8080)")
     return url
 
 
