@@ -19,6 +19,7 @@ __all__ = [
     "REDACTED",
     "SECRET_ENV",
     "Redacting",
+    "hide_in_logs",
     "install_on_handlers",
     "keep_content_out",
     "secrets_in_env",
@@ -48,8 +49,15 @@ class Redacting(logging.Filter):
 
     def __init__(self, secrets: Iterable[str | None] = ()) -> None:
         super().__init__()
-        values = sorted({v for v in secrets if v and len(v) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+        self._values: set[str] = set()
+        self._secrets: re.Pattern[str] | None = None
+        self.hide(secrets)
+
+    def hide(self, secrets: Iterable[str | None]) -> None:
+        """Hide these too, from the next record on (a secret the process made after its logging was set up)."""
+        self._values |= {v for v in secrets if v and len(v) >= MIN_SECRET_LENGTH}
         # the longest first: a secret that holds another is hidden whole
+        values = sorted(self._values, key=len, reverse=True)
         self._secrets = re.compile("|".join(map(re.escape, values))) if values else None
 
     def redact(self, text: str) -> str:
@@ -85,6 +93,14 @@ def keep_content_out(level: int) -> None:
     everything gets it)."""
     for name in CONTENT_LOGGERS:
         logging.getLogger(name).setLevel(level if level <= logging.DEBUG else logging.WARNING)
+
+
+def hide_in_logs(*secrets: str | None) -> None:
+    """Have every :class:`Redacting` filter on the root logger's handlers hide ``secrets`` too."""
+    for handler in logging.getLogger().handlers:
+        for redacting in handler.filters:
+            if isinstance(redacting, Redacting):
+                redacting.hide(secrets)
 
 
 def install_on_handlers(redacting: logging.Filter) -> None:

@@ -36,7 +36,7 @@ from pydantic_settings import SettingsError
 
 from agent.aio import run
 from agent.backends.base import FlagKey, Scope
-from agent.logsafe import install_on_handlers, keep_content_out, secrets_in_env
+from agent.logsafe import hide_in_logs, install_on_handlers, keep_content_out, secrets_in_env
 from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall, http_url_problem
 from control.backends.base import SchedulerError
 from control.ids import is_plain_id
@@ -444,6 +444,7 @@ async def _up(settings: Settings, nats_port: int) -> None:
     _require_http_port(settings)
     port = nats_port if _port_free("127.0.0.1", nats_port) else 0
     auth = NatsAuth(settings.data_dir / "nats")  # every agent gets its own NATS user, confined to its customer
+    hide_in_logs(auth.control().password)  # the banner shows it (the operator's NATS URL); no log line may
     nats_dir = settings.data_dir / "nats"
     async with EmbeddedNats(nats_dir, port=port, auth=True) as nats_server, _local_model(settings) as local:
         auth.server_pid = nats_server.pid

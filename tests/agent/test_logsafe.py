@@ -17,7 +17,7 @@ from autogen_core import EVENT_LOGGER_NAME
 from autogen_core.logging import LLMCallEvent
 
 from agent import __main__ as agent_main
-from agent.logsafe import CONTENT_LOGGERS, REDACTED, Redacting, install_on_handlers, secrets_in_env
+from agent.logsafe import CONTENT_LOGGERS, REDACTED, Redacting, hide_in_logs, install_on_handlers, secrets_in_env
 from control.cli import configure_logging
 from control.settings import Settings
 
@@ -103,6 +103,20 @@ def test_an_agents_lines_quote_neither_its_nats_password_nor_its_models_key() ->
     written = lines.getvalue()
     assert not any(secret in written for secret in secrets)
     assert "Traceback" in written and written.count(REDACTED) == quoted
+
+
+def test_a_secret_made_after_logging_was_set_up_is_hidden_from_then_on() -> None:
+    """``caravan up`` derives its NATS password (the embedded server's, shown in its banner) after its logging is
+    configured: :func:`hide_in_logs` adds it to the filters already on the handlers."""
+    made_later = "c0ffee" * 11
+    with root_lines() as lines:
+        configure_logging(Settings())
+        logging.getLogger("nats").error("before: %s", made_later)
+        hide_in_logs(made_later, None)
+        quoted = log_everywhere([made_later, f"nats://caravan-control:{made_later}@127.0.0.1:4222"])
+    written = lines.getvalue()
+    assert written.count(made_later) == 1 and f"before: {made_later}" in written  # hidden from then on
+    assert written.count(REDACTED) == quoted
 
 
 def test_a_secret_inside_another_is_hidden_whole_and_short_values_are_not_looked_for() -> None:
