@@ -34,6 +34,17 @@ def model_key_secret(meta: Mapping[str, str], environ: Mapping[str, str]) -> dic
     return {name: value} if value else {}
 
 
+def flag_store_secrets(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """What a job's task gets by the scheduler's secret channel for the flag store: with Consul, the token and TLS
+    settings of the control plane's environment (``CONSUL_HTTP_TOKEN``, ``CONSUL_CACERT``...: the address is in the
+    job). The paths of TLS files must hold on the client nodes too."""
+    if settings.flags != "consul":
+        return {}
+    from agent.backends.consul import client_env  # py-consul is only imported where Consul is used
+
+    return client_env(environ)
+
+
 def _driver_config(settings: Settings) -> dict[str, str | list[str]]:
     if settings.agent_driver == "docker":
         return {"image": settings.agent_image, "command": "python", "args": ["-m", "agent"], "ports": ["health"]}

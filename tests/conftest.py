@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from agent import aio
+from agent.backends.consul import client_env
 from control.localmodel import LocalModel, LocalModelConfig, runtime_installed
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
@@ -127,25 +129,22 @@ CONSUL_KINDS = ["consul-double", pytest.param("consul-real", marks=pytest.mark.c
 
 
 @contextlib.contextmanager
-def consul_address(kind: str) -> Iterator[str]:
+def consul_env(kind: str) -> Iterator[dict[str, str]]:
+    """The environment a Consul client is configured by (``CONSUL_HTTP_ADDR``, ``CONSUL_HTTP_TOKEN``...): the
+    double's, with ACLs on (default deny) so that a client that sends no token is refused, or the real Consul's
+    from this process's environment."""
     if kind == "consul-real":
         address = os.environ.get("CONSUL_HTTP_ADDR")
         if not address:
             pytest.skip("CONSUL_HTTP_ADDR is not set: no real Consul to test against")
-        yield address
+        yield {**client_env(os.environ), "CONSUL_HTTP_ADDR": address}
         return
-    double = ConsulDouble().start()
+    token = str(uuid.uuid4())
+    double = ConsulDouble(acl_token=token).start()
     try:
-        yield double.address
+        yield {"CONSUL_HTTP_ADDR": double.address, "CONSUL_HTTP_TOKEN": token}
     finally:
         double.stop()
-
-
-@pytest.fixture(params=CONSUL_KINDS)
-def consul_addr(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A Consul HTTP address: the API double always, and a real Consul too when CONSUL_HTTP_ADDR is set."""
-    with consul_address(request.param) as address:
-        yield address
 
 
 @pytest.fixture

@@ -47,6 +47,23 @@ def _parse(raw_key: str) -> FlagKey | None:
     return None
 
 
+CLIENT_ENV = (
+    "CONSUL_HTTP_TOKEN",
+    "CONSUL_HTTP_SSL",
+    "CONSUL_HTTP_SSL_VERIFY",
+    "CONSUL_CACERT",
+    "CONSUL_CLIENT_CERT",
+    "CONSUL_CLIENT_KEY",
+)
+"""What :func:`consul_client` reads besides the address: the token and TLS settings an agent's task gets from the
+control plane's environment, by the scheduler's secret channel (the address is in its job)."""
+
+
+def client_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The :data:`CLIENT_ENV` variables ``env`` sets."""
+    return {name: env[name] for name in CLIENT_ENV if env.get(name)}
+
+
 def consul_client(env: Mapping[str, str] | None = None) -> consul.Consul:
     """A client from the same environment variables the ``consul`` CLI reads."""
     env = os.environ if env is None else env

@@ -10,6 +10,7 @@ from nats.aio.client import Client as NATS
 from agent.backends import create_flag_store
 from agent.backends.base import FlagStore
 from control.backends.base import Registry, Scheduler
+from control.jobspec import flag_store_secrets
 from control.settings import Settings
 
 __all__ = ["REGISTRIES", "SCHEDULERS", "create_flags", "create_registry", "create_scheduler"]
@@ -18,7 +19,12 @@ __all__ = ["REGISTRIES", "SCHEDULERS", "create_flags", "create_registry", "creat
 def _local(settings: Settings, registry: Registry) -> Scheduler:
     from control.backends.local import LocalScheduler
 
-    return LocalScheduler(settings.data_dir / "allocs", install_id=settings.install_id, registry=registry)
+    return LocalScheduler(
+        settings.data_dir / "allocs",
+        install_id=settings.install_id,
+        registry=registry,
+        task_secrets=flag_store_secrets(settings, os.environ),
+    )
 
 
 def _nomad(settings: Settings, registry: Registry) -> Scheduler:

@@ -210,8 +210,12 @@ class LocalScheduler:
         install_id: str = "caravan",
         registry: Registry | None = None,
         max_parallel_starts: int | None = None,
+        task_secrets: Mapping[str, str] | None = None,
     ) -> None:
+        """``task_secrets``: what every task gets besides its own secrets (the flag store's token and TLS
+        settings: :func:`control.jobspec.flag_store_secrets`)."""
         self._alloc_dir = alloc_dir
+        self._task_secrets = dict(task_secrets or {})
         # Tasks start a few at a time, each until its health check passes (or 10 s): fifty agents started at
         # once (a restart reconciling them all) would otherwise starve NATS and the control plane of CPU.
         self._starting = asyncio.Semaphore(max_parallel_starts or max(2, os.cpu_count() or 2))
@@ -412,6 +416,7 @@ class LocalScheduler:
         runtime = self._runtime_env(alloc, ports, task_dir)
         env = {
             **_base_env(),
+            **self._task_secrets,
             **model_key_secret(alloc.job.meta, os.environ),
             **alloc.job.secrets,
             **runtime,
@@ -623,8 +628,8 @@ def _process_table() -> dict[int, tuple[int, int]]:
 
 
 def _base_env() -> dict[str, str]:
-    """What a task inherits from the machine: PATH, locale and the like, plus the flag store's credentials (never
-    in the job). Model keys are not: a task gets only its own model's (:func:`model_key_secret`)."""
+    """What a task inherits from the machine: PATH, locale and the like. Secrets are not: a task gets only its own
+    model's key (:func:`model_key_secret`), and the scheduler's ``task_secrets``."""
     keep = (
         "PATH",
         "HOME",
@@ -636,11 +641,4 @@ def _base_env() -> dict[str, str]:
         "SSL_CERT_FILE",
         "CARAVAN_EVENT_LOOP",
     )
-    secret_names = {
-        "CONSUL_HTTP_TOKEN",
-        "CONSUL_CACERT",
-        "CONSUL_CLIENT_CERT",
-        "CONSUL_CLIENT_KEY",
-        "CONSUL_HTTP_SSL_VERIFY",
-    }
-    return {k: v for k, v in os.environ.items() if k in keep or k in secret_names}
+    return {k: v for k, v in os.environ.items() if k in keep}

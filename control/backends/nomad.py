@@ -40,7 +40,7 @@ from control.backends.base import (
     StatusUpdate,
     SubmitResult,
 )
-from control.jobspec import model_key_secret
+from control.jobspec import flag_store_secrets, model_key_secret
 from control.settings import Settings
 from jobs import secrets_variable_path
 
@@ -81,6 +81,8 @@ class NomadConfig:
     stream_read_timeout_s: float = 35.0
     secret_env: Mapping[str, str] = field(default_factory=lambda: os.environ)
     """Where model keys are read; a job's Variable gets only the one its meta names (``caravan_model_key``)."""
+    task_secrets: Mapping[str, str] = field(default_factory=dict)
+    """What every job's Variable holds besides: the flag store's token and TLS settings (:func:`flag_store_secrets`)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NomadConfig:
@@ -98,6 +100,7 @@ class NomadConfig:
             skip_verify=settings.nomad_skip_verify,
             timeout_s=settings.nomad_timeout_s,
             install_id=settings.install_id,
+            task_secrets=flag_store_secrets(settings, os.environ),
         )
 
     def client(self, token: str | None = None) -> nomad.Nomad:
@@ -377,7 +380,8 @@ class NomadScheduler:
             plan = self._plan(job, namespace, job_id)
             if plan.get("FailedTGAllocs"):
                 log.info("plan of %s/%s: %s", namespace, job_id, explain_placement(plan["FailedTGAllocs"]))
-            self._put_secrets(namespace, job_id, {**model_key_secret(meta, self._config.secret_env), **secrets})
+            model_key = model_key_secret(meta, self._config.secret_env)
+            self._put_secrets(namespace, job_id, {**self._config.task_secrets, **model_key, **secrets})
             body = {"Job": job, "EnforceIndex": True, "JobModifyIndex": int(plan.get("JobModifyIndex") or 0)}
             try:
                 registered = _call(
@@ -463,7 +467,7 @@ class NomadScheduler:
         return plan
 
     def _put_secrets(self, namespace: str, job_id: str, secrets: Mapping[str, str]) -> None:
-        """The job's secrets (its model's key, its NATS credentials) in its Variable."""
+        """The job's secrets (its model's key, its NATS credentials, the flag store's token) in its Variable."""
         path = secrets_variable_path(job_id)
         items = {**secrets, SECRETS_MARKER: "nomad-variable"}
         digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()

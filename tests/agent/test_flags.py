@@ -7,15 +7,14 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
 import nats
 import pytest
 
 from agent.backends.base import Flag, FlagKey, FlagSnapshot, FlagStore, Scope
-from agent.backends.consul import ConsulFlags
+from agent.backends.consul import ConsulFlags, consul_client
 from agent.backends.natskv import NatsKVFlags
 from control.natsserver import EmbeddedNats
-from tests.conftest import CONSUL_KINDS, consul_address
+from tests.conftest import CONSUL_KINDS, consul_env
 from tests.support.consul_double import ConsulDouble
 from tests.support.helpers import assert_eventually
 
@@ -23,7 +22,12 @@ from tests.support.helpers import assert_eventually
 @dataclass
 class Backend:
     store: FlagStore
-    consul_address: str | None = None
+    consul_env: dict[str, str] | None = None
+
+
+MADE: set[str] = set()
+"""The customers and agents the tests made up: a real Consul's flags of others (an operator's) are not theirs to
+remove."""
 
 
 @pytest.fixture(params=["natskv", *CONSUL_KINDS])
@@ -36,17 +40,20 @@ async def backend(request: pytest.FixtureRequest, nats_server: EmbeddedNats) -> 
         await flags.stop()
         await nc.close()
         return
-    with consul_address(request.param) as address:
-        flags = ConsulFlags(env={"CONSUL_HTTP_ADDR": address})
+    with consul_env(request.param) as env:
+        flags = ConsulFlags(env=env)
         await flags.start()
-        yield Backend(flags, address)
+        yield Backend(flags, env)
         for flag in await flags.list():
-            await flags.delete(flag.key)
+            if flag.target in MADE:
+                await flags.delete(flag.key)
         await flags.stop()
 
 
-def unique() -> str:
-    return f"cu-{uuid.uuid4().hex[:12]}"
+def unique(prefix: str = "cu") -> str:
+    made = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    MADE.add(made)
+    return made
 
 
 class Watch:
@@ -101,7 +108,7 @@ async def test_conditional_writes_leave_another_engagement_alone(backend: Backen
 
 async def test_watch_sees_the_current_flags_then_every_change(backend: Backend) -> None:
     store = backend.store
-    customer, agent = unique(), f"ag-{uuid.uuid4().hex[:12]}"
+    customer, agent = unique(), unique("ag")
     keys = [FlagKey(Scope.CUSTOMER, customer), FlagKey(Scope.AGENT, agent)]
     await store.put(Flag(scope=Scope.AGENT, target=agent, reason="before", id="e0"))
     watch = Watch(store, keys)
@@ -124,26 +131,23 @@ async def test_watch_sees_the_current_flags_then_every_change(backend: Backend) 
 
 async def test_values_written_by_hand_are_honoured(backend: Backend, nats_server: EmbeddedNats) -> None:
     store = backend.store
-    customer = unique()
+    customer, released = unique(), unique("ag")
     key = FlagKey(Scope.CUSTOMER, customer)
-    if backend.consul_address is not None:
+    if backend.consul_env is not None:
         # what `consul kv put caravan/killswitch/customer/<id> "maintenance window"` sends
-        address = backend.consul_address
-        async with httpx.AsyncClient(base_url=f"http://{address}") as client:
-            path = f"/v1/kv/caravan/killswitch/customer/{customer}"
-            assert (await client.put(path, content=b"maintenance window")).status_code == 200
-            other = f"/v1/kv/caravan/killswitch/agent/ag-{uuid.uuid4().hex[:12]}"
-            assert (await client.put(other, content=b'{"engaged": false}')).status_code == 200
+        kv = consul_client(backend.consul_env).kv
+        assert kv.put(f"caravan/killswitch/customer/{customer}", b"maintenance window")
+        assert kv.put(f"caravan/killswitch/agent/{released}", b'{"engaged": false}')
     else:
         # what `nats kv put caravan_flags killswitch.customer.<id> "maintenance window"` does
         nc = await nats.connect(nats_server.url)
         kv = await nc.jetstream().key_value("caravan_flags")
         await kv.put(f"killswitch.customer.{customer}", b"maintenance window")
-        await kv.put(f"killswitch.agent.ag-{uuid.uuid4().hex[:12]}", b'{"engaged": false}')
+        await kv.put(f"killswitch.agent.{released}", b'{"engaged": false}')
         await nc.close()
     flags = {f.key: f for f in await store.list()}
     assert flags[key].engaged and flags[key].reason == "maintenance window"
-    assert all(not f.engaged for k, f in flags.items() if k.scope is Scope.AGENT)
+    assert not flags[FlagKey(Scope.AGENT, released)].engaged
     watch = Watch(store, [key])
     try:
         assert [f.reason for f in (await watch.next()).engaged()] == ["maintenance window"]

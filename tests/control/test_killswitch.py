@@ -405,8 +405,13 @@ async def test_unknown_targets_are_404_and_customers_cannot_use_the_killswitch(a
     ]
 
 
-async def test_with_consul_a_flag_put_by_hand_halts_and_an_outage_fails_safe(tmp_path: Path) -> None:
-    double = ConsulDouble().start()
+async def test_with_consul_a_flag_put_by_hand_halts_and_an_outage_fails_safe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ACLs on (default deny), as a production Consul runs: the agents get the platform's token."""
+    token = "b1e4-consul-acl-token-for-caravan"
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", token)
+    double = ConsulDouble(acl_token=token).start()
     try:
         async with EmbeddedNats(tmp_path / "nats") as nats_server:
             settings = make_settings(
@@ -425,7 +430,8 @@ async def test_with_consul_a_flag_put_by_hand_halts_and_an_outage_fails_safe(tmp
                 assert [i.meta["caravan_agent"] for i in instances] == [agent["id"]]
 
                 # `consul kv put caravan/killswitch/agent/<id> "maintenance"`
-                async with httpx.AsyncClient(base_url=f"http://{double.address}") as consul:
+                consul_http = httpx.AsyncClient(base_url=f"http://{double.address}", headers={"X-Consul-Token": token})
+                async with consul_http as consul:
                     await consul.put(f"/v1/kv/caravan/killswitch/agent/{agent['id']}", content=b"maintenance")
                     halted = await wait_status(api, headers, agent["id"], "killed")
                     assert "maintenance" in halted["status_reason"]

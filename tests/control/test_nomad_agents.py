@@ -12,11 +12,10 @@ import httpx
 import pytest
 
 from agent.protocol import ModelConfig
-from control.backends.nomad import NomadConfig, NomadScheduler
 from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate, Resources
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
-from tests.conftest import NomadTarget, consul_address, make_settings
+from tests.conftest import NomadTarget, consul_env, make_settings
 from tests.support.helpers import assert_eventually
 
 HOSTILE = 'quote " ${NOMAD_TOKEN} {{ with nomadVar "nomad/jobs" }}{{ end }} [[ job_id ]]\nnewline'
@@ -33,9 +32,17 @@ def definition(**changes: Any) -> AgentCreate:
 
 
 async def _control(target: NomadTarget, nats: EmbeddedNats, data: Path, **settings: Any) -> ControlPlane:
-    values = make_settings(nats.url, data, scheduler="nomad", agent_restart_attempts=1, **settings)
-    scheduler = NomadScheduler(NomadConfig(address=target.address, token=target.token, secret_env={}))
-    return ControlPlane(values, scheduler)
+    """A control plane whose scheduler is the one its settings make (``CARAVAN_SCHEDULER=nomad``)."""
+    values = make_settings(
+        nats.url,
+        data,
+        scheduler="nomad",
+        nomad_addr=target.address,
+        nomad_token=target.token,
+        agent_restart_attempts=1,
+        **settings,
+    )
+    return ControlPlane(values)
 
 
 @pytest.fixture
@@ -56,6 +63,16 @@ async def _registered(target: NomadTarget, agent: Agent) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     job: dict[str, Any] = response.json()
     return job
+
+
+async def _variable_items(target: NomadTarget, agent: Agent) -> dict[str, str]:
+    """What the agent's task gets as its secrets: the items of its job's Variable."""
+    headers = {"X-Nomad-Token": target.token} if target.token else {}
+    async with httpx.AsyncClient(base_url=target.address, headers=headers) as http:
+        response = await http.get(f"/v1/var/nomad/jobs/{agent.job_id}", params={"namespace": agent.namespace})
+    assert response.status_code == 200, response.text
+    items: dict[str, str] = response.json()["Items"]
+    return items
 
 
 async def _settled(control: ControlPlane, agent: Agent, status: AgentStatus, within: float = 20) -> Agent:
@@ -103,21 +120,43 @@ async def test_patch_is_a_new_job_version_and_replicas_are_the_group_count(
     assert stopped["Stop"] is True
 
 
+CA_CERT = "/etc/consul.d/ca.pem"  # where the client nodes keep Consul's CA, as the control plane's does
+
+
 @pytest.mark.parametrize(("flags", "provider"), [("natskv", "nomad"), ("consul", "consul")])
 async def test_agents_register_in_the_catalog_the_platform_discovers_them_in(
-    nomad_target: NomadTarget, nats_server: EmbeddedNats, tmp_path: Path, flags: str, provider: str
+    nomad_target: NomadTarget,
+    nats_server: EmbeddedNats,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    flags: str,
+    provider: str,
 ) -> None:
     """With Consul as the registry, the killswitch counts an agent's instances in Consul's catalog: the job's
-    service must register there, not in Nomad's own."""
-    with consul_address("consul-double") as consul:
-        async with await _control(
-            nomad_target, nats_server, tmp_path / "data", flags=flags, consul_http_addr=consul
-        ) as control:
+    service must register there, not in Nomad's own. And the agent reads its flags from that Consul, whose ACLs
+    refuse a client without the token: the task gets the platform's token (and TLS settings) in its Variable,
+    never in the job."""
+    with consul_env("consul-double") as consul:
+        for name, value in consul.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("CONSUL_CACERT", CA_CERT)
+        async with await _control(nomad_target, nats_server, tmp_path / "data", flags=flags) as control:
             customer = await _customer(control)
             agent = await control.agents.create(customer, definition())
             job = await _registered(nomad_target, agent)
             (service,) = job["TaskGroups"][0]["Services"]
             assert (service["Provider"], service["Name"]) == (provider, f"caravan-agent-{agent.id}")
+            items = await _variable_items(nomad_target, agent)
+            given = {name: items.get(name) for name in ("CONSUL_HTTP_TOKEN", "CONSUL_CACERT")}
+            if flags == "consul":
+                assert given == {
+                    "CONSUL_HTTP_TOKEN": consul["CONSUL_HTTP_TOKEN"],
+                    "CONSUL_CACERT": "/etc/consul.d/ca.pem",
+                }
+                assert job["TaskGroups"][0]["Tasks"][0]["Env"]["CONSUL_HTTP_ADDR"] == consul["CONSUL_HTTP_ADDR"]
+            else:  # the flags are in NATS: Consul's token is nothing the agent needs
+                assert given == {"CONSUL_HTTP_TOKEN": None, "CONSUL_CACERT": None}
+            assert consul["CONSUL_HTTP_TOKEN"] not in json.dumps(job)
             await control.agents.delete(customer, agent.id)
 
 

@@ -11,6 +11,10 @@ Blocking queries follow the documented contract: the request returns when the in
 given or when ``wait`` (default 5 minutes, capped at 10) runs out, whichever is first; spurious wake-ups
 are allowed. ``down()`` makes every request fail with a 500 "No cluster leader", as Consul does in an
 outage without quorum.
+
+With ``acl_token`` set, ACLs are on with the default policy ``deny``: a request without that token
+(``X-Consul-Token``, ``Authorization: Bearer`` or ``?token=``) gets 403, "ACL not found" for a token Consul does
+not know, "Permission denied" for none (the anonymous token may do nothing); ``/v1/status/*`` needs none.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ def _wait_seconds(value: str | None) -> float:
 
 
 class ConsulDouble:
-    def __init__(self) -> None:
+    def __init__(self, acl_token: str | None = None) -> None:
+        self.acl_token = acl_token
         self.kv: dict[str, dict[str, Any]] = {}
         self.services: dict[str, dict[str, Any]] = {}
         self.checks: dict[str, dict[str, Any]] = {}
@@ -87,6 +92,10 @@ class ConsulDouble:
                 if double._down:
                     self._respond(500, b"No cluster leader")
                     return
+                denied = double.denied(parts.path, self.headers, query)
+                if denied is not None:
+                    self._respond(403, denied)
+                    return
                 status, payload, headers = double.handle(method, unquote(parts.path), query, body)
                 self._respond(status, payload, headers)
 
@@ -123,6 +132,17 @@ class ConsulDouble:
             yield
         finally:
             self._down = False
+
+    def denied(self, path: str, headers: Any, query: dict[str, str]) -> bytes | None:
+        """Why Consul refuses the request under its ACLs, or None."""
+        if self.acl_token is None or path.startswith("/v1/status/"):
+            return None
+        authorization = headers.get("Authorization", "")
+        bearer = authorization[len("Bearer ") :] if authorization.startswith("Bearer ") else ""
+        token = headers.get("X-Consul-Token") or bearer or query.get("token")
+        if token == self.acl_token:
+            return None
+        return b"ACL not found" if token else b"Permission denied"
 
     def _bump(self) -> int:
         with self._changed:
@@ -226,9 +246,11 @@ class ConsulDouble:
             }
             return 200, True, {}
         if method == "DELETE":
-            if "cas" in query:  # check-and-set: deletes the key only at ModifyIndex cas (never with 0)
+            if "cas" in query:  # check-and-set: deletes the key only at ModifyIndex cas; a missing key: true
                 existing = self.kv.get(key)
-                if existing is None or int(query["cas"]) != existing["ModifyIndex"]:
+                if existing is None:
+                    return 200, True, {}
+                if int(query["cas"]) != existing["ModifyIndex"]:
                     return 200, False, {}
             doomed = [k for k in self.kv if (k.startswith(key) if recurse else k == key)]
             for k in doomed:
