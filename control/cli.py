@@ -68,7 +68,7 @@ def _usage(message: str) -> NoReturn:
 
 
 def _port(text: str) -> int:
-    port = int(text) if text.strip().isdigit() else 0
+    port = int(text) if text.strip().isascii() and text.strip().isdigit() else 0
     if not 1 <= port <= 65_535:
         raise argparse.ArgumentTypeError(f"not a port number (1-65535): {text!r}")
     return port

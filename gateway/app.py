@@ -96,7 +96,8 @@ class _LimitedBody:
             await self._app(scope, receive, send)
             return
         length = Headers(scope=scope).get("content-length")
-        declared_over = length is not None and (not length.isdigit() or int(length) > self._limit)
+        plain = length is not None and length.isascii() and length.isdigit()
+        declared_over = length is not None and (not plain or int(length) > self._limit)
         received = 0
 
         async def receive_counted() -> Message:

@@ -44,7 +44,7 @@ def _resume_point(last_event_id: str | None, after: int | None) -> int:
         return after
     if last_event_id is None or last_event_id == "":
         return 0
-    if not last_event_id.isdigit() or len(last_event_id) > 18:
+    if not (last_event_id.isascii() and last_event_id.isdigit()) or len(last_event_id) > 18:
         raise Invalid("Last-Event-ID must be an event id from this stream")
     return int(last_event_id)
 

@@ -140,6 +140,7 @@ DEAD_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
         (["killswitch", "status"], {"CARAVAN_URL": "localhost"}, "--url 'localhost'"),
         (["up", "--nats-port", "70000"], {}, "--nats-port"),
         (["up"], {"CARAVAN_NATS_PORT": "abc"}, "CARAVAN_NATS_PORT"),
+        (["up"], {"CARAVAN_NATS_PORT": "4²"}, "CARAVAN_NATS_PORT"),  # a digit to str.isdigit, not to int()
         (["up"], {"CARAVAN_HTTP_PORT": "99999"}, "CARAVAN_HTTP_PORT"),
         (["job", "render", "ag-000000000000"], {"CARAVAN_HTTP_PORT": "abc"}, "CARAVAN_HTTP_PORT='abc'"),
         (["job", "render", "ag-000000000000"], {"CARAVAN_SCHEDULER": "mesos"}, "CARAVAN_SCHEDULER='mesos'"),

@@ -277,8 +277,9 @@ async def test_bad_resume_points_and_tokens_are_refused(api: Api) -> None:
     _, headers = await api.new_customer()
     agent = await running_agent(api, headers)
     task_id = await start_task(api, headers, agent["id"])
-    bad = await api.client.get(f"/v1/tasks/{task_id}/events", headers={**headers, "Last-Event-ID": "abc"})
-    assert bad.status_code == 422
+    for last in (b"abc", b"-1", b"\xb2", b"1\xb3\xb9"):  # superscript digits in Latin-1: no event ids either
+        bad = await api.client.get(f"/v1/tasks/{task_id}/events", headers={**headers, "Last-Event-ID": last})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid", (last, bad.text)
     ws_url = api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws"
     await assert_ws_refused(f"{ws_url}?token=forged", 401, "unauthorized")
     token = headers["Authorization"].split()[1]
