@@ -80,6 +80,7 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 async def get_admin(request: HTTPConnection, control: ControlDep, principal: PrincipalDep) -> Principal:
     if not principal.is_admin:
+        check_failures(request)  # counted as a failed authentication: nobody may write the audit log at will
         await audit_denied(control, request, "auth.forbidden", principal.subject, "admin role required")
         raise Forbidden("admin role required")
     return principal

@@ -53,6 +53,27 @@ def shown_id(value: str | None) -> str | None:
     return shown if len(shown) <= SHOWN_ID_MAX else f"{shown[:SHOWN_ID_MAX]}... ({len(value)} characters)"
 
 
+DETAIL_MAX = 500
+"""A string in a record's details (a path, an error's message, a reason) is kept to this many characters."""
+DETAIL_ITEMS_MAX = 50
+"""A list in a record's details keeps this many items."""
+
+
+def bounded(value: Any) -> Any:
+    """``value`` (a record's details) with every string cut to :data:`DETAIL_MAX` characters and every list to
+    :data:`DETAIL_ITEMS_MAX` items, each cut saying how long it was: a caller who can be refused as often as it
+    likes (a 403 on a 60,000-character path) must not be able to write as much as it likes to a log nobody may
+    delete."""
+    if isinstance(value, str):
+        return value if len(value) <= DETAIL_MAX else f"{value[:DETAIL_MAX]}... ({len(value)} characters)"
+    if isinstance(value, list):
+        kept = [bounded(item) for item in value[:DETAIL_ITEMS_MAX]]
+        return kept if len(value) <= DETAIL_ITEMS_MAX else [*kept, f"... ({len(value)} items)"]
+    if isinstance(value, dict):
+        return {key: bounded(item) for key, item in value.items()}
+    return value
+
+
 class AuditRecord(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     at: datetime = Field(default_factory=utcnow)
@@ -98,9 +119,11 @@ class AuditLog:
 
     async def append(self, record: AuditRecord) -> AuditRecord:
         """Append ``record`` (kept for good), with any API key in it cut to its prefix (:func:`redact_json`: a
-        target or an error that repeats a path or a value a key was pasted into); returns the record as stored."""
+        target or an error that repeats a path or a value a key was pasted into), its ids as :func:`shown_id` and
+        its details :func:`bounded`; returns the record as stored."""
         record = AuditRecord.model_validate(redact_json(record.model_dump(mode="json")))
         record.customer_id, record.target = shown_id(record.customer_id), shown_id(record.target)
+        record.actor, record.details = shown_id(record.actor) or "", bounded(record.details)
         subject = f"caravan.audit.{record.action}"
         await self._js.publish(subject, record.model_dump_json().encode(), headers={"Nats-Msg-Id": record.id})
         return record

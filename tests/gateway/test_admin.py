@@ -354,6 +354,27 @@ async def test_an_address_that_fails_to_authenticate_too_often_is_refused_unchec
     assert len(audited) - audited_before == 5  # the five refusals; nothing of what came after
 
 
+async def test_a_customer_refused_an_admin_route_again_and_again_cannot_fill_the_audit_log(api: Api) -> None:
+    """Each 403 is a record in a log nobody may delete: they count as failed authentications (then 429, not
+    recorded), and what a record keeps of the request is bounded (a path of 60,000 characters is not)."""
+    admin = await api.admin()
+    _, customer = await api.new_customer()
+    strict = api.control.settings.model_copy(update={"rate_limit_scale": 0.25})  # failures: burst 5, 1 per 4 s
+    before = (await api.client.get("/v1/admin/audit", params={"limit": 1000}, headers=admin)).json()
+    path = "/v1/admin/customers/" + "a" * 60_000
+    async with serve_app(create_app(strict, api.control)) as base, httpx.AsyncClient(base_url=base) as client:
+        refused = [(await client.get(path, headers=customer)).status_code for _ in range(6)]
+        assert refused == [403] * 5 + [429]
+        assert (await client.get("/v1/agents", headers=customer)).status_code == 429  # until the address cools
+    audited = (await api.client.get("/v1/admin/audit", params={"limit": 1000}, headers=admin)).json()
+    new = audited[len(before) :]
+    assert [r["action"] for r in new] == ["auth.forbidden"] * 5
+    for record in new:
+        shown = record["details"]["path"]
+        assert shown.startswith("/v1/admin/customers/aaaa") and shown.endswith("... (60020 characters)")
+        assert len(json.dumps(record)) < 1_000
+
+
 async def test_audit_records_logins_refusals_and_cannot_be_deleted(api: Api) -> None:
     customer_id, headers = await api.new_customer()
     await api.client.post("/v1/auth/token", json={"api_key": "cvn_deadbeef_" + "x" * 40})
