@@ -177,6 +177,13 @@ class AgentUpdate(BaseModel):
             raise ValueError("may not be null: leave the field out to keep its value")
         return value
 
+    @field_validator("resources")
+    @classmethod
+    def _some_resource(cls, value: Resources) -> Resources:
+        if not value.model_fields_set:  # what is left out keeps its value: {} changes nothing
+            raise ValueError("nothing to update: give cpu, memory_mb or both")
+        return value
+
     @model_validator(mode="after")
     def _not_empty(self) -> AgentUpdate:
         if not self.model_fields_set:

@@ -292,11 +292,15 @@ async def test_hostile_prompt_text_is_stored_as_data_and_never_reaches_the_job(a
 async def test_bad_patch_leaves_the_agent_as_it_was(api: Api) -> None:
     _, headers = await api.new_customer()
     agent = (await api.client.post("/v1/agents", json=agent_body(), headers=headers)).json()
-    for body in ({"resources": {"cpu": 0, "memory_mb": 1}}, {}, {"name": "renamed"}, {"model": {"provider": "x"}}):
+    bodies = ({"resources": {"cpu": 0, "memory_mb": 1}}, {}, {"resources": {}}, {"name": "renamed"}, {"model": {}})
+    for body in bodies:
         response = await api.client.patch(f"/v1/agents/{agent['id']}", json=body, headers=headers)
         assert response.status_code == 422, (body, response.text)
     after = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
     assert after["version"] == 1 and after["resources"] == agent["resources"]
+    empty = await api.client.patch(f"/v1/agents/{agent['id']}", json={"resources": {}}, headers=headers)
+    assert [d["field"] for d in empty.json()["error"]["details"]] == ["resources"], empty.text
+    assert "nothing to update" in empty.json()["error"]["message"], empty.text
 
 
 @pytest.mark.parametrize("field", ["system_message", "model", "tools", "resources", "replicas"])
