@@ -205,7 +205,9 @@ class TaskService:
             if spec.team_id is not None:
                 if self._teams is None:
                     raise Invalid("tasks on teams are not available here; give agent_id")
-                return await self._queue(*await self._teams.prepare(customer_id, spec, task_id))
+                task = await self._queue(*await self._teams.prepare(customer_id, spec, task_id))
+                await self._unless_team_went(task)
+                return task
             return await self._create_on_agent(customer_id, spec, task_id)
         except BaseException:
             await self._quotas.release_task(customer_id, task_id)
@@ -255,10 +257,22 @@ class TaskService:
             raise
         return task.model_copy(update={"queue_seq": seq})
 
+    async def _unless_team_went(self, task: Task) -> None:
+        """A task queued as its team was deleted after :meth:`TeamTasks.prepare` read it: the delete did not see
+        it (it had no record yet), so it ends here, taken out of the queue (see :meth:`TeamService.delete`)."""
+        assert self._teams is not None
+        try:
+            reason = await self._teams.went(task)
+        except NATS_UNAVAILABLE as exc:  # queued whole: the client is told so, not to make it again
+            log.warning("task %s is queued; whether its team went meanwhile could not be read: %r", task.id, exc)
+            return
+        if reason is not None:
+            await self._take_back(task, reason, TaskStatus.CANCELLED)
+
     async def _unless_agent_went(self, task: Task) -> None:
         """A task queued as its agent was deleted, or failed, after it was read above: the delete (or the failure)
-        ended the agent's tasks it found, and this one may have come after that; it ends too, taken out of the
-        queue (nothing else would end it, and it would hold its quota slot for good)."""
+        ended the agent's tasks it found, and this one may have come after that; it ends too
+        (:meth:`_take_back`)."""
         assert task.agent_id is not None
         try:
             agent = await self._agents.get(task.customer_id, task.agent_id)
@@ -268,6 +282,11 @@ class TaskService:
             if agent.status is not AgentStatus.FAILED:
                 return
             reason, status = _failed_reason(agent), TaskStatus.FAILED
+        await self._take_back(task, reason, status)
+
+    async def _take_back(self, task: Task, reason: str, status: TaskStatus) -> None:
+        """End a task just queued, its request taken out of the queue (nothing else would end it, and it would hold
+        its quota slot for good)."""
         if task.queue_seq is not None:
             with contextlib.suppress(NotFoundError):
                 await self._js.delete_msg(TASKS_STREAM, task.queue_seq)

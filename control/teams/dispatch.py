@@ -44,10 +44,22 @@ class TeamTasks:
         with the subject to queue it on (the task service queues them)."""
         assert spec.team_id is not None
         team = await self._teams.get(customer_id, spec.team_id)
+        if team.deleting():
+            raise Conflict(f"team {team.id} is being deleted")
         await self.ensure_members_can_serve(team)
         task = Task(id=task_id, customer_id=customer_id, team_id=team.id, task=spec.task)
         request = TeamTaskRequest(task_id=task.id, customer_id=customer_id, team_id=team.id, content=spec.task)
         return task, team_task_subject(customer_id, team.id), request.model_dump_json().encode()
+
+    async def went(self, task: Task) -> str | None:
+        """Why the team of a task just queued can no longer run it (deleted, or being deleted, since
+        :meth:`prepare` read it), or None."""
+        assert task.team_id is not None
+        try:
+            team = await self._teams.get(task.customer_id, task.team_id)
+        except NotFound:
+            return f"team {task.team_id} was deleted"
+        return f"team {team.id} is being deleted" if team.deleting() else None
 
     async def teams_of(self, agent: Agent) -> set[str]:
         """The ids of the teams ``agent`` is a member of."""

@@ -128,6 +128,12 @@ class Team(BaseModel):
     handoffs: dict[str, list[str]] = Field(default_factory=dict)
     termination: Termination
     created_at: datetime = Field(default_factory=utcnow)
+    deleting_until: datetime | None = None
+    """Set while a delete looks for the team's unfinished tasks (until then, or its control plane died): a task
+    made meanwhile is refused, or ended if it was queued already. Not shown to clients."""
+
+    def deleting(self) -> bool:
+        return self.deleting_until is not None and self.deleting_until > utcnow()
 
 
 class TeamInput(BaseModel):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from agent.protocol import utcnow
 from control.errors import Conflict, Invalid, NotFound
 from control.ids import new_id
 from control.models import Task
@@ -11,7 +14,10 @@ from control.services.tasks import customer_unfinished_tasks
 from control.store import Repo
 from control.teams.models import Team, TeamCreate
 
-__all__ = ["TeamService"]
+__all__ = ["DELETING_S", "TeamService"]
+
+DELETING_S = 30
+"""How long a delete's mark holds a team (:attr:`Team.deleting_until`) if its control plane dies before it ends."""
 
 
 def _key(customer_id: str, team_id: str) -> str:
@@ -49,11 +55,21 @@ class TeamService:
         return sorted(teams, key=lambda t: t.created_at)
 
     async def delete(self, customer_id: str | None, team_id: str) -> Team:
-        """Delete a team with no unfinished task; returns it as it was."""
+        """Delete a team with no unfinished task; returns it as it was. The team is marked first, then its tasks
+        looked for: a task made at the same time is either found (409) or sees the mark when it reads the team
+        again once queued, and ends (:meth:`TeamTasks.went`)."""
         team = await self.get(customer_id, team_id)
-        unfinished = await customer_unfinished_tasks(self._tasks, self._quotas, team.customer_id)
-        active = [t.id for t in unfinished if t.team_id == team.id]
-        if active:
-            raise Conflict(f"team {team.id} has unfinished tasks: {', '.join(active[:5])}; cancel them first")
-        await self._repo.delete(_key(team.customer_id, team.id))
+        key = _key(team.customer_id, team.id)
+        until = utcnow() + timedelta(seconds=DELETING_S)
+        if await self._repo.update(key, lambda t: t.model_copy(update={"deleting_until": until})) is None:
+            raise NotFound(f"team {team_id!r} not found")
+        try:
+            unfinished = await customer_unfinished_tasks(self._tasks, self._quotas, team.customer_id)
+            active = [t.id for t in unfinished if t.team_id == team.id]
+            if active:
+                raise Conflict(f"team {team.id} has unfinished tasks: {', '.join(active[:5])}; cancel them first")
+        except BaseException:
+            await self._repo.update(key, lambda t: t.model_copy(update={"deleting_until": None}))
+            raise
+        await self._repo.delete(key)
         return team

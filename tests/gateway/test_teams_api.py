@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from typing import Any
 
 import nats
 import nats.js.errors
@@ -467,3 +468,34 @@ async def test_a_timeout_ends_the_run_after_the_message_that_crosses_it(api: Api
     assert await stop_reason(api, headers, task_id) == task["status_reason"]
     said = [m["content"] for m in task["messages"][1:]]
     assert said and said == many[: len(said)] and len(said) < 30  # in order, and it stopped early
+
+
+async def test_a_team_deleted_as_a_task_is_made_on_it_runs_no_task(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delete finds a team's unfinished tasks by their records; a task read its team but has no record yet
+    when the whole delete runs: the task, once queued, reads its team again and ends, taken out of the queue, its
+    quota slot given back. A delete that is refused (an unfinished task) leaves the team as it was."""
+    _, headers = await api.new_customer()
+    made = await agents(api, headers, {"solo": {"model": script("hi", delay_ms=1_000)}})
+    crew = await team(api, headers, members=[made["solo"]["id"]], termination={"max_messages": 2})
+    first = await start(api, headers, crew["id"], "running")
+    assert (await api.client.delete(f"/v1/teams/{crew['id']}", headers=headers)).status_code == 409
+    second = await start(api, headers, crew["id"], "after the refused delete")  # not left marked as deleting
+    for task_id in (first, second):
+        assert (await task_status(api, headers, task_id))["status"] == "completed"
+
+    dispatch = api.control.tasks._teams
+    assert dispatch is not None
+    prepare, deletes = dispatch.prepare, []
+
+    async def deleted_meanwhile(*args: Any) -> Any:
+        prepared = await prepare(*args)
+        deletes.append(await api.client.delete(f"/v1/teams/{crew['id']}", headers=headers))
+        return prepared
+
+    monkeypatch.setattr(dispatch, "prepare", deleted_meanwhile)
+    made_meanwhile = await api.client.post("/v1/tasks", json={"team_id": crew["id"], "task": "go"}, headers=headers)
+    assert [r.status_code for r in deletes] == [204] and made_meanwhile.status_code == 202, made_meanwhile.text
+    ended = await task_status(api, headers, made_meanwhile.json()["id"])
+    assert (ended["status"], ended["status_reason"]) == ("cancelled", f"team {crew['id']} was deleted"), ended
+    assert ended["messages"] == []  # no member ran it
+    assert (await usage(api, headers))["concurrent_tasks"] == 0
