@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.egress import EgressPolicy
@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     agent_kill_timeout_s: float = Field(default=5.0, ge=0, le=600)
     agent_restart_attempts: int = Field(default=3, ge=0, le=100)
     agent_restart_delay_s: float = Field(default=2.0, ge=0, le=600)
-    agent_restart_interval_s: float = Field(default=300.0, ge=1)
+    agent_restart_interval_s: float = Field(
+        default=300.0, ge=5, description="At least the attempts times the delay (Nomad refuses a job otherwise)."
+    )
     datacenters: list[str] = Field(default_factory=lambda: ["*"])
     region: str = "global"
 
@@ -144,6 +146,18 @@ class Settings(BaseSettings):
         description="Internal hosts and networks (comma-separated: `ollama.internal,10.20.0.0/16`) that a "
         "customer's `ollama` base_url may point at; every other internal address is refused (agent/egress.py).",
     )
+
+    @field_validator("agent_restart_interval_s")
+    @classmethod
+    def _restarts_fit(cls, value: float, info: ValidationInfo) -> float:
+        attempts, delay = info.data.get("agent_restart_attempts"), info.data.get("agent_restart_delay_s")
+        if attempts is not None and delay is not None and attempts * delay > value:
+            raise ValueError(
+                f"{attempts} restarts {delay:g} s apart do not fit in {value:g} s: Nomad refuses the job (set "
+                "CARAVAN_AGENT_RESTART_INTERVAL_S to at least CARAVAN_AGENT_RESTART_ATTEMPTS times "
+                "CARAVAN_AGENT_RESTART_DELAY_S)"
+            )
+        return value
 
     @field_validator("model_url_allow")
     @classmethod

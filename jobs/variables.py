@@ -55,15 +55,24 @@ class AgentJobVariables(BaseModel):
     )
     service_tags: list[Identifier] = Field(default_factory=lambda: ["caravan", "agent"])
     restart_attempts: int = Field(default=3, ge=0, le=100)
-    restart_interval_ns: int = Field(default=300 * SECOND_NS, ge=SECOND_NS)
+    restart_interval_ns: int = Field(default=300 * SECOND_NS, ge=5 * SECOND_NS)
     restart_delay_ns: int = Field(default=2 * SECOND_NS, ge=0)
     restart_mode: Literal["fail", "delay"] = "fail"
     kill_timeout_ns: int = Field(default=5 * SECOND_NS, ge=0, le=600 * SECOND_NS)
     check_interval_ns: int = Field(default=10 * SECOND_NS, ge=SECOND_NS)
-    check_timeout_ns: int = Field(default=2 * SECOND_NS, ge=SECOND_NS // 10)
+    check_timeout_ns: int = Field(default=2 * SECOND_NS, ge=SECOND_NS)
     min_healthy_time_ns: int = Field(default=5 * SECOND_NS, ge=0)
     healthy_deadline_ns: int = Field(default=120 * SECOND_NS, ge=SECOND_NS)
     progress_deadline_ns: int = Field(default=300 * SECOND_NS, ge=0)
+
+    @model_validator(mode="after")
+    def _restarts_fit(self) -> AgentJobVariables:
+        # Nomad's RestartPolicy.Validate (nomad/structs): its own minimums are on the fields above
+        if self.restart_attempts * self.restart_delay_ns > self.restart_interval_ns:
+            raise ValueError("restart_attempts times restart_delay must fit in restart_interval")
+        if self.restart_attempts == 0 and self.restart_mode == "delay":
+            raise ValueError("restart_mode 'delay' needs restart_attempts")
+        return self
 
     @model_validator(mode="after")
     def _deployment_deadlines_fit(self) -> AgentJobVariables:

@@ -147,6 +147,12 @@ DEAD_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
         (["serve"], {"CARAVAN_DATACENTERS": "dc1"}, "CARAVAN_DATACENTERS='dc1'"),  # a list is JSON
         (["serve"], {"NOMAD_SKIP_VERIFY": "maybe"}, "NOMAD_SKIP_VERIFY='maybe'"),  # named as the operator set it
         (["serve"], {"CARAVAN_SPIN_US": "-1"}, "CARAVAN_SPIN_US='-1'"),
+        (["serve"], {"CARAVAN_AGENT_RESTART_INTERVAL_S": "2"}, "CARAVAN_AGENT_RESTART_INTERVAL_S='2'"),  # Nomad: 5 s
+        (  # Nomad refuses a restart policy whose attempts cannot fit in its interval
+            ["serve"],
+            {"CARAVAN_AGENT_RESTART_ATTEMPTS": "100", "CARAVAN_AGENT_RESTART_DELAY_S": "5"},
+            "100 restarts 5 s apart do not fit in 300 s",
+        ),
     ],
 )
 async def test_a_bad_argument_or_environment_value_is_named_as_bad_usage(

@@ -72,7 +72,7 @@ def make_job(ids: Ids, script: str, **overrides: Any) -> dict[str, Any]:
         "restart_attempts": 1,
         "restart_delay_ns": SECOND_NS // 5,
         "check_interval_ns": SECOND_NS,
-        "check_timeout_ns": SECOND_NS // 2,
+        "check_timeout_ns": SECOND_NS,  # Nomad refuses a check timeout under 1 s
         "min_healthy_time_ns": SECOND_NS,
         "healthy_deadline_ns": 8 * SECOND_NS,
         "progress_deadline_ns": 20 * SECOND_NS,
@@ -370,6 +370,15 @@ async def test_a_job_nomad_refuses_is_rejected_and_nothing_is_registered(harness
     invalid["TaskGroups"][0]["Tasks"][0]["Driver"] = ""
     with pytest.raises(JobRejected, match="driver"):
         await harness.scheduler.submit(invalid)
+    # what the job variables refuse before rendering (tests/jobs), as Nomad would
+    short_check = make_job(other, HEALTHY)
+    short_check["TaskGroups"][0]["Services"][0]["Checks"][0]["Timeout"] = SECOND_NS // 2
+    with pytest.raises(JobRejected, match="lower than required minimum timeout 1s"):
+        await harness.scheduler.submit(short_check)
+    crowded = make_job(other, HEALTHY)
+    crowded["TaskGroups"][0]["RestartPolicy"].update(Attempts=100, Delay=5 * SECOND_NS)
+    with pytest.raises(JobRejected, match="can't restart the TaskGroup 100 times in an interval of 5m0s"):
+        await harness.scheduler.submit(crowded)
     assert await harness.job(other) is None
     await harness.scheduler.stop_job(ids.namespace, ids.job_id)
 

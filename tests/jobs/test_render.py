@@ -106,6 +106,22 @@ def test_update_deadlines_must_nest() -> None:
 
 
 @pytest.mark.parametrize(
+    ("changes", "named"),
+    [  # what Nomad's RestartPolicy.Validate and ServiceCheck validation refuse (nomad/structs)
+        ({"restart_interval_ns": 4 * SECOND_NS}, "restart_interval_ns"),  # at least 5 s
+        ({"restart_attempts": 100, "restart_delay_ns": 5 * SECOND_NS}, "fit in restart_interval"),  # 500 s > 300 s
+        ({"restart_attempts": 0, "restart_mode": "delay"}, "needs restart_attempts"),
+        ({"check_timeout_ns": SECOND_NS // 2}, "check_timeout_ns"),  # at least 1 s
+        ({"check_interval_ns": SECOND_NS // 2}, "check_interval_ns"),  # at least 1 s
+    ],
+)
+def test_what_nomad_refuses_in_a_restart_policy_or_a_check_is_refused_here(changes: dict[str, Any], named: str) -> None:
+    with pytest.raises(ValidationError, match=named):
+        AgentJobVariables(**{**_fields(), **changes})
+    AgentJobVariables(**{**_fields(), "restart_attempts": 60, "restart_delay_ns": 5 * SECOND_NS})  # 300 s: fits
+
+
+@pytest.mark.parametrize(
     ("field", "value"),
     [
         ("job_id", 'x", "Type": "batch'),

@@ -150,6 +150,51 @@ def _check_types(value: Any, path: str = "Job") -> None:
             _check_types(item, path)
 
 
+def _go_duration(ns: int) -> str:
+    """A duration as Go's ``time.Duration.String`` writes it (``500ms``, ``1s``, ``5m0s``), for Nomad's messages."""
+    if ns < 1_000_000_000:
+        return f"{ns // 1_000_000}ms" if ns % 1_000_000 == 0 else f"{ns / 1_000_000:g}ms"
+    seconds = ns / 1_000_000_000
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    text = f"{seconds:g}s"
+    if minutes or hours:
+        text = f"{minutes}m{text}"
+    return f"{hours}h{text}" if hours else text
+
+
+def _group_problems(group: dict[str, Any]) -> list[str]:
+    """``RestartPolicy.Validate`` (mode, attempts, interval at least 5 s, attempts times delay within it) and
+    ``ServiceCheck`` validation (an http or tcp check's interval and timeout at least 1 s)."""
+    problems = []
+    policy = group.get("RestartPolicy")
+    if policy is not None:
+        mode, attempts = policy.get("Mode"), policy.get("Attempts") or 0
+        interval, delay = policy.get("Interval") or 0, policy.get("Delay") or 0
+        if mode not in ("delay", "fail"):
+            problems.append(f"Unsupported restart mode: {mode!r}")
+        if attempts == 0 and mode != "fail":
+            problems.append(f"Restart policy {mode!r} with {attempts} attempts is ambiguous")
+        if interval < 5_000_000_000:
+            problems.append(f"Interval can not be less than 5s (got {_go_duration(interval)})")
+        if attempts * delay > interval:
+            problems.append(
+                f"Nomad can't restart the TaskGroup {attempts} times in an interval of {_go_duration(interval)} "
+                f"with a delay of {_go_duration(delay)}"
+            )
+    for service in group.get("Services") or []:
+        for check in service.get("Checks") or []:
+            if check.get("Type") not in ("http", "tcp"):
+                continue
+            where = f"Service {service.get('Name')} validation failed: check {check.get('Name')!r} invalid"
+            interval, timeout = check.get("Interval") or 0, check.get("Timeout") or 0
+            if interval < 1_000_000_000:
+                problems.append(f"{where}: interval ({_go_duration(interval)}) cannot be lower than 1s")
+            if timeout < 1_000_000_000:
+                problems.append(f"{where}: timeout ({_go_duration(timeout)}) is lower than required minimum timeout 1s")
+    return problems
+
+
 class NomadDouble:
     """``with NomadDouble() as nomad: nomad.address``; the cluster's state is inspectable for tests."""
 
@@ -316,6 +361,8 @@ class NomadDouble:
     # -- jobs ------------------------------------------------------------------------------------------------
 
     def validate_job(self, job: dict[str, Any], namespace: str) -> None:
+        """What Nomad's ``Job.Validate`` refuses of what Caravan writes (``nomad/structs``: the job, its groups'
+        restart policies, their services' checks, their tasks' resources)."""
         errors = []
         if not job.get("Datacenters"):
             errors.append("Missing job datacenters")
@@ -330,6 +377,7 @@ class NomadDouble:
                 errors.append(f"Task group {name} validation failed: Task group count can't be negative")
             if not group.get("Tasks"):
                 errors.append(f"Task group {name} validation failed: Missing tasks for task group")
+            errors.extend(f"Task group {name} validation failed: {p}" for p in _group_problems(group))
             for task in group.get("Tasks") or []:
                 task_errors = []
                 if not task.get("Driver"):
