@@ -444,7 +444,7 @@ async def _up(settings: Settings, nats_port: int) -> None:
     _require_http_port(settings)
     port = nats_port if _port_free("127.0.0.1", nats_port) else 0
     auth = NatsAuth(settings.data_dir / "nats")  # every agent gets its own NATS user, confined to its customer
-    hide_in_logs(auth.control().password)  # the banner shows it (the operator's NATS URL); no log line may
+    hide_in_logs(auth.control().password, auth.watcher().password)  # the banner shows the watcher's; no log line may
     nats_dir = settings.data_dir / "nats"
     async with EmbeddedNats(nats_dir, port=port, auth=True) as nats_server, _local_model(settings) as local:
         auth.server_pid = nats_server.pid
@@ -454,8 +454,8 @@ async def _up(settings: Settings, nats_port: int) -> None:
         async with ControlPlane(settings, nats_auth=auth) as control:
             demo = _demo_model(settings)
             creds = await _demo_credentials(settings, control, demo)
-            control_user = auth.control()
-            watch_url = nats_server.url.replace("nats://", f"nats://{control_user.user}:{control_user.password}@")
+            watcher = auth.watcher()  # may listen, nothing else: not the platform's own user
+            watch_url = nats_server.url.replace("nats://", f"nats://{watcher.user}:{watcher.password}@")
             await _serve(settings, control, _banner(settings, watch_url, creds, demo.about))
             print("Stopping agents and NATS...", flush=True)
 

@@ -1,5 +1,6 @@
 """NATS credentials and permissions for the embedded NATS server: each agent gets its own user, allowed only its
-customer's subjects and its own task queue; the platform's user may do everything but delete the audit log.
+customer's subjects and its own task queue; the platform's user may do everything but delete the audit log or change
+its limits; the operators' watching user (the one ``caravan up`` prints) may only listen to events and the audit.
 
 The server enforces them (``authorization { users = [...] }`` in an included file, reloaded with SIGHUP when an
 agent is added or removed). Agent passwords are derived from a secret kept under the data dir, so they never
@@ -24,9 +25,20 @@ from agent.backends.natskv import kv_key
 from agent.protocol import TASKS_STREAM, consumer_name
 from control.services.audit import AUDIT_STREAM
 
-__all__ = ["CONTROL_USER", "NatsAuth", "NatsCredentials", "agent_permissions", "control_credentials", "inbox_prefix"]
+__all__ = [
+    "CONTROL_USER",
+    "WATCH_USER",
+    "NatsAuth",
+    "NatsCredentials",
+    "agent_permissions",
+    "control_credentials",
+    "inbox_prefix",
+]
 
 CONTROL_USER = "caravan-control"
+WATCH_USER = "caravan-watch"
+WATCHED = ("caravan.events.>", "caravan.audit.>", "caravan.broadcast")
+"""What the watching user may subscribe to: every event, the audit log as it is written, operators' broadcasts."""
 FLAGS_STREAM = f"KV_{FLAGS_BUCKET}"
 
 
@@ -106,6 +118,7 @@ def _control_permissions() -> dict[str, dict[str, list[str]]]:
                 f"$JS.API.STREAM.DELETE.{AUDIT_STREAM}",
                 f"$JS.API.STREAM.PURGE.{AUDIT_STREAM}",
                 f"$JS.API.STREAM.MSG.DELETE.{AUDIT_STREAM}",
+                f"$JS.API.STREAM.UPDATE.{AUDIT_STREAM}",  # max_msgs=1 would purge it by another name
             ],
         },
         "subscribe": {"allow": [">"]},
@@ -132,6 +145,11 @@ class NatsAuth:
     def control(self) -> NatsCredentials:
         return NatsCredentials(CONTROL_USER, _password(self._key, CONTROL_USER))
 
+    def watcher(self) -> NatsCredentials:
+        """The operators' user for watching (``nats sub 'caravan.events.>'``): it may subscribe to :data:`WATCHED`
+        and publish nothing."""
+        return NatsCredentials(WATCH_USER, _password(self._key, WATCH_USER))
+
     def agent(self, agent_id: str) -> NatsCredentials:
         user = f"agent-{agent_id}"
         return NatsCredentials(user, _password(self._key, user))
@@ -155,8 +173,15 @@ class NatsAuth:
             os.kill(self.server_pid, signal.SIGHUP)  # nats-server reloads its configuration
 
     def _write(self) -> bool:
-        control = self.control()
-        users = [{"user": control.user, "password": control.password, "permissions": _control_permissions()}]
+        control, watcher = self.control(), self.watcher()
+        users = [
+            {"user": control.user, "password": control.password, "permissions": _control_permissions()},
+            {
+                "user": watcher.user,
+                "password": watcher.password,
+                "permissions": {"publish": {"deny": [">"]}, "subscribe": {"allow": list(WATCHED)}},
+            },
+        ]
         for agent_id, customer_id in sorted(self._agents.items()):
             credentials = self.agent(agent_id)
             users.append(

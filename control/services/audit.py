@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -15,16 +16,27 @@ from typing import Annotated, Any, Literal, Protocol
 import nats
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
 from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
 
 from agent.protocol import utcnow
 from control.errors import CaravanError
-from control.natsio import ensure_stream
+from control.natsio import CONSUMER_LIMIT
 from control.services.auth import Principal, redact_json
 
 __all__ = ["AUDIT_STREAM", "AuditLog", "AuditQuery", "AuditRecord", "AuditTime", "describe_error"]
 
 AUDIT_STREAM = "CARAVAN_AUDIT"
+log = logging.getLogger("caravan.audit")
+_KEPT = {
+    "max_msgs": -1,
+    "max_bytes": -1,
+    "max_age": 0,
+    "max_msgs_per_subject": -1,
+    "deny_delete": True,
+    "deny_purge": True,
+}
+"""What the audit stream's configuration must say for its records to stay: no limit, no deletes."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -107,6 +119,9 @@ class AuditLog:
         self._js = js
 
     async def ensure_stream(self) -> None:
+        """Create the stream. One that is there already is never changed (on the embedded NATS the platform's user
+        may not: a limit set on it would purge it by another name), but a configuration that lets records go is
+        logged as an error, naming what differs."""
         config = StreamConfig(
             name=AUDIT_STREAM,
             subjects=["caravan.audit.>"],
@@ -114,8 +129,20 @@ class AuditLog:
             storage=StorageType.FILE,
             deny_delete=True,
             deny_purge=True,
+            max_consumers=CONSUMER_LIMIT,
         )
-        await ensure_stream(self._js, config)
+        try:
+            await self._js.add_stream(config)
+            return
+        except BadRequestError:  # there already, configured otherwise (by hand, or by an older Caravan)
+            pass
+        current = (await self._js.stream_info(AUDIT_STREAM)).config
+        values = {name: getattr(current, name) for name in _KEPT}
+        changed = {name: value for name, value in values.items() if value is not None and value != _KEPT[name]}
+        if changed:
+            log.error(
+                "the audit stream %s lets records go (%s): only a NATS administrator can undo it", AUDIT_STREAM, changed
+            )
 
     async def append(self, record: AuditRecord) -> AuditRecord:
         """Append ``record`` (kept for good), with any API key in it cut to its prefix (:func:`redact_json`: a

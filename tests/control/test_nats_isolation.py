@@ -1,9 +1,12 @@
 """NATS permissions, enforced by the server: an agent's credentials reach only its own customer's subjects and
-its own task queue; the platform's own user cannot delete the audit log; nobody gets in without a user."""
+its own task queue; the platform's own user cannot delete the audit log, nor limit it; the operators' watching user
+only listens; nobody gets in without a user."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +137,11 @@ async def test_the_platform_user_cannot_delete_the_audit_log_and_strangers_canno
             await js.purge_stream(AUDIT_STREAM)
         with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.Error)):
             await js.delete_stream(AUDIT_STREAM)
-        await violations.seen("Permissions Violation")
+        limited = dataclasses.replace((await js.stream_info(AUDIT_STREAM)).config, max_msgs=1)
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.Error)):
+            await js.update_stream(limited)  # a limit would purge it by another name
+        await violations.seen(f'Permissions Violation for Publish to "$JS.API.STREAM.UPDATE.{AUDIT_STREAM}')
+        assert (await js.stream_info(AUDIT_STREAM)).config.max_msgs == -1
         assert (await js.stream_info(AUDIT_STREAM)).state.messages >= before
     finally:
         await nc.close()
@@ -148,6 +155,34 @@ async def test_the_platform_user_cannot_delete_the_audit_log_and_strangers_canno
                 allow_reconnect=False,
                 connect_timeout=2,
             )
+
+
+async def test_the_watching_user_the_banner_prints_hears_events_and_can_do_nothing_else(secured: Secured) -> None:
+    api = secured.api
+    customer_id, headers = await api.new_customer()
+    watcher, violations = secured.auth.watcher(), Violations()
+    nc = await nats.connect(secured.url, user=watcher.user, password=watcher.password, error_cb=violations.record)
+    try:
+        heard = await nc.subscribe("caravan.events.>")
+        agent = await running_agent(api, headers)
+        await finished(api, headers, await start_task(api, headers, agent["id"]))
+        subjects = set()
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while True:
+                subjects.add((await heard.next_msg(timeout=1)).subject)
+        assert f"caravan.events.{customer_id}.agent.{agent['id']}" in subjects
+        assert any(s.startswith(f"caravan.events.{customer_id}.task.") for s in subjects)
+        # it may not act: no publish (a killswitch flag, a cancel, an event), no JetStream, no team run's subjects
+        await nc.publish(f"caravan.ctl.{customer_id}.cancel.{agent['id']}", b"{}")
+        await nc.flush()
+        await violations.seen('Permissions Violation for Publish to "caravan.ctl.')
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.jetstream(timeout=1).stream_info(AUDIT_STREAM)
+        await nc.subscribe(f"caravan.rt.{customer_id}.>")
+        await nc.flush()
+        await violations.seen('Permissions Violation for Subscription to "caravan.rt.')
+    finally:
+        await nc.close()
 
 
 async def test_a_team_runs_with_its_members_restricted_credentials(secured: Secured) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 
+import nats
 import pytest
 
 from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
+from control.services.audit import AUDIT_STREAM
 from control.settings import Settings
 from tests.support.helpers import stalled
 
@@ -44,3 +47,27 @@ async def test_a_broadcast_that_meets_a_stalled_nats_leaves_the_control_plane_he
             with contextlib.suppress(asyncio.CancelledError):
                 await broadcast
         assert await control.answering(within_s=5)
+
+
+async def test_an_audit_stream_limited_by_hand_is_reported_and_left_as_it_is(
+    nats_server: EmbeddedNats, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Caravan never changes the audit stream it finds (on its own NATS its user may not: a limit would purge it by
+    another name); one whose configuration lets records go is an error in the log, naming what."""
+    async with ControlPlane(settings):
+        pass
+    async with ControlPlane(settings):  # as it made it: nothing to say
+        pass
+    assert not [r for r in caplog.records if r.name == "caravan.audit"]
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        limited = dataclasses.replace((await js.stream_info(AUDIT_STREAM)).config, max_age=3600.0)
+        await js.update_stream(limited)
+        async with ControlPlane(settings):
+            pass
+        assert (await js.stream_info(AUDIT_STREAM)).config.max_age == 3600.0
+    finally:
+        await nc.close()
+    (error,) = [r for r in caplog.records if r.name == "caravan.audit"]
+    assert error.levelname == "ERROR" and "lets records go" in error.getMessage() and "max_age" in error.getMessage()
