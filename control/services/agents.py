@@ -335,7 +335,8 @@ class AgentService:
         )
 
     async def reconcile(self) -> None:
-        """After a restart: put back every agent that should run and that the scheduler does not know."""
+        """After a restart: put back every agent that should run and that the scheduler does not know, but one that
+        failed (given up on: only a start runs it again)."""
         agents = await self.list(None)
         if self._nats_auth is not None:
             self._nats_auth.set_agents({a.id: a.customer_id for a in agents})
@@ -348,7 +349,7 @@ class AgentService:
             await self._quotas.correct_running(customer_id, reservations)
         engaged = await self._killswitches.engaged() if self._killswitches is not None else []
         for agent in agents:
-            if agent.desired != "running":
+            if agent.desired != "running" or agent.status is AgentStatus.FAILED:
                 continue
             if await self._scheduler.job_status(agent.namespace, agent.job_id) is not None:
                 continue
