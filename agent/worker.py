@@ -116,6 +116,7 @@ class AgentWorker:
         self._health = HealthServer(self._probe, config.health_host, config.health_port)
         self._runs: dict[str, CancellationToken] = {}
         self._cancels: dict[str, bool] = {}  # cancelled tasks it was not running (yet), oldest first
+        self._giving_back: set[str] = set()  # tasks whose runs its stop ended: back to the queue, to run again
         self._run_tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._psub: JetStreamContext.PullSubscription | None = None
@@ -256,7 +257,9 @@ class AgentWorker:
             await self._killswitch.stop()
         if self._flags is not None:
             await self._flags.stop()
-        for token in self._runs.values():
+        for task_id, token in self._runs.items():
+            if not token.is_cancelled():  # (one cancelled on request, or halted, ends as such)
+                self._giving_back.add(task_id)
             token.cancel()
         if self._teams is not None:
             await self._teams.stop()
@@ -349,8 +352,11 @@ class AgentWorker:
             return
         run = _TaskRun(self, request, msg.metadata.num_delivered or 1)
         self._runs[request.task_id] = run.token
-        if self._cancels.pop(request.task_id, False) or self.halt is not None or self._stopping:
-            run.token.cancel()  # cancelled, halted or stopping since it was fetched: it ends before it starts
+        if self._cancels.pop(request.task_id, False) or self.halt is not None:
+            run.token.cancel()  # cancelled or halted since it was fetched: it ends before it starts
+        elif self._stopping:
+            self._giving_back.add(request.task_id)
+            run.token.cancel()
         heartbeat = asyncio.create_task(keep_in_progress(msg, every=10.0))
         try:
             await run.execute()
@@ -358,7 +364,10 @@ class AgentWorker:
             heartbeat.cancel()
             self._runs.pop(request.task_id, None)
             with contextlib.suppress(Exception):
-                await msg.ack()
+                if request.task_id in self._giving_back:  # to the next of its replicas, or itself once back
+                    await msg.nak()
+                else:
+                    await msg.ack()
 
     async def publish(self, event: Event, msg_id: str | None = None, ack: Ack = "wait") -> asyncio.Future[Any] | None:
         """Store ``event`` in JetStream. ``ack`` says what to do about the server's acknowledgement:
@@ -405,6 +414,8 @@ def _log_unstored(acked: asyncio.Future[Any]) -> None:
     if not acked.cancelled() and acked.exception() is not None:
         log.warning("an event was not stored: %s", acked.exception())
 
+
+GIVEN_BACK = "its agent stopped (restarted, changed or stopped): back in its queue, to start over when the agent runs"
 
 _CONFIRMED = frozenset({EventKind.STATUS, EventKind.RESULT, EventKind.ERROR})
 """Events the agent waits on JetStream to store (and everything before them)."""
@@ -489,12 +500,13 @@ class _TaskRun:
         await self.status("completed")
 
     async def _stopped(self) -> None:
-        """The run was stopped: the status says by what."""
+        """The run was stopped: the status says by what. One the agent's stop ended (a restart, a new version
+        rolled out, a stop) goes back to its queue, as after a crash: its next attempt starts over."""
         halt = self.worker.halt
         if halt is not None:
             await self.status("killed", halt.reason)
-        elif self.worker._stopping:
-            await self.status("failed", "agent is stopping")
+        elif self.request.task_id in self.worker._giving_back:
+            await self.emit(EventKind.STATUS, content="queued", data={"reason": GIVEN_BACK, "given_back": True})
         else:
             await self.status("cancelled", "cancelled on request")
 

@@ -880,7 +880,8 @@ def fold_event(task: Task, event: Event) -> Task | None:
             return None
         status = TaskStatus(event.content or "")
         segment = event.data.get("segment")
-        if status == TaskStatus.QUEUED and "attempt" not in changes and _late_answer(task, segment):
+        given_back = bool(event.data.get("given_back"))  # by an agent that stopped: its next attempt runs it
+        if status == TaskStatus.QUEUED and "attempt" not in changes and not given_back and _late_answer(task, segment):
             return None
         changes.update(status=status, status_reason=event.data.get("reason"))
         if status == TaskStatus.AWAITING_INPUT and isinstance(segment, int):

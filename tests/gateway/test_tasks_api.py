@@ -31,6 +31,7 @@ from agent.protocol import (
     task_subject,
     utcnow,
 )
+from agent.worker import GIVEN_BACK
 from control.models import Task, TaskMessage
 from control.natsio import Jet, connect
 from control.platform import ControlPlane
@@ -1213,3 +1214,44 @@ async def test_a_failed_agent_refuses_tasks_ends_those_it_had_and_takes_new_ones
         # its work queue held nothing more of what it had: only the new task is given to it
         queue = await api.control.jet.js.consumer_info(TASKS_STREAM, consumer_name(agent["id"]))
         assert (queue.num_ack_pending, queue.num_pending) == (1, 0)
+
+
+@pytest.mark.parametrize("change", ["patch", "stop and start"])
+async def test_a_task_running_when_its_agent_is_changed_or_stopped_runs_again_once_it_is_back(
+    api: Api, change: str
+) -> None:
+    """An agent stopped on purpose (a PATCH rolls out its new version, a stop, a restart of the platform) gives
+    its tasks in flight back to its queue, saying so, as a crash would leave them: the agent that comes back runs
+    them again from the start (their next attempt), rather than their ending `failed`."""
+    customer_id, headers = await api.new_customer()
+    model = {"provider": "replay", "name": "steady", "responses": ["done at last"], "delay_ms": 1_500}
+    agent = await running_agent(api, headers, model=model, tools=[])
+    task_id = await start_task(api, headers, agent["id"], "take your time")
+    await assert_eventually(
+        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
+    )
+    path = f"/v1/agents/{agent['id']}"
+    if change == "patch":
+        patched = await api.client.patch(path, json={"system_message": "Be brief."}, headers=headers)
+        assert patched.status_code == 200, patched.text
+    else:
+        assert (await api.client.post(f"{path}/stop", headers=headers)).status_code == 200
+        await wait_status(api, headers, agent["id"], "stopped")
+        waiting = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+        assert (waiting["status"], waiting["status_reason"]) == ("queued", GIVEN_BACK), waiting
+        assert (await api.client.post(f"{path}/start", headers=headers)).status_code == 200
+    task = await finished(api, headers, task_id)
+    assert (task["status"], task["result"], task["attempt"]) == ("completed", "done at last", 2), task
+    assert [m["content"] for m in task["messages"]] == ["take your time", "done at last"]  # the new attempt's only
+    statuses = [
+        (e.attempt, e.content, e.data.get("reason"))
+        for e in await stored_events(api.control.jet.js, customer_id, task_id)
+        if e.kind == "status"
+    ]
+    assert statuses == [
+        (1, "queued", None),
+        (1, "running", None),
+        (1, "queued", GIVEN_BACK),
+        (2, "running", None),
+        (2, "completed", None),
+    ], statuses
