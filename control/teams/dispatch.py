@@ -22,6 +22,19 @@ from control.teams.service import TeamService
 __all__ = ["TeamTasks"]
 
 
+def _answer(task: Task, content: str, checkpoint: Checkpoint) -> TeamTaskRequest:
+    """The request that resumes ``task`` from ``checkpoint`` with the human's answer."""
+    assert task.team_id is not None
+    return TeamTaskRequest(
+        task_id=task.id,
+        customer_id=task.customer_id,
+        team_id=task.team_id,
+        kind="input",
+        content=content,
+        segment=checkpoint.segment,
+    )
+
+
 class TeamTasks:
     def __init__(
         self,
@@ -76,22 +89,22 @@ class TeamTasks:
                 raise Conflict(f"team member {agent.id} ({agent.name}) is {why}")
 
     async def input(self, task: Task, content: str) -> Task:
-        """The human's answer: the team runs again from its checkpoint with it."""
-        if task.team_id is None or task.status != TaskStatus.AWAITING_INPUT:
+        """The human's answer: the team runs again from its checkpoint with it. The same answer sent again while
+        it waits in the queue (its client never got the 202) is taken as the one queued."""
+        if task.team_id is None:
+            raise Conflict(f"task {task.id} is not a team's: nobody asks for input")
+        if task.status == TaskStatus.QUEUED and task.queue_seq is not None:
+            checkpoint = await self._checkpoints.get(task_key(task.customer_id, task.id))
+            if checkpoint is not None and await self._queued_as(task.queue_seq, _answer(task, content, checkpoint)):
+                return task
+        if task.status != TaskStatus.AWAITING_INPUT:
             raise Conflict(f"task {task.id} is {task.status.value}, not awaiting input")
         checkpoint = await self._checkpoints.get(task_key(task.customer_id, task.id))
         if checkpoint is None:
             raise Conflict(f"task {task.id} has no saved state to resume from")
         team = await self._teams.get(task.customer_id, task.team_id)
         await self.ensure_members_can_serve(team)
-        request = TeamTaskRequest(
-            task_id=task.id,
-            customer_id=task.customer_id,
-            team_id=task.team_id,
-            kind="input",
-            content=content,
-            segment=checkpoint.segment,
-        )
+        request = _answer(task, content, checkpoint)
         ack = await self._js.publish(
             team_task_subject(task.customer_id, task.team_id),
             request.model_dump_json().encode(),

@@ -227,6 +227,11 @@ async def test_an_answer_stored_though_its_client_got_a_503_is_taken_when_sent_a
         lambda got: (got.json()["status"], got.json()["status_reason"]) == resuming,
         what="the task's record queued with the answer",
     )
+    # once more, the record queued with it (a client whose 202 never came): the same is taken, another is not
+    once_more = await api.client.post(url, json={"content": "Green."}, headers=headers)
+    assert once_more.status_code == 202 and once_more.json()["status_reason"] == resuming[1], once_more.text
+    other = await api.client.post(url, json={"content": "Red."}, headers=headers)
+    assert other.status_code == 409 and "not awaiting input" in other.json()["error"]["message"], other.text
 
     async with replica_serving(api.control, "replica"):
         done = await task_status(api, headers, task_id, within=60)
