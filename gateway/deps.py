@@ -81,7 +81,9 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 async def get_admin(request: HTTPConnection, control: ControlDep, principal: PrincipalDep) -> Principal:
     if not principal.is_admin:
         check_failures(request)  # counted as a failed authentication: nobody may write the audit log at will
-        await audit_denied(control, request, "auth.forbidden", principal.subject, "admin role required")
+        await audit_denied(
+            control, request, "auth.forbidden", principal.subject, "admin role required", principal.role.value
+        )
         raise Forbidden("admin role required")
     return principal
 
@@ -97,12 +99,14 @@ def check_failures(request: HTTPConnection, take: bool = True) -> None:
         raise RateLimited("too many failed authentications from this address; retry later", exc.retry_after) from None
 
 
-async def audit_denied(control: ControlPlane, request: HTTPConnection, action: str, actor: str, why: str) -> None:
+async def audit_denied(
+    control: ControlPlane, request: HTTPConnection, action: str, actor: str, why: str, role: str = "unknown"
+) -> None:
+    """A refused request in the audit log: ``role`` is the caller's when it authenticated (a customer refused an
+    admin route)."""
     client = request.client.host if request.client else None
     details = {"path": shown_path(request.url.path), "why": why, "client": client}
-    await control.audit.append(
-        AuditRecord(actor=actor, role="unknown", action=action, result="denied", details=details)
-    )
+    await control.audit.append(AuditRecord(actor=actor, role=role, action=action, result="denied", details=details))
 
 
 AdminDep = Annotated[Principal, Depends(get_admin)]

@@ -368,7 +368,7 @@ async def test_a_customer_refused_an_admin_route_again_and_again_cannot_fill_the
         assert (await client.get("/v1/agents", headers=customer)).status_code == 429  # until the address cools
     audited = (await api.client.get("/v1/admin/audit", params={"limit": 1000}, headers=admin)).json()
     new = audited[len(before) :]
-    assert [r["action"] for r in new] == ["auth.forbidden"] * 5
+    assert [(r["action"], r["role"]) for r in new] == [("auth.forbidden", "customer")] * 5  # who was refused
     for record in new:
         shown = record["details"]["path"]
         assert shown.startswith("/v1/admin/customers/aaaa") and shown.endswith("... (60020 characters)")
