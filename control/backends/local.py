@@ -137,6 +137,11 @@ def _interpolate(value: str, runtime: dict[str, str]) -> str:
     return value
 
 
+_KILLED_FROM_OUTSIDE = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT})
+"""Signals a task gets from someone else (an operator, the kernel's OOM killer, a stop): its last lines are no
+reason. A task that crashes on its own (exits with a code, aborts, faults) gets them added."""
+
+
 def _tail(path: Path, lines: int = 2) -> str:
     try:
         with path.open("rb") as f:
@@ -473,8 +478,10 @@ class LocalScheduler:
         if alloc.oom:
             return alloc.oom
         why = exit_reason(code)
+        if code == 0 or -code in _KILLED_FROM_OUTSIDE:  # what it logged last would read as the cause
+            return why
         tail = _tail(log_path)
-        return f"{why}: {tail}" if tail and code != 0 else why
+        return f"{why}: {tail}" if tail else why
 
     async def _start_slot(self, alloc: _Alloc) -> bool:
         """Wait for a start slot; False if the allocation was stopped meanwhile."""

@@ -136,6 +136,17 @@ async def test_a_crashing_task_is_restarted_per_policy_then_fails_with_the_exit_
     assert rec.states().count(AllocState.RUNNING) == 3
 
 
+async def test_a_task_killed_from_outside_is_reported_without_its_last_log_lines(scheduler) -> None:
+    """A SIGKILL from outside (an operator, the kernel) says nothing of the task: the lines it last logged (a
+    killswitch halt, a start) would read as the cause."""
+    sched, rec = scheduler
+    script = "import os, signal, sys\nprint('WARNING halted: killswitch engaged', file=sys.stderr, flush=True)\n"
+    await sched.submit(job(script + "os.kill(os.getpid(), signal.SIGKILL)", attempts=0))
+    final = await assert_eventually(rec.last, lambda u: u is not None and u.state is AllocState.FAILED)
+    assert final is not None and final.reason is not None
+    assert "killed by SIGKILL" in final.reason and "killswitch" not in final.reason, final.reason
+
+
 async def test_memory_over_the_limit_is_killed_and_reported_as_oom(scheduler) -> None:
     sched, rec = scheduler
     hog = "import time\nx = bytearray(300 * 2**20)\nfor i in range(0, len(x), 4096): x[i] = 1\ntime.sleep(30)"
