@@ -414,18 +414,30 @@ async def test_the_event_stream_frames_events_as_ndjson(harness: Harness) -> Non
 
 
 async def test_an_evaluation_can_be_followed_with_a_blocking_query(harness: Harness) -> None:
+    """As the scheduler follows a job's evaluation (``_wait_eval``): a query at the evaluation's index is answered
+    once the evaluation itself changes (Nomad answers with its ``ModifyIndex``: a change elsewhere does not count)."""
     ids = Ids.new()
-    result = await harness.scheduler.submit(make_job(ids, HEALTHY))
-    first = await harness.get(f"/v1/evaluation/{result.eval_id}", namespace=ids.namespace)
-    index = int(first.headers["X-Nomad-Index"])
-    path = f"/v1/evaluation/{result.eval_id}"
-    blocked = asyncio.create_task(harness.get(path, namespace=ids.namespace, index=index, wait="60s"))
-    if harness.target.double is not None:  # the double tells when it holds the query (a real Nomad does not)
+    await harness.scheduler.submit(make_job(ids, HEALTHY))  # the namespace exists
+    other = Ids(ids.customer, "ag-" + secrets.token_hex(6))
+    registered = await harness.http.post(
+        f"/v1/job/{other.job_id}", json={"Job": make_job(other, HEALTHY)}, params={"namespace": other.namespace}
+    )
+    assert registered.status_code == 200, registered.text
+    eval_id, created = registered.json()["EvalID"], int(registered.json()["EvalCreateIndex"])
+    path = f"/v1/evaluation/{eval_id}"
+    answer = await harness.get(path, namespace=other.namespace, index=created, wait="20s")
+    evaluation = answer.json()
+    assert answer.status_code == 200 and evaluation["Status"] != "pending", evaluation  # held until processed
+    assert int(answer.headers["X-Nomad-Index"]) == evaluation["ModifyIndex"] > created
+    # nothing changes it any more: a query at its index is held to the end of its wait, whatever else happens
+    if harness.target.double is not None:
+        index = evaluation["ModifyIndex"]
+        held = asyncio.create_task(harness.get(path, namespace=other.namespace, index=index, wait="1s"))
         await asyncio.to_thread(harness.target.double.wait_held)
-        assert not blocked.done(), "the query answered before anything changed: it did not block"
-    await harness.scheduler.stop_job(ids.namespace, ids.job_id)  # a new evaluation: the index moves on
-    answer = await blocked
-    assert answer.status_code == 200 and int(answer.headers["X-Nomad-Index"]) > index
+        await harness.scheduler.stop_job(ids.namespace, ids.job_id)  # the latest index moves on
+        assert int((await held).headers["X-Nomad-Index"]) == index
+    for job in (ids, other):
+        await harness.scheduler.stop_job(job.namespace, job.job_id)
 
 
 async def test_a_token_without_submit_job_gets_nomads_permission_denied() -> None:

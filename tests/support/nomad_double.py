@@ -334,6 +334,8 @@ class NomadDouble:
 
     def _save_eval(self, evaluation: dict[str, Any]) -> None:
         evaluation["ModifyIndex"] = self._bump()
+        if evaluation["ID"] not in self.evals:  # written once: created and modified at the same index, as in Nomad
+            evaluation["CreateIndex"] = evaluation["ModifyIndex"]
         evaluation["ModifyTime"] = time.time_ns()
         self.evals[evaluation["ID"]] = evaluation
         self._publish(
@@ -1169,9 +1171,9 @@ class _Handler(BaseHTTPRequestHandler):
                         self._events()
                         return
                     with double.cond:
-                        self._wait()
+                        self._wait(handler)
                         result = getattr(self, "_" + handler)()
-                        index = double.index
+                        index = self._index(handler)
                     self._reply(200, result, index)
                     return
             raise HttpError(404, f"Invalid URL: {path}" if path.startswith("/v1/") else "")
@@ -1198,7 +1200,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _wait(self) -> None:
+    def _index(self, handler: str) -> int:
+        """The index a read answers with, and a blocking query waits on: an evaluation's own ``ModifyIndex`` (as
+        ``Eval.GetEval`` does: a change elsewhere does not release a query on it); the latest index otherwise."""
+        if handler == "eval_get":
+            evaluation = self.nomad.evals.get(self.args["id"])
+            if evaluation is not None:
+                return int(evaluation["ModifyIndex"])
+        return self.nomad.index
+
+    def _wait(self, handler: str) -> None:
         """A blocking query: hold the answer until the index passes ``?index=`` or ``?wait=`` runs out."""
         if self.command != "GET" or not self.query.get("index"):
             return
@@ -1212,12 +1223,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(400, "Invalid wait time")
         seconds = float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[match.group(2)]
         nomad = self.nomad
-        if nomad.index > index:
+        if self._index(handler) > index:
             return
         nomad.held += 1
         nomad.cond.notify_all()
         try:
-            nomad.cond.wait_for(lambda: nomad.index > index or nomad._closing, timeout=min(seconds, 600))
+            nomad.cond.wait_for(lambda: self._index(handler) > index or nomad._closing, timeout=min(seconds, 600))
         finally:
             nomad.held -= 1
 
