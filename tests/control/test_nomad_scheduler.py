@@ -399,10 +399,12 @@ async def test_allocation_statistics_come_from_the_client_api(harness: Harness) 
 
 async def test_the_event_stream_frames_events_as_ndjson(harness: Harness) -> None:
     ids = Ids.new()
+    # submitted first, then read from the start of Nomad's event buffer (index 0): Nomad writes a stream's headers
+    # with its first frame, so a client that waits for them before the event happens waits for a heartbeat (30 s)
+    await harness.scheduler.submit(make_job(ids, HEALTHY))
     params = {"namespace": ids.namespace, "topic": f"Job:{ids.job_id}", "index": 0}
     async with harness.http.stream("GET", "/v1/event/stream", params=params, timeout=30) as stream:
         assert stream.status_code == 200
-        await harness.scheduler.submit(make_job(ids, HEALTHY))
         async for line in stream.aiter_lines():
             frame = json.loads(line) if line.strip() else {}
             if frame.get("Events"):
