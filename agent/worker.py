@@ -455,8 +455,8 @@ class _TaskRun:
             assert acked is not None
             self._storing.add(acked)
 
-    async def status(self, status: str, reason: str | None = None) -> None:
-        await self.emit(EventKind.STATUS, content=status, data={"reason": reason} if reason else {})
+    async def status(self, status: str, reason: str | None = None, **data: Any) -> None:
+        await self.emit(EventKind.STATUS, content=status, data={**data, "reason": reason} if reason else data)
 
     async def execute(self) -> None:
         if self.token.is_cancelled():
@@ -506,7 +506,7 @@ class _TaskRun:
         if halt is not None:
             await self.status("killed", halt.reason)
         elif self.request.task_id in self.worker._giving_back:
-            await self.emit(EventKind.STATUS, content="queued", data={"reason": GIVEN_BACK, "given_back": True})
+            await self.status("queued", GIVEN_BACK, given_back=True)
         else:
             await self.status("cancelled", "cancelled on request")
 

@@ -39,7 +39,7 @@ from agent.backends.base import FlagKey, Scope
 from agent.logsafe import hide_in_logs, install_on_handlers, keep_content_out, secrets_in_env
 from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall, http_url_problem
 from control.backends.base import SchedulerError
-from control.ids import is_plain_id
+from control.ids import is_digits, is_plain_id
 from control.jobspec import agent_job
 from control.localmodel import LocalModel, LocalModelUnavailable, runtime_installed
 from control.models import Agent, AgentCreate
@@ -68,7 +68,7 @@ def _usage(message: str) -> NoReturn:
 
 
 def _port(text: str) -> int:
-    port = int(text) if text.strip().isascii() and text.strip().isdigit() else 0
+    port = int(text) if is_digits(text.strip()) else 0
     if not 1 <= port <= 65_535:
         raise argparse.ArgumentTypeError(f"not a port number (1-65535): {text!r}")
     return port

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from control.ids import is_digits
 from control.metrics import Metrics
 from control.platform import ControlPlane
 from control.settings import Settings
@@ -96,8 +97,7 @@ class _LimitedBody:
             await self._app(scope, receive, send)
             return
         length = Headers(scope=scope).get("content-length")
-        plain = length is not None and length.isascii() and length.isdigit()
-        declared_over = length is not None and (not plain or int(length) > self._limit)
+        declared_over = length is not None and (not is_digits(length) or int(length) > self._limit)
         received = 0
 
         async def receive_counted() -> Message:

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from control.ids import is_digits
 from control.localmodel.chatformat import render_prompt
 from control.localmodel.fairqueue import FairQueue, QueueFull, QueueTimeout
 
@@ -203,7 +204,7 @@ class ModelProxy:
 
     async def _read_json(self, request: Request) -> dict[str, Any] | Response:
         declared = request.headers.get("content-length")
-        if declared and declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared and is_digits(declared) and int(declared) > self.max_body_bytes:
             return _error(413, "too_large", f"request body over {self.max_body_bytes} bytes", retry=False)
         raw = await request.body()
         if len(raw) > self.max_body_bytes:

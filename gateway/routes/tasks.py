@@ -9,6 +9,7 @@ from fastapi.responses import Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from control.errors import CaravanError, Invalid
+from control.ids import is_digits
 from control.models import Task, TaskCreate, TaskStatus
 from control.platform import ControlPlane
 from control.services.tasks import StreamedEvent
@@ -44,7 +45,7 @@ def _resume_point(last_event_id: str | None, after: int | None) -> int:
         return after
     if last_event_id is None or last_event_id == "":
         return 0
-    if not (last_event_id.isascii() and last_event_id.isdigit()) or len(last_event_id) > 18:
+    if not is_digits(last_event_id) or len(last_event_id) > 18:
         raise Invalid("Last-Event-ID must be an event id from this stream")
     return int(last_event_id)
 

@@ -115,6 +115,8 @@ class HttpError(Exception):
 
 def go_duration(ns: int) -> str:
     """Go's ``time.Duration.String()``: ``100ms``, ``30s``, ``5m0s``, ``1h0m0s``."""
+    if ns == 0:
+        return "0s"
     if ns < NS:
         return f"{ns // 1_000_000}ms"
     seconds = ns // NS
@@ -150,19 +152,6 @@ def _check_types(value: Any, path: str = "Job") -> None:
             _check_types(item, path)
 
 
-def _go_duration(ns: int) -> str:
-    """A duration as Go's ``time.Duration.String`` writes it (``500ms``, ``1s``, ``5m0s``), for Nomad's messages."""
-    if ns < 1_000_000_000:
-        return f"{ns // 1_000_000}ms" if ns % 1_000_000 == 0 else f"{ns / 1_000_000:g}ms"
-    seconds = ns / 1_000_000_000
-    minutes, seconds = divmod(seconds, 60)
-    hours, minutes = divmod(int(minutes), 60)
-    text = f"{seconds:g}s"
-    if minutes or hours:
-        text = f"{minutes}m{text}"
-    return f"{hours}h{text}" if hours else text
-
-
 def _group_problems(group: dict[str, Any]) -> list[str]:
     """``RestartPolicy.Validate`` (mode, attempts, interval at least 5 s, attempts times delay within it) and
     ``ServiceCheck`` validation (an http or tcp check's interval and timeout at least 1 s)."""
@@ -176,11 +165,11 @@ def _group_problems(group: dict[str, Any]) -> list[str]:
         if attempts == 0 and mode != "fail":
             problems.append(f"Restart policy {mode!r} with {attempts} attempts is ambiguous")
         if interval < 5_000_000_000:
-            problems.append(f"Interval can not be less than 5s (got {_go_duration(interval)})")
+            problems.append(f"Interval can not be less than 5s (got {go_duration(interval)})")
         if attempts * delay > interval:
             problems.append(
-                f"Nomad can't restart the TaskGroup {attempts} times in an interval of {_go_duration(interval)} "
-                f"with a delay of {_go_duration(delay)}"
+                f"Nomad can't restart the TaskGroup {attempts} times in an interval of {go_duration(interval)} "
+                f"with a delay of {go_duration(delay)}"
             )
     for service in group.get("Services") or []:
         for check in service.get("Checks") or []:
@@ -189,9 +178,9 @@ def _group_problems(group: dict[str, Any]) -> list[str]:
             where = f"Service {service.get('Name')} validation failed: check {check.get('Name')!r} invalid"
             interval, timeout = check.get("Interval") or 0, check.get("Timeout") or 0
             if interval < 1_000_000_000:
-                problems.append(f"{where}: interval ({_go_duration(interval)}) cannot be lower than 1s")
+                problems.append(f"{where}: interval ({go_duration(interval)}) cannot be lower than 1s")
             if timeout < 1_000_000_000:
-                problems.append(f"{where}: timeout ({_go_duration(timeout)}) is lower than required minimum timeout 1s")
+                problems.append(f"{where}: timeout ({go_duration(timeout)}) is lower than required minimum timeout 1s")
     return problems
 
 
