@@ -1,5 +1,6 @@
-"""The ``caravan`` command: ``up`` (the embedded platform), ``serve`` (gateway + control plane only), ``killswitch``
-(through the admin API), ``job render`` and ``job plan`` (an agent's job, without submitting it).
+"""The ``caravan`` command: ``up`` (the embedded platform), ``serve`` (gateway + control plane only), ``job
+render`` and ``job plan`` (an agent's job, without submitting it), and the admin verbs ``killswitch``,
+``customers``, ``quota``, ``audit`` and ``stats`` (through the admin API: :mod:`control.admincli`).
 
 What an operator gets wrong or meets (an argument, an environment variable, NATS, Nomad or the gateway down or
 answering an error) ends the command with one line on stderr saying what and what to check: exit 2 for bad usage,
@@ -13,7 +14,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -22,10 +22,9 @@ import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import nats
 import nats.errors
 import uvicorn
@@ -35,18 +34,18 @@ from pydantic import AliasChoices, ValidationError
 from pydantic_settings import SettingsError
 
 from agent.aio import run
-from agent.backends.base import FlagKey, Scope
 from agent.logsafe import hide_in_logs, install_on_handlers, keep_content_out, secrets_in_env
-from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall, http_url_problem
+from agent.protocol import LOCAL_MODEL_DEFAULT, PROVIDER_KEY_ENV, ModelConfig, ScriptedToolCall
+from control.admincli import COMMANDS, add_commands, run_command
 from control.backends.base import SchedulerError
-from control.ids import is_digits, is_plain_id
+from control.cliargs import env_port, port, usage
+from control.ids import is_plain_id
 from control.jobspec import agent_job
 from control.localmodel import LocalModel, LocalModelUnavailable, runtime_installed
 from control.models import Agent, AgentCreate
 from control.natsauth import NatsAuth, NatsCredentials, control_credentials
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane, control_login
-from control.services.killswitch import MAX_WAIT_MS
 from control.settings import Settings
 from control.store import Repo
 from control.teams.models import TeamCreate, Termination
@@ -56,39 +55,6 @@ from gateway.logredact import RedactUrls
 __all__ = ["main"]
 
 log = logging.getLogger("caravan")
-
-HTTP_TIMEOUT_S = 60.0
-"""How long ``caravan killswitch`` waits for the gateway's answer to one request."""
-
-
-def _usage(message: str) -> NoReturn:
-    """Bad input from the operator (an argument or an environment variable): exit 2, as argparse does."""
-    print(f"caravan: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _port(text: str) -> int:
-    port = int(text) if is_digits(text.strip()) else 0
-    if not 1 <= port <= 65_535:
-        raise argparse.ArgumentTypeError(f"not a port number (1-65535): {text!r}")
-    return port
-
-
-def _wait_seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not 0 <= seconds <= MAX_WAIT_MS / 1000:  # NaN is neither: refused too
-        raise argparse.ArgumentTypeError(f"not a number of seconds from 0 to {MAX_WAIT_MS // 1000}: {text!r}")
-    return seconds
-
-
-def _env_port(variable: str, default: int) -> int:
-    try:
-        return _port(os.environ[variable]) if variable in os.environ else default
-    except argparse.ArgumentTypeError as exc:
-        _usage(f"{variable}: {exc}")
 
 
 def _variable(name: str) -> str:
@@ -107,11 +73,11 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        _usage("; ".join(f"{_variable(str(e['loc'][0]))}={e['input']!r}: {e['msg']}" for e in exc.errors()))
+        usage("; ".join(f"{_variable(str(e['loc'][0]))}={e['input']!r}: {e['msg']}" for e in exc.errors()))
     except SettingsError as exc:  # a list or a map that is not JSON
         named = re.search(r'field "(\w+)"', str(exc))
         variable = _variable(named.group(1)) if named else "an environment variable"
-        _usage(f'{variable}={os.environ.get(variable, "")!r}: not valid JSON (a list is written ["a", "b"])')
+        usage(f'{variable}={os.environ.get(variable, "")!r}: not valid JSON (a list is written ["a", "b"])')
 
 
 def _where(url: str) -> str:
@@ -470,108 +436,6 @@ async def _serve_only(settings: Settings) -> None:
         await _serve(settings, control, f"Caravan API on http://{settings.http_host}:{settings.http_port}")
 
 
-def _api_url(url: str) -> str:
-    """``--url`` (``CARAVAN_URL``) as given, if an HTTP client can connect to it; bad usage otherwise (httpx took
-    ``not a url`` and failed only when it sent the request: "cannot reach")."""
-    problem = http_url_problem(url)
-    if problem is None:
-        try:
-            httpx.URL(url)
-        except httpx.InvalidURL as exc:
-            problem = f"is not a URL: {exc}"
-    if problem is not None:
-        _usage(f"--url {url!r} {problem} (the API's, as `caravan up` serves it: http://127.0.0.1:8080)")
-    return url
-
-
-def _killswitch(args: argparse.Namespace) -> None:
-    for option, what in (("customer", "a customer"), ("agent", "an agent")):
-        value = getattr(args, option)  # empty (an unset variable in a script) it must not mean every agent
-        if value is not None and not is_plain_id(value):
-            _usage(f"--{option} {value!r} is not {what} id (leave out --customer and --agent to cover every agent)")
-    if not args.api_key:
-        _usage("an admin API key is needed: --api-key or CARAVAN_API_KEY")
-    if args.url is None:  # where `caravan up` (./dev/up) serves it
-        args.url = os.environ.get("CARAVAN_URL") or f"http://127.0.0.1:{_env_port('CARAVAN_HTTP_PORT', 8080)}"
-    client = httpx.Client(base_url=_api_url(args.url), timeout=HTTP_TIMEOUT_S)
-    with contextlib.closing(client):
-        try:
-            token = _answer(client.post("/v1/auth/token", json={"api_key": args.api_key}))["access_token"]
-            client.headers["Authorization"] = f"Bearer {token}"
-            if args.action == "status":
-                _killswitch_status(client)
-            else:
-                _killswitch_set(client, args)
-        except httpx.TimeoutException:
-            raise SystemExit(
-                f"caravan: {args.url} did not answer within {HTTP_TIMEOUT_S:g} s: is the platform up, and is --url "
-                "(CARAVAN_URL) right?"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise SystemExit(
-                f"caravan: cannot reach {args.url} ({str(exc) or type(exc).__name__}): is the platform running, and "
-                "is --url (CARAVAN_URL) right?"
-            ) from None
-
-
-def _answer(response: httpx.Response) -> Any:
-    """The JSON of a successful answer; an error answer (``{"error": {"code", "message"}}``) ends the command with
-    its message."""
-    request = f"{response.request.method} {response.request.url.path}"
-    if response.status_code >= 400:
-        try:
-            error = response.json()["error"]
-            message = f"{error['code']}: {error['message']}"
-        except (ValueError, KeyError, TypeError):
-            message = " ".join(response.text.split())[:500]
-        raise SystemExit(f"caravan: {request} failed ({response.status_code}) {message}")
-    try:
-        return response.json()
-    except ValueError:
-        raise SystemExit(
-            f"caravan: {request} answered {response.status_code} without JSON: is --url (CARAVAN_URL) Caravan's API?"
-        ) from None
-
-
-def _killswitch_status(client: httpx.Client) -> None:
-    flags = _answer(client.get("/v1/admin/killswitch"))
-    if not flags:
-        print("no killswitch engaged")
-    for flag in flags:
-        target = flag["target"] or "every agent"
-        print(f"ENGAGED {flag['scope']:<8} {target:<16} by {flag['by']} at {flag['at']}: {flag['reason']}")
-
-
-def _killswitch_set(client: httpx.Client, args: argparse.Namespace) -> None:
-    scope = "agent" if args.agent else "customer" if args.customer else "all"
-    body = {
-        "scope": scope,
-        "customer_id": args.customer,
-        "agent_id": args.agent,
-        "engaged": args.action == "engage",
-        "reason": args.reason,
-        "wait_ms": int(args.wait * 1000),
-    }
-    if args.hard:
-        body["hard"] = True
-    result = _answer(client.post("/v1/admin/killswitch", json={k: v for k, v in body.items() if v is not None}))
-    verb = "engaged" if result["engaged"] else "released"
-    where = FlagKey(Scope(result["scope"]), result["target"]).label
-    if result.get("nothing_to_release"):
-        print(f"killswitch was not engaged ({where}): nothing to release")
-        return
-    print(
-        f"killswitch {verb} ({where}) in {result['elapsed_ms']:.0f} ms: "
-        f"{result['acknowledged']}/{result['covered']} agents acknowledged"
-    )
-    if result["unacknowledged"]:
-        print("not acknowledged: " + ", ".join(result["unacknowledged"]))
-    if result["stopped"]:
-        print("jobs stopped: " + ", ".join(result["stopped"]))
-    if result["unacknowledged"]:
-        sys.exit(1)
-
-
 AGENTS_BUCKET = "caravan_agents"
 
 
@@ -647,31 +511,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="caravan", description="Run AutoGen agent teams on Nomad.")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run the embedded platform: NATS, control plane, gateway, local scheduler")
-    up.add_argument("--nats-port", type=_port, help="NATS's port (default: CARAVAN_NATS_PORT, else 4222)")
+    up.add_argument("--nats-port", type=port, help="NATS's port (default: CARAVAN_NATS_PORT, else 4222)")
     sub.add_parser("serve", help="run the gateway and control plane against NATS_URL and the configured scheduler")
-    ks = sub.add_parser("killswitch", help="engage, release or show the killswitch (through the admin API)")
-    ks.add_argument("action", choices=["engage", "release", "status"])
-    target = ks.add_mutually_exclusive_group()
-    target.add_argument("--customer", help="scope: this customer's agents")
-    target.add_argument("--agent", help="scope: this agent")
-    ks.add_argument("--reason", default="", help="why (shown to agents, in status and in the audit log)")
-    ks.add_argument("--hard", action="store_true", help="also stop the covered agents' jobs")
-    ks.add_argument(
-        "--wait",
-        type=_wait_seconds,
-        default=2.0,
-        help=f"seconds to wait for acknowledgements (at most {MAX_WAIT_MS // 1000})",
-    )
-    ks.add_argument(
-        "--url", help="Caravan's API (default: CARAVAN_URL, else http://127.0.0.1:$CARAVAN_HTTP_PORT, else :8080)"
-    )
-    ks.add_argument("--api-key", default=os.environ.get("CARAVAN_API_KEY"))
+    add_commands(sub)
     job = sub.add_parser("job", help="an agent's Nomad job, without submitting it")
     job.add_argument("verb", choices=["render", "plan"], help="render: print the job JSON; plan: Nomad's dry run")
     job.add_argument("agent_id")
     args = parser.parse_args(argv)
-    if args.command == "killswitch":
-        _killswitch(args)
+    if args.command in COMMANDS:
+        run_command(args)
         return
     settings = _settings()
     configure_logging(settings)
@@ -680,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run(_job(settings, args.verb, args.agent_id)))
     try:
         if args.command == "up":
-            run(_up(settings, args.nats_port or _env_port("CARAVAN_NATS_PORT", 4222)))
+            run(_up(settings, args.nats_port or env_port("CARAVAN_NATS_PORT", 4222)))
         else:
             run(_serve_only(settings))
     except KeyboardInterrupt:

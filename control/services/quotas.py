@@ -9,12 +9,12 @@ or task they are for, so releasing one twice (a retry, a restart) changes nothin
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from control.errors import CaravanError
 from control.models import Resources
@@ -22,6 +22,7 @@ from control.store import AlreadyExists, Repo
 
 __all__ = [
     "Quota",
+    "QuotaChange",
     "QuotaExceeded",
     "QuotaRecord",
     "QuotaService",
@@ -65,6 +66,20 @@ class Quota(BaseModel):
     tokens_per_day: int | None = Field(
         default=None, strict=True, ge=0, le=10**12, description="Model tokens per UTC day."
     )
+
+
+class QuotaChange(Quota):
+    """The fields of a customer's quota to change (``PATCH``): those left out keep their value, ``null`` is
+    unlimited; at least one."""
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuotaChange:
+        if not self.model_fields_set:
+            raise ValueError("nothing to change: give at least one field (null is unlimited)")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in sorted(self.model_fields_set)}
 
 
 class Reservation(BaseModel):
@@ -153,8 +168,17 @@ class QuotaService:
     async def set_quota(self, customer_id: str, quota: Quota) -> UsagePublic:
         """Replace the customer's quota; returns their usage under it. A budget that leaves them tokens today (or
         none) is crossed afresh: going over it halts them again."""
+        return await self._set(customer_id, lambda _: quota)
 
+    async def change_quota(self, customer_id: str, changes: Mapping[str, Any]) -> UsagePublic:
+        """Change the fields ``changes`` names (``None``: unlimited) of the customer's quota as it is stored, and
+        keep the others, as :meth:`set_quota` does; in one compare-and-set, so that two changes of different
+        fields made at once both hold."""
+        return await self._set(customer_id, lambda quota: quota.model_copy(update=changes))
+
+    async def _set(self, customer_id: str, make: Callable[[Quota], Quota]) -> UsagePublic:
         def replace(record: QuotaRecord) -> QuotaRecord:
+            quota = make(record.quota)
             exceeded = record.budget_exceeded and not _within_budget(_usage(record), quota)
             return record.model_copy(update={"quota": quota, "budget_exceeded": exceeded})
 

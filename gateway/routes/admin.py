@@ -9,7 +9,7 @@ from control.models import AgentStatus, CustomerCreate, Role
 from control.services.audit import AuditQuery, AuditRecord, AuditTime
 from control.services.auth import shown_prefix
 from control.services.killswitch import KillswitchRequest, KillswitchResult
-from control.services.quotas import Quota, UsagePublic
+from control.services.quotas import Quota, QuotaChange, UsagePublic
 from control.services.stats import Stats
 from gateway.deps import AdminDep, ControlDep, ListedQuery, listed_scope
 from gateway.ratelimit import Tiers
@@ -59,6 +59,22 @@ async def set_quota(
     async with control.audit.admin_action(admin, "quota.set", customer_id, customer_id, quota=quota.model_dump()):
         customer = await control.auth.get_customer(customer_id)
         usage = await control.set_quota(customer.id, quota)
+    tiers: Tiers = request.app.state.tiers
+    tiers.forget(customer.id)
+    return usage
+
+
+@router.patch("/customers/{customer_id}/quota", response_model=UsagePublic)
+async def change_quota(
+    customer_id: str, body: QuotaChange, request: Request, control: ControlDep, admin: AdminDep
+) -> UsagePublic:
+    """Change the fields of the customer's quota that the body gives (`null` is unlimited) and keep the others,
+    in one atomic change: two changes of different fields made at the same time both hold. Otherwise as `PUT`."""
+    changes = body.changes()
+    async with control.audit.admin_action(admin, "quota.change", customer_id, customer_id, changes=changes) as record:
+        customer = await control.auth.get_customer(customer_id)
+        usage = await control.change_quota(customer.id, changes)
+        record.details["quota"] = usage.quota.model_dump()
     tiers: Tiers = request.app.state.tiers
     tiers.forget(customer.id)
     return usage

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from control import cli
+from control import admincli, cli
 from control.cli import _banner, _demo_credentials, _demo_model, main
 from control.natsauth import NatsAuth
 from control.natsserver import EmbeddedNats
@@ -284,7 +284,7 @@ async def test_killswitch_says_what_the_gateway_did_wrong(
     fails: str, said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     if fails == "silent":
-        monkeypatch.setattr(cli, "HTTP_TIMEOUT_S", 0.5)  # rather than the minute a real gateway may take
+        monkeypatch.setattr(admincli, "HTTP_TIMEOUT_S", 0.5)  # rather than the minute a real gateway may take
     async with gateway_that(fails) as url:
         assert await run_cli("killswitch", "engage", "--reason", "drill", "--url", url, "--api-key", ADMIN_KEY) == 1
     assert said in capsys.readouterr().err

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import nats.js.errors
 import pytest
 
@@ -393,6 +394,85 @@ async def test_bad_quotas_are_422(api: Api) -> None:
     assert (
         await api.client.put("/v1/admin/customers/cu-000000000000/quota", json={}, headers=admin)
     ).status_code == 404
+
+
+async def change_quota(api: Api, customer_id: str, body: dict[str, Any]) -> httpx.Response:
+    return await api.client.patch(f"/v1/admin/customers/{customer_id}/quota", json=body, headers=await api.admin())
+
+
+async def test_a_quota_patch_changes_the_fields_it_gives_and_keeps_the_others(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    await set_quota(api, customer_id, max_agents=5, max_cpu=1000, tokens_per_day=100, tier="free")
+    changed = await change_quota(api, customer_id, {"max_cpu": 2000, "tokens_per_day": None})
+    assert changed.status_code == 200, changed.text
+    expected = {
+        "tier": "free",
+        "max_agents": 5,
+        "max_cpu": 2000,
+        "max_memory_mb": None,
+        "max_concurrent_tasks": None,
+        "tokens_per_day": None,  # null: unlimited, not "left as it was"
+    }
+    assert changed.json()["quota"] == expected
+    assert (await usage(api, headers))["quota"] == expected
+    (record,) = (
+        await api.client.get("/v1/admin/audit", params={"action": "quota.change"}, headers=await api.admin())
+    ).json()
+    assert record["target"] == record["customer_id"] == customer_id and record["result"] == "ok"
+    assert record["details"] == {"changes": {"max_cpu": 2000, "tokens_per_day": None}, "quota": expected}
+
+
+async def test_a_customer_without_a_quota_record_changes_the_default(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    changed = (await change_quota(api, customer_id, {"max_concurrent_tasks": 2})).json()["quota"]
+    assert changed["max_agents"] == api.control.settings.max_agents_per_customer  # the default, kept
+    assert changed["max_concurrent_tasks"] == 2 and (await usage(api, headers))["quota"] == changed
+
+
+async def test_quota_patches_of_different_fields_made_at_once_all_hold(api: Api) -> None:
+    """Each PATCH changes its field in the same compare-and-set that reads the others: none writes back a value
+    it read before another one's change."""
+    customer_id, headers = await api.new_customer()
+    bodies = [{"max_cpu": 1000 + i} for i in range(10)] + [{"max_memory_mb": 2000}, {"tokens_per_day": 3000}]
+    bodies += [{"max_concurrent_tasks": 4}, {"tier": "enterprise"}, {"max_agents": 7}]
+    answers = await asyncio.gather(*(change_quota(api, customer_id, body) for body in bodies))
+    assert [a.status_code for a in answers] == [200] * len(bodies)
+    quota = (await usage(api, headers))["quota"]
+    assert 1000 <= quota.pop("max_cpu") <= 1009
+    assert quota == {
+        "tier": "enterprise",
+        "max_agents": 7,
+        "max_memory_mb": 2000,
+        "max_concurrent_tasks": 4,
+        "tokens_per_day": 3000,
+    }
+
+
+async def test_bad_quota_patches_are_refused_and_change_nothing(api: Api) -> None:
+    customer_id, _ = await api.new_customer()
+    admin = await api.admin()
+    before = await set_quota(api, customer_id, max_agents=5, tokens_per_day=100)
+    empty = await change_quota(api, customer_id, {})
+    assert empty.status_code == 422 and "nothing to change" in empty.json()["error"]["message"]
+    for body in ({"max_agents": -1}, {"tier": "platinum"}, {"unknown": 1}, {"max_cpu": "3"}, {"max_cpu": True}):
+        assert (await change_quota(api, customer_id, body)).status_code == 422, body
+    assert (await api.client.get(f"/v1/admin/customers/{customer_id}", headers=admin)).json()["usage"] == before
+    missing = await change_quota(api, "cu-000000000000", {"max_agents": 1})
+    assert missing.status_code == 404
+    records = (await api.client.get("/v1/admin/audit", params={"action": "quota.change"}, headers=admin)).json()
+    assert [(r["customer_id"], r["result"]) for r in records] == [("cu-000000000000", "failed")]
+    _, customer = await api.new_customer()
+    assert (
+        await api.client.patch(f"/v1/admin/customers/{customer_id}/quota", json={"max_agents": 50}, headers=customer)
+    ).status_code == 403
+
+
+async def test_a_quota_patch_that_leaves_tokens_today_lifts_the_budgets_halt(settings: Settings) -> None:
+    async with api_at(settings, ManualClock(BEFORE_MIDNIGHT)) as api:
+        customer_id, headers, agent = await over_budget(api)
+        assert (await change_quota(api, customer_id, {"tokens_per_day": 100_000})).status_code == 200
+        assert await halts_of(api, customer_id) == []
+        await wait_status(api, headers, agent["id"], "running")
 
 
 async def test_cpu_and_memory_are_reserved_for_every_replica(api: Api) -> None:

@@ -1,0 +1,383 @@
+"""The ``caravan`` verbs that operate a running platform through its admin API: ``killswitch``, ``customers``,
+``quota``, ``audit`` and ``stats``.
+
+Each logs in with an admin key (``--api-key``, else ``CARAVAN_API_KEY``) at ``--url`` (else ``CARAVAN_URL``, else
+where ``caravan up`` serves the API), prints what it did or read for a person, or the API's JSON with ``--json``
+(``customers``, ``quota show``, ``audit``, ``stats``), and ends with one line on stderr when something is wrong:
+exit 2 for bad usage, 1 for a failure (the API's error code and message, or why it could not be reached).
+Whatever the API holds that came from outside (an audit record's path, a flag engaged by hand in Consul) is
+printed with its control and format characters escaped, so that it cannot rewrite the operator's terminal."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+
+from agent.backends.base import FlagKey, Scope
+from agent.protocol import http_url_problem
+from control.cliargs import env_port, usage
+from control.ids import is_digits, is_plain_id
+from control.services.killswitch import MAX_WAIT_MS
+
+__all__ = ["COMMANDS", "add_commands", "run_command"]
+
+HTTP_TIMEOUT_S = 60.0
+"""How long a command waits for the gateway's answer to one request."""
+COMMANDS = ("killswitch", "customers", "quota", "audit", "stats")
+UNLIMITED = "unlimited"
+QUOTA_LIMITS = {  # option's field: what the table calls it
+    "max_agents": "agents",
+    "max_cpu": "cpu (MHz)",
+    "max_memory_mb": "memory (MB)",
+    "max_concurrent_tasks": "tasks in flight",
+    "tokens_per_day": "tokens today",
+}
+_USED = {"max_agents": "agents", "max_cpu": "cpu", "max_memory_mb": "memory_mb"}
+_USED |= {"max_concurrent_tasks": "concurrent_tasks", "tokens_per_day": "tokens_today"}
+
+
+def shown(text: object) -> str:
+    """``text`` for a terminal: each character that is not printable (controls, escapes, bidi and zero-width
+    marks, line breaks) written as its Python escape."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# -- arguments ------------------------------------------------------------------------------------------------
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_WAIT_MS / 1000:  # NaN is neither: refused too
+        raise argparse.ArgumentTypeError(f"not a number of seconds from 0 to {MAX_WAIT_MS // 1000}: {text!r}")
+    return seconds
+
+
+def _limit(text: str) -> int | str:
+    """A quota limit: a whole number from 0, or ``unlimited``."""
+    if text.strip().lower() == UNLIMITED:
+        return UNLIMITED
+    if not is_digits(text.strip()):
+        raise argparse.ArgumentTypeError(f"not a whole number from 0, nor {UNLIMITED!r}: {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    number = int(text) if is_digits(text.strip()) else 0
+    if not 1 <= number <= 1000:
+        raise argparse.ArgumentTypeError(f"not a number from 1 to 1000: {text!r}")
+    return number
+
+
+def _id(args: argparse.Namespace, option: str, what: str, hint: str = "") -> None:
+    """An id option or argument, given empty or malformed (``--agent "$AGENT"`` with ``AGENT`` unset), is bad
+    usage: never "every agent" nor a request to the API."""
+    value = getattr(args, option)
+    if value is not None and not is_plain_id(value):
+        name = f"--{option}" if option in ("customer", "agent") else option
+        usage(f"{name} {value!r} is not {what} id{hint}")
+
+
+def add_commands(sub: Any) -> None:
+    """Add the admin verbs to the ``caravan`` command's subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url", help="Caravan's API (default: CARAVAN_URL, else http://127.0.0.1:$CARAVAN_HTTP_PORT, else :8080)"
+    )
+    common.add_argument("--api-key", default=os.environ.get("CARAVAN_API_KEY"), help="an admin key (CARAVAN_API_KEY)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print the API's JSON answer")
+
+    ks = sub.add_parser(
+        "killswitch", parents=[common], help="engage, release or show the killswitch (through the admin API)"
+    )
+    ks.add_argument("action", choices=["engage", "release", "status"])
+    target = ks.add_mutually_exclusive_group()
+    target.add_argument("--customer", help="scope: this customer's agents")
+    target.add_argument("--agent", help="scope: this agent")
+    ks.add_argument("--reason", default="", help="why (shown to agents, in status and in the audit log)")
+    ks.add_argument("--hard", action="store_true", help="also stop the covered agents' jobs")
+    ks.add_argument(
+        "--wait",
+        type=_wait_seconds,
+        default=2.0,
+        help=f"seconds to wait for acknowledgements (at most {MAX_WAIT_MS // 1000})",
+    )
+
+    sub.add_parser("customers", parents=[common, as_json], help="list the customers (tenants)")
+
+    quota = sub.add_parser("quota", help="show, change or reset a customer's quota (through the admin API)")
+    verbs = quota.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("show", parents=[common, as_json], help="a customer's quota and usage").add_argument("customer_id")
+    change = verbs.add_parser(
+        "set",
+        parents=[common],
+        help="change the limits given, keep the others (one atomic change)",
+        description="Change the limits given and keep the others; a limit is a whole number or 'unlimited'.",
+    )
+    change.add_argument("customer_id")
+    change.add_argument("--tier", choices=["free", "standard", "enterprise"], help="the API's rate-limit tier")
+    for field, shown_as in QUOTA_LIMITS.items():
+        change.add_argument(
+            f"--{field.replace('_', '-')}", dest=field, type=_limit, metavar="N|unlimited", help=f"limit of {shown_as}"
+        )
+    verbs.add_parser("reset", parents=[common], help="back to a new customer's default quota").add_argument(
+        "customer_id"
+    )
+
+    audit = sub.add_parser("audit", parents=[common, as_json], help="read the audit log, oldest first")
+    audit.add_argument("--actor", help="who: an admin key's prefix, system:token-budget, ...")
+    audit.add_argument("--action", help="what: killswitch.engage, quota.set, auth.forbidden, ...")
+    audit.add_argument("--customer", help="the customer it concerned")
+    audit.add_argument("--since", help="from this time, with a timezone: 2030-01-01T00:00:00Z")
+    audit.add_argument("--until", help="to this time, with a timezone")
+    audit.add_argument("--limit", type=_count, default=100, help="the newest N that match (1-1000, default 100)")
+
+    sub.add_parser("stats", parents=[common, as_json], help="agents and tasks by status, tokens, allocations")
+
+
+# -- talking to the API ---------------------------------------------------------------------------------------
+
+
+def _api_url(url: str) -> str:
+    """``--url`` (``CARAVAN_URL``) as given, if an HTTP client can connect to it; bad usage otherwise (httpx took
+    ``not a url`` and failed only when it sent the request: "cannot reach")."""
+    problem = http_url_problem(url)
+    if problem is None:
+        try:
+            httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            problem = f"is not a URL: {exc}"
+    if problem is not None:
+        usage(f"--url {url!r} {problem} (the API's, as `caravan up` serves it: http://127.0.0.1:8080)")
+    return url
+
+
+@contextlib.contextmanager
+def _admin(args: argparse.Namespace) -> Iterator[httpx.Client]:
+    """A client logged in with ``--api-key`` at ``--url``; what goes wrong on the way to the API ends the
+    command with a line saying what to check."""
+    if not args.api_key:
+        usage("an admin API key is needed: --api-key or CARAVAN_API_KEY")
+    if args.url is None:  # where `caravan up` (./dev/up) serves it
+        args.url = os.environ.get("CARAVAN_URL") or f"http://127.0.0.1:{env_port('CARAVAN_HTTP_PORT', 8080)}"
+    client = httpx.Client(base_url=_api_url(args.url), timeout=HTTP_TIMEOUT_S)
+    with contextlib.closing(client):
+        try:
+            token = _answer(client.post("/v1/auth/token", json={"api_key": args.api_key}))["access_token"]
+            client.headers["Authorization"] = f"Bearer {token}"
+            yield client
+        except httpx.TimeoutException:
+            raise SystemExit(
+                f"caravan: {args.url} did not answer within {HTTP_TIMEOUT_S:g} s: is the platform up, and is --url "
+                "(CARAVAN_URL) right?"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise SystemExit(
+                f"caravan: cannot reach {args.url} ({str(exc) or type(exc).__name__}): is the platform running, and "
+                "is --url (CARAVAN_URL) right?"
+            ) from None
+
+
+def _answer(response: httpx.Response) -> Any:
+    """The JSON of a successful answer; an error answer (``{"error": {"code", "message"}}``) ends the command with
+    its message."""
+    request = f"{response.request.method} {response.request.url.path}"
+    if response.status_code >= 400:
+        try:
+            error = response.json()["error"]
+            message = f"{error['code']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            message = " ".join(response.text.split())[:500]
+        raise SystemExit(f"caravan: {shown(request)} failed ({response.status_code}) {shown(message)}")
+    if response.status_code == 204:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise SystemExit(
+            f"caravan: {request} answered {response.status_code} without JSON: is --url (CARAVAN_URL) Caravan's API?"
+        ) from None
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))  # escapes every control character; non-ASCII as \\u escapes too
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """Carry out one of :data:`COMMANDS`."""
+    verbs: dict[str, Callable[[httpx.Client, argparse.Namespace], None]] = {
+        "killswitch": _killswitch,
+        "customers": _customers,
+        "quota": _quota,
+        "audit": _audit,
+        "stats": _stats,
+    }
+    if args.command == "killswitch":
+        hint = " (leave out --customer and --agent to cover every agent)"
+        _id(args, "customer", "a customer", hint)
+        _id(args, "agent", "an agent", hint)
+    elif args.command == "audit":
+        _id(args, "customer", "a customer")
+    elif args.command == "quota":
+        _id(args, "customer_id", "a customer")
+        if args.verb == "set" and args.tier is None and all(getattr(args, f) is None for f in QUOTA_LIMITS):
+            options = ", ".join(f"--{f.replace('_', '-')}" for f in ("tier", *QUOTA_LIMITS))
+            usage(f"nothing to change: give at least one of {options}")
+    with _admin(args) as client:
+        verbs[args.command](client, args)
+
+
+# -- the verbs ------------------------------------------------------------------------------------------------
+
+
+def _killswitch(client: httpx.Client, args: argparse.Namespace) -> None:
+    if args.action == "status":
+        flags = _answer(client.get("/v1/admin/killswitch"))
+        if not flags:
+            print("no killswitch engaged")
+        for flag in flags:
+            target, by, reason = shown(flag["target"] or "every agent"), shown(flag["by"]), shown(flag["reason"])
+            print(f"ENGAGED {flag['scope']:<8} {target:<16} by {by} at {flag['at']}: {reason}")
+        return
+    scope = "agent" if args.agent else "customer" if args.customer else "all"
+    body = {
+        "scope": scope,
+        "customer_id": args.customer,
+        "agent_id": args.agent,
+        "engaged": args.action == "engage",
+        "reason": args.reason,
+        "wait_ms": int(args.wait * 1000),
+    }
+    if args.hard:
+        body["hard"] = True
+    result = _answer(client.post("/v1/admin/killswitch", json={k: v for k, v in body.items() if v is not None}))
+    verb = "engaged" if result["engaged"] else "released"
+    where = FlagKey(Scope(result["scope"]), result["target"]).label
+    if result.get("nothing_to_release"):
+        print(f"killswitch was not engaged ({where}): nothing to release")
+        return
+    print(
+        f"killswitch {verb} ({where}) in {result['elapsed_ms']:.0f} ms: "
+        f"{result['acknowledged']}/{result['covered']} agents acknowledged"
+    )
+    if result["unacknowledged"]:
+        print("not acknowledged: " + ", ".join(result["unacknowledged"]))
+    if result["stopped"]:
+        print("jobs stopped: " + ", ".join(result["stopped"]))
+    if result["unacknowledged"]:
+        sys.exit(1)
+
+
+def _customers(client: httpx.Client, args: argparse.Namespace) -> None:
+    customers = _answer(client.get("/v1/admin/customers"))
+    if args.json:
+        _print_json(customers)
+        return
+    if not customers:
+        print("no customers")
+        return
+    print(f"{'ID':<16}  {'CREATED':<27}  NAME")
+    for customer in customers:
+        print(f"{customer['id']:<16}  {customer['created_at']:<27}  {shown(customer['name'])}")
+
+
+def _quota(client: httpx.Client, args: argparse.Namespace) -> None:
+    path = f"/v1/admin/customers/{args.customer_id}"
+    if args.verb == "show":
+        customer = _answer(client.get(path))
+        if args.json:
+            _print_json(customer["usage"])
+            return
+        print(f"customer {customer['id']} ({shown(customer['name'])})")
+        _print_usage(customer["usage"])
+        return
+    if args.verb == "reset":
+        used = _answer(client.put(f"{path}/quota", json={}))
+        print(f"quota of {args.customer_id} reset to a new customer's default")
+    else:
+        changes: dict[str, Any] = {} if args.tier is None else {"tier": args.tier}
+        for field in QUOTA_LIMITS:
+            value = getattr(args, field)
+            if value is not None:
+                changes[field] = None if value == UNLIMITED else value
+        used = _answer(client.patch(f"{path}/quota", json=changes))
+        print(f"quota of {args.customer_id} changed: " + ", ".join(f"{k} {_limit_text(v)}" for k, v in changes.items()))
+    _print_usage(used)
+
+
+def _limit_text(value: object) -> str:
+    return UNLIMITED if value is None else str(value)
+
+
+def _print_usage(used: dict[str, Any]) -> None:
+    quota = used["quota"]
+    print(f"  {'tier':<16} {quota['tier']}")
+    print(f"  {'':<16} {'LIMIT':>12} {'USED':>12}")
+    for field, name in QUOTA_LIMITS.items():
+        print(f"  {name:<16} {_limit_text(quota[field]):>12} {used[_USED[field]]:>12}")
+
+
+def _audit(client: httpx.Client, args: argparse.Namespace) -> None:
+    query = {
+        "actor": args.actor,
+        "action": args.action,
+        "customer_id": args.customer,
+        "since": args.since,
+        "until": args.until,
+        "limit": args.limit,
+    }
+    records = _answer(client.get("/v1/admin/audit", params={k: v for k, v in query.items() if v is not None}))
+    if args.json:
+        _print_json(records)
+        return
+    if not records:
+        print("no audit records match")
+    for record in records:
+        about = " ".join(
+            f"{name}={shown(record[name])}"
+            for name in ("customer_id", "target")
+            if record.get(name) is not None and (name == "customer_id" or record["target"] != record["customer_id"])
+        )
+        details = json.dumps(record["details"], separators=(",", ":")) if record["details"] else ""
+        line = f"{record['at']}  {record['result']:<6}  {shown(record['actor'])} ({record['role']})  {record['action']}"
+        print("  ".join(part for part in (line, about, details) if part))
+
+
+def _stats(client: httpx.Client, args: argparse.Namespace) -> None:
+    stats = _answer(client.get("/v1/admin/stats"))
+    if args.json:
+        _print_json(stats)
+        return
+
+    def counts(by_status: dict[str, int]) -> str:
+        return ", ".join(f"{status} {n}" for status, n in sorted(by_status.items())) or "none"
+
+    print(f"customers    {stats['customers']}")
+    print(f"agents       {counts(stats['agents_by_status'])}")
+    print(f"tasks        {counts(stats['tasks_by_status'])}  (ended ones as counted at {stats['ended_counted_at']})")
+    tokens = {customer: n for customer, n in stats["tokens_today"].items() if n}
+    print("tokens today " + (", ".join(f"{c} {n}" for c, n in sorted(tokens.items())) or "none"))
+    allocations = stats["allocations"]
+    if not allocations:
+        print("allocations  none reported")
+        return
+    print(f"{'AGENT':<16}  {'CUSTOMER':<16}  {'ALLOCATION':<36}  {'CPU %':>6}  {'RSS MB':>8}")
+    for alloc in allocations:
+        print(
+            f"{alloc['agent_id']:<16}  {alloc['customer_id']:<16}  {shown(alloc['alloc_id']):<36}  "
+            f"{alloc['cpu_percent']:>6.1f}  {alloc['memory_rss_mb']:>8.1f}"
+        )
