@@ -302,15 +302,23 @@ function quotaForm(customer, usage, onSaved) {
     "form",
     {},
     el("div", { class: "fields" }, field("Tier", tier), inputs.map(([name, input]) => field(name.replace(/_/g, " "), input))),
-    el("p", { class: "muted", text: "An empty field is unlimited. The quota is replaced whole." }),
+    el("p", { class: "muted", text: "An empty field is unlimited. Only the fields you change are saved: another admin's change to the others stays." }),
     el("div", {}, el("button", { type: "submit", class: "primary", text: "Save quota" })),
     errors,
   );
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
-    const body = { tier: tier.value };
-    for (const [name, input] of inputs) body[name] = numberOrNull(input);
-    const saved = await attempt(errors, () => api("PUT", `/v1/admin/customers/${seg(customer.id)}/quota`, { body }), e.submitter);
+    const body = {};
+    if (tier.value !== usage.quota.tier) body.tier = tier.value;
+    for (const [name, input] of inputs) {
+      const value = numberOrNull(input);
+      if (value !== usage.quota[name]) body[name] = value;
+    }
+    if (Object.keys(body).length === 0) {
+      errors.replaceChildren(el("p", { class: "muted", text: "Nothing changed." }));
+      return;
+    }
+    const saved = await attempt(errors, () => api("PATCH", `/v1/admin/customers/${seg(customer.id)}/quota`, { body }), e.submitter);
     if (saved) onSaved();
   });
   return form;
