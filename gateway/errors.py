@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.message
 import logging
 import uuid
 from typing import Any
@@ -79,6 +80,28 @@ def _invalid(exc: RequestValidationError | WebSocketRequestValidationError) -> J
     return caravan_error_response(invalid_input(errors))
 
 
+def _not_json(request: Request, exc: RequestValidationError) -> JSONResponse | None:
+    """415 for a body FastAPI did not read as JSON because its content type says it is something else (``curl
+    -d`` sends ``application/x-www-form-urlencoded`` unless told otherwise), rather than a 422 saying the body is no
+    object; None when that is not why it was refused."""
+    content_type = request.headers.get("content-type")
+    if content_type is None or _is_json(content_type):
+        return None
+    if not any(tuple(error.get("loc", ()))[:1] == ("body",) for error in exc.errors()):
+        return None
+    shown = content_type if len(content_type) <= 100 else f"{content_type[:100]}..."
+    message = f"the body must be JSON, sent with content-type: application/json (this request's is {shown!r})"
+    return error_response(415, _CODES[415], message)
+
+
+def _is_json(content_type: str) -> bool:
+    """What FastAPI reads as JSON: ``application/json`` or ``application/<anything>+json``, with parameters."""
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
 def _located(error: dict[str, Any]) -> dict[str, Any]:
     loc = tuple(error.get("loc", ()))
     if error.get("type") == "json_invalid":  # its loc is ("body", <the character's offset>): not a field
@@ -95,8 +118,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return caravan_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _invalid(exc)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _not_json(request, exc) or _invalid(exc)
 
     @app.exception_handler(WebSocketRequestValidationError)
     async def _invalid_websocket(websocket: WebSocket, exc: WebSocketRequestValidationError) -> None:

@@ -48,6 +48,7 @@ _ERROR_MEANINGS = {
     404: "Not found (including another customer's resources)",
     409: "Conflicts with the current state (a stopped agent, a quota, an engaged killswitch)",
     413: "Request body too large",
+    415: "The body is not JSON (send it with content-type: application/json)",
     422: "Invalid input",
     429: "Rate limit reached (see Retry-After)",
     500: "Unexpected error: the gateway's log has it under the answer's request id (X-Request-ID)",

@@ -259,6 +259,33 @@ async def test_a_body_that_is_not_json_says_where_it_broke_and_names_no_field(ap
     assert (await api.client.get("/v1/agents", headers=headers)).json() == []
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/x-www-form-urlencoded", "text/plain; charset=utf-8", "multipart/form-data; boundary=x", "json"],
+)
+async def test_a_json_body_sent_as_another_content_type_is_415_saying_what_to_send(api: Api, content_type: str) -> None:
+    """`curl -d '{...}'` without `-H 'content-type: application/json'` sends a form: 415 says so, where the body
+    was refused as "no valid dictionary"."""
+    _, headers = await api.new_customer()
+    body = json.dumps(agent_body()).encode()
+    for path, method in (("/v1/agents", "POST"), ("/v1/tasks", "POST"), ("/v1/agents/ag-000000000000", "PATCH")):
+        sent_as = {**headers, "Content-Type": content_type}
+        refused = await api.client.request(method, path, content=body, headers=sent_as)
+        assert refused.status_code == 415, (path, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "unsupported_media_type"
+        assert error["message"] == (
+            f"the body must be JSON, sent with content-type: application/json (this request's is {content_type!r})"
+        )
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+    for json_type in ("application/json; charset=utf-8", "application/merge-patch+json", "Application/JSON"):
+        made = await api.client.post("/v1/agents", content=body, headers={**headers, "Content-Type": json_type})
+        assert made.status_code == 201, (json_type, made.text)
+        await api.client.delete(f"/v1/agents/{made.json()['id']}", headers=headers)
+    anonymous = await api.client.post("/v1/agents", content=body, headers={"Content-Type": "text/plain"})
+    assert anonymous.status_code == 401  # authentication comes first
+
+
 async def test_a_body_over_the_limit_is_refused_with_413_chunked_or_not_and_nothing_is_stored(api: Api) -> None:
     _, headers = await api.new_customer()
     headers = {**headers, "Content-Type": "application/json"}
