@@ -179,7 +179,7 @@ def alloc_state(alloc: Mapping[str, Any]) -> tuple[AllocState, str | None]:
         if status == "running":
             return AllocState.RUNNING, None
         started = any(len(state.get("Events") or []) > 1 for state in tasks.values())
-        return (AllocState.STARTING if started else AllocState.PENDING), None
+        return (AllocState.STARTING if started else AllocState.PENDING), _rescheduled(alloc)
     if status == "failed":
         failed = [(n, s) for n, s in sorted(tasks.items()) if s.get("Failed")] or sorted(tasks.items())
         reasons = [r for n, s in failed if (r := _task_reason(n, s))]
@@ -189,6 +189,15 @@ def alloc_state(alloc: Mapping[str, Any]) -> tuple[AllocState, str | None]:
     if status == "unknown":
         return AllocState.RESTARTING, f"allocation unknown: {alloc.get('ClientDescription') or 'client disconnected'}"
     return AllocState.STOPPED, alloc.get("DesiredDescription") or alloc.get("ClientDescription") or "complete"
+
+
+def _rescheduled(alloc: Mapping[str, Any]) -> str | None:
+    """Why an allocation starts, if Nomad placed it in place of one that failed (the job's reschedule policy)."""
+    events = (alloc.get("RescheduleTracker") or {}).get("Events") or []
+    if not events:
+        return None
+    previous = str(events[-1].get("PrevAllocID") or "")[:8]
+    return f"Nomad placed it again after allocation {previous} failed (reschedule {len(events)})"
 
 
 def explain_placement(failed: Mapping[str, Mapping[str, Any]]) -> str:

@@ -4,6 +4,7 @@ shows when Nomad cannot place it or its task keeps crashing, PATCH as a new job 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,13 @@ import httpx
 import pytest
 
 from agent.protocol import ModelConfig
-from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate, Resources
+from control.errors import Conflict
+from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate, Resources, TaskCreate
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from tests.conftest import NomadTarget, consul_env, make_settings
 from tests.support.helpers import assert_eventually
+from tests.support.nomad_double import Healthy
 
 HOSTILE = 'quote " ${NOMAD_TOKEN} {{ with nomadVar "nomad/jobs" }}{{ end }} [[ job_id ]]\nnewline'
 
@@ -101,6 +104,31 @@ async def test_a_crash_looping_agent_fails_with_the_tasks_last_words(
         failed = await _settled(control, agent, AgentStatus.FAILED, within=60 if nomad_target.real else 20)
         assert failed.status_reason is not None and "Exit Code: 1" in failed.status_reason
         assert "Exceeded allowed attempts 1" in failed.status_reason
+        await control.agents.delete(customer, agent.id)
+
+
+async def test_an_agent_nomad_places_again_after_it_failed_shows_why_and_takes_tasks_again(
+    nomad_target: NomadTarget, nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """The job's reschedule policy (without limit, from 30 s, doubling) has Nomad place a failed allocation
+    again: the agent goes from `failed` to `starting`, saying so, and is refused tasks only while failed. Against
+    the double the new allocation runs (a real Nomad's crashes again: the agent runs /bin/false)."""
+    async with await _control(nomad_target, nats_server, tmp_path / "data", agent_python="/bin/false") as control:
+        customer = await _customer(control)
+        agent = await control.agents.create(customer, definition())
+        await _settled(control, agent, AgentStatus.FAILED, within=60 if nomad_target.real else 20)
+        if nomad_target.double is not None:
+            nomad_target.double.set_behaviour(agent.job_id, Healthy())
+        with pytest.raises(Conflict, match="start it again"):
+            await control.tasks.create(customer, TaskCreate(agent_id=agent.id, task="hello"))
+        again = await _settled(control, agent, AgentStatus.STARTING, within=90 if nomad_target.real else 20)
+        assert again.status_reason is not None
+        assert re.fullmatch(
+            r"Nomad placed it again after allocation [0-9a-f]{8} failed \(reschedule 1\)", again.status_reason
+        )
+        if nomad_target.double is not None:  # a real Nomad's fails again meanwhile
+            task = await control.tasks.create(customer, TaskCreate(agent_id=agent.id, task="hello"))
+            assert task.status == "queued"
         await control.agents.delete(customer, agent.id)
 
 

@@ -736,8 +736,15 @@ class NomadDouble:
     # -- allocations -----------------------------------------------------------------------------------------
 
     def _new_alloc(
-        self, job: dict[str, Any], group: dict[str, Any], node: Node, eval_id: str, deployment: dict[str, Any] | None
-    ) -> None:
+        self,
+        job: dict[str, Any],
+        group: dict[str, Any],
+        node: Node,
+        eval_id: str,
+        deployment: dict[str, Any] | None,
+        replaces: tuple[dict[str, Any], int] | None = None,
+    ) -> dict[str, Any]:
+        """A new allocation; ``replaces``: the failed allocation it reschedules, and the delay it waited."""
         task = group["Tasks"][0]
         index = sum(1 for a in self.allocs.values() if a["JobID"] == job["ID"] and a["Namespace"] == job["Namespace"])
         now = time.time_ns()
@@ -797,12 +804,23 @@ class NomadDouble:
             "_task": task["Name"],
             "_restarts": [],
         }
+        if replaces is not None:
+            previous, delay = replaces
+            earlier = (previous.get("RescheduleTracker") or {}).get("Events") or []
+            event = {"RescheduleTime": now, "PrevAllocID": previous["ID"], "PrevNodeID": previous["NodeID"]}
+            alloc.update(
+                PreviousAllocation=previous["ID"], RescheduleTracker={"Events": [*earlier, {**event, "Delay": delay}]}
+            )
         self._task_event(alloc, "Received", "Task received by client")
         self._save_alloc(alloc, "AllocationCreated")
+        if replaces is not None:
+            replaces[0]["NextAllocation"] = alloc["ID"]
+            self._save_alloc(replaces[0])
         if deployment is not None:
             deployment["TaskGroups"][group["Name"]]["PlacedAllocs"] += 1
             self._save_deployment(deployment)
         self._after(0.2, lambda: self._setup(alloc["ID"]))
+        return alloc
 
     def _task_event(self, alloc: dict[str, Any], kind: str, message: str, **fields: Any) -> None:
         event = {
@@ -909,6 +927,49 @@ class NomadDouble:
         self._save_alloc(alloc)
         if alloc["DeploymentID"]:
             self._advance(alloc["DeploymentID"])
+        self._reschedule_later(alloc)
+
+    def _reschedule_later(self, alloc: dict[str, Any]) -> None:
+        """Nomad's reschedule policy: a failed allocation of a job that still wants it is placed again by a
+        follow-up evaluation (``alloc-failure``) after the policy's delay, doubled for each earlier reschedule of it
+        with the exponential function, up to ``MaxDelay``; without limit if ``Unlimited``, else at most ``Attempts``
+        in ``Interval``. An allocation of a deployment still running is the deployment's to handle."""
+        job = self.jobs.get((alloc["Namespace"], alloc["JobID"]))
+        deployment = self.deployments.get(alloc["DeploymentID"]) if alloc["DeploymentID"] else None
+        if job is None or job.get("Stop") or (deployment is not None and deployment["Status"] == "running"):
+            return
+        group = next(g for g in alloc["Job"]["TaskGroups"] if g["Name"] == alloc["TaskGroup"])
+        policy = group.get("ReschedulePolicy") or {"Delay": 30 * NS, "MaxDelay": 3600 * NS, "Unlimited": True}
+        earlier = (alloc.get("RescheduleTracker") or {}).get("Events") or []
+        if not policy.get("Unlimited"):
+            since = time.time_ns() - int(policy.get("Interval") or 0) * self.time_scale
+            if sum(1 for e in earlier if e["RescheduleTime"] >= since) >= int(policy.get("Attempts") or 0):
+                return
+        delay = int(policy.get("Delay") or 30 * NS)
+        if policy.get("DelayFunction", "exponential") == "exponential":
+            delay *= 2 ** len(earlier)
+        delay = min(delay, int(policy.get("MaxDelay") or delay))
+        followup = self._new_eval(job, "alloc-failure")
+        followup["WaitUntil"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + delay / NS))
+        alloc["FollowupEvalID"] = followup["ID"]
+        self._save_eval(followup)
+        self._save_alloc(alloc)
+        self._after(delay / NS, lambda: self._reschedule(followup["ID"], alloc["ID"], delay))
+
+    def _reschedule(self, eval_id: str, alloc_id: str, delay: int) -> None:
+        evaluation, failed = self.evals[eval_id], self.allocs[alloc_id]
+        key = (failed["Namespace"], failed["JobID"])
+        job = self.jobs.get(key)
+        group = next((g for g in (job or {}).get("TaskGroups") or [] if g["Name"] == failed["TaskGroup"]), None)
+        running = [a for a in self._current_allocs(*key) if a["TaskGroup"] == failed["TaskGroup"]]
+        if job is not None and not job.get("Stop") and group is not None and len(running) < group["Count"]:
+            nodes, metric = self._place(job, group, 1)
+            for node in nodes:
+                self._new_alloc(job, group, node, eval_id, None, replaces=(failed, delay))
+            if metric is not None:
+                evaluation["FailedTGAllocs"] = {group["Name"]: metric}
+        evaluation["Status"] = "complete"
+        self._save_eval(evaluation)
 
     def _health(self, alloc_id: str, healthy: bool) -> None:
         alloc = self._live(alloc_id)
