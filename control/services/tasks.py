@@ -346,8 +346,11 @@ class TaskService:
         task = await self.get(customer_id, task_id)
         if task.status in TERMINAL_TASK_STATUSES:
             raise Conflict(f"task {task.id} is already {task.status.value}")
-        # marked first: a runner that takes the task up (again) after this is told at once (see _fold)
-        await self._repo.update(task_key(task.customer_id, task.id), _cancel_requested)
+        # marked first: a runner that takes the task up (again) after this is told at once (see _fold); and what
+        # follows goes by the record as marked, not as read (a team's answer queued meanwhile: its run goes on)
+        task = await self._repo.update(task_key(task.customer_id, task.id), _cancel_requested) or task
+        if task.status in TERMINAL_TASK_STATUSES:
+            raise Conflict(f"task {task.id} is already {task.status.value}")
         if task.team_id is not None and self._teams is not None:
             return await self._teams.cancel(task)
         agent = None
@@ -740,13 +743,17 @@ class TaskService:
             return
         # the messages first, each under its own key: a record that says the task ended is never read before its
         # transcript is whole (so one folded into the record already, delivered again, has its entry stored)
-        entries = [
-            (seq, TranscriptEntry(attempt=event.attempt, message=message))
-            for seq, event in sequenced
-            if seq > known[0].events_seq
-            and event.attempt >= known[0].attempt
-            and (message := transcript_message(event)) is not None
-        ]
+        # and none after the task ended: what a run says once it is cancelled is no part of it (the SSE feed
+        # ends at the end as well)
+        entries: builtins.list[tuple[int, TranscriptEntry]] = []
+        ended = known[0].status in TERMINAL_TASK_STATUSES
+        for seq, event in sequenced:
+            if ended:
+                break
+            if seq > known[0].events_seq and event.attempt >= known[0].attempt:
+                if (message := transcript_message(event)) is not None:
+                    entries.append((seq, TranscriptEntry(attempt=event.attempt, message=message)))
+                ended = event.kind == EventKind.STATUS and event.content in _TERMINAL_VALUES
         written = await asyncio.gather(
             *(self._transcripts.put(f"{key}.{seq}", entry.model_dump_json().encode()) for seq, entry in entries),
             return_exceptions=True,
@@ -798,6 +805,7 @@ class TaskService:
             await _patiently(f"release the slot of {key}", lambda: self._quotas.release_task(customer_id, after.id))
 
 
+_TERMINAL_VALUES = frozenset(status.value for status in TERMINAL_TASK_STATUSES)
 TRANSCRIPT_KINDS = (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESULT, EventKind.INPUT_REQUEST)
 
 

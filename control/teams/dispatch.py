@@ -133,7 +133,7 @@ class TeamTasks:
         """Cancel a team task whose record says a cancel was asked for (a manager that takes it up after this
         reads that and ends it unrun). A run no manager was handed, or one waiting for the human, ends here;
         otherwise the manager that holds it stops it everywhere, and reports ``cancelled``."""
-        seq = task.queue_seq if task.status == TaskStatus.QUEUED else None
+        seq = task.queue_seq if task.status == TaskStatus.QUEUED else await self._answer_queued(task)
         if seq is not None and not await handed_out(self._js, TEAM_CONSUMER, seq):
             with contextlib.suppress(NotFoundError):
                 await self._js.delete_msg(TASKS_STREAM, seq)
@@ -143,6 +143,23 @@ class TeamTasks:
         await self.drop_checkpoint(task)
         await self._publish_status(task, "cancelled", "cancelled on request")
         return task
+
+    async def _answer_queued(self, task: Task) -> int | None:
+        """The stream sequence of the human's answer to the question ``task`` waits on, queued or in a manager's
+        hands, though its record still says ``awaiting_input`` (the answer's `queued` status is folded into it a
+        moment later); None if no answer to that question is queued (the request its last run was handed may
+        still be in the stream for a moment after the run asked: it is not taken for one)."""
+        if task.status != TaskStatus.AWAITING_INPUT or task.queue_seq is None:
+            return None
+        try:
+            stored = await self._js.get_msg(TASKS_STREAM, task.queue_seq)
+            request = TeamTaskRequest.model_validate_json(stored.data or b"")
+        except (NotFoundError, ValueError):
+            return None
+        if request.task_id != task.id or request.kind != "input":
+            return None
+        checkpoint = await self._checkpoints.get(task_key(task.customer_id, task.id))
+        return task.queue_seq if checkpoint is not None and request.segment == checkpoint.segment else None
 
     async def drop_checkpoint(self, task: Task) -> None:
         """Forget where the task's run stopped (it ended, and no run of it goes on)."""

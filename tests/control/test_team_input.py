@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import pytest
 from autogen_agentchat.conditions import HandoffTermination, MaxMessageTermination
 from autogen_agentchat.messages import TextMessage
 from nats.js.errors import KeyNotFoundError
 
-from agent.protocol import Event, task_events_subject
+from agent.protocol import TASKS_STREAM, Event, task_events_subject
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.services.tasks import task_key
@@ -288,3 +289,80 @@ async def test_an_answers_queued_status_stored_after_the_team_asked_again_leaves
     assert done["status"] == "completed", (done["status_reason"], done["messages"])
 
     assert api_transcript(done) == await asked_and_answered(specs, "Green.", "Sage.")
+
+
+@pytest.mark.parametrize("stale", ["read before the answer", "record behind"])
+@pytest.mark.parametrize("handed_out", [True, False], ids=["run taken up", "still queued"])
+async def test_a_cancel_right_after_an_answer_stops_the_answers_run_and_leaves_no_saved_state(
+    api: Api, monkeypatch: pytest.MonkeyPatch, handed_out: bool, stale: str
+) -> None:
+    """A cancel sent right after an answer may find the task as it was before it: it read the record before the
+    answer was queued, or the answer's `queued` status is not folded into the record yet (which still says
+    `awaiting_input`). It must not take it for a task nobody runs (ending it there while a manager runs the answer
+    on, and saves the state again for a task that has ended): the queued answer is taken out, or the manager
+    that took it up stops it, and nothing of the task is left saved."""
+    customer_id, headers = await api.new_customer()
+    slow_maker = {**SPECS, "maker": {"model": script("m1", "m2", "m3", delay_ms=300)}}
+    task_id = await asking_task(api, headers, slow_maker)
+    await tracker_caught_up(api)
+    said = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()["messages"]
+    before_the_answer = await api.control.tasks.get(customer_id, task_id)
+    runner = api.control._team_runner
+    assert runner is not None
+    if not handed_out:  # no manager takes the answer up before the cancel
+        await runner.stop()
+    running, folding, fold = asyncio.Event(), asyncio.Event(), api.control.tasks._fold
+
+    async def heard(msg: Any) -> None:
+        event = Event.model_validate_json(msg.data)
+        if event.content == "running" and "run_id" in event.data:
+            running.set()
+
+    async def held(*args: Any) -> None:
+        await folding.wait()
+        await fold(*args)
+
+    if stale == "record behind":
+        monkeypatch.setattr(api.control.tasks, "_fold", held)
+    watch = await api.control.jet.nc.subscribe(task_events_subject(customer_id, task_id), cb=heard)
+    answered = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Blue."}, headers=headers)
+    assert answered.status_code == 202, answered.text
+    if handed_out:  # its manager runs the answer's segment (the maker's turn takes 300 ms)
+        await asyncio.wait_for(running.wait(), 10)
+    await watch.unsubscribe()
+    read, get = [], api.control.tasks.get
+
+    async def read_before_the_answer(*args: Any) -> Any:
+        if read:
+            return await get(*args)
+        read.append(args)
+        return before_the_answer
+
+    if stale == "read before the answer":
+        await tracker_caught_up(api)
+        monkeypatch.setattr(api.control.tasks, "get", read_before_the_answer)
+    assert (await api.control.tasks.get(customer_id, task_id)).status == "awaiting_input"
+    read.clear()
+    cancel = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
+    assert cancel.status_code == 202, cancel.text
+    folding.set()
+    ended = await task_status(api, headers, task_id)
+    assert ended["status"] == "cancelled", ended
+    await assert_eventually(lambda: _now(task_id not in runner._active), bool, what="no run of it left")
+    await asyncio.sleep(0.5)  # (a run left going would have said its next message by now)
+    await tracker_caught_up(api)
+    with pytest.raises(KeyNotFoundError):
+        await api.control.jet.kv["team_state"].get(task_key(customer_id, task_id))
+    final = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert final["status"] == "cancelled" and final["finished_at"] == ended["finished_at"]
+    members = ("asker", "maker")
+    assert [m for m in final["messages"] if m["source"] in members] == [m for m in said if m["source"] in members]
+    assert (await api.client.get("/v1/usage", headers=headers)).json()["concurrent_tasks"] == 0
+    record = await api.control.tasks.get(customer_id, task_id)
+    assert record.queue_seq is not None
+    with pytest.raises(nats.js.errors.NotFoundError):  # no manager is left an answer to run
+        await api.control.jet.js.get_msg(TASKS_STREAM, record.queue_seq)
+
+
+async def _now(value: bool) -> bool:
+    return value

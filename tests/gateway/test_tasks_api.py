@@ -524,17 +524,25 @@ async def test_tasks_that_ended_before_the_retention_time_are_forgotten_records_
 
 async def test_a_result_that_comes_after_the_task_ended_changes_nothing(api: Api) -> None:
     """A run's last words published after its task ended (a cancelled run that answered all the same) neither
-    turn it back into `completed` nor give it a result."""
+    turn it back into `completed` nor give it a result, nor join its transcript: the record keeps what the event
+    stream showed up to the end, whether the words come in the same batch of events as the end or after it."""
     customer_id, headers, task_id = await running_slow_task(api)
-    assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
-    assert (await finished(api, headers, task_id))["status"] == "cancelled"
+    said = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()["messages"]
     late = functools.partial(task_event, customer_id, task_id)
+    end = late(EventKind.STATUS, "cancelled")
+    batch = [late(EventKind.MESSAGE, "before the end"), end, late(EventKind.MESSAGE, "1")]
+    await publish_while_away(api, *batch)
+    await api.control.tasks.start_tracker(api.control.agents.on_agent_event)
+    assert (await finished(api, headers, task_id))["status"] == "cancelled"
+    await api.control.tasks.publish(late(EventKind.MESSAGE, "2"))
+    await api.control.tasks.publish(late(EventKind.TOOL_CALL, calls=[{"name": "calculator"}]))
     await api.control.tasks.publish(late(EventKind.ERROR, "too late"))
     await api.control.tasks.publish(late(EventKind.RESULT, "too late"))
     await api.control.tasks.publish(late(EventKind.STATUS, "completed"))
     await tracker_caught_up(api)
     task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
-    assert (task["status"], task["status_reason"], task["result"]) == ("cancelled", "cancelled on request", None)
+    assert (task["status"], task["status_reason"], task["result"]) == ("cancelled", None, None)
+    assert [m["content"] for m in task["messages"]] == [*(m["content"] for m in said), "before the end"]
 
 
 async def test_an_impossible_event_does_not_stop_the_records_from_following(api: Api) -> None:
