@@ -35,6 +35,19 @@ def _answer(task: Task, content: str, checkpoint: Checkpoint) -> TeamTaskRequest
     )
 
 
+def _asked(task: Task, checkpoint: Checkpoint | None) -> bool:
+    """Whether the run of ``task`` has asked the human a question its record does not know of yet (it still says
+    ``running``: the `awaiting_input` status, which a client may have seen on the event stream already, is folded
+    into it a moment later). A run saves the question's checkpoint before it publishes the question."""
+    return (
+        task.status == TaskStatus.RUNNING
+        and checkpoint is not None
+        and checkpoint.asked_by is not None
+        and not checkpoint.between_turns
+        and checkpoint.segment > task.input_segment
+    )
+
+
 class TeamTasks:
     def __init__(
         self,
@@ -97,9 +110,9 @@ class TeamTasks:
             checkpoint = await self._checkpoints.get(task_key(task.customer_id, task.id))
             if checkpoint is not None and await self._queued_as(task.queue_seq, _answer(task, content, checkpoint)):
                 return task
-        if task.status != TaskStatus.AWAITING_INPUT:
-            raise Conflict(f"task {task.id} is {task.status.value}, not awaiting input")
         checkpoint = await self._checkpoints.get(task_key(task.customer_id, task.id))
+        if task.status != TaskStatus.AWAITING_INPUT and not _asked(task, checkpoint):
+            raise Conflict(f"task {task.id} is {task.status.value}, not awaiting input")
         if checkpoint is None:
             raise Conflict(f"task {task.id} has no saved state to resume from")
         team = await self._teams.get(task.customer_id, task.team_id)

@@ -56,6 +56,15 @@ class SelectorSpec(BaseModel):
     )
     allow_repeated_speaker: bool = False
 
+    @field_validator("model")
+    @classmethod
+    def _names_a_speaker(cls, value: ModelConfig) -> ModelConfig:
+        """A selector's answer is the next speaker's name: AgentChat takes text only (a scripted tool call failed
+        the task with a bare ``AssertionError``)."""
+        if any(not isinstance(response, str) for response in value.responses):
+            raise ValueError("a selector's scripted responses name the next speaker: text, not tool calls")
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _placeholders(cls, value: str | None) -> str | None:
@@ -113,6 +122,17 @@ class TeamCreate(BaseModel):
                 raise ValueError(f"handoffs of {source} repeat")
         if self.mode == "swarm" and not self.handoffs.get(self.members[0]):
             raise ValueError("a swarm starts with its first member, which needs handoffs")
+        if (
+            self.mode == "swarm"
+            and not self.termination.handoff_to_user
+            and any(USER in t for t in self.handoffs.values())
+        ):
+            raise ValueError(
+                "a swarm's handoff to 'user' needs termination.handoff_to_user: true (to stop and ask the human; "
+                "the swarm has no member 'user' to give the turn to)"
+            )
+        if self.mode == "selector" and len(self.members) < 2:
+            raise ValueError("mode 'selector' needs at least two members, for its model to choose from")
         if self.termination.handoff_to_user and not any(USER in t for t in self.handoffs.values()):
             raise ValueError("termination.handoff_to_user needs a member with a handoff to 'user'")
         return self

@@ -355,7 +355,7 @@ class TeamRunner:
             if unstored is not None:
                 raise _Failed(f"an event of the task was not stored: {unstored}")
             await turns.close()
-            await self._finish(task, attempt, chat, selector, checkpoint, record, result)
+            await self._finish(task, attempt, team, chat, selector, checkpoint, record, result)
         finally:
             self._storing.pop(task.id, None)
             for beat in beats:
@@ -400,6 +400,7 @@ class TeamRunner:
         self,
         task: Task,
         attempt: int,
+        team: Team,
         chat: Any,
         selector: Any,
         checkpoint: Checkpoint,
@@ -408,7 +409,9 @@ class TeamRunner:
     ) -> None:
         messages = result.messages if result is not None else []
         last = messages[-1] if messages else None
-        if isinstance(last, HandoffMessage) and last.target == USER:
+        # the human is asked when the team stops for it; a handoff to the user that comes as another condition
+        # holds (the last of `max_messages`) ends the task as that condition says
+        if team.termination.handoff_to_user and isinstance(last, HandoffMessage) and last.target == USER:
             question = _question(result, last)
             saved = Checkpoint(
                 segment=checkpoint.segment + 1,

@@ -18,6 +18,7 @@ from agent.protocol import TASKS_STREAM, Event, task_events_subject
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.services.tasks import task_key
+from control.store import Repo
 from control.teams.models import Checkpoint
 from tests.conftest import Api, make_settings, serve_api
 from tests.control.test_team_takeover import replica_serving
@@ -366,3 +367,36 @@ async def test_a_cancel_right_after_an_answer_stops_the_answers_run_and_leaves_n
 
 async def _now(value: bool) -> bool:
     return value
+
+
+async def test_an_answer_sent_as_the_question_shows_on_the_event_stream_is_taken(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that answers as soon as the stream shows `awaiting_input` may come before the record says so (the
+    events are folded into it a moment later): the answer is taken, not refused as for a running task."""
+    customer_id, headers = await api.new_customer()
+    made = await agents(api, headers, {**SPECS, "maker": {"model": script("m1", "m2", "m3", delay_ms=300)}})
+    asker, maker = made["asker"]["id"], made["maker"]["id"]
+    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=ASKING)
+    task_id = await start(api, headers, created["id"], "Paint the fence.")
+    assert (await task_status(api, headers, task_id, ("running", *TERMINAL)))["status"] == "running"
+    folding, fold = asyncio.Event(), api.control.tasks._fold
+
+    async def held(*args: Any) -> None:
+        await folding.wait()
+        await fold(*args)
+
+    monkeypatch.setattr(api.control.tasks, "_fold", held)  # from now on the record stays `running`
+    checkpoints = Repo(api.control.jet.kv["team_state"], Checkpoint)
+    await assert_eventually(
+        lambda: checkpoints.get(task_key(customer_id, task_id)),
+        lambda saved: saved is not None and saved.asked_by == "asker" and not saved.between_turns,
+        what="the question asked",
+    )
+    answered = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Blue."}, headers=headers)
+    assert answered.status_code == 202, answered.text
+    folding.set()
+    done = await task_status(api, headers, task_id)
+    assert done["status"] == "completed", done
+    assert ("user", "TextMessage", "Blue.") in api_transcript(done)
+    assert api_transcript(done) == await asked_and_answered(SPECS, "Blue.")

@@ -334,6 +334,18 @@ async def test_team_input_is_validated_and_nothing_is_half_written(api: Api) -> 
         {"name": "t", "members": ["../../etc"], "termination": {"max_messages": 2}},
         {"name": "t", "members": [one], "termination": {"max_messages": 0}},
         {"name": "t", "members": [one], "termination": {"max_messages": 2}, "extra": 1},
+        # a swarm's handoff to the user, without stopping for it: AgentChat fails the run (no member "user")
+        {"name": "t", "members": [one, two], "mode": "swarm", "handoffs": {one: [two], two: ["user"]}, **terminated},
+        # a selector chooses among two members at least (AgentChat refused every task on such a team)
+        {"name": "t", "members": [one], "mode": "selector", "selector": {"model": script("one")}, **terminated},
+        # a selector's answer names a member: a scripted tool call failed every task with a bare AssertionError
+        {
+            "name": "t",
+            "members": [one, two],
+            "mode": "selector",
+            "selector": {"model": script({"tool": "transfer_to_one", "arguments": {}})},
+            **terminated,
+        },
     ]
     deep = {"provider": "replay", "name": "s", "responses": [{"tool": "pick", "arguments": nested(220)}]}
     bad.append({"name": "t", "members": [one, two], "mode": "selector", "selector": {"model": deep}, **terminated})
@@ -454,6 +466,28 @@ async def test_a_token_budget_ends_the_run_where_agentchat_ends_it(api: Api) -> 
     assert len(task["messages"]) < 9
     assert task["usage"]["prompt_tokens"] + task["usage"]["completion_tokens"] >= 40
     assert await stop_reason(api, headers, task_id) == local_stop
+
+
+async def test_a_handoff_to_the_user_that_is_not_what_stops_the_team_ends_the_task_as_agentchat_does(api: Api) -> None:
+    """A round robin whose member hands off to the user is asked nothing unless `handoff_to_user` stops the team:
+    when `max_messages` ends the run on that handoff, the task completes with AgentChat's stop reason (it waited
+    for the human, and then ran on past the limit)."""
+    _, headers = await api.new_customer()
+    specs = {
+        "asker": {"model": script({"tool": "transfer_to_user", "arguments": {}}, "a2")},
+        "maker": {"model": script("m1", "m2")},
+    }
+    made = await agents(api, headers, specs)
+    asker = made["asker"]["id"]
+    members = [made["maker"]["id"], asker]  # the task, m1, then the asker's handoff: the third message
+    created = await team(api, headers, members=members, handoffs={asker: ["user"]}, termination={"max_messages": 3})
+    task = await task_status(api, headers, await start(api, headers, created["id"], "Paint the fence."))
+    local = local_team(dict(reversed(specs.items())), "round_robin", MaxMessageTermination(3), {"asker": ["user"]})
+    items, local_stop = await run_local(local, "Paint the fence.")
+    assert local_stop is not None and local_stop.startswith("Maximum number of messages 3 reached")
+    assert (task["status"], task["status_reason"]) == ("completed", local_stop), task
+    assert api_transcript(task) == local_transcript(items)
+    assert [m["type"] for m in task["messages"]][-1] == "HandoffMessage"
 
 
 async def test_a_timeout_ends_the_run_after_the_message_that_crosses_it(api: Api) -> None:
