@@ -17,6 +17,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -82,6 +83,18 @@ def _count(text: str) -> int:
     return number
 
 
+def _time(text: str) -> str:
+    """An audit bound: an ISO 8601 time with its timezone, as the API takes it (checked here, so that nothing is
+    sent for a typo)."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"not a time with its timezone, such as 2030-01-01T00:00:00Z: {text!r}")
+    return text.strip()
+
+
 def _id(args: argparse.Namespace, option: str, what: str, hint: str = "") -> None:
     """An id option or argument, given empty or malformed (``--agent "$AGENT"`` with ``AGENT`` unset), is bad
     usage: never "every agent" nor a request to the API."""
@@ -142,8 +155,8 @@ def add_commands(sub: Any) -> None:
     audit.add_argument("--actor", help="who: an admin key's prefix, system:token-budget, ...")
     audit.add_argument("--action", help="what: killswitch.engage, quota.set, auth.forbidden, ...")
     audit.add_argument("--customer", help="the customer it concerned")
-    audit.add_argument("--since", help="from this time, with a timezone: 2030-01-01T00:00:00Z")
-    audit.add_argument("--until", help="to this time, with a timezone")
+    audit.add_argument("--since", type=_time, help="from this time, with a timezone: 2030-01-01T00:00:00Z")
+    audit.add_argument("--until", type=_time, help="to this time, with a timezone")
     audit.add_argument("--limit", type=_count, default=100, help="the newest N that match (1-1000, default 100)")
 
     sub.add_parser("stats", parents=[common, as_json], help="agents and tasks by status, tokens, allocations")

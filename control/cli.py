@@ -275,9 +275,10 @@ def _demo_model(settings: Settings) -> _DemoModel:
         ScriptedToolCall(tool="calculator", arguments={"expression": "6 * 7"}),
         "The answer is 42. (This agent runs on the offline scripted model.)",
     ]
+    why_not_local = "switched off (CARAVAN_LOCAL_MODEL=0)" if not settings.local_model else "not installed"
     return _DemoModel(
         ModelConfig(provider="replay", name="scripted-demo", responses=scripted),
-        "replay (scripted answers: no provider key is set and the local model is not installed)",
+        f"replay (scripted answers: no provider key is set and the local model is {why_not_local})",
         team=_scripted_team(),
     )
 

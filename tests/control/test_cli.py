@@ -390,3 +390,14 @@ def test_the_banner_says_where_the_dashboard_is(tmp_path: Path) -> None:
     base = f"http://{settings.http_host}:{settings.http_port}"
     lines = _banner(settings, "nats://x", {}, "m").splitlines()
     assert any(line.startswith(f"  Dashboard  {base}/dashboard ") for line in lines)
+
+
+@pytest.mark.usefixtures("no_provider_keys")
+@pytest.mark.parametrize(
+    ("local_model", "said"), [(False, "switched off (CARAVAN_LOCAL_MODEL=0)"), (True, "not installed")]
+)
+def test_the_banner_says_why_the_demo_runs_on_scripted_answers(local_model: bool, said: str, tmp_path: Path) -> None:
+    settings = make_settings("nats://127.0.0.1:4222", tmp_path, local_model=local_model, local_model_url=None)
+    demo = _demo_model(settings)
+    assert demo.model.provider == "replay"
+    assert demo.about.endswith(f"the local model is {said})")
