@@ -286,8 +286,8 @@ class TeamRunner:
     ) -> None:
         try:
             team = await self._teams.get(task.customer_id, request.team_id)
-        except NotFound as exc:
-            raise _Failed(f"team {request.team_id} was deleted") from exc
+        except NotFound as exc:  # as a task queued while its team was deleted ends (TaskService._unless_team_went)
+            raise _Failed(f"team {request.team_id} was deleted", TaskStatus.CANCELLED) from exc
         members: dict[str, AgentDefinition] = {}
         for agent_id in team.members:
             definition = await self._agents.definition(task.customer_id, agent_id)
