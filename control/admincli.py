@@ -32,17 +32,14 @@ __all__ = ["COMMANDS", "add_commands", "run_command"]
 
 HTTP_TIMEOUT_S = 60.0
 """How long a command waits for the gateway's answer to one request."""
-COMMANDS = ("killswitch", "customers", "quota", "audit", "stats")
 UNLIMITED = "unlimited"
-QUOTA_LIMITS = {  # option's field: what the table calls it
-    "max_agents": "agents",
-    "max_cpu": "cpu (MHz)",
-    "max_memory_mb": "memory (MB)",
-    "max_concurrent_tasks": "tasks in flight",
-    "tokens_per_day": "tokens today",
+QUOTA_LIMITS = {  # a quota's field: what the table calls it, and the usage's field it limits
+    "max_agents": ("agents", "agents"),
+    "max_cpu": ("cpu (MHz)", "cpu"),
+    "max_memory_mb": ("memory (MB)", "memory_mb"),
+    "max_concurrent_tasks": ("tasks in flight", "concurrent_tasks"),
+    "tokens_per_day": ("tokens today", "tokens_today"),
 }
-_USED = {"max_agents": "agents", "max_cpu": "cpu", "max_memory_mb": "memory_mb"}
-_USED |= {"max_concurrent_tasks": "concurrent_tasks", "tokens_per_day": "tokens_today"}
 
 
 def shown(text: object) -> str:
@@ -95,12 +92,10 @@ def _time(text: str) -> str:
     return text.strip()
 
 
-def _id(args: argparse.Namespace, option: str, what: str, hint: str = "") -> None:
-    """An id option or argument, given empty or malformed (``--agent "$AGENT"`` with ``AGENT`` unset), is bad
-    usage: never "every agent" nor a request to the API."""
-    value = getattr(args, option)
+def _id(value: str | None, name: str, what: str, hint: str = "") -> None:
+    """An id option or argument ``name``, given empty or malformed (``--agent "$AGENT"`` with ``AGENT`` unset), is
+    bad usage: never "every agent" nor a request to the API."""
     if value is not None and not is_plain_id(value):
-        name = f"--{option}" if option in ("customer", "agent") else option
         usage(f"{name} {value!r} is not {what} id{hint}")
 
 
@@ -143,7 +138,7 @@ def add_commands(sub: Any) -> None:
     )
     change.add_argument("customer_id")
     change.add_argument("--tier", choices=["free", "standard", "enterprise"], help="the API's rate-limit tier")
-    for field, shown_as in QUOTA_LIMITS.items():
+    for field, (shown_as, _) in QUOTA_LIMITS.items():
         change.add_argument(
             f"--{field.replace('_', '-')}", dest=field, type=_limit, metavar="N|unlimited", help=f"limit of {shown_as}"
         )
@@ -232,26 +227,19 @@ def _print_json(value: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> None:
     """Carry out one of :data:`COMMANDS`."""
-    verbs: dict[str, Callable[[httpx.Client, argparse.Namespace], None]] = {
-        "killswitch": _killswitch,
-        "customers": _customers,
-        "quota": _quota,
-        "audit": _audit,
-        "stats": _stats,
-    }
     if args.command == "killswitch":
         hint = " (leave out --customer and --agent to cover every agent)"
-        _id(args, "customer", "a customer", hint)
-        _id(args, "agent", "an agent", hint)
+        _id(args.customer, "--customer", "a customer", hint)
+        _id(args.agent, "--agent", "an agent", hint)
     elif args.command == "audit":
-        _id(args, "customer", "a customer")
+        _id(args.customer, "--customer", "a customer")
     elif args.command == "quota":
-        _id(args, "customer_id", "a customer")
+        _id(args.customer_id, "customer_id", "a customer")
         if args.verb == "set" and args.tier is None and all(getattr(args, f) is None for f in QUOTA_LIMITS):
             options = ", ".join(f"--{f.replace('_', '-')}" for f in ("tier", *QUOTA_LIMITS))
             usage(f"nothing to change: give at least one of {options}")
     with _admin(args) as client:
-        verbs[args.command](client, args)
+        _VERBS[args.command](client, args)
 
 
 # -- the verbs ------------------------------------------------------------------------------------------------
@@ -340,8 +328,8 @@ def _print_usage(used: dict[str, Any]) -> None:
     quota = used["quota"]
     print(f"  {'tier':<16} {quota['tier']}")
     print(f"  {'':<16} {'LIMIT':>12} {'USED':>12}")
-    for field, name in QUOTA_LIMITS.items():
-        print(f"  {name:<16} {_limit_text(quota[field]):>12} {used[_USED[field]]:>12}")
+    for field, (name, used_field) in QUOTA_LIMITS.items():
+        print(f"  {name:<16} {_limit_text(quota[field]):>12} {used[used_field]:>12}")
 
 
 def _audit(client: httpx.Client, args: argparse.Namespace) -> None:
@@ -394,3 +382,14 @@ def _stats(client: httpx.Client, args: argparse.Namespace) -> None:
             f"{alloc['agent_id']:<16}  {alloc['customer_id']:<16}  {shown(alloc['alloc_id']):<36}  "
             f"{alloc['cpu_percent']:>6.1f}  {alloc['memory_rss_mb']:>8.1f}"
         )
+
+
+_VERBS: dict[str, Callable[[httpx.Client, argparse.Namespace], None]] = {
+    "killswitch": _killswitch,
+    "customers": _customers,
+    "quota": _quota,
+    "audit": _audit,
+    "stats": _stats,
+}
+COMMANDS = tuple(_VERBS)
+"""The ``caravan`` verbs this module carries out."""

@@ -282,14 +282,12 @@ class ControlPlane:
     async def set_quota(self, customer_id: str, quota: Quota) -> UsagePublic:
         """Replace the customer's quota; if it leaves them tokens today (or has no daily budget), the budget's own
         halt on them is lifted now (audited as at the day's end), not at midnight. An operator's halt stays."""
-        return await self._quota_set(customer_id, await self.quotas.set_quota(customer_id, quota))
+        return await self.change_quota(customer_id, quota.model_dump())  # every field: the quota replaced
 
     async def change_quota(self, customer_id: str, changes: Mapping[str, Any]) -> UsagePublic:
         """Change only the quota's fields ``changes`` names (:meth:`QuotaService.change_quota`), then as
         :meth:`set_quota`."""
-        return await self._quota_set(customer_id, await self.quotas.change_quota(customer_id, changes))
-
-    async def _quota_set(self, customer_id: str, usage: UsagePublic) -> UsagePublic:
+        usage = await self.quotas.change_quota(customer_id, changes)
         if within_budget(usage):
             assert self._budget is not None
             budget = usage.quota.tokens_per_day

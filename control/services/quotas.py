@@ -165,20 +165,14 @@ class QuotaService:
         default."""
         return self._default.model_copy(update={name: getattr(quota, name) for name in quota.model_fields_set})
 
-    async def set_quota(self, customer_id: str, quota: Quota) -> UsagePublic:
-        """Replace the customer's quota; returns their usage under it. A budget that leaves them tokens today (or
-        none) is crossed afresh: going over it halts them again."""
-        return await self._set(customer_id, lambda _: quota)
-
     async def change_quota(self, customer_id: str, changes: Mapping[str, Any]) -> UsagePublic:
-        """Change the fields ``changes`` names (``None``: unlimited) of the customer's quota as it is stored, and
-        keep the others, as :meth:`set_quota` does; in one compare-and-set, so that two changes of different
-        fields made at once both hold."""
-        return await self._set(customer_id, lambda quota: quota.model_copy(update=changes))
+        """Change the fields ``changes`` names (``None``: unlimited; all of them: the quota replaced) of the
+        customer's quota as it is stored, and keep the others, in one compare-and-set, so that two changes of
+        different fields made at once both hold; returns their usage under it. A budget that leaves them tokens
+        today (or none) is crossed afresh: going over it halts them again."""
 
-    async def _set(self, customer_id: str, make: Callable[[Quota], Quota]) -> UsagePublic:
         def replace(record: QuotaRecord) -> QuotaRecord:
-            quota = make(record.quota)
+            quota = record.quota.model_copy(update=changes)
             exceeded = record.budget_exceeded and not _within_budget(_usage(record), quota)
             return record.model_copy(update={"quota": quota, "budget_exceeded": exceeded})
 

@@ -342,10 +342,8 @@ class TaskService:
         task ends when it says so (``cancelled``; ``completed`` if it had just finished), giving back its quota
         slot then. An agent that has not said so is told again every ``CANCEL_RETELL_S``, and after
         ``cancel_deadline_s`` the task ends ``cancelled`` without it (:meth:`_see_cancel_through`). The answer is
-        the task as it was asked."""
+        the task as the cancel found it."""
         task = await self.get(customer_id, task_id)
-        if task.status in TERMINAL_TASK_STATUSES:
-            raise Conflict(f"task {task.id} is already {task.status.value}")
         # marked first: a runner that takes the task up (again) after this is told at once (see _fold); and what
         # follows goes by the record as marked, not as read (a team's answer queued meanwhile: its run goes on)
         task = await self._repo.update(task_key(task.customer_id, task.id), _cancel_requested) or task
@@ -753,7 +751,7 @@ class TaskService:
             if seq > known[0].events_seq and event.attempt >= known[0].attempt:
                 if (message := transcript_message(event)) is not None:
                     entries.append((seq, TranscriptEntry(attempt=event.attempt, message=message)))
-                ended = event.kind == EventKind.STATUS and event.content in _TERMINAL_VALUES
+                ended = event.kind == EventKind.STATUS and event.content in TERMINAL_TASK_STATUSES
         written = await asyncio.gather(
             *(self._transcripts.put(f"{key}.{seq}", entry.model_dump_json().encode()) for seq, entry in entries),
             return_exceptions=True,
@@ -805,7 +803,6 @@ class TaskService:
             await _patiently(f"release the slot of {key}", lambda: self._quotas.release_task(customer_id, after.id))
 
 
-_TERMINAL_VALUES = frozenset(status.value for status in TERMINAL_TASK_STATUSES)
 TRANSCRIPT_KINDS = (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESULT, EventKind.INPUT_REQUEST)
 
 

@@ -36,8 +36,8 @@ from tests.gateway.teams_support import (
     team,
 )
 from tests.gateway.test_agents_api import wait_status
-from tests.gateway.test_tasks_api import queueing_fails, tracker_caught_up
-from tests.support.helpers import assert_eventually, small_messages
+from tests.gateway.test_tasks_api import held_folding, queueing_fails, tracker_caught_up
+from tests.support.helpers import assert_eventually, now, small_messages
 
 SPECS = {
     "asker": {"model": script("What colour should it be?", {"tool": "transfer_to_user", "arguments": {}}, "a3", "a4")},
@@ -312,19 +312,14 @@ async def test_a_cancel_right_after_an_answer_stops_the_answers_run_and_leaves_n
     assert runner is not None
     if not handed_out:  # no manager takes the answer up before the cancel
         await runner.stop()
-    running, folding, fold = asyncio.Event(), asyncio.Event(), api.control.tasks._fold
+    running = asyncio.Event()
 
     async def heard(msg: Any) -> None:
         event = Event.model_validate_json(msg.data)
         if event.content == "running" and "run_id" in event.data:
             running.set()
 
-    async def held(*args: Any) -> None:
-        await folding.wait()
-        await fold(*args)
-
-    if stale == "record behind":
-        monkeypatch.setattr(api.control.tasks, "_fold", held)
+    folding = held_folding(monkeypatch, api.control.tasks) if stale == "record behind" else asyncio.Event()
     watch = await api.control.jet.nc.subscribe(task_events_subject(customer_id, task_id), cb=heard)
     answered = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Blue."}, headers=headers)
     assert answered.status_code == 202, answered.text
@@ -349,7 +344,7 @@ async def test_a_cancel_right_after_an_answer_stops_the_answers_run_and_leaves_n
     folding.set()
     ended = await task_status(api, headers, task_id)
     assert ended["status"] == "cancelled", ended
-    await assert_eventually(lambda: _now(task_id not in runner._active), bool, what="no run of it left")
+    await assert_eventually(now(lambda: task_id not in runner._active), bool, what="no run of it left")
     await asyncio.sleep(0.5)  # (a run left going would have said its next message by now)
     await tracker_caught_up(api)
     with pytest.raises(KeyNotFoundError):
@@ -365,10 +360,6 @@ async def test_a_cancel_right_after_an_answer_stops_the_answers_run_and_leaves_n
         await api.control.jet.js.get_msg(TASKS_STREAM, record.queue_seq)
 
 
-async def _now(value: bool) -> bool:
-    return value
-
-
 async def test_an_answer_sent_as_the_question_shows_on_the_event_stream_is_taken(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -380,13 +371,7 @@ async def test_an_answer_sent_as_the_question_shows_on_the_event_stream_is_taken
     created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=ASKING)
     task_id = await start(api, headers, created["id"], "Paint the fence.")
     assert (await task_status(api, headers, task_id, ("running", *TERMINAL)))["status"] == "running"
-    folding, fold = asyncio.Event(), api.control.tasks._fold
-
-    async def held(*args: Any) -> None:
-        await folding.wait()
-        await fold(*args)
-
-    monkeypatch.setattr(api.control.tasks, "_fold", held)  # from now on the record stays `running`
+    folding = held_folding(monkeypatch, api.control.tasks)  # from now on the record stays `running`
     checkpoints = Repo(api.control.jet.kv["team_state"], Checkpoint)
     await assert_eventually(
         lambda: checkpoints.get(task_key(customer_id, task_id)),

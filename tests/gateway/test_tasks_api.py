@@ -462,13 +462,7 @@ async def test_replicas_that_reach_a_cancels_deadline_together_end_the_task_once
     customer_id, headers = await api.new_customer()
     _, ready, task_id = await running_on_slow_agent(api, customer_id, headers)
     os.kill(ready["pid"], signal.SIGSTOP)  # hung: it cannot stop the run
-    folded, fold = asyncio.Event(), api.control.tasks._fold
-
-    async def held(*args: Any) -> None:  # the record says nothing of the ending until both replicas ended it
-        await folded.wait()
-        await fold(*args)
-
-    monkeypatch.setattr(api.control.tasks, "_fold", held)
+    folded = held_folding(monkeypatch, api.control.tasks)  # the record says nothing of the ending until both ended it
     try:
         assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
         async with (
@@ -723,6 +717,18 @@ async def only_replicas_fold(api: Api) -> AsyncIterator[None]:
         yield
     finally:
         await api.control.tasks.start_tracker(api.control.agents.on_agent_event)
+
+
+def held_folding(monkeypatch: pytest.MonkeyPatch, tasks: TaskService) -> asyncio.Event:
+    """Every fold of ``tasks`` waits from now until the event returned is set, then goes on."""
+    release, fold = asyncio.Event(), tasks._fold
+
+    async def held(*args: Any) -> None:
+        await release.wait()
+        await fold(*args)
+
+    monkeypatch.setattr(tasks, "_fold", held)
+    return release
 
 
 def stuck_folding(monkeypatch: pytest.MonkeyPatch, tasks: TaskService) -> asyncio.Event:
