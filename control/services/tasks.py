@@ -236,7 +236,9 @@ class TaskService:
         All of it or none: when a step fails (NATS away, a stream gone), what was stored is taken back (the request
         out of the queue, the record deleted) before the error goes up, so that the caller that is told the task
         was not made finds none, and no quota slot is held by a task nothing will run. A request whose publishing
-        timed out may have been stored all the same: its run finds no record and stops (the tracker tells it)."""
+        timed out may have been stored all the same, and one its runner took already may be running, its start
+        folded into the record before it went: its runner is told to stop it (an agent keeps a cancel for a request
+        still on its way), and a run that starts later finds no record and stops (the tracker tells it)."""
         key = task_key(task.customer_id, task.id)
         await self._repo.create(key, task)
         seq: int | None = None
@@ -247,15 +249,29 @@ class TaskService:
             seq = (await self._js.publish(subject, request, headers={"Nats-Msg-Id": task.id})).seq
             await self._repo.update(key, lambda t: t.model_copy(update={"queue_seq": seq}))
         except BaseException:
-            try:
-                if seq is not None:
-                    with contextlib.suppress(NotFoundError):  # (taken by its runner already: its run stops, as above)
-                        await self._js.delete_msg(TASKS_STREAM, seq)
-                await self._repo.delete(key)
-            except Exception as exc:  # NATS still away: the record stays `queued`, and a cancel ends it
-                log.error("task %s could not be queued, nor its record taken back: %r", key, exc)
+            await self._take_back_queued(task, key, seq)
             raise
         return task.model_copy(update={"queue_seq": seq})
+
+    async def _take_back_queued(self, task: Task, key: str, seq: int | None) -> None:
+        """:meth:`_queue`'s undoing: the request out of the queue (``seq``, None if its answer never came), the
+        record deleted, and the runner told if the request may be in its hands."""
+        running = seq is None  # (stored or not)
+        try:
+            if seq is not None:
+                try:
+                    await self._js.delete_msg(TASKS_STREAM, seq)
+                except NotFoundError:  # taken by its runner already
+                    running = True
+            await self._repo.delete(key)
+        except Exception as exc:  # NATS still away: the record stays `queued`, and a cancel ends it
+            log.error("task %s could not be queued, nor its record taken back: %r", key, exc)
+            return
+        if running:
+            try:
+                await self._tell_runner(task)
+            except Exception as exc:  # (a run that starts later still finds no record)
+                log.error("task %s was taken back, but its runner could not be told to stop it: %r", key, exc)
 
     async def _unless_team_went(self, task: Task) -> None:
         """A task queued as its team was deleted after :meth:`TeamTasks.prepare` read it: the delete did not see

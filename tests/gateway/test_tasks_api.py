@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -937,9 +937,12 @@ async def test_tasks_on_a_stopped_agent_are_refused(api: Api) -> None:
 
 
 @contextlib.contextmanager
-def queueing_fails(api: Api, error: Exception, stored: bool = False) -> Iterator[list[bytes]]:
+def queueing_fails(
+    api: Api, error: Exception, stored: bool = False, then: Callable[[bytes], Awaitable[None]] | None = None
+) -> Iterator[list[bytes]]:
     """JetStream takes no task request for a while: each publish on a task queue's subject fails with ``error``
-    (once it is stored, with ``stored``: an answer that never came). Yields the requests tried."""
+    (once it is stored, with ``stored``: an answer that never came; after ``then`` returns, given the request,
+    if given). Yields the requests tried."""
     js = api.control.jet.js
     publish, tried = js.publish, []
 
@@ -949,6 +952,8 @@ def queueing_fails(api: Api, error: Exception, stored: bool = False) -> Iterator
         tried.append(payload)
         if stored:
             await publish(subject, payload, *args, **kwargs)
+        if then is not None:
+            await then(payload)
         raise error
 
     js.publish = failing  # type: ignore[method-assign]
@@ -975,14 +980,28 @@ async def test_a_task_that_cannot_be_queued_is_refused_503_and_leaves_nothing_be
     assert (await finished(api, headers, await start_task(api, headers, agent["id"])))["status"] == "completed"
 
 
-async def test_a_task_request_stored_though_its_answer_never_came_is_stopped_once_it_runs(api: Api) -> None:
+@pytest.mark.parametrize("running_first", [False, True], ids=["runs-later", "running-first"])
+async def test_a_task_request_stored_though_its_answer_never_came_is_stopped_once_it_runs(
+    api: Api, running_first: bool
+) -> None:
     """A request whose publishing timed out may be in the queue all the same: the client is told 503 and the
     task's record is taken back, so that when the agent runs the request, the tracker finds no record for its
-    run and tells the agent to stop it (here in its model call): no run goes on that nobody can see or cancel."""
+    run and tells the agent to stop it (here in its model call): no run goes on that nobody can see or cancel.
+    So too when the answer is so late that the agent has the run going, and the record says so, by then."""
     customer_id, headers = await api.new_customer()
     slow = {"provider": "replay", "name": "slow", "responses": ["too late"], "delay_ms": 60_000}
     agent = await running_agent(api, headers, model=slow, tools=[])
-    with queueing_fails(api, nats.errors.TimeoutError(), stored=True) as tried:
+
+    async def running(request: bytes) -> None:
+        path = f"/v1/tasks/{TaskRequest.model_validate_json(request).task_id}"
+
+        async def status() -> Any:
+            return (await api.client.get(path, headers=headers)).json().get("status")
+
+        await assert_eventually(status, lambda s: s == "running", what="the record running")
+
+    then = running if running_first else None
+    with queueing_fails(api, nats.errors.TimeoutError(), stored=True, then=then) as tried:
         response = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "hi"}, headers=headers)
     assert response.status_code == 503, response.text
     task_id = TaskRequest.model_validate_json(tried[0]).task_id
