@@ -17,7 +17,7 @@ from control.metrics import Metrics
 from control.platform import ControlPlane
 from control.settings import Settings
 from gateway import apidocs, dashboard, logredact, wslog
-from gateway.deps import HEAD_SCOPE_KEY
+from gateway.deps import HEAD_SCOPE_KEY, authenticate_first
 from gateway.errors import error_response, install_error_handlers, refuse_websocket
 from gateway.ratelimit import RateLimiter, Tiers
 from gateway.routes import admin, agents, auth, health, tasks, teams, usage
@@ -53,7 +53,7 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
         app.state.control = control
     app.state.limiter = RateLimiter(scale=settings.rate_limit_scale)
     app.state.tiers = Tiers()
-    install_error_handlers(app)
+    install_error_handlers(app, authenticate_first)
     logredact.install()  # a token in a URL (the WebSocket's ?token=) kept out of the server's log lines
     wslog.install()  # a WebSocket refused with an HTTP answer is not a server error
     app.add_middleware(_LimitedBody, limit=MAX_BODY_BYTES)

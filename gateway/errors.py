@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.message
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
@@ -110,7 +111,9 @@ def _located(error: dict[str, Any]) -> dict[str, Any]:
     return {**error, "loc": loc[1:]}
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Awaitable[None]] | None = None) -> None:
+    """Caravan's answers to errors. ``authenticate`` asks who the caller of a request is before its body is
+    refused as no JSON (FastAPI reads the body before a route's dependencies)."""
     app.add_middleware(_Unexpected)
 
     @app.exception_handler(CaravanError)
@@ -119,6 +122,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if authenticate is not None and any(error.get("type") == "json_invalid" for error in exc.errors()):
+            try:
+                await authenticate(request)
+            except CaravanError as refused:
+                return caravan_error_response(refused)
         return _not_json(request, exc) or _invalid(exc)
 
     @app.exception_handler(WebSocketRequestValidationError)

@@ -259,6 +259,25 @@ async def test_a_body_that_is_not_json_says_where_it_broke_and_names_no_field(ap
     assert (await api.client.get("/v1/agents", headers=headers)).json() == []
 
 
+async def test_a_body_that_is_not_json_is_answered_only_once_the_caller_is_known(api: Api) -> None:
+    """FastAPI reads a JSON body before a route's dependencies: a caller who is not allowed is told so (401, 403),
+    not where the body broke, as for any other body; the token exchange, which asks nobody, says where it broke."""
+    _, headers = await api.new_customer()
+    broken, as_json = b'{"name": "x",, }', {"Content-Type": "application/json"}
+    for sent in ({}, {"Authorization": "Bearer not-a-token"}, {"Authorization": "Basic eDp5"}):
+        refused = await api.client.post("/v1/agents", content=broken, headers={**as_json, **sent})
+        assert refused.status_code == 401, (sent, refused.text)
+        assert refused.json()["error"]["code"] == "unauthorized" and refused.headers["www-authenticate"] == "Bearer"
+    customer_on_admin = await api.client.post("/v1/admin/customers", content=broken, headers={**headers, **as_json})
+    assert customer_on_admin.status_code == 403, customer_on_admin.text
+    exchange = await api.client.post("/v1/auth/token", content=broken, headers=as_json)
+    assert exchange.status_code == 422 and exchange.json()["error"]["details"][0]["field"] == "body", exchange.text
+    admin_broken = await api.client.post(
+        "/v1/admin/customers", content=broken, headers={**await api.admin(), **as_json}
+    )
+    assert admin_broken.status_code == 422, admin_broken.text
+
+
 @pytest.mark.parametrize(
     "content_type",
     ["application/x-www-form-urlencoded", "text/plain; charset=utf-8", "multipart/form-data; boundary=x", "json"],
