@@ -103,6 +103,20 @@ def _is_json(content_type: str) -> bool:
     return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
+def _unreadable(exc: HTTPException) -> CaravanError | None:
+    """The 422 for a JSON body FastAPI could not parse for a reason other than its syntax (its 400 "There was an
+    error parsing the body", raised from what ``json.loads`` raised): bytes that are no UTF-8, or arrays or
+    objects nested deeper than the parser goes. None for any other error."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or not isinstance(cause, UnicodeDecodeError | RecursionError):
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        why = f"not UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
+    else:
+        why = "JSON nested too deeply"
+    return invalid_input([{"loc": ("body",), "msg": why, "type": "json_invalid"}])
+
+
 def _located(error: dict[str, Any]) -> dict[str, Any]:
     loc = tuple(error.get("loc", ()))
     if error.get("type") == "json_invalid":  # its loc is ("body", <the character's offset>): not a field
@@ -120,13 +134,20 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
     async def _caravan(_: Request, exc: CaravanError) -> JSONResponse:
         return caravan_error_response(exc)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if authenticate is not None and any(error.get("type") == "json_invalid" for error in exc.errors()):
+    async def caller_first(request: Request, refusal: JSONResponse) -> JSONResponse:
+        """``refusal`` of a body FastAPI could not read, which it reads before a route's dependencies run: the
+        caller's own refusal (401, 403, 429) if the route would refuse it, as for any other body."""
+        if authenticate is not None:
             try:
                 await authenticate(request)
             except CaravanError as refused:
                 return caravan_error_response(refused)
+        return refusal
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(error.get("type") == "json_invalid" for error in exc.errors()):
+            return await caller_first(request, _invalid(exc))
         return _not_json(request, exc) or _invalid(exc)
 
     @app.exception_handler(WebSocketRequestValidationError)
@@ -134,7 +155,9 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
         await refuse_websocket(websocket, _invalid(exc))
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if (unreadable := _unreadable(exc)) is not None:
+            return await caller_first(request, caravan_error_response(unreadable))
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return error_response(
             exc.status_code,

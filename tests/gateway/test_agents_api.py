@@ -259,23 +259,33 @@ async def test_a_body_that_is_not_json_says_where_it_broke_and_names_no_field(ap
     assert (await api.client.get("/v1/agents", headers=headers)).json() == []
 
 
-async def test_a_body_that_is_not_json_is_answered_only_once_the_caller_is_known(api: Api) -> None:
+UNREADABLE = {
+    "broken": (b'{"name": "x",, }', "JSON decode error at character 13"),
+    "not-utf8": (b'{"name": "\xff\xfe"}', "not UTF-8 (byte 0xff at offset 10)"),
+    "nested": (b"[" * 100_000, "JSON nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("kind", UNREADABLE)
+async def test_a_body_that_is_not_json_is_answered_only_once_the_caller_is_known(api: Api, kind: str) -> None:
     """FastAPI reads a JSON body before a route's dependencies: a caller who is not allowed is told so (401, 403),
-    not where the body broke, as for any other body; the token exchange, which asks nobody, says where it broke."""
+    not where the body broke, as for any other body; one who is gets a 422 saying where (bytes that are no UTF-8
+    and nesting too deep for the parser too, which FastAPI answers with a bare 400); the token exchange, which
+    asks nobody, says where it broke."""
     _, headers = await api.new_customer()
-    broken, as_json = b'{"name": "x",, }', {"Content-Type": "application/json"}
+    (body, why), as_json = UNREADABLE[kind], {"Content-Type": "application/json"}
     for sent in ({}, {"Authorization": "Bearer not-a-token"}, {"Authorization": "Basic eDp5"}):
-        refused = await api.client.post("/v1/agents", content=broken, headers={**as_json, **sent})
+        refused = await api.client.post("/v1/agents", content=body, headers={**as_json, **sent})
         assert refused.status_code == 401, (sent, refused.text)
         assert refused.json()["error"]["code"] == "unauthorized" and refused.headers["www-authenticate"] == "Bearer"
-    customer_on_admin = await api.client.post("/v1/admin/customers", content=broken, headers={**headers, **as_json})
+    customer_on_admin = await api.client.post("/v1/admin/customers", content=body, headers={**headers, **as_json})
     assert customer_on_admin.status_code == 403, customer_on_admin.text
-    exchange = await api.client.post("/v1/auth/token", content=broken, headers=as_json)
-    assert exchange.status_code == 422 and exchange.json()["error"]["details"][0]["field"] == "body", exchange.text
-    admin_broken = await api.client.post(
-        "/v1/admin/customers", content=broken, headers={**await api.admin(), **as_json}
-    )
-    assert admin_broken.status_code == 422, admin_broken.text
+    for path, sent in (("/v1/agents", headers), ("/v1/admin/customers", await api.admin()), ("/v1/auth/token", {})):
+        refused = await api.client.post(path, content=body, headers={**sent, **as_json})
+        assert refused.status_code == 422, (path, refused.text)
+        error = refused.json()["error"]
+        assert error["message"] == f"invalid request: body: {why}" and error["details"][0]["field"] == "body"
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
 
 
 @pytest.mark.parametrize(
