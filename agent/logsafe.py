@@ -22,6 +22,7 @@ __all__ = [
     "hide_in_logs",
     "install_on_handlers",
     "keep_content_out",
+    "printable",
     "secrets_in_env",
 ]
 
@@ -36,6 +37,15 @@ CONTENT_LOGGERS = ("autogen_core.events", "autogen_agentchat.events")
 message of a team; the customer's content, not the operator's."""
 
 _TRACEBACKS = logging.Formatter()  # formats a traceback as every handler's formatter does (formatException)
+
+
+def printable(text: str) -> str:
+    """``text`` as one line a terminal or a log shows as it is: each character that is not printable (controls,
+    escapes, bidi and zero-width marks, line breaks) written as its Python escape (``\\x1b``, ``\\n``,
+    ``\\u202e``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def secrets_in_env(env: Mapping[str, str]) -> list[str]:

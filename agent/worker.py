@@ -31,6 +31,7 @@ from agent.backends import create_flag_store
 from agent.backends.base import FlagStore
 from agent.health import HealthServer
 from agent.killswitch import Halt, KillswitchWatch
+from agent.logsafe import printable
 from agent.models import check_credentials, create_model_client
 from agent.protocol import (
     BROADCAST_SUBJECT,
@@ -328,7 +329,7 @@ class AgentWorker:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed broadcast")
             return
-        log.warning("broadcast from %s: %s", by, message)
+        log.warning("broadcast from %s: %s", printable(by), printable(message))
         await self._publish_agent_event(AgentEventKind.BROADCAST, {"message": message, "by": by}, ack="later")
 
     async def _on_cancel(self, msg: Msg) -> None:

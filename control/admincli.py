@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from agent.backends.base import FlagKey, Scope
+from agent.logsafe import printable
 from agent.protocol import http_url_problem
 from control.cliargs import env_port, usage
 from control.ids import is_digits, is_plain_id
@@ -45,10 +46,7 @@ QUOTA_LIMITS = {  # a quota's field: what the table calls it, and the usage's fi
 def shown(text: object) -> str:
     """``text`` for a terminal: each character that is not printable (controls, escapes, bidi and zero-width
     marks, line breaks) written as its Python escape."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return printable(str(text))
 
 
 # -- arguments ------------------------------------------------------------------------------------------------

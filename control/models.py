@@ -27,6 +27,7 @@ __all__ = [
     "Customer",
     "CustomerCreate",
     "DisplayName",
+    "NotBlank",
     "Resources",
     "Role",
     "Task",
@@ -102,11 +103,14 @@ def _not_blank(value: str) -> str:
     return value
 
 
+NotBlank = AfterValidator(_not_blank)
+"""Text with something to read: not empty, nor only spaces."""
+
 DisplayName = Annotated[
     str,
     StringConstraints(min_length=1, max_length=100),
     Visible,
-    AfterValidator(_not_blank),
+    NotBlank,
     Field(
         description="Any letters; no control, format (zero-width, bidi) or line-break characters, but for a "
         "zero-width joiner or non-joiner between two characters beyond ASCII (emoji sequences, joined scripts)."

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from agent.protocol import ModelConfig
-from control.models import AgentStatus, Resources, TaskMessage, TaskStatus, Usage
+from control.models import AgentStatus, NotBlank, Resources, TaskMessage, TaskStatus, Usage, Visible
 from control.services.quotas import UsagePublic
 from control.teams.models import SelectorSpec, TeamMode, Termination
 
@@ -105,7 +105,13 @@ class KeyPublic(BaseModel):
 class BroadcastRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    message: str = Field(min_length=1, max_length=2000)
+    message: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=2000),
+        Visible,
+        NotBlank,
+        Field(description="One line every agent writes to its log: no control, format or line-break characters."),
+    ]
 
 
 class BroadcastResult(BaseModel):

@@ -19,6 +19,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageT
 from nats.js.errors import BadRequestError
 from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
 
+from agent.logsafe import printable
 from agent.protocol import utcnow
 from control.errors import CaravanError
 from control.natsio import CONSUMER_LIMIT
@@ -61,7 +62,7 @@ def shown_id(value: str | None) -> str | None:
     anything: one line of the log, read as text, must not pass for two, nor bury the rest."""
     if value is None or (value.isprintable() and len(value) <= SHOWN_ID_MAX):
         return value
-    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value)
+    shown = printable(value)
     return shown if len(shown) <= SHOWN_ID_MAX else f"{shown[:SHOWN_ID_MAX]}... ({len(value)} characters)"
 
 

@@ -17,7 +17,15 @@ from autogen_core import EVENT_LOGGER_NAME
 from autogen_core.logging import LLMCallEvent
 
 from agent import __main__ as agent_main
-from agent.logsafe import CONTENT_LOGGERS, REDACTED, Redacting, hide_in_logs, install_on_handlers, secrets_in_env
+from agent.logsafe import (
+    CONTENT_LOGGERS,
+    REDACTED,
+    Redacting,
+    hide_in_logs,
+    install_on_handlers,
+    printable,
+    secrets_in_env,
+)
 from control.cli import configure_logging
 from control.settings import Settings
 
@@ -158,3 +166,16 @@ def test_an_agent_logs_no_model_call_whole() -> None:
         log_content()
         logging.getLogger("caravan.agent").info("its own lines still are")
     assert CONTENT not in lines.getvalue() and "its own lines still are" in lines.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain café ✓ 日本", "plain café ✓ 日本"),
+        ("\x1b[31mred\x00", "\\x1b[31mred\\x00"),
+        ("two\nlines\r", "two\\nlines\\r"),
+        ("\u202eevil\u200b", "\\u202eevil\\u200b"),
+    ],
+)
+def test_printable_keeps_a_line_one_line_that_shows_every_character(text: str, shown: str) -> None:
+    assert printable(text) == shown

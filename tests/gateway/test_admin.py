@@ -408,10 +408,13 @@ async def test_audit_records_logins_refusals_and_cannot_be_deleted(api: Api) -> 
 
 async def test_admin_routes_validate_input(api: Api) -> None:
     admin = await api.admin()
-    assert (await api.client.post("/v1/admin/broadcast", json={"message": ""}, headers=admin)).status_code == 422
+    # every agent writes a broadcast to its log as one line: nothing that would colour, erase or split it
+    for message in ("", "   ", "x" * 2001, "a\u0000b", "\u001b[31mred", "two\nlines", "\u202eevil"):
+        refused = await api.client.post("/v1/admin/broadcast", json={"message": message}, headers=admin)
+        assert refused.status_code == 422 and "message: " in refused.json()["error"]["message"], message
     assert (
-        await api.client.post("/v1/admin/broadcast", json={"message": "x" * 2001}, headers=admin)
-    ).status_code == 422
+        await api.client.post("/v1/admin/broadcast", json={"message": "café 👩‍💻 ok"}, headers=admin)
+    ).status_code == 202
     assert (await api.client.get("/v1/admin/audit", params={"action": "../x"}, headers=admin)).status_code == 422
     assert (await api.client.get("/v1/admin/customers/cu-000000000000", headers=admin)).status_code == 404
     assert (await api.client.post("/v1/admin/agents/ag-000000000000/stop", headers=admin)).status_code == 404
