@@ -14,7 +14,7 @@ from typing import Annotated
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, model_validator
 
 from agent.backends.base import Flag, FlagKey, FlagStore, Scope
 from agent.protocol import AgentEventKind, Event
@@ -60,7 +60,7 @@ class KillswitchRequest(BaseModel):
     engaged: StrictBool = True  # JSON's true or false: "yes" or "false" is refused, not taken for a flag
     reason: Reason = ""
     hard: StrictBool = Field(default=False, description="Also stop the covered agents' jobs.")
-    wait_ms: int = Field(default=2000, ge=0, le=MAX_WAIT_MS, description="How long to wait for acknowledgements.")
+    wait_ms: StrictInt = Field(default=2000, ge=0, le=MAX_WAIT_MS, description="How long to wait for acknowledgements.")
 
     @model_validator(mode="after")
     def _target(self) -> KillswitchRequest:

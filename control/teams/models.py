@@ -24,9 +24,10 @@ HandoffTarget = Annotated[str, StringConstraints(pattern=f"^({ID_PATTERN[1:-1]}|
 
 
 class Termination(BaseModel):
-    """When the team stops; several conditions end it at the first that holds (AgentChat's ``|``)."""
+    """When the team stops; several conditions end it at the first that holds (AgentChat's ``|``). Strict, as
+    every input of a team: numbers and booleans are JSON's own (an integer is taken for a float)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_messages: int | None = Field(default=None, ge=1, le=10_000, description="Messages, the task's included.")
     text_mention: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
@@ -48,7 +49,7 @@ class Termination(BaseModel):
 class SelectorSpec(BaseModel):
     """Mode `selector`: a model reads the conversation and names the next speaker."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: ModelConfig
     prompt: Annotated[str, StringConstraints(min_length=1, max_length=20_000)] | None = Field(
@@ -90,7 +91,9 @@ class SelectorSpec(BaseModel):
 
 
 class TeamCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A team's definition. Strict, as :class:`Termination`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: DisplayName
     members: Annotated[list[AgentRef], Field(min_length=1, max_length=16)] = Field(

@@ -207,9 +207,11 @@ async def test_a_control_plane_started_under_a_hard_flag_runs_none_of_what_it_co
 
 
 async def test_a_flag_that_is_not_json_true_or_false_is_refused_and_nothing_is_engaged(api: Api) -> None:
-    """``"engaged": "yes"`` was taken for true, and ``"false"``, a string, too: a switch is JSON's true or false."""
+    """``"engaged": "yes"`` was taken for true, and ``"false"``, a string, too: a switch is JSON's true or false,
+    and its wait JSON's integer."""
     admin = await api.admin()
-    for field, value in (("engaged", "yes"), ("engaged", "false"), ("engaged", 1), ("hard", "true")):
+    wrong = (("engaged", "yes"), ("engaged", "false"), ("engaged", 1), ("hard", "true"), ("wait_ms", "100"))
+    for field, value in (*wrong, ("wait_ms", 100.0), ("wait_ms", True)):
         body = {"scope": "all", "reason": "typo", field: value}
         response = await api.client.post("/v1/admin/killswitch", json=body, headers=admin)
         assert response.status_code == 422, (field, value, response.text)

@@ -334,6 +334,25 @@ async def test_team_input_is_validated_and_nothing_is_half_written(api: Api) -> 
         {"name": "t", "members": ["../../etc"], "termination": {"max_messages": 2}},
         {"name": "t", "members": [one], "termination": {"max_messages": 0}},
         {"name": "t", "members": [one], "termination": {"max_messages": 2}, "extra": 1},
+        # numbers and booleans are JSON's own, as an agent's: "3", 2.0 or true was taken for a count
+        *(
+            {"name": "t", "members": [one], "termination": termination}
+            for termination in (
+                {"max_messages": "3"},
+                {"max_messages": 2.0},
+                {"max_messages": True},
+                {"timeout_s": "5"},
+                {"max_tokens": "100"},
+                {"max_messages": 2, "handoff_to_user": "yes"},
+            )
+        ),
+        {
+            "name": "t",
+            "members": [one, two],
+            "mode": "selector",
+            "selector": {"model": script("one"), "allow_repeated_speaker": "yes"},
+            **terminated,
+        },
         # a swarm's handoff to the user, without stopping for it: AgentChat fails the run (no member "user")
         {"name": "t", "members": [one, two], "mode": "swarm", "handoffs": {one: [two], two: ["user"]}, **terminated},
         # a selector chooses among two members at least (AgentChat refused every task on such a team)
