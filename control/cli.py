@@ -46,6 +46,7 @@ from control.models import Agent, AgentCreate
 from control.natsauth import NatsAuth, NatsCredentials, control_credentials
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane, control_login
+from control.procs import private_dir
 from control.settings import Settings
 from control.store import Repo
 from control.teams.models import TeamCreate, Termination
@@ -402,7 +403,7 @@ def _require_http_port(settings: Settings) -> None:
 
 async def _up(settings: Settings, nats_port: int) -> None:
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.data_dir)  # keys, stores, logs: no other user's to read
     except OSError as exc:
         raise SystemExit(
             f"caravan: cannot make the data dir {settings.data_dir} ({exc.strerror}): set CARAVAN_DATA_DIR to a "

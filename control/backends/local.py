@@ -38,7 +38,7 @@ from control.backends.base import (
     SubmitResult,
 )
 from control.jobspec import model_key_secret
-from control.procs import die_with_parent
+from control.procs import die_with_parent, private_dir, private_log
 
 __all__ = ["LocalScheduler"]
 
@@ -247,7 +247,7 @@ class LocalScheduler:
         if self._started:
             raise RuntimeError("local scheduler already started")
         self._started = True
-        self._alloc_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self._alloc_dir)
         self._memory_watch = asyncio.create_task(self._watch_memory(), name="memory-limits")
 
     async def stop(self) -> None:
@@ -436,7 +436,7 @@ class LocalScheduler:
         alloc.oom = None
         slot: asyncio.Task[None] | None = None
         try:  # the start slot is released by the slot task once the task is healthy, or here if it never starts
-            with log_path.open("ab") as log_file:
+            with private_log(log_path) as log_file:
                 try:
                     alloc.process = await asyncio.create_subprocess_exec(
                         spec.command,

@@ -22,7 +22,7 @@ import httpx
 
 from agent.aio import cancel_and_wait, exit_reason
 from control.localmodel.chatformat import CHAT_FORMAT
-from control.procs import die_with_parent
+from control.procs import die_with_parent, private_log
 
 __all__ = ["LlamaServer", "LocalModelUnavailable", "bundled_model_path", "runtime_installed"]
 
@@ -166,8 +166,7 @@ class LlamaServer:
         ]  # fmt: skip
 
     async def _launch(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log_file:
+        with private_log(self.log_path) as log_file:
             try:
                 self._proc = await asyncio.create_subprocess_exec(
                     *self._command(),

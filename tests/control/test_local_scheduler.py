@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -317,3 +318,28 @@ async def test_a_start_that_fails_unexpectedly_is_a_failed_run_and_frees_its_sta
             lambda u: u is not None and u.job_id == "caravan-ag-0000000000bb" and u.state is AllocState.RUNNING,
             what="the next job running",
         )
+
+
+async def test_an_allocations_log_is_readable_by_this_user_alone(scheduler, tmp_path: Path) -> None:
+    """An agent's log quotes what its customer sent (its prompts, at debug): no other user of the machine reads
+    it, under the usual umask too (022, which left it 0644)."""
+    sched, rec = scheduler
+    umask = os.umask(0o022)
+    try:
+        result = await sched.submit(job("print('hello', flush=True)\n" + SLEEPER))
+        await assert_eventually(rec.last, lambda u: u is not None and u.state is AllocState.RUNNING, what="running")
+    finally:
+        os.umask(umask)
+    log = tmp_path / "allocs" / "caravan-cu-0000000000aa" / "caravan-ag-0000000000aa" / f"{result.alloc_ids[0]}.log"
+    await assert_eventually(lambda: asyncio.to_thread(log.read_text), lambda text: "hello" in text, what="logged")
+    assert log.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "allocs").stat().st_mode & 0o777 == 0o700
+    assert log.parent.stat().st_mode & 0o777 == 0o700
+
+
+async def test_an_allocation_directory_made_wider_before_is_narrowed_at_start(tmp_path: Path) -> None:
+    """As an earlier version left it."""
+    allocs = tmp_path / "allocs"
+    allocs.mkdir(mode=0o755)
+    async with LocalScheduler(allocs):
+        assert allocs.stat().st_mode & 0o777 == 0o700
