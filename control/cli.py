@@ -46,7 +46,6 @@ from control.models import Agent, AgentCreate
 from control.natsauth import NatsAuth, NatsCredentials, control_credentials
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane, control_login
-from control.procs import private_dir
 from control.settings import Settings
 from control.store import Repo
 from control.teams.models import TeamCreate, Termination
@@ -403,7 +402,7 @@ def _require_http_port(settings: Settings) -> None:
 
 async def _up(settings: Settings, nats_port: int) -> None:
     try:
-        private_dir(settings.data_dir)  # keys, stores, logs: no other user's to read
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, stores, logs; one given is kept as is
     except OSError as exc:
         raise SystemExit(
             f"caravan: cannot make the data dir {settings.data_dir} ({exc.strerror}): set CARAVAN_DATA_DIR to a "
