@@ -34,7 +34,7 @@ from agent.protocol import (
 )
 from control.backends.base import AllocState, JobNotOwned, Scheduler, SchedulerError, StatusUpdate
 from control.errors import Conflict, NotFound, Unavailable, invalid_input
-from control.ids import new_id
+from control.ids import new_id, quoted_id
 from control.jobspec import agent_job, job_id_for, namespace_for
 from control.models import Agent, AgentCreate, AgentRef, AgentStatus, AgentUpdate, ChangeLease
 from control.natsauth import NatsAuth
@@ -230,7 +230,7 @@ class AgentService:
         """A customer's agent (another tenant's IDs are simply not found), or any agent for admins (None)."""
         agent = await self._repo.owned(customer_id, agent_id)
         if agent is None:
-            raise NotFound(f"agent {agent_id!r} not found")
+            raise NotFound(f"agent {quoted_id(agent_id)} not found")
         return agent
 
     async def list(self, customer_id: str | None) -> list[Agent]:
@@ -274,7 +274,7 @@ class AgentService:
             try:
                 updated = await self._repo.update(_key(current.customer_id, current.id), apply)
                 if updated is None:
-                    raise NotFound(f"agent {agent_id!r} not found")
+                    raise NotFound(f"agent {quoted_id(agent_id)} not found")
             except BaseException:
                 if running:
                     await self._quotas.restore_running(current.customer_id, current.id, previous, reserved)
@@ -505,7 +505,7 @@ class AgentService:
         while True:
             stored = await self._repo.update(key, take)
             if stored is None:
-                raise NotFound(f"agent {agent_id!r} not found")
+                raise NotFound(f"agent {quoted_id(agent_id)} not found")
             if stored.lease is not None and stored.lease.owner == owner:
                 break
             if time.monotonic() >= deadline:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from agent.protocol import utcnow
 from control.errors import Conflict, NotFound, Unauthorized
-from control.ids import is_plain_id, new_id
+from control.ids import is_plain_id, new_id, quoted_id
 from control.models import ApiKey, Customer, Role
 from control.store import AlreadyExists, Repo
 
@@ -159,7 +159,7 @@ class AuthService:
     async def get_customer(self, customer_id: str) -> Customer:
         customer = await self._customers.get(customer_id) if is_plain_id(customer_id) else None
         if customer is None:
-            raise NotFound(f"customer {customer_id!r} not found")
+            raise NotFound(f"customer {quoted_id(customer_id)} not found")
         return customer
 
     async def list_customers(self) -> list[Customer]:

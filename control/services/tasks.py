@@ -45,7 +45,7 @@ from agent.protocol import (
 )
 from agent.teamprotocol import team_cancel_subject
 from control.errors import Conflict, Invalid, NotFound
-from control.ids import new_id
+from control.ids import new_id, quoted_id
 from control.lease import Lease
 from control.models import (
     TERMINAL_TASK_STATUSES,
@@ -312,7 +312,7 @@ class TaskService:
         """The task, with its transcript in ``messages`` (``transcript=False``: the record alone)."""
         task = await self._repo.owned(customer_id, task_id)
         if task is None:
-            raise NotFound(f"task {task_id!r} not found")
+            raise NotFound(f"task {quoted_id(task_id)} not found")
         return await self._with_transcript(task) if transcript else task
 
     async def list(
@@ -325,7 +325,7 @@ class TaskService:
         if before is not None:
             anchor = next((t for t in tasks if t.id == before), None)
             if anchor is None:
-                raise NotFound(f"task {before!r} not found")
+                raise NotFound(f"task {quoted_id(before)} not found")
             tasks = [t for t in tasks if (t.created_at, t.id) < (anchor.created_at, anchor.id)]
         if status is not None:
             tasks = [t for t in tasks if t.status == status]

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from agent.protocol import utcnow
 from control.errors import Conflict, Invalid, NotFound
-from control.ids import new_id
+from control.ids import new_id, quoted_id
 from control.models import Task
 from control.services.agents import AgentService
 from control.services.quotas import QuotaService
@@ -47,7 +47,7 @@ class TeamService:
     async def get(self, customer_id: str | None, team_id: str) -> Team:
         team = await self._repo.owned(customer_id, team_id)
         if team is None:
-            raise NotFound(f"team {team_id!r} not found")
+            raise NotFound(f"team {quoted_id(team_id)} not found")
         return team
 
     async def list(self, customer_id: str | None) -> list[Team]:
@@ -62,7 +62,7 @@ class TeamService:
         key = _key(team.customer_id, team.id)
         until = utcnow() + timedelta(seconds=DELETING_S)
         if await self._repo.update(key, lambda t: t.model_copy(update={"deleting_until": until})) is None:
-            raise NotFound(f"team {team_id!r} not found")
+            raise NotFound(f"team {quoted_id(team_id)} not found")
         try:
             unfinished = await customer_unfinished_tasks(self._tasks, self._quotas, team.customer_id)
             active = [t.id for t in unfinished if t.team_id == team.id]

@@ -541,3 +541,22 @@ async def test_concurrent_patches_of_different_fields_both_take_effect(
     assert second.status_code == 200 and (await first).status_code == 200, (second.text, first.result().text)
     after = (await api.client.get(path, headers=headers)).json()
     assert (after["system_message"], after["tools"], after["version"]) == ("Be brief.", ["calculator"], 3)
+
+
+async def test_a_404_quotes_a_long_id_cut_and_its_length_said(api: Api) -> None:
+    """A path's id may be anything up to the server's line limit: the answer quoted it whole (60 KB of 404)."""
+    _, headers = await api.new_customer()
+    long = "a" * 60_000
+    asked = [
+        (headers, f"/v1/agents/{long}"),
+        (headers, f"/v1/tasks/{long}"),
+        (headers, f"/v1/teams/{long}"),
+        (await api.admin(), f"/v1/admin/customers/{long}"),
+    ]
+    for caller, path in asked:
+        response = await api.client.get(path, headers=caller)
+        message = response.json()["error"]["message"]
+        assert response.status_code == 404, (path[:40], response.text[:200])
+        assert f"'{'a' * 100}'... (60000 characters) not found" in message and len(response.content) < 1_000
+    short = await api.client.get("/v1/agents/ag-\u202e0", headers=headers)  # as it was: quoted, escaped
+    assert short.json()["error"]["message"] == "agent 'ag-\\u202e0' not found"
