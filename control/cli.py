@@ -417,6 +417,7 @@ async def _up(settings: Settings, nats_port: int) -> None:
         auth.server_pid = nats_server.pid
         if port == 0:
             log.warning("port %s is in use; NATS listens on %s instead", nats_port, nats_server.port)
+        (nats_dir / UP_NATS_URL).write_text(nats_server.url)  # for `caravan job`, wherever NATS came to listen
         settings = settings.model_copy(update={"nats_url": nats_server.url, "local_model_url": local})
         async with ControlPlane(settings, nats_auth=auth) as control:
             demo = _demo_model(settings)
@@ -438,6 +439,20 @@ async def _serve_only(settings: Settings) -> None:
 
 
 AGENTS_BUCKET = "caravan_agents"
+UP_NATS_URL = "url"
+"""Under ``<data dir>/nats``: the address of the NATS that `caravan up` runs there, as it last started."""
+
+
+def _up_nats(settings: Settings) -> Settings:
+    """``settings`` with the NATS that `caravan up` runs from their data dir, if no NATS URL is given: it listens
+    on ``--nats-port`` or CARAVAN_NATS_PORT, or on another port if 4222 was taken, and a job rendered must name
+    the NATS its agents reach."""
+    if "nats_url" in settings.model_fields_set:
+        return settings
+    with contextlib.suppress(FileNotFoundError):
+        url = (settings.data_dir / "nats" / UP_NATS_URL).read_text().strip()
+        return settings.model_copy(update={"nats_url": url}) if url else settings
+    return settings
 
 
 async def _job(settings: Settings, verb: str, agent_id: str) -> int:
@@ -446,6 +461,7 @@ async def _job(settings: Settings, verb: str, agent_id: str) -> int:
         print(f"not an agent id: {agent_id!r}", file=sys.stderr)
         return 2
     # read only (no streams, buckets or files made), as the control plane's user when `caravan up` runs NATS with auth
+    settings = _up_nats(settings)
     async with _nats(settings, control_credentials(settings.data_dir / "nats")) as nc:
         try:
             found = await Repo(await nc.jetstream().key_value(AGENTS_BUCKET), Agent).find(agent_id)

@@ -9,7 +9,7 @@ import pytest
 
 from agent.protocol import ModelConfig
 from control.backends.nomad import NomadConfig, NomadScheduler
-from control.cli import _job
+from control.cli import UP_NATS_URL, _job
 from control.models import AgentCreate, AgentUpdate, Resources
 from control.natsauth import NatsAuth
 from control.natsserver import EmbeddedNats
@@ -69,3 +69,23 @@ async def test_render_reads_the_agents_on_the_nats_that_caravan_up_runs_with_aut
         assert await _job(settings, "render", agent.id) == 0
         assert json.loads(capsys.readouterr().out)["Job"]["ID"] == agent.job_id
         assert not auth.path.exists()  # a read-only command made no users file
+
+
+async def test_render_finds_the_nats_caravan_up_runs_where_it_came_to_listen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`caravan up` may run NATS elsewhere than 4222 (--nats-port, CARAVAN_NATS_PORT, 4222 taken): without a NATS
+    URL given, `caravan job` reads where from the data dir, and the job it renders names that NATS to the agent."""
+    data = tmp_path / "data"
+    async with EmbeddedNats(data / "nats") as server:
+        settings = make_settings(server.url, data)
+        async with ControlPlane(settings) as control:
+            customer, _ = await control.auth.create_customer("acme")
+            model = ModelConfig(provider="replay", name="s", responses=["ok"])
+            agent = await control.agents.create(customer.id, AgentCreate(name="moved", model=model))
+        (data / "nats" / UP_NATS_URL).write_text(server.url)  # as `caravan up` notes it
+        unset = type(settings)(**settings.model_dump(exclude={"nats_url"}))
+        assert unset.nats_url != server.url
+        assert await _job(unset, "render", agent.id) == 0
+        env = json.loads(capsys.readouterr().out)["Job"]["TaskGroups"][0]["Tasks"][0]["Env"]
+        assert env["NATS_URL"] == server.url
