@@ -28,6 +28,7 @@ __all__ = [
     "answering_head",
     "authenticate_first",
     "check_failures",
+    "customer_only",
     "listed_scope",
     "owner_scope",
     "target_customer",
@@ -158,6 +159,14 @@ def _own_or_refused(principal: Principal, customer_id: str | None) -> str:
     assert principal.customer_id is not None
     if customer_id is not None and customer_id != principal.customer_id:
         raise Forbidden("?customer_id= names another customer: only admins act for other customers")
+    return principal.customer_id
+
+
+def customer_only(principal: Principal, instead: str) -> str:
+    """The caller's own customer id, for what only a customer does (start a task, read its usage): an admin has
+    none, and is refused ``403``, told what to do ``instead``."""
+    if principal.is_admin or principal.customer_id is None:
+        raise Forbidden(f"customers only: {instead}")
     return principal.customer_id
 
 

@@ -19,6 +19,7 @@ from gateway.deps import (
     ListedQuery,
     PrincipalDep,
     answering_head,
+    customer_only,
     get_principal,
     listed_scope,
     owner_scope,
@@ -57,9 +58,8 @@ def _wire(item: StreamedEvent) -> dict[str, object]:
 @router.post("", response_model=TaskPublic, status_code=status.HTTP_202_ACCEPTED)
 async def create_task(body: TaskCreate, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
     """Queue a task for an agent or a team. Watch it on `/v1/tasks/{id}/events`."""
-    if principal.is_admin or principal.customer_id is None:
-        raise Invalid("tasks are started by the customer who owns the agent")
-    return _public(await control.tasks.create(principal.customer_id, body))
+    customer_id = customer_only(principal, "a task is started by the customer who owns the agent or team")
+    return _public(await control.tasks.create(customer_id, body))
 
 
 @router.get("", response_model=list[TaskPublic])

@@ -667,3 +667,16 @@ async def test_admins_list_one_customers_records_and_a_customer_cannot_name_anot
     created = await api.client.post("/v1/agents", params={"customer_id": bob_id}, json=agent_body(), headers=alice)
     assert created.status_code == 403, created.text
     assert [a["id"] for a in (await api.client.get("/v1/agents", headers=alice)).json()] == [agents["alice"]["id"]]
+
+
+async def test_what_only_a_customer_does_is_403_to_an_admin_saying_what_to_do_instead(api: Api) -> None:
+    """An admin's well-formed request there is no bad input (422 said so): the role may not, and nothing starts."""
+    customer_id, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    admin = await api.admin()
+    started = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "hi"}, headers=admin)
+    assert started.status_code == 403 and started.json()["error"]["code"] == "forbidden", started.text
+    assert "customer who owns the agent" in started.json()["error"]["message"]
+    assert (await api.client.get("/v1/tasks", params={"customer_id": customer_id}, headers=admin)).json() == []
+    usage = await api.client.get("/v1/usage", headers=admin)
+    assert usage.status_code == 403 and "/v1/admin/customers/{id}" in usage.json()["error"]["message"], usage.text
