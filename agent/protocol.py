@@ -172,7 +172,7 @@ class ModelConfig(BaseModel):
     """Which model an agent talks to. API keys are never part of it: they come from the agent's environment.
     Strict: numbers and booleans are JSON's own (an integer is taken for a float)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # NaN and Infinity are no JSON
 
     provider: Literal["openai", "openrouter", "groq", "deepseek", "anthropic", "ollama", "local", "replay"] = Field(
         description="Model provider. `local` is the small model Caravan runs on its own machine; `replay` plays "

@@ -27,7 +27,7 @@ class Termination(BaseModel):
     """When the team stops; several conditions end it at the first that holds (AgentChat's ``|``). Strict, as
     every input of a team: numbers and booleans are JSON's own (an integer is taken for a float)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     max_messages: int | None = Field(default=None, ge=1, le=10_000, description="Messages, the task's included.")
     text_mention: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(

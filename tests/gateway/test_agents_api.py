@@ -560,3 +560,24 @@ async def test_a_404_quotes_a_long_id_cut_and_its_length_said(api: Api) -> None:
         assert f"'{'a' * 100}'... (60000 characters) not found" in message and len(response.content) < 1_000
     short = await api.client.get("/v1/agents/ag-\u202e0", headers=headers)  # as it was: quoted, escaped
     assert short.json()["error"]["message"] == "agent 'ag-\\u202e0' not found"
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+async def test_nan_and_infinity_are_refused_as_no_numbers_and_nothing_is_stored(api: Api, value: str) -> None:
+    """No JSON, though Python's parser reads them: refused for what they are ("less than or equal to 2" was said of
+    NaN, and a team's timeout of -Infinity was "greater than 0")."""
+    _, headers = await api.new_customer()
+    sent = {**headers, "content-type": "application/json"}
+    model = json.dumps(REPLAY)[:-1] + f', "temperature": {value}}}'
+    created = await api.client.post("/v1/agents", content=f'{{"name": "a", "model": {model}}}', headers=sent)
+    assert created.status_code == 422, created.text
+    assert created.json()["error"]["message"] == "invalid request: model.temperature: Input should be a finite number"
+    agent = (await api.client.post("/v1/agents", json=agent_body(), headers=headers)).json()
+    team = f'{{"name": "t", "members": ["{agent["id"]}"], "termination": {{"timeout_s": {value}}}}}'
+    refused = await api.client.post("/v1/teams", content=team, headers=sent)
+    assert refused.status_code == 422, refused.text
+    assert (
+        refused.json()["error"]["message"] == "invalid request: termination.timeout_s: Input should be a finite number"
+    )
+    assert [a["id"] for a in (await api.client.get("/v1/agents", headers=headers)).json()] == [agent["id"]]
+    assert (await api.client.get("/v1/teams", headers=headers)).json() == []
