@@ -203,6 +203,10 @@ async def test_deleting_a_member_ends_the_unfinished_tasks_of_its_teams(api: Api
         await api.control.jet.kv["team_state"].get(task_key(customer_id, waiting))
     assert (await api.client.get(f"/v1/tasks/{other.json()['id']}", headers=headers)).json()["status"] == "running"
     assert (await api.client.get("/v1/usage", headers=headers)).json()["concurrent_tasks"] == 1
+    # the team stays as defined, and says why it runs no more
+    assert (await api.client.get(f"/v1/teams/{busy['id']}", headers=headers)).json()["members"][1] == maker
+    again = await api.client.post("/v1/tasks", json={"team_id": busy["id"], "task": "Again."}, headers=headers)
+    assert again.status_code == 409 and again.json()["error"]["message"] == f"team member {maker} no longer exists"
 
 
 async def test_an_answer_stored_though_its_client_got_a_503_is_taken_when_sent_again_and_no_other_is(api: Api) -> None:
