@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, WebSocket
+from fastapi import Depends, FastAPI, WebSocket
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
@@ -17,7 +17,7 @@ from control.metrics import Metrics
 from control.platform import ControlPlane
 from control.settings import Settings
 from gateway import apidocs, dashboard, logredact, wslog
-from gateway.deps import HEAD_SCOPE_KEY, authenticate_first
+from gateway.deps import HEAD_SCOPE_KEY, authenticate_first, known_query_only
 from gateway.errors import error_response, install_error_handlers, refuse_websocket
 from gateway.ratelimit import RateLimiter, Tiers
 from gateway.routes import admin, agents, auth, health, tasks, teams, usage
@@ -60,8 +60,9 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
     app.add_middleware(_HeadAsGet)  # inside _Counted, which counts a HEAD as one
     app.state.metrics = Metrics()
     app.add_middleware(_Counted, metrics=app.state.metrics)  # outermost but for Starlette's own error handler
-    for module in (health, auth, agents, teams, tasks, usage, admin):
-        app.include_router(module.router)
+    app.include_router(health.router)  # probes may add what they like
+    for module in (auth, agents, teams, tasks, usage, admin):
+        app.include_router(module.router, dependencies=[Depends(known_query_only)])
     app.include_router(dashboard.build_router())  # left out of the OpenAPI schema
     app.include_router(apidocs.build_router(app.title, app.openapi_url or "/openapi.json"))  # so is this
 

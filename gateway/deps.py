@@ -10,7 +10,8 @@ from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
-from control.errors import Forbidden, Invalid, Unauthorized
+from agent.logsafe import printable
+from control.errors import Forbidden, Invalid, Unauthorized, invalid_input
 from control.ids import is_plain_id
 from control.platform import ControlPlane
 from control.services.audit import AuditRecord
@@ -29,6 +30,7 @@ __all__ = [
     "authenticate_first",
     "check_failures",
     "customer_only",
+    "known_query_only",
     "listed_scope",
     "owner_scope",
     "target_customer",
@@ -116,6 +118,34 @@ def _calls(dependant: Dependant | None) -> set[Callable[..., Any]]:
             found.add(dependency.call)
         found |= _calls(dependency)
     return found
+
+
+def _query_names(dependant: Dependant | None) -> set[str]:
+    """The query parameters ``dependant`` and its dependencies take, at any depth, by the names clients send."""
+    if dependant is None:
+        return set()
+    names = {param.alias for param in dependant.query_params}
+    for dependency in dependant.dependencies:
+        names |= _query_names(dependency)
+    return names
+
+
+async def known_query_only(request: HTTPConnection) -> None:
+    """A router's dependency: a query parameter its route does not take is ``422``, naming it and those the route
+    takes, once the caller is known (401, 403, 429 first). A typo was ignored: ``?customer=`` for
+    ``?customer_id=`` gave an admin every customer's tasks, as though asked for them."""
+    if not isinstance(request, Request):  # a WebSocket's handshake: its route reads its own token
+        return
+    known = _query_names(getattr(request.scope.get("route"), "dependant", None))
+    unknown = sorted({name for name in request.query_params if name not in known})
+    if not unknown:
+        return
+    await authenticate_first(request)
+    takes = f"this route takes {', '.join(sorted(known))}" if known else "this route takes none"
+    raise invalid_input(
+        {"loc": (printable(name)[:100],), "msg": f"unknown query parameter ({takes})", "type": "unknown_parameter"}
+        for name in unknown[:20]
+    )
 
 
 def check_failures(request: HTTPConnection, take: bool = True) -> None:

@@ -680,3 +680,27 @@ async def test_what_only_a_customer_does_is_403_to_an_admin_saying_what_to_do_in
     assert (await api.client.get("/v1/tasks", params={"customer_id": customer_id}, headers=admin)).json() == []
     usage = await api.client.get("/v1/usage", headers=admin)
     assert usage.status_code == 403 and "/v1/admin/customers/{id}" in usage.json()["error"]["message"], usage.text
+
+
+async def test_a_query_parameter_the_route_does_not_take_is_422_naming_those_it_takes(api: Api) -> None:
+    """A typo was ignored: ``?customer=`` for ``?customer_id=`` gave an admin every customer's tasks."""
+    customer_id, headers = await api.new_customer()
+    admin = await api.admin()
+    typo = await api.client.get("/v1/tasks", params={"customer": customer_id}, headers=admin)
+    assert typo.status_code == 422, typo.text
+    assert typo.json()["error"]["details"] == [
+        {
+            "field": "customer",
+            "message": "unknown query parameter (this route takes before, customer_id, limit, status)",
+            "type": "unknown_parameter",
+        }
+    ]
+    assert (await api.client.get("/v1/tasks", params={"customer_id": customer_id}, headers=admin)).status_code == 200
+    none = await api.client.get("/v1/usage", params={"x": "1"}, headers=headers)
+    assert none.status_code == 422 and "this route takes none" in none.text, none.text
+    # the caller first, as for any refusal: who may not call the route learns nothing of its parameters
+    assert (await api.client.get("/v1/tasks", params={"customer": "x"})).status_code == 401
+    assert (await api.client.get("/v1/admin/audit", params={"bogus": "1"}, headers=headers)).status_code == 403
+    # probes and the dashboard's assets take what they are sent
+    assert (await api.client.get("/healthz", params={"probe": "1"})).status_code == 200
+    assert (await api.client.get("/dashboard", params={"v": "2"})).status_code == 200
