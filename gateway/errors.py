@@ -82,16 +82,19 @@ def _invalid(exc: RequestValidationError | WebSocketRequestValidationError) -> J
 
 
 def _not_json(request: Request, exc: RequestValidationError) -> JSONResponse | None:
-    """415 for a body FastAPI did not read as JSON because its content type says it is something else (``curl
-    -d`` sends ``application/x-www-form-urlencoded`` unless told otherwise), rather than a 422 saying the body is no
-    object; None when that is not why it was refused."""
+    """415 for a body FastAPI did not read as JSON because its content type says it is something else (``curl -d``
+    sends ``application/x-www-form-urlencoded`` unless told otherwise) or is missing, rather than a 422 saying the
+    body is no object; None when that is not why it was refused."""
     content_type = request.headers.get("content-type")
-    if content_type is None or _is_json(content_type):
+    if content_type is not None and _is_json(content_type):
         return None
     if not any(tuple(error.get("loc", ()))[:1] == ("body",) for error in exc.errors()):
         return None
-    shown = content_type if len(content_type) <= 100 else f"{content_type[:100]}..."
-    message = f"the body must be JSON, sent with content-type: application/json (this request's is {shown!r})"
+    if content_type is None:  # a JSON body posted as bytes (Python's requests with data=) was "no object"
+        sent = "this request has none"
+    else:
+        sent = f"this request's is {content_type if len(content_type) <= 100 else content_type[:100] + '...'!r}"
+    message = f"the body must be JSON, sent with content-type: application/json ({sent})"
     return error_response(415, _CODES[415], message)
 
 
