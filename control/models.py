@@ -18,6 +18,7 @@ from agent.tools import TOOL_NAMES
 
 __all__ = [
     "TERMINAL_TASK_STATUSES",
+    "USER",
     "Agent",
     "AgentCreate",
     "AgentStatus",
@@ -65,11 +66,22 @@ class TaskStatus(StrEnum):
 
 TERMINAL_TASK_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.KILLED})
 
+USER = "user"
+"""The human, in AgentChat: the source of a task's message and the target of a handoff that asks the human."""
+
+
+def _not_the_human(value: str) -> str:
+    if value == USER:
+        raise ValueError(f"{USER!r} is the human's name in a team (its task's source, its handoff target)")
+    return value
+
+
 AgentName = Annotated[
     str,
     StringConstraints(
         pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
     ),
+    AfterValidator(_not_the_human),
 ]
 _INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})  # controls, format and bidi controls, line breaks
 _JOINERS = frozenset("\u200c\u200d")  # zero-width non-joiner and joiner

@@ -9,12 +9,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from agent.protocol import ID_PATTERN, ModelConfig, utcnow
-from control.models import DisplayName
+from control.models import USER, DisplayName  # USER: the handoff target that asks the human
 
 __all__ = ["USER", "Checkpoint", "SelectorSpec", "Team", "TeamCreate", "TeamInput", "TeamMode", "Termination"]
 
-USER = "user"
-"""The handoff target that asks the human: the task waits for ``POST /v1/tasks/{id}/input``."""
 SELECTOR_PROMPT_FIELDS = frozenset({"roles", "participants", "history"})
 """What AgentChat fills in a selector prompt."""
 

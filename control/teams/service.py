@@ -7,7 +7,7 @@ from datetime import timedelta
 from agent.protocol import utcnow
 from control.errors import Conflict, Invalid, NotFound
 from control.ids import new_id, quoted_id
-from control.models import Task
+from control.models import USER, Task
 from control.services.agents import AgentService
 from control.services.quotas import QuotaService
 from control.services.tasks import customer_unfinished_tasks
@@ -37,6 +37,10 @@ class TeamService:
         names: dict[str, str] = {}
         for agent_id in spec.members:  # another customer's agent is simply not found: 404, nothing stored
             agent = await self._agents.get(customer_id, agent_id)
+            if agent.name == USER:  # named so before the name was refused: AgentChat would take it for the human
+                raise Invalid(
+                    f"member {agent_id} is named {USER!r}, the human's name in a team: make it anew under another name"
+                )
             if agent.name in names.values():
                 raise Invalid(f"members need distinct names: {agent.name!r} is taken by {agent_id} and another")
             names[agent_id] = agent.name

@@ -552,3 +552,34 @@ async def test_a_team_deleted_as_a_task_is_made_on_it_runs_no_task(api: Api, mon
     assert (ended["status"], ended["status_reason"]) == ("cancelled", f"team {crew['id']} was deleted"), ended
     assert ended["messages"] == []  # no member ran it
     assert (await usage(api, headers))["concurrent_tasks"] == 0
+
+
+async def test_no_agent_is_named_user_nor_joins_a_team_so_named(api: Api) -> None:
+    """``user`` is the human in AgentChat: a member so named wrote as the human did in the transcript, and a swarm
+    with a handoff to the human was stored but failed every task ("Handoff names must be unique")."""
+    customer_id, headers = await api.new_customer()
+    refused = await api.client.post("/v1/agents", json={"name": "user", "model": script("hi")}, headers=headers)
+    assert refused.status_code == 422 and "the human's name in a team" in refused.text, refused.text
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+    made = {}
+    for name in ("User", "olduser"):  # another case is another name, to AgentChat as here
+        created = await api.client.post("/v1/agents", json={"name": name, "model": script("hi")}, headers=headers)
+        assert created.status_code == 201, created.text
+        made[name] = created.json()["id"]
+    # an agent named so before the name was refused
+    await api.control.agents._repo.update(
+        f"{customer_id}.{made['olduser']}", lambda agent: agent.model_copy(update={"name": "user"})
+    )
+    body = {
+        "name": "t",
+        "members": [made["User"], made["olduser"]],
+        "mode": "swarm",
+        "handoffs": {made["User"]: [made["olduser"], "user"]},
+        "termination": {"max_messages": 6, "handoff_to_user": True},
+    }
+    team_refused = await api.client.post("/v1/teams", json=body, headers=headers)
+    assert team_refused.status_code == 422, team_refused.text
+    assert team_refused.json()["error"]["message"] == (
+        f"member {made['olduser']} is named 'user', the human's name in a team: make it anew under another name"
+    )
+    assert (await api.client.get("/v1/teams", headers=headers)).json() == []
