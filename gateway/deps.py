@@ -34,6 +34,7 @@ __all__ = [
     "listed_scope",
     "owner_scope",
     "target_customer",
+    "unknown_query",
 ]
 
 _bearer = HTTPBearer(auto_error=False, description="JWT from POST /v1/auth/token")
@@ -130,22 +131,27 @@ def _query_names(dependant: Dependant | None) -> set[str]:
     return names
 
 
-async def known_query_only(request: HTTPConnection) -> None:
-    """A router's dependency: a query parameter its route does not take is ``422``, naming it and those the route
-    takes, once the caller is known (401, 403, 429 first). A typo was ignored: ``?customer=`` for
-    ``?customer_id=`` gave an admin every customer's tasks, as though asked for them."""
-    if not isinstance(request, Request):  # a WebSocket's handshake: its route reads its own token
-        return
-    known = _query_names(getattr(request.scope.get("route"), "dependant", None))
-    unknown = sorted({name for name in request.query_params if name not in known})
+def unknown_query(connection: HTTPConnection) -> Invalid | None:
+    """The ``422`` for the query parameters of ``connection`` that its route does not take, naming them and those
+    the route takes; None if it takes them all. A typo was ignored: ``?customer=`` for ``?customer_id=`` gave an
+    admin every customer's tasks, and ``?afer=`` a WebSocket the whole stream again."""
+    known = _query_names(getattr(connection.scope.get("route"), "dependant", None))
+    unknown = sorted({name for name in connection.query_params if name not in known})
     if not unknown:
-        return
-    await authenticate_first(request)
+        return None
     takes = f"this route takes {', '.join(sorted(known))}" if known else "this route takes none"
-    raise invalid_input(
+    return invalid_input(
         {"loc": (printable(name)[:100],), "msg": f"unknown query parameter ({takes})", "type": "unknown_parameter"}
         for name in unknown[:20]
     )
+
+
+async def known_query_only(request: HTTPConnection) -> None:
+    """A router's dependency: :func:`unknown_query` refused once the caller is known (401, 403, 429 first). A
+    WebSocket's route asks it itself, after the token it may take in its query."""
+    if isinstance(request, Request) and (refused := unknown_query(request)) is not None:
+        await authenticate_first(request)
+        raise refused
 
 
 def check_failures(request: HTTPConnection, take: bool = True) -> None:

@@ -23,6 +23,7 @@ from gateway.deps import (
     get_principal,
     listed_scope,
     owner_scope,
+    unknown_query,
 )
 from gateway.errors import caravan_error_response, refuse_websocket
 from gateway.schemas import ERROR_RESPONSES, TaskPublic
@@ -153,6 +154,8 @@ async def task_ws(
     credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=bearer) if bearer else None
     try:  # as every HTTP route: refusals audited and counted against the address, callers held to their rate
         principal = await get_principal(websocket, control, credentials)
+        if (unknown := unknown_query(websocket)) is not None:
+            raise unknown
         task = await control.tasks.get(owner_scope(principal), task_id, transcript=False)
     except CaravanError as exc:
         await refuse_websocket(websocket, caravan_error_response(exc))

@@ -288,6 +288,9 @@ async def test_bad_resume_points_and_tokens_are_refused(api: Api) -> None:
         sse = await api.client.get(f"/v1/tasks/{task_id}/events", params={"after": after}, headers=headers)
         assert sse.status_code == 422 and sse.json()["error"]["code"] == "invalid", sse.text
         await assert_ws_refused(f"{ws_url}?token={token}&after={after}", 422, "invalid")
+    # a typo of ?after= replayed the whole stream; the token is looked at first, as for every refusal
+    await assert_ws_refused(f"{ws_url}?token={token}&afer=1000000", 422, "invalid")
+    await assert_ws_refused(f"{ws_url}?token=forged&afer=1000000", 401, "unauthorized")
 
 
 async def running_slow_task(api: Api) -> tuple[str, dict[str, str], str]:
