@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.errors import CaravanError, StoreUnavailable, invalid_input
@@ -162,13 +163,28 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
         if (unreadable := _unreadable(exc)) is not None:
             return await caller_first(request, caravan_error_response(unreadable))
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(
-            exc.status_code,
-            _CODES.get(exc.status_code, "error"),
-            message,
-            None,
-            dict(exc.headers) if exc.headers else None,
-        )
+        headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed(request))
+        return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), message, None, headers or None)
+
+
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+"""The methods Caravan's routes are declared for (HEAD is served for every GET: ``gateway.app``)."""
+
+
+def _allowed(request: Request) -> list[str]:
+    """Every method the path of ``request`` is served for: Starlette's 405 names only those of the first route that
+    matched the path (``/v1/agents`` said ``POST``, where GET and HEAD are served too). A GET route answers HEAD."""
+    routes = request.app.router.routes
+    methods = {
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    }
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 class _Unexpected:

@@ -583,3 +583,19 @@ async def test_nan_and_infinity_are_refused_as_no_numbers_and_nothing_is_stored(
     )
     assert [a["id"] for a in (await api.client.get("/v1/agents", headers=headers)).json()] == [agent["id"]]
     assert (await api.client.get("/v1/teams", headers=headers)).json() == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("OPTIONS", "/v1/agents", "GET, HEAD, POST"),
+        ("PUT", "/v1/agents/ag-000000000000", "DELETE, GET, HEAD, PATCH"),
+        ("DELETE", "/v1/admin/customers/cu-000000000000/quota", "PATCH, PUT"),
+        ("GET", "/v1/auth/token", "POST"),
+    ],
+)
+async def test_a_405_allows_every_method_the_path_is_served_for(api: Api, method: str, path: str, allowed: str) -> None:
+    """Starlette named those of the first route that matched the path alone (``/v1/agents`` said ``POST``)."""
+    refused = await api.client.request(method, path)
+    assert refused.status_code == 405 and refused.json()["error"]["code"] == "method_not_allowed", refused.text
+    assert refused.headers["allow"] == allowed
