@@ -273,7 +273,7 @@ class TaskCreate(BaseModel):
 
     agent_id: str | None = Field(default=None, max_length=64)
     team_id: str | None = Field(default=None, max_length=64)
-    task: Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
+    task: Annotated[str, StringConstraints(min_length=1, max_length=100_000), NotBlank]
 
     @model_validator(mode="after")
     def _one_target(self) -> TaskCreate:

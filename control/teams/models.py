@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from agent.protocol import ID_PATTERN, ModelConfig, utcnow
-from control.models import USER, DisplayName  # USER: the handoff target that asks the human
+from control.models import USER, DisplayName, NotBlank  # USER: the handoff target that asks the human
 
 __all__ = ["USER", "Checkpoint", "SelectorSpec", "Team", "TeamCreate", "TeamInput", "TeamMode", "Termination"]
 
@@ -162,7 +162,7 @@ class TeamInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    content: Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
+    content: Annotated[str, StringConstraints(min_length=1, max_length=100_000), NotBlank]
 
 
 class Checkpoint(BaseModel):

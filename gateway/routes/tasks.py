@@ -47,7 +47,7 @@ def _resume_point(last_event_id: str | None, after: int | None) -> int:
         return after
     if last_event_id is None or last_event_id == "":
         return 0
-    if not is_digits(last_event_id) or len(last_event_id) > 18:
+    if not is_digits(last_event_id) or len(last_event_id) > 19 or int(last_event_id) > MAX_EVENT_ID:  # as ?after=
         raise Invalid("Last-Event-ID must be an event id from this stream")
     return int(last_event_id)
 
@@ -69,7 +69,9 @@ async def list_tasks(
     principal: PrincipalDep,
     status_filter: Annotated[TaskStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    before: Annotated[str | None, Query(max_length=64, description="A task's id: the tasks created before it.")] = None,
+    before: Annotated[
+        str | None, Query(min_length=1, max_length=64, description="A task's id: the tasks created before it.")
+    ] = None,
     customer_id: ListedQuery = None,
 ) -> list[TaskPublic]:
     """The newest tasks first, with their transcripts. The next page: ``before`` the last task of this one."""

@@ -89,8 +89,9 @@ async def test_a_team_asks_the_human_and_resumes_after_a_control_plane_restart(t
             assert waiting["status"] == "awaiting_input", waiting
             assert waiting["messages"][-1]["type"] == "input_request"
             assert waiting["messages"][-1]["content"] == "What colour should it be?"
-            early = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": ""}, headers=headers)
-            assert early.status_code == 422
+            for empty in ("", "  \n "):
+                early = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": empty}, headers=headers)
+                assert early.status_code == 422, early.text
 
         control = ControlPlane(settings)  # a new control plane and gateway; the agents are started again too
         async with control, serve_api(control) as api:

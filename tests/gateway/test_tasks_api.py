@@ -228,7 +228,8 @@ async def test_a_client_that_saw_a_finished_tasks_whole_stream_is_told_at_once_t
     url = f"/v1/tasks/{task_id}/events"
     whole = await sse_events(api.client, url, headers)
     assert whole[-1]["data"]["content"] == "completed"
-    for resume in ({"Last-Event-ID": whole[-1]["id"]}, {"Last-Event-ID": str(int(whole[-1]["id"]) + 1000)}):
+    resumes = (whole[-1]["id"], str(int(whole[-1]["id"]) + 1000), str(10**18), str(2**63 - 1))  # as far as ?after=
+    for resume in ({"Last-Event-ID": last} for last in resumes):
         again = await api.client.get(url, headers={**headers, **resume}, timeout=5)
         assert (again.status_code, again.content) == (204, b"")
     before_the_end = await api.client.get(url, headers={**headers, "Last-Event-ID": whole[-2]["id"]}, timeout=5)
@@ -278,7 +279,7 @@ async def test_bad_resume_points_and_tokens_are_refused(api: Api) -> None:
     _, headers = await api.new_customer()
     agent = await running_agent(api, headers)
     task_id = await start_task(api, headers, agent["id"])
-    for last in (b"abc", b"-1", b"\xb2", b"1\xb3\xb9"):  # superscript digits in Latin-1: no event ids either
+    for last in (b"abc", b"-1", b"\xb2", b"1\xb3\xb9", str(2**63).encode()):  # superscripts in Latin-1: no ids
         bad = await api.client.get(f"/v1/tasks/{task_id}/events", headers={**headers, "Last-Event-ID": last})
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid", (last, bad.text)
     ws_url = api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws"
@@ -1072,12 +1073,21 @@ async def test_task_input_validation(api: Api) -> None:
         {"task": "no target"},
         {"agent_id": agent["id"], "team_id": "tm-000000000000", "task": "both"},
         {"agent_id": agent["id"], "task": ""},
+        {"agent_id": agent["id"], "task": " \n\t "},  # nothing to ask: it ran, a model call on no question
         {"agent_id": agent["id"], "task": "x" * 100_001},
         {"agent_id": "../../etc", "task": "x"},
     ):
         response = await api.client.post("/v1/tasks", json=body, headers=headers)
         assert response.status_code in (404, 422), (body, response.text)
     assert (await api.client.get("/v1/tasks", headers=headers)).json() == []
+    blank = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "   "}, headers=headers)
+    assert (
+        blank.json()["error"]["message"]
+        == "invalid request: task: Value error, must hold something to read, not only spaces"
+    )
+    # an empty page marker is no task: a clear 422, not "task '' not found"
+    empty = await api.client.get("/v1/tasks", params={"before": ""}, headers=headers)
+    assert empty.status_code == 422 and empty.json()["error"]["details"][0]["field"] == "before", empty.text
 
 
 SLOW = {"provider": "replay", "name": "slow", "responses": ["never said"], "delay_ms": 120_000}
