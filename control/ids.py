@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import secrets
 
-__all__ = ["QUOTED_ID_MAX", "is_digits", "is_plain_id", "new_id", "quoted_id"]
+from agent.logsafe import printable
 
-QUOTED_ID_MAX = 100
-"""An id a caller gave is quoted back (a 404's message) up to this many characters."""
+__all__ = ["SHOWN_ID_MAX", "is_digits", "is_plain_id", "new_id", "quoted_id", "shown_id"]
+
+SHOWN_ID_MAX = 100
+"""An id a caller gave is shown (in the audit log, in a 404's message) up to this many characters."""
 
 
 def new_id(kind: str) -> str:
@@ -27,10 +29,21 @@ def is_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def shown_id(value: str | None) -> str | None:
+    """An id as the audit log keeps it: as given if it is printable and short (every id Caravan makes is);
+    otherwise with control, format and line-break characters escaped (``\\n``, ``\\u202e``) and cut to
+    :data:`SHOWN_ID_MAX` characters, its length said. A path's id is recorded as the admin sent it, which may be
+    anything: one line of the log, read as text, must not pass for two, nor bury the rest."""
+    if value is None or (value.isprintable() and len(value) <= SHOWN_ID_MAX):
+        return value
+    shown = printable(value)
+    return shown if len(shown) <= SHOWN_ID_MAX else f"{shown[:SHOWN_ID_MAX]}... ({len(value)} characters)"
+
+
 def quoted_id(value: str) -> str:
     """An id a caller gave, as a message quotes it back: its ``repr`` (every character that is not printable
-    escaped), cut to :data:`QUOTED_ID_MAX` characters with its length said. A path's id may be anything up to the
-    server's line limit: a 404 for 60 KB of id is not 60 KB of answer."""
-    if len(value) <= QUOTED_ID_MAX:
+    escaped), cut to :data:`SHOWN_ID_MAX` characters with its length said, as :func:`shown_id` cuts. A path's id
+    may be anything up to the server's line limit: a 404 for 60 KB of id is not 60 KB of answer."""
+    if len(value) <= SHOWN_ID_MAX:
         return repr(value)
-    return f"{value[:QUOTED_ID_MAX]!r}... ({len(value)} characters)"
+    return f"{value[:SHOWN_ID_MAX]!r}... ({len(value)} characters)"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
@@ -100,7 +100,7 @@ async def authenticate_first(request: Request) -> None:
     dependencies ran: FastAPI reads a JSON body first, so that one which is no JSON would be answered 422 to a
     caller not yet known (and uncounted by the rate limits). Raises what the route's own dependencies would: 401,
     403, 429. A route that asks nobody (the token exchange) passes."""
-    calls = _calls(getattr(request.scope.get("route"), "dependant", None))
+    calls = _calls(request)
     if get_principal not in calls:
         return
     control = get_control(request)
@@ -109,33 +109,30 @@ async def authenticate_first(request: Request) -> None:
         await get_admin(request, control, principal)
 
 
-def _calls(dependant: Dependant | None) -> set[Callable[..., Any]]:
-    """Every dependency ``dependant`` runs, at any depth."""
-    if dependant is None:
-        return set()
-    found: set[Callable[..., Any]] = set()
-    for dependency in dependant.dependencies:
-        if dependency.call is not None:
-            found.add(dependency.call)
-        found |= _calls(dependency)
-    return found
+def _route_dependants(connection: HTTPConnection) -> Iterator[Dependant]:
+    """The route ``connection`` was matched to and every dependency it runs, at any depth."""
+    pending = [getattr(connection.scope.get("route"), "dependant", None)]
+    while pending:
+        if (dependant := pending.pop()) is not None:
+            yield dependant
+            pending.extend(dependant.dependencies)
 
 
-def _query_names(dependant: Dependant | None) -> set[str]:
-    """The query parameters ``dependant`` and its dependencies take, at any depth, by the names clients send."""
-    if dependant is None:
-        return set()
-    names = {param.alias for param in dependant.query_params}
-    for dependency in dependant.dependencies:
-        names |= _query_names(dependency)
-    return names
+def _calls(connection: HTTPConnection) -> set[Callable[..., Any]]:
+    """Every dependency the route of ``connection`` runs, at any depth."""
+    return {d.call for d in _route_dependants(connection) if d.call is not None}
+
+
+def _query_names(connection: HTTPConnection) -> set[str]:
+    """The query parameters the route of ``connection`` takes, by the names clients send."""
+    return {param.alias for d in _route_dependants(connection) for param in d.query_params}
 
 
 def unknown_query(connection: HTTPConnection) -> Invalid | None:
     """The ``422`` for the query parameters of ``connection`` that its route does not take, naming them and those
     the route takes; None if it takes them all. A typo was ignored: ``?customer=`` for ``?customer_id=`` gave an
     admin every customer's tasks, and ``?afer=`` a WebSocket the whole stream again."""
-    known = _query_names(getattr(connection.scope.get("route"), "dependant", None))
+    known = _query_names(connection)
     unknown = sorted({name for name in connection.query_params if name not in known})
     if not unknown:
         return None

@@ -94,7 +94,8 @@ def _not_json(request: Request, exc: RequestValidationError) -> JSONResponse | N
     if content_type is None:  # a JSON body posted as bytes (Python's requests with data=) was "no object"
         sent = "this request has none"
     else:
-        sent = f"this request's is {content_type if len(content_type) <= 100 else content_type[:100] + '...'!r}"
+        shown = content_type if len(content_type) <= 100 else f"{content_type[:100]}..."
+        sent = f"this request's is {shown!r}"
     message = f"the body must be JSON, sent with content-type: application/json ({sent})"
     return error_response(415, _CODES[415], message)
 

@@ -19,9 +19,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageT
 from nats.js.errors import BadRequestError
 from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
 
-from agent.logsafe import printable
 from agent.protocol import utcnow
 from control.errors import CaravanError
+from control.ids import shown_id
 from control.natsio import CONSUMER_LIMIT
 from control.services.auth import Principal, redact_json
 
@@ -50,20 +50,6 @@ def _in_utc(value: datetime) -> datetime:
 
 AuditTime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 """A bound of an audit query: records are stamped in UTC, so a time without a zone would be a guess."""
-
-
-SHOWN_ID_MAX = 100
-
-
-def shown_id(value: str | None) -> str | None:
-    """An id as the log keeps it: as given if it is printable and short (every id Caravan makes is); otherwise
-    with control, format and line-break characters escaped (``\\n``, ``\\u202e``) and cut to
-    :data:`SHOWN_ID_MAX` characters, its length said. A path's id is recorded as the admin sent it, which may be
-    anything: one line of the log, read as text, must not pass for two, nor bury the rest."""
-    if value is None or (value.isprintable() and len(value) <= SHOWN_ID_MAX):
-        return value
-    shown = printable(value)
-    return shown if len(shown) <= SHOWN_ID_MAX else f"{shown[:SHOWN_ID_MAX]}... ({len(value)} characters)"
 
 
 DETAIL_MAX = 500
