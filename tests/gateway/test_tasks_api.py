@@ -295,13 +295,15 @@ async def test_bad_resume_points_and_tokens_are_refused(api: Api) -> None:
 
 
 async def running_slow_task(api: Api) -> tuple[str, dict[str, str], str]:
-    """A task whose model call takes a minute, once it runs: (customer id, headers, task id)."""
+    """A task whose model call takes a minute, once it runs and its record holds the task's message (the agent
+    says `running` before it says the task): (customer id, headers, task id)."""
     customer_id, headers = await api.new_customer()
     slow = {"provider": "replay", "name": "slow", "responses": ["too late"], "delay_ms": 60_000}
     agent = await running_agent(api, headers, model=slow, tools=[])
     task_id = await start_task(api, headers, agent["id"])
     await assert_eventually(
-        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
+        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers),
+        lambda r: r.json()["status"] == "running" and bool(r.json()["messages"]),
     )
     return customer_id, headers, task_id
 
