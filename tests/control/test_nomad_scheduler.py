@@ -332,6 +332,26 @@ async def test_stop_deregisters_the_job_and_removes_its_secrets(harness: Harness
     await harness.scheduler.stop_job(ids.namespace, "caravan-ag-000000000000")  # so is an unknown job
 
 
+async def test_a_job_started_again_after_a_stop_runs_as_the_version_nomad_holds(harness: Harness) -> None:
+    """Nomad keeps a stop as a version of the job (`nomad job history` lists it, Stop set): starting the agent
+    again is the version after that one, and the version Caravan reports is the one Nomad runs."""
+    ids = Ids.new()
+    await harness.scheduler.submit(make_job(ids, HEALTHY))
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+    history = (await harness.get(f"/v1/job/{ids.job_id}/versions", namespace=ids.namespace)).json()["Versions"]
+    assert [(v["Version"], v["Stop"]) for v in history] == [(1, True), (0, False)]
+
+    again = await harness.scheduler.submit(make_job(ids, HEALTHY))
+    job = await harness.job(ids)
+    assert job is not None and (job["Stop"], job["Version"], again.version) == (False, 2, 2)
+    await assert_eventually(
+        lambda: harness.scheduler.job_status(ids.namespace, ids.job_id),
+        lambda s: s is not None and s.version == 2 and list(s.allocs.values()).count(AllocState.RUNNING) == 1,
+        within=_within(harness, 10),
+    )
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
 async def test_secrets_reach_the_variable_and_never_the_job(harness: Harness) -> None:
     ids = Ids.new()
     meta = {"caravan_owner": "caravan", "caravan_agent": ids.agent, "caravan_customer": ids.customer}

@@ -495,9 +495,14 @@ class NomadDouble:
         job = self.jobs.get((namespace, job_id))
         if job is None:
             raise HttpError(404, "job not found")
+        stopping = not purge and not job.get("Stop")  # a stop is a version of its own, with Stop set (`job history`
+        if stopping:  # lists it); a purge removes the job with its versions
+            job.update(Version=job["Version"] + 1, Stable=False, SubmitTime=time.time_ns())
         job["Stop"] = True
         job["JobModifyIndex"] = job["ModifyIndex"] = self._bump()
         job["Status"] = "dead"
+        if stopping:
+            self.versions[(namespace, job_id)].insert(0, copy.deepcopy(job))
         self._publish("Job", "JobDeregistered", job_id, namespace, {"Job": copy.deepcopy(job)})
         evaluation = self._new_eval(job, "job-deregister")
         for alloc in list(self.allocs.values()):
@@ -507,6 +512,7 @@ class NomadDouble:
         self._save_eval(evaluation)
         if purge:
             del self.jobs[(namespace, job_id)]
+            del self.versions[(namespace, job_id)]
         self._retry_blocked()
         return {
             "EvalID": evaluation["ID"],
