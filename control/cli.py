@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import gc
 import json
 import logging
@@ -400,42 +401,77 @@ def _require_http_port(settings: Settings) -> None:
         raise SystemExit(f"caravan: port {settings.http_port} is in use: set CARAVAN_HTTP_PORT to a free port")
 
 
-async def _up(settings: Settings, nats_port: int) -> None:
+DATA_DIR_HOLDER = "caravan.pid"
+"""Under the data dir: the pid of the `caravan up` (or `serve` with the local scheduler) that runs on it, locked
+while it runs."""
+
+
+@contextlib.contextmanager
+def _data_dir(settings: Settings, *, hold: bool) -> Iterator[None]:
+    """The data dir, made (0700) if it is new (keys, stores, logs; one given is kept as is); with ``hold``, this
+    process's alone while it runs. A second `caravan up` on it would start a second NATS on the same JetStream
+    store, which left the first one's tasks queued for good, and a second agent of every agent. The lock is the
+    kernel's (``flock``), so it goes with the process, however it ends."""
+    where = settings.data_dir
     try:
-        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, stores, logs; one given is kept as is
+        where.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(where / DATA_DIR_HOLDER, os.O_RDWR | os.O_CREAT, 0o600) if hold else None
     except OSError as exc:
         raise SystemExit(
-            f"caravan: cannot make the data dir {settings.data_dir} ({exc.strerror}): set CARAVAN_DATA_DIR to a "
+            f"caravan: cannot make the data dir {where} ({exc.strerror}): set CARAVAN_DATA_DIR to a "
             "directory Caravan may write"
         ) from None
-    _require_http_port(settings)
-    port = nats_port if _port_free("127.0.0.1", nats_port) else 0
-    auth = NatsAuth(settings.data_dir / "nats")  # every agent gets its own NATS user, confined to its customer
-    hide_in_logs(auth.control().password, auth.watcher().password)  # the banner shows the watcher's; no log line may
-    nats_dir = settings.data_dir / "nats"
-    async with EmbeddedNats(nats_dir, port=port, auth=True) as nats_server, _local_model(settings) as local:
-        auth.server_pid = nats_server.pid
-        if port == 0:
-            log.warning("port %s is in use; NATS listens on %s instead", nats_port, nats_server.port)
-        (nats_dir / UP_NATS_URL).write_text(nats_server.url)  # for `caravan job`, wherever NATS came to listen
-        settings = settings.model_copy(update={"nats_url": nats_server.url, "local_model_url": local})
-        async with ControlPlane(settings, nats_auth=auth) as control:
-            demo = _demo_model(settings)
-            creds = await _demo_credentials(settings, control, demo)
-            watcher = auth.watcher()  # may listen, nothing else: not the platform's own user
-            watch_url = nats_server.url.replace("nats://", f"nats://{watcher.user}:{watcher.password}@")
-            await _serve(settings, control, _banner(settings, watch_url, creds, demo.about))
-            print("Stopping agents and NATS...", flush=True)
+    if fd is None:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 20).decode(errors="replace").strip() or "?"
+            raise SystemExit(
+                f"caravan: the data dir {where.resolve()} is in use by another caravan (pid {holder}): stop that one "
+                "first, or set CARAVAN_DATA_DIR to another directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # the lock with it (the file stays: removing it would race the next holder)
+
+
+async def _up(settings: Settings, nats_port: int) -> None:
+    with _data_dir(settings, hold=True):
+        _require_http_port(settings)
+        port = nats_port if _port_free("127.0.0.1", nats_port) else 0
+        auth = NatsAuth(settings.data_dir / "nats")  # every agent gets its own NATS user, confined to its customer
+        hide_in_logs(auth.control().password, auth.watcher().password)  # the banner shows the watcher's; logs show none
+        nats_dir = settings.data_dir / "nats"
+        async with EmbeddedNats(nats_dir, port=port, auth=True) as nats_server, _local_model(settings) as local:
+            auth.server_pid = nats_server.pid
+            if port == 0:
+                log.warning("port %s is in use; NATS listens on %s instead", nats_port, nats_server.port)
+            (nats_dir / UP_NATS_URL).write_text(nats_server.url)  # for `caravan job`, wherever NATS came to listen
+            settings = settings.model_copy(update={"nats_url": nats_server.url, "local_model_url": local})
+            async with ControlPlane(settings, nats_auth=auth) as control:
+                demo = _demo_model(settings)
+                creds = await _demo_credentials(settings, control, demo)
+                watcher = auth.watcher()  # may listen, nothing else: not the platform's own user
+                watch_url = nats_server.url.replace("nats://", f"nats://{watcher.user}:{watcher.password}@")
+                await _serve(settings, control, _banner(settings, watch_url, creds, demo.about))
+                print("Stopping agents and NATS...", flush=True)
 
 
 async def _serve_only(settings: Settings) -> None:
     _require_http_port(settings)
     async with _nats(settings, None) as nc:  # NATS down or not NATS: say so, rather than retry with tracebacks
         await nc.jetstream().account_info()
-    async with ControlPlane(settings) as control:
-        if control.bootstrap_admin_key is not None:
-            print(f"First start: one-time admin API key (store it now): {control.bootstrap_admin_key.api_key}")
-        await _serve(settings, control, f"Caravan API on http://{settings.http_host}:{settings.http_port}")
+    # The local scheduler runs agents under the data dir: one control plane at a time. Nomad runs them elsewhere.
+    with _data_dir(settings, hold=settings.scheduler == "local"):
+        async with ControlPlane(settings) as control:
+            if control.bootstrap_admin_key is not None:
+                print(f"First start: one-time admin API key (store it now): {control.bootstrap_admin_key.api_key}")
+            await _serve(settings, control, f"Caravan API on http://{settings.http_host}:{settings.http_port}")
 
 
 AGENTS_BUCKET = "caravan_agents"

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import socket
+import stat
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -18,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from control import admincli, cli
-from control.cli import _banner, _demo_credentials, _demo_model, main
+from control.cli import _banner, _data_dir, _demo_credentials, _demo_model, main
 from control.natsauth import NatsAuth
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
@@ -231,14 +233,27 @@ async def test_serve_says_its_port_is_taken(
 
 
 async def test_serve_says_nomad_is_unreachable(
-    on_nats: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    on_nats: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))
     monkeypatch.setenv("CARAVAN_SCHEDULER", "nomad")
+    monkeypatch.setenv("CARAVAN_DATA_DIR", str(tmp_path / "var"))
     nomad = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("NOMAD_ADDR", nomad)
     assert await run_cli("serve") == 1
     assert f"cannot reach Nomad at {nomad}" in capsys.readouterr().err
+    assert stat.S_IMODE((tmp_path / "var").stat().st_mode) == 0o700  # the data dir it made: its own alone
+
+
+async def test_serve_on_the_local_scheduler_refuses_the_data_dir_another_caravan_runs_on(
+    on_nats: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The local scheduler runs agents under the data dir: a second control plane on it would run a second set."""
+    monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))
+    with _data_dir(Settings(data_dir=tmp_path), hold=True):  # as a `caravan up` on it holds it
+        assert await run_cli("serve") == 1
+    said = capsys.readouterr().err
+    assert f"data dir {tmp_path} is in use by another caravan (pid {os.getpid()})" in said, said
 
 
 @contextlib.asynccontextmanager

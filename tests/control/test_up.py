@@ -109,6 +109,15 @@ async def test_up_serves_where_it_says_stops_everything_on_ctrl_c_and_finds_its_
             assert rendered.returncode == 0, err.decode()
             assert json.loads(out)["Job"]["TaskGroups"][0]["Tasks"][0]["Env"]["NATS_URL"] == url
 
+            second = await asyncio.create_subprocess_exec(  # as if the HTTP port's being taken were the only trouble
+                CARAVAN, "up", env=env | {"CARAVAN_HTTP_PORT": str(free_port())},
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(second.communicate(), timeout=60)
+            assert second.returncode == 1, (out + err).decode()
+            assert f"data dir {data} is in use by another caravan (pid {proc.pid})" in err.decode(), err.decode()
+            assert (data / "nats" / UP_NATS_URL).read_text() == url  # nothing of the first one's touched
+
             creds = json.loads((data / "credentials.json").read_text())
             done = await _task_completed(base, creds["customer_api_key"], creds["demo_agent_id"], creds["demo_task"])
             assert done["status"] == "completed", done
