@@ -34,6 +34,7 @@ __all__ = [
     "PROVIDER_KEY_ENV",
     "REPLAYED",
     "TASKS_STREAM",
+    "TASK_ATTEMPTS",
     "AgentDefinition",
     "AgentEventKind",
     "Event",
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 TASKS_STREAM = "CARAVAN_TASKS"
+TASK_ATTEMPTS = 3
+"""Runs of one task an agent makes: each that its agent's process did not see through (it crashed, or stopped and
+gave the task back) is one. A request delivered after the last ends the task `failed`, saying so."""
 BROADCAST_SUBJECT = "caravan.broadcast"
 """Operators' messages to every agent: ``{"message", "by", "at"}``."""
 EVENTS_STREAM = "CARAVAN_EVENTS"

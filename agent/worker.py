@@ -35,6 +35,7 @@ from agent.logsafe import printable
 from agent.models import check_credentials, create_model_client
 from agent.protocol import (
     BROADCAST_SUBJECT,
+    TASK_ATTEMPTS,
     TASKS_STREAM,
     AgentDefinition,
     AgentEventKind,
@@ -352,6 +353,10 @@ class AgentWorker:
             await msg.term()
             return
         run = _TaskRun(self, request, msg.metadata.num_delivered or 1)
+        if run.attempt > TASK_ATTEMPTS and not (self._stopping or self.halt or request.task_id in self._cancels):
+            await run.spent()  # (one cancelled, or halted, ends as such below; one this agent stops for comes again)
+            await msg.term()
+            return
         self._runs[request.task_id] = run.token
         if self._cancels.pop(request.task_id, False) or self.halt is not None:
             run.token.cancel()  # cancelled or halted since it was fetched: it ends before it starts
@@ -435,7 +440,20 @@ class _TaskRun:
         self._seq = 0
         self._storing = Storing()
 
-    async def emit(self, kind: str, **fields: Any) -> None:
+    async def spent(self) -> None:
+        """Delivered once more after its last attempt: the task fails, as that attempt's ending (its record keeps
+        that attempt's transcript), rather than run again."""
+        self.attempt = TASK_ATTEMPTS
+        reason = (
+            f"its agent went away during each of its {TASK_ATTEMPTS} attempts (it crashed, or stopped and gave the "
+            "task back): not tried again"
+        )
+        log.warning("task %s: %s", self.request.task_id, reason)
+        await self.emit(EventKind.STATUS, content="failed", data={"reason": reason}, msg_id="spent")
+
+    async def emit(self, kind: str, msg_id: str | None = None, **fields: Any) -> None:
+        """Publish one event of the run; ``msg_id`` names it apart from the run's numbered events (JetStream drops
+        a second event under one id)."""
         self._seq += 1
         event = Event(
             kind=kind,
@@ -445,7 +463,7 @@ class _TaskRun:
             attempt=self.attempt,
             **fields,
         )
-        msg_id = f"{self.request.task_id}:{self.attempt}:{self._seq}"
+        msg_id = f"{self.request.task_id}:{self.attempt}:{msg_id or self._seq}"
         if kind == "chunk":
             await self.worker.publish(event, msg_id=msg_id, ack="none")
         elif kind in _CONFIRMED:

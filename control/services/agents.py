@@ -351,9 +351,9 @@ class AgentService:
         for agent in agents:
             if agent.desired != "running" or agent.status is AgentStatus.FAILED:
                 continue
+            await self._ensure_consumer(agent)  # as this version sets it, also for one whose job runs on
             if await self._scheduler.job_status(agent.namespace, agent.job_id) is not None:
                 continue
-            await self._ensure_consumer(agent)
             with contextlib.suppress(KillswitchEngaged):  # (the agent is left killed, saying so)
                 await self._submit(agent, self.render(agent), engaged)
 
@@ -574,7 +574,7 @@ class AgentService:
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=self._settings.task_ack_wait_s,
-            max_deliver=3,
+            max_deliver=-1,  # however often it comes back, an agent ends it after TASK_ATTEMPTS runs (never stuck)
             max_ack_pending=1000,
         )
         await self._js.add_consumer(TASKS_STREAM, config)

@@ -1264,6 +1264,46 @@ async def test_a_failed_agent_refuses_tasks_ends_those_it_had_and_takes_new_ones
         assert (queue.num_ack_pending, queue.num_pending) == (1, 0)
 
 
+async def test_a_task_its_agent_goes_away_from_on_every_attempt_fails_saying_so_and_gives_back_its_slot(
+    api: Api,
+) -> None:
+    """Each attempt at a task that its agent does not see through (here stopped and started again mid-run; a crash
+    is the same) is one of its 3: the request that comes back after the third ends it `failed`, saying why, with
+    the third attempt's transcript, and its quota slot comes back. It used to wait `queued` for good, its slot held:
+    JetStream had given up delivering it, and nothing noticed."""
+    _, headers = await api.new_customer()
+    model = {"provider": "replay", "name": "steady", "responses": ["never heard"], "delay_ms": 60_000}
+    agent = await running_agent(api, headers, model=model, tools=[])
+    task_id = await start_task(api, headers, agent["id"], "take your time")
+    path = f"/v1/agents/{agent['id']}"
+    for attempt in (1, 2, 3):
+        await assert_eventually(
+            lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers),
+            lambda r, n=attempt: (r.json()["status"], r.json()["attempt"]) == ("running", n),  # type: ignore[misc]
+            what=f"attempt {attempt} running",
+        )
+        assert (await api.client.post(f"{path}/stop", headers=headers)).status_code == 200
+        await wait_status(api, headers, agent["id"], "stopped")
+        assert (await api.client.post(f"{path}/start", headers=headers)).status_code == 200
+
+    task = await finished(api, headers, task_id)
+    assert (task["status"], task["attempt"], task["result"]) == ("failed", 3, None), task
+    assert task["status_reason"] == (
+        "its agent went away during each of its 3 attempts (it crashed, or stopped and gave the task back): "
+        "not tried again"
+    )
+    assert [m["content"] for m in task["messages"]] == ["take your time"]  # the third attempt's
+    used = await assert_eventually(
+        lambda: api.client.get("/v1/usage", headers=headers), lambda r: r.json()["concurrent_tasks"] == 0
+    )
+    assert used.status_code == 200
+    again = await start_task(api, headers, agent["id"], "and now?")  # the agent serves its queue as before
+    await assert_eventually(
+        lambda: api.client.get(f"/v1/tasks/{again}", headers=headers),
+        lambda r: (r.json()["status"], r.json()["attempt"]) == ("running", 1),
+    )
+
+
 @pytest.mark.parametrize("change", ["patch", "stop and start"])
 async def test_a_task_running_when_its_agent_is_changed_or_stopped_runs_again_once_it_is_back(
     api: Api, change: str
