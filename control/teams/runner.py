@@ -157,7 +157,7 @@ class TeamRunner:
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=self.config.ack_wait_s,
-            max_deliver=self.config.max_attempts + 1,
+            max_deliver=-1,  # however often a run comes back, it ends after max_attempts (never stuck undelivered)
             max_ack_pending=10_000,
         )
         await js.add_consumer(TASKS_STREAM, consumer)
@@ -249,6 +249,16 @@ class TeamRunner:
         if request.kind == "input" and request.segment != checkpoint.segment:
             return  # an answer that was already used
         attempt = task.attempt + (1 if delivered > 1 else 0)
+        if attempt > self.config.max_attempts:  # each before it broke off (a member or a control plane lost, or
+            reason = (  # handed back by a control plane that stopped): the last one's transcript stays the task's
+                f"its run broke off during each of its {task.attempt} attempts (a member lost, or a control plane "
+                "that stopped or crashed): not tried again"
+            )
+            log.warning("team task %s: %s", task.id, reason)
+            await self._emit(task, task.attempt, EventKind.ERROR, content=reason)
+            await self._checkpoints_delete(task)
+            await self._status(task, task.attempt, "failed", reason)
+            return
         while True:
             if attempt > task.attempt:
                 await self._replay(task, checkpoint, attempt)

@@ -196,3 +196,34 @@ async def test_a_stopping_replica_hands_its_run_over_mid_conversation(tmp_path: 
     assert replayed[: len(saved)] == saved
     said = [(m["source"], m["content"]) for m in done["messages"] if m["type"] not in ("tool_call", "tool_result")]
     assert replayed + produced == said
+
+
+async def test_a_run_handed_back_after_each_of_its_attempts_ends_failed_saying_so(tmp_path: Path) -> None:
+    """A run broken off in each of its 3 attempts (here by control planes that stopped mid-conversation: a
+    restart of each, say) is not run a fourth time: the replica it comes back to ends it `failed`, saying why,
+    with the third attempt's transcript. The fourth attempt used to run, and after its hand-back JetStream
+    delivered the run no more: the task stayed `running` for good, and a cancel could not end it."""
+    async with EmbeddedNats(tmp_path / "nats") as nats_server:
+        control = ControlPlane(make_settings(nats_server.url, tmp_path / "data", team_ack_wait_s=3600))
+        async with control, serve_api(control) as api:
+            await control.team_runner.stop()  # the replicas below are the only ones that run teams
+            _, headers = await api.new_customer()
+            made = await agents(api, headers, {"slow": {"model": script("w1", "w2", "w3", delay_ms=60_000)}})
+            created = await team(api, headers, members=[made["slow"]["id"]], termination={"max_messages": 4})
+            task_id = await start(api, headers, created["id"], "Help me.")
+            for attempt in (1, 2, 3):
+                async with replica_serving(control, f"replica-{attempt}"):  # stopped at the block's end: handed back
+                    await assert_eventually(  # (the record says attempt 1 `running` until this replica's replays)
+                        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers),
+                        lambda r, n=attempt: (r.json()["status"], r.json()["attempt"]) == ("running", n),
+                        what=f"attempt {attempt} running",
+                    )
+            async with replica_serving(control, "replica-4"):
+                done = await task_status(api, headers, task_id)
+
+    assert (done["status"], done["attempt"]) == ("failed", 3), done
+    assert done["status_reason"] == (
+        "its run broke off during each of its 3 attempts (a member lost, or a control plane that stopped or "
+        "crashed): not tried again"
+    )
+    assert [m["content"] for m in done["messages"]] == ["Help me."]  # the third attempt's (the member never answered)

@@ -1279,7 +1279,7 @@ async def test_a_task_its_agent_goes_away_from_on_every_attempt_fails_saying_so_
     for attempt in (1, 2, 3):
         await assert_eventually(
             lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers),
-            lambda r, n=attempt: (r.json()["status"], r.json()["attempt"]) == ("running", n),  # type: ignore[misc]
+            lambda r, n=attempt: (r.json()["status"], r.json()["attempt"]) == ("running", n),
             what=f"attempt {attempt} running",
         )
         assert (await api.client.post(f"{path}/stop", headers=headers)).status_code == 200
