@@ -315,6 +315,9 @@ async def _demo_credentials(settings: Settings, control: ControlPlane, demo: _De
     saved: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if control.bootstrap_admin_key is not None:
         saved["admin_api_key"] = control.bootstrap_admin_key.api_key
+    elif "admin_api_key" in saved and not await control.auth.logs_in(saved["admin_api_key"]):
+        del saved["admin_api_key"]  # revoked (after a CARAVAN_ADMIN_KEY took over, say): the banner shows no dead key
+        log.warning("the admin API key kept in %s was revoked: it is no longer shown", path.name)
     if "customer_api_key" not in saved:
         customer, key = await control.auth.create_customer("demo")
         saved.update(customer_id=customer.id, customer_api_key=key.api_key)

@@ -165,11 +165,21 @@ class AuthService:
     async def list_customers(self) -> list[Customer]:
         return sorted(await self._customers.list(), key=lambda c: c.created_at)
 
-    async def token_for_key(self, api_key: str, tier: Callable[[str], Awaitable[str]]) -> tuple[str, int, Principal]:
+    async def _valid_key(self, api_key: str) -> ApiKey | None:
+        """The record of ``api_key`` if it logs in: known, not revoked, and its customer (if any) still there."""
         record = await self._keys.get(_hash(api_key)) if 16 <= len(api_key) <= 256 else None
         if record is None or record.revoked_at is not None:
-            raise Unauthorized("invalid API key")
+            return None
         if record.customer_id is not None and await self._customers.get(record.customer_id) is None:
+            return None
+        return record
+
+    async def logs_in(self, api_key: str) -> bool:
+        return await self._valid_key(api_key) is not None
+
+    async def token_for_key(self, api_key: str, tier: Callable[[str], Awaitable[str]]) -> tuple[str, int, Principal]:
+        record = await self._valid_key(api_key)
+        if record is None:
             raise Unauthorized("invalid API key")
         now = int(time.time())
         subject = record.customer_id or f"admin:{record.prefix}"

@@ -416,3 +416,23 @@ def test_the_banner_says_why_the_demo_runs_on_scripted_answers(local_model: bool
     demo = _demo_model(settings)
     assert demo.model.provider == "replay"
     assert demo.about.endswith(f"the local model is {said})")
+
+
+@pytest.mark.usefixtures("no_provider_keys")
+async def test_the_banner_shows_no_admin_key_once_it_was_revoked(nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    """As README has it: to rotate the first start's admin key, start with a CARAVAN_ADMIN_KEY and revoke the
+    old one. The next banner must not show the old one (it kept being shown, and got 401)."""
+    first = make_settings(nats_server.url, tmp_path / "data", admin_key=None)
+    async with ControlPlane(first) as control:
+        old = await _demo_credentials(first, control, _demo_model(first))  # the first start: a key made for us
+        assert f"Admin API key: {old['admin_api_key']}" in _banner(first, "nats://x", old, "m")
+    settings = make_settings(nats_server.url, tmp_path / "data")  # the operator's own admin key from now on
+    async with ControlPlane(settings) as control:
+        assert (await _demo_credentials(settings, control, _demo_model(settings)))["admin_api_key"] == old[
+            "admin_api_key"
+        ]  # not revoked yet: still shown
+        await control.auth.revoke("_".join(old["admin_api_key"].split("_")[:2]))  # its prefix, cvn_<8 hex>
+        creds = await _demo_credentials(settings, control, _demo_model(settings))
+        assert "admin_api_key" not in creds and "Admin API key" not in _banner(settings, "nats://x", creds, "m")
+        assert {k: v for k, v in old.items() if k != "admin_api_key"} == creds  # the demo's own, as they were
+    assert "admin_api_key" not in json.loads((tmp_path / "data" / "credentials.json").read_text())
