@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -145,7 +146,9 @@ def add_commands(sub: Any) -> None:
     )
 
     audit = sub.add_parser("audit", parents=[common, as_json], help="read the audit log, oldest first")
-    audit.add_argument("--actor", help="who: an admin key's prefix, system:token-budget, ...")
+    audit.add_argument(
+        "--actor", help="who: an admin by its key's prefix (cvn_1a2b3c4d, or admin:cvn_1a2b3c4d), system:token-budget"
+    )
     audit.add_argument("--action", help="what: killswitch.engage, quota.set, auth.forbidden, ...")
     audit.add_argument("--customer", help="the customer it concerned")
     audit.add_argument("--since", type=_time, help="from this time, with a timezone: 2030-01-01T00:00:00Z")
@@ -331,8 +334,11 @@ def _print_usage(used: dict[str, Any]) -> None:
 
 
 def _audit(client: httpx.Client, args: argparse.Namespace) -> None:
+    actor = args.actor
+    if actor is not None and re.fullmatch(r"cvn_[0-9a-f]{8}", actor):
+        actor = f"admin:{actor}"  # as the log names an admin
     query = {
-        "actor": args.actor,
+        "actor": actor,
         "action": args.action,
         "customer_id": args.customer,
         "since": args.since,

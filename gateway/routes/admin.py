@@ -175,7 +175,10 @@ async def get_killswitch(control: ControlDep, _: AdminDep) -> list[Flag]:
 async def get_audit(
     control: ControlDep,
     admin: AdminDep,
-    actor: Annotated[str | None, Query(max_length=200)] = None,
+    actor: Annotated[
+        str | None,
+        Query(max_length=200, description="Who: `admin:<key prefix>` (an admin), `system:token-budget`."),
+    ] = None,
     action: Annotated[str | None, Query(max_length=100, pattern=r"^[a-z_]+(\.[a-z_]+)*$")] = None,
     customer_id: ListedQuery = None,
     since: Annotated[AuditTime | None, Query(description="With a timezone: 2024-01-01T00:00:00Z")] = None,

@@ -112,6 +112,11 @@ async def test_audit_prints_the_records_that_match(api: Api, capsys: pytest.Capt
     assert await run_cli("audit", "--action", "key.revoke", *common(api)) == 0
     assert capsys.readouterr().out == "no audit records match\n"
 
+    actor = (await audit(api, "quota.change"))[0]["actor"]  # admin:<its key's prefix>
+    for named in (actor, actor.removeprefix("admin:")):  # as the log names it, or by the prefix alone (as --help)
+        assert await run_cli("audit", "--action", "quota.change", "--actor", named, "--json", *common(api)) == 0
+        assert [r["actor"] for r in json.loads(capsys.readouterr().out)] == [actor], named
+
 
 async def test_stats_and_customers(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
     first, _ = await api.new_customer("first")
