@@ -304,6 +304,9 @@ class AgentWorker:
         while True:
             await self._may_serve.wait()
             await slots.acquire()
+            if not self._may_serve.is_set():  # halted while its slots were busy: the runs ending free them
+                slots.release()
+                continue
             try:
                 msgs = await psub.fetch(1, timeout=5)
             except nats.errors.TimeoutError:

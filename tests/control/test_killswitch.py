@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from agent.backends.base import Scope
-from agent.protocol import utcnow
+from agent.protocol import TASKS_STREAM, AgentDefinition, consumer_name, utcnow
 from control.backends.base import SchedulerError
 from control.models import ChangeLease, Role
 from control.natsserver import EmbeddedNats
@@ -96,6 +96,32 @@ async def test_agent_scope_halts_exactly_that_agent_and_release_resumes_it(api: 
     assert (released["acknowledged"], released["unacknowledged"]) == (1, [])
     await wait_status(api, fleet["headers"]["a1"], a1["id"], "running")
     await running_task(api, fleet["headers"]["a1"], a1["id"])  # accepts work again
+
+
+async def test_a_task_queued_behind_a_halted_agents_runs_stays_queued_and_a_cancel_ends_it_at_once(api: Api) -> None:
+    """An agent halted with every slot busy and a task waiting behind: its runs end `killed`, and the slots they
+    free do not fetch the waiting task (the halted agent fetched it and gave it back, so that it counted as handed
+    out, and its cancel waited the full deadline: "its agent did not stop it within 60 s")."""
+    _, headers = await api.new_customer()
+    agent = await slow_agent(api, headers, "busy")
+    running = [
+        await running_task(api, headers, agent["id"])
+        for _ in range(AgentDefinition.model_fields["max_concurrent_tasks"].default)
+    ]
+    waiting = await start_task(api, headers, agent["id"], "after the others")
+    await killswitch(api, scope="agent", agent_id=agent["id"], engaged=True, reason="drill")
+    for task_id in running:
+        await assert_eventually(lambda t=task_id: task_status(api, headers, t), lambda t: t["status"] == "killed")
+    await assert_eventually(  # the killed runs acknowledged; the waiting request never fetched, nor given back
+        lambda: api.control.jet.js.consumer_info(TASKS_STREAM, consumer_name(agent["id"])),
+        lambda q: (q.num_ack_pending, q.num_pending, q.num_redelivered) == (0, 1, 0),
+    )
+
+    assert (await api.client.post(f"/v1/tasks/{waiting}/cancel", headers=headers)).status_code == 202
+    task = await assert_eventually(
+        lambda: task_status(api, headers, waiting), lambda t: t["status"] != "queued", within=90
+    )  # ended by the cancel itself, the request being still in the queue, not by the cancel's deadline
+    assert (task["status"], task["status_reason"], task["attempt"]) == ("cancelled", "cancelled on request", 1), task
 
 
 async def test_customer_scope_halts_that_customers_agents_only(api: Api, fleet: dict[str, Any]) -> None:
