@@ -113,7 +113,12 @@ async def test_up_serves_where_it_says_stops_everything_on_ctrl_c_and_finds_its_
                 CARAVAN, "up", env=env | {"CARAVAN_HTTP_PORT": str(free_port())},
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
-            out, err = await asyncio.wait_for(second.communicate(), timeout=60)
+            try:
+                out, err = await asyncio.wait_for(second.communicate(), timeout=60)
+            finally:
+                if second.returncode is None:  # it runs (a second platform on the same store): stopped as a user would
+                    second.send_signal(signal.SIGINT)
+                    await asyncio.wait_for(second.wait(), timeout=120)
             assert second.returncode == 1, (out + err).decode()
             assert f"data dir {data} is in use by another caravan (pid {proc.pid})" in err.decode(), err.decode()
             assert (data / "nats" / UP_NATS_URL).read_text() == url  # nothing of the first one's touched
