@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -28,6 +27,7 @@ from agent.logsafe import printable
 from agent.protocol import http_url_problem
 from control.cliargs import env_port, usage
 from control.ids import is_digits, is_plain_id
+from control.services.auth import actor_named
 from control.services.killswitch import MAX_WAIT_MS
 
 __all__ = ["COMMANDS", "add_commands", "run_command"]
@@ -334,11 +334,8 @@ def _print_usage(used: dict[str, Any]) -> None:
 
 
 def _audit(client: httpx.Client, args: argparse.Namespace) -> None:
-    actor = args.actor
-    if actor is not None and re.fullmatch(r"cvn_[0-9a-f]{8}", actor):
-        actor = f"admin:{actor}"  # as the log names an admin
     query = {
-        "actor": actor,
+        "actor": None if args.actor is None else actor_named(args.actor),
         "action": args.action,
         "customer_id": args.customer,
         "since": args.since,

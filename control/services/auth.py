@@ -28,14 +28,35 @@ from control.ids import is_plain_id, new_id, quoted_id
 from control.models import ApiKey, Customer, Role
 from control.store import AlreadyExists, Repo
 
-__all__ = ["AuthService", "IssuedKey", "LastAdminKey", "Principal", "redact_json", "redact_keys", "shown_prefix"]
+__all__ = [
+    "AuthService",
+    "IssuedKey",
+    "LastAdminKey",
+    "Principal",
+    "actor_named",
+    "admin_subject",
+    "redact_json",
+    "redact_keys",
+    "shown_prefix",
+]
 
 _KEY_PREFIX = "cvn"
 _PREFIX_LENGTH = 12  # cvn_ and 8 hex digits; every key is longer
 _GENERATED_KEY = re.compile(r"cvn_[0-9a-f]{8}_")
 _GENERATED_KEY_IN_TEXT = re.compile(r"(cvn_[0-9a-f]{8})_[A-Za-z0-9_-]+")  # the secret: token_urlsafe's alphabet
+_KEY_PREFIX_ONLY = re.compile(r"cvn_[0-9a-f]{8}")
 _REVOCATION_REFRESH_S = 2.0
 _ADMIN_REVOCATIONS = "admin_key_revocations"
+
+
+def admin_subject(prefix: str) -> str:
+    """Who an admin is, in its tokens and the audit log: ``admin:`` and its key's prefix."""
+    return f"admin:{prefix}"
+
+
+def actor_named(text: str) -> str:
+    """An audit actor as an operator may name it: an admin by its key's prefix alone is :func:`admin_subject`."""
+    return admin_subject(text) if _KEY_PREFIX_ONLY.fullmatch(text) else text
 
 
 class LastAdminKey(Conflict):
@@ -182,7 +203,7 @@ class AuthService:
         if record is None:
             raise Unauthorized("invalid API key")
         now = int(time.time())
-        subject = record.customer_id or f"admin:{record.prefix}"
+        subject = record.customer_id or admin_subject(record.prefix)
         claims: dict[str, Any] = {
             "sub": subject,
             "role": record.role.value,

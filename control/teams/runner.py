@@ -255,9 +255,7 @@ class TeamRunner:
                 "that stopped or crashed): not tried again"
             )
             log.warning("team task %s: %s", task.id, reason)
-            await self._emit(task, task.attempt, EventKind.ERROR, content=reason)
-            await self._checkpoints_delete(task)
-            await self._status(task, task.attempt, "failed", reason)
+            await self._ended(task, task.attempt, TaskStatus.FAILED, reason)
             return
         while True:
             if attempt > task.attempt:
@@ -285,10 +283,7 @@ class TeamRunner:
             except Exception as exc:  # AgentChat refused the team or its state, or a bug of ours: never left running
                 log.exception("team task %s failed", task.id)
                 reason, status = f"{type(exc).__name__}: {_reason(exc)}", TaskStatus.FAILED
-            if status is TaskStatus.FAILED:
-                await self._emit(task, attempt, EventKind.ERROR, content=reason)
-            await self._checkpoints_delete(task)
-            await self._status(task, attempt, status.value, reason)
+            await self._ended(task, attempt, status, reason)
             return
 
     async def _segment(
@@ -578,6 +573,13 @@ class TeamRunner:
                 event.data = {**event.data, REPLAYED: True}
             await self._publish(event, wait=False)
         await self._stored(task)
+
+    async def _ended(self, task: Task, attempt: int, status: TaskStatus, reason: str) -> None:
+        """End the task ``status`` for ``reason`` (an error event first if it failed), its checkpoints gone."""
+        if status is TaskStatus.FAILED:
+            await self._emit(task, attempt, EventKind.ERROR, content=reason)
+        await self._checkpoints_delete(task)
+        await self._status(task, attempt, status.value, reason)
 
     async def _cancelled(self, task: Task, attempt: int) -> None:
         await self._checkpoints_delete(task)
