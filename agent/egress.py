@@ -22,14 +22,22 @@ import os
 import re
 import socket
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpcore
 import httpx
 
-__all__ = ["ALLOW_ENV", "EgressPolicy", "EgressRefused", "GuardedTransport", "refusal_in"]
+__all__ = [
+    "ALLOW_ENV",
+    "EgressPolicy",
+    "EgressRefused",
+    "GuardedTransport",
+    "endpoint_failure",
+    "failure_text",
+    "refusal_in",
+]
 
 log = logging.getLogger("caravan.egress")
 
@@ -154,6 +162,10 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         except EgressRefused as refused:
             log.warning("refused to connect to a model endpoint: %s", refused)
             raise
+        except TimeoutError as exc:  # as httpcore's own backend reports a lookup that fails, so that the client
+            raise httpcore.ConnectTimeout(f"looking up {host} timed out") from exc  # says which request it was
+        except OSError as exc:
+            raise httpcore.ConnectError(f"cannot look up {host}: {exc}") from exc
         for address in addresses[:-1]:  # each checked address in turn (an IPv6 one may be unreachable), as a
             try:  # connection to the name would
                 return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
@@ -194,11 +206,46 @@ _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepal
 
 def refusal_in(exc: BaseException) -> EgressRefused | None:
     """The refusal behind ``exc`` (a model client wraps its transport's errors in its own), if there is one."""
+    return next((each for each in _chain(exc) if isinstance(each, EgressRefused)), None)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it was raised from or while handling, in turn (a model client wraps its transport's errors
+    in its own)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, EgressRefused):
-            return current
         seen.add(id(current))
+        yield current
         current = current.__cause__ or current.__context__
-    return None
+
+
+def _request_of(exc: BaseException) -> httpx.Request | None:
+    try:  # httpx's errors raise for a request they were not given; the SDKs' errors carry theirs as an attribute
+        request = getattr(exc, "request", None)
+    except RuntimeError:
+        return None
+    return request if isinstance(request, httpx.Request) else None
+
+
+def endpoint_failure(exc: BaseException) -> str | None:
+    """What a failed call to a model endpoint says of itself, naming the endpoint (an SDK says only "Connection
+    error." of one it cannot reach), but never its URL's query or credentials; None for any other exception."""
+    refused = refusal_in(exc)
+    if refused is not None:
+        return f"model endpoint refused: {refused}"
+    chain = list(_chain(exc))
+    request = next(filter(None, map(_request_of, chain)), None)
+    if request is None:
+        return None
+    url = request.url
+    where = f"{request.method} {url.scheme}://{url.netloc.decode('ascii')}{url.path}"
+    transport = next((each for each in chain if isinstance(each, httpx.TransportError)), None)
+    if transport is not None:
+        return f"cannot reach the model endpoint ({where}): {str(transport) or type(transport).__name__}"
+    return f"the model endpoint ({where}) answered: {exc}"
+
+
+def failure_text(exc: BaseException) -> str:
+    """What a task that ``exc`` ended says of it."""
+    return endpoint_failure(exc) or f"{type(exc).__name__}: {exc}"

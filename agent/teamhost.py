@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
@@ -34,6 +35,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from agent.egress import endpoint_failure
 from agent.models import create_model_client
 from agent.protocol import AgentDefinition
 from agent.runtime import NatsAgentRuntime
@@ -176,6 +178,13 @@ class _Container(ChatAgentContainer):
         self, message: Any, topic_id: TopicId, *, cancellation_token: CancellationToken | None = None
     ) -> None:
         terms = self._terms() if self._terms is not None else None
+        if isinstance(message, GroupChatError):
+            # AgentChat publishes it from the handler of the exception, which is at hand: the task's reason names
+            # the model endpoint that failed, as a single agent's does (the SDK's own text is "Connection error.")
+            handled = sys.exc_info()[1]
+            described = endpoint_failure(handled) if handled is not None else None
+            if described is not None:
+                message = GroupChatError(error=message.error.model_copy(update={"error_message": described}))
         if isinstance(message, GroupChatMessage) and isinstance(message.message, BaseChatMessage):
             # The turn's answer for the output topic: the same answer for the group follows at once (AgentChat
             # clears the buffer in between), then this member's state. All go to the manager's process; sent as

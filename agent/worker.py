@@ -510,10 +510,9 @@ class _TaskRun:
             return
         except Exception as exc:
             log.exception("task %s failed", self.request.task_id)
-            from agent.egress import refusal_in  # (only here: it loads the HTTP client the model clients use)
+            from agent.egress import failure_text  # (only here: it loads the HTTP client the model clients use)
 
-            refused = refusal_in(exc)  # what the model client's "Connection error." stands for
-            reason = f"{type(exc).__name__}: {exc}" if refused is None else f"model endpoint refused: {refused}"
+            reason = failure_text(exc)
             await self.emit(EventKind.ERROR, content=reason)
             await self.status("failed", reason)
             return

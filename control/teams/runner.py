@@ -36,6 +36,7 @@ from nats.js.errors import KeyNotFoundError
 
 from agent.aio import cancel_and_wait, keep_in_progress
 from agent.backends.base import Flag
+from agent.egress import endpoint_failure
 from agent.models import LocalModelAccess, create_model_client
 from agent.protocol import REPLAYED, TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
 from agent.runtime import NatsAgentRuntime
@@ -282,7 +283,7 @@ class TeamRunner:
                 reason, status = str(failure), failure.status
             except Exception as exc:  # AgentChat refused the team or its state, or a bug of ours: never left running
                 log.exception("team task %s failed", task.id)
-                reason, status = f"{type(exc).__name__}: {_reason(exc)}", TaskStatus.FAILED
+                reason, status = endpoint_failure(exc) or f"{type(exc).__name__}: {_reason(exc)}", TaskStatus.FAILED
             await self._ended(task, attempt, status, reason)
             return
 

@@ -4,6 +4,7 @@ defined, and refused by the agent's HTTP client at every connection, after it re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -12,9 +13,10 @@ import httpx
 import pytest
 from autogen_core.models import UserMessage
 
-from agent.egress import ALLOW_ENV, EgressPolicy, EgressRefused, GuardedTransport, refusal_in
+from agent.egress import ALLOW_ENV, EgressPolicy, EgressRefused, GuardedTransport, endpoint_failure, refusal_in
 from agent.models import create_model_client
 from agent.protocol import ModelConfig
+from tests.support.helpers import free_port
 
 INTERNAL = [
     "http://127.0.0.1:11434/v1",
@@ -60,9 +62,28 @@ def test_an_operator_allows_internal_hosts_and_networks_by_name() -> None:
         EgressPolicy.parse("10.0.0.0/8, not a host!")
 
 
+@contextlib.asynccontextmanager
+async def answering(status: bytes, body: bytes) -> AsyncIterator[int]:
+    """A plain HTTP server on loopback that answers every request with ``status`` and a JSON ``body``; its port."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        length = next((int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")), 0)
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n" % status)
+        writer.write(b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
 @pytest.fixture
 async def http_server() -> AsyncIterator[int]:
-    """A plain HTTP server on loopback that answers every request with an OpenAI chat completion; its port."""
+    """:func:`answering` every request with an OpenAI chat completion."""
     answer = {
         "id": "c1",
         "object": "chat.completion",
@@ -73,21 +94,8 @@ async def http_server() -> AsyncIterator[int]:
         ],
         "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
     }
-    body = json.dumps(answer).encode()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.lower().split(b"\r\n")
-        length = next((int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")), 0)
-        await reader.readexactly(length)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n")
-        writer.write(b"content-length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    async with server:
-        yield server.sockets[0].getsockname()[1]
+    async with answering(b"200 OK", json.dumps(answer).encode()) as port:
+        yield port
 
 
 async def test_the_transport_checks_the_address_a_name_resolves_to_and_connects_to_it(http_server: int) -> None:
@@ -123,3 +131,41 @@ async def test_an_ollama_model_client_at_an_internal_address_says_why_it_failed(
     monkeypatch.setenv(ALLOW_ENV, "127.0.0.1/32,::1")  # the operator's own model server on this machine
     answer = await create_model_client(config).create([UserMessage(content="hi", source="user")])
     assert answer.content == "from loopback"
+
+
+async def failed_call(config: ModelConfig) -> BaseException:
+    with pytest.raises(Exception) as failed:
+        await create_model_client(config).create([UserMessage(content="hi", source="user")])
+    return failed.value
+
+
+async def test_a_model_call_that_fails_names_the_endpoint_it_called(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task's reason says which endpoint failed and how, where the SDK says only "Connection error." (a name
+    that did not resolve came out as a bare ``gaierror: [Errno -2] Name or service not known``)."""
+    monkeypatch.setenv(ALLOW_ENV, "127.0.0.1/32")
+    port = free_port()  # nothing listens there
+    closed = await failed_call(ModelConfig(provider="ollama", name="m", base_url=f"http://127.0.0.1:{port}/v1"))
+    said = endpoint_failure(closed)
+    assert said is not None and said.startswith(f"cannot reach the model endpoint (POST http://127.0.0.1:{port}/v1/")
+    nowhere = await failed_call(ModelConfig(provider="ollama", name="m", base_url="http://models.invalid/v1"))
+    said = endpoint_failure(nowhere)
+    assert (
+        said is not None and "(POST http://models.invalid/v1/chat/completions): cannot look up models.invalid" in said
+    )
+    error = json.dumps({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+    async with answering(b"401 Unauthorized", error.encode()) as port:
+        refused = await failed_call(ModelConfig(provider="ollama", name="m", base_url=f"http://127.0.0.1:{port}/v1"))
+    said = endpoint_failure(refused)
+    assert said is not None and said.startswith(
+        f"the model endpoint (POST http://127.0.0.1:{port}/v1/chat/completions)"
+    )
+    assert "401" in said and "Incorrect API key provided" in said
+    assert endpoint_failure(ValueError("not a model call")) is None
+
+
+def test_the_endpoint_named_carries_no_credentials_or_query() -> None:
+    request = httpx.Request("POST", "https://user:secret@models.example:8443/v1/chat/completions?key=secret")
+    said = endpoint_failure(httpx.ConnectError("connection refused", request=request))
+    assert said == (
+        "cannot reach the model endpoint (POST https://models.example:8443/v1/chat/completions): connection refused"
+    )

@@ -921,6 +921,17 @@ async def test_the_tracker_keeps_what_another_writer_changed_in_a_record_between
     assert (await finished(api, headers, task_id))["status"] == "cancelled"
 
 
+async def test_a_task_whose_model_endpoint_cannot_be_reached_fails_naming_it(api: Api) -> None:
+    """It used to say ``gaierror: [Errno -2] Name or service not known``, naming neither the model nor the host."""
+    _, headers = await api.new_customer()
+    unreachable = {"provider": "ollama", "name": "llama3", "base_url": "http://models.invalid:11434/v1"}
+    agent = await running_agent(api, headers, model=unreachable, tools=[])
+    task = await finished(api, headers, await start_task(api, headers, agent["id"]))
+    assert task["status"] == "failed", task
+    said = "cannot reach the model endpoint (POST http://models.invalid:11434/v1/chat/completions): cannot look up"
+    assert said in task["status_reason"], task["status_reason"]
+
+
 async def test_an_event_jetstream_will_not_store_fails_the_task_with_the_reason(api: Api) -> None:
     """The agent goes on to its model while JetStream stores the conversation's events, but it reports no
     result before they are stored: one that is refused fails the task, saying why."""

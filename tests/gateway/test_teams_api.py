@@ -411,6 +411,23 @@ async def test_team_names_that_hide_or_reorder_text_are_refused_and_nothing_is_s
         assert created.status_code == 201 and created.json()["name"] == name, created.text
 
 
+async def test_a_team_task_whose_model_endpoint_cannot_be_reached_fails_naming_it(api: Api) -> None:
+    """A member's model (in its agent's process) or the selector's (in the control plane) that cannot be reached
+    fails the task with the endpoint named, as a single agent's task does; both used to say only
+    ``APIConnectionError: Connection error.``"""
+    _, headers = await api.new_customer()
+    unreachable = {"provider": "ollama", "name": "llama3", "base_url": "http://models.invalid:11434/v1"}
+    made = await agents(api, headers, {"alice": {"model": unreachable}, "bob": {"model": script("b1", "b2")}})
+    members = [made["alice"]["id"], made["bob"]["id"]]
+    selector = {"model": unreachable}
+    for body in ({}, {"mode": "selector", "selector": selector}):
+        created = await team(api, headers, members=members, termination={"max_messages": 3}, **body)
+        task = await task_status(api, headers, await start(api, headers, created["id"], "Count."))
+        assert task["status"] == "failed", task
+        said = "cannot reach the model endpoint (POST http://models.invalid:11434/v1/chat/completions): cannot look up"
+        assert said in task["status_reason"], task["status_reason"]
+
+
 async def test_a_selector_model_at_an_internal_address_is_refused_and_nothing_is_stored(api: Api) -> None:
     """The selector's model is called from the control plane itself: its base_url must not point at the platform's
     network either."""
