@@ -268,8 +268,7 @@ class TeamRunner:
                 if active.handover:
                     raise
                 if attempt >= self.config.max_attempts:
-                    await self._checkpoints_delete(task)
-                    await self._status(task, attempt, "failed", f"{retry} (gave up after {attempt} attempts)")
+                    await self._ended(task, attempt, TaskStatus.FAILED, f"{retry} (gave up after {attempt} attempts)")
                     return
                 if active.cancelled:  # asked for while the run broke off: the next attempt must not start
                     await self._cancelled(task, attempt)

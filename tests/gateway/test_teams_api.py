@@ -4,6 +4,7 @@ transcript equal to AgentChat's own team run in this process with the same scrip
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from typing import Any
@@ -260,6 +261,31 @@ async def test_a_member_that_dies_mid_turn_is_restarted_and_the_run_goes_on_from
     assert replayed[: len(saved)] == saved
     assert replayed + produced == [(m["source"], m["content"]) for m in task["messages"]]
     assert produced and produced[0][0] == "fragile" and "s1" not in [c for _, c in produced]
+
+
+async def test_a_run_whose_member_dies_in_its_last_attempt_fails_saying_so(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As any failed task: the reason in its status and an error event before it (this way of failing had none)."""
+    runner = api.control.team_runner
+    monkeypatch.setattr(runner, "config", dataclasses.replace(runner.config, max_attempts=1))
+    customer_id, headers = await api.new_customer()
+    specs = {"steady": {"model": script("s1", "s2")}, "fragile": {"model": script("f1", "f2", delay_ms=1500)}}
+    made = await agents(api, headers, specs)
+    created = await team(
+        api, headers, members=[made["steady"]["id"], made["fragile"]["id"]], termination={"max_messages": 5}
+    )
+    ready = (await agent_ready(api, customer_id, made["fragile"]["id"]))["data"]
+    task_id = await start(api, headers, created["id"], "Go.")
+    port = ready["health_port"]
+    await assert_eventually(lambda: health(port), lambda h: h["team_handlers"] >= 1, what="model call in flight")
+    os.kill(ready["pid"], signal.SIGKILL)
+    task = await task_status(api, headers, task_id, within=90)
+    assert (task["status"], task["attempt"]) == ("failed", 1), task
+    assert f"member {made['fragile']['id']}" in task["status_reason"], task["status_reason"]
+    assert task["status_reason"].endswith("(gave up after 1 attempts)"), task["status_reason"]
+    events = await stored_events(api.control.jet.js, customer_id, task_id)
+    assert [(e.kind, e.content) for e in events[-2:]] == [("error", task["status_reason"]), ("status", "failed")]
 
 
 async def test_replicas_share_team_runs_and_none_is_served_twice(api: Api) -> None:
