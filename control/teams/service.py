@@ -41,8 +41,12 @@ class TeamService:
                 raise Invalid(
                     f"member {agent_id} is named {USER!r}, the human's name in a team: make it anew under another name"
                 )
-            if agent.name in names.values():
-                raise Invalid(f"members need distinct names: {agent.name!r} is taken by {agent_id} and another")
+            other = next((each for each, name in names.items() if name == agent.name), None)
+            if other is not None:
+                raise Invalid(
+                    f"members need distinct names (AgentChat tells them apart by name): {other} and {agent_id} "
+                    f"are both named {agent.name!r}"
+                )
             names[agent_id] = agent.name
         team = Team(id=new_id("tm"), customer_id=customer_id, **spec.model_dump())
         await self._repo.create(_key(customer_id, team.id), team)

@@ -416,6 +416,13 @@ async def test_team_input_is_validated_and_nothing_is_half_written(api: Api) -> 
         headers=headers,
     )
     assert missing.status_code == 404
+    # two agents of one name (names need not be unique among agents): the refusal names both
+    namesake = (await agents(api, headers, {"one": {"model": script("1")}}))["one"]["id"]
+    clash = await api.client.post(
+        "/v1/teams", json={"name": "t", "members": [one, namesake], **terminated}, headers=headers
+    )
+    assert clash.status_code == 422, clash.text
+    assert f"{one} and {namesake} are both named 'one'" in clash.json()["error"]["message"], clash.text
     assert (await api.client.get("/v1/teams", headers=headers)).json() == []
     for body in ({"team_id": "tm-000000000000", "task": "x"}, {"team_id": "nope", "task": "x"}):
         assert (await api.client.post("/v1/tasks", json=body, headers=headers)).status_code in (404, 422)
