@@ -68,9 +68,17 @@ class Quota(BaseModel):
     )
 
 
+def _no_defaults(schema: dict[str, Any]) -> None:
+    """A field left out of a change keeps its value: the schema a client is generated from shows no default."""
+    for field in schema.get("properties", {}).values():
+        field.pop("default", None)
+
+
 class QuotaChange(Quota):
     """The fields of a customer's quota to change (``PATCH``): those left out keep their value, ``null`` is
     unlimited; at least one."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_no_defaults)
 
     @model_validator(mode="after")
     def _not_empty(self) -> QuotaChange:

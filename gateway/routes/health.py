@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
 
 from control.metrics import CONTENT_TYPE, Metrics, snapshot
 from gateway.deps import ControlDep
@@ -15,7 +18,18 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    scheduler: str = Field(description="The scheduler backend: `local` or `nomad`.")
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={
+        503: {"model": Readiness, "description": "Not ready: the control plane is starting or NATS does not answer."}
+    },
+)
 async def readyz(control: ControlDep) -> JSONResponse:
     """The control plane is started and NATS answers it (a round trip within a second: a stalled server keeps
     its connections open)."""

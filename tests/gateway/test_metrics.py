@@ -194,6 +194,8 @@ async def test_a_stalled_nats_makes_the_platform_not_ready_and_its_requests_503_
         assert listed.json()["error"]["code"] == "unavailable" and listed.headers["Retry-After"] == "1"
     await assert_eventually(lambda: api.client.get("/readyz"), lambda r: r.status_code == 200, what="ready")
     assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+    documented = (await api.client.get("/openapi.json")).json()["paths"]["/readyz"]["get"]["responses"]
+    assert {"200", "503"} <= set(documented), documented  # a probe's author learns of the 503 from the schema
 
 
 async def test_a_scrape_counts_tasks_in_flight_afresh_and_reads_every_record_only_once_an_interval(

@@ -420,6 +420,12 @@ async def test_a_quota_patch_changes_the_fields_it_gives_and_keeps_the_others(ap
     ).json()
     assert record["target"] == record["customer_id"] == customer_id and record["result"] == "ok"
     assert record["details"] == {"changes": {"max_cpu": 2000, "tokens_per_day": None}, "quota": expected}
+    # and the schema a client is generated from does not offer defaults a left-out field would take
+    schema = (await api.client.get("/openapi.json")).json()
+    patch = schema["paths"]["/v1/admin/customers/{customer_id}/quota"]["patch"]
+    body = patch["requestBody"]["content"]["application/json"]["schema"]
+    fields = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]["properties"]
+    assert set(fields) == set(expected) and not [name for name, field in fields.items() if "default" in field]
 
 
 async def test_a_customer_without_a_quota_record_changes_the_default(api: Api) -> None:
