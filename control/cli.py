@@ -566,9 +566,26 @@ def configure_logging(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="caravan", description="Run AutoGen agent teams on Nomad.")
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="run the embedded platform: NATS, control plane, gateway, local scheduler")
+    settings_help = (
+        "Settings come from the environment: CARAVAN_HTTP_HOST and CARAVAN_HTTP_PORT (the API and dashboard; "
+        "127.0.0.1:8080), CARAVAN_DATA_DIR (var), CARAVAN_LOG_LEVEL and the rest in README.md, Settings. Ctrl-C "
+        "stops it."
+    )
+    up = sub.add_parser(
+        "up",
+        help="run the embedded platform: NATS, control plane, gateway, local scheduler",
+        description="Run the whole platform on this machine: NATS with JetStream (its store in the data dir), "
+        "the control plane, the gateway, the local scheduler and, unless CARAVAN_LOCAL_MODEL=0, the bundled "
+        "model. One per data dir. " + settings_help,
+    )
     up.add_argument("--nats-port", type=port, help="NATS's port (default: CARAVAN_NATS_PORT, else 4222)")
-    sub.add_parser("serve", help="run the gateway and control plane against NATS_URL and the configured scheduler")
+    sub.add_parser(
+        "serve",
+        help="run the gateway and control plane against NATS_URL and the configured scheduler",
+        description="Run the gateway and the control plane against a running NATS with JetStream "
+        "(CARAVAN_NATS_URL or NATS_URL), its agents run by CARAVAN_SCHEDULER (local, the default, or nomad). "
+        + settings_help,
+    )
     add_commands(sub)
     job = sub.add_parser("job", help="an agent's Nomad job, without submitting it")
     job.add_argument("verb", choices=["render", "plan"], help="render: print the job JSON; plan: Nomad's dry run")

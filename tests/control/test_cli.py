@@ -436,3 +436,18 @@ async def test_the_banner_shows_no_admin_key_once_it_was_revoked(nats_server: Em
         assert "admin_api_key" not in creds and "Admin API key" not in _banner(settings, "nats://x", creds, "m")
         assert {k: v for k, v in old.items() if k != "admin_api_key"} == creds  # the demo's own, as they were
     assert "admin_api_key" not in json.loads((tmp_path / "data" / "credentials.json").read_text())
+
+
+@pytest.mark.parametrize("command", ["up", "serve"])
+def test_the_help_of_up_and_serve_names_settings_that_exist(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    said = " ".join(capsys.readouterr().out.split())
+    named = set(re.findall(r"CARAVAN_([A-Z_]+)", said))
+    assert {"HTTP_PORT", "DATA_DIR"} <= named and "README.md, Settings" in said
+    read_by_the_command = Path(cli.__file__).read_text()  # (CARAVAN_NATS_PORT is `up`'s own, not a setting)
+    unknown = [
+        n for n in named if n.lower() not in Settings.model_fields and f'"CARAVAN_{n}"' not in read_by_the_command
+    ]
+    assert not unknown, unknown
