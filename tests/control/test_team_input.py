@@ -4,6 +4,9 @@ the team from its state in JetStream KV, across a restart of the control plane a
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -390,3 +393,32 @@ async def test_an_answer_sent_as_the_question_shows_on_the_event_stream_is_taken
     assert done["status"] == "completed", done
     assert ("user", "TextMessage", "Blue.") in api_transcript(done)
     assert api_transcript(done) == await asked_and_answered(SPECS, "Blue.")
+
+
+async def test_readmes_offline_human_in_the_loop_example_runs_as_written(api: Api) -> None:
+    """The Teams section's block, pasted into bash: the team asks, the README's answer resumes it to the end."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("Offline, with scripted members", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = block.splitlines()
+    started = "\n".join(lines[: next(i for i, line in enumerate(lines) if "Paint the fence." in line) + 1])
+    answer = next(line for line in lines if "/input" in line)
+    _, headers = await api.new_customer()
+    env = {**os.environ, "BASE": api.base, "AUTH": f"Authorization: {headers['Authorization']}"}
+
+    async def bash(script: str, **more: str) -> str:
+        done = await asyncio.to_thread(
+            subprocess.run, ["bash", "-euo", "pipefail", "-c", script], env={**env, **more}, capture_output=True
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        return done.stdout.decode()
+
+    task_id = (await bash(started + '\necho "$TASK"')).strip()
+    waiting = await task_status(api, headers, task_id, ("awaiting_input", "completed", "failed"))
+    assert waiting["status"] == "awaiting_input", waiting["status_reason"]
+    assert waiting["messages"][-1]["type"] == "input_request"
+    assert waiting["messages"][-1]["content"] == "What colour should it be?"
+    assert json.loads(await bash(answer, TASK=task_id))["status"] == "queued"
+    done = await task_status(api, headers, task_id)
+    assert (done["status"], done["status_reason"]) == ("completed", "Text 'DONE' mentioned"), done
+    said = [(m["source"], m["content"]) for m in done["messages"] if m["type"] == "TextMessage"]
+    assert said[-3:] == [("user", "Green."), ("maker", "Fence painted."), ("asker", "Green it is. DONE")]
