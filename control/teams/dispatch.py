@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -78,14 +79,20 @@ class TeamTasks:
         return task, team_task_subject(customer_id, team.id), request.model_dump_json().encode()
 
     async def went(self, task: Task) -> str | None:
-        """Why the team of a task just queued can no longer run it (deleted, or being deleted, since
-        :meth:`prepare` read it), or None."""
+        """Why the team of a task just queued can no longer run it (deleted since :meth:`prepare` read it), or
+        None. A delete under way is waited for: refused (another unfinished task, or this one, found), it leaves
+        the team to run this task, which it used to end all the same."""
         assert task.team_id is not None
-        try:
-            team = await self._teams.get(task.customer_id, task.team_id)
-        except NotFound:
-            return f"team {task.team_id} was deleted"
-        return f"team {team.id} is being deleted" if team.deleting() else None
+        pause = 0.02
+        while True:
+            try:
+                team = await self._teams.get(task.customer_id, task.team_id)
+            except NotFound:
+                return f"team {task.team_id} was deleted"
+            if not team.deleting():  # (a mark whose control plane died holds for DELETING_S at most)
+                return None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
     async def teams_of(self, agent: Agent) -> set[str]:
         """The ids of the teams ``agent`` is a member of."""

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats
@@ -602,6 +603,41 @@ async def test_a_team_deleted_as_a_task_is_made_on_it_runs_no_task(api: Api, mon
     assert (ended["status"], ended["status_reason"]) == ("cancelled", f"team {crew['id']} was deleted"), ended
     assert ended["messages"] == []  # no member ran it
     assert (await usage(api, headers))["concurrent_tasks"] == 0
+
+
+async def test_a_task_made_while_a_delete_of_its_team_is_refused_runs(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete marks the team, then looks for its unfinished tasks; a task queued in between used to see the mark
+    and end `cancelled` ("being deleted") even when the delete was then refused (409) and the team stayed. It waits
+    for the delete's outcome now: the team stays, so the task runs."""
+    customer_id, headers = await api.new_customer()
+    made = await agents(api, headers, {"solo": {"model": script("hi")}})
+    crew = await team(api, headers, members=[made["solo"]["id"]], termination={"max_messages": 2})
+    repo, key = api.control.teams._repo, f"{customer_id}.{crew['id']}"
+    dispatch = api.control.tasks._teams
+    assert dispatch is not None
+    prepare = dispatch.prepare
+
+    async def refused_delete() -> None:  # what TeamService.delete does when it finds an unfinished task
+        await asyncio.sleep(0.5)
+        await repo.update(key, lambda t: t.model_copy(update={"deleting_until": None}))
+
+    async def delete_under_way(*args: Any) -> Any:
+        prepared = await prepare(*args)
+        until = datetime.now(UTC) + timedelta(seconds=30)
+        await repo.update(key, lambda t: t.model_copy(update={"deleting_until": until}))
+        background.append(asyncio.create_task(refused_delete()))
+        return prepared
+
+    background: list[asyncio.Task[None]] = []
+    monkeypatch.setattr(dispatch, "prepare", delete_under_way)
+    made_meanwhile = await api.client.post("/v1/tasks", json={"team_id": crew["id"], "task": "go"}, headers=headers)
+    assert made_meanwhile.status_code == 202, made_meanwhile.text
+    await asyncio.gather(*background)
+    ended = await task_status(api, headers, made_meanwhile.json()["id"])
+    assert ended["status"] == "completed", ended
+    assert [m["content"] for m in ended["messages"]] == ["go", "hi"]
 
 
 async def test_no_agent_is_named_user_nor_joins_a_team_so_named(api: Api) -> None:
