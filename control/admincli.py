@@ -232,6 +232,8 @@ def run_command(args: argparse.Namespace) -> None:
         hint = " (leave out --customer and --agent to cover every agent)"
         _id(args.customer, "--customer", "a customer", hint)
         _id(args.agent, "--agent", "an agent", hint)
+        if args.action == "engage" and not args.reason.strip():
+            usage("killswitch engage needs --reason: it is shown to agents, in status and in the audit log")
     elif args.command == "audit":
         _id(args.customer, "--customer", "a customer")
     elif args.command == "quota":
@@ -253,7 +255,8 @@ def _killswitch(client: httpx.Client, args: argparse.Namespace) -> None:
             print("no killswitch engaged")
         for flag in flags:
             target, by, reason = shown(flag["target"] or "every agent"), shown(flag["by"]), shown(flag["reason"])
-            print(f"ENGAGED {flag['scope']:<8} {target:<16} by {by} at {flag['at']}: {reason}")
+            kind = "hard" if flag.get("hard") else "soft"  # hard: the jobs stopped, their owners cannot start them
+            print(f"ENGAGED {flag['scope']:<8} {target:<16} {kind} by {by} at {flag['at']}: {reason}")
         return
     scope = "agent" if args.agent else "customer" if args.customer else "all"
     body = {

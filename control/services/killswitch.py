@@ -72,6 +72,8 @@ class KillswitchRequest(BaseModel):
             raise ValueError("scope 'agent' needs agent_id")
         if self.hard and not self.engaged:
             raise ValueError("hard applies to engaging only")
+        if self.engaged and not self.reason.strip():  # (what an engagement with no field but its scope did)
+            raise ValueError("an engagement needs a reason: it is shown to agents, in status and in the audit log")
         return self
 
     @property
@@ -204,6 +206,13 @@ class KillswitchService:
         only: str | None = None,
     ) -> KillswitchResult:
         key = request.key
+        if request.engaged and not request.hard and not unless_engaged:
+            held = next((f for f in await self.engaged() if f.key == key and f.hard), None)
+            if held is not None:  # owners could start its agents again: an engagement never weakens another
+                raise FlagHeld(
+                    f"the killswitch on {key.label} is hard ({held.reason}, by {held.by}): a soft one in its place "
+                    "would let owners start its agents again; engage it with hard, or release it first"
+                )
         if request.engaged:
             flag_id: str | None = uuid.uuid4().hex
         elif only is not None:

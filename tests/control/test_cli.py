@@ -56,7 +56,7 @@ async def test_killswitch_engage_status_release(api: Api, capsys: pytest.Capture
     assert "killswitch engaged (all) in " in capsys.readouterr().out
     assert await run_cli("killswitch", "status", *common) == 0
     status = capsys.readouterr().out
-    assert "ENGAGED all" in status and "drill" in status
+    assert "ENGAGED all" in status and " soft by admin:" in status and "drill" in status
     assert await run_cli("killswitch", "release", *common) == 0
     assert "killswitch released (all) in " in capsys.readouterr().out
     assert await run_cli("killswitch", "status", *common) == 0
@@ -91,15 +91,20 @@ async def test_killswitch_finds_the_api_where_caravan_up_serves_it(
 
 
 async def test_killswitch_cli_explains_failures(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
-    assert await run_cli("killswitch", "engage", "--url", api.base, "--api-key", "wrong-key-0123456789") == 1
+    why = ("--reason", "test")
+    assert await run_cli("killswitch", "engage", *why, "--url", api.base, "--api-key", "wrong-key-0123456789") == 1
     assert "(401) unauthorized: " in capsys.readouterr().err
     assert (
         await run_cli(
-            "killswitch", "engage", "--customer", "cu-000000000000", "--url", api.base, "--api-key", ADMIN_KEY
+            "killswitch", "engage", *why, "--customer", "cu-000000000000", "--url", api.base, "--api-key", ADMIN_KEY
         )
         == 1
     )
     assert "(404) not_found: " in capsys.readouterr().err
+    # no reason: bad usage, nothing sent (it engaged every agent with an empty reason)
+    assert await run_cli("killswitch", "engage", "--url", api.base, "--api-key", ADMIN_KEY) == 2
+    assert "killswitch engage needs --reason" in capsys.readouterr().err
+    assert (await api.client.get("/v1/admin/killswitch", headers=await api.admin())).json() == []
 
 
 @pytest.mark.parametrize(

@@ -418,8 +418,8 @@ async def test_unknown_targets_are_404_and_customers_cannot_use_the_killswitch(a
     _, customer = await api.new_customer()
     admin = await api.admin()
     unknown = [
-        {"scope": "customer", "customer_id": "cu-000000000000"},
-        {"scope": "agent", "agent_id": "ag-000000000000"},
+        {"scope": "customer", "customer_id": "cu-000000000000", "reason": "r"},
+        {"scope": "agent", "agent_id": "ag-000000000000", "reason": "r"},
     ]
     for body in unknown:
         assert (await api.client.post("/v1/admin/killswitch", json=body, headers=admin)).status_code == 404
@@ -431,6 +431,33 @@ async def test_unknown_targets_are_404_and_customers_cannot_use_the_killswitch(a
         ("failed", "cu-000000000000", "not_found"),
         ("failed", "ag-000000000000", "not_found"),
     ]
+
+
+async def test_an_engagement_needs_a_reason_and_never_makes_a_hard_one_soft(api: Api) -> None:
+    """``{"scope": "all"}`` alone engaged every agent with no reason, and a soft engagement over a hard one made it
+    soft without a word: the owners could start what it had stopped."""
+    customer_id, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    admin = await api.admin()
+    for body in ({"scope": "all"}, {"scope": "agent", "agent_id": agent["id"], "reason": "  "}):
+        refused = await api.client.post("/v1/admin/killswitch", json=body, headers=admin)
+        assert refused.status_code == 422 and "needs a reason" in refused.text, refused.text
+    assert (await api.client.get("/v1/admin/killswitch", headers=admin)).json() == []
+    target = {"scope": "agent", "agent_id": agent["id"]}
+    await killswitch(api, **target, reason="abuse", hard=True)
+    soft = await api.client.post("/v1/admin/killswitch", json={**target, "reason": "oops"}, headers=admin)
+    assert soft.status_code == 409, soft.text
+    assert "is hard (abuse, by admin:" in soft.json()["error"]["message"], soft.text
+    (flag,) = (await api.client.get("/v1/admin/killswitch", headers=admin)).json()
+    assert (flag["hard"], flag["reason"]) == (True, "abuse")
+    assert (await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)).status_code == 409
+    await killswitch(api, **target, reason="still abuse", hard=True)  # hard over hard: its reason changes
+    await killswitch(api, **target, engaged=False, reason="resolved")
+    await killswitch(api, **target, reason="watching", wait_ms=0)  # soft, once released
+    (flag,) = (await api.client.get("/v1/admin/killswitch", headers=admin)).json()
+    assert (flag["hard"], flag["reason"]) == (False, "watching")
+    records = (await api.client.get("/v1/admin/audit?action=killswitch.engage", headers=admin)).json()
+    assert [r["result"] for r in records if r["customer_id"] == customer_id].count("failed") == 1  # the soft one
 
 
 async def test_with_consul_a_flag_put_by_hand_halts_and_an_outage_fails_safe(
