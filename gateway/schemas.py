@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from agent.protocol import ModelConfig
-from control.models import AgentStatus, NotBlank, Resources, TaskMessage, TaskStatus, Usage, Visible
+from control.models import AgentStatus, NotBlank, Resources, Task, TaskMessage, TaskStatus, Usage, Visible
 from control.services.quotas import UsagePublic
 from control.teams.models import SelectorSpec, TeamMode, Termination
 
@@ -150,9 +150,17 @@ class TaskPublic(BaseModel):
     result: str | None
     usage: Usage
     attempt: int
+    segment: int | None = Field(
+        description="While `awaiting_input`: the question waiting for its answer (give it with the answer)."
+    )
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+
+    @classmethod
+    def of(cls, task: Task) -> TaskPublic:
+        waiting = task.status is TaskStatus.AWAITING_INPUT
+        return cls(**task.model_dump(), segment=task.input_segment if waiting else None)
 
 
 class TeamPublic(BaseModel):

@@ -497,12 +497,12 @@ class TaskService:
             if task.team_id is not None and self._teams is not None:
                 await self._teams.drop_checkpoint(task)  # (a run's manager drops it too, once it has stopped)
 
-    async def input(self, customer_id: str | None, task_id: str, content: str) -> Task:
-        """The human's answer to a task that asked (team tasks)."""
+    async def input(self, customer_id: str | None, task_id: str, content: str, segment: int | None = None) -> Task:
+        """The human's answer to a task that asked (team tasks); ``segment``: the question it answers."""
         task = await self.get(customer_id, task_id)
         if task.team_id is None or self._teams is None:
             raise Conflict(f"task {task.id} runs on a single agent, which never asks for input")
-        return await self._teams.input(task, content)
+        return await self._teams.input(task, content, segment)
 
     async def publish(self, event: Event, msg_id: str | None = None) -> None:
         """Store ``event``; one with the ``msg_id`` of another stored within the stream's duplicate window (two

@@ -108,16 +108,28 @@ class TeamTasks:
             if (why := why_not_serving(agent)) is not None:
                 raise Conflict(f"team member {agent.id} ({agent.name}) is {why}")
 
-    async def input(self, task: Task, content: str) -> Task:
+    async def input(self, task: Task, content: str, segment: int | None = None) -> Task:
         """The human's answer: the team runs again from its checkpoint with it. The same answer sent again while
-        it waits in the queue (its client never got the 202) is taken as the one queued."""
+        it waits in the queue (its client never got the 202) is taken as the one queued. ``segment``: the question
+        it answers (else the one waiting now); an answer to another is refused."""
         if task.team_id is None:
             raise Conflict(f"task {task.id} is not a team's: nobody asks for input")
         if task.status == TaskStatus.QUEUED and task.queue_seq is not None:
             checkpoint = await self._checkpoints.get(task_key(task.customer_id, task.id))
-            if checkpoint is not None and await self._queued_as(task.queue_seq, _answer(task, content, checkpoint)):
+            if (
+                checkpoint is not None
+                and segment in (None, checkpoint.segment)
+                and await self._queued_as(task.queue_seq, _answer(task, content, checkpoint))
+            ):
                 return task
         checkpoint = await self._checkpoints.get(task_key(task.customer_id, task.id))
+        if segment is not None and checkpoint is not None and checkpoint.segment != segment:
+            last = checkpoint.segment  # (a client's retry of an answer used already must not answer the next one)
+            why = "was answered already" if segment < last else "was never asked"
+            raise Conflict(
+                f"task {task.id} is {task.status.value}: its question {segment} {why} (its last is {last})",
+                details={"segment": last},
+            )
         if task.status != TaskStatus.AWAITING_INPUT and not _asked(task, checkpoint):
             raise Conflict(f"task {task.id} is {task.status.value}, not awaiting input")
         if checkpoint is None:

@@ -6,7 +6,7 @@ from datetime import datetime
 from string import Formatter
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator, model_validator
 
 from agent.protocol import ID_PATTERN, ModelConfig, utcnow
 from control.models import USER, DisplayName, NotBlank  # USER: the handoff target that asks the human
@@ -163,6 +163,13 @@ class TeamInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     content: Annotated[str, StringConstraints(min_length=1, max_length=100_000), NotBlank]
+    segment: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        description="The question this answers: the `segment` of the task (and of its `awaiting_input` status and "
+        "`input_request` event). Given, an answer to a question no longer waiting (answered already: a client's "
+        "retry) is 409, never taken for the next question.",
+    )
 
 
 class Checkpoint(BaseModel):

@@ -427,7 +427,12 @@ class TeamRunner:
                 asked_by=last.source,
             )
             request_event = self._event(
-                task, attempt, EventKind.INPUT_REQUEST, source=last.source, content=question, data={"to": USER}
+                task,
+                attempt,
+                EventKind.INPUT_REQUEST,
+                source=last.source,
+                content=question,
+                data={"to": USER, "segment": saved.segment},
             )
             saved.transcript.append(request_event.model_dump(mode="json", exclude={"attempt", "at"}))
             await self._checkpoints.put(task_key(task.customer_id, task.id), saved)

@@ -34,7 +34,7 @@ MAX_EVENT_ID = 2**63 - 1  # JetStream's sequences are signed 64-bit: a resume po
 
 
 def _public(task: Task) -> TaskPublic:
-    return TaskPublic(**task.model_dump())
+    return TaskPublic.of(task)
 
 
 def _task_record(control: ControlPlane, task_id: str) -> Callable[[], Awaitable[Task]]:
@@ -101,7 +101,7 @@ async def task_input(task_id: str, body: TeamInput, control: ControlDep, princip
     async with control.audit.admin_action(
         principal, "task.input", target=task_id, owner=_task_record(control, task_id)
     ):
-        task = await control.tasks.input(owner_scope(principal), task_id, body.content)
+        task = await control.tasks.input(owner_scope(principal), task_id, body.content, body.segment)
     return _public(task)
 
 

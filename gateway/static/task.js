@@ -67,7 +67,8 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
     e.preventDefault();
     const sent = await attempt(
       answerErrors,
-      () => api("POST", `/v1/tasks/${seg(taskId)}/input`, { body: { content: answer.value } }),
+      // the question it answers: a second click after the team asked again is refused, not the next answer
+      () => api("POST", `/v1/tasks/${seg(taskId)}/input`, { body: { content: answer.value, segment: question } }),
       e.submitter,
     );
     if (sent) {
@@ -80,7 +81,7 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
   cancel.addEventListener("click", async () => {
     if (!window.confirm("Cancel this task?")) return;
     const task = await attempt(cancelErrors, () => api("POST", `/v1/tasks/${seg(taskId)}/cancel`), cancel);
-    if (task) setStatus(task.status, task.status_reason);
+    if (task) setStatus(task.status, task.status_reason, task.segment);
   });
   const close = el("button", { type: "button", text: "Close" });
   close.addEventListener("click", () => {
@@ -91,14 +92,21 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
   // Once the task has ended it stays so: the record follows the event stream by a moment, and an answer read after
   // the final event (the record, or Cancel's answer: the task as it was asked) can still hold an earlier status.
   let ended = null;
-  function setStatus(value, reason) {
+  let question; // the segment of the question the form answers (undefined: whichever waits)
+  function asked(segment) {
+    // questions only come later: a record read late (it follows the event stream) names an earlier one
+    if (Number.isInteger(segment) && !(question > segment)) question = segment;
+  }
+  function setStatus(value, reason, segment) {
     if (ended && !FINAL_STATUSES.has(value)) return;
     if (FINAL_STATUSES.has(value)) ended = value;
     if (onChange) onChange({ id: taskId, status: value });
     fill(status, badge(value), reason ? el("span", { class: "muted", text: ` ${reason}` }) : null);
     cancel.hidden = FINAL_STATUSES.has(value);
-    if (value === "awaiting_input") inputForm.hidden = false;
-    else if (value === "running" || FINAL_STATUSES.has(value)) inputForm.hidden = true;
+    if (value === "awaiting_input") {
+      inputForm.hidden = false;
+      asked(segment);
+    } else if (value === "running" || FINAL_STATUSES.has(value)) inputForm.hidden = true;
   }
 
   function showFacts(task) {
@@ -137,8 +145,13 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
       chunks.get(event.source || "").remove();
       chunks.delete(event.source || "");
     }
-    if (event.kind === "status") setStatus(event.content, event.data && event.data.reason);
-    if (event.kind === "input_request") inputForm.hidden = false;
+    if (event.kind === "status") {
+      setStatus(event.content, event.data && event.data.reason, event.data && event.data.segment);
+    }
+    if (event.kind === "input_request") {
+      inputForm.hidden = false;
+      asked(event.data && event.data.segment);
+    }
     if (event.kind === "result" && event.content) showResult(event.content);
     if (event.kind === "usage" && event.data && !event.data.replayed) {
       counted.prompt += Number(event.data.prompt_tokens) || 0;
@@ -179,7 +192,7 @@ export function openTask(root, taskId, { onClose, onChange } = {}) {
   async function refresh() {
     const task = await attempt(errors, () => api("GET", `/v1/tasks/${seg(taskId)}`));
     if (task) {
-      setStatus(task.status, task.status_reason);
+      setStatus(task.status, task.status_reason, task.segment);
       showFacts(task);
     }
     return task;

@@ -4,7 +4,6 @@ the team from its state in JetStream KV, across a restart of the control plane a
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -40,7 +39,7 @@ from tests.gateway.teams_support import (
 )
 from tests.gateway.test_agents_api import wait_status
 from tests.gateway.test_tasks_api import held_folding, queueing_fails, tracker_caught_up
-from tests.support.helpers import assert_eventually, now, small_messages
+from tests.support.helpers import assert_eventually, now, small_messages, stored_events
 
 SPECS = {
     "asker": {"model": script("What colour should it be?", {"tool": "transfer_to_user", "arguments": {}}, "a3", "a4")},
@@ -396,29 +395,72 @@ async def test_an_answer_sent_as_the_question_shows_on_the_event_stream_is_taken
 
 
 async def test_readmes_offline_human_in_the_loop_example_runs_as_written(api: Api) -> None:
-    """The Teams section's block, pasted into bash: the team asks, the README's answer resumes it to the end."""
+    """The Teams section's block, pasted into bash whole: the team asks, the README's answer resumes it to the end
+    (pasted whole, its answer once came before the members had started, and was refused)."""
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     block = readme.split("Offline, with scripted members", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    lines = block.splitlines()
-    started = "\n".join(lines[: next(i for i, line in enumerate(lines) if "Paint the fence." in line) + 1])
-    answer = next(line for line in lines if "/input" in line)
     _, headers = await api.new_customer()
     env = {**os.environ, "BASE": api.base, "AUTH": f"Authorization: {headers['Authorization']}"}
+    done = await asyncio.to_thread(
+        subprocess.run, ["bash", "-euo", "pipefail", "-c", block + 'echo; echo "$TASK"'], env=env, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    *said, task_id = done.stdout.decode().strip().splitlines()
+    assert '"status":"queued"' in "".join(said)  # the answer's 202: the task as it goes on
+    task = await task_status(api, headers, task_id)
+    assert (task["status"], task["status_reason"]) == ("completed", "Text 'DONE' mentioned"), task
+    (request,) = [m for m in task["messages"] if m["type"] == "input_request"]
+    assert (request["source"], request["content"]) == ("asker", "What colour should it be?")
+    spoken = [(m["source"], m["content"]) for m in task["messages"] if m["type"] == "TextMessage"]
+    assert spoken[-3:] == [("user", "Green."), ("maker", "Fence painted."), ("asker", "Green it is. DONE")]
 
-    async def bash(script: str, **more: str) -> str:
-        done = await asyncio.to_thread(
-            subprocess.run, ["bash", "-euo", "pipefail", "-c", script], env={**env, **more}, capture_output=True
+
+async def test_an_answer_names_its_question_and_a_retry_never_answers_the_next(api: Api) -> None:
+    """A client that sent its answer again after the team had used it and asked anew (its first try's 202 lost)
+    answered the second question with the first one's answer. Naming the question (`segment`: the task's, its
+    `awaiting_input` status's and its `input_request` event's) makes such a retry a 409."""
+    customer_id, headers = await api.new_customer()
+    handoff = {"tool": "transfer_to_user", "arguments": {}}
+    specs = {
+        "asker": {"model": script("Which colour?", handoff, "Anything else?", handoff, "All done. DONE")},
+        "maker": {"model": script("m1", "m2", "m3", "m4")},
+    }
+    made = await agents(api, headers, specs)
+    asker, maker = made["asker"]["id"], made["maker"]["id"]
+    termination = {"handoff_to_user": True, "text_mention": "DONE", "max_messages": 20}
+    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=termination)
+    task_id = await start(api, headers, created["id"], "Paint the fence.")
+
+    async def asked(segment: int) -> dict[str, Any]:
+        waiting = await assert_eventually(
+            lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers),
+            lambda r: r.json()["segment"] == segment or r.json()["status"] in ("completed", "failed", "cancelled"),
+            what=f"question {segment}",
         )
-        assert done.returncode == 0, done.stderr.decode()
-        return done.stdout.decode()
+        return dict(waiting.json())
 
-    task_id = (await bash(started + '\necho "$TASK"')).strip()
-    waiting = await task_status(api, headers, task_id, ("awaiting_input", "completed", "failed"))
-    assert waiting["status"] == "awaiting_input", waiting["status_reason"]
-    assert waiting["messages"][-1]["type"] == "input_request"
-    assert waiting["messages"][-1]["content"] == "What colour should it be?"
-    assert json.loads(await bash(answer, TASK=task_id))["status"] == "queued"
+    def answer(content: str, **body: Any) -> Any:
+        return api.client.post(f"/v1/tasks/{task_id}/input", json={"content": content, **body}, headers=headers)
+
+    first = await asked(1)
+    assert (first["status"], first["segment"]) == ("awaiting_input", 1), first
+    (request,) = [e for e in await stored_events(api.control.jet.js, customer_id, task_id) if e.kind == "input_request"]
+    assert (request.content, request.data["segment"]) == ("Which colour?", 1)
+    for bad in ("1", 0, 1.0, True):
+        assert (await answer("Blue.", segment=bad)).status_code == 422, bad
+    assert (await answer("Blue.", segment=1)).status_code == 202
+    second = await asked(2)
+    assert (second["status"], second["segment"]) == ("awaiting_input", 2), second
+    retried = await answer("Blue.", segment=1)  # the client's retry: not taken for the second question
+    assert retried.status_code == 409, retried.text
+    error = retried.json()["error"]
+    assert "its question 1 was answered already (its last is 2)" in error["message"] and error["details"] == {
+        "segment": 2
+    }, error
+    ahead = await answer("Green.", segment=3)
+    assert ahead.status_code == 409 and "its question 3 was never asked" in ahead.text, ahead.text
+    assert (await answer("No, thanks.", segment=2)).status_code == 202
     done = await task_status(api, headers, task_id)
-    assert (done["status"], done["status_reason"]) == ("completed", "Text 'DONE' mentioned"), done
-    said = [(m["source"], m["content"]) for m in done["messages"] if m["type"] == "TextMessage"]
-    assert said[-3:] == [("user", "Green."), ("maker", "Fence painted."), ("asker", "Green it is. DONE")]
+    assert (done["status"], done["segment"]) == ("completed", None), done
+    said = [m["content"] for m in done["messages"] if m["source"] == "user"]
+    assert said == ["Paint the fence.", "Blue.", "No, thanks."]  # each answer once, to its own question

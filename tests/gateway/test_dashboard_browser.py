@@ -216,7 +216,10 @@ async def test_a_customer_creates_agents_and_a_team_and_follows_their_tasks(dash
     await expect(watcher.locator(".transcript li.input_request")).to_contain_text("What colour should it be?")
     await expect(status_of(dashboard.row(task_id))).to_have_text("awaiting_input")
     await page.get_by_label("The task asks for your answer").fill("Green.")
-    await page.get_by_role("button", name="Send answer").click()
+    async with page.expect_request(lambda r: r.url.endswith(f"/v1/tasks/{task_id}/input")) as answered:
+        await page.get_by_role("button", name="Send answer").click()
+    # it names the question: clicked again once the team has asked anew, it is refused, not the next answer
+    assert (await answered.value).post_data_json == {"content": "Green.", "segment": 1}
     await expect(watcher.locator(".transcript")).to_contain_text("Green.")
     await ended(dashboard, watcher, task_id, "completed")
     await expect(watcher.locator("pre").last).to_have_text("a4")
