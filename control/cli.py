@@ -120,7 +120,7 @@ async def _nats(settings: Settings, embedded: NatsCredentials | None) -> AsyncIt
             ) from None
         raise SystemExit(
             f"caravan: cannot reach NATS at {where} ({str(why) or type(why).__name__}): is it running "
-            "(`caravan up` runs one), and is NATS_URL right?"
+            "(`caravan up` runs one), and is CARAVAN_NATS_URL (or NATS_URL) right?"
         ) from None
     try:
         yield nc
@@ -497,7 +497,7 @@ def _up_nats(settings: Settings) -> Settings:
 async def _job(settings: Settings, verb: str, agent_id: str) -> int:
     """Print an agent's rendered job (``render``) or Nomad's plan of it (``plan``); nothing is submitted."""
     if not is_plain_id(agent_id):
-        print(f"not an agent id: {agent_id!r}", file=sys.stderr)
+        print(f"caravan: not an agent id: {agent_id!r}", file=sys.stderr)
         return 2
     # read only (no streams, buckets or files made), as the control plane's user when `caravan up` runs NATS with auth
     settings = _up_nats(settings)
@@ -506,11 +506,11 @@ async def _job(settings: Settings, verb: str, agent_id: str) -> int:
             found = await Repo(await nc.jetstream().key_value(AGENTS_BUCKET), Agent).find(agent_id)
         except BucketNotFoundError:
             raise SystemExit(
-                f"caravan: NATS at {_where(settings.nats_url)} has no {AGENTS_BUCKET} bucket: is NATS_URL the "
-                "platform's NATS? (`caravan up` and `caravan serve` make it on their first start)"
+                f"caravan: NATS at {_where(settings.nats_url)} has no {AGENTS_BUCKET} bucket: is CARAVAN_NATS_URL "
+                "(or NATS_URL) the platform's NATS? (`caravan up` and `caravan serve` make it on their first start)"
             ) from None
     if found is None:
-        print(f"agent {agent_id} not found", file=sys.stderr)
+        print(f"caravan: agent {agent_id} not found", file=sys.stderr)
         return 1
     job = agent_job(found[1], settings)
     if verb == "render":
@@ -519,14 +519,14 @@ async def _job(settings: Settings, verb: str, agent_id: str) -> int:
     from control.backends.nomad import NomadConfig, NomadScheduler, explain_placement
 
     if settings.scheduler != "nomad":
-        print("`caravan job plan` asks Nomad: set CARAVAN_SCHEDULER=nomad and NOMAD_ADDR", file=sys.stderr)
+        print("caravan: `caravan job plan` asks Nomad: set CARAVAN_SCHEDULER=nomad and NOMAD_ADDR", file=sys.stderr)
         return 2
     scheduler = NomadScheduler(NomadConfig.from_settings(settings))
     try:
         async with scheduler:
             plan = await scheduler.plan(job)
     except SchedulerError as exc:
-        print(f"plan failed: {exc}", file=sys.stderr)
+        print(f"caravan: plan failed: {exc}", file=sys.stderr)
         return 1
     updates = (plan.get("Annotations") or {}).get("DesiredTGUpdates") or {}
     print(f"Job {job['ID']} in namespace {job['Namespace']}: {(plan.get('Diff') or {}).get('Type', '?')}")
@@ -592,7 +592,11 @@ def main(argv: list[str] | None = None) -> None:
     job.add_argument("agent_id")
     args = parser.parse_args(argv)
     if args.command in COMMANDS:
-        run_command(args)
+        try:
+            run_command(args)
+        except BrokenPipeError:  # its reader went away (`caravan audit | head`): nothing to say, no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout at exit)
+            sys.exit(1)
         return
     settings = _settings()
     configure_logging(settings)

@@ -214,7 +214,7 @@ class QuotaService:
                 return None
             quota = record.quota
             if quota.max_agents is not None and len(record.agents) + 1 > quota.max_agents:
-                raise QuotaExceeded(f"quota exceeded: at most {quota.max_agents} agents")
+                raise QuotaExceeded(f"quota exceeded: at most {_count(quota.max_agents, 'agent')}")
             _check_resources(record, agent_id, reservation)
             running = {**record.running, agent_id: reservation}
             return record.model_copy(update={"agents": [*record.agents, agent_id], "running": running})
@@ -294,7 +294,7 @@ class QuotaService:
                 return None
             limit = record.quota.max_concurrent_tasks
             if limit is not None and len(record.tasks) + 1 > limit:
-                raise QuotaExceeded(f"quota exceeded: at most {limit} concurrent tasks")
+                raise QuotaExceeded(f"quota exceeded: at most {_count(limit, 'concurrent task')}")
             _check_budget(record)
             return record.model_copy(update={"tasks": [*record.tasks, task_id]})
 
@@ -384,3 +384,7 @@ def _check_budget(record: QuotaRecord) -> None:
     budget = record.quota.tokens_per_day
     if budget is not None and record.token_day == _today() and record.tokens >= budget:
         raise QuotaExceeded(f"daily token budget of {budget} used up ({record.tokens} tokens today)")
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -456,3 +457,15 @@ def test_the_help_of_up_and_serve_names_settings_that_exist(command: str, capsys
         n for n in named if n.lower() not in Settings.model_fields and f'"CARAVAN_{n}"' not in read_by_the_command
     ]
     assert not unknown, unknown
+
+
+async def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(api: Api) -> None:
+    """`caravan audit | head`: its output's reader closed before it writes (as head's does once it has its lines)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        command = [sys.executable, "-m", "control.cli", "customers", "--url", api.base, "--api-key", ADMIN_KEY]
+        done = await asyncio.to_thread(subprocess.run, command, stdout=write, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr.decode()) == (1, "")

@@ -48,7 +48,12 @@ async def test_render_and_plan_an_agents_job_without_submitting_it(
         assert after == registers  # planned, never registered
 
         assert await _job(settings, "render", "ag-000000000000") == 1
+        assert capsys.readouterr().err == "caravan: agent ag-000000000000 not found\n"  # one line, as every command's
         assert await _job(settings, "plan", "../etc") == 2
+        assert capsys.readouterr().err == "caravan: not an agent id: '../etc'\n"
+        local = settings.model_copy(update={"scheduler": "local"})
+        assert await _job(local, "plan", agent.id) == 2
+        assert capsys.readouterr().err.startswith("caravan: `caravan job plan` asks Nomad: ")
 
 
 async def test_render_reads_the_agents_on_the_nats_that_caravan_up_runs_with_auth_and_writes_nothing(

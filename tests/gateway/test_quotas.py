@@ -94,7 +94,8 @@ async def test_concurrent_tasks_are_limited_and_released_when_they_end(api: Api)
     agent = await running_agent(api, headers, model=slow, tools=[])
     first = await start_task(api, headers, agent["id"])
     refused = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "more"}, headers=headers)
-    assert refused.status_code == 409 and "concurrent tasks" in refused.json()["error"]["message"]
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["message"] == "quota exceeded: at most 1 concurrent task"
     await api.client.post(f"/v1/tasks/{first}/cancel", headers=headers)
     await finished(api, headers, first)
     await assert_eventually(lambda: usage(api, headers), lambda u: u["concurrent_tasks"] == 0)

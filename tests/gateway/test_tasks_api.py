@@ -377,7 +377,7 @@ async def test_a_running_task_ends_cancelled_when_its_agent_stops_the_run_and_ho
         assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
         assert (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()["status"] == "running"
         more = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "more"}, headers=headers)
-        assert more.status_code == 409 and "concurrent tasks" in more.json()["error"]["message"]
+        assert more.status_code == 409 and "concurrent task" in more.json()["error"]["message"]
     finally:
         os.kill(ready["pid"], signal.SIGCONT)
     task = await finished(api, headers, task_id)
