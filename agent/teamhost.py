@@ -179,12 +179,16 @@ class _Container(ChatAgentContainer):
     ) -> None:
         terms = self._terms() if self._terms is not None else None
         if isinstance(message, GroupChatError):
-            # AgentChat publishes it from the handler of the exception, which is at hand: the task's reason names
-            # the model endpoint that failed, as a single agent's does (the SDK's own text is "Connection error.")
+            # The task's reason says which member failed ("member painter: ValueError: ..."), and names the model
+            # endpoint that failed, as a single agent's does (the SDK's own text is "Connection error."): AgentChat
+            # publishes this from the handler of the exception, which is at hand.
             handled = sys.exc_info()[1]
+            error = message.error
+            changes = {"error_type": f"member {self._agent.name}: {error.error_type}"}
             described = endpoint_failure(handled) if handled is not None else None
             if described is not None:
-                message = GroupChatError(error=message.error.model_copy(update={"error_message": described}))
+                changes["error_message"] = described
+            message = GroupChatError(error=error.model_copy(update=changes))
         if isinstance(message, GroupChatMessage) and isinstance(message.message, BaseChatMessage):
             # The turn's answer for the output topic: the same answer for the group follows at once (AgentChat
             # clears the buffer in between), then this member's state. All go to the manager's process; sent as

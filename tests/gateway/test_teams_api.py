@@ -454,12 +454,12 @@ async def test_a_team_task_whose_model_endpoint_cannot_be_reached_fails_naming_i
     made = await agents(api, headers, {"alice": {"model": unreachable}, "bob": {"model": script("b1", "b2")}})
     members = [made["alice"]["id"], made["bob"]["id"]]
     selector = {"model": unreachable}
-    for body in ({}, {"mode": "selector", "selector": selector}):
+    said = "cannot reach the model endpoint (POST http://models.invalid:11434/v1/chat/completions): cannot look up"
+    for body, who in (({}, "member alice: APIConnectionError: "), ({"mode": "selector", "selector": selector}, "")):
         created = await team(api, headers, members=members, termination={"max_messages": 3}, **body)
         task = await task_status(api, headers, await start(api, headers, created["id"], "Count."))
         assert task["status"] == "failed", task
-        said = "cannot reach the model endpoint (POST http://models.invalid:11434/v1/chat/completions): cannot look up"
-        assert said in task["status_reason"], task["status_reason"]
+        assert task["status_reason"].startswith(who + said), task["status_reason"]  # and which member it was
 
 
 async def test_a_selector_model_at_an_internal_address_is_refused_and_nothing_is_stored(api: Api) -> None:
