@@ -27,7 +27,6 @@ from agent.logsafe import printable
 from agent.protocol import http_url_problem
 from control.cliargs import env_port, usage
 from control.ids import is_digits, is_plain_id
-from control.services.auth import actor_named
 from control.services.killswitch import MAX_WAIT_MS
 
 __all__ = ["COMMANDS", "add_commands", "run_command"]
@@ -338,7 +337,7 @@ def _print_usage(used: dict[str, Any]) -> None:
 
 def _audit(client: httpx.Client, args: argparse.Namespace) -> None:
     query = {
-        "actor": None if args.actor is None else actor_named(args.actor),
+        "actor": args.actor,  # (an admin's key prefix alone names it: the API takes it so)
         "action": args.action,
         "customer_id": args.customer,
         "since": args.since,

@@ -447,9 +447,9 @@ async def _up(settings: Settings, nats_port: int) -> None:
     with _data_dir(settings, hold=True):
         _require_http_port(settings)
         port = nats_port if _port_free("127.0.0.1", nats_port) else 0
-        auth = NatsAuth(settings.data_dir / "nats")  # every agent gets its own NATS user, confined to its customer
-        hide_in_logs(auth.control().password, auth.watcher().password)  # the banner shows the watcher's; logs show none
         nats_dir = settings.data_dir / "nats"
+        auth = NatsAuth(nats_dir)  # every agent gets its own NATS user, confined to its customer
+        hide_in_logs(auth.control().password, auth.watcher().password)  # the banner shows the watcher's; logs show none
         async with EmbeddedNats(nats_dir, port=port, auth=True) as nats_server, _local_model(settings) as local:
             auth.server_pid = nats_server.pid
             if port == 0:

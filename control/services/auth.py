@@ -42,9 +42,10 @@ __all__ = [
 
 _KEY_PREFIX = "cvn"
 _PREFIX_LENGTH = 12  # cvn_ and 8 hex digits; every key is longer
-_GENERATED_KEY = re.compile(r"cvn_[0-9a-f]{8}_")
-_GENERATED_KEY_IN_TEXT = re.compile(r"(cvn_[0-9a-f]{8})_[A-Za-z0-9_-]+")  # the secret: token_urlsafe's alphabet
-_KEY_PREFIX_ONLY = re.compile(r"cvn_[0-9a-f]{8}")
+_PREFIX_PATTERN = r"cvn_[0-9a-f]{8}"  # a generated key's prefix; its secret follows after "_"
+_GENERATED_KEY = re.compile(_PREFIX_PATTERN + "_")
+_GENERATED_KEY_IN_TEXT = re.compile(f"({_PREFIX_PATTERN})_[A-Za-z0-9_-]+")  # the secret: token_urlsafe's alphabet
+_KEY_PREFIX_ONLY = re.compile(_PREFIX_PATTERN)
 _REVOCATION_REFRESH_S = 2.0
 _ADMIN_REVOCATIONS = "admin_key_revocations"
 

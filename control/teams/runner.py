@@ -38,7 +38,7 @@ from agent.aio import cancel_and_wait, keep_in_progress
 from agent.backends.base import Flag
 from agent.egress import endpoint_failure
 from agent.models import LocalModelAccess, create_model_client
-from agent.protocol import REPLAYED, TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
+from agent.protocol import REPLAYED, TASK_ATTEMPTS, TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
 from agent.runtime import NatsAgentRuntime
 from agent.teamprotocol import (
     TEAM_CONSUMER,
@@ -75,7 +75,7 @@ class RunnerConfig:
     join_timeout_s: float = 30.0
     heartbeat_s: float = 1.0
     member_lost_after_s: float = 5.0
-    max_attempts: int = 3
+    max_attempts: int = TASK_ATTEMPTS  # as a single agent's task
     ack_wait_s: float = 30.0
     local_model_url: str | None = None  # where selectors on `local` call it (the settings': not in our environment)
 
@@ -587,8 +587,7 @@ class TeamRunner:
         await self._status(task, attempt, status.value, reason)
 
     async def _cancelled(self, task: Task, attempt: int) -> None:
-        await self._checkpoints_delete(task)
-        await self._status(task, attempt, "cancelled", "cancelled on request")
+        await self._ended(task, attempt, TaskStatus.CANCELLED, "cancelled on request")
 
     async def _checkpoints_delete(self, task: Task) -> None:
         with contextlib.suppress(KeyNotFoundError):

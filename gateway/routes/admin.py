@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from agent.backends.base import Flag
 from control.models import AgentStatus, CustomerCreate, Role
 from control.services.audit import AuditQuery, AuditRecord, AuditTime
-from control.services.auth import shown_prefix
+from control.services.auth import actor_named, shown_prefix
 from control.services.killswitch import KillswitchRequest, KillswitchResult
 from control.services.quotas import Quota, QuotaChange, UsagePublic
 from control.services.stats import Stats
@@ -177,7 +177,11 @@ async def get_audit(
     admin: AdminDep,
     actor: Annotated[
         str | None,
-        Query(max_length=200, description="Who: `admin:<key prefix>` (an admin), `system:token-budget`."),
+        Query(
+            max_length=200,
+            description="Who: an admin by its key's prefix (`cvn_1a2b3c4d` or `admin:cvn_1a2b3c4d`), "
+            "`system:token-budget`.",
+        ),
     ] = None,
     action: Annotated[str | None, Query(max_length=100, pattern=r"^[a-z_]+(\.[a-z_]+)*$")] = None,
     customer_id: ListedQuery = None,
@@ -187,5 +191,6 @@ async def get_audit(
 ) -> list[AuditRecord]:
     """The audit log, oldest first (the newest `limit` matches). Append-only: nothing deletes records."""
     customer_id = listed_scope(admin, customer_id)
-    query = AuditQuery(actor=actor, action=action, customer_id=customer_id, since=since, until=until, limit=limit)
+    named = None if actor is None else actor_named(actor)
+    query = AuditQuery(actor=named, action=action, customer_id=customer_id, since=since, until=until, limit=limit)
     return await control.audit.query(query)

@@ -549,6 +549,10 @@ async def test_what_admins_do_on_the_customer_routes_is_audited_and_what_custome
     ]
     assert {r["actor"] for r in records} == {records[0]["actor"]} and records[0]["role"] == "admin"
     assert records[1]["details"] == {"fields": ["replicas"]}
+    prefix = records[0]["actor"].removeprefix("admin:")  # an admin named by its key's prefix alone, as the CLI does
+    by_prefix = await audit(api, customer_id=customer_id, actor=prefix)
+    assert by_prefix == await audit(api, customer_id=customer_id, actor=f"admin:{prefix}")
+    assert by_prefix and {r["actor"] for r in by_prefix} == {f"admin:{prefix}"}
 
 
 async def test_failed_admin_actions_are_audited_with_the_error(api: Api) -> None:
