@@ -112,8 +112,8 @@ def add_commands(sub: Any) -> None:
     )
     ks.add_argument("action", choices=["engage", "release", "status"])
     target = ks.add_mutually_exclusive_group()
-    target.add_argument("--customer", help="scope: this customer's agents")
-    target.add_argument("--agent", help="scope: this agent")
+    target.add_argument("--customer", help="scope: this customer's agents (status: what halts them)")
+    target.add_argument("--agent", help="scope: this agent (status: what halts it)")
     ks.add_argument("--reason", default="", help="why (shown to agents, in status and in the audit log)")
     ks.add_argument("--hard", action="store_true", help="also stop the covered agents' jobs")
     ks.add_argument(
@@ -249,9 +249,11 @@ def run_command(args: argparse.Namespace) -> None:
 
 def _killswitch(client: httpx.Client, args: argparse.Namespace) -> None:
     if args.action == "status":
-        flags = _answer(client.get("/v1/admin/killswitch"))
+        params = {"customer_id": args.customer} if args.customer else {"agent_id": args.agent} if args.agent else {}
+        flags = _answer(client.get("/v1/admin/killswitch", params=params))
         if not flags:
-            print("no killswitch engaged")
+            whom = f"customer {args.customer}'s agents" if args.customer else f"agent {args.agent}"
+            print(f"no killswitch halts {whom}" if params else "no killswitch engaged")
         for flag in flags:
             target, by, reason = shown(flag["target"] or "every agent"), shown(flag["by"]), shown(flag["reason"])
             kind = "hard" if flag.get("hard") else "soft"  # hard: the jobs stopped, their owners cannot start them

@@ -4,11 +4,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
 
-from agent.backends.base import Flag
+from agent.backends.base import Flag, FlagKey, Scope
+from control.errors import Invalid
 from control.models import AgentStatus, CustomerCreate, Role
 from control.services.audit import AuditQuery, AuditRecord, AuditTime
 from control.services.auth import actor_named, shown_prefix
-from control.services.killswitch import KillswitchRequest, KillswitchResult
+from control.services.killswitch import KillswitchRequest, KillswitchResult, covers
 from control.services.quotas import Quota, QuotaChange, UsagePublic
 from control.services.stats import Stats
 from gateway.deps import AdminDep, ControlDep, ListedQuery, listed_scope
@@ -166,9 +167,29 @@ async def set_killswitch(body: KillswitchRequest, control: ControlDep, admin: Ad
 
 
 @router.get("/killswitch", response_model=list[Flag])
-async def get_killswitch(control: ControlDep, _: AdminDep) -> list[Flag]:
-    """What is engaged, by whom, when and why."""
-    return await control.killswitch.engaged()
+async def get_killswitch(
+    control: ControlDep,
+    _: AdminDep,
+    customer_id: Annotated[
+        str | None, Query(max_length=64, description="Only the flags that halt this customer's agents.")
+    ] = None,
+    agent_id: Annotated[str | None, Query(max_length=64, description="Only the flags that halt this agent.")] = None,
+) -> list[Flag]:
+    """What is engaged, by whom, when and why. With `customer_id`, only what halts that customer's agents: the
+    flag over every agent, the customer's own and its agents' own; with `agent_id`, what halts that agent (either
+    one names a customer or an agent that exists, else 404)."""
+    if customer_id is not None and agent_id is not None:
+        raise Invalid("give ?customer_id= or ?agent_id=, not both")
+    engaged = await control.killswitch.engaged()
+    if agent_id is not None:
+        agent = await control.agents.get(None, agent_id)
+        return [f for f in engaged if covers(f.key, agent)]
+    if customer_id is not None:
+        customer = await control.auth.get_customer(customer_id)
+        theirs = {FlagKey(Scope.ALL), FlagKey(Scope.CUSTOMER, customer.id)}
+        theirs |= {FlagKey(Scope.AGENT, a.id) for a in await control.agents.list(customer.id)}
+        return [f for f in engaged if f.key in theirs]
+    return engaged
 
 
 @router.get("/audit", response_model=list[AuditRecord])

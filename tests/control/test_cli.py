@@ -28,7 +28,7 @@ from control.platform import ControlPlane
 from control.settings import Settings
 from tests.conftest import ADMIN_KEY, Api, make_settings, serve_api
 from tests.gateway.teams_support import task_status
-from tests.gateway.test_tasks_api import running_agent
+from tests.gateway.test_tasks_api import TOOL_SCRIPT, running_agent
 from tests.support.helpers import free_port
 
 PROVIDER_KEYS = ("OPENAI_API_KEY", "OPENROUTER_API_KEY", "GROQ_API_KEY", "DEEPSEEK_API_KEY", "ANTHROPIC_API_KEY")
@@ -62,6 +62,37 @@ async def test_killswitch_engage_status_release(api: Api, capsys: pytest.Capture
     assert "killswitch released (all) in " in capsys.readouterr().out
     assert await run_cli("killswitch", "status", *common) == 0
     assert "no killswitch engaged" in capsys.readouterr().out
+
+
+async def test_killswitch_status_of_a_customer_or_agent_shows_what_halts_it(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status --customer` / `--agent` shows only the flags that halt them (it listed every flag)."""
+    admin = await api.admin()
+    (alice, alice_headers), (bob, bob_headers) = await api.new_customer(), await api.new_customer()
+    alices = await api.client.post("/v1/agents", json={"name": "a", "model": TOOL_SCRIPT}, headers=alice_headers)
+    bobs = await api.client.post("/v1/agents", json={"name": "b", "model": TOOL_SCRIPT}, headers=bob_headers)
+    agent_a, agent_b = alices.json()["id"], bobs.json()["id"]
+    common = ["--url", api.base, "--api-key", ADMIN_KEY]
+    assert await run_cli("killswitch", "status", "--customer", alice, *common) == 0
+    assert capsys.readouterr().out == f"no killswitch halts customer {alice}'s agents\n"
+    for scope, target in (("agent", agent_b), ("customer", alice), ("agent", agent_a)):
+        body = {"scope": scope, f"{scope}_id": target, "reason": f"on {target}", "wait_ms": 0}
+        assert (await api.client.post("/v1/admin/killswitch", json=body, headers=admin)).status_code == 200
+
+    async def shown(*target: str) -> list[str]:
+        assert await run_cli("killswitch", "status", *target, *common) == 0
+        return [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+
+    assert await shown("--customer", alice) == sorted([f"on {alice}", f"on {agent_a}"])
+    assert await shown("--agent", agent_b) == [f"on {agent_b}"]
+    assert await shown("--customer", bob) == [f"on {agent_b}"]
+    assert await shown() == sorted([f"on {alice}", f"on {agent_a}", f"on {agent_b}"])
+    assert await run_cli("killswitch", "status", "--agent", "ag-000000000000", *common) == 1
+    assert "(404) not_found: agent 'ag-000000000000' not found" in capsys.readouterr().err
+    both = {"customer_id": alice, "agent_id": agent_a}
+    response = await api.client.get("/v1/admin/killswitch", params=both, headers=admin)
+    assert response.status_code == 422 and "not both" in response.json()["error"]["message"]
 
 
 async def test_releasing_what_is_not_engaged_says_so_and_succeeds(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
