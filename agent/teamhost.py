@@ -36,6 +36,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from agent.egress import endpoint_failure
+from agent.logsafe import printable
 from agent.models import create_model_client
 from agent.protocol import AgentDefinition
 from agent.runtime import NatsAgentRuntime
@@ -48,6 +49,7 @@ from agent.teamprotocol import (
     STATE_MEMBER_HEADER,
     MemberJoin,
     MemberJoined,
+    MemberRefused,
     answer_output,
     join_subject,
     run_namespace,
@@ -366,7 +368,13 @@ class TeamHost:
             return
         hosted = self._runs.get(join.run_id)
         if hosted is None:
-            await self._host(join)
+            try:
+                await self._host(join)
+            except Exception as exc:  # said to the manager, which ends the run with it rather than wait for us
+                log.exception("run %s: cannot take part", join.run_id)
+                refused = MemberRefused(agent_id=join.agent_id, refused=printable(f"{type(exc).__name__}: {exc}"))
+                await msg.respond(refused.model_dump_json().encode())
+                return
         else:  # a new attempt: its manager has none of the states sent before, and may ask otherwise
             hosted.join = join
             hosted.sender.reset()
@@ -377,23 +385,26 @@ class TeamHost:
         namespace = run_namespace(join.customer_id, join.run_id)
         runtime = NatsAgentRuntime(self._nc, namespace, instance_id=f"{self.instance_id}-{join.run_id}")
         model_client = create_model_client(self._definition.model)
-        agent = member_agent(self._definition, join.handoffs, model_client)
         agent_type = f"{self._definition.name}_{join.team_key}"
         send_state = _state_publisher(runtime.wire, f"{namespace}.x.state", join.run_id, agent_type)
         sender = _StateSender(self._definition.name, send_state, lambda: hosted.join.state_deltas)
         hosted = _HostedRun(runtime, join, sender, model_client)
-        runtime.derive(GroupChatAgentResponse, answer_output)
-        await runtime.register_factory(
-            agent_type, lambda: _Container(join.team_key, agent, model_client, sender, lambda: hosted.join)
-        )
-        await runtime.add_subscription(TypeSubscription(topic_type=agent_type, agent_type=agent_type))
-        group_topic = f"group_topic_{join.team_key}"
-        await runtime.add_subscription(TypeSubscription(topic_type=group_topic, agent_type=agent_type))
         try:
+            agent = member_agent(self._definition, join.handoffs, model_client)
+            runtime.derive(GroupChatAgentResponse, answer_output)
+            await runtime.register_factory(
+                agent_type, lambda: _Container(join.team_key, agent, model_client, sender, lambda: hosted.join)
+            )
+            await runtime.add_subscription(TypeSubscription(topic_type=agent_type, agent_type=agent_type))
+            group_topic = f"group_topic_{join.team_key}"
+            await runtime.add_subscription(TypeSubscription(topic_type=group_topic, agent_type=agent_type))
             await runtime.start()
             hosted.subs.append(await self._nc.subscribe(f"{namespace}.x.end", cb=self._on_end))
             hosted.subs.append(await self._nc.subscribe(f"{namespace}.x.alive", cb=self._on_alive))
-        except BaseException:
+        except BaseException:  # nothing of the run stays: a join that comes again starts afresh
+            for sub in hosted.subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
             await runtime.stop()
             await model_client.close()
             raise

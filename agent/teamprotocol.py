@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from autogen_agentchat.teams._group_chat._events import GroupChatAgentResponse, GroupChatMessage
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, TypeAdapter, field_validator
 
 from agent.protocol import _check_id, utcnow
 
@@ -34,9 +34,11 @@ __all__ = [
     "TEAM_QUEUE_FILTER",
     "MemberJoin",
     "MemberJoined",
+    "MemberRefused",
     "TeamTaskRequest",
     "answer_output",
     "apply_state_delta",
+    "join_answer",
     "join_subject",
     "run_namespace",
     "team_cancel_subject",
@@ -134,6 +136,23 @@ class MemberJoined(BaseModel):
     checkpoints: bool = False
     """The member sends its state on ``x.state`` after each turn, as the join asked (older agents do not: the
     manager then checkpoints only when the team asks the human)."""
+
+
+class MemberRefused(BaseModel):
+    """A replica's answer to a join it cannot carry out (it could not set up the member's run): the manager ends
+    the run with ``refused`` at once, rather than wait for a member that will not come. An older manager cannot
+    read it as a :class:`MemberJoined`, and fails the run all the same."""
+
+    agent_id: str
+    refused: str
+
+
+def join_answer(data: bytes) -> MemberJoined | MemberRefused:
+    """A replica's answer to a join."""
+    return _JOIN_ANSWER.validate_json(data)
+
+
+_JOIN_ANSWER: TypeAdapter[MemberJoined | MemberRefused] = TypeAdapter(MemberJoined | MemberRefused)
 
 
 class TeamTaskRequest(BaseModel):

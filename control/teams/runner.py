@@ -45,7 +45,9 @@ from agent.teamprotocol import (
     TEAM_QUEUE_FILTER,
     MemberJoin,
     MemberJoined,
+    MemberRefused,
     TeamTaskRequest,
+    join_answer,
     join_subject,
     run_namespace,
 )
@@ -477,7 +479,10 @@ class TeamRunner:
                     reply = await self._jet.nc.request(
                         join_subject(task.customer_id, agent_id), request.model_dump_json().encode(), timeout=5
                     )
-                    return agent_id, MemberJoined.model_validate_json(reply.data)
+                    answer = join_answer(reply.data)
+                    if isinstance(answer, MemberRefused):
+                        raise _Failed(f"team member {name} ({agent_id}) could not join: {answer.refused}")
+                    return agent_id, answer
                 except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
                     if time.monotonic() >= next_look:  # (at most once a second: a join is retried every 0.25 s)
                         next_look = time.monotonic() + 1.0

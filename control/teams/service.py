@@ -7,7 +7,7 @@ from datetime import timedelta
 from agent.protocol import utcnow
 from control.errors import Conflict, Invalid, NotFound
 from control.ids import new_id, quoted_id
-from control.models import USER, Task
+from control.models import USER, Agent, Task
 from control.services.agents import AgentService
 from control.services.quotas import QuotaService
 from control.services.tasks import customer_unfinished_tasks
@@ -35,6 +35,7 @@ class TeamService:
         if spec.selector is not None:  # its model is called from the control plane: checked before any read
             self._agents.admit_model(spec.selector.model, "selector", "model")
         names: dict[str, str] = {}
+        members: dict[str, Agent] = {}
         for agent_id in spec.members:  # another customer's agent is simply not found: 404, nothing stored
             agent = await self._agents.get(customer_id, agent_id)
             if agent.name == USER:  # named so before the name was refused: AgentChat would take it for the human
@@ -48,6 +49,16 @@ class TeamService:
                     f"are both named {agent.name!r}"
                 )
             names[agent_id] = agent.name
+            members[agent_id] = agent
+        for source, targets in spec.handoffs.items():  # AgentChat refuses such a member when a run starts
+            tools = set(members[source].tools)
+            clash = next((names[t] for t in targets if t in names and names[t] in tools), None)
+            if clash is not None:
+                raise Invalid(
+                    f"handoffs: {source} ({names[source]}) may hand off to {clash}, the name of one of its own tools "
+                    f"too (AgentChat cannot tell them apart): make that agent anew under another name, or take the "
+                    f"tool from {source}"
+                )
         team = Team(id=new_id("tm"), customer_id=customer_id, **spec.model_dump())
         await self._repo.create(_key(customer_id, team.id), team)
         return team

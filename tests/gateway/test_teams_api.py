@@ -180,6 +180,39 @@ async def test_swarm_handoffs_match_agentchat_in_process(api: Api) -> None:
     assert await stop_reason(api, headers, task_id) == local_stop
 
 
+async def test_a_swarm_member_that_cannot_hand_off_to_a_namesake_of_its_tool_is_refused_or_fails_at_once(
+    api: Api,
+) -> None:
+    """AgentChat refuses a member whose handoff target is named as one of its tools. Such a team is refused (422,
+    nothing stored); one that comes to be so afterwards (a tool given to a member) fails its task with AgentChat's
+    reason as the member refuses to join, where the run waited 30 s for it and said it "did not join: is it
+    running?"."""
+    _, headers = await api.new_customer()
+    specs = {
+        "triage": {"model": script(transfer("calculator")), "tools": ["calculator"]},
+        "calculator": {"model": script("4")},
+        "calc": {"model": script(transfer("calculator"))},
+    }
+    made = await agents(api, headers, specs)
+    triage, namesake, calc = (made[name]["id"] for name in specs)
+    swarm = {"mode": "swarm", "termination": {"max_messages": 4}}
+    body = {"members": [triage, namesake], "handoffs": {triage: [namesake]}, **swarm}
+    refused = await api.client.post("/v1/teams", json={"name": "t", **body}, headers=headers)
+    assert refused.status_code == 422, refused.text
+    message = refused.json()["error"]["message"]
+    assert f"{triage} (triage) may hand off to calculator, the name of one of its own tools" in message, message
+    assert (await api.client.get("/v1/teams", headers=headers)).json() == []
+
+    created = await team(api, headers, members=[calc, namesake], handoffs={calc: [namesake]}, **swarm)
+    tooled = await api.client.patch(f"/v1/agents/{calc}", json={"tools": ["calculator"]}, headers=headers)
+    assert tooled.status_code == 200, tooled.text
+    await wait_status(api, headers, calc, "running")
+    task = await task_status(api, headers, await start(api, headers, created["id"], "2+2?"))
+    assert task["status"] == "failed", task
+    reason = "team member calc ({}) could not join: ValueError: Handoff names must be unique from tool names"
+    assert task["status_reason"] == reason.format(calc), task["status_reason"]
+
+
 async def test_cancel_stops_a_model_call_in_another_process(api: Api) -> None:
     customer_id, headers = await api.new_customer()
     specs = {"fast": {"model": script("f1", "f2")}, "slow": {"model": script("too late", delay_ms=60_000)}}
