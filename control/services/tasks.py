@@ -358,8 +358,11 @@ class TaskService:
         task ends when it says so (``cancelled``; ``completed`` if it had just finished), giving back its quota
         slot then. An agent that has not said so is told again every ``CANCEL_RETELL_S``, and after
         ``cancel_deadline_s`` the task ends ``cancelled`` without it (:meth:`_see_cancel_through`). The answer is
-        the task as the cancel found it."""
-        task = await self.get(customer_id, task_id)
+        the task as the cancel found it, with its transcript."""
+        return await self._with_transcript(await self._cancel(customer_id, task_id))
+
+    async def _cancel(self, customer_id: str | None, task_id: str) -> Task:
+        task = await self.get(customer_id, task_id, transcript=False)
         # marked first: a runner that takes the task up (again) after this is told at once (see _fold); and what
         # follows goes by the record as marked, not as read (a team's answer queued meanwhile: its run goes on)
         task = await self._repo.update(task_key(task.customer_id, task.id), _cancel_requested) or task
@@ -498,11 +501,12 @@ class TaskService:
                 await self._teams.drop_checkpoint(task)  # (a run's manager drops it too, once it has stopped)
 
     async def input(self, customer_id: str | None, task_id: str, content: str, segment: int | None = None) -> Task:
-        """The human's answer to a task that asked (team tasks); ``segment``: the question it answers."""
-        task = await self.get(customer_id, task_id)
+        """The human's answer to a task that asked (team tasks); ``segment``: the question it answers. The answer:
+        the task as queued to go on, with its transcript."""
+        task = await self.get(customer_id, task_id, transcript=False)
         if task.team_id is None or self._teams is None:
             raise Conflict(f"task {task.id} runs on a single agent, which never asks for input")
-        return await self._teams.input(task, content, segment)
+        return await self._with_transcript(await self._teams.input(task, content, segment))
 
     async def publish(self, event: Event, msg_id: str | None = None) -> None:
         """Store ``event``; one with the ``msg_id`` of another stored within the stream's duplicate window (two

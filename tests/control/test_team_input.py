@@ -448,7 +448,9 @@ async def test_an_answer_names_its_question_and_a_retry_never_answers_the_next(a
     assert (request.content, request.data["segment"]) == ("Which colour?", 1)
     for bad in ("1", 0, 1.0, True):
         assert (await answer("Blue.", segment=bad)).status_code == 422, bad
-    assert (await answer("Blue.", segment=1)).status_code == 202
+    answered = await answer("Blue.", segment=1)
+    assert answered.status_code == 202, answered.text
+    assert answered.json()["messages"] == first["messages"]  # the task as queued to go on: its transcript too
     second = await asked(2)
     assert (second["status"], second["segment"]) == ("awaiting_input", 2), second
     retried = await answer("Blue.", segment=1)  # the client's retry: not taken for the second question

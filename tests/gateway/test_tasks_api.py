@@ -354,8 +354,10 @@ async def test_head_on_a_running_tasks_events_answers_the_streams_headers_and_op
 
 async def test_cancel_stops_a_slow_model_call(api: Api) -> None:
     _, headers, task_id = await running_slow_task(api)
+    before = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
     response = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
     assert response.status_code == 202
+    assert response.json()["messages"] == before["messages"]  # the task as the cancel found it: its transcript too
     task = await finished(api, headers, task_id)
     assert task["status"] == "cancelled" and task["result"] is None
     again = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
