@@ -314,7 +314,7 @@ async def test_a_cancel_right_after_an_answer_stops_the_answers_run_and_leaves_n
     task_id = await asking_task(api, headers, slow_maker)
     await tracker_caught_up(api)
     said = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()["messages"]
-    before_the_answer = await api.control.tasks.get(customer_id, task_id)
+    before_the_answer = {shown: await api.control.tasks.get(customer_id, task_id, shown) for shown in (True, False)}
     runner = api.control._team_runner
     assert runner is not None
     if not handed_out:  # no manager takes the answer up before the cancel
@@ -335,11 +335,11 @@ async def test_a_cancel_right_after_an_answer_stops_the_answers_run_and_leaves_n
     await watch.unsubscribe()
     read, get = [], api.control.tasks.get
 
-    async def read_before_the_answer(*args: Any) -> Any:
+    async def read_before_the_answer(*args: Any, transcript: bool = True) -> Any:
         if read:
-            return await get(*args)
+            return await get(*args, transcript=transcript)
         read.append(args)
-        return before_the_answer
+        return before_the_answer[transcript]
 
     if stale == "read before the answer":
         await tracker_caught_up(api)
