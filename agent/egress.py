@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
+from agent.protocol import ascii_host
+
 __all__ = [
     "ALLOW_ENV",
     "EgressPolicy",
@@ -66,9 +68,26 @@ def _literal_address(host: str) -> IPAddress | None:
     return None
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+"""NAT64's well-known prefix: a gateway forwards ``64:ff9b::a.b.c.d`` to a.b.c.d (RFC 6052)."""
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+"""NAT64 prefixes for a network's own use (RFC 8215): which IPv4 address one carries depends on its gateway."""
+_COMPATIBLE = ipaddress.IPv6Network("::/96")
+"""IPv4-compatible addresses (``::a.b.c.d``, deprecated, still routed to a.b.c.d by some stacks)."""
+
+
 def _unmapped(address: IPAddress) -> IPAddress:
-    """The IPv4 address an IPv4-mapped IPv6 one stands for (``::ffff:127.0.0.1`` is 127.0.0.1), else itself."""
-    return getattr(address, "ipv4_mapped", None) or address
+    """The IPv4 address an IPv6 one carries and may reach: IPv4-mapped (``::ffff:127.0.0.1`` is 127.0.0.1),
+    IPv4-compatible (``::127.0.0.1``), NAT64's (``64:ff9b::a9fe:a9fe``, 169.254.169.254 through a NAT64 gateway)
+    and 6to4 (``2002:a9fe:a9fe::``); else itself."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return address
+    carried = address.ipv4_mapped or address.sixtofour
+    if carried is not None:
+        return carried
+    if address in _NAT64 or (address in _COMPATIBLE and int(address) > 1):  # (:: and ::1 are themselves)
+        return ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+    return address
 
 
 @dataclass(frozen=True)
@@ -99,12 +118,19 @@ class EgressPolicy:
         return cls.parse(os.environ.get(ALLOW_ENV, ""))
 
     def _allows(self, address: IPAddress) -> bool:
-        address = _unmapped(address)
-        return address.is_global or any(address in network for network in self.networks)
+        carried = _unmapped(address)
+        if any(address in network or carried in network for network in self.networks):
+            return True
+        # (Python calls some reserved ranges global: NAT64's and IPv4-compatible addresses among them)
+        return carried.is_global and not carried.is_reserved and address not in _NAT64_LOCAL
 
     def check_url(self, url: str) -> None:
         """Refuse a URL whose host is, as written, an internal address or a ``localhost`` name (no lookup)."""
-        host = (urlsplit(url).hostname or "").rstrip(".")
+        written = urlsplit(url).hostname or ""
+        try:
+            host = ascii_host(written).rstrip(".")  # (127。0。0。1 is 127.0.0.1)
+        except ValueError as exc:
+            raise EgressRefused(f"{written!r} cannot be looked up: {exc}") from None
         if host in self.hosts:
             return
         if host == "localhost" or host.endswith(".localhost"):
@@ -134,6 +160,8 @@ _ADVICE = (
 
 
 def _kind(address: IPAddress) -> str:
+    if address in _NAT64_LOCAL:
+        return "local-use NAT64"
     address = _unmapped(address)
     for kind in ("loopback", "link_local", "private", "unspecified", "multicast", "reserved"):
         if getattr(address, f"is_{kind}"):

@@ -160,7 +160,33 @@ def http_url_problem(url: str) -> str | None:
         return "names no host"
     if port == 0:
         return "has port 0: a port is 1-65535"
+    try:
+        host = ascii_host(parts.hostname)
+    except ValueError as exc:
+        return f"names a host an HTTP client cannot look up: {exc}"
+    if ":" not in host and not all(_LABEL.fullmatch(label) for label in host.removesuffix(".").split(".")):
+        return (
+            f"names a host an HTTP client cannot look up: {host!r} is not a host name (labels of 1-63 letters, "
+            "digits, '-' or '_', none starting or ending with '-')"
+        )
     return None
+
+
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+def ascii_host(host: str) -> str:
+    """``host`` (lower case, as ``urlsplit`` gives it) as an HTTP client sends it: a name in other scripts as its
+    IDNA (``bücher.example`` is ``xn--bcher-kva.example``; ``127。0。0。1`` is 127.0.0.1); :class:`ValueError` if it
+    has none (full-width digits, a soft hyphen)."""
+    if host.isascii():
+        return host
+    import idna  # (only here: most hosts are ASCII)
+
+    try:
+        return str(idna.encode(host).decode("ascii"))
+    except idna.IDNAError as exc:
+        raise ValueError(f"{host!r}: {exc}") from None
 
 
 class ScriptedToolCall(BaseModel):

@@ -25,6 +25,12 @@ INTERNAL = [
     "http://0x7f.1/v1",
     "http://[::1]:8080/v1",
     "http://[::ffff:127.0.0.1]/v1",  # an IPv4-mapped loopback
+    "http://[::127.0.0.1]:11434/v1",  # an IPv4-compatible one
+    "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",  # the metadata service through a NAT64 gateway
+    "http://[64:ff9b::10.0.0.5]/v1",
+    "http://[64:ff9b:1::a00:1]/v1",  # a NAT64 prefix for a network's own use
+    "http://[2002:a9fe:a9fe::]/v1",  # 6to4 of 169.254.169.254
+    "http://[::a9fe:a9fe]/v1",
     "http://169.254.169.254/latest/meta-data/",  # a cloud's instance metadata
     "http://10.0.0.5:4646/v1",  # where a Nomad server may listen
     "http://192.168.1.10/v1",
@@ -41,8 +47,26 @@ def test_an_internal_host_as_written_is_refused(url: str) -> None:
         EgressPolicy().check_url(url)
 
 
-@pytest.mark.parametrize("url", ["https://models.example.com/v1", "http://8.8.8.8/v1", "http://[2606:4700::1111]/v1"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://models.example.com/v1",
+        "http://8.8.8.8/v1",
+        "http://[2606:4700::1111]/v1",
+        "http://[64:ff9b::8.8.8.8]/v1",  # NAT64 of a public address
+        "http://[2002:808:808::1]/v1",  # 6to4 of one
+    ],
+)
 def test_a_public_host_is_allowed(url: str) -> None:
+    EgressPolicy().check_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://b\u00fccher.example/v1", "http://ollama_server:11434/v1", "http://xn--bcher-kva.example./v1"],
+)
+def test_a_host_name_in_another_script_or_with_underscores_is_a_model_endpoint(url: str) -> None:
+    ModelConfig(provider="ollama", name="m", base_url=url)
     EgressPolicy().check_url(url)
 
 
@@ -54,7 +78,7 @@ def test_an_operator_allows_internal_hosts_and_networks_by_name() -> None:
         "http://127.0.0.1/v1",
         "http://gpu.internal/v1",
     )
-    for url in (*allowed, "http://[::ffff:10.20.3.4]/v1"):  # (an IPv4-mapped address is the IPv4 one)
+    for url in (*allowed, "http://[::ffff:10.20.3.4]/v1", "http://[64:ff9b::10.20.3.4]/v1"):  # (the IPv4 it carries)
         policy.check_url(url)
     with pytest.raises(EgressRefused):
         policy.check_url("http://10.21.0.1/v1")

@@ -186,6 +186,18 @@ async def test_hostile_names_are_refused_and_nothing_is_stored(api: Api, name: s
         ({"model": {"provider": "ollama", "name": "m", "base_url": "http://127.1:4646/v1"}}, "model.base_url"),
         ({"model": {"provider": "ollama", "name": "m", "base_url": "http://169.254.169.254/"}}, "model.base_url"),
         ({"model": {"provider": "ollama", "name": "m", "base_url": "http://localhost:8080/v1"}}, "model.base_url"),
+        ({"model": {"provider": "ollama", "name": "m", "base_url": "http://[64:ff9b::a9fe:a9fe]/"}}, "model.base_url"),
+        (
+            {"model": {"provider": "ollama", "name": "m", "base_url": "http://127\u30020\u30020\u30021/"}},
+            "model.base_url",
+        ),
+        (
+            {"model": {"provider": "ollama", "name": "m", "base_url": "http://\uff11\uff12\uff17.0.0.1/"}},
+            "model.base_url",
+        ),
+        ({"model": {"provider": "ollama", "name": "m", "base_url": "http://a..b/v1"}}, "model.base_url"),
+        ({"model": {"provider": "ollama", "name": "m", "base_url": "http://-x-.com/v1"}}, "model.base_url"),
+        ({"model": {"provider": "ollama", "name": "m", "base_url": f"http://{'a' * 64}.com/v1"}}, "model.base_url"),
         ({"model": {"provider": "ollama", "name": "m", "base_url": "http://[zz/v1"}}, "model.base_url"),
         ({"model": {"provider": "ollama", "name": "m", "base_url": "http://[::1"}}, "model.base_url"),
         ({"model": {"provider": "ollama", "name": "m", "base_url": "http://example.com:abc/v1"}}, "model.base_url"),
