@@ -48,6 +48,7 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
         docs_url=None,  # FastAPI's pages load a CDN's scripts: gateway.apidocs serves its own
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
+        redirect_slashes=False,  # Starlette's redirect names the Host header's host: gateway.errors answers instead
     )
     if control is not None:
         app.state.control = control

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -160,14 +160,29 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
         await refuse_websocket(websocket, _invalid(exc))
 
     @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> Response:
         if (unreadable := _unreadable(exc)) is not None:
             return await caller_first(request, caravan_error_response(unreadable))
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 404 and (served := _without_slash(request)) is not None:
+            if request.method in ("GET", "HEAD") and not served.startswith("/v1/"):  # a page typed with a slash
+                query = request.url.query
+                return RedirectResponse(served + (f"?{query}" if query else ""), status_code=307)
+            message = f"no such path: {request.url.path} (without the trailing slash: {served})"
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(_allowed(request))
         return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), message, None, headers or None)
+
+
+def _without_slash(request: Request) -> str | None:
+    """The path of ``request`` without its trailing slashes if a route serves that (any method), else None."""
+    path = request.url.path
+    served = path.rstrip("/")
+    if not served or served == path:
+        return None
+    scope = {**request.scope, "path": served}  # (a route for another method matches PARTIAL)
+    return served if any(r.matches(scope)[0] is not Match.NONE for r in request.app.router.routes) else None
 
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")

@@ -611,3 +611,27 @@ async def test_a_405_allows_every_method_the_path_is_served_for(api: Api, method
     refused = await api.client.request(method, path)
     assert refused.status_code == 405 and refused.json()["error"]["code"] == "method_not_allowed", refused.text
     assert refused.headers["allow"] == allowed
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+@pytest.mark.parametrize("path", ["/v1/agents/", "/v1/agents/ag-000000000000//", "/v1/teams/"])
+async def test_an_api_path_with_a_trailing_slash_is_a_404_naming_the_path_without_it(
+    api: Api, method: str, path: str
+) -> None:
+    """Starlette redirected it (307) to the host the request's Host header named, before any login."""
+    refused = await api.client.request(method, path, headers={"Host": "evil.example"})
+    assert refused.status_code == 404, refused.text
+    assert "location" not in refused.headers
+    error = refused.json()["error"]
+    assert error == {
+        "code": "not_found",
+        "message": f"no such path: {path} (without the trailing slash: {path.rstrip('/')})",
+        "details": None,
+    }
+
+
+async def test_a_page_with_a_trailing_slash_redirects_to_its_path_on_the_same_host(api: Api) -> None:
+    for path, served in (("/dashboard/", "/dashboard"), ("/docs/?x=1", "/docs?x=1")):
+        redirected = await api.client.get(path, headers={"Host": "evil.example"})
+        assert (redirected.status_code, redirected.headers["location"]) == (307, served)
+    assert (await api.client.get("/nowhere/")).status_code == 404
