@@ -121,8 +121,10 @@ def why_not_serving(agent: Agent) -> str | None:
     is started. Follows "agent <id> is"."""
     if agent.status is AgentStatus.FAILED:
         return f"{failure(agent)}; start it again (POST /v1/agents/{agent.id}/start) to give it tasks"
-    if agent.desired != "running" or agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
+    if agent.status in (AgentStatus.STOPPED, AgentStatus.KILLED):
         return f"{agent.status.value}; start it before giving it tasks"
+    if agent.desired != "running":  # (its status is still the one it had: `running`, say)
+        return "being stopped or deleted; start it once it has stopped to give it tasks"
     return None
 
 

@@ -1356,3 +1356,28 @@ async def test_a_task_running_when_its_agent_is_changed_or_stopped_runs_again_on
         (2, "running", None),
         (2, "completed", None),
     ], statuses
+
+
+async def test_a_task_for_an_agent_being_stopped_is_refused_saying_so(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While its job stops, an agent's record still says `running`: the refusal said it "is running; start it"."""
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    stopping, release = asyncio.Event(), asyncio.Event()
+    stop_job = api.control.scheduler.stop_job
+
+    async def held(*args: Any) -> None:
+        stopping.set()
+        await release.wait()
+        await stop_job(*args)
+
+    monkeypatch.setattr(api.control.scheduler, "stop_job", held)
+    stop = asyncio.create_task(api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers))
+    await asyncio.wait_for(stopping.wait(), 10)
+    refused = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "x"}, headers=headers)
+    release.set()
+    assert (await stop).status_code == 200
+    assert refused.status_code == 409, refused.text
+    said = f"agent {agent['id']} is being stopped or deleted; start it once it has stopped to give it tasks"
+    assert refused.json()["error"]["message"] == said
