@@ -21,7 +21,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
 
 from agent.protocol import utcnow
 from control.errors import CaravanError
-from control.ids import shown_id
+from control.ids import is_plain_id, shown_id
 from control.natsio import CONSUMER_LIMIT
 from control.services.auth import Principal, redact_json
 
@@ -136,6 +136,8 @@ class AuditLog:
         target or an error that repeats a path or a value a key was pasted into), its ids as :func:`shown_id` and
         its details :func:`bounded`; returns the record as stored."""
         record = AuditRecord.model_validate(redact_json(record.model_dump(mode="json")))
+        if record.customer_id is not None and not is_plain_id(record.customer_id):  # no customer's: as a target
+            record.customer_id, record.target = None, record.target or record.customer_id
         record.customer_id, record.target = shown_id(record.customer_id), shown_id(record.target)
         record.actor, record.details = shown_id(record.actor) or "", bounded(record.details)
         subject = f"caravan.audit.{record.action}"

@@ -592,6 +592,24 @@ async def test_an_id_in_an_admins_path_is_audited_on_one_line_and_cut_short(api:
     assert targets[2] == "ag-" + "0" * 97 + "... (5003 characters)"
 
 
+async def test_an_action_on_what_is_no_customer_id_is_audited_with_it_as_its_target_alone(api: Api) -> None:
+    """A customer id that is none (`a.b`, a pattern) was recorded as the record's customer: under which no audit
+    query can find it (`?customer_id=a.b` is 422). It is the record's target."""
+    admin = await api.admin()
+    for sent in ("a.b", "cu-*"):
+        response = await api.client.put(f"/v1/admin/customers/{sent}/quota", json={}, headers=admin)
+        assert response.status_code == 404, response.text
+        response = await api.client.post(f"/v1/admin/customers/{sent}/keys", headers=admin)
+        assert response.status_code == 404, response.text
+    failed = [(r["action"], r["customer_id"], r["target"]) for r in await audit(api) if r["result"] == "failed"]
+    assert failed == [
+        ("quota.set", None, "a.b"),
+        ("key.create", None, "a.b"),
+        ("quota.set", None, "cu-*"),
+        ("key.create", None, "cu-*"),
+    ]
+
+
 async def test_a_failed_admin_action_on_a_customers_record_is_found_under_that_customer(api: Api) -> None:
     """An operator who reads one customer's audit sees what an admin tried on its records and could not do, not
     only what worked: the record names the customer whatever the action's outcome."""
