@@ -39,14 +39,21 @@ def invalid_input(errors: Iterable[Mapping[str, Any]]) -> Invalid:
     or secrets), and a summary of the first few."""
     details = [
         {
-            "field": ".".join(str(p) for p in e.get("loc", ())) or "request",
-            "message": e.get("msg", ""),
+            "field": ".".join(str(p) for p in e.get("loc", ())) or "body",  # (a rule of the body as a whole)
+            "message": _said(e),
             "type": e.get("type", ""),
         }
         for e in errors
     ]
     summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
     return Invalid(f"invalid request: {summary}", details)
+
+
+def _said(error: Mapping[str, Any]) -> str:
+    """pydantic's message, without the "Value error, " it puts before each of Caravan's own rules."""
+    if error.get("type") == "missing" and not error.get("loc"):
+        return "a JSON object is required"
+    return str(error.get("msg", "")).removeprefix("Value error, ")
 
 
 class NotFound(CaravanError):

@@ -271,6 +271,20 @@ async def test_a_body_that_is_not_json_says_where_it_broke_and_names_no_field(ap
     assert (await api.client.get("/v1/agents", headers=headers)).json() == []
 
 
+async def test_a_rule_of_the_body_as_a_whole_is_said_of_the_body_in_its_own_words(api: Api) -> None:
+    """A missing body, or a rule over several fields, said "request: Field required" and "request: Value error,
+    ...": as though a field called `request` were wrong."""
+    _, headers = await api.new_customer()
+    empty = await api.client.post("/v1/agents", headers={**headers, "Content-Type": "application/json"})
+    assert empty.status_code == 422, empty.text
+    assert empty.json()["error"]["message"] == "invalid request: body: a JSON object is required"
+    both = await api.client.post("/v1/tasks", json={"task": "x"}, headers=headers)
+    assert both.status_code == 422, both.text
+    error = both.json()["error"]
+    assert error["message"] == "invalid request: body: give exactly one of agent_id and team_id", error
+    assert [d["field"] for d in error["details"]] == ["body"]
+
+
 UNREADABLE = {
     "broken": (b'{"name": "x",, }', "JSON decode error at character 13"),
     "not-utf8": (b'{"name": "\xff\xfe"}', "not UTF-8 (byte 0xff at offset 10)"),

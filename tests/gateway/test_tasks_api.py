@@ -1096,10 +1096,7 @@ async def test_task_input_validation(api: Api) -> None:
         assert response.status_code in (404, 422), (body, response.text)
     assert (await api.client.get("/v1/tasks", headers=headers)).json() == []
     blank = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "   "}, headers=headers)
-    assert (
-        blank.json()["error"]["message"]
-        == "invalid request: task: Value error, must hold something to read, not only spaces"
-    )
+    assert blank.json()["error"]["message"] == "invalid request: task: must hold something to read, not only spaces"
     # an empty page marker is no task: a clear 422, not "task '' not found"
     empty = await api.client.get("/v1/tasks", params={"before": ""}, headers=headers)
     assert empty.status_code == 422 and empty.json()["error"]["details"][0]["field"] == "before", empty.text
