@@ -410,9 +410,17 @@ class NomadScheduler:
         unchanged = (plan.get("Diff") or {}).get("Type") == "None"
         version = 0 if existing is None else int(existing.get("Version") or 0) + (0 if unchanged else 1)
         eval_id: str | None = registered.get("EvalID") or None
-        evaluation = self._wait_eval(namespace, eval_id) if eval_id else None
-        alloc_ids: list[str] = []
-        if eval_id and evaluation is not None and evaluation.get("Status") != "pending":
+        evaluation, alloc_ids = self._placed(namespace, job_id, eval_id) if eval_id else (None, [])
+        return SubmitResult(job_id, namespace, version, eval_id, alloc_ids), evaluation
+
+    def _placed(self, namespace: str, job_id: str, eval_id: str) -> tuple[dict[str, Any] | None, list[str]]:
+        """The job's evaluation once Nomad processed it, and the allocations it placed. The job is registered by
+        then: a read that fails does not fail the submit (the event stream reports what becomes of the job)."""
+        evaluation: dict[str, Any] | None = None
+        try:
+            evaluation = self._wait_eval(namespace, eval_id)
+            if evaluation is None or evaluation.get("Status") == "pending":
+                return evaluation, []
             stubs = _call(
                 self._api.evaluation,
                 f"allocations of evaluation {eval_id}",
@@ -420,8 +428,17 @@ class NomadScheduler:
                 "allocations",
                 params={"namespace": namespace},
             ).json()
-            alloc_ids = [a["ID"] for a in stubs or []]
-        return SubmitResult(job_id, namespace, version, eval_id, alloc_ids), evaluation
+        except (NomadError, ValueError) as exc:
+            log.warning(
+                "job %s/%s is registered (evaluation %s), but reading what Nomad placed failed: %s; its status "
+                "comes from Nomad's event stream",
+                namespace,
+                job_id,
+                eval_id,
+                exc,
+            )
+            return evaluation, []
+        return evaluation, [a["ID"] for a in stubs or []]
 
     def _ensure_namespace(self, namespace: str, customer_id: str) -> None:
         if namespace in self._namespaces:

@@ -13,13 +13,14 @@ import httpx
 import pytest
 
 from agent.protocol import ModelConfig
+from control.backends.base import AllocState
 from control.errors import Conflict
 from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate, Resources, TaskCreate
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from tests.conftest import NomadTarget, consul_env, make_settings
 from tests.support.helpers import assert_eventually
-from tests.support.nomad_double import Healthy
+from tests.support.nomad_double import Healthy, NomadDouble
 
 HOSTILE = 'quote " ${NOMAD_TOKEN} {{ with nomadVar "nomad/jobs" }}{{ end }} [[ job_id ]]\nnewline'
 
@@ -93,6 +94,30 @@ async def test_an_agent_nomad_cannot_place_fails_with_nomads_explanation(plane: 
     assert "exhausted on 1 nodes" in failed.status_reason
     assert failed.scheduler["job_id"] == agent.job_id and failed.scheduler["eval_id"]
     await plane.agents.delete(customer, agent.id)
+
+
+async def test_an_agent_nomad_registered_but_could_not_answer_for_runs_on(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """Nomad registered the agent's job, then answered 500 for its evaluation (as while it elects a leader): the
+    job runs, so the agent is not failed and keeps its quota; its allocation's state comes from the event stream.
+    Against the double only: a real Nomad cannot be made to fail these reads on demand."""
+    with NomadDouble() as double:
+        target = NomadTarget(double.address, None, double)
+        async with await _control(target, nats_server, tmp_path / "data") as control:
+            customer = await _customer(control)
+            with double.failing("eval_get"):
+                agent = await control.agents.create(customer, definition())
+            assert agent.status is AgentStatus.STARTING, agent.status_reason
+            assert agent.scheduler["eval_id"] and agent.scheduler["alloc_ids"] == []
+            assert (await control.quotas.usage(customer)).cpu == agent.resources.cpu * agent.replicas  # still held
+            await assert_eventually(
+                lambda: control.scheduler.job_status(agent.namespace, agent.job_id),
+                lambda s: s is not None and list(s.allocs.values()) == [AllocState.RUNNING],
+                what="the job's allocation running",
+            )
+            assert (await control.agents.get(customer, agent.id)).status is AgentStatus.STARTING  # until it is ready
+            await control.agents.delete(customer, agent.id)
 
 
 async def test_a_crash_looping_agent_fails_with_the_tasks_last_words(

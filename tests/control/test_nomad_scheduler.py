@@ -511,3 +511,25 @@ async def test_what_the_event_stream_tracks_stays_bounded_on_a_busy_cluster(monk
     assert len(scheduler._foreign) == 10 and len(scheduler._allocs) == 10
     mine = [(u.alloc_id, u.state) for u in recorder.updates]
     assert mine == [*((f"alloc-{i}", AllocState.RUNNING) for i in range(100)), ("alloc-99", AllocState.STOPPED)]
+
+
+@pytest.mark.parametrize("route", ["eval_get", "eval_allocs"])
+async def test_a_job_registered_while_nomad_cannot_answer_for_its_evaluation_is_submitted(route: str) -> None:
+    """Nomad registered the job, then failed to answer for its evaluation or what it placed (500 No cluster leader,
+    as while it elects a leader): the job runs, so the submit succeeds with the evaluation's ID, and the event
+    stream reports the job. Against the double only: a real Nomad cannot be made to fail these reads on demand."""
+    ids = Ids.new()
+    recorder = Recorder()
+    with NomadDouble() as double:
+        async with NomadScheduler(NomadConfig(address=double.address)) as scheduler:
+            scheduler.on_status(recorder)
+            with double.failing(route):
+                result = await scheduler.submit(make_job(ids, HEALTHY))
+            assert (result.job_id, result.version, result.alloc_ids) == (ids.job_id, 0, [])
+            assert result.eval_id is not None and result.eval_id in double.evals
+            await assert_eventually(
+                lambda: recorder.last(ids.job_id),
+                lambda u: u is not None and u.state is AllocState.RUNNING,
+                what="the allocation running, from the event stream",
+            )
+            await scheduler.stop_job(ids.namespace, ids.job_id)

@@ -14,7 +14,8 @@ that go pending → running; tasks that crash and are restarted per the group's 
 stops restarting them; and rolling deployments that are health-checked and auto-revert to the last stable
 version. Task behaviour comes from :meth:`NomadDouble.set_behaviour`, from a ``# nomad-double: crash exit=3``
 annotation in the task's command line, or from a command that does not exist (a driver failure). Delays of
-the job (restart delay, min healthy time, healthy deadline) run ``time_scale`` times faster.
+the job (restart delay, min healthy time, healthy deadline) run ``time_scale`` times faster. Routes fail on
+demand (:meth:`NomadDouble.failing`), as they do while Nomad has no leader.
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ class NomadDouble:
         self.behaviours: dict[str, Behaviour] = {}
         self.requests: list[tuple[str, str, bytes]] = []
         self.held = 0  # blocking queries waiting now for the index to pass theirs
+        self.faults: dict[str, tuple[int, str]] = {}  # routes (by handler) that fail, and how: failing()
         self.events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=event_buffer)
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -256,6 +258,22 @@ class NomadDouble:
         with self.cond:
             if not self.cond.wait_for(lambda: self.held >= count, timeout=timeout):
                 raise TimeoutError(f"{self.held} blocking queries held, not {count}, after {timeout}s")
+
+    @contextlib.contextmanager
+    def failing(self, *handlers: str, code: int = 500, message: str = "No cluster leader") -> Iterator[None]:
+        """Inside the block, requests to these routes (named by their handler in ``_ROUTES``: ``eval_get``,
+        ``eval_allocs``...) fail as Nomad answers them when it has lost its leader; the others are served."""
+        unknown = set(handlers) - {handler for _, _, handler in _ROUTES}
+        if unknown:
+            raise ValueError(f"no such route: {', '.join(sorted(unknown))}")
+        with self.cond:
+            self.faults.update(dict.fromkeys(handlers, (code, message)))
+        try:
+            yield
+        finally:
+            with self.cond:
+                for handler in handlers:
+                    self.faults.pop(handler, None)
 
     def set_behaviour(self, job_id: str, behaviour: Behaviour) -> None:
         with self.cond:
@@ -1227,6 +1245,8 @@ class _Handler(BaseHTTPRequestHandler):
                         self._events()
                         return
                     with double.cond:
+                        if handler in double.faults:
+                            raise HttpError(*double.faults[handler])
                         self._wait(handler)
                         result = getattr(self, "_" + handler)()
                         index = self._index(handler)
