@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -248,7 +247,6 @@ class NomadScheduler:
         self._foreign: dict[tuple[str, str], None] = {}  # jobs seen on the event stream that are not ours
         self._allocs: dict[str, tuple[AllocState, str | None]] = {}  # the last state reported, per allocation
         self._namespaces: set[str] = set()
-        self._secrets: dict[tuple[str, str], str] = {}
         self._started = False
         self._closed = False
         self._closing = threading.Event()
@@ -493,12 +491,10 @@ class NomadScheduler:
         return plan
 
     def _put_secrets(self, namespace: str, job_id: str, secrets: Mapping[str, str]) -> None:
-        """The job's secrets (its model's key, its NATS credentials, the flag store's token) in its Variable."""
+        """The job's secrets (its model's key, its NATS credentials, the flag store's token) in its Variable. Written
+        at every submit: another control-plane replica may have removed it (stopping the job) meanwhile."""
         path = secrets_variable_path(job_id)
         items = {**secrets, SECRETS_MARKER: "nomad-variable"}
-        digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
-        if self._secrets.get((namespace, path)) == digest:
-            return
         body = {"Namespace": namespace, "Path": path, "Items": items}
         try:
             _call(
@@ -511,7 +507,6 @@ class NomadScheduler:
             )
         except NomadError as exc:  # the message is Nomad's, never the items
             raise SchedulerError(f"could not store the job's secrets in Nomad: {exc}") from None
-        self._secrets[(namespace, path)] = digest
 
     def _wait_eval(self, namespace: str, eval_id: str) -> dict[str, Any] | None:
         """Follow the evaluation with blocking queries until the scheduler has processed it (or time is up)."""
@@ -548,7 +543,6 @@ class NomadScheduler:
         except NomadError as exc:
             if exc.status != 404:
                 raise
-        self._secrets.pop((namespace, path), None)
 
     def _job_allocs(self, namespace: str, job_id: str) -> list[dict[str, Any]]:
         try:

@@ -533,3 +533,22 @@ async def test_a_job_registered_while_nomad_cannot_answer_for_its_evaluation_is_
                 what="the allocation running, from the event stream",
             )
             await scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_a_job_stopped_by_another_replica_gets_its_secrets_again_when_started(harness: Harness) -> None:
+    """Two control-plane replicas: one starts the agent, the other stops it (removing the job's Variable), the
+    first starts it again. The Variable must be written again, or the task's template waits for it forever."""
+    ids = Ids.new()
+    meta = {"caravan_owner": "caravan", "caravan_agent": ids.agent, "caravan_customer": ids.customer}
+    job = make_job(ids, HEALTHY, meta={**meta, MODEL_KEY_META: "OPENAI_API_KEY"})
+    variable = f"/v1/var/nomad/jobs/{ids.job_id}"
+    other = NomadScheduler(NomadConfig(address=harness.target.address, token=harness.target.token))
+    async with other:
+        await harness.scheduler.submit(job)
+        await other.stop_job(ids.namespace, ids.job_id)
+        assert (await harness.get(variable, namespace=ids.namespace)).status_code == 404
+        await harness.scheduler.submit(job)
+    answer = await harness.get(variable, namespace=ids.namespace)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["Items"]["OPENAI_API_KEY"] == SECRET
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
