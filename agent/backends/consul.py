@@ -65,7 +65,8 @@ def client_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def consul_client(env: Mapping[str, str] | None = None) -> consul.Consul:
-    """A client from the same environment variables the ``consul`` CLI reads."""
+    """A client from the same environment variables the ``consul`` CLI reads, in ``env`` (this process's
+    environment when None): the process's own are not read besides."""
     env = os.environ if env is None else env
     address = env.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
     if "://" not in address:
@@ -75,14 +76,15 @@ def consul_client(env: Mapping[str, str] | None = None) -> consul.Consul:
     if verify and env.get("CONSUL_CACERT"):
         verify = env["CONSUL_CACERT"]
     cert = (env["CONSUL_CLIENT_CERT"], env["CONSUL_CLIENT_KEY"]) if env.get("CONSUL_CLIENT_CERT") else None
-    return consul.Consul(
+    client = consul.Consul(
         host=parts.hostname or "127.0.0.1",
         port=parts.port or (443 if parts.scheme == "https" else 8500),
         scheme=parts.scheme or "http",
-        token=env.get("CONSUL_HTTP_TOKEN") or None,
         verify=verify,
         cert=cert,
     )
+    client.token = env.get("CONSUL_HTTP_TOKEN") or None  # py-consul prefers the process's CONSUL_HTTP_TOKEN to its own
+    return client
 
 
 class ConsulBackend:

@@ -181,3 +181,22 @@ async def test_a_stopped_nats_is_reported_as_unreachable(tmp_path) -> None:  # t
         await assert_eventually(watch.next, lambda s: not s.reachable, what="unreachable")
         await watch.close()
         await nc.close()
+
+
+@pytest.mark.parametrize("kind", CONSUL_KINDS)
+async def test_a_consul_client_uses_the_token_of_the_environment_it_is_given(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client built from an environment mapping sends that mapping's token, whatever this process's
+    CONSUL_HTTP_TOKEN says (py-consul would prefer the process's)."""
+    with consul_env(kind) as env:
+        monkeypatch.setenv("CONSUL_HTTP_TOKEN", str(uuid.uuid4()))  # a token Consul does not know
+        store = ConsulFlags(env=env)
+        await store.start()
+        try:
+            flag = Flag(scope=Scope.CUSTOMER, target=unique(), reason="token check", id="t1")
+            await store.put(flag)
+            assert [f.id for f in await store.list() if f.key == flag.key] == ["t1"]
+            await store.delete(flag.key)
+        finally:
+            await store.stop()
