@@ -109,14 +109,19 @@ Visible = AfterValidator(_visible)
 zero-width joiner or non-joiner between two characters beyond ASCII."""
 
 
+_FILLERS = frozenset("\u034f\u115f\u1160\u2800\u3164\uffa0")
+"""Characters that show as nothing, though Unicode does not call them spaces: Hangul fillers, the braille blank,
+the combining grapheme joiner."""
+
+
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    if all(c.isspace() or c in _FILLERS or unicodedata.category(c) in _INVISIBLE for c in value):
         raise ValueError("must hold something to read, not only spaces")
     return value
 
 
 NotBlank = AfterValidator(_not_blank)
-"""Text with something to read: not empty, nor only spaces."""
+"""Text with something to read: not empty, nor only spaces, fillers, controls and zero-width characters."""
 
 DisplayName = Annotated[
     str,

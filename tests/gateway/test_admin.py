@@ -444,7 +444,8 @@ async def test_customer_names_that_hide_or_reorder_text_are_refused_and_nothing_
         error = refused.json()["error"]
         assert error["code"] == "invalid" and error["details"][0]["field"] == "name", error
         assert f"U+{ord(next(c for c in name if not c.isalnum())):04X}" in error["message"], error
-    for blank in (" ", "   ", "\u3000"):  # spaces only (an ideographic one too): nothing to tell customers apart
+    # spaces only (an ideographic one too), or fillers that show as nothing: nothing to tell customers apart
+    for blank in (" ", "   ", "\u3000", "\u3164", "\u115f", "\u2800", "\u034f"):
         refused = await api.client.post("/v1/admin/customers", json={"name": blank}, headers=admin)
         assert refused.status_code == 422 and "only spaces" in refused.json()["error"]["message"], refused.text
     assert (await api.client.get("/v1/admin/customers", headers=admin)).json() == before

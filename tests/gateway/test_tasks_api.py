@@ -1089,6 +1089,8 @@ async def test_task_input_validation(api: Api) -> None:
         {"agent_id": agent["id"], "team_id": "tm-000000000000", "task": "both"},
         {"agent_id": agent["id"], "task": ""},
         {"agent_id": agent["id"], "task": " \n\t "},  # nothing to ask: it ran, a model call on no question
+        {"agent_id": agent["id"], "task": "\x00\u200b"},  # nor in a NUL and a zero-width space
+        {"agent_id": agent["id"], "task": "\u3164 \u2800"},  # a Hangul filler and a braille blank
         {"agent_id": agent["id"], "task": "x" * 100_001},
         {"agent_id": "../../etc", "task": "x"},
     ):
