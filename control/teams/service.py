@@ -34,7 +34,6 @@ class TeamService:
     async def create(self, customer_id: str, spec: TeamCreate) -> Team:
         if spec.selector is not None:  # its model is called from the control plane: checked before any read
             self._agents.admit_model(spec.selector.model, "selector", "model")
-        names: dict[str, str] = {}
         members: dict[str, Agent] = {}
         for agent_id in spec.members:  # another customer's agent is simply not found: 404, nothing stored
             agent = await self._agents.get(customer_id, agent_id)
@@ -42,22 +41,21 @@ class TeamService:
                 raise Invalid(
                     f"member {agent_id} is named {USER!r}, the human's name in a team: make it anew under another name"
                 )
-            other = next((each for each, name in names.items() if name == agent.name), None)
+            other = next((each.id for each in members.values() if each.name == agent.name), None)
             if other is not None:
                 raise Invalid(
                     f"members need distinct names (AgentChat tells them apart by name): {other} and {agent_id} "
                     f"are both named {agent.name!r}"
                 )
-            names[agent_id] = agent.name
             members[agent_id] = agent
         for source, targets in spec.handoffs.items():  # AgentChat refuses such a member when a run starts
             tools = set(members[source].tools)
-            clash = next((names[t] for t in targets if t in names and names[t] in tools), None)
+            clash = next((members[t].name for t in targets if t in members and members[t].name in tools), None)
             if clash is not None:
                 raise Invalid(
-                    f"handoffs: {source} ({names[source]}) may hand off to {clash}, the name of one of its own tools "
-                    f"too (AgentChat cannot tell them apart): make that agent anew under another name, or take the "
-                    f"tool from {source}"
+                    f"handoffs: {source} ({members[source].name}) may hand off to {clash}, the name of one of its own "
+                    f"tools too (AgentChat cannot tell them apart): make that agent anew under another name, or take "
+                    f"the tool from {source}"
                 )
         team = Team(id=new_id("tm"), customer_id=customer_id, **spec.model_dump())
         await self._repo.create(_key(customer_id, team.id), team)
