@@ -165,7 +165,10 @@ class ConsulFlags(ConsulBackend):
         updates: asyncio.Queue[tuple[FlagKey, Flag | None] | tuple[FlagKey, Exception]] = asyncio.Queue()
         pool = ThreadPoolExecutor(max_workers=len(keys), thread_name_prefix="consul-watch")
         loop = asyncio.get_running_loop()
-        wait = f"{max(1, int(heartbeat))}s"
+        # Consul answers a quiet key when the wait runs out (plus up to a sixteenth, its jitter): within the
+        # heartbeat, so that a quiet store is heard from in time. In milliseconds: whole seconds made a heartbeat
+        # under a third of a second a wait of 1 s, and the store seemed unreachable between its answers.
+        wait = f"{max(1, round(heartbeat * 1000))}ms"
 
         def blocking_get(key: FlagKey, index: int) -> tuple[int, Any]:
             result: tuple[int, Any] = self._client.kv.get(consul_key(key), index=index or None, wait=wait)

@@ -3,6 +3,7 @@ Consul when CONSUL_HTTP_ADDR is set)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -127,6 +128,22 @@ async def test_watch_sees_the_current_flags_then_every_change(backend: Backend) 
         assert quiet.engaged() == []
     finally:
         await watch.close()
+
+
+async def test_a_quiet_store_stays_reachable_under_a_short_heartbeat(backend: Backend) -> None:
+    """An agent whose grace is short watches with a short heartbeat (agent.killswitch: a third of the grace): a
+    store with nothing to say must still answer within it, or the agent halts (fail safe) while all is well.
+    Consul's blocking query once waited at least a whole second, whatever the heartbeat."""
+    loop = asyncio.get_running_loop()
+    watch = backend.store.watch([FlagKey(Scope.AGENT, unique("ag"))], heartbeat=0.3)
+    seen: list[FlagSnapshot] = []
+    try:
+        until = loop.time() + 2.5  # several of the heartbeat's windows, with nothing changing
+        while loop.time() < until:
+            seen.append(await watch.__anext__())
+    finally:
+        await watch.aclose()  # type: ignore[attr-defined]
+    assert seen and all(snapshot.reachable for snapshot in seen), [s.error for s in seen if not s.reachable]
 
 
 async def test_values_written_by_hand_are_honoured(backend: Backend, nats_server: EmbeddedNats) -> None:
