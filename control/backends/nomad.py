@@ -118,17 +118,50 @@ class NomadConfig:
         )
 
 
-def _call(requester: Any, what: str, *path: str, method: str = "get", **kwargs: Any) -> requests.Response:
-    try:
-        response: requests.Response = requester.request(*path, method=method, **kwargs)
-    except nomad_errors.BaseNomadException as exc:
-        answer = exc.nomad_resp
-        if isinstance(answer, requests.Response):
-            raise NomadError(what, answer.status_code, answer.text.strip()[:2000]) from None
-        raise NomadError(what, None, str(answer)) from None
-    except requests.RequestException as exc:
-        raise NomadError(what, None, str(exc)) from None
-    return response
+RETRY_AFTER_S = (0.25, 1.0)
+"""How long a call that failed for a passing reason waits before each of its further attempts (:func:`_call`)."""
+_PASSING_STATUS = frozenset({502, 503, 504})
+
+
+def _call(
+    requester: Any, what: str, *path: str, method: str = "get", attempts: int = 1 + len(RETRY_AFTER_S), **kwargs: Any
+) -> requests.Response:
+    """A call to Nomad's API; NomadError names what failed and Nomad's answer. A failure that passes (no
+    connection, a 502/503/504 from a proxy in front of Nomad, a 500 "No cluster leader" while the servers elect
+    one, a read that timed out) is tried again, ``attempts`` times in all, :data:`RETRY_AFTER_S` apart. Every
+    call Caravan makes may be made again: a read, a write of a whole value (a Variable, a namespace, a stop), or a
+    job's check-and-set register (one that was done though its answer was lost is then refused as "Enforcing job
+    modify index": submit plans again and finds the job as it wrote it)."""
+    attempt = 0
+    while True:
+        try:
+            response: requests.Response = requester.request(*path, method=method, **kwargs)
+        except nomad_errors.BaseNomadException as exc:
+            answer = exc.nomad_resp
+            if isinstance(answer, requests.Response):
+                error = NomadError(what, answer.status_code, answer.text.strip()[:2000])
+            else:
+                error = NomadError(what, None, str(answer))
+            passing = _passing(answer)
+        except requests.RequestException as exc:
+            error, passing = NomadError(what, None, str(exc)), _passing(exc)
+        else:
+            return response
+        attempt += 1
+        if not passing or attempt >= attempts:
+            raise error from None
+        pause = RETRY_AFTER_S[min(attempt, len(RETRY_AFTER_S)) - 1]
+        log.info("%s; trying again in %.2fs", error, pause)
+        time.sleep(pause)
+
+
+def _passing(answer: object) -> bool:
+    """Whether a failed call's answer (a response, or the error that stood for one) may pass on its own."""
+    if isinstance(answer, requests.Response):
+        if answer.status_code in _PASSING_STATUS:
+            return True
+        return answer.status_code == 500 and "no cluster leader" in answer.text.lower()
+    return isinstance(answer, requests.ConnectionError | requests.Timeout)
 
 
 def _task_event_message(event: Mapping[str, Any]) -> str:
@@ -604,6 +637,7 @@ class NomadScheduler:
                     params=params,
                     stream=True,
                     timeout=(self._config.timeout_s, self._config.stream_read_timeout_s),
+                    attempts=1,  # this loop tries again itself, with its own back-off, and stops when asked
                 )
                 self._stream = response
                 with response:

@@ -535,6 +535,34 @@ async def test_a_job_registered_while_nomad_cannot_answer_for_its_evaluation_is_
             await scheduler.stop_job(ids.namespace, ids.job_id)
 
 
+async def test_calls_nomad_fails_while_it_elects_a_leader_are_made_again() -> None:
+    """Nomad answers 500 "No cluster leader" for a moment while its servers elect one (and a proxy in front of it
+    502-504): the submit waits it out, and its job is registered once, placed and reported as Nomad placed it. A
+    refusal that will not pass (a job Nomad finds invalid) is not asked again. Against the double only: a real
+    Nomad cannot be made to fail on demand."""
+    ids = Ids.new()
+    with NomadDouble() as double:
+        async with NomadScheduler(NomadConfig(address=double.address)) as scheduler:
+
+            def calls(method: str, path: str) -> int:
+                return len([r for r in double.requests if r[0] == method and r[1].split("?")[0] == path])
+
+            with double.failing("job_register", "eval_get", times=1), double.failing("var_put", code=503, times=2):
+                result = await scheduler.submit(make_job(ids, HEALTHY))
+            assert (result.job_id, result.version) == (ids.job_id, 0)
+            assert len(result.alloc_ids) == 1, "the placement was read once Nomad answered"
+            assert calls("POST", f"/v1/job/{ids.job_id}") == 2  # the refused one, then the one Nomad took
+            assert calls("PUT", f"/v1/var/nomad/jobs/{ids.job_id}") == 3
+            assert [v["Version"] for v in double.versions[(ids.namespace, ids.job_id)]] == [0]
+
+            other = Ids.new()
+            invalid = "1 error occurred:\n\t* Task group agent validation failed: bad\n\n"
+            with double.failing("job_register", message=invalid, times=1), pytest.raises(JobRejected, match="bad"):
+                await scheduler.submit(make_job(other, HEALTHY))
+            assert calls("POST", f"/v1/job/{other.job_id}") == 1
+            await scheduler.stop_job(ids.namespace, ids.job_id)
+
+
 async def test_a_job_stopped_by_another_replica_gets_its_secrets_again_when_started(harness: Harness) -> None:
     """Two control-plane replicas: one starts the agent, the other stops it (removing the job's Variable), the
     first starts it again. The Variable must be written again, or the task's template waits for it forever."""

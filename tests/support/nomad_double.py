@@ -214,7 +214,7 @@ class NomadDouble:
         self.behaviours: dict[str, Behaviour] = {}
         self.requests: list[tuple[str, str, bytes]] = []
         self.held = 0  # blocking queries waiting now for the index to pass theirs
-        self.faults: dict[str, tuple[int, str]] = {}  # routes (by handler) that fail, and how: failing()
+        self.faults: dict[str, list[Any]] = {}  # routes (by handler) that fail: [code, message, times left]
         self.events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=event_buffer)
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -260,14 +260,17 @@ class NomadDouble:
                 raise TimeoutError(f"{self.held} blocking queries held, not {count}, after {timeout}s")
 
     @contextlib.contextmanager
-    def failing(self, *handlers: str, code: int = 500, message: str = "No cluster leader") -> Iterator[None]:
+    def failing(
+        self, *handlers: str, code: int = 500, message: str = "No cluster leader", times: int | None = None
+    ) -> Iterator[None]:
         """Inside the block, requests to these routes (named by their handler in ``_ROUTES``: ``eval_get``,
-        ``eval_allocs``...) fail as Nomad answers them when it has lost its leader; the others are served."""
+        ``eval_allocs``...) fail as Nomad answers them when it has lost its leader; the others are served.
+        ``times``: only the first this many requests to each of them fail (a leader elected meanwhile)."""
         unknown = set(handlers) - {handler for _, _, handler in _ROUTES}
         if unknown:
             raise ValueError(f"no such route: {', '.join(sorted(unknown))}")
         with self.cond:
-            self.faults.update(dict.fromkeys(handlers, (code, message)))
+            self.faults.update({handler: [code, message, times] for handler in handlers})
         try:
             yield
         finally:
@@ -1245,8 +1248,11 @@ class _Handler(BaseHTTPRequestHandler):
                         self._events()
                         return
                     with double.cond:
-                        if handler in double.faults:
-                            raise HttpError(*double.faults[handler])
+                        fault = double.faults.get(handler)
+                        if fault is not None and fault[2] != 0:
+                            if fault[2] is not None:
+                                fault[2] -= 1
+                            raise HttpError(fault[0], fault[1])
                         self._wait(handler)
                         result = getattr(self, "_" + handler)()
                         index = self._index(handler)
