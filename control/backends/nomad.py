@@ -126,9 +126,10 @@ _PASSING_STATUS = frozenset({502, 503, 504})
 def _call(
     requester: Any, what: str, *path: str, method: str = "get", attempts: int = 1 + len(RETRY_AFTER_S), **kwargs: Any
 ) -> requests.Response:
-    """A call to Nomad's API; NomadError names what failed and Nomad's answer. A failure that passes (no
-    connection, a 502/503/504 from a proxy in front of Nomad, a 500 "No cluster leader" while the servers elect
-    one, a read that timed out) is tried again, ``attempts`` times in all, :data:`RETRY_AFTER_S` apart. Every
+    """A call to Nomad's API; NomadError names what failed and Nomad's answer. A failure that passes (a connection
+    refused or reset, a 502/503/504 from a proxy in front of Nomad, a 500 "No cluster leader" while the servers
+    elect one) is tried again, ``attempts`` times in all, :data:`RETRY_AFTER_S` apart. A call that timed out is not:
+    each attempt would wait its whole timeout again on a Nomad that hangs. Every
     call Caravan makes may be made again: a read, a write of a whole value (a Variable, a namespace, a stop), or a
     job's check-and-set register (one that was done though its answer was lost is then refused as "Enforcing job
     modify index": submit plans again and finds the job as it wrote it)."""
@@ -161,7 +162,7 @@ def _passing(answer: object) -> bool:
         if answer.status_code in _PASSING_STATUS:
             return True
         return answer.status_code == 500 and "no cluster leader" in answer.text.lower()
-    return isinstance(answer, requests.ConnectionError | requests.Timeout)
+    return isinstance(answer, requests.ConnectionError) and not isinstance(answer, requests.Timeout)
 
 
 def _task_event_message(event: Mapping[str, Any]) -> str:
