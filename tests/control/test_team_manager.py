@@ -28,6 +28,7 @@ from autogen_agentchat.teams._group_chat._events import (
 from autogen_core import AgentId, BaseAgent, CancellationToken, MessageContext, TopicId, TypeSubscription
 from nats.aio.msg import Msg
 
+from agent import teamhost
 from agent.models import create_model_client
 from agent.protocol import AgentDefinition, ModelConfig
 from agent.runtime import NatsAgentRuntime
@@ -37,7 +38,10 @@ from agent.teamprotocol import (
     STATE_BASE_HEADER,
     STATE_MEMBER_HEADER,
     MemberJoin,
+    MemberRefused,
     answer_output,
+    join_answer,
+    join_subject,
     run_namespace,
 )
 from agent.wire import Wire
@@ -387,3 +391,70 @@ async def test_every_members_context_and_buffer_end_as_in_agentchats_own_team(
     local_saved = await local.save_state()
     for m in members:  # (the states AgentChat saves, member by member)
         assert _comparable(saved["agent_states"][m.name]) == _comparable(local_saved["agent_states"][m.name]), m.name
+
+
+async def test_a_member_that_cannot_take_part_refuses_and_keeps_nothing_of_the_run(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica whose setup of a run fails part-way (here its last subscription, once its runtime has started)
+    answers the join with the reason, and keeps nothing of the run: no subscription left on its connection, its
+    model client closed. The join that comes again (a new attempt) sets the run up afresh, and the team runs."""
+    members, spec = _round_robin(NAMES, 4)
+    alice, bob = members
+    made: list[Any] = []
+    closed: list[Any] = []
+
+    def recording(config: ModelConfig) -> Any:  # alice's model clients
+        client = create_model_client(config)
+        if config != alice.model:
+            return client
+        close = client.close
+
+        async def closing() -> None:
+            closed.append(client)
+            await close()
+
+        client.close = closing  # type: ignore[method-assign]
+        made.append(client)
+        return client
+
+    monkeypatch.setattr(teamhost, "create_model_client", recording)
+    run_id = "rn-0000000000bb"
+    nc = await nats.connect(nats_server.url)
+    hosted = await nats.connect(nats_server.url, no_echo=True)
+    host = TeamHost(hosted, alice, "host-alice")
+    await host.start()
+    subscribe = hosted.subscribe
+
+    async def refusing(subject: str, *args: Any, **kwargs: Any) -> Any:
+        if subject.endswith(".x.alive"):
+            raise nats.errors.ConnectionClosedError
+        return await subscribe(subject, *args, **kwargs)
+
+    monkeypatch.setattr(hosted, "subscribe", refusing)
+    join = MemberJoin(
+        run_id=run_id, task_id="tk-000000000000", customer_id=CUSTOMER, agent_id=alice.agent_id, team_key=run_id
+    )
+    asked = await nc.request(join_subject(CUSTOMER, alice.agent_id), join.model_dump_json().encode(), timeout=10)
+    answer = join_answer(asked.data)
+    assert isinstance(answer, MemberRefused), answer
+    assert answer.refused == "ConnectionClosedError: nats: connection closed", answer.refused
+    left = {sub.subject for sub in hosted._subs.values()}
+    assert left == {join_subject(CUSTOMER, alice.agent_id), f"{Wire.of(hosted)._inbox}*"}  # (the connection's inbox)
+    assert host.runs == 0
+    assert len(made) == 1 and closed == made
+
+    monkeypatch.setattr(hosted, "subscribe", subscribe)
+    async with _hosts(nats_server.url, [bob]):
+        runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
+        chat = build_team(spec, {m.agent_id: m for m in members}, runtime, run_id)
+        await runtime.start()
+        await join_members(nc, CUSTOMER, run_id, [m.agent_id for m in members])
+        result = await chat.run(task="take turns")
+        assert [m.source for m in result.messages] == ["user", "alice", "bob", "alice"]
+        assert host.runs == 1 and len(made) == 2 and closed == made[:1]
+        await runtime.stop()
+    await host.stop()
+    assert closed == made
+    await hosted.close()
+    await nc.close()
