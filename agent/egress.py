@@ -37,6 +37,7 @@ __all__ = [
     "EgressRefused",
     "GuardedTransport",
     "endpoint_failure",
+    "error_text",
     "failure_text",
     "refusal_in",
 ]
@@ -274,6 +275,21 @@ def endpoint_failure(exc: BaseException) -> str | None:
     return f"the model endpoint ({where}) answered: {exc}"
 
 
+FAILURE_TEXT_MAX = 1000
+"""At most this many characters of a failure are said (a task's status reason, its error event)."""
+
+
 def failure_text(exc: BaseException) -> str:
-    """What a task that ``exc`` ended says of it."""
-    return endpoint_failure(exc) or f"{type(exc).__name__}: {exc}"
+    """What a task that ``exc`` ended says of it: at most :data:`FAILURE_TEXT_MAX` characters (an endpoint can
+    answer a whole page), and none of the traceback an error's text may carry (AgentChat's errors of a member)."""
+    said = endpoint_failure(exc)
+    if said is None:
+        text = error_text(exc)
+        said = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return said[:FAILURE_TEXT_MAX]
+
+
+def error_text(exc: BaseException) -> str:
+    """``exc``'s own text up to the traceback it may carry, at most :data:`FAILURE_TEXT_MAX` characters; may be
+    empty."""
+    return str(exc).strip().split("\nTraceback", 1)[0].strip()[:FAILURE_TEXT_MAX]

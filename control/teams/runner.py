@@ -36,7 +36,7 @@ from nats.js.errors import KeyNotFoundError
 
 from agent.aio import cancel_and_wait, keep_in_progress
 from agent.backends.base import Flag
-from agent.egress import endpoint_failure
+from agent.egress import error_text, failure_text
 from agent.models import LocalModelAccess, create_model_client
 from agent.protocol import REPLAYED, TASK_ATTEMPTS, TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
 from agent.runtime import NatsAgentRuntime
@@ -284,7 +284,7 @@ class TeamRunner:
                 reason, status = str(failure), failure.status
             except Exception as exc:  # AgentChat refused the team or its state, or a bug of ours: never left running
                 log.exception("team task %s failed", task.id)
-                reason, status = endpoint_failure(exc) or f"{type(exc).__name__}: {_reason(exc)}", TaskStatus.FAILED
+                reason, status = failure_text(exc), TaskStatus.FAILED
             await self._ended(task, attempt, status, reason)
             return
 
@@ -357,7 +357,7 @@ class TeamRunner:
                 if active.lost is not None:
                     await turns.flush()
                     raise _Retry(active.lost) from exc
-                raise _Failed(_reason(exc)) from exc
+                raise _Failed(error_text(exc) or type(exc).__name__) from exc
             unstored = await self._stored(task)
             if unstored is not None:
                 raise _Failed(f"an event of the task was not stored: {unstored}")
@@ -690,9 +690,3 @@ def _question(result: TaskResult | None, handoff: HandoffMessage) -> str:
                 return message.content
             break
     return handoff.content
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip()
-    first = text.split("\nTraceback", 1)[0].strip()
-    return first[:1000] or type(exc).__name__

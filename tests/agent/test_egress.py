@@ -13,7 +13,16 @@ import httpx
 import pytest
 from autogen_core.models import UserMessage
 
-from agent.egress import ALLOW_ENV, EgressPolicy, EgressRefused, GuardedTransport, endpoint_failure, refusal_in
+from agent.egress import (
+    ALLOW_ENV,
+    FAILURE_TEXT_MAX,
+    EgressPolicy,
+    EgressRefused,
+    GuardedTransport,
+    endpoint_failure,
+    failure_text,
+    refusal_in,
+)
 from agent.models import create_model_client
 from agent.protocol import ModelConfig
 from tests.support.helpers import free_port
@@ -193,3 +202,20 @@ def test_the_endpoint_named_carries_no_credentials_or_query() -> None:
     assert said == (
         "cannot reach the model endpoint (POST https://models.example:8443/v1/chat/completions): connection refused"
     )
+
+
+async def test_what_a_failed_task_says_is_bounded_and_carries_no_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task's status reason and error event: an endpoint that answers a whole page of error is cut to
+    FAILURE_TEXT_MAX characters (it was stored and streamed whole), and an error carrying a member's traceback
+    (AgentChat's) says only what comes before it."""
+    monkeypatch.setenv(ALLOW_ENV, "127.0.0.1/32")
+    page = json.dumps({"error": {"message": "overloaded " + "x" * 20_000, "type": "server_error"}})
+    async with answering(b"400 Bad Request", page.encode()) as port:
+        refused = await failed_call(ModelConfig(provider="ollama", name="m", base_url=f"http://127.0.0.1:{port}/v1"))
+    said = failure_text(refused)
+    assert len(said) == FAILURE_TEXT_MAX and said.startswith(f"the model endpoint (POST http://127.0.0.1:{port}/")
+    assert "overloaded xxx" in said
+    member = RuntimeError("ValueError: no such tool\nTraceback (most recent call last):\n  File ...\nValueError")
+    assert failure_text(member) == "RuntimeError: ValueError: no such tool"
+    assert failure_text(RuntimeError()) == "RuntimeError"
+    assert failure_text(ValueError("bad " * 1000)) == f"ValueError: {('bad ' * 1000)[: FAILURE_TEXT_MAX - 12]}"
