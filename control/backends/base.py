@@ -21,6 +21,7 @@ __all__ = [
     "Registry",
     "Scheduler",
     "SchedulerError",
+    "SchedulerUnreachable",
     "ServiceInstance",
     "StatusCallback",
     "StatusUpdate",
@@ -30,6 +31,11 @@ __all__ = [
 
 class SchedulerError(Exception):
     """The scheduler could not do what was asked; the message says why, in the scheduler's words."""
+
+
+class SchedulerUnreachable(SchedulerError):
+    """The scheduler gave no answer, or only that it cannot serve now (it has no leader; a proxy in front of it
+    cannot reach it), even after the backend's retries: the failure is the scheduler's as a whole, not the job's."""
 
 
 class JobRejected(SchedulerError):

@@ -35,6 +35,7 @@ from control.backends.base import (
     JobRejected,
     JobStatus,
     SchedulerError,
+    SchedulerUnreachable,
     StatusCallback,
     StatusUpdate,
     SubmitResult,
@@ -43,7 +44,7 @@ from control.jobspec import flag_store_secrets, model_key_secret
 from control.settings import Settings
 from jobs import secrets_variable_path
 
-__all__ = ["NomadConfig", "NomadError", "NomadScheduler", "alloc_state", "explain_placement"]
+__all__ = ["NomadConfig", "NomadError", "NomadScheduler", "NomadUnreachable", "alloc_state", "explain_placement"]
 
 log = logging.getLogger("caravan.scheduler.nomad")
 
@@ -62,6 +63,10 @@ class NomadError(SchedulerError):
         super().__init__(f"{what}: {status or 'no answer'} {message}".strip())
         self.status = status
         self.message = message
+
+
+class NomadUnreachable(NomadError, SchedulerUnreachable):
+    """A Nomad API call got no answer, or only a passing failure (see :func:`_call`) on its every attempt."""
 
 
 @dataclass(frozen=True)
@@ -129,10 +134,11 @@ def _call(
     """A call to Nomad's API; NomadError names what failed and Nomad's answer. A failure that passes (a connection
     refused or reset, a 502/503/504 from a proxy in front of Nomad, a 500 "No cluster leader" while the servers
     elect one) is tried again, ``attempts`` times in all, :data:`RETRY_AFTER_S` apart. A call that timed out is not:
-    each attempt would wait its whole timeout again on a Nomad that hangs. Every
-    call Caravan makes may be made again: a read, a write of a whole value (a Variable, a namespace, a stop), or a
-    job's check-and-set register (one that was done though its answer was lost is then refused as "Enforcing job
-    modify index": submit plans again and finds the job as it wrote it)."""
+    each attempt would wait its whole timeout again on a Nomad that hangs. One that got no answer, or still fails
+    for a passing reason after its attempts, raises :class:`NomadUnreachable`. Every call Caravan makes may be made
+    again: a read, a write of a whole value (a Variable, a namespace, a stop), or a job's check-and-set register
+    (one that was done though its answer was lost is then refused as "Enforcing job modify index": submit plans
+    again and finds the job as it wrote it)."""
     attempt = 0
     while True:
         try:
@@ -140,14 +146,15 @@ def _call(
         except nomad_errors.BaseNomadException as exc:
             answer = exc.nomad_resp
             if isinstance(answer, requests.Response):
-                error = NomadError(what, answer.status_code, answer.text.strip()[:2000])
+                status, message = answer.status_code, answer.text.strip()[:2000]
             else:
-                error = NomadError(what, None, str(answer))
+                status, message = None, str(answer)
             passing = _passing(answer)
         except requests.RequestException as exc:
-            error, passing = NomadError(what, None, str(exc)), _passing(exc)
+            status, message, passing = None, str(exc), _passing(exc)
         else:
             return response
+        error = (NomadUnreachable if passing or status is None else NomadError)(what, status, message)
         attempt += 1
         if not passing or attempt >= attempts:
             raise error from None
