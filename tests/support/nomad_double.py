@@ -214,7 +214,7 @@ class NomadDouble:
         self.behaviours: dict[str, Behaviour] = {}
         self.requests: list[tuple[str, str, bytes]] = []
         self.held = 0  # blocking queries waiting now for the index to pass theirs
-        self.faults: dict[str, list[Any]] = {}  # routes (by handler) that fail: [code, message, times left]
+        self.faults: dict[str, list[Any]] = {}  # routes (by handler) that fail: [code, message, times left, job]
         self.events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=event_buffer)
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -261,16 +261,22 @@ class NomadDouble:
 
     @contextlib.contextmanager
     def failing(
-        self, *handlers: str, code: int = 500, message: str = "No cluster leader", times: int | None = None
+        self,
+        *handlers: str,
+        code: int = 500,
+        message: str = "No cluster leader",
+        times: int | None = None,
+        job: str | None = None,
     ) -> Iterator[None]:
         """Inside the block, requests to these routes (named by their handler in ``_ROUTES``: ``eval_get``,
         ``eval_allocs``...) fail as Nomad answers them when it has lost its leader; the others are served.
-        ``times``: only the first this many requests to each of them fail (a leader elected meanwhile)."""
+        ``times``: only the first this many requests to each of them fail (a leader elected meanwhile). ``job``:
+        only the requests for this job ID (in the route's path, as ``/v1/job/:id``) fail."""
         unknown = set(handlers) - {handler for _, _, handler in _ROUTES}
         if unknown:
             raise ValueError(f"no such route: {', '.join(sorted(unknown))}")
         with self.cond:
-            self.faults.update({handler: [code, message, times] for handler in handlers})
+            self.faults.update({handler: [code, message, times, job] for handler in handlers})
         try:
             yield
         finally:
@@ -1249,7 +1255,7 @@ class _Handler(BaseHTTPRequestHandler):
                         return
                     with double.cond:
                         fault = double.faults.get(handler)
-                        if fault is not None and fault[2] != 0:
+                        if fault is not None and fault[2] != 0 and fault[3] in (None, self.args.get("id")):
                             if fault[2] is not None:
                                 fault[2] -= 1
                             raise HttpError(fault[0], fault[1])
