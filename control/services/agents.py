@@ -32,7 +32,14 @@ from agent.protocol import (
     task_subject,
     utcnow,
 )
-from control.backends.base import AllocState, JobNotOwned, Scheduler, SchedulerError, StatusUpdate
+from control.backends.base import (
+    AllocState,
+    JobNotOwned,
+    Scheduler,
+    SchedulerError,
+    SchedulerUnreachable,
+    StatusUpdate,
+)
 from control.errors import Conflict, NotFound, Unavailable, invalid_input
 from control.ids import new_id, quoted_id
 from control.jobspec import agent_job, job_id_for, namespace_for
@@ -338,7 +345,11 @@ class AgentService:
 
     async def reconcile(self) -> None:
         """After a restart: put back every agent that should run and that the scheduler does not know, but one that
-        failed (given up on: only a start runs it again)."""
+        failed (given up on: only a start runs it again). Each agent on its own: one that cannot be put back is
+        logged and left ``failed``, saying why, and the others are put back all the same. A scheduler that cannot
+        be reached when asked for an agent's job (:class:`SchedulerUnreachable`) stops it there and is raised (the
+        start fails): that agent and those not yet put back are left as they were, meant to run, for the next
+        start to put back."""
         agents = await self.list(None)
         if self._nats_auth is not None:
             self._nats_auth.set_agents({a.id: a.customer_id for a in agents})
@@ -353,11 +364,26 @@ class AgentService:
         for agent in agents:
             if agent.desired != "running" or agent.status is AgentStatus.FAILED:
                 continue
-            await self._ensure_consumer(agent)  # as this version sets it, also for one whose job runs on
-            if await self._scheduler.job_status(agent.namespace, agent.job_id) is not None:
-                continue
-            with contextlib.suppress(KillswitchEngaged):  # (the agent is left killed, saying so)
-                await self._submit(agent, self.render(agent), engaged)
+            try:
+                await self._ensure_consumer(agent)  # as this version sets it, also for one whose job runs on
+                if await self._scheduler.job_status(agent.namespace, agent.job_id) is not None:
+                    continue
+                with contextlib.suppress(KillswitchEngaged):  # (the agent is left killed, saying so)
+                    await self._submit(agent, self.render(agent), engaged)
+            except SchedulerUnreachable as exc:
+                log.error(
+                    "the scheduler cannot be reached to put agent %s back (%s); the agents not yet put back "
+                    "are left meant to run, for the next start",
+                    agent.id,
+                    exc,
+                )
+                raise
+            except Exception as exc:
+                log.error(
+                    "agent %s could not be put back: %s", agent.id, exc, exc_info=not isinstance(exc, SchedulerError)
+                )
+                with contextlib.suppress(NotFound):  # (deleted meanwhile: nothing is left to fail)
+                    await self._fail(agent, f"could not be put back after the control plane restarted: {exc}")
 
     async def on_agent_event(self, event: Event) -> None:
         """An agent said it is ready, or that the killswitch halted or resumed it."""
@@ -434,12 +460,10 @@ class AgentService:
             agent = await self._set(agent, status=AgentStatus.STARTING, status_reason=None)
         try:
             result = await self._scheduler.submit(job, self._secrets(agent))
-        except SchedulerError as exc:  # JobNotOwned included; what the agent held is given back
-            await self._quotas.release_running(agent.customer_id, agent.id)
-            reason = str(exc) if isinstance(exc, JobNotOwned) else f"scheduler refused the job: {exc}"
-            failed = await self._set(agent, status=AgentStatus.FAILED, status_reason=reason)
-            await self._failed(failed)
-            return failed
+        except SchedulerError as exc:  # JobNotOwned included
+            return await self._fail(
+                agent, str(exc) if isinstance(exc, JobNotOwned) else f"scheduler refused the job: {exc}"
+            )
 
         def submitted(current: Agent) -> Agent:
             return current.model_copy(update={"scheduler": result.handles(), "updated_at": utcnow()})
@@ -468,6 +492,13 @@ class AgentService:
             raise
         await self._quotas.release_running(agent.customer_id, agent.id)
         return await self._set(agent, status=status, status_reason=reason)
+
+    async def _fail(self, agent: Agent, reason: str) -> Agent:
+        """Leave the agent ``failed``, saying why (``reason``): what it held is given back, and its work ends."""
+        await self._quotas.release_running(agent.customer_id, agent.id)
+        failed = await self._set(agent, status=AgentStatus.FAILED, status_reason=reason)
+        await self._failed(failed)
+        return failed
 
     async def _failed(self, agent: Agent) -> None:
         for hook in self._fail_hooks:

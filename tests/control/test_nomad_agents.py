@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from agent.protocol import ModelConfig
-from control.backends.base import AllocState
+from control.backends.base import AllocState, SchedulerUnreachable
 from control.errors import Conflict
 from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate, Resources, TaskCreate
 from control.natsserver import EmbeddedNats
@@ -118,6 +118,81 @@ async def test_an_agent_nomad_registered_but_could_not_answer_for_runs_on(
             )
             assert (await control.agents.get(customer, agent.id)).status is AgentStatus.STARTING  # until it is ready
             await control.agents.delete(customer, agent.id)
+
+
+async def _running(control: ControlPlane, agent: Agent) -> None:
+    await assert_eventually(
+        lambda: control.scheduler.job_status(agent.namespace, agent.job_id),
+        lambda s: s is not None and list(s.allocs.values()) == [AllocState.RUNNING],
+        what=f"agent {agent.id}'s allocation running",
+    )
+
+
+async def _agents_on_a_nomad_that_lost_them(nats_server: EmbeddedNats, data: Path, count: int) -> list[Agent]:
+    """``count`` agents created on a Nomad that is then gone with their jobs (as a dev agent that restarted)."""
+    with NomadDouble() as double:
+        async with await _control(NomadTarget(double.address, None, double), nats_server, data) as control:
+            customer = await _customer(control)
+            return [await control.agents.create(customer, definition()) for _ in range(count)]
+
+
+async def test_a_restart_puts_back_every_agent_but_the_one_nomad_fails_which_says_why(
+    nats_server: EmbeddedNats, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The control plane restarts on a Nomad that knows none of its agents' jobs and answers 500 for the first
+    one's: that agent is left failed, saying why (in its status and the log), holding no quota, until it is
+    started again; the agents after it are put back all the same, and the start goes on. Against the double only:
+    a real Nomad cannot be made to fail one job's reads on demand."""
+    data = tmp_path / "data"
+    broken, *others = await _agents_on_a_nomad_that_lost_them(nats_server, data, 3)
+    customer = broken.customer_id
+    with NomadDouble() as double:
+        control = await _control(NomadTarget(double.address, None, double), nats_server, data)
+        try:
+            with double.failing("job_get", message="rpc error: state store closed", job=broken.job_id):
+                await control.start()
+            failed = await control.agents.get(customer, broken.id)
+            assert failed.status is AgentStatus.FAILED
+            assert failed.status_reason == (
+                "could not be put back after the control plane restarted: "
+                f"read job {broken.job_id}: 500 rpc error: state store closed"
+            )
+            assert any(broken.id in r.getMessage() and "state store closed" in r.getMessage() for r in caplog.records)
+            with pytest.raises(Conflict, match=r"could not be put back.*start it again"):
+                await control.tasks.create(customer, TaskCreate(agent_id=broken.id, task="hello"))
+            for agent in others:
+                assert (await control.agents.get(customer, agent.id)).status is AgentStatus.STARTING
+                await _running(control, agent)
+            assert (await control.quotas.usage(customer)).cpu == sum(a.resources.cpu for a in others)
+            started = await control.agents.start(customer, broken.id)
+            assert (started.status, started.status_reason) == (AgentStatus.STARTING, None)
+            await _running(control, broken)
+        finally:
+            await control.stop()
+
+
+async def test_a_restart_on_a_nomad_that_cannot_answer_fails_and_leaves_the_agents_for_the_next_start(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """The control plane restarts on a Nomad that answers "500 No cluster leader" to every read of a job, after its
+    retries: the start fails, saying so, and no agent is failed for it: they are left meant to run, as they were,
+    and the next start puts them back. Against the double only: a real Nomad cannot be made to fail on demand."""
+    data = tmp_path / "data"
+    agents = await _agents_on_a_nomad_that_lost_them(nats_server, data, 2)
+    with NomadDouble() as double:
+        target = NomadTarget(double.address, None, double)
+        control = await _control(target, nats_server, data)
+        try:
+            with double.failing("job_get"), pytest.raises(SchedulerUnreachable, match="No cluster leader"):
+                await control.start()
+            for agent in agents:
+                left = await control.agents.get(None, agent.id)
+                assert (left.desired, left.status, left.status_reason) == ("running", AgentStatus.STARTING, None)
+        finally:
+            await control.stop()
+        async with await _control(target, nats_server, data) as control:
+            for agent in agents:
+                await _running(control, agent)
 
 
 async def test_a_crash_looping_agent_fails_with_the_tasks_last_words(
