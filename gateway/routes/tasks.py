@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
@@ -167,8 +168,21 @@ async def task_ws(
         await websocket.close(code=1000)
         return
     try:
-        async for item in control.tasks.events(task, after):
-            await websocket.send_json({"type": "keep-alive"} if item is None else _wire(item))
-        await websocket.close(code=1000)
-    except WebSocketDisconnect:
-        return
+        async with asyncio.TaskGroup() as group:
+            watching = group.create_task(_until_gone(websocket))
+            async for item in control.tasks.events(task, after):
+                await websocket.send_json({"type": "keep-alive"} if item is None else _wire(item))
+            watching.cancel()
+            await websocket.close(code=1000)
+    except* WebSocketDisconnect:
+        pass
+
+
+async def _until_gone(websocket: WebSocket) -> None:
+    """Reads what the client sends (the stream takes nothing: it is dropped) until it closes, then raises
+    :class:`WebSocketDisconnect`: a stream learns that its client is gone at once, rather than when its next frame
+    fails to go (a keep-alive comes only after 15 s without events), and gives back its consumer then."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
