@@ -112,6 +112,12 @@ class Settings(BaseSettings):
 
     max_agents_per_customer: int = Field(default=50, ge=1, description="Default agent quota of a new customer.")
     rate_limit_scale: float = Field(default=1.0, gt=0, description="Multiplies every tier's request rate.")
+    max_streams_per_customer: int = Field(
+        default=100,
+        ge=1,
+        description="Task event streams (SSE and WebSocket together) a customer may hold open at once on each "
+        "gateway replica; one more is refused with 429. Admins are not counted.",
+    )
     task_ack_wait_s: float = Field(default=60.0, ge=1)
     task_retention_days: float = Field(
         default=30.0,

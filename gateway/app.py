@@ -21,6 +21,7 @@ from gateway.deps import HEAD_SCOPE_KEY, authenticate_first, known_query_only
 from gateway.errors import error_response, install_error_handlers, refuse_websocket
 from gateway.ratelimit import RateLimiter, Tiers
 from gateway.routes import admin, agents, auth, health, tasks, teams, usage
+from gateway.streams import OpenStreams
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
@@ -54,6 +55,7 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
         app.state.control = control
     app.state.limiter = RateLimiter(scale=settings.rate_limit_scale)
     app.state.tiers = Tiers()
+    app.state.streams = OpenStreams(settings.max_streams_per_customer)
     install_error_handlers(app, authenticate_first)
     logredact.install()  # a token in a URL (the WebSocket's ?token=) kept out of the server's log lines
     wslog.install()  # a WebSocket refused with an HTTP answer is not a server error

@@ -18,6 +18,7 @@ from control.services.audit import AuditRecord
 from control.services.auth import Principal
 from gateway.errors import shown_path
 from gateway.ratelimit import FAILED_AUTH, RateLimited, RateLimiter, Tiers
+from gateway.streams import OpenStreams
 
 __all__ = [
     "HEAD_SCOPE_KEY",
@@ -26,6 +27,7 @@ __all__ = [
     "ListedQuery",
     "OwnerQuery",
     "PrincipalDep",
+    "StreamsDep",
     "answering_head",
     "authenticate_first",
     "check_failures",
@@ -56,6 +58,14 @@ def get_control(request: HTTPConnection) -> ControlPlane:
 
 
 ControlDep = Annotated[ControlPlane, Depends(get_control)]
+
+
+def get_streams(connection: HTTPConnection) -> OpenStreams:
+    streams: OpenStreams = connection.app.state.streams
+    return streams
+
+
+StreamsDep = Annotated[OpenStreams, Depends(get_streams)]
 
 
 async def get_principal(

@@ -50,7 +50,7 @@ _ERROR_MEANINGS = {
     413: "Request body too large",
     415: "The body is not JSON (send it with content-type: application/json)",
     422: "Invalid input",
-    429: "Rate limit reached (see Retry-After)",
+    429: "Rate limit reached, or too many open event streams (see Retry-After)",
     500: "Unexpected error: the gateway's log has it under the answer's request id (X-Request-ID)",
     502: "The scheduler did not do all that was asked (a killswitch engaged with jobs it could not stop)",
     503: "A backend (NATS, the scheduler) is unavailable; nothing was changed: retry later",

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect, status
@@ -19,6 +19,7 @@ from gateway.deps import (
     ControlDep,
     ListedQuery,
     PrincipalDep,
+    StreamsDep,
     answering_head,
     customer_only,
     get_principal,
@@ -28,6 +29,7 @@ from gateway.deps import (
 )
 from gateway.errors import caravan_error_response, refuse_websocket
 from gateway.schemas import ERROR_RESPONSES, TaskPublic
+from gateway.streams import HeldStream
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 
@@ -119,18 +121,19 @@ async def task_events(
     task_id: str,
     control: ControlDep,
     principal: PrincipalDep,
+    streams: StreamsDep,
     last_event_id: Annotated[str | None, Header(max_length=32)] = None,
     after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="Resume after this event id.")] = None,
 ) -> Response:
     """Server-sent events of the task from the start, or after `Last-Event-ID`; ends after the final status. A 204
     for a task that ended with nothing after the resume point: an `EventSource`, which reconnects whenever a stream
-    closes, stops there."""
+    closes, stops there. A 429 (`too_many_streams`) for a customer who holds their limit of open streams already."""
     task = await control.tasks.get(owner_scope(principal), task_id, transcript=False)  # the events carry the rest
     start = _resume_point(last_event_id, after)
     if await control.tasks.ended_before(task, start):
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
-    async def stream() -> AsyncIterator[bytes]:
+    async def stream() -> AsyncGenerator[bytes, None]:
         yield b"retry: 1000\n\n"
         async for item in control.tasks.events(task, start):
             if item is None:
@@ -139,8 +142,9 @@ async def task_events(
             yield f"id: {item.id}\nevent: {item.event.kind}\ndata: {json.dumps(_wire(item))}\n\n".encode()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    body = iter(()) if answering_head(request) else stream()  # a HEAD's ends with its headers: nothing to watch
-    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+    if answering_head(request):  # a HEAD's ends with its headers: nothing to watch, nothing counted
+        return StreamingResponse(iter(()), media_type="text/event-stream", headers=headers)
+    return HeldStream(stream(), streams.hold(principal), media_type="text/event-stream", headers=headers)
 
 
 @router.websocket("/{task_id}/ws")
@@ -148,10 +152,12 @@ async def task_ws(
     websocket: WebSocket,
     task_id: str,
     control: ControlDep,
+    streams: StreamsDep,
     token: Annotated[str | None, Query(max_length=4096)] = None,
     after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
 ) -> None:
-    """The same events as JSON frames. Authenticate with `Authorization: Bearer` or `?token=`; resume with `?after=`."""
+    """The same events as JSON frames. Authenticate with `Authorization: Bearer` or `?token=`; resume with `?after=`.
+    Counted with the SSE streams against the customer's limit: past it, the handshake is refused with 429."""
     header = websocket.headers.get("authorization", "")
     bearer = header[7:] if header.lower().startswith("bearer ") else token
     credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=bearer) if bearer else None
@@ -160,14 +166,17 @@ async def task_ws(
         if (unknown := unknown_query(websocket)) is not None:
             raise unknown
         task = await control.tasks.get(owner_scope(principal), task_id, transcript=False)
+        ended = await control.tasks.ended_before(task, after)  # a client that saw the whole stream: nothing more
+        slot = None if ended else streams.hold(principal)
     except CaravanError as exc:
         await refuse_websocket(websocket, caravan_error_response(exc))
         return
-    await websocket.accept()
-    if await control.tasks.ended_before(task, after):  # a client that saw the whole stream: nothing more
+    if slot is None:
+        await websocket.accept()
         await websocket.close(code=1000)
         return
     try:
+        await websocket.accept()
         async with asyncio.TaskGroup() as group:
             watching = group.create_task(_until_gone(websocket))
             async for item in control.tasks.events(task, after):
@@ -176,6 +185,8 @@ async def task_ws(
             await websocket.close(code=1000)
     except* WebSocketDisconnect:
         pass
+    finally:
+        slot.release()
 
 
 async def _until_gone(websocket: WebSocket) -> None:
