@@ -15,7 +15,8 @@ stops restarting them; and rolling deployments that are health-checked and auto-
 version. Task behaviour comes from :meth:`NomadDouble.set_behaviour`, from a ``# nomad-double: crash exit=3``
 annotation in the task's command line, or from a command that does not exist (a driver failure). Delays of
 the job (restart delay, min healthy time, healthy deadline) run ``time_scale`` times faster. Routes fail on
-demand (:meth:`NomadDouble.failing`), as they do while Nomad has no leader.
+demand (:meth:`NomadDouble.failing`), as they do while Nomad has no leader; the event stream too, and an open one
+then ends.
 """
 
 from __future__ import annotations
@@ -271,18 +272,27 @@ class NomadDouble:
         """Inside the block, requests to these routes (named by their handler in ``_ROUTES``: ``eval_get``,
         ``eval_allocs``...) fail as Nomad answers them when it has lost its leader; the others are served.
         ``times``: only the first this many requests to each of them fail (a leader elected meanwhile). ``job``:
-        only the requests for this job ID (in the route's path, as ``/v1/job/:id``) fail."""
+        only the requests for this job ID (in the route's path, as ``/v1/job/:id``) fail. The event stream
+        (``events``) fails so too, and an open one ends: Nomad closes the subscriptions of a token that is deleted
+        or whose policy no longer allows them (then answers 403), and a proxy cuts a long request."""
         unknown = set(handlers) - {handler for _, _, handler in _ROUTES}
         if unknown:
             raise ValueError(f"no such route: {', '.join(sorted(unknown))}")
         with self.cond:
             self.faults.update({handler: [code, message, times, job] for handler in handlers})
+            self.cond.notify_all()  # open streams look
         try:
             yield
         finally:
             with self.cond:
                 for handler in handlers:
                     self.faults.pop(handler, None)
+
+    def fails(self, handler: str, job_id: str | None = None) -> bool:
+        """Whether the next request to this route (for this job, if it names one) fails (:meth:`failing`); lock
+        held."""
+        fault = self.faults.get(handler)
+        return fault is not None and fault[2] != 0 and fault[3] in (None, job_id)
 
     def set_behaviour(self, job_id: str, behaviour: Behaviour) -> None:
         with self.cond:
@@ -1251,14 +1261,12 @@ class _Handler(BaseHTTPRequestHandler):
                 if match and verb == method:
                     self.args = {k: v for k, v in match.groupdict().items() if v is not None}
                     if handler == "events":
+                        with double.cond:
+                            self._fault(handler)
                         self._events()
                         return
                     with double.cond:
-                        fault = double.faults.get(handler)
-                        if fault is not None and fault[2] != 0 and fault[3] in (None, self.args.get("id")):
-                            if fault[2] is not None:
-                                fault[2] -= 1
-                            raise HttpError(fault[0], fault[1])
+                        self._fault(handler)
                         self._wait(handler)
                         result = getattr(self, "_" + handler)()
                         index = self._index(handler)
@@ -1287,6 +1295,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-Nomad-LastContact", "0")
         self.end_headers()
         self.wfile.write(data)
+
+    def _fault(self, handler: str) -> None:
+        """Fail this request if its route is made to fail (:meth:`NomadDouble.failing`); lock held."""
+        if self.nomad.fails(handler, self.args.get("id")):
+            fault = self.nomad.faults[handler]
+            if fault[2] is not None:
+                fault[2] -= 1
+            raise HttpError(fault[0], fault[1])
 
     def _index(self, handler: str) -> int:
         """The index a read answers with, and a blocking query waits on: an evaluation's own ``ModifyIndex`` (as
@@ -1570,10 +1586,10 @@ class _Handler(BaseHTTPRequestHandler):
             while True:
                 with double.cond:
                     pending = [(i, e) for i, e in double.events if i > sent]
-                    if not pending and not double._closing:
+                    if not pending and not double._closing and not double.fails("events"):
                         double.cond.wait(timeout=double.heartbeat_s)
                         pending = [(i, e) for i, e in double.events if i > sent]
-                    if double._closing:
+                    if double._closing or double.fails("events"):
                         self._chunk(b"")
                         return
                 if not pending:
