@@ -15,6 +15,8 @@ from agent.protocol import utcnow
 
 __all__ = [
     "AllocState",
+    "EventFeed",
+    "FollowsEvents",
     "JobNotOwned",
     "JobRejected",
     "JobStatus",
@@ -26,6 +28,7 @@ __all__ = [
     "StatusCallback",
     "StatusUpdate",
     "SubmitResult",
+    "event_feed",
 ]
 
 
@@ -91,6 +94,20 @@ class JobStatus:
 StatusCallback = Callable[[StatusUpdate], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class EventFeed:
+    """The state of the feed a cluster scheduler learns its jobs' changes from (Nomad's event stream): while it is
+    not connected, the statuses it reports are stale."""
+
+    connected: bool
+    since: datetime
+    """When it connected, or when it was lost (when the scheduler started, if it never connected)."""
+    last_error: str | None = None
+    """Why the last attempt failed, on one short line without credentials; None while connected."""
+    failures: int = 0
+    """Attempts that failed since it was last connected."""
+
+
 @runtime_checkable
 class Scheduler(Protocol):
     """Places rendered Nomad jobs (the API ``Job`` object) and reports on their allocations.
@@ -130,6 +147,21 @@ class Scheduler(Protocol):
 
         Only meaningful when ``supports_stats`` is true; a scheduler without statistics raises
         :class:`SchedulerError`. A job that does not exist has no running allocations (an empty list)."""
+
+
+@runtime_checkable
+class FollowsEvents(Protocol):
+    """An optional capability of a scheduler: its statuses come from a feed of the cluster's changes that can be
+    lost (Nomad's event stream), and it says how that feed is. The local scheduler has none: it watches its own
+    processes, so nothing between it and them can go stale."""
+
+    def event_feed(self) -> EventFeed:
+        """The feed's state now; cheap, and callable from the event loop at any time (a probe, a scrape)."""
+
+
+def event_feed(scheduler: Scheduler) -> EventFeed | None:
+    """The scheduler's event feed, or None for a scheduler without one (:class:`FollowsEvents`)."""
+    return scheduler.event_feed() if isinstance(scheduler, FollowsEvents) else None
 
 
 class ServiceInstance(BaseModel):

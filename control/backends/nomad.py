@@ -6,7 +6,9 @@ meta is refused, :class:`JobNotOwned`) and a plan; the register then enforces th
 saw, so a job that changed hands in between is not overwritten. Model keys go to the job's Nomad Variable
 (``nomad/jobs/<job id>``), read by the task's template, never into the job. Status comes from
 ``/v1/event/stream`` (topics Job, Allocation, Evaluation, Deployment): allocation and task states become
-:class:`StatusUpdate`\\ s, and an evaluation that could not place the job reports Nomad's explanation.
+:class:`StatusUpdate`\\ s, and an evaluation that could not place the job reports Nomad's explanation. While the
+stream is lost, statuses are stale: :meth:`NomadScheduler.event_feed` says so (``/readyz``, ``/metrics``), and the log
+says it once at ERROR when the loss lasts or Nomad refuses the stream.
 
 python-nomad is blocking; every call runs in a worker thread (the stream has its own thread).
 """
@@ -18,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -29,8 +32,10 @@ import requests
 from nomad.api import exceptions as nomad_errors
 
 from agent.aio import cancel_and_wait
+from agent.protocol import utcnow
 from control.backends.base import (
     AllocState,
+    EventFeed,
     JobNotOwned,
     JobRejected,
     JobStatus,
@@ -53,6 +58,10 @@ SECRETS_MARKER = "CARAVAN_SECRETS_SOURCE"
 """Always an item of the Variable: Nomad refuses an empty Variable, and a template waits for a missing one."""
 FOREIGN_KEPT = 10_000  # jobs known not to be ours
 ALLOCS_KEPT = 50_000  # allocations whose last reported state is kept (to report each change once)
+LOST_ERROR_AFTER_S = 60.0
+"""How long the event stream may stay lost before the log says so at ERROR, once (a refusal says so at once)."""
+STREAM_ENDED = "Nomad ended the stream"
+_STALE = "agents' statuses are stale until it is back (GET /readyz: scheduler_events); trying again meanwhile"
 _CONNECTED = object()
 
 
@@ -297,7 +306,7 @@ class NomadScheduler:
         self._consumer: asyncio.Task[None] | None = None
         self._stream: requests.Response | None = None
         self._last_index = 0
-        self.connected = asyncio.Event()
+        self._feed = _FeedWatch()
 
     async def __aenter__(self) -> NomadScheduler:
         await self.start()
@@ -309,6 +318,9 @@ class NomadScheduler:
     def on_status(self, callback: StatusCallback) -> None:
         self._callbacks.append(callback)
 
+    def event_feed(self) -> EventFeed:
+        return self._feed.state
+
     async def start(self) -> None:
         if self._started:
             raise RuntimeError("nomad scheduler already started")
@@ -318,6 +330,7 @@ class NomadScheduler:
         except NomadError as exc:
             raise SchedulerError(f"cannot reach Nomad at {self._config.address}: {exc}") from exc
         self._loop = asyncio.get_running_loop()
+        self._feed = _FeedWatch()
         self._consumer = asyncio.create_task(self._consume(), name="nomad-events")
         self._reader = threading.Thread(target=self._follow, name="nomad-event-stream", daemon=True)
         self._reader.start()
@@ -649,6 +662,7 @@ class NomadScheduler:
                 )
                 self._stream = response
                 with response:
+                    self._feed.up()
                     self._post(_CONNECTED)
                     backoff = 0.5
                     for line in response.iter_lines():
@@ -656,12 +670,14 @@ class NomadScheduler:
                             return
                         if line:
                             self._post(line)
+                error, status = STREAM_ENDED, None  # Nomad, or a proxy in front of it, ended it
             except (NomadError, requests.RequestException, OSError, ValueError, AttributeError) as exc:
-                if self._closing.is_set():
-                    return  # the stream was closed under us on purpose
-                log.warning("Nomad event stream: %s; reconnecting in %.1fs", exc, backoff)
+                error, status = _feed_error(exc), exc.status if isinstance(exc, NomadError) else None
             finally:
                 self._stream = None
+            if self._closing.is_set():
+                return  # the stream was closed under us on purpose
+            self._feed.down(error, status, backoff)
             if self._closing.wait(backoff):
                 return
             backoff = min(backoff * 2, 15.0)
@@ -676,7 +692,6 @@ class NomadScheduler:
             item = await self._queue.get()
             try:
                 if item is _CONNECTED:
-                    self.connected.set()
                     await self._resync()
                     continue
                 assert isinstance(item, bytes | str)
@@ -786,6 +801,79 @@ def _job_error(exc: NomadError) -> SchedulerError:
     if exc.status == 403:
         return SchedulerError(f"{exc} (the Nomad token lacks a capability; see nomad/caravan-policy.hcl)")
     return exc
+
+
+class _FeedWatch:
+    """The event stream's state, kept by the reader thread (the loop reads :attr:`state`, a frozen value replaced
+    whole), and what the log says of it: a loss at WARNING (an end without error at INFO), each new error while it
+    lasts at INFO (the same one again at DEBUG), once at ERROR when Nomad refuses the stream (4xx: trying again
+    will not pass it) or it has been lost for :data:`LOST_ERROR_AFTER_S`, and its return at INFO."""
+
+    def __init__(self) -> None:
+        self.state = EventFeed(connected=False, since=utcnow())
+        self._lost_at = time.monotonic()
+        self._alarmed = False
+
+    def up(self) -> None:
+        lost = self.state
+        self.state = EventFeed(connected=True, since=utcnow())
+        if lost.failures:
+            log.info(
+                "Nomad event stream connected again after %.0fs (%d failed attempts): agents' statuses follow Nomad",
+                time.monotonic() - self._lost_at,
+                lost.failures,
+            )
+        self._alarmed = False
+
+    def down(self, error: str, status: int | None, retry_in: float) -> None:
+        """An attempt failed with ``error`` (Nomad's HTTP ``status``, if it answered), or a connected stream ended
+        (:data:`STREAM_ENDED`); the next attempt is in ``retry_in`` seconds."""
+        previous = self.state
+        if previous.connected:
+            self._lost_at = time.monotonic()
+        since = utcnow() if previous.connected else previous.since
+        self.state = EventFeed(connected=False, since=since, last_error=error, failures=previous.failures + 1)
+        lost_for = time.monotonic() - self._lost_at
+        refused = status is not None and 400 <= status < 500
+        if not self._alarmed and (refused or lost_for >= LOST_ERROR_AFTER_S):
+            self._alarmed = True
+            if refused:
+                hint = " (the token needs read-job: nomad/caravan-policy.hcl)" if status in (401, 403) else ""
+                log.error("Nomad refuses the event stream: %s%s; %s", error, hint, _STALE)
+            else:
+                log.error(
+                    "Nomad event stream lost for %.0fs (%d attempts), last: %s; %s",
+                    lost_for,
+                    previous.failures + 1,
+                    error,
+                    _STALE,
+                )
+        elif not previous.failures:  # the first failure since it was connected (or since the start)
+            level = logging.INFO if error == STREAM_ENDED else logging.WARNING
+            log.log(level, "Nomad event stream lost: %s; reconnecting in %.1fs", error, retry_in)
+        else:
+            level = logging.DEBUG if error == previous.last_error else logging.INFO
+            log.log(level, "Nomad event stream: %s; reconnecting in %.1fs", error, retry_in)
+
+
+_POOL = re.compile(r"\b\w+\(host=[^)]*\):\s*")
+_URL = re.compile(r"\b\w+://\S+|\bwith url: \S+\s*")
+_CAUSE = re.compile(r"\(Caused by \w+\((.*)\)\)\s*$")
+
+
+def _feed_error(exc: BaseException) -> str:
+    """Why the event stream failed, on one line of at most 200 characters (for ``/readyz`` and the log): Nomad's
+    status and answer, or the network's reason without the request's URL or address (the token travels in a
+    header and never shows)."""
+    if isinstance(exc, NomadError):
+        text = f"{exc.status} {exc.message}" if exc.status is not None else exc.message
+    else:
+        text = str(exc) or type(exc).__name__
+    cause = _CAUSE.search(text)
+    if cause:
+        text = cause.group(1).strip("\"'")
+    text = " ".join(_URL.sub("", _POOL.sub("", text)).split())
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 def _abort(response: requests.Response) -> None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -21,7 +23,7 @@ from control.backends.nomad import NomadConfig, NomadScheduler
 from control.jobspec import MODEL_KEY_META
 from jobs import SECOND_NS, AgentJobVariables, render_agent_job
 from tests.conftest import NomadTarget
-from tests.support.helpers import assert_eventually
+from tests.support.helpers import assert_eventually, now
 from tests.support.nomad_double import NomadDouble, Policy
 
 SECRET = "sk-test-DO-NOT-LEAK-" + "7" * 16
@@ -580,3 +582,57 @@ async def test_a_job_stopped_by_another_replica_gets_its_secrets_again_when_star
     assert answer.status_code == 200, answer.text
     assert answer.json()["Items"]["OPENAI_API_KEY"] == SECRET
     await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
+async def test_the_event_feed_is_connected_while_the_scheduler_follows_the_stream(harness: Harness) -> None:
+    feed = await assert_eventually(
+        now(harness.scheduler.event_feed), lambda f: f.connected, within=_within(harness, 20), what="connected"
+    )
+    assert (feed.last_error, feed.failures) == (None, 0) and feed.since <= datetime.now(UTC)
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "level_of_first"),
+    [(403, "Permission denied", logging.ERROR), (502, "Bad Gateway", logging.INFO)],
+    ids=["refused", "proxy"],
+)
+async def test_a_lost_event_stream_is_reported_logged_at_error_once_and_caught_up_when_back(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, code: int, message: str, level_of_first: int
+) -> None:
+    """Nomad closes the stream and refuses it again (a token whose policy lost read-job: 403, which trying again
+    will not pass, logged at ERROR at once; a proxy answering 502: at ERROR once it has lasted): the feed says since
+    when and why, the log says it at ERROR once however many attempts fail, and INFO when it is back; what changed
+    meanwhile is reported then. Against the double only: a real Nomad cannot be made to refuse the stream on
+    demand."""
+    monkeypatch.setattr(nomad_backend, "LOST_ERROR_AFTER_S", 1.0)
+    caplog.set_level(logging.DEBUG, logger="caravan.scheduler.nomad")
+    token = "a1b2c3d4-token-" + secrets.token_hex(8)
+    ids = Ids.new()
+    recorder = Recorder()
+    with NomadDouble() as double:
+        async with NomadScheduler(NomadConfig(address=double.address, token=token)) as scheduler:
+            scheduler.on_status(recorder)
+            await assert_eventually(now(scheduler.event_feed), lambda f: f.connected, what="connected")
+            with double.failing("events", code=code, message=message):
+                lost = await assert_eventually(
+                    now(scheduler.event_feed), lambda f: f.failures >= 4, what="four failed attempts"
+                )
+                assert not lost.connected and lost.last_error == f"{code} {message}"
+                await scheduler.submit(make_job(ids, HEALTHY))  # the API serves meanwhile
+                assert await recorder.last(ids.job_id) is None  # its allocation runs, and nothing says so yet
+            back = await assert_eventually(now(scheduler.event_feed), lambda f: f.connected, what="connected again")
+            assert (back.last_error, back.failures) == (None, 0) and back.since > lost.since
+            await assert_eventually(
+                lambda: recorder.last(ids.job_id),
+                lambda u: u is not None and u.state is AllocState.RUNNING,
+                what="the allocation's state caught up",
+            )
+            await scheduler.stop_job(ids.namespace, ids.job_id)
+    mine = [r for r in caplog.records if r.name == "caravan.scheduler.nomad" and "event stream" in r.getMessage()]
+    errors = [r.getMessage() for r in mine if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and f"{code} {message}" in errors[0], errors
+    assert ("read-job" in errors[0]) is (code == 403)
+    first = next(r for r in mine if f"{code} {message}" in r.getMessage())
+    assert first.levelno == level_of_first
+    assert [r.levelno for r in mine if "connected again" in r.getMessage()] == [logging.INFO]
+    assert token not in caplog.text and token not in repr(lost)
