@@ -4,8 +4,10 @@ The instruments are OpenTelemetry's, on a meter provider of the process's own (n
 process keep theirs apart, and an operator can add an exporter to it); a scrape collects them and writes them in
 Prometheus' text format (version 0.0.4). Recorded as they happen: the API's requests by method, route template
 and status, and their time to the response's headers. Read at each scrape: agents and tasks by status,
-customers, killswitch flags engaged by scope, whether the control plane is ready, and the tracker's: whether this
-control plane folds the task events (holds its lease), and how many events wait to be folded.
+customers, killswitch flags engaged by scope, whether the control plane is ready, the tracker's: whether this
+control plane folds the task events (holds its lease), and how many events wait to be folded, and whether the
+scheduler follows the cluster's changes (Nomad's event stream; absent for the local scheduler, which has no such
+feed: a constant 1 there would only be made up).
 
 No label names a customer, an agent or a raw path: the endpoint is unauthenticated, as the probes are, and a
 path nobody routes is counted as ``unmatched`` (a scan of random paths cannot grow the series without bound).
@@ -33,6 +35,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 from agent.backends.base import Scope
+from control.backends.base import event_feed
 from control.models import AgentStatus, TaskStatus
 
 if TYPE_CHECKING:
@@ -57,11 +60,15 @@ class Snapshot:
     killswitch_by_scope: Mapping[str, int] | None = None
     tracker_backlog: int | None = None
     folding: bool | None = None
+    scheduler_events_connected: bool | None = None
+    """None: the scheduler has no event feed (the local one)."""
 
 
 async def snapshot(control: ControlPlane) -> Snapshot:
     """Read what the gauges show; a part that cannot be read (NATS down) is left out, and the rest still served."""
     read = Snapshot(ready=await control.answering())
+    feed = event_feed(control.scheduler)  # the process's own: read even while NATS is down
+    read.scheduler_events_connected = None if feed is None else feed.connected
     if not read.ready:  # reading would only wait for NATS, past the scraper's own timeout
         return read
     read.folding = control.tasks.folding
@@ -123,6 +130,12 @@ class Metrics:
             description="1 when this process's control plane folds the task events (it holds the tracker's lease).",
         )
         meter.create_observable_gauge(
+            "caravan_scheduler_events_connected",
+            [self._observe_scheduler_events],
+            description="1 while the scheduler follows the cluster's changes (Nomad's event stream); 0 while it "
+            "reconnects and agents' statuses may be stale. Absent for the local scheduler.",
+        )
+        meter.create_observable_gauge(
             "caravan_killswitch_engaged",
             [self._observe_killswitch],
             description="Killswitch flags engaged, by scope (all, customer, agent).",
@@ -162,6 +175,10 @@ class Metrics:
 
     def _observe_folding(self, options: CallbackOptions) -> Iterable[Observation]:
         return [] if self._snapshot.folding is None else [Observation(1 if self._snapshot.folding else 0)]
+
+    def _observe_scheduler_events(self, options: CallbackOptions) -> Iterable[Observation]:
+        connected = self._snapshot.scheduler_events_connected
+        return [] if connected is None else [Observation(1 if connected else 0)]
 
     def _observe_killswitch(self, options: CallbackOptions) -> Iterable[Observation]:
         return _by(self._snapshot.killswitch_by_scope, "scope", [s.value for s in Scope])

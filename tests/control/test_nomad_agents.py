@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from control.errors import Conflict
 from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate, Resources, TaskCreate
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
-from tests.conftest import NomadTarget, consul_env, make_settings
+from tests.conftest import Api, NomadTarget, consul_env, make_settings, serve_api
+from tests.gateway.test_metrics import parse
 from tests.support.helpers import assert_eventually
 from tests.support.nomad_double import Healthy, NomadDouble
 
@@ -327,3 +329,50 @@ async def test_a_foreign_job_under_the_agents_id_is_left_alone(nomad_target: Nom
     assert after["Version"] == before["Version"] and after["Meta"] == {"team": "payments"}
     async with httpx.AsyncClient(base_url=nomad_target.address, headers=headers) as http:
         await http.delete(f"/v1/job/{agent.job_id}", params={"namespace": agent.namespace, "purge": "true"})
+
+
+async def _events_feed(api: Api) -> tuple[dict[str, Any], float | None]:
+    """What an operator watches of the scheduler's event feed: ``/readyz`` (which stays 200 for it) and the gauge."""
+    ready = await api.client.get("/readyz")
+    assert (ready.status_code, ready.json()["status"], ready.json()["scheduler"]) == (200, "ready", "nomad")
+    scraped = parse((await api.client.get("/metrics")).text)
+    return ready.json()["scheduler_events"], scraped.get(("caravan_scheduler_events_connected", frozenset()))
+
+
+async def test_readyz_and_metrics_say_the_scheduler_follows_nomads_event_stream(
+    nomad_target: NomadTarget, plane: ControlPlane
+) -> None:
+    async with serve_api(plane) as api:
+        events, gauge = await assert_eventually(
+            lambda: _events_feed(api), lambda f: f[0]["state"] == "connected", what="connected"
+        )
+    assert (events["last_error"], events["failed_attempts"], gauge) == (None, 0, 1)
+    assert datetime.fromisoformat(events["since"]) <= datetime.now(UTC)
+
+
+async def test_readyz_and_metrics_say_when_nomads_event_stream_is_lost_and_when_it_is_back(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """Nomad refuses the event stream (the token's policy lost read-job: 403): the API stays ready and serves, and
+    /readyz and /metrics say the feed agents' statuses come from is reconnecting, since when and why, until it is
+    back. Against the double only: a real Nomad cannot be made to refuse the stream on demand."""
+    with NomadDouble() as double:
+        target = NomadTarget(double.address, None, double)
+        async with await _control(target, nats_server, tmp_path / "data") as control, serve_api(control) as api:
+            connected, _ = await assert_eventually(
+                lambda: _events_feed(api), lambda f: f[0]["state"] == "connected", what="connected"
+            )
+            with double.failing("events", code=403, message="Permission denied"):
+                lost, gauge = await assert_eventually(
+                    lambda: _events_feed(api),
+                    lambda f: f[0]["last_error"] == "403 Permission denied",
+                    what="the refusal reported",
+                )
+                assert lost["state"] == "reconnecting" and lost["failed_attempts"] >= 1 and gauge == 0
+                assert datetime.fromisoformat(lost["since"]) > datetime.fromisoformat(connected["since"])
+                assert (await api.client.get("/v1/agents", headers=(await api.new_customer())[1])).status_code == 200
+            back, gauge = await assert_eventually(
+                lambda: _events_feed(api), lambda f: f[0]["state"] == "connected", what="connected again"
+            )
+            assert (back["last_error"], back["failed_attempts"], gauge) == (None, 0, 1)
+            assert datetime.fromisoformat(back["since"]) > datetime.fromisoformat(lost["since"])

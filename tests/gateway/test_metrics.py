@@ -149,6 +149,7 @@ async def test_a_scrape_answers_when_the_control_plane_cannot_be_read() -> None:
         stats=SimpleNamespace(counts=unreadable),
         killswitch=SimpleNamespace(engaged=unreadable),
         tasks=SimpleNamespace(folding=True, backlog=unreadable),
+        scheduler=SimpleNamespace(name="local"),  # no event feed
     )
     read = await snapshot(cast(ControlPlane, half_down))
     assert read == Snapshot(ready=True, folding=True)  # nothing made up: what could not be read is missing
@@ -173,6 +174,17 @@ async def test_the_tracker_shows_whether_this_control_plane_folds_and_how_many_e
     _, again = await scrape(api)
     assert value(again, "caravan_tracker_folding") == 1
     assert value(again, "caravan_tracker_events_unfolded") == 0
+
+
+async def test_the_local_scheduler_has_no_event_feed_to_watch(api: Api) -> None:
+    """It watches its own processes: /readyz says so with a null, and /metrics has no gauge for it (a constant 1
+    would be made up; the Nomad scheduler's is tested in tests/control/test_nomad_agents.py)."""
+    ready = await api.client.get("/readyz")
+    assert ready.json()["scheduler"] == "local"
+    assert "scheduler_events" in ready.json() and ready.json()["scheduler_events"] is None
+    _, samples = await scrape(api)
+    assert value(samples, "caravan_ready") == 1
+    assert not any(name == "caravan_scheduler_events_connected" for name, _ in samples)
 
 
 async def test_a_stalled_nats_makes_the_platform_not_ready_and_its_requests_503_and_it_recovers(
