@@ -35,7 +35,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from agent.egress import endpoint_failure
+from agent.egress import endpoint_failure, failure_text
 from agent.logsafe import printable
 from agent.models import create_model_client
 from agent.protocol import AgentDefinition
@@ -372,7 +372,7 @@ class TeamHost:
                 await self._host(join)
             except Exception as exc:  # said to the manager, which ends the run with it rather than wait for us
                 log.exception("run %s: cannot take part", join.run_id)
-                refused = MemberRefused(agent_id=join.agent_id, refused=printable(f"{type(exc).__name__}: {exc}"))
+                refused = MemberRefused(agent_id=join.agent_id, refused=printable(failure_text(exc)))
                 await msg.respond(refused.model_dump_json().encode())
                 return
         else:  # a new attempt: its manager has none of the states sent before, and may ask otherwise

@@ -8,8 +8,8 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from control.errors import CaravanError
 from control.services.auth import Principal
+from gateway.ratelimit import RateLimited
 
 __all__ = ["RETRY_AFTER_S", "HeldStream", "OpenStreams", "Slot", "TooManyStreams"]
 
@@ -18,17 +18,16 @@ RETRY_AFTER_S = 5
 can foretell, so this only keeps a client from asking again at once."""
 
 
-class TooManyStreams(CaravanError):
-    status = 429
+class TooManyStreams(RateLimited):
     code = "too_many_streams"
 
     def __init__(self, open_now: int, cap: int) -> None:
         super().__init__(
             f"limit of {cap} open event streams per customer reached ({open_now} open, SSE and WebSocket "
             "together): close one, or wait for one to end, and retry",
-            {"limit": cap, "open": open_now, "retry_after_s": RETRY_AFTER_S},
+            RETRY_AFTER_S,
         )
-        self.headers = {"Retry-After": str(RETRY_AFTER_S)}
+        self.details = {"limit": cap, "open": open_now, **self.details}
 
 
 class Slot:
