@@ -22,7 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
@@ -141,7 +142,8 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
                     samples[name] += await each.ask(MESSAGES // ROUNDS)
 
         nc = await nats.connect(server.url)
-        team = await team_rounds(nc, server.url)
+        usage: dict[str, list[Usage]] = {}
+        team = await team_rounds(nc, server, usage)
         await nc.close()
 
     print()
@@ -184,6 +186,7 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
             f"{variant:<28} {per[variant] * 1000:.2f} ms/message  {per[variant] / local:.2f}x  ({note}; "
             f"{ratio:.3f}x the headline, paired by round)"
         )
+    print_usage(usage, local)
     floor, bare = per["floor"], per["server floor"]
     print(f"transport floor (agent.wire, same messages, no AgentChat)  {floor * 1000:.2f} ms/message")
     print(f"(in-process + floor) / in-process  {(local + floor) / local:.2f}x")
@@ -208,9 +211,94 @@ VARIANTS: dict[str, dict[str, bool]] = {
 (in a rotating order)."""
 
 
-async def team_rounds(nc: nats.NATS, url: str) -> dict[str, list[float]]:
+@dataclass(frozen=True)
+class Usage:
+    """What a team run cost each kind of process it ran in: seconds on a CPU, and seconds it was ready to run but
+    waited for one (the scheduler's run queue), every thread counted."""
+
+    cpu: dict[str, float]
+    waited: dict[str, float]
+
+
+def schedstat(pids: Iterable[int]) -> tuple[float, float]:
+    """Seconds on a CPU and seconds waiting for one, so far, of every thread of these processes (Linux's
+    ``/proc/<pid>/task/<tid>/schedstat``); a thread that ended meanwhile is not counted."""
+    cpu = waited = 0
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+                cpu, waited = cpu + int(fields[0]), waited + int(fields[1])
+    return cpu / 1e9, waited / 1e9
+
+
+def schedstat_here() -> bool:
+    """Whether this system says what :func:`schedstat` reads."""
+    return Path(f"/proc/{os.getpid()}/task/{os.getpid()}/schedstat").is_file()
+
+
+class Metered:
+    """``with Metered(roles) as m: ...`` then ``m.usage``: :class:`Usage` of each role (a name and its processes)
+    over the block."""
+
+    def __init__(self, roles: dict[str, list[int]]) -> None:
+        self._roles = roles
+        self._before: dict[str, tuple[float, float]] = {}
+        self.usage = Usage({}, {})
+
+    def __enter__(self) -> Metered:
+        self._before = {role: schedstat(pids) for role, pids in self._roles.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for role, pids in self._roles.items():
+            cpu, waited = schedstat(pids)
+            self.usage.cpu[role] = cpu - self._before[role][0]
+            self.usage.waited[role] = waited - self._before[role][1]
+
+
+def print_usage(usage: dict[str, list[Usage]], local_s: float) -> None:
+    """CPU time per message of the in-process team and of the distributed one, polling (the headline) and not
+    (unpolled), medians of the runs; and the least time per message the unpolled team's CPU time allows on this
+    machine's cores, beside the in-process team's time (``local_s``, per message)."""
+    if not usage:
+        print("CPU time per message: not measured (this system has no /proc/<pid>/task/<tid>/schedstat)")
+        return
+
+    def per(runs: list[Usage], role: str, field: str = "cpu") -> float:
+        return statistics.median(getattr(run, field)[role] for run in runs) / TEAM_MESSAGES
+
+    def total(runs: list[Usage]) -> float:
+        return statistics.median(sum(run.cpu.values()) for run in runs) / TEAM_MESSAGES
+
+    alone = per(usage["local"], "this process")
+    cores = len(os.sched_getaffinity(0))
+    print("CPU time per message, every thread of the processes a run used (medians of the runs):")
+    print(f"  in-process                 {alone * 1e6:5.0f} us")
+    for variant in ("distributed", "unpolled"):
+        runs = usage[variant]
+        print(
+            f"  {variant:<26} {total(runs) * 1e6:5.0f} us  = {total(runs) / alone:.2f}x  ("
+            + ", ".join(f"{role} {per(runs, role) * 1e6:.0f}" for role in runs[0].cpu)
+            + ")"
+        )
+    headline = usage["distributed"]
+    print(
+        "  distributed, ready to run but waiting for a CPU: "
+        + ", ".join(f"{role} {per(headline, role, 'waited') * 1e6:.0f} us" for role in headline[0].cpu)
+    )
+    least = total(usage["unpolled"]) / cores
+    print(
+        f"  the unpolled team's CPU time over {cores} cores: {least * 1000:.2f} ms/message, {least / local_s:.2f}x "
+        "the in-process time (no schedule of its processes on these cores runs it faster)"
+    )
+
+
+async def team_rounds(nc: nats.NATS, server: EmbeddedNats, usage: dict[str, list[Usage]]) -> dict[str, list[float]]:
     """Time of a run of the team, each round: in-process ("local"), each of :data:`VARIANTS`, the transport floor
-    ("floor") and the server's ("server floor")."""
+    ("floor") and the server's ("server floor"). ``usage`` gets what the in-process runs, the headline's and the
+    unpolled ones cost each process (see :class:`Usage`), where Linux says."""
+    url = server.url
     names = ["alpha", "beta", "gamma"]
     ids = {name: f"ag-00000000000{i}" for i, name in enumerate(names)}
     members = {
@@ -235,22 +323,30 @@ async def team_rounds(nc: nats.NATS, url: str) -> dict[str, list[float]]:
     spin_s = wire.spin_s
     relay = Relay(nc, "bench.relay", len(names))
     async with contextlib.AsyncExitStack() as stack:
+        member_pids = []
         for i, n in enumerate(names):
-            await stack.enter_async_context(peer("member", url, f"{CUSTOMER} {ids[n]} {n}"))
+            member = await stack.enter_async_context(peer("member", url, f"{CUSTOMER} {ids[n]} {n}"))
+            member_pids.append(member.pid)
             await stack.enter_async_context(peer("relay", url, f"bench.relay {i}"))
             await stack.enter_async_context(peer("socket", url, f"bench.socket {i}"))
         await relay.start()
         sockets = SocketManager(url, "bench.socket", len(names))
         stack.callback(sockets.close)
+        assert server.pid is not None
+        metered = schedstat_here()
+        roles = {"manager": [os.getpid()], "members": member_pids, "nats-server": [server.pid]}
         for round_ in range(TEAM_ROUNDS + 1):
             agents = [AssistantAgent(n, model_client=create_model_client(zero_model(n))) for n in names]
             local = RoundRobinGroupChat(list(agents), termination_condition=MaxMessageTermination(TEAM_MESSAGES + 1))
-            started = time.perf_counter()
-            result = await local.run(task="count")
-            elapsed = time.perf_counter() - started
+            with Metered({"this process": [os.getpid()]}) as meter:
+                started = time.perf_counter()
+                result = await local.run(task="count")
+                elapsed = time.perf_counter() - started
             assert len(result.messages) == TEAM_MESSAGES + 1
             if round_:
                 times["local"].append(elapsed)
+                if metered:
+                    usage.setdefault("local", []).append(meter.usage)
 
             variants = list(enumerate(VARIANTS.items()))
             shift = round_ % len(variants)  # each variant in each place in turn: none always follows the in-process
@@ -261,14 +357,17 @@ async def team_rounds(nc: nats.NATS, url: str) -> dict[str, list[float]]:
                 chat = build_team(spec, members, runtime, run_id)
                 await runtime.start()
                 await join_members(nc, CUSTOMER, run_id, members, **terms)
-                started = time.perf_counter()
-                result = await chat.run(task="count")
-                elapsed = time.perf_counter() - started
+                with Metered(roles) as meter:
+                    started = time.perf_counter()
+                    result = await chat.run(task="count")
+                    elapsed = time.perf_counter() - started
+                    await nc.publish(f"{runtime.namespace}.x.end", b"")
+                    await runtime.stop()  # the members have heard the end: their last work is counted
                 assert len(result.messages) == TEAM_MESSAGES + 1, result.stop_reason
-                await nc.publish(f"{runtime.namespace}.x.end", b"")
-                await runtime.stop()
                 if round_:
                     times[variant].append(elapsed)
+                    if metered and variant in ("distributed", "unpolled"):
+                        usage.setdefault(variant, []).append(meter.usage)
             wire.spin_s = spin_s
 
             elapsed = await relay.run(TEAM_MESSAGES)
