@@ -3,10 +3,11 @@ its ``api/`` structs, for the contract tests that also run against a real ``noma
 
 It serves, on a random loopback port: jobs (read, plan with diff and placement metrics, register with
 ``EnforceIndex``, deregister, allocations, versions), evaluations (blocking queries with ``index``/``wait`` and
-``X-Nomad-Index``), allocations, client allocation stats, namespaces, variables, ``/v1/status/leader`` and
-``/v1/event/stream`` (ndjson frames ``{"Index", "Events": [...]}`` and ``{}`` heartbeats). Errors are plain text
-with Nomad's status codes: 400 for a request it cannot decode, 403 ``Permission denied`` when ACLs are on and
-the token lacks the capability, 404, and 500 for a job that fails validation (``1 error occurred: ...``).
+``X-Nomad-Index``), allocations, client allocation stats, namespaces (created, read, deleted), variables,
+``/v1/status/leader`` and ``/v1/event/stream`` (ndjson frames ``{"Index", "Events": [...]}`` and ``{}``
+heartbeats). Errors are plain text with Nomad's status codes: 400 for a request it cannot decode, 403
+``Permission denied`` when ACLs are on and the token lacks the capability, 404, and 500 for a job that fails
+validation or is in a namespace that does not exist (``1 error occurred: ...``).
 
 The cluster is scriptable: nodes with CPU/memory/drivers/attributes, so that placement fails with
 ``FailedTGAllocs`` (``DimensionExhausted``, ``ConstraintFiltered``) and leaves a blocked evaluation; allocations
@@ -389,9 +390,13 @@ class NomadDouble:
     # -- jobs ------------------------------------------------------------------------------------------------
 
     def validate_job(self, job: dict[str, Any], namespace: str) -> None:
-        """What Nomad's ``Job.Validate`` refuses of what Caravan writes (``nomad/structs``: the job, its groups'
-        restart policies, their services' checks, their tasks' resources)."""
+        """What Nomad's admission validators refuse of what Caravan writes, as the job plan and register endpoints
+        run them (``nomad/job_endpoint_hooks.go``: every validator's errors in one list, 500): the namespace's
+        existing (``jobNamespaceConstraintCheckHook``, before ``jobValidate``), then ``Job.Validate``
+        (``nomad/structs``: the job, its groups' restart policies, their services' checks, their tasks' resources)."""
         errors = []
+        if namespace not in self.namespaces:
+            errors.append(f'job "{job["ID"]}" is in nonexistent namespace "{namespace}"')
         if not job.get("Datacenters"):
             errors.append("Missing job datacenters")
         if job.get("Type", "service") not in ("service", "batch", "system", "sysbatch"):
@@ -421,8 +426,6 @@ class NomadDouble:
                     )
         if errors:
             raise _validation_error(errors)
-        if namespace not in self.namespaces:
-            raise HttpError(500, f'job "{job["ID"]}" is in nonexistent namespace "{namespace}"')
 
     def _behaviour(self, job: dict[str, Any], task: dict[str, Any]) -> Behaviour:
         if job["ID"] in self.behaviours:
@@ -1141,8 +1144,8 @@ class NomadDouble:
     # -- variables and namespaces ----------------------------------------------------------------------------
 
     def put_variable(self, namespace: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        if namespace not in self.namespaces:
-            raise HttpError(400, f'namespace "{namespace}" does not exist')
+        """Nomad writes a Variable in a namespace that does not exist without a word (its state store does not look:
+        ``varSetTxn``; hashicorp/nomad#15379), and so does the double."""
         items = body.get("Items")
         if not isinstance(items, dict) or not items:
             raise HttpError(400, "empty variables are invalid")
@@ -1162,6 +1165,25 @@ class NomadDouble:
         }
         self.variables[(namespace, path)] = variable
         return copy.deepcopy(variable)
+
+    def delete_namespace(self, name: str) -> None:
+        """``Namespace.DeleteNamespaces``: never ``default``; not while the namespace holds a job that is not dead, an
+        allocation that is not terminal or a Variable (``namespaceTerminalLocally``, one list of errors, 500). One
+        that does not exist is no error (the state store's "namespace not found" is only logged)."""
+        if name == "default":
+            raise HttpError(500, "can not delete default namespace")
+        busy = (
+            any(ns == name and job.get("Status") != "dead" for (ns, _), job in self.jobs.items())
+            or any(
+                a["Namespace"] == name and a["ClientStatus"] not in ("complete", "lost", "failed", "unknown")
+                for a in self.allocs.values()
+            )
+            or any(ns == name for ns, _ in self.variables)
+        )
+        if busy:
+            raise _validation_error([f'namespace "{name}" has non-terminal jobs in regions: [global]'])
+        self.namespaces.pop(name, None)
+        self._bump()
 
 
 def _spec(job: dict[str, Any]) -> str:
@@ -1184,6 +1206,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("GET", r"/v1/namespace/(?P<name>[^/]+)", "namespace_get"),
         ("POST", r"/v1/namespace(?:/(?P<name>[^/]+))?", "namespace_put"),
         ("PUT", r"/v1/namespace(?:/(?P<name>[^/]+))?", "namespace_put"),
+        ("DELETE", r"/v1/namespace/(?P<name>[^/]+)", "namespace_delete"),
         ("GET", r"/v1/job/(?P<id>[^/]+)", "job_get"),
         ("POST", r"/v1/job/(?P<id>[^/]+)/plan", "job_plan"),
         ("POST", r"/v1/job/(?P<id>[^/]+)", "job_register"),
@@ -1406,6 +1429,12 @@ class _Handler(BaseHTTPRequestHandler):
             "CreateIndex": existing["CreateIndex"] if existing else index,
             "ModifyIndex": index,
         }
+        return None
+
+    def _namespace_delete(self) -> Any:
+        if not self._policy().management:
+            raise HttpError(403, "Permission denied")
+        self.nomad.delete_namespace(self.args["name"])
         return None
 
     def _job(self) -> dict[str, Any]:
