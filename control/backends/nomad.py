@@ -3,8 +3,10 @@ event stream.
 
 Every register is preceded by a read of the existing job (a job without this installation's ``caravan_owner``
 meta is refused, :class:`JobNotOwned`) and a plan; the register then enforces the job modify index the plan
-saw, so a job that changed hands in between is not overwritten. Model keys go to the job's Nomad Variable
-(``nomad/jobs/<job id>``), read by the task's template, never into the job. Status comes from
+saw, so a job that changed hands in between is not overwritten. A customer's namespace is created on first use
+and not asked about again, unless Nomad refuses a job as in a nonexistent namespace (an operator deleted it): then
+it is created again. Model keys go to the job's Nomad Variable (``nomad/jobs/<job id>``), read by the task's
+template, never into the job. Status comes from
 ``/v1/event/stream`` (topics Job, Allocation, Evaluation, Deployment): allocation and task states become
 :class:`StatusUpdate`\\ s, and an evaluation that could not place the job reports Nomad's explanation. While the
 stream is lost, statuses are stale: :meth:`NomadScheduler.event_feed` says so (``/readyz``, ``/metrics``), and the log
@@ -23,9 +25,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import nomad
 import requests
@@ -63,6 +65,7 @@ LOST_ERROR_AFTER_S = 60.0
 STREAM_ENDED = "Nomad ended the stream"
 _STALE = "agents' statuses are stale until it is back (GET /readyz: scheduler_events); trying again meanwhile"
 _CONNECTED = object()
+_T = TypeVar("_T")
 
 
 class NomadError(SchedulerError):
@@ -373,11 +376,14 @@ class NomadScheduler:
         self._require_running()
         namespace, job_id = str(job["Namespace"]), str(job["ID"])
         customer = str((job.get("Meta") or {}).get("caravan_customer", ""))
-        await asyncio.to_thread(self._ensure_namespace, namespace, customer)  # Nomad plans only in a namespace
-        existing = await asyncio.to_thread(self._get_job, namespace, job_id)
-        if existing is not None:
-            self._check_owner(existing.get("Meta") or {}, job_id)
-        return await asyncio.to_thread(self._plan, job, namespace, job_id)
+
+        def plan() -> dict[str, Any]:
+            existing = self._get_job(namespace, job_id)
+            if existing is not None:
+                self._check_owner(existing.get("Meta") or {}, job_id)
+            return self._plan(job, namespace, job_id)
+
+        return await asyncio.to_thread(self._in_namespace, namespace, customer, plan)  # Nomad plans only in one
 
     async def stop_job(self, namespace: str, job_id: str) -> None:
         self._require_running()
@@ -433,7 +439,29 @@ class NomadScheduler:
     def _submit(
         self, job: dict[str, Any], namespace: str, job_id: str, meta: dict[str, str], secrets: dict[str, str]
     ) -> tuple[SubmitResult, dict[str, Any] | None]:
-        self._ensure_namespace(namespace, meta.get("caravan_customer", ""))
+        customer = meta.get("caravan_customer", "")
+        return self._in_namespace(namespace, customer, lambda: self._register(job, namespace, job_id, meta, secrets))
+
+    def _in_namespace(self, namespace: str, customer_id: str, call: Callable[[], _T]) -> _T:
+        """``call()``, which plans or registers a job in ``namespace``, once the namespace exists. A namespace
+        known to exist is not asked about again; if an operator deleted it since (``nomad namespace delete``),
+        Nomad refuses the job as in a nonexistent namespace (:func:`_namespace_gone`): it is forgotten, created
+        again, and ``call()`` made once more. Its failing so again is reported as any refusal of the job is."""
+        self._ensure_namespace(namespace, customer_id)
+        try:
+            return call()
+        except _NamespaceGone as gone:
+            log.warning("Nomad namespace %s no longer exists (%s); creating it again", namespace, gone.error)
+            self._namespaces.discard(namespace)
+        self._ensure_namespace(namespace, customer_id)
+        try:
+            return call()
+        except _NamespaceGone as gone:
+            raise gone.error from None
+
+    def _register(
+        self, job: dict[str, Any], namespace: str, job_id: str, meta: dict[str, str], secrets: dict[str, str]
+    ) -> tuple[SubmitResult, dict[str, Any] | None]:
         for attempt in (1, 2):
             existing = self._get_job(namespace, job_id)
             if existing is not None:
@@ -456,7 +484,7 @@ class NomadScheduler:
             except NomadError as exc:
                 if attempt == 1 and "Enforcing job modify index" in exc.message:
                     continue  # the job changed since the plan: look again (who owns it now?)
-                raise _job_error(exc) from None
+                raise _job_error(exc, namespace) from None
             break
         self._remember(namespace, job_id, meta)
         unchanged = (plan.get("Diff") or {}).get("Type") == "None"
@@ -541,7 +569,7 @@ class NomadScheduler:
                 params={"namespace": namespace},
             ).json()
         except NomadError as exc:
-            raise _job_error(exc) from None
+            raise _job_error(exc, namespace) from None
         return plan
 
     def _put_secrets(self, namespace: str, job_id: str, secrets: Mapping[str, str]) -> None:
@@ -794,13 +822,36 @@ class NomadScheduler:
                 log.exception("status callback failed for %s", update.job_id)
 
 
-def _job_error(exc: NomadError) -> SchedulerError:
-    """A job Nomad refuses (400, or a validation error it returns as 500) is :class:`JobRejected`."""
+def _job_error(exc: NomadError, namespace: str) -> Exception:
+    """A job Nomad refuses (400, or a validation error it returns as 500) is :class:`JobRejected`; one refused for
+    its namespace's not existing (:func:`_namespace_gone`) is :class:`_NamespaceGone`, holding that error."""
+    error: SchedulerError = exc
     if exc.status == 400 or (exc.status == 500 and "error occurred" in exc.message):
-        return JobRejected(exc.message)
-    if exc.status == 403:
-        return SchedulerError(f"{exc} (the Nomad token lacks a capability; see nomad/caravan-policy.hcl)")
-    return exc
+        error = JobRejected(exc.message)
+    elif exc.status == 403:
+        error = SchedulerError(f"{exc} (the Nomad token lacks a capability; see nomad/caravan-policy.hcl)")
+    return _NamespaceGone(error) if _namespace_gone(exc, namespace) else error
+
+
+def _namespace_gone(exc: NomadError, namespace: str) -> bool:
+    """Whether Nomad refused a job plan or register because ``namespace`` does not exist. Nomad answers 500, with
+    ``job "<id>" is in nonexistent namespace "<namespace>"`` (the admission hook
+    ``jobNamespaceConstraintCheckHook``, inside a ``1 error occurred:`` list, and the state store's
+    ``upsertJobImpl``), or on Nomad Enterprise ``error in job mutator node-pool-mutation: namespace "<namespace>"
+    not found`` (Go's ``%q``: a namespace name, ``[a-zA-Z0-9-]``, is quoted as is)."""
+    quoted = f'"{namespace}"'
+    return exc.status is not None and (
+        f"nonexistent namespace {quoted}" in exc.message or f"namespace {quoted} not found" in exc.message
+    )
+
+
+class _NamespaceGone(Exception):
+    """A job Nomad refused because its namespace no longer exists; ``error`` is how that refusal is reported if
+    creating the namespace again does not mend it (:meth:`NomadScheduler._in_namespace`)."""
+
+    def __init__(self, error: SchedulerError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _FeedWatch:

@@ -565,6 +565,66 @@ async def test_calls_nomad_fails_while_it_elects_a_leader_are_made_again() -> No
             await scheduler.stop_job(ids.namespace, ids.job_id)
 
 
+async def test_a_namespace_an_operator_deleted_is_created_again_by_the_next_submit_or_plan(harness: Harness) -> None:
+    """Caravan remembers which customers' namespaces exist and does not ask again. An operator deletes one (``nomad
+    namespace delete``, which Nomad allows once the namespace holds no live job, allocation or Variable: the
+    customer's agents are stopped); Nomad then refuses a job in it as in a nonexistent namespace. The next submit,
+    and the next plan, create the namespace again and go on, instead of failing until the control plane restarts."""
+    ids = Ids.new()
+    job = make_job(ids, HEALTHY)
+    path = f"/v1/namespace/{ids.namespace}"
+
+    async def stop_and_delete_the_namespace() -> None:
+        await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+        deleted = await assert_eventually(
+            lambda: harness.http.delete(path),
+            lambda r: r.status_code == 200,
+            within=_within(harness, 10),
+            what="the namespace deleted (Nomad refuses while the stopped job's allocation is not yet terminal)",
+        )
+        assert deleted.status_code == 200, deleted.text
+        assert (await harness.get(path)).status_code == 404
+
+    await harness.scheduler.submit(job)
+    await stop_and_delete_the_namespace()
+    result = await harness.scheduler.submit(job)
+    assert result.eval_id
+    namespace = (await harness.get(path)).json()
+    assert namespace["Meta"] == {"caravan_owner": "caravan", "caravan_customer": ids.customer}
+    await assert_eventually(
+        lambda: harness.scheduler.job_status(ids.namespace, ids.job_id),
+        lambda s: s is not None and AllocState.RUNNING in s.allocs.values(),
+        within=_within(harness, 10),
+        what="the job running again",
+    )
+    await stop_and_delete_the_namespace()
+    plan = await harness.scheduler.plan(job)
+    assert plan["Diff"]["ID"] == ids.job_id
+    assert (await harness.get(path)).status_code == 200
+
+
+async def test_a_job_refused_for_its_namespace_once_more_after_creating_it_is_rejected() -> None:
+    """The namespace is created again once per submit: if Nomad still refuses the job as in a nonexistent namespace
+    (deleted again meanwhile), the submit fails as any job Nomad refuses does, and is not tried again. Against the
+    double only: a real Nomad cannot be made to refuse a plan on demand."""
+    ids = Ids.new()
+    gone = f'1 error occurred:\n\t* job "{ids.job_id}" is in nonexistent namespace "{ids.namespace}"\n\n'
+    with NomadDouble() as double:
+        async with NomadScheduler(NomadConfig(address=double.address)) as scheduler:
+            with double.failing("job_plan", message=gone), pytest.raises(JobRejected, match="nonexistent namespace"):
+                await scheduler.submit(make_job(ids, HEALTHY))
+    calls = [(m, p.split("?")[0]) for m, p, _ in double.requests if ids.namespace in p or ids.job_id in p]
+    namespace, plan = f"/v1/namespace/{ids.namespace}", f"/v1/job/{ids.job_id}/plan"
+    assert [c for c in calls if c[1] in (namespace, plan)] == [
+        ("GET", namespace),  # 404: created
+        ("POST", namespace),
+        ("POST", plan),  # refused: the namespace is forgotten and looked up again
+        ("GET", namespace),
+        ("POST", plan),  # refused again: rejected
+    ]
+    assert not double.jobs
+
+
 async def test_a_job_stopped_by_another_replica_gets_its_secrets_again_when_started(harness: Harness) -> None:
     """Two control-plane replicas: one starts the agent, the other stops it (removing the job's Variable), the
     first starts it again. The Variable must be written again, or the task's template waits for it forever."""
