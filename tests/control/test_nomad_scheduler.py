@@ -437,6 +437,36 @@ async def test_the_event_stream_frames_events_as_ndjson(harness: Harness) -> Non
     await harness.scheduler.stop_job(ids.namespace, ids.job_id)
 
 
+async def test_an_event_stream_asked_for_an_index_ahead_of_nomads_skips_nothing(harness: Harness) -> None:
+    """Nomad starts an event stream at the buffered event of the index asked for, or at the newest it holds when
+    that index is ahead of them all (``StartAtClosest`` in ``nomad/stream/event_buffer.go``: a cluster rebuilt since
+    the client last read, whose index is lower), and sends every event after it: none is skipped for an index
+    lower than the one asked for."""
+    ids = Ids.new()
+    await harness.scheduler.submit(make_job(ids, HEALTHY))
+    ahead = 10**12
+    topics = [f"Job:{ids.job_id}", "Allocation:*", "Deployment:*"]
+    params: dict[str, Any] = {"namespace": ids.namespace, "topic": topics, "index": ahead}
+
+    async def first_frame() -> dict[str, Any]:
+        async with harness.http.stream("GET", "/v1/event/stream", params=params, timeout=60) as stream:
+            assert stream.status_code == 200
+            async for line in stream.aiter_lines():
+                frame: dict[str, Any] = json.loads(line) if line.strip() else {}
+                if frame.get("Events"):
+                    return frame
+        raise AssertionError("the stream ended")
+
+    reader = asyncio.create_task(first_frame())
+    done, _ = await asyncio.wait({reader}, timeout=2)
+    if not done:  # the newest event Nomad holds is not one of the job's: the next are (Nomad sends the stream's
+        await harness.scheduler.stop_job(ids.namespace, ids.job_id)  # headers with its first frame)
+    frame = await asyncio.wait_for(reader, timeout=_within(harness, 10))
+    assert frame["Index"] < ahead
+    assert {e["Namespace"] for e in frame["Events"]} == {ids.namespace}
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)
+
+
 async def test_an_evaluation_can_be_followed_with_a_blocking_query(harness: Harness) -> None:
     """As the scheduler follows a job's evaluation (``_wait_eval``): a query at the evaluation's index is answered
     once the evaluation itself changes (Nomad answers with its ``ModifyIndex``: a change elsewhere does not count)."""

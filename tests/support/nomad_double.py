@@ -295,6 +295,19 @@ class NomadDouble:
         fault = self.faults.get(handler)
         return fault is not None and fault[2] != 0 and fault[3] in (None, job_id)
 
+    def stream_start(self, index: int) -> int:
+        """The index of the first frame an event stream asked to start at ``index`` sends, as Nomad's event broker
+        picks it (``eventBuffer.StartAtClosest``, ``nomad/stream/event_buffer.go``): 0, the whole buffer; else the
+        first buffered frame at or after ``index``, or, when ``index`` is ahead of every buffered frame, the newest
+        one. The stream then sends every frame after that one, whatever its index: none is skipped for being lower
+        than ``index``. Lock held."""
+        if index <= 0:
+            return 0
+        buffered = [i for i, _ in self.events]
+        if not buffered:
+            return self.index + 1  # an empty buffer: what comes next
+        return next((i for i in buffered if i >= index), buffered[-1])
+
     def set_behaviour(self, job_id: str, behaviour: Behaviour) -> None:
         with self.cond:
             self.behaviours[job_id] = behaviour
@@ -1610,7 +1623,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         double = self.nomad
-        sent = start - 1
+        with double.cond:
+            sent = double.stream_start(start) - 1
         with contextlib.suppress(OSError):
             while True:
                 with double.cond:
