@@ -17,7 +17,7 @@ version. Task behaviour comes from :meth:`NomadDouble.set_behaviour`, from a ``#
 annotation in the task's command line, or from a command that does not exist (a driver failure). Delays of
 the job (restart delay, min healthy time, healthy deadline) run ``time_scale`` times faster. Routes fail on
 demand (:meth:`NomadDouble.failing`), as they do while Nomad has no leader; the event stream too, and an open one
-then ends.
+then ends. A cluster rebuilt behind the same address (its index lower than before) is :meth:`NomadDouble.rebuild`.
 """
 
 from __future__ import annotations
@@ -218,6 +218,7 @@ class NomadDouble:
         self.held = 0  # blocking queries waiting now for the index to pass theirs
         self.faults: dict[str, list[Any]] = {}  # routes (by handler) that fail: [code, message, times left, job]
         self.events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=event_buffer)
+        self.generation = 0  # of the event broker: a rebuilt cluster has a new one (rebuild)
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._closing = False
@@ -294,6 +295,21 @@ class NomadDouble:
         held."""
         fault = self.faults.get(handler)
         return fault is not None and fault[2] != 0 and fault[3] in (None, job_id)
+
+    def rebuild(self, index: int) -> None:
+        """Look as the cluster at this address does to its clients once it was rebuilt, or a snapshot restored into
+        fresh servers (hashicorp/raft's ``Restore`` then takes the snapshot's index + 1, behind the index the old
+        cluster had reached): its raft index goes back to ``index``, its event buffer starts empty (the new state
+        store has a new event broker) and the event streams open end (Nomad abandons the old state store, stopping
+        its broker: ``StateStore.Abandon``). The double keeps its jobs, evaluations and allocations as they are,
+        with their own indexes (a restore would set them back to the snapshot's)."""
+        with self.cond:
+            if index >= self.index:
+                raise ValueError(f"index {index} is not behind the cluster's, {self.index}")
+            self.index = index
+            self.events.clear()
+            self.generation += 1
+            self.cond.notify_all()
 
     def stream_start(self, index: int) -> int:
         """The index of the first frame an event stream asked to start at ``index`` sends, as Nomad's event broker
@@ -1624,15 +1640,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         double = self.nomad
         with double.cond:
-            sent = double.stream_start(start) - 1
+            sent, broker = double.stream_start(start) - 1, double.generation
+
+        def ended() -> bool:
+            return double._closing or double.fails("events") or double.generation != broker
+
         with contextlib.suppress(OSError):
             while True:
                 with double.cond:
                     pending = [(i, e) for i, e in double.events if i > sent]
-                    if not pending and not double._closing and not double.fails("events"):
+                    if not pending and not ended():
                         double.cond.wait(timeout=double.heartbeat_s)
                         pending = [(i, e) for i, e in double.events if i > sent]
-                    if double._closing or double.fails("events"):
+                    if ended():
                         self._chunk(b"")
                         return
                 if not pending:
