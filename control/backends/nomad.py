@@ -610,6 +610,8 @@ class NomadScheduler:
             evaluation = response.json()
             if evaluation and evaluation.get("Status") != "pending":
                 return evaluation
+            # From 0 at each submit, for eval_wait_s at most: an index that went back meanwhile (a cluster rebuilt
+            # behind the address) costs the rest of that wait, then the event stream reports the job.
             index = max(index + 1, int(response.headers.get("X-Nomad-Index") or 0))
 
     def _stop_job(self, namespace: str, job_id: str) -> None:
@@ -669,7 +671,8 @@ class NomadScheduler:
 
     def _follow(self) -> None:
         """Reader thread: keep one ``/v1/event/stream`` open and hand its lines to the loop; reconnect with
-        back-off from the last index seen (heartbeats keep the read timeout from firing)."""
+        back-off from the index of the last frame seen (:meth:`_follow_index`; heartbeats keep the read timeout from
+        firing)."""
         backoff = 0.5
         stream_api = self._config.client().event.stream
         while not self._closing.is_set():
@@ -726,11 +729,29 @@ class NomadScheduler:
                 frame = json.loads(item)
                 if not frame:
                     continue  # heartbeat
-                self._last_index = max(self._last_index, int(frame.get("Index") or 0))
+                self._follow_index(int(frame.get("Index") or 0))
                 for event in frame.get("Events") or []:
                     await self._on_event(event)
             except Exception:  # one odd frame must not end the status feed for good
                 log.exception("could not handle a Nomad event")
+
+    def _follow_index(self, index: int) -> None:
+        """The index a reconnect goes on from: the latest frame's, even when it is lower than the one before (a
+        cluster rebuilt behind the same address, or restored from a snapshot into fresh servers, counts from a
+        lower index). Kept at the higher one, a reconnect would ask that cluster for an index ahead of every event
+        it holds; Nomad then starts at its newest event (``StartAtClosest``), and of what happened while the stream
+        was lost only that event and the allocations :meth:`_resync` reads again would reach us: not the jobs
+        another replica started meanwhile, nor the evaluations that could not place a job."""
+        if not index:
+            return
+        if index < self._last_index:
+            log.info(
+                "Nomad event stream: index %d is behind the %d seen before (a cluster rebuilt behind this address, "
+                "or a server behind the one that answered before); following it",
+                index,
+                self._last_index,
+            )
+        self._last_index = index
 
     async def _resync(self) -> None:
         """After (re)connecting: events may have been missed; read the allocations of every job we track."""

@@ -674,6 +674,56 @@ async def test_a_job_stopped_by_another_replica_gets_its_secrets_again_when_star
     await harness.scheduler.stop_job(ids.namespace, ids.job_id)
 
 
+async def test_after_nomads_index_went_back_what_changed_while_the_stream_was_lost_still_reaches_the_status() -> None:
+    """The cluster behind Nomad's address is rebuilt (or restored from a snapshot into fresh servers): it counts
+    from an index lower than the one the scheduler last saw. The scheduler follows the new cluster's index, so that
+    when the stream is lost again, what changed meanwhile is replayed from where it stood: here an agent another
+    control-plane replica started (its job is not among those the scheduler reads again after a reconnect), whose
+    allocation runs. From the index seen before the rebuild, Nomad would start the stream at its newest event only.
+    Against the double only: a real Nomad cannot be rebuilt on demand."""
+    recorder = Recorder()
+
+    def running(update: StatusUpdate | None) -> bool:
+        return update is not None and update.state is AllocState.RUNNING
+
+    with NomadDouble() as double:
+        config = NomadConfig(address=double.address)
+        async with NomadScheduler(config) as follower, NomadScheduler(config) as other:
+            follower.on_status(recorder)
+            await assert_eventually(now(follower.event_feed), lambda f: f.connected, what="connected")
+            with double.cond:
+                double.index = 100_000  # a cluster that has run for a while
+            first = Ids.new()
+            await other.submit(make_job(first, HEALTHY))
+            await assert_eventually(lambda: recorder.last(first.job_id), running, what="the first agent running")
+            before = follower.event_feed().since
+            double.rebuild(index=1_000)
+            await assert_eventually(
+                now(follower.event_feed), lambda f: f.connected and f.since > before, what="the new cluster's stream"
+            )
+            second = Ids(first.customer, "ag-" + secrets.token_hex(6))
+            await other.submit(make_job(second, HEALTHY))
+            await assert_eventually(lambda: recorder.last(second.job_id), running, what="the second agent running")
+
+            def deployed(ids: Ids) -> bool:
+                with double.cond:
+                    return any(
+                        d["JobID"] == ids.job_id and d["Status"] == "successful" for d in double.deployments.values()
+                    )
+
+            with double.failing("events", code=502, message="Bad Gateway"):
+                await assert_eventually(now(follower.event_feed), lambda f: not f.connected, what="the stream lost")
+                third = Ids(first.customer, "ag-" + secrets.token_hex(6))
+                await other.submit(make_job(third, HEALTHY))
+                await assert_eventually(now(lambda: deployed(third)), bool, what="the third agent deployed")
+                await other.stop_job(first.namespace, first.job_id)  # Nomad's newest events are another job's
+            await assert_eventually(
+                lambda: recorder.last(third.job_id), running, what="the third agent running, from the replay"
+            )
+            for ids in (second, third):
+                await other.stop_job(ids.namespace, ids.job_id)
+
+
 async def test_the_event_feed_is_connected_while_the_scheduler_follows_the_stream(harness: Harness) -> None:
     feed = await assert_eventually(
         now(harness.scheduler.event_feed), lambda f: f.connected, within=_within(harness, 20), what="connected"
