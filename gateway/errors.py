@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from control.errors import CaravanError, StoreUnavailable, invalid_input
 from control.natsio import NATS_UNAVAILABLE
 from control.services.auth import redact_json, redact_keys, shown_prefix
+from gateway.jsonbody import DuplicateKey
 from gateway.wslog import denial_sent
 
 __all__ = ["caravan_error_response", "error_response", "install_error_handlers", "refuse_websocket", "shown_path"]
@@ -108,18 +109,23 @@ def _is_json(content_type: str) -> bool:
     return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-def _unreadable(exc: HTTPException) -> CaravanError | None:
-    """The 422 for a JSON body FastAPI could not parse for a reason other than its syntax (its 400 "There was an
-    error parsing the body", raised from what ``json.loads`` raised): bytes that are no UTF-8, or arrays or
-    objects nested deeper than the parser goes. None for any other error."""
+def _unreadable(exc: HTTPException) -> JSONResponse | None:
+    """The answer to a JSON body FastAPI could not parse for a reason other than its syntax (its 400 "There was an
+    error parsing the body", raised from what ``json.loads`` or :class:`gateway.jsonbody.StrictJsonRequest`
+    raised): 422 for bytes that are no UTF-8, arrays or objects nested deeper than the parser goes, or an object
+    naming a key twice. None for any other error."""
     cause = exc.__cause__
-    if exc.status_code != 400 or not isinstance(cause, UnicodeDecodeError | RecursionError):
+    if exc.status_code != 400:
         return None
     if isinstance(cause, UnicodeDecodeError):
         why = f"not UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
-    else:
+    elif isinstance(cause, RecursionError):
         why = "JSON nested too deeply"
-    return invalid_input([{"loc": ("body",), "msg": why, "type": "json_invalid"}])
+    elif isinstance(cause, DuplicateKey):
+        why = str(cause)
+    else:
+        return None
+    return caravan_error_response(invalid_input([{"loc": ("body",), "msg": why, "type": "json_invalid"}]))
 
 
 def _located(error: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +168,7 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Response:
         if (unreadable := _unreadable(exc)) is not None:
-            return await caller_first(request, caravan_error_response(unreadable))
+            return await caller_first(request, unreadable)
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         headers = dict(exc.headers) if exc.headers else {}
         if exc.status_code == 404 and (served := _without_slash(request)) is not None:

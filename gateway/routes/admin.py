@@ -13,6 +13,7 @@ from control.services.killswitch import KillswitchRequest, KillswitchResult, cov
 from control.services.quotas import Quota, QuotaChange, UsagePublic
 from control.services.stats import Stats
 from gateway.deps import AdminDep, ControlDep, ListedQuery, listed_scope
+from gateway.jsonbody import StrictJsonRoute
 from gateway.ratelimit import Tiers
 from gateway.routes.agents import agent_owner
 from gateway.schemas import (
@@ -28,7 +29,7 @@ from gateway.schemas import (
     KeyPublic,
 )
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
 
 
 @router.post("/customers", response_model=CustomerCreated, status_code=status.HTTP_201_CREATED)

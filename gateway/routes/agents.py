@@ -8,9 +8,10 @@ from fastapi import APIRouter, Response, status
 from control.models import Agent, AgentCreate, AgentUpdate
 from control.platform import ControlPlane
 from gateway.deps import ControlDep, ListedQuery, OwnerQuery, PrincipalDep, listed_scope, owner_scope, target_customer
+from gateway.jsonbody import StrictJsonRoute
 from gateway.schemas import ERROR_RESPONSES, AgentPublic
 
-router = APIRouter(prefix="/v1/agents", tags=["agents"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/agents", tags=["agents"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
 AgentId = Annotated[str, "agent id"]
 
 

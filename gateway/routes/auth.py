@@ -5,9 +5,10 @@ from fastapi import APIRouter, Request
 from control.errors import Unauthorized
 from control.services.audit import AuditRecord
 from gateway.deps import ControlDep, check_failures
+from gateway.jsonbody import StrictJsonRoute
 from gateway.schemas import ERROR_RESPONSES, TokenRequest, TokenResponse
 
-router = APIRouter(prefix="/v1/auth", tags=["auth"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/auth", tags=["auth"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
 
 
 @router.post("/token", response_model=TokenResponse)

@@ -28,10 +28,11 @@ from gateway.deps import (
     unknown_query,
 )
 from gateway.errors import caravan_error_response, refuse_websocket
+from gateway.jsonbody import StrictJsonRoute
 from gateway.schemas import ERROR_RESPONSES, TaskPublic
 from gateway.streams import HeldStream
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
 
 MAX_EVENT_ID = 2**63 - 1  # JetStream's sequences are signed 64-bit: a resume point past it is refused as input
 

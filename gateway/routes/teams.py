@@ -4,9 +4,10 @@ from fastapi import APIRouter, Response, status
 
 from control.teams.models import Team, TeamCreate
 from gateway.deps import ControlDep, ListedQuery, OwnerQuery, PrincipalDep, listed_scope, owner_scope, target_customer
+from gateway.jsonbody import StrictJsonRoute
 from gateway.schemas import ERROR_RESPONSES, TeamPublic
 
-router = APIRouter(prefix="/v1/teams", tags=["teams"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/teams", tags=["teams"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
 
 
 def _public(team: Team) -> TeamPublic:

@@ -4,9 +4,10 @@ from fastapi import APIRouter
 
 from control.services.quotas import UsagePublic
 from gateway.deps import ControlDep, PrincipalDep, customer_only
+from gateway.jsonbody import StrictJsonRoute
 from gateway.schemas import ERROR_RESPONSES
 
-router = APIRouter(prefix="/v1", tags=["usage"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1", tags=["usage"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
 
 
 @router.get("/usage", response_model=UsagePublic)

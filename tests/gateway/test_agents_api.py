@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -289,16 +290,18 @@ UNREADABLE = {
     "broken": (b'{"name": "x",, }', "JSON decode error at character 13"),
     "not-utf8": (b'{"name": "\xff\xfe"}', "not UTF-8 (byte 0xff at offset 10)"),
     "nested": (b"[" * 100_000, "JSON nested too deeply"),
+    "duplicate-key": (b'{"name": "x", "name": "y"}', 'duplicate key "name" in the JSON object at body'),
 }
 
 
 @pytest.mark.parametrize("kind", UNREADABLE)
 async def test_a_body_that_is_not_json_is_answered_only_once_the_caller_is_known(api: Api, kind: str) -> None:
     """FastAPI reads a JSON body before a route's dependencies: a caller who is not allowed is told so (401, 403),
-    not where the body broke, as for any other body; one who is gets a 422 saying where (bytes that are no UTF-8
-    and nesting too deep for the parser too, which FastAPI answers with a bare 400); the token exchange, which
-    asks nobody, says where it broke."""
+    not where the body broke, as for any other body; one who is gets a 422 saying where (bytes that are no UTF-8,
+    nesting too deep for the parser and a key named twice too, which FastAPI answers with a bare 400); the token
+    exchange, which asks nobody, says where it broke. Nothing is made."""
     _, headers = await api.new_customer()
+    customers = (await api.client.get("/v1/admin/customers", headers=await api.admin())).json()
     (body, why), as_json = UNREADABLE[kind], {"Content-Type": "application/json"}
     for sent in ({}, {"Authorization": "Bearer not-a-token"}, {"Authorization": "Basic eDp5"}):
         refused = await api.client.post("/v1/agents", content=body, headers={**as_json, **sent})
@@ -312,6 +315,7 @@ async def test_a_body_that_is_not_json_is_answered_only_once_the_caller_is_known
         error = refused.json()["error"]
         assert error["message"] == f"invalid request: body: {why}" and error["details"][0]["field"] == "body"
     assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+    assert (await api.client.get("/v1/admin/customers", headers=await api.admin())).json() == customers
 
 
 @pytest.mark.parametrize(
@@ -341,6 +345,108 @@ async def test_a_json_body_sent_as_another_content_type_is_415_saying_what_to_se
         await api.client.delete(f"/v1/agents/{made.json()['id']}", headers=headers)
     anonymous = await api.client.post("/v1/agents", content=body, headers={"Content-Type": "text/plain"})
     assert anonymous.status_code == 401  # authentication comes first
+
+
+def with_duplicate(body: dict[str, Any], marker: str, key: str, values: tuple[str, str]) -> bytes:
+    """``body`` as JSON where the string ``marker`` stands for an object naming ``key`` twice."""
+    twice = ", ".join(f"{json.dumps(key)}: {json.dumps(value)}" for value in values)
+    return json.dumps(body).replace(json.dumps(marker), "{" + twice + "}").encode()
+
+
+DUPLICATED = {
+    "top-level": (
+        json.dumps(agent_body()).replace('"name": "helper"', '"name": "helper", "name": "other"').encode(),
+        'duplicate key "name" in the JSON object at body',
+    ),
+    "in-a-list-of-objects": (
+        with_duplicate(agent_body(model={**REPLAY, "responses": ["fine", "DUP"]}), "DUP", "tool", ("calculator", "x")),
+        'duplicate key "tool" in the JSON object at body.model.responses[1]',
+    ),
+    "deeper": (
+        with_duplicate(
+            agent_body(model={**REPLAY, "responses": [{"tool": "calculator", "arguments": {"a b": "DUP"}}]}),
+            "DUP",
+            "x",
+            ("1", "2"),
+        ),
+        'duplicate key "x" in the JSON object at body.model.responses[0].arguments["a b"]',
+    ),
+    "huge-key": (
+        with_duplicate(agent_body(tools=["DUP"]), "DUP", "k" * 100_000, ("1", "2")),
+        f'duplicate key "{"k" * 100}..." in the JSON object at body.tools[0]',
+    ),
+}
+
+
+@pytest.mark.parametrize("where", DUPLICATED)
+async def test_a_body_naming_a_key_twice_is_422_saying_which_key_and_where_and_nothing_is_made(
+    api: Api, where: str
+) -> None:
+    """`json.loads` kept the last of a key's values, where a proxy or a firewall in front may read the first: an
+    object naming a key twice, at any depth, is refused, naming the key (its first 100 characters) and the object's
+    path, before the route runs. The same key in different objects is fine."""
+    _, headers = await api.new_customer()
+    body, why = DUPLICATED[where]
+    refused = await api.client.post("/v1/agents", content=body, headers={**headers, "Content-Type": "application/json"})
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "invalid" and error["message"] == f"invalid request: body: {why}"
+    assert error["details"] == [{"field": "body", "message": why, "type": "json_invalid"}]
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+    anonymous = await api.client.post("/v1/agents", content=body, headers={"Content-Type": "application/json"})
+    assert anonymous.status_code == 401, anonymous.text  # who asks comes first, as for any other body
+    same_key_elsewhere = agent_body(model={**REPLAY, "responses": [{"tool": "calculator", "arguments": {"name": 1}}]})
+    assert '"name"' in json.dumps(same_key_elsewhere["model"])  # "name" at the top, in "model" and deeper
+    made = await api.client.post("/v1/agents", json=same_key_elsewhere, headers=headers)
+    assert made.status_code == 201, made.text
+    assert [a["name"] for a in (await api.client.get("/v1/agents", headers=headers)).json()] == ["helper"]
+
+
+async def test_a_change_naming_a_key_twice_is_422_and_changes_nothing(api: Api) -> None:
+    """PATCH of an agent, PUT and PATCH of a quota, and the token exchange (whose key a proxy may read as the first
+    `api_key` given): a key named twice is refused, and nothing changes."""
+    customer_id, headers = await api.new_customer()
+    admin = await api.admin()
+    as_json = {"Content-Type": "application/json"}
+    agent = (await api.client.post("/v1/agents", json=agent_body(), headers=headers)).json()
+    quota = f"/v1/admin/customers/{customer_id}/quota"
+    assert (await api.client.put(quota, json={"max_agents": 3}, headers=admin)).status_code == 200
+    before = (await api.client.get(f"/v1/admin/customers/{customer_id}", headers=admin)).json()["usage"]["quota"]
+    for method, path, sent, body, key in (
+        ("PATCH", f"/v1/agents/{agent['id']}", headers, b'{"replicas": 2, "replicas": 3}', "replicas"),
+        ("PUT", quota, admin, b'{"max_agents": 1, "max_agents": 100}', "max_agents"),
+        ("PATCH", quota, admin, b'{"max_agents": 1, "max_agents": 100}', "max_agents"),
+        ("POST", "/v1/auth/token", {}, b'{"api_key": "cvn_x", "api_key": "cvn_y"}', "api_key"),
+    ):
+        refused = await api.client.request(method, path, content=body, headers={**sent, **as_json})
+        assert refused.status_code == 422, (method, path, refused.text)
+        error = refused.json()["error"]
+        assert error["message"] == f'invalid request: body: duplicate key "{key}" in the JSON object at body'
+    assert (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()["replicas"] == agent["replicas"]
+    after = (await api.client.get(f"/v1/admin/customers/{customer_id}", headers=admin)).json()["usage"]["quota"]
+    assert after == before and after["max_agents"] == 3
+    changed = await api.client.patch(f"/v1/agents/{agent['id']}", json={"replicas": 2}, headers=headers)
+    assert changed.status_code == 200 and changed.json()["replicas"] == 2, changed.text
+
+
+async def test_every_route_that_reads_a_json_body_refuses_a_key_named_twice(api: Api) -> None:
+    """The refusal is made by the route class of the API's routers: every operation the API documents with a JSON
+    body makes it (a route added without that class would read the body as `json.loads` does)."""
+    admin = {**await api.admin(), "Content-Type": "application/json"}
+    paths = (await api.client.get("/openapi.json")).json()["paths"]
+    operations = [
+        (method.upper(), re.sub(r"\{[^}]+\}", "x-1", path))
+        for path, item in paths.items()
+        for method, operation in item.items()
+        if "application/json" in operation.get("requestBody", {}).get("content", {})
+    ]
+    assert len(operations) >= 10, operations
+    for method, path in operations:
+        refused = await api.client.request(method, path, content=b'{"a": 1, "a": 2}', headers=admin)
+        assert refused.status_code == 422, (method, path, refused.text)
+        assert (
+            refused.json()["error"]["message"] == 'invalid request: body: duplicate key "a" in the JSON object at body'
+        )
 
 
 async def test_a_body_over_the_limit_is_refused_with_413_chunked_or_not_and_nothing_is_stored(api: Api) -> None:
