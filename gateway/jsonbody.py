@@ -1,13 +1,15 @@
 """How a route reads a JSON body: as FastAPI does (``json.loads`` of the bytes), but refusing an object that names a
-key twice.
+key twice and a body whose content type declares a charset other than UTF-8.
 
 ``json.loads`` keeps the last of a key's values: a proxy or a firewall in front that reads the first would judge a
-request other than the one served. The refusal is raised from ``Request.json()``, which FastAPI calls before a
-route's dependencies and answers with its 400 "There was an error parsing the body" raised from it;
-:mod:`gateway.errors` says what it was (422), once the caller is known."""
+request other than the one served. Both refusals are raised from ``Request.json()``, which FastAPI calls before a
+route's dependencies and answers with its 400 "There was an error parsing the body" raised from them;
+:mod:`gateway.errors` says what it was (422, 415), once the caller is known."""
 
 from __future__ import annotations
 
+import email.message
+import email.utils
 import json
 import re
 from collections.abc import Callable, Coroutine
@@ -16,9 +18,10 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-__all__ = ["DuplicateKey", "StrictJsonRequest", "StrictJsonRoute", "loads"]
+__all__ = ["DuplicateKey", "NotUtf8", "StrictJsonRequest", "StrictJsonRoute", "loads"]
 
 _SHOWN = 100  # characters of a key shown, and of a path's start and of its end
+_UTF8 = ("utf-8", "utf8")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -29,6 +32,15 @@ class DuplicateKey(ValueError):
         self.key = key
         self.path = path
         super().__init__(f"duplicate key {_shown(key)} in the JSON object at {_shown_path(path)}")
+
+
+class NotUtf8(ValueError):
+    """A JSON body whose content type declares ``charset``, which is no UTF-8 (RFC 8259 §8.1: JSON exchanged between
+    systems is UTF-8): read as UTF-8, it would not say what its sender meant."""
+
+    def __init__(self, charset: str) -> None:
+        self.charset = charset
+        super().__init__(f"declared charset {charset!r}")
 
 
 class _Duplicated(dict[str, Any]):
@@ -100,12 +112,27 @@ def _shown_path(path: tuple[str | int, ...]) -> str:
     return shown if len(shown) <= 2 * _SHOWN else f"{shown[:_SHOWN]}...{shown[-_SHOWN:]}"
 
 
+def _declared_charsets(content_type: str) -> list[str]:
+    """Every charset ``content_type`` declares (lower case, unquoted), in order: none, mostly."""
+    message = email.message.Message()
+    message["content-type"] = content_type
+    return [
+        email.utils.collapse_rfc2231_value(value).strip().lower()
+        for name, value in message.get_params(failobj=[])[1:]  # (the first is the type)
+        if name.lower() == "charset"
+    ]
+
+
 class StrictJsonRequest(Request):
-    """A request whose ``json()`` refuses a key named twice (:class:`DuplicateKey`). FastAPI calls it for a
-    non-empty body it reads as JSON (``application/json``, ``application/*+json``)."""
+    """A request whose ``json()`` refuses a charset other than UTF-8 (:class:`NotUtf8`) and a key named twice
+    (:class:`DuplicateKey`). FastAPI calls it for a non-empty body it reads as JSON (``application/json``,
+    ``application/*+json``)."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_strict_json"):
+            for charset in _declared_charsets(self.headers.get("content-type", "")):
+                if charset not in _UTF8:
+                    raise NotUtf8(charset)
             self._strict_json = loads(await self.body())
         return self._strict_json
 

@@ -429,6 +429,46 @@ async def test_a_change_naming_a_key_twice_is_422_and_changes_nothing(api: Api) 
     assert changed.status_code == 200 and changed.json()["replicas"] == 2, changed.text
 
 
+NOT_UTF8 = {  # the charset a content type declares, and the body sent with it (in that charset)
+    "latin-1": ("application/json; charset=latin-1", "latin-1"),
+    "ISO-8859-1 quoted": ('application/json; charset="ISO-8859-1"', "latin-1"),
+    "utf-16": ("application/json; charset=utf-16", "utf-16"),
+    "windows-1252 then utf-8": ("application/json; charset=windows-1252; charset=utf-8", "utf-8"),
+    "empty": ("application/json; charset=", "utf-8"),
+}
+
+
+@pytest.mark.parametrize("sent", NOT_UTF8)
+async def test_a_json_body_declaring_a_charset_other_than_utf8_is_415_and_nothing_is_made(api: Api, sent: str) -> None:
+    """JSON between systems is UTF-8 (RFC 8259 8.1): a body declared in another charset was read as UTF-8 anyway
+    (or as what its bytes looked like), meaning other than what its sender meant; it is refused with 415 saying what
+    to send, once the caller is known. UTF-8 declared, in any spelling, or no charset, is read."""
+    _, headers = await api.new_customer()
+    content_type, encoding = NOT_UTF8[sent]
+    body = json.dumps(agent_body(system_message="Vous êtes utile."), ensure_ascii=False).encode(encoding)
+    declared = content_type.split("charset=", 1)[1].split(";")[0].strip('"').lower()
+    for method, path in (("POST", "/v1/agents"), ("PATCH", "/v1/agents/ag-000000000000"), ("POST", "/v1/tasks")):
+        refused = await api.client.request(
+            method, path, content=body, headers={**headers, "Content-Type": content_type}
+        )
+        assert refused.status_code == 415, (method, path, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "unsupported_media_type"
+        assert error["message"] == (
+            "the body must be UTF-8 JSON, sent with content-type: application/json and no charset or charset=utf-8"
+            f" (this request's declares charset {declared!r})"
+        )
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+    anonymous = await api.client.post("/v1/agents", content=body, headers={"Content-Type": content_type})
+    assert anonymous.status_code == 401, anonymous.text  # authentication comes first
+    utf8 = json.dumps(agent_body(system_message="Vous êtes utile."), ensure_ascii=False).encode()
+    for charset in ("application/json", "application/json; charset=utf-8", 'application/json; Charset="UTF-8"'):
+        made = await api.client.post("/v1/agents", content=utf8, headers={**headers, "Content-Type": charset})
+        assert made.status_code == 201, (charset, made.text)
+        assert made.json()["system_message"] == "Vous êtes utile."
+        await api.client.delete(f"/v1/agents/{made.json()['id']}", headers=headers)
+
+
 async def test_every_route_that_reads_a_json_body_refuses_a_key_named_twice(api: Api) -> None:
     """The refusal is made by the route class of the API's routers: every operation the API documents with a JSON
     body makes it (a route added without that class would read the body as `json.loads` does)."""
