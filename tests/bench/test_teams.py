@@ -286,6 +286,7 @@ def print_usage(usage: dict[str, list[Usage]], local_s: float) -> None:
     print(
         "  distributed, ready to run but waiting for a CPU: "
         + ", ".join(f"{role} {per(headline, role, 'waited') * 1e6:.0f} us" for role in headline[0].cpu)
+        + " (the manager's counts its polling's yields)"
     )
     least = total(usage["unpolled"]) / cores
     print(
@@ -357,13 +358,13 @@ async def team_rounds(nc: nats.NATS, server: EmbeddedNats, usage: dict[str, list
                 chat = build_team(spec, members, runtime, run_id)
                 await runtime.start()
                 await join_members(nc, CUSTOMER, run_id, members, **terms)
-                with Metered(roles) as meter:
+                with Metered(roles) as meter:  # what is timed, as the in-process run's
                     started = time.perf_counter()
                     result = await chat.run(task="count")
                     elapsed = time.perf_counter() - started
-                    await nc.publish(f"{runtime.namespace}.x.end", b"")
-                    await runtime.stop()  # the members have heard the end: their last work is counted
                 assert len(result.messages) == TEAM_MESSAGES + 1, result.stop_reason
+                await nc.publish(f"{runtime.namespace}.x.end", b"")
+                await runtime.stop()
                 if round_:
                     times[variant].append(elapsed)
                     if metered and variant in ("distributed", "unpolled"):
