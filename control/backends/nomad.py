@@ -333,7 +333,6 @@ class NomadScheduler:
         except NomadError as exc:
             raise SchedulerError(f"cannot reach Nomad at {self._config.address}: {exc}") from exc
         self._loop = asyncio.get_running_loop()
-        self._feed = _FeedWatch()
         self._consumer = asyncio.create_task(self._consume(), name="nomad-events")
         self._reader = threading.Thread(target=self._follow, name="nomad-event-stream", daemon=True)
         self._reader.start()

@@ -187,6 +187,17 @@ def _group_problems(group: dict[str, Any]) -> list[str]:
     return problems
 
 
+@dataclass
+class _Fault:
+    """How requests to a route fail (:meth:`NomadDouble.failing`): ``times_left`` more of them (None: all), only
+    those for ``job`` (None: any)."""
+
+    code: int
+    message: str
+    times_left: int | None
+    job: str | None
+
+
 class NomadDouble:
     """``with NomadDouble() as nomad: nomad.address``; the cluster's state is inspectable for tests."""
 
@@ -216,7 +227,7 @@ class NomadDouble:
         self.behaviours: dict[str, Behaviour] = {}
         self.requests: list[tuple[str, str, bytes]] = []
         self.held = 0  # blocking queries waiting now for the index to pass theirs
-        self.faults: dict[str, list[Any]] = {}  # routes (by handler) that fail: [code, message, times left, job]
+        self.faults: dict[str, _Fault] = {}  # routes (by handler) that fail (failing)
         self.events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=event_buffer)
         self.generation = 0  # of the event broker: a rebuilt cluster has a new one (rebuild)
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -281,7 +292,7 @@ class NomadDouble:
         if unknown:
             raise ValueError(f"no such route: {', '.join(sorted(unknown))}")
         with self.cond:
-            self.faults.update({handler: [code, message, times, job] for handler in handlers})
+            self.faults.update({handler: _Fault(code, message, times, job) for handler in handlers})
             self.cond.notify_all()  # open streams look
         try:
             yield
@@ -294,7 +305,7 @@ class NomadDouble:
         """Whether the next request to this route (for this job, if it names one) fails (:meth:`failing`); lock
         held."""
         fault = self.faults.get(handler)
-        return fault is not None and fault[2] != 0 and fault[3] in (None, job_id)
+        return fault is not None and fault.times_left != 0 and fault.job in (None, job_id)
 
     def rebuild(self, index: int) -> None:
         """Look as the cluster at this address does to its clients once it was rebuilt, or a snapshot restored into
@@ -1352,9 +1363,9 @@ class _Handler(BaseHTTPRequestHandler):
         """Fail this request if its route is made to fail (:meth:`NomadDouble.failing`); lock held."""
         if self.nomad.fails(handler, self.args.get("id")):
             fault = self.nomad.faults[handler]
-            if fault[2] is not None:
-                fault[2] -= 1
-            raise HttpError(fault[0], fault[1])
+            if fault.times_left is not None:
+                fault.times_left -= 1
+            raise HttpError(fault.code, fault.message)
 
     def _index(self, handler: str) -> int:
         """The index a read answers with, and a blocking query waits on: an evaluation's own ``ModifyIndex`` (as
