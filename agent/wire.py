@@ -6,8 +6,15 @@ message of a team run this way, so :class:`Wire` shortens it on the same connect
 
 - :meth:`Wire.send` writes a message to the socket at once, after whatever nats-py still holds, so the order of
   everything sent on the connection is kept. :meth:`Wire.hold` keeps what is sent next, to write it as one.
-- :meth:`Wire.subscribe` takes a plain function, called from the read loop with each message, in order. It must
-  not block: it spawns whatever takes time.
+- :meth:`Wire.subscribe` takes a plain function, called with each message, in order, as its bytes arrive. It
+  must not block: it spawns whatever takes time. The socket's reader hands whole messages for these
+  subscriptions to their callbacks itself, ahead of nats-py's read loop, whenever nats-py holds no bytes of its
+  own (nothing unread, nothing half-parsed); anything else (a PING, a message with headers or for nats-py's own
+  subscriptions, half a frame) goes to nats-py's read loop, and so does all that follows until it has read it,
+  so the order is kept. A message read ahead costs its process about a third less CPU: no turn of the read
+  loop's task, no stream buffer, no parser (on 2 shared cores, 36 microseconds against 58 for one that a
+  process wakes for; a bare asyncio protocol takes 21). ``CARAVAN_FAST_READ=0`` leaves every message to
+  nats-py's read loop (to compare, or to debug).
 - :meth:`Wire.ask` is a request whose answer comes back through one inbox subscription, as a future. While a
   request waits, the event loop polls the socket rather than sleeping, for at most :attr:`Wire.spin_s` after
   the latest request (``CARAVAN_SPIN_US``, 500 by default; 0 turns it off). On a shared 2-core machine a message
@@ -51,8 +58,19 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.protocol.command import hpub_cmd, pub_cmd
+from nats.protocol.parser import AWAITING_CONTROL_LINE, MAX_CONTROL_LINE_SIZE
 
-__all__ = ["DEFAULT_SPIN_US", "FLUSH_TIMEOUT_S", "SPIN_ENV", "STORE_TIMEOUT_S", "Storing", "Wire", "spin_s_from"]
+__all__ = [
+    "DEFAULT_SPIN_US",
+    "FAST_READ_ENV",
+    "FLUSH_TIMEOUT_S",
+    "SPIN_ENV",
+    "STORE_TIMEOUT_S",
+    "Storing",
+    "Wire",
+    "fast_read_from",
+    "spin_s_from",
+]
 
 log = logging.getLogger("caravan.wire")
 _NO_RESPONDERS = "503"
@@ -63,6 +81,8 @@ STORE_TIMEOUT_S = 30.0
 SPIN_ENV = "CARAVAN_SPIN_US"
 """How long, in microseconds, a process polls for the answer to a request before it sleeps (see above)."""
 DEFAULT_SPIN_US = 500.0
+FAST_READ_ENV = "CARAVAN_FAST_READ"
+"""0: every message goes through nats-py's read loop (see :attr:`Wire.fast_read`)."""
 FLUSH_TIMEOUT_S = 10.0
 """How long :meth:`Wire.flush` waits for the server by default (nats-py's own default)."""
 
@@ -85,6 +105,9 @@ class Wire:
         self._expect_until = 0.0
         self._spinning = False
         self._polled = 0  # requests waiting that their callers wait for (ask's poll)
+        self.fast_read = fast_read_from(os.environ)
+        """Whether the socket's reader hands this Wire's messages to their callbacks (see the module docstring);
+        False leaves every message to nats-py's read loop."""
         original = nc._process_msg
 
         async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
@@ -92,16 +115,12 @@ class Wire:
             if callback is None:
                 await original(sid, subject, reply, data, headers)  # type: ignore[arg-type]
                 return
-            nc.stats["in_msgs"] += 1
-            nc.stats["in_bytes"] += len(data)
             header = await nc._process_headers(headers) if headers else None
-            msg = Msg(_client=nc, subject=subject.decode(), reply=reply.decode(), data=data, headers=header, _sid=sid)
-            try:
-                callback(msg)
-            except Exception:  # the read loop must go on: one bad callback cannot stop the connection
-                log.exception("callback for %s failed", msg.subject)
+            self._deliver(callback, sid, subject, reply, data, header)
+            self._read_ahead()  # a new connection's reader (after a reconnect) reads ahead from now on
 
         nc._process_msg = process_msg  # type: ignore[method-assign]
+        self._read_ahead()
         send_ping = nc._send_ping
 
         async def send_ping_after_pending(future: asyncio.Future[bool] | None = None) -> None:
@@ -237,6 +256,71 @@ class Wire:
             raise nats.errors.FlushTimeoutError from None
 
     # -- receiving -------------------------------------------------------------------------------------------
+
+    def _deliver(
+        self,
+        callback: Callable[[Msg], None],
+        sid: int,
+        subject: bytes,
+        reply: bytes,
+        data: bytes,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        nc = self._nc
+        nc.stats["in_msgs"] += 1
+        nc.stats["in_bytes"] += len(data)
+        msg = Msg(_client=nc, subject=subject.decode(), reply=reply.decode(), data=data, headers=headers, _sid=sid)
+        try:
+            callback(msg)
+        except Exception:  # the read loop must go on: one bad callback cannot stop the connection
+            log.exception("callback for %s failed", msg.subject)
+
+    def _read_ahead(self) -> None:
+        """Have the connection's socket reader hand this Wire's messages to their callbacks as the bytes arrive,
+        ahead of nats-py's read loop (see :meth:`_take`); once per reader (a reconnect makes a new one)."""
+        transport = self._nc._transport
+        reader = getattr(transport, "_io_reader", None)  # nats-py's TCP transport (TLS too); not its websocket one
+        if not isinstance(reader, asyncio.StreamReader) or "feed_data" in vars(reader):
+            return
+        parser = self._nc._ps
+        feed = reader.feed_data
+
+        def feed_data(data: bytes) -> None:
+            # Only when nats-py holds no bytes of its own: nothing unread in the reader, nothing half-parsed.
+            held = reader._buffer or parser.buf or parser.state != AWAITING_CONTROL_LINE  # type: ignore[attr-defined]
+            if self.fast_read and not held and data[:4] == b"MSG ":
+                data = self._take(data)
+                if not data:
+                    return
+            feed(data)
+
+        reader.feed_data = feed_data  # type: ignore[method-assign,assignment]
+
+    def _take(self, data: bytes) -> bytes:
+        """Deliver the whole ``MSG`` frames for this Wire's subscriptions at the start of ``data``, in order;
+        the bytes left (anything else: a PING, a message with headers or for nats-py's own subscriptions, half
+        a frame, a line nats-py will refuse) go to nats-py's read loop as they came."""
+        start, end = 0, len(data)
+        while data.startswith(b"MSG ", start):
+            eol = data.find(b"\r\n", start, start + MAX_CONTROL_LINE_SIZE)
+            args = data[start + 4 : eol].split() if eol > 0 else []
+            if len(args) == 3:
+                subject, sid, size = args
+                reply = b""
+            elif len(args) == 4:
+                subject, sid, reply, size = args
+            else:
+                break
+            if not (sid.isdigit() and size.isdigit()):
+                break
+            callback = self._callbacks.get(int(sid))
+            begin = eol + 2
+            stop = begin + int(size)
+            if callback is None or stop + 2 > end or data[stop : stop + 2] != b"\r\n":
+                break
+            start = stop + 2
+            self._deliver(callback, int(sid), subject, reply, data[begin:stop])
+        return data[start:] if start else data
 
     async def subscribe(self, subject: str, callback: Callable[[Msg], None], queue: str = "") -> Subscription:
         sub = await self._nc.subscribe(subject, queue=queue)  # no callback: nats-py starts no task for it
@@ -381,6 +465,15 @@ def spin_s_from(env: Mapping[str, str]) -> float:
     if not 0 <= micros <= 1_000_000:  # NaN too
         raise ValueError(f"{SPIN_ENV} must be a number of microseconds from 0 to 1000000, not {raw!r}")
     return micros / 1e6
+
+
+def fast_read_from(env: Mapping[str, str]) -> bool:
+    """:attr:`Wire.fast_read` as ``env`` sets it (``CARAVAN_FAST_READ``: 1, the default, or 0); ValueError names a
+    bad value."""
+    raw = env.get(FAST_READ_ENV, "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"{FAST_READ_ENV} must be 1 (read whole messages ahead of nats-py) or 0, not {raw!r}")
+    return raw == "1"
 
 
 def _settle(answer: asyncio.Future[Msg], acked: asyncio.Future[dict[str, Any]]) -> None:

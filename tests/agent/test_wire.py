@@ -13,7 +13,7 @@ import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
 
-from agent.wire import DEFAULT_SPIN_US, SPIN_ENV, Storing, Wire, spin_s_from
+from agent.wire import DEFAULT_SPIN_US, FAST_READ_ENV, SPIN_ENV, Storing, Wire, fast_read_from, spin_s_from
 from control.natsserver import EmbeddedNats
 from tests.support.helpers import assert_eventually, nats_connect, now, stalled
 
@@ -68,6 +68,128 @@ async def test_callbacks_run_in_order_and_one_that_fails_stops_nothing(nats_serv
     await assert_eventually(now(lambda: plain[-1]), lambda last: last == b"marker", what="marker")
     assert b"late" not in seen
     await nc.close()
+
+
+Seen = tuple[str, str, bytes, "dict[str, str] | None"]
+
+
+def read_ahead() -> bool:
+    """Whether a Wire callback runs outside any task: the socket's reader called it, not nats-py's read loop."""
+    return asyncio.current_task() is None
+
+
+async def test_messages_are_read_ahead_of_nats_py_in_order_whatever_else_comes(nats_server: EmbeddedNats) -> None:
+    nc, sender = await nats.connect(nats_server.url), await nats_connect(nats_server.url)
+    wire = Wire.of(nc)
+    seen: list[Seen] = []
+    ahead: list[bool] = []
+
+    def on(msg: Msg) -> None:
+        seen.append((msg.subject, msg.reply, msg.data, msg.headers))
+        ahead.append(read_ahead())
+
+    await wire.subscribe("fast.>", on)
+    plain = await collect(nc, "plain")  # nats-py's own subscription on the same connection
+    for i in range(5):  # one at a time: each read as it arrives
+        await sender.publish("fast.one", b"%d" % i)
+        await sender.flush()
+        await assert_eventually(now(lambda: len(seen)), lambda n, i=i: n == i + 1, what=f"message {i}")
+    assert seen == [("fast.one", "", b"%d" % i, None) for i in range(5)]
+    assert all(ahead)
+
+    # A burst of what nats-py must read itself between the Wire's messages: headers, its own subscription's
+    # messages, frames bigger than a read of the socket; every message comes once, whole and in order.
+    expected: list[Seen] = []
+    for i in range(40):
+        if i % 5 == 0:
+            big = bytes([i]) * 300_000
+            await sender.publish("fast.big", big)
+            expected.append(("fast.big", "", big, None))
+        elif i % 5 == 1:
+            await sender.publish("fast.headed", b"h%d" % i, headers={"n": str(i)})
+            expected.append(("fast.headed", "", b"h%d" % i, {"n": str(i)}))
+        elif i % 5 == 2:
+            await sender.publish("plain", b"%d" % i)
+        else:
+            await sender.publish("fast.small", b"s%d" % i, reply=f"answer.{i}" if i % 5 == 3 else "")
+            expected.append(("fast.small", f"answer.{i}" if i % 5 == 3 else "", b"s%d" % i, None))
+    await sender.flush()
+    await assert_eventually(now(lambda: len(seen)), lambda n: n == 5 + len(expected), within=20, what="the burst")
+    assert seen[5:] == expected
+    await assert_eventually(now(lambda: plain), lambda p: p == [b"%d" % i for i in range(2, 40, 5)], what="plain")
+    assert not all(ahead[5:])  # (some of the burst did wait for nats-py's read loop)
+
+    await sender.publish("fast.last", b"last")  # nats-py has read it all: read ahead again
+    await assert_eventually(now(lambda: seen[-1][0]), lambda subject: subject == "fast.last", what="last")
+    assert ahead[-1]
+    await nc.close()
+    await sender.close()
+
+
+async def test_only_whole_well_formed_frames_for_the_wire_are_read_ahead(nats_server: EmbeddedNats) -> None:
+    """What the socket's reader takes of the bytes it gets: the whole frames at their start for the Wire's own
+    subscriptions; the rest, byte for byte, is left to nats-py (which refuses what is malformed)."""
+    nc = await nats.connect(nats_server.url)
+    wire = Wire.of(nc)
+    seen: list[tuple[str, str, bytes]] = []
+    sid = (await wire.subscribe("w", lambda msg: seen.append((msg.subject, msg.reply, msg.data))))._id
+    nats_py_sid = (await nc.subscribe("n"))._id
+    whole = b"MSG w %d 2\r\nok\r\n" % sid
+    replied = b"MSG w %d _INBOX.x 0\r\n\r\n" % sid
+    left_alone = [
+        b"PING\r\n" + whole,
+        b"MSG w %d 10\r\nhalf" % sid,  # half a frame
+        b"MSG w %d 2\r\nokay\r\n" % sid,  # a size that does not end where the frame does
+        b"MSG w %d 1\r\nok\r\n" % sid,
+        b"MSG w x%d 2\r\nok\r\n" % sid,  # a sid that is no number
+        b"MSG w %d -2\r\nok\r\n" % sid,
+        b"MSG w %d a b 2\r\nok\r\n" % sid,  # too many fields
+        b"MSG w 2\r\nok\r\n",  # too few
+        b"MSG n %d 2\r\nok\r\n" % nats_py_sid,  # nats-py's own subscription
+        b"MSG w %d 2 ok" % sid,  # no end of line
+        b"MSG w%s %d 2\r\nok\r\n" % (b"w" * 5000, sid),  # a control line longer than nats-py reads
+        b"HMSG w %d 12 14\r\nNATS/1.0\r\n\r\nok\r\n" % sid,  # headers: nats-py parses them
+    ]
+    for rest in left_alone:
+        seen.clear()
+        assert wire._take(rest) is rest
+        assert wire._take(whole + replied + rest) == rest
+        assert seen == [("w", "", b"ok"), ("w", "_INBOX.x", b"")]
+    assert wire._take(whole * 3) == b""
+    await nc.close()
+
+
+async def test_with_fast_reading_off_every_message_goes_through_nats_py(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAST_READ_ENV, "0")
+    nc, sender = await nats.connect(nats_server.url), await nats_connect(nats_server.url)
+    wire = Wire.of(nc)
+    assert not wire.fast_read
+    ahead: list[bool] = []
+    await wire.subscribe("slow", lambda msg: ahead.append(read_ahead()))
+    await nc.flush()
+    for _ in range(3):
+        await sender.publish("slow", b"x")
+        await sender.flush()
+        await assert_eventually(now(lambda: len(ahead)), lambda n: n > 0, what="a message")
+    await assert_eventually(now(lambda: ahead), lambda a: a == [False] * 3, what="three messages, all read by nats-py")
+    wire.fast_read = True  # from the next message on
+    await sender.publish("slow", b"x")
+    await assert_eventually(now(lambda: ahead), lambda a: a == [False] * 3 + [True], what="one read ahead")
+    await nc.close()
+    await sender.close()
+
+
+@pytest.mark.parametrize(("value", "on"), [(None, True), ("1", True), ("0", False)])
+def test_fast_reading_comes_from_the_environment(value: str | None, on: bool) -> None:
+    assert fast_read_from({} if value is None else {FAST_READ_ENV: value}) is on
+
+
+@pytest.mark.parametrize("value", ["", "yes", "true", " 1"])
+def test_a_bad_fast_reading_switch_is_refused_by_name(value: str) -> None:
+    with pytest.raises(ValueError, match=f"{FAST_READ_ENV} must be 1 .* or 0, not '{value}'"):
+        fast_read_from({FAST_READ_ENV: value})
 
 
 async def test_ask_answers_refuses_times_out_and_forgets(nats_server: EmbeddedNats) -> None:
@@ -142,6 +264,11 @@ async def test_sending_while_disconnected_is_buffered_and_callbacks_survive_a_re
         await assert_eventually(
             now(lambda: seen), lambda s: s == [b"buffered", b"after"], what="message after reconnect"
         )
+        ahead: list[bool] = []
+        await wire.subscribe("ahead", lambda msg: ahead.append(read_ahead()))
+        await wire.flush()
+        await wire.publish("ahead", b"")  # the new connection's reader reads ahead too
+        await assert_eventually(now(lambda: ahead), lambda a: a == [True], what="a message read ahead")
         await nc.close()
 
 
