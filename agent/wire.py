@@ -23,8 +23,9 @@ message of a team run this way, so :class:`Wire` shortens it on the same connect
   model call: seconds). It yields the CPU at each turn
   (``sched_yield``), so that a process with work to do on the same core goes first. Only callers that wait
   poll: a process that answers, only publishes (a team's members), or stores events without waiting
-  (:meth:`Wire.store`), sleeps as before. A team's manager that has asked a member to speak waits for the
-  answer on the group's subject, not as the answer to a request: it polls too (:meth:`Wire.expect`).
+  (:meth:`Wire.store`), sleeps as before. So does a team's manager that has asked a member to speak: it used to
+  poll for the answer, which comes on the group's subject, but once messages were read ahead (above) that
+  made a team's run slower (README: "The hot path").
 - :meth:`Wire.store` publishes to a JetStream stream without waiting; its future settles with the acknowledgement
   or the error JetStream answered (nats-py's ``publish_async`` never settles one that JetStream refuses).
 
@@ -102,7 +103,6 @@ class Wire:
         self.spin_s = spin_s_from(os.environ)
         """How long the event loop polls for answers after a request before it sleeps (0: never)."""
         self._spin_until = 0.0
-        self._expect_until = 0.0
         self._spinning = False
         self._polled = 0  # requests waiting that their callers wait for (ask's poll)
         self.fast_read = fast_read_from(os.environ)
@@ -410,14 +410,6 @@ class Wire:
             await transport.drain()  # returns at once unless the socket's buffer is full
         return acked
 
-    def expect(self) -> None:
-        """An answer is due that comes as a message to a subscription, not as the answer to a request (a team's
-        manager has asked a member to speak: the member answers on the group's subject). Poll for it as
-        :meth:`ask` polls, for :attr:`spin_s` from now; only the window ends it, wherever the answer goes."""
-        if self.spin_s > 0:
-            self._expect_until = time.perf_counter() + self.spin_s
-            self._poll(asyncio.get_running_loop())
-
     def _poll(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._spinning:
             self._spinning = True
@@ -430,10 +422,8 @@ class Wire:
 
     def _turn(self, loop: asyncio.AbstractEventLoop) -> None:
         """One turn of polling: a callback ready on every turn of the event loop makes it poll its sockets
-        without waiting; it stops when no request polled for waits any more or its window has passed, and the
-        window of :meth:`expect` has passed."""
-        now = time.perf_counter()
-        if (self._polled and now < self._spin_until) or now < self._expect_until:
+        without waiting; it stops when no request polled for waits any more or its window has passed."""
+        if self._polled and time.perf_counter() < self._spin_until:
             os.sched_yield()
             loop.call_soon(self._turn, loop)
         else:

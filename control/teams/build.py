@@ -149,7 +149,8 @@ def build_team(
     else:
         chat = Swarm(stand_ins, termination_condition=termination, runtime=runtime)
     _pin_team_key(chat, team_key)
-    _wrap_turns(chat, runtime, on_turn)
+    if on_turn is not None:
+        _wrap_turns(chat, on_turn)
     for topic_type in chat._participant_topic_types:
         runtime.mark_remote(topic_type)
     runtime.derive(GroupChatAgentResponse, answer_output)  # the output's messages of members' answers
@@ -169,13 +170,10 @@ def _pin_team_key(chat: BaseGroupChat, key: str) -> None:
     chat._output_topic_type = f"output_topic_{key}"
 
 
-def _wrap_turns(chat: BaseGroupChat, runtime: NatsAgentRuntime, on_turn: OnTurn | None) -> None:
-    """Call ``on_turn`` each time the manager is about to choose the next speaker, and once it has asked them,
-    poll for their answer (:meth:`agent.wire.Wire.expect`): it comes on the group's subject, not as the answer
-    to a request, so the runtime would sleep until it came. AgentChat has no hook there; the manager is made
-    by a factory when the team first runs, so wrap the factory and the manager's step."""
+def _wrap_turns(chat: BaseGroupChat, on_turn: OnTurn) -> None:
+    """Call ``on_turn`` each time the manager is about to choose the next speaker. AgentChat has no hook there;
+    the manager is made by a factory when the team first runs, so wrap the factory and the manager's step."""
     make_factory = chat._create_group_chat_manager_factory
-    wire = runtime.wire
 
     def factory(**kwargs: Any) -> Callable[[], Any]:
         make = make_factory(**kwargs)
@@ -186,10 +184,8 @@ def _wrap_turns(chat: BaseGroupChat, runtime: NatsAgentRuntime, on_turn: OnTurn 
             transition = manager._transition_to_next_speakers
 
             async def turn(cancellation_token: Any) -> None:
-                if on_turn is not None:
-                    await on_turn(manager)
+                await on_turn(manager)
                 await transition(cancellation_token)
-                wire.expect()
 
             manager._transition_to_next_speakers = turn  # type: ignore[method-assign]
             return manager

@@ -426,32 +426,6 @@ async def test_a_request_polls_for_its_answer_until_it_comes_or_for_the_window_o
     await responder.close()
 
 
-async def test_an_expected_message_is_polled_for_the_window_from_the_latest_expect(
-    nats_server: EmbeddedNats,
-) -> None:
-    """A team's manager that asked a member to speak polls for the answer (Wire.expect): for the window from the
-    latest expect, whatever arrives meanwhile, then it sleeps; with polling off, never."""
-    nc, other = await nats.connect(nats_server.url), await nats_connect(nats_server.url)
-    wire = Wire.of(nc)
-    heard: list[bytes] = []
-    await wire.subscribe("group", lambda msg: heard.append(msg.data))
-    await nc.flush()
-    wire.spin_s = 3600.0
-    wire.expect()
-    assert wire.spinning
-    await other.publish("group", b"the answer")
-    await assert_eventually(now(lambda: heard), lambda got: got == [b"the answer"], what="the answer")
-    assert wire.spinning  # only the window ends it: the manager asks the next speaker at once
-    wire.spin_s = 0.02
-    wire.expect()  # the window runs from the latest expect
-    await assert_eventually(now(lambda: wire.spinning), lambda spinning: not spinning, what="polling to stop")
-    wire.spin_s = 0.0
-    wire.expect()
-    assert not wire.spinning
-    await nc.close()
-    await other.close()
-
-
 @pytest.mark.parametrize(
     ("value", "seconds"), [(None, DEFAULT_SPIN_US / 1e6), ("", DEFAULT_SPIN_US / 1e6), ("0", 0.0), ("250", 0.00025)]
 )

@@ -177,7 +177,6 @@ async def test_request_reply_and_team_against_baselines(tmp_path: Path) -> None:
     )
     notes = {
         "with states": "each member's state after each turn, for the checkpoints, as team tasks run",
-        "unpolled": "the manager not polling for the answers of the members it asks: Wire.expect",
         "apart": "each answer sent twice, with the output's message apart, as to an older manager",
     }
     for variant, note in notes.items():
@@ -204,7 +203,6 @@ def zero_model(name: str) -> ModelConfig:
 VARIANTS: dict[str, dict[str, bool]] = {
     "distributed": {"states": False},  # the headline: a manager keeping no checkpoints, as AgentChat's own team
     "with states": {},  # as the platform's runner joins: each member's state after each turn, for the checkpoints
-    "unpolled": {"states": False},  # the manager not polling for its members' answers (Wire.expect)
     "apart": {"states": False, "output_implied": False},  # each answer's output message sent apart (older manager)
 }
 """The distributed team's variants, by how the manager joins the members (``MemberJoin``), each run every round
@@ -258,9 +256,9 @@ class Metered:
 
 
 def print_usage(usage: dict[str, list[Usage]], local_s: float) -> None:
-    """CPU time per message of the in-process team and of the distributed one, polling (the headline) and not
-    (unpolled), medians of the runs; and the least time per message the unpolled team's CPU time allows on this
-    machine's cores, beside the in-process team's time (``local_s``, per message)."""
+    """CPU time per message of the in-process team and of the distributed one (the headline), medians of the
+    runs; and the least time per message the distributed team's CPU time allows on this machine's cores, beside
+    the in-process team's time (``local_s``, per message)."""
     if not usage:
         print("CPU time per message: not measured (this system has no /proc/<pid>/task/<tid>/schedstat)")
         return
@@ -275,30 +273,27 @@ def print_usage(usage: dict[str, list[Usage]], local_s: float) -> None:
     cores = len(os.sched_getaffinity(0))
     print("CPU time per message, every thread of the processes a run used (medians of the runs):")
     print(f"  in-process                 {alone * 1e6:5.0f} us")
-    for variant in ("distributed", "unpolled"):
-        runs = usage[variant]
-        print(
-            f"  {variant:<26} {total(runs) * 1e6:5.0f} us  = {total(runs) / alone:.2f}x  ("
-            + ", ".join(f"{role} {per(runs, role) * 1e6:.0f}" for role in runs[0].cpu)
-            + ")"
-        )
-    headline = usage["distributed"]
+    runs = usage["distributed"]
+    print(
+        f"  distributed                {total(runs) * 1e6:5.0f} us  = {total(runs) / alone:.2f}x  ("
+        + ", ".join(f"{role} {per(runs, role) * 1e6:.0f}" for role in runs[0].cpu)
+        + ")"
+    )
     print(
         "  distributed, ready to run but waiting for a CPU: "
-        + ", ".join(f"{role} {per(headline, role, 'waited') * 1e6:.0f} us" for role in headline[0].cpu)
-        + " (the manager's counts its polling's yields)"
+        + ", ".join(f"{role} {per(runs, role, 'waited') * 1e6:.0f} us" for role in runs[0].cpu)
     )
-    least = total(usage["unpolled"]) / cores
+    least = total(runs) / cores
     print(
-        f"  the unpolled team's CPU time over {cores} cores: {least * 1000:.2f} ms/message, {least / local_s:.2f}x "
-        "the in-process time (no schedule of its processes on these cores runs it faster)"
+        f"  the distributed team's CPU time over {cores} cores: {least * 1000:.2f} ms/message, "
+        f"{least / local_s:.2f}x the in-process time (no schedule of its processes on these cores runs it faster)"
     )
 
 
 async def team_rounds(nc: nats.NATS, server: EmbeddedNats, usage: dict[str, list[Usage]]) -> dict[str, list[float]]:
     """Time of a run of the team, each round: in-process ("local"), each of :data:`VARIANTS`, the transport floor
-    ("floor") and the server's ("server floor"). ``usage`` gets what the in-process runs, the headline's and the
-    unpolled ones cost each process (see :class:`Usage`), where Linux says."""
+    ("floor") and the server's ("server floor"). ``usage`` gets what the in-process runs and the headline's
+    cost each process (see :class:`Usage`), where Linux says."""
     url = server.url
     names = ["alpha", "beta", "gamma"]
     ids = {name: f"ag-00000000000{i}" for i, name in enumerate(names)}
@@ -320,8 +315,6 @@ async def team_rounds(nc: nats.NATS, server: EmbeddedNats, usage: dict[str, list
         "floor": [],
         "server floor": [],
     }
-    wire = Wire.of(nc)
-    spin_s = wire.spin_s
     relay = Relay(nc, "bench.relay", len(names))
     async with contextlib.AsyncExitStack() as stack:
         member_pids = []
@@ -352,7 +345,6 @@ async def team_rounds(nc: nats.NATS, server: EmbeddedNats, usage: dict[str, list
             variants = list(enumerate(VARIANTS.items()))
             shift = round_ % len(variants)  # each variant in each place in turn: none always follows the in-process
             for i, (variant, terms) in variants[shift:] + variants[:shift]:
-                wire.spin_s = 0.0 if variant == "unpolled" else spin_s
                 run_id = f"rn-{round_:011x}{i}"
                 runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
                 chat = build_team(spec, members, runtime, run_id)
@@ -367,9 +359,8 @@ async def team_rounds(nc: nats.NATS, server: EmbeddedNats, usage: dict[str, list
                 await runtime.stop()
                 if round_:
                     times[variant].append(elapsed)
-                    if metered and variant in ("distributed", "unpolled"):
+                    if metered and variant == "distributed":
                         usage.setdefault(variant, []).append(meter.usage)
-            wire.spin_s = spin_s
 
             elapsed = await relay.run(TEAM_MESSAGES)
             if round_:
@@ -404,7 +395,6 @@ class Relay:
 
     def _ask(self, n: int) -> None:
         self._wire.send(f"{self._prefix}.member{n % self._members}", b"r" * RELAY_REQUEST)
-        self._wire.expect()  # as the manager polls for the answer of the member it asked
 
     def _on_group(self, msg: nats.aio.msg.Msg) -> None:
         self._heard += 1
