@@ -646,6 +646,7 @@ def _base_env() -> dict[str, str]:
         "PYTHONPATH",
         "VIRTUAL_ENV",
         "SSL_CERT_FILE",
-        "CARAVAN_EVENT_LOOP",
+        "CARAVAN_EVENT_LOOP",  # debugging switches (README: configuration)
+        "CARAVAN_FAST_READ",
     )
     return {k: v for k, v in os.environ.items() if k in keep}

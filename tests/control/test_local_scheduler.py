@@ -107,12 +107,15 @@ async def test_runs_the_task_with_its_environment_and_stops_it_with_sigterm(sche
 
 
 @pytest.mark.parametrize("model_key", ["ANTHROPIC_API_KEY", None])
-async def test_a_task_gets_its_own_models_key_and_no_other(
+async def test_a_task_gets_its_own_models_key_and_no_other_and_the_debugging_switches(
     scheduler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_key: str | None
 ) -> None:
     sched, _ = scheduler
     platform_keys = {name: f"secret-of-{name}" for name in PROVIDER_KEY_ENV.values()}
     for name, value in platform_keys.items():
+        monkeypatch.setenv(name, value)
+    switches = {"CARAVAN_EVENT_LOOP": "asyncio", "CARAVAN_FAST_READ": "0"}
+    for name, value in switches.items():
         monkeypatch.setenv(name, value)
     out = tmp_path / "env.json"
     script = f"import json, os, time\njson.dump(dict(os.environ), open({str(out)!r}, 'w'))\n{SLEEPER}\n"
@@ -123,6 +126,7 @@ async def test_a_task_gets_its_own_models_key_and_no_other(
     )
     given = {name: value for name, value in env.items() if name in platform_keys}
     assert given == ({model_key: platform_keys[model_key]} if model_key else {})
+    assert {name: env.get(name) for name in switches} == switches
     await sched.stop_job("caravan-cu-0000000000aa", "caravan-ag-0000000000aa")
 
 
