@@ -11,10 +11,10 @@ message of a team run this way, so :class:`Wire` shortens it on the same connect
   subscriptions to their callbacks itself, ahead of nats-py's read loop, whenever nats-py holds no bytes of its
   own (nothing unread, nothing half-parsed); anything else (a PING, a message with headers or for nats-py's own
   subscriptions, half a frame) goes to nats-py's read loop, and so does all that follows until it has read it,
-  so the order is kept. A message read ahead costs its process about a third less CPU: no turn of the read
-  loop's task, no stream buffer, no parser (on 2 shared cores, 36 microseconds against 58 for one that a
-  process wakes for; a bare asyncio protocol takes 21). ``CARAVAN_FAST_READ=0`` leaves every message to
-  nats-py's read loop (to compare, or to debug).
+  so the order is kept. A message read ahead costs its process about a third less CPU: no stream buffer, no
+  turn of the read loop's task, no pass of nats-py's parser (on 2 shared cores, 39 microseconds against 59 for
+  one that a process wakes for; a bare asyncio protocol takes 22). ``CARAVAN_FAST_READ=0`` leaves every message
+  to nats-py's read loop (to compare, or to debug).
 - :meth:`Wire.ask` is a request whose answer comes back through one inbox subscription, as a future. While a
   request waits, the event loop polls the socket rather than sleeping, for at most :attr:`Wire.spin_s` after
   the latest request (``CARAVAN_SPIN_US``, 500 by default; 0 turns it off). On a shared 2-core machine a message
