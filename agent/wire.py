@@ -313,13 +313,14 @@ class Wire:
                 break
             if not (sid.isdigit() and size.isdigit()):
                 break
-            callback = self._callbacks.get(int(sid))
+            number = int(sid)
+            callback = self._callbacks.get(number)
             begin = eol + 2
             stop = begin + int(size)
             if callback is None or stop + 2 > end or data[stop : stop + 2] != b"\r\n":
                 break
             start = stop + 2
-            self._deliver(callback, int(sid), subject, reply, data[begin:stop])
+            self._deliver(callback, number, subject, reply, data[begin:stop])
         return data[start:] if start else data
 
     async def subscribe(self, subject: str, callback: Callable[[Msg], None], queue: str = "") -> Subscription:

@@ -446,17 +446,16 @@ class NomadScheduler:
         known to exist is not asked about again; if an operator deleted it since (``nomad namespace delete``),
         Nomad refuses the job as in a nonexistent namespace (:func:`_namespace_gone`): it is forgotten, created
         again, and ``call()`` made once more. Its failing so again is reported as any refusal of the job is."""
-        self._ensure_namespace(namespace, customer_id)
-        try:
-            return call()
-        except _NamespaceGone as gone:
-            log.warning("Nomad namespace %s no longer exists (%s); creating it again", namespace, gone.error)
-            self._namespaces.discard(namespace)
-        self._ensure_namespace(namespace, customer_id)
-        try:
-            return call()
-        except _NamespaceGone as gone:
-            raise gone.error from None
+        for attempt in (1, 2):
+            self._ensure_namespace(namespace, customer_id)
+            try:
+                return call()
+            except _NamespaceGone as gone:
+                if attempt == 2:
+                    raise gone.error from None
+                log.warning("Nomad namespace %s no longer exists (%s); creating it again", namespace, gone.error)
+                self._namespaces.discard(namespace)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _register(
         self, job: dict[str, Any], namespace: str, job_id: str, meta: dict[str, str], secrets: dict[str, str]

@@ -169,11 +169,11 @@ async def test_with_fast_reading_off_every_message_goes_through_nats_py(
     ahead: list[bool] = []
     await wire.subscribe("slow", lambda msg: ahead.append(read_ahead()))
     await nc.flush()
-    for _ in range(3):
+    for i in range(3):  # one at a time, as a message read ahead would come
         await sender.publish("slow", b"x")
         await sender.flush()
-        await assert_eventually(now(lambda: len(ahead)), lambda n: n > 0, what="a message")
-    await assert_eventually(now(lambda: ahead), lambda a: a == [False] * 3, what="three messages, all read by nats-py")
+        await assert_eventually(now(lambda: len(ahead)), lambda n, i=i: n == i + 1, what=f"message {i}")
+    assert ahead == [False] * 3  # all read by nats-py's read loop
     wire.fast_read = True  # from the next message on
     await sender.publish("slow", b"x")
     await assert_eventually(now(lambda: ahead), lambda a: a == [False] * 3 + [True], what="one read ahead")
