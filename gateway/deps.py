@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
@@ -35,8 +36,8 @@ __all__ = [
     "known_query_only",
     "listed_scope",
     "owner_scope",
+    "refused_query",
     "target_customer",
-    "unknown_query",
 ]
 
 _bearer = HTTPBearer(auto_error=False, description="JWT from POST /v1/auth/token")
@@ -138,25 +139,33 @@ def _query_names(connection: HTTPConnection) -> set[str]:
     return {param.alias for d in _route_dependants(connection) for param in d.query_params}
 
 
-def unknown_query(connection: HTTPConnection) -> Invalid | None:
+def refused_query(connection: HTTPConnection) -> Invalid | None:
     """The ``422`` for the query parameters of ``connection`` that its route does not take, naming them and those
-    the route takes; None if it takes them all. A typo was ignored: ``?customer=`` for ``?customer_id=`` gave an
-    admin every customer's tasks, and ``?afer=`` a WebSocket the whole stream again."""
+    the route takes, and for those it takes once given more than once; None if it takes them all. A typo was
+    ignored: ``?customer=`` for ``?customer_id=`` gave an admin every customer's tasks, and ``?afer=`` a WebSocket
+    the whole stream again; of ``?status=running&status=failed`` the last counted, and only failed tasks came."""
     known = _query_names(connection)
-    unknown = sorted({name for name in connection.query_params if name not in known})
-    if not unknown:
+    given = Counter(name for name, _ in connection.query_params.multi_items())
+    unknown = sorted(name for name in given if name not in known)
+    repeated = sorted(name for name, times in given.items() if times > 1 and name in known)
+    if not unknown and not repeated:
         return None
     takes = f"this route takes {', '.join(sorted(known))}" if known else "this route takes none"
-    return invalid_input(
+    errors = [
         {"loc": (printable(name)[:100],), "msg": f"unknown query parameter ({takes})", "type": "unknown_parameter"}
         for name in unknown[:20]
-    )
+    ]
+    errors += [
+        {"loc": (name,), "msg": f"given {given[name]} times: give it once", "type": "repeated_parameter"}
+        for name in repeated
+    ]
+    return invalid_input(errors)
 
 
 async def known_query_only(request: HTTPConnection) -> None:
-    """A router's dependency: :func:`unknown_query` refused once the caller is known (401, 403, 429 first). A
+    """A router's dependency: :func:`refused_query` refused once the caller is known (401, 403, 429 first). A
     WebSocket's route asks it itself, after the token it may take in its query."""
-    if isinstance(request, Request) and (refused := unknown_query(request)) is not None:
+    if isinstance(request, Request) and (refused := refused_query(request)) is not None:
         await authenticate_first(request)
         raise refused
 

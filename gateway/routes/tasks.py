@@ -25,7 +25,7 @@ from gateway.deps import (
     get_principal,
     listed_scope,
     owner_scope,
-    unknown_query,
+    refused_query,
 )
 from gateway.errors import caravan_error_response, refuse_websocket
 from gateway.jsonbody import StrictJsonRoute
@@ -164,8 +164,8 @@ async def task_ws(
     credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=bearer) if bearer else None
     try:  # as every HTTP route: refusals audited and counted against the address, callers held to their rate
         principal = await get_principal(websocket, control, credentials)
-        if (unknown := unknown_query(websocket)) is not None:
-            raise unknown
+        if (refused := refused_query(websocket)) is not None:
+            raise refused
         task = await control.tasks.get(owner_scope(principal), task_id, transcript=False)
         ended = await control.tasks.ended_before(task, after)  # a client that saw the whole stream: nothing more
         slot = None if ended else streams.hold(principal)

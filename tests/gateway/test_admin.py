@@ -727,3 +727,36 @@ async def test_a_query_parameter_the_route_does_not_take_is_422_naming_those_it_
     # probes and the dashboard's assets take what they are sent
     assert (await api.client.get("/healthz", params={"probe": "1"})).status_code == 200
     assert (await api.client.get("/dashboard", params={"v": "2"})).status_code == 200
+
+
+async def test_a_query_parameter_given_twice_is_422_rather_than_the_last_one_counting(api: Api) -> None:
+    """Of ``?status=running&status=failed`` the last counted: a listing of failed tasks only, said nowhere. No
+    route takes a list in its query, so a repeated parameter is refused, and what it would have made is not."""
+    customer_id, headers = await api.new_customer()
+    other_id, _ = await api.new_customer()
+    admin = await api.admin()
+    agent = await running_agent(api, headers)
+    await finished(api, headers, await start_task(api, headers, agent["id"]))
+    twice = await api.client.get("/v1/tasks", params=[("status", "completed"), ("status", "failed")], headers=headers)
+    assert twice.status_code == 422, twice.text
+    assert twice.json()["error"]["details"] == [
+        {"field": "status", "message": "given 2 times: give it once", "type": "repeated_parameter"}
+    ]
+    assert [t["status"] for t in (await api.client.get("/v1/tasks", headers=headers)).json()] == ["completed"]
+    # a repeated and an unknown one are both named; the same value twice is refused too
+    both = await api.client.get("/v1/tasks", params=[("limit", "5"), ("limit", "5"), ("stat", "x")], headers=headers)
+    assert both.status_code == 422, both.text
+    assert [(d["field"], d["type"]) for d in both.json()["error"]["details"]] == [
+        ("stat", "unknown_parameter"),
+        ("limit", "repeated_parameter"),
+    ]
+    # an admin's create for one of two customers makes nothing for either
+    made = await api.client.post(
+        "/v1/agents", params=[("customer_id", customer_id), ("customer_id", other_id)], json=agent_body(), headers=admin
+    )
+    assert made.status_code == 422 and made.json()["error"]["details"][0]["field"] == "customer_id", made.text
+    for owner in (customer_id, other_id):
+        listed = await api.client.get("/v1/agents", params={"customer_id": owner}, headers=admin)
+        assert [a["id"] for a in listed.json()] == ([agent["id"]] if owner == customer_id else []), listed.text
+    # the caller first, as for any refusal
+    assert (await api.client.get("/v1/tasks", params=[("limit", "1"), ("limit", "2")])).status_code == 401

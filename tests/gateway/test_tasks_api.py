@@ -292,6 +292,10 @@ async def test_bad_resume_points_and_tokens_are_refused(api: Api) -> None:
     # a typo of ?after= replayed the whole stream; the token is looked at first, as for every refusal
     await assert_ws_refused(f"{ws_url}?token={token}&afer=1000000", 422, "invalid")
     await assert_ws_refused(f"{ws_url}?token=forged&afer=1000000", 401, "unauthorized")
+    # two resume points: the last one counted, said nowhere
+    await assert_ws_refused(f"{ws_url}?token={token}&after=0&after=1000000", 422, "invalid")
+    sse = await api.client.get(f"/v1/tasks/{task_id}/events", params=[("after", "0"), ("after", "9")], headers=headers)
+    assert sse.status_code == 422 and "after: given 2 times" in sse.json()["error"]["message"], sse.text
 
 
 async def running_slow_task(api: Api) -> tuple[str, dict[str, str], str]:
