@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import Query, Request, Response, status
 
 from agent.backends.base import Flag, FlagKey, Scope
 from control.errors import Invalid
@@ -13,11 +13,10 @@ from control.services.killswitch import KillswitchRequest, KillswitchResult, cov
 from control.services.quotas import Quota, QuotaChange, UsagePublic
 from control.services.stats import Stats
 from gateway.deps import AdminDep, ControlDep, ListedQuery, listed_scope
-from gateway.jsonbody import StrictJsonRoute
 from gateway.ratelimit import Tiers
+from gateway.routes import api_router
 from gateway.routes.agents import agent_owner
 from gateway.schemas import (
-    ERROR_RESPONSES,
     AgentPublic,
     BroadcastRequest,
     BroadcastResult,
@@ -29,7 +28,7 @@ from gateway.schemas import (
     KeyPublic,
 )
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
+router = api_router("/v1/admin", "admin")
 
 
 @router.post("/customers", response_model=CustomerCreated, status_code=status.HTTP_201_CREATED)

@@ -3,15 +3,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Response, status
+from fastapi import Response, status
 
 from control.models import Agent, AgentCreate, AgentUpdate
 from control.platform import ControlPlane
 from gateway.deps import ControlDep, ListedQuery, OwnerQuery, PrincipalDep, listed_scope, owner_scope, target_customer
-from gateway.jsonbody import StrictJsonRoute
-from gateway.schemas import ERROR_RESPONSES, AgentPublic
+from gateway.routes import api_router
+from gateway.schemas import AgentPublic
 
-router = APIRouter(prefix="/v1/agents", tags=["agents"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
+router = api_router("/v1/agents", "agents")
 AgentId = Annotated[str, "agent id"]
 
 

@@ -1,14 +1,14 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
 from control.errors import Unauthorized
 from control.services.audit import AuditRecord
 from gateway.deps import ControlDep, check_failures
-from gateway.jsonbody import StrictJsonRoute
-from gateway.schemas import ERROR_RESPONSES, TokenRequest, TokenResponse
+from gateway.routes import api_router
+from gateway.schemas import TokenRequest, TokenResponse
 
-router = APIRouter(prefix="/v1/auth", tags=["auth"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
+router = api_router("/v1/auth", "auth")
 
 
 @router.post("/token", response_model=TokenResponse)

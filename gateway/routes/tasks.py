@@ -5,7 +5,7 @@ import json
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect, status
+from fastapi import Header, Query, Request, WebSocket, WebSocketDisconnect, status
 from fastapi.responses import Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
@@ -28,11 +28,11 @@ from gateway.deps import (
     refused_query,
 )
 from gateway.errors import caravan_error_response, refuse_websocket
-from gateway.jsonbody import StrictJsonRoute
-from gateway.schemas import ERROR_RESPONSES, TaskPublic
+from gateway.routes import api_router
+from gateway.schemas import TaskPublic
 from gateway.streams import HeldStream
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
+router = api_router("/v1/tasks", "tasks")
 
 MAX_EVENT_ID = 2**63 - 1  # JetStream's sequences are signed 64-bit: a resume point past it is refused as input
 

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import Response, status
 
 from control.teams.models import Team, TeamCreate
 from gateway.deps import ControlDep, ListedQuery, OwnerQuery, PrincipalDep, listed_scope, owner_scope, target_customer
-from gateway.jsonbody import StrictJsonRoute
-from gateway.schemas import ERROR_RESPONSES, TeamPublic
+from gateway.routes import api_router
+from gateway.schemas import TeamPublic
 
-router = APIRouter(prefix="/v1/teams", tags=["teams"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
+router = api_router("/v1/teams", "teams")
 
 
 def _public(team: Team) -> TeamPublic:

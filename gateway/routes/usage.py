@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
-
 from control.services.quotas import UsagePublic
 from gateway.deps import ControlDep, PrincipalDep, customer_only
-from gateway.jsonbody import StrictJsonRoute
-from gateway.schemas import ERROR_RESPONSES
+from gateway.routes import api_router
 
-router = APIRouter(prefix="/v1", tags=["usage"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
+router = api_router("/v1", "usage")
 
 
 @router.get("/usage", response_model=UsagePublic)
