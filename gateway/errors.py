@@ -113,15 +113,17 @@ def _unreadable(exc: HTTPException) -> JSONResponse | None:
     """The answer to a JSON body FastAPI could not parse for a reason other than its syntax (its 400 "There was an
     error parsing the body", raised from what ``json.loads`` or :class:`gateway.jsonbody.StrictJsonRequest`
     raised): 422 for bytes that are no UTF-8, arrays or objects nested deeper than the parser goes, or an object
-    naming a key twice; 415 for a content type declaring a charset other than UTF-8. None for any other error."""
+    naming a key twice; 415 for a charset other than UTF-8 (declared, or UTF-16/32 by its bytes). None for any
+    other error."""
     cause = exc.__cause__
     if exc.status_code != 400:
         return None
     if isinstance(cause, NotUtf8):
         shown = cause.charset if len(cause.charset) <= 100 else f"{cause.charset[:100]}..."
+        this = f"this request's declares charset {shown!r}" if cause.declared else f"this request's body is {shown}"
         message = (
             "the body must be UTF-8 JSON, sent with content-type: application/json and no charset or charset=utf-8"
-            f" (this request's declares charset {shown!r})"
+            f" ({this})"
         )
         return error_response(415, _CODES[415], message)
     if isinstance(cause, UnicodeDecodeError):

@@ -1,8 +1,9 @@
 """How a route reads a JSON body: as FastAPI does (``json.loads`` of the bytes), but refusing an object that names a
-key twice and a body whose content type declares a charset other than UTF-8.
+key twice, a body whose content type declares a charset other than UTF-8, and a body in UTF-16 or UTF-32 that
+declares none (``json.loads`` reads those by their bytes).
 
 ``json.loads`` keeps the last of a key's values: a proxy or a firewall in front that reads the first would judge a
-request other than the one served. Both refusals are raised from ``Request.json()``, which FastAPI calls before a
+request other than the one served. The refusals are raised from ``Request.json()``, which FastAPI calls before a
 route's dependencies and answers with its 400 "There was an error parsing the body" raised from them;
 :mod:`gateway.errors` says what it was (422, 415), once the caller is known."""
 
@@ -22,6 +23,7 @@ __all__ = ["DuplicateKey", "NotUtf8", "StrictJsonRequest", "StrictJsonRoute", "l
 
 _SHOWN = 100  # characters of a key shown, and of a path's start and of its end
 _UTF8 = ("utf-8", "utf8")
+_READ_AS_UTF8 = ("utf-8", "utf-8-sig")  # what json.detect_encoding says of UTF-8, with or without a byte order mark
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -35,12 +37,14 @@ class DuplicateKey(ValueError):
 
 
 class NotUtf8(ValueError):
-    """A JSON body whose content type declares ``charset``, which is no UTF-8 (RFC 8259 §8.1: JSON exchanged between
-    systems is UTF-8): read as UTF-8, it would not say what its sender meant."""
+    """A JSON body in ``charset``, which is no UTF-8 (RFC 8259 §8.1: JSON exchanged between systems is UTF-8), as its
+    content type ``declared`` it, or else as its first bytes show (UTF-16 or UTF-32, which ``json.loads`` reads
+    where a proxy or a firewall in front that reads UTF-8 would see no JSON at all)."""
 
-    def __init__(self, charset: str) -> None:
+    def __init__(self, charset: str, declared: bool = True) -> None:
         self.charset = charset
-        super().__init__(f"declared charset {charset!r}")
+        self.declared = declared
+        super().__init__(f"declared charset {charset!r}" if declared else f"a body in {charset}")
 
 
 class _Duplicated(dict[str, Any]):
@@ -124,16 +128,21 @@ def _declared_charsets(content_type: str) -> list[str]:
 
 
 class StrictJsonRequest(Request):
-    """A request whose ``json()`` refuses a charset other than UTF-8 (:class:`NotUtf8`) and a key named twice
-    (:class:`DuplicateKey`). FastAPI calls it for a non-empty body it reads as JSON (``application/json``,
-    ``application/*+json``)."""
+    """A request whose ``json()`` refuses a charset other than UTF-8, declared or not (:class:`NotUtf8`), and a key
+    named twice (:class:`DuplicateKey`). FastAPI calls it for a non-empty body it reads as JSON
+    (``application/json``, ``application/*+json``). A UTF-8 byte order mark is skipped, as RFC 8259 allows."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_strict_json"):
             for charset in _declared_charsets(self.headers.get("content-type", "")):
                 if charset not in _UTF8:
                     raise NotUtf8(charset)
-            self._strict_json = loads(await self.body())
+            body = await self.body()
+            # (it looks for a UTF-16/32 byte order mark, or a NUL byte among the first: UTF-8 JSON has none anywhere)
+            encoding = json.detect_encoding(body)
+            if encoding not in _READ_AS_UTF8:
+                raise NotUtf8(encoding.upper(), declared=False)
+            self._strict_json = loads(body)
         return self._strict_json
 
 

@@ -469,6 +469,35 @@ async def test_a_json_body_declaring_a_charset_other_than_utf8_is_415_and_nothin
         await api.client.delete(f"/v1/agents/{made.json()['id']}", headers=headers)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
+async def test_a_json_body_in_utf16_or_utf32_declaring_no_charset_is_415_and_nothing_is_made(
+    api: Api, encoding: str
+) -> None:
+    """`json.loads` reads UTF-16 and UTF-32 by their bytes, where a proxy or a firewall in front that reads UTF-8 sees
+    no JSON: such a body is refused as one that declares its charset is, naming what its bytes show. A UTF-8 byte
+    order mark is skipped (RFC 8259 8.1 allows it)."""
+    _, headers = await api.new_customer()
+    document = agent_body(system_message="Vous êtes utile.")
+    body = json.dumps(document, ensure_ascii=False).encode(encoding)
+    as_json = {**headers, "Content-Type": "application/json"}
+    for method, path in (("POST", "/v1/agents"), ("PATCH", "/v1/agents/ag-000000000000"), ("POST", "/v1/tasks")):
+        refused = await api.client.request(method, path, content=body, headers=as_json)
+        assert refused.status_code == 415, (method, path, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "unsupported_media_type"
+        assert error["message"] == (
+            "the body must be UTF-8 JSON, sent with content-type: application/json and no charset or charset=utf-8"
+            f" (this request's body is {encoding.upper()})"
+        )
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+    anonymous = await api.client.post("/v1/agents", content=body, headers={"Content-Type": "application/json"})
+    assert anonymous.status_code == 401, anonymous.text  # authentication comes first
+    with_bom = json.dumps(document, ensure_ascii=False).encode("utf-8-sig")
+    made = await api.client.post("/v1/agents", content=with_bom, headers=as_json)
+    assert made.status_code == 201, made.text
+    assert made.json()["system_message"] == "Vous êtes utile."
+
+
 async def test_every_route_that_reads_a_json_body_refuses_a_key_named_twice(api: Api) -> None:
     """The refusal is made by the route class of the API's routers: every operation the API documents with a JSON
     body makes it (a route added without that class would read the body as `json.loads` does)."""
