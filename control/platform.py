@@ -191,9 +191,21 @@ class ControlPlane:
         return True
 
     async def start(self) -> None:
+        """Connect, bootstrap and reconcile. A start that fails part-way stops what it started (connections,
+        watchers, the scheduler's processes, leases) before it raises: ``async with`` runs no ``stop()`` for it."""
         if self._started:
             raise RuntimeError("control plane already started")
         self._started = True
+        try:
+            await self._start()
+        except BaseException:
+            try:
+                await self.stop()
+            except Exception:  # the start's own error is the one to raise
+                log.exception("could not stop what the failed start of the control plane started")
+            raise
+
+    async def _start(self) -> None:
         user, password = control_login(self.settings, self.nats_auth.control() if self.nats_auth is not None else None)
         self._jet = jet = await connect(self.settings.nats_url, user=user, password=password)
         Wire.of(jet.nc).spin_s = self.settings.spin_us / 1e6  # the platform's setting, as its agents get it

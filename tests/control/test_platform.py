@@ -11,8 +11,11 @@ import nats
 import pytest
 
 from agent.wire import Wire
+from control.backends.base import SchedulerUnreachable
+from control.backends.local import LocalScheduler
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
+from control.services.agents import AgentService
 from control.services.audit import AUDIT_STREAM
 from control.settings import Settings
 from tests.support.helpers import stalled
@@ -71,3 +74,36 @@ async def test_an_audit_stream_limited_by_hand_is_reported_and_left_as_it_is(
         await nc.close()
     (error,) = [r for r in caplog.records if r.name == "caravan.audit"]
     assert error.levelname == "ERROR" and "lets records go" in error.getMessage() and "max_age" in error.getMessage()
+
+
+@pytest.mark.parametrize("failing", ["scheduler start", "reconcile"])
+async def test_a_start_that_fails_part_way_stops_what_it_started(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A start that fails (say Nomad unreachable when agents are put back, the last step) raises its own error and
+    leaves nothing running: ``async with`` runs no stop() for a start that failed, and what had started (the NATS
+    connection and its tasks, the killswitch and registry watchers, the scheduler, the task tracker's lease, the
+    team runner) ran on in the process. The next start is not kept from the tracker's lease."""
+    error = SchedulerUnreachable("Nomad gave no answer: connection refused")
+
+    async def fail(*_: object) -> None:
+        raise error
+
+    target = (LocalScheduler, "start") if failing == "scheduler start" else (AgentService, "reconcile")
+    before = asyncio.all_tasks()
+    with monkeypatch.context() as patched:
+        patched.setattr(*target, fail)
+        control = ControlPlane(settings)
+        with pytest.raises(SchedulerUnreachable) as raised:
+            await control.start()
+    assert raised.value is error
+    left = [task for task in asyncio.all_tasks() - before if not task.done()]
+    assert left == [], [task.get_coro() for task in left]
+    assert not control.ready
+    async with ControlPlane(settings) as again:
+        assert again.ready and await again.answering(within_s=5)
+        for _ in range(100):  # the lease left by the failed start was given up: this one folds the task events
+            if again.tasks.folding:
+                break
+            await asyncio.sleep(0.05)
+        assert again.tasks.folding
