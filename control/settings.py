@@ -32,6 +32,13 @@ class Settings(BaseSettings):
         description="Log every API request (uvicorn's access log), a line each: method, path and query (a token or "
         "an API key in it redacted: gateway/logredact.py), status.",
     )
+    http_header_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        le=3600,
+        description="How long the API waits for a request's headers, from the connection's opening or the previous "
+        "response's end, before it answers 408 and closes the connection (gateway/http11.py).",
+    )
     data_dir: Path = Path("var")
     nats_url: str = Field(
         default="nats://127.0.0.1:4222", validation_alias=AliasChoices("CARAVAN_NATS_URL", "NATS_URL")
