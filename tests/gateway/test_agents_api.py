@@ -438,15 +438,11 @@ NOT_UTF8 = {  # the charset a content type declares, and the body sent with it (
 }
 
 
-@pytest.mark.parametrize("sent", NOT_UTF8)
-async def test_a_json_body_declaring_a_charset_other_than_utf8_is_415_and_nothing_is_made(api: Api, sent: str) -> None:
-    """JSON between systems is UTF-8 (RFC 8259 8.1): a body declared in another charset was read as UTF-8 anyway
-    (or as what its bytes looked like), meaning other than what its sender meant; it is refused with 415 saying what
-    to send, once the caller is known. UTF-8 declared, in any spelling, or no charset, is read."""
-    _, headers = await api.new_customer()
-    content_type, encoding = NOT_UTF8[sent]
-    body = json.dumps(agent_body(system_message="Vous êtes utile."), ensure_ascii=False).encode(encoding)
-    declared = content_type.split("charset=", 1)[1].split(";")[0].strip('"').lower()
+async def assert_refused_as_not_utf8(
+    api: Api, headers: dict[str, str], body: bytes, content_type: str, said: str
+) -> None:
+    """``body`` sent as ``content_type`` is 415 on every route that reads one, its message ending in what this
+    request's charset ``said``; nothing is made, and a caller not known is told 401 first."""
     for method, path in (("POST", "/v1/agents"), ("PATCH", "/v1/agents/ag-000000000000"), ("POST", "/v1/tasks")):
         refused = await api.client.request(
             method, path, content=body, headers={**headers, "Content-Type": content_type}
@@ -456,11 +452,23 @@ async def test_a_json_body_declaring_a_charset_other_than_utf8_is_415_and_nothin
         assert error["code"] == "unsupported_media_type"
         assert error["message"] == (
             "the body must be UTF-8 JSON, sent with content-type: application/json and no charset or charset=utf-8"
-            f" (this request's declares charset {declared!r})"
+            f" (this request's {said})"
         )
     assert (await api.client.get("/v1/agents", headers=headers)).json() == []
     anonymous = await api.client.post("/v1/agents", content=body, headers={"Content-Type": content_type})
     assert anonymous.status_code == 401, anonymous.text  # authentication comes first
+
+
+@pytest.mark.parametrize("sent", NOT_UTF8)
+async def test_a_json_body_declaring_a_charset_other_than_utf8_is_415_and_nothing_is_made(api: Api, sent: str) -> None:
+    """JSON between systems is UTF-8 (RFC 8259 8.1): a body declared in another charset was read as UTF-8 anyway
+    (or as what its bytes looked like), meaning other than what its sender meant; it is refused with 415 saying what
+    to send, once the caller is known. UTF-8 declared, in any spelling, or no charset, is read."""
+    _, headers = await api.new_customer()
+    content_type, encoding = NOT_UTF8[sent]
+    body = json.dumps(agent_body(system_message="Vous êtes utile."), ensure_ascii=False).encode(encoding)
+    declared = content_type.split("charset=", 1)[1].split(";")[0].strip('"').lower()
+    await assert_refused_as_not_utf8(api, headers, body, content_type, f"declares charset {declared!r}")
     utf8 = json.dumps(agent_body(system_message="Vous êtes utile."), ensure_ascii=False).encode()
     for charset in ("application/json", "application/json; charset=utf-8", 'application/json; Charset="UTF-8"'):
         made = await api.client.post("/v1/agents", content=utf8, headers={**headers, "Content-Type": charset})
@@ -479,19 +487,8 @@ async def test_a_json_body_in_utf16_or_utf32_declaring_no_charset_is_415_and_not
     _, headers = await api.new_customer()
     document = agent_body(system_message="Vous êtes utile.")
     body = json.dumps(document, ensure_ascii=False).encode(encoding)
+    await assert_refused_as_not_utf8(api, headers, body, "application/json", f"body is {encoding.upper()}")
     as_json = {**headers, "Content-Type": "application/json"}
-    for method, path in (("POST", "/v1/agents"), ("PATCH", "/v1/agents/ag-000000000000"), ("POST", "/v1/tasks")):
-        refused = await api.client.request(method, path, content=body, headers=as_json)
-        assert refused.status_code == 415, (method, path, refused.text)
-        error = refused.json()["error"]
-        assert error["code"] == "unsupported_media_type"
-        assert error["message"] == (
-            "the body must be UTF-8 JSON, sent with content-type: application/json and no charset or charset=utf-8"
-            f" (this request's body is {encoding.upper()})"
-        )
-    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
-    anonymous = await api.client.post("/v1/agents", content=body, headers={"Content-Type": "application/json"})
-    assert anonymous.status_code == 401, anonymous.text  # authentication comes first
     with_bom = json.dumps(document, ensure_ascii=False).encode("utf-8-sig")
     made = await api.client.post("/v1/agents", content=with_bom, headers=as_json)
     assert made.status_code == 201, made.text
