@@ -17,8 +17,10 @@ from agent.protocol import ModelConfig
 from control.backends.base import AllocState, SchedulerUnreachable
 from control.errors import Conflict
 from control.models import Agent, AgentCreate, AgentStatus, AgentUpdate, Resources, TaskCreate
+from control.natsio import connect
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
+from control.store import Repo
 from tests.conftest import Api, NomadTarget, consul_env, make_settings, serve_api
 from tests.gateway.test_metrics import parse
 from tests.support.helpers import assert_eventually
@@ -177,21 +179,26 @@ async def test_a_restart_on_a_nomad_that_cannot_answer_fails_and_leaves_the_agen
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
     """The control plane restarts on a Nomad that answers "500 No cluster leader" to every read of a job, after its
-    retries: the start fails, saying so, and no agent is failed for it: they are left meant to run, as they were,
-    and the next start puts them back. Against the double only: a real Nomad cannot be made to fail on demand."""
+    retries: the start fails, saying so (and stops what it started), and no agent is failed for it: they are left
+    meant to run, as they were, and the next start puts them back. Against the double only: a real Nomad cannot be
+    made to fail on demand."""
     data = tmp_path / "data"
     agents = await _agents_on_a_nomad_that_lost_them(nats_server, data, 2)
     with NomadDouble() as double:
         target = NomadTarget(double.address, None, double)
         control = await _control(target, nats_server, data)
+        with double.failing("job_get"), pytest.raises(SchedulerUnreachable, match="No cluster leader"):
+            await control.start()
+        assert not control.ready
+        jet = await connect(nats_server.url)
         try:
-            with double.failing("job_get"), pytest.raises(SchedulerUnreachable, match="No cluster leader"):
-                await control.start()
-            for agent in agents:
-                left = await control.agents.get(None, agent.id)
+            for agent in agents:  # as stored
+                found = await Repo(jet.kv["agents"], Agent).find(agent.id)
+                assert found is not None
+                left = found[1]
                 assert (left.desired, left.status, left.status_reason) == ("running", AgentStatus.STARTING, None)
         finally:
-            await control.stop()
+            await jet.close()
         async with await _control(target, nats_server, data) as control:
             for agent in agents:
                 await _running(control, agent)
