@@ -11,19 +11,23 @@ and a response are not timed: a task's event stream and a WebSocket stay open as
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from gateway.errors import error_response
+
 __all__ = ["REQUEST_TIMEOUT", "with_header_deadline"]
 
-_TIMED_OUT = json.dumps({"error": {"code": "request_timeout", "message": "the request's headers did not come in time"}})
+_TIMED_OUT = error_response(408, "request_timeout", "the request's headers did not come in time")
 REQUEST_TIMEOUT = (
-    "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    f"content-length: {len(_TIMED_OUT)}\r\n\r\n{_TIMED_OUT}"
-).encode()
-"""What a connection whose request's headers did not come in time gets before it is closed."""
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    + b"".join(b"%s: %s\r\n" % header for header in _TIMED_OUT.raw_headers)
+    + b"connection: close\r\n\r\n"
+    + _TIMED_OUT.body
+)
+"""What a connection whose request's headers did not come in time gets before it is closed: the API's error body,
+written as it is (no request came for uvicorn to answer)."""
 
 
 class _HeaderDeadline(H11Protocol):
@@ -49,10 +53,9 @@ class _HeaderDeadline(H11Protocol):
             self._disarm()
 
     def on_response_complete(self) -> None:
-        self._arm()  # before uvicorn reads a request it holds already (pipelined), which disarms it
+        if not self.transport.is_closing():
+            self._arm()  # before uvicorn reads a request it holds already (pipelined), which disarms it
         super().on_response_complete()
-        if self.transport.is_closing():
-            self._disarm()
 
     def _arm(self) -> None:
         self._disarm()

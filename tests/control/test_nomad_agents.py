@@ -195,7 +195,7 @@ async def test_a_restart_on_a_nomad_that_cannot_answer_fails_and_leaves_the_agen
             for agent in agents:  # as stored
                 found = await Repo(jet.kv["agents"], Agent).find(agent.id)
                 assert found is not None
-                left = found[1]
+                _, left = found
                 assert (left.desired, left.status, left.status_reason) == ("running", AgentStatus.STARTING, None)
         finally:
             await jet.close()

@@ -18,7 +18,7 @@ from control.platform import ControlPlane
 from control.services.agents import AgentService
 from control.services.audit import AUDIT_STREAM
 from control.settings import Settings
-from tests.support.helpers import stalled
+from tests.support.helpers import assert_eventually, now, stalled
 
 
 async def test_starting_a_control_plane_leaves_the_garbage_collector_alone(settings: Settings) -> None:
@@ -102,8 +102,5 @@ async def test_a_start_that_fails_part_way_stops_what_it_started(
     assert not control.ready
     async with ControlPlane(settings) as again:
         assert again.ready and await again.answering(within_s=5)
-        for _ in range(100):  # the lease left by the failed start was given up: this one folds the task events
-            if again.tasks.folding:
-                break
-            await asyncio.sleep(0.05)
-        assert again.tasks.folding
+        # the lease left by the failed start was given up: this one folds the task events
+        await assert_eventually(now(lambda: again.tasks.folding), bool, within=5, what="the tracker's lease")
