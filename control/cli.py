@@ -51,7 +51,7 @@ from control.settings import Settings
 from control.store import Repo
 from control.teams.models import TeamCreate, Termination
 from gateway.app import create_app
-from gateway.http11 import with_header_deadline
+from gateway.http11 import with_request_deadlines
 from gateway.logredact import RedactUrls
 
 __all__ = ["main"]
@@ -157,7 +157,7 @@ class _Server(uvicorn.Server):
 def _server_config(settings: Settings, control: ControlPlane) -> uvicorn.Config:
     """uvicorn's settings: its own lines at warning, unless Caravan's log is at debug or ``CARAVAN_ACCESS_LOG``
     asks for every request (uvicorn writes its access lines, and a WebSocket's, at info); HTTP/1.1 by h11, with a
-    deadline for a request's headers (:mod:`gateway.http11`)."""
+    deadline for a request's headers and one for its body (:mod:`gateway.http11`)."""
     level = "debug" if settings.log_level == "debug" else "info" if settings.access_log else "warning"
     app = create_app(settings, control)
     return uvicorn.Config(
@@ -166,7 +166,7 @@ def _server_config(settings: Settings, control: ControlPlane) -> uvicorn.Config:
         port=settings.http_port,
         log_level=level,
         access_log=settings.access_log,
-        http=with_header_deadline(settings.http_header_timeout_s),
+        http=with_request_deadlines(settings.http_header_timeout_s, settings.http_body_timeout_s),
     )
 
 

@@ -39,6 +39,13 @@ class Settings(BaseSettings):
         description="How long the API waits for a request's headers, from the connection's opening or the previous "
         "response's end, before it answers 408 and closes the connection (gateway/http11.py).",
     )
+    http_body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="How long the API waits for a request's body, from its headers' end, before it answers 408 and "
+        "closes the connection, unless the response has started (gateway/http11.py).",
+    )
     data_dir: Path = Path("var")
     nats_url: str = Field(
         default="nats://127.0.0.1:4222", validation_alias=AliasChoices("CARAVAN_NATS_URL", "NATS_URL")

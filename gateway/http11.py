@@ -1,45 +1,67 @@
-"""uvicorn's HTTP/1.1 protocol (h11), with a deadline for a request's headers.
+"""uvicorn's HTTP/1.1 protocol (h11), with deadlines for a request's headers and for its body.
 
 uvicorn times out only a keep-alive connection that stays idle after a response, and any byte that comes restarts
-nothing but cancels that: a client that opened a connection and sent nothing, or sent its headers a byte every few
-seconds, held the connection (and a file descriptor) for ever, and enough of them left the gateway unable to accept
-any other ("slowloris"). Here a connection whose request's headers have not all come within the deadline, counted
-from the connection's opening or from the end of its previous response, gets a 408 and is closed. A request's body
-and a response are not timed: a task's event stream and a WebSocket stay open as long as they are used.
+nothing but cancels that: a client that opened a connection and sent nothing, or sent its headers or its body a byte
+every few seconds, held the connection (and a file descriptor, and for a body the route's task) for ever, and enough
+of them left the gateway unable to accept any other ("slowloris"). Here:
+
+- a connection whose request's headers have not all come within the headers' deadline, counted from the
+  connection's opening or from the end of its previous response, gets a 408 and is closed;
+- a request whose body has not all come within the body's deadline, counted from the end of its headers, gets a
+  408 and is closed, unless its response has started (the route answered without the body: what follows the
+  response is the next request's wait). The server's own waits are not the client's: while its reading is paused
+  (the route has not taken what came) or the ``100 Continue`` a client asked for is not sent, the deadline does not
+  end the request, and when the route reads again the body gets a whole deadline from then. The route, when the
+  connection is closed, sees the client gone (``http.disconnect``).
+
+A response is not timed: a task's event stream and a WebSocket stay open as long as they are used.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn._types import ASGIReceiveEvent
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from gateway.errors import error_response
 
-__all__ = ["REQUEST_TIMEOUT", "with_header_deadline"]
+__all__ = ["BODY_TIMEOUT", "HEADERS_TIMEOUT", "with_request_deadlines"]
 
-_TIMED_OUT = error_response(408, "request_timeout", "the request's headers did not come in time")
-REQUEST_TIMEOUT = (
-    b"HTTP/1.1 408 Request Timeout\r\n"
-    + b"".join(b"%s: %s\r\n" % header for header in _TIMED_OUT.raw_headers)
-    + b"connection: close\r\n\r\n"
-    + _TIMED_OUT.body
-)
-"""What a connection whose request's headers did not come in time gets before it is closed: the API's error body,
-written as it is (no request came for uvicorn to answer)."""
+log = logging.getLogger("caravan.gateway")
 
 
-class _HeaderDeadline(H11Protocol):
-    deadline_s: float = 20.0
+def _timed_out(what: str) -> bytes:
+    """What a connection whose request's ``what`` did not come in time gets before it is closed: the API's error body,
+    written as it is (uvicorn has no response started for it, nor a request to answer when the headers are late)."""
+    response = error_response(408, "request_timeout", f"the request's {what} did not come in time")
+    return (
+        b"HTTP/1.1 408 Request Timeout\r\n"
+        + b"".join(b"%s: %s\r\n" % header for header in response.raw_headers)
+        + b"connection: close\r\n\r\n"
+        + response.body
+    )
+
+
+HEADERS_TIMEOUT = _timed_out("headers")
+BODY_TIMEOUT = _timed_out("body")
+
+
+class _RequestDeadlines(H11Protocol):
+    headers_deadline_s: float = 20.0
+    body_deadline_s: float = 60.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
+        self._waiting_for_body = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        self._arm_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -48,31 +70,78 @@ class _HeaderDeadline(H11Protocol):
     def handle_events(self) -> None:
         cycle = self.cycle
         super().handle_events()
-        # a request's headers came: uvicorn started its cycle, or handed the connection to a WebSocket
-        if self.cycle is not cycle or self.transport.get_protocol() is not self:
+        if self.transport.get_protocol() is not self:  # handed to a WebSocket
+            self._disarm()
+        elif self.cycle is not cycle:  # a request's headers came: uvicorn started its cycle
+            self._disarm()
+            if self.cycle is not None and self.cycle.more_body:
+                self._arm_body()
+                self.cycle.receive = self._receiving(self.cycle)  # type: ignore[method-assign]
+        elif self._waiting_for_body and self.cycle is not None and not self.cycle.more_body:
             self._disarm()
 
     def on_response_complete(self) -> None:
         if not self.transport.is_closing():
-            self._arm()  # before uvicorn reads a request it holds already (pipelined), which disarms it
+            self._arm_headers()  # before uvicorn reads a request it holds already (pipelined), which disarms it
         super().on_response_complete()
 
-    def _arm(self) -> None:
+    def _receiving(self, cycle: RequestResponseCycle) -> Callable[[], Coroutine[Any, Any, ASGIReceiveEvent]]:
+        """``cycle``'s receive, which the route calls for the body: when it finds the client made to wait (reading
+        paused, a ``100 Continue`` not sent), the wait ends and the body gets a whole deadline from then."""
+        receive = cycle.receive
+
+        async def receiving() -> ASGIReceiveEvent:
+            made_to_wait = cycle.waiting_for_100_continue or self.flow.read_paused
+            if made_to_wait and self.cycle is cycle and self._waiting_for_body:
+                self._arm_body()
+            return await receive()
+
+        return receiving
+
+    def _arm_headers(self) -> None:
         self._disarm()
-        self._deadline = self.loop.call_later(self.deadline_s, self._expired)
+        self._deadline = self.loop.call_later(self.headers_deadline_s, self._headers_late)
+
+    def _arm_body(self) -> None:
+        self._disarm()
+        self._waiting_for_body = True
+        self._deadline = self.loop.call_later(self.body_deadline_s, self._body_late)
 
     def _disarm(self) -> None:
+        self._waiting_for_body = False
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
 
-    def _expired(self) -> None:
+    def _headers_late(self) -> None:
+        self._close_with(HEADERS_TIMEOUT, f"its request's headers did not come within {self.headers_deadline_s:g} s")
+
+    def _body_late(self) -> None:
+        self._deadline = None
+        self._waiting_for_body = False
+        cycle = self.cycle
+        if cycle is None or cycle.response_started:
+            return  # answered without the body: the headers' deadline comes when the response ends
+        if self.flow.read_paused or cycle.waiting_for_100_continue:
+            self._arm_body()  # the wait is the server's, not the client's
+            return
+        self._close_with(BODY_TIMEOUT, f"its request's body did not come within {self.body_deadline_s:g} s")
+
+    def _close_with(self, answer: bytes, why: str) -> None:
         self._deadline = None
         if not self.transport.is_closing():
-            self.transport.write(REQUEST_TIMEOUT)
+            log.info("408 to %s, connection closed: %s", _address(self.client), why)
+            self.transport.write(answer)
             self.transport.close()
 
 
-def with_header_deadline(deadline_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol giving a request's headers ``deadline_s`` seconds (``uvicorn.Config(http=...)``)."""
-    return type("H11WithHeaderDeadline", (_HeaderDeadline,), {"deadline_s": deadline_s})
+def _address(client: tuple[str, int] | None) -> str:
+    return "a client" if client is None else f"{client[0]}:{client[1]}"
+
+
+def with_request_deadlines(headers_s: float, body_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol giving a request's headers ``headers_s`` seconds and its body ``body_s`` seconds
+    (``uvicorn.Config(http=...)``)."""
+    return type(
+        "H11WithRequestDeadlines", (_RequestDeadlines,), {"headers_deadline_s": headers_s, "body_deadline_s": body_s}
+    )

@@ -1,24 +1,29 @@
-"""The API's HTTP/1.1 protocol: a request's headers have a deadline (slow clients cannot hold connections for ever);
-bodies, streamed answers and WebSockets do not."""
+"""The API's HTTP/1.1 protocol: a request's headers and its body have deadlines (slow clients cannot hold
+connections for ever); streamed answers and WebSockets do not, nor the server's own waits."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import uvicorn
 import websockets
 
 from control.cli import _server_config
 from control.platform import ControlPlane
 from control.settings import Settings
-from gateway.http11 import REQUEST_TIMEOUT, with_header_deadline
+from gateway.http11 import BODY_TIMEOUT, HEADERS_TIMEOUT, with_request_deadlines
+from tests.conftest import Api
+from tests.gateway.test_agents_api import agent_body
 
 DEADLINE_S = 0.4
 LONGER_S = 1.2  # three deadlines: what came in this time would have been cut off without the protocol's care
+BODY_DEADLINE_S = 3 * LONGER_S  # the body's, where a test needs a body late by LONGER_S to be read
 ENOUGH_S = 30.0  # to wait for what must come (none of this is timed: only bounded, so that a failure ends)
 
 
@@ -60,10 +65,9 @@ async def small_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"then:" + body})
 
 
-def small_server() -> uvicorn.Config:
-    return uvicorn.Config(
-        small_app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", http=with_header_deadline(DEADLINE_S)
-    )
+def small_server(app: Any = small_app, body_s: float = BODY_DEADLINE_S) -> uvicorn.Config:
+    deadlines = with_request_deadlines(DEADLINE_S, body_s)
+    return uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", http=deadlines)
 
 
 async def read_all(reader: asyncio.StreamReader) -> bytes:
@@ -79,7 +83,7 @@ async def test_a_connection_that_sends_nothing_is_answered_408_and_closed(
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         answered = await read_all(reader)
         writer.close()
-    assert answered == REQUEST_TIMEOUT
+    assert answered == HEADERS_TIMEOUT
     head, _, body = answered.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head
     assert json.loads(body)["error"]["code"] == "request_timeout"
@@ -100,13 +104,13 @@ async def test_headers_sent_a_byte_at_a_time_are_cut_off_at_the_deadline_though_
             sent += 1
         answered = await reading
         writer.close()
-    assert answered == REQUEST_TIMEOUT
+    assert answered == HEADERS_TIMEOUT
     assert sent < len(request)  # closed before the headers were all sent
 
 
-async def test_a_slow_body_a_long_answer_and_the_next_request_on_the_connection_are_not_cut_off() -> None:
-    """The deadline is the headers': the body that follows them late is read, the answer streams for longer than
-    the deadline, and the connection, kept alive, serves the next request."""
+async def test_a_late_body_a_long_answer_and_the_next_request_on_the_connection_are_not_cut_off() -> None:
+    """A body that comes later than the headers' deadline, but within its own, is read; the answer streams for
+    longer than either deadline, and the connection, kept alive, serves the next request."""
     async with serving(small_server()) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for body in (b"late body", b"again"):
@@ -132,7 +136,7 @@ async def test_an_idle_kept_alive_connection_gets_the_deadline_again_after_each_
         await writer.drain()
         answered = await read_all(reader)  # the answer, then the 408 once nothing more came
         writer.close()
-    assert answered.startswith(b"HTTP/1.1 200 ") and answered.endswith(REQUEST_TIMEOUT)
+    assert answered.startswith(b"HTTP/1.1 200 ") and answered.endswith(HEADERS_TIMEOUT)
 
 
 async def test_a_websocket_stays_open_past_the_deadline() -> None:
@@ -141,3 +145,101 @@ async def test_a_websocket_stays_open_past_the_deadline() -> None:
             await asyncio.sleep(LONGER_S)
             await ws.send(said)
             assert await asyncio.wait_for(ws.recv(), ENOUGH_S) == said
+
+
+async def test_a_body_sent_a_byte_at_a_time_is_cut_off_at_its_deadline_and_nothing_is_made(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the API is served: an agent's definition trickled in is answered 408 when the body's deadline comes,
+    though bytes keep coming, and no agent is made; the log says whom and why."""
+    caplog.set_level(logging.INFO, "caravan.gateway")
+    _, headers = await api.new_customer()
+    chosen = api.control.settings.model_copy(update={"http_port": 0, "http_body_timeout_s": DEADLINE_S})
+    body = json.dumps(agent_body()).encode()
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    request_head = (
+        f"POST /v1/agents HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{head}"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    async with serving(_server_config(chosen, api.control)) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request_head)
+        reading = asyncio.ensure_future(read_all(reader))
+        sent = 0
+        for byte in body:
+            await asyncio.sleep(DEADLINE_S / 8)
+            if reading.done():
+                break
+            writer.write(bytes([byte]))
+            await writer.drain()
+            sent += 1
+        answered = await reading
+        writer.close()
+    assert answered == BODY_TIMEOUT
+    assert json.loads(answered.partition(b"\r\n\r\n")[2])["error"]["message"] == (
+        "the request's body did not come in time"
+    )
+    assert sent < len(body)
+    said = [r.getMessage() for r in caplog.records if r.name == "caravan.gateway"]
+    assert any(m.startswith("408 to 127.0.0.1:") and m.endswith("body did not come within 0.4 s") for m in said), said
+    listed = await api.client.get("/v1/agents", headers=headers)
+    assert listed.status_code == 200 and listed.json() == []
+
+
+SLOW_BODY_S = 1.0  # the body's deadline where the server is slow to read
+ROUTE_READS_AT_S = 2.5  # its route first reads this long after the headers: half-way between two deadlines' ends
+CLIENT_LAG_S = 0.75  # and the client sends what it was made to wait with this long after that: past the deadline
+# counted on from the headers (3.0 s), within the whole deadline counted from the route's reading (3.5 s)
+
+
+async def slow_reader(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads a request's body only ``ROUTE_READS_AT_S`` after its headers, and answers its size."""
+    if scope["type"] != "http":
+        return
+    await asyncio.sleep(ROUTE_READS_AT_S)
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    said = b"%d" % size
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(said))]})
+    await send({"type": "http.response.body", "body": said})
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ENOUGH_S)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0])
+    return head, await asyncio.wait_for(reader.readexactly(length), ENOUGH_S)
+
+
+async def test_a_body_the_route_is_slow_to_take_gets_a_whole_deadline_once_taken() -> None:
+    """The server's own wait is not the client's: a body's first part, more than uvicorn buffers, waits (reading
+    paused) past two deadlines for the route to read it; its last part, sent a while after, is still read."""
+    first, last = b"x" * 2**18, b"y" * 10  # uvicorn stops reading past 64 KiB that the route has not taken
+    async with serving(small_server(slow_reader, body_s=SLOW_BODY_S)) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % (len(first) + len(last)) + first)
+        await asyncio.sleep(ROUTE_READS_AT_S + CLIENT_LAG_S)
+        writer.write(last)
+        _, answered = await read_answer(reader)
+        writer.close()
+    assert answered == b"%d" % (len(first) + len(last))
+
+
+async def test_a_body_that_waits_for_100_continue_gets_a_whole_deadline_once_told_to_come() -> None:
+    """A client asking ``Expect: 100-continue`` sends its body once told to, which is when the route first reads;
+    a body sent a while after that is still read."""
+    body = b"a small body"
+    async with serving(small_server(slow_reader, body_s=SLOW_BODY_S)) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
+        told = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ENOUGH_S)
+        assert told.startswith(b"HTTP/1.1 100 "), told
+        await asyncio.sleep(CLIENT_LAG_S)
+        writer.write(body)
+        _, answered = await read_answer(reader)
+        writer.close()
+    assert answered == b"%d" % len(body)
