@@ -253,6 +253,7 @@ class ControlPlane:
         # them here: no agent starts under a hard killswitch, and a deleted or failed agent's tasks end
         self._agents.attach_killswitch(self._killswitch)
         self._agents.on_delete(self._tasks.end_tasks_of_deleted)
+        self._agents.on_deleted(self._killswitch.release_deleted)
         self._agents.on_failed(self._tasks.end_tasks_of_failed)
         self._stats = StatsService(
             Repo(jet.kv["agents"], Agent),

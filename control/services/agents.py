@@ -113,7 +113,8 @@ class Killswitches(Protocol):
 
 
 AgentHook = Callable[[Agent], Awaitable[None]]
-"""Called with an agent's record when it is being deleted, or has failed (:meth:`AgentService.on_delete`)."""
+"""Called with an agent's record when it is being deleted, has been, or has failed (:meth:`AgentService.on_delete`,
+:meth:`~AgentService.on_deleted`, :meth:`~AgentService.on_failed`)."""
 
 
 def failure(agent: Agent) -> str:
@@ -153,6 +154,7 @@ class AgentService:
         self._quotas = quotas
         self._killswitches: Killswitches | None = None
         self._delete_hooks: builtins.list[AgentHook] = []
+        self._deleted_hooks: builtins.list[AgentHook] = []
         self._fail_hooks: builtins.list[AgentHook] = []
         scheduler.on_status(self._on_scheduler_status)
 
@@ -165,6 +167,11 @@ class AgentService:
         and its record goes. A hook that raises fails the delete (the agent is left meant to run, as it was),
         which a retry then does again in full."""
         self._delete_hooks.append(hook)
+
+    def on_deleted(self, hook: AgentHook) -> None:
+        """Call ``hook`` for every agent deleted, once its job is stopped and its record gone (what is kept about it
+        elsewhere, for which nothing of it is left to answer). A hook that raises is logged: the delete stands."""
+        self._deleted_hooks.append(hook)
 
     def on_failed(self, hook: AgentHook) -> None:
         """Call ``hook`` with an agent's record once it has become ``failed`` (its job gave up, or the scheduler
@@ -328,6 +335,11 @@ class AgentService:
         async with self._changing(customer_id, agent_id) as agent:
             agent = await self._stop(agent, AgentStatus.STOPPED, "stopped to be deleted", self._delete_hooks)
             await self._forget(agent)
+        for hook in self._deleted_hooks:
+            try:
+                await hook(agent)
+            except Exception:
+                log.exception("agent %s was deleted, and a hook on its deletion did not complete", agent.id)
         return agent
 
     async def definition(self, customer_id: str, agent_id: str) -> AgentDefinition | None:

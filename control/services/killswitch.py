@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, String
 from agent.backends.base import Flag, FlagKey, FlagStore, Scope
 from agent.protocol import AgentEventKind, Event
 from control.backends.base import Registry
-from control.errors import CaravanError, Conflict, Invalid
-from control.models import Agent, AgentRef, AgentStatus, Visible
+from control.errors import CaravanError, Conflict, Invalid, NotFound
+from control.models import Agent, AgentRef, AgentStatus, Role, Visible
 from control.services.agents import AgentService, KillswitchEngaged
 from control.services.audit import AuditLog, AuditRecord, describe_error
 from control.services.auth import AuthService, Principal
@@ -100,6 +100,9 @@ class KillswitchResult(BaseModel):
         description="A release that found no flag engaged at its scope: it changed nothing and waited for no agent.",
     )
 
+
+_AGENT_DELETED = Principal(Role.ADMIN, None, "system:agent-deleted")
+"""Who releases the flag of an agent that was deleted (:meth:`KillswitchService.release_deleted`)."""
 
 _RECORDED = {"flag_id", "covered", "acknowledged", "unacknowledged", "stopped", "not_stopped", "nothing_to_release"}
 
@@ -325,14 +328,33 @@ class KillswitchService:
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
 
+    async def release_deleted(self, agent: Agent) -> None:
+        """Release the flag engaged on ``agent`` alone, now that it is deleted (it halts nothing, yet would stay
+        listed, counted and held): audited as a release by ``system:agent-deleted``, as any other."""
+        key = FlagKey(Scope.AGENT, agent.id)
+        flag = next((f for f in await self._flags.list() if f.key == key and f.engaged), None)
+        if flag is None:
+            return
+        request = KillswitchRequest(
+            scope=Scope.AGENT, customer_id=agent.customer_id, agent_id=agent.id, engaged=False, reason="agent deleted"
+        )
+        with contextlib.suppress(FlagHeld):  # engaged again meanwhile, by one who will release it
+            await self.apply(_AGENT_DELETED, request, only=flag.id)
+
     async def _validated_customer(self, request: KillswitchRequest) -> str | None:
-        """The customer whose agents the request covers (None for all), once the target is known to exist."""
+        """The customer whose agents the request covers (None for all), once the target is known to exist; a
+        release of an agent's flag stored after the agent was deleted also goes (nothing else would release it)."""
         if request.scope is Scope.CUSTOMER:
             assert request.customer_id is not None
             return (await self._auth.get_customer(request.customer_id)).id
         if request.scope is Scope.AGENT:
             assert request.agent_id is not None
-            agent = await self._agents.get(None, request.agent_id)
+            try:
+                agent = await self._agents.get(None, request.agent_id)
+            except NotFound:
+                if request.engaged or not any(f.key == request.key for f in await self._flags.list()):
+                    raise
+                return request.customer_id
             if request.customer_id and request.customer_id != agent.customer_id:
                 raise Invalid(f"agent {agent.id} does not belong to customer {request.customer_id}")
             return agent.customer_id

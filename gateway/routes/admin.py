@@ -201,7 +201,7 @@ async def get_audit(
         Query(
             max_length=200,
             description="Who: an admin by its key's prefix (`cvn_1a2b3c4d` or `admin:cvn_1a2b3c4d`), "
-            "`system:token-budget`.",
+            "`system:token-budget`, `system:agent-deleted`.",
         ),
     ] = None,
     action: Annotated[str | None, Query(max_length=100, pattern=r"^[a-z_]+(\.[a-z_]+)*$")] = None,

@@ -10,8 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.backends.base import Scope
+from agent.backends.base import Flag, Scope
 from agent.protocol import TASKS_STREAM, AgentDefinition, consumer_name, utcnow
+from control.backends import create_flags
 from control.backends.base import SchedulerError
 from control.models import ChangeLease, Role
 from control.natsserver import EmbeddedNats
@@ -165,6 +166,49 @@ async def test_releasing_what_is_not_engaged_says_so_at_once_and_is_audited(api:
         ("ok", customer_id, True),
         ("ok", "all", True),
     ]
+
+
+async def flags_listed(api: Api) -> list[dict[str, Any]]:
+    listed = await api.client.get("/v1/admin/killswitch", headers=await api.admin())
+    assert listed.status_code == 200, listed.text
+    return list(listed.json())
+
+
+async def test_deleting_an_agent_releases_the_flag_on_it_alone_and_says_who(api: Api) -> None:
+    """A flag on a deleted agent halts nothing; it was left listed, counted as engaged, and could not be released
+    (its agent: 404). The customer's flag over the same agent stays."""
+    customer_id, headers = await api.new_customer()
+    agent = await slow_agent(api, headers, "doomed")
+    await killswitch(api, scope="agent", agent_id=agent["id"], reason="runaway loop")
+    await killswitch(api, scope="customer", customer_id=customer_id, reason="unpaid")
+    assert (await api.client.delete(f"/v1/agents/{agent['id']}", headers=headers)).status_code in (200, 202, 204)
+
+    assert [(f["scope"], f["target"]) for f in await flags_listed(api)] == [("customer", customer_id)]
+    params = {"action": "killswitch.release", "actor": "system:agent-deleted"}
+    audit = (await api.client.get("/v1/admin/audit", params=params, headers=await api.admin())).json()
+    assert [(r["result"], r["target"], r["customer_id"], r["details"]["reason"]) for r in audit] == [
+        ("ok", agent["id"], customer_id, "agent deleted")
+    ]
+
+
+async def test_a_flag_left_on_an_agent_that_is_gone_can_be_released(api: Api) -> None:
+    """As a flag stored while its agent was being deleted, or by a version before the release on delete: the
+    release goes, and is audited; an agent that never existed is still 404, to engage or to release."""
+    flags = create_flags(api.control.settings, api.control.jet.nc)
+    await flags.start()
+    try:
+        await flags.put(Flag(scope=Scope.AGENT, target="ag-0123456789ab", reason="left behind", id="old"))
+    finally:
+        await flags.stop()
+    released = await killswitch(api, scope="agent", agent_id="ag-0123456789ab", engaged=False, reason="cleanup")
+    assert (released["engaged"], released["nothing_to_release"], released["covered"]) == (False, False, 0)
+    assert await flags_listed(api) == []
+    for engaged in (False, True):  # no flag is left to release; and none may be engaged on no agent
+        body = {"scope": "agent", "agent_id": "ag-0123456789ab", "engaged": engaged, "reason": "x"}
+        refused = await api.client.post("/v1/admin/killswitch", json=body, headers=await api.admin())
+        assert refused.status_code == 404, refused.text
+    audit = (await api.client.get("/v1/admin/audit?action=killswitch.release", headers=await api.admin())).json()
+    assert [(r["result"], r["target"]) for r in audit] == [("ok", "ag-0123456789ab"), ("failed", "ag-0123456789ab")]
 
 
 async def test_hard_stops_the_jobs(api: Api, fleet: dict[str, Any]) -> None:
