@@ -303,6 +303,8 @@ were metered when they were used)."""
 
 
 class AgentEventKind(StrEnum):
+    STATUS = "status"
+    """The control plane changed the agent's status: ``content`` the status, ``data`` = {reason, was}."""
     READY = "ready"
     STOPPING = "stopping"
     BROADCAST = "broadcast"

@@ -25,8 +25,10 @@ from agent.protocol import (
     AGENT_STATE_EVENTS,
     TASKS_STREAM,
     AgentDefinition,
+    AgentEventKind,
     Event,
     ModelConfig,
+    agent_events_subject,
     consumer_name,
     required_model_key,
     task_subject,
@@ -430,19 +432,24 @@ class AgentService:
             return  # the agent has not failed: its tasks go on, on the replicas that run
 
         failed = False
+        before: builtins.list[Agent] = []
 
         def apply(agent: Agent) -> Agent | None:
             nonlocal failed
             failed = False
+            before[:] = []
             if agent.job_id != update.job_id:
                 return None
             status = _status_for(agent, update.state)
             if status is None:
                 return None
             failed = status is AgentStatus.FAILED and agent.status is not AgentStatus.FAILED
+            before[:] = [agent]
             return agent.model_copy(update={"status": status, "status_reason": update.reason, "updated_at": utcnow()})
 
         updated = await self._repo.update(_key(customer_id, agent_id), apply)
+        if updated is not None and before:
+            await self._announce(before[0], updated)
         if failed and updated is not None:
             await self._failed(updated)
 
@@ -605,12 +612,35 @@ class AgentService:
         return self._nats_auth.agent(agent.id).env()
 
     async def _set(self, agent: Agent, **fields: Any) -> Agent:
-        updated = await self._repo.update(
-            _key(agent.customer_id, agent.id), lambda a: a.model_copy(update={**fields, "updated_at": utcnow()})
-        )
+        before: builtins.list[Agent] = []
+
+        def apply(current: Agent) -> Agent:
+            before[:] = [current]
+            return current.model_copy(update={**fields, "updated_at": utcnow()})
+
+        updated = await self._repo.update(_key(agent.customer_id, agent.id), apply)
         if updated is None:
             raise NotFound(f"agent {agent.id!r} not found")
+        await self._announce(before[0], updated)
         return updated
+
+    async def _announce(self, before: Agent, after: Agent) -> None:
+        """Publish the agent's new status, if it or its reason changed, as its event ``status`` (on ``caravan.events.
+        <customer>.agent.<agent>``, stored in the events' stream), shaped as a task's: ``content`` the status,
+        ``data`` = {reason, was}. The status is stored already: a publish that fails is logged, not raised."""
+        if (before.status, before.status_reason) == (after.status, after.status_reason):
+            return
+        event = Event(
+            kind=AgentEventKind.STATUS,
+            customer_id=after.customer_id,
+            agent_id=after.id,
+            content=after.status.value,
+            data={"reason": after.status_reason, "was": before.status.value},
+        )
+        try:
+            await self._js.publish(agent_events_subject(after.customer_id, after.id), event.model_dump_json().encode())
+        except Exception as exc:
+            log.warning("agent %s is %s; its status event was not published: %s", after.id, after.status.value, exc)
 
     async def _ensure_consumer(self, agent: Agent) -> None:
         config = ConsumerConfig(

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import nats.aio.msg
 import nats.errors
 import pytest
 
-from agent.protocol import TASKS_STREAM
+from agent.protocol import EVENTS_STREAM, TASKS_STREAM, AgentEventKind, Event
 from control.backends.base import JobNotOwned, SchedulerError
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
@@ -128,11 +129,19 @@ async def test_an_agent_that_starts_without_its_models_key_fails_naming_it(
     nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The key was there when the agent was made, and is gone when it starts again (an operator took it away): the
-    agent does not come up `running` to fail every task, it ends `failed` saying which variable it lacks."""
+    agent does not come up `running` to fail every task, it ends `failed` saying which variable it lacks. Each
+    status the control plane gives it is an event on NATS (`nats sub 'caravan.events.>'`), and stored."""
     monkeypatch.setenv("GROQ_API_KEY", "gsk-" + "t" * 20)
     settings = make_settings(nats_server.url, tmp_path / "data", agent_restart_attempts=0)
     async with ControlPlane(settings) as control, serve_api(control) as api:
-        _, headers = await api.new_customer()
+        customer_id, headers = await api.new_customer()
+        heard: list[Event] = []
+
+        async def hear(msg: nats.aio.msg.Msg) -> None:
+            if (event := Event.model_validate_json(msg.data)).kind == AgentEventKind.STATUS:
+                heard.append(event)
+
+        sub = await control.jet.nc.subscribe(f"caravan.events.{customer_id}.agent.*", cb=hear)
         agent = await created_running(api, headers, model={"provider": "groq", "name": "llama-3.1-8b-instant"})
         assert (await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)).status_code == 200
         monkeypatch.delenv("GROQ_API_KEY")
@@ -141,6 +150,14 @@ async def test_an_agent_that_starts_without_its_models_key_fails_naming_it(
         assert "GROQ_API_KEY" in (failed["status_reason"] or ""), failed
         task = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "hi"}, headers=headers)
         assert task.status_code == 409, task.text
+
+        await assert_eventually(lambda: asyncio.sleep(0, heard), lambda h: bool(h) and h[-1].content == "failed")
+        await sub.unsubscribe()
+        said = [(e.agent_id, e.content, e.data["was"]) for e in heard]
+        assert ("stopped" in [s for _, s, _ in said]) and said.count((agent["id"], "failed", "starting")) == 1, said
+        assert heard[-1].data["reason"] == failed["status_reason"]
+        stored = await control.jet.js.get_last_msg(EVENTS_STREAM, f"caravan.events.{customer_id}.agent.{agent['id']}")
+        assert Event.model_validate_json(stored.data or b"") == heard[-1]
 
 
 HOSTILE_NAMES = ['a"b', "x${NOMAD_TOKEN}", "{{ key }}", "[[ job_id ]]", "line\nbreak", "n" * 65, "", "1abc", "a b"]
