@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
+import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from agent.egress import EgressPolicy
 from agent.wire import DEFAULT_SPIN_US
@@ -17,6 +19,52 @@ __all__ = ["Settings"]
 
 
 _egress_policy = functools.lru_cache(maxsize=8)(EgressPolicy.parse)
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+def _origin(entry: str) -> str:
+    """``entry`` as a browser writes it in its Origin header (``scheme://host[:port]``: lower case, no default
+    port), which CORS compares exactly; :class:`ValueError` naming the entry for anything else."""
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"{entry!r} is not an origin (scheme://host[:port], e.g. https://app.example.com): {why}")
+
+    if "*" in entry:
+        raise refuse("wildcards are not allowed, name each origin that may call the API")
+    scheme, sep, rest = entry.partition("://")
+    if not sep:
+        raise refuse("no scheme://")
+    scheme = scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise refuse(f"the scheme {scheme!r} is neither http nor https")
+    for mark, what in (("@", "a user name or password"), ("/", "a path"), ("?", "a query"), ("#", "a fragment")):
+        if mark in rest:
+            trailing = rest.endswith("/") and rest.count("/") == 1
+            raise refuse(f"it has {what}" + (" (a trailing slash is one: leave it out)" if trailing else ""))
+    host, port = rest.lower(), ""
+    if (colon := host.rfind(":")) > host.rfind("]"):
+        host, port = host[:colon], host[colon + 1 :]
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65_535):
+            raise refuse(f"the port {port!r} is not a number from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            host = f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        except ValueError:
+            raise refuse(f"{host} is not an IPv6 address") from None
+    elif not host.isascii():
+        raise refuse("a host name outside ASCII is written as the browser sends it (xn--...)")
+    elif not _HOST_NAME.fullmatch(host):
+        raise refuse(f"{host!r} is not a host name")
+    elif host.replace(".", "").isdigit():
+        try:
+            host = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise refuse(f"{host} is not an IPv4 address") from None
+    if port and int(port) != _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}:{int(port)}"
+    return f"{scheme}://{host}"
 
 
 class Settings(BaseSettings):
@@ -45,6 +93,11 @@ class Settings(BaseSettings):
         le=3600,
         description="How long the API waits for a request's body, from its headers' end, before it answers 408 and "
         "closes the connection, unless the response has started (gateway/http11.py).",
+    )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Origins (comma-separated, exactly scheme://host[:port]: `https://app.example.com`) whose web "
+        "pages may call the API from a browser (CORS, gateway/app.py). Empty, the default: no CORS headers at all.",
     )
     data_dir: Path = Path("var")
     nats_url: str = Field(
@@ -184,6 +237,15 @@ class Settings(BaseSettings):
     def _egress_policy(cls, value: str) -> str:
         EgressPolicy.parse(value)  # a bad entry stops the start, rather than being ignored
         return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _cors_origins(cls, value: object) -> object:
+        entries = value.split(",") if isinstance(value, str) else value
+        if not isinstance(entries, list | tuple):
+            return value  # pydantic refuses it
+        entries = [entry.strip() if isinstance(entry, str) else entry for entry in entries]
+        return tuple(dict.fromkeys(_origin(entry) if isinstance(entry, str) else entry for entry in entries if entry))
 
     @property
     def egress(self) -> EgressPolicy:
