@@ -1,13 +1,133 @@
-"""CORS (CARAVAN_CORS_ORIGINS): the origins a customer's web app may call the API from, as an operator writes them."""
+"""CORS (CARAVAN_CORS_ORIGINS): a customer's web app on an allowed origin calls the API from a browser, errors
+included; any other origin, and every origin when the setting is empty, gets no CORS headers."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
 from control.settings import Settings
+from gateway.app import MAX_BODY_BYTES, create_app
+from tests.conftest import Api, make_settings
+from tests.support.helpers import serve_app
+
+ORIGIN = "https://app.example.com"
+OTHER = "https://evil.example.com"
+
+
+def preflight(origin: str, method: str, headers: str | None = None) -> dict[str, str]:
+    """What a browser sends before a cross-origin request that is not a simple one."""
+    sent = {"Origin": origin, "Access-Control-Request-Method": method}
+    if headers is not None:
+        sent["Access-Control-Request-Headers"] = headers
+    return sent
+
+
+def listed(headers: httpx.Headers, name: str) -> set[str]:
+    return {item.strip().lower() for item in headers.get(name, "").split(",") if item.strip()}
+
+
+def cors_headers(response: httpx.Response) -> dict[str, str]:
+    return {name: value for name, value in response.headers.items() if name.lower().startswith("access-control-")}
+
+
+@pytest.fixture
+async def cors(api: Api) -> AsyncIterator[httpx.AsyncClient]:
+    """The API, on the control plane of ``api``, with ``ORIGIN`` (as an operator might write it) allowed."""
+    settings = make_settings(api.control.settings.nats_url, api.control.settings.data_dir, cors_origins=ORIGIN)
+    async with serve_app(create_app(settings, api.control)) as base, httpx.AsyncClient(base_url=base) as client:
+        yield client
+
+
+async def test_a_preflight_from_an_allowed_origin_is_answered_before_authentication(
+    cors: httpx.AsyncClient,
+) -> None:
+    answer = await cors.options("/v1/agents", headers=preflight(ORIGIN, "POST", "authorization, content-type"))
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert {"get", "head", "post", "put", "patch", "delete"} <= listed(answer.headers, "Access-Control-Allow-Methods")
+    assert {"authorization", "content-type"} <= listed(answer.headers, "Access-Control-Allow-Headers")
+    assert answer.headers["Access-Control-Max-Age"] == "600"
+    assert "Access-Control-Allow-Credentials" not in answer.headers  # bearer tokens, not cookies
+    assert "origin" in listed(answer.headers, "Vary")
+    # a task's event stream resumed by a script with its bearer token; an agent changed or deleted
+    events = await cors.options(
+        "/v1/tasks/tk-1/events", headers=preflight(ORIGIN, "GET", "Authorization, Last-Event-ID")
+    )
+    assert events.status_code == 200 and "last-event-id" in listed(events.headers, "Access-Control-Allow-Headers")
+    for method in ("PATCH", "DELETE", "HEAD"):
+        answer = await cors.options("/v1/agents/ag-1", headers=preflight(ORIGIN, method, "authorization"))
+        assert answer.status_code == 200, (method, answer.text)
+
+
+async def test_a_request_from_an_allowed_origin_is_readable_by_it_and_so_are_its_errors(
+    api: Api, cors: httpx.AsyncClient
+) -> None:
+    _, headers = await api.new_customer()
+    mine = {"Origin": ORIGIN, **headers}
+    listing = await cors.get("/v1/agents", headers=mine)
+    assert listing.status_code == 200, listing.text
+    assert listing.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert {"retry-after", "x-request-id"} <= listed(listing.headers, "Access-Control-Expose-Headers")
+    assert "origin" in listed(listing.headers, "Vary")  # a cache keeps one answer per origin
+    assert "Access-Control-Allow-Credentials" not in listing.headers
+    assert (await cors.head("/v1/agents", headers=mine)).headers["Access-Control-Allow-Origin"] == ORIGIN
+    errors: list[tuple[int, httpx.Response]] = [
+        (401, await cors.post("/v1/agents", json={}, headers={"Origin": ORIGIN})),
+        (404, await cors.get("/v1/agents/ag-nosuchagent", headers=mine)),
+        (404, await cors.get("/v1/nothing-here", headers=mine)),
+        (413, await cors.post("/v1/agents", content=b"x" * (MAX_BODY_BYTES + 1), headers=mine)),
+        (415, await cors.post("/v1/agents", content=b"{}", headers={**mine, "Content-Type": "text/plain"})),
+        (422, await cors.post("/v1/agents", json={}, headers=mine)),
+    ]
+    for status, answer in errors:
+        assert answer.status_code == status, (status, answer.text)
+        assert "error" in answer.json()  # the API's own error, which the page can read
+        assert answer.headers["Access-Control-Allow-Origin"] == ORIGIN, status
+
+
+async def test_a_429_from_an_allowed_origin_tells_the_page_when_to_try_again(api: Api) -> None:
+    _, headers = await api.new_customer()
+    settings = make_settings(
+        api.control.settings.nats_url, api.control.settings.data_dir, cors_origins=ORIGIN, rate_limit_scale=0.05
+    )  # standard: 1/s, burst 3
+    async with serve_app(create_app(settings, api.control)) as base, httpx.AsyncClient(base_url=base) as client:
+        answers = [await client.get("/v1/agents", headers={"Origin": ORIGIN, **headers}) for _ in range(5)]
+    limited = answers[-1]
+    assert limited.status_code == 429, limited.text
+    assert limited.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert int(limited.headers["Retry-After"]) >= 1
+    assert "retry-after" in listed(limited.headers, "Access-Control-Expose-Headers")
+
+
+async def test_another_origin_is_refused_its_preflight_and_gets_no_allow_origin(
+    api: Api, cors: httpx.AsyncClient
+) -> None:
+    refused = await cors.options("/v1/agents", headers=preflight(OTHER, "POST", "authorization, content-type"))
+    assert refused.status_code == 400
+    assert "Access-Control-Allow-Origin" not in refused.headers
+    _, headers = await api.new_customer()
+    answer = await cors.get("/v1/agents", headers={"Origin": OTHER, **headers})
+    assert answer.status_code == 200  # the browser, not the API, keeps the answer from the page
+    assert "Access-Control-Allow-Origin" not in answer.headers
+    for origin in (f"{ORIGIN}:8443", ORIGIN.replace("https", "http"), f"{ORIGIN}.evil.example", "null"):
+        answer = await cors.get("/v1/agents", headers={"Origin": origin, **headers})
+        assert "Access-Control-Allow-Origin" not in answer.headers, origin
+    # a header the API does not read is not allowed either, even from the allowed origin
+    header = await cors.options("/v1/agents", headers=preflight(ORIGIN, "POST", "authorization, x-custom"))
+    assert header.status_code == 400
+
+
+async def test_without_the_setting_there_are_no_cors_headers(api: Api) -> None:
+    _, headers = await api.new_customer()
+    answer = await api.client.options("/v1/agents", headers=preflight(ORIGIN, "POST", "authorization, content-type"))
+    assert answer.status_code == 405 and not cors_headers(answer)
+    for sent in ({"Origin": ORIGIN, **headers}, {"Origin": ORIGIN}):
+        answer = await api.client.get("/v1/agents", headers=sent)
+        assert answer.status_code in (200, 401) and not cors_headers(answer), answer.headers
 
 
 def test_the_origins_are_read_from_the_environment_as_a_browser_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
