@@ -316,19 +316,33 @@ class TaskService:
         return await self._with_transcript(task) if transcript else task
 
     async def list(
-        self, customer_id: str | None, status: TaskStatus | None = None, limit: int = 100, before: str | None = None
+        self,
+        customer_id: str | None,
+        status: TaskStatus | None = None,
+        limit: int = 100,
+        before: str | None = None,
+        *,
+        agent_id: str | None = None,
+        team_id: str | None = None,
     ) -> list[Task]:
-        """The newest ``limit`` tasks (of a status; created before task ``before``), with their transcripts: the
-        records are read, and only the listed tasks' transcripts. Tasks created at the same time are ordered by
-        id, so that pages follow one another with none left out or repeated."""
+        """The newest ``limit`` tasks (of a status; given to agent ``agent_id`` or team ``team_id``; created before
+        task ``before``), with their transcripts: the records are read, and only the listed tasks' transcripts. The
+        page is filled with the tasks that match, whichever tasks lie between them. Tasks created at the same time
+        are ordered by id, so that pages follow one another with none left out or repeated. An agent's tasks are
+        those given to it, not its teams'; an id that names no agent or team of the customer lists none."""
         tasks = await self._repo.list(f"{customer_id}.*" if customer_id else ">")
-        if before is not None:
+        if before is not None:  # any task of the customer's: a page's last task, or one of an unfiltered listing
             anchor = next((t for t in tasks if t.id == before), None)
             if anchor is None:
                 raise NotFound(f"task {quoted_id(before)} not found")
             tasks = [t for t in tasks if (t.created_at, t.id) < (anchor.created_at, anchor.id)]
-        if status is not None:
-            tasks = [t for t in tasks if t.status == status]
+        tasks = [
+            t
+            for t in tasks
+            if (status is None or t.status == status)
+            and (agent_id is None or t.agent_id == agent_id)
+            and (team_id is None or t.team_id == team_id)
+        ]
         newest = sorted(tasks, key=lambda t: (t.created_at, t.id), reverse=True)[:limit]
         return await self._with_transcripts(newest)
 

@@ -9,6 +9,7 @@ from fastapi import Header, Query, Request, WebSocket, WebSocketDisconnect, stat
 from fastapi.responses import Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
+from agent.protocol import ID_PATTERN
 from control.errors import CaravanError, Invalid
 from control.ids import is_digits
 from control.models import Task, TaskCreate, TaskStatus
@@ -76,10 +77,25 @@ async def list_tasks(
     before: Annotated[
         str | None, Query(min_length=1, max_length=64, description="A task's id: the tasks created before it.")
     ] = None,
+    agent_id: Annotated[
+        str | None,
+        Query(
+            pattern=ID_PATTERN,
+            description="Only the tasks given to this agent (not those of its teams); not with `team_id`.",
+        ),
+    ] = None,
+    team_id: Annotated[
+        str | None, Query(pattern=ID_PATTERN, description="Only the tasks given to this team; not with `agent_id`.")
+    ] = None,
     customer_id: ListedQuery = None,
 ) -> list[TaskPublic]:
-    """The newest tasks first, with their transcripts. The next page: ``before`` the last task of this one."""
-    tasks = await control.tasks.list(listed_scope(principal, customer_id), status_filter, limit, before)
+    """The newest tasks first, with their transcripts. The next page: ``before`` the last task of this one. With
+    ``agent_id`` or ``team_id`` (one of them: both is a 422), only that agent's or team's tasks, each page filled
+    with them; an id that names none of the caller's agents or teams lists none."""
+    if agent_id is not None and team_id is not None:
+        raise Invalid("?agent_id= and ?team_id= exclude each other: give one of them")
+    scope = listed_scope(principal, customer_id)
+    tasks = await control.tasks.list(scope, status_filter, limit, before, agent_id=agent_id, team_id=team_id)
     return [_public(t) for t in tasks]
 
 

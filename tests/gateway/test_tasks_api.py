@@ -21,6 +21,7 @@ from nats.js.kv import KeyValue
 from agent.backends.natskv import kv_entries
 from agent.protocol import (
     EVENTS_STREAM,
+    ID_PATTERN,
     TASKS_STREAM,
     Event,
     EventKind,
@@ -40,6 +41,7 @@ from control.settings import Settings
 from control.store import Repo
 from tests.conftest import Api, serve_api
 from tests.gateway.teams_support import agent_ready, health, team
+from tests.gateway.teams_support import start as start_on_team
 from tests.gateway.test_agents_api import wait_status
 from tests.support.helpers import (
     ManualClock,
@@ -126,6 +128,94 @@ async def test_a_task_record_stays_small_and_the_newest_tasks_are_listed_with_th
     for hostile in ("tk-000000000000", "../" + ids[1], "x" * 65):
         response = await api.client.get("/v1/tasks", params={"before": hostile}, headers=headers)
         assert response.status_code in (404, 422) and "error" in response.json(), hostile
+
+
+async def listed(api: Api, headers: dict[str, str], **params: Any) -> list[str]:
+    """The ids ``GET /v1/tasks`` lists with ``params``, newest first."""
+    response = await api.client.get("/v1/tasks", params=params, headers=headers)
+    assert response.status_code == 200, response.text
+    return [t["id"] for t in response.json()]
+
+
+async def test_one_agents_tasks_are_listed_by_status_a_page_at_a_time_and_no_other_customer_sees_them(
+    api: Api,
+) -> None:
+    _, headers = await api.new_customer()
+    first = await running_agent(api, headers, name="first", model=SLOW, tools=[])
+    second = await running_agent(api, headers, name="second", model=SLOW, tools=[])
+    # interleaved, so that a page of one agent's tasks has the other's between them
+    a1, b1, a2, b2, a3 = [
+        await start_task(api, headers, agent["id"], text)
+        for agent, text in [(first, "a1"), (second, "b1"), (first, "a2"), (second, "b2"), (first, "a3")]
+    ]
+    for task_id in (a2, b1):
+        assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+        assert (await finished(api, headers, task_id))["status"] == "cancelled"
+    await assert_eventually(
+        lambda: listed(api, headers, status="running"), lambda ids: set(ids) == {a1, b2, a3}, what="three running"
+    )
+
+    assert await listed(api, headers, agent_id=first["id"]) == [a3, a2, a1]
+    assert await listed(api, headers, agent_id=second["id"]) == [b2, b1]
+    assert await listed(api, headers, agent_id=first["id"], status="running") == [a3, a1]
+    assert await listed(api, headers, agent_id=first["id"], status="cancelled") == [a2]
+    assert await listed(api, headers, agent_id=second["id"], status="completed") == []
+    # a page is filled with the agent's tasks, and the next one starts after its last
+    assert await listed(api, headers, agent_id=first["id"], limit=2) == [a3, a2]
+    assert await listed(api, headers, agent_id=first["id"], limit=2, before=a2) == [a1]
+    assert await listed(api, headers, agent_id=first["id"], status="running", limit=1) == [a3]
+    assert await listed(api, headers, agent_id=first["id"], status="running", limit=1, before=a3) == [a1]
+    assert await listed(api, headers, agent_id=first["id"], status="running", before=a1) == []
+    assert await listed(api, headers, agent_id=second["id"], before=a3) == [b2, b1]  # any task of theirs marks a page
+    assert await listed(api, headers, agent_id="ag-000000000000") == []  # no such agent: nothing, as for a stranger
+
+    _, stranger = await api.new_customer("stranger")  # another customer's agent: none of its tasks, nor a 404
+    assert await listed(api, stranger, agent_id=first["id"]) == []
+    assert await listed(api, stranger, agent_id=first["id"], status="running") == []
+    admin = await api.admin()
+    assert await listed(api, admin, agent_id=first["id"]) == [a3, a2, a1]
+
+
+async def test_one_teams_tasks_are_listed_not_its_members_own_nor_another_teams(api: Api) -> None:
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers, model=SLOW, tools=[])
+    crew = await team(api, headers, members=[agent["id"]], termination={"max_messages": 2})
+    other = await team(api, headers, name="other", members=[agent["id"]], termination={"max_messages": 2})
+    t1 = await start_on_team(api, headers, crew["id"], "t1")
+    own = await start_task(api, headers, agent["id"], "its own")
+    elsewhere = await start_on_team(api, headers, other["id"], "elsewhere")
+    t2 = await start_on_team(api, headers, crew["id"], "t2")
+
+    assert await listed(api, headers, team_id=crew["id"]) == [t2, t1]
+    assert await listed(api, headers, team_id=other["id"]) == [elsewhere]
+    assert await listed(api, headers, agent_id=agent["id"]) == [own]  # its teams' tasks are the teams'
+    assert await listed(api, headers, team_id=crew["id"], limit=1) == [t2]
+    assert await listed(api, headers, team_id=crew["id"], limit=1, before=t2) == [t1]
+    assert await listed(api, headers, team_id=crew["id"], before=t1) == []
+    assert await listed(api, headers, team_id=crew["id"], status="completed") == []
+    _, stranger = await api.new_customer("stranger")
+    assert await listed(api, stranger, team_id=crew["id"]) == []
+
+
+async def test_a_malformed_agent_or_team_id_or_both_at_once_is_refused_422(api: Api) -> None:
+    _, headers = await api.new_customer()
+    for name in ("agent_id", "team_id"):
+        for bad in ("", "ag-123", "AG-000000000000", "ag-00000000000g", "*", ">", "../tk-000000000000", "x" * 65):
+            response = await api.client.get("/v1/tasks", params={name: bad}, headers=headers)
+            assert response.status_code == 422, (name, bad, response.text)
+            (detail,) = response.json()["error"]["details"]
+            assert (detail["field"], detail["type"]) == (name, "string_pattern_mismatch"), (name, bad, detail)
+    both = await api.client.get(
+        "/v1/tasks", params={"agent_id": "ag-000000000000", "team_id": "tm-000000000000"}, headers=headers
+    )
+    assert both.status_code == 422, both.text
+    assert both.json()["error"]["message"] == "?agent_id= and ?team_id= exclude each other: give one of them"
+    # the schema clients are made from says so too
+    operation = (await api.client.get("/openapi.json")).json()["paths"]["/v1/tasks"]["get"]
+    documented = {p["name"]: p for p in operation["parameters"]}
+    for name in ("agent_id", "team_id"):
+        assert documented[name]["in"] == "query" and not documented[name]["required"]
+        assert documented[name]["description"] and ID_PATTERN in json.dumps(documented[name]["schema"]), name
 
 
 async def test_a_record_that_holds_its_own_transcript_is_read_as_it_is_and_goes_on(api: Api) -> None:
