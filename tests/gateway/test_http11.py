@@ -74,6 +74,25 @@ async def read_all(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(), ENOUGH_S)  # until the server closes the connection
 
 
+async def trickle(port: int, at_once: bytes, slowly: bytes) -> tuple[bytes, int]:
+    """Send ``at_once``, then ``slowly`` a byte every eighth of a deadline until the server answers and closes:
+    what it answered, and how many bytes of ``slowly`` were sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(at_once)
+    reading = asyncio.ensure_future(read_all(reader))
+    sent = 0
+    for byte in slowly:
+        await asyncio.sleep(DEADLINE_S / 8)
+        if reading.done():  # answered and closed
+            break
+        writer.write(bytes([byte]))
+        await writer.drain()
+        sent += 1
+    answered = await reading
+    writer.close()
+    return answered, sent
+
+
 async def test_a_connection_that_sends_nothing_is_answered_408_and_closed(
     control: ControlPlane, settings: Settings
 ) -> None:
@@ -92,18 +111,7 @@ async def test_a_connection_that_sends_nothing_is_answered_408_and_closed(
 async def test_headers_sent_a_byte_at_a_time_are_cut_off_at_the_deadline_though_bytes_keep_coming() -> None:
     request = b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: " + b"a" * 200 + b"\r\n\r\n"
     async with serving(small_server()) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        reading = asyncio.ensure_future(read_all(reader))
-        sent = 0
-        for byte in request:
-            await asyncio.sleep(DEADLINE_S / 8)
-            if reading.done():  # answered and closed
-                break
-            writer.write(bytes([byte]))
-            await writer.drain()
-            sent += 1
-        answered = await reading
-        writer.close()
+        answered, sent = await trickle(port, b"", request)
     assert answered == HEADERS_TIMEOUT
     assert sent < len(request)  # closed before the headers were all sent
 
@@ -162,19 +170,7 @@ async def test_a_body_sent_a_byte_at_a_time_is_cut_off_at_its_deadline_and_nothi
         f"content-length: {len(body)}\r\n\r\n"
     ).encode()
     async with serving(_server_config(chosen, api.control)) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request_head)
-        reading = asyncio.ensure_future(read_all(reader))
-        sent = 0
-        for byte in body:
-            await asyncio.sleep(DEADLINE_S / 8)
-            if reading.done():
-                break
-            writer.write(bytes([byte]))
-            await writer.drain()
-            sent += 1
-        answered = await reading
-        writer.close()
+        answered, sent = await trickle(port, request_head, body)
     assert answered == BODY_TIMEOUT
     assert json.loads(answered.partition(b"\r\n\r\n")[2])["error"]["message"] == (
         "the request's body did not come in time"
