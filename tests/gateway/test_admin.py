@@ -714,7 +714,8 @@ async def test_a_query_parameter_the_route_does_not_take_is_422_naming_those_it_
     assert typo.json()["error"]["details"] == [
         {
             "field": "customer",
-            "message": "unknown query parameter (this route takes agent_id, before, customer_id, limit, status, team_id)",
+            "message": "unknown query parameter "
+            "(this route takes agent_id, before, customer_id, limit, status, team_id)",
             "type": "unknown_parameter",
         }
     ]
