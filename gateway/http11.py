@@ -91,12 +91,16 @@ class _RequestDeadlines(H11Protocol):
         receive = cycle.receive
 
         async def receiving() -> ASGIReceiveEvent:
-            made_to_wait = cycle.waiting_for_100_continue or self.flow.read_paused
-            if made_to_wait and self.cycle is cycle and self._waiting_for_body:
+            if self.cycle is cycle and self._waiting_for_body and self._made_to_wait(cycle):
                 self._arm_body()
             return await receive()
 
         return receiving
+
+    def _made_to_wait(self, cycle: RequestResponseCycle) -> bool:
+        """Whether the client waits on the server for ``cycle``'s body: its reading paused (the route has not taken
+        what came), or the ``100 Continue`` the client asked for not sent yet."""
+        return self.flow.read_paused or cycle.waiting_for_100_continue
 
     def _arm_headers(self) -> None:
         self._disarm()
@@ -122,7 +126,7 @@ class _RequestDeadlines(H11Protocol):
         cycle = self.cycle
         if cycle is None or cycle.response_started:
             return  # answered without the body: the headers' deadline comes when the response ends
-        if self.flow.read_paused or cycle.waiting_for_100_continue:
+        if self._made_to_wait(cycle):
             self._arm_body()  # the wait is the server's, not the client's
             return
         self._close_with(BODY_TIMEOUT, f"its request's body did not come within {self.body_deadline_s:g} s")

@@ -332,7 +332,7 @@ class KillswitchService:
         """Release the flag engaged on ``agent`` alone, now that it is deleted (it halts nothing, yet would stay
         listed, counted and held): audited as a release by ``system:agent-deleted``, as any other."""
         key = FlagKey(Scope.AGENT, agent.id)
-        flag = next((f for f in await self._flags.list() if f.key == key and f.engaged), None)
+        flag = next((f for f in await self.engaged() if f.key == key), None)
         if flag is None:
             return
         request = KillswitchRequest(

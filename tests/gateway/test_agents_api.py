@@ -19,7 +19,7 @@ from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from gateway.app import MAX_BODY_BYTES
 from tests.conftest import Api, make_settings, serve_api
-from tests.support.helpers import assert_eventually, hold_first_call
+from tests.support.helpers import assert_eventually, hold_first_call, now
 
 REPLAY = {"provider": "replay", "name": "scripted", "responses": ["Hello from the scripted model."]}
 
@@ -151,7 +151,7 @@ async def test_an_agent_that_starts_without_its_models_key_fails_naming_it(
         task = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "hi"}, headers=headers)
         assert task.status_code == 409, task.text
 
-        await assert_eventually(lambda: asyncio.sleep(0, heard), lambda h: bool(h) and h[-1].content == "failed")
+        await assert_eventually(now(lambda: heard), lambda h: bool(h) and h[-1].content == "failed")
         await sub.unsubscribe()
         said = [(e.agent_id, e.content, e.data["was"]) for e in heard]
         assert ("stopped" in [s for _, s, _ in said]) and said.count((agent["id"], "failed", "starting")) == 1, said
