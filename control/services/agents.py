@@ -406,17 +406,21 @@ class AgentService:
         halted = bool(event.data.get("halted"))
         status, reason = (AgentStatus.KILLED, event.data.get("reason")) if halted else (AgentStatus.RUNNING, None)
         reason = None if reason is None else str(reason)
+        was: builtins.list[str] = []
 
         # a patch of the stored JSON: every agent acknowledges each killswitch change, fifty at once
         def apply(agent: dict[str, Any]) -> dict[str, Any] | None:
+            was[:] = []
             if agent.get("desired") != "running" or (agent.get("status"), agent.get("status_reason")) == (
                 status.value,
                 reason,
             ):
                 return None
+            was[:] = [agent["status"]]
             return {**agent, "status": status.value, "status_reason": reason, "updated_at": _json_now()}
 
-        await self._repo.patch(_key(event.customer_id, event.agent_id), apply)
+        if await self._repo.patch(_key(event.customer_id, event.agent_id), apply) and was:
+            await self._publish_status(event.customer_id, event.agent_id, status, reason, AgentStatus(was[0]))
 
     async def live(self) -> builtins.list[AgentRef]:
         """Agents meant to run and not given up on: who a killswitch engagement covers."""
@@ -628,19 +632,23 @@ class AgentService:
         """Publish the agent's new status, if it or its reason changed, as its event ``status`` (on ``caravan.events.
         <customer>.agent.<agent>``, stored in the events' stream), shaped as a task's: ``content`` the status,
         ``data`` = {reason, was}. The status is stored already: a publish that fails is logged, not raised."""
-        if (before.status, before.status_reason) == (after.status, after.status_reason):
-            return
+        if (before.status, before.status_reason) != (after.status, after.status_reason):
+            await self._publish_status(after.customer_id, after.id, after.status, after.status_reason, before.status)
+
+    async def _publish_status(
+        self, customer_id: str, agent_id: str, status: AgentStatus, reason: str | None, was: AgentStatus
+    ) -> None:
         event = Event(
             kind=AgentEventKind.STATUS,
-            customer_id=after.customer_id,
-            agent_id=after.id,
-            content=after.status.value,
-            data={"reason": after.status_reason, "was": before.status.value},
+            customer_id=customer_id,
+            agent_id=agent_id,
+            content=status.value,
+            data={"reason": reason, "was": was.value},
         )
         try:
-            await self._js.publish(agent_events_subject(after.customer_id, after.id), event.model_dump_json().encode())
+            await self._js.publish(agent_events_subject(customer_id, agent_id), event.model_dump_json().encode())
         except Exception as exc:
-            log.warning("agent %s is %s; its status event was not published: %s", after.id, after.status.value, exc)
+            log.warning("agent %s is %s; its status event was not published: %s", agent_id, status.value, exc)
 
     async def _ensure_consumer(self, agent: Agent) -> None:
         config = ConsumerConfig(

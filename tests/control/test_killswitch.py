@@ -9,9 +9,18 @@ from typing import Any
 
 import httpx
 import pytest
+from nats.aio.msg import Msg
 
 from agent.backends.base import Flag, Scope
-from agent.protocol import TASKS_STREAM, AgentDefinition, consumer_name, utcnow
+from agent.protocol import (
+    TASKS_STREAM,
+    AgentDefinition,
+    AgentEventKind,
+    Event,
+    agent_events_subject,
+    consumer_name,
+    utcnow,
+)
 from control.backends import create_flags
 from control.backends.base import SchedulerError
 from control.models import ChangeLease, Role
@@ -25,7 +34,7 @@ from tests.gateway.teams_support import agents, script, team
 from tests.gateway.test_agents_api import agent_body, created_running, wait_status
 from tests.gateway.test_tasks_api import running_agent, start_task
 from tests.support.consul_double import ConsulDouble
-from tests.support.helpers import assert_eventually, hold_first_call
+from tests.support.helpers import assert_eventually, hold_first_call, now
 
 SLOW = {"provider": "replay", "name": "slow", "responses": ["never said"], "delay_ms": 120_000}
 
@@ -83,6 +92,13 @@ async def assert_halted(api: Api, fleet: dict[str, Any], halted: set[str], reaso
 
 async def test_agent_scope_halts_exactly_that_agent_and_release_resumes_it(api: Api, fleet: dict[str, Any]) -> None:
     a1 = fleet["agents"]["a1"]
+    statuses: list[Event] = []  # what `nats sub 'caravan.events.>'` shows of the agent's status
+
+    async def hear(msg: Msg) -> None:
+        if (event := Event.model_validate_json(msg.data)).kind == AgentEventKind.STATUS:
+            statuses.append(event)
+
+    sub = await api.control.jet.nc.subscribe(agent_events_subject(fleet["a"], a1["id"]), cb=hear)
     result = await killswitch(api, scope="agent", agent_id=a1["id"], engaged=True, reason="runaway loop")
     assert (result["covered"], result["acknowledged"], result["unacknowledged"]) == (1, 1, [])
     await assert_halted(api, fleet, {"a1"}, "runaway loop")
@@ -97,6 +113,12 @@ async def test_agent_scope_halts_exactly_that_agent_and_release_resumes_it(api: 
     assert (released["acknowledged"], released["unacknowledged"]) == (1, [])
     await wait_status(api, fleet["headers"]["a1"], a1["id"], "running")
     await running_task(api, fleet["headers"]["a1"], a1["id"])  # accepts work again
+    said = await assert_eventually(
+        now(lambda: [(e.data["was"], e.content, e.data["reason"]) for e in statuses]), lambda said: len(said) >= 2
+    )
+    await sub.unsubscribe()
+    halted = "killswitch engaged (agent: runaway loop)"
+    assert said == [("running", "killed", halted), ("killed", "running", None)], said
 
 
 async def test_a_task_queued_behind_a_halted_agents_runs_stays_queued_and_a_cancel_ends_it_at_once(api: Api) -> None:

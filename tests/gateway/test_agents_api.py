@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 from collections.abc import AsyncIterator
@@ -143,6 +144,8 @@ async def test_an_agent_that_starts_without_its_models_key_fails_naming_it(
 
         sub = await control.jet.nc.subscribe(f"caravan.events.{customer_id}.agent.*", cb=hear)
         agent = await created_running(api, headers, model={"provider": "groq", "name": "llama-3.1-8b-instant"})
+        # `running` comes from the agent's `ready`, stored before it is published: heard before the stop's, then
+        await assert_eventually(now(lambda: [e.content for e in heard]), lambda said: "running" in said)
         assert (await api.client.post(f"/v1/agents/{agent['id']}/stop", headers=headers)).status_code == 200
         monkeypatch.delenv("GROQ_API_KEY")
         assert (await api.client.post(f"/v1/agents/{agent['id']}/start", headers=headers)).status_code == 200
@@ -153,8 +156,9 @@ async def test_an_agent_that_starts_without_its_models_key_fails_naming_it(
 
         await assert_eventually(now(lambda: heard), lambda h: bool(h) and h[-1].content == "failed")
         await sub.unsubscribe()
-        said = [(e.agent_id, e.content, e.data["was"]) for e in heard]
-        assert ("stopped" in [s for _, s, _ in said]) and said.count((agent["id"], "failed", "starting")) == 1, said
+        said = [(e.agent_id, e.data["was"], e.content) for e in heard]
+        lifecycle = ["pending", "starting", "running", "stopped", "pending", "starting", "failed"]
+        assert said == [(agent["id"], was, status) for was, status in itertools.pairwise(lifecycle)], said
         assert heard[-1].data["reason"] == failed["status_reason"]
         stored = await control.jet.js.get_last_msg(EVENTS_STREAM, f"caravan.events.{customer_id}.agent.{agent['id']}")
         assert Event.model_validate_json(stored.data or b"") == heard[-1]
