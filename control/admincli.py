@@ -1,12 +1,13 @@
-"""The ``caravan`` verbs that operate a running platform through its admin API: ``killswitch``, ``customers``,
-``quota``, ``audit`` and ``stats``.
+"""The ``caravan`` verbs that operate a running platform through its admin API: ``killswitch``, ``customers``
+(list, show, create), ``quota``, ``audit`` and ``stats``.
 
 Each logs in with an admin key (``--api-key``, else ``CARAVAN_API_KEY``) at ``--url`` (else ``CARAVAN_URL``, else
 where ``caravan up`` serves the API), prints what it did or read for a person, or the API's JSON with ``--json``
-(``customers``, ``quota show``, ``audit``, ``stats``), and ends with one line on stderr when something is wrong:
-exit 2 for bad usage, 1 for a failure (the API's error code and message, or why it could not be reached).
-Whatever the API holds that came from outside (an audit record's path, a flag engaged by hand in Consul) is
-printed with its control and format characters escaped, so that it cannot rewrite the operator's terminal."""
+(the ``customers`` verbs, ``quota show``, ``audit``, ``stats``), and ends with one line on stderr when something is
+wrong: exit 2 for bad usage (nothing sent), 1 for a failure (the API's error code and message, or why it could not
+be reached). A new customer's API key (``customers create``) is printed once, as the API shows it once. Whatever
+the API holds that came from outside (a customer's name, an audit record's path, a flag engaged by hand in Consul)
+is printed with its control and format characters escaped, so that it cannot rewrite the operator's terminal."""
 
 from __future__ import annotations
 
@@ -106,6 +107,13 @@ def add_commands(sub: Any) -> None:
     common.add_argument("--api-key", default=os.environ.get("CARAVAN_API_KEY"), help="an admin key (CARAVAN_API_KEY)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    # the same options on the verbs of `customers`, which takes them before the verb too (`caravan customers
+    # --json`): given after the verb they count, left out they keep what was given before it
+    verb_common = argparse.ArgumentParser(add_help=False)
+    verb_common.add_argument("--url", default=argparse.SUPPRESS, help="Caravan's API (as before the verb)")
+    verb_common.add_argument("--api-key", default=argparse.SUPPRESS, help="an admin key (as before the verb)")
+    verb_json = argparse.ArgumentParser(add_help=False)
+    verb_json.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON")
 
     ks = sub.add_parser(
         "killswitch", parents=[common], help="engage, release or show the killswitch (through the admin API)"
@@ -123,7 +131,20 @@ def add_commands(sub: Any) -> None:
         help=f"seconds to wait for acknowledgements (at most {MAX_WAIT_MS // 1000})",
     )
 
-    sub.add_parser("customers", parents=[common, as_json], help="list the customers (tenants)")
+    customers = sub.add_parser(
+        "customers",
+        parents=[common, as_json],
+        help="list, show or create customers (tenants)",
+        description="Without a verb: list the customers.",
+    )
+    verbs = customers.add_subparsers(dest="verb")
+    verbs.add_parser("list", parents=[verb_common, verb_json], help="every customer: id, created, name")
+    verbs.add_parser("show", parents=[verb_common, verb_json], help="a customer, its quota and usage").add_argument(
+        "customer_id"
+    )
+    verbs.add_parser(
+        "create", parents=[verb_common, verb_json], help="a new customer and its first API key (shown once)"
+    ).add_argument("name")
 
     quota = sub.add_parser("quota", help="show, change or reset a customer's quota (through the admin API)")
     verbs = quota.add_subparsers(dest="verb", required=True)
@@ -235,6 +256,11 @@ def run_command(args: argparse.Namespace) -> None:
             usage("killswitch engage needs --reason: it is shown to agents, in status and in the audit log")
     elif args.command == "audit":
         _id(args.customer, "--customer", "a customer")
+    elif args.command == "customers":
+        if args.verb == "show":
+            _id(args.customer_id, "customer_id", "a customer")
+        if args.verb == "create" and not args.name.strip():
+            usage("customers create needs a name that is not blank")
     elif args.command == "quota":
         _id(args.customer_id, "customer_id", "a customer")
         if args.verb == "set" and args.tier is None and all(getattr(args, f) is None for f in QUOTA_LIMITS):
@@ -289,6 +315,22 @@ def _killswitch(client: httpx.Client, args: argparse.Namespace) -> None:
 
 
 def _customers(client: httpx.Client, args: argparse.Namespace) -> None:
+    if args.verb == "create":
+        created = _answer(client.post("/v1/admin/customers", json={"name": args.name}))
+        if args.json:
+            _print_json(created)
+            return
+        print(f"customer {created['id']} ({shown(created['name'])}) created, with its first API key:")
+        _print_new_key(created)
+        return
+    if args.verb == "show":
+        customer = _answer(client.get(f"/v1/admin/customers/{args.customer_id}"))
+        if args.json:
+            _print_json(customer)
+            return
+        print(f"customer {customer['id']} ({shown(customer['name'])}), created {customer['created_at']}")
+        _print_usage(customer["usage"])
+        return
     customers = _answer(client.get("/v1/admin/customers"))
     if args.json:
         _print_json(customers)
@@ -299,6 +341,12 @@ def _customers(client: httpx.Client, args: argparse.Namespace) -> None:
     print(f"{'ID':<16}  {'CREATED':<27}  NAME")
     for customer in customers:
         print(f"{customer['id']:<16}  {customer['created_at']:<27}  {shown(customer['name'])}")
+
+
+def _print_new_key(created: dict[str, Any]) -> None:
+    print(f"  {shown(created['api_key'])}")
+    prefix = shown(created["api_key_prefix"])
+    print(f"This key will not be shown again: keep it now. It is listed and revoked by its prefix, {prefix}.")
 
 
 def _quota(client: httpx.Client, args: argparse.Namespace) -> None:

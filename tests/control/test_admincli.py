@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jwt
 import pytest
 
+from control.models import Customer
+from control.store import Repo
 from tests.conftest import ADMIN_KEY, Api
 from tests.control.test_cli import run_cli
 
@@ -143,3 +146,127 @@ async def test_text_from_outside_cannot_drive_the_operators_terminal(
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
     assert "\\x1b]0;pwned\\x07\\x1b[2Jmaintenance\\u202eevil" in out
+
+
+async def logs_in(api: Api, api_key: str) -> dict[str, Any] | None:
+    """The token answer ``api_key`` gets, None if it is refused (401)."""
+    response = await api.client.post("/v1/auth/token", json={"api_key": api_key})
+    assert response.status_code in (200, 401), response.text
+    return dict(response.json()) if response.status_code == 200 else None
+
+
+async def customer_behind(api: Api, api_key: str) -> str:
+    """The customer whose key ``api_key`` is: the one the token it logs in with names (and may act as)."""
+    answer = await logs_in(api, api_key)
+    assert answer is not None and answer["role"] == "customer", answer
+    customer_id = str(jwt.decode(answer["access_token"], options={"verify_signature": False})["cid"])
+    own = await api.client.get("/v1/agents", params={"customer_id": customer_id}, headers=await api.token(api_key))
+    assert own.status_code == 200, own.text
+    return customer_id
+
+
+async def test_customers_create_shows_the_key_once_and_it_logs_in_as_that_customer(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await run_cli("customers", "create", "Acme Ltd", *common(api)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = (await api.client.get("/v1/admin/customers", headers=await api.admin())).json()
+    assert [c["name"] for c in listed] == ["Acme Ltd"]
+    customer_id = listed[0]["id"]
+    assert lines[0] == f"customer {customer_id} (Acme Ltd) created, with its first API key:"
+    api_key = lines[1].strip()
+    assert "will not be shown again" in lines[2] and api_key[:12] in lines[2]
+    assert (await logs_in(api, api_key) or {}).get("role") == "customer"
+    assert await customer_behind(api, api_key) == customer_id
+    assert [r["customer_id"] for r in await audit(api, "customer.create")] == [customer_id]
+
+    assert await run_cli("customers", "create", "Globex", "--json", *common(api)) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert set(created) == {"id", "name", "created_at", "api_key", "api_key_prefix"} and created["name"] == "Globex"
+    assert await customer_behind(api, created["api_key"]) == created["id"]
+
+    # listed as before (no verb), or with `list`; the keys are never listed
+    assert await run_cli("customers", *common(api)) == 0
+    without_verb = capsys.readouterr().out
+    assert await run_cli("customers", "list", *common(api)) == 0
+    assert capsys.readouterr().out == without_verb
+    assert [line.split()[0] for line in without_verb.splitlines()[1:]] == [customer_id, created["id"]]
+    assert api_key not in without_verb and created["api_key"] not in without_verb
+    assert await run_cli("customers", "--json", "list", *common(api)) == 0  # an option before the verb counts
+    assert [c["id"] for c in json.loads(capsys.readouterr().out)] == [customer_id, created["id"]]
+
+    assert await run_cli("customers", "show", customer_id, *common(api)) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].startswith(f"customer {customer_id} (Acme Ltd), created ")
+    assert shown[3].split() == ["agents", str(api.control.settings.max_agents_per_customer), "0"]
+    assert await run_cli("customers", "show", customer_id, "--json", *common(api)) == 0
+    detail = json.loads(capsys.readouterr().out)
+    assert (detail["id"], detail["name"], detail["usage"]["agents"]) == (customer_id, "Acme Ltd", 0)
+    assert "api_key" not in detail
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["customers", "show", ""], "customer_id '' is not a customer id"),
+        (["customers", "show", "cu-1/../../keys"], "customer_id 'cu-1/../../keys' is not a customer id"),
+        (["customers", "create", " "], "customers create needs a name that is not blank"),
+        (["customers", "delete", "{customer}"], "invalid choice: 'delete'"),
+    ],
+)
+async def test_bad_input_to_the_new_verbs_is_bad_usage_and_sends_nothing(
+    argv: list[str], said: str, api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    customer_id, _ = await api.new_customer()
+    admin = await api.admin()
+    before = [(await api.client.get(path, headers=admin)).json() for path in ("/v1/admin/audit", "/v1/admin/keys")]
+    assert await run_cli(*(arg.format(customer=customer_id) for arg in argv), *common(api)) == 2
+    assert said in capsys.readouterr().err
+    after = [(await api.client.get(path, headers=admin)).json() for path in ("/v1/admin/audit", "/v1/admin/keys")]
+    assert after == before  # not even a login (each is audited): nothing was sent
+
+
+async def test_what_the_api_refuses_of_the_new_verbs_is_said_with_its_error(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    customer_id, _ = await api.new_customer()
+    refused = [
+        (["customers", "show", "cu-000000000000"], "GET /v1/admin/customers/cu-000000000000 failed (404) not_found: "),
+    ]
+    for argv, said in refused:
+        assert await run_cli(*argv, *common(api)) == 1, argv
+        err = capsys.readouterr().err
+        assert said in err and len(err.splitlines()) == 1, (argv, err)
+    assert [c["id"] for c in (await api.client.get("/v1/admin/customers", headers=await api.admin())).json()] == [
+        customer_id
+    ]
+
+
+async def test_a_customer_name_cannot_drive_the_operators_terminal(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The API refuses a name with control or format characters (422, nothing stored); a name that holds them all
+    the same (written to the store by hand) is printed with them escaped, by every verb that prints it."""
+    hostile = "\x1b]0;pwned\x07\x1b[2Jacme\u202eevil"
+    escaped = "\\x1b]0;pwned\\x07\\x1b[2Jacme\\u202eevil"
+    assert await run_cli("customers", "create", hostile, *common(api)) == 1
+    err = capsys.readouterr().err
+    assert "POST /v1/admin/customers failed (422) invalid: " in err
+    assert "\x1b" not in err and "\x07" not in err and "\u202e" not in err
+    assert (await api.client.get("/v1/admin/customers", headers=await api.admin())).json() == []
+    # a joiner the API takes (within an emoji sequence) is not printed raw either
+    assert await run_cli("customers", "create", "devs \U0001f469\u200d\U0001f4bb", *common(api)) == 0
+    out = capsys.readouterr().out
+    assert "\u200d" not in out and "(devs \U0001f469\\u200d\U0001f4bb) created" in out
+
+    customer_id, _ = await api.new_customer("acme")
+    customers = Repo(api.control.jet.kv["customers"], Customer)
+    await customers.update(customer_id, lambda c: c.model_copy(update={"name": hostile}))
+    for argv in (["customers"], ["customers", "show", customer_id]):
+        assert await run_cli(*argv, *common(api)) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out, argv
+        assert escaped in out, argv
+    assert await run_cli("customers", "show", customer_id, "--json", *common(api)) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and json.loads(out)["name"] == hostile
