@@ -1,13 +1,14 @@
 """The ``caravan`` verbs that operate a running platform through its admin API: ``killswitch``, ``customers``
-(list, show, create), ``quota``, ``audit`` and ``stats``.
+(list, show, create), ``keys`` (list, create, revoke), ``quota``, ``audit`` and ``stats``.
 
 Each logs in with an admin key (``--api-key``, else ``CARAVAN_API_KEY``) at ``--url`` (else ``CARAVAN_URL``, else
 where ``caravan up`` serves the API), prints what it did or read for a person, or the API's JSON with ``--json``
-(the ``customers`` verbs, ``quota show``, ``audit``, ``stats``), and ends with one line on stderr when something is
-wrong: exit 2 for bad usage (nothing sent), 1 for a failure (the API's error code and message, or why it could not
-be reached). A new customer's API key (``customers create``) is printed once, as the API shows it once. Whatever
-the API holds that came from outside (a customer's name, an audit record's path, a flag engaged by hand in Consul)
-is printed with its control and format characters escaped, so that it cannot rewrite the operator's terminal."""
+(the ``customers`` and ``keys`` verbs, ``quota show``, ``audit``, ``stats``), and ends with one line on stderr when
+something is wrong: exit 2 for bad usage (nothing sent), 1 for a failure (the API's error code and message, or why
+it could not be reached). A new API key (``customers create``, ``keys create``) is printed once, as the API shows
+it once. Whatever the API holds that came from outside (a customer's name, an audit record's path, a flag engaged
+by hand in Consul) is printed with its control and format characters escaped, so that it cannot rewrite the
+operator's terminal."""
 
 from __future__ import annotations
 
@@ -28,12 +29,15 @@ from agent.logsafe import printable
 from agent.protocol import http_url_problem
 from control.cliargs import env_port, usage
 from control.ids import is_digits, is_plain_id
+from control.services.auth import shown_prefix
 from control.services.killswitch import MAX_WAIT_MS
 
 __all__ = ["COMMANDS", "add_commands", "run_command"]
 
 HTTP_TIMEOUT_S = 60.0
 """How long a command waits for the gateway's answer to one request."""
+KEY_PREFIX_MAX = 12
+"""A key's prefix (``cvn_`` and 8 hex digits) is no longer than this; every key is longer."""
 UNLIMITED = "unlimited"
 QUOTA_LIMITS = {  # a quota's field: what the table calls it, and the usage's field it limits
     "max_agents": ("agents", "agents"),
@@ -98,6 +102,18 @@ def _id(value: str | None, name: str, what: str, hint: str = "") -> None:
         usage(f"{name} {value!r} is not {what} id{hint}")
 
 
+def _prefix(value: str) -> None:
+    """A key's prefix, as ``keys list`` shows it. A whole key given in its place is bad usage: it is neither sent
+    (a path is logged) nor repeated (only its prefix, if it has one, is)."""
+    if len(value) > KEY_PREFIX_MAX:
+        usage(
+            f"prefix {shown_prefix(value)!r} is longer than a key's prefix (a whole key?): give the prefix "
+            "`caravan keys list` shows, cvn_ and 8 hex digits"
+        )
+    if not is_plain_id(value.replace("_", "-")):
+        usage(f"prefix {value!r} is not a key's prefix (cvn_ and 8 hex digits, as `caravan keys list` shows it)")
+
+
 def add_commands(sub: Any) -> None:
     """Add the admin verbs to the ``caravan`` command's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
@@ -107,8 +123,8 @@ def add_commands(sub: Any) -> None:
     common.add_argument("--api-key", default=os.environ.get("CARAVAN_API_KEY"), help="an admin key (CARAVAN_API_KEY)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print the API's JSON answer")
-    # the same options on the verbs of `customers`, which takes them before the verb too (`caravan customers
-    # --json`): given after the verb they count, left out they keep what was given before it
+    # the same options on the verbs of `customers` and `keys`, which take them before the verb too
+    # (`caravan customers --json`): given after the verb they count, left out they keep what was given before it
     verb_common = argparse.ArgumentParser(add_help=False)
     verb_common.add_argument("--url", default=argparse.SUPPRESS, help="Caravan's API (as before the verb)")
     verb_common.add_argument("--api-key", default=argparse.SUPPRESS, help="an admin key (as before the verb)")
@@ -145,6 +161,17 @@ def add_commands(sub: Any) -> None:
     verbs.add_parser(
         "create", parents=[verb_common, verb_json], help="a new customer and its first API key (shown once)"
     ).add_argument("name")
+
+    keys = sub.add_parser("keys", parents=[common], help="list, create or revoke API keys (through the admin API)")
+    verbs = keys.add_subparsers(dest="verb", required=True)
+    listed = verbs.add_parser("list", parents=[verb_common, as_json], help="every key by its prefix (never whole)")
+    listed.add_argument("--customer", help="only this customer's keys")
+    verbs.add_parser(
+        "create", parents=[verb_common, as_json], help="another API key for a customer (shown once)"
+    ).add_argument("customer_id")
+    verbs.add_parser(
+        "revoke", parents=[verb_common], help="revoke a key: no more logins, and its tokens stop working within seconds"
+    ).add_argument("prefix", help="the key's prefix, as `caravan keys list` shows it (cvn_ and 8 hex digits)")
 
     quota = sub.add_parser("quota", help="show, change or reset a customer's quota (through the admin API)")
     verbs = quota.add_subparsers(dest="verb", required=True)
@@ -261,6 +288,11 @@ def run_command(args: argparse.Namespace) -> None:
             _id(args.customer_id, "customer_id", "a customer")
         if args.verb == "create" and not args.name.strip():
             usage("customers create needs a name that is not blank")
+    elif args.command == "keys":
+        _id(getattr(args, "customer", None), "--customer", "a customer")
+        _id(getattr(args, "customer_id", None), "customer_id", "a customer")
+        if args.verb == "revoke":
+            _prefix(args.prefix)
     elif args.command == "quota":
         _id(args.customer_id, "customer_id", "a customer")
         if args.verb == "set" and args.tier is None and all(getattr(args, f) is None for f in QUOTA_LIMITS):
@@ -347,6 +379,34 @@ def _print_new_key(created: dict[str, Any]) -> None:
     print(f"  {shown(created['api_key'])}")
     prefix = shown(created["api_key_prefix"])
     print(f"This key will not be shown again: keep it now. It is listed and revoked by its prefix, {prefix}.")
+
+
+def _keys(client: httpx.Client, args: argparse.Namespace) -> None:
+    if args.verb == "create":
+        created = _answer(client.post(f"/v1/admin/customers/{args.customer_id}/keys"))
+        if args.json:
+            _print_json(created)
+            return
+        print(f"new API key of customer {args.customer_id}:")
+        _print_new_key(created)
+        return
+    if args.verb == "revoke":
+        _answer(client.delete(f"/v1/admin/keys/{args.prefix}"))
+        print(f"key {args.prefix} revoked: it logs in no more, and its tokens stop working within seconds")
+        return
+    keys = _answer(client.get("/v1/admin/keys", params={"customer_id": args.customer} if args.customer else {}))
+    if args.json:
+        _print_json(keys)
+        return
+    if not keys:
+        print(f"customer {args.customer} has no keys" if args.customer else "no keys")
+        return
+    print(f"{'PREFIX':<12}  {'ROLE':<8}  {'CUSTOMER':<16}  {'CREATED':<27}  REVOKED")
+    for key in keys:
+        print(
+            f"{shown(key['prefix']):<12}  {key['role']:<8}  {shown(key['customer_id'] or '-'):<16}  "
+            f"{key['created_at']:<27}  {key['revoked_at'] or '-'}"
+        )
 
 
 def _quota(client: httpx.Client, args: argparse.Namespace) -> None:
@@ -440,6 +500,7 @@ def _stats(client: httpx.Client, args: argparse.Namespace) -> None:
 _VERBS: dict[str, Callable[[httpx.Client, argparse.Namespace], None]] = {
     "killswitch": _killswitch,
     "customers": _customers,
+    "keys": _keys,
     "quota": _quota,
     "audit": _audit,
     "stats": _stats,

@@ -1,6 +1,6 @@
-"""The `caravan customers`, `quota`, `audit` and `stats` verbs against a running gateway: what they print for a
-person and with --json, what they change, and what they say (exit 2, nothing sent) when the operator's input is
-wrong. The killswitch verbs are in test_cli.py."""
+"""The `caravan customers`, `keys`, `quota`, `audit` and `stats` verbs against a running gateway: what they print
+for a person and with --json, what they change, and what they say (exit 2, nothing sent) when the operator's input
+is wrong. The killswitch verbs are in test_cli.py."""
 
 from __future__ import annotations
 
@@ -205,6 +205,41 @@ async def test_customers_create_shows_the_key_once_and_it_logs_in_as_that_custom
     assert "api_key" not in detail
 
 
+async def test_keys_create_list_and_revoke(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+    customer_id, _ = await api.new_customer()
+    other_id, _ = await api.new_customer("other")
+    assert await run_cli("keys", "create", customer_id, *common(api)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"new API key of customer {customer_id}:"
+    api_key = lines[1].strip()
+    prefix = api_key[:12]
+    assert "will not be shown again" in lines[2] and prefix in lines[2]
+    assert await customer_behind(api, api_key) == customer_id
+    assert await run_cli("keys", "create", customer_id, "--json", *common(api)) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["api_key"].startswith(second["api_key_prefix"]) and await logs_in(api, second["api_key"])
+
+    assert await run_cli("keys", "list", "--customer", customer_id, *common(api)) == 0
+    listed = capsys.readouterr().out
+    rows = [line.split() for line in listed.splitlines()]
+    assert rows[0] == ["PREFIX", "ROLE", "CUSTOMER", "CREATED", "REVOKED"]
+    assert [row[0] for row in rows[1:]][1:] == [prefix, second["api_key_prefix"]]  # after the customer's first
+    assert {(row[1], row[2], row[4]) for row in rows[1:]} == {("customer", customer_id, "-")}
+    assert api_key not in listed and second["api_key"] not in listed
+    assert await run_cli("keys", "list", "--json", *common(api)) == 0
+    every = json.loads(capsys.readouterr().out)
+    assert {k["customer_id"] for k in every} == {None, customer_id, other_id}  # the admin's key, and both customers'
+
+    assert await run_cli("keys", "revoke", prefix, *common(api)) == 0
+    assert capsys.readouterr().out.startswith(f"key {prefix} revoked")
+    assert await logs_in(api, api_key) is None
+    assert await logs_in(api, second["api_key"]) is not None  # the customer's other keys still log in
+    assert await run_cli("keys", "list", "--customer", customer_id, "--json", *common(api)) == 0
+    revoked = {k["prefix"]: k["revoked_at"] for k in json.loads(capsys.readouterr().out)}
+    assert revoked[prefix] is not None and revoked[second["api_key_prefix"]] is None
+    assert [r["target"] for r in await audit(api, "key.revoke")] == [prefix]
+
+
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
@@ -212,6 +247,11 @@ async def test_customers_create_shows_the_key_once_and_it_logs_in_as_that_custom
         (["customers", "show", "cu-1/../../keys"], "customer_id 'cu-1/../../keys' is not a customer id"),
         (["customers", "create", " "], "customers create needs a name that is not blank"),
         (["customers", "delete", "{customer}"], "invalid choice: 'delete'"),
+        (["keys"], "the following arguments are required: verb"),
+        (["keys", "create", ""], "customer_id '' is not a customer id"),
+        (["keys", "list", "--customer", "cu 1"], "--customer 'cu 1' is not a customer id"),
+        (["keys", "revoke", ""], "prefix '' is not a key's prefix"),
+        (["keys", "revoke", "../customers"], "prefix '../customers' is not a key's prefix"),
     ],
 )
 async def test_bad_input_to_the_new_verbs_is_bad_usage_and_sends_nothing(
@@ -226,17 +266,40 @@ async def test_bad_input_to_the_new_verbs_is_bad_usage_and_sends_nothing(
     assert after == before  # not even a login (each is audited): nothing was sent
 
 
+async def test_a_whole_key_given_to_revoke_is_neither_sent_nor_repeated(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    customer_id, _ = await api.new_customer()
+    created = (await api.client.post(f"/v1/admin/customers/{customer_id}/keys", headers=await api.admin())).json()
+    assert await run_cli("keys", "revoke", created["api_key"], *common(api)) == 2
+    err = capsys.readouterr().err
+    secret = created["api_key"].removeprefix(created["api_key_prefix"])
+    assert f"prefix '{created['api_key_prefix']}_<redacted>' is longer than a key's prefix (a whole key?)" in err
+    assert secret not in err
+    assert await logs_in(api, created["api_key"]) is not None
+    assert await audit(api, "key.revoke") == []
+
+
 async def test_what_the_api_refuses_of_the_new_verbs_is_said_with_its_error(
     api: Api, capsys: pytest.CaptureFixture[str]
 ) -> None:
     customer_id, _ = await api.new_customer()
+    keys_before = (await api.client.get("/v1/admin/keys", headers=await api.admin())).json()
     refused = [
         (["customers", "show", "cu-000000000000"], "GET /v1/admin/customers/cu-000000000000 failed (404) not_found: "),
+        (["keys", "create", "cu-000000000000"], "POST /v1/admin/customers/cu-000000000000/keys failed (404) not_found"),
+        (["keys", "revoke", "cvn_00000000"], "DELETE /v1/admin/keys/cvn_00000000 failed (404) not_found: "),
     ]
     for argv, said in refused:
         assert await run_cli(*argv, *common(api)) == 1, argv
         err = capsys.readouterr().err
         assert said in err and len(err.splitlines()) == 1, (argv, err)
+    # the last admin key is not revoked: the API's 409, its code named
+    (admin_key,) = [k["prefix"] for k in keys_before if k["role"] == "admin"]
+    assert await run_cli("keys", "revoke", admin_key, *common(api)) == 1
+    assert f"DELETE /v1/admin/keys/{admin_key} failed (409) last_admin_key: " in capsys.readouterr().err
+    assert await logs_in(api, ADMIN_KEY) is not None
+    assert (await api.client.get("/v1/admin/keys", headers=await api.admin())).json() == keys_before
     assert [c["id"] for c in (await api.client.get("/v1/admin/customers", headers=await api.admin())).json()] == [
         customer_id
     ]
