@@ -1,14 +1,15 @@
 """The ``caravan`` verbs that operate a running platform through its admin API: ``killswitch``, ``customers``
-(list, show, create), ``keys`` (list, create, revoke), ``quota``, ``audit`` and ``stats``.
+(list, show, create), ``keys`` (list, create, revoke), ``agents`` (list, stop), ``quota``, ``audit`` and
+``stats``.
 
 Each logs in with an admin key (``--api-key``, else ``CARAVAN_API_KEY``) at ``--url`` (else ``CARAVAN_URL``, else
 where ``caravan up`` serves the API), prints what it did or read for a person, or the API's JSON with ``--json``
-(the ``customers`` and ``keys`` verbs, ``quota show``, ``audit``, ``stats``), and ends with one line on stderr when
-something is wrong: exit 2 for bad usage (nothing sent), 1 for a failure (the API's error code and message, or why
-it could not be reached). A new API key (``customers create``, ``keys create``) is printed once, as the API shows
-it once. Whatever the API holds that came from outside (a customer's name, an audit record's path, a flag engaged
-by hand in Consul) is printed with its control and format characters escaped, so that it cannot rewrite the
-operator's terminal."""
+(the ``customers`` and ``keys`` verbs, ``agents list``, ``quota show``, ``audit``, ``stats``), and ends with one
+line on stderr when something is wrong: exit 2 for bad usage (nothing sent), 1 for a failure (the API's error code
+and message, or why it could not be reached). A new API key (``customers create``, ``keys create``) is printed
+once, as the API shows it once. Whatever the API holds that came from outside (a customer's name, an audit
+record's path, a flag engaged by hand in Consul) is printed with its control and format characters escaped, so
+that it cannot rewrite the operator's terminal."""
 
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def add_commands(sub: Any) -> None:
     common.add_argument("--api-key", default=os.environ.get("CARAVAN_API_KEY"), help="an admin key (CARAVAN_API_KEY)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print the API's JSON answer")
-    # the same options on the verbs of `customers` and `keys`, which take them before the verb too
+    # the same options on the verbs of `customers`, `keys` and `agents`, which take them before the verb too
     # (`caravan customers --json`): given after the verb they count, left out they keep what was given before it
     verb_common = argparse.ArgumentParser(add_help=False)
     verb_common.add_argument("--url", default=argparse.SUPPRESS, help="Caravan's API (as before the verb)")
@@ -172,6 +173,16 @@ def add_commands(sub: Any) -> None:
     verbs.add_parser(
         "revoke", parents=[verb_common], help="revoke a key: no more logins, and its tokens stop working within seconds"
     ).add_argument("prefix", help="the key's prefix, as `caravan keys list` shows it (cvn_ and 8 hex digits)")
+
+    agents = sub.add_parser(
+        "agents", parents=[common], help="every customer's agents; force stop one (through the admin API)"
+    )
+    verbs = agents.add_subparsers(dest="verb", required=True)
+    listed = verbs.add_parser("list", parents=[verb_common, as_json], help="every customer's agents and their status")
+    listed.add_argument("--customer", help="only this customer's agents")
+    verbs.add_parser(
+        "stop", parents=[verb_common], help="stop any customer's agent (its owner can start it again)"
+    ).add_argument("agent_id")
 
     quota = sub.add_parser("quota", help="show, change or reset a customer's quota (through the admin API)")
     verbs = quota.add_subparsers(dest="verb", required=True)
@@ -288,9 +299,10 @@ def run_command(args: argparse.Namespace) -> None:
             _id(args.customer_id, "customer_id", "a customer")
         if args.verb == "create" and not args.name.strip():
             usage("customers create needs a name that is not blank")
-    elif args.command == "keys":
+    elif args.command in ("keys", "agents"):
         _id(getattr(args, "customer", None), "--customer", "a customer")
         _id(getattr(args, "customer_id", None), "customer_id", "a customer")
+        _id(getattr(args, "agent_id", None), "agent_id", "an agent")
         if args.verb == "revoke":
             _prefix(args.prefix)
     elif args.command == "quota":
@@ -409,6 +421,25 @@ def _keys(client: httpx.Client, args: argparse.Namespace) -> None:
         )
 
 
+def _agents(client: httpx.Client, args: argparse.Namespace) -> None:
+    if args.verb == "stop":
+        agent = _answer(client.post(f"/v1/admin/agents/{args.agent_id}/stop"))
+        reason = f": {shown(agent['status_reason'])}" if agent["status_reason"] else ""
+        print(f"agent {agent['id']} of customer {agent['customer_id']} {agent['status']}{reason}")
+        return
+    agents = _answer(client.get("/v1/admin/agents", params={"customer_id": args.customer} if args.customer else {}))
+    if args.json:
+        _print_json(agents)
+        return
+    if not agents:
+        print(f"customer {args.customer} has no agents" if args.customer else "no agents")
+        return
+    print(f"{'ID':<16}  {'CUSTOMER':<16}  {'STATUS':<8}  NAME")
+    for agent in agents:
+        reason = f"  ({shown(agent['status_reason'])})" if agent["status_reason"] else ""
+        print(f"{agent['id']:<16}  {agent['customer_id']:<16}  {agent['status']:<8}  {shown(agent['name'])}{reason}")
+
+
 def _quota(client: httpx.Client, args: argparse.Namespace) -> None:
     path = f"/v1/admin/customers/{args.customer_id}"
     if args.verb == "show":
@@ -501,6 +532,7 @@ _VERBS: dict[str, Callable[[httpx.Client, argparse.Namespace], None]] = {
     "killswitch": _killswitch,
     "customers": _customers,
     "keys": _keys,
+    "agents": _agents,
     "quota": _quota,
     "audit": _audit,
     "stats": _stats,

@@ -1,6 +1,7 @@
 """The ``caravan`` command: ``up`` (the embedded platform), ``serve`` (gateway + control plane only), ``job
 render`` and ``job plan`` (an agent's job, without submitting it), and the admin verbs ``killswitch``,
-``customers``, ``quota``, ``audit`` and ``stats`` (through the admin API: :mod:`control.admincli`).
+``customers``, ``keys``, ``agents``, ``quota``, ``audit`` and ``stats`` (through the admin API:
+:mod:`control.admincli`).
 
 What an operator gets wrong or meets (an argument, an environment variable, NATS, Nomad or the gateway down or
 answering an error) ends the command with one line on stderr saying what and what to check: exit 2 for bad usage,

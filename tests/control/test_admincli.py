@@ -1,6 +1,6 @@
-"""The `caravan customers`, `keys`, `quota`, `audit` and `stats` verbs against a running gateway: what they print
-for a person and with --json, what they change, and what they say (exit 2, nothing sent) when the operator's input
-is wrong. The killswitch verbs are in test_cli.py."""
+"""The `caravan customers`, `keys`, `agents`, `quota`, `audit` and `stats` verbs against a running gateway: what
+they print for a person and with --json, what they change, and what they say (exit 2, nothing sent) when the
+operator's input is wrong. The killswitch verbs are in test_cli.py."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from control.models import Customer
 from control.store import Repo
 from tests.conftest import ADMIN_KEY, Api
 from tests.control.test_cli import run_cli
+from tests.gateway.test_agents_api import created_running, wait_status
 
 
 def common(api: Api) -> list[str]:
@@ -240,6 +241,39 @@ async def test_keys_create_list_and_revoke(api: Api, capsys: pytest.CaptureFixtu
     assert [r["target"] for r in await audit(api, "key.revoke")] == [prefix]
 
 
+async def test_agents_list_and_stop_any_customers_agent(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+    alice_id, alice = await api.new_customer("alice")
+    bob_id, bob = await api.new_customer("bob")
+    a = await created_running(api, alice, name="helper_a")
+    b = await created_running(api, bob, name="helper_b")
+    assert await run_cli("agents", "list", *common(api)) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows[0] == ["ID", "CUSTOMER", "STATUS", "NAME"]
+    assert sorted(rows[1:]) == sorted(
+        [[a["id"], alice_id, "running", "helper_a"], [b["id"], bob_id, "running", "helper_b"]]
+    )
+    assert await run_cli("agents", "list", "--customer", bob_id, "--json", *common(api)) == 0
+    assert [x["id"] for x in json.loads(capsys.readouterr().out)] == [b["id"]]
+
+    assert await run_cli("agents", "stop", b["id"], *common(api)) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"agent {b['id']} of customer {bob_id} stopped: stopped by an administrator (admin:")
+    assert (await api.client.get(f"/v1/agents/{b['id']}", headers=bob)).json()["status"] == "stopped"
+    assert (await api.client.get(f"/v1/agents/{a['id']}", headers=alice)).json()["status"] == "running"
+    assert await run_cli("agents", "list", "--customer", bob_id, *common(api)) == 0
+    (row,) = capsys.readouterr().out.splitlines()[1:]
+    assert row.split()[:3] == [b["id"], bob_id, "stopped"] and "(stopped by an administrator" in row
+    assert [r["target"] for r in await audit(api, "agent.force_stop")] == [b["id"]]
+
+    # a flag engaged by hand in the flag store halts alice's agent with whatever its writer typed as the reason
+    kv = await api.control.jet.nc.jetstream().key_value("caravan_flags")
+    await kv.put(f"killswitch.agent.{a['id']}", "\x1b[2Jgone\u202eevil".encode())
+    await wait_status(api, alice, a["id"], "killed")
+    assert await run_cli("agents", "list", "--customer", alice_id, *common(api)) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out and "\\x1b[2Jgone\\u202eevil" in out
+
+
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
@@ -252,6 +286,9 @@ async def test_keys_create_list_and_revoke(api: Api, capsys: pytest.CaptureFixtu
         (["keys", "list", "--customer", "cu 1"], "--customer 'cu 1' is not a customer id"),
         (["keys", "revoke", ""], "prefix '' is not a key's prefix"),
         (["keys", "revoke", "../customers"], "prefix '../customers' is not a key's prefix"),
+        (["agents", "stop", ""], "agent_id '' is not an agent id"),
+        (["agents", "stop", "ag-1?x=1"], "agent_id 'ag-1?x=1' is not an agent id"),
+        (["agents", "list", "--customer", ""], "--customer '' is not a customer id"),
     ],
 )
 async def test_bad_input_to_the_new_verbs_is_bad_usage_and_sends_nothing(
@@ -289,6 +326,7 @@ async def test_what_the_api_refuses_of_the_new_verbs_is_said_with_its_error(
         (["customers", "show", "cu-000000000000"], "GET /v1/admin/customers/cu-000000000000 failed (404) not_found: "),
         (["keys", "create", "cu-000000000000"], "POST /v1/admin/customers/cu-000000000000/keys failed (404) not_found"),
         (["keys", "revoke", "cvn_00000000"], "DELETE /v1/admin/keys/cvn_00000000 failed (404) not_found: "),
+        (["agents", "stop", "ag-000000000000"], "POST /v1/admin/agents/ag-000000000000/stop failed (404) not_found: "),
     ]
     for argv, said in refused:
         assert await run_cli(*argv, *common(api)) == 1, argv
