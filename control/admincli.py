@@ -1,6 +1,6 @@
 """The ``caravan`` verbs that operate a running platform through its admin API: ``killswitch``, ``customers``
-(list, show, create), ``keys`` (list, create, revoke), ``agents`` (list, stop), ``quota``, ``audit`` and
-``stats``.
+(list, show, create), ``keys`` (list, create, revoke), ``agents`` (list, stop), ``broadcast``, ``quota``, ``audit``
+and ``stats``.
 
 Each logs in with an admin key (``--api-key``, else ``CARAVAN_API_KEY``) at ``--url`` (else ``CARAVAN_URL``, else
 where ``caravan up`` serves the API), prints what it did or read for a person, or the API's JSON with ``--json``
@@ -184,6 +184,13 @@ def add_commands(sub: Any) -> None:
         "stop", parents=[verb_common], help="stop any customer's agent (its owner can start it again)"
     ).add_argument("agent_id")
 
+    broadcast = sub.add_parser(
+        "broadcast",
+        parents=[common],
+        help="send a one-line message to every agent (each writes it to its log and acknowledges it)",
+    )
+    broadcast.add_argument("message", nargs="+", help="the message (words given apart are joined by a space)")
+
     quota = sub.add_parser("quota", help="show, change or reset a customer's quota (through the admin API)")
     verbs = quota.add_subparsers(dest="verb", required=True)
     verbs.add_parser("show", parents=[common, as_json], help="a customer's quota and usage").add_argument("customer_id")
@@ -305,6 +312,10 @@ def run_command(args: argparse.Namespace) -> None:
         _id(getattr(args, "agent_id", None), "agent_id", "an agent")
         if args.verb == "revoke":
             _prefix(args.prefix)
+    elif args.command == "broadcast":
+        args.message = " ".join(args.message)
+        if not args.message.strip():
+            usage("broadcast needs a message that is not blank: every agent writes it to its log")
     elif args.command == "quota":
         _id(args.customer_id, "customer_id", "a customer")
         if args.verb == "set" and args.tier is None and all(getattr(args, f) is None for f in QUOTA_LIMITS):
@@ -440,6 +451,14 @@ def _agents(client: httpx.Client, args: argparse.Namespace) -> None:
         print(f"{agent['id']:<16}  {agent['customer_id']:<16}  {agent['status']:<8}  {shown(agent['name'])}{reason}")
 
 
+def _broadcast(client: httpx.Client, args: argparse.Namespace) -> None:
+    result = _answer(client.post("/v1/admin/broadcast", json={"message": args.message}))
+    print(
+        f"broadcast sent to every agent ({result['agents_running']} running): each writes it to its log and "
+        "acknowledges it with a broadcast event"
+    )
+
+
 def _quota(client: httpx.Client, args: argparse.Namespace) -> None:
     path = f"/v1/admin/customers/{args.customer_id}"
     if args.verb == "show":
@@ -533,6 +552,7 @@ _VERBS: dict[str, Callable[[httpx.Client, argparse.Namespace], None]] = {
     "customers": _customers,
     "keys": _keys,
     "agents": _agents,
+    "broadcast": _broadcast,
     "quota": _quota,
     "audit": _audit,
     "stats": _stats,

@@ -1,6 +1,6 @@
 """The ``caravan`` command: ``up`` (the embedded platform), ``serve`` (gateway + control plane only), ``job
 render`` and ``job plan`` (an agent's job, without submitting it), and the admin verbs ``killswitch``,
-``customers``, ``keys``, ``agents``, ``quota``, ``audit`` and ``stats`` (through the admin API:
+``customers``, ``keys``, ``agents``, ``broadcast``, ``quota``, ``audit`` and ``stats`` (through the admin API:
 :mod:`control.admincli`).
 
 What an operator gets wrong or meets (an argument, an environment variable, NATS, Nomad or the gateway down or

@@ -1,6 +1,6 @@
-"""The `caravan customers`, `keys`, `agents`, `quota`, `audit` and `stats` verbs against a running gateway: what
-they print for a person and with --json, what they change, and what they say (exit 2, nothing sent) when the
-operator's input is wrong. The killswitch verbs are in test_cli.py."""
+"""The `caravan customers`, `keys`, `agents`, `broadcast`, `quota`, `audit` and `stats` verbs against a running
+gateway: what they print for a person and with --json, what they change, and what they say (exit 2, nothing sent)
+when the operator's input is wrong. The killswitch verbs are in test_cli.py."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import jwt
+import nats
 import pytest
 
 from control.models import Customer
@@ -15,6 +16,7 @@ from control.store import Repo
 from tests.conftest import ADMIN_KEY, Api
 from tests.control.test_cli import run_cli
 from tests.gateway.test_agents_api import created_running, wait_status
+from tests.support.helpers import assert_eventually
 
 
 def common(api: Api) -> list[str]:
@@ -274,6 +276,34 @@ async def test_agents_list_and_stop_any_customers_agent(api: Api, capsys: pytest
     assert "\x1b" not in out and "\u202e" not in out and "\\x1b[2Jgone\\u202eevil" in out
 
 
+async def test_broadcast_is_reported_and_every_running_agent_acknowledges_it(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, alice = await api.new_customer("alice")
+    agent = await created_running(api, alice)
+    heard: list[str] = []
+
+    async def on_event(msg: nats.aio.msg.Msg) -> None:
+        event = json.loads(msg.data)
+        if event["kind"] == "broadcast" and event["agent_id"] == agent["id"]:
+            heard.append(event["data"]["message"])
+
+    nc = await nats.connect(api.control.settings.nats_url)
+    try:
+        await nc.subscribe("caravan.events.*.agent.*", cb=on_event)
+        assert await run_cli("broadcast", "maintenance", "at noon", *common(api)) == 0
+        assert capsys.readouterr().out.startswith("broadcast sent to every agent (1 running)")
+
+        async def probe() -> list[str]:
+            return heard
+
+        await assert_eventually(probe, lambda h: h == ["maintenance at noon"], what="the agent acknowledged")
+    finally:
+        await nc.close()
+    (record,) = await audit(api, "broadcast")
+    assert record["details"] == {"message": "maintenance at noon", "agents": 1}
+
+
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
@@ -289,6 +319,7 @@ async def test_agents_list_and_stop_any_customers_agent(api: Api, capsys: pytest
         (["agents", "stop", ""], "agent_id '' is not an agent id"),
         (["agents", "stop", "ag-1?x=1"], "agent_id 'ag-1?x=1' is not an agent id"),
         (["agents", "list", "--customer", ""], "--customer '' is not a customer id"),
+        (["broadcast", " ", ""], "broadcast needs a message that is not blank"),
     ],
 )
 async def test_bad_input_to_the_new_verbs_is_bad_usage_and_sends_nothing(
@@ -327,6 +358,7 @@ async def test_what_the_api_refuses_of_the_new_verbs_is_said_with_its_error(
         (["keys", "create", "cu-000000000000"], "POST /v1/admin/customers/cu-000000000000/keys failed (404) not_found"),
         (["keys", "revoke", "cvn_00000000"], "DELETE /v1/admin/keys/cvn_00000000 failed (404) not_found: "),
         (["agents", "stop", "ag-000000000000"], "POST /v1/admin/agents/ag-000000000000/stop failed (404) not_found: "),
+        (["broadcast", "two\nlines"], "POST /v1/admin/broadcast failed (422) invalid: "),
     ]
     for argv, said in refused:
         assert await run_cli(*argv, *common(api)) == 1, argv
