@@ -124,7 +124,7 @@ def add_commands(sub: Any) -> None:
     common.add_argument("--api-key", default=os.environ.get("CARAVAN_API_KEY"), help="an admin key (CARAVAN_API_KEY)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print the API's JSON answer")
-    # the same options on the verbs of `customers`, `keys` and `agents`, which take them before the verb too
+    # the same options on the verbs of `customers`, `keys`, `agents` and `quota`, which take them before the verb too
     # (`caravan customers --json`): given after the verb they count, left out they keep what was given before it
     verb_common = argparse.ArgumentParser(add_help=False)
     verb_common.add_argument("--url", default=argparse.SUPPRESS, help="Caravan's API (as before the verb)")
@@ -191,12 +191,16 @@ def add_commands(sub: Any) -> None:
     )
     broadcast.add_argument("message", nargs="+", help="the message (words given apart are joined by a space)")
 
-    quota = sub.add_parser("quota", help="show, change or reset a customer's quota (through the admin API)")
+    quota = sub.add_parser(
+        "quota", parents=[common], help="show, change or reset a customer's quota (through the admin API)"
+    )
     verbs = quota.add_subparsers(dest="verb", required=True)
-    verbs.add_parser("show", parents=[common, as_json], help="a customer's quota and usage").add_argument("customer_id")
+    verbs.add_parser("show", parents=[verb_common, as_json], help="a customer's quota and usage").add_argument(
+        "customer_id"
+    )
     change = verbs.add_parser(
         "set",
-        parents=[common],
+        parents=[verb_common],
         help="change the limits given, keep the others (one atomic change)",
         description="Change the limits given and keep the others; a limit is a whole number or 'unlimited'.",
     )
@@ -206,7 +210,7 @@ def add_commands(sub: Any) -> None:
         change.add_argument(
             f"--{field.replace('_', '-')}", dest=field, type=_limit, metavar="N|unlimited", help=f"limit of {shown_as}"
         )
-    verbs.add_parser("reset", parents=[common], help="back to a new customer's default quota").add_argument(
+    verbs.add_parser("reset", parents=[verb_common], help="back to a new customer's default quota").add_argument(
         "customer_id"
     )
 

@@ -60,7 +60,7 @@ async def test_quota_set_changes_the_limits_given_and_show_prints_them_with_usag
     assert lines[-1].split() == ["tokens", "today", "unlimited", "0"]
     assert await run_cli("quota", "show", customer_id, "--json", *common(api)) == 0
     assert json.loads(capsys.readouterr().out)["quota"] == quota
-    assert await run_cli("quota", "reset", customer_id, *common(api)) == 0
+    assert await run_cli("quota", *common(api), "reset", customer_id) == 0  # the options before the verb count too
     assert f"quota of {customer_id} reset" in capsys.readouterr().out
     assert (await quota_of(api, customer_id))["max_agents"] == default
     assert [r["details"]["changes"] for r in await audit(api, "quota.change")] == [
