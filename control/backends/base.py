@@ -103,7 +103,11 @@ class EventFeed:
     since: datetime
     """When it connected, or when it was lost (when the scheduler started, if it never connected)."""
     last_error: str | None = None
-    """Why the last attempt failed, on one short line without credentials; None while connected."""
+    """Why the last attempt failed, on one short line without credentials (for the log: it may name an address or
+    quote the server); None while connected."""
+    last_error_kind: str | None = None
+    """What kind of failure that was, in a few fixed words that are safe to show anyone (an unauthenticated probe):
+    never the server's or the network's own text; None while connected."""
     failures: int = 0
     """Attempts that failed since it was last connected."""
 

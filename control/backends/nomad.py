@@ -699,14 +699,15 @@ class NomadScheduler:
                             return
                         if line:
                             self._post(line)
-                error, status = STREAM_ENDED, None  # Nomad, or a proxy in front of it, ended it
+                error, kind, status = STREAM_ENDED, "stream ended", None  # Nomad, or a proxy in front of it, ended it
             except (NomadError, requests.RequestException, OSError, ValueError, AttributeError) as exc:
-                error, status = _feed_error(exc), exc.status if isinstance(exc, NomadError) else None
+                error, kind = _feed_error(exc), _feed_error_kind(exc)
+                status = exc.status if isinstance(exc, NomadError) else None
             finally:
                 self._stream = None
             if self._closing.is_set():
                 return  # the stream was closed under us on purpose
-            self._feed.down(error, status, backoff)
+            self._feed.down(error, kind, status, backoff)
             if self._closing.wait(backoff):
                 return
             backoff = min(backoff * 2, 15.0)
@@ -895,14 +896,17 @@ class _FeedWatch:
             )
         self._alarmed = False
 
-    def down(self, error: str, status: int | None, retry_in: float) -> None:
-        """An attempt failed with ``error`` (Nomad's HTTP ``status``, if it answered), or a connected stream ended
-        (:data:`STREAM_ENDED`); the next attempt is in ``retry_in`` seconds."""
+    def down(self, error: str, kind: str, status: int | None, retry_in: float) -> None:
+        """An attempt failed with ``error``, of the kind ``kind`` (:func:`_feed_error_kind`; Nomad's HTTP
+        ``status``, if it answered), or a connected stream ended (:data:`STREAM_ENDED`); the next attempt is in
+        ``retry_in`` seconds."""
         previous = self.state
         if previous.connected:
             self._lost_at = time.monotonic()
         since = utcnow() if previous.connected else previous.since
-        self.state = EventFeed(connected=False, since=since, last_error=error, failures=previous.failures + 1)
+        self.state = EventFeed(
+            connected=False, since=since, last_error=error, last_error_kind=kind, failures=previous.failures + 1
+        )
         lost_for = time.monotonic() - self._lost_at
         refused = status is not None and 400 <= status < 500
         if not self._alarmed and (refused or lost_for >= LOST_ERROR_AFTER_S):
@@ -932,7 +936,7 @@ _CAUSE = re.compile(r"\(Caused by \w+\((.*)\)\)\s*$")
 
 
 def _feed_error(exc: BaseException) -> str:
-    """Why the event stream failed, on one line of at most 200 characters (for ``/readyz`` and the log): Nomad's
+    """Why the event stream failed, on one line of at most 200 characters (for the log): Nomad's
     status and answer, or the network's reason without the request's URL or address (the token travels in a
     header and never shows)."""
     if isinstance(exc, NomadError):
@@ -944,6 +948,19 @@ def _feed_error(exc: BaseException) -> str:
         text = cause.group(1).strip("\"'")
     text = " ".join(_URL.sub("", _POOL.sub("", text)).split())
     return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _feed_error_kind(exc: BaseException) -> str:
+    """What kind of failure ended an attempt to follow the event stream, in fixed words that name no address and
+    quote no server (``/readyz`` shows them without authentication; :func:`_feed_error` says the rest, in the log):
+    ``unauthorized (401)`` or ``(403)`` (the token), ``HTTP <status>`` (another answer from Nomad or a proxy in
+    front of it), ``unreachable`` (no answer) or ``connection lost`` (an open stream broke off); a stream that ended
+    without an error is ``stream ended``."""
+    if isinstance(exc, NomadError):
+        if exc.status in (401, 403):
+            return f"unauthorized ({exc.status})"
+        return "unreachable" if exc.status is None else f"HTTP {exc.status}"
+    return "connection lost"
 
 
 def _abort(response: requests.Response) -> None:

@@ -26,13 +26,19 @@ class SchedulerEvents(BaseModel):
         "`reconnecting`: it does not yet, or lost them, and agents' statuses may be stale until it is back."
     )
     since: datetime = Field(description="When it connected, or when it was lost (or the scheduler started).")
-    last_error: str | None = Field(description="Why the last attempt failed (null while connected).")
+    last_error: str | None = Field(
+        description="What kind of failure the last attempt was, in fixed words (null while connected): "
+        "`unauthorized (403)` or `(401)` (Nomad refuses the token), `HTTP <status>` (another answer from Nomad or a "
+        "proxy in front of it), `unreachable` (no answer), `connection lost` (an open stream broke off), `stream "
+        "ended` (Nomad or a proxy ended it). Nomad's or the network's own words, which may name addresses, are in "
+        "the log only: this probe answers anyone."
+    )
     failed_attempts: int = Field(description="Attempts that failed since it was last connected.")
 
     @classmethod
     def of(cls, feed: EventFeed) -> SchedulerEvents:
         state: Literal["connected", "reconnecting"] = "connected" if feed.connected else "reconnecting"
-        return cls(state=state, since=feed.since, last_error=feed.last_error, failed_attempts=feed.failures)
+        return cls(state=state, since=feed.since, last_error=feed.last_error_kind, failed_attempts=feed.failures)
 
 
 class Readiness(BaseModel):

@@ -4,6 +4,7 @@ shows when Nomad cannot place it or its task keeps crashing, PATCH as a new job 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -372,7 +373,7 @@ async def test_readyz_and_metrics_say_when_nomads_event_stream_is_lost_and_when_
             with double.failing("events", code=403, message="Permission denied"):
                 lost, gauge = await assert_eventually(
                     lambda: _events_feed(api),
-                    lambda f: f[0]["last_error"] == "403 Permission denied",
+                    lambda f: f[0]["last_error"] == "unauthorized (403)",
                     what="the refusal reported",
                 )
                 assert lost["state"] == "reconnecting" and lost["failed_attempts"] >= 1 and gauge == 0
@@ -383,3 +384,26 @@ async def test_readyz_and_metrics_say_when_nomads_event_stream_is_lost_and_when_
             )
             assert (back["last_error"], back["failed_attempts"], gauge) == (None, 0, 1)
             assert datetime.fromisoformat(back["since"]) > datetime.fromisoformat(lost["since"])
+
+
+async def test_readyz_tells_anyone_the_kind_of_the_event_streams_failure_and_only_the_log_nomads_words(
+    nats_server: EmbeddedNats, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/readyz answers without authentication: of a failure whose text names the cluster's insides (a server's
+    address, as Nomad's RPC errors do) it says the kind only; the log, which the operator reads, has the words.
+    Against the double only: a real Nomad cannot be made to fail so on demand."""
+    caplog.set_level(logging.INFO, logger="caravan.scheduler.nomad")
+    inside = "rpc error: failed to get conn: dial tcp 10.20.30.40:4647: connect: connection refused"
+    with NomadDouble() as double:
+        target = NomadTarget(double.address, None, double)
+        async with await _control(target, nats_server, tmp_path / "data") as control, serve_api(control) as api:
+            await assert_eventually(lambda: _events_feed(api), lambda f: f[0]["state"] == "connected", what="connected")
+            with double.failing("events", code=500, message=inside):
+                ready = await assert_eventually(
+                    lambda: api.client.get("/readyz"),
+                    lambda r: r.json()["scheduler_events"]["failed_attempts"] >= 2,  # the open stream ended first
+                    what="the refused reconnection reported",
+                )
+    assert (ready.status_code, ready.json()["scheduler_events"]["last_error"]) == (200, "HTTP 500")
+    assert "10.20.30.40" not in ready.text and "rpc error" not in ready.text
+    assert any(inside in r.getMessage() for r in caplog.records if r.name == "caravan.scheduler.nomad")

@@ -732,12 +732,17 @@ async def test_the_event_feed_is_connected_while_the_scheduler_follows_the_strea
 
 
 @pytest.mark.parametrize(
-    ("code", "message", "level_of_first"),
-    [(403, "Permission denied", logging.ERROR), (502, "Bad Gateway", logging.INFO)],
+    ("code", "message", "kind", "level_of_first"),
+    [(403, "Permission denied", "unauthorized (403)", logging.ERROR), (502, "Bad Gateway", "HTTP 502", logging.INFO)],
     ids=["refused", "proxy"],
 )
 async def test_a_lost_event_stream_is_reported_logged_at_error_once_and_caught_up_when_back(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, code: int, message: str, level_of_first: int
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    code: int,
+    message: str,
+    kind: str,
+    level_of_first: int,
 ) -> None:
     """Nomad closes the stream and refuses it again (a token whose policy lost read-job: 403, which trying again
     will not pass, logged at ERROR at once; a proxy answering 502: at ERROR once it has lasted): the feed says since
@@ -758,10 +763,12 @@ async def test_a_lost_event_stream_is_reported_logged_at_error_once_and_caught_u
                     now(scheduler.event_feed), lambda f: f.failures >= 4, what="four failed attempts"
                 )
                 assert not lost.connected and lost.last_error == f"{code} {message}"
+                assert lost.last_error_kind == kind  # what an unauthenticated probe may show of it
                 await scheduler.submit(make_job(ids, HEALTHY))  # the API serves meanwhile
                 assert await recorder.last(ids.job_id) is None  # its allocation runs, and nothing says so yet
             back = await assert_eventually(now(scheduler.event_feed), lambda f: f.connected, what="connected again")
-            assert (back.last_error, back.failures) == (None, 0) and back.since > lost.since
+            assert (back.last_error, back.last_error_kind, back.failures) == (None, None, 0)
+            assert back.since > lost.since
             await assert_eventually(
                 lambda: recorder.last(ids.job_id),
                 lambda u: u is not None and u.state is AllocState.RUNNING,
@@ -776,3 +783,20 @@ async def test_a_lost_event_stream_is_reported_logged_at_error_once_and_caught_u
     assert first.levelno == level_of_first
     assert [r.levelno for r in mine if "connected again" in r.getMessage()] == [logging.INFO]
     assert token not in caplog.text and token not in repr(lost)
+
+
+async def test_the_kind_of_a_lost_event_streams_failure_is_told_in_fixed_words_naming_no_address() -> None:
+    """Nomad goes away: its stream ends, then nothing answers. The feed's kind of failure (what ``/readyz`` shows
+    anyone) says ``unreachable``; its error (for the log) gives the network's reason. Against the double only."""
+    with NomadDouble() as double:
+        scheduler = NomadScheduler(NomadConfig(address=double.address))
+        await scheduler.start()
+        await assert_eventually(now(scheduler.event_feed), lambda f: f.connected, what="connected")
+    try:
+        gone = await assert_eventually(
+            now(scheduler.event_feed), lambda f: f.last_error_kind == "unreachable", what="Nomad unreachable"
+        )
+        assert not gone.connected and gone.failures >= 2  # the stream's end, then no answer
+        assert gone.last_error is not None and "refused" in gone.last_error.lower()
+    finally:
+        await scheduler.stop()

@@ -1665,6 +1665,7 @@ class _Handler(BaseHTTPRequestHandler):
                         pending = [(i, e) for i, e in double.events if i > sent]
                     if ended():
                         self._chunk(b"")
+                        self.close_connection = double._closing  # a Nomad shut down serves no kept-alive one
                         return
                 if not pending:
                     self._chunk(b"{}\n")
