@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, WebSocket
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,6 +17,7 @@ from control.metrics import Metrics
 from control.platform import ControlPlane
 from control.settings import Settings
 from gateway import apidocs, dashboard, logredact, wslog
+from gateway.cors import Cors, CorsPolicy
 from gateway.deps import HEAD_SCOPE_KEY, authenticate_first, known_query_only
 from gateway.errors import error_response, install_error_handlers, refuse_websocket
 from gateway.ratelimit import RateLimiter, Tiers
@@ -27,14 +27,6 @@ from gateway.streams import OpenStreams
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
 MAX_BODY_BYTES = 2 * 2**20
-
-CORS_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-"""What the routes are declared for, and HEAD, which every GET route answers (``_HeadAsGet``)."""
-CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Last-Event-ID")
-"""What the routes read: the bearer token, the JSON body's type, and a task's event stream's resume point."""
-CORS_EXPOSED_HEADERS = ("Retry-After", "X-Request-ID")
-"""What a script needs to read that CORS hides by default: when to try again after a 429 or a 503, and the id a
-500 is logged under."""
 
 
 def create_app(settings: Settings, control: ControlPlane | None = None) -> FastAPI:
@@ -70,17 +62,10 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
     wslog.install()  # a WebSocket refused with an HTTP answer is not a server error
     app.add_middleware(_LimitedBody, limit=MAX_BODY_BYTES)
     app.add_middleware(_HeadAsGet)  # inside _Counted, which counts a HEAD as one
-    if settings.cors_origins:  # outside every answer but Starlette's last-resort 500, inside _Counted: a preflight
-        # is answered here, before any route's authentication, and every error the app answers carries the headers
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=CORS_METHODS,
-            allow_headers=CORS_REQUEST_HEADERS,
-            expose_headers=CORS_EXPOSED_HEADERS,
-            allow_credentials=False,  # bearer tokens, no cookies
-            max_age=600,  # how long a browser keeps a preflight's answer
-        )
+    if (cors := CorsPolicy.of(settings)) is not None:  # outside every answer but Starlette's last-resort 500,
+        # inside _Counted: a preflight is answered here, before any route's authentication, and every error the app
+        # answers carries the headers
+        app.add_middleware(Cors, policy=cors)
     app.state.metrics = Metrics()
     app.add_middleware(_Counted, metrics=app.state.metrics)  # outermost but for Starlette's own error handler
     app.include_router(health.router)  # probes may add what they like

@@ -112,13 +112,41 @@ async def test_another_origin_is_refused_its_preflight_and_gets_no_allow_origin(
     _, headers = await api.new_customer()
     answer = await cors.get("/v1/agents", headers={"Origin": OTHER, **headers})
     assert answer.status_code == 200  # the browser, not the API, keeps the answer from the page
-    assert "Access-Control-Allow-Origin" not in answer.headers
+    assert not cors_headers(answer) and "origin" in listed(answer.headers, "Vary")
     for origin in (f"{ORIGIN}:8443", ORIGIN.replace("https", "http"), f"{ORIGIN}.evil.example", "null"):
         answer = await cors.get("/v1/agents", headers={"Origin": origin, **headers})
-        assert "Access-Control-Allow-Origin" not in answer.headers, origin
+        assert not cors_headers(answer), origin
     # a header the API does not read is not allowed either, even from the allowed origin
     header = await cors.options("/v1/agents", headers=preflight(ORIGIN, "POST", "authorization, x-custom"))
     assert header.status_code == 400
+
+
+REFUSED: list[tuple[dict[str, str], dict[str, object], list[str]]] = [
+    (preflight(OTHER, "POST", "authorization, content-type"), {"origin": OTHER}, [f"origin {OTHER}"]),
+    (preflight(ORIGIN, "TRACE"), {"method": "TRACE"}, ["method TRACE", "GET, HEAD, POST, PUT, PATCH, DELETE"]),
+    (preflight(ORIGIN, "POST", "Authorization, X-Custom"), {"headers": ["x-custom"]}, ["x-custom", "authorization"]),
+    (
+        {**preflight(ORIGIN, "GET"), "Access-Control-Request-Private-Network": "true"},
+        {"private_network": True},
+        ["private network"],
+    ),
+    (preflight(OTHER, "PUT", "x-custom"), {"origin": OTHER, "headers": ["x-custom"]}, [OTHER, "x-custom"]),
+]
+"""Preflights refused: what each asks, what the error's details say was refused, what its message names."""
+
+
+@pytest.mark.parametrize(("sent", "details", "named"), REFUSED, ids=["origin", "method", "header", "private", "two"])
+async def test_a_refused_preflight_is_the_apis_error_naming_what_was_refused_and_allows_nothing(
+    cors: httpx.AsyncClient, sent: dict[str, str], details: dict[str, object], named: list[str]
+) -> None:
+    refused = await cors.options("/v1/agents", headers=sent)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert (error["code"], error["details"]) == ("cors_refused", details)
+    assert error["message"].startswith("CORS preflight refused: ")
+    assert all(name in error["message"] for name in named), error["message"]
+    assert not [name for name in cors_headers(refused) if name.lower().startswith("access-control-allow-")]
+    assert "origin" in listed(refused.headers, "Vary")
 
 
 async def test_without_the_setting_there_are_no_cors_headers(api: Api) -> None:
