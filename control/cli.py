@@ -52,6 +52,7 @@ from control.settings import Settings
 from control.store import Repo
 from control.teams.models import TeamCreate, Termination
 from gateway.app import create_app
+from gateway.cors import CorsPolicy
 from gateway.http11 import with_request_deadlines
 from gateway.logredact import RedactUrls
 
@@ -167,7 +168,9 @@ def _server_config(settings: Settings, control: ControlPlane) -> uvicorn.Config:
         port=settings.http_port,
         log_level=level,
         access_log=settings.access_log,
-        http=with_request_deadlines(settings.http_header_timeout_s, settings.http_body_timeout_s),
+        http=with_request_deadlines(
+            settings.http_header_timeout_s, settings.http_body_timeout_s, CorsPolicy.of(settings)
+        ),
     )
 
 

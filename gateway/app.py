@@ -57,12 +57,13 @@ def create_app(settings: Settings, control: ControlPlane | None = None) -> FastA
     app.state.limiter = RateLimiter(scale=settings.rate_limit_scale)
     app.state.tiers = Tiers()
     app.state.streams = OpenStreams(settings.max_streams_per_customer)
-    install_error_handlers(app, authenticate_first)
+    cors = CorsPolicy.of(settings)
+    install_error_handlers(app, authenticate_first, cors)
     logredact.install()  # a token in a URL (the WebSocket's ?token=) kept out of the server's log lines
     wslog.install()  # a WebSocket refused with an HTTP answer is not a server error
     app.add_middleware(_LimitedBody, limit=MAX_BODY_BYTES)
     app.add_middleware(_HeadAsGet)  # inside _Counted, which counts a HEAD as one
-    if (cors := CorsPolicy.of(settings)) is not None:  # outside every answer but Starlette's last-resort 500,
+    if cors is not None:  # outside every answer but Starlette's last-resort 500 (which gateway.errors decorates),
         # inside _Counted: a preflight is answered here, before any route's authentication, and every error the app
         # answers carries the headers
         app.add_middleware(Cors, policy=cors)

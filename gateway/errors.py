@@ -6,7 +6,7 @@ import email.message
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
@@ -20,6 +20,9 @@ from control.natsio import NATS_UNAVAILABLE
 from control.services.auth import redact_json, redact_keys, shown_prefix
 from gateway.jsonbody import DuplicateKey, NotUtf8
 from gateway.wslog import denial_sent
+
+if TYPE_CHECKING:
+    from gateway.cors import CorsPolicy
 
 __all__ = ["caravan_error_response", "error_response", "install_error_handlers", "refuse_websocket", "shown_path"]
 
@@ -145,10 +148,25 @@ def _located(error: dict[str, Any]) -> dict[str, Any]:
     return {**error, "loc": loc[1:]}
 
 
-def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Awaitable[None]] | None = None) -> None:
+def install_error_handlers(
+    app: FastAPI,
+    authenticate: Callable[[Request], Awaitable[None]] | None = None,
+    cors: CorsPolicy | None = None,
+) -> None:
     """Caravan's answers to errors. ``authenticate`` asks who the caller of a request is before its body is
-    refused as no JSON (FastAPI reads the body before a route's dependencies)."""
+    refused as no JSON (FastAPI reads the body before a route's dependencies). ``cors`` decorates the last-resort
+    500, which Starlette sends around every middleware (the CORS middleware decorates the rest)."""
     app.add_middleware(_Unexpected)
+
+    async def _last_resort(request: Request, exc: Exception) -> Response:
+        """An error raised outside :class:`_Unexpected` (in a middleware around it): the same 500, which Starlette
+        sends if no response has started, then raises the error on to the server, which logs its traceback."""
+        response = _internal(request.scope, exc, traceback=False)
+        if cors is not None:
+            cors.decorate(response.headers, request.headers)
+        return response
+
+    app.add_exception_handler(Exception, _last_resort)
 
     @app.exception_handler(CaravanError)
     async def _caravan(_: Request, exc: CaravanError) -> JSONResponse:
@@ -244,15 +262,17 @@ class _Unexpected:
                 raise
             log.warning("NATS did not answer %s %s: %r", scope["method"], shown_path(scope["path"]), exc)
             await caravan_error_response(StoreUnavailable())(scope, receive, send)
-        except Exception:
+        except Exception as exc:
             if started:
                 raise
-            request_id = uuid.uuid4().hex[:16]
-            log.exception(
-                "unexpected error answering %s %s (request %s)", scope["method"], shown_path(scope["path"]), request_id
-            )
-            message = f"internal error: the operator can find it in the log by request id {request_id}"
-            response = error_response(
-                500, "internal", message, {"request_id": request_id}, {"X-Request-ID": request_id}
-            )
-            await response(scope, receive, send)
+            await _internal(scope, exc, traceback=True)(scope, receive, send)
+
+
+def _internal(scope: Scope, exc: Exception, traceback: bool) -> JSONResponse:
+    """500 in the error shape for an error no handler knows: a generic message and a request id, which the line
+    logged for it carries too, with the error's traceback (unless ``traceback`` is false: the server logs it)."""
+    request_id = uuid.uuid4().hex[:16]
+    method, path = scope["method"], shown_path(scope["path"])
+    log.error("unexpected error answering %s %s (request %s)", method, path, request_id, exc_info=traceback and exc)
+    message = f"internal error: the operator can find it in the log by request id {request_id}"
+    return error_response(500, "internal", message, {"request_id": request_id}, {"X-Request-ID": request_id})

@@ -14,6 +14,11 @@ of them left the gateway unable to accept any other ("slowloris"). Here:
   end the request, and when the route reads again the body gets a whole deadline from then. The route, when the
   connection is closed, sees the client gone (``http.disconnect``).
 
+A body's 408 carries the CORS headers the API's answers carry for the request's ``Origin`` (:mod:`gateway.cors`),
+so that a page on an allowed origin reads it rather than a network error. The headers' 408 answers no request read,
+so it has no Origin to answer: a browser writes a request's headers at once, and meets that 408 only on a
+connection it left idle.
+
 A response is not timed: a task's event stream and a WebSocket stay open as long as they are used.
 """
 
@@ -24,9 +29,11 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from starlette.datastructures import Headers
 from uvicorn._types import ASGIReceiveEvent
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
+from gateway.cors import CorsPolicy
 from gateway.errors import error_response
 
 __all__ = ["BODY_TIMEOUT", "HEADERS_TIMEOUT", "with_request_deadlines"]
@@ -34,13 +41,16 @@ __all__ = ["BODY_TIMEOUT", "HEADERS_TIMEOUT", "with_request_deadlines"]
 log = logging.getLogger("caravan.gateway")
 
 
-def _timed_out(what: str) -> bytes:
+def _timed_out(what: str, cors: CorsPolicy | None = None, request: Headers | None = None) -> bytes:
     """What a connection whose request's ``what`` did not come in time gets before it is closed: the API's error body,
-    written as it is (uvicorn has no response started for it, nor a request to answer when the headers are late)."""
+    written as it is (uvicorn has no response started for it, nor a request to answer when the headers are late),
+    with the CORS headers ``cors`` gives the ``request`` (its headers) if there is one."""
     response = error_response(408, "request_timeout", f"the request's {what} did not come in time")
+    if cors is not None and request is not None:
+        cors.decorate(response.headers, request)
     return (
         b"HTTP/1.1 408 Request Timeout\r\n"
-        + b"".join(b"%s: %s\r\n" % header for header in response.raw_headers)
+        + b"".join(b"%s: %s\r\n" % header for header in response.headers.raw)
         + b"connection: close\r\n\r\n"
         + response.body
     )
@@ -48,11 +58,13 @@ def _timed_out(what: str) -> bytes:
 
 HEADERS_TIMEOUT = _timed_out("headers")
 BODY_TIMEOUT = _timed_out("body")
+"""The body's 408 to a request without CORS headers to carry (no policy, or no ``Origin``)."""
 
 
 class _RequestDeadlines(H11Protocol):
     headers_deadline_s: float = 20.0
     body_deadline_s: float = 60.0
+    cors: CorsPolicy | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -129,7 +141,8 @@ class _RequestDeadlines(H11Protocol):
         if self._made_to_wait(cycle):
             self._arm_body()  # the wait is the server's, not the client's
             return
-        self._close_with(BODY_TIMEOUT, f"its request's body did not come within {self.body_deadline_s:g} s")
+        answer = _timed_out("body", self.cors, Headers(raw=list(cycle.scope["headers"])))
+        self._close_with(answer, f"its request's body did not come within {self.body_deadline_s:g} s")
 
     def _close_with(self, answer: bytes, why: str) -> None:
         self._deadline = None
@@ -143,9 +156,8 @@ def _address(client: tuple[str, int] | None) -> str:
     return "a client" if client is None else f"{client[0]}:{client[1]}"
 
 
-def with_request_deadlines(headers_s: float, body_s: float) -> type[H11Protocol]:
+def with_request_deadlines(headers_s: float, body_s: float, cors: CorsPolicy | None = None) -> type[H11Protocol]:
     """uvicorn's h11 protocol giving a request's headers ``headers_s`` seconds and its body ``body_s`` seconds
-    (``uvicorn.Config(http=...)``)."""
-    return type(
-        "H11WithRequestDeadlines", (_RequestDeadlines,), {"headers_deadline_s": headers_s, "body_deadline_s": body_s}
-    )
+    (``uvicorn.Config(http=...)``); a body's 408 carries the CORS headers of ``cors``, the app's policy."""
+    deadlines = {"headers_deadline_s": headers_s, "body_deadline_s": body_s, "cors": cors}
+    return type("H11WithRequestDeadlines", (_RequestDeadlines,), deadlines)

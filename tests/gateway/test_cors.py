@@ -9,6 +9,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from control.metrics import Metrics
 from control.settings import Settings
 from gateway.app import MAX_BODY_BYTES, create_app
 from tests.conftest import Api, make_settings
@@ -119,6 +120,31 @@ async def test_another_origin_is_refused_its_preflight_and_gets_no_allow_origin(
     # a header the API does not read is not allowed either, even from the allowed origin
     header = await cors.options("/v1/agents", headers=preflight(ORIGIN, "POST", "authorization, x-custom"))
     assert header.status_code == 400
+
+
+async def test_an_error_outside_the_apps_handlers_is_still_the_apis_500_and_readable_by_the_page(
+    api: Api, cors: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault in a middleware around the app's error handling (here, counting the request for the metrics) gets
+    Starlette's last-resort 500, sent around the CORS middleware: it is the API's error all the same, with the CORS
+    headers of the other answers, so that a page on an allowed origin reads it (and its request id), and no other
+    origin gets them."""
+
+    def failing(*_: object) -> None:
+        raise RuntimeError("the metrics failed")
+
+    monkeypatch.setattr(Metrics, "request", failing)
+    for client, origin, readable in ((cors, ORIGIN, True), (cors, OTHER, False), (api.client, ORIGIN, False)):
+        answer = await client.get("/healthz", headers={"Origin": origin})
+        assert answer.status_code == 500, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "internal" and answer.headers["X-Request-ID"] == error["details"]["request_id"]
+        if readable:
+            assert answer.headers["Access-Control-Allow-Origin"] == ORIGIN
+            assert "x-request-id" in listed(answer.headers, "Access-Control-Expose-Headers")
+            assert "origin" in listed(answer.headers, "Vary")
+        else:
+            assert not cors_headers(answer), (origin, answer.headers)
 
 
 REFUSED: list[tuple[dict[str, str], dict[str, object], list[str]]] = [

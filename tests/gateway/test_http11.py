@@ -25,6 +25,8 @@ DEADLINE_S = 0.4
 LONGER_S = 1.2  # three deadlines: what came in this time would have been cut off without the protocol's care
 BODY_DEADLINE_S = 3 * LONGER_S  # the body's, where a test needs a body late by LONGER_S to be read
 ENOUGH_S = 30.0  # to wait for what must come (none of this is timed: only bounded, so that a failure ends)
+ORIGIN = "https://app.example.com"  # a page allowed to call the API, where CORS is on
+OTHER = "https://evil.example.com"
 
 
 @contextlib.asynccontextmanager
@@ -155,6 +157,23 @@ async def test_a_websocket_stays_open_past_the_deadline() -> None:
             assert await asyncio.wait_for(ws.recv(), ENOUGH_S) == said
 
 
+def post_agent(headers: dict[str, str]) -> tuple[bytes, bytes]:
+    """The head of a request that creates an agent, and its body."""
+    body = json.dumps(agent_body()).encode()
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    request_head = (
+        f"POST /v1/agents HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{head}"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    return request_head, body
+
+
+def header_fields(answered: bytes) -> dict[str, str]:
+    """The header fields of a raw answer, by lower-case name."""
+    lines = answered.partition(b"\r\n\r\n")[0].decode().split("\r\n")[1:]
+    return {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+
+
 async def test_a_body_sent_a_byte_at_a_time_is_cut_off_at_its_deadline_and_nothing_is_made(
     api: Api, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -163,12 +182,7 @@ async def test_a_body_sent_a_byte_at_a_time_is_cut_off_at_its_deadline_and_nothi
     caplog.set_level(logging.INFO, "caravan.gateway")
     _, headers = await api.new_customer()
     chosen = api.control.settings.model_copy(update={"http_port": 0, "http_body_timeout_s": DEADLINE_S})
-    body = json.dumps(agent_body()).encode()
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    request_head = (
-        f"POST /v1/agents HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{head}"
-        f"content-length: {len(body)}\r\n\r\n"
-    ).encode()
+    request_head, body = post_agent(headers)
     async with serving(_server_config(chosen, api.control)) as port:
         answered, sent = await trickle(port, request_head, body)
     assert answered == BODY_TIMEOUT
@@ -180,6 +194,30 @@ async def test_a_body_sent_a_byte_at_a_time_is_cut_off_at_its_deadline_and_nothi
     assert any(m.startswith("408 to 127.0.0.1:") and m.endswith("body did not come within 0.4 s") for m in said), said
     listed = await api.client.get("/v1/agents", headers=headers)
     assert listed.status_code == 200 and listed.json() == []
+
+
+async def test_a_bodys_408_is_readable_by_a_page_on_an_allowed_origin_and_only_by_it(api: Api) -> None:
+    """As the API is served with CORS (CARAVAN_CORS_ORIGINS): the body's 408 to a page on an allowed origin carries
+    the CORS headers the API's other answers carry, so the browser hands it the error, not a network error; to any
+    other origin, or with CORS off, it carries none."""
+    _, headers = await api.new_customer()
+    answers: dict[tuple[bool, str], bytes] = {}
+    for cors in (True, False):
+        chosen = api.control.settings.model_copy(
+            update={"http_port": 0, "http_body_timeout_s": DEADLINE_S, "cors_origins": (ORIGIN,) if cors else ()}
+        )
+        async with serving(_server_config(chosen, api.control)) as port:
+            for origin in (ORIGIN, OTHER):
+                answers[cors, origin], _ = await trickle(port, *post_agent({"Origin": origin, **headers}))
+    for answered in answers.values():
+        assert answered.startswith(b"HTTP/1.1 408 "), answered
+        assert json.loads(answered.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+    readable = header_fields(answers[True, ORIGIN])
+    assert readable["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in readable["access-control-expose-headers"].lower()
+    assert readable["vary"] == "Origin" and readable["connection"] == "close"
+    for unread in (answers[True, OTHER], answers[False, ORIGIN], answers[False, OTHER]):
+        assert not [name for name in header_fields(unread) if name.startswith("access-control-")], unread
 
 
 SLOW_BODY_S = 1.0  # the body's deadline where the server is slow to read
