@@ -171,13 +171,25 @@ async def running_event(api: Api, headers: dict[str, str], task_id: str) -> dict
 
 
 async def agent_ready(api: Api, customer_id: str, agent_id: str) -> dict[str, Any]:
-    """The agent's last lifecycle event (`ready` carries its pid and health port)."""
+    """The agent's last `ready` event (it carries its pid and health port), among its lifecycle events stored so
+    far (the control plane's `status` events come after it)."""
     import json
 
     from agent.protocol import EVENTS_STREAM, agent_events_subject
 
-    msg = await api.control.jet.js.get_last_msg(EVENTS_STREAM, agent_events_subject(customer_id, agent_id))
-    return dict(json.loads(msg.data or b"{}"))
+    sub = await api.control.jet.js.subscribe(
+        agent_events_subject(customer_id, agent_id), ordered_consumer=True, stream=EVENTS_STREAM
+    )
+    ready: dict[str, Any] = {}
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            if (event := json.loads(msg.data))["kind"] == "ready":
+                ready = event
+            if msg.metadata.num_pending == 0:
+                return ready
+    finally:
+        await sub.unsubscribe()
 
 
 async def health(port: int) -> dict[str, Any]:
