@@ -60,6 +60,11 @@ SECRETS_MARKER = "CARAVAN_SECRETS_SOURCE"
 """Always an item of the Variable: Nomad refuses an empty Variable, and a template waits for a missing one."""
 FOREIGN_KEPT = 10_000  # jobs known not to be ours
 ALLOCS_KEPT = 50_000  # allocations whose last reported state is kept (to report each change once)
+STEADY_STREAM_S = 10.0
+"""How long a stream must stay open to count as back (checked at each frame it sends; Nomad sends a heartbeat every
+10 s). One that ends sooner, as a proxy ending every stream after its headers does, is one more failed attempt of
+the loss it did not end: the back-off goes on growing (each connection lists every job again), the failures add up
+and the ERROR comes."""
 LOST_ERROR_AFTER_S = 60.0
 """How long the event stream may stay lost before the log says so at ERROR, once (a refusal says so at once)."""
 STREAM_ENDED = "Nomad ended the stream"
@@ -679,6 +684,7 @@ class NomadScheduler:
                 "namespace": "*",
                 "topic": [f"{topic}:*" for topic in EVENT_TOPICS],
             }
+            steady = False
             try:
                 response = _call(
                     stream_api,
@@ -693,12 +699,16 @@ class NomadScheduler:
                 with response:
                     self._feed.up()
                     self._post(_CONNECTED)
-                    backoff = 0.5
+                    opened = time.monotonic()
                     for line in response.iter_lines():
                         if self._closing.is_set():
                             return
                         if line:
                             self._post(line)
+                        if not steady and time.monotonic() - opened >= STEADY_STREAM_S:
+                            steady = True
+                            self._feed.steady()
+                            backoff = 0.5
                 error, kind, status = STREAM_ENDED, "stream ended", None  # Nomad, or a proxy in front of it, ended it
             except (NomadError, requests.RequestException, OSError, ValueError, AttributeError) as exc:
                 error, kind = _feed_error(exc), _feed_error_kind(exc)
@@ -878,21 +888,29 @@ class _FeedWatch:
     """The event stream's state, kept by the reader thread (the loop reads :attr:`state`, a frozen value replaced
     whole), and what the log says of it: a loss at WARNING (an end without error at INFO), each new error while it
     lasts at INFO (the same one again at DEBUG), once at ERROR when Nomad refuses the stream (4xx: trying again
-    will not pass it) or it has been lost for :data:`LOST_ERROR_AFTER_S`, and its return at INFO."""
+    will not pass it) or it has been lost for :data:`LOST_ERROR_AFTER_S`, and its return at INFO once the stream
+    is steady (:data:`STEADY_STREAM_S`): a connection that ends sooner did not end the loss."""
 
     def __init__(self) -> None:
         self.state = EventFeed(connected=False, since=utcnow())
         self._lost_at = time.monotonic()
         self._alarmed = False
+        self._loss: EventFeed | None = None
+        """The loss a connection that is not yet steady may not have ended (None once it is steady)."""
+        self._back_after = 0.0
 
     def up(self) -> None:
-        lost = self.state
+        self._back_after = time.monotonic() - self._lost_at
         self.state = EventFeed(connected=True, since=utcnow())
-        if lost.failures:
+
+    def steady(self) -> None:
+        """The stream has stayed open :data:`STEADY_STREAM_S`: the loss is over."""
+        loss, self._loss = self._loss, None
+        if loss is not None and loss.failures:
             log.info(
                 "Nomad event stream connected again after %.0fs (%d failed attempts): agents' statuses follow Nomad",
-                time.monotonic() - self._lost_at,
-                lost.failures,
+                self._back_after,
+                loss.failures,
             )
         self._alarmed = False
 
@@ -900,12 +918,16 @@ class _FeedWatch:
         """An attempt failed with ``error``, of the kind ``kind`` (:func:`_feed_error_kind`; Nomad's HTTP
         ``status``, if it answered), or a connected stream ended (:data:`STREAM_ENDED`); the next attempt is in
         ``retry_in`` seconds."""
-        previous = self.state
-        if previous.connected:
+        loss = self._loss  # a stream that ends before it is steady did not end the loss before it (if there was one)
+        previous = loss if loss is not None and loss.failures else self.state
+        if previous.connected:  # a steady stream ended: a new loss
             self._lost_at = time.monotonic()
-        since = utcnow() if previous.connected else previous.since
-        self.state = EventFeed(
-            connected=False, since=since, last_error=error, last_error_kind=kind, failures=previous.failures + 1
+        self._loss = self.state = EventFeed(
+            connected=False,
+            since=utcnow() if previous.connected else previous.since,
+            last_error=error,
+            last_error_kind=kind,
+            failures=previous.failures + 1,
         )
         lost_for = time.monotonic() - self._lost_at
         refused = status is not None and 400 <= status < 500

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import sys
 from collections.abc import AsyncIterator
@@ -750,11 +751,12 @@ async def test_a_lost_event_stream_is_reported_logged_at_error_once_and_caught_u
     meanwhile is reported then. Against the double only: a real Nomad cannot be made to refuse the stream on
     demand."""
     monkeypatch.setattr(nomad_backend, "LOST_ERROR_AFTER_S", 1.0)
+    monkeypatch.setattr(nomad_backend, "STEADY_STREAM_S", 0.3)
     caplog.set_level(logging.DEBUG, logger="caravan.scheduler.nomad")
     token = "a1b2c3d4-token-" + secrets.token_hex(8)
     ids = Ids.new()
     recorder = Recorder()
-    with NomadDouble() as double:
+    with NomadDouble(heartbeat_s=0.1) as double:
         async with NomadScheduler(NomadConfig(address=double.address, token=token)) as scheduler:
             scheduler.on_status(recorder)
             await assert_eventually(now(scheduler.event_feed), lambda f: f.connected, what="connected")
@@ -775,6 +777,7 @@ async def test_a_lost_event_stream_is_reported_logged_at_error_once_and_caught_u
                 what="the allocation's state caught up",
             )
             await scheduler.stop_job(ids.namespace, ids.job_id)
+            await assert_eventually(now(lambda: caplog.text), lambda text: "connected again" in text, what="steady")
     mine = [r for r in caplog.records if r.name == "caravan.scheduler.nomad" and "event stream" in r.getMessage()]
     errors = [r.getMessage() for r in mine if r.levelno == logging.ERROR]
     assert len(errors) == 1 and f"{code} {message}" in errors[0], errors
@@ -783,6 +786,42 @@ async def test_a_lost_event_stream_is_reported_logged_at_error_once_and_caught_u
     assert first.levelno == level_of_first
     assert [r.levelno for r in mine if "connected again" in r.getMessage()] == [logging.INFO]
     assert token not in caplog.text and token not in repr(lost)
+
+
+async def test_a_stream_a_proxy_ends_at_once_does_not_end_the_loss(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy in front of Nomad ends every event stream right after its headers (a response timeout too short
+    for a stream). Each such connection is one more failed attempt of the loss, not its end: the failures add up
+    in the feed (what `/readyz` shows) from the same `since`, the back-off grows rather than starting over at each
+    connection (which lists every job again), and the log says ERROR once. When streams stay open again, the feed
+    is back, and the log says so once, as the stream is steady. Against the double only."""
+    monkeypatch.setattr(nomad_backend, "LOST_ERROR_AFTER_S", 1.0)
+    monkeypatch.setattr(nomad_backend, "STEADY_STREAM_S", 0.3)
+    caplog.set_level(logging.DEBUG, logger="caravan.scheduler.nomad")
+    with NomadDouble(heartbeat_s=0.1) as double:
+        async with NomadScheduler(NomadConfig(address=double.address)) as scheduler:
+            await assert_eventually(now(scheduler.event_feed), lambda f: f.connected, what="connected")
+            double.cut_streams = True
+            first = await assert_eventually(now(scheduler.event_feed), lambda f: f.failures >= 1, what="lost")
+            lost = await assert_eventually(
+                now(scheduler.event_feed), lambda f: f.failures >= 4, what="four failed attempts"
+            )
+            assert not lost.connected and lost.since == first.since
+            assert (lost.last_error, lost.last_error_kind) == (nomad_backend.STREAM_ENDED, "stream ended")
+            double.cut_streams = False
+            await assert_eventually(
+                now(lambda: caplog.text), lambda text: "connected again" in text, what="steady again"
+            )
+            back = scheduler.event_feed()
+            assert back.connected and (back.last_error, back.failures) == (None, 0)
+    mine = [r for r in caplog.records if r.name == "caravan.scheduler.nomad" and "event stream" in r.getMessage()]
+    errors = [r.getMessage() for r in mine if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "lost for" in errors[0], errors
+    again = [r.getMessage() for r in mine if "connected again" in r.getMessage()]
+    assert len(again) == 1, again
+    waits = [float(m[1]) for r in mine if (m := re.search(r"reconnecting in ([\d.]+)s", r.getMessage()))]
+    assert waits[:2] == [0.5, 1.0] and waits == sorted(set(waits)), waits  # (the ERROR's attempt says no wait)
 
 
 async def test_the_kind_of_a_lost_event_streams_failure_is_told_in_fixed_words_naming_no_address() -> None:

@@ -228,6 +228,7 @@ class NomadDouble:
         self.requests: list[tuple[str, str, bytes]] = []
         self.held = 0  # blocking queries waiting now for the index to pass theirs
         self.faults: dict[str, _Fault] = {}  # routes (by handler) that fail (failing)
+        self.cut_streams = False  # a proxy in front ends every event stream once its headers are sent (and open ones)
         self.events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=event_buffer)
         self.generation = 0  # of the event broker: a rebuilt cluster has a new one (rebuild)
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -1654,7 +1655,7 @@ class _Handler(BaseHTTPRequestHandler):
             sent, broker = double.stream_start(start) - 1, double.generation
 
         def ended() -> bool:
-            return double._closing or double.fails("events") or double.generation != broker
+            return double._closing or double.fails("events") or double.generation != broker or double.cut_streams
 
         with contextlib.suppress(OSError):
             while True:
