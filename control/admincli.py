@@ -408,6 +408,18 @@ def _print_new_key(created: dict[str, Any]) -> None:
     print(f"This key will not be shown again: keep it now. It is listed and revoked by its prefix, {prefix}.")
 
 
+def _listed(client: httpx.Client, what: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``GET /v1/admin/<what>`` (of ``--customer``, if given) for a table; empty when there is nothing left to
+    print: it was printed as JSON (``--json``), or it is empty, which is said."""
+    listed = _answer(client.get(f"/v1/admin/{what}", params={"customer_id": args.customer} if args.customer else {}))
+    if args.json:
+        _print_json(listed)
+        return []
+    if not listed:
+        print(f"customer {args.customer} has no {what}" if args.customer else f"no {what}")
+    return list(listed)
+
+
 def _keys(client: httpx.Client, args: argparse.Namespace) -> None:
     if args.verb == "create":
         created = _answer(client.post(f"/v1/admin/customers/{args.customer_id}/keys"))
@@ -421,12 +433,8 @@ def _keys(client: httpx.Client, args: argparse.Namespace) -> None:
         _answer(client.delete(f"/v1/admin/keys/{args.prefix}"))
         print(f"key {args.prefix} revoked: it logs in no more, and its tokens stop working within seconds")
         return
-    keys = _answer(client.get("/v1/admin/keys", params={"customer_id": args.customer} if args.customer else {}))
-    if args.json:
-        _print_json(keys)
-        return
+    keys = _listed(client, "keys", args)
     if not keys:
-        print(f"customer {args.customer} has no keys" if args.customer else "no keys")
         return
     print(f"{'PREFIX':<12}  {'ROLE':<8}  {'CUSTOMER':<16}  {'CREATED':<27}  REVOKED")
     for key in keys:
@@ -442,12 +450,8 @@ def _agents(client: httpx.Client, args: argparse.Namespace) -> None:
         reason = f": {shown(agent['status_reason'])}" if agent["status_reason"] else ""
         print(f"agent {agent['id']} of customer {agent['customer_id']} {agent['status']}{reason}")
         return
-    agents = _answer(client.get("/v1/admin/agents", params={"customer_id": args.customer} if args.customer else {}))
-    if args.json:
-        _print_json(agents)
-        return
+    agents = _listed(client, "agents", args)
     if not agents:
-        print(f"customer {args.customer} has no agents" if args.customer else "no agents")
         return
     print(f"{'ID':<16}  {'CUSTOMER':<16}  {'STATUS':<8}  NAME")
     for agent in agents:
