@@ -896,7 +896,8 @@ class _FeedWatch:
         self._lost_at = time.monotonic()
         self._alarmed = False
         self._loss: EventFeed | None = None
-        """The loss a connection that is not yet steady may not have ended (None once it is steady)."""
+        """The loss (a failed attempt at least) that a connection not yet steady may not have ended; None before the
+        first failure and once a stream is steady."""
         self._back_after = 0.0
 
     def up(self) -> None:
@@ -906,7 +907,7 @@ class _FeedWatch:
     def steady(self) -> None:
         """The stream has stayed open :data:`STEADY_STREAM_S`: the loss is over."""
         loss, self._loss = self._loss, None
-        if loss is not None and loss.failures:
+        if loss is not None:
             log.info(
                 "Nomad event stream connected again after %.0fs (%d failed attempts): agents' statuses follow Nomad",
                 self._back_after,
@@ -918,8 +919,8 @@ class _FeedWatch:
         """An attempt failed with ``error``, of the kind ``kind`` (:func:`_feed_error_kind`; Nomad's HTTP
         ``status``, if it answered), or a connected stream ended (:data:`STREAM_ENDED`); the next attempt is in
         ``retry_in`` seconds."""
-        loss = self._loss  # a stream that ends before it is steady did not end the loss before it (if there was one)
-        previous = loss if loss is not None and loss.failures else self.state
+        # a stream that ends before it is steady did not end the loss before it (if there was one)
+        previous = self._loss if self._loss is not None else self.state
         if previous.connected:  # a steady stream ended: a new loss
             self._lost_at = time.monotonic()
         self._loss = self.state = EventFeed(

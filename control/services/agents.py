@@ -419,7 +419,7 @@ class AgentService:
             was[:] = [agent["status"]]
             return {**agent, "status": status.value, "status_reason": reason, "updated_at": _json_now()}
 
-        if await self._repo.patch(_key(event.customer_id, event.agent_id), apply) and was:
+        if await self._repo.patch(_key(event.customer_id, event.agent_id), apply):  # changed: ``was`` is set
             await self._publish_status(event.customer_id, event.agent_id, status, reason, AgentStatus(was[0]))
 
     async def live(self) -> builtins.list[AgentRef]:
