@@ -516,10 +516,14 @@ class TaskService:
 
     async def input(self, customer_id: str | None, task_id: str, content: str, segment: int | None = None) -> Task:
         """The human's answer to a task that asked (team tasks); ``segment``: the question it answers. The answer:
-        the task as queued to go on, with its transcript."""
+        the task as queued to go on, with its transcript. An agent alone has nobody to hand off to, so it never
+        asks: it asks in a team of one, as AgentChat has it ask (said in the 409)."""
         task = await self.get(customer_id, task_id, transcript=False)
         if task.team_id is None or self._teams is None:
-            raise Conflict(f"task {task.id} runs on a single agent, which never asks for input")
+            raise Conflict(
+                f"task {task.id} runs on a single agent, which never asks for input; for an agent that asks, run "
+                "the task on a team of that one agent with a handoff to 'user' and termination.handoff_to_user"
+            )
         return await self._with_transcript(await self._teams.input(task, content, segment))
 
     async def publish(self, event: Event, msg_id: str | None = None) -> None:

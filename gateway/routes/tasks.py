@@ -117,7 +117,8 @@ async def cancel_task(task_id: str, control: ControlDep, principal: PrincipalDep
 
 @router.post("/{task_id}/input", response_model=TaskPublic, status_code=status.HTTP_202_ACCEPTED)
 async def task_input(task_id: str, body: TeamInput, control: ControlDep, principal: PrincipalDep) -> TaskPublic:
-    """Answer a team that asked (status `awaiting_input`); the team goes on from where it stopped."""
+    """Answer a team that asked (status `awaiting_input`); the team goes on from where it stopped. A task on an
+    agent alone never asks (409): an agent asks in a team of one, with a handoff to `user`."""
     async with control.audit.admin_action(
         principal, "task.input", target=task_id, owner=_task_record(control, task_id)
     ):

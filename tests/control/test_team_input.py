@@ -12,7 +12,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 import pytest
-from autogen_agentchat.conditions import HandoffTermination, MaxMessageTermination
+from autogen_agentchat.conditions import HandoffTermination, MaxMessageTermination, TextMentionTermination
 from autogen_agentchat.messages import TextMessage
 from nats.js.errors import KeyNotFoundError
 
@@ -466,3 +466,49 @@ async def test_an_answer_names_its_question_and_a_retry_never_answers_the_next(a
     assert (done["status"], done["segment"]) == ("completed", None), done
     said = [m["content"] for m in done["messages"] if m["source"] == "user"]
     assert said == ["Paint the fence.", "Blue.", "No, thanks."]  # each answer once, to its own question
+
+
+async def test_one_agent_asks_the_human_as_a_team_of_one_as_agentchat_has_it_ask(api: Api) -> None:
+    """A task on an agent alone never asks (AgentChat's agent has nobody to hand off to), and an answer to one is
+    409 saying how to let it ask: a team of that one agent with a handoff to `user`, AgentChat's own way (its
+    human-in-the-loop guide runs one assistant in a round robin with a handoff termination). That task waits
+    with the agent's question, the answer resumes the same conversation, and the transcript and stop reason are
+    AgentChat's own in-process team of one's."""
+    _, headers = await api.new_customer()
+    handoff = {"tool": "transfer_to_user", "arguments": {}}
+    specs = {"painter": {"model": script("Which colour should the fence be?", handoff, "Green it is. DONE")}}
+    made = await agents(api, headers, {**specs, "alone": {"model": script("Fence painted.")}})
+    painter, alone = made["painter"]["id"], made["alone"]["id"]
+
+    on_agent = await api.client.post("/v1/tasks", json={"agent_id": alone, "task": "Paint."}, headers=headers)
+    assert on_agent.status_code == 202, on_agent.text
+    refused = await api.client.post(
+        f"/v1/tasks/{on_agent.json()['id']}/input", json={"content": "Green."}, headers=headers
+    )
+    assert refused.status_code == 409, refused.text
+    assert "a team of that one agent with a handoff to 'user'" in refused.json()["error"]["message"], refused.text
+
+    termination = {"handoff_to_user": True, "text_mention": "DONE", "max_messages": 10}
+    created = await team(api, headers, members=[painter], handoffs={painter: ["user"]}, termination=termination)
+    task_id = await start(api, headers, created["id"], "Paint the fence.")
+    waiting = await task_status(api, headers, task_id, ("awaiting_input", "completed", "failed"))
+    assert waiting["status"] == "awaiting_input", (waiting["status_reason"], waiting["messages"])
+    assert (waiting["messages"][-1]["type"], waiting["messages"][-1]["content"]) == (
+        "input_request",
+        "Which colour should the fence be?",
+    )
+    answer = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Green."}, headers=headers)
+    assert answer.status_code == 202, answer.text
+    done = await task_status(api, headers, task_id)
+    assert (done["status"], done["status_reason"]) == ("completed", "Text 'DONE' mentioned"), done
+
+    local = local_team(
+        specs,
+        "round_robin",
+        HandoffTermination("user") | TextMentionTermination("DONE") | MaxMessageTermination(10),
+        {"painter": ["user"]},
+    )
+    first, _ = await run_local(local, "Paint the fence.")
+    second, local_stop = await run_local(local, TextMessage(source="user", content="Green."))
+    assert api_transcript(done) == local_transcript(first + second)
+    assert await stop_reason(api, headers, task_id) == local_stop
