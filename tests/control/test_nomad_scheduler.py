@@ -734,8 +734,12 @@ async def test_the_event_feed_is_connected_while_the_scheduler_follows_the_strea
 
 @pytest.mark.parametrize(
     ("code", "message", "kind", "level_of_first"),
-    [(403, "Permission denied", "unauthorized (403)", logging.ERROR), (502, "Bad Gateway", "HTTP 502", logging.INFO)],
-    ids=["refused", "proxy"],
+    [
+        (403, "Permission denied", "unauthorized (403)", logging.ERROR),
+        (401, "Unauthorized", "unauthorized (401)", logging.ERROR),
+        (502, "Bad Gateway", "HTTP 502", logging.INFO),
+    ],
+    ids=["refused", "unauthenticated", "proxy"],
 )
 async def test_a_lost_event_stream_is_reported_logged_at_error_once_and_caught_up_when_back(
     caplog: pytest.LogCaptureFixture,
@@ -746,7 +750,8 @@ async def test_a_lost_event_stream_is_reported_logged_at_error_once_and_caught_u
     level_of_first: int,
 ) -> None:
     """Nomad closes the stream and refuses it again (a token whose policy lost read-job: 403, which trying again
-    will not pass, logged at ERROR at once; a proxy answering 502: at ERROR once it has lasted): the feed says since
+    will not pass, logged at ERROR at once, as a 401 from a proxy that authenticates; a proxy answering 502: at
+    ERROR once it has lasted): the feed says since
     when and why, the log says it at ERROR once however many attempts fail, and INFO when it is back; what changed
     meanwhile is reported then. Against the double only: a real Nomad cannot be made to refuse the stream on
     demand."""
@@ -781,7 +786,7 @@ async def test_a_lost_event_stream_is_reported_logged_at_error_once_and_caught_u
     mine = [r for r in caplog.records if r.name == "caravan.scheduler.nomad" and "event stream" in r.getMessage()]
     errors = [r.getMessage() for r in mine if r.levelno == logging.ERROR]
     assert len(errors) == 1 and f"{code} {message}" in errors[0], errors
-    assert ("read-job" in errors[0]) is (code == 403)
+    assert ("read-job" in errors[0]) is (code in (401, 403))
     first = next(r for r in mine if f"{code} {message}" in r.getMessage())
     assert first.levelno == level_of_first
     assert [r.levelno for r in mine if "connected again" in r.getMessage()] == [logging.INFO]
@@ -822,6 +827,41 @@ async def test_a_stream_a_proxy_ends_at_once_does_not_end_the_loss(
     assert len(again) == 1, again
     waits = [float(m[1]) for r in mine if (m := re.search(r"reconnecting in ([\d.]+)s", r.getMessage()))]
     assert waits[:2] == [0.5, 1.0] and waits == sorted(set(waits)), waits  # (the ERROR's attempt says no wait)
+
+
+async def test_a_stream_that_breaks_off_mid_frame_is_a_lost_connection_and_the_feed_comes_back(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection under an open event stream breaks in the middle of a frame (a network that drops it, a
+    Nomad server killed as it writes): the feed says `connection lost` (the fixed words `/readyz` shows anyone),
+    the log gives the reason, the failures add up while every new stream breaks too, and once streams hold again
+    the feed is back with what changed meanwhile. Against the double only."""
+    monkeypatch.setattr(nomad_backend, "STEADY_STREAM_S", 0.3)
+    caplog.set_level(logging.DEBUG, logger="caravan.scheduler.nomad")
+    ids = Ids.new()
+    recorder = Recorder()
+    with NomadDouble(heartbeat_s=0.1) as double:
+        async with NomadScheduler(NomadConfig(address=double.address)) as scheduler:
+            scheduler.on_status(recorder)
+            await assert_eventually(now(scheduler.event_feed), lambda f: f.connected, what="connected")
+            double.break_streams = True
+            lost = await assert_eventually(
+                now(scheduler.event_feed), lambda f: f.failures >= 3, what="three broken streams"
+            )
+            assert not lost.connected and lost.last_error_kind == "connection lost", lost
+            await scheduler.submit(make_job(ids, HEALTHY))
+            double.break_streams = False
+            await assert_eventually(
+                lambda: recorder.last(ids.job_id),
+                lambda u: u is not None and u.state is AllocState.RUNNING,
+                what="the allocation's state, once the stream holds",
+            )
+            back = await assert_eventually(
+                now(scheduler.event_feed), lambda f: f.connected and not f.failures, what="back"
+            )
+            assert back.last_error_kind is None
+    lost_lines = [r.getMessage() for r in caplog.records if "event stream lost" in r.getMessage()]
+    assert lost_lines and "Connection broken" in lost_lines[0], lost_lines  # the reason, for the operator
 
 
 async def test_the_kind_of_a_lost_event_streams_failure_is_told_in_fixed_words_naming_no_address() -> None:

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -229,6 +230,7 @@ class NomadDouble:
         self.held = 0  # blocking queries waiting now for the index to pass theirs
         self.faults: dict[str, _Fault] = {}  # routes (by handler) that fail (failing)
         self.cut_streams = False  # a proxy in front ends every event stream once its headers are sent (and open ones)
+        self.break_streams = False  # the connection of every event stream breaks off in the middle of a frame
         self.events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=event_buffer)
         self.generation = 0  # of the event broker: a rebuilt cluster has a new one (rebuild)
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -1657,6 +1659,19 @@ class _Handler(BaseHTTPRequestHandler):
         def ended() -> bool:
             return double._closing or double.fails("events") or double.generation != broker or double.cut_streams
 
+        def broke() -> bool:
+            """A frame's first bytes, then the connection is cut: no end of the chunked body (a network that drops
+            the connection, a proxy or a Nomad server killed mid-write)."""
+            if not double.break_streams:
+                return False
+            frame = json.dumps({"Index": sent + 1, "Events": []}).encode()
+            self.wfile.write(f"{len(frame):x}\r\n".encode() + frame[: len(frame) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return True
+
         with contextlib.suppress(OSError):
             while True:
                 with double.cond:
@@ -1664,6 +1679,8 @@ class _Handler(BaseHTTPRequestHandler):
                     if not pending and not ended():
                         double.cond.wait(timeout=double.heartbeat_s)
                         pending = [(i, e) for i, e in double.events if i > sent]
+                    if broke():
+                        return
                     if ended():
                         self._chunk(b"")
                         self.close_connection = double._closing  # a Nomad shut down serves no kept-alive one
