@@ -50,11 +50,13 @@ def chromium_path() -> str | None:
 
 @dataclass
 class PageWatch:
-    """What the pages of a browser context did wrong, and the dialogs they opened (each one accepted)."""
+    """What the pages of a browser context did wrong, and the dialogs they opened (each one accepted, but for those
+    :meth:`dismiss_next` asks to cancel)."""
 
     problems: list[str] = field(default_factory=list)
     dialogs: list[str] = field(default_factory=list)
     _allowed: list[re.Pattern[str]] = field(default_factory=list)
+    _dismissing: int = 0
 
     @classmethod
     async def attach(cls, context: BrowserContext) -> PageWatch:
@@ -68,6 +70,11 @@ class PageWatch:
         """Console messages and policy violations matching ``pattern`` are expected from now on (a refusal the test
         asks for)."""
         self._allowed.append(re.compile(pattern))
+
+    def dismiss_next(self) -> None:
+        """The next dialog a page opens is cancelled (a confirmation answered no), not accepted; it is recorded all
+        the same."""
+        self._dismissing += 1
 
     def _problem(self, text: str) -> None:
         if not any(p.search(text) for p in self._allowed):
@@ -91,4 +98,8 @@ class PageWatch:
 
     async def _dialog(self, dialog: Dialog) -> None:
         self.dialogs.append(dialog.message)
-        await dialog.accept()
+        if self._dismissing:
+            self._dismissing -= 1
+            await dialog.dismiss()
+        else:
+            await dialog.accept()
