@@ -291,6 +291,48 @@ export function killswitchView(root) {
 
 // ---------------------------------------------------------------------------------------------------- customers
 
+/**
+ * A customer's API keys, by prefix and creation (the secret is shown once, when issued: the API keeps none), each
+ * with a Revoke button that asks first. Revoked keys are counted, not listed. `load` (re)reads them.
+ */
+function customerKeys(customer) {
+  const errors = el("div"); // the list's load
+  const actionErrors = el("div"); // Revoke's: kept until the next one
+  const list = el("div");
+
+  async function load() {
+    const keys = await attempt(errors, () => api("GET", "/v1/admin/keys", { query: { customer_id: customer.id } }));
+    if (!keys) {
+      list.replaceChildren(); // keys listed before may have been revoked since
+      return;
+    }
+    const active = keys.filter((k) => !k.revoked_at);
+    const revoked = keys.length - active.length;
+    const revoke = (key) =>
+      actionButton("Revoke", () => api("DELETE", `/v1/admin/keys/${seg(key.prefix)}`), {
+        slot: actionErrors,
+        then: load,
+        cls: "danger",
+        confirm: `Revoke API key ${key.prefix} of ${customer.name}?\n\nIt signs in no more, and the sessions it opened end within seconds.`,
+      });
+    fill(
+      list,
+      table(
+        [
+          ["Prefix", (k) => el("span", { class: "mono", text: k.prefix })],
+          ["Created", (k) => when(k.created_at)],
+          ["", revoke],
+        ],
+        active,
+        "No active API key: the customer cannot sign in until a new one is issued.",
+      ),
+      revoked ? el("p", { class: "muted", text: `${counted(revoked, "revoked key")} not listed.` }) : null,
+    );
+  }
+
+  return { node: el("div", {}, actionErrors, errors, list), load };
+}
+
 function quotaForm(customer, usage, onSaved) {
   const errors = el("div");
   const tier = el("select", { name: "tier" }, TIERS.map((t) => el("option", { value: t, text: t, selected: t === usage.quota.tier })));
@@ -345,10 +387,13 @@ export function customersView(root) {
     const keySlot = el("div");
     const info = await attempt(errors, () => api("GET", `/v1/admin/customers/${seg(customer.id)}`));
     if (!info) return;
+    const keys = customerKeys(info);
     const newKey = el("button", { type: "button", text: "New API key" });
     newKey.addEventListener("click", async () => {
       const key = await attempt(keySlot, () => api("POST", `/v1/admin/customers/${seg(customer.id)}/keys`), newKey);
-      if (key) showNotice(keySlot, "New API key, shown this once: ", el("code", { class: "secret", text: key.api_key }));
+      if (!key) return;
+      showNotice(keySlot, "New API key, shown this once: ", el("code", { class: "secret", text: key.api_key }));
+      keys.load();
     });
     fill(
       detail,
@@ -357,12 +402,15 @@ export function customersView(root) {
         { class: "panel" },
         el("div", { class: "toolbar" }, el("h2", { text: `${info.name}` }), el("span", { class: "muted mono", text: info.id }), newKey),
         keySlot,
+        el("h3", { text: "API keys" }),
+        keys.node,
         el("h3", { text: "Usage" }),
         usageTable(info.usage),
         el("h3", { text: "Quota" }),
         quotaForm(info, info.usage, () => show(customer)),
       ),
     );
+    keys.load();
   }
 
   async function load() {

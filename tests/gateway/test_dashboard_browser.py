@@ -423,6 +423,56 @@ async def test_an_admin_manages_customers_and_the_killswitch_and_reads_the_audit
     dashboard.watch.assert_clean()
 
 
+async def test_an_admin_lists_a_customers_keys_and_revokes_one(dashboard: Dashboard) -> None:
+    """A customer's keys by prefix, their secrets never shown but a new key's, once; Revoke asks first: cancelled,
+    nothing is revoked; confirmed, the key signs in no more and leaves the list, and the other still signs in."""
+    api, page = dashboard.api, dashboard.page
+    _, key, _ = await new_customer(api, "hooli")
+    prefix = key[:12]  # cvn_ and 8 hex digits: the prefix a generated key starts with
+    deletes: list[str] = []  # what the page asks to revoke
+    page.on("request", lambda r: deletes.append(r.url.removeprefix(api.base)) if r.method == "DELETE" else None)
+    await dashboard.sign_in(ADMIN_KEY)
+    await dashboard.tab("Customers")
+    await dashboard.row("hooli").get_by_role("button", name="Quota & usage").click()
+    first = dashboard.row(prefix)
+    await expect(first.get_by_role("button", name="Revoke")).to_be_visible()
+    await expect(cell(first, 1)).not_to_be_empty()  # when it was created
+    keys = page.locator("table", has=page.get_by_role("columnheader", name="Prefix"))
+    await expect(keys.locator("tbody tr")).to_have_count(1)
+
+    # a new key: shown once above, listed by its prefix alone
+    await page.get_by_role("button", name="New API key").click()
+    new_key = await page.locator(".notice", has_text="New API key, shown this once").locator("code.secret").inner_text()
+    second = dashboard.row(new_key[:12])
+    await expect(second.get_by_role("button", name="Revoke")).to_be_visible()
+    await expect(keys.locator("tbody tr")).to_have_count(2)
+    await expect(keys).not_to_contain_text(new_key)
+    await expect(page.locator("#view")).not_to_contain_text(key)
+
+    # Revoke asks first: cancelled, nothing is sent and the key still signs in
+    asked = f"Revoke API key {prefix} of hooli?\n\nIt signs in no more, and the sessions it opened end within seconds."
+    dashboard.watch.dismiss_next()
+    await first.get_by_role("button", name="Revoke").click()
+    await assert_eventually(now(lambda: dashboard.watch.dialogs), lambda d: d == [asked])
+    await page.evaluate("() => null")  # the click's handler has run on past the answer
+    assert deletes == []
+    await expect(keys.locator("tbody tr")).to_have_count(2)
+    assert (await api.client.post("/v1/auth/token", json={"api_key": key})).status_code == 200
+
+    # confirmed: revoked, gone from the list (counted below it), and refused a token; the other key is not
+    await first.get_by_role("button", name="Revoke").click()
+    await expect(first).to_have_count(0)
+    await expect(keys.locator("tbody tr")).to_have_count(1)
+    await expect(second).to_be_visible()
+    await expect(page.get_by_text("1 revoked key not listed.")).to_be_visible()
+    assert dashboard.watch.dialogs == [asked, asked]
+    assert deletes == [f"/v1/admin/keys/{prefix}"]
+    refused = await api.client.post("/v1/auth/token", json={"api_key": key})
+    assert refused.status_code == 401, refused.text
+    assert (await api.client.post("/v1/auth/token", json={"api_key": new_key})).status_code == 200
+    dashboard.watch.assert_clean()
+
+
 async def test_an_admin_stops_an_agent_and_its_owner_sees_why(
     browser: Browser, dashboard: Dashboard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
