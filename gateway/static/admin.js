@@ -133,7 +133,10 @@ export function adminAgentsView(root) {
     const forceStop = (agent) =>
       actionButton("Force stop", () => api("POST", `/v1/admin/agents/${seg(agent.id)}/stop`), {
         slot: actionErrors,
-        then: load,
+        then: () => {
+          onRevoked(key.prefix);
+          load();
+        },
         cls: "danger",
         disabled: agent.desired === "stopped",
         confirm: `Stop agent ${agent.name} of ${agent.customer_id}? Its owner can start it again.`,
@@ -293,9 +296,10 @@ export function killswitchView(root) {
 
 /**
  * A customer's API keys, by prefix and creation (the secret is shown once, when issued: the API keeps none), each
- * with a Revoke button that asks first. Revoked keys are counted, not listed. `load` (re)reads them.
+ * with a Revoke button that asks first. Revoked keys are counted, not listed. `load` (re)reads them; `onRevoked`
+ * gets the prefix of a key just revoked.
  */
-function customerKeys(customer) {
+function customerKeys(customer, onRevoked) {
   const errors = el("div"); // the list's load
   const actionErrors = el("div"); // Revoke's: kept until the next one
   const list = el("div");
@@ -311,7 +315,10 @@ function customerKeys(customer) {
     const revoke = (key) =>
       actionButton("Revoke", () => api("DELETE", `/v1/admin/keys/${seg(key.prefix)}`), {
         slot: actionErrors,
-        then: load,
+        then: () => {
+          onRevoked(key.prefix);
+          load();
+        },
         cls: "danger",
         confirm: `Revoke API key ${key.prefix} of ${customer.name}?\n\nIt signs in no more, and the sessions it opened end within seconds.`,
       });
@@ -387,11 +394,16 @@ export function customersView(root) {
     const keySlot = el("div");
     const info = await attempt(errors, () => api("GET", `/v1/admin/customers/${seg(customer.id)}`));
     if (!info) return;
-    const keys = customerKeys(info);
+    let shown = null; // the new key whose secret keySlot shows
+    const keys = customerKeys(info, (prefix) => {
+      if (shown?.startsWith(prefix)) keySlot.replaceChildren(); // a revoked key's secret is no use to anyone
+    });
     const newKey = el("button", { type: "button", text: "New API key" });
     newKey.addEventListener("click", async () => {
+      shown = null;
       const key = await attempt(keySlot, () => api("POST", `/v1/admin/customers/${seg(customer.id)}/keys`), newKey);
       if (!key) return;
+      shown = key.api_key;
       showNotice(keySlot, "New API key, shown this once: ", el("code", { class: "secret", text: key.api_key }));
       keys.load();
     });

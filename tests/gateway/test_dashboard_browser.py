@@ -470,6 +470,13 @@ async def test_an_admin_lists_a_customers_keys_and_revokes_one(dashboard: Dashbo
     refused = await api.client.post("/v1/auth/token", json={"api_key": key})
     assert refused.status_code == 401, refused.text
     assert (await api.client.post("/v1/auth/token", json={"api_key": new_key})).status_code == 200
+    await expect(page.locator("code.secret")).to_have_text(new_key)  # another key's revocation leaves it shown
+
+    # the new key revoked as well: the secret shown once above goes with it
+    await second.get_by_role("button", name="Revoke").click()
+    await expect(page.locator("code.secret")).to_have_count(0)
+    await expect(page.get_by_text("2 revoked keys not listed.")).to_be_visible()
+    assert (await api.client.post("/v1/auth/token", json={"api_key": new_key})).status_code == 401
     dashboard.watch.assert_clean()
 
 
