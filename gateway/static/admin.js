@@ -133,10 +133,7 @@ export function adminAgentsView(root) {
     const forceStop = (agent) =>
       actionButton("Force stop", () => api("POST", `/v1/admin/agents/${seg(agent.id)}/stop`), {
         slot: actionErrors,
-        then: () => {
-          onRevoked(key.prefix);
-          load();
-        },
+        then: load,
         cls: "danger",
         disabled: agent.desired === "stopped",
         confirm: `Stop agent ${agent.name} of ${agent.customer_id}? Its owner can start it again.`,
