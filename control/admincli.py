@@ -408,16 +408,20 @@ def _print_new_key(created: dict[str, Any]) -> None:
     print(f"This key will not be shown again: keep it now. It is listed and revoked by its prefix, {prefix}.")
 
 
-def _listed(client: httpx.Client, what: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """``GET /v1/admin/<what>`` (of ``--customer``, if given) for a table; empty when there is nothing left to
-    print: it was printed as JSON (``--json``), or it is empty, which is said."""
+def _listed(
+    client: httpx.Client, what: str, args: argparse.Namespace, header: str, row: Callable[[dict[str, Any]], str]
+) -> None:
+    """``GET /v1/admin/<what>`` (of ``--customer``, if given) printed as JSON (``--json``), or as a table: its
+    ``header``, then a ``row`` for each; that there are none, if so."""
     listed = _answer(client.get(f"/v1/admin/{what}", params={"customer_id": args.customer} if args.customer else {}))
     if args.json:
         _print_json(listed)
-        return []
-    if not listed:
+    elif not listed:
         print(f"customer {args.customer} has no {what}" if args.customer else f"no {what}")
-    return list(listed)
+    else:
+        print(header)
+        for each in listed:
+            print(row(each))
 
 
 def _keys(client: httpx.Client, args: argparse.Namespace) -> None:
@@ -433,15 +437,16 @@ def _keys(client: httpx.Client, args: argparse.Namespace) -> None:
         _answer(client.delete(f"/v1/admin/keys/{args.prefix}"))
         print(f"key {args.prefix} revoked: it logs in no more, and its tokens stop working within seconds")
         return
-    keys = _listed(client, "keys", args)
-    if not keys:
-        return
-    print(f"{'PREFIX':<12}  {'ROLE':<8}  {'CUSTOMER':<16}  {'CREATED':<27}  REVOKED")
-    for key in keys:
-        print(
+    _listed(
+        client,
+        "keys",
+        args,
+        f"{'PREFIX':<12}  {'ROLE':<8}  {'CUSTOMER':<16}  {'CREATED':<27}  REVOKED",
+        lambda key: (
             f"{shown(key['prefix']):<12}  {key['role']:<8}  {shown(key['customer_id'] or '-'):<16}  "
             f"{key['created_at']:<27}  {key['revoked_at'] or '-'}"
-        )
+        ),
+    )
 
 
 def _agents(client: httpx.Client, args: argparse.Namespace) -> None:
@@ -450,13 +455,12 @@ def _agents(client: httpx.Client, args: argparse.Namespace) -> None:
         reason = f": {shown(agent['status_reason'])}" if agent["status_reason"] else ""
         print(f"agent {agent['id']} of customer {agent['customer_id']} {agent['status']}{reason}")
         return
-    agents = _listed(client, "agents", args)
-    if not agents:
-        return
-    print(f"{'ID':<16}  {'CUSTOMER':<16}  {'STATUS':<8}  NAME")
-    for agent in agents:
+
+    def row(agent: dict[str, Any]) -> str:
         reason = f"  ({shown(agent['status_reason'])})" if agent["status_reason"] else ""
-        print(f"{agent['id']:<16}  {agent['customer_id']:<16}  {agent['status']:<8}  {shown(agent['name'])}{reason}")
+        return f"{agent['id']:<16}  {agent['customer_id']:<16}  {agent['status']:<8}  {shown(agent['name'])}{reason}"
+
+    _listed(client, "agents", args, f"{'ID':<16}  {'CUSTOMER':<16}  {'STATUS':<8}  NAME", row)
 
 
 def _broadcast(client: httpx.Client, args: argparse.Namespace) -> None:

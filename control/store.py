@@ -86,7 +86,13 @@ class Repo(Generic[M]):
         None if the key does not exist. Writers that keep colliding back off for a random while, so that fifty
         at once on one record (a customer's quota) all get through; :class:`Conflict` if one still does not.
         """
-        stored = await self.update_known(key, None, change, attempts)
+        changed = await self.change(key, change, attempts)
+        return None if changed is None else changed[1]
+
+    async def change(self, key: str, change: Callable[[M], M | None], attempts: int = 60) -> tuple[M, M] | None:
+        """:meth:`update`, for a writer that acts on what changed: the record as ``change`` was given it (on the
+        write that went through) and the record as stored now (the same one when ``change`` left it)."""
+        stored = await self._compare_and_set(key, self._applying(change), attempts)
         return None if stored is None else stored[0]
 
     async def update_known(
@@ -106,12 +112,19 @@ class Repo(Generic[M]):
             except KeyWrongLastSequenceError:
                 pass  # changed meanwhile: read it
 
-        def apply(raw: bytes) -> tuple[M, bytes | None]:
+        stored = await self._compare_and_set(key, self._applying(change), attempts)
+        return None if stored is None else (stored[0][1], stored[1])
+
+    def _applying(self, change: Callable[[M], M | None]) -> Callable[[bytes], tuple[tuple[M, M], bytes | None]]:
+        """``change`` on a stored record's bytes (for :meth:`_compare_and_set`): the record before and after, and
+        the bytes to write (None: unchanged)."""
+
+        def apply(raw: bytes) -> tuple[tuple[M, M], bytes | None]:
             current = self._model.model_validate_json(raw)
             new = change(current)
-            return (current, None) if new is None else (new, new.model_dump_json().encode())
+            return ((current, current), None) if new is None else ((current, new), new.model_dump_json().encode())
 
-        return await self._compare_and_set(key, apply, attempts)
+        return apply
 
     async def patch(
         self, key: str, change: Callable[[dict[str, Any]], dict[str, Any] | None], attempts: int = 60

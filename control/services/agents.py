@@ -435,26 +435,20 @@ class AgentService:
             log.warning("agent %s: replica %s failed (%s); the others serve", agent_id, update.alloc_id, update.reason)
             return  # the agent has not failed: its tasks go on, on the replicas that run
 
-        failed = False
-        before: builtins.list[Agent] = []
-
         def apply(agent: Agent) -> Agent | None:
-            nonlocal failed
-            failed = False
-            before[:] = []
             if agent.job_id != update.job_id:
                 return None
             status = _status_for(agent, update.state)
             if status is None:
                 return None
-            failed = status is AgentStatus.FAILED and agent.status is not AgentStatus.FAILED
-            before[:] = [agent]
             return agent.model_copy(update={"status": status, "status_reason": update.reason, "updated_at": utcnow()})
 
-        updated = await self._repo.update(_key(customer_id, agent_id), apply)
-        if updated is not None and before:
-            await self._announce(before[0], updated)
-        if failed and updated is not None:
+        changed = await self._repo.change(_key(customer_id, agent_id), apply)
+        if changed is None:
+            return
+        before, updated = changed
+        await self._announce(before, updated)
+        if updated.status is AgentStatus.FAILED and before.status is not AgentStatus.FAILED:
             await self._failed(updated)
 
     async def _other_replicas_serve(self, update: StatusUpdate) -> bool:
@@ -616,17 +610,13 @@ class AgentService:
         return self._nats_auth.agent(agent.id).env()
 
     async def _set(self, agent: Agent, **fields: Any) -> Agent:
-        before: builtins.list[Agent] = []
-
-        def apply(current: Agent) -> Agent:
-            before[:] = [current]
-            return current.model_copy(update={**fields, "updated_at": utcnow()})
-
-        updated = await self._repo.update(_key(agent.customer_id, agent.id), apply)
-        if updated is None:
+        changed = await self._repo.change(
+            _key(agent.customer_id, agent.id), lambda a: a.model_copy(update={**fields, "updated_at": utcnow()})
+        )
+        if changed is None:
             raise NotFound(f"agent {agent.id!r} not found")
-        await self._announce(before[0], updated)
-        return updated
+        await self._announce(*changed)
+        return changed[1]
 
     async def _announce(self, before: Agent, after: Agent) -> None:
         """Publish the agent's new status, if it or its reason changed, as its event ``status`` (on ``caravan.events.
