@@ -376,11 +376,9 @@ def _killswitch(client: httpx.Client, args: argparse.Namespace) -> None:
 def _customers(client: httpx.Client, args: argparse.Namespace) -> None:
     if args.verb == "create":
         created = _answer(client.post("/v1/admin/customers", json={"name": args.name}))
-        if args.json:
-            _print_json(created)
-            return
-        print(f"customer {created['id']} ({shown(created['name'])}) created, with its first API key:")
-        _print_new_key(created)
+        _print_new_key(
+            created, args, f"customer {created['id']} ({shown(created['name'])}) created, with its first API key:"
+        )
         return
     if args.verb == "show":
         customer = _answer(client.get(f"/v1/admin/customers/{args.customer_id}"))
@@ -402,7 +400,12 @@ def _customers(client: httpx.Client, args: argparse.Namespace) -> None:
         print(f"{customer['id']:<16}  {customer['created_at']:<27}  {shown(customer['name'])}")
 
 
-def _print_new_key(created: dict[str, Any]) -> None:
+def _print_new_key(created: dict[str, Any], args: argparse.Namespace, title: str) -> None:
+    """A new key, as JSON (``--json``) or on a line of its own under ``title``, said to be shown once."""
+    if args.json:
+        _print_json(created)
+        return
+    print(title)
     print(f"  {shown(created['api_key'])}")
     prefix = shown(created["api_key_prefix"])
     print(f"This key will not be shown again: keep it now. It is listed and revoked by its prefix, {prefix}.")
@@ -427,11 +430,7 @@ def _listed(
 def _keys(client: httpx.Client, args: argparse.Namespace) -> None:
     if args.verb == "create":
         created = _answer(client.post(f"/v1/admin/customers/{args.customer_id}/keys"))
-        if args.json:
-            _print_json(created)
-            return
-        print(f"new API key of customer {args.customer_id}:")
-        _print_new_key(created)
+        _print_new_key(created, args, f"new API key of customer {args.customer_id}:")
         return
     if args.verb == "revoke":
         _answer(client.delete(f"/v1/admin/keys/{args.prefix}"))
