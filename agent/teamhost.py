@@ -338,6 +338,9 @@ class TeamHost:
         self._started = True
         subject = join_subject(self._definition.customer_id, self._definition.agent_id)
         self._sub = await self._nc.subscribe(subject, queue="join", cb=self._on_join)
+        # the server has the subscription when this returns: the agent's READY goes on another connection, and a
+        # join sent on it before the subscription arrived would find no responder
+        await self._nc.flush()
 
     async def stop(self) -> None:
         if not self._started or self._stopped:
