@@ -26,7 +26,7 @@ from agent.backends.base import (
     write_unless_engaged,
 )
 
-__all__ = ["BUCKET", "NatsKVFlags", "kv_entries", "kv_entries_of", "kv_key"]
+__all__ = ["BUCKET", "NatsKVFlags", "kv_entries", "kv_entries_of", "kv_key", "kv_keys"]
 
 BUCKET = "caravan_flags"
 _DELETED = ("DEL", "PURGE")
@@ -64,6 +64,22 @@ async def kv_entries_of(kv: KeyValue, patterns: Sequence[str]) -> list[KeyValue.
             return [entry for entries in read if entries is not None for entry in entries]
     entries = await asyncio.gather(*(_get(kv, subject[len(prefix) :]) for subject in subjects))
     return [entry for entry in entries if entry is not None and entry.value]
+
+
+async def kv_keys(kv: KeyValue, pattern: str = ">") -> list[str]:
+    """The keys matching ``pattern`` that have a message stored under them, read from the subject index of the
+    bucket's stream: no value is sent, so this costs a fraction of reading the entries. A deleted key is among them
+    (its delete marker is a message); a purged one is not. The server answers at most 100,000 subjects at a time;
+    past that, the next ones are asked for from the offset reached."""
+    js, stream, prefix = kv._js, kv._stream, kv._pre
+    keys: list[str] = []
+    while True:
+        request = json.dumps({"subjects_filter": prefix + pattern, "offset": len(keys)}).encode()
+        info = await js._api_request(f"{js._prefix}.STREAM.INFO.{stream}", request, timeout=js._timeout)
+        subjects = (info.get("state") or {}).get("subjects") or {}
+        keys.extend(subject[len(prefix) :] for subject in subjects)
+        if not subjects or len(keys) >= info.get("total", 0):
+            return keys
 
 
 async def _last_values(
