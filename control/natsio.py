@@ -29,6 +29,7 @@ BUCKETS = (
     "agents",
     "tasks",
     "transcripts",
+    "task_index",
     "system",
     "flags",
     "services",

@@ -241,6 +241,7 @@ class ControlPlane:
         self._tasks = TaskService(
             Repo(jet.kv["tasks"], Task),
             jet.kv["transcripts"],
+            jet.kv["task_index"],
             jet.js,
             self._agents,
             self._killswitch,

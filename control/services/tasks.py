@@ -62,6 +62,7 @@ from control.natsio import NATS_UNAVAILABLE
 from control.services.agents import AgentService, failure, why_not_serving
 from control.services.killswitch import KillswitchService
 from control.services.quotas import QuotaService
+from control.services.task_index import TaskIndex, created_us
 from control.store import Conflict as StoreConflict
 from control.store import Repo, purge_keys
 
@@ -73,6 +74,11 @@ __all__ = ["StreamedEvent", "TaskService", "customer_unfinished_tasks", "handed_
 KILLSWITCH_QUIET_S = 0.05
 KILLSWITCH_STATE_DELAY_S = 1.0
 """Agents' killswitch acknowledgements reach their records after a pause in their burst, or this at most."""
+
+_STATUS_READ = 200
+_READ_MOST = 8000
+"""Records a listing of one status reads first while it fills its page (a page's worth without a status), twice as
+many each time after, up to ``_READ_MOST`` (read in parallel batches of 1,000)."""
 
 FOLDED_KEPT = 1024
 """Task records the tracker keeps at hand (:meth:`TaskService._fold`): tasks in flight at once, beyond which the
@@ -162,6 +168,7 @@ class TaskService:
         self,
         repo: Repo[Task],
         transcripts: KeyValue,
+        index: KeyValue,
         js: JetStreamContext,
         agents: AgentService,
         guard: KillswitchService,
@@ -174,6 +181,7 @@ class TaskService:
     ) -> None:
         self._repo = repo
         self._transcripts = transcripts
+        self._index = TaskIndex(index, repo)
         self._js = js
         self._agents = agents
         self._guard = guard
@@ -240,7 +248,13 @@ class TaskService:
         folded into the record before it went: its runner is told to stop it (an agent keeps a cancel for a request
         still on its way), and a run that starts later finds no record and stops (the tracker tells it)."""
         key = task_key(task.customer_id, task.id)
-        await self._repo.create(key, task)
+        await self._index.add(task)  # first: a record listed has its key (see control.services.task_index)
+        try:
+            await self._repo.create(key, task)
+        except BaseException:
+            with contextlib.suppress(Exception):  # (a key left without its record is not listed, and swept)
+                await self._index.remove(task)
+            raise
         seq: int | None = None
         try:
             await self.publish(
@@ -263,7 +277,8 @@ class TaskService:
                     await self._js.delete_msg(TASKS_STREAM, seq)
                 except NotFoundError:  # taken by its runner already
                     running = True
-            await self._repo.delete(key)
+            await self._repo.purge(key)  # no marker left: a listing's keys (read without values) are the tasks
+            await self._index.remove(task)
         except Exception as exc:  # NATS still away: the record stays `queued`, and a cancel ends it
             log.error("task %s could not be queued, nor its record taken back: %r", key, exc)
             return
@@ -326,25 +341,35 @@ class TaskService:
         team_id: str | None = None,
     ) -> list[Task]:
         """The newest ``limit`` tasks (of a status; given to agent ``agent_id`` or team ``team_id``; created before
-        task ``before``), with their transcripts: the records are read, and only the listed tasks' transcripts. The
-        page is filled with the tasks that match, whichever tasks lie between them. Tasks created at the same time
-        are ordered by id, so that pages follow one another with none left out or repeated. An agent's tasks are
-        those given to it, not its teams'; an id that names no agent or team of the customer lists none."""
-        tasks = await self._repo.list(f"{customer_id}.*" if customer_id else ">")
+        task ``before``), with their transcripts. The page is filled with the tasks that match, whichever tasks lie
+        between them. Tasks created at the same time are ordered by id, so that pages follow one another with none
+        left out or repeated. An agent's tasks are those given to it, not its teams'; an id that names no agent or
+        team of the customer lists none.
+
+        The order, the owners and the times come from the tasks' index keys (:class:`TaskIndex`); records are read
+        newest first, a page's worth at a time, until the page is full (with ``status``, as many as it takes), and
+        only the listed tasks' transcripts."""
+        listed = await self._index.listing(customer_id)
         if before is not None:  # any task of the customer's: a page's last task, or one of an unfiltered listing
-            anchor = next((t for t in tasks if t.id == before), None)
+            anchor = await self._repo.owned(customer_id, before)
             if anchor is None:
                 raise NotFound(f"task {quoted_id(before)} not found")
-            tasks = [t for t in tasks if (t.created_at, t.id) < (anchor.created_at, anchor.id)]
-        tasks = [
-            t
-            for t in tasks
-            if (status is None or t.status == status)
-            and (agent_id is None or t.agent_id == agent_id)
-            and (team_id is None or t.team_id == team_id)
+            mark = (created_us(anchor.created_at), anchor.id)
+            listed = [entry for entry in listed if (entry.created_us, entry.task_id) < mark]
+        listed = [
+            entry
+            for entry in listed
+            if (agent_id is None or entry.agent_id == agent_id) and (team_id is None or entry.team_id == team_id)
         ]
-        newest = sorted(tasks, key=lambda t: (t.created_at, t.id), reverse=True)[:limit]
-        return await self._with_transcripts(newest)
+        page: builtins.list[Task] = []
+        start, step = 0, limit if status is None else max(limit, _STATUS_READ)
+        while start < len(listed) and len(page) < limit:
+            keys = [entry.record_key for entry in listed[start : start + step]]
+            read = {task_key(t.customer_id, t.id): t for t in await self._repo.named_as(Task, keys)}
+            # a record gone since its key was read is left out
+            page += [t for key in keys if (t := read.get(key)) is not None and (status is None or t.status == status)]
+            start, step = start + step, min(2 * step, _READ_MOST)
+        return await self._with_transcripts(page[:limit])
 
     async def _with_transcript(self, task: Task) -> Task:
         return (await self._with_transcripts([task]))[0]
@@ -448,6 +473,7 @@ class TaskService:
             await self._repo.purge(key)
             self._folded.pop(key, None)
             forgotten += 1
+        await self._index.forget_orphans(before)  # the keys of the tasks forgotten, and of any taken back
         return forgotten
 
     async def _handed_out(self, task: Task) -> bool:

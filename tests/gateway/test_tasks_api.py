@@ -18,7 +18,7 @@ import pytest
 import websockets
 from nats.js.kv import KeyValue
 
-from agent.backends.natskv import kv_entries
+from agent.backends.natskv import kv_entries, kv_keys
 from agent.protocol import (
     EVENTS_STREAM,
     ID_PATTERN,
@@ -36,6 +36,7 @@ from agent.worker import GIVEN_BACK
 from control.models import Task, TaskMessage
 from control.natsio import Jet, connect
 from control.platform import ControlPlane
+from control.services.task_index import Indexed, created_us
 from control.services.tasks import TRACKER, TaskService, task_key
 from control.settings import Settings
 from control.store import Repo
@@ -605,6 +606,13 @@ async def test_tasks_that_ended_before_the_retention_time_are_forgotten_records_
 
         ended = datetime.fromisoformat(old["finished_at"])
         assert await control.tasks.sweep_finished(ended) == 0  # ended at that time, not before: kept
+        # index keys whose records were never written (a task taken back): the sweep purges those made before
+        # the retention time, and keeps a newer one (its record may be on its way)
+        index = control.jet.kv["task_index"]
+        stale = Indexed(created_us(ended), "tk-0000000000e1", customer_id, "agent", slow["id"])
+        fresh = Indexed(created_us(ended + timedelta(days=1, hours=12)), "tk-0000000000e2", customer_id, "agent", "-")
+        for orphan in (stale, fresh):
+            await index.put(orphan.key, b"1")
 
         await clock.set(ended + timedelta(days=2))  # the hourly sweep runs, and the task ended over a day ago
         await assert_eventually(
@@ -616,6 +624,11 @@ async def test_tasks_that_ended_before_the_retention_time_are_forgotten_records_
         listed = (await api.client.get("/v1/tasks", headers=headers)).json()
         assert [t["id"] for t in listed] == [running]  # a task still running is kept, however old
         assert (await api.client.get(f"/v1/tasks/{running}", headers=headers)).status_code == 200
+        await assert_eventually(
+            lambda: kv_keys(index, f"{customer_id}.>"),
+            lambda keys: sorted(Indexed.parse(k).task_id for k in keys) == sorted([running, fresh.task_id]),
+            what="the index keys of the old task and of the stale orphan purged",
+        )
 
 
 async def test_a_result_that_comes_after_the_task_ended_changes_nothing(api: Api) -> None:
@@ -794,6 +807,7 @@ async def replica_tracker(
     tasks = TaskService(
         Repo(jet.kv["tasks"], Task),
         jet.kv["transcripts"],
+        jet.kv["task_index"],
         jet.js,
         control.agents,
         control._killswitch,

@@ -1,0 +1,147 @@
+"""The tasks in the order they were made, so that a listing need not read every task record of a customer.
+
+Each task has one key in ``caravan_task_index``: ``<customer>.<created, µs since 1970>.<task>.<agent|team>.<id>``.
+A listing reads the keys of the index and of the records (subject indexes, no values), and then only the records
+of the page it fills: for ``GET /v1/tasks?limit=20`` twenty records, whatever the number of tasks the customer keeps.
+
+The records stay what is true. A key is written before its record (:meth:`TaskIndex.add`), so a record listed
+has its key, unless an older Caravan wrote it (or a test, straight into the bucket): such a record is read once
+and its key written then (:meth:`TaskIndex.listing`). A key whose record is gone (taken back, forgotten, or never
+written) is not listed, and the retention sweep purges it (:meth:`TaskIndex.forget_orphans`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, NamedTuple, Protocol
+
+from nats.js.kv import KeyValue
+from pydantic import BaseModel
+
+from agent.backends.natskv import kv_keys
+from control.store import Repo, purge_keys
+
+__all__ = ["Indexed", "TaskIndex", "created_us"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+_WRITES_AT_ONCE = 500
+_DIGITS = 16  # µs since 1970 until the year 2286: keys sort as the times they name
+
+
+def created_us(at: datetime) -> int:
+    """A task's creation time as its index key holds it: whole microseconds since 1970 (a record's own precision),
+    so that the index orders tasks exactly as their ``created_at`` does."""
+    return ((at if at.tzinfo is not None else at.replace(tzinfo=UTC)) - _EPOCH) // _US
+
+
+class _Indexable(Protocol):
+    """What a task's key is made of."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def customer_id(self) -> str: ...
+    @property
+    def agent_id(self) -> str | None: ...
+    @property
+    def team_id(self) -> str | None: ...
+    @property
+    def created_at(self) -> datetime: ...
+
+
+class _Keyed(BaseModel):
+    """A task record read for its key alone (its other fields are not validated)."""
+
+    id: str
+    customer_id: str
+    agent_id: str | None = None
+    team_id: str | None = None
+    created_at: datetime
+
+
+class Indexed(NamedTuple):
+    """A task as its index key names it; ordered as tasks are listed (oldest first; by id at the same time). A
+    tuple: a listing of 20,000 of them is parsed and sorted in a few milliseconds."""
+
+    created_us: int
+    task_id: str
+    customer_id: str
+    given_to: Literal["agent", "team"]
+    owner_id: str
+
+    @classmethod
+    def of(cls, task: _Indexable) -> Indexed:
+        if task.team_id is not None:
+            return cls(created_us(task.created_at), task.id, task.customer_id, "team", task.team_id)
+        return cls(created_us(task.created_at), task.id, task.customer_id, "agent", task.agent_id or "-")
+
+    @classmethod
+    def parse(cls, key: str) -> Indexed | None:
+        parts = key.split(".")
+        if len(parts) != 5 or not parts[1].isdigit() or parts[3] not in ("agent", "team"):
+            return None
+        customer_id, at, task_id, given_to, owner_id = parts
+        return cls(int(at), task_id, customer_id, "agent" if given_to == "agent" else "team", owner_id)
+
+    @property
+    def key(self) -> str:
+        return f"{self.customer_id}.{self.created_us:0{_DIGITS}d}.{self.task_id}.{self.given_to}.{self.owner_id}"
+
+    @property
+    def record_key(self) -> str:
+        return f"{self.customer_id}.{self.task_id}"
+
+    @property
+    def agent_id(self) -> str | None:
+        return self.owner_id if self.given_to == "agent" else None
+
+    @property
+    def team_id(self) -> str | None:
+        return self.owner_id if self.given_to == "team" else None
+
+
+class TaskIndex:
+    def __init__(self, kv: KeyValue, records: Repo[Any]) -> None:
+        self._kv = kv
+        self._records = records
+
+    async def add(self, task: _Indexable) -> None:
+        """Index a task about to be stored (before its record: see the module's docstring)."""
+        await self._kv.put(Indexed.of(task).key, b"1")
+
+    async def remove(self, task: _Indexable) -> None:
+        await purge_keys(self._kv, Indexed.of(task).key)
+
+    async def listing(self, customer_id: str | None) -> list[Indexed]:
+        """The customer's tasks (None: every customer's) that have a record, newest first. Records without a key
+        are read and indexed now."""
+        suffix = "*" if customer_id is None else customer_id
+        indexed = [found for key in await kv_keys(self._kv, f"{suffix}.>") if (found := Indexed.parse(key))]
+        # read after the keys: a task made in between has its key (written first) and maybe a record, or neither
+        records = set(await self._records.stored_keys(f"{suffix}.*"))
+        known = {entry.record_key for entry in indexed}
+        unindexed = [key for key in records if key not in known]
+        if unindexed:
+            indexed += await self._index(await self._records.named_as(_Keyed, unindexed))
+        return sorted((entry for entry in indexed if entry.record_key in records), reverse=True)
+
+    async def _index(self, tasks: Iterable[_Indexable]) -> list[Indexed]:
+        entries = [Indexed.of(task) for task in tasks]
+        for start in range(0, len(entries), _WRITES_AT_ONCE):
+            await asyncio.gather(*(self._kv.put(e.key, b"1") for e in entries[start : start + _WRITES_AT_ONCE]))
+        return entries
+
+    async def forget_orphans(self, made_before: datetime) -> int:
+        """Purge the keys of tasks made before ``made_before`` that have no record (forgotten by the retention
+        sweep, or taken back): a task made since may have its key written and its record not yet. Returns how
+        many were purged."""
+        cutoff = created_us(made_before)
+        indexed = [found for key in await kv_keys(self._kv) if (found := Indexed.parse(key))]
+        records = set(await self._records.stored_keys("*.*"))
+        orphans = [e for e in indexed if e.created_us < cutoff and e.record_key not in records]
+        for start in range(0, len(orphans), _WRITES_AT_ONCE):
+            await asyncio.gather(*(purge_keys(self._kv, e.key) for e in orphans[start : start + _WRITES_AT_ONCE]))
+        return len(orphans)

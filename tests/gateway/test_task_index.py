@@ -1,0 +1,85 @@
+"""``GET /v1/tasks`` reads the tasks' index keys and only the records of the page it fills: records the index
+does not know yet (written by an older Caravan) are listed all the same, in order, and indexed once; a key whose
+record is gone is not listed; a page of one status is filled however many tasks of other statuses lie between."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from agent.backends.natskv import kv_keys
+from agent.protocol import utcnow
+from control.models import Task, TaskStatus
+from control.services.task_index import Indexed
+from control.services.tasks import task_key
+from control.store import Repo
+from tests.conftest import Api
+
+AGENT = "ag-0000000000a1"
+TEAM = "tm-0000000000b2"
+
+
+async def ids_listed(api: Api, headers: dict[str, str], **params: Any) -> list[str]:
+    response = await api.client.get("/v1/tasks", params=params, headers=headers)
+    assert response.status_code == 200, response.text
+    return [t["id"] for t in response.json()]
+
+
+async def test_tasks_stored_before_the_index_are_listed_in_order_a_page_at_a_time_and_indexed_once(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    records = Repo(api.control.jet.kv["tasks"], Task)
+    index = api.control.jet.kv["task_index"]
+    start = utcnow() - timedelta(days=1)
+    made = []
+    for n in range(230):  # stored as an older Caravan stored them: records, no index keys
+        at = start + timedelta(milliseconds=n // 2)  # two at a time: ordered by id
+        failed = n in (3, 5, 120)  # a page of failed tasks has hundreds of others between them
+        task = Task(
+            id=f"tk-{n * 7919 % 4096:012x}",
+            customer_id=customer_id,
+            agent_id=None if n % 3 == 0 else AGENT,
+            team_id=TEAM if n % 3 == 0 else None,
+            task=f"task {n}",
+            status=TaskStatus.FAILED if failed else TaskStatus.COMPLETED,
+            created_at=at,
+        )
+        await records.create(task_key(customer_id, task.id), task)
+        made.append(task)
+    newest = [t.id for t in sorted(made, key=lambda t: (t.created_at, t.id), reverse=True)]
+    assert await kv_keys(index, f"{customer_id}.>") == []
+
+    assert await ids_listed(api, headers, limit=1000) == newest
+    assert len(await kv_keys(index, f"{customer_id}.>")) == 230  # indexed as they were listed
+    pages: list[str] = []
+    while page := await ids_listed(api, headers, limit=47, **({"before": pages[-1]} if pages else {})):
+        pages += page
+    assert pages == newest
+
+    failed = [i for i in newest if next(t for t in made if t.id == i).status is TaskStatus.FAILED]
+    assert await ids_listed(api, headers, status="failed", limit=2) == failed[:2]
+    assert await ids_listed(api, headers, status="failed", before=failed[1]) == failed[2:]
+    assert await ids_listed(api, headers, status="running") == []
+    by_team = [i for i in newest if next(t for t in made if t.id == i).team_id == TEAM]
+    assert await ids_listed(api, headers, team_id=TEAM, limit=1000) == by_team
+    assert await ids_listed(api, headers, agent_id=AGENT, limit=1000) == [i for i in newest if i not in by_team]
+
+    _, stranger = await api.new_customer("stranger")
+    assert await ids_listed(api, stranger) == []
+    assert (await ids_listed(api, await api.admin(), customer_id=customer_id, limit=1000)) == newest
+
+
+async def test_a_key_whose_record_is_gone_is_not_listed(api: Api) -> None:
+    customer_id, headers = await api.new_customer()
+    records = Repo(api.control.jet.kv["tasks"], Task)
+    index = api.control.jet.kv["task_index"]
+    kept = Task(id="tk-00000000000a", customer_id=customer_id, agent_id=AGENT, task="kept")
+    gone = Task(id="tk-00000000000b", customer_id=customer_id, agent_id=AGENT, task="gone", created_at=utcnow())
+    for task in (kept, gone):
+        await records.create(task_key(customer_id, task.id), task)
+    assert await ids_listed(api, headers) == [gone.id, kept.id]
+    await records.purge(task_key(customer_id, gone.id))  # as the retention sweep forgets a task
+    never = Indexed.of(gone.model_copy(update={"id": "tk-00000000000c"}))  # its record never written
+    await index.put(never.key, b"1")
+    assert await ids_listed(api, headers) == [kept.id]
+    response = await api.client.get("/v1/tasks", params={"before": gone.id}, headers=headers)
+    assert response.status_code == 404 and "error" in response.json()
