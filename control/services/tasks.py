@@ -347,8 +347,9 @@ class TaskService:
         team of the customer lists none.
 
         The order, the owners and the times come from the tasks' index keys (:class:`TaskIndex`); records are read
-        newest first, a page's worth at a time, until the page is full (with ``status``, as many as it takes), and
-        only the listed tasks' transcripts."""
+        newest first, a page's worth at a time, until the page is full, and only the listed tasks' transcripts. With
+        a status of tasks in flight, only the records of the tasks that hold a quota slot are read; with a status
+        of ended tasks, as many as it takes to fill the page."""
         listed = await self._index.listing(customer_id)
         if before is not None:  # any task of the customer's: a page's last task, or one of an unfiltered listing
             anchor = await self._repo.owned(customer_id, before)
@@ -361,6 +362,9 @@ class TaskService:
             for entry in listed
             if (agent_id is None or entry.agent_id == agent_id) and (team_id is None or entry.team_id == team_id)
         ]
+        if status is not None and status not in TERMINAL_TASK_STATUSES:  # only the tasks that hold a quota slot
+            in_flight = await self._in_flight(customer_id)
+            listed = [entry for entry in listed if entry.task_id in in_flight.get(entry.customer_id, ())]
         page: builtins.list[Task] = []
         start, step = 0, limit if status is None else max(limit, _STATUS_READ)
         while start < len(listed) and len(page) < limit:
@@ -370,6 +374,13 @@ class TaskService:
             page += [t for key in keys if (t := read.get(key)) is not None and (status is None or t.status == status)]
             start, step = start + step, min(2 * step, _READ_MOST)
         return await self._with_transcripts(page[:limit])
+
+    async def _in_flight(self, customer_id: str | None) -> dict[str, set[str]]:
+        """The ids of the tasks that may be in flight, by customer: those that hold a quota slot, which a task does
+        from just before its record is made until its end is folded in (:func:`unfinished_tasks`)."""
+        if customer_id is None:
+            return {owner: set(ids) for owner, ids in (await self._quotas.everyone()).in_flight.items()}
+        return {customer_id: set(await self._quotas.tasks_in_flight(customer_id))}
 
     async def _with_transcript(self, task: Task) -> Task:
         return (await self._with_transcripts([task]))[0]
