@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple
 
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from agent.backends.natskv import kv_keys
+from control.models import Task
 from control.store import Repo, purge_keys
 
 __all__ = ["Indexed", "TaskIndex", "created_us"]
@@ -35,21 +36,6 @@ def created_us(at: datetime) -> int:
     """A task's creation time as its index key holds it: whole microseconds since 1970 (a record's own precision),
     so that the index orders tasks exactly as their ``created_at`` does."""
     return ((at if at.tzinfo is not None else at.replace(tzinfo=UTC)) - _EPOCH) // _US
-
-
-class _Indexable(Protocol):
-    """What a task's key is made of."""
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def customer_id(self) -> str: ...
-    @property
-    def agent_id(self) -> str | None: ...
-    @property
-    def team_id(self) -> str | None: ...
-    @property
-    def created_at(self) -> datetime: ...
 
 
 class _Keyed(BaseModel):
@@ -73,7 +59,7 @@ class Indexed(NamedTuple):
     owner_id: str
 
     @classmethod
-    def of(cls, task: _Indexable) -> Indexed:
+    def of(cls, task: Task | _Keyed) -> Indexed:
         if task.team_id is not None:
             return cls(created_us(task.created_at), task.id, task.customer_id, "team", task.team_id)
         return cls(created_us(task.created_at), task.id, task.customer_id, "agent", task.agent_id or "-")
@@ -108,11 +94,11 @@ class TaskIndex:
         self._kv = kv
         self._records = records
 
-    async def add(self, task: _Indexable) -> None:
+    async def add(self, task: Task | _Keyed) -> None:
         """Index a task about to be stored (before its record: see the module's docstring)."""
         await self._kv.put(Indexed.of(task).key, b"1")
 
-    async def remove(self, task: _Indexable) -> None:
+    async def remove(self, task: Task | _Keyed) -> None:
         await purge_keys(self._kv, Indexed.of(task).key)
 
     async def listing(self, customer_id: str | None) -> list[Indexed]:
@@ -128,7 +114,7 @@ class TaskIndex:
             indexed += await self._index(await self._records.named_as(_Keyed, unindexed))
         return sorted((entry for entry in indexed if entry.record_key in records), reverse=True)
 
-    async def _index(self, tasks: Iterable[_Indexable]) -> list[Indexed]:
+    async def _index(self, tasks: Iterable[Task | _Keyed]) -> list[Indexed]:
         entries = [Indexed.of(task) for task in tasks]
         for start in range(0, len(entries), _WRITES_AT_ONCE):
             await asyncio.gather(*(self._kv.put(e.key, b"1") for e in entries[start : start + _WRITES_AT_ONCE]))

@@ -377,7 +377,8 @@ class TaskService:
 
     async def _in_flight(self, customer_id: str | None) -> dict[str, set[str]]:
         """The ids of the tasks that may be in flight, by customer: those that hold a quota slot, which a task does
-        from just before its record is made until its end is folded in (:func:`unfinished_tasks`)."""
+        from just before its record is made until its end is folded in, or until it is ended on purpose
+        (:meth:`_end`: its record may say `running` a moment longer, and it is not listed as such)."""
         if customer_id is None:
             return {owner: set(ids) for owner, ids in (await self._quotas.everyone()).in_flight.items()}
         return {customer_id: set(await self._quotas.tasks_in_flight(customer_id))}
