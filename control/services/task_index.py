@@ -13,7 +13,7 @@ written) is not listed, and the retention sweep purges it (:meth:`TaskIndex.forg
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
@@ -96,38 +96,45 @@ class TaskIndex:
 
     async def add(self, task: Task | _Keyed) -> None:
         """Index a task about to be stored (before its record: see the module's docstring)."""
-        await self._kv.put(Indexed.of(task).key, b"1")
+        await self._put(Indexed.of(task))
 
     async def remove(self, task: Task | _Keyed) -> None:
-        await purge_keys(self._kv, Indexed.of(task).key)
+        await self._purge(Indexed.of(task))
 
     async def listing(self, customer_id: str | None) -> list[Indexed]:
         """The customer's tasks (None: every customer's) that have a record, newest first. Records without a key
         are read and indexed now."""
-        suffix = "*" if customer_id is None else customer_id
-        indexed = [found for key in await kv_keys(self._kv, f"{suffix}.>") if (found := Indexed.parse(key))]
-        # read after the keys: a task made in between has its key (written first) and maybe a record, or neither
-        records = set(await self._records.stored_keys(f"{suffix}.*"))
+        indexed, records = await self._keys(customer_id)
         known = {entry.record_key for entry in indexed}
         unindexed = [key for key in records if key not in known]
         if unindexed:
-            indexed += await self._index(await self._records.named_as(_Keyed, unindexed))
+            found = [Indexed.of(task) for task in await self._records.named_as(_Keyed, unindexed)]
+            await _in_batches(self._put, found)
+            indexed += found
         return sorted((entry for entry in indexed if entry.record_key in records), reverse=True)
 
-    async def _index(self, tasks: Iterable[Task | _Keyed]) -> list[Indexed]:
-        entries = [Indexed.of(task) for task in tasks]
-        for start in range(0, len(entries), _WRITES_AT_ONCE):
-            await asyncio.gather(*(self._kv.put(e.key, b"1") for e in entries[start : start + _WRITES_AT_ONCE]))
-        return entries
-
-    async def forget_orphans(self, made_before: datetime) -> int:
+    async def forget_orphans(self, made_before: datetime) -> None:
         """Purge the keys of tasks made before ``made_before`` that have no record (forgotten by the retention
-        sweep, or taken back): a task made since may have its key written and its record not yet. Returns how
-        many were purged."""
+        sweep, or taken back): a task made since may have its key written and its record not yet."""
         cutoff = created_us(made_before)
-        indexed = [found for key in await kv_keys(self._kv) if (found := Indexed.parse(key))]
-        records = set(await self._records.stored_keys("*.*"))
-        orphans = [e for e in indexed if e.created_us < cutoff and e.record_key not in records]
-        for start in range(0, len(orphans), _WRITES_AT_ONCE):
-            await asyncio.gather(*(purge_keys(self._kv, e.key) for e in orphans[start : start + _WRITES_AT_ONCE]))
-        return len(orphans)
+        indexed, records = await self._keys(None)
+        await _in_batches(self._purge, [e for e in indexed if e.created_us < cutoff and e.record_key not in records])
+
+    async def _keys(self, customer_id: str | None) -> tuple[list[Indexed], set[str]]:
+        """The customer's index keys (None: every customer's) and the keys of their records, read in this order:
+        a task made in between has its key (written first) and maybe a record, or neither."""
+        owner = "*" if customer_id is None else customer_id
+        indexed = [found for key in await kv_keys(self._kv, f"{owner}.>") if (found := Indexed.parse(key))]
+        return indexed, set(await self._records.stored_keys(f"{owner}.*"))
+
+    async def _put(self, entry: Indexed) -> None:
+        await self._kv.put(entry.key, b"1")
+
+    async def _purge(self, entry: Indexed) -> None:
+        await purge_keys(self._kv, entry.key)
+
+
+async def _in_batches(write: Callable[[Indexed], Awaitable[None]], entries: list[Indexed]) -> None:
+    """``write`` each entry, ``_WRITES_AT_ONCE`` at a time."""
+    for start in range(0, len(entries), _WRITES_AT_ONCE):
+        await asyncio.gather(*(write(entry) for entry in entries[start : start + _WRITES_AT_ONCE]))

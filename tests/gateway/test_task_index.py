@@ -65,7 +65,7 @@ async def test_tasks_stored_before_the_index_are_listed_in_order_a_page_at_a_tim
 
     _, stranger = await api.new_customer("stranger")
     assert await ids_listed(api, stranger) == []
-    assert (await ids_listed(api, await api.admin(), customer_id=customer_id, limit=1000)) == newest
+    assert await ids_listed(api, await api.admin(), customer_id=customer_id, limit=1000) == newest
 
 
 async def test_a_key_whose_record_is_gone_is_not_listed(api: Api) -> None:
