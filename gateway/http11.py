@@ -19,6 +19,12 @@ so that a page on an allowed origin reads it rather than a network error. The he
 so it has no Origin to answer: a browser writes a request's headers at once, and meets that 408 only on a
 connection it left idle.
 
+A 408 is not followed by a plain close: the client is most likely still sending, and a socket closed with bytes
+unread, or meeting more of them, answers them with a reset that makes the client's kernel drop the 408 it had
+received but not yet read (the client sees "connection reset", not the error). The answer goes, then the server's
+half of the connection is shut (the client reads the answer and its end), and what the client still sends is read
+and dropped until it closes its half, or ``LINGER_S`` after the answer (RFC 9112's staged close).
+
 A response is not timed: a task's event stream and a WebSocket stay open as long as they are used.
 """
 
@@ -36,9 +42,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 from gateway.cors import CorsPolicy
 from gateway.errors import error_response
 
-__all__ = ["BODY_TIMEOUT", "HEADERS_TIMEOUT", "with_request_deadlines"]
+__all__ = ["BODY_TIMEOUT", "HEADERS_TIMEOUT", "LINGER_S", "with_request_deadlines"]
 
 log = logging.getLogger("caravan.gateway")
+
+LINGER_S = 2.0
+"""How long a connection answered 408 reads and drops what its client still sends before it is closed, if the
+client has not closed its half by then: time for the answer to reach a client across a slow network and for what it
+sent meanwhile to arrive, and no more (a client that keeps sending is cut off then)."""
 
 
 def _timed_out(what: str, cors: CorsPolicy | None = None, request: Headers | None = None) -> bytes:
@@ -70,6 +81,7 @@ class _RequestDeadlines(H11Protocol):
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
         self._waiting_for_body = False
+        self._lingering = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -78,6 +90,16 @@ class _RequestDeadlines(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._lingering:  # answered 408: what still comes is dropped
+            super().data_received(data)
+
+    def shutdown(self) -> None:
+        if self._lingering:
+            self.transport.close()  # the server stops: no more waiting for the client
+        else:
+            super().shutdown()
 
     def handle_events(self) -> None:
         cycle = self.cycle
@@ -145,11 +167,25 @@ class _RequestDeadlines(H11Protocol):
         self._close_with(answer, f"its request's body did not come within {self.body_deadline_s:g} s")
 
     def _close_with(self, answer: bytes, why: str) -> None:
+        """Answers ``answer`` and ends the connection: its server half at once, the whole once the client has closed
+        its half or after ``LINGER_S``, reading and dropping what comes meanwhile. The route, if one reads the body,
+        hears that the client is gone."""
         self._deadline = None
-        if not self.transport.is_closing():
-            log.info("408 to %s, connection closed: %s", _address(self.client), why)
-            self.transport.write(answer)
+        if self.transport.is_closing() or self._lingering:
+            return
+        log.info("408 to %s, connection closed: %s", _address(self.client), why)
+        self._unset_keepalive_if_required()
+        self.transport.write(answer)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if not self.transport.can_write_eof():  # a transport that cannot half-close (TLS) is closed as before
             self.transport.close()
+            return
+        self._lingering = True
+        self.transport.write_eof()
+        self._deadline = self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def _address(client: tuple[str, int] | None) -> str:

@@ -17,7 +17,7 @@ import websockets
 from control.cli import _server_config
 from control.platform import ControlPlane
 from control.settings import Settings
-from gateway.http11 import BODY_TIMEOUT, HEADERS_TIMEOUT, with_request_deadlines
+from gateway.http11 import BODY_TIMEOUT, HEADERS_TIMEOUT, LINGER_S, with_request_deadlines
 from tests.conftest import Api
 from tests.gateway.test_agents_api import agent_body
 
@@ -65,6 +65,16 @@ async def small_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"first;", "more_body": True})
     await asyncio.sleep(LONGER_S)
     await send({"type": "http.response.body", "body": b"then:" + body})
+
+
+async def sink(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads a request's body and drops it, then answers 200."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def small_server(app: Any = small_app, body_s: float = BODY_DEADLINE_S) -> uvicorn.Config:
@@ -155,6 +165,74 @@ async def test_a_websocket_stays_open_past_the_deadline() -> None:
             await asyncio.sleep(LONGER_S)
             await ws.send(said)
             assert await asyncio.wait_for(ws.recv(), ENOUGH_S) == said
+
+
+async def flood(port: int) -> tuple[asyncio.Future[bytes], asyncio.StreamWriter]:
+    """A request whose body is sent as fast as the connection takes it, far more than the body's deadline lets come,
+    until the server answers and closes its half: the answer (being read to the connection's end), and the writer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % 2**40)
+    reading = asyncio.ensure_future(read_all(reader))
+    while not reading.done():
+        writer.write(b"z" * 2**16)
+        await writer.drain()
+        await asyncio.sleep(0)
+    return reading, writer
+
+
+async def test_a_body_still_coming_when_its_deadline_ends_gets_the_408_not_a_reset() -> None:
+    """A client still sending its body when the deadline comes reads the 408. Closed with bytes unread, or meeting
+    more, a socket answers with a reset, and the client's kernel drops the 408 it had not read yet: the server shuts
+    its half instead, and reads and drops what still comes until the client closes."""
+    async with serving(small_server(sink, body_s=DEADLINE_S)) as port:
+        for _ in range(3):
+            reading, writer = await flood(port)
+            answered = await reading
+            writer.close()
+            assert answered == BODY_TIMEOUT
+
+
+async def test_a_client_that_keeps_sending_after_its_408_is_cut_off_all_the_same() -> None:
+    """The server drops what comes after a 408 for a while only (``LINGER_S``): a client that reads its answer and
+    goes on sending is then disconnected, so a 408 still frees the connection."""
+    async with serving(small_server(sink, body_s=DEADLINE_S)) as port:
+        reading, writer = await flood(port)
+        assert await reading == BODY_TIMEOUT
+
+        async def send_until_cut_off() -> None:
+            while not writer.is_closing():
+                writer.write(b"z" * 1024)
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                await asyncio.sleep(LINGER_S / 20)
+
+        await asyncio.wait_for(send_until_cut_off(), ENOUGH_S)
+        writer.close()
+
+
+async def test_a_client_holding_its_408_open_holds_neither_the_route_nor_the_servers_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The route waiting for the body hears ``http.disconnect`` when the 408 goes, not when the connection ends: a
+    client that holds it open after its answer holds neither the route nor the server's shutdown."""
+    monkeypatch.setattr("gateway.http11.LINGER_S", 10 * ENOUGH_S)
+    heard = asyncio.Event()
+
+    async def waits_for_the_body(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive())["type"] == "http.request":
+            pass
+        heard.set()
+
+    async def served_then_stopped() -> asyncio.StreamWriter:
+        async with serving(small_server(waits_for_the_body, body_s=DEADLINE_S)) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhalf")
+            assert await read_all(reader) == BODY_TIMEOUT
+            await asyncio.wait_for(heard.wait(), ENOUGH_S)  # the client has not closed, the server lingers
+        return writer
+
+    writer = await asyncio.wait_for(served_then_stopped(), 2 * ENOUGH_S)  # stopping does not wait for the client
+    writer.close()
 
 
 def post_agent(headers: dict[str, str]) -> tuple[bytes, bytes]:
