@@ -30,6 +30,7 @@ BUCKETS = (
     "tasks",
     "transcripts",
     "task_index",
+    "task_ended",
     "system",
     "flags",
     "services",

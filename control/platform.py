@@ -242,6 +242,7 @@ class ControlPlane:
             Repo(jet.kv["tasks"], Task),
             jet.kv["transcripts"],
             jet.kv["task_index"],
+            jet.kv["task_ended"],
             jet.js,
             self._agents,
             self._killswitch,

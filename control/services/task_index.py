@@ -8,20 +8,26 @@ The records stay what is true. A key is written before its record (:meth:`TaskIn
 has its key, unless an older Caravan wrote it (or a test, straight into the bucket): such a record is read once
 and its key written then (:meth:`TaskIndex.listing`). A key whose record is gone (taken back, forgotten, or never
 written) is not listed, and the retention sweep purges it (:meth:`TaskIndex.forget_orphans`).
+
+A task that ended has a key in ``caravan_task_ended`` as well, ``<customer>.<task>.<completed|failed|cancelled|
+killed>``, written by the first listing of an ended status that reads its record once it ended
+(:meth:`TaskIndex.mark_ended`): a task never leaves those statuses, so a listing of one of them need not read again
+the records of tasks known to have ended with another. Only such a listing reads these keys: a listing of any
+status reads as many keys as before.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from agent.backends.natskv import kv_keys
-from control.models import Task
+from control.models import TERMINAL_TASK_STATUSES, Task, TaskStatus
 from control.store import Repo, purge_keys
 
 __all__ = ["Indexed", "TaskIndex", "created_us"]
@@ -30,6 +36,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _WRITES_AT_ONCE = 500
 _DIGITS = 16  # µs since 1970 until the year 2286: keys sort as the times they name
+_ENDED = {status.value: status for status in TERMINAL_TASK_STATUSES}
+T = TypeVar("T")
 
 
 def created_us(at: datetime) -> int:
@@ -90,8 +98,9 @@ class Indexed(NamedTuple):
 
 
 class TaskIndex:
-    def __init__(self, kv: KeyValue, records: Repo[Any]) -> None:
+    def __init__(self, kv: KeyValue, ended: KeyValue, records: Repo[Any]) -> None:
         self._kv = kv
+        self._ended = ended
         self._records = records
 
     async def add(self, task: Task | _Keyed) -> None:
@@ -113,12 +122,34 @@ class TaskIndex:
             indexed += found
         return sorted((entry for entry in indexed if entry.record_key in records), reverse=True)
 
+    async def ended(self, customer_id: str | None) -> dict[str, TaskStatus]:
+        """The statuses of the customer's tasks (None: every customer's) known to have ended, by record key."""
+        found = {}
+        for key in await kv_keys(self._ended, f"{'*' if customer_id is None else customer_id}.>"):
+            record_key, _, status = key.rpartition(".")
+            if (ended := _ENDED.get(status)) is not None:
+                found[record_key] = ended
+        return found
+
+    async def mark_ended(self, read: Iterable[Task], known: Mapping[str, TaskStatus]) -> None:
+        """Write the key in ``caravan_task_ended`` of each of the tasks ``read`` that has ended, unless ``known``
+        (what :meth:`ended` said) has it."""
+        ended = [
+            f"{task.customer_id}.{task.id}.{task.status.value}"
+            for task in read
+            if task.status in TERMINAL_TASK_STATUSES and f"{task.customer_id}.{task.id}" not in known
+        ]
+        await _in_batches(self._put_ended, ended)
+
     async def forget_orphans(self, made_before: datetime) -> None:
         """Purge the keys of tasks made before ``made_before`` that have no record (forgotten by the retention
-        sweep, or taken back): a task made since may have its key written and its record not yet."""
+        sweep, or taken back): a task made since may have its key written and its record not yet. And the keys
+        in ``caravan_task_ended`` of tasks without a record: a task has its record before it ends."""
         cutoff = created_us(made_before)
+        marks = await kv_keys(self._ended, "*.>")  # before the records: a mark is written after its record
         indexed, records = await self._keys(None)
         await _in_batches(self._purge, [e for e in indexed if e.created_us < cutoff and e.record_key not in records])
+        await _in_batches(self._purge_ended, [key for key in marks if key.rpartition(".")[0] not in records])
 
     async def _keys(self, customer_id: str | None) -> tuple[list[Indexed], set[str]]:
         """The customer's index keys (None: every customer's) and the keys of their records, read in this order:
@@ -133,8 +164,14 @@ class TaskIndex:
     async def _purge(self, entry: Indexed) -> None:
         await purge_keys(self._kv, entry.key)
 
+    async def _put_ended(self, key: str) -> None:
+        await self._ended.put(key, b"1")
 
-async def _in_batches(write: Callable[[Indexed], Awaitable[None]], entries: list[Indexed]) -> None:
+    async def _purge_ended(self, key: str) -> None:
+        await purge_keys(self._ended, key)
+
+
+async def _in_batches(write: Callable[[T], Awaitable[None]], entries: list[T]) -> None:
     """``write`` each entry, ``_WRITES_AT_ONCE`` at a time."""
     for start in range(0, len(entries), _WRITES_AT_ONCE):
         await asyncio.gather(*(write(entry) for entry in entries[start : start + _WRITES_AT_ONCE]))

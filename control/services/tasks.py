@@ -169,6 +169,7 @@ class TaskService:
         repo: Repo[Task],
         transcripts: KeyValue,
         index: KeyValue,
+        ended_index: KeyValue,
         js: JetStreamContext,
         agents: AgentService,
         guard: KillswitchService,
@@ -181,7 +182,7 @@ class TaskService:
     ) -> None:
         self._repo = repo
         self._transcripts = transcripts
-        self._index = TaskIndex(index, repo)
+        self._index = TaskIndex(index, ended_index, repo)
         self._js = js
         self._agents = agents
         self._guard = guard
@@ -349,8 +350,10 @@ class TaskService:
         The order, the owners and the times come from the tasks' index keys (:class:`TaskIndex`); records are read
         newest first, a page's worth at a time, until the page is full, and only the listed tasks' transcripts. With
         a status of tasks in flight, only the records of the tasks that hold a quota slot are read; with a status
-        of ended tasks, as many as it takes to fill the page."""
-        listed = await self._index.listing(customer_id)
+        of ended tasks, as many as it takes to fill the page, but for those known to have ended with another
+        (:meth:`TaskIndex.ended`, told of those read here)."""
+        ended = status in TERMINAL_TASK_STATUSES
+        listed, known = await asyncio.gather(self._index.listing(customer_id), self._known_ended(customer_id, ended))
         if before is not None:  # any task of the customer's: a page's last task, or one of an unfiltered listing
             anchor = await self._repo.owned(customer_id, before)
             if anchor is None:
@@ -362,7 +365,9 @@ class TaskService:
             for entry in listed
             if (agent_id is None or entry.agent_id == agent_id) and (team_id is None or entry.team_id == team_id)
         ]
-        if status is not None and status not in TERMINAL_TASK_STATUSES:  # only the tasks that hold a quota slot
+        if ended:  # not those known to have ended with another status
+            listed = [entry for entry in listed if known.get(entry.record_key, status) == status]
+        elif status is not None:  # only the tasks that hold a quota slot
             in_flight = await self._in_flight(customer_id)
             listed = [entry for entry in listed if entry.task_id in in_flight.get(entry.customer_id, ())]
         page: builtins.list[Task] = []
@@ -370,10 +375,15 @@ class TaskService:
         while start < len(listed) and len(page) < limit:
             keys = [entry.record_key for entry in listed[start : start + step]]
             read = {task_key(t.customer_id, t.id): t for t in await self._repo.named_as(Task, keys)}
+            if ended:
+                await self._index.mark_ended(read.values(), known)
             # a record gone since its key was read is left out
             page += [t for key in keys if (t := read.get(key)) is not None and (status is None or t.status == status)]
             start, step = start + step, min(2 * step, _READ_MOST)
         return await self._with_transcripts(page[:limit])
+
+    async def _known_ended(self, customer_id: str | None, wanted: bool) -> dict[str, TaskStatus]:
+        return await self._index.ended(customer_id) if wanted else {}
 
     async def _in_flight(self, customer_id: str | None) -> dict[str, set[str]]:
         """The ids of the tasks that may be in flight, by customer: those that hold a quota slot, which a task does

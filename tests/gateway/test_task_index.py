@@ -7,6 +7,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from agent.backends.natskv import kv_keys
 from agent.protocol import utcnow
 from control.models import Task, TaskStatus
@@ -14,9 +16,11 @@ from control.services.task_index import Indexed
 from control.services.tasks import task_key
 from control.store import Repo
 from tests.conftest import Api
+from tests.support.helpers import named_reads
 
 AGENT = "ag-0000000000a1"
 TEAM = "tm-0000000000b2"
+MS = timedelta(milliseconds=1)
 
 
 async def ids_listed(api: Api, headers: dict[str, str], **params: Any) -> list[str]:
@@ -66,6 +70,43 @@ async def test_tasks_stored_before_the_index_are_listed_in_order_a_page_at_a_tim
     _, stranger = await api.new_customer("stranger")
     assert await ids_listed(api, stranger) == []
     assert await ids_listed(api, await api.admin(), customer_id=customer_id, limit=1000) == newest
+
+
+async def test_a_listing_of_an_ended_status_reads_again_only_the_tasks_not_known_to_have_ended(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task found ended is not read again by a listing of another ended status; one that ends after it was read
+    is read until it is found ended, and listed with its status."""
+    customer_id, headers = await api.new_customer()
+    records = Repo(api.control.jet.kv["tasks"], Task)
+    start = utcnow() - timedelta(hours=1)
+    statuses = {
+        f"tk-{n:012x}": TaskStatus.FAILED if n % 100 == 7 else TaskStatus.RUNNING if n == 150 else TaskStatus.COMPLETED
+        for n in range(300)
+    }
+    for n, (task_id, status) in enumerate(statuses.items()):
+        task = Task(id=task_id, customer_id=customer_id, agent_id=AGENT, task="t", status=status)
+        await records.create(task_key(customer_id, task_id), task.model_copy(update={"created_at": start + n * MS}))
+    failed = sorted((i for i, s in statuses.items() if s is TaskStatus.FAILED), reverse=True)
+    still_running = f"tk-{150:012x}"
+    assert await ids_listed(api, headers, status="killed") == []  # every record read (and indexed)
+    ended = await kv_keys(api.control.jet.kv["task_ended"], f"{customer_id}.>")
+    assert sorted(ended) == sorted(f"{customer_id}.{i}.{s.value}" for i, s in statuses.items() if i != still_running)
+    read = named_reads(monkeypatch, api.control.tasks._repo)
+
+    assert await ids_listed(api, headers, status="killed") == []
+    assert await ids_listed(api, headers, status="failed") == failed
+    assert await ids_listed(api, headers, limit=1000) == sorted(statuses, reverse=True)  # (any status: all read)
+    assert read[:5] == [still_running, failed[0], still_running, *failed[1:]]  # newest first: it lies among them
+
+    assert len(read) == 5 + 300
+    read.clear()
+    await records.update(  # as the task's end is folded into its record
+        task_key(customer_id, still_running), lambda t: t.model_copy(update={"status": TaskStatus.FAILED})
+    )
+    assert await ids_listed(api, headers, status="failed") == [failed[0], still_running, *failed[1:]]
+    assert await ids_listed(api, headers, status="cancelled") == []
+    assert read == [failed[0], still_running, *failed[1:]]  # the newly ended task read once, by the first
 
 
 async def test_a_key_whose_record_is_gone_is_not_listed(api: Api) -> None:

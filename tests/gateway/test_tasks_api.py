@@ -613,6 +613,10 @@ async def test_tasks_that_ended_before_the_retention_time_are_forgotten_records_
         fresh = Indexed(created_us(ended + timedelta(days=1, hours=12)), "tk-0000000000e2", customer_id, "agent", "-")
         for orphan in (stale, fresh):
             await index.put(orphan.key, b"1")
+        ended_index = control.jet.kv["task_ended"]
+        completed = await api.client.get("/v1/tasks", params={"status": "completed"}, headers=headers)
+        assert [t["id"] for t in completed.json()] == [old["id"]]
+        assert await kv_keys(ended_index, f"{customer_id}.>") == [f"{customer_id}.{old['id']}.completed"]
 
         await clock.set(ended + timedelta(days=2))  # the hourly sweep runs, and the task ended over a day ago
         await assert_eventually(
@@ -628,6 +632,11 @@ async def test_tasks_that_ended_before_the_retention_time_are_forgotten_records_
             lambda: kv_keys(index, f"{customer_id}.>"),
             lambda keys: sorted(Indexed.parse(k).task_id for k in keys) == sorted([running, fresh.task_id]),
             what="the index keys of the old task and of the stale orphan purged",
+        )
+        await assert_eventually(
+            lambda: kv_keys(ended_index, f"{customer_id}.>"),
+            lambda keys: keys == [],
+            what="the old task's end forgotten",
         )
 
 
@@ -808,6 +817,7 @@ async def replica_tracker(
         Repo(jet.kv["tasks"], Task),
         jet.kv["transcripts"],
         jet.kv["task_index"],
+        jet.kv["task_ended"],
         jet.js,
         control.agents,
         control._killswitch,
