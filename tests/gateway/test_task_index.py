@@ -96,10 +96,8 @@ async def test_a_listing_of_an_ended_status_reads_again_only_the_tasks_not_known
 
     assert await ids_listed(api, headers, status="killed") == []
     assert await ids_listed(api, headers, status="failed") == failed
-    assert await ids_listed(api, headers, limit=1000) == sorted(statuses, reverse=True)  # (any status: all read)
-    assert read[:5] == [still_running, failed[0], still_running, *failed[1:]]  # newest first: it lies among them
+    assert read == [still_running, failed[0], still_running, *failed[1:]]  # newest first: it lies among them
 
-    assert len(read) == 5 + 300
     read.clear()
     await records.update(  # as the task's end is folded into its record
         task_key(customer_id, still_running), lambda t: t.model_copy(update={"status": TaskStatus.FAILED})
