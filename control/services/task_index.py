@@ -19,7 +19,7 @@ status reads as many keys as before.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -131,13 +131,13 @@ class TaskIndex:
                 found[record_key] = ended
         return found
 
-    async def mark_ended(self, read: Iterable[Task], known: Mapping[str, TaskStatus]) -> None:
-        """Write the key in ``caravan_task_ended`` of each of the tasks ``read`` that has ended, unless ``known``
-        (what :meth:`ended` said) has it."""
+    async def mark_ended(self, read: Mapping[str, Task], known: Mapping[str, TaskStatus]) -> None:
+        """Write the key in ``caravan_task_ended`` of each of the tasks ``read`` (by record key) that has ended,
+        unless ``known`` (what :meth:`ended` said) has it."""
         ended = [
-            f"{task.customer_id}.{task.id}.{task.status.value}"
-            for task in read
-            if task.status in TERMINAL_TASK_STATUSES and f"{task.customer_id}.{task.id}" not in known
+            f"{key}.{task.status.value}"
+            for key, task in read.items()
+            if task.status in TERMINAL_TASK_STATUSES and key not in known
         ]
         await _in_batches(self._put_ended, ended)
 

@@ -376,7 +376,7 @@ class TaskService:
             keys = [entry.record_key for entry in listed[start : start + step]]
             read = {task_key(t.customer_id, t.id): t for t in await self._repo.named_as(Task, keys)}
             if ended:
-                await self._index.mark_ended(read.values(), known)
+                await self._index.mark_ended(read, known)
             # a record gone since its key was read is left out
             page += [t for key in keys if (t := read.get(key)) is not None and (status is None or t.status == status)]
             start, step = start + step, min(2 * step, _READ_MOST)
