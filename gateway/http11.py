@@ -173,7 +173,7 @@ class _RequestDeadlines(H11Protocol):
         self._deadline = None
         if self.transport.is_closing() or self._lingering:
             return
-        log.info("408 to %s, connection closed: %s", _address(self.client), why)
+        log.info("408 to %s, closing the connection: %s", _address(self.client), why)
         self._unset_keepalive_if_required()
         self.transport.write(answer)
         cycle = self.cycle
