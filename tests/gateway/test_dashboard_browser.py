@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+from playwright.async_api import Browser, Locator, Page, Route, async_playwright, expect
 
 from agent.protocol import Event
 from control.backends.base import SchedulerError, SubmitResult
@@ -425,7 +425,8 @@ async def test_an_admin_manages_customers_and_the_killswitch_and_reads_the_audit
 
 async def test_an_admin_lists_a_customers_keys_and_revokes_one(dashboard: Dashboard) -> None:
     """A customer's keys by prefix, their secrets never shown but a new key's, once; Revoke asks first: cancelled,
-    nothing is revoked; confirmed, the key signs in no more and leaves the list, and the other still signs in."""
+    nothing is revoked; confirmed but refused by the API, the page says why and the key is still listed and signs
+    in; confirmed, the key signs in no more and leaves the list, and the other still signs in."""
     api, page = dashboard.api, dashboard.page
     _, key, _ = await new_customer(api, "hooli")
     prefix = key[:12]  # cvn_ and 8 hex digits: the prefix a generated key starts with
@@ -459,14 +460,35 @@ async def test_an_admin_lists_a_customers_keys_and_revokes_one(dashboard: Dashbo
     await expect(keys.locator("tbody tr")).to_have_count(2)
     assert (await api.client.post("/v1/auth/token", json={"api_key": key})).status_code == 200
 
-    # confirmed: revoked, gone from the list (counted below it), and refused a token; the other key is not
+    # confirmed, but the API cannot revoke it now (its store does not answer): the page says why, and nothing changed
+    async def store_down(route: Route) -> None:
+        if route.request.method != "DELETE":
+            await route.fallback()
+            return
+        said = "the platform's store (NATS) did not answer in time"
+        error = {"code": "unavailable", "message": said, "details": None}
+        await route.fulfill(status=503, headers={"Retry-After": "1"}, json={"error": error})
+
+    dashboard.watch.allow(r"status of 503 .*/v1/admin/keys/")
+    await page.route("**/v1/admin/keys/*", store_down)
+    await first.get_by_role("button", name="Revoke").click()
+    refusal = page.locator(".error")
+    await expect(refusal).to_have_text("503 unavailable: the platform's store (NATS) did not answer in time")
+    await page.unroute("**/v1/admin/keys/*", store_down)
+    await expect(first.get_by_role("button", name="Revoke")).to_be_enabled()
+    await expect(keys.locator("tbody tr")).to_have_count(2)
+    assert (await api.client.post("/v1/auth/token", json={"api_key": key})).status_code == 200
+
+    # confirmed again: revoked, gone from the list (counted below it), and refused a token; the other key is not;
+    # the failure's message is gone
     await first.get_by_role("button", name="Revoke").click()
     await expect(first).to_have_count(0)
+    await expect(refusal).to_have_count(0)
     await expect(keys.locator("tbody tr")).to_have_count(1)
     await expect(second).to_be_visible()
     await expect(page.get_by_text("1 revoked key not listed.")).to_be_visible()
-    assert dashboard.watch.dialogs == [asked, asked]
-    assert deletes == [f"/v1/admin/keys/{prefix}"]
+    assert dashboard.watch.dialogs == [asked, asked, asked]
+    assert deletes == [f"/v1/admin/keys/{prefix}"] * 2
     refused = await api.client.post("/v1/auth/token", json={"api_key": key})
     assert refused.status_code == 401, refused.text
     assert (await api.client.post("/v1/auth/token", json={"api_key": new_key})).status_code == 200
