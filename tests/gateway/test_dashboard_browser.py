@@ -16,6 +16,7 @@ from playwright.async_api import Browser, Locator, Page, Route, async_playwright
 
 from agent.protocol import Event
 from control.backends.base import SchedulerError, SubmitResult
+from control.errors import StoreUnavailable
 from tests.conftest import ADMIN_KEY, Api
 from tests.gateway.teams_support import TERMINAL, script, task_status
 from tests.gateway.test_agents_api import wait_status
@@ -465,15 +466,15 @@ async def test_an_admin_lists_a_customers_keys_and_revokes_one(dashboard: Dashbo
         if route.request.method != "DELETE":
             await route.fallback()
             return
-        said = "the platform's store (NATS) did not answer in time"
-        error = {"code": "unavailable", "message": said, "details": None}
-        await route.fulfill(status=503, headers={"Retry-After": "1"}, json={"error": error})
+        down = StoreUnavailable()  # as the API answers it
+        error = {"code": down.code, "message": down.message, "details": None}
+        await route.fulfill(status=down.status, headers=down.headers, json={"error": error})
 
     dashboard.watch.allow(r"status of 503 .*/v1/admin/keys/")
     await page.route("**/v1/admin/keys/*", store_down)
     await first.get_by_role("button", name="Revoke").click()
     refusal = page.locator(".error")
-    await expect(refusal).to_have_text("503 unavailable: the platform's store (NATS) did not answer in time")
+    await expect(refusal).to_have_text(f"503 unavailable: {StoreUnavailable().message}")
     await page.unroute("**/v1/admin/keys/*", store_down)
     await expect(first.get_by_role("button", name="Revoke")).to_be_enabled()
     await expect(keys.locator("tbody tr")).to_have_count(2)
