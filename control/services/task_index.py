@@ -125,8 +125,8 @@ class TaskIndex:
     async def ended(self, customer_id: str | None) -> dict[str, TaskStatus]:
         """The statuses of the customer's tasks (None: every customer's) known to have ended, by record key."""
         found = {}
-        for key in await kv_keys(self._ended, f"{'*' if customer_id is None else customer_id}.>"):
-            record_key, _, status = key.rpartition(".")
+        for key in await kv_keys(self._ended, f"{_owner(customer_id)}.>"):
+            record_key, status = _marked(key)
             if (ended := _ENDED.get(status)) is not None:
                 found[record_key] = ended
         return found
@@ -149,12 +149,12 @@ class TaskIndex:
         marks = await kv_keys(self._ended, "*.>")  # before the records: a mark is written after its record
         indexed, records = await self._keys(None)
         await _in_batches(self._purge, [e for e in indexed if e.created_us < cutoff and e.record_key not in records])
-        await _in_batches(self._purge_ended, [key for key in marks if key.rpartition(".")[0] not in records])
+        await _in_batches(self._purge_ended, [key for key in marks if _marked(key)[0] not in records])
 
     async def _keys(self, customer_id: str | None) -> tuple[list[Indexed], set[str]]:
         """The customer's index keys (None: every customer's) and the keys of their records, read in this order:
         a task made in between has its key (written first) and maybe a record, or neither."""
-        owner = "*" if customer_id is None else customer_id
+        owner = _owner(customer_id)
         indexed = [found for key in await kv_keys(self._kv, f"{owner}.>") if (found := Indexed.parse(key))]
         return indexed, set(await self._records.stored_keys(f"{owner}.*"))
 
@@ -169,6 +169,17 @@ class TaskIndex:
 
     async def _purge_ended(self, key: str) -> None:
         await purge_keys(self._ended, key)
+
+
+def _owner(customer_id: str | None) -> str:
+    """The first token of a customer's keys (None: every customer's)."""
+    return "*" if customer_id is None else customer_id
+
+
+def _marked(key: str) -> tuple[str, str]:
+    """A key of ``caravan_task_ended``, ``<record key>.<status>``: the record key and the status as written."""
+    record_key, _, status = key.rpartition(".")
+    return record_key, status
 
 
 async def _in_batches(write: Callable[[T], Awaitable[None]], entries: list[T]) -> None:
