@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats
@@ -10,6 +13,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
+    ConsumerConfig,
     DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
@@ -21,7 +25,7 @@ from nats.js.kv import KeyValue
 
 from agent.protocol import EVENTS_STREAM, TASKS_STREAM
 
-__all__ = ["BUCKETS", "CONSUMER_LIMIT", "NATS_UNAVAILABLE", "Jet", "connect", "ensure_stream"]
+__all__ = ["BUCKETS", "CONSUMER_LIMIT", "NATS_UNAVAILABLE", "Jet", "connect", "ensure_stream", "ordered_reader"]
 
 BUCKETS = (
     "customers",
@@ -76,6 +80,26 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.add_stream(config)
     except BadRequestError:
         await js.update_stream(config)
+
+
+@contextlib.asynccontextmanager
+async def ordered_reader(
+    js: JetStreamContext, stream: str, subject: str, config: ConsumerConfig
+) -> AsyncIterator[JetStreamContext.PushSubscription]:
+    """An ordered consumer of ``subject`` in ``stream`` (from where ``config`` says), for the block: deleted as the
+    block ends, however it ends. An ephemeral consumer nobody reads is otherwise kept 5 s more by JetStream, one for
+    each event stream a client closed and each audit query: counted against the stream's consumers, and fed while
+    the task goes on. (nats-py does not delete it; the name it has now is an internal of nats-py 2.16, as it
+    renames the consumer whenever it makes it again after a gap.)"""
+    sub = await js.subscribe(subject, ordered_consumer=True, config=config, stream=stream)
+    try:
+        yield sub
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+        with contextlib.suppress(nats.errors.Error, TimeoutError):  # JetStream drops it within 5 s anyway
+            async with asyncio.timeout(2):
+                await js.delete_consumer(stream, sub._consumer)
 
 
 async def _tune_bucket(js: JetStreamContext, stream: str) -> bool:

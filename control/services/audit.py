@@ -22,7 +22,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
 from agent.protocol import utcnow
 from control.errors import CaravanError
 from control.ids import is_plain_id, shown_id
-from control.natsio import CONSUMER_LIMIT
+from control.natsio import CONSUMER_LIMIT, ordered_reader
 from control.services.auth import Principal, redact_json
 
 __all__ = ["AUDIT_STREAM", "AuditLog", "AuditQuery", "AuditRecord", "AuditTime", "describe_error"]
@@ -199,9 +199,8 @@ class AuditLog:
             deliver_policy=DeliverPolicy.BY_START_TIME if start else DeliverPolicy.ALL, opt_start_time=start
         )
         subject = f"caravan.audit.{query.action}" if query.action else "caravan.audit.>"
-        sub = await self._js.subscribe(subject, ordered_consumer=True, config=config, stream=AUDIT_STREAM)
         found: list[AuditRecord] = []
-        try:
+        async with ordered_reader(self._js, AUDIT_STREAM, subject, config) as sub:
             info = await sub.consumer_info()
             delivered = info.delivered.consumer_seq if info.delivered else 0
             pending = (info.num_pending or 0) + (delivered or 0)  # some may be in our buffer already
@@ -216,9 +215,6 @@ class AuditLog:
                 pending = msg.metadata.num_pending
                 if query.until and record.at > query.until:
                     break
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
         return found[-query.limit :]
 
 

@@ -58,7 +58,7 @@ from control.models import (
     TranscriptEntry,
     Usage,
 )
-from control.natsio import NATS_UNAVAILABLE
+from control.natsio import NATS_UNAVAILABLE, ordered_reader
 from control.services.agents import AgentService, failure, why_not_serving
 from control.services.killswitch import KillswitchService
 from control.services.quotas import QuotaService
@@ -593,10 +593,8 @@ class TaskService:
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
             opt_start_seq=after + 1 if after else None,
         )
-        sub = await self._js.subscribe(
-            task_events_subject(task.customer_id, task.id), ordered_consumer=True, config=config, stream=EVENTS_STREAM
-        )
-        try:
+        subject = task_events_subject(task.customer_id, task.id)
+        async with ordered_reader(self._js, EVENTS_STREAM, subject, config) as sub:
             while True:
                 try:
                     msg = await sub.next_msg(timeout=idle)
@@ -610,9 +608,6 @@ class TaskService:
                 yield item
                 if item.terminal:
                     return
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
     async def ended_before(self, task: Task, after: int) -> bool:
         """Whether the task's stream has no event after ``after``, and its last is the final status (or the task

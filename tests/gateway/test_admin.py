@@ -396,6 +396,7 @@ async def test_audit_records_logins_refusals_and_cannot_be_deleted(api: Api) -> 
     assert later == []
     nc = await nats.connect(api.control.settings.nats_url)
     js = nc.jetstream()
+    assert await js.consumers_info(AUDIT_STREAM) == []  # each query's reader deleted as it answered, not 5 s later
     info = await js.stream_info(AUDIT_STREAM)
     assert info.config.deny_delete and info.config.deny_purge
     with pytest.raises(JetStreamError):

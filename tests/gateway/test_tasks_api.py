@@ -447,6 +447,30 @@ async def test_head_on_a_running_tasks_events_answers_the_streams_headers_and_op
     assert (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()["status"] == "running"
 
 
+async def test_a_stream_of_events_deletes_its_jetstream_consumer_as_it_ends_however_it_ends(api: Api) -> None:
+    """Each stream of a task's events (SSE or WebSocket) reads through a consumer of its own, gone as the stream ends:
+    left to JetStream, one nobody reads stays 5 s more, fed the task's events and counted against the stream's
+    consumers, for each stream a client closed (and an `EventSource` reconnects whenever one closes)."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    task, subject = await api.control.tasks.get(customer_id, task_id), task_events_subject(customer_id, task_id)
+
+    async def readers() -> int:
+        return sum(c.config.filter_subject == subject for c in await api.control.jet.js.consumers_info(EVENTS_STREAM))
+
+    left = api.control.tasks.events(task)  # the client leaves mid-stream
+    assert (await anext(left)) is not None
+    assert await readers() == 1
+    await left.aclose()
+    assert await readers() == 0
+
+    read_through = api.control.tasks.events(task)  # the stream ends with the task
+    assert (await anext(read_through)) is not None
+    assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+    items = [item async for item in read_through if item is not None]
+    assert items[-1].terminal and items[-1].event.content == "cancelled"
+    assert await readers() == 0
+
+
 async def test_cancel_stops_a_slow_model_call(api: Api) -> None:
     _, headers, task_id = await running_slow_task(api)
     before = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
