@@ -10,19 +10,22 @@ and its key written then (:meth:`TaskIndex.listing`). A key whose record is gone
 written) is not listed, and the retention sweep purges it (:meth:`TaskIndex.forget_orphans`).
 
 A task that ended has a key in ``caravan_task_ended`` as well, ``<customer>.<task>.<completed|failed|cancelled|
-killed>``, written by the first listing of an ended status that reads its record once it ended
-(:meth:`TaskIndex.mark_ended`): a task never leaves those statuses, so a listing of one of them need not read again
-the records of tasks known to have ended with another. Only such a listing reads these keys: a listing of any
-status reads as many keys as before.
+killed>``, written once its record says so: as its end is folded in (:meth:`TaskIndex.ended_now`), and by the
+first listing of an ended status that reads its record without one (:meth:`TaskIndex.mark_ended`: a write that
+failed, a record an older Caravan ended). A task never leaves those statuses, so a listing of one of them need
+not read the records of tasks known to have ended with another. Only such a listing reads these keys: a listing
+of any status reads as many keys as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple, TypeVar
 
+import nats.errors
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
@@ -31,6 +34,8 @@ from control.models import TERMINAL_TASK_STATUSES, Task, TaskStatus
 from control.store import Repo, purge_keys
 
 __all__ = ["Indexed", "TaskIndex", "created_us"]
+
+log = logging.getLogger(__name__)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -130,6 +135,15 @@ class TaskIndex:
             if (ended := _ENDED.get(status)) is not None:
                 found[record_key] = ended
         return found
+
+    async def ended_now(self, task: Task) -> None:
+        """Write the key in ``caravan_task_ended`` of a task whose record now says it ended. A write that fails is
+        logged and left to the first listing of an ended status that reads the record."""
+        key = f"{Indexed.of(task).record_key}.{task.status.value}"
+        try:
+            await self._put_ended(key)
+        except nats.errors.Error as exc:
+            log.warning("could not mark task %s ended (%r): the next listing of its status marks it", key, exc)
 
     async def mark_ended(self, read: Mapping[str, Task], known: Mapping[str, TaskStatus]) -> None:
         """Write the key in ``caravan_task_ended`` of each of the tasks ``read`` (by record key) that has ended,

@@ -882,6 +882,7 @@ class TaskService:
                 await self._on_budget_exceeded(customer_id, total, budget)
         if after.status in TERMINAL_TASK_STATUSES and was_open:  # after the metering: it drops the task's mark
             await _patiently(f"release the slot of {key}", lambda: self._quotas.release_task(customer_id, after.id))
+            await self._index.ended_now(after)  # (after its record: see control.services.task_index)
 
 
 TRANSCRIPT_KINDS = (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESULT, EventKind.INPUT_REQUEST)

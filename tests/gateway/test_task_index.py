@@ -16,7 +16,8 @@ from control.services.task_index import Indexed
 from control.services.tasks import task_key
 from control.store import Repo
 from tests.conftest import Api
-from tests.support.helpers import named_reads
+from tests.gateway.test_tasks_api import finished, running_agent, running_slow_task, start_task
+from tests.support.helpers import assert_eventually, named_reads
 
 AGENT = "ag-0000000000a1"
 TEAM = "tm-0000000000b2"
@@ -105,6 +106,32 @@ async def test_a_listing_of_an_ended_status_reads_again_only_the_tasks_not_known
     assert await ids_listed(api, headers, status="failed") == [failed[0], still_running, *failed[1:]]
     assert await ids_listed(api, headers, status="cancelled") == []
     assert read == [failed[0], still_running, *failed[1:]]  # the newly ended task read once, by the first
+
+
+async def test_a_task_is_known_to_have_ended_as_its_end_is_folded_in_before_any_listing_reads_it(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing of an ended status reads no record of a task known to have ended with another: a task that ends is
+    known so from then on, not from the first listing that reads it (which would write on a GET, and read the
+    records of every task that ended since)."""
+    customer_id, headers, cancelled = await running_slow_task(api)
+    done = await start_task(api, headers, (await running_agent(api, headers))["id"])
+    assert (await api.client.post(f"/v1/tasks/{cancelled}/cancel", headers=headers)).status_code == 202
+    assert (await finished(api, headers, done))["status"] == "completed"
+    assert (await finished(api, headers, cancelled))["status"] == "cancelled"
+    await assert_eventually(
+        lambda: kv_keys(api.control.jet.kv["task_ended"], f"{customer_id}.>"),
+        lambda keys: (
+            sorted(keys) == sorted([f"{customer_id}.{done}.completed", f"{customer_id}.{cancelled}.cancelled"])
+        ),
+        what="both tasks known to have ended",
+    )
+    read = named_reads(monkeypatch, api.control.tasks._repo)
+    assert await ids_listed(api, headers, status="failed") == []
+    assert await ids_listed(api, headers, status="killed") == []
+    assert read == []
+    assert await ids_listed(api, headers, status="completed") == [done]
+    assert read == [done]
 
 
 async def test_a_key_whose_record_is_gone_is_not_listed(api: Api) -> None:
