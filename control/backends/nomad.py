@@ -65,6 +65,10 @@ STEADY_STREAM_S = 10.0
 10 s). One that ends sooner, as a proxy ending every stream after its headers does, is one more failed attempt of
 the loss it did not end: the back-off goes on growing (each connection lists every job again), the failures add up
 and the ERROR comes."""
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MOST_S = 15.0
+"""The event stream's back-off: the wait before the first attempt to reconnect, doubled at each attempt that
+fails, up to the most; back to the first once a stream is steady."""
 LOST_ERROR_AFTER_S = 60.0
 """How long the event stream may stay lost before the log says so at ERROR, once (a refusal says so at once)."""
 STREAM_ENDED = "Nomad ended the stream"
@@ -676,7 +680,7 @@ class NomadScheduler:
         """Reader thread: keep one ``/v1/event/stream`` open and hand its lines to the loop; reconnect with
         back-off from the index of the last frame seen (:meth:`_follow_index`; heartbeats keep the read timeout from
         firing)."""
-        backoff = 0.5
+        backoff = RECONNECT_FIRST_S
         stream_api = self._config.client().event.stream
         while not self._closing.is_set():
             params = {
@@ -708,7 +712,7 @@ class NomadScheduler:
                         if not steady and time.monotonic() - opened >= STEADY_STREAM_S:
                             steady = True
                             self._feed.steady()
-                            backoff = 0.5
+                            backoff = RECONNECT_FIRST_S
                 error, kind, status = STREAM_ENDED, "stream ended", None  # Nomad, or a proxy in front of it, ended it
             except (NomadError, requests.RequestException, OSError, ValueError, AttributeError) as exc:
                 error, kind = _feed_error(exc), _feed_error_kind(exc)
@@ -720,7 +724,7 @@ class NomadScheduler:
             self._feed.down(error, kind, status, backoff)
             if self._closing.wait(backoff):
                 return
-            backoff = min(backoff * 2, 15.0)
+            backoff = min(backoff * 2, RECONNECT_MOST_S)
 
     def _post(self, item: object) -> None:
         loop = self._loop

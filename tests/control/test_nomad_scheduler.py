@@ -755,7 +755,8 @@ async def test_a_lost_event_stream_is_reported_logged_at_error_once_and_caught_u
     when and why, the log says it at ERROR once however many attempts fail, and INFO when it is back; what changed
     meanwhile is reported then. Against the double only: a real Nomad cannot be made to refuse the stream on
     demand."""
-    monkeypatch.setattr(nomad_backend, "LOST_ERROR_AFTER_S", 1.0)
+    monkeypatch.setattr(nomad_backend, "RECONNECT_FIRST_S", 0.1)
+    monkeypatch.setattr(nomad_backend, "LOST_ERROR_AFTER_S", 0.3)
     monkeypatch.setattr(nomad_backend, "STEADY_STREAM_S", 0.3)
     caplog.set_level(logging.DEBUG, logger="caravan.scheduler.nomad")
     token = "a1b2c3d4-token-" + secrets.token_hex(8)
@@ -801,7 +802,8 @@ async def test_a_stream_a_proxy_ends_at_once_does_not_end_the_loss(
     in the feed (what `/readyz` shows) from the same `since`, the back-off grows rather than starting over at each
     connection (which lists every job again), and the log says ERROR once. When streams stay open again, the feed
     is back, and the log says so once, as the stream is steady. Against the double only."""
-    monkeypatch.setattr(nomad_backend, "LOST_ERROR_AFTER_S", 1.0)
+    monkeypatch.setattr(nomad_backend, "RECONNECT_FIRST_S", 0.1)
+    monkeypatch.setattr(nomad_backend, "LOST_ERROR_AFTER_S", 0.3)
     monkeypatch.setattr(nomad_backend, "STEADY_STREAM_S", 0.3)
     caplog.set_level(logging.DEBUG, logger="caravan.scheduler.nomad")
     with NomadDouble(heartbeat_s=0.1) as double:
@@ -826,7 +828,7 @@ async def test_a_stream_a_proxy_ends_at_once_does_not_end_the_loss(
     again = [r.getMessage() for r in mine if "connected again" in r.getMessage()]
     assert len(again) == 1, again
     waits = [float(m[1]) for r in mine if (m := re.search(r"reconnecting in ([\d.]+)s", r.getMessage()))]
-    assert waits[:2] == [0.5, 1.0] and waits == sorted(set(waits)), waits  # (the ERROR's attempt says no wait)
+    assert waits[:2] == [0.1, 0.2] and waits == sorted(set(waits)), waits  # (the ERROR's attempt says no wait)
 
 
 async def test_a_stream_that_breaks_off_mid_frame_is_a_lost_connection_and_the_feed_comes_back(
@@ -836,6 +838,7 @@ async def test_a_stream_that_breaks_off_mid_frame_is_a_lost_connection_and_the_f
     Nomad server killed as it writes): the feed says `connection lost` (the fixed words `/readyz` shows anyone),
     the log gives the reason, the failures add up while every new stream breaks too, and once streams hold again
     the feed is back with what changed meanwhile. Against the double only."""
+    monkeypatch.setattr(nomad_backend, "RECONNECT_FIRST_S", 0.1)
     monkeypatch.setattr(nomad_backend, "STEADY_STREAM_S", 0.3)
     caplog.set_level(logging.DEBUG, logger="caravan.scheduler.nomad")
     ids = Ids.new()
