@@ -35,7 +35,7 @@ from control.store import Repo, purge_keys
 
 __all__ = ["Indexed", "TaskIndex", "created_us"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caravan.tasks")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -139,11 +139,15 @@ class TaskIndex:
     async def ended_now(self, task: Task) -> None:
         """Write the key in ``caravan_task_ended`` of a task whose record now says it ended. A write that fails is
         logged and left to the first listing of an ended status that reads the record."""
-        key = f"{Indexed.of(task).record_key}.{task.status.value}"
         try:
-            await self._put_ended(key)
+            await self._put_ended(f"{Indexed.of(task).record_key}.{task.status.value}")
         except nats.errors.Error as exc:
-            log.warning("could not mark task %s ended (%r): the next listing of its status marks it", key, exc)
+            log.warning(
+                "could not mark task %s %s (%r): the next listing of an ended status that reads it will",
+                task.id,
+                task.status.value,
+                exc,
+            )
 
     async def mark_ended(self, read: Mapping[str, Task], known: Mapping[str, TaskStatus]) -> None:
         """Write the key in ``caravan_task_ended`` of each of the tasks ``read`` (by record key) that has ended,

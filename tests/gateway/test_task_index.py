@@ -4,9 +4,11 @@ record is gone is not listed; a page of one status is filled however many tasks 
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
+import nats.errors
 import pytest
 
 from agent.backends.natskv import kv_keys
@@ -17,7 +19,7 @@ from control.services.tasks import task_key
 from control.store import Repo
 from tests.conftest import Api
 from tests.gateway.test_tasks_api import finished, running_agent, running_slow_task, start_task
-from tests.support.helpers import assert_eventually, named_reads
+from tests.support.helpers import assert_eventually, named_reads, now
 
 AGENT = "ag-0000000000a1"
 TEAM = "tm-0000000000b2"
@@ -132,6 +134,28 @@ async def test_a_task_is_known_to_have_ended_as_its_end_is_folded_in_before_any_
     assert read == []
     assert await ids_listed(api, headers, status="completed") == [done]
     assert read == [done]
+
+
+async def test_a_task_whose_end_cannot_be_marked_ends_all_the_same_and_is_marked_by_the_next_listing_that_reads_it(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="caravan.tasks")
+    customer_id, headers = await api.new_customer()
+    index, ended = api.control.tasks._index, api.control.jet.kv["task_ended"]
+    put_ended = index._put_ended
+
+    async def failing(key: str) -> None:
+        raise nats.errors.TimeoutError
+
+    monkeypatch.setattr(index, "_put_ended", failing)
+    task_id = await start_task(api, headers, (await running_agent(api, headers))["id"])
+    assert (await finished(api, headers, task_id))["status"] == "completed"
+    warned = f"could not mark task {task_id} completed"
+    await assert_eventually(now(lambda: caplog.text), lambda text: warned in text, what="the failed mark logged")
+    assert await kv_keys(ended, f"{customer_id}.>") == []
+    monkeypatch.setattr(index, "_put_ended", put_ended)
+    assert await ids_listed(api, headers, status="completed") == [task_id]
+    assert await kv_keys(ended, f"{customer_id}.>") == [f"{customer_id}.{task_id}.completed"]
 
 
 async def test_a_key_whose_record_is_gone_is_not_listed(api: Api) -> None:
