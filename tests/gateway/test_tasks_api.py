@@ -403,6 +403,11 @@ async def running_slow_task(api: Api) -> tuple[str, dict[str, str], str]:
     return customer_id, headers, task_id
 
 
+async def event_readers(api: Api, subject: str) -> int:
+    """How many consumers of the events stream read ``subject`` (a task's events)."""
+    return sum(c.config.filter_subject == subject for c in await api.control.jet.js.consumers_info(EVENTS_STREAM))
+
+
 async def test_head_on_a_running_tasks_events_answers_the_streams_headers_and_opens_no_stream(api: Api) -> None:
     """A GET of a running task's events stays open for what comes next; a HEAD gets the stream's headers and ends
     there, without opening the stream: JetStream makes no consumer for it. JetStream announces each consumer it
@@ -419,7 +424,7 @@ async def test_head_on_a_running_tasks_events_answers_the_streams_headers_and_op
         return len(created)
 
     async def readers() -> int:
-        return sum(c.config.filter_subject == subject for c in await api.control.jet.js.consumers_info(EVENTS_STREAM))
+        return await event_readers(api, subject)
 
     async def open_stream() -> None:
         before = len(created)
@@ -454,21 +459,18 @@ async def test_a_stream_of_events_deletes_its_jetstream_consumer_as_it_ends_howe
     customer_id, headers, task_id = await running_slow_task(api)
     task, subject = await api.control.tasks.get(customer_id, task_id), task_events_subject(customer_id, task_id)
 
-    async def readers() -> int:
-        return sum(c.config.filter_subject == subject for c in await api.control.jet.js.consumers_info(EVENTS_STREAM))
-
     left = api.control.tasks.events(task)  # the client leaves mid-stream
     assert (await anext(left)) is not None
-    assert await readers() == 1
+    assert await event_readers(api, subject) == 1
     await left.aclose()
-    assert await readers() == 0
+    assert await event_readers(api, subject) == 0
 
     read_through = api.control.tasks.events(task)  # the stream ends with the task
     assert (await anext(read_through)) is not None
     assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
     items = [item async for item in read_through if item is not None]
     assert items[-1].terminal and items[-1].event.content == "cancelled"
-    assert await readers() == 0
+    assert await event_readers(api, subject) == 0
 
 
 async def test_cancel_stops_a_slow_model_call(api: Api) -> None:
