@@ -140,7 +140,7 @@ class TaskIndex:
         """Write the key in ``caravan_task_ended`` of a task whose record now says it ended. A write that fails is
         logged and left to the first listing of an ended status that reads the record."""
         try:
-            await self._put_ended(f"{Indexed.of(task).record_key}.{task.status.value}")
+            await self._put_ended(_mark(Indexed.of(task).record_key, task.status))
         except nats.errors.Error as exc:
             log.warning(
                 "could not mark task %s %s (%r): the next listing of an ended status that reads it will",
@@ -153,7 +153,7 @@ class TaskIndex:
         """Write the key in ``caravan_task_ended`` of each of the tasks ``read`` (by record key) that has ended,
         unless ``known`` (what :meth:`ended` said) has it."""
         ended = [
-            f"{key}.{task.status.value}"
+            _mark(key, task.status)
             for key, task in read.items()
             if task.status in TERMINAL_TASK_STATUSES and key not in known
         ]
@@ -194,8 +194,13 @@ def _owner(customer_id: str | None) -> str:
     return "*" if customer_id is None else customer_id
 
 
+def _mark(record_key: str, status: TaskStatus) -> str:
+    """The key in ``caravan_task_ended`` of the task whose record is at ``record_key``, ended with ``status``."""
+    return f"{record_key}.{status.value}"
+
+
 def _marked(key: str) -> tuple[str, str]:
-    """A key of ``caravan_task_ended``, ``<record key>.<status>``: the record key and the status as written."""
+    """A key of ``caravan_task_ended`` (:func:`_mark`): the record key and the status as written."""
     record_key, _, status = key.rpartition(".")
     return record_key, status
 
