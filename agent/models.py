@@ -24,7 +24,14 @@ from autogen_core.models import ChatCompletionClient, CreateResult, ModelFamily,
 
 from agent.protocol import LOCAL_MODEL_URL_ENV, ModelConfig, ScriptedToolCall, model_key_env, required_model_key
 
-__all__ = ["OPENAI_COMPATIBLE", "LocalModelAccess", "MissingCredentials", "check_credentials", "create_model_client"]
+__all__ = [
+    "OPENAI_COMPATIBLE",
+    "LocalModelAccess",
+    "MissingCredentials",
+    "ModelClients",
+    "check_credentials",
+    "create_model_client",
+]
 
 
 class MissingCredentials(RuntimeError):
@@ -116,6 +123,36 @@ def create_model_client(config: ModelConfig, local: LocalModelAccess | None = No
         return OpenAIChatCompletionClient(**kwargs, **_sampling(config))
     except ValueError:  # a model AutoGen has no capability table for (a newer one): assume the common ones
         return OpenAIChatCompletionClient(**kwargs, model_info=_GENERIC_INFO, **_sampling(config))
+
+
+class ModelClients:
+    """The model clients of one agent's conversations, its tasks' and its team runs' alike. Hosted and local models
+    share one client: it keeps no conversation state, and a fresh one would cost a task or a run ~20 ms of CPU
+    (its HTTP client's TLS context) and, to a hosted provider, a new connection with its TLS handshake. The
+    scripted model plays from its first answer in every conversation, so each gets a fresh one."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self._config = config
+        self._shared: ChatCompletionClient | None = None
+
+    def get(self) -> ChatCompletionClient:
+        """The client for a new conversation; give it back with :meth:`release` when the conversation ends."""
+        if self._config.provider == "replay":
+            return create_model_client(self._config)
+        if self._shared is None:
+            self._shared = create_model_client(self._config)
+        return self._shared
+
+    async def release(self, client: ChatCompletionClient) -> None:
+        """A conversation ended: its own client is closed, the shared one stays for the next."""
+        if client is not self._shared:
+            await client.close()
+
+    async def close(self) -> None:
+        """After the conversations: one still ending must not meet a closed client."""
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            await shared.close()
 
 
 def _local_access(given: LocalModelAccess | None) -> LocalModelAccess:

@@ -37,7 +37,7 @@ from nats.aio.subscription import Subscription
 
 from agent.egress import endpoint_failure, failure_text
 from agent.logsafe import printable
-from agent.models import create_model_client
+from agent.models import ModelClients
 from agent.protocol import AgentDefinition
 from agent.runtime import NatsAgentRuntime
 from agent.serialization import MessageCodec
@@ -296,7 +296,7 @@ class _HostedRun:
         self.runtime = runtime
         self.join = join
         self.sender = sender
-        self.model_client = model_client  # the run's own (a scripted model keeps its place per run): closed with it
+        self.model_client = model_client  # a scripted model's is the run's own (it keeps its place per run)
         self.manager_seen = time.monotonic()
         self.beat: asyncio.Task[None] | None = None
         self.subs: list[Subscription] = []
@@ -305,10 +305,15 @@ class _HostedRun:
 class TeamHost:
     """Serves this agent's part in team runs. ``start()`` once, ``stop()`` is idempotent."""
 
-    def __init__(self, nc: NATS, definition: AgentDefinition, instance_id: str) -> None:
+    def __init__(
+        self, nc: NATS, definition: AgentDefinition, instance_id: str, models: ModelClients | None = None
+    ) -> None:
+        """``models``: the agent's model clients, shared with its tasks (default: the host's own)."""
         self._nc = nc
         self._definition = definition
         self.instance_id = instance_id
+        self._models = models or ModelClients(definition.model)
+        self._own_models = models is None
         self._runs: dict[str, _HostedRun] = {}
         self._sub: Subscription | None = None
         self._halted = False
@@ -351,6 +356,8 @@ class TeamHost:
                 await self._sub.unsubscribe()
         for run_id in list(self._runs):
             await self._drop(run_id, leaving=True)
+        if self._own_models:
+            await self._models.close()
 
     async def halt(self, halted: bool) -> None:
         """The killswitch: while halted, refuse runs and cancel what runs."""
@@ -387,7 +394,7 @@ class TeamHost:
     async def _host(self, join: MemberJoin) -> None:
         namespace = run_namespace(join.customer_id, join.run_id)
         runtime = NatsAgentRuntime(self._nc, namespace, instance_id=f"{self.instance_id}-{join.run_id}")
-        model_client = create_model_client(self._definition.model)
+        model_client = self._models.get()
         agent_type = f"{self._definition.name}_{join.team_key}"
         send_state = _state_publisher(runtime.wire, f"{namespace}.x.state", join.run_id, agent_type)
         sender = _StateSender(self._definition.name, send_state, lambda: hosted.join.state_deltas)
@@ -409,7 +416,7 @@ class TeamHost:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
             await runtime.stop()
-            await model_client.close()
+            await self._models.release(model_client)
             raise
         self._runs[join.run_id] = hosted
         hosted.beat = asyncio.create_task(self._beat(hosted), name=f"team-beat-{join.run_id}")
@@ -462,4 +469,4 @@ class TeamHost:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         await hosted.runtime.stop()
-        await hosted.model_client.close()
+        await self._models.release(hosted.model_client)

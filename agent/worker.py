@@ -21,7 +21,6 @@ import nats
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.base import TaskResult
 from autogen_core import CancellationToken
-from autogen_core.models import ChatCompletionClient
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -32,7 +31,7 @@ from agent.backends.base import FlagStore
 from agent.health import HealthServer
 from agent.killswitch import Halt, KillswitchWatch
 from agent.logsafe import printable
-from agent.models import check_credentials, create_model_client
+from agent.models import ModelClients, check_credentials
 from agent.protocol import (
     BROADCAST_SUBJECT,
     TASK_ATTEMPTS,
@@ -130,19 +129,16 @@ class AgentWorker:
         self._may_serve.set()
         self._flags: FlagStore | None = None
         self._killswitch: KillswitchWatch | None = None
-        self._model_client: ChatCompletionClient | None = None
+        self._models: ModelClients | None = None
         self._teams: TeamHost | None = None
 
-    def model_client(self) -> ChatCompletionClient:
-        """The client for a new conversation. Hosted and local models share one client (it keeps no conversation
-        state, and making its HTTP client costs ~18 ms of a task's start); the scripted model plays from its
-        first answer in every conversation, so it gets a fresh one."""
+    @property
+    def models(self) -> ModelClients:
+        """The clients of this agent's conversations: its tasks' and its team runs'."""
         assert self.definition is not None
-        if self.definition.model.provider == "replay":
-            return create_model_client(self.definition.model)
-        if self._model_client is None:
-            self._model_client = create_model_client(self.definition.model)
-        return self._model_client
+        if self._models is None:
+            self._models = ModelClients(self.definition.model)
+        return self._models
 
     @property
     def halt(self) -> Halt | None:
@@ -201,7 +197,7 @@ class AgentWorker:
         await self._nc.subscribe(cancel_subject(cfg.customer_id, cfg.agent_id), cb=self._on_cancel)
         await self._nc.subscribe(BROADCAST_SUBJECT, cb=self._on_broadcast)
         self._team_nc = await self._connect("-teams", no_echo=True)
-        self._teams = TeamHost(self._team_nc, self.definition, cfg.alloc_id or f"pid{os.getpid()}")
+        self._teams = TeamHost(self._team_nc, self.definition, cfg.alloc_id or f"pid{os.getpid()}", self.models)
         await self._teams.start()
         await self._teams.halt(self.halt is not None)
         self._psub = await self._js.pull_subscribe_bind(consumer_name(cfg.agent_id), stream=TASKS_STREAM)
@@ -270,8 +266,8 @@ class AgentWorker:
                 await self._team_nc.drain()
         if self._run_tasks:
             await asyncio.wait(self._run_tasks, timeout=5)
-        if self._model_client is not None:  # after the runs: one still ending must not meet a closed client
-            await self._model_client.close()
+        if self._models is not None:
+            await self._models.close()
         if self._nc is not None and self._nc.is_connected:
             with contextlib.suppress(Exception):
                 await self._publish_agent_event(AgentEventKind.STOPPING, {})
@@ -485,10 +481,11 @@ class _TaskRun:
             await self._stopped()
             return
         await self.status("running")
+        model_client = self.worker.models.get()
         try:
             agent = AssistantAgent(
                 name=self.definition.name,
-                model_client=self.worker.model_client(),
+                model_client=model_client,
                 tools=list(build_tools(self.definition.tools)) or None,
                 system_message=self.definition.system_message or None,
                 reflect_on_tool_use=bool(self.definition.tools),
@@ -516,6 +513,8 @@ class _TaskRun:
             await self.emit(EventKind.ERROR, content=reason)
             await self.status("failed", reason)
             return
+        finally:
+            await self.worker.models.release(model_client)
         final = final_text(result)
         await self.emit(EventKind.RESULT, content=final, data={"stop_reason": result.stop_reason if result else None})
         await self.status("completed")

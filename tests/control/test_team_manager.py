@@ -28,9 +28,9 @@ from autogen_agentchat.teams._group_chat._events import (
 from autogen_core import AgentId, BaseAgent, CancellationToken, MessageContext, TopicId, TypeSubscription
 from nats.aio.msg import Msg
 
-from agent import teamhost
+from agent import models
 from agent.models import create_model_client
-from agent.protocol import AgentDefinition, ModelConfig
+from agent.protocol import LOCAL_MODEL_URL_ENV, AgentDefinition, ModelConfig
 from agent.runtime import NatsAgentRuntime
 from agent.teamhost import TeamHost, _Container, _StateSender
 from agent.teamprotocol import (
@@ -90,6 +90,77 @@ async def _hosts(url: str, members: list[AgentDefinition]) -> AsyncIterator[None
             await host.start()
             stack.push_async_callback(host.stop)
         yield
+
+
+@contextlib.asynccontextmanager
+async def _chat_completions(answer: str) -> AsyncIterator[tuple[int, list[int]]]:
+    """An OpenAI-compatible model server on loopback that answers every chat completion with ``answer`` and keeps
+    its connections open; its port, and how many requests each connection it accepted carried."""
+    body = json.dumps(
+        {
+            "id": "c1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": ModelConfig(provider="local").name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        }
+    ).encode()
+    served: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.append(0)
+        connection = len(served) - 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.lower().split(b"\r\n")
+                length = next((int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")), 0)
+                await reader.readexactly(length)
+                served[connection] += 1
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
+                writer.write(b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1], served
+
+
+async def test_a_member_on_a_served_model_calls_it_with_one_client_run_after_run(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member's model client is its agent's, not a run's: the next run calls the model on the connection the last
+    one used (to a hosted provider: no new connection and TLS handshake, nor ~20 ms making a client, per run), and
+    a run's end does not close it. A scripted model still gets a client of its own per run (it starts afresh)."""
+    async with _chat_completions("alice here") as (port, served):
+        monkeypatch.setenv(LOCAL_MODEL_URL_ENV, f"http://127.0.0.1:{port}/v1")
+        alice = AgentDefinition(
+            agent_id="ag-00000000000a",
+            customer_id=CUSTOMER,
+            name="alice",
+            system_message="",
+            model=ModelConfig(provider="local"),
+        )
+        bob = _member(1, "bob")
+        spec = _team([alice, bob], "round_robin", 3)
+        nc = await nats.connect(nats_server.url)
+        async with _hosts(nats_server.url, [alice, bob]):
+            for run_id in ("rn-0000000000c1", "rn-0000000000c2"):
+                runtime = NatsAgentRuntime(nc, run_namespace(CUSTOMER, run_id))
+                chat = build_team(spec, {m.agent_id: m for m in (alice, bob)}, runtime, run_id)
+                await runtime.start()
+                await join_members(nc, CUSTOMER, run_id, [alice.agent_id, bob.agent_id])
+                result = await chat.run(task="take turns")
+                assert [(m.source, m.to_text()) for m in result.messages] == [
+                    ("user", "take turns"),
+                    ("alice", "alice here"),
+                    ("bob", "bob 0"),  # each run's scripted bob starts from its first answer
+                ]
+                await runtime.stop()
+        await nc.close()
+    assert served == [2]  # both runs' calls on one connection
 
 
 async def test_the_manager_sleeps_until_the_member_it_asked_answers(nats_server: EmbeddedNats) -> None:
@@ -415,7 +486,7 @@ async def test_a_member_that_cannot_take_part_refuses_and_keeps_nothing_of_the_r
         made.append(client)
         return client
 
-    monkeypatch.setattr(teamhost, "create_model_client", recording)
+    monkeypatch.setattr(models, "create_model_client", recording)
     run_id = "rn-0000000000bb"
     nc = await nats.connect(nats_server.url)
     hosted = await nats.connect(nats_server.url, no_echo=True)
