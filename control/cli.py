@@ -91,9 +91,10 @@ def _where(url: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _nats(settings: Settings, embedded: NatsCredentials | None) -> AsyncIterator[NATS]:
+async def _nats(settings: Settings, embedded: NatsCredentials | None, *, up_login: bool = True) -> AsyncIterator[NATS]:
     """The platform's NATS as the control plane logs in to it, tried twice rather than retried for minutes; what
-    to check if it cannot be reached or JetStream does not answer there."""
+    to check if it cannot be reached or JetStream does not answer there. ``up_login``: the command takes the login
+    from the data dir of a `caravan up` (a refused one names CARAVAN_DATA_DIR as a way out)."""
     user, password = control_login(settings, embedded)
     failures: list[Exception] = []
 
@@ -117,9 +118,10 @@ async def _nats(settings: Settings, embedded: NatsCredentials | None) -> AsyncIt
         why = failures[-1] if failures else exc
         # (a login refused while connecting is a plain nats.errors.Error, "nats: 'Authorization Violation'")
         if isinstance(why, nats.errors.AuthorizationError) or "authorization violation" in str(why).lower():
+            or_data_dir = ", or CARAVAN_DATA_DIR to the data dir of the `caravan up` that runs it" if up_login else ""
             raise SystemExit(
-                f"caravan: NATS at {where} refused the login: set CARAVAN_NATS_USER and CARAVAN_NATS_PASSWORD, or "
-                "CARAVAN_DATA_DIR to the data dir of the `caravan up` that runs it"
+                f"caravan: NATS at {where} refused the login: set CARAVAN_NATS_USER and CARAVAN_NATS_PASSWORD"
+                + or_data_dir
             ) from None
         raise SystemExit(
             f"caravan: cannot reach NATS at {where} ({str(why) or type(why).__name__}): is it running "
@@ -478,10 +480,11 @@ async def _up(settings: Settings, nats_port: int) -> None:
 
 async def _serve_only(settings: Settings) -> None:
     _require_http_port(settings)
-    async with _nats(settings, None) as nc:  # NATS down or not NATS: say so, rather than retry with tracebacks
-        await nc.jetstream().account_info()
-    # The local scheduler runs agents under the data dir: one control plane at a time. Nomad runs them elsewhere.
+    # The local scheduler runs agents under the data dir: one control plane at a time (and the `caravan up` that
+    # holds it runs a NATS that would refuse this login: that one is said first). Nomad runs them elsewhere.
     with _data_dir(settings, hold=settings.scheduler == "local"):
+        async with _nats(settings, None, up_login=False) as nc:  # NATS down or not NATS: say so, not tracebacks
+            await nc.jetstream().account_info()
         async with ControlPlane(settings) as control:
             if control.bootstrap_admin_key is not None:
                 print(f"First start: one-time admin API key (store it now): {control.bootstrap_admin_key.api_key}")

@@ -243,6 +243,8 @@ async def test_a_login_nats_refuses_is_said_as_such(
         assert await run_cli(*argv) == 1
     err = capsys.readouterr().err
     assert f"NATS at {server.url} refused the login" in err and "cannot reach" not in err, err
+    # `caravan job` reads the login of the `caravan up` whose data dir it is given; `caravan serve` takes its own
+    assert ("CARAVAN_DATA_DIR" in err) == (argv[0] == "job"), err
 
 
 @pytest.fixture
@@ -282,13 +284,21 @@ async def test_serve_says_nomad_is_unreachable(
     assert stat.S_IMODE((tmp_path / "var").stat().st_mode) == 0o700  # the data dir it made: its own alone
 
 
+@pytest.mark.parametrize("users", [False, True], ids=["a NATS of its own", "the NATS of the caravan up"])
 async def test_serve_on_the_local_scheduler_refuses_the_data_dir_another_caravan_runs_on(
-    on_nats: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    users: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """The local scheduler runs agents under the data dir: a second control plane on it would run a second set."""
-    monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))
-    with _data_dir(Settings(data_dir=tmp_path), hold=True):  # as a `caravan up` on it holds it
-        assert await run_cli("serve") == 1
+    """The local scheduler runs agents under the data dir: a second control plane on it would run a second set.
+    Said first, also where the NATS is the one the `caravan up` holding the data dir runs, with users of its own
+    (this login would be refused: the data dir is the problem, not the login)."""
+    if users:
+        NatsAuth(tmp_path / "nats")
+    async with EmbeddedNats(tmp_path / "nats", auth=users) as server:
+        monkeypatch.setenv("NATS_URL", server.url)
+        monkeypatch.setenv("CARAVAN_DATA_DIR", str(tmp_path))
+        monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))
+        with _data_dir(Settings(data_dir=tmp_path), hold=True):  # as a `caravan up` on it holds it
+            assert await run_cli("serve") == 1
     said = capsys.readouterr().err
     assert f"data dir {tmp_path} is in use by another caravan (pid {os.getpid()})" in said, said
 
