@@ -386,9 +386,7 @@ def _banner(settings: Settings, nats_url: str, creds: dict[str, Any], model: str
         '      -d "{\\"api_key\\": \\"$CARAVAN_API_KEY\\"}" | python3 -c \'import json,sys; '
         'print(json.load(sys.stdin)["access_token"])\')',
         f'  curl -s {base}/v1/agents -H "Authorization: Bearer $TOKEN"',
-        f"  curl -s {base}/v1/tasks -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\",
-        f'      -d \'{{"agent_id": "{agent}", "task": "{creds.get("demo_task", "What is 6 times 7?")}"}}\'',
-        f'  curl -sN {base}/v1/tasks/<task id>/events -H "Authorization: Bearer $TOKEN"',
+        *_task_lines(base, {"agent_id": agent, "task": creds.get("demo_task", "What is 6 times 7?")}),
     ]
     if creds.get("demo_team_id"):
         lines += _team_lines(base, creds)
@@ -401,14 +399,21 @@ def _banner(settings: Settings, nats_url: str, creds: dict[str, Any], model: str
 def _team_lines(base: str, creds: dict[str, Any]) -> list[str]:
     """Start a task on the demo team and follow its events until it ends (the stream closes after the last)."""
     members = " and ".join(creds.get("demo_team_members") or {}) or "its members"
-    body = json.dumps({"team_id": creds["demo_team_id"], "task": creds.get("demo_team_task", DEMO_TEAM_TASK)})
+    body = {"team_id": creds["demo_team_id"], "task": creds.get("demo_team_task", DEMO_TEAM_TASK)}
     return [
         "",
         f"Run a task on its team ({members}, taking turns) and watch it to the end:",
-        f"  TASK=$(curl -s {base}/v1/tasks -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\",
-        f"      -d '{body}' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"id\"])')",
-        f'  curl -sN {base}/v1/tasks/$TASK/events -H "Authorization: Bearer $TOKEN"',
+        *_task_lines(base, body),
         f'  curl -s {base}/v1/tasks/$TASK -H "Authorization: Bearer $TOKEN"   # the transcript and the result',
+    ]
+
+
+def _task_lines(base: str, body: dict[str, str]) -> list[str]:
+    """Start a task (its id in $TASK) and follow its events until it ends (the stream closes after the last)."""
+    return [
+        f"  TASK=$(curl -s {base}/v1/tasks -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\",
+        f"      -d '{json.dumps(body)}' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"id\"])')",
+        f'  curl -sN {base}/v1/tasks/$TASK/events -H "Authorization: Bearer $TOKEN"',
     ]
 
 

@@ -353,13 +353,14 @@ async def test_killswitch_says_what_the_gateway_did_wrong(
 
 
 def _pasted(banner: str) -> str:
-    """What a user copies from the banner: the login, then the team's block (the agent's task line has a
-    `<task id>` to fill in)."""
+    """What a user copies from the banner: the login and the agent's task, then the team's task, each block as
+    it stands under its title, to the empty line that ends it."""
     lines = banner.splitlines()
-    login = lines.index(next(line for line in lines if line.startswith("  export CARAVAN_API_KEY=")))
-    team = lines.index(next(line for line in lines if line.startswith("Run a task on its team")))
-    block = lines[team + 1 :]
-    return "\n".join(lines[login : login + 3] + block[: block.index("")])
+    pasted: list[str] = []
+    for title in ("Log in as the demo customer", "Run a task on its team"):
+        block = lines[lines.index(next(line for line in lines if line.startswith(title))) + 1 :]
+        pasted += block[: block.index("")]
+    return "\n".join(pasted)
 
 
 async def _paste_into_a_shell(script: str) -> list[dict[str, Any]]:
@@ -385,7 +386,7 @@ def no_provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("no_provider_keys")
-async def test_the_demo_customer_gets_a_team_whose_task_the_banner_starts_and_follows(
+async def test_the_demo_customer_gets_a_team_and_the_banner_starts_and_follows_its_agents_task_and_its_teams(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
     settings = make_settings(nats_server.url, tmp_path / "data")
@@ -397,10 +398,17 @@ async def test_the_demo_customer_gets_a_team_whose_task_the_banner_starts_and_fo
         assert team.mode == "round_robin" and team.members == list(creds["demo_team_members"].values())
 
         events = await _paste_into_a_shell(_pasted(_banner(_served_at(settings, api), "nats://x", creds, "m")))
-        said = [(e["source"], e["content"]) for e in events if e["kind"] == "message"]
-        assert [source for source, _ in said] == ["user", "writer", "critic", "writer"]
-        assert said[0][1] == creds["demo_team_task"] and all(text for _, text in said)
-        assert events[-1]["kind"] == "status" and events[-1]["content"] == "completed"  # the stream ended there
+        tasks = list(dict.fromkeys(e["task_id"] for e in events))  # the agent's task, then the team's
+        assert len(tasks) == 2, tasks
+        for task_id, speakers, text in (
+            (tasks[0], ["user", "assistant"], creds["demo_task"]),
+            (tasks[1], ["user", "writer", "critic", "writer"], creds["demo_team_task"]),
+        ):
+            streamed = [e for e in events if e["task_id"] == task_id]
+            said = [(e["source"], e["content"]) for e in streamed if e["kind"] == "message"]
+            assert [source for source, _ in said] == speakers
+            assert said[0][1] == text and all(text for _, text in said)
+            assert streamed[-1]["kind"] == "status" and streamed[-1]["content"] == "completed"  # its stream's end
 
         again = await _demo_credentials(settings, control, _demo_model(settings))  # the next `caravan up`
         assert {k: again[k] for k in creds} == creds
