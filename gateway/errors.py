@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import email.message
 import logging
+import types
+import typing
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -79,11 +82,49 @@ async def refuse_websocket(websocket: WebSocket, response: JSONResponse) -> None
         denial_sent()  # (which uvicorn reports at ERROR as a handshake never completed)
 
 
-def _invalid(exc: RequestValidationError | WebSocketRequestValidationError) -> JSONResponse:
+def _invalid(
+    exc: RequestValidationError | WebSocketRequestValidationError, request: Request | None = None
+) -> JSONResponse:
     """A request FastAPI could not validate, refused as the control plane refuses input (``loc`` starts with where
-    in the request: the body, the query...; the field's path follows)."""
-    errors = [_located(e) for e in exc.errors()]
-    return caravan_error_response(invalid_input(errors))
+    in the request: the body, the query...; the field's path follows). A field the body's object does not take (a
+    typo, or a field of another request) is said with the fields it does take."""
+    errors = [_with_fields(e, request) for e in exc.errors()] if request is not None else exc.errors()
+    return caravan_error_response(invalid_input([_located(e) for e in errors]))
+
+
+def _with_fields(error: dict[str, Any], request: Request) -> dict[str, Any]:
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") != "extra_forbidden" or loc[:1] != ("body",):
+        return error
+    body = getattr(request.scope.get("route"), "body_field", None)
+    model: Any = body.field_info.annotation if body is not None else None
+    for part in loc[1:-1]:  # (the last is the field refused)
+        model = _inside(model, part)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return error
+    fields = ", ".join(sorted(field.alias or name for name, field in model.model_fields.items()))
+    return {**error, "msg": f"unknown field (this object takes {fields})"}
+
+
+def _inside(annotation: Any, part: str | int) -> Any:
+    """What a model's field or a list's item holds, where that is one type (``X | None`` is X); else None."""
+    if isinstance(part, str) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(part)
+        return _one(field.annotation) if field is not None else None
+    origin = typing.get_origin(annotation)
+    if isinstance(part, int) and isinstance(origin, type) and issubclass(origin, Sequence):
+        items = typing.get_args(annotation)
+        return _one(items[0]) if items else None
+    return None
+
+
+def _one(annotation: Any) -> Any:
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [each for each in typing.get_args(annotation) if each is not type(None)]
+        return _one(kinds[0]) if len(kinds) == 1 else None
+    return annotation
 
 
 def _not_json(request: Request, exc: RequestValidationError) -> JSONResponse | None:
@@ -186,7 +227,7 @@ def install_error_handlers(
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         if any(error.get("type") == "json_invalid" for error in exc.errors()):
             return await caller_first(request, _invalid(exc))
-        return _not_json(request, exc) or _invalid(exc)
+        return _not_json(request, exc) or _invalid(exc, request)
 
     @app.exception_handler(WebSocketRequestValidationError)
     async def _invalid_websocket(websocket: WebSocket, exc: WebSocketRequestValidationError) -> None:

@@ -731,6 +731,32 @@ async def test_a_query_parameter_the_route_does_not_take_is_422_naming_those_it_
     assert (await api.client.get("/dashboard", params={"v": "2"})).status_code == 200
 
 
+async def test_a_body_field_the_request_does_not_take_is_422_naming_those_it_takes(api: Api) -> None:
+    """``target`` for ``agent_id`` (every answer and listing of the killswitch names a flag's ``target``) was
+    refused as "Extra inputs are not permitted", naming none of the fields the request takes; so was a typo inside
+    an object of the body, and nothing is made of such a request."""
+    admin = await api.admin()
+    engage = {"scope": "agent", "target": "ag-000000000000", "reason": "drill"}
+    typo = await api.client.post("/v1/admin/killswitch", json=engage, headers=admin)
+    assert typo.status_code == 422, typo.text
+    assert typo.json()["error"]["details"] == [
+        {
+            "field": "target",
+            "message": "unknown field (this object takes agent_id, customer_id, engaged, hard, reason, scope, wait_ms)",
+            "type": "extra_forbidden",
+        }
+    ]
+    assert (await api.client.get("/v1/admin/killswitch", headers=admin)).json() == []
+    _, headers = await api.new_customer()
+    model = {"provider": "replay", "name": "scripted", "responzes": ["Hello!"]}
+    nested = await api.client.post("/v1/agents", json={"name": "a", "model": model}, headers=headers)
+    assert nested.status_code == 422, nested.text
+    [detail] = nested.json()["error"]["details"]
+    assert detail["field"] == "model.responzes" and "(this object takes " in detail["message"], detail
+    assert "responses" in detail["message"] and "provider" in detail["message"], detail
+    assert (await api.client.get("/v1/agents", headers=headers)).json() == []
+
+
 async def test_a_query_parameter_given_twice_is_422_rather_than_the_last_one_counting(api: Api) -> None:
     """Of ``?status=running&status=failed`` the last counted: a listing of failed tasks only, said nowhere. No
     route takes a list in its query, so a repeated parameter is refused, and what it would have made is not."""
