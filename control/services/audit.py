@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ import nats
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
-from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, Field
 
 from agent.protocol import utcnow
 from control.errors import CaravanError
@@ -48,7 +49,17 @@ def _in_utc(value: datetime) -> datetime:
         raise ValueError("must be a time between the years 1 and 9999 in UTC") from None
 
 
-AuditTime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+
+
+def _no_number(value: Any) -> Any:
+    """pydantic reads a number as Unix time, in seconds or milliseconds as its size suggests: a guess too."""
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value)):
+        raise ValueError("must be a time with a timezone (2024-01-01T00:00:00Z), not a number")
+    return value
+
+
+AuditTime = Annotated[AwareDatetime, BeforeValidator(_no_number), AfterValidator(_in_utc)]
 """A bound of an audit query: records are stamped in UTC, so a time without a zone would be a guess."""
 
 

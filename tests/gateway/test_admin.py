@@ -488,6 +488,12 @@ async def test_audit_times_without_a_timezone_are_422_and_with_one_are_answered(
         refused = await api.client.get("/v1/admin/audit", params={bound: beyond}, headers=admin)
         assert refused.status_code == 422, refused.text
         assert bound in refused.json()["error"]["message"] and "UTC" in refused.json()["error"]["message"]
+    # a number was read as Unix time, in seconds or in milliseconds as its size made pydantic guess (99999999999:
+    # 1973), where a time without a zone is refused as a guess
+    for number in ("0.5", "1700000000", "99999999999", "-1", "1e9", " 17 "):
+        refused = await api.client.get("/v1/admin/audit", params={bound: number}, headers=admin)
+        assert refused.status_code == 422, (number, refused.text)
+        assert f"{bound}: must be a time with a timezone" in refused.json()["error"]["message"], refused.text
 
 
 async def test_audit_since_a_time_long_before_any_record_finds_them_all(api: Api) -> None:
