@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from control.errors import CaravanError, StoreUnavailable, invalid_input
 from control.natsio import NATS_UNAVAILABLE
 from control.services.auth import redact_json, redact_keys, shown_prefix
-from gateway.jsonbody import DuplicateKey, NotUtf8
+from gateway.jsonbody import DuplicateKey, NotUtf8, NumberTooLong
 from gateway.wslog import denial_sent
 
 if TYPE_CHECKING:
@@ -156,9 +156,9 @@ def _is_json(content_type: str) -> bool:
 def _unreadable(exc: HTTPException) -> JSONResponse | None:
     """The answer to a JSON body FastAPI could not parse for a reason other than its syntax (its 400 "There was an
     error parsing the body", raised from what ``json.loads`` or :class:`gateway.jsonbody.StrictJsonRequest`
-    raised): 422 for bytes that are no UTF-8, arrays or objects nested deeper than the parser goes, or an object
-    naming a key twice; 415 for a charset other than UTF-8 (declared, or UTF-16/32 by its bytes). None for any
-    other error."""
+    raised): 422 for bytes that are no UTF-8, arrays or objects nested deeper than the parser goes, an object
+    naming a key twice, or an integer of more digits than Python reads; 415 for a charset other than UTF-8
+    (declared, or UTF-16/32 by its bytes). None for any other error."""
     cause = exc.__cause__
     if exc.status_code != 400:
         return None
@@ -174,7 +174,7 @@ def _unreadable(exc: HTTPException) -> JSONResponse | None:
         why = f"not UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
     elif isinstance(cause, RecursionError):
         why = "JSON nested too deeply"
-    elif isinstance(cause, DuplicateKey):
+    elif isinstance(cause, DuplicateKey | NumberTooLong):
         why = str(cause)
     else:
         return None

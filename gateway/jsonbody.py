@@ -13,13 +13,14 @@ import email.message
 import email.utils
 import json
 import re
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-__all__ = ["DuplicateKey", "NotUtf8", "StrictJsonRequest", "StrictJsonRoute", "loads"]
+__all__ = ["DuplicateKey", "NotUtf8", "NumberTooLong", "StrictJsonRequest", "StrictJsonRoute", "loads"]
 
 _SHOWN = 100  # characters of a key shown, and of a path's start and of its end
 _UTF8 = ("utf-8", "utf8")
@@ -47,6 +48,22 @@ class NotUtf8(ValueError):
         super().__init__(f"declared charset {charset!r}" if declared else f"a body in {charset}")
 
 
+class NumberTooLong(ValueError):
+    """A JSON integer of more digits than Python converts (``sys.get_int_max_str_digits()``, 4300 by default):
+    valid JSON, which ``json.loads`` refuses with a plain ``ValueError``."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+        super().__init__(f"a number of {digits} digits (at most {sys.get_int_max_str_digits()})")
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise NumberTooLong(len(text.lstrip("-"))) from None
+
+
 class _Duplicated(dict[str, Any]):
     """An object read with a key named twice (its last value kept), found again once the whole document is read."""
 
@@ -57,7 +74,7 @@ class _Duplicated(dict[str, Any]):
 
 def loads(body: bytes | str) -> Any:
     """``json.loads(body)`` (its errors unchanged), raising :class:`DuplicateKey` for the first object, in document
-    order, that names a key twice, at any depth."""
+    order, that names a key twice, at any depth, and :class:`NumberTooLong` for an integer Python will not read."""
     duplicated = False
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -73,7 +90,7 @@ def loads(body: bytes | str) -> Any:
             seen.add(key)
         raise AssertionError("unreachable: fewer keys than pairs")
 
-    value = json.loads(body, object_pairs_hook=pairs)
+    value = json.loads(body, object_pairs_hook=pairs, parse_int=_integer)
     if duplicated:
         _refuse_duplicates(value)
     return value

@@ -312,6 +312,7 @@ UNREADABLE = {
     "not-utf8": (b'{"name": "\xff\xfe"}', "not UTF-8 (byte 0xff at offset 10)"),
     "nested": (b"[" * 100_000, "JSON nested too deeply"),
     "duplicate-key": (b'{"name": "x", "name": "y"}', 'duplicate key "name" in the JSON object at body'),
+    "long-number": (b'{"name": "x", "replicas": -1' + b"0" * 4300 + b"}", "a number of 4301 digits (at most 4300)"),
 }
 
 
@@ -319,7 +320,8 @@ UNREADABLE = {
 async def test_a_body_that_is_not_json_is_answered_only_once_the_caller_is_known(api: Api, kind: str) -> None:
     """FastAPI reads a JSON body before a route's dependencies: a caller who is not allowed is told so (401, 403),
     not where the body broke, as for any other body; one who is gets a 422 saying where (bytes that are no UTF-8,
-    nesting too deep for the parser and a key named twice too, which FastAPI answers with a bare 400); the token
+    nesting too deep for the parser, a key named twice and an integer Python will not read too, which FastAPI
+    answers with a bare 400); the token
     exchange, which asks nobody, says where it broke. Nothing is made."""
     _, headers = await api.new_customer()
     customers = (await api.client.get("/v1/admin/customers", headers=await api.admin())).json()
