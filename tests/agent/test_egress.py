@@ -25,7 +25,7 @@ from agent.egress import (
 )
 from agent.models import create_model_client
 from agent.protocol import ModelConfig
-from tests.support.helpers import free_port
+from tests.support.helpers import chat_completion, free_port
 
 INTERNAL = [
     "http://127.0.0.1:11434/v1",
@@ -117,17 +117,7 @@ async def answering(status: bytes, body: bytes) -> AsyncIterator[int]:
 @pytest.fixture
 async def http_server() -> AsyncIterator[int]:
     """:func:`answering` every request with an OpenAI chat completion."""
-    answer = {
-        "id": "c1",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "m",
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "from loopback"}, "finish_reason": "stop"}
-        ],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
-    }
-    async with answering(b"200 OK", json.dumps(answer).encode()) as port:
+    async with answering(b"200 OK", chat_completion("from loopback")) as port:
         yield port
 
 

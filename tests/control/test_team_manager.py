@@ -48,7 +48,7 @@ from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
 from control.teams.models import SelectorSpec, Team, Termination
-from tests.support.helpers import FlushCounter, assert_eventually, join_members, now
+from tests.support.helpers import FlushCounter, assert_eventually, chat_completion, join_members, now
 
 CUSTOMER = "cu-0000000000aa"
 NAMES = ("alice", "bob")
@@ -95,21 +95,15 @@ async def _hosts(url: str, members: list[AgentDefinition]) -> AsyncIterator[None
 @contextlib.asynccontextmanager
 async def _chat_completions(answer: str) -> AsyncIterator[tuple[int, list[int]]]:
     """An OpenAI-compatible model server on loopback that answers every chat completion with ``answer`` and keeps
-    its connections open; its port, and how many requests each connection it accepted carried."""
-    body = json.dumps(
-        {
-            "id": "c1",
-            "object": "chat.completion",
-            "created": 0,
-            "model": ModelConfig(provider="local").name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
-        }
-    ).encode()
+    its connections open (closed as it stops); its port, and how many requests each connection it accepted
+    carried."""
+    body = chat_completion(answer, ModelConfig(provider="local").name)
     served: list[int] = []
+    writers: list[asyncio.StreamWriter] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         served.append(0)
+        writers.append(writer)
         connection = len(served) - 1
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
@@ -125,7 +119,11 @@ async def _chat_completions(answer: str) -> AsyncIterator[tuple[int, list[int]]]
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     async with server:
-        yield server.sockets[0].getsockname()[1], served
+        try:
+            yield server.sockets[0].getsockname()[1], served
+        finally:
+            for writer in writers:  # (a client's kept-alive connection would hold up the server's close)
+                writer.close()
 
 
 async def test_a_member_on_a_served_model_calls_it_with_one_client_run_after_run(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ __all__ = [
     "FlushCounter",
     "ManualClock",
     "assert_eventually",
+    "chat_completion",
     "free_port",
     "hold_first_call",
     "join_members",
@@ -107,6 +109,21 @@ def now(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
         return read()
 
     return probe
+
+
+def chat_completion(content: str, model: str = "m") -> bytes:
+    """An OpenAI chat completion answering ``content``, as a model server sends it (JSON)."""
+    message = {"role": "assistant", "content": content}
+    return json.dumps(
+        {
+            "id": "c1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        }
+    ).encode()
 
 
 def free_port() -> int:
