@@ -131,16 +131,18 @@ class ModelClients:
     (its HTTP client's TLS context) and, to a hosted provider, a new connection with its TLS handshake. The
     scripted model plays from its first answer in every conversation, so each gets a fresh one."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, local: LocalModelAccess | None = None) -> None:
+        """``local``: as :func:`create_model_client` takes it."""
         self._config = config
+        self._local = local
         self._shared: ChatCompletionClient | None = None
 
     def get(self) -> ChatCompletionClient:
         """The client for a new conversation; give it back with :meth:`release` when the conversation ends."""
         if self._config.provider == "replay":
-            return create_model_client(self._config)
+            return create_model_client(self._config, self._local)
         if self._shared is None:
-            self._shared = create_model_client(self._config)
+            self._shared = create_model_client(self._config, self._local)
         return self._shared
 
     async def release(self, client: ChatCompletionClient) -> None:

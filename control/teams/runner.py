@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,7 +30,6 @@ import nats.errors
 from autogen_agentchat.base import TaskResult
 from autogen_agentchat.messages import BaseChatMessage, HandoffMessage, TextMessage
 from autogen_core import CancellationToken
-from autogen_core.models import ChatCompletionClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError
@@ -37,7 +37,6 @@ from nats.js.errors import KeyNotFoundError
 from agent.aio import cancel_and_wait, keep_in_progress
 from agent.backends.base import Flag
 from agent.egress import error_text, failure_text
-from agent.models import LocalModelAccess, create_model_client
 from agent.protocol import REPLAYED, TASK_ATTEMPTS, TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
 from agent.runtime import NatsAgentRuntime
 from agent.teamprotocol import (
@@ -64,6 +63,7 @@ from control.store import Repo
 from control.teams.build import build_team, restore_termination
 from control.teams.checkpoints import Record, TurnCheckpoints
 from control.teams.models import USER, Checkpoint, Team
+from control.teams.selectors import SelectorClients
 from control.teams.service import TeamService
 
 __all__ = ["RunnerConfig", "TeamRunner"]
@@ -138,6 +138,9 @@ class TeamRunner:
         self._subs: list[Any] = []
         self._storing: dict[str, Storing] = {}  # per task: its events published without waiting
         self._wire = Wire.of(jet.nc)
+        # the selector's model is called from here: on `local`, at the platform's local model (its proxy queues
+        # the calls under the team)
+        self._selectors = SelectorClients(self.config.local_model_url)
         self._started = False
         self._stopping = False
 
@@ -186,6 +189,7 @@ class TeamRunner:
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        await self._selectors.close()
 
     @property
     def running(self) -> int:
@@ -304,14 +308,19 @@ class TeamRunner:
         by_name = {d.name: agent_id for agent_id, d in members.items()}
         run_id = new_id("rn")
         runtime = NatsAgentRuntime(self._jet.nc, run_namespace(task.customer_id, run_id))
-        selector = self._selector_client(team)
+        selector = self._selectors.get(team)
         if selector is not None and checkpoint.selector_position is not None and hasattr(selector, "seek"):
             selector.seek(checkpoint.selector_position)
         record = self._recorder(task, attempt, by_name)
         turns = TurnCheckpoints(
             self._checkpoints, task_key(task.customer_id, task.id), checkpoint, list(by_name), record, selector
         )
-        chat = build_team(team, members, runtime, run_id, selector, on_turn=turns.on_turn)
+        try:
+            chat = build_team(team, members, runtime, run_id, selector, on_turn=turns.on_turn)
+        except BaseException:  # AgentChat refused the team: the run ends here, not in the `finally` below
+            if selector is not None:
+                await self._selectors.release(team, selector)
+            raise
         presence = _Presence(self.config, set(team.members), active)
         beats: list[asyncio.Task[None]] = []
         alive_sub = await self._jet.nc.subscribe(f"{runtime.namespace}.x.alive", cb=presence.on_beat)
@@ -376,7 +385,7 @@ class TeamRunner:
                 lambda: self._wire.unsubscribe(state_sub),
             ]
             if selector is not None:
-                ending.append(selector.close)
+                ending.append(functools.partial(self._selectors.release, team, selector))
             for step in ending:  # each on its own: one that fails must not leave the others undone
                 with contextlib.suppress(Exception):
                     await step()
@@ -549,14 +558,6 @@ class TeamRunner:
         while True:
             await self._jet.nc.publish(f"{namespace}.x.alive", b"manager")
             await asyncio.sleep(self.config.heartbeat_s)
-
-    def _selector_client(self, team: Team) -> ChatCompletionClient | None:
-        """The team's selector model, called from here: on `local`, at the platform's local model (the proxy
-        queues its calls under the team)."""
-        if team.selector is None:
-            return None
-        local = LocalModelAccess(self.config.local_model_url, caller=f"selector-{team.id}")
-        return create_model_client(team.selector.model, local)
 
     def _recorder(self, task: Task, attempt: int, by_name: dict[str, str]) -> Record:
         """The transcript entries of messages, as :meth:`_stream` publishes them but chunks (a checkpoint's

@@ -48,7 +48,7 @@ from agent.wire import Wire
 from control.natsserver import EmbeddedNats
 from control.teams.build import build_team
 from control.teams.models import SelectorSpec, Team, Termination
-from tests.support.helpers import FlushCounter, assert_eventually, chat_completion, join_members, now
+from tests.support.helpers import FlushCounter, assert_eventually, chat_completions_server, join_members, now
 
 CUSTOMER = "cu-0000000000aa"
 NAMES = ("alice", "bob")
@@ -92,47 +92,13 @@ async def _hosts(url: str, members: list[AgentDefinition]) -> AsyncIterator[None
         yield
 
 
-@contextlib.asynccontextmanager
-async def _chat_completions(answer: str) -> AsyncIterator[tuple[int, list[int]]]:
-    """An OpenAI-compatible model server on loopback that answers every chat completion with ``answer`` and keeps
-    its connections open (closed as it stops); its port, and how many requests each connection it accepted
-    carried."""
-    body = chat_completion(answer, ModelConfig(provider="local").name)
-    served: list[int] = []
-    writers: list[asyncio.StreamWriter] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        served.append(0)
-        writers.append(writer)
-        connection = len(served) - 1
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.lower().split(b"\r\n")
-                length = next((int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")), 0)
-                await reader.readexactly(length)
-                served[connection] += 1
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
-                writer.write(b"content-length: %d\r\n\r\n%s" % (len(body), body))
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    async with server:
-        try:
-            yield server.sockets[0].getsockname()[1], served
-        finally:
-            for writer in writers:  # (a client's kept-alive connection would hold up the server's close)
-                writer.close()
-
-
 async def test_a_member_on_a_served_model_calls_it_with_one_client_run_after_run(
     nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A member's model client is its agent's, not a run's: the next run calls the model on the connection the last
     one used (to a hosted provider: no new connection and TLS handshake, nor ~20 ms making a client, per run), and
     a run's end does not close it. A scripted model still gets a client of its own per run (it starts afresh)."""
-    async with _chat_completions("alice here") as (port, served):
+    async with chat_completions_server("alice here") as (port, served):
         monkeypatch.setenv(LOCAL_MODEL_URL_ENV, f"http://127.0.0.1:{port}/v1")
         alice = AgentDefinition(
             agent_id="ag-00000000000a",
@@ -470,8 +436,8 @@ async def test_a_member_that_cannot_take_part_refuses_and_keeps_nothing_of_the_r
     made: list[Any] = []
     closed: list[Any] = []
 
-    def recording(config: ModelConfig) -> Any:  # alice's model clients
-        client = create_model_client(config)
+    def recording(config: ModelConfig, local: Any = None) -> Any:  # alice's model clients
+        client = create_model_client(config, local)
         if config != alice.model:
             return client
         close = client.close

@@ -25,7 +25,7 @@ from tests.control.test_localmodel_proxy import FakeServer
 from tests.gateway.teams_support import agents, script, start, task_status, team
 from tests.gateway.test_agents_api import wait_status
 from tests.gateway.test_tasks_api import finished, start_task
-from tests.support.helpers import sse_events
+from tests.support.helpers import chat_completions_server, sse_events
 
 
 async def _api_with_model(nats_server: EmbeddedNats, tmp_path: Path, model_url: str) -> AsyncIterator[Api]:
@@ -182,6 +182,36 @@ async def test_a_selector_on_the_local_model_picks_speakers_under_caravan_up(
     speakers = [m["source"] for m in task["messages"]]
     assert speakers[0] == "user" and len(speakers) == 3 and set(speakers[1:]) <= {"writer", "critic"}
     assert callers and set(callers) == {f"selector-{created['id']}"}  # the members are scripted: only it asks
+
+
+async def test_a_selector_teams_runs_call_its_model_on_one_connection(
+    nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control plane keeps a selector's model client for the team's next run: no ~20 ms of its event loop
+    making a client, nor (to a hosted provider) a new connection with its TLS handshake, per task."""
+    monkeypatch.delenv("CARAVAN_LOCAL_MODEL_URL", raising=False)
+    async with chat_completions_server("writer") as (port, served):
+        async for api in _api_with_model(nats_server, tmp_path, f"http://127.0.0.1:{port}/v1"):
+            _, headers = await api.new_customer()
+            members = await agents(
+                api,
+                headers,
+                {"writer": {"model": script("A line.", "Another line.")}, "critic": {"model": script("Good.")}},
+            )
+            selector = {"model": {"provider": "local"}, "allow_repeated_speaker": True}
+            created = await team(
+                api,
+                headers,
+                members=[m["id"] for m in members.values()],
+                mode="selector",
+                selector=selector,
+                termination={"max_messages": 3},
+            )
+            for _ in range(2):
+                task = await task_status(api, headers, await start(api, headers, created["id"], "Write a line."))
+                assert task["status"] == "completed", (task["status_reason"], task["messages"])
+                assert [m["source"] for m in task["messages"]] == ["user", "writer", "writer"]  # as it chose
+    assert served == [4]  # two choices a run, all four on one connection
 
 
 @pytest.mark.parametrize("stream", [False, True])

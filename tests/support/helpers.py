@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 from nats.js.kv import KeyValue
 
-from agent.protocol import EVENTS_STREAM, Event, task_events_subject
+from agent.protocol import EVENTS_STREAM, LOCAL_MODEL_DEFAULT, Event, task_events_subject
 from agent.teamprotocol import MemberJoin, join_subject
 from agent.wire import Wire
 
@@ -124,6 +124,40 @@ def chat_completion(content: str, model: str = "m") -> bytes:
             "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
         }
     ).encode()
+
+
+@contextlib.asynccontextmanager
+async def chat_completions_server(answer: str) -> AsyncIterator[tuple[int, list[int]]]:
+    """An OpenAI-compatible model server on loopback that answers every chat completion with ``answer`` (as the
+    model ``provider: local`` names) and keeps its connections open (closed as it stops); its port, and how many
+    requests each connection it accepted carried."""
+    body = chat_completion(answer, LOCAL_MODEL_DEFAULT)
+    served: list[int] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.append(0)
+        writers.append(writer)
+        connection = len(served) - 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.lower().split(b"\r\n")
+                length = next((int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")), 0)
+                await reader.readexactly(length)
+                served[connection] += 1
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
+                writer.write(b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        try:
+            yield server.sockets[0].getsockname()[1], served
+        finally:
+            for writer in writers:  # (a client's kept-alive connection would hold up the server's close)
+                writer.close()
 
 
 def free_port() -> int:
