@@ -147,6 +147,23 @@ async def test_the_demo_team_answers_with_the_local_model(local_api: Api, monkey
     assert task["usage"]["completion_tokens"] > 0
 
 
+async def _selector_team(api: Api, headers: dict[str, str], model: dict[str, Any]) -> dict[str, Any]:
+    """A writer and a critic on scripted models, of three messages, whose next speaker ``model`` picks."""
+    members = await agents(
+        api,
+        headers,
+        {"writer": {"model": script("A line.", "Another line.")}, "critic": {"model": script("Good.", "Better.")}},
+    )
+    return await team(
+        api,
+        headers,
+        members=[m["id"] for m in members.values()],
+        mode="selector",
+        selector={"model": model, "allow_repeated_speaker": True},
+        termination={"max_messages": 3},
+    )
+
+
 async def test_a_selector_on_the_local_model_picks_speakers_under_caravan_up(
     local_api: Api, local_model: LocalModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -163,20 +180,7 @@ async def test_a_selector_on_the_local_model_picks_speakers_under_caravan_up(
 
     monkeypatch.setattr(local_model.proxy, "_turn", counted)  # the proxy's queue: whom it served
     _, headers = await local_api.new_customer()
-    members = await agents(
-        local_api,
-        headers,
-        {"writer": {"model": script("A line.", "Another line.")}, "critic": {"model": script("Good.", "Better.")}},
-    )
-    selector = {"model": {"provider": "local", "temperature": 0, "max_tokens": 16}, "allow_repeated_speaker": True}
-    created = await team(
-        local_api,
-        headers,
-        members=[m["id"] for m in members.values()],
-        mode="selector",
-        selector=selector,
-        termination={"max_messages": 3},
-    )
+    created = await _selector_team(local_api, headers, {"provider": "local", "temperature": 0, "max_tokens": 16})
     task = await task_status(local_api, headers, await start(local_api, headers, created["id"], "Write a line."))
     assert task["status"] == "completed", (task["status_reason"], task["messages"])
     speakers = [m["source"] for m in task["messages"]]
@@ -193,20 +197,7 @@ async def test_a_selector_teams_runs_call_its_model_on_one_connection(
     async with chat_completions_server("writer") as (port, served):
         async for api in _api_with_model(nats_server, tmp_path, f"http://127.0.0.1:{port}/v1"):
             _, headers = await api.new_customer()
-            members = await agents(
-                api,
-                headers,
-                {"writer": {"model": script("A line.", "Another line.")}, "critic": {"model": script("Good.")}},
-            )
-            selector = {"model": {"provider": "local"}, "allow_repeated_speaker": True}
-            created = await team(
-                api,
-                headers,
-                members=[m["id"] for m in members.values()],
-                mode="selector",
-                selector=selector,
-                termination={"max_messages": 3},
-            )
+            created = await _selector_team(api, headers, {"provider": "local"})
             for _ in range(2):
                 task = await task_status(api, headers, await start(api, headers, created["id"], "Write a line."))
                 assert task["status"] == "completed", (task["status_reason"], task["messages"])
