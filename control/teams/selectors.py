@@ -52,10 +52,12 @@ class SelectorClients:
         assert team.selector is not None
         entry = self._entries[(team.id, team.selector.model.model_dump_json())]
         entry.runs -= 1
-        await entry.clients.release(client)
         idle = [key for key, e in self._entries.items() if e.runs == 0]
-        for key in idle[: max(0, len(self._entries) - self._keep)]:
-            await self._entries.pop(key).clients.close()
+        # taken out before any wait: a run starting meanwhile must not get a client being closed
+        closing = [self._entries.pop(key) for key in idle[: max(0, len(self._entries) - self._keep)]]
+        await entry.clients.release(client)
+        for gone in closing:
+            await gone.clients.close()
 
     async def close(self) -> None:
         """After the runs."""
