@@ -25,7 +25,7 @@ from starlette.routing import Route
 from agent.models import create_model_client
 from agent.protocol import ModelConfig
 from control.localmodel import FairQueue, ModelProxy, QueueFull, QueueTimeout, repair_request
-from tests.support.helpers import assert_eventually, now, serve_app
+from tests.support.helpers import assert_eventually, chat_completion, now, serve_app
 
 
 @dataclass
@@ -45,17 +45,7 @@ class FakeServer:
         await self.gate.wait()
         if body.get("stream"):
             return StreamingResponse(self._tokens(), media_type="text/event-stream")
-        answer = {"role": "assistant", "content": "ok"}
-        return JSONResponse(
-            {
-                "id": "c1",
-                "object": "chat.completion",
-                "created": 1,
-                "model": "fake",
-                "choices": [{"index": 0, "message": answer, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-            }
-        )
+        return Response(chat_completion("ok", "fake"), media_type="application/json")
 
     @staticmethod
     async def _tokens() -> AsyncIterator[str]:
