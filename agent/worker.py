@@ -21,6 +21,7 @@ import nats
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.base import TaskResult
 from autogen_core import CancellationToken
+from autogen_core.models import ChatCompletionClient
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -481,8 +482,9 @@ class _TaskRun:
             await self._stopped()
             return
         await self.status("running")
-        model_client = self.worker.models.get()
+        model_client: ChatCompletionClient | None = None
         try:
+            model_client = self.worker.models.get()
             agent = AssistantAgent(
                 name=self.definition.name,
                 model_client=model_client,
@@ -514,7 +516,8 @@ class _TaskRun:
             await self.status("failed", reason)
             return
         finally:
-            await self.worker.models.release(model_client)
+            if model_client is not None:
+                await self.worker.models.release(model_client)
         final = final_text(result)
         await self.emit(EventKind.RESULT, content=final, data={"stop_reason": result.stop_reason if result else None})
         await self.status("completed")

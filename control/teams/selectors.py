@@ -37,7 +37,7 @@ class SelectorClients:
         Raises :class:`~agent.models.MissingCredentials` as making the client does."""
         if team.selector is None:
             return None
-        key = (team.id, team.selector.model.model_dump_json())  # a changed model gets a client of its own
+        key = _key(team)
         entry = self._entries.pop(key, None)
         if entry is None:
             local = LocalModelAccess(self._local_model_url, caller=f"selector-{team.id}")
@@ -49,8 +49,7 @@ class SelectorClients:
 
     async def release(self, team: Team, client: ChatCompletionClient) -> None:
         """The run ended: a scripted client is closed; a shared one stays, unless too many teams' are idle."""
-        assert team.selector is not None
-        entry = self._entries[(team.id, team.selector.model.model_dump_json())]
+        entry = self._entries[_key(team)]
         entry.runs -= 1
         idle = [key for key, e in self._entries.items() if e.runs == 0]
         # taken out before any wait: a run starting meanwhile must not get a client being closed
@@ -63,3 +62,9 @@ class SelectorClients:
         """After the runs."""
         while self._entries:
             await self._entries.popitem(last=False)[1].clients.close()
+
+
+def _key(team: Team) -> tuple[str, str]:
+    """A selector team's clients are its own, and a changed model gets a client of its own."""
+    assert team.selector is not None
+    return team.id, team.selector.model.model_dump_json()
