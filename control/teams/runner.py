@@ -31,6 +31,7 @@ from autogen_agentchat.base import TaskResult
 from autogen_agentchat.messages import BaseChatMessage, HandoffMessage, TextMessage
 from autogen_core import CancellationToken
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 
@@ -315,19 +316,17 @@ class TeamRunner:
         turns = TurnCheckpoints(
             self._checkpoints, task_key(task.customer_id, task.id), checkpoint, list(by_name), record, selector
         )
-        try:
-            chat = build_team(team, members, runtime, run_id, selector, on_turn=turns.on_turn)
-        except BaseException:  # AgentChat refused the team: the run ends here, not in the `finally` below
-            if selector is not None:
-                await self._selectors.release(team, selector)
-            raise
         presence = _Presence(self.config, set(team.members), active)
         beats: list[asyncio.Task[None]] = []
-        alive_sub = await self._jet.nc.subscribe(f"{runtime.namespace}.x.alive", cb=presence.on_beat)
-        # a member's state comes with its answer: read in the read loop, as answers are
-        state_sub = await self._wire.subscribe(f"{runtime.namespace}.x.state", turns.on_state)
-        await runtime.start()
-        try:
+        alive_sub: Subscription | None = None
+        state_sub: Subscription | None = None
+        try:  # from here on, the `finally` undoes what was done, however far it got (AgentChat refusing the team,
+            # the connection failing while subscribing)
+            chat = build_team(team, members, runtime, run_id, selector, on_turn=turns.on_turn)
+            alive_sub = await self._jet.nc.subscribe(f"{runtime.namespace}.x.alive", cb=presence.on_beat)
+            # a member's state comes with its answer: read in the read loop, as answers are
+            state_sub = await self._wire.subscribe(f"{runtime.namespace}.x.state", turns.on_state)
+            await runtime.start()
             beats.append(asyncio.create_task(self._beat(runtime.namespace)))
             try:
                 joined = await self._join(task, attempt, team, members, run_id, active)
@@ -381,9 +380,11 @@ class TeamRunner:
                 turns.close,
                 runtime.cancel_all,
                 lambda: self._jet.nc.publish(end, b""),
-                alive_sub.unsubscribe,
-                lambda: self._wire.unsubscribe(state_sub),
             ]
+            if alive_sub is not None:
+                ending.append(alive_sub.unsubscribe)
+            if state_sub is not None:
+                ending.append(functools.partial(self._wire.unsubscribe, state_sub))
             if selector is not None:
                 ending.append(functools.partial(self._selectors.release, team, selector))
             for step in ending:  # each on its own: one that fails must not leave the others undone

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats.errors
 import pytest
 
+from agent.runtime import NatsAgentRuntime
 from control.cli import _demo_credentials, _demo_model
 from control.localmodel import FairQueue, LocalModel, ModelProxy
 from control.natsserver import EmbeddedNats
@@ -203,6 +205,38 @@ async def test_a_selector_teams_runs_call_its_model_on_one_connection(
                 assert task["status"] == "completed", (task["status_reason"], task["messages"])
                 assert [m["source"] for m in task["messages"]] == ["user", "writer", "writer"]  # as it chose
     assert served == [4]  # two choices a run, all four on one connection
+
+
+async def test_a_team_run_that_fails_to_start_undoes_what_it_did(
+    nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose agent runtime fails as it starts (the connection lost as it subscribes) fails the task with the
+    reason and leaves nothing behind on the control plane: no subscription of the run on its connection, its
+    selector's client no longer counted in use (an idle one is closed once many teams' are kept). The next run
+    goes on as usual."""
+    monkeypatch.delenv("CARAVAN_LOCAL_MODEL_URL", raising=False)
+    start_runtime = NatsAgentRuntime.start
+    failures = [nats.errors.ConnectionClosedError()]
+
+    async def starting(runtime: NatsAgentRuntime) -> None:
+        await start_runtime(runtime)  # subscribed, then lost
+        if failures:
+            raise failures.pop()
+
+    monkeypatch.setattr(NatsAgentRuntime, "start", starting)
+    async with chat_completions_server("writer") as (port, _):
+        settings = make_settings(nats_server.url, tmp_path / "data", local_model_url=f"http://127.0.0.1:{port}/v1")
+        async with ControlPlane(settings) as control, serve_api(control) as api:
+            _, headers = await api.new_customer()
+            created = await _selector_team(api, headers, {"provider": "local"})
+            for status in ("failed", "completed"):
+                task = await task_status(api, headers, await start(api, headers, created["id"], "Write a line."))
+                assert task["status"] == status, (task["status_reason"], task["messages"])
+                if status == "failed":
+                    assert "ConnectionClosedError" in task["status_reason"]
+                subjects = [sub.subject for sub in control.jet.nc._subs.values()]
+                assert not [s for s in subjects if s.startswith("caravan.rt.")], subjects
+                assert [e.runs for e in control.team_runner._selectors._entries.values()] == [0]
 
 
 @pytest.mark.parametrize("stream", [False, True])
