@@ -18,6 +18,7 @@ from agent.protocol import BROADCAST_SUBJECT, utcnow
 from agent.wire import Wire
 from control.backends import create_flags, create_registry, create_scheduler
 from control.backends.base import Registry, Scheduler
+from control.eventids import EventIds
 from control.models import Agent, ApiKey, Customer, Role, Task
 from control.natsauth import NatsAuth, NatsCredentials
 from control.natsio import NATS_UNAVAILABLE, Jet, connect
@@ -81,6 +82,7 @@ class ControlPlane:
         self._agents: AgentService | None = None
         self._tasks: TaskService | None = None
         self._auth: AuthService | None = None
+        self._event_ids: EventIds | None = None
         self._teams: TeamService | None = None
         self._team_runner: TeamRunner | None = None
         self._started = False
@@ -167,6 +169,13 @@ class ControlPlane:
         return self._team_runner
 
     @property
+    def event_ids(self) -> EventIds:
+        """The ids a task's events go by on the API (:mod:`control.eventids`)."""
+        if self._event_ids is None:
+            raise RuntimeError("control plane is not started")
+        return self._event_ids
+
+    @property
     def auth(self) -> AuthService:
         if self._auth is None:
             raise RuntimeError("control plane is not started")
@@ -218,6 +227,7 @@ class ControlPlane:
             self.settings.jwt_ttl_seconds,
         )
         await self._auth.load_secret(self.settings.jwt_secret)
+        self._event_ids = EventIds(self._auth.derived_key("event ids"))
         if self.settings.admin_key:
             await self._auth.issue_key(Role.ADMIN, None, api_key=self.settings.admin_key)
         elif not await self._auth.has_admin():

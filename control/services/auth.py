@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import re
 import secrets
 import time
@@ -151,6 +152,13 @@ class AuthService:
         entry = await self._system.get("jwt_secret")
         assert entry.value is not None
         self._secret = entry.value.decode()
+
+    def derived_key(self, purpose: str) -> bytes:
+        """A key of 32 bytes for ``purpose``, derived from the secret (HMAC-SHA256 over the purpose's name): the
+        same on every replica, and no other purpose's nor the tokens' own."""
+        if not self._secret:
+            raise RuntimeError("the secret is not loaded")
+        return hmac.new(self._secret.encode(), f"caravan {purpose}".encode(), hashlib.sha256).digest()
 
     async def issue_key(self, role: Role, customer_id: str | None, api_key: str | None = None) -> IssuedKey:
         """A new key, or (``api_key``, a key chosen outside) that key, stored once: issued again it keeps its

@@ -1,7 +1,8 @@
 """Tasks: dispatch to an agent's work queue, the record folded from the task's events, and its event stream.
 
-Every event of a task lives in the ``CARAVAN_EVENTS`` stream; the stream sequence is the event's ID,
-so a client resumes after the last ID it saw with no gap and no duplicate.
+Every event of a task lives in the ``CARAVAN_EVENTS`` stream; the stream sequence is the event's ID here (the
+API shows it enciphered: :mod:`control.eventids`), so a client resumes after the last ID it saw with no gap and
+no duplicate.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from fastapi.responses import Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from agent.protocol import ID_PATTERN
+from control import eventids
 from control.errors import CaravanError, Invalid
-from control.ids import is_digits
 from control.models import Task, TaskCreate, TaskStatus
 from control.platform import ControlPlane
 from control.services.tasks import StreamedEvent
@@ -35,8 +35,6 @@ from gateway.streams import HeldStream
 
 router = api_router("/v1/tasks", "tasks")
 
-MAX_EVENT_ID = 2**63 - 1  # JetStream's sequences are signed 64-bit: a resume point past it is refused as input
-
 
 def _public(task: Task) -> TaskPublic:
     return TaskPublic.of(task)
@@ -47,18 +45,19 @@ def _task_record(control: ControlPlane, task_id: str) -> Callable[[], Awaitable[
     return lambda: control.tasks.get(None, task_id, transcript=False)
 
 
-def _resume_point(last_event_id: str | None, after: int | None) -> int:
-    if after is not None:
-        return after
-    if last_event_id is None or last_event_id == "":
+def _resume_point(control: ControlPlane, task: Task, event_id: str | None, given_as: str) -> int:
+    """The stream sequence after which ``task``'s events resume: that of the event ``event_id`` names (0, from
+    the start, when none is given)."""
+    if not event_id:
         return 0
-    if not is_digits(last_event_id) or len(last_event_id) > 19 or int(last_event_id) > MAX_EVENT_ID:  # as ?after=
-        raise Invalid("Last-Event-ID must be an event id from this stream")
-    return int(last_event_id)
+    sequence = control.event_ids.decode(task.id, event_id)
+    if sequence is None:
+        raise Invalid(f"{given_as} must be the id of an event of this task, as its stream gave it")
+    return sequence
 
 
-def _wire(item: StreamedEvent) -> dict[str, object]:
-    return {"id": item.id, **item.event.model_dump(mode="json")}
+def _wire(control: ControlPlane, task: Task, item: StreamedEvent) -> dict[str, object]:
+    return {"id": control.event_ids.encode(task.id, item.id), **item.event.model_dump(mode="json")}
 
 
 @router.post("", response_model=TaskPublic, status_code=status.HTTP_202_ACCEPTED)
@@ -140,14 +139,17 @@ async def task_events(
     control: ControlDep,
     principal: PrincipalDep,
     streams: StreamsDep,
-    last_event_id: Annotated[str | None, Header(max_length=32)] = None,
-    after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="Resume after this event id.")] = None,
+    last_event_id: Annotated[str | None, Header(max_length=eventids.ID_LENGTH)] = None,
+    after: Annotated[str | None, Query(pattern=eventids.ID_PATTERN, description="Resume after this event id.")] = None,
 ) -> Response:
     """Server-sent events of the task from the start, or after `Last-Event-ID`; ends after the final status. A 204
     for a task that ended with nothing after the resume point: an `EventSource`, which reconnects whenever a stream
     closes, stops there. A 429 (`too_many_streams`) for a customer who holds their limit of open streams already."""
     task = await control.tasks.get(owner_scope(principal), task_id, transcript=False)  # the events carry the rest
-    start = _resume_point(last_event_id, after)
+    if after:
+        start = _resume_point(control, task, after, "?after=")
+    else:
+        start = _resume_point(control, task, last_event_id, "Last-Event-ID")
     if await control.tasks.ended_before(task, start):
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -157,7 +159,8 @@ async def task_events(
             if item is None:
                 yield b": keep-alive\n\n"
                 continue
-            yield f"id: {item.id}\nevent: {item.event.kind}\ndata: {json.dumps(_wire(item))}\n\n".encode()
+            wire = _wire(control, task, item)
+            yield f"id: {wire['id']}\nevent: {item.event.kind}\ndata: {json.dumps(wire)}\n\n".encode()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     if answering_head(request):  # a HEAD's ends with its headers: nothing to watch, nothing counted
@@ -172,7 +175,7 @@ async def task_ws(
     control: ControlDep,
     streams: StreamsDep,
     token: Annotated[str | None, Query(max_length=4096)] = None,
-    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
+    after: Annotated[str | None, Query(pattern=eventids.ID_PATTERN, description="Resume after this event id.")] = None,
 ) -> None:
     """The same events as JSON frames. Authenticate with `Authorization: Bearer` or `?token=`; resume with `?after=`.
     Counted with the SSE streams against the customer's limit: past it, the handshake is refused with 429."""
@@ -184,7 +187,8 @@ async def task_ws(
         if (refused := refused_query(websocket)) is not None:
             raise refused
         task = await control.tasks.get(owner_scope(principal), task_id, transcript=False)
-        ended = await control.tasks.ended_before(task, after)  # a client that saw the whole stream: nothing more
+        start = _resume_point(control, task, after, "?after=")
+        ended = await control.tasks.ended_before(task, start)  # a client that saw the whole stream: nothing more
         slot = None if ended else streams.hold(principal)
     except CaravanError as exc:
         await refuse_websocket(websocket, caravan_error_response(exc))
@@ -197,8 +201,8 @@ async def task_ws(
         await websocket.accept()
         async with asyncio.TaskGroup() as group:
             watching = group.create_task(_until_gone(websocket))
-            async for item in control.tasks.events(task, after):
-                await websocket.send_json({"type": "keep-alive"} if item is None else _wire(item))
+            async for item in control.tasks.events(task, start):
+                await websocket.send_json({"type": "keep-alive"} if item is None else _wire(control, task, item))
             watching.cancel()
             await websocket.close(code=1000)
     except* WebSocketDisconnect:

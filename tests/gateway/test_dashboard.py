@@ -19,6 +19,7 @@ from gateway.app import create_app
 from gateway.dashboard import CONTENT_SECURITY_POLICY, STATIC_DIR
 from tests.conftest import Api, make_settings
 from tests.gateway.test_agents_api import REPLAY, created_running
+from tests.support.helpers import sse_events
 
 SCRIPTS = sorted(STATIC_DIR.glob("*.js"))
 CALL = re.compile(r"""\bapi\(\s*"(GET|POST|PUT|PATCH|DELETE)"\s*,\s*(["`])(/[^"`]*)\2""")
@@ -313,7 +314,7 @@ globalThis.fetch = async (path, init) => {
           return controller.close();
         }
         seen += decoder.decode(value, { stream: true });
-        const first = seen.match(/^[^]*?\\nid: \\d+\\n[^]*?\\n\\n/);
+        const first = seen.match(/^[^]*?\\nid: [0-9a-f]+\\n[^]*?\\n\\n/);
         if (first) {
           controller.enqueue(new TextEncoder().encode(first[0]));
           await reader.cancel();
@@ -335,7 +336,8 @@ const how = await followTask(task.id, {
   signal: new AbortController().signal,
 });
 const session = currentSession();
-console.log(JSON.stringify({ how, events, states, requests, stored: [...store.values()], role: session.role }));
+const stored = [...store.values()];
+console.log(JSON.stringify({ task: task.id, how, events, states, requests, stored, role: session.role }));
 """
 
 
@@ -347,7 +349,8 @@ async def test_the_dashboards_client_signs_in_and_follows_a_task_to_its_end_acro
     bearer token, a stream broken after its first event resumed with Last-Event-ID, no event twice, the end seen."""
     created = await api.client.post("/v1/admin/customers", json={"name": "watcher"}, headers=await api.admin())
     key = created.json()["api_key"]
-    agent = await created_running(api, await api.token(key), model={**REPLAY, "responses": ["42"]})
+    headers = await api.token(key)
+    agent = await created_running(api, headers, model={**REPLAY, "responses": ["42"]})
     script = tmp_path / "follow.mjs"
     script.write_text(FOLLOW.replace("STATIC", STATIC_DIR.as_uri()))
     ran = await asyncio.to_thread(
@@ -361,11 +364,12 @@ async def test_the_dashboards_client_signs_in_and_follows_a_task_to_its_end_acro
     statuses = [e["content"] for e in out["events"] if e["kind"] == "status"]
     assert statuses[0] == "queued" and statuses[-1] == "completed"
     assert any(e["kind"] == "message" and e["content"] == "42" for e in out["events"])
-    ids = [int(e["id"]) for e in out["events"]]
-    assert ids == sorted(set(ids)), "an event came twice or out of order"
+    ids = [e["id"] for e in out["events"]]
+    whole = await sse_events(api.client, f"/v1/tasks/{out['task']}/events", headers)  # read again, unbroken
+    assert ids == [e["id"] for e in whole], "an event came twice, out of order or not at all"
     streams = [r for r in out["requests"] if r["path"].endswith("/events")]
     assert len(streams) >= 2, "the broken stream was not resumed"
     assert "Last-Event-ID" not in streams[0]["headers"]
-    assert streams[1]["headers"]["Last-Event-ID"] == str(ids[0])
+    assert streams[1]["headers"]["Last-Event-ID"] == ids[0]
     assert all(r["headers"]["Authorization"].startswith("Bearer ") for r in streams)
     assert all(key not in r["path"] and "token=" not in r["path"] for r in out["requests"])

@@ -78,12 +78,12 @@ async def test_a_token_in_a_websocket_url_is_not_logged(api: Api) -> None:
         async with websockets.connect(f"{ws}?token={token}") as accepted:
             assert [frame async for frame in accepted]
         with pytest.raises(websockets.InvalidStatus):  # refused (a 404): logged all the same
-            async with websockets.connect(f"{ws.replace(task_id, 'tk-000000000000')}?after=0&token={token}"):
+            async with websockets.connect(f"{ws.replace(task_id, 'tk-000000000000')}?after={'0' * 32}&token={token}"):
                 pass
     logged = lines(records)
     assert token not in logged and token.split(".")[2] not in logged
     assert f'"WebSocket /v1/tasks/{task_id}/ws?token=<redacted>" [accepted]' in logged
-    assert '"WebSocket /v1/tasks/tk-000000000000/ws?after=0&token=<redacted>" 404' in logged
+    assert f'"WebSocket /v1/tasks/tk-000000000000/ws?after={"0" * 32}&token=<redacted>" 404' in logged
 
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjdS0xIn0.c2lnbmF0dXJl"
