@@ -392,13 +392,13 @@ async def test_bad_resume_points_and_tokens_are_refused(api: Api) -> None:
     _, headers = await api.new_customer()
     agent = await running_agent(api, headers)
     task_id = await start_task(api, headers, agent["id"])
-    for last in (b"abc", b"-1", b"\xb2", b"1\xb3\xb9", str(2**63).encode()):  # superscripts in Latin-1: no ids
+    for last in (b"abc", b"-1", b"\xb2", b"1\xb3\xb9", str(2**63).encode(), b"0" * 32):  # Latin-1 superscripts
         bad = await api.client.get(f"/v1/tasks/{task_id}/events", headers={**headers, "Last-Event-ID": last})
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid", (last, bad.text)
     ws_url = api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws"
     await assert_ws_refused(f"{ws_url}?token=forged", 401, "unauthorized")
     token = headers["Authorization"].split()[1]
-    for after in ("-1", "abc", str(2**63), str(2**64)):  # past JetStream's signed 64-bit sequences
+    for after in ("-1", "abc", str(2**63), "0" * 32, "A" * 32):  # no id, or one the platform did not make
         sse = await api.client.get(f"/v1/tasks/{task_id}/events", params={"after": after}, headers=headers)
         assert sse.status_code == 422 and sse.json()["error"]["code"] == "invalid", sse.text
         await assert_ws_refused(f"{ws_url}?token={token}&after={after}", 422, "invalid")
