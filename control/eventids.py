@@ -37,10 +37,10 @@ class EventIds:
         """The id of the event at ``sequence`` (``CARAVAN_EVENTS``; 1 to 2**64 - 1) of task ``task_id``."""
         if not 0 < sequence <= _HALF:
             raise ValueError(f"not a stream sequence: {sequence}")
-        rounds = self._rounds(task_id)
+        keyed = self._keyed(task_id)
         left, right = sequence, 0
-        for f in rounds:
-            left, right = right, left ^ f(right)
+        for n in range(_ROUNDS):
+            left, right = right, left ^ _round(keyed, n, right)
         return f"{left:016x}{right:016x}"
 
     def decode(self, task_id: str, event_id: str) -> int | None:
@@ -48,22 +48,17 @@ class EventIds:
         if len(event_id) != ID_LENGTH or not all(c in "0123456789abcdef" for c in event_id):
             return None
         left, right = int(event_id[:16], 16), int(event_id[16:], 16)
-        for f in reversed(self._rounds(task_id)):
-            left, right = right ^ f(left), left
+        keyed = self._keyed(task_id)
+        for n in reversed(range(_ROUNDS)):
+            left, right = right ^ _round(keyed, n, left), left
         return left if right == 0 and left > 0 else None
 
-    def _rounds(self, task_id: str) -> list[_Round]:
-        keyed = hmac.new(self._key, task_id.encode() + b"\0", hashlib.sha256)
-        return [_Round(keyed, n) for n in range(_ROUNDS)]
+    def _keyed(self, task_id: str) -> hmac.HMAC:
+        return hmac.new(self._key, task_id.encode() + b"\0", hashlib.sha256)
 
 
-class _Round:
-    __slots__ = ("_keyed", "_n")
-
-    def __init__(self, keyed: hmac.HMAC, n: int) -> None:
-        self._keyed, self._n = keyed, n
-
-    def __call__(self, half: int) -> int:
-        h = self._keyed.copy()
-        h.update(bytes((self._n,)) + half.to_bytes(8, "big"))
-        return int.from_bytes(h.digest()[:8], "big")
+def _round(keyed: hmac.HMAC, n: int, half: int) -> int:
+    """Round ``n``'s function of one half: 64 bits of HMAC-SHA256 over the task's id (in ``keyed``), n and it."""
+    h = keyed.copy()
+    h.update(bytes((n,)) + half.to_bytes(8, "big"))
+    return int.from_bytes(h.digest()[:8], "big")

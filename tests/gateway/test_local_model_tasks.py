@@ -225,8 +225,7 @@ async def test_a_team_run_that_fails_to_start_undoes_what_it_did(
 
     monkeypatch.setattr(NatsAgentRuntime, "start", starting)
     async with chat_completions_server("writer") as (port, _):
-        settings = make_settings(nats_server.url, tmp_path / "data", local_model_url=f"http://127.0.0.1:{port}/v1")
-        async with ControlPlane(settings) as control, serve_api(control) as api:
+        async for api in _api_with_model(nats_server, tmp_path, f"http://127.0.0.1:{port}/v1"):
             _, headers = await api.new_customer()
             created = await _selector_team(api, headers, {"provider": "local"})
             for status in ("failed", "completed"):
@@ -234,9 +233,9 @@ async def test_a_team_run_that_fails_to_start_undoes_what_it_did(
                 assert task["status"] == status, (task["status_reason"], task["messages"])
                 if status == "failed":
                     assert "ConnectionClosedError" in task["status_reason"]
-                subjects = [sub.subject for sub in control.jet.nc._subs.values()]
+                subjects = [sub.subject for sub in api.control.jet.nc._subs.values()]
                 assert not [s for s in subjects if s.startswith("caravan.rt.")], subjects
-                assert [e.runs for e in control.team_runner._selectors._entries.values()] == [0]
+                assert [e.runs for e in api.control.team_runner._selectors._entries.values()] == [0]
 
 
 @pytest.mark.parametrize("stream", [False, True])
