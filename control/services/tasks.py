@@ -884,6 +884,11 @@ class TaskService:
         if after.status in TERMINAL_TASK_STATUSES and was_open:  # after the metering: it drops the task's mark
             await _patiently(f"release the slot of {key}", lambda: self._quotas.release_task(customer_id, after.id))
             await self._index.ended_now(after)  # (after its record: see control.services.task_index)
+        asked = any(_asks(event) for _, event in sequenced)
+        if asked and after.cancel_requested and after.status == TaskStatus.AWAITING_INPUT and self._teams is not None:
+            # a team's run asked the human as the cancel came: the cancel read the record as `running` and told the
+            # manager, whose run had ended; nobody else ends the task, which would wait for an answer for good
+            await self._teams.cancel(after)
 
 
 TRANSCRIPT_KINDS = (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESULT, EventKind.INPUT_REQUEST)
@@ -924,6 +929,10 @@ def _failed_reason(agent: Agent) -> str:
 
 def _starts(event: Event) -> bool:
     return event.kind == EventKind.STATUS and event.content == TaskStatus.RUNNING
+
+
+def _asks(event: Event) -> bool:
+    return event.kind == EventKind.STATUS and event.content == TaskStatus.AWAITING_INPUT
 
 
 def transcript_message(event: Event) -> TaskMessage | None:

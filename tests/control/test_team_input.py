@@ -512,3 +512,38 @@ async def test_one_agent_asks_the_human_as_a_team_of_one_as_agentchat_has_it_ask
     second, local_stop = await run_local(local, TextMessage(source="user", content="Green."))
     assert api_transcript(done) == local_transcript(first + second)
     assert await stop_reason(api, headers, task_id) == local_stop
+
+
+async def test_a_cancel_as_the_team_asks_the_human_ends_the_task_rather_than_leave_it_waiting(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel that comes as the run asks the human finds the record still `running` (the `awaiting_input`
+    status is folded into it a moment later), so it tells the team's manager, whose run has ended: nobody was left
+    to stop, and the task waited for an answer for good, holding its quota slot, though its cancel was 202. It
+    ends `cancelled` once its question is folded in, its saved state gone, and an answer is refused."""
+    customer_id, headers = await api.new_customer()
+    made = await agents(api, headers, {**SPECS, "maker": {"model": script("m1", "m2", "m3", delay_ms=300)}})
+    asker, maker = made["asker"]["id"], made["maker"]["id"]
+    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=ASKING)
+    task_id = await start(api, headers, created["id"], "Paint the fence.")
+    assert (await task_status(api, headers, task_id, ("running", *TERMINAL)))["status"] == "running"
+    folding = held_folding(monkeypatch, api.control.tasks)  # from now on the record stays `running`
+    runner = api.control.team_runner
+    await assert_eventually(
+        lambda: stored_events(api.control.jet.js, customer_id, task_id),
+        lambda events: any(e.content == "awaiting_input" for e in events),
+        what="the question asked",
+    )
+    await assert_eventually(now(lambda: task_id not in runner._active), bool, what="its run ended")
+    assert (await api.control.tasks.get(customer_id, task_id)).status == "running"
+    cancel = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
+    assert cancel.status_code == 202, cancel.text
+    folding.set()
+    await tracker_caught_up(api)
+    ended = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert (ended["status"], ended["status_reason"]) == ("cancelled", "cancelled on request"), ended
+    assert (await api.client.get("/v1/usage", headers=headers)).json()["concurrent_tasks"] == 0
+    with pytest.raises(KeyNotFoundError):
+        await api.control.jet.kv["team_state"].get(task_key(customer_id, task_id))
+    late = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Blue."}, headers=headers)
+    assert late.status_code == 409, late.text
