@@ -12,7 +12,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from agent.protocol import TASKS_STREAM, Event, EventKind, task_events_subject
 from agent.teamprotocol import TEAM_CONSUMER, TeamTaskRequest, team_cancel_subject, team_task_subject
 from control.errors import Conflict, NotFound
-from control.models import Agent, Task, TaskCreate, TaskStatus
+from control.models import TERMINAL_TASK_STATUSES, Agent, Task, TaskCreate, TaskStatus
 from control.services.agents import AgentService, why_not_serving
 from control.services.killswitch import KillswitchService
 from control.services.tasks import handed_out, task_key
@@ -114,6 +114,8 @@ class TeamTasks:
         it answers (else the one waiting now); an answer to another is refused."""
         if task.team_id is None:
             raise Conflict(f"task {task.id} is not a team's: nobody asks for input")
+        if task.cancel_requested and task.status not in TERMINAL_TASK_STATUSES:  # (it may say `awaiting_input` yet)
+            raise Conflict(f"task {task.id} is being cancelled: it takes no answer")
         if task.status == TaskStatus.QUEUED and task.queue_seq is not None:
             checkpoint = await self._checkpoints.get(task_key(task.customer_id, task.id))
             if (

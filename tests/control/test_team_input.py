@@ -520,7 +520,8 @@ async def test_a_cancel_as_the_team_asks_the_human_ends_the_task_rather_than_lea
     """A cancel that comes as the run asks the human finds the record still `running` (the `awaiting_input`
     status is folded into it a moment later), so it tells the team's manager, whose run has ended: nobody was left
     to stop, and the task waited for an answer for good, holding its quota slot, though its cancel was 202. It
-    ends `cancelled` once its question is folded in, its saved state gone, and an answer is refused."""
+    ends `cancelled` once its question is folded in, its saved state gone; an answer, before that or after, is
+    refused (it was queued, only for the manager to end the task on it)."""
     customer_id, headers = await api.new_customer()
     made = await agents(api, headers, {**SPECS, "maker": {"model": script("m1", "m2", "m3", delay_ms=300)}})
     asker, maker = made["asker"]["id"], made["maker"]["id"]
@@ -538,6 +539,9 @@ async def test_a_cancel_as_the_team_asks_the_human_ends_the_task_rather_than_lea
     assert (await api.control.tasks.get(customer_id, task_id)).status == "running"
     cancel = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
     assert cancel.status_code == 202, cancel.text
+    answer = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Blue."}, headers=headers)
+    assert answer.status_code == 409, answer.text  # (the record still says `running`, the question asked)
+    assert answer.json()["error"]["message"] == f"task {task_id} is being cancelled: it takes no answer"
     folding.set()
     await tracker_caught_up(api)
     ended = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
