@@ -70,7 +70,14 @@ from control.store import Repo, purge_keys
 if TYPE_CHECKING:
     from control.teams.dispatch import TeamTasks
 
-__all__ = ["StreamedEvent", "TaskService", "customer_unfinished_tasks", "handed_out", "unfinished_tasks"]
+__all__ = [
+    "StreamedEvent",
+    "TaskService",
+    "customer_unfinished_tasks",
+    "ending_id",
+    "handed_out",
+    "unfinished_tasks",
+]
 
 KILLSWITCH_QUIET_S = 0.05
 KILLSWITCH_STATE_DELAY_S = 1.0
@@ -125,6 +132,12 @@ async def unfinished_tasks(records: Repo[Task], in_flight: Mapping[str, Iterable
 async def customer_unfinished_tasks(records: Repo[Task], quotas: QuotaService, customer_id: str) -> list[Task]:
     """A customer's unfinished tasks: :func:`unfinished_tasks` of the slots their quota holds."""
     return await unfinished_tasks(records, {customer_id: await quotas.tasks_in_flight(customer_id)})
+
+
+def ending_id(task: Task) -> str:
+    """The message id of an ending of ``task``'s attempt that the control plane publishes (a cancel's, a deleted
+    agent's): two of them stored at once (replicas, or a client's retry) are stored as one."""
+    return f"{task.id}:{task.attempt}:ended"
 
 
 async def handed_out(js: JetStreamContext, consumer: str, seq: int) -> bool:
@@ -529,7 +542,7 @@ class TaskService:
             attempt=task.attempt,
         )
         # one ending of a run: replicas that end it at once (each seeing a cancel through to its deadline) store one
-        await self.publish(event, msg_id=f"{task.id}:{task.attempt}:ended")
+        await self.publish(event, msg_id=ending_id(task))
         await self._quotas.release_task(task.customer_id, task.id)
 
     async def end_tasks_of_deleted(self, agent: Agent) -> None:

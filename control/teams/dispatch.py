@@ -15,7 +15,7 @@ from control.errors import Conflict, NotFound
 from control.models import TERMINAL_TASK_STATUSES, Agent, Task, TaskCreate, TaskStatus
 from control.services.agents import AgentService, why_not_serving
 from control.services.killswitch import KillswitchService
-from control.services.tasks import handed_out, task_key
+from control.services.tasks import ending_id, handed_out, task_key
 from control.store import Repo
 from control.teams.models import Checkpoint, Team
 from control.teams.service import TeamService
@@ -175,7 +175,7 @@ class TeamTasks:
             await self._js._nc.publish(team_cancel_subject(task.customer_id, task.id), b"")
             return task
         await self.drop_checkpoint(task)
-        await self._publish_status(task, "cancelled", "cancelled on request")
+        await self._publish_status(task, "cancelled", "cancelled on request", msg_id=ending_id(task))
         return task
 
     async def _answer_queued(self, task: Task) -> int | None:
@@ -200,8 +200,11 @@ class TeamTasks:
         with contextlib.suppress(KeyNotFoundError):
             await self._checkpoints.delete(task_key(task.customer_id, task.id))
 
-    async def _publish_status(self, task: Task, status: str, reason: str | None = None, **data: Any) -> None:
-        """``data``: the event's besides its ``reason`` (an answer's ``segment``: the question it answers)."""
+    async def _publish_status(
+        self, task: Task, status: str, reason: str | None = None, *, msg_id: str | None = None, **data: Any
+    ) -> None:
+        """``data``: the event's besides its ``reason`` (an answer's ``segment``: the question it answers);
+        ``msg_id``: its message id (another stored with it within the stream's duplicate window is dropped)."""
         event = Event(
             kind=EventKind.STATUS,
             task_id=task.id,
@@ -210,4 +213,7 @@ class TeamTasks:
             data={**data, "reason": reason} if reason else data,
             attempt=task.attempt,
         )
-        await self._js.publish(task_events_subject(task.customer_id, task.id), event.model_dump_json().encode())
+        headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
+        await self._js.publish(
+            task_events_subject(task.customer_id, task.id), event.model_dump_json().encode(), headers=headers
+        )

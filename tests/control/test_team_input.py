@@ -551,3 +551,21 @@ async def test_a_cancel_as_the_team_asks_the_human_ends_the_task_rather_than_lea
         await api.control.jet.kv["team_state"].get(task_key(customer_id, task_id))
     late = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Blue."}, headers=headers)
     assert late.status_code == 409, late.text
+
+
+async def test_a_waiting_team_task_cancelled_twice_at_once_ends_once(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two cancels of a task waiting for the human, the second before the first's end is folded into the record
+    (a client's retry): both are 202, and the task's events hold one ending, as a single agent's task's do."""
+    customer_id, headers = await api.new_customer()
+    task_id = await asking_task(api, headers, SPECS)
+    await tracker_caught_up(api)
+    folding = held_folding(monkeypatch, api.control.tasks)
+    for _ in range(2):
+        cancel = await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)
+        assert cancel.status_code == 202, cancel.text
+    folding.set()
+    await tracker_caught_up(api)
+    ended = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert (ended["status"], ended["status_reason"]) == ("cancelled", "cancelled on request"), ended
+    statuses = [e.content for e in await stored_events(api.control.jet.js, customer_id, task_id) if e.kind == "status"]
+    assert statuses.count("cancelled") == 1, statuses
