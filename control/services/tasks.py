@@ -901,7 +901,8 @@ class TaskService:
         if asked and after.cancel_requested and after.status == TaskStatus.AWAITING_INPUT and self._teams is not None:
             # a team's run asked the human as the cancel came: the cancel read the record as `running` and told the
             # manager, whose run had ended; nobody else ends the task, which would wait for an answer for good
-            await self._teams.cancel(after)
+            teams = self._teams
+            await _patiently(f"cancel the waiting {key}", lambda: teams.cancel(after))
 
 
 TRANSCRIPT_KINDS = (EventKind.MESSAGE, EventKind.TOOL_CALL, EventKind.TOOL_RESULT, EventKind.INPUT_REQUEST)
