@@ -59,7 +59,22 @@ def _no_number(value: Any) -> Any:
     return value
 
 
-AuditTime = Annotated[AwareDatetime, BeforeValidator(_no_number), AfterValidator(_in_utc)]
+_SPACED_OFFSET = re.compile(r".*\d[T ]\d\d:\d\d(:\d\d(\.\d+)?)? \d\d(:?\d\d)?")
+
+
+def _no_spaced_offset(value: Any) -> Any:
+    """A time whose offset's ``+`` was typed into a URL as it stands, which a query reads as a space."""
+    if isinstance(value, str) and _SPACED_OFFSET.fullmatch(value):
+        raise ValueError(
+            "has a space where its offset's sign goes: in a URL's query a '+' is a space, so send it as %2B "
+            "(2024-01-01T00:00:00%2B02:00), or the time in UTC with Z"
+        )
+    return value
+
+
+AuditTime = Annotated[
+    AwareDatetime, BeforeValidator(_no_number), BeforeValidator(_no_spaced_offset), AfterValidator(_in_utc)
+]
 """A bound of an audit query: records are stamped in UTC, so a time without a zone would be a guess."""
 
 

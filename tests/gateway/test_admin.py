@@ -496,6 +496,24 @@ async def test_audit_times_without_a_timezone_are_422_and_with_one_are_answered(
         assert f"{bound}: must be a time with a timezone" in refused.json()["error"]["message"], refused.text
 
 
+@pytest.mark.parametrize("bound", ["since", "until"])
+async def test_an_audit_time_whose_offset_lost_its_plus_in_the_url_says_so(api: Api, bound: str) -> None:
+    # `curl "$BASE/v1/admin/audit?since=2024-01-01T00:00:00+02:00"`: a query's `+` is a space, so the API reads
+    # "2024-01-01T00:00:00 02:00", which pydantic called "unexpected extra characters" without saying why
+    admin = await api.admin()
+    for sent in ("2024-01-01T00:00:00+02:00", "2024-01-01T00:00+0200", "2024-01-01 00:00:00.5+02"):
+        url = f"/v1/admin/audit?{bound}={sent}"  # as a shell user types it: the `+` not encoded
+        refused = await api.client.get(url, headers=admin)
+        assert refused.status_code == 422, (sent, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "invalid" and f"{bound}: " in error["message"], refused.text
+        assert "%2B" in error["message"] and "'+'" in error["message"], refused.text
+    encoded = await api.client.get("/v1/admin/audit", params={bound: "2024-01-01T02:00:00+02:00"}, headers=admin)
+    assert encoded.status_code == 200, encoded.text
+    naive = await api.client.get("/v1/admin/audit", params={bound: "2024-01-01 00:00"}, headers=admin)
+    assert naive.status_code == 422 and "%2B" not in naive.text, naive.text  # no offset at all: not this
+
+
 async def test_audit_since_a_time_long_before_any_record_finds_them_all(api: Api) -> None:
     admin = await api.admin()
 
