@@ -415,8 +415,11 @@ def _listed(
     client: httpx.Client, what: str, args: argparse.Namespace, header: str, row: Callable[[dict[str, Any]], str]
 ) -> None:
     """``GET /v1/admin/<what>`` (of ``--customer``, if given) printed as JSON (``--json``), or as a table: its
-    ``header``, then a ``row`` for each; that there are none, if so."""
+    ``header``, then a ``row`` for each; that there are none, if so. The API lists none for a customer that does
+    not exist, which is then the customer's 404 (a typo is not "has no keys")."""
     listed = _answer(client.get(f"/v1/admin/{what}", params={"customer_id": args.customer} if args.customer else {}))
+    if not listed and args.customer:
+        _answer(client.get(f"/v1/admin/customers/{args.customer}"))
     if args.json:
         _print_json(listed)
     elif not listed:

@@ -375,6 +375,25 @@ async def test_what_the_api_refuses_of_the_new_verbs_is_said_with_its_error(
     ]
 
 
+async def test_listing_the_keys_or_agents_of_a_customer_that_does_not_exist_says_so(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `caravan keys list --customer cu-<typo>` printed "customer cu-<typo> has no keys" and exited 0: an operator
+    # read that an existing customer had no keys (or agents), where no customer has that id
+    customer_id, _ = await api.new_customer()
+    for verb in ("keys", "agents"):
+        for extra in ([], ["--json"]):
+            assert await run_cli(verb, "list", "--customer", "cu-000000000000", *extra, *common(api)) == 1
+            captured = capsys.readouterr()
+            said = "GET /v1/admin/customers/cu-000000000000 failed (404) not_found: customer 'cu-000000000000'"
+            assert said in captured.err and captured.out == "", (verb, extra, captured)
+    # a customer that is there and has none: said as before
+    assert await run_cli("agents", "list", "--customer", customer_id, *common(api)) == 0
+    assert capsys.readouterr().out == f"customer {customer_id} has no agents\n"
+    assert await run_cli("agents", "list", "--customer", customer_id, "--json", *common(api)) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
 async def test_a_customer_name_cannot_drive_the_operators_terminal(
     api: Api, capsys: pytest.CaptureFixture[str]
 ) -> None:
