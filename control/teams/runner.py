@@ -71,6 +71,10 @@ __all__ = ["RunnerConfig", "TeamRunner"]
 
 log = logging.getLogger("caravan.teams")
 
+RETRY_FIRST_S = 0.5
+"""How long a run whose runner failed waits before it comes back, the first time; twice that each time after."""
+RETRY_MAX_S = 30.0
+
 
 @dataclass(frozen=True)
 class RunnerConfig:
@@ -232,18 +236,22 @@ class TeamRunner:
             return
         active = self._active[request.task_id] = _Active()
         keepalive = asyncio.create_task(keep_in_progress(msg, self.config.ack_wait_s / 3))
-        handed_over = False
+        delivered = msg.metadata.num_delivered or 1
+        retry_in: float | None = None
         try:
-            await self._serve_task(request, msg.metadata.num_delivered or 1, active)
+            await self._serve_task(request, delivered, active)
         except _Retry:
-            handed_over = True
-        except Exception:  # reading the task or its checkpoint failed: not run again in a loop, logged
-            log.exception("team task %s: the runner failed", request.task_id)
+            retry_in = 0  # handed back: another replica takes it at once
+        except Exception:  # reading the task or its checkpoint, or publishing its end, failed (NATS briefly away)
+            retry_in = min(RETRY_FIRST_S * 2 ** (delivered - 1), RETRY_MAX_S)
+            log.exception("team task %s: the runner failed; its run comes back in %g s", request.task_id, retry_in)
         finally:
             keepalive.cancel()
             self._active.pop(request.task_id, None)
+        # A run that failed comes back, as an attempt after a crash does (max_attempts bounds it): acknowledged,
+        # its task would stay `queued` or `running` for good, and a cancel, which tells the run, could not end it.
         with contextlib.suppress(Exception):
-            await (msg.nak() if handed_over else msg.ack())
+            await (msg.ack() if retry_in is None else msg.nak(delay=retry_in or None))
 
     async def _serve_task(self, request: TeamTaskRequest, delivered: int, active: _Active) -> None:
         key = task_key(request.customer_id, request.task_id)

@@ -235,6 +235,50 @@ async def test_cancel_stops_a_model_call_in_another_process(api: Api) -> None:
     assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 409
 
 
+class _Away:
+    """The team runner's task records, unreadable (as while NATS is briefly away) until ``back`` is set."""
+
+    def __init__(self, records: Any) -> None:
+        self.records, self.back, self.failed = records, asyncio.Event(), 0
+
+    async def get(self, key: str) -> Any:
+        if not self.back.is_set():
+            self.failed += 1
+            raise nats.errors.TimeoutError
+        return await self.records.get(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.records, name)
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+async def test_a_run_whose_runner_failed_comes_back_and_ends(
+    api: Api, monkeypatch: pytest.MonkeyPatch, cancel: bool
+) -> None:
+    """A team runner that fails outside the conversation (here reading the task's record while NATS is briefly
+    away) hands the run back to come again a little later. It used to take the run off the queue: the task stayed
+    `queued` for good, and a cancel (202), which tells the run, could not end it either."""
+    _, headers = await api.new_customer()
+    specs = {"alice": {"model": script("a1", "a2")}, "bob": {"model": script("b1", "b2")}}
+    made = await agents(api, headers, specs)
+    created = await team(api, headers, members=[made[n]["id"] for n in specs], termination={"max_messages": 3})
+    away = _Away(api.control.team_runner._tasks)
+    monkeypatch.setattr(api.control.team_runner, "_tasks", away)
+    task_id = await start(api, headers, created["id"], "Go.")
+    await assert_eventually(now(lambda: away.failed), lambda n: n >= 2, what="the run back after its first failure")
+    if cancel:
+        assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+    away.back.set()
+    task = await task_status(api, headers, task_id)
+    if cancel:
+        assert (task["status"], task["status_reason"]) == ("cancelled", "cancelled on request"), task
+    else:
+        assert task["status"] == "completed", task
+        items, _ = await run_local(local_team(specs, "round_robin", MaxMessageTermination(3)), "Go.")
+        assert api_transcript(task) == local_transcript(items)
+    assert (await api.client.get("/v1/usage", headers=headers)).json()["concurrent_tasks"] == 0
+
+
 async def test_a_team_task_cancelled_while_its_members_start_never_runs(api: Api) -> None:
     """A manager that took the run up waits for the members to start and join; cancelled meanwhile, the task ends
     `cancelled` and the team never runs, not even once its members are up."""
