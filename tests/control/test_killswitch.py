@@ -547,8 +547,10 @@ async def test_with_consul_a_flag_put_by_hand_halts_and_an_outage_fails_safe(
             async with control, serve_api(control) as api:
                 _, headers = await api.new_customer()
                 agent = await running_agent(api, headers)
-                instances = await control.registry.instances()  # the local scheduler registered it in Consul
-                assert [i.meta["caravan_agent"] for i in instances] == [agent["id"]]
+                # the local scheduler registered it in Consul, its check critical until the first pass
+                await assert_eventually(
+                    control.registry.instances, lambda found: [i.meta["caravan_agent"] for i in found] == [agent["id"]]
+                )
 
                 # `consul kv put caravan/killswitch/agent/<id> "maintenance"`
                 consul_http = httpx.AsyncClient(base_url=f"http://{double.address}", headers={"X-Consul-Token": token})

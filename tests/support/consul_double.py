@@ -3,8 +3,9 @@ behaviour (developer.hashicorp.com/consul/api-docs):
 
 - ``/v1/kv/<key>``: GET (``?recurse``, blocking with ``?index=&wait=``, ``X-Consul-Index``, 404 for a
   missing key, values base64-encoded), PUT (raw body, ``true``), DELETE (``?recurse``).
-- ``/v1/agent/service/register`` (PUT JSON with ``Check.TTL``), ``/v1/agent/service/deregister/<id>``,
-  ``/v1/agent/check/pass|fail/<check id>`` (``service:<service id>`` for a service's check).
+- ``/v1/agent/service/register`` (PUT JSON with TTL checks in ``Check`` or ``Checks``: each starts ``critical``
+  unless its ``Status`` says otherwise), ``/v1/agent/service/deregister/<id>``, ``/v1/agent/check/pass|fail/<check
+  id>`` (``service:<service id>`` for a service's one check without a ``CheckID``).
 - ``/v1/catalog/services``, ``/v1/health/service/<name>`` (``?passing``), ``/v1/status/leader``.
 
 Blocking queries follow the documented contract: the request returns when the index moves past the one
@@ -170,15 +171,26 @@ class ConsulDouble:
             }
             service_id = spec["ID"]
             self.services[service_id] = spec
-            check = {k.lower(): v for k, v in (raw.get("check") or {}).items()}
-            if check:
-                self.checks[f"service:{service_id}"] = {"Status": "critical", "Output": "", "TTL": check.get("ttl")}
+            # `Check` and `Checks` (py-consul sends its one check in `Checks`) make one list; a check without a
+            # CheckID is `service:<service id>`, with `:<position>` when the list holds more than one
+            checks = ([raw["check"]] if raw.get("check") else []) + list(raw.get("checks") or [])
+            for position, given in enumerate(checks, 1):
+                check = {k.lower(): v for k, v in given.items()}
+                check_id = check.get("checkid") or check.get("id") or f"service:{service_id}"
+                if len(checks) > 1 and not (check.get("checkid") or check.get("id")):
+                    check_id += f":{position}"
+                self.checks[check_id] = {
+                    "ServiceID": service_id,
+                    "Status": check.get("status") or "critical",  # a check's initial status, critical unless given
+                    "Output": "",
+                    "TTL": check.get("ttl"),
+                }
             self._bump()
             return 200, b"", {}
         if path.startswith("/v1/agent/service/deregister/") and method == "PUT":
             service_id = path.rsplit("/", 1)[1]
             self.services.pop(service_id, None)
-            self.checks.pop(f"service:{service_id}", None)
+            self._drop_checks(service_id)
             self._bump()
             return 200, b"", {}
         match = re.match(r"^/v1/agent/check/(pass|fail|warn)/(.+)$", path)
@@ -199,17 +211,20 @@ class ConsulDouble:
             return self._health(path.rsplit("/", 1)[1], query)
         return 404, b"Invalid URL path", {}
 
+    def _drop_checks(self, service_id: str) -> None:
+        for check_id in [c for c, check in self.checks.items() if check["ServiceID"] == service_id]:
+            del self.checks[check_id]
+
     def _health(self, name: str, query: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
         entries = []
         for service_id, spec in self.services.items():
             if spec["Name"] != name:
                 continue
-            check = self.checks.get(f"service:{service_id}")
-            checks = []
-            if check:
-                checks.append(
-                    {"CheckID": f"service:{service_id}", "Status": check["Status"], "Output": check["Output"]}
-                )
+            checks = [
+                {"CheckID": check_id, "Status": check["Status"], "Output": check["Output"]}
+                for check_id, check in self.checks.items()
+                if check["ServiceID"] == service_id
+            ]
             passing_only = "passing" in query and query["passing"] not in ("false", "0")
             if passing_only and any(c["Status"] != "passing" for c in checks):
                 continue
