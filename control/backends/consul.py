@@ -3,6 +3,8 @@ or by the local scheduler with a TTL check that it keeps passing from its own ru
 
 from __future__ import annotations
 
+import re
+
 import consul
 
 from agent.backends.consul import ConsulBackend
@@ -11,6 +13,15 @@ from control.backends.base import ServiceInstance
 __all__ = ["ConsulRegistry"]
 
 _PREFIX = "caravan-agent-"
+_NOMAD_SERVICE_ID = re.compile(r"_nomad-task-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-")
+
+
+def _alloc_id(service_id: str) -> str:
+    """The allocation a registered instance is: Nomad registers an allocation's service in Consul as
+    ``_nomad-task-<alloc id>-<task, or group-<group>>-<service>-<port label>`` (``MakeAllocServiceID``,
+    ``client/serviceregistration/id.go`` in hashicorp/nomad); the local scheduler under the allocation's ID."""
+    nomad = _NOMAD_SERVICE_ID.match(service_id)
+    return nomad.group(1) if nomad else service_id
 
 
 def _check_id(instance_id: str) -> str:
@@ -51,7 +62,7 @@ class ConsulRegistry(ConsulBackend):
                 passing = all(c.get("Status") == "passing" for c in checks)
                 found.append(
                     ServiceInstance(
-                        id=service["ID"],
+                        id=_alloc_id(service["ID"]),
                         name=service["Service"],
                         address=service.get("Address") or entry.get("Node", {}).get("Address", ""),
                         port=int(service.get("Port") or 0),

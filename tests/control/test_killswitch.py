@@ -33,7 +33,7 @@ from tests.conftest import Api, make_settings, serve_api
 from tests.gateway.teams_support import agents, script, team
 from tests.gateway.test_agents_api import agent_body, created_running, wait_status
 from tests.gateway.test_tasks_api import running_agent, start_task
-from tests.support.consul_double import ConsulDouble
+from tests.support.consul_double import ConsulDouble, nomad_service
 from tests.support.helpers import assert_eventually, hold_first_call, now
 
 SLOW = {"provider": "replay", "name": "slow", "responses": ["never said"], "delay_ms": 120_000}
@@ -570,6 +570,36 @@ async def test_with_consul_a_flag_put_by_hand_halts_and_an_outage_fails_safe(
                     assert "unreachable" in failed_safe["status_reason"]
                     assert "fail safe" in failed_safe["status_reason"]
                 await wait_status(api, headers, agent["id"], "running")
+    finally:
+        double.stop()
+
+
+async def test_with_consul_an_agent_that_nomad_registered_acknowledges_as_itself(tmp_path: Path) -> None:
+    """On Nomad the job's service block registers each allocation in Consul under Nomad's own ID for it
+    (``_nomad-task-<alloc id>-group-agent-<service>-health``): the agent's acknowledgement, which names its
+    allocation, answers for that instance."""
+    double = ConsulDouble().start()
+    try:
+        async with EmbeddedNats(tmp_path / "nats") as nats_server:
+            settings = make_settings(
+                nats_server.url, tmp_path / "data", flags="consul", consul_http_addr=double.address
+            )
+            control = ControlPlane(settings)
+            async with control, serve_api(control) as api:
+                _, headers = await api.new_customer()
+                agent = await running_agent(api, headers)
+                [instance] = await assert_eventually(control.registry.instances, lambda found: len(found) == 1)
+                # the same allocation as a Nomad client registers it (the local scheduler names it by its ID)
+                await control.registry.deregister(instance.name, instance.id)
+                registration = nomad_service(instance.id, instance.name, instance.port, instance.meta)
+                async with httpx.AsyncClient(base_url=f"http://{double.address}") as consul:
+                    registered = await consul.put("/v1/agent/service/register", json=registration)
+                    assert registered.status_code == 200, registered.text
+                assert [i.meta["caravan_agent"] for i in await control.registry.instances()] == [agent["id"]]
+
+                engaged = await killswitch(api, scope="agent", agent_id=agent["id"], reason="maintenance")
+                assert (engaged["covered"], engaged["acknowledged"], engaged["unacknowledged"]) == (1, 1, [])
+                await wait_status(api, headers, agent["id"], "killed")
     finally:
         double.stop()
 

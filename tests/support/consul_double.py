@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["ConsulDouble"]
+__all__ = ["ConsulDouble", "nomad_service"]
 
 _DURATION = re.compile(r"^(\d+)(ms|s|m)?$")
 
@@ -44,6 +44,22 @@ def _wait_seconds(value: str | None) -> float:
         return 300.0
     number, unit = int(match.group(1)), match.group(2) or "s"
     return min(600.0, number / 1000 if unit == "ms" else number * 60 if unit == "m" else float(number))
+
+
+def nomad_service(alloc_id: str, name: str, port: int, meta: dict[str, str]) -> dict[str, Any]:
+    """The registration a Nomad client sends Consul (``PUT /v1/agent/service/register``) for an allocation of a job
+    whose group ``agent`` has the service ``name`` on the port labelled ``health`` (provider ``consul``): its ID is
+    ``_nomad-task-<alloc id>-group-<group>-<service>-<port label>`` (``MakeAllocServiceID`` in hashicorp/nomad),
+    its meta the service block's with ``external-source: nomad``. Its check passes."""
+    return {
+        "ID": f"_nomad-task-{alloc_id}-group-agent-{name}-health",
+        "Name": name,
+        "Tags": ["caravan", "agent"],
+        "Address": "127.0.0.1",
+        "Port": port,
+        "Meta": {**meta, "external-source": "nomad"},
+        "Check": {"TTL": "30s", "Status": "passing"},
+    }
 
 
 class ConsulDouble:
