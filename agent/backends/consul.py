@@ -183,8 +183,11 @@ class ConsulFlags(ConsulBackend):
                     await updates.put((key, exc))
                     await asyncio.sleep(min(1.0, heartbeat / 2))
                     continue
+                # Consul's rules for blocking queries: an index that goes back resets to 0, and the index is made at
+                # least 1 (older Consuls answered 0 for some queries; asked again at 0, which does not block, the
+                # loop would spin)
                 new_index = int(new_index or 0)
-                index = new_index if new_index >= index else 0  # an index that goes back resets (Consul docs)
+                index = max(1, new_index if new_index >= index else 0)
                 value = entry.get("Value") if entry else None
                 flag = Flag.decode(key, value, int(entry.get("ModifyIndex", 0))) if value else None
                 await updates.put((key, flag))

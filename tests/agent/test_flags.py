@@ -187,6 +187,30 @@ async def test_consul_outage_is_reported_as_unreachable(consul_double: ConsulDou
         await store.stop()
 
 
+async def test_a_consul_that_answers_index_0_is_asked_with_a_blocking_query(consul_double: ConsulDouble) -> None:
+    """Older Consuls answered some blocking queries with ``X-Consul-Index: 0`` (Consul's docs on blocking queries:
+    a client should make its index at least 1 after each answer): asked again at 0, which does not block, the watch
+    would spin on the server as fast as it answers."""
+    consul_double.index = 0  # such a Consul's answer for a key not written yet
+    store = ConsulFlags(env={"CONSUL_HTTP_ADDR": consul_double.address})
+    await store.start()
+    watch = Watch(store, [FlagKey(Scope.ALL)])
+    try:
+        assert (await watch.next()).engaged() == []
+        await store.put(Flag(scope=Scope.ALL, reason="maintenance", id="e1"))
+        await assert_eventually(watch.next, lambda s: [f.id for f in s.engaged()] == ["e1"], what="flag seen")
+    finally:
+        await watch.close()
+        await store.stop()
+    reads = [
+        query
+        for method, path, query in consul_double.requests
+        if (method, path) == ("GET", "/v1/kv/caravan/killswitch/all")
+    ]
+    assert "index" not in reads[0]
+    assert [query.get("index") for query in reads[1:] if int(query.get("index") or 0) < 1] == []
+
+
 async def test_a_stopped_nats_is_reported_as_unreachable(tmp_path) -> None:  # type: ignore[no-untyped-def]
     async with EmbeddedNats(tmp_path / "n") as server:
         nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)

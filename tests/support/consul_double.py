@@ -69,7 +69,8 @@ class ConsulDouble:
         self.services: dict[str, dict[str, Any]] = {}
         self.checks: dict[str, dict[str, Any]] = {}
         self.index = 1
-        self.requests: list[tuple[str, str]] = []
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        """Each request's method, path and query."""
         self._changed = threading.Condition()
         self._down = False
         self._server: ThreadingHTTPServer | None = None
@@ -105,7 +106,7 @@ class ConsulDouble:
                 query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                double.requests.append((method, parts.path))
+                double.requests.append((method, parts.path, query))
                 if double._down:
                     self._respond(500, b"No cluster leader")
                     return
