@@ -265,6 +265,9 @@ class ControlPlane:
         # them here: no agent starts under a hard killswitch, and a deleted or failed agent's tasks end
         self._agents.attach_killswitch(self._killswitch)
         self._agents.on_delete(self._tasks.end_tasks_of_deleted)
+        # and once it is gone: a task that read it before the delete and was stored after that first pass, while
+        # its job stopped, found it still there (TaskService._unless_agent_went); nothing else would end that one
+        self._agents.on_deleted(self._tasks.end_tasks_of_deleted)
         self._agents.on_deleted(self._killswitch.release_deleted)
         self._agents.on_failed(self._tasks.end_tasks_of_failed)
         self._stats = StatsService(

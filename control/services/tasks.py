@@ -546,8 +546,9 @@ class TaskService:
         await self._quotas.release_task(task.customer_id, task.id)
 
     async def end_tasks_of_deleted(self, agent: Agent) -> None:
-        """An agent is being deleted (it is given no new task; its job is stopped next): its unfinished tasks end
-        ``cancelled`` (:meth:`_end_tasks_of`). A run in flight is told first, in case its job is not stopped."""
+        """An agent is being deleted (it is given no new task; its job is stopped next), or has been: its unfinished
+        tasks end ``cancelled`` (:meth:`_end_tasks_of`). A run in flight is told first, in case its job is not
+        stopped. Called again once the agent is gone, for a task stored meanwhile that found it still there."""
         await self._end_tasks_of(agent, f"agent {agent.id} was deleted", TaskStatus.CANCELLED)
 
     async def end_tasks_of_failed(self, agent: Agent) -> None:

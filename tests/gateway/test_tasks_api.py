@@ -1374,6 +1374,41 @@ async def test_a_task_given_as_its_agent_is_deleted_ends_and_gives_back_its_slot
     assert (await usage(api, headers))["concurrent_tasks"] == 0
 
 
+async def test_a_task_queued_while_its_deleted_agents_job_stops_ends_and_gives_back_its_slot(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task read its agent (running) before the delete; the delete ended the agent's tasks before the task was
+    stored, and the task, stored then, read its agent again while its job was stopping: still there. It waited
+    `queued` for good (its agent's work queue gone with the agent), holding its quota slot."""
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers, model=SLOW, tools=[])
+    stopping, created = asyncio.Event(), asyncio.Event()
+    stop_job, ensure_not_halted = api.control.scheduler.stop_job, api.control.killswitch.ensure_not_halted
+
+    async def stop_once_created(*args: Any) -> None:  # the delete has ended the tasks it found: its job stops
+        stopping.set()
+        await created.wait()
+        await stop_job(*args)
+
+    async def read_then_wait(*args: Any) -> None:  # the task has read its agent: it waits for the job to stop
+        await ensure_not_halted(*args)
+        await stopping.wait()
+
+    monkeypatch.setattr(api.control.scheduler, "stop_job", stop_once_created)
+    monkeypatch.setattr(api.control.killswitch, "ensure_not_halted", read_then_wait)
+    create = asyncio.create_task(
+        api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "too late"}, headers=headers)
+    )
+    delete = asyncio.create_task(api.client.delete(f"/v1/agents/{agent['id']}", headers=headers))
+    response = await create
+    created.set()
+    assert response.status_code == 202, response.text
+    assert (await delete).status_code == 204
+    task = await finished(api, headers, response.json()["id"])
+    assert (task["status"], task["status_reason"]) == ("cancelled", f"agent {agent['id']} was deleted")
+    assert (await usage(api, headers))["concurrent_tasks"] == 0
+
+
 async def test_one_replica_that_fails_for_good_leaves_the_agent_serving_on_the_others(settings: Settings) -> None:
     async with (
         ControlPlane(settings.model_copy(update={"agent_restart_attempts": 0})) as control,
