@@ -223,7 +223,9 @@ class QuotaService:
 
     async def reserve_running(self, customer_id: str, agent_id: str, reservation: Reservation) -> Reservation | None:
         """An existing agent starts, or changes its resources or replicas: it holds ``reservation`` from now on.
-        Raises :class:`QuotaExceeded`, changing nothing. Returns what the agent held before (None: nothing), for
+        Raises :class:`QuotaExceeded`, changing nothing. Only what it grows is checked: a change that holds less
+        CPU, or less memory, than the agent held is not refused that for a quota lowered below what the customer
+        holds (they are coming back under it). Returns what the agent held before (None: nothing), for
         :meth:`restore_running` to put back if the change it was made for does not happen."""
         previous: Reservation | None = None
 
@@ -232,7 +234,7 @@ class QuotaService:
             previous = record.running.get(agent_id)
             if previous == reservation:
                 return None
-            _check_resources(record, agent_id, reservation)
+            _check_resources(record, agent_id, reservation, previous)
             return record.model_copy(update={"running": {**record.running, agent_id: reservation}})
 
         await self._change(customer_id, admit)
@@ -364,16 +366,20 @@ def _within_budget(usage: UsagePublic, quota: Quota) -> bool:
     return quota.tokens_per_day is None or usage.tokens_today < quota.tokens_per_day
 
 
-def _check_resources(record: QuotaRecord, agent_id: str, wanted: Reservation) -> None:
+def _check_resources(record: QuotaRecord, agent_id: str, wanted: Reservation, held: Reservation | None = None) -> None:
+    """Refuse ``wanted`` for the agent where it goes over the quota with what the others hold; ``held``: what the
+    agent holds now, whose CPU or memory ``wanted`` does not grow is not checked."""
     others = [r for a, r in record.running.items() if a != agent_id]
     quota = record.quota
     cpu, memory = sum(r.cpu for r in others), sum(r.memory_mb for r in others)
-    if quota.max_cpu is not None and cpu + wanted.cpu > quota.max_cpu:
+    grows_cpu = held is None or wanted.cpu > held.cpu
+    grows_memory = held is None or wanted.memory_mb > held.memory_mb
+    if grows_cpu and quota.max_cpu is not None and cpu + wanted.cpu > quota.max_cpu:
         raise QuotaExceeded(
             f"quota exceeded: at most {quota.max_cpu} MHz of CPU over running agents; this agent needs "
             f"{wanted.explained(wanted.cpu, 'MHz')} and the others hold {cpu} MHz"
         )
-    if quota.max_memory_mb is not None and memory + wanted.memory_mb > quota.max_memory_mb:
+    if grows_memory and quota.max_memory_mb is not None and memory + wanted.memory_mb > quota.max_memory_mb:
         raise QuotaExceeded(
             f"quota exceeded: at most {quota.max_memory_mb} MB of memory over running agents; this agent needs "
             f"{wanted.explained(wanted.memory_mb, 'MB')} and the others hold {memory} MB"

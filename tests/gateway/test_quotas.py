@@ -525,6 +525,37 @@ async def test_cpu_and_memory_are_reserved_for_every_replica(api: Api) -> None:
     assert held(await usage(api, headers)) == (300, 256)
 
 
+async def test_a_change_that_grows_nothing_is_admitted_under_a_quota_lowered_below_what_is_held(api: Api) -> None:
+    """An admin lowers a customer's quota below what their running agents hold: the customer shrinks an agent to
+    come back under it. That PATCH was refused (409, "this agent needs 200 MHz and the others hold 300 MHz"), as
+    if it asked for more: only what a change grows is checked against the quota."""
+    customer_id, headers = await api.new_customer()
+    await set_quota(api, customer_id, max_cpu=1000, max_memory_mb=1000)
+    wide = await api.client.post(
+        "/v1/agents",
+        json=agent_body(name="wide", resources={"cpu": 200, "memory_mb": 128}, replicas=2),
+        headers=headers,
+    )
+    other = await api.client.post(
+        "/v1/agents", json=agent_body(name="other", resources={"cpu": 300, "memory_mb": 128}), headers=headers
+    )
+    assert (wide.status_code, other.status_code) == (201, 201), (wide.text, other.text)
+    assert held(await usage(api, headers)) == (700, 384)
+    await set_quota(api, customer_id, max_cpu=350, max_memory_mb=1000)
+    path = f"/v1/agents/{wide.json()['id']}"
+
+    shrunk = await api.client.patch(path, json={"replicas": 1}, headers=headers)
+    assert shrunk.status_code == 200, shrunk.text
+    assert held(await usage(api, headers)) == (500, 256)
+    changed = await api.client.patch(path, json={"resources": {"cpu": 100, "memory_mb": 512}}, headers=headers)
+    assert changed.status_code == 200, changed.text  # less CPU, more memory: only the memory is checked, and fits
+    assert held(await usage(api, headers)) == (400, 640)
+    # what grows is checked as ever
+    refused = await api.client.patch(path, json={"resources": {"cpu": 200}}, headers=headers)
+    assert refused.status_code == 409 and "at most 350 MHz" in refused.json()["error"]["message"], refused.text
+    assert held(await usage(api, headers)) == (400, 640)
+
+
 async def test_reservations_stored_for_one_replica_are_corrected_when_the_control_plane_starts(api: Api) -> None:
     customer_id, headers = await api.new_customer()
     created = await api.client.post(
