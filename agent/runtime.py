@@ -162,6 +162,7 @@ class NatsAgentRuntime:
         self._scope_of: weakref.WeakKeyDictionary[CancellationToken, str] = weakref.WeakKeyDictionary()
         self._cancelled: dict[str, None] = {}  # recent cancelled scopes: a late message starts cancelled
         self._id_prefix = uuid.uuid4().hex[:16]
+        self._replies = f"{namespace}.r.{self._id_prefix}."  # this runtime's answers: see ask()
         self._ids = itertools.count()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._unscoped: weakref.WeakSet[CancellationToken] = weakref.WeakSet()  # tokens of no scope
@@ -199,6 +200,7 @@ class NatsAgentRuntime:
             raise RuntimeError("runtime already started")
         self._started = True
         await self._wire.ready()
+        await self._listen(self._replies + "*", self._wire.answer)
         await self._listen(f"{self._ns}.x.cancel", self._on_cancel)
         for agent_type in self._factories:
             await self._serve_type(agent_type)
@@ -233,6 +235,13 @@ class NatsAgentRuntime:
         self._cancel_scope(_ALL)
         if not self._nc.is_closed:
             await self._wire.publish(f"{self._ns}.x.cancel", _ALL.encode())
+
+    def ask(self, subject: str, payload: bytes, timeout: float, *, poll: bool = True) -> asyncio.Future[Msg]:
+        """A request (:meth:`Wire.ask`) whose answer comes back inside this run's namespace
+        (``<namespace>.r.<runtime>.<n>``), not to the connection's inbox: an agent may publish on its own
+        customer's ``caravan.rt`` subjects and nowhere else, answers included (NATS's ``allow_responses`` would
+        let it publish anywhere: a request it sends itself names the reply subject). Once started."""
+        return self._wire.ask(subject, payload, timeout, poll=poll, inbox=self._replies)
 
     def listen_ahead(self, topic_types: Sequence[str], direct_to: Sequence[str] = ()) -> None:
         """Listen from :meth:`start` on the subjects of these topic types, and of the direct messages (topic type
@@ -526,7 +535,7 @@ class NatsAgentRuntime:
     ) -> tuple[dict[str, Any], bytes]:
         meta = {"op": op, "k": agent.key, **(meta or {})}
         subject = _agent_subject(self._ns, agent.type)
-        future = self._wire.ask(subject, _frame(meta, payload), self._rpc_timeout)
+        future = self.ask(subject, _frame(meta, payload), self._rpc_timeout)
         if token is not None:
             token.link_future(future)
         try:

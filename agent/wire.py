@@ -339,7 +339,7 @@ class Wire:
         async with self._inbox_lock:
             if self._inbox is None:
                 inbox = self._nc.new_inbox() + "."
-                await self.subscribe(inbox + "*", self._on_answer)
+                await self.subscribe(inbox + "*", self.answer)
                 self._inbox = inbox
 
     @property
@@ -355,6 +355,7 @@ class Wire:
         headers: dict[str, str] | None = None,
         *,
         poll: bool = True,
+        inbox: str | None = None,
     ) -> asyncio.Future[Msg]:
         """Send a request; the future holds the answer, or ``nats.errors.TimeoutError`` /
         ``NoRespondersError`` / ``ConnectionClosedError`` (closed while it waited: while the connection is only
@@ -362,21 +363,22 @@ class Wire:
         (``OutboundBufferLimitError``). Cancelling the future forgets the request. Call :meth:`ready` once
         first; raises ``ConnectionClosedError`` on a closed connection. ``poll``: the caller waits for the
         answer, so the event loop polls for it for a moment (:attr:`spin_s`); False for one it does not wait
-        on (:meth:`store`)."""
+        on (:meth:`store`). ``inbox``: the answer comes under this prefix (ending with ``.``) instead of the
+        connection's inbox, whose owner subscribes ``<inbox>*`` with :meth:`answer` as the callback."""
         if self._inbox is None:
             raise RuntimeError("Wire.ready() was not awaited")
         if self._nc.is_closed:
             raise nats.errors.ConnectionClosedError
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
-        token = f"{next(self._tokens):x}"
-        self._waiting[token] = future
+        reply = f"{inbox or self._inbox}{next(self._tokens):x}"
+        self._waiting[reply] = future
         timer = loop.call_later(timeout, _expire, future)
 
         polled = poll and self.spin_s > 0
 
         def forget(_: asyncio.Future[Msg]) -> None:
-            self._waiting.pop(token, None)
+            self._waiting.pop(reply, None)
             timer.cancel()
             if polled:
                 self._polled -= 1
@@ -387,7 +389,7 @@ class Wire:
             self._spin_until = time.perf_counter() + self.spin_s
             self._poll(loop)
         try:
-            publishing = self.send_soon(subject, payload, self._inbox + token, headers)
+            publishing = self.send_soon(subject, payload, reply, headers)
         except BaseException:  # refused at once (too big, a bad subject): nothing to wait for
             future.cancel()
             raise
@@ -436,8 +438,9 @@ class Wire:
             if not future.done():
                 future.set_exception(nats.errors.ConnectionClosedError())
 
-    def _on_answer(self, msg: Msg) -> None:
-        future = self._waiting.get(msg.subject[len(self._inbox or "") :])
+    def answer(self, msg: Msg) -> None:
+        """The callback of an inbox's subscription: settles the request that ``msg`` answers (see :meth:`ask`)."""
+        future = self._waiting.get(msg.subject)
         if future is None or future.done():
             return
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS and not msg.data:

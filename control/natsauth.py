@@ -82,7 +82,10 @@ def agent_permissions(customer_id: str, agent_id: str) -> dict[str, Any]:
         "publish": {
             "allow": [
                 f"caravan.events.{customer_id}.>",
-                f"caravan.rt.{customer_id}.>",  # team runs of this customer (agent/runtime.py)
+                # team runs of this customer (agent/runtime.py), answers to their requests too: a team's requests
+                # are answered inside its run's subjects, and an agent answers nowhere else (no allow_responses,
+                # which lets it publish wherever a message it receives says to answer, and it can send itself one)
+                f"caravan.rt.{customer_id}.>",
                 f"caravan.ctl.{customer_id}.definition.{agent_id}",
                 f"$JS.API.CONSUMER.INFO.{TASKS_STREAM}.{consumer}",
                 f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{consumer}",
@@ -97,8 +100,6 @@ def agent_permissions(customer_id: str, agent_id: str) -> dict[str, Any]:
                 "$JS.FC.>",
             ]
         },
-        # answers to requests it received (a team member's replies to its run's manager), once each
-        "allow_responses": True,
         "subscribe": {
             "allow": [
                 f"{inbox_prefix(agent_id)}.>",

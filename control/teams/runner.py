@@ -337,7 +337,7 @@ class TeamRunner:
             await runtime.start()
             beats.append(asyncio.create_task(self._beat(runtime.namespace)))
             try:
-                joined = await self._join(task, attempt, team, members, run_id, active)
+                joined = await self._join(task, attempt, team, members, run_id, runtime, active)
             except _Cancelled:  # while the members joined (or started)
                 await self._cancelled(task, attempt)
                 return
@@ -467,7 +467,14 @@ class TeamRunner:
         await self._status(task, attempt, "completed", stop_reason)
 
     async def _join(
-        self, task: Task, attempt: int, team: Team, members: dict[str, AgentDefinition], run_id: str, active: _Active
+        self,
+        task: Task,
+        attempt: int,
+        team: Team,
+        members: dict[str, AgentDefinition],
+        run_id: str,
+        runtime: NatsAgentRuntime,
+        active: _Active,
     ) -> dict[str, MemberJoined]:
         """Enlist a replica of every member; :class:`_Cancelled` if the task is cancelled meanwhile. A member that
         does not answer at once is waited for up to ``join_timeout_s`` (the task's status says so) while it may
@@ -494,9 +501,8 @@ class TeamRunner:
                 if active.cancelled:
                     raise _Cancelled
                 try:
-                    reply = await self._jet.nc.request(
-                        join_subject(task.customer_id, agent_id), request.model_dump_json().encode(), timeout=5
-                    )
+                    subject, payload = join_subject(task.customer_id, agent_id), request.model_dump_json().encode()
+                    reply = await runtime.ask(subject, payload, timeout=5, poll=False)  # answered in the run's subjects
                     answer = join_answer(reply.data)
                     if isinstance(answer, MemberRefused):
                         raise _Failed(f"team member {name} ({agent_id}) could not join: {answer.refused}")

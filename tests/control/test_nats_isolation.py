@@ -126,6 +126,39 @@ async def test_one_customers_agent_cannot_reach_another_customers_subjects(secur
         await nc.close()
 
 
+async def test_an_agent_cannot_publish_elsewhere_by_answering_a_message_it_sent_itself(secured: Secured) -> None:
+    """An answer goes where the message answered names: with NATS's allow_responses, an agent that sent itself a
+    message naming another customer's subject (or JetStream's API) could then publish there, anything."""
+    api = secured.api
+    a_customer, a_headers = await api.new_customer("a")
+    b_customer, _ = await api.new_customer("b")
+    a_agent = await running_agent(api, a_headers)
+    control = secured.auth.control()
+    platform = await nats.connect(secured.url, user=control.user, password=control.password)
+    violations = Violations()
+    nc = await connect_as(secured, a_agent["id"], violations)
+    try:
+        keys = (await platform.jetstream().stream_info("KV_caravan_keys")).state.messages
+        forged = f"caravan.events.{b_customer}.task.tk-0123456789ab"
+        heard = await platform.subscribe(forged)
+        await platform.flush()
+        mirror = await nc.subscribe(f"caravan.rt.{a_customer}.mirror")
+        for target in (forged, "$JS.API.STREAM.PURGE.KV_caravan_keys"):
+            await nc.publish(f"caravan.rt.{a_customer}.mirror", b"", reply=target)
+            received = await mirror.next_msg(timeout=5)
+            assert received.reply == target
+            await received.respond(b'{"kind": "result", "content": "forged"}')
+            await nc.flush()
+            await violations.seen(f'Permissions Violation for Publish to "{target}"')
+        await platform.flush()
+        with pytest.raises(nats.errors.TimeoutError):
+            await heard.next_msg(timeout=0.5)
+        assert (await platform.jetstream().stream_info("KV_caravan_keys")).state.messages == keys  # every key kept
+    finally:
+        await nc.close()
+        await platform.close()
+
+
 async def test_the_platform_user_cannot_delete_the_audit_log_and_strangers_cannot_connect(secured: Secured) -> None:
     control = secured.auth.control()
     violations = Violations()
