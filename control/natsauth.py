@@ -90,14 +90,10 @@ def agent_permissions(customer_id: str, agent_id: str) -> dict[str, Any]:
                 f"$JS.API.CONSUMER.INFO.{TASKS_STREAM}.{consumer}",
                 f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{consumer}",
                 f"$JS.ACK.{TASKS_STREAM}.{consumer}.>",
-                f"$JS.API.STREAM.INFO.{FLAGS_STREAM}",
-                f"$JS.API.CONSUMER.CREATE.{FLAGS_STREAM}",
-                f"$JS.API.CONSUMER.CREATE.{FLAGS_STREAM}.>",
-                f"$JS.API.CONSUMER.INFO.{FLAGS_STREAM}.>",
-                f"$JS.API.CONSUMER.DELETE.{FLAGS_STREAM}.>",
-                # the current value of exactly the flags that cover this agent (agent/backends/natskv.py)
+                # the current value of exactly the flags that cover this agent (agent/backends/natskv.py); no
+                # stream info (it lists every key) and no consumer (its delivery subject, and the heartbeats sent
+                # there, would go wherever the agent said: another customer's subjects too)
                 *(f"$JS.API.DIRECT.GET.{FLAGS_STREAM}.$KV.{FLAGS_BUCKET}.{key}" for key in flag_keys),
-                "$JS.FC.>",
             ]
         },
         "subscribe": {
@@ -106,6 +102,7 @@ def agent_permissions(customer_id: str, agent_id: str) -> dict[str, Any]:
                 f"caravan.rt.{customer_id}.>",
                 f"caravan.ctl.{customer_id}.cancel.{agent_id}",
                 "caravan.broadcast",
+                *(f"$KV.{FLAGS_BUCKET}.{key}" for key in flag_keys),  # a write to a flag that covers it, as made
             ]
         },
     }

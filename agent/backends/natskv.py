@@ -122,6 +122,15 @@ async def _last_values(
         await sub.unsubscribe()
 
 
+async def _current(kv: KeyValue, key: str) -> KeyValue.Entry | None:
+    """The last entry of ``key``, its delete or purge marker included (with no value); None if never written."""
+    try:
+        return await kv.get(key)
+    except KeyNotFoundError as exc:
+        entry: KeyValue.Entry | None = exc.entry
+        return entry
+
+
 async def _get(kv: KeyValue, key: str) -> KeyValue.Entry | None:
     try:
         return await kv.get(key)
@@ -158,10 +167,17 @@ class NatsKVFlags:
             if self._create:
                 config = KeyValueConfig(bucket=BUCKET, history=5, storage=StorageType.FILE, direct=True)
                 self._kv = await js.create_key_value(config)
-            else:
-                self._kv = await js.key_value(BUCKET)
+                return
         except BucketNotFoundError as exc:
             raise FlagStoreUnavailable(f"no JetStream KV bucket {BUCKET!r}") from exc
+        # Bound without asking for the stream's info (nats-py's key_value() does): an agent may not, as that
+        # info lists every key, other customers' flags too. The platform makes the bucket with direct gets.
+        kv = KeyValue(name=BUCKET, stream=f"KV_{BUCKET}", pre=f"$KV.{BUCKET}.", js=js, direct=True)
+        try:
+            await _current(kv, kv_key(FlagKey(Scope.ALL)))
+        except nats.errors.NoRespondersError as exc:
+            raise FlagStoreUnavailable(f"no JetStream KV bucket {BUCKET!r}") from exc
+        self._kv = kv
 
     async def stop(self) -> None:
         self._kv = None
@@ -234,53 +250,47 @@ class NatsKVFlags:
                 yield snapshot
 
     async def _watch_connected(self, keys: Sequence[FlagKey], heartbeat: float) -> AsyncIterator[FlagSnapshot]:
-        """Watch until the connection drops; then return so that the caller re-reads everything."""
-        updates: asyncio.Queue[tuple[FlagKey, KeyValue.Entry]] = asyncio.Queue()
+        """Watch until the connection drops; then return so that the caller re-reads everything. A write to a
+        key is heard on its own subject (a plain subscription, as permissions allow an agent for its three keys:
+        no consumer, whose delivery subject would be anyone's to name), then its value read, with its revision."""
+        kv = self.kv
+        changed: asyncio.Queue[FlagKey] = asyncio.Queue()
+        by_subject = {f"{kv._pre}{kv_key(key)}": key for key in keys}
         flags: dict[FlagKey, Flag] = {}
         known: dict[FlagKey, int] = {}  # the newest revision applied, per key
-        watchers = []
-        pumps: list[asyncio.Task[None]] = []
+        subs = []
 
-        async def pump(key: FlagKey, watcher: KeyValue.KeyWatcher) -> None:
-            async for entry in watcher:
-                if entry is not None:  # None: nats-py's end of the initial values, not relied on (below)
-                    await updates.put((key, entry))
+        async def heard(msg: Msg) -> None:
+            await changed.put(by_subject[msg.subject])
 
         def apply(key: FlagKey, entry: KeyValue.Entry | None) -> None:
-            if entry is None:
-                return
+            if entry is None or (entry.revision or 0) <= known.get(key, 0):
+                return  # never written, or not newer than what was applied
             known[key] = entry.revision or 0
-            if entry.operation in _DELETED or not entry.value:
+            if not entry.value:  # a delete or purge marker
                 flags.pop(key, None)
             else:
                 flags[key] = Flag.decode(key, entry.value, entry.revision or 0)
 
         try:
-            for key in keys:
-                watcher = await self.kv.watch(kv_key(key))
-                watchers.append(watcher)
-                pumps.append(asyncio.create_task(pump(key, watcher)))
-            # A watcher can mark its initial values done before the value arrives (nats-py compares the
-            # consumer's pending count while the value is still in flight), so the first snapshot is read from
-            # the keys once the watchers exist; what the watchers send counts only when it is newer.
-            current = await asyncio.gather(*(_get(self.kv, kv_key(key)) for key in keys))
+            for subject in by_subject:
+                subs.append(await self._nc.subscribe(subject, cb=heard))
+            await self._nc.flush()  # listening before the keys are read: no write falls between
+            current = await asyncio.gather(*(_current(kv, kv_key(key)) for key in keys))
             for key, found in zip(keys, current, strict=True):
                 apply(key, found)
             yield FlagSnapshot(dict(flags))
             while True:
                 try:
-                    key, entry = await asyncio.wait_for(updates.get(), timeout=heartbeat)
+                    key = await asyncio.wait_for(changed.get(), timeout=heartbeat)
                 except TimeoutError:
                     if not self._nc.is_connected:
                         return
                     yield FlagSnapshot(dict(flags))
                     continue
-                if (entry.revision or 0) > known.get(key, 0):
-                    apply(key, entry)
-                    yield FlagSnapshot(dict(flags))
+                apply(key, await _current(kv, kv_key(key)))
+                yield FlagSnapshot(dict(flags))
         finally:
-            for task in pumps:
-                task.cancel()
-            for watcher in watchers:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()
+            for sub in subs:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()

@@ -14,7 +14,9 @@ from typing import Any
 
 import nats
 import pytest
+from nats.js.api import ConsumerConfig
 
+from agent.backends.natskv import NatsKVFlags
 from control.natsauth import NatsAuth
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
@@ -116,12 +118,51 @@ async def test_one_customers_agent_cannot_reach_another_customers_subjects(secur
         await nc.flush()
         await violations.seen(f"_INBOX_{b_agent['id']}")
         # the killswitch flags that cover it can be read (its watch starts from them); B's flag cannot
-        flags = await nc.jetstream(timeout=2).key_value("caravan_flags")
+        store = NatsKVFlags(nc)
+        await store.start()  # as the agent binds it
+        flags = store.kv
         with pytest.raises(nats.js.errors.KeyNotFoundError):
             await flags.get(f"killswitch.agent.{a_agent['id']}")  # allowed: none is engaged
         with pytest.raises(nats.errors.TimeoutError):  # refused: no answer (a KeyNotFoundError would be a read)
             await flags.get(f"killswitch.customer.{b_customer}")
         await violations.seen(f"killswitch.customer.{b_customer}")
+    finally:
+        await nc.close()
+
+
+async def test_an_agent_learns_nothing_of_other_flags_and_makes_no_consumer_of_them(secured: Secured) -> None:
+    """The flags bucket holds every customer's: its stream's info lists their keys, and a consumer reads their
+    values (the reason, the admin), its delivery subject named by whoever makes it, any customer's. An agent
+    watches its three flags by their subjects instead."""
+    api = secured.api
+    _, a_headers = await api.new_customer("a")
+    b_customer, _ = await api.new_customer("b")
+    a_agent = await running_agent(api, a_headers)
+    engaged = await api.client.post(
+        "/v1/admin/killswitch",
+        json={"scope": "customer", "customer_id": b_customer, "reason": "unpaid"},
+        headers=await api.admin(),
+    )
+    assert engaged.status_code == 200, engaged.text
+    violations = Violations()
+    nc = await connect_as(secured, a_agent["id"], violations)
+    js = nc.jetstream(timeout=1)
+    try:
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.stream_info("KV_caravan_flags", subjects_filter=">")
+        await violations.seen('Permissions Violation for Publish to "$JS.API.STREAM.INFO.KV_caravan_flags"')
+        inbox = f"_INBOX_{a_agent['id']}.flags"
+        read = await nc.subscribe(inbox)
+        for deliver in (inbox, f"caravan.ctl.{b_customer}.cancel.ag-0123456789ab"):
+            config = ConsumerConfig(deliver_subject=deliver, filter_subject="$KV.caravan_flags.>", idle_heartbeat=1)
+            with pytest.raises(nats.errors.TimeoutError):
+                await js.add_consumer("KV_caravan_flags", config)
+        await violations.seen('Permissions Violation for Publish to "$JS.API.CONSUMER.CREATE.KV_caravan_flags"')
+        with pytest.raises(nats.errors.TimeoutError):
+            await read.next_msg(timeout=0.5)
+        await nc.subscribe("$KV.caravan_flags.>")
+        await nc.flush()
+        await violations.seen('Permissions Violation for Subscription to "$KV.caravan_flags.>"')
     finally:
         await nc.close()
 
