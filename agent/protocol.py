@@ -46,6 +46,7 @@ __all__ = [
     "cancel_subject",
     "consumer_name",
     "definition_subject",
+    "event_on_its_subject",
     "http_url_problem",
     "model_key_env",
     "required_model_key",
@@ -329,3 +330,14 @@ class Event(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     at: datetime = Field(default_factory=utcnow)
     attempt: int = 1
+
+
+def event_on_its_subject(subject: str, event: Event) -> bool:
+    """Whether ``event`` came on the subject its own ids name (a task's event on its task's, an agent's on its
+    agent's): NATS lets an agent publish on its own customer's event subjects only, and an event there naming
+    another customer's task or agent in its body is forged."""
+    if event.task_id is not None:
+        return subject.split(".") == ["caravan", "events", event.customer_id, "task", event.task_id]
+    if event.agent_id is not None:
+        return subject.split(".") == ["caravan", "events", event.customer_id, "agent", event.agent_id]
+    return True

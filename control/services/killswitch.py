@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, model_validator
 
 from agent.backends.base import Flag, FlagKey, FlagStore, Scope
-from agent.protocol import AgentEventKind, Event
+from agent.protocol import AgentEventKind, Event, event_on_its_subject
 from control.backends.base import Registry
 from control.errors import CaravanError, Conflict, Invalid, NotFound
 from control.models import Agent, AgentRef, AgentStatus, Role, Visible
@@ -247,6 +247,8 @@ class KillswitchService:
         async def on_event(msg: Msg) -> None:
             event = Event.model_validate_json(msg.data)
             if event.kind != AgentEventKind.KILLSWITCH or event.agent_id is None:
+                return
+            if not event_on_its_subject(msg.subject, event):  # another customer's agent's, said by a forger
                 return
             ids = event.data.get("flag_ids") or []
             if (flag_id in ids) if request.engaged else (flag_id not in ids):

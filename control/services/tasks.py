@@ -40,6 +40,7 @@ from agent.protocol import (
     TaskRequest,
     cancel_subject,
     consumer_name,
+    event_on_its_subject,
     task_events_subject,
     task_subject,
     utcnow,
@@ -807,10 +808,14 @@ class TaskService:
     @staticmethod
     def _decode(msg: Msg) -> Event | None:
         try:
-            return Event.model_validate_json(msg.data)
+            event = Event.model_validate_json(msg.data)
         except ValueError:
             log.warning("skipping a malformed event on %s", msg.subject)
             return None
+        if not event_on_its_subject(msg.subject, event):
+            log.warning("skipping an event on %s that names another task, agent or customer", msg.subject)
+            return None
+        return event
 
     @staticmethod
     async def _guarded(msg: Msg, folding: Awaitable[None]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,38 @@ async def test_an_agent_cannot_publish_elsewhere_by_answering_a_message_it_sent_
     finally:
         await nc.close()
         await platform.close()
+
+
+async def test_an_event_naming_another_customer_than_its_subject_changes_nothing(secured: Secured) -> None:
+    """An agent publishes on its own customer's event subjects only, but what an event is about is in its body:
+    one on customer A's subject naming customer B's task (or agent) is not B's, nor anyone's."""
+    api = secured.api
+    a_customer, a_headers = await api.new_customer("a")
+    b_customer, b_headers = await api.new_customer("b")
+    a_agent = await running_agent(api, a_headers)
+    slow = {"provider": "replay", "name": "scripted", "responses": ["late"], "delay_ms": 60_000}
+    b_agent = await running_agent(api, b_headers, model=slow, tools=[])
+    b_task = await start_task(api, b_headers, b_agent["id"])  # runs until it is cancelled
+    violations = Violations()
+    nc = await connect_as(secured, a_agent["id"], violations)
+    try:
+        js = nc.jetstream(timeout=5)
+        about = {"task_id": b_task, "agent_id": b_agent["id"], "customer_id": b_customer}
+        for forged in (
+            {"kind": "message", "source": "calc", "content": "forged", **about},
+            {"kind": "usage", "data": {"prompt_tokens": 999999, "completion_tokens": 999999}, **about},
+            {"kind": "result", "content": "forged", **about},
+            {"kind": "status", "content": "completed", **about},
+        ):
+            await js.publish(f"caravan.events.{a_customer}.task.{b_task}", json.dumps(forged).encode())
+    finally:
+        await nc.close()
+    cancelled = await api.client.post(f"/v1/tasks/{b_task}/cancel", headers=b_headers)
+    assert cancelled.status_code == 202, cancelled.text
+    task = await finished(api, b_headers, b_task)  # folded after the forged events, which came first
+    assert task["status"] == "cancelled" and task["result"] is None
+    assert [m["content"] for m in task["messages"] if m["content"] == "forged"] == []
+    assert task["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
 
 
 async def test_the_platform_user_cannot_delete_the_audit_log_and_strangers_cannot_connect(secured: Secured) -> None:
