@@ -286,6 +286,12 @@ class NatsKVFlags:
                 except TimeoutError:
                     if not self._nc.is_connected:
                         return
+                    # Read again each heartbeat: a write made while the connection was away for a moment (it came
+                    # back within the heartbeat) is heard by no subscription, and a direct get that a lagging
+                    # replica of a clustered bucket answered may not have had it yet.
+                    current = await asyncio.gather(*(_current(kv, kv_key(key)) for key in keys))
+                    for key, found in zip(keys, current, strict=True):
+                        apply(key, found)
                     yield FlagSnapshot(dict(flags))
                     continue
                 apply(key, await _current(kv, kv_key(key)))

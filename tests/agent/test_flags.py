@@ -7,10 +7,12 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 import pytest
 
+from agent.backends import natskv
 from agent.backends.base import Flag, FlagKey, FlagSnapshot, FlagStore, Scope
 from agent.backends.consul import ConsulFlags, consul_client
 from agent.backends.natskv import NatsKVFlags
@@ -144,6 +146,40 @@ async def test_a_quiet_store_stays_reachable_under_a_short_heartbeat(backend: Ba
     finally:
         await watch.aclose()  # type: ignore[attr-defined]
     assert seen and all(snapshot.reachable for snapshot in seen), [s.error for s in seen if not s.reachable]
+
+
+async def test_a_write_the_watch_did_not_read_at_once_is_read_within_a_heartbeat(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent hears a write to one of its flags on the key's subject, then reads the key. A read that finds the
+    write not there yet (a lagging replica of a clustered bucket), or a write made while its connection was away
+    for a moment, is not heard again: the watch reads its keys again each heartbeat, so the agent halts within one
+    rather than at the next write, whenever that comes."""
+    nc = await nats.connect(nats_server.url)
+    store = NatsKVFlags(nc, create=True)
+    await store.start()
+    stale = asyncio.Event()
+    read = natskv._current
+
+    async def lagging(kv: Any, key: str) -> Any:
+        if stale.is_set():  # the first read after the write finds what was there before it
+            stale.clear()
+            return None
+        return await read(kv, key)
+
+    monkeypatch.setattr(natskv, "_current", lagging)
+    agent = unique("ag")
+    watch = store.watch([FlagKey(Scope.AGENT, agent)], heartbeat=0.3)
+    try:
+        assert (await watch.__anext__()).engaged() == []
+        stale.set()
+        await store.put(Flag(scope=Scope.AGENT, target=agent, reason="stop", id="e1"))
+        seen = await assert_eventually(watch.__anext__, lambda s: s.engaged() != [], what="the flag read", within=5)
+        assert [f.reason for f in seen.engaged()] == ["stop"] and not stale.is_set()
+    finally:
+        await watch.aclose()  # type: ignore[attr-defined]
+        await store.stop()
+        await nc.close()
 
 
 async def test_values_written_by_hand_are_honoured(backend: Backend, nats_server: EmbeddedNats) -> None:
