@@ -272,13 +272,16 @@ class NatsKVFlags:
             else:
                 flags[key] = Flag.decode(key, entry.value, entry.revision or 0)
 
+        async def read_all() -> None:
+            current = await asyncio.gather(*(_current(kv, kv_key(key)) for key in keys))
+            for key, found in zip(keys, current, strict=True):
+                apply(key, found)
+
         try:
             for subject in by_subject:
                 subs.append(await self._nc.subscribe(subject, cb=heard))
             await self._nc.flush()  # listening before the keys are read: no write falls between
-            current = await asyncio.gather(*(_current(kv, kv_key(key)) for key in keys))
-            for key, found in zip(keys, current, strict=True):
-                apply(key, found)
+            await read_all()
             yield FlagSnapshot(dict(flags))
             while True:
                 try:
@@ -289,9 +292,7 @@ class NatsKVFlags:
                     # Read again each heartbeat: a write made while the connection was away for a moment (it came
                     # back within the heartbeat) is heard by no subscription, and a direct get that a lagging
                     # replica of a clustered bucket answered may not have had it yet.
-                    current = await asyncio.gather(*(_current(kv, kv_key(key)) for key in keys))
-                    for key, found in zip(keys, current, strict=True):
-                        apply(key, found)
+                    await read_all()
                     yield FlagSnapshot(dict(flags))
                     continue
                 apply(key, await _current(kv, kv_key(key)))

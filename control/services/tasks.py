@@ -903,8 +903,12 @@ class TaskService:
         if after.status in TERMINAL_TASK_STATUSES and was_open:  # after the metering: it drops the task's mark
             await _patiently(f"release the slot of {key}", lambda: self._quotas.release_task(customer_id, after.id))
             await self._index.ended_now(after)  # (after its record: see control.services.task_index)
-        asked = any(_asks(event) for _, event in sequenced)
-        if asked and after.cancel_requested and after.status == TaskStatus.AWAITING_INPUT and self._teams is not None:
+        if (
+            after.cancel_requested
+            and after.status == TaskStatus.AWAITING_INPUT
+            and self._teams is not None
+            and any(_asks(event) for _, event in sequenced)
+        ):
             # a team's run asked the human as the cancel came: the cancel read the record as `running` and told the
             # manager, whose run had ended; nobody else ends the task, which would wait for an answer for good
             teams = self._teams

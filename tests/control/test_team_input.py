@@ -61,6 +61,18 @@ async def asking_task(api: Api, headers: dict[str, str], specs: dict[str, dict[s
     return task_id
 
 
+async def running_unfolded(api: Api, monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict[str, str], str, asyncio.Event]:
+    """A new customer's team task that will ask the human, `running`, its events no longer folded into its record
+    (the record stays `running`) until the event returned is set: customer, headers, task id and that event."""
+    customer_id, headers = await api.new_customer()
+    made = await agents(api, headers, {**SPECS, "maker": {"model": script("m1", "m2", "m3", delay_ms=300)}})
+    asker, maker = made["asker"]["id"], made["maker"]["id"]
+    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=ASKING)
+    task_id = await start(api, headers, created["id"], "Paint the fence.")
+    assert (await task_status(api, headers, task_id, ("running", *TERMINAL)))["status"] == "running"
+    return customer_id, headers, task_id, held_folding(monkeypatch, api.control.tasks)
+
+
 async def asked_and_answered(specs: dict[str, dict[str, Any]], *answers: str) -> list[tuple[Any, ...]]:
     """The transcript of :func:`asking_task`'s team run by AgentChat in this process, given ``answers`` in turn."""
     local = local_team(specs, "round_robin", HandoffTermination("user") | MaxMessageTermination(5), {"asker": ["user"]})
@@ -372,13 +384,7 @@ async def test_an_answer_sent_as_the_question_shows_on_the_event_stream_is_taken
 ) -> None:
     """A client that answers as soon as the stream shows `awaiting_input` may come before the record says so (the
     events are folded into it a moment later): the answer is taken, not refused as for a running task."""
-    customer_id, headers = await api.new_customer()
-    made = await agents(api, headers, {**SPECS, "maker": {"model": script("m1", "m2", "m3", delay_ms=300)}})
-    asker, maker = made["asker"]["id"], made["maker"]["id"]
-    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=ASKING)
-    task_id = await start(api, headers, created["id"], "Paint the fence.")
-    assert (await task_status(api, headers, task_id, ("running", *TERMINAL)))["status"] == "running"
-    folding = held_folding(monkeypatch, api.control.tasks)  # from now on the record stays `running`
+    customer_id, headers, task_id, folding = await running_unfolded(api, monkeypatch)
     checkpoints = Repo(api.control.jet.kv["team_state"], Checkpoint)
     await assert_eventually(
         lambda: checkpoints.get(task_key(customer_id, task_id)),
@@ -522,13 +528,7 @@ async def test_a_cancel_as_the_team_asks_the_human_ends_the_task_rather_than_lea
     to stop, and the task waited for an answer for good, holding its quota slot, though its cancel was 202. It
     ends `cancelled` once its question is folded in, its saved state gone; an answer, before that or after, is
     refused (it was queued, only for the manager to end the task on it)."""
-    customer_id, headers = await api.new_customer()
-    made = await agents(api, headers, {**SPECS, "maker": {"model": script("m1", "m2", "m3", delay_ms=300)}})
-    asker, maker = made["asker"]["id"], made["maker"]["id"]
-    created = await team(api, headers, members=[asker, maker], handoffs={asker: ["user"]}, termination=ASKING)
-    task_id = await start(api, headers, created["id"], "Paint the fence.")
-    assert (await task_status(api, headers, task_id, ("running", *TERMINAL)))["status"] == "running"
-    folding = held_folding(monkeypatch, api.control.tasks)  # from now on the record stays `running`
+    customer_id, headers, task_id, folding = await running_unfolded(api, monkeypatch)
     runner = api.control.team_runner
     await assert_eventually(
         lambda: stored_events(api.control.jet.js, customer_id, task_id),
