@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import psutil
 import pytest
 from nats.js.api import ConsumerConfig
 
@@ -24,7 +25,7 @@ from control.platform import ControlPlane
 from control.services.audit import AUDIT_STREAM
 from tests.conftest import Api, make_settings, serve_api
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
-from tests.support.helpers import assert_eventually
+from tests.support.helpers import assert_eventually, stalled
 
 
 @dataclass
@@ -231,6 +232,60 @@ async def test_an_event_naming_another_customer_than_its_subject_changes_nothing
     assert task["status"] == "cancelled" and task["result"] is None
     assert [m["content"] for m in task["messages"] if m["content"] == "forged"] == []
     assert task["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+
+
+async def test_an_acknowledgement_naming_another_customers_agent_answers_for_nothing(secured: Secured) -> None:
+    """A killswitch counts an agent's acknowledgement on that agent's own subject only: customer A's agent,
+    saying on A's subjects that B's agent resumed, does not make a release of B's agent look heard while B's
+    agent (stopped here) has heard nothing."""
+    api = secured.api
+    a_customer, a_headers = await api.new_customer("a")
+    b_customer, b_headers = await api.new_customer("b")
+    a_agent = await running_agent(api, a_headers)
+    b_agent = await running_agent(api, b_headers)
+    admin = await api.admin()
+    target = {"scope": "agent", "agent_id": b_agent["id"]}
+    engaged = await api.client.post("/v1/admin/killswitch", json={**target, "reason": "drill"}, headers=admin)
+    assert engaged.status_code == 200 and engaged.json()["unacknowledged"] == [], engaged.text
+    [b_process] = agent_processes(b_agent["id"])
+    forged = {
+        "kind": "killswitch",
+        "agent_id": b_agent["id"],
+        "customer_id": b_customer,
+        "data": {"halted": False, "flag_ids": [], "alloc_id": b_process.environ()["NOMAD_ALLOC_ID"]},
+    }
+    violations = Violations()
+    nc = await connect_as(secured, a_agent["id"], violations)
+
+    async def forge() -> None:
+        while True:
+            await nc.publish(f"caravan.events.{a_customer}.agent.{a_agent['id']}", json.dumps(forged).encode())
+            await asyncio.sleep(0.02)
+
+    forging = asyncio.create_task(forge())
+    try:
+        with stalled(b_process.pid):
+            released = await api.client.post(
+                "/v1/admin/killswitch",
+                json={**target, "engaged": False, "reason": "drill over", "wait_ms": 1000},
+                headers=admin,
+            )
+    finally:
+        forging.cancel()
+        await nc.close()
+    assert released.status_code == 200, released.text
+    assert (released.json()["acknowledged"], released.json()["unacknowledged"]) == (0, [b_agent["id"]])
+    assert violations.errors == []  # A's agent published on its own subject: permitted, and counted for nothing
+
+
+def agent_processes(agent_id: str) -> list[psutil.Process]:
+    """The processes the local scheduler runs for an agent (its job's task, started with the agent's env)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.environ().get("CARAVAN_AGENT_ID") == agent_id:
+                found.append(child)
+    return found
 
 
 async def test_the_platform_user_cannot_delete_the_audit_log_and_strangers_cannot_connect(secured: Secured) -> None:
