@@ -214,7 +214,10 @@ class QuotaService:
                 return None
             quota = record.quota
             if quota.max_agents is not None and len(record.agents) + 1 > quota.max_agents:
-                raise QuotaExceeded(f"quota exceeded: at most {_count(quota.max_agents, 'agent')}")
+                raise QuotaExceeded(
+                    f"quota exceeded: at most {_count(quota.max_agents, 'agent')} and the customer has "
+                    f"{len(record.agents)}: delete one, or ask an operator for a higher max_agents"
+                )
             _check_resources(record, agent_id, reservation)
             running = {**record.running, agent_id: reservation}
             return record.model_copy(update={"agents": [*record.agents, agent_id], "running": running})
@@ -296,7 +299,10 @@ class QuotaService:
                 return None
             limit = record.quota.max_concurrent_tasks
             if limit is not None and len(record.tasks) + 1 > limit:
-                raise QuotaExceeded(f"quota exceeded: at most {_count(limit, 'concurrent task')}")
+                raise QuotaExceeded(
+                    f"quota exceeded: at most {_count(limit, 'concurrent task')} and {len(record.tasks)} "
+                    f"{'is' if len(record.tasks) == 1 else 'are'} in flight: wait for one to end, or cancel one"
+                )
             _check_budget(record)
             return record.model_copy(update={"tasks": [*record.tasks, task_id]})
 

@@ -49,7 +49,10 @@ async def test_fifty_concurrent_creations_against_a_quota_of_ten_admit_exactly_t
     codes = sorted(r.status_code for r in responses)
     assert codes.count(201) == 10 and codes.count(409) == 40, codes
     refused = next(r for r in responses if r.status_code == 409).json()["error"]
-    assert refused["code"] == "quota_exceeded" and "10 agents" in refused["message"]
+    assert refused["code"] == "quota_exceeded" and refused["message"] == (
+        "quota exceeded: at most 10 agents and the customer has 10: delete one, or ask an operator for a higher "
+        "max_agents"
+    )
     assert len((await api.client.get("/v1/agents", headers=headers)).json()) == 10
     assert (await usage(api, headers))["agents"] == 10
     # a deleted agent gives its place back
@@ -95,7 +98,9 @@ async def test_concurrent_tasks_are_limited_and_released_when_they_end(api: Api)
     first = await start_task(api, headers, agent["id"])
     refused = await api.client.post("/v1/tasks", json={"agent_id": agent["id"], "task": "more"}, headers=headers)
     assert refused.status_code == 409, refused.text
-    assert refused.json()["error"]["message"] == "quota exceeded: at most 1 concurrent task"
+    assert refused.json()["error"]["message"] == (
+        "quota exceeded: at most 1 concurrent task and 1 is in flight: wait for one to end, or cancel one"
+    )
     await api.client.post(f"/v1/tasks/{first}/cancel", headers=headers)
     await finished(api, headers, first)
     await assert_eventually(lambda: usage(api, headers), lambda u: u["concurrent_tasks"] == 0)
