@@ -79,7 +79,8 @@ async def get_principal(
     check_failures(request, take=False)
     try:
         if credentials is None or credentials.scheme.lower() != "bearer":
-            raise Unauthorized("missing bearer token: get one from POST /v1/auth/token")
+            how = "as Authorization: Bearer or ?token=" if request.scope["type"] == "websocket" else "as the bearer"
+            raise Unauthorized(f"missing token: send the access_token of POST /v1/auth/token {how}")
         principal = await control.auth.verify(credentials.credentials)
     except Unauthorized as exc:
         check_failures(request)

@@ -233,6 +233,8 @@ class AuthService:
                 token, self._secret, algorithms=["HS256"], options={"require": ["exp", "iat", "sub", "role", "kid"]}
             )
             role = Role(claims["role"])
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("token expired: exchange your API key for a new one with POST /v1/auth/token") from None
         except (jwt.InvalidTokenError, ValueError) as exc:
             if token.startswith(f"{_KEY_PREFIX}_"):  # (the key itself is not repeated)
                 raise Unauthorized(

@@ -36,6 +36,13 @@ async def test_bad_keys_and_missing_tokens_are_401(api: Api) -> None:
         assert "error" in response.json()
     response = await api.client.get("/v1/agents")
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"]["message"] == (
+        "missing token: send the access_token of POST /v1/auth/token as the bearer"
+    )
+    ws = api.base.replace("http", "ws") + "/v1/tasks/tk-000000000000/ws"
+    assert await assert_ws_refused(ws, 401, "unauthorized") == (  # a browser sets no header on a WebSocket
+        "missing token: send the access_token of POST /v1/auth/token as Authorization: Bearer or ?token="
+    )
     created = await api.client.post("/v1/admin/customers", json={"name": "keyed"}, headers=await api.admin())
     key = created.json()["api_key"]
     as_bearer = await api.client.get("/v1/agents", headers={"Authorization": f"Bearer {key}"})
@@ -60,6 +67,7 @@ async def test_tampered_expired_and_unsigned_tokens_are_refused(api: Api) -> Non
         response = await api.client.get("/v1/admin/customers", headers={"Authorization": f"Bearer {bad}"})
         assert response.status_code == 401, bad
         assert "POST /v1/auth/token" in response.json()["error"]["message"]
+        assert ("token expired" in response.json()["error"]["message"]) == (bad is expired)
         response = await api.client.get("/v1/agents", headers={"Authorization": f"Bearer {bad}"})
         assert response.status_code == 401, bad
 

@@ -369,15 +369,17 @@ async def test_the_websocket_carries_the_same_stream_and_resumes(api: Api) -> No
     assert [f["id"] for f in rest] == [f["id"] for f in frames[3:]]
 
 
-async def assert_ws_refused(url: str, status: int, code: str) -> None:
+async def assert_ws_refused(url: str, status: int, code: str) -> str:
     """The WebSocket handshake itself is refused (a stream that opened and then closed would not do), as an HTTP
-    route would answer: ``status``, with the error body."""
+    route would answer: ``status``, with the error body; its message is returned."""
     with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
         async with websockets.connect(url):
             pass
     response = refused.value.response
     assert response.status_code == status, response.body
-    assert json.loads(response.body)["error"]["code"] == code
+    error = json.loads(response.body)["error"]
+    assert error["code"] == code
+    return str(error["message"])
 
 
 async def test_a_websocket_to_a_path_with_none_is_not_found(api: Api) -> None:
