@@ -20,6 +20,10 @@ __all__ = ["Halt", "KillswitchWatch"]
 log = logging.getLogger("caravan.agent.killswitch")
 
 
+_LOOK_AGAIN_S = 1.0
+"""How long a stopping agent waits to read its flags once more (it is on its way out: not longer)."""
+
+
 @dataclass(frozen=True)
 class Halt:
     """Why the agent is halted: the engaged flags (by engagement id), or the flag store being unreachable."""
@@ -74,6 +78,21 @@ class KillswitchWatch:
             await self._set(
                 Halt(reason=f"flag store not reachable within {self._grace:g}s: halted (fail safe)", fail_safe=True)
             )
+
+    async def look_again(self) -> None:
+        """Read the flags once, now, and halt if one is engaged that the watch has not heard of yet (it resumes
+        only on the watch's word). An agent told to stop asks before it gives its tasks back: a hard killswitch
+        writes the flag, then stops the job, and its SIGTERM may come before the watch hears the write. A store
+        that does not answer within a second changes nothing."""
+        try:
+            async with asyncio.timeout(_LOOK_AGAIN_S):
+                flags = await self._store.read(self._keys)
+        except Exception as exc:  # (timeouts included) the watch's word stands
+            log.warning("flags not read again before stopping: %s", exc or type(exc).__name__)
+            return
+        halt = _halt_for(FlagSnapshot({f.key: f for f in flags}))
+        if halt is not None and (self.halt is None or self.halt.fail_safe):
+            await self._set(halt)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -253,6 +253,8 @@ class AgentWorker:
         if self._psub is not None:
             await self._psub.unsubscribe()
         if self._killswitch is not None:
+            if self._runs or (self._teams is not None and self._teams.runs):  # halted, its runs end killed
+                await self._killswitch.look_again()
             await self._killswitch.stop()
         if self._flags is not None:
             await self._flags.stop()

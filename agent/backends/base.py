@@ -183,6 +183,9 @@ class FlagStore(Protocol):
     async def list(self) -> list[Flag]:
         """Every stored flag of every scope."""
 
+    async def read(self, keys: Sequence[FlagKey]) -> Sequence[Flag]:
+        """The flags stored under ``keys`` now, each read by its key (an agent may read its own keys only)."""
+
     def watch(self, keys: Sequence[FlagKey], heartbeat: float = 5.0) -> AsyncIterator[FlagSnapshot]:
         """Yield a snapshot of ``keys`` at once, on every change, and at least every ``heartbeat`` seconds
         (with ``reachable=False`` while the store cannot be reached). Changes arrive pushed or by blocking

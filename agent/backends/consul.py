@@ -161,6 +161,9 @@ class ConsulFlags(ConsulBackend):
                 flags.append(Flag.decode(key, entry["Value"], int(entry.get("ModifyIndex", 0))))
         return flags
 
+    async def read(self, keys: Sequence[FlagKey]) -> Sequence[Flag]:
+        return [f for f, _ in await asyncio.gather(*(self._stored(key) for key in keys)) if f is not None]
+
     async def watch(self, keys: Sequence[FlagKey], heartbeat: float = 5.0) -> AsyncIterator[FlagSnapshot]:
         updates: asyncio.Queue[tuple[FlagKey, Flag | None] | tuple[FlagKey, Exception]] = asyncio.Queue()
         pool = ThreadPoolExecutor(max_workers=len(keys), thread_name_prefix="consul-watch")

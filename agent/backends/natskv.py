@@ -240,6 +240,9 @@ class NatsKVFlags:
                 flags.append(Flag.decode(key, entry.value, entry.revision or 0))
         return flags
 
+    async def read(self, keys: Sequence[FlagKey]) -> Sequence[Flag]:
+        return [f for f, _ in await asyncio.gather(*(self._stored(key) for key in keys)) if f is not None]
+
     async def watch(self, keys: Sequence[FlagKey], heartbeat: float = 5.0) -> AsyncIterator[FlagSnapshot]:
         while True:
             if not self._nc.is_connected:

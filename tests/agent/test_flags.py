@@ -79,9 +79,12 @@ async def test_put_list_delete(backend: Backend) -> None:
     await store.put(flag)
     listed = [f for f in await store.list() if f.key == flag.key]
     assert listed == [flag]
+    others = [FlagKey(Scope.CUSTOMER, unique()), FlagKey(Scope.AGENT, unique("ag"))]  # none stored: not read
+    assert await store.read([*others, flag.key]) == [flag]
     await store.delete(flag.key)
     await store.delete(flag.key)  # releasing twice is fine
     assert [f for f in await store.list() if f.key == flag.key] == []
+    assert await store.read([*others, flag.key]) == []
 
 
 async def test_conditional_writes_leave_another_engagement_alone(backend: Backend) -> None:
