@@ -26,7 +26,7 @@ from control.ids import is_plain_id, shown_id
 from control.natsio import CONSUMER_LIMIT, ordered_reader
 from control.services.auth import Principal, redact_json
 
-__all__ = ["AUDIT_STREAM", "AuditLog", "AuditQuery", "AuditRecord", "AuditTime", "describe_error"]
+__all__ = ["AUDIT_STREAM", "QUERY_WINDOW", "AuditLog", "AuditQuery", "AuditRecord", "AuditTime", "describe_error"]
 
 AUDIT_STREAM = "CARAVAN_AUDIT"
 log = logging.getLogger("caravan.audit")
@@ -40,6 +40,8 @@ _KEPT = {
 }
 """What the audit stream's configuration must say for its records to stay: no limit, no deletes."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+QUERY_WINDOW = 1000
+"""How many records an audit query reads first, back from the newest (then twice as many each time)."""
 
 
 def _in_utc(value: datetime) -> datetime:
@@ -218,12 +220,40 @@ class AuditLog:
             yield record
 
     async def query(self, query: AuditQuery) -> list[AuditRecord]:
-        """Records matching ``query``, oldest first, at most ``limit`` (the newest ``limit`` of the matches)."""
-        # Every record is after the epoch; before it, the server's start time (nanoseconds in 64 bits) would wrap.
-        start = query.since if query.since is not None and query.since > _EPOCH else None
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_TIME if start else DeliverPolicy.ALL, opt_start_time=start
-        )
+        """Records matching ``query``, oldest first, at most ``limit`` (the newest ``limit`` of the matches).
+
+        Read back from the newest record, :data:`QUERY_WINDOW` records at first and twice as many each time more
+        are needed, down to the first record stored since ``since``: a query costs what it answers, not the whole
+        history of a log that only grows (every login is a record, and so is every refused request)."""
+        state = (await self._js.stream_info(AUDIT_STREAM)).state
+        floor = await self._first_since(query.since) if query.since is not None else max(state.first_seq, 1)
+        end, window = state.last_seq, QUERY_WINDOW
+        found: list[AuditRecord] = []
+        while floor is not None and end >= floor and len(found) < query.limit:
+            start = max(floor, end - window + 1)
+            found[:0] = await self._read(query, start, end)
+            end, window = start - 1, window * 2
+        return found[-query.limit :]
+
+    async def _first_since(self, since: datetime) -> int | None:
+        """The sequence of the first record the stream stored at or after ``since`` (None: there is none). A
+        record is stamped before it is stored, so none stored before ``since`` is stamped after it."""
+        if since <= _EPOCH:  # every record is after it; before it, the server's start time (in 64 bits) would wrap
+            return 1
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
+        async with ordered_reader(self._js, AUDIT_STREAM, "caravan.audit.>", config) as sub:
+            info = await sub.consumer_info()
+            if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
+                return None
+            try:
+                msg = await sub.next_msg(timeout=5)
+            except nats.errors.TimeoutError:
+                return None
+            return int(msg.metadata.sequence.stream)
+
+    async def _read(self, query: AuditQuery, start: int, end: int) -> list[AuditRecord]:
+        """The records from sequence ``start`` to ``end`` that match ``query``, in the order they were stored."""
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
         subject = f"caravan.audit.{query.action}" if query.action else "caravan.audit.>"
         found: list[AuditRecord] = []
         async with ordered_reader(self._js, AUDIT_STREAM, subject, config) as sub:
@@ -235,13 +265,15 @@ class AuditLog:
                     msg = await sub.next_msg(timeout=5)
                 except nats.errors.TimeoutError:
                     break
+                if msg.metadata.sequence.stream > end:
+                    break
                 record = AuditRecord.model_validate_json(msg.data)
                 if _matches(record, query):
                     found.append(record)
-                pending = msg.metadata.num_pending
-                if query.until and record.at > query.until:
+                if msg.metadata.sequence.stream == end:
                     break
-        return found[-query.limit :]
+                pending = msg.metadata.num_pending
+        return found
 
 
 def describe_error(exc: Exception) -> dict[str, str]:

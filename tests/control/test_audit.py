@@ -1,0 +1,90 @@
+"""The audit log's queries against a real JetStream: which records they find, and how much of the log they read."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import pytest
+
+from control.natsserver import EmbeddedNats
+from control.services.audit import QUERY_WINDOW, AuditLog, AuditQuery, AuditRecord
+
+RECORDS = 4 * QUERY_WINDOW
+
+
+@pytest.fixture
+async def audit_log(nats_server: EmbeddedNats) -> AsyncIterator[AuditLog]:
+    nc = await nats.connect(nats_server.url)
+    try:
+        log = AuditLog(nc.jetstream())
+        await log.ensure_stream()
+        yield log
+    finally:
+        await nc.close()
+
+
+def parsed(monkeypatch: pytest.MonkeyPatch) -> list[AuditRecord]:
+    """Every record a query reads from the stream, as it reads it."""
+    read: list[AuditRecord] = []
+    validate = AuditRecord.model_validate_json
+
+    def reading(data: Any, **kwargs: Any) -> AuditRecord:
+        record = validate(data, **kwargs)
+        read.append(record)
+        return record
+
+    monkeypatch.setattr(AuditRecord, "model_validate_json", reading)
+    return read
+
+
+def login(n: int) -> AuditRecord:
+    """The ``n``th record: a login, every 700th one a customer's (cu-000000000007)."""
+    return AuditRecord(
+        actor="admin:cvn_1a2b3c4d",
+        role="admin",
+        action="auth.token" if n % 700 else "key.create",
+        customer_id=None if n % 700 else "cu-000000000007",
+        details={"n": n},
+    )
+
+
+async def test_a_query_reads_the_log_back_from_its_newest_record_as_far_as_its_answer_needs(
+    audit_log: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log only grows (every login and refused request is a record): a query for the newest records read it
+    all from its first, each time, and an operator's `caravan audit` took longer with every day the platform ran."""
+    stored = [await audit_log.append(login(n)) for n in range(RECORDS)]
+    read = parsed(monkeypatch)
+
+    newest = await audit_log.query(AuditQuery(limit=5))
+    assert [r.details["n"] for r in newest] == list(range(RECORDS - 5, RECORDS))
+    assert len(read) <= QUERY_WINDOW
+
+    read.clear()
+    theirs = await audit_log.query(AuditQuery(customer_id="cu-000000000007", limit=3))  # two windows back
+    assert [r.details["n"] for r in theirs] == [2100, 2800, 3500]
+    assert len(read) <= 3 * QUERY_WINDOW
+    every = await audit_log.query(AuditQuery(action="key.create", limit=1000))
+    assert every == [r for r in stored if r.action == "key.create"] and every[-3:] == theirs
+
+    assert await audit_log.query(AuditQuery(limit=1000)) == stored[-1000:]
+    since = await audit_log.query(AuditQuery(since=stored[3200].at, limit=1000))
+    assert since == [r for r in stored if r.at >= stored[3200].at]
+    window = await audit_log.query(AuditQuery(since=stored[10].at, until=stored[20].at, limit=1000))
+    assert window == [r for r in stored if stored[10].at <= r.at <= stored[20].at]
+    assert await audit_log.query(AuditQuery(since=stored[-1].at.replace(year=2999))) == []
+
+
+async def test_an_action_that_began_before_until_is_found_though_a_later_record_was_stored_first(
+    audit_log: AuditLog,
+) -> None:
+    """A record is stamped when its action begins and stored when it ends (a killswitch waits for its agents):
+    a query up to a time stopped at the first record stamped after it, and missed an action stored behind it."""
+    before = await audit_log.append(login(1))
+    async with audit_log.recorded(login(2)) as engaging:  # begins, and is stored as it ends
+        later = await audit_log.append(login(3))
+    assert later.at > engaging.at
+    found = await audit_log.query(AuditQuery(until=engaging.at))
+    assert [r.details["n"] for r in found] == [before.details["n"], engaging.details["n"]]
