@@ -29,7 +29,13 @@ __all__ = [
 REDACTED = "<redacted>"
 MIN_SECRET_LENGTH = 8
 """Shorter values given as secrets are not looked for (every word of that length in a line would be hidden)."""
-SECRET_ENV = ("CARAVAN_NATS_PASSWORD", "CONSUL_HTTP_TOKEN", "NOMAD_TOKEN", *PROVIDER_KEY_ENV.values())
+SECRET_ENV = (
+    "CARAVAN_NATS_PASSWORD",
+    "CARAVAN_NATS_TOKEN",
+    "CONSUL_HTTP_TOKEN",
+    "NOMAD_TOKEN",
+    *PROVIDER_KEY_ENV.values(),
+)
 """The environment variables whose values are secrets, in any Caravan process."""
 
 CONTENT_LOGGERS = ("autogen_core.events", "autogen_agentchat.events")

@@ -75,6 +75,7 @@ class WorkerConfig:
     definition_timeout: float = 30.0
     nats_user: str | None = None
     nats_password: str | None = None
+    nats_token: str | None = None
     flags: str = "natskv"
     flags_grace: float = 30.0
     flags_heartbeat: float = 5.0
@@ -96,6 +97,7 @@ class WorkerConfig:
             alloc_id=env.get("NOMAD_ALLOC_ID", ""),
             nats_user=env.get("CARAVAN_NATS_USER") or None,
             nats_password=env.get("CARAVAN_NATS_PASSWORD") or None,
+            nats_token=env.get("CARAVAN_NATS_TOKEN") or None,
             flags=env.get("CARAVAN_FLAGS", "natskv"),
             flags_grace=float(env.get("CARAVAN_FLAGS_GRACE_S", "30")),
             flags_heartbeat=float(env.get("CARAVAN_FLAGS_HEARTBEAT_S", "5")),
@@ -217,6 +219,7 @@ class AgentWorker:
             name=f"caravan-agent-{cfg.agent_id}{suffix}",
             user=cfg.nats_user,
             password=cfg.nats_password,
+            token=cfg.nats_token,
             inbox_prefix=f"_INBOX_{cfg.agent_id}",  # NATS permissions let an agent read only its own inbox
             max_reconnect_attempts=-1,
             drain_timeout=5,

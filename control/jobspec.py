@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from agent.egress import ALLOW_ENV
 from agent.protocol import LOCAL_MODEL_URL_ENV, PROVIDER_KEY_ENV, model_key_env
@@ -12,7 +13,16 @@ from control.models import Agent
 from control.settings import Settings
 from jobs import SECOND_NS, AgentJobVariables, render_agent_job
 
-__all__ = ["MODEL_KEY_META", "agent_job", "job_id_for", "model_key_secret", "namespace_for"]
+__all__ = [
+    "MODEL_KEY_META",
+    "agent_job",
+    "flag_store_secrets",
+    "job_id_for",
+    "model_key_secret",
+    "namespace_for",
+    "nats_address",
+    "task_secrets",
+]
 
 MODEL_KEY_META = "caravan_model_key"
 """Job meta naming the one model key (an environment variable's name, never its value) the agent's task gets."""
@@ -45,6 +55,27 @@ def flag_store_secrets(settings: Settings, environ: Mapping[str, str]) -> dict[s
     return client_env(environ)
 
 
+def nats_address(url: str) -> tuple[str, dict[str, str]]:
+    """A NATS URL as a job carries it, without the user name and password (or token) written in it, and those as
+    the secrets that carry them to the agent instead (``CARAVAN_NATS_USER`` and ``CARAVAN_NATS_PASSWORD``, or
+    ``CARAVAN_NATS_TOKEN`` for a user name alone), as nats-py reads them from the URL: as written, not unquoted."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if "@" not in parts.netloc:
+        return url, {}
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    user, password = parts.username or "", parts.password
+    if password is None:
+        return bare, {"CARAVAN_NATS_TOKEN": user} if user else {}
+    return bare, {"CARAVAN_NATS_USER": user, "CARAVAN_NATS_PASSWORD": password}
+
+
+def task_secrets(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """What every agent's task gets by the scheduler's secret channel: the credentials written in the agents' NATS
+    URL (:func:`nats_address`; an agent's own NATS user, when Caravan runs NATS's users, is given over them) and the
+    flag store's (:func:`flag_store_secrets`)."""
+    return {**nats_address(settings.agents_nats_url)[1], **flag_store_secrets(settings, environ)}
+
+
 def _driver_config(settings: Settings) -> dict[str, str | list[str]]:
     if settings.agent_driver == "docker":
         return {"image": settings.agent_image, "command": "python", "args": ["-m", "agent"], "ports": ["health"]}
@@ -65,7 +96,7 @@ def agent_job(agent: Agent, settings: Settings) -> dict[str, Any]:
     env = {
         "CARAVAN_AGENT_ID": agent.id,
         "CARAVAN_CUSTOMER_ID": agent.customer_id,
-        "NATS_URL": settings.agents_nats_url,
+        "NATS_URL": nats_address(settings.agents_nats_url)[0],  # its credentials are secrets (task_secrets)
         "CARAVAN_HEALTH_PORT": "${NOMAD_PORT_health}",
         # inside a container the host's address cannot be bound; the port is mapped to it instead
         "CARAVAN_HEALTH_HOST": "0.0.0.0" if settings.agent_driver == "docker" else "${NOMAD_IP_health}",

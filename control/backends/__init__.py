@@ -10,7 +10,7 @@ from nats.aio.client import Client as NATS
 from agent.backends import create_flag_store
 from agent.backends.base import FlagStore
 from control.backends.base import Registry, Scheduler
-from control.jobspec import flag_store_secrets
+from control.jobspec import task_secrets
 from control.settings import Settings
 
 __all__ = ["REGISTRIES", "SCHEDULERS", "create_flags", "create_registry", "create_scheduler"]
@@ -23,7 +23,7 @@ def _local(settings: Settings, registry: Registry) -> Scheduler:
         settings.data_dir / "allocs",
         install_id=settings.install_id,
         registry=registry,
-        task_secrets=flag_store_secrets(settings, os.environ),
+        task_secrets=task_secrets(settings, os.environ),
     )
 
 

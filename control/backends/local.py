@@ -217,8 +217,8 @@ class LocalScheduler:
         max_parallel_starts: int | None = None,
         task_secrets: Mapping[str, str] | None = None,
     ) -> None:
-        """``task_secrets``: what every task gets besides its own secrets (the flag store's token and TLS
-        settings: :func:`control.jobspec.flag_store_secrets`)."""
+        """``task_secrets``: what every task gets besides its own secrets (the credentials written in the agents'
+        NATS URL, the flag store's token and TLS settings: :func:`control.jobspec.task_secrets`)."""
         self._alloc_dir = alloc_dir
         self._task_secrets = dict(task_secrets or {})
         # Tasks start a few at a time, each until its health check passes (or 10 s): fifty agents started at

@@ -47,7 +47,7 @@ from control.backends.base import (
     StatusUpdate,
     SubmitResult,
 )
-from control.jobspec import flag_store_secrets, model_key_secret
+from control.jobspec import model_key_secret, task_secrets
 from control.settings import Settings
 from jobs import secrets_variable_path
 
@@ -107,7 +107,8 @@ class NomadConfig:
     secret_env: Mapping[str, str] = field(default_factory=lambda: os.environ)
     """Where model keys are read; a job's Variable gets only the one its meta names (``caravan_model_key``)."""
     task_secrets: Mapping[str, str] = field(default_factory=dict)
-    """What every job's Variable holds besides: the flag store's token and TLS settings (:func:`flag_store_secrets`)."""
+    """What every job's Variable holds besides: the credentials written in the agents' NATS URL, the flag store's
+    token and TLS settings (:func:`control.jobspec.task_secrets`)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NomadConfig:
@@ -125,7 +126,7 @@ class NomadConfig:
             skip_verify=settings.nomad_skip_verify,
             timeout_s=settings.nomad_timeout_s,
             install_id=settings.install_id,
-            task_secrets=flag_store_secrets(settings, os.environ),
+            task_secrets=task_secrets(settings, os.environ),
         )
 
     def client(self, token: str | None = None) -> nomad.Nomad:

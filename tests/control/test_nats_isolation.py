@@ -364,3 +364,34 @@ async def test_a_team_runs_with_its_members_restricted_credentials(secured: Secu
     task = await task_status(api, headers, await start(api, headers, created["id"], "Count."))
     assert task["status"] == "completed", task["status_reason"]
     assert [m["source"] for m in task["messages"]] == ["user", "alice", "bob", "alice"]
+
+
+@pytest.mark.parametrize(
+    "login",
+    [
+        ('users = [{user: "operator", password: "op-pw-0123456789abcdef"}]', "operator:op-pw-0123456789abcdef"),
+        ('token: "op-token-0123456789abcdef"', "op-token-0123456789abcdef"),
+    ],
+    ids=["user", "token"],
+)
+async def test_an_operators_nats_login_written_in_its_url_reaches_agents_but_never_their_job(
+    tmp_path: Path, login: tuple[str, str]
+) -> None:
+    """A NATS of the operator's own that requires a login, written in NATS_URL as nats-py takes it: the agents get
+    it by the secret channel and work; the job (which its customer reads, as does anyone who may read jobs in
+    Nomad) names the server alone."""
+    authorization, userinfo = login
+    (tmp_path / "nats").mkdir()
+    (tmp_path / "nats" / "auth.conf").write_text(f"authorization {{ {authorization} }}\n")
+    async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
+        url = server.url.replace("nats://", f"nats://{userinfo}@")
+        control = ControlPlane(make_settings(url, tmp_path / "data"))
+        async with control, serve_api(control) as api:
+            _, headers = await api.new_customer()
+            agent = await running_agent(api, headers)
+            task = await finished(api, headers, await start_task(api, headers, agent["id"]))
+            assert task["status"] == "completed" and task["result"] == "The result is 20."
+            job = await api.client.get(f"/v1/agents/{agent['id']}/job", headers=headers)
+            assert job.status_code == 200
+            assert job.json()["Job"]["TaskGroups"][0]["Tasks"][0]["Env"]["NATS_URL"] == server.url
+            assert userinfo.split(":")[-1] not in job.text

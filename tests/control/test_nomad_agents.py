@@ -298,6 +298,25 @@ async def test_agents_register_in_the_catalog_the_platform_discovers_them_in(
             await control.agents.delete(customer, agent.id)
 
 
+async def test_a_nats_login_in_the_agents_url_goes_to_the_jobs_variable_not_the_job(
+    nomad_target: NomadTarget, nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """On a NATS of the operator's own, the agents' login is written in CARAVAN_AGENT_NATS_URL: Nomad shows a job to
+    every token that may read jobs in its namespace (and Caravan to its customer), so the login goes to the job's
+    Variable, beside the other secrets, and the job names the server alone."""
+    password = "nats-pw-" + "5" * 16
+    login = nats_server.url.replace("nats://", f"nats://operator:{password}@")
+    async with await _control(nomad_target, nats_server, tmp_path / "data", agent_nats_url=login) as control:
+        customer = await _customer(control)
+        agent = await control.agents.create(customer, definition())
+        job = await _registered(nomad_target, agent)
+        assert job["TaskGroups"][0]["Tasks"][0]["Env"]["NATS_URL"] == nats_server.url
+        assert password not in json.dumps(job)
+        items = await _variable_items(nomad_target, agent)
+        assert (items.get("CARAVAN_NATS_USER"), items.get("CARAVAN_NATS_PASSWORD")) == ("operator", password)
+        await control.agents.delete(customer, agent.id)
+
+
 async def test_hostile_definitions_leave_the_job_unchanged(nomad_target: NomadTarget, plane: ControlPlane) -> None:
     customer = await _customer(plane)
     plain = await plane.agents.create(customer, definition())

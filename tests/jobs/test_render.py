@@ -15,7 +15,7 @@ from agent.egress import ALLOW_ENV, EgressPolicy
 from agent.protocol import PROVIDER_KEY_ENV, ModelConfig
 from agent.wire import DEFAULT_SPIN_US
 from agent.worker import WorkerConfig
-from control.jobspec import MODEL_KEY_META, agent_job, model_key_secret
+from control.jobspec import MODEL_KEY_META, agent_job, model_key_secret, task_secrets
 from control.models import Agent
 from control.settings import Settings
 from jobs import SECOND_NS, AgentJobVariables, TemplateError, render, render_agent_job, template_placeholders
@@ -238,3 +238,38 @@ def test_a_model_key_meta_can_name_no_other_secret() -> None:
     environ = {"CONSUL_HTTP_TOKEN": "root", "OPENAI_API_KEY": ""}
     assert model_key_secret({MODEL_KEY_META: "CONSUL_HTTP_TOKEN"}, environ) == {}
     assert model_key_secret({MODEL_KEY_META: "OPENAI_API_KEY"}, environ) == {}  # the platform has none
+
+
+@pytest.mark.parametrize(
+    ("url", "bare", "secrets"),
+    [
+        (
+            "nats://caravan:pa%40ss:word@nats.internal:4222",
+            "nats://nats.internal:4222",
+            {"CARAVAN_NATS_USER": "caravan", "CARAVAN_NATS_PASSWORD": "pa%40ss:word"},  # as nats-py sends it
+        ),
+        ("tls://s3cr3t-token@nats.internal:4222", "tls://nats.internal:4222", {"CARAVAN_NATS_TOKEN": "s3cr3t-token"}),
+        ("caravan:pw-0123456789@10.0.0.5:4222", "nats://10.0.0.5:4222", {"CARAVAN_NATS_USER": "caravan"}),
+        ("nats://nats.internal:4222", "nats://nats.internal:4222", {}),
+    ],
+)
+def test_nats_credentials_in_the_agents_url_reach_them_as_secrets_never_in_the_job(
+    url: str, bare: str, secrets: dict[str, str]
+) -> None:
+    """An operator's NATS with users of its own: the credentials written in the agents' URL, which the job's task
+    environment showed (``GET /v1/agents/{id}/job``, ``nomad job inspect``), go by the secret channel instead."""
+    settings = Settings(nats_url="nats://127.0.0.1:4222", agent_nats_url=url)
+    job = agent_job(_agent(), settings)
+    env = job["TaskGroups"][0]["Tasks"][0]["Env"]
+    assert env["NATS_URL"] == bare
+    given = task_secrets(settings, {})
+    assert given.items() >= secrets.items()
+    for name in ("CARAVAN_NATS_PASSWORD", "CARAVAN_NATS_TOKEN"):
+        assert given.get(name, "@") not in json.dumps(job)
+    worker = WorkerConfig.from_env({**env, **given, "CARAVAN_HEALTH_PORT": "0"})  # as the task starts
+    assert (worker.nats_url, worker.nats_user, worker.nats_password, worker.nats_token) == (
+        bare,
+        given.get("CARAVAN_NATS_USER"),
+        given.get("CARAVAN_NATS_PASSWORD"),
+        given.get("CARAVAN_NATS_TOKEN"),
+    )
