@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from agent.egress import EgressPolicy
 from agent.wire import DEFAULT_SPIN_US
+from jobs import Datacenter, Region
 
 __all__ = ["Settings"]
 
@@ -140,8 +141,8 @@ class Settings(BaseSettings):
     agent_restart_interval_s: float = Field(
         default=300.0, ge=5, description="At least the attempts times the delay (Nomad refuses a job otherwise)."
     )
-    datacenters: list[str] = Field(default_factory=lambda: ["*"])
-    region: str = "global"
+    datacenters: list[Datacenter] = Field(default_factory=lambda: ["*"], min_length=1, max_length=32)
+    region: Region = "global"
 
     # Nomad (CARAVAN_SCHEDULER=nomad): the nomad CLI's own variables, or CARAVAN_NOMAD_*.
     nomad_addr: str = Field(

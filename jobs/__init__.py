@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from jobs.render import TemplateError, render, template_placeholders
-from jobs.variables import SECOND_NS, AgentJobVariables, DriverName, secrets_variable_path
+from jobs.variables import SECOND_NS, AgentJobVariables, Datacenter, DriverName, Region, secrets_variable_path
 
 __all__ = [
     "SECOND_NS",
     "AgentJobVariables",
+    "Datacenter",
     "DriverName",
+    "Region",
     "TemplateError",
     "render",
     "render_agent_job",

@@ -11,14 +11,18 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, computed_field, model_validator
 
-__all__ = ["SECOND_NS", "AgentJobVariables", "DriverName", "secrets_variable_path"]
+__all__ = ["SECOND_NS", "AgentJobVariables", "Datacenter", "DriverName", "Region", "secrets_variable_path"]
 
 SECOND_NS = 1_000_000_000
 
 Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,127}$")]
 MetaValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@-]{0,200}$")]
-EnvValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@,${}=+-]{0,500}$")]
-Datacenter = Annotated[str, StringConstraints(pattern=r"^[a-z0-9*][a-z0-9*_-]{0,127}$")]
+EnvValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@,${}=+%\[\]-]{0,500}$")]
+"""An operator's address or list (an IPv6 host is bracketed, a URL may be percent-encoded); a JSON string in the job."""
+# Nomad takes any region or datacenter name without a NUL ('*' in a job's datacenters is a glob): these are the
+# names a cluster is given, upper case and dots included.
+Region = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+Datacenter = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9*][A-Za-z0-9*._-]{0,127}$")]
 DriverName = Literal["raw_exec", "exec", "docker"]
 
 
@@ -35,7 +39,7 @@ class AgentJobVariables(BaseModel):
 
     job_id: Identifier = Field(description="Nomad job ID, e.g. `caravan-ag-3f2a9c1b7d4e`.")
     namespace: Identifier = Field(description="Nomad namespace of the customer, e.g. `caravan-cu-0123456789ab`.")
-    region: Identifier = Field(default="global", description="Nomad region.")
+    region: Region = Field(default="global", description="Nomad region.")
     datacenters: list[Datacenter] = Field(default_factory=lambda: ["*"], min_length=1, max_length=32)
     priority: int = Field(default=50, ge=1, le=100)
     count: int = Field(default=1, ge=0, le=100, description="Replicas of the agent (task group count).")

@@ -273,3 +273,31 @@ def test_nats_credentials_in_the_agents_url_reach_them_as_secrets_never_in_the_j
         given.get("CARAVAN_NATS_PASSWORD"),
         given.get("CARAVAN_NATS_TOKEN"),
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "where", "written"),
+    [
+        ({"datacenters": ["DC1", "us-east-1.a"]}, ("Datacenters",), ["DC1", "us-east-1.a"]),
+        ({"region": "EU_West"}, ("Region",), "EU_West"),
+        ({"agent_nats_url": "nats://[fd00::4]:4222"}, ("Env", "NATS_URL"), "nats://[fd00::4]:4222"),
+        ({"model_url_allow": "ollama.internal, 10.20.0.0/16"}, ("Env", ALLOW_ENV), "ollama.internal,10.20.0.0/16"),
+    ],
+)
+def test_a_setting_the_platform_takes_reaches_every_job(
+    setting: dict[str, Any], where: tuple[str, ...], written: Any
+) -> None:
+    """Names Nomad gives clusters (any but NUL), an IPv6 NATS, a list of allowed hosts written with spaces: each
+    passed as a setting, and every agent's create was then a 500 (its job would not render)."""
+    job = agent_job(_agent(), Settings(nats_url="nats://127.0.0.1:4222", **setting))
+    found: Any = job if where[0] != "Env" else job["TaskGroups"][0]["Tasks"][0]
+    for key in where:
+        found = found[key]
+    assert found == written
+    assert unknown_fields(job) == []
+
+
+@pytest.mark.parametrize("setting", [{"datacenters": ["dc 1"]}, {"datacenters": []}, {"region": "eu\nwest"}])
+def test_a_datacenter_or_region_no_job_can_carry_stops_the_start(setting: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match=next(iter(setting))):
+        Settings(nats_url="nats://127.0.0.1:4222", **setting)
