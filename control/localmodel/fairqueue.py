@@ -31,7 +31,10 @@ class FairQueue:
 
     A client that sends many requests cannot starve one that sends few: each client with a waiting request
     gets the next free slot in its turn. ``acquire`` waits at most ``wait_timeout`` seconds, then raises
-    :class:`QueueTimeout`; it raises :class:`QueueFull` at once when ``max_waiting`` requests already wait.
+    :class:`QueueTimeout`. When ``max_waiting`` requests already wait, the newest of the client holding the
+    most places gives its place to the newcomer (and raises :class:`QueueFull`) if the newcomer's client then
+    holds no more than that one; else the newcomer gets :class:`QueueFull` at once. So a client that floods the
+    queue is refused its own requests, not those of one that waits for little.
     A cancelled or timed-out waiter leaves the queue; a slot granted to it at that moment goes to the next.
     """
 
@@ -67,7 +70,7 @@ class FairQueue:
         if self.try_acquire():
             return
         if self.waiting >= self.max_waiting:
-            raise QueueFull(f"{self.waiting} requests are already waiting (at most {self.max_waiting})")
+            self._make_room(client)
         waiter = _Waiter(client, asyncio.get_running_loop().create_future())
         if client not in self._waiting:
             self._waiting[client] = deque()
@@ -78,7 +81,7 @@ class FairQueue:
             async with asyncio.timeout(self.wait_timeout):
                 await waiter.future
         except BaseException as exc:
-            if waiter.future.done() and not waiter.future.cancelled():
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
                 self.release()  # granted just as it gave up: pass the slot on
             else:
                 waiter.future.cancel()
@@ -114,6 +117,20 @@ class FairQueue:
             yield
         finally:
             self.release()
+
+    def _make_room(self, client: str) -> None:
+        """Refuse the newest waiter of the client holding the most places, for a request of ``client``; or, when
+        ``client`` would then hold more than that one, this request (raising :class:`QueueFull`)."""
+        full = f"{self.waiting} requests are already waiting (at most {self.max_waiting})"
+        heaviest = max(self._waiting, key=lambda c: len(self._waiting[c]), default=None)
+        held = len(self._waiting.get(client, ()))
+        if heaviest is None or held + 1 >= len(self._waiting[heaviest]):
+            raise QueueFull(full)
+        displaced = self._waiting[heaviest][-1]
+        self._forget(displaced)
+        if not displaced.future.done():  # (one cancelled a moment ago leaves the queue as its acquire ends)
+            why = f"{full}, more of them from this caller than any other: its newest gave its place to another's"
+            displaced.future.set_exception(QueueFull(why))
 
     def _forget(self, waiter: _Waiter) -> None:
         queue = self._waiting.get(waiter.client)

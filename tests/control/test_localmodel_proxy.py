@@ -134,6 +134,31 @@ async def test_a_full_queue_refuses_at_once_and_a_cancelled_waiter_is_forgotten(
     assert queue.busy == 0
 
 
+async def test_a_full_queue_refuses_the_flooding_clients_newest_not_a_quiet_newcomer() -> None:
+    queue = FairQueue(slots=1, max_waiting=3)
+    await queue.acquire("holder")
+    flood = [asyncio.create_task(queue.acquire("a")) for _ in range(3)]
+    await waiting(queue, 3)
+    quiet = asyncio.create_task(queue.acquire("b"))  # the bound is full, of a's requests only
+    await assert_eventually(now(queue.waiting_by_client), lambda w: w == {"a": 2, "b": 1})
+    with pytest.raises(QueueFull, match="gave its place"):
+        await flood[2]  # a's newest gave its place; a's first two and b keep theirs
+    with pytest.raises(QueueFull):
+        await queue.acquire("a")  # a, holding the most, is refused at once
+    with pytest.raises(QueueFull):
+        await queue.acquire("b")  # as is b, which would hold as many as a then
+    assert queue.waiting_by_client() == {"a": 2, "b": 1}
+    queue.release()
+    await flood[0]
+    queue.release()
+    await quiet  # b's turn comes before a's second
+    assert not flood[1].done()
+    queue.release()
+    await flood[1]
+    queue.release()
+    assert queue.busy == 0 and queue.waiting == 0
+
+
 async def waiting(queue: FairQueue, count: int) -> None:
     await assert_eventually(now(lambda: queue.waiting), lambda n: n == count, what=f"{count} waiting")
 
@@ -201,6 +226,31 @@ async def test_a_request_that_waits_too_long_fails_clearly_for_the_agent(
             assert len(upstream.seen) == 1  # refused, not retried behind the proxy's back
             upstream.gate.set()
             assert (await hog).status_code == 200
+
+
+async def test_an_agent_flooding_the_queue_cannot_keep_a_quiet_agent_out(upstream: FakeServer) -> None:
+    async with proxy_for(upstream, FairQueue(max_waiting=2)) as proxy:
+        await proxy.queue.acquire("holder")
+        async with httpx.AsyncClient(base_url=proxy.url) as client:
+
+            def post(agent: str) -> asyncio.Task[httpx.Response]:
+                headers = {"X-Caravan-Agent": agent}
+                return asyncio.create_task(client.post("/chat/completions", json=chat(agent), headers=headers))
+
+            flood = []
+            for n in (1, 2):  # one after the other: the second is the newest
+                flood.append(post("ag-flood"))
+                await waiting(proxy.queue, n)
+            quiet = post("ag-quiet")
+            done, _ = await asyncio.wait({flood[1], quiet}, return_when=asyncio.FIRST_COMPLETED)
+            assert done == {flood[1]}, "the quiet agent was refused, not the flooding one"
+            refused = flood[1].result()
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "local_model_busy"
+            assert refused.json()["error"]["details"] == {"agent": "ag-flood"}
+            assert proxy.queue.waiting_by_client() == {"ag-flood": 1, "ag-quiet": 1}
+            proxy.queue.release()
+            assert [(await r).status_code for r in (flood[0], quiet)] == [200, 200]
+    assert [s["messages"][0]["content"] for s in upstream.seen] == ["ag-flood", "ag-quiet"]
 
 
 async def test_a_stream_passes_through_with_token_counts_added(upstream: FakeServer) -> None:
