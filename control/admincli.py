@@ -24,12 +24,14 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+from pydantic import TypeAdapter, ValidationError
 
 from agent.backends.base import FlagKey, Scope
 from agent.logsafe import printable
 from agent.protocol import http_url_problem
 from control.cliargs import env_port, usage
 from control.ids import is_digits, is_plain_id
+from control.services.audit import AuditTime
 from control.services.auth import shown_prefix
 from control.services.killswitch import MAX_WAIT_MS
 
@@ -84,15 +86,18 @@ def _count(text: str) -> int:
     return number
 
 
+_AUDIT_TIME: TypeAdapter[datetime] = TypeAdapter(AuditTime)
+
+
 def _time(text: str) -> str:
-    """An audit bound: an ISO 8601 time with its timezone, as the API takes it (checked here, so that nothing is
-    sent for a typo)."""
+    """An audit bound: an ISO 8601 time with its timezone, read as the API reads it (checked here, so that nothing
+    is sent for a typo, nor for a form only Python would read, ``20300101T000000Z``)."""
     try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        when = None
-    if when is None or when.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"not a time with its timezone, such as 2030-01-01T00:00:00Z: {text!r}")
+        _AUDIT_TIME.validate_python(text.strip())
+    except ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"not a time with its timezone, such as 2030-01-01T00:00:00Z: {text!r}"
+        ) from None
     return text.strip()
 
 
@@ -255,7 +260,13 @@ def _admin(args: argparse.Namespace) -> Iterator[httpx.Client]:
     client = httpx.Client(base_url=_api_url(args.url), timeout=HTTP_TIMEOUT_S)
     with contextlib.closing(client):
         try:
-            token = _answer(client.post("/v1/auth/token", json={"api_key": args.api_key}))["access_token"]
+            token = _answer(client.post("/v1/auth/token", json={"api_key": args.api_key}))
+            if not isinstance(token, dict) or not isinstance(token.get("access_token"), str):
+                raise SystemExit(
+                    f"caravan: {args.url} answered POST /v1/auth/token without an access_token: is --url "
+                    "(CARAVAN_URL) Caravan's API?"
+                )
+            token = token["access_token"]
             client.headers["Authorization"] = f"Bearer {token}"
             yield client
         except httpx.TimeoutException:

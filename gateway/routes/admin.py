@@ -211,6 +211,8 @@ async def get_audit(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditRecord]:
     """The audit log, oldest first (the newest `limit` matches). Append-only: nothing deletes records."""
+    if since is not None and until is not None and since > until:
+        raise Invalid(f"since ({since.isoformat()}) is after until ({until.isoformat()}): no record is both")
     customer_id = listed_scope(admin, customer_id)
     named = None if actor is None else actor_named(actor)
     query = AuditQuery(actor=named, action=action, customer_id=customer_id, since=since, until=until, limit=limit)

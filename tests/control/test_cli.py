@@ -306,8 +306,9 @@ async def test_serve_on_the_local_scheduler_refuses_the_data_dir_another_caravan
 @contextlib.asynccontextmanager
 async def gateway_that(fails: str) -> AsyncIterator[str]:
     """A gateway that gives a token, then fails the next request: it goes down (closes the connection without an
-    answer) or never answers; or a web server that is no gateway at all (a page for every request)."""
+    answer) or never answers; or a web server that is no gateway at all (a page for every request, or JSON)."""
     page = b"<html>not here</html>"
+    json_page = b'{"status": "ok"}'
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.closing(writer):
@@ -319,6 +320,11 @@ async def gateway_that(fails: str) -> AsyncIterator[str]:
                     writer.write(
                         b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: %d\r\n\r\n%s"
                         % (len(page), page)
+                    )
+                elif fails == "json, no gateway":
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                        % (len(json_page), json_page)
                     )
                 elif head.startswith(b"POST /v1/auth/token "):
                     token = b'{"access_token": "t", "token_type": "bearer", "expires_in": 3600}'
@@ -340,7 +346,12 @@ async def gateway_that(fails: str) -> AsyncIterator[str]:
 
 @pytest.mark.parametrize(
     ("fails", "said"),
-    [("down", "cannot reach http://"), ("silent", "did not answer within 0.5 s"), ("no gateway", "without JSON")],
+    [
+        ("down", "cannot reach http://"),
+        ("silent", "did not answer within 0.5 s"),
+        ("no gateway", "without JSON"),
+        ("json, no gateway", "answered POST /v1/auth/token without an access_token: is --url (CARAVAN_URL)"),
+    ],
 )
 async def test_killswitch_says_what_the_gateway_did_wrong(
     fails: str, said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

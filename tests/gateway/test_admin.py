@@ -496,6 +496,18 @@ async def test_audit_times_without_a_timezone_are_422_and_with_one_are_answered(
         assert f"{bound}: must be a time with a timezone" in refused.json()["error"]["message"], refused.text
 
 
+async def test_an_audit_query_since_a_time_after_its_until_is_422(api: Api) -> None:
+    admin = await api.admin()
+    bounds = {"since": "2030-01-01T00:00:01Z", "until": "2030-01-01T01:00:00+01:00"}  # one second apart, in UTC
+    refused = await api.client.get("/v1/admin/audit", params=bounds, headers=admin)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["message"] == (
+        "since (2030-01-01T00:00:01+00:00) is after until (2030-01-01T00:00:00+00:00): no record is both"
+    )
+    same = await api.client.get("/v1/admin/audit", params={**bounds, "since": bounds["until"]}, headers=admin)
+    assert (same.status_code, same.json()) == (200, [])  # the one instant: answered
+
+
 @pytest.mark.parametrize("bound", ["since", "until"])
 async def test_an_audit_time_whose_offset_lost_its_plus_in_the_url_says_so(api: Api, bound: str) -> None:
     # `curl "$BASE/v1/admin/audit?since=2024-01-01T00:00:00+02:00"`: a query's `+` is a space, so the API reads
