@@ -469,7 +469,7 @@ async def _up(settings: Settings, nats_port: int) -> None:
         auth = NatsAuth(nats_dir)  # every agent gets its own NATS user, confined to its customer
         hide_in_logs(auth.control().password, auth.watcher().password)  # the banner shows the watcher's; logs show none
         async with EmbeddedNats(nats_dir, port=port, auth=True) as nats_server, _local_model(settings) as local:
-            auth.server_pid = nats_server.pid
+            auth.server = nats_server
             if port == 0:
                 log.warning("port %s is in use; NATS listens on %s instead", nats_port, nats_server.port)
             (nats_dir / UP_NATS_URL).write_text(nats_server.url)  # for `caravan job`, wherever NATS came to listen

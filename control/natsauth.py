@@ -9,6 +9,7 @@ need storing; they reach the agent as secrets through the scheduler, never throu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -17,7 +18,7 @@ import secrets
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.backends.base import FlagKey, Scope
 from agent.backends.natskv import BUCKET as FLAGS_BUCKET
@@ -123,13 +124,22 @@ def _control_permissions() -> dict[str, dict[str, list[str]]]:
     }
 
 
+class Server(Protocol):
+    """The nats-server that reads ``auth.conf`` (:class:`control.natsserver.EmbeddedNats`)."""
+
+    @property
+    def pid(self) -> int | None:
+        """Its process id while it runs, None while it does not (a server started again reads the file anew)."""
+        ...
+
+
 class NatsAuth:
     """Keeps ``auth.conf`` (users and permissions) in step with the agents, and has the server reload it."""
 
-    def __init__(self, directory: Path, server_pid: int | None = None) -> None:
+    def __init__(self, directory: Path, server: Server | None = None) -> None:
         self.directory = directory
         self.path = directory / "auth.conf"
-        self.server_pid = server_pid
+        self.server = server
         self._agents: dict[str, str] = {}  # agent id -> customer id
         directory.mkdir(parents=True, exist_ok=True)
         key_file = directory / "auth.key"
@@ -167,8 +177,10 @@ class NatsAuth:
             self._apply()
 
     def _apply(self) -> None:
-        if self._write() and self.server_pid is not None:
-            os.kill(self.server_pid, signal.SIGHUP)  # nats-server reloads its configuration
+        pid = self.server.pid if self.server is not None else None
+        if self._write() and pid is not None:
+            with contextlib.suppress(ProcessLookupError):  # it exited just now: started again, it reads the file
+                os.kill(pid, signal.SIGHUP)  # nats-server reloads its configuration
 
     def _write(self) -> bool:
         control, watcher = self.control(), self.watcher()

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
 import sys
+import time
+from collections import deque
 from pathlib import Path
 
-from agent.aio import cancel_and_wait
+from agent.aio import cancel_and_wait, exit_reason
 from control.procs import die_with_parent
 
 __all__ = ["GO_THREADS", "EmbeddedNats", "nats_server_binary"]
 
+log = logging.getLogger("caravan.nats")
 _LISTENING = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
 
 
@@ -36,8 +40,17 @@ in-process team against 1.75x, seven alternating runs of the teams bench). One c
 far more messages than the agents of one machine send."""
 
 
+RESTART_DELAY_S = 1.0
+"""How long after the server exits it is started again: twice as long each time after one that ran for less than
+a minute, up to 30 s."""
+_STAYED_UP_S = 60.0
+_MAX_RESTART_DELAY_S = 30.0
+
+
 class EmbeddedNats:
-    """``async with EmbeddedNats(dir) as n: n.url`` — port 0 picks a free port, read back from the log."""
+    """``async with EmbeddedNats(dir) as n: n.url`` — port 0 picks a free port, read back from the log. A server that
+    exits before :meth:`stop` (killed by the OOM killer or an operator, crashed) is started again on the same port
+    with the same store, which its clients reconnect to."""
 
     def __init__(
         self, store_dir: Path, host: str = "127.0.0.1", port: int = 0, max_payload_mb: int = 8, auth: bool = False
@@ -52,6 +65,10 @@ class EmbeddedNats:
         self.url = ""
         self._proc: asyncio.subprocess.Process | None = None
         self._log_task: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._ready_within = 15.0
+        self._started_at = 0.0
+        self._last_lines: deque[bytes] = deque(maxlen=5)  # what the server wrote last (it logs on stderr)
 
     async def __aenter__(self) -> EmbeddedNats:
         await self.start()
@@ -61,9 +78,28 @@ class EmbeddedNats:
         await self.stop()
 
     async def start(self, ready_within: float = 15.0) -> None:
-        if self._proc is not None:
+        """Start the server and keep it running until :meth:`stop`; one that does not come up (within
+        ``ready_within``) raises, with the last lines it wrote."""
+        if self._proc is not None or self._supervisor is not None:
             raise RuntimeError("nats-server already started")
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._ready_within = ready_within
+        await self._launch()
+        self._supervisor = asyncio.create_task(self._supervise(), name="nats-server")
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (None while it is started again, and once stopped)."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    async def stop(self) -> None:
+        if self._supervisor is not None:
+            await cancel_and_wait(self._supervisor)
+            self._supervisor = None
+        await self._terminate()
+
+    async def _launch(self) -> None:
         config = self.store_dir / "nats.conf"
         config.write_text(
             f'listen: "{self.host}:{self.port if self.port else -1}"\n'
@@ -71,7 +107,8 @@ class EmbeddedNats:
             f'jetstream {{ store_dir: "{self.store_dir / "jetstream"}" }}\n'
             + ('include "auth.conf"\n' if self.auth else "")
         )
-        self._proc = await asyncio.create_subprocess_exec(
+        self._last_lines.clear()
+        self._proc = proc = await asyncio.create_subprocess_exec(
             nats_server_binary(),
             "-c",
             str(config),
@@ -81,39 +118,60 @@ class EmbeddedNats:
             preexec_fn=die_with_parent,  # and killed outright, we leave no server holding the port and the store
             env={"GOMAXPROCS": str(GO_THREADS), **os.environ},
         )
-        assert self._proc.stderr is not None
-        seen: list[bytes] = []
+        assert proc.stderr is not None
         try:
-            async with asyncio.timeout(ready_within):
+            async with asyncio.timeout(self._ready_within):
                 while True:
-                    line = await self._proc.stderr.readline()
+                    line = await proc.stderr.readline()
                     if not line:
-                        raise RuntimeError("nats-server exited: " + b"".join(seen[-5:]).decode(errors="replace"))
-                    seen.append(line)
+                        raise RuntimeError(f"nats-server exited: {self._said()}")
+                    self._last_lines.append(line)
                     match = _LISTENING.search(line)
                     if match:
                         self.port = int(match.group(2))
                         self.url = f"nats://{self.host}:{self.port}"
                         break
         except BaseException:
-            await self.stop()
+            await self._terminate()
             raise
-        self._log_task = asyncio.create_task(self._drain(self._proc.stderr))
+        self._started_at = time.monotonic()
+        self._log_task = asyncio.create_task(self._drain(proc.stderr))
 
-    @staticmethod
-    async def _drain(stream: asyncio.StreamReader) -> None:
-        while await stream.readline():
-            pass
+    def _said(self, lines: int = 5) -> str:
+        kept = [line.decode(errors="replace").strip() for line in self._last_lines]
+        return " | ".join(kept[-lines:])
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+    async def _drain(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            self._last_lines.append(line)
 
-    async def stop(self) -> None:
+    async def _supervise(self) -> None:
+        """Start the server again whenever it exits: else the control plane and the agents would try to reconnect
+        for good, and every request be answered 503, until the operator restarted the whole platform."""
+        delay = RESTART_DELAY_S
+        while True:
+            proc = self._proc
+            if proc is not None:
+                code = await proc.wait()
+                if self._log_task is not None:
+                    await self._log_task  # to the end of what it wrote
+                    self._log_task = None
+                lived = time.monotonic() - self._started_at
+                delay = RESTART_DELAY_S if lived >= _STAYED_UP_S else min(delay * 2, _MAX_RESTART_DELAY_S)
+                log.error("nats-server %s (%s); starting it again in %gs", exit_reason(code), self._said(2), delay)
+                self._proc = None
+            await asyncio.sleep(delay)
+            try:
+                await self._launch()
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                delay = min(delay * 2, _MAX_RESTART_DELAY_S)
+                log.error("nats-server did not start again (%s); trying again in %gs", exc, delay)
+                continue
+            log.warning("nats-server started again on %s (pid %s)", self.url, self.pid)
+
+    async def _terminate(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
+        if proc is not None and proc.returncode is None:
             proc.terminate()
             try:
                 await asyncio.wait_for(proc.wait(), timeout=10)
@@ -122,3 +180,4 @@ class EmbeddedNats:
                 await proc.wait()
         if self._log_task is not None:
             await cancel_and_wait(self._log_task)
+            self._log_task = None

@@ -62,7 +62,7 @@ async def test_render_reads_the_agents_on_the_nats_that_caravan_up_runs_with_aut
     data = tmp_path / "data"
     auth = NatsAuth(data / "nats")  # as `caravan up` lays it out: users and their secret under the data dir
     async with EmbeddedNats(data / "nats", auth=True) as server:
-        auth.server_pid = server.pid
+        auth.server = server
         settings = make_settings(server.url, data)
         async with ControlPlane(settings, nats_auth=auth) as control:
             customer, _ = await control.auth.create_customer("acme")

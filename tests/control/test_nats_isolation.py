@@ -39,7 +39,7 @@ class Secured:
 async def secured(tmp_path: Path) -> AsyncIterator[Secured]:
     auth = NatsAuth(tmp_path / "nats")
     async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
-        auth.server_pid = server.pid
+        auth.server = server
         control = ControlPlane(make_settings(server.url, tmp_path / "data"), nats_auth=auth)
         async with control, serve_api(control) as api:
             yield Secured(api, auth, server.url)

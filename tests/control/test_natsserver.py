@@ -1,18 +1,24 @@
 """The servers Caravan starts on one machine: the embedded nats-server's Go threads (one by default,
-control.natsserver.GO_THREADS; the operator's ``GOMAXPROCS`` when the environment sets it), and neither it nor the
-local model server outliving the process that started them."""
+control.natsserver.GO_THREADS; the operator's ``GOMAXPROCS`` when the environment sets it), it being started again
+when it dies, and neither it nor the local model server outliving the process that started them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import sys
 from pathlib import Path
 
+import nats
+import nats.errors
 import psutil
 import pytest
+from nats.js.api import StreamInfo
 
 from control.localmodel.runtime import runtime_installed
+from control.natsauth import NatsAuth
 from control.natsserver import GO_THREADS, EmbeddedNats
 from tests.support.helpers import assert_eventually, now
 
@@ -32,6 +38,39 @@ async def test_the_embedded_server_runs_on_one_go_thread_unless_the_environment_
     monkeypatch.setenv("GOMAXPROCS", "3")
     async with EmbeddedNats(tmp_path / "operator") as server:
         assert go_threads_of(server) == "3"
+
+
+async def test_a_server_that_dies_is_started_again_on_its_port_with_its_store_and_its_users(tmp_path: Path) -> None:
+    """A nats-server killed under `caravan up` (the OOM killer, an operator) comes back where its clients reconnect:
+    the control plane and the agents would otherwise try to reconnect for good, every request answered 503. An agent
+    added while it is away gets its user all the same."""
+    auth = NatsAuth(tmp_path / "nats")
+    async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
+        auth.server = server
+        login = auth.control()
+        nc = await nats.connect(server.url, user=login.user, password=login.password, reconnect_time_wait=0.1)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name="KEPT", subjects=["kept.>"])
+            await js.publish("kept.one", b"1")
+            first = server.pid
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            auth.add_agent("cu-0123456789ab", "ag-0123456789ab")  # the server gone: no error, the file written
+
+            async def kept() -> StreamInfo | None:
+                with contextlib.suppress(nats.errors.Error):
+                    return await js.stream_info("KEPT")
+                return None
+
+            info = await assert_eventually(kept, lambda info: info is not None, what="the stream, on the same URL")
+            assert info is not None and info.state.messages == 1
+            assert server.pid not in (None, first)
+            agent = auth.agent("ag-0123456789ab")
+            added = await nats.connect(server.url, user=agent.user, password=agent.password, max_reconnect_attempts=0)
+            await added.close()
+        finally:
+            await nc.close()
 
 
 STARTERS = {
