@@ -3,8 +3,10 @@
 It reads the same job JSON that Nomad would get: the task's driver config (``command``/``args``), its
 ``Env`` (with ``${NOMAD_...}`` runtime variables filled in), ``Resources.MemoryMB`` (enforced by killing
 the task when its resident memory goes over, as Nomad reports an OOM kill), the group's
-``RestartPolicy``, ``Count`` and dynamic ports, and the task's ``KillTimeout``. The task's ``Templates`` (model
-keys from a Nomad Variable) are ignored: a local task gets those keys from the control plane's environment.
+``RestartPolicy``, ``Count`` and dynamic ports, and the task's ``KillTimeout``. A task's output goes to its
+allocation's log, kept to :data:`LOG_MAX_BYTES` and as much again before it, as Nomad rotates a task's logs. The
+task's ``Templates`` (model keys from a Nomad Variable) are ignored: a local task gets those keys from the control
+plane's environment.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ __all__ = ["LocalScheduler"]
 log = logging.getLogger("caravan.scheduler.local")
 NS = 1_000_000_000
 _MEMORY_POLL_S = 0.5
+LOG_MAX_BYTES = 10 * 2**20
+"""An allocation's log (``<alloc>.log``) past this size starts again empty, its last ``LOG_MAX_BYTES`` (whole lines)
+kept in ``<alloc>.log.1`` instead of the ones there: Nomad keeps a task's output to ``max_file_size`` (10 MB) a file
+likewise. An agent at debug writes each model call whole; its log would otherwise grow until the disk is full."""
 _PROC_STAT = os.path.exists("/proc/self/stat")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if _PROC_STAT else 4096
 
@@ -216,10 +222,12 @@ class LocalScheduler:
         registry: Registry | None = None,
         max_parallel_starts: int | None = None,
         task_secrets: Mapping[str, str] | None = None,
+        log_max_bytes: int = LOG_MAX_BYTES,
     ) -> None:
         """``task_secrets``: what every task gets besides its own secrets (the credentials written in the agents'
         NATS URL, the flag store's token and TLS settings: :func:`control.jobspec.task_secrets`)."""
         self._alloc_dir = alloc_dir
+        self._log_max_bytes = log_max_bytes
         self._task_secrets = dict(task_secrets or {})
         # Tasks start a few at a time, each until its health check passes (or 10 s): fifty agents started at
         # once (a restart reconciling them all) would otherwise starve NATS and the control plane of CPU.
@@ -248,7 +256,7 @@ class LocalScheduler:
             raise RuntimeError("local scheduler already started")
         self._started = True
         private_dir(self._alloc_dir)
-        self._memory_watch = asyncio.create_task(self._watch_memory(), name="memory-limits")
+        self._memory_watch = asyncio.create_task(self._watch(), name="memory-limits")
 
     async def stop(self) -> None:
         if self._closed:
@@ -548,15 +556,34 @@ class LocalScheduler:
         if self._registry is not None and service is not None:
             await self._registry_call("deregister", self._registry.deregister(service.name, alloc.id))
 
-    async def _watch_memory(self) -> None:
-        """Every running task's resident memory, its children's included, against its limit. One pass over the
-        process table per tick for all tasks: a pass per task would cost the control plane a core at fifty."""
+    async def _watch(self) -> None:
+        """Every running task's resident memory, its children's included, against its limit, and its log's size.
+        One pass over the process table per tick for all tasks: a pass per task would cost the control plane a core
+        at fifty."""
         while True:
             await asyncio.sleep(_MEMORY_POLL_S)
             try:
                 self._enforce_memory()
             except Exception:  # one failed pass must not end the limits of every task for good
                 log.exception("memory limit check failed")
+            for path in self._logs_over_limit():
+                try:
+                    await asyncio.to_thread(_rotate_log, path, self._log_max_bytes)
+                except OSError as exc:  # a full disk, say: tried again next tick
+                    log.warning("could not keep the log %s to %d bytes: %s", path, self._log_max_bytes, exc)
+
+    def _logs_over_limit(self) -> list[Path]:
+        """The logs of running tasks past :data:`LOG_MAX_BYTES` (a stat each: the copy is made in a thread)."""
+        over = []
+        for job in list(self._jobs.values()):
+            for alloc in job.allocs:
+                if alloc.process is None or alloc.process.returncode is not None:
+                    continue
+                path = self.log_path(alloc)
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_size > self._log_max_bytes:
+                        over.append(path)
+        return over
 
     def _enforce_memory(self) -> None:
         running = [
@@ -599,6 +626,22 @@ async def _http_check(host: str, port: int, path: str, limit_s: float) -> tuple[
     finally:
         if writer is not None:
             writer.close()
+
+
+def _rotate_log(path: Path, limit: int) -> None:
+    """A log's last ``limit`` bytes (from a line's start) go to ``<log>.1``, replacing what was there, and the log
+    starts again empty. Its task goes on writing to it (at its end: it appends); what the task writes between the two
+    may be lost, as with logrotate's copytruncate."""
+    size = path.stat().st_size
+    with path.open("rb") as current:
+        current.seek(size - limit)
+        kept = current.read(limit)
+    start = kept.find(b"\n") + 1
+    written = path.with_name(path.name + ".1.new")
+    with open(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as previous:
+        previous.write(kept[start:] if 0 < start < len(kept) else kept)
+    written.replace(path.with_name(path.name + ".1"))  # whole, for whoever reads it
+    os.truncate(path, 0)
 
 
 def _tree_rss(pid: int, children: dict[int, list[int]], table: dict[int, tuple[int, int]]) -> int:

@@ -341,6 +341,42 @@ async def test_an_allocations_log_is_readable_by_this_user_alone(scheduler, tmp_
     assert log.parent.stat().st_mode & 0o777 == 0o700
 
 
+LOUD = """
+import os, sys, time
+log = os.path.join("..", "..", os.environ["NOMAD_ALLOC_ID"] + ".log")
+lines = [b"line %05d of what the agent wrote at debug\\n" % n for n in range(4000)]
+sys.stdout.buffer.write(b"".join(lines) + b"last line\\n")  # in one write: all of it, or none, before a rotation
+sys.stdout.flush()
+while os.path.getsize(log) > 0:  # until it is rotated
+    time.sleep(0.05)
+print("after the rotation", flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+async def test_an_allocations_log_is_kept_to_its_limit_and_as_much_again_before_it(tmp_path: Path) -> None:
+    """An agent that writes much (at debug, each model call whole) does not fill the disk: past the limit its log
+    starts again empty, its newest lines kept in <alloc>.log.1, and what it writes next is at the log's start."""
+    limit = 16 * 1024
+    async with LocalScheduler(tmp_path / "allocs", log_max_bytes=limit) as sched:
+        result = await sched.submit(job(LOUD))
+        log = tmp_path / "allocs" / "caravan-cu-0000000000aa" / "caravan-ag-0000000000aa" / f"{result.alloc_ids[0]}.log"
+
+        def read() -> tuple[int, bool]:
+            text = log.read_bytes() if log.exists() else b""
+            return len(text), b"after the rotation" in text
+
+        await assert_eventually(
+            lambda: asyncio.to_thread(read), lambda seen: seen[1], what="a rotation (size, written after)"
+        )
+        assert log.read_text() == "after the rotation\n"
+        before = log.with_name(log.name + ".1").read_text()
+        assert len(before) <= limit
+        assert before.startswith("line ")  # a whole line
+        assert before.endswith("line 03999 of what the agent wrote at debug\nlast line\n")
+
+
 async def test_an_allocation_directory_made_wider_before_is_narrowed_at_start(tmp_path: Path) -> None:
     """As an earlier version left it."""
     allocs = tmp_path / "allocs"
