@@ -148,11 +148,14 @@ _KILLED_FROM_OUTSIDE = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT}
 reason. A task that crashes on its own (exits with a code, aborts, faults) gets them added."""
 
 
-def _tail(path: Path, lines: int = 2) -> str:
+def _tail(path: Path, since: int, lines: int = 2) -> str:
+    """The last ``lines`` lines of the log written from offset ``since`` on (where this run of the task began: the
+    log is shared by its restarts, and a crash that wrote nothing must not quote the run before it). A log rotated
+    since, shorter than that, is all this run's."""
     try:
         with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(since if since <= size else 0, size - 4096))
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
@@ -445,6 +448,7 @@ class LocalScheduler:
         slot: asyncio.Task[None] | None = None
         try:  # the start slot is released by the slot task once the task is healthy, or here if it never starts
             with private_log(log_path) as log_file:
+                began = log_file.seek(0, os.SEEK_END)
                 try:
                     alloc.process = await asyncio.create_subprocess_exec(
                         spec.command,
@@ -488,7 +492,7 @@ class LocalScheduler:
         why = exit_reason(code)
         if code == 0 or -code in _KILLED_FROM_OUTSIDE:  # what it logged last would read as the cause
             return why
-        tail = _tail(log_path)
+        tail = _tail(log_path, began)
         return f"{why}: {tail}" if tail else why
 
     async def _start_slot(self, alloc: _Alloc) -> bool:

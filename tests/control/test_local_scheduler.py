@@ -152,6 +152,25 @@ async def test_a_task_killed_from_outside_is_reported_without_its_last_log_lines
     assert "killed by SIGKILL" in final.reason and "killswitch" not in final.reason, final.reason
 
 
+async def test_a_crash_that_wrote_nothing_does_not_quote_the_run_before_it(scheduler) -> None:
+    """An allocation's restarts share its log: a run that crashes without a word (SIGSEGV) is reported by its
+    signal alone, not with the last lines of the run before it, which would read as its cause."""
+    sched, rec = scheduler
+    script = (
+        "import os, signal, sys\n"
+        "if not os.path.exists('ran'):\n"
+        "    open('ran', 'w').close()\n"
+        "    sys.exit('ValueError: the first run ended here')\n"
+        "os.kill(os.getpid(), signal.SIGSEGV)\n"
+    )
+    await sched.submit(job(script, attempts=1))
+    final = await assert_eventually(rec.last, lambda u: u is not None and u.state is AllocState.FAILED)
+    assert final is not None and final.reason is not None
+    first = next(u for u in rec.updates if u.state is AllocState.RESTARTING)
+    assert first.reason is not None and "the first run ended here" in first.reason, first.reason
+    assert final.reason.startswith("killed by SIGSEGV") and "first run" not in final.reason, final.reason
+
+
 async def test_memory_over_the_limit_is_killed_and_reported_as_oom(scheduler) -> None:
     sched, rec = scheduler
     hog = "import time\nx = bytearray(300 * 2**20)\nfor i in range(0, len(x), 4096): x[i] = 1\ntime.sleep(30)"
