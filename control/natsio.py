@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from nats.js.kv import KeyValue
 from agent.protocol import EVENTS_STREAM, TASKS_STREAM
 
 __all__ = ["BUCKETS", "CONSUMER_LIMIT", "NATS_UNAVAILABLE", "Jet", "connect", "ensure_stream", "ordered_reader"]
+
+log = logging.getLogger("caravan.nats")
 
 BUCKETS = (
     "customers",
@@ -118,9 +121,31 @@ async def _tune_bucket(js: JetStreamContext, stream: str) -> bool:
     return not direct_before
 
 
+async def _log_error(error: Exception) -> None:
+    """One line per connection problem: nats-py's own logs a traceback at each attempt to reconnect (every 2 s)."""
+    log.warning("NATS: %s", error or type(error).__name__)
+
+
 async def connect(url: str, name: str = "caravan-control", user: str | None = None, password: str | None = None) -> Jet:
     """Connect and make sure every stream and bucket exists (idempotent; safe for several replicas)."""
-    nc = await nats.connect(url, name=name, user=user, password=password, max_reconnect_attempts=-1, connect_timeout=5)
+
+    async def lost() -> None:  # (the URL is not named: it may hold a login)
+        log.warning("NATS: disconnected; reconnecting")
+
+    async def back() -> None:
+        log.warning("NATS: reconnected")
+
+    nc = await nats.connect(
+        url,
+        name=name,
+        user=user,
+        password=password,
+        max_reconnect_attempts=-1,
+        connect_timeout=5,
+        error_cb=_log_error,
+        disconnected_cb=lost,
+        reconnected_cb=back,
+    )
     js = nc.jetstream(timeout=15)
     await ensure_stream(
         js,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from pathlib import Path
 
 import nats
 import pytest
@@ -16,7 +18,7 @@ from control.models import Customer
 from control.natsio import BUCKETS, CONSUMER_LIMIT, connect
 from control.natsserver import EmbeddedNats
 from control.store import AlreadyExists, LargeRepo, Repo
-from tests.support.helpers import nats_connect, small_messages
+from tests.support.helpers import assert_eventually, nats_connect, small_messages
 
 
 async def test_listing_misses_nothing_while_records_are_written(nats_server: EmbeddedNats) -> None:
@@ -203,3 +205,30 @@ async def test_a_record_too_big_for_a_stored_value_is_stored_in_parts_and_read_w
             assert await repo.get("cu.tk1") == bigger
             assert len(await writes()) == 1 and len(await kv_entries(kv, "cu.tk1.part.>")) >= 20  # none refused
     await jet.close()
+
+
+async def test_a_lost_nats_is_logged_a_line_at_a_time_without_tracebacks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While NATS is away the control plane tries again every 2 s: each attempt is one line of its own, not
+    nats-py's traceback; and its coming back is said."""
+    server = EmbeddedNats(tmp_path / "nats")
+    await server.start()
+    jet = await connect(server.url)
+    try:
+        with caplog.at_level(logging.WARNING):
+            port = server.port
+            await server.stop()
+
+            async def said() -> list[str]:
+                return [r.getMessage() for r in caplog.records if r.name == "caravan.nats"]
+
+            await assert_eventually(said, lambda lines: any("Connection refused" in line for line in lines))
+            assert "NATS: disconnected; reconnecting" in await said()
+            assert [r for r in caplog.records if r.exc_info] == []
+            server = EmbeddedNats(tmp_path / "nats", port=port)
+            await server.start()
+            await assert_eventually(said, lambda lines: "NATS: reconnected" in lines)
+    finally:
+        await jet.nc.close()
+        await server.stop()
