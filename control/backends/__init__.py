@@ -24,6 +24,7 @@ def _local(settings: Settings, registry: Registry) -> Scheduler:
         install_id=settings.install_id,
         registry=registry,
         task_secrets=task_secrets(settings, os.environ),
+        keep_days=settings.task_retention_days,
     )
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
+import shutil
 import signal
 import socket
 import time
@@ -47,6 +49,8 @@ __all__ = ["LocalScheduler"]
 log = logging.getLogger("caravan.scheduler.local")
 NS = 1_000_000_000
 _MEMORY_POLL_S = 0.5
+_COLLECT_EVERY_S = 3600.0
+"""How often allocations that ended long ago are looked for (and once as the scheduler starts)."""
 LOG_MAX_BYTES = 10 * 2**20
 """An allocation's log (``<alloc>.log``) past this size starts again empty, its last ``LOG_MAX_BYTES`` (whole lines)
 kept in ``<alloc>.log.1`` instead of the ones there: Nomad keeps a task's output to ``max_file_size`` (10 MB) a file
@@ -226,11 +230,15 @@ class LocalScheduler:
         max_parallel_starts: int | None = None,
         task_secrets: Mapping[str, str] | None = None,
         log_max_bytes: int = LOG_MAX_BYTES,
+        keep_days: float = 0,
     ) -> None:
         """``task_secrets``: what every task gets besides its own secrets (the credentials written in the agents'
-        NATS URL, the flag store's token and TLS settings: :func:`control.jobspec.task_secrets`)."""
+        NATS URL, the flag store's token and TLS settings: :func:`control.jobspec.task_secrets`). ``keep_days``:
+        how long the log and directory of an allocation that no longer runs are kept after its last write (0: for
+        good), as Nomad collects its terminal allocations."""
         self._alloc_dir = alloc_dir
         self._log_max_bytes = log_max_bytes
+        self._keep_s = keep_days * 86_400
         self._task_secrets = dict(task_secrets or {})
         # Tasks start a few at a time, each until its health check passes (or 10 s): fifty agents started at
         # once (a restart reconciling them all) would otherwise starve NATS and the control plane of CPU.
@@ -564,7 +572,14 @@ class LocalScheduler:
         """Every running task's resident memory, its children's included, against its limit, and its log's size.
         One pass over the process table per tick for all tasks: a pass per task would cost the control plane a core
         at fifty."""
+        collected_at = -math.inf
         while True:
+            if self._keep_s and time.monotonic() - collected_at >= _COLLECT_EVERY_S:
+                collected_at = time.monotonic()
+                try:
+                    await asyncio.to_thread(self._collect, self._running_alloc_ids())
+                except Exception:  # tried again at the next round
+                    log.exception("old allocations not collected")
             await asyncio.sleep(_MEMORY_POLL_S)
             try:
                 self._enforce_memory()
@@ -575,6 +590,40 @@ class LocalScheduler:
                     await asyncio.to_thread(_rotate_log, path, self._log_max_bytes)
                 except OSError as exc:  # a full disk, say: tried again next tick
                     log.warning("could not keep the log %s to %d bytes: %s", path, self._log_max_bytes, exc)
+
+    def _running_alloc_ids(self) -> set[str]:
+        return {alloc.id for job in list(self._jobs.values()) for alloc in job.allocs}
+
+    def _collect(self, current: set[str]) -> None:
+        """Remove the log (``<alloc>.log`` and ``.log.1``) and directory of each allocation that is none of
+        ``current`` and was last written more than ``keep_days`` ago, then the job and namespace directories left
+        empty: an allocation's log may quote its customer's prompts, and each start of the platform makes new
+        allocations (a deleted agent's are kept no longer than its tasks' records)."""
+        cutoff = time.time() - self._keep_s
+        for job_dir in self._alloc_dir.glob("*/*"):
+            if not job_dir.is_dir():
+                continue
+            allocs: dict[str, list[Path]] = defaultdict(list)
+            for entry in job_dir.iterdir():
+                allocs[entry.name.split(".", 1)[0]].append(entry)
+            for alloc_id, entries in allocs.items():
+                try:
+                    if alloc_id in current or max(_last_written(e) for e in entries) > cutoff:
+                        continue
+                    for entry in entries:
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+                except OSError as exc:  # (one that changed meanwhile) looked at again next time
+                    log.warning("allocation %s of %s not collected: %s", alloc_id, job_dir.name, exc)
+                    continue
+                log.info(
+                    "allocation %s of %s collected: last written over %g days ago",
+                    alloc_id,
+                    job_dir.name,
+                    self._keep_s / 86_400,
+                )
+            for empty in (job_dir, job_dir.parent):
+                with contextlib.suppress(OSError):  # not empty
+                    empty.rmdir()
 
     def _logs_over_limit(self) -> list[Path]:
         """The logs of running tasks past :data:`LOG_MAX_BYTES` (a stat each: the copy is made in a thread)."""
@@ -646,6 +695,13 @@ def _rotate_log(path: Path, limit: int) -> None:
         previous.write(kept[start:] if 0 < start < len(kept) else kept)
     written.replace(path.with_name(path.name + ".1"))  # whole, for whoever reads it
     os.truncate(path, 0)
+
+
+def _last_written(path: Path) -> float:
+    """When ``path`` (a file, or a directory and everything in it) was last written."""
+    if not path.is_dir():
+        return path.stat().st_mtime
+    return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*") if not p.is_symlink())])
 
 
 def _tree_rss(pid: int, children: dict[int, list[int]], table: dict[int, tuple[int, int]]) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -402,3 +403,37 @@ async def test_an_allocation_directory_made_wider_before_is_narrowed_at_start(tm
     allocs.mkdir(mode=0o755)
     async with LocalScheduler(allocs):
         assert allocs.stat().st_mode & 0o777 == 0o700
+
+
+async def test_allocations_that_ended_longer_ago_than_the_retention_are_collected(tmp_path: Path) -> None:
+    """An allocation's log may quote its customer's prompts, and each start of the platform makes new ones: those
+    that no longer run are removed once last written more than the retention ago (a deleted agent's too), as
+    Nomad collects terminal allocations; a recent one, and one that runs however old its log, are kept."""
+    allocs = tmp_path / "allocs"
+    old_job = allocs / "caravan-cu-0000000000aa" / "caravan-ag-0000000000aa"
+    kept_job = allocs / "caravan-cu-0000000000bb" / "caravan-ag-0000000000bb"
+    two_days_ago = time.time() - 2 * 86_400
+
+    def allocation(job_dir: Path, alloc_id: str, last_written: float) -> list[Path]:
+        (job_dir / alloc_id / "local").mkdir(parents=True)
+        made = [job_dir / f"{alloc_id}.log", job_dir / f"{alloc_id}.log.1", job_dir / alloc_id / "local" / "x"]
+        for path in made:
+            path.write_text("the customer's prompt\n")
+        for path in [*made, job_dir / alloc_id / "local", job_dir / alloc_id]:
+            os.utime(path, (last_written, last_written))
+        return made
+
+    old = allocation(old_job, "0a1b2c3d-old", two_days_ago)
+    recent = allocation(kept_job, "0a1b2c3d-recent", time.time() - 3600)
+    running = allocation(kept_job, "0a1b2c3d-running", two_days_ago)
+    sched = LocalScheduler(allocs, keep_days=1)
+    sched._collect({"0a1b2c3d-running"})  # (what the scheduler runs: none here) as the hourly pass does
+    assert [p.exists() for p in old] == [False] * 3 and not (allocs / "caravan-cu-0000000000aa").exists()
+    assert all(p.exists() for p in [*recent, *running])
+    async with sched:  # once as it starts: nothing runs, so the running one's old log goes now
+        await assert_eventually(lambda: _exists(running[0]), lambda there: not there)
+    assert all(p.exists() for p in recent)
+
+
+async def _exists(path: Path) -> bool:
+    return await asyncio.to_thread(path.exists)
