@@ -2,10 +2,9 @@
 #   nomad acl policy apply -description "Caravan control plane" caravan nomad/caravan-policy.hcl
 #   nomad acl token create -name caravan -policy caravan -type client
 #
-# Caravan only touches the namespaces of its customers (caravan-<customer id>):
+# Caravan only changes the namespaces of its customers (caravan-<customer id>):
 #   submit-job   plan, register and stop agent jobs (Nomad checks it for plan and deregister too)
-#   read-job     read jobs, evaluations, allocations and deployments; the event stream (topics Job,
-#                Allocation, Evaluation, Deployment) and the client's allocation statistics
+#   read-job     read jobs, evaluations, allocations and deployments, and the client's allocation statistics
 #   list-jobs    list them (the Nomad UI and `caravan job plan` read lists)
 #   variables    write, read and destroy each agent job's secrets at nomad/jobs/caravan-<agent id>
 # No node, agent or operator rights are needed, and none are granted.
@@ -21,4 +20,14 @@ namespace "caravan-*" {
       capabilities = ["write", "read", "destroy"]
     }
   }
+}
+
+# Caravan follows its agents on one event stream of every namespace (/v1/event/stream?namespace=*, topics Job,
+# Allocation, Evaluation, Deployment), as customers' namespaces come and go. Nomad (1.10, and 1.9 since the fix of
+# hashicorp/nomad#25089) lets a stream of all namespaces only to a management token or to a policy written for
+# namespace "*" itself: without this rule the stream is refused (403) and agents' statuses stay stale. It lets the
+# token read every job of the cluster, other namespaces' too (not their Variables): Caravan keeps nothing of
+# a namespace not caravan-* and changes nothing outside them.
+namespace "*" {
+  capabilities = ["read-job"]
 }

@@ -940,7 +940,11 @@ class _FeedWatch:
         if not self._alarmed and (refused or lost_for >= LOST_ERROR_AFTER_S):
             self._alarmed = True
             if refused:
-                hint = " (the token needs read-job: nomad/caravan-policy.hcl)" if status in (401, 403) else ""
+                hint = (
+                    ' (the token needs read-job in a rule for namespace "*" itself: nomad/caravan-policy.hcl)'
+                    if status in (401, 403)
+                    else ""
+                )
                 log.error("Nomad refuses the event stream: %s%s; %s", error, hint, _STALE)
             else:
                 log.error(

@@ -787,7 +787,7 @@ async def test_a_lost_event_stream_is_reported_logged_at_error_once_and_caught_u
     mine = [r for r in caplog.records if r.name == "caravan.scheduler.nomad" and "event stream" in r.getMessage()]
     errors = [r.getMessage() for r in mine if r.levelno == logging.ERROR]
     assert len(errors) == 1 and f"{code} {message}" in errors[0], errors
-    assert ("read-job" in errors[0]) is (code in (401, 403))
+    assert ('read-job in a rule for namespace "*"' in errors[0]) is (code in (401, 403))
     first = next(r for r in mine if f"{code} {message}" in r.getMessage())
     assert first.levelno == level_of_first
     assert [r.levelno for r in mine if "connected again" in r.getMessage()] == [logging.INFO]

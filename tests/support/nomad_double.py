@@ -95,13 +95,28 @@ class Policy:
     management: bool = False
 
     def allows(self, namespace: str, capability: str) -> bool:
+        """Nomad's ``AllowNamespaceOperation`` (``acl/acl.go``): the namespace's own rule, else the closest glob
+        that matches it; ``*`` (all namespaces, as a job list asks) is allowed if any rule grants the capability."""
         if self.management:
             return True
-        if namespace == "*":
-            return any(capability in caps for caps in self.namespaces.values())
-        return any(
-            fnmatch.fnmatchcase(namespace, glob) and capability in caps for glob, caps in self.namespaces.items()
-        )
+        if namespace == "*" and any(capability in caps for caps in self.namespaces.values()):
+            return True
+        return capability in self._rule(namespace)
+
+    def allows_stream_of_all_namespaces(self, capability: str) -> bool:
+        """The event stream of every namespace (``namespace=*``) asks more: a rule written for ``*`` itself
+        (Nomad's events API docs; hashicorp/nomad#25089, where any namespace's ``read-job`` let a token follow them
+        all)."""
+        return self.management or capability in self._rule("*")
+
+    def _rule(self, namespace: str) -> set[str]:
+        if namespace in self.namespaces:
+            return self.namespaces[namespace]
+        globs = [g for g in self.namespaces if "*" in g and fnmatch.fnmatchcase(namespace, g)]
+        if not globs:
+            return set()
+        # findClosestMatchingGlob: the fewest characters of the namespace left to the glob's wildcards
+        return self.namespaces[min(globs, key=lambda g: len(namespace) - len(g) + g.count("*"))]
 
     def allows_variable(self, namespace: str, path: str, capability: str) -> bool:
         if self.management:
@@ -1644,7 +1659,10 @@ class _Handler(BaseHTTPRequestHandler):
             topics.setdefault(name, []).append(key or "*")
         needs_read = {"Job", "Allocation", "Evaluation", "Deployment", "Service"}
         for name in topics:
-            if name in needs_read:
+            if name in needs_read and namespace == "*":
+                if not self._policy().allows_stream_of_all_namespaces("read-job"):
+                    raise HttpError(403, "Permission denied")
+            elif name in needs_read:
                 self._need(namespace, "read-job")
             elif not self._policy().management:
                 raise HttpError(403, "Permission denied")
