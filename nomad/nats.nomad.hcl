@@ -1,7 +1,14 @@
 # NATS with JetStream for Caravan (task queues, event history, key-value stores), on a host volume so
 # that its state survives a restart. Declare the volume in the client's config:
-#   client { host_volume "caravan-nats" { path = "/opt/caravan/nats" read_only = false } }
+#   client {
+#     host_volume "caravan-nats" {
+#       path      = "/opt/caravan/nats"
+#       read_only = false
+#     }
+#   }
 #   nomad job run nomad/nats.nomad.hcl
+# It has no users: every agent, and whatever reaches port 4222, may read and write all of Caravan's data (README,
+# Running on Nomad). For trying Caravan on Nomad, on a network of your own.
 
 job "caravan-nats" {
   namespace   = "default"
