@@ -6,12 +6,22 @@ tools are offered (its follow-up grammar only allows a function name) and fails 
 ``tool_choice: "required"``. This one keeps its prompt layout (``functions.<name>:`` then JSON arguments
 constrained by the tool's JSON schema) and fixes those. ``python -m control.localmodel.chatformat ARGS``
 registers it as ``caravan-chatml-tools`` and runs ``llama_cpp.server`` with ARGS.
+
+A streamed answer ends with its token usage, counted as the server counts an answer it does not stream (it counts
+none in a stream), and a request that fails while streaming ends its stream with an error event (the server's
+error, with its HTTP status as ``status``) where the stream would otherwise end empty: the proxy asks for every
+answer streamed, so that an answer whose client has gone can be stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterator
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 __all__ = ["CHAT_FORMAT", "chatml_tools", "main", "render_prompt"]
@@ -87,6 +97,24 @@ def chatml_tools(
     **kwargs: Any,
 ) -> Any:
     """A ``LlamaChatCompletionHandler``: one text answer or one tool call per request."""
+    args = (llama, messages, tools, tool_choice, stop, max_tokens, response_format, grammar)
+    if stream:
+        return _streamed(llama, lambda: _answer(*args, stream=True, **kwargs), messages, max_tokens)
+    return _answer(*args, stream=False, **kwargs)
+
+
+def _answer(
+    llama: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    tool_choice: Any,
+    stop: str | list[str] | None,
+    max_tokens: int | None,
+    response_format: dict[str, Any] | None,
+    grammar: Any,
+    stream: bool,
+    **kwargs: Any,
+) -> Any:
     from llama_cpp import llama_chat_format as fmt
     from llama_cpp import llama_grammar
 
@@ -125,6 +153,70 @@ def chatml_tools(
     if decided.startswith("functions."):
         return call(decided[len("functions.") :])
     return fmt._convert_completion_to_chat(complete(f"{prompt}message:\n", grammar=grammar), stream=stream)
+
+
+def _streamed(
+    llama: Any, answer: Callable[[], Iterator[dict[str, Any]]], messages: list[dict[str, Any]], max_tokens: int | None
+) -> Iterator[dict[str, Any]]:
+    """The chunks of ``answer()`` (called at the first chunk asked for), then one of its usage; or an error event."""
+    try:
+        chunks = answer()
+        head: dict[str, Any] = {}
+        with _counting(llama) as count:
+            for chunk in chunks:
+                head = head or chunk
+                yield chunk
+        named = {k: head.get(k) for k in ("id", "created", "model")}
+        yield {**named, "object": "chat.completion.chunk", "choices": [], "usage": count.usage(llama)}
+    except Exception as exc:  # the server's own handler for an answer not streamed: the same status and message
+        yield _error_event(exc, messages, max_tokens)
+
+
+@dataclass
+class _Count:
+    prompt: int = 0
+    sampled: list[int] = field(default_factory=list)
+
+    def usage(self, llama: Any) -> dict[str, int]:
+        from llama_cpp import llama_cpp as lib
+
+        ended = bool(self.sampled) and lib.llama_vocab_is_eog(llama._model.vocab, self.sampled[-1])
+        completion = len(self.sampled) - ended
+        return {"prompt_tokens": self.prompt, "completion_tokens": completion, "total_tokens": self.prompt + completion}
+
+
+@contextlib.contextmanager
+def _counting(llama: Any) -> Iterator[_Count]:
+    """Counts the tokens of the completion made inside as ``Llama._create_completion`` does for its ``usage``: the
+    prompt's are those it gives ``Llama.generate``, the answer's those generated but a last end-of-generation one."""
+    count = _Count()
+    generate = type(llama).generate.__get__(llama)
+
+    def counted(tokens: list[int], *args: Any, **kwargs: Any) -> Iterator[int]:
+        count.prompt = len(tokens)
+        for token in generate(tokens, *args, **kwargs):  # the completion only iterates: it sends nothing in
+            count.sampled.append(token)
+            yield token
+
+    llama.generate = counted  # the server runs one completion at a time (its lock)
+    try:
+        yield count
+    finally:
+        vars(llama).pop("generate", None)
+
+
+def _error_event(exc: Exception, messages: list[dict[str, Any]], max_tokens: int | None) -> dict[str, Any]:
+    from llama_cpp.server.errors import RouteErrorHandler
+
+    request = SimpleNamespace(messages=messages, max_tokens=max_tokens)  # all its formatters read
+    for pattern, formatter in RouteErrorHandler.pattern_and_formatters.items():
+        if (match := pattern.search(str(exc))) is not None:
+            status, error = formatter(request, match)  # type: ignore[arg-type]
+            return {"error": error, "status": status}
+    print(f"Exception: {exc}", file=sys.stderr)
+    traceback.print_exc(file=sys.stderr)
+    error = {"message": str(exc), "type": "internal_server_error", "param": None, "code": None}
+    return {"error": error, "status": 500}
 
 
 def _tool_call(name: str, completion: dict[str, Any]) -> dict[str, Any]:

@@ -3,8 +3,12 @@
 The local model server answers one request at a time. Agents reach it only through this proxy, which
 admits their requests round robin per agent (the ``X-Caravan-Agent`` header), fails a request that waited
 too long with a clear 503 (``x-should-retry: false``, so OpenAI clients surface it instead of retrying),
-repairs what the server refuses (see :func:`repair_request`) and counts the tokens of streamed answers,
-which the server does not.
+repairs what the server refuses (see :func:`repair_request`) and adds token usage to streamed answers.
+
+It asks the server for every answer streamed: the server stops a streamed answer when its connection closes,
+and cannot stop one it does not stream, so a client that leaves (a cancelled task) would hold the one slot
+until its answer had run to its end. A client that asked for no stream gets the answer the chunks add up to
+(:class:`~control.localmodel.completion.Completion`), with the usage the server ends its stream with.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import uvicorn
@@ -25,12 +29,14 @@ from starlette.routing import Route
 
 from control.ids import is_digits
 from control.localmodel.chatformat import render_prompt
+from control.localmodel.completion import Completion
 from control.localmodel.fairqueue import FairQueue, QueueFull, QueueTimeout
 
 __all__ = ["ModelProxy", "Upstream", "repair_request"]
 
 log = logging.getLogger("caravan.localmodel.proxy")
 AGENT_HEADER = "x-caravan-agent"
+T = TypeVar("T")
 
 
 class Upstream(Protocol):
@@ -47,12 +53,19 @@ def _error(status: int, code: str, message: str, retry: bool = True, **details: 
     return JSONResponse(body, status_code=status, headers={"x-should-retry": "true" if retry else "false"})
 
 
+def _refused(status: int, content: bytes) -> Response:
+    """An error the server answered, as it answered it."""
+    if status >= 500:
+        log.warning("local model server answered %s: %s", status, content[:500].decode("utf-8", "replace"))
+    return Response(content, status, media_type="application/json")
+
+
 def repair_request(body: dict[str, Any], default_max_tokens: int | None) -> dict[str, Any]:
     """The request as the local server takes it.
 
     - an assistant message with ``"content": null`` (tool calls only), as OpenAI clients send it, fails the
       server's validation with a 500: it gets ``""``;
-    - ``stream_options`` is the proxy's to honour (it counts the tokens of a stream itself);
+    - ``stream_options`` is the proxy's to honour (the server takes none; see :mod:`.chatformat` for its usage);
     - an answer without ``max_tokens`` is capped at ``default_max_tokens``: a small model may not stop.
     """
     out = {k: v for k, v in body.items() if k != "stream_options"}
@@ -178,7 +191,11 @@ class ModelProxy:
                 response = await self._stream(repaired, want_usage)
                 release = not isinstance(response, _Relay)  # the stream releases when it ends
                 return response
-            return await self._forward(repaired)
+            try:
+                return await _while_there(request, self._whole(repaired))
+            except _Gone:  # its answer's stream closed: the server stops generating it, the next request's turn
+                log.info("local model request from %s abandoned by its client: its answer stopped", client)
+                return Response(status_code=499)
         finally:
             if release:
                 self.queue.release()
@@ -187,19 +204,10 @@ class ModelProxy:
         """Wait in the queue for a turn; False if the client disconnects first (a cancelled task)."""
         if self.queue.try_acquire():  # the model is free: no waiting, so nothing to watch (two tasks less)
             return True
-        turn = asyncio.ensure_future(self.queue.acquire(client))
-        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait({turn, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not turn.done():
-                turn.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await turn
-        if turn.cancelled():
+            await _while_there(request, self.queue.acquire(client))
+        except _Gone:
             return False
-        turn.result()
         return True
 
     async def _read_json(self, request: Request) -> dict[str, Any] | Response:
@@ -222,27 +230,54 @@ class ModelProxy:
             return _error(400, "invalid_request", "`stream_options` must be an object", retry=False)
         return body
 
-    async def _forward(self, body: dict[str, Any]) -> Response:
+    async def _open(self, body: dict[str, Any]) -> httpx.Response | Response:
+        """The server's answer as a stream; or, if it has none, what the client gets instead."""
         assert self._http is not None
-        try:
-            response = await self._http.post(f"{self.upstream.base_url}/v1/chat/completions", json=body)
-        except httpx.HTTPError as exc:
-            return _unavailable(exc)
-        if response.status_code >= 500:
-            log.warning("local model server answered %s: %s", response.status_code, response.text[:500])
-        return Response(response.content, response.status_code, media_type="application/json")
-
-    async def _stream(self, body: dict[str, Any], want_usage: bool) -> Response:
-        assert self._http is not None
-        request = self._http.build_request("POST", f"{self.upstream.base_url}/v1/chat/completions", json=body)
+        url = f"{self.upstream.base_url}/v1/chat/completions"
+        request = self._http.build_request("POST", url, json={**body, "stream": True})
         try:
             upstream = await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
             return _unavailable(exc)
-        if upstream.status_code != 200:
-            content = await upstream.aread()
+        if upstream.status_code == 200:
+            return upstream
+        try:
+            return _refused(upstream.status_code, await upstream.aread())
+        except httpx.HTTPError as exc:
+            return _unavailable(exc)
+        finally:
             await upstream.aclose()
-            return Response(content, upstream.status_code, media_type="application/json")
+
+    async def _whole(self, body: dict[str, Any]) -> Response:
+        """The answer not streamed, made of the server's stream (closed if this is cancelled)."""
+        upstream = await self._open(body)
+        if isinstance(upstream, Response):
+            return upstream
+        answer = Completion()
+        try:
+            async for line in upstream.aiter_lines():
+                payload = _payload(line)
+                if payload == "[DONE]":
+                    break
+                if payload is not None:
+                    chunk = json.loads(payload)
+                    if not isinstance(chunk, dict):
+                        raise ValueError(f"not a chunk: {payload[:200]}")
+                    if "error" in chunk:
+                        return _failed(chunk)
+                    answer.add(chunk)
+        except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+            return _unavailable(exc, "the answer broke off")
+        finally:
+            await upstream.aclose()
+        if not answer.finished:
+            return _unavailable("it ended before its finish", "the answer broke off")
+        return JSONResponse(answer.result(answer.usage or await self._usage(body, answer.pieces)))
+
+    async def _stream(self, body: dict[str, Any], want_usage: bool) -> Response:
+        upstream = await self._open(body)
+        if isinstance(upstream, Response):
+            return upstream
         closed = False
 
         async def close() -> None:  # once, whether the stream ran to its end, broke off or never started
@@ -257,23 +292,28 @@ class ModelProxy:
     async def _relay(
         self, upstream: httpx.Response, body: dict[str, Any], want_usage: bool, close: Callable[[], Awaitable[None]]
     ) -> AsyncIterator[str]:
-        """Pass the server's events through as they come; add a usage chunk before ``[DONE]`` if asked."""
-        tokens = 0
-        last: dict[str, Any] = {}
+        """Pass the server's events through as they come, its usage chunk only if asked for (counted here if the
+        server sends none)."""
+        answer = Completion()
         try:
             async for line in upstream.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators and the server's keep-alive comments
-                payload = line[5:].strip()
+                payload = _payload(line)
+                if payload is None:
+                    continue
                 if payload == "[DONE]":
-                    if want_usage:
-                        yield f"data: {json.dumps(await self._usage_chunk(body, last, tokens))}\n\n"
+                    if want_usage and answer.usage is None:
+                        usage = await self._usage(body, answer.pieces)
+                        chunk = {**answer.result(usage), "object": "chat.completion.chunk", "choices": []}
+                        yield f"data: {json.dumps(chunk)}\n\n"
                     yield "data: [DONE]\n\n"
                     continue
-                with contextlib.suppress(ValueError, KeyError, IndexError, TypeError, AttributeError):
-                    last = json.loads(payload)
-                    delta = last["choices"][0].get("delta") or {}
-                    tokens += 1 if delta.get("content") or delta.get("tool_calls") else 0
+                usage_chunk = False
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    chunk = json.loads(payload)
+                    answer.add(chunk)
+                    usage_chunk = chunk.get("usage") is not None and not chunk.get("choices")
+                if usage_chunk and not want_usage:
+                    continue
                 yield f"data: {payload}\n\n"
         except httpx.HTTPError as exc:
             log.warning("local model stream broke off: %s", exc)
@@ -282,7 +322,9 @@ class ModelProxy:
         finally:
             await close()
 
-    async def _usage_chunk(self, body: dict[str, Any], last: dict[str, Any], tokens: int) -> dict[str, Any]:
+    async def _usage(self, body: dict[str, Any], tokens: int) -> dict[str, int]:
+        """Usage counted here, for a server whose stream ends without it (Caravan's chat format counts it): the
+        prompt's tokens as the server counts the prompt's text, and a token a chunk."""
         assert self._http is not None
         prompt = 0
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
@@ -290,14 +332,7 @@ class ModelProxy:
             url = f"{self.upstream.base_url}/extras/tokenize/count"
             counted = await self._http.post(url, json={"input": prompt_text})
             prompt = int(counted.json()["count"])
-        return {
-            "id": last.get("id", "chatcmpl-local"),
-            "object": "chat.completion.chunk",
-            "created": last.get("created", 0),
-            "model": last.get("model", body.get("model", "local")),
-            "choices": [],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens},
-        }
+        return {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
 
 
 class _Relay(StreamingResponse):
@@ -314,11 +349,45 @@ class _Relay(StreamingResponse):
             await self._close()
 
 
+class _Gone(Exception):
+    """The client disconnected."""
+
+
+async def _while_there(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """``work``'s result, unless the client disconnects first: ``work`` is then cancelled and :class:`_Gone` raised."""
+    done = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not done.done():
+            done.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await done
+    if done.cancelled():
+        raise _Gone
+    return done.result()
+
+
 async def _disconnected(request: Request) -> None:
     """Returns once the client has gone (the request body is already read, so only a disconnect comes)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-def _unavailable(exc: Exception) -> JSONResponse:
-    return _error(502, "local_model_unavailable", f"the local model server did not answer: {exc}")
+def _payload(line: str) -> str | None:
+    """The data of one line of a server-sent event stream; None for blank separators and keep-alive comments."""
+    return line[5:].strip() if line.startswith("data:") else None
+
+
+def _failed(event: dict[str, Any]) -> Response:
+    """The error the server ended its stream with, answered as it answers the request not streamed."""
+    status = event.get("status")
+    status = status if isinstance(status, int) and 400 <= status < 600 else 500
+    return _refused(status, json.dumps({"error": event["error"]}).encode())
+
+
+def _unavailable(exc: Exception | str, what: str = "the local model server did not answer") -> JSONResponse:
+    """The server cannot be reached, or its answer broke off (it died): worth trying again once it is restarted."""
+    return _error(502, "local_model_unavailable", f"{what}: {exc}")

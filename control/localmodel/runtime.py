@@ -163,6 +163,7 @@ class LlamaServer:
             "--n_threads", str(self.threads),
             "--n_threads_batch", str(self.threads),
             "--n_ctx", str(self.context_tokens),
+            "--interrupt_requests", "false",  # else any request made while a stream runs (/v1/models) cuts it short
         ]  # fmt: skip
 
     async def _launch(self) -> None:

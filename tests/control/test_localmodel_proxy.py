@@ -1,7 +1,8 @@
 """The local model's front: fair queueing, bounded waits, request repairs, streamed usage, clear errors.
 
 The upstream here is a stand-in OpenAI-compatible server that records what it gets and can hold requests,
-so these tests need no model and check exactly what reaches the server.
+so these tests need no model and check exactly what reaches the server. It streams as the bundled server
+with Caravan's chat format does: its usage in a last chunk, an error as an event.
 """
 
 from __future__ import annotations
@@ -27,14 +28,30 @@ from agent.protocol import ModelConfig
 from control.localmodel import FairQueue, ModelProxy, QueueFull, QueueTimeout, repair_request
 from tests.support.helpers import assert_eventually, chat_completion, now, serve_app
 
+TEXT: list[dict[str, Any]] = [{"role": "assistant"}, {"content": "a"}, {"content": "b"}, {"content": "c"}]
+
 
 @dataclass
 class FakeServer:
-    """An OpenAI-compatible stand-in: answers ``ok``, or streams three tokens; ``gate`` holds answers."""
+    """An OpenAI-compatible stand-in: streams ``deltas`` (then ``usage``, unless None), or answers ``ok`` not
+    streamed; ``gate`` holds answers; the answer to a prompt in ``slow`` is generated (its first chunk sent, or
+    not streamed, not yet answered) until ``resume`` is set. ``ended`` says how each answer ended: finished, or
+    closed by its client before."""
 
     base_url: str = ""
     seen: list[dict[str, Any]] = field(default_factory=list)
     gate: asyncio.Event = field(default_factory=asyncio.Event)
+    deltas: list[dict[str, Any]] = field(default_factory=lambda: list(TEXT))
+    finish_reason: str = "stop"
+    usage: dict[str, int] | None = field(
+        default_factory=lambda: {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+    )
+    error: dict[str, Any] | None = None  # an error event instead of the answer
+    refuse: tuple[int, dict[str, Any]] | None = None  # a status and body instead of any answer
+    slow: set[str] = field(default_factory=set)
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
+    generating: list[str] = field(default_factory=list)
+    ended: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.gate.set()
@@ -43,19 +60,38 @@ class FakeServer:
         body = await request.json()
         self.seen.append(body)
         await self.gate.wait()
+        if self.refuse is not None:
+            return JSONResponse(self.refuse[1], status_code=self.refuse[0])
+        prompt = body["messages"][-1]["content"]
         if body.get("stream"):
-            return StreamingResponse(self._tokens(), media_type="text/event-stream")
+            return StreamingResponse(self._tokens(prompt), media_type="text/event-stream")
+        if prompt in self.slow:
+            self.generating.append(prompt)
+            await self.resume.wait()
+        self.ended.append((prompt, "finished"))
         return Response(chat_completion("ok", "fake"), media_type="application/json")
 
-    @staticmethod
-    async def _tokens() -> AsyncIterator[str]:
+    async def _tokens(self, prompt: str) -> AsyncIterator[str]:
         base = {"id": "c2", "object": "chat.completion.chunk", "created": 1, "model": "fake"}
-        deltas: list[dict[str, Any]] = [{"role": "assistant"}, {"content": "a"}, {"content": "b"}, {"content": "c"}]
-        for delta in deltas:
-            yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': delta}]})}\n\n"
-        yield ": ping\n\n"
-        yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
-        yield "data: [DONE]\n\n"
+        finished = False
+        try:
+            if self.error is not None:
+                yield f"data: {json.dumps(self.error)}\n\n"
+            else:
+                for n, delta in enumerate(self.deltas):
+                    yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': delta}]})}\n\n"
+                    if n == 0 and prompt in self.slow:
+                        self.generating.append(prompt)
+                        await self.resume.wait()
+                yield ": ping\n\n"
+                end = {"index": 0, "delta": {}, "finish_reason": self.finish_reason}
+                yield f"data: {json.dumps({**base, 'choices': [end]})}\n\n"
+                if self.usage is not None:
+                    yield f"data: {json.dumps({**base, 'choices': [], 'usage': self.usage})}\n\n"
+            yield "data: [DONE]\n\n"
+            finished = True
+        finally:
+            self.ended.append((prompt, "finished" if finished else "closed"))
 
     async def count(self, request: Request) -> Response:
         return JSONResponse({"count": 11})
@@ -253,23 +289,127 @@ async def test_an_agent_flooding_the_queue_cannot_keep_a_quiet_agent_out(upstrea
     assert [s["messages"][0]["content"] for s in upstream.seen] == ["ag-flood", "ag-quiet"]
 
 
-async def test_a_stream_passes_through_with_token_counts_added(upstream: FakeServer) -> None:
+async def test_a_stream_passes_through_with_the_servers_usage_if_asked(upstream: FakeServer) -> None:
     async with proxy_for(upstream) as proxy, httpx.AsyncClient(base_url=proxy.url) as client:
-        body = chat(stream=True, stream_options={"include_usage": True})
-        async with client.stream("POST", "/chat/completions", json=body) as response:
-            assert response.status_code == 200
-            events = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        chunks = [json.loads(e) for e in events[:-1]]
+
+        async def events(body: dict[str, Any]) -> list[str]:
+            async with client.stream("POST", "/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                return [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+
+        streamed = await events(chat(stream=True, stream_options={"include_usage": True}))
+        assert streamed[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in streamed[:-1]]
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "abc"
-        assert chunks[-1]["usage"] == {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+        assert [c["usage"] for c in chunks if "usage" in c] == [upstream.usage]  # once, the server's
         assert "stream_options" not in upstream.seen[-1]
         assert proxy.queue.busy == 0
 
-        plain = chat(stream=True)
-        async with client.stream("POST", "/chat/completions", json=plain) as response:
-            events = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
-        assert not any("usage" in json.loads(e) for e in events[:-1])
+        plain = await events(chat(stream=True))  # not asked for: the server's usage chunk is left out
+        assert not any("usage" in json.loads(e) for e in plain[:-1]) and plain[-1] == "[DONE]"
+
+        upstream.usage = None  # a server that counts nothing in a stream: the proxy counts
+        counted = await events(chat(stream=True, stream_options={"include_usage": True}))
+        usage = json.loads(counted[-2])["usage"]
+        assert usage == {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+
+
+async def test_an_answer_not_streamed_is_the_servers_stream_put_together(
+    upstream: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with proxy_for(upstream) as proxy, httpx.AsyncClient(base_url=proxy.url) as client:
+        monkeypatch.setenv("CARAVAN_LOCAL_MODEL_URL", proxy.url)
+        model = create_model_client(ModelConfig(provider="local"))
+        result = await model.create([UserMessage(content="hi", source="user")])
+        assert result.content == "abc" and result.finish_reason == "stop"
+        assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (9, 4)  # the server's count
+        assert upstream.seen[-1]["stream"] is True
+
+        upstream.finish_reason = "tool_calls"
+        upstream.deltas = [
+            {"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                  "function": {"name": "add", "arguments": ""}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": '}}]},
+            {"tool_calls": [{"index": 1, "id": "call_2", "type": "function",
+                             "function": {"name": "neg", "arguments": "{}"}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": "2}"}}]},
+        ]  # fmt: skip
+        answer = (await client.post("/chat/completions", json=chat())).json()
+        assert answer == {
+            "id": "c2",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "fake",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}},
+                            {"id": "call_2", "type": "function", "function": {"name": "neg", "arguments": "{}"}},
+                        ],
+                    },
+                    "logprobs": None,
+                    "finish_reason": "tool_calls",
+                }
+            ],
+            "usage": upstream.usage,
+        }
+        calls = await model.create([UserMessage(content="add", source="user")])
+        assert [(c.name, c.arguments) for c in calls.content] == [("add", '{"a": 2}'), ("neg", "{}")]  # type: ignore[union-attr]
+
+        upstream.usage = None  # a server that counts nothing in a stream: the proxy counts, as for a stream
+        assert (await client.post("/chat/completions", json=chat())).json()["usage"]["prompt_tokens"] == 11
+        assert proxy.queue.busy == 0
+
+
+async def test_a_client_that_leaves_stops_the_answer_it_did_not_stream_and_frees_the_model(
+    upstream: FakeServer,
+) -> None:
+    """A cancelled task's model call: the server stops only an answer it streams (the proxy asks for every answer
+    streamed), and the next agent's request is served, not queued until the abandoned answer has run its course."""
+    upstream.slow.add("long story")
+    async with proxy_for(upstream) as proxy, httpx.AsyncClient(base_url=proxy.url) as client:
+        try:
+            abandoned = asyncio.create_task(
+                client.post("/chat/completions", json=chat("long story"), headers={"X-Caravan-Agent": "ag-a"})
+            )
+            await assert_eventually(now(lambda: upstream.generating), lambda g: g == ["long story"])
+            quick = asyncio.create_task(
+                client.post("/chat/completions", json=chat("quick"), headers={"X-Caravan-Agent": "ag-b"})
+            )
+            await waiting(proxy.queue, 1)
+            abandoned.cancel()  # as the OpenAI client does when its task is cancelled: it closes the connection
+            with contextlib.suppress(asyncio.CancelledError):
+                await abandoned
+            await assert_eventually(
+                now(lambda: upstream.ended),
+                lambda e: ("long story", "closed") in e,
+                what="the abandoned answer stopped",
+            )
+            served = await quick
+            assert served.status_code == 200 and served.json()["choices"][0]["message"]["content"] == "abc"
+            assert upstream.ended == [("long story", "closed"), ("quick", "finished")]  # never resumed: never finished
+            assert proxy.queue.busy == 0 and proxy.queue.waiting == 0
+        finally:
+            upstream.resume.set()
+
+
+async def test_the_servers_errors_are_passed_on_as_it_gives_them(upstream: FakeServer) -> None:
+    """A request the server fails as it streams (as the proxy asks for every answer) gets the server's error and
+    status, as it would not streamed: a ``tool_choice`` naming a tool not offered (500), a prompt too long (400)."""
+    async with proxy_for(upstream) as proxy, httpx.AsyncClient(base_url=proxy.url) as client:
+        refusal = {"error": {"message": "tool_choice names 'x', which is not among the tools", "type": "server"}}
+        upstream.error = {**refusal, "status": 500}  # as Caravan's chat format streams it
+        raw = await client.post("/chat/completions", json=chat())
+        assert (raw.status_code, raw.json()) == (500, refusal)
+        too_long = {"error": {"message": "This model's maximum context length is 4096 tokens.", "type": "invalid"}}
+        upstream.error = {**too_long, "status": 400}
+        raw = await client.post("/chat/completions", json=chat())
+        assert (raw.status_code, raw.json()) == (400, too_long)
+        assert proxy.queue.busy == 0
 
 
 async def test_the_agent_model_client_streams_through_the_proxy_with_usage(
@@ -281,7 +421,7 @@ async def test_the_agent_model_client_streams_through_the_proxy_with_usage(
         model = create_model_client(ModelConfig(provider="local", stream=True))
         items = [item async for item in model.create_stream([UserMessage(content="hi", source="user")])]
     assert items[:-1] == ["a", "b", "c"]
-    assert items[-1].content == "abc" and items[-1].usage.completion_tokens == 3
+    assert items[-1].content == "abc" and items[-1].usage.completion_tokens == 4  # the server's count
     assert upstream.seen[-1]["model"] == "SmolLM2-135M-Instruct"
 
 

@@ -1,4 +1,5 @@
-"""The local model server as a supervised child process, and how `caravan up` picks the demo's model."""
+"""The local model server as a supervised child process, its answers through the proxy, and how `caravan up` picks
+the demo's model."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import httpx
 import pytest
 
 from control.cli import _demo_model
-from control.localmodel import LlamaServer, LocalModelUnavailable, bundled_model_path, runtime_installed
+from control.localmodel import (
+    LlamaServer,
+    LocalModel,
+    LocalModelUnavailable,
+    bundled_model_path,
+    runtime_installed,
+)
 from tests.conftest import make_settings
 from tests.support.helpers import assert_eventually, now
 
@@ -99,3 +106,50 @@ def test_the_demo_runs_on_a_hosted_model_if_a_key_is_set_else_locally(
     monkeypatch.setenv("GROQ_API_KEY", "k")
     hosted = _demo_model(settings.model_copy(update={"local_model_url": "http://127.0.0.1:5/v1"}))
     assert hosted.model.provider == "groq" and "GROQ_API_KEY" in hosted.about
+
+
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Adds two numbers.",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
+    },
+}
+
+
+async def test_the_proxy_answers_as_the_server_does_though_it_asks_for_a_stream(local_model: LocalModel) -> None:
+    """The proxy asks the server for every answer streamed; one not streamed is the same answer, with the same
+    usage (quotas count it), and a request the server fails gets the server's error (not a stream broken off)."""
+    assert local_model.server is not None
+    calls = [
+        {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0},
+        {
+            "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+            "tools": [ADD],
+            "tool_choice": {"type": "function", "function": {"name": "add"}},
+            "temperature": 0,
+        },
+        {
+            "messages": [{"role": "user", "content": "Add."}],
+            "tools": [ADD],
+            "tool_choice": {"type": "function", "function": {"name": "sub"}},
+        },
+        {"messages": [{"role": "user", "content": "word " * 5000}], "max_tokens": 8},
+    ]
+    async with httpx.AsyncClient(timeout=60) as client:
+        for body in calls:
+            direct = await client.post(f"{local_model.server.base_url}/v1/chat/completions", json=body)
+            proxied = await client.post(f"{local_model.url}/chat/completions", json=body)
+            assert proxied.status_code == direct.status_code, proxied.text
+            if direct.status_code != 200:
+                assert proxied.json() == direct.json()
+                continue
+            mine, theirs = proxied.json(), direct.json()
+            assert mine["usage"] == theirs["usage"], body
+            assert mine["choices"][0]["finish_reason"] == theirs["choices"][0]["finish_reason"]
+            message, expected = mine["choices"][0]["message"], theirs["choices"][0]["message"]
+            assert message["content"] == expected["content"]
+            assert [c["function"] for c in message.get("tool_calls") or []] == [
+                c["function"] for c in expected.get("tool_calls") or []
+            ]
