@@ -54,10 +54,11 @@ def _error(status: int, code: str, message: str, retry: bool = True, **details: 
 
 
 def _refused(status: int, content: bytes) -> Response:
-    """An error the server answered, as it answered it."""
+    """An error the server answered, as it answered it. Not to be tried again: the server is up and gives the
+    same request the same error (a ``tool_choice`` naming a tool not offered, a prompt over the context)."""
     if status >= 500:
         log.warning("local model server answered %s: %s", status, content[:500].decode("utf-8", "replace"))
-    return Response(content, status, media_type="application/json")
+    return Response(content, status, media_type="application/json", headers={"x-should-retry": "false"})
 
 
 def repair_request(body: dict[str, Any], default_max_tokens: int | None) -> dict[str, Any]:

@@ -397,19 +397,36 @@ async def test_a_client_that_leaves_stops_the_answer_it_did_not_stream_and_frees
             upstream.resume.set()
 
 
-async def test_the_servers_errors_are_passed_on_as_it_gives_them(upstream: FakeServer) -> None:
-    """A request the server fails as it streams (as the proxy asks for every answer) gets the server's error and
-    status, as it would not streamed: a ``tool_choice`` naming a tool not offered (500), a prompt too long (400)."""
+async def test_the_servers_errors_are_passed_on_not_to_be_retried(
+    upstream: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server answers a request it cannot serve the same way each time (a ``tool_choice`` naming a tool not
+    offered: 500): the OpenAI client must not send it twice more. A server that cannot be reached may be back."""
     async with proxy_for(upstream) as proxy, httpx.AsyncClient(base_url=proxy.url) as client:
+        monkeypatch.setenv("CARAVAN_LOCAL_MODEL_URL", proxy.url)
+        model = create_model_client(ModelConfig(provider="local"))
         refusal = {"error": {"message": "tool_choice names 'x', which is not among the tools", "type": "server"}}
-        upstream.error = {**refusal, "status": 500}  # as Caravan's chat format streams it
+        upstream.refuse = (500, refusal)
+        with pytest.raises(openai.InternalServerError, match="which is not among the tools"):
+            await model.create([UserMessage(content="hi", source="user")])
+        assert len(upstream.seen) == 1
+        upstream.refuse = None
+
+        upstream.error = {**refusal, "status": 500}  # the same error, as Caravan's chat format streams it
         raw = await client.post("/chat/completions", json=chat())
-        assert (raw.status_code, raw.json()) == (500, refusal)
+        assert (raw.status_code, raw.headers["x-should-retry"], raw.json()) == (500, "false", refusal)
+        with pytest.raises(openai.InternalServerError, match="which is not among the tools"):
+            await model.create([UserMessage(content="hi", source="user")])
+        assert len(upstream.seen) == 3
         too_long = {"error": {"message": "This model's maximum context length is 4096 tokens.", "type": "invalid"}}
         upstream.error = {**too_long, "status": 400}
         raw = await client.post("/chat/completions", json=chat())
-        assert (raw.status_code, raw.json()) == (400, too_long)
+        assert (raw.status_code, raw.headers["x-should-retry"], raw.json()) == (400, "false", too_long)
         assert proxy.queue.busy == 0
+
+        upstream.base_url = "http://127.0.0.1:9"  # nothing listens there: restarting, perhaps
+        down = await client.post("/chat/completions", json=chat())
+        assert (down.status_code, down.headers["x-should-retry"]) == (502, "true")
 
 
 async def test_the_agent_model_client_streams_through_the_proxy_with_usage(

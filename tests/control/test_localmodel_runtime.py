@@ -143,7 +143,7 @@ async def test_the_proxy_answers_as_the_server_does_though_it_asks_for_a_stream(
             proxied = await client.post(f"{local_model.url}/chat/completions", json=body)
             assert proxied.status_code == direct.status_code, proxied.text
             if direct.status_code != 200:
-                assert proxied.json() == direct.json()
+                assert proxied.json() == direct.json() and proxied.headers["x-should-retry"] == "false"
                 continue
             mine, theirs = proxied.json(), direct.json()
             assert mine["usage"] == theirs["usage"], body
