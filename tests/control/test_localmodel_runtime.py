@@ -32,7 +32,7 @@ async def _answers(server: LlamaServer) -> int | None:
         async with httpx.AsyncClient(timeout=2) as client:
             if (await client.get(f"{server.base_url}/v1/models")).status_code == 200:
                 return server.pid
-    except httpx.HTTPError:
+    except (httpx.HTTPError, AttributeError):  # (httpcore reads a socket the server closed as it connected: None)
         pass
     return None
 
