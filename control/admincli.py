@@ -260,14 +260,13 @@ def _admin(args: argparse.Namespace) -> Iterator[httpx.Client]:
     client = httpx.Client(base_url=_api_url(args.url), timeout=HTTP_TIMEOUT_S)
     with contextlib.closing(client):
         try:
-            token = _answer(client.post("/v1/auth/token", json={"api_key": args.api_key}))
-            if not isinstance(token, dict) or not isinstance(token.get("access_token"), str):
+            issued = _answer(client.post("/v1/auth/token", json={"api_key": args.api_key}))
+            if not isinstance(issued, dict) or not isinstance(issued.get("access_token"), str):
                 raise SystemExit(
                     f"caravan: {args.url} answered POST /v1/auth/token without an access_token: is --url "
                     "(CARAVAN_URL) Caravan's API?"
                 )
-            token = token["access_token"]
-            client.headers["Authorization"] = f"Bearer {token}"
+            client.headers["Authorization"] = f"Bearer {issued['access_token']}"
             yield client
         except httpx.TimeoutException:
             raise SystemExit(

@@ -110,8 +110,7 @@ def agent_job(agent: Agent, settings: Settings) -> dict[str, Any]:
     if settings.local_model_url:
         env[LOCAL_MODEL_URL_ENV] = settings.local_model_url
     if settings.model_url_allow:
-        # the operator's, not a customer's: checked as a setting, written without the spaces it may have had
-        env[ALLOW_ENV] = ",".join(filter(None, (entry.strip() for entry in settings.model_url_allow.split(","))))
+        env[ALLOW_ENV] = settings.model_url_allow  # the operator's, not a customer's: checked as a setting
     variables = AgentJobVariables(
         job_id=agent.job_id,
         namespace=agent.namespace,

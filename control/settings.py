@@ -237,7 +237,7 @@ class Settings(BaseSettings):
     @classmethod
     def _egress_policy(cls, value: str) -> str:
         EgressPolicy.parse(value)  # a bad entry stops the start, rather than being ignored
-        return value
+        return ",".join(filter(None, (entry.strip() for entry in value.split(","))))  # as a job's env carries it
 
     @field_validator("cors_origins", mode="before")
     @classmethod

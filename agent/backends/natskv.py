@@ -223,14 +223,11 @@ class NatsKVFlags:
 
     async def _stored(self, key: FlagKey) -> tuple[Flag | None, int]:
         """The flag stored under ``key`` (None: none, or deleted) and the revision to write over it."""
-        try:
-            entry = await self.kv.get(kv_key(key))
-        except KeyNotFoundError as exc:  # never written (revision 0), or deleted (the delete's revision)
-            entry = exc.entry
-            return None, (entry.revision or 0) if entry is not None else 0
-        if not entry.value:
-            return None, entry.revision or 0
-        return Flag.decode(key, entry.value, entry.revision or 0), entry.revision or 0
+        entry = await _current(self.kv, kv_key(key))  # None: never written (revision 0); no value: a delete marker
+        revision = (entry.revision or 0) if entry is not None else 0
+        if entry is None or not entry.value:
+            return None, revision
+        return Flag.decode(key, entry.value, revision), revision
 
     async def list(self) -> list[Flag]:
         flags: list[Flag] = []

@@ -571,13 +571,13 @@ class LocalScheduler:
     async def _watch(self) -> None:
         """Every running task's resident memory, its children's included, against its limit, and its log's size.
         One pass over the process table per tick for all tasks: a pass per task would cost the control plane a core
-        at fifty."""
+        at fifty. Allocations that ended long ago are collected as it starts and hourly (``keep_days``)."""
         collected_at = -math.inf
         while True:
             if self._keep_s and time.monotonic() - collected_at >= _COLLECT_EVERY_S:
                 collected_at = time.monotonic()
                 try:
-                    await asyncio.to_thread(self._collect, self._running_alloc_ids())
+                    await asyncio.to_thread(self._collect, self._known_alloc_ids())
                 except Exception:  # tried again at the next round
                     log.exception("old allocations not collected")
             await asyncio.sleep(_MEMORY_POLL_S)
@@ -591,8 +591,17 @@ class LocalScheduler:
                 except OSError as exc:  # a full disk, say: tried again next tick
                     log.warning("could not keep the log %s to %d bytes: %s", path, self._log_max_bytes, exc)
 
-    def _running_alloc_ids(self) -> set[str]:
+    def _known_alloc_ids(self) -> set[str]:
         return {alloc.id for job in list(self._jobs.values()) for alloc in job.allocs}
+
+    def _running(self) -> list[tuple[_Alloc, asyncio.subprocess.Process]]:
+        """Each allocation whose process runs, with it."""
+        return [
+            (alloc, alloc.process)
+            for job in list(self._jobs.values())
+            for alloc in job.allocs
+            if alloc.process is not None and alloc.process.returncode is None
+        ]
 
     def _collect(self, current: set[str]) -> None:
         """Remove the log (``<alloc>.log`` and ``.log.1``) and directory of each allocation that is none of
@@ -628,23 +637,15 @@ class LocalScheduler:
     def _logs_over_limit(self) -> list[Path]:
         """The logs of running tasks past :data:`LOG_MAX_BYTES` (a stat each: the copy is made in a thread)."""
         over = []
-        for job in list(self._jobs.values()):
-            for alloc in job.allocs:
-                if alloc.process is None or alloc.process.returncode is not None:
-                    continue
-                path = self.log_path(alloc)
-                with contextlib.suppress(FileNotFoundError):
-                    if path.stat().st_size > self._log_max_bytes:
-                        over.append(path)
+        for alloc, _ in self._running():
+            path = self.log_path(alloc)
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size > self._log_max_bytes:
+                    over.append(path)
         return over
 
     def _enforce_memory(self) -> None:
-        running = [
-            (alloc, alloc.process)
-            for job in list(self._jobs.values())
-            for alloc in job.allocs
-            if alloc.process is not None and alloc.process.returncode is None
-        ]
+        running = self._running()
         if not running:
             return
         table = _process_table()
