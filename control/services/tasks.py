@@ -22,7 +22,7 @@ import nats
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
@@ -115,6 +115,14 @@ class StreamedEvent:
     @property
     def terminal(self) -> bool:
         return self.event.kind == EventKind.STATUS and self.event.content in TERMINAL_TASK_STATUSES
+
+
+def _final(stored: RawStreamMsg) -> bool:
+    """Whether a stored task event is its task's final status (an event that does not parse is none)."""
+    try:
+        return StreamedEvent(stored.seq or 0, Event.model_validate_json(stored.data or b"")).terminal
+    except ValueError:
+        return False
 
 
 def task_key(customer_id: str, task_id: str) -> str:
@@ -626,22 +634,31 @@ class TaskService:
                     return
 
     async def ended_before(self, task: Task, after: int) -> bool:
-        """Whether the task's stream has no event after ``after``, and its last is the final status (or the task
-        ended, as read, its events gone with the stream's age limit): what a client that saw the whole stream
-        sends when it reconnects (an SSE client reconnects whenever a stream closes), told so even before the
-        tracker folds that status into the record."""
+        """Whether the task's stream has nothing to give after ``after``: the event there is the final status (a
+        stream ends with it; what a run said after its task ended, published all the same, is not streamed), or
+        no event comes after it and the last is the final status (or the task ended, as read, its events gone
+        with the stream's age limit). What a client that saw the whole stream sends when it reconnects (an SSE
+        client reconnects whenever a stream closes), told so even before the tracker folds that status into the
+        record."""
+        subject = task_events_subject(task.customer_id, task.id)
         try:
-            last = await self._js.get_last_msg(EVENTS_STREAM, task_events_subject(task.customer_id, task.id))
+            last = await self._js.get_last_msg(EVENTS_STREAM, subject)
         except NotFoundError:
             return task.status in TERMINAL_TASK_STATUSES
         if (last.seq or 0) > after:
-            return False
+            return after > 0 and await self._final_at(subject, after)
         if task.status in TERMINAL_TASK_STATUSES:
             return True
+        return _final(last)
+
+    async def _final_at(self, subject: str, seq: int) -> bool:
+        """Whether the event at stream sequence ``seq`` is the final status of the task whose events ``subject``
+        holds (False once it is gone with the stream's age limit)."""
         try:
-            return StreamedEvent(last.seq or 0, Event.model_validate_json(last.data or b"")).terminal
-        except ValueError:
+            stored = await self._js.get_msg(EVENTS_STREAM, seq)
+        except NotFoundError:
             return False
+        return stored.subject == subject and _final(stored)
 
     # -- tracker: folds every event into the records ------------------------------------------------------
 

@@ -332,6 +332,37 @@ async def test_a_client_that_saw_a_finished_tasks_whole_stream_is_told_at_once_t
         assert ws.close_code == 1000
 
 
+async def test_a_client_that_saw_the_final_status_is_told_there_is_no_more_though_the_run_spoke_after_it(
+    api: Api,
+) -> None:
+    """A run that went on after its task ended (cancelled, it answered all the same) publishes its last words after
+    the final status: a stream ends with that status, and a client that reconnects after it (an `EventSource` does,
+    whenever a stream closes) is answered 204 at once, the WebSocket closed at once, rather than given the words
+    after the end (which the transcript leaves out) and held open until the idle check."""
+    customer_id, headers, task_id = await running_slow_task(api)
+    assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
+    assert (await finished(api, headers, task_id))["status"] == "cancelled"
+    late = functools.partial(task_event, customer_id, task_id)
+    await api.control.tasks.publish(late(EventKind.MESSAGE, "too late"))
+    await api.control.tasks.publish(late(EventKind.RESULT, "too late"))
+    url = f"/v1/tasks/{task_id}/events"
+    whole = await sse_events(api.client, url, headers)
+    assert [e["event"] for e in whole][-1:] == ["status"] and whole[-1]["data"]["content"] == "cancelled"
+    assert all(e["data"]["content"] != "too late" for e in whole)
+
+    async with api.client.stream("GET", url, headers={**headers, "Last-Event-ID": whole[-1]["id"]}) as again:
+        assert again.status_code == 204  # (a stream that opened would say 200 here, the late words to come)
+        assert await again.aread() == b""
+    token = headers["Authorization"].split()[1]
+    ws_url = api.base.replace("http", "ws") + f"/v1/tasks/{task_id}/ws?token={token}&after={whole[-1]['id']}"
+    async with asyncio.timeout(5), websockets.connect(ws_url) as ws:  # at once: not after the 15 s idle wait
+        with pytest.raises(websockets.ConnectionClosedOK):  # no frame (a late word would be one)
+            await ws.recv()
+        assert ws.close_code == 1000
+    before_the_end = await sse_events(api.client, url, {**headers, "Last-Event-ID": whole[-2]["id"]})
+    assert before_the_end == whole[-1:]
+
+
 async def test_an_event_id_resumes_its_own_tasks_stream_only_and_after_a_restart(settings: Settings) -> None:
     """Event ids are the platform's secret's work (no customer reads another's event count from them): one of
     another task is refused, not taken for a place in this one; and the secret stays the platform's, so an id
