@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import time
+import types
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -12,9 +15,12 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
+    AckPolicy,
     ConsumerConfig,
+    DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
@@ -26,7 +32,17 @@ from nats.js.kv import KeyValue
 
 from agent.protocol import EVENTS_STREAM, TASKS_STREAM
 
-__all__ = ["BUCKETS", "CONSUMER_LIMIT", "NATS_UNAVAILABLE", "Jet", "connect", "ensure_stream", "ordered_reader"]
+__all__ = [
+    "BUCKETS",
+    "CONSUMER_LIMIT",
+    "NATS_UNAVAILABLE",
+    "PACED_IDLE_S",
+    "Jet",
+    "PacedReader",
+    "connect",
+    "ensure_stream",
+    "ordered_reader",
+]
 
 log = logging.getLogger("caravan.nats")
 
@@ -103,6 +119,103 @@ async def ordered_reader(
         with contextlib.suppress(nats.errors.Error, TimeoutError):  # JetStream drops it within 5 s anyway
             async with asyncio.timeout(2):
                 await js.delete_consumer(stream, sub._consumer)
+
+
+PACED_BATCH = 16
+"""How many messages a :class:`PacedReader` fetches at once, when as many are waiting."""
+PACED_IDLE_S = 300.0
+"""How long JetStream keeps the consumer of a :class:`PacedReader` that asks for nothing (its caller's client reads
+nothing, or the process that made it is gone); the reader makes it again, from where it was, when it asks again."""
+
+
+class PacedReader:
+    """The messages of ``subject`` in ``stream`` after stream sequence ``after``, in order, fetched from JetStream
+    as :meth:`next` asks for them (:data:`PACED_BATCH` at a time at most) through a pull consumer of its own
+    (ephemeral, without acks), deleted as the block ends: a caller that stops asking (a stream whose client reads
+    nothing) holds a batch at most. An ordered push consumer is fed at JetStream's pace, not its reader's: nats-py
+    answers the flow control of a consumer that stalled as soon as it hears it, however much it holds unread, so
+    such a stream came to hold every message of its subject in memory, once for each time it was opened."""
+
+    def __init__(self, js: JetStreamContext, stream: str, subject: str, after: int = 0) -> None:
+        self.after = after
+        """The stream sequence of the last message given (or the one given to start after)."""
+        self._js = js
+        self._stream = stream
+        self._subject = subject
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._asked = time.monotonic()
+        self._fetched: collections.deque[Msg] = collections.deque()
+        self._waiting = 0  # (how many more the consumer held as it gave the last)
+
+    async def __aenter__(self) -> PacedReader:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: types.TracebackType | None
+    ) -> None:
+        await self._close()
+
+    async def next(self, idle: float) -> Msg:
+        """The next message, its sequence kept in :attr:`after`; raises :class:`nats.errors.TimeoutError` if none
+        comes within ``idle`` seconds. A consumer JetStream dropped (unused for :data:`PACED_IDLE_S`, or a
+        server restarted without it) is made again, from :attr:`after`."""
+        if self._sub is not None and time.monotonic() - self._asked > PACED_IDLE_S / 2 and not await self._kept():
+            await self._close()
+        self._asked = time.monotonic()
+        while True:
+            if not self._fetched:
+                sub = self._sub or await self._open()
+                # several only when as many wait already (nats-py's fetch of several waits for them all, or the
+                # time given, once none waits: a live event would wait for those after it)
+                batch = max(1, min(PACED_BATCH, self._waiting))
+                try:
+                    self._fetched.extend(await sub.fetch(batch, timeout=idle))
+                except nats.js.errors.ServiceUnavailableError:  # what a request to a consumer that is gone gets
+                    if await self._kept():
+                        raise
+                    await self._close()
+                    continue
+                except nats.errors.TimeoutError:
+                    if not await self._kept():
+                        await self._close()
+                    raise
+            msg = self._fetched.popleft()
+            self._waiting = msg.metadata.num_pending
+            sequence = msg.metadata.sequence.stream
+            if sequence > self.after:
+                self.after = sequence
+                return msg
+
+    async def _open(self) -> JetStreamContext.PullSubscription:
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if self.after else DeliverPolicy.ALL,
+            opt_start_seq=self.after + 1 if self.after else None,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=PACED_IDLE_S,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        self._sub = await self._js.pull_subscribe(self._subject, stream=self._stream, config=config)
+        return self._sub
+
+    async def _kept(self) -> bool:
+        assert self._sub is not None
+        try:
+            await self._js.consumer_info(self._stream, self._sub._consumer)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
+    async def _close(self) -> None:
+        self._fetched.clear()
+        sub, self._sub = self._sub, None
+        if sub is None:
+            return
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+        with contextlib.suppress(nats.errors.Error, TimeoutError):  # JetStream drops it in PACED_IDLE_S anyway
+            async with asyncio.timeout(2):
+                await self._js.delete_consumer(self._stream, sub._consumer)
 
 
 async def _tune_bucket(js: JetStreamContext, stream: str) -> bool:

@@ -60,7 +60,7 @@ from control.models import (
     TranscriptEntry,
     Usage,
 )
-from control.natsio import NATS_UNAVAILABLE, ordered_reader
+from control.natsio import NATS_UNAVAILABLE, PacedReader
 from control.services.agents import AgentService, failure, why_not_serving
 from control.services.killswitch import KillswitchService
 from control.services.quotas import QuotaService
@@ -613,15 +613,11 @@ class TaskService:
         Yields None after ``idle`` seconds without an event (a keep-alive for the client). A caller asks
         :meth:`ended_before` first, to answer a client that saw the whole stream at once.
         """
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
-            opt_start_seq=after + 1 if after else None,
-        )
         subject = task_events_subject(task.customer_id, task.id)
-        async with ordered_reader(self._js, EVENTS_STREAM, subject, config) as sub:
+        async with PacedReader(self._js, EVENTS_STREAM, subject, after) as reader:  # (what the client reads)
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=idle)
+                    msg = await reader.next(idle)
                 except nats.errors.TimeoutError:
                     if await self.ended_before(await self.get(task.customer_id, task.id, transcript=False), after):
                         return

@@ -34,7 +34,7 @@ from agent.protocol import (
 )
 from agent.worker import GIVEN_BACK
 from control.models import Task, TaskMessage
-from control.natsio import Jet, connect
+from control.natsio import PACED_BATCH, Jet, connect
 from control.platform import ControlPlane
 from control.services.task_index import Indexed, created_us
 from control.services.tasks import TRACKER, TaskService, task_key
@@ -525,6 +525,36 @@ async def test_a_stream_of_events_deletes_its_jetstream_consumer_as_it_ends_howe
     assert (await api.client.post(f"/v1/tasks/{task_id}/cancel", headers=headers)).status_code == 202
     items = [item async for item in read_through if item is not None]
     assert items[-1].terminal and items[-1].event.content == "cancelled"
+    assert await event_readers(api, subject) == 0
+
+
+async def test_a_stream_whose_client_stops_reading_is_given_a_batch_of_events_at_most_and_goes_on_whole(
+    api: Api,
+) -> None:
+    """A stream reads its task's events from JetStream at its client's pace: one whose client reads nothing (the
+    route waits to send) is given no more than a batch, however many the task has. Through an ordered push
+    consumer, JetStream fed it every event while nothing was read, held in the gateway's memory (once for each
+    such stream a customer opened). Read on, the stream goes on with no gap, even from a consumer JetStream
+    dropped meanwhile (as it drops one unused for a while)."""
+    customer_id, _, task_id = await running_slow_task(api)
+    task, subject = await api.control.tasks.get(customer_id, task_id), task_events_subject(customer_id, task_id)
+    late = functools.partial(task_event, customer_id, task_id)
+    for n in range(300):
+        await api.control.tasks.publish(late(EventKind.MESSAGE, f"{n} " + "x" * 20_000))  # 6 MB of events
+
+    stream = api.control.tasks.events(task, idle=1)
+    seen = [await anext(stream) for _ in range(5)]  # ... and then nothing is read
+    js = api.control.jet.js
+    [consumer] = [c for c in await js.consumers_info(EVENTS_STREAM) if c.config.filter_subject == subject]
+    assert consumer.delivered.consumer_seq <= 1 + PACED_BATCH, consumer.delivered
+
+    await js.delete_consumer(EVENTS_STREAM, consumer.name)
+    while (item := await anext(stream)) is None or item.event.content != "299 " + "x" * 20_000:
+        seen.append(item)
+    seen.append(item)
+    await stream.aclose()
+    said = [item.event.content.split()[0] for item in seen if item is not None and item.event.source == "tester"]
+    assert said == [str(n) for n in range(300)]
     assert await event_readers(api, subject) == 0
 
 
