@@ -78,6 +78,8 @@ async def get_principal(
     limiter: RateLimiter = request.app.state.limiter
     check_failures(request, take=False)
     try:
+        if len(request.headers.getlist("authorization")) > 1:  # (the bearer read is the first's)
+            raise Unauthorized("send one Authorization header: this request has several, and which is meant is unknown")
         if credentials is None or credentials.scheme.lower() != "bearer":
             how = "as Authorization: Bearer or ?token=" if request.scope["type"] == "websocket" else "as the bearer"
             raise Unauthorized(f"missing token: send the access_token of POST /v1/auth/token {how}")

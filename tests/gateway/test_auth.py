@@ -12,6 +12,7 @@ import jwt
 
 from control.models import ApiKey, Role
 from control.platform import ControlPlane
+from control.services.audit import AuditQuery
 from control.settings import Settings
 from gateway.app import create_app
 from tests.conftest import ADMIN_KEY, Api
@@ -48,6 +49,22 @@ async def test_bad_keys_and_missing_tokens_are_401(api: Api) -> None:
     as_bearer = await api.client.get("/v1/agents", headers={"Authorization": f"Bearer {key}"})
     assert as_bearer.status_code == 401  # the key itself is no bearer: the message says what to do with it
     assert "this is an API key, not a token" in as_bearer.text and key not in as_bearer.text
+
+
+async def test_a_request_with_two_authorization_headers_is_refused_whichever_is_valid(api: Api) -> None:
+    """The header cannot be repeated (RFC 9110): a proxy that adds one of its own in front of the client's would
+    have the API read the first. Neither is taken, each order refused alike; and the refusal counts as a failed
+    authentication."""
+    _customer_id, headers = await api.new_customer()
+    admin = await api.admin()
+    before = len(await api.control.audit.query(AuditQuery(action="auth.denied")))
+    for pair in ((headers, admin), (admin, headers), (headers, headers)):
+        both = [("Authorization", each["Authorization"]) for each in pair]
+        response = await api.client.get("/v1/agents", headers=both)
+        assert response.status_code == 401, pair
+        assert response.json()["error"]["message"].startswith("send one Authorization header")
+    assert len(await api.control.audit.query(AuditQuery(action="auth.denied"))) == before + 3
+    assert (await api.client.get("/v1/agents", headers=headers)).status_code == 200
 
 
 def _b64(data: dict[str, object]) -> str:
