@@ -36,6 +36,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from starlette.datastructures import Headers
+from starlette.responses import Response
 from uvicorn._types import ASGIReceiveEvent
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
@@ -52,6 +53,12 @@ client has not closed its half by then: time for the answer to reach a client ac
 sent meanwhile to arrive, and no more (a client that keeps sending is cut off then)."""
 
 
+_UNREADABLE = (
+    "its request line or a header is no HTTP/1.1 (a path holds only ASCII: write any other character"
+    " percent-encoded, as UTF-8)"
+)
+
+
 def _timed_out(what: str, cors: CorsPolicy | None = None, request: Headers | None = None) -> bytes:
     """What a connection whose request's ``what`` did not come in time gets before it is closed: the API's error body,
     written as it is (uvicorn has no response started for it, nor a request to answer when the headers are late),
@@ -59,8 +66,16 @@ def _timed_out(what: str, cors: CorsPolicy | None = None, request: Headers | Non
     response = error_response(408, "request_timeout", f"the request's {what} did not come in time")
     if cors is not None and request is not None:
         cors.decorate(response.headers, request)
+    return _written(response, b"408 Request Timeout")
+
+
+def _written(response: Response, status: bytes) -> bytes:
+    """``response`` as bytes for the connection, written as it is (no response cycle to send it), the connection
+    to be closed after it."""
     return (
-        b"HTTP/1.1 408 Request Timeout\r\n"
+        b"HTTP/1.1 "
+        + status
+        + b"\r\n"
         + b"".join(b"%s: %s\r\n" % header for header in response.headers.raw)
         + b"connection: close\r\n\r\n"
         + response.body
@@ -113,6 +128,14 @@ class _RequestDeadlines(H11Protocol):
                 self.cycle.receive = self._receiving(self.cycle)  # type: ignore[method-assign]
         elif self._waiting_for_body and self.cycle is not None and not self.cycle.more_body:
             self._disarm()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot read (a byte HTTP does not allow in its target or a header, a
+        request line that is none), in the API's error shape rather than uvicorn's plain text; the connection is
+        closed, as uvicorn closes it."""
+        response = error_response(400, "bad_request", f"{msg.rstrip('.')}: {_UNREADABLE}")
+        self.transport.write(_written(response, b"400 Bad Request"))
+        self.transport.close()
 
     def on_response_complete(self) -> None:
         if not self.transport.is_closing():

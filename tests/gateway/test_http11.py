@@ -120,6 +120,28 @@ async def test_a_connection_that_sends_nothing_is_answered_408_and_closed(
     assert json.loads(body)["error"]["code"] == "request_timeout"
 
 
+async def test_a_request_http_does_not_allow_is_answered_in_the_apis_error_shape(
+    control: ControlPlane, settings: Settings
+) -> None:
+    """A path with a raw byte over 0x7f (a client that did not percent-encode it), a header name with a space, a
+    request line that is none: h11 cannot read them, and the client gets the API's error body, not plain text."""
+    chosen = settings.model_copy(update={"http_port": 0})
+    async with serving(_server_config(chosen, control)) as port:
+        for request in (
+            "GET /v1/agents/ag-é HTTP/1.1\r\nhost: x\r\n\r\n".encode(),
+            b"GET /v1/agents HTTP/1.1\r\nhost: x\r\nbad name: 1\r\n\r\n",
+            b"NOT HTTP AT ALL\r\n\r\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            answered = await read_all(reader)
+            writer.close()
+            head, _, body = answered.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head, request
+            error = json.loads(body)["error"]
+            assert error["code"] == "bad_request" and "percent-encoded" in error["message"], request
+
+
 async def test_headers_sent_a_byte_at_a_time_are_cut_off_at_the_deadline_though_bytes_keep_coming() -> None:
     request = b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: " + b"a" * 200 + b"\r\n\r\n"
     async with serving(small_server()) as port:
