@@ -24,7 +24,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 
 import nats
@@ -32,7 +32,7 @@ import nats.errors
 import uvicorn
 from nats.aio.client import Client as NATS
 from nats.js.errors import BucketNotFoundError
-from pydantic import AliasChoices, ValidationError
+from pydantic import AliasChoices, SecretStr, ValidationError
 from pydantic_settings import SettingsError
 
 from agent.aio import run
@@ -46,6 +46,7 @@ from control.jobspec import agent_job
 from control.localmodel import LocalModel, LocalModelUnavailable, runtime_installed
 from control.models import Agent, AgentCreate
 from control.natsauth import NatsAuth, NatsCredentials, control_credentials
+from control.natscallout import CalloutLogins, issuer_public_key, new_issuer_seed
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane, control_login
 from control.settings import Settings
@@ -77,11 +78,19 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        usage("; ".join(f"{_variable(str(e['loc'][0]))}={e['input']!r}: {e['msg']}" for e in exc.errors()))
+        usage("; ".join(f"{_variable(str(e['loc'][0]))}={_shown_input(e)}: {e['msg']}" for e in exc.errors()))
     except SettingsError as exc:  # a list or a map that is not JSON
         named = re.search(r'field "(\w+)"', str(exc))
         variable = _variable(named.group(1)) if named else "an environment variable"
         usage(f'{variable}={os.environ.get(variable, "")!r}: not valid JSON (a list is written ["a", "b"])')
+
+
+def _shown_input(error: Any) -> str:
+    """A bad setting's value as its error shows it: not at all for a secret (a seed mistyped is still nearly one)."""
+    field = Settings.model_fields.get(str(error["loc"][0]))
+    if field is not None and SecretStr in (field.annotation, *get_args(field.annotation)):
+        return "<hidden>"
+    return repr(error["input"])
 
 
 def _where(url: str) -> str:
@@ -496,6 +505,24 @@ async def _serve_only(settings: Settings) -> None:
             await _serve(settings, control, f"Caravan API on http://{settings.http_host}:{settings.http_port}")
 
 
+def _callout_keys(seed: str | None) -> str:
+    """What ``caravan nats-callout-keys`` prints for ``seed`` (None: CARAVAN_NATS_CALLOUT_SEED is not set)."""
+    if not seed:
+        usage("--from-env: CARAVAN_NATS_CALLOUT_SEED is not set")
+    try:
+        issuer = issuer_public_key(seed)
+    except ValueError as exc:
+        usage(f"CARAVAN_NATS_CALLOUT_SEED: {exc}")
+    watcher = CalloutLogins(seed).watcher()
+    return "\n".join(
+        [
+            f"CARAVAN_NATS_CALLOUT_SEED={seed.strip()}",
+            f"issuer={issuer}",
+            f"{watcher.user} password={watcher.password}",
+        ]
+    )
+
+
 AGENTS_BUCKET = "caravan_agents"
 UP_NATS_URL = "url"
 """Under ``<data dir>/nats``: the address of the NATS that `caravan up` runs there, as it last started."""
@@ -562,7 +589,7 @@ async def _job(settings: Settings, verb: str, agent_id: str) -> int:
 
 def log_secrets(settings: Settings, env: Mapping[str, str]) -> list[str | None]:
     """What no log line of the control plane may quote: the secrets in its settings and its environment."""
-    tokens = (settings.nats_password, settings.nomad_token, settings.nomad_namespace_token)
+    tokens = (settings.nats_password, settings.nats_callout_seed, settings.nomad_token, settings.nomad_namespace_token)
     return [
         settings.admin_key,
         settings.jwt_secret,
@@ -606,6 +633,14 @@ def main(argv: list[str] | None = None) -> None:
         + settings_help,
     )
     add_commands(sub)
+    keys = sub.add_parser(
+        "nats-callout-keys",
+        help="make the key of NATS's auth callout (agents' own users on a NATS of your own)",
+        description="Print a new issuer seed for CARAVAN_NATS_CALLOUT_SEED (a secret), the public key the NATS "
+        "server's auth_callout { issuer } names, and the password of the watching user caravan-watch. With "
+        "--from-env: the public key and password of the seed CARAVAN_NATS_CALLOUT_SEED holds, nothing new.",
+    )
+    keys.add_argument("--from-env", action="store_true", help="use CARAVAN_NATS_CALLOUT_SEED, not a new seed")
     job = sub.add_parser("job", help="an agent's Nomad job, without submitting it")
     job.add_argument("verb", choices=["render", "plan"], help="render: print the job JSON; plan: Nomad's dry run")
     job.add_argument("agent_id")
@@ -617,6 +652,9 @@ def main(argv: list[str] | None = None) -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout at exit)
             sys.exit(1)
         return
+    if args.command == "nats-callout-keys":
+        print(_callout_keys(os.environ.get("CARAVAN_NATS_CALLOUT_SEED") if args.from_env else new_issuer_seed()))
+        return
     settings = _settings()
     configure_logging(settings)
     if args.command == "job":
@@ -624,6 +662,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run(_job(settings, args.verb, args.agent_id)))
     try:
         if args.command == "up":
+            if settings.nats_callout_seed is not None:
+                usage(
+                    "CARAVAN_NATS_CALLOUT_SEED is for a NATS of your own (caravan serve): the NATS of caravan up "
+                    "gives every agent its own user already; unset it"
+                )
             run(_up(settings, args.nats_port or env_port("CARAVAN_NATS_PORT", 4222)))
         else:
             run(_serve_only(settings))

@@ -29,11 +29,15 @@ from control.services.audit import AUDIT_STREAM
 __all__ = [
     "CONTROL_USER",
     "WATCH_USER",
+    "AgentLogins",
     "NatsAuth",
     "NatsCredentials",
     "agent_permissions",
+    "agent_user",
     "control_credentials",
+    "derived_password",
     "inbox_prefix",
+    "watch_permissions",
 ]
 
 CONTROL_USER = "caravan-control"
@@ -52,8 +56,13 @@ class NatsCredentials:
         return {"CARAVAN_NATS_USER": self.user, "CARAVAN_NATS_PASSWORD": self.password}
 
 
-def _password(key: bytes, user: str) -> str:
+def derived_password(key: bytes, user: str) -> str:
+    """``user``'s password, derived from ``key``: the same key always gives the same one, so none is stored."""
     return hmac.new(key, user.encode(), hashlib.sha256).hexdigest()
+
+
+def agent_user(agent_id: str) -> str:
+    return f"agent-{agent_id}"
 
 
 def _read_key(key_file: Path) -> bytes:
@@ -67,7 +76,7 @@ def control_credentials(directory: Path) -> NatsCredentials | None:
         key = _read_key(directory / "auth.key")
     except FileNotFoundError:
         return None
-    return NatsCredentials(CONTROL_USER, _password(key, CONTROL_USER))
+    return NatsCredentials(CONTROL_USER, derived_password(key, CONTROL_USER))
 
 
 def inbox_prefix(agent_id: str) -> str:
@@ -109,6 +118,10 @@ def agent_permissions(customer_id: str, agent_id: str) -> dict[str, Any]:
     }
 
 
+def watch_permissions() -> dict[str, Any]:
+    return {"publish": {"deny": [">"]}, "subscribe": {"allow": list(WATCHED)}}
+
+
 def _control_permissions() -> dict[str, dict[str, list[str]]]:
     return {
         "publish": {
@@ -122,6 +135,27 @@ def _control_permissions() -> dict[str, dict[str, list[str]]]:
         },
         "subscribe": {"allow": [">"]},
     }
+
+
+class AgentLogins(Protocol):
+    """Where agents' own NATS users come from: :class:`NatsAuth` on the embedded default, the auth callout's
+    logins (:class:`control.natscallout.CalloutLogins`) on a NATS of the operator's own."""
+
+    def agent(self, agent_id: str) -> NatsCredentials:
+        """The agent's login, which reaches it by the scheduler's secret channel."""
+        ...
+
+    def set_agents(self, agents: dict[str, str]) -> None:
+        """All agents there are (``{agent id: customer id}``), as the control plane starts."""
+        ...
+
+    def add_agent(self, customer_id: str, agent_id: str) -> None:
+        """An agent about to be given its login."""
+        ...
+
+    def remove_agent(self, agent_id: str) -> None:
+        """An agent gone for good: its login lets nobody in any more."""
+        ...
 
 
 class Server(Protocol):
@@ -151,16 +185,16 @@ class NatsAuth:
             self._write()
 
     def control(self) -> NatsCredentials:
-        return NatsCredentials(CONTROL_USER, _password(self._key, CONTROL_USER))
+        return NatsCredentials(CONTROL_USER, derived_password(self._key, CONTROL_USER))
 
     def watcher(self) -> NatsCredentials:
         """The operators' user for watching (``nats sub 'caravan.events.>'``): it may subscribe to :data:`WATCHED`
         and publish nothing."""
-        return NatsCredentials(WATCH_USER, _password(self._key, WATCH_USER))
+        return NatsCredentials(WATCH_USER, derived_password(self._key, WATCH_USER))
 
     def agent(self, agent_id: str) -> NatsCredentials:
-        user = f"agent-{agent_id}"
-        return NatsCredentials(user, _password(self._key, user))
+        user = agent_user(agent_id)
+        return NatsCredentials(user, derived_password(self._key, user))
 
     def set_agents(self, agents: dict[str, str]) -> None:
         """All agents at once (start-up): ``{agent id: customer id}``."""
@@ -186,11 +220,7 @@ class NatsAuth:
         control, watcher = self.control(), self.watcher()
         users = [
             {"user": control.user, "password": control.password, "permissions": _control_permissions()},
-            {
-                "user": watcher.user,
-                "password": watcher.password,
-                "permissions": {"publish": {"deny": [">"]}, "subscribe": {"allow": list(WATCHED)}},
-            },
+            {"user": watcher.user, "password": watcher.password, "permissions": watch_permissions()},
         ]
         for agent_id, customer_id in sorted(self._agents.items()):
             credentials = self.agent(agent_id)

@@ -20,7 +20,8 @@ from control.backends import create_flags, create_registry, create_scheduler
 from control.backends.base import Registry, Scheduler
 from control.eventids import EventIds
 from control.models import Agent, ApiKey, Customer, Role, Task
-from control.natsauth import NatsAuth, NatsCredentials
+from control.natsauth import AgentLogins, NatsAuth, NatsCredentials
+from control.natscallout import NatsCallout
 from control.natsio import NATS_UNAVAILABLE, Jet, connect
 from control.services.agents import AgentService
 from control.services.audit import AuditLog
@@ -85,6 +86,7 @@ class ControlPlane:
         self._event_ids: EventIds | None = None
         self._teams: TeamService | None = None
         self._team_runner: TeamRunner | None = None
+        self._callout: NatsCallout | None = None
         self._started = False
         self._stopped = False
         self.bootstrap_admin_key: IssuedKey | None = None
@@ -182,6 +184,11 @@ class ControlPlane:
         return self._auth
 
     @property
+    def nats_callout(self) -> NatsCallout | None:
+        """The answerer of NATS's auth callout, when ``nats_callout_seed`` is set (and Caravan does not run NATS)."""
+        return self._callout
+
+    @property
     def ready(self) -> bool:
         return self._started and not self._stopped and self._jet is not None and self._jet.nc.is_connected
 
@@ -242,8 +249,20 @@ class ControlPlane:
         self._quotas = QuotaService(
             Repo(jet.kv["quotas"], QuotaRecord), Quota(max_agents=self.settings.max_agents_per_customer)
         )
+        logins: AgentLogins | None = self.nats_auth
+        if logins is None and self.settings.nats_callout_seed is not None:
+            # agents log in through the callout, which this control plane answers once it can read their records
+            agents_repo = Repo(jet.kv["agents"], Agent)
+
+            async def customer_of(agent_id: str) -> str | None:
+                agent = await agents_repo.owned(None, agent_id)
+                return agent.customer_id if agent is not None else None
+
+            self._callout = NatsCallout(jet.nc, self.settings.nats_callout_seed.get_secret_value(), customer_of)
+            logins = self._callout.logins
+            await self._callout.start()
         self._agents = AgentService(
-            Repo(jet.kv["agents"], Agent), jet.js, self._scheduler, self.settings, self._quotas, self.nats_auth
+            Repo(jet.kv["agents"], Agent), jet.js, self._scheduler, self.settings, self._quotas, logins
         )
         self._killswitch = KillswitchService(self._flags, self._registry, self._agents, self._auth, self._audit, jet.nc)
         self._budget = BudgetHolds(Repo(jet.kv["system"], BudgetHold), self._killswitch, self._clock)
@@ -293,6 +312,8 @@ class ControlPlane:
             await self._team_runner.stop()
         if self._tasks is not None:
             await self._tasks.stop_tracker()
+        if self._callout is not None:
+            await self._callout.stop()
         for task in list(self._background):
             await cancel_and_wait(task)
         if self._stats is not None:

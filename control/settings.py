@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from agent.egress import EgressPolicy
 from agent.wire import DEFAULT_SPIN_US
+from control.natscallout import issuer_public_key
 from jobs import Datacenter, Region
 
 __all__ = ["Settings"]
@@ -108,6 +109,12 @@ class Settings(BaseSettings):
     nats_password: SecretStr | None = Field(default=None, description="Its password (CARAVAN_NATS_PASSWORD).")
     agent_nats_url: str | None = Field(
         default=None, description="NATS address as agents see it (defaults to nats_url)."
+    )
+    nats_callout_seed: SecretStr | None = Field(
+        default=None,
+        description="The issuer account's nkey seed (SA...) of NATS's auth callout: set, the control plane answers "
+        "the logins of a NATS configured with auth_callout (its issuer the seed's public key), each agent gets a "
+        "user of its own (control/natscallout.py). A secret; `caravan nats-callout-keys` makes one.",
     )
     scheduler: Literal["local", "nomad"] = "local"
     flags: Literal["natskv", "consul"] = Field(
@@ -231,6 +238,13 @@ class Settings(BaseSettings):
                 "CARAVAN_AGENT_RESTART_INTERVAL_S to at least CARAVAN_AGENT_RESTART_ATTEMPTS times "
                 "CARAVAN_AGENT_RESTART_DELAY_S)"
             )
+        return value
+
+    @field_validator("nats_callout_seed")
+    @classmethod
+    def _callout_seed(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            issuer_public_key(value.get_secret_value())  # a seed that is no account's stops the start, saying so
         return value
 
     @field_validator("model_url_allow")

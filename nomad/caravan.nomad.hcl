@@ -1,7 +1,10 @@
 # Caravan itself on Nomad: the gateway and control plane (`caravan serve`). Agents are submitted by it
 # as their own jobs, one per agent, in the customers' namespaces.
+# OPENAI_API_KEY and the like: whatever the agents' providers need; NATS's login and the auth callout's seed: see
+# nomad/nats.nomad.hcl (caravan nats-callout-keys makes the seed).
 #   nomad var put -namespace default nomad/jobs/caravan NOMAD_TOKEN=<token of nomad/caravan-policy.hcl> \
-#       CARAVAN_ADMIN_KEY=<admin api key> OPENAI_API_KEY=<key>   # whatever the agents' providers need
+#       CARAVAN_ADMIN_KEY=<admin api key> OPENAI_API_KEY=<key> \
+#       CARAVAN_NATS_USER=caravan-control CARAVAN_NATS_PASSWORD=<password> CARAVAN_NATS_CALLOUT_SEED=<seed>
 #   nomad job run nomad/nats.nomad.hcl
 #   nomad job run -var caravan_venv=/opt/caravan nomad/caravan.nomad.hcl
 
@@ -75,7 +78,8 @@ job "caravan" {
         EOT
       }
 
-      # Secrets: Nomad's token for Caravan, the admin key and the model keys agents need.
+      # Secrets: Nomad's token for Caravan, the admin key, the model keys agents need, its NATS login and the
+      # auth callout's seed (agents' own NATS users).
       template {
         destination = "${NOMAD_SECRETS_DIR}/caravan.env"
         env         = true

@@ -6,9 +6,14 @@
 #       read_only = false
 #     }
 #   }
+# Its users (README, NATS users on a NATS of your own): Caravan's own, caravan-control, whose password is in this job's Variable,
+# and every other login (each agent's own user, the watching user caravan-watch) asked of Caravan by NATS's auth
+# callout, answered with the permissions of that user alone. The Variable (a task reads its own job's):
+#   caravan nats-callout-keys    # prints CARAVAN_NATS_CALLOUT_SEED (for nomad/jobs/caravan) and its issuer
+#   nomad var put -namespace default nomad/jobs/caravan-nats control_password=<password> callout_issuer=<issuer>
 #   nomad job run nomad/nats.nomad.hcl
-# It has no users: every agent, and whatever reaches port 4222, may read and write all of Caravan's data (README,
-# Running on Nomad). For trying Caravan on Nomad, on a network of your own.
+# NATS does not start until the Variable is there. Caravan's Variable nomad/jobs/caravan holds the same password
+# (CARAVAN_NATS_USER=caravan-control CARAVAN_NATS_PASSWORD=<password>) and the seed.
 
 job "caravan-nats" {
   namespace   = "default"
@@ -56,7 +61,42 @@ job "caravan-nats" {
       config {
         image = "nats:2.10-alpine"
         ports = ["client", "monitor"]
-        args  = ["--jetstream", "--store_dir", "/data", "--http_port", "8222"]
+        args  = ["--config", "/secrets/nats.conf", "--jetstream", "--store_dir", "/data", "--http_port", "8222"]
+      }
+
+      # The users. caravan-control may do all but delete, purge or reconfigure the audit stream (as on the embedded
+      # default: control/natsauth.py) and bypasses the callout, which it serves; every other login is asked of it.
+      template {
+        destination = "${NOMAD_SECRETS_DIR}/nats.conf"
+        change_mode = "restart"
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/caravan-nats" }}
+          authorization {
+            users: [
+              {
+                user: "caravan-control"
+                password: {{ .control_password.Value | toJSON }}
+                permissions: {
+                  publish: {
+                    allow: [">"]
+                    deny: [
+                      "$JS.API.STREAM.DELETE.CARAVAN_AUDIT"
+                      "$JS.API.STREAM.PURGE.CARAVAN_AUDIT"
+                      "$JS.API.STREAM.MSG.DELETE.CARAVAN_AUDIT"
+                      "$JS.API.STREAM.UPDATE.CARAVAN_AUDIT"
+                    ]
+                  }
+                  subscribe: { allow: [">"] }
+                }
+              }
+            ]
+            auth_callout {
+              issuer: {{ .callout_issuer.Value | toJSON }}
+              auth_users: ["caravan-control"]
+            }
+          }
+          {{ end }}
+        EOT
       }
 
       volume_mount {

@@ -46,7 +46,7 @@ from control.errors import Conflict, NotFound, Unavailable, invalid_input
 from control.ids import new_id, quoted_id
 from control.jobspec import agent_job, job_id_for, namespace_for
 from control.models import Agent, AgentCreate, AgentRef, AgentStatus, AgentUpdate, ChangeLease
-from control.natsauth import NatsAuth
+from control.natsauth import AgentLogins
 from control.services.quotas import QuotaService, Reservation
 from control.settings import Settings
 from control.store import Conflict as StoreConflict
@@ -146,7 +146,7 @@ class AgentService:
         scheduler: Scheduler,
         settings: Settings,
         quotas: QuotaService,
-        nats_auth: NatsAuth | None = None,
+        nats_auth: AgentLogins | None = None,
     ) -> None:
         self._nats_auth = nats_auth
         self._repo = repo

@@ -1,6 +1,8 @@
 """NATS permissions, enforced by the server: an agent's credentials reach only its own customer's subjects and
 its own task queue; the platform's own user cannot delete the audit log, nor limit it; the operators' watching user
-only listens; nobody gets in without a user."""
+only listens; nobody gets in without a user. Each test that takes ``secured`` runs twice: on the embedded default
+(users listed in auth.conf) and on a NATS of the operator's own configured as nomad/nats.nomad.hcl configures it,
+whose users the control plane gives by the auth callout."""
 
 from __future__ import annotations
 
@@ -8,10 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nats
 import psutil
@@ -19,59 +18,13 @@ import pytest
 from nats.js.api import ConsumerConfig
 
 from agent.backends.natskv import NatsKVFlags
-from control.natsauth import NatsAuth
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.services.audit import AUDIT_STREAM
-from tests.conftest import Api, make_settings, serve_api
+from tests.conftest import make_settings, serve_api
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
-from tests.support.helpers import assert_eventually, stalled
-
-
-@dataclass
-class Secured:
-    api: Api
-    auth: NatsAuth
-    url: str
-
-
-@pytest.fixture
-async def secured(tmp_path: Path) -> AsyncIterator[Secured]:
-    auth = NatsAuth(tmp_path / "nats")
-    async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
-        auth.server = server
-        control = ControlPlane(make_settings(server.url, tmp_path / "data"), nats_auth=auth)
-        async with control, serve_api(control) as api:
-            yield Secured(api, auth, server.url)
-
-
-class Violations:
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-
-    async def record(self, error: Exception) -> None:
-        self.errors.append(str(error))
-
-    async def seen(self, fragment: str) -> None:
-        async def probe() -> list[str]:
-            return self.errors
-
-        fragment = fragment.lower()
-        await assert_eventually(
-            probe, lambda errors: any(fragment in e.lower() for e in errors), within=10, what=fragment
-        )
-
-
-async def connect_as(secured: Secured, agent_id: str, violations: Violations) -> Any:
-    credentials = secured.auth.agent(agent_id)
-    return await nats.connect(
-        secured.url,
-        user=credentials.user,
-        password=credentials.password,
-        inbox_prefix=f"_INBOX_{agent_id}",
-        error_cb=violations.record,
-        max_reconnect_attempts=0,
-    )
+from tests.support.helpers import stalled
+from tests.support.nats_users import Secured, Violations, connect_as
 
 
 async def test_agents_work_end_to_end_with_their_own_restricted_credentials(secured: Secured) -> None:

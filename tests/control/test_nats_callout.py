@@ -1,0 +1,258 @@
+"""NATS's auth callout, answered by the control plane (a NATS of the operator's own, configured as
+nomad/nats.nomad.hcl configures it): a login the callout cannot vouch for is refused, however it is made; a
+malformed request is refused and the callout goes on; the platform's own user bypasses it; control-plane replicas
+answer each login once between them. What an agent let in may do: tests/control/test_nats_isolation.py, whose
+tests run on this NATS too."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+
+from control.cli import log_secrets
+from control.natsauth import NatsCredentials, agent_permissions
+from control.natscallout import CALLOUT_SUBJECT, CalloutLogins, issuer_public_key, jwt_permissions, new_issuer_seed
+from control.natsserver import EmbeddedNats
+from control.platform import ControlPlane
+from control.settings import Settings
+from tests.control.test_cli import run_cli
+from tests.gateway.test_tasks_api import running_agent
+from tests.support.nats_users import (
+    CalloutUsers,
+    Secured,
+    Violations,
+    callout_nats,
+    callout_settings,
+    connect_as,
+)
+from tests.support.nomad_nats import render_nats_users
+
+callout_only = pytest.mark.parametrize("secured", ["callout"], indirect=True)
+
+
+async def _quiet(error: Exception) -> None:
+    pass
+
+
+async def log_in(url: str, login: NatsCredentials) -> Any:
+    return await nats.connect(
+        url,
+        user=login.user,
+        password=login.password,
+        allow_reconnect=False,
+        max_reconnect_attempts=0,
+        connect_timeout=5,
+        error_cb=_quiet,
+    )
+
+
+async def refused(url: str, login: NatsCredentials) -> str:
+    """How NATS refused ``login`` (it fails the test if NATS let it in)."""
+    try:
+        nc = await log_in(url, login)
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        return str(exc) or type(exc).__name__
+    await nc.close()
+    raise AssertionError(f"{login.user} was let in")
+
+
+def users(secured: Secured) -> CalloutUsers:
+    assert isinstance(secured.auth, CalloutUsers)
+    return secured.auth
+
+
+@callout_only
+async def test_a_login_the_callout_cannot_vouch_for_is_refused(secured: Secured) -> None:
+    api, logins = secured.api, users(secured)
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    own = logins.agent(agent["id"])
+    nc = await log_in(secured.url, own)  # its own login: let in
+    await nc.close()
+    stranger = CalloutLogins(new_issuer_seed())  # a seed no NATS here names
+    for login in (
+        NatsCredentials(own.user, "0" * 64),  # a wrong password
+        NatsCredentials(own.user, own.password.upper()),  # nearly right
+        stranger.agent(agent["id"]),  # derived from another seed
+        logins.agent("ag-0123456789ab"),  # rightly derived, for an agent there is not
+        NatsCredentials(logins.watcher().user, own.password),  # the watcher's name, the agent's password
+        NatsCredentials("caravan-control", own.password),  # the platform's name: no agent's password lets it in
+        NatsCredentials("", ""),
+    ):
+        assert "Authorization Violation" in await refused(secured.url, login), login.user
+    deleted = await api.client.delete(f"/v1/agents/{agent['id']}", headers=headers)
+    assert deleted.status_code in (200, 202, 204), deleted.text
+    assert "Authorization Violation" in await refused(secured.url, own)  # gone: its login lets nobody in
+
+
+@callout_only
+async def test_an_agent_cannot_hear_other_logins(secured: Secured) -> None:
+    """The server sends every login's password to the callout's subject: an agent may not listen there."""
+    api = secured.api
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    violations = Violations()
+    nc = await connect_as(secured, agent["id"], violations)
+    try:
+        await nc.subscribe(CALLOUT_SUBJECT)
+        await nc.flush()
+        await violations.seen(f'Permissions Violation for Subscription to "{CALLOUT_SUBJECT}"')
+    finally:
+        await nc.close()
+
+
+def _jwt(claims: object) -> bytes:
+    def part(value: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    return f"{part({'typ': 'JWT', 'alg': 'ed25519-nkey'})}.{part(claims)}.c2ln".encode()
+
+
+def refusal(answer: bytes) -> bool:
+    """Whether ``answer`` refuses the login: nothing (NATS: "no reason supplied"), or a response with an error."""
+    if answer == b"":
+        return True
+    response = json.loads(base64.urlsafe_b64decode(answer.split(b".")[1] + b"=="))["nats"]
+    return bool(response.get("error")) and "jwt" not in response
+
+
+_REQUEST = {"type": "authorization_request", "server_id": {"id": "NSERVER"}, "user_nkey": "UUSER"}
+
+MALFORMED = [
+    b"",
+    b"not a jwt",
+    b"a.b.c",
+    b"eyJ.\xff\xfe.sig",
+    _jwt(["not", "claims"]),
+    _jwt({"nats": "no object"}),
+    _jwt({"nats": {**_REQUEST, "type": "user"}}),
+    _jwt({"nats": {**_REQUEST, "server_id": "NSERVER"}}),
+    _jwt({"nats": {**_REQUEST, "user_nkey": None}}),
+    _jwt({"nats": {**_REQUEST, "connect_opts": ["user", "pass"]}}),
+    _jwt({"nats": {**_REQUEST, "connect_opts": {"user": 5, "pass": "x"}}}),
+    _jwt({"nats": {**_REQUEST, "server_id": {}}}),
+    b"eyJ." + b"W" * 20_000 + b".sig",
+    _jwt(json.loads("[" * 50 + "]" * 50)),
+]
+
+
+@callout_only
+async def test_a_malformed_authorization_request_is_refused_and_the_callout_serves_on(secured: Secured) -> None:
+    """Only the server may publish authorization requests (NATS refuses any client's publish to the subject), so
+    each is put to the control plane's callout itself: none makes it raise, each is refused, and it lets the
+    next right login in."""
+    callout = secured.api.control.nats_callout
+    assert callout is not None
+    platform = await log_in(secured.url, users(secured).control())
+    violations = Violations()
+    platform._error_cb = violations.record
+    try:
+        await platform.publish(CALLOUT_SUBJECT, _jwt({"nats": _REQUEST}))  # not even the platform's own user
+        await platform.flush()
+        await violations.seen(f'permissions violation for publish to "{CALLOUT_SUBJECT}"')
+    finally:
+        await platform.close()
+    for payload in MALFORMED:
+        assert refusal(await callout.answer(payload)), payload[:40]
+    answer = await callout.answer(_jwt({"nats": _REQUEST}))  # well formed, with no login in it
+    claims = json.loads(base64.urlsafe_b64decode(answer.split(b".")[1] + b"=="))
+    assert (claims["sub"], claims["aud"]) == ("UUSER", "NSERVER")
+    assert claims["nats"] == {"error": "unknown user or wrong password", "type": "authorization_response", "version": 2}
+    watching = await log_in(secured.url, users(secured).watcher())  # and the callout still lets the right one in
+    await watching.close()
+
+
+async def test_the_platform_user_bypasses_the_callout_and_nobody_else_does(tmp_path: Path) -> None:
+    """With no control plane to answer, the platform's own user still logs in (it starts the control plane that
+    answers); every other login waits for an answer that does not come, and is refused."""
+    seed, control = callout_nats(tmp_path / "nats")
+    async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
+        nc = await log_in(server.url, control)
+        await nc.close()
+        await refused(server.url, CalloutLogins(seed).watcher())
+
+
+async def test_control_plane_replicas_answer_each_login_once(tmp_path: Path) -> None:
+    seed, login = callout_nats(tmp_path / "nats")
+    async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
+        first = ControlPlane(callout_settings(server.url, tmp_path / "a", seed, login))
+        second = ControlPlane(callout_settings(server.url, tmp_path / "b", seed, login))
+        async with first, second:
+            logins = CalloutLogins(seed)
+            for n in range(6):
+                await refused(server.url, logins.agent(f"ag-{n:012x}"))
+            watching = await log_in(server.url, logins.watcher())
+            await watching.close()
+            callouts = [first.nats_callout, second.nats_callout]
+            for callout in callouts:
+                assert callout is not None
+                await callout.stop()  # once it has answered all it received
+            answers = sum((c.answered for c in callouts if c is not None), start=Counter())
+            assert answers == Counter({"refused": 6, "allowed": 1})
+
+
+async def test_the_keys_command_makes_a_seed_whose_issuer_and_watcher_the_callout_answers_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`caravan nats-callout-keys` prints what an operator puts in the two Variables: a NATS configured with its
+    issuer lets in the watcher with its password, once a control plane with its seed answers."""
+    assert await run_cli("nats-callout-keys") == 0
+    printed = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    seed, watcher = (
+        printed["CARAVAN_NATS_CALLOUT_SEED"],
+        NatsCredentials("caravan-watch", printed["caravan-watch password"]),
+    )
+    assert printed["issuer"] == issuer_public_key(seed) and printed["issuer"].startswith("A")
+    monkeypatch.setenv("CARAVAN_NATS_CALLOUT_SEED", seed)
+    assert await run_cli("nats-callout-keys", "--from-env") == 0
+    assert dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines()) == printed  # the same again
+    login = NatsCredentials("caravan-control", "control-password-0123456789")
+    (tmp_path / "nats").mkdir()
+    variable = {"control_password": login.password, "callout_issuer": printed["issuer"]}
+    (tmp_path / "nats" / "auth.conf").write_text(render_nats_users(variable))
+    async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
+        control = ControlPlane(callout_settings(server.url, tmp_path / "data", seed, login))
+        async with control:
+            watching = await log_in(server.url, watcher)
+            await watching.close()
+
+
+async def test_a_seed_that_is_no_account_seed_stops_the_command_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    user_seed = "SU" + new_issuer_seed()[2:]  # (not even a valid seed: its checksum is another's)
+    for bad in (user_seed, "not-a-seed-but-a-secret-all-the-same"):
+        monkeypatch.setenv("CARAVAN_NATS_CALLOUT_SEED", bad)
+        for argv in (["serve"], ["nats-callout-keys", "--from-env"]):
+            assert await run_cli(*argv) == 2, argv
+            said = capsys.readouterr().err
+            assert "CARAVAN_NATS_CALLOUT_SEED" in said and "seed" in said.split(":", 2)[-1], said
+            assert bad not in said and bad[2:20] not in said, said
+    monkeypatch.setenv("CARAVAN_NATS_CALLOUT_SEED", new_issuer_seed())
+    assert await run_cli("up") == 2  # caravan up's NATS gives agents their users itself
+    assert "CARAVAN_NATS_CALLOUT_SEED is for a NATS of your own" in capsys.readouterr().err
+
+
+def test_no_log_line_quotes_the_seed() -> None:
+    seed = new_issuer_seed()
+    settings = Settings(nats_callout_seed=seed)  # type: ignore[arg-type]
+    assert seed in log_secrets(settings, {})
+
+
+def test_an_agents_jwt_carries_the_embedded_defaults_permissions_and_nothing_it_cannot_translate() -> None:
+    permissions = agent_permissions("cu-0123456789ab", "ag-0123456789ab")
+    assert jwt_permissions(permissions) == {
+        "pub": {"allow": permissions["publish"]["allow"]},
+        "sub": {"allow": permissions["subscribe"]["allow"]},
+    }
+    with pytest.raises(ValueError, match="allow_responses"):  # dropped, it would grant nothing: refused instead
+        jwt_permissions({**permissions, "allow_responses": True})
+    with pytest.raises(ValueError, match="max"):
+        jwt_permissions({"publish": {"allow": [">"], "max": 1}})
