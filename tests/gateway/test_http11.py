@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ import websockets
 from control.cli import _server_config
 from control.platform import ControlPlane
 from control.settings import Settings
+from gateway import http11
 from gateway.http11 import BODY_TIMEOUT, HEADERS_TIMEOUT, LINGER_S, with_request_deadlines
 from tests.conftest import Api
 from tests.gateway.test_agents_api import agent_body
@@ -179,6 +181,40 @@ async def test_an_idle_kept_alive_connection_gets_the_deadline_again_after_each_
         answered = await read_all(reader)  # the answer, then the 408 once nothing more came
         writer.close()
     assert answered.startswith(b"HTTP/1.1 200 ") and answered.endswith(HEADERS_TIMEOUT)
+
+
+async def test_a_stream_to_a_client_that_takes_nothing_ends_once_tcp_gives_up_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that stops taking what a stream sends (vanished without a word, or stuck: its window stays shut)
+    is given up on by TCP after ``UNACKED_S`` (here a second), and the route hears it gone: the stream ends and its
+    place among the customer's streams is free, where Linux kept such a connection for a quarter of an hour (a
+    client gone for good) or for ever (one that stays but reads nothing)."""
+    monkeypatch.setattr(http11, "UNACKED_S", 1)
+    gone = asyncio.Event()
+
+    async def endless(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        listening = asyncio.ensure_future(receive())  # the body's end, then http.disconnect once the client is gone
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        while not gone.is_set():
+            await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+            if listening.done() and listening.result()["type"] == "http.disconnect":
+                gone.set()
+            elif listening.done():
+                listening = asyncio.ensure_future(receive())
+            await asyncio.sleep(0)
+
+    async with serving(small_server(endless)) as port:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, soon shut
+        client.connect(("127.0.0.1", port))
+        client.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")  # ... and nothing read from here on
+        try:
+            await asyncio.wait_for(gone.wait(), ENOUGH_S)
+        finally:
+            client.close()
 
 
 async def test_a_websocket_stays_open_past_the_deadline() -> None:
