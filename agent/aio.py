@@ -12,9 +12,17 @@ from typing import Any, TypeVar
 import uvloop
 from nats.aio.msg import Msg
 
-__all__ = ["cancel_and_wait", "exit_reason", "keep_in_progress", "new_event_loop", "run"]
+__all__ = ["HAND_BACK_DELAY_S", "cancel_and_wait", "exit_reason", "keep_in_progress", "new_event_loop", "run"]
 
 T = TypeVar("T")
+
+HAND_BACK_DELAY_S = 0.001
+"""The delay of the nak that hands a message back to JetStream to be delivered again at once (a task or a team
+run that a stopping agent or control plane gives back). A plain nak only queues the message in the server's
+memory: a server that stops before delivering it again (a restart of the platform stops NATS just after the
+agents and the control plane) forgets it, and the message came back only after the consumer's ack wait (60 s
+for a task, 30 for a team run). A nak with a delay is stored with the consumer's state, and a server that
+starts again delivers it at once; a server that runs on delivers it 10 ms later."""
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

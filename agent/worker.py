@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from agent.aio import cancel_and_wait, keep_in_progress
+from agent.aio import HAND_BACK_DELAY_S, cancel_and_wait, keep_in_progress
 from agent.backends import create_flag_store
 from agent.backends.base import FlagStore
 from agent.health import HealthServer
@@ -376,7 +376,7 @@ class AgentWorker:
             self._runs.pop(request.task_id, None)
             with contextlib.suppress(Exception):
                 if request.task_id in self._giving_back:  # to the next of its replicas, or itself once back
-                    await msg.nak()
+                    await msg.nak(delay=HAND_BACK_DELAY_S)
                 else:
                     await msg.ack()
 

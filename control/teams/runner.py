@@ -35,7 +35,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 
-from agent.aio import cancel_and_wait, keep_in_progress
+from agent.aio import HAND_BACK_DELAY_S, cancel_and_wait, keep_in_progress
 from agent.backends.base import Flag
 from agent.egress import error_text, failure_text
 from agent.protocol import REPLAYED, TASK_ATTEMPTS, TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
@@ -241,7 +241,7 @@ class TeamRunner:
         try:
             await self._serve_task(request, delivered, active)
         except _Retry:
-            retry_in = 0  # handed back: another replica takes it at once
+            retry_in = HAND_BACK_DELAY_S  # handed back: another replica takes it at once
         except Exception:  # reading the task or its checkpoint, or publishing its end, failed (NATS briefly away)
             retry_in = min(RETRY_FIRST_S * 2 ** (delivered - 1), RETRY_MAX_S)
             log.exception("team task %s: the runner failed; its run comes back in %g s", request.task_id, retry_in)
@@ -251,7 +251,7 @@ class TeamRunner:
         # A run that failed comes back, as an attempt after a crash does (max_attempts bounds it): acknowledged,
         # its task would stay `queued` or `running` for good, and a cancel, which tells the run, could not end it.
         with contextlib.suppress(Exception):
-            await (msg.ack() if retry_in is None else msg.nak(delay=retry_in or None))
+            await (msg.ack() if retry_in is None else msg.nak(delay=retry_in))
 
     async def _serve_task(self, request: TeamTaskRequest, delivered: int, active: _Active) -> None:
         key = task_key(request.customer_id, request.task_id)

@@ -11,6 +11,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from agent.aio import HAND_BACK_DELAY_S
 from agent.protocol import TASKS_STREAM
 from agent.teamprotocol import TEAM_CONSUMER
 from control.models import Task
@@ -178,7 +179,9 @@ async def test_a_stopping_replica_hands_its_run_over_mid_conversation(tmp_path: 
                 done = await task_status(api, headers, task_id)
             replayed, produced = await attempt_messages(api, headers, task_id, 2)
             # the first replica handed the run back (nak); the second ran it to the end and acknowledged it
-            await assert_eventually(now(lambda: list(acks)), lambda seen: seen == [b"-NAK", b""], what="nak, ack")
+            # (the nak with a delay, which JetStream stores: see agent.aio.HAND_BACK_DELAY_S)
+            nak = b'-NAK {"delay": %d}' % int(HAND_BACK_DELAY_S * 10**9)
+            await assert_eventually(now(lambda: list(acks)), lambda seen: seen == [nak, b""], what="nak, ack")
         await watcher.close()
 
     assert done["status"] == "completed", (done["status_reason"], done["messages"])
