@@ -25,7 +25,10 @@ received but not yet read (the client sees "connection reset", not the error). T
 half of the connection is shut (the client reads the answer and its end), and what the client still sends is read
 and dropped until it closes its half, or ``LINGER_S`` after the answer (RFC 9112's staged close).
 
-A response is not timed: a task's event stream and a WebSocket stay open as long as they are used.
+A response is not timed: a task's event stream and a WebSocket stay open as long as they are used, while their
+client is there: every connection has TCP's keep-alive and a timeout for data its peer does not take
+(``_watch_for_a_vanished_peer``), so that one whose client vanished without a word is closed in a minute or two.
+A request h11 cannot read is answered 400 in the API's error shape, not in uvicorn's plain text.
 """
 
 from __future__ import annotations
