@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import uvloop
 from nats.aio.msg import Msg
 
-__all__ = ["HAND_BACK_DELAY_S", "cancel_and_wait", "exit_reason", "keep_in_progress", "new_event_loop", "run"]
+__all__ = [
+    "HAND_BACK_DELAY_S",
+    "cancel_and_wait",
+    "exit_reason",
+    "keep_in_progress",
+    "nats_error_logger",
+    "new_event_loop",
+    "run",
+]
 
 T = TypeVar("T")
 
@@ -70,3 +79,13 @@ async def keep_in_progress(msg: Msg, every: float) -> None:
         await asyncio.sleep(every)
         with contextlib.suppress(Exception):
             await msg.in_progress()
+
+
+def nats_error_logger(log: logging.Logger) -> Callable[[Exception], Awaitable[None]]:
+    """A NATS connection's ``error_cb`` writing one line per problem to ``log``: nats-py's own logs a traceback
+    at each attempt to reconnect (every 2 s)."""
+
+    async def log_error(error: Exception) -> None:
+        log.warning("NATS: %s", error or type(error).__name__)
+
+    return log_error

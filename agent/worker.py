@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from agent.aio import HAND_BACK_DELAY_S, cancel_and_wait, keep_in_progress
+from agent.aio import HAND_BACK_DELAY_S, cancel_and_wait, keep_in_progress, nats_error_logger
 from agent.backends import create_flag_store
 from agent.backends.base import FlagStore
 from agent.health import HealthServer
@@ -416,9 +416,7 @@ class AgentWorker:
         await self.publish(event, ack=ack)
 
 
-async def _log_nats_error(error: Exception) -> None:
-    """One line per connection problem (nats-py would log a traceback for each reconnect attempt)."""
-    log.warning("NATS: %s", error or type(error).__name__)
+_log_nats_error = nats_error_logger(log)
 
 
 def _log_unstored(acked: asyncio.Future[Any]) -> None:

@@ -16,11 +16,9 @@ from jobs import SECOND_NS, AgentJobVariables, render_agent_job
 __all__ = [
     "MODEL_KEY_META",
     "agent_job",
-    "flag_store_secrets",
     "job_id_for",
     "model_key_secret",
     "namespace_for",
-    "nats_address",
     "task_secrets",
 ]
 

@@ -30,13 +30,14 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
+from agent.aio import nats_error_logger
 from agent.protocol import EVENTS_STREAM, TASKS_STREAM
 
 __all__ = [
     "BUCKETS",
     "CONSUMER_LIMIT",
     "NATS_UNAVAILABLE",
-    "PACED_IDLE_S",
+    "PACED_BATCH",
     "Jet",
     "PacedReader",
     "connect",
@@ -234,9 +235,7 @@ async def _tune_bucket(js: JetStreamContext, stream: str) -> bool:
     return not direct_before
 
 
-async def _log_error(error: Exception) -> None:
-    """One line per connection problem: nats-py's own logs a traceback at each attempt to reconnect (every 2 s)."""
-    log.warning("NATS: %s", error or type(error).__name__)
+_log_error = nats_error_logger(log)
 
 
 async def connect(url: str, name: str = "caravan-control", user: str | None = None, password: str | None = None) -> Jet:

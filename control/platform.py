@@ -249,21 +249,19 @@ class ControlPlane:
         self._quotas = QuotaService(
             Repo(jet.kv["quotas"], QuotaRecord), Quota(max_agents=self.settings.max_agents_per_customer)
         )
+        agents = Repo(jet.kv["agents"], Agent)
         logins: AgentLogins | None = self.nats_auth
         if logins is None and self.settings.nats_callout_seed is not None:
             # agents log in through the callout, which this control plane answers once it can read their records
-            agents_repo = Repo(jet.kv["agents"], Agent)
 
             async def customer_of(agent_id: str) -> str | None:
-                agent = await agents_repo.owned(None, agent_id)
+                agent = await agents.owned(None, agent_id)
                 return agent.customer_id if agent is not None else None
 
             self._callout = NatsCallout(jet.nc, self.settings.nats_callout_seed.get_secret_value(), customer_of)
             logins = self._callout.logins
             await self._callout.start()
-        self._agents = AgentService(
-            Repo(jet.kv["agents"], Agent), jet.js, self._scheduler, self.settings, self._quotas, logins
-        )
+        self._agents = AgentService(agents, jet.js, self._scheduler, self.settings, self._quotas, logins)
         self._killswitch = KillswitchService(self._flags, self._registry, self._agents, self._auth, self._audit, jet.nc)
         self._budget = BudgetHolds(Repo(jet.kv["system"], BudgetHold), self._killswitch, self._clock)
         await self._budget.start()

@@ -18,6 +18,7 @@ with ``"engaged": false`` does not.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
     "FlagStoreUnavailable",
     "Scope",
     "keys_for_agent",
+    "read_flags",
     "remove_if",
     "write_unless_engaged",
 ]
@@ -152,6 +154,13 @@ async def remove_if(
         if await remove(version):
             return True
     raise FlagStoreUnavailable(f"{key} kept changing while a flag was released")
+
+
+async def read_flags(
+    stored: Callable[[FlagKey], Awaitable[tuple[Flag | None, object]]], keys: Sequence[FlagKey]
+) -> list[Flag]:
+    """:meth:`FlagStore.read` on a store's own read of one key (``stored``: the flag, or None, and its version)."""
+    return [flag for flag, _ in await asyncio.gather(*(stored(key) for key in keys)) if flag is not None]
 
 
 @runtime_checkable

@@ -24,6 +24,7 @@ from agent.backends.base import (
     FlagSnapshot,
     FlagStoreUnavailable,
     Scope,
+    read_flags,
     remove_if,
     write_unless_engaged,
 )
@@ -162,7 +163,7 @@ class ConsulFlags(ConsulBackend):
         return flags
 
     async def read(self, keys: Sequence[FlagKey]) -> Sequence[Flag]:
-        return [f for f, _ in await asyncio.gather(*(self._stored(key) for key in keys)) if f is not None]
+        return await read_flags(self._stored, keys)
 
     async def watch(self, keys: Sequence[FlagKey], heartbeat: float = 5.0) -> AsyncIterator[FlagSnapshot]:
         updates: asyncio.Queue[tuple[FlagKey, Flag | None] | tuple[FlagKey, Exception]] = asyncio.Queue()

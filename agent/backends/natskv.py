@@ -13,7 +13,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from agent.backends.base import (
@@ -22,6 +22,7 @@ from agent.backends.base import (
     FlagSnapshot,
     FlagStoreUnavailable,
     Scope,
+    read_flags,
     remove_if,
     write_unless_engaged,
 )
@@ -62,7 +63,7 @@ async def kv_entries_of(kv: KeyValue, patterns: Sequence[str]) -> list[KeyValue.
         read = await asyncio.gather(*(_last_values(js, stream, prefix, batch, kv._name) for batch in batches))
         if all(entries is not None for entries in read):
             return [entry for entries in read if entries is not None for entry in entries]
-    entries = await asyncio.gather(*(_get(kv, subject[len(prefix) :]) for subject in subjects))
+    entries = await asyncio.gather(*(_current(kv, subject[len(prefix) :]) for subject in subjects))
     return [entry for entry in entries if entry is not None and entry.value]
 
 
@@ -131,13 +132,6 @@ async def _current(kv: KeyValue, key: str) -> KeyValue.Entry | None:
         return entry
 
 
-async def _get(kv: KeyValue, key: str) -> KeyValue.Entry | None:
-    try:
-        return await kv.get(key)
-    except KeyNotFoundError:  # deleted or purged
-        return None
-
-
 def kv_key(key: FlagKey) -> str:
     return ".".join(key.parts())
 
@@ -163,13 +157,10 @@ class NatsKVFlags:
         if self._kv is not None:
             raise RuntimeError("flag store already started")
         js = self._nc.jetstream()
-        try:
-            if self._create:
-                config = KeyValueConfig(bucket=BUCKET, history=5, storage=StorageType.FILE, direct=True)
-                self._kv = await js.create_key_value(config)
-                return
-        except BucketNotFoundError as exc:
-            raise FlagStoreUnavailable(f"no JetStream KV bucket {BUCKET!r}") from exc
+        if self._create:
+            config = KeyValueConfig(bucket=BUCKET, history=5, storage=StorageType.FILE, direct=True)
+            self._kv = await js.create_key_value(config)
+            return
         # Bound without asking for the stream's info (nats-py's key_value() does): an agent may not, as that
         # info lists every key, other customers' flags too. The platform makes the bucket with direct gets.
         kv = KeyValue(name=BUCKET, stream=f"KV_{BUCKET}", pre=f"$KV.{BUCKET}.", js=js, direct=True)
@@ -238,7 +229,7 @@ class NatsKVFlags:
         return flags
 
     async def read(self, keys: Sequence[FlagKey]) -> Sequence[Flag]:
-        return [f for f, _ in await asyncio.gather(*(self._stored(key) for key in keys)) if f is not None]
+        return await read_flags(self._stored, keys)
 
     async def watch(self, keys: Sequence[FlagKey], heartbeat: float = 5.0) -> AsyncIterator[FlagSnapshot]:
         while True:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import shutil
 import signal
@@ -251,6 +250,7 @@ class LocalScheduler:
         self._closed = False
         self._lock = asyncio.Lock()
         self._memory_watch: asyncio.Task[None] | None = None
+        self._collector: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> LocalScheduler:
         await self.start()
@@ -268,6 +268,8 @@ class LocalScheduler:
         self._started = True
         private_dir(self._alloc_dir)
         self._memory_watch = asyncio.create_task(self._watch(), name="memory-limits")
+        if self._keep_s:
+            self._collector = asyncio.create_task(self._collect_hourly(), name="old-allocations")
 
     async def stop(self) -> None:
         if self._closed:
@@ -275,8 +277,9 @@ class LocalScheduler:
         self._closed = True
         await asyncio.gather(*(self._stop_allocs(job) for job in list(self._jobs.values())))
         self._jobs.clear()
-        if self._memory_watch is not None:
-            await cancel_and_wait(self._memory_watch)
+        for task in (self._memory_watch, self._collector):
+            if task is not None:
+                await cancel_and_wait(task)
 
     def _check_owner(self, meta: dict[str, str], job_id: str) -> None:
         if meta.get("caravan_owner") != self._install_id:
@@ -568,24 +571,27 @@ class LocalScheduler:
         if self._registry is not None and service is not None:
             await self._registry_call("deregister", self._registry.deregister(service.name, alloc.id))
 
+    async def _collect_hourly(self) -> None:
+        """Allocations that ended long ago (``keep_days``) are collected as the scheduler starts and hourly."""
+        while True:
+            try:
+                await asyncio.to_thread(self._collect, self._known_alloc_ids())
+            except Exception:  # tried again at the next round
+                log.exception("old allocations not collected")
+            await asyncio.sleep(_COLLECT_EVERY_S)
+
     async def _watch(self) -> None:
         """Every running task's resident memory, its children's included, against its limit, and its log's size.
         One pass over the process table per tick for all tasks: a pass per task would cost the control plane a core
-        at fifty. Allocations that ended long ago are collected as it starts and hourly (``keep_days``)."""
-        collected_at = -math.inf
+        at fifty."""
         while True:
-            if self._keep_s and time.monotonic() - collected_at >= _COLLECT_EVERY_S:
-                collected_at = time.monotonic()
-                try:
-                    await asyncio.to_thread(self._collect, self._known_alloc_ids())
-                except Exception:  # tried again at the next round
-                    log.exception("old allocations not collected")
             await asyncio.sleep(_MEMORY_POLL_S)
+            running = self._running()
             try:
-                self._enforce_memory()
+                self._enforce_memory(running)
             except Exception:  # one failed pass must not end the limits of every task for good
                 log.exception("memory limit check failed")
-            for path in self._logs_over_limit():
+            for path in self._logs_over_limit(running):
                 try:
                     await asyncio.to_thread(_rotate_log, path, self._log_max_bytes)
                 except OSError as exc:  # a full disk, say: tried again next tick
@@ -634,18 +640,18 @@ class LocalScheduler:
                 with contextlib.suppress(OSError):  # not empty
                     empty.rmdir()
 
-    def _logs_over_limit(self) -> list[Path]:
-        """The logs of running tasks past :data:`LOG_MAX_BYTES` (a stat each: the copy is made in a thread)."""
+    def _logs_over_limit(self, running: list[tuple[_Alloc, asyncio.subprocess.Process]]) -> list[Path]:
+        """The logs of the ``running`` tasks past :data:`LOG_MAX_BYTES` (a stat each: the copy is made in a
+        thread)."""
         over = []
-        for alloc, _ in self._running():
+        for alloc, _ in running:
             path = self.log_path(alloc)
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_size > self._log_max_bytes:
                     over.append(path)
         return over
 
-    def _enforce_memory(self) -> None:
-        running = self._running()
+    def _enforce_memory(self, running: list[tuple[_Alloc, asyncio.subprocess.Process]]) -> None:
         if not running:
             return
         table = _process_table()

@@ -77,6 +77,7 @@ __all__ = [
     "customer_unfinished_tasks",
     "ending_id",
     "handed_out",
+    "publish_event",
     "unfinished_tasks",
 ]
 
@@ -123,6 +124,16 @@ def _final(stored: RawStreamMsg) -> bool:
         return StreamedEvent(stored.seq or 0, Event.model_validate_json(stored.data or b"")).terminal
     except ValueError:
         return False
+
+
+async def publish_event(js: JetStreamContext, event: Event, msg_id: str | None = None) -> None:
+    """Store a task's ``event`` in its task's events; one with the ``msg_id`` of another stored within the stream's
+    duplicate window (two minutes) is dropped as the same event."""
+    assert event.task_id is not None
+    headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
+    await js.publish(
+        task_events_subject(event.customer_id, event.task_id), event.model_dump_json().encode(), headers=headers
+    )
 
 
 def task_key(customer_id: str, task_id: str) -> str:
@@ -599,13 +610,8 @@ class TaskService:
         return await self._with_transcript(await self._teams.input(task, content, segment))
 
     async def publish(self, event: Event, msg_id: str | None = None) -> None:
-        """Store ``event``; one with the ``msg_id`` of another stored within the stream's duplicate window (two
-        minutes) is dropped as the same event."""
-        assert event.task_id is not None
-        subject, headers = task_events_subject(event.customer_id, event.task_id), None
-        if msg_id is not None:
-            headers = {"Nats-Msg-Id": msg_id}
-        await self._js.publish(subject, event.model_dump_json().encode(), headers=headers)
+        """Store ``event`` (:func:`publish_event`)."""
+        await publish_event(self._js, event, msg_id)
 
     async def events(self, task: Task, after: int = 0, idle: float = 15.0) -> AsyncIterator[StreamedEvent | None]:
         """The task's events after stream sequence ``after``, ending after the terminal status.

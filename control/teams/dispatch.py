@@ -9,13 +9,13 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
-from agent.protocol import TASKS_STREAM, Event, EventKind, task_events_subject
+from agent.protocol import TASKS_STREAM, Event, EventKind
 from agent.teamprotocol import TEAM_CONSUMER, TeamTaskRequest, team_cancel_subject, team_task_subject
 from control.errors import Conflict, NotFound
 from control.models import TERMINAL_TASK_STATUSES, Agent, Task, TaskCreate, TaskStatus
 from control.services.agents import AgentService, why_not_serving
 from control.services.killswitch import KillswitchService
-from control.services.tasks import ending_id, handed_out, task_key
+from control.services.tasks import ending_id, handed_out, publish_event, task_key
 from control.store import Repo
 from control.teams.models import Checkpoint, Team
 from control.teams.service import TeamService
@@ -213,7 +213,4 @@ class TeamTasks:
             data={**data, "reason": reason} if reason else data,
             attempt=task.attempt,
         )
-        headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
-        await self._js.publish(
-            task_events_subject(task.customer_id, task.id), event.model_dump_json().encode(), headers=headers
-        )
+        await publish_event(self._js, event, msg_id)

@@ -33,6 +33,7 @@ SECRETS = {
     "CARAVAN_ADMIN_KEY": "operator-chosen-admin-key",
     "CARAVAN_JWT_SECRET": "jwt-signing-secret-0f9e",
     "CARAVAN_NATS_PASSWORD": "nats-password-5b2c",
+    "CARAVAN_NATS_CALLOUT_SEED": "SAAD3Z5Q7UGGYCVBBXXJKXQDNFQVGPHXG3QVXXJQ6GGQ2ACQ3N3ZSGKYJA",
     "CARAVAN_NOMAD_TOKEN": "6f1d2c3b-nomad-acl-token",  # (settings only: NOMAD_TOKEN is an agent's secret too)
     "CARAVAN_NOMAD_NAMESPACE_TOKEN": "2e4f-nomad-management-token",
     "CONSUL_HTTP_TOKEN": "9a8b7c6d-consul-acl-token",

@@ -16,12 +16,10 @@ import nats
 import nats.errors
 import pytest
 
-from control.cli import log_secrets
 from control.natsauth import NatsCredentials, agent_permissions
 from control.natscallout import CALLOUT_SUBJECT, CalloutLogins, issuer_public_key, jwt_permissions, new_issuer_seed
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
-from control.settings import Settings
 from tests.control.test_cli import run_cli
 from tests.gateway.test_tasks_api import running_agent
 from tests.support.nats_users import (
@@ -32,7 +30,6 @@ from tests.support.nats_users import (
     callout_settings,
     connect_as,
 )
-from tests.support.nomad_nats import render_nats_users
 
 callout_only = pytest.mark.parametrize("secured", ["callout"], indirect=True)
 
@@ -213,10 +210,7 @@ async def test_the_keys_command_makes_a_seed_whose_issuer_and_watcher_the_callou
     monkeypatch.setenv("CARAVAN_NATS_CALLOUT_SEED", seed)
     assert await run_cli("nats-callout-keys", "--from-env") == 0
     assert dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines()) == printed  # the same again
-    login = NatsCredentials("caravan-control", "control-password-0123456789")
-    (tmp_path / "nats").mkdir()
-    variable = {"control_password": login.password, "callout_issuer": printed["issuer"]}
-    (tmp_path / "nats" / "auth.conf").write_text(render_nats_users(variable))
+    _, login = callout_nats(tmp_path / "nats", seed)
     async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
         control = ControlPlane(callout_settings(server.url, tmp_path / "data", seed, login))
         async with control:
@@ -238,12 +232,6 @@ async def test_a_seed_that_is_no_account_seed_stops_the_command_without_showing_
     monkeypatch.setenv("CARAVAN_NATS_CALLOUT_SEED", new_issuer_seed())
     assert await run_cli("up") == 2  # caravan up's NATS gives agents their users itself
     assert "CARAVAN_NATS_CALLOUT_SEED is for a NATS of your own" in capsys.readouterr().err
-
-
-def test_no_log_line_quotes_the_seed() -> None:
-    seed = new_issuer_seed()
-    settings = Settings(nats_callout_seed=seed)  # type: ignore[arg-type]
-    assert seed in log_secrets(settings, {})
 
 
 def test_an_agents_jwt_carries_the_embedded_defaults_permissions_and_nothing_it_cannot_translate() -> None:

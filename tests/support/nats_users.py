@@ -46,10 +46,10 @@ class Secured:
     url: str
 
 
-def callout_nats(directory: Path) -> tuple[str, NatsCredentials]:
-    """Lay out ``directory`` for :class:`EmbeddedNats` with ``auth`` as nomad/nats.nomad.hcl configures NATS: a
-    new issuer seed, and the platform's own login."""
-    seed = new_issuer_seed()
+def callout_nats(directory: Path, seed: str | None = None) -> tuple[str, NatsCredentials]:
+    """Lay out ``directory`` for :class:`EmbeddedNats` with ``auth`` as nomad/nats.nomad.hcl configures NATS: the
+    issuer of ``seed`` (by default a new one), and the platform's own login."""
+    seed = seed or new_issuer_seed()
     control = NatsCredentials(CONTROL_USER, secrets.token_hex(16))
     directory.mkdir(parents=True)
     variable = {"control_password": control.password, "callout_issuer": issuer_public_key(seed)}
