@@ -1,4 +1,5 @@
-"""Killswitch flags in a JetStream KV bucket, watched with KV watchers (pushed, no polling)."""
+"""Killswitch flags in a JetStream KV bucket. A watch hears each write as it is made, on the key's own subject,
+and reads its keys again at each heartbeat (every 5 s), for a write made while its connection was away."""
 
 from __future__ import annotations
 
