@@ -516,7 +516,10 @@ class TeamRunner:
                         if not told and agent is not None:  # it may come: said once
                             told = True
                             why = f"waiting up to {timeout:g} s for team member {name} ({agent_id}) to join: it is "
-                            await self._status(task, attempt, waiting, why + agent.status.value)
+                            state = agent.status.value
+                            if agent.status is AgentStatus.RUNNING:  # (its process is up; its worker not yet)
+                                state += " but not listening yet"
+                            await self._status(task, attempt, waiting, why + state)
                     if time.monotonic() > deadline:
                         raise _Failed(
                             f"team member {name} ({agent_id}) did not join within {timeout:g}s: is it running?"

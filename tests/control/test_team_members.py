@@ -11,11 +11,13 @@ import pytest
 
 from tests.conftest import Api
 from tests.gateway.teams_support import agent_ready, agents, health, script, start, task_status, team
-from tests.support.helpers import assert_eventually
+from tests.support.helpers import assert_eventually, stalled
 
 SLOW = script("zz", delay_ms=600_000)
 PROMPTLY_S = 4.0
 """Under what the run waited before: a member's silence (5 s), then its join (30 s)."""
+JOIN_ASKED_S = 5.0
+"""How long the run waits for an answer to its request to join, before it asks again (and looks at the member)."""
 
 
 async def busy_team(api: Api) -> tuple[str, dict[str, str], dict[str, dict[str, Any]], str]:
@@ -99,4 +101,29 @@ async def test_a_team_task_waits_for_a_starting_member_saying_so_and_fails_at_on
     ended = await task_status(api, headers, task_id, within=PROMPTLY_S)
     assert ended["status"] == "failed", ended
     assert ended["status_reason"] == f"a member of its team: agent {critic} (critic) was stopped", ended
+    await no_tasks_in_flight(api, headers)
+
+
+async def test_a_team_task_waiting_for_a_member_that_runs_but_does_not_answer_says_so_and_goes_on_when_it_does(
+    api: Api,
+) -> None:
+    """A member whose process runs but does not answer its join (hung, here stopped by SIGSTOP; or its worker not
+    up yet) is not said to be only `running`, as if nothing were amiss: the reason says it is not listening."""
+    customer_id, headers = await api.new_customer()
+    made = await agents(api, headers, {"writer": {"model": script("w1")}, "critic": {"model": script("c1")}})
+    critic = made["critic"]["id"]
+    pid = (await agent_ready(api, customer_id, critic))["data"]["pid"]
+    created = await team(api, headers, members=[made["writer"]["id"], critic], termination={"max_messages": 3})
+    with stalled(pid):
+        task_id = await start(api, headers, created["id"], "Go.")
+        waiting = await assert_eventually(
+            lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers),
+            lambda r: (r.json()["status_reason"] or "").startswith("waiting"),
+            within=JOIN_ASKED_S + PROMPTLY_S,
+            what="a reason to wait",
+        )
+    reason = waiting.json()["status_reason"]
+    assert reason.endswith(f"team member critic ({critic}) to join: it is running but not listening yet"), reason
+    ended = await task_status(api, headers, task_id, within=30)
+    assert ended["status"] == "completed", ended
     await no_tasks_in_flight(api, headers)
