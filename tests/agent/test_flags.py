@@ -11,6 +11,7 @@ from typing import Any
 
 import nats
 import pytest
+from consul.exceptions import BadRequest
 
 from agent.backends import natskv
 from agent.backends.base import Flag, FlagKey, FlagSnapshot, FlagStore, Scope
@@ -230,7 +231,7 @@ async def test_a_consul_that_answers_index_0_is_asked_with_a_blocking_query(cons
     """Older Consuls answered some blocking queries with ``X-Consul-Index: 0`` (Consul's docs on blocking queries:
     a client should make its index at least 1 after each answer): asked again at 0, which does not block, the watch
     would spin on the server as fast as it answers."""
-    consul_double.index = 0  # such a Consul's answer for a key not written yet
+    consul_double.least_index = 0  # such a Consul's answer for a key not written yet
     store = ConsulFlags(env={"CONSUL_HTTP_ADDR": consul_double.address})
     await store.start()
     watch = Watch(store, [FlagKey(Scope.ALL)])
@@ -248,6 +249,32 @@ async def test_a_consul_that_answers_index_0_is_asked_with_a_blocking_query(cons
     ]
     assert "index" not in reads[0]
     assert [query.get("index") for query in reads[1:] if int(query.get("index") or 0) < 1] == []
+
+
+@pytest.mark.parametrize("kind", CONSUL_KINDS)
+def test_consul_answers_a_read_of_a_flag_with_that_flags_own_index(kind: str) -> None:
+    """What a flag's watch is answered (``KVS.Get`` and ``blockingquery.Query`` in hashicorp/consul): a key's read
+    carries its own ``ModifyIndex`` and a blocking read of it is not answered for a write to another key (its index
+    stays put); a missing key's, the KV table's. A wait Go cannot parse is a 400, not the default five minutes."""
+    with consul_env(kind) as env:
+        kv = consul_client(env).kv
+        flag, other, missing = (f"caravan/killswitch/agent/{unique('ag')}" for _ in range(3))
+        try:
+            assert kv.put(flag, b"maintenance")
+            index, entry = kv.get(flag)
+            assert entry is not None and int(index) == entry["ModifyIndex"]
+            assert kv.put(other, b"elsewhere")
+            assert kv.put(flag, b"maintenance")  # the same value again: not a change
+            after, entry = kv.get(flag, index=index, wait="300ms")
+            assert (after, entry["ModifyIndex"]) == (index, int(index))
+            table, _ = kv.get(missing)
+            assert int(table) >= kv.get(other)[1]["ModifyIndex"] > int(index)
+            for wait, refused in (("5", "Invalid wait time"), ("5sec", "Invalid wait time")):
+                with pytest.raises(BadRequest, match=refused):
+                    kv.get(flag, index=index, wait=wait)
+        finally:
+            kv.delete(flag)
+            kv.delete(other)
 
 
 async def test_a_stopped_nats_is_reported_as_unreachable(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -8,10 +8,17 @@ behaviour (developer.hashicorp.com/consul/api-docs):
   id>`` (``service:<service id>`` for a service's one check without a ``CheckID``).
 - ``/v1/catalog/services``, ``/v1/health/service/<name>`` (``?passing``), ``/v1/status/leader``.
 
-Blocking queries follow the documented contract: the request returns when the index moves past the one
-given or when ``wait`` (default 5 minutes, capped at 10) runs out, whichever is first; spurious wake-ups
-are allowed. ``down()`` makes every request fail with a 500 "No cluster leader", as Consul does in an
-outage without quorum.
+Blocking queries on a key are answered as Consul answers them (``KVS.Get``, ``agent/consul/kvs_endpoint.go``;
+``kvsGetTxn``, ``agent/consul/state/kvs.go``; ``blockingquery.Query``, ``agent/blockingquery/blockingquery.go``, in
+hashicorp/consul): ``X-Consul-Index`` is the key's ``ModifyIndex``, or for a missing key the KV table's index (its
+last write or delete, at least 1); the request returns once that index is past ``?index=``, or when ``wait``
+(default 5 minutes, capped at 10) runs out. A write elsewhere does not release it: not for a key that exists (its
+index stays), nor for one that stays missing (Consul keeps blocking while the key is not found). Writing a key's
+value unchanged leaves its ``ModifyIndex`` (``kvsSetTxn``). A recursive read answers the highest ``ModifyIndex``
+under the prefix, deletions there included (Consul's tombstones). ``?wait=`` is read as Go's ``time.ParseDuration``
+and ``?index=`` as an unsigned integer: anything else is a 400 ``Invalid wait time`` / ``Invalid index``
+(``parseWait``, ``agent/http.go``). Errors are plain text, as Consul writes them. ``down()`` makes every request fail
+with a 500 "No cluster leader", as Consul does in an outage without quorum.
 
 With ``acl_token`` set, ACLs are on with the default policy ``deny``: a request without that token
 (``X-Consul-Token``, ``Authorization: Bearer`` or ``?token=``) gets 403, "ACL not found" for a token Consul does
@@ -33,17 +40,41 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = ["ConsulDouble", "nomad_service"]
 
-_DURATION = re.compile(r"^(\d+)(ms|s|m)?$")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
 
 
-def _wait_seconds(value: str | None) -> float:
-    if not value:
-        return 300.0
-    match = _DURATION.match(value)
-    if not match:
-        return 300.0
-    number, unit = int(match.group(1)), match.group(2) or "s"
-    return min(600.0, number / 1000 if unit == "ms" else number * 60 if unit == "m" else float(number))
+def go_duration(value: str) -> float | None:
+    """Go's ``time.ParseDuration`` in seconds (``300ms``, ``1.5s``, ``5m0s``; a bare number only ``0``), or None for
+    what it refuses (``5``, ``5sec``, ``""``)."""
+    text = value[1:] if value[:1] in ("+", "-") else value
+    if text == "0":
+        return 0.0
+    seconds, position = 0.0, 0
+    while position < len(text):
+        part = _DURATION_PART.match(text, position)
+        if part is None:
+            return None
+        seconds += float(part.group(1)) * _UNITS[part.group(2)]
+        position = part.end()
+    if not text:
+        return None
+    return -seconds if value.startswith("-") else seconds
+
+
+def _blocking(query: dict[str, str]) -> tuple[int, float] | bytes:
+    """A blocking query's index and wait in seconds (a wait of 0 or less is the default, 5 minutes; at most 10), or
+    the 400 body Consul answers for a ``wait`` or ``index`` it cannot read."""
+    wait = 0.0
+    if query.get("wait"):
+        parsed = go_duration(query["wait"])
+        if parsed is None:
+            return b"Invalid wait time"
+        wait = parsed
+    index = query.get("index") or "0"
+    if not index.isascii() or not index.isdigit():
+        return b"Invalid index"
+    return int(index), (300.0 if wait <= 0 else min(wait, 600.0))
 
 
 def nomad_service(alloc_id: str, name: str, port: int, meta: dict[str, str]) -> dict[str, Any]:
@@ -69,6 +100,14 @@ class ConsulDouble:
         self.services: dict[str, dict[str, Any]] = {}
         self.checks: dict[str, dict[str, Any]] = {}
         self.index = 1
+        """The raft index: every write moves it."""
+        self.kv_index = 0
+        """The KV table's index: the last write or delete of a key (what a read of a missing key is answered)."""
+        self.least_index = 1
+        """The least ``X-Consul-Index`` a KV read is answered (Consul's least is 1; some queries of older Consuls
+        answered 0)."""
+        self.tombstones: dict[str, int] = {}
+        """Each deleted key's index of deletion (Consul's graveyard, not reaped here)."""
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         """Each request's method, path and query."""
         self._changed = threading.Condition()
@@ -94,7 +133,10 @@ class ConsulDouble:
             def _respond(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                if not isinstance(body, bytes):
+                    self.send_header("Content-Type", "application/json")
+                elif data:  # an error's text, as Go's server types it
+                    self.send_header("Content-Type", "text/plain; charset=utf-8")
                 self.send_header("Content-Length", str(len(data)))
                 for key, value in (headers or {}).items():
                     self.send_header(key, value)
@@ -110,6 +152,11 @@ class ConsulDouble:
                 if double._down:
                     self._respond(500, b"No cluster leader")
                     return
+                if method == "GET" and not parts.path.startswith("/v1/status/"):
+                    blocking = _blocking(query)  # read with the request, before its token is looked at
+                    if isinstance(blocking, bytes):
+                        self._respond(400, blocking)
+                        return
                 denied = double.denied(parts.path, self.headers, query)
                 if denied is not None:
                     self._respond(403, denied)
@@ -214,7 +261,10 @@ class ConsulDouble:
         if match and method == "PUT":
             check = self.checks.get(match.group(2))
             if check is None:
-                return 404, f'Unknown check ID "{match.group(2)}"'.encode(), {}
+                message = (
+                    f'Unknown check ID "{match.group(2)}". Ensure that the check ID is passed, not the check name.'
+                )
+                return 404, message.encode(), {}  # vetCheckUpdateWithAuthorizer, agent/acl.go
             check["Status"] = {"pass": "passing", "fail": "critical", "warn": "warning"}[match.group(1)]
             check["Output"] = query.get("note", "")
             self._bump()
@@ -268,14 +318,19 @@ class ConsulDouble:
             if "cas" in query and int(query["cas"]) != (existing["ModifyIndex"] if existing else 0):
                 return 200, False, {}  # check-and-set: 0 writes only a new key, n only over ModifyIndex n
             index = self._bump()
+            value = base64.b64encode(body).decode() if body else None
+            flags = int(query.get("flags", 0))
+            if existing is not None and (existing["Value"], existing["Flags"]) == (value, flags):
+                return 200, True, {}  # unchanged: its ModifyIndex stays (kvsSetTxn)
             self.kv[key] = {
                 "Key": key,
-                "Value": base64.b64encode(body).decode() if body else None,
-                "Flags": int(query.get("flags", 0)),
+                "Value": value,
+                "Flags": flags,
                 "CreateIndex": existing["CreateIndex"] if existing else index,
                 "ModifyIndex": index,
                 "LockIndex": 0,
             }
+            self.kv_index = index
             return 200, True, {}
         if method == "DELETE":
             if "cas" in query:  # check-and-set: deletes the key only at ModifyIndex cas; a missing key: true
@@ -285,22 +340,41 @@ class ConsulDouble:
                 if int(query["cas"]) != existing["ModifyIndex"]:
                     return 200, False, {}
             doomed = [k for k in self.kv if (k.startswith(key) if recurse else k == key)]
+            index = self._bump()
             for k in doomed:
                 del self.kv[k]
-            self._bump()
+                self.tombstones[k] = self.kv_index = index
             return 200, True, {}
-        wanted = int(query.get("index") or 0)
-        deadline = time.monotonic() + _wait_seconds(query.get("wait"))
+        blocking = _blocking(query)
+        assert not isinstance(blocking, bytes)  # refused with the request
+        wanted, wait = blocking
+        block = wanted > 0  # ?index=0 (or none) does not block
+        deadline = time.monotonic() + wait
         with self._changed:
-            while wanted and self.index <= wanted and not self._down:
+            read = 0
+            while True:
+                index, found = self._kv_read(key, recurse)
+                read += 1
+                if not found and not recurse and read > 1:
+                    wanted = index  # still missing: Consul keeps blocking (blockingquery's ErrNotFound)
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if not block or index > wanted or self._down or remaining <= 0:
                     break
                 self._changed.wait(timeout=remaining)
         if self._down:
             return 500, b"No cluster leader", {}
-        found = [v for k, v in sorted(self.kv.items()) if (k.startswith(key) if recurse else k == key)]
-        headers = {"X-Consul-Index": str(self.index)}
+        headers = {"X-Consul-Index": str(index)}
         if not found:
             return 404, b"", headers
         return 200, found, headers
+
+    def _kv_read(self, key: str, recurse: bool) -> tuple[int, list[dict[str, Any]]]:
+        """What a read of ``key`` (or of the keys under it) finds, and the index it is answered with. Lock held."""
+        if not recurse:
+            entry = self.kv.get(key)
+            index = entry["ModifyIndex"] if entry else self.kv_index
+            return max(self.least_index, index), [entry] if entry else []
+        found = [v for k, v in sorted(self.kv.items()) if k.startswith(key)]
+        under = [v["ModifyIndex"] for v in found] + [i for k, i in self.tombstones.items() if k.startswith(key)]
+        index = max(under) if under and key else self.kv_index
+        return max(self.least_index, index), found
