@@ -202,7 +202,8 @@ class Registry(Protocol):
         """Add or replace an instance."""
 
     async def set_status(self, instance: ServiceInstance) -> None:
-        """Record the latest check result of a registered instance (``status``, ``output``)."""
+        """Record the latest check result of a registered instance (``status``, ``output``); one the registry no
+        longer has (a Consul agent restarted without its state) is registered again."""
 
     async def deregister(self, name: str, instance_id: str) -> None:
         """Remove an instance; removing an unknown one is not an error."""

@@ -3,6 +3,7 @@ or by the local scheduler with a TTL check that it keeps passing from its own ru
 
 from __future__ import annotations
 
+import logging
 import re
 
 import consul
@@ -11,6 +12,8 @@ from agent.backends.consul import ConsulBackend
 from control.backends.base import ServiceInstance
 
 __all__ = ["ConsulRegistry"]
+
+log = logging.getLogger("caravan.registry.consul")
 
 _PREFIX = "caravan-agent-"
 _NOMAD_SERVICE_ID = re.compile(r"_nomad-task-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-")
@@ -45,6 +48,12 @@ class ConsulRegistry(ConsulBackend):
 
     async def set_status(self, instance: ServiceInstance) -> None:
         ttl = self._client.agent.check.ttl_pass if instance.status == "passing" else self._client.agent.check.ttl_fail
+        if await self._call(ttl, _check_id(instance.id), notes=instance.output[:500]):
+            return
+        # Consul's 404 (py-consul's False): its agent no longer knows the check, restarted without its state or the
+        # service deregistered by hand; the instance is registered again, as it was at its start
+        log.info("Consul has no check for instance %s of %s: registering it again", instance.id, instance.name)
+        await self.register(instance)
         await self._call(ttl, _check_id(instance.id), notes=instance.output[:500])
 
     async def deregister(self, name: str, instance_id: str) -> None:
