@@ -882,3 +882,24 @@ async def test_the_kind_of_a_lost_event_streams_failure_is_told_in_fixed_words_n
         assert gone.last_error is not None and "refused" in gone.last_error.lower()
     finally:
         await scheduler.stop()
+
+
+async def test_nomad_answers_reads_of_a_job_it_does_not_hold_with_none(harness: Harness) -> None:
+    """What the scheduler reads of an agent's job that Nomad does not hold (never registered, or purged) is answered
+    as Nomad answers it: its allocations and deployments 200 with none, not 404 (``Job.Allocations`` and
+    ``Job.Deployments``, nomad/job_endpoint.go, look no job up), the job itself 404; a Variable that is not there is
+    deleted without a word, 204 as one that is (``variableDelete``, command/agent/variable_endpoint.go)."""
+    ids = Ids.new()
+    await harness.scheduler.submit(make_job(ids, HEALTHY))
+    gone = "caravan-ag-000000000000"
+    allocations = await harness.get(f"/v1/job/{gone}/allocations", namespace=ids.namespace)
+    deployments = await harness.get(f"/v1/job/{gone}/deployments", namespace=ids.namespace)
+    for listed in (allocations, deployments):
+        assert listed.status_code == 200, listed.text
+        assert listed.json() == []
+    assert (await harness.get(f"/v1/job/{gone}", namespace=ids.namespace)).status_code == 404
+    for path in (f"nomad/jobs/{gone}", f"nomad/jobs/{ids.job_id}"):
+        deleted = await harness.http.delete(f"/v1/var/{path}", params={"namespace": ids.namespace})
+        assert (deleted.status_code, deleted.content) == (204, b"")
+    assert await harness.scheduler.alloc_stats(ids.namespace, gone) == []
+    await harness.scheduler.stop_job(ids.namespace, ids.job_id)

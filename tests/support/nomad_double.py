@@ -1351,7 +1351,7 @@ class _Handler(BaseHTTPRequestHandler):
                         self._wait(handler)
                         result = getattr(self, "_" + handler)()
                         index = self._index(handler)
-                    self._reply(200, result, index)
+                    self._reply(204 if handler == "var_delete" else 200, result, index)
                     return
             raise HttpError(404, f"Invalid URL: {path}" if path.startswith("/v1/") else "")
         except HttpError as exc:
@@ -1365,10 +1365,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(self, code: int, result: Any, index: int | None) -> None:
         if code >= 400:
             data, kind = str(result).encode(), "text/plain"
+        elif code == 204:
+            data, kind = b"", ""
         else:
             data, kind = json.dumps(result).encode(), "application/json"
         self.send_response(code)
-        self.send_header("Content-Type", kind)
+        if kind:
+            self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         if index is not None:
             self.send_header("X-Nomad-Index", str(index))
@@ -1536,16 +1539,19 @@ class _Handler(BaseHTTPRequestHandler):
         return self.nomad.deregister(self.ns, self.args["id"], self.query.get("purge") == "true")
 
     def _job_allocs(self) -> Any:
+        """``Job.Allocations`` (nomad/job_endpoint.go) looks no job up: a job it does not hold (never registered, or
+        purged, its allocations not yet collected) is listed with the allocations it has, none or old ones."""
         self._need(self.ns, "read-job")
-        self._job()
         return [
             _stub(a) for a in self.nomad.allocs.values() if (a["Namespace"], a["JobID"]) == (self.ns, self.args["id"])
         ]
 
     def _job_versions(self) -> Any:
         self._need(self.ns, "read-job")
-        self._job()
-        return {"Versions": copy.deepcopy(self.nomad.versions[(self.ns, self.args["id"])]), "Diffs": None}
+        versions = self.nomad.versions.get((self.ns, self.args["id"]))
+        if not versions:
+            raise HttpError(404, "job versions not found")  # jobVersions, command/agent/job_endpoint.go
+        return {"Versions": copy.deepcopy(versions), "Diffs": None}
 
     def _job_deployment(self) -> Any:
         self._need(self.ns, "read-job")
@@ -1555,8 +1561,7 @@ class _Handler(BaseHTTPRequestHandler):
         return copy.deepcopy(max(found, key=lambda d: d["CreateIndex"])) if found else None
 
     def _job_deployments(self) -> Any:
-        self._need(self.ns, "read-job")
-        self._job()
+        self._need(self.ns, "read-job")  # no job looked up either (Job.Deployments)
         found = [
             d for d in self.nomad.deployments.values() if (d["Namespace"], d["JobID"]) == (self.ns, self.args["id"])
         ]
@@ -1639,9 +1644,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self.nomad.put_variable(self.ns, self.args["path"], body)
 
     def _var_delete(self) -> Any:
+        """204, whether the Variable was there or not (``variableDelete``, command/agent/variable_endpoint.go;
+        ``svDeleteTxn``, nomad/state/state_store_variables.go)."""
         self._var_need("destroy")
-        if self.nomad.variables.pop((self.ns, self.args["path"]), None) is None:
-            raise HttpError(404, "variable not found")
+        self.nomad.variables.pop((self.ns, self.args["path"]), None)
         self.nomad._bump()
         return None
 
