@@ -9,7 +9,7 @@ import logging
 import time
 import types
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import nats
 import nats.errors
@@ -42,7 +42,7 @@ __all__ = [
     "PacedReader",
     "connect",
     "ensure_stream",
-    "ordered_reader",
+    "pull_reader",
 ]
 
 log = logging.getLogger("caravan.nats")
@@ -102,24 +102,33 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.update_stream(config)
 
 
+READER_IDLE_S = 30.0
+"""How long JetStream keeps a :func:`pull_reader`'s consumer unused (its process gone before it deleted it)."""
+
+
 @contextlib.asynccontextmanager
-async def ordered_reader(
-    js: JetStreamContext, stream: str, subject: str, config: ConsumerConfig
-) -> AsyncIterator[JetStreamContext.PushSubscription]:
-    """An ordered consumer of ``subject`` in ``stream`` (from where ``config`` says), for the block: deleted as the
-    block ends, however it ends. An ephemeral consumer nobody reads is otherwise kept 5 s more by JetStream, one for
-    each event stream a client closed and each audit query: counted against the stream's consumers, and fed while
-    the task goes on. (nats-py does not delete it; the name it has now is an internal of nats-py 2.16, as it
-    renames the consumer whenever it makes it again after a gap.)"""
-    sub = await js.subscribe(subject, ordered_consumer=True, config=config, stream=stream)
+async def pull_reader(
+    js: JetStreamContext, stream: str, config: ConsumerConfig
+) -> AsyncIterator[tuple[JetStreamContext.PullSubscription, int]]:
+    """A pull consumer of ``stream`` (``config``: from where, of which subject) without acks, for the block, with
+    how many messages it holds (its ``num_pending`` as it is made): JetStream delivers what a fetch asks for and
+    nothing else, where an ordered push consumer is fed up to the stream's end (flow-controlled) until its reader
+    lets it go, however little of it the reader wants. Deleted as the block ends, however it ends: an ephemeral
+    consumer nobody reads is otherwise kept until its inactive threshold, counted against the stream's
+    consumers."""
+    config = replace(
+        config, ack_policy=AckPolicy.NONE, inactive_threshold=READER_IDLE_S, mem_storage=True, num_replicas=1
+    )
+    info = await js.add_consumer(stream, config)
+    sub = await js.pull_subscribe_bind(info.name, stream=stream)
     try:
-        yield sub
+        yield sub, info.num_pending or 0
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
-        with contextlib.suppress(nats.errors.Error, TimeoutError):  # JetStream drops it within 5 s anyway
+        with contextlib.suppress(nats.errors.Error, TimeoutError):  # JetStream drops it in READER_IDLE_S anyway
             async with asyncio.timeout(2):
-                await js.delete_consumer(stream, sub._consumer)
+                await js.delete_consumer(stream, info.name)
 
 
 PACED_BATCH = 16

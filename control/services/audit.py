@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Protocol
 
-import nats
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
@@ -23,7 +22,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, 
 from agent.protocol import utcnow
 from control.errors import CaravanError
 from control.ids import is_plain_id, shown_id
-from control.natsio import CONSUMER_LIMIT, ordered_reader
+from control.natsio import CONSUMER_LIMIT, pull_reader
 from control.services.auth import Principal, redact_json
 
 __all__ = ["AUDIT_STREAM", "QUERY_WINDOW", "AuditLog", "AuditQuery", "AuditRecord", "AuditTime", "describe_error"]
@@ -42,6 +41,10 @@ _KEPT = {
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 QUERY_WINDOW = 1000
 """How many records an audit query reads first, back from the newest (then twice as many each time)."""
+QUERY_BATCH = 250
+"""How many records an audit query fetches at once, when as many are left of the stretch it reads."""
+FETCH_TIMEOUT_S = 5.0
+"""How long an audit query waits for a batch (of records JetStream holds: it asks for no more)."""
 
 
 def _in_utc(value: datetime) -> datetime:
@@ -224,56 +227,65 @@ class AuditLog:
 
         Read back from the newest record, :data:`QUERY_WINDOW` records at first and twice as many each time more
         are needed, down to the first record stored since ``since``: a query costs what it answers, not the whole
-        history of a log that only grows (every login is a record, and so is every refused request)."""
+        history of a log that only grows (every login is a record, and so is every refused request). JetStream
+        delivers the records read (of the query's action alone, if it names one), and none stored after them but
+        those stored as it reads: each stretch is fetched by a consumer of its own, no more at a time than are left
+        of it, and where it begins is found by another, which is delivered one record."""
+        subject = f"caravan.audit.{query.action}" if query.action else "caravan.audit.>"
         state = (await self._js.stream_info(AUDIT_STREAM)).state
-        floor = await self._first_since(query.since) if query.since is not None else max(state.first_seq, 1)
-        end, window = state.last_seq, QUERY_WINDOW
+        floor = max(state.first_seq, 1)
+        if query.since is not None:
+            first = await self._first_stored(subject, query.since)
+            if first is None:
+                return []
+            floor = first[0]
+        end, beyond, window = state.last_seq, 0, QUERY_WINDOW
         found: list[AuditRecord] = []
-        while floor is not None and end >= floor and len(found) < query.limit:
+        while end >= floor and len(found) < query.limit:
             start = max(floor, end - window + 1)
-            found[:0] = await self._read(query, start, end)
-            end, window = start - 1, window * 2
+            matches, read = await self._read(query, subject, start, end, beyond)
+            found[:0] = matches
+            end, beyond, window = start - 1, beyond + read, window * 2
         return found[-query.limit :]
 
-    async def _first_since(self, since: datetime) -> int | None:
-        """The sequence of the first record the stream stored at or after ``since`` (None: there is none). A
-        record is stamped before it is stored, so none stored before ``since`` is stamped after it."""
-        if since <= _EPOCH:  # every record is after it; before it, the server's start time (in 64 bits) would wrap
-            return 1
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
-        async with ordered_reader(self._js, AUDIT_STREAM, "caravan.audit.>", config) as sub:
-            info = await sub.consumer_info()
-            if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
+    async def _first_stored(self, subject: str, at: datetime) -> tuple[int, int] | None:
+        """The sequence of the first record of ``subject`` the stream stored at or after ``at``, and how many of
+        ``subject``'s it holds from there on (None: none). A record is stamped before it is stored, so none stored
+        before ``at`` is stamped after it."""
+        if at <= _EPOCH:  # every record is after it; before it, the server's start time (in 64 bits) would wrap
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, filter_subject=subject)
+        else:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=at, filter_subject=subject
+            )
+        async with pull_reader(self._js, AUDIT_STREAM, config) as (sub, pending):
+            if not pending:
                 return None
-            try:
-                msg = await sub.next_msg(timeout=5)
-            except nats.errors.TimeoutError:
-                return None
-            return int(msg.metadata.sequence.stream)
+            msg = (await sub.fetch(1, timeout=FETCH_TIMEOUT_S))[0]
+            return msg.metadata.sequence.stream, 1 + msg.metadata.num_pending
 
-    async def _read(self, query: AuditQuery, start: int, end: int) -> list[AuditRecord]:
-        """The records from sequence ``start`` to ``end`` that match ``query``, in the order they were stored."""
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-        subject = f"caravan.audit.{query.action}" if query.action else "caravan.audit.>"
+    async def _read(
+        self, query: AuditQuery, subject: str, start: int, end: int, beyond: int
+    ) -> tuple[list[AuditRecord], int]:
+        """The records of ``subject`` from sequence ``start`` to ``end`` that match ``query``, in the order they
+        were stored, and how many of ``subject``'s there were, knowing that the stream holds ``beyond`` of them
+        after ``end`` (more if some were stored since the query began: what it may be delivered after ``end``)."""
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start, filter_subject=subject
+        )
         found: list[AuditRecord] = []
-        async with ordered_reader(self._js, AUDIT_STREAM, subject, config) as sub:
-            info = await sub.consumer_info()
-            delivered = info.delivered.consumer_seq if info.delivered else 0
-            pending = (info.num_pending or 0) + (delivered or 0)  # some may be in our buffer already
-            while pending > 0:
-                try:
-                    msg = await sub.next_msg(timeout=5)
-                except nats.errors.TimeoutError:
-                    break
-                if msg.metadata.sequence.stream > end:
-                    break
-                record = AuditRecord.model_validate_json(msg.data)
-                if _matches(record, query):
-                    found.append(record)
-                if msg.metadata.sequence.stream == end:
-                    break
-                pending = msg.metadata.num_pending
-        return found
+        read, last = 0, start - 1
+        async with pull_reader(self._js, AUDIT_STREAM, config) as (sub, pending):
+            while (left := min(pending - beyond, end - last)) > 0:
+                for msg in await sub.fetch(min(QUERY_BATCH, left), timeout=FETCH_TIMEOUT_S):
+                    last, pending = msg.metadata.sequence.stream, msg.metadata.num_pending
+                    if last > end:
+                        return found, read
+                    read += 1
+                    record = AuditRecord.model_validate_json(msg.data)
+                    if _matches(record, query):
+                        found.append(record)
+        return found, read
 
 
 def describe_error(exc: Exception) -> dict[str, str]:

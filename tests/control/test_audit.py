@@ -7,6 +7,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client as NATS
 
 from control.natsserver import EmbeddedNats
 from control.services.audit import QUERY_WINDOW, AuditLog, AuditQuery, AuditRecord
@@ -15,14 +16,32 @@ RECORDS = 4 * QUERY_WINDOW
 
 
 @pytest.fixture
-async def audit_log(nats_server: EmbeddedNats) -> AsyncIterator[AuditLog]:
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
     nc = await nats.connect(nats_server.url)
     try:
-        log = AuditLog(nc.jetstream())
-        await log.ensure_stream()
-        yield log
+        yield nc
     finally:
         await nc.close()
+
+
+@pytest.fixture
+async def audit_log(nc: NATS) -> AuditLog:
+    log = AuditLog(nc.jetstream())
+    await log.ensure_stream()
+    return log
+
+
+class Delivered:
+    """How many messages the connection received from the server since the last :meth:`take` (the records
+    JetStream delivered, and a few answers of its API for each consumer: made, fetched from, deleted)."""
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._seen = nc.stats["in_msgs"]
+
+    def take(self) -> int:
+        seen, self._seen = self._seen, self._nc.stats["in_msgs"]
+        return self._seen - seen
 
 
 def parsed(monkeypatch: pytest.MonkeyPatch) -> list[AuditRecord]:
@@ -88,3 +107,31 @@ async def test_an_action_that_began_before_until_is_found_though_a_later_record_
     assert later.at > engaging.at
     found = await audit_log.query(AuditQuery(until=engaging.at))
     assert [r.details["n"] for r in found] == [before.details["n"], engaging.details["n"]]
+
+
+API_MSGS = 10
+"""More than the answers of JetStream's API a query gets for each stretch of the log it reads."""
+
+
+async def test_a_query_is_delivered_the_records_it_reads_not_those_stored_after_them(
+    audit_log: AuditLog, nc: NATS
+) -> None:
+    """Each stretch of the log a query read back was read by an ordered push consumer, which JetStream fed up to the
+    stream's end until the query let it go: a query answered two stretches back was delivered the newest stretch
+    twice, and one with ``since`` the whole log after it, to find where to begin (a 4,000-record log, 4,900 times).
+    The action's subject filters on the server: those with another are not delivered at all."""
+    stored = [await audit_log.append(login(n)) for n in range(RECORDS)]
+    delivered = Delivered(nc)
+
+    theirs = await audit_log.query(AuditQuery(customer_id="cu-000000000007", limit=3))  # two stretches back
+    assert [r.details["n"] for r in theirs] == [2100, 2800, 3500]
+    assert delivered.take() <= 3 * QUERY_WINDOW + 2 * API_MSGS
+
+    since = await audit_log.query(AuditQuery(since=stored[100].at, limit=10))
+    assert since == stored[-10:]
+    assert delivered.take() <= 1 + QUERY_WINDOW + 2 * API_MSGS
+
+    created = await audit_log.query(AuditQuery(action="key.create", limit=5))  # its subject's records alone
+    assert [r.details["n"] for r in created] == [700, 1400, 2100, 2800, 3500]
+    assert delivered.take() <= 6 + 3 * API_MSGS
+    assert await nc.jetstream().consumers_info("CARAVAN_AUDIT") == []
