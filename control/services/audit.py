@@ -11,7 +11,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Protocol
 
 from nats.js import JetStreamContext
@@ -25,7 +25,16 @@ from control.ids import is_plain_id, shown_id
 from control.natsio import CONSUMER_LIMIT, pull_reader
 from control.services.auth import Principal, redact_json
 
-__all__ = ["AUDIT_STREAM", "QUERY_WINDOW", "AuditLog", "AuditQuery", "AuditRecord", "AuditTime", "describe_error"]
+__all__ = [
+    "AUDIT_STREAM",
+    "QUERY_WINDOW",
+    "STORED_WITHIN",
+    "AuditLog",
+    "AuditQuery",
+    "AuditRecord",
+    "AuditTime",
+    "describe_error",
+]
 
 AUDIT_STREAM = "CARAVAN_AUDIT"
 log = logging.getLogger("caravan.audit")
@@ -43,6 +52,8 @@ QUERY_WINDOW = 1000
 """How many records an audit query reads first, back from the newest (then twice as many each time)."""
 QUERY_BATCH = 250
 """How many records an audit query fetches at once, when as many are left of the stretch it reads."""
+STORED_WITHIN = timedelta(days=1)
+"""How long after ``until`` an audit query looks for a record stamped before it (stored as its action ended)."""
 FETCH_TIMEOUT_S = 5.0
 """How long an audit query waits for a batch (of records JetStream holds: it asks for no more)."""
 
@@ -133,8 +144,11 @@ class Owned(Protocol):
 
 
 class AuditLog:
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, *, stored_within: timedelta = STORED_WITHIN) -> None:
+        """``stored_within``: how long after ``until`` a query looks for records stamped before it (see
+        :meth:`query`)."""
         self._js = js
+        self._stored_within = stored_within
 
     async def ensure_stream(self) -> None:
         """Create the stream. One that is there already is never changed (on the embedded NATS the platform's user
@@ -230,7 +244,17 @@ class AuditLog:
         history of a log that only grows (every login is a record, and so is every refused request). JetStream
         delivers the records read (of the query's action alone, if it names one), and none stored after them but
         those stored as it reads: each stretch is fetched by a consumer of its own, no more at a time than are left
-        of it, and where it begins is found by another, which is delivered one record."""
+        of it, and where it begins is found by another, which is delivered one record.
+
+        A record is stamped as its action begins and stored as it ends (a killswitch waits for its agents' answers,
+        a hard one stops their jobs, eight at a time), so that one stamped at or before ``until`` may be stored
+        after records stamped after it. It is found if stored within ``stored_within`` (:data:`STORED_WITHIN`, a
+        day) of ``until``: an ``until`` further back than that reads back from the last record stored by then, not
+        from the newest, and costs a day of the log at most, not the whole history after it. Nothing in Caravan
+        bounds how long an action takes (no request has a deadline, a hard killswitch stops as many jobs as it
+        covers, a record published while NATS is unreachable is stored once it is back), so one stored more than
+        a day after ``until`` is not found by it, though stamped before it: an ``until`` less than a day before it
+        was stored finds it."""
         subject = f"caravan.audit.{query.action}" if query.action else "caravan.audit.>"
         state = (await self._js.stream_info(AUDIT_STREAM)).state
         floor = max(state.first_seq, 1)
@@ -240,6 +264,10 @@ class AuditLog:
                 return []
             floor = first[0]
         end, beyond, window = state.last_seq, 0, QUERY_WINDOW
+        if query.until is not None and query.until < utcnow() - self._stored_within:
+            after = await self._first_stored(subject, query.until + self._stored_within)
+            if after is not None:
+                end, beyond = after[0] - 1, after[1]
         found: list[AuditRecord] = []
         while end >= floor and len(found) < query.limit:
             start = max(floor, end - window + 1)

@@ -10,7 +10,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from control.natsserver import EmbeddedNats
-from control.services.audit import QUERY_WINDOW, AuditLog, AuditQuery, AuditRecord
+from control.services.audit import AUDIT_STREAM, QUERY_WINDOW, AuditLog, AuditQuery, AuditRecord
 
 RECORDS = 4 * QUERY_WINDOW
 
@@ -135,3 +135,27 @@ async def test_a_query_is_delivered_the_records_it_reads_not_those_stored_after_
     assert [r.details["n"] for r in created] == [700, 1400, 2100, 2800, 3500]
     assert delivered.take() <= 6 + 3 * API_MSGS
     assert await nc.jetstream().consumers_info("CARAVAN_AUDIT") == []
+
+
+async def test_an_old_until_reads_back_from_the_records_stored_soon_after_it_not_from_the_newest(nc: NATS) -> None:
+    """A query up to a time long past read back from the newest record, through everything stored since, before it
+    found one stamped before that time: an until a year back on a log of a million records read most of it. It
+    reads back from the last record stored ``stored_within`` after ``until``, and finds an action stamped before
+    ``until`` and stored after records stamped after it, within that time."""
+    js = nc.jetstream()
+    writer = AuditLog(js)
+    await writer.ensure_stream()
+    stored = [await writer.append(login(n)) for n in range(100)]
+    async with writer.recorded(login(100)) as engaging:  # begins before until, stored after records stamped after it
+        stored += [await writer.append(login(n)) for n in range(101, 151)]
+    stored.append(engaging)
+    stored += [await writer.append(login(n)) for n in range(151, RECORDS)]
+    until = stored[120].at  # record 121's stamp
+    engaged_at, next_at = [(await js.get_msg(AUDIT_STREAM, seq)).time for seq in (151, 152)]
+    assert engaged_at is not None and next_at is not None and until < engaged_at < next_at
+    stored_within = engaged_at + (next_at - engaged_at) / 2 - until  # the engagement's record is stored within it
+    delivered = Delivered(nc)
+
+    found = await AuditLog(js, stored_within=stored_within).query(AuditQuery(until=until, limit=1000))
+    assert [r.details["n"] for r in found] == [*range(100), *range(101, 122), 100]
+    assert delivered.take() <= 1 + 151 + 3 * API_MSGS  # where to end, then one stretch: none of the 3,849 after it
