@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from agent.aio import HAND_BACK_DELAY_S, cancel_and_wait, keep_in_progress, nats_error_logger
+from agent.aio import HAND_BACK_DELAY_S, cancel_and_wait, fetch, keep_in_progress, nats_error_logger
 from agent.backends import create_flag_store
 from agent.backends.base import FlagStore
 from agent.health import HealthServer
@@ -310,7 +310,7 @@ class AgentWorker:
                 slots.release()
                 continue
             try:
-                msgs = await psub.fetch(1, timeout=5)
+                msgs = await fetch(psub, 1, wait=5)
             except nats.errors.TimeoutError:
                 slots.release()
                 continue

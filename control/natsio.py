@@ -30,7 +30,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
-from agent.aio import nats_error_logger
+from agent.aio import fetch, nats_error_logger
 from agent.protocol import EVENTS_STREAM, TASKS_STREAM
 
 __all__ = [
@@ -179,7 +179,7 @@ class PacedReader:
                 # time given, once none waits: a live event would wait for those after it)
                 batch = max(1, min(PACED_BATCH, self._waiting))
                 try:
-                    self._fetched.extend(await sub.fetch(batch, timeout=idle))
+                    self._fetched.extend(await fetch(sub, batch, wait=idle))
                 except nats.js.errors.ServiceUnavailableError:  # what a request to a consumer that is gone gets
                     if await self._kept():
                         raise

@@ -19,6 +19,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageT
 from nats.js.errors import BadRequestError
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, Field
 
+from agent.aio import fetch
 from agent.protocol import utcnow
 from control.errors import CaravanError
 from control.ids import is_plain_id, shown_id
@@ -289,7 +290,7 @@ class AuditLog:
         async with pull_reader(self._js, AUDIT_STREAM, config) as (sub, pending):
             if not pending:
                 return None
-            msg = (await sub.fetch(1, timeout=FETCH_TIMEOUT_S))[0]
+            msg = (await fetch(sub, 1, wait=FETCH_TIMEOUT_S))[0]
             return msg.metadata.sequence.stream, 1 + msg.metadata.num_pending
 
     async def _read(
@@ -305,7 +306,7 @@ class AuditLog:
         read, last = 0, start - 1
         async with pull_reader(self._js, AUDIT_STREAM, config) as (sub, pending):
             while (left := min(pending - beyond, end - last)) > 0:
-                for msg in await sub.fetch(min(QUERY_BATCH, left), timeout=FETCH_TIMEOUT_S):
+                for msg in await fetch(sub, min(QUERY_BATCH, left), wait=FETCH_TIMEOUT_S):
                     last, pending = msg.metadata.sequence.stream, msg.metadata.num_pending
                     if last > end:
                         return found, read
