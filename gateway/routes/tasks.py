@@ -142,14 +142,17 @@ async def task_events(
     last_event_id: Annotated[str | None, Header(max_length=eventids.ID_LENGTH)] = None,
     after: Annotated[str | None, Query(pattern=eventids.ID_PATTERN, description="Resume after this event id.")] = None,
 ) -> Response:
-    """Server-sent events of the task from the start, or after `Last-Event-ID`; ends after the final status. A 204
+    """Server-sent events of the task from the start, or after `Last-Event-ID` or `?after=` (both given: after the
+    later of the two, as an `EventSource` opened with `?after=` reconnects); ends after the final status. A 204
     for a task that ended with nothing after the resume point: an `EventSource`, which reconnects whenever a stream
     closes, stops there. A 429 (`too_many_streams`) for a customer who holds their limit of open streams already."""
     task = await control.tasks.get(owner_scope(principal), task_id, transcript=False)  # the events carry the rest
-    if after:
-        start = _resume_point(control, task, after, "?after=")
-    else:
-        start = _resume_point(control, task, last_event_id, "Last-Event-ID")
+    # both given: the later of the two. An EventSource opened with ?after= reconnects to the same URL, sending the
+    # last id it saw as Last-Event-ID: resuming at ?after= would replay what it had already
+    start = max(
+        _resume_point(control, task, after, "?after="),
+        _resume_point(control, task, last_event_id, "Last-Event-ID"),
+    )
     if await control.tasks.ended_before(task, start):
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -310,6 +310,26 @@ async def test_sse_resumes_after_a_disconnect_with_no_gap_and_no_duplicate(api: 
     assert [e["id"] for e in via_query] == [e["id"] for e in whole[1:]]
 
 
+async def test_an_event_source_opened_with_after_resumes_where_it_was_when_it_reconnects(api: Api) -> None:
+    """An `EventSource` reconnects to the URL it was opened with, ``?after=`` and all, sending the last id it saw as
+    `Last-Event-ID`: the stream resumes after the later of the two, rather than replay from ``?after=`` what the
+    client had already (duplicates on the customer's page), whichever of them is the later."""
+    _, headers = await api.new_customer()
+    agent = await running_agent(api, headers)
+    task_id = await start_task(api, headers, agent["id"])
+    url = f"/v1/tasks/{task_id}/events"
+    whole = await sse_events(api.client, url, headers)
+    assert len(whole) >= 5 and whole[-1]["data"]["content"] == "completed"
+    opened_at, seen_up_to = whole[0]["id"], whole[-3]["id"]
+    reconnected = await sse_events(api.client, f"{url}?after={opened_at}", {**headers, "Last-Event-ID": seen_up_to})
+    assert [e["id"] for e in reconnected] == [e["id"] for e in whole[-2:]]
+    older_header = await sse_events(api.client, f"{url}?after={seen_up_to}", {**headers, "Last-Event-ID": opened_at})
+    assert [e["id"] for e in older_header] == [e["id"] for e in whole[-2:]]
+    # it saw the final status: told at once there is no more (an EventSource stops at a 204)
+    again = await api.client.get(f"{url}?after={opened_at}", headers={**headers, "Last-Event-ID": whole[-1]["id"]})
+    assert (again.status_code, again.content) == (204, b"")
+
+
 async def test_a_client_that_saw_a_finished_tasks_whole_stream_is_told_at_once_there_is_no_more(api: Api) -> None:
     """An EventSource reconnects whenever a stream closes, with the last id it saw: for a task that ended, the SSE
     route answers 204 (which stops it) instead of holding an empty stream open; the WebSocket closes at once."""
