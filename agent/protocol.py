@@ -35,6 +35,7 @@ __all__ = [
     "REPLAYED",
     "TASKS_STREAM",
     "TASK_ATTEMPTS",
+    "TASK_ENDINGS",
     "AgentDefinition",
     "AgentEventKind",
     "Event",
@@ -46,6 +47,7 @@ __all__ = [
     "cancel_subject",
     "consumer_name",
     "definition_subject",
+    "ending_msg_id",
     "event_on_its_subject",
     "http_url_problem",
     "model_key_env",
@@ -296,6 +298,18 @@ class EventKind(StrEnum):
     INPUT_REQUEST = "input_request"
     RESULT = "result"
     ERROR = "error"
+
+
+TASK_ENDINGS = frozenset({"completed", "failed", "cancelled", "killed"})
+"""A task's final statuses."""
+
+
+def ending_msg_id(task_id: str, attempt: int) -> str:
+    """The message id (``Nats-Msg-Id``) of a final status of a task's attempt, whoever publishes it: its run (an
+    agent's, a team runner's) or the control plane ending it (a cancel, its agent deleted or failed). The events
+    stream stores the first and drops the others for two minutes (its duplicate window), so that an attempt ends
+    once: a run told to stop by a control plane that ended its task at once would end it a second time."""
+    return f"{task_id}:{attempt}:ended"
 
 
 REPLAYED = "replayed"

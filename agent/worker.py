@@ -36,6 +36,7 @@ from agent.models import ModelClients, check_credentials
 from agent.protocol import (
     BROADCAST_SUBJECT,
     TASK_ATTEMPTS,
+    TASK_ENDINGS,
     TASKS_STREAM,
     AgentDefinition,
     AgentEventKind,
@@ -46,6 +47,7 @@ from agent.protocol import (
     cancel_subject,
     consumer_name,
     definition_subject,
+    ending_msg_id,
     task_events_subject,
 )
 from agent.teamhost import TeamHost
@@ -452,11 +454,13 @@ class _TaskRun:
             "task back): not tried again"
         )
         log.warning("task %s: %s", self.request.task_id, reason)
-        await self.emit(EventKind.STATUS, content="failed", data={"reason": reason}, msg_id="spent")
+        await self.emit(EventKind.STATUS, content="failed", data={"reason": reason})
 
-    async def emit(self, kind: str, msg_id: str | None = None, **fields: Any) -> None:
-        """Publish one event of the run; ``msg_id`` names it apart from the run's numbered events (JetStream drops
-        a second event under one id)."""
+    async def emit(self, kind: str, **fields: Any) -> None:
+        """Publish one event of the run, under a message id of its own (JetStream drops a second event under one
+        id): the run's number for it, or for a final status that of every ending of the attempt (the control plane
+        may have ended the task already, as when its agent is deleted): an attempt ends once
+        (:func:`ending_msg_id`)."""
         self._seq += 1
         event = Event(
             kind=kind,
@@ -466,7 +470,10 @@ class _TaskRun:
             attempt=self.attempt,
             **fields,
         )
-        msg_id = f"{self.request.task_id}:{self.attempt}:{msg_id or self._seq}"
+        if kind == EventKind.STATUS and event.content in TASK_ENDINGS:
+            msg_id = ending_msg_id(self.request.task_id, self.attempt)
+        else:
+            msg_id = f"{self.request.task_id}:{self.attempt}:{self._seq}"
         if kind == "chunk":
             await self.worker.publish(event, msg_id=msg_id, ack="none")
         elif kind in _CONFIRMED:

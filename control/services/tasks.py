@@ -40,6 +40,7 @@ from agent.protocol import (
     TaskRequest,
     cancel_subject,
     consumer_name,
+    ending_msg_id,
     event_on_its_subject,
     task_events_subject,
     task_subject,
@@ -156,8 +157,9 @@ async def customer_unfinished_tasks(records: Repo[Task], quotas: QuotaService, c
 
 def ending_id(task: Task) -> str:
     """The message id of an ending of ``task``'s attempt that the control plane publishes (a cancel's, a deleted
-    agent's): two of them stored at once (replicas, or a client's retry) are stored as one."""
-    return f"{task.id}:{task.attempt}:ended"
+    agent's): two of them stored at once (replicas, or a client's retry), or one and its run's own, are stored as
+    one (:func:`agent.protocol.ending_msg_id`)."""
+    return ending_msg_id(task.id, task.attempt)
 
 
 async def handed_out(js: JetStreamContext, consumer: str, seq: int) -> bool:

@@ -38,7 +38,17 @@ from nats.js.errors import KeyNotFoundError
 from agent.aio import HAND_BACK_DELAY_S, cancel_and_wait, keep_in_progress
 from agent.backends.base import Flag
 from agent.egress import error_text, failure_text
-from agent.protocol import REPLAYED, TASK_ATTEMPTS, TASKS_STREAM, AgentDefinition, Event, EventKind, task_events_subject
+from agent.protocol import (
+    REPLAYED,
+    TASK_ATTEMPTS,
+    TASK_ENDINGS,
+    TASKS_STREAM,
+    AgentDefinition,
+    Event,
+    EventKind,
+    ending_msg_id,
+    task_events_subject,
+)
 from agent.runtime import NatsAgentRuntime
 from agent.teamprotocol import (
     TEAM_CONSUMER,
@@ -629,12 +639,16 @@ class TeamRunner:
         await self._emit(task, attempt, EventKind.STATUS, content=status, data={**(data or {}), "reason": reason})
 
     async def _publish(self, event: Event, wait: bool = True) -> None:
-        """Store ``event``; without ``wait``, see :meth:`_stored`."""
+        """Store ``event``; without ``wait``, see :meth:`_stored`. A final status has the message id of every ending
+        of its attempt (the control plane may have ended the task already, as when a member is deleted): an attempt
+        ends once (:func:`ending_msg_id`)."""
         assert event.task_id is not None
         subject = task_events_subject(event.customer_id, event.task_id)
         payload = event.model_dump_json().encode()
         if wait:
-            await self._jet.js.publish(subject, payload)
+            ending = event.kind == EventKind.STATUS and event.content in TASK_ENDINGS
+            headers = {"Nats-Msg-Id": ending_msg_id(event.task_id, event.attempt)} if ending else None
+            await self._jet.js.publish(subject, payload, headers=headers)
         else:
             storing = self._storing.setdefault(event.task_id, Storing())
             storing.add(await self._wire.store(subject, payload, STORE_TIMEOUT_S))

@@ -214,6 +214,11 @@ async def test_deleting_a_member_ends_the_unfinished_tasks_of_its_teams(api: Api
         ended = await task_status(api, headers, task_id)
         assert ended["status"] == "cancelled", ended
         assert ended["status_reason"] == f"a member of its team: agent {maker} was deleted", ended
+    # the running one's manager, told to stop it, ends it too: once all the same ("cancelled on request" came after)
+    await assert_eventually(now(lambda: api.control.team_runner.running), lambda runs: runs == 0, what="run over")
+    stored = await stored_events(api.control.jet.js, customer_id, running)
+    endings = [(e.content, e.data.get("reason")) for e in stored if e.kind == "status" and e.content in TERMINAL]
+    assert endings == [("cancelled", f"a member of its team: agent {maker} was deleted")]
     with pytest.raises(KeyNotFoundError):  # (a deleted key's error is one)
         await api.control.jet.kv["team_state"].get(task_key(customer_id, waiting))
     assert (await api.client.get(f"/v1/tasks/{other.json()['id']}", headers=headers)).json()["status"] == "running"

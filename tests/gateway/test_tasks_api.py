@@ -41,7 +41,7 @@ from control.services.tasks import TRACKER, TaskService, task_key
 from control.settings import Settings
 from control.store import Repo
 from tests.conftest import Api, serve_api
-from tests.gateway.teams_support import agent_ready, health, team
+from tests.gateway.teams_support import TERMINAL, agent_ready, health, team
 from tests.gateway.teams_support import start as start_on_team
 from tests.gateway.test_agents_api import wait_status
 from tests.support.helpers import (
@@ -1400,6 +1400,25 @@ async def test_deleting_an_agent_cancels_its_unfinished_tasks_and_gives_back_the
     again = await api.client.post(f"/v1/tasks/{tasks[0]}/cancel", headers=headers)
     assert again.status_code == 409 and "already cancelled" in again.json()["error"]["message"]
     assert (await usage(api, headers))["concurrent_tasks"] == 1
+
+
+async def test_deleting_an_agent_ends_its_running_task_once(api: Api) -> None:
+    """The delete ends the agent's running tasks (`cancelled`, "agent <id> was deleted") and tells its process to
+    stop them, which it does by ending them too: each ended twice on the events stream (and on `nats sub`), the
+    second time "cancelled on request", which nobody asked for, and which the record showed had it come first."""
+    customer_id, headers = await api.new_customer()
+    agent = await running_agent(api, headers, model=SLOW, tools=[])
+    task_id = await start_task(api, headers, agent["id"])
+    await assert_eventually(
+        lambda: api.client.get(f"/v1/tasks/{task_id}", headers=headers), lambda r: r.json()["status"] == "running"
+    )
+    assert (await api.client.delete(f"/v1/agents/{agent['id']}", headers=headers)).status_code == 204
+    # its job stopped: all its process said is stored
+    stored = await stored_events(api.control.jet.js, customer_id, task_id)
+    endings = [(e.content, e.data.get("reason")) for e in stored if e.kind == "status" and e.content in TERMINAL]
+    assert endings == [("cancelled", f"agent {agent['id']} was deleted")]
+    task = await finished(api, headers, task_id)
+    assert (task["status"], task["status_reason"]) == ("cancelled", f"agent {agent['id']} was deleted")
 
 
 async def test_deleting_an_agent_reads_the_tasks_in_flight_not_the_customers_history(
