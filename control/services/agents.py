@@ -261,7 +261,9 @@ class AgentService:
     async def update(self, customer_id: str | None, agent_id: str, change: AgentUpdate) -> Agent:
         """Apply the fields the client sent (and only those, within ``resources`` too) to the agent as it is, under
         the change lease: a PATCH never undoes another one's fields, and a start or stop cannot come between its
-        quota check and its submission."""
+        quota check and its submission. An agent meant to run gets its new version submitted: a ``failed`` one runs
+        again, with its new definition (as :meth:`start` would), unless a hard killswitch covers it, which refuses
+        the change before anything is stored."""
         sent = change.model_dump(exclude_unset=True)
         async with self._changing(customer_id, agent_id) as current:
             stored = current.model_dump(include=set(AgentCreate.model_fields))
@@ -283,7 +285,8 @@ class AgentService:
             reserved = Reservation.of(spec.resources, spec.replicas)
             running = current.desired == "running"
             previous = None
-            if running:
+            if running:  # (a failed agent, which no killswitch stopped: its job would run again)
+                await self._refuse_under_hard_killswitch(current)
                 previous = await self._quotas.reserve_running(current.customer_id, current.id, reserved)
 
             def apply(agent: Agent) -> Agent:

@@ -1579,6 +1579,40 @@ async def test_a_failed_agent_refuses_tasks_ends_those_it_had_and_takes_new_ones
         assert (queue.num_ack_pending, queue.num_pending) == (1, 0)
 
 
+async def test_a_patch_of_a_failed_agent_runs_its_new_version_unless_a_hard_killswitch_refuses_it(
+    settings: Settings,
+) -> None:
+    """An agent whose job failed for good is still meant to run: a PATCH (a mended definition, say) submits its new
+    version, as it would a running agent's, and it runs again, its failure gone. Under a hard killswitch, which
+    stopped nothing of it (it was not running), the PATCH is refused as a start would be, and changes nothing: it
+    was answered 409 with the new definition stored all the same, and the agent made `killed`."""
+    async with (
+        ControlPlane(settings.model_copy(update={"agent_restart_attempts": 0})) as control,
+        serve_api(control) as api,
+    ):
+        customer_id, headers = await api.new_customer()
+        agent = await running_agent(api, headers)
+        os.kill((await agent_ready(api, customer_id, agent["id"]))["data"]["pid"], signal.SIGKILL)
+        await wait_status(api, headers, agent["id"], "failed")  # no restart left
+        mended = await api.client.patch(f"/v1/agents/{agent['id']}", json={"system_message": "v2"}, headers=headers)
+        assert mended.status_code == 200, mended.text
+        assert (mended.json()["status"], mended.json()["status_reason"]) == ("starting", None)
+        assert (await wait_status(api, headers, agent["id"], "running"))["system_message"] == "v2"
+
+        os.kill((await agent_ready(api, customer_id, agent["id"]))["data"]["pid"], signal.SIGKILL)
+        failed = await wait_status(api, headers, agent["id"], "failed")
+        engaged = await api.client.post(
+            "/v1/admin/killswitch",
+            json={"scope": "customer", "customer_id": customer_id, "engaged": True, "reason": "audit", "hard": True},
+            headers=await api.admin(),
+        )
+        assert engaged.status_code == 200, engaged.text
+        refused = await api.client.patch(f"/v1/agents/{agent['id']}", json={"system_message": "v3"}, headers=headers)
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "killswitch_engaged", refused.text
+        kept = (await api.client.get(f"/v1/agents/{agent['id']}", headers=headers)).json()
+        assert kept == failed
+
+
 async def test_a_task_its_agent_goes_away_from_on_every_attempt_fails_saying_so_and_gives_back_its_slot(
     api: Api,
 ) -> None:
