@@ -9,7 +9,7 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
-from agent.protocol import TASKS_STREAM, Event, EventKind
+from agent.protocol import TASKS_STREAM, Event, EventKind, utcnow
 from agent.teamprotocol import TEAM_CONSUMER, TeamTaskRequest, team_cancel_subject, team_task_subject
 from control.errors import Conflict, NotFound
 from control.models import TERMINAL_TASK_STATUSES, Agent, Task, TaskCreate, TaskStatus
@@ -146,9 +146,18 @@ class TeamTasks:
         )
         if ack.duplicate and not await self._queued_as(ack.seq, request):
             raise Conflict(f"task {task.id} already has its answer")
-        key = task_key(task.customer_id, task.id)
-        await self._tasks.update(key, lambda t: t.model_copy(update={"queue_seq": ack.seq}))
         resuming = "resuming with the human's answer"
+
+        def queued(current: Task) -> Task:
+            # a record that still waits on this question says `queued` at once, as the status published next makes
+            # it once folded (a client that reads it right after the 202 is not asked the question again); one
+            # the tracker took further (its run started, or asked again) is not taken back
+            if current.status == TaskStatus.AWAITING_INPUT and current.input_segment == checkpoint.segment:
+                status = {"status": TaskStatus.QUEUED, "status_reason": resuming, "updated_at": utcnow()}
+                return current.model_copy(update={"queue_seq": ack.seq, **status})
+            return current.model_copy(update={"queue_seq": ack.seq})
+
+        await self._tasks.update(task_key(task.customer_id, task.id), queued)
         await self._publish_status(task, "queued", resuming, segment=checkpoint.segment)
         return task.model_copy(update={"status": TaskStatus.QUEUED, "status_reason": resuming, "queue_seq": ack.seq})
 

@@ -17,6 +17,7 @@ from autogen_agentchat.messages import TextMessage
 from nats.js.errors import KeyNotFoundError
 
 from agent.protocol import TASKS_STREAM, Event, task_events_subject
+from control.models import Task, TaskStatus
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.services.tasks import task_key
@@ -322,10 +323,11 @@ async def test_a_cancel_right_after_an_answer_stops_the_answers_run_and_leaves_n
     api: Api, monkeypatch: pytest.MonkeyPatch, handed_out: bool, stale: str
 ) -> None:
     """A cancel sent right after an answer may find the task as it was before it: it read the record before the
-    answer was queued, or the answer's `queued` status is not folded into the record yet (which still says
-    `awaiting_input`). It must not take it for a task nobody runs (ending it there while a manager runs the answer
-    on, and saves the state again for a task that has ended): the queued answer is taken out, or the manager
-    that took it up stops it, and nothing of the task is left saved."""
+    answer was queued, or the record says `awaiting_input` with the answer queued (an answer sent as the question
+    showed on the event stream, the record still `running`, which the tracker then folded the question into, and
+    not yet the answer's `queued` status). It must not take it for a task nobody runs (ending it there while a
+    manager runs the answer on, and saves the state again for a task that has ended): the queued answer is taken
+    out, or the manager that took it up stops it, and nothing of the task is left saved."""
     customer_id, headers = await api.new_customer()
     slow_maker = {**SPECS, "maker": {"model": script("m1", "m2", "m3", delay_ms=300)}}
     task_id = await asking_task(api, headers, slow_maker)
@@ -347,6 +349,11 @@ async def test_a_cancel_right_after_an_answer_stops_the_answers_run_and_leaves_n
     watch = await api.control.jet.nc.subscribe(task_events_subject(customer_id, task_id), cb=heard)
     answered = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Blue."}, headers=headers)
     assert answered.status_code == 202, answered.text
+    if stale == "record behind":  # (an answer to a record that says `awaiting_input` makes it `queued` at once)
+        waiting = {"status": TaskStatus.AWAITING_INPUT, "status_reason": before_the_answer[False].status_reason}
+        await Repo(api.control.jet.kv["tasks"], Task).update(
+            task_key(customer_id, task_id), lambda task: task.model_copy(update=waiting)
+        )
     if handed_out:  # its manager runs the answer's segment (the maker's turn takes 300 ms)
         await asyncio.wait_for(running.wait(), 10)
     await watch.unsubscribe()
@@ -402,6 +409,33 @@ async def test_an_answer_sent_as_the_question_shows_on_the_event_stream_is_taken
     done = await task_status(api, headers, task_id)
     assert done["status"] == "completed", done
     assert ("user", "TextMessage", "Blue.") in api_transcript(done)
+    assert api_transcript(done) == await asked_and_answered(SPECS, "Blue.")
+
+
+async def test_a_task_read_right_after_its_answer_says_queued_and_asks_no_more(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer's 202 says `queued`: so does the task read right after it, though the tracker has not folded the
+    answer's status yet. It said `awaiting_input`, with the question's segment, and a client that polls showed
+    the question again, its second answer refused ("already has its answer")."""
+    _, headers = await api.new_customer()
+    task_id = await asking_task(api, headers, SPECS)
+    folding = held_folding(monkeypatch, api.control.tasks)
+    answered = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Blue."}, headers=headers)
+    assert answered.status_code == 202, answered.text
+    read = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+    assert (read["status"], read["status_reason"], read["segment"]) == (
+        "queued",
+        "resuming with the human's answer",
+        None,
+    ), read
+    again = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Blue."}, headers=headers)
+    assert again.status_code == 202 and again.json()["status"] == "queued", again.text  # the same answer: taken
+    other = await api.client.post(f"/v1/tasks/{task_id}/input", json={"content": "Red."}, headers=headers)
+    assert other.status_code == 409, other.text
+    folding.set()
+    done = await task_status(api, headers, task_id)
+    assert done["status"] == "completed", done
     assert api_transcript(done) == await asked_and_answered(SPECS, "Blue.")
 
 
