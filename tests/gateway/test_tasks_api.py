@@ -622,7 +622,7 @@ async def test_a_cancel_the_agent_never_carries_out_is_told_again_then_ends_the_
 ) -> None:
     """An agent that cannot stop a cancelled run (hung: here stopped by SIGSTOP) is told again, and at the
     deadline the task ends `cancelled` all the same, saying so, and gives back its quota slot; what the agent
-    says once it wakes changes nothing."""
+    says once it wakes changes nothing, and its own ending of the run is not stored as a second one."""
     from tests.gateway.test_quotas import set_quota  # (which imports this module)
 
     async with (
@@ -652,11 +652,17 @@ async def test_a_cancel_the_agent_never_carries_out_is_told_again_then_ends_the_
             assert other.status_code == 202, other.text  # the slot is free
         finally:
             os.kill(ready["pid"], signal.SIGCONT)
-        await assert_eventually(  # the agent's own word on the run, once it woke and heard the cancel
-            lambda: stored_events(control.jet.js, customer_id, task_id),
-            lambda events: any(e.agent_id == agent["id"] and e.content == "cancelled" for e in events),
-            what="the agent's cancelled status",
+        queued_at = (await control.tasks.get(customer_id, task_id, transcript=False)).queue_seq
+        assert queued_at is not None
+        await assert_eventually(  # the agent woke, heard the cancel and ended the run: it took its request off
+            lambda: control.jet.js.consumer_info(TASKS_STREAM, consumer_name(agent["id"])),
+            lambda info: (info.ack_floor.stream_seq or 0) >= queued_at,
+            what="the agent's run of it over",
         )
+        stored = await stored_events(control.jet.js, customer_id, task_id)
+        assert [(e.agent_id, e.content) for e in stored if e.kind == "status" and e.content in TERMINAL] == [
+            (None, "cancelled")
+        ]
         await tracker_caught_up(api)
         task = (await api.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
         assert (task["status"], task["status_reason"]) == (
