@@ -8,10 +8,16 @@ permissions the embedded default gives it (:func:`control.natsauth.agent_permiss
 own; anything else is refused. Both JWTs are signed with the issuer account's nkey seed
 (``CARAVAN_NATS_CALLOUT_SEED``), whose public key the server's ``auth_callout { issuer }`` names, and the
 passwords are derived from that seed too: one secret.
+
+Logins are answered concurrently (up to ``IN_FLIGHT`` at once), each reading its agent's record in the store when it
+is made: a NATS restart sends every agent's logins at once, and the server refuses one not answered within its
+authorization timeout (2 s). The record is read by its key, its customer known from the agents this control plane
+has seen (:class:`CalloutLogins`); an agent it has not seen yet is found by its id among all customers'.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -42,6 +48,7 @@ from control.natsauth import (
 
 __all__ = [
     "CALLOUT_SUBJECT",
+    "IN_FLIGHT",
     "CalloutLogins",
     "NatsCallout",
     "issuer_public_key",
@@ -59,8 +66,12 @@ _AGENT_USER = re.compile(r"^agent-(.+)$")
 _LIMITS = {"subs": -1, "data": -1, "payload": -1}  # no limits beyond the server's own, as a configured user has
 _DECODE_ERRORS = (ValueError, RecursionError, nkeys.NkeysError)
 
-FindAgent = Callable[[str], Awaitable[str | None]]
-"""The customer id of an agent that exists (by its id), None for one that does not (never was, or deleted)."""
+IN_FLIGHT = 64
+"""Authorization requests a control plane answers at once; the next wait in the subscription's queue."""
+
+FindAgent = Callable[[str, str | None], Awaitable[str | None]]
+"""The customer id of an agent that exists (by its id, and its customer's id if known: its record is then read by its
+key), None for one that does not (never was, or deleted)."""
 
 
 def new_issuer_seed() -> str:
@@ -91,10 +102,12 @@ def _login_key(seed: str) -> bytes:
 class CalloutLogins:
     """The agents' and the watching user's logins, derived from the issuer seed: the same seed on every replica
     gives the same passwords, and none is stored. The server keeps no list of users: the callout asks the store
-    at each login, so agents coming and going change nothing here."""
+    at each login. What is kept here is where to look: the customer of each agent this control plane has seen (an
+    agent's customer never changes), which says nothing of whether the agent is still there."""
 
     def __init__(self, seed: str) -> None:
         self._key = _login_key(seed)
+        self._customers: dict[str, str] = {}  # agent id -> customer id
 
     def agent(self, agent_id: str) -> NatsCredentials:
         user = agent_user(agent_id)
@@ -104,13 +117,17 @@ class CalloutLogins:
         return NatsCredentials(WATCH_USER, derived_password(self._key, WATCH_USER))
 
     def set_agents(self, agents: dict[str, str]) -> None:
-        """Nothing to keep (see the class)."""
+        self._customers.update(agents)  # (an agent added meanwhile is kept: the list was read before it)
 
     def add_agent(self, customer_id: str, agent_id: str) -> None:
-        """Nothing to keep (see the class)."""
+        self._customers[agent_id] = customer_id
 
     def remove_agent(self, agent_id: str) -> None:
-        """Nothing to keep (see the class)."""
+        self._customers.pop(agent_id, None)
+
+    def customer_of(self, agent_id: str) -> str | None:
+        """The customer of an agent seen here, None for one not seen (or seen gone)."""
+        return self._customers.get(agent_id)
 
     def password_matches(self, user: str, password: str) -> bool:
         return hmac.compare_digest(derived_password(self._key, user).encode(), password.encode())
@@ -201,15 +218,17 @@ def _decode_request(data: bytes) -> _Request:
 
 
 class NatsCallout:
-    """Answers the server's authorization requests while started. ``answered`` counts the answers by outcome
-    (``allowed``, ``refused``, ``malformed``)."""
+    """Answers the server's authorization requests while started, ``in_flight`` at once. ``answered`` counts the
+    answers by outcome (``allowed``, ``refused``, ``malformed``)."""
 
-    def __init__(self, nc: NATS, seed: str, find_agent: FindAgent) -> None:
+    def __init__(self, nc: NATS, seed: str, find_agent: FindAgent, in_flight: int = IN_FLIGHT) -> None:
         self._nc = nc
         self._issuer = _issuer(seed)
         self._logins = CalloutLogins(seed)
         self._find_agent = find_agent
         self._sub: Subscription | None = None
+        self._slots = asyncio.Semaphore(in_flight)
+        self._answering: set[asyncio.Task[None]] = set()
         self.answered: Counter[str] = Counter()
 
     @property
@@ -231,10 +250,23 @@ class NatsCallout:
             await sub.drain()
         except nats.errors.Error as exc:  # NATS away: no request can come meanwhile, nor an answer go
             log.warning("NATS auth callout: stopped without answering what it had received (%s)", exc)
+        await asyncio.gather(*self._answering)
 
     async def _serve(self, msg: Msg) -> None:
-        if msg.reply:  # (only the server publishes here: NATS refuses any client's publish to the subject)
-            await self._nc.publish(msg.reply, await self.answer(msg.data))
+        if not msg.reply:  # (only the server publishes here: NATS refuses any client's publish to the subject)
+            return
+        await self._slots.acquire()  # all taken: the requests after this one wait in the subscription's queue
+        task = asyncio.create_task(self._reply(msg.reply, msg.data), name="nats-callout-answer")
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _reply(self, reply: str, request: bytes) -> None:
+        try:
+            await self._nc.publish(reply, await self.answer(request))
+        except nats.errors.Error as exc:  # the connection closed: the server refuses the login when its wait ends
+            log.warning("NATS auth callout: an answer could not be sent (%s)", exc)
+        finally:
+            self._slots.release()
 
     async def answer(self, request: bytes) -> bytes:
         """The answer to one authorization request: a signed authorization response, letting the login in or
@@ -275,10 +307,15 @@ class NatsCallout:
             permissions = watch_permissions()
         else:
             match = _AGENT_USER.match(request.user)
-            customer_id = await self._find_agent(match.group(1)) if match else None
-            if match is None or customer_id is None:
+            if match is None:
                 return None
-            permissions = agent_permissions(customer_id, match.group(1))
+            agent_id = match.group(1)
+            customer_id = await self._find_agent(agent_id, self._logins.customer_of(agent_id))
+            if customer_id is None:
+                self._logins.remove_agent(agent_id)  # (deleted through another replica)
+                return None
+            self._logins.add_agent(customer_id, agent_id)
+            permissions = agent_permissions(customer_id, agent_id)
         claims = {
             "sub": request.user_nkey,
             "aud": _PLACEMENT,

@@ -254,8 +254,8 @@ class ControlPlane:
         if logins is None and self.settings.nats_callout_seed is not None:
             # agents log in through the callout, which this control plane answers once it can read their records
 
-            async def customer_of(agent_id: str) -> str | None:
-                agent = await agents.owned(None, agent_id)
+            async def customer_of(agent_id: str, customer_id: str | None) -> str | None:
+                agent = await agents.owned(customer_id, agent_id)  # by its key, or found among all customers'
                 return agent.customer_id if agent is not None else None
 
             self._callout = NatsCallout(jet.nc, self.settings.nats_callout_seed.get_secret_value(), customer_of)

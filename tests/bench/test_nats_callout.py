@@ -9,23 +9,29 @@ embedded default's auth.conf), measured in the same run:
 - one login alone: ``LOGINS`` logins one after the other.
 
 The store holds ``AGENTS`` agents of ``CUSTOMERS`` customers, records as the API writes them. The logins come from a
-process of their own (tests/bench/_logins.py). Run by ./dev/bench; prints its figures."""
+process of their own (tests/bench/_logins.py). ``BENCH_NATS_SERVER`` names another nats-server binary to run (the
+image nomad/nats.nomad.hcl runs is 2.10's). Run by ./dev/bench; prints its figures."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import resource
 import statistics
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.protocol import ModelConfig
+from control import natsserver
 from control.ids import new_id
 from control.models import Agent, AgentStatus
 from control.natsauth import NatsAuth, NatsCredentials
@@ -65,7 +71,8 @@ def agents() -> list[Agent]:
     return made
 
 
-async def run_logins(job: dict[str, Any]) -> dict[str, Any]:
+async def run_logins(mode: str, url: str, logins: list[list[str]]) -> dict[str, Any]:
+    job = {"mode": mode, "url": url, "logins": logins, "deadline_s": DEADLINE_S}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(Path(__file__).with_name("_logins.py")),
@@ -78,16 +85,22 @@ async def run_logins(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+@dataclass
+class Target:
+    server: EmbeddedNats
+    logins: NatsAuth | CalloutLogins
+
+
 @asynccontextmanager
-async def static_nats(directory: Path, records: list[Agent]) -> AsyncIterator[tuple[str, NatsAuth]]:
+async def static_nats(directory: Path, records: list[Agent]) -> AsyncIterator[Target]:
     auth = NatsAuth(directory)
     auth.set_agents({a.id: a.customer_id for a in records})
     async with EmbeddedNats(directory, auth=True) as server:
-        yield server.url, auth
+        yield Target(server, auth)
 
 
 @asynccontextmanager
-async def callout(directory: Path, records: list[Agent]) -> AsyncIterator[tuple[str, CalloutLogins, ControlPlane]]:
+async def callout(directory: Path, records: list[Agent]) -> AsyncIterator[tuple[Target, ControlPlane]]:
     seed, login = callout_nats(directory / "nats")
     async with EmbeddedNats(directory / "nats", auth=True) as server:
         control = ControlPlane(callout_settings(server.url, directory / "data", seed, login))
@@ -96,12 +109,24 @@ async def callout(directory: Path, records: list[Agent]) -> AsyncIterator[tuple[
             for start in range(0, len(records), 250):
                 batch = records[start : start + 250]
                 await asyncio.gather(*(repo.create(f"{a.customer_id}.{a.id}", a) for a in batch))
-            yield server.url, CalloutLogins(seed), control
+            yield Target(server, CalloutLogins(seed)), control
 
 
-def logins_of(source: NatsAuth | CalloutLogins, records: list[Agent]) -> list[list[str]]:
-    made: list[NatsCredentials] = [source.agent(a.id) for a in records]
+def logins_of(target: Target, records: list[Agent]) -> list[list[str]]:
+    made: list[NatsCredentials] = [target.logins.agent(a.id) for a in records]
     return [[c.user, c.password] for c in made]
+
+
+def cpu_s(pid: int | None) -> float:
+    """The CPU time (user and system) a running process has had."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_here_and_children() -> tuple[float, float]:
+    """This process's CPU time (the control plane's), and that of its children waited for (the logins')."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time(), children.ru_utime + children.ru_stime
 
 
 async def settled(counter: Counter[str]) -> int:
@@ -118,7 +143,7 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:7.1f} ms"
 
 
-def burst_row(label: str, result: dict[str, Any], wall: float) -> tuple[str, float]:
+def burst_row(label: str, result: dict[str, Any], wall: float, cpu: str) -> tuple[str, float]:
     logins = result["logins"]
     connected = [entry["connected"] for entry in logins if entry["connected"] is not None]
     last = [entry["last"] for entry in logins if entry["last"] is not None]
@@ -129,25 +154,27 @@ def burst_row(label: str, result: dict[str, Any], wall: float) -> tuple[str, flo
     said = ", ".join(f"{reason} {count}" for reason, count in sorted(refusals.items())) or "none"
     row = (
         f"  {label:<8} all in {all_in:6.2f} s   login p50 {ms(statistics.median(last))} p99 {ms(percentile(last, 99))}"
-        f" max {ms(max(last))}   retried {retried}, never in {never}   refusals: {said}   (run {wall:.1f} s)"
+        f" max {ms(max(last))}   retried {retried}, never in {never}   refusals: {said}\n"
+        f"           (run {wall:.1f} s; CPU s: {cpu})"
     )
     return row, all_in
 
 
-async def test_a_mass_reconnect_through_the_callout_beside_static_users(tmp_path: Path) -> None:
+async def test_a_mass_reconnect_through_the_callout_beside_static_users(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if os.environ.get("BENCH_NATS_SERVER"):
+        monkeypatch.setattr(natsserver, "nats_server_binary", lambda: os.environ["BENCH_NATS_SERVER"])
     records = agents()
     async with (
-        static_nats(tmp_path / "static", records) as (static_url, static_auth),
-        callout(tmp_path / "callout", records) as (callout_url, callout_logins, control),
+        static_nats(tmp_path / "static", records) as static,
+        callout(tmp_path / "callout", records) as (through_callout, control),
     ):
         served = control.nats_callout
         assert served is not None
-        targets = {
-            "static": (static_url, static_auth),
-            "callout": (callout_url, callout_logins),
-        }
-        for url, source in targets.values():  # warm-up, not measured
-            await run_logins({"mode": "one_by_one", "url": url, "logins": logins_of(source, records[:20])})
+        targets = {"static": static, "callout": through_callout}
+        for target in targets.values():  # warm-up, not measured
+            await run_logins("one_by_one", target.server.url, logins_of(target, records[:20]))
 
         print()
         v = control.jet.nc.connected_server_version
@@ -155,8 +182,8 @@ async def test_a_mass_reconnect_through_the_callout_beside_static_users(tmp_path
         alone: dict[str, list[float]] = {name: [] for name in targets}
         for round_ in range(4):  # interleaved in quarters
             chosen = records[round_ * LOGINS // 4 : (round_ + 1) * LOGINS // 4]
-            for name, (url, source) in targets.items():
-                result = await run_logins({"mode": "one_by_one", "url": url, "logins": logins_of(source, chosen)})
+            for name, target in targets.items():
+                result = await run_logins("one_by_one", target.server.url, logins_of(target, chosen))
                 alone[name].extend(result["times"])
         medians = {name: statistics.median(times) for name, times in alone.items()}
         print(f"one login alone, {LOGINS} one after the other:")
@@ -168,13 +195,20 @@ async def test_a_mass_reconnect_through_the_callout_beside_static_users(tmp_path
             chosen = records[:size] * CONNECTIONS
             print(f"{size} agents, {len(chosen)} connections, at once (a NATS restart), retried as agents do:")
             all_in: dict[str, float] = {}
-            for name, (url, source) in targets.items():
+            for name, target in targets.items():
                 answered = await settled(served.answered)
-                job = {"mode": "burst", "url": url, "logins": logins_of(source, chosen), "deadline_s": DEADLINE_S}
+                logins = logins_of(target, chosen)
+                here, children = cpu_here_and_children()
+                server = cpu_s(target.server.pid)
                 started = time.perf_counter()
-                result = await run_logins(job)
+                result = await run_logins("burst", target.server.url, logins)
                 wall = time.perf_counter() - started
-                row, all_in[name] = burst_row(name, result, wall)
+                server = cpu_s(target.server.pid) - server
+                here, children = (
+                    now - then for now, then in zip(cpu_here_and_children(), (here, children), strict=True)
+                )
+                cpu = f"nats-server {server:.2f}, control plane {here:.2f}, the agents' logins {children:.2f}"
+                row, all_in[name] = burst_row(name, result, wall, cpu)
                 print(row)
                 if name == "callout":
                     print(f"           the callout answered {await settled(served.answered) - answered} requests")

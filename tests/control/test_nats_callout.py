@@ -1,12 +1,15 @@
 """NATS's auth callout, answered by the control plane (a NATS of the operator's own, configured as
 nomad/nats.nomad.hcl configures it): a login the callout cannot vouch for is refused, however it is made; a
 malformed request is refused and the callout goes on; the platform's own user bypasses it; control-plane replicas
-answer each login once between them. What an agent let in may do: tests/control/test_nats_isolation.py, whose
-tests run on this NATS too."""
+answer each login once between them; logins made at once are answered at once, each once, none held up by another's
+slow read of the store, and each checked in the store whatever the callout saw before. What an agent let in may
+do: tests/control/test_nats_isolation.py, whose tests run on this NATS too."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -16,10 +19,21 @@ import nats
 import nats.errors
 import pytest
 
+from agent.protocol import ModelConfig
+from control.ids import new_id
+from control.models import Agent, AgentStatus
 from control.natsauth import NatsCredentials, agent_permissions
-from control.natscallout import CALLOUT_SUBJECT, CalloutLogins, issuer_public_key, jwt_permissions, new_issuer_seed
+from control.natscallout import (
+    CALLOUT_SUBJECT,
+    CalloutLogins,
+    NatsCallout,
+    issuer_public_key,
+    jwt_permissions,
+    new_issuer_seed,
+)
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
+from control.store import Repo
 from tests.control.test_cli import run_cli
 from tests.gateway.test_tasks_api import running_agent
 from tests.support.nats_users import (
@@ -244,3 +258,103 @@ def test_an_agents_jwt_carries_the_embedded_defaults_permissions_and_nothing_it_
         jwt_permissions({**permissions, "allow_responses": True})
     with pytest.raises(ValueError, match="max"):
         jwt_permissions({"publish": {"allow": [">"], "max": 1}})
+
+
+def stored_agent(customer_id: str) -> Agent:
+    agent_id = new_id("ag")
+    return Agent(
+        id=agent_id,
+        customer_id=customer_id,
+        name="stored",
+        system_message="",
+        model=ModelConfig(provider="openai", name="gpt-4o-mini"),
+        desired="stopped",
+        status=AgentStatus.STOPPED,
+        job_id=f"caravan-agent-{agent_id}",
+        namespace=f"caravan-{customer_id}",
+    )
+
+
+async def test_a_login_is_checked_in_the_store_whatever_the_callout_saw_before(tmp_path: Path) -> None:
+    """The callout reads a login's agent by its key once it knows the agent's customer (it saw the agent before):
+    an agent another replica deleted since is refused all the same, and one it never saw is found."""
+    seed, login = callout_nats(tmp_path / "nats")
+    async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
+        control = ControlPlane(callout_settings(server.url, tmp_path / "data", seed, login))
+        async with control:
+            agents = Repo(control.jet.kv["agents"], Agent)
+            kept, deleted = stored_agent(new_id("cu")), stored_agent(new_id("cu"))
+            for agent in (kept, deleted):  # written by another replica: never seen here
+                await agents.create(f"{agent.customer_id}.{agent.id}", agent)
+            logins = CalloutLogins(seed)
+            for _ in range(2):  # found among all customers' records, then read by its key
+                for agent in (kept, deleted):
+                    nc = await log_in(server.url, logins.agent(agent.id))
+                    await nc.close()
+            await agents.delete(f"{deleted.customer_id}.{deleted.id}")  # by another replica
+            assert "Authorization Violation" in await refused(server.url, logins.agent(deleted.id))
+            nc = await log_in(server.url, logins.agent(kept.id))
+            await nc.close()
+
+
+async def test_logins_made_at_once_are_each_answered_once(tmp_path: Path) -> None:
+    seed, login = callout_nats(tmp_path / "nats")
+    async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
+        control = ControlPlane(callout_settings(server.url, tmp_path / "data", seed, login))
+        async with control:
+            agents = Repo(control.jet.kv["agents"], Agent)
+            made = [stored_agent(new_id("cu")) for _ in range(20)]
+            for agent in made:
+                await agents.create(f"{agent.customer_id}.{agent.id}", agent)
+            logins = CalloutLogins(seed)
+            right = [logins.agent(agent.id) for agent in made]
+            wrong = [NatsCredentials(c.user, c.password[::-1]) for c in right]
+
+            async def let_in(credentials: NatsCredentials) -> str:
+                nc = await log_in(server.url, credentials)
+                await nc.close()
+                return credentials.user
+
+            outcomes = await asyncio.gather(*(let_in(c) for c in right), *(refused(server.url, c) for c in wrong))
+            assert outcomes[:20] == [c.user for c in right]
+            assert all("Authorization Violation" in said for said in outcomes[20:]), outcomes[20:]
+            callout = control.nats_callout
+            assert callout is not None
+            await callout.stop()  # once it has answered all it received
+            assert callout.answered == Counter({"allowed": 20, "refused": 20})
+
+
+async def test_a_login_is_answered_while_another_waits_for_the_store(tmp_path: Path) -> None:
+    """A login whose agent's record is slow to read (the store busy) does not hold up the others: the server
+    refuses a login it has no answer for within its authorization timeout (2 s), as when every agent logs in again
+    after a NATS restart."""
+    seed, login = callout_nats(tmp_path / "nats")
+    logins = CalloutLogins(seed)
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    async def slow_store(agent_id: str, customer_id: str | None = None) -> str | None:
+        asked.set()
+        await answer.wait()
+        return "cu-0123456789ab"
+
+    async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
+        nc = await log_in(server.url, login)
+        callout = NatsCallout(nc, seed, slow_store)
+        await callout.start()
+        waiting = asyncio.create_task(refused_or_let_in(server.url, logins.agent("ag-0123456789ab")))
+        try:
+            await asyncio.wait_for(asked.wait(), timeout=10)
+            watching = await log_in(server.url, logins.watcher())  # while the agent's record is being read
+            await watching.close()
+        finally:
+            answer.set()
+            await waiting
+            await callout.stop()
+            await nc.close()
+        assert callout.answered == Counter({"allowed": 2})
+
+
+async def refused_or_let_in(url: str, login: NatsCredentials) -> None:
+    with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+        nc = await log_in(url, login)
+        await nc.close()
