@@ -47,6 +47,7 @@ from control.localmodel import LocalModel, LocalModelUnavailable, runtime_instal
 from control.models import Agent, AgentCreate
 from control.natsauth import NatsAuth, NatsCredentials, control_credentials
 from control.natscallout import CalloutLogins, issuer_public_key, new_issuer_seed
+from control.natsio import NatsTooOld
 from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane, control_login
 from control.settings import Settings
@@ -672,7 +673,7 @@ def main(argv: list[str] | None = None) -> None:
             run(_serve_only(settings))
     except KeyboardInterrupt:
         pass
-    except SchedulerError as exc:  # Nomad unreachable or refusing at start
+    except (SchedulerError, NatsTooOld) as exc:  # Nomad unreachable or refusing at start; a NATS too old
         raise SystemExit(f"caravan: {exc}") from None
     sys.exit(0)
 

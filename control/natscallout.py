@@ -1,4 +1,4 @@
-"""Agents' own NATS users on a NATS of the operator's own, by NATS's auth callout (nats-server 2.10 or later).
+"""Agents' own NATS users on a NATS of the operator's own, by NATS's auth callout (nats-server 2.11 or later).
 
 The server sends every login but its ``auth_users`` (the platform's own user) to ``$SYS.REQ.USER.AUTH`` as an
 authorization request (a JWT the server signs), and lets the client in as the user JWT the answer carries, or

@@ -36,13 +36,16 @@ from agent.protocol import EVENTS_STREAM, TASKS_STREAM
 __all__ = [
     "BUCKETS",
     "CONSUMER_LIMIT",
+    "LEAST_SERVER_VERSION",
     "NATS_UNAVAILABLE",
     "PACED_BATCH",
     "Jet",
+    "NatsTooOld",
     "PacedReader",
     "connect",
     "ensure_stream",
     "pull_reader",
+    "require_server_version",
 ]
 
 log = logging.getLogger("caravan.nats")
@@ -247,11 +250,33 @@ async def _tune_bucket(js: JetStreamContext, stream: str) -> bool:
 _log_error = nats_error_logger(log)
 
 
+LEAST_SERVER_VERSION = (2, 11)
+"""The oldest nats-server Caravan runs on: 2.10 refuses the consumer limit Caravan sets on its buckets' streams (a
+stream update "can not change MaxConsumers"), and has no batched direct gets."""
+
+
+class NatsTooOld(RuntimeError):
+    """The NATS server is older than :data:`LEAST_SERVER_VERSION`."""
+
+
+def require_server_version(nc: NATS) -> None:
+    """Raise :class:`NatsTooOld` naming the server's version and the one needed if ``nc``'s server is older than
+    :data:`LEAST_SERVER_VERSION` (it refused the control plane's start halfway, with JetStream's error alone)."""
+    version = nc.connected_server_version
+    if (version.major, version.minor) < LEAST_SERVER_VERSION:
+        least = ".".join(map(str, LEAST_SERVER_VERSION))
+        shown = f"{version.major}.{version.minor}.{version.patch}"
+        raise NatsTooOld(f"NATS runs nats-server {shown}: Caravan needs nats-server {least} or later")
+
+
 async def connect(url: str, name: str = "caravan-control", user: str | None = None, password: str | None = None) -> Jet:
     """Connect and make sure every stream and bucket exists (idempotent; safe for several replicas)."""
 
+    refused = False
+
     async def lost() -> None:  # (the URL is not named: it may hold a login)
-        log.warning("NATS: disconnected; reconnecting")
+        if not refused:
+            log.warning("NATS: disconnected; reconnecting")
 
     async def back() -> None:
         log.warning("NATS: reconnected")
@@ -267,6 +292,12 @@ async def connect(url: str, name: str = "caravan-control", user: str | None = No
         disconnected_cb=lost,
         reconnected_cb=back,
     )
+    try:
+        require_server_version(nc)
+    except NatsTooOld:
+        refused = True
+        await nc.close()
+        raise
     js = nc.jetstream(timeout=15)
     await ensure_stream(
         js,

@@ -59,7 +59,7 @@ job "caravan-nats" {
       driver = "docker"
 
       config {
-        image = "nats:2.10-alpine"
+        image = "nats:2.15-alpine"
         ports = ["client", "monitor"]
         args  = ["--config", "/secrets/nats.conf", "--jetstream", "--store_dir", "/data", "--http_port", "8222"]
       }

@@ -19,6 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.client import ServerVersion
 
 from control import admincli, cli
 from control.cli import _banner, _data_dir, _demo_credentials, _demo_model, main
@@ -220,6 +222,24 @@ async def test_nats_down_is_said_once(
     monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))
     assert await run_cli(*argv) == 1
     assert f"cannot reach NATS at {dead}" in capsys.readouterr().err
+
+
+async def test_a_nats_server_too_old_is_named_with_the_version_needed(
+    nats_server: EmbeddedNats,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """nats-server 2.10 (what nomad/nats.nomad.hcl ran) refused the control plane's start halfway, with a traceback
+    ending in JetStream's "stream configuration update can not change MaxConsumers", for a NATS of 2.11's."""
+    monkeypatch.setattr(NATS, "connected_server_version", property(lambda _nc: ServerVersion("2.10.26")))
+    monkeypatch.setenv("NATS_URL", nats_server.url)
+    monkeypatch.setenv("CARAVAN_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CARAVAN_HTTP_PORT", str(free_port()))
+    assert await run_cli("serve") == 1
+    said = capsys.readouterr().err
+    assert "NATS runs nats-server 2.10.26: Caravan needs nats-server 2.11 or later" in said, said
+    assert "Traceback" not in said and "reconnecting" not in said, said
 
 
 @pytest.mark.parametrize("login", [{}, {"CARAVAN_NATS_USER": "caravan-control", "CARAVAN_NATS_PASSWORD": "wrong"}])
