@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import nats
 import pytest
+from nats.aio.client import Client as NATS
 
 from agent import aio
 from agent.backends.consul import client_env
@@ -48,6 +50,16 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
     """The real nats-server with JetStream on disk, on a random port."""
     async with EmbeddedNats(tmp_path / "nats") as server:
         yield server
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
+    """A connection to :func:`nats_server`."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
 
 
 def make_settings(nats_url: str, data_dir: Path, **overrides: object) -> Settings:

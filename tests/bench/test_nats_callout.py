@@ -10,7 +10,7 @@ embedded default's auth.conf), measured in the same run:
 
 The store holds ``AGENTS`` agents of ``CUSTOMERS`` customers, records as the API writes them. The logins come from a
 process of their own (tests/bench/_logins.py). ``BENCH_NATS_SERVER`` names another nats-server binary to run (the
-image nomad/nats.nomad.hcl runs is 2.10's). Run by ./dev/bench; prints its figures."""
+image nomad/nats.nomad.hcl runs is 2.15's; Caravan needs 2.11 or later). Run by ./dev/bench; prints its figures."""
 
 from __future__ import annotations
 

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from control.natsserver import EmbeddedNats
 from control.services.audit import AUDIT_STREAM, QUERY_WINDOW, AuditLog, AuditQuery, AuditRecord
 
 RECORDS = 4 * QUERY_WINDOW
-
-
-@pytest.fixture
-async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
-    nc = await nats.connect(nats_server.url)
-    try:
-        yield nc
-    finally:
-        await nc.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ raises a bare ``asyncio.TimeoutError`` (the builtin), not nats-py's own: a calle
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -16,17 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from control.natsio import NATS_UNAVAILABLE, PacedReader
-from control.natsserver import EmbeddedNats
 from control.services.audit import AuditLog, AuditQuery, AuditRecord
-
-
-@pytest.fixture
-async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
-    nc = await nats.connect(nats_server.url)
-    try:
-        yield nc
-    finally:
-        await nc.close()
 
 
 @pytest.fixture
