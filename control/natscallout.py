@@ -47,6 +47,7 @@ from control.natsauth import (
 )
 
 __all__ = [
+    "ANSWER_WITHIN_S",
     "CALLOUT_SUBJECT",
     "IN_FLIGHT",
     "CalloutLogins",
@@ -68,6 +69,9 @@ _DECODE_ERRORS = (ValueError, RecursionError, nkeys.NkeysError)
 
 IN_FLIGHT = 64
 """Authorization requests a control plane answers at once; the next wait in the subscription's queue."""
+ANSWER_WITHIN_S = 1.8
+"""How long a login's check may take: NATS refuses a login not answered within its authorization timeout (2 s), so
+a check that takes longer (the store slow to answer) is given up, and its slot goes to a login NATS still waits on."""
 
 FindAgent = Callable[[str, str | None], Awaitable[str | None]]
 """The customer id of an agent that exists (by its id, and its customer's id if known: its record is then read by its
@@ -221,8 +225,16 @@ class NatsCallout:
     """Answers the server's authorization requests while started, ``in_flight`` at once. ``answered`` counts the
     answers by outcome (``allowed``, ``refused``, ``malformed``)."""
 
-    def __init__(self, nc: NATS, seed: str, find_agent: FindAgent, in_flight: int = IN_FLIGHT) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        seed: str,
+        find_agent: FindAgent,
+        in_flight: int = IN_FLIGHT,
+        answer_within_s: float = ANSWER_WITHIN_S,
+    ) -> None:
         self._nc = nc
+        self._answer_within_s = answer_within_s
         self._issuer = _issuer(seed)
         self._logins = CalloutLogins(seed)
         self._find_agent = find_agent
@@ -244,13 +256,12 @@ class NatsCallout:
         """Answers the requests already received (no client is left waiting for the server's auth timeout), then
         takes no more."""
         sub, self._sub = self._sub, None
-        if sub is None or self._nc.is_closed:
-            return
-        try:
-            await sub.drain()
-        except nats.errors.Error as exc:  # NATS away: no request can come meanwhile, nor an answer go
-            log.warning("NATS auth callout: stopped without answering what it had received (%s)", exc)
-        await asyncio.gather(*self._answering)
+        if sub is not None and not self._nc.is_closed:
+            try:
+                await sub.drain()
+            except nats.errors.Error as exc:  # NATS away: no request can come meanwhile, nor an answer go
+                log.warning("NATS auth callout: stopped without answering what it had received (%s)", exc)
+        await asyncio.gather(*self._answering)  # (each ends within ANSWER_WITHIN_S)
 
     async def _serve(self, msg: Msg) -> None:
         if not msg.reply:  # (only the server publishes here: NATS refuses any client's publish to the subject)
@@ -279,7 +290,11 @@ class NatsCallout:
             self.answered["malformed"] += 1
             return b""
         try:
-            user = await self._authorize(decoded)
+            async with asyncio.timeout(self._answer_within_s):
+                user = await self._authorize(decoded)
+        except TimeoutError:  # the server gave up waiting: the slot goes to a login it still waits on
+            log.warning("NATS auth callout: the store did not answer for %r in time; refused", decoded.user[:80])
+            user, error = None, "Caravan could not check this login now"
         except Exception:  # the store unreachable, say: refused, and the client tries again
             log.exception("NATS auth callout: could not decide on %r; refused", decoded.user[:80])
             user, error = None, "Caravan could not check this login now"

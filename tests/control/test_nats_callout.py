@@ -354,6 +354,36 @@ async def test_a_login_is_answered_while_another_waits_for_the_store(tmp_path: P
         assert callout.answered == Counter({"allowed": 2})
 
 
+async def test_a_login_whose_check_outlasts_the_servers_wait_is_refused_and_frees_its_place(tmp_path: Path) -> None:
+    """A store that does not answer (a KV leader election, say) held each login's place among the callout's
+    answers for as long as JetStream waits (15 s), though the server refuses the login after 2 s: a NATS restart
+    then saw every login behind those time out too. The check is given up in time, refused, and the next login
+    answered."""
+    seed, login = callout_nats(tmp_path / "nats")
+    logins = CalloutLogins(seed)
+    asked = asyncio.Event()
+
+    async def stuck_store(agent_id: str, customer_id: str | None = None) -> str | None:
+        asked.set()
+        await asyncio.Event().wait()  # never answers
+        return None
+
+    async with EmbeddedNats(tmp_path / "nats", auth=True) as server:
+        nc = await log_in(server.url, login)
+        callout = NatsCallout(nc, seed, stuck_store, in_flight=1, answer_within_s=0.2)
+        await callout.start()
+        try:
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                await log_in(server.url, logins.agent("ag-0123456789ab"))
+            assert asked.is_set()
+            watching = await log_in(server.url, logins.watcher())  # the one place is free again
+            await watching.close()
+        finally:
+            await callout.stop()
+            await nc.close()
+        assert callout.answered == Counter({"refused": 1, "allowed": 1})
+
+
 async def refused_or_let_in(url: str, login: NatsCredentials) -> None:
     with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
         nc = await log_in(url, login)
