@@ -10,16 +10,13 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-import nats.errors
 import uvloop
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 __all__ = [
     "HAND_BACK_DELAY_S",
     "cancel_and_wait",
     "exit_reason",
-    "fetch",
     "keep_in_progress",
     "nats_error_logger",
     "new_event_loop",
@@ -34,7 +31,7 @@ run that a stopping agent or control plane gives back). A plain nak only queues 
 memory: a server that stops before delivering it again (a restart of the platform stops NATS just after the
 agents and the control plane) forgets it, and the message came back only after the consumer's ack wait (60 s
 for a task, 30 for a team run). A nak with a delay is stored with the consumer's state, and a server that
-starts again delivers it at once; a server that runs on delivers it 10 ms later."""
+starts again delivers it at once; a server that runs on delivers it as soon as the delay is over."""
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -82,19 +79,6 @@ async def keep_in_progress(msg: Msg, every: float) -> None:
         await asyncio.sleep(every)
         with contextlib.suppress(Exception):
             await msg.in_progress()
-
-
-async def fetch(sub: JetStreamContext.PullSubscription, batch: int, wait: float) -> list[Msg]:
-    """``sub.fetch(batch, timeout=wait)``, its lapse always :class:`nats.errors.TimeoutError` (what callers
-    take for JetStream having nothing, and the API for NATS unavailable: a 503): nats-py raises a bare
-    ``asyncio.TimeoutError`` when what is left of the wait runs out between its two requests, which a caller
-    took for an unexpected error (a 500, a stream of task events broken off, a worker's fetch logged as failed)."""
-    try:
-        return await sub.fetch(batch, timeout=wait)
-    except nats.errors.TimeoutError:
-        raise
-    except TimeoutError as exc:
-        raise nats.errors.TimeoutError from exc
 
 
 def nats_error_logger(log: logging.Logger) -> Callable[[Exception], Awaitable[None]]:

@@ -304,14 +304,6 @@ TASK_ENDINGS = frozenset({"completed", "failed", "cancelled", "killed"})
 """A task's final statuses."""
 
 
-def ending_msg_id(task_id: str, attempt: int) -> str:
-    """The message id (``Nats-Msg-Id``) of a final status of a task's attempt, whoever publishes it: its run (an
-    agent's, a team runner's) or the control plane ending it (a cancel, its agent deleted or failed). The events
-    stream stores the first and drops the others for two minutes (its duplicate window), so that an attempt ends
-    once: a run told to stop by a control plane that ended its task at once would end it a second time."""
-    return f"{task_id}:{attempt}:ended"
-
-
 REPLAYED = "replayed"
 """In a ``usage`` event's data: a team run's new attempt publishing again what its checkpoint holds (the tokens
 were metered when they were used)."""
@@ -344,6 +336,20 @@ class Event(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     at: datetime = Field(default_factory=utcnow)
     attempt: int = 1
+
+    @property
+    def ends_attempt(self) -> bool:
+        """Whether this is a final status of its task's attempt (one of :data:`TASK_ENDINGS`)."""
+        return self.kind == EventKind.STATUS and self.content in TASK_ENDINGS
+
+
+def ending_msg_id(event: Event) -> str | None:
+    """The message id (``Nats-Msg-Id``) of a final status of a task's attempt, whoever publishes it: its run (an
+    agent's, a team runner's) or the control plane ending it (a cancel, its agent deleted or failed); None for any
+    other event. The events stream stores the first and drops the others for two minutes (its duplicate window), so
+    that an attempt ends once: a run told to stop by a control plane that ended its task at once would end it a
+    second time."""
+    return f"{event.task_id}:{event.attempt}:ended" if event.ends_attempt else None
 
 
 def event_on_its_subject(subject: str, event: Event) -> bool:

@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from agent.aio import HAND_BACK_DELAY_S, cancel_and_wait, fetch, keep_in_progress, nats_error_logger
+from agent.aio import HAND_BACK_DELAY_S, cancel_and_wait, keep_in_progress, nats_error_logger
 from agent.backends import create_flag_store
 from agent.backends.base import FlagStore
 from agent.health import HealthServer
@@ -36,7 +36,6 @@ from agent.models import ModelClients, check_credentials
 from agent.protocol import (
     BROADCAST_SUBJECT,
     TASK_ATTEMPTS,
-    TASK_ENDINGS,
     TASKS_STREAM,
     AgentDefinition,
     AgentEventKind,
@@ -312,8 +311,8 @@ class AgentWorker:
                 slots.release()
                 continue
             try:
-                msgs = await fetch(psub, 1, wait=5)
-            except nats.errors.TimeoutError:
+                msgs = await psub.fetch(1, timeout=5)
+            except TimeoutError:  # nats-py's, and the bare one it raises when a fetch runs late
                 slots.release()
                 continue
             except Exception:
@@ -470,10 +469,7 @@ class _TaskRun:
             attempt=self.attempt,
             **fields,
         )
-        if kind == EventKind.STATUS and event.content in TASK_ENDINGS:
-            msg_id = ending_msg_id(self.request.task_id, self.attempt)
-        else:
-            msg_id = f"{self.request.task_id}:{self.attempt}:{self._seq}"
+        msg_id = ending_msg_id(event) or f"{self.request.task_id}:{self.attempt}:{self._seq}"
         if kind == "chunk":
             await self.worker.publish(event, msg_id=msg_id, ack="none")
         elif kind in _CONFIRMED:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from agent.protocol import ModelConfig, utcnow
+from agent.protocol import TASK_ENDINGS, ModelConfig, utcnow
 from agent.tools import TOOL_NAMES
 
 __all__ = [
@@ -64,7 +64,7 @@ class TaskStatus(StrEnum):
     KILLED = "killed"
 
 
-TERMINAL_TASK_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.KILLED})
+TERMINAL_TASK_STATUSES = frozenset(TaskStatus(status) for status in TASK_ENDINGS)
 
 USER = "user"
 """The human, in AgentChat: the source of a task's message and the target of a handoff that asks the human."""

@@ -30,6 +30,7 @@ __all__ = [
     "CONTROL_USER",
     "WATCH_USER",
     "AgentLogins",
+    "DerivedLogins",
     "NatsAuth",
     "NatsCredentials",
     "agent_permissions",
@@ -167,25 +168,11 @@ class Server(Protocol):
         ...
 
 
-class NatsAuth:
-    """Keeps ``auth.conf`` (users and permissions) in step with the agents, and has the server reload it."""
+class DerivedLogins:
+    """Logins whose passwords are derived from one key (:func:`derived_password`): none is stored."""
 
-    def __init__(self, directory: Path, server: Server | None = None) -> None:
-        self.directory = directory
-        self.path = directory / "auth.conf"
-        self.server = server
-        self._agents: dict[str, str] = {}  # agent id -> customer id
-        directory.mkdir(parents=True, exist_ok=True)
-        key_file = directory / "auth.key"
-        if not key_file.exists():
-            key_file.touch(mode=0o600)
-            key_file.write_text(secrets.token_hex(32))
-        self._key = _read_key(key_file)
-        if not self.path.exists():
-            self._write()
-
-    def control(self) -> NatsCredentials:
-        return NatsCredentials(CONTROL_USER, derived_password(self._key, CONTROL_USER))
+    def __init__(self, key: bytes) -> None:
+        self._key = key
 
     def watcher(self) -> NatsCredentials:
         """The operators' user for watching (``nats sub 'caravan.events.>'``): it may subscribe to :data:`WATCHED`
@@ -195,6 +182,27 @@ class NatsAuth:
     def agent(self, agent_id: str) -> NatsCredentials:
         user = agent_user(agent_id)
         return NatsCredentials(user, derived_password(self._key, user))
+
+
+class NatsAuth(DerivedLogins):
+    """Keeps ``auth.conf`` (users and permissions) in step with the agents, and has the server reload it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "auth.conf"
+        self.server: Server | None = None
+        self._agents: dict[str, str] = {}  # agent id -> customer id
+        directory.mkdir(parents=True, exist_ok=True)
+        key_file = directory / "auth.key"
+        if not key_file.exists():
+            key_file.touch(mode=0o600)
+            key_file.write_text(secrets.token_hex(32))
+        super().__init__(_read_key(key_file))
+        if not self.path.exists():
+            self._write()
+
+    def control(self) -> NatsCredentials:
+        return NatsCredentials(CONTROL_USER, derived_password(self._key, CONTROL_USER))
 
     def set_agents(self, agents: dict[str, str]) -> None:
         """All agents at once (start-up): ``{agent id: customer id}``."""

@@ -39,17 +39,14 @@ from nats.aio.subscription import Subscription
 
 from control.natsauth import (
     WATCH_USER,
-    NatsCredentials,
+    DerivedLogins,
     agent_permissions,
-    agent_user,
     derived_password,
     watch_permissions,
 )
 
 __all__ = [
-    "ANSWER_WITHIN_S",
     "CALLOUT_SUBJECT",
-    "IN_FLIGHT",
     "CalloutLogins",
     "NatsCallout",
     "issuer_public_key",
@@ -70,8 +67,9 @@ _DECODE_ERRORS = (ValueError, RecursionError, nkeys.NkeysError)
 IN_FLIGHT = 64
 """Authorization requests a control plane answers at once; the next wait in the subscription's queue."""
 ANSWER_WITHIN_S = 1.8
-"""How long a login's check may take: NATS refuses a login not answered within its authorization timeout (2 s), so
-a check that takes longer (the store slow to answer) is given up, and its slot goes to a login NATS still waits on."""
+"""How long a login's check may take, from the request's coming (its wait for a place included): NATS refuses a
+login not answered within its authorization timeout (2 s), so a check that takes longer (the store slow to answer)
+is given up, and its place goes to a login NATS still waits on."""
 
 FindAgent = Callable[[str, str | None], Awaitable[str | None]]
 """The customer id of an agent that exists (by its id, and its customer's id if known: its record is then read by its
@@ -103,22 +101,15 @@ def _login_key(seed: str) -> bytes:
     return hmac.new(seed.strip().encode(), b"caravan nats logins", hashlib.sha256).digest()
 
 
-class CalloutLogins:
+class CalloutLogins(DerivedLogins):
     """The agents' and the watching user's logins, derived from the issuer seed: the same seed on every replica
     gives the same passwords, and none is stored. The server keeps no list of users: the callout asks the store
     at each login. What is kept here is where to look: the customer of each agent this control plane has seen (an
     agent's customer never changes), which says nothing of whether the agent is still there."""
 
     def __init__(self, seed: str) -> None:
-        self._key = _login_key(seed)
+        super().__init__(_login_key(seed))
         self._customers: dict[str, str] = {}  # agent id -> customer id
-
-    def agent(self, agent_id: str) -> NatsCredentials:
-        user = agent_user(agent_id)
-        return NatsCredentials(user, derived_password(self._key, user))
-
-    def watcher(self) -> NatsCredentials:
-        return NatsCredentials(WATCH_USER, derived_password(self._key, WATCH_USER))
 
     def set_agents(self, agents: dict[str, str]) -> None:
         self._customers.update(agents)  # (an agent added meanwhile is kept: the list was read before it)
@@ -266,37 +257,41 @@ class NatsCallout:
     async def _serve(self, msg: Msg) -> None:
         if not msg.reply:  # (only the server publishes here: NATS refuses any client's publish to the subject)
             return
+        deadline = asyncio.get_running_loop().time() + self._answer_within_s  # (counted from its coming)
         await self._slots.acquire()  # all taken: the requests after this one wait in the subscription's queue
-        task = asyncio.create_task(self._reply(msg.reply, msg.data), name="nats-callout-answer")
+        task = asyncio.create_task(self._reply(msg.reply, msg.data, deadline), name="nats-callout-answer")
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
 
-    async def _reply(self, reply: str, request: bytes) -> None:
+    async def _reply(self, reply: str, request: bytes, deadline: float) -> None:
         try:
-            await self._nc.publish(reply, await self.answer(request))
+            await self._nc.publish(reply, await self.answer(request, deadline))
         except nats.errors.Error as exc:  # the connection closed: the server refuses the login when its wait ends
             log.warning("NATS auth callout: an answer could not be sent (%s)", exc)
         finally:
             self._slots.release()
 
-    async def answer(self, request: bytes) -> bytes:
+    async def answer(self, request: bytes, deadline: float | None = None) -> bytes:
         """The answer to one authorization request: a signed authorization response, letting the login in or
         refusing it, or nothing (the server then refuses it, "no reason supplied") for a request it cannot read.
-        Never raises."""
+        A login not checked by ``deadline`` (the event loop's time; default: ``answer_within_s`` from now) is
+        refused. Never raises."""
         try:
             decoded = _decode_request(request)
         except _DECODE_ERRORS as exc:
             log.warning("NATS auth callout: a malformed authorization request, refused (%s)", type(exc).__name__)
             self.answered["malformed"] += 1
             return b""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self._answer_within_s
         try:
-            async with asyncio.timeout(self._answer_within_s):
+            async with asyncio.timeout_at(deadline):
                 user = await self._authorize(decoded)
-        except TimeoutError:  # the server gave up waiting: the slot goes to a login it still waits on
-            log.warning("NATS auth callout: the store did not answer for %r in time; refused", decoded.user[:80])
-            user, error = None, "Caravan could not check this login now"
-        except Exception:  # the store unreachable, say: refused, and the client tries again
-            log.exception("NATS auth callout: could not decide on %r; refused", decoded.user[:80])
+        except Exception as exc:  # refused, and the client tries again
+            if isinstance(exc, TimeoutError):  # the server gives up waiting: the slot goes to one it waits on
+                log.warning("NATS auth callout: %r not checked in time; refused", decoded.user[:80])
+            else:  # the store unreachable, say
+                log.exception("NATS auth callout: could not decide on %r; refused", decoded.user[:80])
             user, error = None, "Caravan could not check this login now"
         else:
             error = "" if user is not None else "unknown user or wrong password"

@@ -30,13 +30,12 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
-from agent.aio import fetch, nats_error_logger
+from agent.aio import nats_error_logger
 from agent.protocol import EVENTS_STREAM, TASKS_STREAM
 
 __all__ = [
     "BUCKETS",
     "CONSUMER_LIMIT",
-    "LEAST_SERVER_VERSION",
     "NATS_UNAVAILABLE",
     "PACED_BATCH",
     "Jet",
@@ -44,8 +43,8 @@ __all__ = [
     "PacedReader",
     "connect",
     "ensure_stream",
+    "fetch",
     "pull_reader",
-    "require_server_version",
 ]
 
 log = logging.getLogger("caravan.nats")
@@ -105,8 +104,37 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.update_stream(config)
 
 
+async def fetch(sub: JetStreamContext.PullSubscription, batch: int, wait: float) -> list[Msg]:
+    """``sub.fetch(batch, timeout=wait)``, its lapse always :class:`nats.errors.TimeoutError` (what callers
+    take for JetStream having nothing, and the API for NATS unavailable: a 503): nats-py raises a bare
+    ``asyncio.TimeoutError`` when what is left of the wait runs out between its two requests, which a caller
+    took for an unexpected error (a 500, a stream of task events broken off)."""
+    try:
+        return await sub.fetch(batch, timeout=wait)
+    except nats.errors.TimeoutError:
+        raise
+    except TimeoutError as exc:
+        raise nats.errors.TimeoutError from exc
+
+
 READER_IDLE_S = 30.0
 """How long JetStream keeps a :func:`pull_reader`'s consumer unused (its process gone before it deleted it)."""
+
+
+def _reader_config(config: ConsumerConfig, idle_s: float) -> ConsumerConfig:
+    """``config`` for a reader's consumer of its own: without acks, in memory, one replica, dropped by JetStream
+    once unused for ``idle_s``."""
+    return replace(config, ack_policy=AckPolicy.NONE, inactive_threshold=idle_s, mem_storage=True, num_replicas=1)
+
+
+async def _drop(js: JetStreamContext, stream: str, sub: JetStreamContext.PullSubscription, consumer: str) -> None:
+    """Stop reading ``sub`` and delete its ``consumer``, whatever fails (JetStream drops it once unused for its
+    idle threshold anyway)."""
+    with contextlib.suppress(nats.errors.Error):
+        await sub.unsubscribe()
+    with contextlib.suppress(nats.errors.Error, TimeoutError):
+        async with asyncio.timeout(2):
+            await js.delete_consumer(stream, consumer)
 
 
 @contextlib.asynccontextmanager
@@ -119,19 +147,12 @@ async def pull_reader(
     lets it go, however little of it the reader wants. Deleted as the block ends, however it ends: an ephemeral
     consumer nobody reads is otherwise kept until its inactive threshold, counted against the stream's
     consumers."""
-    config = replace(
-        config, ack_policy=AckPolicy.NONE, inactive_threshold=READER_IDLE_S, mem_storage=True, num_replicas=1
-    )
-    info = await js.add_consumer(stream, config)
+    info = await js.add_consumer(stream, _reader_config(config, READER_IDLE_S))
     sub = await js.pull_subscribe_bind(info.name, stream=stream)
     try:
         yield sub, info.num_pending or 0
     finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-        with contextlib.suppress(nats.errors.Error, TimeoutError):  # JetStream drops it in READER_IDLE_S anyway
-            async with asyncio.timeout(2):
-                await js.delete_consumer(stream, info.name)
+        await _drop(js, stream, sub, info.name)
 
 
 PACED_BATCH = 16
@@ -203,11 +224,8 @@ class PacedReader:
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if self.after else DeliverPolicy.ALL,
             opt_start_seq=self.after + 1 if self.after else None,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=PACED_IDLE_S,
-            mem_storage=True,
-            num_replicas=1,
         )
+        config = _reader_config(config, PACED_IDLE_S)
         self._sub = await self._js.pull_subscribe(self._subject, stream=self._stream, config=config)
         return self._sub
 
@@ -222,13 +240,8 @@ class PacedReader:
     async def _close(self) -> None:
         self._fetched.clear()
         sub, self._sub = self._sub, None
-        if sub is None:
-            return
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-        with contextlib.suppress(nats.errors.Error, TimeoutError):  # JetStream drops it in PACED_IDLE_S anyway
-            async with asyncio.timeout(2):
-                await self._js.delete_consumer(self._stream, sub._consumer)
+        if sub is not None:
+            await _drop(self._js, self._stream, sub, sub._consumer)
 
 
 async def _tune_bucket(js: JetStreamContext, stream: str) -> bool:

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from agent.egress import EgressPolicy
 from agent.wire import DEFAULT_SPIN_US
 from control.natscallout import issuer_public_key
-from jobs import Datacenter, Region
+from jobs import Datacenters, Region
 
 __all__ = ["Settings"]
 
@@ -148,7 +148,7 @@ class Settings(BaseSettings):
     agent_restart_interval_s: float = Field(
         default=300.0, ge=5, description="At least the attempts times the delay (Nomad refuses a job otherwise)."
     )
-    datacenters: list[Datacenter] = Field(default_factory=lambda: ["*"], min_length=1, max_length=32)
+    datacenters: Datacenters = Field(default_factory=lambda: ["*"])
     region: Region = "global"
 
     # Nomad (CARAVAN_SCHEDULER=nomad): the nomad CLI's own variables, or CARAVAN_NOMAD_*.

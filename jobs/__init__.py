@@ -5,12 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from jobs.render import TemplateError, render, template_placeholders
-from jobs.variables import SECOND_NS, AgentJobVariables, Datacenter, DriverName, Region, secrets_variable_path
+from jobs.variables import (
+    SECOND_NS,
+    AgentJobVariables,
+    Datacenter,
+    Datacenters,
+    DriverName,
+    Region,
+    secrets_variable_path,
+)
 
 __all__ = [
     "SECOND_NS",
     "AgentJobVariables",
     "Datacenter",
+    "Datacenters",
     "DriverName",
     "Region",
     "TemplateError",

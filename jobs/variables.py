@@ -23,6 +23,8 @@ EnvValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@,${}=+%\[\
 # names a cluster is given, upper case and dots included.
 Region = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 Datacenter = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9*][A-Za-z0-9*._-]{0,127}$")]
+Datacenters = Annotated[list[Datacenter], Field(min_length=1, max_length=32)]
+"""Where a job may run (``["*"]``: every datacenter)."""
 DriverName = Literal["raw_exec", "exec", "docker"]
 
 
@@ -40,7 +42,7 @@ class AgentJobVariables(BaseModel):
     job_id: Identifier = Field(description="Nomad job ID, e.g. `caravan-ag-3f2a9c1b7d4e`.")
     namespace: Identifier = Field(description="Nomad namespace of the customer, e.g. `caravan-cu-0123456789ab`.")
     region: Region = Field(default="global", description="Nomad region.")
-    datacenters: list[Datacenter] = Field(default_factory=lambda: ["*"], min_length=1, max_length=32)
+    datacenters: Datacenters = Field(default_factory=lambda: ["*"])
     priority: int = Field(default=50, ge=1, le=100)
     count: int = Field(default=1, ge=0, le=100, description="Replicas of the agent (task group count).")
     cpu: int = Field(ge=20, le=64_000, description="CPU in MHz.")

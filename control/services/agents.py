@@ -113,6 +113,10 @@ class Killswitches(Protocol):
         """Every engaged flag."""
         ...
 
+    async def engaged_on(self, agent: Agent) -> builtins.list[Flag]:
+        """The engaged flags that halt ``agent`` (its three keys read)."""
+        ...
+
 
 AgentHook = Callable[[Agent], Awaitable[None]]
 """Called with an agent's record when it is being deleted, has been, or has failed (:meth:`AgentService.on_delete`,
@@ -598,7 +602,7 @@ class AgentService:
         if self._killswitches is None:
             return
         if engaged is None:
-            engaged = await self._killswitches.engaged()
+            engaged = await self._killswitches.engaged_on(agent)
         keys = keys_for_agent(agent.customer_id, agent.id)
         flag = next((f for f in engaged if f.hard and f.key in keys), None)
         if flag is None:

@@ -19,17 +19,15 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageT
 from nats.js.errors import BadRequestError
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, Field
 
-from agent.aio import fetch
 from agent.protocol import utcnow
 from control.errors import CaravanError
 from control.ids import is_plain_id, shown_id
-from control.natsio import CONSUMER_LIMIT, pull_reader
+from control.natsio import CONSUMER_LIMIT, fetch, pull_reader
 from control.services.auth import Principal, redact_json
 
 __all__ = [
     "AUDIT_STREAM",
     "QUERY_WINDOW",
-    "STORED_WITHIN",
     "AuditLog",
     "AuditQuery",
     "AuditRecord",

@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, model_validator
 
-from agent.backends.base import Flag, FlagKey, FlagStore, Scope
+from agent.backends.base import Flag, FlagKey, FlagStore, Scope, keys_for_agent
 from agent.protocol import AgentEventKind, Event, event_on_its_subject
 from control.backends.base import Registry
 from control.errors import CaravanError, Conflict, Invalid, NotFound
@@ -152,9 +152,14 @@ class KillswitchService:
     async def engaged(self) -> list[Flag]:
         return sorted((f for f in await self._flags.list() if f.engaged), key=lambda f: f.key)
 
+    async def engaged_on(self, agent: Agent) -> list[Flag]:
+        """The engaged flags that halt ``agent``, in :meth:`engaged`'s order: its three keys read, not every flag."""
+        flags = await self._flags.read(keys_for_agent(agent.customer_id, agent.id))
+        return sorted((f for f in flags if f.engaged), key=lambda f: f.key)
+
     async def covering(self, agent: Agent) -> Flag | None:
         """The engaged flag that halts ``agent``, if any."""
-        return first_covering(await self.engaged(), agent)
+        return first_covering(await self.engaged_on(agent), agent)
 
     async def ensure_not_halted(self, agent: Agent) -> None:
         """Refuse work for ``agent`` while a killswitch halts it: :class:`KillswitchEngaged` (409

@@ -76,7 +76,6 @@ __all__ = [
     "StreamedEvent",
     "TaskService",
     "customer_unfinished_tasks",
-    "ending_id",
     "handed_out",
     "publish_event",
     "unfinished_tasks",
@@ -116,7 +115,7 @@ class StreamedEvent:
 
     @property
     def terminal(self) -> bool:
-        return self.event.kind == EventKind.STATUS and self.event.content in TERMINAL_TASK_STATUSES
+        return self.event.ends_attempt
 
 
 def _final(stored: RawStreamMsg) -> bool:
@@ -127,10 +126,12 @@ def _final(stored: RawStreamMsg) -> bool:
         return False
 
 
-async def publish_event(js: JetStreamContext, event: Event, msg_id: str | None = None) -> None:
-    """Store a task's ``event`` in its task's events; one with the ``msg_id`` of another stored within the stream's
-    duplicate window (two minutes) is dropped as the same event."""
+async def publish_event(js: JetStreamContext, event: Event) -> None:
+    """Store a task's ``event`` in its task's events. A final status goes under the message id of every ending of
+    its attempt (:func:`agent.protocol.ending_msg_id`): another stored within the stream's duplicate window (two
+    minutes), by the run or another replica, is dropped as the same event."""
     assert event.task_id is not None
+    msg_id = ending_msg_id(event)
     headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
     await js.publish(
         task_events_subject(event.customer_id, event.task_id), event.model_dump_json().encode(), headers=headers
@@ -153,13 +154,6 @@ async def unfinished_tasks(records: Repo[Task], in_flight: Mapping[str, Iterable
 async def customer_unfinished_tasks(records: Repo[Task], quotas: QuotaService, customer_id: str) -> list[Task]:
     """A customer's unfinished tasks: :func:`unfinished_tasks` of the slots their quota holds."""
     return await unfinished_tasks(records, {customer_id: await quotas.tasks_in_flight(customer_id)})
-
-
-def ending_id(task: Task) -> str:
-    """The message id of an ending of ``task``'s attempt that the control plane publishes (a cancel's, a deleted
-    agent's): two of them stored at once (replicas, or a client's retry), or one and its run's own, are stored as
-    one (:func:`agent.protocol.ending_msg_id`)."""
-    return ending_msg_id(task.id, task.attempt)
 
 
 async def handed_out(js: JetStreamContext, consumer: str, seq: int) -> bool:
@@ -564,7 +558,7 @@ class TaskService:
             attempt=task.attempt,
         )
         # one ending of a run: replicas that end it at once (each seeing a cancel through to its deadline) store one
-        await self.publish(event, msg_id=ending_id(task))
+        await self.publish(event)
         await self._quotas.release_task(task.customer_id, task.id)
 
     async def end_tasks_of_deleted(self, agent: Agent) -> None:
@@ -611,9 +605,9 @@ class TaskService:
             )
         return await self._with_transcript(await self._teams.input(task, content, segment))
 
-    async def publish(self, event: Event, msg_id: str | None = None) -> None:
+    async def publish(self, event: Event) -> None:
         """Store ``event`` (:func:`publish_event`)."""
-        await publish_event(self._js, event, msg_id)
+        await publish_event(self._js, event)
 
     async def events(self, task: Task, after: int = 0, idle: float = 15.0) -> AsyncIterator[StreamedEvent | None]:
         """The task's events after stream sequence ``after``, ending after the terminal status.
@@ -627,12 +621,12 @@ class TaskService:
                 try:
                     msg = await reader.next(idle)
                 except nats.errors.TimeoutError:
-                    if await self.ended_before(await self.get(task.customer_id, task.id, transcript=False), after):
+                    current = await self.get(task.customer_id, task.id, transcript=False)
+                    if await self.ended_before(current, reader.after):
                         return
                     yield None
                     continue
                 item = StreamedEvent(msg.metadata.sequence.stream, Event.model_validate_json(msg.data))
-                after = item.id
                 yield item
                 if item.terminal:
                     return

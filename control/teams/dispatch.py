@@ -15,7 +15,7 @@ from control.errors import Conflict, NotFound
 from control.models import TERMINAL_TASK_STATUSES, Agent, Task, TaskCreate, TaskStatus
 from control.services.agents import AgentService, why_not_serving
 from control.services.killswitch import KillswitchService
-from control.services.tasks import ending_id, handed_out, publish_event, task_key
+from control.services.tasks import handed_out, publish_event, task_key
 from control.store import Repo
 from control.teams.models import Checkpoint, Team
 from control.teams.service import TeamService
@@ -184,7 +184,7 @@ class TeamTasks:
             await self._js._nc.publish(team_cancel_subject(task.customer_id, task.id), b"")
             return task
         await self.drop_checkpoint(task)
-        await self._publish_status(task, "cancelled", "cancelled on request", msg_id=ending_id(task))
+        await self._publish_status(task, "cancelled", "cancelled on request")
         return task
 
     async def _answer_queued(self, task: Task) -> int | None:
@@ -209,11 +209,8 @@ class TeamTasks:
         with contextlib.suppress(KeyNotFoundError):
             await self._checkpoints.delete(task_key(task.customer_id, task.id))
 
-    async def _publish_status(
-        self, task: Task, status: str, reason: str | None = None, *, msg_id: str | None = None, **data: Any
-    ) -> None:
-        """``data``: the event's besides its ``reason`` (an answer's ``segment``: the question it answers);
-        ``msg_id``: its message id (another stored with it within the stream's duplicate window is dropped)."""
+    async def _publish_status(self, task: Task, status: str, reason: str | None = None, **data: Any) -> None:
+        """``data``: the event's besides its ``reason`` (an answer's ``segment``: the question it answers)."""
         event = Event(
             kind=EventKind.STATUS,
             task_id=task.id,
@@ -222,4 +219,4 @@ class TeamTasks:
             data={**data, "reason": reason} if reason else data,
             attempt=task.attempt,
         )
-        await publish_event(self._js, event, msg_id)
+        await publish_event(self._js, event)

@@ -41,12 +41,10 @@ from agent.egress import error_text, failure_text
 from agent.protocol import (
     REPLAYED,
     TASK_ATTEMPTS,
-    TASK_ENDINGS,
     TASKS_STREAM,
     AgentDefinition,
     Event,
     EventKind,
-    ending_msg_id,
     task_events_subject,
 )
 from agent.runtime import NatsAgentRuntime
@@ -69,7 +67,7 @@ from control.models import TERMINAL_TASK_STATUSES, Agent, AgentStatus, Task, Tas
 from control.natsio import Jet
 from control.services.agents import AgentService, Killswitches, failure
 from control.services.killswitch import first_covering
-from control.services.tasks import task_key
+from control.services.tasks import publish_event, task_key
 from control.store import Repo
 from control.teams.build import build_team, restore_termination
 from control.teams.checkpoints import Record, TurnCheckpoints
@@ -81,6 +79,9 @@ __all__ = ["RunnerConfig", "TeamRunner"]
 
 log = logging.getLogger("caravan.teams")
 
+JOIN_ASKED_S = 5.0
+"""How long a run waits for a member's answer to its request to join, before it asks again (and looks at the
+member's record, saying why it waits)."""
 RETRY_FIRST_S = 0.5
 """How long a run whose runner failed waits before it comes back, the first time; twice that each time after."""
 RETRY_MAX_S = 30.0
@@ -512,7 +513,8 @@ class TeamRunner:
                     raise _Cancelled
                 try:
                     subject, payload = join_subject(task.customer_id, agent_id), request.model_dump_json().encode()
-                    reply = await runtime.ask(subject, payload, timeout=5, poll=False)  # answered in the run's subjects
+                    # (answered in the run's subjects)
+                    reply = await runtime.ask(subject, payload, timeout=JOIN_ASKED_S, poll=False)
                     answer = join_answer(reply.data)
                     if isinstance(answer, MemberRefused):
                         raise _Failed(f"team member {name} ({agent_id}) could not join: {answer.refused}")
@@ -639,19 +641,15 @@ class TeamRunner:
         await self._emit(task, attempt, EventKind.STATUS, content=status, data={**(data or {}), "reason": reason})
 
     async def _publish(self, event: Event, wait: bool = True) -> None:
-        """Store ``event``; without ``wait``, see :meth:`_stored`. A final status has the message id of every ending
-        of its attempt (the control plane may have ended the task already, as when a member is deleted): an attempt
-        ends once (:func:`ending_msg_id`)."""
+        """Store ``event`` (:func:`publish_event`: a final status under the id of every ending of its attempt, so
+        that it ends once, the control plane perhaps ending it too); without ``wait``, see :meth:`_stored`."""
         assert event.task_id is not None
-        subject = task_events_subject(event.customer_id, event.task_id)
-        payload = event.model_dump_json().encode()
         if wait:
-            ending = event.kind == EventKind.STATUS and event.content in TASK_ENDINGS
-            headers = {"Nats-Msg-Id": ending_msg_id(event.task_id, event.attempt)} if ending else None
-            await self._jet.js.publish(subject, payload, headers=headers)
+            await publish_event(self._jet.js, event)
         else:
             storing = self._storing.setdefault(event.task_id, Storing())
-            storing.add(await self._wire.store(subject, payload, STORE_TIMEOUT_S))
+            subject = task_events_subject(event.customer_id, event.task_id)
+            storing.add(await self._wire.store(subject, event.model_dump_json().encode(), STORE_TIMEOUT_S))
 
     async def _stored(self, task: Task) -> BaseException | None:
         """Wait until the task's events published without waiting are stored; the first error if one was not

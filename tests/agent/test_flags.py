@@ -254,8 +254,9 @@ async def test_a_consul_that_answers_index_0_is_asked_with_a_blocking_query(cons
 @pytest.mark.parametrize("kind", CONSUL_KINDS)
 def test_consul_answers_a_read_of_a_flag_with_that_flags_own_index(kind: str) -> None:
     """What a flag's watch is answered (``KVS.Get`` and ``blockingquery.Query`` in hashicorp/consul): a key's read
-    carries its own ``ModifyIndex`` and a blocking read of it is not answered for a write to another key (its index
-    stays put); a missing key's, the KV table's. A wait Go cannot parse is a 400, not the default five minutes."""
+    carries its own ``ModifyIndex``, which a write to another key (or the same value written again) leaves as it
+    is, so that a blocking read of it answers with the index it was given; a missing key's, the KV table's. A wait
+    Go cannot parse is a 400, not the default five minutes."""
     with consul_env(kind) as env:
         kv = consul_client(env).kv
         flag, other, missing = (f"caravan/killswitch/agent/{unique('ag')}" for _ in range(3))

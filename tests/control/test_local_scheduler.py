@@ -408,7 +408,7 @@ async def test_an_allocation_directory_made_wider_before_is_narrowed_at_start(tm
 async def test_allocations_that_ended_longer_ago_than_the_retention_are_collected(tmp_path: Path) -> None:
     """An allocation's log may quote its customer's prompts, and each start of the platform makes new ones: those
     that no longer run are removed once last written more than the retention ago (a deleted agent's too), as
-    Nomad collects terminal allocations; a recent one, and one that runs however old its log, are kept."""
+    Nomad collects terminal allocations; a recent one, and one given as running however old its log, are kept."""
     allocs = tmp_path / "allocs"
     old_job = allocs / "caravan-cu-0000000000aa" / "caravan-ag-0000000000aa"
     kept_job = allocs / "caravan-cu-0000000000bb" / "caravan-ag-0000000000bb"

@@ -26,17 +26,16 @@ from starlette.routing import Route
 from agent.models import create_model_client
 from agent.protocol import ModelConfig
 from control.localmodel import FairQueue, ModelProxy, QueueFull, QueueTimeout, repair_request
-from tests.support.helpers import assert_eventually, chat_completion, now, serve_app
+from tests.support.helpers import assert_eventually, now, serve_app
 
 TEXT: list[dict[str, Any]] = [{"role": "assistant"}, {"content": "a"}, {"content": "b"}, {"content": "c"}]
 
 
 @dataclass
 class FakeServer:
-    """An OpenAI-compatible stand-in: streams ``deltas`` (then ``usage``, unless None), or answers ``ok`` not
-    streamed; ``gate`` holds answers; the answer to a prompt in ``slow`` is generated (its first chunk sent, or
-    not streamed, not yet answered) until ``resume`` is set. ``ended`` says how each answer ended: finished, or
-    closed by its client before."""
+    """An OpenAI-compatible stand-in: streams ``deltas`` (then ``usage``, unless None); ``gate`` holds answers;
+    the answer to a prompt in ``slow`` is generated (its first chunk sent) until ``resume`` is set. ``ended`` says
+    how each answer ended: finished, or closed by its client before."""
 
     base_url: str = ""
     seen: list[dict[str, Any]] = field(default_factory=list)
@@ -62,14 +61,8 @@ class FakeServer:
         await self.gate.wait()
         if self.refuse is not None:
             return JSONResponse(self.refuse[1], status_code=self.refuse[0])
-        prompt = body["messages"][-1]["content"]
-        if body.get("stream"):
-            return StreamingResponse(self._tokens(prompt), media_type="text/event-stream")
-        if prompt in self.slow:
-            self.generating.append(prompt)
-            await self.resume.wait()
-        self.ended.append((prompt, "finished"))
-        return Response(chat_completion("ok", "fake"), media_type="application/json")
+        assert body.get("stream") is True, body  # the proxy asks the model server for a stream, always
+        return StreamingResponse(self._tokens(body["messages"][-1]["content"]), media_type="text/event-stream")
 
     async def _tokens(self, prompt: str) -> AsyncIterator[str]:
         base = {"id": "c2", "object": "chat.completion.chunk", "created": 1, "model": "fake"}

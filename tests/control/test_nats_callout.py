@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 from agent.protocol import ModelConfig
 from control.ids import new_id
 from control.models import Agent, AgentStatus
-from control.natsauth import NatsCredentials, agent_permissions
+from control.natsauth import NatsCredentials, _control_permissions, agent_permissions
 from control.natscallout import (
     CALLOUT_SUBJECT,
     CalloutLogins,
@@ -44,6 +45,7 @@ from tests.support.nats_users import (
     callout_settings,
     connect_as,
 )
+from tests.support.nomad_nats import render_nats_users
 
 callout_only = pytest.mark.parametrize("secured", ["callout"], indirect=True)
 
@@ -275,7 +277,9 @@ def stored_agent(customer_id: str) -> Agent:
     )
 
 
-async def test_a_login_is_checked_in_the_store_whatever_the_callout_saw_before(tmp_path: Path) -> None:
+async def test_a_login_is_checked_in_the_store_whatever_the_callout_saw_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The callout reads a login's agent by its key once it knows the agent's customer (it saw the agent before):
     an agent another replica deleted since is refused all the same, and one it never saw is found."""
     seed, login = callout_nats(tmp_path / "nats")
@@ -287,10 +291,19 @@ async def test_a_login_is_checked_in_the_store_whatever_the_callout_saw_before(t
             for agent in (kept, deleted):  # written by another replica: never seen here
                 await agents.create(f"{agent.customer_id}.{agent.id}", agent)
             logins = CalloutLogins(seed)
+            searched: list[str] = []  # the ids looked for among all customers' records
+            find = Repo.find
+
+            async def counted(repo: Repo[Any], record_id: str) -> Any:
+                searched.append(record_id)
+                return await find(repo, record_id)
+
+            monkeypatch.setattr(Repo, "find", counted)
             for _ in range(2):  # found among all customers' records, then read by its key
                 for agent in (kept, deleted):
                     nc = await log_in(server.url, logins.agent(agent.id))
                     await nc.close()
+            assert searched == [kept.id, deleted.id]  # once each: the second logins read them by their keys
             await agents.delete(f"{deleted.customer_id}.{deleted.id}")  # by another replica
             assert "Authorization Violation" in await refused(server.url, logins.agent(deleted.id))
             nc = await log_in(server.url, logins.agent(kept.id))
@@ -388,3 +401,25 @@ async def refused_or_let_in(url: str, login: NatsCredentials) -> None:
     with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
         nc = await log_in(url, login)
         await nc.close()
+
+
+def test_the_hcls_platform_user_has_the_embedded_defaults_permissions_exactly() -> None:
+    """nomad/nats.nomad.hcl writes caravan-control's permissions by hand: each must be the embedded default's
+    (control/natsauth.py), or a deny of the audit log's one missing there (a message deleted from it, say) or one
+    added to natsauth but not there would pass every test that runs the HCL's NATS."""
+    conf = render_nats_users({"control_password": "p", "callout_issuer": "A"})
+    user = conf[conf.index('user: "caravan-control"') : conf.index("auth_callout")]
+
+    def quoted(pattern: str) -> list[str]:
+        found = re.search(pattern, user, re.DOTALL)
+        assert found is not None, pattern
+        return re.findall(r'"([^"]*)"', found.group(1))
+
+    written = {
+        "publish": {
+            "allow": quoted(r"publish:\s*\{\s*allow:\s*\[(.*?)\]"),
+            "deny": quoted(r"publish:\s*\{.*?deny:\s*\[(.*?)\]"),
+        },
+        "subscribe": {"allow": quoted(r"subscribe:\s*\{\s*allow:\s*\[(.*?)\]")},
+    }
+    assert written == _control_permissions()

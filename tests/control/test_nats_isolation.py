@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import nats
-import psutil
 import pytest
 from nats.js.api import ConsumerConfig
 
@@ -22,6 +21,7 @@ from control.natsserver import EmbeddedNats
 from control.platform import ControlPlane
 from control.services.audit import AUDIT_STREAM
 from tests.conftest import make_settings, serve_api
+from tests.gateway.teams_support import agent_ready
 from tests.gateway.test_tasks_api import finished, running_agent, start_task
 from tests.support.helpers import stalled
 from tests.support.nats_users import Secured, Violations, connect_as
@@ -200,12 +200,12 @@ async def test_an_acknowledgement_naming_another_customers_agent_answers_for_not
     target = {"scope": "agent", "agent_id": b_agent["id"]}
     engaged = await api.client.post("/v1/admin/killswitch", json={**target, "reason": "drill"}, headers=admin)
     assert engaged.status_code == 200 and engaged.json()["unacknowledged"] == [], engaged.text
-    [b_process] = agent_processes(b_agent["id"])
+    b_ready = (await agent_ready(api, b_customer, b_agent["id"]))["data"]  # (its process's pid and allocation)
     forged = {
         "kind": "killswitch",
         "agent_id": b_agent["id"],
         "customer_id": b_customer,
-        "data": {"halted": False, "flag_ids": [], "alloc_id": b_process.environ()["NOMAD_ALLOC_ID"]},
+        "data": {"halted": False, "flag_ids": [], "alloc_id": b_ready["alloc_id"]},
     }
     violations = Violations()
     nc = await connect_as(secured, a_agent["id"], violations)
@@ -217,7 +217,7 @@ async def test_an_acknowledgement_naming_another_customers_agent_answers_for_not
 
     forging = asyncio.create_task(forge())
     try:
-        with stalled(b_process.pid):
+        with stalled(b_ready["pid"]):
             released = await api.client.post(
                 "/v1/admin/killswitch",
                 json={**target, "engaged": False, "reason": "drill over", "wait_ms": 1000},
@@ -229,16 +229,6 @@ async def test_an_acknowledgement_naming_another_customers_agent_answers_for_not
     assert released.status_code == 200, released.text
     assert (released.json()["acknowledged"], released.json()["unacknowledged"]) == (0, [b_agent["id"]])
     assert violations.errors == []  # A's agent published on its own subject: permitted, and counted for nothing
-
-
-def agent_processes(agent_id: str) -> list[psutil.Process]:
-    """The processes the local scheduler runs for an agent (its job's task, started with the agent's env)."""
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if child.environ().get("CARAVAN_AGENT_ID") == agent_id:
-                found.append(child)
-    return found
 
 
 async def test_the_platform_user_cannot_delete_the_audit_log_and_strangers_cannot_connect(secured: Secured) -> None:

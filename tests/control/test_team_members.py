@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from control.teams.runner import JOIN_ASKED_S
 from tests.conftest import Api
 from tests.gateway.teams_support import agent_ready, agents, health, script, start, task_status, team
 from tests.support.helpers import assert_eventually, stalled
@@ -16,8 +17,6 @@ from tests.support.helpers import assert_eventually, stalled
 SLOW = script("zz", delay_ms=600_000)
 PROMPTLY_S = 4.0
 """Under what the run waited before: a member's silence (5 s), then its join (30 s)."""
-JOIN_ASKED_S = 5.0
-"""How long the run waits for an answer to its request to join, before it asks again (and looks at the member)."""
 
 
 async def busy_team(api: Api) -> tuple[str, dict[str, str], dict[str, dict[str, Any]], str]:
